@@ -1,0 +1,489 @@
+"""Echo benchmark: ioserver's examples/echo.py against reference Python echo servers.
+
+Compiles the C load generator (bench/loadgen.c) with ``gcc -O2``, then for each selected server:
+starts it as a subprocess on a free loopback port, waits until it accepts connections, drives it
+with the load generator (closed-loop ping-pong: CONNS connections, one SIZE-byte message in flight
+on each), and stops it (its whole process group). With several rounds the servers alternate
+within each round and the best msgs/s run of each server is kept.
+
+Servers (``--only`` names):
+  ioserver         examples/echo.py --port PORT [args]; more variants with --variant NAME="args"
+  asyncio          asyncio streams (bench/servers/asyncio_streams.py)
+  uvloop-streams   asyncio streams on uvloop
+  uvloop-protocol  bare asyncio.Protocol on uvloop (bench/servers/uvloop_protocol.py)
+  trio             trio.serve_tcp (bench/servers/trio_echo.py)
+
+usage:
+  python bench/echo.py [--conns 100] [--size 64] [--seconds 5] [--warmup 1] [--rounds 1]
+                       [--only NAME[,NAME...]] [--ioserver-args "..."] [--variant NAME="args"]...
+                       [--json FILE]
+
+Prints one line per server per round, then a table with each server's best run and, for every
+ioserver variant, ratio = ioserver msgs/s / that server's msgs/s (above 1: ioserver is faster) and
+p99 ratio = ioserver p99 / that server's p99 (below 1: ioserver's tail latency is lower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+SERVERS_DIR = BENCH_DIR / "servers"
+LOADGEN_SRC = BENCH_DIR / "loadgen.c"
+IOSERVER_ECHO = REPO_ROOT / "examples" / "echo.py"
+
+REFERENCES = ("asyncio", "uvloop-streams", "uvloop-protocol", "trio")
+START_TIMEOUT_S = 20.0  # a server must accept a connection within this
+STOP_TIMEOUT_S = 5.0  # after SIGTERM, before SIGKILL
+LOADGEN_SLACK_S = 30.0  # connect time and the like, on top of warm-up + measured seconds
+LG_CPU_WARN = 90.0  # load generator CPU% above which it may be the bottleneck
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """An echo server to benchmark: argv gets ``--port PORT`` appended, then ``extra``."""
+
+    name: str
+    argv: tuple[str, ...]
+    extra: tuple[str, ...] = ()
+    is_ioserver: bool = False
+    skip_reason: str | None = None
+
+    def command(self, port: int) -> list[str]:
+        return [*self.argv, "--port", str(port), *self.extra]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    server: str
+    round: int
+    msgs_s: float
+    p50_us: float
+    p99_us: float
+    p999_us: float
+    lg_cpu: float
+
+
+class RunFailed(Exception):
+    """A server could not be measured (it failed to start, died, or the load generator failed).
+
+    ``summary`` is one line for the table; ``details`` (e.g. the server's stderr tail) go with it
+    in the per-run report."""
+
+    def __init__(self, summary: str, details: str = "") -> None:
+        super().__init__(summary)
+        self.summary = summary
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.summary}\n{self.details}" if self.details else self.summary
+
+
+# --------------------------------------------------------------------------------------------
+# servers
+
+
+def reference_servers() -> dict[str, Server]:
+    py = sys.executable
+    no_uvloop = None if importlib.util.find_spec("uvloop") else "uvloop is not importable"
+    no_trio = None if importlib.util.find_spec("trio") else "trio is not importable"
+    streams = str(SERVERS_DIR / "asyncio_streams.py")
+    return {
+        "asyncio": Server("asyncio", (py, streams)),
+        "uvloop-streams": Server(
+            "uvloop-streams", (py, streams), ("--uvloop",), skip_reason=no_uvloop
+        ),
+        "uvloop-protocol": Server(
+            "uvloop-protocol",
+            (py, str(SERVERS_DIR / "uvloop_protocol.py")),
+            skip_reason=no_uvloop,
+        ),
+        "trio": Server("trio", (py, str(SERVERS_DIR / "trio_echo.py")), skip_reason=no_trio),
+    }
+
+
+def ioserver_variants(common: str, variants: list[str] | None) -> list[Server]:
+    """``--variant NAME="args"`` entries (default: one "ioserver" variant), each with the
+    ``--ioserver-args`` appended."""
+    skip = None if IOSERVER_ECHO.is_file() else f"{IOSERVER_ECHO} does not exist (yet)"
+    specs = variants or ["ioserver="]
+    out: list[Server] = []
+    for spec in specs:
+        name, sep, args = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise SystemExit(f'--variant wants NAME="args", got {spec!r}')
+        if name in REFERENCES or any(s.name == name for s in out):
+            raise SystemExit(f"--variant name {name!r} is already taken")
+        extra = (*shlex.split(args), *shlex.split(common))
+        argv = (sys.executable, str(IOSERVER_ECHO))
+        out.append(Server(name, argv, extra, is_ioserver=True, skip_reason=skip))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tail(f: IO[str], limit: int = 2000) -> str:
+    f.flush()
+    f.seek(0)
+    text = f.read().strip()
+    if not text:
+        return "(no stderr output)"
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group, then SIGKILL it if it lingers."""
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, STOP_TIMEOUT_S)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; make sure nothing it started outlives it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+
+
+@contextlib.contextmanager
+def running(server: Server, port: int, stderr: IO[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run the server in its own session until it accepts a connection; always stop it."""
+    env = dict(os.environ)
+    if server.is_ioserver:  # let examples/echo.py import the package from the checkout
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        server.command(port),
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RunFailed(
+                    f"exited with status {proc.returncode} before listening",
+                    f"server stderr:\n{tail(stderr)}",
+                )
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            if time.monotonic() > deadline:
+                raise RunFailed(
+                    f"not accepting connections on port {port} after {START_TIMEOUT_S:.0f} s",
+                    f"server stderr:\n{tail(stderr)}",
+                )
+            time.sleep(0.05)
+        yield proc
+    finally:
+        stop(proc)
+
+
+# --------------------------------------------------------------------------------------------
+# load generator
+
+
+def find_gcc() -> str:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SystemExit(
+            "bench/echo.py: gcc not found; the load generator is C. "
+            "Install it with: apt-get install gcc"
+        )
+    return gcc
+
+
+def build_loadgen(gcc: str, tmp: Path) -> Path:
+    exe = tmp / "loadgen"
+    done = subprocess.run(
+        [gcc, "-O2", "-Wall", "-o", str(exe), str(LOADGEN_SRC)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench/echo.py: compiling {LOADGEN_SRC} failed:\n{done.stderr}")
+    return exe
+
+
+def parse_loadgen(line: str) -> dict[str, float]:
+    fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+    return {k: float(v.rstrip("%")) for k, v in fields.items()}
+
+
+def measure(server: Server, rnd: int, loadgen: Path, args: argparse.Namespace, tmp: Path) -> Result:
+    port = free_port()
+    with (
+        (tmp / f"{server.name}.round{rnd}.stderr").open("w+") as err,
+        running(server, port, err) as proc,
+    ):
+        cmd = [
+            str(loadgen),
+            str(port),
+            str(args.conns),
+            str(args.size),
+            str(args.seconds),
+            str(args.warmup),
+        ]
+        try:
+            done = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=args.warmup + args.seconds + LOADGEN_SLACK_S,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise RunFailed(
+                f"load generator did not finish in {e.timeout:.0f} s",
+                f"server stderr:\n{tail(err)}",
+            ) from e
+        lg_said = done.stderr.strip() or f"load generator exit status {done.returncode}"
+        if proc.poll() is not None:
+            raise RunFailed(
+                f"server exited with status {proc.returncode} during the run",
+                f"{lg_said}\nserver stderr:\n{tail(err)}",
+            )
+        if done.returncode != 0:
+            raise RunFailed(lg_said, f"server still running; its stderr:\n{tail(err)}")
+    f = parse_loadgen(done.stdout)
+    try:
+        return Result(
+            server.name, rnd, f["msgs_s"], f["p50_us"], f["p99_us"], f["p999_us"], f["lg_cpu"]
+        )
+    except KeyError as e:
+        raise RunFailed("unexpected load generator output", repr(done.stdout)) from e
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+
+
+def ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def print_table(
+    servers: list[Server], best: dict[str, Result], failed: dict[str, str]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Print the summary table; return the ratios as {variant: {server: {...}}}."""
+    variants = [s for s in servers if s.is_ioserver and s.name in best]
+    one = len(variants) == 1
+    ratio_heads: list[str] = []
+    for v in variants:
+        ratio_heads += ["ratio", "p99 ratio"] if one else [f"{v.name} ratio", f"{v.name} p99r"]
+    heads = ["server", "msgs/s", "p50 µs", "p99 µs", "p99.9 µs", "lg cpu", *ratio_heads]
+    rows: list[list[str]] = []
+    notes: dict[str, str] = {}  # skipped or failed servers: why, instead of figures
+    ratios: dict[str, dict[str, dict[str, float | None]]] = {v.name: {} for v in variants}
+    for s in servers:
+        if s.name not in best:
+            why = s.skip_reason or "failed: " + failed.get(s.name, "not run")
+            notes[s.name] = f"({why})"
+            continue
+        r = best[s.name]
+        row = [
+            s.name,
+            f"{r.msgs_s:,.0f}",
+            f"{r.p50_us:.0f}",
+            f"{r.p99_us:.0f}",
+            f"{r.p999_us:.0f}",
+            f"{r.lg_cpu:.0f}%",
+        ]
+        for v in variants:
+            if v.name == s.name:
+                row += ["-", "-"]
+                continue
+            iv = best[v.name]
+            rr, pr = ratio(iv.msgs_s, r.msgs_s), ratio(iv.p99_us, r.p99_us)
+            ratios[v.name][s.name] = {"msgs_s_ratio": rr, "p99_ratio": pr}
+            row += [fmt_ratio(rr), fmt_ratio(pr)]
+        rows.append(row)
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(heads)]
+    widths[0] = max([widths[0], *(len(n) for n in notes)])
+
+    def line(cells: list[str]) -> str:
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([cells[0].ljust(widths[0]), *rest])
+
+    print()
+    print(line(heads))
+    print("  ".join("-" * w for w in widths))
+    by_name = {row[0]: row for row in rows}
+    for s in servers:
+        print(
+            line(by_name[s.name])
+            if s.name in by_name
+            else f"{s.name.ljust(widths[0])}  {notes[s.name]}"
+        )
+    if any(ratios.values()):
+        print()
+        who = variants[0].name if one else "<variant>"
+        print(
+            f"ratio = {who} msgs/s / row's msgs/s (>1: ioserver faster); "
+            f"p99 ratio = {who} p99 / row's p99 (<1: ioserver's tail lower)"
+        )
+    return ratios
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Echo benchmark: ioserver's examples/echo.py vs reference Python servers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--conns", type=int, default=100, help="concurrent connections")
+    p.add_argument("--size", type=int, default=64, help="message size in bytes")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds, not counted")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds; servers alternate within each, best msgs/s per server kept",
+    )
+    p.add_argument(
+        "--only",
+        metavar="NAME[,NAME]",
+        help=f"servers to run (ioserver variant names, {', '.join(REFERENCES)})",
+    )
+    p.add_argument(
+        "--ioserver-args",
+        default="",
+        metavar='"ARGS"',
+        help='extra args for every ioserver variant, e.g. "--backend trio"',
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        metavar='NAME="ARGS"',
+        help="an ioserver variant: examples/echo.py run with ARGS (repeatable; "
+        "replaces the default single 'ioserver' variant)",
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+    a = p.parse_args(argv)
+    if a.conns < 1 or a.size < 1 or a.seconds <= 0 or a.warmup < 0 or a.rounds < 1:
+        p.error("need --conns >= 1, --size >= 1, --seconds > 0, --warmup >= 0, --rounds >= 1")
+    return a
+
+
+def exit_on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGHUP: unwind like Ctrl-C does, so the servers (own sessions) get stopped."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, exit_on_signal)
+    servers = [*ioserver_variants(args.ioserver_args, args.variant), *reference_servers().values()]
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        known = {s.name for s in servers}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise SystemExit(
+                f"--only: unknown server(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        servers = [s for s in servers if s.name in wanted]
+
+    gcc = find_gcc()
+    print(
+        f"echo benchmark: {args.conns} conns x {args.size} B, {args.warmup:g} s warm-up + "
+        f"{args.seconds:g} s measured, {args.rounds} round(s); "
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}"
+    )
+    for s in servers:
+        if s.skip_reason:
+            print(f"skipping {s.name}: {s.skip_reason}")
+    runnable = [s for s in servers if not s.skip_reason]
+
+    best: dict[str, Result] = {}
+    runs: list[Result] = []
+    failed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="ioserver-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        loadgen = build_loadgen(gcc, tmp)
+        for rnd in range(1, args.rounds + 1):
+            for s in runnable:
+                label = f"round {rnd}/{args.rounds}  {s.name:<16}"
+                try:
+                    r = measure(s, rnd, loadgen, args, tmp)
+                except RunFailed as e:
+                    failed[s.name] = e.summary
+                    print(f"{label} FAILED: " + str(e).replace("\n", "\n    "), flush=True)
+                    continue
+                runs.append(r)
+                warn = "  (load generator near saturation)" if r.lg_cpu >= LG_CPU_WARN else ""
+                print(
+                    f"{label} msgs/s={r.msgs_s:>9,.0f}  p50={r.p50_us:>6.0f} µs  "
+                    f"p99={r.p99_us:>6.0f} µs  p99.9={r.p999_us:>6.0f} µs  "
+                    f"lg_cpu={r.lg_cpu:.0f}%{warn}",
+                    flush=True,
+                )
+                if s.name not in best or r.msgs_s > best[s.name].msgs_s:
+                    best[s.name] = r
+
+    ratios = print_table(servers, best, failed)
+
+    if args.json:
+        doc: dict[str, Any] = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "servers": {
+                s.name: {
+                    "command": [*s.argv, "--port", "PORT", *s.extra],
+                    "skipped": s.skip_reason,
+                    "failed": failed.get(s.name),
+                }
+                for s in servers
+            },
+            "runs": [dataclasses.asdict(r) for r in runs],
+            "best": {k: dataclasses.asdict(v) for k, v in best.items()},
+            "ratios": ratios,
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0 if best else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted")

@@ -1,0 +1,113 @@
+"""The ``ioserver`` command (also ``python -m ioserver``).
+
+``ioserver run APP [--backend asyncio|trio] [APP ARGS...]`` runs an app on an embedded I/O
+thread.  APP is a Python file (``examples/chat.py``) or a module (``package.module``),
+optionally followed by ``:function``; the function (``main`` by default) is called as
+``await function(ios, argv)`` with the :class:`~ioserver.IOServer` and the app's own
+arguments.  ``--backend`` and ``--uvloop``/``--no-uvloop`` are taken by ``ioserver`` wherever
+they appear; every other argument goes to the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._exceptions import IOServerError, OptionError
+from ._server import run
+
+__all__ = ["load_app", "main"]
+
+log = logging.getLogger("ioserver")
+
+
+def load_app(spec: str) -> Callable[..., Any]:
+    """The app function named by ``spec``: ``path/to/file.py[:function]`` or
+    ``package.module[:function]``; the function defaults to ``main``.
+
+    Raises:
+        OptionError: the file or module cannot be found, or has no such async function.
+    """
+    target, _, function_name = spec.partition(":")
+    function_name = function_name or "main"
+    if target.endswith(".py") or os.sep in target:
+        if not os.path.isfile(target):
+            raise OptionError(f"no app file {target!r}")
+        name = "ioserver_app_" + os.path.splitext(os.path.basename(target))[0]
+        module_spec = importlib.util.spec_from_file_location(name, target)
+        if module_spec is None or module_spec.loader is None:
+            raise OptionError(f"cannot load {target!r} as a Python file")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise OptionError(f"cannot import app module {target!r}: {exc}") from exc
+    function = getattr(module, function_name, None)
+    if function is None or not callable(function):
+        raise OptionError(f"{target!r} has no function {function_name!r}")
+    return function  # type: ignore[no-any-return]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ioserver", description="I/O the Erlang way: run apps on an embedded I/O thread."
+    )
+    parser.add_argument("--version", action="version", version=f"ioserver {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser(
+        "run",
+        help="run an app on an embedded I/O thread",
+        description="Run APP's main(ios, argv) on an embedded I/O thread.",
+    )
+    run_parser.add_argument("app", help="file.py[:function] or package.module[:function]")
+    run_parser.add_argument(
+        "--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop library"
+    )
+    run_parser.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on asyncio, use uvloop (default: when installed)",
+    )
+    run_parser.add_argument(
+        "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING...)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ioserver`` command; returns the exit status."""
+    parser = _parser()
+    options, app_argv = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=getattr(logging, str(options.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        app = load_app(options.app)
+        log.info("running %s on %s", options.app, options.backend)
+        run(app, app_argv, backend=options.backend, use_uvloop=options.uvloop)
+    except KeyboardInterrupt:
+        log.info("interrupted; stopped")
+        return 0
+    except OptionError as exc:
+        parser.error(str(exc))
+    except IOServerError as exc:
+        print(f"ioserver: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The exception hierarchy: one root, compatible with anyio's and trio's.
+
+Every exception raised by ioserver, ports and client derives from :class:`IOServerError`.
+Those that mean the same as an anyio or trio exception also derive from both of theirs,
+so code written against either library catches them unchanged::
+
+    except anyio.EndOfStream:      # catches ports.EndOfPort
+    except trio.ClosedResourceError:  # catches ports.ClosedPortError
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+import anyio
+import trio
+
+__all__ = [
+    "BrokenPortError",
+    "BusyPortError",
+    "ClosedPortError",
+    "ConnectError",
+    "EndOfPort",
+    "IOServerError",
+    "OptionError",
+    "WouldBlock",
+    "errno_name",
+]
+
+
+def errno_name(number: int | None) -> str:
+    """The symbolic name of an errno value (``104`` → ``"ECONNRESET"``), or ``"EUNKNOWN"``."""
+    if number is None:
+        return "EUNKNOWN"
+    return _errno.errorcode.get(number, f"E{number}")
+
+
+class IOServerError(Exception):
+    """Root of every exception this package raises."""
+
+
+class ClosedPortError(IOServerError, anyio.ClosedResourceError, trio.ClosedResourceError):
+    """The port (or channel, mailbox, I/O server) was closed by this side and cannot be used.
+
+    As anyio's :exc:`~anyio.ClosedResourceError` and trio's
+    :exc:`~trio.ClosedResourceError`: raised by an operation on a resource that *you* closed,
+    including in another task that was waiting on it when it was closed.
+    """
+
+
+class BrokenPortError(IOServerError, anyio.BrokenResourceError, trio.BrokenResourceError):
+    """The connection behind the port is broken (reset by the peer, or the I/O server died).
+
+    As anyio's :exc:`~anyio.BrokenResourceError`. ``errno_name`` names the cause when the
+    operating system gave one (``"ECONNRESET"``, ``"EPIPE"``...), else it is ``None``.
+    """
+
+    def __init__(self, message: str, errno_name: str | None = None) -> None:
+        super().__init__(message)
+        self.errno_name = errno_name
+
+
+class EndOfPort(IOServerError, anyio.EndOfStream, trio.EndOfChannel):
+    """Nothing more will ever be received from this port: its final message was delivered.
+
+    As anyio's :exc:`~anyio.EndOfStream` and trio's :exc:`~trio.EndOfChannel`; ``async for``
+    over a port ends cleanly on it.
+    """
+
+
+class WouldBlock(IOServerError, anyio.WouldBlock, trio.WouldBlock):
+    """A ``*_nowait`` operation could not complete at once (no message buffered, or full).
+
+    As anyio's :exc:`~anyio.WouldBlock` and trio's :exc:`~trio.WouldBlock`.
+    """
+
+
+class BusyPortError(IOServerError, anyio.BusyResourceError, trio.BusyResourceError):
+    """Another task is already receiving from this port (a port has one receiver at a time).
+
+    As anyio's :exc:`~anyio.BusyResourceError` and trio's :exc:`~trio.BusyResourceError`.
+    To wait on a port together with other sources, use :func:`ports.select`.
+    """
+
+    def __init__(self, action: str) -> None:
+        super().__init__(f"another task is already {action} on this port")
+
+
+class ConnectError(IOServerError, OSError):
+    """A connection could not be made, or an address could not be bound or resolved.
+
+    It is an :exc:`OSError`: ``errno`` holds the number when the operating system gave one
+    and ``errno_name`` its symbolic name (``"ECONNREFUSED"``, ``"EADDRINUSE"``, or
+    ``"EAI_NONAME"``-style names for resolver failures).
+    """
+
+    def __init__(self, message: str, errno: int | None = None, errno_name: str | None = None):
+        if errno is not None:
+            super().__init__(errno, message)
+        else:
+            super().__init__(message)
+        self.errno_name = errno_name
+
+    def __str__(self) -> str:
+        return str(self.strerror if self.errno is not None else self.args[0])
+
+
+class OptionError(IOServerError, ValueError):
+    """An option has a wrong name, type or value. The message names the option and why."""

@@ -1,0 +1,293 @@
+"""The hub: the event loop's end of the I/O thread's events, on trio or asyncio.
+
+One hub per event loop drains that loop's inbox (a :class:`~._wakeup.WakeupQueue` filled by
+the I/O thread) and hands each ``(target, message)`` to its target, in-loop: a port, a
+pending connect or listen request, or the hub itself (the stop notice).  The targets wake
+the task waiting on them through :meth:`Hub.park` / :meth:`Hub.wake`, which are the only
+backend-specific operations; ports, select and mailboxes are written once above them.
+
+How each backend waits and wakes, chosen because each is the cheapest its loop offers:
+
+* trio: the hub is a task blocked in ``trio.lowlevel.wait_readable`` on the inbox's fd; a
+  parked task waits in ``wait_task_rescheduled`` and is woken by ``reschedule`` - no Event
+  object, no channel, one trip through the scheduler.
+* asyncio: the hub is an ``add_reader`` callback on the inbox's fd, so a wake-up runs the
+  drain straight from the loop's selector with no task switch; a parked task awaits a
+  fresh future, woken by ``set_result``.
+
+**Checkpoints.**  An operation that completes at once (a message was already buffered; a
+send only queues a command) does not yield to the scheduler every time: that would double
+the cost of a message on trio.  Instead it checks for cancellation (trio's
+``checkpoint_if_cancelled``), and every :data:`YIELD_EVERY`-th such operation on this loop
+is a full checkpoint.  So cancellation is always seen promptly, and an actor that never
+waits for input still lets the others run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import sniffio
+import trio
+
+from ._wakeup import WakeupQueue
+
+if TYPE_CHECKING:
+    from ._iothread import IOThread
+
+__all__ = ["YIELD_EVERY", "Hub", "Parkable", "Parker", "current_parker", "make_hub"]
+
+#: Operations that complete without waiting between two full checkpoints, per loop.
+YIELD_EVERY = 32
+
+
+class Parkable(Protocol):
+    """Something a task can park on: it keeps the parked waiter in ``_waiter``."""
+
+    _waiter: Any
+
+    def _abort_park(self, raise_cancel: Any) -> Any: ...
+
+
+class Parker:
+    """How tasks wait and are woken on one backend: the only backend-specific operations.
+
+    Ports, select, mailboxes and channels are written once against this interface.
+    ``budget`` counts the operations that completed without waiting since the last full
+    checkpoint (see the module docstring).
+    """
+
+    backend = "abstract"
+    is_trio = False
+
+    def __init__(self) -> None:
+        self.budget = YIELD_EVERY
+
+    async def park(self, obj: Parkable) -> None:
+        """Block the current task until :meth:`wake` is called on ``obj`` (or cancelled)."""
+        raise NotImplementedError
+
+    def wake(self, obj: Parkable) -> None:
+        """Wake the task parked on ``obj``, if any.  Call from the loop's thread only."""
+        raise NotImplementedError
+
+    async def checkpoint(self) -> None:
+        """A full checkpoint: yield to the scheduler, raise if cancelled."""
+        raise NotImplementedError
+
+    async def checkpoint_if_cancelled(self) -> None:
+        """Raise if the current task is cancelled, without yielding."""
+
+    async def completed(self) -> None:
+        """The checkpoint after an operation that did not wait (see the module docstring)."""
+        self.budget -= 1
+        if self.budget <= 0:
+            await self.checkpoint()
+        else:
+            await self.checkpoint_if_cancelled()
+
+
+class TrioParker(Parker):
+    backend = "trio"
+    is_trio = True
+
+    async def park(self, obj: Parkable) -> None:
+        obj._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(obj._abort_park)
+
+    def wake(self, obj: Parkable) -> None:
+        task = obj._waiter
+        if task is not None:
+            obj._waiter = None
+            trio.lowlevel.reschedule(task)
+
+    async def checkpoint(self) -> None:
+        self.budget = YIELD_EVERY
+        await trio.lowlevel.checkpoint()
+
+    async def completed(self) -> None:
+        self.budget -= 1
+        if self.budget <= 0:
+            self.budget = YIELD_EVERY
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+    checkpoint_if_cancelled = staticmethod(trio.lowlevel.checkpoint_if_cancelled)  # type: ignore[assignment]
+
+
+class AsyncioParker(Parker):
+    backend = "asyncio"
+
+    async def park(self, obj: Parkable) -> None:
+        future = obj._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await future
+        finally:
+            if obj._waiter is future:
+                obj._waiter = None
+
+    def wake(self, obj: Parkable) -> None:
+        future = obj._waiter
+        if future is not None:
+            obj._waiter = None
+            if not future.done():
+                future.set_result(None)
+
+    async def checkpoint(self) -> None:
+        self.budget = YIELD_EVERY
+        await asyncio.sleep(0)
+
+    async def completed(self) -> None:
+        # asyncio delivers a cancellation at the next suspension, so only the periodic
+        # yield matters here.
+        self.budget -= 1
+        if self.budget <= 0:
+            self.budget = YIELD_EVERY
+            await asyncio.sleep(0)
+
+
+_PARKERS: dict[str, Parker] = {"trio": TrioParker(), "asyncio": AsyncioParker()}
+
+
+def current_parker() -> Parker:
+    """The :class:`Parker` for the async library running this task."""
+    library = sniffio.current_async_library()
+    try:
+        return _PARKERS[library]
+    except KeyError:
+        from ._exceptions import OptionError
+
+        raise OptionError(f"ioserver runs on trio or asyncio, not {library!r}") from None
+
+
+class _Stop:
+    """The I/O thread's last message to a hub."""
+
+
+_STOP = _Stop()
+
+
+class Hub:
+    """The loop side of the I/O thread for one event loop (see the module docstring).
+
+    A hub is also the :class:`Parker` of its backend, so ports park through it.
+    """
+
+    def __init__(self, io: IOThread) -> None:
+        super().__init__()
+        self.io = io
+        self.inbox: WakeupQueue[tuple[Any, Any]] = WakeupQueue()
+        self.stopped = False
+        self.drains = 0
+        self.messages = 0
+        self._waiter: Any = None
+        self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.append
+        io.add_inbox(self.inbox)
+
+    # -- draining -----------------------------------------------------------------------
+    def _drain(self) -> None:
+        items = self.inbox.items
+        popleft = items.popleft
+        count = 0
+        while items:
+            target, message = popleft()
+            count += 1
+            target._deliver(message)
+        self.messages += count
+        self.drains += 1
+        if not count:
+            self.inbox.spurious_wakes += 1
+
+    def _deliver(self, message: Any) -> None:
+        # The hub is the target of the I/O thread's stop notice.
+        self.stopped = True
+        self.wake(self)  # type: ignore[attr-defined]
+
+    def _abort_park(self, raise_cancel: Any) -> Any:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self, start_soon: Callable[..., Any]) -> None:
+        """Start draining; call before the I/O thread starts."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Stop the I/O thread (closing every port) and wait until it has ended."""
+        with anyio.CancelScope(shield=True):
+            if not self.stopped:
+                self.io.submit(self.io.cmd_stop, self._stopped_by_io, None)
+                while not self.stopped:
+                    await self.park(self)  # type: ignore[attr-defined]
+            self.io.join()
+            self._teardown()
+            self.inbox.close()
+
+    def _stopped_by_io(self) -> None:
+        # Runs on the I/O thread as it ends; the drain delivers it in-loop.
+        self.inbox.append((self, _STOP))
+
+    def _teardown(self) -> None:
+        pass
+
+
+class TrioHub(Hub, TrioParker):
+    async def start(self, start_soon: Callable[..., Any]) -> None:
+        start_soon(self._run)
+
+    async def _run(self) -> None:
+        inbox = self.inbox
+        fd = inbox.wakeup.fileno()
+        wait_readable = trio.lowlevel.wait_readable
+        drain = self._drain
+        with trio.CancelScope(shield=True):
+            # Shielded: the hub must keep delivering until the I/O thread has stopped,
+            # even while the surrounding task group is being cancelled.
+            while not self.stopped:
+                drain()
+                if inbox.prepare_to_sleep():
+                    await wait_readable(fd)
+                    inbox.wakeup.drain()
+                    inbox.woke()
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+class AsyncioHub(Hub, AsyncioParker):
+    async def start(self, start_soon: Callable[..., Any]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.inbox.wakeup.fileno(), self._on_readable)
+        # The reader is registered: from now on the I/O thread may wake us.
+        self.inbox.asleep = True
+
+    def _on_readable(self) -> None:
+        inbox = self.inbox
+        inbox.wakeup.drain()
+        inbox.woke()
+        self._drain()
+        if not inbox.prepare_to_sleep():
+            # Events arrived while draining: take them on the next loop iteration, so
+            # the tasks woken so far run first.
+            self._loop.call_soon(self._on_readable)
+
+    async def park(self, obj: Parkable) -> None:
+        future = obj._waiter = self._loop.create_future()
+        try:
+            await future
+        finally:
+            if obj._waiter is future:
+                obj._waiter = None
+
+    def _teardown(self) -> None:
+        self._loop.remove_reader(self.inbox.wakeup.fileno())
+
+
+def make_hub(io: IOThread) -> Hub:
+    """The hub for the event loop running this task (trio, or asyncio through anyio)."""
+    if current_parker().is_trio:
+        return TrioHub(io)
+    return AsyncioHub(io)

@@ -1,0 +1,621 @@
+"""The I/O thread: one thread, one selector, every socket.
+
+The thread owns each socket from creation to close; nothing else ever makes a syscall on
+one.  It takes commands from the event loops through one :class:`~._wakeup.WakeupQueue`
+(``send``, ``close``, ``connect``, ``listen``...) and turns what happens on the sockets into
+messages, which it appends to the inbox of the loop that owns the port (another
+``WakeupQueue``), waking that loop once per round of the selector.
+
+A round of the loop::
+
+    events = poll()                  # blocks only when no command is queued (see _wakeup)
+    handle each event                # recv_into the shared buffer, accept, finish a connect
+    run every queued command         # sends only append to the port's output queue...
+    flush each port that got output  # ...so a port's writes of one round are one sendmsg
+    notify each loop's inbox         # one wake-up per loop per round, none if it is awake
+
+Errors are contained: an exception while handling one port's event or command closes that
+port with a :class:`~._messages.Closed` message naming the error, and the thread goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import resource
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ._exceptions import ConnectError, errno_name
+from ._messages import PASSIVE, Accepted, Closed, Data, Error
+from ._poller import ERROR, READ, WRITE, make_poller
+from ._wakeup import WakeupQueue
+
+__all__ = ["Conn", "IOThread", "raise_open_file_limit"]
+
+log = logging.getLogger("ioserver")
+
+READ_SIZE = 65536  # bytes: the shared receive buffer, and so the largest Data message
+ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
+IOV_MAX = 1024  # buffers gathered in one sendmsg
+_READABLE = READ | ERROR
+_WRITABLE = WRITE | ERROR
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# Conn.kind
+STREAM = 0
+LISTENER = 1
+CONNECTING = 2
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard limit; return the (new) soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # pragma: no cover - e.g. a hard limit of infinity
+            pass
+    return soft
+
+
+class Conn:
+    """The I/O thread's half of a port.  Only the I/O thread reads or writes its fields,
+    except the byte counters, which the event loop reads for statistics."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "close_pending",
+        "closed",
+        "credit",
+        "deliver",
+        "dirty",
+        "fd",
+        "kind",
+        "make_port",
+        "mask",
+        "notify_passive",
+        "options",
+        "out_bytes",
+        "outq",
+        "paused",
+        "port",
+        "read_eof",
+        "request",
+        "shutdown_pending",
+        "sock",
+        "write_closed",
+    )
+
+    def __init__(self, sock: socket.socket, kind: int, port: Any, deliver: Callable[[Any], None]):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.kind = kind
+        self.port = port  # the event loop's half; messages are delivered as (port, message)
+        self.deliver = deliver  # the owning loop's inbox.append
+        self.credit = -1  # active credit: -1 unlimited (active=True), 0 passive, N > 0
+        self.notify_passive = False  # send Passive when credit reaches 0 (active=N)
+        self.mask = 0  # interest registered with the poller; 0 = not registered
+        self.outq: deque[bytes | memoryview] = deque()
+        self.out_bytes = 0
+        self.dirty = False
+        self.closed = False
+        self.read_eof = False
+        self.write_closed = False
+        self.shutdown_pending = False
+        self.close_pending = False
+        self.paused = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.request: Any = None
+        self.make_port: Callable[[Conn, Any, Any], Any] | None = None
+        self.options: dict[str, Any] = {}
+
+
+class _WakeupSlot:
+    """Stands in the port table at the command queue's wake-up fd."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self) -> None:
+        self.kind = -1
+
+
+class IOThread:
+    """The I/O thread and its state.  Loops talk to it only through :meth:`submit`."""
+
+    def __init__(self, *, poller: str | None = None, name: str = "ioserver-io") -> None:
+        self.fd_limit = raise_open_file_limit()
+        self._poller = make_poller(poller)
+        self.poller_name = self._poller.name
+        self.commands: WakeupQueue[tuple[Callable[..., None], Any, Any]] = WakeupQueue()
+        self._poller.register_wakeup(self.commands.wakeup.fileno())
+        # The port table: fd -> Conn, sized from the open-file limit (capped; it grows).
+        self._table: list[Any] = [None] * min(self.fd_limit, 1 << 16)
+        self._wakeup_slot = _WakeupSlot()
+        self._put_table(self.commands.wakeup.fileno(), self._wakeup_slot)
+        self._inboxes: list[WakeupQueue[Any]] = []
+        self._dirty: list[Conn] = []
+        self._paused_listeners: list[Conn] = []
+        self._buffer = bytearray(READ_SIZE)
+        self._view = memoryview(self._buffer)
+        self._stopping = False
+        self._stop_done: Callable[[], None] | None = None
+        self.ports_open = 0
+        self.polls = 0
+        self.events = 0
+        self.commands_run = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.internal_errors = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # -- the loops' side ----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, function: Callable[..., None], target: Any, argument: Any) -> None:
+        """Queue ``function(target, argument)`` to run on the I/O thread."""
+        self.commands.put((function, target, argument))
+
+    def add_inbox(self, inbox: WakeupQueue[Any]) -> None:
+        """Make ``inbox`` one that is notified after every round (runs on the I/O thread)."""
+        self._inboxes.append(inbox)
+
+    # -- the table ----------------------------------------------------------------------
+    def _put_table(self, fd: int, entry: Any) -> None:
+        table = self._table
+        if fd >= len(table):
+            table.extend([None] * (max(fd + 1, 2 * len(table)) - len(table)))
+        table[fd] = entry
+
+    def _interest(self, conn: Conn, mask: int) -> None:
+        """Set what the poller watches for ``conn``, with no syscall if nothing changes."""
+        old = conn.mask
+        if mask == old:
+            return
+        if old == 0:
+            self._poller.register(conn.fd, mask)
+        elif mask == 0:
+            self._poller.unregister(conn.fd)
+        else:
+            self._poller.modify(conn.fd, mask)
+        conn.mask = mask
+
+    def _stream_interest(self, conn: Conn) -> None:
+        mask = 0
+        if conn.credit and not conn.read_eof and not conn.close_pending:
+            mask = READ
+        if conn.outq:
+            mask |= WRITE
+        self._interest(conn, mask)
+
+    # -- the thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        commands = self.commands
+        pending = commands.items
+        popleft = pending.popleft
+        poll = self._poller.poll
+        table = self._table
+        dirty = self._dirty
+        inboxes = self._inboxes
+        on_stream = self._on_stream_event
+        try:
+            while not self._stopping:
+                timeout = -1.0 if commands.prepare_to_sleep() else 0.0
+                events = poll(timeout)
+                commands.asleep = False
+                self.polls += 1
+                self.events += len(events)
+                for fd, mask in events:
+                    conn = table[fd]
+                    if conn is None:
+                        continue
+                    try:
+                        kind = conn.kind
+                        if kind == STREAM:
+                            on_stream(conn, mask)
+                        elif kind == LISTENER:
+                            self._on_listener_event(conn, mask)
+                        elif kind == CONNECTING:
+                            self._on_connect_event(conn, mask)
+                        elif not self._poller.wakeup_is_edge_triggered:
+                            commands.wakeup.drain()
+                    except Exception as exc:
+                        self._internal_error(conn, exc)
+                while pending:
+                    function, target, argument = popleft()
+                    self.commands_run += 1
+                    try:
+                        function(target, argument)
+                    except Exception as exc:
+                        self._internal_error(target, exc)
+                if dirty:
+                    for conn in dirty:
+                        conn.dirty = False
+                        if not conn.closed and not conn.mask & WRITE:
+                            try:
+                                self._write(conn)
+                            except Exception as exc:
+                                self._internal_error(conn, exc)
+                    dirty.clear()
+                for inbox in inboxes:
+                    inbox.notify()
+                table = self._table  # it may have grown
+        except BaseException:  # pragma: no cover - a bug in the loop itself
+            log.exception("the I/O thread failed")
+            raise
+        finally:
+            self._shutdown()
+
+    def _internal_error(self, conn: Any, exc: Exception) -> None:
+        """A bug or an unexpected error while serving one port: close that port only."""
+        self.internal_errors += 1
+        log.error("error while serving a port; closing it", exc_info=exc)
+        if isinstance(conn, Conn) and not conn.closed:
+            if conn.request is not None:
+                conn.deliver((conn.request, exc))
+                conn.request = None
+            conn.deliver((conn.port, Closed(f"internal error: {exc!r}")))
+            self._close(conn)
+
+    def _shutdown(self) -> None:
+        for conn in list(self._table):
+            if isinstance(conn, Conn) and not conn.closed:
+                if conn.request is not None:
+                    conn.deliver((conn.request, ConnectError("the I/O server is stopping")))
+                self._close(conn)
+        for conn in self._paused_listeners:
+            if not conn.closed:
+                self._close(conn)
+        self._poller.close()
+        if self._stop_done is not None:
+            self._stop_done()
+        for inbox in self._inboxes:
+            inbox.notify()
+
+    def _close(self, conn: Conn) -> None:
+        """Release the socket and its fd; no message is sent."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self._interest(conn, 0)
+        if self._table[conn.fd] is conn:
+            self._table[conn.fd] = None
+        conn.sock.close()
+        conn.outq.clear()
+        self.ports_open -= 1
+        if self._paused_listeners:
+            # A descriptor was freed: listeners that ran out of them may accept again.
+            paused, self._paused_listeners = self._paused_listeners, []
+            for listener in paused:
+                if not listener.closed:
+                    listener.paused = False
+                    self._put_table(listener.fd, listener)
+                    self._interest(listener, READ if listener.credit else 0)
+
+    def _adopt(self, conn: Conn) -> None:
+        self._put_table(conn.fd, conn)
+        self.ports_open += 1
+
+    # -- streams ------------------------------------------------------------------------
+    def _on_stream_event(self, conn: Conn, mask: int) -> None:
+        if mask & _WRITABLE and conn.outq:
+            self._write(conn)
+            if conn.closed:
+                return
+        if mask & _READABLE and conn.mask & READ:
+            self._read(conn)
+
+    def _read(self, conn: Conn) -> None:
+        try:
+            n = conn.sock.recv_into(self._buffer)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._broken(conn, exc.errno)
+            return
+        if n == 0:
+            conn.read_eof = True
+            conn.deliver((conn.port, Closed("eof")))
+            if conn.write_closed:
+                self._close(conn)
+            else:
+                self._stream_interest(conn)
+            return
+        conn.bytes_in += n
+        self.bytes_in += n
+        conn.deliver((conn.port, Data(bytes(self._view[:n]))))
+        credit = conn.credit
+        if credit > 0:
+            conn.credit = credit = credit - 1
+            if credit == 0:
+                self._stream_interest(conn)
+                if conn.notify_passive:
+                    conn.deliver((conn.port, PASSIVE))
+
+    def _write(self, conn: Conn) -> None:
+        outq = conn.outq
+        try:
+            if len(outq) == 1:
+                sent = conn.sock.send(outq[0])
+            elif len(outq) <= IOV_MAX:
+                sent = conn.sock.sendmsg(outq)
+            else:
+                sent = conn.sock.sendmsg(itertools.islice(outq, IOV_MAX))
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._broken(conn, exc.errno)
+            return
+        conn.bytes_out += sent
+        self.bytes_out += sent
+        conn.out_bytes -= sent
+        while sent:
+            head = outq[0]
+            size = len(head)
+            if sent >= size:
+                outq.popleft()
+                sent -= size
+            else:
+                outq[0] = memoryview(head)[sent:]
+                break
+        if not outq:
+            if conn.close_pending:
+                self._close(conn)
+                return
+            if conn.shutdown_pending:
+                self._shutdown_write(conn)
+                if conn.closed:
+                    return
+        if (conn.mask & WRITE) != (WRITE if outq else 0):
+            self._stream_interest(conn)
+
+    def _shutdown_write(self, conn: Conn) -> None:
+        conn.shutdown_pending = False
+        conn.write_closed = True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._broken(conn, exc.errno)
+            return
+        if conn.read_eof:
+            self._close(conn)
+
+    def _broken(self, conn: Conn, number: int | None) -> None:
+        """The connection failed (reset, broken pipe...): tell the owner and release it."""
+        name = errno_name(number)
+        conn.deliver((conn.port, Closed(name, name)))
+        self._close(conn)
+
+    # -- commands on streams (run on the I/O thread) -------------------------------------
+    def cmd_send(self, conn: Conn, data: bytes) -> None:
+        if conn.closed or conn.write_closed or conn.shutdown_pending or conn.close_pending:
+            return  # the loop's half raised already, or the port broke meanwhile
+        conn.outq.append(data)
+        conn.out_bytes += len(data)
+        if not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
+
+    def cmd_send_eof(self, conn: Conn, _: Any) -> None:
+        if conn.closed or conn.write_closed or conn.shutdown_pending:
+            return
+        if conn.outq:
+            conn.shutdown_pending = True
+        else:
+            self._shutdown_write(conn)
+
+    def cmd_close(self, conn: Conn, _: Any) -> None:
+        """Close once the queued output is written (Erlang's close after a flush)."""
+        if conn.closed:
+            return
+        if conn.kind == STREAM and conn.outq:
+            conn.close_pending = True
+            self._stream_interest(conn)
+        else:
+            self._close(conn)
+
+    def cmd_set_active(self, conn: Conn, mode: tuple[int, bool]) -> None:
+        """Apply an active mode ``(credit, notify_passive)`` (see ``ports.parse_active``)."""
+        if conn.closed:
+            return
+        credit, notify = mode
+        if notify and conn.notify_passive and conn.credit > 0:
+            credit += conn.credit  # active=N adds to a running N, as inet:setopts does
+        if notify and credit <= 0:
+            credit = 0
+            conn.deliver((conn.port, PASSIVE))
+        conn.credit = credit
+        conn.notify_passive = notify
+        if conn.kind == STREAM:
+            self._stream_interest(conn)
+        elif conn.kind == LISTENER and not conn.paused:
+            self._interest(conn, READ if credit else 0)
+
+    def cmd_read_once(self, conn: Conn, _: Any) -> None:
+        """A passive port's receiver waits: let one message through (``gen_tcp:recv``)."""
+        if conn.closed or conn.credit != 0:
+            return
+        conn.credit = 1
+        conn.notify_passive = False
+        if conn.kind == STREAM:
+            self._stream_interest(conn)
+        elif not conn.paused:
+            self._interest(conn, READ)
+
+    # -- connect ------------------------------------------------------------------------
+    def cmd_connect(self, request: Any, spec: tuple[Any, ...]) -> None:
+        port, deliver, family, address, options, active = spec
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            deliver((request, _connect_error(exc.errno, address)))
+            return
+        sock.setblocking(False)
+        conn = Conn(sock, CONNECTING, port, deliver)
+        conn.credit, conn.notify_passive = active
+        conn.request = request
+        conn.options = {"address": address}
+        try:
+            _apply_stream_options(sock, options)
+            result = sock.connect_ex(address)
+        except OSError as exc:
+            result = exc.errno or errno.EINVAL
+        self._adopt(conn)
+        if result == 0:
+            self._connected(conn)
+        elif result in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            self._interest(conn, WRITE)
+        else:
+            self._connect_failed(conn, result, address)
+
+    def _on_connect_event(self, conn: Conn, mask: int) -> None:
+        result = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if result:
+            self._connect_failed(conn, result, conn.options.get("address"))
+        else:
+            self._connected(conn)
+
+    def _connected(self, conn: Conn) -> None:
+        conn.kind = STREAM
+        request, conn.request = conn.request, None
+        conn.deliver((request, (conn, conn.sock.getsockname(), conn.sock.getpeername())))
+        self._stream_interest(conn)
+
+    def _connect_failed(self, conn: Conn, number: int, address: Any) -> None:
+        request, conn.request = conn.request, None
+        conn.deliver((request, _connect_error(number, address)))
+        self._close(conn)
+
+    # -- listen and accept --------------------------------------------------------------
+    def cmd_listen(self, request: Any, spec: tuple[Any, ...]) -> None:
+        port, deliver, family, address, options, active, make_port = spec
+        sock = None
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            if options.get("reuseaddr", True):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if options.get("reuseport", False):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(options.get("backlog", 1024))
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            name = errno_name(exc.errno)
+            deliver(
+                (
+                    request,
+                    ConnectError(
+                        f"cannot listen on {_format_address(address)}: "
+                        f"{exc.strerror or exc} ({name})",
+                        exc.errno,
+                        name,
+                    ),
+                )
+            )
+            return
+        conn = Conn(sock, LISTENER, port, deliver)
+        conn.make_port = make_port
+        conn.options = {**options, "sockname": sock.getsockname()}
+        conn.credit, conn.notify_passive = active
+        self._adopt(conn)
+        deliver((request, (conn, conn.options["sockname"], None)))
+        self._interest(conn, READ if conn.credit else 0)
+
+    def _on_listener_event(self, listener: Conn, mask: int) -> None:
+        make_port = listener.make_port
+        assert make_port is not None
+        options = listener.options
+        local_address = options["sockname"]
+        deliver = listener.deliver
+        lport = listener.port
+        for _ in range(ACCEPT_BATCH):
+            if not listener.credit:
+                break
+            try:
+                sock, address = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                name = errno_name(exc.errno)
+                deliver(
+                    (lport, Error(name, exc.errno, f"accept failed: {exc.strerror} ({name})"))
+                )
+                if exc.errno in _ACCEPT_EXHAUSTED:
+                    # Level-triggered readiness would spin: stop watching the listener
+                    # until a descriptor is released (see _close).
+                    listener.paused = True
+                    self._interest(listener, 0)
+                    self._paused_listeners.append(listener)
+                return
+            sock.setblocking(False)
+            conn = Conn(sock, STREAM, None, deliver)
+            try:
+                _apply_stream_options(sock, options)
+            except OSError:
+                sock.close()  # the peer is already gone (e.g. reset before we looked)
+                continue
+            conn.credit, conn.notify_passive = options["active"]
+            conn.port = make_port(conn, local_address, address)
+            self._adopt(conn)
+            deliver((lport, Accepted(conn.port, address)))
+            self._stream_interest(conn)
+            credit = listener.credit
+            if credit > 0:
+                listener.credit = credit = credit - 1
+                if credit == 0:
+                    self._interest(listener, 0)
+                    if listener.notify_passive:
+                        deliver((lport, PASSIVE))
+
+    # -- stop ---------------------------------------------------------------------------
+    def cmd_stop(self, done: Callable[[], None], _: Any) -> None:
+        """Close every port and end the thread; ``done()`` runs on it just before it ends."""
+        self._stopping = True
+        self._stop_done = done
+
+
+def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and options.get("nodelay", True):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if options.get("keepalive"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if options.get("recbuf"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["recbuf"])
+    if options.get("sndbuf"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return repr(address)
+
+
+def _connect_error(number: int | None, address: Any) -> ConnectError:
+    name = errno_name(number)
+    import os
+
+    reason = os.strerror(number) if number else "unknown error"
+    where = f" to {_format_address(address)}" if address is not None else ""
+    return ConnectError(f"cannot connect{where}: {reason} ({name})", number, name)

@@ -1,0 +1,83 @@
+"""What a port delivers: small immutable messages, one class per kind of event.
+
+They are frozen, slotted dataclasses, so they compare by value, pattern-match with
+``match``/``case`` and cost no ``__dict__``.  They play the part of Erlang's port messages:
+``{tcp, Socket, Data}`` is :class:`Data`, ``{tcp_closed, Socket}`` is :class:`Closed`,
+``{tcp_error, Socket, Reason}`` is :class:`Error`, ``{tcp_passive, Socket}`` is
+:class:`Passive`; an accepted connection arrives on a listener as :class:`Accepted`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Accepted", "Closed", "Data", "Error", "Message", "Passive"]
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Bytes received from the peer (Erlang's ``{tcp, Socket, Data}``).
+
+    ``data`` is what one read returned, so its length is between 1 byte and the port's read
+    size: a raw byte stream has no message boundaries.
+    """
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A listener accepted a connection: ``port`` is its new, open port.
+
+    ``address`` is the peer's address as the socket module gives it (``(host, port)`` for
+    IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6).  The new port has the options the
+    listener was opened with (active mode, ``nodelay``...).  Whoever receives this message
+    owns the port and must close it.
+    """
+
+    port: Any
+    address: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The port's receive side ended; this is always the last message of a port.
+
+    ``reason`` says why, in words: ``"eof"`` (the peer closed or half-closed its side:
+    sending still works until you close the port), ``"closed"`` (another task closed the
+    port), or an errno name such as ``"ECONNRESET"`` when the connection broke, in which case
+    ``errno_name`` holds that same name and sending raises :exc:`~ports.BrokenPortError`.
+    As Erlang's ``{tcp_closed, Socket}``.
+    """
+
+    reason: str
+    errno_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """An error that did not end the port, e.g. a listener that ran out of file descriptors.
+
+    ``errno_name`` is the symbolic name (``"EMFILE"``), ``errno`` the number and ``message``
+    a sentence for humans.  As Erlang's ``{tcp_error, Socket, Reason}``.
+    """
+
+    errno_name: str
+    errno: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Passive:
+    """The port used up its active credit and is now passive (active mode ``False``).
+
+    Sent when an ``active=N`` count reaches zero, as Erlang's ``{tcp_passive, Socket}``;
+    call ``port.setopts(active=...)`` to receive more.
+    """
+
+
+Message = Data | Accepted | Closed | Error | Passive
+"""Any message a port delivers."""
+
+PASSIVE = Passive()

@@ -1,0 +1,197 @@
+"""The public face of an embedded I/O server: :func:`open`, :class:`IOServer`, :func:`run`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar, final
+
+import anyio
+
+from ._exceptions import ClosedPortError, OptionError
+from ._hub import Hub, make_hub
+from ._iothread import IOThread
+
+__all__ = ["IOServer", "IOServerStatistics", "open", "run"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class IOServerStatistics:
+    """A snapshot of an I/O server's counters, as returned by :meth:`IOServer.statistics`.
+
+    The wake-up counters are the proof that the wake-up protocol batches: under load
+    ``wakes_to_loop_sent`` and ``wakes_to_io_sent`` grow far slower than
+    ``messages_delivered`` and ``commands``, and the ``*_skipped`` counters say how many
+    wake-ups were saved because the other side was awake.
+    """
+
+    poller: str  #: the selector backend of the I/O thread ("epoll", "selectors (...)")
+    backend: str  #: the event loop's library: "trio" or "asyncio"
+    fd_limit: int  #: the soft open-file limit after raising it to the hard limit
+    ports_open: int  #: sockets the I/O thread holds open now (listeners included)
+    polls: int  #: rounds of the I/O thread's selector
+    events: int  #: readiness events handled
+    commands: int  #: commands run by the I/O thread (sends, closes, connects...)
+    messages_delivered: int  #: messages the hub handed to ports in this loop
+    loop_drains: int  #: times the hub drained its inbox
+    bytes_received: int  #: bytes read from all sockets
+    bytes_sent: int  #: bytes written to all sockets
+    wakes_to_io_sent: int  #: wake-up fd writes towards the I/O thread
+    wakes_to_io_skipped: int  #: commands queued while the I/O thread was awake (no write)
+    wakes_to_loop_sent: int  #: wake-up fd writes towards the event loop
+    wakes_to_loop_skipped: int  #: batches queued while the loop was awake (no write)
+    spurious_loop_wakes: int  #: loop wake-ups that found nothing to deliver
+    internal_errors: int  #: errors contained by closing the one port concerned
+
+
+@final
+class IOServer:
+    """A running I/O thread, and the hub that connects it to this event loop.
+
+    Get one from :func:`open` (or :func:`run`); pass it to the port functions of
+    :mod:`ports` (``connect_tcp``, ``listen_tcp``...).  All of its methods are called from
+    the event loop that opened it.
+    """
+
+    __slots__ = ("_closed", "_hub", "_io")
+
+    def __init__(self, io: IOThread, hub: Hub) -> None:
+        self._io = io
+        self._hub = hub
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the server was closed: its ports are closed and the thread ended."""
+        return self._closed
+
+    def _check_open(self) -> Hub:
+        if self._closed:
+            raise ClosedPortError("this I/O server is closed")
+        return self._hub
+
+    def statistics(self) -> IOServerStatistics:
+        """The server's counters now (see :class:`IOServerStatistics`)."""
+        io, hub = self._io, self._hub
+        return IOServerStatistics(
+            poller=io.poller_name,
+            backend=hub.backend,  # type: ignore[attr-defined]
+            fd_limit=io.fd_limit,
+            ports_open=io.ports_open,
+            polls=io.polls,
+            events=io.events,
+            commands=io.commands_run,
+            messages_delivered=hub.messages,
+            loop_drains=hub.drains,
+            bytes_received=io.bytes_in,
+            bytes_sent=io.bytes_out,
+            wakes_to_io_sent=io.commands.wakes_sent,
+            wakes_to_io_skipped=io.commands.wakes_skipped,
+            wakes_to_loop_sent=hub.inbox.wakes_sent,
+            wakes_to_loop_skipped=hub.inbox.wakes_skipped,
+            spurious_loop_wakes=hub.inbox.spurious_wakes,
+            internal_errors=io.internal_errors,
+        )
+
+    async def aclose(self) -> None:
+        """Close every port, stop the I/O thread and wait for it (idempotent).
+
+        Owners of open ports see nothing more from them; their next operation raises
+        :exc:`~ports.ClosedPortError`.  Shielded from cancellation: it returns promptly.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await self._hub.stop()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._io.ports_open} ports"
+        return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def open(*, poller: str | None = None) -> AsyncIterator[IOServer]:  # noqa: A001
+    """Start an I/O thread for this event loop; stop it, closing every port, on exit.
+
+    ::
+
+        async with ioserver.open() as ios:
+            listener = await ports.listen_tcp(ios, "127.0.0.1", 7000)
+
+    Works on trio and on asyncio (directly or through anyio).  At start the process's soft
+    open-file limit is raised to the hard limit, and the port table is sized from it.
+
+    Args:
+        poller: the I/O thread's selector: ``"epoll"`` (the default on Linux) or
+            ``"selectors"`` (the standard library's best, e.g. kqueue).
+
+    Raises:
+        OptionError: an unknown poller, or an event loop that is neither trio nor asyncio.
+    """
+    io = IOThread(poller=poller)
+    try:
+        hub = make_hub(io)
+    except BaseException:
+        io.commands.close()
+        raise
+    server = IOServer(io, hub)
+    async with anyio.create_task_group() as task_group:
+        await hub.start(task_group.start_soon)
+        io.start()
+        try:
+            yield server
+        finally:
+            await server.aclose()
+
+
+def run(
+    main: Callable[..., Awaitable[T]],
+    *args: Any,
+    backend: str = "asyncio",
+    use_uvloop: bool | None = None,
+) -> T:
+    """Run ``main(ios, *args)`` on a new event loop with an embedded I/O server.
+
+    Args:
+        main: an async function; its first argument is the :class:`IOServer`.
+        args: more positional arguments for ``main``.
+        backend: ``"asyncio"`` or ``"trio"``.
+        use_uvloop: on asyncio, run on uvloop; ``None`` (the default) uses it when it is
+            installed.
+
+    Returns:
+        What ``main`` returned.
+
+    Raises:
+        OptionError: an unknown backend, or ``use_uvloop=True`` without uvloop installed.
+    """
+    if backend not in ("asyncio", "trio"):
+        raise OptionError(f"backend must be 'asyncio' or 'trio', not {backend!r}")
+    options: dict[str, Any] = {}
+    if backend == "asyncio":
+        if use_uvloop is None:
+            use_uvloop = _has_uvloop()
+        if use_uvloop:
+            if not _has_uvloop():
+                raise OptionError("use_uvloop=True but uvloop is not installed")
+            options["use_uvloop"] = True
+
+    async def _main() -> T:
+        async with open() as ios:
+            return await main(ios, *args)
+
+    return anyio.run(_main, backend=backend, backend_options=options)
+
+
+def _has_uvloop() -> bool:
+    if sys.platform == "win32":  # pragma: no cover
+        return False
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,195 @@
+"""Queues between threads, with a wake-up fd that is written only when the consumer sleeps.
+
+Theory of operation
+===================
+
+There are two directions, and each one is a :class:`WakeupQueue`: a ``collections.deque``
+(the items), a :class:`Wakeup` fd (an eventfd on Linux, a socketpair elsewhere) and a flag,
+``asleep``.  Towards the I/O thread the producers are the event loops' threads and the
+consumer is the I/O thread, blocked in its selector; towards an event loop the producer is
+the I/O thread and the consumer is that loop's hub, blocked in the loop's own selector.
+
+``deque.append`` and ``deque.popleft`` are atomic (under the GIL; per-object locks on
+free-threaded builds), so the items need no lock.  The only question is the wake-up: a
+consumer must never sleep while an item is queued for it, and a producer should write the
+fd as seldom as possible.  The protocol, after ZeroMQ's ``ypipe`` ("the reader announces it
+is going to sleep, the writer signals only then") and Erlang's ``erl_poll.c``
+(``wake_poller``: write the wake-up pipe only when the poller is not already woken):
+
+Consumer, before it blocks::
+
+    C1  asleep = True
+    C2  if items: asleep = False; do not block   # re-check after announcing
+    C3  block until the fd is readable (or some other fd is)
+    C4  asleep = False; drain the fd if it was readable; take every item
+
+Producer::
+
+    P1  items.append(x)
+    P2  if asleep: asleep = False; write the fd
+
+Why no wake-up is lost: the consumer only blocks (C3) after it saw an empty queue at C2,
+which it read after it set the flag at C1.  Take any producer whose item the consumer did
+not see at C2.  Its append (P1) therefore came after the read at C2, hence after C1; its
+read of the flag (P2) comes after its own append, so it reads ``asleep`` after C1 stored
+``True``.  Either that read sees ``True`` and it writes the fd, or it sees ``False``, which
+only happens when another producer cleared the flag after C1 - and that producer wrote the
+fd.  Either way the fd is written after C1, so the block at C3 returns.  (Every step is one
+bytecode-level operation on a shared object, and CPython orders them sequentially; on a
+free-threaded build the deque's and the attribute's own locks give the same order.)
+
+Why a burst costs one write: the first producer that sees ``asleep`` clears it before it
+writes, so the producers after it see ``False`` and only append.  Two producers racing at
+P2 may both write; an eventfd adds the two writes into one readable state, so the consumer
+still wakes once.  A consumer that finds items at C2 may race with a producer that saw
+``True`` just before C2 cleared it: the fd is then written for an item the consumer already
+takes, and the consumer's next block returns at once and finds the queue empty.  That is the
+only spurious wake-up the protocol allows, and :attr:`WakeupQueue.spurious_wakes` counts it.
+
+The direction towards an event loop is batched: the I/O thread appends all the events of
+one round of its selector with :meth:`WakeupQueue.append` (no check), then calls
+:meth:`WakeupQueue.notify` once, which is P2.  So a burst of events for ten thousand ports
+costs one write and one wake of the loop.  ``notify`` on an empty queue writes nothing, so a
+side never wakes the other for nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from typing import Generic, TypeVar
+
+__all__ = ["Wakeup", "WakeupQueue"]
+
+T = TypeVar("T")
+
+_HAS_EVENTFD = hasattr(os, "eventfd")
+_ONE = (1).to_bytes(8, "little")
+
+
+class Wakeup:
+    """A wake-up fd: an eventfd where the OS has one, else a non-blocking socketpair.
+
+    ``fileno()`` is the fd to wait on for readability; :meth:`signal` makes it readable from
+    any thread; :meth:`drain` makes it unreadable again.  Both ends are non-blocking, so a
+    signal never blocks (a full socketpair already means "readable").
+    """
+
+    __slots__ = ("_read_fd", "_reader", "_write_fd", "_writer", "is_eventfd")
+
+    def __init__(self) -> None:
+        self._reader: socket.socket | None = None
+        self._writer: socket.socket | None = None
+        if _HAS_EVENTFD:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._read_fd = self._write_fd = fd
+            self.is_eventfd = True
+        else:  # pragma: no cover - platforms without eventfd
+            self._reader, self._writer = socket.socketpair()
+            self._reader.setblocking(False)
+            self._writer.setblocking(False)
+            self._read_fd = self._reader.fileno()
+            self._write_fd = self._writer.fileno()
+            self.is_eventfd = False
+
+    def fileno(self) -> int:
+        """The fd that becomes readable when :meth:`signal` is called."""
+        return self._read_fd
+
+    def signal(self) -> None:
+        """Make the fd readable.  Safe from any thread; never blocks."""
+        try:
+            os.write(self._write_fd, _ONE)
+        except BlockingIOError:  # pragma: no cover - already readable (counter/buffer full)
+            pass
+
+    def drain(self) -> None:
+        """Consume every pending signal, so the fd is no longer readable."""
+        try:
+            if self.is_eventfd:
+                os.read(self._read_fd, 8)
+            else:  # pragma: no cover - platforms without eventfd
+                while os.read(self._read_fd, 4096):
+                    pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Close the fd (both ends of the socketpair)."""
+        if self.is_eventfd:
+            if self._read_fd >= 0:
+                os.close(self._read_fd)
+        else:  # pragma: no cover - platforms without eventfd
+            assert self._reader is not None and self._writer is not None
+            self._reader.close()
+            self._writer.close()
+        self._read_fd = self._write_fd = -1
+
+
+class WakeupQueue(Generic[T]):
+    """A queue from producer threads to one consumer that sleeps on :attr:`wakeup`.
+
+    See the module's theory of operation for the protocol and why it loses no wake-up.
+    Producers call :meth:`put` (append and wake if needed) or :meth:`append` then
+    :meth:`notify` (a batch, one wake).  The consumer calls :meth:`prepare_to_sleep` before
+    it blocks, :meth:`woke` after, and pops from :attr:`items`.
+
+    The counters are statistics: ``wakes_sent`` (fd writes), ``wakes_skipped`` (a producer
+    had something for the consumer but found it awake, so wrote nothing) and
+    ``spurious_wakes`` (the consumer woke on the fd and found nothing new).  They are plain
+    integers updated without a lock, exact with one producer thread, approximate with more.
+    """
+
+    __slots__ = ("asleep", "items", "spurious_wakes", "wakes_sent", "wakes_skipped", "wakeup")
+
+    def __init__(self) -> None:
+        self.items: deque[T] = deque()
+        self.wakeup = Wakeup()
+        # A new consumer is not blocked yet; it announces its sleep with prepare_to_sleep().
+        self.asleep = False
+        self.wakes_sent = 0
+        self.wakes_skipped = 0
+        self.spurious_wakes = 0
+
+    # -- producer side ------------------------------------------------------------------
+    def put(self, item: T) -> None:
+        """Append ``item`` (P1) and wake the consumer if it announced its sleep (P2)."""
+        self.items.append(item)
+        if self.asleep:
+            self.asleep = False
+            self.wakeup.signal()
+            self.wakes_sent += 1
+        else:
+            self.wakes_skipped += 1
+
+    def append(self, item: T) -> None:
+        """Append ``item`` without waking anyone; call :meth:`notify` after the batch."""
+        self.items.append(item)
+
+    def notify(self) -> None:
+        """Wake the consumer if it sleeps and something is queued for it (P2, once a batch)."""
+        if self.items:
+            if self.asleep:
+                self.asleep = False
+                self.wakeup.signal()
+                self.wakes_sent += 1
+            else:
+                self.wakes_skipped += 1
+
+    # -- consumer side ------------------------------------------------------------------
+    def prepare_to_sleep(self) -> bool:
+        """Announce a sleep (C1) and re-check (C2).  True: block now; False: items wait."""
+        self.asleep = True
+        if self.items:
+            self.asleep = False
+            return False
+        return True
+
+    def woke(self) -> None:
+        """Record that the consumer is awake again (C4; the fd is drained separately)."""
+        self.asleep = False
+
+    def close(self) -> None:
+        """Close the wake-up fd."""
+        self.wakeup.close()

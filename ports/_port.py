@@ -1,0 +1,707 @@
+"""Ports: an actor's handle on a socket that the I/O thread owns.
+
+A :class:`Port` is a channel of messages in (:class:`~ioserver.Data`, then one final
+:class:`~ioserver.Closed`) and of bytes out.  It is an anyio
+:class:`~anyio.abc.ObjectStream` and a trio :class:`~trio.abc.Channel` at once, so code
+written for either uses it unchanged.  A :class:`Listener` is a port whose messages are
+:class:`~ioserver.Accepted` connections.
+
+The event loop's half of a port (this module) never touches the socket: ``send`` queues a
+command for the I/O thread and returns; messages arrive through the loop's hub, which
+calls :meth:`_PortBase._deliver` in-loop.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, final
+
+import anyio
+import anyio.abc
+import trio
+import trio.abc
+from anyio.abc import SocketAttribute
+
+from ioserver._exceptions import (
+    BrokenPortError,
+    BusyPortError,
+    ClosedPortError,
+    ConnectError,
+    EndOfPort,
+    OptionError,
+    WouldBlock,
+)
+from ioserver._hub import Hub
+from ioserver._iothread import Conn, IOThread
+from ioserver._messages import Accepted, Closed, Data, Message
+from ioserver._server import IOServer
+
+from ._mailbox import Mailbox
+from ._source import EMPTY, Source, Waiter
+
+__all__ = ["Listener", "Port", "PortStatistics", "connect_tcp", "listen_tcp"]
+
+Active = bool | str | int
+"""An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
+
+_STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
+_LISTEN_OPTIONS = frozenset({"backlog", "reuseaddr", "reuseport"})
+
+
+def parse_active(mode: object) -> tuple[int, bool]:
+    """``active`` → ``(credit, notify_passive)`` as the I/O thread counts it.
+
+    ``True`` → unlimited (-1); ``False`` → 0; ``"once"`` → 1, no notice; an int N →
+    N with a :class:`~ioserver.Passive` notice when it runs out (Erlang's ``{active, N}``,
+    -32768..32767; adding to a running count, and 0 or less makes the port passive).
+    """
+    if mode is True:
+        return -1, False
+    if mode is False:
+        return 0, False
+    if mode == "once":
+        return 1, False
+    if isinstance(mode, int) and not isinstance(mode, bool):
+        if not -32768 <= mode <= 32767:
+            raise OptionError(f"active={mode}: a count must be in -32768..32767")
+        return mode, True
+    raise OptionError(f"active must be True, False, 'once' or an int, not {mode!r}")
+
+
+def _apply_active(credit: int, notify: bool, new: tuple[int, bool]) -> tuple[int, bool]:
+    """The new ``(credit, notify)``; the same rule as the I/O thread's ``cmd_set_active``."""
+    new_credit, new_notify = new
+    if new_notify and notify and credit > 0:
+        new_credit += credit
+    if new_notify and new_credit <= 0:
+        new_credit = 0
+    return new_credit, new_notify
+
+
+def _check_options(options: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise OptionError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} for {what}: "
+            f"{', '.join(unknown)} (known: {', '.join(sorted(allowed))})"
+        )
+    for name in ("recbuf", "sndbuf", "backlog"):
+        value = options.get(name)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise OptionError(f"{name} must be a positive int (bytes or connections)")
+
+
+@dataclass(frozen=True, slots=True)
+class PortStatistics:
+    """A snapshot of one port's counters, as returned by :meth:`Port.statistics`."""
+
+    messages_buffered: int  #: delivered to the port, not yet received
+    bytes_received: int  #: read from the socket so far
+    bytes_sent: int  #: written to the socket so far
+    bytes_queued: int  #: sent by the actor, not yet written to the socket
+    active: Active  #: the active mode last set
+    closed: bool  #: closed by this side
+
+
+class _Request(Waiter):
+    """A connect or listen request waiting for the I/O thread's answer."""
+
+    __slots__ = ("cancelled", "hub", "io", "result")
+
+    def __init__(self, io: IOThread, hub: Any) -> None:
+        super().__init__()
+        self.io = io
+        self.hub = hub
+        self.result: Any = EMPTY
+        self.cancelled = False
+
+    def _deliver(self, result: Any) -> None:
+        if self.cancelled:
+            # Nobody waits any more: release what the I/O thread opened for us.
+            if isinstance(result, tuple) and isinstance(result[0], Conn):
+                self.io.submit(self.io.cmd_close, result[0], None)
+            return
+        self.result = result
+        self.hub.wake(self)
+
+    async def wait(self) -> Any:
+        try:
+            while self.result is EMPTY:
+                await self.hub.park(self)
+        except BaseException:
+            self.cancelled = True
+            raise
+        return self.result
+
+
+class _PortBase(Source):
+    """What ports and listeners share: the buffer, waiting, closing, owner, select hooks."""
+
+    __slots__ = (
+        "_buffer",
+        "_closed",
+        "_conn",
+        "_credit",
+        "_ended",
+        "_hub",
+        "_io",
+        "_local_address",
+        "_notify",
+        "_owner",
+        "_remote_address",
+        "_select_waiters",
+        "_submit",
+        "_terminal",
+        "_waiter",
+    )
+
+    def __init__(self, server: IOServer, active: tuple[int, bool]) -> None:
+        hub = server._hub
+        self._hub: Any = hub
+        self._io: IOThread = server._io
+        self._submit = self._io.commands.put
+        self._conn: Conn | None = None
+        self._buffer: deque[Message] = deque()
+        self._waiter: Any = None
+        self._select_waiters: list[Waiter] = []
+        self._closed = False  # closed by this side
+        self._terminal = False  # the final Closed message has been delivered
+        self._ended = False  # ... and received: receive raises EndOfPort
+        self._credit, self._notify = active
+        self._owner: Mailbox | None = None
+        self._local_address: Any = None
+        self._remote_address: Any = None
+
+    # -- delivery (in-loop, called by the hub) -------------------------------------------
+    def _deliver(self, message: Message) -> None:
+        if self._closed:
+            return
+        if message.__class__ is Data:
+            if self._credit > 0:
+                self._credit -= 1
+        elif message.__class__ is Closed:
+            if self._terminal:
+                return
+            self._terminal = True
+            self._on_terminal(message)  # type: ignore[arg-type]
+        owner = self._owner
+        if owner is not None:
+            owner.send_nowait((self, message))
+            return
+        self._buffer.append(message)
+        if self._waiter is not None:
+            self._hub.wake(self)
+        if self._select_waiters:
+            wake = self._hub.wake
+            for waiter in self._select_waiters:
+                wake(waiter)
+
+    def _on_terminal(self, message: Closed) -> None:
+        pass
+
+    def _abort_park(self, raise_cancel: Any) -> Any:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    # -- receiving ----------------------------------------------------------------------
+    def _take(self) -> Message:
+        message = self._buffer.popleft()
+        if message.__class__ is Closed:
+            self._ended = True
+        return message
+
+    def _check_can_wait(self) -> None:
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if self._ended:
+            raise EndOfPort("this port has delivered its final message")
+        if self._owner is not None:
+            raise ClosedPortError(
+                "this port's messages go to its owner mailbox; receive from the mailbox"
+            )
+        if self._credit == 0:
+            # Passive: ask the I/O thread for one message, as gen_tcp:recv does.
+            self._credit = 1
+            self._notify = False
+            self._submit((self._io.cmd_read_once, self._conn, None))
+
+    def receive_nowait(self) -> Message:
+        """Take the next buffered message without waiting.
+
+        Raises:
+            WouldBlock: nothing is buffered.
+            EndOfPort: the final message was already received.
+            ClosedPortError: the port was closed by this side.
+        """
+        if self._buffer:
+            return self._take()
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if self._ended:
+            raise EndOfPort("this port has delivered its final message")
+        raise WouldBlock("no message is buffered")
+
+    async def receive(self) -> Message:
+        """Wait for the next message and return it.
+
+        Returns messages in the order the I/O thread produced them; the last one is always
+        a :class:`~ioserver.Closed`.  On a passive port (``active=False``, or after its
+        ``"once"``/N credit ran out) the I/O thread reads one message for this call, as
+        ``gen_tcp:recv`` does.
+
+        Raises:
+            EndOfPort: the final message was already received (``async for`` ends here).
+            ClosedPortError: the port was closed by this side (also raised in a task that
+                was waiting here when another task closed it), or its messages go to an
+                owner mailbox.
+            BusyPortError: another task is already waiting in ``receive`` on this port.
+        """
+        buffer = self._buffer
+        if not buffer:
+            if self._waiter is not None:
+                raise BusyPortError("receiving")
+            hub = self._hub
+            while not buffer:
+                self._check_can_wait()
+                await hub.park(self)
+            message = self._take()
+            return message
+        message = self._take()
+        await self._hub.completed()
+        return message
+
+    def __aiter__(self) -> _PortBase:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except EndOfPort:
+            raise StopAsyncIteration from None
+
+    # -- select hooks -------------------------------------------------------------------
+    def _select_poll(self) -> Any:
+        if self._buffer:
+            return self._take()
+        self._check_can_wait()
+        return EMPTY
+
+    def _select_arm(self, waiter: Waiter) -> None:
+        self._select_waiters.append(waiter)
+
+    def _select_disarm(self, waiter: Waiter) -> None:
+        try:
+            self._select_waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    # -- owner --------------------------------------------------------------------------
+    @property
+    def owner(self) -> Mailbox | None:
+        """The mailbox this port's messages go to, or ``None`` (they stay in the port)."""
+        return self._owner
+
+    def set_owner(self, owner: Mailbox | None) -> None:
+        """Send this port's messages to ``owner`` as ``(port, message)`` tuples.
+
+        As Erlang's ``gen_tcp:controlling_process/2``, with the race it documents closed:
+        messages already buffered in the port move to the new owner first, in order, then
+        every later message follows them; none is lost or duplicated.  ``None`` makes the
+        port keep its messages again (those already in a mailbox stay there).
+
+        Raises:
+            ClosedPortError: the port is closed, or a task is waiting on it.
+        """
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if self._waiter is not None or self._select_waiters:
+            raise ClosedPortError("a task is waiting on this port; it cannot change owner")
+        self._owner = owner
+        if owner is not None:
+            buffer = self._buffer
+            while buffer:
+                message = buffer.popleft()
+                if message.__class__ is Closed:
+                    self._ended = True
+                owner.send_nowait((self, message))
+
+    # -- options ------------------------------------------------------------------------
+    def setopts(self, *, active: Active | None = None) -> None:
+        """Change the port's options, as Erlang's ``inet:setopts/2``.
+
+        Args:
+            active: ``True`` - deliver every message as it arrives; ``False`` - deliver
+                only when a task waits in :meth:`receive` (one read per call);
+                ``"once"`` - deliver one message, then become passive; an int N - deliver
+                N more messages (added to a running count), then become passive and
+                deliver :class:`~ioserver.Passive`.
+
+        Raises:
+            OptionError: an unknown option or a wrong value.
+            ClosedPortError: the port is closed.
+        """
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if active is not None:
+            mode = parse_active(active)
+            self._credit, self._notify = _apply_active(self._credit, self._notify, mode)
+            self._submit((self._io.cmd_set_active, self._conn, mode))
+
+    @property
+    def active(self) -> Active:
+        """The active mode now: ``True``, ``False``, ``"once"`` or the remaining count."""
+        credit, notify = self._credit, self._notify
+        if credit < 0:
+            return True
+        if notify:
+            return credit if credit else False
+        return "once" if credit else False
+
+    # -- closing ------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close the port: the I/O thread writes what is queued, then closes the socket.
+
+        Idempotent.  A task waiting on the port gets :exc:`ClosedPortError`; messages not
+        yet received are dropped.  It is a checkpoint.
+        """
+        self.close_nowait()
+        await anyio.lowlevel.checkpoint()
+
+    def close_nowait(self) -> None:
+        """Close the port without waiting (see :meth:`aclose`)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        if self._conn is not None:
+            self._submit((self._io.cmd_close, self._conn, None))
+        hub = self._hub
+        if self._waiter is not None:
+            hub.wake(self)
+        for waiter in self._select_waiters:
+            hub.wake(waiter)
+
+    @property
+    def closed(self) -> bool:
+        """True once this side closed the port."""
+        return self._closed
+
+    @property
+    def local_address(self) -> Any:
+        """The socket's own address (``(host, port)`` for IPv4)."""
+        return self._local_address
+
+    @property
+    def remote_address(self) -> Any:
+        """The peer's address, or ``None`` for a listener."""
+        return self._remote_address
+
+    @property
+    def extra_attributes(self) -> dict[Any, Callable[[], Any]]:
+        """anyio typed attributes: :class:`anyio.abc.SocketAttribute` addresses."""
+        attributes: dict[Any, Callable[[], Any]] = {
+            SocketAttribute.local_address: lambda: self._local_address,
+        }
+        if self._remote_address is not None:
+            attributes[SocketAttribute.remote_address] = lambda: self._remote_address
+        return attributes
+
+    def statistics(self) -> PortStatistics:
+        """The port's counters now (see :class:`PortStatistics`)."""
+        conn = self._conn
+        return PortStatistics(
+            messages_buffered=len(self._buffer),
+            bytes_received=conn.bytes_in if conn else 0,
+            bytes_sent=conn.bytes_out if conn else 0,
+            bytes_queued=conn.out_bytes if conn else 0,
+            active=self.active,
+            closed=self._closed,
+        )
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+@final
+class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
+    """A connected byte stream (TCP), owned by the I/O thread, used like a channel.
+
+    Receive messages: :class:`~ioserver.Data` for bytes read, then one final
+    :class:`~ioserver.Closed` (``reason="eof"`` when the peer closed, an errno name such
+    as ``"ECONNRESET"`` when the connection broke) - and with ``active=N``,
+    :class:`~ioserver.Passive` when the count runs out.  Send bytes.  Get one from
+    :func:`connect_tcp` or from a :class:`Listener`'s :class:`~ioserver.Accepted`.
+    """
+
+    __slots__ = ("_broken", "_eof_sent")
+
+    def __init__(self, server: IOServer, active: tuple[int, bool]) -> None:
+        super().__init__(server, active)
+        self._broken: str | None = None
+        self._eof_sent = False
+
+    def _on_terminal(self, message: Closed) -> None:
+        self._broken = message.errno_name
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` for the I/O thread to write; return at once.
+
+        The bytes are copied if they are mutable (``bytearray``, ``memoryview``), so the
+        caller may reuse its buffer.  Writes of one round of the I/O thread are gathered
+        into one ``sendmsg``.
+
+        Raises:
+            ClosedPortError: the port was closed, or :meth:`send_eof` was called.
+            BrokenPortError: the connection broke (reset, broken pipe); ``errno_name``
+                says how.
+            TypeError: ``data`` is not bytes-like.
+        """
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if self._broken is not None:
+            raise BrokenPortError(
+                f"the connection is broken ({self._broken})", errno_name=self._broken
+            )
+        if self._eof_sent:
+            raise ClosedPortError("send_eof() was called: this port sends nothing more")
+        if data.__class__ is not bytes:
+            data = _to_bytes(data)
+        if data:
+            self._submit((self._io.cmd_send, self._conn, data))
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        """Queue ``data`` for the I/O thread to write (see :meth:`send_nowait`).
+
+        It does not wait for the write: the I/O thread writes in the background, in order.
+        It checks for cancellation and, every few calls, yields to the scheduler (see
+        :mod:`ioserver._hub`), so a sending loop never starves other tasks.
+
+        Raises:
+            ClosedPortError, BrokenPortError, TypeError: as :meth:`send_nowait`.
+        """
+        self.send_nowait(data)
+        await self._hub.completed()
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads end-of-file after what was already sent.
+
+        Receiving goes on until the peer closes its side.  Idempotent.
+
+        Raises:
+            ClosedPortError: the port is closed.
+        """
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if not self._eof_sent and self._broken is None:
+            self._eof_sent = True
+            self._submit((self._io.cmd_send_eof, self._conn, None))
+        await anyio.lowlevel.checkpoint()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "ended" if self._ended else "open"
+        return f"<Port tcp {self._local_address} -> {self._remote_address} {state}>"
+
+
+@final
+class Listener(_PortBase, anyio.abc.ObjectReceiveStream[Accepted], trio.abc.ReceiveChannel[Accepted]):  # type: ignore[misc]
+    """A listening TCP socket; its messages are :class:`~ioserver.Accepted` connections.
+
+    The I/O thread accepts as connections arrive (up to 64 per readiness event) and
+    delivers each as an ``Accepted`` carrying a new, open :class:`Port`; whoever receives
+    it owns that port.  An accept that fails for lack of resources (``EMFILE``...) is
+    delivered as :class:`~ioserver.Error` and accepting resumes when a descriptor is freed.
+    """
+
+    __slots__ = ()
+
+    async def receive(self) -> Accepted:  # type: ignore[override]
+        """Wait for the next accepted connection (or :class:`~ioserver.Error`).
+
+        Raises:
+            ClosedPortError: the listener was closed by this side.
+            BusyPortError: another task is already waiting on this listener.
+        """
+        return await super().receive()  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"<Listener tcp {self._local_address} {'closed' if self._closed else 'open'}>"
+
+
+def _to_bytes(data: Any) -> bytes:
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, bytes):
+        return data
+    raise TypeError(f"a port sends bytes-like data, not {type(data).__name__}")
+
+
+_GAI_ERRORS = {
+    getattr(socket, name): name for name in dir(socket) if name.startswith("EAI_")
+}
+
+
+async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, Any]]:
+    """``[(family, sockaddr)]`` for ``host``; numeric hosts without a thread."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise OptionError(f"port must be an int in 0..65535, not {port!r}")
+    if not isinstance(host, str):
+        raise OptionError(f"host must be a str, not {host!r}")
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+        except socket.gaierror as exc:
+            name = _GAI_ERRORS.get(exc.errno, "EAI_FAIL")
+            raise ConnectError(
+                f"cannot resolve host {host!r}: {exc.strerror} ({name})", None, name
+            ) from exc
+    seen = []
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
+            seen.append((family, sockaddr))
+    if not seen:
+        raise ConnectError(f"host {host!r} has no IPv4 or IPv6 address", None, "EAI_NODATA")
+    return seen
+
+
+async def connect_tcp(
+    server: IOServer,
+    host: str,
+    port: int,
+    *,
+    active: Active = True,
+    nodelay: bool = True,
+    keepalive: bool = False,
+    recbuf: int | None = None,
+    sndbuf: int | None = None,
+) -> Port:
+    """Connect to ``host:port`` over TCP and return the open :class:`Port`.
+
+    As Erlang's ``gen_tcp:connect/3``.  The I/O thread connects without blocking; names
+    are resolved first (numeric addresses need no thread).  Each address is tried in turn.
+
+    Args:
+        server: the I/O server (from :func:`ioserver.open`).
+        host: a name or an IPv4/IPv6 address.
+        port: the TCP port, 0..65535.
+        active: the active mode (see :meth:`Port.setopts`); default ``True``.
+        nodelay: disable Nagle's algorithm (``TCP_NODELAY``); default ``True``.
+        keepalive: enable ``SO_KEEPALIVE``.
+        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
+        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
+
+    Raises:
+        ConnectError: the name did not resolve (``errno_name`` like ``"EAI_NONAME"``) or
+            no address accepted the connection (``"ECONNREFUSED"``, ``"ETIMEDOUT"``...):
+            the message names the address and the cause.
+        OptionError: a wrong option value.
+        ClosedPortError: the I/O server is closed.
+    """
+    hub = server._check_open()
+    credit = parse_active(active)
+    options = {"nodelay": nodelay, "keepalive": keepalive, "recbuf": recbuf, "sndbuf": sndbuf}
+    _check_options({k: v for k, v in options.items() if v is not None}, _STREAM_OPTIONS, "TCP")
+    addresses = await _resolve(host, port, passive=False)
+    io = server._io
+    error: BaseException | None = None
+    for family, address in addresses:
+        result_port = Port(server, credit)
+        request = _Request(io, hub)
+        io.submit(
+            io.cmd_connect, request, (result_port, hub.deliver, family, address, options, credit)
+        )
+        result = await request.wait()
+        if isinstance(result, BaseException):
+            error = result
+            continue
+        result_port._conn, result_port._local_address, result_port._remote_address = result
+        return result_port
+    assert error is not None
+    raise error
+
+
+async def listen_tcp(
+    server: IOServer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    backlog: int = 1024,
+    reuseaddr: bool = True,
+    reuseport: bool = False,
+    active: Active = True,
+    nodelay: bool = True,
+    keepalive: bool = False,
+    recbuf: int | None = None,
+    sndbuf: int | None = None,
+) -> Listener:
+    """Listen on ``host:port`` for TCP connections; return the :class:`Listener`.
+
+    As Erlang's ``gen_tcp:listen/2``, except that the I/O thread accepts by itself: the
+    listener's messages are :class:`~ioserver.Accepted` ports.  ``port=0`` picks a free
+    port: read it from ``listener.local_address``.  Binds the first address ``host``
+    resolves to; IPv6 listeners are IPv6-only.
+
+    Args:
+        server: the I/O server.
+        host: the address to bind; ``"127.0.0.1"`` by default (never all interfaces
+            unless you say ``"0.0.0.0"`` or ``"::"``).
+        port: the TCP port, 0..65535.
+        backlog: the kernel's queue of connections not yet accepted.
+        reuseaddr: ``SO_REUSEADDR`` (default ``True``: restart without waiting).
+        reuseport: ``SO_REUSEPORT`` (several processes share the port).
+        active, nodelay, keepalive, recbuf, sndbuf: options of each accepted port, as
+            in :func:`connect_tcp`.
+
+    Raises:
+        ConnectError: the address is in use (``"EADDRINUSE"``), not local
+            (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve.
+        OptionError: a wrong option value.
+        ClosedPortError: the I/O server is closed.
+    """
+    hub = server._check_open()
+    credit = parse_active(active)
+    listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
+    _check_options(listen_options, _LISTEN_OPTIONS, "a TCP listener")
+    stream_options = {
+        "nodelay": nodelay,
+        "keepalive": keepalive,
+        "recbuf": recbuf,
+        "sndbuf": sndbuf,
+    }
+    _check_options(
+        {k: v for k, v in stream_options.items() if v is not None}, _STREAM_OPTIONS, "TCP"
+    )
+    options: dict[str, Any] = {**listen_options, **stream_options, "active": credit}
+    family, address = (await _resolve(host, port, passive=True))[0]
+    listener = Listener(server, (-1, False))
+    io = server._io
+
+    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
+        # Runs on the I/O thread, once per accepted connection.
+        accepted = Port(server, credit)
+        accepted._conn = conn
+        accepted._local_address = local_address
+        accepted._remote_address = remote_address
+        return accepted
+
+    request = _Request(io, hub)
+    io.submit(
+        io.cmd_listen,
+        request,
+        (listener, hub.deliver, family, address, options, (-1, False), make_port),
+    )
+    result = await request.wait()
+    if isinstance(result, BaseException):
+        raise result
+    listener._conn, listener._local_address, _ = result
+    return listener

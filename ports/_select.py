@@ -1,0 +1,76 @@
+"""``select``: wait on several sources at once, take exactly one message."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import anyio
+
+from ioserver._hub import current_parker
+
+from ._source import EMPTY, Source, Waiter
+
+__all__ = ["select"]
+
+_rotation = itertools.count()
+
+
+async def select(*sources: Source, timeout: float | None = None) -> tuple[Source, Any]:
+    """Wait until one of ``sources`` has a message; take it and return ``(source, message)``.
+
+    Exactly one message is consumed, from exactly one source; the others keep theirs.  No
+    task is spawned: each source's buffer is polled (starting from a rotating position, so
+    a busy source cannot starve the others), and only if all are empty does the calling
+    task park, with one waiter armed on every source.  This is the single wait over I/O,
+    mailboxes and channels that Erlang's ``receive`` gives a process.
+
+    Sources: :class:`~ports.Port`, :class:`~ports.Listener`, :class:`~ports.Mailbox` and
+    :class:`~ports.MemoryReceiveChannel`.  A passive port is asked for one read while the
+    select waits on it, as ``receive`` would.
+
+    Args:
+        sources: one or more sources.
+        timeout: seconds to wait at most; ``None`` waits forever.
+
+    Returns:
+        ``(source, message)``: the source the message came from, and the message.
+
+    Raises:
+        TimeoutError: ``timeout`` passed and no source had a message.
+        EndOfPort: a source has delivered its final message already (a port whose
+            :class:`~ioserver.Closed` was received, a channel whose send end is closed and
+            drained): stop selecting on it.
+        ClosedPortError: a source was closed by this side.
+        TypeError: a source is not selectable.
+    """
+    count = len(sources)
+    if not count:
+        raise TypeError("select() needs at least one source")
+    for source in sources:
+        if not isinstance(source, Source):
+            raise TypeError(f"select() cannot wait on {type(source).__name__}")
+    start = next(_rotation) % count
+    order = sources[start:] + sources[:start] if start else sources
+    parker = current_parker()
+    if timeout is None:
+        return await _select(order, parker)
+    with anyio.fail_after(timeout):
+        return await _select(order, parker)
+
+
+async def _select(order: tuple[Source, ...], parker: Any) -> tuple[Source, Any]:
+    while True:
+        for source in order:
+            message = source._select_poll()
+            if message is not EMPTY:
+                await parker.completed()
+                return source, message
+        waiter = Waiter()
+        for source in order:
+            source._select_arm(waiter)
+        try:
+            await parker.park(waiter)
+        finally:
+            for source in order:
+                source._select_disarm(waiter)
