@@ -186,6 +186,8 @@ class Hub:
         self.messages = 0
         self._waiter: Any = None
         self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.append
+        self.cmd_send = io.cmd_send  # bound once: ports queue it with every send
+        self.loop: Any = None  # asyncio's loop, for the ports' inlined park
         io.add_inbox(self.inbox)
 
     # -- draining -----------------------------------------------------------------------
@@ -259,7 +261,7 @@ class TrioHub(Hub, TrioParker):
 
 class AsyncioHub(Hub, AsyncioParker):
     async def start(self, start_soon: Callable[..., Any]) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.loop = asyncio.get_running_loop()
         self._loop.add_reader(self.inbox.wakeup.fileno(), self._on_readable)
         # The reader is registered: from now on the I/O thread may wake us.
         self.inbox.asleep = True

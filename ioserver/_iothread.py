@@ -211,7 +211,10 @@ class IOThread:
         table = self._table
         dirty = self._dirty
         inboxes = self._inboxes
-        on_stream = self._on_stream_event
+        buffer = self._buffer
+        view = self._view
+        write = self._write
+        broken = self._broken
         try:
             while not self._stopping:
                 timeout = -1.0 if commands.prepare_to_sleep() else 0.0
@@ -219,22 +222,45 @@ class IOThread:
                 commands.asleep = False
                 self.polls += 1
                 self.events += len(events)
+                received = 0
                 for fd, mask in events:
                     conn = table[fd]
                     if conn is None:
                         continue
                     try:
-                        kind = conn.kind
-                        if kind == STREAM:
-                            on_stream(conn, mask)
-                        elif kind == LISTENER:
+                        if conn.kind == STREAM:
+                            # The hot path, inlined: one recv_into the shared buffer, one
+                            # Data message to the owning loop's inbox.
+                            if mask & _WRITABLE and conn.outq:
+                                write(conn)
+                                if conn.closed:
+                                    continue
+                            if not (mask & _READABLE and conn.mask & READ):
+                                continue
+                            try:
+                                n = conn.sock.recv_into(buffer)
+                            except BlockingIOError:
+                                continue
+                            except OSError as exc:
+                                broken(conn, exc.errno)
+                                continue
+                            if n:
+                                received += n
+                                conn.bytes_in += n
+                                conn.deliver((conn.port, Data(bytes(view[:n]))))
+                                if conn.credit > 0:
+                                    self._spend_credit(conn)
+                            else:
+                                self._eof(conn)
+                        elif conn.kind == LISTENER:
                             self._on_listener_event(conn, mask)
-                        elif kind == CONNECTING:
+                        elif conn.kind == CONNECTING:
                             self._on_connect_event(conn, mask)
                         elif not self._poller.wakeup_is_edge_triggered:
                             commands.wakeup.drain()
                     except Exception as exc:
                         self._internal_error(conn, exc)
+                self.bytes_in += received
                 while pending:
                     function, target, argument = popleft()
                     self.commands_run += 1
@@ -247,7 +273,7 @@ class IOThread:
                         conn.dirty = False
                         if not conn.closed and not conn.mask & WRITE:
                             try:
-                                self._write(conn)
+                                write(conn)
                             except Exception as exc:
                                 self._internal_error(conn, exc)
                     dirty.clear()
@@ -311,40 +337,20 @@ class IOThread:
         self.ports_open += 1
 
     # -- streams ------------------------------------------------------------------------
-    def _on_stream_event(self, conn: Conn, mask: int) -> None:
-        if mask & _WRITABLE and conn.outq:
-            self._write(conn)
-            if conn.closed:
-                return
-        if mask & _READABLE and conn.mask & READ:
-            self._read(conn)
+    def _spend_credit(self, conn: Conn) -> None:
+        conn.credit -= 1
+        if conn.credit == 0:
+            self._stream_interest(conn)
+            if conn.notify_passive:
+                conn.deliver((conn.port, PASSIVE))
 
-    def _read(self, conn: Conn) -> None:
-        try:
-            n = conn.sock.recv_into(self._buffer)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._broken(conn, exc.errno)
-            return
-        if n == 0:
-            conn.read_eof = True
-            conn.deliver((conn.port, Closed("eof")))
-            if conn.write_closed:
-                self._close(conn)
-            else:
-                self._stream_interest(conn)
-            return
-        conn.bytes_in += n
-        self.bytes_in += n
-        conn.deliver((conn.port, Data(bytes(self._view[:n]))))
-        credit = conn.credit
-        if credit > 0:
-            conn.credit = credit = credit - 1
-            if credit == 0:
-                self._stream_interest(conn)
-                if conn.notify_passive:
-                    conn.deliver((conn.port, PASSIVE))
+    def _eof(self, conn: Conn) -> None:
+        conn.read_eof = True
+        conn.deliver((conn.port, Closed("eof")))
+        if conn.write_closed:
+            self._close(conn)
+        else:
+            self._stream_interest(conn)
 
     def _write(self, conn: Conn) -> None:
         outq = conn.outq
@@ -362,17 +368,10 @@ class IOThread:
             return
         conn.bytes_out += sent
         self.bytes_out += sent
-        conn.out_bytes -= sent
-        while sent:
-            head = outq[0]
-            size = len(head)
-            if sent >= size:
-                outq.popleft()
-                sent -= size
-            else:
-                outq[0] = memoryview(head)[sent:]
-                break
-        if not outq:
+        if sent == conn.out_bytes:
+            # Everything went (the common case): no per-buffer bookkeeping.
+            conn.out_bytes = 0
+            outq.clear()
             if conn.close_pending:
                 self._close(conn)
                 return
@@ -380,6 +379,17 @@ class IOThread:
                 self._shutdown_write(conn)
                 if conn.closed:
                     return
+        else:
+            conn.out_bytes -= sent
+            while sent:
+                head = outq[0]
+                size = len(head)
+                if sent >= size:
+                    outq.popleft()
+                    sent -= size
+                else:
+                    outq[0] = memoryview(head)[sent:]
+                    break
         if (conn.mask & WRITE) != (WRITE if outq else 0):
             self._stream_interest(conn)
 
