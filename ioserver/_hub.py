@@ -228,6 +228,9 @@ class Hub:
             self.io.join()
             self._teardown()
             self.inbox.close()
+            # The thread has ended and left its queue's flag down, so no producer writes
+            # the fd any more: it can be closed.
+            self.io.commands.close()
 
     def _stopped_by_io(self) -> None:
         # Runs on the I/O thread as it ends; the drain delivers it in-loop.
@@ -249,14 +252,20 @@ class TrioHub(Hub, TrioParker):
         with trio.CancelScope(shield=True):
             # Shielded: the hub must keep delivering until the I/O thread has stopped,
             # even while the surrounding task group is being cancelled.
-            while not self.stopped:
+            while True:
                 drain()
+                if self.stopped:
+                    return
                 if inbox.prepare_to_sleep():
                     await wait_readable(fd)
                     inbox.wakeup.drain()
                     inbox.woke()
                 else:
                     await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+    def _teardown(self) -> None:
+        trio.lowlevel.notify_closing(self.inbox.wakeup.fileno())
 
 
 class AsyncioHub(Hub, AsyncioParker):

@@ -298,10 +298,14 @@ class IOThread:
             self._close(conn)
 
     def _shutdown(self) -> None:
+        # Every owner hears of it once: a final Closed, and sends fail with ESHUTDOWN.
+        closed = Closed("ioserver closed", "ESHUTDOWN")
         for conn in list(self._table):
             if isinstance(conn, Conn) and not conn.closed:
                 if conn.request is not None:
                     conn.deliver((conn.request, ConnectError("the I/O server is stopping")))
+                elif conn.port is not None:
+                    conn.deliver((conn.port, closed))
                 self._close(conn)
         for conn in self._paused_listeners:
             if not conn.closed:

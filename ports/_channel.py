@@ -121,14 +121,21 @@ class MemorySendChannel(anyio.abc.ObjectSendStream[T], trio.abc.SendChannel[T]):
                 return
 
     async def aclose(self) -> None:
-        """Close this end: receivers get :exc:`EndOfPort` once the buffer is drained."""
+        """Close this end (see :meth:`close`); a checkpoint."""
+        self.close()
+        await anyio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close this end: receivers get :exc:`EndOfPort` once the buffer is drained.
+
+        Idempotent; synchronous, as trio's ``MemorySendChannel.close``.
+        """
         if not self._closed:
             self._closed = True
             state = self._state
             state.send_closed = True
             state.wake(state.receive_waiters)
             state.wake(state.send_waiters)
-        await anyio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> MemorySendChannel[T]:
         return self
@@ -202,7 +209,15 @@ class MemoryReceiveChannel(Source, anyio.abc.ObjectReceiveStream[T], trio.abc.Re
             pass
 
     async def aclose(self) -> None:
-        """Close this end: buffered items are dropped, senders get BrokenPortError."""
+        """Close this end (see :meth:`close`); a checkpoint."""
+        self.close()
+        await anyio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close this end: buffered items are dropped, senders get BrokenPortError.
+
+        Idempotent; synchronous, as trio's ``MemoryReceiveChannel.close``.
+        """
         if not self._closed:
             self._closed = True
             state = self._state
@@ -210,7 +225,6 @@ class MemoryReceiveChannel(Source, anyio.abc.ObjectReceiveStream[T], trio.abc.Re
             state.buffer.clear()
             state.wake(state.send_waiters)
             state.wake(state.receive_waiters)
-        await anyio.lowlevel.checkpoint()
 
     def __aiter__(self) -> MemoryReceiveChannel[T]:
         return self

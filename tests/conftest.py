@@ -1,0 +1,60 @@
+"""Shared fixtures: the two backends, an I/O server per test, and the leak check."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+import ioserver
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every ``@pytest.mark.anyio`` test runs once on asyncio and once on trio."""
+    return str(request.param)
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the fd listdir itself used
+    return fds
+
+
+def _ioserver_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("ioserver")]
+
+
+@pytest.fixture
+async def no_leaks() -> AsyncIterator[None]:
+    """Fail the test if it leaves an ioserver thread or a file descriptor behind.
+
+    Async, so that it runs inside the test's event loop, whose own descriptors therefore
+    exist before the snapshot.
+    """
+    if not os.path.isdir("/proc/self/fd"):  # pragma: no cover - not Linux
+        pytest.skip("the fd leak check needs /proc/self/fd (Linux)")
+    fds_before = _open_fds()
+    yield
+    threads = _ioserver_threads()
+    leaked = {fd: target for fd, target in _open_fds().items() if fd not in fds_before}
+    assert not threads, f"threads left running: {threads}"
+    assert not leaked, f"file descriptors left open: {leaked}"
+
+
+@pytest.fixture
+async def ios(no_leaks: None) -> AsyncIterator[ioserver.IOServer]:
+    """An I/O server for this test, closed (thread joined, sockets closed) after it."""
+    async with ioserver.open() as server:
+        yield server
