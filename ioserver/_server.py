@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +19,8 @@ from ._iothread import IOThread
 __all__ = ["IOServer", "IOServerStatistics", "open", "run"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("ioserver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +157,8 @@ def run(
     *args: Any,
     backend: str = "asyncio",
     use_uvloop: bool | None = None,
-) -> T:
+    stop_on_signals: bool = True,
+) -> T | None:
     """Run ``main(ios, *args)`` on a new event loop with an embedded I/O server.
 
     Args:
@@ -162,9 +167,12 @@ def run(
         backend: ``"asyncio"`` or ``"trio"``.
         use_uvloop: on asyncio, run on uvloop; ``None`` (the default) uses it when it is
             installed.
+        stop_on_signals: on SIGINT or SIGTERM, cancel ``main`` and shut down cleanly
+            (every port closed, the I/O thread joined) instead of raising
+            :exc:`KeyboardInterrupt`; ``run`` then returns ``None``.
 
     Returns:
-        What ``main`` returned.
+        What ``main`` returned, or ``None`` if a signal stopped it.
 
     Raises:
         OptionError: an unknown backend, or ``use_uvloop=True`` without uvloop installed.
@@ -180,9 +188,26 @@ def run(
                 raise OptionError("use_uvloop=True but uvloop is not installed")
             options["use_uvloop"] = True
 
-    async def _main() -> T:
+    async def _main() -> T | None:
         async with open() as ios:
-            return await main(ios, *args)
+            if not stop_on_signals:
+                return await main(ios, *args)
+            result: list[T] = []
+            async with anyio.create_task_group() as task_group:
+
+                async def watch_signals() -> None:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for number in signals:
+                            log.info("%s received: stopping", signal.Signals(number).name)
+                            task_group.cancel_scope.cancel()
+
+                async def call_main() -> None:
+                    result.append(await main(ios, *args))
+                    task_group.cancel_scope.cancel()
+
+                task_group.start_soon(watch_signals)
+                task_group.start_soon(call_main)
+            return result[0] if result else None
 
     return anyio.run(_main, backend=backend, backend_options=options)
 

@@ -36,7 +36,7 @@ from ioserver._exceptions import (
 )
 from ioserver._hub import Hub
 from ioserver._iothread import Conn, IOThread
-from ioserver._messages import Accepted, Closed, Data, Message
+from ioserver._messages import Accepted, Closed, Data, Message, Passive
 from ioserver._server import IOServer
 
 from ._mailbox import Mailbox
@@ -155,6 +155,7 @@ class _PortBase(Source):
         "_local_address",
         "_notify",
         "_owner",
+        "_passive_pending",
         "_remote_address",
         "_select_waiters",
         "_submit",
@@ -175,6 +176,7 @@ class _PortBase(Source):
         self._terminal = False  # the final Closed message has been delivered
         self._ended = False  # ... and received: receive raises EndOfPort
         self._credit, self._notify = active
+        self._passive_pending = False  # an active=N count ran out: Passive is on its way
         self._owner: Mailbox | None = None
         self._local_address: Any = None
         self._remote_address: Any = None
@@ -186,6 +188,10 @@ class _PortBase(Source):
         if message.__class__ is Data:
             if self._credit > 0:
                 self._credit -= 1
+                if self._credit == 0 and self._notify:
+                    self._passive_pending = True
+        elif message.__class__ is Passive:
+            self._passive_pending = False
         elif message.__class__ is Closed:
             if self._terminal:
                 return
@@ -226,8 +232,9 @@ class _PortBase(Source):
             raise ClosedPortError(
                 "this port's messages go to its owner mailbox; receive from the mailbox"
             )
-        if self._credit == 0:
-            # Passive: ask the I/O thread for one message, as gen_tcp:recv does.
+        if self._credit == 0 and not self._passive_pending:
+            # Passive: ask the I/O thread for one message, as gen_tcp:recv does.  (Not
+            # while a Passive notice is on its way: that notice is the next message.)
             self._credit = 1
             self._notify = False
             self._submit((self._io.cmd_read_once, self._conn, None))
@@ -373,6 +380,7 @@ class _PortBase(Source):
         if active is not None:
             mode = parse_active(active)
             self._credit, self._notify = _apply_active(self._credit, self._notify, mode)
+            self._passive_pending = self._credit == 0 and self._notify
             self._submit((self._io.cmd_set_active, self._conn, mode))
 
     @property
