@@ -115,8 +115,10 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
     options = parser.parse_args(argv)
     async with anyio.create_task_group() as task_group:
         address = await task_group.start(serve, ios, options.host, options.port)
-        print(f"chat room on {address[0]}:{address[1]} - join with: nc {address[0]} "
-              f"{address[1]}", flush=True)
+        print(
+            f"chat room on {address[0]}:{address[1]} - join with: nc {address[0]} {address[1]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

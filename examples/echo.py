@@ -32,8 +32,9 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         await ports.listen_tcp(ios, options.host, options.port) as listener,
         anyio.create_task_group() as task_group,
     ):
-        print(f"echo listening on {listener.local_address[0]}:{listener.local_address[1]}",
-              flush=True)
+        print(
+            f"echo listening on {listener.local_address[0]}:{listener.local_address[1]}", flush=True
+        )
         async for accepted in listener:
             if isinstance(accepted, ports.Accepted):
                 task_group.start_soon(echo, accepted.port)

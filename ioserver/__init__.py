@@ -7,6 +7,7 @@ loop, :func:`run` runs an app on a fresh loop with one, and the exception and me
 types are shared with :mod:`ports`.
 """
 
+from ._cli import main as main
 from ._exceptions import BrokenPortError as BrokenPortError
 from ._exceptions import BusyPortError as BusyPortError
 from ._exceptions import ClosedPortError as ClosedPortError
@@ -23,9 +24,8 @@ from ._messages import Message as Message
 from ._messages import Passive as Passive
 from ._server import IOServer as IOServer
 from ._server import IOServerStatistics as IOServerStatistics
-from ._server import open as open  # noqa: A004
+from ._server import open as open
 from ._server import run as run
-from ._cli import main as main
 
 __version__ = "0.1.0.dev0"
 

@@ -116,7 +116,7 @@ class TrioParker(Parker):
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
 
-    checkpoint_if_cancelled = staticmethod(trio.lowlevel.checkpoint_if_cancelled)  # type: ignore[assignment]
+    checkpoint_if_cancelled = staticmethod(trio.lowlevel.checkpoint_if_cancelled)
 
 
 class AsyncioParker(Parker):
@@ -262,7 +262,6 @@ class TrioHub(Hub, TrioParker):
                     inbox.woke()
                 else:
                     await trio.lowlevel.cancel_shielded_checkpoint()
-
 
     def _teardown(self) -> None:
         trio.lowlevel.notify_closing(self.inbox.wakeup.fileno())

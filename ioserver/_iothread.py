@@ -571,9 +571,7 @@ class IOThread:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
                 name = errno_name(exc.errno)
-                deliver(
-                    (lport, Error(name, exc.errno, f"accept failed: {exc.strerror} ({name})"))
-                )
+                deliver((lport, Error(name, exc.errno, f"accept failed: {exc.strerror} ({name})")))
                 if exc.errno in _ACCEPT_EXHAUSTED:
                     # Level-triggered readiness would spin: stop watching the listener
                     # until a descriptor is released (see _close).

@@ -59,8 +59,8 @@ class EpollPoller(Poller):
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self.poll = self._epoll.poll  # type: ignore[method-assign]
-        self.register = self._epoll.register  # type: ignore[method-assign]
-        self.modify = self._epoll.modify  # type: ignore[method-assign]
+        self.register = self._epoll.register  # type: ignore[method-assign,assignment]
+        self.modify = self._epoll.modify  # type: ignore[method-assign,assignment]
         self.unregister = self._epoll.unregister  # type: ignore[method-assign]
 
     def register_wakeup(self, fd: int) -> None:

@@ -118,7 +118,7 @@ class IOServer:
 
 
 @asynccontextmanager
-async def open(*, poller: str | None = None) -> AsyncIterator[IOServer]:  # noqa: A001
+async def open(*, poller: str | None = None) -> AsyncIterator[IOServer]:
     """Start an I/O thread for this event loop; stop it, closing every port, on exit.
 
     ::

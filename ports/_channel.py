@@ -77,7 +77,7 @@ async def _park(state: _State[Any], waiters: list[Waiter]) -> None:
 
 
 @final
-class MemorySendChannel(anyio.abc.ObjectSendStream[T], trio.abc.SendChannel[T]):  # type: ignore[misc]
+class MemorySendChannel(anyio.abc.ObjectSendStream[T], trio.abc.SendChannel[T]):
     """The sending end of :func:`open_memory_channel`."""
 
     __slots__ = ("_closed", "_state")
@@ -149,7 +149,7 @@ class MemorySendChannel(anyio.abc.ObjectSendStream[T], trio.abc.SendChannel[T]):
 
 
 @final
-class MemoryReceiveChannel(Source, anyio.abc.ObjectReceiveStream[T], trio.abc.ReceiveChannel[T]):  # type: ignore[misc]
+class MemoryReceiveChannel(Source, anyio.abc.ObjectReceiveStream[T], trio.abc.ReceiveChannel[T]):
     """The receiving end of :func:`open_memory_channel`; a source for :func:`ports.select`."""
 
     __slots__ = ("_closed", "_state")

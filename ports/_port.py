@@ -34,7 +34,6 @@ from ioserver._exceptions import (
     OptionError,
     WouldBlock,
 )
-from ioserver._hub import Hub
 from ioserver._iothread import Conn, IOThread
 from ioserver._messages import Accepted, Closed, Data, Message, Passive
 from ioserver._server import IOServer
@@ -196,7 +195,7 @@ class _PortBase(Source):
             if self._terminal:
                 return
             self._terminal = True
-            self._on_terminal(message)  # type: ignore[arg-type]
+            self._on_terminal(message)
         owner = self._owner
         if owner is not None:
             owner.send_nowait((self, message))
@@ -547,7 +546,11 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 
 
 @final
-class Listener(_PortBase, anyio.abc.ObjectReceiveStream[Accepted], trio.abc.ReceiveChannel[Accepted]):  # type: ignore[misc]
+class Listener(  # type: ignore[misc]
+    _PortBase,
+    anyio.abc.ObjectReceiveStream[Accepted],
+    trio.abc.ReceiveChannel[Accepted],
+):
     """A listening TCP socket; its messages are :class:`~ioserver.Accepted` connections.
 
     The I/O thread accepts as connections arrive (up to 64 per readiness event) and
@@ -558,7 +561,7 @@ class Listener(_PortBase, anyio.abc.ObjectReceiveStream[Accepted], trio.abc.Rece
 
     __slots__ = ()
 
-    async def receive(self) -> Accepted:  # type: ignore[override]
+    async def receive(self) -> Accepted:
         """Wait for the next accepted connection (or :class:`~ioserver.Error`).
 
         Raises:
@@ -579,9 +582,7 @@ def _to_bytes(data: Any) -> bytes:
     raise TypeError(f"a port sends bytes-like data, not {type(data).__name__}")
 
 
-_GAI_ERRORS = {
-    getattr(socket, name): name for name in dir(socket) if name.startswith("EAI_")
-}
+_GAI_ERRORS = {getattr(socket, name): name for name in dir(socket) if name.startswith("EAI_")}
 
 
 async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, Any]]:
@@ -591,6 +592,7 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
     if not isinstance(host, str):
         raise OptionError(f"host must be a str, not {host!r}")
     flags = socket.AI_PASSIVE if passive else 0
+    infos: list[Any]
     try:
         infos = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST
@@ -603,7 +605,7 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
             raise ConnectError(
                 f"cannot resolve host {host!r}: {exc.strerror} ({name})", None, name
             ) from exc
-    seen = []
+    seen: list[tuple[int, Any]] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
             seen.append((family, sockaddr))

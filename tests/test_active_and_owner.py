@@ -28,13 +28,13 @@ async def io_round_trip(ios: ioserver.IOServer) -> None:
     after this point, by echoing a byte over a second connection.  Bytes written to a
     loopback socket before this call are in the receiver's buffer by then, so a port that
     reads would have read them."""
-    async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
-        async with await anyio.connect_tcp("127.0.0.1", listener.local_address[1]) as probe:
-            accepted = await listener.receive()
-            assert isinstance(accepted, Accepted)
-            await probe.send(b"?")
-            assert await accepted.port.receive() == Data(b"?")
-            await accepted.port.aclose()
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    async with listener, await anyio.connect_tcp("127.0.0.1", listener.local_address[1]) as probe:
+        accepted = await listener.receive()
+        assert isinstance(accepted, Accepted)
+        await probe.send(b"?")
+        assert await accepted.port.receive() == Data(b"?")
+        await accepted.port.aclose()
 
 
 async def test_active_false_reads_only_when_asked(ios: ioserver.IOServer) -> None:

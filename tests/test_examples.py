@@ -146,13 +146,13 @@ def read_line(client: socket.socket) -> bytes:
 def test_echo_example_runs_as_a_script(backend: str) -> None:
     number = free_port()
     script = str(EXAMPLES / "echo.py")
-    with running(sys.executable, script, "--port", str(number), "--backend", backend):
-        with connect(number) as client:
-            client.sendall(b"hello echo")
-            data = b""
-            while len(data) < 10:
-                data += client.recv(100)
-            assert data == b"hello echo"
+    command = (sys.executable, script, "--port", str(number), "--backend", backend)
+    with running(*command), connect(number) as client:
+        client.sendall(b"hello echo")
+        data = b""
+        while len(data) < 10:
+            data += client.recv(100)
+        assert data == b"hello echo"
 
 
 def test_chat_runs_under_the_ioserver_command_and_relays_between_two_clients() -> None:

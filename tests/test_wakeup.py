@@ -139,9 +139,7 @@ def test_commands_direction_put_per_item_loses_nothing(queue_class: type) -> Non
 def test_events_direction_one_notify_per_batch_loses_nothing() -> None:
     queue: WakeupQueue[Any] = WakeupQueue()
     try:
-        outcome = hammer(
-            queue, producers=3, items=6000, batch=50, widen=lambda: time.sleep(0)
-        )
+        outcome = hammer(queue, producers=3, items=6000, batch=50, widen=lambda: time.sleep(0))
     finally:
         queue.close()
     check_complete(outcome, 3, 6000)
