@@ -1,0 +1,127 @@
+"""The I/O server as a whole: statistics, fault isolation, running out of descriptors."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+
+import anyio
+import pytest
+
+import ioserver
+import ports
+from ports import Accepted, Closed, Data, Error
+
+pytestmark = pytest.mark.anyio
+
+
+async def accept(listener: ports.Listener) -> ports.Port:
+    message = await listener.receive()
+    assert isinstance(message, Accepted), message
+    return message.port
+
+
+async def test_statistics_count_traffic_and_wakeups(ios: ioserver.IOServer) -> None:
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    number = listener.local_address[1]
+    clients = [await anyio.connect_tcp("127.0.0.1", number) for _ in range(50)]
+    accepted = [await accept(listener) for _ in clients]
+    before = ios.statistics()
+    assert before.ports_open == 51
+    assert before.backend in ("asyncio", "trio")
+    for client in clients:
+        await client.send(b"x" * 100)
+    for port in accepted:
+        assert await port.receive() == Data(b"x" * 100)
+        await port.send(b"y" * 10)
+    for client in clients:
+        assert await client.receive() == b"y" * 10
+    after = ios.statistics()
+    assert after.bytes_received - before.bytes_received == 5000
+    assert after.bytes_sent - before.bytes_sent == 500
+    delivered = after.messages_delivered - before.messages_delivered
+    assert delivered == 50
+    # A wake-up is sent only towards a sleeping side, at most once per batch.
+    assert after.wakes_to_loop_sent - before.wakes_to_loop_sent <= delivered
+    assert after.wakes_to_io_sent - before.wakes_to_io_sent <= after.commands - before.commands
+    assert after.internal_errors == 0
+    for client in clients:
+        await client.aclose()
+    for port in accepted:
+        await port.aclose()
+    await listener.aclose()
+
+
+async def test_a_fault_in_one_port_closes_that_port_only(ios: ioserver.IOServer) -> None:
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    number = listener.local_address[1]
+    async with listener, await anyio.connect_tcp("127.0.0.1", number) as victim_peer:
+        victim = await accept(listener)
+        async with await anyio.connect_tcp("127.0.0.1", number) as bystander_peer:
+            bystander = await accept(listener)
+
+            def explode(conn: object, argument: object) -> None:
+                raise RuntimeError("a bug while serving this port")
+
+            # A command that fails on the I/O thread, as a bug in one port's handling would.
+            ios._io.submit(explode, victim._conn, None)
+            message = await victim.receive()
+            assert isinstance(message, Closed)
+            assert "a bug while serving this port" in message.reason
+            with pytest.raises(anyio.EndOfStream):
+                await victim_peer.receive()
+            # The thread lives on and the other port loses nothing.
+            await bystander_peer.send(b"still here")
+            assert await bystander.receive() == Data(b"still here")
+            await bystander.send(b"and answering")
+            assert await bystander_peer.receive() == b"and answering"
+            assert ios.statistics().internal_errors == 1
+            await bystander.aclose()
+        await victim.aclose()
+
+
+async def test_running_out_of_descriptors_pauses_accepting_until_one_is_freed(
+    ios: ioserver.IOServer,
+) -> None:
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    number = listener.local_address[1]
+    first_peer = await anyio.connect_tcp("127.0.0.1", number)
+    first = await accept(listener)
+    waiting_peer = socket.socket()  # its descriptor exists before the limit drops
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+        while True:  # fill every hole below the limit
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        waiting_peer.setblocking(False)
+        waiting_peer.connect_ex(("127.0.0.1", number))
+        message = await listener.receive()
+        assert isinstance(message, Error)
+        assert message.errno_name in ("EMFILE", "ENFILE")
+        assert "accept failed" in message.message
+        # Closing a port frees a descriptor: the listener accepts the waiting peer.
+        await first.aclose()
+        second = await accept(listener)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await second.aclose()
+    waiting_peer.close()
+    await first_peer.aclose()
+    await listener.aclose()
+
+
+def test_every_public_name_is_exported_and_documented() -> None:
+    for module in (ioserver, ports):
+        assert module.__doc__
+        for name in module.__all__:
+            value = getattr(module, name)
+            if callable(value) and not name.startswith("__"):
+                assert value.__doc__, f"{module.__name__}.{name} has no docstring"
