@@ -125,3 +125,26 @@ def test_every_public_name_is_exported_and_documented() -> None:
             value = getattr(module, name)
             if callable(value) and not name.startswith("__"):
                 assert value.__doc__, f"{module.__name__}.{name} has no docstring"
+
+
+async def test_the_selectors_fallback_poller_serves_ports_too(no_leaks: None) -> None:
+    async with ioserver.open(poller="selectors") as ios:
+        assert ios.statistics().poller.startswith("selectors")
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with (
+            listener,
+            await anyio.connect_tcp("127.0.0.1", listener.local_address[1]) as peer,
+        ):
+            port = await accept(listener)
+            for round_trip in range(20):  # each round wakes the I/O thread through its fd
+                await peer.send(b"%d" % round_trip)
+                assert await port.receive() == Data(b"%d" % round_trip)
+                await port.send(b"ok")
+                assert await peer.receive() == b"ok"
+            await port.aclose()
+
+
+async def test_an_unknown_poller_is_an_option_error(no_leaks: None) -> None:
+    with pytest.raises(ports.OptionError, match="poller"):
+        async with ioserver.open(poller="kqueue-please"):
+            pass
