@@ -185,8 +185,8 @@ class Hub:
         self.drains = 0
         self.messages = 0
         self._waiter: Any = None
-        self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.append
-        self.cmd_send = io.cmd_send  # bound once: ports queue it with every send
+        self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.stage
+        self.cmd_send = io.send_command  # bound once: ports queue it with every send
         self.loop: Any = None  # asyncio's loop, for the ports' inlined park
         io.add_inbox(self.inbox)
 

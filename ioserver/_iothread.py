@@ -46,6 +46,10 @@ _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
+# Sets Data.data on an instance made with object.__new__: the frozen dataclass's __init__
+# costs a Python frame and an object.__setattr__ per message.
+_SET_DATA = Data.__dict__["data"].__set__
+
 # Conn.kind
 STREAM = 0
 LISTENER = 1
@@ -155,6 +159,9 @@ class IOThread:
         self.bytes_out = 0
         self.internal_errors = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        #: ``cmd_send`` bound once: the I/O thread recognises it by identity and runs it
+        #: inlined.  Ports queue ``(send_command, conn, data)``.
+        self.send_command = self.cmd_send
 
     # -- the loops' side ----------------------------------------------------------------
     def start(self) -> None:
@@ -215,6 +222,9 @@ class IOThread:
         view = self._view
         write = self._write
         broken = self._broken
+        send_command = self.send_command
+        new_message = object.__new__
+        set_data = _SET_DATA
         try:
             while not self._stopping:
                 timeout = -1.0 if commands.prepare_to_sleep() else 0.0
@@ -247,7 +257,9 @@ class IOThread:
                             if n:
                                 received += n
                                 conn.bytes_in += n
-                                conn.deliver((conn.port, Data(bytes(view[:n]))))
+                                message = new_message(Data)  # Data(...) without __init__
+                                set_data(message, bytes(view[:n]))
+                                conn.deliver((conn.port, message))
                                 if conn.credit > 0:
                                     self._spend_credit(conn)
                             else:
@@ -261,21 +273,63 @@ class IOThread:
                     except Exception as exc:
                         self._internal_error(conn, exc)
                 self.bytes_in += received
+                ran = 0
                 while pending:
                     function, target, argument = popleft()
-                    self.commands_run += 1
+                    ran += 1
                     try:
-                        function(target, argument)
+                        if function is send_command:
+                            # cmd_send, inlined: the one command of every echo.
+                            if (
+                                target.closed
+                                or target.write_closed
+                                or target.shutdown_pending
+                                or target.close_pending
+                            ):
+                                continue
+                            target.outq.append(argument)
+                            target.out_bytes += len(argument)
+                            if not target.dirty:
+                                target.dirty = True
+                                dirty.append(target)
+                        else:
+                            function(target, argument)
                     except Exception as exc:
                         self._internal_error(target, exc)
+                self.commands_run += ran
                 if dirty:
+                    sent_total = 0
                     for conn in dirty:
                         conn.dirty = False
-                        if not conn.closed and not conn.mask & WRITE:
-                            try:
+                        if conn.closed or conn.mask & WRITE:
+                            continue
+                        try:
+                            outq = conn.outq
+                            if len(outq) != 1:
                                 write(conn)
-                            except Exception as exc:
-                                self._internal_error(conn, exc)
+                                continue
+                            # _write, inlined for one buffer sent whole.
+                            try:
+                                sent = conn.sock.send(outq[0])
+                            except BlockingIOError:
+                                sent = 0
+                            except OSError as exc:
+                                broken(conn, exc.errno)
+                                continue
+                            if (
+                                sent == conn.out_bytes
+                                and not conn.close_pending
+                                and not conn.shutdown_pending
+                            ):
+                                conn.bytes_out += sent
+                                sent_total += sent
+                                conn.out_bytes = 0
+                                outq.clear()
+                            else:
+                                self._sent(conn, sent)
+                        except Exception as exc:
+                            self._internal_error(conn, exc)
+                    self.bytes_out += sent_total
                     dirty.clear()
                 for inbox in inboxes:
                     inbox.notify()
@@ -370,6 +424,11 @@ class IOThread:
         except OSError as exc:
             self._broken(conn, exc.errno)
             return
+        self._sent(conn, sent)
+
+    def _sent(self, conn: Conn, sent: int) -> None:
+        """The bookkeeping after a write of ``sent`` bytes from ``conn.outq``."""
+        outq = conn.outq
         conn.bytes_out += sent
         self.bytes_out += sent
         if sent == conn.out_bytes:

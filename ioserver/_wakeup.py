@@ -46,11 +46,21 @@ still wakes once.  A consumer that finds items at C2 may race with a producer th
 takes, and the consumer's next block returns at once and finds the queue empty.  That is the
 only spurious wake-up the protocol allows, and :attr:`WakeupQueue.spurious_wakes` counts it.
 
-The direction towards an event loop is batched: the I/O thread appends all the events of
-one round of its selector with :meth:`WakeupQueue.append` (no check), then calls
-:meth:`WakeupQueue.notify` once, which is P2.  So a burst of events for ten thousand ports
+The direction towards an event loop is batched: the I/O thread stages all the events of
+one round of its selector with :meth:`WakeupQueue.append` (or the bound ``stage``: a private
+list's ``append``, which the consumer never sees), then calls :meth:`WakeupQueue.notify`
+once, which publishes the whole batch with one ``deque.extend`` (P1: a single atomic
+operation, like one append) and then does P2.  So a burst of events for ten thousand ports
 costs one write and one wake of the loop.  ``notify`` on an empty queue writes nothing, so a
 side never wakes the other for nothing.
+
+Why stage instead of appending each event as it happens: a consumer that is awake (the
+hub re-polls its inbox while events keep coming) would otherwise take the GIL at every
+syscall of the I/O thread's round to deliver the few events published so far, and the I/O
+thread would then wait for the GIL after each ``recv``.  Published per round, the consumer
+finds either nothing (and sleeps on the fd) or a whole batch; measured on 100 connections x
+64 B echo: +5-10% throughput and a lower p99.  Only one thread (the I/O thread) may stage
+into a given queue: ``staged`` is a plain list, cleared by ``notify``.
 """
 
 from __future__ import annotations
@@ -131,9 +141,10 @@ class WakeupQueue(Generic[T]):
     """A queue from producer threads to one consumer that sleeps on :attr:`wakeup`.
 
     See the module's theory of operation for the protocol and why it loses no wake-up.
-    Producers call :meth:`put` (append and wake if needed) or :meth:`append` then
-    :meth:`notify` (a batch, one wake).  The consumer calls :meth:`prepare_to_sleep` before
-    it blocks, :meth:`woke` after, and pops from :attr:`items`.
+    Producers call :meth:`put` (append and wake if needed), or - the one batch producer -
+    :meth:`append`/``stage`` then :meth:`notify` (publish the batch, one wake).  The
+    consumer calls :meth:`prepare_to_sleep` before it blocks, :meth:`woke` after, and pops
+    from :attr:`items`.
 
     The counters are statistics: ``wakes_sent`` (fd writes), ``wakes_skipped`` (a producer
     had something for the consumer but found it awake, so wrote nothing) and
@@ -141,10 +152,22 @@ class WakeupQueue(Generic[T]):
     integers updated without a lock, exact with one producer thread, approximate with more.
     """
 
-    __slots__ = ("asleep", "items", "spurious_wakes", "wakes_sent", "wakes_skipped", "wakeup")
+    __slots__ = (
+        "asleep",
+        "items",
+        "spurious_wakes",
+        "stage",
+        "staged",
+        "wakes_sent",
+        "wakes_skipped",
+        "wakeup",
+    )
 
     def __init__(self) -> None:
         self.items: deque[T] = deque()
+        # A batch producer's items wait here until notify() publishes them all at once.
+        self.staged: list[T] = []
+        self.stage = self.staged.append
         self.wakeup = Wakeup()
         # A new consumer is not blocked yet; it announces its sleep with prepare_to_sleep().
         self.asleep = False
@@ -164,11 +187,15 @@ class WakeupQueue(Generic[T]):
             self.wakes_skipped += 1
 
     def append(self, item: T) -> None:
-        """Append ``item`` without waking anyone; call :meth:`notify` after the batch."""
-        self.items.append(item)
+        """Stage ``item`` without waking anyone; call :meth:`notify` after the batch."""
+        self.staged.append(item)
 
     def notify(self) -> None:
-        """Wake the consumer if it sleeps and something is queued for it (P2, once a batch)."""
+        """Publish the staged batch (P1) and wake the consumer if it sleeps (P2)."""
+        staged = self.staged
+        if staged:
+            self.items.extend(staged)
+            staged.clear()
         if self.items:
             if self.asleep:
                 self.asleep = False

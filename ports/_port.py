@@ -44,6 +44,7 @@ from ._source import EMPTY, Source, Waiter
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_reschedule = trio.lowlevel.reschedule
 
 __all__ = ["Listener", "Port", "PortStatistics", "connect_tcp", "listen_tcp"]
 
@@ -201,8 +202,14 @@ class _PortBase(Source):
             owner.send_nowait((self, message))
             return
         self._buffer.append(message)
-        if self._waiter is not None:
-            self._hub.wake(self)
+        waiter = self._waiter
+        if waiter is not None:
+            # Hub.wake, inlined (the hot path of every message).
+            self._waiter = None
+            if self._hub.is_trio:
+                _reschedule(waiter)
+            elif not waiter.done():
+                waiter.set_result(None)
         if self._select_waiters:
             wake = self._hub.wake
             for waiter in self._select_waiters:
@@ -517,8 +524,25 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         Raises:
             ClosedPortError, BrokenPortError, TypeError: as :meth:`send_nowait`.
         """
-        self.send_nowait(data)
         hub = self._hub
+        if (
+            data.__class__ is bytes
+            and data
+            and not self._closed
+            and self._broken is None
+            and not self._eof_sent
+        ):
+            # send_nowait and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
+            commands = self._io.commands
+            commands.items.append((hub.cmd_send, self._conn, data))
+            if commands.asleep:
+                commands.asleep = False
+                commands.wakeup.signal()
+                commands.wakes_sent += 1
+            else:
+                commands.wakes_skipped += 1
+        else:
+            self.send_nowait(data)
         hub.budget -= 1
         if hub.budget <= 0:
             await hub.checkpoint()
