@@ -82,6 +82,8 @@ async def member(port: ports.Port, room: Room, name: str) -> None:
                     return
             elif isinstance(message, ports.Closed):
                 return
+    except ports.BrokenPortError:
+        pass  # the member's connection broke while we wrote to it: it has left
     finally:
         room.leave(name)
         room.broadcast(f"* {name} left\n".encode())

@@ -18,9 +18,12 @@ import ports
 async def echo(port: ports.Port) -> None:
     """Send every byte back until the peer closes; then close the port."""
     async with port:
-        async for message in port:
-            if isinstance(message, ports.Data):
-                await port.send(message.data)
+        try:
+            async for message in port:
+                if isinstance(message, ports.Data):
+                    await port.send(message.data)
+        except ports.BrokenPortError:
+            pass  # the peer reset while we were sending: this actor's work is over
 
 
 async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:

@@ -15,6 +15,7 @@ from ._exceptions import ConnectError as ConnectError
 from ._exceptions import EndOfPort as EndOfPort
 from ._exceptions import IOServerError as IOServerError
 from ._exceptions import OptionError as OptionError
+from ._exceptions import SendTimeoutError as SendTimeoutError
 from ._exceptions import WouldBlock as WouldBlock
 from ._messages import Accepted as Accepted
 from ._messages import Closed as Closed
@@ -45,6 +46,7 @@ __all__ = [
     "Message",
     "OptionError",
     "Passive",
+    "SendTimeoutError",
     "WouldBlock",
     "__version__",
     "main",

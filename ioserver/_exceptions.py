@@ -23,6 +23,7 @@ __all__ = [
     "EndOfPort",
     "IOServerError",
     "OptionError",
+    "SendTimeoutError",
     "WouldBlock",
     "errno_name",
 ]
@@ -107,3 +108,11 @@ class ConnectError(IOServerError, OSError):
 
 class OptionError(IOServerError, ValueError):
     """An option has a wrong name, type or value. The message names the option and why."""
+
+
+class SendTimeoutError(IOServerError, TimeoutError):
+    """A send waited longer than the port's ``send_timeout`` for a busy port to drain.
+
+    As Erlang's ``{error, timeout}`` from ``gen_tcp:send/2`` with ``{send_timeout, T}``;
+    with ``send_timeout_close=True`` the port is closed as well.
+    """

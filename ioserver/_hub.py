@@ -188,7 +188,12 @@ class Hub:
         self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.stage
         self.cmd_send = io.send_command  # bound once: ports queue it with every send
         self.loop: Any = None  # asyncio's loop, for the ports' inlined park
+        # The loop's side of the memory budget: bytes its ports queued for output and bytes
+        # of input their owners took.  Written here, read by the I/O thread.
+        self.queued_bytes = 0
+        self.consumed_bytes = 0
         io.add_inbox(self.inbox)
+        io._budget_owners.append(self)
 
     # -- draining -----------------------------------------------------------------------
     def _drain(self) -> None:

@@ -9,8 +9,9 @@ messages, which it appends to the inbox of the loop that owns the port (another
 A round of the loop::
 
     events = poll()                  # blocks only when no command is queued (see _wakeup)
+    run every queued command         # so options set before data arrived apply to it
     handle each event                # recv_into the shared buffer, accept, finish a connect
-    run every queued command         # sends only append to the port's output queue...
+    run every queued command again   # sends only append to the port's output queue...
     flush each port that got output  # ...so a port's writes of one round are one sendmsg
     notify each loop's inbox         # one wake-up per loop per round, none if it is awake
 
@@ -31,7 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import ConnectError, errno_name
-from ._messages import PASSIVE, Accepted, Closed, Data, Error
+from ._framing import FrameError, PacketTooLarge
+from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._poller import ERROR, READ, WRITE, make_poller
 from ._wakeup import WakeupQueue
 
@@ -42,6 +44,8 @@ log = logging.getLogger("ioserver")
 READ_SIZE = 65536  # bytes: the shared receive buffer, and so the largest Data message
 ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
 IOV_MAX = 1024  # buffers gathered in one sendmsg
+UNLIMITED = 1 << 62
+BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while reads are paused
 _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -79,19 +83,33 @@ class Conn:
         "closed",
         "credit",
         "deliver",
+        "delivered_bytes",
+        "delivered_messages",
         "dirty",
         "fd",
+        "framer",
+        "global_paused",
+        "high_msgq",
+        "high_msgq_messages",
         "kind",
+        "low_msgq",
+        "low_msgq_messages",
         "make_port",
         "mask",
+        "msgq_paused",
         "notify_passive",
         "options",
         "out_bytes",
         "outq",
+        "packets_too_large",
+        "pause_generation",
         "paused",
+        "pauses",
+        "peak_buffered",
         "port",
         "read_eof",
         "request",
+        "send_low",
         "shutdown_pending",
         "sock",
         "write_closed",
@@ -120,6 +138,32 @@ class Conn:
         self.request: Any = None
         self.make_port: Callable[[Conn, Any, Any], Any] | None = None
         self.options: dict[str, Any] = {}
+        # Receive flow control (see _pause_msgq).  delivered_* count what the I/O thread
+        # handed to the port; the port counts what its owner took (_consumed_*); the
+        # difference is what is buffered, undelivered, in the event loop.
+        self.framer: Any = None
+        self.delivered_messages = 0
+        self.delivered_bytes = 0
+        self.high_msgq = 1 << 62
+        self.low_msgq = 1 << 62
+        self.high_msgq_messages = 1 << 62
+        self.low_msgq_messages = 1 << 62
+        self.send_low = 0
+        self.msgq_paused = False
+        self.global_paused = False
+        self.pause_generation = 0
+        self.pauses = 0
+        self.packets_too_large = 0
+        self.peak_buffered = 0
+
+    def configure(self, options: dict[str, Any], framer: Any) -> None:
+        """Take the flow-control options and the framer of the port (see ports)."""
+        self.framer = framer
+        self.high_msgq = options["high_msgq_watermark"]
+        self.low_msgq = options["low_msgq_watermark"]
+        self.high_msgq_messages = options["high_msgq_messages"]
+        self.low_msgq_messages = self.high_msgq_messages // 2
+        self.send_low = options["low_watermark"]
 
 
 class _WakeupSlot:
@@ -134,7 +178,23 @@ class _WakeupSlot:
 class IOThread:
     """The I/O thread and its state.  Loops talk to it only through :meth:`submit`."""
 
-    def __init__(self, *, poller: str | None = None, name: str = "ioserver-io") -> None:
+    def __init__(
+        self,
+        *,
+        poller: str | None = None,
+        name: str = "ioserver-io",
+        memory_limit: int | None = None,
+        port_buffer_limit: int | None = None,
+    ) -> None:
+        self.memory_limit = memory_limit
+        self.port_buffer_limit = port_buffer_limit
+        self.framing_bytes = 0
+        self.peak_memory = 0
+        self.global_pauses = 0
+        self._globally_paused: list[Conn] = []
+        self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
+        self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
+        self.bytes_discarded = 0  # queued output dropped because its port closed
         self.fd_limit = raise_open_file_limit()
         self._poller = make_poller(poller)
         self.poller_name = self._poller.name
@@ -203,7 +263,13 @@ class IOThread:
 
     def _stream_interest(self, conn: Conn) -> None:
         mask = 0
-        if conn.credit and not conn.read_eof and not conn.close_pending:
+        if (
+            conn.credit
+            and not conn.read_eof
+            and not conn.close_pending
+            and not conn.msgq_paused
+            and not conn.global_paused
+        ):
             mask = READ
         if conn.outq:
             mask |= WRITE
@@ -213,7 +279,6 @@ class IOThread:
     def _run(self) -> None:
         commands = self.commands
         pending = commands.items
-        popleft = pending.popleft
         poll = self._poller.poll
         table = self._table
         dirty = self._dirty
@@ -222,16 +287,26 @@ class IOThread:
         view = self._view
         write = self._write
         broken = self._broken
-        send_command = self.send_command
+        run_commands = self._run_commands
         new_message = object.__new__
         set_data = _SET_DATA
         try:
             while not self._stopping:
+                # Bytes this round may still read: the budget is firm, so a read that
+                # could pass it is not made (the port pauses instead).
+                headroom = UNLIMITED if self.memory_limit is None else self._memory_check()
                 timeout = -1.0 if commands.prepare_to_sleep() else 0.0
+                if self._globally_paused and timeout < 0:
+                    # Owners release memory without telling this thread: while reads are
+                    # paused for the budget, look again every few milliseconds.
+                    timeout = BUDGET_RECHECK
                 events = poll(timeout)
                 commands.asleep = False
                 self.polls += 1
                 self.events += len(events)
+                if pending:
+                    # Options set before data arrived apply to that data.
+                    run_commands()
                 received = 0
                 for fd, mask in events:
                     conn = table[fd]
@@ -247,6 +322,9 @@ class IOThread:
                                     continue
                             if not (mask & _READABLE and conn.mask & READ):
                                 continue
+                            if headroom < READ_SIZE:
+                                self._pause_global(conn)
+                                continue
                             try:
                                 n = conn.sock.recv_into(buffer)
                             except BlockingIOError:
@@ -256,12 +334,25 @@ class IOThread:
                                 continue
                             if n:
                                 received += n
+                                headroom -= n
                                 conn.bytes_in += n
-                                message = new_message(Data)  # Data(...) without __init__
-                                set_data(message, bytes(view[:n]))
-                                conn.deliver((conn.port, message))
-                                if conn.credit > 0:
-                                    self._spend_credit(conn)
+                                port = conn.port
+                                if conn.framer is None:
+                                    message = new_message(Data)  # Data() without __init__
+                                    set_data(message, bytes(view[:n]))
+                                    conn.deliver((port, message))
+                                    conn.delivered_messages += 1
+                                    conn.delivered_bytes += n
+                                    if conn.credit > 0:
+                                        self._spend_credit(conn, 1)
+                                elif not self._deliver_framed(conn, n):
+                                    continue
+                                if (
+                                    conn.delivered_bytes - port._consumed_bytes > conn.high_msgq
+                                    or conn.delivered_messages - port._consumed_messages
+                                    > conn.high_msgq_messages
+                                ):
+                                    self._pause_msgq(conn)
                             else:
                                 self._eof(conn)
                         elif conn.kind == LISTENER:
@@ -273,30 +364,11 @@ class IOThread:
                     except Exception as exc:
                         self._internal_error(conn, exc)
                 self.bytes_in += received
-                ran = 0
-                while pending:
-                    function, target, argument = popleft()
-                    ran += 1
-                    try:
-                        if function is send_command:
-                            # cmd_send, inlined: the one command of every echo.
-                            if (
-                                target.closed
-                                or target.write_closed
-                                or target.shutdown_pending
-                                or target.close_pending
-                            ):
-                                continue
-                            target.outq.append(argument)
-                            target.out_bytes += len(argument)
-                            if not target.dirty:
-                                target.dirty = True
-                                dirty.append(target)
-                        else:
-                            function(target, argument)
-                    except Exception as exc:
-                        self._internal_error(target, exc)
-                self.commands_run += ran
+                self.delivered_total += received
+                if pending:
+                    # Sends queued while this round read (the loop ran during
+                    # its syscalls) leave in this round's flush.
+                    run_commands()
                 if dirty:
                     sent_total = 0
                     for conn in dirty:
@@ -325,6 +397,8 @@ class IOThread:
                                 sent_total += sent
                                 conn.out_bytes = 0
                                 outq.clear()
+                                if conn.port._send_blocked:
+                                    self._notify_writable(conn)
                             else:
                                 self._sent(conn, sent)
                         except Exception as exc:
@@ -339,6 +413,37 @@ class IOThread:
             raise
         finally:
             self._shutdown()
+
+    def _run_commands(self) -> None:
+        """Run every queued command; ``cmd_send``, the one of every echo, inlined."""
+        pending = self.commands.items
+        popleft = pending.popleft
+        send_command = self.send_command
+        dirty = self._dirty
+        ran = 0
+        while pending:
+            function, target, argument = popleft()
+            ran += 1
+            try:
+                if function is send_command:
+                    if (
+                        target.closed
+                        or target.write_closed
+                        or target.shutdown_pending
+                        or target.close_pending
+                    ):
+                        self.bytes_discarded += len(argument)
+                        continue
+                    target.outq.append(argument)
+                    target.out_bytes += len(argument)
+                    if not target.dirty:
+                        target.dirty = True
+                        dirty.append(target)
+                else:
+                    function(target, argument)
+            except Exception as exc:
+                self._internal_error(target, exc)
+        self.commands_run += ran
 
     def _internal_error(self, conn: Any, exc: Exception) -> None:
         """A bug or an unexpected error while serving one port: close that port only."""
@@ -375,11 +480,15 @@ class IOThread:
         if conn.closed:
             return
         conn.closed = True
+        if conn.kind == STREAM and conn.framer is not None:
+            self.framing_bytes -= conn.framer.buffered
         self._interest(conn, 0)
         if self._table[conn.fd] is conn:
             self._table[conn.fd] = None
         conn.sock.close()
         conn.outq.clear()
+        self.bytes_discarded += conn.out_bytes
+        conn.out_bytes = 0
         self.ports_open -= 1
         if self._paused_listeners:
             # A descriptor was freed: listeners that ran out of them may accept again.
@@ -395,12 +504,137 @@ class IOThread:
         self.ports_open += 1
 
     # -- streams ------------------------------------------------------------------------
-    def _spend_credit(self, conn: Conn) -> None:
-        conn.credit -= 1
+    def _spend_credit(self, conn: Conn, messages: int) -> None:
+        conn.credit = max(conn.credit - messages, 0)
         if conn.credit == 0:
             self._stream_interest(conn)
             if conn.notify_passive:
                 conn.deliver((conn.port, PASSIVE))
+
+    def _deliver_framed(self, conn: Conn, n: int) -> bool:
+        """Feed a read to the port's framer and deliver the whole messages; False if the
+        port was closed for a framing error."""
+        framer = conn.framer
+        before = framer.buffered
+        try:
+            payloads = framer.feed(self._view[:n])
+        except FrameError as exc:
+            self.delivered_total -= n
+            self._frame_error(conn, exc)
+            return False
+        after = framer.buffered
+        self.framing_bytes += after - before
+        if after > conn.peak_buffered:
+            conn.peak_buffered = after
+        if self.port_buffer_limit is not None and after > self.port_buffer_limit:
+            self.delivered_total -= n
+            self._buffer_limit_error(conn, after)
+            return False
+        size = 0
+        if payloads:
+            port = conn.port
+            deliver = conn.deliver
+            for payload in payloads:
+                message = object.__new__(Data)
+                _SET_DATA(message, payload)
+                deliver((port, message))
+                if payload.__class__ is bytes:
+                    size += len(payload)
+            conn.delivered_messages += len(payloads)
+            conn.delivered_bytes += size
+            if conn.credit > 0:
+                self._spend_credit(conn, len(payloads))
+        # The round adds n to delivered_total (as for raw reads): correct it to the payloads.
+        self.delivered_total += size - n
+        return True
+
+    def _frame_error(self, conn: Conn, exc: FrameError) -> None:
+        """The peer broke the packet mode: tell the owner why, then close the port.
+
+        (A framer that raised has emptied its buffer; _close releases what is left.)"""
+        if isinstance(exc, PacketTooLarge):
+            conn.packets_too_large += 1
+            name, number = "EMSGSIZE", errno.EMSGSIZE
+        else:
+            name, number = "EPROTO", errno.EPROTO
+        conn.deliver((conn.port, Error(name, number, str(exc))))
+        conn.deliver((conn.port, Closed(name, name)))
+        self._close(conn)
+
+    def _buffer_limit_error(self, conn: Conn, size: int) -> None:
+        message = f"port_buffer_limit={self.port_buffer_limit} exceeded: {size} bytes buffered"
+        conn.deliver((conn.port, Error("ENOBUFS", errno.ENOBUFS, message)))
+        conn.deliver((conn.port, Closed("ENOBUFS", "ENOBUFS")))
+        self._close(conn)
+
+    # -- receive flow control -----------------------------------------------------------
+    def _pause_msgq(self, conn: Conn) -> None:
+        """Too much undelivered in the loop: stop reading this socket, so TCP pushes back
+        on this peer alone.  The port asks to resume once its owner has taken enough
+        (``cmd_resume``); if it already has, resume at once.  The generation is the fence
+        of that handshake: the port compares it with the one it last resumed."""
+        port = conn.port
+        buffered = conn.delivered_bytes - port._consumed_bytes
+        if buffered > conn.peak_buffered:
+            conn.peak_buffered = buffered
+        if conn.msgq_paused or conn.closed:
+            return
+        conn.msgq_paused = True
+        conn.pauses += 1
+        conn.pause_generation += 1  # written before the re-check below reads _consumed_*
+        self._stream_interest(conn)
+        self._resume_if_drained(conn, conn.pause_generation)
+
+    def _resume_if_drained(self, conn: Conn, generation: int) -> None:
+        port = conn.port
+        if (
+            conn.msgq_paused
+            and generation == conn.pause_generation
+            and conn.delivered_bytes - port._consumed_bytes <= conn.low_msgq
+            and conn.delivered_messages - port._consumed_messages <= conn.low_msgq_messages
+        ):
+            conn.msgq_paused = False
+            if not conn.closed:
+                self._stream_interest(conn)
+
+    def cmd_resume(self, conn: Conn, generation: int) -> None:
+        """The port's owner took enough: read again (if this is still the same pause)."""
+        self._resume_if_drained(conn, generation)
+
+    # -- the memory budget --------------------------------------------------------------
+    def memory_in_use(self) -> int:
+        """Bytes charged to the budget now: input delivered to the loops and not yet taken
+        by an owner, framing buffers, and output queued by owners and not yet written."""
+        used = self.delivered_total + self.framing_bytes - self.bytes_out - self.bytes_discarded
+        for hub in self._budget_owners:
+            used += hub.queued_bytes - hub.consumed_bytes
+        return used
+
+    def _memory_check(self) -> int:
+        """Once a round: the bytes that may still be read before the budget is used up.
+
+        Ports paused for the budget read again once a quarter of it is free."""
+        assert self.memory_limit is not None
+        used = self.memory_in_use()
+        if used > self.peak_memory:
+            self.peak_memory = used
+        headroom = self.memory_limit - used
+        if self._globally_paused and used <= self.memory_limit * 3 // 4:
+            paused, self._globally_paused = self._globally_paused, []
+            for conn in paused:
+                conn.global_paused = False
+                if not conn.closed:
+                    self._stream_interest(conn)
+        return headroom
+
+    def _pause_global(self, conn: Conn) -> None:
+        """The budget is used up: stop reading this socket until memory is released."""
+        if not conn.global_paused and not conn.closed:
+            conn.global_paused = True
+            conn.pauses += 1
+            self.global_pauses += 1
+            self._globally_paused.append(conn)
+            self._stream_interest(conn)
 
     def _eof(self, conn: Conn) -> None:
         conn.read_eof = True
@@ -431,6 +665,8 @@ class IOThread:
         outq = conn.outq
         conn.bytes_out += sent
         self.bytes_out += sent
+        if conn.port._send_blocked:
+            self._notify_writable(conn)
         if sent == conn.out_bytes:
             # Everything went (the common case): no per-buffer bookkeeping.
             conn.out_bytes = 0
@@ -456,6 +692,15 @@ class IOThread:
         if (conn.mask & WRITE) != (WRITE if outq else 0):
             self._stream_interest(conn)
 
+    def _notify_writable(self, conn: Conn) -> None:
+        """A sender waits on this busy port: tell it once the output drained below low.
+
+        The port sets ``_send_blocked`` before it re-reads ``bytes_out``; we update
+        ``bytes_out`` before we read ``_send_blocked``: one of the two sees the other."""
+        port = conn.port
+        if port._queued_bytes - conn.bytes_out <= conn.send_low:
+            conn.deliver((port, WRITABLE))
+
     def _shutdown_write(self, conn: Conn) -> None:
         conn.shutdown_pending = False
         conn.write_closed = True
@@ -476,7 +721,8 @@ class IOThread:
     # -- commands on streams (run on the I/O thread) -------------------------------------
     def cmd_send(self, conn: Conn, data: bytes) -> None:
         if conn.closed or conn.write_closed or conn.shutdown_pending or conn.close_pending:
-            return  # the loop's half raised already, or the port broke meanwhile
+            self.bytes_discarded += len(data)  # the port broke or closed meanwhile
+            return
         conn.outq.append(data)
         conn.out_bytes += len(data)
         if not conn.dirty:
@@ -539,6 +785,7 @@ class IOThread:
             return
         sock.setblocking(False)
         conn = Conn(sock, CONNECTING, port, deliver)
+        conn.configure(options, port._framer)
         conn.credit, conn.notify_passive = active
         conn.request = request
         conn.options = {"address": address}
@@ -647,6 +894,7 @@ class IOThread:
                 continue
             conn.credit, conn.notify_passive = options["active"]
             conn.port = make_port(conn, local_address, address)
+            conn.configure(options, conn.port._framer)
             self._adopt(conn)
             deliver((lport, Accepted(conn.port, address)))
             self._stream_interest(conn)

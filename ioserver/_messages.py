@@ -81,3 +81,12 @@ Message = Data | Accepted | Closed | Error | Passive
 """Any message a port delivers."""
 
 PASSIVE = Passive()
+
+
+class _Writable:
+    """Internal: a busy port's output drained below its low watermark (never received)."""
+
+    __slots__ = ()
+
+
+WRITABLE = _Writable()

@@ -50,6 +50,11 @@ class IOServerStatistics:
     wakes_to_loop_skipped: int  #: batches queued while the loop was awake (no write)
     spurious_loop_wakes: int  #: loop wake-ups that found nothing to deliver
     internal_errors: int  #: errors contained by closing the one port concerned
+    memory_limit: int | None  #: the global budget in bytes (``None``: unlimited)
+    port_buffer_limit: int | None  #: the cap of one port in bytes (``None``: unlimited)
+    memory_in_use: int  #: bytes buffered now: undelivered input, framing, queued output
+    peak_memory: int  #: the highest ``memory_in_use`` seen (measured once a round)
+    global_pauses: int  #: reads paused because the budget was used up
 
 
 @final
@@ -99,6 +104,11 @@ class IOServer:
             wakes_to_loop_skipped=hub.inbox.wakes_skipped,
             spurious_loop_wakes=hub.inbox.spurious_wakes,
             internal_errors=io.internal_errors,
+            memory_limit=io.memory_limit,
+            port_buffer_limit=io.port_buffer_limit,
+            memory_in_use=io.memory_in_use(),
+            peak_memory=max(io.peak_memory, io.memory_in_use()),
+            global_pauses=io.global_pauses,
         )
 
     async def aclose(self) -> None:
@@ -118,7 +128,12 @@ class IOServer:
 
 
 @asynccontextmanager
-async def open(*, poller: str | None = None) -> AsyncIterator[IOServer]:
+async def open(
+    *,
+    poller: str | None = None,
+    memory_limit: int | None = None,
+    port_buffer_limit: int | None = None,
+) -> AsyncIterator[IOServer]:
     """Start an I/O thread for this event loop; stop it, closing every port, on exit.
 
     ::
@@ -132,11 +147,26 @@ async def open(*, poller: str | None = None) -> AsyncIterator[IOServer]:
     Args:
         poller: the I/O thread's selector: ``"epoll"`` (the default on Linux) or
             ``"selectors"`` (the standard library's best, e.g. kqueue).
+        memory_limit: the global budget in bytes for everything the server buffers:
+            input delivered to owners and not yet taken, framing buffers and output not
+            yet written.  When it is used up, reads pause everywhere (TCP backpressure on
+            every peer) until a quarter of it is released; nothing more is allocated.
+            ``None``: no global budget (each port is still bounded by its watermarks).
+        port_buffer_limit: the cap in bytes on one port's buffers (a packet being
+            assembled, undelivered input, queued output).  A port that passes it gets an
+            :class:`~ioserver.Error` naming the limit, then ``Closed("ENOBUFS")``; a send
+            that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
 
     Raises:
-        OptionError: an unknown poller, or an event loop that is neither trio nor asyncio.
+        OptionError: an unknown poller, a limit that is not a positive int, or an event
+            loop that is neither trio nor asyncio.
     """
-    io = IOThread(poller=poller)
+    for name, value in (("memory_limit", memory_limit), ("port_buffer_limit", port_buffer_limit)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            raise OptionError(f"{name} must be a positive int (bytes) or None, not {value!r}")
+    io = IOThread(poller=poller, memory_limit=memory_limit, port_buffer_limit=port_buffer_limit)
     try:
         hub = make_hub(io)
     except BaseException:

@@ -33,6 +33,9 @@ from ioserver._exceptions import (
     OptionError as OptionError,
 )
 from ioserver._exceptions import (
+    SendTimeoutError as SendTimeoutError,
+)
+from ioserver._exceptions import (
     WouldBlock as WouldBlock,
 )
 from ioserver._messages import (
@@ -89,6 +92,7 @@ __all__ = [
     "Passive",
     "Port",
     "PortStatistics",
+    "SendTimeoutError",
     "WouldBlock",
     "connect_tcp",
     "listen_tcp",

@@ -32,10 +32,12 @@ from ioserver._exceptions import (
     ConnectError,
     EndOfPort,
     OptionError,
+    SendTimeoutError,
     WouldBlock,
 )
+from ioserver._framing import DEFAULT_PACKET_SIZE, Framer, make_framer
 from ioserver._iothread import Conn, IOThread
-from ioserver._messages import Accepted, Closed, Data, Message, Passive
+from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._server import IOServer
 
 from ._mailbox import Mailbox
@@ -52,6 +54,66 @@ Active = bool | str | int
 """An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
 
 _STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
+
+#: Defaults of the flow-control options (bytes, messages).
+HIGH_WATERMARK = 256 * 1024
+LOW_WATERMARK = 128 * 1024
+HIGH_MSGQ_WATERMARK = 256 * 1024
+LOW_MSGQ_WATERMARK = 128 * 1024
+HIGH_MSGQ_MESSAGES = 4096
+
+
+def flow_options(
+    *,
+    packet: Any,
+    packet_size: int,
+    delimiter: bytes,
+    high_watermark: int,
+    low_watermark: int,
+    high_msgq_watermark: int,
+    low_msgq_watermark: int,
+    high_msgq_messages: int,
+    send_timeout: float | None,
+    send_timeout_close: bool,
+) -> dict[str, Any]:
+    """Validate the framing and flow-control options of a stream port; return them."""
+    make_framer(packet, packet_size=packet_size, delimiter=delimiter)  # validates
+    pairs = (
+        ("high_watermark", high_watermark, "low_watermark", low_watermark),
+        ("high_msgq_watermark", high_msgq_watermark, "low_msgq_watermark", low_msgq_watermark),
+    )
+    for high_name, high, low_name, low in pairs:
+        for name, value in ((high_name, high), (low_name, low)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise OptionError(f"{name} must be a non-negative int (bytes), not {value!r}")
+        if low > high:
+            raise OptionError(f"{low_name}={low} is above {high_name}={high}")
+    if (
+        isinstance(high_msgq_messages, bool)
+        or not isinstance(high_msgq_messages, int)
+        or high_msgq_messages <= 0
+    ):
+        raise OptionError(f"high_msgq_messages must be a positive int, not {high_msgq_messages!r}")
+    if send_timeout is not None and (
+        isinstance(send_timeout, bool)
+        or not isinstance(send_timeout, (int, float))
+        or send_timeout <= 0
+    ):
+        raise OptionError(f"send_timeout must be positive seconds or None, not {send_timeout!r}")
+    return {
+        "packet": packet,
+        "packet_size": packet_size,
+        "delimiter": delimiter,
+        "high_watermark": high_watermark,
+        "low_watermark": low_watermark,
+        "high_msgq_watermark": high_msgq_watermark,
+        "low_msgq_watermark": low_msgq_watermark,
+        "high_msgq_messages": high_msgq_messages,
+        "send_timeout": send_timeout,
+        "send_timeout_close": bool(send_timeout_close),
+    }
+
+
 _LISTEN_OPTIONS = frozenset({"backlog", "reuseaddr", "reuseport"})
 
 
@@ -108,6 +170,12 @@ class PortStatistics:
     bytes_queued: int  #: sent by the actor, not yet written to the socket
     active: Active  #: the active mode last set
     closed: bool  #: closed by this side
+    bytes_buffered_in: int = 0  #: delivered to the port, not yet taken by its owner
+    bytes_buffered_out: int = 0  #: sent by the owner, not yet written to the socket
+    peak_buffered: int = 0  #: the most input ever buffered (undelivered + framing)
+    pauses: int = 0  #: times reading stopped for backpressure (watermark or budget)
+    busy_transitions: int = 0  #: times a send found the port busy (output above high)
+    packets_too_large: int = 0  #: packets refused for exceeding packet_size
 
 
 class _Request(Waiter):
@@ -148,6 +216,8 @@ class _PortBase(Source):
         "_buffer",
         "_closed",
         "_conn",
+        "_consumed_bytes",
+        "_consumed_messages",
         "_credit",
         "_ended",
         "_hub",
@@ -157,6 +227,7 @@ class _PortBase(Source):
         "_owner",
         "_passive_pending",
         "_remote_address",
+        "_resume_generation",
         "_select_waiters",
         "_submit",
         "_terminal",
@@ -180,10 +251,41 @@ class _PortBase(Source):
         self._owner: Mailbox | None = None
         self._local_address: Any = None
         self._remote_address: Any = None
+        # Receive flow control: what the owner took, counted as the I/O thread counts what
+        # it delivered (Conn.delivered_*); and the last pause this port asked to end.
+        self._consumed_messages = 0
+        self._consumed_bytes = 0
+        self._resume_generation = 0
+
+    def _took_data(self, data: Any) -> None:
+        """Count a Data message as taken (received, handed to an owner, or dropped)."""
+        size = len(data) if data.__class__ is bytes else 0
+        self._consumed_messages += 1
+        self._consumed_bytes += size
+        self._hub.consumed_bytes += size
+        conn = self._conn
+        if conn is not None and conn.pause_generation != self._resume_generation:
+            self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        """The I/O thread paused reading this port: ask it to read again once the owner
+        has taken enough.  The counters were updated before this reads the generation;
+        the I/O thread bumps the generation before it re-reads the counters."""
+        conn = self._conn
+        assert conn is not None
+        generation = conn.pause_generation
+        if (
+            conn.delivered_bytes - self._consumed_bytes <= conn.low_msgq
+            and conn.delivered_messages - self._consumed_messages <= conn.low_msgq_messages
+        ):
+            self._resume_generation = generation
+            self._submit((self._io.cmd_resume, conn, generation))
 
     # -- delivery (in-loop, called by the hub) -------------------------------------------
-    def _deliver(self, message: Message) -> None:
+    def _deliver(self, message: Any) -> None:
         if self._closed:
+            if message.__class__ is Data:
+                self._took_data(message.data)
             return
         if message.__class__ is Data:
             if self._credit > 0:
@@ -197,8 +299,13 @@ class _PortBase(Source):
                 return
             self._terminal = True
             self._on_terminal(message)
+        elif message is WRITABLE:
+            self._on_writable()
+            return
         owner = self._owner
         if owner is not None:
+            if message.__class__ is Data:
+                self._took_data(message.data)
             owner.send_nowait((self, message))
             return
         self._buffer.append(message)
@@ -218,6 +325,9 @@ class _PortBase(Source):
     def _on_terminal(self, message: Closed) -> None:
         pass
 
+    def _on_writable(self) -> None:
+        pass
+
     def _abort_park(self, raise_cancel: Any) -> Any:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
@@ -225,7 +335,9 @@ class _PortBase(Source):
     # -- receiving ----------------------------------------------------------------------
     def _take(self) -> Message:
         message = self._buffer.popleft()
-        if message.__class__ is Closed:
+        if message.__class__ is Data:
+            self._took_data(message.data)
+        elif message.__class__ is Closed:
             self._ended = True
         return message
 
@@ -291,7 +403,16 @@ class _PortBase(Source):
         hub = self._hub
         if buffer:
             message = buffer.popleft()
-            if message.__class__ is Closed:
+            if message.__class__ is Data:
+                # _took_data, inlined.
+                data = message.data
+                size = len(data) if data.__class__ is bytes else 0
+                self._consumed_messages += 1
+                self._consumed_bytes += size
+                hub.consumed_bytes += size
+                if self._conn.pause_generation != self._resume_generation:  # type: ignore[union-attr]
+                    self._maybe_resume()
+            elif message.__class__ is Closed:
                 self._ended = True
             hub.budget -= 1
             if hub.budget <= 0:
@@ -316,7 +437,16 @@ class _PortBase(Source):
                     if self._waiter is future:
                         self._waiter = None
         message = buffer.popleft()
-        if message.__class__ is Closed:
+        if message.__class__ is Data:
+            # _took_data, inlined.
+            data = message.data
+            size = len(data) if data.__class__ is bytes else 0
+            self._consumed_messages += 1
+            self._consumed_bytes += size
+            hub.consumed_bytes += size
+            if self._conn.pause_generation != self._resume_generation:  # type: ignore[union-attr]
+                self._maybe_resume()
+        elif message.__class__ is Closed:
             self._ended = True
         return message
 
@@ -361,9 +491,7 @@ class _PortBase(Source):
         if owner is not None:
             buffer = self._buffer
             while buffer:
-                message = buffer.popleft()
-                if message.__class__ is Closed:
-                    self._ended = True
+                message = self._take()
                 owner.send_nowait((self, message))
 
     # -- options ------------------------------------------------------------------------
@@ -414,7 +542,12 @@ class _PortBase(Source):
         if self._closed:
             return
         self._closed = True
-        self._buffer.clear()
+        buffer = self._buffer
+        while buffer:
+            message = buffer.popleft()
+            if message.__class__ is Data:
+                self._took_data(message.data)
+        self._on_writable()  # a sender waiting on a busy port sees the port closed
         if self._conn is not None:
             self._submit((self._io.cmd_close, self._conn, None))
         hub = self._hub
@@ -478,29 +611,51 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
     :func:`connect_tcp` or from a :class:`Listener`'s :class:`~ioserver.Accepted`.
     """
 
-    __slots__ = ("_broken", "_eof_sent")
+    __slots__ = (
+        "_broken",
+        "_busy_transitions",
+        "_eof_sent",
+        "_framer",
+        "_high_watermark",
+        "_low_watermark",
+        "_queued_bytes",
+        "_send_blocked",
+        "_send_timeout",
+        "_send_timeout_close",
+        "_send_waiter",
+    )
 
-    def __init__(self, server: IOServer, active: tuple[int, bool]) -> None:
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
         super().__init__(server, active)
         self._broken: str | None = None
         self._eof_sent = False
+        packet = options["packet"]
+        self._framer: Framer | None = (
+            None
+            if packet in ("raw", 0)
+            else make_framer(
+                packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
+            )
+        )
+        # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
+        self._queued_bytes = 0
+        self._high_watermark: int = options["high_watermark"]
+        self._low_watermark: int = options["low_watermark"]
+        self._send_timeout: float | None = options["send_timeout"]
+        self._send_timeout_close: bool = options["send_timeout_close"]
+        self._send_blocked = False  # read by the I/O thread: a sender waits for "writable"
+        self._send_waiter = Waiter()
+        self._busy_transitions = 0
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
+        self._on_writable()
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data`` for the I/O thread to write; return at once.
+    def _on_writable(self) -> None:
+        if self._send_waiter._waiter is not None:
+            self._hub.wake(self._send_waiter)
 
-        The bytes are copied if they are mutable (``bytearray``, ``memoryview``), so the
-        caller may reuse its buffer.  Writes of one round of the I/O thread are gathered
-        into one ``sendmsg``.
-
-        Raises:
-            ClosedPortError: the port was closed, or :meth:`send_eof` was called.
-            BrokenPortError: the connection broke (reset, broken pipe); ``errno_name``
-                says how.
-            TypeError: ``data`` is not bytes-like.
-        """
+    def _check_can_send(self) -> None:
         if self._closed:
             raise ClosedPortError("this port is closed")
         if self._broken is not None:
@@ -509,32 +664,92 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             )
         if self._eof_sent:
             raise ClosedPortError("send_eof() was called: this port sends nothing more")
-        if data.__class__ is not bytes:
-            data = _to_bytes(data)
-        if data:
-            self._submit((self._hub.cmd_send, self._conn, data))
 
-    async def send(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
-        """Queue ``data`` for the I/O thread to write (see :meth:`send_nowait`).
+    def _encode(self, message: Any) -> bytes:
+        if self._framer is not None:
+            return self._framer.frame(message)
+        if message.__class__ is not bytes:
+            return _to_bytes(message)
+        return message
 
-        It does not wait for the write: the I/O thread writes in the background, in order.
-        It checks for cancellation and, every few calls, yields to the scheduler (see
-        :mod:`ioserver._hub`), so a sending loop never starves other tasks.
+    def _queue(self, data: bytes) -> None:
+        """Hand ``data`` to the I/O thread and charge it to the port and the budget."""
+        limit = self._io.port_buffer_limit
+        size = len(data)
+        if limit is not None and self._queued_bytes + size - self._conn.bytes_out > limit:  # type: ignore[union-attr]
+            self.close_nowait()
+            raise BrokenPortError(
+                f"port_buffer_limit={limit} exceeded: sending {size} bytes on top of "
+                f"{self._queued_bytes - self._conn.bytes_out} queued; the port is closed",  # type: ignore[union-attr]
+                errno_name="ENOBUFS",
+            )
+        self._queued_bytes += size
+        self._hub.queued_bytes += size
+        self._submit((self._hub.cmd_send, self._conn, data))
+
+    @property
+    def busy(self) -> bool:
+        """True while the output not yet written is above the high watermark."""
+        return self._queued_bytes - self._conn.bytes_out > self._high_watermark  # type: ignore[union-attr]
+
+    def send_nowait(self, message: Any) -> None:
+        """Queue ``message`` for the I/O thread to write; return at once.
+
+        With ``packet="raw"`` the message is bytes-like (mutable buffers are copied, so
+        the caller may reuse its own); with a packet mode it is framed first (a length
+        header added, a line ended, an object packed with msgpack).  Writes of one round
+        of the I/O thread are gathered into one ``sendmsg``.
 
         Raises:
-            ClosedPortError, BrokenPortError, TypeError: as :meth:`send_nowait`.
+            WouldBlock: the port is *busy*: its queued output is above ``high_watermark``
+                (as Erlang's busy port); :meth:`send` waits instead.
+            ClosedPortError: the port was closed, or :meth:`send_eof` was called.
+            BrokenPortError: the connection broke (reset, broken pipe; ``errno_name`` says
+                how), or the send would pass ``port_buffer_limit`` (the port is closed).
+            PacketTooLarge: the framed message exceeds ``packet_size``.
+            TypeError: the message is not of the packet mode's type.
+        """
+        self._check_can_send()
+        data = self._encode(message)
+        if self.busy:
+            self._busy_transitions += 1
+            raise WouldBlock("the port is busy: its output is above high_watermark")
+        if data:
+            self._queue(data)
+
+    async def send(self, message: Any) -> None:
+        """Queue ``message`` for the I/O thread to write (see :meth:`send_nowait`).
+
+        It does not wait for the write, except when the port is *busy* (queued output
+        above ``high_watermark``): then it waits until the output drains below
+        ``low_watermark``, as Erlang's ``gen_tcp:send`` on a busy port - so a slow peer
+        slows its own sender and nobody else.  It checks for cancellation and, every few
+        calls, yields to the scheduler (see :mod:`ioserver._hub`).
+
+        Raises:
+            SendTimeoutError: the port stayed busy for ``send_timeout`` seconds (and was
+                closed, with ``send_timeout_close=True``).
+            ClosedPortError, BrokenPortError, PacketTooLarge, TypeError: as
+                :meth:`send_nowait`.
         """
         hub = self._hub
+        conn = self._conn
         if (
-            data.__class__ is bytes
-            and data
+            message.__class__ is bytes
+            and message
+            and self._framer is None
             and not self._closed
             and self._broken is None
             and not self._eof_sent
+            and self._queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
+            and self._io.port_buffer_limit is None
         ):
-            # send_nowait and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
+            # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
+            size = len(message)
+            self._queued_bytes += size
+            hub.queued_bytes += size
             commands = self._io.commands
-            commands.items.append((hub.cmd_send, self._conn, data))
+            commands.items.append((hub.cmd_send, conn, message))
             if commands.asleep:
                 commands.asleep = False
                 commands.wakeup.signal()
@@ -542,12 +757,68 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             else:
                 commands.wakes_skipped += 1
         else:
-            self.send_nowait(data)
+            self._check_can_send()
+            data = self._encode(message)
+            if self.busy:
+                await self._wait_until_writable()
+            if data:
+                self._queue(data)
         hub.budget -= 1
         if hub.budget <= 0:
             await hub.checkpoint()
         elif hub.is_trio:
             await _checkpoint_if_cancelled()
+
+    async def _wait_until_writable(self) -> None:
+        self._busy_transitions += 1
+        if self._send_waiter._waiter is not None:
+            raise BusyPortError("sending")
+        try:
+            if self._send_timeout is None:
+                await self._park_until_writable()
+            else:
+                with anyio.fail_after(self._send_timeout):
+                    await self._park_until_writable()
+        except TimeoutError:
+            if self._send_timeout_close:
+                self.close_nowait()
+            raise SendTimeoutError(
+                f"the port stayed busy for send_timeout={self._send_timeout} s"
+                + ("; it is closed" if self._send_timeout_close else "")
+            ) from None
+
+    async def _park_until_writable(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._send_blocked = True  # written before the re-read of bytes_out below
+        try:
+            while self._queued_bytes - conn.bytes_out > self._low_watermark:
+                self._check_can_send()
+                await self._hub.park(self._send_waiter)
+            self._check_can_send()
+        finally:
+            self._send_blocked = False
+
+    def statistics(self) -> PortStatistics:
+        """The port's counters now (see :class:`PortStatistics`)."""
+        conn = self._conn
+        if conn is None:
+            return super().statistics()
+        framing = self._framer.buffered if self._framer is not None else 0
+        return PortStatistics(
+            messages_buffered=len(self._buffer),
+            bytes_received=conn.bytes_in,
+            bytes_sent=conn.bytes_out,
+            bytes_queued=conn.out_bytes,
+            active=self.active,
+            closed=self._closed,
+            bytes_buffered_in=conn.delivered_bytes - self._consumed_bytes + framing,
+            bytes_buffered_out=self._queued_bytes - conn.bytes_out,
+            peak_buffered=conn.peak_buffered,
+            pauses=conn.pauses,
+            busy_transitions=self._busy_transitions,
+            packets_too_large=conn.packets_too_large,
+        )
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads end-of-file after what was already sent.
@@ -648,6 +919,16 @@ async def connect_tcp(
     keepalive: bool = False,
     recbuf: int | None = None,
     sndbuf: int | None = None,
+    packet: Any = "raw",
+    packet_size: int = DEFAULT_PACKET_SIZE,
+    delimiter: bytes = b"\n",
+    high_watermark: int = HIGH_WATERMARK,
+    low_watermark: int = LOW_WATERMARK,
+    high_msgq_watermark: int = HIGH_MSGQ_WATERMARK,
+    low_msgq_watermark: int = LOW_MSGQ_WATERMARK,
+    high_msgq_messages: int = HIGH_MSGQ_MESSAGES,
+    send_timeout: float | None = None,
+    send_timeout_close: bool = False,
 ) -> Port:
     """Connect to ``host:port`` over TCP and return the open :class:`Port`.
 
@@ -663,6 +944,25 @@ async def connect_tcp(
         keepalive: enable ``SO_KEEPALIVE``.
         recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
         sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
+        packet: the packet mode, as Erlang's ``{packet, ...}``: ``"raw"`` (default: each
+            read is one :class:`~ioserver.Data`), ``1``/``2``/``4`` (a big-endian length
+            header, added on send and stripped on receive), ``"line"`` (the delimiter is
+            kept at the end of each message) or ``"msgpack"`` (each decoded object is one
+            message; ``send`` packs).  Framing runs in the I/O thread.
+        packet_size: the largest message in bytes; a peer that sends more (or a header
+            that claims more) gets :class:`~ioserver.Error` ``EMSGSIZE`` and the port
+            closed, with nothing allocated for the claimed size.
+        delimiter: the one-byte line end for ``packet="line"``.
+        high_watermark, low_watermark: bytes of queued output above which the port is
+            busy (``send`` waits, ``send_nowait`` raises ``WouldBlock``) and below which it
+            is not any more, as Erlang's options of the same names.
+        high_msgq_watermark, low_msgq_watermark: bytes delivered but not yet taken by the
+            owner above which the I/O thread stops reading the socket (TCP backpressure on
+            this peer alone) and below which it reads again (Erlang's ``*_msgq_watermark``).
+        high_msgq_messages: the same bound counted in messages (resumes at half).
+        send_timeout: seconds a send may wait on a busy port before
+            :exc:`~ioserver.SendTimeoutError`; ``None`` waits forever.
+        send_timeout_close: close the port when a send times out (Erlang's option).
 
     Raises:
         ConnectError: the name did not resolve (``errno_name`` like ``"EAI_NONAME"``) or
@@ -675,11 +975,24 @@ async def connect_tcp(
     credit = parse_active(active)
     options = {"nodelay": nodelay, "keepalive": keepalive, "recbuf": recbuf, "sndbuf": sndbuf}
     _check_options({k: v for k, v in options.items() if v is not None}, _STREAM_OPTIONS, "TCP")
+    flow = flow_options(
+        packet=packet,
+        packet_size=packet_size,
+        delimiter=delimiter,
+        high_watermark=high_watermark,
+        low_watermark=low_watermark,
+        high_msgq_watermark=high_msgq_watermark,
+        low_msgq_watermark=low_msgq_watermark,
+        high_msgq_messages=high_msgq_messages,
+        send_timeout=send_timeout,
+        send_timeout_close=send_timeout_close,
+    )
+    options.update(flow)
     addresses = await _resolve(host, port, passive=False)
     io = server._io
     error: BaseException | None = None
     for family, address in addresses:
-        result_port = Port(server, credit)
+        result_port = Port(server, credit, flow)
         request = _Request(io, hub)
         io.submit(
             io.cmd_connect, request, (result_port, hub.deliver, family, address, options, credit)
@@ -707,6 +1020,16 @@ async def listen_tcp(
     keepalive: bool = False,
     recbuf: int | None = None,
     sndbuf: int | None = None,
+    packet: Any = "raw",
+    packet_size: int = DEFAULT_PACKET_SIZE,
+    delimiter: bytes = b"\n",
+    high_watermark: int = HIGH_WATERMARK,
+    low_watermark: int = LOW_WATERMARK,
+    high_msgq_watermark: int = HIGH_MSGQ_WATERMARK,
+    low_msgq_watermark: int = LOW_MSGQ_WATERMARK,
+    high_msgq_messages: int = HIGH_MSGQ_MESSAGES,
+    send_timeout: float | None = None,
+    send_timeout_close: bool = False,
 ) -> Listener:
     """Listen on ``host:port`` for TCP connections; return the :class:`Listener`.
 
@@ -723,8 +1046,10 @@ async def listen_tcp(
         backlog: the kernel's queue of connections not yet accepted.
         reuseaddr: ``SO_REUSEADDR`` (default ``True``: restart without waiting).
         reuseport: ``SO_REUSEPORT`` (several processes share the port).
-        active, nodelay, keepalive, recbuf, sndbuf: options of each accepted port, as
-            in :func:`connect_tcp`.
+        active, nodelay, keepalive, recbuf, sndbuf, packet, packet_size, delimiter,
+            high_watermark, low_watermark, high_msgq_watermark, low_msgq_watermark,
+            high_msgq_messages, send_timeout, send_timeout_close: options of each
+            accepted port, as in :func:`connect_tcp`.
 
     Raises:
         ConnectError: the address is in use (``"EADDRINUSE"``), not local
@@ -745,14 +1070,26 @@ async def listen_tcp(
     _check_options(
         {k: v for k, v in stream_options.items() if v is not None}, _STREAM_OPTIONS, "TCP"
     )
-    options: dict[str, Any] = {**listen_options, **stream_options, "active": credit}
+    flow = flow_options(
+        packet=packet,
+        packet_size=packet_size,
+        delimiter=delimiter,
+        high_watermark=high_watermark,
+        low_watermark=low_watermark,
+        high_msgq_watermark=high_msgq_watermark,
+        low_msgq_watermark=low_msgq_watermark,
+        high_msgq_messages=high_msgq_messages,
+        send_timeout=send_timeout,
+        send_timeout_close=send_timeout_close,
+    )
+    options: dict[str, Any] = {**listen_options, **stream_options, **flow, "active": credit}
     family, address = (await _resolve(host, port, passive=True))[0]
     listener = Listener(server, (-1, False))
     io = server._io
 
     def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
         # Runs on the I/O thread, once per accepted connection.
-        accepted = Port(server, credit)
+        accepted = Port(server, credit, flow)
         accepted._conn = conn
         accepted._local_address = local_address
         accepted._remote_address = remote_address

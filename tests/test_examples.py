@@ -6,6 +6,7 @@ import importlib.util
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -178,3 +179,32 @@ def test_ioserver_command_reports_a_missing_app_clearly() -> None:
     )
     assert result.returncode == 2
     assert "no app file 'no/such/app.py'" in result.stderr
+
+
+def test_framed_echo_example_with_a_plain_socket_client() -> None:
+    number = free_port()
+    script = str(EXAMPLES / "framed_echo.py")
+    command = (sys.executable, script, "--port", str(number), "--packet", "4")
+    with running(*command), connect(number) as client:  # the docstring's client
+        client.sendall(struct.pack(">I", 5) + b"hello")
+        size = struct.unpack(">I", client.recv(4, socket.MSG_WAITALL))[0]
+        assert client.recv(size, socket.MSG_WAITALL) == b"hello"
+
+
+def test_a_client_that_resets_mid_send_does_not_stop_the_echo_server() -> None:
+    number = free_port()
+    script = str(EXAMPLES / "echo.py")
+    with running(sys.executable, script, "--port", str(number)):
+        hog = connect(number)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.setblocking(False)
+        try:
+            for _ in range(2000):  # fill both directions: its actor blocks in send
+                hog.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        hog.close()  # reset
+        with connect(number) as client:
+            client.sendall(b"still serving")
+            assert client.recv(100, socket.MSG_WAITALL) in (b"still serving",)

@@ -69,9 +69,17 @@ async def test_large_writes_arrive_whole_and_in_order(ios: ioserver.IOServer) ->
     payload = bytes(range(256)) * 40_000  # 10 MB: far beyond the socket buffers
     async with listener, await anyio.connect_tcp("127.0.0.1", number) as client:
         port = await accept(listener)
-        for offset in range(0, len(payload), 100_000):
-            await port.send(payload[offset : offset + 100_000])
-        assert await read_exactly(client, len(payload)) == payload
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            received.append(await read_exactly(client, len(payload)))
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(reader)
+            for offset in range(0, len(payload), 100_000):
+                await port.send(payload[offset : offset + 100_000])  # waits while busy
+        assert received == [payload]
+        assert port.statistics().busy_transitions > 0  # the peer was slower than us
         await client.send(payload[:300_000])
         assert await receive_exactly(port, 300_000) == payload[:300_000]
         await port.aclose()

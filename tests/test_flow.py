@@ -1,0 +1,366 @@
+"""Framing in the I/O thread, flow control in both directions, and the memory bound.
+
+Real sockets on loopback, both backends.  Peers are plain sockets driven by the test.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgpack
+import pytest
+
+import ioserver
+import ports
+from ports import Accepted, Closed, Data, Error
+
+pytestmark = pytest.mark.anyio
+
+
+async def pair(
+    ios: ioserver.IOServer, **options: Any
+) -> tuple[ports.Listener, ports.Port, anyio.abc.SocketStream]:
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, **options)
+    client = await anyio.connect_tcp("127.0.0.1", listener.local_address[1])
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted)
+    return listener, accepted.port, client
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+ENCODERS = {
+    1: lambda m: struct.pack(">B", len(m)) + m,
+    2: lambda m: struct.pack(">H", len(m)) + m,
+    4: lambda m: struct.pack(">I", len(m)) + m,
+    "line": lambda m: m + b"\n",
+}
+
+
+@pytest.mark.parametrize("packet", [1, 2, 4, "line", "msgpack"])
+async def test_a_peer_writing_one_byte_at_a_time_yields_whole_messages(
+    ios: ioserver.IOServer, packet: Any
+) -> None:
+    listener, port, client = await pair(ios, packet=packet)
+    if packet == "msgpack":
+        messages: list[Any] = [{"op": "put", "key": b"k", "value": [1, 2.5, None]}, "x", 7]
+        stream = b"".join(msgpack.packb(m) for m in messages)
+    else:
+        messages = [b"hello", b"", b"world" * 10]
+        stream = b"".join(ENCODERS[packet](m) for m in messages)
+        if packet == "line":
+            messages = [m + b"\n" for m in messages]  # the delimiter is kept
+    async with listener, client, port:
+        raw = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for index in range(len(stream)):
+            await client.send(stream[index : index + 1])
+        received = [await port.receive() for _ in messages]
+        assert received == [Data(m) for m in messages]
+
+
+@pytest.mark.parametrize("packet", [4, "line", "msgpack"])
+async def test_send_frames_each_message(ios: ioserver.IOServer, packet: Any) -> None:
+    listener, port, client = await pair(ios, packet=packet)
+    async with listener, client, port:
+        if packet == "msgpack":
+            await port.send({"a": [1, 2]})
+            expected = msgpack.packb({"a": [1, 2]})
+        elif packet == "line":
+            await port.send(b"no newline")
+            expected = b"no newline\n"
+        else:
+            await port.send(b"abc")
+            expected = b"\x00\x00\x00\x03abc"
+        data = b""
+        while len(data) < len(expected):
+            data += await client.receive()
+        assert data == expected
+
+
+async def test_half_a_header_then_a_reset_delivers_no_message(ios: ioserver.IOServer) -> None:
+    listener, port, client = await pair(ios, packet=4)
+    async with listener, port:
+        await client.send(b"\x00\x00")
+        raw = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()
+        assert await port.receive() == Closed("ECONNRESET", "ECONNRESET")
+
+
+async def test_a_header_claiming_4_gib_closes_that_port_and_allocates_nothing(
+    ios: ioserver.IOServer,
+) -> None:
+    listener, port, client = await pair(ios, packet=4, packet_size=1 << 20)
+    async with listener, client, port:
+        before = rss_bytes()
+        await client.send(b"\xff\xff\xff\xff" + b"x" * 1000)
+        error = await port.receive()
+        assert isinstance(error, Error)
+        assert error.errno_name == "EMSGSIZE"
+        assert "4294967295 bytes exceeds packet_size=1048576" in error.message
+        assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
+        assert rss_bytes() - before < 1 << 20
+        assert port.statistics().packets_too_large == 1
+        with pytest.raises(anyio.EndOfStream):
+            await client.receive()
+
+
+async def test_garbage_msgpack_fails_that_port_only(ios: ioserver.IOServer) -> None:
+    listener, bad, bad_client = await pair(ios, packet="msgpack")
+    async with listener, bad_client, bad:
+        good_client = await anyio.connect_tcp("127.0.0.1", listener.local_address[1])
+        accepted = await listener.receive()
+        assert isinstance(accepted, Accepted)
+        good = accepted.port
+        async with good_client, good:
+            await bad_client.send(b"\xc1\xc1\xc1")
+            error = await bad.receive()
+            assert isinstance(error, Error)
+            assert error.errno_name == "EPROTO"
+            assert "msgpack" in error.message
+            assert await bad.receive() == Closed("EPROTO", "EPROTO")
+            await good_client.send(msgpack.packb(["still", "fine"]))
+            assert await good.receive() == Data(["still", "fine"])
+
+
+async def test_a_busy_port_refuses_send_nowait_and_send_waits_for_low(
+    ios: ioserver.IOServer,
+) -> None:
+    high, low = 64 * 1024, 16 * 1024
+    listener, port, client = await pair(ios, high_watermark=high, low_watermark=low, sndbuf=8192)
+    raw = client.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    chunk = b"z" * 16384
+    sent = 0
+    async with listener, client, port:
+        with pytest.raises(ports.WouldBlock):
+            while True:  # the peer does not read: the port becomes busy
+                port.send_nowait(chunk)
+                sent += len(chunk)
+                await anyio.lowlevel.checkpoint()
+        assert port.busy
+        statistics = port.statistics()
+        assert statistics.busy_transitions == 1
+        assert statistics.bytes_buffered_out > high
+        async with anyio.create_task_group() as task_group:
+
+            async def send_one_more() -> None:
+                await port.send(chunk)  # waits until the output drains below low
+
+            task_group.start_soon(send_one_more)
+            received = 0
+            while received < sent + len(chunk):
+                received += len(await client.receive(1 << 20))
+        assert not port.busy
+        assert port.statistics().bytes_buffered_out == 0
+
+
+async def test_send_timeout_close_closes_a_port_whose_peer_never_reads(
+    ios: ioserver.IOServer,
+) -> None:
+    listener, port, client = await pair(
+        ios,
+        high_watermark=32 * 1024,
+        low_watermark=0,
+        sndbuf=4096,
+        send_timeout=0.05,
+        send_timeout_close=True,
+    )
+    async with listener, client:
+        with pytest.raises(ports.SendTimeoutError, match="send_timeout"):
+            while True:
+                await port.send(b"q" * 8192)
+        assert port.closed
+        with pytest.raises(ports.ClosedPortError):
+            await port.send(b"more")
+
+
+async def test_a_slow_consumer_slows_its_own_peer_and_nobody_else(
+    ios: ioserver.IOServer,
+) -> None:
+    listener = await ports.listen_tcp(
+        ios, "127.0.0.1", 0, high_msgq_watermark=64 * 1024, low_msgq_watermark=16 * 1024
+    )
+    number = listener.local_address[1]
+    slow_peer = socket.create_connection(("127.0.0.1", number))
+    slow_peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    slow_peer.setblocking(False)
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted)
+    slow = accepted.port
+    fast_peer = await anyio.connect_tcp("127.0.0.1", number)
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted)
+    fast = accepted.port
+    async with listener, slow, fast, fast_peer:
+        chunk = b"s" * 16384
+        pushed = 0
+        blocked_rounds = 0
+        # The slow port's owner takes nothing.  Its peer pushes until its socket stays
+        # full across 20 round trips on the other connection, which keeps full speed.
+        while blocked_rounds < 20:
+            try:
+                pushed += slow_peer.send(chunk)
+                blocked_rounds = 0
+            except BlockingIOError:
+                blocked_rounds += 1
+            await fast_peer.send(b"ping")
+            assert await fast.receive() == Data(b"ping")
+            assert pushed < 64 * 1024 * 1024, "the slow peer was never pushed back"
+        statistics = slow.statistics()
+        assert statistics.pauses >= 1
+        assert statistics.bytes_buffered_in <= 64 * 1024 + 65536
+        # Once the owner drains its port, the peer's bytes all arrive.
+        received = 0
+        while received < pushed:
+            message = await slow.receive()
+            assert isinstance(message, Data)
+            received += len(message.data)
+        assert received == pushed
+    slow_peer.close()
+
+
+async def test_port_buffer_limit_closes_the_port_that_passes_it(no_leaks: None) -> None:
+    async with ioserver.open(port_buffer_limit=256 * 1024) as ios:
+        listener, port, client = await pair(ios, packet=4, packet_size=8 << 20)
+        async with listener, client, port:
+            await client.send(struct.pack(">I", 4 << 20))  # a 4 MiB packet is coming
+            with pytest.raises(anyio.BrokenResourceError):
+                for _ in range(64):  # 1 MiB: past the port's cap of 256 KiB
+                    await client.send(b"p" * 16384)
+                await client.send(b"p")
+                await client.receive()
+            error = await port.receive()
+            assert isinstance(error, Error)
+            assert error.errno_name == "ENOBUFS"
+            assert "port_buffer_limit=262144" in error.message
+            assert await port.receive() == Closed("ENOBUFS", "ENOBUFS")
+
+
+async def test_the_global_budget_pauses_reads_until_memory_is_released(
+    no_leaks: None,
+) -> None:
+    limit = 512 * 1024
+    async with ioserver.open(memory_limit=limit) as ios:
+        listener = await ports.listen_tcp(
+            ios, "127.0.0.1", 0, high_msgq_watermark=4 << 20, low_msgq_watermark=1 << 20
+        )
+        peers = [await anyio.connect_tcp("127.0.0.1", listener.local_address[1]) for _ in "ab"]
+        accepted = [await listener.receive() for _ in peers]
+        owners = [a.port for a in accepted if isinstance(a, Accepted)]
+        payload = b"m" * (1 << 20)
+        async with listener, anyio.create_task_group() as task_group:
+            for peer in peers:
+                task_group.start_soon(peer.send, payload)
+            # Nobody receives yet: the budget fills and reads pause everywhere.
+            with anyio.fail_after(10):
+                while ios.statistics().global_pauses == 0:  # the I/O thread's state
+                    await anyio.lowlevel.checkpoint()
+            statistics = ios.statistics()
+            assert statistics.memory_in_use <= limit
+            # The owners, each an actor of its own, take their bytes: memory is released
+            # and everything arrives.
+
+            async def drain(owner: ports.Port) -> None:
+                received = 0
+                while received < len(payload):
+                    message = await owner.receive()
+                    assert isinstance(message, Data)
+                    received += len(message.data)
+
+            for owner in owners:
+                task_group.start_soon(drain, owner)
+        assert ios.statistics().peak_memory <= limit
+        for peer in peers:
+            await peer.aclose()
+        for owner in owners:
+            await owner.aclose()
+
+
+HOG_LIMIT = 64 * 1024 * 1024
+
+
+async def test_one_hog_cannot_hurt_a_hundred_well_behaved_clients(no_leaks: None) -> None:
+    async with ioserver.open(memory_limit=HOG_LIMIT) as ios:
+        before = rss_bytes()
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        number = listener.local_address[1]
+
+        async def echo(port: ports.Port) -> None:
+            async with port:
+                try:
+                    async for message in port:
+                        if isinstance(message, Data):
+                            await port.send(message.data)
+                except ports.BrokenPortError:
+                    pass  # the hog resets when it is cancelled
+
+        async def hog() -> None:
+            stream = await anyio.connect_tcp("127.0.0.1", number)
+            async with stream:
+                while True:  # streams and never reads the replies
+                    await stream.send(b"h" * 65536)
+
+        async def client(index: int) -> None:
+            async with await anyio.connect_tcp("127.0.0.1", number) as stream:
+                for request in range(20):
+                    body = b"%d:%d:" % (index, request) + b"." * 1000
+                    await stream.send(body)
+                    data = b""
+                    while len(data) < len(body):
+                        data += await stream.receive()
+                    assert data == body
+
+        async with listener, anyio.create_task_group() as server:
+
+            async def accept_all() -> None:
+                async for accepted in listener:
+                    if isinstance(accepted, Accepted):
+                        server.start_soon(echo, accepted.port)
+
+            server.start_soon(accept_all)
+            async with anyio.create_task_group() as load:
+                load.start_soon(hog)
+                with anyio.fail_after(60):
+                    async with anyio.create_task_group() as clients:
+                        for index in range(100):
+                            clients.start_soon(client, index)
+                load.cancel_scope.cancel()
+            server.cancel_scope.cancel()
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= HOG_LIMIT
+        # The documented constant: the I/O thread's buffers, 100 connections' sockets and
+        # the test's own clients stay well under 32 MiB.
+        assert rss_bytes() - before < HOG_LIMIT + 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"packet": 3},
+        {"packet_size": 0},
+        {"high_watermark": 10, "low_watermark": 20},
+        {"high_msgq_watermark": -1},
+        {"send_timeout": 0},
+        {"delimiter": b"\r\n", "packet": "line"},
+    ],
+)
+async def test_wrong_flow_and_framing_options(
+    ios: ioserver.IOServer, options: dict[str, Any]
+) -> None:
+    with pytest.raises(ports.OptionError):
+        await ports.listen_tcp(ios, "127.0.0.1", 0, **options)
+
+
+async def test_wrong_memory_limits(no_leaks: None) -> None:
+    with pytest.raises(ports.OptionError, match="memory_limit"):
+        async with ioserver.open(memory_limit=0):
+            pass
