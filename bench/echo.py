@@ -8,6 +8,9 @@ within each round and the best msgs/s run of each server is kept.
 
 Servers (``--only`` names):
   ioserver         examples/echo.py --port PORT [args]; more variants with --variant NAME="args"
+  ioserver-packet4 examples/framed_echo.py --packet 4 --port PORT [args], driven with 4-byte
+                   length-prefixed requests (loadgen framing len4); added by --framed, one per
+                   ioserver variant (NAME-packet4), or by naming it in --only
   asyncio          asyncio streams (bench/servers/asyncio_streams.py)
   uvloop-streams   asyncio streams on uvloop
   uvloop-protocol  bare asyncio.Protocol on uvloop (bench/servers/uvloop_protocol.py)
@@ -16,11 +19,13 @@ Servers (``--only`` names):
 usage:
   python bench/echo.py [--conns 100] [--size 64] [--seconds 5] [--warmup 1] [--rounds 1]
                        [--only NAME[,NAME...]] [--ioserver-args "..."] [--variant NAME="args"]...
-                       [--json FILE]
+                       [--framed] [--json FILE]
 
 Prints one line per server per round, then a table with each server's best run and, for every
 ioserver variant, ratio = ioserver msgs/s / that server's msgs/s (above 1: ioserver is faster) and
-p99 ratio = ioserver p99 / that server's p99 (below 1: ioserver's tail latency is lower).
+p99 ratio = ioserver p99 / that server's p99 (below 1: ioserver's tail latency is lower). With
+--framed it also prints, per ioserver variant, packet4/raw = NAME-packet4 msgs/s / NAME msgs/s: what
+framing in the I/O thread costs (or saves) against raw echo.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ REPO_ROOT = BENCH_DIR.parent
 SERVERS_DIR = BENCH_DIR / "servers"
 LOADGEN_SRC = BENCH_DIR / "loadgen.c"
 IOSERVER_ECHO = REPO_ROOT / "examples" / "echo.py"
+IOSERVER_FRAMED_ECHO = REPO_ROOT / "examples" / "framed_echo.py"
+FRAMED_SUFFIX = "-packet4"
+FRAMED_DEFAULT_PACKET_SIZE = 1 << 20  # examples/framed_echo.py's default --packet-size
 
 REFERENCES = ("asyncio", "uvloop-streams", "uvloop-protocol", "trio")
 START_TIMEOUT_S = 20.0  # a server must accept a connection within this
@@ -59,13 +67,19 @@ LG_CPU_WARN = 90.0  # load generator CPU% above which it may be the bottleneck
 
 @dataclasses.dataclass(frozen=True)
 class Server:
-    """An echo server to benchmark: argv gets ``--port PORT`` appended, then ``extra``."""
+    """An echo server to benchmark: argv gets ``--port PORT`` appended, then ``extra``.
+
+    ``framing`` is the load generator's FRAMING argument: "raw", or "len4" for a server that
+    frames with a 4-byte big-endian length header; ``raw_base`` names the raw ioserver variant a
+    framed one is compared with."""
 
     name: str
     argv: tuple[str, ...]
     extra: tuple[str, ...] = ()
     is_ioserver: bool = False
     skip_reason: str | None = None
+    framing: str = "raw"
+    raw_base: str | None = None
 
     def command(self, port: int) -> list[str]:
         return [*self.argv, "--port", str(port), *self.extra]
@@ -137,6 +151,58 @@ def ioserver_variants(common: str, variants: list[str] | None) -> list[Server]:
         argv = (sys.executable, str(IOSERVER_ECHO))
         out.append(Server(name, argv, extra, is_ioserver=True, skip_reason=skip))
     return out
+
+
+def framed_variants(raw: list[Server], size: int) -> list[Server]:
+    """For each raw ioserver variant NAME, NAME-packet4: examples/framed_echo.py --packet 4 with
+    the same extra args, driven with len4 framing (``size`` bytes including the 4-byte header)."""
+    skip = None if IOSERVER_FRAMED_ECHO.is_file() else f"{IOSERVER_FRAMED_ECHO} does not exist"
+    packet = ["--packet", "4"]
+    if size - 4 > FRAMED_DEFAULT_PACKET_SIZE:
+        packet += ["--packet-size", str(size - 4)]
+    argv = (sys.executable, str(IOSERVER_FRAMED_ECHO))
+    return [
+        Server(
+            v.name + FRAMED_SUFFIX,
+            argv,
+            (*packet, *v.extra),
+            is_ioserver=True,
+            skip_reason=v.skip_reason or skip,
+            framing="len4",
+            raw_base=v.name,
+        )
+        for v in raw
+    ]
+
+
+def select_servers(
+    raw: list[Server], framed: list[Server], refs: list[Server], args: argparse.Namespace
+) -> list[Server]:
+    """The servers to run, in order, each framed variant right after its raw variant.
+
+    Without --only: the raw variants, their framed ones with --framed, and the references. With
+    --only: the servers named, plus (with --framed) the framed variants of the raw ones named."""
+    taken = {s.name for s in [*raw, *refs]}
+    for f in framed:
+        if f.name in taken:
+            raise SystemExit(f"--variant name {f.name!r} clashes with a framed variant's name")
+    by_base = {f.raw_base: f for f in framed}
+    ordered: list[Server] = []
+    for v in raw:
+        ordered += [v, by_base[v.name]]
+    ordered += refs
+    if not args.only:
+        return [s for s in ordered if s.raw_base is None or args.framed]
+    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = wanted - {s.name for s in ordered}
+    if unknown:
+        known = ", ".join(s.name for s in ordered)
+        raise SystemExit(f"--only: unknown server(s) {', '.join(sorted(unknown))}; known: {known}")
+    return [
+        s
+        for s in ordered
+        if s.name in wanted or (args.framed and s.raw_base is not None and s.raw_base in wanted)
+    ]
 
 
 def free_port() -> int:
@@ -252,6 +318,7 @@ def measure(server: Server, rnd: int, loadgen: Path, args: argparse.Namespace, t
             str(args.size),
             str(args.seconds),
             str(args.warmup),
+            server.framing,
         ]
         try:
             done = subprocess.run(
@@ -358,6 +425,32 @@ def print_table(
     return ratios
 
 
+def print_framing_ratios(
+    servers: list[Server], best: dict[str, Result]
+) -> dict[str, dict[str, float | None]]:
+    """For each framed variant measured along with its raw one: packet4/raw msgs/s and p99."""
+    out: dict[str, dict[str, float | None]] = {}
+    for s in servers:
+        if s.raw_base is None or s.name not in best or s.raw_base not in best:
+            continue
+        f, r = best[s.name], best[s.raw_base]
+        out[s.name] = {
+            "raw": s.raw_base,  # type: ignore[dict-item]
+            "msgs_s_ratio": ratio(f.msgs_s, r.msgs_s),
+            "p99_ratio": ratio(f.p99_us, r.p99_us),
+        }
+    if out:
+        print()
+    for name, d in out.items():
+        f, r = best[name], best[str(d["raw"])]
+        print(
+            f"packet4/raw: {name} {f.msgs_s:,.0f} msgs/s / {d['raw']} {r.msgs_s:,.0f} msgs/s = "
+            f"{fmt_ratio(d['msgs_s_ratio'])}  (p99 {f.p99_us:.0f} / {r.p99_us:.0f} µs = "
+            f"{fmt_ratio(d['p99_ratio'])})"
+        )
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -393,6 +486,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar='NAME="ARGS"',
         help="an ioserver variant: examples/echo.py run with ARGS (repeatable; "
         "replaces the default single 'ioserver' variant)",
+    )
+    p.add_argument(
+        "--framed",
+        action="store_true",
+        help="also run each ioserver variant NAME as NAME-packet4: examples/framed_echo.py "
+        "--packet 4, loaded with 4-byte length-prefixed requests of --size bytes in all; "
+        "prints packet4/raw msgs/s ratios",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     a = p.parse_args(argv)

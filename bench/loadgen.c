@@ -1,8 +1,8 @@
 /*
  * loadgen.c -- closed-loop TCP ping-pong load generator for bench/echo.py.
  *
- * usage: loadgen PORT [CONNS [SIZE [SECONDS [WARMUP]]]]
- *        (defaults: 100 connections, 64 bytes, 5 s measured, 1 s warm-up)
+ * usage: loadgen PORT [CONNS [SIZE [SECONDS [WARMUP [FRAMING]]]]]
+ *        (defaults: 100 connections, 64 bytes, 5 s measured, 1 s warm-up, raw)
  *
  * Opens CONNS connections to 127.0.0.1:PORT (TCP_NODELAY, non-blocking). Each
  * connection sends SIZE bytes, waits for the complete SIZE-byte echo (checked
@@ -10,6 +10,13 @@
  * message in flight per connection. One thread, level-triggered epoll, one
  * recv() per readable event, so the generator costs about one send, one recv
  * and a share of an epoll_wait per round trip.
+ *
+ * FRAMING is "raw" (any SIZE bytes) or "len4": each SIZE-byte request is then one
+ * packet for a server framing with a 4-byte big-endian length header (such as
+ * examples/framed_echo.py --packet 4): the header holds SIZE-4 and SIZE-4 payload
+ * bytes follow (SIZE >= 4). Such a server strips the header on receive and adds
+ * it back on send, so the echo is again the same SIZE bytes and is checked the
+ * same way.
  *
  * Round trips completing during the first WARMUP seconds are not counted; those
  * completing in the following SECONDS are. The send time is taken just before
@@ -179,8 +186,9 @@ static double parse_seconds(const char *s, const char *name, double lo) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || argc > 6) {
-        fprintf(stderr, "usage: %s PORT [CONNS [SIZE [SECONDS [WARMUP]]]]\n", argv[0]);
+    if (argc < 2 || argc > 7) {
+        fprintf(stderr, "usage: %s PORT [CONNS [SIZE [SECONDS [WARMUP [raw|len4]]]]]\n",
+                argv[0]);
         return 1;
     }
     int port = (int)parse_long(argv[1], "PORT", 1, 65535);
@@ -188,6 +196,16 @@ int main(int argc, char **argv) {
     msg_size = argc > 3 ? (size_t)parse_long(argv[3], "SIZE", 1, 64L << 20) : 64;
     double seconds = argc > 4 ? parse_seconds(argv[4], "SECONDS", 0.001) : 5.0;
     double warmup = argc > 5 ? parse_seconds(argv[5], "WARMUP", 0.0) : 1.0;
+    const char *framing = argc > 6 ? argv[6] : "raw";
+    int len4 = strcmp(framing, "len4") == 0;
+    if (!len4 && strcmp(framing, "raw") != 0) {
+        fprintf(stderr, "loadgen: bad FRAMING '%s' (want raw or len4)\n", framing);
+        return 1;
+    }
+    if (len4 && (msg_size < 4 || msg_size - 4 > UINT32_MAX)) {
+        fprintf(stderr, "loadgen: FRAMING len4 needs SIZE >= 4 (a 4-byte header + payload)\n");
+        return 1;
+    }
 
     /* Allow many connections: raise the descriptor limit as far as permitted. */
     struct rlimit rl;
@@ -202,6 +220,10 @@ int main(int argc, char **argv) {
     conn_t *conns = calloc((size_t)nconns, sizeof *conns);
     if (!msg || !rbufs || !hist || !conns) fail_setup("out of memory");
     for (size_t i = 0; i < msg_size; i++) msg[i] = (unsigned char)('a' + i % 26);
+    if (len4) { /* a 4-byte big-endian header holding the payload size, SIZE - 4 */
+        uint32_t payload = htonl((uint32_t)(msg_size - 4));
+        memcpy(msg, &payload, 4);
+    }
 
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) fail_setup("epoll_create1");

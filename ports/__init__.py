@@ -65,6 +65,7 @@ from ._mailbox import Mailbox as Mailbox
 from ._port import Active as Active
 from ._port import Listener as Listener
 from ._port import Port as Port
+from ._port import PortOptions as PortOptions
 from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
@@ -91,6 +92,7 @@ __all__ = [
     "OptionError",
     "Passive",
     "Port",
+    "PortOptions",
     "PortStatistics",
     "SendTimeoutError",
     "WouldBlock",

@@ -17,7 +17,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, final
+from typing import Any, TypedDict, Unpack, final
 
 import anyio
 import anyio.abc
@@ -48,7 +48,7 @@ _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 
-__all__ = ["Listener", "Port", "PortStatistics", "connect_tcp", "listen_tcp"]
+__all__ = ["Listener", "Port", "PortOptions", "PortStatistics", "connect_tcp", "listen_tcp"]
 
 Active = bool | str | int
 """An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
@@ -909,26 +909,113 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
     return seen
 
 
+class PortOptions(TypedDict, total=False):
+    """The options of a TCP port, for :func:`connect_tcp` and :func:`listen_tcp` (where
+    they apply to each accepted port).  All are keyword-only and optional.
+
+    Attributes:
+        active: the active mode (see :meth:`Port.setopts`); default ``True``.
+        nodelay: disable Nagle's algorithm (``TCP_NODELAY``); default ``True``.
+        keepalive: enable ``SO_KEEPALIVE``; default ``False``.
+        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
+        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
+        packet: the packet mode, as Erlang's ``{packet, ...}``: ``"raw"`` (default: each
+            read is one :class:`~ioserver.Data`), ``1``/``2``/``4`` (a big-endian length
+            header, added on send and stripped on receive), ``"line"`` (the delimiter is
+            kept at the end of each message) or ``"msgpack"`` (each decoded object is one
+            message; ``send`` packs).  Framing runs in the I/O thread.
+        packet_size: the largest message in bytes (default 64 MiB); a peer that sends more
+            (or a header that claims more) gets :class:`~ioserver.Error` ``EMSGSIZE`` and
+            the port closed, with nothing allocated for the claimed size.
+        delimiter: the one-byte line end for ``packet="line"``; default ``b"\\n"``.
+        high_watermark: bytes of queued output above which the port is *busy* (``send``
+            waits, ``send_nowait`` raises ``WouldBlock``), as Erlang's option; 256 KiB.
+        low_watermark: bytes of queued output below which a busy port is not busy any
+            more; 128 KiB.
+        high_msgq_watermark: bytes delivered but not yet taken by the owner above which
+            the I/O thread stops reading the socket (TCP backpressure on this peer alone),
+            as Erlang's ``high_msgq_watermark``; 256 KiB.
+        low_msgq_watermark: ... below which it reads again; 128 KiB.
+        high_msgq_messages: the same bound counted in messages (resumes at half); 4096.
+        send_timeout: seconds a send may wait on a busy port before
+            :exc:`~ioserver.SendTimeoutError`; ``None`` (default) waits forever.
+        send_timeout_close: close the port when a send times out (Erlang's option).
+    """
+
+    active: Active
+    nodelay: bool
+    keepalive: bool
+    recbuf: int | None
+    sndbuf: int | None
+    packet: Any
+    packet_size: int
+    delimiter: bytes
+    high_watermark: int
+    low_watermark: int
+    high_msgq_watermark: int
+    low_msgq_watermark: int
+    high_msgq_messages: int
+    send_timeout: float | None
+    send_timeout_close: bool
+
+
+_PORT_DEFAULTS: dict[str, Any] = {
+    "active": True,
+    "nodelay": True,
+    "keepalive": False,
+    "recbuf": None,
+    "sndbuf": None,
+    "packet": "raw",
+    "packet_size": DEFAULT_PACKET_SIZE,
+    "delimiter": b"\n",
+    "high_watermark": HIGH_WATERMARK,
+    "low_watermark": LOW_WATERMARK,
+    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
+    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
+    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
+    "send_timeout": None,
+    "send_timeout_close": False,
+}
+
+
+def port_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
+    """Validate ``given`` port options; return ``(active credit, all options)``.
+
+    Raises:
+        OptionError: an unknown option or a wrong value, naming it.
+    """
+    unknown = sorted(set(given) - set(_PORT_DEFAULTS))
+    if unknown:
+        raise OptionError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} for {what}: {', '.join(unknown)}"
+            f" (known: {', '.join(sorted(_PORT_DEFAULTS))})"
+        )
+    options = {**_PORT_DEFAULTS, **given}
+    credit = parse_active(options["active"])
+    socket_options = {name: options[name] for name in _STREAM_OPTIONS}
+    _check_options(
+        {k: v for k, v in socket_options.items() if v is not None}, _STREAM_OPTIONS, what
+    )
+    flow = flow_options(**{name: options[name] for name in _FLOW_OPTIONS})
+    return credit, {**socket_options, **flow}
+
+
+_FLOW_OPTIONS = (
+    "packet",
+    "packet_size",
+    "delimiter",
+    "high_watermark",
+    "low_watermark",
+    "high_msgq_watermark",
+    "low_msgq_watermark",
+    "high_msgq_messages",
+    "send_timeout",
+    "send_timeout_close",
+)
+
+
 async def connect_tcp(
-    server: IOServer,
-    host: str,
-    port: int,
-    *,
-    active: Active = True,
-    nodelay: bool = True,
-    keepalive: bool = False,
-    recbuf: int | None = None,
-    sndbuf: int | None = None,
-    packet: Any = "raw",
-    packet_size: int = DEFAULT_PACKET_SIZE,
-    delimiter: bytes = b"\n",
-    high_watermark: int = HIGH_WATERMARK,
-    low_watermark: int = LOW_WATERMARK,
-    high_msgq_watermark: int = HIGH_MSGQ_WATERMARK,
-    low_msgq_watermark: int = LOW_MSGQ_WATERMARK,
-    high_msgq_messages: int = HIGH_MSGQ_MESSAGES,
-    send_timeout: float | None = None,
-    send_timeout_close: bool = False,
+    server: IOServer, host: str, port: int, **options: Unpack[PortOptions]
 ) -> Port:
     """Connect to ``host:port`` over TCP and return the open :class:`Port`.
 
@@ -939,63 +1026,25 @@ async def connect_tcp(
         server: the I/O server (from :func:`ioserver.open`).
         host: a name or an IPv4/IPv6 address.
         port: the TCP port, 0..65535.
-        active: the active mode (see :meth:`Port.setopts`); default ``True``.
-        nodelay: disable Nagle's algorithm (``TCP_NODELAY``); default ``True``.
-        keepalive: enable ``SO_KEEPALIVE``.
-        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
-        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
-        packet: the packet mode, as Erlang's ``{packet, ...}``: ``"raw"`` (default: each
-            read is one :class:`~ioserver.Data`), ``1``/``2``/``4`` (a big-endian length
-            header, added on send and stripped on receive), ``"line"`` (the delimiter is
-            kept at the end of each message) or ``"msgpack"`` (each decoded object is one
-            message; ``send`` packs).  Framing runs in the I/O thread.
-        packet_size: the largest message in bytes; a peer that sends more (or a header
-            that claims more) gets :class:`~ioserver.Error` ``EMSGSIZE`` and the port
-            closed, with nothing allocated for the claimed size.
-        delimiter: the one-byte line end for ``packet="line"``.
-        high_watermark, low_watermark: bytes of queued output above which the port is
-            busy (``send`` waits, ``send_nowait`` raises ``WouldBlock``) and below which it
-            is not any more, as Erlang's options of the same names.
-        high_msgq_watermark, low_msgq_watermark: bytes delivered but not yet taken by the
-            owner above which the I/O thread stops reading the socket (TCP backpressure on
-            this peer alone) and below which it reads again (Erlang's ``*_msgq_watermark``).
-        high_msgq_messages: the same bound counted in messages (resumes at half).
-        send_timeout: seconds a send may wait on a busy port before
-            :exc:`~ioserver.SendTimeoutError`; ``None`` waits forever.
-        send_timeout_close: close the port when a send times out (Erlang's option).
+        options: the port's options, see :class:`PortOptions`.
 
     Raises:
         ConnectError: the name did not resolve (``errno_name`` like ``"EAI_NONAME"``) or
             no address accepted the connection (``"ECONNREFUSED"``, ``"ETIMEDOUT"``...):
             the message names the address and the cause.
-        OptionError: a wrong option value.
+        OptionError: an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
     """
     hub = server._check_open()
-    credit = parse_active(active)
-    options = {"nodelay": nodelay, "keepalive": keepalive, "recbuf": recbuf, "sndbuf": sndbuf}
-    _check_options({k: v for k, v in options.items() if v is not None}, _STREAM_OPTIONS, "TCP")
-    flow = flow_options(
-        packet=packet,
-        packet_size=packet_size,
-        delimiter=delimiter,
-        high_watermark=high_watermark,
-        low_watermark=low_watermark,
-        high_msgq_watermark=high_msgq_watermark,
-        low_msgq_watermark=low_msgq_watermark,
-        high_msgq_messages=high_msgq_messages,
-        send_timeout=send_timeout,
-        send_timeout_close=send_timeout_close,
-    )
-    options.update(flow)
+    credit, settings = port_options(dict(options), "a TCP port")
     addresses = await _resolve(host, port, passive=False)
     io = server._io
     error: BaseException | None = None
     for family, address in addresses:
-        result_port = Port(server, credit, flow)
+        result_port = Port(server, credit, settings)
         request = _Request(io, hub)
         io.submit(
-            io.cmd_connect, request, (result_port, hub.deliver, family, address, options, credit)
+            io.cmd_connect, request, (result_port, hub.deliver, family, address, settings, credit)
         )
         result = await request.wait()
         if isinstance(result, BaseException):
@@ -1015,21 +1064,7 @@ async def listen_tcp(
     backlog: int = 1024,
     reuseaddr: bool = True,
     reuseport: bool = False,
-    active: Active = True,
-    nodelay: bool = True,
-    keepalive: bool = False,
-    recbuf: int | None = None,
-    sndbuf: int | None = None,
-    packet: Any = "raw",
-    packet_size: int = DEFAULT_PACKET_SIZE,
-    delimiter: bytes = b"\n",
-    high_watermark: int = HIGH_WATERMARK,
-    low_watermark: int = LOW_WATERMARK,
-    high_msgq_watermark: int = HIGH_MSGQ_WATERMARK,
-    low_msgq_watermark: int = LOW_MSGQ_WATERMARK,
-    high_msgq_messages: int = HIGH_MSGQ_MESSAGES,
-    send_timeout: float | None = None,
-    send_timeout_close: bool = False,
+    **options: Unpack[PortOptions],
 ) -> Listener:
     """Listen on ``host:port`` for TCP connections; return the :class:`Listener`.
 
@@ -1046,50 +1081,26 @@ async def listen_tcp(
         backlog: the kernel's queue of connections not yet accepted.
         reuseaddr: ``SO_REUSEADDR`` (default ``True``: restart without waiting).
         reuseport: ``SO_REUSEPORT`` (several processes share the port).
-        active, nodelay, keepalive, recbuf, sndbuf, packet, packet_size, delimiter,
-            high_watermark, low_watermark, high_msgq_watermark, low_msgq_watermark,
-            high_msgq_messages, send_timeout, send_timeout_close: options of each
-            accepted port, as in :func:`connect_tcp`.
+        options: the options of each accepted port, see :class:`PortOptions`.
 
     Raises:
         ConnectError: the address is in use (``"EADDRINUSE"``), not local
             (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve.
-        OptionError: a wrong option value.
+        OptionError: an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
     """
     hub = server._check_open()
-    credit = parse_active(active)
     listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
     _check_options(listen_options, _LISTEN_OPTIONS, "a TCP listener")
-    stream_options = {
-        "nodelay": nodelay,
-        "keepalive": keepalive,
-        "recbuf": recbuf,
-        "sndbuf": sndbuf,
-    }
-    _check_options(
-        {k: v for k, v in stream_options.items() if v is not None}, _STREAM_OPTIONS, "TCP"
-    )
-    flow = flow_options(
-        packet=packet,
-        packet_size=packet_size,
-        delimiter=delimiter,
-        high_watermark=high_watermark,
-        low_watermark=low_watermark,
-        high_msgq_watermark=high_msgq_watermark,
-        low_msgq_watermark=low_msgq_watermark,
-        high_msgq_messages=high_msgq_messages,
-        send_timeout=send_timeout,
-        send_timeout_close=send_timeout_close,
-    )
-    options: dict[str, Any] = {**listen_options, **stream_options, **flow, "active": credit}
+    credit, settings = port_options(dict(options), "a TCP listener's ports")
+    all_options: dict[str, Any] = {**listen_options, **settings, "active": credit}
     family, address = (await _resolve(host, port, passive=True))[0]
     listener = Listener(server, (-1, False))
     io = server._io
 
     def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
         # Runs on the I/O thread, once per accepted connection.
-        accepted = Port(server, credit, flow)
+        accepted = Port(server, credit, settings)
         accepted._conn = conn
         accepted._local_address = local_address
         accepted._remote_address = remote_address
@@ -1099,7 +1110,7 @@ async def listen_tcp(
     io.submit(
         io.cmd_listen,
         request,
-        (listener, hub.deliver, family, address, options, (-1, False), make_port),
+        (listener, hub.deliver, family, address, all_options, (-1, False), make_port),
     )
     result = await request.wait()
     if isinstance(result, BaseException):

@@ -296,6 +296,7 @@ async def test_address_in_use_is_a_clear_error(ios: ioserver.IOServer) -> None:
         ({"active": 40_000}, "active"),
         ({"recbuf": -1}, "recbuf"),
         ({"backlog": 0}, "backlog"),
+        ({"nodelai": True}, "unknown option for a TCP listener's ports: nodelai"),
     ],
 )
 async def test_wrong_options_are_rejected_before_anything_opens(
