@@ -427,26 +427,21 @@ def print_table(
 
 def print_framing_ratios(
     servers: list[Server], best: dict[str, Result]
-) -> dict[str, dict[str, float | None]]:
-    """For each framed variant measured along with its raw one: packet4/raw msgs/s and p99."""
-    out: dict[str, dict[str, float | None]] = {}
+) -> dict[str, dict[str, str | float | None]]:
+    """For each framed variant measured along with its raw one, print and return packet4/raw:
+    the ratios of their msgs/s and of their p99 latencies."""
+    out: dict[str, dict[str, str | float | None]] = {}
     for s in servers:
         if s.raw_base is None or s.name not in best or s.raw_base not in best:
             continue
         f, r = best[s.name], best[s.raw_base]
-        out[s.name] = {
-            "raw": s.raw_base,  # type: ignore[dict-item]
-            "msgs_s_ratio": ratio(f.msgs_s, r.msgs_s),
-            "p99_ratio": ratio(f.p99_us, r.p99_us),
-        }
-    if out:
-        print()
-    for name, d in out.items():
-        f, r = best[name], best[str(d["raw"])]
+        rr, pr = ratio(f.msgs_s, r.msgs_s), ratio(f.p99_us, r.p99_us)
+        out[s.name] = {"raw": s.raw_base, "msgs_s_ratio": rr, "p99_ratio": pr}
+        if len(out) == 1:
+            print()
         print(
-            f"packet4/raw: {name} {f.msgs_s:,.0f} msgs/s / {d['raw']} {r.msgs_s:,.0f} msgs/s = "
-            f"{fmt_ratio(d['msgs_s_ratio'])}  (p99 {f.p99_us:.0f} / {r.p99_us:.0f} µs = "
-            f"{fmt_ratio(d['p99_ratio'])})"
+            f"packet4/raw: {s.name} {f.msgs_s:,.0f} msgs/s / {s.raw_base} {r.msgs_s:,.0f} msgs/s"
+            f" = {fmt_ratio(rr)}  (p99: {f.p99_us:.0f} / {r.p99_us:.0f} µs = {fmt_ratio(pr)})"
         )
     return out
 
@@ -510,21 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, exit_on_signal)
-    servers = [*ioserver_variants(args.ioserver_args, args.variant), *reference_servers().values()]
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        known = {s.name for s in servers}
-        unknown = [n for n in wanted if n not in known]
-        if unknown:
-            raise SystemExit(
-                f"--only: unknown server(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        servers = [s for s in servers if s.name in wanted]
+    raw = ioserver_variants(args.ioserver_args, args.variant)
+    framed = framed_variants(raw, args.size)
+    servers = select_servers(raw, framed, list(reference_servers().values()), args)
+    any_framed = any(s.framing == "len4" for s in servers)
+    if any_framed and args.size < 4:
+        raise SystemExit("the packet-4 servers need --size >= 4 (the 4-byte header included)")
 
     gcc = find_gcc()
     print(
         f"echo benchmark: {args.conns} conns x {args.size} B, {args.warmup:g} s warm-up + "
         f"{args.seconds:g} s measured, {args.rounds} round(s); "
+        f"{'packet-4 servers: 4-byte header + payload in the size; ' if any_framed else ''}"
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}"
     )
     for s in servers:
@@ -559,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                     best[s.name] = r
 
     ratios = print_table(servers, best, failed)
+    framing_ratios = print_framing_ratios(servers, best)
 
     if args.json:
         doc: dict[str, Any] = {
@@ -568,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             "servers": {
                 s.name: {
                     "command": [*s.argv, "--port", "PORT", *s.extra],
+                    "framing": s.framing,
                     "skipped": s.skip_reason,
                     "failed": failed.get(s.name),
                 }
@@ -576,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [dataclasses.asdict(r) for r in runs],
             "best": {k: dataclasses.asdict(v) for k, v in best.items()},
             "ratios": ratios,
+            "packet4_vs_raw": framing_ratios,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {args.json}")
