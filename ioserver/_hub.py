@@ -26,6 +26,7 @@ waits for input still lets the others run.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from ._iothread import IOThread
 
 __all__ = ["YIELD_EVERY", "Hub", "Parkable", "Parker", "current_parker", "make_hub"]
+
+log = logging.getLogger("ioserver")
 
 #: Operations that complete without waiting between two full checkpoints, per loop.
 YIELD_EVERY = 32
@@ -203,7 +206,10 @@ class Hub:
         while items:
             target, message = popleft()
             count += 1
-            target._deliver(message)
+            try:
+                target._deliver(message)
+            except Exception:  # a bug in one target must not stop delivery to the others
+                log.exception("error while delivering %r to %r", message, target)
         self.messages += count
         self.drains += 1
         if not count:
@@ -226,8 +232,8 @@ class Hub:
     async def stop(self) -> None:
         """Stop the I/O thread (closing every port) and wait until it has ended."""
         with anyio.CancelScope(shield=True):
-            if not self.stopped:
-                self.io.submit(self.io.cmd_stop, self._stopped_by_io, None)
+            if not self.stopped and self.io.is_alive():
+                self.io.submit(self.io.cmd_stop, None, None)
                 while not self.stopped:
                     await self.park(self)  # type: ignore[attr-defined]
             self.io.join()
@@ -283,8 +289,11 @@ class AsyncioHub(Hub, AsyncioParker):
         inbox = self.inbox
         inbox.wakeup.drain()
         inbox.woke()
-        self._drain()
-        if not inbox.prepare_to_sleep():
+        try:
+            self._drain()
+        finally:
+            again = not inbox.prepare_to_sleep()
+        if again:
             # Events arrived while draining: take them on the next loop iteration, so
             # the tasks woken so far run first.
             self._loop.call_soon(self._on_readable)

@@ -212,7 +212,6 @@ class IOThread:
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self._stopping = False
-        self._stop_done: Callable[[], None] | None = None
         self.ports_open = 0
         self.polls = 0
         self.events = 0
@@ -455,7 +454,7 @@ class IOThread:
             if conn.request is not None:
                 conn.deliver((conn.request, exc))
                 conn.request = None
-            conn.deliver((conn.port, Closed(f"internal error: {exc!r}")))
+            conn.deliver((conn.port, Closed(f"internal error: {exc!r}", "EIO")))
             self._close(conn)
 
     def _shutdown(self) -> None:
@@ -472,8 +471,9 @@ class IOThread:
             if not conn.closed:
                 self._close(conn)
         self._poller.close()
-        if self._stop_done is not None:
-            self._stop_done()
+        # Every hub hears that the thread ended, whether it was asked to stop or failed.
+        for hub in self._budget_owners:
+            hub._stopped_by_io()
         for inbox in self._inboxes:
             inbox.notify()
 
@@ -522,6 +522,7 @@ class IOThread:
             payloads = framer.feed(self._view[:n])
         except FrameError as exc:
             self.delivered_total -= n
+            self.framing_bytes += framer.buffered - before  # a failed framer emptied itself
             self._frame_error(conn, exc)
             return False
         after = framer.buffered
@@ -797,6 +798,10 @@ class IOThread:
             result = sock.connect_ex(address)
         except OSError as exc:
             result = exc.errno or errno.EINVAL
+        except Exception as exc:  # e.g. an option the OS refuses with OverflowError
+            sock.close()
+            deliver((request, exc))
+            return
         self._adopt(conn)
         if result == 0:
             self._connected(conn)
@@ -910,10 +915,9 @@ class IOThread:
                         deliver((lport, PASSIVE))
 
     # -- stop ---------------------------------------------------------------------------
-    def cmd_stop(self, done: Callable[[], None], _: Any) -> None:
-        """Close every port and end the thread; ``done()`` runs on it just before it ends."""
+    def cmd_stop(self, target: Any, _: Any) -> None:
+        """Close every port and end the thread; each hub then gets its stop notice."""
         self._stopping = True
-        self._stop_done = done
 
 
 def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:

@@ -22,6 +22,10 @@ T = TypeVar("T")
 
 log = logging.getLogger("ioserver")
 
+#: The smallest memory_limit: four reads of the I/O thread's buffer, so that the budget can
+#: resume reading (at three quarters) with room for a whole read.
+MIN_MEMORY = 4 * 65536
+
 
 @dataclass(frozen=True, slots=True)
 class IOServerStatistics:
@@ -161,6 +165,10 @@ async def open(
         OptionError: an unknown poller, a limit that is not a positive int, or an event
             loop that is neither trio nor asyncio.
     """
+    if memory_limit is not None and isinstance(memory_limit, int) and memory_limit < MIN_MEMORY:
+        raise OptionError(
+            f"memory_limit must be at least {MIN_MEMORY} bytes (four reads), not {memory_limit}"
+        )
     for name, value in (("memory_limit", memory_limit), ("port_buffer_limit", port_buffer_limit)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value <= 0

@@ -156,8 +156,10 @@ def _check_options(options: dict[str, Any], allowed: frozenset[str], what: str) 
         )
     for name in ("recbuf", "sndbuf", "backlog"):
         value = options.get(name)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise OptionError(f"{name} must be a positive int (bytes or connections)")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31
+        ):
+            raise OptionError(f"{name} must be a positive int below 2**31 (bytes or connections)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +288,8 @@ class _PortBase(Source):
         if self._closed:
             if message.__class__ is Data:
                 self._took_data(message.data)
+            elif message.__class__ is Accepted:
+                message.port.close_nowait()  # nobody will ever own it
             return
         if message.__class__ is Data:
             if self._credit > 0:
@@ -296,6 +300,9 @@ class _PortBase(Source):
             self._passive_pending = False
         elif message.__class__ is Closed:
             if self._terminal:
+                # Receiving ended already (e.g. the peer's EOF); the connection has now
+                # broken or closed too: sends must fail, a waiting sender must wake.
+                self._on_terminal(message)
                 return
             self._terminal = True
             self._on_terminal(message)
@@ -306,6 +313,10 @@ class _PortBase(Source):
         if owner is not None:
             if message.__class__ is Data:
                 self._took_data(message.data)
+            if owner.closed:
+                # Its owner is gone, as an Erlang port whose owner died: close the port.
+                self.close_nowait()
+                return
             owner.send_nowait((self, message))
             return
         self._buffer.append(message)
@@ -547,6 +558,8 @@ class _PortBase(Source):
             message = buffer.popleft()
             if message.__class__ is Data:
                 self._took_data(message.data)
+            elif message.__class__ is Accepted:
+                message.port.close_nowait()  # accepted, never received: close it too
         self._on_writable()  # a sender waiting on a busy port sees the port closed
         if self._conn is not None:
             self._submit((self._io.cmd_close, self._conn, None))
@@ -658,6 +671,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
     def _check_can_send(self) -> None:
         if self._closed:
             raise ClosedPortError("this port is closed")
+        if self._broken is None and self._conn is not None and self._conn.closed:
+            self._broken = "EPIPE"  # the I/O thread closed it; its Closed is on its way
         if self._broken is not None:
             raise BrokenPortError(
                 f"the connection is broken ({self._broken})", errno_name=self._broken
@@ -771,8 +786,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1
-        if self._send_waiter._waiter is not None:
-            raise BusyPortError("sending")
+        if self._send_blocked:  # set for the whole wait of the sender already inside
+            raise BusyPortError("waiting to send")
         try:
             if self._send_timeout is None:
                 await self._park_until_writable()

@@ -364,3 +364,54 @@ async def test_wrong_memory_limits(no_leaks: None) -> None:
     with pytest.raises(ports.OptionError, match="memory_limit"):
         async with ioserver.open(memory_limit=0):
             pass
+
+
+async def test_a_connection_that_breaks_after_eof_fails_sends_instead_of_hanging(
+    ios: ioserver.IOServer,
+) -> None:
+    listener, port, client = await pair(ios, high_watermark=16 * 1024, low_watermark=0)
+    async with listener, port:
+        raw = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()  # a reset: no reader any more
+        assert isinstance(await port.receive(), Closed)
+        with anyio.fail_after(10), pytest.raises(ports.BrokenPortError):
+            while True:  # the writes fail; the port must say so, not park forever
+                await port.send(b"w" * 4096)
+
+
+async def test_a_closed_owner_mailbox_closes_the_port_and_spares_the_others(
+    ios: ioserver.IOServer,
+) -> None:
+    listener, orphan, orphan_peer = await pair(ios)
+    async with listener, orphan_peer:
+        other_peer = await anyio.connect_tcp("127.0.0.1", listener.local_address[1])
+        accepted = await listener.receive()
+        assert isinstance(accepted, Accepted)
+        other = accepted.port
+        async with other_peer, other:
+            mailbox = ports.Mailbox()
+            orphan.set_owner(mailbox)
+            mailbox.close()
+            await orphan_peer.send(b"to nobody")
+            with pytest.raises(anyio.EndOfStream):
+                await orphan_peer.receive()  # the orphaned port was closed
+            await other_peer.send(b"still delivered")
+            assert await other.receive() == Data(b"still delivered")
+        assert orphan.closed
+
+
+async def test_closing_a_listener_closes_connections_it_accepted_but_did_not_deliver(
+    ios: ioserver.IOServer,
+) -> None:
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    peers = [await anyio.connect_tcp("127.0.0.1", listener.local_address[1]) for _ in range(3)]
+    first = await listener.receive()  # one is taken; the others wait in the listener
+    assert isinstance(first, Accepted)
+    await listener.aclose()
+    for peer in peers[1:]:
+        with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+            await peer.receive()
+    await first.port.aclose()
+    for peer in peers:
+        await peer.aclose()
