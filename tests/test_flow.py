@@ -410,7 +410,8 @@ async def test_closing_a_listener_closes_connections_it_accepted_but_did_not_del
     assert isinstance(first, Accepted)
     await listener.aclose()
     for peer in peers[1:]:
-        with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+        # Closed (EOF), or reset if the kernel still held it in the listener's backlog.
+        with anyio.fail_after(10), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
             await peer.receive()
     await first.port.aclose()
     for peer in peers:

@@ -107,7 +107,7 @@ class BrokenQueue(WakeupQueue[Any]):
 
     def put(self, item: Any) -> None:
         asleep = self.asleep
-        time.sleep(0)
+        time.sleep(0.0001)  # widen the window between the read and the append
         self.items.append(item)
         if asleep:
             self.asleep = False
@@ -165,13 +165,13 @@ def test_notify_on_an_empty_queue_writes_nothing() -> None:
 
 def test_the_harness_catches_a_broken_ordering() -> None:
     caught = 0
-    for _attempt in range(5):
+    for _attempt in range(10):
         queue = BrokenQueue()
         try:
             outcome = hammer(
                 queue,
                 producers=4,
-                items=3000,
+                items=1000,
                 batch=1,
                 widen=lambda: None,
                 stop_after_lost=1,
