@@ -96,17 +96,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         app = load_app(options.app)
+    except OptionError as exc:
+        parser.error(str(exc))
+    try:
         log.info("running %s on %s", options.app, options.backend)
         run(app, app_argv, backend=options.backend, use_uvloop=options.uvloop)
     except KeyboardInterrupt:
         log.info("interrupted; stopped")
         return 0
-    except OptionError as exc:
-        parser.error(str(exc))
-    except IOServerError as exc:
-        print(f"ioserver: {exc}", file=sys.stderr)
-        return 1
+    except (IOServerError, BaseExceptionGroup) as exc:
+        # An app's task groups wrap its errors in exception groups: report our own errors
+        # (a port in use, a wrong option...) as one clear line each, not as a traceback.
+        errors = _leaves(exc)
+        if not all(isinstance(error, IOServerError) for error in errors):
+            raise
+        for error in errors:
+            print(f"ioserver: {error}", file=sys.stderr)
+        return 2 if all(isinstance(error, OptionError) for error in errors) else 1
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -208,3 +208,22 @@ def test_a_client_that_resets_mid_send_does_not_stop_the_echo_server() -> None:
         with connect(number) as client:
             client.sendall(b"still serving")
             assert client.recv(100, socket.MSG_WAITALL) in (b"still serving",)
+
+
+def test_ioserver_command_reports_a_port_in_use_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        number = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "ioserver", "run", "examples/echo.py", "--port", str(number)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert result.returncode == 1
+    assert f"ioserver: cannot listen on 127.0.0.1:{number}" in result.stderr
+    assert "EADDRINUSE" in result.stderr
+    assert "Traceback" not in result.stderr
