@@ -31,7 +31,6 @@ framing in the I/O thread costs (or saves) against raw echo.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -40,17 +39,14 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
+from _servers import BENCH_DIR, REPO_ROOT, RunFailed, Server, free_port, running, tail
+
 SERVERS_DIR = BENCH_DIR / "servers"
 LOADGEN_SRC = BENCH_DIR / "loadgen.c"
 IOSERVER_ECHO = REPO_ROOT / "examples" / "echo.py"
@@ -59,30 +55,20 @@ FRAMED_SUFFIX = "-packet4"
 FRAMED_DEFAULT_PACKET_SIZE = 1 << 20  # examples/framed_echo.py's default --packet-size
 
 REFERENCES = ("asyncio", "uvloop-streams", "uvloop-protocol", "trio")
-START_TIMEOUT_S = 20.0  # a server must accept a connection within this
-STOP_TIMEOUT_S = 5.0  # after SIGTERM, before SIGKILL
 LOADGEN_SLACK_S = 30.0  # connect time and the like, on top of warm-up + measured seconds
 LG_CPU_WARN = 90.0  # load generator CPU% above which it may be the bottleneck
 
 
 @dataclasses.dataclass(frozen=True)
-class Server:
-    """An echo server to benchmark: argv gets ``--port PORT`` appended, then ``extra``.
+class EchoServer(Server):
+    """An echo server to benchmark (see ``_servers.Server``).
 
     ``framing`` is the load generator's FRAMING argument: "raw", or "len4" for a server that
     frames with a 4-byte big-endian length header; ``raw_base`` names the raw ioserver variant a
     framed one is compared with."""
 
-    name: str
-    argv: tuple[str, ...]
-    extra: tuple[str, ...] = ()
-    is_ioserver: bool = False
-    skip_reason: str | None = None
     framing: str = "raw"
     raw_base: str | None = None
-
-    def command(self, port: int) -> list[str]:
-        return [*self.argv, "--port", str(port), *self.extra]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,50 +82,35 @@ class Result:
     lg_cpu: float
 
 
-class RunFailed(Exception):
-    """A server could not be measured (it failed to start, died, or the load generator failed).
-
-    ``summary`` is one line for the table; ``details`` (e.g. the server's stderr tail) go with it
-    in the per-run report."""
-
-    def __init__(self, summary: str, details: str = "") -> None:
-        super().__init__(summary)
-        self.summary = summary
-        self.details = details
-
-    def __str__(self) -> str:
-        return f"{self.summary}\n{self.details}" if self.details else self.summary
-
-
 # --------------------------------------------------------------------------------------------
 # servers
 
 
-def reference_servers() -> dict[str, Server]:
+def reference_servers() -> dict[str, EchoServer]:
     py = sys.executable
     no_uvloop = None if importlib.util.find_spec("uvloop") else "uvloop is not importable"
     no_trio = None if importlib.util.find_spec("trio") else "trio is not importable"
     streams = str(SERVERS_DIR / "asyncio_streams.py")
     return {
-        "asyncio": Server("asyncio", (py, streams)),
-        "uvloop-streams": Server(
+        "asyncio": EchoServer("asyncio", (py, streams)),
+        "uvloop-streams": EchoServer(
             "uvloop-streams", (py, streams), ("--uvloop",), skip_reason=no_uvloop
         ),
-        "uvloop-protocol": Server(
+        "uvloop-protocol": EchoServer(
             "uvloop-protocol",
             (py, str(SERVERS_DIR / "uvloop_protocol.py")),
             skip_reason=no_uvloop,
         ),
-        "trio": Server("trio", (py, str(SERVERS_DIR / "trio_echo.py")), skip_reason=no_trio),
+        "trio": EchoServer("trio", (py, str(SERVERS_DIR / "trio_echo.py")), skip_reason=no_trio),
     }
 
 
-def ioserver_variants(common: str, variants: list[str] | None) -> list[Server]:
+def ioserver_variants(common: str, variants: list[str] | None) -> list[EchoServer]:
     """``--variant NAME="args"`` entries (default: one "ioserver" variant), each with the
     ``--ioserver-args`` appended."""
     skip = None if IOSERVER_ECHO.is_file() else f"{IOSERVER_ECHO} does not exist (yet)"
     specs = variants or ["ioserver="]
-    out: list[Server] = []
+    out: list[EchoServer] = []
     for spec in specs:
         name, sep, args = spec.partition("=")
         name = name.strip()
@@ -149,11 +120,11 @@ def ioserver_variants(common: str, variants: list[str] | None) -> list[Server]:
             raise SystemExit(f"--variant name {name!r} is already taken")
         extra = (*shlex.split(args), *shlex.split(common))
         argv = (sys.executable, str(IOSERVER_ECHO))
-        out.append(Server(name, argv, extra, is_ioserver=True, skip_reason=skip))
+        out.append(EchoServer(name, argv, extra, is_ioserver=True, skip_reason=skip))
     return out
 
 
-def framed_variants(raw: list[Server], size: int) -> list[Server]:
+def framed_variants(raw: list[EchoServer], size: int) -> list[EchoServer]:
     """For each raw ioserver variant NAME, NAME-packet4: examples/framed_echo.py --packet 4 with
     the same extra args, driven with len4 framing (``size`` bytes including the 4-byte header)."""
     skip = None if IOSERVER_FRAMED_ECHO.is_file() else f"{IOSERVER_FRAMED_ECHO} does not exist"
@@ -162,7 +133,7 @@ def framed_variants(raw: list[Server], size: int) -> list[Server]:
         packet += ["--packet-size", str(size - 4)]
     argv = (sys.executable, str(IOSERVER_FRAMED_ECHO))
     return [
-        Server(
+        EchoServer(
             v.name + FRAMED_SUFFIX,
             argv,
             (*packet, *v.extra),
@@ -176,8 +147,11 @@ def framed_variants(raw: list[Server], size: int) -> list[Server]:
 
 
 def select_servers(
-    raw: list[Server], framed: list[Server], refs: list[Server], args: argparse.Namespace
-) -> list[Server]:
+    raw: list[EchoServer],
+    framed: list[EchoServer],
+    refs: list[EchoServer],
+    args: argparse.Namespace,
+) -> list[EchoServer]:
     """The servers to run, in order, each framed variant right after its raw variant.
 
     Without --only: the raw variants, their framed ones with --framed, and the references. With
@@ -187,7 +161,7 @@ def select_servers(
         if f.name in taken:
             raise SystemExit(f"--variant name {f.name!r} clashes with a framed variant's name")
     by_base = {f.raw_base: f for f in framed}
-    ordered: list[Server] = []
+    ordered: list[EchoServer] = []
     for v in raw:
         ordered += [v, by_base[v.name]]
     ordered += refs
@@ -203,74 +177,6 @@ def select_servers(
         for s in ordered
         if s.name in wanted or (args.framed and s.raw_base is not None and s.raw_base in wanted)
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def tail(f: IO[str], limit: int = 2000) -> str:
-    f.flush()
-    f.seek(0)
-    text = f.read().strip()
-    if not text:
-        return "(no stderr output)"
-    return text if len(text) <= limit else "..." + text[-limit:]
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, then SIGKILL it if it lingers."""
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, STOP_TIMEOUT_S)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; make sure nothing it started outlives it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
-
-
-@contextlib.contextmanager
-def running(server: Server, port: int, stderr: IO[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """Run the server in its own session until it accepts a connection; always stop it."""
-    env = dict(os.environ)
-    if server.is_ioserver:  # let examples/echo.py import the package from the checkout
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        server.command(port),
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RunFailed(
-                    f"exited with status {proc.returncode} before listening",
-                    f"server stderr:\n{tail(stderr)}",
-                )
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            if time.monotonic() > deadline:
-                raise RunFailed(
-                    f"not accepting connections on port {port} after {START_TIMEOUT_S:.0f} s",
-                    f"server stderr:\n{tail(stderr)}",
-                )
-            time.sleep(0.05)
-        yield proc
-    finally:
-        stop(proc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +211,9 @@ def parse_loadgen(line: str) -> dict[str, float]:
     return {k: float(v.rstrip("%")) for k, v in fields.items()}
 
 
-def measure(server: Server, rnd: int, loadgen: Path, args: argparse.Namespace, tmp: Path) -> Result:
+def measure(
+    server: EchoServer, rnd: int, loadgen: Path, args: argparse.Namespace, tmp: Path
+) -> Result:
     port = free_port()
     with (
         (tmp / f"{server.name}.round{rnd}.stderr").open("w+") as err,
@@ -363,7 +271,7 @@ def fmt_ratio(r: float | None) -> str:
 
 
 def print_table(
-    servers: list[Server], best: dict[str, Result], failed: dict[str, str]
+    servers: list[EchoServer], best: dict[str, Result], failed: dict[str, str]
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Print the summary table; return the ratios as {variant: {server: {...}}}."""
     variants = [s for s in servers if s.is_ioserver and s.name in best]
@@ -426,7 +334,7 @@ def print_table(
 
 
 def print_framing_ratios(
-    servers: list[Server], best: dict[str, Result]
+    servers: list[EchoServer], best: dict[str, Result]
 ) -> dict[str, dict[str, str | float | None]]:
     """For each framed variant measured along with its raw one, print and return packet4/raw:
     the ratios of their msgs/s and of their p99 latencies."""

@@ -27,48 +27,30 @@ raises its soft RLIMIT_NOFILE to the hard limit, and the servers inherit it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
-import os
 import platform
 import resource
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
+from _servers import BENCH_DIR, REPO_ROOT, RunFailed, Server, free_port, running, tail
+
 IOSERVER_ECHO = REPO_ROOT / "examples" / "echo.py"
 ASYNCIO_STREAMS = BENCH_DIR / "servers" / "asyncio_streams.py"
 PORTS_ONLY = BENCH_DIR / "servers" / "ioserver_ports_only.py"
 
-START_TIMEOUT_S = 20.0  # a server must accept a connection within this
-STOP_TIMEOUT_S = 5.0  # after SIGTERM, before SIGKILL
 IO_TIMEOUT_S = 10.0  # per connect / echo on one socket
 BATCH = 500  # connections opened before their echoes are awaited (below the backlog of 1024)
 FD_MARGIN = 64  # descriptors besides the connections: listener, epoll, pipes, stdio...
 GOAL_BYTES = 2048  # the issue's target for ioserver: <= 2 KiB per idle connection
-
-
-@dataclasses.dataclass(frozen=True)
-class Server:
-    name: str
-    argv: tuple[str, ...]
-    extra: tuple[str, ...] = ()
-    is_ioserver: bool = False
-    skip_reason: str | None = None
-
-    def command(self, port: int) -> list[str]:
-        return [*self.argv, "--port", str(port), *self.extra]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +63,6 @@ class Result:
     @property
     def per_conn(self) -> float:
         return (self.rss_after - self.rss_before) / self.conns
-
-
-class RunFailed(Exception):
-    pass
 
 
 def servers(ioserver_args: str) -> list[Server]:
@@ -117,13 +95,6 @@ def servers(ioserver_args: str) -> list[Server]:
 # processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def raise_nofile(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it); return the soft
     limit, or exit if ``needed`` descriptors do not fit under the hard one."""
@@ -145,62 +116,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024  # "VmRSS:   12345 kB"
     raise RunFailed(f"no VmRSS in /proc/{pid}/status")
-
-
-def tail(f: IO[str], limit: int = 2000) -> str:
-    f.flush()
-    f.seek(0)
-    text = f.read().strip()
-    if not text:
-        return "(no stderr output)"
-    return text if len(text) <= limit else "..." + text[-limit:]
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, then SIGKILL it if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
-
-
-@contextlib.contextmanager
-def running(server: Server, port: int, stderr: IO[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """Run the server in its own session until it accepts a connection; always stop it."""
-    env = dict(os.environ)
-    if server.is_ioserver:  # let examples/echo.py import the package from the checkout
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        server.command(port),
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RunFailed(
-                    f"exited with status {proc.returncode} before listening\n{tail(stderr)}"
-                )
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            if time.monotonic() > deadline:
-                raise RunFailed(f"not accepting on port {port} after {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        stop(proc)
 
 
 # --------------------------------------------------------------------------------------------
