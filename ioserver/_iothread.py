@@ -111,6 +111,7 @@ class Conn:
         "request",
         "send_low",
         "shutdown_pending",
+        "sizes",
         "sock",
         "write_closed",
     )
@@ -144,6 +145,7 @@ class Conn:
         # handed to the port; the port counts what its owner took (_consumed_*); the
         # difference is what is buffered, undelivered, in the event loop.
         self.framer: Any = None
+        self.sizes: Any = None  # the port's deque of message sizes, for decoded objects
         self.delivered_messages = 0
         self.delivered_bytes = 0
         self.high_msgq = 1 << 62
@@ -158,9 +160,10 @@ class Conn:
         self.packets_too_large = 0
         self.peak_buffered = 0
 
-    def configure(self, options: dict[str, Any], framer: Any) -> None:
+    def configure(self, options: dict[str, Any], port: Any) -> None:
         """Take the flow-control options and the framer of the port (see ports)."""
-        self.framer = framer
+        self.framer = port._framer
+        self.sizes = port._sizes
         self.high_msgq = options["high_msgq_watermark"]
         self.low_msgq = options["low_msgq_watermark"]
         self.high_msgq_messages = options["high_msgq_messages"]
@@ -537,12 +540,22 @@ class IOThread:
         if payloads:
             port = conn.port
             deliver = conn.deliver
+            sizes = conn.sizes
+            if sizes is None:  # bytes payloads: their own length
+                for payload in payloads:
+                    size += len(payload)
+            else:
+                # Decoded objects: charge the wire bytes this read consumed, shared among
+                # its messages; the port credits each back as its owner takes it.
+                size = n + before - after
+                share, extra = divmod(size, len(payloads))
+                shares = [share] * len(payloads)
+                shares[-1] += extra
+                sizes.extend(shares)
             for payload in payloads:
                 message = object.__new__(Data)
                 _SET_DATA(message, payload)
                 deliver((port, message))
-                if payload.__class__ is bytes:
-                    size += len(payload)
             conn.delivered_messages += len(payloads)
             conn.delivered_bytes += size
             if conn.credit > 0:
@@ -789,7 +802,7 @@ class IOThread:
             return
         sock.setblocking(False)
         conn = Conn(sock, CONNECTING, port, deliver)
-        conn.configure(options, port._framer)
+        conn.configure(options, port)
         conn.credit, conn.notify_passive = active
         conn.request = request
         conn.options = {"address": address}
@@ -902,7 +915,7 @@ class IOThread:
                 continue
             conn.credit, conn.notify_passive = options["active"]
             conn.port = make_port(conn, local_address, address)
-            conn.configure(options, conn.port._framer)
+            conn.configure(options, conn.port)
             self._adopt(conn)
             deliver((lport, Accepted(conn.port, address)))
             self._stream_interest(conn)

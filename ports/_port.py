@@ -231,6 +231,7 @@ class _PortBase(Source):
         "_remote_address",
         "_resume_generation",
         "_select_waiters",
+        "_sizes",
         "_submit",
         "_terminal",
         "_waiter",
@@ -258,10 +259,13 @@ class _PortBase(Source):
         self._consumed_messages = 0
         self._consumed_bytes = 0
         self._resume_generation = 0
+        # With packet="msgpack": the wire size of each undelivered message, in order (the
+        # I/O thread appends, the owner's takes pop); None when a message's size is its length.
+        self._sizes: deque[int] | None = None
 
     def _took_data(self, data: Any) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
-        size = len(data) if data.__class__ is bytes else 0
+        size = len(data) if self._sizes is None else self._sizes.popleft()
         self._consumed_messages += 1
         self._consumed_bytes += size
         self._hub.consumed_bytes += size
@@ -417,7 +421,7 @@ class _PortBase(Source):
             if message.__class__ is Data:
                 # _took_data, inlined.
                 data = message.data
-                size = len(data) if data.__class__ is bytes else 0
+                size = len(data) if self._sizes is None else self._sizes.popleft()
                 self._consumed_messages += 1
                 self._consumed_bytes += size
                 hub.consumed_bytes += size
@@ -451,7 +455,7 @@ class _PortBase(Source):
         if message.__class__ is Data:
             # _took_data, inlined.
             data = message.data
-            size = len(data) if data.__class__ is bytes else 0
+            size = len(data) if self._sizes is None else self._sizes.popleft()
             self._consumed_messages += 1
             self._consumed_bytes += size
             hub.consumed_bytes += size
@@ -650,6 +654,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
             )
         )
+        if packet == "msgpack":
+            self._sizes = deque()
         # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
         self._queued_bytes = 0
         self._high_watermark: int = options["high_watermark"]

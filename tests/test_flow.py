@@ -416,3 +416,29 @@ async def test_closing_a_listener_closes_connections_it_accepted_but_did_not_del
     await first.port.aclose()
     for peer in peers:
         await peer.aclose()
+
+
+async def test_decoded_msgpack_objects_are_charged_their_wire_size(
+    ios: ioserver.IOServer,
+) -> None:
+    listener, port, client = await pair(
+        ios, packet="msgpack", high_msgq_watermark=64 * 1024, low_msgq_watermark=16 * 1024
+    )
+    text = "t" * 16384
+    async with listener, port, anyio.create_task_group() as task_group:
+
+        async def flood() -> None:
+            async with client:
+                for _ in range(64):  # 1 MiB of str objects, which have no len() in bytes
+                    await client.send(msgpack.packb(text))
+
+        task_group.start_soon(flood)
+        first = await port.receive()  # the owner takes one, then stops taking
+        assert first == Data(text)
+        with anyio.fail_after(10):
+            while port.statistics().pauses == 0:  # the I/O thread's state
+                await anyio.lowlevel.checkpoint()
+        assert port.statistics().bytes_buffered_in <= 64 * 1024 + 65536 + 16 * 1024
+        for _ in range(63):
+            assert await port.receive() == Data(text)
+        assert port.statistics().bytes_buffered_in == 0
