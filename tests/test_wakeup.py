@@ -38,10 +38,13 @@ def hammer(
     batch: int,
     widen: Callable[[], None],
     stop_after_lost: int | None = None,
+    pause: float = 0.0,
+    pause_every: int = 1,
 ) -> Outcome:
     """``producers`` threads each queue ``items`` items, ``batch`` at a time (``put`` for
     batch 1, ``append`` + ``notify`` otherwise), calling ``widen`` inside the producer's
-    critical window to make races likely; one consumer thread follows the protocol."""
+    critical window to make races likely, and sleeping ``pause`` seconds between batches;
+    one consumer thread follows the protocol and counts the times it slept through an item."""
     total = producers * items
     received: list[Any] = []
     lost = 0
@@ -77,7 +80,9 @@ def hammer(
                     queue.append((number, index))
                 widen()
                 queue.notify()
-            if start % 64 == 0:
+            if pause and (start // batch) % pause_every == pause_every - 1:
+                time.sleep(pause)  # longer than SLEEP_LIMIT: no later item hides a loss
+            elif start % 64 == 0:
                 time.sleep(0)  # let the consumer catch up and go to sleep now and then
 
     threads = [threading.Thread(target=consumer)]
@@ -103,13 +108,33 @@ class WidenedQueue(WakeupQueue[Any]):
 
 
 class BrokenQueue(WakeupQueue[Any]):
-    """A deliberately broken producer: it reads the flag before appending."""
+    """A deliberately broken producer: it reads the flag before appending.
+
+    To make the lost wake-up happen on any machine, however loaded, the producer holds its
+    window open (bounded) until the consumer announces its sleep - the interleaving that a
+    stress run otherwise finds only by chance.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.consumer_sleeping = threading.Event()
+
+    def prepare_to_sleep(self) -> bool:
+        sleeping = super().prepare_to_sleep()
+        if sleeping:
+            self.consumer_sleeping.set()
+        return sleeping
+
+    def woke(self) -> None:
+        self.consumer_sleeping.clear()
+        super().woke()
 
     def put(self, item: Any) -> None:
         asleep = self.asleep
-        time.sleep(0.0001)  # widen the window between the read and the append
+        self.consumer_sleeping.wait(5)  # the window between the read and the append
         self.items.append(item)
         if asleep:
+            self.consumer_sleeping.clear()  # it is being woken: no longer a sleeper
             self.asleep = False
             self.wakeup.signal()
             self.wakes_sent += 1
@@ -164,21 +189,21 @@ def test_notify_on_an_empty_queue_writes_nothing() -> None:
 
 
 def test_the_harness_catches_a_broken_ordering() -> None:
-    caught = 0
-    for _attempt in range(10):
-        queue = BrokenQueue()
-        try:
-            outcome = hammer(
-                queue,
-                producers=4,
-                items=1000,
-                batch=1,
-                widen=lambda: None,
-                stop_after_lost=1,
-            )
-        finally:
-            queue.close()
-        caught += outcome.lost_wakeups
-        if caught:
-            break
-    assert caught > 0, "the harness did not notice lost wake-ups in a broken queue"
+    queue = BrokenQueue()
+    try:
+        outcome = hammer(
+            queue,
+            producers=1,
+            items=4,
+            batch=1,
+            widen=lambda: None,
+            stop_after_lost=1,
+            # Two puts back to back: the first wakes the sleeping consumer and clears the
+            # flag, so the second reads it down, waits in its window until the consumer has
+            # drained and gone to sleep again, then appends without a wake-up.
+            pause=SLEEP_LIMIT * 1.5,
+            pause_every=2,
+        )
+    finally:
+        queue.close()
+    assert outcome.lost_wakeups > 0, "the harness did not notice lost wake-ups in a broken queue"
