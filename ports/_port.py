@@ -416,41 +416,25 @@ class _PortBase(Source):
         # park inlined per backend), and commented instead of factored.
         buffer = self._buffer
         hub = self._hub
-        if buffer:
-            message = buffer.popleft()
-            if message.__class__ is Data:
-                # _took_data, inlined.
-                data = message.data
-                size = len(data) if self._sizes is None else self._sizes.popleft()
-                self._consumed_messages += 1
-                self._consumed_bytes += size
-                hub.consumed_bytes += size
-                if self._conn.pause_generation != self._resume_generation:  # type: ignore[union-attr]
-                    self._maybe_resume()
-            elif message.__class__ is Closed:
-                self._ended = True
-            hub.budget -= 1
-            if hub.budget <= 0:
-                await hub.checkpoint()
-            elif hub.is_trio:
-                await _checkpoint_if_cancelled()
-            return message
-        if self._waiter is not None:
-            raise BusyPortError("receiving")
-        while not buffer:
-            if self._closed or self._ended or self._credit == 0 or self._owner is not None:
-                self._check_can_wait(end)
-            # Park until the hub delivers (Hub.park, inlined).
-            if hub.is_trio:
-                self._waiter = _current_task()
-                await _wait_task_rescheduled(self._abort_park)
-            else:
-                future = self._waiter = hub.loop.create_future()
-                try:
-                    await future
-                finally:
-                    if self._waiter is future:
-                        self._waiter = None
+        parked = False
+        if not buffer:
+            if self._waiter is not None:
+                raise BusyPortError("receiving")
+            while not buffer:
+                if self._closed or self._ended or self._credit == 0 or self._owner is not None:
+                    self._check_can_wait(end)
+                # Park until the hub delivers (Hub.park, inlined).
+                if hub.is_trio:
+                    self._waiter = _current_task()
+                    await _wait_task_rescheduled(self._abort_park)
+                else:
+                    future = self._waiter = hub.loop.create_future()
+                    try:
+                        await future
+                    finally:
+                        if self._waiter is future:
+                            self._waiter = None
+            parked = True
         message = buffer.popleft()
         if message.__class__ is Data:
             # _took_data, inlined.
@@ -463,6 +447,13 @@ class _PortBase(Source):
                 self._maybe_resume()
         elif message.__class__ is Closed:
             self._ended = True
+        if not parked:
+            # It did not wait: check for cancellation, and yield every YIELD_EVERY times.
+            hub.budget -= 1
+            if hub.budget <= 0:
+                await hub.checkpoint()
+            elif hub.is_trio:
+                await _checkpoint_if_cancelled()
         return message
 
     # -- select hooks -------------------------------------------------------------------
