@@ -79,6 +79,8 @@ class Conn:
     __slots__ = (
         "bytes_in",
         "bytes_out",
+        "check_bytes",
+        "check_messages",
         "close_pending",
         "closed",
         "credit",
@@ -153,6 +155,8 @@ class Conn:
         self.high_msgq_messages = 1 << 62
         self.low_msgq_messages = 1 << 62
         self.send_low = 0
+        self.check_bytes = 1 << 62
+        self.check_messages = 1 << 62
         self.msgq_paused = False
         self.global_paused = False
         self.pause_generation = 0
@@ -169,6 +173,8 @@ class Conn:
         self.high_msgq_messages = options["high_msgq_messages"]
         self.low_msgq_messages = self.high_msgq_messages // 2
         self.send_low = options["low_watermark"]
+        self.check_bytes = self.high_msgq
+        self.check_messages = self.high_msgq_messages
 
 
 class _WakeupSlot:
@@ -352,11 +358,10 @@ class IOThread:
                                 elif not self._deliver_framed(conn, n):
                                     continue
                                 if (
-                                    conn.delivered_bytes - port._consumed_bytes > conn.high_msgq
-                                    or conn.delivered_messages - port._consumed_messages
-                                    > conn.high_msgq_messages
+                                    conn.delivered_bytes > conn.check_bytes
+                                    or conn.delivered_messages > conn.check_messages
                                 ):
-                                    self._pause_msgq(conn)
+                                    self._check_msgq(conn)
                             else:
                                 self._eof(conn)
                         elif conn.kind == LISTENER:
@@ -584,6 +589,24 @@ class IOThread:
         self._close(conn)
 
     # -- receive flow control -----------------------------------------------------------
+    def _check_msgq(self, conn: Conn) -> None:
+        """The delivered counters passed the point where the owner could be behind by more
+        than a high watermark: look at what it took, pause if it is, else move the point.
+
+        The point (``check_*``) is what was taken at the last look plus the watermark, so
+        the hot path compares one counter with one number instead of reading the port."""
+        port = conn.port
+        taken_bytes = port._consumed_bytes
+        taken_messages = port._consumed_messages
+        if (
+            conn.delivered_bytes - taken_bytes > conn.high_msgq
+            or conn.delivered_messages - taken_messages > conn.high_msgq_messages
+        ):
+            self._pause_msgq(conn)
+        else:
+            conn.check_bytes = taken_bytes + conn.high_msgq
+            conn.check_messages = taken_messages + conn.high_msgq_messages
+
     def _pause_msgq(self, conn: Conn) -> None:
         """Too much undelivered in the loop: stop reading this socket, so TCP pushes back
         on this peer alone.  The port asks to resume once its owner has taken enough

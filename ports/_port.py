@@ -631,6 +631,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_send_timeout",
         "_send_timeout_close",
         "_send_waiter",
+        "_simple_send",
     )
 
     def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
@@ -656,10 +657,20 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         self._send_blocked = False  # read by the I/O thread: a sender waits for "writable"
         self._send_waiter = Waiter()
         self._busy_transitions = 0
+        # True while send may take its inlined path: raw bytes, open, not broken, no EOF
+        # sent, no port cap to check.  Cleared by each of those changes.
+        self._simple_send = self._framer is None and server._io.port_buffer_limit is None
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
+        if self._broken is not None:
+            self._simple_send = False
         self._on_writable()
+
+    def close_nowait(self) -> None:
+        """Close the port without waiting (see :meth:`aclose`)."""
+        self._simple_send = False
+        super().close_nowait()
 
     def _on_writable(self) -> None:
         if self._send_waiter._waiter is not None:
@@ -670,6 +681,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             raise ClosedPortError("this port is closed")
         if self._broken is None and self._conn is not None and self._conn.closed:
             self._broken = "EPIPE"  # the I/O thread closed it; its Closed is on its way
+            self._simple_send = False
         if self._broken is not None:
             raise BrokenPortError(
                 f"the connection is broken ({self._broken})", errno_name=self._broken
@@ -747,14 +759,10 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         hub = self._hub
         conn = self._conn
         if (
-            message.__class__ is bytes
+            self._simple_send
+            and message.__class__ is bytes
             and message
-            and self._framer is None
-            and not self._closed
-            and self._broken is None
-            and not self._eof_sent
             and self._queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
-            and self._io.port_buffer_limit is None
         ):
             # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
             size = len(message)
@@ -844,6 +852,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             raise ClosedPortError("this port is closed")
         if not self._eof_sent and self._broken is None:
             self._eof_sent = True
+            self._simple_send = False
             self._submit((self._io.cmd_send_eof, self._conn, None))
         await anyio.lowlevel.checkpoint()
 
