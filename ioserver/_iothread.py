@@ -22,10 +22,12 @@ port with a :class:`~._messages.Closed` message naming the error, and the thread
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import resource
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +60,7 @@ _NO_OPTIONS: dict[str, Any] = {}
 STREAM = 0
 LISTENER = 1
 CONNECTING = 2
+HANDLER = 3  # an entry of another kind (datagrams, ZeroMQ sockets...): see Handler
 
 
 def raise_open_file_limit() -> int:
@@ -177,6 +180,41 @@ class Conn:
         self.check_messages = self.high_msgq_messages
 
 
+class Handler:
+    """An entry of the port table that is not a TCP stream: a UDP socket, a ZeroMQ socket,
+    a control endpoint, a process watcher.  The I/O thread calls its methods, and only the
+    I/O thread: ``on_ready`` when its fd is ready (or when it asked to run again with
+    :meth:`IOThread.call_soon`), ``flush`` at the end of a round in which it was marked
+    dirty (``cmd_send`` marks it, as it marks streams), ``on_error`` when one of its
+    methods raised, ``on_shutdown`` when the I/O thread stops.
+
+    Subclasses keep ``fd`` and ``mask`` (the interest registered, see
+    :meth:`IOThread._interest`), and, when ports send through ``cmd_send``, the send
+    queue fields streams have (``outq``, ``out_bytes``, ``dirty`` and the flags).
+    """
+
+    kind = HANDLER
+    fd = -1
+    mask = 0
+    closed = False
+    dirty = False
+    write_closed = False
+    shutdown_pending = False
+    close_pending = False
+
+    def on_ready(self, mask: int) -> None:
+        """The fd is ready (``mask`` is READ/WRITE/ERROR), or the handler asked to run."""
+
+    def flush(self) -> None:
+        """The end of a round in which ``cmd_send`` queued output for this entry."""
+
+    def on_error(self, exc: Exception) -> None:
+        """One of the methods above raised ``exc``: close what this entry serves."""
+
+    def on_shutdown(self) -> None:
+        """The I/O thread stops: tell the owners and release the fd."""
+
+
 class _WakeupSlot:
     """Stands in the port table at the command queue's wake-up fd."""
 
@@ -216,7 +254,12 @@ class IOThread:
         self._wakeup_slot = _WakeupSlot()
         self._put_table(self.commands.wakeup.fileno(), self._wakeup_slot)
         self._inboxes: list[WakeupQueue[Any]] = []
-        self._dirty: list[Conn] = []
+        self._dirty: list[Any] = []
+        # Handlers that asked to run next round without waiting for their fd (see
+        # call_soon), and timers as a heap of (deadline, sequence, callback).
+        self._ready: list[Handler] = []
+        self._timers: list[tuple[float, int, list[Callable[[], None] | None]]] = []
+        self._timer_sequence = 0
         self._paused_listeners: list[Conn] = []
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
@@ -250,6 +293,56 @@ class IOThread:
     def add_inbox(self, inbox: WakeupQueue[Any]) -> None:
         """Make ``inbox`` one that is notified after every round (runs on the I/O thread)."""
         self._inboxes.append(inbox)
+
+    # -- for handlers (run on the I/O thread) ---------------------------------------------
+    def call_soon(self, handler: Handler) -> None:
+        """Run ``handler.on_ready(0)`` next round, without waiting for its fd (e.g. a
+        ZeroMQ socket with messages left after a bounded drain: its fd will not fire)."""
+        self._ready.append(handler)
+
+    def call_later(
+        self, delay: float, callback: Callable[[], None]
+    ) -> list[Callable[[], None] | None]:
+        """Call ``callback()`` on the I/O thread in ``delay`` seconds; return a handle
+        whose ``[0] = None`` cancels it."""
+        self._timer_sequence += 1
+        handle: list[Callable[[], None] | None] = [callback]
+        heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_sequence, handle))
+        return handle
+
+    def adopt(self, entry: Any) -> None:
+        """Put a handler (or stream) in the port table under its fd."""
+        self._adopt(entry)
+
+    def release(self, entry: Any) -> None:
+        """Take ``entry`` out of the table and the poller (it closes its fd itself)."""
+        self._interest(entry, 0)
+        if 0 <= entry.fd < len(self._table) and self._table[entry.fd] is entry:
+            self._table[entry.fd] = None
+            self.ports_open -= 1
+
+    def mark_dirty(self, entry: Any) -> None:
+        """Flush ``entry`` at the end of this round."""
+        if not entry.dirty:
+            entry.dirty = True
+            self._dirty.append(entry)
+
+    def _run_timers(self) -> float:
+        """Run the timers that are due; return seconds until the next (-1.0: none)."""
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, handle = heapq.heappop(timers)
+            callback = handle[0]
+            if callback is not None:
+                try:
+                    callback()
+                except Exception:
+                    self.internal_errors += 1
+                    log.exception("a timer of the I/O thread failed")
+        if not timers:
+            return -1.0
+        return max(timers[0][0] - now, 0.0)
 
     # -- the table ----------------------------------------------------------------------
     def _put_table(self, fd: int, entry: Any) -> None:
@@ -310,6 +403,12 @@ class IOThread:
                     # Owners release memory without telling this thread: while reads are
                     # paused for the budget, look again every few milliseconds.
                     timeout = BUDGET_RECHECK
+                if self._timers:
+                    due = self._run_timers()
+                    if due >= 0 and (timeout < 0 or due < timeout):
+                        timeout = due
+                if self._ready:
+                    timeout = 0.0
                 events = poll(timeout)
                 commands.asleep = False
                 self.polls += 1
@@ -364,6 +463,8 @@ class IOThread:
                                     self._check_msgq(conn)
                             else:
                                 self._eof(conn)
+                        elif conn.kind == HANDLER:
+                            conn.on_ready(mask)
                         elif conn.kind == LISTENER:
                             self._on_listener_event(conn, mask)
                         elif conn.kind == CONNECTING:
@@ -374,6 +475,14 @@ class IOThread:
                         self._internal_error(conn, exc)
                 self.bytes_in += received
                 self.delivered_total += received
+                if self._ready:
+                    ready, self._ready = self._ready, []
+                    for handler in ready:
+                        if not handler.closed:
+                            try:
+                                handler.on_ready(0)
+                            except Exception as exc:
+                                self._internal_error(handler, exc)
                 if pending:
                     # Sends queued while this round read (the loop ran during
                     # its syscalls) leave in this round's flush.
@@ -385,6 +494,9 @@ class IOThread:
                         if conn.closed or conn.mask & WRITE:
                             continue
                         try:
+                            if conn.kind == HANDLER:
+                                conn.flush()
+                                continue
                             outq = conn.outq
                             if len(outq) != 1:
                                 write(conn)
@@ -464,6 +576,11 @@ class IOThread:
                 conn.request = None
             conn.deliver((conn.port, Closed(f"internal error: {exc!r}", "EIO")))
             self._close(conn)
+        elif isinstance(conn, Handler) and not conn.closed:
+            try:
+                conn.on_error(exc)
+            except Exception:
+                log.exception("a handler failed while closing after an error")
 
     def _shutdown(self) -> None:
         # Every owner hears of it once: a final Closed, and sends fail with ESHUTDOWN.
@@ -475,6 +592,11 @@ class IOThread:
                 elif conn.port is not None:
                     conn.deliver((conn.port, closed))
                 self._close(conn)
+            elif isinstance(conn, Handler) and not conn.closed:
+                try:
+                    conn.on_shutdown()
+                except Exception:
+                    log.exception("a handler failed while the I/O thread stopped")
         for conn in self._paused_listeners:
             if not conn.closed:
                 self._close(conn)
