@@ -20,7 +20,9 @@ from ._exceptions import WouldBlock as WouldBlock
 from ._messages import Accepted as Accepted
 from ._messages import Closed as Closed
 from ._messages import Data as Data
+from ._messages import Datagram as Datagram
 from ._messages import Error as Error
+from ._messages import ExitStatus as ExitStatus
 from ._messages import Message as Message
 from ._messages import Passive as Passive
 from ._server import IOServer as IOServer
@@ -38,8 +40,10 @@ __all__ = [
     "ClosedPortError",
     "ConnectError",
     "Data",
+    "Datagram",
     "EndOfPort",
     "Error",
+    "ExitStatus",
     "IOServer",
     "IOServerError",
     "IOServerStatistics",

@@ -4,7 +4,9 @@ They are frozen, slotted dataclasses, so they compare by value, pattern-match wi
 ``match``/``case`` and cost no ``__dict__``.  They play the part of Erlang's port messages:
 ``{tcp, Socket, Data}`` is :class:`Data`, ``{tcp_closed, Socket}`` is :class:`Closed`,
 ``{tcp_error, Socket, Reason}`` is :class:`Error`, ``{tcp_passive, Socket}`` is
-:class:`Passive`; an accepted connection arrives on a listener as :class:`Accepted`.
+:class:`Passive`; an accepted connection arrives on a listener as :class:`Accepted`.  A UDP
+port delivers :class:`Datagram` (``{udp, Socket, IP, Port, Data}``) and a process port ends
+with :class:`ExitStatus` (``{Port, {exit_status, Status}}``) before its :class:`Closed`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Accepted", "Closed", "Data", "Error", "Message", "Passive"]
+__all__ = ["Accepted", "Closed", "Data", "Datagram", "Error", "ExitStatus", "Message", "Passive"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,33 @@ class Passive:
     """
 
 
-Message = Data | Accepted | Closed | Error | Passive
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """One UDP datagram received, or one to send (Erlang's ``{udp, Socket, IP, Port, Data}``).
+
+    ``data`` is the whole datagram (0 bytes or more: UDP keeps message boundaries) and
+    ``address`` the peer's address as the socket module gives it: ``(host, port)`` for
+    IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6.  An unconnected UDP port sends a
+    ``Datagram`` to its ``address``, so a received one can be sent back as it is.
+    """
+
+    data: bytes
+    address: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """The program behind a process port ended (Erlang's ``{Port, {exit_status, Status}}``).
+
+    ``status`` is its exit code (0..255), or ``-N`` when signal N ended it, as
+    :attr:`subprocess.Popen.returncode`.  It comes after the last :class:`Data` of the
+    program's output and just before the port's final :class:`Closed`.
+    """
+
+    status: int
+
+
+Message = Data | Accepted | Closed | Error | Passive | Datagram | ExitStatus
 """Any message a port delivers."""
 
 PASSIVE = Passive()

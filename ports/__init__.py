@@ -48,7 +48,13 @@ from ioserver._messages import (
     Data as Data,
 )
 from ioserver._messages import (
+    Datagram as Datagram,
+)
+from ioserver._messages import (
     Error as Error,
+)
+from ioserver._messages import (
+    ExitStatus as ExitStatus,
 )
 from ioserver._messages import (
     Message as Message,
@@ -70,6 +76,9 @@ from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
 from ._select import select as select
+from ._udp import UDPOptions as UDPOptions
+from ._udp import UDPPort as UDPPort
+from ._udp import open_udp as open_udp
 
 __all__ = [
     "Accepted",
@@ -80,8 +89,10 @@ __all__ = [
     "ClosedPortError",
     "ConnectError",
     "Data",
+    "Datagram",
     "EndOfPort",
     "Error",
+    "ExitStatus",
     "IOServerError",
     "Listener",
     "Mailbox",
@@ -95,9 +106,12 @@ __all__ = [
     "PortOptions",
     "PortStatistics",
     "SendTimeoutError",
+    "UDPOptions",
+    "UDPPort",
     "WouldBlock",
     "connect_tcp",
     "listen_tcp",
     "open_memory_channel",
+    "open_udp",
     "select",
 ]

@@ -1,0 +1,383 @@
+"""UDP sockets in the I/O thread: each datagram in is one message, each send one datagram.
+
+A :class:`DatagramHandler` is a :class:`~._iothread.Handler`: the I/O thread calls it when
+its socket is ready, and the actor's :class:`ports.UDPPort` talks to it through commands
+(``cmd_send``, ``cmd_close``, ``cmd_set_active``...), as a TCP port talks to its ``Conn``.
+
+Theory of operation:
+
+* **Receiving.**  On readiness it reads up to ``read_packets`` datagrams (Erlang's option
+  of that name), each with ``recvmsg_into`` into a buffer of ``max_datagram`` bytes (the
+  I/O thread's shared one when it is big enough), and delivers each as a
+  :class:`~._messages.Datagram`.  A datagram larger than the buffer (``MSG_TRUNC``) is
+  dropped and reported as :class:`~._messages.Error` ``EMSGSIZE``; an ICMP error reported on
+  the socket (``ECONNREFUSED`` on a connected socket...) is an ``Error`` too.  Neither
+  closes the port: UDP is connectionless, so the next datagram may be fine.
+* **Receive flow control** is the TCP ports' (see ``IOThread._check_msgq``): ``delivered_*``
+  count what this thread handed to the port, the port's ``_consumed_*`` what its owner
+  took; past the high watermark the handler stops reading (the kernel then drops
+  datagrams: UDP has no other backpressure) until the owner drains below the low one.
+  Active modes count datagrams as TCP ports count reads.  When the global memory budget
+  is used up, reads stop and are re-checked every few milliseconds.
+* **Sending** never blocks the thread: ``cmd_send`` queues ``(data, address)`` and the end
+  of the round flushes the queue with ``send``/``sendto`` until ``EAGAIN``, then waits for
+  the socket to be writable.  A datagram the kernel refuses (``EMSGSIZE``,
+  ``ECONNREFUSED`` from an earlier ICMP error, ``ENETUNREACH``...) is dropped and reported
+  as an ``Error``.  The port is *busy* above its high watermark of queued bytes, as a TCP
+  port; ``out_done`` (bytes sent or dropped) is what the port compares with what it queued.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from typing import Any
+
+from ._exceptions import ConnectError, errno_name
+from ._iothread import READ_SIZE, Handler, IOThread
+from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
+from ._poller import ERROR, READ, WRITE
+
+__all__ = ["DatagramHandler", "cmd_open_udp"]
+
+BUDGET_RECHECK = 0.005  # seconds between looks at the memory budget while paused for it
+_MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)
+# With MSG_TRUNC in the flags, Linux returns a truncated datagram's real length.
+_RECV_FLAGS = _MSG_TRUNC if hasattr(socket, "SO_PEERCRED") else 0
+
+
+class DatagramHandler(Handler):
+    """The I/O thread's half of a UDP port (see the module docstring)."""
+
+    def __init__(
+        self,
+        io: IOThread,
+        sock: socket.socket,
+        port: Any,
+        deliver: Any,
+        options: dict[str, Any],
+        active: tuple[int, bool],
+    ) -> None:
+        self.io = io
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.port = port
+        self.deliver = deliver
+        self.credit, self.notify_passive = active
+        self.read_packets: int = options["read_packets"]
+        size: int = options["max_datagram"]
+        self.max_datagram = size
+        # The shared buffer of the thread when it is big enough: only this thread reads it.
+        self.view = io._view[:size] if size <= READ_SIZE else memoryview(bytearray(size))
+        self.outq: deque[tuple[bytes, Any]] = deque()
+        self.out_bytes = 0  # queued, not yet sent
+        self.out_done = 0  # sent or dropped: the port's send flow control counts these
+        self.bytes_in = 0
+        self.bytes_out = 0  # sent
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.datagrams_too_large = 0
+        self.errors = 0
+        # Receive flow control: the same fields, and meaning, as a Conn's.
+        self.delivered_messages = 0
+        self.delivered_bytes = 0
+        self.high_msgq: int = options["high_msgq_watermark"]
+        self.low_msgq: int = options["low_msgq_watermark"]
+        self.high_msgq_messages: int = options["high_msgq_messages"]
+        self.low_msgq_messages = self.high_msgq_messages // 2
+        self.send_low: int = options["low_watermark"]
+        self.msgq_paused = False
+        self.budget_paused = False
+        self.pause_generation = 0
+        self.pauses = 0
+        self.peak_buffered = 0
+        self.mask = 0
+        self.dirty = False
+        self.closed = False
+
+    # -- interest -----------------------------------------------------------------------
+    def _update_interest(self) -> None:
+        if self.closed:
+            return
+        mask = 0
+        if self.credit and not self.msgq_paused and not self.budget_paused:
+            mask = READ
+        if self.outq:
+            mask |= WRITE
+        self.io._interest(self, mask)  # type: ignore[arg-type]  # a Handler keeps fd and mask
+
+    # -- the I/O thread's calls ---------------------------------------------------------
+    def on_ready(self, mask: int) -> None:
+        if mask & (WRITE | ERROR) and self.outq:
+            self._write()
+            if self.closed:
+                return
+        if self.mask & READ and mask & (READ | ERROR):
+            self._read()
+        elif mask & ERROR:
+            # An error is pending and nobody reads: take it, or level-triggered epoll spins.
+            number = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if number:
+                self._error(number, "")
+
+    def flush(self) -> None:
+        if self.outq and not self.closed:
+            self._write()
+
+    def on_error(self, exc: Exception) -> None:
+        self.deliver((self.port, Closed(f"internal error: {exc!r}", "EIO")))
+        self._close()
+
+    def on_shutdown(self) -> None:
+        self.deliver((self.port, Closed("ioserver closed", "ESHUTDOWN")))
+        self._close()
+
+    # -- receiving ----------------------------------------------------------------------
+    def _read(self) -> None:
+        io = self.io
+        if io.memory_limit is not None and io.memory_limit - io.memory_in_use() < len(self.view):
+            self._pause_for_budget()
+            return
+        recvmsg_into = self.sock.recvmsg_into
+        buffers = [self.view]
+        port = self.port
+        deliver = self.deliver
+        size = len(self.view)
+        received = 0
+        for _ in range(self.read_packets):
+            try:
+                n, _, flags, address = recvmsg_into(buffers, 0, _RECV_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # An ICMP error queued on the socket (ECONNREFUSED, EHOSTUNREACH...): the
+                # read consumed it; the next one may find a datagram.
+                self._error(exc.errno, " (reported by the network for an earlier datagram)")
+                continue
+            if flags & _MSG_TRUNC:
+                self.datagrams_too_large += 1
+                real = f"{n} bytes" if n > size else "more"
+                self._error(
+                    errno.EMSGSIZE,
+                    f": a datagram of {real} from {address!r} exceeds max_datagram={size} "
+                    "bytes; it was dropped",
+                )
+                continue
+            received += n
+            self.datagrams_in += 1
+            deliver((port, Datagram(bytes(self.view[:n]), address)))
+            self.delivered_messages += 1
+            self.delivered_bytes += n
+            credit = self.credit
+            if credit > 0:
+                self.credit = credit = credit - 1
+                if credit == 0:
+                    if self.notify_passive:
+                        deliver((port, PASSIVE))
+                    break
+            if (
+                self.delivered_bytes - port._consumed_bytes > self.high_msgq
+                or self.delivered_messages - port._consumed_messages > self.high_msgq_messages
+            ):
+                self._pause_msgq()
+                break
+        self.bytes_in += received
+        io.bytes_in += received
+        io.delivered_total += received
+        self._update_interest()
+
+    def _error(self, number: int | None, detail: str) -> None:
+        """Deliver an :class:`Error` that does not close the port."""
+        self.errors += 1
+        name = errno_name(number)
+        reason = os.strerror(number) if number else "unknown error"
+        self.deliver((self.port, Error(name, number, f"{reason} ({name}){detail}")))
+
+    def _pause_msgq(self) -> None:
+        buffered = self.delivered_bytes - self.port._consumed_bytes
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
+        if self.msgq_paused:
+            return
+        self.msgq_paused = True
+        self.pauses += 1
+        self.pause_generation += 1  # written before _resume_if_drained reads _consumed_*
+        self._resume_if_drained(self.pause_generation)
+
+    def _resume_if_drained(self, generation: int) -> None:
+        port = self.port
+        if (
+            self.msgq_paused
+            and generation == self.pause_generation
+            and self.delivered_bytes - port._consumed_bytes <= self.low_msgq
+            and self.delivered_messages - port._consumed_messages <= self.low_msgq_messages
+        ):
+            self.msgq_paused = False
+        self._update_interest()
+
+    def _pause_for_budget(self) -> None:
+        if self.budget_paused:
+            return
+        self.budget_paused = True
+        self.pauses += 1
+        self._update_interest()
+        self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
+
+    def _budget_recheck(self) -> None:
+        io = self.io
+        if self.closed:
+            return
+        assert io.memory_limit is not None
+        if io.memory_in_use() <= io.memory_limit * 3 // 4:
+            self.budget_paused = False
+            self._update_interest()
+        else:
+            io.call_later(BUDGET_RECHECK, self._budget_recheck)
+
+    # -- sending ------------------------------------------------------------------------
+    def _write(self) -> None:
+        outq = self.outq
+        sock = self.sock
+        io = self.io
+        sent_bytes = 0
+        while outq:
+            data, address = outq[0]
+            try:
+                if address is None:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, address)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                outq.popleft()
+                size = len(data)
+                self.out_bytes -= size
+                self.out_done += size
+                io.bytes_discarded += size
+                self._error(exc.errno, f": a datagram of {size} bytes to {address!r} was dropped")
+                continue
+            outq.popleft()
+            size = len(data)
+            sent_bytes += size
+            self.out_bytes -= size
+            self.out_done += size
+            self.datagrams_out += 1
+        self.bytes_out += sent_bytes
+        io.bytes_out += sent_bytes
+        port = self.port
+        if port._send_blocked and port._queued_bytes - self.out_done <= self.send_low:
+            self.deliver((port, WRITABLE))
+        if (self.mask & WRITE) != (WRITE if outq else 0):
+            self._update_interest()
+
+    # -- commands (queued by the port, run on the I/O thread) ----------------------------
+    def cmd_send(self, item: tuple[bytes, Any]) -> None:
+        if self.closed:
+            self.io.bytes_discarded += len(item[0])
+            return
+        self.outq.append(item)
+        self.out_bytes += len(item[0])
+        self.io.mark_dirty(self)
+
+    def cmd_close(self, _: Any) -> None:
+        if self.closed:
+            return
+        if self.outq:
+            self._write()  # what the kernel takes now leaves; the rest is dropped
+        self._close()
+
+    def cmd_set_active(self, mode: tuple[int, bool]) -> None:
+        """As ``IOThread.cmd_set_active`` (the same rule, see ``ports.parse_active``)."""
+        if self.closed:
+            return
+        credit, notify = mode
+        if notify and self.notify_passive and self.credit > 0:
+            credit += self.credit
+        if notify and credit <= 0:
+            credit = 0
+            self.deliver((self.port, PASSIVE))
+        self.credit = credit
+        self.notify_passive = notify
+        self._update_interest()
+
+    def cmd_read_once(self, _: Any) -> None:
+        """A passive port's receiver waits: let one datagram through (``gen_udp:recv``)."""
+        if self.closed or self.credit != 0:
+            return
+        self.credit = 1
+        self.notify_passive = False
+        self._update_interest()
+
+    def cmd_resume(self, generation: int) -> None:
+        """The owner took enough: read again (if this is still the same pause)."""
+        if not self.closed:
+            self._resume_if_drained(generation)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.io.release(self)
+        self.closed = True
+        self.sock.close()
+        self.io.bytes_discarded += self.out_bytes
+        self.out_done += self.out_bytes
+        self.out_bytes = 0
+        self.outq.clear()
+
+
+def cmd_open_udp(request: Any, spec: tuple[Any, ...]) -> None:
+    """Create, bind and connect a UDP socket on the I/O thread; answer ``request`` with
+    ``(handler, local_address, remote_address)`` or the exception."""
+    io, port, deliver, family, bind, connect, options, active = spec
+    sock = None
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if options["reuseaddr"]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if options["reuseport"]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if options["broadcast"]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if options["recbuf"]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["recbuf"])
+        if options["sndbuf"]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
+        where = "bind"
+        if bind is not None:
+            sock.bind(bind)
+        where = "connect"
+        if connect is not None:
+            sock.connect(connect)  # UDP: no handshake, returns at once
+        local = sock.getsockname()
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        name = errno_name(exc.errno)
+        address = bind if where == "bind" else connect
+        deliver(
+            (
+                request,
+                ConnectError(
+                    f"cannot {where} a UDP socket {'on' if where == 'bind' else 'to'} "
+                    f"{address!r}: {exc.strerror or exc} ({name})",
+                    exc.errno,
+                    name,
+                ),
+            )
+        )
+        return
+    except Exception as exc:  # e.g. an option the OS refuses with OverflowError
+        if sock is not None:
+            sock.close()
+        deliver((request, exc))
+        return
+    handler = DatagramHandler(io, sock, port, deliver, options, active)
+    io.adopt(handler)
+    deliver((request, (handler, local, connect)))
+    handler._update_interest()

@@ -1,0 +1,574 @@
+"""UDP ports: datagrams in and out, with addresses, as messages (Erlang's ``gen_udp``).
+
+The I/O thread's half is :class:`ioserver._datagram.DatagramHandler`; this module is the
+actor's half.  A :class:`UDPPort` shares the TCP ports' machinery (buffer, waiting,
+owner, select, active modes, receive watermarks) through ``_PortBase``; what differs is
+that a message is a :class:`~ioserver.Datagram` rather than :class:`~ioserver.Data`, and
+that commands go to the handler rather than to the I/O thread's stream commands.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, TypedDict, Unpack, final
+
+import anyio
+import anyio.abc
+import trio
+import trio.abc
+
+from ioserver._datagram import DatagramHandler, cmd_open_udp
+from ioserver._exceptions import (
+    BrokenPortError,
+    BusyPortError,
+    ClosedPortError,
+    EndOfPort,
+    OptionError,
+    WouldBlock,
+)
+from ioserver._messages import Closed, Datagram, Message
+from ioserver._server import IOServer
+
+from ._port import (
+    HIGH_MSGQ_MESSAGES,
+    HIGH_MSGQ_WATERMARK,
+    HIGH_WATERMARK,
+    LOW_MSGQ_WATERMARK,
+    LOW_WATERMARK,
+    Active,
+    PortStatistics,
+    _PortBase,
+    _Request,
+    _resolve,
+    _to_bytes,
+    flow_options,
+    parse_active,
+)
+from ._port import _apply_active as _apply_active
+from ._source import Waiter
+
+__all__ = ["UDPOptions", "UDPPort", "open_udp"]
+
+#: The largest UDP payload: 65535 minus the UDP header (8) and the IPv4 header (20);
+#: IPv6's header (40) is not counted in its payload length, so 65527 there.
+MAX_UDP_PAYLOAD_IPV4 = 65507
+MAX_UDP_PAYLOAD_IPV6 = 65527
+
+
+class UDPOptions(TypedDict, total=False):
+    """The options of :func:`open_udp`.  All are keyword-only and optional.
+
+    Attributes:
+        active: the active mode, as for TCP ports (see :meth:`UDPPort.setopts`); each
+            datagram counts as one message; default ``True``.
+        read_packets: datagrams read per readiness event, as Erlang's ``read_packets``;
+            more is faster under load, fewer is fairer to other ports; default 16.
+        max_datagram: bytes of the largest datagram received (the receive buffer); a
+            larger one is dropped and reported as :class:`~ioserver.Error` ``EMSGSIZE``;
+            default 65535 (any UDP datagram), 1..2**24.
+        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
+        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
+        reuseaddr: ``SO_REUSEADDR``; default ``False``.
+        reuseport: ``SO_REUSEPORT`` (several sockets share the port); default ``False``.
+        broadcast: ``SO_BROADCAST`` (send to broadcast addresses); default ``False``.
+        high_watermark: bytes of queued output above which the port is *busy* (``send``
+            waits, ``send_nowait`` raises ``WouldBlock``); 256 KiB.
+        low_watermark: bytes of queued output below which it is not busy any more; 128 KiB.
+        high_msgq_watermark: bytes delivered but not yet taken by the owner above which the
+            I/O thread stops reading (the kernel then drops datagrams); 256 KiB.
+        low_msgq_watermark: ... below which it reads again; 128 KiB.
+        high_msgq_messages: the same bound counted in datagrams (resumes at half); 4096.
+    """
+
+    active: Active
+    read_packets: int
+    max_datagram: int
+    recbuf: int | None
+    sndbuf: int | None
+    reuseaddr: bool
+    reuseport: bool
+    broadcast: bool
+    high_watermark: int
+    low_watermark: int
+    high_msgq_watermark: int
+    low_msgq_watermark: int
+    high_msgq_messages: int
+
+
+_UDP_DEFAULTS: dict[str, Any] = {
+    "active": True,
+    "read_packets": 16,
+    "max_datagram": 65535,
+    "recbuf": None,
+    "sndbuf": None,
+    "reuseaddr": False,
+    "reuseport": False,
+    "broadcast": False,
+    "high_watermark": HIGH_WATERMARK,
+    "low_watermark": LOW_WATERMARK,
+    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
+    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
+    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
+}
+
+
+def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]]:
+    """Validate UDP options; return ``(active credit, all options)``.
+
+    Raises:
+        OptionError: an unknown option or a wrong value, naming it.
+    """
+    unknown = sorted(set(given) - set(_UDP_DEFAULTS))
+    if unknown:
+        raise OptionError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} for a UDP port: "
+            f"{', '.join(unknown)} (known: {', '.join(sorted(_UDP_DEFAULTS))})"
+        )
+    options = {**_UDP_DEFAULTS, **given}
+    credit = parse_active(options["active"])
+    for name, low, high in (
+        ("read_packets", 1, 1 << 16),
+        ("max_datagram", 1, 1 << 24),
+        ("recbuf", 1, (1 << 31) - 1),
+        ("sndbuf", 1, (1 << 31) - 1),
+    ):
+        value = options[name]
+        if value is None and name in ("recbuf", "sndbuf"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
+    for name in ("reuseaddr", "reuseport", "broadcast"):
+        if not isinstance(options[name], bool):
+            raise OptionError(f"{name} must be a bool, not {options[name]!r}")
+    flow_options(
+        packet="raw",
+        packet_size=1,
+        delimiter=b"\n",
+        high_watermark=options["high_watermark"],
+        low_watermark=options["low_watermark"],
+        high_msgq_watermark=options["high_msgq_watermark"],
+        low_msgq_watermark=options["low_msgq_watermark"],
+        high_msgq_messages=options["high_msgq_messages"],
+        send_timeout=None,
+        send_timeout_close=False,
+    )
+    return credit, options
+
+
+@final
+class UDPPort(  # type: ignore[misc]
+    _PortBase,
+    anyio.abc.ObjectReceiveStream[Message],
+    anyio.abc.ObjectSendStream[Any],
+    trio.abc.Channel[Any],
+):
+    """A UDP socket owned by the I/O thread, used like a channel of datagrams.
+
+    Receive messages: :class:`~ioserver.Datagram` ``(data, address)`` for each datagram,
+    :class:`~ioserver.Error` for a datagram too large for ``max_datagram`` (``EMSGSIZE``,
+    dropped) or an error the network reported (``ECONNREFUSED`` when a connected port's
+    peer has no socket on its port...) - neither closes the port - and, with
+    ``active=N``, :class:`~ioserver.Passive`.  :class:`~ioserver.Closed` comes only when
+    the I/O server stops or the port fails.  Send: ``send(data)`` on a connected port,
+    ``send(Datagram(data, address))``, ``send((data, address))`` or
+    :meth:`send_to` on any.  Get one from :func:`open_udp`.
+    """
+
+    __slots__ = (
+        "_broken",
+        "_busy_transitions",
+        "_connected",
+        "_family",
+        "_high_watermark",
+        "_low_watermark",
+        "_max_payload",
+        "_queued_bytes",
+        "_send_blocked",
+        "_send_waiter",
+    )
+
+    def __init__(
+        self, server: IOServer, active: tuple[int, bool], options: dict[str, Any], family: int
+    ) -> None:
+        super().__init__(server, active)
+        self._family = family
+        self._connected = False
+        self._broken: str | None = None
+        self._max_payload = (
+            MAX_UDP_PAYLOAD_IPV6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_IPV4
+        )
+        self._queued_bytes = 0  # what the owner queued, against the handler's out_done
+        self._high_watermark: int = options["high_watermark"]
+        self._low_watermark: int = options["low_watermark"]
+        self._send_blocked = False  # read by the I/O thread: a sender waits for "writable"
+        self._send_waiter = Waiter()
+        self._busy_transitions = 0
+
+    @property
+    def _handler(self) -> DatagramHandler:
+        return self._conn  # type: ignore[return-value]
+
+    # -- receiving: count Datagram messages as _PortBase counts Data ----------------------
+    def _deliver(self, message: Any) -> None:
+        if message.__class__ is Datagram:
+            if self._closed:
+                self._took_data(message.data)
+            else:
+                if self._credit > 0:
+                    self._credit -= 1
+                    if self._credit == 0 and self._notify:
+                        self._passive_pending = True
+                if self._owner is not None:
+                    self._took_data(message.data)
+        super()._deliver(message)
+
+    def _take(self) -> Message:
+        message = super()._take()
+        if message.__class__ is Datagram:
+            self._took_data(message.data)
+        return message
+
+    async def _receive(self, end: type[Exception]) -> Message:
+        message = await super()._receive(end)
+        if message.__class__ is Datagram:
+            self._took_data(message.data)
+        return message
+
+    async def receive(self) -> Message:
+        """Wait for the next message (a :class:`~ioserver.Datagram`, mostly).
+
+        On a passive port (``active=False``, or after its ``"once"``/N credit ran out) the
+        I/O thread reads one datagram for this call, as ``gen_udp:recv`` does.
+
+        Raises:
+            EndOfPort: the final :class:`~ioserver.Closed` was already received.
+            ClosedPortError: the port was closed by this side, or its messages go to an
+                owner mailbox.
+            BusyPortError: another task is already waiting in ``receive`` on this port.
+        """
+        return await self._receive(EndOfPort)
+
+    def _maybe_resume(self) -> None:
+        handler = self._handler
+        generation = handler.pause_generation
+        if (
+            handler.delivered_bytes - self._consumed_bytes <= handler.low_msgq
+            and handler.delivered_messages - self._consumed_messages <= handler.low_msgq_messages
+        ):
+            self._resume_generation = generation
+            self._submit((DatagramHandler.cmd_resume, handler, generation))
+
+    def _check_can_wait(self, end: type[Exception]) -> None:
+        if (
+            self._credit == 0
+            and not self._passive_pending
+            and not self._closed
+            and not self._ended
+            and self._owner is None
+        ):
+            self._credit = 1
+            self._notify = False
+            self._submit((DatagramHandler.cmd_read_once, self._handler, None))
+            return
+        super()._check_can_wait(end)
+
+    def setopts(self, *, active: Active | None = None) -> None:
+        """Change the port's active mode, as Erlang's ``inet:setopts/2``.
+
+        Args:
+            active: ``True``, ``False``, ``"once"`` or a count N, as for TCP ports (see
+                :meth:`ports.Port.setopts`); each datagram counts as one message.
+
+        Raises:
+            OptionError: a wrong value.
+            ClosedPortError: the port is closed.
+        """
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if active is not None:
+            mode = parse_active(active)
+            self._credit, self._notify = _apply_active(self._credit, self._notify, mode)
+            self._passive_pending = self._credit == 0 and self._notify
+            self._submit((DatagramHandler.cmd_set_active, self._handler, mode))
+
+    # -- sending ------------------------------------------------------------------------
+    def _on_terminal(self, message: Closed) -> None:
+        self._broken = message.errno_name or message.reason
+        self._on_writable()
+
+    def _on_writable(self) -> None:
+        if self._send_waiter._waiter is not None:
+            self._hub.wake(self._send_waiter)
+
+    def _check_can_send(self) -> None:
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        if self._broken is None and self._handler.closed:
+            self._broken = "EPIPE"  # the I/O thread closed it; its Closed is on its way
+        if self._broken is not None:
+            raise BrokenPortError(f"the UDP port failed ({self._broken})", self._broken)
+
+    def _item(self, message: Any) -> tuple[bytes, Any]:
+        """``message`` as the handler queues it: ``(data, address or None)``."""
+        if isinstance(message, Datagram):
+            data, address = message.data, message.address
+        elif isinstance(message, tuple):
+            if len(message) != 2:
+                raise TypeError(
+                    "a UDP port sends bytes (when connected), a Datagram or a (data, address) "
+                    f"pair, not a tuple of {len(message)} items"
+                )
+            data, address = message
+        else:
+            if not self._connected:
+                raise ValueError(
+                    "this UDP port is not connected: send a Datagram(data, address) or a "
+                    "(data, address) pair, or use send_to(data, address)"
+                )
+            data, address = message, None
+        data = _to_bytes(data)
+        if len(data) > self._max_payload:
+            raise ValueError(
+                f"a datagram of {len(data)} bytes exceeds the largest UDP payload "
+                f"({self._max_payload} bytes over "
+                f"{'IPv6' if self._family == socket.AF_INET6 else 'IPv4'})"
+            )
+        if address is not None:
+            address = self._check_address(address)
+        return data, address
+
+    def _check_address(self, address: Any) -> Any:
+        # Only numeric addresses: a name would make the I/O thread block in a resolver.
+        if (
+            not isinstance(address, tuple)
+            or len(address) not in ((2,) if self._family == socket.AF_INET else (2, 4))
+            or not isinstance(address[0], str)
+            or not isinstance(address[1], int)
+            or isinstance(address[1], bool)
+            or not 0 < address[1] <= 65535
+        ):
+            raise ValueError(
+                f"a UDP address is a (host, port) tuple with a numeric host and a port in "
+                f"1..65535 (IPv6 also (host, port, flowinfo, scope_id)), not {address!r}"
+            )
+        host = address[0].split("%", 1)[0]
+        try:
+            socket.inet_pton(self._family, host)
+        except OSError:
+            family = "IPv6" if self._family == socket.AF_INET6 else "IPv4"
+            raise ValueError(
+                f"{address[0]!r} is not a numeric {family} address (this port is {family}; "
+                "resolve names before sending, e.g. with anyio.getaddrinfo)"
+            ) from None
+        return address
+
+    @property
+    def busy(self) -> bool:
+        """True while the output not yet sent is above the high watermark."""
+        return self._queued_bytes - self._handler.out_done > self._high_watermark
+
+    def _queue(self, item: tuple[bytes, Any]) -> None:
+        size = len(item[0])
+        limit = self._io.port_buffer_limit
+        if limit is not None and self._queued_bytes + size - self._handler.out_done > limit:
+            self.close_nowait()
+            raise BrokenPortError(
+                f"port_buffer_limit={limit} exceeded: sending {size} bytes on top of "
+                f"{self._queued_bytes - self._handler.out_done} queued; the port is closed",
+                errno_name="ENOBUFS",
+            )
+        self._queued_bytes += size
+        self._hub.queued_bytes += size
+        self._submit((DatagramHandler.cmd_send, self._handler, item))
+
+    def send_nowait(self, message: Any) -> None:
+        """Queue one datagram for the I/O thread to send; return at once.
+
+        Args:
+            message: bytes-like data (a connected port only), a
+                :class:`~ioserver.Datagram`, or a ``(data, address)`` pair; ``address`` is
+                ``(host, port)`` with a numeric host of the port's family (IPv6 may add
+                ``flowinfo, scope_id``).
+
+        Raises:
+            WouldBlock: the port is *busy* (queued output above ``high_watermark``).
+            ClosedPortError: the port was closed by this side.
+            BrokenPortError: the port failed (the I/O server stopped...), or the send
+                would pass ``port_buffer_limit`` (the port is closed).
+            ValueError: no address on an unconnected port, an address that is not numeric
+                or not of the port's family, or data larger than a UDP datagram can be
+                (65507 bytes over IPv4, 65527 over IPv6).
+            TypeError: the data is not bytes-like.
+
+        A datagram the kernel refuses later (no route, ``ECONNREFUSED`` reported by ICMP
+        for an earlier one...) is dropped and reported as an :class:`~ioserver.Error`
+        message: UDP promises no delivery.
+        """
+        self._check_can_send()
+        item = self._item(message)
+        if self.busy:
+            self._busy_transitions += 1
+            raise WouldBlock("the port is busy: its output is above high_watermark")
+        self._queue(item)
+
+    async def send(self, message: Any) -> None:
+        """Queue one datagram (see :meth:`send_nowait`); wait only while the port is busy.
+
+        As ``gen_udp:send``: it returns once the datagram is queued for the I/O thread,
+        which sends it without blocking; when the queued output is above
+        ``high_watermark`` it first waits until it drains below ``low_watermark``.
+
+        Raises:
+            ClosedPortError, BrokenPortError, ValueError, TypeError: as
+                :meth:`send_nowait`.
+            BusyPortError: another task is already waiting for this busy port.
+        """
+        self._check_can_send()
+        item = self._item(message)
+        if self.busy:
+            await self._wait_until_writable()
+        self._queue(item)
+        await self._hub.completed()
+
+    async def send_to(self, data: Any, address: Any) -> None:
+        """Send ``data`` as one datagram to ``address`` (see :meth:`send`).
+
+        Args:
+            data: bytes-like, at most 65507 bytes (IPv4) or 65527 (IPv6).
+            address: ``(host, port)`` with a numeric host of the port's family.
+        """
+        await self.send((data, address))
+
+    async def _wait_until_writable(self) -> None:
+        self._busy_transitions += 1
+        if self._send_blocked:
+            raise BusyPortError("waiting to send")
+        handler = self._handler
+        self._send_blocked = True  # written before the re-read of out_done below
+        try:
+            while self._queued_bytes - handler.out_done > self._low_watermark:
+                self._check_can_send()
+                await self._hub.park(self._send_waiter)
+            self._check_can_send()
+        finally:
+            self._send_blocked = False
+
+    # -- closing and statistics ---------------------------------------------------------
+    def close_nowait(self) -> None:
+        """Close the port without waiting: what the kernel takes at once is sent, the rest
+        of the queued output and every undelivered datagram are dropped.  Idempotent."""
+        if self._closed:
+            return
+        for message in self._buffer:
+            if message.__class__ is Datagram:
+                self._took_data(message.data)
+        handler, self._conn = self._conn, None  # _PortBase must not queue a stream close
+        try:
+            super().close_nowait()
+        finally:
+            self._conn = handler
+        if handler is not None:
+            self._submit((DatagramHandler.cmd_close, handler, None))
+
+    def statistics(self) -> PortStatistics:
+        """The port's counters now (see :class:`~ports.PortStatistics`); bytes are
+        datagram payloads, and ``packets_too_large`` counts datagrams dropped for
+        exceeding ``max_datagram``."""
+        handler = self._handler
+        return PortStatistics(
+            messages_buffered=len(self._buffer),
+            bytes_received=handler.bytes_in,
+            bytes_sent=handler.bytes_out,
+            bytes_queued=handler.out_bytes,
+            active=self.active,
+            closed=self._closed,
+            bytes_buffered_in=handler.delivered_bytes - self._consumed_bytes,
+            bytes_buffered_out=self._queued_bytes - handler.out_done,
+            peak_buffered=handler.peak_buffered,
+            pauses=handler.pauses,
+            busy_transitions=self._busy_transitions,
+            packets_too_large=handler.datagrams_too_large,
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "ended" if self._ended else "open"
+        peer = f" -> {self._remote_address}" if self._remote_address is not None else ""
+        return f"<UDPPort {self._local_address}{peer} {state}>"
+
+
+class _UDPRequest(_Request):
+    """An open request whose late answer, after a cancelled wait, closes the handler."""
+
+    __slots__ = ()
+
+    def _deliver(self, result: Any) -> None:
+        if self.cancelled and isinstance(result, tuple):
+            self.io.submit(DatagramHandler.cmd_close, result[0], None)
+            return
+        super()._deliver(result)
+
+
+async def open_udp(
+    server: IOServer,
+    bind: tuple[str, int] | None = None,
+    connect: tuple[str, int] | None = None,
+    **options: Unpack[UDPOptions],
+) -> UDPPort:
+    """Open a UDP socket; return its :class:`UDPPort`.
+
+    As Erlang's ``gen_udp:open/2`` (and ``gen_udp:connect/3`` with ``connect``).  IPv4 or
+    IPv6 follows the addresses given; an IPv6 socket is IPv6-only.
+
+    Args:
+        server: the I/O server (from :func:`ioserver.open`).
+        bind: ``(host, port)`` to bind; port 0 picks a free one (read it from
+            ``port.local_address``).  Default: ``("127.0.0.1", 0)`` when not connecting,
+            else whatever the kernel picks for ``connect``'s family.
+        connect: ``(host, port)`` of the only peer: ``send(data)`` goes there, only its
+            datagrams are received, and ICMP errors (``ECONNREFUSED`` when nothing
+            listens there) are reported as :class:`~ioserver.Error` messages.
+        options: see :class:`UDPOptions`.
+
+    Raises:
+        ConnectError: a name did not resolve, or the address could not be bound
+            (``"EADDRINUSE"``, ``"EADDRNOTAVAIL"``...) or connected.
+        OptionError: an unknown option or a wrong value.
+        ClosedPortError: the I/O server is closed.
+    """
+    hub = server._check_open()
+    credit, settings = udp_options(dict(options))
+    remote: Any = None
+    family: int = socket.AF_INET
+    if connect is not None:
+        family, remote = (await _resolve(*_host_port(connect, "connect"), passive=False))[0]
+    local: Any = None
+    if bind is not None:
+        candidates = await _resolve(*_host_port(bind, "bind"), passive=True)
+        if connect is not None:
+            matching = [pair for pair in candidates if pair[0] == family]
+            if not matching:
+                raise OptionError(
+                    f"bind={bind!r} and connect={connect!r} are of different families"
+                )
+            candidates = matching
+        family, local = candidates[0]
+    elif connect is None:
+        local = ("127.0.0.1", 0)
+    port = UDPPort(server, credit, settings, family)
+    io = server._io
+    request = _UDPRequest(io, hub)
+    io.submit(
+        cmd_open_udp, request, (io, port, hub.deliver, family, local, remote, settings, credit)
+    )
+    result = await request.wait()
+    if isinstance(result, BaseException):
+        raise result
+    port._conn, port._local_address, port._remote_address = result
+    port._connected = remote is not None
+    return port
+
+
+def _host_port(address: Any, name: str) -> tuple[str, int]:
+    if not isinstance(address, tuple) or len(address) != 2:
+        raise OptionError(f"{name} must be a (host, port) tuple, not {address!r}")
+    return address[0], address[1]
