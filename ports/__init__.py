@@ -79,6 +79,8 @@ from ._select import select as select
 from ._udp import UDPOptions as UDPOptions
 from ._udp import UDPPort as UDPPort
 from ._udp import open_udp as open_udp
+from ._unix import connect_unix as connect_unix
+from ._unix import listen_unix as listen_unix
 
 __all__ = [
     "Accepted",
@@ -110,7 +112,9 @@ __all__ = [
     "UDPPort",
     "WouldBlock",
     "connect_tcp",
+    "connect_unix",
     "listen_tcp",
+    "listen_unix",
     "open_memory_channel",
     "open_udp",
     "select",

@@ -1,0 +1,146 @@
+"""Unix stream sockets in the I/O thread: listening on a path, with its socket file.
+
+A Unix stream connection is a TCP-like byte stream, so it is an ordinary STREAM ``Conn``
+(framing, flow control and the hot path unchanged) and connecting goes through
+``IOThread.cmd_connect`` with ``AF_UNIX``.  What is particular is the listener's socket
+file, handled here:
+
+* **Stale files.**  A socket file left behind by a process that died blocks ``bind`` with
+  ``EADDRINUSE``.  Before binding, a socket file at the path is checked: when Linux's
+  ``/proc/net/unix`` lists a listener bound to that path, it is live; otherwise it is
+  probed with a non-blocking connect: refused means nobody listens, so the file is stale
+  and removed; accepted (or ``EAGAIN``: a full backlog) means a live listener (which then
+  sees one connection open and close: the price of the probe, paid only when the
+  listener bound a relative path or lives in another network namespace).  A live path
+  makes ``bind`` fail with ``EADDRINUSE``, as it should.  A file that is not a socket is
+  never removed.
+* **Removal on close.**  The listening socket is a :class:`_UnixListenerSocket`, whose
+  ``close`` removes the socket file it created - and only that file: if something else
+  replaced it meanwhile (another device or inode), it is left alone.  Every way a
+  listener closes (the owner closes it, it fails, the I/O thread stops) goes through it.
+
+A path starting with ``"\\0"`` (or ``b"\\0"``) is in Linux's abstract namespace: no file,
+nothing to probe or remove.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Any
+
+from ._exceptions import ConnectError, errno_name
+from ._iothread import LISTENER, Conn, IOThread
+from ._poller import READ
+
+__all__ = ["cmd_listen_unix", "is_abstract", "remove_stale_socket_file"]
+
+
+def is_abstract(path: str | bytes) -> bool:
+    """True for a path in Linux's abstract namespace (it starts with a NUL)."""
+    return path[:1] in ("\0", b"\0")
+
+
+class _UnixListenerSocket(socket.socket):
+    """A listening Unix socket that removes its socket file when it closes.
+
+    Sockets it accepts are plain sockets (``socket.accept`` makes them so).
+    """
+
+    path: str | bytes | None = None
+    identity: tuple[int, int] | None = None
+
+    def close(self) -> None:
+        path, identity = self.path, self.identity
+        self.path = self.identity = None
+        super().close()
+        if path is not None and identity is not None:
+            try:
+                info = os.stat(path)
+                if (info.st_dev, info.st_ino) == identity:
+                    os.unlink(path)
+            except OSError:
+                pass  # already gone, or not ours to remove
+
+
+_ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket
+
+
+def _listed_as_listening(path: str | bytes) -> bool:
+    """True if ``/proc/net/unix`` (Linux) lists a listening socket bound to ``path``."""
+    try:
+        with open("/proc/net/unix", "rb") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return False
+    target = os.fsencode(os.path.abspath(path))
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == target and int(fields[3], 16) & _ACCEPTING:
+            return True
+    return False
+
+
+def remove_stale_socket_file(path: str | bytes) -> None:
+    """Remove the socket file at ``path`` if no process listens on it.
+
+    A live socket, a file that is not a socket, and a missing file are left as they are
+    (``bind`` then reports ``EADDRINUSE`` for the first two).
+    """
+    if is_abstract(path):
+        return
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISSOCK(info.st_mode) or _listed_as_listening(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        result = probe.connect_ex(path)
+    if result == errno.ECONNREFUSED:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def cmd_listen_unix(request: Any, spec: tuple[Any, ...]) -> None:
+    """Listen on a Unix path on the I/O thread: answer ``request`` with
+    ``(listener conn, path, None)`` or a :class:`ConnectError`."""
+    io, port, deliver, path, options, active, make_port = spec
+    assert isinstance(io, IOThread)
+    sock = None
+    try:
+        remove_stale_socket_file(path)
+        sock = _UnixListenerSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind(path)
+        if not is_abstract(path):
+            info = os.stat(path)
+            sock.path, sock.identity = path, (info.st_dev, info.st_ino)
+        sock.listen(options.get("backlog", 1024))
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        name = errno_name(exc.errno)
+        deliver(
+            (
+                request,
+                ConnectError(
+                    f"cannot listen on the Unix socket {path!r}: {exc.strerror or exc} ({name})",
+                    exc.errno,
+                    name,
+                ),
+            )
+        )
+        return
+    conn = Conn(sock, LISTENER, port, deliver)
+    conn.make_port = make_port
+    conn.options = {**options, "sockname": path}
+    conn.credit, conn.notify_passive = active
+    io.adopt(conn)
+    deliver((request, (conn, path, None)))
+    io._interest(conn, READ if conn.credit else 0)

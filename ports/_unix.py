@@ -1,0 +1,151 @@
+"""Unix stream sockets: the same ports as TCP, on a path (Erlang's ``{local, Path}``).
+
+A connection is an ordinary :class:`~ports.Port` (framing, active modes, flow control,
+``send_eof``... all as for TCP) and a listener an ordinary :class:`~ports.Listener`; only
+the address differs: a file system path, or on Linux a name in the abstract namespace
+(a path starting with ``"\\0"``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Unpack
+
+from ioserver._exceptions import OptionError
+from ioserver._iothread import Conn
+from ioserver._server import IOServer
+from ioserver._unix import cmd_listen_unix
+
+from ._port import (
+    _LISTEN_OPTIONS,
+    Listener,
+    Port,
+    PortOptions,
+    _check_options,
+    _Request,
+    port_options,
+)
+
+__all__ = ["connect_unix", "listen_unix"]
+
+_NOT_FOR_UNIX = ("nodelay", "keepalive")
+
+
+def _check_path(path: Any) -> str | bytes:
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, (str, bytes)) or not path:
+        raise OptionError(f"a Unix socket path is a non-empty str, bytes or path, not {path!r}")
+    limit = 107  # sun_path holds 108 bytes with the final NUL
+    size = len(os.fsencode(path))
+    if size > limit:
+        raise OptionError(f"the Unix socket path is {size} bytes long; the limit is {limit}")
+    return path
+
+
+def _unix_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
+    for name in _NOT_FOR_UNIX:
+        if name in given:
+            raise OptionError(f"{name} is a TCP option; a Unix socket has no such setting")
+    credit, settings = port_options(given, what)
+    settings["nodelay"] = False
+    return credit, settings
+
+
+async def connect_unix(
+    server: IOServer, path: str | bytes | os.PathLike[str], **options: Unpack[PortOptions]
+) -> Port:
+    """Connect to the Unix stream socket at ``path``; return the open :class:`Port`.
+
+    As Erlang's ``gen_tcp:connect({local, Path}, 0, Options)``.  The port is a TCP-like
+    byte stream with every :class:`~ports.PortOptions` option except ``nodelay`` and
+    ``keepalive``; its ``remote_address`` is the path.
+
+    Args:
+        server: the I/O server (from :func:`ioserver.open`).
+        path: the socket's file system path (str, bytes or path-like, at most 107
+            bytes), or on Linux an abstract name starting with ``"\\0"``.
+        options: the port's options, see :class:`~ports.PortOptions`.
+
+    Raises:
+        ConnectError: nothing listens there (``"ECONNREFUSED"``), no such file
+            (``"ENOENT"``), no permission (``"EACCES"``)...
+        OptionError: a wrong path, an unknown option or a wrong value.
+        ClosedPortError: the I/O server is closed.
+    """
+    hub = server._check_open()
+    address = _check_path(path)
+    credit, settings = _unix_options(dict(options), "a Unix socket port")
+    io = server._io
+    port = Port(server, credit, settings)
+    request = _Request(io, hub)
+    io.submit(
+        io.cmd_connect, request, (port, hub.deliver, socket.AF_UNIX, address, settings, credit)
+    )
+    result = await request.wait()
+    if isinstance(result, BaseException):
+        raise result
+    port._conn, port._local_address, port._remote_address = result
+    return port
+
+
+async def listen_unix(
+    server: IOServer,
+    path: str | bytes | os.PathLike[str],
+    *,
+    backlog: int = 1024,
+    **options: Unpack[PortOptions],
+) -> Listener:
+    """Listen on the Unix stream socket ``path``; return the :class:`~ports.Listener`.
+
+    As :func:`~ports.listen_tcp`: the listener's messages are :class:`~ioserver.Accepted`
+    ports, each a byte stream with the given options.  The socket file is managed:
+
+    * a *stale* socket file at ``path`` (left by a process that ended without removing
+      it: nothing accepts on it) is removed before binding;
+    * a *live* one (another listener) makes this fail with ``"EADDRINUSE"``;
+    * a file that is not a socket is never removed (``"EADDRINUSE"`` too);
+    * the listener removes its socket file when it closes (if it is still its own).
+
+    Args:
+        server: the I/O server.
+        path: a file system path (at most 107 bytes) or, on Linux, an abstract name
+            starting with ``"\\0"`` (no file at all).
+        backlog: the kernel's queue of connections not yet accepted.
+        options: the options of each accepted port (see :class:`~ports.PortOptions`;
+            not ``nodelay`` nor ``keepalive``).
+
+    Raises:
+        ConnectError: the path is in use (``"EADDRINUSE"``), its directory does not
+            exist (``"ENOENT"``) or is not writable (``"EACCES"``).
+        OptionError: a wrong path, an unknown option or a wrong value.
+        ClosedPortError: the I/O server is closed.
+    """
+    hub = server._check_open()
+    address = _check_path(path)
+    _check_options({"backlog": backlog}, _LISTEN_OPTIONS, "a Unix socket listener")
+    credit, settings = _unix_options(dict(options), "a Unix socket listener's ports")
+    all_options: dict[str, Any] = {"backlog": backlog, **settings, "active": credit}
+    listener = Listener(server, (-1, False))
+    io = server._io
+
+    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
+        # Runs on the I/O thread, once per accepted connection.
+        accepted = Port(server, credit, settings)
+        accepted._conn = conn
+        accepted._local_address = local_address
+        accepted._remote_address = remote_address
+        return accepted
+
+    request = _Request(io, hub)
+    io.submit(
+        cmd_listen_unix,
+        request,
+        (io, listener, hub.deliver, address, all_options, (-1, False), make_port),
+    )
+    result = await request.wait()
+    if isinstance(result, BaseException):
+        raise result
+    listener._conn, listener._local_address, _ = result
+    return listener
