@@ -76,6 +76,8 @@ from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
 from ._select import select as select
+from ._subprocess import ProcessPort as ProcessPort
+from ._subprocess import open_process as open_process
 from ._udp import UDPOptions as UDPOptions
 from ._udp import UDPPort as UDPPort
 from ._udp import open_udp as open_udp
@@ -107,6 +109,7 @@ __all__ = [
     "Port",
     "PortOptions",
     "PortStatistics",
+    "ProcessPort",
     "SendTimeoutError",
     "UDPOptions",
     "UDPPort",
@@ -116,6 +119,7 @@ __all__ = [
     "listen_tcp",
     "listen_unix",
     "open_memory_channel",
+    "open_process",
     "open_udp",
     "select",
 ]

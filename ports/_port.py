@@ -608,9 +608,9 @@ class _PortBase(Source):
         await self.aclose()
 
 
-@final
+# Not @final: ports.ProcessPort extends it (a program's stdin/stdout, plus its exit).
 class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
-    """A connected byte stream (TCP), owned by the I/O thread, used like a channel.
+    """A connected byte stream (TCP, Unix), owned by the I/O thread, used like a channel.
 
     Receive messages: :class:`~ioserver.Data` for bytes read, then one final
     :class:`~ioserver.Closed` (``reason="eof"`` when the peer closed, an errno name such

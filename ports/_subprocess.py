@@ -1,0 +1,301 @@
+"""Process ports: a program's stdin and stdout as a port, and its exit status as a message.
+
+As Erlang's ``open_port({spawn_executable, Path}, [{args, Args}, {packet, N},
+exit_status])``: the program runs from an argv list (never through a shell), what it
+writes to stdout arrives as :class:`~ioserver.Data` (framed by the ``packet`` option), what
+the port sends is its stdin, and when it ends an :class:`~ioserver.ExitStatus` arrives
+after its last output, just before the final :class:`~ioserver.Closed`.  The I/O thread's
+half is :mod:`ioserver._process`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Unpack
+
+from ioserver._exceptions import ClosedPortError, ConnectError, OptionError, errno_name
+from ioserver._iothread import STREAM, Conn
+from ioserver._messages import ExitStatus
+from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
+from ioserver._server import IOServer
+
+from ._port import Port, PortOptions
+from ._unix import _unix_options
+
+__all__ = ["ProcessPort", "open_process"]
+
+Stderr = Literal["inherit", "devnull", "stdout", "port"]
+
+#: Seconds between SIGTERM and SIGKILL when a process port closes, by default.
+KILL_GRACE = 2.0
+
+
+class ProcessPort(Port):
+    """A :class:`~ports.Port` whose peer is a program (see :func:`open_process`).
+
+    Everything a :class:`~ports.Port` does works: ``send`` writes to the program's stdin,
+    ``receive`` gives its stdout, ``send_eof`` closes its stdin, active modes and flow
+    control apply.  In addition its messages end with :class:`~ioserver.ExitStatus`
+    before the final :class:`~ioserver.Closed`, and it has :attr:`pid`,
+    :attr:`exit_status`, :attr:`stderr`, :meth:`terminate` and :meth:`send_signal`.
+    Closing it (or its owner ending) terminates the program.
+    """
+
+    __slots__ = ("_argv", "_exit_status", "_stderr_port", "_watcher")
+
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
+        super().__init__(server, active, options)
+        self._argv: tuple[str | bytes, ...] = ()
+        self._exit_status: int | None = None
+        self._stderr_port: Port | None = None
+        self._watcher: ProcessWatcher | None = None
+
+    def _deliver(self, message: Any) -> None:
+        if message.__class__ is ExitStatus:
+            self._exit_status = message.status
+        super()._deliver(message)
+
+    @property
+    def pid(self) -> int:
+        """The program's process id (do not signal it yourself: use :meth:`send_signal`,
+        which cannot hit another process that reused the id after the exit)."""
+        assert self._watcher is not None
+        return self._watcher.pid
+
+    @property
+    def argv(self) -> tuple[str | bytes, ...]:
+        """The program and its arguments, as started."""
+        return self._argv
+
+    @property
+    def exit_status(self) -> int | None:
+        """The exit status once :class:`~ioserver.ExitStatus` was delivered to this port
+        (its code, or ``-N`` for signal N), else ``None``."""
+        return self._exit_status
+
+    @property
+    def stderr(self) -> Port | None:
+        """With ``stderr="port"``: the port of the program's stderr (receive only: it
+        was opened with its sending side shut), else ``None``."""
+        return self._stderr_port
+
+    def send_signal(self, number: int) -> None:
+        """Send signal ``number`` to the program, unless it has already been reaped.
+
+        Raises:
+            ClosedPortError: the port is closed.
+        """
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        self._submit((ProcessWatcher.cmd_signal, self._watcher, int(number)))
+
+    def terminate(self) -> None:
+        """Ask the program to end: SIGTERM now, SIGKILL after ``kill_grace`` seconds.
+
+        The port stays open, so its :class:`~ioserver.ExitStatus` (``-15`` or ``-9``
+        unless the program handled SIGTERM) and final :class:`~ioserver.Closed` arrive.
+
+        Raises:
+            ClosedPortError: the port is closed.
+        """
+        if self._closed:
+            raise ClosedPortError("this port is closed")
+        self._submit((ProcessWatcher.cmd_terminate, self._watcher, None))
+
+    def close_nowait(self) -> None:
+        """Close the port and terminate the program (SIGTERM, then SIGKILL after
+        ``kill_grace`` seconds); the I/O thread reaps it.  Idempotent."""
+        if self._closed:
+            return
+        super().close_nowait()
+        if self._watcher is not None:
+            self._submit((ProcessWatcher.cmd_terminate, self._watcher, None))
+        if self._stderr_port is not None:
+            self._stderr_port.close_nowait()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "ended" if self._ended else "open"
+        pid = self._watcher.pid if self._watcher is not None else None
+        return f"<ProcessPort pid={pid} {self._argv!r} {state}>"
+
+
+def _check_argv(argv: Any) -> tuple[str | bytes, ...]:
+    if isinstance(argv, (str, bytes)):
+        raise OptionError(
+            "argv is a list of arguments, not a shell command line: write "
+            f"[{argv!r}] for a program without arguments, or shlex.split(...) a command"
+        )
+    if not isinstance(argv, Sequence) or not argv:
+        raise OptionError(f"argv must be a non-empty list of arguments, not {argv!r}")
+    checked: list[str | bytes] = []
+    for index, argument in enumerate(argv):
+        if isinstance(argument, os.PathLike):
+            argument = os.fspath(argument)
+        if not isinstance(argument, (str, bytes)):
+            raise OptionError(f"argv[{index}] must be a str, bytes or path, not {argument!r}")
+        if (b"\0" in argument) if isinstance(argument, bytes) else ("\0" in argument):
+            raise OptionError(f"argv[{index}] contains a NUL character")
+        checked.append(argument)
+    if not checked[0]:
+        raise OptionError("argv[0], the program, is empty")
+    return tuple(checked)
+
+
+def _check_env(env: Any) -> dict[str, str] | None:
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise OptionError(f"env must be a mapping of str to str, or None, not {env!r}")
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str) or "=" in key or not key:
+            raise OptionError(f"env entries are str names (without '=') to str: {key!r}")
+    return dict(env)
+
+
+async def open_process(
+    server: IOServer,
+    argv: Sequence[str | bytes | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stderr: Stderr = "inherit",
+    kill_grace: float = KILL_GRACE,
+    **options: Unpack[PortOptions],
+) -> ProcessPort:
+    """Start a program; return a :class:`ProcessPort` on its stdin and stdout.
+
+    As Erlang's ``open_port({spawn_executable, Path}, [{args, Args}, exit_status,
+    {packet, N}...])``.  The program is started directly from ``argv`` (no shell, so no
+    quoting problems and no injection); ``argv[0]`` is looked up in ``PATH`` unless it
+    contains a slash.  Its stdin and stdout are one end of a Unix socket pair, the port's
+    byte stream: every :class:`~ports.PortOptions` option applies (except ``nodelay`` and
+    ``keepalive``), e.g. ``packet="line"`` for a line-based program.  Messages: its output
+    as :class:`~ioserver.Data`, then :class:`~ioserver.ExitStatus` (exit code, or ``-N``
+    for signal N), then :class:`~ioserver.Closed` - ``"eof"`` normally; the exit status
+    waits until the program's stdout reached end-of-file, so it follows all the output.
+
+    A program that writes faster than its owner reads is paused by flow control (the
+    socket buffer fills and it blocks in ``write``), as a TCP peer is.  ``send_eof()``
+    closes its stdin.  Closing the port, its owner ending, or the I/O server stopping
+    terminates the program: SIGTERM, then SIGKILL after ``kill_grace`` seconds; it is
+    always reaped (no zombie).
+
+    Args:
+        server: the I/O server (from :func:`ioserver.open`).
+        argv: the program and its arguments: a list of str, bytes or paths, never one
+            shell string.
+        env: the program's whole environment; ``None`` (default) inherits ours.
+        cwd: its working directory; ``None`` inherits ours.
+        stderr: ``"inherit"`` (default: our stderr), ``"devnull"``, ``"stdout"`` (merged
+            into the port's stream) or ``"port"`` (a second, receive-only port, raw bytes,
+            available as :attr:`ProcessPort.stderr`; closed with the main port).
+        kill_grace: seconds between SIGTERM and SIGKILL when the program is terminated
+            (0: SIGKILL at once).
+        options: the port's options, see :class:`~ports.PortOptions`.
+
+    Returns:
+        The open :class:`ProcessPort`; the program is running.
+
+    Raises:
+        ConnectError: the program could not be started: not found (``"ENOENT"``), not
+            executable (``"EACCES"``), a missing ``cwd``...  It is an :exc:`OSError`.
+        OptionError: ``argv`` is a string, empty or holds a non-string; a wrong ``env``,
+            ``stderr`` or ``kill_grace``; an unknown option or a wrong value.
+        ClosedPortError: the I/O server is closed.
+    """
+    server._check_open()
+    arguments = _check_argv(argv)
+    environment = _check_env(env)
+    if cwd is not None and not isinstance(cwd, (str, bytes, os.PathLike)):
+        raise OptionError(f"cwd must be a path or None, not {cwd!r}")
+    if stderr not in ("inherit", "devnull", "stdout", "port"):
+        raise OptionError(
+            f"stderr must be 'inherit', 'devnull', 'stdout' or 'port', not {stderr!r}"
+        )
+    if (
+        isinstance(kill_grace, bool)
+        or not isinstance(kill_grace, (int, float))
+        or not math.isfinite(kill_grace)
+        or kill_grace < 0
+    ):
+        raise OptionError(f"kill_grace must be non-negative seconds, not {kill_grace!r}")
+    credit, settings = _unix_options(dict(options), "a process port")
+    port = ProcessPort(server, credit, settings)
+    port._argv = arguments
+    stderr_port: Port | None = None
+    if stderr == "port":
+        stderr_port = Port(server, credit, {**settings, "packet": "raw"})
+
+    ours, theirs = socketpair_for_child()
+    error_ours: socket.socket | None = None
+    error_theirs: socket.socket | None = None
+    try:
+        for name, level in (("recbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
+            if settings[name]:
+                ours.setsockopt(socket.SOL_SOCKET, level, settings[name])
+        child_stderr: Any = None
+        if stderr == "devnull":
+            child_stderr = subprocess.DEVNULL
+        elif stderr == "stdout":
+            child_stderr = theirs.fileno()
+        elif stderr == "port":
+            error_ours, error_theirs = socketpair_for_child()
+            child_stderr = error_theirs.fileno()
+        try:
+            # Forks in this thread, as asyncio's subprocess support does (vfork: fast); it
+            # waits only for the exec to succeed or fail, never for the program.
+            popen = subprocess.Popen(  # noqa: ASYNC220
+                arguments,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=child_stderr,
+                env=environment,
+                cwd=cwd,
+                close_fds=True,
+            )
+        except OSError as exc:
+            name = errno_name(exc.errno)
+            raise ConnectError(
+                f"cannot start {arguments[0]!r}: {exc.strerror or exc} ({name})",
+                exc.errno,
+                name,
+            ) from None
+    except BaseException:
+        ours.close()
+        if error_ours is not None:
+            error_ours.close()
+        raise
+    finally:
+        theirs.close()  # the program has its copies
+        if error_theirs is not None:
+            error_theirs.close()
+
+    # Built here, handed to the I/O thread by cmd_start_process before any command that
+    # uses them (the command queue is FIFO): no syscall is made on the sockets meanwhile.
+    io = server._io
+    hub = server._hub
+    watcher = ProcessWatcher(io, popen, open_pidfd(popen.pid), port, hub.deliver, kill_grace)
+    conn = Conn(ours, STREAM, port, watcher.stream_deliver)
+    conn.configure(settings, port)
+    conn.credit, conn.notify_passive = credit
+    watcher.conns.append(conn)
+    port._conn = conn
+    port._watcher = watcher
+    port._local_address = ""
+    port._remote_address = None
+    if stderr_port is not None and error_ours is not None:
+        error_conn = Conn(error_ours, STREAM, stderr_port, hub.deliver)
+        error_conn.configure(settings, stderr_port)
+        error_conn.credit, error_conn.notify_passive = credit
+        watcher.conns.append(error_conn)
+        stderr_port._conn = error_conn
+        stderr_port._local_address = ""
+        port._stderr_port = stderr_port
+    io.submit(cmd_start_process, watcher, None)
+    if stderr_port is not None:
+        await stderr_port.send_eof()  # receive only: the program's stderr is one-way
+    return port
