@@ -124,11 +124,15 @@ class ProcessWatcher(Handler):
 
     # -- the exit -----------------------------------------------------------------------
     def on_ready(self, mask: int) -> None:
-        self._reap()
+        # The pidfd is readable, or (without one) the poll timer asked for this call.
+        if self._reap() is None and self.pidfd is None and not self.closed:
+            self.io.call_later(POLL_INTERVAL, self._poll)
 
     def _poll(self) -> None:
-        if self._reap() is None and not self.closed:
-            self.io.call_later(POLL_INTERVAL, self._poll)
+        # Timers run before the poller waits, and what they deliver would stay staged
+        # until the end of the next round: run the reap as a ready handler instead.
+        if not self.closed:
+            self.io.call_soon(self)
 
     def _reap(self) -> int | None:
         """Collect the exit status if the program ended; return it (``None``: running)."""
@@ -234,7 +238,7 @@ def cmd_start_process(watcher: ProcessWatcher, _: Any) -> None:
     else:
         watcher.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         io.adopt(watcher)
-        watcher._poll()
+        io.call_soon(watcher)
     # It may have exited already (a pidfd is readable at once then; a poll just looked).
 
 

@@ -1,0 +1,315 @@
+"""Process ports with real programs: output, exit status, termination, flow control, reaping."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import ioserver
+import ports
+from ports import Closed, Data, ExitStatus
+
+pytestmark = pytest.mark.anyio
+
+PYTHON = sys.executable
+# A line-based calculator: answers each line with its value; exits 0 at end of input.
+CALCULATOR = (
+    "import sys\nfor line in sys.stdin:\n    print(eval(line, {'__builtins__': {}}), flush=True)\n"
+)
+# Ignores SIGTERM, says it is ready, then waits forever (only SIGKILL ends it).
+STUBBORN = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    time.sleep(1)\n"
+)
+
+
+def children() -> set[int]:
+    """This process's children, zombies included (Linux's /proc/PID/task/*/children)."""
+    found: set[int] = set()
+    for name in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(name) as listing:
+            found.update(int(pid) for pid in listing.read().split())
+    return found
+
+
+@pytest.fixture
+def no_zombies() -> Iterator[None]:
+    """Fail the test if it leaves a child process behind, running or as a zombie."""
+    if not glob.glob(f"/proc/{os.getpid()}/task/*/children"):  # pragma: no cover
+        pytest.skip("the child-process check needs /proc/PID/task/*/children (Linux)")
+    before = children()
+    yield
+    left = children() - before
+    assert not left, f"child processes left behind: {sorted(left)}"
+
+
+@pytest.fixture
+async def pios(no_zombies: None, no_leaks: None) -> AsyncIterator[ioserver.IOServer]:
+    """An I/O server whose children must all be reaped, and no fd left, after the test."""
+    async with ioserver.open() as server:
+        yield server
+
+
+async def messages_until_closed(port: ports.Port) -> list[Any]:
+    with anyio.fail_after(10):
+        return [message async for message in port]
+
+
+async def wait_reaped(pidfd: int, pid: int) -> None:
+    """Wait until ``pid`` has exited (its pidfd is readable) and the I/O thread reaped it."""
+    with anyio.fail_after(10):
+        await anyio.wait_readable(pidfd)
+        while os.path.exists(f"/proc/{pid}"):  # a zombie until the I/O thread reaps it
+            await anyio.lowlevel.checkpoint()
+    os.close(pidfd)
+
+
+async def test_a_line_based_program_answers_requests_then_exits_with_its_status(
+    pios: ioserver.IOServer,
+) -> None:
+    port = await ports.open_process(pios, [PYTHON, "-c", CALCULATOR], packet="line")
+    async with port:
+        assert port.pid > 0 and port.exit_status is None
+        for question, answer in ((b"1+2\n", b"3\n"), (b"6*7\n", b"42\n")):
+            await port.send(question)
+            with anyio.fail_after(10):
+                assert await port.receive() == Data(answer)
+        await port.send_eof()  # its stdin ends: it exits 0
+        assert await messages_until_closed(port) == [ExitStatus(0), Closed("eof")]
+        assert port.exit_status == 0
+
+
+async def test_the_exit_status_follows_all_the_output(pios: ioserver.IOServer) -> None:
+    size = 300_000
+    script = f"import sys; sys.stdout.write('x' * {size}); sys.stdout.flush(); sys.exit(7)"
+    port = await ports.open_process(pios, [PYTHON, "-c", script])
+    async with port:
+        messages = await messages_until_closed(port)
+    assert messages[-2:] == [ExitStatus(7), Closed("eof")]
+    assert b"".join(message.data for message in messages[:-2]) == b"x" * size
+
+
+async def test_a_program_that_exits_at_once(pios: ioserver.IOServer) -> None:
+    port = await ports.open_process(pios, ["true"] if shutil.which("true") else [PYTHON, "-c", ""])
+    async with port:
+        assert await messages_until_closed(port) == [ExitStatus(0), Closed("eof")]
+        with pytest.raises(ports.EndOfPort):
+            await port.receive()
+
+
+async def test_terminate_ends_a_program_with_sigterm(pios: ioserver.IOServer) -> None:
+    port = await ports.open_process(pios, [PYTHON, "-c", "import time; time.sleep(60)"])
+    async with port:
+        port.terminate()
+        assert await messages_until_closed(port) == [ExitStatus(-15), Closed("eof")]
+
+
+async def test_a_program_that_ignores_sigterm_gets_sigkill_after_the_grace(
+    pios: ioserver.IOServer,
+) -> None:
+    port = await ports.open_process(pios, [PYTHON, "-c", STUBBORN], kill_grace=0.3, packet="line")
+    async with port:
+        with anyio.fail_after(10):
+            assert await port.receive() == Data(b"ready\n")
+        started = time.monotonic()
+        port.terminate()
+        assert await messages_until_closed(port) == [ExitStatus(-9), Closed("eof")]
+        assert time.monotonic() - started >= 0.3
+
+
+async def test_closing_the_port_kills_and_reaps_even_a_stubborn_program(
+    pios: ioserver.IOServer,
+) -> None:
+    port = await ports.open_process(pios, [PYTHON, "-c", STUBBORN], kill_grace=0.2, packet="line")
+    with anyio.fail_after(10):
+        assert await port.receive() == Data(b"ready\n")
+    pidfd = os.pidfd_open(port.pid)
+    await port.aclose()
+    await wait_reaped(pidfd, port.pid)
+
+
+async def test_a_program_flooding_stdout_is_paused_and_memory_stays_bounded(
+    pios: ioserver.IOServer,
+) -> None:
+    # Writes forever, never reads its stdin: only flow control keeps memory bounded.
+    flood = "import sys\nchunk = b'y' * 65536\nwhile True:\n    sys.stdout.buffer.write(chunk)\n"
+    port = await ports.open_process(
+        pios,
+        [PYTHON, "-c", flood],
+        high_msgq_watermark=128 * 1024,
+        low_msgq_watermark=32 * 1024,
+        kill_grace=0.5,
+    )
+    first = await port.receive()  # the owner takes one message, then stops taking
+    assert isinstance(first, Data)
+    with anyio.fail_after(10):
+        while port.statistics().pauses == 0:  # the I/O thread's state
+            await anyio.lowlevel.checkpoint()
+    statistics = port.statistics()
+    assert statistics.bytes_buffered_in <= 128 * 1024 + 65536
+    assert pios.statistics().memory_in_use <= 128 * 1024 + 65536
+    # Draining resumes the reads: more keeps coming.
+    taken = 0
+    with anyio.fail_after(10):
+        while taken < 1_000_000:
+            message = await port.receive()
+            assert isinstance(message, Data)
+            taken += len(message.data)
+    assert port.statistics().pauses >= 1
+    pidfd = os.pidfd_open(port.pid)
+    await port.aclose()
+    await wait_reaped(pidfd, port.pid)
+
+
+async def test_stderr_as_a_port_merged_or_discarded(pios: ioserver.IOServer) -> None:
+    script = "import sys; sys.stderr.write('to stderr\\n'); sys.stderr.flush(); print('to stdout')"
+    separate = await ports.open_process(pios, [PYTHON, "-c", script], stderr="port")
+    async with separate:
+        assert separate.stderr is not None
+        assert await messages_until_closed(separate) == [
+            Data(b"to stdout\n"),
+            ExitStatus(0),
+            Closed("eof"),
+        ]
+        assert await messages_until_closed(separate.stderr) == [
+            Data(b"to stderr\n"),
+            Closed("eof"),
+        ]
+        with pytest.raises((ports.ClosedPortError, ports.BrokenPortError)):
+            await separate.stderr.send(b"one-way")  # its sending side is shut
+    merged = await ports.open_process(pios, [PYTHON, "-c", script], stderr="stdout", packet="line")
+    async with merged:
+        assert merged.stderr is None
+        messages = await messages_until_closed(merged)
+        assert sorted(messages[:2], key=repr) == [Data(b"to stderr\n"), Data(b"to stdout\n")]
+    discarded = await ports.open_process(
+        pios, [PYTHON, "-c", script], stderr="devnull", packet="line"
+    )
+    async with discarded:
+        assert (await messages_until_closed(discarded))[0] == Data(b"to stdout\n")
+
+
+async def test_env_and_cwd(pios: ioserver.IOServer, tmp_path: Path) -> None:
+    script = "import os; print(os.getcwd(), os.environ.get('GREETING'), 'HOME' in os.environ)"
+    port = await ports.open_process(
+        pios, [PYTHON, "-c", script], env={"GREETING": "hello"}, cwd=tmp_path, packet="line"
+    )
+    async with port:
+        messages = await messages_until_closed(port)
+    assert messages[0] == Data(f"{tmp_path} hello False\n".encode())
+
+
+async def test_an_owner_that_ends_takes_its_program_with_it(pios: ioserver.IOServer) -> None:
+    echo = "import sys\nfor line in sys.stdin:\n    print(line, end='', flush=True)\n"
+    port = await ports.open_process(pios, [PYTHON, "-c", echo], packet="line")
+    mailbox = ports.Mailbox()
+    port.set_owner(mailbox)
+    await port.send(b"first\n")
+    with anyio.fail_after(10):
+        assert await mailbox.receive() == (port, Data(b"first\n"))
+    pidfd = os.pidfd_open(port.pid)
+    mailbox.close()  # the owner is gone: its next message closes the port
+    await port.send(b"second\n")
+    await wait_reaped(pidfd, port.pid)
+    assert port.closed
+
+
+async def test_stopping_the_server_terminates_and_reaps_every_program(
+    no_zombies: None, no_leaks: None
+) -> None:
+    async with ioserver.open() as ios:
+        sleeper = await ports.open_process(ios, [PYTHON, "-c", "import time; time.sleep(60)"])
+        stubborn = await ports.open_process(
+            ios, [PYTHON, "-c", STUBBORN], kill_grace=0.2, packet="line"
+        )
+        with anyio.fail_after(10):
+            assert await stubborn.receive() == Data(b"ready\n")
+    assert await messages_until_closed(sleeper) == [
+        ExitStatus(-15),
+        Closed("ioserver closed", "ESHUTDOWN"),
+    ]
+    assert await messages_until_closed(stubborn) == [
+        ExitStatus(-9),
+        Closed("ioserver closed", "ESHUTDOWN"),
+    ]
+
+
+async def test_without_pidfd_the_exit_is_polled(
+    no_zombies: None, no_leaks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ports._subprocess
+
+    monkeypatch.setattr(ports._subprocess, "open_pidfd", lambda pid: None)
+    async with ioserver.open() as ios:
+        quick = await ports.open_process(ios, [PYTHON, "-c", "import sys; sys.exit(3)"])
+        assert await messages_until_closed(quick) == [ExitStatus(3), Closed("eof")]
+        stubborn = await ports.open_process(
+            ios, [PYTHON, "-c", STUBBORN], kill_grace=0.2, packet="line"
+        )
+        with anyio.fail_after(10):
+            assert await stubborn.receive() == Data(b"ready\n")
+        stubborn.terminate()
+        assert await messages_until_closed(stubborn) == [ExitStatus(-9), Closed("eof")]
+        # And one left running for the server's stop to end.
+        sleeper = await ports.open_process(ios, [PYTHON, "-c", "import time; time.sleep(60)"])
+    assert (await messages_until_closed(sleeper))[0] == ExitStatus(-15)
+
+
+async def test_send_signal_reaches_the_program(pios: ioserver.IOServer) -> None:
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: (print('usr1', flush=True), sys.exit(5)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    port = await ports.open_process(pios, [PYTHON, "-c", script], packet="line")
+    async with port:
+        with anyio.fail_after(10):
+            assert await port.receive() == Data(b"ready\n")
+        import signal
+
+        port.send_signal(signal.SIGUSR1)
+        assert await messages_until_closed(port) == [Data(b"usr1\n"), ExitStatus(5), Closed("eof")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "options", "error", "match"),
+    [
+        ("ls -l", {}, ports.OptionError, "not a shell command line"),
+        ([], {}, ports.OptionError, "non-empty"),
+        (["ls", 3], {}, ports.OptionError, r"argv\[1\]"),
+        (["ls", "a\0b"], {}, ports.OptionError, "NUL"),
+        (["ls"], {"stderr": "pipe"}, ports.OptionError, "stderr"),
+        (["ls"], {"kill_grace": -1}, ports.OptionError, "kill_grace"),
+        (["ls"], {"env": {"A=B": "c"}}, ports.OptionError, "env"),
+        (["ls"], {"nodelay": True}, ports.OptionError, "nodelay"),
+        (["ls"], {"packet": 3}, ports.OptionError, "packet"),
+        (["/nonexistent/program"], {}, ports.ConnectError, "ENOENT"),
+        (["ls"], {"cwd": "/nonexistent/dir"}, ports.ConnectError, "ENOENT"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_anything_runs(
+    pios: ioserver.IOServer, argv: Any, options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        await ports.open_process(pios, argv, **options)
+
+
+async def test_a_file_that_is_not_executable(pios: ioserver.IOServer, tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    with pytest.raises(ports.ConnectError, match="EACCES") as caught:
+        await ports.open_process(pios, [script])
+    assert caught.value.errno_name == "EACCES"
