@@ -54,7 +54,6 @@ class _UnixListenerSocket(socket.socket):
 
     def close(self) -> None:
         path, identity = self.path, self.identity
-        self.path = self.identity = None
         super().close()
         if path is not None and identity is not None:
             try:
@@ -63,6 +62,7 @@ class _UnixListenerSocket(socket.socket):
                     os.unlink(path)
             except OSError:
                 pass  # already gone, or not ours to remove
+        self.path = self.identity = None  # last: None means the file is dealt with
 
 
 _ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket

@@ -36,8 +36,11 @@ def children() -> set[int]:
     """This process's children, zombies included (Linux's /proc/PID/task/*/children)."""
     found: set[int] = set()
     for name in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-        with open(name) as listing:
-            found.update(int(pid) for pid in listing.read().split())
+        try:
+            with open(name) as listing:
+                found.update(int(pid) for pid in listing.read().split())
+        except OSError:
+            pass  # that thread ended meanwhile (its children are the process's own)
     return found
 
 

@@ -36,9 +36,12 @@ async def receive_exactly(port: ports.Port, size: int) -> bytes:
 
 
 async def wait_released(listener: ports.Listener) -> None:
-    """Wait until the I/O thread has closed the listener's socket (aclose only asks it)."""
+    """Wait until the I/O thread has closed the listener's socket and dealt with its file
+    (aclose only asks it to)."""
+    assert listener._conn is not None
+    sock = listener._conn.sock
     with anyio.fail_after(5):
-        while listener._conn is not None and not listener._conn.closed:  # the I/O thread
+        while sock.fileno() != -1 or getattr(sock, "path", None) is not None:  # I/O thread's
             await anyio.lowlevel.checkpoint()
 
 
