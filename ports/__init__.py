@@ -9,6 +9,10 @@ Actors never touch a socket.  They open ports through an I/O server
                 task_group.start_soon(echo, accepted.port)
 
 and wait on ports, mailboxes and channels together with :func:`select`.
+
+Port kinds: TCP (:func:`connect_tcp`, :func:`listen_tcp`), Unix stream sockets
+(:func:`connect_unix`, :func:`listen_unix`), UDP (:func:`open_udp`: :class:`Datagram`
+messages) and programs (:func:`open_process`: their stdin/stdout, then :class:`ExitStatus`).
 """
 
 from ioserver._exceptions import (

@@ -315,3 +315,14 @@ async def test_a_file_that_is_not_executable(pios: ioserver.IOServer, tmp_path: 
     with pytest.raises(ports.ConnectError, match="EACCES") as caught:
         await ports.open_process(pios, [script])
     assert caught.value.errno_name == "EACCES"
+
+
+async def test_process_ports_under_the_selectors_poller(no_zombies: None, no_leaks: None) -> None:
+    async with ioserver.open(poller="selectors") as ios:
+        port = await ports.open_process(ios, [PYTHON, "-c", CALCULATOR], packet="line")
+        async with port:
+            await port.send(b"2**10\n")
+            with anyio.fail_after(10):
+                assert await port.receive() == Data(b"1024\n")
+            await port.send_eof()
+            assert await messages_until_closed(port) == [ExitStatus(0), Closed("eof")]
