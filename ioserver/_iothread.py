@@ -214,6 +214,24 @@ class Handler:
     def on_shutdown(self) -> None:
         """The I/O thread stops: tell the owners and release the fd."""
 
+    # The port commands, for ports whose I/O-thread half is a handler (IOThread.cmd_*
+    # dispatch here): close after a flush, half-close, an active mode, one passive read,
+    # resume after a receive pause of ``generation``.
+    def close(self) -> None:
+        """``cmd_close``: close once the queued output is written."""
+
+    def send_eof(self) -> None:
+        """``cmd_send_eof``: half-close the sending side."""
+
+    def set_active(self, mode: tuple[int, bool]) -> None:
+        """``cmd_set_active``: apply an active mode ``(credit, notify_passive)``."""
+
+    def read_once(self) -> None:
+        """``cmd_read_once``: a passive port's receiver waits for one message."""
+
+    def resume(self, generation: int) -> None:
+        """``cmd_resume``: the owner took enough after the pause ``generation``."""
+
 
 class _WakeupSlot:
     """Stands in the port table at the command queue's wake-up fd."""
@@ -260,6 +278,10 @@ class IOThread:
         self._ready: list[Handler] = []
         self._timers: list[tuple[float, int, list[Callable[[], None] | None]]] = []
         self._timer_sequence = 0
+        # ZeroMQ: one context per I/O server, made on first use; every socket made from it,
+        # so that shutdown can close those still on their way to the thread.
+        self._zmq_context: Any = None
+        self.zmq_sockets: set[Any] = set()
         self._paused_listeners: list[Conn] = []
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
@@ -293,6 +315,14 @@ class IOThread:
     def add_inbox(self, inbox: WakeupQueue[Any]) -> None:
         """Make ``inbox`` one that is notified after every round (runs on the I/O thread)."""
         self._inboxes.append(inbox)
+
+    def zmq_context(self) -> Any:
+        """The server's ZeroMQ context (``zmq.Context``), made on first use."""
+        if self._zmq_context is None:
+            import zmq
+
+            self._zmq_context = zmq.Context()
+        return self._zmq_context
 
     # -- for handlers (run on the I/O thread) ---------------------------------------------
     def call_soon(self, handler: Handler) -> None:
@@ -600,6 +630,11 @@ class IOThread:
         for conn in self._paused_listeners:
             if not conn.closed:
                 self._close(conn)
+        if self._zmq_context is not None:
+            for sock in list(self.zmq_sockets):  # made, never adopted
+                sock.close(linger=0)
+            self.zmq_sockets.clear()
+            self._zmq_context.term()
         self._poller.close()
         # Every hub hears that the thread ended, whether it was asked to stop or failed.
         for hub in self._budget_owners:
@@ -760,6 +795,9 @@ class IOThread:
 
     def cmd_resume(self, conn: Conn, generation: int) -> None:
         """The port's owner took enough: read again (if this is still the same pause)."""
+        if conn.kind == HANDLER:
+            conn.resume(generation)  # type: ignore[attr-defined]
+            return
         self._resume_if_drained(conn, generation)
 
     # -- the memory budget --------------------------------------------------------------
@@ -892,6 +930,9 @@ class IOThread:
             self._dirty.append(conn)
 
     def cmd_send_eof(self, conn: Conn, _: Any) -> None:
+        if conn.kind == HANDLER:
+            conn.send_eof()  # type: ignore[attr-defined]
+            return
         if conn.closed or conn.write_closed or conn.shutdown_pending:
             return
         if conn.outq:
@@ -903,6 +944,9 @@ class IOThread:
         """Close once the queued output is written (Erlang's close after a flush)."""
         if conn.closed:
             return
+        if conn.kind == HANDLER:
+            conn.close()  # type: ignore[attr-defined]
+            return
         if conn.kind == STREAM and conn.outq:
             conn.close_pending = True
             self._stream_interest(conn)
@@ -912,6 +956,9 @@ class IOThread:
     def cmd_set_active(self, conn: Conn, mode: tuple[int, bool]) -> None:
         """Apply an active mode ``(credit, notify_passive)`` (see ``ports.parse_active``)."""
         if conn.closed:
+            return
+        if conn.kind == HANDLER:
+            conn.set_active(mode)  # type: ignore[attr-defined]
             return
         credit, notify = mode
         if notify and conn.notify_passive and conn.credit > 0:
@@ -928,6 +975,9 @@ class IOThread:
 
     def cmd_read_once(self, conn: Conn, _: Any) -> None:
         """A passive port's receiver waits: let one message through (``gen_tcp:recv``)."""
+        if conn.kind == HANDLER and not conn.closed:
+            conn.read_once()  # type: ignore[attr-defined]
+            return
         if conn.closed or conn.credit != 0:
             return
         conn.credit = 1

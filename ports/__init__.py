@@ -70,8 +70,13 @@ from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
 from ._select import select as select
+from ._zmq import ZMQ_SOCKET_TYPES as ZMQ_SOCKET_TYPES
+from ._zmq import ZmqOptions as ZmqOptions
+from ._zmq import ZmqPort as ZmqPort
+from ._zmq import open_zmq as open_zmq
 
 __all__ = [
+    "ZMQ_SOCKET_TYPES",
     "Accepted",
     "Active",
     "BrokenPortError",
@@ -96,8 +101,11 @@ __all__ = [
     "PortStatistics",
     "SendTimeoutError",
     "WouldBlock",
+    "ZmqOptions",
+    "ZmqPort",
     "connect_tcp",
     "listen_tcp",
     "open_memory_channel",
+    "open_zmq",
     "select",
 ]

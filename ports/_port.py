@@ -608,7 +608,6 @@ class _PortBase(Source):
         await self.aclose()
 
 
-@final
 class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
     """A connected byte stream (TCP), owned by the I/O thread, used like a channel.
 
@@ -709,7 +708,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             )
         self._queued_bytes += size
         self._hub.queued_bytes += size
-        self._submit((self._hub.cmd_send, self._conn, data))
+        self._submit((self._io.send_command, self._conn, data))
 
     @property
     def busy(self) -> bool:
