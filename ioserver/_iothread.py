@@ -262,6 +262,7 @@ class IOThread:
         self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
         self.bytes_discarded = 0  # queued output dropped because its port closed
+        self.bytes_forwarded = 0  # output of a daemon's ports, handed to the daemon
         self.fd_limit = raise_open_file_limit()
         self._poller = make_poller(poller)
         self.poller_name = self._poller.name
@@ -358,10 +359,14 @@ class IOThread:
             self._dirty.append(entry)
 
     def _run_timers(self) -> float:
-        """Run the timers that are due; return seconds until the next (-1.0: none)."""
+        """Run the timers that are due; return seconds until the next (-1.0: none, 0.0
+        when one ran: what it delivered is published at the end of this round, so the
+        round must not block in poll before that)."""
         timers = self._timers
         now = time.monotonic()
+        ran = False
         while timers and timers[0][0] <= now:
+            ran = True
             _, _, handle = heapq.heappop(timers)
             callback = handle[0]
             if callback is not None:
@@ -370,6 +375,8 @@ class IOThread:
                 except Exception:
                     self.internal_errors += 1
                     log.exception("a timer of the I/O thread failed")
+        if ran:
+            return 0.0
         if not timers:
             return -1.0
         return max(timers[0][0] - now, 0.0)
@@ -647,6 +654,9 @@ class IOThread:
         if conn.closed:
             return
         conn.closed = True
+        port = conn.port
+        if port is not None and port._remote:
+            port._gone()  # a daemon's client port: the client forgets it
         if conn.kind == STREAM and conn.framer is not None:
             self.framing_bytes -= conn.framer.buffered
         self._interest(conn, 0)
@@ -779,6 +789,9 @@ class IOThread:
         conn.pauses += 1
         conn.pause_generation += 1  # written before the re-check below reads _consumed_*
         self._stream_interest(conn)
+        if port._remote:
+            # A daemon's client port: the client cannot read this Conn; tell it.
+            port._paused(conn.pause_generation)
         self._resume_if_drained(conn, conn.pause_generation)
 
     def _resume_if_drained(self, conn: Conn, generation: int) -> None:
@@ -804,7 +817,13 @@ class IOThread:
     def memory_in_use(self) -> int:
         """Bytes charged to the budget now: input delivered to the loops and not yet taken
         by an owner, framing buffers, and output queued by owners and not yet written."""
-        used = self.delivered_total + self.framing_bytes - self.bytes_out - self.bytes_discarded
+        used = (
+            self.delivered_total
+            + self.framing_bytes
+            - self.bytes_out
+            - self.bytes_discarded
+            - self.bytes_forwarded
+        )
         for hub in self._budget_owners:
             used += hub.queued_bytes - hub.consumed_bytes
         return used

@@ -195,7 +195,7 @@ class _Request(Waiter):
     def _deliver(self, result: Any) -> None:
         if self.cancelled:
             # Nobody waits any more: release what the I/O thread opened for us.
-            if isinstance(result, tuple) and isinstance(result[0], Conn):
+            if isinstance(result, tuple):  # (conn, local address, remote address)
                 self.io.submit(self.io.cmd_close, result[0], None)
             return
         self.result = result
@@ -213,6 +213,10 @@ class _Request(Waiter):
 
 class _PortBase(Source):
     """What ports and listeners share: the buffer, waiting, closing, owner, select hooks."""
+
+    #: False: this port's I/O-thread half is in this process (the daemon's stand-ins for
+    #: its clients' ports say True; the I/O thread tells them of pauses and closes).
+    _remote = False
 
     __slots__ = (
         "_buffer",
@@ -658,7 +662,11 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         self._busy_transitions = 0
         # True while send may take its inlined path: raw bytes, open, not broken, no EOF
         # sent, no port cap to check.  Cleared by each of those changes.
-        self._simple_send = self._framer is None and server._io.port_buffer_limit is None
+        self._simple_send = (
+            self._framer is None
+            and server._io.port_buffer_limit is None
+            and server._io.send_command == server._hub.cmd_send  # not a daemon's port
+        )
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
