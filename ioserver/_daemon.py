@@ -37,6 +37,7 @@ from ._server import IOServer, run
 log = logging.getLogger("ioserver")
 
 WORKER_ENVIRONMENT = "IOSERVER_WORKER"  #: set to the worker's index in each worker
+# (ports.listen_tcp reads it: listeners share their port with SO_REUSEPORT in workers)
 
 
 @dataclass

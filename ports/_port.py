@@ -13,6 +13,7 @@ calls :meth:`_PortBase._deliver` in-loop.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -52,6 +53,9 @@ __all__ = ["Listener", "Port", "PortOptions", "PortStatistics", "connect_tcp", "
 
 Active = bool | str | int
 """An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
+
+#: Set in each worker of ``ioserver serve --workers N`` (to the worker's index).
+WORKER_ENVIRONMENT = "IOSERVER_WORKER"
 
 _STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
 
@@ -1091,7 +1095,7 @@ async def listen_tcp(
     *,
     backlog: int = 1024,
     reuseaddr: bool = True,
-    reuseport: bool = False,
+    reuseport: bool | None = None,
     **options: Unpack[PortOptions],
 ) -> Listener:
     """Listen on ``host:port`` for TCP connections; return the :class:`Listener`.
@@ -1108,7 +1112,9 @@ async def listen_tcp(
         port: the TCP port, 0..65535.
         backlog: the kernel's queue of connections not yet accepted.
         reuseaddr: ``SO_REUSEADDR`` (default ``True``: restart without waiting).
-        reuseport: ``SO_REUSEPORT`` (several processes share the port).
+        reuseport: ``SO_REUSEPORT`` (several processes share the port); by default on
+            only in a worker of ``ioserver serve --workers N`` (where the environment
+            variable ``IOSERVER_WORKER`` is set), so that the workers share the port.
         options: the options of each accepted port, see :class:`PortOptions`.
 
     Raises:
@@ -1118,6 +1124,8 @@ async def listen_tcp(
         ClosedPortError: the I/O server is closed.
     """
     hub = server._check_open()
+    if reuseport is None:
+        reuseport = WORKER_ENVIRONMENT in os.environ
     listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
     _check_options(listen_options, _LISTEN_OPTIONS, "a TCP listener")
     credit, settings = port_options(dict(options), "a TCP listener's ports")
