@@ -46,6 +46,7 @@ log = logging.getLogger("ioserver.client")
 RECEIVE_BATCH = 256
 _SET_DATA = Data.__dict__["data"].__set__
 LOST = Closed("ioserver daemon lost", "ECONNABORTED")
+CLIENT_CLOSED = Closed("ioserver closed", "ESHUTDOWN")  # as local ports at shutdown
 
 
 class RemoteConn:
@@ -154,7 +155,17 @@ class RemoteIO(Handler):
         if not self.lost:
             self.outbound.append([P.BYE])
             self._send_batch()
+        self._end_ports(CLIENT_CLOSED)
         self._close()
+
+    def _end_ports(self, message: Closed) -> None:
+        """Every port still open here gets its final message, as the I/O thread's
+        shutdown gives local ports theirs."""
+        for conn in self.table.values():
+            conn.closed = True
+            if conn.port is not None:
+                conn.deliver((conn.port, message))
+        self.table.clear()
 
     def _start_heartbeat(self, interval: float) -> None:
         self.heartbeat = interval
@@ -176,11 +187,7 @@ class RemoteIO(Handler):
         log.warning("ioserver daemon at %s lost: %s", self.endpoint, why)
         self.lost = True
         self.broken_reason = why
-        for conn in self.table.values():
-            conn.closed = True
-            if conn.port is not None:
-                conn.deliver((conn.port, LOST))
-        self.table.clear()
+        self._end_ports(LOST)
         error = BrokenPortError(
             f"the ioserver daemon at {self.endpoint} is lost: {why}", errno_name="ECONNABORTED"
         )
@@ -516,6 +523,7 @@ class RemoteIO(Handler):
         if not self.lost:
             self.outbound.append([P.BYE])
             self._send_batch()
+        self._end_ports(CLIENT_CLOSED)
         self._close()
 
 

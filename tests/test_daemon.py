@@ -480,3 +480,29 @@ def test_workers_share_the_listening_port_and_status_reports_both(tmp_path: Path
         assert "worker 0" in human.stdout and "worker 1" in human.stdout
     finally:
         assert process.stop() == 0, process.log
+
+
+async def test_leaving_the_client_ends_its_ports_and_closes_them_in_the_daemon(
+    daemon: tuple[Daemon, str], no_leaks: None
+) -> None:
+    _, endpoint = daemon
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(10)
+        result: list[object] = []
+        async with anyio.create_task_group() as task_group, client.connect(endpoint) as ios:
+            port = await ports.connect_tcp(ios, "127.0.0.1", server.getsockname()[1])
+            waiting = anyio.Event()
+
+            async def wait_on_port() -> None:
+                waiting.set()
+                result.append(await port.receive())
+
+            task_group.start_soon(wait_on_port)
+            await waiting.wait()
+        # The waiting task got the port's final message, as local ports get theirs...
+        assert result == [ports.Closed("ioserver closed", "ESHUTDOWN")]
+        # ... and the daemon closed the socket: the peer reads end-of-file.
+        peer, _ = await anyio.to_thread.run_sync(server.accept)
+        with peer:
+            peer.settimeout(10)
+            assert await anyio.to_thread.run_sync(peer.recv, 1) == b""
