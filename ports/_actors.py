@@ -544,7 +544,9 @@ class Actor:
     def __repr__(self) -> str:
         name = f" {self._name!r}" if self._name else ""
         state = "running" if not self._done else f"ended {self._reason!r}"
-        return f"<Actor #{self._number}{name} {getattr(self._function, '__name__', '?')} {state}>"
+        function = self._function
+        kind = getattr(function, "__name__", None) or type(function).__name__
+        return f"<Actor #{self._number}{name} {kind} {state}>"
 
 
 @final
