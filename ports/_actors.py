@@ -490,7 +490,8 @@ class Actor:
         ``(port, message)`` tuples of this port still queued in this actor's mailbox move
         to the new owner first, in order, then the messages buffered in the port, then
         every later one; none is lost or duplicated.  The port then closes with ``to``'s
-        actor (or when the mailbox ``to`` is closed), not with this one.
+        actor (or when the mailbox ``to`` is closed), not with this one.  (A port this actor
+        held with ``own(port, mailbox=False)`` is given the mailbox way too.)
 
         Raises:
             ValueError: this actor does not own ``port``.
@@ -777,7 +778,7 @@ async def open_actor_system() -> AsyncIterator[ActorSystem]:
             # An actor cancelled before its task ever ran (asyncio drops such a coroutine
             # unstarted) still ends: its ports close, its links and monitors are told.
             for actor in list(system._live):
-                actor._end(ExitReason.SHUTDOWN)
+                actor._end(actor._kill_reason or ExitReason.SHUTDOWN)
 
 
 # -- the current system's operations, as Erlang's BIFs ---------------------------------------

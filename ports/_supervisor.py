@@ -25,7 +25,9 @@ may clean up), wait up to the child's ``shutdown`` seconds, then kill it.
 
 A supervisor runs until it is terminated itself (an exit signal from its parent ends it
 after it has terminated its children), or, with ``auto_shutdown``, once its significant
-children have ended, as OTP's ``auto_shutdown``.
+children have ended, as OTP's ``auto_shutdown``.  However it ends - even killed or
+cancelled - it terminates its children first (OTP's supervisor, killed, leaves that to the
+links).  It only receives :class:`~ports.Exit` messages; do not send it others.
 """
 
 from __future__ import annotations
@@ -307,7 +309,7 @@ class Supervisor:
         if self.strategy is Strategy.ONE_FOR_ONE:
             self._start(child)
         else:
-            for other in reversed(self._children):
+            for other in list(reversed(self._children)):
                 if other.actor is not None:
                     await self._terminate(other)
             for other in self._children:
@@ -340,7 +342,7 @@ class Supervisor:
         )
 
     async def _terminate_all(self) -> None:
-        for child in reversed(self._children):
+        for child in list(reversed(self._children)):
             if child.actor is not None:
                 await self._terminate(child)
 

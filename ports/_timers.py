@@ -230,6 +230,7 @@ class Deadline(Source):
     It delivers its message once; a select on it afterwards raises
     :exc:`~ports.EndOfPort`, as any source that has delivered its final message.  It needs
     no task and no actor system: ``select`` parks under a cancel scope with this deadline.
+    Create it in a running event loop (it reads the loop's clock).
 
     Args:
         seconds: seconds from now (the event loop's clock); 0 or more.

@@ -571,6 +571,26 @@ async def test_one_for_all_restarts_every_sibling(no_leaks: None) -> None:
         system.shutdown()
 
 
+async def test_one_for_all_handles_siblings_that_crash_together_and_drops_temporaries(
+    no_leaks: None,
+) -> None:
+    inbox = ports.Mailbox()
+    children = [*specs(inbox, "a", "b"), *specs(inbox, "temporary", restart="temporary")]
+    supervisor = Supervisor(children, strategy="one_for_all", intensity=1)
+    async with ports.open_actor_system() as system:
+        top = system.spawn(supervisor)
+        a, b, temporary = [await started(inbox, child_id) for child_id in ("a", "b", "temporary")]
+        a.send_nowait("crash")
+        b.send_nowait("crash")  # both Exits reach the supervisor: one restart, not two
+        new_a, new_b = await started(inbox, "a"), await started(inbox, "b")
+        assert temporary.reason is ExitReason.SHUTDOWN  # terminated, and not restarted
+        assert [child_id for child_id, _ in supervisor.which_children()] == ["a", "b"]
+        await anyio.wait_all_tasks_blocked()
+        assert top.alive and supervisor.restarts == 1
+        assert new_a.alive and new_b.alive
+        system.shutdown()
+
+
 async def test_restart_types_permanent_transient_temporary(no_leaks: None) -> None:
     inbox = ports.Mailbox()
     children = [
