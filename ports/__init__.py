@@ -8,7 +8,13 @@ Actors never touch a socket.  They open ports through an I/O server
             async for accepted in listener:
                 task_group.start_soon(echo, accepted.port)
 
-and wait on ports, mailboxes and channels together with :func:`select`.
+and wait on ports, mailboxes, channels and deadlines together with :func:`select`.
+
+Actors (tasks with a mailbox, Erlang-style links and monitors, ports that close with their
+owner), timers as messages and OTP-style supervisors run in an actor system::
+
+    async with ports.open_actor_system() as system:
+        system.spawn(ports.Supervisor([ports.ChildSpec("worker", worker)]), name="top")
 """
 
 from ioserver._exceptions import (
@@ -57,6 +63,23 @@ from ioserver._messages import (
     Passive as Passive,
 )
 
+from ._actors import Actor as Actor
+from ._actors import ActorSystem as ActorSystem
+from ._actors import Down as Down
+from ._actors import Exit as Exit
+from ._actors import ExitReason as ExitReason
+from ._actors import MonitorRef as MonitorRef
+from ._actors import Reason as Reason
+from ._actors import RegistrationError as RegistrationError
+from ._actors import cancel_timer as cancel_timer
+from ._actors import current_actor as current_actor
+from ._actors import current_system as current_system
+from ._actors import open_actor_system as open_actor_system
+from ._actors import register as register
+from ._actors import send as send
+from ._actors import send_after as send_after
+from ._actors import unregister as unregister
+from ._actors import whereis as whereis
 from ._channel import MemoryChannelStatistics as MemoryChannelStatistics
 from ._channel import MemoryReceiveChannel as MemoryReceiveChannel
 from ._channel import MemorySendChannel as MemorySendChannel
@@ -70,6 +93,15 @@ from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
 from ._select import select as select
+from ._supervisor import AutoShutdown as AutoShutdown
+from ._supervisor import ChildSpec as ChildSpec
+from ._supervisor import Restart as Restart
+from ._supervisor import RestartIntensityError as RestartIntensityError
+from ._supervisor import Strategy as Strategy
+from ._supervisor import Supervisor as Supervisor
+from ._timers import Deadline as Deadline
+from ._timers import Timeout as Timeout
+from ._timers import TimerRef as TimerRef
 from ._zmq import ZMQ_SOCKET_TYPES as ZMQ_SOCKET_TYPES
 from ._zmq import ZmqOptions as ZmqOptions
 from ._zmq import ZmqPort as ZmqPort
@@ -79,14 +111,22 @@ __all__ = [
     "ZMQ_SOCKET_TYPES",
     "Accepted",
     "Active",
+    "Actor",
+    "ActorSystem",
+    "AutoShutdown",
     "BrokenPortError",
     "BusyPortError",
+    "ChildSpec",
     "Closed",
     "ClosedPortError",
     "ConnectError",
     "Data",
+    "Deadline",
+    "Down",
     "EndOfPort",
     "Error",
+    "Exit",
+    "ExitReason",
     "IOServerError",
     "Listener",
     "Mailbox",
@@ -94,18 +134,36 @@ __all__ = [
     "MemoryReceiveChannel",
     "MemorySendChannel",
     "Message",
+    "MonitorRef",
     "OptionError",
     "Passive",
     "Port",
     "PortOptions",
     "PortStatistics",
+    "Reason",
+    "RegistrationError",
+    "Restart",
+    "RestartIntensityError",
     "SendTimeoutError",
+    "Strategy",
+    "Supervisor",
+    "Timeout",
+    "TimerRef",
     "WouldBlock",
     "ZmqOptions",
     "ZmqPort",
+    "cancel_timer",
     "connect_tcp",
+    "current_actor",
+    "current_system",
     "listen_tcp",
+    "open_actor_system",
     "open_memory_channel",
     "open_zmq",
+    "register",
     "select",
+    "send",
+    "send_after",
+    "unregister",
+    "whereis",
 ]

@@ -501,6 +501,7 @@ class _PortBase(Source):
             raise ClosedPortError("this port is closed")
         if self._waiter is not None or self._select_waiters:
             raise ClosedPortError("a task is waiting on this port; it cannot change owner")
+        Mailbox._owner_changed(self, self._owner, owner)  # the owner's ports close with it
         self._owner = owner
         if owner is not None:
             buffer = self._buffer
