@@ -614,7 +614,7 @@ async def serve(
     encode = _encoder(bytes_frames)
     sender = _Sender(port)
     statistics = ServerStatistics()
-    slots = anyio.Semaphore(max_concurrent_calls)
+    room: anyio.Event | None = None  # set when a handler ends below the limit
     request_codec = interface.request
     reply_classes = interface._reply_classes
     in_flight = 0
@@ -633,7 +633,7 @@ async def serve(
         statistics.replies += 1
 
     async def run(ident: int, request: Any) -> None:
-        nonlocal in_flight
+        nonlocal in_flight, room
         try:
             try:
                 reply = await handler(request)
@@ -656,7 +656,9 @@ async def serve(
             await answer(frame, ident)
         finally:
             in_flight -= 1
-            slots.release()
+            if room is not None:
+                room.set()
+                room = None
 
     async with anyio.create_task_group() as task_group:
         try:
@@ -688,7 +690,11 @@ async def serve(
                     await answer(encode([ERROR, ident, "decode", str(exc)]), ident)
                     continue
                 statistics.requests += 1
-                await slots.acquire()
+                while in_flight >= max_concurrent_calls:
+                    # At the limit: stop reading (the port's watermark pushes back on the
+                    # peer) until a handler ends.  A plain counter: no semaphore per call.
+                    room = room or anyio.Event()
+                    await room.wait()
                 in_flight += 1
                 if in_flight > statistics.peak_in_flight:
                     statistics.peak_in_flight = in_flight

@@ -711,3 +711,42 @@ def test_the_public_module_exports_what_it_documents() -> None:
         assert getattr(rpc, name).__doc__, name
     assert issubclass(rpc.RPCDecodeError, ioserver.IOServerError)
     assert issubclass(rpc.RPCRemoteError, rpc.RPCError)
+
+
+@pytest.mark.anyio
+async def test_max_concurrent_calls_bounds_the_handlers_running_at_once(
+    ios: ioserver.IOServer,
+) -> None:
+    service = Service()
+    results: list[Statistics] = []
+    async with await ports.listen_tcp(ios, "127.0.0.1", 0, packet=4) as listener:
+        async with (
+            anyio.create_task_group() as server,
+            await rpc.connect(ios, *listener.local_address, SERVICE) as client,
+        ):
+            accepted = await listener.receive()
+            assert isinstance(accepted, ports.Accepted)
+
+            async def run_server() -> None:
+                results.append(
+                    await rpc.serve(accepted.port, SERVICE, service.handle, max_concurrent_calls=2)
+                )
+
+            server.start_soon(run_server)
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as calls:
+                    for index in range(6):  # sent in this order
+                        calls.start_soon(client.call, Wait(str(index)))
+                        while client.statistics().calls <= index:
+                            await anyio.lowlevel.checkpoint()
+                    for index in range(6):
+                        await service.arrived(str(index)).wait()  # in order: two at a time
+                        assert len(service.waiting) <= index + 2
+                        service.event(str(index)).set()
+        with pytest.raises(ports.OptionError, match="max_concurrent_calls"):
+            await rpc.serve(accepted.port, SERVICE, service.handle, max_concurrent_calls=0)
+    assert results[0].peak_in_flight == 2
+    assert results[0].requests == 6
+
+
+Statistics = rpc.ServerStatistics
