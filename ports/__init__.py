@@ -63,6 +63,7 @@ from ioserver._messages import (
     Passive as Passive,
 )
 
+from . import rpc as rpc
 from ._actors import Actor as Actor
 from ._actors import ActorSystem as ActorSystem
 from ._actors import Down as Down
@@ -161,6 +162,7 @@ __all__ = [
     "open_memory_channel",
     "open_zmq",
     "register",
+    "rpc",
     "select",
     "send",
     "send_after",
