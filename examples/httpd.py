@@ -39,13 +39,13 @@ runs the very same code on plain trio sockets and on asyncio streams
 from __future__ import annotations
 
 import argparse
+import logging
 import mimetypes
 import os
 import posixpath
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -65,6 +65,8 @@ FLUSH_AT = 64 * 1024  # pipelined responses are sent once this many bytes are re
 SEPARATE_SEND_AT = 64 * 1024  # a larger body is sent as it is, not joined to its head
 LINGER_SECONDS = 2.0  # after a closing response, how long to drain the client's input
 LINGER_BYTES = 1 << 20  # ... and how much of it
+
+log = logging.getLogger("httpd")
 
 SERVER_NAME = b"ioserver-httpd"
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
@@ -261,14 +263,16 @@ class StaticFiles:
 # -- one connection, sans-I/O ----------------------------------------------------------
 
 
-@dataclass(slots=True)
 class SessionStatistics:
-    """What one :class:`HttpSession` did (counts of requests by outcome)."""
+    """What one :class:`HttpSession` did: requests, and those refused for memory."""
 
-    requests: int = 0
-    errors_413: int = 0
-    errors_500: int = 0
-    errors_503: int = 0
+    __slots__ = ("errors_413", "errors_500", "errors_503", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors_413 = 0  #: bodies over the request budget
+        self.errors_500 = 0  #: handlers over the request budget (or failing to read)
+        self.errors_503 = 0  #: requests that found the shared pool used up
 
 
 REASONS = {
@@ -312,11 +316,14 @@ class HttpSession:
     """
 
     __slots__ = (
+        "_body",
+        "_budget",
         "_budgets",
         "_connection",
         "_files",
         "_method",
         "_pool",
+        "_request",
         "_request_memory",
         "closing",
         "statistics",
@@ -334,6 +341,10 @@ class HttpSession:
         self._pool = pool
         self._budgets: list[RequestBudget] = []  # of responses returned and not yet sent
         self._method = b""  # of the request being answered
+        # The request being read: its head, its budget and the body so far.
+        self._request: h11.Request | None = None
+        self._budget: RequestBudget | None = None
+        self._body: list[bytes] = []
         self.closing = False
         self.statistics = SessionStatistics()
 
@@ -358,9 +369,6 @@ class HttpSession:
         connection = self._connection
         out: list[bytes] = []
         size = 0
-        budget: RequestBudget | None = None
-        request: h11.Request | None = None
-        body: list[bytes] = []
         while size < FLUSH_AT and not self.closing:
             try:
                 event = connection.next_event()
@@ -379,38 +387,44 @@ class HttpSession:
                 break
             event_type = type(event)
             if event_type is h11.Request:
-                request = event  # type: ignore[assignment]
-                self._method = request.method  # type: ignore[union-attr]
-                budget = RequestBudget(self._request_memory, self._pool)
-                self._budgets.append(budget)
+                request: h11.Request = event  # type: ignore[assignment]
+                self._request = request
+                self._method = request.method
+                self._budget = RequestBudget(self._request_memory, self._pool)
+                self._budgets.append(self._budget)
                 self.statistics.requests += 1
-                body = []
-                length = _content_length(request)  # type: ignore[arg-type]
+                self._body = []
+                length = _content_length(request)
                 if length is not None and length > self._request_memory:
                     self.statistics.errors_413 += 1
                     out += self._error(413, close=True)
             elif event_type is h11.Data:
-                assert budget is not None
+                assert self._budget is not None
                 data = event.data  # type: ignore[union-attr]
                 try:
-                    budget.charge(len(data), "body")
+                    self._budget.charge(len(data), "body")
                 except BudgetExceeded as exc:
                     self.statistics.errors_413 += exc.scope == "request"
                     self.statistics.errors_503 += exc.scope == "server"
                     out += self._error(413 if exc.scope == "request" else 503, close=True)
                     continue
-                body.append(data)
+                self._body.append(data)
             elif event_type is h11.EndOfMessage:
-                assert request is not None and budget is not None
-                chunks = self._respond(request, budget)
+                assert self._request is not None and self._budget is not None
+                try:
+                    chunks = self._respond(self._request, self._budget)
+                except Exception:  # a bug in the handler: this request alone fails
+                    log.exception("handler failed on %r", self._request.target)
+                    self.statistics.errors_500 += 1
+                    chunks = self._error(500)
                 out += chunks
                 size += sum(len(chunk) for chunk in chunks)
                 if connection.our_state is h11.MUST_CLOSE:
                     self.closing = True
                 elif connection.our_state is h11.DONE:
                     connection.start_next_cycle()
-                request = None
-                body = []
+                self._request = self._budget = None
+                self._body = []
             elif event_type is h11.ConnectionClosed:
                 self.closing = True
         if len(out) > 1 and size < SEPARATE_SEND_AT:
@@ -540,6 +554,8 @@ async def serve_connection(
                     return
         except ports.BrokenPortError:
             pass  # the client reset the connection
+        except Exception:  # a bug: this connection alone ends
+            log.exception("connection from %s failed", port.remote_address)
         finally:
             session.sent()
 

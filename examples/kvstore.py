@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +44,8 @@ import anyio.abc
 import ioserver
 import ports
 from ioserver._framing import FrameError, RespError, encode_resp
+
+log = logging.getLogger("kvstore")
 
 OK = b"+OK\r\n"
 NULL = b"$-1\r\n"
@@ -313,6 +316,9 @@ def execute(store: Store, arguments: list[bytes]) -> bytes:
         return handler(store, arguments)
     except CommandError as exc:
         return error(str(exc))
+    except Exception:  # a bug: this command alone fails
+        log.exception("command %r failed", name)
+        return error("ERR internal error")
 
 
 async def serve_connection(port: ports.Port, store: Store) -> None:
