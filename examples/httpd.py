@@ -44,6 +44,7 @@ import mimetypes
 import os
 import posixpath
 import stat
+import sys
 import time
 from collections.abc import Sequence
 from email.utils import formatdate
@@ -642,7 +643,15 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         help="the I/O server's budget for buffered input and output "
         "(ioserver.open(memory_limit=...)); default: unlimited",
     )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval(SECONDS) for this process (Python's default: 0.005)",
+    )
     options = parser.parse_args(argv)
+    if options.switch_interval is not None:
+        sys.setswitchinterval(options.switch_interval)
     settings = {
         "root": options.root,
         "request_memory": options.request_memory,
@@ -670,6 +679,4 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     ioserver.main(["run", __file__, *sys.argv[1:]])
