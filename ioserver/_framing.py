@@ -407,97 +407,112 @@ class RespFramer(Framer):
         find = buffer.find
         end = len(buffer)
         position = 0
-        while position < end:
-            if self._count < 0:
-                # Between commands: an array header, or an inline command.
-                if buffer[position] != 42:  # not b"*": an inline command
-                    newline = find(b"\n", position)
-                    if newline < 0:
-                        if end - position > min(limit, RESP_MAX_INLINE):
-                            error = PacketTooLarge(
-                                min(limit, RESP_MAX_INLINE), end - position, "inline command"
-                            )
-                            commands.append(self._fail(error))
+        # The parse state lives in locals on the hot path; it is saved on every way out.
+        arguments = self._arguments
+        count = self._count
+        bulk = self._bulk
+        held = self._held
+        try:
+            while position < end:
+                if count < 0:
+                    # Between commands: an array header, or an inline command.
+                    if buffer[position] != 42:  # not b"*": an inline command
+                        newline = find(b"\n", position)
+                        cap = min(limit, RESP_MAX_INLINE)
+                        size = (end if newline < 0 else newline + 1) - position
+                        if size > cap:
+                            commands.append(self._fail(PacketTooLarge(cap, size, "inline command")))
                             return commands
-                        break
-                    if newline + 1 - position > min(limit, RESP_MAX_INLINE):
-                        error = PacketTooLarge(
-                            min(limit, RESP_MAX_INLINE), newline + 1 - position, "inline command"
-                        )
-                        commands.append(self._fail(error))
-                        return commands
-                    words = buffer[position:newline].split()
-                    position = newline + 1
-                    if words:
-                        commands.append([bytes(word) for word in words])
-                    continue
-                newline = find(b"\r\n", position)
-                if newline < 0:
-                    if end - position > RESP_MAX_HEADER:
-                        commands.append(self._fail(FrameError("invalid multibulk length")))
-                        return commands
-                    break
-                count = _resp_int(buffer[position + 1 : newline])
-                if count is None or count > RESP_MAX_ARGUMENTS:
-                    commands.append(self._fail(FrameError("invalid multibulk length")))
-                    return commands
-                size = newline + 2 - position
-                position = newline + 2
-                if count <= 0:
-                    continue  # *0 and *-1: nothing to run, as Redis
-                # Each argument takes at least 6 bytes ("$0\r\n\r\n").
-                if size + 6 * count > limit:
-                    commands.append(self._fail(PacketTooLarge(limit, size + 6 * count, "command")))
-                    return commands
-                self._count = count
-                self._held = size
-            # Inside an array: its bulk strings.
-            arguments = self._arguments
-            count = self._count
-            while len(arguments) < count:
-                bulk = self._bulk
-                if bulk < 0:
-                    if end - position < 1:
-                        break
-                    if buffer[position] != 36:  # b"$"
-                        got = chr(buffer[position])
-                        commands.append(self._fail(FrameError(f"expected '$', got '{got}'")))
-                        return commands
+                        if newline < 0:
+                            break
+                        words = buffer[position:newline].split()
+                        position = newline + 1
+                        if words:
+                            commands.append([bytes(word) for word in words])
+                        continue
                     newline = find(b"\r\n", position)
                     if newline < 0:
                         if end - position > RESP_MAX_HEADER:
-                            commands.append(self._fail(FrameError("invalid bulk length")))
+                            commands.append(self._fail(FrameError("invalid multibulk length")))
                             return commands
                         break
-                    claimed = _resp_int(buffer[position + 1 : newline])
-                    if claimed is None or claimed < 0:
-                        commands.append(self._fail(FrameError("invalid bulk length")))
-                        return commands
-                    bulk = claimed
-                    self._held += newline + 2 - position
-                    if self._held + bulk + 2 > limit:
-                        commands.append(
-                            self._fail(PacketTooLarge(limit, self._held + bulk + 2, "command"))
-                        )
-                        return commands
+                    digits = buffer[position + 1 : newline]
+                    if digits.isdigit() and len(digits) < 8:
+                        count = int(digits)
+                    else:
+                        claimed = _resp_int(digits)
+                        if claimed is None or claimed > RESP_MAX_ARGUMENTS:
+                            commands.append(self._fail(FrameError("invalid multibulk length")))
+                            return commands
+                        count = claimed
+                    held = newline + 2 - position
                     position = newline + 2
-                    self._bulk = bulk
-                if end - position < bulk + 2:
+                    if count <= 0:
+                        count = -1
+                        continue  # *0 and *-1: nothing to run, as Redis
+                    if count > RESP_MAX_ARGUMENTS:
+                        commands.append(self._fail(FrameError("invalid multibulk length")))
+                        return commands
+                    # Each argument takes at least 6 bytes ("$0\r\n\r\n").
+                    if held + 6 * count > limit:
+                        error = PacketTooLarge(limit, held + 6 * count, "command")
+                        commands.append(self._fail(error))
+                        return commands
+                    arguments = []
+                    bulk = -1
+                # Inside an array: its bulk strings.
+                while len(arguments) < count:
+                    if bulk < 0:
+                        if position >= end:
+                            break
+                        if buffer[position] != 36:  # b"$"
+                            got = chr(buffer[position])
+                            commands.append(self._fail(FrameError(f"expected '$', got '{got}'")))
+                            return commands
+                        newline = find(b"\r\n", position)
+                        if newline < 0:
+                            if end - position > RESP_MAX_HEADER:
+                                commands.append(self._fail(FrameError("invalid bulk length")))
+                                return commands
+                            break
+                        digits = buffer[position + 1 : newline]
+                        if digits.isdigit() and len(digits) < 19:
+                            bulk = int(digits)
+                        else:
+                            commands.append(self._fail(FrameError("invalid bulk length")))
+                            return commands
+                        held += newline + 2 - position
+                        if held + bulk + 2 > limit:
+                            error = PacketTooLarge(limit, held + bulk + 2, "command")
+                            commands.append(self._fail(error))
+                            return commands
+                        position = newline + 2
+                    after = position + bulk
+                    if end - after < 2:
+                        break
+                    if buffer[after] != 13 or buffer[after + 1] != 10:
+                        commands.append(self._fail(FrameError("bulk string not ended by CRLF")))
+                        return commands
+                    arguments.append(bytes(buffer[position:after]))
+                    held += bulk + 2
+                    position = after + 2
+                    bulk = -1
+                if len(arguments) < count:
                     break
-                if buffer[position + bulk : position + bulk + 2] != b"\r\n":
-                    commands.append(self._fail(FrameError("bulk string not ended by CRLF")))
-                    return commands
-                arguments.append(bytes(buffer[position : position + bulk]))
-                position += bulk + 2
-                self._held += bulk + 2
-                self._bulk = -1
-            if len(arguments) < count:
-                break
-            commands.append(arguments)
-            self._reset()
-        if position:
-            del buffer[:position]
-        return commands
+                commands.append(arguments)
+                arguments = []
+                count = -1
+                held = 0
+            if position:
+                del buffer[:position]
+                position = 0
+            return commands
+        finally:
+            if not self._failed:
+                self._arguments = arguments
+                self._count = count
+                self._bulk = bulk
+                self._held = held
 
     def frame(self, message: Any) -> bytes:
         if message.__class__ is bytes:
