@@ -34,6 +34,11 @@ What it does:
 The handler is sans-I/O (:class:`HttpSession`: bytes in, bytes out), so the benchmark
 runs the very same code on plain trio sockets and on asyncio streams
 (``bench/servers/http_trio.py``, ``bench/servers/http_asyncio.py``).
+
+Tuning: ``--switch-interval SECONDS`` sets :func:`sys.setswitchinterval`.  The I/O thread
+and the event loop share the GIL; with a CPU-heavy handler (h11) the I/O thread waits up
+to the interval (5 ms by default) for it, which delays reads and writes.  It is left at
+Python's default unless given; see bench/README.md for what it changed when measured.
 """
 
 from __future__ import annotations
@@ -354,9 +359,16 @@ class HttpSession:
         if not self.closing:
             self._connection.receive_data(data)
 
+    def release(self) -> None:
+        """Release every charge, the request being read included (the connection ended)."""
+        self.sent()
+        if self._budget is not None:
+            self._budget.release()
+
     def sent(self) -> None:
         """The responses returned so far were handed to the transport: release their
-        bytes from the request budgets (and the pool)."""
+        requests' bytes from the budgets (and the pool).  A request still being read
+        keeps its charges."""
         for budget in self._budgets:
             budget.release()
         self._budgets.clear()
@@ -392,12 +404,12 @@ class HttpSession:
                 self._request = request
                 self._method = request.method
                 self._budget = RequestBudget(self._request_memory, self._pool)
-                self._budgets.append(self._budget)
                 self.statistics.requests += 1
                 self._body = []
                 length = _content_length(request)
                 if length is not None and length > self._request_memory:
                     self.statistics.errors_413 += 1
+                    self._budgets.append(self._budget)
                     out += self._error(413, close=True)
             elif event_type is h11.Data:
                 assert self._budget is not None
@@ -407,11 +419,14 @@ class HttpSession:
                 except BudgetExceeded as exc:
                     self.statistics.errors_413 += exc.scope == "request"
                     self.statistics.errors_503 += exc.scope == "server"
+                    self._budgets.append(self._budget)
                     out += self._error(413 if exc.scope == "request" else 503, close=True)
                     continue
                 self._body.append(data)
             elif event_type is h11.EndOfMessage:
                 assert self._request is not None and self._budget is not None
+                # Its bytes stay charged until the response is handed to the transport.
+                self._budgets.append(self._budget)
                 try:
                     chunks = self._respond(self._request, self._budget)
                 except Exception:  # a bug in the handler: this request alone fails
@@ -558,7 +573,7 @@ async def serve_connection(
         except Exception:  # a bug: this connection alone ends
             log.exception("connection from %s failed", port.remote_address)
         finally:
-            session.sent()
+            session.release()
 
 
 async def linger(port: ports.Port) -> None:

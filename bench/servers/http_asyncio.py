@@ -47,7 +47,7 @@ async def handle(
     except ConnectionError:
         pass
     finally:
-        session.sent()
+        session.release()
         writer.close()
 
 

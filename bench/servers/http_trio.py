@@ -40,7 +40,7 @@ async def handle(
     except trio.BrokenResourceError:
         pass
     finally:
-        session.sent()
+        session.release()
         await stream.aclose()
 
 
