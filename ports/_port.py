@@ -654,7 +654,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
             )
         )
-        if packet == "msgpack":
+        if packet in ("msgpack", "resp"):  # decoded messages: charge their wire size
             self._sizes = deque()
         # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
         self._queued_bytes = 0
@@ -956,7 +956,8 @@ class PortOptions(TypedDict, total=False):
             read is one :class:`~ioserver.Data`), ``1``/``2``/``4`` (a big-endian length
             header, added on send and stripped on receive), ``"line"`` (the delimiter is
             kept at the end of each message) or ``"msgpack"`` (each decoded object is one
-            message; ``send`` packs).  Framing runs in the I/O thread.
+            message; ``send`` packs) or ``"resp"`` (Redis commands, each a ``list[bytes]``;
+            see :class:`ioserver._framing.RespFramer`).  Framing runs in the I/O thread.
         packet_size: the largest message in bytes (default 64 MiB); a peer that sends more
             (or a header that claims more) gets :class:`~ioserver.Error` ``EMSGSIZE`` and
             the port closed, with nothing allocated for the claimed size.
