@@ -54,7 +54,15 @@ IOSERVER_FRAMED_ECHO = REPO_ROOT / "examples" / "framed_echo.py"
 FRAMED_SUFFIX = "-packet4"
 FRAMED_DEFAULT_PACKET_SIZE = 1 << 20  # examples/framed_echo.py's default --packet-size
 
-REFERENCES = ("asyncio", "uvloop-streams", "uvloop-protocol", "trio")
+REFERENCES = (
+    "asyncio",
+    "uvloop-streams",
+    "uvloop-protocol",
+    "trio",
+    "ioserver-daemon",
+    "ioserver-workers1",
+    "ioserver-workers2",
+)
 LOADGEN_SLACK_S = 30.0  # connect time and the like, on top of warm-up + measured seconds
 LG_CPU_WARN = 90.0  # load generator CPU% above which it may be the bottleneck
 
@@ -102,6 +110,20 @@ def reference_servers() -> dict[str, EchoServer]:
             skip_reason=no_uvloop,
         ),
         "trio": EchoServer("trio", (py, str(SERVERS_DIR / "trio_echo.py")), skip_reason=no_trio),
+        # examples/echo.py's actors in this process, its sockets in an ioserver daemon.
+        "ioserver-daemon": EchoServer(
+            "ioserver-daemon", (py, str(SERVERS_DIR / "echo_via_daemon.py")), is_ioserver=True
+        ),
+        # examples/echo.py under `ioserver serve --workers N` (SO_REUSEPORT, share-nothing).
+        **{
+            f"ioserver-workers{n}": EchoServer(
+                f"ioserver-workers{n}",
+                (py, str(SERVERS_DIR / "echo_workers.py")),
+                ("--workers", str(n)),
+                is_ioserver=True,
+            )
+            for n in (1, 2)
+        },
     }
 
 

@@ -15,6 +15,9 @@ The modes are Erlang's ``{packet, ...}`` option of ``inet:setopts/2``:
                is *kept* at the end of each message, as Erlang's ``line``
 ``"msgpack"``  a stream of msgpack objects; each decoded object is one
                message, and ``frame`` packs one object
+``"resp"``     Redis commands (RESP2 arrays of bulk strings, or inline
+               commands): each command is one message, a ``list[bytes]``;
+               ``frame`` sends bytes already encoded (see :func:`encode_resp`)
 =============  ==============================================================
 
 ``packet_size`` caps one message (bytes, header excluded).  A peer that exceeds it -
@@ -25,6 +28,7 @@ claimed size: a framer never holds more than ``packet_size`` plus one header of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -39,6 +43,9 @@ __all__ = [
     "MsgpackFramer",
     "PacketTooLarge",
     "RawFramer",
+    "RespError",
+    "RespFramer",
+    "encode_resp",
     "make_framer",
 ]
 
@@ -266,6 +273,255 @@ class MsgpackFramer(Framer):
         return data
 
 
+#: Redis's caps, which RespFramer applies too: arguments in one command, bytes of one
+#: inline command, and bytes of a ``*``/``$`` header line without its CRLF.
+RESP_MAX_ARGUMENTS = 1024 * 1024
+RESP_MAX_INLINE = 64 * 1024
+RESP_MAX_HEADER = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RespError:
+    """An error reply for :func:`encode_resp`: ``-message\\r\\n``.
+
+    ``message`` starts with the error's kind by convention (``"ERR unknown command 'x'"``,
+    ``"WRONGTYPE ..."``) and holds no CR or LF.
+    """
+
+    message: str
+
+
+def encode_resp(value: Any) -> bytes:
+    """Encode one RESP2 reply, as a Redis server writes it.
+
+    ==========================  ================================================
+    ``bytes``-like              a bulk string ``$<length>\\r\\n<bytes>\\r\\n``
+    ``str``                     a simple string ``+<text>\\r\\n`` (e.g. ``"OK"``)
+    ``int``                     an integer ``:<n>\\r\\n``
+    ``None``                    the null bulk string ``$-1\\r\\n``
+    ``list`` or ``tuple``       an array of the encoded items ``*<n>\\r\\n...``
+    :class:`RespError`          an error ``-<message>\\r\\n``
+    ==========================  ================================================
+
+    Raises:
+        TypeError: a value of another type (``bool`` included: RESP2 has none).
+        ValueError: a simple string or error message holding CR or LF.
+    """
+    cls = value.__class__
+    if cls is bytes:
+        return b"$%d\r\n%b\r\n" % (len(value), value)
+    if cls is str:
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"a RESP simple string holds no CR or LF: {value!r}")
+        return b"+%b\r\n" % value.encode()
+    if cls is int:
+        return b":%d\r\n" % value
+    if value is None:
+        return b"$-1\r\n"
+    if cls is list or cls is tuple:
+        return b"*%d\r\n" % len(value) + b"".join([encode_resp(item) for item in value])
+    if cls is RespError:
+        message = value.message
+        if "\r" in message or "\n" in message:
+            raise ValueError(f"a RESP error message holds no CR or LF: {message!r}")
+        return b"-%b\r\n" % message.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return encode_resp(bytes(value))
+    raise TypeError(f"RESP2 has no encoding for {cls.__name__}")
+
+
+def _resp_int(segment: bytes | bytearray) -> int | None:
+    """A header's integer, as Redis's ``string2ll``: ASCII digits, an optional ``-``."""
+    digits = segment[1:] if segment[:1] == b"-" else segment
+    if not digits.isdigit() or len(digits) > 19:
+        return None
+    return int(segment)
+
+
+class RespFramer(Framer):
+    """Redis commands in, RESP2 out: the framing of a Redis server (``packet="resp"``).
+
+    ``feed`` parses the commands a client sends, each one message: a ``list[bytes]`` of
+    the command name and its arguments.  Both of Redis's request forms are read:
+
+    - an array of bulk strings, ``*<n>\\r\\n`` then ``n`` times ``$<length>\\r\\n<bytes>\\r\\n``
+      (what every client library and ``redis-cli`` send); an empty or null array
+      (``*0``, ``*-1``) is skipped, as Redis does;
+    - an inline command: one line (CRLF or LF) split on whitespace, for ``nc``/``telnet``
+      (no quoting); an empty line is skipped.
+
+    The parse resumes where the last read stopped, so a command split across reads costs
+    no re-scan.  ``packet_size`` caps one command's wire size (headers included); a
+    ``$`` header that claims more fails at once, before anything is allocated for it.
+    Redis's own caps apply too: at most 1,048,576 arguments, 64 KiB per inline command.
+
+    **Protocol errors are delivered, not raised.**  A Redis server answers a malformed
+    request with ``-ERR Protocol error: ...`` and then closes the connection; only the
+    port's owner can write that answer, so instead of raising (which makes the I/O
+    thread close the port at once, as the other framers do) ``feed`` returns the
+    commands that came before the fault, then the :exc:`FrameError` itself
+    (:exc:`PacketTooLarge` for a size cap) as the last message.  From then on the framer
+    holds nothing and ignores every later byte; the owner sends its error reply and
+    closes the port.
+
+    ``frame(message)`` sends ``bytes`` as they are - replies already encoded, so that a
+    batch of pipelined replies joined together goes out in one send - and encodes any
+    other value with :func:`encode_resp` (``"OK"`` → ``+OK``, an ``int``, ``None``, a
+    list, a :class:`RespError`).  Outgoing bytes are not capped by ``packet_size``: the
+    port's watermarks and ``port_buffer_limit`` bound them.
+    """
+
+    __slots__ = ("_arguments", "_buffer", "_bulk", "_count", "_failed", "_held", "_limit")
+
+    mode = "resp"
+
+    def __init__(self, packet_size: int = DEFAULT_PACKET_SIZE) -> None:
+        self._limit = packet_size
+        self._buffer = bytearray()
+        self._failed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._arguments: list[bytes] = []
+        self._count = -1  # arguments of the array being read; -1 between commands
+        self._bulk = -1  # length of the bulk string being read; -1 while reading its header
+        self._held = 0  # wire bytes of the current command already parsed (and consumed)
+
+    @property
+    def buffered(self) -> int:
+        return self._held + len(self._buffer)
+
+    def _fail(self, error: FrameError) -> FrameError:
+        self._failed = True
+        del self._buffer[:]
+        self._reset()
+        return error
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        if self._failed:
+            return []
+        buffer = self._buffer
+        buffer += data
+        commands: list[Any] = []
+        limit = self._limit
+        find = buffer.find
+        end = len(buffer)
+        position = 0
+        # The parse state lives in locals on the hot path; it is saved on every way out.
+        arguments = self._arguments
+        count = self._count
+        bulk = self._bulk
+        held = self._held
+        try:
+            while position < end:
+                if count < 0:
+                    # Between commands: an array header, or an inline command.
+                    if buffer[position] != 42:  # not b"*": an inline command
+                        newline = find(b"\n", position)
+                        cap = min(limit, RESP_MAX_INLINE)
+                        size = (end if newline < 0 else newline + 1) - position
+                        if size > cap:
+                            commands.append(self._fail(PacketTooLarge(cap, size, "inline command")))
+                            return commands
+                        if newline < 0:
+                            break
+                        words = buffer[position:newline].split()
+                        position = newline + 1
+                        if words:
+                            commands.append([bytes(word) for word in words])
+                        continue
+                    newline = find(b"\r\n", position)
+                    if newline < 0:
+                        if end - position > RESP_MAX_HEADER:
+                            commands.append(self._fail(FrameError("invalid multibulk length")))
+                            return commands
+                        break
+                    digits = buffer[position + 1 : newline]
+                    if digits.isdigit() and len(digits) < 8:
+                        count = int(digits)
+                    else:
+                        claimed = _resp_int(digits)
+                        if claimed is None or claimed > RESP_MAX_ARGUMENTS:
+                            commands.append(self._fail(FrameError("invalid multibulk length")))
+                            return commands
+                        count = claimed
+                    held = newline + 2 - position
+                    position = newline + 2
+                    if count <= 0:
+                        count = -1
+                        continue  # *0 and *-1: nothing to run, as Redis
+                    if count > RESP_MAX_ARGUMENTS:
+                        commands.append(self._fail(FrameError("invalid multibulk length")))
+                        return commands
+                    # Each argument takes at least 6 bytes ("$0\r\n\r\n").
+                    if held + 6 * count > limit:
+                        error = PacketTooLarge(limit, held + 6 * count, "command")
+                        commands.append(self._fail(error))
+                        return commands
+                    arguments = []
+                    bulk = -1
+                # Inside an array: its bulk strings.
+                while len(arguments) < count:
+                    if bulk < 0:
+                        if position >= end:
+                            break
+                        if buffer[position] != 36:  # b"$"
+                            got = chr(buffer[position])
+                            commands.append(self._fail(FrameError(f"expected '$', got '{got}'")))
+                            return commands
+                        newline = find(b"\r\n", position)
+                        if newline < 0:
+                            if end - position > RESP_MAX_HEADER:
+                                commands.append(self._fail(FrameError("invalid bulk length")))
+                                return commands
+                            break
+                        digits = buffer[position + 1 : newline]
+                        if digits.isdigit() and len(digits) < 19:
+                            bulk = int(digits)
+                        else:
+                            commands.append(self._fail(FrameError("invalid bulk length")))
+                            return commands
+                        held += newline + 2 - position
+                        if held + bulk + 2 > limit:
+                            error = PacketTooLarge(limit, held + bulk + 2, "command")
+                            commands.append(self._fail(error))
+                            return commands
+                        position = newline + 2
+                    after = position + bulk
+                    if end - after < 2:
+                        break
+                    if buffer[after] != 13 or buffer[after + 1] != 10:
+                        commands.append(self._fail(FrameError("bulk string not ended by CRLF")))
+                        return commands
+                    arguments.append(bytes(buffer[position:after]))
+                    held += bulk + 2
+                    position = after + 2
+                    bulk = -1
+                if len(arguments) < count:
+                    break
+                commands.append(arguments)
+                arguments = []
+                count = -1
+                held = 0
+            if position:
+                del buffer[:position]
+                position = 0
+            return commands
+        finally:
+            if not self._failed:
+                self._arguments = arguments
+                self._count = count
+                self._bulk = bulk
+                self._held = held
+
+    def frame(self, message: Any) -> bytes:
+        if message.__class__ is bytes:
+            return bytes(message)
+        if isinstance(message, (bytearray, memoryview)):
+            return bytes(message)
+        return encode_resp(message)
+
+
 def _as_bytes(message: Any) -> bytes:
     if isinstance(message, bytes):
         return message
@@ -277,7 +533,8 @@ def _as_bytes(message: Any) -> bytes:
 def make_framer(
     packet: Any = "raw", *, packet_size: int = DEFAULT_PACKET_SIZE, delimiter: bytes = b"\n"
 ) -> Framer:
-    """The framer for a packet mode: ``"raw"``, ``1``, ``2``, ``4``, ``"line"``, ``"msgpack"``.
+    """The framer for a packet mode: ``"raw"``, ``1``, ``2``, ``4``, ``"line"``, ``"msgpack"``,
+    ``"resp"``.
 
     Args:
         packet: the mode, as Erlang's ``{packet, ...}`` (``0`` is accepted for ``"raw"``).
@@ -297,4 +554,6 @@ def make_framer(
         return LineFramer(delimiter, packet_size)
     if packet == "msgpack":
         return MsgpackFramer(packet_size)
-    raise OptionError(f"packet must be 'raw', 1, 2, 4, 'line' or 'msgpack', not {packet!r}")
+    if packet == "resp":
+        return RespFramer(packet_size)
+    raise OptionError(f"packet must be 'raw', 1, 2, 4, 'line', 'msgpack' or 'resp', not {packet!r}")

@@ -214,6 +214,24 @@ class Handler:
     def on_shutdown(self) -> None:
         """The I/O thread stops: tell the owners and release the fd."""
 
+    # The port commands, for ports whose I/O-thread half is a handler (IOThread.cmd_*
+    # dispatch here): close after a flush, half-close, an active mode, one passive read,
+    # resume after a receive pause of ``generation``.
+    def close(self) -> None:
+        """``cmd_close``: close once the queued output is written."""
+
+    def send_eof(self) -> None:
+        """``cmd_send_eof``: half-close the sending side."""
+
+    def set_active(self, mode: tuple[int, bool]) -> None:
+        """``cmd_set_active``: apply an active mode ``(credit, notify_passive)``."""
+
+    def read_once(self) -> None:
+        """``cmd_read_once``: a passive port's receiver waits for one message."""
+
+    def resume(self, generation: int) -> None:
+        """``cmd_resume``: the owner took enough after the pause ``generation``."""
+
 
 class _WakeupSlot:
     """Stands in the port table at the command queue's wake-up fd."""
@@ -244,6 +262,7 @@ class IOThread:
         self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
         self.bytes_discarded = 0  # queued output dropped because its port closed
+        self.bytes_forwarded = 0  # output of a daemon's ports, handed to the daemon
         self.fd_limit = raise_open_file_limit()
         self._poller = make_poller(poller)
         self.poller_name = self._poller.name
@@ -260,6 +279,10 @@ class IOThread:
         self._ready: list[Handler] = []
         self._timers: list[tuple[float, int, list[Callable[[], None] | None]]] = []
         self._timer_sequence = 0
+        # ZeroMQ: one context per I/O server, made on first use; every socket made from it,
+        # so that shutdown can close those still on their way to the thread.
+        self._zmq_context: Any = None
+        self.zmq_sockets: set[Any] = set()
         self._paused_listeners: list[Conn] = []
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
@@ -293,6 +316,14 @@ class IOThread:
     def add_inbox(self, inbox: WakeupQueue[Any]) -> None:
         """Make ``inbox`` one that is notified after every round (runs on the I/O thread)."""
         self._inboxes.append(inbox)
+
+    def zmq_context(self) -> Any:
+        """The server's ZeroMQ context (``zmq.Context``), made on first use."""
+        if self._zmq_context is None:
+            import zmq
+
+            self._zmq_context = zmq.Context()
+        return self._zmq_context
 
     # -- for handlers (run on the I/O thread) ---------------------------------------------
     def call_soon(self, handler: Handler) -> None:
@@ -328,10 +359,14 @@ class IOThread:
             self._dirty.append(entry)
 
     def _run_timers(self) -> float:
-        """Run the timers that are due; return seconds until the next (-1.0: none)."""
+        """Run the timers that are due; return seconds until the next (-1.0: none, 0.0
+        when one ran: what it delivered is published at the end of this round, so the
+        round must not block in poll before that)."""
         timers = self._timers
         now = time.monotonic()
+        ran = False
         while timers and timers[0][0] <= now:
+            ran = True
             _, _, handle = heapq.heappop(timers)
             callback = handle[0]
             if callback is not None:
@@ -340,6 +375,8 @@ class IOThread:
                 except Exception:
                     self.internal_errors += 1
                     log.exception("a timer of the I/O thread failed")
+        if ran:
+            return 0.0
         if not timers:
             return -1.0
         return max(timers[0][0] - now, 0.0)
@@ -600,6 +637,11 @@ class IOThread:
         for conn in self._paused_listeners:
             if not conn.closed:
                 self._close(conn)
+        if self._zmq_context is not None:
+            for sock in list(self.zmq_sockets):  # made, never adopted
+                sock.close(linger=0)
+            self.zmq_sockets.clear()
+            self._zmq_context.term()
         self._poller.close()
         # Every hub hears that the thread ended, whether it was asked to stop or failed.
         for hub in self._budget_owners:
@@ -612,6 +654,9 @@ class IOThread:
         if conn.closed:
             return
         conn.closed = True
+        port = conn.port
+        if port is not None and port._remote:
+            port._gone()  # a daemon's client port: the client forgets it
         if conn.kind == STREAM and conn.framer is not None:
             self.framing_bytes -= conn.framer.buffered
         self._interest(conn, 0)
@@ -744,6 +789,9 @@ class IOThread:
         conn.pauses += 1
         conn.pause_generation += 1  # written before the re-check below reads _consumed_*
         self._stream_interest(conn)
+        if port._remote:
+            # A daemon's client port: the client cannot read this Conn; tell it.
+            port._paused(conn.pause_generation)
         self._resume_if_drained(conn, conn.pause_generation)
 
     def _resume_if_drained(self, conn: Conn, generation: int) -> None:
@@ -760,13 +808,22 @@ class IOThread:
 
     def cmd_resume(self, conn: Conn, generation: int) -> None:
         """The port's owner took enough: read again (if this is still the same pause)."""
+        if conn.kind == HANDLER:
+            conn.resume(generation)  # type: ignore[attr-defined]
+            return
         self._resume_if_drained(conn, generation)
 
     # -- the memory budget --------------------------------------------------------------
     def memory_in_use(self) -> int:
         """Bytes charged to the budget now: input delivered to the loops and not yet taken
         by an owner, framing buffers, and output queued by owners and not yet written."""
-        used = self.delivered_total + self.framing_bytes - self.bytes_out - self.bytes_discarded
+        used = (
+            self.delivered_total
+            + self.framing_bytes
+            - self.bytes_out
+            - self.bytes_discarded
+            - self.bytes_forwarded
+        )
         for hub in self._budget_owners:
             used += hub.queued_bytes - hub.consumed_bytes
         return used
@@ -892,6 +949,9 @@ class IOThread:
             self._dirty.append(conn)
 
     def cmd_send_eof(self, conn: Conn, _: Any) -> None:
+        if conn.kind == HANDLER:
+            conn.send_eof()  # type: ignore[attr-defined]
+            return
         if conn.closed or conn.write_closed or conn.shutdown_pending:
             return
         if conn.outq:
@@ -903,6 +963,9 @@ class IOThread:
         """Close once the queued output is written (Erlang's close after a flush)."""
         if conn.closed:
             return
+        if conn.kind == HANDLER:
+            conn.close()  # type: ignore[attr-defined]
+            return
         if conn.kind == STREAM and conn.outq:
             conn.close_pending = True
             self._stream_interest(conn)
@@ -912,6 +975,9 @@ class IOThread:
     def cmd_set_active(self, conn: Conn, mode: tuple[int, bool]) -> None:
         """Apply an active mode ``(credit, notify_passive)`` (see ``ports.parse_active``)."""
         if conn.closed:
+            return
+        if conn.kind == HANDLER:
+            conn.set_active(mode)  # type: ignore[attr-defined]
             return
         credit, notify = mode
         if notify and conn.notify_passive and conn.credit > 0:
@@ -928,6 +994,9 @@ class IOThread:
 
     def cmd_read_once(self, conn: Conn, _: Any) -> None:
         """A passive port's receiver waits: let one message through (``gen_tcp:recv``)."""
+        if conn.kind == HANDLER and not conn.closed:
+            conn.read_once()  # type: ignore[attr-defined]
+            return
         if conn.closed or conn.credit != 0:
             return
         conn.credit = 1

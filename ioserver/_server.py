@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, final
+from typing import Any, TypeVar
 
 import anyio
 
@@ -61,7 +61,6 @@ class IOServerStatistics:
     global_pauses: int  #: reads paused because the budget was used up
 
 
-@final
 class IOServer:
     """A running I/O thread, and the hub that connects it to this event loop.
 
@@ -181,13 +180,24 @@ async def open(
         io.commands.close()
         raise
     server = IOServer(io, hub)
-    async with anyio.create_task_group() as task_group:
-        await hub.start(task_group.start_soon)
-        io.start()
-        try:
-            yield server
-        finally:
-            await server.aclose()
+    body_error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as task_group:
+            await hub.start(task_group.start_soon)
+            io.start()
+            try:
+                yield server
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                await server.aclose()
+    except BaseExceptionGroup as group:
+        # The task group (the hub's task) wraps what the caller's own code raised: give
+        # the caller back its own exception, as if no task group were there.
+        if body_error is not None and list(group.exceptions) == [body_error]:
+            raise body_error from None
+        raise
 
 
 def run(
@@ -196,6 +206,7 @@ def run(
     backend: str = "asyncio",
     use_uvloop: bool | None = None,
     stop_on_signals: bool = True,
+    memory_limit: int | None = None,
 ) -> T | None:
     """Run ``main(ios, *args)`` on a new event loop with an embedded I/O server.
 
@@ -208,6 +219,7 @@ def run(
         stop_on_signals: on SIGINT or SIGTERM, cancel ``main`` and shut down cleanly
             (every port closed, the I/O thread joined) instead of raising
             :exc:`KeyboardInterrupt`; ``run`` then returns ``None``.
+        memory_limit: the I/O server's global budget in bytes (see :func:`open`).
 
     Returns:
         What ``main`` returned, or ``None`` if a signal stopped it.
@@ -227,7 +239,7 @@ def run(
             options["use_uvloop"] = True
 
     async def _main() -> T | None:
-        async with open() as ios:
+        async with open(memory_limit=memory_limit) as ios:
             if not stop_on_signals:
                 return await main(ios, *args)
             result: list[T] = []

@@ -8,11 +8,18 @@ Actors never touch a socket.  They open ports through an I/O server
             async for accepted in listener:
                 task_group.start_soon(echo, accepted.port)
 
-and wait on ports, mailboxes and channels together with :func:`select`.
+and wait on ports, mailboxes, channels and deadlines together with :func:`select`.
+
+Actors (tasks with a mailbox, Erlang-style links and monitors, ports that close with their
+owner), timers as messages and OTP-style supervisors run in an actor system::
+
+    async with ports.open_actor_system() as system:
+        system.spawn(ports.Supervisor([ports.ChildSpec("worker", worker)]), name="top")
 
 Port kinds: TCP (:func:`connect_tcp`, :func:`listen_tcp`), Unix stream sockets
 (:func:`connect_unix`, :func:`listen_unix`), UDP (:func:`open_udp`: :class:`Datagram`
-messages) and programs (:func:`open_process`: their stdin/stdout, then :class:`ExitStatus`).
+messages), programs (:func:`open_process`: their stdin/stdout, then :class:`ExitStatus`)
+and ZeroMQ sockets (:func:`open_zmq`).
 """
 
 from ioserver._exceptions import (
@@ -67,6 +74,24 @@ from ioserver._messages import (
     Passive as Passive,
 )
 
+from . import rpc as rpc
+from ._actors import Actor as Actor
+from ._actors import ActorSystem as ActorSystem
+from ._actors import Down as Down
+from ._actors import Exit as Exit
+from ._actors import ExitReason as ExitReason
+from ._actors import MonitorRef as MonitorRef
+from ._actors import Reason as Reason
+from ._actors import RegistrationError as RegistrationError
+from ._actors import cancel_timer as cancel_timer
+from ._actors import current_actor as current_actor
+from ._actors import current_system as current_system
+from ._actors import open_actor_system as open_actor_system
+from ._actors import register as register
+from ._actors import send as send
+from ._actors import send_after as send_after
+from ._actors import unregister as unregister
+from ._actors import whereis as whereis
 from ._channel import MemoryChannelStatistics as MemoryChannelStatistics
 from ._channel import MemoryReceiveChannel as MemoryReceiveChannel
 from ._channel import MemorySendChannel as MemorySendChannel
@@ -82,24 +107,46 @@ from ._port import listen_tcp as listen_tcp
 from ._select import select as select
 from ._subprocess import ProcessPort as ProcessPort
 from ._subprocess import open_process as open_process
+from ._supervisor import AutoShutdown as AutoShutdown
+from ._supervisor import ChildSpec as ChildSpec
+from ._supervisor import Restart as Restart
+from ._supervisor import RestartIntensityError as RestartIntensityError
+from ._supervisor import Strategy as Strategy
+from ._supervisor import Supervisor as Supervisor
+from ._timers import Deadline as Deadline
+from ._timers import Timeout as Timeout
+from ._timers import TimerRef as TimerRef
 from ._udp import UDPOptions as UDPOptions
 from ._udp import UDPPort as UDPPort
 from ._udp import open_udp as open_udp
 from ._unix import connect_unix as connect_unix
 from ._unix import listen_unix as listen_unix
+from ._zmq import ZMQ_SOCKET_TYPES as ZMQ_SOCKET_TYPES
+from ._zmq import ZmqOptions as ZmqOptions
+from ._zmq import ZmqPort as ZmqPort
+from ._zmq import open_zmq as open_zmq
 
 __all__ = [
+    "ZMQ_SOCKET_TYPES",
     "Accepted",
     "Active",
+    "Actor",
+    "ActorSystem",
+    "AutoShutdown",
     "BrokenPortError",
     "BusyPortError",
+    "ChildSpec",
     "Closed",
     "ClosedPortError",
     "ConnectError",
     "Data",
     "Datagram",
+    "Deadline",
+    "Down",
     "EndOfPort",
     "Error",
+    "Exit",
+    "ExitReason",
     "ExitStatus",
     "IOServerError",
     "Listener",
@@ -108,22 +155,44 @@ __all__ = [
     "MemoryReceiveChannel",
     "MemorySendChannel",
     "Message",
+    "MonitorRef",
     "OptionError",
     "Passive",
     "Port",
     "PortOptions",
     "PortStatistics",
     "ProcessPort",
+    "Reason",
+    "RegistrationError",
+    "Restart",
+    "RestartIntensityError",
     "SendTimeoutError",
+    "Strategy",
+    "Supervisor",
+    "Timeout",
+    "TimerRef",
     "UDPOptions",
     "UDPPort",
     "WouldBlock",
+    "ZmqOptions",
+    "ZmqPort",
+    "cancel_timer",
     "connect_tcp",
     "connect_unix",
+    "current_actor",
+    "current_system",
     "listen_tcp",
     "listen_unix",
+    "open_actor_system",
     "open_memory_channel",
     "open_process",
     "open_udp",
+    "open_zmq",
+    "register",
+    "rpc",
     "select",
+    "send",
+    "send_after",
+    "unregister",
+    "whereis",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import anyio
 
@@ -13,7 +13,13 @@ from ioserver._hub import Parker, current_parker
 
 from ._source import EMPTY, Source, Waiter
 
+if TYPE_CHECKING:
+    from ._port import _PortBase
+
 __all__ = ["Mailbox"]
+
+#: Held ports are swept of closed ones when their number reaches this (then twice the rest).
+_SWEEP_AT = 64
 
 Match = Callable[[Any], bool]
 
@@ -30,15 +36,23 @@ class Mailbox(Source):
 
     Mailboxes are unbounded, as Erlang's are: senders never wait.  Use it from one event
     loop (its thread); the I/O thread reaches it through the loop's hub.
+
+    **Owned ports close with their owner.**  A mailbox remembers the ports it owns (those
+    whose :meth:`~ports.Port.set_owner` named it, and those an actor holds with
+    :meth:`ports.Actor.own`); :meth:`close` closes them, as the ports of an Erlang process
+    close when it ends, so their peers see the connection end.
     """
 
-    __slots__ = ("_closed", "_messages", "_parker", "_waiters")
+    __slots__ = ("_closed", "_messages", "_parker", "_ports", "_sweep_at", "_waiters")
 
     def __init__(self) -> None:
         self._messages: deque[Any] = deque()
         self._waiters: list[Waiter] = []
         self._closed = False
         self._parker: Parker | None = None
+        # The ports this mailbox owns or holds; closed ones are swept out now and then.
+        self._ports: set[_PortBase] = set()
+        self._sweep_at = _SWEEP_AT
 
     def send_nowait(self, message: Any) -> None:
         """Append ``message`` and wake a waiting receiver.
@@ -135,11 +149,62 @@ class Mailbox(Source):
         return len(self._messages)
 
     def close(self) -> None:
-        """Close the mailbox: queued messages are dropped, waiters get ClosedPortError."""
+        """Close the mailbox: queued messages are dropped, waiters get ClosedPortError.
+
+        Every port it owns (or holds) is closed too, at once (see the class docstring):
+        its peer sees the connection end.  Idempotent.
+        """
         self._closed = True
         self._messages.clear()
+        ports, self._ports = self._ports, set()
+        for port in ports:
+            if port.owner is self or port.owner is None:
+                port.close_nowait()
         if self._waiters:
             self._wake_all()
+
+    # -- the ports it owns ----------------------------------------------------------------
+    @staticmethod
+    def _owner_changed(port: _PortBase, old: Mailbox | None, new: Mailbox | None) -> None:
+        """``port``'s owner goes from ``old`` to ``new`` (called by ``set_owner``, first).
+
+        Raises:
+            ClosedPortError: ``new`` is closed (the port keeps its owner).
+        """
+        if new is not None and new._closed:
+            raise ClosedPortError("the new owner mailbox is closed")
+        if old is not None and old is not new:
+            old._ports.discard(port)
+        if new is not None:
+            new._hold(port)
+
+    def _hold(self, port: _PortBase) -> None:
+        """Close ``port`` with this mailbox (it owns the port, or its actor holds it)."""
+        ports = self._ports
+        ports.add(port)
+        if len(ports) >= self._sweep_at:
+            # Amortised O(1): a long-lived owner of many short-lived ports keeps no garbage.
+            self._ports = {held for held in ports if not held.closed}
+            self._sweep_at = max(_SWEEP_AT, 2 * len(self._ports))
+
+    def _holds(self, port: _PortBase) -> bool:
+        return port in self._ports and not port.closed
+
+    def _take_all(self, match: Match) -> list[Any]:
+        """Remove and return every queued message ``match`` accepts, in order."""
+        messages = self._messages
+        taken = [message for message in messages if match(message)]
+        if taken:
+            kept = [message for message in messages if not match(message)]
+            messages.clear()
+            messages.extend(kept)
+        return taken
+
+    def _take_messages_of(self, port: _PortBase) -> list[Any]:
+        """Remove and return the ``(port, message)`` tuples queued for ``port``, in order."""
+        return self._take_all(
+            lambda message: message.__class__ is tuple and len(message) == 2 and message[0] is port
+        )
 
     @property
     def closed(self) -> bool:

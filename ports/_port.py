@@ -13,6 +13,7 @@ calls :meth:`_PortBase._deliver` in-loop.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -52,6 +53,9 @@ __all__ = ["Listener", "Port", "PortOptions", "PortStatistics", "connect_tcp", "
 
 Active = bool | str | int
 """An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
+
+#: Set in each worker of ``ioserver serve --workers N`` (to the worker's index).
+WORKER_ENVIRONMENT = "IOSERVER_WORKER"
 
 _STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
 
@@ -195,7 +199,7 @@ class _Request(Waiter):
     def _deliver(self, result: Any) -> None:
         if self.cancelled:
             # Nobody waits any more: release what the I/O thread opened for us.
-            if isinstance(result, tuple) and isinstance(result[0], Conn):
+            if isinstance(result, tuple):  # (conn, local address, remote address)
                 self.io.submit(self.io.cmd_close, result[0], None)
             return
         self.result = result
@@ -213,6 +217,10 @@ class _Request(Waiter):
 
 class _PortBase(Source):
     """What ports and listeners share: the buffer, waiting, closing, owner, select hooks."""
+
+    #: False: this port's I/O-thread half is in this process (the daemon's stand-ins for
+    #: its clients' ports say True; the I/O thread tells them of pauses and closes).
+    _remote = False
 
     __slots__ = (
         "_buffer",
@@ -493,6 +501,7 @@ class _PortBase(Source):
             raise ClosedPortError("this port is closed")
         if self._waiter is not None or self._select_waiters:
             raise ClosedPortError("a task is waiting on this port; it cannot change owner")
+        Mailbox._owner_changed(self, self._owner, owner)  # the owner's ports close with it
         self._owner = owner
         if owner is not None:
             buffer = self._buffer
@@ -646,7 +655,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
             )
         )
-        if packet == "msgpack":
+        if packet in ("msgpack", "resp"):  # decoded messages: charge their wire size
             self._sizes = deque()
         # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
         self._queued_bytes = 0
@@ -659,7 +668,11 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         self._busy_transitions = 0
         # True while send may take its inlined path: raw bytes, open, not broken, no EOF
         # sent, no port cap to check.  Cleared by each of those changes.
-        self._simple_send = self._framer is None and server._io.port_buffer_limit is None
+        self._simple_send = (
+            self._framer is None
+            and server._io.port_buffer_limit is None
+            and server._io.send_command == server._hub.cmd_send  # not a daemon's port
+        )
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
@@ -709,7 +722,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             )
         self._queued_bytes += size
         self._hub.queued_bytes += size
-        self._submit((self._hub.cmd_send, self._conn, data))
+        self._submit((self._io.send_command, self._conn, data))
 
     @property
     def busy(self) -> bool:
@@ -944,7 +957,8 @@ class PortOptions(TypedDict, total=False):
             read is one :class:`~ioserver.Data`), ``1``/``2``/``4`` (a big-endian length
             header, added on send and stripped on receive), ``"line"`` (the delimiter is
             kept at the end of each message) or ``"msgpack"`` (each decoded object is one
-            message; ``send`` packs).  Framing runs in the I/O thread.
+            message; ``send`` packs) or ``"resp"`` (Redis commands, each a ``list[bytes]``;
+            see :class:`ioserver._framing.RespFramer`).  Framing runs in the I/O thread.
         packet_size: the largest message in bytes (default 64 MiB); a peer that sends more
             (or a header that claims more) gets :class:`~ioserver.Error` ``EMSGSIZE`` and
             the port closed, with nothing allocated for the claimed size.
@@ -1084,7 +1098,7 @@ async def listen_tcp(
     *,
     backlog: int = 1024,
     reuseaddr: bool = True,
-    reuseport: bool = False,
+    reuseport: bool | None = None,
     **options: Unpack[PortOptions],
 ) -> Listener:
     """Listen on ``host:port`` for TCP connections; return the :class:`Listener`.
@@ -1101,7 +1115,9 @@ async def listen_tcp(
         port: the TCP port, 0..65535.
         backlog: the kernel's queue of connections not yet accepted.
         reuseaddr: ``SO_REUSEADDR`` (default ``True``: restart without waiting).
-        reuseport: ``SO_REUSEPORT`` (several processes share the port).
+        reuseport: ``SO_REUSEPORT`` (several processes share the port); by default on
+            only in a worker of ``ioserver serve --workers N`` (where the environment
+            variable ``IOSERVER_WORKER`` is set), so that the workers share the port.
         options: the options of each accepted port, see :class:`PortOptions`.
 
     Raises:
@@ -1111,6 +1127,8 @@ async def listen_tcp(
         ClosedPortError: the I/O server is closed.
     """
     hub = server._check_open()
+    if reuseport is None:
+        reuseport = WORKER_ENVIRONMENT in os.environ
     listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
     _check_options(listen_options, _LISTEN_OPTIONS, "a TCP listener")
     credit, settings = port_options(dict(options), "a TCP listener's ports")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import anyio
@@ -10,6 +11,7 @@ import anyio
 from ioserver._hub import current_parker
 
 from ._source import EMPTY, Source, Waiter
+from ._timers import Deadline
 
 __all__ = ["select"]
 
@@ -25,8 +27,9 @@ async def select(*sources: Source, timeout: float | None = None) -> tuple[Source
     task park, with one waiter armed on every source.  This is the single wait over I/O,
     mailboxes and channels that Erlang's ``receive`` gives a process.
 
-    Sources: :class:`~ports.Port`, :class:`~ports.Listener`, :class:`~ports.Mailbox` and
-    :class:`~ports.MemoryReceiveChannel`.  A passive port is asked for one read while the
+    Sources: :class:`~ports.Port`, :class:`~ports.Listener`, :class:`~ports.Mailbox`,
+    :class:`~ports.MemoryReceiveChannel` and :class:`~ports.Deadline` (a time, which
+    delivers one :class:`~ports.Timeout`).  A passive port is asked for one read while the
     select waits on it, as ``receive`` would.
 
     Args:
@@ -47,19 +50,22 @@ async def select(*sources: Source, timeout: float | None = None) -> tuple[Source
     count = len(sources)
     if not count:
         raise TypeError("select() needs at least one source")
+    wake_at = math.inf  # the earliest Deadline among the sources
     for source in sources:
         if not isinstance(source, Source):
             raise TypeError(f"select() cannot wait on {type(source).__name__}")
+        if source.__class__ is Deadline:
+            wake_at = min(wake_at, source.deadline)
     start = next(_rotation) % count
     order = sources[start:] + sources[:start] if start else sources
     parker = current_parker()
     if timeout is None:
-        return await _select(order, parker)
+        return await _select(order, parker, wake_at)
     with anyio.fail_after(timeout):
-        return await _select(order, parker)
+        return await _select(order, parker, wake_at)
 
 
-async def _select(order: tuple[Source, ...], parker: Any) -> tuple[Source, Any]:
+async def _select(order: tuple[Source, ...], parker: Any, wake_at: float) -> tuple[Source, Any]:
     while True:
         for source in order:
             message = source._select_poll()
@@ -70,7 +76,12 @@ async def _select(order: tuple[Source, ...], parker: Any) -> tuple[Source, Any]:
         for source in order:
             source._select_arm(waiter)
         try:
-            await parker.park(waiter)
+            if wake_at == math.inf:
+                await parker.park(waiter)
+            else:
+                # A Deadline is due at wake_at: park no longer, then poll it again.
+                with anyio.CancelScope(deadline=wake_at):
+                    await parker.park(waiter)
         finally:
             for source in order:
                 source._select_disarm(waiter)

@@ -222,8 +222,9 @@ async def test_an_owner_that_ends_takes_its_program_with_it(pios: ioserver.IOSer
     with anyio.fail_after(10):
         assert await mailbox.receive() == (port, Data(b"first\n"))
     pidfd = os.pidfd_open(port.pid)
-    mailbox.close()  # the owner is gone: its next message closes the port
-    await port.send(b"second\n")
+    mailbox.close()  # the owner is gone: its ports close, and the program ends
+    with pytest.raises(ports.ClosedPortError):
+        await port.send(b"second\n")
     await wait_reaped(pidfd, port.pid)
     assert port.closed
 

@@ -1,0 +1,545 @@
+"""The client's side of the daemon protocol: a stand-in for the I/O thread.
+
+Theory of operation
+-------------------
+A port does not know where its I/O thread is.  It talks to ``server._io`` through commands
+``(function, conn, argument)`` queued on ``io.commands``, reads a few counters of its
+``conn`` (``bytes_out``, ``delivered_*``, ``pause_generation``, ``closed``), and receives
+events through its loop's hub.  :class:`RemoteIO` provides exactly that, so the very same
+:class:`ports.Port` class runs against a daemon:
+
+- its ``commands`` queue *is* the queue of the client's own local I/O thread, and its
+  ``cmd_*`` functions run there: each encodes a protocol message (see
+  :mod:`ioserver._protocol`) into the round's outgoing batch;
+- at the end of the round the batch leaves as one frame on a ZeroMQ DEALER socket, which
+  the local I/O thread owns like any other socket (a :class:`~ioserver._iothread.Handler`,
+  with ZeroMQ's edge-triggered fd handled as :mod:`ioserver._zmq` explains);
+- the daemon's events arrive on that socket, are checked, update the port's
+  :class:`RemoteConn` counters and are handed to the hub, as local events are.
+
+Heartbeats: each side sends one when it sent nothing for an interval; a daemon silent for
+``HEARTBEAT_MISSES`` intervals is lost, and every port then ends with
+``Closed("ioserver daemon lost", "ECONNABORTED")`` - sends raise
+:exc:`~ports.BrokenPortError`, an :exc:`anyio.BrokenResourceError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from ioserver import _protocol as P
+from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
+from ioserver._iothread import Handler, IOThread
+from ioserver._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
+from ioserver._poller import READ
+from ioserver._protocol import ProtocolViolation
+
+from ._exceptions import ProtocolError
+
+log = logging.getLogger("ioserver.client")
+
+RECEIVE_BATCH = 256
+_SET_DATA = Data.__dict__["data"].__set__
+LOST = Closed("ioserver daemon lost", "ECONNABORTED")
+CLIENT_CLOSED = Closed("ioserver closed", "ESHUTDOWN")  # as local ports at shutdown
+
+
+class RemoteConn:
+    """The client's view of the daemon's half of one port (the counters a port reads)."""
+
+    __slots__ = (
+        "accept_options",
+        "bytes_in",
+        "bytes_out",
+        "closed",
+        "deliver",
+        "delivered_bytes",
+        "delivered_messages",
+        "low_msgq",
+        "low_msgq_messages",
+        "make_port",
+        "out_bytes",
+        "packets_too_large",
+        "pause_generation",
+        "pauses",
+        "peak_buffered",
+        "pid",
+        "port",
+        "send_low",
+        "sizes",
+    )
+
+    def __init__(self, pid: int, port: Any, deliver: Any, options: dict[str, Any]) -> None:
+        self.pid = pid
+        self.port = port
+        self.deliver = deliver
+        self.closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.out_bytes = 0
+        self.delivered_bytes = 0
+        self.delivered_messages = 0
+        self.low_msgq = options.get("low_msgq_watermark", 1 << 62)
+        self.low_msgq_messages = options.get("high_msgq_messages", 1 << 62) // 2
+        self.send_low = options.get("low_watermark", 0)
+        self.pause_generation = 0
+        self.pauses = 0
+        self.peak_buffered = 0
+        self.packets_too_large = 0
+        self.sizes: deque[int] | None = None
+        self.make_port: Any = None
+        self.accept_options: dict[str, Any] = {}
+
+
+class _Pending:
+    __slots__ = ("conn", "request")
+
+    def __init__(self, request: Any, conn: RemoteConn | None) -> None:
+        self.request = request
+        self.conn = conn
+
+
+class RemoteIO(Handler):
+    """Plays the I/O thread for ports whose sockets live in a daemon (module docstring).
+
+    Its ``cmd_*`` methods and handler methods run on the client's local I/O thread.
+    """
+
+    def __init__(self, local: IOThread, sock: zmq.Socket[bytes], endpoint: str) -> None:
+        self.local = local
+        self.sock = sock
+        self.endpoint = endpoint
+        self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self.commands = local.commands
+        self.port_buffer_limit = None
+        self.send_command = self.cmd_send
+        self.table: dict[int, RemoteConn] = {}
+        self.requests: dict[int, _Pending] = {}
+        self.outbound: list[Any] = []
+        self.pending: deque[bytes] = deque()
+        self.next_pid = 1
+        self.next_rid = 1
+        self.heartbeat = 1.0
+        self.info: dict[str, Any] = {}
+        self.last_seen = self.last_sent = time.monotonic()
+        self.lost = False
+        self.broken_reason: str | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.faults = 0
+        self._hello: Any = None
+        self._timer: Any = None
+
+    def submit(self, function: Any, target: Any, argument: Any) -> None:
+        """Queue ``function(target, argument)`` on the local I/O thread (as IOThread's)."""
+        self.commands.put((function, target, argument))
+
+    # -- start, stop (commands on the local I/O thread) -----------------------------------
+    def cmd_start(self, request: Any, deliver: Any) -> None:
+        """Adopt the socket and say HELLO; the WELCOME answers ``request``."""
+        self._hello = (request, deliver)
+        self.local.adopt(self)
+        self.local._interest(self, READ)  # type: ignore[arg-type]
+        self._emit([P.HELLO, P.VERSION])
+        self.local.call_soon(self)
+
+    def cmd_bye(self, _: Any, __: Any) -> None:
+        """Tell the daemon we leave (it closes our ports), then close the socket."""
+        if self.closed:
+            return
+        if not self.lost:
+            self.outbound.append([P.BYE])
+            self._send_batch()
+        self._end_ports(CLIENT_CLOSED)
+        self._close()
+
+    def _end_ports(self, message: Closed) -> None:
+        """Every port still open here gets its final message, as the I/O thread's
+        shutdown gives local ports theirs."""
+        for conn in self.table.values():
+            conn.closed = True
+            if conn.port is not None:
+                conn.deliver((conn.port, message))
+        self.table.clear()
+
+    def _start_heartbeat(self, interval: float) -> None:
+        self.heartbeat = interval
+        self._timer = self.local.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        if self.closed or self.lost:
+            return
+        now = time.monotonic()
+        if now - self.last_seen > self.heartbeat * P.HEARTBEAT_MISSES:
+            self._lose(f"no message from the daemon for {now - self.last_seen:.1f} s")
+            return
+        if now - self.last_sent >= self.heartbeat * 0.9:
+            self._emit([P.HEARTBEAT])
+        self._timer = self.local.call_later(self.heartbeat, self._tick)
+
+    def _lose(self, why: str) -> None:
+        """The daemon is gone: end every port and request, refuse new ones."""
+        log.warning("ioserver daemon at %s lost: %s", self.endpoint, why)
+        self.lost = True
+        self.broken_reason = why
+        self._end_ports(LOST)
+        error = BrokenPortError(
+            f"the ioserver daemon at {self.endpoint} is lost: {why}", errno_name="ECONNABORTED"
+        )
+        for pending in self.requests.values():
+            self._answer(pending, error)
+        self.requests.clear()
+        if self._hello is not None:
+            request, deliver = self._hello
+            self._hello = None
+            deliver((request, error))
+        self._close()
+
+    # -- port commands (run on the local I/O thread) --------------------------------------
+    def _emit(self, message: list[Any]) -> None:
+        if self.closed:
+            return
+        if not self.outbound:
+            self.local.mark_dirty(self)
+        self.outbound.append(message)
+
+    def _open(self, request: Any, spec: tuple[Any, ...], opcode: int) -> None:
+        port, deliver, family, address, options = spec[:5]
+        credit, notify = spec[5]
+        if self.lost or self.closed:
+            deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
+            return
+        pid = self.next_pid
+        self.next_pid += 1
+        rid = self.next_rid
+        self.next_rid += 1
+        wire = {name: value for name, value in options.items() if name != "active"}
+        conn = RemoteConn(pid, port, deliver, options)
+        if options.get("packet") == "msgpack":
+            conn.sizes = port._sizes
+        if opcode == P.LISTEN:
+            conn.make_port = spec[6]
+            conn.accept_options = options
+            accept_credit, accept_notify = options["active"]
+            wire["accept_active"] = [accept_credit, accept_notify]
+        self.table[pid] = conn
+        self.requests[rid] = _Pending(request, conn)
+        self._emit([opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify])
+
+    def cmd_connect(self, request: Any, spec: tuple[Any, ...]) -> None:
+        self._open(request, spec, P.CONNECT)
+
+    def cmd_listen(self, request: Any, spec: tuple[Any, ...]) -> None:
+        self._open(request, spec, P.LISTEN)
+
+    def cmd_send(self, conn: RemoteConn, data: bytes) -> None:
+        # Charged to the local budget by the port, released here: it is the daemon's now.
+        self.local.bytes_forwarded += len(data)
+        if not conn.closed:
+            conn.out_bytes += len(data)
+            self._emit([P.SEND, conn.pid, data])
+
+    def cmd_send_eof(self, conn: RemoteConn, _: Any) -> None:
+        if not conn.closed:
+            self._emit([P.SEND_EOF, conn.pid])
+
+    def cmd_close(self, conn: RemoteConn, _: Any) -> None:
+        if not conn.closed:
+            self._emit([P.CLOSE, conn.pid])
+
+    def cmd_set_active(self, conn: RemoteConn, mode: tuple[int, bool]) -> None:
+        if not conn.closed:
+            self._emit([P.ACTIVE, conn.pid, mode[0], mode[1]])
+
+    def cmd_read_once(self, conn: RemoteConn, _: Any) -> None:
+        if not conn.closed:
+            self._emit([P.READ_ONCE, conn.pid])
+
+    def cmd_resume(self, conn: RemoteConn, generation: int) -> None:
+        if not conn.closed:
+            port = conn.port
+            self._emit(
+                [P.RESUME, conn.pid, generation, port._consumed_bytes, port._consumed_messages]
+            )
+
+    def cmd_status(self, request: Any, deliver: Any) -> None:
+        if self.lost or self.closed:
+            deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
+            return
+        rid = self.next_rid
+        self.next_rid += 1
+        self.requests[rid] = _Pending((request, deliver), None)
+        self._emit([P.STATUS, rid])
+
+    # -- the socket -----------------------------------------------------------------------
+    def flush(self) -> None:
+        self._send_batch()
+        self.on_ready(0)  # a send may have taken the fd's edge (see ioserver._zmq)
+
+    def _send_batch(self) -> None:
+        if not self.outbound or self.closed:
+            return
+        frame = P.pack(self.outbound)
+        self.outbound = []
+        self.last_sent = time.monotonic()
+        if self.pending or not self._send(frame):
+            self.pending.append(frame)
+
+    def _send(self, frame: bytes) -> bool:
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self.frames_out += 1
+        return True
+
+    def on_ready(self, mask: int) -> None:
+        if self.closed:
+            return
+        sock = self.sock
+        for _ in range(RECEIVE_BATCH):
+            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            if events & zmq.POLLOUT and self.pending:
+                while self.pending and self._send(self.pending[0]):
+                    self.pending.popleft()
+            if not events & zmq.POLLIN:
+                return
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.frames_in += 1
+            self.last_seen = time.monotonic()
+            self._receive(frame)
+            if self.closed:
+                return
+        self.local.call_soon(self)
+
+    def _receive(self, frame: bytes) -> None:
+        try:
+            messages = P.unpack(frame)
+        except ProtocolViolation as exc:
+            self.faults += 1
+            log.error("ioserver daemon at %s sent a bad frame: %s", self.endpoint, exc)
+            return
+        for message in messages:
+            try:
+                if not (isinstance(message, list) and message and P.is_int(message[0])):
+                    raise ProtocolViolation("malformed", "a message must be [opcode, ...]")
+                handler = _EVENTS.get(message[0])
+                if handler is None:
+                    raise ProtocolViolation("unknown-opcode", f"unknown opcode {message[0]}")
+                handler(self, message)
+            except (ProtocolViolation, ValueError, TypeError, IndexError, KeyError) as exc:
+                self.faults += 1
+                log.error("ioserver daemon at %s sent a bad message: %s", self.endpoint, exc)
+
+    # -- events ---------------------------------------------------------------------------
+    def _conn(self, pid: Any) -> RemoteConn | None:
+        return self.table.get(pid) if P.is_int(pid) else None
+
+    def _answer(self, pending: _Pending, result: Any) -> None:
+        request = pending.request
+        if isinstance(request, tuple):  # a status request: (request, deliver)
+            request, deliver = request
+            deliver((request, result))
+        elif pending.conn is not None:
+            pending.conn.deliver((request, result))
+
+    def _welcome(self, message: list[Any]) -> None:
+        info = message[1]
+        if not isinstance(info, dict) or not P.is_int(info.get("version")):
+            raise ProtocolViolation("malformed", "WELCOME is [1, {version, heartbeat, ...}]")
+        heartbeat = info.get("heartbeat")
+        if not isinstance(heartbeat, (int, float)) or not 0 < heartbeat <= 3600:
+            raise ProtocolViolation("malformed", "WELCOME heartbeat must be 0 < s <= 3600")
+        self.info = info
+        if self._timer is None:
+            self._start_heartbeat(float(heartbeat))
+        if self._hello is not None:
+            request, deliver = self._hello
+            self._hello = None
+            deliver((request, info))
+
+    def _fault(self, message: list[Any]) -> None:
+        _, rid, kind, text = message
+        pending = self.requests.pop(rid, None) if P.is_int(rid) else None
+        error = ProtocolError(f"the daemon refused a request: {kind}: {text}", kind=str(kind))
+        if pending is not None:
+            if pending.conn is not None:
+                self.table.pop(pending.conn.pid, None)
+            self._answer(pending, error)
+        elif self._hello is not None:
+            request, deliver = self._hello
+            self._hello = None
+            deliver((request, error))
+        else:
+            self.faults += 1
+            log.warning(
+                "the ioserver daemon at %s refused a message: %s: %s", self.endpoint, kind, text
+            )
+
+    def _ok(self, message: list[Any]) -> None:
+        _, rid, local, remote = message
+        pending = self.requests.pop(rid, None) if P.is_int(rid) else None
+        if pending is None or pending.conn is None:
+            raise ProtocolViolation("malformed", f"OK for an unknown request {rid!r}")
+        conn = pending.conn
+        self._answer(pending, (conn, P.from_wire_address(local), P.from_wire_address(remote)))
+
+    def _failed(self, message: list[Any]) -> None:
+        _, rid, kind, number, name, text = message
+        pending = self.requests.pop(rid, None) if P.is_int(rid) else None
+        if pending is None or pending.conn is None:
+            raise ProtocolViolation("malformed", f"FAILED for an unknown request {rid!r}")
+        self.table.pop(pending.conn.pid, None)
+        error: Exception
+        if kind == "OptionError":
+            error = OptionError(str(text))
+        else:
+            error = ConnectError(
+                str(text),
+                number if P.is_int(number) else None,
+                name if isinstance(name, str) else None,
+            )
+        self._answer(pending, error)
+
+    def _status(self, message: list[Any]) -> None:
+        _, rid, status = message
+        pending = self.requests.pop(rid, None) if P.is_int(rid) else None
+        if pending is None or not isinstance(status, dict):
+            raise ProtocolViolation("malformed", "STATUS for an unknown request")
+        self._answer(pending, status)
+
+    def _data(self, message: list[Any]) -> None:
+        conn = self._conn(message[1])
+        if conn is None:
+            return  # the port was closed here meanwhile
+        data = message[2]
+        if len(message) == 4:
+            size = message[3]
+            if conn.sizes is None or not P.is_int(size) or size < 0:
+                raise ProtocolViolation("malformed", "DATA with a size on a non-msgpack port")
+            conn.sizes.append(size)
+        elif isinstance(data, bytes) and conn.sizes is None:
+            size = len(data)
+        else:
+            raise ProtocolViolation("malformed", "DATA must carry bytes")
+        conn.delivered_messages += 1
+        conn.delivered_bytes += size
+        conn.bytes_in += size
+        self.local.delivered_total += size  # charged until the owner takes it
+        event = object.__new__(Data)
+        _SET_DATA(event, data)
+        conn.deliver((conn.port, event))
+
+    def _accepted(self, message: list[Any]) -> None:
+        _, listener_pid, pid, local, remote = message
+        listener = self._conn(listener_pid)
+        if listener is None or listener.make_port is None:
+            return
+        if not P.is_int(pid) or pid >= 0 or pid in self.table:
+            raise ProtocolViolation("malformed", f"ACCEPTED with a bad port id {pid!r}")
+        options = listener.accept_options
+        conn = RemoteConn(pid, None, listener.deliver, options)
+        self.table[pid] = conn
+        address = P.from_wire_address(remote)
+        port = listener.make_port(conn, P.from_wire_address(local), address)
+        conn.port = port
+        if options.get("packet") == "msgpack":
+            conn.sizes = port._sizes
+        conn.deliver((listener.port, Accepted(port, address)))
+
+    def _closed(self, message: list[Any]) -> None:
+        _, pid, reason, name = message
+        conn = self._conn(pid)
+        if conn is not None:
+            conn.deliver((conn.port, Closed(str(reason), name if isinstance(name, str) else None)))
+
+    def _error(self, message: list[Any]) -> None:
+        _, pid, name, number, text = message
+        conn = self._conn(pid)
+        if conn is not None:
+            event = Error(str(name), number if P.is_int(number) else None, str(text))
+            conn.deliver((conn.port, event))
+
+    def _passive(self, message: list[Any]) -> None:
+        conn = self._conn(message[1])
+        if conn is not None:
+            conn.deliver((conn.port, PASSIVE))
+
+    def _written(self, message: list[Any]) -> None:
+        conn = self._conn(message[1])
+        if conn is None:
+            return
+        conn.bytes_out = P.check_int(message[2], "bytes_out", 0)
+        port = conn.port
+        if port._send_blocked and port._queued_bytes - conn.bytes_out <= conn.send_low:
+            conn.deliver((port, WRITABLE))
+
+    def _paused(self, message: list[Any]) -> None:
+        conn = self._conn(message[1])
+        if conn is None:
+            return
+        generation = P.check_int(message[2], "generation", 0)
+        conn.pauses += 1
+        conn.pause_generation = generation  # written before the counters are read
+        port = conn.port
+        if (
+            conn.delivered_bytes - port._consumed_bytes <= conn.low_msgq
+            and conn.delivered_messages - port._consumed_messages <= conn.low_msgq_messages
+        ):
+            self.cmd_resume(conn, generation)
+
+    def _gone(self, message: list[Any]) -> None:
+        conn = self.table.pop(message[1], None) if P.is_int(message[1]) else None
+        if conn is not None:
+            conn.closed = True
+
+    def _heartbeat(self, message: list[Any]) -> None:
+        pass
+
+    # -- closing --------------------------------------------------------------------------
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer[0] = None
+        self.local.release(self)
+        self.local.zmq_sockets.discard(self.sock)
+        self.sock.close(linger=200)
+
+    def on_error(self, exc: Exception) -> None:
+        log.error("the connection to the ioserver daemon failed", exc_info=exc)
+        self._lose(f"internal error: {exc!r}")
+
+    def on_shutdown(self) -> None:
+        if not self.lost:
+            self.outbound.append([P.BYE])
+            self._send_batch()
+        self._end_ports(CLIENT_CLOSED)
+        self._close()
+
+
+_EVENTS: dict[int, Any] = {
+    P.WELCOME: RemoteIO._welcome,
+    P.HEARTBEAT: RemoteIO._heartbeat,
+    P.FAULT: RemoteIO._fault,
+    P.OK: RemoteIO._ok,
+    P.FAILED: RemoteIO._failed,
+    P.STATUS_REPLY: RemoteIO._status,
+    P.DATA: RemoteIO._data,
+    P.ACCEPTED: RemoteIO._accepted,
+    P.CLOSED: RemoteIO._closed,
+    P.ERROR: RemoteIO._error,
+    P.PASSIVE: RemoteIO._passive,
+    P.WRITTEN: RemoteIO._written,
+    P.PAUSED: RemoteIO._paused,
+    P.GONE: RemoteIO._gone,
+}

@@ -1,0 +1,697 @@
+"""An HTTP/1.1 static-file server: h11 for the protocol, one actor per connection.
+
+Run it:  python examples/httpd.py --port 8080 --root ./public
+         (or: ioserver run examples/httpd.py --port 8080 --root ./public)
+Try it:  curl -v http://127.0.0.1:8080/index.html
+         curl -I http://127.0.0.1:8080/index.html                  (HEAD)
+Load it: wrk -t2 -c100 -d10s http://127.0.0.1:8080/index.html
+
+What it does:
+
+- ``GET`` and ``HEAD`` of the files under ``--root``, with ``Content-Length`` and a
+  ``Content-Type`` from :mod:`mimetypes`; a directory serves its ``index.html``.
+  Keep-alive and pipelining (requests answered in order) come from h11, which does all
+  the HTTP parsing and writing.  Other methods get ``405`` (with ``Allow``), a request
+  h11 cannot parse gets ``400`` and the connection closed.
+- No way out of the root: the path is percent-decoded and then refused if it holds a
+  ``..`` segment or a NUL byte (``404``), and the file's real path (symlinks resolved)
+  must lie under the root's real path (``403`` otherwise).
+- **A memory budget per request** (``--request-memory``, default 1 MiB), kept by a
+  :class:`RequestBudget`: every byte a request makes the handler hold is charged to it -
+  the body it buffers, the file it reads (the policy: read the whole file, per request),
+  the response it builds.  A body that would exceed it gets ``413`` (and the connection
+  closed, since the rest of the body is never read); a handler that would exceed it gets
+  ``500`` for that request alone - the next request on the same connection is served as
+  usual, and no other connection notices.  The budgets of all requests in flight draw on
+  one :class:`MemoryPool` (``--handler-memory``, default 64 MiB); a request that finds it
+  used up gets ``503``.  Once a response is handed to the port, the I/O server's own
+  bounds take over: ``--memory-limit`` (``ioserver.open(memory_limit=...)``: input not yet
+  taken plus output not yet written, for every connection) and the port watermarks.  So
+  the process holds at most ``--handler-memory`` + ``--memory-limit`` bytes of request
+  and response data, plus a fixed amount per connection (h11's state and its header
+  buffer, capped at 16 KiB).
+
+The handler is sans-I/O (:class:`HttpSession`: bytes in, bytes out), so the benchmark
+runs the very same code on plain trio sockets and on asyncio streams
+(``bench/servers/http_trio.py``, ``bench/servers/http_asyncio.py``).
+
+Tuning: ``--switch-interval SECONDS`` sets :func:`sys.setswitchinterval`.  The I/O thread
+and the event loop share the GIL; with a CPU-heavy handler (h11) the I/O thread waits up
+to the interval (5 ms by default) for it, which delays reads and writes.  It is left at
+Python's default unless given; see bench/README.md for what it changed when measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import mimetypes
+import os
+import posixpath
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import anyio
+import anyio.abc
+import h11
+
+import ioserver
+import ports
+
+#: Defaults, in bytes.
+REQUEST_MEMORY = 1 << 20
+HANDLER_MEMORY = 64 << 20
+MAX_HEADERS = 16 * 1024  # h11's cap on a request's head
+FLUSH_AT = 64 * 1024  # pipelined responses are sent once this many bytes are ready
+SEPARATE_SEND_AT = 64 * 1024  # a larger body is sent as it is, not joined to its head
+LINGER_SECONDS = 2.0  # after a closing response, how long to drain the client's input
+LINGER_BYTES = 1 << 20  # ... and how much of it
+
+log = logging.getLogger("httpd")
+
+SERVER_NAME = b"ioserver-httpd"
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+# -- the memory budget ----------------------------------------------------------------
+
+
+class BudgetExceeded(Exception):
+    """A charge would pass a budget.
+
+    ``scope`` is ``"request"`` (the request's own budget: the request is at fault) or
+    ``"server"`` (the shared pool: too much is in flight now); ``what`` names what was
+    charged (``"body"``, ``"file"``, ``"response"``), ``size`` its bytes, ``limit`` the
+    budget's bytes and ``used`` what was already charged.
+    """
+
+    def __init__(self, scope: str, what: str, size: int, used: int, limit: int) -> None:
+        super().__init__(
+            f"{what} of {size} bytes on top of {used} exceeds the {scope} budget of {limit}"
+        )
+        self.scope = scope
+        self.what = what
+        self.size = size
+        self.used = used
+        self.limit = limit
+
+
+class MemoryPool:
+    """The bytes that all requests in flight may hold together (``limit``).
+
+    Single-threaded: every actor runs in one event loop, so no lock.  ``peak`` is the
+    most ever held.
+    """
+
+    __slots__ = ("limit", "peak", "used")
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError(f"a memory pool needs a positive limit in bytes, not {limit}")
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryPool {self.used}/{self.limit} bytes, peak {self.peak}>"
+
+
+class RequestBudget:
+    """The bytes one request may make its handler hold, charged before they are held.
+
+    Charge before allocating: ``budget.charge(size, "file")`` raises
+    :exc:`BudgetExceeded` and nothing was allocated.  Charges count against the request's
+    own ``limit`` and, when given, a shared :class:`MemoryPool`; :meth:`release` gives
+    everything back to the pool at once (when the request's response has left the
+    handler).  Reusable: a small object with no I/O, so any handler can keep one per
+    request - ``HttpSession`` does.
+
+    Args:
+        limit: the request's budget in bytes (positive).
+        pool: the pool shared by every request in flight, or ``None``.
+    """
+
+    __slots__ = ("limit", "peak", "pool", "used")
+
+    def __init__(self, limit: int, pool: MemoryPool | None = None) -> None:
+        if limit <= 0:
+            raise ValueError(f"a request budget needs a positive limit in bytes, not {limit}")
+        self.limit = limit
+        self.pool = pool
+        self.used = 0
+        self.peak = 0
+
+    def charge(self, size: int, what: str) -> None:
+        """Count ``size`` more bytes held for ``what``.
+
+        Raises:
+            BudgetExceeded: the request's budget (``scope="request"``) or the pool
+                (``scope="server"``) cannot cover it; nothing was charged.
+        """
+        used = self.used + size
+        if used > self.limit:
+            raise BudgetExceeded("request", what, size, self.used, self.limit)
+        pool = self.pool
+        if pool is not None:
+            if pool.used + size > pool.limit:
+                raise BudgetExceeded("server", what, size, pool.used, pool.limit)
+            pool.used += size
+            if pool.used > pool.peak:
+                pool.peak = pool.used
+        self.used = used
+        if used > self.peak:
+            self.peak = used
+
+    def release(self) -> None:
+        """Give back everything charged (idempotent)."""
+        if self.pool is not None:
+            self.pool.used -= self.used
+        self.used = 0
+
+    def __repr__(self) -> str:
+        return f"<RequestBudget {self.used}/{self.limit} bytes, peak {self.peak}>"
+
+
+# -- the files ------------------------------------------------------------------------
+
+
+class StaticFiles:
+    """Maps request targets to files under ``root``, refusing every way out of it.
+
+    Args:
+        root: the directory to serve (it must exist).
+
+    Raises:
+        NotADirectoryError: ``root`` is not a directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        real = os.path.realpath(root)
+        if not os.path.isdir(real):
+            raise NotADirectoryError(f"the root to serve is not a directory: {root}")
+        self.root = real
+        self._prefix = real.rstrip(os.sep) + os.sep
+        self._types: dict[str, bytes] = {}
+        self._proc = os.path.isdir("/proc/self/fd")
+
+    def open(self, target: bytes) -> tuple[int, int, str, int]:
+        """Open the file ``target`` names: ``(200, fd, real path, size)``, else
+        ``(status, -1, "", 0)`` with ``status`` ``400`` (not an origin-form target),
+        ``404`` (no such file, a ``..`` segment, a NUL byte, not a regular file) or
+        ``403`` (outside the root through a symlink, or unreadable).
+
+        The check is made on the file actually opened (its path read back from
+        ``/proc/self/fd``), so a symlink swapped between a check and the open cannot lead
+        out of the root.  The caller closes ``fd``.
+        """
+        path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+        if not path.startswith(b"/"):
+            return 400, -1, "", 0  # absolute-form ("http://...") and "*" are not for files
+        decoded = unquote_to_bytes(path) if b"%" in path else path
+        if b"\0" in decoded:
+            return 404, -1, "", 0
+        segments = [segment for segment in decoded.split(b"/") if segment not in (b"", b".")]
+        if b".." in segments:
+            return 404, -1, "", 0
+        candidate = self._prefix + os.fsdecode(b"/".join(segments))
+        for _ in range(2):  # the path, then a directory's index.html
+            try:
+                # O_NONBLOCK: opening a FIFO someone left in the root must not hang.
+                fd = os.open(candidate, _OPEN_FLAGS)
+            except (FileNotFoundError, NotADirectoryError):
+                return 404, -1, "", 0
+            except OSError:
+                return 403, -1, "", 0
+            try:
+                real = self._real_path(fd, candidate)
+                if real != self.root and not real.startswith(self._prefix):
+                    os.close(fd)
+                    return 403, -1, "", 0
+                status = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if stat.S_ISREG(status.st_mode):
+                return 200, fd, real, status.st_size
+            os.close(fd)
+            if not stat.S_ISDIR(status.st_mode):
+                return 404, -1, "", 0
+            candidate = real.rstrip(os.sep) + os.sep + "index.html"
+        return 404, -1, "", 0
+
+    def _real_path(self, fd: int, path: str) -> str:
+        if self._proc:
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # pragma: no cover - /proc not mounted
+                self._proc = False
+        return os.path.realpath(path)  # pragma: no cover - not Linux
+
+    def content_type(self, path: str) -> bytes:
+        """The ``Content-Type`` for ``path``, from :mod:`mimetypes` (cached by suffix)."""
+        suffix = posixpath.splitext(path)[1].lower()
+        known = self._types.get(suffix)
+        if known is None:
+            guessed, encoding = mimetypes.guess_type("x" + suffix, strict=False)
+            if guessed is None or encoding is not None:
+                guessed = "application/octet-stream"
+            elif guessed.startswith("text/") or guessed in ("application/javascript",):
+                guessed += "; charset=utf-8"
+            known = self._types[suffix] = guessed.encode()
+        return known
+
+
+# -- one connection, sans-I/O ----------------------------------------------------------
+
+
+class SessionStatistics:
+    """What one :class:`HttpSession` did: requests, and those refused for memory."""
+
+    __slots__ = ("errors_413", "errors_500", "errors_503", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors_413 = 0  #: bodies over the request budget
+        self.errors_500 = 0  #: handlers over the request budget (or failing to read)
+        self.errors_503 = 0  #: requests that found the shared pool used up
+
+
+REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+_IDLE_OR_SENDING = (h11.IDLE, h11.SEND_RESPONSE)
+
+_date_cache: list[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The ``Date`` header's value now (RFC 9110 IMF-fixdate), formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
+class HttpSession:
+    """One HTTP/1.1 connection's protocol and handler, with no I/O (as h11 itself).
+
+    Feed it what the socket read (``b""`` at end of file) with :meth:`feed`, then call
+    :meth:`responses` until it returns nothing; send what it returns, in order, and call
+    :meth:`sent` once it is handed to the transport.  When :attr:`closing` is true and
+    nothing is left to send, half-close and close the connection.
+
+    Args:
+        files: what to serve.
+        request_memory: each request's budget in bytes (see :class:`RequestBudget`).
+        pool: the pool shared by the requests of every connection, or ``None``.
+    """
+
+    __slots__ = (
+        "_body",
+        "_budget",
+        "_budgets",
+        "_connection",
+        "_files",
+        "_method",
+        "_pool",
+        "_request",
+        "_request_memory",
+        "closing",
+        "statistics",
+    )
+
+    def __init__(
+        self,
+        files: StaticFiles,
+        request_memory: int = REQUEST_MEMORY,
+        pool: MemoryPool | None = None,
+    ) -> None:
+        self._connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        self._files = files
+        self._request_memory = request_memory
+        self._pool = pool
+        self._budgets: list[RequestBudget] = []  # of responses returned and not yet sent
+        self._method = b""  # of the request being answered
+        # The request being read: its head, its budget and the body so far.
+        self._request: h11.Request | None = None
+        self._budget: RequestBudget | None = None
+        self._body: list[bytes] = []
+        self.closing = False
+        self.statistics = SessionStatistics()
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes read from the client; ``b""`` means it closed its side."""
+        if not self.closing:
+            self._connection.receive_data(data)
+
+    def release(self) -> None:
+        """Release every charge, the request being read included (the connection ended)."""
+        self.sent()
+        if self._budget is not None:
+            self._budget.release()
+
+    def sent(self) -> None:
+        """The responses returned so far were handed to the transport: release their
+        requests' bytes from the budgets (and the pool).  A request still being read
+        keeps its charges."""
+        for budget in self._budgets:
+            budget.release()
+        self._budgets.clear()
+
+    def responses(self) -> list[bytes]:
+        """Serve every request complete so far, in order; return the bytes to send.
+
+        Returns at most about ``FLUSH_AT`` bytes at a time (call again until it returns
+        an empty list), so a long pipeline does not pile up responses.
+        """
+        connection = self._connection
+        out: list[bytes] = []
+        size = 0
+        while size < FLUSH_AT and not self.closing:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError as exc:
+                if connection.our_state in _IDLE_OR_SENDING:
+                    out += self._error(exc.error_status_hint, close=True)
+                self.closing = True
+                break
+            if event is h11.NEED_DATA:
+                break
+            if event is h11.PAUSED:
+                if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+                    connection.start_next_cycle()
+                    continue
+                self.closing = connection.our_state is h11.MUST_CLOSE
+                break
+            event_type = type(event)
+            if event_type is h11.Request:
+                request: h11.Request = event  # type: ignore[assignment]
+                self._request = request
+                self._method = request.method
+                self._budget = RequestBudget(self._request_memory, self._pool)
+                self.statistics.requests += 1
+                self._body = []
+                length = _content_length(request)
+                if length is not None and length > self._request_memory:
+                    self.statistics.errors_413 += 1
+                    self._budgets.append(self._budget)
+                    out += self._error(413, close=True)
+            elif event_type is h11.Data:
+                assert self._budget is not None
+                data = event.data  # type: ignore[union-attr]
+                try:
+                    self._budget.charge(len(data), "body")
+                except BudgetExceeded as exc:
+                    self.statistics.errors_413 += exc.scope == "request"
+                    self.statistics.errors_503 += exc.scope == "server"
+                    self._budgets.append(self._budget)
+                    out += self._error(413 if exc.scope == "request" else 503, close=True)
+                    continue
+                self._body.append(data)
+            elif event_type is h11.EndOfMessage:
+                assert self._request is not None and self._budget is not None
+                # Its bytes stay charged until the response is handed to the transport.
+                self._budgets.append(self._budget)
+                try:
+                    chunks = self._respond(self._request, self._budget)
+                except Exception:  # a bug in the handler: this request alone fails
+                    log.exception("handler failed on %r", self._request.target)
+                    self.statistics.errors_500 += 1
+                    chunks = self._error(500)
+                out += chunks
+                size += sum(len(chunk) for chunk in chunks)
+                if connection.our_state is h11.MUST_CLOSE:
+                    self.closing = True
+                elif connection.our_state is h11.DONE:
+                    connection.start_next_cycle()
+                self._request = self._budget = None
+                self._body = []
+            elif event_type is h11.ConnectionClosed:
+                self.closing = True
+        if len(out) > 1 and size < SEPARATE_SEND_AT:
+            out = [b"".join(out)]
+        return out
+
+    def _respond(self, request: h11.Request, budget: RequestBudget) -> list[bytes]:
+        """The response to a whole request, as bytes to send."""
+        method = request.method
+        if method != b"GET" and method != b"HEAD":
+            return self._error(405, headers=[(b"allow", b"GET, HEAD")])
+        status, fd, path, length = self._files.open(request.target)
+        if status != 200:
+            return self._error(status)
+        try:
+            budget.charge(length, "file")  # before reading: it may not fit
+            content = _read(fd, length) if method == b"GET" else b""
+            headers = [
+                (b"server", SERVER_NAME),
+                (b"date", http_date()),
+                (b"content-type", self._files.content_type(path)),
+                (b"content-length", b"%d" % len(content) if method == b"GET" else b"%d" % length),
+            ]
+            head = self._connection.send(
+                h11.Response(status_code=200, headers=headers, reason=b"OK")
+            )
+            assert head is not None
+            budget.charge(len(head), "response")
+        except BudgetExceeded as exc:
+            if exc.scope == "server":
+                self.statistics.errors_503 += 1
+                return self._error(503, headers=[(b"retry-after", b"1")])
+            self.statistics.errors_500 += 1
+            return self._error(500)
+        except OSError:
+            self.statistics.errors_500 += 1
+            return self._error(500)
+        finally:
+            os.close(fd)
+        out = [head]
+        if content:
+            out += self._connection.send_with_data_passthrough(h11.Data(data=content))
+        end = self._connection.send(h11.EndOfMessage())
+        if end:
+            out.append(end)
+        return out
+
+    def _error(
+        self, status: int, *, close: bool = False, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> list[bytes]:
+        """A small text response with ``status``; ``close`` adds ``Connection: close``."""
+        connection = self._connection
+        if connection.our_state not in _IDLE_OR_SENDING:
+            self.closing = True  # a response is already under way: nothing else can be said
+            return []
+        reason = REASONS.get(status, b"Error")
+        body = b"%d %b\n" % (status, reason)
+        all_headers = [
+            (b"server", SERVER_NAME),
+            (b"date", http_date()),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+            *(headers or []),
+        ]
+        if close:
+            all_headers.append((b"connection", b"close"))
+        out = [
+            connection.send(h11.Response(status_code=status, headers=all_headers, reason=reason))
+        ]
+        if self._method != b"HEAD":  # HEAD answers carry no body
+            out.append(connection.send(h11.Data(data=body)))
+        out.append(connection.send(h11.EndOfMessage()))
+        if close or connection.our_state is h11.MUST_CLOSE:
+            self.closing = True
+        return [chunk for chunk in out if chunk]
+
+
+def _read(fd: int, length: int) -> bytes:
+    """Up to ``length`` bytes of the file (fewer if it shrank meanwhile)."""
+    content = os.read(fd, length)
+    if len(content) == length or not content:
+        return content
+    parts = [content]
+    remaining = length - len(content)
+    while remaining > 0:
+        part = os.read(fd, remaining)
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
+
+
+def _content_length(request: h11.Request) -> int | None:
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)  # h11 has validated it
+    return None
+
+
+# -- the actors -------------------------------------------------------------------------
+
+
+async def serve_connection(
+    port: ports.Port, files: StaticFiles, request_memory: int, pool: MemoryPool | None
+) -> None:
+    """One client's actor: feed its bytes to an :class:`HttpSession`, send the answers."""
+    session = HttpSession(files, request_memory, pool)
+    async with port:
+        try:
+            async for message in port:
+                if message.__class__ is ports.Data:
+                    session.feed(message.data)  # type: ignore[union-attr]
+                elif message.__class__ is ports.Closed:
+                    session.feed(b"")
+                else:
+                    continue
+                while True:
+                    chunks = session.responses()
+                    if not chunks:
+                        break
+                    for chunk in chunks:
+                        await port.send(chunk)
+                    session.sent()
+                if session.closing:
+                    await linger(port)
+                    return
+        except ports.BrokenPortError:
+            pass  # the client reset the connection
+        except Exception:  # a bug: this connection alone ends
+            log.exception("connection from %s failed", port.remote_address)
+        finally:
+            session.release()
+
+
+async def linger(port: ports.Port) -> None:
+    """Close gracefully after a closing response: half-close, then read and drop what the
+    client still sends (a body we refused) until it closes, for ``LINGER_SECONDS`` and
+    ``LINGER_BYTES`` at most - closing with unread input would make the kernel reset the
+    connection, and the client could lose the response."""
+    await port.send_eof()
+    dropped = 0
+    with anyio.move_on_after(LINGER_SECONDS):
+        async for message in port:
+            if message.__class__ is ports.Data:
+                dropped += len(message.data)  # type: ignore[union-attr]
+                if dropped > LINGER_BYTES:
+                    return
+
+
+async def serve(
+    ios: ioserver.IOServer,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    root: str | os.PathLike[str] = ".",
+    request_memory: int = REQUEST_MEMORY,
+    handler_memory: int = HANDLER_MEMORY,
+    task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the files under ``root`` on ``host:port``; report the bound address through
+    ``task_status``.
+
+    Args:
+        ios: the I/O server.
+        host: the address to listen on.
+        port: the TCP port (0: any free one).
+        root: the directory to serve.
+        request_memory: each request's budget in bytes.
+        handler_memory: the budget in bytes of all requests in flight together.
+    """
+    files = StaticFiles(root)
+    pool = MemoryPool(handler_memory)
+    async with (
+        await ports.listen_tcp(ios, host, port) as listener,
+        anyio.create_task_group() as task_group,
+    ):
+        task_status.started(listener.local_address)
+        async for accepted in listener:
+            if isinstance(accepted, ports.Accepted):
+                task_group.start_soon(serve_connection, accepted.port, files, request_memory, pool)
+
+
+def byte_size(text: str) -> int:
+    """``"1048576"``, ``"64k"``, ``"1M"``, ``"2G"`` → bytes (powers of 1024)."""
+    text = text.strip()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    number = int(text[:-1] if scale != 1 else text)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, not {text!r}")
+    return number * scale
+
+
+async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
+    parser = argparse.ArgumentParser(prog="httpd", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    parser.add_argument("--root", default=".", help="directory to serve (default: .)")
+    parser.add_argument(
+        "--request-memory",
+        type=byte_size,
+        default=REQUEST_MEMORY,
+        help="bytes one request may hold: body, file read, response (default 1M)",
+    )
+    parser.add_argument(
+        "--handler-memory",
+        type=byte_size,
+        default=HANDLER_MEMORY,
+        help="bytes all requests in flight may hold together (default 64M)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=byte_size,
+        default=None,
+        help="the I/O server's budget for buffered input and output "
+        "(ioserver.open(memory_limit=...)); default: unlimited",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval(SECONDS) for this process (Python's default: 0.005)",
+    )
+    options = parser.parse_args(argv)
+    if options.switch_interval is not None:
+        sys.setswitchinterval(options.switch_interval)
+    settings = {
+        "root": options.root,
+        "request_memory": options.request_memory,
+        "handler_memory": options.handler_memory,
+    }
+
+    async def run(server: ioserver.IOServer) -> None:
+        async with anyio.create_task_group() as task_group:
+            address = await task_group.start(
+                lambda task_status: serve(
+                    server, options.host, options.port, **settings, task_status=task_status
+                )
+            )
+            print(
+                f"httpd serving {options.root} on http://{address[0]}:{address[1]}/",
+                flush=True,
+            )
+
+    if options.memory_limit is None:
+        await run(ios)
+    else:
+        # `ioserver run` opened `ios` without a budget: serve from one opened with it.
+        async with ioserver.open(memory_limit=options.memory_limit) as bounded:
+            await run(bounded)
+
+
+if __name__ == "__main__":
+    ioserver.main(["run", __file__, *sys.argv[1:]])

@@ -1,0 +1,606 @@
+"""``ioserver serve`` and ``ioserver status``: the daemon, its workers, its status.
+
+One daemon process is an I/O thread, its control endpoint (:mod:`ioserver._control`) and
+optionally apps (``--app``) running in the process's event loop.  With ``--workers N`` a
+supervisor process starts N daemons (*workers*), share-nothing: each has its own I/O
+thread, apps and control endpoint (``<endpoint>-<i>``); listeners opened by apps share
+their TCP port through ``SO_REUSEPORT``; each worker is pinned to a core when there are
+enough.  The supervisor restarts a worker that dies and answers ``ioserver status`` on the
+main endpoint with every worker's status.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import zmq
+import zmq.auth
+
+from . import _protocol as P
+from ._control import ControlEndpoint, io_status
+from ._exceptions import IOServerError, OptionError
+from ._server import IOServer, run
+
+log = logging.getLogger("ioserver")
+
+WORKER_ENVIRONMENT = "IOSERVER_WORKER"  #: set to the worker's index in each worker
+# (ports.listen_tcp reads it: listeners share their port with SO_REUSEPORT in workers)
+
+
+@dataclass
+class DaemonConfig:
+    """What ``ioserver serve`` was asked to do (see ``ioserver serve --help``)."""
+
+    endpoint: str = ""
+    apps: list[str] = field(default_factory=list)
+    heartbeat: float = 1.0
+    grace: float = 5.0
+    backend: str = "asyncio"
+    use_uvloop: bool | None = None
+    curve_secret_key: str | None = None
+    curve_allowed_keys: str | None = None
+    allow_all_interfaces: bool = False
+    workers: int = 1
+    worker_index: int | None = None
+    memory_limit: int | None = None
+
+
+class DaemonError(IOServerError):
+    """The daemon cannot start: the endpoint is unsafe, in use, or misconfigured."""
+
+
+# -- the endpoint ---------------------------------------------------------------------------
+def check_endpoint(config: DaemonConfig) -> None:
+    """Refuse an unsafe or malformed control endpoint before anything is bound.
+
+    Raises:
+        DaemonError: not ``ipc://`` or ``tcp://``; ``tcp://`` without CURVE keys; all
+            interfaces (``*``, ``0.0.0.0``, ``::``) without ``--allow-all-interfaces``.
+    """
+    endpoint = config.endpoint
+    if endpoint.startswith("ipc://"):
+        if config.curve_secret_key:
+            raise DaemonError("CURVE keys are for tcp:// endpoints (ipc:// relies on 0700)")
+        return
+    if not endpoint.startswith("tcp://"):
+        raise DaemonError(
+            f"the control endpoint must be ipc://PATH or tcp://HOST:PORT: {endpoint!r}"
+        )
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+    if host in ("*", "0.0.0.0", "::", "") and not config.allow_all_interfaces:
+        raise DaemonError(
+            f"refusing to listen on all interfaces ({endpoint}); name one address, or pass "
+            "--allow-all-interfaces if you mean it"
+        )
+    if not (config.curve_secret_key and config.curve_allowed_keys):
+        raise DaemonError(
+            "a tcp:// control endpoint needs CURVE: --curve-secret-key FILE and "
+            "--curve-allowed-keys DIR (make them with zmq.auth.create_certificates)"
+        )
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host not in ("*", "localhost"):
+            raise DaemonError(f"tcp:// endpoints take a numeric address, not {host!r}") from None
+
+
+def prepare_ipc(endpoint: str) -> str | None:
+    """Make the ipc endpoint's directory (mode 0700, owned by us) and clear a stale socket.
+
+    Returns the socket path, or None for tcp://.
+
+    Raises:
+        DaemonError: the directory belongs to someone else or is open to others, or a live
+            daemon already answers on the path.
+    """
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.stat(directory)
+    if info.st_uid != os.getuid():
+        raise DaemonError(f"{directory} belongs to uid {info.st_uid}, not to us")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        if directory == P.runtime_directory():
+            os.chmod(directory, 0o700)
+        else:
+            raise DaemonError(
+                f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
+                "the control socket's directory must be 0700"
+            )
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise DaemonError(f"{path} exists and is not a socket; not touching it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: its daemon died without cleaning up
+            log.info("removed the stale control socket %s", path)
+        except OSError:
+            pass
+        else:
+            raise DaemonError(f"a daemon already serves {endpoint}")
+        finally:
+            probe.close()
+    return path
+
+
+def _open_control_socket(context: zmq.Context[Any], config: DaemonConfig) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.LINGER, 0)
+    if config.curve_secret_key:
+        public, secret = zmq.auth.load_certificate(config.curve_secret_key)
+        if secret is None:
+            raise DaemonError(f"{config.curve_secret_key} holds no secret key")
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+    try:
+        sock.bind(config.endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise DaemonError(f"cannot bind {config.endpoint}: {exc}") from None
+    return sock
+
+
+def _start_authenticator(context: zmq.Context[Any], config: DaemonConfig) -> Any:
+    """ZeroMQ's ZAP handler: only the public keys in ``--curve-allowed-keys`` get in."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    directory = config.curve_allowed_keys
+    if not directory or not os.path.isdir(directory):
+        raise DaemonError(f"--curve-allowed-keys must be a directory of public keys: {directory!r}")
+    authenticator = ThreadAuthenticator(context, log=logging.getLogger("ioserver.auth"))
+    authenticator.start()
+    authenticator.configure_curve(domain="*", location=directory)
+    return authenticator
+
+
+# -- one daemon -----------------------------------------------------------------------------
+async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
+    from ._cli import load_app
+
+    io = ios._io
+    started = time.monotonic()
+    worker = config.worker_index
+    apps = []
+    for spec in config.apps:
+        words = shlex.split(spec)
+        if not words:
+            raise OptionError("--app needs an app: file.py[:function] or module[:function]")
+        apps.append((spec, load_app(words[0]), words[1:]))
+    path = prepare_ipc(config.endpoint)
+    context = io.zmq_context()
+    authenticator = _start_authenticator(context, config) if config.curve_secret_key else None
+    try:
+        sock = _open_control_socket(context, config)
+        if path is not None:
+            os.chmod(path, 0o600)
+        control: ControlEndpoint | None = None
+
+        def status() -> dict[str, Any]:
+            assert control is not None
+            return io_status(
+                io,
+                started,
+                {
+                    "worker": worker,
+                    "endpoint": config.endpoint,
+                    "clients": len(control.sessions),
+                    "client_ports": sum(len(s.ports) for s in control.sessions.values()),
+                    "clients_lost": control.sessions_lost,
+                    "faults": control.faults,
+                    "apps": config.apps,
+                },
+            )
+
+        control = ControlEndpoint(
+            io,
+            sock,
+            heartbeat=config.heartbeat,
+            info={"pid": os.getpid(), "worker": worker},
+            status=status,
+        )
+        io.zmq_sockets.add(sock)
+        io.submit(_start_control, control, None)
+        where = f" worker {worker}" if worker is not None else ""
+        log.info(
+            "ioserver daemon%s serving %s (pid %d, %s, heartbeat %.3g s)",
+            where,
+            config.endpoint,
+            os.getpid(),
+            "CURVE" if authenticator else "ipc 0700" if path else "tcp",
+            config.heartbeat,
+        )
+        async with anyio.create_task_group() as task_group:
+            for spec, function, argv in apps:
+                log.info("starting app %s", spec)
+                task_group.start_soon(function, ios, argv)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for number in signals:
+                    log.info("%s received: stopping", signal.Signals(number).name)
+                    break
+            task_group.cancel_scope.cancel()
+        # Stop accepting clients and close their ports after their output; apps closed
+        # theirs as they were cancelled.  Then give the output a grace period.
+        io.submit(_close_control, control, None)
+        deadline = time.monotonic() + config.grace
+        # The I/O thread's queues, polled: there is no event to wait on.
+        while _pending_output(io) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+        left = _pending_output(io)
+        if left:
+            log.warning("grace period over: %d bytes of output dropped", left)
+    finally:
+        if authenticator is not None:
+            authenticator.stop()
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    log.info("ioserver daemon%s stopped", f" worker {worker}" if worker is not None else "")
+
+
+def _start_control(control: ControlEndpoint, _: Any) -> None:
+    control.start()
+
+
+def _close_control(control: ControlEndpoint, _: Any) -> None:
+    control.close_all()
+
+
+def _pending_output(io: Any) -> int:
+    """Bytes queued and not yet written, summed over the port table (read from the loop:
+    a snapshot, good enough to decide when to stop waiting)."""
+    total = 0
+    for entry in list(io._table):
+        out = getattr(entry, "out_bytes", 0)
+        if out and not entry.closed:
+            total += out
+    return total
+
+
+def serve(config: DaemonConfig) -> int:
+    """Run the daemon (or, with ``workers > 1``, the supervisor); the exit status."""
+    if not config.endpoint:
+        config.endpoint = P.default_endpoint()
+    check_endpoint(config)
+    if config.heartbeat <= 0 or config.grace < 0:
+        raise DaemonError("--heartbeat must be positive and --grace non-negative seconds")
+    if config.workers > 1 and config.worker_index is None:
+        return _supervise(config)
+    if config.worker_index is not None:
+        _pin(config.worker_index, config.workers)
+    run(
+        _run_daemon,
+        config,
+        backend=config.backend,
+        use_uvloop=config.use_uvloop,
+        stop_on_signals=False,
+        memory_limit=config.memory_limit,
+    )
+    return 0
+
+
+async def _run_daemon(ios: IOServer, config: DaemonConfig) -> None:
+    await _daemon_main(ios, config)
+
+
+def _pin(index: int, workers: int) -> None:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= workers:
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
+        log.info("worker %d pinned to core %d", index, cores[index % len(cores)])
+    else:
+        log.info("worker %d not pinned: %d cores for %d workers", index, len(cores), workers)
+
+
+# -- the supervisor of workers --------------------------------------------------------------
+def worker_endpoint(endpoint: str, index: int) -> str:
+    return f"{endpoint}-{index}" if endpoint.startswith("ipc://") else _tcp_plus(endpoint, index)
+
+
+def _tcp_plus(endpoint: str, index: int) -> str:
+    host, _, port = endpoint.rpartition(":")
+    return f"{host}:{int(port) + 1 + index}"
+
+
+def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "ioserver",
+        "serve",
+        "--endpoint",
+        worker_endpoint(config.endpoint, index),
+    ]
+    argv += ["--worker-index", str(index), "--workers", str(config.workers)]
+    argv += ["--heartbeat", str(config.heartbeat), "--grace", str(config.grace)]
+    argv += ["--backend", config.backend]
+    if config.use_uvloop is not None:
+        argv.append("--uvloop" if config.use_uvloop else "--no-uvloop")
+    for app in config.apps:
+        argv += ["--app", app]
+    if config.curve_secret_key:
+        argv += ["--curve-secret-key", config.curve_secret_key]
+        argv += ["--curve-allowed-keys", str(config.curve_allowed_keys)]
+    if config.allow_all_interfaces:
+        argv.append("--allow-all-interfaces")
+    if config.memory_limit is not None:
+        argv += ["--memory-limit", str(config.memory_limit)]
+    return argv
+
+
+def _supervise(config: DaemonConfig) -> int:
+    """Start the workers, restart those that die, answer status on the main endpoint."""
+    path = prepare_ipc(config.endpoint)
+    context: zmq.Context[Any] = zmq.Context()
+    authenticator = _start_authenticator(context, config) if config.curve_secret_key else None
+    sock = _open_control_socket(context, config)
+    if path is not None:
+        os.chmod(path, 0o600)
+    stopping = False
+
+    def stop(number: int, frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("%s received: stopping the workers", signal.Signals(number).name)
+        stopping = True
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    environment = dict(os.environ)
+    workers: list[subprocess.Popen[bytes] | None] = [None] * config.workers
+    starts: list[float] = [0.0] * config.workers
+    restarts = [0] * config.workers
+
+    def start(index: int) -> None:
+        environment[WORKER_ENVIRONMENT] = str(index)
+        workers[index] = subprocess.Popen(_worker_argv(config, index), env=environment)
+        starts[index] = time.monotonic()
+        log.info("worker %d started (pid %d)", index, workers[index].pid)  # type: ignore[union-attr]
+
+    log.info(
+        "ioserver supervisor serving %s with %d workers (pid %d)",
+        config.endpoint,
+        config.workers,
+        os.getpid(),
+    )
+    try:
+        for index in range(config.workers):
+            start(index)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not stopping:
+            try:
+                ready = dict(poller.poll(200))
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if sock in ready:
+                _supervisor_answer(sock, config, workers, restarts, context)
+            for index, process in enumerate(workers):
+                if process is not None and process.poll() is not None and not stopping:
+                    log.error(
+                        "worker %d (pid %d) died with status %s; restarting",
+                        index,
+                        process.pid,
+                        process.returncode,
+                    )
+                    restarts[index] += 1
+                    if time.monotonic() - starts[index] < 1.0:
+                        time.sleep(1.0)  # it died at once: do not spin
+                    start(index)
+    finally:
+        for process in workers:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + config.grace + 5
+        for process in workers:
+            if process is not None:
+                try:
+                    process.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    log.error("worker pid %d did not stop; killing it", process.pid)
+                    process.kill()
+                    process.wait()
+        sock.close(linger=0)
+        if authenticator is not None:
+            authenticator.stop()
+        context.term()
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        log.info("ioserver supervisor stopped")
+    return 0
+
+
+def _supervisor_answer(
+    sock: zmq.Socket[bytes],
+    config: DaemonConfig,
+    workers: list[Any],
+    restarts: list[int],
+    context: zmq.Context[Any],
+) -> None:
+    """The supervisor speaks just enough of the protocol: HELLO, STATUS, HEARTBEAT, BYE."""
+    while True:
+        try:
+            identity, frame = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        except ValueError:
+            continue
+        replies: list[Any] = []
+        try:
+            messages = P.unpack(frame)
+        except P.ProtocolViolation as exc:
+            replies.append([P.FAULT, None, exc.kind, str(exc)])
+            messages = []
+        for message in messages:
+            if not (isinstance(message, list) and message and P.is_int(message[0])):
+                replies.append([P.FAULT, None, "malformed", "a message must be [opcode, ...]"])
+            elif message[0] == P.HELLO:
+                info = {
+                    "version": P.VERSION,
+                    "pid": os.getpid(),
+                    "worker": None,
+                    "heartbeat": config.heartbeat,
+                    "workers": config.workers,
+                }
+                replies.append([P.WELCOME, info])
+            elif message[0] == P.STATUS and len(message) == 2 and P.is_int(message[1]):
+                statuses = []
+                for index in range(config.workers):
+                    endpoint = worker_endpoint(config.endpoint, index)
+                    try:
+                        status = query_status(
+                            endpoint, timeout=2.0, context=context, curve=_curve_for(config)
+                        )
+                    except DaemonError as exc:
+                        status = {"worker": index, "endpoint": endpoint, "error": str(exc)}
+                    process = workers[index]
+                    status.setdefault("worker", index)
+                    status["restarts"] = restarts[index]
+                    status["process"] = process.pid if process is not None else None
+                    statuses.append(status)
+                replies.append(
+                    [P.STATUS_REPLY, message[1], {"workers": statuses, "supervisor": os.getpid()}]
+                )
+            elif message[0] in (P.HEARTBEAT, P.BYE):
+                pass
+            else:
+                replies.append(
+                    [
+                        P.FAULT,
+                        message[1] if len(message) > 1 and P.is_int(message[1]) else None,
+                        "supervisor",
+                        f"this endpoint supervises {config.workers} workers; open ports on a "
+                        f"worker's endpoint: {worker_endpoint(config.endpoint, 0)} ...",
+                    ]
+                )
+        if replies:
+            try:
+                sock.send_multipart([identity, P.pack(replies)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+
+def _curve_for(config: DaemonConfig) -> tuple[str, str] | None:
+    if not config.curve_secret_key:
+        return None
+    # The supervisor queries its workers with the server's own certificate: it must be in
+    # the allowed keys for that (the daemon's docs say so).
+    return config.curve_secret_key, config.curve_secret_key
+
+
+# -- status ---------------------------------------------------------------------------------
+def query_status(
+    endpoint: str,
+    *,
+    timeout: float = 5.0,
+    context: zmq.Context[Any] | None = None,
+    curve: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """Ask the daemon (or supervisor) at ``endpoint`` for its status; blocking.
+
+    ``curve`` is ``(server public certificate file, client secret certificate file)``.
+
+    Raises:
+        DaemonError: no answer within ``timeout`` seconds, or a malformed answer.
+    """
+    own = context is None
+    context = context or zmq.Context()
+    sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            server_public, _ = zmq.auth.load_certificate(curve[0])
+            public, secret = zmq.auth.load_certificate(curve[1])
+            if secret is None:
+                raise DaemonError(f"{curve[1]} holds no secret key")
+            sock.curve_serverkey = server_public
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+            raise DaemonError(f"no ioserver daemon at {endpoint}: the socket file does not exist")
+        sock.connect(endpoint)
+        sock.send(P.pack([[P.HELLO, P.VERSION], [P.STATUS, 1], [P.BYE]]))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000)):
+                raise DaemonError(f"no answer from {endpoint} within {timeout} s")
+            for message in P.unpack(sock.recv()):
+                if isinstance(message, list) and message and message[0] == P.STATUS_REPLY:
+                    status = message[2]
+                    if not isinstance(status, dict):
+                        raise DaemonError(f"a malformed status from {endpoint}")
+                    return status
+                if isinstance(message, list) and message and message[0] == P.FAULT:
+                    raise DaemonError(f"{endpoint} refused: {message[2]}: {message[3]}")
+    except P.ProtocolViolation as exc:
+        raise DaemonError(f"a malformed answer from {endpoint}: {exc}") from None
+    finally:
+        sock.close(linger=0)
+        if own:
+            context.term()
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``ioserver status`` for humans: one block per worker."""
+    workers = status.get("workers", [status])
+    lines = []
+    for worker in workers:
+        kinds = worker.get("ports_by_kind", {})
+        lines.append(
+            f"worker {worker.get('worker') if worker.get('worker') is not None else '-'}"
+            f"  pid {worker.get('pid')}  uptime {worker.get('uptime', 0):.0f} s"
+            f"  endpoint {worker.get('endpoint')}"
+        )
+        if "error" in worker:
+            lines.append(f"  unreachable: {worker['error']}")
+            continue
+        lines.append(
+            f"  ports {worker.get('ports_open')}: "
+            + ", ".join(f"{name} {count}" for name, count in kinds.items())
+            + f"; clients {worker.get('clients')} ({worker.get('client_ports')} ports)"
+        )
+        lines.append(
+            f"  bytes in {worker.get('bytes_in')}  out {worker.get('bytes_out')}"
+            f"  queued out {worker.get('bytes_queued_out')}  memory {worker.get('memory_in_use')}"
+        )
+        lines.append(
+            f"  queues: commands {worker.get('command_queue_depth')}"
+            f"  events {worker.get('event_queue_depth')}"
+            f"  busy ports {worker.get('busy_ports')}  paused ports {worker.get('paused_ports')}"
+        )
+        lines.append(
+            f"  wakes to I/O thread sent {worker.get('wakes_to_io_sent')}"
+            f" skipped {worker.get('wakes_to_io_skipped')};"
+            f" to loops sent {worker.get('wakes_to_loops_sent')}"
+            f" skipped {worker.get('wakes_to_loops_skipped')}"
+        )
+    return "\n".join(lines)

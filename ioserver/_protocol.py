@@ -1,0 +1,200 @@
+"""The wire protocol between an ioserver daemon and its clients (version 1).
+
+Transport: one ZeroMQ ROUTER socket in the daemon (the *control endpoint*), one DEALER
+socket per client.  Every ZeroMQ message is one frame holding one msgpack array::
+
+    [VERSION, [message, message, ...]]
+
+so that one frame carries every command or event of one round of the sending I/O thread
+(batching: one frame per message costs about 1 µs each, a hundred per frame 0.14 µs).
+Each message is an array whose first element is its opcode.  ``pid`` is a port id: the
+client numbers the ports it opens (1, 2, 3...), the daemon numbers the ports its
+listeners accept (-1, -2, -3...); ids are never reused within a session.  ``rid`` is a
+request id chosen by the client.  Addresses are arrays (``[host, port]`` or
+``[host, port, flowinfo, scope_id]``).
+
+Client to daemon:
+
+=========  ==============================================================================
+opcode     message
+=========  ==============================================================================
+1 HELLO      ``[1, client_version]``: opens the session; answered with WELCOME.
+2 HEARTBEAT  ``[2]``: sent when nothing else was sent for a heartbeat interval.
+3 BYE        ``[3]``: the client is closing: close every port of the session.
+10 CONNECT   ``[10, rid, pid, family, address, options, credit, notify]``: a TCP connect,
+             as ``ports.connect_tcp``; ``options`` the port's resolved options (map).
+11 LISTEN    ``[11, rid, pid, family, address, options, credit, notify]``: a TCP listener;
+             ``options`` also holds ``backlog``, ``reuseaddr``, ``reuseport`` and
+             ``accept_active: [credit, notify]`` for the accepted ports.
+20 SEND      ``[20, pid, data]``: bytes to write (already framed by the client).
+21 SEND_EOF  ``[21, pid]``: half-close.
+22 CLOSE     ``[22, pid]``: close after writing what is queued.
+23 ACTIVE    ``[23, pid, credit, notify]``: an active mode (-1 unlimited, 0 passive, N).
+24 READ_ONCE ``[24, pid]``: a passive port's receiver waits for one message.
+25 RESUME    ``[25, pid, generation, consumed_bytes, consumed_messages]``: the owner took
+             enough after the receive pause ``generation``.
+30 STATUS    ``[30, rid]``: the daemon's status (as ``ioserver status --json``).
+=========  ==============================================================================
+
+Daemon to client:
+
+=========  ==============================================================================
+1 WELCOME    ``[1, info]``: ``info`` a map: ``version``, ``pid``, ``worker``,
+             ``heartbeat`` (seconds between heartbeats; a peer silent for
+             ``HEARTBEAT_MISSES`` intervals is lost).
+2 HEARTBEAT  ``[2]``.
+4 FAULT      ``[4, rid_or_nil, kind, text]``: a message was refused (kinds below).
+5 OK         ``[5, rid, local_address, remote_address]``: a CONNECT or LISTEN succeeded.
+6 FAILED     ``[6, rid, error_type, errno, errno_name, text]``: it failed; ``error_type``
+             is ``"ConnectError"`` or ``"OptionError"``.
+7 STATUS     ``[7, rid, status]``.
+10 DATA      ``[10, pid, data]`` or ``[10, pid, data, size]`` (``packet="msgpack"``: a
+             decoded object and the wire bytes it is charged).
+11 ACCEPTED  ``[11, listener_pid, pid, local_address, remote_address]``.
+12 CLOSED    ``[12, pid, reason, errno_name_or_nil]``: the port's final message.
+13 ERROR     ``[13, pid, errno_name, errno, text]``.
+14 PASSIVE   ``[14, pid]``.
+15 WRITTEN   ``[15, pid, bytes_out]``: the daemon wrote this many bytes of the port's
+             output in all (sent when a client may be waiting on a busy port).
+16 PAUSED    ``[16, pid, generation]``: the daemon stopped reading the port until the
+             client's owner takes enough (answered with RESUME).
+17 GONE      ``[17, pid]``: the daemon released the port; its id is dead.
+=========  ==============================================================================
+
+FAULT kinds: ``"malformed"`` (not msgpack, not the envelope, wrong arity or types),
+``"version"`` (an unsupported protocol version), ``"unknown-opcode"``, ``"no-session"``
+(a message before HELLO), ``"unknown-port"`` (a port id this session does not own -
+including another client's), ``"duplicate-port"``, ``"bad-option"``.  Every message
+that crosses the process boundary is validated before use, on both sides; a refused
+message never affects another message, port or client.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+HEARTBEAT_MISSES = 3  # intervals of silence after which the peer is lost
+MAX_FRAME = 64 * 1024 * 1024 + 4096  # bytes: the largest frame a side accepts
+
+# Client to daemon.
+HELLO = 1
+HEARTBEAT = 2
+BYE = 3
+CONNECT = 10
+LISTEN = 11
+SEND = 20
+SEND_EOF = 21
+CLOSE = 22
+ACTIVE = 23
+READ_ONCE = 24
+RESUME = 25
+STATUS = 30
+
+# Daemon to client.
+WELCOME = 1
+FAULT = 4
+OK = 5
+FAILED = 6
+STATUS_REPLY = 7
+DATA = 10
+ACCEPTED = 11
+CLOSED = 12
+ERROR = 13
+PASSIVE = 14
+WRITTEN = 15
+PAUSED = 16
+GONE = 17
+
+FAMILIES = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
+
+
+class ProtocolViolation(Exception):
+    """Internal: a message failed validation; ``kind`` is the FAULT kind."""
+
+    def __init__(self, kind: str, text: str, rid: int | None = None) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.rid = rid
+
+
+def pack(messages: list[Any]) -> bytes:
+    """One frame: the envelope around a round's messages."""
+    return msgpack.packb([VERSION, messages], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(frame: bytes) -> list[Any]:
+    """The messages of one frame.
+
+    Raises:
+        ProtocolViolation: not msgpack, not the envelope, or another version.
+    """
+    if len(frame) > MAX_FRAME:
+        raise ProtocolViolation("malformed", f"a frame of {len(frame)} bytes is too large")
+    try:
+        envelope = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolViolation("malformed", f"not a msgpack frame: {exc}") from None
+    if not (isinstance(envelope, list) and len(envelope) == 2):
+        raise ProtocolViolation("malformed", "a frame must be [version, [messages...]]")
+    version, messages = envelope
+    if version != VERSION or isinstance(version, bool):
+        raise ProtocolViolation("version", f"protocol version {version!r}; this side speaks 1")
+    if not isinstance(messages, list):
+        raise ProtocolViolation("malformed", "a frame must be [version, [messages...]]")
+    return messages
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value: Any, what: str, low: int = -(1 << 62), high: int = 1 << 62) -> int:
+    if not is_int(value) or not low <= value <= high:
+        raise ProtocolViolation("malformed", f"{what} must be an int in {low}..{high}")
+    return int(value)
+
+
+def check_address(family: Any, address: Any) -> tuple[int, tuple[Any, ...]]:
+    """A ``(family, sockaddr)`` pair from the wire, checked."""
+    if family not in FAMILIES or isinstance(family, bool):
+        raise ProtocolViolation("malformed", f"unknown address family {family!r}")
+    size = 2 if family == socket.AF_INET else 4
+    if not (isinstance(address, list) and len(address) in (2, size)):
+        raise ProtocolViolation("malformed", "an address must be [host, port, ...]")
+    host, port, *rest = address
+    if not isinstance(host, str) or not is_int(port) or not 0 <= port <= 65535:
+        raise ProtocolViolation("malformed", "an address must be [host: str, port: 0..65535]")
+    if not all(is_int(value) for value in rest):
+        raise ProtocolViolation("malformed", "IPv6 flowinfo and scope_id must be ints")
+    return int(family), (host, port, *rest)
+
+
+def wire_address(address: Any) -> Any:
+    """A socket address as it crosses the wire (tuples become arrays by themselves)."""
+    return list(address) if isinstance(address, tuple) else address
+
+
+def from_wire_address(address: Any) -> Any:
+    if isinstance(address, list):
+        return tuple(address)
+    return address
+
+
+def runtime_directory() -> str:
+    """The directory of the daemon's default ``ipc://`` endpoint: ``$XDG_RUNTIME_DIR/
+    ioserver`` or ``<tmp>/ioserver-<uid>``, made with mode 0700 (only this user)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "ioserver")
+    return os.path.join(tempfile.gettempdir(), f"ioserver-{os.getuid()}")
+
+
+def default_endpoint() -> str:
+    """The daemon's default control endpoint: ``ipc://<runtime_directory()>/control``."""
+    return f"ipc://{os.path.join(runtime_directory(), 'control')}"
