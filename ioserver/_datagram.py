@@ -1,10 +1,15 @@
 """UDP sockets in the I/O thread: each datagram in is one message, each send one datagram.
 
 A :class:`DatagramHandler` is a :class:`~._iothread.Handler`: the I/O thread calls it when
-its socket is ready, and the actor's :class:`ports.UDPPort` talks to it through commands
-(``cmd_send``, ``cmd_close``, ``cmd_set_active``...), as a TCP port talks to its ``Conn``.
+its socket is ready, and the actor's :class:`ports.UDPPort` talks to it through commands,
+as a TCP port talks to its ``Conn``.
 
 Theory of operation:
+
+The port commands common to every kind (``IOThread.cmd_close``, ``cmd_set_active``,
+``cmd_read_once``, ``cmd_resume``) reach it through the :class:`~._iothread.Handler`
+methods ``close``, ``set_active``, ``read_once`` and ``resume``; sends come as
+``cmd_send``, queued by the port directly.
 
 * **Receiving.**  On readiness it reads up to ``read_packets`` datagrams (Erlang's option
   of that name), each with ``recvmsg_into`` into a buffer of ``max_datagram`` bytes (the
@@ -315,6 +320,23 @@ class DatagramHandler(Handler):
         """The owner took enough: read again (if this is still the same pause)."""
         if not self.closed:
             self._resume_if_drained(generation)
+
+    # The Handler port commands: IOThread.cmd_close/cmd_set_active/cmd_read_once/
+    # cmd_resume/cmd_send_eof dispatch here, so a UDP port uses the common port commands.
+    def close(self) -> None:
+        self.cmd_close(None)
+
+    def set_active(self, mode: tuple[int, bool]) -> None:
+        self.cmd_set_active(mode)
+
+    def read_once(self) -> None:
+        self.cmd_read_once(None)
+
+    def resume(self, generation: int) -> None:
+        self.cmd_resume(generation)
+
+    def send_eof(self) -> None:
+        """UDP has no end of stream: nothing to do."""
 
     def _close(self) -> None:
         if self.closed:

@@ -3,8 +3,10 @@
 The I/O thread's half is :class:`ioserver._datagram.DatagramHandler`; this module is the
 actor's half.  A :class:`UDPPort` shares the TCP ports' machinery (buffer, waiting,
 owner, select, active modes, receive watermarks) through ``_PortBase``; what differs is
-that a message is a :class:`~ioserver.Datagram` rather than :class:`~ioserver.Data`, and
-that commands go to the handler rather than to the I/O thread's stream commands.
+that a message is a :class:`~ioserver.Datagram` rather than :class:`~ioserver.Data` (so
+this module counts what the owner takes of them), and that sends are datagrams with
+addresses.  The common port commands (close, active modes, resume) reach the handler
+through the I/O thread's ``Handler`` dispatch.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from ._port import (
     flow_options,
     parse_active,
 )
-from ._port import _apply_active as _apply_active
 from ._source import Waiter
 
 __all__ = ["UDPOptions", "UDPPort", "open_udp"]
@@ -59,7 +60,8 @@ class UDPOptions(TypedDict, total=False):
     """The options of :func:`open_udp`.  All are keyword-only and optional.
 
     Attributes:
-        active: the active mode, as for TCP ports (see :meth:`UDPPort.setopts`); each
+        active: the active mode, as for TCP ports (``port.setopts(active=...)``,
+            as :meth:`ports.Port.setopts`); each
             datagram counts as one message; default ``True``.
         read_packets: datagrams read per readiness event, as Erlang's ``read_packets``;
             more is faster under load, fewer is fairer to other ports; default 16.
@@ -248,49 +250,6 @@ class UDPPort(  # type: ignore[misc]
         """
         return await self._receive(EndOfPort)
 
-    def _maybe_resume(self) -> None:
-        handler = self._handler
-        generation = handler.pause_generation
-        if (
-            handler.delivered_bytes - self._consumed_bytes <= handler.low_msgq
-            and handler.delivered_messages - self._consumed_messages <= handler.low_msgq_messages
-        ):
-            self._resume_generation = generation
-            self._submit((DatagramHandler.cmd_resume, handler, generation))
-
-    def _check_can_wait(self, end: type[Exception]) -> None:
-        if (
-            self._credit == 0
-            and not self._passive_pending
-            and not self._closed
-            and not self._ended
-            and self._owner is None
-        ):
-            self._credit = 1
-            self._notify = False
-            self._submit((DatagramHandler.cmd_read_once, self._handler, None))
-            return
-        super()._check_can_wait(end)
-
-    def setopts(self, *, active: Active | None = None) -> None:
-        """Change the port's active mode, as Erlang's ``inet:setopts/2``.
-
-        Args:
-            active: ``True``, ``False``, ``"once"`` or a count N, as for TCP ports (see
-                :meth:`ports.Port.setopts`); each datagram counts as one message.
-
-        Raises:
-            OptionError: a wrong value.
-            ClosedPortError: the port is closed.
-        """
-        if self._closed:
-            raise ClosedPortError("this port is closed")
-        if active is not None:
-            mode = parse_active(active)
-            self._credit, self._notify = _apply_active(self._credit, self._notify, mode)
-            self._passive_pending = self._credit == 0 and self._notify
-            self._submit((DatagramHandler.cmd_set_active, self._handler, mode))
-
     # -- sending ------------------------------------------------------------------------
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name or message.reason
@@ -461,14 +420,8 @@ class UDPPort(  # type: ignore[misc]
             return
         for message in self._buffer:
             if message.__class__ is Datagram:
-                self._took_data(message.data)
-        handler, self._conn = self._conn, None  # _PortBase must not queue a stream close
-        try:
-            super().close_nowait()
-        finally:
-            self._conn = handler
-        if handler is not None:
-            self._submit((DatagramHandler.cmd_close, handler, None))
+                self._took_data(message.data)  # _PortBase counts Data only
+        super().close_nowait()
 
     def statistics(self) -> PortStatistics:
         """The port's counters now (see :class:`~ports.PortStatistics`); bytes are
@@ -494,18 +447,6 @@ class UDPPort(  # type: ignore[misc]
         state = "closed" if self._closed else "ended" if self._ended else "open"
         peer = f" -> {self._remote_address}" if self._remote_address is not None else ""
         return f"<UDPPort {self._local_address}{peer} {state}>"
-
-
-class _UDPRequest(_Request):
-    """An open request whose late answer, after a cancelled wait, closes the handler."""
-
-    __slots__ = ()
-
-    def _deliver(self, result: Any) -> None:
-        if self.cancelled and isinstance(result, tuple):
-            self.io.submit(DatagramHandler.cmd_close, result[0], None)
-            return
-        super()._deliver(result)
 
 
 async def open_udp(
@@ -556,7 +497,7 @@ async def open_udp(
         local = ("127.0.0.1", 0)
     port = UDPPort(server, credit, settings, family)
     io = server._io
-    request = _UDPRequest(io, hub)
+    request = _Request(io, hub)
     io.submit(
         cmd_open_udp, request, (io, port, hub.deliver, family, local, remote, settings, credit)
     )
