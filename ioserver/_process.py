@@ -129,8 +129,8 @@ class ProcessWatcher(Handler):
             self.io.call_later(POLL_INTERVAL, self._poll)
 
     def _poll(self) -> None:
-        # Timers run before the poller waits, and what they deliver would stay staged
-        # until the end of the next round: run the reap as a ready handler instead.
+        # Reap in the event phase of a round, as for a pidfd event (call_soon), so what
+        # it delivers is published at the end of that same round.
         if not self.closed:
             self.io.call_soon(self)
 
