@@ -30,7 +30,7 @@ import ioserver  # noqa: E402
 
 project = "ioserver"
 author = "the ioserver developers"
-copyright = "the ioserver developers"  # noqa: A001 - Sphinx's name for it
+copyright = "the ioserver developers"
 release = ioserver.__version__
 version = ".".join(release.split(".")[:2])
 
