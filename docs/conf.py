@@ -43,7 +43,7 @@ extensions = [
 
 exclude_patterns = ["_build", "_generated", "README.md", "diagrams", "_inventories"]
 templates_path: list[str] = []
-html_static_path = ["_static"]
+html_static_path: list[str] = []  # no static files of our own (an empty _static is not committed)
 html_theme = "alabaster"
 html_theme_options = {
     "description": "I/O the Erlang way, for trio and asyncio",
