@@ -478,6 +478,14 @@ def test_workers_share_the_listening_port_and_status_reports_both(tmp_path: Path
         )
         assert human.returncode == 0
         assert "worker 0" in human.stdout and "worker 1" in human.stdout
+        # A worker that dies is restarted (and logged); the port is served throughout.
+        os.kill(workers[0]["pid"], signal.SIGKILL)
+        process.wait_for("restarting")
+        process.wait_for("serving ipc", count=4)
+        for index in range(10):
+            with socket.create_connection(("127.0.0.1", number), timeout=10) as connection:
+                connection.sendall(b"again %d" % index)
+                assert connection.recv(100) == b"again %d" % index
     finally:
         assert process.stop() == 0, process.log
 
