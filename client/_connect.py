@@ -65,7 +65,7 @@ class RemoteIOServer(IOServer):
         """The daemon's status, as ``ioserver status --json`` prints it for one worker.
 
         Raises:
-            BrokenPortError: the daemon is lost.
+            ioserver.BrokenPortError: the daemon is lost.
             TimeoutError: no answer within ``timeout`` seconds.
         """
         hub = self._check_open()
@@ -146,7 +146,7 @@ async def connect(
         DaemonUnavailable: no daemon answered within ``timeout`` (none is running at the
             endpoint, or it refused this client's CURVE key), or an ``ipc://`` path does
             not exist.
-        OptionError: a malformed endpoint or CURVE key.
+        ioserver.OptionError: a malformed endpoint or CURVE key.
         ProtocolError: the daemon speaks another protocol version.
     """
     endpoint = endpoint or P.default_endpoint()

@@ -22,7 +22,7 @@ Sends never take turns with a lock unless the port is *busy*: a send first tries
 queue on a lock and wait (a port allows one waiting sender at a time).
 
 **Envelopes** (the wire format of the messages themselves is in :mod:`ports._rpc_codec`
-and ``docs/rpc-wire-format.md``): each frame is one msgpack array,
+and ``docs/reference/rpc-wire-format.rst``): each frame is one msgpack array,
 
 * ``[0, id, request]`` - a request; ``id`` is an int from 1 up, unique per client;
 * ``[1, id, reply]`` - the reply to request ``id``;
@@ -191,7 +191,7 @@ def _framing(port: Any) -> bool:
     """True when ``port`` carries bytes frames (packet 1, 2, 4), False for msgpack.
 
     Raises:
-        OptionError: the port is not a connected :class:`Port` with one of those modes.
+        ioserver.OptionError: the port is not a connected :class:`Port` with one of those modes.
     """
     if not isinstance(port, Port):
         raise OptionError(f"typed RPC runs over a connected ports.Port, not {port!r}")
@@ -276,7 +276,7 @@ class Client(Generic[Request, Reply]):
         interface: the request and reply types.
 
     Raises:
-        OptionError: ``port`` is not a port with a packet mode typed RPC can use.
+        ioserver.OptionError: ``port`` is not a port with a packet mode typed RPC can use.
     """
 
     __slots__ = (
@@ -379,8 +379,8 @@ class Client(Generic[Request, Reply]):
                 encoded.
             TypeError: ``request`` is not of the request type (a quick check of its
                 class, then of what msgpack can pack).
-            ClosedPortError: the client is closed (or was never entered).
-            BrokenPortError: the connection ended or broke; calls in flight then raise it
+            ioserver.ClosedPortError: the client is closed (or was never entered).
+            ioserver.BrokenPortError: the connection ended or broke; calls in flight then raise it
                 too.
             PacketTooLarge: the request's frame exceeds the port's ``packet_size``.
         """
@@ -537,7 +537,8 @@ async def connect(
         options: port options (see :class:`~ports.PortOptions`); ``packet`` defaults to 4.
 
     Raises:
-        ConnectError, OptionError, ClosedPortError: as :func:`~ports.connect_tcp`.
+        ioserver.ConnectError, ioserver.OptionError, ioserver.ClosedPortError: as
+            :func:`~ports.connect_tcp`.
     """
     options.setdefault("packet", 4)
     opened = await connect_tcp(server, host, port, **options)
@@ -599,7 +600,7 @@ async def serve(
         The counters of what was served (see :class:`ServerStatistics`).
 
     Raises:
-        OptionError: ``port`` has a packet mode typed RPC cannot use, or
+        ioserver.OptionError: ``port`` has a packet mode typed RPC cannot use, or
             ``max_concurrent_calls`` is not a positive int.
     """
     bytes_frames = _framing(port)
@@ -736,7 +737,7 @@ async def serve_listener(
             (``await task_group.start(serve_listener, ...)``).
 
     Raises:
-        ClosedPortError: the listener was closed while serving.
+        ioserver.ClosedPortError: the listener was closed while serving.
     """
 
     async def serve_one(port: Port) -> None:

@@ -29,7 +29,7 @@ Encoding does not validate: msgpack packs the value, and a ``default`` hook turn
 dataclass into its tagged array and each enum into its value.  Validation happens where
 trust ends: on decode, in the receiver.
 
-**Wire format** (also in ``docs/rpc-wire-format.md``).  Plain msgpack, no ext types, so
+**Wire format** (also in ``docs/reference/rpc-wire-format.rst``).  Plain msgpack, no ext types, so
 any msgpack library can speak it:
 
 * a dataclass instance is an array ``[tag, field1, field2, ...]``: the tag is a str (the

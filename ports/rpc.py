@@ -42,7 +42,7 @@ msgpack, has an unknown tag, a field of the wrong type, a missing or extra field
 deeper than ``max_depth`` is an :exc:`RPCDecodeError` for the one it concerns - the
 server answers it with an error and goes on serving.  The wire format (tagged msgpack
 arrays inside ``[kind, id, ...]`` envelopes) is described in :mod:`ports._rpc_codec`,
-:mod:`ports._rpc` and ``docs/rpc-wire-format.md``.
+:mod:`ports._rpc` and ``docs/reference/rpc-wire-format.rst``.
 """
 
 from ._rpc import Client as Client

@@ -57,6 +57,7 @@ ANYIO = [
     ("anyio.abc.TaskGroup", "class", "api.html"),
     ("anyio.abc.TaskStatus", "class", "api.html"),
     ("anyio.fail_after", "function", "api.html"),
+    ("anyio.current_time", "function", "api.html"),
     ("anyio.move_on_after", "function", "api.html"),
     ("anyio.wait_readable", "function", "api.html"),
     ("anyio.open_signal_receiver", "function", "api.html"),
@@ -78,6 +79,9 @@ PYZMQ = [
     ("zmq.Socket", "class", "api/zmq.html"),
     ("zmq.Frame", "class", "api/zmq.html"),
     ("zmq.Poller", "class", "api/zmq.html"),
+    ("zmq.auth", "module", "api/zmq.auth.html"),
+    ("zmq.auth.create_certificates", "function", "api/zmq.auth.html"),
+    ("zmq.auth.load_certificate", "function", "api/zmq.auth.html"),
     ("zmq.asyncio.Context", "class", "api/zmq.asyncio.html"),
     ("zmq.asyncio.Socket", "class", "api/zmq.asyncio.html"),
 ]
