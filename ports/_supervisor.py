@@ -290,7 +290,12 @@ class Supervisor:
 
     async def _handle(self, message: Exit) -> bool:
         """Act on one exit signal; return True when the supervisor should stop."""
-        child = next((c for c in self._children if c.actor is message.actor), None)
+        # (An exit signal sent from outside any actor has actor None, as has a child
+        # that ended for good: only a live child's actor identifies it.)
+        child = next(
+            (c for c in self._children if c.actor is not None and c.actor is message.actor),
+            None,
+        )
         if child is None:
             # Not one of ours: our parent (or someone) told us to stop.  A normal exit of
             # a stray link is nothing; any other reason ends the supervisor, as in OTP.

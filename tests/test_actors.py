@@ -705,3 +705,26 @@ def test_supervisor_options_are_checked() -> None:
         Supervisor([ChildSpec("a", idle, shutdown=-1)])
     with pytest.raises(TypeError, match="ChildSpec"):
         Supervisor([("a", idle)])  # type: ignore[list-item]
+
+
+async def test_an_exit_signal_from_outside_stops_a_supervisor_with_an_ended_child(
+    no_leaks: None,
+) -> None:
+    """Regression: the signal's sender (None, outside any actor) must not be taken for the
+    transient child that already ended for good (whose actor is also None)."""
+    inbox = ports.Mailbox()
+    children = [
+        *specs(inbox, "helper"),
+        *specs(inbox, "done", restart=Restart.TRANSIENT),
+    ]
+    async with ports.open_actor_system() as system:
+        top = system.spawn(Supervisor(children))
+        helper = await started(inbox, "helper")
+        done = await started(inbox, "done")
+        done.send_nowait("stop")
+        assert await done.wait() is ExitReason.NORMAL
+        top.exit(ExitReason.SHUTDOWN)
+        with anyio.fail_after(10):
+            await top.wait()  # it stops (it used to run on, taking the signal for "done")
+        assert not top.alive
+        assert helper.reason is ExitReason.SHUTDOWN
