@@ -34,10 +34,10 @@ import zmq
 
 from ioserver import _protocol as P
 from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
-from ioserver._iothread import Handler, IOThread
+from ioserver._iothread import IOThread
 from ioserver._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
-from ioserver._poller import READ
 from ioserver._protocol import ProtocolViolation
+from ioserver._zmq import ZmqSocketHandler
 
 from ._exceptions import ProtocolError
 
@@ -104,17 +104,15 @@ class _Pending:
         self.conn = conn
 
 
-class RemoteIO(Handler):
+class RemoteIO(ZmqSocketHandler):
     """Plays the I/O thread for ports whose sockets live in a daemon (module docstring).
 
     Its ``cmd_*`` methods and handler methods run on the client's local I/O thread.
     """
 
     def __init__(self, local: IOThread, sock: zmq.Socket[bytes], endpoint: str) -> None:
-        self.local = local
-        self.sock = sock
+        super().__init__(local, sock)
         self.endpoint = endpoint
-        self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self.commands = local.commands
         self.port_buffer_limit = None
         self.send_command = self.cmd_send
@@ -143,10 +141,8 @@ class RemoteIO(Handler):
     def cmd_start(self, request: Any, deliver: Any) -> None:
         """Adopt the socket and say HELLO; the WELCOME answers ``request``."""
         self._hello = (request, deliver)
-        self.local.adopt(self)
-        self.local._interest(self, READ)  # type: ignore[arg-type]
+        self.start()
         self._emit([P.HELLO, P.VERSION])
-        self.local.call_soon(self)
 
     def cmd_bye(self, _: Any, __: Any) -> None:
         """Tell the daemon we leave (it closes our ports), then close the socket."""
@@ -169,7 +165,7 @@ class RemoteIO(Handler):
 
     def _start_heartbeat(self, interval: float) -> None:
         self.heartbeat = interval
-        self._timer = self.local.call_later(interval, self._tick)
+        self._timer = self.io.call_later(interval, self._tick)
 
     def _tick(self) -> None:
         if self.closed or self.lost:
@@ -180,7 +176,7 @@ class RemoteIO(Handler):
             return
         if now - self.last_sent >= self.heartbeat * 0.9:
             self._emit([P.HEARTBEAT])
-        self._timer = self.local.call_later(self.heartbeat, self._tick)
+        self._timer = self.io.call_later(self.heartbeat, self._tick)
 
     def _lose(self, why: str) -> None:
         """The daemon is gone: end every port and request, refuse new ones."""
@@ -205,7 +201,7 @@ class RemoteIO(Handler):
         if self.closed:
             return
         if not self.outbound:
-            self.local.mark_dirty(self)
+            self.io.mark_dirty(self)
         self.outbound.append(message)
 
     def _open(self, request: Any, spec: tuple[Any, ...], opcode: int) -> None:
@@ -239,7 +235,7 @@ class RemoteIO(Handler):
 
     def cmd_send(self, conn: RemoteConn, data: bytes) -> None:
         # Charged to the local budget by the port, released here: it is the daemon's now.
-        self.local.bytes_forwarded += len(data)
+        self.io.bytes_forwarded += len(data)
         if not conn.closed:
             conn.out_bytes += len(data)
             self._emit([P.SEND, conn.pid, data])
@@ -299,30 +295,25 @@ class RemoteIO(Handler):
         return True
 
     def on_ready(self, mask: int) -> None:
-        if self.closed:
-            return
-        sock = self.sock
-        for _ in range(RECEIVE_BATCH):
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-            if events & zmq.POLLOUT and self.pending:
-                while self.pending and self._send(self.pending[0]):
-                    self.pending.popleft()
-            if not events & zmq.POLLIN:
-                return
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.frames_in += 1
-            self.last_seen = time.monotonic()
-            self._receive(frame)
-            if self.closed:
-                return
-        self.local.call_soon(self)
+        if not self.closed:
+            self._serve_frames(RECEIVE_BATCH)
 
-    def _receive(self, frame: bytes) -> None:
+    def _has_pending(self) -> bool:
+        return bool(self.pending)
+
+    def _send_pending(self) -> None:
+        while self.pending and self._send(self.pending[0]):
+            self.pending.popleft()
+
+    def _handle(self, frames: list[bytes]) -> None:
+        self.frames_in += 1
+        self.last_seen = time.monotonic()
+        if len(frames) != 1:
+            self.faults += 1
+            log.error("ioserver daemon at %s sent %d frames, not 1", self.endpoint, len(frames))
+            return
         try:
-            messages = P.unpack(frame)
+            messages = P.unpack(frames[0])
         except ProtocolViolation as exc:
             self.faults += 1
             log.error("ioserver daemon at %s sent a bad frame: %s", self.endpoint, exc)
@@ -433,7 +424,7 @@ class RemoteIO(Handler):
         conn.delivered_messages += 1
         conn.delivered_bytes += size
         conn.bytes_in += size
-        self.local.delivered_total += size  # charged until the owner takes it
+        self.io.delivered_total += size  # charged until the owner takes it
         event = object.__new__(Data)
         _SET_DATA(event, data)
         conn.deliver((conn.port, event))
@@ -508,12 +499,9 @@ class RemoteIO(Handler):
     def _close(self) -> None:
         if self.closed:
             return
-        self.closed = True
         if self._timer is not None:
             self._timer[0] = None
-        self.local.release(self)
-        self.local.zmq_sockets.discard(self.sock)
-        self.sock.close(linger=200)
+        self._release_socket(200)
 
     def on_error(self, exc: Exception) -> None:
         log.error("the connection to the ioserver daemon failed", exc_info=exc)

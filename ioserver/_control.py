@@ -41,8 +41,8 @@ from ._exceptions import ConnectError, OptionError
 from ._framing import make_framer
 from ._iothread import CONNECTING, LISTENER, STREAM, Conn, Handler, IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
-from ._poller import READ
 from ._protocol import ProtocolViolation
+from ._zmq import ZmqSocketHandler
 
 log = logging.getLogger("ioserver")
 
@@ -236,7 +236,7 @@ class Session:
         log.info("client %s %s: closed its %d ports", self.identity.hex(), why, count)
 
 
-class ControlEndpoint(Handler):
+class ControlEndpoint(ZmqSocketHandler):
     """The daemon's ROUTER socket in the I/O thread (see the module docstring)."""
 
     def __init__(
@@ -248,9 +248,7 @@ class ControlEndpoint(Handler):
         info: dict[str, Any],
         status: Any,
     ) -> None:
-        self.io = io
-        self.sock = sock
-        self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        super().__init__(io, sock)
         self.heartbeat = heartbeat
         self.info = {**info, "version": P.VERSION, "heartbeat": heartbeat}
         self.status = status  # () -> dict, run on the I/O thread
@@ -264,9 +262,7 @@ class ControlEndpoint(Handler):
         io._budget_owners.append(self.budget)
 
     def start(self) -> None:
-        self.io.adopt(self)
-        self.io._interest(self, READ)  # type: ignore[arg-type]
-        self.io.call_soon(self)
+        super().start()
         self._timer = self.io.call_later(self.heartbeat, self._tick)
 
     def mark(self, session: Session) -> None:
@@ -275,23 +271,10 @@ class ControlEndpoint(Handler):
 
     # -- receiving ------------------------------------------------------------------------
     def on_ready(self, mask: int) -> None:
-        if self.closed:
-            return
-        sock = self.sock
-        for _ in range(RECEIVE_BATCH):
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-            if events & zmq.POLLOUT and self._has_pending():
-                self._send_pending()
-            if not events & zmq.POLLIN:
-                return
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._receive(frames)
-        self.io.call_soon(self)  # more may be queued: the fd will not fire for them
+        if not self.closed:
+            self._serve_frames(RECEIVE_BATCH)
 
-    def _receive(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
             log.warning("control endpoint: a message of %d frames ignored", len(frames))
             return
@@ -420,12 +403,9 @@ class ControlEndpoint(Handler):
     def _close(self) -> None:
         if self.closed:
             return
-        self.closed = True
         if self._timer is not None:
             self._timer[0] = None
-        self.io.release(self)
-        self.io.zmq_sockets.discard(self.sock)
-        self.sock.close(linger=0)
+        self._release_socket(0)
 
     def on_error(self, exc: Exception) -> None:
         log.error("control endpoint failed; it is closed", exc_info=exc)

@@ -41,7 +41,7 @@ from collections import deque
 from typing import Any
 
 from ._exceptions import ConnectError, errno_name
-from ._iothread import READ_SIZE, Handler, IOThread
+from ._iothread import READ_SIZE, IOThread, ReceivingHandler
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._poller import ERROR, READ, WRITE
 
@@ -53,7 +53,7 @@ _MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)
 _RECV_FLAGS = _MSG_TRUNC if hasattr(socket, "SO_PEERCRED") else 0
 
 
-class DatagramHandler(Handler):
+class DatagramHandler(ReceivingHandler):
     """The I/O thread's half of a UDP port (see the module docstring)."""
 
     def __init__(
@@ -70,7 +70,7 @@ class DatagramHandler(Handler):
         self.fd = sock.fileno()
         self.port = port
         self.deliver = deliver
-        self.credit, self.notify_passive = active
+        self.configure_receiving(options, active)
         self.read_packets: int = options["read_packets"]
         size: int = options["max_datagram"]
         self.max_datagram = size
@@ -85,19 +85,7 @@ class DatagramHandler(Handler):
         self.datagrams_out = 0
         self.datagrams_too_large = 0
         self.errors = 0
-        # Receive flow control: the same fields, and meaning, as a Conn's.
-        self.delivered_messages = 0
-        self.delivered_bytes = 0
-        self.high_msgq: int = options["high_msgq_watermark"]
-        self.low_msgq: int = options["low_msgq_watermark"]
-        self.high_msgq_messages: int = options["high_msgq_messages"]
-        self.low_msgq_messages = self.high_msgq_messages // 2
-        self.send_low: int = options["low_watermark"]
-        self.msgq_paused = False
         self.budget_paused = False
-        self.pause_generation = 0
-        self.pauses = 0
-        self.peak_buffered = 0
         self.mask = 0
         self.dirty = False
         self.closed = False
@@ -182,10 +170,7 @@ class DatagramHandler(Handler):
                     if self.notify_passive:
                         deliver((port, PASSIVE))
                     break
-            if (
-                self.delivered_bytes - port._consumed_bytes > self.high_msgq
-                or self.delivered_messages - port._consumed_messages > self.high_msgq_messages
-            ):
+            if self._over_high_msgq():
                 self._pause_msgq()
                 break
         self.bytes_in += received
@@ -200,26 +185,7 @@ class DatagramHandler(Handler):
         reason = os.strerror(number) if number else "unknown error"
         self.deliver((self.port, Error(name, number, f"{reason} ({name}){detail}")))
 
-    def _pause_msgq(self) -> None:
-        buffered = self.delivered_bytes - self.port._consumed_bytes
-        if buffered > self.peak_buffered:
-            self.peak_buffered = buffered
-        if self.msgq_paused:
-            return
-        self.msgq_paused = True
-        self.pauses += 1
-        self.pause_generation += 1  # written before _resume_if_drained reads _consumed_*
-        self._resume_if_drained(self.pause_generation)
-
-    def _resume_if_drained(self, generation: int) -> None:
-        port = self.port
-        if (
-            self.msgq_paused
-            and generation == self.pause_generation
-            and self.delivered_bytes - port._consumed_bytes <= self.low_msgq
-            and self.delivered_messages - port._consumed_messages <= self.low_msgq_messages
-        ):
-            self.msgq_paused = False
+    def _reading_changed(self) -> None:
         self._update_interest()
 
     def _pause_for_budget(self) -> None:
@@ -294,46 +260,8 @@ class DatagramHandler(Handler):
             self._write()  # what the kernel takes now leaves; the rest is dropped
         self._close()
 
-    def cmd_set_active(self, mode: tuple[int, bool]) -> None:
-        """As ``IOThread.cmd_set_active`` (the same rule, see ``ports.parse_active``)."""
-        if self.closed:
-            return
-        credit, notify = mode
-        if notify and self.notify_passive and self.credit > 0:
-            credit += self.credit
-        if notify and credit <= 0:
-            credit = 0
-            self.deliver((self.port, PASSIVE))
-        self.credit = credit
-        self.notify_passive = notify
-        self._update_interest()
-
-    def cmd_read_once(self, _: Any) -> None:
-        """A passive port's receiver waits: let one datagram through (``gen_udp:recv``)."""
-        if self.closed or self.credit != 0:
-            return
-        self.credit = 1
-        self.notify_passive = False
-        self._update_interest()
-
-    def cmd_resume(self, generation: int) -> None:
-        """The owner took enough: read again (if this is still the same pause)."""
-        if not self.closed:
-            self._resume_if_drained(generation)
-
-    # The Handler port commands: IOThread.cmd_close/cmd_set_active/cmd_read_once/
-    # cmd_resume/cmd_send_eof dispatch here, so a UDP port uses the common port commands.
-    def close(self) -> None:
+    def close(self) -> None:  # IOThread.cmd_close dispatches here
         self.cmd_close(None)
-
-    def set_active(self, mode: tuple[int, bool]) -> None:
-        self.cmd_set_active(mode)
-
-    def read_once(self) -> None:
-        self.cmd_read_once(None)
-
-    def resume(self, generation: int) -> None:
-        self.cmd_resume(generation)
 
     def send_eof(self) -> None:
         """UDP has no end of stream: nothing to do."""

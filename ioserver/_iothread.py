@@ -233,6 +233,107 @@ class Handler:
         """``cmd_resume``: the owner took enough after the pause ``generation``."""
 
 
+def apply_active_mode(credit: int, notify: bool, mode: tuple[int, bool]) -> tuple[int, bool]:
+    """The ``(credit, notify_passive)`` of a port after the active mode ``mode`` (as
+    ``ports.parse_active`` gives it) is applied to its current ``(credit, notify)``.
+
+    Erlang's rule for ``inet:setopts(S, [{active, N}])``: N adds to a running count, and
+    a count that reaches 0 or less makes the port passive (credit 0; with ``notify``, the
+    owner is told with :class:`~ioserver.Passive`).  The loop's half and the I/O thread's
+    half of a port both apply it, so they agree without asking each other.
+    """
+    new_credit, new_notify = mode
+    if new_notify and notify and credit > 0:
+        new_credit += credit
+    if new_notify and new_credit <= 0:
+        new_credit = 0
+    return new_credit, new_notify
+
+
+class ReceivingHandler(Handler):
+    """A handler whose port receives messages (UDP, ZeroMQ): the receive flow control of a
+    stream ``Conn`` - the same fields, with the same meaning - and the port commands that
+    change whether it may read (an active mode, a passive read, the end of a pause).
+
+    Subclasses call :meth:`configure_receiving` once, :meth:`_pause_msgq` when
+    :meth:`_over_high_msgq` after a delivery, and implement :meth:`_reading_changed`.
+    """
+
+    port: Any
+    deliver: Callable[[Any], None]
+
+    def configure_receiving(self, options: dict[str, Any], active: tuple[int, bool]) -> None:
+        """Take the active mode and the flow-control options (see ``ports.PortOptions``)."""
+        self.credit, self.notify_passive = active
+        self.delivered_messages = 0
+        self.delivered_bytes = 0
+        self.high_msgq: int = options["high_msgq_watermark"]
+        self.low_msgq: int = options["low_msgq_watermark"]
+        self.high_msgq_messages: int = options["high_msgq_messages"]
+        self.low_msgq_messages = self.high_msgq_messages // 2
+        self.send_low: int = options["low_watermark"]
+        self.msgq_paused = False
+        self.pause_generation = 0
+        self.pauses = 0
+        self.peak_buffered = 0
+
+    def _reading_changed(self) -> None:
+        """Whether the port may read changed (credit, pause): act on it."""
+        raise NotImplementedError
+
+    def _over_high_msgq(self) -> bool:
+        port = self.port
+        return bool(
+            self.delivered_bytes - port._consumed_bytes > self.high_msgq
+            or self.delivered_messages - port._consumed_messages > self.high_msgq_messages
+        )
+
+    def _drained(self) -> bool:
+        port = self.port
+        return bool(
+            self.delivered_bytes - port._consumed_bytes <= self.low_msgq
+            and self.delivered_messages - port._consumed_messages <= self.low_msgq_messages
+        )
+
+    def _pause_msgq(self) -> None:
+        """As ``IOThread._pause_msgq``: stop reading until the owner has taken enough; the
+        generation is the fence of the handshake with the port's ``_maybe_resume``."""
+        buffered = self.delivered_bytes - self.port._consumed_bytes
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
+        if self.msgq_paused:
+            return
+        self.msgq_paused = True
+        self.pauses += 1
+        self.pause_generation += 1  # written before _drained reads the port's counters
+        if self._drained():
+            self.msgq_paused = False
+        self._reading_changed()
+
+    def resume(self, generation: int) -> None:
+        if (
+            not self.closed
+            and self.msgq_paused
+            and generation == self.pause_generation
+            and self._drained()
+        ):
+            self.msgq_paused = False
+            self._reading_changed()
+
+    def set_active(self, mode: tuple[int, bool]) -> None:
+        self.credit, self.notify_passive = apply_active_mode(self.credit, self.notify_passive, mode)
+        if self.notify_passive and not self.credit:
+            self.deliver((self.port, PASSIVE))
+        self._reading_changed()
+
+    def read_once(self) -> None:
+        if self.credit != 0:
+            return
+        self.credit = 1
+        self.notify_passive = False
+        self._reading_changed()
+
+
 class _WakeupSlot:
     """Stands in the port table at the command queue's wake-up fd."""
 
@@ -979,11 +1080,8 @@ class IOThread:
         if conn.kind == HANDLER:
             conn.set_active(mode)  # type: ignore[attr-defined]
             return
-        credit, notify = mode
-        if notify and conn.notify_passive and conn.credit > 0:
-            credit += conn.credit  # active=N adds to a running N, as inet:setopts does
-        if notify and credit <= 0:
-            credit = 0
+        credit, notify = apply_active_mode(conn.credit, conn.notify_passive, mode)
+        if notify and not credit:
             conn.deliver((conn.port, PASSIVE))
         conn.credit = credit
         conn.notify_passive = notify

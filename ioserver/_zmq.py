@@ -40,7 +40,7 @@ from typing import Any
 import zmq
 
 from ._exceptions import errno_name
-from ._iothread import Handler, IOThread
+from ._iothread import Handler, IOThread, ReceivingHandler
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._poller import READ
 
@@ -54,19 +54,80 @@ _NOBLOCK = zmq.NOBLOCK
 _Again = zmq.Again
 
 
-class ZmqHandler(Handler):
-    """The I/O thread's half of a ZeroMQ port.  Only the I/O thread touches ``sock``
-    after the port is adopted; the byte counters are read by the loop for statistics."""
+class ZmqSocketHandler(Handler):
+    """A ZeroMQ socket in the I/O thread's table: a ZeroMQ port, the daemon's control
+    endpoint, a client's connection to a daemon.  Only the I/O thread touches ``sock``
+    once :meth:`start` ran.  It keeps the rules of the module docstring."""
 
-    def __init__(self, io: IOThread, sock: zmq.Socket[bytes], port: Any, deliver: Any) -> None:
+    def __init__(self, io: IOThread, sock: zmq.Socket[bytes]) -> None:
         self.io = io
         self.sock = sock
         self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+
+    def start(self) -> None:
+        """Adopt the socket: watch its descriptor and look at its state once (rule 4)."""
+        self.io.adopt(self)
+        self.io._interest(self, READ)  # type: ignore[arg-type]
+        self.io.call_soon(self)
+
+    def _release_socket(self, linger_ms: int) -> None:
+        """Leave the table and close the socket (ZeroMQ keeps trying ``linger_ms``)."""
+        self.closed = True
+        self.io.release(self)
+        self.io.zmq_sockets.discard(self.sock)
+        self.sock.close(linger=linger_ms)
+
+    # -- for sockets that carry one protocol frame per message (control and client) -----
+    def _has_pending(self) -> bool:
+        """Frames wait for ZeroMQ to take them (it said EAGAIN)."""
+        return False
+
+    def _send_pending(self) -> None:
+        """Send the frames that wait, as far as ZeroMQ takes them."""
+
+    def _handle(self, frames: list[bytes]) -> None:
+        """One message received."""
+
+    def _serve_frames(self, batch: int) -> None:
+        """Receive and handle up to ``batch`` messages, sending what waits whenever
+        ``EVENTS`` allows (rules 1 and 2)."""
+        sock = self.sock
+        for _ in range(batch):
+            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            if events & _POLLOUT and self._has_pending():
+                self._send_pending()
+            if not events & _POLLIN:
+                return
+            try:
+                frames = sock.recv_multipart(_NOBLOCK)
+            except _Again:
+                return
+            self._handle(frames)
+            if self.closed:
+                return
+        self.io.call_soon(self)  # more may be queued: the descriptor will not fire for them
+
+
+class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
+    """The I/O thread's half of a ZeroMQ port; the byte counters are read by the loop for
+    statistics."""
+
+    def __init__(
+        self,
+        io: IOThread,
+        sock: zmq.Socket[bytes],
+        port: Any,
+        deliver: Any,
+        options: dict[str, Any],
+        active: tuple[int, bool],
+        linger_ms: int,
+    ) -> None:
+        super().__init__(io, sock)
         self.port = port
         self.deliver = deliver
         self.sizes: deque[int] = port._sizes
-        self.credit = -1
-        self.notify_passive = False
+        self.configure_receiving(options, active)
+        self.linger_ms = linger_ms
         self.outq: list[Any] = []
         self.out_bytes = 0
         self.bytes_in = 0
@@ -74,32 +135,7 @@ class ZmqHandler(Handler):
         self.messages_in = 0
         self.messages_out = 0
         self.drops = 0
-        self.delivered_messages = 0
-        self.delivered_bytes = 0
-        self.high_msgq = 1 << 62
-        self.low_msgq = 1 << 62
-        self.high_msgq_messages = 1 << 62
-        self.low_msgq_messages = 1 << 62
-        self.send_low = 0
-        self.msgq_paused = False
-        self.pause_generation = 0
-        self.pauses = 0
-        self.peak_buffered = 0
         self.packets_too_large = 0
-        self.linger_ms = 0
-
-    def configure(self, options: dict[str, Any]) -> None:
-        self.high_msgq = options["high_msgq_watermark"]
-        self.low_msgq = options["low_msgq_watermark"]
-        self.high_msgq_messages = options["high_msgq_messages"]
-        self.low_msgq_messages = self.high_msgq_messages // 2
-        self.send_low = options["low_watermark"]
-
-    def start(self) -> None:
-        """Adopt the socket: watch its descriptor and look at its state once."""
-        self.io.adopt(self)
-        self.io._interest(self, READ)  # type: ignore[arg-type]
-        self.io.call_soon(self)
 
     # -- readiness ------------------------------------------------------------------------
     def on_ready(self, mask: int) -> None:
@@ -156,62 +192,17 @@ class ZmqHandler(Handler):
                 self.credit -= 1
                 if self.credit == 0 and self.notify_passive:
                     deliver((port, PASSIVE))
-            if (
-                self.delivered_bytes - port._consumed_bytes > self.high_msgq
-                or self.delivered_messages - port._consumed_messages > self.high_msgq_messages
-            ):
-                self._pause()
+            if self._over_high_msgq():
+                self._pause_msgq()
         self.messages_in += received
         self.bytes_in += size_total
         self.io.bytes_in += size_total
         self.io.delivered_total += size_total
         return received
 
-    # -- receive flow control ------------------------------------------------------------
-    def _pause(self) -> None:
-        """As a stream port's pause (see IOThread._pause_msgq): stop receiving; ZeroMQ's
-        own high-water mark then pushes back on the peers."""
-        buffered = self.delivered_bytes - self.port._consumed_bytes
-        if buffered > self.peak_buffered:
-            self.peak_buffered = buffered
-        if self.msgq_paused:
-            return
-        self.msgq_paused = True
-        self.pauses += 1
-        self.pause_generation += 1  # written before _drained reads the port's counters
-        if self._drained():
-            self.msgq_paused = False
-
-    def _drained(self) -> bool:
-        port = self.port
-        return bool(
-            self.delivered_bytes - port._consumed_bytes <= self.low_msgq
-            and self.delivered_messages - port._consumed_messages <= self.low_msgq_messages
-        )
-
-    def resume(self, generation: int) -> None:
-        if self.msgq_paused and generation == self.pause_generation and self._drained():
-            self.msgq_paused = False
-            self.io.call_soon(self)  # rule 4
-
-    def set_active(self, mode: tuple[int, bool]) -> None:
-        credit, notify = mode
-        if notify and self.notify_passive and self.credit > 0:
-            credit += self.credit
-        if notify and credit <= 0:
-            credit = 0
-            self.deliver((self.port, PASSIVE))
-        self.credit = credit
-        self.notify_passive = notify
-        if credit:
-            self.io.call_soon(self)
-
-    def read_once(self) -> None:
-        if self.credit != 0:
-            return
-        self.credit = 1
-        self.notify_passive = False
-        self.io.call_soon(self)
+    def _reading_changed(self) -> None:
+        if self.credit and not self.msgq_paused:
+            self.io.call_soon(self)  # rule 4: the descriptor may have gone quiet meanwhile
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -278,12 +269,9 @@ class ZmqHandler(Handler):
     def _close(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        self.io.release(self)
         self.outq.clear()
         self.out_bytes = 0
-        self.io.zmq_sockets.discard(self.sock)
-        self.sock.close(linger=self.linger_ms)
+        self._release_socket(self.linger_ms)
 
     def _error(self, exc: zmq.ZMQError) -> None:
         name = errno_name(exc.errno)

@@ -37,7 +37,7 @@ from ioserver._exceptions import (
     WouldBlock,
 )
 from ioserver._framing import DEFAULT_PACKET_SIZE, Framer, make_framer
-from ioserver._iothread import Conn, IOThread
+from ioserver._iothread import Conn, IOThread, apply_active_mode
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._server import IOServer
 
@@ -139,16 +139,6 @@ def parse_active(mode: object) -> tuple[int, bool]:
             raise OptionError(f"active={mode}: a count must be in -32768..32767")
         return mode, True
     raise OptionError(f"active must be True, False, 'once' or an int, not {mode!r}")
-
-
-def _apply_active(credit: int, notify: bool, new: tuple[int, bool]) -> tuple[int, bool]:
-    """The new ``(credit, notify)``; the same rule as the I/O thread's ``cmd_set_active``."""
-    new_credit, new_notify = new
-    if new_notify and notify and credit > 0:
-        new_credit += credit
-    if new_notify and new_credit <= 0:
-        new_credit = 0
-    return new_credit, new_notify
 
 
 def _check_options(options: dict[str, Any], allowed: frozenset[str], what: str) -> None:
@@ -528,7 +518,7 @@ class _PortBase(Source):
             raise ClosedPortError("this port is closed")
         if active is not None:
             mode = parse_active(active)
-            self._credit, self._notify = _apply_active(self._credit, self._notify, mode)
+            self._credit, self._notify = apply_active_mode(self._credit, self._notify, mode)
             self._passive_pending = self._credit == 0 and self._notify
             self._submit((self._io.cmd_set_active, self._conn, mode))
 

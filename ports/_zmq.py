@@ -28,6 +28,7 @@ from ._port import (
     LOW_MSGQ_WATERMARK,
     LOW_WATERMARK,
     Port,
+    _check_options,
     flow_options,
     parse_active,
 )
@@ -219,12 +220,7 @@ async def open_zmq(
         number = socket_type
     else:
         raise OptionError(f"unknown ZeroMQ socket type {socket_type!r}")
-    unknown = sorted(set(options) - set(_ZMQ_DEFAULTS))
-    if unknown:
-        raise OptionError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} for a ZeroMQ port: "
-            f"{', '.join(unknown)} (known: {', '.join(sorted(_ZMQ_DEFAULTS))})"
-        )
+    _check_options(dict(options), frozenset(_ZMQ_DEFAULTS), "a ZeroMQ port")
     given = {**_ZMQ_DEFAULTS, **options}
     credit = parse_active(given["active"])
     settings = flow_options(
@@ -304,10 +300,7 @@ async def open_zmq(
         raise
     port = ZmqPort(server, credit, settings)
     port.socket_type = _TYPE_NAMES[number]
-    handler = ZmqHandler(io, sock, port, hub.deliver)
-    handler.configure(settings)
-    handler.credit, handler.notify_passive = credit
-    handler.linger_ms = int(linger * 1000)
+    handler = ZmqHandler(io, sock, port, hub.deliver, settings, credit, int(linger * 1000))
     port._conn = handler  # type: ignore[assignment]
     port._local_address = last_endpoint
     port._remote_address = connects[0] if connects else None
