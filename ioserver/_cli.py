@@ -190,14 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("interrupted; stopped")
         return 0
     except (IOServerError, BaseExceptionGroup) as exc:
-        # An app's task groups wrap its errors in exception groups: report our own errors
-        # (a port in use, a wrong option...) as one clear line each, not as a traceback.
-        errors = _leaves(exc)
-        if not all(isinstance(error, IOServerError) for error in errors):
-            raise
-        for error in errors:
-            print(f"ioserver: {error}", file=sys.stderr)
-        return 2 if all(isinstance(error, OptionError) for error in errors) else 1
+        return _report(exc)
     return 0
 
 
@@ -226,12 +219,7 @@ def _serve(options: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except (IOServerError, BaseExceptionGroup) as exc:
-        errors = _leaves(exc)
-        if not all(isinstance(error, IOServerError) for error in errors):
-            raise
-        for error in errors:
-            print(f"ioserver: {error}", file=sys.stderr)
-        return 2 if all(isinstance(error, OptionError) for error in errors) else 1
+        return _report(exc)
 
 
 def _status(options: argparse.Namespace) -> int:
@@ -261,6 +249,18 @@ def _status(options: argparse.Namespace) -> int:
     else:
         print(format_status(status))
     return 0
+
+
+def _report(exc: BaseException) -> int:
+    """Our own errors (a port in use, a wrong option...) as one clear line each, not a
+    traceback - an app's task groups wrap them in exception groups; the exit status: 2
+    for wrong options, 1 otherwise.  Anything else is re-raised."""
+    errors = _leaves(exc)
+    if not all(isinstance(error, IOServerError) for error in errors):
+        raise exc
+    for error in errors:
+        print(f"ioserver: {error}", file=sys.stderr)
+    return 2 if all(isinstance(error, OptionError) for error in errors) else 1
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
