@@ -62,8 +62,8 @@ class Daemon:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ioserver", "serve", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # one stream: the log and the apps' lines
             text=True,
             env=env,
             cwd=ROOT,
@@ -75,8 +75,8 @@ class Daemon:
         self.wait_for(ready, count)
 
     def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             with self.changed:
                 self.lines.append(line)
                 self.changed.notify_all()
@@ -104,8 +104,8 @@ class Daemon:
                 self.process.kill()
                 self.process.wait()
             self.reader.join(5)
-            assert self.process.stderr is not None
-            self.process.stderr.close()
+            assert self.process.stdout is not None
+            self.process.stdout.close()
         return status
 
     @property
@@ -445,8 +445,8 @@ def test_workers_share_the_listening_port_and_status_reports_both(tmp_path: Path
         "2",
         "--app",
         f"examples/echo.py --port {number}",
-        ready="serving ipc",
-        count=3,  # the supervisor and both workers
+        ready="echo listening on",
+        count=2,  # both workers' apps are listening
     )
     try:
         for index in range(40):
@@ -481,7 +481,7 @@ def test_workers_share_the_listening_port_and_status_reports_both(tmp_path: Path
         # A worker that dies is restarted (and logged); the port is served throughout.
         os.kill(workers[0]["pid"], signal.SIGKILL)
         process.wait_for("restarting")
-        process.wait_for("serving ipc", count=4)
+        process.wait_for("echo listening on", count=3)  # the new worker's app listens
         for index in range(10):
             with socket.create_connection(("127.0.0.1", number), timeout=10) as connection:
                 connection.sendall(b"again %d" % index)
