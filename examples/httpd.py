@@ -37,8 +37,9 @@ runs the very same code on plain trio sockets and on asyncio streams
 
 Tuning: ``--switch-interval SECONDS`` sets :func:`sys.setswitchinterval`.  The I/O thread
 and the event loop share the GIL; with a CPU-heavy handler (h11) the I/O thread waits up
-to the interval (5 ms by default) for it, which delays reads and writes.  It is left at
-Python's default unless given; see bench/README.md for what it changed when measured.
+to the interval for it, which delays reads and writes.  ``ioserver run`` sets 1 ms
+(``ioserver.run``'s ``switch_interval``; Python's default is 5 ms); see bench/README.md
+for what it changed when measured.
 """
 
 from __future__ import annotations
@@ -662,7 +663,7 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         "--switch-interval",
         type=float,
         default=None,
-        help="sys.setswitchinterval(SECONDS) for this process (Python's default: 0.005)",
+        help="sys.setswitchinterval(SECONDS) for this process (ioserver run's default: 0.001)",
     )
     options = parser.parse_args(argv)
     if options.switch_interval is not None:

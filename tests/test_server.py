@@ -152,3 +152,19 @@ async def test_an_unknown_poller_is_an_option_error(no_leaks: None) -> None:
     with pytest.raises(ports.OptionError, match="poller"):
         async with ioserver.open(poller="kqueue-please"):
             pass
+
+
+def test_run_sets_the_switch_interval_while_main_runs_and_restores_it() -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    async def main(ios: ioserver.IOServer) -> None:
+        seen.append(sys.getswitchinterval())
+
+    ioserver.run(main, switch_interval=0.002, stop_on_signals=False)
+    assert seen == [pytest.approx(0.002)]
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ioserver.OptionError, match="switch_interval"):
+        ioserver.run(main, switch_interval=0)
