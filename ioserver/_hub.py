@@ -186,6 +186,8 @@ class Hub:
         self.inbox: WakeupQueue[tuple[Any, Any]] = WakeupQueue()
         self.stopped = False
         self.drains = 0
+        self.flushes = 0  # wake-ups of the I/O thread at a flush point
+        self._flush_pending = False
         self.messages = 0
         self._waiter: Any = None
         self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.stage
@@ -199,7 +201,8 @@ class Hub:
         io._budget_owners.append(self)
 
     # -- draining -----------------------------------------------------------------------
-    def _drain(self) -> None:
+    def _drain(self) -> int:
+        """Hand every message of the inbox to its target; the number handed."""
         items = self.inbox.items
         popleft = items.popleft
         count = 0
@@ -214,6 +217,17 @@ class Hub:
         self.drains += 1
         if not count:
             self.inbox.spurious_wakes += 1
+        return count
+
+    def _flush(self) -> None:
+        """The flush point: the tasks woken by the last drain have run; wake the I/O
+        thread if it waits for this (see the flush point in :mod:`ioserver._wakeup`)."""
+        self._flush_pending = False
+        io = self.io
+        if io.flush_wanted:
+            io.flush_wanted = False
+            io.commands.wakeup.signal()
+            self.flushes += 1
 
     def _deliver(self, message: Any) -> None:
         # The hub is the target of the I/O thread's stop notice.
@@ -263,10 +277,19 @@ class TrioHub(Hub, TrioParker):
         with trio.CancelScope(shield=True):
             # Shielded: the hub must keep delivering until the I/O thread has stopped,
             # even while the surrounding task group is being cancelled.
+            batched = self.io.batched
+            checkpoint = trio.lowlevel.cancel_shielded_checkpoint
             while True:
-                drain()
+                delivered = drain()
                 if self.stopped:
                     return
+                if delivered and batched:
+                    # Two trips through the scheduler: whatever order trio runs its
+                    # batch in, every task woken by the drain has run by the second.
+                    await checkpoint()
+                    await checkpoint()
+                    self._flush()
+                    continue
                 if inbox.prepare_to_sleep():
                     await wait_readable(fd)
                     inbox.wakeup.drain()
@@ -290,7 +313,10 @@ class AsyncioHub(Hub, AsyncioParker):
         inbox.wakeup.drain()
         inbox.woke()
         try:
-            self._drain()
+            if self._drain() and self.io.batched and not self._flush_pending:
+                # Runs after the callbacks queued so far: the steps of the woken tasks.
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
         finally:
             again = not inbox.prepare_to_sleep()
         if again:

@@ -25,12 +25,14 @@ import errno
 import heapq
 import logging
 import resource
+import select
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from ._aio import BatchWriter, open_batch_writer
 from ._exceptions import ConnectError, errno_name
 from ._framing import FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
@@ -46,6 +48,10 @@ ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
 IOV_MAX = 1024  # buffers gathered in one sendmsg
 UNLIMITED = 1 << 62
 BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while reads are paused
+#: Seconds the I/O thread waits for the loop's flush after handing it a batch, at most (see
+#: the "flush point" in ioserver._wakeup): a bound for a loop that never flushes, not a delay.
+FLUSH_WAIT = 0.002
+_EAGAIN = -errno.EAGAIN  # a batched write's result for a full socket buffer
 _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -80,6 +86,7 @@ class Conn:
     except the byte counters, which the event loop reads for statistics."""
 
     __slots__ = (
+        "batch_result",
         "bytes_in",
         "bytes_out",
         "check_bytes",
@@ -125,6 +132,9 @@ class Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.kind = kind
+        # The result of this round's batched write of outq[0] (see ioserver._aio): bytes
+        # written or -errno; None when the buffer was not in the batch.
+        self.batch_result: int | None = None
         self.port = port  # the event loop's half; messages are delivered as (port, message)
         self.deliver = deliver  # the owning loop's inbox.append
         self.credit = -1  # active credit: -1 unlimited (active=True), 0 passive, N > 0
@@ -387,6 +397,21 @@ class IOThread:
         self._paused_listeners: list[Conn] = []
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
+        # Linux AIO for the writes of a round (None: port by port), and with it the flush
+        # point: after handing a loop a batch, wait for that loop's flush (ioserver._wakeup).
+        self._writer: BatchWriter | None = open_batch_writer()
+        self._batch: list[Conn] = []
+        self._flush_epoll: select.epoll | None = None
+        if self._writer is not None and self._poller.wakeup_is_edge_triggered:
+            self._flush_epoll = select.epoll()
+            self._flush_epoll.register(
+                self.commands.wakeup.fileno(), select.EPOLLIN | select.EPOLLET
+            )
+        #: Set by this thread before it hands a loop a batch, cleared by that loop's flush,
+        #: which then writes the wake-up fd (see ioserver._wakeup).
+        self.flush_wanted = False
+        self.flush_waits = 0
+        self.batched = self._flush_epoll is not None
         self._stopping = False
         self.ports_open = 0
         self.polls = 0
@@ -528,15 +553,27 @@ class IOThread:
         view = self._view
         write = self._write
         broken = self._broken
+        writer = self._writer
+        batched = self.batched
         run_commands = self._run_commands
         new_message = object.__new__
         set_data = _SET_DATA
+        flush_wait = False
+        wait_for_flush = self._wait_for_flush
         try:
             while not self._stopping:
                 # Bytes this round may still read: the budget is firm, so a read that
                 # could pass it is not made (the port pauses instead).
                 headroom = UNLIMITED if self.memory_limit is None else self._memory_check()
-                timeout = -1.0 if commands.prepare_to_sleep() else 0.0
+                if flush_wait:
+                    # The loop is busy with the batch we handed it: let it run without
+                    # us taking the GIL until it flushes (see ioserver._wakeup).
+                    flush_wait = False
+                    if not self._ready:
+                        wait_for_flush()
+                    timeout = 0.0
+                else:
+                    timeout = -1.0 if commands.prepare_to_sleep() else 0.0
                 if self._globally_paused and timeout < 0:
                     # Owners release memory without telling this thread: while reads are
                     # paused for the budget, look again every few milliseconds.
@@ -625,6 +662,16 @@ class IOThread:
                     # Sends queued while this round read (the loop ran during
                     # its syscalls) leave in this round's flush.
                     run_commands()
+                if writer is not None:
+                    # Hand the loop its batch first, so that it works while the kernel
+                    # writes; then wait for its flush (the top of the loop).
+                    if len(inboxes) == 1 and inboxes[0].staged and batched:
+                        self.flush_wanted = True
+                        flush_wait = True
+                    for inbox in inboxes:
+                        inbox.notify()
+                    if len(dirty) > 1:
+                        self._write_batch(dirty)
                 if dirty:
                     sent_total = 0
                     for conn in dirty:
@@ -636,17 +683,28 @@ class IOThread:
                                 conn.flush()
                                 continue
                             outq = conn.outq
-                            if len(outq) != 1:
+                            result = conn.batch_result
+                            if result is not None:
+                                conn.batch_result = None
+                                if result >= 0:
+                                    sent = result
+                                elif result == _EAGAIN:
+                                    sent = 0
+                                else:
+                                    broken(conn, -result)
+                                    continue
+                            elif len(outq) != 1:
                                 write(conn)
                                 continue
-                            # _write, inlined for one buffer sent whole.
-                            try:
-                                sent = conn.sock.send(outq[0])
-                            except BlockingIOError:
-                                sent = 0
-                            except OSError as exc:
-                                broken(conn, exc.errno)
-                                continue
+                            else:
+                                # _write, inlined for one buffer sent whole.
+                                try:
+                                    sent = conn.sock.send(outq[0])
+                                except BlockingIOError:
+                                    sent = 0
+                                except OSError as exc:
+                                    broken(conn, exc.errno)
+                                    continue
                             if (
                                 sent == conn.out_bytes
                                 and not conn.close_pending
@@ -665,13 +723,69 @@ class IOThread:
                     self.bytes_out += sent_total
                     dirty.clear()
                 for inbox in inboxes:
-                    inbox.notify()
+                    if writer is None or inbox.staged:
+                        inbox.notify()
                 table = self._table  # it may have grown
         except BaseException:  # pragma: no cover - a bug in the loop itself
             log.exception("the I/O thread failed")
             raise
         finally:
             self._shutdown()
+
+    def discard(self) -> None:
+        """Release the fds of a thread that was never started."""
+        self._poller.close()
+        self._release_batching()
+        self.commands.close()
+
+    def _release_batching(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._flush_epoll is not None:
+            self._flush_epoll.close()
+
+    def _wait_for_flush(self) -> None:
+        """Block, without the GIL, until the loop flushes or :data:`FLUSH_WAIT` passes.
+
+        Only the wake-up fd is watched (through its own edge-triggered epoll), so that
+        sockets becoming ready while the loop works do not make this thread take the GIL
+        from it; they are all read in the round that follows, with a zero timeout.
+        """
+        wait = FLUSH_WAIT
+        if self._timers:
+            due = self._run_timers()
+            if 0 <= due < wait:
+                wait = due
+        if self.flush_wanted:
+            assert self._flush_epoll is not None
+            self._flush_epoll.poll(wait)
+            self.flush_waits += 1
+        self.flush_wanted = False
+
+    def _write_batch(self, dirty: list[Any]) -> None:
+        """Write the single buffer of each dirty stream with one ``io_submit`` per batch;
+        each port's result waits in ``batch_result`` for the round's bookkeeping."""
+        writer = self._writer
+        assert writer is not None
+        batch = self._batch
+        for conn in dirty:
+            if conn.kind == STREAM and not conn.closed and not conn.mask & WRITE:
+                outq = conn.outq
+                if len(outq) == 1:
+                    data = outq[0]
+                    if data.__class__ is bytes:
+                        writer.add(conn.fd, data)
+                        batch.append(conn)
+                        if writer.full:
+                            self._submit_batch(writer, batch)
+        if batch:
+            self._submit_batch(writer, batch)
+
+    @staticmethod
+    def _submit_batch(writer: BatchWriter, batch: list[Conn]) -> None:
+        for conn, result in zip(batch, writer.submit(), strict=True):
+            conn.batch_result = result
+        batch.clear()
 
     def _run_commands(self) -> None:
         """Run every queued command; ``cmd_send``, the one of every echo, inlined."""
@@ -744,6 +858,7 @@ class IOThread:
             self.zmq_sockets.clear()
             self._zmq_context.term()
         self._poller.close()
+        self._release_batching()
         # Every hub hears that the thread ended, whether it was asked to stop or failed.
         for hub in self._budget_owners:
             hub._stopped_by_io()

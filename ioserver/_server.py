@@ -177,7 +177,7 @@ async def open(
     try:
         hub = make_hub(io)
     except BaseException:
-        io.commands.close()
+        io.discard()
         raise
     server = IOServer(io, hub)
     body_error: BaseException | None = None
