@@ -260,6 +260,9 @@ class ControlEndpoint(ZmqSocketHandler):
         self.sessions_lost = 0
         self._timer: Any = None
         io._budget_owners.append(self.budget)
+        # Remote clients are served by this thread itself: it must not pause for the flush
+        # point of a local app's loop (see ioserver._wakeup).
+        io.batched = False
 
     def start(self) -> None:
         super().start()

@@ -59,6 +59,11 @@ class IOServerStatistics:
     memory_in_use: int  #: bytes buffered now: undelivered input, framing, queued output
     peak_memory: int  #: the highest ``memory_in_use`` seen (measured once a round)
     global_pauses: int  #: reads paused because the budget was used up
+    batched_writes: bool  #: the round's writes go out in one ``io_submit`` (Linux AIO)
+    write_batches: int  #: ``io_submit`` calls made for them
+    batched_write_count: int  #: writes made through them
+    flush_waits: int  #: times the I/O thread waited for this loop's flush point
+    flush_timeouts: int  #: ... of which ended by the 10 ms bound, not by a flush
 
 
 class IOServer:
@@ -112,6 +117,11 @@ class IOServer:
             memory_in_use=io.memory_in_use(),
             peak_memory=max(io.peak_memory, io.memory_in_use()),
             global_pauses=io.global_pauses,
+            batched_writes=io.batched,
+            write_batches=0 if io._writer is None else io._writer.batches,
+            batched_write_count=0 if io._writer is None else io._writer.writes,
+            flush_waits=io.flush_waits,
+            flush_timeouts=io.flush_timeouts,
         )
 
     async def aclose(self) -> None:

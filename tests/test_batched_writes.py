@@ -175,9 +175,14 @@ async def test_many_connections_get_every_byte_in_order(any_ios: ioserver.IOServ
             async with anyio.create_task_group() as client_group:
                 for index in range(clients):
                     client_group.start_soon(client, index)
-    writer = any_ios._io._writer
-    if writer is not None:
-        assert writer.batches > 0 and writer.writes > writer.batches  # it did batch
+    statistics = any_ios.statistics()
+    assert statistics.batched_writes == (any_ios._io._writer is not None)
+    if statistics.batched_writes:
+        # It did batch: more writes than io_submit calls, and it waited for flush points.
+        assert statistics.batched_write_count > statistics.write_batches > 0
+        assert statistics.flush_waits > 0
+    else:
+        assert statistics.write_batches == statistics.flush_waits == 0
 
 
 @pytest.mark.anyio
