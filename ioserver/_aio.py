@@ -39,9 +39,7 @@ log = logging.getLogger("ioserver")
 #: (io_setup, io_destroy, io_submit, io_getevents) per machine.
 _SYSCALLS = {
     "x86_64": (206, 207, 209, 208),
-    "amd64": (206, 207, 209, 208),
     "aarch64": (0, 1, 2, 4),
-    "arm64": (0, 1, 2, 4),
 }
 _IOCB_CMD_PWRITE = 1
 
@@ -93,7 +91,6 @@ class BatchWriter:
     """
 
     __slots__ = (
-        "_buffers",
         "_context",
         "_count",
         "_events",
@@ -131,7 +128,6 @@ class BatchWriter:
         self._events = (_IoEvent * BATCH_CAPACITY)()
         self._zero_timeout = (ctypes.c_long * 2)(0, 0)
         self._count = 0
-        self._buffers: list[bytes] = []
         # Bound once: the arguments that never change, as ctypes objects.
         submit_number = ctypes.c_long(numbers[2])
         getevents_number = ctypes.c_long(numbers[3])

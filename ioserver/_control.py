@@ -262,7 +262,7 @@ class ControlEndpoint(ZmqSocketHandler):
         io._budget_owners.append(self.budget)
         # Remote clients are served by this thread itself: it must not pause for the flush
         # point of a local app's loop (see ioserver._wakeup).
-        io.batched = False
+        io.waits_for_flush = False
 
     def start(self) -> None:
         super().start()

@@ -277,13 +277,13 @@ class TrioHub(Hub, TrioParker):
         with trio.CancelScope(shield=True):
             # Shielded: the hub must keep delivering until the I/O thread has stopped,
             # even while the surrounding task group is being cancelled.
-            batched = self.io.batched
+            io = self.io
             checkpoint = trio.lowlevel.cancel_shielded_checkpoint
             while True:
                 delivered = drain()
                 if self.stopped:
                     return
-                if delivered and batched:
+                if delivered and io.waits_for_flush:
                     # Two trips through the scheduler: whatever order trio runs its
                     # batch in, every task woken by the drain has run by the second.
                     await checkpoint()
@@ -313,7 +313,7 @@ class AsyncioHub(Hub, AsyncioParker):
         inbox.wakeup.drain()
         inbox.woke()
         try:
-            if self._drain() and self.io.batched and not self._flush_pending:
+            if self._drain() and self.io.waits_for_flush and not self._flush_pending:
                 # Runs after the callbacks queued so far: the steps of the woken tasks.
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)

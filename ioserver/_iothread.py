@@ -417,7 +417,7 @@ class IOThread:
         self.flush_timeouts = 0
         #: Whether this thread waits for the loop's flush point: with batched writes, and
         #: not when it also serves a daemon's remote clients (ioserver._control).
-        self.batched = self._flush_epoll is not None
+        self.waits_for_flush = self._flush_epoll is not None
         self._stopping = False
         self.ports_open = 0
         self.polls = 0
@@ -670,7 +670,7 @@ class IOThread:
                 if writer is not None:
                     # Hand the loop its batch first, so that it works while the kernel
                     # writes; then wait for its flush (the top of the loop).
-                    if len(inboxes) == 1 and inboxes[0].staged and self.batched:
+                    if len(inboxes) == 1 and inboxes[0].staged and self.waits_for_flush:
                         self.flush_wanted = True
                         flush_wait = True
                     for inbox in inboxes:

@@ -117,7 +117,7 @@ class IOServer:
             memory_in_use=io.memory_in_use(),
             peak_memory=max(io.peak_memory, io.memory_in_use()),
             global_pauses=io.global_pauses,
-            batched_writes=io.batched,
+            batched_writes=io._writer is not None,
             write_batches=0 if io._writer is None else io._writer.batches,
             batched_write_count=0 if io._writer is None else io._writer.writes,
             flush_waits=io.flush_waits,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack, final
 
@@ -141,13 +141,19 @@ def parse_active(mode: object) -> tuple[int, bool]:
     raise OptionError(f"active must be True, False, 'once' or an int, not {mode!r}")
 
 
-def _check_options(options: dict[str, Any], allowed: frozenset[str], what: str) -> None:
-    unknown = sorted(set(options) - allowed)
+def reject_unknown_options(given: Iterable[str], known: Iterable[str], what: str) -> None:
+    """Raise :class:`OptionError` naming every option of ``given`` not in ``known``."""
+    known = set(known)
+    unknown = sorted(set(given) - known)
     if unknown:
         raise OptionError(
             f"unknown option{'s' if len(unknown) > 1 else ''} for {what}: "
-            f"{', '.join(unknown)} (known: {', '.join(sorted(allowed))})"
+            f"{', '.join(unknown)} (known: {', '.join(sorted(known))})"
         )
+
+
+def _check_options(options: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    reject_unknown_options(options, allowed, what)
     for name in ("recbuf", "sndbuf", "backlog"):
         value = options.get(name)
         if value is not None and (
@@ -1009,12 +1015,7 @@ def port_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], di
     Raises:
         OptionError: an unknown option or a wrong value, naming it.
     """
-    unknown = sorted(set(given) - set(_PORT_DEFAULTS))
-    if unknown:
-        raise OptionError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} for {what}: {', '.join(unknown)}"
-            f" (known: {', '.join(sorted(_PORT_DEFAULTS))})"
-        )
+    reject_unknown_options(given, _PORT_DEFAULTS, what)
     options = {**_PORT_DEFAULTS, **given}
     credit = parse_active(options["active"])
     socket_options = {name: options[name] for name in _STREAM_OPTIONS}

@@ -45,6 +45,7 @@ from ._port import (
     _to_bytes,
     flow_options,
     parse_active,
+    reject_unknown_options,
 )
 from ._source import Waiter
 
@@ -120,12 +121,7 @@ def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     Raises:
         OptionError: an unknown option or a wrong value, naming it.
     """
-    unknown = sorted(set(given) - set(_UDP_DEFAULTS))
-    if unknown:
-        raise OptionError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} for a UDP port: "
-            f"{', '.join(unknown)} (known: {', '.join(sorted(_UDP_DEFAULTS))})"
-        )
+    reject_unknown_options(given, _UDP_DEFAULTS, "a UDP port")
     options = {**_UDP_DEFAULTS, **given}
     credit = parse_active(options["active"])
     for name, low, high in (
