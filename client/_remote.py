@@ -216,8 +216,7 @@ class RemoteIO(ZmqSocketHandler):
         self.next_rid += 1
         wire = {name: value for name, value in options.items() if name != "active"}
         conn = RemoteConn(pid, port, deliver, options)
-        if options.get("packet") == "msgpack":
-            conn.sizes = port._sizes
+        conn.sizes = port._sizes  # the port's framer decides (Framer.decodes_objects)
         if opcode == P.LISTEN:
             conn.make_port = spec[6]
             conn.accept_options = options
@@ -415,12 +414,16 @@ class RemoteIO(ZmqSocketHandler):
         if len(message) == 4:
             size = message[3]
             if conn.sizes is None or not P.is_int(size) or size < 0:
-                raise ProtocolViolation("malformed", "DATA with a size on a non-msgpack port")
+                raise ProtocolViolation(
+                    "malformed", "DATA with a size on a port whose packet mode delivers bytes"
+                )
             conn.sizes.append(size)
         elif isinstance(data, bytes) and conn.sizes is None:
             size = len(data)
         else:
-            raise ProtocolViolation("malformed", "DATA must carry bytes")
+            raise ProtocolViolation(
+                "malformed", "DATA without a size must carry bytes, on a port that delivers bytes"
+            )
         conn.delivered_messages += 1
         conn.delivered_bytes += size
         conn.bytes_in += size
@@ -442,8 +445,7 @@ class RemoteIO(ZmqSocketHandler):
         address = P.from_wire_address(remote)
         port = listener.make_port(conn, P.from_wire_address(local), address)
         conn.port = port
-        if options.get("packet") == "msgpack":
-            conn.sizes = port._sizes
+        conn.sizes = port._sizes
         conn.deliver((listener.port, Accepted(port, address)))
 
     def _closed(self, message: list[Any]) -> None:

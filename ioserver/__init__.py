@@ -14,6 +14,7 @@ from ._exceptions import ClosedPortError as ClosedPortError
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import EndOfPort as EndOfPort
 from ._exceptions import IOServerError as IOServerError
+from ._exceptions import NotSupportedError as NotSupportedError
 from ._exceptions import OptionError as OptionError
 from ._exceptions import SendTimeoutError as SendTimeoutError
 from ._exceptions import WouldBlock as WouldBlock
@@ -48,6 +49,7 @@ __all__ = [
     "IOServerError",
     "IOServerStatistics",
     "Message",
+    "NotSupportedError",
     "OptionError",
     "Passive",
     "SendTimeoutError",

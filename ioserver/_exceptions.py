@@ -22,6 +22,7 @@ __all__ = [
     "ConnectError",
     "EndOfPort",
     "IOServerError",
+    "NotSupportedError",
     "OptionError",
     "SendTimeoutError",
     "WouldBlock",
@@ -108,6 +109,18 @@ class ConnectError(IOServerError, OSError):
 
 class OptionError(IOServerError, ValueError):
     """An option has a wrong name, type or value. The message names the option and why."""
+
+
+class NotSupportedError(OptionError):
+    """The I/O server given cannot carry this kind of port.
+
+    Raised at once by the port function, before anything is opened or started: a server
+    from :func:`client.connect` (an ioserver daemon's) carries TCP ports only
+    (:func:`ports.connect_tcp`, :func:`ports.listen_tcp`) until the daemon's protocol
+    carries the others; open UDP, Unix socket, ZeroMQ and process ports on a local I/O
+    server (:func:`ioserver.open`, :func:`ioserver.run`).  It is an :exc:`OptionError`
+    (a :exc:`ValueError`): the ``server`` argument is the wrong one for this call.
+    """
 
 
 class SendTimeoutError(IOServerError, TimeoutError):
