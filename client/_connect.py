@@ -11,6 +11,7 @@ import anyio
 import zmq
 
 import ioserver
+from ioserver import _ipc
 from ioserver import _protocol as P
 from ioserver._exceptions import BrokenPortError, NotSupportedError, OptionError
 from ioserver._hub import Hub
@@ -160,18 +161,17 @@ async def connect(
         DaemonUnavailable: no daemon answered within ``timeout`` (none is running at the
             endpoint, or it refused this client's CURVE key), or an ``ipc://`` path does
             not exist.
+        UnsafeEndpointError: an ``ipc://`` endpoint another user could control: its
+            directory is a symbolic link, another uid's or open to others (it must be
+            0700), the socket file is a link or another uid's, or the process answering
+            there runs as another uid.  Nothing but the greeting was sent.
         ioserver.OptionError: a malformed endpoint or CURVE key.
         ProtocolError: the daemon speaks another protocol version.
     """
     endpoint = endpoint or P.default_endpoint()
     if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")):
         raise OptionError(f"endpoint must be 'ipc://PATH' or 'tcp://HOST:PORT', not {endpoint!r}")
-    if (
-        endpoint.startswith("ipc://")
-        and not os.path.exists(  # noqa: ASYNC240 - one stat
-            endpoint[len("ipc://") :]
-        )
-    ):
+    if endpoint.startswith("ipc://") and not _ipc.client_check(endpoint[len("ipc://") :]):
         raise DaemonUnavailable(
             f"no ioserver daemon at {endpoint}: the socket file does not exist "
             "(start one with `ioserver serve`)",

@@ -17,6 +17,7 @@ from ._exceptions import IOServerError as IOServerError
 from ._exceptions import NotSupportedError as NotSupportedError
 from ._exceptions import OptionError as OptionError
 from ._exceptions import SendTimeoutError as SendTimeoutError
+from ._exceptions import UnsafeEndpointError as UnsafeEndpointError
 from ._exceptions import WouldBlock as WouldBlock
 from ._messages import Accepted as Accepted
 from ._messages import Closed as Closed
@@ -53,6 +54,7 @@ __all__ = [
     "OptionError",
     "Passive",
     "SendTimeoutError",
+    "UnsafeEndpointError",
     "WouldBlock",
     "__version__",
     "main",

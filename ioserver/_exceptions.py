@@ -25,6 +25,7 @@ __all__ = [
     "NotSupportedError",
     "OptionError",
     "SendTimeoutError",
+    "UnsafeEndpointError",
     "WouldBlock",
     "errno_name",
 ]
@@ -128,4 +129,17 @@ class SendTimeoutError(IOServerError, TimeoutError):
 
     As Erlang's ``{error, timeout}`` from ``gen_tcp:send/2`` with ``{send_timeout, T}``;
     with ``send_timeout_close=True`` the port is closed as well.
+    """
+
+
+class UnsafeEndpointError(ConnectError):
+    """An ``ipc://`` control endpoint that another user could control: refused.
+
+    Raised by ``ioserver serve`` before it binds and by :func:`client.connect` (and
+    ``ioserver status``) before they connect, when the socket's directory is a symbolic
+    link, belongs to another uid or is open to group or others (it must be 0700), or the
+    socket file is a link, not a socket or another uid's; and by the client when the
+    process answering on the socket runs as another uid (its ``SO_PEERCRED``).  The
+    message says which and what to do.  It is a :exc:`ConnectError` (``errno_name``
+    ``"EPERM"``).
     """
