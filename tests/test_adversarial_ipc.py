@@ -15,9 +15,9 @@ process and for the daemons it starts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import select
 import socket
 import stat
 import subprocess
@@ -27,9 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
-import msgpack
 import pytest
-import zmq
 
 import client
 import ioserver
@@ -199,65 +197,60 @@ def test_serve_makes_a_private_directory_on_a_clean_default_path(runtime: Path) 
 
 
 # -- a daemon of another user, behind files that look right ---------------------------
-def _impostor(directory: Path, ready: int, stop: int) -> None:  # pragma: no cover - child
-    """In a forked child running as uid OTHER: a ROUTER answering HELLO with WELCOME, as a
-    daemon would; writes every opcode it received to ``ready`` when told to stop."""
-    os.setgroups([])
-    os.setresgid(OTHER, OTHER, OTHER)
-    os.setresuid(OTHER, OTHER, OTHER)
-    context = zmq.Context()
-    sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(f"ipc://{directory}/control")
-    os.write(ready, b"R")
-    received: list[list[int]] = []
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(stop, zmq.POLLIN)
-    while True:
-        events = dict(poller.poll(10_000))
-        if stop in events or not events:
-            break
-        identity, frame = sock.recv_multipart()
-        messages = P.unpack(frame)
-        received.append([message[0] for message in messages])
-        if messages[0][0] == P.HELLO:
-            info = {"version": P.VERSION, "heartbeat": 1.0, "pid": os.getpid(), "worker": None}
-            sock.send_multipart([identity, P.pack([[P.WELCOME, info]])])
-    sock.close()
-    context.term()
-    os.write(ready, msgpack.packb(received))
+IMPOSTOR = """
+import json, os, sys
+import zmq
+from ioserver import _protocol as P
+
+# Everything imported as root; from here on, the other user.
+os.setgroups([])
+os.setresgid(OTHER, OTHER, OTHER)
+os.setresuid(OTHER, OTHER, OTHER)
+context = zmq.Context()
+sock = context.socket(zmq.ROUTER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.bind(f"ipc://{sys.argv[1]}/control")
+print("ready", flush=True)
+received = []
+poller = zmq.Poller()
+poller.register(sock, zmq.POLLIN)
+poller.register(sys.stdin.fileno(), zmq.POLLIN)
+while True:
+    events = dict(poller.poll(20_000))
+    if not events or sys.stdin.fileno() in events:  # stdin closed: stop
+        break
+    identity, frame = sock.recv_multipart()
+    messages = P.unpack(frame)
+    received.append([message[0] for message in messages])
+    if messages[0][0] == P.HELLO:
+        info = {"version": P.VERSION, "heartbeat": 1.0, "pid": os.getpid(), "worker": None}
+        sock.send_multipart([identity, P.pack([[P.WELCOME, info]])])
+sock.close()
+context.term()
+print(json.dumps(received), flush=True)
+""".replace("OTHER", str(OTHER))
 
 
 class Impostor:
-    """A daemon lookalike of uid OTHER (a forked child) whose directory and socket are
-    then given to us (0700, 0600): only its peer credentials tell it apart."""
+    """A daemon lookalike running as uid OTHER, whose socket is then moved into our
+    private directory (0700, the socket 0600): only its peer credentials tell it apart."""
 
     def __init__(self, runtime: Path, staging: Path) -> None:
-        # It binds in a directory of its own that it can reach; the socket file is then
-        # moved (a rename keeps the listening socket) into our private directory.
+        # It binds in a directory of its own that it can reach; a rename keeps the
+        # listening socket working at the new path.
         os.chown(staging, OTHER, OTHER)
         runtime.mkdir(mode=0o700)
         self.runtime = runtime
-        ready_r, ready_w = os.pipe()
-        stop_r, stop_w = os.pipe()
-        self.child = os.fork()
-        if self.child == 0:  # pragma: no cover - the child
-            status = 1
-            try:
-                os.close(ready_r)
-                os.close(stop_w)
-                _impostor(staging, ready_w, stop_r)
-                status = 0
-            except BaseException as exc:
-                os.write(2, f"impostor: {exc!r}\n".encode())
-            finally:
-                os._exit(status)
-        os.close(ready_w)
-        os.close(stop_r)
-        self.reports, self.stopper = ready_r, stop_w
-        readable, _, _ = select.select([ready_r], [], [], 10)
-        if not (readable and os.read(ready_r, 1) == b"R"):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", IMPOSTOR, str(staging)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+        )
+        assert self.process.stdout is not None
+        if self.process.stdout.readline() != "ready\n":
             self.stop()
             pytest.fail("the impostor did not start")
         os.rename(staging / "control", runtime / "control")
@@ -266,17 +259,11 @@ class Impostor:
 
     def stop(self) -> list[list[int]]:
         """Stop it; the opcodes of each frame it received."""
-        if self.child == 0:
+        if self.process.returncode is not None:
             return []
-        os.close(self.stopper)
-        data = b""
-        while chunk := os.read(self.reports, 65536):
-            data += chunk
-        os.close(self.reports)
-        _, status = os.waitpid(self.child, 0)
-        self.child = 0
-        assert os.waitstatus_to_exitcode(status) == 0
-        return list(msgpack.unpackb(data)) if data else []
+        output, _ = self.process.communicate(timeout=20)  # closes its stdin: it stops
+        assert self.process.returncode == 0
+        return list(json.loads(output)) if output.strip() else []
 
 
 @pytest.fixture
