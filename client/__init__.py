@@ -22,5 +22,6 @@ from ._connect import RemoteIOServer as RemoteIOServer
 from ._connect import connect as connect
 from ._exceptions import DaemonUnavailable as DaemonUnavailable
 from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import UnsafeEndpointError as UnsafeEndpointError
 
-__all__ = ["DaemonUnavailable", "ProtocolError", "RemoteIOServer", "connect"]
+__all__ = ["DaemonUnavailable", "ProtocolError", "RemoteIOServer", "UnsafeEndpointError", "connect"]

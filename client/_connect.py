@@ -11,8 +11,9 @@ import anyio
 import zmq
 
 import ioserver
+from ioserver import _ipc
 from ioserver import _protocol as P
-from ioserver._exceptions import BrokenPortError, OptionError
+from ioserver._exceptions import BrokenPortError, NotSupportedError, OptionError
 from ioserver._hub import Hub
 from ioserver._server import IOServer, IOServerStatistics
 from ports._port import _Request
@@ -27,7 +28,11 @@ class RemoteIOServer(IOServer):
     """An I/O server whose sockets live in an ioserver daemon.
 
     Pass it to the port functions (``ports.connect_tcp``, ``ports.listen_tcp``) as you
-    would an :class:`ioserver.IOServer`.  Get one from :func:`connect`.
+    would an :class:`ioserver.IOServer`.  Get one from :func:`connect`.  The daemon's
+    protocol carries TCP ports only: the other port functions (``ports.open_udp``,
+    ``ports.connect_unix``, ``ports.listen_unix``, ``ports.open_zmq``,
+    ``ports.open_process``) raise :exc:`ioserver.NotSupportedError` at once when given
+    this server.
     """
 
     __slots__ = ("_local", "_remote")
@@ -48,8 +53,18 @@ class RemoteIOServer(IOServer):
         ``worker``, ``heartbeat`` (seconds)."""
         return dict(self._remote.info)
 
-    def _check_open(self) -> Hub:
+    #: The port functions whose ports the daemon's protocol carries (``_check_open``).
+    PORT_FUNCTIONS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
+
+    def _check_open(self, function: str | None = None) -> Hub:
         hub = super()._check_open()
+        if function is not None and function not in self.PORT_FUNCTIONS:
+            raise NotSupportedError(
+                f"{function} is not supported through the ioserver daemon at "
+                f"{self.endpoint}: its protocol carries TCP ports only (ports.connect_tcp, "
+                "ports.listen_tcp); open this port on a local I/O server "
+                "(ioserver.open() or ioserver.run())"
+            )
         if self._remote.lost:
             raise BrokenPortError(
                 f"the ioserver daemon at {self.endpoint} is lost: {self._remote.broken_reason}",
@@ -146,18 +161,17 @@ async def connect(
         DaemonUnavailable: no daemon answered within ``timeout`` (none is running at the
             endpoint, or it refused this client's CURVE key), or an ``ipc://`` path does
             not exist.
+        UnsafeEndpointError: an ``ipc://`` endpoint another user could control: its
+            directory is a symbolic link, another uid's or open to others (it must be
+            0700), the socket file is a link or another uid's, or the process answering
+            there runs as another uid.  Nothing but the greeting was sent.
         ioserver.OptionError: a malformed endpoint or CURVE key.
         ProtocolError: the daemon speaks another protocol version.
     """
     endpoint = endpoint or P.default_endpoint()
     if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")):
         raise OptionError(f"endpoint must be 'ipc://PATH' or 'tcp://HOST:PORT', not {endpoint!r}")
-    if (
-        endpoint.startswith("ipc://")
-        and not os.path.exists(  # noqa: ASYNC240 - one stat
-            endpoint[len("ipc://") :]
-        )
-    ):
+    if endpoint.startswith("ipc://") and not _ipc.client_check(endpoint[len("ipc://") :]):
         raise DaemonUnavailable(
             f"no ioserver daemon at {endpoint}: the socket file does not exist "
             "(start one with `ioserver serve`)",

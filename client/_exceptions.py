@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ioserver._exceptions import ConnectError, IOServerError
+from ioserver._exceptions import UnsafeEndpointError as UnsafeEndpointError
 
-__all__ = ["DaemonUnavailable", "ProtocolError"]
+__all__ = ["DaemonUnavailable", "ProtocolError", "UnsafeEndpointError"]
 
 
 class DaemonUnavailable(ConnectError):

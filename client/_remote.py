@@ -26,12 +26,14 @@ Heartbeats: each side sends one when it sent nothing for an interval; a daemon s
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Any
 
 import zmq
 
+from ioserver import _ipc
 from ioserver import _protocol as P
 from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
 from ioserver._iothread import IOThread
@@ -132,6 +134,8 @@ class RemoteIO(ZmqSocketHandler):
         self.faults = 0
         self._hello: Any = None
         self._timer: Any = None
+        # ipc://: the first message's sender must run as this user (ioserver._ipc).
+        self._peer_unchecked = endpoint.startswith("ipc://")
 
     def submit(self, function: Any, target: Any, argument: Any) -> None:
         """Queue ``function(target, argument)`` on the local I/O thread (as IOThread's)."""
@@ -178,15 +182,18 @@ class RemoteIO(ZmqSocketHandler):
             self._emit([P.HEARTBEAT])
         self._timer = self.io.call_later(self.heartbeat, self._tick)
 
-    def _lose(self, why: str) -> None:
-        """The daemon is gone: end every port and request, refuse new ones."""
+    def _lose(self, why: str, error: Exception | None = None) -> None:
+        """The daemon is gone: end every port and request (with ``error``, by default a
+        BrokenPortError), refuse new ones."""
         log.warning("ioserver daemon at %s lost: %s", self.endpoint, why)
         self.lost = True
         self.broken_reason = why
         self._end_ports(LOST)
-        error = BrokenPortError(
-            f"the ioserver daemon at {self.endpoint} is lost: {why}", errno_name="ECONNABORTED"
-        )
+        if error is None:
+            error = BrokenPortError(
+                f"the ioserver daemon at {self.endpoint} is lost: {why}",
+                errno_name="ECONNABORTED",
+            )
         for pending in self.requests.values():
             self._answer(pending, error)
         self.requests.clear()
@@ -216,8 +223,7 @@ class RemoteIO(ZmqSocketHandler):
         self.next_rid += 1
         wire = {name: value for name, value in options.items() if name != "active"}
         conn = RemoteConn(pid, port, deliver, options)
-        if options.get("packet") == "msgpack":
-            conn.sizes = port._sizes
+        conn.sizes = port._sizes  # the port's framer decides (Framer.decodes_objects)
         if opcode == P.LISTEN:
             conn.make_port = spec[6]
             conn.accept_options = options
@@ -295,8 +301,36 @@ class RemoteIO(ZmqSocketHandler):
         return True
 
     def on_ready(self, mask: int) -> None:
-        if not self.closed:
-            self._serve_frames(RECEIVE_BATCH)
+        if self.closed:
+            return
+        if self._peer_unchecked and not self._check_peer():
+            return
+        self._serve_frames(RECEIVE_BATCH)
+
+    def _check_peer(self) -> bool:
+        """Take the first message (the WELCOME) with its ``Peer-Address`` and refuse a
+        daemon of another uid before anything but HELLO was sent (:mod:`ioserver._ipc`).
+        False when the session was refused."""
+        sock = self.sock
+        events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+        if not events & zmq.POLLIN:
+            return True
+        try:
+            frame = sock.recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return True
+        self._peer_unchecked = False
+        uid = _ipc.peer_uid(frame)
+        frames = [frame.bytes]
+        while frame.more:  # a message arrives whole: the rest is there
+            frame = sock.recv(zmq.NOBLOCK, copy=False)
+            frames.append(frame.bytes)
+        if uid is not None and uid != os.geteuid():
+            error = _ipc.refuse_peer(self.endpoint, uid)
+            self._lose(str(error), error)
+            return False
+        self._handle(frames)
+        return not self.closed
 
     def _has_pending(self) -> bool:
         return bool(self.pending)
@@ -415,12 +449,16 @@ class RemoteIO(ZmqSocketHandler):
         if len(message) == 4:
             size = message[3]
             if conn.sizes is None or not P.is_int(size) or size < 0:
-                raise ProtocolViolation("malformed", "DATA with a size on a non-msgpack port")
+                raise ProtocolViolation(
+                    "malformed", "DATA with a size on a port whose packet mode delivers bytes"
+                )
             conn.sizes.append(size)
         elif isinstance(data, bytes) and conn.sizes is None:
             size = len(data)
         else:
-            raise ProtocolViolation("malformed", "DATA must carry bytes")
+            raise ProtocolViolation(
+                "malformed", "DATA without a size must carry bytes, on a port that delivers bytes"
+            )
         conn.delivered_messages += 1
         conn.delivered_bytes += size
         conn.bytes_in += size
@@ -442,8 +480,7 @@ class RemoteIO(ZmqSocketHandler):
         address = P.from_wire_address(remote)
         port = listener.make_port(conn, P.from_wire_address(local), address)
         conn.port = port
-        if options.get("packet") == "msgpack":
-            conn.sizes = port._sizes
+        conn.sizes = port._sizes
         conn.deliver((listener.port, Accepted(port, address)))
 
     def _closed(self, message: list[Any]) -> None:

@@ -14,8 +14,10 @@ from ._exceptions import ClosedPortError as ClosedPortError
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import EndOfPort as EndOfPort
 from ._exceptions import IOServerError as IOServerError
+from ._exceptions import NotSupportedError as NotSupportedError
 from ._exceptions import OptionError as OptionError
 from ._exceptions import SendTimeoutError as SendTimeoutError
+from ._exceptions import UnsafeEndpointError as UnsafeEndpointError
 from ._exceptions import WouldBlock as WouldBlock
 from ._messages import Accepted as Accepted
 from ._messages import Closed as Closed
@@ -48,9 +50,11 @@ __all__ = [
     "IOServerError",
     "IOServerStatistics",
     "Message",
+    "NotSupportedError",
     "OptionError",
     "Passive",
     "SendTimeoutError",
+    "UnsafeEndpointError",
     "WouldBlock",
     "__version__",
     "main",

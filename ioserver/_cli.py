@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._exceptions import IOServerError, OptionError
+from ._exceptions import IOServerError, OptionError, UnsafeEndpointError
 from ._server import run
 
 __all__ = ["load_app", "main"]
@@ -239,7 +239,7 @@ def _status(options: argparse.Namespace) -> int:
         curve = (options.curve_server_key, options.curve_certificate)
     try:
         status = query_status(endpoint, timeout=options.timeout, curve=curve)
-    except DaemonError as exc:
+    except (DaemonError, UnsafeEndpointError) as exc:
         print(f"ioserver: {exc}", file=sys.stderr)
         return 1
     if "workers" not in status:

@@ -88,7 +88,9 @@ class RemotePortState:
                 packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
             )
         )
-        self._sizes: deque[int] | None = deque() if packet == "msgpack" else None
+        self._sizes: deque[int] | None = (
+            deque() if self._framer is not None and self._framer.decodes_objects else None
+        )
         self._consumed_bytes = 0
         self._consumed_messages = 0
         self._queued_bytes = 0

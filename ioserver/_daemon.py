@@ -18,7 +18,6 @@ import os
 import shlex
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import anyio
 import zmq
 import zmq.auth
 
+from . import _ipc
 from . import _protocol as P
 from ._control import ControlEndpoint, io_status
 from ._exceptions import IOServerError, OptionError
@@ -100,31 +100,19 @@ def check_endpoint(config: DaemonConfig) -> None:
 def prepare_ipc(endpoint: str) -> str | None:
     """Make the ipc endpoint's directory (mode 0700, owned by us) and clear a stale socket.
 
-    Returns the socket path, or None for tcp://.
+    Nothing is followed through a symbolic link and nothing another user owns is touched
+    (see :mod:`ioserver._ipc`).  Returns the socket path, or None for tcp://.
 
     Raises:
-        DaemonError: the directory belongs to someone else or is open to others, or a live
-            daemon already answers on the path.
+        UnsafeEndpointError: the directory is a symbolic link, belongs to someone else or
+            is open to others; the socket path is a link, not a socket, or someone else's.
+        DaemonError: a live daemon already answers on the path.
     """
     if not endpoint.startswith("ipc://"):
         return None
     path = endpoint[len("ipc://") :]
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
-    if info.st_uid != os.getuid():
-        raise DaemonError(f"{directory} belongs to uid {info.st_uid}, not to us")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        if directory == P.runtime_directory():
-            os.chmod(directory, 0o700)
-        else:
-            raise DaemonError(
-                f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
-                "the control socket's directory must be 0700"
-            )
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise DaemonError(f"{path} exists and is not a socket; not touching it")
+    _ipc.make_directory(os.path.dirname(os.path.abspath(path)))
+    if _ipc.check_socket(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -479,7 +467,7 @@ def _supervisor_answer(
                         status = query_status(
                             endpoint, timeout=2.0, context=context, curve=_curve_for(config)
                         )
-                    except DaemonError as exc:
+                    except IOServerError as exc:  # DaemonError, UnsafeEndpointError
                         status = {"worker": index, "endpoint": endpoint, "error": str(exc)}
                     process = workers[index]
                     status.setdefault("worker", index)
@@ -530,6 +518,8 @@ def query_status(
 
     Raises:
         DaemonError: no answer within ``timeout`` seconds, or a malformed answer.
+        UnsafeEndpointError: an ``ipc://`` endpoint another user could control, or
+            answered by a process of another uid (see :mod:`ioserver._ipc`).
     """
     own = context is None
     context = context or zmq.Context()
@@ -544,7 +534,8 @@ def query_status(
             sock.curve_serverkey = server_public
             sock.curve_publickey = public
             sock.curve_secretkey = secret
-        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+        ipc = endpoint.startswith("ipc://")
+        if ipc and not _ipc.client_check(endpoint[len("ipc://") :]):
             raise DaemonError(f"no ioserver daemon at {endpoint}: the socket file does not exist")
         sock.connect(endpoint)
         sock.send(P.pack([[P.HELLO, P.VERSION], [P.STATUS, 1], [P.BYE]]))
@@ -553,7 +544,11 @@ def query_status(
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000)):
                 raise DaemonError(f"no answer from {endpoint} within {timeout} s")
-            for message in P.unpack(sock.recv()):
+            frame = sock.recv(copy=False)
+            uid = _ipc.peer_uid(frame) if ipc else None
+            if uid is not None and uid != os.geteuid():
+                raise _ipc.refuse_peer(endpoint, uid)
+            for message in P.unpack(frame.bytes):
                 if isinstance(message, list) and message and message[0] == P.STATUS_REPLY:
                     status = message[2]
                     if not isinstance(status, dict):

@@ -22,8 +22,10 @@ __all__ = [
     "ConnectError",
     "EndOfPort",
     "IOServerError",
+    "NotSupportedError",
     "OptionError",
     "SendTimeoutError",
+    "UnsafeEndpointError",
     "WouldBlock",
     "errno_name",
 ]
@@ -110,9 +112,34 @@ class OptionError(IOServerError, ValueError):
     """An option has a wrong name, type or value. The message names the option and why."""
 
 
+class NotSupportedError(OptionError):
+    """The I/O server given cannot carry this kind of port.
+
+    Raised at once by the port function, before anything is opened or started: a server
+    from :func:`client.connect` (an ioserver daemon's) carries TCP ports only
+    (:func:`ports.connect_tcp`, :func:`ports.listen_tcp`) until the daemon's protocol
+    carries the others; open UDP, Unix socket, ZeroMQ and process ports on a local I/O
+    server (:func:`ioserver.open`, :func:`ioserver.run`).  It is an :exc:`OptionError`
+    (a :exc:`ValueError`): the ``server`` argument is the wrong one for this call.
+    """
+
+
 class SendTimeoutError(IOServerError, TimeoutError):
     """A send waited longer than the port's ``send_timeout`` for a busy port to drain.
 
     As Erlang's ``{error, timeout}`` from ``gen_tcp:send/2`` with ``{send_timeout, T}``;
     with ``send_timeout_close=True`` the port is closed as well.
+    """
+
+
+class UnsafeEndpointError(ConnectError):
+    """An ``ipc://`` control endpoint that another user could control: refused.
+
+    Raised by ``ioserver serve`` before it binds and by :func:`client.connect` (and
+    ``ioserver status``) before they connect, when the socket's directory is a symbolic
+    link, belongs to another uid or is open to group or others (it must be 0700), or the
+    socket file is a link, not a socket or another uid's; and by the client when the
+    process answering on the socket runs as another uid (its ``SO_PEERCRED``).  The
+    message says which and what to do.  It is a :exc:`ConnectError` (``errno_name``
+    ``"EPERM"``).
     """

@@ -82,6 +82,13 @@ class Framer:
     #: The packet mode's name, as given to :func:`make_framer`.
     mode: Any = None
 
+    #: True when :meth:`feed` returns decoded objects (``"msgpack"``, ``"resp"``), not
+    #: ``bytes``: such a message is charged to the budgets its share of the wire bytes it
+    #: was decoded from (the I/O thread records it in the port's ``_sizes``), since its
+    #: ``len()`` says nothing about its size.  The one definition that the local port,
+    #: the daemon and the client read.
+    decodes_objects = False
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """Take received bytes; return the messages they completed, in order.
 
@@ -240,6 +247,7 @@ class MsgpackFramer(Framer):
     __slots__ = ("_fed", "_limit", "_unpacker")
 
     mode = "msgpack"
+    decodes_objects = True
 
     def __init__(self, packet_size: int = DEFAULT_PACKET_SIZE) -> None:
         self._limit = packet_size
@@ -374,6 +382,7 @@ class RespFramer(Framer):
     __slots__ = ("_arguments", "_buffer", "_bulk", "_count", "_failed", "_held", "_limit")
 
     mode = "resp"
+    decodes_objects = True
 
     def __init__(self, packet_size: int = DEFAULT_PACKET_SIZE) -> None:
         self._limit = packet_size

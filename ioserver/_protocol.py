@@ -48,8 +48,9 @@ Daemon to client:
 6 FAILED     ``[6, rid, error_type, errno, errno_name, text]``: it failed; ``error_type``
              is ``"ConnectError"`` or ``"OptionError"``.
 7 STATUS     ``[7, rid, status]``.
-10 DATA      ``[10, pid, data]`` or ``[10, pid, data, size]`` (``packet="msgpack"``: a
-             decoded object and the wire bytes it is charged).
+10 DATA      ``[10, pid, data]`` or ``[10, pid, data, size]`` (a packet mode that
+             decodes objects, ``"msgpack"`` or ``"resp"``: a decoded object and the wire
+             bytes it is charged).
 11 ACCEPTED  ``[11, listener_pid, pid, local_address, remote_address]``.
 12 CLOSED    ``[12, pid, reason, errno_name_or_nil]``: the port's final message.
 13 ERROR     ``[13, pid, errno_name, errno, text]``.
@@ -64,7 +65,8 @@ Daemon to client:
 FAULT kinds: ``"malformed"`` (not msgpack, not the envelope, wrong arity or types),
 ``"version"`` (an unsupported protocol version), ``"unknown-opcode"``, ``"no-session"``
 (a message before HELLO), ``"unknown-port"`` (a port id this session does not own -
-including another client's), ``"duplicate-port"``, ``"bad-option"``.  Every message
+including another client's), ``"duplicate-port"``, ``"bad-option"``, ``"unsupported"``
+(a kind of port the protocol does not carry, as an ``AF_UNIX`` address: TCP only).  Every message
 that crosses the process boundary is validated before use, on both sides; a refused
 message never affects another message, port or client.
 """
@@ -112,6 +114,8 @@ PAUSED = 16
 GONE = 17
 
 FAMILIES = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
+# Families a local port may use that the protocol does not carry (refused as "unsupported").
+_OTHER_FAMILIES = {int(socket.AF_UNIX): "AF_UNIX"}
 
 
 class ProtocolViolation(Exception):
@@ -163,6 +167,12 @@ def check_int(value: Any, what: str, low: int = -(1 << 62), high: int = 1 << 62)
 def check_address(family: Any, address: Any) -> tuple[int, tuple[Any, ...]]:
     """A ``(family, sockaddr)`` pair from the wire, checked."""
     if family not in FAMILIES or isinstance(family, bool):
+        if is_int(family) and family in _OTHER_FAMILIES:
+            raise ProtocolViolation(
+                "unsupported",
+                f"address family {family} ({_OTHER_FAMILIES[family]}) is not supported: "
+                "the daemon carries TCP ports only (AF_INET, AF_INET6)",
+            )
         raise ProtocolViolation("malformed", f"unknown address family {family!r}")
     size = 2 if family == socket.AF_INET else 4
     if not (isinstance(address, list) and len(address) in (2, size)):

@@ -86,7 +86,15 @@ class IOServer:
         """True once the server was closed: its ports are closed and the thread ended."""
         return self._closed
 
-    def _check_open(self) -> Hub:
+    def _check_open(self, function: str | None = None) -> Hub:
+        """The hub, for a port function about to open a port (``function``: its name,
+        as ``"ports.open_udp"``, for a server that carries only some kinds).
+
+        Raises:
+            ClosedPortError: the server is closed.
+            NotSupportedError: this server cannot carry ``function``'s ports (a local
+                server carries every kind; see :class:`client.RemoteIOServer`).
+        """
         if self._closed:
             raise ClosedPortError("this I/O server is closed")
         return self._hub

@@ -41,6 +41,9 @@ from ioserver._exceptions import (
     IOServerError as IOServerError,
 )
 from ioserver._exceptions import (
+    NotSupportedError as NotSupportedError,
+)
+from ioserver._exceptions import (
     OptionError as OptionError,
 )
 from ioserver._exceptions import (
@@ -156,6 +159,7 @@ __all__ = [
     "MemorySendChannel",
     "Message",
     "MonitorRef",
+    "NotSupportedError",
     "OptionError",
     "Passive",
     "Port",

@@ -263,8 +263,9 @@ class _PortBase(Source):
         self._consumed_messages = 0
         self._consumed_bytes = 0
         self._resume_generation = 0
-        # With packet="msgpack": the wire size of each undelivered message, in order (the
-        # I/O thread appends, the owner's takes pop); None when a message's size is its length.
+        # With a framer that decodes objects ("msgpack", "resp": Framer.decodes_objects): the
+        # wire size of each undelivered message, in order (the I/O thread - or the daemon's
+        # DATA - appends, the owner's takes pop); None when a message's size is its length.
         self._sizes: deque[int] | None = None
 
     def _took_data(self, data: Any) -> None:
@@ -651,8 +652,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
             )
         )
-        if packet in ("msgpack", "resp"):  # decoded messages: charge their wire size
-            self._sizes = deque()
+        if self._framer is not None and self._framer.decodes_objects:
+            self._sizes = deque()  # decoded messages: charged their wire size
         # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
         self._queued_bytes = 0
         self._high_watermark: int = options["high_watermark"]
@@ -1061,7 +1062,7 @@ async def connect_tcp(
         OptionError: an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
     """
-    hub = server._check_open()
+    hub = server._check_open("ports.connect_tcp")
     credit, settings = port_options(dict(options), "a TCP port")
     addresses = await _resolve(host, port, passive=False)
     io = server._io
@@ -1117,7 +1118,7 @@ async def listen_tcp(
         OptionError: an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
     """
-    hub = server._check_open()
+    hub = server._check_open("ports.listen_tcp")
     if reuseport is None:
         reuseport = WORKER_ENVIRONMENT in os.environ
     listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}

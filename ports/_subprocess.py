@@ -206,8 +206,10 @@ async def open_process(
         OptionError: ``argv`` is a string, empty or holds a non-string; a wrong ``env``,
             ``stderr`` or ``kill_grace``; an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
+        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
+            which carries TCP ports only.
     """
-    server._check_open()
+    server._check_open("ports.open_process")
     arguments = _check_argv(argv)
     environment = _check_env(env)
     if cwd is not None and not isinstance(cwd, (str, bytes, os.PathLike)):

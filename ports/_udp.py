@@ -471,8 +471,10 @@ async def open_udp(
             (``"EADDRINUSE"``, ``"EADDRNOTAVAIL"``...) or connected.
         OptionError: an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
+        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
+            which carries TCP ports only.
     """
-    hub = server._check_open()
+    hub = server._check_open("ports.open_udp")
     credit, settings = udp_options(dict(options))
     remote: Any = None
     family: int = socket.AF_INET

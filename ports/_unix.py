@@ -73,8 +73,10 @@ async def connect_unix(
             (``"ENOENT"``), no permission (``"EACCES"``)...
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
+        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
+            which carries TCP ports only.
     """
-    hub = server._check_open()
+    hub = server._check_open("ports.connect_unix")
     address = _check_path(path)
     credit, settings = _unix_options(dict(options), "a Unix socket port")
     io = server._io
@@ -121,8 +123,10 @@ async def listen_unix(
             exist (``"ENOENT"``) or is not writable (``"EACCES"``).
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
+        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
+            which carries TCP ports only.
     """
-    hub = server._check_open()
+    hub = server._check_open("ports.listen_unix")
     address = _check_path(path)
     _check_options({"backlog": backlog}, _LISTEN_OPTIONS, "a Unix socket listener")
     credit, settings = _unix_options(dict(options), "a Unix socket listener's ports")

@@ -208,8 +208,10 @@ async def open_zmq(
             ``"EADDRINUSE"``, ``"EINVAL"`` for a malformed endpoint,
             ``"EPROTONOSUPPORT"`` for an unknown transport).
         ClosedPortError: the I/O server is closed.
+        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
+            which carries TCP ports only.
     """
-    hub = server._check_open()
+    hub = server._check_open("ports.open_zmq")
     if isinstance(socket_type, str):
         number = ZMQ_SOCKET_TYPES.get(socket_type.upper())
         if number is None:
