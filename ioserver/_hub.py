@@ -21,6 +21,13 @@ the cost of a message on trio.  Instead it checks for cancellation (trio's
 ``checkpoint_if_cancelled``), and every :data:`YIELD_EVERY`-th such operation on this loop
 is a full checkpoint.  So cancellation is always seen promptly, and an actor that never
 waits for input still lets the others run.
+
+That checkpoint comes *before* the operation acts (:meth:`Parker.checkpoint_first`), never
+after: trio's rule is that an operation that raises ``Cancelled`` did not happen, so a
+receive that raises took nothing and a send that raises queued nothing.  Once it has acted,
+the operation returns without awaiting again.  A task woken from :meth:`Parker.park` takes
+its message only after the park returned (it polls again), so a wake-up and a cancellation
+in the same tick leave the message where it was.
 """
 
 from __future__ import annotations
@@ -84,8 +91,15 @@ class Parker:
     async def checkpoint_if_cancelled(self) -> None:
         """Raise if the current task is cancelled, without yielding."""
 
-    async def completed(self) -> None:
-        """The checkpoint after an operation that did not wait (see the module docstring)."""
+    async def checkpoint_first(self) -> None:
+        """The checkpoint of an operation that may complete without waiting, taken before
+        it acts (see the module docstring).
+
+        Raises ``Cancelled`` (trio) or :exc:`asyncio.CancelledError` if the task is
+        cancelled: then the operation has not happened.  Every :data:`YIELD_EVERY`-th call
+        also yields to the scheduler first, so what the operation saw before may have
+        changed: poll after this, never before.
+        """
         self.budget -= 1
         if self.budget <= 0:
             await self.checkpoint()
@@ -111,7 +125,7 @@ class TrioParker(Parker):
         self.budget = YIELD_EVERY
         await trio.lowlevel.checkpoint()
 
-    async def completed(self) -> None:
+    async def checkpoint_first(self) -> None:
         self.budget -= 1
         if self.budget <= 0:
             self.budget = YIELD_EVERY
@@ -144,7 +158,7 @@ class AsyncioParker(Parker):
         self.budget = YIELD_EVERY
         await asyncio.sleep(0)
 
-    async def completed(self) -> None:
+    async def checkpoint_first(self) -> None:
         # asyncio delivers a cancellation at the next suspension, so only the periodic
         # yield matters here.
         self.budget -= 1

@@ -319,8 +319,8 @@ class Actor:
 
     async def send(self, message: Any) -> None:
         """Put ``message`` in the actor's mailbox (see :meth:`send_nowait`); a checkpoint."""
+        await anyio.lowlevel.checkpoint()  # first: a send that raises Cancelled sent nothing
         self.send_nowait(message)
-        await anyio.lowlevel.checkpoint()
 
     async def receive(self, match: Match | None = None, *, timeout: float | None = None) -> Any:
         """Receive from the actor's mailbox; see :meth:`ports.Mailbox.receive`.
