@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,7 +47,15 @@ from ._wakeup import WakeupQueue
 if TYPE_CHECKING:
     from ._iothread import IOThread
 
-__all__ = ["YIELD_EVERY", "Hub", "Parkable", "Parker", "current_parker", "make_hub"]
+__all__ = [
+    "YIELD_EVERY",
+    "Hub",
+    "Parkable",
+    "Parker",
+    "current_parker",
+    "make_hub",
+    "yield_at_next_operation",
+]
 
 log = logging.getLogger("ioserver")
 
@@ -169,6 +178,25 @@ class AsyncioParker(Parker):
 
 _PARKERS: dict[str, Parker] = {"trio": TrioParker(), "asyncio": AsyncioParker()}
 
+#: Every live hub: :func:`yield_at_next_operation` resets their budgets.
+_HUBS: weakref.WeakSet[Any] = weakref.WeakSet()  # Hubs, each also a Parker
+
+
+def yield_at_next_operation() -> None:
+    """Make the next operation that completes without waiting a full checkpoint.
+
+    For a cancellation made by the running task itself (``ActorSystem.shutdown`` called
+    in the body of its ``async with``): trio's operations see it at once
+    (``checkpoint_if_cancelled``), but asyncio delivers a cancellation only at the
+    task's next suspension, and an operation that completes without waiting suspends
+    only every :data:`YIELD_EVERY`-th time.  With every budget spent, the next one
+    suspends, so the task is cancelled there on both backends.  Costs one yield per loop.
+    """
+    for parker in _PARKERS.values():
+        parker.budget = 0
+    for hub in list(_HUBS):
+        hub.budget = 0
+
 
 def current_parker() -> Parker:
     """The :class:`Parker` for the async library running this task."""
@@ -213,6 +241,7 @@ class Hub:
         self.consumed_bytes = 0
         io.add_inbox(self.inbox)
         io._budget_owners.append(self)
+        _HUBS.add(self)
 
     # -- draining -----------------------------------------------------------------------
     def _drain(self) -> int:
