@@ -136,7 +136,7 @@ msgpack_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     values=st.lists(msgpack_values, max_size=12),
     cuts=st.lists(st.integers(0, 100_000), max_size=40),
