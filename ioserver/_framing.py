@@ -237,38 +237,265 @@ class LineFramer(Framer):
         return data
 
 
+#: The deepest nesting of arrays and maps in one msgpack object: the C decoder's own limit
+#: (its stack holds 1024 levels), so every object the scanner accepts can be decoded.
+MSGPACK_MAX_DEPTH = 1024
+
+# The msgpack wire format, by an object's first byte (https://github.com/msgpack/msgpack/
+# blob/master/spec.md).  _MSGPACK_SIZE: the whole item's size when the first byte gives it
+# (fixints, nil, booleans, floats, ints, fixext, fixstr); 0 otherwise.
+_MSGPACK_SIZE = bytearray(256)
+for _byte in (*range(0x00, 0x80), 0xC0, 0xC2, 0xC3, *range(0xE0, 0x100)):
+    _MSGPACK_SIZE[_byte] = 1
+for _byte in range(0xA0, 0xC0):  # fixstr: the length is in the byte
+    _MSGPACK_SIZE[_byte] = 1 + (_byte & 0x1F)
+for _byte, _size in {
+    0xCA: 5, 0xCB: 9,  # float 32, 64
+    0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,  # uint 8..64
+    0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9,  # int 8..64
+    0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18,  # fixext 1..16 (type byte + data)
+}.items():  # fmt: skip
+    _MSGPACK_SIZE[_byte] = _size
+#: Items with a length field: first byte -> (bytes of the length, header bytes after it).
+_MSGPACK_SIZED = {
+    0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),  # bin 8, 16, 32
+    0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),  # ext 8, 16, 32 (then a type byte)
+    0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0),  # str 8, 16, 32
+}  # fmt: skip
+#: Containers with a count field: first byte -> (bytes of the count, items per count).
+_MSGPACK_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+
+_WHAT = "msgpack object"
+
+
 class MsgpackFramer(Framer):
     """A stream of msgpack objects: each decoded object is one message.
 
-    Decoding uses one streaming ``msgpack.Unpacker`` per port, with ``packet_size`` as its
-    buffer cap, strings as ``str`` and ``bytes`` as ``bytes`` (``raw=False``).
+    **Object boundaries are found before anything is decoded**, so only whole objects of
+    at most ``packet_size`` bytes reach the decoder (``msgpack.unpackb``: strings as
+    ``str``, ``bytes`` as ``bytes``, with its length caps - ``max_array_len``,
+    ``max_map_len``, ``max_str_len``... - set to the object's own wire size).  A decoder
+    fed an unfinished object would preallocate every array and map its headers announce,
+    whether or not their elements ever come; here nothing is built for them.
+
+    The boundaries: new bytes are first skipped through by msgpack's C decoder in skip
+    mode (it builds no object), which finds the whole objects in them at C speed; the
+    unfinished object at the end, if any, is copied and walked by a small scanner over
+    the wire format that keeps its place between reads - the items each open array or
+    map still needs (one int per level, at most :data:`MSGPACK_MAX_DEPTH` levels), and
+    strings, bins and exts skipped by their length fields.  So what a port holds for an
+    unfinished object is its bytes, exactly :attr:`buffered` (charged to the memory budget
+    and ``port_buffer_limit``), and no byte is walked twice by the same scanner.
+
+    Refused, as the other framings refuse: an object larger than ``packet_size`` bytes
+    raises :exc:`PacketTooLarge` as soon as a header announces it (a length, or a count of
+    items that cannot fit, each item taking one byte at least) or its bytes reach it;
+    nesting deeper than :data:`MSGPACK_MAX_DEPTH` levels, the byte ``0xc1`` (never used)
+    and an object the decoder refuses (an unhashable map key...) raise :exc:`FrameError`.
+    A failed framer holds nothing.
     """
 
-    __slots__ = ("_fed", "_limit", "_unpacker")
+    __slots__ = ("_buffer", "_limit", "_scanned", "_stack")
 
     mode = "msgpack"
     decodes_objects = True
 
     def __init__(self, packet_size: int = DEFAULT_PACKET_SIZE) -> None:
         self._limit = packet_size
-        self._fed = 0
-        self._unpacker = msgpack.Unpacker(
-            raw=False, max_buffer_size=packet_size, strict_map_key=False
-        )
+        self._buffer = bytearray()  # the unfinished object's bytes (and, in feed, the read)
+        self._scanned = 0  # bytes of it walked: the next item's header starts there
+        self._stack: list[int] = []  # items each open array or map still needs, innermost last
 
     @property
     def buffered(self) -> int:
-        return self._fed - int(self._unpacker.tell())
+        return len(self._buffer)
+
+    def _fail(self, error: FrameError) -> FrameError:
+        del self._buffer[:]
+        self._scanned = 0
+        self._stack.clear()
+        return error
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         try:
-            self._unpacker.feed(data)
-            self._fed += len(data)
-        except msgpack.BufferFull:
-            raise PacketTooLarge(self._limit, self._limit + len(data), "msgpack object") from None
+            if self._buffer:
+                return self._feed_held(data)
+            return self._feed_fresh(data)
+        except FrameError as exc:
+            raise self._fail(exc) from exc.__cause__
+
+    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        """``feed`` when nothing is held (the usual case): find the whole objects in the
+        read itself, and copy only an unfinished one at its end."""
+        end = len(data)
+        if not end:
+            return []
+        bounds: list[tuple[int, int]] = []
+        start = self._skip_whole_objects(data, 0, end, bounds)
+        if start < end:
+            self._buffer += data[start:]
+            stop = self._walk(0, end - start)
+            if stop >= 0:  # (the C decoder saw it unfinished: this cannot happen)
+                raise FrameError("malformed msgpack data: scanners disagree")
+            if end - start > self._limit:
+                raise PacketTooLarge(self._limit, end - start, _WHAT)
+        return self._decode(data, start, bounds) if bounds else []
+
+    def _feed_held(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        """``feed`` when an unfinished object is held: walk on from where it stopped."""
+        buffer = self._buffer
+        buffer += data
+        end = len(buffer)
+        limit = self._limit
+        bounds: list[tuple[int, int]] = []
+        start = self._walk(0, end)
+        if start >= 0:
+            bounds.append((0, start))
+            if start < end:
+                with memoryview(buffer) as view:
+                    start = self._skip_whole_objects(view, start, end, bounds)
+                if start < end:
+                    stop = self._walk(start, end)
+                    if stop >= 0:
+                        raise FrameError("malformed msgpack data: scanners disagree")
+        else:
+            start = 0
+        if end - start > limit:
+            raise PacketTooLarge(limit, end - start, _WHAT)
+        if not bounds:
+            return []
+        with memoryview(buffer) as view:
+            messages = self._decode(view, start, bounds)
+        del buffer[:start]
+        return messages
+
+    def _skip_whole_objects(
+        self, data: Any, start: int, end: int, bounds: list[tuple[int, int]]
+    ) -> int:
+        """Find the whole objects of ``data[start:end]`` with msgpack's C decoder in skip
+        mode (it builds nothing; its copy of the bytes is dropped on return); append their
+        bounds; return where the unfinished rest begins (``end`` if none)."""
+        skipper = msgpack.Unpacker(max_buffer_size=end - start, read_size=end - start)
+        skipper.feed(data[start:end] if start or end != len(data) else data)
+        base = start
+        while start < end:  # (a read that ends with an object raises no OutOfData)
+            try:
+                skipper.skip()
+            except msgpack.OutOfData:
+                break
+            except msgpack.StackError:
+                raise _too_deep() from None
+            except ValueError as exc:  # msgpack.FormatError: the byte 0xc1
+                raise FrameError(f"malformed msgpack data: {exc}") from exc
+            stop = base + skipper.tell()
+            bounds.append((start, stop))
+            start = stop
+        return start
+
+    def _walk(self, start: int, end: int) -> int:
+        """Walk the held object that begins at ``start``, from where the last walk
+        stopped; return its end, or -1 if it is unfinished (its place kept for the next
+        read).
+
+        Raises:
+            PacketTooLarge: a header announces more than ``packet_size`` bytes.
+            FrameError: nesting deeper than :data:`MSGPACK_MAX_DEPTH`, or the byte 0xc1.
+        """
+        buffer = self._buffer
+        stack = self._stack
+        sizes = _MSGPACK_SIZE
+        limit = self._limit
+        position = start + self._scanned
+        while position < end:
+            byte = buffer[position]
+            size = sizes[byte]
+            if size:  # a scalar (or fixstr) whose size its first byte gives
+                if position + size > end:
+                    break
+                position += size
+            elif 0x80 <= byte <= 0x9F:  # fixmap, fixarray
+                count = byte & 0x0F if byte >= 0x90 else (byte & 0x0F) * 2
+                position += 1
+                if count:
+                    if len(stack) >= MSGPACK_MAX_DEPTH:
+                        raise _too_deep()
+                    stack.append(count)
+                    continue
+            elif byte in _MSGPACK_SIZED:
+                width, extra = _MSGPACK_SIZED[byte]
+                if position + 1 + width > end:
+                    break
+                length = int.from_bytes(buffer[position + 1 : position + 1 + width], "big")
+                size = 1 + width + extra + length
+                if position + size - start > limit:
+                    raise PacketTooLarge(limit, position + size - start, _WHAT)
+                if position + size > end:
+                    break
+                position += size
+            elif byte in _MSGPACK_CONTAINERS:
+                width, per = _MSGPACK_CONTAINERS[byte]
+                if position + 1 + width > end:
+                    break
+                count = int.from_bytes(buffer[position + 1 : position + 1 + width], "big") * per
+                position += 1 + width
+                if count:
+                    # Each item takes one byte at least: refuse a count that cannot fit.
+                    if position + count - start > limit:
+                        raise PacketTooLarge(limit, position + count - start, _WHAT)
+                    if len(stack) >= MSGPACK_MAX_DEPTH:
+                        raise _too_deep()
+                    stack.append(count)
+                    continue
+            else:  # 0xc1, never used
+                raise FrameError(f"malformed msgpack data: byte 0x{byte:02x}")
+            # An item ended: count it in its container, closing the containers it fills.
+            while stack:
+                stack[-1] -= 1
+                if stack[-1]:
+                    break
+                stack.pop()
+            else:
+                self._scanned = 0
+                return position  # the top-level object ended
+        self._scanned = position - start
+        return -1
+
+    def _decode(self, data: Any, stop: int, bounds: list[tuple[int, int]]) -> list[Any]:
+        """Decode the whole objects ``bounds`` (``data[0:stop]``, back to back)."""
+        limit = self._limit
+        size = 0
+        for first, last in bounds:
+            if last - first > size:
+                size = last - first
+        if size > limit:
+            raise PacketTooLarge(limit, size, _WHAT)
         try:
-            return list(self._unpacker)
-        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+            if len(bounds) == 1:
+                # unpackb's length caps default to the size of what it is given.  (No
+                # local holds a slice: a view of the held buffer must not outlive a fault.)
+                return [
+                    msgpack.unpackb(
+                        data if stop == len(data) else data[:stop],
+                        raw=False,
+                        strict_map_key=False,
+                    )
+                ]
+            # Whole objects only, so no container is preallocated for items that are not
+            # there: one decoder for the run of them, its caps the largest one's size.
+            unpacker = msgpack.Unpacker(
+                raw=False,
+                strict_map_key=False,
+                max_buffer_size=stop,
+                read_size=stop,
+                max_str_len=size,
+                max_bin_len=size,
+                max_array_len=size,
+                max_map_len=size,
+                max_ext_len=size,
+            )
+            unpacker.feed(data[:stop])
+            return list(unpacker)
+        except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
             raise FrameError(f"malformed msgpack data: {exc}") from exc
 
     def frame(self, message: Any) -> bytes:
@@ -277,8 +504,12 @@ class MsgpackFramer(Framer):
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"cannot pack {type(message).__name__} as msgpack: {exc}") from exc
         if len(data) > self._limit:
-            raise PacketTooLarge(self._limit, len(data), "msgpack object")
+            raise PacketTooLarge(self._limit, len(data), _WHAT)
         return data
+
+
+def _too_deep() -> FrameError:
+    return FrameError(f"malformed msgpack data: nested deeper than {MSGPACK_MAX_DEPTH} levels")
 
 
 #: Redis's caps, which RespFramer applies too: arguments in one command, bytes of one

@@ -21,12 +21,20 @@ the cost of a message on trio.  Instead it checks for cancellation (trio's
 ``checkpoint_if_cancelled``), and every :data:`YIELD_EVERY`-th such operation on this loop
 is a full checkpoint.  So cancellation is always seen promptly, and an actor that never
 waits for input still lets the others run.
+
+That checkpoint comes *before* the operation acts (:meth:`Parker.checkpoint_first`), never
+after: trio's rule is that an operation that raises ``Cancelled`` did not happen, so a
+receive that raises took nothing and a send that raises queued nothing.  Once it has acted,
+the operation returns without awaiting again.  A task woken from :meth:`Parker.park` takes
+its message only after the park returned (it polls again), so a wake-up and a cancellation
+in the same tick leave the message where it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,7 +47,15 @@ from ._wakeup import WakeupQueue
 if TYPE_CHECKING:
     from ._iothread import IOThread
 
-__all__ = ["YIELD_EVERY", "Hub", "Parkable", "Parker", "current_parker", "make_hub"]
+__all__ = [
+    "YIELD_EVERY",
+    "Hub",
+    "Parkable",
+    "Parker",
+    "current_parker",
+    "make_hub",
+    "yield_at_next_operation",
+]
 
 log = logging.getLogger("ioserver")
 
@@ -84,8 +100,15 @@ class Parker:
     async def checkpoint_if_cancelled(self) -> None:
         """Raise if the current task is cancelled, without yielding."""
 
-    async def completed(self) -> None:
-        """The checkpoint after an operation that did not wait (see the module docstring)."""
+    async def checkpoint_first(self) -> None:
+        """The checkpoint of an operation that may complete without waiting, taken before
+        it acts (see the module docstring).
+
+        Raises ``Cancelled`` (trio) or :exc:`asyncio.CancelledError` if the task is
+        cancelled: then the operation has not happened.  Every :data:`YIELD_EVERY`-th call
+        also yields to the scheduler first, so what the operation saw before may have
+        changed: poll after this, never before.
+        """
         self.budget -= 1
         if self.budget <= 0:
             await self.checkpoint()
@@ -111,7 +134,7 @@ class TrioParker(Parker):
         self.budget = YIELD_EVERY
         await trio.lowlevel.checkpoint()
 
-    async def completed(self) -> None:
+    async def checkpoint_first(self) -> None:
         self.budget -= 1
         if self.budget <= 0:
             self.budget = YIELD_EVERY
@@ -144,7 +167,7 @@ class AsyncioParker(Parker):
         self.budget = YIELD_EVERY
         await asyncio.sleep(0)
 
-    async def completed(self) -> None:
+    async def checkpoint_first(self) -> None:
         # asyncio delivers a cancellation at the next suspension, so only the periodic
         # yield matters here.
         self.budget -= 1
@@ -154,6 +177,25 @@ class AsyncioParker(Parker):
 
 
 _PARKERS: dict[str, Parker] = {"trio": TrioParker(), "asyncio": AsyncioParker()}
+
+#: Every live hub: :func:`yield_at_next_operation` resets their budgets.
+_HUBS: weakref.WeakSet[Any] = weakref.WeakSet()  # Hubs, each also a Parker
+
+
+def yield_at_next_operation() -> None:
+    """Make the next operation that completes without waiting a full checkpoint.
+
+    For a cancellation made by the running task itself (``ActorSystem.shutdown`` called
+    in the body of its ``async with``): trio's operations see it at once
+    (``checkpoint_if_cancelled``), but asyncio delivers a cancellation only at the
+    task's next suspension, and an operation that completes without waiting suspends
+    only every :data:`YIELD_EVERY`-th time.  With every budget spent, the next one
+    suspends, so the task is cancelled there on both backends.  Costs one yield per loop.
+    """
+    for parker in _PARKERS.values():
+        parker.budget = 0
+    for hub in list(_HUBS):
+        hub.budget = 0
 
 
 def current_parker() -> Parker:
@@ -199,6 +241,7 @@ class Hub:
         self.consumed_bytes = 0
         io.add_inbox(self.inbox)
         io._budget_owners.append(self)
+        _HUBS.add(self)
 
     # -- draining -----------------------------------------------------------------------
     def _drain(self) -> int:

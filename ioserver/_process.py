@@ -24,9 +24,13 @@ outlives it delays both until that child closes it too).
 
 Termination.  A stream that fails (a framing error, the I/O server stopping...) or a
 port closed by its owner (``cmd_terminate``) sends SIGTERM, then SIGKILL after
-``kill_grace`` seconds (a timer of the I/O thread).  When the I/O thread stops, each
-running program gets SIGTERM, up to ``kill_grace`` seconds to exit, then SIGKILL, and is
-reaped before the thread ends.
+``kill_grace`` seconds (a timer of the I/O thread).  When the I/O thread stops, every
+running program gets SIGTERM at once (:func:`stop_programs`), then each is waited for
+until its own ``kill_grace`` has passed since that one moment, SIGKILLed if it still runs,
+and reaped before the thread ends: N programs take one grace period, not N.  Signals go
+through the watcher's pidfd where it holds one (``signal.pidfd_send_signal``), else by
+pid; either way only while the program is unreaped, so its pid cannot name another
+process yet.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from ._iothread import Conn, Handler, IOThread
 from ._messages import Closed, ExitStatus
 from ._poller import READ
 
-__all__ = ["POLL_INTERVAL", "ProcessWatcher", "cmd_start_process", "open_pidfd"]
+__all__ = ["POLL_INTERVAL", "ProcessWatcher", "cmd_start_process", "open_pidfd", "stop_programs"]
 
 log = logging.getLogger("ioserver")
 
@@ -169,10 +173,17 @@ class ProcessWatcher(Handler):
 
     # -- signals ------------------------------------------------------------------------
     def send_signal(self, number: int) -> None:
-        """Send a signal unless the program was reaped (its pid may be another's now)."""
+        """Send a signal unless the program was reaped (its pid may be another's now).
+
+        Through the pidfd where the watcher holds one: it names this process and no
+        other, whatever happens to the pid.
+        """
         if self.status is None:
             try:
-                os.kill(self.pid, number)
+                if self.pidfd is not None and not self.closed:
+                    signal.pidfd_send_signal(self.pidfd, number)
+                else:
+                    os.kill(self.pid, number)
             except ProcessLookupError:
                 pass
 
@@ -204,24 +215,55 @@ class ProcessWatcher(Handler):
         self.terminate()
 
     def on_shutdown(self) -> None:
-        """The I/O thread stops: SIGTERM, up to ``kill_grace`` seconds, SIGKILL, reap."""
+        """The I/O thread stops: stop every program it runs, this one's included, at once
+        (see :func:`stop_programs`); the other watchers then find theirs reaped."""
         if self.status is not None:
             return
-        self.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + max(self.kill_grace, 0.0)
-        while self._reap() is None:
-            if time.monotonic() >= deadline:
-                self.send_signal(signal.SIGKILL)
-                while True:
-                    try:
-                        _, wait_status = os.waitpid(self.pid, 0)
-                    except InterruptedError:
-                        continue
-                    except ChildProcessError:
-                        wait_status = 255 << 8
-                    break
-                self._exited(os.waitstatus_to_exitcode(wait_status))
-                break
+        table = self.io._table
+        watchers = [entry for entry in table if isinstance(entry, ProcessWatcher)]
+        if self not in watchers:
+            watchers.append(self)
+        stop_programs(watchers)
+
+    def _wait_killed(self) -> None:
+        """Block until the SIGKILLed program is reaped (it cannot ignore SIGKILL)."""
+        while True:
+            try:
+                _, wait_status = os.waitpid(self.pid, 0)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                wait_status = 255 << 8
+            break
+        self._exited(os.waitstatus_to_exitcode(wait_status))
+
+
+def stop_programs(watchers: list[ProcessWatcher]) -> None:
+    """SIGTERM every running program now; SIGKILL each one still running ``kill_grace``
+    seconds (its own) after that moment; return once all are reaped.
+
+    One deadline per program from one start: N programs that ignore SIGTERM take the
+    longest ``kill_grace``, not the sum.  Blocks the I/O thread, which is stopping.
+    """
+    start = time.monotonic()
+    running = []
+    for watcher in watchers:
+        if watcher.status is None:
+            watcher.send_signal(signal.SIGKILL if watcher.kill_grace <= 0 else signal.SIGTERM)
+            running.append(watcher)
+    while running:
+        now = time.monotonic()
+        waiting = []
+        for watcher in running:
+            if watcher._reap() is not None:
+                continue
+            if now >= start + watcher.kill_grace:
+                watcher.send_signal(signal.SIGKILL)
+                watcher._wait_killed()
+                continue
+            waiting.append(watcher)
+        running = waiting
+        if running:
             time.sleep(_SHUTDOWN_POLL)
 
 

@@ -47,6 +47,7 @@ import anyio
 import anyio.abc
 
 from ioserver._exceptions import ClosedPortError, IOServerError
+from ioserver._hub import yield_at_next_operation
 
 from ._mailbox import Mailbox, Match
 from ._port import Listener, Port
@@ -319,8 +320,8 @@ class Actor:
 
     async def send(self, message: Any) -> None:
         """Put ``message`` in the actor's mailbox (see :meth:`send_nowait`); a checkpoint."""
+        await anyio.lowlevel.checkpoint()  # first: a send that raises Cancelled sent nothing
         self.send_nowait(message)
-        await anyio.lowlevel.checkpoint()
 
     async def receive(self, match: Match | None = None, *, timeout: float | None = None) -> Any:
         """Receive from the actor's mailbox; see :meth:`ports.Mailbox.receive`.
@@ -612,9 +613,26 @@ class ActorSystem:
         return list(self._live)
 
     def shutdown(self) -> None:
-        """Cancel the system: every actor ends with :attr:`ExitReason.SHUTDOWN` (their
-        ports close), pending timers are cancelled, and the ``async with`` block ends."""
+        """Cancel the system, body included: as ``nursery.cancel_scope.cancel()``.
+
+        Every actor ends with :attr:`ExitReason.SHUTDOWN` (their ports close), pending
+        timers are cancelled, and the rest of the ``async with open_actor_system()`` body
+        is cancelled at its next checkpoint (an ``await`` of anyio, trio or ioserver);
+        the block then ends without an error.  The same on trio and on asyncio.
+
+        Why the body too: the body runs inside the system's task group, and a trio or
+        anyio user expects cancelling a nursery-like object to cancel everything in it,
+        the body of its ``async with`` included (``nursery.cancel_scope.cancel()``,
+        ``task_group.cancel_scope.cancel()``); code that must run after the shutdown
+        belongs after the block, or in a ``finally``.
+
+        Synchronous and idempotent; callable from the body or from an actor.
+        """
         self._task_group.cancel_scope.cancel()
+        # On asyncio the caller's own cancellation waits for its next suspension, and an
+        # ioserver operation that completes at once suspends only now and then: make the
+        # next one suspend, so the body stops at its next checkpoint as it does on trio.
+        yield_at_next_operation()
 
     # -- names ----------------------------------------------------------------------------
     def register(self, name: str, actor: Actor) -> None:
@@ -753,9 +771,10 @@ async def open_actor_system() -> AsyncIterator[ActorSystem]:
     Leaving the block waits for every actor to end, as a task group waits for its tasks,
     then cancels the timers that have not fired.  If the block raises or is cancelled
     (or :meth:`ActorSystem.shutdown` is called), every actor is cancelled and ends with
-    :attr:`ExitReason.SHUTDOWN`; the ports they own close.  As with any anyio task group,
-    an exception raised in the block comes out in an :exc:`ExceptionGroup`.  An actor's
-    crash does not end the system (see :class:`Actor`).
+    :attr:`ExitReason.SHUTDOWN`; the ports they own close; after ``shutdown()`` the rest
+    of the block is cancelled too, at its next checkpoint, on both backends.  As with any
+    anyio task group, an exception raised in the block comes out in an
+    :exc:`ExceptionGroup`.  An actor's crash does not end the system (see :class:`Actor`).
 
     Inside the block and in its actors, the module-level :func:`send_after`,
     :func:`register`, :func:`whereis`... act on this system.

@@ -107,17 +107,21 @@ class MemorySendChannel(anyio.abc.ObjectSendStream[T], trio.abc.SendChannel[T]):
     async def send(self, item: T) -> None:
         """Buffer ``item``, waiting for room if the buffer is full.
 
+        A checkpoint, taken before it buffers: a send that raises ``Cancelled`` buffered
+        nothing (trio's rule).
+
         Raises:
             ClosedPortError, BrokenPortError: as :meth:`send_nowait`.
         """
         state = self._state
         while True:
+            # Checkpoint, then act: a send that raises Cancelled buffered nothing.
+            await anyio.lowlevel.checkpoint()
             try:
                 self.send_nowait(item)
             except WouldBlock:
                 await _park(state, state.send_waiters)
             else:
-                await anyio.lowlevel.checkpoint()
                 return
 
     async def aclose(self) -> None:
@@ -174,15 +178,20 @@ class MemoryReceiveChannel(Source, anyio.abc.ObjectReceiveStream[T], trio.abc.Re
     async def receive(self) -> T:
         """Wait for the oldest item and take it.
 
+        A checkpoint, taken before it takes: a receive that raises ``Cancelled`` took
+        nothing, even when a send woke it in the same tick (trio's rule).
+
         Raises:
             EndOfPort: the send end is closed and the buffer drained (``async for`` ends).
             ClosedPortError: this end is closed.
         """
         state = self._state
         while True:
+            # Checkpoint, then take: a receive that raises Cancelled took nothing, even
+            # when it was woken by a send in the same tick as the cancellation.
+            await anyio.lowlevel.checkpoint()
             item = self._select_poll()
             if item is not EMPTY:
-                await anyio.lowlevel.checkpoint()
                 return item  # type: ignore[no-any-return]
             await _park(state, state.receive_waiters)
 

@@ -67,9 +67,10 @@ class Mailbox(Source):
             self._wake_all()
 
     async def send(self, message: Any) -> None:
-        """Append ``message`` (see :meth:`send_nowait`); a checkpoint."""
-        self.send_nowait(message)
+        """Append ``message`` (see :meth:`send_nowait`); a checkpoint, taken first: a send
+        that raises ``Cancelled`` appended nothing."""
         await anyio.lowlevel.checkpoint()
+        self.send_nowait(message)
 
     def _wake_all(self) -> None:
         parker = self._parker or current_parker()
@@ -113,15 +114,18 @@ class Mailbox(Source):
             match: a predicate on messages, or ``None``.
             timeout: seconds to wait at most; ``None`` waits forever.
 
+        It is a checkpoint, taken before a message is taken: a receive that raises
+        ``Cancelled`` (or :exc:`TimeoutError`) took nothing, as in trio.
+
         Raises:
             TimeoutError: ``timeout`` passed with no matching message.
             ClosedPortError: the mailbox is closed (also while waiting).
         """
+        await anyio.lowlevel.checkpoint()
         if self._closed:
             raise ClosedPortError("this mailbox is closed")
         message = self._find(match, 0)
         if message is not EMPTY:
-            await anyio.lowlevel.checkpoint()
             return message
         if timeout is None:
             return await self._wait(match)

@@ -399,7 +399,8 @@ class _PortBase(Source):
         Returns messages in the order the I/O thread produced them; the last one is always
         a :class:`~ioserver.Closed`.  On a passive port (``active=False``, or after its
         ``"once"``/N credit ran out) the I/O thread reads one message for this call, as
-        ``gen_tcp:recv`` does.
+        ``gen_tcp:recv`` does.  A receive that raises ``Cancelled`` took no message: the
+        message stays buffered for the next receive (trio's rule).
 
         Raises:
             EndOfPort: the final message was already received (``async for`` ends here).
@@ -421,7 +422,15 @@ class _PortBase(Source):
         # park inlined per backend), and commented instead of factored.
         buffer = self._buffer
         hub = self._hub
-        parked = False
+        if buffer:
+            # It will not wait: check for cancellation *before* taking (a receive that
+            # raises Cancelled took nothing), and yield every YIELD_EVERY times.  After a
+            # yield the buffer may be empty again: then it parks below.
+            hub.budget -= 1
+            if hub.budget <= 0:
+                await hub.checkpoint()
+            elif hub.is_trio:
+                await _checkpoint_if_cancelled()
         if not buffer:
             if self._waiter is not None:
                 raise BusyPortError("receiving")
@@ -439,7 +448,7 @@ class _PortBase(Source):
                     finally:
                         if self._waiter is future:
                             self._waiter = None
-            parked = True
+        # From here to the return nothing is awaited: a taken message is always returned.
         message = buffer.popleft()
         if message.__class__ is Data:
             # _took_data, inlined.
@@ -452,13 +461,6 @@ class _PortBase(Source):
                 self._maybe_resume()
         elif message.__class__ is Closed:
             self._ended = True
-        if not parked:
-            # It did not wait: check for cancellation, and yield every YIELD_EVERY times.
-            hub.budget -= 1
-            if hub.budget <= 0:
-                await hub.checkpoint()
-            elif hub.is_trio:
-                await _checkpoint_if_cancelled()
         return message
 
     # -- select hooks -------------------------------------------------------------------
@@ -758,7 +760,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         above ``high_watermark``): then it waits until the output drains below
         ``low_watermark``, as Erlang's ``gen_tcp:send`` on a busy port - so a slow peer
         slows its own sender and nobody else.  It checks for cancellation and, every few
-        calls, yields to the scheduler (see :mod:`ioserver._hub`).
+        calls, yields to the scheduler (see :mod:`ioserver._hub`), before it queues: a
+        send that raises ``Cancelled`` queued nothing.
 
         Raises:
             SendTimeoutError: the port stayed busy for ``send_timeout`` seconds (and was
@@ -767,6 +770,12 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 :meth:`send_nowait`.
         """
         hub = self._hub
+        # The checkpoint comes first: a send that raises Cancelled queued nothing.
+        hub.budget -= 1
+        if hub.budget <= 0:
+            await hub.checkpoint()
+        elif hub.is_trio:
+            await _checkpoint_if_cancelled()
         conn = self._conn
         if (
             self._simple_send
@@ -793,11 +802,6 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 await self._wait_until_writable()
             if data:
                 self._queue(data)
-        hub.budget -= 1
-        if hub.budget <= 0:
-            await hub.checkpoint()
-        elif hub.is_trio:
-            await _checkpoint_if_cancelled()
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1

@@ -21,7 +21,9 @@ _rotation = itertools.count()
 async def select(*sources: Source, timeout: float | None = None) -> tuple[Source, Any]:
     """Wait until one of ``sources`` has a message; take it and return ``(source, message)``.
 
-    Exactly one message is consumed, from exactly one source; the others keep theirs.  No
+    Exactly one message is consumed, from exactly one source; the others keep theirs.  A
+    select that raises ``Cancelled`` (or :exc:`TimeoutError`) consumed nothing, even when
+    a message arrived in the same tick as the cancellation (trio's rule).  No
     task is spawned: each source's buffer is polled (starting from a rotating position, so
     a busy source cannot starve the others), and only if all are empty does the calling
     task park, with one waiter armed on every source.  This is the single wait over I/O,
@@ -67,10 +69,14 @@ async def select(*sources: Source, timeout: float | None = None) -> tuple[Source
 
 async def _select(order: tuple[Source, ...], parker: Any, wake_at: float) -> tuple[Source, Any]:
     while True:
+        # The checkpoint comes before the poll, and nothing is awaited between taking a
+        # message and returning it: a select that raises Cancelled took nothing (trio's
+        # rule).  After a wake-up the loop comes back here, so a select woken and cancelled
+        # in the same tick leaves the message in its source.
+        await parker.checkpoint_first()
         for source in order:
             message = source._select_poll()
             if message is not EMPTY:
-                await parker.completed()
                 return source, message
         waiter = Waiter()
         for source in order:

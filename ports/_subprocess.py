@@ -182,7 +182,9 @@ async def open_process(
     socket buffer fills and it blocks in ``write``), as a TCP peer is.  ``send_eof()``
     closes its stdin.  Closing the port, its owner ending, or the I/O server stopping
     terminates the program: SIGTERM, then SIGKILL after ``kill_grace`` seconds; it is
-    always reaped (no zombie).
+    always reaped (no zombie).  When the I/O server stops, every program gets SIGTERM at
+    once and its ``kill_grace`` from that moment: the stop waits the longest grace, not
+    their sum.
 
     Args:
         server: the I/O server (from :func:`ioserver.open`).

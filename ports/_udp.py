@@ -378,12 +378,12 @@ class UDPPort(  # type: ignore[misc]
                 :meth:`send_nowait`.
             BusyPortError: another task is already waiting for this busy port.
         """
+        await self._hub.checkpoint_first()  # first: a send that raises Cancelled sent nothing
         self._check_can_send()
         item = self._item(message)
         if self.busy:
             await self._wait_until_writable()
         self._queue(item)
-        await self._hub.completed()
 
     async def send_to(self, data: Any, address: Any) -> None:
         """Send ``data`` as one datagram to ``address`` (see :meth:`send`).

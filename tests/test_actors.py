@@ -105,6 +105,50 @@ async def test_leaving_the_block_waits_for_the_actors(no_leaks: None) -> None:
     assert not system.actors
 
 
+async def test_shutdown_from_the_body_cancels_the_rest_of_it_on_both_backends(
+    ios: ioserver.IOServer,
+) -> None:
+    # Operations that complete without waiting follow the shutdown: on asyncio they do
+    # not suspend, so without care the body ran on through them there (not on trio).
+    listener, port, peer = await tcp_pair(ios)
+    mailbox = ports.Mailbox()
+    for index in range(64):
+        mailbox.send_nowait(index)
+    after_shutdown: list[str] = []
+    async with ports.open_actor_system() as system:
+        worker = system.spawn(idle)
+        await anyio.lowlevel.checkpoint()  # the worker runs
+        system.shutdown()
+        for _ in range(40):
+            await ports.select(mailbox)
+            after_shutdown.append("select")
+            await port.send(b"x")
+            after_shutdown.append("send")
+        after_shutdown.append("end of body")  # pragma: no cover - must not run
+    assert after_shutdown == []
+    assert len(mailbox) == 64  # the cancelled select took nothing
+    assert worker.reason is ExitReason.SHUTDOWN
+    await port.aclose()
+    await listener.aclose()
+    await peer.aclose()
+
+
+async def test_shutdown_from_an_actor_cancels_the_waiting_body(no_leaks: None) -> None:
+    async def stopper(actor: Actor) -> None:
+        actor.system.shutdown()
+
+    body: list[str] = []
+    async with ports.open_actor_system() as system:
+        worker = system.spawn(idle)
+        system.spawn(stopper)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            body.append("cancelled")
+    assert body == ["cancelled"]  # the block ended without an error, the body cancelled
+    assert worker.reason is ExitReason.SHUTDOWN
+
+
 async def test_an_actor_crash_does_not_end_the_system(no_leaks: None) -> None:
     async with ports.open_actor_system() as system:
         crasher = system.spawn(crash_on_request)

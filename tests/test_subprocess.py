@@ -249,6 +249,36 @@ async def test_stopping_the_server_terminates_and_reaps_every_program(
     ]
 
 
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+async def test_stopping_the_server_stops_all_programs_in_one_grace_period(
+    no_zombies: None, no_leaks: None, monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    # Five programs that ignore SIGTERM, kill_grace=1: the stop signals them all at once
+    # and waits once, so it takes about one grace period, not five.  The time bound is
+    # the behaviour under test (5 x 1 s before the fix).
+    if not pidfd:
+        monkeypatch.setattr("ports._subprocess.open_pidfd", lambda pid: None)
+    async with ioserver.open() as ios:
+        programs = [
+            await ports.open_process(ios, [PYTHON, "-c", STUBBORN], kill_grace=1, packet="line")
+            for _ in range(5)
+        ]
+        with anyio.fail_after(10):
+            for program in programs:
+                assert await program.receive() == Data(b"ready\n")  # SIGTERM is ignored
+        pids = [program.pid for program in programs]
+        started = time.monotonic()
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 2.5, f"stopping 5 stubborn programs took {elapsed:.2f} s"
+    for program in programs:
+        assert await messages_until_closed(program) == [
+            ExitStatus(-9),
+            Closed("ioserver closed", "ESHUTDOWN"),
+        ]
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}")  # killed and reaped: none left running
+
+
 async def test_without_pidfd_the_exit_is_polled(
     no_zombies: None, no_leaks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

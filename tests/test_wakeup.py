@@ -1,8 +1,9 @@
 """The wake-up protocol under stress: no item lost, no wake-up missed, few wake-ups sent.
 
 The harness can fail: ``test_the_harness_catches_a_broken_ordering`` runs it against a
-queue whose producer reads the flag *before* appending (the classic lost wake-up), and
-asserts that the harness reports the lost wake-ups.
+queue whose producer reads the flag *before* appending (the classic lost wake-up), forces
+the one interleaving that loses with events (not pauses, so a loaded machine cannot hide
+it), and asserts that the harness reports the lost wake-up.
 """
 
 from __future__ import annotations
@@ -37,14 +38,11 @@ def hammer(
     items: int,
     batch: int,
     widen: Callable[[], None],
-    stop_after_lost: int | None = None,
-    pause: float = 0.0,
-    pause_every: int = 1,
 ) -> Outcome:
     """``producers`` threads each queue ``items`` items, ``batch`` at a time (``put`` for
     batch 1, ``append`` + ``notify`` otherwise), calling ``widen`` inside the producer's
-    critical window to make races likely, and sleeping ``pause`` seconds between batches;
-    one consumer thread follows the protocol and counts the times it slept through an item."""
+    critical window to make races likely; one consumer thread follows the protocol and
+    counts the times it slept through an item."""
     total = producers * items
     received: list[Any] = []
     lost = 0
@@ -63,8 +61,6 @@ def hammer(
                 if queue.prepare_to_sleep():
                     if not selector.select(SLEEP_LIMIT) and queue.items:
                         lost += 1  # asleep with an item queued and nobody woke us
-                        if stop_after_lost is not None and lost >= stop_after_lost:
-                            return
                     queue.wakeup.drain()
                     queue.woke()
         finally:
@@ -80,9 +76,7 @@ def hammer(
                     queue.append((number, index))
                 widen()
                 queue.notify()
-            if pause and (start // batch) % pause_every == pause_every - 1:
-                time.sleep(pause)  # longer than SLEEP_LIMIT: no later item hides a loss
-            elif start % 64 == 0:
+            if start % 64 == 0:
                 time.sleep(0)  # let the consumer catch up and go to sleep now and then
 
     threads = [threading.Thread(target=consumer)]
@@ -108,33 +102,36 @@ class WidenedQueue(WakeupQueue[Any]):
 
 
 class BrokenQueue(WakeupQueue[Any]):
-    """A deliberately broken producer: it reads the flag before appending.
+    """A deliberately broken producer: it reads the flag (P2) before appending (P1).
 
-    To make the lost wake-up happen on any machine, however loaded, the producer holds its
-    window open (bounded) until the consumer announces its sleep - the interleaving that a
-    stress run otherwise finds only by chance.
+    The lost wake-up it allows needs one interleaving: the producer reads ``asleep`` while
+    the consumer is awake, the consumer then announces its sleep (C1) and re-checks an
+    empty queue (C2), and only then the producer appends.  A stress run finds that
+    interleaving only by chance (and on a loaded machine sometimes not at all), so this
+    queue forces it with two events, whatever the scheduler does: the consumer's first
+    announcement waits until the producer has read the flag, and the producer's append
+    waits until the consumer has announced and re-checked.  Each wait is bounded, so a
+    harness that never reaches the interleaving fails instead of hanging.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.consumer_sleeping = threading.Event()
+        self.flag_read = threading.Event()  # the producer has read ``asleep`` (its P2)
+        self.announced = threading.Event()  # the consumer has done C1 and C2 after it
 
     def prepare_to_sleep(self) -> bool:
+        if not self.flag_read.is_set():
+            assert self.flag_read.wait(5), "the producer never read the flag"
         sleeping = super().prepare_to_sleep()
-        if sleeping:
-            self.consumer_sleeping.set()
+        self.announced.set()
         return sleeping
 
-    def woke(self) -> None:
-        self.consumer_sleeping.clear()
-        super().woke()
-
     def put(self, item: Any) -> None:
-        asleep = self.asleep
-        self.consumer_sleeping.wait(5)  # the window between the read and the append
-        self.items.append(item)
+        asleep = self.asleep  # P2 first: the broken order
+        self.flag_read.set()
+        assert self.announced.wait(5), "the consumer never announced its sleep"
+        self.items.append(item)  # P1, too late: the consumer re-checked before it
         if asleep:
-            self.consumer_sleeping.clear()  # it is being woken: no longer a sleeper
             self.asleep = False
             self.wakeup.signal()
             self.wakes_sent += 1
@@ -191,19 +188,11 @@ def test_notify_on_an_empty_queue_writes_nothing() -> None:
 def test_the_harness_catches_a_broken_ordering() -> None:
     queue = BrokenQueue()
     try:
-        outcome = hammer(
-            queue,
-            producers=1,
-            items=4,
-            batch=1,
-            widen=lambda: None,
-            stop_after_lost=1,
-            # Two puts back to back: the first wakes the sleeping consumer and clears the
-            # flag, so the second reads it down, waits in its window until the consumer has
-            # drained and gone to sleep again, then appends without a wake-up.
-            pause=SLEEP_LIMIT * 1.5,
-            pause_every=2,
-        )
+        # One put: the queue forces the losing interleaving (see BrokenQueue), so the
+        # harness must report the lost wake-up on every run, however loaded the machine.
+        outcome = hammer(queue, producers=1, items=1, batch=1, widen=lambda: None)
     finally:
         queue.close()
-    assert outcome.lost_wakeups > 0, "the harness did not notice lost wake-ups in a broken queue"
+    assert outcome.lost_wakeups == 1, "the harness did not notice a lost wake-up"
+    assert outcome.wakes_sent == 0
+    assert outcome.received == [(0, 0)]  # taken after the consumer's sleep timed out

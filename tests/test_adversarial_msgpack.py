@@ -1,0 +1,242 @@
+"""packet="msgpack" against a hostile peer: the framing bound is firm.
+
+An unfinished msgpack object used to be handed to a streaming decoder, which preallocated
+every array its headers announced (up to ``packet_size`` elements per level) and reported
+almost none of it as buffered (``Unpacker.tell()`` moves inside unfinished containers).
+Now object boundaries are found before decoding: the port holds, and is charged, the
+unfinished object's bytes and nothing more.  Framer-level tests measure with tracemalloc;
+port-level tests go through a real socket and read the port's and the server's counters.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ioserver
+import ports
+from ioserver._framing import MSGPACK_MAX_DEPTH, FrameError, PacketTooLarge, make_framer
+from ports import Accepted, Closed, Data, Error
+
+PACKET_SIZE = 64 * 1024
+#: An array16 header announcing 20,000 elements: fits packet_size, preallocated 160 KB
+#: per level by a streaming decoder.
+ARRAY_20000 = b"\xdc\x4e\x20"
+
+
+def _peak_while(action: Any) -> int:
+    """Bytes allocated at the peak (above the start) while ``action()`` runs."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        action()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+# -- the framer --------------------------------------------------------------------------------
+def test_never_finished_nested_arrays_hold_only_their_bytes() -> None:
+    framer = make_framer("msgpack", packet_size=PACKET_SIZE)
+    levels = MSGPACK_MAX_DEPTH - 24  # deep, but allowed
+
+    def attack() -> None:
+        for _ in range(levels // 100):
+            assert framer.feed(ARRAY_20000 * 100) == []
+
+    peak = _peak_while(attack)
+    # Held: the bytes (3 per level), charged as buffered.  A decoder preallocating each
+    # level's 20,000 slots would hold 8 x 20,000 x 1000 = 160 MB here.
+    assert framer.buffered == 3 * (levels // 100) * 100
+    assert peak < 1024 * 1024, f"{peak} bytes allocated for {framer.buffered} bytes held"
+
+
+def test_nesting_deeper_than_the_limit_is_a_frame_error() -> None:
+    framer = make_framer("msgpack", packet_size=PACKET_SIZE)
+    framer.feed(b"\x91" * MSGPACK_MAX_DEPTH)  # at the limit: still waiting
+    assert framer.buffered == MSGPACK_MAX_DEPTH
+    with pytest.raises(FrameError, match="nested deeper than 1024"):
+        framer.feed(b"\x91")
+    assert framer.buffered == 0  # a failed framer holds nothing
+    # In one read (found by the C decoder's skip): the same error.
+    with pytest.raises(FrameError, match="nested deeper"):
+        make_framer("msgpack").feed(b"\x91" * (MSGPACK_MAX_DEPTH + 1) + b"\x00")
+    # And exactly at the limit, whole: decoded.
+    deep = make_framer("msgpack").feed(b"\x91" * MSGPACK_MAX_DEPTH + b"\x00")
+    assert len(deep) == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "announced"),
+    [
+        (b"\xdb\x00\x01\x00\x00", 5 + 65536),  # str32 of 64 KiB
+        (b"\xc6\x00\x10\x00\x00", 5 + 1048576),  # bin32 of 1 MiB
+        (b"\xc9\x00\x01\x00\x00\x01", 6 + 65536),  # ext32
+        (b"\xdd\x00\x01\x00\x00", 5 + 65536),  # array32: 65,536 items of one byte at least
+        (b"\xdf\x00\x00\x80\x00", 5 + 65536),  # map32: 32,768 pairs = 65,536 items
+        (b"\x92\xdc\xff\xfe", 4 + 65534),  # an inner count that cannot fit
+    ],
+)
+def test_a_header_announcing_more_than_packet_size_is_refused_at_once(
+    header: bytes, announced: int
+) -> None:
+    framer = make_framer("msgpack", packet_size=PACKET_SIZE)
+    with pytest.raises(PacketTooLarge) as caught:
+        framer.feed(header)
+    assert caught.value.limit == PACKET_SIZE
+    assert caught.value.size == announced
+    assert framer.buffered == 0
+
+
+def test_an_object_whose_bytes_pass_packet_size_is_refused() -> None:
+    # Each element fits, the count fits (one byte each), but the elements are two bytes.
+    framer = make_framer("msgpack", packet_size=1000)
+    framer.feed(b"\xdc\x01\xf4")  # array16 of 500
+    framer.feed(b"\xcc\x01" * 400)
+    assert framer.buffered == 803
+    with pytest.raises(PacketTooLarge, match="exceeds packet_size=1000"):
+        framer.feed(b"\xcc\x01" * 100)
+    # Whole in one read: the same refusal.
+    with pytest.raises(PacketTooLarge):
+        make_framer("msgpack", packet_size=1000).feed(msgpack.packb([256] * 500))
+
+
+def test_many_small_objects_in_one_large_read_are_not_too_large() -> None:
+    framer = make_framer("msgpack", packet_size=100)
+    objects = [[index, "x" * 50] for index in range(1000)]
+    assert framer.feed(b"".join(msgpack.packb(o) for o in objects)) == objects
+
+
+def test_an_unhashable_map_key_is_a_frame_error() -> None:
+    with pytest.raises(FrameError, match="malformed msgpack"):
+        make_framer("msgpack").feed(b"\x81\x91\x00\x00")  # {[0]: 0}
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=300)  # bin8 and bin16
+    | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20)),
+    lambda children: (
+        st.lists(children, max_size=20)  # fixarray and array16
+        | st.dictionaries(st.text(max_size=5), children, max_size=18)  # fixmap and map16
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    values=st.lists(msgpack_values, max_size=12),
+    cuts=st.lists(st.integers(0, 100_000), max_size=40),
+)
+def test_the_scanner_splits_any_chunking_exactly_like_msgpack_unpacker(
+    values: list[Any], cuts: list[int]
+) -> None:
+    encoded = [msgpack.packb(value, use_bin_type=True) for value in values]
+    stream = b"".join(encoded)
+    reference = msgpack.Unpacker(raw=False, strict_map_key=False)
+    reference.feed(stream)
+    expected = list(reference)
+    ends = []  # where each object ends in the stream
+    for data in encoded:
+        ends.append((ends[-1] if ends else 0) + len(data))
+    framer = make_framer("msgpack")
+    got: list[Any] = []
+    start = 0
+    for cut in [*sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]:
+        got.extend(framer.feed(stream[start:cut]))
+        start = cut
+        whole = [end for end in ends if end <= cut]
+        assert len(got) == len(whole)  # every object complete so far, no other
+        # What is held is exactly the bytes of the unfinished object.
+        assert framer.buffered == cut - (whole[-1] if whole else 0)
+    assert got == expected
+    assert framer.buffered == 0
+
+
+# -- through a port ---------------------------------------------------------------------------
+
+
+async def _pair(
+    ios: ioserver.IOServer,
+) -> tuple[ports.Listener, ports.Port, anyio.abc.SocketStream]:
+    listener = await ports.listen_tcp(
+        ios, "127.0.0.1", 0, packet="msgpack", packet_size=PACKET_SIZE
+    )
+    client = await anyio.connect_tcp("127.0.0.1", listener.local_address[1])
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted)
+    return listener, accepted.port, client
+
+
+async def _until_charged(ios: ioserver.IOServer, port: ports.Port, size: int) -> None:
+    """Wait until the I/O thread has read ``size`` bytes and charged them (or 5 s passed:
+    the asserts after this say what is wrong).  Nothing is delivered, so there is no
+    message to wait for, only the counters."""
+    with anyio.move_on_after(5):
+        while (  # noqa: ASYNC110
+            port.statistics().bytes_received < size or ios.statistics().memory_in_use < size
+        ):
+            await anyio.sleep(0.001)
+
+
+@pytest.mark.anyio
+async def test_the_attack_through_a_port_is_charged_and_bounded(no_leaks: None) -> None:
+    levels = MSGPACK_MAX_DEPTH - 24
+    attack = ARRAY_20000 * levels
+    tracemalloc.start()
+    try:
+        async with ioserver.open(memory_limit=32 * 1024 * 1024) as ios:
+            listener, port, client = await _pair(ios)
+            async with listener, port, client:
+                base = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
+                await client.send(attack)
+                await _until_charged(ios, port, len(attack))
+                peak = tracemalloc.get_traced_memory()[1] - base
+                statistics = port.statistics()
+                # Charged: the bytes held for the unfinished object, all of them.
+                assert statistics.bytes_buffered_in == len(attack)
+                assert ios.statistics().memory_in_use >= len(attack)
+                # 160 MB with a decoder preallocating 20,000 slots per level.
+                assert peak < 4 * 1024 * 1024, f"{peak} bytes allocated"
+                # Finish it (20,000 elements per level would not fit: only the depth
+                # limit is left to pass): the port is closed with a frame error.
+                await client.send(b"\x91" * 25)
+                with anyio.fail_after(10):
+                    error = await port.receive()
+                    assert isinstance(error, Error)
+                    assert error.errno_name == "EPROTO"
+                    assert "nested deeper" in error.message
+                    assert await port.receive() == Closed("EPROTO", "EPROTO")
+                assert ios.statistics().memory_in_use == 0
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.anyio
+async def test_an_object_larger_than_packet_size_closes_the_port(ios: ioserver.IOServer) -> None:
+    listener, port, client = await _pair(ios)
+    async with listener, port, client:
+        await client.send(msgpack.packb(["fits", 1]))
+        assert await port.receive() == Data(["fits", 1])
+        await client.send(b"\xc6\x00\x10\x00\x00" + b"x" * 1000)  # bin32 claiming 1 MiB
+        with anyio.fail_after(10):
+            error = await port.receive()
+        assert isinstance(error, Error)
+        assert error.errno_name == "EMSGSIZE"
+        assert "exceeds packet_size=65536" in error.message
+        assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
+        assert port.statistics().packets_too_large == 1
