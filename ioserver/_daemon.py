@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import logging
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -30,7 +31,7 @@ import zmq
 import zmq.auth
 
 from . import _protocol as P
-from ._control import ControlEndpoint, io_status
+from ._control import ControlEndpoint, ControlLimits, io_status
 from ._exceptions import IOServerError, OptionError
 from ._server import IOServer, run
 
@@ -56,6 +57,7 @@ class DaemonConfig:
     workers: int = 1
     worker_index: int | None = None
     memory_limit: int | None = None
+    limits: ControlLimits = field(default_factory=ControlLimits)
 
 
 class DaemonError(IOServerError):
@@ -143,8 +145,11 @@ def prepare_ipc(endpoint: str) -> str | None:
 def _open_control_socket(context: zmq.Context[Any], config: DaemonConfig) -> zmq.Socket[bytes]:
     sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
+    # Per client: frames ZeroMQ queues to send (more wait in the session, charged to the
+    # budget), the largest frame it takes (a peer that sends more is disconnected).
+    sock.setsockopt(zmq.SNDHWM, config.limits.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, 1000)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.limits.max_frame)
     sock.setsockopt(zmq.LINGER, 0)
     if config.curve_secret_key:
         public, secret = zmq.auth.load_certificate(config.curve_secret_key)
@@ -207,7 +212,13 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
                     "clients": len(control.sessions),
                     "client_ports": sum(len(s.ports) for s in control.sessions.values()),
                     "clients_lost": control.sessions_lost,
+                    "clients_refused": control.sessions_refused,
+                    "clients_held": sum(s.holding for s in control.sessions.values()),
+                    "client_queue_holds": control.holds,
+                    "client_bytes_queued": sum(s.held for s in control.sessions.values()),
+                    "names_resolved": control.names_resolved,
                     "faults": control.faults,
+                    "faults_unanswered": control.faults_unanswered,
                     "apps": config.apps,
                 },
             )
@@ -218,6 +229,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             heartbeat=config.heartbeat,
             info={"pid": os.getpid(), "worker": worker},
             status=status,
+            limits=config.limits,
         )
         io.zmq_sockets.add(sock)
         io.submit(_start_control, control, None)
@@ -286,6 +298,10 @@ def serve(config: DaemonConfig) -> int:
     check_endpoint(config)
     if config.heartbeat <= 0 or config.grace < 0:
         raise DaemonError("--heartbeat must be positive and --grace non-negative seconds")
+    try:
+        config.limits.check()
+    except OptionError as exc:
+        raise DaemonError(str(exc)) from None
     if config.workers > 1 and config.worker_index is None:
         return _supervise(config)
     if config.worker_index is not None:
@@ -347,6 +363,9 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
         argv.append("--allow-all-interfaces")
     if config.memory_limit is not None:
         argv += ["--memory-limit", str(config.memory_limit)]
+    limits = config.limits
+    argv += ["--max-frame", str(limits.max_frame), "--max-sessions", str(limits.max_sessions)]
+    argv += ["--max-ports", str(limits.max_ports), "--session-queue", str(limits.session_queue)]
     return argv
 
 
@@ -469,6 +488,10 @@ def _supervisor_answer(
                     "worker": None,
                     "heartbeat": config.heartbeat,
                     "workers": config.workers,
+                    # It keeps no session: the token is for the client's protocol only.
+                    "token": secrets.token_bytes(P.TOKEN_SIZE),
+                    "max_frame": config.limits.max_frame,
+                    "max_messages": config.limits.max_messages,
                 }
                 replies.append([P.WELCOME, info])
             elif message[0] == P.STATUS and len(message) == 2 and P.is_int(message[1]):
