@@ -189,6 +189,7 @@ class Session:
         self.control = control
         self.identity = identity
         self.token = token
+        self.user: str | None = None  # the ZAP User-Id of its client (CURVE: its key)
         self.ports: dict[int, RemotePortState] = {}
         self.outbound: list[Any] = []
         # The DATA of ``outbound`` as (port, bytes charged), credited when ZeroMQ takes
@@ -379,8 +380,12 @@ class ControlEndpoint(ZmqSocketHandler):
         info: dict[str, Any],
         status: Any,
         limits: ControlLimits | None = None,
+        bind_user: bool = False,
     ) -> None:
         super().__init__(io, sock)
+        # Under CURVE a session is also bound to the client's key, the ZAP "User-Id" of
+        # its frames: a token alone, leaked, does not let another key in.
+        self._copy = not bind_user
         self.limits = limits = limits or ControlLimits()
         self.heartbeat = heartbeat
         self.info = {
@@ -431,6 +436,14 @@ class ControlEndpoint(ZmqSocketHandler):
         if len(frames) != 2:
             self._log_refusal("a message of %d frames ignored", len(frames))
             return
+        user: str | None = None
+        if not self._copy:  # zmq.Frame objects: bind the session to the client's key
+            last: Any = frames[-1]
+            try:
+                user = last.get("User-Id")
+            except zmq.ZMQError:
+                user = None
+            frames = [frame.bytes for frame in frames]  # type: ignore[attr-defined]
         identity, frame = frames
         session = self.sessions.get(identity)
         limits = self.limits
@@ -441,7 +454,9 @@ class ControlEndpoint(ZmqSocketHandler):
         except ProtocolViolation as exc:
             self._refuse(identity, None, None, exc.kind, str(exc))
             return
-        if session is not None and (token is None or not hmac.compare_digest(token, session.token)):
+        if session is not None and (
+            token is None or not hmac.compare_digest(token, session.token) or user != session.user
+        ):
             # The routing id is a session's, the token is not: another connection (a
             # peer that took an orphaned session's routing id, say).  Nothing of it runs.
             self._refuse(
@@ -450,7 +465,7 @@ class ControlEndpoint(ZmqSocketHandler):
                 None,
                 "no-session",
                 "this frame does not carry its session's token (a session's frames carry "
-                "the token of its WELCOME)",
+                "the token of its WELCOME, and under CURVE come from its client's key)",
             )
             return
         refused = 0
@@ -461,6 +476,7 @@ class ControlEndpoint(ZmqSocketHandler):
                 opcode = message[0]
                 if opcode == P.HELLO:
                     session = self._hello(identity, session, message)
+                    session.user = user
                     continue
                 if session is None or session.closed:
                     raise ProtocolViolation("no-session", "send HELLO first")

@@ -230,6 +230,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             info={"pid": os.getpid(), "worker": worker},
             status=status,
             limits=config.limits,
+            bind_user=authenticator is not None,
         )
         io.zmq_sockets.add(sock)
         io.submit(_start_control, control, None)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import zmq
+import zmq.auth
 from test_daemon import Daemon, free_port
 
 from ioserver import _protocol as P
@@ -315,3 +316,67 @@ def test_sessions_and_ports_per_session_are_bounded(served: Served) -> None:
         for each in clients:
             each.close()
     served.echo_answers()
+
+
+def test_under_curve_a_session_is_bound_to_its_clients_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    allowed = tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(str(keys), "server")
+    for name in ("alice", "mallory"):  # both allowed in: each may open its own session
+        public, _ = zmq.auth.create_certificates(str(keys), name)
+        os.replace(public, allowed / f"{name}.key")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(
+        "--endpoint",
+        endpoint,
+        "--curve-secret-key",
+        server_secret,
+        "--curve-allowed-keys",
+        str(allowed),
+        "--heartbeat",
+        "1.0",
+    )
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+
+    def dealer(name: str) -> RawClient:
+        raw = RawClient.__new__(RawClient)
+        raw.sock = context.socket(zmq.DEALER)
+        raw.sock.setsockopt(zmq.LINGER, 0)
+        raw.sock.setsockopt(zmq.ROUTING_ID, b"alice")
+        public, secret = zmq.auth.load_certificate(str(keys / f"{name}.key_secret"))
+        raw.sock.curve_serverkey, _ = zmq.auth.load_certificate(server_public)
+        raw.sock.curve_publickey = public
+        raw.sock.curve_secretkey = secret
+        raw.sock.connect(endpoint)
+        raw.token = None
+        return raw
+
+    try:
+        alice = dealer("alice")
+        alice.hello()
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            number = server.getsockname()[1]
+            alice.send([[P.CONNECT, 1, 1, 2, ["127.0.0.1", number], {}, -1, False]])
+            assert alice.until(lambda m: m[0] in (P.OK, P.FAULT, P.FAILED))[-1][0] == P.OK
+            peer, _ = server.accept()
+        token = alice.token
+        alice.close()
+        with peer:
+            # Mallory has alice's routing id and (leaked) token, not her key.
+            mallory = dealer("mallory")
+            for _ in range(50):
+                mallory.send([[P.SEND, 1, b"stolen"]], token=token)
+                if mallory.sock.poll(100):
+                    break
+                mallory.close()
+                mallory = dealer("mallory")
+            answer = mallory.receive()
+            assert [(m[0], m[2]) for m in answer] == [(P.FAULT, "no-session")], answer
+            mallory.close()
+            peer.settimeout(10)
+            assert peer.recv(100) == b""  # the orphan was lost; nothing was sent
+    finally:
+        context.destroy(linger=0)
+        assert daemon.stop() == 0, daemon.log
