@@ -303,6 +303,17 @@ def serve(config: DaemonConfig) -> int:
         config.limits.check()
     except OptionError as exc:
         raise DaemonError(str(exc)) from None
+    limits = config.limits
+    if config.memory_limit is not None and limits.session_queue > config.memory_limit // 4:
+        # One client that does not read must not hold the whole budget (which pauses
+        # every port of the daemon): a quarter at most.
+        queue = max(config.memory_limit // 4, 64 * 1024)
+        log.warning(
+            "--session-queue %d is above a quarter of --memory-limit: %d",
+            limits.session_queue,
+            queue,
+        )
+        limits.session_queue = queue
     if config.workers > 1 and config.worker_index is None:
         return _supervise(config)
     if config.worker_index is not None:
