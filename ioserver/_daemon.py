@@ -486,11 +486,17 @@ def _supervisor_answer(
             continue
         replies: list[Any] = []
         try:
-            messages = P.unpack(frame)
+            messages, _ = P.unpack_frame(
+                frame, max_frame=config.limits.max_frame, max_messages=config.limits.max_messages
+            )
         except P.ProtocolViolation as exc:
             replies.append([P.FAULT, None, exc.kind, str(exc)])
             messages = []
-        for message in messages:
+        answer: dict[str, Any] | None = None  # the workers are asked once per frame at most
+        if len(messages) > config.limits.faults_per_frame:
+            left = len(messages) - config.limits.faults_per_frame
+            replies.append([P.FAULT, None, "limit", f"the supervisor ignored {left} messages"])
+        for message in messages[: config.limits.faults_per_frame]:
             if not (isinstance(message, list) and message and P.is_int(message[0])):
                 replies.append([P.FAULT, None, "malformed", "a message must be [opcode, ...]"])
             elif message[0] == P.HELLO:
@@ -507,6 +513,9 @@ def _supervisor_answer(
                 }
                 replies.append([P.WELCOME, info])
             elif message[0] == P.STATUS and len(message) == 2 and P.is_int(message[1]):
+                if answer is not None:
+                    replies.append([P.STATUS_REPLY, message[1], answer])
+                    continue
                 statuses = []
                 for index in range(config.workers):
                     endpoint = worker_endpoint(config.endpoint, index)
@@ -521,9 +530,8 @@ def _supervisor_answer(
                     status["restarts"] = restarts[index]
                     status["process"] = process.pid if process is not None else None
                     statuses.append(status)
-                replies.append(
-                    [P.STATUS_REPLY, message[1], {"workers": statuses, "supervisor": os.getpid()}]
-                )
+                answer = {"workers": statuses, "supervisor": os.getpid()}
+                replies.append([P.STATUS_REPLY, message[1], answer])
             elif message[0] in (P.HEARTBEAT, P.BYE):
                 pass
             else:
