@@ -393,3 +393,39 @@ def test_under_curve_a_session_is_bound_to_its_clients_key(tmp_path: Path) -> No
     finally:
         context.destroy(linger=0)
         assert daemon.stop() == 0, daemon.log
+
+
+@pytest.mark.anyio
+async def test_the_client_cuts_its_frames_to_the_daemons_max_frame(
+    served: Served, no_leaks: None
+) -> None:
+    import anyio
+
+    import client
+    import ports
+
+    payload = os.urandom(3 * MAX_FRAME + 12345)  # one send, several frames' worth
+    async with (
+        client.connect(served.endpoint) as ios,
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
+    ):
+        number = listener.extra(anyio.abc.SocketAttribute.local_port)
+        received = bytearray()
+        complete = anyio.Event()
+
+        async def serve(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                while len(received) < len(payload):
+                    received.extend(await stream.receive())
+                complete.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(listener.serve, serve)
+            async with await ports.connect_tcp(ios, "127.0.0.1", number) as port:
+                with anyio.fail_after(10):
+                    await port.send(payload)
+                    await complete.wait()
+            group.cancel_scope.cancel()
+        assert bytes(received) == payload
+        assert ios.daemon_info["max_frame"] == MAX_FRAME
+    served.echo_answers()
