@@ -15,7 +15,8 @@ class DaemonUnavailable(ConnectError):
 
 class ProtocolError(IOServerError):
     """The daemon refused a message (``kind`` says why: ``"malformed"``, ``"version"``,
-    ``"unknown-port"``, ``"bad-option"``...; see :mod:`ioserver._protocol`)."""
+    ``"unknown-port"``, ``"bad-option"``, ``"limit"`` - one of the daemon's limits, e.g.
+    its sessions or this session's ports...; see :mod:`ioserver._protocol`)."""
 
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message)

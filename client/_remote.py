@@ -17,6 +17,11 @@ events through its loop's hub.  :class:`RemoteIO` provides exactly that, so the 
 - the daemon's events arrive on that socket, are checked, update the port's
   :class:`RemoteConn` counters and are handed to the hub, as local events are.
 
+A session is the routing id of the DEALER socket and the token the daemon's WELCOME
+gives: every frame after the HELLO carries it.  Frames are cut to the daemon's
+``max_frame`` and ``max_messages`` (WELCOME says them); a SEND larger than half a frame
+leaves as several SENDs of the same port, bytes in order.
+
 Heartbeats: each side sends one when it sent nothing for an interval; a daemon silent for
 ``HEARTBEAT_MISSES`` intervals is lost, and every port then ends with
 ``Closed("ioserver daemon lost", "ECONNABORTED")`` - sends raise
@@ -121,6 +126,10 @@ class RemoteIO(ZmqSocketHandler):
         self.table: dict[int, RemoteConn] = {}
         self.requests: dict[int, _Pending] = {}
         self.outbound: list[Any] = []
+        self.out_size = 0  # bytes of outbound, roughly: what its frame will take
+        self.token: bytes | None = None  # the session's, from WELCOME
+        self.max_frame = P.DEFAULT_MAX_FRAME
+        self.max_messages = P.MAX_MESSAGES
         self.pending: deque[bytes] = deque()
         self.next_pid = 1
         self.next_rid = 1
@@ -204,12 +213,21 @@ class RemoteIO(ZmqSocketHandler):
         self._close()
 
     # -- port commands (run on the local I/O thread) --------------------------------------
-    def _emit(self, message: list[Any]) -> None:
+    def _emit(self, message: list[Any], size: int = 16) -> None:
+        """Queue ``message`` for this round's frame (about ``size`` bytes packed); a frame
+        that would pass the daemon's limits leaves first."""
         if self.closed:
             return
-        if not self.outbound:
+        outbound = self.outbound
+        if outbound and (
+            self.out_size + size > self.max_frame - 1024 or len(outbound) >= self.max_messages - 1
+        ):
+            self._send_batch()
+            outbound = self.outbound
+        if not outbound:
             self.io.mark_dirty(self)
-        self.outbound.append(message)
+        outbound.append(message)
+        self.out_size += size
 
     def _open(self, request: Any, spec: tuple[Any, ...], opcode: int) -> None:
         port, deliver, family, address, options = spec[:5]
@@ -231,7 +249,9 @@ class RemoteIO(ZmqSocketHandler):
             wire["accept_active"] = [accept_credit, accept_notify]
         self.table[pid] = conn
         self.requests[rid] = _Pending(request, conn)
-        self._emit([opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify])
+        self._emit(
+            [opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify], 1024
+        )
 
     def cmd_connect(self, request: Any, spec: tuple[Any, ...]) -> None:
         self._open(request, spec, P.CONNECT)
@@ -243,8 +263,16 @@ class RemoteIO(ZmqSocketHandler):
         # Charged to the local budget by the port, released here: it is the daemon's now.
         self.io.bytes_forwarded += len(data)
         if not conn.closed:
-            conn.out_bytes += len(data)
-            self._emit([P.SEND, conn.pid, data])
+            size = len(data)
+            conn.out_bytes += size
+            chunk = self.max_frame // 2
+            if size <= chunk:
+                self._emit([P.SEND, conn.pid, data], size + 16)
+                return
+            view = memoryview(data)
+            for start in range(0, size, chunk):
+                piece = view[start : start + chunk]
+                self._emit([P.SEND, conn.pid, piece], len(piece) + 16)
 
     def cmd_send_eof(self, conn: RemoteConn, _: Any) -> None:
         if not conn.closed:
@@ -286,8 +314,9 @@ class RemoteIO(ZmqSocketHandler):
     def _send_batch(self) -> None:
         if not self.outbound or self.closed:
             return
-        frame = P.pack(self.outbound)
+        frame = P.pack(self.outbound, self.token)
         self.outbound = []
+        self.out_size = 0
         self.last_sent = time.monotonic()
         if self.pending or not self._send(frame):
             self.pending.append(frame)
@@ -383,7 +412,19 @@ class RemoteIO(ZmqSocketHandler):
         heartbeat = info.get("heartbeat")
         if not isinstance(heartbeat, (int, float)) or not 0 < heartbeat <= 3600:
             raise ProtocolViolation("malformed", "WELCOME heartbeat must be 0 < s <= 3600")
-        self.info = info
+        token = info.get("token")
+        if not isinstance(token, bytes) or len(token) != P.TOKEN_SIZE:
+            raise ProtocolViolation("malformed", "WELCOME token must be 16 bytes")
+        max_frame: Any = info.get("max_frame")
+        max_messages: Any = info.get("max_messages")
+        if not (P.is_int(max_frame) and max_frame >= 4096):
+            raise ProtocolViolation("malformed", "WELCOME max_frame must be an int >= 4096")
+        if not (P.is_int(max_messages) and max_messages >= 16):
+            raise ProtocolViolation("malformed", "WELCOME max_messages must be an int >= 16")
+        self.token = token
+        self.max_frame = int(max_frame)
+        self.max_messages = int(max_messages)
+        self.info = {name: value for name, value in info.items() if name != "token"}
         if self._timer is None:
             self._start_heartbeat(float(heartbeat))
         if self._hello is not None:

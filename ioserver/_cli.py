@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING...)"
     )
 
+    from ._control import ControlLimits
+
     serve_parser = commands.add_parser(
         "serve",
         help="run the ioserver daemon (control endpoint over ZeroMQ, optional apps)",
@@ -137,6 +139,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument(
         "--memory-limit", type=int, default=None, help="the global memory budget in bytes"
+    )
+    serve_parser.add_argument(
+        "--max-frame",
+        type=int,
+        default=ControlLimits.max_frame,
+        help="the largest frame a client may send, in bytes; ZeroMQ disconnects a client "
+        "that sends more (default 1 MiB)",
+    )
+    serve_parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=ControlLimits.max_sessions,
+        help="clients served at once; a HELLO past it is refused (default 1024)",
+    )
+    serve_parser.add_argument(
+        "--max-ports",
+        type=int,
+        default=ControlLimits.max_ports,
+        help="ports per client, accepted ones included; a CONNECT or LISTEN past it is "
+        "refused (default 4096)",
+    )
+    serve_parser.add_argument(
+        "--session-queue",
+        type=int,
+        default=ControlLimits.session_queue,
+        help="bytes of data queued for one client before its ports stop reading (default 4 MiB)",
     )
     serve_parser.add_argument(
         "--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop library"
@@ -195,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(options: argparse.Namespace) -> int:
+    from ._control import ControlLimits
     from ._daemon import DaemonConfig, serve
 
     config = DaemonConfig(
@@ -210,6 +239,12 @@ def _serve(options: argparse.Namespace) -> int:
         workers=options.workers,
         worker_index=options.worker_index,
         memory_limit=options.memory_limit,
+        limits=ControlLimits(
+            max_frame=options.max_frame,
+            max_sessions=options.max_sessions,
+            max_ports=options.max_ports,
+            session_queue=options.session_queue,
+        ),
     )
     if config.workers < 1:
         print("ioserver: --workers must be at least 1", file=sys.stderr)

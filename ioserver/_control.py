@@ -21,17 +21,43 @@ reads, updated from the client's messages:
 - send flow control: ``_queued_bytes`` counts what the client sent; the I/O thread
   reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port.
 
-A session is a client (a ZeroMQ routing id).  A session that sends nothing, not even a
-heartbeat, for ``HEARTBEAT_MISSES`` intervals is lost: its ports are closed after their
-output is written, so peers see end-of-file.
+A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
+its WELCOME, which every later frame must carry (a peer that takes over an orphaned
+session's routing id does not know it, so it gets no port of that session).  A session
+that sends nothing, not even a heartbeat, for ``HEARTBEAT_MISSES`` intervals is lost: its
+ports are closed after their output is written, so peers see end-of-file.
+
+Limits (:class:`ControlLimits`): every bound on what one client can make the daemon hold
+or do is here, so that a refusal is cheap and memory stays under the budget:
+
+- frames: ZeroMQ drops a peer that sends more than ``max_frame`` bytes
+  (``ZMQ_MAXMSGSIZE``); a frame is decoded with msgpack's limits; after
+  ``faults_per_frame`` refusals the rest of a frame is ignored; refusals are logged at
+  most ``log_per_second`` times a second;
+- sessions (``max_sessions``), ports a session opens (``max_ports``), host names being
+  resolved (``max_resolving``; resolved by worker threads, never by the I/O thread);
+- STATUS is computed at most once a round and answered at most ``status_per_round``
+  times per session and round;
+- output to a client: DATA stays charged to the memory budget until ZeroMQ has taken
+  its frame, and ZeroMQ queues at most ``send_hwm`` frames per client
+  (``ZMQ_SNDHWM``).  When more than ``session_queue`` bytes of DATA wait for one client
+  the session's ports stop reading (``Conn.queue_paused``: backpressure on their peers,
+  not memory) until half of it has left.  A RESUME counts only what has left the
+  daemon as taken, so a client that does not read cannot resume its ports blindly.
 """
 
 from __future__ import annotations
 
+import errno
+import hmac
 import logging
 import os
+import secrets
+import socket
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -47,6 +73,44 @@ from ._zmq import ZmqSocketHandler
 log = logging.getLogger("ioserver")
 
 RECEIVE_BATCH = 256  # frames taken from the control socket per round
+_EAI_NAMES = {
+    getattr(socket, name): name
+    for name in dir(socket)
+    if name.startswith("EAI_") and isinstance(getattr(socket, name), int)
+}
+
+
+@dataclass
+class ControlLimits:
+    """The control endpoint's bounds on one client (``ioserver serve`` options; the docs'
+    "Limits and security" page).  What a client that passes one gets is in brackets."""
+
+    #: bytes in one frame from a client: ``ZMQ_MAXMSGSIZE`` [ZeroMQ disconnects it].
+    max_frame: int = P.DEFAULT_MAX_FRAME
+    #: messages in one frame, elements of any array [FAULT "malformed", frame dropped].
+    max_messages: int = P.MAX_MESSAGES
+    #: sessions open at once [HELLO answered with FAULT "limit"].
+    max_sessions: int = 1024
+    #: ports of one session, accepted ones included [CONNECT/LISTEN: FAULT "limit"].
+    max_ports: int = 4096
+    #: bytes of DATA queued for one client before its ports stop reading [backpressure].
+    session_queue: int = 4 * 1024 * 1024
+    #: frames ZeroMQ queues for one client (``ZMQ_SNDHWM``) [they wait in the session].
+    send_hwm: int = 32
+    #: host names being resolved at once, all sessions [CONNECT/LISTEN: FAULT "limit"].
+    max_resolving: int = 64
+    #: STATUS requests answered per session and round [FAULT "limit"].
+    status_per_round: int = 4
+    #: refusals answered per frame [the rest of the frame is ignored, one FAULT says so].
+    faults_per_frame: int = 16
+    #: refused-message log lines per second [counted, one line says how many].
+    log_per_second: int = 10
+
+    def check(self) -> None:
+        """Raises OptionError: a limit is not a positive int."""
+        for name, value in vars(self).items():
+            if not P.is_int(value) or value <= 0:
+                raise OptionError(f"the control endpoint's {name} must be a positive int")
 
 
 class _Budget:
@@ -70,6 +134,7 @@ class RemotePortState:
         "_framer",
         "_queued_bytes",
         "_sizes",
+        "_unsent",
         "conn",
         "low_watermark",
         "pid",
@@ -94,6 +159,7 @@ class RemotePortState:
         self._consumed_bytes = 0
         self._consumed_messages = 0
         self._queued_bytes = 0
+        self._unsent = 0  # bytes of its DATA queued in the session, not yet taken by ZeroMQ
         self.reported_bytes_out = 0
         self.low_watermark = options.get("low_watermark", 0)
         self.conn: Conn | None = None
@@ -121,12 +187,22 @@ class _Request:
 class Session:
     """One client: its ports, its outgoing events, its liveness."""
 
-    def __init__(self, control: ControlEndpoint, identity: bytes) -> None:
+    def __init__(self, control: ControlEndpoint, identity: bytes, token: bytes) -> None:
         self.control = control
         self.identity = identity
+        self.token = token
+        self.user: str | None = None  # the ZAP User-Id of its client (CURVE: its key)
         self.ports: dict[int, RemotePortState] = {}
         self.outbound: list[Any] = []
-        self.pending: deque[bytes] = deque()  # packed frames ZeroMQ could not take yet
+        # The DATA of ``outbound`` as (port, bytes charged), credited when ZeroMQ takes
+        # the frame; ``pending`` holds the frames ZeroMQ could not take yet, with theirs.
+        self.out_credits: list[tuple[RemotePortState, int]] = []
+        self.out_size = 0
+        self.pending: deque[tuple[bytes, list[tuple[RemotePortState, int]]]] = deque()
+        self.held = 0  # bytes of DATA in outbound and pending (charged to the budget)
+        self.holding = False  # its ports stopped reading: ``held`` passed session_queue
+        self.status_round = -1
+        self.status_count = 0
         self.last_seen = self.last_sent = time.monotonic()
         self.next_accepted = -1
         self.closed = False
@@ -158,8 +234,16 @@ class Session:
             else:
                 size = sizes.popleft()
                 self.emit([P.DATA, target.pid, message.data, size])
-            # Handed over: the daemon's memory budget no longer holds it.
-            self.control.budget.consumed_bytes += size
+            # Still the daemon's memory until ZeroMQ takes the frame (``sent``).
+            self.out_credits.append((target, size))
+            target._unsent += size
+            self.held += size
+            self.out_size += size
+            limits = self.control.limits
+            if self.held > limits.session_queue:
+                self.hold(target)
+            if self.out_size >= limits.max_frame:
+                self.control.send_now(self)
         elif message is WRITABLE:
             conn = target.conn
             if conn is not None:
@@ -213,6 +297,49 @@ class Session:
         else:
             self.emit([P.FAILED, request.rid, "OptionError", None, None, str(result)])
 
+    def sent(self, credits: list[tuple[RemotePortState, int]]) -> None:
+        """ZeroMQ took a frame: its DATA leaves the budget and the session's queue."""
+        total = 0
+        for state, size in credits:
+            state._unsent -= size
+            total += size
+        if total:
+            self.control.budget.consumed_bytes += total
+            self.held -= total
+            if self.holding and self.held <= self.control.limits.session_queue // 2:
+                self.release()
+
+    def hold(self, target: RemotePortState) -> None:
+        """Too much waits for the client: stop reading the session's ports (the port that
+        delivered, if they already stopped: an accepted one, or one that read again)."""
+        if not self.holding:
+            self.holding = True
+            self.control.holds += 1
+            for state in self.ports.values():
+                self._hold(state.conn)
+        else:
+            self._hold(target.conn)
+
+    def _hold(self, conn: Conn | None) -> None:
+        if conn is None or conn.closed or conn.queue_paused:
+            return
+        if conn.kind == STREAM:
+            conn.queue_paused = True
+            self.control.io._stream_interest(conn)
+        elif conn.kind == CONNECTING:
+            conn.queue_paused = True  # read from when it connects
+
+    def release(self) -> None:
+        """Half of the queue left: the session's ports read again."""
+        self.holding = False
+        io = self.control.io
+        for state in self.ports.values():
+            conn = state.conn
+            if conn is not None and conn.queue_paused:
+                conn.queue_paused = False
+                if conn.kind == STREAM and not conn.closed:
+                    io._stream_interest(conn)
+
     def port_gone(self, state: RemotePortState) -> None:
         if self.ports.get(state.pid) is state:
             del self.ports[state.pid]
@@ -234,7 +361,12 @@ class Session:
         self.closed = True
         self.ports.clear()
         self.outbound.clear()
-        self.pending.clear()
+        # What was queued for the client is dropped: it leaves the budget.
+        self.sent(self.out_credits)
+        self.out_credits = []
+        while self.pending:
+            self.sent(self.pending.popleft()[1])
+        self.control.backlogged.pop(self, None)
         log.info("client %s %s: closed its %d ports", self.identity.hex(), why, count)
 
 
@@ -249,17 +381,40 @@ class ControlEndpoint(ZmqSocketHandler):
         heartbeat: float,
         info: dict[str, Any],
         status: Any,
+        limits: ControlLimits | None = None,
+        bind_user: bool = False,
     ) -> None:
         super().__init__(io, sock)
+        # Under CURVE a session is also bound to the client's key, the ZAP "User-Id" of
+        # its frames: a token alone, leaked, does not let another key in.
+        self._copy = not bind_user
+        self.limits = limits = limits or ControlLimits()
         self.heartbeat = heartbeat
-        self.info = {**info, "version": P.VERSION, "heartbeat": heartbeat}
+        self.info = {
+            **info,
+            "version": P.VERSION,
+            "heartbeat": heartbeat,
+            "max_frame": limits.max_frame,
+            "max_messages": limits.max_messages,
+        }
         self.status = status  # () -> dict, run on the I/O thread
         self.sessions: dict[bytes, Session] = {}
         self.marked: list[Session] = []
+        self.backlogged: dict[Session, None] = {}  # sessions with frames ZeroMQ refused
         self.budget = _Budget()
         self.faults = 0
+        self.faults_unanswered = 0
         self.sessions_opened = 0
         self.sessions_lost = 0
+        self.sessions_refused = 0
+        self.holds = 0
+        self.names_resolved = 0
+        self._resolving = 0
+        self._resolver: ThreadPoolExecutor | None = None
+        self._status_cache: tuple[int, dict[str, Any]] | None = None
+        self._log_window = 0.0
+        self._log_count = 0
+        self._log_suppressed = 0
         self._timer: Any = None
         io._budget_owners.append(self.budget)
         # Remote clients are served by this thread itself: it must not pause for the flush
@@ -281,22 +436,49 @@ class ControlEndpoint(ZmqSocketHandler):
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
-            log.warning("control endpoint: a message of %d frames ignored", len(frames))
+            self._log_refusal("a message of %d frames ignored", len(frames))
             return
+        user: str | None = None
+        if not self._copy:  # zmq.Frame objects: bind the session to the client's key
+            last: Any = frames[-1]
+            try:
+                user = last.get("User-Id")
+            except zmq.ZMQError:
+                user = None
+            frames = [frame.bytes for frame in frames]  # type: ignore[attr-defined]
         identity, frame = frames
         session = self.sessions.get(identity)
+        limits = self.limits
         try:
-            messages = P.unpack(frame)
+            messages, token = P.unpack_frame(
+                frame, max_frame=limits.max_frame, max_messages=limits.max_messages
+            )
         except ProtocolViolation as exc:
-            self._refuse(identity, session, None, exc.kind, str(exc))
+            self._refuse(identity, None, None, exc.kind, str(exc))
             return
-        for message in messages:
+        if session is not None and (
+            token is None or not hmac.compare_digest(token, session.token) or user != session.user
+        ):
+            # The routing id is a session's, the token is not: another connection (a
+            # peer that took an orphaned session's routing id, say).  Nothing of it runs.
+            self._refuse(
+                identity,
+                None,
+                None,
+                "no-session",
+                "this frame does not carry its session's token (a session's frames carry "
+                "the token of its WELCOME, and under CURVE come from its client's key)",
+            )
+            return
+        refused = 0
+        for index, message in enumerate(messages):
             try:
                 if not (isinstance(message, list) and message and P.is_int(message[0])):
                     raise ProtocolViolation("malformed", "a message must be [opcode, ...]")
                 opcode = message[0]
                 if opcode == P.HELLO:
                     session = self._hello(identity, session, message)
+                    session.user = user
                     continue
                 if session is None or session.closed:
                     raise ProtocolViolation("no-session", "send HELLO first")
@@ -316,50 +498,145 @@ class ControlEndpoint(ZmqSocketHandler):
                 ):
                     rid = message[1]
                 self._refuse(identity, session, rid, exc.kind, str(exc))
+                refused += 1
             except Exception as exc:  # a bug serving one message: refuse it, keep serving
                 self.io.internal_errors += 1
                 log.exception("control endpoint: error while serving %r", message[:2])
                 self._refuse(identity, session, None, "internal", repr(exc))
+                refused += 1
+            if refused >= limits.faults_per_frame and index + 1 < len(messages):
+                # A refusal costs little, a frame of them would not: the rest is dropped.
+                left = len(messages) - index - 1
+                self.faults_unanswered += left
+                self._refuse(
+                    identity,
+                    session,
+                    None,
+                    "limit",
+                    f"{refused} messages of this frame were refused: its other {left} are ignored",
+                )
+                return
 
     def _refuse(
         self, identity: bytes, session: Session | None, rid: Any, kind: str, text: str
     ) -> None:
         self.faults += 1
-        log.warning(
-            "control endpoint: refused a message from %s: %s: %s", identity.hex(), kind, text
-        )
+        self._log_refusal("refused a message from %s: %s: %s", identity.hex(), kind, text[:200])
         if session is not None and not session.closed:
             session.fault(rid, kind, text)
         else:
             self._send(identity, P.pack([[P.FAULT, rid if P.is_int(rid) else None, kind, text]]))
 
+    def _log_refusal(self, form: str, *args: Any) -> None:
+        """Log a refusal, at most ``log_per_second`` lines a second; the others are
+        counted and one line says how many (at the next refusal or heartbeat tick)."""
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            self._log_summary()
+            self._log_window = now
+            self._log_count = 0
+        if self._log_count < self.limits.log_per_second:
+            self._log_count += 1
+            log.warning("control endpoint: " + form, *args)
+        else:
+            self._log_suppressed += 1
+
+    def _log_summary(self) -> None:
+        if self._log_suppressed:
+            log.warning(
+                "control endpoint: %d more refused messages were not logged", self._log_suppressed
+            )
+            self._log_suppressed = 0
+
     def _hello(self, identity: bytes, session: Session | None, message: list[Any]) -> Session:
         if len(message) != 2 or not P.is_int(message[1]):
             raise ProtocolViolation("malformed", "HELLO is [1, client_version]")
         if message[1] != P.VERSION:
-            raise ProtocolViolation("version", f"client speaks {message[1]}; daemon speaks 1")
-        if session is not None:
+            raise ProtocolViolation(
+                "version", f"client speaks {message[1]}; daemon speaks {P.VERSION}"
+            )
+        if session is not None and not session.closed:
+            # A frame with the session's token (_handle checked): the client starts over.
             session.close("said HELLO again")
-        session = Session(self, identity)
+            self.sessions.pop(identity, None)
+        if len(self.sessions) >= self.limits.max_sessions:
+            self.sessions_refused += 1
+            raise ProtocolViolation(
+                "limit", f"the daemon serves {len(self.sessions)} sessions, its limit"
+            )
+        session = Session(self, identity, secrets.token_bytes(P.TOKEN_SIZE))
         self.sessions[identity] = session
         self.sessions_opened += 1
         log.info("client %s connected", identity.hex())
-        session.emit([P.WELCOME, self.info])
+        session.emit([P.WELCOME, {**self.info, "token": session.token}])
         return session
+
+    def cached_status(self) -> dict[str, Any]:
+        """The status, computed at most once a round (it scans the port table)."""
+        round_ = self.io.polls
+        cache = self._status_cache
+        if cache is None or cache[0] != round_:
+            cache = self._status_cache = (round_, self.status())
+        return cache[1]
+
+    # -- host names: resolved by worker threads, never by the I/O thread -----------------
+    def resolve(self, request: _Request, spec: tuple[Any, ...], listen: bool) -> None:
+        """Resolve the address of a CONNECT or LISTEN off the I/O thread, then open it.
+
+        Raises:
+            ProtocolViolation: ``max_resolving`` names are being resolved already.
+        """
+        if self._resolving >= self.limits.max_resolving:
+            raise ProtocolViolation(
+                "limit",
+                f"{self._resolving} host names are being resolved; send a numeric address "
+                "or try again",
+                request.rid,
+            )
+        if self._resolver is None:
+            self._resolver = ThreadPoolExecutor(4, thread_name_prefix="ioserver-resolve")
+        self._resolving += 1
+        self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec, listen))
+
+    def _resolved(self, job: tuple[_Request, tuple[Any, ...], bool], result: Any) -> None:
+        self._resolving -= 1
+        request, spec, listen = job
+        state = request.state
+        session = state.session
+        if session.closed or session.ports.get(state.pid) is not state:
+            return  # the session ended meanwhile
+        if isinstance(result, BaseException):
+            session._answer(request, result)
+            return
+        self.names_resolved += 1
+        spec = (*spec[:3], result, *spec[4:])
+        if listen:
+            self.io.cmd_listen(request, spec)
+        else:
+            self.io.cmd_connect(request, spec)
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
         marked, self.marked = self.marked, []
-        now = time.monotonic()
         for session in marked:
-            if session.closed or not session.outbound:
-                continue
-            frame = P.pack(session.outbound)
-            session.outbound = []
-            session.last_sent = now
-            if session.pending or not self._send(session.identity, frame):
-                session.pending.append(frame)
+            if not session.closed and session.outbound:
+                self.send_now(session)
         self.on_ready(0)  # a send may have taken the fd's edge (see ioserver._zmq)
+
+    def send_now(self, session: Session) -> None:
+        """Pack the session's outbound messages into a frame and hand it to ZeroMQ, or
+        queue it behind the frames ZeroMQ refused (``send_hwm``)."""
+        frame = P.pack(session.outbound)
+        credits = session.out_credits
+        session.outbound = []
+        session.out_credits = []
+        session.out_size = 0
+        session.last_sent = time.monotonic()
+        if session.pending or not self._send(session.identity, frame):
+            session.pending.append((frame, credits))
+            self.backlogged[session] = None
+        else:
+            session.sent(credits)
 
     def _send(self, identity: bytes, frame: bytes) -> bool:
         try:
@@ -371,15 +648,21 @@ class ControlEndpoint(ZmqSocketHandler):
         return True
 
     def _has_pending(self) -> bool:
-        return any(session.pending for session in self.sessions.values())
+        return bool(self.backlogged)
 
     def _send_pending(self) -> None:
-        for session in self.sessions.values():
+        # Each backlogged session as far as ZeroMQ takes its frames: a client that does
+        # not read holds up its own frames only.
+        for session in list(self.backlogged):
             pending = session.pending
             while pending:
-                if not self._send(session.identity, pending[0]):
-                    return
+                frame, credits = pending[0]
+                if not self._send(session.identity, frame):
+                    break
                 pending.popleft()
+                session.sent(credits)
+            if not pending:
+                del self.backlogged[session]
 
     # -- liveness -------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -394,6 +677,8 @@ class ControlEndpoint(ZmqSocketHandler):
                 del self.sessions[identity]
             elif now - session.last_sent >= self.heartbeat * 0.9:
                 session.emit([P.HEARTBEAT])
+        if now - self._log_window >= 1.0:
+            self._log_summary()
         self._timer = self.io.call_later(self.heartbeat, self._tick)
 
     # -- closing --------------------------------------------------------------------------
@@ -403,6 +688,8 @@ class ControlEndpoint(ZmqSocketHandler):
         for session in self.sessions.values():
             session.close("disconnected: the daemon is stopping")
         self.sessions.clear()
+        if self._resolver is not None:
+            self._resolver.shutdown(wait=False, cancel_futures=True)
         self._close()
 
     def _close(self) -> None:
@@ -440,6 +727,9 @@ def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) 
         raise ProtocolViolation("malformed", "a client's port id is a positive int", rid)
     if pid in session.ports:
         raise ProtocolViolation("duplicate-port", f"port id {pid} is in use", rid)
+    limit = session.control.limits.max_ports
+    if len(session.ports) >= limit:
+        raise ProtocolViolation("limit", f"this session has {limit} ports, its limit", rid)
     if not isinstance(raw, dict):
         raise ProtocolViolation("malformed", "options must be a map", rid)
     options = dict(raw)
@@ -479,10 +769,13 @@ def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any])
     settings, _ = _open_options(session, rid, message[2], message[5], listen=False)
     active = _credit(message, 6)
     state = RemotePortState(session, message[2], settings)
-    session.ports[state.pid] = state
-    control.io.cmd_connect(
-        _Request(rid, state), (state, session.deliver, family, address, settings, active)
-    )
+    spec = (state, session.deliver, family, address, settings, active)
+    if P.is_numeric_host(family, address[0]):
+        session.ports[state.pid] = state
+        control.io.cmd_connect(_Request(rid, state), spec)
+    else:
+        control.resolve(_Request(rid, state), spec, listen=False)
+        session.ports[state.pid] = state
 
 
 def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
@@ -499,12 +792,17 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
         session.next_accepted -= 1
         accepted.conn = conn
         session.ports[accepted.pid] = accepted
+        if session.holding:
+            conn.queue_paused = True  # its first read waits for the session's queue
         return accepted
 
-    control.io.cmd_listen(
-        _Request(rid, state),
-        (state, session.deliver, family, address, {**extra, **settings}, active, make_port),
-    )
+    spec = (state, session.deliver, family, address, {**extra, **settings}, active, make_port)
+    if P.is_numeric_host(family, address[0]):
+        session.ports[state.pid] = state
+        control.io.cmd_listen(_Request(rid, state), spec)
+    else:
+        control.resolve(_Request(rid, state), spec, listen=True)
+        session.ports[state.pid] = state
 
 
 def _address(message: list[Any], rid: int) -> tuple[int, Any]:
@@ -553,10 +851,12 @@ def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) 
     generation = P.check_int(message[2], "generation", 0)
     consumed_bytes = P.check_int(message[3], "consumed_bytes", 0)
     consumed_messages = P.check_int(message[4], "consumed_messages", 0)
-    # Counters only grow; a client cannot claim to have taken more than it was given.
+    # Counters only grow; a client cannot claim to have taken more than it was given, nor
+    # what is still queued here for it: a client that does not read stays paused.
     conn = state.conn
     assert conn is not None
-    state._consumed_bytes = max(state._consumed_bytes, min(consumed_bytes, conn.delivered_bytes))
+    given = conn.delivered_bytes - state._unsent
+    state._consumed_bytes = max(state._consumed_bytes, min(consumed_bytes, given))
     state._consumed_messages = max(
         state._consumed_messages, min(consumed_messages, conn.delivered_messages)
     )
@@ -566,7 +866,16 @@ def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) 
 def _cmd_status(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 2, "[30, rid]")
     rid = P.check_int(message[1], "rid")
-    session.emit([P.STATUS_REPLY, rid, control.status()])
+    round_ = control.io.polls
+    if session.status_round != round_:
+        session.status_round = round_
+        session.status_count = 0
+    session.status_count += 1
+    if session.status_count > control.limits.status_per_round:
+        raise ProtocolViolation(
+            "limit", f"more than {control.limits.status_per_round} STATUS in one round", rid
+        )
+    session.emit([P.STATUS_REPLY, rid, control.cached_status()])
 
 
 def _cmd_heartbeat(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
@@ -594,6 +903,24 @@ _COMMANDS: dict[int, Any] = {
 }
 
 
+def _resolve_name(io: IOThread, done: Any, job: tuple[_Request, tuple[Any, ...], bool]) -> None:
+    """In a worker thread: the address of a CONNECT or LISTEN given by name, then
+    ``done(job, sockaddr or ConnectError)`` on the I/O thread."""
+    _, spec, listen = job
+    family, (host, port, *_) = spec[2], spec[3]
+    result: Any
+    try:
+        infos = socket.getaddrinfo(
+            host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0
+        )
+        result = infos[0][4]
+    except (OSError, UnicodeError) as exc:
+        number = getattr(exc, "errno", None) or errno.EINVAL
+        name = _EAI_NAMES.get(number, errno.errorcode.get(number, "EINVAL"))
+        result = ConnectError(f"cannot resolve {host!r}: {exc} ({name})", number, name)
+    io.submit(done, job, result)
+
+
 def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, Any]:
     """The I/O thread's status for ``ioserver status`` (runs on the I/O thread)."""
     kinds = {"tcp": 0, "tcp_listeners": 0, "connecting": 0, "other": 0}
@@ -606,7 +933,7 @@ def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, 
         if entry.kind == STREAM:
             kinds["tcp"] += 1
             queued += entry.out_bytes
-            if entry.msgq_paused or entry.global_paused:
+            if entry.msgq_paused or entry.global_paused or entry.queue_paused:
                 paused += 1
             if entry.out_bytes > entry.send_low:
                 busy += 1

@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import logging
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -30,7 +31,7 @@ import zmq.auth
 
 from . import _ipc
 from . import _protocol as P
-from ._control import ControlEndpoint, io_status
+from ._control import ControlEndpoint, ControlLimits, io_status
 from ._exceptions import IOServerError, OptionError
 from ._server import IOServer, run
 
@@ -56,6 +57,7 @@ class DaemonConfig:
     workers: int = 1
     worker_index: int | None = None
     memory_limit: int | None = None
+    limits: ControlLimits = field(default_factory=ControlLimits)
 
 
 class DaemonError(IOServerError):
@@ -131,8 +133,11 @@ def prepare_ipc(endpoint: str) -> str | None:
 def _open_control_socket(context: zmq.Context[Any], config: DaemonConfig) -> zmq.Socket[bytes]:
     sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
+    # Per client: frames ZeroMQ queues to send (more wait in the session, charged to the
+    # budget), the largest frame it takes (a peer that sends more is disconnected).
+    sock.setsockopt(zmq.SNDHWM, config.limits.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, 1000)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.limits.max_frame)
     sock.setsockopt(zmq.LINGER, 0)
     if config.curve_secret_key:
         public, secret = zmq.auth.load_certificate(config.curve_secret_key)
@@ -195,7 +200,13 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
                     "clients": len(control.sessions),
                     "client_ports": sum(len(s.ports) for s in control.sessions.values()),
                     "clients_lost": control.sessions_lost,
+                    "clients_refused": control.sessions_refused,
+                    "clients_held": sum(s.holding for s in control.sessions.values()),
+                    "client_queue_holds": control.holds,
+                    "client_bytes_queued": sum(s.held for s in control.sessions.values()),
+                    "names_resolved": control.names_resolved,
                     "faults": control.faults,
+                    "faults_unanswered": control.faults_unanswered,
                     "apps": config.apps,
                 },
             )
@@ -206,6 +217,8 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             heartbeat=config.heartbeat,
             info={"pid": os.getpid(), "worker": worker},
             status=status,
+            limits=config.limits,
+            bind_user=authenticator is not None,
         )
         io.zmq_sockets.add(sock)
         io.submit(_start_control, control, None)
@@ -274,6 +287,21 @@ def serve(config: DaemonConfig) -> int:
     check_endpoint(config)
     if config.heartbeat <= 0 or config.grace < 0:
         raise DaemonError("--heartbeat must be positive and --grace non-negative seconds")
+    try:
+        config.limits.check()
+    except OptionError as exc:
+        raise DaemonError(str(exc)) from None
+    limits = config.limits
+    if config.memory_limit is not None and limits.session_queue > config.memory_limit // 4:
+        # One client that does not read must not hold the whole budget (which pauses
+        # every port of the daemon): a quarter at most.
+        queue = max(config.memory_limit // 4, 64 * 1024)
+        log.warning(
+            "--session-queue %d is above a quarter of --memory-limit: %d",
+            limits.session_queue,
+            queue,
+        )
+        limits.session_queue = queue
     if config.workers > 1 and config.worker_index is None:
         return _supervise(config)
     if config.worker_index is not None:
@@ -335,6 +363,9 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
         argv.append("--allow-all-interfaces")
     if config.memory_limit is not None:
         argv += ["--memory-limit", str(config.memory_limit)]
+    limits = config.limits
+    argv += ["--max-frame", str(limits.max_frame), "--max-sessions", str(limits.max_sessions)]
+    argv += ["--max-ports", str(limits.max_ports), "--session-queue", str(limits.session_queue)]
     return argv
 
 
@@ -443,11 +474,17 @@ def _supervisor_answer(
             continue
         replies: list[Any] = []
         try:
-            messages = P.unpack(frame)
+            messages, _ = P.unpack_frame(
+                frame, max_frame=config.limits.max_frame, max_messages=config.limits.max_messages
+            )
         except P.ProtocolViolation as exc:
             replies.append([P.FAULT, None, exc.kind, str(exc)])
             messages = []
-        for message in messages:
+        answer: dict[str, Any] | None = None  # the workers are asked once per frame at most
+        if len(messages) > config.limits.faults_per_frame:
+            left = len(messages) - config.limits.faults_per_frame
+            replies.append([P.FAULT, None, "limit", f"the supervisor ignored {left} messages"])
+        for message in messages[: config.limits.faults_per_frame]:
             if not (isinstance(message, list) and message and P.is_int(message[0])):
                 replies.append([P.FAULT, None, "malformed", "a message must be [opcode, ...]"])
             elif message[0] == P.HELLO:
@@ -457,9 +494,16 @@ def _supervisor_answer(
                     "worker": None,
                     "heartbeat": config.heartbeat,
                     "workers": config.workers,
+                    # It keeps no session: the token is for the client's protocol only.
+                    "token": secrets.token_bytes(P.TOKEN_SIZE),
+                    "max_frame": config.limits.max_frame,
+                    "max_messages": config.limits.max_messages,
                 }
                 replies.append([P.WELCOME, info])
             elif message[0] == P.STATUS and len(message) == 2 and P.is_int(message[1]):
+                if answer is not None:
+                    replies.append([P.STATUS_REPLY, message[1], answer])
+                    continue
                 statuses = []
                 for index in range(config.workers):
                     endpoint = worker_endpoint(config.endpoint, index)
@@ -474,9 +518,8 @@ def _supervisor_answer(
                     status["restarts"] = restarts[index]
                     status["process"] = process.pid if process is not None else None
                     statuses.append(status)
-                replies.append(
-                    [P.STATUS_REPLY, message[1], {"workers": statuses, "supervisor": os.getpid()}]
-                )
+                answer = {"workers": statuses, "supervisor": os.getpid()}
+                replies.append([P.STATUS_REPLY, message[1], answer])
             elif message[0] in (P.HEARTBEAT, P.BYE):
                 pass
             else:

@@ -122,6 +122,7 @@ class Conn:
         "pauses",
         "peak_buffered",
         "port",
+        "queue_paused",
         "read_eof",
         "request",
         "send_low",
@@ -175,6 +176,9 @@ class Conn:
         self.check_messages = 1 << 62
         self.msgq_paused = False
         self.global_paused = False
+        # A daemon's client port whose session's queue toward the client is full (see
+        # ioserver._control): not read until the client takes what is queued.
+        self.queue_paused = False
         self.pause_generation = 0
         self.pauses = 0
         self.packets_too_large = 0
@@ -541,6 +545,7 @@ class IOThread:
             and not conn.close_pending
             and not conn.msgq_paused
             and not conn.global_paused
+            and not conn.queue_paused
         ):
             mask = READ
         if conn.outq:

@@ -1,12 +1,20 @@
-"""The wire protocol between an ioserver daemon and its clients (version 1).
+"""The wire protocol between an ioserver daemon and its clients (version 2).
 
 Transport: one ZeroMQ ROUTER socket in the daemon (the *control endpoint*), one DEALER
 socket per client.  Every ZeroMQ message is one frame holding one msgpack array::
 
-    [VERSION, [message, message, ...]]
+    [VERSION, [message, message, ...]]              daemon to client
+    [VERSION, [message, message, ...], token]       client to daemon
 
 so that one frame carries every command or event of one round of the sending I/O thread
 (batching: one frame per message costs about 1 µs each, a hundred per frame 0.14 µs).
+``token`` is the session's secret (16 bytes, ``bin``), issued by the daemon in WELCOME:
+every frame of a session after the one that opened it must carry it; the frame that opens
+a session (its first message is HELLO) carries ``nil``.  A frame whose token is not its
+session's is refused whole (FAULT ``"no-session"``): the ZeroMQ routing id alone does not
+make a peer the session's client.  A frame is at most ``max_frame`` bytes (WELCOME says
+how many; the daemon's ZeroMQ socket drops a peer that sends more) and holds at most
+``max_messages`` messages; a client cuts its batches to fit.
 Each message is an array whose first element is its opcode.  ``pid`` is a port id: the
 client numbers the ports it opens (1, 2, 3...), the daemon numbers the ports its
 listeners accept (-1, -2, -3...); ids are never reused within a session.  ``rid`` is a
@@ -18,7 +26,8 @@ Client to daemon:
 =========  ==============================================================================
 opcode     message
 =========  ==============================================================================
-1 HELLO      ``[1, client_version]``: opens the session; answered with WELCOME.
+1 HELLO      ``[1, client_version]``: opens the session; answered with WELCOME.  A
+             HELLO for a session that exists must come in a frame with its token.
 2 HEARTBEAT  ``[2]``: sent when nothing else was sent for a heartbeat interval.
 3 BYE        ``[3]``: the client is closing: close every port of the session.
 10 CONNECT   ``[10, rid, pid, family, address, options, credit, notify]``: a TCP connect,
@@ -41,7 +50,8 @@ Daemon to client:
 =========  ==============================================================================
 1 WELCOME    ``[1, info]``: ``info`` a map: ``version``, ``pid``, ``worker``,
              ``heartbeat`` (seconds between heartbeats; a peer silent for
-             ``HEARTBEAT_MISSES`` intervals is lost).
+             ``HEARTBEAT_MISSES`` intervals is lost), ``token`` (the session's secret,
+             bin), ``max_frame`` (bytes), ``max_messages`` (per frame).
 2 HEARTBEAT  ``[2]``.
 4 FAULT      ``[4, rid_or_nil, kind, text]``: a message was refused (kinds below).
 5 OK         ``[5, rid, local_address, remote_address]``: a CONNECT or LISTEN succeeded.
@@ -64,9 +74,11 @@ Daemon to client:
 
 FAULT kinds: ``"malformed"`` (not msgpack, not the envelope, wrong arity or types),
 ``"version"`` (an unsupported protocol version), ``"unknown-opcode"``, ``"no-session"``
-(a message before HELLO), ``"unknown-port"`` (a port id this session does not own -
-including another client's), ``"duplicate-port"``, ``"bad-option"``, ``"unsupported"``
-(a kind of port the protocol does not carry, as an ``AF_UNIX`` address: TCP only).  Every message
+(a message before HELLO, or a frame without the session's token), ``"unknown-port"`` (a
+port id this session does not own - including another client's), ``"duplicate-port"``,
+``"bad-option"``, ``"unsupported"`` (a kind of port the protocol does not carry, as an
+``AF_UNIX`` address: TCP only), ``"limit"`` (a limit of the daemon: sessions, ports per
+session, host names being resolved, STATUS requests per round, refusals per frame).  Every message
 that crosses the process boundary is validated before use, on both sides; a refused
 message never affects another message, port or client.
 """
@@ -80,9 +92,16 @@ from typing import Any
 
 import msgpack
 
-VERSION = 1
+VERSION = 2
 HEARTBEAT_MISSES = 3  # intervals of silence after which the peer is lost
-MAX_FRAME = 64 * 1024 * 1024 + 4096  # bytes: the largest frame a side accepts
+MAX_FRAME = 64 * 1024 * 1024 + 4096  # bytes: the largest frame a client accepts
+TOKEN_SIZE = 16  # bytes of a session's token
+
+# What the daemon accepts by default (``ioserver serve --max-frame``; WELCOME says).
+DEFAULT_MAX_FRAME = 1024 * 1024  # bytes in one client frame
+MAX_MESSAGES = 65536  # messages in one frame
+MAX_MAP = 64  # entries in a map (a port's options)
+MAX_STR = 4096  # characters in a str (host names, option names, texts)
 
 # Client to daemon.
 HELLO = 1
@@ -127,31 +146,87 @@ class ProtocolViolation(Exception):
         self.rid = rid
 
 
-def pack(messages: list[Any]) -> bytes:
-    """One frame: the envelope around a round's messages."""
-    return msgpack.packb([VERSION, messages], use_bin_type=True)  # type: ignore[no-any-return]
+def pack(messages: list[Any], token: bytes | None = None) -> bytes:
+    """One frame: the envelope around a round's messages (with the session's token for a
+    client's frame to the daemon)."""
+    envelope = [VERSION, messages] if token is None else [VERSION, messages, token]
+    return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def unpack(frame: bytes) -> list[Any]:
-    """The messages of one frame.
+    """The messages of one frame (the client's side: the daemon's frames, up to
+    ``MAX_FRAME`` bytes).
 
     Raises:
         ProtocolViolation: not msgpack, not the envelope, or another version.
     """
-    if len(frame) > MAX_FRAME:
-        raise ProtocolViolation("malformed", f"a frame of {len(frame)} bytes is too large")
+    return unpack_frame(
+        frame, max_frame=MAX_FRAME, max_messages=MAX_FRAME, max_map=MAX_FRAME, max_str=MAX_FRAME
+    )[0]
+
+
+def unpack_frame(
+    frame: bytes,
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    max_messages: int = MAX_MESSAGES,
+    max_map: int = MAX_MAP,
+    max_str: int = MAX_STR,
+) -> tuple[list[Any], bytes | None]:
+    """The messages of one frame and its token (None if it carries none).
+
+    Decoded with limits, so that a frame cannot make more than a bounded amount of
+    objects: at most ``max_frame`` bytes, arrays of at most ``max_messages`` elements,
+    maps of ``max_map`` entries, str of ``max_str`` bytes, bin of ``max_frame``
+    bytes, no ext.  (msgpack refuses a container whose header passes a limit before it
+    allocates it; a frame decodes to at most about 72 bytes of objects per byte.)
+
+    Raises:
+        ProtocolViolation: too large, not msgpack, not the envelope, or another version.
+    """
+    if len(frame) > max_frame:
+        raise ProtocolViolation(
+            "malformed", f"a frame of {len(frame)} bytes is larger than {max_frame}"
+        )
     try:
-        envelope = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+        envelope = msgpack.unpackb(
+            frame,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=max_frame,
+            max_str_len=max_str,
+            max_array_len=max_messages,
+            max_map_len=max_map,
+            max_ext_len=0,
+        )
     except Exception as exc:
         raise ProtocolViolation("malformed", f"not a msgpack frame: {exc}") from None
-    if not (isinstance(envelope, list) and len(envelope) == 2):
-        raise ProtocolViolation("malformed", "a frame must be [version, [messages...]]")
-    version, messages = envelope
+    if not (isinstance(envelope, list) and len(envelope) in (2, 3)):
+        raise ProtocolViolation("malformed", "a frame must be [version, [messages...], token]")
+    version, messages = envelope[0], envelope[1]
     if version != VERSION or isinstance(version, bool):
-        raise ProtocolViolation("version", f"protocol version {version!r}; this side speaks 1")
+        raise ProtocolViolation(
+            "version", f"protocol version {version!r}; this side speaks {VERSION}"
+        )
     if not isinstance(messages, list):
-        raise ProtocolViolation("malformed", "a frame must be [version, [messages...]]")
-    return messages
+        raise ProtocolViolation("malformed", "a frame must be [version, [messages...], token]")
+    token = envelope[2] if len(envelope) == 3 else None
+    if token is not None and not isinstance(token, bytes):
+        raise ProtocolViolation("malformed", "a frame's token must be bin or nil")
+    return messages, token
+
+
+def is_numeric_host(family: int, host: str) -> bool:
+    """Whether ``host`` is a numeric address of ``family`` or ``""`` (the wildcard
+    address): nothing to resolve."""
+    if host == "":
+        return True
+    try:
+        socket.inet_pton(family, host.partition("%")[0] if family == socket.AF_INET6 else host)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def is_int(value: Any) -> bool:

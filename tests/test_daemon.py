@@ -306,7 +306,7 @@ async def test_malformed_control_messages_get_typed_errors_and_others_keep_worki
             assert [f[2] for f in raw.faults(3)] == ["malformed", "version", "no-session"]
             raw.send(
                 [
-                    [P.HELLO, 1],
+                    [P.HELLO, P.VERSION],
                     [99],
                     "not a list",
                     [P.SEND, 1, b"someone else's port"],  # the good client's listener is 1
