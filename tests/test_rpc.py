@@ -833,3 +833,32 @@ def test_the_check_accepts_every_msgpack_value_and_no_truncation(value: Any) -> 
     for cut in range(len(frame)):
         with pytest.raises(rpc.RPCDecodeError):
             _rpc_codec.check_frame(frame[:cut], limits)
+
+
+@pytest.mark.anyio
+async def test_a_reply_over_the_clients_limits_fails_its_call_at_once(
+    ios: ioserver.IOServer,
+) -> None:
+    # A server that answers with 20,000 empty arrays: 20 KB, within the client's 64 KiB
+    # packet_size, but over its 8,192 values.  The call gets the refusal, not a timeout.
+    async def hostile(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            request = await receive_frame(BufferedByteReceiveStream(stream))
+            flood = b"\xdc" + struct.pack(">H", 20_000) + b"\x90" * 20_000
+            await send_frame(stream, b"\x93\x01" + msgpack.packb(request[1]) + flood)
+            await stream.receive()  # until the client closes
+
+    async with (
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
+        anyio.create_task_group() as task_group,
+    ):
+        task_group.start_soon(listener.serve, hostile)
+        address = listener.extra(anyio.abc.SocketAttribute.local_address)
+        connecting = rpc.connect(ios, *address[:2], SERVICE, packet_size=64 * 1024)
+        async with await connecting as client:
+            with anyio.fail_after(10), pytest.raises(rpc.RPCDecodeError) as caught:
+                await client.call(Echo(Leaf(1)))
+            assert "more than 8192 values" in str(caught.value)
+            assert not caught.value.remote
+            assert client.statistics().decode_errors == 1
+        task_group.cancel_scope.cancel()
