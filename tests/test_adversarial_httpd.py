@@ -100,14 +100,16 @@ async def test_an_idle_kept_alive_connection_is_closed_at_the_idle_timeout(
 
 @pytest.mark.anyio
 async def test_each_request_restarts_the_idle_timeout(ios: ioserver.IOServer, root: Path) -> None:
-    # Six requests 0.1 s apart keep one connection for 0.5 s: longer than the idle
-    # timeout, never idle for that long.
-    options = {"head_timeout": LONG, "idle_timeout": SHORT}
+    # Twelve requests 50 ms apart keep one connection for 0.6 s: longer than the idle
+    # timeout (0.5 s), never idle for long (a stall of 0.45 s would still pass).
+    options = {"head_timeout": LONG, "idle_timeout": 0.5}
     async with serving(ios, root, **options) as address, client(address) as http:
-        for _ in range(6):
+        started = anyio.current_time()
+        for _ in range(12):
             response, body = await http.request("GET", "/data.json")
             assert (response.status_code, body) == (200, b'{"a": 1}\n')
-            await anyio.sleep(SHORT / 3)  # the client's pace, below the idle timeout
+            await anyio.sleep(0.05)  # the client's pace, well below the idle timeout
+        assert anyio.current_time() - started > 0.5
 
 
 @pytest.mark.anyio
