@@ -24,6 +24,20 @@ Safety, for a service that reads and deletes files for anyone who connects:
   regular files, else ``Error``.
 * File system calls run in a worker thread (``anyio.to_thread.run_sync``), so a slow disk
   never blocks the event loop.
+
+Bounds, so that no client can make the service hold more than it allows:
+
+* ``--packet-size`` (default 2 MiB, room for the largest reply): the largest frame in
+  either direction; a larger one ends that connection.  Each request frame is checked
+  before it is decoded (:class:`ports.rpc.DecodeLimits`, derived from the packet size):
+  at most one value per 8 bytes of it, nested at most ``max_depth`` deep - a frame that
+  would decode to more (a 1 MiB frame of empty arrays is 65 MiB of lists) is answered
+  with a ``"decode"`` error, the client gets :exc:`ports.rpc.RPCDecodeError`, and the
+  connection goes on.
+* At most ``MAX_CONCURRENT_CALLS`` (16) requests run at once per connection; past that
+  the service stops reading it (TCP pushes back on the client).
+* ``--memory-limit`` (default 64 MiB): the I/O server's budget for everything buffered,
+  input not yet taken and output not yet written, for every connection together.
 """
 
 from __future__ import annotations
@@ -45,6 +59,9 @@ from ports import rpc
 
 MAX_CONTENT = 1024 * 1024  #: bytes: the largest file Get returns
 MAX_FILES = 10_000  #: the most files ListAll returns
+PACKET_SIZE = 2 << 20  #: bytes: the largest frame, either way (a Content of MAX_CONTENT fits)
+MEMORY_LIMIT = 64 << 20  #: bytes: the I/O server's budget (--memory-limit)
+MAX_CONCURRENT_CALLS = 16  #: requests running at once per connection
 
 
 class Request:
@@ -203,12 +220,25 @@ async def serve(
     port: int,
     root: str,
     *,
+    packet_size: int = PACKET_SIZE,
     task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the files under ``root`` on ``host:port``; reports the bound address."""
+    """Serve the files under ``root`` on ``host:port``; reports the bound address.
+
+    ``packet_size`` (bytes) caps each frame and sets the limits its requests are
+    decoded within (see the module docstring).
+    """
     service = FileService(root)
-    async with await ports.listen_tcp(ios, host, port, packet=4) as listener:
-        await rpc.serve_listener(listener, FILES, service.handle, task_status=task_status)
+    async with await ports.listen_tcp(
+        ios, host, port, packet=4, packet_size=packet_size
+    ) as listener:
+        await rpc.serve_listener(
+            listener,
+            FILES,
+            service.handle,
+            max_concurrent_calls=MAX_CONCURRENT_CALLS,
+            task_status=task_status,
+        )
 
 
 class FileClient:
@@ -254,7 +284,8 @@ class FileError(Exception):
 
 
 async def client_main(ios: ioserver.IOServer, options: argparse.Namespace) -> int:
-    async with await rpc.connect(ios, options.host, options.port, FILES) as client:
+    connecting = rpc.connect(ios, options.host, options.port, FILES, packet_size=PACKET_SIZE)
+    async with await connecting as client:
         files = FileClient(client)
         try:
             match options.operation:
@@ -283,6 +314,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def byte_size(text: str) -> int:
+    """``"1048576"``, ``"64k"``, ``"1M"``, ``"2G"`` → bytes (powers of 1024)."""
+    text = text.strip()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    try:
+        number = int(text[:-1] if scale != 1 else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, not {text!r}")
+    return number * scale
+
+
 async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> int:
     """Serve (``--port P --root DIR``), or run one client operation (``client ...``).
 
@@ -298,9 +342,37 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> int:
         if options.operation != "list" and not options.path:
             parser.error(f"{options.operation} needs a PATH")
         return await client_main(ios, options)
-    options = _parser().parse_args(argv)
-    async with anyio.create_task_group() as task_group:
-        address = await task_group.start(serve, ios, options.host, options.port, options.root)
+    parser = _parser()
+    parser.add_argument(
+        "--packet-size",
+        type=byte_size,
+        default=PACKET_SIZE,
+        help="the largest frame in bytes, either way; requests decode within limits "
+        "derived from it (default 2M)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=byte_size,
+        default=MEMORY_LIMIT,
+        help="the I/O server's budget for buffered input and output "
+        "(ioserver.open(memory_limit=...); default 64M)",
+    )
+    options = parser.parse_args(argv)
+    # `ioserver run` opened `ios` without a budget: serve from one opened with it.
+    async with (
+        ioserver.open(memory_limit=options.memory_limit) as bounded,
+        anyio.create_task_group() as task_group,
+    ):
+        address = await task_group.start(
+            lambda task_status: serve(
+                bounded,
+                options.host,
+                options.port,
+                options.root,
+                packet_size=options.packet_size,
+                task_status=task_status,
+            )
+        )
         print(
             f"file service for {options.root} on {address[0]}:{address[1]}",
             flush=True,

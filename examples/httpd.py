@@ -13,6 +13,17 @@ What it does:
   Keep-alive and pipelining (requests answered in order) come from h11, which does all
   the HTTP parsing and writing.  Other methods get ``405`` (with ``Allow``), a request
   h11 cannot parse gets ``400`` and the connection closed.
+- **Timeouts** (RFC 9112 §9.5 lets a server close an idle connection at any time): a
+  request head must arrive whole within ``--head-timeout`` seconds (default 10) of its
+  first byte - or of the connection's start, for its first request - else the server
+  answers ``408`` (if any of it came) and closes, so a client that trickles a head
+  (slowloris) holds a connection that long at most; a kept-alive connection with no
+  request for ``--idle-timeout`` seconds (default 5, as uvicorn's keep-alive timeout) is
+  closed.  Bodies have no timeout here: the request budget bounds them.
+- **No request smuggling**: a request with both ``Content-Length`` and
+  ``Transfer-Encoding`` is answered ``400`` and the connection closed, unread (RFC 9112
+  §6.1: a server must close after such a request), so nothing pipelined behind it - where
+  a proxy and this server may disagree on the body's end - is served.
 - No way out of the root: the path is percent-decoded and then refused if it holds a
   ``..`` segment or a NUL byte (``404``), and the file's real path (symlinks resolved)
   must lie under the root's real path (``403`` otherwise).
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import mimetypes
 import os
 import posixpath
@@ -72,6 +84,15 @@ FLUSH_AT = 64 * 1024  # pipelined responses are sent once this many bytes are re
 SEPARATE_SEND_AT = 64 * 1024  # a larger body is sent as it is, not joined to its head
 LINGER_SECONDS = 2.0  # after a closing response, how long to drain the client's input
 LINGER_BYTES = 1 << 20  # ... and how much of it
+
+#: Defaults, in seconds.
+HEAD_TIMEOUT = 10.0  # a request head must be whole this long after its first byte
+IDLE_TIMEOUT = 5.0  # a kept-alive connection with no request this long is closed
+
+# What a connection waits for, for its timeout (HttpSession.waiting_for).
+HEAD = 0  # a request head: from its first byte (or the connection's start) until whole
+IDLE = 1  # a new request on a kept-alive connection, nothing of it received yet
+OTHER = 2  # a body being read, or a response being made: no timeout here
 
 log = logging.getLogger("httpd")
 
@@ -273,10 +294,11 @@ class StaticFiles:
 class SessionStatistics:
     """What one :class:`HttpSession` did: requests, and those refused for memory."""
 
-    __slots__ = ("errors_413", "errors_500", "errors_503", "requests")
+    __slots__ = ("errors_400", "errors_413", "errors_500", "errors_503", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
+        self.errors_400 = 0  #: requests with both Content-Length and Transfer-Encoding
         self.errors_413 = 0  #: bodies over the request budget
         self.errors_500 = 0  #: handlers over the request budget (or failing to read)
         self.errors_503 = 0  #: requests that found the shared pool used up
@@ -288,6 +310,7 @@ REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
@@ -407,8 +430,14 @@ class HttpSession:
                 self._budget = RequestBudget(self._request_memory, self._pool)
                 self.statistics.requests += 1
                 self._body = []
-                length = _content_length(request)
-                if length is not None and length > self._request_memory:
+                length, encoded = _body_headers(request)
+                if length is not None and encoded:
+                    # RFC 9112 §6.1: both framings is how requests are smuggled past a
+                    # proxy that reads the other one; refuse and close, read no further.
+                    self.statistics.errors_400 += 1
+                    self._budgets.append(self._budget)
+                    out += self._error(400, close=True)
+                elif length is not None and length > self._request_memory:
                     self.statistics.errors_413 += 1
                     self._budgets.append(self._budget)
                     out += self._error(413, close=True)
@@ -447,6 +476,27 @@ class HttpSession:
         if len(out) > 1 and size < SEPARATE_SEND_AT:
             out = [b"".join(out)]
         return out
+
+    def waiting_for(self) -> int:
+        """What the connection waits for now, once :meth:`responses` returned nothing:
+        :data:`HEAD` (a request head: part of one came, or the connection is new),
+        :data:`IDLE` (a next request, nothing of it received) or :data:`OTHER`."""
+        connection = self._connection
+        if connection.their_state is not h11.IDLE:
+            return OTHER
+        if self.statistics.requests == 0 or connection.trailing_data[0]:
+            return HEAD
+        return IDLE
+
+    def timed_out(self) -> list[bytes]:
+        """The head timeout passed: a ``408`` to send if part of a head came (else
+        nothing), and the session is closing."""
+        self.closing = True
+        connection = self._connection
+        if connection.their_state is h11.IDLE and connection.trailing_data[0]:
+            self._method = b""
+            return self._error(408, close=True)
+        return []
 
     def _respond(self, request: h11.Request, budget: RequestBudget) -> list[bytes]:
         """The response to a whole request, as bytes to send."""
@@ -535,46 +585,150 @@ def _read(fd: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def _content_length(request: h11.Request) -> int | None:
+def _body_headers(request: h11.Request) -> tuple[int | None, bool]:
+    """The request's ``Content-Length`` (``None`` if absent) and whether it has a
+    ``Transfer-Encoding`` (h11 has validated both)."""
+    length = None
+    encoded = False
     for name, value in request.headers:
         if name == b"content-length":
-            return int(value)  # h11 has validated it
-    return None
+            length = int(value)
+        elif name == b"transfer-encoding":
+            encoded = True
+    return length, encoded
 
 
 # -- the actors -------------------------------------------------------------------------
 
 
+class Timeouts:
+    """The head and idle timeouts of every connection of a server, kept by one task.
+
+    A connection waiting for input publishes its deadline in a :class:`Wait`; the
+    :meth:`run` task looks every ``tick`` seconds (an eighth of the shorter timeout, at
+    most one second) and cancels the wait of each connection past its deadline.  So a
+    connection pays two attribute stores per read, not a timer, and one is closed at most
+    ``tick`` seconds after its deadline.
+
+    Args:
+        head_timeout: seconds a request head may take (see :func:`serve`).
+        idle_timeout: seconds a kept-alive connection may wait for a next request.
+
+    Raises:
+        ValueError: a timeout is not a positive number.
+    """
+
+    __slots__ = ("head_timeout", "idle_timeout", "tick", "waits")
+
+    def __init__(self, head_timeout: float = HEAD_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
+        for name, value in (("head_timeout", head_timeout), ("idle_timeout", idle_timeout)):
+            if not value > 0 or math.isinf(value):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
+        self.tick = min(head_timeout, idle_timeout, 8.0) / 8
+        self.waits: set[Wait] = set()
+
+    async def run(self) -> None:
+        """Cancel each wait past its deadline, every ``tick`` seconds, until cancelled."""
+        while True:
+            await anyio.sleep(self.tick)
+            now = anyio.current_time()
+            for wait in self.waits:
+                if wait.deadline <= now:
+                    wait.deadline = math.inf
+                    wait.scope.cancel()
+
+
+class Wait:
+    """A connection's wait for input: its deadline (``math.inf`` while it is not
+    waiting) and the cancel scope :class:`Timeouts` cancels when the deadline passes."""
+
+    __slots__ = ("deadline", "scope")
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.deadline = math.inf
+        self.scope = scope
+
+
 async def serve_connection(
-    port: ports.Port, files: StaticFiles, request_memory: int, pool: MemoryPool | None
+    port: ports.Port,
+    files: StaticFiles,
+    request_memory: int,
+    pool: MemoryPool | None,
+    timeouts: Timeouts | None = None,
 ) -> None:
-    """One client's actor: feed its bytes to an :class:`HttpSession`, send the answers."""
+    """One client's actor: feed its bytes to an :class:`HttpSession`, send the answers.
+
+    With ``timeouts``, only the waits for input are timed: a head must be whole within
+    ``head_timeout`` seconds of its first byte (of the connection's start, for the first
+    one), and a kept-alive connection waits ``idle_timeout`` seconds for a next request;
+    past either it is closed (after a ``408`` if part of a head came).
+    """
     session = HttpSession(files, request_memory, pool)
+    statistics = session.statistics
     async with port:
-        try:
-            async for message in port:
-                if message.__class__ is ports.Data:
-                    session.feed(message.data)  # type: ignore[union-attr]
-                elif message.__class__ is ports.Closed:
-                    session.feed(b"")
+        waiting = HEAD
+        with anyio.CancelScope() as scope:
+            wait = Wait(scope)
+            try:
+                if timeouts is not None:
+                    timeouts.waits.add(wait)
+                    deadline = anyio.current_time() + timeouts.head_timeout
                 else:
-                    continue
+                    deadline = math.inf
                 while True:
-                    chunks = session.responses()
-                    if not chunks:
-                        break
-                    for chunk in chunks:
-                        await port.send(chunk)
-                    session.sent()
-                if session.closing:
-                    await linger(port)
-                    return
-        except ports.BrokenPortError:
-            pass  # the client reset the connection
-        except Exception:  # a bug: this connection alone ends
-            log.exception("connection from %s failed", port.remote_address)
-        finally:
-            session.release()
+                    wait.deadline = deadline
+                    message = await port.receive()
+                    wait.deadline = math.inf
+                    if message.__class__ is ports.Data:
+                        session.feed(message.data)  # type: ignore[union-attr]
+                    elif message.__class__ is ports.Closed:
+                        session.feed(b"")
+                    else:
+                        continue
+                    served = statistics.requests
+                    while True:
+                        chunks = session.responses()
+                        if not chunks:
+                            break
+                        for chunk in chunks:
+                            await port.send(chunk)
+                        session.sent()
+                    if session.closing:
+                        await linger(port)
+                        return
+                    if timeouts is None:
+                        continue
+                    # A deadline runs from the moment the wait it bounds began: bytes that
+                    # trickle in do not move it, a new request (or its first byte) does.
+                    now_waiting = session.waiting_for()
+                    if now_waiting != waiting or statistics.requests != served:
+                        waiting = now_waiting
+                        deadline = anyio.current_time() + (
+                            timeouts.head_timeout
+                            if waiting == HEAD
+                            else timeouts.idle_timeout
+                            if waiting == IDLE
+                            else math.inf
+                        )
+            except (ports.BrokenPortError, ports.EndOfPort):
+                return  # the client reset the connection
+            except Exception:  # a bug: this connection alone ends
+                log.exception("connection from %s failed", port.remote_address)
+                return
+            finally:
+                if timeouts is not None:
+                    timeouts.waits.discard(wait)
+                session.release()
+        # The deadline passed while waiting for input.
+        if waiting == HEAD:
+            try:
+                for chunk in session.timed_out():
+                    port.send_nowait(chunk)  # a few hundred bytes on an idle port
+                await linger(port)
+            except (ports.BrokenPortError, ports.EndOfPort, ports.WouldBlock):
+                pass
 
 
 async def linger(port: ports.Port) -> None:
@@ -600,6 +754,8 @@ async def serve(
     root: str | os.PathLike[str] = ".",
     request_memory: int = REQUEST_MEMORY,
     handler_memory: int = HANDLER_MEMORY,
+    head_timeout: float = HEAD_TIMEOUT,
+    idle_timeout: float = IDLE_TIMEOUT,
     task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the files under ``root`` on ``host:port``; report the bound address through
@@ -612,17 +768,29 @@ async def serve(
         root: the directory to serve.
         request_memory: each request's budget in bytes.
         handler_memory: the budget in bytes of all requests in flight together.
+        head_timeout: seconds a request head may take to arrive whole, from its first
+            byte (from the connection's start for the first request); past it the
+            server answers ``408`` and closes.
+        idle_timeout: seconds a kept-alive connection may wait for its next request
+            before it is closed.
+
+    Raises:
+        ValueError: a timeout is not a positive number.
     """
+    timeouts = Timeouts(head_timeout, idle_timeout)
     files = StaticFiles(root)
     pool = MemoryPool(handler_memory)
     async with (
         await ports.listen_tcp(ios, host, port) as listener,
         anyio.create_task_group() as task_group,
     ):
+        task_group.start_soon(timeouts.run)
         task_status.started(listener.local_address)
         async for accepted in listener:
             if isinstance(accepted, ports.Accepted):
-                task_group.start_soon(serve_connection, accepted.port, files, request_memory, pool)
+                task_group.start_soon(
+                    serve_connection, accepted.port, files, request_memory, pool, timeouts
+                )
 
 
 def byte_size(text: str) -> int:
@@ -633,6 +801,17 @@ def byte_size(text: str) -> int:
     if number <= 0:
         raise argparse.ArgumentTypeError(f"a size must be positive, not {text!r}")
     return number * scale
+
+
+def seconds(text: str) -> float:
+    """``"2.5"`` → 2.5 seconds (positive)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"a timeout must be positive and finite, not {text!r}")
+    return value
 
 
 async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
@@ -660,6 +839,18 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         "(ioserver.open(memory_limit=...)); default: unlimited",
     )
     parser.add_argument(
+        "--head-timeout",
+        type=seconds,
+        default=HEAD_TIMEOUT,
+        help="seconds a request head may take from its first byte; then 408 and close (default 10)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=IDLE_TIMEOUT,
+        help="seconds a kept-alive connection may wait for its next request (default 5)",
+    )
+    parser.add_argument(
         "--switch-interval",
         type=float,
         default=None,
@@ -672,6 +863,8 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         "root": options.root,
         "request_memory": options.request_memory,
         "handler_memory": options.handler_memory,
+        "head_timeout": options.head_timeout,
+        "idle_timeout": options.idle_timeout,
     }
 
     async def run(server: ioserver.IOServer) -> None:

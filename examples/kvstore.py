@@ -25,8 +25,18 @@ How it is built:
 - Keys with a time to live expire on access (a read never sees an expired key) and are
   also swept every 100 ms, so they do not pile up unread.
 - Every actor runs in one event loop, so the store is a plain dict: no lock.  The store
-  itself is not bounded (as Redis without ``maxmemory``); the I/O server's memory budget
-  bounds what is buffered for connections.
+  itself is not bounded (as Redis without ``maxmemory``).
+
+Bounds on what a connection can make the server hold:
+
+- ``--packet-size`` (default 1 MiB; Redis's ``proto-max-bulk-len`` is 512 MB): the
+  largest command on the wire.  The framer refuses a longer one as soon as a header
+  claims it, before anything is allocated for it: the client gets ``-ERR Protocol
+  error: ...`` and its connection is closed.  A command decodes to one ``bytes`` per
+  argument, each argument at least 6 bytes on the wire, so at most about 7 x the packet
+  size in Python objects.
+- ``--memory-limit`` (default 64 MiB): the I/O server's budget for everything buffered,
+  input not yet taken and output not yet written, for every connection together.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ log = logging.getLogger("kvstore")
 OK = b"+OK\r\n"
 NULL = b"$-1\r\n"
 SWEEP_INTERVAL = 0.1  # seconds between sweeps of expired keys
+PACKET_SIZE = 1 << 20  # bytes: the largest command (--packet-size)
+MEMORY_LIMIT = 64 << 20  # bytes: the I/O server's budget (--memory-limit)
 INFINITY = float("inf")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -368,12 +380,17 @@ async def serve(
     port: int = 6380,
     *,
     store: Store | None = None,
+    packet_size: int = PACKET_SIZE,
     task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the store on ``host:port``; reports the bound address through ``task_status``."""
+    """Serve the store on ``host:port``; reports the bound address through ``task_status``.
+
+    ``packet_size`` is the largest command in bytes: a longer one is answered with
+    ``-ERR Protocol error`` and its connection closed.
+    """
     store = Store() if store is None else store
     async with (
-        await ports.listen_tcp(ios, host, port, packet="resp", packet_size=512 << 20) as listener,
+        await ports.listen_tcp(ios, host, port, packet="resp", packet_size=packet_size) as listener,
         anyio.create_task_group() as task_group,
     ):
         task_group.start_soon(sweep_expired, store)
@@ -383,13 +400,51 @@ async def serve(
                 task_group.start_soon(serve_connection, accepted.port, store)
 
 
+def byte_size(text: str) -> int:
+    """``"1048576"``, ``"64k"``, ``"1M"``, ``"2G"`` → bytes (powers of 1024)."""
+    text = text.strip()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    try:
+        number = int(text[:-1] if scale != 1 else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, not {text!r}")
+    return number * scale
+
+
 async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(prog="kvstore", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=6380, help="TCP port (default 6380)")
+    parser.add_argument(
+        "--packet-size",
+        type=byte_size,
+        default=PACKET_SIZE,
+        help="the largest command in bytes (default 1M)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=byte_size,
+        default=MEMORY_LIMIT,
+        help="the I/O server's budget for buffered input and output "
+        "(ioserver.open(memory_limit=...); default 64M)",
+    )
     options = parser.parse_args(argv)
-    async with anyio.create_task_group() as task_group:
-        address = await task_group.start(serve, ios, options.host, options.port)
+    # `ioserver run` opened `ios` without a budget: serve from one opened with it.
+    async with (
+        ioserver.open(memory_limit=options.memory_limit) as bounded,
+        anyio.create_task_group() as task_group,
+    ):
+        address = await task_group.start(
+            lambda task_status: serve(
+                bounded,
+                options.host,
+                options.port,
+                packet_size=options.packet_size,
+                task_status=task_status,
+            )
+        )
         print(
             f"kvstore on {address[0]}:{address[1]} - try: redis-cli -p {address[1]} ping",
             flush=True,

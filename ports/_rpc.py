@@ -58,7 +58,7 @@ from ioserver._exceptions import (
     OptionError,
     WouldBlock,
 )
-from ioserver._framing import PacketTooLarge
+from ioserver._framing import DEFAULT_PACKET_SIZE, PacketTooLarge
 from ioserver._messages import Accepted, Closed, Data
 from ioserver._server import IOServer
 
@@ -66,6 +66,7 @@ from ._port import Listener, Port, PortOptions, connect_tcp
 from ._rpc_codec import (
     DEFAULT_MAX_DEPTH,
     Codec,
+    DecodeLimits,
     RPCDecodeError,
     RPCError,
     packb,
@@ -206,6 +207,33 @@ def _framing(port: Any) -> bool:
     )
 
 
+def _frame_limits(port: Port, codec: Codec[Any]) -> DecodeLimits:
+    """What one frame received on ``port`` may decode to: derived from the port's
+    ``packet_size`` (see :meth:`DecodeLimits.for_packet_size`); the envelope adds one
+    level of nesting to the codec's ``max_depth``."""
+    framer = port._framer
+    packet_size = getattr(framer, "_limit", DEFAULT_PACKET_SIZE)
+    return DecodeLimits.for_packet_size(packet_size, max_depth=codec.max_depth + 1)
+
+
+_ID_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def _peek_ident(data: Any, kinds: tuple[int, ...]) -> int | None:
+    """The id of an envelope ``[kind, id, ...]`` read from the frame's first bytes, when
+    ``kind`` is one of ``kinds`` - so a frame refused before decoding (over its limits)
+    can still be answered to its call; else ``None``."""
+    if len(data) < 3 or data[0] not in (0x93, 0x94) or data[1] not in kinds:
+        return None
+    first = data[2]
+    if first < 0x80:
+        return int(first)
+    size = _ID_SIZES.get(first)
+    if size is None or len(data) < 3 + size:
+        return None
+    return int.from_bytes(data[3 : 3 + size], "big")
+
+
 class _Sender:
     """Sends frames for many tasks on one port; only a busy port makes them take turns."""
 
@@ -287,6 +315,7 @@ class Client(Generic[Request, Reply]):
         "_encode",
         "_interface",
         "_last_id",
+        "_limits",
         "_parker",
         "_port",
         "_sender",
@@ -298,6 +327,7 @@ class Client(Generic[Request, Reply]):
         self._encode = _encoder(self._bytes_frames)
         self._port = port
         self._interface = interface
+        self._limits = _frame_limits(port, interface.reply)
         self._sender = _Sender(port)
         self._calls: dict[int, _Call] = {}
         self._last_id = 0
@@ -450,8 +480,17 @@ class Client(Generic[Request, Reply]):
         counts = self._counts
         if self._bytes_frames:
             try:
-                envelope = unpackb(data)
+                envelope = unpackb(data, self._limits)
             except RPCDecodeError as exc:
+                ident = _peek_ident(data, (REPLY, ERROR))
+                refused = self._calls.pop(ident, None) if ident is not None else None
+                if refused is not None:  # its call gets the error, at once
+                    counts[5] += 1
+                    counts[1] += 1
+                    refused.error = exc
+                    refused.done = True
+                    self._parker.wake(refused)
+                    return
                 counts[7] += 1
                 log.warning("RPC client on %r: ignoring a malformed frame: %s", self._port, exc)
                 return
@@ -617,6 +656,7 @@ async def serve(
     statistics = ServerStatistics()
     room: anyio.Event | None = None  # set when a handler ends below the limit
     request_codec = interface.request
+    limits = _frame_limits(port, request_codec)
     reply_classes = interface._reply_classes
     in_flight = 0
 
@@ -673,7 +713,7 @@ async def serve(
                 data: Any = message.data  # type: ignore[union-attr]
                 ident: Any = None
                 try:
-                    envelope = unpackb(data) if bytes_frames else data
+                    envelope = unpackb(data, limits) if bytes_frames else data
                     if envelope.__class__ is list and len(envelope) >= 2:
                         ident = envelope[1] if envelope[1].__class__ is int else None
                     if (
@@ -687,6 +727,8 @@ async def serve(
                         )
                     request = request_codec.from_wire(envelope[2])
                 except RPCDecodeError as exc:
+                    if ident is None and bytes_frames:
+                        ident = _peek_ident(data, (REQUEST,))
                     statistics.decode_errors += 1
                     await answer(encode([ERROR, ident, "decode", str(exc)]), ident)
                     continue

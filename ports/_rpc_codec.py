@@ -59,7 +59,9 @@ from ioserver._exceptions import IOServerError
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "ITEM_BYTES",
     "Codec",
+    "DecodeLimits",
     "RPCDecodeError",
     "RPCError",
     "tag",
@@ -71,6 +73,12 @@ C = TypeVar("C", bound=type)
 
 #: The deepest nesting of arrays and maps a decoded value may have, by default.
 DEFAULT_MAX_DEPTH = 256
+
+#: msgpack's parser refuses deeper nesting than this (its stack).
+_PARSER_MAX_DEPTH = 1024
+
+#: Bytes of ``packet_size`` per value a frame may decode to (see :class:`DecodeLimits`).
+ITEM_BYTES = 8
 
 
 class RPCError(IOServerError):
@@ -203,17 +211,186 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not part of the RPC wire format")
 
 
-def unpackb(data: bytes) -> Any:
-    """Parse one msgpack frame (no validation against a type).
+@final
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What one msgpack frame may make the decoder build, checked before anything is built.
+
+    A msgpack value can be much larger in memory than on the wire: each one-byte empty
+    array becomes a 56-byte list plus an 8-byte slot in its parent (a 1 MiB frame of them
+    is 65 MiB of lists), and msgpack preallocates each array from its declared length.
+    So :func:`unpackb` first walks the frame's structure without building anything and
+    refuses it unless every container's declared length is present in the frame, the
+    nesting is at most ``max_depth`` and the values number at most ``max_items``; only
+    then does msgpack build the value.  A frame that passes holds at most ``max_items``
+    Python objects (each at most about 72 bytes, strings and bins plus their payload).
+
+    Attributes:
+        max_depth: the deepest nesting of arrays and maps (the frame's outermost array
+            is depth 1).
+        max_items: the most values in all the frame's arrays and maps together (each
+            array item, each map key and each map value counts one).
+
+    Build it from a port's ``packet_size`` with :meth:`for_packet_size`.
+
+    Raises:
+        ValueError: a limit is not a positive int.
+    """
+
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_items: int = (64 << 20) // ITEM_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("max_depth", "max_items"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+
+    @classmethod
+    def for_packet_size(cls, packet_size: int, max_depth: int = DEFAULT_MAX_DEPTH) -> DecodeLimits:
+        """The limits for frames of at most ``packet_size`` bytes: one value per
+        :data:`ITEM_BYTES` (8) bytes of ``packet_size``, so a frame decodes to at most
+        about 9 x ``packet_size`` bytes of Python objects, whatever it holds.
+
+        Raises:
+            ValueError: ``packet_size`` or ``max_depth`` is not a positive int.
+        """
+        if isinstance(packet_size, bool) or not isinstance(packet_size, int) or packet_size <= 0:
+            raise ValueError(f"packet_size must be a positive int, not {packet_size!r}")
+        return cls(max_depth=max_depth, max_items=max(1, packet_size // ITEM_BYTES))
+
+
+#: For the first byte of a msgpack value in 0xc0-0xdf: its whole size when fixed (> 0),
+#: else -1 (str/bin with a 1/2/4-byte length: -1/-2/-4 is carried below), 0 for refused.
+_SIZES = [0] * 32
+for _byte, _size in {
+    0xC0: 1, 0xC2: 1, 0xC3: 1,  # nil, false, true
+    0xCA: 5, 0xCB: 9,  # float 32, 64
+    0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,  # uint 8-64
+    0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9,  # int 8-64
+}.items():  # fmt: skip
+    _SIZES[_byte - 0xC0] = _size
+#: Variable-size values in 0xc0-0xdf: (kind, bytes of the length): kind 0 str/bin, 1 array,
+#: 2 map.  Ext types (0xc7-0xc9, 0xd4-0xd8) and 0xc1 are neither: refused.
+_VARIABLE = {
+    0xC4: (0, 1), 0xC5: (0, 2), 0xC6: (0, 4),  # bin 8-32
+    0xD9: (0, 1), 0xDA: (0, 2), 0xDB: (0, 4),  # str 8-32
+    0xDC: (1, 2), 0xDD: (1, 4),  # array 16, 32
+    0xDE: (2, 2), 0xDF: (2, 4),  # map 16, 32
+}  # fmt: skip
+
+
+def check_frame(data: bytes, limits: DecodeLimits) -> None:
+    """Walk the structure of one msgpack frame without building it; refuse it unless it is
+    exactly one value within ``limits`` (see :class:`DecodeLimits`) and without ext types.
+
+    Raises:
+        RPCDecodeError: the frame is truncated, has bytes after its value, uses an ext
+            type or a reserved byte, declares a container longer than what is left of the
+            frame, nests deeper than ``limits.max_depth`` or holds more than
+            ``limits.max_items`` values.
+    """
+    end = len(data)
+    position = 0
+    todo = 1  # values still to read in the innermost open container (the frame: 1)
+    stack: list[int] = []  # what is still to read in each enclosing container
+    items = 0
+    max_depth = limits.max_depth
+    max_items = limits.max_items
+    sizes = _SIZES
+    while True:
+        if position >= end:
+            raise RPCDecodeError("not a msgpack frame: truncated")
+        first = data[position]
+        if first < 0x80 or first >= 0xE0:  # positive and negative fixint
+            position += 1
+            count = -1
+        elif first >= 0xA0 and first < 0xC0:  # fixstr
+            position += 1 + (first & 0x1F)
+            count = -1
+        elif first < 0xA0:  # fixmap (0x80-0x8f), fixarray (0x90-0x9f)
+            position += 1
+            count = (first & 0x0F) * 2 if first < 0x90 else first & 0x0F
+        else:
+            size = sizes[first - 0xC0]
+            if size:
+                position += size
+                count = -1
+            else:
+                variable = _VARIABLE.get(first)
+                if variable is None:
+                    what = "a reserved byte" if first == 0xC1 else f"ext type 0x{first:02x}"
+                    raise RPCDecodeError(
+                        f"not a msgpack frame: {what} at {position} (ext types are not part "
+                        "of the RPC wire format)"
+                    )
+                kind, length_bytes = variable
+                start = position + 1
+                position = start + length_bytes
+                if position > end:
+                    raise RPCDecodeError("not a msgpack frame: truncated")
+                length = int.from_bytes(data[start:position], "big")
+                if kind == 0:
+                    position += length
+                    count = -1
+                else:
+                    count = length * 2 if kind == 2 else length
+        if count >= 0:  # a container of ``count`` values
+            if len(stack) >= max_depth:
+                raise RPCDecodeError(
+                    f"frame refused: nested deeper than {max_depth} arrays and maps (max_depth)"
+                )
+            if count:
+                if count > end - position:  # each value takes at least one byte
+                    raise RPCDecodeError(
+                        f"not a msgpack frame: a container of {count} values at "
+                        f"{position} with {end - position} bytes left"
+                    )
+                items += count
+                if items > max_items:
+                    raise RPCDecodeError(
+                        f"frame refused: it holds more than {max_items} values (max_items: "
+                        f"one per {ITEM_BYTES} bytes of the port's packet_size)"
+                    )
+                stack.append(todo - 1)
+                todo = count
+                continue
+        todo -= 1
+        while not todo:
+            if not stack:
+                if position != end:
+                    raise RPCDecodeError(
+                        "not a msgpack frame: truncated"
+                        if position > end
+                        else f"not a msgpack frame: {end - position} bytes after its value"
+                    )
+                return
+            todo = stack.pop()
+
+
+def unpackb(data: bytes, limits: DecodeLimits | None = None) -> Any:
+    """Parse one msgpack frame (no validation against a type), within ``limits``.
+
+    The frame's structure is checked first (:func:`check_frame`), so a frame that would
+    decode to more than ``limits`` allows is refused before anything is built.
+
+    Args:
+        data: the frame.
+        limits: what it may decode to; default :class:`DecodeLimits()` (the limits for
+            the default ``packet_size`` of 64 MiB).
 
     Raises:
         RPCDecodeError: ``data`` is not exactly one well-formed msgpack object, uses ext
-            types, or nests too deep for the parser.
+            types, or passes ``limits``.
     """
+    check_frame(data, _DEFAULT_LIMITS if limits is None else limits)
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
     except Exception as exc:  # untrusted bytes: any failure is the sender's fault
         raise RPCDecodeError(f"not a msgpack frame: {str(exc) or type(exc).__name__}") from None
+
+
+_DEFAULT_LIMITS = DecodeLimits()
 
 
 # -- decoding -------------------------------------------------------------------------------
@@ -621,7 +798,7 @@ class Codec(Generic[T]):
         ValueError: ``max_depth`` is not a positive int.
     """
 
-    __slots__ = ("_decode", "max_depth", "type")
+    __slots__ = ("_decode", "_limits", "max_depth", "type")
 
     def __init__(
         self,
@@ -634,6 +811,9 @@ class Codec(Generic[T]):
             raise ValueError(f"max_depth must be a positive int, not {max_depth!r}")
         self.type = tp
         self.max_depth = max_depth
+        # The walk checks max_depth itself, saying where; the frame check stops at the
+        # depth msgpack's parser stops at.
+        self._limits = DecodeLimits(max_depth=max(max_depth, _PARSER_MAX_DEPTH))
         with _COMPILE_LOCK:  # compiling fills shared caches; decoding reads them only
             if namespace:
                 self._decode = _Compiler().compile(tp, namespace)
@@ -649,14 +829,27 @@ class Codec(Generic[T]):
         """
         return packb(value)
 
-    def decode(self, data: bytes | bytearray | memoryview) -> T:
+    def decode(
+        self, data: bytes | bytearray | memoryview, *, limits: DecodeLimits | None = None
+    ) -> T:
         """Parse one msgpack frame and validate it against the type.
+
+        Args:
+            data: the frame.
+            limits: what the frame may decode to, checked before anything is built
+                (see :class:`DecodeLimits`); default: the ``max_items`` of the default
+                ``packet_size`` (64 MiB), and nesting as deep as msgpack parses (1024:
+                the walk then refuses what is deeper than ``max_depth``, saying where).  Pass
+                ``DecodeLimits.for_packet_size(n)`` for frames of at most ``n`` bytes.
 
         Raises:
             RPCDecodeError: not msgpack, an unknown tag, a wrong field type, a missing or
-                extra field, or nested deeper than ``max_depth``; the message says where.
+                extra field, nested deeper than ``max_depth``, or over ``limits``; the
+                message says where.
         """
-        return self.from_wire(unpackb(bytes(data)))
+        if limits is None:
+            limits = self._limits
+        return self.from_wire(unpackb(bytes(data), limits))
 
     def from_wire(self, value: Any) -> T:
         """Validate an already parsed msgpack value (e.g. from a ``packet="msgpack"``

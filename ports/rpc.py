@@ -40,7 +40,10 @@ listener with :func:`serve_listener`); the client multiplexes calls over one por
 Every message is validated against its type when it is decoded: a frame that is not
 msgpack, has an unknown tag, a field of the wrong type, a missing or extra field, or nests
 deeper than ``max_depth`` is an :exc:`RPCDecodeError` for the one it concerns - the
-server answers it with an error and goes on serving.  The wire format (tagged msgpack
+server answers it with an error and goes on serving.  Before a frame is decoded its
+structure is checked against :class:`DecodeLimits` derived from the port's
+``packet_size`` (at most one value per 8 bytes of it), so a small frame that would
+expand into a large value is refused before anything is built.  The wire format (tagged msgpack
 arrays inside ``[kind, id, ...]`` envelopes) is described in :mod:`ports._rpc_codec`,
 :mod:`ports._rpc` and ``docs/reference/rpc-wire-format.rst``.
 """
@@ -54,7 +57,9 @@ from ._rpc import connect as connect
 from ._rpc import serve as serve
 from ._rpc import serve_listener as serve_listener
 from ._rpc_codec import DEFAULT_MAX_DEPTH as DEFAULT_MAX_DEPTH
+from ._rpc_codec import ITEM_BYTES as ITEM_BYTES
 from ._rpc_codec import Codec as Codec
+from ._rpc_codec import DecodeLimits as DecodeLimits
 from ._rpc_codec import RPCDecodeError as RPCDecodeError
 from ._rpc_codec import RPCError as RPCError
 from ._rpc_codec import tag as tag
@@ -62,9 +67,11 @@ from ._rpc_codec import tag_of as tag_of
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "ITEM_BYTES",
     "Client",
     "ClientStatistics",
     "Codec",
+    "DecodeLimits",
     "Interface",
     "RPCDecodeError",
     "RPCError",

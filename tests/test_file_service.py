@@ -5,16 +5,22 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import struct
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import anyio
+import anyio.abc
+import msgpack
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 import ioserver
 from ports import rpc
@@ -196,3 +202,69 @@ def test_the_service_and_its_client_run_as_commands(tree: Path) -> None:
         for pipe in (server.stdout, server.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def _hostile_frame(kind: str, ident: int) -> bytes:
+    """A request envelope ``[0, ident, [...]]`` of about 1 MiB whose value expands: a
+    million empty arrays (64 bytes of list each), or 350,000 16-bit ints (36 bytes each)."""
+    if kind == "empty arrays":
+        count, item = 1 << 20, b"\x90"
+    else:
+        count, item = 350_000, b"\xcd\x12\x34"
+    return b"\x93\x00" + bytes([ident]) + b"\xdd" + struct.pack(">I", count) + item * count
+
+
+async def _exchange(stream: anyio.abc.SocketStream, frame: bytes) -> Any:
+    await stream.send(struct.pack(">I", len(frame)) + frame)
+    buffered = BufferedByteReceiveStream(stream)
+    with anyio.fail_after(10):
+        (size,) = struct.unpack(">I", await buffered.receive_exactly(4))
+        return msgpack.unpackb(await buffered.receive_exactly(size), raw=False)
+
+
+@pytest.mark.parametrize("kind", ["empty arrays", "small ints"])
+async def test_a_frame_that_would_expand_is_refused_before_it_is_decoded(
+    ios: ioserver.IOServer, tree: Path, kind: str
+) -> None:
+    frame = _hostile_frame(kind, ident=7)
+    assert len(frame) < fs.PACKET_SIZE  # the framing lets it through: the decoder decides
+    async with file_client(ios, tree) as bystander:
+        assert await bystander.call(Request.Exists("a.txt"), timeout=10) == Reply.Exists(True)
+        address = bystander.port.remote_address
+        async with await anyio.connect_tcp(*address[:2]) as hostile:
+            tracemalloc.start()
+            try:
+                answer = await _exchange(hostile, frame)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            # The service held a few times the frame, not the 15-65 times it decodes to...
+            assert peak < 8 * len(frame), f"{peak / len(frame):.1f} x the frame"
+            # ...and that peer alone got a typed error, for its request id, saying why.
+            assert answer[:3] == [2, 7, "decode"], answer
+            assert "more than" in answer[3] and "values" in answer[3], answer
+            # Its connection goes on, and so does everyone else's.
+            good = msgpack.packb([0, 8, ["Exists", "a.txt"]])
+            assert await _exchange(hostile, good) == [1, 8, ["Exists", True]]
+        assert await bystander.call(Request.Get("a.txt"), timeout=10) == Reply.Content("alpha\n")
+
+
+async def test_a_typed_client_gets_the_refusal_of_its_own_call(
+    ios: ioserver.IOServer, tree: Path
+) -> None:
+    # A legitimate but too dense request: 300,000 paths of one byte each fit in a frame of
+    # 2 MiB, but decode to more values than its limits allow.
+    @dataclass(frozen=True, slots=True)
+    class Many:
+        paths: list[str]
+
+    interface: rpc.Interface[Any, Any] = rpc.Interface(Many, fs.AnyReply)
+    async with anyio.create_task_group() as task_group:
+        address = await task_group.start(fs.serve, ios, "127.0.0.1", 0, str(tree))
+        async with await rpc.connect(
+            ios, *address, interface, packet_size=fs.PACKET_SIZE
+        ) as client:
+            with pytest.raises(rpc.RPCDecodeError, match=r"more than \d+ values") as caught:
+                await client.call(Many(["a"] * 300_000), timeout=10)
+            assert caught.value.remote
+        task_group.cancel_scope.cancel()

@@ -186,3 +186,25 @@ async def test_redis_cli_talks_to_it(ios: ioserver.IOServer) -> None:
         with anyio.fail_after(20):
             result = await anyio.run_process(base, input=b"get n\nincr n\n")
         assert result.stdout.decode().split() == ["1", "2"]
+
+
+@pytest.mark.anyio
+async def test_a_command_over_the_packet_size_is_refused_at_its_header(
+    ios: ioserver.IOServer,
+) -> None:
+    # A bulk string that claims 2 MiB (the default packet size is 1 MiB) is refused when
+    # its header arrives, before its bytes are sent, and only that connection ends.
+    async with serving(ios) as address, await anyio.connect_tcp(*address) as bystander:
+        async with await anyio.connect_tcp(*address) as client:
+            await client.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % (2 << 20))
+            reply = b""
+            with anyio.fail_after(5):
+                try:
+                    while True:
+                        reply += await client.receive()
+                except anyio.EndOfStream:
+                    pass
+            assert reply.startswith(b"-ERR Protocol error: ")
+            assert str(kvstore.PACKET_SIZE).encode() in reply
+        await bystander.send(command("PING"))
+        assert await receive_exactly(bystander, 7) == b"+PONG\r\n"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 
 import ioserver
 import ports
-from ports import rpc
+from ports import _rpc_codec, rpc
 
 # -- the types under test (module level: their string annotations resolve here) ----------
 
@@ -750,3 +752,115 @@ async def test_max_concurrent_calls_bounds_the_handlers_running_at_once(
 
 
 Statistics = rpc.ServerStatistics
+
+
+# -- frame limits: refused before anything is built ---------------------------------------
+
+
+def test_frame_limits_derive_from_the_packet_size() -> None:
+    limits = rpc.DecodeLimits.for_packet_size(1 << 20, max_depth=9)
+    assert (limits.max_items, limits.max_depth) == ((1 << 20) // rpc.ITEM_BYTES, 9)
+    with pytest.raises(ValueError):
+        rpc.DecodeLimits(max_items=0)
+    with pytest.raises(ValueError):
+        rpc.DecodeLimits.for_packet_size(0)
+
+
+def test_a_frame_over_its_limits_is_refused_and_one_within_them_decodes() -> None:
+    codec = rpc.Codec(list[int])
+    frame = codec.encode(list(range(100)))
+    assert codec.decode(frame, limits=rpc.DecodeLimits(max_items=100)) == list(range(100))
+    with pytest.raises(rpc.RPCDecodeError, match="more than 99 values"):
+        codec.decode(frame, limits=rpc.DecodeLimits(max_items=99))
+    nested = rpc.Codec(Any).encode([[[[1]]]])
+    assert rpc.Codec(Any).decode(nested, limits=rpc.DecodeLimits(max_depth=4)) == [[[[1]]]]
+    with pytest.raises(rpc.RPCDecodeError, match="nested deeper than 3"):
+        rpc.Codec(Any).decode(nested, limits=rpc.DecodeLimits(max_depth=3))
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"\x92\x01", "a container of 2 values at 1 with 1 bytes left"),
+        (b"\x92\x01\xcd\x01", "truncated"),
+        (b"\x91\x01\x02", "1 bytes after its value"),
+        (b"\xd9\x05abc", "truncated"),
+        (b"\xc7\x01\x05x", "ext type"),
+        (b"\xd4\x01\x00", "ext type"),
+        (b"\xc1", "reserved byte"),
+        (b"\xdd\xff\xff\xff\xff\x01", "container of 4294967295 values"),
+        (b"\xdf\x00\x01\x00\x00\x01\x02", "container of 131072 values"),
+    ],
+)
+def test_malformed_frames_are_refused_by_the_check(frame: bytes, reason: str) -> None:
+    with pytest.raises(rpc.RPCDecodeError, match=reason):
+        rpc.Codec(Any).decode(frame)
+
+
+def test_headers_that_claim_more_than_the_frame_holds_allocate_nothing() -> None:
+    # 200,000 nested array headers, each claiming a million items: msgpack preallocates
+    # each list from its header, so parsing this 1 MB frame held 80+ MB before it failed.
+    frame = (b"\xdd" + struct.pack(">I", 1_000_000)) * 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(rpc.RPCDecodeError):
+            rpc.Codec(Any).decode(frame)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(frame), f"{peak / len(frame):.1f} x the frame"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text(max_size=40)
+        | st.binary(max_size=300),
+        lambda children: (
+            st.lists(children, max_size=20)
+            | st.dictionaries(st.text(max_size=5), children, max_size=20)
+        ),
+        max_leaves=60,
+    )
+)
+def test_the_check_accepts_every_msgpack_value_and_no_truncation(value: Any) -> None:
+    frame = msgpack.packb(value, use_bin_type=True)
+    limits = rpc.DecodeLimits()
+    _rpc_codec.check_frame(frame, limits)
+    for cut in range(len(frame)):
+        with pytest.raises(rpc.RPCDecodeError):
+            _rpc_codec.check_frame(frame[:cut], limits)
+
+
+@pytest.mark.anyio
+async def test_a_reply_over_the_clients_limits_fails_its_call_at_once(
+    ios: ioserver.IOServer,
+) -> None:
+    # A server that answers with 20,000 empty arrays: 20 KB, within the client's 64 KiB
+    # packet_size, but over its 8,192 values.  The call gets the refusal, not a timeout.
+    async def hostile(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            request = await receive_frame(BufferedByteReceiveStream(stream))
+            flood = b"\xdc" + struct.pack(">H", 20_000) + b"\x90" * 20_000
+            await send_frame(stream, b"\x93\x01" + msgpack.packb(request[1]) + flood)
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                await stream.receive()  # until the client closes (or resets)
+
+    async with (
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
+        anyio.create_task_group() as task_group,
+    ):
+        task_group.start_soon(listener.serve, hostile)
+        address = listener.extra(anyio.abc.SocketAttribute.local_address)
+        connecting = rpc.connect(ios, *address[:2], SERVICE, packet_size=64 * 1024)
+        async with await connecting as client:
+            with anyio.fail_after(10), pytest.raises(rpc.RPCDecodeError) as caught:
+                await client.call(Echo(Leaf(1)))
+            assert "more than 8192 values" in str(caught.value)
+            assert not caught.value.remote
+            assert client.statistics().decode_errors == 1
+        task_group.cancel_scope.cancel()
