@@ -29,6 +29,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,8 @@ class Conn:
         "fd",
         "framer",
         "global_paused",
+        "held",
+        "held_bytes",
         "high_msgq",
         "high_msgq_messages",
         "kind",
@@ -164,6 +167,11 @@ class Conn:
         # difference is what is buffered, undelivered, in the event loop.
         self.framer: Any = None
         self.sizes: Any = None  # the port's deque of message sizes, for decoded objects
+        # Packets a framed read decoded beyond the active credit: (payload, wire size)
+        # in order, delivered by the next grants (see _deliver_payloads).  Non-empty only
+        # while the credit is 0, and then the socket is not read.
+        self.held: deque[tuple[Any, int]] | None = None
+        self.held_bytes = 0
         self.delivered_messages = 0
         self.delivered_bytes = 0
         self.high_msgq = 1 << 62
@@ -537,6 +545,7 @@ class IOThread:
         mask = 0
         if (
             conn.credit
+            and not conn.held
             and not conn.read_eof
             and not conn.close_pending
             and not conn.msgq_paused
@@ -880,7 +889,9 @@ class IOThread:
         if port is not None and port._remote:
             port._gone()  # a daemon's client port: the client forgets it
         if conn.kind == STREAM and conn.framer is not None:
-            self.framing_bytes -= conn.framer.buffered
+            self.framing_bytes -= conn.framer.buffered + conn.held_bytes
+            conn.held = None
+            conn.held_bytes = 0
         self._interest(conn, 0)
         if self._table[conn.fd] is conn:
             self._table[conn.fd] = None
@@ -912,7 +923,10 @@ class IOThread:
 
     def _deliver_framed(self, conn: Conn, n: int) -> bool:
         """Feed a read to the port's framer and deliver the whole messages; False if the
-        port was closed for a framing error."""
+        port was closed for a framing error.
+
+        The active credit counts packets, not reads (Erlang's ``{active, once}`` is one
+        packet): packets decoded beyond it are held, in order, for the next grants."""
         framer = conn.framer
         before = framer.buffered
         try:
@@ -930,33 +944,84 @@ class IOThread:
             self.delivered_total -= n
             self._buffer_limit_error(conn, after)
             return False
-        size = 0
+        # The round adds n to delivered_total (as for raw reads): what is delivered adds
+        # itself back (see _deliver_payloads), what is held is charged as framing.
+        self.delivered_total -= n
         if payloads:
-            port = conn.port
-            deliver = conn.deliver
-            sizes = conn.sizes
-            if sizes is None:  # bytes payloads: their own length
-                for payload in payloads:
-                    size += len(payload)
+            if conn.sizes is None:  # bytes payloads: their own length
+                shares = [len(payload) for payload in payloads]
             else:
                 # Decoded objects: charge the wire bytes this read consumed, shared among
                 # its messages; the port credits each back as its owner takes it.
-                size = n + before - after
-                share, extra = divmod(size, len(payloads))
+                share, extra = divmod(n + before - after, len(payloads))
                 shares = [share] * len(payloads)
                 shares[-1] += extra
-                sizes.extend(shares)
-            for payload in payloads:
-                message = object.__new__(Data)
-                _SET_DATA(message, payload)
-                deliver((port, message))
-            conn.delivered_messages += len(payloads)
-            conn.delivered_bytes += size
-            if conn.credit > 0:
-                self._spend_credit(conn, len(payloads))
-        # The round adds n to delivered_total (as for raw reads): correct it to the payloads.
-        self.delivered_total += size - n
+            self._deliver_payloads(conn, payloads, shares)
         return True
+
+    def _deliver_payloads(self, conn: Conn, payloads: list[Any], shares: list[int]) -> None:
+        """Deliver decoded packets while the active credit lasts; hold the rest.
+
+        Each delivered packet spends one credit; when the credit reaches 0 the port turns
+        passive (and with ``active=N`` its owner gets :class:`~ioserver.Passive` after the
+        last packet).  Held packets are charged to the budget as framing bytes until a
+        grant (:meth:`_deliver_held`) delivers them."""
+        credit = conn.credit
+        count = len(payloads)
+        if 0 <= credit < count:
+            rest = count - credit
+            held = conn.held
+            if held is None:
+                held = conn.held = deque()
+            held.extend(zip(payloads[credit:], shares[credit:], strict=True))
+            held_size = sum(shares[credit:])
+            conn.held_bytes += held_size
+            self.framing_bytes += held_size
+            if conn.held_bytes > conn.peak_buffered:
+                conn.peak_buffered = conn.held_bytes
+            del payloads[credit:]
+            del shares[credit:]
+            count -= rest
+            if not count:
+                self._stream_interest(conn)
+                return
+        port = conn.port
+        deliver = conn.deliver
+        for payload in payloads:
+            message = object.__new__(Data)
+            _SET_DATA(message, payload)
+            deliver((port, message))
+        size = sum(shares)
+        if conn.sizes is not None:
+            conn.sizes.extend(shares)
+        conn.delivered_messages += count
+        conn.delivered_bytes += size
+        self.delivered_total += size
+        if credit > 0:
+            self._spend_credit(conn, count)
+
+    def _deliver_held(self, conn: Conn) -> None:
+        """A grant (an active mode, a passive read) came: deliver held packets first, as
+        far as the credit goes; the socket is read again only once none is held."""
+        held = conn.held
+        assert held is not None
+        count = len(held) if conn.credit < 0 else min(conn.credit, len(held))
+        payloads: list[Any] = []
+        shares: list[int] = []
+        for _ in range(count):
+            payload, share = held.popleft()
+            payloads.append(payload)
+            shares.append(share)
+        size = sum(shares)
+        conn.held_bytes -= size
+        self.framing_bytes -= size
+        if payloads:
+            self._deliver_payloads(conn, payloads, shares)
+            if (
+                conn.delivered_bytes > conn.check_bytes
+                or conn.delivered_messages > conn.check_messages
+            ):
+                self._check_msgq(conn)
 
     def _frame_error(self, conn: Conn, exc: FrameError) -> None:
         """The peer broke the packet mode: tell the owner why, then close the port.
@@ -1207,6 +1272,8 @@ class IOThread:
         conn.credit = credit
         conn.notify_passive = notify
         if conn.kind == STREAM:
+            if credit and conn.held:
+                self._deliver_held(conn)
             self._stream_interest(conn)
         elif conn.kind == LISTENER and not conn.paused:
             self._interest(conn, READ if credit else 0)
@@ -1221,6 +1288,8 @@ class IOThread:
         conn.credit = 1
         conn.notify_passive = False
         if conn.kind == STREAM:
+            if conn.held:
+                self._deliver_held(conn)
             self._stream_interest(conn)
         elif not conn.paused:
             self._interest(conn, READ)

@@ -837,7 +837,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         conn = self._conn
         if conn is None:
             return super().statistics()
-        framing = self._framer.buffered if self._framer is not None else 0
+        framing = self._framer.buffered + conn.held_bytes if self._framer is not None else 0
         return PortStatistics(
             messages_buffered=len(self._buffer),
             bytes_received=conn.bytes_in,
