@@ -17,6 +17,39 @@ A round of the loop::
 
 Errors are contained: an exception while handling one port's event or command closes that
 port with a :class:`~._messages.Closed` message naming the error, and the thread goes on.
+
+Receive flow control
+--------------------
+Three things decide whether a stream's socket is read, each on its own (``_stream_interest``):
+
+*The active credit* (Erlang's ``{active, ...}``): -1 reads freely, 0 not at all, N > 0 lets
+N more **packets** through.  A framed read can decode several packets; those beyond the
+credit are *held* in the ``Conn`` (``held``, charged to the budget as framing bytes) and
+the socket is not read while any is held.  A grant - ``cmd_set_active`` or a passive
+``receive`` (``cmd_read_once``) - delivers held packets first, as far as its credit goes,
+and only then reads again; so an EOF or error read later comes after them, as in Erlang.
+
+*The port's watermarks* (``high_msgq_watermark``...): delivered and not yet taken above
+high stops this socket until the owner has taken it down to low (``_pause_msgq``, and the
+generation handshake with the port's ``_maybe_resume``).
+
+*The global budget* (``memory_limit``, ``L``): once a round, ``_memory_check`` computes the
+headroom ``L - memory_in_use()``.  It is split in two.  An ordinary read needs a whole read
+(64 KiB) of headroom **plus the reserve** (``L // 4``): so ordinary input stops at three
+quarters of the budget and the ports it paused resume together at one half.  The reserve
+is for the ports whose owner **waits** - a task parked in ``receive``/``select`` on the
+port, having taken everything delivered to it - which may read while a whole read fits
+under ``L`` (``_budget_blocks``).  Such a read is taken at once by the waiting task, so it
+frees itself; a port is never starved by the others' input filling the budget, whatever
+order an actor reads its ports in.  When a waiting port finds no room even in the reserve,
+it is a *reserve waiter* and is let in first as soon as a read fits (before the others
+resume at one half).  An owner that starts waiting on a port already paused by the budget
+tells the thread (``cmd_want``); the port writes its waiter before it reads
+``global_paused``, the thread writes ``global_paused`` before it reads the waiter, so one
+of them sees the other.  The bound stays firm: no read is made that could take the
+memory charged for input past ``L``; the reserve is inside it, not on top.  (A message
+larger than the reserve cannot be completed by reserve reads alone: it waits for the
+budget to free.)
 """
 
 from __future__ import annotations
@@ -380,7 +413,15 @@ class IOThread:
         self.framing_bytes = 0
         self.peak_memory = 0
         self.global_pauses = 0
-        self._globally_paused: list[Conn] = []
+        # The budget (see "Receive flow control" above): ports paused for it, in the
+        # order they paused, and those among them whose owner was waiting for input.
+        self._globally_paused: dict[Conn, None] = {}
+        self._reserve_waiters: list[Conn] = []
+        #: Bytes of the budget only ports whose owner waits may read into.
+        self.memory_reserve = 0 if memory_limit is None else memory_limit // 4
+        # Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
+        self._read_floor = READ_SIZE + self.memory_reserve
+        self.reserve_reads = 0  # reads made into the reserve, ever
         self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
         self.bytes_discarded = 0  # queued output dropped because its port closed
@@ -574,6 +615,7 @@ class IOThread:
         set_data = _SET_DATA
         flush_wait = False
         wait_for_flush = self._wait_for_flush
+        read_floor = self._read_floor
         try:
             while not self._stopping:
                 # Bytes this round may still read: the budget is firm, so a read that
@@ -620,8 +662,7 @@ class IOThread:
                                     continue
                             if not (mask & _READABLE and conn.mask & READ):
                                 continue
-                            if headroom < READ_SIZE:
-                                self._pause_global(conn)
+                            if headroom < read_floor and self._budget_blocks(conn, headroom):
                                 continue
                             try:
                                 n = conn.sock.recv_into(buffer)
@@ -888,6 +929,8 @@ class IOThread:
         port = conn.port
         if port is not None and port._remote:
             port._gone()  # a daemon's client port: the client forgets it
+        if conn.global_paused:
+            self._globally_paused.pop(conn, None)
         if conn.kind == STREAM and conn.framer is not None:
             self.framing_bytes -= conn.framer.buffered + conn.held_bytes
             conn.held = None
@@ -1124,22 +1167,56 @@ class IOThread:
         if used > self.peak_memory:
             self.peak_memory = used
         headroom = self.memory_limit - used
-        if self._globally_paused and used <= self.memory_limit * 3 // 4:
-            paused, self._globally_paused = self._globally_paused, []
-            for conn in paused:
-                conn.global_paused = False
-                if not conn.closed:
-                    self._stream_interest(conn)
+        paused = self._globally_paused
+        if paused:
+            if used <= self.memory_limit // 2:
+                self._globally_paused = {}
+                self._reserve_waiters = []
+                for conn in paused:
+                    self._unpause(conn)
+            elif self._reserve_waiters and headroom >= READ_SIZE:
+                # The reserve has room again: the ports whose owner waits try first.
+                waiters, self._reserve_waiters = self._reserve_waiters, []
+                for conn in waiters:
+                    if conn in paused:
+                        del paused[conn]
+                        self._unpause(conn)
         return headroom
 
-    def _pause_global(self, conn: Conn) -> None:
-        """The budget is used up: stop reading this socket until memory is released."""
-        if not conn.global_paused and not conn.closed:
-            conn.global_paused = True
+    def _unpause(self, conn: Conn) -> None:
+        conn.global_paused = False
+        if not conn.closed:
+            self._stream_interest(conn)
+
+    def _budget_blocks(self, conn: Conn, headroom: int) -> bool:
+        """A read is due but ``headroom`` is below a whole read plus the reserve: read into
+        the reserve if the port's owner waits for input (False), else pause (True).
+
+        ``global_paused`` is written before the port's waiter is read; the port writes its
+        waiter before it reads ``global_paused`` (Port._receive): one of the two sees the
+        other, so a waiting owner is never left behind a pause it did not hear of."""
+        conn.global_paused = True
+        waits = _owner_waits(conn)
+        if waits and headroom >= READ_SIZE:
+            conn.global_paused = False
+            self.reserve_reads += 1
+            return False
+        if conn not in self._globally_paused:
             conn.pauses += 1
             self.global_pauses += 1
-            self._globally_paused.append(conn)
-            self._stream_interest(conn)
+            self._globally_paused[conn] = None
+        if waits:
+            self._reserve_waiters.append(conn)
+        self._stream_interest(conn)
+        return True
+
+    def cmd_want(self, conn: Conn, _: Any) -> None:
+        """The owner of a port paused by the budget waits for input: let it try a read into
+        the reserve (and pause again, as a reserve waiter, if there is no room)."""
+        if conn.closed or not conn.global_paused:
+            return
+        self._globally_paused.pop(conn, None)
+        self._unpause(conn)
 
     def _eof(self, conn: Conn) -> None:
         conn.read_eof = True
@@ -1444,6 +1521,16 @@ def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["recbuf"])
     if options.get("sndbuf"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
+
+
+def _owner_waits(conn: Conn) -> bool:
+    """Whether a task waits for this port's next message (``receive`` or ``select``) and
+    has taken every message delivered to it: input for it would be taken at once."""
+    port = conn.port
+    return bool(
+        (getattr(port, "_waiter", None) is not None or getattr(port, "_select_waiters", None))
+        and conn.delivered_messages == port._consumed_messages
+    )
 
 
 def _format_address(address: Any) -> str:
