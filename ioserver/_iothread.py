@@ -1210,6 +1210,26 @@ class IOThread:
         self._stream_interest(conn)
         return True
 
+    def read_allowance(self, entry: Any) -> int:
+        """For handlers that read (UDP): the bytes of input ``entry`` may read now.  The
+        streams' rule: ordinary reads leave the reserve (``memory_reserve``) untouched,
+        reads for a waiting owner may use it, and no read may take the input charged past
+        ``memory_limit``.  A handler reads only while a whole read fits in the allowance."""
+        if self.memory_limit is None:
+            return UNLIMITED
+        headroom = self.memory_limit - self.memory_in_use()
+        return headroom if _owner_waits(entry) else headroom - self.memory_reserve
+
+    def budget_resumes(self, entry: Any, size: int) -> bool:
+        """For handlers paused by the budget: whether ``entry`` may read again - once the
+        total is back at one half of the limit, or at once for a waiting owner when a read
+        of ``size`` bytes fits in the reserve."""
+        assert self.memory_limit is not None
+        used = self.memory_in_use()
+        return used <= self.memory_limit // 2 or (
+            self.memory_limit - used >= size and _owner_waits(entry)
+        )
+
     def cmd_want(self, conn: Conn, _: Any) -> None:
         """The owner of a port paused by the budget waits for input: let it try a read into
         the reserve (and pause again, as a reserve waiter, if there is no room)."""
@@ -1523,7 +1543,7 @@ def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
 
 
-def _owner_waits(conn: Conn) -> bool:
+def _owner_waits(conn: Any) -> bool:
     """Whether a task waits for this port's next message (``receive`` or ``select``) and
     has taken every message delivered to it: input for it would be taken at once."""
     port = conn.port
