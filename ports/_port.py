@@ -849,7 +849,11 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         conn = self._conn
         if conn is None:
             return super().statistics()
-        framing = self._framer.buffered + conn.held_bytes if self._framer is not None else 0
+        framing = 0
+        if self._framer is not None:
+            # What the framer holds, and the packets decoded past the active credit (a
+            # daemon's client port has neither here: the daemon holds them).
+            framing = self._framer.buffered + getattr(conn, "held_bytes", 0)
         return PortStatistics(
             messages_buffered=len(self._buffer),
             bytes_received=conn.bytes_in,

@@ -13,7 +13,13 @@ decode several packets from one read.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,6 +27,7 @@ import anyio.abc
 import msgpack
 import pytest
 
+import client
 import ioserver
 import ports
 from ioserver._framing import encode_resp
@@ -288,3 +295,70 @@ async def test_active_n_grants_interleaved_with_bursts_and_cancelled_receives(
                     break
         assert received == expected
         assert passives > 10 and early > 5
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def daemon_endpoint(tmp_path: Path) -> Iterator[str]:
+    """An ``ioserver serve`` subprocess; its control endpoint."""
+    endpoint = f"ipc://{tmp_path}/run/control"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ioserver", "serve", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    log = []
+    try:
+        for line in process.stdout:  # the daemon logs "serving" once it listens
+            log.append(line)
+            if "serving" in line:
+                break
+        else:
+            pytest.fail("the daemon did not start: " + "".join(log))
+        yield endpoint
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(20) == 0, "".join(log) + process.stdout.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+
+
+async def test_active_modes_count_packets_through_a_daemon(
+    daemon_endpoint: str, no_leaks: None
+) -> None:
+    """The daemon's ports run the same I/O thread code: a burst of lines, then once, N
+    and passive grants, each exact, and the end of file after the last line."""
+    wire, payloads = burst("line", 0, 10)
+    async with (
+        client.connect(daemon_endpoint) as ios,
+        await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line", active="once") as listener,
+        await anyio.connect_tcp(*listener.local_address) as peer,
+    ):
+        accepted = await listener.receive()
+        assert isinstance(accepted, Accepted)
+        async with accepted.port as port:
+            await peer.send(wire)
+            await peer.send_eof()
+            assert await port.receive() == Data(payloads[0])
+            # The daemon has nothing more to deliver: a passive receive gets the next one
+            # (had the burst been delivered whole, it would be buffered here already).
+            port.setopts(active=3)
+            for expected in payloads[1:4]:
+                assert await port.receive() == Data(expected)
+            assert await port.receive() == Passive()
+            assert port.statistics().messages_buffered == 0
+            port.setopts(active=False)
+            for expected in payloads[4:]:
+                assert await port.receive() == Data(expected)
+                assert port.statistics().messages_buffered == 0
+            assert await port.receive() == Closed("eof")
