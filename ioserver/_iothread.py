@@ -1159,9 +1159,11 @@ class IOThread:
         return used
 
     def _memory_check(self) -> int:
-        """Once a round: the bytes that may still be read before the budget is used up.
+        """Once a round: the headroom, bytes that may still be read before the budget is
+        used up (ordinary reads also leave the reserve, see ``_budget_blocks``).
 
-        Ports paused for the budget read again once a quarter of it is free."""
+        Ports paused for the budget read again once the total is back at one half of it;
+        reserve waiters as soon as one read fits."""
         assert self.memory_limit is not None
         used = self.memory_in_use()
         if used > self.peak_memory:
