@@ -22,8 +22,10 @@ methods ``close``, ``set_active``, ``read_once`` and ``resume``; sends come as
   count what this thread handed to the port, the port's ``_consumed_*`` what its owner
   took; past the high watermark the handler stops reading (the kernel then drops
   datagrams: UDP has no other backpressure) until the owner drains below the low one.
-  Active modes count datagrams as TCP ports count reads.  When the global memory budget
-  is used up, reads stop and are re-checked every few milliseconds.
+  Active modes count datagrams as TCP ports count packets.  The global memory budget
+  applies as to streams (see ``ioserver._iothread``): ordinary reads stop short of its
+  reserve, a port whose owner waits may read into it, no read may pass the limit, and a
+  paused handler looks again every few milliseconds (``IOThread.budget_resumes``).
 * **Sending** never blocks the thread: ``cmd_send`` queues ``(data, address)`` and the end
   of the round flushes the queue with ``send``/``sendto`` until ``EAGAIN``, then waits for
   the socket to be writable.  A datagram the kernel refuses (``EMSGSIZE``,
@@ -130,16 +132,19 @@ class DatagramHandler(ReceivingHandler):
     # -- receiving ----------------------------------------------------------------------
     def _read(self) -> None:
         io = self.io
-        if io.memory_limit is not None and io.memory_limit - io.memory_in_use() < len(self.view):
+        size = len(self.view)
+        allowance = io.read_allowance(self)
+        if allowance < size:
             self._pause_for_budget()
             return
         recvmsg_into = self.sock.recvmsg_into
         buffers = [self.view]
         port = self.port
         deliver = self.deliver
-        size = len(self.view)
         received = 0
         for _ in range(self.read_packets):
+            if received + size > allowance:
+                break  # the next datagram might not fit in the budget
             try:
                 n, _, flags, address = recvmsg_into(buffers, 0, _RECV_FLAGS)
             except (BlockingIOError, InterruptedError):
@@ -200,8 +205,7 @@ class DatagramHandler(ReceivingHandler):
         io = self.io
         if self.closed:
             return
-        assert io.memory_limit is not None
-        if io.memory_in_use() <= io.memory_limit * 3 // 4:
+        if io.budget_resumes(self, len(self.view)):
             self.budget_paused = False
             self._update_interest()
         else:

@@ -17,6 +17,39 @@ A round of the loop::
 
 Errors are contained: an exception while handling one port's event or command closes that
 port with a :class:`~._messages.Closed` message naming the error, and the thread goes on.
+
+Receive flow control
+--------------------
+Three things decide whether a stream's socket is read, each on its own (``_stream_interest``):
+
+*The active credit* (Erlang's ``{active, ...}``): -1 reads freely, 0 not at all, N > 0 lets
+N more **packets** through.  A framed read can decode several packets; those beyond the
+credit are *held* in the ``Conn`` (``held``, charged to the budget as framing bytes) and
+the socket is not read while any is held.  A grant - ``cmd_set_active`` or a passive
+``receive`` (``cmd_read_once``) - delivers held packets first, as far as its credit goes,
+and only then reads again; so an EOF or error read later comes after them, as in Erlang.
+
+*The port's watermarks* (``high_msgq_watermark``...): delivered and not yet taken above
+high stops this socket until the owner has taken it down to low (``_pause_msgq``, and the
+generation handshake with the port's ``_maybe_resume``).
+
+*The global budget* (``memory_limit``, ``L``): once a round, ``_memory_check`` computes the
+headroom ``L - memory_in_use()``.  It is split in two.  An ordinary read needs a whole read
+(64 KiB) of headroom **plus the reserve** (``L // 4``): so ordinary input stops at three
+quarters of the budget and the ports it paused resume together at one half.  The reserve
+is for the ports whose owner **waits** - a task parked in ``receive``/``select`` on the
+port, having taken everything delivered to it - which may read while a whole read fits
+under ``L`` (``_budget_blocks``).  Such a read is taken at once by the waiting task, so it
+frees itself; a port is never starved by the others' input filling the budget, whatever
+order an actor reads its ports in.  When a waiting port finds no room even in the reserve,
+it is a *reserve waiter* and is let in first as soon as a read fits (before the others
+resume at one half).  An owner that starts waiting on a port already paused by the budget
+tells the thread (``cmd_want``); the port writes its waiter before it reads
+``global_paused``, the thread writes ``global_paused`` before it reads the waiter, so one
+of them sees the other.  The bound stays firm: no read is made that could take the
+memory charged for input past ``L``; the reserve is inside it, not on top.  (A message
+larger than the reserve cannot be completed by reserve reads alone: it waits for the
+budget to free.)
 """
 
 from __future__ import annotations
@@ -29,6 +62,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +138,8 @@ class Conn:
         "fd",
         "framer",
         "global_paused",
+        "held",
+        "held_bytes",
         "high_msgq",
         "high_msgq_messages",
         "kind",
@@ -165,6 +201,11 @@ class Conn:
         # difference is what is buffered, undelivered, in the event loop.
         self.framer: Any = None
         self.sizes: Any = None  # the port's deque of message sizes, for decoded objects
+        # Packets a framed read decoded beyond the active credit: (payload, wire size)
+        # in order, delivered by the next grants (see _deliver_payloads).  Non-empty only
+        # while the credit is 0, and then the socket is not read.
+        self.held: deque[tuple[Any, int]] | None = None
+        self.held_bytes = 0
         self.delivered_messages = 0
         self.delivered_bytes = 0
         self.high_msgq = 1 << 62
@@ -376,7 +417,15 @@ class IOThread:
         self.framing_bytes = 0
         self.peak_memory = 0
         self.global_pauses = 0
-        self._globally_paused: list[Conn] = []
+        # The budget (see "Receive flow control" above): ports paused for it, in the
+        # order they paused, and those among them whose owner was waiting for input.
+        self._globally_paused: dict[Conn, None] = {}
+        self._reserve_waiters: list[Conn] = []
+        #: Bytes of the budget only ports whose owner waits may read into.
+        self.memory_reserve = 0 if memory_limit is None else memory_limit // 4
+        # Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
+        self._read_floor = READ_SIZE + self.memory_reserve
+        self.reserve_reads = 0  # reads made into the reserve, ever
         self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
         self.bytes_discarded = 0  # queued output dropped because its port closed
@@ -541,6 +590,7 @@ class IOThread:
         mask = 0
         if (
             conn.credit
+            and not conn.held
             and not conn.read_eof
             and not conn.close_pending
             and not conn.msgq_paused
@@ -570,6 +620,7 @@ class IOThread:
         set_data = _SET_DATA
         flush_wait = False
         wait_for_flush = self._wait_for_flush
+        read_floor = self._read_floor
         try:
             while not self._stopping:
                 # Bytes this round may still read: the budget is firm, so a read that
@@ -616,8 +667,7 @@ class IOThread:
                                     continue
                             if not (mask & _READABLE and conn.mask & READ):
                                 continue
-                            if headroom < READ_SIZE:
-                                self._pause_global(conn)
+                            if headroom < read_floor and self._budget_blocks(conn, headroom):
                                 continue
                             try:
                                 n = conn.sock.recv_into(buffer)
@@ -884,8 +934,12 @@ class IOThread:
         port = conn.port
         if port is not None and port._remote:
             port._gone()  # a daemon's client port: the client forgets it
+        if conn.global_paused:
+            self._globally_paused.pop(conn, None)
         if conn.kind == STREAM and conn.framer is not None:
-            self.framing_bytes -= conn.framer.buffered
+            self.framing_bytes -= conn.framer.buffered + conn.held_bytes
+            conn.held = None
+            conn.held_bytes = 0
         self._interest(conn, 0)
         if self._table[conn.fd] is conn:
             self._table[conn.fd] = None
@@ -917,7 +971,10 @@ class IOThread:
 
     def _deliver_framed(self, conn: Conn, n: int) -> bool:
         """Feed a read to the port's framer and deliver the whole messages; False if the
-        port was closed for a framing error."""
+        port was closed for a framing error.
+
+        The active credit counts packets, not reads (Erlang's ``{active, once}`` is one
+        packet): packets decoded beyond it are held, in order, for the next grants."""
         framer = conn.framer
         before = framer.buffered
         try:
@@ -935,33 +992,84 @@ class IOThread:
             self.delivered_total -= n
             self._buffer_limit_error(conn, after)
             return False
-        size = 0
+        # The round adds n to delivered_total (as for raw reads): what is delivered adds
+        # itself back (see _deliver_payloads), what is held is charged as framing.
+        self.delivered_total -= n
         if payloads:
-            port = conn.port
-            deliver = conn.deliver
-            sizes = conn.sizes
-            if sizes is None:  # bytes payloads: their own length
-                for payload in payloads:
-                    size += len(payload)
+            if conn.sizes is None:  # bytes payloads: their own length
+                shares = [len(payload) for payload in payloads]
             else:
                 # Decoded objects: charge the wire bytes this read consumed, shared among
                 # its messages; the port credits each back as its owner takes it.
-                size = n + before - after
-                share, extra = divmod(size, len(payloads))
+                share, extra = divmod(n + before - after, len(payloads))
                 shares = [share] * len(payloads)
                 shares[-1] += extra
-                sizes.extend(shares)
-            for payload in payloads:
-                message = object.__new__(Data)
-                _SET_DATA(message, payload)
-                deliver((port, message))
-            conn.delivered_messages += len(payloads)
-            conn.delivered_bytes += size
-            if conn.credit > 0:
-                self._spend_credit(conn, len(payloads))
-        # The round adds n to delivered_total (as for raw reads): correct it to the payloads.
-        self.delivered_total += size - n
+            self._deliver_payloads(conn, payloads, shares)
         return True
+
+    def _deliver_payloads(self, conn: Conn, payloads: list[Any], shares: list[int]) -> None:
+        """Deliver decoded packets while the active credit lasts; hold the rest.
+
+        Each delivered packet spends one credit; when the credit reaches 0 the port turns
+        passive (and with ``active=N`` its owner gets :class:`~ioserver.Passive` after the
+        last packet).  Held packets are charged to the budget as framing bytes until a
+        grant (:meth:`_deliver_held`) delivers them."""
+        credit = conn.credit
+        count = len(payloads)
+        if 0 <= credit < count:
+            rest = count - credit
+            held = conn.held
+            if held is None:
+                held = conn.held = deque()
+            held.extend(zip(payloads[credit:], shares[credit:], strict=True))
+            held_size = sum(shares[credit:])
+            conn.held_bytes += held_size
+            self.framing_bytes += held_size
+            if conn.held_bytes > conn.peak_buffered:
+                conn.peak_buffered = conn.held_bytes
+            del payloads[credit:]
+            del shares[credit:]
+            count -= rest
+            if not count:
+                self._stream_interest(conn)
+                return
+        port = conn.port
+        deliver = conn.deliver
+        for payload in payloads:
+            message = object.__new__(Data)
+            _SET_DATA(message, payload)
+            deliver((port, message))
+        size = sum(shares)
+        if conn.sizes is not None:
+            conn.sizes.extend(shares)
+        conn.delivered_messages += count
+        conn.delivered_bytes += size
+        self.delivered_total += size
+        if credit > 0:
+            self._spend_credit(conn, count)
+
+    def _deliver_held(self, conn: Conn) -> None:
+        """A grant (an active mode, a passive read) came: deliver held packets first, as
+        far as the credit goes; the socket is read again only once none is held."""
+        held = conn.held
+        assert held is not None
+        count = len(held) if conn.credit < 0 else min(conn.credit, len(held))
+        payloads: list[Any] = []
+        shares: list[int] = []
+        for _ in range(count):
+            payload, share = held.popleft()
+            payloads.append(payload)
+            shares.append(share)
+        size = sum(shares)
+        conn.held_bytes -= size
+        self.framing_bytes -= size
+        if payloads:
+            self._deliver_payloads(conn, payloads, shares)
+            if (
+                conn.delivered_bytes > conn.check_bytes
+                or conn.delivered_messages > conn.check_messages
+            ):
+                self._check_msgq(conn)
 
     def _frame_error(self, conn: Conn, exc: FrameError) -> None:
         """The peer broke the packet mode: tell the owner why, then close the port.
@@ -1056,30 +1164,86 @@ class IOThread:
         return used
 
     def _memory_check(self) -> int:
-        """Once a round: the bytes that may still be read before the budget is used up.
+        """Once a round: the headroom, bytes that may still be read before the budget is
+        used up (ordinary reads also leave the reserve, see ``_budget_blocks``).
 
-        Ports paused for the budget read again once a quarter of it is free."""
+        Ports paused for the budget read again once the total is back at one half of it;
+        reserve waiters as soon as one read fits."""
         assert self.memory_limit is not None
         used = self.memory_in_use()
         if used > self.peak_memory:
             self.peak_memory = used
         headroom = self.memory_limit - used
-        if self._globally_paused and used <= self.memory_limit * 3 // 4:
-            paused, self._globally_paused = self._globally_paused, []
-            for conn in paused:
-                conn.global_paused = False
-                if not conn.closed:
-                    self._stream_interest(conn)
+        paused = self._globally_paused
+        if paused:
+            if used <= self.memory_limit // 2:
+                self._globally_paused = {}
+                self._reserve_waiters = []
+                for conn in paused:
+                    self._unpause(conn)
+            elif self._reserve_waiters and headroom >= READ_SIZE:
+                # The reserve has room again: the ports whose owner waits try first.
+                waiters, self._reserve_waiters = self._reserve_waiters, []
+                for conn in waiters:
+                    if conn in paused:
+                        del paused[conn]
+                        self._unpause(conn)
         return headroom
 
-    def _pause_global(self, conn: Conn) -> None:
-        """The budget is used up: stop reading this socket until memory is released."""
-        if not conn.global_paused and not conn.closed:
-            conn.global_paused = True
+    def _unpause(self, conn: Conn) -> None:
+        conn.global_paused = False
+        if not conn.closed:
+            self._stream_interest(conn)
+
+    def _budget_blocks(self, conn: Conn, headroom: int) -> bool:
+        """A read is due but ``headroom`` is below a whole read plus the reserve: read into
+        the reserve if the port's owner waits for input (False), else pause (True).
+
+        ``global_paused`` is written before the port's waiter is read; the port writes its
+        waiter before it reads ``global_paused`` (Port._receive): one of the two sees the
+        other, so a waiting owner is never left behind a pause it did not hear of."""
+        conn.global_paused = True
+        waits = _owner_waits(conn)
+        if waits and headroom >= READ_SIZE:
+            conn.global_paused = False
+            self.reserve_reads += 1
+            return False
+        if conn not in self._globally_paused:
             conn.pauses += 1
             self.global_pauses += 1
-            self._globally_paused.append(conn)
-            self._stream_interest(conn)
+            self._globally_paused[conn] = None
+        if waits:
+            self._reserve_waiters.append(conn)
+        self._stream_interest(conn)
+        return True
+
+    def read_allowance(self, entry: Any) -> int:
+        """For handlers that read (UDP): the bytes of input ``entry`` may read now.  The
+        streams' rule: ordinary reads leave the reserve (``memory_reserve``) untouched,
+        reads for a waiting owner may use it, and no read may take the input charged past
+        ``memory_limit``.  A handler reads only while a whole read fits in the allowance."""
+        if self.memory_limit is None:
+            return UNLIMITED
+        headroom = self.memory_limit - self.memory_in_use()
+        return headroom if _owner_waits(entry) else headroom - self.memory_reserve
+
+    def budget_resumes(self, entry: Any, size: int) -> bool:
+        """For handlers paused by the budget: whether ``entry`` may read again - once the
+        total is back at one half of the limit, or at once for a waiting owner when a read
+        of ``size`` bytes fits in the reserve."""
+        assert self.memory_limit is not None
+        used = self.memory_in_use()
+        return used <= self.memory_limit // 2 or (
+            self.memory_limit - used >= size and _owner_waits(entry)
+        )
+
+    def cmd_want(self, conn: Conn, _: Any) -> None:
+        """The owner of a port paused by the budget waits for input: let it try a read into
+        the reserve (and pause again, as a reserve waiter, if there is no room)."""
+        if conn.closed or not conn.global_paused:
+            return
+        self._globally_paused.pop(conn, None)
+        self._unpause(conn)
 
     def _eof(self, conn: Conn) -> None:
         conn.read_eof = True
@@ -1212,6 +1376,8 @@ class IOThread:
         conn.credit = credit
         conn.notify_passive = notify
         if conn.kind == STREAM:
+            if credit and conn.held:
+                self._deliver_held(conn)
             self._stream_interest(conn)
         elif conn.kind == LISTENER and not conn.paused:
             self._interest(conn, READ if credit else 0)
@@ -1226,6 +1392,8 @@ class IOThread:
         conn.credit = 1
         conn.notify_passive = False
         if conn.kind == STREAM:
+            if conn.held:
+                self._deliver_held(conn)
             self._stream_interest(conn)
         elif not conn.paused:
             self._interest(conn, READ)
@@ -1380,6 +1548,16 @@ def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["recbuf"])
     if options.get("sndbuf"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
+
+
+def _owner_waits(conn: Any) -> bool:
+    """Whether a task waits for this port's next message (``receive`` or ``select``) and
+    has taken every message delivered to it: input for it would be taken at once."""
+    port = conn.port
+    return bool(
+        (getattr(port, "_waiter", None) is not None or getattr(port, "_select_waiters", None))
+        and conn.delivered_messages == port._consumed_messages
+    )
 
 
 def _format_address(address: Any) -> str:

@@ -22,8 +22,9 @@ T = TypeVar("T")
 
 log = logging.getLogger("ioserver")
 
-#: The smallest memory_limit: four reads of the I/O thread's buffer, so that the budget can
-#: resume reading (at three quarters) with room for a whole read.
+#: The smallest memory_limit: four reads of the I/O thread's buffer, so that ordinary reads
+#: (up to three quarters) and the reserve of waiting ports (the last quarter) each have room
+#: for a whole read.
 MIN_MEMORY = 4 * 65536
 
 
@@ -170,8 +171,11 @@ async def open(
             ``"selectors"`` (the standard library's best, e.g. kqueue).
         memory_limit: the global budget in bytes for everything the server buffers:
             input delivered to owners and not yet taken, framing buffers and output not
-            yet written.  When it is used up, reads pause everywhere (TCP backpressure on
-            every peer) until a quarter of it is released; nothing more is allocated.
+            yet written.  Ordinary reads pause at three quarters of it (TCP backpressure
+            on every peer) and resume at one half; the last quarter is a reserve for
+            ports whose owner waits in ``receive``/``select``, so that the port an actor
+            reads next is never starved by the others' input.  No read is made that could
+            take the input charged past the limit (see :doc:`/howto/memory`).
             ``None``: no global budget (each port is still bounded by its watermarks).
         port_buffer_limit: the cap in bytes on one port's buffers (a packet being
             assembled, undelivered input, queued output).  A port that passes it gets an

@@ -437,12 +437,17 @@ class _PortBase(Source):
             while not buffer:
                 if self._closed or self._ended or self._credit == 0 or self._owner is not None:
                     self._check_can_wait(end)
-                # Park until the hub delivers (Hub.park, inlined).
+                # Park until the hub delivers (Hub.park, inlined).  The waiter is set
+                # before the budget pause is read (see IOThread._budget_blocks).
                 if hub.is_trio:
                     self._waiter = _current_task()
+                    if getattr(self._conn, "global_paused", False):
+                        self._want_input()
                     await _wait_task_rescheduled(self._abort_park)
                 else:
                     future = self._waiter = hub.loop.create_future()
+                    if getattr(self._conn, "global_paused", False):
+                        self._want_input()
                     try:
                         await future
                     finally:
@@ -472,6 +477,13 @@ class _PortBase(Source):
 
     def _select_arm(self, waiter: Waiter) -> None:
         self._select_waiters.append(waiter)
+        if getattr(self._conn, "global_paused", False):
+            self._want_input()
+
+    def _want_input(self) -> None:
+        """A task waits for this port, which the memory budget paused: ask the I/O thread
+        for a read into the budget's reserve (see :mod:`ioserver._iothread`)."""
+        self._submit((self._io.cmd_want, self._conn, None))
 
     def _select_disarm(self, waiter: Waiter) -> None:
         try:
@@ -838,7 +850,11 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         conn = self._conn
         if conn is None:
             return super().statistics()
-        framing = self._framer.buffered if self._framer is not None else 0
+        framing = 0
+        if self._framer is not None:
+            # What the framer holds, and the packets decoded past the active credit (a
+            # daemon's client port has neither here: the daemon holds them).
+            framing = self._framer.buffered + getattr(conn, "held_bytes", 0)
         return PortStatistics(
             messages_buffered=len(self._buffer),
             bytes_received=conn.bytes_in,

@@ -289,6 +289,66 @@ async def test_the_global_budget_pauses_reads_until_memory_is_released(
             await owner.aclose()
 
 
+@pytest.mark.parametrize(
+    ("order", "how"),
+    [("first_to_last", "receive"), ("last_to_first", "receive"), ("first_to_last", "select")],
+)
+async def test_the_budget_never_starves_the_port_an_actor_waits_on(
+    no_leaks: None, order: str, how: str
+) -> None:
+    """One actor reads 20 ports to their end, one after another, while every peer sends
+    more than the budget holds (per-port watermarks raised, so only the budget binds).
+    The input of the ports read later fills the budget; the port being read must still
+    get its turn (issue 12, item 15), with the input charged never past the limit.
+    ``select`` waits on the port as ``receive`` does."""
+    limit = 1 << 20
+    each = 256 * 1024  # x 20: five times the budget
+    async with ioserver.open(memory_limit=limit) as ios:
+        listener = await ports.listen_tcp(
+            ios, "127.0.0.1", 0, high_msgq_watermark=8 << 20, low_msgq_watermark=4 << 20
+        )
+        number = listener.local_address[1]
+
+        async def peer(index: int) -> None:
+            async with await anyio.connect_tcp("127.0.0.1", number) as stream:
+                await stream.send(bytes([65 + index]) * each)
+                await stream.send_eof()
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+
+        async with listener, anyio.create_task_group() as peers:
+            owners = []
+            for index in range(20):
+                peers.start_soon(peer, index)
+                accepted = await listener.receive()
+                assert isinstance(accepted, Accepted)
+                owners.append(accepted.port)
+            # Nobody reads yet: the budget fills and pauses the reads.
+            with anyio.fail_after(10):
+                while ios.statistics().global_pauses == 0:
+                    await anyio.lowlevel.checkpoint()
+            if order == "last_to_first":
+                owners.reverse()
+            highest = 0
+            with anyio.fail_after(10):
+                for owner in owners:
+                    received = b""
+                    message: Any = None
+                    while not isinstance(message, Closed):
+                        if how == "select":
+                            _, message = await ports.select(owner)
+                        else:
+                            message = await owner.receive()
+                        if isinstance(message, Data):
+                            received += message.data
+                        highest = max(highest, ios.statistics().memory_in_use)
+                    assert message == Closed("eof")
+                    assert len(received) == each and len(set(received)) == 1
+                    await owner.aclose()
+        assert highest <= limit
+        assert ios.statistics().peak_memory <= limit
+
+
 HOG_LIMIT = 64 * 1024 * 1024
 
 

@@ -276,3 +276,31 @@ async def test_the_server_stopping_ends_the_port_with_closed(no_leaks: None) -> 
     assert messages == [ports.Closed("ioserver closed", "ESHUTDOWN")]
     with pytest.raises(ports.BrokenPortError):
         await port.send_to(b"x", ("127.0.0.1", 9))
+
+
+async def test_the_budget_lets_a_waiting_owner_read_while_another_port_fills_it(
+    no_leaks: None,
+) -> None:
+    """A port nobody reads fills the memory budget; a datagram for another port whose
+    owner waits must still be delivered (the budget's reserve), and no read may take the
+    input charged past the limit (issue 12, item 15).  The peer is a plain socket, so that
+    only input is charged."""
+    limit = 256 * 1024  # the smallest: ordinary reads stop at 192 KiB, the reserve is 64
+    async with ioserver.open(memory_limit=limit) as ios:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            async with (
+                await ports.open_udp(
+                    ios, max_datagram=2048, recbuf=1 << 20, high_msgq_watermark=1 << 20
+                ) as hog,
+                await ports.open_udp(ios, max_datagram=2048) as waiting,
+            ):
+                for index in range(300):  # 300 KiB for a port nobody reads
+                    client.sendto(b"%04d" % index + b"h" * 1020, hog.local_address)
+                with anyio.fail_after(5):
+                    while hog.statistics().pauses == 0:  # paused by the I/O thread
+                        client.sendto(b"h" * 1024, hog.local_address)
+                        await anyio.lowlevel.checkpoint()
+                for word in (b"one", b"two", b"three"):
+                    client.sendto(word, waiting.local_address)
+                    assert (await receive_datagram(waiting)).data == word
+                assert ios.statistics().peak_memory <= limit
