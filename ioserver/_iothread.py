@@ -1033,6 +1033,11 @@ class IOThread:
             if not count:
                 self._stream_interest(conn)
                 return
+        # The sizes first: a message's size must be there before the message can be
+        # taken (the loop thread pops it when the owner takes the message; the daemon's
+        # deliver pops it at once).
+        if conn.sizes is not None:
+            conn.sizes.extend(shares)
         port = conn.port
         deliver = conn.deliver
         for payload in payloads:
@@ -1040,8 +1045,6 @@ class IOThread:
             _SET_DATA(message, payload)
             deliver((port, message))
         size = sum(shares)
-        if conn.sizes is not None:
-            conn.sizes.extend(shares)
         conn.delivered_messages += count
         conn.delivered_bytes += size
         self.delivered_total += size
