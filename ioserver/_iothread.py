@@ -413,6 +413,9 @@ class IOThread:
         # point: after handing a loop a batch, wait for that loop's flush (ioserver._wakeup).
         self._writer: BatchWriter | None = open_batch_writer()
         self._batch: list[Conn] = []
+        #: Why batched writes stopped (the writer's failure), None while they work.
+        self.batching_error: str | None = None
+        self._failed_writer: BatchWriter | None = None  # kept for its counters
         self._flush_epoll: select.epoll | None = None
         if self._writer is not None and self._poller.wakeup_is_edge_triggered:
             self._flush_epoll = select.epoll()
@@ -683,7 +686,7 @@ class IOThread:
                     # Sends queued while this round read (the loop ran during
                     # its syscalls) leave in this round's flush.
                     run_commands()
-                writer = self._writer
+                writer = self._writer  # None once batching failed (see _batching_failed)
                 if writer is not None:
                     # Hand the loop its batch first, so that it works while the kernel
                     # writes; then wait for its flush (the top of the loop).
@@ -762,6 +765,8 @@ class IOThread:
     def _release_batching(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._failed_writer is not None:
+            self._failed_writer.close()
         if self._flush_epoll is not None:
             self._flush_epoll.close()
 
@@ -807,7 +812,14 @@ class IOThread:
         handler's flush may queue more output on that port, close it, change its
         interest); a write the kernel did not take is left queued for the round's
         port-by-port writes."""
-        results = writer.submit()
+        try:
+            results = writer.submit()
+        except Exception as exc:  # pragma: no cover - submit reports syscall errors itself
+            # A bug in the writer: the writes' outcome is unknown.
+            log.exception("batched writes failed")
+            results = [-errno.EIO] * len(batch)
+            writer.failure = f"internal error: {exc!r}"
+            writer.close()
         sent_total = 0
         for conn, result in zip(batch, results, strict=True):
             if result is None:
@@ -836,6 +848,17 @@ class IOThread:
                 self._internal_error(conn, exc)
         self.bytes_out += sent_total
         batch.clear()
+        if writer.failure is not None:
+            self._batching_failed(writer)
+
+    def _batching_failed(self, writer: BatchWriter) -> None:
+        """The batch writer gave up (see ioserver._aio): write port by port from now on,
+        and stop waiting for flush points, which only pay with batched writes."""
+        self._writer = None
+        self._failed_writer = writer
+        self.batching_error = writer.failure
+        self.waits_for_flush = False
+        self.flush_wanted = False
 
     def _run_commands(self) -> None:
         """Run every queued command; ``cmd_send``, the one of every echo, inlined."""

@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -244,3 +247,140 @@ async def _receive_frame(sock: zmq.Socket[bytes]) -> list[Any]:
         return P.unpack(sock.recv())
 
     return await anyio.to_thread.run_sync(receive)
+
+
+async def _until_io_ran(io: IOThread) -> None:
+    """Return once the I/O thread has finished what it was doing (a command's round trip)."""
+    done = threading.Event()
+    _on_io_thread(io, done.set)
+    assert await anyio.to_thread.run_sync(done.wait, 10)
+
+
+@needs_batching
+@pytest.mark.anyio
+async def test_batched_writes_hold_no_buffer_once_written(ios: ioserver.IOServer) -> None:
+    """Issue 12, item 8.  Eight ports send 1 MiB each in one round (one batch); once the
+    peers have it all and the ports are closed, nothing in the I/O server holds those
+    buffers: each payload's reference count is back to what it was before the send."""
+    io = ios._io
+    size = 1 << 20
+    payloads = [os.urandom(size) for _ in range(8)]
+    references = [sys.getrefcount(payload) for payload in payloads]
+    writes = ios.statistics().batched_write_count
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        pairs = [await _tcp_pair(ios, server) for _ in payloads]
+        gate = threading.Event()
+        _on_io_thread(io, gate.wait)  # hold the I/O thread: the sends below are one round
+        try:
+            for index, (port, _) in enumerate(pairs):
+                await port.send(payloads[index])
+        finally:
+            gate.set()
+
+        def read(peer: socket.socket) -> int:
+            peer.settimeout(10)
+            got = 0
+            while got < size:
+                chunk = peer.recv(1 << 20)
+                assert chunk
+                got += len(chunk)
+            return got
+
+        for port, peer in pairs:
+            with peer:
+                assert await anyio.to_thread.run_sync(read, peer) == size
+            await port.aclose()
+    await _until_io_ran(io)
+    assert ios.statistics().batched_write_count >= writes + len(payloads)  # one batch
+    assert [sys.getrefcount(payload) for payload in payloads] == references
+
+
+@needs_batching
+@pytest.mark.anyio
+async def test_a_failed_wait_for_write_completions_falls_back_to_port_by_port_writes(
+    ios: ioserver.IOServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12, item 9.  Where socket AIO completes asynchronously (gVisor), the writer
+    waits in ``io_getevents``; that wait can be interrupted by a signal (EINTR) or fail.
+    Neither may end the I/O thread.
+
+    Linux completes socket writes inside ``io_submit``, so the wait cannot be provoked
+    with real sockets alone: the test stands at the writer's one seam, its zero-timeout
+    collection (``BatchWriter._getevents``), and takes the completions of one batch
+    there, so that the writer's own wait really blocks with nothing to collect.  What
+    follows is real: ``SIGUSR1``, sent to the I/O thread while it waits, interrupts the
+    system call (EINTR, retried), and the wait then ends at ``WAIT_LIMIT``.  The writes
+    of that batch have an unknown outcome: their ports close with ``EIO``; the thread
+    lives on, writes port by port, and the statistics say why."""
+    monkeypatch.setattr(_aio, "WAIT_LIMIT", 0.5)
+    io = ios._io
+    writer = io._writer
+    assert writer is not None
+    real_getevents = writer._getevents
+    waiting = threading.Event()
+
+    def take_the_completions(count: int) -> int:  # runs on the I/O thread
+        writer._getevents = real_getevents
+        real_getevents(count)
+        waiting.set()
+        return 0  # "nothing completed yet": the writer waits for them
+
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: None)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            pairs = [await _tcp_pair(ios, server) for _ in range(2)]
+            gate = threading.Event()
+            _on_io_thread(io, gate.wait)  # hold the I/O thread: the sends are one round
+            try:
+                writer._getevents = take_the_completions
+                for port, _ in pairs:
+                    await port.send(b"outcome unknown")
+            finally:
+                gate.set()
+            assert await anyio.to_thread.run_sync(waiting.wait, 10)
+
+            def interrupt() -> None:
+                # No event says "inside the system call": signal until one landed there.
+                deadline = time.monotonic() + 10
+                while getattr(writer, "interruptions", 0) == 0 and time.monotonic() < deadline:
+                    if not io.is_alive():
+                        return
+                    signal.pthread_kill(io._thread.ident, signal.SIGUSR1)  # type: ignore[arg-type]
+                    time.sleep(0.005)
+
+            await anyio.to_thread.run_sync(interrupt)
+            with anyio.fail_after(10):
+                for port, peer in pairs:
+                    with peer:
+                        message = await port.receive()
+                        while isinstance(message, ports.Data):  # pragma: no cover
+                            message = await port.receive()
+                        assert message == ports.Closed("EIO", "EIO")
+                    await port.aclose()
+            assert io.is_alive()
+            assert writer.interruptions >= 1
+            statistics = ios.statistics()
+            assert not statistics.batched_writes
+            assert statistics.batched_writes_error is not None
+            assert "ETIMEDOUT" in statistics.batched_writes_error
+            # Port by port from now on: several ports' writes in one round still go out.
+            batches = statistics.write_batches
+            pairs = [await _tcp_pair(ios, server) for _ in range(3)]
+            gate = threading.Event()
+            _on_io_thread(io, gate.wait)
+            try:
+                for index, (port, _) in enumerate(pairs):
+                    await port.send(b"after %d" % index)
+            finally:
+                gate.set()
+            for index, (port, peer) in enumerate(pairs):
+                with peer:
+                    peer.settimeout(10)
+                    assert await anyio.to_thread.run_sync(peer.recv, 100) == b"after %d" % index
+                    peer.sendall(b"and back")
+                    with anyio.fail_after(10):
+                        assert await port.receive() == ports.Data(b"and back")
+                await port.aclose()
+            assert ios.statistics().write_batches == batches
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
