@@ -206,8 +206,9 @@ class Handler:
     a control endpoint, a process watcher.  The I/O thread calls its methods, and only the
     I/O thread: ``on_ready`` when its fd is ready (or when it asked to run again with
     :meth:`IOThread.call_soon`), ``flush`` at the end of a round in which it was marked
-    dirty (``cmd_send`` marks it, as it marks streams), ``on_error`` when one of its
-    methods raised, ``on_shutdown`` when the I/O thread stops.
+    dirty (``cmd_send`` marks it, as it marks streams; marked again during its own flush,
+    it is flushed next round), ``on_error`` when one of its methods raised,
+    ``on_shutdown`` when the I/O thread stops.
 
     Subclasses keep ``fd`` and ``mask`` (the interest registered, see
     :meth:`IOThread._interest`), and, when ports send through ``cmd_send``, the send
@@ -503,7 +504,8 @@ class IOThread:
             self.ports_open -= 1
 
     def mark_dirty(self, entry: Any) -> None:
-        """Flush ``entry`` at the end of this round."""
+        """Flush ``entry`` at the end of this round (of the next one when called during
+        the round's flushes: a flush never leads to another flush in the same round)."""
         if not entry.dirty:
             entry.dirty = True
             self._dirty.append(entry)
