@@ -22,15 +22,34 @@ however many ports it serves.
 Where it runs: Linux on x86-64 and AArch64 (the system call numbers are per architecture),
 when ``io_setup`` works (a seccomp profile or ``fs.aio-max-nr`` may refuse it).  Elsewhere
 :func:`open_batch_writer` returns ``None`` and the I/O thread writes port by port as before.
+
+Buffers and failures
+====================
+
+A write's buffer is referenced by the writer only while the write is in flight: from
+:meth:`BatchWriter.add` until :meth:`BatchWriter.submit` has collected its completion.  The
+request blocks hold the buffers' addresses, never the objects, so a completed write keeps
+nothing alive (the memory budget does not see these buffers).
+
+Where a kernel completes socket writes asynchronously (gVisor does), ``submit`` waits for
+the completions it did not find at once, retrying the wait when a signal interrupts it
+(``EINTR``), for at most :data:`WAIT_LIMIT` seconds.  If the completions cannot be collected
+(the wait fails, or the limit passes), the outcome of those writes is unknown: ``submit``
+reports them as failed with ``-EIO`` (the caller closes those ports: their byte stream can
+no longer be trusted), destroys the context - which waits for the writes still in flight,
+so their buffers can be released - and records why in :attr:`BatchWriter.failure`.  The
+writer is then closed for good, and the I/O thread writes port by port.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import platform
 import sys
+import time
 
 __all__ = ["BatchWriter", "open_batch_writer"]
 
@@ -45,6 +64,14 @@ _IOCB_CMD_PWRITE = 1
 
 #: Write requests per ``io_submit``: a round with more dirty ports submits several batches.
 BATCH_CAPACITY = 256
+#: Seconds :meth:`BatchWriter.submit` waits, at most, for completions that ``io_submit``
+#: did not post at once (never on Linux itself: socket writes complete inside it).  The
+#: I/O thread is blocked meanwhile; after it, the writer gives up (see the module docstring).
+WAIT_LIMIT = 1.0
+#: ``io_submit`` reads a ``bytes`` object's data where CPython keeps it: the address of
+#: ``ob_sval``, this many bytes after the object's own (checked by open_batch_writer).
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
+_WORDS = 8  # 64-bit words per struct iocb
 
 
 class _Iocb(ctypes.Structure):
@@ -57,9 +84,9 @@ class _Iocb(ctypes.Structure):
         ("aio_lio_opcode", ctypes.c_uint16),
         ("aio_reqprio", ctypes.c_int16),
         ("aio_fildes", ctypes.c_uint32),
-        # A char pointer, so that assigning a bytes object stores its buffer's address
-        # without a copy (and ctypes keeps the object alive until the next assignment).
-        ("aio_buf", ctypes.c_char_p),
+        # An address, not a ctypes pointer: a ctypes pointer field keeps its object alive
+        # until the slot is reused (the writer keeps the buffers in flight itself).
+        ("aio_buf", ctypes.c_uint64),
         ("aio_nbytes", ctypes.c_uint64),
         ("aio_offset", ctypes.c_int64),
         ("aio_reserved2", ctypes.c_uint64),
@@ -86,8 +113,10 @@ class BatchWriter:
     to a non-blocking socket; :meth:`submit` performs every queued write and returns their
     results in the order they were added: bytes written (possibly fewer than asked), or a
     negative errno (``-EAGAIN`` when the socket buffer is full, ``-EPIPE``,
-    ``-ECONNRESET``...), or ``None`` for a write the kernel did not take (the caller then
-    writes that buffer itself; its bytes were not sent).
+    ``-ECONNRESET``...; ``-EIO`` when the outcome could not be collected, see the module
+    docstring), or ``None`` for a write the kernel did not take (the caller then writes
+    that buffer itself; its bytes were not sent).  Once ``submit`` returns, the writer
+    holds no reference to any buffer it was given.
     """
 
     __slots__ = (
@@ -95,13 +124,17 @@ class BatchWriter:
         "_count",
         "_events",
         "_getevents",
+        "_held",
         "_iocbs",
         "_numbers",
         "_pointers",
         "_submit",
         "_syscall",
+        "_words",
         "_zero_timeout",
         "batches",
+        "failure",
+        "interruptions",
         "writes",
     )
 
@@ -122,12 +155,18 @@ class BatchWriter:
         for index in range(BATCH_CAPACITY):
             self._iocbs[index].aio_lio_opcode = _IOCB_CMD_PWRITE
             self._iocbs[index].aio_data = index
+        # The request blocks as 64-bit words: add() writes three of them per request, as
+        # plain integers (no ctypes object per field).
+        self._words = memoryview(self._iocbs).cast("B").cast("Q")
         self._pointers = (ctypes.POINTER(_Iocb) * BATCH_CAPACITY)(
             *[ctypes.pointer(self._iocbs[index]) for index in range(BATCH_CAPACITY)]
         )
         self._events = (_IoEvent * BATCH_CAPACITY)()
         self._zero_timeout = (ctypes.c_long * 2)(0, 0)
         self._count = 0
+        # The buffers of the writes queued or in flight, in request order: the only
+        # references the writer takes, dropped as soon as their completions are collected.
+        self._held: list[bytes] = []
         # Bound once: the arguments that never change, as ctypes objects.
         submit_number = ctypes.c_long(numbers[2])
         getevents_number = ctypes.c_long(numbers[3])
@@ -151,9 +190,17 @@ class BatchWriter:
             )
 
         self._submit = submit
+        # The completions already posted, collected without waiting (up to ``count``; 0
+        # when none is).  An attribute, so that a test can stand between the writer and
+        # the kernel's completions: the one seam into this class (see
+        # tests/test_adversarial_round.py).
         self._getevents = getevents
         self.batches = 0
         self.writes = 0
+        #: Times a wait for completions was interrupted by a signal (and retried).
+        self.interruptions = 0
+        #: Why the writer gave up (see the module docstring); None while it works.
+        self.failure: str | None = None
 
     @property
     def full(self) -> bool:
@@ -162,60 +209,112 @@ class BatchWriter:
 
     def add(self, fd: int, data: bytes) -> None:
         """Queue a write of all of ``data`` (a non-empty ``bytes``) to the socket ``fd``."""
-        iocb = self._iocbs[self._count]
-        iocb.aio_fildes = fd
-        iocb.aio_buf = data
-        iocb.aio_nbytes = len(data)
+        base = self._count * _WORDS
+        words = self._words
+        # struct iocb: aio_lio_opcode (16 bits), aio_reqprio (16), aio_fildes (32); then
+        # aio_buf and aio_nbytes.
+        words[base + 2] = _IOCB_CMD_PWRITE | fd << 32
+        words[base + 3] = id(data) + _BYTES_DATA_OFFSET
+        words[base + 4] = len(data)
+        self._held.append(data)
         self._count += 1
 
     def submit(self) -> list[int | None]:
-        """Perform every queued write; their results in order (see the class docstring)."""
+        """Perform every queued write; their results in order (see the class docstring).
+
+        Never raises for a system call's error: a batch whose completions cannot be
+        collected reports those writes as ``-EIO`` and closes the writer (:attr:`failure`
+        says why).
+        """
         count = self._count
         self._count = 0
         results: list[int | None] = [None] * count
         if not count:
             return results
-        submitted = self._submit(count)
-        if submitted < 0:
-            # Nothing was taken (EAGAIN, EBADF for the first fd...): the caller writes.
+        try:
+            if not self._context.value:
+                return results  # closed (after a failure): nothing is taken
+            submitted = self._submit(count)
+            if submitted < 0:
+                # Nothing was taken (EAGAIN, EBADF for the first fd...): the caller writes.
+                return results
+            self.batches += 1
+            self.writes += submitted
+            events = self._events
+            collected = 0
+            while collected < submitted:
+                got = self._getevents(submitted - collected)
+                if got <= 0:
+                    # Socket writes complete inside io_submit on Linux, so this only
+                    # happens where AIO is asynchronous (gVisor): wait for them, as the
+                    # buffers are in flight.
+                    try:
+                        got = self._wait_events(submitted - collected)
+                    except OSError as exc:
+                        self._give_up(results, submitted, exc)
+                        return results
+                for index in range(got):
+                    event = events[index]
+                    results[event.data] = event.res
+                collected += got
             return results
-        self.batches += 1
-        self.writes += submitted
-        events = self._events
-        collected = 0
-        while collected < submitted:
-            got = self._getevents(submitted - collected)
-            if got <= 0:
-                # Socket writes complete inside io_submit, so this does not happen; if it
-                # ever did, waiting is the only safe course (the buffers are in flight).
-                got = self._wait_events(submitted - collected)
-            for index in range(got):
-                event = events[index]
-                results[event.data] = event.res
-            collected += got
-        return results
+        finally:
+            self._held.clear()  # every write taken has completed (or the context is gone)
 
     def _wait_events(self, count: int) -> int:
-        got: int = self._syscall(
-            ctypes.c_long(self._numbers[3]),
-            ctypes.c_ulong(self._context.value),
-            ctypes.c_long(1),
-            ctypes.c_long(count),
-            ctypes.byref(self._events),
-            None,
-        )
-        if got < 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"io_getevents: {os.strerror(error)}")
-        return got
+        """Block (without the GIL) until completions are posted; how many were collected.
+
+        Raises:
+            OSError: ``io_getevents`` failed (other than ``EINTR``, which is retried), or
+                nothing completed within :data:`WAIT_LIMIT` seconds (``ETIMEDOUT``).
+        """
+        deadline = time.monotonic() + WAIT_LIMIT
+        timeout = (ctypes.c_long * 2)(0, 0)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError(
+                    errno.ETIMEDOUT,
+                    f"io_getevents: no completion within {WAIT_LIMIT} s",
+                )
+            timeout[0] = int(left)
+            timeout[1] = int((left - int(left)) * 1e9)
+            got: int = self._syscall(
+                ctypes.c_long(self._numbers[3]),
+                ctypes.c_ulong(self._context.value),
+                ctypes.c_long(1),
+                ctypes.c_long(count),
+                ctypes.byref(self._events),
+                ctypes.byref(timeout),
+            )
+            if got > 0:
+                return got
+            if got < 0:
+                error = ctypes.get_errno()
+                if error == errno.EINTR:
+                    self.interruptions += 1
+                    continue
+                raise OSError(error, f"io_getevents: {os.strerror(error)}")
+
+    def _give_up(self, results: list[int | None], submitted: int, exc: OSError) -> None:
+        """The completions of a batch cannot be collected: the writes taken and not yet
+        collected have an unknown outcome (-EIO); the context is destroyed, which waits
+        for any write still in flight, so the buffers can be released."""
+        self.failure = f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, '?')})"
+        unknown = -errno.EIO
+        for index in range(submitted):
+            if results[index] is None:
+                results[index] = unknown
+        log.error("batched writes failed, writing port by port from now on: %s", self.failure)
+        self.close()
 
     def close(self) -> None:
         """Destroy the AIO context (idempotent)."""
         if self._context.value:
             self._syscall(ctypes.c_long(self._numbers[1]), ctypes.c_ulong(self._context.value))
             self._context.value = 0
-        for index in range(BATCH_CAPACITY):
-            self._iocbs[index].aio_buf = None
+        self._count = 0
+        self._held.clear()
 
 
 def open_batch_writer() -> BatchWriter | None:
@@ -234,6 +333,9 @@ def open_batch_writer() -> BatchWriter | None:
     numbers = _SYSCALLS.get(platform.machine().lower())
     if numbers is None:
         return None
+    probe = b"the address of a bytes object's data"
+    if ctypes.cast(ctypes.c_char_p(probe), ctypes.c_void_p).value != id(probe) + _BYTES_DATA_OFFSET:
+        return None  # not the object layout add() relies on
     try:
         return BatchWriter(numbers)
     except (OSError, AttributeError) as exc:

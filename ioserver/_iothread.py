@@ -15,6 +15,18 @@ A round of the loop::
     flush each port that got output  # ...so a port's writes of one round are one sendmsg
     notify each loop's inbox         # one wake-up per loop per round, none if it is awake
 
+The flush takes the list of ports marked dirty so far; what a flush marks dirty (a
+handler's reply to what it read meanwhile, an event a write caused for a daemon's client)
+is flushed in the next round, which then polls without blocking.  So a round ends however
+fast a peer keeps a handler busy, and no handler is run again from its own flush.  With
+batched writes (:mod:`~._aio`), the streams' single buffers go out first, in one
+``io_submit``, and each write's result is applied to its port as soon as the batch returns,
+before any handler's flush can act on that port.
+
+Work per round is bounded: a stream reads once per readiness event, a listener accepts
+:data:`ACCEPT_BATCH` connections, and a handler that has more than its own budget to do
+(e.g. ZeroMQ's ``DRAIN_BATCH`` messages) asks to run again with :meth:`IOThread.call_soon`.
+
 Errors are contained: an exception while handling one port's event or command closes that
 port with a :class:`~._messages.Closed` message naming the error, and the thread goes on.
 
@@ -123,7 +135,6 @@ class Conn:
     except the byte counters, which the event loop reads for statistics."""
 
     __slots__ = (
-        "batch_result",
         "bytes_in",
         "bytes_out",
         "check_bytes",
@@ -172,9 +183,6 @@ class Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.kind = kind
-        # The result of this round's batched write of outq[0] (see ioserver._aio): bytes
-        # written or -errno; None when the buffer was not in the batch.
-        self.batch_result: int | None = None
         self.port = port  # the event loop's half; messages are delivered as (port, message)
         self.deliver = deliver  # the owning loop's inbox.append
         self.credit = -1  # active credit: -1 unlimited (active=True), 0 passive, N > 0
@@ -243,8 +251,9 @@ class Handler:
     a control endpoint, a process watcher.  The I/O thread calls its methods, and only the
     I/O thread: ``on_ready`` when its fd is ready (or when it asked to run again with
     :meth:`IOThread.call_soon`), ``flush`` at the end of a round in which it was marked
-    dirty (``cmd_send`` marks it, as it marks streams), ``on_error`` when one of its
-    methods raised, ``on_shutdown`` when the I/O thread stops.
+    dirty (``cmd_send`` marks it, as it marks streams; marked again during its own flush,
+    it is flushed next round), ``on_error`` when one of its methods raised,
+    ``on_shutdown`` when the I/O thread stops.
 
     Subclasses keep ``fd`` and ``mask`` (the interest registered, see
     :meth:`IOThread._interest`), and, when ports send through ``cmd_send``, the send
@@ -256,6 +265,7 @@ class Handler:
     mask = 0
     closed = False
     dirty = False
+    scheduled = False  # in the next round's call_soon list
     write_closed = False
     shutdown_pending = False
     close_pending = False
@@ -457,6 +467,9 @@ class IOThread:
         # point: after handing a loop a batch, wait for that loop's flush (ioserver._wakeup).
         self._writer: BatchWriter | None = open_batch_writer()
         self._batch: list[Conn] = []
+        #: Why batched writes stopped (the writer's failure), None while they work.
+        self.batching_error: str | None = None
+        self._failed_writer: BatchWriter | None = None  # kept for its counters
         self._flush_epoll: select.epoll | None = None
         if self._writer is not None and self._poller.wakeup_is_edge_triggered:
             self._flush_epoll = select.epoll()
@@ -513,8 +526,14 @@ class IOThread:
     # -- for handlers (run on the I/O thread) ---------------------------------------------
     def call_soon(self, handler: Handler) -> None:
         """Run ``handler.on_ready(0)`` next round, without waiting for its fd (e.g. a
-        ZeroMQ socket with messages left after a bounded drain: its fd will not fire)."""
-        self._ready.append(handler)
+        ZeroMQ socket with messages left after a bounded drain: its fd will not fire).
+
+        Once per round however often it is asked: a handler that asks from each of its
+        runs in a round (its fd's event, its own call, its flush) runs once more, not once
+        per ask, so its work per round stays bounded."""
+        if not handler.scheduled:
+            handler.scheduled = True
+            self._ready.append(handler)
 
     def call_later(
         self, delay: float, callback: Callable[[], None]
@@ -538,7 +557,8 @@ class IOThread:
             self.ports_open -= 1
 
     def mark_dirty(self, entry: Any) -> None:
-        """Flush ``entry`` at the end of this round."""
+        """Flush ``entry`` at the end of this round (of the next one when called during
+        the round's flushes: a flush never leads to another flush in the same round)."""
         if not entry.dirty:
             entry.dirty = True
             self._dirty.append(entry)
@@ -610,11 +630,11 @@ class IOThread:
         table = self._table
         dirty = self._dirty
         inboxes = self._inboxes
+        spare: list[Any] = []  # the dirty list of the round after (see the flushes below)
         buffer = self._buffer
         view = self._view
         write = self._write
         broken = self._broken
-        writer = self._writer
         run_commands = self._run_commands
         new_message = object.__new__
         set_data = _SET_DATA
@@ -630,7 +650,7 @@ class IOThread:
                     # The loop is busy with the batch we handed it: let it run without
                     # us taking the GIL until it flushes (see ioserver._wakeup).
                     flush_wait = False
-                    if not self._ready:
+                    if not self._ready and not dirty:
                         wait_for_flush()
                     timeout = 0.0
                 else:
@@ -643,8 +663,8 @@ class IOThread:
                     due = self._run_timers()
                     if due >= 0 and (timeout < 0 or due < timeout):
                         timeout = due
-                if self._ready:
-                    timeout = 0.0
+                if self._ready or dirty:
+                    timeout = 0.0  # handlers to run, output from last round's flushes
                 events = poll(timeout)
                 commands.asleep = False
                 self.polls += 1
@@ -713,6 +733,7 @@ class IOThread:
                 if self._ready:
                     ready, self._ready = self._ready, []
                     for handler in ready:
+                        handler.scheduled = False
                         if not handler.closed:
                             try:
                                 handler.on_ready(0)
@@ -722,6 +743,7 @@ class IOThread:
                     # Sends queued while this round read (the loop ran during
                     # its syscalls) leave in this round's flush.
                     run_commands()
+                writer = self._writer  # None once batching failed (see _batching_failed)
                 if writer is not None:
                     # Hand the loop its batch first, so that it works while the kernel
                     # writes; then wait for its flush (the top of the loop).
@@ -731,8 +753,16 @@ class IOThread:
                     for inbox in inboxes:
                         inbox.notify()
                     if len(dirty) > 1:
-                        self._write_batch(dirty)
+                        # Every write's result is applied to its port as its batch
+                        # returns, before any handler's flush below can act on that port.
+                        self._write_batch(writer, dirty)
                 if dirty:
+                    # This round's entries.  What their flushes mark dirty (a handler's
+                    # reply to what it read in its flush...) is the next round's: no
+                    # handler runs again from its own flush, and a round ends however
+                    # fast a peer keeps sending (the next round then polls without
+                    # blocking, see the top of the loop).
+                    self._dirty = spare
                     sent_total = 0
                     for conn in dirty:
                         conn.dirty = False
@@ -743,28 +773,18 @@ class IOThread:
                                 conn.flush()
                                 continue
                             outq = conn.outq
-                            result = conn.batch_result
-                            if result is not None:
-                                conn.batch_result = None
-                                if result >= 0:
-                                    sent = result
-                                elif result == _EAGAIN:
-                                    sent = 0
-                                else:
-                                    broken(conn, -result)
-                                    continue
-                            elif len(outq) != 1:
-                                write(conn)
+                            if len(outq) != 1:
+                                if outq:  # (empty: the batch wrote it all)
+                                    write(conn)
                                 continue
-                            else:
-                                # _write, inlined for one buffer sent whole.
-                                try:
-                                    sent = conn.sock.send(outq[0])
-                                except BlockingIOError:
-                                    sent = 0
-                                except OSError as exc:
-                                    broken(conn, exc.errno)
-                                    continue
+                            # _write, inlined for one buffer sent whole.
+                            try:
+                                sent = conn.sock.send(outq[0])
+                            except BlockingIOError:
+                                sent = 0
+                            except OSError as exc:
+                                broken(conn, exc.errno)
+                                continue
                             if (
                                 sent == conn.out_bytes
                                 and not conn.close_pending
@@ -782,6 +802,7 @@ class IOThread:
                             self._internal_error(conn, exc)
                     self.bytes_out += sent_total
                     dirty.clear()
+                    spare, dirty = dirty, self._dirty
                 for inbox in inboxes:
                     if writer is None or inbox.staged:
                         inbox.notify()
@@ -801,6 +822,8 @@ class IOThread:
     def _release_batching(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._failed_writer is not None:
+            self._failed_writer.close()
         if self._flush_epoll is not None:
             self._flush_epoll.close()
 
@@ -823,11 +846,9 @@ class IOThread:
             self.flush_waits += 1
         self.flush_wanted = False
 
-    def _write_batch(self, dirty: list[Any]) -> None:
-        """Write the single buffer of each dirty stream with one ``io_submit`` per batch;
-        each port's result waits in ``batch_result`` for the round's bookkeeping."""
-        writer = self._writer
-        assert writer is not None
+    def _write_batch(self, writer: BatchWriter, dirty: list[Any]) -> None:
+        """Write the single buffer of each dirty stream with one ``io_submit`` per batch
+        (see :meth:`_submit_batch`)."""
         batch = self._batch
         for conn in dirty:
             if conn.kind == STREAM and not conn.closed and not conn.mask & WRITE:
@@ -842,11 +863,59 @@ class IOThread:
         if batch:
             self._submit_batch(writer, batch)
 
-    @staticmethod
-    def _submit_batch(writer: BatchWriter, batch: list[Conn]) -> None:
-        for conn, result in zip(batch, writer.submit(), strict=True):
-            conn.batch_result = result
+    def _submit_batch(self, writer: BatchWriter, batch: list[Conn]) -> None:
+        """Submit the batch and apply each write's result to its port at once: what a
+        port's buffer became is settled before anything else of the round runs (a
+        handler's flush may queue more output on that port, close it, change its
+        interest); a write the kernel did not take is left queued for the round's
+        port-by-port writes."""
+        try:
+            results = writer.submit()
+        except Exception as exc:  # pragma: no cover - submit reports syscall errors itself
+            # A bug in the writer: the writes' outcome is unknown.
+            log.exception("batched writes failed")
+            results = [-errno.EIO] * len(batch)
+            writer.failure = f"internal error: {exc!r}"
+            writer.close()
+        sent_total = 0
+        for conn, result in zip(batch, results, strict=True):
+            if result is None:
+                continue
+            try:
+                if result < 0:
+                    if result == _EAGAIN:
+                        self._sent(conn, 0)  # the socket is full: wait for EPOLLOUT
+                    else:
+                        self._broken(conn, -result)
+                elif (
+                    result == conn.out_bytes
+                    and not conn.close_pending
+                    and not conn.shutdown_pending
+                ):
+                    # Everything went (the common case): _sent, inlined.
+                    conn.bytes_out += result
+                    sent_total += result
+                    conn.out_bytes = 0
+                    conn.outq.clear()
+                    if conn.port._send_blocked:
+                        self._notify_writable(conn)
+                else:
+                    self._sent(conn, result)
+            except Exception as exc:
+                self._internal_error(conn, exc)
+        self.bytes_out += sent_total
         batch.clear()
+        if writer.failure is not None:
+            self._batching_failed(writer)
+
+    def _batching_failed(self, writer: BatchWriter) -> None:
+        """The batch writer gave up (see ioserver._aio): write port by port from now on,
+        and stop waiting for flush points, which only pay with batched writes."""
+        self._writer = None
+        self._failed_writer = writer
+        self.batching_error = writer.failure
+        self.waits_for_flush = False
+        self.flush_wanted = False
 
     def _run_commands(self) -> None:
         """Run every queued command; ``cmd_send``, the one of every echo, inlined."""

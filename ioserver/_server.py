@@ -65,6 +65,9 @@ class IOServerStatistics:
     batched_write_count: int  #: writes made through them
     flush_waits: int  #: times the I/O thread waited for this loop's flush point
     flush_timeouts: int  #: ... of which ended by the 10 ms bound, not by a flush
+    #: why batched writes stopped, if they did: the AIO context failed (e.g. its completions
+    #: could not be collected) and the I/O thread writes port by port since; ``None``
+    batched_writes_error: str | None = None
 
 
 class IOServer:
@@ -103,6 +106,7 @@ class IOServer:
     def statistics(self) -> IOServerStatistics:
         """The server's counters now (see :class:`IOServerStatistics`)."""
         io, hub = self._io, self._hub
+        writer = io._writer or io._failed_writer
         return IOServerStatistics(
             poller=io.poller_name,
             backend=hub.backend,  # type: ignore[attr-defined]
@@ -127,10 +131,11 @@ class IOServer:
             peak_memory=max(io.peak_memory, io.memory_in_use()),
             global_pauses=io.global_pauses,
             batched_writes=io._writer is not None,
-            write_batches=0 if io._writer is None else io._writer.batches,
-            batched_write_count=0 if io._writer is None else io._writer.writes,
+            write_batches=0 if writer is None else writer.batches,
+            batched_write_count=0 if writer is None else writer.writes,
             flush_waits=io.flush_waits,
             flush_timeouts=io.flush_timeouts,
+            batched_writes_error=io.batching_error,
         )
 
     async def aclose(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -97,6 +98,47 @@ def test_a_bad_descriptor_is_refused_before_anything_is_written(writer: BatchWri
         bad_fd = closed.fileno()
     writer.add(bad_fd, b"data")
     assert writer.submit() == [None]  # not taken: the caller writes it (and sees EBADF)
+
+
+def test_the_writer_keeps_no_buffer_once_its_writes_completed(writer: BatchWriter) -> None:
+    """Issue 12, item 8: a slot used to keep its last buffer alive until reused."""
+    pairs = socket_pairs(BATCH_CAPACITY)
+    try:
+        payloads = [bytes([index % 256]) * 4096 for index in range(BATCH_CAPACITY)]
+        references = [sys.getrefcount(payload) for payload in payloads]
+        for (ours, _), payload in zip(pairs, payloads, strict=True):
+            writer.add(ours.fileno(), payload)
+        del payload
+        assert writer.submit() == [4096] * BATCH_CAPACITY
+        assert [sys.getrefcount(payload) for payload in payloads] == references
+    finally:
+        close_all(pairs)
+
+
+def test_completions_posted_after_io_submit_are_waited_for(writer: BatchWriter) -> None:
+    """Where socket AIO completes asynchronously (gVisor), the zero-timeout collection
+    finds nothing at first: the writer then waits for the completions (for real here: they
+    are posted, and the blocking io_getevents collects them)."""
+    pairs = socket_pairs(3)
+    collections = 0
+    real_getevents = writer._getevents
+
+    def not_yet(count: int) -> int:
+        nonlocal collections
+        collections += 1
+        writer._getevents = real_getevents
+        return 0
+
+    writer._getevents = not_yet
+    try:
+        for index, (ours, _) in enumerate(pairs):
+            writer.add(ours.fileno(), b"write %d" % index)
+        assert writer.submit() == [7, 7, 7]
+        assert collections == 1 and writer.failure is None
+        for index, (_, theirs) in enumerate(pairs):
+            assert theirs.recv(100) == b"write %d" % index
+    finally:
+        close_all(pairs)
 
 
 def test_an_empty_submit_and_a_second_close_do_nothing(writer: BatchWriter) -> None:
