@@ -60,15 +60,21 @@ async def _tcp_pair(
     return port, peer
 
 
-def _hello(context: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
-    """A bare DEALER with a session (HELLO answered by WELCOME)."""
+def _hello(
+    context: zmq.Context[zmq.Socket[bytes]], endpoint: str
+) -> tuple[zmq.Socket[bytes], bytes]:
+    """A bare DEALER with a session (HELLO answered by WELCOME), and the session's token,
+    which every later frame carries."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # Frames queue here while the daemon is stopped (its RCVHWM is small): never block.
+    sock.setsockopt(zmq.SNDHWM, 0)
     sock.connect(endpoint)
     sock.send(P.pack([[P.HELLO, P.VERSION]]))
     assert sock.poll(10_000), "no WELCOME"
-    assert P.unpack(sock.recv())[0][0] == P.WELCOME
-    return sock
+    welcome = P.unpack(sock.recv())[0]
+    assert welcome[0] == P.WELCOME
+    return sock, welcome[1]["token"]
 
 
 def _wait_for(sock: zmq.Socket[bytes], opcode: int) -> list[object]:
@@ -107,24 +113,26 @@ def test_a_write_is_applied_once_whatever_the_control_endpoint_does_next(
     try:
         with socket.create_server(("127.0.0.1", 0)) as server:
             server.settimeout(10)
-            sock = _hello(context, endpoint)
+            sock, token = _hello(context, endpoint)
             family, address = int(socket.AF_INET), list(server.getsockname())
             distances = [RECEIVE_BATCH * n // 4 for n in range(4, 24, 2)]
             for pid, heartbeats in enumerate(distances, 1):
-                sock.send(P.pack([[P.CONNECT, pid, pid, family, address, {}, 0, False]]))
+                sock.send(P.pack([[P.CONNECT, pid, pid, family, address, {}, 0, False]], token))
                 assert _wait_for(sock, P.OK)[1] == pid
                 peer, _ = server.accept()
                 with peer:
                     os.kill(daemon.process.pid, signal.SIGSTOP)
                     try:
-                        sock.send(P.pack([[99], [P.SEND, pid, b"ONCE "]]))  # a FAULT, a write
+                        sock.send(
+                            P.pack([[99], [P.SEND, pid, b"ONCE "]], token)
+                        )  # a FAULT, a write
                         for _ in range(heartbeats):
-                            sock.send(P.pack([[P.HEARTBEAT]]))
-                        sock.send(P.pack([[P.SEND, pid, b"TWICE"], [P.CLOSE, pid]]))
+                            sock.send(P.pack([[P.HEARTBEAT]], token))
+                        sock.send(P.pack([[P.SEND, pid, b"TWICE"], [P.CLOSE, pid]], token))
                     finally:
                         os.kill(daemon.process.pid, signal.SIGCONT)
                     assert _read_until_eof(peer) == b"ONCE TWICE", f"trial {pid}"
-            sock.send(P.pack([[P.STATUS, 99]]))
+            sock.send(P.pack([[P.STATUS, 99]], token))
             status = _wait_for(sock, P.STATUS_REPLY)[2]
             assert isinstance(status, dict) and status["internal_errors"] == 0
     finally:
@@ -199,7 +207,7 @@ async def test_a_flood_of_refused_frames_does_not_stop_an_echo_port(
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     context.setsockopt(zmq.LINGER, 0)
     try:
-        flood = await anyio.to_thread.run_sync(_hello, context, endpoint)
+        flood, token = await anyio.to_thread.run_sync(_hello, context, endpoint)
         flood.setsockopt(zmq.SNDHWM, 0)
         async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
 
@@ -216,7 +224,7 @@ async def test_a_flood_of_refused_frames_does_not_stop_an_echo_port(
                 await anyio.connect_tcp(*listener.local_address) as peer,
             ):
                 task_group.start_soon(echo)
-                frame = P.pack([[99]])  # an unknown opcode: refused, FAULT
+                frame = P.pack([[99]], token)  # an unknown opcode: refused, FAULT
                 for _ in range(total):
                     flood.send(frame)
                 # The flood is being handled once its first FAULT came back.
