@@ -588,11 +588,16 @@ class IOThread:
 
     def _stream_interest(self, conn: Conn) -> None:
         mask = 0
-        if (
+        if conn.close_pending:
+            # Its owner closed it and it flushes its output: read on (the closed port drops
+            # what comes), whatever its active mode or message queue, so that a peer which
+            # is itself blocked writing to us can drain what we flush to it.
+            if not conn.read_eof and not conn.global_paused:
+                mask = READ
+        elif (
             conn.credit
             and not conn.held
             and not conn.read_eof
-            and not conn.close_pending
             and not conn.msgq_paused
             and not conn.global_paused
             and not conn.queue_paused
