@@ -579,3 +579,38 @@ async def test_an_h11_client_and_server_loop(ios: ioserver.IOServer) -> None:
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = [pytestmark, pytest.mark.skip(reason="abstract Unix socket names are Linux's")]
+
+
+# -- through a daemon -------------------------------------------------------------------------
+
+
+async def test_a_daemons_tcp_port_is_a_stream_too(
+    tmp_path: Path, no_leaks: None, anyio_backend: str
+) -> None:
+    """A port of an ioserver daemon (client.connect) wraps the same way; on trio, trio's
+    conformance suite runs over it (without the clogged half: a daemon's port pair is two
+    hops of buffers away from a clog)."""
+    from test_daemon import HEARTBEAT, Daemon
+
+    import client
+
+    endpoint = f"ipc://{tmp_path / 'run' / 'control'}"
+    daemon = Daemon("--endpoint", endpoint, "--heartbeat", str(HEARTBEAT))
+    try:
+        async with client.connect(endpoint) as ios:
+
+            async def make() -> tuple[PortStream, PortStream]:
+                first, second = await tcp_ports(ios)  # type: ignore[arg-type]
+                return PortStream(first), PortStream(second)
+
+            with anyio.fail_after(30):
+                if anyio_backend == "trio":
+                    await trio.testing.check_half_closeable_stream(make, None)
+                a, b = await make()
+                async with a, b:
+                    await a.send(b"line one\r\nline two\r\n")
+                    reader = BufferedByteReceiveStream(b)
+                    assert await reader.receive_until(b"\r\n", 100) == b"line one"
+                    assert await reader.receive_until(b"\r\n", 100) == b"line two"
+    finally:
+        assert daemon.stop() == 0, daemon.log
