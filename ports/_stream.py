@@ -206,6 +206,8 @@ class PortStream(anyio.abc.ByteStream, trio.abc.HalfCloseableStream):
         """The next Data's bytes from the port, or ``b""`` at the end of the stream."""
         port = self._port
         while True:
+            if port.closed:
+                raise ClosedPortError("this port is closed")
             if self._receive_error is not None:
                 raise self._receive_error
             if self._eof:

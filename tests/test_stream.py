@@ -178,6 +178,9 @@ async def test_end_of_stream_is_endofstream_for_anyio_and_empty_for_trio(
         assert await a.receive(100) == b"half-closed: the other way still works"
         with pytest.raises(ports.ClosedPortError, match="send_eof"):
             await a.send_all(b"no more")
+        await b.aclose()  # closed by this side: that wins over the end of the stream
+        with pytest.raises(ports.ClosedPortError):
+            await b.receive_some()
 
 
 async def test_a_reset_connection_is_broken_on_both_libraries(ios: ioserver.IOServer) -> None:
@@ -508,6 +511,28 @@ async def test_tls_server_over_a_port_stream_against_a_stdlib_client(
         async with client:
             await client.send(b"stressed")
             assert await client.receive() == b"desserts"
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_ssl_stream_over_a_port_stream(
+    ios: ioserver.IOServer, certificate: tuple[Path, Path]
+) -> None:
+    """trio's SSLStream on both ends, each over a PortStream of a real TCP connection."""
+    server_context, client_context = contexts(certificate)
+    first, second = await tcp_ports(ios)
+    client = trio.SSLStream(PortStream(first), client_context, server_hostname="localhost")
+    server = trio.SSLStream(PortStream(second), server_context, server_side=True)
+    async with client, server:
+
+        async def serve() -> None:
+            data = await server.receive_some()
+            await server.send_all(data.upper())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client.send_all(b"trio ssl")
+            assert await client.receive_some() == b"TRIO SSL"
+        assert client.selected_alpn_protocol() == "http/1.1"
 
 
 # -- h11 over PortStreams ---------------------------------------------------------------------
