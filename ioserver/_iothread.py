@@ -588,14 +588,11 @@ class IOThread:
 
     def _stream_interest(self, conn: Conn) -> None:
         mask = 0
-        if conn.close_pending:
-            # Its owner closed it and it flushes its output: read on (the closed port drops
-            # what comes), whatever its active mode or message queue, so that a peer which
-            # is itself blocked writing to us can drain what we flush to it.
-            if not conn.read_eof and not conn.global_paused:
-                mask = READ
-        elif (
-            conn.credit
+        if (
+            # A port closed while it flushes its output reads on, whatever its active mode
+            # (the closed port drops what comes, within the same bounds), so that a peer
+            # which is itself blocked writing to us can drain what we flush to it.
+            (conn.credit or conn.close_pending)
             and not conn.held
             and not conn.read_eof
             and not conn.msgq_paused
