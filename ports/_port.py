@@ -557,8 +557,9 @@ class _PortBase(Source):
     async def aclose(self) -> None:
         """Close the port: the I/O thread writes what is queued, then closes the socket.
 
-        Idempotent.  A task waiting on the port gets :exc:`ClosedPortError`; messages not
-        yet received are dropped.  It is a checkpoint.
+        Meanwhile it reads on and drops what arrives, so a peer blocked writing to us can
+        drain what we flush.  Idempotent.  A task waiting on the port gets
+        :exc:`ClosedPortError`; messages not yet received are dropped.  It is a checkpoint.
         """
         self.close_nowait()
         await anyio.lowlevel.checkpoint()
