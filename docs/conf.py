@@ -49,6 +49,11 @@ html_theme_options = {
     "description": "I/O the Erlang way, for trio and asyncio",
     "fixed_sidebar": True,
     "show_relbars": True,
+    # Code blocks hold up to 100 columns (the examples' line length).  alabaster's default
+    # 940 px page leaves a 600 px code column (65 columns); 1240 px, which fits a 1280 px
+    # screen, with 0.85em code leaves 900 px: 100 columns at 8.7 px (DejaVu Sans Mono).
+    "page_width": "1240px",
+    "code_font_size": "0.85em",
 }
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
 html_title = f"ioserver {release}"

@@ -609,10 +609,12 @@ class IOThread:
     def _stream_interest(self, conn: Conn) -> None:
         mask = 0
         if (
-            conn.credit
+            # A port closed while it flushes its output reads on, whatever its active mode
+            # (the closed port drops what comes, within the same bounds), so that a peer
+            # which is itself blocked writing to us can drain what we flush to it.
+            (conn.credit or conn.close_pending)
             and not conn.held
             and not conn.read_eof
-            and not conn.close_pending
             and not conn.msgq_paused
             and not conn.global_paused
             and not conn.queue_paused

@@ -19,7 +19,8 @@ owner), timers as messages and OTP-style supervisors run in an actor system::
 Port kinds: TCP (:func:`connect_tcp`, :func:`listen_tcp`), Unix stream sockets
 (:func:`connect_unix`, :func:`listen_unix`), UDP (:func:`open_udp`: :class:`Datagram`
 messages), programs (:func:`open_process`: their stdin/stdout, then :class:`ExitStatus`)
-and ZeroMQ sockets (:func:`open_zmq`).
+and ZeroMQ sockets (:func:`open_zmq`).  :class:`PortStream` gives a raw stream port the
+byte-stream face of anyio's and trio's streams (``receive_some``/``send_all``...).
 """
 
 from ioserver._exceptions import (
@@ -108,6 +109,7 @@ from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
 from ._select import select as select
+from ._stream import PortStream as PortStream
 from ._subprocess import ProcessPort as ProcessPort
 from ._subprocess import open_process as open_process
 from ._supervisor import AutoShutdown as AutoShutdown
@@ -165,6 +167,7 @@ __all__ = [
     "Port",
     "PortOptions",
     "PortStatistics",
+    "PortStream",
     "ProcessPort",
     "Reason",
     "RegistrationError",

@@ -557,8 +557,9 @@ class _PortBase(Source):
     async def aclose(self) -> None:
         """Close the port: the I/O thread writes what is queued, then closes the socket.
 
-        Idempotent.  A task waiting on the port gets :exc:`ClosedPortError`; messages not
-        yet received are dropped.  It is a checkpoint.
+        Meanwhile it reads on and drops what arrives, so a peer blocked writing to us can
+        drain what we flush.  Idempotent.  A task waiting on the port gets
+        :exc:`ClosedPortError`; messages not yet received are dropped.  It is a checkpoint.
         """
         self.close_nowait()
         await anyio.lowlevel.checkpoint()
@@ -739,6 +740,12 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
     def busy(self) -> bool:
         """True while the output not yet written is above the high watermark."""
         return self._queued_bytes - self._conn.bytes_out > self._high_watermark  # type: ignore[union-attr]
+
+    @property
+    def packet(self) -> Any:
+        """The packet mode: ``"raw"`` (bytes as read), ``1``/``2``/``4``, ``"line"``,
+        ``"msgpack"`` or ``"resp"`` (see :class:`PortOptions`)."""
+        return "raw" if self._framer is None else self._framer.mode
 
     def send_nowait(self, message: Any) -> None:
         """Queue ``message`` for the I/O thread to write; return at once.
