@@ -18,7 +18,6 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -115,18 +114,10 @@ def prepare_ipc(endpoint: str) -> str | None:
     path = endpoint[len("ipc://") :]
     _ipc.make_directory(os.path.dirname(os.path.abspath(path)))
     if _ipc.check_socket(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: its daemon died without cleaning up
-            log.info("removed the stale control socket %s", path)
-        except OSError:
-            pass
-        else:
+        if not _ipc.is_stale(path):
             raise DaemonError(f"a daemon already serves {endpoint}")
-        finally:
-            probe.close()
+        os.unlink(path)  # stale: its daemon died without cleaning up
+        log.info("removed the stale control socket %s", path)
     return path
 
 
@@ -169,7 +160,7 @@ def _start_authenticator(context: zmq.Context[Any], config: DaemonConfig) -> Any
 
 # -- one daemon -----------------------------------------------------------------------------
 async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
-    from ._cli import load_app
+    from ._cli import call_app, load_app
 
     io = ios._io
     started = time.monotonic()
@@ -179,7 +170,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
         words = shlex.split(spec)
         if not words:
             raise OptionError("--app needs an app: file.py[:function] or module[:function]")
-        apps.append((spec, load_app(words[0]), words[1:]))
+        apps.append((spec, call_app(load_app(words[0])), words[1:]))
     path = prepare_ipc(config.endpoint)
     context = io.zmq_context()
     authenticator = _start_authenticator(context, config) if config.curve_secret_key else None
@@ -560,7 +551,8 @@ def query_status(
     ``curve`` is ``(server public certificate file, client secret certificate file)``.
 
     Raises:
-        DaemonError: no answer within ``timeout`` seconds, or a malformed answer.
+        DaemonError: no answer within ``timeout`` seconds, a malformed answer, or (at
+            once) an ``ipc://`` socket file that nothing listens on: a stale socket.
         UnsafeEndpointError: an ``ipc://`` endpoint another user could control, or
             answered by a process of another uid (see :mod:`ioserver._ipc`).
     """
@@ -580,6 +572,8 @@ def query_status(
         ipc = endpoint.startswith("ipc://")
         if ipc and not _ipc.client_check(endpoint[len("ipc://") :]):
             raise DaemonError(f"no ioserver daemon at {endpoint}: the socket file does not exist")
+        if ipc and _ipc.is_stale(endpoint[len("ipc://") :]):
+            raise DaemonError(_ipc.stale_message(endpoint))
         sock.connect(endpoint)
         sock.send(P.pack([[P.HELLO, P.VERSION], [P.STATUS, 1], [P.BYE]]))
         deadline = time.monotonic() + timeout
