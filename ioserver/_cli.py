@@ -96,7 +96,53 @@ class _Parser(argparse.ArgumentParser):
 
 #: The options of `ioserver run` itself, each with the number of values it takes: they
 #: are taken wherever they appear before ``--``; every other argument after APP is the app's.
-_RUN_OPTIONS = {"--backend": 1, "--uvloop": 0, "--no-uvloop": 0, "--log-level": 1}
+_RUN_OPTIONS = {
+    "--backend": 1,
+    "--uvloop": 0,
+    "--no-uvloop": 0,
+    "--log-level": 1,
+    "--log-format": 1,
+    "--log-config": 1,
+}
+
+
+class _AppendOverride(argparse._AppendAction):
+    """``append``, except that the first use on the command line replaces the default
+    (which may come from ``--config`` or ``IOSERVER_APP``) instead of adding to it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        marker = f"_given_{self.dest}"
+        if not getattr(namespace, marker, False):
+            setattr(namespace, self.dest, [])
+            setattr(namespace, marker, True)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _add_logging(parser: argparse.ArgumentParser, level: str) -> None:
+    from ._logging import FORMATS
+
+    parser.add_argument(
+        "--log-level", default=level, help=f"logging level: DEBUG, INFO, WARNING... ({level})"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line",
+    )
+    parser.add_argument(
+        "--log-config",
+        default=None,
+        metavar="FILE",
+        help="a logging.config.dictConfig dictionary in a JSON or TOML (.toml) file; "
+        "it replaces --log-level and --log-format",
+    )
 
 
 def _split_run(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -146,7 +192,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="run an app on an embedded I/O thread",
         description="Run APP's main(ios, argv) on an embedded I/O thread.  The arguments "
         "after APP go to the app (its --help too), except --backend, --uvloop/--no-uvloop "
-        "and --log-level; everything after -- goes to the app.",
+        "and the --log-* options; everything after -- goes to the app.",
     )
     run_parser.add_argument("app", help="file.py[:function] or package.module[:function]")
     run_parser.add_argument(
@@ -158,9 +204,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         default=None,
         help="on asyncio, use uvloop (default: when installed)",
     )
-    run_parser.add_argument(
-        "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING...)"
-    )
+    _add_logging(run_parser, "INFO")
     from ._control import ControlLimits
 
     serve_parser = commands.add_parser(
@@ -183,7 +227,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     serve_parser.add_argument(
         "--app",
-        action="append",
+        action=_AppendOverride,
         default=[],
         help="an app to run, as for `ioserver run`, with its arguments in one string: "
         "--app 'examples/chat.py --port 7000' (repeatable)",
@@ -253,7 +297,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     serve_parser.add_argument(
         "--uvloop", action=argparse.BooleanOptionalAction, default=None, help="use uvloop"
     )
-    serve_parser.add_argument("--log-level", default="INFO", help="logging level")
+    _add_logging(serve_parser, "INFO")
+    serve_parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.toml",
+        help="a TOML file of these options (max-sessions = 100); the precedence: command "
+        "line, then IOSERVER_* environment variables (IOSERVER_MAX_SESSIONS=100), then "
+        "the file, then the defaults",
+    )
 
     status_parser = commands.add_parser(
         "status", help="show a daemon's ports, queues, wakes and bytes, per worker"
@@ -267,7 +319,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     status_parser.add_argument(
         "--curve-certificate", default=None, help="this client's secret certificate file"
     )
-    status_parser.add_argument("--log-level", default="WARNING", help="logging level")
+    status_parser.add_argument(
+        "--log-level", default="WARNING", help="logging level (default WARNING)"
+    )
     return parser, {"run": run_parser, "serve": serve_parser, "status": status_parser}
 
 
@@ -288,13 +342,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "run":
         own, app_argv = _split_run(arguments[1:])
         options = commands["run"].parse_args(own)
+    elif command == "serve":
+        options = _parse_serve(commands["serve"], arguments[1:])
     else:
         options = commands[command].parse_args(arguments[1:])
     options.command = command
-    logging.basicConfig(
-        level=getattr(logging, str(options.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    try:
+        _configure_logging(options)
+    except OptionError as exc:
+        commands[command].error(str(exc))
     if command == "serve":
         return _serve(options)
     if command == "status":
@@ -315,11 +371,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
-def _serve(options: argparse.Namespace) -> int:
-    from ._control import ControlLimits
-    from ._daemon import DaemonConfig, serve
+def _configure_logging(options: argparse.Namespace) -> None:
+    from ._logging import configure
 
-    config = DaemonConfig(
+    configure(
+        options.log_level,
+        getattr(options, "log_format", "text"),
+        getattr(options, "log_config", None),
+    )
+
+
+def _parse_serve(parser: argparse.ArgumentParser, arguments: Sequence[str]) -> argparse.Namespace:
+    """``ioserver serve``'s options: the command line over ``IOSERVER_*`` variables over
+    the ``--config`` file over the defaults (:mod:`ioserver._config`)."""
+    from ._config import apply_defaults
+
+    try:
+        apply_defaults(parser, arguments)
+    except OptionError as exc:
+        parser.error(str(exc))
+    options = parser.parse_args(arguments)
+    options.arguments = list(arguments)
+    return options
+
+
+def _daemon_config(options: argparse.Namespace) -> Any:
+    from ._control import ControlLimits
+    from ._daemon import DaemonConfig
+
+    return DaemonConfig(
         endpoint=options.endpoint,
         apps=options.app,
         heartbeat=options.heartbeat,
@@ -338,7 +418,34 @@ def _serve(options: argparse.Namespace) -> int:
             max_ports=options.max_ports,
             session_queue=options.session_queue,
         ),
+        arguments=options.arguments,
+        reload=lambda: _reload_serve(options.arguments),
     )
+
+
+def _reload_serve(arguments: list[str]) -> Any:
+    """SIGHUP: the daemon's configuration read again (the same command line over the
+    environment over the ``--config`` file as it is now), and the logging configured
+    from it again (which reopens its files).
+
+    Raises:
+        OptionError: the file or a variable is wrong now; nothing was changed.
+    """
+    from ._config import apply_defaults
+
+    _, commands = _parser()
+    parser = commands["serve"]
+    apply_defaults(parser, arguments)
+    options = parser.parse_args(arguments)
+    options.arguments = list(arguments)
+    _configure_logging(options)
+    return _daemon_config(options)
+
+
+def _serve(options: argparse.Namespace) -> int:
+    from ._daemon import serve
+
+    config = _daemon_config(options)
     if config.workers < 1:
         print("ioserver: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -372,10 +479,13 @@ def _status(options: argparse.Namespace) -> int:
         return 1
     if "workers" not in status:
         status = {"workers": [status]}
-    if options.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-    else:
-        print(format_status(status))
+    try:
+        if options.json:
+            print(json.dumps(status, indent=2, sort_keys=True), flush=True)
+        else:
+            print(format_status(status), flush=True)
+    except BrokenPipeError:  # `ioserver status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,17 @@ class DaemonConfig:
     worker_index: int | None = None
     memory_limit: int | None = None
     limits: ControlLimits = field(default_factory=ControlLimits)
+    #: ``ioserver serve``'s own arguments, as given (workers get them again, so that they
+    #: read the same --config file and variables, on SIGHUP too); None: rebuilt from here.
+    arguments: list[str] | None = None
+    #: SIGHUP: returns the configuration as it is now (the CLI reads its file and the
+    #: environment again, and configures the logging again); raises OptionError.
+    reload: Callable[[], DaemonConfig] | None = field(default=None, repr=False, compare=False)
+
+
+#: What SIGHUP changes in a running daemon (ControlEndpoint reads them at each request);
+#: the logging is configured again too.  Everything else needs a restart.
+RELOADABLE_LIMITS = ("max_sessions", "max_ports")
 
 
 class DaemonError(IOServerError):
@@ -214,23 +226,28 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
         io.zmq_sockets.add(sock)
         io.submit(_start_control, control, None)
         where = f" worker {worker}" if worker is not None else ""
-        log.info(
-            "ioserver daemon%s serving %s (pid %d, %s, heartbeat %.3g s)",
-            where,
-            config.endpoint,
-            os.getpid(),
-            "CURVE" if authenticator else "ipc 0700" if path else "tcp",
-            config.heartbeat,
-        )
-        async with anyio.create_task_group() as task_group:
-            for spec, function, argv in apps:
-                log.info("starting app %s", spec)
-                task_group.start_soon(function, ios, argv)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # The signals are ours before the daemon says it serves: from then on SIGTERM
+        # stops it cleanly and SIGHUP reloads, never their default actions.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            log.info(
+                "ioserver daemon%s serving %s (pid %d, %s, heartbeat %.3g s)",
+                where,
+                config.endpoint,
+                os.getpid(),
+                "CURVE" if authenticator else "ipc 0700" if path else "tcp",
+                config.heartbeat,
+            )
+            async with anyio.create_task_group() as task_group:
+                for spec, function, argv in apps:
+                    log.info("starting app %s", spec)
+                    task_group.start_soon(function, ios, argv)
                 async for number in signals:
+                    if number == signal.SIGHUP:
+                        hangup(config)
+                        continue
                     log.info("%s received: stopping", signal.Signals(number).name)
                     break
-            task_group.cancel_scope.cancel()
+                task_group.cancel_scope.cancel()
         # Stop accepting clients and close their ports after their output; apps closed
         # theirs as they were cancelled.  Then give the output a grace period.
         io.submit(_close_control, control, None)
@@ -250,6 +267,46 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             except FileNotFoundError:
                 pass
     log.info("ioserver daemon%s stopped", f" worker {worker}" if worker is not None else "")
+
+
+def hangup(config: DaemonConfig) -> None:
+    """SIGHUP: reopen the log files and reload what can change without a restart - the
+    logging configuration and :data:`RELOADABLE_LIMITS` - from ``config.reload()``.
+
+    Never raises: a configuration that is wrong now is logged as an error and the running
+    one stays, whole."""
+    from ._logging import reopen_log_files
+
+    log.info("SIGHUP received: reopening the log files and reloading the configuration")
+    reopen_log_files()
+    if config.reload is None:
+        return
+    try:
+        new = config.reload()
+        _settle(new, quiet=True)
+    except Exception as exc:
+        log.error("SIGHUP: the configuration was not reloaded (the running one stays): %s", exc)
+        return
+    for name in RELOADABLE_LIMITS:
+        setattr(config.limits, name, getattr(new.limits, name))
+    restart = [
+        name
+        for name in ("endpoint", "apps", "heartbeat", "grace", "backend", "workers")
+        if getattr(new, name) != getattr(config, name)
+    ]
+    restart += [
+        name
+        for name in ("memory_limit", "max_frame", "session_queue")
+        if getattr(new.limits, name, getattr(new, name, None))
+        != getattr(config.limits, name, getattr(config, name, None))
+    ]
+    log.info(
+        "SIGHUP: configuration reloaded: logging, max-sessions %d, max-ports %d",
+        config.limits.max_sessions,
+        config.limits.max_ports,
+    )
+    if restart:
+        log.warning("SIGHUP: changed but needing a restart: %s", ", ".join(restart))
 
 
 def _start_control(control: ControlEndpoint, _: Any) -> None:
@@ -273,6 +330,39 @@ def _pending_output(io: Any) -> int:
 
 def serve(config: DaemonConfig) -> int:
     """Run the daemon (or, with ``workers > 1``, the supervisor); the exit status."""
+    _settle(config)
+    # Until the event loop's receiver takes it, SIGHUP must not kill the daemon (its
+    # default action): a handler, not SIG_IGN, which programs started from here inherit.
+    signal.signal(signal.SIGHUP, _early_hangup)
+    # A worker starts with SIGHUP blocked (see _supervise): one sent meanwhile waits for
+    # the handler above instead of killing the worker in Python's startup.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    if config.workers > 1 and config.worker_index is None:
+        return _supervise(config)
+    if config.worker_index is not None:
+        _pin(config.worker_index, config.workers)
+    run(
+        _run_daemon,
+        config,
+        backend=config.backend,
+        use_uvloop=config.use_uvloop,
+        stop_on_signals=False,
+        memory_limit=config.memory_limit,
+    )
+    return 0
+
+
+def _early_hangup(number: int, frame: Any) -> None:
+    log.info("SIGHUP received while starting: nothing to reload yet")
+
+
+def _settle(config: DaemonConfig, *, quiet: bool = False) -> None:
+    """Check ``config`` and fill in what follows from it: the default endpoint, a session
+    queue bounded by the memory budget.
+
+    Raises:
+        DaemonError: an unsafe endpoint, a wrong heartbeat or grace, a wrong limit.
+    """
     if not config.endpoint:
         config.endpoint = P.default_endpoint()
     check_endpoint(config)
@@ -287,25 +377,13 @@ def serve(config: DaemonConfig) -> int:
         # One client that does not read must not hold the whole budget (which pauses
         # every port of the daemon): a quarter at most.
         queue = max(config.memory_limit // 4, 64 * 1024)
-        log.warning(
-            "--session-queue %d is above a quarter of --memory-limit: %d",
-            limits.session_queue,
-            queue,
-        )
+        if not quiet:
+            log.warning(
+                "--session-queue %d is above a quarter of --memory-limit: %d",
+                limits.session_queue,
+                queue,
+            )
         limits.session_queue = queue
-    if config.workers > 1 and config.worker_index is None:
-        return _supervise(config)
-    if config.worker_index is not None:
-        _pin(config.worker_index, config.workers)
-    run(
-        _run_daemon,
-        config,
-        backend=config.backend,
-        use_uvloop=config.use_uvloop,
-        stop_on_signals=False,
-        memory_limit=config.memory_limit,
-    )
-    return 0
 
 
 async def _run_daemon(ios: IOServer, config: DaemonConfig) -> None:
@@ -332,6 +410,18 @@ def _tcp_plus(endpoint: str, index: int) -> str:
 
 
 def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
+    worker = [
+        "--endpoint",
+        worker_endpoint(config.endpoint, index),
+        "--workers",
+        str(config.workers),
+        "--worker-index",
+        str(index),
+    ]
+    if config.arguments is not None:
+        # The user's own arguments: the worker reads the same --config file and
+        # environment, now and on SIGHUP; the last of an option given twice wins.
+        return [sys.executable, "-m", "ioserver", "serve", *config.arguments, *worker]
     argv = [
         sys.executable,
         "-m",
@@ -376,7 +466,14 @@ def _supervise(config: DaemonConfig) -> int:
             log.info("%s received: stopping the workers", signal.Signals(number).name)
         stopping = True
 
+    hangups = 0
+
+    def hangup_later(number: int, frame: Any) -> None:
+        nonlocal hangups
+        hangups += 1
+
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup_later)
     environment = dict(os.environ)
     workers: list[subprocess.Popen[bytes] | None] = [None] * config.workers
     starts: list[float] = [0.0] * config.workers
@@ -384,7 +481,13 @@ def _supervise(config: DaemonConfig) -> int:
 
     def start(index: int) -> None:
         environment[WORKER_ENVIRONMENT] = str(index)
-        workers[index] = subprocess.Popen(_worker_argv(config, index), env=environment)
+        # The worker inherits the signal mask: SIGHUP stays pending until its handler is
+        # in place (serve unblocks it), so a reload sent during its startup cannot kill it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            workers[index] = subprocess.Popen(_worker_argv(config, index), env=environment)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         starts[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, workers[index].pid)  # type: ignore[union-attr]
 
@@ -408,6 +511,12 @@ def _supervise(config: DaemonConfig) -> int:
                 raise
             if sock in ready:
                 _supervisor_answer(sock, config, workers, restarts, context)
+            if hangups:
+                hangups = 0
+                hangup(config)  # the supervisor's own log; then each worker does its part
+                for process in workers:
+                    if process is not None and process.poll() is None:
+                        process.send_signal(signal.SIGHUP)
             for index, process in enumerate(workers):
                 if process is not None and process.poll() is not None and not stopping:
                     log.error(
