@@ -263,6 +263,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="allow a tcp:// endpoint on all interfaces (*, 0.0.0.0, ::)",
     )
     serve_parser.add_argument(
+        "--metrics",
+        default="",
+        metavar="HOST:PORT",
+        help="serve the status figures for Prometheus at http://HOST:PORT/metrics "
+        "(a loopback address unless --metrics-allow-remote)",
+    )
+    serve_parser.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow --metrics on an address that is not loopback",
+    )
+    serve_parser.add_argument(
         "--memory-limit", type=int, default=None, help="the global memory budget in bytes"
     )
     serve_parser.add_argument(
@@ -418,6 +430,8 @@ def _daemon_config(options: argparse.Namespace) -> Any:
             max_ports=options.max_ports,
             session_queue=options.session_queue,
         ),
+        metrics=options.metrics,
+        metrics_allow_remote=options.metrics_allow_remote,
         arguments=options.arguments,
         reload=lambda: _reload_serve(options.arguments),
     )

@@ -58,6 +58,9 @@ class DaemonConfig:
     worker_index: int | None = None
     memory_limit: int | None = None
     limits: ControlLimits = field(default_factory=ControlLimits)
+    #: ``HOST:PORT`` of the Prometheus endpoint (:mod:`ioserver._metrics`); "" for none.
+    metrics: str = ""
+    metrics_allow_remote: bool = False
     #: ``ioserver serve``'s own arguments, as given (workers get them again, so that they
     #: read the same --config file and variables, on SIGHUP too); None: rebuilt from here.
     arguments: list[str] | None = None
@@ -337,19 +340,48 @@ def serve(config: DaemonConfig) -> int:
     # A worker starts with SIGHUP blocked (see _supervise): one sent meanwhile waits for
     # the handler above instead of killing the worker in Python's startup.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    if config.workers > 1 and config.worker_index is None:
-        return _supervise(config)
-    if config.worker_index is not None:
-        _pin(config.worker_index, config.workers)
-    run(
-        _run_daemon,
-        config,
-        backend=config.backend,
-        use_uvloop=config.use_uvloop,
-        stop_on_signals=False,
-        memory_limit=config.memory_limit,
-    )
+    metrics = _start_metrics(config) if config.worker_index is None else None
+    try:
+        if config.workers > 1 and config.worker_index is None:
+            return _supervise(config)
+        if config.worker_index is not None:
+            _pin(config.worker_index, config.workers)
+        run(
+            _run_daemon,
+            config,
+            backend=config.backend,
+            use_uvloop=config.use_uvloop,
+            stop_on_signals=False,
+            memory_limit=config.memory_limit,
+        )
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
+
+
+def _start_metrics(config: DaemonConfig) -> Any:
+    """The ``--metrics`` HTTP endpoint, or None; each scrape asks the daemon (or the
+    supervisor, which asks every worker) for its status over the control endpoint.
+
+    Raises:
+        OptionError: a malformed or non-loopback address (without the flag).
+        DaemonError: the address cannot be bound.
+    """
+    if not config.metrics:
+        return None
+    from ._metrics import MetricsServer, parse_address
+
+    host, port = parse_address(config.metrics, allow_remote=config.metrics_allow_remote)
+    curve = _curve_for(config)
+    try:
+        return MetricsServer(
+            host, port, lambda: query_status(config.endpoint, timeout=2.0, curve=curve)
+        )
+    except OSError as exc:
+        raise DaemonError(
+            f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}"
+        ) from None
 
 
 def _early_hangup(number: int, frame: Any) -> None:
@@ -421,7 +453,8 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
     if config.arguments is not None:
         # The user's own arguments: the worker reads the same --config file and
         # environment, now and on SIGHUP; the last of an option given twice wins.
-        return [sys.executable, "-m", "ioserver", "serve", *config.arguments, *worker]
+        # The supervisor serves the metrics of all: "--metrics=" turns a worker's off.
+        return [sys.executable, "-m", "ioserver", "serve", *config.arguments, *worker, "--metrics="]
     argv = [
         sys.executable,
         "-m",

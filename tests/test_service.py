@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 from ioserver import _protocol as P
 from ioserver._cli import _parse_serve, _parser
@@ -44,6 +48,7 @@ class Daemon:
     def __init__(self, runtime: Path, *args: str, **more: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ioserver", "serve", *args],
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=environment(runtime, **more),
@@ -67,6 +72,8 @@ class Daemon:
         status = self.process.wait(20)
         self.lines += self.stderr.readlines()
         self.stderr.close()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
         return status
 
 
@@ -80,6 +87,8 @@ def daemons() -> Iterator[list[Daemon]]:
             daemon.process.wait()
         if not daemon.stderr.closed:
             daemon.stderr.close()
+        if daemon.process.stdout is not None and not daemon.process.stdout.closed:
+            daemon.process.stdout.close()
 
 
 def open_session(endpoint: str, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
@@ -325,3 +334,85 @@ def test_parse_serve_keeps_the_arguments_for_the_workers() -> None:
     _, commands = _parser()
     options = _parse_serve(commands["serve"], ["--max-ports", "3"])
     assert options.arguments == ["--max-ports", "3"]
+
+
+# -- metrics ------------------------------------------------------------------------------
+def scrape(line: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET the /metrics URL in the daemon's log ``line``; the samples by name and labels."""
+    url = re.search(r"http://\S+/metrics", line)
+    assert url is not None, line
+    with urllib.request.urlopen(url.group(0), timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_are_scraped_over_http_in_the_prometheus_format(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon = Daemon(tmp_path, "--metrics", "127.0.0.1:0", "--app", "examples/echo.py --port 0")
+    daemons.append(daemon)
+    line = daemon.wait_for("metrics on http://")
+    assert daemon.process.stdout is not None
+    assert daemon.process.stdout.readline().startswith("echo listening on")
+    samples = scrape(line)
+    worker = (("worker", "0"),)
+    assert samples[("ioserver_up", worker)] == 1
+    assert samples[("ioserver_ports", (("kind", "tcp_listeners"), ("worker", "0")))] == 1
+    assert samples[("ioserver_bytes_in_total", worker)] == 0
+    assert ("ioserver_memory_in_use_bytes", worker) in samples
+    assert ("ioserver_event_queue_depth", worker) in samples
+    assert ("ioserver_faults_total", worker) in samples
+    wakes = (("direction", "to_io"), ("outcome", "sent"), ("worker", "0"))
+    assert samples[("ioserver_wakes_total", wakes)] >= 1
+    assert daemon.stop() == 0
+
+
+def test_metrics_per_worker_from_the_supervisor(tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon = Daemon(tmp_path, "--metrics", "127.0.0.1:0", "--workers", "2")
+    daemons.append(daemon)
+    line = daemon.wait_for("metrics on http://")
+    daemon.wait_for("daemon worker")  # the workers start in either order
+    daemon.wait_for("daemon worker")
+    samples = scrape(line)
+    assert samples[("ioserver_up", (("worker", "0"),))] == 1
+    assert samples[("ioserver_up", (("worker", "1"),))] == 1
+    assert samples[("ioserver_worker_restarts_total", (("worker", "1"),))] == 0
+    assert daemon.stop() == 0
+    assert len([entry for entry in daemon.lines if "metrics on http://" in entry]) == 1
+
+
+@pytest.mark.parametrize(
+    ("address", "complaint"),
+    [
+        ("0.0.0.0:9100", "refusing to serve metrics on 0.0.0.0:9100 (not a loopback address)"),
+        ("example.org:9100", "--metrics takes HOST:PORT with a numeric address"),
+        ("127.0.0.1:99999", "--metrics: port 99999 is out of range"),
+    ],
+)
+def test_a_metrics_address_is_refused_in_one_line(
+    tmp_path: Path, address: str, complaint: str
+) -> None:
+    result = cli(tmp_path, "serve", "--metrics", address)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"ioserver: {complaint}"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_taken_metrics_port_is_a_runtime_error(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        result = cli(tmp_path, "serve", "--metrics", f"127.0.0.1:{taken}")
+    assert result.returncode == 1, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"ioserver: cannot serve metrics on 127.0.0.1:{taken}: ")
+    )
