@@ -29,7 +29,7 @@ import anyio
 import zmq
 import zmq.auth
 
-from . import _ipc
+from . import _ipc, _systemd
 from . import _protocol as P
 from ._control import ControlEndpoint, ControlLimits, io_status
 from ._exceptions import IOServerError, OptionError
@@ -240,6 +240,9 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
                 "CURVE" if authenticator else "ipc 0700" if path else "tcp",
                 config.heartbeat,
             )
+            _systemd.notify(
+                "READY=1", f"STATUS=serving {config.endpoint}", f"MAINPID={os.getpid()}"
+            )
             async with anyio.create_task_group() as task_group:
                 for spec, function, argv in apps:
                     log.info("starting app %s", spec)
@@ -249,6 +252,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
                         hangup(config)
                         continue
                     log.info("%s received: stopping", signal.Signals(number).name)
+                    _systemd.notify("STOPPING=1", "STATUS=stopping")
                     break
                 task_group.cancel_scope.cancel()
         # Stop accepting clients and close their ports after their output; apps closed
@@ -278,9 +282,17 @@ def hangup(config: DaemonConfig) -> None:
 
     Never raises: a configuration that is wrong now is logged as an error and the running
     one stays, whole."""
+    log.info("SIGHUP received: reopening the log files and reloading the configuration")
+    _systemd.notify("RELOADING=1", _systemd.reloading(), "STATUS=reloading")
+    try:
+        _reload(config)
+    finally:
+        _systemd.notify("READY=1", f"STATUS=serving {config.endpoint}")
+
+
+def _reload(config: DaemonConfig) -> None:
     from ._logging import reopen_log_files
 
-    log.info("SIGHUP received: reopening the log files and reloading the configuration")
     reopen_log_files()
     if config.reload is None:
         return
@@ -334,6 +346,7 @@ def _pending_output(io: Any) -> int:
 def serve(config: DaemonConfig) -> int:
     """Run the daemon (or, with ``workers > 1``, the supervisor); the exit status."""
     _settle(config)
+    _systemd.claim_notify_socket()
     # Until the event loop's receiver takes it, SIGHUP must not kill the daemon (its
     # default action): a handler, not SIG_IGN, which programs started from here inherit.
     signal.signal(signal.SIGHUP, _early_hangup)
@@ -508,6 +521,9 @@ def _supervise(config: DaemonConfig) -> int:
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup_later)
     environment = dict(os.environ)
+    # Socket activation: the sockets systemd passed to the supervisor go to every worker
+    # (LISTEN_PID stays the supervisor's: a worker accepts its parent's; _systemd).
+    passed = [fd for fd, _ in _systemd.inherited_fds()]
     workers: list[subprocess.Popen[bytes] | None] = [None] * config.workers
     starts: list[float] = [0.0] * config.workers
     restarts = [0] * config.workers
@@ -518,7 +534,9 @@ def _supervise(config: DaemonConfig) -> int:
         # in place (serve unblocks it), so a reload sent during its startup cannot kill it.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            workers[index] = subprocess.Popen(_worker_argv(config, index), env=environment)
+            workers[index] = subprocess.Popen(
+                _worker_argv(config, index), env=environment, pass_fds=passed
+            )
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         starts[index] = time.monotonic()
@@ -533,6 +551,11 @@ def _supervise(config: DaemonConfig) -> int:
     try:
         for index in range(config.workers):
             start(index)
+        _systemd.notify(
+            "READY=1",
+            f"STATUS=supervising {config.workers} workers, {config.endpoint}",
+            f"MAINPID={os.getpid()}",
+        )
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         while not stopping:
@@ -563,6 +586,7 @@ def _supervise(config: DaemonConfig) -> int:
                         time.sleep(1.0)  # it died at once: do not spin
                     start(index)
     finally:
+        _systemd.notify("STOPPING=1", "STATUS=stopping the workers")
         for process in workers:
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -416,3 +416,163 @@ def test_a_taken_metrics_port_is_a_runtime_error(tmp_path: Path) -> None:
         .splitlines()[-1]
         .startswith(f"ioserver: cannot serve metrics on 127.0.0.1:{taken}: ")
     )
+
+
+# -- systemd --------------------------------------------------------------------------------
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A real AF_UNIX datagram socket standing in for systemd's ``NOTIFY_SOCKET``."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(20)
+        yield sock, str(path)
+
+
+def notification(sock: socket.socket) -> dict[str, str]:
+    datagram = sock.recv(4096).decode()
+    return dict(line.split("=", 1) for line in datagram.split("\n"))
+
+
+def test_type_notify_readiness_reload_and_stopping(
+    tmp_path: Path, daemons: list[Daemon], notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    daemon = Daemon(tmp_path, NOTIFY_SOCKET=path)
+    daemons.append(daemon)
+    ready = notification(sock)
+    assert ready["READY"] == "1"
+    assert ready["MAINPID"] == str(daemon.process.pid)
+    assert ready["STATUS"].startswith("serving ipc://")
+    # Ready means ready: the control endpoint answers.
+    assert cli(tmp_path, "status").returncode == 0
+    daemon.process.send_signal(signal.SIGHUP)
+    reloading = notification(sock)
+    assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+    assert notification(sock)["READY"] == "1"
+    daemon.process.terminate()
+    assert notification(sock)["STOPPING"] == "1"
+    assert daemon.stop() == 0
+
+
+def test_type_notify_in_the_abstract_namespace_with_workers(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    name = f"ioserver-test-{os.getpid()}-{id(tmp_path)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(20)
+        daemon = Daemon(tmp_path, "--workers", "2", NOTIFY_SOCKET="@" + name)
+        daemons.append(daemon)
+        ready = notification(sock)
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(daemon.process.pid)
+        assert ready["STATUS"].startswith("supervising 2 workers")
+        daemon.process.terminate()
+        assert notification(sock)["STOPPING"] == "1"  # the supervisor's, once
+        assert daemon.stop() == 0
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the workers did not speak for the service
+            sock.recv(4096)
+
+
+# What systemd does between fork and exec: the passed socket at descriptor 3, and
+# LISTEN_PID set to the pid that exec keeps.
+ACTIVATE = """\
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="web")
+os.execv(sys.executable, [sys.executable, "-m", "ioserver", *sys.argv[2:]])
+"""
+
+UNIX_ECHO = """\
+import sys
+import ports
+
+
+async def main(ios, argv):
+    async with await ports.listen_unix(ios, argv[0]) as listener:
+        print("listening", flush=True)
+        async for accepted in listener:
+            async with accepted.port as port:
+                async for message in port:
+                    if isinstance(message, ports.Data):
+                        await port.send(message.data)
+"""
+
+
+def activated(
+    runtime: Path, listener: socket.socket, *args: str, **more: str
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", ACTIVATE, str(listener.fileno()), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(runtime, **more),
+        cwd=ROOT,
+        pass_fds=[listener.fileno()],
+    )
+
+
+def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
+    process.terminate()
+    try:
+        _, stderr = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_socket_activation_an_app_adopts_the_passed_tcp_socket(
+    tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        # A client that comes before the service: the kernel queues it in the backlog.
+        early = socket.create_connection(("127.0.0.1", port), timeout=20)
+        process = activated(
+            tmp_path,
+            listener,
+            "serve",
+            "--workers",
+            workers,
+            "--app",
+            f"examples/echo.py --port {port}",
+        )
+    with early:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == f"echo listening on 127.0.0.1:{port}\n"
+            early.sendall(b"activated\n")
+            assert early.recv(100) == b"activated\n"
+        finally:
+            status, stderr = stop(process)
+    assert status == 0, stderr
+    assert "socket activation: descriptor 3 (web) listens on" in stderr
+
+
+def test_socket_activation_a_unix_listener_adopts_the_passed_socket(tmp_path: Path) -> None:
+    app = tmp_path / "unix_echo.py"
+    app.write_text(UNIX_ECHO)
+    path = str(tmp_path / "web.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+        process = activated(tmp_path, listener, "run", str(app), path)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "listening\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(20)
+            client.connect(path)
+            client.sendall(b"unix\n")
+            assert client.recv(100) == b"unix\n"
+    finally:
+        status, stderr = stop(process)
+    assert status == 0, stderr
+    assert os.path.exists(path)  # systemd's socket file: the app leaves it alone
