@@ -4,8 +4,14 @@
 thread.  APP is a Python file (``examples/chat.py``) or a module (``package.module``),
 optionally followed by ``:function``; the function (``main`` by default) is called as
 ``await function(ios, argv)`` with the :class:`~ioserver.IOServer` and the app's own
-arguments.  ``--backend`` and ``--uvloop``/``--no-uvloop`` are taken by ``ioserver`` wherever
-they appear; every other argument goes to the app.
+arguments: every argument after APP (``--help`` included) except ``--backend``,
+``--uvloop``/``--no-uvloop`` and the ``--log-*`` options, and everything after ``--``.
+``ioserver serve`` runs the daemon (:mod:`ioserver._daemon`), ``ioserver status`` asks it.
+
+Every error is one line and an exit status: 2 for a usage error (the subcommand's usage
+and an ``error:`` line, as argparse prints them), 1 for a runtime error
+(``ioserver: MESSAGE``), the app's own status when it exits (argparse's ``--help`` and
+usage errors included), the same on both backends.
 """
 
 from __future__ import annotations
