@@ -57,6 +57,7 @@ class Daemon:
         assert self.process.stderr is not None
         self.stderr: IO[str] = self.process.stderr
         self.lines: list[str] = []
+        self.terminated = False
 
     def wait_for(self, text: str) -> str:
         """The next line of the log that contains ``text`` (EOF fails the test)."""
@@ -66,9 +67,15 @@ class Daemon:
                 return line
         raise AssertionError(f"the daemon ended before {text!r}: {''.join(self.lines)}")
 
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one during the shutdown would be its default action."""
+        if not self.terminated:
+            self.terminated = True
+            self.process.terminate()
+
     def stop(self) -> int:
         if self.process.poll() is None:
-            self.process.terminate()
+            self.terminate()
         status = self.process.wait(20)
         self.lines += self.stderr.readlines()
         self.stderr.close()
@@ -450,7 +457,7 @@ def test_type_notify_readiness_reload_and_stopping(
     reloading = notification(sock)
     assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
     assert notification(sock)["READY"] == "1"
-    daemon.process.terminate()
+    daemon.terminate()
     assert notification(sock)["STOPPING"] == "1"
     assert daemon.stop() == 0
 
@@ -467,7 +474,7 @@ def test_type_notify_in_the_abstract_namespace_with_workers(
         ready = notification(sock)
         assert ready["READY"] == "1" and ready["MAINPID"] == str(daemon.process.pid)
         assert ready["STATUS"].startswith("supervising 2 workers")
-        daemon.process.terminate()
+        daemon.terminate()
         assert notification(sock)["STOPPING"] == "1"  # the supervisor's, once
         assert daemon.stop() == 0
         sock.setblocking(False)
