@@ -255,16 +255,17 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
                     _systemd.notify("STOPPING=1", "STATUS=stopping")
                     break
                 task_group.cancel_scope.cancel()
-        # Stop accepting clients and close their ports after their output; apps closed
-        # theirs as they were cancelled.  Then give the output a grace period.
-        io.submit(_close_control, control, None)
-        deadline = time.monotonic() + config.grace
-        # The I/O thread's queues, polled: there is no event to wait on.
-        while _pending_output(io) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await anyio.sleep(0.02)
-        left = _pending_output(io)
-        if left:
-            log.warning("grace period over: %d bytes of output dropped", left)
+            # Stop accepting clients and close their ports after their output; apps
+            # closed theirs as they were cancelled.  Then give the output a grace period
+            # - with the signals still ours: another SIGTERM does not cut it short.
+            io.submit(_close_control, control, None)
+            deadline = time.monotonic() + config.grace
+            # The I/O thread's queues, polled: there is no event to wait on.
+            while _pending_output(io) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+            left = _pending_output(io)
+            if left:
+                log.warning("grace period over: %d bytes of output dropped", left)
     finally:
         if authenticator is not None:
             authenticator.stop()
