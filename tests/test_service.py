@@ -90,8 +90,13 @@ def daemons() -> Iterator[list[Daemon]]:
     yield started
     for daemon in started:
         if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
+            # SIGTERM first: a supervisor stops its workers (SIGKILL would orphan them).
+            daemon.terminate()
+            try:
+                daemon.process.wait(20)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
         if not daemon.stderr.closed:
             daemon.stderr.close()
         if daemon.process.stdout is not None and not daemon.process.stdout.closed:
@@ -523,9 +528,9 @@ def activated(
 
 
 def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
-    process.terminate()
+    process.terminate()  # a supervisor stops its workers
     try:
-        _, stderr = process.communicate(timeout=20)
+        _, stderr = process.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
         _, stderr = process.communicate()
