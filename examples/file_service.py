@@ -381,6 +381,4 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["client"]:
-        sys.exit(ioserver.run(main, sys.argv[1:]) or 0)
-    ioserver.main(["run", __file__, *sys.argv[1:]])
+    sys.exit(ioserver.main(["run", __file__, *sys.argv[1:]]))

@@ -367,7 +367,14 @@ class Session:
         while self.pending:
             self.sent(self.pending.popleft()[1])
         self.control.backlogged.pop(self, None)
-        log.info("client %s %s: closed its %d ports", self.identity.hex(), why, count)
+        # A session that had no port (`ioserver status`, a probe) is not news at INFO.
+        log.log(
+            logging.INFO if count else logging.DEBUG,
+            "client %s %s: closed its %d ports",
+            self.identity.hex(),
+            why,
+            count,
+        )
 
 
 class ControlEndpoint(ZmqSocketHandler):
@@ -567,7 +574,7 @@ class ControlEndpoint(ZmqSocketHandler):
         session = Session(self, identity, secrets.token_bytes(P.TOKEN_SIZE))
         self.sessions[identity] = session
         self.sessions_opened += 1
-        log.info("client %s connected", identity.hex())
+        log.debug("client %s connected", identity.hex())
         session.emit([P.WELCOME, {**self.info, "token": session.token}])
         return session
 

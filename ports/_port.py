@@ -40,6 +40,7 @@ from ioserver._framing import DEFAULT_PACKET_SIZE, Framer, make_framer
 from ioserver._iothread import Conn, IOThread, apply_active_mode
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._server import IOServer
+from ioserver._systemd import cmd_listen_inherited, take_listener
 
 from ._mailbox import Mailbox
 from ._source import EMPTY, Source, Waiter
@@ -1165,11 +1166,17 @@ async def listen_tcp(
         return accepted
 
     request = _Request(io, hub)
-    io.submit(
-        io.cmd_listen,
-        request,
-        (listener, hub.deliver, family, address, all_options, (-1, False), make_port),
-    )
+    # systemd's socket activation: a socket passed for this very address is adopted.
+    inherited = take_listener(family, address) if isinstance(io, IOThread) else None
+    if inherited is not None:
+        spec = (io, inherited, listener, hub.deliver, all_options, (-1, False), make_port)
+        io.submit(cmd_listen_inherited, request, spec)
+    else:
+        io.submit(
+            io.cmd_listen,
+            request,
+            (listener, hub.deliver, family, address, all_options, (-1, False), make_port),
+        )
     result = await request.wait()
     if isinstance(result, BaseException):
         raise result

@@ -15,6 +15,7 @@ from typing import Any, Unpack
 from ioserver._exceptions import OptionError
 from ioserver._iothread import Conn
 from ioserver._server import IOServer
+from ioserver._systemd import cmd_listen_inherited, take_listener
 from ioserver._unix import cmd_listen_unix
 
 from ._port import (
@@ -143,11 +144,17 @@ async def listen_unix(
         return accepted
 
     request = _Request(io, hub)
-    io.submit(
-        cmd_listen_unix,
-        request,
-        (io, listener, hub.deliver, address, all_options, (-1, False), make_port),
-    )
+    # systemd's socket activation: a socket passed for this very path is adopted.
+    inherited = take_listener(socket.AF_UNIX, address)
+    if inherited is not None:
+        spec = (io, inherited, listener, hub.deliver, all_options, (-1, False), make_port)
+        io.submit(cmd_listen_inherited, request, spec)
+    else:
+        io.submit(
+            cmd_listen_unix,
+            request,
+            (io, listener, hub.deliver, address, all_options, (-1, False), make_port),
+        )
     result = await request.wait()
     if isinstance(result, BaseException):
         raise result
