@@ -455,22 +455,56 @@ def command_persist(store: Store, arguments: list[bytes]) -> bytes:
 # -- the keyspace ---------------------------------------------------------------------
 
 
+class GlobPattern:
+    """A compiled Redis glob: :meth:`fullmatch` says whether a whole key matches.
+
+    The pattern is cut at its ``*`` into segments of fixed width (each a regular
+    expression of single-byte items, no quantifier); the first must match at the start,
+    the last at the end, and each other is found at its leftmost place after the one
+    before - so a match costs at most the key's length times the pattern's, whatever the
+    pattern (a regular expression ``.*a.*a.*b`` backtracks exponentially on ``aaa...a``,
+    and would stall every connection of the store; Redis bounded the same in 7.0.9).
+    """
+
+    __slots__ = ("_first", "_last", "_middle", "_whole")
+
+    def __init__(self, segments: list[list[bytes]]) -> None:
+        compiled = [(re.compile(b"".join(items), re.DOTALL), len(items)) for items in segments]
+        self._whole = compiled[0][0] if len(compiled) == 1 else None
+        self._first = compiled[0]
+        self._last = compiled[-1]
+        self._middle = [regex for regex, width in compiled[1:-1] if width]
+
+    def fullmatch(self, key: bytes) -> bool:
+        if self._whole is not None:  # no star
+            return self._whole.fullmatch(key) is not None
+        (first, first_width), (last, last_width) = self._first, self._last
+        start, end = first_width, len(key) - last_width
+        if end < start or not first.match(key) or not last.fullmatch(key, end):
+            return False
+        for segment in self._middle:
+            found = segment.search(key, start, end)
+            if found is None:
+                return False
+            start = found.end()
+        return True
+
+
 @functools.lru_cache(maxsize=256)
-def glob_pattern(pattern: bytes) -> re.Pattern[bytes]:
-    """Redis's glob (``stringmatchlen``) as a regular expression: ``*``, ``?``,
-    ``[abc]``, ``[^abc]``, ``[a-z]`` (a reversed range is swapped) and ``\\x`` for a
-    literal ``x``, matching the whole key."""
-    out = []
+def glob_pattern(pattern: bytes) -> GlobPattern:
+    """Redis's glob (``stringmatchlen``): ``*``, ``?``, ``[abc]``, ``[^abc]``, ``[a-z]`` (a
+    reversed range is swapped) and ``\\x`` for a literal ``x``, matching the whole key."""
+    segments: list[list[bytes]] = [[]]
     index, length = 0, len(pattern)
     while index < length:
         char = pattern[index : index + 1]
         if char == b"*":
-            out.append(b".*")
+            segments.append([])
         elif char == b"?":
-            out.append(b".")
+            segments[-1].append(b".")
         elif char == b"\\" and index + 1 < length:
             index += 1
-            out.append(re.escape(pattern[index : index + 1]))
+            segments[-1].append(re.escape(pattern[index : index + 1]))
         elif char == b"[":
             index += 1
             negate = pattern[index : index + 1] == b"^"
@@ -491,13 +525,13 @@ def glob_pattern(pattern: bytes) -> re.Pattern[bytes]:
                     members.append(re.escape(char))
                 index += 1
             if not members:
-                out.append(b"[^\\s\\S]" if not negate else b".")  # [] matches nothing
+                segments[-1].append(b"[^\\s\\S]" if not negate else b".")  # [] matches nothing
             else:
-                out.append(b"[%b%b]" % (b"^" if negate else b"", b"".join(members)))
+                segments[-1].append(b"[%b%b]" % (b"^" if negate else b"", b"".join(members)))
         else:
-            out.append(re.escape(char))
+            segments[-1].append(re.escape(char))
         index += 1
-    return re.compile(b"".join(out), re.DOTALL)
+    return GlobPattern(segments)
 
 
 def command_keys(store: Store, arguments: list[bytes]) -> bytes:

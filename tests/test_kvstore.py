@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -395,9 +396,23 @@ def test_glob_patterns_follow_redis() -> None:
         (b"h[^e]llo", b"hello", False), (b"h[a-b]llo", b"hbllo", True),
         (b"h\\*llo", b"h*llo", True), (b"h\\*llo", b"hello", False),
         (b"*", b"any\nthing", True), (b"a.c", b"abc", False), (b"[\\]]", b"]", True),
+        (b"*a*b*", b"xaxbx", True), (b"*a*b*", b"xbxax", False), (b"a*", b"a", True),
+        (b"*a", b"ba", True), (b"a*a", b"a", False), (b"a*a", b"aa", True), (b"**", b"", True),
+        (b"h*l?o*", b"hello", True), (b"*[0-9]", b"key7", True), (b"*[0-9]", b"key", False),
     ]  # fmt: skip
     for pattern, key, matches in cases:
         assert bool(kvstore.glob_pattern(pattern).fullmatch(key)) == matches, (pattern, key)
+
+
+def test_a_pattern_with_many_stars_takes_linear_time_not_exponential() -> None:
+    # As a regular expression, .*a.*a...b backtracks over every split of the key: this
+    # KEYS took longer than any test timeout and stalled every connection meanwhile.
+    store = kvstore.Store()
+    store.set(b"a" * 5000, b"v", None)
+    started = time.monotonic()
+    reply = kvstore.command_keys(store, [b"KEYS", b"*a" * 30 + b"*b"])
+    assert reply == b"*0\r\n"
+    assert time.monotonic() - started < 1.0
 
 
 @pytest.mark.anyio
