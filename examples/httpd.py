@@ -19,7 +19,9 @@ What it does:
   answers ``408`` (if any of it came) and closes, so a client that trickles a head
   (slowloris) holds a connection that long at most; a kept-alive connection with no
   request for ``--idle-timeout`` seconds (default 5, as uvicorn's keep-alive timeout) is
-  closed.  Bodies have no timeout here: the request budget bounds them.
+  closed.  Bodies have no timeout here: the request budget bounds them.  A response
+  that waits ``send_timeout`` seconds (``serve()``'s, default 60, nginx's) on a busy
+  port - a client that stopped reading - is cut, and the connection closed.
 - **No request smuggling**: a request with both ``Content-Length`` and
   ``Transfer-Encoding`` is answered ``400`` and the connection closed, unread (RFC 9112
   §6.1: a server must close after such a request), so nothing pipelined behind it - where
@@ -103,6 +105,7 @@ LINGER_BYTES = 1 << 20  # ... and how much of it
 #: Defaults, in seconds.
 HEAD_TIMEOUT = 10.0  # a request head must be whole this long after its first byte
 IDLE_TIMEOUT = 5.0  # a kept-alive connection with no request this long is closed
+SEND_TIMEOUT = 60.0  # a response the client takes nothing of this long is cut (nginx's)
 
 # What a connection waits for, for its timeout (HttpSession.waiting_for).
 HEAD = 0  # a request head: from its first byte (or the connection's start) until whole
@@ -983,6 +986,8 @@ async def serve_connection(
                         )
             except (ports.BrokenPortError, ports.EndOfPort):
                 return  # the client reset the connection
+            except ports.SendTimeoutError:
+                return  # the client took nothing for send_timeout seconds: the port closed
             except Exception:  # a bug: this connection alone ends
                 log.exception("connection from %s failed", port.remote_address)
                 return
@@ -1025,6 +1030,7 @@ async def serve(
     handler_memory: int = HANDLER_MEMORY,
     head_timeout: float = HEAD_TIMEOUT,
     idle_timeout: float = IDLE_TIMEOUT,
+    send_timeout: float = SEND_TIMEOUT,
     task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the files under ``root`` on ``host:port``; report the bound address through
@@ -1042,15 +1048,23 @@ async def serve(
             server answers ``408`` and closes.
         idle_timeout: seconds a kept-alive connection may wait for its next request
             before it is closed.
+        send_timeout: seconds a response may wait on a busy port (a client that takes
+            none of it) before the connection is closed - the port's ``send_timeout``
+            (Erlang's), as nginx's ``send_timeout`` (60 s).  A streamed file holds a
+            chunk of the pool until it is sent: this bounds how long a client that
+            stopped reading holds it.
 
     Raises:
         ValueError: a timeout is not a positive number.
+        ioserver.OptionError: ``send_timeout`` is not a positive number.
     """
     timeouts = Timeouts(head_timeout, idle_timeout)
     files = StaticFiles(root)
     pool = MemoryPool(handler_memory)
     async with (
-        await ports.listen_tcp(ios, host, port) as listener,
+        await ports.listen_tcp(
+            ios, host, port, send_timeout=send_timeout, send_timeout_close=True
+        ) as listener,
         anyio.create_task_group() as task_group,
     ):
         task_group.start_soon(timeouts.run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -318,6 +319,40 @@ async def test_a_slow_reader_of_a_large_file_holds_bounded_memory(
         bound = HIGH_WATERMARK + 2 * httpd.STREAM_CHUNK
         assert held <= bound
         assert ios.statistics().peak_memory <= bound
+
+
+@pytest.mark.anyio
+async def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(
+    ios: ioserver.IOServer, root: Path
+) -> None:
+    """A stream waits on the busy port, holding its chunk; past send_timeout (nginx's
+    send_timeout) the port is closed and the connection's actor ends."""
+    large = root / "large.bin"
+    large.write_bytes(b"z" * (32 << 20))
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to see the file the stream holds open")
+
+    def streaming() -> bool:  # the server holds large.bin open while it streams it
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == str(large):
+                    return True
+        return False
+
+    async with serving(ios, root, send_timeout=0.3) as address, client(address) as http:
+        await http.send_request("GET", "/large.bin")
+        with anyio.fail_after(10):
+            while not streaming():  # noqa: ASYNC110 - no event to wait on: polls /proc
+                await anyio.sleep(0.01)
+            # The client reads nothing: the stream waits on the busy port until the send
+            # timeout closes it; the actor ends and closes the file.
+            while streaming():  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+            received = 0
+            with pytest.raises(h11.RemoteProtocolError):  # it ends short of its length
+                while not isinstance(event := await http.next_event(), h11.EndOfMessage):
+                    received += len(getattr(event, "data", b""))
+        assert received < 32 << 20
 
 
 @pytest.mark.anyio
