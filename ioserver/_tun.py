@@ -154,14 +154,14 @@ def _open_error(exc: OSError, what: str, name: str, mode: str) -> ConnectError:
         }.get(number or 0, f"cannot open {TUN_PATH}")
     else:
         cause = {
-            errno.EPERM: f"creating or attaching {device} needs CAP_NET_ADMIN (run as "
+            errno.EPERM: "creating or attaching a device needs CAP_NET_ADMIN (run as "
             "root or with that capability, or attach to a persistent device made for this "
             "user: ip tuntap add NAME mode tun user USER)",
-            errno.EBUSY: f"{device} is already attached to another descriptor (open all "
+            errno.EBUSY: "it is already attached to another descriptor (open all "
             "its queues with multi_queue=True)",
-            errno.EINVAL: f"{device} exists with other flags (TUN against TAP, or "
+            errno.EINVAL: "it exists with other flags (TUN against TAP, or "
             "multi_queue differs), or the name is not a valid interface name",
-        }.get(number or 0, f"cannot attach {device}")
+        }.get(number or 0, "TUNSETIFF failed")
     return ConnectError(
         f"cannot open {device}: {cause}: {exc.strerror or exc} ({label})", number, label
     )

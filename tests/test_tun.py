@@ -304,15 +304,17 @@ def test_tun_ping_example_answers_ping_in_the_namespace(netns: str) -> None:
         first = process.stdout.readline()
         assert first.strip() == "tun ping answering on tping0", process.stderr.read()
         ip(netns, "addr", "add", f"{LOCAL}/30", "dev", "tping0")
+        ip(netns, "addr", "add", "fd00:198:18::1/126", "dev", "tping0", "nodad")
         ip(netns, "link", "set", "tping0", "up")
-        pinged = subprocess.run(
-            ["ip", "netns", "exec", netns, ping, "-c", "3", "-i", "0.2", "-W", "2", REMOTE],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        assert pinged.returncode == 0, pinged.stdout + pinged.stderr
-        assert "3 received" in pinged.stdout, pinged.stdout
+        for far_end, count in ((REMOTE, "3"), ("fd00:198:18::2", "1")):  # ICMP, ICMPv6
+            pinged = subprocess.run(
+                ["ip", "netns", "exec", netns, ping, "-c", count, "-i", "0.2", "-W", "2", far_end],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            assert pinged.returncode == 0, pinged.stdout + pinged.stderr
+            assert f"{count} received" in pinged.stdout, pinged.stdout
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0, process.stderr.read()
     finally:
