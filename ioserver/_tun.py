@@ -80,7 +80,8 @@ class TunDevice:
         return 0  # no pending socket error: a device's errors come from read and write
 
     def close(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1  # never read a number another file may reuse
+        os.close(fd)
 
 
 def _packet(data: bytes, _address: Any) -> Packet:
@@ -117,18 +118,26 @@ class TunHandler(DatagramHandler):
     def on_ready(self, mask: int) -> None:
         if mask & ERROR and not self.closed:
             # tun_chr_poll reports EPOLLERR only when no device is attached any more.
-            self.deliver(
-                (
-                    self.port,
-                    Closed(
-                        f"the device {self.name} was deleted under the port (EBADFD)",
-                        "EBADFD",
-                    ),
-                )
-            )
-            self._close()
+            self._gone()
             return
         super().on_ready(mask)
+
+    def _gone(self) -> None:
+        self.deliver(
+            (
+                self.port,
+                Closed(f"the device {self.name} was deleted under the port (EBADFD)", "EBADFD"),
+            )
+        )
+        self._close()
+
+    def _error(self, number: int | None, detail: str) -> None:
+        if self.closed:
+            return  # the rest of a read batch on a descriptor closed below
+        if number == errno.EBADFD:
+            self._gone()  # a poller without EPOLLERR (selectors) learns it from read
+            return
+        super()._error(number, detail)
 
     def _read_error_detail(self) -> str:
         return f" (reading a packet from {self.name})"

@@ -254,21 +254,49 @@ async def test_a_burst_goes_out_whole_and_in_order_through_a_busy_port(
                 (await anyio.to_thread.run_sync(sock.recvfrom, 100))[0] for _ in range(count)
             ]
             assert received == [b"%04d" % index for index in range(count)]
-            assert port.statistics().busy_transitions > 0
+            assert port.statistics().bytes_buffered_out == 0
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("poller", ["epoll", "selectors"])
 async def test_a_device_deleted_under_the_port_closes_it_with_ebadfd(
-    in_netns: str, ios: ioserver.IOServer
+    in_netns: str, no_leaks: None, poller: str
 ) -> None:
-    async with await ports.open_tun(ios, "iotun%d", mode="tap") as port:
+    """epoll reports the detached device as an error; selectors only as readable, and the
+    read fails with EBADFD: either way the port ends, once, and nothing spins."""
+    async with (
+        ioserver.open(poller=poller) as ios,
+        await ports.open_tun(ios, "iotun%d", mode="tap") as port,
+    ):
         assert port.mode == "tap"
         ip(in_netns, "link", "del", port.device)
         with anyio.fail_after(5):
             message = await port.receive()
         assert message == ioserver.Closed(message.reason, "EBADFD"), message
+        assert port.statistics().messages_buffered == 0
         with pytest.raises(ports.BrokenPortError, match="EBADFD"):
             await port.send(b"x" * 60)
+
+
+@pytest.mark.anyio
+async def test_a_packet_larger_than_max_packet_is_dropped_and_reported(
+    in_netns: str, ios: ioserver.IOServer
+) -> None:
+    """A TUN read into a short buffer returns the packet's head without a word: the port
+    reads into max_packet + 1 bytes to tell."""
+    async with await ports.open_tun(ios, "iotun%d", max_packet=228) as port:
+        bring_up(in_netns, port.device)
+        with udp_socket() as sock:
+            for size in (200, 201, 1000, 199):  # 200 + 28 = 228: the largest that fits
+                sock.sendto(b"s" * size, (REMOTE, 9))
+            assert len(parse_udp((await receive_packet(port)).data)[4]) == 200
+            for _ in range(2):
+                with anyio.fail_after(5):
+                    error = await port.receive()
+                assert isinstance(error, ports.Error) and error.errno_name == "EMSGSIZE", error
+                assert "max_packet=228" in error.message and port.device in error.message
+            assert len(parse_udp((await receive_packet(port)).data)[4]) == 199
+            assert port.statistics().packets_too_large == 2
 
 
 @pytest.mark.anyio
