@@ -13,7 +13,12 @@ from __future__ import annotations
 import sys
 from typing import Any, TypedDict, Unpack, final
 
-from ioserver._exceptions import BrokenPortError, ClosedPortError, OptionError
+from ioserver._exceptions import (
+    BrokenPortError,
+    ClosedPortError,
+    NotSupportedError,
+    OptionError,
+)
 from ioserver._messages import Message, Packet
 from ioserver._server import IOServer
 from ioserver._tun import IFNAMSIZ, cmd_open_tun
@@ -25,6 +30,7 @@ from ._port import (
     LOW_MSGQ_WATERMARK,
     LOW_WATERMARK,
     Active,
+    PortStatistics,
     _Request,
     _to_bytes,
     flow_options,
@@ -245,6 +251,12 @@ class TunPort(UDPPort):
         """
         raise TypeError("a TUN/TAP port sends packets with send(), not send_to()")
 
+    def statistics(self) -> PortStatistics:
+        """The port's counters now (see :class:`~ports.PortStatistics`); bytes are whole
+        packets (IP headers, or Ethernet headers on TAP, included), and
+        ``packets_too_large`` counts packets dropped for exceeding ``max_packet``."""
+        return super().statistics()
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "ended" if self._ended else "open"
         return f"<TunPort {self._mode} {self._device} {state}>"
@@ -290,8 +302,6 @@ async def open_tun(
     """
     hub = server._check_open("ports.open_tun")
     if not sys.platform.startswith("linux"):
-        from ioserver._exceptions import NotSupportedError
-
         raise NotSupportedError(f"TUN/TAP ports are for Linux, not {sys.platform}")
     name = _check_name(name)
     if mode not in ("tun", "tap"):

@@ -228,9 +228,10 @@ async def test_undelivered_packets_are_charged_and_pause_the_port_until_drained(
             with anyio.fail_after(5):
                 while port.statistics().pauses == 0:  # noqa: ASYNC110  # the I/O thread's
                     await anyio.sleep(0.001)
+            # What the I/O thread delivered (its count: the messages may still be on their
+            # way to the port's buffer), each packet 20 + 8 + 1000 bytes.
             statistics = port.statistics()
-            assert 8 < statistics.messages_buffered <= 8 + 4
-            assert statistics.bytes_buffered_in >= 9 * 1028
+            assert 8 * 1028 < statistics.bytes_buffered_in <= (8 + 4) * 1028
             assert ios.statistics().memory_in_use >= statistics.bytes_buffered_in
             received = [parse_udp((await receive_packet(port)).data)[4][:2] for _ in range(40)]
             assert received == [b"%02d" % index for index in range(40)]
