@@ -26,6 +26,7 @@ from ._messages import Datagram as Datagram
 from ._messages import Error as Error
 from ._messages import ExitStatus as ExitStatus
 from ._messages import Message as Message
+from ._messages import Packet as Packet
 from ._messages import Passive as Passive
 from ._server import IOServer as IOServer
 from ._server import IOServerStatistics as IOServerStatistics
@@ -52,6 +53,7 @@ __all__ = [
     "Message",
     "NotSupportedError",
     "OptionError",
+    "Packet",
     "Passive",
     "SendTimeoutError",
     "UnsafeEndpointError",

@@ -12,7 +12,7 @@ through the I/O thread's ``Handler`` dispatch.
 from __future__ import annotations
 
 import socket
-from typing import Any, TypedDict, Unpack, final
+from typing import Any, TypedDict, Unpack
 
 import anyio
 import anyio.abc
@@ -28,7 +28,7 @@ from ioserver._exceptions import (
     OptionError,
     WouldBlock,
 )
-from ioserver._messages import Closed, Datagram, Message
+from ioserver._messages import Closed, Datagram, Message, Packet
 from ioserver._server import IOServer
 
 from ._port import (
@@ -55,6 +55,9 @@ __all__ = ["UDPOptions", "UDPPort", "open_udp"]
 #: IPv6's header (40) is not counted in its payload length, so 65527 there.
 MAX_UDP_PAYLOAD_IPV4 = 65507
 MAX_UDP_PAYLOAD_IPV6 = 65527
+#: The messages that carry received data: a UDP port's, and a TUN/TAP port's
+#: (``ports._tun.TunPort`` is a UDP port whose packets have no address).
+_RECEIVED = (Datagram, Packet)
 
 
 class UDPOptions(TypedDict, total=False):
@@ -153,7 +156,6 @@ def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     return credit, options
 
 
-@final
 class UDPPort(  # type: ignore[misc]
     _PortBase,
     anyio.abc.ObjectReceiveStream[Message],
@@ -208,7 +210,7 @@ class UDPPort(  # type: ignore[misc]
 
     # -- receiving: count Datagram messages as _PortBase counts Data ----------------------
     def _deliver(self, message: Any) -> None:
-        if message.__class__ is Datagram:
+        if isinstance(message, _RECEIVED):
             if self._closed:
                 self._took_data(message.data)
             else:
@@ -222,13 +224,13 @@ class UDPPort(  # type: ignore[misc]
 
     def _take(self) -> Message:
         message = super()._take()
-        if message.__class__ is Datagram:
+        if isinstance(message, _RECEIVED):
             self._took_data(message.data)
         return message
 
     async def _receive(self, end: type[Exception]) -> Message:
         message = await super()._receive(end)
-        if message.__class__ is Datagram:
+        if isinstance(message, _RECEIVED):
             self._took_data(message.data)
         return message
 
@@ -415,7 +417,7 @@ class UDPPort(  # type: ignore[misc]
         if self._closed:
             return
         for message in self._buffer:
-            if message.__class__ is Datagram:
+            if isinstance(message, _RECEIVED):
                 self._took_data(message.data)  # _PortBase counts Data only
         super().close_nowait()
 
