@@ -1625,13 +1625,18 @@ def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
 
 
 def _owner_waits(conn: Any) -> bool:
-    """Whether a task waits for this port's next message (``receive`` or ``select``) and
-    has taken every message delivered to it: input for it would be taken at once."""
+    """Whether a task waits for this port's next message (``receive`` or ``select`` on
+    the port, or on the :class:`~ports.Mailbox` that owns it) and has taken every message
+    delivered to it: input for it would be taken at once."""
     port = conn.port
-    return bool(
-        (getattr(port, "_waiter", None) is not None or getattr(port, "_select_waiters", None))
-        and conn.delivered_messages == port._consumed_messages
-    )
+    owner = getattr(port, "_owner", None)
+    if owner is not None:
+        waits = bool(owner._waiters)
+    else:
+        waits = getattr(port, "_waiter", None) is not None or bool(
+            getattr(port, "_select_waiters", None)
+        )
+    return waits and conn.delivered_messages == port._consumed_messages
 
 
 def _format_address(address: Any) -> str:

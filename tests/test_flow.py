@@ -291,7 +291,13 @@ async def test_the_global_budget_pauses_reads_until_memory_is_released(
 
 @pytest.mark.parametrize(
     ("order", "how"),
-    [("first_to_last", "receive"), ("last_to_first", "receive"), ("first_to_last", "select")],
+    [
+        ("first_to_last", "receive"),
+        ("last_to_first", "receive"),
+        ("first_to_last", "select"),
+        ("first_to_last", "mailbox"),
+        ("last_to_first", "mailbox-select"),
+    ],
 )
 async def test_the_budget_never_starves_the_port_an_actor_waits_on(
     no_leaks: None, order: str, how: str
@@ -300,7 +306,8 @@ async def test_the_budget_never_starves_the_port_an_actor_waits_on(
     more than the budget holds (per-port watermarks raised, so only the budget binds).
     The input of the ports read later fills the budget; the port being read must still
     get its turn (issue 12, item 15), with the input charged never past the limit.
-    ``select`` waits on the port as ``receive`` does."""
+    ``select`` waits on the port as ``receive`` does, and a task waiting on the
+    :class:`~ports.Mailbox` that owns the port (receive or select) as well."""
     limit = 1 << 20
     each = 256 * 1024  # x 20: five times the budget
     async with ioserver.open(memory_limit=limit) as ios:
@@ -334,9 +341,16 @@ async def test_the_budget_never_starves_the_port_an_actor_waits_on(
                 for owner in owners:
                     received = b""
                     message: Any = None
+                    mailbox = ports.Mailbox()
+                    if how.startswith("mailbox"):
+                        owner.set_owner(mailbox)
                     while not isinstance(message, Closed):
                         if how == "select":
                             _, message = await ports.select(owner)
+                        elif how == "mailbox":
+                            _, message = await mailbox.receive()
+                        elif how == "mailbox-select":
+                            _, (_, message) = await ports.select(mailbox)
                         else:
                             message = await owner.receive()
                         if isinstance(message, Data):
