@@ -41,6 +41,10 @@ What it does:
   ``Content-Range`` (``416`` if it starts past the end; several ranges, another unit or
   bad syntax: the whole file, ``200``), honoured only if ``If-Range`` matches.  ``HEAD``
   gets ``GET``'s head and no body.
+- **An access log** in the combined log format (Apache's and nginx's ``combined``) to the
+  logger ``ioserver.httpd.access``: standard error by default, ``--access-log FILE``
+  (appended to, reopened when logrotate moves it), off with ``--no-access-log``.  Lines
+  are buffered as nginx's ``buffer=64k flush=1s`` (:class:`AccessLogHandler`).
 - **A memory budget per request** (``--request-memory``, default 1 MiB), kept by a
   :class:`RequestBudget`: every byte a request makes the handler hold is charged to it -
   the body it buffers, the file it reads (whole, or one chunk while it streams), the
@@ -77,6 +81,7 @@ import math
 import mimetypes
 import os
 import posixpath
+import re
 import stat
 import sys
 import time
@@ -106,6 +111,10 @@ LINGER_BYTES = 1 << 20  # ... and how much of it
 HEAD_TIMEOUT = 10.0  # a request head must be whole this long after its first byte
 IDLE_TIMEOUT = 5.0  # a kept-alive connection with no request this long is closed
 SEND_TIMEOUT = 60.0  # a response the client takes nothing of this long is cut (nginx's)
+ACCESS_LOG_FLUSH = 1.0  # the access log's lines are written at least this often
+
+#: The access log's lines are written once this many bytes wait (nginx's buffer=64k).
+ACCESS_LOG_BUFFER = 64 * 1024
 
 # What a connection waits for, for its timeout (HttpSession.waiting_for).
 HEAD = 0  # a request head: from its first byte (or the connection's start) until whole
@@ -353,6 +362,202 @@ def http_date() -> bytes:
     return _date_cache[1]  # type: ignore[no-any-return]
 
 
+# -- the access log ---------------------------------------------------------------------
+
+#: The access log's logger: one line per response, in the combined log format.
+access_logger = logging.getLogger("ioserver.httpd.access")
+
+#: What the access log keeps of one response: the request line, Referer and User-Agent
+#: (raw bytes; ``b"-"`` when absent), the status and the body's bytes sent.
+AccessEntry = tuple[bytes, bytes, bytes, int, int]
+
+_NO_REQUEST = (b"-", b"-", b"-")  # a response to no request (a 408, a head h11 refused)
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
+_log_time_cache: list[Any] = [0, ""]
+
+
+def _log_fields(request: h11.Request) -> tuple[bytes, bytes, bytes]:
+    """The request line, Referer and User-Agent of ``request`` (``b"-"`` when absent)."""
+    referer = agent = b"-"
+    for name, value in request.headers:
+        if name == b"user-agent":
+            agent = value
+        elif name == b"referer":
+            referer = value
+    line = b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)
+    return line, referer, agent
+
+
+def _escape(value: bytes) -> str:
+    """``value`` for a quoted log field, as Apache writes it: ``"`` and ``\\`` escaped
+    with a backslash, other bytes outside printable ASCII as ``\\xhh``."""
+    if _UNSAFE.search(value) is not None:
+        value = _UNSAFE.sub(
+            lambda m: b"\\" + m[0] if m[0] in (b'"', b"\\") else b"\\x%02x" % m[0][0], value
+        )
+    return value.decode("ascii")
+
+
+def _log_time() -> str:
+    """``[10/Oct/2000:13:55:36 +0000]``: now, local time, formatted once a second (the
+    month's English name, whatever the locale, as Apache and nginx write it)."""
+    now = int(time.time())
+    if _log_time_cache[0] != now:
+        local = time.localtime(now)
+        offset = local.tm_gmtoff // 60
+        sign = "-" if offset < 0 else "+"
+        _log_time_cache[0] = now
+        _log_time_cache[1] = (
+            f"[{local.tm_mday:02d}/{_MONTHS[local.tm_mon - 1]}/{local.tm_year}:"
+            f"{local.tm_hour:02d}:{local.tm_min:02d}:{local.tm_sec:02d} "
+            f"{sign}{abs(offset) // 60:02d}{abs(offset) % 60:02d}]"
+        )
+    return _log_time_cache[1]  # type: ignore[no-any-return]
+
+
+def combined_log_line(host: str, entry: AccessEntry) -> str:
+    """One line of the combined log format (Apache's and nginx's ``combined``)::
+
+        %h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-agent}i"
+
+    ``%l`` and ``%u`` are ``-`` (no identd, no authentication); ``%b`` is the body's bytes
+    sent, ``-`` for none."""
+    line, referer, agent, status, size = entry
+    return (
+        f'{host} - - {_log_time()} "{_escape(line)}" {status} {size or "-"} '
+        f'"{_escape(referer)}" "{_escape(agent)}"'
+    )
+
+
+def write_access_log(host: str, entries: list[AccessEntry]) -> None:
+    """Log ``entries`` to :data:`access_logger` (INFO), a record per line, and clear the
+    list.  The records are made with ``makeRecord`` and ``handle`` (public
+    :class:`logging.Logger` API), which skips the caller lookup of ``info()``: an access
+    log has no use for the source line, and it is a third of the cost."""
+    logger = access_logger
+    if logger.isEnabledFor(logging.INFO):
+        for entry in entries:
+            line = combined_log_line(host, entry)
+            logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, line, None, None))
+    entries.clear()
+
+
+class AccessLogHandler(logging.Handler):
+    """Writes each record's line to a file (``path``) or to standard error (``None``),
+    buffered as nginx's ``access_log ... buffer=64k flush=1s``: the lines wait in memory
+    and are written with one ``write`` once :data:`ACCESS_LOG_BUFFER` bytes wait, and at
+    each :meth:`flush` (:func:`serve` calls it every :data:`ACCESS_LOG_FLUSH` seconds,
+    :func:`logging.shutdown` at exit).  Whole lines only, so processes that share the file
+    (``O_APPEND``) do not cut each other's.  A file is reopened at a flush if it was moved
+    or removed (logrotate), as :class:`logging.handlers.WatchedFileHandler` does.
+
+    Raises:
+        OSError: the file cannot be opened for appending.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._lines: list[str] = []
+        self._waiting = 0  # bytes in _lines
+        self._identity = (0, 0)
+        self._fd = 2 if path is None else self._open(path)
+        super().__init__()  # registered for logging.shutdown once it can be closed
+
+    def _open(self, path: str) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        info = os.fstat(fd)
+        self._identity = (info.st_dev, info.st_ino)
+        return fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        self._waiting += len(line) + 1
+        if self._waiting >= ACCESS_LOG_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._lines:
+                data = ("\n".join(self._lines) + "\n").encode("utf-8", "backslashreplace")
+                self._lines.clear()
+                self._waiting = 0
+                view = memoryview(data)
+                try:
+                    while view:
+                        view = view[os.write(self._fd, view) :]
+                except OSError as exc:  # a full disk: say so once per batch, go on
+                    print(f"httpd: access log not written: {exc}", file=sys.stderr)
+            if self.path is not None:
+                self._reopen_if_moved(self.path)
+
+    def _reopen_if_moved(self, path: str) -> None:
+        try:
+            info = os.stat(path)
+            moved = (info.st_dev, info.st_ino) != self._identity
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            try:
+                fd = self._open(path)
+            except OSError:
+                return  # keep writing where we were: better than losing the lines
+            os.close(self._fd)
+            self._fd = fd
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            if self.path is not None and self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        finally:
+            super().close()
+
+
+def flush_access_log() -> None:
+    """Write what :data:`access_logger`'s handlers hold (see :class:`AccessLogHandler`)."""
+    for handler in access_logger.handlers:
+        handler.flush()
+
+
+async def flush_access_log_periodically() -> None:
+    """:func:`flush_access_log` every :data:`ACCESS_LOG_FLUSH` seconds, until cancelled."""
+    try:
+        while True:
+            await anyio.sleep(ACCESS_LOG_FLUSH)
+            flush_access_log()
+    finally:
+        flush_access_log()
+
+
+def configure_access_log(destination: str | None) -> None:
+    """Send :data:`access_logger`'s lines, each alone on its line, to ``destination``: ``"-"``
+    for standard error, a file name (appended to; reopened when logrotate moves it), both
+    through an :class:`AccessLogHandler`; or ``None`` to turn it off.
+
+    Raises:
+        OSError: the file cannot be opened for appending.
+    """
+    for handler in list(access_logger.handlers):
+        access_logger.removeHandler(handler)
+        handler.close()
+    if destination is None:
+        access_logger.disabled = True
+        return
+    handler = AccessLogHandler(None if destination == "-" else destination)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_logger.addHandler(handler)
+    access_logger.setLevel(logging.INFO)
+    access_logger.propagate = False  # not again through the root's handlers, with a prefix
+    access_logger.disabled = False
+
+
 class HttpSession:
     """One HTTP/1.1 connection's protocol and handler, with no I/O (as h11 itself).
 
@@ -365,6 +570,7 @@ class HttpSession:
         files: what to serve.
         request_memory: each request's budget in bytes (see :class:`RequestBudget`).
         pool: the pool shared by the requests of every connection, or ``None``.
+        access_log: keep an :data:`AccessEntry` per response in :attr:`access`.
     """
 
     __slots__ = (
@@ -374,11 +580,13 @@ class HttpSession:
         "_chunk",
         "_connection",
         "_files",
+        "_logged",
         "_method",
         "_pool",
         "_request",
         "_request_memory",
         "_stream",
+        "access",
         "closing",
         "statistics",
     )
@@ -388,6 +596,7 @@ class HttpSession:
         files: StaticFiles,
         request_memory: int = REQUEST_MEMORY,
         pool: MemoryPool | None = None,
+        access_log: bool = False,
     ) -> None:
         self._connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
         self._files = files
@@ -404,6 +613,11 @@ class HttpSession:
         self._stream: FileStream | None = None
         self.closing = False
         self.statistics = SessionStatistics()
+        #: With ``access_log``: one :data:`AccessEntry` per response made, in order, for
+        #: the caller to write (and clear) once it sent them; else None.
+        self.access: list[AccessEntry] | None = [] if access_log else None
+        # The request line, Referer and User-Agent of the request being answered.
+        self._logged: tuple[bytes, bytes, bytes] = _NO_REQUEST
 
     def feed(self, data: bytes) -> None:
         """Take bytes read from the client; ``b""`` means it closed its side."""
@@ -462,6 +676,8 @@ class HttpSession:
                 request: h11.Request = event  # type: ignore[assignment]
                 self._request = request
                 self._method = request.method
+                if self.access is not None:
+                    self._logged = _log_fields(request)
                 self._budget = RequestBudget(self._request_memory, self._pool)
                 self.statistics.requests += 1
                 self._body = []
@@ -570,6 +786,8 @@ class HttpSession:
                     )
                 )
                 end = self._connection.send(h11.EndOfMessage())
+                if self.access is not None:
+                    self._log(304, 0)
                 return [(head or b"") + (end or b"")]
             start, length = 0, size
             headers = [
@@ -626,8 +844,10 @@ class HttpSession:
             if not streaming:
                 os.close(fd)
         if streaming:
-            self._stream = FileStream(fd, start, length, budget)
+            self._stream = FileStream(fd, start, length, budget, status, self._logged)
             return [head]
+        if self.access is not None:
+            self._log(status, len(content))
         out = [head]
         if content:
             out += self._connection.send_with_data_passthrough(h11.Data(data=content))
@@ -670,6 +890,16 @@ class HttpSession:
             self._stream = None
             os.close(stream.fd)
             stream.budget.release()
+            if self.access is not None:
+                # Logged once it ends (or the connection does): the bytes handed out.
+                self._logged = stream.logged
+                self._log(stream.status, stream.length - stream.remaining)
+
+    def _log(self, status: int, size: int) -> None:
+        """Keep the access log entry of the response just made (``size``: body bytes)."""
+        assert self.access is not None
+        self.access.append((*self._logged, status, size))
+        self._logged = _NO_REQUEST
 
     def _error(
         self, status: int, *, close: bool = False, headers: list[tuple[bytes, bytes]] | None = None
@@ -696,6 +926,8 @@ class HttpSession:
         if self._method != b"HEAD":  # HEAD answers carry no body
             out.append(connection.send(h11.Data(data=body)))
         out.append(connection.send(h11.EndOfMessage()))
+        if self.access is not None:
+            self._log(status, 0 if self._method == b"HEAD" else len(body))
         if close or connection.our_state is h11.MUST_CLOSE:
             self.closing = True
         return [chunk for chunk in out if chunk]
@@ -721,13 +953,24 @@ class FileStream:
     """A response body being sent from a file: ``remaining`` bytes from ``offset`` of
     ``fd`` (which it owns), with ``budget`` charged one chunk for the whole stream."""
 
-    __slots__ = ("budget", "fd", "offset", "remaining")
+    __slots__ = ("budget", "fd", "length", "logged", "offset", "remaining", "status")
 
-    def __init__(self, fd: int, offset: int, remaining: int, budget: RequestBudget) -> None:
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        remaining: int,
+        budget: RequestBudget,
+        status: int = 200,
+        logged: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
         self.fd = fd
         self.offset = offset
         self.remaining = remaining
+        self.length = remaining
         self.budget = budget
+        self.status = status  # and the request's log fields, for the access log at its end
+        self.logged = _NO_REQUEST if logged is None else logged
 
 
 _CONDITIONS = frozenset(
@@ -929,16 +1172,22 @@ async def serve_connection(
     request_memory: int,
     pool: MemoryPool | None,
     timeouts: Timeouts | None = None,
+    access_log: bool = False,
 ) -> None:
     """One client's actor: feed its bytes to an :class:`HttpSession`, send the answers.
+
+    With ``access_log``, each response is written to :data:`access_logger` once it was
+    handed to the port (a streamed one once its last chunk was, or the connection ended).
 
     With ``timeouts``, only the waits for input are timed: a head must be whole within
     ``head_timeout`` seconds of its first byte (of the connection's start, for the first
     one), and a kept-alive connection waits ``idle_timeout`` seconds for a next request;
     past either it is closed (after a ``408`` if part of a head came).
     """
-    session = HttpSession(files, request_memory, pool)
+    session = HttpSession(files, request_memory, pool, access_log)
     statistics = session.statistics
+    entries = session.access
+    host = str(port.remote_address[0]) if entries is not None else ""
     async with port:
         waiting = HEAD
         with anyio.CancelScope() as scope:
@@ -967,6 +1216,8 @@ async def serve_connection(
                         for chunk in chunks:
                             await port.send(chunk)
                         session.sent()
+                        if entries:
+                            write_access_log(host, entries)
                     if session.closing:
                         await linger(port)
                         return
@@ -995,11 +1246,15 @@ async def serve_connection(
                 if timeouts is not None:
                     timeouts.waits.discard(wait)
                 session.release()
+                if entries:  # a stream cut short, a response the client did not take
+                    write_access_log(host, entries)
         # The deadline passed while waiting for input.
         if waiting == HEAD:
             try:
                 for chunk in session.timed_out():
                     port.send_nowait(chunk)  # a few hundred bytes on an idle port
+                if entries:
+                    write_access_log(host, entries)
                 await linger(port)
             except (ports.BrokenPortError, ports.EndOfPort, ports.WouldBlock):
                 pass
@@ -1031,6 +1286,7 @@ async def serve(
     head_timeout: float = HEAD_TIMEOUT,
     idle_timeout: float = IDLE_TIMEOUT,
     send_timeout: float = SEND_TIMEOUT,
+    access_log: bool = True,
     task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the files under ``root`` on ``host:port``; report the bound address through
@@ -1053,6 +1309,9 @@ async def serve(
             (Erlang's), as nginx's ``send_timeout`` (60 s).  A streamed file holds a
             chunk of the pool until it is sent: this bounds how long a client that
             stopped reading holds it.
+        access_log: write a line per response to :data:`access_logger`
+            (``ioserver.httpd.access``, INFO) in the combined log format; where it goes is
+            the logging configuration's business (:func:`configure_access_log`).
 
     Raises:
         ValueError: a timeout is not a positive number.
@@ -1068,11 +1327,19 @@ async def serve(
         anyio.create_task_group() as task_group,
     ):
         task_group.start_soon(timeouts.run)
+        if access_log:
+            task_group.start_soon(flush_access_log_periodically)
         task_status.started(listener.local_address)
         async for accepted in listener:
             if isinstance(accepted, ports.Accepted):
                 task_group.start_soon(
-                    serve_connection, accepted.port, files, request_memory, pool, timeouts
+                    serve_connection,
+                    accepted.port,
+                    files,
+                    request_memory,
+                    pool,
+                    timeouts,
+                    access_log,
                 )
 
 
@@ -1139,15 +1406,34 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         default=None,
         help="sys.setswitchinterval(SECONDS) for this process (ioserver run's default: 0.001)",
     )
+    parser.add_argument(
+        "--access-log",
+        metavar="FILE",
+        default="-",
+        help="where the access log goes, a line per response in the combined log format: "
+        "a file (appended to; reopened when moved), or - for standard error (the default)",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_const",
+        const=None,
+        help="write no access log",
+    )
     options = parser.parse_args(argv)
     if options.switch_interval is not None:
         sys.setswitchinterval(options.switch_interval)
+    try:
+        configure_access_log(options.access_log)
+    except OSError as exc:
+        parser.error(f"--access-log {options.access_log}: {exc.strerror or exc}")
     settings = {
         "root": options.root,
         "request_memory": options.request_memory,
         "handler_memory": options.handler_memory,
         "head_timeout": options.head_timeout,
         "idle_timeout": options.idle_timeout,
+        "access_log": options.access_log is not None,
     }
 
     async def run(server: ioserver.IOServer) -> None:

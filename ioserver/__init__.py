@@ -16,6 +16,7 @@ from ._exceptions import EndOfPort as EndOfPort
 from ._exceptions import IOServerError as IOServerError
 from ._exceptions import NotSupportedError as NotSupportedError
 from ._exceptions import OptionError as OptionError
+from ._exceptions import PollerLimitError as PollerLimitError
 from ._exceptions import SendTimeoutError as SendTimeoutError
 from ._exceptions import UnsafeEndpointError as UnsafeEndpointError
 from ._exceptions import WouldBlock as WouldBlock
@@ -55,6 +56,7 @@ __all__ = [
     "OptionError",
     "Packet",
     "Passive",
+    "PollerLimitError",
     "SendTimeoutError",
     "UnsafeEndpointError",
     "WouldBlock",

@@ -106,6 +106,7 @@ _RUN_OPTIONS = {
     "--backend": 1,
     "--uvloop": 0,
     "--no-uvloop": 0,
+    "--poller": 1,
     "--log-level": 1,
     "--log-format": 1,
     "--log-config": 1,
@@ -148,6 +149,18 @@ def _add_logging(parser: argparse.ArgumentParser, level: str) -> None:
         metavar="FILE",
         help="a logging.config.dictConfig dictionary in a JSON or TOML (.toml) file; "
         "it replaces --log-level and --log-format",
+    )
+
+
+def _add_poller(parser: argparse.ArgumentParser) -> None:
+    from ._poller import POLLERS, default_poller
+
+    parser.add_argument(
+        "--poller",
+        choices=tuple(POLLERS),
+        default=None,
+        help=f"the I/O thread's selector backend (default here: {default_poller()}); "
+        "select serves descriptors below 1024 only",
     )
 
 
@@ -197,8 +210,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "run",
         help="run an app on an embedded I/O thread",
         description="Run APP's main(ios, argv) on an embedded I/O thread.  The arguments "
-        "after APP go to the app (its --help too), except --backend, --uvloop/--no-uvloop "
-        "and the --log-* options; everything after -- goes to the app.",
+        "after APP go to the app (its --help too), except --backend, --uvloop/--no-uvloop, "
+        "--poller and the --log-* options; everything after -- goes to the app.",
     )
     run_parser.add_argument("app", help="file.py[:function] or package.module[:function]")
     run_parser.add_argument(
@@ -210,6 +223,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         default=None,
         help="on asyncio, use uvloop (default: when installed)",
     )
+    _add_poller(run_parser)
     _add_logging(run_parser, "INFO")
     from ._control import ControlLimits
 
@@ -315,6 +329,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     serve_parser.add_argument(
         "--uvloop", action=argparse.BooleanOptionalAction, default=None, help="use uvloop"
     )
+    _add_poller(serve_parser)
     _add_logging(serve_parser, "INFO")
     serve_parser.add_argument(
         "--config",
@@ -379,7 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands["run"].error(str(exc))
     try:
         log.debug("running %s on %s", options.app, options.backend)
-        result = run(call_app(app), app_argv, backend=options.backend, use_uvloop=options.uvloop)
+        result = run(
+            call_app(app),
+            app_argv,
+            backend=options.backend,
+            use_uvloop=options.uvloop,
+            poller=options.poller,
+        )
     except KeyboardInterrupt:
         log.info("interrupted; stopped")
         return 0
@@ -430,6 +451,7 @@ def _daemon_config(options: argparse.Namespace) -> Any:
         workers=options.workers,
         worker_index=options.worker_index,
         memory_limit=options.memory_limit,
+        poller=options.poller,
         limits=ControlLimits(
             max_frame=options.max_frame,
             max_sessions=options.max_sessions,

@@ -1000,6 +1000,7 @@ def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, 
     return {
         "pid": os.getpid(),
         "uptime": round(time.monotonic() - started, 3),
+        "poller": io.poller_name,
         "ports_open": io.ports_open,
         "ports_by_kind": kinds,
         "bytes_in": io.bytes_in,

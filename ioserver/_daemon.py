@@ -57,6 +57,9 @@ class DaemonConfig:
     workers: int = 1
     worker_index: int | None = None
     memory_limit: int | None = None
+    #: The I/O thread's selector backend (:func:`ioserver.open`'s ``poller``); None: the
+    #: platform's best.
+    poller: str | None = None
     limits: ControlLimits = field(default_factory=ControlLimits)
     #: ``HOST:PORT`` of the Prometheus endpoint (:mod:`ioserver._metrics`); "" for none.
     metrics: str = ""
@@ -307,7 +310,7 @@ def _reload(config: DaemonConfig) -> None:
         setattr(config.limits, name, getattr(new.limits, name))
     restart = [
         name
-        for name in ("endpoint", "apps", "heartbeat", "grace", "backend", "workers")
+        for name in ("endpoint", "apps", "heartbeat", "grace", "backend", "workers", "poller")
         if getattr(new, name) != getattr(config, name)
     ]
     restart += [
@@ -367,6 +370,7 @@ def serve(config: DaemonConfig) -> int:
             use_uvloop=config.use_uvloop,
             stop_on_signals=False,
             memory_limit=config.memory_limit,
+            poller=config.poller,
         )
     finally:
         if metrics is not None:
@@ -491,6 +495,8 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
         argv.append("--allow-all-interfaces")
     if config.memory_limit is not None:
         argv += ["--memory-limit", str(config.memory_limit)]
+    if config.poller is not None:
+        argv += ["--poller", config.poller]
     limits = config.limits
     argv += ["--max-frame", str(limits.max_frame), "--max-sessions", str(limits.max_sessions)]
     argv += ["--max-ports", str(limits.max_ports), "--session-queue", str(limits.session_queue)]
@@ -778,6 +784,7 @@ def format_status(status: dict[str, Any]) -> str:
             f"worker {worker.get('worker') if worker.get('worker') is not None else '-'}"
             f"  pid {worker.get('pid')}  uptime {worker.get('uptime', 0):.0f} s"
             f"  endpoint {worker.get('endpoint')}"
+            + (f"  poller {worker['poller']}" if worker.get("poller") else "")
         )
         if "error" in worker:
             lines.append(f"  unreachable: {worker['error']}")

@@ -42,7 +42,7 @@ import socket
 from collections import deque
 from typing import Any
 
-from ._exceptions import ConnectError, errno_name
+from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._iothread import READ_SIZE, IOThread, ReceivingHandler
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._poller import ERROR, READ, WRITE
@@ -349,6 +349,11 @@ def cmd_open_udp(request: Any, spec: tuple[Any, ...]) -> None:
         deliver((request, exc))
         return
     handler = DatagramHandler(io, sock, port, deliver, options, active)
-    io.adopt(handler)
+    try:
+        io.adopt(handler)
+    except PollerLimitError as exc:
+        sock.close()
+        deliver((request, exc))
+        return
     deliver((request, (handler, local, connect)))
     handler._update_interest()

@@ -79,7 +79,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._aio import BatchWriter, open_batch_writer
-from ._exceptions import ConnectError, errno_name
+from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._framing import FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._poller import ERROR, READ, WRITE, make_poller
@@ -444,7 +444,14 @@ class IOThread:
         self._poller = make_poller(poller)
         self.poller_name = self._poller.name
         self.commands: WakeupQueue[tuple[Callable[..., None], Any, Any]] = WakeupQueue()
-        self._poller.register_wakeup(self.commands.wakeup.fileno())
+        try:
+            # select's FD_SETSIZE: in a process with a thousand files open already, the
+            # server cannot start (PollerLimitError names the poller and the limit).
+            self._poller.register_wakeup(self.commands.wakeup.fileno())
+        except BaseException:
+            self._poller.close()
+            self.commands.close()
+            raise
         # The port table: fd -> Conn, sized from the open-file limit (capped; it grows).
         self._table: list[Any] = [None] * min(self.fd_limit, 1 << 16)
         self._wakeup_slot = _WakeupSlot()
@@ -545,8 +552,16 @@ class IOThread:
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_sequence, handle))
         return handle
 
+    def check_fd(self, fd: int) -> None:
+        """Raise :exc:`~ioserver.PollerLimitError` if the poller cannot watch ``fd``
+        (select's ``FD_SETSIZE``).  Any thread may call it: it reads constants only."""
+        self._poller.check(fd)
+
     def adopt(self, entry: Any) -> None:
-        """Put a handler (or stream) in the port table under its fd."""
+        """Put a handler (or stream) in the port table under its fd.
+
+        Raises :exc:`~ioserver.PollerLimitError`, and changes nothing, when the poller
+        cannot watch that fd (select's ``FD_SETSIZE``): the caller refuses that port."""
         self._adopt(entry)
 
     def release(self, entry: Any) -> None:
@@ -1029,6 +1044,7 @@ class IOThread:
                     self._interest(listener, READ if listener.credit else 0)
 
     def _adopt(self, conn: Conn) -> None:
+        self._poller.check(conn.fd)  # PollerLimitError: this port only, nothing changed
         self._put_table(conn.fd, conn)
         self.ports_open += 1
 
@@ -1480,6 +1496,12 @@ class IOThread:
         except OSError as exc:
             deliver((request, _connect_error(exc.errno, address)))
             return
+        try:
+            self._poller.check(sock.fileno())  # before connecting: no peer sees it
+        except PollerLimitError as exc:
+            sock.close()
+            deliver((request, exc))
+            return
         sock.setblocking(False)
         conn = Conn(sock, CONNECTING, port, deliver)
         conn.configure(options, port)
@@ -1556,7 +1578,12 @@ class IOThread:
         conn.make_port = make_port
         conn.options = {**options, "sockname": sock.getsockname()}
         conn.credit, conn.notify_passive = active
-        self._adopt(conn)
+        try:
+            self._adopt(conn)
+        except PollerLimitError as exc:
+            sock.close()
+            deliver((request, exc))
+            return
         deliver((request, (conn, conn.options["sockname"], None)))
         self._interest(conn, READ if conn.credit else 0)
 
@@ -1586,6 +1613,14 @@ class IOThread:
                     self._interest(listener, 0)
                     self._paused_listeners.append(listener)
                 return
+            try:
+                self._poller.check(sock.fileno())
+            except PollerLimitError as exc:
+                # As a listener out of descriptors: the connection is refused, the
+                # listener and every other port go on.
+                sock.close()
+                deliver((lport, Error("EMFILE", None, f"accept refused: {exc}")))
+                continue
             sock.setblocking(False)
             conn = Conn(sock, STREAM, None, deliver)
             try:

@@ -133,6 +133,11 @@ class StatusCollector:
             "skipped because the other side was awake.",
             labels=["worker", "direction", "outcome"],
         )
+        pollers = GaugeMetricFamily(
+            "ioserver_poller",
+            "1 for the selector backend the worker's I/O thread uses (epoll, poll, select).",
+            labels=["worker", "poller"],
+        )
         restarts = CounterMetricFamily(
             "ioserver_worker_restarts",
             "Times the supervisor restarted the worker.",
@@ -151,6 +156,8 @@ class StatusCollector:
             for key, gauge in gauges.items():
                 if isinstance(worker.get(key), (int, float)):
                     gauge.add_metric([label], worker[key])
+            if isinstance(worker.get("poller"), str):
+                pollers.add_metric([label, worker["poller"]], 1)
             for kind, count in (worker.get("ports_by_kind") or {}).items():
                 kinds.add_metric([label, str(kind)], count)
             for key, direction, outcome in WAKES:
@@ -158,6 +165,7 @@ class StatusCollector:
                     wakes.add_metric([label, direction, outcome], worker[key])
         yield up
         yield kinds
+        yield pollers
         yield wakes
         yield from counters.values()
         yield from gauges.values()

@@ -162,6 +162,7 @@ def take_listener(family: int, address: Any) -> socket.socket | None:
 def cmd_listen_inherited(request: Any, spec: tuple[Any, ...]) -> None:
     """On the I/O thread: make a passed listening socket a listener port, as
     ``IOThread.cmd_listen`` makes one it bound (answers ``(conn, sockname, None)``)."""
+    from ._exceptions import PollerLimitError
     from ._iothread import LISTENER, Conn
     from ._poller import READ
 
@@ -172,6 +173,11 @@ def cmd_listen_inherited(request: Any, spec: tuple[Any, ...]) -> None:
     conn.make_port = make_port
     conn.options = {**options, "sockname": sockname}
     conn.credit, conn.notify_passive = active
-    io.adopt(conn)
+    try:
+        io.adopt(conn)
+    except PollerLimitError as exc:
+        sock.close()  # our copy: systemd keeps its own
+        deliver((request, exc))
+        return
     deliver((request, (conn, sockname, None)))
     io._interest(conn, READ if conn.credit else 0)

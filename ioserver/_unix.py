@@ -31,7 +31,7 @@ import socket
 import stat
 from typing import Any
 
-from ._exceptions import ConnectError, errno_name
+from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._iothread import LISTENER, Conn, IOThread
 from ._poller import READ
 
@@ -141,6 +141,11 @@ def cmd_listen_unix(request: Any, spec: tuple[Any, ...]) -> None:
     conn.make_port = make_port
     conn.options = {**options, "sockname": path}
     conn.credit, conn.notify_passive = active
-    io.adopt(conn)
+    try:
+        io.adopt(conn)
+    except PollerLimitError as exc:
+        sock.close()
+        deliver((request, exc))
+        return
     deliver((request, (conn, path, None)))
     io._interest(conn, READ if conn.credit else 0)

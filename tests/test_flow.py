@@ -44,6 +44,7 @@ ENCODERS = {
 }
 
 
+@pytest.mark.every_poller
 @pytest.mark.parametrize("packet", [1, 2, 4, "line", "msgpack"])
 async def test_a_peer_writing_one_byte_at_a_time_yields_whole_messages(
     ios: ioserver.IOServer, packet: Any
@@ -66,6 +67,7 @@ async def test_a_peer_writing_one_byte_at_a_time_yields_whole_messages(
         assert received == [Data(m) for m in messages]
 
 
+@pytest.mark.every_poller
 @pytest.mark.parametrize("packet", [4, "line", "msgpack"])
 async def test_send_frames_each_message(ios: ioserver.IOServer, packet: Any) -> None:
     listener, port, client = await pair(ios, packet=packet)
@@ -187,6 +189,7 @@ async def test_send_timeout_close_closes_a_port_whose_peer_never_reads(
             await port.send(b"more")
 
 
+@pytest.mark.every_poller
 async def test_a_slow_consumer_slows_its_own_peer_and_nobody_else(
     ios: ioserver.IOServer,
 ) -> None:

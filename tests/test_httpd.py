@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from email.utils import formatdate
@@ -630,3 +634,161 @@ def test_curl_downloads_ranges_and_revalidates_a_large_file(root: Path, tmp_path
         partial.write_bytes(content[: 5 << 20])
         run("-C", "-", "-o", str(partial), url)
         assert hashlib.sha256(partial.read_bytes()).digest() == hashlib.sha256(content).digest()
+
+
+# -- the access log -------------------------------------------------------------------------
+#: Apache's and nginx's "combined" format:
+#: %h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-agent}i"
+COMBINED = re.compile(
+    r"(?P<host>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>\d\d/[A-Z][a-z]{2}/\d{4}"
+    r':\d\d:\d\d:\d\d [+-]\d{4})\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) '
+    r'(?P<bytes>\d+|-) "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)"'
+)
+
+
+def parse_access_log(text: str) -> list[dict[str, str]]:
+    """Every line of ``text`` as the combined format's fields (a line that is not one
+    fails the test)."""
+    entries = []
+    for line in text.splitlines():
+        match = COMBINED.fullmatch(line)
+        assert match is not None, f"not a combined log line: {line!r}"
+        entries.append(match.groupdict())
+    return entries
+
+
+def test_curl_requests_are_logged_in_the_combined_format(root: Path, tmp_path: Path) -> None:
+    curl_path = curl()
+    port = free_port()
+    log_file = tmp_path / "access.log"
+    command = [sys.executable, str(httpd.__file__), "--port", str(port), "--root", str(root)]
+    url = f"http://127.0.0.1:{port}"
+
+    def fetch(*arguments: str) -> None:
+        done = subprocess.run(
+            [curl_path, "-s", "-o", "/dev/null", *arguments],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+    with running(*command, "--request-memory", "64k", "--access-log", str(log_file)):
+        fetch("-A", 'agent "7" \\ x', "-e", "http://example.test/from", f"{url}/index.html")
+        fetch("-I", f"{url}/data.json")  # HEAD: no body bytes
+        fetch(f"{url}/no/such/file")
+        fetch("--range", "10-19", f"{url}/big.bin")
+        fetch(f"{url}/big.bin")  # streamed: logged once its last chunk was sent
+        fetch("-X", "POST", "-d", "x=1", f"{url}/index.html")
+        # Written while it runs (buffered, flushed every ACCESS_LOG_FLUSH seconds): what
+        # `tail -f` shows.  Polls the file (no event to wait on) within a deadline.
+        deadline = time.monotonic() + 10 * httpd.ACCESS_LOG_FLUSH
+        while log_file.read_text().count("\n") < 6:
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.05)
+    entries = parse_access_log(log_file.read_text())
+    assert [(e["request"], e["status"], e["bytes"]) for e in entries] == [
+        ("GET /index.html HTTP/1.1", "200", str(len(INDEX))),
+        ("HEAD /data.json HTTP/1.1", "200", "-"),
+        ("GET /no/such/file HTTP/1.1", "404", str(len(b"404 Not Found\n"))),
+        ("GET /big.bin HTTP/1.1", "206", "10"),
+        ("GET /big.bin HTTP/1.1", "200", str(len(BIG))),
+        ("POST /index.html HTTP/1.1", "405", str(len(b"405 Method Not Allowed\n"))),
+    ]
+    assert {(e["host"], e["ident"], e["user"]) for e in entries} == {("127.0.0.1", "-", "-")}
+    # User-Agent and Referer as sent, quotes and backslashes escaped (as Apache does).
+    assert entries[0]["agent"] == 'agent \\"7\\" \\\\ x'
+    assert entries[0]["referer"] == "http://example.test/from"
+    assert entries[1]["referer"] == "-"
+    curl_version = subprocess.run([curl_path, "--version"], capture_output=True, text=True)
+    assert entries[1]["agent"] == "curl/" + curl_version.stdout.split()[1]
+
+
+def run_httpd_once(root: Path, *options: str) -> str:
+    """Start the command with ``options``, GET a file with curl, stop it; its stderr."""
+    port = free_port()
+    command = [sys.executable, str(httpd.__file__), "--port", str(port), "--root", str(root)]
+    process = subprocess.Popen(
+        [*command, *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline()
+        done = subprocess.run(
+            [curl(), "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/"],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+        assert done.stdout == b"200"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+        assert process.returncode == 0, stderr
+        return stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_the_access_log_goes_to_stderr_by_default_and_no_access_log_turns_it_off(
+    root: Path, tmp_path: Path
+) -> None:
+    lines = [line for line in run_httpd_once(root).splitlines() if COMBINED.fullmatch(line)]
+    assert len(lines) == 1
+    entry = parse_access_log(lines[0])[0]
+    assert (entry["request"], entry["status"]) == ("GET / HTTP/1.1", "200")
+    assert entry["bytes"] == str(len(INDEX))  # the directory's index.html
+    assert entry["agent"].startswith("curl/")
+    # Off: no line on stderr, and no file made for a --access-log given before it.
+    unused = tmp_path / "unused.log"
+    stderr = run_httpd_once(root, "--access-log", str(unused), "--no-access-log")
+    assert not [line for line in stderr.splitlines() if COMBINED.fullmatch(line)], stderr
+    assert not unused.exists()
+
+
+def test_an_access_log_that_cannot_be_opened_is_a_usage_error(root: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            *(sys.executable, str(httpd.__file__), "--root", str(root)),
+            *("--access-log", str(tmp_path / "no" / "dir" / "access.log")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith("No such file or directory")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.anyio
+async def test_a_response_to_no_request_is_logged_with_a_dash(
+    ios: ioserver.IOServer, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ioserver.httpd.access")
+    async with serving(ios, root, access_log=True) as address, client(address) as http:
+        await http.stream.send(b"NOT HTTP AT ALL\r\n\r\n")
+        with anyio.fail_after(10), contextlib.suppress(anyio.EndOfStream):
+            while True:  # the line is written before the server half-closes
+                await http.stream.receive()
+    [entry] = parse_access_log("\n".join(r.getMessage() for r in caplog.records))
+    assert (entry["request"], entry["status"], entry["agent"]) == ("-", "400", "-")
+
+
+def test_the_access_log_file_is_reopened_once_logrotate_moved_it(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    handler = httpd.AccessLogHandler(str(path))
+    try:
+        record = logging.LogRecord("x", logging.INFO, "", 0, "first", None, None)
+        handler.handle(record)
+        assert path.read_text() == ""  # buffered until a flush
+        handler.flush()
+        path.rename(tmp_path / "access.log.1")  # logrotate's rename, then USR1/flush
+        handler.handle(logging.LogRecord("x", logging.INFO, "", 0, "second", None, None))
+        handler.flush()  # written where it was open, then the new file is opened
+        handler.handle(logging.LogRecord("x", logging.INFO, "", 0, "third", None, None))
+    finally:
+        handler.close()
+    assert (tmp_path / "access.log.1").read_text() == "first\nsecond\n"
+    assert path.read_text() == "third\n"

@@ -302,6 +302,15 @@ def test_the_command_line_beats_the_environment_beats_the_file_beats_the_default
         "y.py --port 2",
     ]
     assert vars(parse([], {"IOSERVER_UVLOOP": "no"}))["uvloop"] is False
+    # --poller as every flag: the file, the variable, the command line.
+    config.write_text('poller = "poll"\n')
+    assert vars(parse([], {"IOSERVER_CONFIG": str(config)}))["poller"] == "poll"
+    assert (
+        vars(parse([], {"IOSERVER_CONFIG": str(config), "IOSERVER_POLLER": "select"}))["poller"]
+        == "select"
+    )
+    assert vars(parse(["--poller", "epoll"], {"IOSERVER_POLLER": "select"}))["poller"] == "epoll"
+    assert vars(parse([], {}))["poller"] is None  # the platform's best
 
 
 @pytest.mark.parametrize(
@@ -311,6 +320,7 @@ def test_the_command_line_beats_the_environment_beats_the_file_beats_the_default
         ('heartbeat = "soon"\n', {}, "ioserver.toml: key 'heartbeat': expected a number"),
         ("max-ports = 1.5\n", {}, "key 'max-ports': expected an integer"),
         ('backend = "curio"\n', {}, "key 'backend': 'curio' is not one of asyncio, trio"),
+        ("", {"IOSERVER_POLLER": "kqueue"}, "IOSERVER_POLLER: 'kqueue' is not one of epoll, poll"),
         ("heartbeat = \n", {}, "ioserver.toml: not valid TOML"),
         ("", {"IOSERVER_MAX_FRAME": "big"}, "environment variable IOSERVER_MAX_FRAME: expected"),
         ("", {"IOSERVER_ALLOW_ALL_INTERFACES": "maybe"}, "IOSERVER_ALLOW_ALL_INTERFACES: expe"),
@@ -333,6 +343,36 @@ def test_the_environment_reaches_the_daemon(tmp_path: Path, daemons: list[Daemon
     daemons.append(daemon)
     assert endpoint in json.loads(daemon.wait_for("serving"))["message"]
     assert cli(tmp_path, "status", endpoint).returncode == 0
+    assert daemon.stop() == 0
+
+
+def test_the_poller_chosen_in_the_environment_is_in_status_and_metrics(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    endpoint = f"ipc://{tmp_path}/control"
+    daemon = Daemon(
+        tmp_path,
+        "--metrics",
+        "127.0.0.1:0",
+        "--app",
+        "examples/echo.py --port 0",
+        IOSERVER_ENDPOINT=endpoint,
+        IOSERVER_POLLER="select",
+    )
+    daemons.append(daemon)
+    line = daemon.wait_for("metrics on http://")
+    assert daemon.process.stdout is not None
+    number = int(daemon.process.stdout.readline().split()[-1].rsplit(":", 1)[-1])
+    with socket.create_connection(("127.0.0.1", number), timeout=10) as client:
+        client.sendall(b"under select")  # the app's port, served by the select poller
+        assert client.recv(100) == b"under select"
+    status = cli(tmp_path, "status", endpoint, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["workers"][0]["poller"] == "select"
+    text = cli(tmp_path, "status", endpoint)
+    assert "poller select" in text.stdout
+    samples = scrape(line)
+    assert samples[("ioserver_poller", (("poller", "select"), ("worker", "0")))] == 1
     assert daemon.stop() == 0
 
 
