@@ -80,7 +80,7 @@ from typing import Any
 
 from ._aio import BatchWriter, open_batch_writer
 from ._exceptions import ConnectError, PollerLimitError, errno_name
-from ._framing import FrameError, PacketTooLarge
+from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._poller import ERROR, READ, WRITE, make_poller
 from ._wakeup import WakeupQueue
@@ -163,6 +163,7 @@ class Conn:
         "options",
         "out_bytes",
         "outq",
+        "packet_overhead",
         "packets_too_large",
         "pause_generation",
         "paused",
@@ -209,6 +210,7 @@ class Conn:
         # difference is what is buffered, undelivered, in the event loop.
         self.framer: Any = None
         self.sizes: Any = None  # the port's deque of message sizes, for decoded objects
+        self.packet_overhead = 0  # bytes charged per packet beyond its own (configure)
         # Packets a framed read decoded beyond the active credit: (payload, wire size)
         # in order, delivered by the next grants (see _deliver_payloads).  Non-empty only
         # while the credit is 0, and then the socket is not read.
@@ -237,6 +239,12 @@ class Conn:
         """Take the flow-control options and the framer of the port (see ports)."""
         self.framer = port._framer
         self.sizes = port._sizes
+        # Each packet is charged PACKET_OVERHEAD more than its bytes, where its objects
+        # stay (a port in this process); a daemon's port encodes its packets for the
+        # client at once, and its flow control counts in wire bytes, as the client's.
+        self.packet_overhead = (
+            0 if self.sizes is None or getattr(port, "_remote", False) else PACKET_OVERHEAD
+        )
         self.high_msgq = options["high_msgq_watermark"]
         self.low_msgq = options["low_msgq_watermark"]
         self.high_msgq_messages = options["high_msgq_messages"]
@@ -435,6 +443,9 @@ class IOThread:
         self.memory_reserve = 0 if memory_limit is None else memory_limit // 4
         # Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
         self._read_floor = READ_SIZE + self.memory_reserve
+        # Below this headroom a read of packets could be charged more than is left (each
+        # packet PACKET_OVERHEAD on top of its bytes): such reads are shortened.
+        self._packet_floor = READ_SIZE * (1 + PACKET_OVERHEAD) + self.memory_reserve
         self.reserve_reads = 0  # reads made into the reserve, ever
         self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
@@ -658,6 +669,7 @@ class IOThread:
         flush_wait = False
         wait_for_flush = self._wait_for_flush
         read_floor = self._read_floor
+        packet_floor = self._packet_floor
         try:
             while not self._stopping:
                 # Bytes this round may still read: the budget is firm, so a read that
@@ -706,8 +718,16 @@ class IOThread:
                                 continue
                             if headroom < read_floor and self._budget_blocks(conn, headroom):
                                 continue
+                            # A port of packets charges each one PACKET_OVERHEAD too:
+                            # when the budget is short, it reads only what it can charge.
+                            framed_short = headroom < packet_floor and conn.packet_overhead
                             try:
-                                n = conn.sock.recv_into(buffer)
+                                if framed_short:
+                                    n = conn.sock.recv_into(
+                                        buffer, self._packet_read_size(conn, headroom)
+                                    )
+                                else:
+                                    n = conn.sock.recv_into(buffer)
                             except BlockingIOError:
                                 continue
                             except OSError as exc:
@@ -726,6 +746,13 @@ class IOThread:
                                     conn.delivered_bytes += n
                                     if conn.credit > 0:
                                         self._spend_credit(conn, 1)
+                                elif framed_short:
+                                    # Its charge beyond n comes off this round's headroom.
+                                    mark = self.delivered_total + self.framing_bytes
+                                    delivered = self._deliver_framed(conn, n)
+                                    headroom -= self.delivered_total + self.framing_bytes - mark
+                                    if not delivered:
+                                        continue
                                 elif not self._deliver_framed(conn, n):
                                     continue
                                 if (
@@ -1083,7 +1110,7 @@ class IOThread:
         # itself back (see _deliver_payloads), what is held is charged as framing.
         self.delivered_total -= n
         if payloads:
-            if conn.sizes is None:  # bytes payloads: their own length
+            if not framer.decodes_objects:  # bytes payloads: their own length
                 shares = [len(payload) for payload in payloads]
             else:
                 # Decoded objects: charge the wire bytes this read consumed, shared among
@@ -1091,6 +1118,11 @@ class IOThread:
                 share, extra = divmod(n + before - after, len(payloads))
                 shares = [share] * len(payloads)
                 shares[-1] += extra
+            overhead = conn.packet_overhead
+            if overhead:
+                # What a packet holds in Python objects beyond its bytes: charged too, so
+                # that many small packets cannot pass the budget.
+                shares = [share + overhead for share in shares]
             self._deliver_payloads(conn, payloads, shares)
         return True
 
@@ -1284,6 +1316,15 @@ class IOThread:
         conn.global_paused = False
         if not conn.closed:
             self._stream_interest(conn)
+
+    def _packet_read_size(self, conn: Conn, headroom: int) -> int:
+        """Bytes a port of packets may read when the budget is short: so many that, were
+        each byte a packet charged PACKET_OVERHEAD more, the read still fits what is left
+        for it (all of ``headroom`` for a waiting owner, else what the reserve leaves).
+        ``_budget_blocks`` let the read happen, so that is a whole read at least and
+        the answer at least ``READ_SIZE // (1 + PACKET_OVERHEAD)`` bytes."""
+        room = headroom if _owner_waits(conn) else headroom - self.memory_reserve
+        return max(min(room // (1 + PACKET_OVERHEAD), READ_SIZE), 1)
 
     def _budget_blocks(self, conn: Conn, headroom: int) -> bool:
         """A read is due but ``headroom`` is below a whole read plus the reserve: read into

@@ -668,8 +668,10 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
             )
         )
-        if self._framer is not None and self._framer.decodes_objects:
-            self._sizes = deque()  # decoded messages: charged their wire size
+        if self._framer is not None:
+            # Each packet's charge, as the I/O thread computed it: its wire size (or its
+            # length) plus PACKET_OVERHEAD, popped as the owner takes it.
+            self._sizes = deque()
         # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
         self._queued_bytes = 0
         self._high_watermark: int = options["high_watermark"]

@@ -525,3 +525,58 @@ async def test_decoded_msgpack_objects_are_charged_their_wire_size(
         for _ in range(63):
             assert await port.receive() == Data(text)
         assert port.statistics().bytes_buffered_in == 0
+
+
+@pytest.mark.parametrize("active", ["once", True])
+async def test_small_packets_are_charged_what_they_hold(no_leaks: None, active: Any) -> None:
+    """Many tiny packets per read: a review found 64 KiB of two-byte lines became 32,768
+    messages charged 2 bytes each, so hundreds of MiB stayed live under an 8 MiB
+    ``memory_limit`` (held past an ``active="once"`` credit, or delivered to an owner
+    that does not read).  Each packet is now charged PACKET_OVERHEAD more than its bytes,
+    and a read of packets is shortened when the budget could not pay for it: the input
+    charged stays under the limit and the Python objects behind it near it."""
+    import tracemalloc
+
+    limit = 1 << 20
+    tracemalloc.start()
+    try:
+        async with ioserver.open(memory_limit=limit) as ios:
+            listener = await ports.listen_tcp(
+                ios,
+                "127.0.0.1",
+                0,
+                packet="line",
+                active=active,
+                high_msgq_watermark=64 << 20,
+                low_msgq_watermark=32 << 20,
+                high_msgq_messages=1 << 30,
+            )
+            held: list[ports.Port] = []
+            peers: list[socket.socket] = []
+            async with listener:
+                for _ in range(20):
+                    peer = socket.create_connection(listener.local_address)
+                    peer.setblocking(False)
+                    try:
+                        peer.send(b"a\n" * 65536)
+                    except BlockingIOError:
+                        pass
+                    peers.append(peer)
+                    accepted = await listener.receive()
+                    assert isinstance(accepted, Accepted)
+                    held.append(accepted.port)
+                # The budget fills and pauses the reads; nobody takes anything.
+                with anyio.fail_after(10):
+                    while ios.statistics().global_pauses == 0:
+                        await anyio.lowlevel.checkpoint()
+                traced, _ = tracemalloc.get_traced_memory()
+                statistics = ios.statistics()
+                assert statistics.peak_memory <= limit, statistics
+                # Without the charge: ~20 x 32,768 x 140 bytes, about 90 MB.
+                assert traced < 8 * limit, f"{traced} bytes traced under a {limit} budget"
+                for port in held:
+                    await port.aclose()
+                for peer in peers:
+                    peer.close()
+    finally:
+        tracemalloc.stop()
