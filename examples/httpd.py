@@ -110,6 +110,7 @@ LINGER_BYTES = 1 << 20  # ... and how much of it
 #: Defaults, in seconds.
 HEAD_TIMEOUT = 10.0  # a request head must be whole this long after its first byte
 IDLE_TIMEOUT = 5.0  # a kept-alive connection with no request this long is closed
+BODY_TIMEOUT = 30.0  # a request body must be whole this long after its head
 SEND_TIMEOUT = 60.0  # a response the client takes nothing of this long is cut (nginx's)
 ACCESS_LOG_FLUSH = 1.0  # the access log's lines are written at least this often
 
@@ -119,7 +120,8 @@ ACCESS_LOG_BUFFER = 64 * 1024
 # What a connection waits for, for its timeout (HttpSession.waiting_for).
 HEAD = 0  # a request head: from its first byte (or the connection's start) until whole
 IDLE = 1  # a new request on a kept-alive connection, nothing of it received yet
-OTHER = 2  # a body being read, or a response being made: no timeout here
+OTHER = 2  # a response being made: no timeout here
+BODY = 3  # a request body: from the end of its head until whole
 
 log = logging.getLogger("httpd")
 
@@ -735,8 +737,11 @@ class HttpSession:
     def waiting_for(self) -> int:
         """What the connection waits for now, once :meth:`responses` returned nothing:
         :data:`HEAD` (a request head: part of one came, or the connection is new),
-        :data:`IDLE` (a next request, nothing of it received) or :data:`OTHER`."""
+        :data:`IDLE` (a next request, nothing of it received), :data:`BODY` (the rest of
+        a request's body) or :data:`OTHER`."""
         connection = self._connection
+        if connection.their_state is h11.SEND_BODY:
+            return BODY
         if connection.their_state is not h11.IDLE:
             return OTHER
         if self.statistics.requests == 0 or connection.trailing_data[0]:
@@ -744,10 +749,13 @@ class HttpSession:
         return IDLE
 
     def timed_out(self) -> list[bytes]:
-        """The head timeout passed: a ``408`` to send if part of a head came (else
-        nothing), and the session is closing."""
+        """The head or body timeout passed: a ``408`` to send if part of a request came
+        (else nothing), and the session is closing."""
         self.closing = True
         connection = self._connection
+        if connection.their_state is h11.SEND_BODY and connection.our_state is h11.SEND_RESPONSE:
+            self._method = b""
+            return self._error(408, close=True)
         if connection.their_state is h11.IDLE and connection.trailing_data[0]:
             self._method = b""
             return self._error(408, close=True)
@@ -1117,7 +1125,7 @@ def _body_headers(request: h11.Request) -> tuple[int | None, bool]:
 
 
 class Timeouts:
-    """The head and idle timeouts of every connection of a server, kept by one task.
+    """The head, body and idle timeouts of every connection of a server, kept by one task.
 
     A connection waiting for input publishes its deadline in a :class:`Wait`; the
     :meth:`run` task looks every ``tick`` seconds (an eighth of the shorter timeout, at
@@ -1128,20 +1136,31 @@ class Timeouts:
     Args:
         head_timeout: seconds a request head may take (see :func:`serve`).
         idle_timeout: seconds a kept-alive connection may wait for a next request.
+        body_timeout: seconds a request body may take, from the end of its head.
 
     Raises:
         ValueError: a timeout is not a positive number.
     """
 
-    __slots__ = ("head_timeout", "idle_timeout", "tick", "waits")
+    __slots__ = ("body_timeout", "head_timeout", "idle_timeout", "tick", "waits")
 
-    def __init__(self, head_timeout: float = HEAD_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
-        for name, value in (("head_timeout", head_timeout), ("idle_timeout", idle_timeout)):
+    def __init__(
+        self,
+        head_timeout: float = HEAD_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
+    ):
+        for name, value in (
+            ("head_timeout", head_timeout),
+            ("idle_timeout", idle_timeout),
+            ("body_timeout", body_timeout),
+        ):
             if not value > 0 or math.isinf(value):
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
-        self.tick = min(head_timeout, idle_timeout, 8.0) / 8
+        self.body_timeout = body_timeout
+        self.tick = min(head_timeout, idle_timeout, body_timeout, 8.0) / 8
         self.waits: set[Wait] = set()
 
     async def run(self) -> None:
@@ -1233,6 +1252,8 @@ async def serve_connection(
                             if waiting == HEAD
                             else timeouts.idle_timeout
                             if waiting == IDLE
+                            else timeouts.body_timeout
+                            if waiting == BODY
                             else math.inf
                         )
             except (ports.BrokenPortError, ports.EndOfPort):
@@ -1249,7 +1270,7 @@ async def serve_connection(
                 if entries:  # a stream cut short, a response the client did not take
                     write_access_log(host, entries)
         # The deadline passed while waiting for input.
-        if waiting == HEAD:
+        if waiting in (HEAD, BODY):
             try:
                 for chunk in session.timed_out():
                     port.send_nowait(chunk)  # a few hundred bytes on an idle port
@@ -1285,6 +1306,7 @@ async def serve(
     handler_memory: int = HANDLER_MEMORY,
     head_timeout: float = HEAD_TIMEOUT,
     idle_timeout: float = IDLE_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
     send_timeout: float = SEND_TIMEOUT,
     access_log: bool = True,
     task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
@@ -1304,6 +1326,9 @@ async def serve(
             server answers ``408`` and closes.
         idle_timeout: seconds a kept-alive connection may wait for its next request
             before it is closed.
+        body_timeout: seconds a request body may take to arrive whole, from the end of
+            its head (a body trickled byte by byte does not move it); past it the server
+            answers ``408`` and closes.
         send_timeout: seconds a response may wait on a busy port (a client that takes
             none of it) before the connection is closed - the port's ``send_timeout``
             (Erlang's), as nginx's ``send_timeout`` (60 s).  A streamed file holds a
@@ -1317,7 +1342,7 @@ async def serve(
         ValueError: a timeout is not a positive number.
         ioserver.OptionError: ``send_timeout`` is not a positive number.
     """
-    timeouts = Timeouts(head_timeout, idle_timeout)
+    timeouts = Timeouts(head_timeout, idle_timeout, body_timeout)
     files = StaticFiles(root)
     pool = MemoryPool(handler_memory)
     async with (
@@ -1395,6 +1420,12 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         help="seconds a request head may take from its first byte; then 408 and close (default 10)",
     )
     parser.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=BODY_TIMEOUT,
+        help="seconds a request body may take after its head; then 408 and close (default 30)",
+    )
+    parser.add_argument(
         "--idle-timeout",
         type=seconds,
         default=IDLE_TIMEOUT,
@@ -1433,6 +1464,7 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         "handler_memory": options.handler_memory,
         "head_timeout": options.head_timeout,
         "idle_timeout": options.idle_timeout,
+        "body_timeout": options.body_timeout,
         "access_log": options.access_log is not None,
     }
 

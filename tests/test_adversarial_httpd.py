@@ -75,6 +75,38 @@ async def test_a_head_trickled_byte_by_byte_gets_408_and_is_closed_at_the_head_t
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("body", [b"", b"x" * 10], ids=["no-body", "part-of-it"])
+async def test_a_body_that_never_comes_gets_408_and_is_closed_at_the_body_timeout(
+    ios: ioserver.IOServer, root: Path, body: bytes
+) -> None:
+    # A head announcing 1000 bytes of body, then nothing (or a part, then trickled):
+    # the connection used to stay open as long as the client liked.
+    options = {"head_timeout": LONG, "idle_timeout": LONG, "body_timeout": SHORT}
+    async with serving(ios, root, **options) as address, client(address) as http:
+        await http.stream.send(
+            b"GET /index.html HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n" + body
+        )
+        started = anyio.current_time()
+
+        async def trickle() -> None:
+            try:
+                for _ in range(1000):
+                    await anyio.sleep(0.05)  # the attack's pace, not a synchronisation
+                    await http.stream.send(b"y")
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # closed by the server
+
+        async with anyio.create_task_group() as task_group:
+            if body:
+                task_group.start_soon(trickle)
+            data = await read_to_eof(http.stream)
+            task_group.cancel_scope.cancel()
+        assert data.startswith(b"HTTP/1.1 408 "), data
+        assert b"\r\nconnection: close\r\n" in data
+        assert SHORT <= anyio.current_time() - started < LONG
+
+
+@pytest.mark.anyio
 async def test_a_connection_that_sends_nothing_is_closed_at_the_head_timeout(
     ios: ioserver.IOServer, root: Path
 ) -> None:
