@@ -11,50 +11,17 @@ they appear; every other argument goes to the app.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
+from ._apps import load_app
 from ._exceptions import IOServerError, OptionError, UnsafeEndpointError
 from ._server import run
 
-__all__ = ["load_app", "main"]
+__all__ = ["main"]
 
 log = logging.getLogger("ioserver")
-
-
-def load_app(spec: str) -> Callable[..., Any]:
-    """The app function named by ``spec``: ``path/to/file.py[:function]`` or
-    ``package.module[:function]``; the function defaults to ``main``.
-
-    Raises:
-        OptionError: the file or module cannot be found, or has no such async function.
-    """
-    target, _, function_name = spec.partition(":")
-    function_name = function_name or "main"
-    if target.endswith(".py") or os.sep in target:
-        if not os.path.isfile(target):
-            raise OptionError(f"no app file {target!r}")
-        name = "ioserver_app_" + os.path.splitext(os.path.basename(target))[0]
-        module_spec = importlib.util.spec_from_file_location(name, target)
-        if module_spec is None or module_spec.loader is None:
-            raise OptionError(f"cannot load {target!r} as a Python file")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise OptionError(f"cannot import app module {target!r}: {exc}") from exc
-    function = getattr(module, function_name, None)
-    if function is None or not callable(function):
-        raise OptionError(f"{target!r} has no function {function_name!r}")
-    return function  # type: ignore[no-any-return]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -67,6 +67,7 @@ from ._exceptions import ConnectError, OptionError
 from ._framing import make_framer
 from ._iothread import CONNECTING, LISTENER, STREAM, Conn, Handler, IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
+from ._options import LISTEN_OPTIONS, check_options, port_options
 from ._protocol import ProtocolViolation
 from ._zmq import ZmqSocketHandler
 
@@ -721,7 +722,6 @@ def _port(session: Session, pid: Any) -> RemotePortState:
 
 
 def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) -> Any:
-    from ports._port import _LISTEN_OPTIONS, _check_options, port_options
 
     if not P.is_int(pid) or pid <= 0:
         raise ProtocolViolation("malformed", "a client's port id is a positive int", rid)
@@ -739,7 +739,7 @@ def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) 
             for name in ("backlog", "reuseaddr", "reuseport"):
                 if name in options:
                     extra[name] = options.pop(name)
-            _check_options(extra, _LISTEN_OPTIONS, "a remote TCP listener")
+            check_options(extra, LISTEN_OPTIONS, "a remote TCP listener")
             accept_active = options.pop("accept_active", [-1, False])
             if not (
                 isinstance(accept_active, list)

@@ -169,7 +169,7 @@ def _start_authenticator(context: zmq.Context[Any], config: DaemonConfig) -> Any
 
 # -- one daemon -----------------------------------------------------------------------------
 async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
-    from ._cli import load_app
+    from ._apps import load_app
 
     io = ios._io
     started = time.monotonic()

@@ -82,6 +82,7 @@ from ._aio import BatchWriter, open_batch_writer
 from ._exceptions import ConnectError, errno_name
 from ._framing import FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
+from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
 from ._wakeup import WakeupQueue
 
@@ -299,23 +300,6 @@ class Handler:
 
     def resume(self, generation: int) -> None:
         """``cmd_resume``: the owner took enough after the pause ``generation``."""
-
-
-def apply_active_mode(credit: int, notify: bool, mode: tuple[int, bool]) -> tuple[int, bool]:
-    """The ``(credit, notify_passive)`` of a port after the active mode ``mode`` (as
-    ``ports.parse_active`` gives it) is applied to its current ``(credit, notify)``.
-
-    Erlang's rule for ``inet:setopts(S, [{active, N}])``: N adds to a running count, and
-    a count that reaches 0 or less makes the port passive (credit 0; with ``notify``, the
-    owner is told with :class:`~ioserver.Passive`).  The loop's half and the I/O thread's
-    half of a port both apply it, so they agree without asking each other.
-    """
-    new_credit, new_notify = mode
-    if new_notify and notify and credit > 0:
-        new_credit += credit
-    if new_notify and new_credit <= 0:
-        new_credit = 0
-    return new_credit, new_notify
 
 
 class ReceivingHandler(Handler):

@@ -77,6 +77,11 @@ from ioserver._messages import (
 from ioserver._messages import (
     Passive as Passive,
 )
+from ioserver._options import Active as Active
+from ioserver._options import FlowOptions as FlowOptions
+from ioserver._options import PortOptions as PortOptions
+from ioserver._options import UDPOptions as UDPOptions
+from ioserver._options import ZmqOptions as ZmqOptions
 
 from . import rpc as rpc
 from ._actors import Actor as Actor
@@ -101,10 +106,8 @@ from ._channel import MemoryReceiveChannel as MemoryReceiveChannel
 from ._channel import MemorySendChannel as MemorySendChannel
 from ._channel import open_memory_channel as open_memory_channel
 from ._mailbox import Mailbox as Mailbox
-from ._port import Active as Active
 from ._port import Listener as Listener
 from ._port import Port as Port
-from ._port import PortOptions as PortOptions
 from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
@@ -121,13 +124,11 @@ from ._supervisor import Supervisor as Supervisor
 from ._timers import Deadline as Deadline
 from ._timers import Timeout as Timeout
 from ._timers import TimerRef as TimerRef
-from ._udp import UDPOptions as UDPOptions
 from ._udp import UDPPort as UDPPort
 from ._udp import open_udp as open_udp
 from ._unix import connect_unix as connect_unix
 from ._unix import listen_unix as listen_unix
 from ._zmq import ZMQ_SOCKET_TYPES as ZMQ_SOCKET_TYPES
-from ._zmq import ZmqOptions as ZmqOptions
 from ._zmq import ZmqPort as ZmqPort
 from ._zmq import open_zmq as open_zmq
 
@@ -153,6 +154,7 @@ __all__ = [
     "Exit",
     "ExitReason",
     "ExitStatus",
+    "FlowOptions",
     "IOServerError",
     "Listener",
     "Mailbox",

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypedDict, Unpack, final
+from typing import Any, Unpack, final
 
 import anyio
 import anyio.abc
@@ -36,9 +36,18 @@ from ioserver._exceptions import (
     SendTimeoutError,
     WouldBlock,
 )
-from ioserver._framing import DEFAULT_PACKET_SIZE, Framer, make_framer
-from ioserver._iothread import Conn, IOThread, apply_active_mode
+from ioserver._framing import Framer, make_framer
+from ioserver._iothread import Conn, IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
+from ioserver._options import (
+    LISTEN_OPTIONS,
+    Active,
+    PortOptions,
+    apply_active_mode,
+    check_options,
+    parse_active,
+    port_options,
+)
 from ioserver._server import IOServer
 
 from ._mailbox import Mailbox
@@ -51,115 +60,8 @@ _reschedule = trio.lowlevel.reschedule
 
 __all__ = ["Listener", "Port", "PortOptions", "PortStatistics", "connect_tcp", "listen_tcp"]
 
-Active = bool | str | int
-"""An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
-
 #: Set in each worker of ``ioserver serve --workers N`` (to the worker's index).
 WORKER_ENVIRONMENT = "IOSERVER_WORKER"
-
-_STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
-
-#: Defaults of the flow-control options (bytes, messages).
-HIGH_WATERMARK = 256 * 1024
-LOW_WATERMARK = 128 * 1024
-HIGH_MSGQ_WATERMARK = 256 * 1024
-LOW_MSGQ_WATERMARK = 128 * 1024
-HIGH_MSGQ_MESSAGES = 4096
-
-
-def flow_options(
-    *,
-    packet: Any,
-    packet_size: int,
-    delimiter: bytes,
-    high_watermark: int,
-    low_watermark: int,
-    high_msgq_watermark: int,
-    low_msgq_watermark: int,
-    high_msgq_messages: int,
-    send_timeout: float | None,
-    send_timeout_close: bool,
-) -> dict[str, Any]:
-    """Validate the framing and flow-control options of a stream port; return them."""
-    make_framer(packet, packet_size=packet_size, delimiter=delimiter)  # validates
-    pairs = (
-        ("high_watermark", high_watermark, "low_watermark", low_watermark),
-        ("high_msgq_watermark", high_msgq_watermark, "low_msgq_watermark", low_msgq_watermark),
-    )
-    for high_name, high, low_name, low in pairs:
-        for name, value in ((high_name, high), (low_name, low)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise OptionError(f"{name} must be a non-negative int (bytes), not {value!r}")
-        if low > high:
-            raise OptionError(f"{low_name}={low} is above {high_name}={high}")
-    if (
-        isinstance(high_msgq_messages, bool)
-        or not isinstance(high_msgq_messages, int)
-        or high_msgq_messages <= 0
-    ):
-        raise OptionError(f"high_msgq_messages must be a positive int, not {high_msgq_messages!r}")
-    if send_timeout is not None and (
-        isinstance(send_timeout, bool)
-        or not isinstance(send_timeout, (int, float))
-        or send_timeout <= 0
-    ):
-        raise OptionError(f"send_timeout must be positive seconds or None, not {send_timeout!r}")
-    return {
-        "packet": packet,
-        "packet_size": packet_size,
-        "delimiter": delimiter,
-        "high_watermark": high_watermark,
-        "low_watermark": low_watermark,
-        "high_msgq_watermark": high_msgq_watermark,
-        "low_msgq_watermark": low_msgq_watermark,
-        "high_msgq_messages": high_msgq_messages,
-        "send_timeout": send_timeout,
-        "send_timeout_close": bool(send_timeout_close),
-    }
-
-
-_LISTEN_OPTIONS = frozenset({"backlog", "reuseaddr", "reuseport"})
-
-
-def parse_active(mode: object) -> tuple[int, bool]:
-    """``active`` → ``(credit, notify_passive)`` as the I/O thread counts it.
-
-    ``True`` → unlimited (-1); ``False`` → 0; ``"once"`` → 1, no notice; an int N →
-    N with a :class:`~ioserver.Passive` notice when it runs out (Erlang's ``{active, N}``,
-    -32768..32767; adding to a running count, and 0 or less makes the port passive).
-    """
-    if mode is True:
-        return -1, False
-    if mode is False:
-        return 0, False
-    if mode == "once":
-        return 1, False
-    if isinstance(mode, int) and not isinstance(mode, bool):
-        if not -32768 <= mode <= 32767:
-            raise OptionError(f"active={mode}: a count must be in -32768..32767")
-        return mode, True
-    raise OptionError(f"active must be True, False, 'once' or an int, not {mode!r}")
-
-
-def reject_unknown_options(given: Iterable[str], known: Iterable[str], what: str) -> None:
-    """Raise :class:`OptionError` naming every option of ``given`` not in ``known``."""
-    known = set(known)
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise OptionError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} for {what}: "
-            f"{', '.join(unknown)} (known: {', '.join(sorted(known))})"
-        )
-
-
-def _check_options(options: dict[str, Any], allowed: frozenset[str], what: str) -> None:
-    reject_unknown_options(options, allowed, what)
-    for name in ("recbuf", "sndbuf", "backlog"):
-        value = options.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31
-        ):
-            raise OptionError(f"{name} must be a positive int below 2**31 (bytes or connections)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -967,107 +869,6 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
     return seen
 
 
-class PortOptions(TypedDict, total=False):
-    """The options of a TCP port, for :func:`connect_tcp` and :func:`listen_tcp` (where
-    they apply to each accepted port).  All are keyword-only and optional.
-
-    Attributes:
-        active: the active mode (see :meth:`Port.setopts`); default ``True``.
-        nodelay: disable Nagle's algorithm (``TCP_NODELAY``); default ``True``.
-        keepalive: enable ``SO_KEEPALIVE``; default ``False``.
-        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
-        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
-        packet: the packet mode, as Erlang's ``{packet, ...}``: ``"raw"`` (default: each
-            read is one :class:`~ioserver.Data`), ``1``/``2``/``4`` (a big-endian length
-            header, added on send and stripped on receive), ``"line"`` (the delimiter is
-            kept at the end of each message) or ``"msgpack"`` (each decoded object is one
-            message; ``send`` packs) or ``"resp"`` (Redis commands, each a ``list[bytes]``;
-            see :class:`ioserver._framing.RespFramer`).  Framing runs in the I/O thread.
-        packet_size: the largest message in bytes (default 64 MiB); a peer that sends more
-            (or a header that claims more) gets :class:`~ioserver.Error` ``EMSGSIZE`` and
-            the port closed, with nothing allocated for the claimed size.
-        delimiter: the one-byte line end for ``packet="line"``; default ``b"\\n"``.
-        high_watermark: bytes of queued output above which the port is *busy* (``send``
-            waits, ``send_nowait`` raises ``WouldBlock``), as Erlang's option; 256 KiB.
-        low_watermark: bytes of queued output below which a busy port is not busy any
-            more; 128 KiB.
-        high_msgq_watermark: bytes delivered but not yet taken by the owner above which
-            the I/O thread stops reading the socket (TCP backpressure on this peer alone),
-            as Erlang's ``high_msgq_watermark``; 256 KiB.
-        low_msgq_watermark: ... below which it reads again; 128 KiB.
-        high_msgq_messages: the same bound counted in messages (resumes at half); 4096.
-        send_timeout: seconds a send may wait on a busy port before
-            :exc:`~ioserver.SendTimeoutError`; ``None`` (default) waits forever.
-        send_timeout_close: close the port when a send times out (Erlang's option).
-    """
-
-    active: Active
-    nodelay: bool
-    keepalive: bool
-    recbuf: int | None
-    sndbuf: int | None
-    packet: Any
-    packet_size: int
-    delimiter: bytes
-    high_watermark: int
-    low_watermark: int
-    high_msgq_watermark: int
-    low_msgq_watermark: int
-    high_msgq_messages: int
-    send_timeout: float | None
-    send_timeout_close: bool
-
-
-_PORT_DEFAULTS: dict[str, Any] = {
-    "active": True,
-    "nodelay": True,
-    "keepalive": False,
-    "recbuf": None,
-    "sndbuf": None,
-    "packet": "raw",
-    "packet_size": DEFAULT_PACKET_SIZE,
-    "delimiter": b"\n",
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
-    "send_timeout": None,
-    "send_timeout_close": False,
-}
-
-
-def port_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
-    """Validate ``given`` port options; return ``(active credit, all options)``.
-
-    Raises:
-        OptionError: an unknown option or a wrong value, naming it.
-    """
-    reject_unknown_options(given, _PORT_DEFAULTS, what)
-    options = {**_PORT_DEFAULTS, **given}
-    credit = parse_active(options["active"])
-    socket_options = {name: options[name] for name in _STREAM_OPTIONS}
-    _check_options(
-        {k: v for k, v in socket_options.items() if v is not None}, _STREAM_OPTIONS, what
-    )
-    flow = flow_options(**{name: options[name] for name in _FLOW_OPTIONS})
-    return credit, {**socket_options, **flow}
-
-
-_FLOW_OPTIONS = (
-    "packet",
-    "packet_size",
-    "delimiter",
-    "high_watermark",
-    "low_watermark",
-    "high_msgq_watermark",
-    "low_msgq_watermark",
-    "high_msgq_messages",
-    "send_timeout",
-    "send_timeout_close",
-)
-
-
 async def connect_tcp(
     server: IOServer, host: str, port: int, **options: Unpack[PortOptions]
 ) -> Port:
@@ -1149,7 +950,7 @@ async def listen_tcp(
     if reuseport is None:
         reuseport = WORKER_ENVIRONMENT in os.environ
     listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
-    _check_options(listen_options, _LISTEN_OPTIONS, "a TCP listener")
+    check_options(listen_options, LISTEN_OPTIONS, "a TCP listener")
     credit, settings = port_options(dict(options), "a TCP listener's ports")
     all_options: dict[str, Any] = {**listen_options, **settings, "active": credit}
     family, address = (await _resolve(host, port, passive=True))[0]

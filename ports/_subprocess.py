@@ -20,11 +20,11 @@ from typing import Any, Literal, Unpack
 from ioserver._exceptions import ClosedPortError, ConnectError, OptionError, errno_name
 from ioserver._iothread import STREAM, Conn
 from ioserver._messages import ExitStatus
+from ioserver._options import unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
 from ._port import Port, PortOptions
-from ._unix import _unix_options
 
 __all__ = ["ProcessPort", "open_process"]
 
@@ -227,7 +227,7 @@ async def open_process(
         or kill_grace < 0
     ):
         raise OptionError(f"kill_grace must be non-negative seconds, not {kill_grace!r}")
-    credit, settings = _unix_options(dict(options), "a process port")
+    credit, settings = unix_options(dict(options), "a process port")
     port = ProcessPort(server, credit, settings)
     port._argv = arguments
     stderr_port: Port | None = None

@@ -12,7 +12,7 @@ through the I/O thread's ``Handler`` dispatch.
 from __future__ import annotations
 
 import socket
-from typing import Any, TypedDict, Unpack, final
+from typing import Any, Unpack, final
 
 import anyio
 import anyio.abc
@@ -29,23 +29,15 @@ from ioserver._exceptions import (
     WouldBlock,
 )
 from ioserver._messages import Closed, Datagram, Message
+from ioserver._options import UDPOptions, udp_options
 from ioserver._server import IOServer
 
 from ._port import (
-    HIGH_MSGQ_MESSAGES,
-    HIGH_MSGQ_WATERMARK,
-    HIGH_WATERMARK,
-    LOW_MSGQ_WATERMARK,
-    LOW_WATERMARK,
-    Active,
     PortStatistics,
     _PortBase,
     _Request,
     _resolve,
     _to_bytes,
-    flow_options,
-    parse_active,
-    reject_unknown_options,
 )
 from ._source import Waiter
 
@@ -55,102 +47,6 @@ __all__ = ["UDPOptions", "UDPPort", "open_udp"]
 #: IPv6's header (40) is not counted in its payload length, so 65527 there.
 MAX_UDP_PAYLOAD_IPV4 = 65507
 MAX_UDP_PAYLOAD_IPV6 = 65527
-
-
-class UDPOptions(TypedDict, total=False):
-    """The options of :func:`open_udp`.  All are keyword-only and optional.
-
-    Attributes:
-        active: the active mode, as for TCP ports (``port.setopts(active=...)``,
-            as :meth:`ports.Port.setopts`); each
-            datagram counts as one message; default ``True``.
-        read_packets: datagrams read per readiness event, as Erlang's ``read_packets``;
-            more is faster under load, fewer is fairer to other ports; default 16.
-        max_datagram: bytes of the largest datagram received (the receive buffer); a
-            larger one is dropped and reported as :class:`~ioserver.Error` ``EMSGSIZE``;
-            default 65535 (any UDP datagram), 1..2**24.
-        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
-        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
-        reuseaddr: ``SO_REUSEADDR``; default ``False``.
-        reuseport: ``SO_REUSEPORT`` (several sockets share the port); default ``False``.
-        broadcast: ``SO_BROADCAST`` (send to broadcast addresses); default ``False``.
-        high_watermark: bytes of queued output above which the port is *busy* (``send``
-            waits, ``send_nowait`` raises ``WouldBlock``); 256 KiB.
-        low_watermark: bytes of queued output below which it is not busy any more; 128 KiB.
-        high_msgq_watermark: bytes delivered but not yet taken by the owner above which the
-            I/O thread stops reading (the kernel then drops datagrams); 256 KiB.
-        low_msgq_watermark: ... below which it reads again; 128 KiB.
-        high_msgq_messages: the same bound counted in datagrams (resumes at half); 4096.
-    """
-
-    active: Active
-    read_packets: int
-    max_datagram: int
-    recbuf: int | None
-    sndbuf: int | None
-    reuseaddr: bool
-    reuseport: bool
-    broadcast: bool
-    high_watermark: int
-    low_watermark: int
-    high_msgq_watermark: int
-    low_msgq_watermark: int
-    high_msgq_messages: int
-
-
-_UDP_DEFAULTS: dict[str, Any] = {
-    "active": True,
-    "read_packets": 16,
-    "max_datagram": 65535,
-    "recbuf": None,
-    "sndbuf": None,
-    "reuseaddr": False,
-    "reuseport": False,
-    "broadcast": False,
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
-}
-
-
-def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]]:
-    """Validate UDP options; return ``(active credit, all options)``.
-
-    Raises:
-        OptionError: an unknown option or a wrong value, naming it.
-    """
-    reject_unknown_options(given, _UDP_DEFAULTS, "a UDP port")
-    options = {**_UDP_DEFAULTS, **given}
-    credit = parse_active(options["active"])
-    for name, low, high in (
-        ("read_packets", 1, 1 << 16),
-        ("max_datagram", 1, 1 << 24),
-        ("recbuf", 1, (1 << 31) - 1),
-        ("sndbuf", 1, (1 << 31) - 1),
-    ):
-        value = options[name]
-        if value is None and name in ("recbuf", "sndbuf"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
-    for name in ("reuseaddr", "reuseport", "broadcast"):
-        if not isinstance(options[name], bool):
-            raise OptionError(f"{name} must be a bool, not {options[name]!r}")
-    flow_options(
-        packet="raw",
-        packet_size=1,
-        delimiter=b"\n",
-        high_watermark=options["high_watermark"],
-        low_watermark=options["low_watermark"],
-        high_msgq_watermark=options["high_msgq_watermark"],
-        low_msgq_watermark=options["low_msgq_watermark"],
-        high_msgq_messages=options["high_msgq_messages"],
-        send_timeout=None,
-        send_timeout_close=False,
-    )
-    return credit, options
 
 
 @final

@@ -14,22 +14,13 @@ from typing import Any, Unpack
 
 from ioserver._exceptions import OptionError
 from ioserver._iothread import Conn
+from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
 from ioserver._server import IOServer
 from ioserver._unix import cmd_listen_unix
 
-from ._port import (
-    _LISTEN_OPTIONS,
-    Listener,
-    Port,
-    PortOptions,
-    _check_options,
-    _Request,
-    port_options,
-)
+from ._port import Listener, Port, _Request
 
 __all__ = ["connect_unix", "listen_unix"]
-
-_NOT_FOR_UNIX = ("nodelay", "keepalive")
 
 
 def _check_path(path: Any) -> str | bytes:
@@ -42,15 +33,6 @@ def _check_path(path: Any) -> str | bytes:
     if size > limit:
         raise OptionError(f"the Unix socket path is {size} bytes long; the limit is {limit}")
     return path
-
-
-def _unix_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
-    for name in _NOT_FOR_UNIX:
-        if name in given:
-            raise OptionError(f"{name} is a TCP option; a Unix socket has no such setting")
-    credit, settings = port_options(given, what)
-    settings["nodelay"] = False
-    return credit, settings
 
 
 async def connect_unix(
@@ -78,7 +60,7 @@ async def connect_unix(
     """
     hub = server._check_open("ports.connect_unix")
     address = _check_path(path)
-    credit, settings = _unix_options(dict(options), "a Unix socket port")
+    credit, settings = unix_options(dict(options), "a Unix socket port")
     io = server._io
     port = Port(server, credit, settings)
     request = _Request(io, hub)
@@ -128,8 +110,8 @@ async def listen_unix(
     """
     hub = server._check_open("ports.listen_unix")
     address = _check_path(path)
-    _check_options({"backlog": backlog}, _LISTEN_OPTIONS, "a Unix socket listener")
-    credit, settings = _unix_options(dict(options), "a Unix socket listener's ports")
+    check_options({"backlog": backlog}, LISTEN_OPTIONS, "a Unix socket listener")
+    credit, settings = unix_options(dict(options), "a Unix socket listener's ports")
     all_options: dict[str, Any] = {"backlog": backlog, **settings, "active": credit}
     listener = Listener(server, (-1, False))
     io = server._io
