@@ -64,7 +64,7 @@ import zmq
 
 from . import _protocol as P
 from ._exceptions import ConnectError, OptionError
-from ._framing import make_framer
+from ._framing import port_framer
 from ._iothread import CONNECTING, LISTENER, STREAM, Conn, Handler, IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
 from ._options import LISTEN_OPTIONS, check_options, port_options
@@ -146,14 +146,7 @@ class RemotePortState:
     def __init__(self, session: Session, pid: int, options: dict[str, Any]) -> None:
         self.session = session
         self.pid = pid
-        packet = options.get("packet", "raw")
-        self._framer = (
-            None
-            if packet in ("raw", 0)
-            else make_framer(
-                packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
-            )
-        )
+        self._framer = port_framer(options)
         self._sizes: deque[int] | None = (
             deque() if self._framer is not None and self._framer.decodes_objects else None
         )

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from ._exceptions import IOServerError, OptionError
+from ._exceptions import FrameError, OptionError, PacketTooLarge
 
 __all__ = [
     "FrameError",
@@ -47,31 +47,11 @@ __all__ = [
     "RespFramer",
     "encode_resp",
     "make_framer",
+    "port_framer",
 ]
 
 #: The default cap on one message: 64 MiB.
 DEFAULT_PACKET_SIZE = 64 * 1024 * 1024
-
-
-class FrameError(IOServerError, ValueError):
-    """The peer sent bytes that do not frame as the port's packet mode says.
-
-    Delivered to the port's owner in the :class:`~ioserver.Closed` message that ends the
-    port (the I/O thread raises it only inside the framer).
-    """
-
-
-class PacketTooLarge(FrameError):
-    """A message is larger than the port's ``packet_size``.
-
-    ``limit`` is the cap and ``size`` the size the peer announced (a length header) or
-    reached (a line or msgpack object still growing), both in bytes.
-    """
-
-    def __init__(self, limit: int, size: int, what: str = "packet") -> None:
-        super().__init__(f"{what} of {size} bytes exceeds packet_size={limit}")
-        self.limit = limit
-        self.size = size
 
 
 class Framer:
@@ -797,3 +777,15 @@ def make_framer(
     if packet == "resp":
         return RespFramer(packet_size)
     raise OptionError(f"packet must be 'raw', 1, 2, 4, 'line', 'msgpack' or 'resp', not {packet!r}")
+
+
+def port_framer(options: dict[str, Any]) -> Framer | None:
+    """The framer the I/O thread runs for a stream port with these options (as
+    :func:`~._options.port_options` validated them), or ``None`` for ``packet="raw"``:
+    then each read is delivered as it comes, without a framer (the hot path), and a
+    message is charged its ``len()``.  The local port and the daemon's remote port state
+    both make theirs here."""
+    packet = options.get("packet", "raw")
+    if packet in ("raw", 0):
+        return None
+    return make_framer(packet, packet_size=options["packet_size"], delimiter=options["delimiter"])

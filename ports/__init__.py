@@ -39,6 +39,9 @@ from ioserver._exceptions import (
     EndOfPort as EndOfPort,
 )
 from ioserver._exceptions import (
+    FrameError as FrameError,
+)
+from ioserver._exceptions import (
     IOServerError as IOServerError,
 )
 from ioserver._exceptions import (
@@ -46,6 +49,9 @@ from ioserver._exceptions import (
 )
 from ioserver._exceptions import (
     OptionError as OptionError,
+)
+from ioserver._exceptions import (
+    PacketTooLarge as PacketTooLarge,
 )
 from ioserver._exceptions import (
     SendTimeoutError as SendTimeoutError,
@@ -155,6 +161,7 @@ __all__ = [
     "ExitReason",
     "ExitStatus",
     "FlowOptions",
+    "FrameError",
     "IOServerError",
     "Listener",
     "Mailbox",
@@ -165,6 +172,7 @@ __all__ = [
     "MonitorRef",
     "NotSupportedError",
     "OptionError",
+    "PacketTooLarge",
     "Passive",
     "Port",
     "PortOptions",

@@ -36,7 +36,7 @@ from ioserver._exceptions import (
     SendTimeoutError,
     WouldBlock,
 )
-from ioserver._framing import Framer, make_framer
+from ioserver._framing import Framer, port_framer
 from ioserver._iothread import Conn, IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
@@ -561,14 +561,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         super().__init__(server, active)
         self._broken: str | None = None
         self._eof_sent = False
-        packet = options["packet"]
-        self._framer: Framer | None = (
-            None
-            if packet in ("raw", 0)
-            else make_framer(
-                packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
-            )
-        )
+        self._framer: Framer | None = port_framer(options)
         if self._framer is not None and self._framer.decodes_objects:
             self._sizes = deque()  # decoded messages: charged their wire size
         # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.

@@ -412,7 +412,7 @@ class Client(Generic[Request, Reply]):
             ioserver.ClosedPortError: the client is closed (or was never entered).
             ioserver.BrokenPortError: the connection ended or broke; calls in flight then raise it
                 too.
-            PacketTooLarge: the request's frame exceeds the port's ``packet_size``.
+            ioserver.PacketTooLarge: the request's frame exceeds the port's ``packet_size``.
         """
         if self._closed_error is not None or self._task_group is None:
             error, message = self._closed_error or (

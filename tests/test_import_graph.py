@@ -110,3 +110,23 @@ def test_no_import_circle() -> None:
         if name not in state:
             visit(name, [])
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+_MODE_NAMES = {"raw", "line", "msgpack", "resp"}
+# Where a packet mode's name may be compared: the framing module, which maps names to
+# framers, and typed RPC, which accepts only some modes.  Anything else asks the framer
+# (``Framer.decodes_objects``, ``port_framer``), so that the modes' rules live in one place.
+_MAY_NAME_MODES = {"ioserver._framing", "ports._rpc"}
+
+
+def test_only_the_framing_module_keys_on_packet_mode_names() -> None:
+    found = []
+    for name, path in _modules().items():
+        if name in _MAY_NAME_MODES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                for constant in ast.walk(node):
+                    if isinstance(constant, ast.Constant) and constant.value in _MODE_NAMES:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, f"packet modes compared by name: {found}"
