@@ -44,6 +44,7 @@ from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
 from ioserver._iothread import IOThread
 from ioserver._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ioserver._protocol import ProtocolViolation
+from ioserver._requests import ConnectRequest, ListenRequest
 from ioserver._zmq import ZmqSocketHandler
 
 from ._exceptions import ProtocolError
@@ -229,9 +230,15 @@ class RemoteIO(ZmqSocketHandler):
         outbound.append(message)
         self.out_size += size
 
-    def _open(self, request: Any, spec: tuple[Any, ...], opcode: int) -> None:
-        port, deliver, family, address, options = spec[:5]
-        credit, notify = spec[5]
+    def _open(self, request: Any, spec: ConnectRequest | ListenRequest, opcode: int) -> None:
+        port, deliver, family, address, options = (
+            spec.port,
+            spec.deliver,
+            spec.family,
+            spec.address,
+            spec.options,
+        )
+        credit, notify = spec.active
         if self.lost or self.closed:
             deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
             return
@@ -242,8 +249,8 @@ class RemoteIO(ZmqSocketHandler):
         wire = {name: value for name, value in options.items() if name != "active"}
         conn = RemoteConn(pid, port, deliver, options)
         conn.sizes = port._sizes  # the port's framer decides (Framer.decodes_objects)
-        if opcode == P.LISTEN:
-            conn.make_port = spec[6]
+        if isinstance(spec, ListenRequest):
+            conn.make_port = spec.make_port
             conn.accept_options = options
             accept_credit, accept_notify = options["active"]
             wire["accept_active"] = [accept_credit, accept_notify]
@@ -253,10 +260,10 @@ class RemoteIO(ZmqSocketHandler):
             [opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify], 1024
         )
 
-    def cmd_connect(self, request: Any, spec: tuple[Any, ...]) -> None:
+    def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
         self._open(request, spec, P.CONNECT)
 
-    def cmd_listen(self, request: Any, spec: tuple[Any, ...]) -> None:
+    def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
         self._open(request, spec, P.LISTEN)
 
     def cmd_send(self, conn: RemoteConn, data: bytes) -> None:

@@ -57,7 +57,7 @@ import socket
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
@@ -69,6 +69,7 @@ from ._iothread import CONNECTING, LISTENER, STREAM, Conn, Handler, IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
 from ._options import LISTEN_OPTIONS, check_options, port_options
 from ._protocol import ProtocolViolation
+from ._requests import ConnectRequest, ListenRequest
 from ._zmq import ZmqSocketHandler
 
 log = logging.getLogger("ioserver")
@@ -574,7 +575,7 @@ class ControlEndpoint(ZmqSocketHandler):
         return cache[1]
 
     # -- host names: resolved by worker threads, never by the I/O thread -----------------
-    def resolve(self, request: _Request, spec: tuple[Any, ...], listen: bool) -> None:
+    def resolve(self, request: _Request, spec: ConnectRequest | ListenRequest) -> None:
         """Resolve the address of a CONNECT or LISTEN off the I/O thread, then open it.
 
         Raises:
@@ -590,11 +591,11 @@ class ControlEndpoint(ZmqSocketHandler):
         if self._resolver is None:
             self._resolver = ThreadPoolExecutor(4, thread_name_prefix="ioserver-resolve")
         self._resolving += 1
-        self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec, listen))
+        self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec))
 
-    def _resolved(self, job: tuple[_Request, tuple[Any, ...], bool], result: Any) -> None:
+    def _resolved(self, job: tuple[_Request, ConnectRequest | ListenRequest], result: Any) -> None:
         self._resolving -= 1
-        request, spec, listen = job
+        request, spec = job
         state = request.state
         session = state.session
         if session.closed or session.ports.get(state.pid) is not state:
@@ -603,11 +604,10 @@ class ControlEndpoint(ZmqSocketHandler):
             session._answer(request, result)
             return
         self.names_resolved += 1
-        spec = (*spec[:3], result, *spec[4:])
-        if listen:
-            self.io.cmd_listen(request, spec)
+        if isinstance(spec, ListenRequest):
+            self.io.cmd_listen(request, replace(spec, address=result))
         else:
-            self.io.cmd_connect(request, spec)
+            self.io.cmd_connect(request, replace(spec, address=result))
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -762,12 +762,12 @@ def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any])
     settings, _ = _open_options(session, rid, message[2], message[5], listen=False)
     active = _credit(message, 6)
     state = RemotePortState(session, message[2], settings)
-    spec = (state, session.deliver, family, address, settings, active)
+    spec = ConnectRequest(state, session.deliver, family, address, settings, active)
     if P.is_numeric_host(family, address[0]):
         session.ports[state.pid] = state
         control.io.cmd_connect(_Request(rid, state), spec)
     else:
-        control.resolve(_Request(rid, state), spec, listen=False)
+        control.resolve(_Request(rid, state), spec)
         session.ports[state.pid] = state
 
 
@@ -789,12 +789,14 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
             conn.queue_paused = True  # its first read waits for the session's queue
         return accepted
 
-    spec = (state, session.deliver, family, address, {**extra, **settings}, active, make_port)
+    spec = ListenRequest(
+        state, session.deliver, family, address, {**extra, **settings}, active, make_port
+    )
     if P.is_numeric_host(family, address[0]):
         session.ports[state.pid] = state
         control.io.cmd_listen(_Request(rid, state), spec)
     else:
-        control.resolve(_Request(rid, state), spec, listen=True)
+        control.resolve(_Request(rid, state), spec)
         session.ports[state.pid] = state
 
 
@@ -896,11 +898,14 @@ _COMMANDS: dict[int, Any] = {
 }
 
 
-def _resolve_name(io: IOThread, done: Any, job: tuple[_Request, tuple[Any, ...], bool]) -> None:
+def _resolve_name(
+    io: IOThread, done: Any, job: tuple[_Request, ConnectRequest | ListenRequest]
+) -> None:
     """In a worker thread: the address of a CONNECT or LISTEN given by name, then
     ``done(job, sockaddr or ConnectError)`` on the I/O thread."""
-    _, spec, listen = job
-    family, (host, port, *_) = spec[2], spec[3]
+    _, spec = job
+    listen = isinstance(spec, ListenRequest)
+    family, (host, port, *_) = spec.family, spec.address
     result: Any
     try:
         infos = socket.getaddrinfo(

@@ -46,6 +46,7 @@ from ._exceptions import ConnectError, errno_name
 from ._iothread import READ_SIZE, IOThread, ReceivingHandler
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._poller import ERROR, READ, WRITE
+from ._requests import UDPRequest
 
 __all__ = ["DatagramHandler", "cmd_open_udp"]
 
@@ -282,10 +283,17 @@ class DatagramHandler(ReceivingHandler):
         self.outq.clear()
 
 
-def cmd_open_udp(request: Any, spec: tuple[Any, ...]) -> None:
+def cmd_open_udp(io: IOThread, request: Any, spec: UDPRequest) -> None:
     """Create, bind and connect a UDP socket on the I/O thread; answer ``request`` with
     ``(handler, local_address, remote_address)`` or the exception."""
-    io, port, deliver, family, bind, connect, options, active = spec
+    port, deliver, family, bind, connect = (
+        spec.port,
+        spec.deliver,
+        spec.family,
+        spec.bind,
+        spec.connect,
+    )
+    options, active = spec.options, spec.active
     sock = None
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)

@@ -84,6 +84,7 @@ from ._framing import FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
+from ._requests import ConnectRequest, ListenRequest
 from ._wakeup import WakeupQueue
 
 __all__ = ["Conn", "IOThread", "raise_open_file_limit"]
@@ -1457,8 +1458,9 @@ class IOThread:
             self._interest(conn, READ)
 
     # -- connect ------------------------------------------------------------------------
-    def cmd_connect(self, request: Any, spec: tuple[Any, ...]) -> None:
-        port, deliver, family, address, options, active = spec
+    def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
+        port, deliver, family, address = spec.port, spec.deliver, spec.family, spec.address
+        options, active = spec.options, spec.active
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -1506,8 +1508,9 @@ class IOThread:
         self._close(conn)
 
     # -- listen and accept --------------------------------------------------------------
-    def cmd_listen(self, request: Any, spec: tuple[Any, ...]) -> None:
-        port, deliver, family, address, options, active, make_port = spec
+    def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
+        port, deliver, family, address = spec.port, spec.deliver, spec.family, spec.address
+        options, active, make_port = spec.options, spec.active, spec.make_port
         sock = None
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)

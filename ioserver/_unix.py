@@ -34,6 +34,7 @@ from typing import Any
 from ._exceptions import ConnectError, errno_name
 from ._iothread import LISTENER, Conn, IOThread
 from ._poller import READ
+from ._requests import ListenRequest
 
 __all__ = ["cmd_listen_unix", "is_abstract", "remove_stale_socket_file"]
 
@@ -107,11 +108,12 @@ def remove_stale_socket_file(path: str | bytes) -> None:
             pass
 
 
-def cmd_listen_unix(request: Any, spec: tuple[Any, ...]) -> None:
+def cmd_listen_unix(io: IOThread, request: Any, spec: ListenRequest) -> None:
     """Listen on a Unix path on the I/O thread: answer ``request`` with
-    ``(listener conn, path, None)`` or a :class:`ConnectError`."""
-    io, port, deliver, path, options, active, make_port = spec
-    assert isinstance(io, IOThread)
+    ``(listener conn, path, None)`` or a :class:`ConnectError`.  Queued bound to its
+    ``io`` (``functools.partial``), as ``IOThread.cmd_listen`` is bound to its own."""
+    port, deliver, path = spec.port, spec.deliver, spec.address
+    options, active, make_port = spec.options, spec.active, spec.make_port
     sock = None
     try:
         remove_stale_socket_file(path)

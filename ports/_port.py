@@ -48,6 +48,7 @@ from ioserver._options import (
     parse_active,
     port_options,
 )
+from ioserver._requests import ConnectRequest, ListenRequest
 from ioserver._server import IOServer
 
 from ._mailbox import Mailbox
@@ -892,7 +893,9 @@ async def connect_tcp(
         result_port = Port(server, credit, settings)
         request = _Request(io, hub)
         io.submit(
-            io.cmd_connect, request, (result_port, hub.deliver, family, address, settings, credit)
+            io.cmd_connect,
+            request,
+            ConnectRequest(result_port, hub.deliver, family, address, settings, credit),
         )
         result = await request.wait()
         if isinstance(result, BaseException):
@@ -962,7 +965,7 @@ async def listen_tcp(
     io.submit(
         io.cmd_listen,
         request,
-        (listener, hub.deliver, family, address, all_options, (-1, False), make_port),
+        ListenRequest(listener, hub.deliver, family, address, all_options, (-1, False), make_port),
     )
     result = await request.wait()
     if isinstance(result, BaseException):

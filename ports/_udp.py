@@ -12,6 +12,7 @@ through the I/O thread's ``Handler`` dispatch.
 from __future__ import annotations
 
 import socket
+from functools import partial
 from typing import Any, Unpack, final
 
 import anyio
@@ -30,6 +31,7 @@ from ioserver._exceptions import (
 )
 from ioserver._messages import Closed, Datagram, Message
 from ioserver._options import UDPOptions, udp_options
+from ioserver._requests import UDPRequest
 from ioserver._server import IOServer
 
 from ._port import (
@@ -393,7 +395,9 @@ async def open_udp(
     io = server._io
     request = _Request(io, hub)
     io.submit(
-        cmd_open_udp, request, (io, port, hub.deliver, family, local, remote, settings, credit)
+        partial(cmd_open_udp, io),
+        request,
+        UDPRequest(port, hub.deliver, family, local, remote, settings, credit),
     )
     result = await request.wait()
     if isinstance(result, BaseException):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from typing import Any, Unpack
 
 from ioserver._exceptions import OptionError
 from ioserver._iothread import Conn
 from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
+from ioserver._requests import ConnectRequest, ListenRequest
 from ioserver._server import IOServer
 from ioserver._unix import cmd_listen_unix
 
@@ -65,7 +67,9 @@ async def connect_unix(
     port = Port(server, credit, settings)
     request = _Request(io, hub)
     io.submit(
-        io.cmd_connect, request, (port, hub.deliver, socket.AF_UNIX, address, settings, credit)
+        io.cmd_connect,
+        request,
+        ConnectRequest(port, hub.deliver, socket.AF_UNIX, address, settings, credit),
     )
     result = await request.wait()
     if isinstance(result, BaseException):
@@ -126,9 +130,11 @@ async def listen_unix(
 
     request = _Request(io, hub)
     io.submit(
-        cmd_listen_unix,
+        partial(cmd_listen_unix, io),
         request,
-        (io, listener, hub.deliver, address, all_options, (-1, False), make_port),
+        ListenRequest(
+            listener, hub.deliver, socket.AF_UNIX, address, all_options, (-1, False), make_port
+        ),
     )
     result = await request.wait()
     if isinstance(result, BaseException):
