@@ -40,11 +40,12 @@ import zmq
 
 from ioserver import _ipc
 from ioserver import _protocol as P
+from ioserver._contract import ConnectRequest, Deliver, ListenRequest, LoopHalf, MakePort
 from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
+from ioserver._flow import NO_LIMIT, ReceiveFlow
 from ioserver._iothread import IOThread
 from ioserver._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ioserver._protocol import ProtocolViolation
-from ioserver._requests import ConnectRequest, ListenRequest
 from ioserver._zmq import ZmqSocketHandler
 
 from ._exceptions import ProtocolError
@@ -57,8 +58,10 @@ LOST = Closed("ioserver daemon lost", "ECONNABORTED")
 CLIENT_CLOSED = Closed("ioserver closed", "ESHUTDOWN")  # as local ports at shutdown
 
 
-class RemoteConn:
-    """The client's view of the daemon's half of one port (the counters a port reads)."""
+class RemoteConn(ReceiveFlow):
+    """The client's view of the daemon's half of one port: an I/O half (the counters a
+    port reads, see ioserver._contract) whose receive flow control (ioserver._flow) is
+    fed by the daemon's DATA and PAUSED, with the port's window."""
 
     __slots__ = (
         "accept_options",
@@ -66,23 +69,18 @@ class RemoteConn:
         "bytes_out",
         "closed",
         "deliver",
-        "delivered_bytes",
-        "delivered_messages",
-        "low_msgq",
-        "low_msgq_messages",
         "make_port",
         "out_bytes",
         "packets_too_large",
-        "pause_generation",
-        "pauses",
-        "peak_buffered",
         "pid",
         "port",
         "send_low",
         "sizes",
     )
 
-    def __init__(self, pid: int, port: Any, deliver: Any, options: dict[str, Any]) -> None:
+    def __init__(
+        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: dict[str, Any]
+    ) -> None:
         self.pid = pid
         self.port = port
         self.deliver = deliver
@@ -90,18 +88,22 @@ class RemoteConn:
         self.bytes_in = 0
         self.bytes_out = 0
         self.out_bytes = 0
-        self.delivered_bytes = 0
-        self.delivered_messages = 0
-        self.low_msgq = options.get("low_msgq_watermark", 1 << 62)
-        self.low_msgq_messages = options.get("high_msgq_messages", 1 << 62) // 2
+        self.init_flow(None if port is None else port._window)
+        self.low_msgq = options.get("low_msgq_watermark", NO_LIMIT)
+        self.low_msgq_messages = options.get("high_msgq_messages", NO_LIMIT) // 2
         self.send_low = options.get("low_watermark", 0)
-        self.pause_generation = 0
-        self.pauses = 0
-        self.peak_buffered = 0
         self.packets_too_large = 0
-        self.sizes: deque[int] | None = None
-        self.make_port: Any = None
+        #: The port's window's sizes (ioserver._flow), for DATA of decoded objects.
+        self.sizes: deque[int] | None = None if port is None else port._window.sizes
+        self.make_port: MakePort | None = None
         self.accept_options: dict[str, Any] = {}
+
+    def adopt(self, port: LoopHalf) -> None:
+        """The loop half of an accepted connection was made: deliver to it, and share
+        its window."""
+        self.port = port
+        self.window = port._window
+        self.sizes = port._window.sizes
 
 
 class _Pending:
@@ -248,7 +250,6 @@ class RemoteIO(ZmqSocketHandler):
         self.next_rid += 1
         wire = {name: value for name, value in options.items() if name != "active"}
         conn = RemoteConn(pid, port, deliver, options)
-        conn.sizes = port._sizes  # the port's framer decides (Framer.decodes_objects)
         if isinstance(spec, ListenRequest):
             conn.make_port = spec.make_port
             conn.accept_options = options
@@ -299,9 +300,9 @@ class RemoteIO(ZmqSocketHandler):
 
     def cmd_resume(self, conn: RemoteConn, generation: int) -> None:
         if not conn.closed:
-            port = conn.port
+            window = conn.window
             self._emit(
-                [P.RESUME, conn.pid, generation, port._consumed_bytes, port._consumed_messages]
+                [P.RESUME, conn.pid, generation, window.consumed_bytes, window.consumed_messages]
             )
 
     def cmd_status(self, request: Any, deliver: Any) -> None:
@@ -527,8 +528,7 @@ class RemoteIO(ZmqSocketHandler):
         self.table[pid] = conn
         address = P.from_wire_address(remote)
         port = listener.make_port(conn, P.from_wire_address(local), address)
-        conn.port = port
-        conn.sizes = port._sizes
+        conn.adopt(port)
         conn.deliver((listener.port, Accepted(port, address)))
 
     def _closed(self, message: list[Any]) -> None:
@@ -554,9 +554,9 @@ class RemoteIO(ZmqSocketHandler):
         if conn is None:
             return
         conn.bytes_out = P.check_int(message[2], "bytes_out", 0)
-        port = conn.port
-        if port._send_blocked and port._queued_bytes - conn.bytes_out <= conn.send_low:
-            conn.deliver((port, WRITABLE))
+        window = conn.window
+        if window.send_blocked and window.queued_bytes - conn.bytes_out <= conn.send_low:
+            conn.deliver((conn.port, WRITABLE))
 
     def _paused(self, message: list[Any]) -> None:
         conn = self._conn(message[1])
@@ -565,11 +565,7 @@ class RemoteIO(ZmqSocketHandler):
         generation = P.check_int(message[2], "generation", 0)
         conn.pauses += 1
         conn.pause_generation = generation  # written before the counters are read
-        port = conn.port
-        if (
-            conn.delivered_bytes - port._consumed_bytes <= conn.low_msgq
-            and conn.delivered_messages - port._consumed_messages <= conn.low_msgq_messages
-        ):
+        if conn.drained():  # step 1's re-check, done here for the daemon (ioserver._flow)
             self.cmd_resume(conn, generation)
 
     def _gone(self, message: list[Any]) -> None:

@@ -11,15 +11,17 @@ every event of a round for one client leaves in one frame at the end of that rou
 event loop stands between a client and its sockets.
 
 The daemon keeps, for each client port, a :class:`RemotePortState`: it stands where a
-``Port`` stands for the I/O thread (``conn.port``), with the counters the flow control
-reads, updated from the client's messages:
+``Port`` stands for the I/O thread (``conn.port``: a loop half, see ioserver._contract),
+with the flow-control window the I/O thread reads, updated from the client's messages:
 
-- receive flow control: ``_consumed_*`` are what the client's owner took, as the client
-  last reported them (RESUME).  When the delivered bytes pass the high watermark, the
-  I/O thread pauses reading as for a local port and tells the client (PAUSED); the
-  client answers RESUME once its owner has taken enough - the same generation handshake.
-- send flow control: ``_queued_bytes`` counts what the client sent; the I/O thread
-  reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port.
+- receive flow control: the window's ``consumed_*`` are what the client's owner took, as
+  the client last reported them (RESUME, checked by ``Window.credit_remote``).  When the
+  delivered bytes pass the high watermark, the I/O thread pauses reading as for a local
+  port and tells the client (PAUSED, through ``window.on_pause``); the client answers
+  RESUME once its owner has taken enough - the same generation handshake (ioserver._flow).
+- send flow control: the window's ``queued_bytes`` counts what the client sent; the I/O
+  thread reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port
+  (``send_blocked``: more sent than written and reported, beyond the low watermark).
 
 A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
 its WELCOME, which every later frame must carry (a peer that takes over an orphaned
@@ -63,13 +65,14 @@ from typing import Any
 import zmq
 
 from . import _protocol as P
+from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, OptionError
+from ._flow import Window
 from ._framing import port_framer
 from ._iothread import CONNECTING, LISTENER, STREAM, Conn, Handler, IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
 from ._options import LISTEN_OPTIONS, check_options, port_options
 from ._protocol import ProtocolViolation
-from ._requests import ConnectRequest, ListenRequest
 from ._zmq import ZmqSocketHandler
 
 log = logging.getLogger("ioserver")
@@ -129,14 +132,9 @@ class _Budget:
 class RemotePortState:
     """The daemon's stand-in for a client's port (see the module docstring)."""
 
-    _remote = True
     __slots__ = (
-        "_consumed_bytes",
-        "_consumed_messages",
-        "_framer",
-        "_queued_bytes",
-        "_sizes",
         "_unsent",
+        "_window",
         "conn",
         "low_watermark",
         "pid",
@@ -147,22 +145,19 @@ class RemotePortState:
     def __init__(self, session: Session, pid: int, options: dict[str, Any]) -> None:
         self.session = session
         self.pid = pid
-        self._framer = port_framer(options)
-        self._sizes: deque[int] | None = (
-            deque() if self._framer is not None and self._framer.decodes_objects else None
-        )
-        self._consumed_bytes = 0
-        self._consumed_messages = 0
-        self._queued_bytes = 0
+        window = self._window = Window(port_framer(options))
+        window.on_pause = self._paused
+        window.on_gone = self._gone
         self._unsent = 0  # bytes of its DATA queued in the session, not yet taken by ZeroMQ
         self.reported_bytes_out = 0
         self.low_watermark = options.get("low_watermark", 0)
         self.conn: Conn | None = None
 
-    @property
-    def _send_blocked(self) -> bool:
-        # The client may think the port busy: report bytes_out when it drains (WRITTEN).
-        return bool(self._queued_bytes - self.reported_bytes_out > self.low_watermark)
+    def _update_send_blocked(self) -> None:
+        """The client may think the port busy: have the I/O thread report ``bytes_out``
+        when it drains (WRITTEN).  Called whenever what it sent or was told changes."""
+        window = self._window
+        window.send_blocked = window.queued_bytes - self.reported_bytes_out > self.low_watermark
 
     def _paused(self, generation: int) -> None:
         self.session.emit([P.PAUSED, self.pid, generation])
@@ -221,7 +216,7 @@ class Session:
         target, message = pair
         cls = message.__class__
         if cls is Data:
-            sizes = target._sizes
+            sizes = target._window.sizes
             if sizes is None:
                 data = message.data
                 size = len(data)
@@ -243,6 +238,7 @@ class Session:
             conn = target.conn
             if conn is not None:
                 target.reported_bytes_out = conn.bytes_out
+                target._update_send_blocked()
                 self.emit([P.WRITTEN, target.pid, conn.bytes_out])
         elif cls is Closed:
             self.emit([P.CLOSED, target.pid, message.reason, message.errno_name])
@@ -714,6 +710,13 @@ def _port(session: Session, pid: Any) -> RemotePortState:
     return state
 
 
+def _conn(state: RemotePortState) -> Conn:
+    """The I/O half of a port :func:`_port` found open."""
+    conn = state.conn
+    assert conn is not None
+    return conn
+
+
 def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) -> Any:
 
     if not P.is_int(pid) or pid <= 0:
@@ -814,30 +817,33 @@ def _cmd_send(control: ControlEndpoint, session: Session, message: list[Any]) ->
     data = message[2]
     if not isinstance(data, bytes):
         raise ProtocolViolation("malformed", "SEND data must be bytes")
-    state._queued_bytes += len(data)
+    state._window.queued_bytes += len(data)
+    state._update_send_blocked()
     control.budget.queued_bytes += len(data)
-    control.io.cmd_send(state.conn, data)  # type: ignore[arg-type]
+    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
+    assert conn is not None
+    control.io.cmd_send(conn, data)
 
 
 def _cmd_send_eof(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 2, "[21, pid]")
-    control.io.cmd_send_eof(_port(session, message[1]).conn, None)  # type: ignore[arg-type]
+    control.io.cmd_send_eof(_conn(_port(session, message[1])), None)
 
 
 def _cmd_close(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 2, "[22, pid]")
-    control.io.cmd_close(_port(session, message[1]).conn, None)  # type: ignore[arg-type]
+    control.io.cmd_close(_conn(_port(session, message[1])), None)
 
 
 def _cmd_active(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 4, "[23, pid, credit, notify]")
     state = _port(session, message[1])
-    control.io.cmd_set_active(state.conn, _credit(message, 2))  # type: ignore[arg-type]
+    control.io.cmd_set_active(_conn(state), _credit(message, 2))
 
 
 def _cmd_read_once(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 2, "[24, pid]")
-    control.io.cmd_read_once(_port(session, message[1]).conn, None)  # type: ignore[arg-type]
+    control.io.cmd_read_once(_conn(_port(session, message[1])), None)
 
 
 def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
@@ -850,11 +856,7 @@ def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) 
     # what is still queued here for it: a client that does not read stays paused.
     conn = state.conn
     assert conn is not None
-    given = conn.delivered_bytes - state._unsent
-    state._consumed_bytes = max(state._consumed_bytes, min(consumed_bytes, given))
-    state._consumed_messages = max(
-        state._consumed_messages, min(consumed_messages, conn.delivered_messages)
-    )
+    state._window.credit_remote(consumed_bytes, consumed_messages, conn, state._unsent)
     control.io.cmd_resume(conn, generation)
 
 

@@ -18,12 +18,12 @@ methods ``close``, ``set_active``, ``read_once`` and ``resume``; sends come as
   dropped and reported as :class:`~._messages.Error` ``EMSGSIZE``; an ICMP error reported on
   the socket (``ECONNREFUSED`` on a connected socket...) is an ``Error`` too.  Neither
   closes the port: UDP is connectionless, so the next datagram may be fine.
-* **Receive flow control** is the TCP ports' (see ``IOThread._check_msgq``): ``delivered_*``
-  count what this thread handed to the port, the port's ``_consumed_*`` what its owner
-  took; past the high watermark the handler stops reading (the kernel then drops
+* **Receive flow control** is the TCP ports' (``ioserver._flow``): ``delivered_*``
+  count what this thread handed to the port, the port's window's ``consumed_*`` what its
+  owner took; past the high watermark the handler stops reading (the kernel then drops
   datagrams: UDP has no other backpressure) until the owner drains below the low one.
   Active modes count datagrams as TCP ports count packets.  The global memory budget
-  applies as to streams (see ``ioserver._iothread``): ordinary reads stop short of its
+  applies as to streams (see ``ioserver._flow``): ordinary reads stop short of its
   reserve, a port whose owner waits may read into it, no read may pass the limit, and a
   paused handler looks again every few milliseconds (``IOThread.budget_resumes``).
 * **Sending** never blocks the thread: ``cmd_send`` queues ``(data, address)`` and the end
@@ -42,11 +42,11 @@ import socket
 from collections import deque
 from typing import Any
 
+from ._contract import Deliver, LoopHalf, UDPRequest
 from ._exceptions import ConnectError, errno_name
 from ._iothread import READ_SIZE, IOThread, ReceivingHandler
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._poller import ERROR, READ, WRITE
-from ._requests import UDPRequest
 
 __all__ = ["DatagramHandler", "cmd_open_udp"]
 
@@ -63,8 +63,8 @@ class DatagramHandler(ReceivingHandler):
         self,
         io: IOThread,
         sock: socket.socket,
-        port: Any,
-        deliver: Any,
+        port: LoopHalf,
+        deliver: Deliver,
         options: dict[str, Any],
         active: tuple[int, bool],
     ) -> None:
@@ -176,7 +176,7 @@ class DatagramHandler(ReceivingHandler):
                     if self.notify_passive:
                         deliver((port, PASSIVE))
                     break
-            if self._over_high_msgq():
+            if self.over_high():
                 self._pause_msgq()
                 break
         self.bytes_in += received
@@ -243,9 +243,9 @@ class DatagramHandler(ReceivingHandler):
             self.datagrams_out += 1
         self.bytes_out += sent_bytes
         io.bytes_out += sent_bytes
-        port = self.port
-        if port._send_blocked and port._queued_bytes - self.out_done <= self.send_low:
-            self.deliver((port, WRITABLE))
+        window = self.window
+        if window.send_blocked and window.queued_bytes - self.out_done <= self.send_low:
+            self.deliver((self.port, WRITABLE))
         if (self.mask & WRITE) != (WRITE if outq else 0):
             self._update_interest()
 

@@ -32,36 +32,14 @@ port with a :class:`~._messages.Closed` message naming the error, and the thread
 
 Receive flow control
 --------------------
-Three things decide whether a stream's socket is read, each on its own (``_stream_interest``):
-
-*The active credit* (Erlang's ``{active, ...}``): -1 reads freely, 0 not at all, N > 0 lets
-N more **packets** through.  A framed read can decode several packets; those beyond the
-credit are *held* in the ``Conn`` (``held``, charged to the budget as framing bytes) and
-the socket is not read while any is held.  A grant - ``cmd_set_active`` or a passive
-``receive`` (``cmd_read_once``) - delivers held packets first, as far as its credit goes,
-and only then reads again; so an EOF or error read later comes after them, as in Erlang.
-
-*The port's watermarks* (``high_msgq_watermark``...): delivered and not yet taken above
-high stops this socket until the owner has taken it down to low (``_pause_msgq``, and the
-generation handshake with the port's ``_maybe_resume``).
-
-*The global budget* (``memory_limit``, ``L``): once a round, ``_memory_check`` computes the
-headroom ``L - memory_in_use()``.  It is split in two.  An ordinary read needs a whole read
-(64 KiB) of headroom **plus the reserve** (``L // 4``): so ordinary input stops at three
-quarters of the budget and the ports it paused resume together at one half.  The reserve
-is for the ports whose owner **waits** - a task parked in ``receive``/``select`` on the
-port, having taken everything delivered to it - which may read while a whole read fits
-under ``L`` (``_budget_blocks``).  Such a read is taken at once by the waiting task, so it
-frees itself; a port is never starved by the others' input filling the budget, whatever
-order an actor reads its ports in.  When a waiting port finds no room even in the reserve,
-it is a *reserve waiter* and is let in first as soon as a read fits (before the others
-resume at one half).  An owner that starts waiting on a port already paused by the budget
-tells the thread (``cmd_want``); the port writes its waiter before it reads
-``global_paused``, the thread writes ``global_paused`` before it reads the waiter, so one
-of them sees the other.  The bound stays firm: no read is made that could take the
-memory charged for input past ``L``; the reserve is inside it, not on top.  (A message
-larger than the reserve cannot be completed by reserve reads alone: it waits for the
-budget to free.)
+Three things decide whether a stream's socket is read, each on its own
+(``_stream_interest``): the active credit, the port's watermarks and the global memory
+budget.  Their rules, the pause handshake with the port's loop half and the budget's
+reserve for waiting owners are written once, in :mod:`~._flow` (its theory of
+operation); this thread applies them: ``_check_msgq``/``_pause_msgq``/``cmd_resume`` for
+the watermarks, ``_memory_check``/``_budget_blocks``/``cmd_want`` for the budget.  What it
+may read of a port's loop half - its :class:`~._flow.Window`, nothing else - is the
+contract of :mod:`~._contract`.
 """
 
 from __future__ import annotations
@@ -79,12 +57,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ._aio import BatchWriter, open_batch_writer
+from ._contract import ConnectRequest, Deliver, ListenRequest, LoopHalf, MakePort
 from ._exceptions import ConnectError, errno_name
-from ._framing import FrameError, PacketTooLarge
+from ._flow import ReceiveFlow, Window
+from ._framing import FrameError, Framer, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
-from ._requests import ConnectRequest, ListenRequest
 from ._wakeup import WakeupQueue
 
 __all__ = ["Conn", "IOThread", "raise_open_file_limit"]
@@ -132,44 +111,33 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-class Conn:
-    """The I/O thread's half of a port.  Only the I/O thread reads or writes its fields,
-    except the byte counters, which the event loop reads for statistics."""
+class Conn(ReceiveFlow):
+    """The I/O thread's half of a port.  Only the I/O thread writes its fields; the event
+    loop reads the byte counters (statistics) and the receive flow control's
+    (:class:`~._flow.ReceiveFlow`: what was delivered, the pause generation)."""
 
     __slots__ = (
         "bytes_in",
         "bytes_out",
-        "check_bytes",
-        "check_messages",
         "close_pending",
         "closed",
         "credit",
         "deliver",
-        "delivered_bytes",
-        "delivered_messages",
         "dirty",
         "fd",
         "framer",
         "global_paused",
         "held",
         "held_bytes",
-        "high_msgq",
-        "high_msgq_messages",
         "kind",
-        "low_msgq",
-        "low_msgq_messages",
         "make_port",
         "mask",
-        "msgq_paused",
         "notify_passive",
         "options",
         "out_bytes",
         "outq",
         "packets_too_large",
-        "pause_generation",
         "paused",
-        "pauses",
-        "peak_buffered",
         "port",
         "queue_paused",
         "read_eof",
@@ -181,7 +149,9 @@ class Conn:
         "write_closed",
     )
 
-    def __init__(self, sock: socket.socket, kind: int, port: Any, deliver: Callable[[Any], None]):
+    def __init__(
+        self, sock: socket.socket, kind: int, port: LoopHalf | None, deliver: Deliver
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.kind = kind
@@ -204,48 +174,34 @@ class Conn:
         self.bytes_in = 0
         self.bytes_out = 0
         self.request: Any = None
-        self.make_port: Callable[[Conn, Any, Any], Any] | None = None
+        self.make_port: MakePort | None = None
         self.options: dict[str, Any] = _NO_OPTIONS  # listeners' and connects' own
-        # Receive flow control (see _pause_msgq).  delivered_* count what the I/O thread
-        # handed to the port; the port counts what its owner took (_consumed_*); the
+        # Receive flow control (ioserver._flow): delivered_* count what the I/O thread
+        # handed to the port; the port's window counts what its owner took; the
         # difference is what is buffered, undelivered, in the event loop.
-        self.framer: Any = None
-        self.sizes: Any = None  # the port's deque of message sizes, for decoded objects
+        # (A listener's window too: the I/O thread tells a daemon's client of its close.)
+        self.init_flow(None if port is None else port._window)
+        # The window's framer and sizes, copied for the hot path.
+        self.framer: Framer | None = None
+        self.sizes: deque[int] | None = None
         # Packets a framed read decoded beyond the active credit: (payload, wire size)
         # in order, delivered by the next grants (see _deliver_payloads).  Non-empty only
         # while the credit is 0, and then the socket is not read.
         self.held: deque[tuple[Any, int]] | None = None
         self.held_bytes = 0
-        self.delivered_messages = 0
-        self.delivered_bytes = 0
-        self.high_msgq = 1 << 62
-        self.low_msgq = 1 << 62
-        self.high_msgq_messages = 1 << 62
-        self.low_msgq_messages = 1 << 62
         self.send_low = 0
-        self.check_bytes = 1 << 62
-        self.check_messages = 1 << 62
-        self.msgq_paused = False
         self.global_paused = False
         # A daemon's client port whose session's queue toward the client is full (see
         # ioserver._control): not read until the client takes what is queued.
         self.queue_paused = False
-        self.pause_generation = 0
-        self.pauses = 0
         self.packets_too_large = 0
-        self.peak_buffered = 0
 
-    def configure(self, options: dict[str, Any], port: Any) -> None:
-        """Take the flow-control options and the framer of the port (see ports)."""
-        self.framer = port._framer
-        self.sizes = port._sizes
-        self.high_msgq = options["high_msgq_watermark"]
-        self.low_msgq = options["low_msgq_watermark"]
-        self.high_msgq_messages = options["high_msgq_messages"]
-        self.low_msgq_messages = self.high_msgq_messages // 2
+    def configure(self, options: dict[str, Any], window: Window) -> None:
+        """Take the flow-control options and the window of the port (see ioserver._flow)."""
+        self.configure_flow(options, window)
+        self.framer = window.framer
+        self.sizes = window.sizes
         self.send_low = options["low_watermark"]
-        self.check_bytes = self.high_msgq
-        self.check_messages = self.high_msgq_messages
 
 
 class Handler:
@@ -303,74 +259,38 @@ class Handler:
         """``cmd_resume``: the owner took enough after the pause ``generation``."""
 
 
-class ReceivingHandler(Handler):
+class ReceivingHandler(Handler, ReceiveFlow):
     """A handler whose port receives messages (UDP, ZeroMQ): the receive flow control of a
-    stream ``Conn`` - the same fields, with the same meaning - and the port commands that
-    change whether it may read (an active mode, a passive read, the end of a pause).
+    stream ``Conn`` (:class:`~._flow.ReceiveFlow`, the same rule) and the port commands
+    that change whether it may read (an active mode, a passive read, the end of a pause).
 
     Subclasses call :meth:`configure_receiving` once, :meth:`_pause_msgq` when
-    :meth:`_over_high_msgq` after a delivery, and implement :meth:`_reading_changed`.
+    ``over_high()`` after a delivery, and implement :meth:`_reading_changed`.
     """
 
-    port: Any
-    deliver: Callable[[Any], None]
+    port: LoopHalf
+    deliver: Deliver
 
     def configure_receiving(self, options: dict[str, Any], active: tuple[int, bool]) -> None:
         """Take the active mode and the flow-control options (see ``ports.PortOptions``)."""
         self.credit, self.notify_passive = active
-        self.delivered_messages = 0
-        self.delivered_bytes = 0
-        self.high_msgq: int = options["high_msgq_watermark"]
-        self.low_msgq: int = options["low_msgq_watermark"]
-        self.high_msgq_messages: int = options["high_msgq_messages"]
-        self.low_msgq_messages = self.high_msgq_messages // 2
+        self.init_flow(self.port._window)
+        self.configure_flow(options, self.port._window)
         self.send_low: int = options["low_watermark"]
-        self.msgq_paused = False
-        self.pause_generation = 0
-        self.pauses = 0
-        self.peak_buffered = 0
 
     def _reading_changed(self) -> None:
         """Whether the port may read changed (credit, pause): act on it."""
         raise NotImplementedError
 
-    def _over_high_msgq(self) -> bool:
-        port = self.port
-        return bool(
-            self.delivered_bytes - port._consumed_bytes > self.high_msgq
-            or self.delivered_messages - port._consumed_messages > self.high_msgq_messages
-        )
-
-    def _drained(self) -> bool:
-        port = self.port
-        return bool(
-            self.delivered_bytes - port._consumed_bytes <= self.low_msgq
-            and self.delivered_messages - port._consumed_messages <= self.low_msgq_messages
-        )
-
     def _pause_msgq(self) -> None:
-        """As ``IOThread._pause_msgq``: stop reading until the owner has taken enough; the
-        generation is the fence of the handshake with the port's ``_maybe_resume``."""
-        buffered = self.delivered_bytes - self.port._consumed_bytes
-        if buffered > self.peak_buffered:
-            self.peak_buffered = buffered
-        if self.msgq_paused:
-            return
-        self.msgq_paused = True
-        self.pauses += 1
-        self.pause_generation += 1  # written before _drained reads the port's counters
-        if self._drained():
-            self.msgq_paused = False
+        """Stop reading until the owner has taken enough (the handshake of
+        ioserver._flow); resume at once if it already has."""
+        if self.pause():
+            self.may_resume(self.pause_generation)
         self._reading_changed()
 
     def resume(self, generation: int) -> None:
-        if (
-            not self.closed
-            and self.msgq_paused
-            and generation == self.pause_generation
-            and self._drained()
-        ):
-            self.msgq_paused = False
+        if not self.closed and self.may_resume(generation):
             self._reading_changed()
 
     def set_active(self, mode: tuple[int, bool]) -> None:
@@ -781,7 +701,7 @@ class IOThread:
                                 sent_total += sent
                                 conn.out_bytes = 0
                                 outq.clear()
-                                if conn.port._send_blocked:
+                                if conn.window.send_blocked:
                                     self._notify_writable(conn)
                             else:
                                 self._sent(conn, sent)
@@ -884,7 +804,7 @@ class IOThread:
                     sent_total += result
                     conn.out_bytes = 0
                     conn.outq.clear()
-                    if conn.port._send_blocked:
+                    if conn.window.send_blocked:
                         self._notify_writable(conn)
                 else:
                     self._sent(conn, result)
@@ -987,9 +907,9 @@ class IOThread:
         if conn.closed:
             return
         conn.closed = True
-        port = conn.port
-        if port is not None and port._remote:
-            port._gone()  # a daemon's client port: the client forgets it
+        on_gone = conn.window.on_gone
+        if on_gone is not None:
+            on_gone()  # a daemon's client port: the client forgets it
         if conn.global_paused:
             self._globally_paused.pop(conn, None)
         if conn.kind == STREAM and conn.framer is not None:
@@ -1032,6 +952,7 @@ class IOThread:
         The active credit counts packets, not reads (Erlang's ``{active, once}`` is one
         packet): packets decoded beyond it are held, in order, for the next grants."""
         framer = conn.framer
+        assert framer is not None  # (the hot path calls this for framed ports only)
         before = framer.buffered
         try:
             payloads = framer.feed(self._view[:n])
@@ -1151,61 +1072,35 @@ class IOThread:
 
     # -- receive flow control -----------------------------------------------------------
     def _check_msgq(self, conn: Conn) -> None:
-        """The delivered counters passed the point where the owner could be behind by more
-        than a high watermark: look at what it took, pause if it is, else move the point.
-
-        The point (``check_*``) is what was taken at the last look plus the watermark, so
-        the hot path compares one counter with one number instead of reading the port."""
-        port = conn.port
-        taken_bytes = port._consumed_bytes
-        taken_messages = port._consumed_messages
-        if (
-            conn.delivered_bytes - taken_bytes > conn.high_msgq
-            or conn.delivered_messages - taken_messages > conn.high_msgq_messages
-        ):
+        """The delivered counters passed the check point (see ioserver._flow): pause if the
+        owner is behind by more than a high watermark."""
+        if conn.check():
             self._pause_msgq(conn)
-        else:
-            conn.check_bytes = taken_bytes + conn.high_msgq
-            conn.check_messages = taken_messages + conn.high_msgq_messages
 
     def _pause_msgq(self, conn: Conn) -> None:
         """Too much undelivered in the loop: stop reading this socket, so TCP pushes back
-        on this peer alone.  The port asks to resume once its owner has taken enough
-        (``cmd_resume``); if it already has, resume at once.  The generation is the fence
-        of that handshake: the port compares it with the one it last resumed."""
-        port = conn.port
-        buffered = conn.delivered_bytes - port._consumed_bytes
-        if buffered > conn.peak_buffered:
-            conn.peak_buffered = buffered
-        if conn.msgq_paused or conn.closed:
+        on this peer alone, until the port asks to resume (``cmd_resume``); if its owner
+        already took enough, resume at once (the handshake of ioserver._flow)."""
+        if conn.closed:
+            conn.note_buffered()
             return
-        conn.msgq_paused = True
-        conn.pauses += 1
-        conn.pause_generation += 1  # written before the re-check below reads _consumed_*
+        if not conn.pause():
+            return
         self._stream_interest(conn)
-        if port._remote:
+        on_pause = conn.window.on_pause
+        if on_pause is not None:
             # A daemon's client port: the client cannot read this Conn; tell it.
-            port._paused(conn.pause_generation)
-        self._resume_if_drained(conn, conn.pause_generation)
-
-    def _resume_if_drained(self, conn: Conn, generation: int) -> None:
-        port = conn.port
-        if (
-            conn.msgq_paused
-            and generation == conn.pause_generation
-            and conn.delivered_bytes - port._consumed_bytes <= conn.low_msgq
-            and conn.delivered_messages - port._consumed_messages <= conn.low_msgq_messages
-        ):
-            conn.msgq_paused = False
-            if not conn.closed:
-                self._stream_interest(conn)
+            on_pause(conn.pause_generation)
+        if conn.may_resume(conn.pause_generation):
+            self._stream_interest(conn)
 
     def cmd_resume(self, conn: Conn, generation: int) -> None:
         """The port's owner took enough: read again (if this is still the same pause)."""
         if conn.kind == HANDLER:
             conn.resume(generation)  # type: ignore[attr-defined]
             return
-        self._resume_if_drained(conn, generation)
+        if conn.may_resume(generation) and not conn.closed:
+            self._stream_interest(conn)
 
     # -- the memory budget --------------------------------------------------------------
     def memory_in_use(self) -> int:
@@ -1262,7 +1157,7 @@ class IOThread:
         waiter before it reads ``global_paused`` (Port._receive): one of the two sees the
         other, so a waiting owner is never left behind a pause it did not hear of."""
         conn.global_paused = True
-        waits = _owner_waits(conn)
+        waits = conn.owner_waits()
         if waits and headroom >= READ_SIZE:
             conn.global_paused = False
             self.reserve_reads += 1
@@ -1276,7 +1171,7 @@ class IOThread:
         self._stream_interest(conn)
         return True
 
-    def read_allowance(self, entry: Any) -> int:
+    def read_allowance(self, entry: ReceiveFlow) -> int:
         """For handlers that read (UDP): the bytes of input ``entry`` may read now.  The
         streams' rule: ordinary reads leave the reserve (``memory_reserve``) untouched,
         reads for a waiting owner may use it, and no read may take the input charged past
@@ -1284,16 +1179,16 @@ class IOThread:
         if self.memory_limit is None:
             return UNLIMITED
         headroom = self.memory_limit - self.memory_in_use()
-        return headroom if _owner_waits(entry) else headroom - self.memory_reserve
+        return headroom if entry.owner_waits() else headroom - self.memory_reserve
 
-    def budget_resumes(self, entry: Any, size: int) -> bool:
+    def budget_resumes(self, entry: ReceiveFlow, size: int) -> bool:
         """For handlers paused by the budget: whether ``entry`` may read again - once the
         total is back at one half of the limit, or at once for a waiting owner when a read
         of ``size`` bytes fits in the reserve."""
         assert self.memory_limit is not None
         used = self.memory_in_use()
         return used <= self.memory_limit // 2 or (
-            self.memory_limit - used >= size and _owner_waits(entry)
+            self.memory_limit - used >= size and entry.owner_waits()
         )
 
     def cmd_want(self, conn: Conn, _: Any) -> None:
@@ -1333,7 +1228,7 @@ class IOThread:
         outq = conn.outq
         conn.bytes_out += sent
         self.bytes_out += sent
-        if conn.port._send_blocked:
+        if conn.window.send_blocked:
             self._notify_writable(conn)
         if sent == conn.out_bytes:
             # Everything went (the common case): no per-buffer bookkeeping.
@@ -1364,11 +1259,10 @@ class IOThread:
     def _notify_writable(self, conn: Conn) -> None:
         """A sender waits on this busy port: tell it once the output drained below low.
 
-        The port sets ``_send_blocked`` before it re-reads ``bytes_out``; we update
-        ``bytes_out`` before we read ``_send_blocked``: one of the two sees the other."""
-        port = conn.port
-        if port._queued_bytes - conn.bytes_out <= conn.send_low:
-            conn.deliver((port, WRITABLE))
+        The port sets ``send_blocked`` before it re-reads ``bytes_out``; we update
+        ``bytes_out`` before we read ``send_blocked``: one of the two sees the other."""
+        if conn.window.queued_bytes - conn.bytes_out <= conn.send_low:
+            conn.deliver((conn.port, WRITABLE))
 
     def _shutdown_write(self, conn: Conn) -> None:
         conn.shutdown_pending = False
@@ -1468,7 +1362,7 @@ class IOThread:
             return
         sock.setblocking(False)
         conn = Conn(sock, CONNECTING, port, deliver)
-        conn.configure(options, port)
+        conn.configure(options, port._window)
         conn.credit, conn.notify_passive = active
         conn.request = request
         conn.options = {"address": address}
@@ -1582,7 +1476,7 @@ class IOThread:
                 continue
             conn.credit, conn.notify_passive = options["active"]
             conn.port = make_port(conn, local_address, address)
-            conn.configure(options, conn.port)
+            conn.configure(options, conn.port._window)
             self._adopt(conn)
             deliver((lport, Accepted(conn.port, address)))
             self._stream_interest(conn)
@@ -1609,16 +1503,6 @@ def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["recbuf"])
     if options.get("sndbuf"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
-
-
-def _owner_waits(conn: Any) -> bool:
-    """Whether a task waits for this port's next message (``receive`` or ``select``) and
-    has taken every message delivered to it: input for it would be taken at once."""
-    port = conn.port
-    return bool(
-        (getattr(port, "_waiter", None) is not None or getattr(port, "_select_waiters", None))
-        and conn.delivered_messages == port._consumed_messages
-    )
 
 
 def _format_address(address: Any) -> str:

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._contract import Deliver, LoopHalf
 from ._iothread import Conn, Handler, IOThread
 from ._messages import Closed, ExitStatus
 from ._poller import READ
@@ -76,8 +77,8 @@ class ProcessWatcher(Handler):
         io: IOThread,
         popen: subprocess.Popen[bytes],
         pidfd: int | None,
-        port: Any,
-        deliver: Callable[[Any], None],
+        port: LoopHalf,
+        deliver: Deliver,
         kill_grace: float,
     ) -> None:
         self.io = io

@@ -31,10 +31,10 @@ import socket
 import stat
 from typing import Any
 
+from ._contract import ListenRequest
 from ._exceptions import ConnectError, errno_name
 from ._iothread import LISTENER, Conn, IOThread
 from ._poller import READ
-from ._requests import ListenRequest
 
 __all__ = ["cmd_listen_unix", "is_abstract", "remove_stale_socket_file"]
 

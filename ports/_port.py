@@ -26,6 +26,7 @@ import trio
 import trio.abc
 from anyio.abc import SocketAttribute
 
+from ioserver._contract import ConnectRequest, ListenRequest
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -36,6 +37,7 @@ from ioserver._exceptions import (
     SendTimeoutError,
     WouldBlock,
 )
+from ioserver._flow import Window
 from ioserver._framing import Framer, port_framer
 from ioserver._iothread import Conn, IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
@@ -48,7 +50,6 @@ from ioserver._options import (
     parse_active,
     port_options,
 )
-from ioserver._requests import ConnectRequest, ListenRequest
 from ioserver._server import IOServer
 
 from ._mailbox import Mailbox
@@ -117,16 +118,10 @@ class _Request(Waiter):
 class _PortBase(Source):
     """What ports and listeners share: the buffer, waiting, closing, owner, select hooks."""
 
-    #: False: this port's I/O-thread half is in this process (the daemon's stand-ins for
-    #: its clients' ports say True; the I/O thread tells them of pauses and closes).
-    _remote = False
-
     __slots__ = (
         "_buffer",
         "_closed",
         "_conn",
-        "_consumed_bytes",
-        "_consumed_messages",
         "_credit",
         "_ended",
         "_hub",
@@ -136,15 +131,16 @@ class _PortBase(Source):
         "_owner",
         "_passive_pending",
         "_remote_address",
-        "_resume_generation",
         "_select_waiters",
-        "_sizes",
         "_submit",
         "_terminal",
         "_waiter",
+        "_window",
     )
 
-    def __init__(self, server: IOServer, active: tuple[int, bool]) -> None:
+    def __init__(
+        self, server: IOServer, active: tuple[int, bool], framer: Framer | None = None
+    ) -> None:
         hub = server._hub
         self._hub: Any = hub
         self._io: IOThread = server._io
@@ -161,38 +157,34 @@ class _PortBase(Source):
         self._owner: Mailbox | None = None
         self._local_address: Any = None
         self._remote_address: Any = None
-        # Receive flow control: what the owner took, counted as the I/O thread counts what
-        # it delivered (Conn.delivered_*); and the last pause this port asked to end.
-        self._consumed_messages = 0
-        self._consumed_bytes = 0
-        self._resume_generation = 0
-        # With a framer that decodes objects ("msgpack", "resp": Framer.decodes_objects): the
-        # wire size of each undelivered message, in order (the I/O thread - or the daemon's
-        # DATA - appends, the owner's takes pop); None when a message's size is its length.
-        self._sizes: deque[int] | None = None
+        # Flow control (ioserver._flow): the one object the I/O thread reads of this half.
+        # It counts what the owner took, as the I/O half counts what it delivered.
+        window = self._window = Window(framer)
+        window.task_waits = self._task_waits
+
+    def _task_waits(self) -> bool:
+        """A task is parked on this port for its next message (asked by the I/O thread,
+        for the memory budget's reserve: see ioserver._flow)."""
+        return self._waiter is not None or bool(self._select_waiters)
 
     def _took_data(self, data: Any) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
-        size = len(data) if self._sizes is None else self._sizes.popleft()
-        self._consumed_messages += 1
-        self._consumed_bytes += size
+        window = self._window
+        size = len(data) if window.sizes is None else window.sizes.popleft()
+        window.consumed_messages += 1
+        window.consumed_bytes += size
         self._hub.consumed_bytes += size
         conn = self._conn
-        if conn is not None and conn.pause_generation != self._resume_generation:
+        if conn is not None and conn.pause_generation != window.resume_generation:
             self._maybe_resume()
 
     def _maybe_resume(self) -> None:
         """The I/O thread paused reading this port: ask it to read again once the owner
-        has taken enough.  The counters were updated before this reads the generation;
-        the I/O thread bumps the generation before it re-reads the counters."""
+        has taken enough (step 2 of the handshake in ioserver._flow)."""
         conn = self._conn
         assert conn is not None
-        generation = conn.pause_generation
-        if (
-            conn.delivered_bytes - self._consumed_bytes <= conn.low_msgq
-            and conn.delivered_messages - self._consumed_messages <= conn.low_msgq_messages
-        ):
-            self._resume_generation = generation
+        generation = self._window.resume_due(conn)
+        if generation is not None:
             self._submit((self._io.cmd_resume, conn, generation))
 
     # -- delivery (in-loop, called by the hub) -------------------------------------------
@@ -361,11 +353,13 @@ class _PortBase(Source):
         if message.__class__ is Data:
             # _took_data, inlined.
             data = message.data
-            size = len(data) if self._sizes is None else self._sizes.popleft()
-            self._consumed_messages += 1
-            self._consumed_bytes += size
+            window = self._window
+            size = len(data) if window.sizes is None else window.sizes.popleft()
+            window.consumed_messages += 1
+            window.consumed_bytes += size
             hub.consumed_bytes += size
-            if self._conn.pause_generation != self._resume_generation:  # type: ignore[union-attr]
+            conn = self._conn
+            if conn is not None and conn.pause_generation != window.resume_generation:
                 self._maybe_resume()
         elif message.__class__ is Closed:
             self._ended = True
@@ -550,8 +544,6 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_framer",
         "_high_watermark",
         "_low_watermark",
-        "_queued_bytes",
-        "_send_blocked",
         "_send_timeout",
         "_send_timeout_close",
         "_send_waiter",
@@ -559,19 +551,17 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
     )
 
     def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
-        super().__init__(server, active)
+        framer = port_framer(options)
+        super().__init__(server, active, framer)
         self._broken: str | None = None
         self._eof_sent = False
-        self._framer: Framer | None = port_framer(options)
-        if self._framer is not None and self._framer.decodes_objects:
-            self._sizes = deque()  # decoded messages: charged their wire size
-        # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
-        self._queued_bytes = 0
+        self._framer: Framer | None = framer
+        # Send flow control: the window's queued_bytes (what the owner queued) against the
+        # I/O thread's bytes_out; its send_blocked is set while a sender waits "writable".
         self._high_watermark: int = options["high_watermark"]
         self._low_watermark: int = options["low_watermark"]
         self._send_timeout: float | None = options["send_timeout"]
         self._send_timeout_close: bool = options["send_timeout_close"]
-        self._send_blocked = False  # read by the I/O thread: a sender waits for "writable"
         self._send_waiter = Waiter()
         self._busy_transitions = 0
         # True while send may take its inlined path: raw bytes, open, not broken, no EOF
@@ -621,21 +611,21 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         """Hand ``data`` to the I/O thread and charge it to the port and the budget."""
         limit = self._io.port_buffer_limit
         size = len(data)
-        if limit is not None and self._queued_bytes + size - self._conn.bytes_out > limit:  # type: ignore[union-attr]
+        if limit is not None and self._window.queued_bytes + size - self._conn.bytes_out > limit:  # type: ignore[union-attr]
             self.close_nowait()
             raise BrokenPortError(
                 f"port_buffer_limit={limit} exceeded: sending {size} bytes on top of "
-                f"{self._queued_bytes - self._conn.bytes_out} queued; the port is closed",  # type: ignore[union-attr]
+                f"{self._window.queued_bytes - self._conn.bytes_out} queued; the port is closed",  # type: ignore[union-attr]
                 errno_name="ENOBUFS",
             )
-        self._queued_bytes += size
+        self._window.queued_bytes += size
         self._hub.queued_bytes += size
         self._submit((self._io.send_command, self._conn, data))
 
     @property
     def busy(self) -> bool:
         """True while the output not yet written is above the high watermark."""
-        return self._queued_bytes - self._conn.bytes_out > self._high_watermark  # type: ignore[union-attr]
+        return self._window.queued_bytes - self._conn.bytes_out > self._high_watermark  # type: ignore[union-attr]
 
     @property
     def packet(self) -> Any:
@@ -696,11 +686,11 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             self._simple_send
             and message.__class__ is bytes
             and message
-            and self._queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
+            and self._window.queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
         ):
             # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
             size = len(message)
-            self._queued_bytes += size
+            self._window.queued_bytes += size
             hub.queued_bytes += size
             commands = self._io.commands
             commands.items.append((hub.cmd_send, conn, message))
@@ -720,7 +710,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1
-        if self._send_blocked:  # set for the whole wait of the sender already inside
+        if self._window.send_blocked:  # set for the whole wait of the sender already inside
             raise BusyPortError("waiting to send")
         try:
             if self._send_timeout is None:
@@ -739,14 +729,14 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
     async def _park_until_writable(self) -> None:
         conn = self._conn
         assert conn is not None
-        self._send_blocked = True  # written before the re-read of bytes_out below
+        self._window.send_blocked = True  # written before the re-read of bytes_out below
         try:
-            while self._queued_bytes - conn.bytes_out > self._low_watermark:
+            while self._window.queued_bytes - conn.bytes_out > self._low_watermark:
                 self._check_can_send()
                 await self._hub.park(self._send_waiter)
             self._check_can_send()
         finally:
-            self._send_blocked = False
+            self._window.send_blocked = False
 
     def statistics(self) -> PortStatistics:
         """The port's counters now (see :class:`PortStatistics`)."""
@@ -765,8 +755,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             bytes_queued=conn.out_bytes,
             active=self.active,
             closed=self._closed,
-            bytes_buffered_in=conn.delivered_bytes - self._consumed_bytes + framing,
-            bytes_buffered_out=self._queued_bytes - conn.bytes_out,
+            bytes_buffered_in=conn.delivered_bytes - self._window.consumed_bytes + framing,
+            bytes_buffered_out=self._window.queued_bytes - conn.bytes_out,
             peak_buffered=conn.peak_buffered,
             pauses=conn.pauses,
             busy_transitions=self._busy_transitions,

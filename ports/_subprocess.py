@@ -284,7 +284,7 @@ async def open_process(
     hub = server._hub
     watcher = ProcessWatcher(io, popen, open_pidfd(popen.pid), port, hub.deliver, kill_grace)
     conn = Conn(ours, STREAM, port, watcher.stream_deliver)
-    conn.configure(settings, port)
+    conn.configure(settings, port._window)
     conn.credit, conn.notify_passive = credit
     watcher.conns.append(conn)
     port._conn = conn
@@ -293,7 +293,7 @@ async def open_process(
     port._remote_address = None
     if stderr_port is not None and error_ours is not None:
         error_conn = Conn(error_ours, STREAM, stderr_port, hub.deliver)
-        error_conn.configure(settings, stderr_port)
+        error_conn.configure(settings, stderr_port._window)
         error_conn.credit, error_conn.notify_passive = credit
         watcher.conns.append(error_conn)
         stderr_port._conn = error_conn

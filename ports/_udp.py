@@ -20,6 +20,7 @@ import anyio.abc
 import trio
 import trio.abc
 
+from ioserver._contract import UDPRequest
 from ioserver._datagram import DatagramHandler, cmd_open_udp
 from ioserver._exceptions import (
     BrokenPortError,
@@ -31,7 +32,6 @@ from ioserver._exceptions import (
 )
 from ioserver._messages import Closed, Datagram, Message
 from ioserver._options import UDPOptions, udp_options
-from ioserver._requests import UDPRequest
 from ioserver._server import IOServer
 
 from ._port import (
@@ -78,8 +78,6 @@ class UDPPort(  # type: ignore[misc]
         "_high_watermark",
         "_low_watermark",
         "_max_payload",
-        "_queued_bytes",
-        "_send_blocked",
         "_send_waiter",
     )
 
@@ -93,10 +91,9 @@ class UDPPort(  # type: ignore[misc]
         self._max_payload = (
             MAX_UDP_PAYLOAD_IPV6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_IPV4
         )
-        self._queued_bytes = 0  # what the owner queued, against the handler's out_done
+        # The window's queued_bytes: what the owner queued, against the handler's out_done.
         self._high_watermark: int = options["high_watermark"]
         self._low_watermark: int = options["low_watermark"]
-        self._send_blocked = False  # read by the I/O thread: a sender waits for "writable"
         self._send_waiter = Waiter()
         self._busy_transitions = 0
 
@@ -218,19 +215,19 @@ class UDPPort(  # type: ignore[misc]
     @property
     def busy(self) -> bool:
         """True while the output not yet sent is above the high watermark."""
-        return self._queued_bytes - self._handler.out_done > self._high_watermark
+        return self._window.queued_bytes - self._handler.out_done > self._high_watermark
 
     def _queue(self, item: tuple[bytes, Any]) -> None:
         size = len(item[0])
         limit = self._io.port_buffer_limit
-        if limit is not None and self._queued_bytes + size - self._handler.out_done > limit:
+        if limit is not None and self._window.queued_bytes + size - self._handler.out_done > limit:
             self.close_nowait()
             raise BrokenPortError(
                 f"port_buffer_limit={limit} exceeded: sending {size} bytes on top of "
-                f"{self._queued_bytes - self._handler.out_done} queued; the port is closed",
+                f"{self._window.queued_bytes - self._handler.out_done} queued; the port is closed",
                 errno_name="ENOBUFS",
             )
-        self._queued_bytes += size
+        self._window.queued_bytes += size
         self._hub.queued_bytes += size
         self._submit((DatagramHandler.cmd_send, self._handler, item))
 
@@ -294,17 +291,17 @@ class UDPPort(  # type: ignore[misc]
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1
-        if self._send_blocked:
+        if self._window.send_blocked:
             raise BusyPortError("waiting to send")
         handler = self._handler
-        self._send_blocked = True  # written before the re-read of out_done below
+        self._window.send_blocked = True  # written before the re-read of out_done below
         try:
-            while self._queued_bytes - handler.out_done > self._low_watermark:
+            while self._window.queued_bytes - handler.out_done > self._low_watermark:
                 self._check_can_send()
                 await self._hub.park(self._send_waiter)
             self._check_can_send()
         finally:
-            self._send_blocked = False
+            self._window.send_blocked = False
 
     # -- closing and statistics ---------------------------------------------------------
     def close_nowait(self) -> None:
@@ -329,8 +326,8 @@ class UDPPort(  # type: ignore[misc]
             bytes_queued=handler.out_bytes,
             active=self.active,
             closed=self._closed,
-            bytes_buffered_in=handler.delivered_bytes - self._consumed_bytes,
-            bytes_buffered_out=self._queued_bytes - handler.out_done,
+            bytes_buffered_in=handler.delivered_bytes - self._window.consumed_bytes,
+            bytes_buffered_out=self._window.queued_bytes - handler.out_done,
             peak_buffered=handler.peak_buffered,
             pauses=handler.pauses,
             busy_transitions=self._busy_transitions,

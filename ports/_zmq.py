@@ -61,7 +61,7 @@ class ZmqPort(Port):
 
     def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]):
         super().__init__(server, active, options)
-        self._sizes = deque()  # each message's size in bytes, appended by the I/O thread
+        self._window.sizes = deque()  # each message's size, appended by the I/O thread
         self._simple_send = False
         self.socket_type = ""
 
@@ -86,7 +86,7 @@ class ZmqPort(Port):
 
     def _queue(self, data: Any) -> None:
         size = len(data) if data.__class__ is bytes else sum(len(frame) for frame in data)
-        self._queued_bytes += size
+        self._window.queued_bytes += size
         self._hub.queued_bytes += size
         self._submit((self._io.send_command, self._conn, data))
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from ioserver._requests import ConnectRequest, ListenRequest, UDPRequest
+from ioserver._contract import ConnectRequest, ListenRequest, UDPRequest
 
 
 def test_open_requests_are_frozen_and_named() -> None:
