@@ -109,7 +109,7 @@ class RemoteConn(ReceiveFlow):
 class _Pending:
     __slots__ = ("conn", "request")
 
-    def __init__(self, request: Any, conn: RemoteConn | None) -> None:
+    def __init__(self, request: object, conn: RemoteConn | None) -> None:
         self.request = request
         self.conn = conn
 
@@ -149,18 +149,18 @@ class RemoteIO(ZmqSocketHandler):
         # ipc://: the first message's sender must run as this user (ioserver._ipc).
         self._peer_unchecked = endpoint.startswith("ipc://")
 
-    def submit(self, function: Any, target: Any, argument: Any) -> None:
+    def submit(self, function: Any, target: object, argument: object) -> None:
         """Queue ``function(target, argument)`` on the local I/O thread (as IOThread's)."""
         self.commands.put((function, target, argument))
 
     # -- start, stop (commands on the local I/O thread) -----------------------------------
-    def cmd_start(self, request: Any, deliver: Any) -> None:
+    def cmd_start(self, request: object, deliver: Any) -> None:
         """Adopt the socket and say HELLO; the WELCOME answers ``request``."""
         self._hello = (request, deliver)
         self.start()
         self._emit([P.HELLO, P.VERSION])
 
-    def cmd_bye(self, _: Any, __: Any) -> None:
+    def cmd_bye(self, _: object, __: Any) -> None:
         """Tell the daemon we leave (it closes our ports), then close the socket."""
         if self.closed:
             return
@@ -232,7 +232,7 @@ class RemoteIO(ZmqSocketHandler):
         outbound.append(message)
         self.out_size += size
 
-    def _open(self, request: Any, spec: ConnectRequest | ListenRequest, opcode: int) -> None:
+    def _open(self, request: object, spec: ConnectRequest | ListenRequest, opcode: int) -> None:
         port, deliver, family, address, options = (
             spec.port,
             spec.deliver,
@@ -261,10 +261,10 @@ class RemoteIO(ZmqSocketHandler):
             [opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify], 1024
         )
 
-    def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
+    def cmd_connect(self, request: object, spec: ConnectRequest) -> None:
         self._open(request, spec, P.CONNECT)
 
-    def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
+    def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         self._open(request, spec, P.LISTEN)
 
     def cmd_send(self, conn: RemoteConn, data: bytes) -> None:
@@ -282,11 +282,11 @@ class RemoteIO(ZmqSocketHandler):
                 piece = view[start : start + chunk]
                 self._emit([P.SEND, conn.pid, piece], len(piece) + 16)
 
-    def cmd_send_eof(self, conn: RemoteConn, _: Any) -> None:
+    def cmd_send_eof(self, conn: RemoteConn, _: object) -> None:
         if not conn.closed:
             self._emit([P.SEND_EOF, conn.pid])
 
-    def cmd_close(self, conn: RemoteConn, _: Any) -> None:
+    def cmd_close(self, conn: RemoteConn, _: object) -> None:
         if not conn.closed:
             self._emit([P.CLOSE, conn.pid])
 
@@ -294,7 +294,7 @@ class RemoteIO(ZmqSocketHandler):
         if not conn.closed:
             self._emit([P.ACTIVE, conn.pid, mode[0], mode[1]])
 
-    def cmd_read_once(self, conn: RemoteConn, _: Any) -> None:
+    def cmd_read_once(self, conn: RemoteConn, _: object) -> None:
         if not conn.closed:
             self._emit([P.READ_ONCE, conn.pid])
 
@@ -305,7 +305,7 @@ class RemoteIO(ZmqSocketHandler):
                 [P.RESUME, conn.pid, generation, window.consumed_bytes, window.consumed_messages]
             )
 
-    def cmd_status(self, request: Any, deliver: Any) -> None:
+    def cmd_status(self, request: object, deliver: Any) -> None:
         if self.lost or self.closed:
             deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
             return
@@ -405,7 +405,7 @@ class RemoteIO(ZmqSocketHandler):
     def _conn(self, pid: Any) -> RemoteConn | None:
         return self.table.get(pid) if P.is_int(pid) else None
 
-    def _answer(self, pending: _Pending, result: Any) -> None:
+    def _answer(self, pending: _Pending, result: object) -> None:
         request = pending.request
         if isinstance(request, tuple):  # a status request: (request, deliver)
             request, deliver = request

@@ -169,34 +169,34 @@ class IOHalf(Protocol):
     #: Bytes of one port's buffered input past which the port is closed (None: no bound).
     port_buffer_limit: int | None
 
-    def cmd_close(self, conn: Any, _: Any) -> None:
+    def cmd_close(self, conn: object, _: object) -> None:
         """Close once the queued output is written."""
         ...
 
-    def cmd_send_eof(self, conn: Any, _: Any) -> None:
+    def cmd_send_eof(self, conn: object, _: object) -> None:
         """Half-close the sending side once the queued output is written."""
         ...
 
-    def cmd_set_active(self, conn: Any, mode: tuple[int, bool]) -> None:
+    def cmd_set_active(self, conn: object, mode: tuple[int, bool]) -> None:
         """Apply an active mode ``(credit, notify_passive)``."""
         ...
 
-    def cmd_read_once(self, conn: Any, _: Any) -> None:
+    def cmd_read_once(self, conn: object, _: object) -> None:
         """A passive port's receiver waits: let one message through."""
         ...
 
-    def cmd_resume(self, conn: Any, generation: int) -> None:
+    def cmd_resume(self, conn: object, generation: int) -> None:
         """The owner took enough after the pause ``generation`` (see ioserver._flow)."""
         ...
 
-    def cmd_want(self, conn: Any, _: Any) -> None:
+    def cmd_want(self, conn: object, _: object) -> None:
         """The owner of a port paused by the memory budget waits for input."""
         ...
 
-    def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
+    def cmd_connect(self, request: object, spec: ConnectRequest) -> None:
         """Open a connection; answer ``request``."""
         ...
 
-    def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
+    def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         """Open a listener; answer ``request``."""
         ...

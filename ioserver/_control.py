@@ -207,7 +207,7 @@ class Session:
             self.control.mark(self)
         self.outbound.append(message)
 
-    def fault(self, rid: Any, kind: str, text: str) -> None:
+    def fault(self, rid: object, kind: str, text: str) -> None:
         self.faults += 1
         self.emit([P.FAULT, rid if P.is_int(rid) else None, kind, text])
 
@@ -264,7 +264,7 @@ class Session:
         else:  # pragma: no cover - every event the I/O thread makes is handled above
             log.error("no wire form for %r", message)
 
-    def _answer(self, request: _Request, result: Any) -> None:
+    def _answer(self, request: _Request, result: object) -> None:
         state = request.state
         if isinstance(result, tuple):
             conn, local, remote = result
@@ -509,7 +509,7 @@ class ControlEndpoint(ZmqSocketHandler):
                 return
 
     def _refuse(
-        self, identity: bytes, session: Session | None, rid: Any, kind: str, text: str
+        self, identity: bytes, session: Session | None, rid: object, kind: str, text: str
     ) -> None:
         self.faults += 1
         self._log_refusal("refused a message from %s: %s: %s", identity.hex(), kind, text[:200])
@@ -589,7 +589,9 @@ class ControlEndpoint(ZmqSocketHandler):
         self._resolving += 1
         self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec))
 
-    def _resolved(self, job: tuple[_Request, ConnectRequest | ListenRequest], result: Any) -> None:
+    def _resolved(
+        self, job: tuple[_Request, ConnectRequest | ListenRequest], result: object
+    ) -> None:
         self._resolving -= 1
         request, spec = job
         state = request.state
@@ -783,7 +785,7 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
     state = RemotePortState(session, message[2], settings)
     session.ports[state.pid] = state
 
-    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> RemotePortState:
+    def make_port(conn: Conn, local_address: object, remote_address: object) -> RemotePortState:
         accepted = RemotePortState(session, session.next_accepted, settings)
         session.next_accepted -= 1
         accepted.conn = conn
@@ -908,7 +910,7 @@ def _resolve_name(
     _, spec = job
     listen = isinstance(spec, ListenRequest)
     family, (host, port, *_) = spec.family, spec.address
-    result: Any
+    result: object
     try:
         infos = socket.getaddrinfo(
             host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0

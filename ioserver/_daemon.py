@@ -379,7 +379,7 @@ def _supervise(config: DaemonConfig) -> int:
         os.chmod(path, 0o600)
     stopping = False
 
-    def stop(number: int, frame: Any) -> None:
+    def stop(number: int, frame: object) -> None:
         nonlocal stopping
         if not stopping:
             log.info("%s received: stopping the workers", signal.Signals(number).name)

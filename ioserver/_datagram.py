@@ -258,7 +258,7 @@ class DatagramHandler(ReceivingHandler):
         self.out_bytes += len(item[0])
         self.io.mark_dirty(self)
 
-    def cmd_close(self, _: Any) -> None:
+    def cmd_close(self, _: object) -> None:
         if self.closed:
             return
         if self.outq:
@@ -283,7 +283,7 @@ class DatagramHandler(ReceivingHandler):
         self.outq.clear()
 
 
-def cmd_open_udp(io: IOThread, request: Any, spec: UDPRequest) -> None:
+def cmd_open_udp(io: IOThread, request: object, spec: UDPRequest) -> None:
     """Create, bind and connect a UDP socket on the I/O thread; answer ``request`` with
     ``(handler, local_address, remote_address)`` or the exception."""
     port, deliver, family, bind, connect = (

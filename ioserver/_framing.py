@@ -78,7 +78,7 @@ class Framer:
         """
         raise NotImplementedError
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         """The bytes to send for one ``message``.
 
         Raises:
@@ -102,7 +102,7 @@ class RawFramer(Framer):
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         return [bytes(data)] if data else []
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         return _as_bytes(message)
 
 
@@ -151,7 +151,7 @@ class LengthPrefixFramer(Framer):
             del buffer[:start]
         return messages
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         data = _as_bytes(message)
         if len(data) > self._limit:
             raise PacketTooLarge(self._limit, len(data))
@@ -208,7 +208,7 @@ class LineFramer(Framer):
             raise PacketTooLarge(self._limit, size, "line")
         return messages
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         data = _as_bytes(message)
         if not data.endswith(self._delimiter):
             data += self._delimiter
@@ -478,7 +478,7 @@ class MsgpackFramer(Framer):
         except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
             raise FrameError(f"malformed msgpack data: {exc}") from exc
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         try:
             data: bytes = msgpack.packb(message, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -734,7 +734,7 @@ class RespFramer(Framer):
                 self._bulk = bulk
                 self._held = held
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         if message.__class__ is bytes:
             return bytes(message)
         if isinstance(message, (bytearray, memoryview)):
@@ -742,7 +742,7 @@ class RespFramer(Framer):
         return encode_resp(message)
 
 
-def _as_bytes(message: Any) -> bytes:
+def _as_bytes(message: object) -> bytes:
     if isinstance(message, bytes):
         return message
     if isinstance(message, (bytearray, memoryview)):

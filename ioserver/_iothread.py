@@ -173,7 +173,7 @@ class Conn(ReceiveFlow):
         self.paused = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self.request: Any = None
+        self.request: object = None
         self.make_port: MakePort | None = None
         self.options: dict[str, Any] = _NO_OPTIONS  # listeners' and connects' own
         # Receive flow control (ioserver._flow): delivered_* count what the I/O thread
@@ -412,7 +412,7 @@ class IOThread:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, function: Callable[..., None], target: Any, argument: Any) -> None:
+    def submit(self, function: Callable[..., None], target: object, argument: object) -> None:
         """Queue ``function(target, argument)`` to run on the I/O thread."""
         self.commands.put((function, target, argument))
 
@@ -855,7 +855,7 @@ class IOThread:
                 self._internal_error(target, exc)
         self.commands_run += ran
 
-    def _internal_error(self, conn: Any, exc: Exception) -> None:
+    def _internal_error(self, conn: object, exc: Exception) -> None:
         """A bug or an unexpected error while serving one port: close that port only."""
         self.internal_errors += 1
         log.error("error while serving a port; closing it", exc_info=exc)
@@ -1191,7 +1191,7 @@ class IOThread:
             self.memory_limit - used >= size and entry.owner_waits()
         )
 
-    def cmd_want(self, conn: Conn, _: Any) -> None:
+    def cmd_want(self, conn: Conn, _: object) -> None:
         """The owner of a port paused by the budget waits for input: let it try a read into
         the reserve (and pause again, as a reserve waiter, if there is no room)."""
         if conn.closed or not conn.global_paused:
@@ -1292,7 +1292,7 @@ class IOThread:
             conn.dirty = True
             self._dirty.append(conn)
 
-    def cmd_send_eof(self, conn: Conn, _: Any) -> None:
+    def cmd_send_eof(self, conn: Conn, _: object) -> None:
         if conn.kind == HANDLER:
             conn.send_eof()  # type: ignore[attr-defined]
             return
@@ -1303,7 +1303,7 @@ class IOThread:
         else:
             self._shutdown_write(conn)
 
-    def cmd_close(self, conn: Conn, _: Any) -> None:
+    def cmd_close(self, conn: Conn, _: object) -> None:
         """Close once the queued output is written (Erlang's close after a flush)."""
         if conn.closed:
             return
@@ -1335,7 +1335,7 @@ class IOThread:
         elif conn.kind == LISTENER and not conn.paused:
             self._interest(conn, READ if credit else 0)
 
-    def cmd_read_once(self, conn: Conn, _: Any) -> None:
+    def cmd_read_once(self, conn: Conn, _: object) -> None:
         """A passive port's receiver waits: let one message through (``gen_tcp:recv``)."""
         if conn.kind == HANDLER and not conn.closed:
             conn.read_once()  # type: ignore[attr-defined]
@@ -1352,7 +1352,7 @@ class IOThread:
             self._interest(conn, READ)
 
     # -- connect ------------------------------------------------------------------------
-    def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
+    def cmd_connect(self, request: object, spec: ConnectRequest) -> None:
         port, deliver, family, address = spec.port, spec.deliver, spec.family, spec.address
         options, active = spec.options, spec.active
         try:
@@ -1396,13 +1396,13 @@ class IOThread:
         conn.deliver((request, (conn, conn.sock.getsockname(), conn.sock.getpeername())))
         self._stream_interest(conn)
 
-    def _connect_failed(self, conn: Conn, number: int, address: Any) -> None:
+    def _connect_failed(self, conn: Conn, number: int, address: object) -> None:
         request, conn.request = conn.request, None
         conn.deliver((request, _connect_error(number, address)))
         self._close(conn)
 
     # -- listen and accept --------------------------------------------------------------
-    def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
+    def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         port, deliver, family, address = spec.port, spec.deliver, spec.family, spec.address
         options, active, make_port = spec.options, spec.active, spec.make_port
         sock = None
@@ -1489,7 +1489,7 @@ class IOThread:
                         deliver((lport, PASSIVE))
 
     # -- stop ---------------------------------------------------------------------------
-    def cmd_stop(self, target: Any, _: Any) -> None:
+    def cmd_stop(self, target: object, _: object) -> None:
         """Close every port and end the thread; each hub then gets its stop notice."""
         self._stopping = True
 
@@ -1505,14 +1505,14 @@ def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
 
 
-def _format_address(address: Any) -> str:
+def _format_address(address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host = address[0]
         return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
     return repr(address)
 
 
-def _connect_error(number: int | None, address: Any) -> ConnectError:
+def _connect_error(number: int | None, address: object) -> ConnectError:
     name = errno_name(number)
     import os
 

@@ -204,7 +204,7 @@ class ProcessWatcher(Handler):
         self.send_signal(signal.SIGKILL)
 
     # -- commands (queued by the port) ---------------------------------------------------
-    def cmd_terminate(self, _: Any) -> None:
+    def cmd_terminate(self, _: object) -> None:
         self.terminate()
 
     def cmd_signal(self, number: int) -> None:
@@ -268,7 +268,7 @@ def stop_programs(watchers: list[ProcessWatcher]) -> None:
             time.sleep(_SHUTDOWN_POLL)
 
 
-def cmd_start_process(watcher: ProcessWatcher, _: Any) -> None:
+def cmd_start_process(watcher: ProcessWatcher, _: object) -> None:
     """On the I/O thread: take the program's streams and its watcher into the table."""
     io = watcher.io
     for conn in watcher.conns:

@@ -29,7 +29,6 @@ import errno
 import os
 import socket
 import stat
-from typing import Any
 
 from ._contract import ListenRequest
 from ._exceptions import ConnectError, errno_name
@@ -108,7 +107,7 @@ def remove_stale_socket_file(path: str | bytes) -> None:
             pass
 
 
-def cmd_listen_unix(io: IOThread, request: Any, spec: ListenRequest) -> None:
+def cmd_listen_unix(io: IOThread, request: object, spec: ListenRequest) -> None:
     """Listen on a Unix path on the I/O thread: answer ``request`` with
     ``(listener conn, path, None)`` or a :class:`ConnectError`.  Queued bound to its
     ``io`` (``functools.partial``), as ``IOThread.cmd_listen`` is bound to its own."""

@@ -65,7 +65,7 @@ class Mailbox(Source):
         self._ports: set[HeldPort] = set()
         self._sweep_at = _SWEEP_AT
 
-    def send_nowait(self, message: Any) -> None:
+    def send_nowait(self, message: object) -> None:
         """Append ``message`` and wake a waiting receiver.
 
         Raises:
@@ -77,7 +77,7 @@ class Mailbox(Source):
         if self._waiters:
             self._wake_all()
 
-    async def send(self, message: Any) -> None:
+    async def send(self, message: object) -> None:
         """Append ``message`` (see :meth:`send_nowait`); a checkpoint, taken first: a send
         that raises ``Cancelled`` appended nothing."""
         await anyio.lowlevel.checkpoint()

@@ -93,10 +93,10 @@ class _Request(Waiter):
         super().__init__()
         self.io = io
         self.hub = hub
-        self.result: Any = EMPTY
+        self.result: object = EMPTY
         self.cancelled = False
 
-    def _deliver(self, result: Any) -> None:
+    def _deliver(self, result: object) -> None:
         if self.cancelled:
             # Nobody waits any more: release what the I/O thread opened for us.
             if isinstance(result, tuple):  # (conn, local address, remote address)
@@ -943,7 +943,7 @@ async def listen_tcp(
     listener = Listener(server, (-1, False))
     io = server._io
 
-    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
+    def make_port(conn: Conn, local_address: object, remote_address: object) -> Port:
         # Runs on the I/O thread, once per accepted connection.
         accepted = Port(server, credit, settings)
         accepted._conn = conn

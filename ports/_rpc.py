@@ -243,7 +243,7 @@ class _Sender:
         self.port = port
         self.lock = anyio.Lock()
 
-    async def send(self, frame: Any) -> None:
+    async def send(self, frame: object) -> None:
         try:
             self.port.send_nowait(frame)
         except WouldBlock:
@@ -660,7 +660,7 @@ async def serve(
     reply_classes = interface._reply_classes
     in_flight = 0
 
-    async def answer(frame: Any, ident: Any) -> None:
+    async def answer(frame: object, ident: Any) -> None:
         try:
             try:
                 await sender.send(frame)
@@ -749,7 +749,7 @@ async def serve(
     return statistics
 
 
-def _summary(value: Any) -> str:
+def _summary(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 100 else text[:97] + "..."
 

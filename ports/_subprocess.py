@@ -54,7 +54,7 @@ class ProcessPort(Port):
         self._stderr_port: Port | None = None
         self._watcher: ProcessWatcher | None = None
 
-    def _deliver(self, message: Any) -> None:
+    def _deliver(self, message: object) -> None:
         if message.__class__ is ExitStatus:
             self._exit_status = message.status
         super()._deliver(message)

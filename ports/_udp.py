@@ -187,7 +187,7 @@ class UDPPort(  # type: ignore[misc]
             address = self._check_address(address)
         return data, address
 
-    def _check_address(self, address: Any) -> Any:
+    def _check_address(self, address: object) -> Any:
         # Only numeric addresses: a name would make the I/O thread block in a resolver.
         if (
             not isinstance(address, tuple)
@@ -280,7 +280,7 @@ class UDPPort(  # type: ignore[misc]
             await self._wait_until_writable()
         self._queue(item)
 
-    async def send_to(self, data: Any, address: Any) -> None:
+    async def send_to(self, data: object, address: object) -> None:
         """Send ``data`` as one datagram to ``address`` (see :meth:`send`).
 
         Args:
@@ -404,7 +404,7 @@ async def open_udp(
     return port
 
 
-def _host_port(address: Any, name: str) -> tuple[str, int]:
+def _host_port(address: object, name: str) -> tuple[str, int]:
     if not isinstance(address, tuple) or len(address) != 2:
         raise OptionError(f"{name} must be a (host, port) tuple, not {address!r}")
     return address[0], address[1]

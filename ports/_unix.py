@@ -120,7 +120,7 @@ async def listen_unix(
     listener = Listener(server, (-1, False))
     io = server._io
 
-    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
+    def make_port(conn: Conn, local_address: object, remote_address: object) -> Port:
         # Runs on the I/O thread, once per accepted connection.
         accepted = Port(server, credit, settings)
         accepted._conn = conn

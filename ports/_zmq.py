@@ -65,7 +65,7 @@ class ZmqPort(Port):
         self._simple_send = False
         self.socket_type = ""
 
-    def _encode(self, message: Any) -> Any:
+    def _encode(self, message: object) -> Any:
         if message.__class__ is bytes:
             return message if message else [message]
         if isinstance(message, (bytearray, memoryview)):
