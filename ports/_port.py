@@ -611,21 +611,27 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         """Hand ``data`` to the I/O thread and charge it to the port and the budget."""
         limit = self._io.port_buffer_limit
         size = len(data)
-        if limit is not None and self._window.queued_bytes + size - self._conn.bytes_out > limit:  # type: ignore[union-attr]
+        conn = self._conn
+        assert conn is not None  # (sends check the port is open first)
+        window = self._window
+        if limit is not None and window.queued_bytes + size - conn.bytes_out > limit:
             self.close_nowait()
             raise BrokenPortError(
                 f"port_buffer_limit={limit} exceeded: sending {size} bytes on top of "
-                f"{self._window.queued_bytes - self._conn.bytes_out} queued; the port is closed",  # type: ignore[union-attr]
+                f"{window.queued_bytes - conn.bytes_out} queued; the port is closed",
                 errno_name="ENOBUFS",
             )
-        self._window.queued_bytes += size
+        window.queued_bytes += size
         self._hub.queued_bytes += size
-        self._submit((self._io.send_command, self._conn, data))
+        self._submit((self._io.send_command, conn, data))
 
     @property
     def busy(self) -> bool:
         """True while the output not yet written is above the high watermark."""
-        return self._window.queued_bytes - self._conn.bytes_out > self._high_watermark  # type: ignore[union-attr]
+        conn = self._conn
+        return (
+            conn is not None and self._window.queued_bytes - conn.bytes_out > self._high_watermark
+        )
 
     @property
     def packet(self) -> Any:
