@@ -1403,8 +1403,7 @@ class IOThread:
 
     # -- listen and accept --------------------------------------------------------------
     def cmd_listen(self, request: object, spec: ListenRequest) -> None:
-        port, deliver, family, address = spec.port, spec.deliver, spec.family, spec.address
-        options, active, make_port = spec.options, spec.active, spec.make_port
+        deliver, family, address, options = spec.deliver, spec.family, spec.address, spec.options
         sock = None
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1433,12 +1432,20 @@ class IOThread:
                 )
             )
             return
-        conn = Conn(sock, LISTENER, port, deliver)
-        conn.make_port = make_port
-        conn.options = {**options, "sockname": sock.getsockname()}
-        conn.credit, conn.notify_passive = active
+        self.adopt_listener(request, spec, sock, sock.getsockname())
+
+    def adopt_listener(
+        self, request: object, spec: ListenRequest, sock: socket.socket, sockname: object
+    ) -> None:
+        """Make the listening socket ``sock`` (bound and listening, non-blocking) the
+        listener ``spec`` asked for, and answer ``request`` with ``(conn, sockname,
+        None)``: the step every kind of stream listener shares (TCP, Unix)."""
+        conn = Conn(sock, LISTENER, spec.port, spec.deliver)
+        conn.make_port = spec.make_port
+        conn.options = {**spec.options, "sockname": sockname}
+        conn.credit, conn.notify_passive = spec.active
         self._adopt(conn)
-        deliver((request, (conn, conn.options["sockname"], None)))
+        spec.deliver((request, (conn, sockname, None)))
         self._interest(conn, READ if conn.credit else 0)
 
     def _on_listener_event(self, listener: Conn, mask: int) -> None:

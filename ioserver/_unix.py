@@ -32,8 +32,7 @@ import stat
 
 from ._contract import ListenRequest
 from ._exceptions import ConnectError, errno_name
-from ._iothread import LISTENER, Conn, IOThread
-from ._poller import READ
+from ._iothread import IOThread
 
 __all__ = ["cmd_listen_unix", "is_abstract", "remove_stale_socket_file"]
 
@@ -111,8 +110,7 @@ def cmd_listen_unix(io: IOThread, request: object, spec: ListenRequest) -> None:
     """Listen on a Unix path on the I/O thread: answer ``request`` with
     ``(listener conn, path, None)`` or a :class:`ConnectError`.  Queued bound to its
     ``io`` (``functools.partial``), as ``IOThread.cmd_listen`` is bound to its own."""
-    port, deliver, path = spec.port, spec.deliver, spec.address
-    options, active, make_port = spec.options, spec.active, spec.make_port
+    deliver, path, options = spec.deliver, spec.address, spec.options
     sock = None
     try:
         remove_stale_socket_file(path)
@@ -138,10 +136,4 @@ def cmd_listen_unix(io: IOThread, request: object, spec: ListenRequest) -> None:
             )
         )
         return
-    conn = Conn(sock, LISTENER, port, deliver)
-    conn.make_port = make_port
-    conn.options = {**options, "sockname": path}
-    conn.credit, conn.notify_passive = active
-    io.adopt(conn)
-    deliver((request, (conn, path, None)))
-    io._interest(conn, READ if conn.credit else 0)
+    io.adopt_listener(request, spec, sock, path)

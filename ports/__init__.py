@@ -117,10 +117,10 @@ from ._port import Port as Port
 from ._port import PortStatistics as PortStatistics
 from ._port import connect_tcp as connect_tcp
 from ._port import listen_tcp as listen_tcp
+from ._process import ProcessPort as ProcessPort
+from ._process import open_process as open_process
 from ._select import select as select
 from ._stream import PortStream as PortStream
-from ._subprocess import ProcessPort as ProcessPort
-from ._subprocess import open_process as open_process
 from ._supervisor import AutoShutdown as AutoShutdown
 from ._supervisor import ChildSpec as ChildSpec
 from ._supervisor import Restart as Restart

@@ -688,15 +688,16 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         elif hub.is_trio:
             await _checkpoint_if_cancelled()
         conn = self._conn
+        window = self._window
         if (
             self._simple_send
             and message.__class__ is bytes
             and message
-            and self._window.queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
+            and window.queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
         ):
             # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
             size = len(message)
-            self._window.queued_bytes += size
+            window.queued_bytes += size
             hub.queued_bytes += size
             commands = self._io.commands
             commands.items.append((hub.cmd_send, conn, message))

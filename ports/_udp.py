@@ -1,6 +1,6 @@
 """UDP ports: datagrams in and out, with addresses, as messages (Erlang's ``gen_udp``).
 
-The I/O thread's half is :class:`ioserver._datagram.DatagramHandler`; this module is the
+The I/O thread's half is :class:`ioserver._udp.DatagramHandler`; this module is the
 actor's half.  A :class:`UDPPort` shares the TCP ports' machinery (buffer, waiting,
 owner, select, active modes, receive watermarks) through ``_PortBase``; what differs is
 that a message is a :class:`~ioserver.Datagram` rather than :class:`~ioserver.Data` (so
@@ -21,7 +21,6 @@ import trio
 import trio.abc
 
 from ioserver._contract import UDPRequest
-from ioserver._datagram import DatagramHandler, cmd_open_udp
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -33,6 +32,7 @@ from ioserver._exceptions import (
 from ioserver._messages import Closed, Datagram, Message
 from ioserver._options import UDPOptions, udp_options
 from ioserver._server import IOServer
+from ioserver._udp import DatagramHandler, cmd_open_udp
 
 from ._port import (
     PortStatistics,
