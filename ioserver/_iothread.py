@@ -64,6 +64,7 @@ from ._framing import FrameError, Framer, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
+from ._tcp import apply_stream_options, connect_error, listen_socket
 from ._wakeup import WakeupQueue
 
 __all__ = ["Conn", "IOThread", "raise_open_file_limit"]
@@ -1358,7 +1359,7 @@ class IOThread:
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            deliver((request, _connect_error(exc.errno, address)))
+            deliver((request, connect_error(exc.errno, address)))
             return
         sock.setblocking(False)
         conn = Conn(sock, CONNECTING, port, deliver)
@@ -1367,7 +1368,7 @@ class IOThread:
         conn.request = request
         conn.options = {"address": address}
         try:
-            _apply_stream_options(sock, options)
+            apply_stream_options(sock, options)
             result = sock.connect_ex(address)
         except OSError as exc:
             result = exc.errno or errno.EINVAL
@@ -1398,39 +1399,15 @@ class IOThread:
 
     def _connect_failed(self, conn: Conn, number: int, address: object) -> None:
         request, conn.request = conn.request, None
-        conn.deliver((request, _connect_error(number, address)))
+        conn.deliver((request, connect_error(number, address)))
         self._close(conn)
 
     # -- listen and accept --------------------------------------------------------------
     def cmd_listen(self, request: object, spec: ListenRequest) -> None:
-        deliver, family, address, options = spec.deliver, spec.family, spec.address, spec.options
-        sock = None
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            if options.get("reuseaddr", True):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if options.get("reuseport", False):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(options.get("backlog", 1024))
-        except OSError as exc:
-            if sock is not None:
-                sock.close()
-            name = errno_name(exc.errno)
-            deliver(
-                (
-                    request,
-                    ConnectError(
-                        f"cannot listen on {_format_address(address)}: "
-                        f"{exc.strerror or exc} ({name})",
-                        exc.errno,
-                        name,
-                    ),
-                )
-            )
+            sock = listen_socket(spec.family, spec.address, spec.options)
+        except ConnectError as exc:
+            spec.deliver((request, exc))
             return
         self.adopt_listener(request, spec, sock, sock.getsockname())
 
@@ -1477,7 +1454,7 @@ class IOThread:
             sock.setblocking(False)
             conn = Conn(sock, STREAM, None, deliver)
             try:
-                _apply_stream_options(sock, options)
+                apply_stream_options(sock, options)
             except OSError:
                 sock.close()  # the peer is already gone (e.g. reset before we looked)
                 continue
@@ -1499,30 +1476,3 @@ class IOThread:
     def cmd_stop(self, target: object, _: object) -> None:
         """Close every port and end the thread; each hub then gets its stop notice."""
         self._stopping = True
-
-
-def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6) and options.get("nodelay", True):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if options.get("keepalive"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if options.get("recbuf"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["recbuf"])
-    if options.get("sndbuf"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
-
-
-def _format_address(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    return repr(address)
-
-
-def _connect_error(number: int | None, address: object) -> ConnectError:
-    name = errno_name(number)
-    import os
-
-    reason = os.strerror(number) if number else "unknown error"
-    where = f" to {_format_address(address)}" if address is not None else ""
-    return ConnectError(f"cannot connect{where}: {reason} ({name})", number, name)

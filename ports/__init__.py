@@ -115,8 +115,6 @@ from ._mailbox import Mailbox as Mailbox
 from ._port import Listener as Listener
 from ._port import Port as Port
 from ._port import PortStatistics as PortStatistics
-from ._port import connect_tcp as connect_tcp
-from ._port import listen_tcp as listen_tcp
 from ._process import ProcessPort as ProcessPort
 from ._process import open_process as open_process
 from ._select import select as select
@@ -127,6 +125,8 @@ from ._supervisor import Restart as Restart
 from ._supervisor import RestartIntensityError as RestartIntensityError
 from ._supervisor import Strategy as Strategy
 from ._supervisor import Supervisor as Supervisor
+from ._tcp import connect_tcp as connect_tcp
+from ._tcp import listen_tcp as listen_tcp
 from ._timers import Deadline as Deadline
 from ._timers import Timeout as Timeout
 from ._timers import TimerRef as TimerRef

@@ -13,12 +13,11 @@ calls :meth:`_PortBase._deliver` in-loop.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Unpack, final
+from typing import Any, final
 
 import anyio
 import anyio.abc
@@ -26,7 +25,6 @@ import trio
 import trio.abc
 from anyio.abc import SocketAttribute
 
-from ioserver._contract import ConnectRequest, ListenRequest
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -42,13 +40,9 @@ from ioserver._framing import Framer, port_framer
 from ioserver._iothread import Conn, IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
-    LISTEN_OPTIONS,
     Active,
-    PortOptions,
     apply_active_mode,
-    check_options,
     parse_active,
-    port_options,
 )
 from ioserver._server import IOServer
 
@@ -60,10 +54,7 @@ _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 
-__all__ = ["Listener", "Port", "PortOptions", "PortStatistics", "connect_tcp", "listen_tcp"]
-
-#: Set in each worker of ``ioserver serve --workers N`` (to the worker's index).
-WORKER_ENVIRONMENT = "IOSERVER_WORKER"
+__all__ = ["Listener", "Port", "PortStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -858,114 +849,3 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
     if not seen:
         raise ConnectError(f"host {host!r} has no IPv4 or IPv6 address", None, "EAI_NODATA")
     return seen
-
-
-async def connect_tcp(
-    server: IOServer, host: str, port: int, **options: Unpack[PortOptions]
-) -> Port:
-    """Connect to ``host:port`` over TCP and return the open :class:`Port`.
-
-    As Erlang's ``gen_tcp:connect/3``.  The I/O thread connects without blocking; names
-    are resolved first (numeric addresses need no thread).  Each address is tried in turn.
-
-    Args:
-        server: the I/O server (from :func:`ioserver.open`).
-        host: a name or an IPv4/IPv6 address.
-        port: the TCP port, 0..65535.
-        options: the port's options, see :class:`PortOptions`.
-
-    Raises:
-        ConnectError: the name did not resolve (``errno_name`` like ``"EAI_NONAME"``) or
-            no address accepted the connection (``"ECONNREFUSED"``, ``"ETIMEDOUT"``...):
-            the message names the address and the cause.
-        OptionError: an unknown option or a wrong value.
-        ClosedPortError: the I/O server is closed.
-    """
-    hub = server._check_open("ports.connect_tcp")
-    credit, settings = port_options(dict(options), "a TCP port")
-    addresses = await _resolve(host, port, passive=False)
-    io = server._io
-    error: BaseException | None = None
-    for family, address in addresses:
-        result_port = Port(server, credit, settings)
-        request = _Request(io, hub)
-        io.submit(
-            io.cmd_connect,
-            request,
-            ConnectRequest(result_port, hub.deliver, family, address, settings, credit),
-        )
-        result = await request.wait()
-        if isinstance(result, BaseException):
-            error = result
-            continue
-        result_port._conn, result_port._local_address, result_port._remote_address = result
-        return result_port
-    assert error is not None
-    raise error
-
-
-async def listen_tcp(
-    server: IOServer,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    backlog: int = 1024,
-    reuseaddr: bool = True,
-    reuseport: bool | None = None,
-    **options: Unpack[PortOptions],
-) -> Listener:
-    """Listen on ``host:port`` for TCP connections; return the :class:`Listener`.
-
-    As Erlang's ``gen_tcp:listen/2``, except that the I/O thread accepts by itself: the
-    listener's messages are :class:`~ioserver.Accepted` ports.  ``port=0`` picks a free
-    port: read it from ``listener.local_address``.  Binds the first address ``host``
-    resolves to; IPv6 listeners are IPv6-only.
-
-    Args:
-        server: the I/O server.
-        host: the address to bind; ``"127.0.0.1"`` by default (never all interfaces
-            unless you say ``"0.0.0.0"`` or ``"::"``).
-        port: the TCP port, 0..65535.
-        backlog: the kernel's queue of connections not yet accepted.
-        reuseaddr: ``SO_REUSEADDR`` (default ``True``: restart without waiting).
-        reuseport: ``SO_REUSEPORT`` (several processes share the port); by default on
-            only in a worker of ``ioserver serve --workers N`` (where the environment
-            variable ``IOSERVER_WORKER`` is set), so that the workers share the port.
-        options: the options of each accepted port, see :class:`PortOptions`.
-
-    Raises:
-        ConnectError: the address is in use (``"EADDRINUSE"``), not local
-            (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve.
-        OptionError: an unknown option or a wrong value.
-        ClosedPortError: the I/O server is closed.
-    """
-    hub = server._check_open("ports.listen_tcp")
-    if reuseport is None:
-        reuseport = WORKER_ENVIRONMENT in os.environ
-    listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
-    check_options(listen_options, LISTEN_OPTIONS, "a TCP listener")
-    credit, settings = port_options(dict(options), "a TCP listener's ports")
-    all_options: dict[str, Any] = {**listen_options, **settings, "active": credit}
-    family, address = (await _resolve(host, port, passive=True))[0]
-    listener = Listener(server, (-1, False))
-    io = server._io
-
-    def make_port(conn: Conn, local_address: object, remote_address: object) -> Port:
-        # Runs on the I/O thread, once per accepted connection.
-        accepted = Port(server, credit, settings)
-        accepted._conn = conn
-        accepted._local_address = local_address
-        accepted._remote_address = remote_address
-        return accepted
-
-    request = _Request(io, hub)
-    io.submit(
-        io.cmd_listen,
-        request,
-        ListenRequest(listener, hub.deliver, family, address, all_options, (-1, False), make_port),
-    )
-    result = await request.wait()
-    if isinstance(result, BaseException):
-        raise result
-    listener._conn, listener._local_address, _ = result
-    return listener

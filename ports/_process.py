@@ -20,11 +20,11 @@ from typing import Any, Literal, Unpack
 from ioserver._exceptions import ClosedPortError, ConnectError, OptionError, errno_name
 from ioserver._iothread import STREAM, Conn
 from ioserver._messages import ExitStatus
-from ioserver._options import unix_options
+from ioserver._options import PortOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
-from ._port import Port, PortOptions
+from ._port import Port
 
 __all__ = ["ProcessPort", "open_process"]
 

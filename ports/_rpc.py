@@ -60,9 +60,10 @@ from ioserver._exceptions import (
 )
 from ioserver._framing import DEFAULT_PACKET_SIZE, PacketTooLarge
 from ioserver._messages import Accepted, Closed, Data
+from ioserver._options import PortOptions
 from ioserver._server import IOServer
 
-from ._port import Listener, Port, PortOptions, connect_tcp
+from ._port import Listener, Port
 from ._rpc_codec import (
     DEFAULT_MAX_DEPTH,
     Codec,
@@ -75,6 +76,7 @@ from ._rpc_codec import (
     unpackb,
 )
 from ._source import Waiter
+from ._tcp import connect_tcp
 
 __all__ = [
     "Client",

@@ -130,3 +130,14 @@ def test_only_the_framing_module_keys_on_packet_mode_names() -> None:
                     if isinstance(constant, ast.Constant) and constant.value in _MODE_NAMES:
                         found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, f"packet modes compared by name: {found}"
+
+
+def test_each_port_kind_is_a_same_named_pair() -> None:
+    # A port kind's I/O half (ioserver/_KIND.py) and loop half (ports/_KIND.py) carry the
+    # same name, and the loop half imports its I/O half: a new kind copies one pair.
+    graph = _graph()
+    for kind in ("tcp", "udp", "unix", "process", "zmq"):
+        io_half, loop_half = f"ioserver._{kind}", f"ports._{kind}"
+        assert io_half in graph and loop_half in graph, kind
+    for kind in ("udp", "unix", "process", "zmq"):
+        assert f"ioserver._{kind}" in graph[f"ports._{kind}"], kind
