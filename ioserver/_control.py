@@ -65,11 +65,12 @@ from typing import Any
 import zmq
 
 from . import _protocol as P
+from ._conn import CONNECTING, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, OptionError
 from ._flow import Window
 from ._framing import port_framer
-from ._iothread import CONNECTING, LISTENER, STREAM, Conn, Handler, IOThread
+from ._iothread import IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
 from ._options import LISTEN_OPTIONS, check_options, port_options
 from ._protocol import ProtocolViolation

@@ -44,8 +44,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._conn import Conn, Handler
 from ._contract import Deliver, LoopHalf
-from ._iothread import Conn, Handler, IOThread
+from ._iothread import IOThread
 from ._messages import Closed, ExitStatus
 from ._poller import READ
 

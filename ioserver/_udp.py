@@ -42,9 +42,10 @@ import socket
 from collections import deque
 from typing import Any
 
+from ._conn import ReceivingHandler
 from ._contract import Deliver, LoopHalf, UDPRequest
 from ._exceptions import ConnectError, errno_name
-from ._iothread import READ_SIZE, IOThread, ReceivingHandler
+from ._iothread import READ_SIZE, IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._poller import ERROR, READ, WRITE
 

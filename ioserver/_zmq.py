@@ -38,9 +38,10 @@ from typing import Any
 
 import zmq
 
+from ._conn import Handler, ReceivingHandler
 from ._contract import Deliver, LoopHalf
 from ._exceptions import errno_name
-from ._iothread import Handler, IOThread, ReceivingHandler
+from ._iothread import IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._poller import READ
 

@@ -25,6 +25,7 @@ import trio
 import trio.abc
 from anyio.abc import SocketAttribute
 
+from ioserver._conn import Conn
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -37,7 +38,7 @@ from ioserver._exceptions import (
 )
 from ioserver._flow import Window
 from ioserver._framing import Framer, port_framer
-from ioserver._iothread import Conn, IOThread
+from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
     Active,

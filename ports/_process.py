@@ -17,8 +17,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Unpack
 
+from ioserver._conn import STREAM, Conn
 from ioserver._exceptions import ClosedPortError, ConnectError, OptionError, errno_name
-from ioserver._iothread import STREAM, Conn
 from ioserver._messages import ExitStatus
 from ioserver._options import PortOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child

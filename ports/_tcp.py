@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any, Unpack
 
+from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest
-from ioserver._iothread import Conn
 from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, port_options
 from ioserver._server import IOServer
 

@@ -13,9 +13,9 @@ import socket
 from functools import partial
 from typing import Any, Unpack
 
+from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest
 from ioserver._exceptions import OptionError
-from ioserver._iothread import Conn
 from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
 from ioserver._server import IOServer
 from ioserver._unix import cmd_listen_unix
