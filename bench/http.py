@@ -1,8 +1,9 @@
 """HTTP benchmark: examples/httpd.py against the same handler on trio and on asyncio streams.
 
 Every server runs the very same sans-I/O handler (``HttpSession`` from examples/httpd.py: h11
-for parsing and writing, the file read whole per request, the same memory budgets), so the
-figures compare only how the bytes get to and from the sockets:
+for parsing and writing, the file read whole per request - or streamed a 256 KiB chunk at a
+time when larger, so any --size works - the same memory budgets), so the figures compare
+only how the bytes get to and from the sockets:
 
   ioserver        examples/httpd.py --root DIR --port PORT [--ioserver-args]
                   (asyncio on uvloop when installed, as `ioserver run` does)

@@ -1,6 +1,7 @@
 """Redis-protocol benchmark: examples/kvstore.py against a real redis-server, same run.
 
-Both are loaded by ``redis-benchmark -t set,get -n 100000 -c 50``, once without pipelining and
+Both are loaded by ``redis-benchmark -t set,get,incr,lpush,lpop,mset -n 100000 -c 50`` (``--tests``
+to choose), once without pipelining and
 once with ``-P 16`` (16 commands in flight per connection), each server in turn as a
 subprocess on a free loopback port (its own session; SIGTERM, then SIGKILL, afterwards - so
 the redis-server started here is always stopped):
@@ -12,8 +13,9 @@ the redis-server started here is always stopped):
 redis-server and redis-benchmark come from the system packages (redis-server, redis-tools);
 they are installed when absent and the script runs as root, else it says how.
 
-usage: python bench/redis.py [--requests 100000] [--clients 50] [--pipeline 16]
-                             [--rounds 1] [--only NAME,...] [--ioserver-args "..."] [--json FILE]
+usage: python bench/redis.py [--tests set,get,...] [--requests 100000] [--clients 50]
+                             [--pipeline 16] [--rounds 1] [--only NAME,...]
+                             [--ioserver-args "..."] [--json FILE]
 
 Prints requests/s per server, test and pipeline depth, then ratio = kvstore / redis-server.
 redis-server is written in C: the ratio says how far a Python server on ioserver is from it.
@@ -37,7 +39,9 @@ from pathlib import Path
 from _servers import REPO_ROOT, RunFailed, Server, free_port, running, tail
 
 KVSTORE = REPO_ROOT / "examples" / "kvstore.py"
-TESTS = ("SET", "GET")
+TESTS = "set,get,incr,lpush,lpop,mset"  # redis-benchmark -t (the commands users try first)
+# redis-benchmark's names for them in its CSV output
+NAMES = {"mset": "MSET (10 keys)", "lrange": "LRANGE_100 (first 100 elements)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,22 +91,28 @@ def servers(redis_server: str, ioserver_args: str) -> dict[str, Server]:
     }
 
 
-def parse_csv(text: str) -> dict[str, tuple[float, float]]:
-    """``{test: (requests/s, p50 ms)}`` from ``redis-benchmark --csv``."""
+def parse_csv(text: str, tests: set[str]) -> dict[str, tuple[float, float]]:
+    """``{test: (requests/s, p50 ms)}`` from ``redis-benchmark --csv``, for ``tests``
+    (redis-benchmark's names for them)."""
     out: dict[str, tuple[float, float]] = {}
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         raise RunFailed("redis-benchmark printed nothing")
     header = [cell.lower() for cell in rows[0]]
     for row in rows[1:]:
-        if len(row) < 2 or row[0] not in TESTS:
+        if len(row) < 2 or row[0] not in tests:
             continue
         record = dict(zip(header, row, strict=False))
         p50 = float(record.get("p50_latency_ms", "nan"))
         out[row[0]] = (float(record.get("rps", row[1])), p50)
     if not out:
-        raise RunFailed("no SET/GET lines in redis-benchmark's output", text[-2000:])
+        raise RunFailed("no lines for the tests in redis-benchmark's output", text[-2000:])
     return out
+
+
+def test_names(tests: str) -> set[str]:
+    """redis-benchmark's CSV names for the tests of ``-t``."""
+    return {NAMES.get(test, test.upper()) for test in tests.split(",") if test}
 
 
 def measure(
@@ -117,7 +127,7 @@ def measure(
         for pipeline in (1, args.pipeline):
             command = [
                 benchmark,
-                *("-h", "127.0.0.1", "-p", str(port), "-t", "set,get"),
+                *("-h", "127.0.0.1", "-p", str(port), "-t", args.tests),
                 *("-n", str(args.requests), "-c", str(args.clients), "-P", str(pipeline)),
                 "--csv",
             ]
@@ -131,13 +141,14 @@ def measure(
                 raise RunFailed(f"server exited with status {proc.returncode}", tail(err))
             if done.returncode != 0:
                 raise RunFailed(f"redis-benchmark exited with {done.returncode}", done.stderr)
-            for test, (requests_s, p50) in parse_csv(done.stdout).items():
+            for test, (requests_s, p50) in parse_csv(done.stdout, test_names(args.tests)).items():
                 results.append(Result(server.name, rnd, pipeline, test, requests_s, p50))
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", default=TESTS, help=f"redis-benchmark -t (default {TESTS})")
     parser.add_argument("--requests", type=int, default=100_000, help="redis-benchmark -n")
     parser.add_argument("--clients", type=int, default=50, help="redis-benchmark -c")
     parser.add_argument("--pipeline", type=int, default=16, help="the pipelined run's -P")
@@ -154,7 +165,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only: unknown {sorted(unknown)}; known: {sorted(table)}")
     print(
-        f"redis-benchmark -t set,get -n {args.requests} -c {args.clients}, -P 1 and "
+        f"redis-benchmark -t {args.tests} -n {args.requests} -c {args.clients}, -P 1 and "
         f"-P {args.pipeline}; {args.rounds} round(s); {os.cpu_count()} CPUs",
         flush=True,
     )
@@ -172,7 +183,7 @@ def main() -> None:
                 results += measured
                 for r in measured:
                     print(
-                        f"round {rnd} {name:13} -P {r.pipeline:<3} {r.test:4} "
+                        f"round {rnd} {name:13} -P {r.pipeline:<3} {r.test:14} "
                         f"{r.requests_s:11,.0f} req/s  p50 {r.p50_ms:6.3f} ms",
                         flush=True,
                     )
@@ -185,9 +196,9 @@ def main() -> None:
     print("\nbest runs (requests/s)   ratio = kvstore variant / redis-server")
     ratios: dict[str, float] = {}
     for pipeline in (1, args.pipeline):
-        for test in TESTS:
+        for test in sorted(test_names(args.tests)):
             redis = best.get(("redis", pipeline, test))
-            line = f"-P {pipeline:<3} {test:4}"
+            line = f"-P {pipeline:<3} {test:14}"
             for name in names:
                 r = best.get((name, pipeline, test))
                 line += f"  {name} {r.requests_s:10,.0f}" if r else f"  {name} -"

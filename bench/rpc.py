@@ -7,7 +7,7 @@ Client and server run in one process, on one event loop and one I/O thread (so t
 is the whole cost of a call: encode, the hops through the I/O thread both ways, decode and
 validation on both sides, a handler task per request).  Each caller loops
 ``await client.call(Add(a, b))`` for ``--seconds`` after a warm-up; the request and reply
-are small dataclasses (``Add(a: int, b: int)`` -> ``Sum(value: int)``).
+are small message classes (``Add(a: int, b: int)`` -> ``Sum(value: int)``, msgspec Structs).
 
 * ``one port``: the N callers share one :class:`ports.rpc.Client` (multiplexed: up to N
   calls in flight on one connection, matched by request id);
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 
 import anyio
 
@@ -32,14 +31,12 @@ import ports
 from ports import rpc
 
 
-@dataclass(frozen=True, slots=True)
-class Add:
+class Add(rpc.Message):
     a: int
     b: int
 
 
-@dataclass(frozen=True, slots=True)
-class Sum:
+class Sum(rpc.Message):
     value: int
 
 

@@ -160,7 +160,8 @@ async def connect(
     Raises:
         DaemonUnavailable: no daemon answered within ``timeout`` (none is running at the
             endpoint, or it refused this client's CURVE key), or an ``ipc://`` path does
-            not exist.
+            not exist; at once, without waiting, for a stale ``ipc://`` socket file
+            (nothing listens on it: its daemon died).
         UnsafeEndpointError: an ``ipc://`` endpoint another user could control: its
             directory is a symbolic link, another uid's or open to others (it must be
             0700), the socket file is a link or another uid's, or the process answering
@@ -178,6 +179,8 @@ async def connect(
             None,
             "ENOENT",
         )
+    if endpoint.startswith("ipc://") and _ipc.is_stale(endpoint[len("ipc://") :]):
+        raise DaemonUnavailable(_ipc.stale_message(endpoint), None, "ECONNREFUSED")
     if (curve_server_key is None) != (curve_certificate is None):
         raise OptionError("CURVE needs both curve_server_key and curve_certificate")
     async with AsyncExitStack() as stack:

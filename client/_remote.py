@@ -502,8 +502,10 @@ class RemoteIO(ZmqSocketHandler):
                     "malformed", "DATA with a size on a port whose packet mode delivers bytes"
                 )
             conn.sizes.append(size)
-        elif isinstance(data, bytes) and conn.sizes is None:
-            size = len(data)
+        elif isinstance(data, bytes):
+            size = len(data)  # in the daemon's units, which RESUME reports back
+            if conn.sizes is not None:  # a port of packets keeps each one's size
+                conn.sizes.append(size)
         else:
             raise ProtocolViolation(
                 "malformed", "DATA without a size must carry bytes, on a port that delivers bytes"

@@ -126,4 +126,4 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
 if __name__ == "__main__":
     import sys
 
-    ioserver.main(["run", __file__, *sys.argv[1:]])
+    sys.exit(ioserver.main(["run", __file__, *sys.argv[1:]]))

@@ -46,7 +46,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -65,32 +64,27 @@ MAX_CONCURRENT_CALLS = 16  #: requests running at once per connection
 
 
 class Request:
-    """The requests (a namespace: each variant is a frozen dataclass)."""
+    """The requests (a namespace: each variant is a message class, ``rpc.Message``)."""
 
-    @dataclass(frozen=True, slots=True)
-    class ListAll:
+    class ListAll(rpc.Message):
         """List every regular file, as sorted relative paths."""
 
-    @dataclass(frozen=True, slots=True)
-    class Size:
+    class Size(rpc.Message):
         """The size of one file in bytes."""
 
         path: str
 
-    @dataclass(frozen=True, slots=True)
-    class Get:
+    class Get(rpc.Message):
         """The content of one file, as UTF-8 text."""
 
         path: str
 
-    @dataclass(frozen=True, slots=True)
-    class Exists:
+    class Exists(rpc.Message):
         """Whether a regular file exists at ``path``."""
 
         path: str
 
-    @dataclass(frozen=True, slots=True)
-    class Del:
+    class Del(rpc.Message):
         """Delete one file."""
 
         path: str
@@ -99,28 +93,22 @@ class Request:
 class Reply:
     """The replies (a namespace, as :class:`Request`)."""
 
-    @dataclass(frozen=True, slots=True)
-    class Ok:
+    class Ok(rpc.Message):
         pass
 
-    @dataclass(frozen=True, slots=True)
-    class List:
+    class List(rpc.Message):
         files: list[str]
 
-    @dataclass(frozen=True, slots=True)
-    class Content:
+    class Content(rpc.Message):
         text: str
 
-    @dataclass(frozen=True, slots=True)
-    class Size:
+    class Size(rpc.Message):
         n: int
 
-    @dataclass(frozen=True, slots=True)
-    class Exists:
+    class Exists(rpc.Message):
         exists: bool
 
-    @dataclass(frozen=True, slots=True)
-    class Error:
+    class Error(rpc.Message):
         message: str
 
 
@@ -381,6 +369,4 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["client"]:
-        sys.exit(ioserver.run(main, sys.argv[1:]) or 0)
-    ioserver.main(["run", __file__, *sys.argv[1:]])
+    sys.exit(ioserver.main(["run", __file__, *sys.argv[1:]]))

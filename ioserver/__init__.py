@@ -18,6 +18,7 @@ from ._exceptions import IOServerError as IOServerError
 from ._exceptions import NotSupportedError as NotSupportedError
 from ._exceptions import OptionError as OptionError
 from ._exceptions import PacketTooLarge as PacketTooLarge
+from ._exceptions import PollerLimitError as PollerLimitError
 from ._exceptions import SendTimeoutError as SendTimeoutError
 from ._exceptions import UnsafeEndpointError as UnsafeEndpointError
 from ._exceptions import WouldBlock as WouldBlock
@@ -28,6 +29,7 @@ from ._messages import Datagram as Datagram
 from ._messages import Error as Error
 from ._messages import ExitStatus as ExitStatus
 from ._messages import Message as Message
+from ._messages import Packet as Packet
 from ._messages import Passive as Passive
 from ._server import IOServer as IOServer
 from ._server import IOServerStatistics as IOServerStatistics
@@ -55,8 +57,10 @@ __all__ = [
     "Message",
     "NotSupportedError",
     "OptionError",
+    "Packet",
     "PacketTooLarge",
     "Passive",
+    "PollerLimitError",
     "SendTimeoutError",
     "UnsafeEndpointError",
     "WouldBlock",

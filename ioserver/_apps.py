@@ -10,12 +10,12 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._exceptions import OptionError
+from ._exceptions import IOServerError, OptionError
 
-__all__ = ["load_app"]
+__all__ = ["call_app", "load_app"]
 
 
 def load_app(spec: str) -> Callable[..., Any]:
@@ -46,3 +46,29 @@ def load_app(spec: str) -> Callable[..., Any]:
     if function is None or not callable(function):
         raise OptionError(f"{target!r} has no function {function_name!r}")
     return function  # type: ignore[no-any-return]
+
+
+class _AppExit(IOServerError):
+    """An app called :func:`sys.exit` (argparse does, for ``--help`` and for a usage
+    error): its status, carried out of the event loop as an ordinary exception.
+
+    A :exc:`SystemExit` raised in a task is a :exc:`BaseException`: asyncio stops the loop
+    and logs the pending tasks, trio wraps it in a group, and the two backends exit with
+    different statuses.  Turned into this at the app's boundary, it unwinds the task
+    groups as any error does, and :func:`main` exits with the app's status."""
+
+    def __init__(self, code: object) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def call_app(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (an app), with :exc:`SystemExit` turned into :class:`_AppExit`."""
+
+    async def app(ios: Any, argv: Sequence[str]) -> Any:
+        try:
+            return await function(ios, argv)
+        except SystemExit as exc:
+            raise _AppExit(exc.code) from None
+
+    return app

@@ -57,6 +57,7 @@ class Conn(ReceiveFlow):
         "options",
         "out_bytes",
         "outq",
+        "packet_overhead",
         "packets_too_large",
         "paused",
         "port",
@@ -105,6 +106,7 @@ class Conn(ReceiveFlow):
         # The window's framer and sizes, copied for the hot path.
         self.framer: Framer | None = None
         self.sizes: deque[int] | None = None
+        self.packet_overhead = 0  # bytes charged per packet beyond its own (configure)
         # Packets a framed read decoded beyond the active credit: (payload, wire size)
         # in order, delivered by the next grants (see _deliver_payloads).  Non-empty only
         # while the credit is 0, and then the socket is not read.
@@ -122,6 +124,10 @@ class Conn(ReceiveFlow):
         self.configure_flow(options, window)
         self.framer = window.framer
         self.sizes = window.sizes
+        # Each packet is charged PACKET_OVERHEAD more than its bytes, where its objects
+        # stay (a port in this process); a daemon's port encodes its packets for the
+        # client at once, and its flow control counts in wire bytes, as the client's.
+        self.packet_overhead = 0 if self.sizes is None else window.packet_overhead
         self.send_low = options["low_watermark"]
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "LoopHalf",
     "MakePort",
     "PortIO",
+    "TunRequest",
     "UDPRequest",
 ]
 
@@ -149,6 +150,21 @@ class UDPRequest:
     bind: Any
     connect: Any
     #: The validated UDP options (``_options.udp_options``).
+    options: dict[str, Any]
+    active: tuple[int, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class TunRequest:
+    """Open ``/dev/net/tun`` and attach it to the TUN or TAP device ``name``."""
+
+    port: LoopHalf
+    deliver: Deliver
+    #: The device's name (empty: the kernel picks ``tunN``/``tapN``).
+    name: str
+    #: ``"tun"`` or ``"tap"``.
+    mode: str
+    #: The validated TUN/TAP options (``_options.tun_options``).
     options: dict[str, Any]
     active: tuple[int, bool]
 

@@ -79,6 +79,12 @@ from ._zmq import ZmqSocketHandler
 log = logging.getLogger("ioserver")
 
 RECEIVE_BATCH = 256  # frames taken from the control socket per round
+#: Messages the control endpoint runs per round of the I/O thread, all clients together:
+#: a frame holds up to ``max_messages`` (65,536), which at 1-2 us each would keep the
+#: thread from every other socket, timer and heartbeat for 100 ms or more.  The rest of a
+#: frame waits for the next round (``call_soon``), before any later frame is read, so a
+#: client's messages still run in order.
+MESSAGE_BUDGET = 2048
 _EAI_NAMES = {
     getattr(socket, name): name
     for name in dir(socket)
@@ -359,7 +365,14 @@ class Session:
         while self.pending:
             self.sent(self.pending.popleft()[1])
         self.control.backlogged.pop(self, None)
-        log.info("client %s %s: closed its %d ports", self.identity.hex(), why, count)
+        # A session that had no port (`ioserver status`, a probe) is not news at INFO.
+        log.log(
+            logging.INFO if count else logging.DEBUG,
+            "client %s %s: closed its %d ports",
+            self.identity.hex(),
+            why,
+            count,
+        )
 
 
 class ControlEndpoint(ZmqSocketHandler):
@@ -393,6 +406,10 @@ class ControlEndpoint(ZmqSocketHandler):
         self.sessions: dict[bytes, Session] = {}
         self.marked: list[Session] = []
         self.backlogged: dict[Session, None] = {}  # sessions with frames ZeroMQ refused
+        # The round's message budget (MESSAGE_BUDGET), and the rest of a frame it cut.
+        self._budget = MESSAGE_BUDGET
+        self._budget_round = -1
+        self._rest: tuple[bytes, Session | None, str | None, list[Any], int, int] | None = None
         self.budget = _Budget()
         self.faults = 0
         self.faults_unanswered = 0
@@ -423,8 +440,28 @@ class ControlEndpoint(ZmqSocketHandler):
 
     # -- receiving ------------------------------------------------------------------------
     def on_ready(self, mask: int) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        polls = self.io.polls
+        if self._budget_round != polls:  # a new round: a new budget
+            self._budget_round = polls
+            self._budget = MESSAGE_BUDGET
+        rest = self._rest
+        if rest is not None:  # the rest of a frame cut short by the last round's budget
+            self._rest = None
+            self._run(*rest)
+            if self._rest is not None or self.closed:
+                if not self.closed:
+                    self.io.call_soon(self)
+                return
+        if self._budget > 0:
             self._serve_frames(RECEIVE_BATCH)
+        else:
+            self.io.call_soon(self)
+
+    def _more_later(self) -> bool:
+        """The round's message budget is spent: read no more frames this round."""
+        return self._rest is not None or self._budget <= 0
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
@@ -462,8 +499,26 @@ class ControlEndpoint(ZmqSocketHandler):
                 "the token of its WELCOME, and under CURVE come from its client's key)",
             )
             return
-        refused = 0
-        for index, message in enumerate(messages):
+        self._run(identity, session, user, messages, 0, 0)
+
+    def _run(
+        self,
+        identity: bytes,
+        session: Session | None,
+        user: str | None,
+        messages: list[Any],
+        start: int,
+        refused: int,
+    ) -> None:
+        """Run ``messages[start:]`` of one frame (its token already checked), as far as
+        the round's message budget goes; keep the rest in ``_rest`` for the next round."""
+        limits = self.limits
+        for index in range(start, len(messages)):
+            if self._budget <= 0:
+                self._rest = (identity, session, user, messages, index, refused)
+                return
+            self._budget -= 1
+            message = messages[index]
             try:
                 if not (isinstance(message, list) and message and P.is_int(message[0])):
                     raise ProtocolViolation("malformed", "a message must be [opcode, ...]")
@@ -559,7 +614,7 @@ class ControlEndpoint(ZmqSocketHandler):
         session = Session(self, identity, secrets.token_bytes(P.TOKEN_SIZE))
         self.sessions[identity] = session
         self.sessions_opened += 1
-        log.info("client %s connected", identity.hex())
+        log.debug("client %s connected", identity.hex())
         session.emit([P.WELCOME, {**self.info, "token": session.token}])
         return session
 
@@ -948,6 +1003,7 @@ def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, 
     return {
         "pid": os.getpid(),
         "uptime": round(time.monotonic() - started, 3),
+        "poller": io.poller_name,
         "ports_open": io.ports_open,
         "ports_by_kind": kinds,
         "bytes_in": io.bytes_in,

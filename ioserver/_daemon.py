@@ -18,10 +18,10 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ import anyio
 import zmq
 import zmq.auth
 
-from . import _ipc
+from . import _ipc, _systemd
 from . import _protocol as P
 from ._control import ControlEndpoint, ControlLimits, io_status
 from ._exceptions import IOServerError, OptionError
@@ -57,7 +57,24 @@ class DaemonConfig:
     workers: int = 1
     worker_index: int | None = None
     memory_limit: int | None = None
+    #: The I/O thread's selector backend (:func:`ioserver.open`'s ``poller``); None: the
+    #: platform's best.
+    poller: str | None = None
     limits: ControlLimits = field(default_factory=ControlLimits)
+    #: ``HOST:PORT`` of the Prometheus endpoint (:mod:`ioserver._metrics`); "" for none.
+    metrics: str = ""
+    metrics_allow_remote: bool = False
+    #: ``ioserver serve``'s own arguments, as given (workers get them again, so that they
+    #: read the same --config file and variables, on SIGHUP too); None: rebuilt from here.
+    arguments: list[str] | None = None
+    #: SIGHUP: returns the configuration as it is now (the CLI reads its file and the
+    #: environment again, and configures the logging again); raises OptionError.
+    reload: Callable[[], DaemonConfig] | None = field(default=None, repr=False, compare=False)
+
+
+#: What SIGHUP changes in a running daemon (ControlEndpoint reads them at each request);
+#: the logging is configured again too.  Everything else needs a restart.
+RELOADABLE_LIMITS = ("max_sessions", "max_ports")
 
 
 class DaemonError(IOServerError):
@@ -115,18 +132,10 @@ def prepare_ipc(endpoint: str) -> str | None:
     path = endpoint[len("ipc://") :]
     _ipc.make_directory(os.path.dirname(os.path.abspath(path)))
     if _ipc.check_socket(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: its daemon died without cleaning up
-            log.info("removed the stale control socket %s", path)
-        except OSError:
-            pass
-        else:
+        if not _ipc.is_stale(path):
             raise DaemonError(f"a daemon already serves {endpoint}")
-        finally:
-            probe.close()
+        os.unlink(path)  # stale: its daemon died without cleaning up
+        log.info("removed the stale control socket %s", path)
     return path
 
 
@@ -169,7 +178,7 @@ def _start_authenticator(context: zmq.Context[Any], config: DaemonConfig) -> Any
 
 # -- one daemon -----------------------------------------------------------------------------
 async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
-    from ._apps import load_app
+    from ._apps import call_app, load_app
 
     io = ios._io
     started = time.monotonic()
@@ -179,7 +188,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
         words = shlex.split(spec)
         if not words:
             raise OptionError("--app needs an app: file.py[:function] or module[:function]")
-        apps.append((spec, load_app(words[0]), words[1:]))
+        apps.append((spec, call_app(load_app(words[0])), words[1:]))
     path = prepare_ipc(config.endpoint)
     context = io.zmq_context()
     authenticator = _start_authenticator(context, config) if config.curve_secret_key else None
@@ -223,33 +232,43 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
         io.zmq_sockets.add(sock)
         io.submit(_start_control, control, None)
         where = f" worker {worker}" if worker is not None else ""
-        log.info(
-            "ioserver daemon%s serving %s (pid %d, %s, heartbeat %.3g s)",
-            where,
-            config.endpoint,
-            os.getpid(),
-            "CURVE" if authenticator else "ipc 0700" if path else "tcp",
-            config.heartbeat,
-        )
-        async with anyio.create_task_group() as task_group:
-            for spec, function, argv in apps:
-                log.info("starting app %s", spec)
-                task_group.start_soon(function, ios, argv)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # The signals are ours before the daemon says it serves: from then on SIGTERM
+        # stops it cleanly and SIGHUP reloads, never their default actions.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            log.info(
+                "ioserver daemon%s serving %s (pid %d, %s, heartbeat %.3g s)",
+                where,
+                config.endpoint,
+                os.getpid(),
+                "CURVE" if authenticator else "ipc 0700" if path else "tcp",
+                config.heartbeat,
+            )
+            _systemd.notify(
+                "READY=1", f"STATUS=serving {config.endpoint}", f"MAINPID={os.getpid()}"
+            )
+            async with anyio.create_task_group() as task_group:
+                for spec, function, argv in apps:
+                    log.info("starting app %s", spec)
+                    task_group.start_soon(function, ios, argv)
                 async for number in signals:
+                    if number == signal.SIGHUP:
+                        hangup(config)
+                        continue
                     log.info("%s received: stopping", signal.Signals(number).name)
+                    _systemd.notify("STOPPING=1", "STATUS=stopping")
                     break
-            task_group.cancel_scope.cancel()
-        # Stop accepting clients and close their ports after their output; apps closed
-        # theirs as they were cancelled.  Then give the output a grace period.
-        io.submit(_close_control, control, None)
-        deadline = time.monotonic() + config.grace
-        # The I/O thread's queues, polled: there is no event to wait on.
-        while _pending_output(io) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await anyio.sleep(0.02)
-        left = _pending_output(io)
-        if left:
-            log.warning("grace period over: %d bytes of output dropped", left)
+                task_group.cancel_scope.cancel()
+            # Stop accepting clients and close their ports after their output; apps
+            # closed theirs as they were cancelled.  Then give the output a grace period
+            # - with the signals still ours: another SIGTERM does not cut it short.
+            io.submit(_close_control, control, None)
+            deadline = time.monotonic() + config.grace
+            # The I/O thread's queues, polled: there is no event to wait on.
+            while _pending_output(io) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+            left = _pending_output(io)
+            if left:
+                log.warning("grace period over: %d bytes of output dropped", left)
     finally:
         if authenticator is not None:
             authenticator.stop()
@@ -259,6 +278,54 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             except FileNotFoundError:
                 pass
     log.info("ioserver daemon%s stopped", f" worker {worker}" if worker is not None else "")
+
+
+def hangup(config: DaemonConfig) -> None:
+    """SIGHUP: reopen the log files and reload what can change without a restart - the
+    logging configuration and :data:`RELOADABLE_LIMITS` - from ``config.reload()``.
+
+    Never raises: a configuration that is wrong now is logged as an error and the running
+    one stays, whole."""
+    log.info("SIGHUP received: reopening the log files and reloading the configuration")
+    _systemd.notify("RELOADING=1", _systemd.reloading(), "STATUS=reloading")
+    try:
+        _reload(config)
+    finally:
+        _systemd.notify("READY=1", f"STATUS=serving {config.endpoint}")
+
+
+def _reload(config: DaemonConfig) -> None:
+    from ._logging import reopen_log_files
+
+    reopen_log_files()
+    if config.reload is None:
+        return
+    try:
+        new = config.reload()
+        _settle(new, quiet=True)
+    except Exception as exc:
+        log.error("SIGHUP: the configuration was not reloaded (the running one stays): %s", exc)
+        return
+    for name in RELOADABLE_LIMITS:
+        setattr(config.limits, name, getattr(new.limits, name))
+    restart = [
+        name
+        for name in ("endpoint", "apps", "heartbeat", "grace", "backend", "workers", "poller")
+        if getattr(new, name) != getattr(config, name)
+    ]
+    restart += [
+        name
+        for name in ("memory_limit", "max_frame", "session_queue")
+        if getattr(new.limits, name, getattr(new, name, None))
+        != getattr(config.limits, name, getattr(config, name, None))
+    ]
+    log.info(
+        "SIGHUP: configuration reloaded: logging, max-sessions %d, max-ports %d",
+        config.limits.max_sessions,
+        config.limits.max_ports,
+    )
+    if restart:
+        log.warning("SIGHUP: changed but needing a restart: %s", ", ".join(restart))
 
 
 def _start_control(control: ControlEndpoint, _: Any) -> None:
@@ -282,6 +349,70 @@ def _pending_output(io: Any) -> int:
 
 def serve(config: DaemonConfig) -> int:
     """Run the daemon (or, with ``workers > 1``, the supervisor); the exit status."""
+    _settle(config)
+    _systemd.claim_notify_socket()
+    # Until the event loop's receiver takes it, SIGHUP must not kill the daemon (its
+    # default action): a handler, not SIG_IGN, which programs started from here inherit.
+    signal.signal(signal.SIGHUP, _early_hangup)
+    # A worker starts with SIGHUP blocked (see _supervise): one sent meanwhile waits for
+    # the handler above instead of killing the worker in Python's startup.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    metrics = _start_metrics(config) if config.worker_index is None else None
+    try:
+        if config.workers > 1 and config.worker_index is None:
+            return _supervise(config)
+        if config.worker_index is not None:
+            _pin(config.worker_index, config.workers)
+        run(
+            _run_daemon,
+            config,
+            backend=config.backend,
+            use_uvloop=config.use_uvloop,
+            stop_on_signals=False,
+            memory_limit=config.memory_limit,
+            poller=config.poller,
+        )
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return 0
+
+
+def _start_metrics(config: DaemonConfig) -> Any:
+    """The ``--metrics`` HTTP endpoint, or None; each scrape asks the daemon (or the
+    supervisor, which asks every worker) for its status over the control endpoint.
+
+    Raises:
+        OptionError: a malformed or non-loopback address (without the flag).
+        DaemonError: the address cannot be bound.
+    """
+    if not config.metrics:
+        return None
+    from ._metrics import MetricsServer, parse_address
+
+    host, port = parse_address(config.metrics, allow_remote=config.metrics_allow_remote)
+    curve = _curve_for(config)
+    try:
+        return MetricsServer(
+            host, port, lambda: query_status(config.endpoint, timeout=2.0, curve=curve)
+        )
+    except OSError as exc:
+        raise DaemonError(
+            f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}"
+        ) from None
+
+
+def _early_hangup(number: int, frame: Any) -> None:
+    log.info("SIGHUP received while starting: nothing to reload yet")
+
+
+def _settle(config: DaemonConfig, *, quiet: bool = False) -> None:
+    """Check ``config`` and fill in what follows from it: the default endpoint, a session
+    queue bounded by the memory budget.
+
+    Raises:
+        DaemonError: an unsafe endpoint, a wrong heartbeat or grace, a wrong limit.
+    """
     if not config.endpoint:
         config.endpoint = P.default_endpoint()
     check_endpoint(config)
@@ -296,25 +427,13 @@ def serve(config: DaemonConfig) -> int:
         # One client that does not read must not hold the whole budget (which pauses
         # every port of the daemon): a quarter at most.
         queue = max(config.memory_limit // 4, 64 * 1024)
-        log.warning(
-            "--session-queue %d is above a quarter of --memory-limit: %d",
-            limits.session_queue,
-            queue,
-        )
+        if not quiet:
+            log.warning(
+                "--session-queue %d is above a quarter of --memory-limit: %d",
+                limits.session_queue,
+                queue,
+            )
         limits.session_queue = queue
-    if config.workers > 1 and config.worker_index is None:
-        return _supervise(config)
-    if config.worker_index is not None:
-        _pin(config.worker_index, config.workers)
-    run(
-        _run_daemon,
-        config,
-        backend=config.backend,
-        use_uvloop=config.use_uvloop,
-        stop_on_signals=False,
-        memory_limit=config.memory_limit,
-    )
-    return 0
 
 
 async def _run_daemon(ios: IOServer, config: DaemonConfig) -> None:
@@ -341,6 +460,19 @@ def _tcp_plus(endpoint: str, index: int) -> str:
 
 
 def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
+    worker = [
+        "--endpoint",
+        worker_endpoint(config.endpoint, index),
+        "--workers",
+        str(config.workers),
+        "--worker-index",
+        str(index),
+    ]
+    if config.arguments is not None:
+        # The user's own arguments: the worker reads the same --config file and
+        # environment, now and on SIGHUP; the last of an option given twice wins.
+        # The supervisor serves the metrics of all: "--metrics=" turns a worker's off.
+        return [sys.executable, "-m", "ioserver", "serve", *config.arguments, *worker, "--metrics="]
     argv = [
         sys.executable,
         "-m",
@@ -363,6 +495,8 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
         argv.append("--allow-all-interfaces")
     if config.memory_limit is not None:
         argv += ["--memory-limit", str(config.memory_limit)]
+    if config.poller is not None:
+        argv += ["--poller", config.poller]
     limits = config.limits
     argv += ["--max-frame", str(limits.max_frame), "--max-sessions", str(limits.max_sessions)]
     argv += ["--max-ports", str(limits.max_ports), "--session-queue", str(limits.session_queue)]
@@ -385,15 +519,33 @@ def _supervise(config: DaemonConfig) -> int:
             log.info("%s received: stopping the workers", signal.Signals(number).name)
         stopping = True
 
+    hangups = 0
+
+    def hangup_later(number: int, frame: Any) -> None:
+        nonlocal hangups
+        hangups += 1
+
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup_later)
     environment = dict(os.environ)
+    # Socket activation: the sockets systemd passed to the supervisor go to every worker
+    # (LISTEN_PID stays the supervisor's: a worker accepts its parent's; _systemd).
+    passed = [fd for fd, _ in _systemd.inherited_fds()]
     workers: list[subprocess.Popen[bytes] | None] = [None] * config.workers
     starts: list[float] = [0.0] * config.workers
     restarts = [0] * config.workers
 
     def start(index: int) -> None:
         environment[WORKER_ENVIRONMENT] = str(index)
-        workers[index] = subprocess.Popen(_worker_argv(config, index), env=environment)
+        # The worker inherits the signal mask: SIGHUP stays pending until its handler is
+        # in place (serve unblocks it), so a reload sent during its startup cannot kill it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            workers[index] = subprocess.Popen(
+                _worker_argv(config, index), env=environment, pass_fds=passed
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         starts[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, workers[index].pid)  # type: ignore[union-attr]
 
@@ -406,6 +558,11 @@ def _supervise(config: DaemonConfig) -> int:
     try:
         for index in range(config.workers):
             start(index)
+        _systemd.notify(
+            "READY=1",
+            f"STATUS=supervising {config.workers} workers, {config.endpoint}",
+            f"MAINPID={os.getpid()}",
+        )
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         while not stopping:
@@ -417,6 +574,12 @@ def _supervise(config: DaemonConfig) -> int:
                 raise
             if sock in ready:
                 _supervisor_answer(sock, config, workers, restarts, context)
+            if hangups:
+                hangups = 0
+                hangup(config)  # the supervisor's own log; then each worker does its part
+                for process in workers:
+                    if process is not None and process.poll() is None:
+                        process.send_signal(signal.SIGHUP)
             for index, process in enumerate(workers):
                 if process is not None and process.poll() is not None and not stopping:
                     log.error(
@@ -430,6 +593,7 @@ def _supervise(config: DaemonConfig) -> int:
                         time.sleep(1.0)  # it died at once: do not spin
                     start(index)
     finally:
+        _systemd.notify("STOPPING=1", "STATUS=stopping the workers")
         for process in workers:
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -560,7 +724,8 @@ def query_status(
     ``curve`` is ``(server public certificate file, client secret certificate file)``.
 
     Raises:
-        DaemonError: no answer within ``timeout`` seconds, or a malformed answer.
+        DaemonError: no answer within ``timeout`` seconds, a malformed answer, or (at
+            once) an ``ipc://`` socket file that nothing listens on: a stale socket.
         UnsafeEndpointError: an ``ipc://`` endpoint another user could control, or
             answered by a process of another uid (see :mod:`ioserver._ipc`).
     """
@@ -580,6 +745,8 @@ def query_status(
         ipc = endpoint.startswith("ipc://")
         if ipc and not _ipc.client_check(endpoint[len("ipc://") :]):
             raise DaemonError(f"no ioserver daemon at {endpoint}: the socket file does not exist")
+        if ipc and _ipc.is_stale(endpoint[len("ipc://") :]):
+            raise DaemonError(_ipc.stale_message(endpoint))
         sock.connect(endpoint)
         sock.send(P.pack([[P.HELLO, P.VERSION], [P.STATUS, 1], [P.BYE]]))
         deadline = time.monotonic() + timeout
@@ -617,6 +784,7 @@ def format_status(status: dict[str, Any]) -> str:
             f"worker {worker.get('worker') if worker.get('worker') is not None else '-'}"
             f"  pid {worker.get('pid')}  uptime {worker.get('uptime', 0):.0f} s"
             f"  endpoint {worker.get('endpoint')}"
+            + (f"  poller {worker['poller']}" if worker.get("poller") else "")
         )
         if "error" in worker:
             lines.append(f"  unreachable: {worker['error']}")

@@ -11,6 +11,7 @@ so code written against either library catches them unchanged::
 from __future__ import annotations
 
 import errno as _errno
+from typing import Any
 
 import anyio
 import trio
@@ -26,6 +27,7 @@ __all__ = [
     "NotSupportedError",
     "OptionError",
     "PacketTooLarge",
+    "PollerLimitError",
     "SendTimeoutError",
     "UnsafeEndpointError",
     "WouldBlock",
@@ -171,3 +173,28 @@ class PacketTooLarge(FrameError):
         super().__init__(f"{what} of {size} bytes exceeds packet_size={limit}")
         self.limit = limit
         self.size = size
+
+
+class PollerLimitError(ConnectError):
+    """The I/O thread's poller cannot watch this port's descriptor: the port is not opened.
+
+    Only ``select`` has such a limit: it watches descriptors below ``FD_SETSIZE`` (1024)
+    only, as ``select(2)`` does.  Raised by the call that opens the port (a listener that
+    accepts such a connection closes it and gets an :class:`~ioserver.Error` with
+    ``errno_name="EMFILE"`` instead); every other port goes on.  ``poller`` names the
+    backend, ``fd`` the descriptor and ``limit`` the bound.  It is a
+    :exc:`ConnectError` (``errno`` ``None``): open fewer descriptors, or choose
+    ``poller="epoll"`` or ``"poll"`` in :func:`ioserver.open`.
+    """
+
+    def __init__(self, poller: str, fd: int, limit: int) -> None:
+        super().__init__(
+            f"the {poller} poller cannot watch fd {fd}: it watches descriptors below "
+            f"FD_SETSIZE ({limit}) only; use poller='epoll' or 'poll', or open fewer files"
+        )
+        self.poller = poller
+        self.fd = fd
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.poller, self.fd, self.limit))

@@ -31,7 +31,10 @@ counters; each counter only grows.  The difference is what is buffered.
 A message is charged its size in bytes: a ``bytes`` payload its ``len()``; a decoded
 object (a framer with :attr:`~._framing.Framer.decodes_objects`) its share of the wire
 bytes it was decoded from, which the I/O half appends to ``window.sizes`` before it
-delivers the message and the loop half pops when the owner takes it.
+delivers the message and the loop half pops when the owner takes it.  A packet of a framed
+port in this process is charged ``window.packet_overhead`` more
+(:data:`~._framing.PACKET_OVERHEAD`: what its Python objects hold), so every such port
+keeps ``window.sizes``; a daemon's port charges wire bytes, as its client counts them.
 
 Delivered and not taken above a high watermark (``high_msgq_watermark`` bytes, or
 ``high_msgq_messages``) stops reading this socket alone - TCP then pushes back on this
@@ -94,6 +97,7 @@ field                       written by             read by
 ``Window.consumed_*``       the loop half          the I/O half (check, pause, resume)
 ``Window.sizes``            both: I/O appends,     -
                             loop pops
+``Window.packet_overhead``  the loop half, once    the I/O half (``Conn.configure``)
 ``Window.queued_bytes``,    the loop half          the I/O half (when output drains: is a
 ``Window.send_blocked``                            sender waiting for WRITABLE?)
 ``ReceiveFlow.delivered_*`` the I/O half           the loop half (statistics, resume check)
@@ -143,6 +147,7 @@ class Window:
         "framer",
         "on_gone",
         "on_pause",
+        "packet_overhead",
         "queued_bytes",
         "resume_generation",
         "send_blocked",
@@ -150,7 +155,7 @@ class Window:
         "task_waits",
     )
 
-    def __init__(self, framer: Framer | None = None) -> None:
+    def __init__(self, framer: Framer | None = None, packet_overhead: int = 0) -> None:
         #: Bytes and messages the owner took (received, handed to a mailbox, dropped).
         self.consumed_bytes = 0
         self.consumed_messages = 0
@@ -158,9 +163,16 @@ class Window:
         self.resume_generation = 0
         #: The port's framer (None: raw), run by the I/O half; the loop half frames with it.
         self.framer = framer
-        #: With a framer that decodes objects: the wire size of each undelivered message.
+        #: Bytes charged for each packet beyond its own size (``PACKET_OVERHEAD`` for a
+        #: framed port of this process, whose packets stay here as Python objects; 0 for
+        #: a daemon's port, which encodes its packets for the client at once).
+        self.packet_overhead = packet_overhead if framer is not None else 0
+        #: The charge of each undelivered message, as the I/O half computed it: with a
+        #: framer that decodes objects, or any framer charging ``packet_overhead``.
         self.sizes: deque[int] | None = (
-            deque() if framer is not None and framer.decodes_objects else None
+            deque()
+            if framer is not None and (framer.decodes_objects or self.packet_overhead)
+            else None
         )
         #: Bytes the owner queued for sending, ever; and whether a sender waits for the
         #: output to drain below the low watermark (then the I/O half delivers WRITABLE).

@@ -59,9 +59,9 @@ from typing import Any
 from ._aio import BatchWriter, open_batch_writer
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
-from ._exceptions import ConnectError, errno_name
+from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._flow import ReceiveFlow
-from ._framing import FrameError, PacketTooLarge
+from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
@@ -138,6 +138,9 @@ class IOThread:
         self.memory_reserve = 0 if memory_limit is None else memory_limit // 4
         # Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
         self._read_floor = READ_SIZE + self.memory_reserve
+        # Below this headroom a read of packets could be charged more than is left (each
+        # packet PACKET_OVERHEAD on top of its bytes): such reads are shortened.
+        self._packet_floor = READ_SIZE * (1 + PACKET_OVERHEAD) + self.memory_reserve
         self.reserve_reads = 0  # reads made into the reserve, ever
         self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
@@ -147,7 +150,14 @@ class IOThread:
         self._poller = make_poller(poller)
         self.poller_name = self._poller.name
         self.commands: WakeupQueue[tuple[Callable[..., None], Any, Any]] = WakeupQueue()
-        self._poller.register_wakeup(self.commands.wakeup.fileno())
+        try:
+            # select's FD_SETSIZE: in a process with a thousand files open already, the
+            # server cannot start (PollerLimitError names the poller and the limit).
+            self._poller.register_wakeup(self.commands.wakeup.fileno())
+        except BaseException:
+            self._poller.close()
+            self.commands.close()
+            raise
         # The port table: fd -> Conn, sized from the open-file limit (capped; it grows).
         self._table: list[Any] = [None] * min(self.fd_limit, 1 << 16)
         self._wakeup_slot = _WakeupSlot()
@@ -248,8 +258,16 @@ class IOThread:
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_sequence, handle))
         return handle
 
+    def check_fd(self, fd: int) -> None:
+        """Raise :exc:`~ioserver.PollerLimitError` if the poller cannot watch ``fd``
+        (select's ``FD_SETSIZE``).  Any thread may call it: it reads constants only."""
+        self._poller.check(fd)
+
     def adopt(self, entry: Any) -> None:
-        """Put a handler (or stream) in the port table under its fd."""
+        """Put a handler (or stream) in the port table under its fd.
+
+        Raises :exc:`~ioserver.PollerLimitError`, and changes nothing, when the poller
+        cannot watch that fd (select's ``FD_SETSIZE``): the caller refuses that port."""
         self._adopt(entry)
 
     def release(self, entry: Any) -> None:
@@ -346,6 +364,7 @@ class IOThread:
         flush_wait = False
         wait_for_flush = self._wait_for_flush
         read_floor = self._read_floor
+        packet_floor = self._packet_floor
         try:
             while not self._stopping:
                 # Bytes this round may still read: the budget is firm, so a read that
@@ -394,8 +413,16 @@ class IOThread:
                                 continue
                             if headroom < read_floor and self._budget_blocks(conn, headroom):
                                 continue
+                            # A port of packets charges each one PACKET_OVERHEAD too:
+                            # when the budget is short, it reads only what it can charge.
+                            framed_short = headroom < packet_floor and conn.packet_overhead
                             try:
-                                n = conn.sock.recv_into(buffer)
+                                if framed_short:
+                                    n = conn.sock.recv_into(
+                                        buffer, self._packet_read_size(conn, headroom)
+                                    )
+                                else:
+                                    n = conn.sock.recv_into(buffer)
                             except BlockingIOError:
                                 continue
                             except OSError as exc:
@@ -414,6 +441,13 @@ class IOThread:
                                     conn.delivered_bytes += n
                                     if conn.credit > 0:
                                         self._spend_credit(conn, 1)
+                                elif framed_short:
+                                    # Its charge beyond n comes off this round's headroom.
+                                    mark = self.delivered_total + self.framing_bytes
+                                    delivered = self._deliver_framed(conn, n)
+                                    headroom -= self.delivered_total + self.framing_bytes - mark
+                                    if not delivered:
+                                        continue
                                 elif not self._deliver_framed(conn, n):
                                     continue
                                 if (
@@ -732,6 +766,7 @@ class IOThread:
                     self._interest(listener, READ if listener.credit else 0)
 
     def _adopt(self, conn: Conn) -> None:
+        self._poller.check(conn.fd)  # PollerLimitError: this port only, nothing changed
         self._put_table(conn.fd, conn)
         self.ports_open += 1
 
@@ -771,7 +806,7 @@ class IOThread:
         # itself back (see _deliver_payloads), what is held is charged as framing.
         self.delivered_total -= n
         if payloads:
-            if conn.sizes is None:  # bytes payloads: their own length
+            if not framer.decodes_objects:  # bytes payloads: their own length
                 shares = [len(payload) for payload in payloads]
             else:
                 # Decoded objects: charge the wire bytes this read consumed, shared among
@@ -779,6 +814,11 @@ class IOThread:
                 share, extra = divmod(n + before - after, len(payloads))
                 shares = [share] * len(payloads)
                 shares[-1] += extra
+            overhead = conn.packet_overhead
+            if overhead:
+                # What a packet holds in Python objects beyond its bytes: charged too, so
+                # that many small packets cannot pass the budget.
+                shares = [share + overhead for share in shares]
             self._deliver_payloads(conn, payloads, shares)
         return True
 
@@ -946,6 +986,15 @@ class IOThread:
         conn.global_paused = False
         if not conn.closed:
             self._stream_interest(conn)
+
+    def _packet_read_size(self, conn: Conn, headroom: int) -> int:
+        """Bytes a port of packets may read when the budget is short: so many that, were
+        each byte a packet charged PACKET_OVERHEAD more, the read still fits what is left
+        for it (all of ``headroom`` for a waiting owner, else what the reserve leaves).
+        ``_budget_blocks`` let the read happen, so that is a whole read at least and
+        the answer at least ``READ_SIZE // (1 + PACKET_OVERHEAD)`` bytes."""
+        room = headroom if conn.owner_waits() else headroom - self.memory_reserve
+        return max(min(room // (1 + PACKET_OVERHEAD), READ_SIZE), 1)
 
     def _budget_blocks(self, conn: Conn, headroom: int) -> bool:
         """A read is due but ``headroom`` is below a whole read plus the reserve: read into
@@ -1158,6 +1207,12 @@ class IOThread:
         except OSError as exc:
             deliver((request, connect_error(exc.errno, address)))
             return
+        try:
+            self._poller.check(sock.fileno())  # before connecting: no peer sees it
+        except PollerLimitError as exc:
+            sock.close()
+            deliver((request, exc))
+            return
         sock.setblocking(False)
         conn = Conn(sock, CONNECTING, port, deliver)
         conn.configure(options, port._window)
@@ -1213,12 +1268,19 @@ class IOThread:
     ) -> None:
         """Make the listening socket ``sock`` (bound and listening, non-blocking) the
         listener ``spec`` asked for, and answer ``request`` with ``(conn, sockname,
-        None)``: the step every kind of stream listener shares (TCP, Unix)."""
+        None)``: the step every kind of stream listener shares (TCP, Unix, a socket
+        systemd passed).  A poller that cannot watch it (select's ``FD_SETSIZE``) answers
+        :exc:`~ioserver.PollerLimitError` instead, and ``sock`` is closed."""
         conn = Conn(sock, LISTENER, spec.port, spec.deliver)
         conn.make_port = spec.make_port
         conn.options = {**spec.options, "sockname": sockname}
         conn.credit, conn.notify_passive = spec.active
-        self._adopt(conn)
+        try:
+            self._adopt(conn)
+        except PollerLimitError as exc:
+            sock.close()
+            spec.deliver((request, exc))
+            return
         spec.deliver((request, (conn, sockname, None)))
         self._interest(conn, READ if conn.credit else 0)
 
@@ -1248,6 +1310,14 @@ class IOThread:
                     self._interest(listener, 0)
                     self._paused_listeners.append(listener)
                 return
+            try:
+                self._poller.check(sock.fileno())
+            except PollerLimitError as exc:
+                # As a listener out of descriptors: the connection is refused, the
+                # listener and every other port go on.
+                sock.close()
+                deliver((lport, Error("EMFILE", None, f"accept refused: {exc}")))
+                continue
             sock.setblocking(False)
             conn = Conn(sock, STREAM, None, deliver)
             try:

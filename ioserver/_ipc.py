@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 from typing import Any
 
@@ -35,9 +36,11 @@ __all__ = [
     "check_directory",
     "check_socket",
     "client_check",
+    "is_stale",
     "make_directory",
     "peer_uid",
     "refuse_peer",
+    "stale_message",
 ]
 
 
@@ -133,6 +136,37 @@ def client_check(path: str) -> bool:
     except FileNotFoundError:
         return False
     return check_socket(path)
+
+
+def is_stale(path: str) -> bool:
+    """Whether the Unix socket file at ``path`` is *stale*: nothing listens on it (its
+    daemon died without removing it).
+
+    The probe is a non-blocking ``connect(2)``: ``ECONNREFUSED`` means no process holds
+    the listening socket any more, which the kernel knows at once - no timeout is waited
+    for.  Any other outcome (connected, a full backlog, a permission error) counts as a
+    live socket.  A connection that succeeds is closed at once; libzmq drops it as a peer
+    that never greeted.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+def stale_message(endpoint: str) -> str:
+    """The one line said about a stale socket, by ``ioserver status`` and clients."""
+    return (
+        f"stale socket, no daemon: {endpoint} is left from a daemon that died "
+        "(`ioserver serve` removes it when it starts)"
+    )
 
 
 def peer_uid(frame: Any) -> int | None:

@@ -7,6 +7,7 @@ They are frozen, slotted dataclasses, so they compare by value, pattern-match wi
 :class:`Passive`; an accepted connection arrives on a listener as :class:`Accepted`.  A UDP
 port delivers :class:`Datagram` (``{udp, Socket, IP, Port, Data}``) and a process port ends
 with :class:`ExitStatus` (``{Port, {exit_status, Status}}``) before its :class:`Closed`.
+A TUN/TAP port delivers :class:`Packet`: a device's packet has no sender address.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Accepted", "Closed", "Data", "Datagram", "Error", "ExitStatus", "Message", "Passive"]
+__all__ = [
+    "Accepted",
+    "Closed",
+    "Data",
+    "Datagram",
+    "Error",
+    "ExitStatus",
+    "Message",
+    "Packet",
+    "Passive",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +105,19 @@ class Datagram:
 
 
 @dataclass(frozen=True, slots=True)
+class Packet:
+    """One packet read from a TUN/TAP device, or one to write to it (:func:`ports.open_tun`).
+
+    ``data`` is the whole packet as the kernel hands it over with ``IFF_NO_PI`` (no
+    packet-information header): an IPv4 or IPv6 packet on a TUN device, an Ethernet frame
+    on a TAP device.  One read of the device is one ``Packet``, one ``Packet`` sent is one
+    write, so packet boundaries are kept, as :class:`Datagram` keeps a datagram's.
+    """
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ExitStatus:
     """The program behind a process port ended (Erlang's ``{Port, {exit_status, Status}}``).
 
@@ -105,7 +129,7 @@ class ExitStatus:
     status: int
 
 
-Message = Data | Accepted | Closed | Error | Passive | Datagram | ExitStatus
+Message = Data | Accepted | Closed | Error | Passive | Datagram | Packet | ExitStatus
 """Any message a port delivers."""
 
 PASSIVE = Passive()

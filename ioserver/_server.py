@@ -38,7 +38,8 @@ class IOServerStatistics:
     wake-ups were saved because the other side was awake.
     """
 
-    poller: str  #: the selector backend of the I/O thread ("epoll", "selectors (...)")
+    #: the I/O thread's selector backend: "epoll", "poll", "select" or "selectors (...)"
+    poller: str
     backend: str  #: the event loop's library: "trio" or "asyncio"
     fd_limit: int  #: the soft open-file limit after raising it to the hard limit
     ports_open: int  #: sockets the I/O thread holds open now (listeners included)
@@ -172,8 +173,13 @@ async def open(
     open-file limit is raised to the hard limit, and the port table is sized from it.
 
     Args:
-        poller: the I/O thread's selector: ``"epoll"`` (the default on Linux) or
-            ``"selectors"`` (the standard library's best, e.g. kqueue).
+        poller: the I/O thread's selector backend (:doc:`/reference/pollers`):
+            ``"epoll"`` (Linux; the default there), ``"poll"`` (POSIX) or ``"select"``
+            (descriptors below ``FD_SETSIZE``, 1024, only: a port whose descriptor is at
+            or above it is refused with :exc:`~ioserver.PollerLimitError`), or
+            ``"selectors"``, the standard library's ``DefaultSelector`` (kqueue on the BSDs
+            and macOS: the default where there is no epoll).  ``statistics().poller``
+            names the one in use.
         memory_limit: the global budget in bytes for everything the server buffers:
             input delivered to owners and not yet taken, framing buffers and output not
             yet written.  Ordinary reads pause at three quarters of it (TCP backpressure
@@ -188,8 +194,10 @@ async def open(
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
 
     Raises:
-        OptionError: an unknown poller, a limit that is not a positive int, or an event
-            loop that is neither trio nor asyncio.
+        OptionError: an unknown poller (or one this platform lacks), a limit that is not
+            a positive int, or an event loop that is neither trio nor asyncio.
+        PollerLimitError: ``poller="select"`` in a process whose descriptors already
+            reach ``FD_SETSIZE``: the I/O thread's own wake-up descriptor is beyond it.
     """
     if memory_limit is not None and isinstance(memory_limit, int) and memory_limit < MIN_MEMORY:
         raise OptionError(
@@ -239,6 +247,7 @@ def run(
     stop_on_signals: bool = True,
     memory_limit: int | None = None,
     switch_interval: float | None = SWITCH_INTERVAL,
+    poller: str | None = None,
 ) -> T | None:
     """Run ``main(ios, *args)`` on a new event loop with an embedded I/O server.
 
@@ -252,6 +261,8 @@ def run(
             (every port closed, the I/O thread joined) instead of raising
             :exc:`KeyboardInterrupt`; ``run`` then returns ``None``.
         memory_limit: the I/O server's global budget in bytes (see :func:`open`).
+        poller: the I/O thread's selector backend (see :func:`open`); ``None``: the
+            platform's best.
         switch_interval: seconds, :func:`sys.setswitchinterval` while ``main`` runs
             (restored after).  The I/O thread and the event loop hand the GIL to each
             other all the time; with Python's default 5 ms a thread that wants it can wait
@@ -262,7 +273,10 @@ def run(
         What ``main`` returned, or ``None`` if a signal stopped it.
 
     Raises:
-        OptionError: an unknown backend, or ``use_uvloop=True`` without uvloop installed.
+        OptionError: an unknown backend or poller, or ``use_uvloop=True`` without uvloop
+            installed.
+        PollerLimitError: ``poller="select"`` in a process whose descriptors already
+            reach ``FD_SETSIZE`` (1024).
     """
     if backend not in ("asyncio", "trio"):
         raise OptionError(f"backend must be 'asyncio' or 'trio', not {backend!r}")
@@ -276,7 +290,7 @@ def run(
             options["use_uvloop"] = True
 
     async def _main() -> T | None:
-        async with open(memory_limit=memory_limit) as ios:
+        async with open(memory_limit=memory_limit, poller=poller) as ios:
             if not stop_on_signals:
                 return await main(ios, *args)
             result: list[T] = []

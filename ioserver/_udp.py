@@ -44,7 +44,7 @@ from typing import Any
 
 from ._conn import ReceivingHandler
 from ._contract import Deliver, LoopHalf, UDPRequest
-from ._exceptions import ConnectError, errno_name
+from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._iothread import READ_SIZE, IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._poller import ERROR, READ, WRITE
@@ -58,7 +58,15 @@ _RECV_FLAGS = _MSG_TRUNC if hasattr(socket, "SO_PEERCRED") else 0
 
 
 class DatagramHandler(ReceivingHandler):
-    """The I/O thread's half of a UDP port (see the module docstring)."""
+    """The I/O thread's half of a UDP port (see the module docstring).
+
+    A packet device's handler (``ioserver._tun``) subclasses it: its ``sock`` need only
+    have ``fileno``, ``recvmsg_into``, ``send``, ``getsockopt`` and ``close``;
+    ``message`` makes the message of one read from ``(data, address)``, and the
+    ``*_detail`` hooks word its errors.
+    """
+
+    message: Any = Datagram
 
     def __init__(
         self,
@@ -143,6 +151,7 @@ class DatagramHandler(ReceivingHandler):
         buffers = [self.view]
         port = self.port
         deliver = self.deliver
+        message = self.message
         received = 0
         for _ in range(self.read_packets):
             if received + size > allowance:
@@ -154,20 +163,15 @@ class DatagramHandler(ReceivingHandler):
             except OSError as exc:
                 # An ICMP error queued on the socket (ECONNREFUSED, EHOSTUNREACH...): the
                 # read consumed it; the next one may find a datagram.
-                self._error(exc.errno, " (reported by the network for an earlier datagram)")
+                self._error(exc.errno, self._read_error_detail())
                 continue
             if flags & _MSG_TRUNC:
                 self.datagrams_too_large += 1
-                real = f"{n} bytes" if n > size else "more"
-                self._error(
-                    errno.EMSGSIZE,
-                    f": a datagram of {real} from {address!r} exceeds max_datagram={size} "
-                    "bytes; it was dropped",
-                )
+                self._error(errno.EMSGSIZE, self._too_large_detail(n, size, address))
                 continue
             received += n
             self.datagrams_in += 1
-            deliver((port, Datagram(bytes(self.view[:n]), address)))
+            deliver((port, message(bytes(self.view[:n]), address)))
             self.delivered_messages += 1
             self.delivered_bytes += n
             credit = self.credit
@@ -184,6 +188,19 @@ class DatagramHandler(ReceivingHandler):
         io.bytes_in += received
         io.delivered_total += received
         self._update_interest()
+
+    def _read_error_detail(self) -> str:
+        return " (reported by the network for an earlier datagram)"
+
+    def _too_large_detail(self, n: int, size: int, address: Any) -> str:
+        real = f"{n} bytes" if n > size else "more"
+        return (
+            f": a datagram of {real} from {address!r} exceeds max_datagram={size} "
+            "bytes; it was dropped"
+        )
+
+    def _dropped_detail(self, size: int, address: Any) -> str:
+        return f": a datagram of {size} bytes to {address!r} was dropped"
 
     def _error(self, number: int | None, detail: str) -> None:
         """Deliver an :class:`Error` that does not close the port."""
@@ -234,7 +251,7 @@ class DatagramHandler(ReceivingHandler):
                 self.out_bytes -= size
                 self.out_done += size
                 io.bytes_discarded += size
-                self._error(exc.errno, f": a datagram of {size} bytes to {address!r} was dropped")
+                self._error(exc.errno, self._dropped_detail(size, address))
                 continue
             outq.popleft()
             size = len(data)
@@ -341,6 +358,11 @@ def cmd_open_udp(io: IOThread, request: object, spec: UDPRequest) -> None:
         deliver((request, exc))
         return
     handler = DatagramHandler(io, sock, port, deliver, options, active)
-    io.adopt(handler)
+    try:
+        io.adopt(handler)
+    except PollerLimitError as exc:
+        sock.close()
+        deliver((request, exc))
+        return
     deliver((request, (handler, local, connect)))
     handler._update_interest()

@@ -93,6 +93,10 @@ class ZmqSocketHandler(Handler):
     def _handle(self, frames: list[bytes]) -> None:
         """One message received."""
 
+    def _more_later(self) -> bool:
+        """True when this round's work is done: the next frames wait for the next round."""
+        return False
+
     def _serve_frames(self, batch: int) -> None:
         """Receive and handle up to ``batch`` messages, sending what waits whenever
         ``EVENTS`` allows (rules 1 and 2)."""
@@ -110,6 +114,8 @@ class ZmqSocketHandler(Handler):
             self._handle(frames)  # type: ignore[arg-type]
             if self.closed:
                 return
+            if self._more_later():
+                break
         self.io.call_soon(self)  # more may be queued: the descriptor will not fire for them
 
 

@@ -18,8 +18,9 @@ owner), timers as messages and OTP-style supervisors run in an actor system::
 
 Port kinds: TCP (:func:`connect_tcp`, :func:`listen_tcp`), Unix stream sockets
 (:func:`connect_unix`, :func:`listen_unix`), UDP (:func:`open_udp`: :class:`Datagram`
-messages), programs (:func:`open_process`: their stdin/stdout, then :class:`ExitStatus`)
-and ZeroMQ sockets (:func:`open_zmq`).  :class:`PortStream` gives a raw stream port the
+messages), programs (:func:`open_process`: their stdin/stdout, then :class:`ExitStatus`),
+ZeroMQ sockets (:func:`open_zmq`) and TUN/TAP devices (:func:`open_tun`: :class:`Packet`
+messages, Linux).  :class:`PortStream` gives a raw stream port the
 byte-stream face of anyio's and trio's streams (``receive_some``/``send_all``...).
 """
 
@@ -81,11 +82,15 @@ from ioserver._messages import (
     Message as Message,
 )
 from ioserver._messages import (
+    Packet as Packet,
+)
+from ioserver._messages import (
     Passive as Passive,
 )
 from ioserver._options import Active as Active
 from ioserver._options import FlowOptions as FlowOptions
 from ioserver._options import PortOptions as PortOptions
+from ioserver._options import TunOptions as TunOptions
 from ioserver._options import UDPOptions as UDPOptions
 from ioserver._options import ZmqOptions as ZmqOptions
 
@@ -130,6 +135,8 @@ from ._tcp import listen_tcp as listen_tcp
 from ._timers import Deadline as Deadline
 from ._timers import Timeout as Timeout
 from ._timers import TimerRef as TimerRef
+from ._tun import TunPort as TunPort
+from ._tun import open_tun as open_tun
 from ._udp import UDPPort as UDPPort
 from ._udp import open_udp as open_udp
 from ._unix import connect_unix as connect_unix
@@ -172,6 +179,7 @@ __all__ = [
     "MonitorRef",
     "NotSupportedError",
     "OptionError",
+    "Packet",
     "PacketTooLarge",
     "Passive",
     "Port",
@@ -188,6 +196,8 @@ __all__ = [
     "Supervisor",
     "Timeout",
     "TimerRef",
+    "TunOptions",
+    "TunPort",
     "UDPOptions",
     "UDPPort",
     "WouldBlock",
@@ -203,6 +213,7 @@ __all__ = [
     "open_actor_system",
     "open_memory_channel",
     "open_process",
+    "open_tun",
     "open_udp",
     "open_zmq",
     "register",

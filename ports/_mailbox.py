@@ -34,6 +34,8 @@ class HeldPort(Protocol):
 
     def close_nowait(self) -> None: ...
 
+    def _mailbox_waits(self) -> None: ...
+
 
 @final
 class Mailbox(Source):
@@ -148,6 +150,7 @@ class Mailbox(Source):
         while True:
             waiter = Waiter()
             self._waiters.append(waiter)
+            self._want_input()
             try:
                 await parker.park(waiter)
             finally:
@@ -235,6 +238,16 @@ class Mailbox(Source):
     def _select_arm(self, waiter: Waiter) -> None:
         self._parker = current_parker()
         self._waiters.append(waiter)
+        self._want_input()
+
+    def _want_input(self) -> None:
+        """A task now waits on this mailbox (its waiter is set): each port it owns that
+        the memory budget paused may read into the budget's reserve, as a port with a
+        waiting receiver may (see :mod:`ioserver._iothread`: the waiter is set before
+        ``global_paused`` is read, the I/O thread sets it before it reads the waiters)."""
+        for port in self._ports:
+            if port.owner is self:
+                port._mailbox_waits()
 
     def _select_disarm(self, waiter: Waiter) -> None:
         try:

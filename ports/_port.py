@@ -37,7 +37,7 @@ from ioserver._exceptions import (
     WouldBlock,
 )
 from ioserver._flow import Window
-from ioserver._framing import Framer, port_framer
+from ioserver._framing import PACKET_OVERHEAD, Framer, port_framer
 from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
@@ -151,12 +151,18 @@ class _PortBase(Source):
         self._remote_address: Any = None
         # Flow control (ioserver._flow): the one object the I/O thread reads of this half.
         # It counts what the owner took, as the I/O half counts what it delivered.
-        window = self._window = Window(framer)
+        # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
+        # popped from the window's sizes as the owner takes it.
+        window = self._window = Window(framer, PACKET_OVERHEAD)
         window.task_waits = self._task_waits
 
     def _task_waits(self) -> bool:
-        """A task is parked on this port for its next message (asked by the I/O thread,
-        for the memory budget's reserve: see ioserver._flow)."""
+        """A task is parked on this port for its next message - ``receive`` or ``select``
+        on the port, or on the :class:`Mailbox` that owns it (asked by the I/O thread, for
+        the memory budget's reserve: see ioserver._flow)."""
+        owner = self._owner
+        if owner is not None:
+            return bool(owner._waiters)
         return self._waiter is not None or bool(self._select_waiters)
 
     def _took_data(self, data: Any) -> None:
@@ -373,6 +379,12 @@ class _PortBase(Source):
         """A task waits for this port, which the memory budget paused: ask the I/O thread
         for a read into the budget's reserve (see :mod:`ioserver._iothread`)."""
         self._submit((self._io.cmd_want, self._conn, None))
+
+    def _mailbox_waits(self) -> None:
+        """A task now waits on the :class:`Mailbox` that owns this port: if the memory
+        budget paused this port, it may read into the reserve (``Mailbox._want_input``)."""
+        if getattr(self._conn, "global_paused", False):
+            self._want_input()
 
     def _select_disarm(self, waiter: Waiter) -> None:
         try:

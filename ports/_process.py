@@ -18,7 +18,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Unpack
 
 from ioserver._conn import STREAM, Conn
-from ioserver._exceptions import ClosedPortError, ConnectError, OptionError, errno_name
+from ioserver._exceptions import (
+    ClosedPortError,
+    ConnectError,
+    OptionError,
+    PollerLimitError,
+    errno_name,
+)
 from ioserver._messages import ExitStatus
 from ioserver._options import PortOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
@@ -241,6 +247,9 @@ async def open_process(
         for name, level in (("recbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
             if settings[name]:
                 ours.setsockopt(socket.SOL_SOCKET, level, settings[name])
+        # Before the program starts: a poller that cannot watch these descriptors
+        # (select's FD_SETSIZE) refuses the port here, with nothing to undo.
+        server._io.check_fd(ours.fileno())
         child_stderr: Any = None
         if stderr == "devnull":
             child_stderr = subprocess.DEVNULL
@@ -248,6 +257,7 @@ async def open_process(
             child_stderr = theirs.fileno()
         elif stderr == "port":
             error_ours, error_theirs = socketpair_for_child()
+            server._io.check_fd(error_ours.fileno())
             child_stderr = error_theirs.fileno()
         try:
             # Forks in this thread, as asyncio's subprocess support does (vfork: fast); it
@@ -282,7 +292,20 @@ async def open_process(
     # uses them (the command queue is FIFO): no syscall is made on the sockets meanwhile.
     io = server._io
     hub = server._hub
-    watcher = ProcessWatcher(io, popen, open_pidfd(popen.pid), port, hub.deliver, kill_grace)
+    pidfd = open_pidfd(popen.pid)
+    if pidfd is not None:
+        try:
+            io.check_fd(pidfd)
+        except PollerLimitError:
+            # The program started: stop it and wait for it (it has just been exec'd).
+            os.close(pidfd)
+            popen.kill()
+            popen.wait()
+            ours.close()
+            if error_ours is not None:
+                error_ours.close()
+            raise
+    watcher = ProcessWatcher(io, popen, pidfd, port, hub.deliver, kill_grace)
     conn = Conn(ours, STREAM, port, watcher.stream_deliver)
     conn.configure(settings, port._window)
     conn.credit, conn.notify_passive = credit

@@ -39,7 +39,6 @@ are not msgpack at all then end the connection, as the framing cannot resynchron
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import types
 import typing
@@ -50,6 +49,7 @@ from typing import Any, Generic, TypeVar, Unpack, final
 
 import anyio
 import anyio.abc
+import msgspec
 
 from ioserver._exceptions import (
     BrokenPortError,
@@ -73,7 +73,7 @@ from ._rpc_codec import (
     packb,
     tag_of,
     to_wire,
-    unpackb,
+    unpack_envelope,
 )
 from ._source import Waiter
 from ._tcp import connect_tcp
@@ -118,15 +118,15 @@ class RPCRemoteError(RPCError):
 
 
 def _top_classes(tp: Any) -> frozenset[type] | None:
-    """The classes a top-level value of ``tp`` may have, when ``tp`` is a dataclass or a
-    union of dataclasses (maybe with ``None``); else ``None`` (no quick check)."""
+    """The classes a top-level value of ``tp`` may have, when ``tp`` is a message class or
+    a union of them (maybe with ``None``); else ``None`` (no quick check)."""
     union = typing.get_origin(tp) in (typing.Union, types.UnionType)
     members = typing.get_args(tp) if union else (tp,)
     classes: set[type] = set()
     for member in members:
         if member is type(None):
             classes.add(type(None))
-        elif isinstance(member, type) and dataclasses.is_dataclass(member):
+        elif isinstance(member, type) and issubclass(member, msgspec.Struct):
             classes.add(member)
         else:
             return None
@@ -137,25 +137,21 @@ def _top_classes(tp: Any) -> frozenset[type] | None:
 class Interface(Generic[Request, Reply]):
     """What a client and a server agree on: the request type and the reply type.
 
-    Build one per service, at import time, and share it: it compiles both types once
-    (see :class:`Codec`).  The types are usually sum types - unions of frozen
-    dataclasses, one per variant::
+    Build one per service, at import time, and share it: it builds both types' msgspec
+    decoders once (see :class:`Codec`).  The types are usually sum types - unions of
+    message classes (:class:`ports.rpc.Message`), one per variant::
 
-        @dataclass(frozen=True, slots=True)
-        class Get:
+        class Get(rpc.Message):
             key: str
 
-        @dataclass(frozen=True, slots=True)
-        class Put:
+        class Put(rpc.Message):
             key: str
             value: bytes
 
-        @dataclass(frozen=True, slots=True)
-        class Value:
+        class Value(rpc.Message):
             value: bytes | None
 
-        @dataclass(frozen=True, slots=True)
-        class Ok:
+        class Ok(rpc.Message):
             pass
 
         STORE: Interface[Get | Put, Value | Ok] = Interface(Get | Put, Value | Ok)
@@ -482,7 +478,9 @@ class Client(Generic[Request, Reply]):
         counts = self._counts
         if self._bytes_frames:
             try:
-                envelope = unpackb(data, self._limits)
+                envelope = unpack_envelope(
+                    data, self._limits, (REPLY,), self._interface.reply._depth_bound + 1
+                )
             except RPCDecodeError as exc:
                 ident = _peek_ident(data, (REPLY, ERROR))
                 refused = self._calls.pop(ident, None) if ident is not None else None
@@ -659,6 +657,7 @@ async def serve(
     room: anyio.Event | None = None  # set when a handler ends below the limit
     request_codec = interface.request
     limits = _frame_limits(port, request_codec)
+    request_depth = request_codec._depth_bound + 1  # the envelope is one level
     reply_classes = interface._reply_classes
     in_flight = 0
 
@@ -715,7 +714,11 @@ async def serve(
                 data: Any = message.data  # type: ignore[union-attr]
                 ident: Any = None
                 try:
-                    envelope = unpackb(data, limits) if bytes_frames else data
+                    envelope = (
+                        unpack_envelope(data, limits, (REQUEST,), request_depth)
+                        if bytes_frames
+                        else data
+                    )
                     if envelope.__class__ is list and len(envelope) >= 2:
                         ident = envelope[1] if envelope[1].__class__ is int else None
                     if (

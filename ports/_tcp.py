@@ -10,12 +10,15 @@ open request (``ioserver._contract``).  The I/O thread's half of TCP is
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any, Unpack
 
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest
+from ioserver._iothread import IOThread
 from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, port_options
 from ioserver._server import IOServer
+from ioserver._systemd import cmd_listen_inherited, take_listener
 
 from ._port import Listener, Port, _Request, _resolve
 
@@ -124,11 +127,15 @@ async def listen_tcp(
         return accepted
 
     request = _Request(io, hub)
-    io.submit(
-        io.cmd_listen,
-        request,
-        ListenRequest(listener, hub.deliver, family, address, all_options, (-1, False), make_port),
+    spec = ListenRequest(
+        listener, hub.deliver, family, address, all_options, (-1, False), make_port
     )
+    # systemd's socket activation: a socket passed for this very address is adopted.
+    inherited = take_listener(family, address) if isinstance(io, IOThread) else None
+    if inherited is not None:
+        io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
+    else:
+        io.submit(io.cmd_listen, request, spec)
     result = await request.wait()
     if isinstance(result, BaseException):
         raise result

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 from functools import partial
-from typing import Any, Unpack, final
+from typing import Any, Unpack
 
 import anyio
 import anyio.abc
@@ -29,7 +29,7 @@ from ioserver._exceptions import (
     OptionError,
     WouldBlock,
 )
-from ioserver._messages import Closed, Datagram, Message
+from ioserver._messages import Closed, Datagram, Message, Packet
 from ioserver._options import UDPOptions, udp_options
 from ioserver._server import IOServer
 from ioserver._udp import DatagramHandler, cmd_open_udp
@@ -49,9 +49,11 @@ __all__ = ["UDPOptions", "UDPPort", "open_udp"]
 #: IPv6's header (40) is not counted in its payload length, so 65527 there.
 MAX_UDP_PAYLOAD_IPV4 = 65507
 MAX_UDP_PAYLOAD_IPV6 = 65527
+#: The messages that carry received data: a UDP port's, and a TUN/TAP port's
+#: (``ports._tun.TunPort`` is a UDP port whose packets have no address).
+_RECEIVED = (Datagram, Packet)
 
 
-@final
 class UDPPort(  # type: ignore[misc]
     _PortBase,
     anyio.abc.ObjectReceiveStream[Message],
@@ -103,7 +105,7 @@ class UDPPort(  # type: ignore[misc]
 
     # -- receiving: count Datagram messages as _PortBase counts Data ----------------------
     def _deliver(self, message: Any) -> None:
-        if message.__class__ is Datagram:
+        if isinstance(message, _RECEIVED):
             if self._closed:
                 self._took_data(message.data)
             else:
@@ -117,13 +119,13 @@ class UDPPort(  # type: ignore[misc]
 
     def _take(self) -> Message:
         message = super()._take()
-        if message.__class__ is Datagram:
+        if isinstance(message, _RECEIVED):
             self._took_data(message.data)
         return message
 
     async def _receive(self, end: type[Exception]) -> Message:
         message = await super()._receive(end)
-        if message.__class__ is Datagram:
+        if isinstance(message, _RECEIVED):
             self._took_data(message.data)
         return message
 
@@ -310,7 +312,7 @@ class UDPPort(  # type: ignore[misc]
         if self._closed:
             return
         for message in self._buffer:
-            if message.__class__ is Datagram:
+            if isinstance(message, _RECEIVED):
                 self._took_data(message.data)  # _PortBase counts Data only
         super().close_nowait()
 

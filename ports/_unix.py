@@ -18,6 +18,7 @@ from ioserver._contract import ConnectRequest, ListenRequest
 from ioserver._exceptions import OptionError
 from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
 from ioserver._server import IOServer
+from ioserver._systemd import cmd_listen_inherited, take_listener
 from ioserver._unix import cmd_listen_unix
 
 from ._port import Listener, Port, _Request
@@ -129,13 +130,15 @@ async def listen_unix(
         return accepted
 
     request = _Request(io, hub)
-    io.submit(
-        partial(cmd_listen_unix, io),
-        request,
-        ListenRequest(
-            listener, hub.deliver, socket.AF_UNIX, address, all_options, (-1, False), make_port
-        ),
+    # systemd's socket activation: a socket passed for this very path is adopted.
+    inherited = take_listener(socket.AF_UNIX, address)
+    spec = ListenRequest(
+        listener, hub.deliver, socket.AF_UNIX, address, all_options, (-1, False), make_port
     )
+    if inherited is not None:
+        io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
+    else:
+        io.submit(partial(cmd_listen_unix, io), request, spec)
     result = await request.wait()
     if isinstance(result, BaseException):
         raise result

@@ -191,6 +191,9 @@ async def open_zmq(
                 sock.setsockopt(zmq.SUBSCRIBE, topic)
         elif subscribe is not None:
             raise OptionError("subscribe applies to SUB sockets only")
+        # Before any bind or connect: a poller that cannot watch the socket's descriptor
+        # (select's FD_SETSIZE) refuses the port here, with no peer any the wiser.
+        io.check_fd(int(sock.getsockopt(zmq.FD)))
         last_endpoint = None
         for endpoint in binds:
             try:

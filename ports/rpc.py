@@ -1,22 +1,19 @@
 """Typed RPC over ports: requests and replies as algebraic data types, over msgpack.
 
-A service declares its messages as frozen dataclasses - a request type and a reply type,
-each usually a union of variants (a sum type) - and shares one :class:`Interface`::
+A service declares its messages as message classes - subclasses of :class:`Message`, a
+frozen :class:`msgspec.Struct` sent as a tagged array - a request type and a reply type,
+each usually a union of variants (a sum type), and shares one :class:`Interface`::
 
-    from dataclasses import dataclass
     from ports import rpc
 
-    @dataclass(frozen=True, slots=True)
-    class Add:
+    class Add(rpc.Message):
         a: int
         b: int
 
-    @dataclass(frozen=True, slots=True)
-    class Neg:
+    class Neg(rpc.Message):
         a: int
 
-    @dataclass(frozen=True, slots=True)
-    class Result:
+    class Result(rpc.Message):
         value: int
 
     CALC: rpc.Interface[Add | Neg, Result] = rpc.Interface(Add | Neg, Result)
@@ -37,7 +34,8 @@ listener with :func:`serve_listener`); the client multiplexes calls over one por
     async with await rpc.connect(ios, "127.0.0.1", 7001, CALC) as client:
         assert await client.call(Add(1, 2), timeout=5) == Result(3)
 
-Every message is validated against its type when it is decoded: a frame that is not
+Encoding, decoding and validation are msgspec's (in C).  Every message is validated against
+its type when it is decoded: a frame that is not
 msgpack, has an unknown tag, a field of the wrong type, a missing or extra field, or nests
 deeper than ``max_depth`` is an :exc:`RPCDecodeError` for the one it concerns - the
 server answers it with an error and goes on serving.  Before a frame is decoded its
@@ -58,8 +56,10 @@ from ._rpc import serve as serve
 from ._rpc import serve_listener as serve_listener
 from ._rpc_codec import DEFAULT_MAX_DEPTH as DEFAULT_MAX_DEPTH
 from ._rpc_codec import ITEM_BYTES as ITEM_BYTES
+from ._rpc_codec import WIRE_FORMAT_VERSION as WIRE_FORMAT_VERSION
 from ._rpc_codec import Codec as Codec
 from ._rpc_codec import DecodeLimits as DecodeLimits
+from ._rpc_codec import Message as Message
 from ._rpc_codec import RPCDecodeError as RPCDecodeError
 from ._rpc_codec import RPCError as RPCError
 from ._rpc_codec import tag as tag
@@ -68,11 +68,13 @@ from ._rpc_codec import tag_of as tag_of
 __all__ = [
     "DEFAULT_MAX_DEPTH",
     "ITEM_BYTES",
+    "WIRE_FORMAT_VERSION",
     "Client",
     "ClientStatistics",
     "Codec",
     "DecodeLimits",
     "Interface",
+    "Message",
     "RPCDecodeError",
     "RPCError",
     "RPCRemoteError",

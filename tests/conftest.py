@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import ioserver
+from ioserver._poller import POLLERS
 
 
 @pytest.fixture(
@@ -53,8 +54,28 @@ async def no_leaks() -> AsyncIterator[None]:
     assert not leaked, f"file descriptors left open: {leaked}"
 
 
+#: The selector backends an ``every_poller`` test runs under (see :func:`poller`).
+EVERY_POLLER = [name for name in ("epoll", "poll", "select") if name in POLLERS]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``every_poller`` runs once per selector backend: its ``ios`` (and
+    anything that asks for ``poller``) uses each in turn."""
+    if metafunc.definition.get_closest_marker("every_poller") is not None:
+        metafunc.parametrize("poller", EVERY_POLLER)
+
+
 @pytest.fixture
-async def ios(no_leaks: None) -> AsyncIterator[ioserver.IOServer]:
+def poller() -> str | None:
+    """The selector backend of ``ios``: the platform's default unless the test is marked
+    ``every_poller`` (then each of :data:`EVERY_POLLER`)."""
+    return None
+
+
+@pytest.fixture
+async def ios(no_leaks: None, poller: str | None) -> AsyncIterator[ioserver.IOServer]:
     """An I/O server for this test, closed (thread joined, sockets closed) after it."""
-    async with ioserver.open() as server:
+    async with ioserver.open(poller=poller) as server:
+        if poller is not None:
+            assert server.statistics().poller == poller
         yield server

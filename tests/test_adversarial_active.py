@@ -30,8 +30,8 @@ import pytest
 import client
 import ioserver
 import ports
-from ioserver._framing import encode_resp
-from ports import Accepted, Closed, Data, Passive
+from ioserver._framing import MSGPACK_MAX_DEPTH, encode_resp
+from ports import Accepted, Closed, Data, Error, Passive
 
 pytestmark = pytest.mark.anyio
 
@@ -362,3 +362,47 @@ async def test_active_modes_count_packets_through_a_daemon(
                 assert await port.receive() == Data(expected)
                 assert port.statistics().messages_buffered == 0
             assert await port.receive() == Closed("eof")
+
+
+@pytest.mark.parametrize("depth", [1024, 1023, 1022, MSGPACK_MAX_DEPTH + 1])
+async def test_a_deep_msgpack_object_through_a_daemon_ends_its_port_alone(
+    daemon_endpoint: str, no_leaks: None, depth: int
+) -> None:
+    """A peer's msgpack object nested near the decoder's own limit (1024 levels) used to
+    reach the daemon's frame to its client three levels deeper still: at 1024 the daemon
+    could not pack the frame and closed its control endpoint (every client lost it); at
+    1022-1023 the client could not unpack it and dropped the whole frame, other ports'
+    data with it.  Now the framer refuses it (EPROTO) on its port alone, and a raw port of
+    the same client gets every byte."""
+    deep = b"\x91" * (depth - 1) + b"\x90"
+    payload = bytes(range(256)) * 64
+    async with (
+        client.connect(daemon_endpoint) as ios,
+        await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack") as framed_listener,
+        await ports.listen_tcp(ios, "127.0.0.1", 0) as raw_listener,
+        await anyio.connect_tcp(*framed_listener.local_address) as framed_peer,
+        await anyio.connect_tcp(*raw_listener.local_address) as raw_peer,
+    ):
+        framed = await framed_listener.receive()
+        raw = await raw_listener.receive()
+        assert isinstance(framed, Accepted) and isinstance(raw, Accepted)
+        async with framed.port, raw.port:
+            await raw_peer.send(payload[: len(payload) // 2])
+            await framed_peer.send(deep)
+            await raw_peer.send(payload[len(payload) // 2 :])
+            await raw_peer.send_eof()
+            with anyio.fail_after(10):
+                error = await framed.port.receive()
+                assert isinstance(error, Error) and error.errno_name == "EPROTO", error
+                closed = await framed.port.receive()
+                assert isinstance(closed, Closed) and closed.errno_name == "EPROTO", closed
+                received = bytearray()
+                async for message in raw.port:
+                    if isinstance(message, Data):
+                        received += message.data
+                    else:
+                        assert message == Closed("eof")
+            assert received == payload
+            # The control endpoint still serves this client: a new port opens.
+            async with await ports.listen_tcp(ios, "127.0.0.1", 0):
+                pass

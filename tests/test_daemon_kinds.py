@@ -52,6 +52,7 @@ async def test_port_kinds_the_protocol_does_not_carry_are_refused_at_once(
         "ports.connect_unix": lambda ios: ports.connect_unix(ios, str(tmp_path / "u")),
         "ports.listen_unix": lambda ios: ports.listen_unix(ios, str(tmp_path / "u")),
         "ports.open_zmq": lambda ios: ports.open_zmq(ios, "PAIR", bind="inproc://x"),
+        "ports.open_tun": lambda ios: ports.open_tun(ios, "iotun0"),
         "ports.open_process": lambda ios: ports.open_process(
             ios, [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
         ),

@@ -156,9 +156,14 @@ def test_echo_example_runs_as_a_script(backend: str) -> None:
         assert data == b"hello echo"
 
 
-def test_chat_runs_under_the_ioserver_command_and_relays_between_two_clients() -> None:
+@pytest.mark.parametrize("poller", [None, "poll", "select"])
+def test_chat_runs_under_the_ioserver_command_and_relays_between_two_clients(
+    poller: str | None,
+) -> None:
     number = free_port()
     command = [sys.executable, "-m", "ioserver", "run", "examples/chat.py", "--port"]
+    if poller is not None:  # `ioserver run --poller NAME`: the app's port under that one
+        command[4:4] = ["--poller", poller]
     with running(*command, str(number)), connect(number) as alice, connect(number) as bob:
         assert read_line(alice).startswith(b"* welcome")
         assert read_line(bob).startswith(b"* welcome")

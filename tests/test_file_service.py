@@ -11,7 +11,6 @@ import sys
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -146,7 +145,7 @@ async def test_a_request_of_the_wrong_shape_is_a_decode_error_and_the_service_go
     ios: ioserver.IOServer, tree: Path
 ) -> None:
     async with file_client(ios, tree) as client:
-        with pytest.raises(rpc.RPCDecodeError, match=r"Get\.path: expected str") as caught:
+        with pytest.raises(rpc.RPCDecodeError, match=r"Get\.path: Expected `str`") as caught:
             await client.call(Request.Get(42))
         assert caught.value.remote
         assert await client.call(Request.Exists("a.txt")) == Reply.Exists(True)
@@ -254,8 +253,7 @@ async def test_a_typed_client_gets_the_refusal_of_its_own_call(
 ) -> None:
     # A legitimate but too dense request: 300,000 paths of one byte each fit in a frame of
     # 2 MiB, but decode to more values than its limits allow.
-    @dataclass(frozen=True, slots=True)
-    class Many:
+    class Many(rpc.Message):
         paths: list[str]
 
     interface: rpc.Interface[Any, Any] = rpc.Interface(Many, fs.AnyReply)

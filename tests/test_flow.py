@@ -44,6 +44,7 @@ ENCODERS = {
 }
 
 
+@pytest.mark.every_poller
 @pytest.mark.parametrize("packet", [1, 2, 4, "line", "msgpack"])
 async def test_a_peer_writing_one_byte_at_a_time_yields_whole_messages(
     ios: ioserver.IOServer, packet: Any
@@ -66,6 +67,7 @@ async def test_a_peer_writing_one_byte_at_a_time_yields_whole_messages(
         assert received == [Data(m) for m in messages]
 
 
+@pytest.mark.every_poller
 @pytest.mark.parametrize("packet", [4, "line", "msgpack"])
 async def test_send_frames_each_message(ios: ioserver.IOServer, packet: Any) -> None:
     listener, port, client = await pair(ios, packet=packet)
@@ -187,6 +189,7 @@ async def test_send_timeout_close_closes_a_port_whose_peer_never_reads(
             await port.send(b"more")
 
 
+@pytest.mark.every_poller
 async def test_a_slow_consumer_slows_its_own_peer_and_nobody_else(
     ios: ioserver.IOServer,
 ) -> None:
@@ -291,7 +294,13 @@ async def test_the_global_budget_pauses_reads_until_memory_is_released(
 
 @pytest.mark.parametrize(
     ("order", "how"),
-    [("first_to_last", "receive"), ("last_to_first", "receive"), ("first_to_last", "select")],
+    [
+        ("first_to_last", "receive"),
+        ("last_to_first", "receive"),
+        ("first_to_last", "select"),
+        ("first_to_last", "mailbox"),
+        ("last_to_first", "mailbox-select"),
+    ],
 )
 async def test_the_budget_never_starves_the_port_an_actor_waits_on(
     no_leaks: None, order: str, how: str
@@ -300,7 +309,8 @@ async def test_the_budget_never_starves_the_port_an_actor_waits_on(
     more than the budget holds (per-port watermarks raised, so only the budget binds).
     The input of the ports read later fills the budget; the port being read must still
     get its turn (issue 12, item 15), with the input charged never past the limit.
-    ``select`` waits on the port as ``receive`` does."""
+    ``select`` waits on the port as ``receive`` does, and a task waiting on the
+    :class:`~ports.Mailbox` that owns the port (receive or select) as well."""
     limit = 1 << 20
     each = 256 * 1024  # x 20: five times the budget
     async with ioserver.open(memory_limit=limit) as ios:
@@ -334,9 +344,16 @@ async def test_the_budget_never_starves_the_port_an_actor_waits_on(
                 for owner in owners:
                     received = b""
                     message: Any = None
+                    mailbox = ports.Mailbox()
+                    if how.startswith("mailbox"):
+                        owner.set_owner(mailbox)
                     while not isinstance(message, Closed):
                         if how == "select":
                             _, message = await ports.select(owner)
+                        elif how == "mailbox":
+                            _, message = await mailbox.receive()
+                        elif how == "mailbox-select":
+                            _, (_, message) = await ports.select(mailbox)
                         else:
                             message = await owner.receive()
                         if isinstance(message, Data):
@@ -508,3 +525,58 @@ async def test_decoded_msgpack_objects_are_charged_their_wire_size(
         for _ in range(63):
             assert await port.receive() == Data(text)
         assert port.statistics().bytes_buffered_in == 0
+
+
+@pytest.mark.parametrize("active", ["once", True])
+async def test_small_packets_are_charged_what_they_hold(no_leaks: None, active: Any) -> None:
+    """Many tiny packets per read: a review found 64 KiB of two-byte lines became 32,768
+    messages charged 2 bytes each, so hundreds of MiB stayed live under an 8 MiB
+    ``memory_limit`` (held past an ``active="once"`` credit, or delivered to an owner
+    that does not read).  Each packet is now charged PACKET_OVERHEAD more than its bytes,
+    and a read of packets is shortened when the budget could not pay for it: the input
+    charged stays under the limit and the Python objects behind it near it."""
+    import tracemalloc
+
+    limit = 1 << 20
+    tracemalloc.start()
+    try:
+        async with ioserver.open(memory_limit=limit) as ios:
+            listener = await ports.listen_tcp(
+                ios,
+                "127.0.0.1",
+                0,
+                packet="line",
+                active=active,
+                high_msgq_watermark=64 << 20,
+                low_msgq_watermark=32 << 20,
+                high_msgq_messages=1 << 30,
+            )
+            held: list[ports.Port] = []
+            peers: list[socket.socket] = []
+            async with listener:
+                for _ in range(20):
+                    peer = socket.create_connection(listener.local_address)
+                    peer.setblocking(False)
+                    try:
+                        peer.send(b"a\n" * 65536)
+                    except BlockingIOError:
+                        pass
+                    peers.append(peer)
+                    accepted = await listener.receive()
+                    assert isinstance(accepted, Accepted)
+                    held.append(accepted.port)
+                # The budget fills and pauses the reads; nobody takes anything.
+                with anyio.fail_after(10):
+                    while ios.statistics().global_pauses == 0:
+                        await anyio.lowlevel.checkpoint()
+                traced, _ = tracemalloc.get_traced_memory()
+                statistics = ios.statistics()
+                assert statistics.peak_memory <= limit, statistics
+                # Without the charge: ~20 x 32,768 x 140 bytes, about 90 MB.
+                assert traced < 8 * limit, f"{traced} bytes traced under a {limit} budget"
+                for port in held:
+                    await port.aclose()
+                for peer in peers:
+                    peer.close()
+    finally:
+        tracemalloc.stop()

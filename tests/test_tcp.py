@@ -50,6 +50,7 @@ def reset(stream: anyio.abc.SocketStream) -> None:
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+@pytest.mark.every_poller
 async def test_accepted_port_echoes_bytes_both_ways(ios: ioserver.IOServer) -> None:
     listener, number = await listen(ios)
     async with listener, await anyio.connect_tcp("127.0.0.1", number) as client:
@@ -64,6 +65,7 @@ async def test_accepted_port_echoes_bytes_both_ways(ios: ioserver.IOServer) -> N
         await port.aclose()
 
 
+@pytest.mark.every_poller
 async def test_large_writes_arrive_whole_and_in_order(ios: ioserver.IOServer) -> None:
     listener, number = await listen(ios)
     payload = bytes(range(256)) * 40_000  # 10 MB: far beyond the socket buffers
@@ -85,6 +87,7 @@ async def test_large_writes_arrive_whole_and_in_order(ios: ioserver.IOServer) ->
         await port.aclose()
 
 
+@pytest.mark.every_poller
 async def test_connect_tcp_reaches_a_plain_server_and_sees_eof(ios: ioserver.IOServer) -> None:
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as server:
         number = server.extra(anyio.abc.SocketAttribute.local_port)
@@ -123,6 +126,7 @@ async def test_async_for_ends_after_the_closed_message(ios: ioserver.IOServer) -
         await port.aclose()
 
 
+@pytest.mark.every_poller
 async def test_peer_reset_mid_stream_is_one_closed_message(ios: ioserver.IOServer) -> None:
     listener, number = await listen(ios)
     async with listener:
@@ -144,6 +148,7 @@ async def test_peer_reset_mid_stream_is_one_closed_message(ios: ioserver.IOServe
         await port.aclose()
 
 
+@pytest.mark.every_poller
 async def test_peer_half_close_still_gets_our_reply(ios: ioserver.IOServer) -> None:
     listener, number = await listen(ios)
     async with listener, await anyio.connect_tcp("127.0.0.1", number) as client:

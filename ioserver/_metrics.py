@@ -1,0 +1,198 @@
+"""``ioserver serve --metrics HOST:PORT``: the status figures for Prometheus.
+
+An HTTP endpoint (``prometheus_client``'s server, in a thread of its own) answers
+``GET /metrics`` in the Prometheus text format (or OpenMetrics, when the scraper asks for
+it).  Each scrape asks the daemon for its status over its own control endpoint, as
+``ioserver status`` does - so the figures are the ones ``ioserver status`` prints, read on
+the I/O thread, never from another thread, and the supervisor of ``--workers`` answers
+with every worker's (label ``worker``).  A worker that does not answer has
+``ioserver_up 0``; figures are not invented for it.
+
+The endpoint shows how busy the daemon is to anyone who can connect: like the control
+endpoint, it binds a loopback address unless ``--metrics-allow-remote`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ._exceptions import OptionError
+
+__all__ = ["COUNTERS", "GAUGES", "MetricsServer", "StatusCollector", "parse_address"]
+
+log = logging.getLogger("ioserver")
+
+#: Status keys that only grow, as ``ioserver_<name>_total`` counters: (key, help).
+COUNTERS = [
+    ("bytes_in", "Bytes read from the sockets of the daemon's ports."),
+    ("bytes_out", "Bytes written to the sockets of the daemon's ports."),
+    ("clients_lost", "Client sessions ended because the client went silent."),
+    ("clients_refused", "Client greetings refused at the --max-sessions limit."),
+    ("client_queue_holds", "Times a client's ports stopped reading at --session-queue."),
+    ("names_resolved", "Host names resolved for clients' connects."),
+    ("faults", "Malformed or refused client requests answered with a FAULT."),
+    ("faults_unanswered", "Client faults past the per-frame limit, not answered."),
+    ("internal_errors", "Errors inside the I/O thread, survived (each is a bug)."),
+]
+#: Status keys that go up and down, as ``ioserver_<name>`` gauges: (key, metric, help).
+GAUGES = [
+    ("ports_open", "ports_open", "Ports open in the I/O thread, every kind."),
+    ("bytes_queued_out", "queued_out_bytes", "Bytes queued for writing on TCP ports."),
+    ("memory_in_use", "memory_in_use_bytes", "Bytes charged to the memory budget."),
+    ("busy_ports", "busy_ports", "Ports whose queued output is over the low watermark."),
+    ("paused_ports", "paused_ports", "Ports that stopped reading (flow control)."),
+    ("command_queue_depth", "command_queue_depth", "Commands waiting for the I/O thread."),
+    ("event_queue_depth", "event_queue_depth", "Events waiting for the event loops."),
+    ("clients", "clients", "Client sessions open."),
+    ("client_ports", "client_ports", "Ports open for clients."),
+    ("clients_held", "clients_held", "Clients whose ports stopped reading (session queue)."),
+    ("client_bytes_queued", "client_queued_bytes", "Bytes queued in the daemon for clients."),
+    ("uptime", "uptime_seconds", "Seconds since the daemon started."),
+]
+#: The wake-up counters: (key, direction, outcome).
+WAKES = [
+    ("wakes_to_io_sent", "to_io", "sent"),
+    ("wakes_to_io_skipped", "to_io", "skipped"),
+    ("wakes_to_loops_sent", "to_loops", "sent"),
+    ("wakes_to_loops_skipped", "to_loops", "skipped"),
+]
+
+
+def parse_address(text: str, *, allow_remote: bool = False) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``PORT`` (on 127.0.0.1) as ``(host, port)``.
+
+    Raises:
+        OptionError: not that form, a host that is not a numeric address (or
+            ``localhost``), a port outside 0-65535, or an address that is not loopback
+            without ``allow_remote``.
+    """
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        host, port_text = "127.0.0.1", text
+    host = host.strip("[]")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        port = int(port_text)
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise OptionError(
+            f"--metrics takes HOST:PORT with a numeric address (127.0.0.1:9100), not {text!r}"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise OptionError(f"--metrics: port {port} is out of range")
+    if not address.is_loopback and not allow_remote:
+        raise OptionError(
+            f"refusing to serve metrics on {text} (not a loopback address): anyone who "
+            "can connect would see them; pass --metrics-allow-remote if you mean it"
+        )
+    return host, port
+
+
+class StatusCollector:
+    """A ``prometheus_client`` collector: each ``collect()`` calls ``status()`` (the
+    daemon's status: ``{"workers": [...]}`` or one worker's dict) and yields its figures,
+    labelled by worker (``"0"`` for a daemon without ``--workers``)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "ioserver_up",
+            "1 if the worker answered this scrape's status request.",
+            labels=["worker"],
+        )
+        try:
+            status = self.status()
+        except Exception as exc:  # the daemon is not answering: say so, invent nothing
+            log.warning("metrics: no status from the daemon: %s", exc)
+            up.add_metric([""], 0)
+            yield up
+            return
+        workers = status.get("workers", [status])
+        counters = {
+            key: CounterMetricFamily(f"ioserver_{key}", text, labels=["worker"])
+            for key, text in COUNTERS
+        }
+        gauges = {
+            key: GaugeMetricFamily(f"ioserver_{name}", text, labels=["worker"])
+            for key, name, text in GAUGES
+        }
+        kinds = GaugeMetricFamily(
+            "ioserver_ports", "Ports open, by kind.", labels=["worker", "kind"]
+        )
+        wakes = CounterMetricFamily(
+            "ioserver_wakes",
+            "Wake-ups of the I/O thread (to_io) and of the event loops (to_loops): sent, or "
+            "skipped because the other side was awake.",
+            labels=["worker", "direction", "outcome"],
+        )
+        pollers = GaugeMetricFamily(
+            "ioserver_poller",
+            "1 for the selector backend the worker's I/O thread uses (epoll, poll, select).",
+            labels=["worker", "poller"],
+        )
+        restarts = CounterMetricFamily(
+            "ioserver_worker_restarts",
+            "Times the supervisor restarted the worker.",
+            labels=["worker"],
+        )
+        for index, worker in enumerate(workers):
+            label = str(worker.get("worker") if worker.get("worker") is not None else index)
+            up.add_metric([label], 0 if "error" in worker else 1)
+            if "restarts" in worker:
+                restarts.add_metric([label], worker["restarts"])
+            if "error" in worker:
+                continue
+            for key, family in counters.items():
+                if isinstance(worker.get(key), (int, float)):
+                    family.add_metric([label], worker[key])
+            for key, gauge in gauges.items():
+                if isinstance(worker.get(key), (int, float)):
+                    gauge.add_metric([label], worker[key])
+            if isinstance(worker.get("poller"), str):
+                pollers.add_metric([label, worker["poller"]], 1)
+            for kind, count in (worker.get("ports_by_kind") or {}).items():
+                kinds.add_metric([label, str(kind)], count)
+            for key, direction, outcome in WAKES:
+                if isinstance(worker.get(key), (int, float)):
+                    wakes.add_metric([label, direction, outcome], worker[key])
+        yield up
+        yield kinds
+        yield pollers
+        yield wakes
+        yield from counters.values()
+        yield from gauges.values()
+        if "supervisor" in status:
+            yield restarts
+
+
+class MetricsServer:
+    """The HTTP endpoint: ``prometheus_client.start_http_server`` on its own registry
+    (none of the process's default collectors), in a daemon thread; :meth:`close`
+    stops it.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not this host's).
+    """
+
+    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]]) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatusCollector(status))
+        self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        self.address: tuple[str, int] = self.server.server_address[:2]  # type: ignore[assignment]
+        where = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics", where, self.address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
