@@ -106,7 +106,7 @@ class RemoteIOServer(IOServer):
         return f"<RemoteIOServer {self.endpoint} {state}>"
 
 
-def _curve_keys(value: Any, what: str) -> tuple[bytes, bytes | None]:
+def _curve_keys(value: object, what: str) -> tuple[bytes, bytes | None]:
     """``(public, secret)`` from a Z85 key (bytes/str) or a certificate file path."""
     if isinstance(value, bytes) and len(value) == 40:
         return value, None
@@ -212,7 +212,7 @@ async def connect(
         remote = RemoteIO(io, sock, endpoint)
         request = _Request(io, hub)
         io.submit(remote.cmd_start, request, hub.deliver)
-        result: Any = None
+        result: object = None
         with anyio.move_on_after(timeout):
             result = await request.wait()
         if result is None or isinstance(result, BaseException):

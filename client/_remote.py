@@ -40,7 +40,9 @@ import zmq
 
 from ioserver import _ipc
 from ioserver import _protocol as P
+from ioserver._contract import ConnectRequest, Deliver, ListenRequest, LoopHalf, MakePort
 from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
+from ioserver._flow import NO_LIMIT, ReceiveFlow
 from ioserver._iothread import IOThread
 from ioserver._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ioserver._protocol import ProtocolViolation
@@ -56,8 +58,10 @@ LOST = Closed("ioserver daemon lost", "ECONNABORTED")
 CLIENT_CLOSED = Closed("ioserver closed", "ESHUTDOWN")  # as local ports at shutdown
 
 
-class RemoteConn:
-    """The client's view of the daemon's half of one port (the counters a port reads)."""
+class RemoteConn(ReceiveFlow):
+    """The client's view of the daemon's half of one port: an I/O half (the counters a
+    port reads, see ioserver._contract) whose receive flow control (ioserver._flow) is
+    fed by the daemon's DATA and PAUSED, with the port's window."""
 
     __slots__ = (
         "accept_options",
@@ -65,23 +69,18 @@ class RemoteConn:
         "bytes_out",
         "closed",
         "deliver",
-        "delivered_bytes",
-        "delivered_messages",
-        "low_msgq",
-        "low_msgq_messages",
         "make_port",
         "out_bytes",
         "packets_too_large",
-        "pause_generation",
-        "pauses",
-        "peak_buffered",
         "pid",
         "port",
         "send_low",
         "sizes",
     )
 
-    def __init__(self, pid: int, port: Any, deliver: Any, options: dict[str, Any]) -> None:
+    def __init__(
+        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: dict[str, Any]
+    ) -> None:
         self.pid = pid
         self.port = port
         self.deliver = deliver
@@ -89,24 +88,28 @@ class RemoteConn:
         self.bytes_in = 0
         self.bytes_out = 0
         self.out_bytes = 0
-        self.delivered_bytes = 0
-        self.delivered_messages = 0
-        self.low_msgq = options.get("low_msgq_watermark", 1 << 62)
-        self.low_msgq_messages = options.get("high_msgq_messages", 1 << 62) // 2
+        self.init_flow(None if port is None else port._window)
+        self.low_msgq = options.get("low_msgq_watermark", NO_LIMIT)
+        self.low_msgq_messages = options.get("high_msgq_messages", NO_LIMIT) // 2
         self.send_low = options.get("low_watermark", 0)
-        self.pause_generation = 0
-        self.pauses = 0
-        self.peak_buffered = 0
         self.packets_too_large = 0
-        self.sizes: deque[int] | None = None
-        self.make_port: Any = None
+        #: The port's window's sizes (ioserver._flow), for DATA of decoded objects.
+        self.sizes: deque[int] | None = None if port is None else port._window.sizes
+        self.make_port: MakePort | None = None
         self.accept_options: dict[str, Any] = {}
+
+    def adopt(self, port: LoopHalf) -> None:
+        """The loop half of an accepted connection was made: deliver to it, and share
+        its window."""
+        self.port = port
+        self.window = port._window
+        self.sizes = port._window.sizes
 
 
 class _Pending:
     __slots__ = ("conn", "request")
 
-    def __init__(self, request: Any, conn: RemoteConn | None) -> None:
+    def __init__(self, request: object, conn: RemoteConn | None) -> None:
         self.request = request
         self.conn = conn
 
@@ -146,18 +149,18 @@ class RemoteIO(ZmqSocketHandler):
         # ipc://: the first message's sender must run as this user (ioserver._ipc).
         self._peer_unchecked = endpoint.startswith("ipc://")
 
-    def submit(self, function: Any, target: Any, argument: Any) -> None:
+    def submit(self, function: Any, target: object, argument: object) -> None:
         """Queue ``function(target, argument)`` on the local I/O thread (as IOThread's)."""
         self.commands.put((function, target, argument))
 
     # -- start, stop (commands on the local I/O thread) -----------------------------------
-    def cmd_start(self, request: Any, deliver: Any) -> None:
+    def cmd_start(self, request: object, deliver: Any) -> None:
         """Adopt the socket and say HELLO; the WELCOME answers ``request``."""
         self._hello = (request, deliver)
         self.start()
         self._emit([P.HELLO, P.VERSION])
 
-    def cmd_bye(self, _: Any, __: Any) -> None:
+    def cmd_bye(self, _: object, __: Any) -> None:
         """Tell the daemon we leave (it closes our ports), then close the socket."""
         if self.closed:
             return
@@ -229,9 +232,15 @@ class RemoteIO(ZmqSocketHandler):
         outbound.append(message)
         self.out_size += size
 
-    def _open(self, request: Any, spec: tuple[Any, ...], opcode: int) -> None:
-        port, deliver, family, address, options = spec[:5]
-        credit, notify = spec[5]
+    def _open(self, request: object, spec: ConnectRequest | ListenRequest, opcode: int) -> None:
+        port, deliver, family, address, options = (
+            spec.port,
+            spec.deliver,
+            spec.family,
+            spec.address,
+            spec.options,
+        )
+        credit, notify = spec.active
         if self.lost or self.closed:
             deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
             return
@@ -241,9 +250,8 @@ class RemoteIO(ZmqSocketHandler):
         self.next_rid += 1
         wire = {name: value for name, value in options.items() if name != "active"}
         conn = RemoteConn(pid, port, deliver, options)
-        conn.sizes = port._sizes  # the port's framer decides (Framer.decodes_objects)
-        if opcode == P.LISTEN:
-            conn.make_port = spec[6]
+        if isinstance(spec, ListenRequest):
+            conn.make_port = spec.make_port
             conn.accept_options = options
             accept_credit, accept_notify = options["active"]
             wire["accept_active"] = [accept_credit, accept_notify]
@@ -253,10 +261,10 @@ class RemoteIO(ZmqSocketHandler):
             [opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify], 1024
         )
 
-    def cmd_connect(self, request: Any, spec: tuple[Any, ...]) -> None:
+    def cmd_connect(self, request: object, spec: ConnectRequest) -> None:
         self._open(request, spec, P.CONNECT)
 
-    def cmd_listen(self, request: Any, spec: tuple[Any, ...]) -> None:
+    def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         self._open(request, spec, P.LISTEN)
 
     def cmd_send(self, conn: RemoteConn, data: bytes) -> None:
@@ -274,11 +282,11 @@ class RemoteIO(ZmqSocketHandler):
                 piece = view[start : start + chunk]
                 self._emit([P.SEND, conn.pid, piece], len(piece) + 16)
 
-    def cmd_send_eof(self, conn: RemoteConn, _: Any) -> None:
+    def cmd_send_eof(self, conn: RemoteConn, _: object) -> None:
         if not conn.closed:
             self._emit([P.SEND_EOF, conn.pid])
 
-    def cmd_close(self, conn: RemoteConn, _: Any) -> None:
+    def cmd_close(self, conn: RemoteConn, _: object) -> None:
         if not conn.closed:
             self._emit([P.CLOSE, conn.pid])
 
@@ -286,18 +294,18 @@ class RemoteIO(ZmqSocketHandler):
         if not conn.closed:
             self._emit([P.ACTIVE, conn.pid, mode[0], mode[1]])
 
-    def cmd_read_once(self, conn: RemoteConn, _: Any) -> None:
+    def cmd_read_once(self, conn: RemoteConn, _: object) -> None:
         if not conn.closed:
             self._emit([P.READ_ONCE, conn.pid])
 
     def cmd_resume(self, conn: RemoteConn, generation: int) -> None:
         if not conn.closed:
-            port = conn.port
+            window = conn.window
             self._emit(
-                [P.RESUME, conn.pid, generation, port._consumed_bytes, port._consumed_messages]
+                [P.RESUME, conn.pid, generation, window.consumed_bytes, window.consumed_messages]
             )
 
-    def cmd_status(self, request: Any, deliver: Any) -> None:
+    def cmd_status(self, request: object, deliver: Any) -> None:
         if self.lost or self.closed:
             deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
             return
@@ -397,7 +405,7 @@ class RemoteIO(ZmqSocketHandler):
     def _conn(self, pid: Any) -> RemoteConn | None:
         return self.table.get(pid) if P.is_int(pid) else None
 
-    def _answer(self, pending: _Pending, result: Any) -> None:
+    def _answer(self, pending: _Pending, result: object) -> None:
         request = pending.request
         if isinstance(request, tuple):  # a status request: (request, deliver)
             request, deliver = request
@@ -522,8 +530,7 @@ class RemoteIO(ZmqSocketHandler):
         self.table[pid] = conn
         address = P.from_wire_address(remote)
         port = listener.make_port(conn, P.from_wire_address(local), address)
-        conn.port = port
-        conn.sizes = port._sizes
+        conn.adopt(port)
         conn.deliver((listener.port, Accepted(port, address)))
 
     def _closed(self, message: list[Any]) -> None:
@@ -549,9 +556,9 @@ class RemoteIO(ZmqSocketHandler):
         if conn is None:
             return
         conn.bytes_out = P.check_int(message[2], "bytes_out", 0)
-        port = conn.port
-        if port._send_blocked and port._queued_bytes - conn.bytes_out <= conn.send_low:
-            conn.deliver((port, WRITABLE))
+        window = conn.window
+        if window.send_blocked and window.queued_bytes - conn.bytes_out <= conn.send_low:
+            conn.deliver((conn.port, WRITABLE))
 
     def _paused(self, message: list[Any]) -> None:
         conn = self._conn(message[1])
@@ -560,11 +567,7 @@ class RemoteIO(ZmqSocketHandler):
         generation = P.check_int(message[2], "generation", 0)
         conn.pauses += 1
         conn.pause_generation = generation  # written before the counters are read
-        port = conn.port
-        if (
-            conn.delivered_bytes - port._consumed_bytes <= conn.low_msgq
-            and conn.delivered_messages - port._consumed_messages <= conn.low_msgq_messages
-        ):
+        if conn.drained():  # step 1's re-check, done here for the daemon (ioserver._flow)
             self.cmd_resume(conn, generation)
 
     def _gone(self, message: list[Any]) -> None:

@@ -13,9 +13,11 @@ from ._exceptions import BusyPortError as BusyPortError
 from ._exceptions import ClosedPortError as ClosedPortError
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import EndOfPort as EndOfPort
+from ._exceptions import FrameError as FrameError
 from ._exceptions import IOServerError as IOServerError
 from ._exceptions import NotSupportedError as NotSupportedError
 from ._exceptions import OptionError as OptionError
+from ._exceptions import PacketTooLarge as PacketTooLarge
 from ._exceptions import PollerLimitError as PollerLimitError
 from ._exceptions import SendTimeoutError as SendTimeoutError
 from ._exceptions import UnsafeEndpointError as UnsafeEndpointError
@@ -48,6 +50,7 @@ __all__ = [
     "EndOfPort",
     "Error",
     "ExitStatus",
+    "FrameError",
     "IOServer",
     "IOServerError",
     "IOServerStatistics",
@@ -55,6 +58,7 @@ __all__ = [
     "NotSupportedError",
     "OptionError",
     "Packet",
+    "PacketTooLarge",
     "Passive",
     "PollerLimitError",
     "SendTimeoutError",

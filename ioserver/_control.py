@@ -11,15 +11,17 @@ every event of a round for one client leaves in one frame at the end of that rou
 event loop stands between a client and its sockets.
 
 The daemon keeps, for each client port, a :class:`RemotePortState`: it stands where a
-``Port`` stands for the I/O thread (``conn.port``), with the counters the flow control
-reads, updated from the client's messages:
+``Port`` stands for the I/O thread (``conn.port``: a loop half, see ioserver._contract),
+with the flow-control window the I/O thread reads, updated from the client's messages:
 
-- receive flow control: ``_consumed_*`` are what the client's owner took, as the client
-  last reported them (RESUME).  When the delivered bytes pass the high watermark, the
-  I/O thread pauses reading as for a local port and tells the client (PAUSED); the
-  client answers RESUME once its owner has taken enough - the same generation handshake.
-- send flow control: ``_queued_bytes`` counts what the client sent; the I/O thread
-  reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port.
+- receive flow control: the window's ``consumed_*`` are what the client's owner took, as
+  the client last reported them (RESUME, checked by ``Window.credit_remote``).  When the
+  delivered bytes pass the high watermark, the I/O thread pauses reading as for a local
+  port and tells the client (PAUSED, through ``window.on_pause``); the client answers
+  RESUME once its owner has taken enough - the same generation handshake (ioserver._flow).
+- send flow control: the window's ``queued_bytes`` counts what the client sent; the I/O
+  thread reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port
+  (``send_blocked``: more sent than written and reported, beyond the low watermark).
 
 A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
 its WELCOME, which every later frame must carry (a peer that takes over an orphaned
@@ -57,16 +59,20 @@ import socket
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
 
 from . import _protocol as P
+from ._conn import CONNECTING, LISTENER, STREAM, Conn, Handler
+from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, OptionError
-from ._framing import make_framer
-from ._iothread import CONNECTING, LISTENER, STREAM, Conn, Handler, IOThread
+from ._flow import Window
+from ._framing import port_framer
+from ._iothread import IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
+from ._options import LISTEN_OPTIONS, check_options, port_options
 from ._protocol import ProtocolViolation
 from ._zmq import ZmqSocketHandler
 
@@ -133,14 +139,9 @@ class _Budget:
 class RemotePortState:
     """The daemon's stand-in for a client's port (see the module docstring)."""
 
-    _remote = True
     __slots__ = (
-        "_consumed_bytes",
-        "_consumed_messages",
-        "_framer",
-        "_queued_bytes",
-        "_sizes",
         "_unsent",
+        "_window",
         "conn",
         "low_watermark",
         "pid",
@@ -151,29 +152,19 @@ class RemotePortState:
     def __init__(self, session: Session, pid: int, options: dict[str, Any]) -> None:
         self.session = session
         self.pid = pid
-        packet = options.get("packet", "raw")
-        self._framer = (
-            None
-            if packet in ("raw", 0)
-            else make_framer(
-                packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
-            )
-        )
-        self._sizes: deque[int] | None = (
-            deque() if self._framer is not None and self._framer.decodes_objects else None
-        )
-        self._consumed_bytes = 0
-        self._consumed_messages = 0
-        self._queued_bytes = 0
+        window = self._window = Window(port_framer(options))
+        window.on_pause = self._paused
+        window.on_gone = self._gone
         self._unsent = 0  # bytes of its DATA queued in the session, not yet taken by ZeroMQ
         self.reported_bytes_out = 0
         self.low_watermark = options.get("low_watermark", 0)
         self.conn: Conn | None = None
 
-    @property
-    def _send_blocked(self) -> bool:
-        # The client may think the port busy: report bytes_out when it drains (WRITTEN).
-        return bool(self._queued_bytes - self.reported_bytes_out > self.low_watermark)
+    def _update_send_blocked(self) -> None:
+        """The client may think the port busy: have the I/O thread report ``bytes_out``
+        when it drains (WRITTEN).  Called whenever what it sent or was told changes."""
+        window = self._window
+        window.send_blocked = window.queued_bytes - self.reported_bytes_out > self.low_watermark
 
     def _paused(self, generation: int) -> None:
         self.session.emit([P.PAUSED, self.pid, generation])
@@ -223,7 +214,7 @@ class Session:
             self.control.mark(self)
         self.outbound.append(message)
 
-    def fault(self, rid: Any, kind: str, text: str) -> None:
+    def fault(self, rid: object, kind: str, text: str) -> None:
         self.faults += 1
         self.emit([P.FAULT, rid if P.is_int(rid) else None, kind, text])
 
@@ -232,7 +223,7 @@ class Session:
         target, message = pair
         cls = message.__class__
         if cls is Data:
-            sizes = target._sizes
+            sizes = target._window.sizes
             if sizes is None:
                 data = message.data
                 size = len(data)
@@ -254,6 +245,7 @@ class Session:
             conn = target.conn
             if conn is not None:
                 target.reported_bytes_out = conn.bytes_out
+                target._update_send_blocked()
                 self.emit([P.WRITTEN, target.pid, conn.bytes_out])
         elif cls is Closed:
             self.emit([P.CLOSED, target.pid, message.reason, message.errno_name])
@@ -279,7 +271,7 @@ class Session:
         else:  # pragma: no cover - every event the I/O thread makes is handled above
             log.error("no wire form for %r", message)
 
-    def _answer(self, request: _Request, result: Any) -> None:
+    def _answer(self, request: _Request, result: object) -> None:
         state = request.state
         if isinstance(result, tuple):
             conn, local, remote = result
@@ -573,7 +565,7 @@ class ControlEndpoint(ZmqSocketHandler):
                 return
 
     def _refuse(
-        self, identity: bytes, session: Session | None, rid: Any, kind: str, text: str
+        self, identity: bytes, session: Session | None, rid: object, kind: str, text: str
     ) -> None:
         self.faults += 1
         self._log_refusal("refused a message from %s: %s: %s", identity.hex(), kind, text[:200])
@@ -635,7 +627,7 @@ class ControlEndpoint(ZmqSocketHandler):
         return cache[1]
 
     # -- host names: resolved by worker threads, never by the I/O thread -----------------
-    def resolve(self, request: _Request, spec: tuple[Any, ...], listen: bool) -> None:
+    def resolve(self, request: _Request, spec: ConnectRequest | ListenRequest) -> None:
         """Resolve the address of a CONNECT or LISTEN off the I/O thread, then open it.
 
         Raises:
@@ -651,11 +643,13 @@ class ControlEndpoint(ZmqSocketHandler):
         if self._resolver is None:
             self._resolver = ThreadPoolExecutor(4, thread_name_prefix="ioserver-resolve")
         self._resolving += 1
-        self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec, listen))
+        self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec))
 
-    def _resolved(self, job: tuple[_Request, tuple[Any, ...], bool], result: Any) -> None:
+    def _resolved(
+        self, job: tuple[_Request, ConnectRequest | ListenRequest], result: object
+    ) -> None:
         self._resolving -= 1
-        request, spec, listen = job
+        request, spec = job
         state = request.state
         session = state.session
         if session.closed or session.ports.get(state.pid) is not state:
@@ -664,11 +658,10 @@ class ControlEndpoint(ZmqSocketHandler):
             session._answer(request, result)
             return
         self.names_resolved += 1
-        spec = (*spec[:3], result, *spec[4:])
-        if listen:
-            self.io.cmd_listen(request, spec)
+        if isinstance(spec, ListenRequest):
+            self.io.cmd_listen(request, replace(spec, address=result))
         else:
-            self.io.cmd_connect(request, spec)
+            self.io.cmd_connect(request, replace(spec, address=result))
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -775,8 +768,14 @@ def _port(session: Session, pid: Any) -> RemotePortState:
     return state
 
 
+def _conn(state: RemotePortState) -> Conn:
+    """The I/O half of a port :func:`_port` found open."""
+    conn = state.conn
+    assert conn is not None
+    return conn
+
+
 def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) -> Any:
-    from ports._port import _LISTEN_OPTIONS, _check_options, port_options
 
     if not P.is_int(pid) or pid <= 0:
         raise ProtocolViolation("malformed", "a client's port id is a positive int", rid)
@@ -794,7 +793,7 @@ def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) 
             for name in ("backlog", "reuseaddr", "reuseport"):
                 if name in options:
                     extra[name] = options.pop(name)
-            _check_options(extra, _LISTEN_OPTIONS, "a remote TCP listener")
+            check_options(extra, LISTEN_OPTIONS, "a remote TCP listener")
             accept_active = options.pop("accept_active", [-1, False])
             if not (
                 isinstance(accept_active, list)
@@ -824,12 +823,12 @@ def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any])
     settings, _ = _open_options(session, rid, message[2], message[5], listen=False)
     active = _credit(message, 6)
     state = RemotePortState(session, message[2], settings)
-    spec = (state, session.deliver, family, address, settings, active)
+    spec = ConnectRequest(state, session.deliver, family, address, settings, active)
     if P.is_numeric_host(family, address[0]):
         session.ports[state.pid] = state
         control.io.cmd_connect(_Request(rid, state), spec)
     else:
-        control.resolve(_Request(rid, state), spec, listen=False)
+        control.resolve(_Request(rid, state), spec)
         session.ports[state.pid] = state
 
 
@@ -842,7 +841,7 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
     state = RemotePortState(session, message[2], settings)
     session.ports[state.pid] = state
 
-    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> RemotePortState:
+    def make_port(conn: Conn, local_address: object, remote_address: object) -> RemotePortState:
         accepted = RemotePortState(session, session.next_accepted, settings)
         session.next_accepted -= 1
         accepted.conn = conn
@@ -851,12 +850,14 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
             conn.queue_paused = True  # its first read waits for the session's queue
         return accepted
 
-    spec = (state, session.deliver, family, address, {**extra, **settings}, active, make_port)
+    spec = ListenRequest(
+        state, session.deliver, family, address, {**extra, **settings}, active, make_port
+    )
     if P.is_numeric_host(family, address[0]):
         session.ports[state.pid] = state
         control.io.cmd_listen(_Request(rid, state), spec)
     else:
-        control.resolve(_Request(rid, state), spec, listen=True)
+        control.resolve(_Request(rid, state), spec)
         session.ports[state.pid] = state
 
 
@@ -874,30 +875,33 @@ def _cmd_send(control: ControlEndpoint, session: Session, message: list[Any]) ->
     data = message[2]
     if not isinstance(data, bytes):
         raise ProtocolViolation("malformed", "SEND data must be bytes")
-    state._queued_bytes += len(data)
+    state._window.queued_bytes += len(data)
+    state._update_send_blocked()
     control.budget.queued_bytes += len(data)
-    control.io.cmd_send(state.conn, data)  # type: ignore[arg-type]
+    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
+    assert conn is not None
+    control.io.cmd_send(conn, data)
 
 
 def _cmd_send_eof(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 2, "[21, pid]")
-    control.io.cmd_send_eof(_port(session, message[1]).conn, None)  # type: ignore[arg-type]
+    control.io.cmd_send_eof(_conn(_port(session, message[1])), None)
 
 
 def _cmd_close(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 2, "[22, pid]")
-    control.io.cmd_close(_port(session, message[1]).conn, None)  # type: ignore[arg-type]
+    control.io.cmd_close(_conn(_port(session, message[1])), None)
 
 
 def _cmd_active(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 4, "[23, pid, credit, notify]")
     state = _port(session, message[1])
-    control.io.cmd_set_active(state.conn, _credit(message, 2))  # type: ignore[arg-type]
+    control.io.cmd_set_active(_conn(state), _credit(message, 2))
 
 
 def _cmd_read_once(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
     _arity(message, 2, "[24, pid]")
-    control.io.cmd_read_once(_port(session, message[1]).conn, None)  # type: ignore[arg-type]
+    control.io.cmd_read_once(_conn(_port(session, message[1])), None)
 
 
 def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
@@ -910,11 +914,7 @@ def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) 
     # what is still queued here for it: a client that does not read stays paused.
     conn = state.conn
     assert conn is not None
-    given = conn.delivered_bytes - state._unsent
-    state._consumed_bytes = max(state._consumed_bytes, min(consumed_bytes, given))
-    state._consumed_messages = max(
-        state._consumed_messages, min(consumed_messages, conn.delivered_messages)
-    )
+    state._window.credit_remote(consumed_bytes, consumed_messages, conn, state._unsent)
     control.io.cmd_resume(conn, generation)
 
 
@@ -958,12 +958,15 @@ _COMMANDS: dict[int, Any] = {
 }
 
 
-def _resolve_name(io: IOThread, done: Any, job: tuple[_Request, tuple[Any, ...], bool]) -> None:
+def _resolve_name(
+    io: IOThread, done: Any, job: tuple[_Request, ConnectRequest | ListenRequest]
+) -> None:
     """In a worker thread: the address of a CONNECT or LISTEN given by name, then
     ``done(job, sockaddr or ConnectError)`` on the I/O thread."""
-    _, spec, listen = job
-    family, (host, port, *_) = spec[2], spec[3]
-    result: Any
+    _, spec = job
+    listen = isinstance(spec, ListenRequest)
+    family, (host, port, *_) = spec.family, spec.address
+    result: object
     try:
         infos = socket.getaddrinfo(
             host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0

@@ -178,7 +178,7 @@ def _start_authenticator(context: zmq.Context[Any], config: DaemonConfig) -> Any
 
 # -- one daemon -----------------------------------------------------------------------------
 async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
-    from ._cli import call_app, load_app
+    from ._apps import call_app, load_app
 
     io = ios._io
     started = time.monotonic()
@@ -513,7 +513,7 @@ def _supervise(config: DaemonConfig) -> int:
         os.chmod(path, 0o600)
     stopping = False
 
-    def stop(number: int, frame: Any) -> None:
+    def stop(number: int, frame: object) -> None:
         nonlocal stopping
         if not stopping:
             log.info("%s received: stopping the workers", signal.Signals(number).name)

@@ -22,9 +22,11 @@ __all__ = [
     "ClosedPortError",
     "ConnectError",
     "EndOfPort",
+    "FrameError",
     "IOServerError",
     "NotSupportedError",
     "OptionError",
+    "PacketTooLarge",
     "PollerLimitError",
     "SendTimeoutError",
     "UnsafeEndpointError",
@@ -145,6 +147,32 @@ class UnsafeEndpointError(ConnectError):
     message says which and what to do.  It is a :exc:`ConnectError` (``errno_name``
     ``"EPERM"``).
     """
+
+
+class FrameError(IOServerError, ValueError):
+    """Bytes that do not frame as the port's packet mode (``packet=...``) says.
+
+    Raised by a framer.  On receive it stays inside the I/O thread: the owner gets an
+    :class:`~ioserver.Error` (``"EPROTO"``, or ``"EMSGSIZE"`` for
+    :exc:`PacketTooLarge`) with its text, then the :class:`~ioserver.Closed` that ends
+    the port - as Erlang closes a port whose peer breaks ``{packet, N}``.
+    """
+
+
+class PacketTooLarge(FrameError):
+    """A message is larger than the port's ``packet_size``.
+
+    Raised by ``send``/``send_nowait`` of a framed port (the message is not sent) and by
+    :meth:`ports.rpc.Client.call`; a received one is reported as described for
+    :exc:`FrameError`.  ``limit`` is the cap and ``size`` the size the message has, the
+    peer announced (a length header) or reached (a line or msgpack object still
+    growing), both in bytes.
+    """
+
+    def __init__(self, limit: int, size: int, what: str = "packet") -> None:
+        super().__init__(f"{what} of {size} bytes exceeds packet_size={limit}")
+        self.limit = limit
+        self.size = size
 
 
 class PollerLimitError(ConnectError):

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from ._exceptions import IOServerError, OptionError
+from ._exceptions import FrameError, OptionError, PacketTooLarge
 
 __all__ = [
     "FrameError",
@@ -47,6 +47,7 @@ __all__ = [
     "RespFramer",
     "encode_resp",
     "make_framer",
+    "port_framer",
 ]
 
 #: The default cap on one message: 64 MiB.
@@ -59,27 +60,6 @@ DEFAULT_PACKET_SIZE = 64 * 1024 * 1024
 #: Without it, 64 KiB of one-byte lines became 32,768 messages charged 2 bytes each, and
 #: a few hundred MiB stayed live under an 8 MiB ``memory_limit``.
 PACKET_OVERHEAD = 160
-
-
-class FrameError(IOServerError, ValueError):
-    """The peer sent bytes that do not frame as the port's packet mode says.
-
-    Delivered to the port's owner in the :class:`~ioserver.Closed` message that ends the
-    port (the I/O thread raises it only inside the framer).
-    """
-
-
-class PacketTooLarge(FrameError):
-    """A message is larger than the port's ``packet_size``.
-
-    ``limit`` is the cap and ``size`` the size the peer announced (a length header) or
-    reached (a line or msgpack object still growing), both in bytes.
-    """
-
-    def __init__(self, limit: int, size: int, what: str = "packet") -> None:
-        super().__init__(f"{what} of {size} bytes exceeds packet_size={limit}")
-        self.limit = limit
-        self.size = size
 
 
 class Framer:
@@ -106,7 +86,7 @@ class Framer:
         """
         raise NotImplementedError
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         """The bytes to send for one ``message``.
 
         Raises:
@@ -130,7 +110,7 @@ class RawFramer(Framer):
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         return [bytes(data)] if data else []
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         return _as_bytes(message)
 
 
@@ -179,7 +159,7 @@ class LengthPrefixFramer(Framer):
             del buffer[:start]
         return messages
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         data = _as_bytes(message)
         if len(data) > self._limit:
             raise PacketTooLarge(self._limit, len(data))
@@ -236,7 +216,7 @@ class LineFramer(Framer):
             raise PacketTooLarge(self._limit, size, "line")
         return messages
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         data = _as_bytes(message)
         if not data.endswith(self._delimiter):
             data += self._delimiter
@@ -514,7 +494,7 @@ class MsgpackFramer(Framer):
         except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
             raise FrameError(f"malformed msgpack data: {exc}") from exc
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         try:
             data: bytes = msgpack.packb(message, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -793,7 +773,7 @@ class RespFramer(Framer):
                 self._bulk = bulk
                 self._held = held
 
-    def frame(self, message: Any) -> bytes:
+    def frame(self, message: object) -> bytes:
         if message.__class__ is bytes:
             return bytes(message)
         if isinstance(message, (bytearray, memoryview)):
@@ -801,7 +781,7 @@ class RespFramer(Framer):
         return encode_resp(message)
 
 
-def _as_bytes(message: Any) -> bytes:
+def _as_bytes(message: object) -> bytes:
     if isinstance(message, bytes):
         return message
     if isinstance(message, (bytearray, memoryview)):
@@ -836,3 +816,15 @@ def make_framer(
     if packet == "resp":
         return RespFramer(packet_size)
     raise OptionError(f"packet must be 'raw', 1, 2, 4, 'line', 'msgpack' or 'resp', not {packet!r}")
+
+
+def port_framer(options: dict[str, Any]) -> Framer | None:
+    """The framer the I/O thread runs for a stream port with these options (as
+    :func:`~._options.port_options` validated them), or ``None`` for ``packet="raw"``:
+    then each read is delivered as it comes, without a framer (the hot path), and a
+    message is charged its ``len()``.  The local port and the daemon's remote port state
+    both make theirs here."""
+    packet = options.get("packet", "raw")
+    if packet in ("raw", 0):
+        return None
+    return make_framer(packet, packet_size=options["packet_size"], delimiter=options["delimiter"])

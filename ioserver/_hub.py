@@ -272,7 +272,7 @@ class Hub:
             io.commands.wakeup.signal()
             self.flushes += 1
 
-    def _deliver(self, message: Any) -> None:
+    def _deliver(self, message: object) -> None:
         # The hub is the target of the I/O thread's stop notice.
         self.stopped = True
         self.wake(self)  # type: ignore[attr-defined]

@@ -32,36 +32,14 @@ port with a :class:`~._messages.Closed` message naming the error, and the thread
 
 Receive flow control
 --------------------
-Three things decide whether a stream's socket is read, each on its own (``_stream_interest``):
-
-*The active credit* (Erlang's ``{active, ...}``): -1 reads freely, 0 not at all, N > 0 lets
-N more **packets** through.  A framed read can decode several packets; those beyond the
-credit are *held* in the ``Conn`` (``held``, charged to the budget as framing bytes) and
-the socket is not read while any is held.  A grant - ``cmd_set_active`` or a passive
-``receive`` (``cmd_read_once``) - delivers held packets first, as far as its credit goes,
-and only then reads again; so an EOF or error read later comes after them, as in Erlang.
-
-*The port's watermarks* (``high_msgq_watermark``...): delivered and not yet taken above
-high stops this socket until the owner has taken it down to low (``_pause_msgq``, and the
-generation handshake with the port's ``_maybe_resume``).
-
-*The global budget* (``memory_limit``, ``L``): once a round, ``_memory_check`` computes the
-headroom ``L - memory_in_use()``.  It is split in two.  An ordinary read needs a whole read
-(64 KiB) of headroom **plus the reserve** (``L // 4``): so ordinary input stops at three
-quarters of the budget and the ports it paused resume together at one half.  The reserve
-is for the ports whose owner **waits** - a task parked in ``receive``/``select`` on the
-port, having taken everything delivered to it - which may read while a whole read fits
-under ``L`` (``_budget_blocks``).  Such a read is taken at once by the waiting task, so it
-frees itself; a port is never starved by the others' input filling the budget, whatever
-order an actor reads its ports in.  When a waiting port finds no room even in the reserve,
-it is a *reserve waiter* and is let in first as soon as a read fits (before the others
-resume at one half).  An owner that starts waiting on a port already paused by the budget
-tells the thread (``cmd_want``); the port writes its waiter before it reads
-``global_paused``, the thread writes ``global_paused`` before it reads the waiter, so one
-of them sees the other.  The bound stays firm: no read is made that could take the
-memory charged for input past ``L``; the reserve is inside it, not on top.  (A message
-larger than the reserve cannot be completed by reserve reads alone: it waits for the
-budget to free.)
+Three things decide whether a stream's socket is read, each on its own
+(``_stream_interest``): the active credit, the port's watermarks and the global memory
+budget.  Their rules, the pause handshake with the port's loop half and the budget's
+reserve for waiting owners are written once, in :mod:`~._flow` (its theory of
+operation); this thread applies them: ``_check_msgq``/``_pause_msgq``/``cmd_resume`` for
+the watermarks, ``_memory_check``/``_budget_blocks``/``cmd_want`` for the budget.  What it
+may read of a port's loop half - its :class:`~._flow.Window`, nothing else - is the
+contract of :mod:`~._contract`.
 """
 
 from __future__ import annotations
@@ -79,13 +57,18 @@ from collections.abc import Callable
 from typing import Any
 
 from ._aio import BatchWriter, open_batch_writer
+from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
+from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, PollerLimitError, errno_name
+from ._flow import ReceiveFlow
 from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
+from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
+from ._tcp import apply_stream_options, connect_error, listen_socket
 from ._wakeup import WakeupQueue
 
-__all__ = ["Conn", "IOThread", "raise_open_file_limit"]
+__all__ = ["IOThread", "raise_open_file_limit"]
 
 log = logging.getLogger("ioserver")
 
@@ -109,14 +92,6 @@ _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 # costs a Python frame and an object.__setattr__ per message.
 _SET_DATA = Data.__dict__["data"].__set__
 
-_NO_OPTIONS: dict[str, Any] = {}
-
-# Conn.kind
-STREAM = 0
-LISTENER = 1
-CONNECTING = 2
-HANDLER = 3  # an entry of another kind (datagrams, ZeroMQ sockets...): see Handler
-
 
 def raise_open_file_limit() -> int:
     """Raise the soft open-file limit to the hard limit; return the (new) soft limit."""
@@ -128,286 +103,6 @@ def raise_open_file_limit() -> int:
         except (ValueError, OSError):  # pragma: no cover - e.g. a hard limit of infinity
             pass
     return soft
-
-
-class Conn:
-    """The I/O thread's half of a port.  Only the I/O thread reads or writes its fields,
-    except the byte counters, which the event loop reads for statistics."""
-
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "check_bytes",
-        "check_messages",
-        "close_pending",
-        "closed",
-        "credit",
-        "deliver",
-        "delivered_bytes",
-        "delivered_messages",
-        "dirty",
-        "fd",
-        "framer",
-        "global_paused",
-        "held",
-        "held_bytes",
-        "high_msgq",
-        "high_msgq_messages",
-        "kind",
-        "low_msgq",
-        "low_msgq_messages",
-        "make_port",
-        "mask",
-        "msgq_paused",
-        "notify_passive",
-        "options",
-        "out_bytes",
-        "outq",
-        "packet_overhead",
-        "packets_too_large",
-        "pause_generation",
-        "paused",
-        "pauses",
-        "peak_buffered",
-        "port",
-        "queue_paused",
-        "read_eof",
-        "request",
-        "send_low",
-        "shutdown_pending",
-        "sizes",
-        "sock",
-        "write_closed",
-    )
-
-    def __init__(self, sock: socket.socket, kind: int, port: Any, deliver: Callable[[Any], None]):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.kind = kind
-        self.port = port  # the event loop's half; messages are delivered as (port, message)
-        self.deliver = deliver  # the owning loop's inbox.append
-        self.credit = -1  # active credit: -1 unlimited (active=True), 0 passive, N > 0
-        self.notify_passive = False  # send Passive when credit reaches 0 (active=N)
-        self.mask = 0  # interest registered with the poller; 0 = not registered
-        # A list, not a deque: an idle connection's empty deque costs 760 bytes, a list 56,
-        # and the queue rarely holds more than a few buffers between two flushes.
-        self.outq: list[bytes | memoryview] = []
-        self.out_bytes = 0
-        self.dirty = False
-        self.closed = False
-        self.read_eof = False
-        self.write_closed = False
-        self.shutdown_pending = False
-        self.close_pending = False
-        self.paused = False
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.request: Any = None
-        self.make_port: Callable[[Conn, Any, Any], Any] | None = None
-        self.options: dict[str, Any] = _NO_OPTIONS  # listeners' and connects' own
-        # Receive flow control (see _pause_msgq).  delivered_* count what the I/O thread
-        # handed to the port; the port counts what its owner took (_consumed_*); the
-        # difference is what is buffered, undelivered, in the event loop.
-        self.framer: Any = None
-        self.sizes: Any = None  # the port's deque of message sizes, for decoded objects
-        self.packet_overhead = 0  # bytes charged per packet beyond its own (configure)
-        # Packets a framed read decoded beyond the active credit: (payload, wire size)
-        # in order, delivered by the next grants (see _deliver_payloads).  Non-empty only
-        # while the credit is 0, and then the socket is not read.
-        self.held: deque[tuple[Any, int]] | None = None
-        self.held_bytes = 0
-        self.delivered_messages = 0
-        self.delivered_bytes = 0
-        self.high_msgq = 1 << 62
-        self.low_msgq = 1 << 62
-        self.high_msgq_messages = 1 << 62
-        self.low_msgq_messages = 1 << 62
-        self.send_low = 0
-        self.check_bytes = 1 << 62
-        self.check_messages = 1 << 62
-        self.msgq_paused = False
-        self.global_paused = False
-        # A daemon's client port whose session's queue toward the client is full (see
-        # ioserver._control): not read until the client takes what is queued.
-        self.queue_paused = False
-        self.pause_generation = 0
-        self.pauses = 0
-        self.packets_too_large = 0
-        self.peak_buffered = 0
-
-    def configure(self, options: dict[str, Any], port: Any) -> None:
-        """Take the flow-control options and the framer of the port (see ports)."""
-        self.framer = port._framer
-        self.sizes = port._sizes
-        # Each packet is charged PACKET_OVERHEAD more than its bytes, where its objects
-        # stay (a port in this process); a daemon's port encodes its packets for the
-        # client at once, and its flow control counts in wire bytes, as the client's.
-        self.packet_overhead = (
-            0 if self.sizes is None or getattr(port, "_remote", False) else PACKET_OVERHEAD
-        )
-        self.high_msgq = options["high_msgq_watermark"]
-        self.low_msgq = options["low_msgq_watermark"]
-        self.high_msgq_messages = options["high_msgq_messages"]
-        self.low_msgq_messages = self.high_msgq_messages // 2
-        self.send_low = options["low_watermark"]
-        self.check_bytes = self.high_msgq
-        self.check_messages = self.high_msgq_messages
-
-
-class Handler:
-    """An entry of the port table that is not a TCP stream: a UDP socket, a ZeroMQ socket,
-    a control endpoint, a process watcher.  The I/O thread calls its methods, and only the
-    I/O thread: ``on_ready`` when its fd is ready (or when it asked to run again with
-    :meth:`IOThread.call_soon`), ``flush`` at the end of a round in which it was marked
-    dirty (``cmd_send`` marks it, as it marks streams; marked again during its own flush,
-    it is flushed next round), ``on_error`` when one of its methods raised,
-    ``on_shutdown`` when the I/O thread stops.
-
-    Subclasses keep ``fd`` and ``mask`` (the interest registered, see
-    :meth:`IOThread._interest`), and, when ports send through ``cmd_send``, the send
-    queue fields streams have (``outq``, ``out_bytes``, ``dirty`` and the flags).
-    """
-
-    kind = HANDLER
-    fd = -1
-    mask = 0
-    closed = False
-    dirty = False
-    scheduled = False  # in the next round's call_soon list
-    write_closed = False
-    shutdown_pending = False
-    close_pending = False
-
-    def on_ready(self, mask: int) -> None:
-        """The fd is ready (``mask`` is READ/WRITE/ERROR), or the handler asked to run."""
-
-    def flush(self) -> None:
-        """The end of a round in which ``cmd_send`` queued output for this entry."""
-
-    def on_error(self, exc: Exception) -> None:
-        """One of the methods above raised ``exc``: close what this entry serves."""
-
-    def on_shutdown(self) -> None:
-        """The I/O thread stops: tell the owners and release the fd."""
-
-    # The port commands, for ports whose I/O-thread half is a handler (IOThread.cmd_*
-    # dispatch here): close after a flush, half-close, an active mode, one passive read,
-    # resume after a receive pause of ``generation``.
-    def close(self) -> None:
-        """``cmd_close``: close once the queued output is written."""
-
-    def send_eof(self) -> None:
-        """``cmd_send_eof``: half-close the sending side."""
-
-    def set_active(self, mode: tuple[int, bool]) -> None:
-        """``cmd_set_active``: apply an active mode ``(credit, notify_passive)``."""
-
-    def read_once(self) -> None:
-        """``cmd_read_once``: a passive port's receiver waits for one message."""
-
-    def resume(self, generation: int) -> None:
-        """``cmd_resume``: the owner took enough after the pause ``generation``."""
-
-
-def apply_active_mode(credit: int, notify: bool, mode: tuple[int, bool]) -> tuple[int, bool]:
-    """The ``(credit, notify_passive)`` of a port after the active mode ``mode`` (as
-    ``ports.parse_active`` gives it) is applied to its current ``(credit, notify)``.
-
-    Erlang's rule for ``inet:setopts(S, [{active, N}])``: N adds to a running count, and
-    a count that reaches 0 or less makes the port passive (credit 0; with ``notify``, the
-    owner is told with :class:`~ioserver.Passive`).  The loop's half and the I/O thread's
-    half of a port both apply it, so they agree without asking each other.
-    """
-    new_credit, new_notify = mode
-    if new_notify and notify and credit > 0:
-        new_credit += credit
-    if new_notify and new_credit <= 0:
-        new_credit = 0
-    return new_credit, new_notify
-
-
-class ReceivingHandler(Handler):
-    """A handler whose port receives messages (UDP, ZeroMQ): the receive flow control of a
-    stream ``Conn`` - the same fields, with the same meaning - and the port commands that
-    change whether it may read (an active mode, a passive read, the end of a pause).
-
-    Subclasses call :meth:`configure_receiving` once, :meth:`_pause_msgq` when
-    :meth:`_over_high_msgq` after a delivery, and implement :meth:`_reading_changed`.
-    """
-
-    port: Any
-    deliver: Callable[[Any], None]
-
-    def configure_receiving(self, options: dict[str, Any], active: tuple[int, bool]) -> None:
-        """Take the active mode and the flow-control options (see ``ports.PortOptions``)."""
-        self.credit, self.notify_passive = active
-        self.delivered_messages = 0
-        self.delivered_bytes = 0
-        self.high_msgq: int = options["high_msgq_watermark"]
-        self.low_msgq: int = options["low_msgq_watermark"]
-        self.high_msgq_messages: int = options["high_msgq_messages"]
-        self.low_msgq_messages = self.high_msgq_messages // 2
-        self.send_low: int = options["low_watermark"]
-        self.msgq_paused = False
-        self.pause_generation = 0
-        self.pauses = 0
-        self.peak_buffered = 0
-
-    def _reading_changed(self) -> None:
-        """Whether the port may read changed (credit, pause): act on it."""
-        raise NotImplementedError
-
-    def _over_high_msgq(self) -> bool:
-        port = self.port
-        return bool(
-            self.delivered_bytes - port._consumed_bytes > self.high_msgq
-            or self.delivered_messages - port._consumed_messages > self.high_msgq_messages
-        )
-
-    def _drained(self) -> bool:
-        port = self.port
-        return bool(
-            self.delivered_bytes - port._consumed_bytes <= self.low_msgq
-            and self.delivered_messages - port._consumed_messages <= self.low_msgq_messages
-        )
-
-    def _pause_msgq(self) -> None:
-        """As ``IOThread._pause_msgq``: stop reading until the owner has taken enough; the
-        generation is the fence of the handshake with the port's ``_maybe_resume``."""
-        buffered = self.delivered_bytes - self.port._consumed_bytes
-        if buffered > self.peak_buffered:
-            self.peak_buffered = buffered
-        if self.msgq_paused:
-            return
-        self.msgq_paused = True
-        self.pauses += 1
-        self.pause_generation += 1  # written before _drained reads the port's counters
-        if self._drained():
-            self.msgq_paused = False
-        self._reading_changed()
-
-    def resume(self, generation: int) -> None:
-        if (
-            not self.closed
-            and self.msgq_paused
-            and generation == self.pause_generation
-            and self._drained()
-        ):
-            self.msgq_paused = False
-            self._reading_changed()
-
-    def set_active(self, mode: tuple[int, bool]) -> None:
-        self.credit, self.notify_passive = apply_active_mode(self.credit, self.notify_passive, mode)
-        if self.notify_passive and not self.credit:
-            self.deliver((self.port, PASSIVE))
-        self._reading_changed()
-
-    def read_once(self) -> None:
-        if self.credit != 0:
-            return
-        self.credit = 1
-        self.notify_passive = False
-        self._reading_changed()
 
 
 class _WakeupSlot:
@@ -525,7 +220,7 @@ class IOThread:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, function: Callable[..., None], target: Any, argument: Any) -> None:
+    def submit(self, function: Callable[..., None], target: object, argument: object) -> None:
         """Queue ``function(target, argument)`` to run on the I/O thread."""
         self.commands.put((function, target, argument))
 
@@ -838,7 +533,7 @@ class IOThread:
                                 sent_total += sent
                                 conn.out_bytes = 0
                                 outq.clear()
-                                if conn.port._send_blocked:
+                                if conn.window.send_blocked:
                                     self._notify_writable(conn)
                             else:
                                 self._sent(conn, sent)
@@ -941,7 +636,7 @@ class IOThread:
                     sent_total += result
                     conn.out_bytes = 0
                     conn.outq.clear()
-                    if conn.port._send_blocked:
+                    if conn.window.send_blocked:
                         self._notify_writable(conn)
                 else:
                     self._sent(conn, result)
@@ -992,7 +687,7 @@ class IOThread:
                 self._internal_error(target, exc)
         self.commands_run += ran
 
-    def _internal_error(self, conn: Any, exc: Exception) -> None:
+    def _internal_error(self, conn: object, exc: Exception) -> None:
         """A bug or an unexpected error while serving one port: close that port only."""
         self.internal_errors += 1
         log.error("error while serving a port; closing it", exc_info=exc)
@@ -1044,9 +739,9 @@ class IOThread:
         if conn.closed:
             return
         conn.closed = True
-        port = conn.port
-        if port is not None and port._remote:
-            port._gone()  # a daemon's client port: the client forgets it
+        on_gone = conn.window.on_gone
+        if on_gone is not None:
+            on_gone()  # a daemon's client port: the client forgets it
         if conn.global_paused:
             self._globally_paused.pop(conn, None)
         if conn.kind == STREAM and conn.framer is not None:
@@ -1090,6 +785,7 @@ class IOThread:
         The active credit counts packets, not reads (Erlang's ``{active, once}`` is one
         packet): packets decoded beyond it are held, in order, for the next grants."""
         framer = conn.framer
+        assert framer is not None  # (the hot path calls this for framed ports only)
         before = framer.buffered
         try:
             payloads = framer.feed(self._view[:n])
@@ -1214,61 +910,35 @@ class IOThread:
 
     # -- receive flow control -----------------------------------------------------------
     def _check_msgq(self, conn: Conn) -> None:
-        """The delivered counters passed the point where the owner could be behind by more
-        than a high watermark: look at what it took, pause if it is, else move the point.
-
-        The point (``check_*``) is what was taken at the last look plus the watermark, so
-        the hot path compares one counter with one number instead of reading the port."""
-        port = conn.port
-        taken_bytes = port._consumed_bytes
-        taken_messages = port._consumed_messages
-        if (
-            conn.delivered_bytes - taken_bytes > conn.high_msgq
-            or conn.delivered_messages - taken_messages > conn.high_msgq_messages
-        ):
+        """The delivered counters passed the check point (see ioserver._flow): pause if the
+        owner is behind by more than a high watermark."""
+        if conn.check():
             self._pause_msgq(conn)
-        else:
-            conn.check_bytes = taken_bytes + conn.high_msgq
-            conn.check_messages = taken_messages + conn.high_msgq_messages
 
     def _pause_msgq(self, conn: Conn) -> None:
         """Too much undelivered in the loop: stop reading this socket, so TCP pushes back
-        on this peer alone.  The port asks to resume once its owner has taken enough
-        (``cmd_resume``); if it already has, resume at once.  The generation is the fence
-        of that handshake: the port compares it with the one it last resumed."""
-        port = conn.port
-        buffered = conn.delivered_bytes - port._consumed_bytes
-        if buffered > conn.peak_buffered:
-            conn.peak_buffered = buffered
-        if conn.msgq_paused or conn.closed:
+        on this peer alone, until the port asks to resume (``cmd_resume``); if its owner
+        already took enough, resume at once (the handshake of ioserver._flow)."""
+        if conn.closed:
+            conn.note_buffered()
             return
-        conn.msgq_paused = True
-        conn.pauses += 1
-        conn.pause_generation += 1  # written before the re-check below reads _consumed_*
+        if not conn.pause():
+            return
         self._stream_interest(conn)
-        if port._remote:
+        on_pause = conn.window.on_pause
+        if on_pause is not None:
             # A daemon's client port: the client cannot read this Conn; tell it.
-            port._paused(conn.pause_generation)
-        self._resume_if_drained(conn, conn.pause_generation)
-
-    def _resume_if_drained(self, conn: Conn, generation: int) -> None:
-        port = conn.port
-        if (
-            conn.msgq_paused
-            and generation == conn.pause_generation
-            and conn.delivered_bytes - port._consumed_bytes <= conn.low_msgq
-            and conn.delivered_messages - port._consumed_messages <= conn.low_msgq_messages
-        ):
-            conn.msgq_paused = False
-            if not conn.closed:
-                self._stream_interest(conn)
+            on_pause(conn.pause_generation)
+        if conn.may_resume(conn.pause_generation):
+            self._stream_interest(conn)
 
     def cmd_resume(self, conn: Conn, generation: int) -> None:
         """The port's owner took enough: read again (if this is still the same pause)."""
         if conn.kind == HANDLER:
             conn.resume(generation)  # type: ignore[attr-defined]
             return
-        self._resume_if_drained(conn, generation)
+        if conn.may_resume(generation) and not conn.closed:
+            self._stream_interest(conn)
 
     # -- the memory budget --------------------------------------------------------------
     def memory_in_use(self) -> int:
@@ -1323,7 +993,7 @@ class IOThread:
         for it (all of ``headroom`` for a waiting owner, else what the reserve leaves).
         ``_budget_blocks`` let the read happen, so that is a whole read at least and
         the answer at least ``READ_SIZE // (1 + PACKET_OVERHEAD)`` bytes."""
-        room = headroom if _owner_waits(conn) else headroom - self.memory_reserve
+        room = headroom if conn.owner_waits() else headroom - self.memory_reserve
         return max(min(room // (1 + PACKET_OVERHEAD), READ_SIZE), 1)
 
     def _budget_blocks(self, conn: Conn, headroom: int) -> bool:
@@ -1334,7 +1004,7 @@ class IOThread:
         waiter before it reads ``global_paused`` (Port._receive): one of the two sees the
         other, so a waiting owner is never left behind a pause it did not hear of."""
         conn.global_paused = True
-        waits = _owner_waits(conn)
+        waits = conn.owner_waits()
         if waits and headroom >= READ_SIZE:
             conn.global_paused = False
             self.reserve_reads += 1
@@ -1348,7 +1018,7 @@ class IOThread:
         self._stream_interest(conn)
         return True
 
-    def read_allowance(self, entry: Any) -> int:
+    def read_allowance(self, entry: ReceiveFlow) -> int:
         """For handlers that read (UDP): the bytes of input ``entry`` may read now.  The
         streams' rule: ordinary reads leave the reserve (``memory_reserve``) untouched,
         reads for a waiting owner may use it, and no read may take the input charged past
@@ -1356,19 +1026,19 @@ class IOThread:
         if self.memory_limit is None:
             return UNLIMITED
         headroom = self.memory_limit - self.memory_in_use()
-        return headroom if _owner_waits(entry) else headroom - self.memory_reserve
+        return headroom if entry.owner_waits() else headroom - self.memory_reserve
 
-    def budget_resumes(self, entry: Any, size: int) -> bool:
+    def budget_resumes(self, entry: ReceiveFlow, size: int) -> bool:
         """For handlers paused by the budget: whether ``entry`` may read again - once the
         total is back at one half of the limit, or at once for a waiting owner when a read
         of ``size`` bytes fits in the reserve."""
         assert self.memory_limit is not None
         used = self.memory_in_use()
         return used <= self.memory_limit // 2 or (
-            self.memory_limit - used >= size and _owner_waits(entry)
+            self.memory_limit - used >= size and entry.owner_waits()
         )
 
-    def cmd_want(self, conn: Conn, _: Any) -> None:
+    def cmd_want(self, conn: Conn, _: object) -> None:
         """The owner of a port paused by the budget waits for input: let it try a read into
         the reserve (and pause again, as a reserve waiter, if there is no room)."""
         if conn.closed or not conn.global_paused:
@@ -1405,7 +1075,7 @@ class IOThread:
         outq = conn.outq
         conn.bytes_out += sent
         self.bytes_out += sent
-        if conn.port._send_blocked:
+        if conn.window.send_blocked:
             self._notify_writable(conn)
         if sent == conn.out_bytes:
             # Everything went (the common case): no per-buffer bookkeeping.
@@ -1436,11 +1106,10 @@ class IOThread:
     def _notify_writable(self, conn: Conn) -> None:
         """A sender waits on this busy port: tell it once the output drained below low.
 
-        The port sets ``_send_blocked`` before it re-reads ``bytes_out``; we update
-        ``bytes_out`` before we read ``_send_blocked``: one of the two sees the other."""
-        port = conn.port
-        if port._queued_bytes - conn.bytes_out <= conn.send_low:
-            conn.deliver((port, WRITABLE))
+        The port sets ``send_blocked`` before it re-reads ``bytes_out``; we update
+        ``bytes_out`` before we read ``send_blocked``: one of the two sees the other."""
+        if conn.window.queued_bytes - conn.bytes_out <= conn.send_low:
+            conn.deliver((conn.port, WRITABLE))
 
     def _shutdown_write(self, conn: Conn) -> None:
         conn.shutdown_pending = False
@@ -1470,7 +1139,7 @@ class IOThread:
             conn.dirty = True
             self._dirty.append(conn)
 
-    def cmd_send_eof(self, conn: Conn, _: Any) -> None:
+    def cmd_send_eof(self, conn: Conn, _: object) -> None:
         if conn.kind == HANDLER:
             conn.send_eof()  # type: ignore[attr-defined]
             return
@@ -1481,7 +1150,7 @@ class IOThread:
         else:
             self._shutdown_write(conn)
 
-    def cmd_close(self, conn: Conn, _: Any) -> None:
+    def cmd_close(self, conn: Conn, _: object) -> None:
         """Close once the queued output is written (Erlang's close after a flush)."""
         if conn.closed:
             return
@@ -1513,7 +1182,7 @@ class IOThread:
         elif conn.kind == LISTENER and not conn.paused:
             self._interest(conn, READ if credit else 0)
 
-    def cmd_read_once(self, conn: Conn, _: Any) -> None:
+    def cmd_read_once(self, conn: Conn, _: object) -> None:
         """A passive port's receiver waits: let one message through (``gen_tcp:recv``)."""
         if conn.kind == HANDLER and not conn.closed:
             conn.read_once()  # type: ignore[attr-defined]
@@ -1530,12 +1199,13 @@ class IOThread:
             self._interest(conn, READ)
 
     # -- connect ------------------------------------------------------------------------
-    def cmd_connect(self, request: Any, spec: tuple[Any, ...]) -> None:
-        port, deliver, family, address, options, active = spec
+    def cmd_connect(self, request: object, spec: ConnectRequest) -> None:
+        port, deliver, family, address = spec.port, spec.deliver, spec.family, spec.address
+        options, active = spec.options, spec.active
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            deliver((request, _connect_error(exc.errno, address)))
+            deliver((request, connect_error(exc.errno, address)))
             return
         try:
             self._poller.check(sock.fileno())  # before connecting: no peer sees it
@@ -1545,12 +1215,12 @@ class IOThread:
             return
         sock.setblocking(False)
         conn = Conn(sock, CONNECTING, port, deliver)
-        conn.configure(options, port)
+        conn.configure(options, port._window)
         conn.credit, conn.notify_passive = active
         conn.request = request
         conn.options = {"address": address}
         try:
-            _apply_stream_options(sock, options)
+            apply_stream_options(sock, options)
             result = sock.connect_ex(address)
         except OSError as exc:
             result = exc.errno or errno.EINVAL
@@ -1579,53 +1249,39 @@ class IOThread:
         conn.deliver((request, (conn, conn.sock.getsockname(), conn.sock.getpeername())))
         self._stream_interest(conn)
 
-    def _connect_failed(self, conn: Conn, number: int, address: Any) -> None:
+    def _connect_failed(self, conn: Conn, number: int, address: object) -> None:
         request, conn.request = conn.request, None
-        conn.deliver((request, _connect_error(number, address)))
+        conn.deliver((request, connect_error(number, address)))
         self._close(conn)
 
     # -- listen and accept --------------------------------------------------------------
-    def cmd_listen(self, request: Any, spec: tuple[Any, ...]) -> None:
-        port, deliver, family, address, options, active, make_port = spec
-        sock = None
+    def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            if options.get("reuseaddr", True):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if options.get("reuseport", False):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(options.get("backlog", 1024))
-        except OSError as exc:
-            if sock is not None:
-                sock.close()
-            name = errno_name(exc.errno)
-            deliver(
-                (
-                    request,
-                    ConnectError(
-                        f"cannot listen on {_format_address(address)}: "
-                        f"{exc.strerror or exc} ({name})",
-                        exc.errno,
-                        name,
-                    ),
-                )
-            )
+            sock = listen_socket(spec.family, spec.address, spec.options)
+        except ConnectError as exc:
+            spec.deliver((request, exc))
             return
-        conn = Conn(sock, LISTENER, port, deliver)
-        conn.make_port = make_port
-        conn.options = {**options, "sockname": sock.getsockname()}
-        conn.credit, conn.notify_passive = active
+        self.adopt_listener(request, spec, sock, sock.getsockname())
+
+    def adopt_listener(
+        self, request: object, spec: ListenRequest, sock: socket.socket, sockname: object
+    ) -> None:
+        """Make the listening socket ``sock`` (bound and listening, non-blocking) the
+        listener ``spec`` asked for, and answer ``request`` with ``(conn, sockname,
+        None)``: the step every kind of stream listener shares (TCP, Unix, a socket
+        systemd passed).  A poller that cannot watch it (select's ``FD_SETSIZE``) answers
+        :exc:`~ioserver.PollerLimitError` instead, and ``sock`` is closed."""
+        conn = Conn(sock, LISTENER, spec.port, spec.deliver)
+        conn.make_port = spec.make_port
+        conn.options = {**spec.options, "sockname": sockname}
+        conn.credit, conn.notify_passive = spec.active
         try:
             self._adopt(conn)
         except PollerLimitError as exc:
             sock.close()
-            deliver((request, exc))
+            spec.deliver((request, exc))
             return
-        deliver((request, (conn, conn.options["sockname"], None)))
+        spec.deliver((request, (conn, sockname, None)))
         self._interest(conn, READ if conn.credit else 0)
 
     def _on_listener_event(self, listener: Conn, mask: int) -> None:
@@ -1665,13 +1321,13 @@ class IOThread:
             sock.setblocking(False)
             conn = Conn(sock, STREAM, None, deliver)
             try:
-                _apply_stream_options(sock, options)
+                apply_stream_options(sock, options)
             except OSError:
                 sock.close()  # the peer is already gone (e.g. reset before we looked)
                 continue
             conn.credit, conn.notify_passive = options["active"]
             conn.port = make_port(conn, local_address, address)
-            conn.configure(options, conn.port)
+            conn.configure(options, conn.port._window)
             self._adopt(conn)
             deliver((lport, Accepted(conn.port, address)))
             self._stream_interest(conn)
@@ -1684,48 +1340,6 @@ class IOThread:
                         deliver((lport, PASSIVE))
 
     # -- stop ---------------------------------------------------------------------------
-    def cmd_stop(self, target: Any, _: Any) -> None:
+    def cmd_stop(self, target: object, _: object) -> None:
         """Close every port and end the thread; each hub then gets its stop notice."""
         self._stopping = True
-
-
-def _apply_stream_options(sock: socket.socket, options: dict[str, Any]) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6) and options.get("nodelay", True):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if options.get("keepalive"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if options.get("recbuf"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options["recbuf"])
-    if options.get("sndbuf"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options["sndbuf"])
-
-
-def _owner_waits(conn: Any) -> bool:
-    """Whether a task waits for this port's next message (``receive`` or ``select`` on
-    the port, or on the :class:`~ports.Mailbox` that owns it) and has taken every message
-    delivered to it: input for it would be taken at once."""
-    port = conn.port
-    owner = getattr(port, "_owner", None)
-    if owner is not None:
-        waits = bool(owner._waiters)
-    else:
-        waits = getattr(port, "_waiter", None) is not None or bool(
-            getattr(port, "_select_waiters", None)
-        )
-    return waits and conn.delivered_messages == port._consumed_messages
-
-
-def _format_address(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    return repr(address)
-
-
-def _connect_error(number: int | None, address: Any) -> ConnectError:
-    name = errno_name(number)
-    import os
-
-    reason = os.strerror(number) if number else "unknown error"
-    where = f" to {_format_address(address)}" if address is not None else ""
-    return ConnectError(f"cannot connect{where}: {reason} ({name})", number, name)

@@ -44,7 +44,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._iothread import Conn, Handler, IOThread
+from ._conn import Conn, Handler
+from ._contract import Deliver, LoopHalf
+from ._iothread import IOThread
 from ._messages import Closed, ExitStatus
 from ._poller import READ
 
@@ -76,8 +78,8 @@ class ProcessWatcher(Handler):
         io: IOThread,
         popen: subprocess.Popen[bytes],
         pidfd: int | None,
-        port: Any,
-        deliver: Callable[[Any], None],
+        port: LoopHalf,
+        deliver: Deliver,
         kill_grace: float,
     ) -> None:
         self.io = io
@@ -203,7 +205,7 @@ class ProcessWatcher(Handler):
         self.send_signal(signal.SIGKILL)
 
     # -- commands (queued by the port) ---------------------------------------------------
-    def cmd_terminate(self, _: Any) -> None:
+    def cmd_terminate(self, _: object) -> None:
         self.terminate()
 
     def cmd_signal(self, number: int) -> None:
@@ -267,7 +269,7 @@ def stop_programs(watchers: list[ProcessWatcher]) -> None:
             time.sleep(_SHUTDOWN_POLL)
 
 
-def cmd_start_process(watcher: ProcessWatcher, _: Any) -> None:
+def cmd_start_process(watcher: ProcessWatcher, _: object) -> None:
     """On the I/O thread: take the program's streams and its watcher into the table."""
     io = watcher.io
     for conn in watcher.conns:

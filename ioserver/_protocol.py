@@ -239,7 +239,7 @@ def check_int(value: Any, what: str, low: int = -(1 << 62), high: int = 1 << 62)
     return int(value)
 
 
-def check_address(family: Any, address: Any) -> tuple[int, tuple[Any, ...]]:
+def check_address(family: Any, address: object) -> tuple[int, tuple[Any, ...]]:
     """A ``(family, sockaddr)`` pair from the wire, checked."""
     if family not in FAMILIES or isinstance(family, bool):
         if is_int(family) and family in _OTHER_FAMILIES:
@@ -260,12 +260,12 @@ def check_address(family: Any, address: Any) -> tuple[int, tuple[Any, ...]]:
     return int(family), (host, port, *rest)
 
 
-def wire_address(address: Any) -> Any:
+def wire_address(address: object) -> Any:
     """A socket address as it crosses the wire (tuples become arrays by themselves)."""
     return list(address) if isinstance(address, tuple) else address
 
 
-def from_wire_address(address: Any) -> Any:
+def from_wire_address(address: object) -> Any:
     if isinstance(address, list):
         return tuple(address)
     return address

@@ -29,7 +29,11 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._contract import ListenRequest
+    from ._iothread import IOThread
 
 __all__ = [
     "claim_notify_socket",
@@ -159,25 +163,12 @@ def take_listener(family: int, address: Any) -> socket.socket | None:
         return _load().pop(_key(family, address), None)
 
 
-def cmd_listen_inherited(request: Any, spec: tuple[Any, ...]) -> None:
-    """On the I/O thread: make a passed listening socket a listener port, as
-    ``IOThread.cmd_listen`` makes one it bound (answers ``(conn, sockname, None)``)."""
-    from ._exceptions import PollerLimitError
-    from ._iothread import LISTENER, Conn
-    from ._poller import READ
-
-    io, sock, port, deliver, options, active, make_port = spec
+def cmd_listen_inherited(
+    io: IOThread, sock: socket.socket, request: object, spec: ListenRequest
+) -> None:
+    """On the I/O thread: make ``sock``, a passed listening socket, the listener ``spec``
+    asked for, as ``IOThread.cmd_listen`` makes one it bound (answers ``(conn, sockname,
+    None)``, or the :exc:`~ioserver.PollerLimitError` of a poller that cannot watch it;
+    then only our copy is closed: systemd keeps its own)."""
     sock.setblocking(False)
-    sockname = sock.getsockname()
-    conn = Conn(sock, LISTENER, port, deliver)
-    conn.make_port = make_port
-    conn.options = {**options, "sockname": sockname}
-    conn.credit, conn.notify_passive = active
-    try:
-        io.adopt(conn)
-    except PollerLimitError as exc:
-        sock.close()  # our copy: systemd keeps its own
-        deliver((request, exc))
-        return
-    deliver((request, (conn, sockname, None)))
-    io._interest(conn, READ if conn.credit else 0)
+    io.adopt_listener(request, spec, sock, sock.getsockname())

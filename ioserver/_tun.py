@@ -3,7 +3,7 @@ one packet written.
 
 A TUN/TAP file descriptor is a packet descriptor like a UDP socket's, read with ``read``
 and written with ``write`` instead of ``recvmsg``/``sendto``, and without addresses.  So
-:class:`TunHandler` *is* a :class:`~._datagram.DatagramHandler` - the same receive flow
+:class:`TunHandler` *is* a :class:`~._udp.DatagramHandler` - the same receive flow
 control, active modes, memory budget, send queue and statistics (see that module's theory
 of operation) - over :class:`TunDevice`, which gives the device's descriptor the few
 socket methods the datagram handler calls.  What differs:
@@ -36,11 +36,12 @@ import socket
 import struct
 from typing import Any
 
-from ._datagram import DatagramHandler
+from ._contract import TunRequest
 from ._exceptions import ConnectError, errno_name
 from ._iothread import IOThread
 from ._messages import Closed, Packet
 from ._poller import ERROR
+from ._udp import DatagramHandler
 
 __all__ = ["TUN_PATH", "TunDevice", "TunHandler", "cmd_open_tun"]
 
@@ -176,10 +177,11 @@ def _open_error(exc: OSError, what: str, name: str, mode: str) -> ConnectError:
     )
 
 
-def cmd_open_tun(request: Any, spec: tuple[Any, ...]) -> None:
+def cmd_open_tun(io: IOThread, request: object, spec: TunRequest) -> None:
     """Open ``/dev/net/tun`` and attach it to a device on the I/O thread; answer
     ``request`` with ``(handler, device name)`` or the exception."""
-    io, port, deliver, name, mode, options, active = spec
+    port, deliver, name, mode = spec.port, spec.deliver, spec.name, spec.mode
+    options, active = spec.options, spec.active
     fd = -1
     where = "open"
     try:

@@ -29,11 +29,10 @@ import errno
 import os
 import socket
 import stat
-from typing import Any
 
-from ._exceptions import ConnectError, PollerLimitError, errno_name
-from ._iothread import LISTENER, Conn, IOThread
-from ._poller import READ
+from ._contract import ListenRequest
+from ._exceptions import ConnectError, errno_name
+from ._iothread import IOThread
 
 __all__ = ["cmd_listen_unix", "is_abstract", "remove_stale_socket_file"]
 
@@ -107,11 +106,11 @@ def remove_stale_socket_file(path: str | bytes) -> None:
             pass
 
 
-def cmd_listen_unix(request: Any, spec: tuple[Any, ...]) -> None:
+def cmd_listen_unix(io: IOThread, request: object, spec: ListenRequest) -> None:
     """Listen on a Unix path on the I/O thread: answer ``request`` with
-    ``(listener conn, path, None)`` or a :class:`ConnectError`."""
-    io, port, deliver, path, options, active, make_port = spec
-    assert isinstance(io, IOThread)
+    ``(listener conn, path, None)`` or a :class:`ConnectError`.  Queued bound to its
+    ``io`` (``functools.partial``), as ``IOThread.cmd_listen`` is bound to its own."""
+    deliver, path, options = spec.deliver, spec.address, spec.options
     sock = None
     try:
         remove_stale_socket_file(path)
@@ -137,15 +136,4 @@ def cmd_listen_unix(request: Any, spec: tuple[Any, ...]) -> None:
             )
         )
         return
-    conn = Conn(sock, LISTENER, port, deliver)
-    conn.make_port = make_port
-    conn.options = {**options, "sockname": path}
-    conn.credit, conn.notify_passive = active
-    try:
-        io.adopt(conn)
-    except PollerLimitError as exc:
-        sock.close()
-        deliver((request, exc))
-        return
-    deliver((request, (conn, path, None)))
-    io._interest(conn, READ if conn.credit else 0)
+    io.adopt_listener(request, spec, sock, path)

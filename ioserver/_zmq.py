@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import deque
 from typing import Any
 
 import zmq
 
+from ._conn import Handler, ReceivingHandler
+from ._contract import Deliver, LoopHalf
 from ._exceptions import errno_name
-from ._iothread import Handler, IOThread, ReceivingHandler
+from ._iothread import IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._poller import READ
 
@@ -126,8 +127,8 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         self,
         io: IOThread,
         sock: zmq.Socket[bytes],
-        port: Any,
-        deliver: Any,
+        port: LoopHalf,
+        deliver: Deliver,
         options: dict[str, Any],
         active: tuple[int, bool],
         linger_ms: int,
@@ -135,7 +136,6 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         super().__init__(io, sock)
         self.port = port
         self.deliver = deliver
-        self.sizes: deque[int] = port._sizes
         self.configure_receiving(options, active)
         self.linger_ms = linger_ms
         self.outq: list[Any] = []
@@ -176,7 +176,8 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         sock = self.sock
         deliver = self.deliver
         port = self.port
-        sizes = self.sizes
+        sizes = self.window.sizes
+        assert sizes is not None  # a ZeroMQ port's window always has them (ports.ZmqPort)
         received = 0
         size_total = 0
         while received < budget and self.credit and not self.msgq_paused:
@@ -202,7 +203,7 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
                 self.credit -= 1
                 if self.credit == 0 and self.notify_passive:
                     deliver((port, PASSIVE))
-            if self._over_high_msgq():
+            if self.over_high():
                 self._pause_msgq()
         self.messages_in += received
         self.bytes_in += size_total
@@ -255,9 +256,9 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
                 self.messages_out += sent
                 self.bytes_out += sent_bytes
                 self.io.bytes_out += sent_bytes
-                port = self.port
-                if port._send_blocked and port._queued_bytes - self.bytes_out <= self.send_low:
-                    self.deliver((port, WRITABLE))
+                window = self.window
+                if window.send_blocked and window.queued_bytes - self.bytes_out <= self.send_low:
+                    self.deliver((self.port, WRITABLE))
         if self.close_pending and not outq:
             self._close()
         return bool(sent)

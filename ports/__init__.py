@@ -40,6 +40,9 @@ from ioserver._exceptions import (
     EndOfPort as EndOfPort,
 )
 from ioserver._exceptions import (
+    FrameError as FrameError,
+)
+from ioserver._exceptions import (
     IOServerError as IOServerError,
 )
 from ioserver._exceptions import (
@@ -47,6 +50,9 @@ from ioserver._exceptions import (
 )
 from ioserver._exceptions import (
     OptionError as OptionError,
+)
+from ioserver._exceptions import (
+    PacketTooLarge as PacketTooLarge,
 )
 from ioserver._exceptions import (
     SendTimeoutError as SendTimeoutError,
@@ -81,6 +87,12 @@ from ioserver._messages import (
 from ioserver._messages import (
     Passive as Passive,
 )
+from ioserver._options import Active as Active
+from ioserver._options import FlowOptions as FlowOptions
+from ioserver._options import PortOptions as PortOptions
+from ioserver._options import TunOptions as TunOptions
+from ioserver._options import UDPOptions as UDPOptions
+from ioserver._options import ZmqOptions as ZmqOptions
 
 from . import rpc as rpc
 from ._actors import Actor as Actor
@@ -105,36 +117,31 @@ from ._channel import MemoryReceiveChannel as MemoryReceiveChannel
 from ._channel import MemorySendChannel as MemorySendChannel
 from ._channel import open_memory_channel as open_memory_channel
 from ._mailbox import Mailbox as Mailbox
-from ._port import Active as Active
 from ._port import Listener as Listener
 from ._port import Port as Port
-from ._port import PortOptions as PortOptions
 from ._port import PortStatistics as PortStatistics
-from ._port import connect_tcp as connect_tcp
-from ._port import listen_tcp as listen_tcp
+from ._process import ProcessPort as ProcessPort
+from ._process import open_process as open_process
 from ._select import select as select
 from ._stream import PortStream as PortStream
-from ._subprocess import ProcessPort as ProcessPort
-from ._subprocess import open_process as open_process
 from ._supervisor import AutoShutdown as AutoShutdown
 from ._supervisor import ChildSpec as ChildSpec
 from ._supervisor import Restart as Restart
 from ._supervisor import RestartIntensityError as RestartIntensityError
 from ._supervisor import Strategy as Strategy
 from ._supervisor import Supervisor as Supervisor
+from ._tcp import connect_tcp as connect_tcp
+from ._tcp import listen_tcp as listen_tcp
 from ._timers import Deadline as Deadline
 from ._timers import Timeout as Timeout
 from ._timers import TimerRef as TimerRef
-from ._tun import TunOptions as TunOptions
 from ._tun import TunPort as TunPort
 from ._tun import open_tun as open_tun
-from ._udp import UDPOptions as UDPOptions
 from ._udp import UDPPort as UDPPort
 from ._udp import open_udp as open_udp
 from ._unix import connect_unix as connect_unix
 from ._unix import listen_unix as listen_unix
 from ._zmq import ZMQ_SOCKET_TYPES as ZMQ_SOCKET_TYPES
-from ._zmq import ZmqOptions as ZmqOptions
 from ._zmq import ZmqPort as ZmqPort
 from ._zmq import open_zmq as open_zmq
 
@@ -160,6 +167,8 @@ __all__ = [
     "Exit",
     "ExitReason",
     "ExitStatus",
+    "FlowOptions",
+    "FrameError",
     "IOServerError",
     "Listener",
     "Mailbox",
@@ -171,6 +180,7 @@ __all__ = [
     "NotSupportedError",
     "OptionError",
     "Packet",
+    "PacketTooLarge",
     "Passive",
     "Port",
     "PortOptions",

@@ -284,7 +284,7 @@ class Actor:
         system._ended(self)
         self._ended.set()
 
-    def _deliver(self, message: Any) -> None:
+    def _deliver(self, message: object) -> None:
         if not self._done:
             self._mailbox.send_nowait(message)
 
@@ -310,7 +310,7 @@ class Actor:
         """The actor's :class:`~ports.Mailbox` (closed once the actor has ended)."""
         return self._mailbox
 
-    def send_nowait(self, message: Any) -> None:
+    def send_nowait(self, message: object) -> None:
         """Put ``message`` in the actor's mailbox, as Erlang's ``Pid ! Message``.
 
         Never waits, never fails: if the actor has ended the message is dropped.
@@ -318,7 +318,7 @@ class Actor:
         if not self._done:
             self._mailbox.send_nowait(message)
 
-    async def send(self, message: Any) -> None:
+    async def send(self, message: object) -> None:
         """Put ``message`` in the actor's mailbox (see :meth:`send_nowait`); a checkpoint."""
         await anyio.lowlevel.checkpoint()  # first: a send that raises Cancelled sent nothing
         self.send_nowait(message)
@@ -679,7 +679,7 @@ class ActorSystem:
         """A snapshot of the registry: name → actor (Erlang's ``registered/0``)."""
         return dict(self._registry)
 
-    def send(self, destination: Actor | Mailbox | str, message: Any) -> None:
+    def send(self, destination: Actor | Mailbox | str, message: object) -> None:
         """Send ``message`` to an actor, a mailbox, or the actor registered under a name.
 
         As Erlang's ``Destination ! Message``: never waits; a message to an actor that
@@ -702,7 +702,7 @@ class ActorSystem:
 
     # -- timers ---------------------------------------------------------------------------
     def send_after(
-        self, seconds: float, destination: Actor | Mailbox | str, message: Any
+        self, seconds: float, destination: Actor | Mailbox | str, message: object
     ) -> TimerRef:
         """Send ``message`` to ``destination`` in ``seconds``, as ``erlang:send_after/3``.
 
@@ -733,7 +733,7 @@ class ActorSystem:
             )
         return self._timers.send_after(delay, destination, message)
 
-    def _deliver_timer(self, destination: Any, message: Any) -> None:
+    def _deliver_timer(self, destination: Any, message: object) -> None:
         if isinstance(destination, str):
             destination = self._registry.get(destination)
             if destination is None:
@@ -801,7 +801,7 @@ async def open_actor_system() -> AsyncIterator[ActorSystem]:
 
 
 # -- the current system's operations, as Erlang's BIFs ---------------------------------------
-def send_after(seconds: float, destination: Actor | Mailbox | str, message: Any) -> TimerRef:
+def send_after(seconds: float, destination: Actor | Mailbox | str, message: object) -> TimerRef:
     """Send ``message`` to ``destination`` in ``seconds``, as ``erlang:send_after/3``.
 
     :meth:`ActorSystem.send_after` on the :func:`current_system`: see there.
@@ -843,6 +843,6 @@ def whereis(name: str) -> Actor | None:
     return current_system().whereis(name)
 
 
-def send(destination: Actor | Mailbox | str, message: Any) -> None:
+def send(destination: Actor | Mailbox | str, message: object) -> None:
     """:meth:`ActorSystem.send` on the :func:`current_system` (``Destination ! Message``)."""
     current_system().send(destination, message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, final
+from typing import Any, Protocol, final
 
 import anyio
 
@@ -13,15 +13,28 @@ from ioserver._hub import Parker, current_parker
 
 from ._source import EMPTY, Source, Waiter
 
-if TYPE_CHECKING:
-    from ._port import _PortBase
-
 __all__ = ["Mailbox"]
 
 #: Held ports are swept of closed ones when their number reaches this (then twice the rest).
 _SWEEP_AT = 64
 
 Match = Callable[[Any], bool]
+
+
+class HeldPort(Protocol):
+    """What a mailbox needs of a port it owns or holds (``ports.Port``, ``ports.UDPPort``
+    and the other kinds are such ports): it closes them with itself.  A protocol rather
+    than the port class, so that ``_mailbox`` does not import ``_port``, which imports it."""
+
+    @property
+    def owner(self) -> Mailbox | None: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def close_nowait(self) -> None: ...
+
+    def _mailbox_waits(self) -> None: ...
 
 
 @final
@@ -51,10 +64,10 @@ class Mailbox(Source):
         self._closed = False
         self._parker: Parker | None = None
         # The ports this mailbox owns or holds; closed ones are swept out now and then.
-        self._ports: set[_PortBase] = set()
+        self._ports: set[HeldPort] = set()
         self._sweep_at = _SWEEP_AT
 
-    def send_nowait(self, message: Any) -> None:
+    def send_nowait(self, message: object) -> None:
         """Append ``message`` and wake a waiting receiver.
 
         Raises:
@@ -66,7 +79,7 @@ class Mailbox(Source):
         if self._waiters:
             self._wake_all()
 
-    async def send(self, message: Any) -> None:
+    async def send(self, message: object) -> None:
         """Append ``message`` (see :meth:`send_nowait`); a checkpoint, taken first: a send
         that raises ``Cancelled`` appended nothing."""
         await anyio.lowlevel.checkpoint()
@@ -170,7 +183,7 @@ class Mailbox(Source):
 
     # -- the ports it owns ----------------------------------------------------------------
     @staticmethod
-    def _owner_changed(port: _PortBase, old: Mailbox | None, new: Mailbox | None) -> None:
+    def _owner_changed(port: HeldPort, old: Mailbox | None, new: Mailbox | None) -> None:
         """``port``'s owner goes from ``old`` to ``new`` (called by ``set_owner``, first).
 
         Raises:
@@ -183,7 +196,7 @@ class Mailbox(Source):
         if new is not None:
             new._hold(port)
 
-    def _hold(self, port: _PortBase) -> None:
+    def _hold(self, port: HeldPort) -> None:
         """Close ``port`` with this mailbox (it owns the port, or its actor holds it)."""
         ports = self._ports
         ports.add(port)
@@ -192,7 +205,7 @@ class Mailbox(Source):
             self._ports = {held for held in ports if not held.closed}
             self._sweep_at = max(_SWEEP_AT, 2 * len(self._ports))
 
-    def _holds(self, port: _PortBase) -> bool:
+    def _holds(self, port: HeldPort) -> bool:
         return port in self._ports and not port.closed
 
     def _take_all(self, match: Match) -> list[Any]:
@@ -205,7 +218,7 @@ class Mailbox(Source):
             messages.extend(kept)
         return taken
 
-    def _take_messages_of(self, port: _PortBase) -> list[Any]:
+    def _take_messages_of(self, port: HeldPort) -> list[Any]:
         """Remove and return the ``(port, message)`` tuples queued for ``port``, in order."""
         return self._take_all(
             lambda message: message.__class__ is tuple and len(message) == 2 and message[0] is port
@@ -233,8 +246,8 @@ class Mailbox(Source):
         waiting receiver may (see :mod:`ioserver._iothread`: the waiter is set before
         ``global_paused`` is read, the I/O thread sets it before it reads the waiters)."""
         for port in self._ports:
-            if port._owner is self and getattr(port._conn, "global_paused", False):
-                port._want_input()
+            if port.owner is self:
+                port._mailbox_waits()
 
     def _select_disarm(self, waiter: Waiter) -> None:
         try:

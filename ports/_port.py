@@ -13,12 +13,11 @@ calls :meth:`_PortBase._deliver` in-loop.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypedDict, Unpack, final
+from typing import Any, final
 
 import anyio
 import anyio.abc
@@ -26,6 +25,7 @@ import trio
 import trio.abc
 from anyio.abc import SocketAttribute
 
+from ioserver._conn import Conn
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -36,11 +36,16 @@ from ioserver._exceptions import (
     SendTimeoutError,
     WouldBlock,
 )
-from ioserver._framing import DEFAULT_PACKET_SIZE, Framer, make_framer
-from ioserver._iothread import Conn, IOThread, apply_active_mode
+from ioserver._flow import Window
+from ioserver._framing import PACKET_OVERHEAD, Framer, port_framer
+from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
+from ioserver._options import (
+    Active,
+    apply_active_mode,
+    parse_active,
+)
 from ioserver._server import IOServer
-from ioserver._systemd import cmd_listen_inherited, take_listener
 
 from ._mailbox import Mailbox
 from ._source import EMPTY, Source, Waiter
@@ -50,117 +55,7 @@ _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 
-__all__ = ["Listener", "Port", "PortOptions", "PortStatistics", "connect_tcp", "listen_tcp"]
-
-Active = bool | str | int
-"""An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
-
-#: Set in each worker of ``ioserver serve --workers N`` (to the worker's index).
-WORKER_ENVIRONMENT = "IOSERVER_WORKER"
-
-_STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
-
-#: Defaults of the flow-control options (bytes, messages).
-HIGH_WATERMARK = 256 * 1024
-LOW_WATERMARK = 128 * 1024
-HIGH_MSGQ_WATERMARK = 256 * 1024
-LOW_MSGQ_WATERMARK = 128 * 1024
-HIGH_MSGQ_MESSAGES = 4096
-
-
-def flow_options(
-    *,
-    packet: Any,
-    packet_size: int,
-    delimiter: bytes,
-    high_watermark: int,
-    low_watermark: int,
-    high_msgq_watermark: int,
-    low_msgq_watermark: int,
-    high_msgq_messages: int,
-    send_timeout: float | None,
-    send_timeout_close: bool,
-) -> dict[str, Any]:
-    """Validate the framing and flow-control options of a stream port; return them."""
-    make_framer(packet, packet_size=packet_size, delimiter=delimiter)  # validates
-    pairs = (
-        ("high_watermark", high_watermark, "low_watermark", low_watermark),
-        ("high_msgq_watermark", high_msgq_watermark, "low_msgq_watermark", low_msgq_watermark),
-    )
-    for high_name, high, low_name, low in pairs:
-        for name, value in ((high_name, high), (low_name, low)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise OptionError(f"{name} must be a non-negative int (bytes), not {value!r}")
-        if low > high:
-            raise OptionError(f"{low_name}={low} is above {high_name}={high}")
-    if (
-        isinstance(high_msgq_messages, bool)
-        or not isinstance(high_msgq_messages, int)
-        or high_msgq_messages <= 0
-    ):
-        raise OptionError(f"high_msgq_messages must be a positive int, not {high_msgq_messages!r}")
-    if send_timeout is not None and (
-        isinstance(send_timeout, bool)
-        or not isinstance(send_timeout, (int, float))
-        or send_timeout <= 0
-    ):
-        raise OptionError(f"send_timeout must be positive seconds or None, not {send_timeout!r}")
-    return {
-        "packet": packet,
-        "packet_size": packet_size,
-        "delimiter": delimiter,
-        "high_watermark": high_watermark,
-        "low_watermark": low_watermark,
-        "high_msgq_watermark": high_msgq_watermark,
-        "low_msgq_watermark": low_msgq_watermark,
-        "high_msgq_messages": high_msgq_messages,
-        "send_timeout": send_timeout,
-        "send_timeout_close": bool(send_timeout_close),
-    }
-
-
-_LISTEN_OPTIONS = frozenset({"backlog", "reuseaddr", "reuseport"})
-
-
-def parse_active(mode: object) -> tuple[int, bool]:
-    """``active`` → ``(credit, notify_passive)`` as the I/O thread counts it.
-
-    ``True`` → unlimited (-1); ``False`` → 0; ``"once"`` → 1, no notice; an int N →
-    N with a :class:`~ioserver.Passive` notice when it runs out (Erlang's ``{active, N}``,
-    -32768..32767; adding to a running count, and 0 or less makes the port passive).
-    """
-    if mode is True:
-        return -1, False
-    if mode is False:
-        return 0, False
-    if mode == "once":
-        return 1, False
-    if isinstance(mode, int) and not isinstance(mode, bool):
-        if not -32768 <= mode <= 32767:
-            raise OptionError(f"active={mode}: a count must be in -32768..32767")
-        return mode, True
-    raise OptionError(f"active must be True, False, 'once' or an int, not {mode!r}")
-
-
-def reject_unknown_options(given: Iterable[str], known: Iterable[str], what: str) -> None:
-    """Raise :class:`OptionError` naming every option of ``given`` not in ``known``."""
-    known = set(known)
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise OptionError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} for {what}: "
-            f"{', '.join(unknown)} (known: {', '.join(sorted(known))})"
-        )
-
-
-def _check_options(options: dict[str, Any], allowed: frozenset[str], what: str) -> None:
-    reject_unknown_options(options, allowed, what)
-    for name in ("recbuf", "sndbuf", "backlog"):
-        value = options.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31
-        ):
-            raise OptionError(f"{name} must be a positive int below 2**31 (bytes or connections)")
+__all__ = ["Listener", "Port", "PortStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,10 +85,10 @@ class _Request(Waiter):
         super().__init__()
         self.io = io
         self.hub = hub
-        self.result: Any = EMPTY
+        self.result: object = EMPTY
         self.cancelled = False
 
-    def _deliver(self, result: Any) -> None:
+    def _deliver(self, result: object) -> None:
         if self.cancelled:
             # Nobody waits any more: release what the I/O thread opened for us.
             if isinstance(result, tuple):  # (conn, local address, remote address)
@@ -215,16 +110,10 @@ class _Request(Waiter):
 class _PortBase(Source):
     """What ports and listeners share: the buffer, waiting, closing, owner, select hooks."""
 
-    #: False: this port's I/O-thread half is in this process (the daemon's stand-ins for
-    #: its clients' ports say True; the I/O thread tells them of pauses and closes).
-    _remote = False
-
     __slots__ = (
         "_buffer",
         "_closed",
         "_conn",
-        "_consumed_bytes",
-        "_consumed_messages",
         "_credit",
         "_ended",
         "_hub",
@@ -234,15 +123,16 @@ class _PortBase(Source):
         "_owner",
         "_passive_pending",
         "_remote_address",
-        "_resume_generation",
         "_select_waiters",
-        "_sizes",
         "_submit",
         "_terminal",
         "_waiter",
+        "_window",
     )
 
-    def __init__(self, server: IOServer, active: tuple[int, bool]) -> None:
+    def __init__(
+        self, server: IOServer, active: tuple[int, bool], framer: Framer | None = None
+    ) -> None:
         hub = server._hub
         self._hub: Any = hub
         self._io: IOThread = server._io
@@ -259,38 +149,40 @@ class _PortBase(Source):
         self._owner: Mailbox | None = None
         self._local_address: Any = None
         self._remote_address: Any = None
-        # Receive flow control: what the owner took, counted as the I/O thread counts what
-        # it delivered (Conn.delivered_*); and the last pause this port asked to end.
-        self._consumed_messages = 0
-        self._consumed_bytes = 0
-        self._resume_generation = 0
-        # With a framer that decodes objects ("msgpack", "resp": Framer.decodes_objects): the
-        # wire size of each undelivered message, in order (the I/O thread - or the daemon's
-        # DATA - appends, the owner's takes pop); None when a message's size is its length.
-        self._sizes: deque[int] | None = None
+        # Flow control (ioserver._flow): the one object the I/O thread reads of this half.
+        # It counts what the owner took, as the I/O half counts what it delivered.
+        # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
+        # popped from the window's sizes as the owner takes it.
+        window = self._window = Window(framer, PACKET_OVERHEAD)
+        window.task_waits = self._task_waits
+
+    def _task_waits(self) -> bool:
+        """A task is parked on this port for its next message - ``receive`` or ``select``
+        on the port, or on the :class:`Mailbox` that owns it (asked by the I/O thread, for
+        the memory budget's reserve: see ioserver._flow)."""
+        owner = self._owner
+        if owner is not None:
+            return bool(owner._waiters)
+        return self._waiter is not None or bool(self._select_waiters)
 
     def _took_data(self, data: Any) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
-        size = len(data) if self._sizes is None else self._sizes.popleft()
-        self._consumed_messages += 1
-        self._consumed_bytes += size
+        window = self._window
+        size = len(data) if window.sizes is None else window.sizes.popleft()
+        window.consumed_messages += 1
+        window.consumed_bytes += size
         self._hub.consumed_bytes += size
         conn = self._conn
-        if conn is not None and conn.pause_generation != self._resume_generation:
+        if conn is not None and conn.pause_generation != window.resume_generation:
             self._maybe_resume()
 
     def _maybe_resume(self) -> None:
         """The I/O thread paused reading this port: ask it to read again once the owner
-        has taken enough.  The counters were updated before this reads the generation;
-        the I/O thread bumps the generation before it re-reads the counters."""
+        has taken enough (step 2 of the handshake in ioserver._flow)."""
         conn = self._conn
         assert conn is not None
-        generation = conn.pause_generation
-        if (
-            conn.delivered_bytes - self._consumed_bytes <= conn.low_msgq
-            and conn.delivered_messages - self._consumed_messages <= conn.low_msgq_messages
-        ):
-            self._resume_generation = generation
+        generation = self._window.resume_due(conn)
+        if generation is not None:
             self._submit((self._io.cmd_resume, conn, generation))
 
     # -- delivery (in-loop, called by the hub) -------------------------------------------
@@ -459,11 +351,13 @@ class _PortBase(Source):
         if message.__class__ is Data:
             # _took_data, inlined.
             data = message.data
-            size = len(data) if self._sizes is None else self._sizes.popleft()
-            self._consumed_messages += 1
-            self._consumed_bytes += size
+            window = self._window
+            size = len(data) if window.sizes is None else window.sizes.popleft()
+            window.consumed_messages += 1
+            window.consumed_bytes += size
             hub.consumed_bytes += size
-            if self._conn.pause_generation != self._resume_generation:  # type: ignore[union-attr]
+            conn = self._conn
+            if conn is not None and conn.pause_generation != window.resume_generation:
                 self._maybe_resume()
         elif message.__class__ is Closed:
             self._ended = True
@@ -485,6 +379,12 @@ class _PortBase(Source):
         """A task waits for this port, which the memory budget paused: ask the I/O thread
         for a read into the budget's reserve (see :mod:`ioserver._iothread`)."""
         self._submit((self._io.cmd_want, self._conn, None))
+
+    def _mailbox_waits(self) -> None:
+        """A task now waits on the :class:`Mailbox` that owns this port: if the memory
+        budget paused this port, it may read into the reserve (``Mailbox._want_input``)."""
+        if getattr(self._conn, "global_paused", False):
+            self._want_input()
 
     def _select_disarm(self, waiter: Waiter) -> None:
         try:
@@ -648,8 +548,6 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_framer",
         "_high_watermark",
         "_low_watermark",
-        "_queued_bytes",
-        "_send_blocked",
         "_send_timeout",
         "_send_timeout_close",
         "_send_waiter",
@@ -657,28 +555,17 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
     )
 
     def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
-        super().__init__(server, active)
+        framer = port_framer(options)
+        super().__init__(server, active, framer)
         self._broken: str | None = None
         self._eof_sent = False
-        packet = options["packet"]
-        self._framer: Framer | None = (
-            None
-            if packet in ("raw", 0)
-            else make_framer(
-                packet, packet_size=options["packet_size"], delimiter=options["delimiter"]
-            )
-        )
-        if self._framer is not None:
-            # Each packet's charge, as the I/O thread computed it: its wire size (or its
-            # length) plus PACKET_OVERHEAD, popped as the owner takes it.
-            self._sizes = deque()
-        # Send flow control: bytes the owner queued, against the I/O thread's bytes_out.
-        self._queued_bytes = 0
+        self._framer: Framer | None = framer
+        # Send flow control: the window's queued_bytes (what the owner queued) against the
+        # I/O thread's bytes_out; its send_blocked is set while a sender waits "writable".
         self._high_watermark: int = options["high_watermark"]
         self._low_watermark: int = options["low_watermark"]
         self._send_timeout: float | None = options["send_timeout"]
         self._send_timeout_close: bool = options["send_timeout_close"]
-        self._send_blocked = False  # read by the I/O thread: a sender waits for "writable"
         self._send_waiter = Waiter()
         self._busy_transitions = 0
         # True while send may take its inlined path: raw bytes, open, not broken, no EOF
@@ -728,21 +615,27 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         """Hand ``data`` to the I/O thread and charge it to the port and the budget."""
         limit = self._io.port_buffer_limit
         size = len(data)
-        if limit is not None and self._queued_bytes + size - self._conn.bytes_out > limit:  # type: ignore[union-attr]
+        conn = self._conn
+        assert conn is not None  # (sends check the port is open first)
+        window = self._window
+        if limit is not None and window.queued_bytes + size - conn.bytes_out > limit:
             self.close_nowait()
             raise BrokenPortError(
                 f"port_buffer_limit={limit} exceeded: sending {size} bytes on top of "
-                f"{self._queued_bytes - self._conn.bytes_out} queued; the port is closed",  # type: ignore[union-attr]
+                f"{window.queued_bytes - conn.bytes_out} queued; the port is closed",
                 errno_name="ENOBUFS",
             )
-        self._queued_bytes += size
+        window.queued_bytes += size
         self._hub.queued_bytes += size
-        self._submit((self._io.send_command, self._conn, data))
+        self._submit((self._io.send_command, conn, data))
 
     @property
     def busy(self) -> bool:
         """True while the output not yet written is above the high watermark."""
-        return self._queued_bytes - self._conn.bytes_out > self._high_watermark  # type: ignore[union-attr]
+        conn = self._conn
+        return (
+            conn is not None and self._window.queued_bytes - conn.bytes_out > self._high_watermark
+        )
 
     @property
     def packet(self) -> Any:
@@ -799,15 +692,16 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         elif hub.is_trio:
             await _checkpoint_if_cancelled()
         conn = self._conn
+        window = self._window
         if (
             self._simple_send
             and message.__class__ is bytes
             and message
-            and self._queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
+            and window.queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
         ):
             # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
             size = len(message)
-            self._queued_bytes += size
+            window.queued_bytes += size
             hub.queued_bytes += size
             commands = self._io.commands
             commands.items.append((hub.cmd_send, conn, message))
@@ -827,7 +721,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1
-        if self._send_blocked:  # set for the whole wait of the sender already inside
+        if self._window.send_blocked:  # set for the whole wait of the sender already inside
             raise BusyPortError("waiting to send")
         try:
             if self._send_timeout is None:
@@ -846,14 +740,14 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
     async def _park_until_writable(self) -> None:
         conn = self._conn
         assert conn is not None
-        self._send_blocked = True  # written before the re-read of bytes_out below
+        self._window.send_blocked = True  # written before the re-read of bytes_out below
         try:
-            while self._queued_bytes - conn.bytes_out > self._low_watermark:
+            while self._window.queued_bytes - conn.bytes_out > self._low_watermark:
                 self._check_can_send()
                 await self._hub.park(self._send_waiter)
             self._check_can_send()
         finally:
-            self._send_blocked = False
+            self._window.send_blocked = False
 
     def statistics(self) -> PortStatistics:
         """The port's counters now (see :class:`PortStatistics`)."""
@@ -872,8 +766,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             bytes_queued=conn.out_bytes,
             active=self.active,
             closed=self._closed,
-            bytes_buffered_in=conn.delivered_bytes - self._consumed_bytes + framing,
-            bytes_buffered_out=self._queued_bytes - conn.bytes_out,
+            bytes_buffered_in=conn.delivered_bytes - self._window.consumed_bytes + framing,
+            bytes_buffered_out=self._window.queued_bytes - conn.bytes_out,
             peak_buffered=conn.peak_buffered,
             pauses=conn.pauses,
             busy_transitions=self._busy_transitions,
@@ -968,219 +862,3 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
     if not seen:
         raise ConnectError(f"host {host!r} has no IPv4 or IPv6 address", None, "EAI_NODATA")
     return seen
-
-
-class PortOptions(TypedDict, total=False):
-    """The options of a TCP port, for :func:`connect_tcp` and :func:`listen_tcp` (where
-    they apply to each accepted port).  All are keyword-only and optional.
-
-    Attributes:
-        active: the active mode (see :meth:`Port.setopts`); default ``True``.
-        nodelay: disable Nagle's algorithm (``TCP_NODELAY``); default ``True``.
-        keepalive: enable ``SO_KEEPALIVE``; default ``False``.
-        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
-        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
-        packet: the packet mode, as Erlang's ``{packet, ...}``: ``"raw"`` (default: each
-            read is one :class:`~ioserver.Data`), ``1``/``2``/``4`` (a big-endian length
-            header, added on send and stripped on receive), ``"line"`` (the delimiter is
-            kept at the end of each message) or ``"msgpack"`` (each decoded object is one
-            message; ``send`` packs) or ``"resp"`` (Redis commands, each a ``list[bytes]``;
-            see :class:`ioserver._framing.RespFramer`).  Framing runs in the I/O thread.
-        packet_size: the largest message in bytes (default 64 MiB); a peer that sends more
-            (or a header that claims more) gets :class:`~ioserver.Error` ``EMSGSIZE`` and
-            the port closed, with nothing allocated for the claimed size.
-        delimiter: the one-byte line end for ``packet="line"``; default ``b"\\n"``.
-        high_watermark: bytes of queued output above which the port is *busy* (``send``
-            waits, ``send_nowait`` raises ``WouldBlock``), as Erlang's option; 256 KiB.
-        low_watermark: bytes of queued output below which a busy port is not busy any
-            more; 128 KiB.
-        high_msgq_watermark: bytes delivered but not yet taken by the owner above which
-            the I/O thread stops reading the socket (TCP backpressure on this peer alone),
-            as Erlang's ``high_msgq_watermark``; 256 KiB.
-        low_msgq_watermark: ... below which it reads again; 128 KiB.
-        high_msgq_messages: the same bound counted in messages (resumes at half); 4096.
-        send_timeout: seconds a send may wait on a busy port before
-            :exc:`~ioserver.SendTimeoutError`; ``None`` (default) waits forever.
-        send_timeout_close: close the port when a send times out (Erlang's option).
-    """
-
-    active: Active
-    nodelay: bool
-    keepalive: bool
-    recbuf: int | None
-    sndbuf: int | None
-    packet: Any
-    packet_size: int
-    delimiter: bytes
-    high_watermark: int
-    low_watermark: int
-    high_msgq_watermark: int
-    low_msgq_watermark: int
-    high_msgq_messages: int
-    send_timeout: float | None
-    send_timeout_close: bool
-
-
-_PORT_DEFAULTS: dict[str, Any] = {
-    "active": True,
-    "nodelay": True,
-    "keepalive": False,
-    "recbuf": None,
-    "sndbuf": None,
-    "packet": "raw",
-    "packet_size": DEFAULT_PACKET_SIZE,
-    "delimiter": b"\n",
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
-    "send_timeout": None,
-    "send_timeout_close": False,
-}
-
-
-def port_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
-    """Validate ``given`` port options; return ``(active credit, all options)``.
-
-    Raises:
-        OptionError: an unknown option or a wrong value, naming it.
-    """
-    reject_unknown_options(given, _PORT_DEFAULTS, what)
-    options = {**_PORT_DEFAULTS, **given}
-    credit = parse_active(options["active"])
-    socket_options = {name: options[name] for name in _STREAM_OPTIONS}
-    _check_options(
-        {k: v for k, v in socket_options.items() if v is not None}, _STREAM_OPTIONS, what
-    )
-    flow = flow_options(**{name: options[name] for name in _FLOW_OPTIONS})
-    return credit, {**socket_options, **flow}
-
-
-_FLOW_OPTIONS = (
-    "packet",
-    "packet_size",
-    "delimiter",
-    "high_watermark",
-    "low_watermark",
-    "high_msgq_watermark",
-    "low_msgq_watermark",
-    "high_msgq_messages",
-    "send_timeout",
-    "send_timeout_close",
-)
-
-
-async def connect_tcp(
-    server: IOServer, host: str, port: int, **options: Unpack[PortOptions]
-) -> Port:
-    """Connect to ``host:port`` over TCP and return the open :class:`Port`.
-
-    As Erlang's ``gen_tcp:connect/3``.  The I/O thread connects without blocking; names
-    are resolved first (numeric addresses need no thread).  Each address is tried in turn.
-
-    Args:
-        server: the I/O server (from :func:`ioserver.open`).
-        host: a name or an IPv4/IPv6 address.
-        port: the TCP port, 0..65535.
-        options: the port's options, see :class:`PortOptions`.
-
-    Raises:
-        ConnectError: the name did not resolve (``errno_name`` like ``"EAI_NONAME"``) or
-            no address accepted the connection (``"ECONNREFUSED"``, ``"ETIMEDOUT"``...):
-            the message names the address and the cause.
-        OptionError: an unknown option or a wrong value.
-        ClosedPortError: the I/O server is closed.
-    """
-    hub = server._check_open("ports.connect_tcp")
-    credit, settings = port_options(dict(options), "a TCP port")
-    addresses = await _resolve(host, port, passive=False)
-    io = server._io
-    error: BaseException | None = None
-    for family, address in addresses:
-        result_port = Port(server, credit, settings)
-        request = _Request(io, hub)
-        io.submit(
-            io.cmd_connect, request, (result_port, hub.deliver, family, address, settings, credit)
-        )
-        result = await request.wait()
-        if isinstance(result, BaseException):
-            error = result
-            continue
-        result_port._conn, result_port._local_address, result_port._remote_address = result
-        return result_port
-    assert error is not None
-    raise error
-
-
-async def listen_tcp(
-    server: IOServer,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    backlog: int = 1024,
-    reuseaddr: bool = True,
-    reuseport: bool | None = None,
-    **options: Unpack[PortOptions],
-) -> Listener:
-    """Listen on ``host:port`` for TCP connections; return the :class:`Listener`.
-
-    As Erlang's ``gen_tcp:listen/2``, except that the I/O thread accepts by itself: the
-    listener's messages are :class:`~ioserver.Accepted` ports.  ``port=0`` picks a free
-    port: read it from ``listener.local_address``.  Binds the first address ``host``
-    resolves to; IPv6 listeners are IPv6-only.
-
-    Args:
-        server: the I/O server.
-        host: the address to bind; ``"127.0.0.1"`` by default (never all interfaces
-            unless you say ``"0.0.0.0"`` or ``"::"``).
-        port: the TCP port, 0..65535.
-        backlog: the kernel's queue of connections not yet accepted.
-        reuseaddr: ``SO_REUSEADDR`` (default ``True``: restart without waiting).
-        reuseport: ``SO_REUSEPORT`` (several processes share the port); by default on
-            only in a worker of ``ioserver serve --workers N`` (where the environment
-            variable ``IOSERVER_WORKER`` is set), so that the workers share the port.
-        options: the options of each accepted port, see :class:`PortOptions`.
-
-    Raises:
-        ConnectError: the address is in use (``"EADDRINUSE"``), not local
-            (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve.
-        OptionError: an unknown option or a wrong value.
-        ClosedPortError: the I/O server is closed.
-    """
-    hub = server._check_open("ports.listen_tcp")
-    if reuseport is None:
-        reuseport = WORKER_ENVIRONMENT in os.environ
-    listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
-    _check_options(listen_options, _LISTEN_OPTIONS, "a TCP listener")
-    credit, settings = port_options(dict(options), "a TCP listener's ports")
-    all_options: dict[str, Any] = {**listen_options, **settings, "active": credit}
-    family, address = (await _resolve(host, port, passive=True))[0]
-    listener = Listener(server, (-1, False))
-    io = server._io
-
-    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
-        # Runs on the I/O thread, once per accepted connection.
-        accepted = Port(server, credit, settings)
-        accepted._conn = conn
-        accepted._local_address = local_address
-        accepted._remote_address = remote_address
-        return accepted
-
-    request = _Request(io, hub)
-    # systemd's socket activation: a socket passed for this very address is adopted.
-    inherited = take_listener(family, address) if isinstance(io, IOThread) else None
-    if inherited is not None:
-        spec = (io, inherited, listener, hub.deliver, all_options, (-1, False), make_port)
-        io.submit(cmd_listen_inherited, request, spec)
-    else:
-        io.submit(
-            io.cmd_listen,
-            request,
-            (listener, hub.deliver, family, address, all_options, (-1, False), make_port),
-        )
-    result = await request.wait()
-    if isinstance(result, BaseException):
-        raise result
-    listener._conn, listener._local_address, _ = result
-    return listener

@@ -60,9 +60,10 @@ from ioserver._exceptions import (
 )
 from ioserver._framing import DEFAULT_PACKET_SIZE, PacketTooLarge
 from ioserver._messages import Accepted, Closed, Data
+from ioserver._options import PortOptions
 from ioserver._server import IOServer
 
-from ._port import Listener, Port, PortOptions, connect_tcp
+from ._port import Listener, Port
 from ._rpc_codec import (
     DEFAULT_MAX_DEPTH,
     Codec,
@@ -75,6 +76,7 @@ from ._rpc_codec import (
     unpack_envelope,
 )
 from ._source import Waiter
+from ._tcp import connect_tcp
 
 __all__ = [
     "Client",
@@ -239,7 +241,7 @@ class _Sender:
         self.port = port
         self.lock = anyio.Lock()
 
-    async def send(self, frame: Any) -> None:
+    async def send(self, frame: object) -> None:
         try:
             self.port.send_nowait(frame)
         except WouldBlock:
@@ -408,7 +410,7 @@ class Client(Generic[Request, Reply]):
             ioserver.ClosedPortError: the client is closed (or was never entered).
             ioserver.BrokenPortError: the connection ended or broke; calls in flight then raise it
                 too.
-            PacketTooLarge: the request's frame exceeds the port's ``packet_size``.
+            ioserver.PacketTooLarge: the request's frame exceeds the port's ``packet_size``.
         """
         if self._closed_error is not None or self._task_group is None:
             error, message = self._closed_error or (
@@ -659,7 +661,7 @@ async def serve(
     reply_classes = interface._reply_classes
     in_flight = 0
 
-    async def answer(frame: Any, ident: Any) -> None:
+    async def answer(frame: object, ident: Any) -> None:
         try:
             try:
                 await sender.send(frame)
@@ -752,7 +754,7 @@ async def serve(
     return statistics
 
 
-def _summary(value: Any) -> str:
+def _summary(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 100 else text[:97] + "..."
 

@@ -122,7 +122,7 @@ class PortStream(anyio.abc.ByteStream, trio.abc.HalfCloseableStream):
                 f"PortStream needs a stream port (TCP, Unix socket or process), not "
                 f"{type(port).__name__}: only those carry a byte stream"
             )
-        if port.packet != "raw":
+        if port._framer is not None:  # packet="raw" runs no framer
             raise OptionError(
                 f"PortStream needs a port with packet='raw'; this one has "
                 f"packet={port.packet!r}, so its messages are packets, not a byte stream"

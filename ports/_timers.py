@@ -74,7 +74,7 @@ class TimerRef:
     __slots__ = ("_deadline", "_destination", "_message", "_service", "_state")
 
     def __init__(
-        self, service: TimerService, deadline: float, destination: Any, message: Any
+        self, service: TimerService, deadline: float, destination: object, message: object
     ) -> None:
         self._service = service
         self._deadline = deadline
@@ -136,7 +136,7 @@ class TimerService:
         self._closed = False
         self.fired = 0
 
-    def send_after(self, seconds: float, destination: Any, message: Any) -> TimerRef:
+    def send_after(self, seconds: float, destination: object, message: object) -> TimerRef:
         """Schedule ``message`` for ``destination`` in ``seconds``; return its reference.
 
         Raises:

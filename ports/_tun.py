@@ -11,8 +11,10 @@ are packets written to the device.
 from __future__ import annotations
 
 import sys
-from typing import Any, TypedDict, Unpack, final
+from functools import partial
+from typing import Any, Unpack, final
 
+from ioserver._contract import TunRequest
 from ioserver._exceptions import (
     BrokenPortError,
     ClosedPortError,
@@ -20,109 +22,21 @@ from ioserver._exceptions import (
     OptionError,
 )
 from ioserver._messages import Message, Packet
+from ioserver._options import MAX_TUN_PACKET, TunOptions, tun_options
 from ioserver._server import IOServer
 from ioserver._tun import IFNAMSIZ, cmd_open_tun
 
 from ._port import (
-    HIGH_MSGQ_MESSAGES,
-    HIGH_MSGQ_WATERMARK,
-    HIGH_WATERMARK,
-    LOW_MSGQ_WATERMARK,
-    LOW_WATERMARK,
-    Active,
     PortStatistics,
     _Request,
     _to_bytes,
-    flow_options,
-    parse_active,
-    reject_unknown_options,
 )
 from ._udp import UDPPort
 
 __all__ = ["MAX_PACKET", "TunOptions", "TunPort", "open_tun"]
 
-#: The largest packet a TUN/TAP device carries: an IP packet of 65535 bytes (the largest
-#: MTU) behind an Ethernet header (14) and an 802.1Q tag (4) on a TAP device.
-MAX_PACKET = 65535 + 18
-
-
-class TunOptions(TypedDict, total=False):
-    """The options of :func:`open_tun`.  All are keyword-only and optional.
-
-    Attributes:
-        active: the active mode, as for TCP ports (:meth:`ports.Port.setopts`); each
-            packet counts as one message; default ``True``.
-        multi_queue: ``IFF_MULTI_QUEUE``: the device has several queues, one per
-            descriptor, so several ports (on several I/O servers) may open the same
-            device and the kernel spreads the flows over them; every queue of a device
-            must be opened with the same value; default ``False``.
-        read_packets: packets read per readiness event, as Erlang's ``read_packets``;
-            default 16, 1..65536.
-        max_packet: bytes of the largest packet received; a larger one is dropped and
-            reported as :class:`~ioserver.Error` ``EMSGSIZE``; default 65553 (any IP packet,
-            with an Ethernet header and a VLAN tag on a TAP device), 1..65553.
-        high_watermark: bytes of queued output above which the port is *busy* (``send``
-            waits, ``send_nowait`` raises ``WouldBlock``); 256 KiB.
-        low_watermark: bytes of queued output below which it is not busy any more; 128 KiB.
-        high_msgq_watermark: bytes delivered but not yet taken by the owner above which the
-            I/O thread stops reading (the kernel then drops packets once the device's
-            queue, ``txqueuelen``, is full); 256 KiB.
-        low_msgq_watermark: ... below which it reads again; 128 KiB.
-        high_msgq_messages: the same bound counted in packets (resumes at half); 4096.
-    """
-
-    active: Active
-    multi_queue: bool
-    read_packets: int
-    max_packet: int
-    high_watermark: int
-    low_watermark: int
-    high_msgq_watermark: int
-    low_msgq_watermark: int
-    high_msgq_messages: int
-
-
-_TUN_DEFAULTS: dict[str, Any] = {
-    "active": True,
-    "multi_queue": False,
-    "read_packets": 16,
-    "max_packet": MAX_PACKET,
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
-}
-
-
-def tun_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]]:
-    """Validate TUN/TAP options; return ``(active credit, all options)``.
-
-    Raises:
-        OptionError: an unknown option or a wrong value, naming it.
-    """
-    reject_unknown_options(given, _TUN_DEFAULTS, "a TUN/TAP port")
-    options = {**_TUN_DEFAULTS, **given}
-    credit = parse_active(options["active"])
-    for name, low, high in (("read_packets", 1, 1 << 16), ("max_packet", 1, MAX_PACKET)):
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
-    if not isinstance(options["multi_queue"], bool):
-        raise OptionError(f"multi_queue must be a bool, not {options['multi_queue']!r}")
-    flow_options(
-        packet="raw",
-        packet_size=1,
-        delimiter=b"\n",
-        high_watermark=options["high_watermark"],
-        low_watermark=options["low_watermark"],
-        high_msgq_watermark=options["high_msgq_watermark"],
-        low_msgq_watermark=options["low_msgq_watermark"],
-        high_msgq_messages=options["high_msgq_messages"],
-        send_timeout=None,
-        send_timeout_close=False,
-    )
-    return credit, options
+#: The largest packet a TUN/TAP device carries (see :data:`ioserver._options.MAX_TUN_PACKET`).
+MAX_PACKET = MAX_TUN_PACKET
 
 
 def _check_name(name: object) -> str:
@@ -311,7 +225,11 @@ async def open_tun(
     port._mode = mode
     io = server._io
     request = _Request(io, hub)
-    io.submit(cmd_open_tun, request, (io, port, hub.deliver, name, mode, settings, credit))
+    io.submit(
+        partial(cmd_open_tun, io),
+        request,
+        TunRequest(port, hub.deliver, name, mode, settings, credit),
+    )
     result = await request.wait()
     if isinstance(result, BaseException):
         raise result

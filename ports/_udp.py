@@ -1,6 +1,6 @@
 """UDP ports: datagrams in and out, with addresses, as messages (Erlang's ``gen_udp``).
 
-The I/O thread's half is :class:`ioserver._datagram.DatagramHandler`; this module is the
+The I/O thread's half is :class:`ioserver._udp.DatagramHandler`; this module is the
 actor's half.  A :class:`UDPPort` shares the TCP ports' machinery (buffer, waiting,
 owner, select, active modes, receive watermarks) through ``_PortBase``; what differs is
 that a message is a :class:`~ioserver.Datagram` rather than :class:`~ioserver.Data` (so
@@ -12,14 +12,15 @@ through the I/O thread's ``Handler`` dispatch.
 from __future__ import annotations
 
 import socket
-from typing import Any, TypedDict, Unpack
+from functools import partial
+from typing import Any, Unpack
 
 import anyio
 import anyio.abc
 import trio
 import trio.abc
 
-from ioserver._datagram import DatagramHandler, cmd_open_udp
+from ioserver._contract import UDPRequest
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -29,23 +30,16 @@ from ioserver._exceptions import (
     WouldBlock,
 )
 from ioserver._messages import Closed, Datagram, Message, Packet
+from ioserver._options import UDPOptions, udp_options
 from ioserver._server import IOServer
+from ioserver._udp import DatagramHandler, cmd_open_udp
 
 from ._port import (
-    HIGH_MSGQ_MESSAGES,
-    HIGH_MSGQ_WATERMARK,
-    HIGH_WATERMARK,
-    LOW_MSGQ_WATERMARK,
-    LOW_WATERMARK,
-    Active,
     PortStatistics,
     _PortBase,
     _Request,
     _resolve,
     _to_bytes,
-    flow_options,
-    parse_active,
-    reject_unknown_options,
 )
 from ._source import Waiter
 
@@ -58,102 +52,6 @@ MAX_UDP_PAYLOAD_IPV6 = 65527
 #: The messages that carry received data: a UDP port's, and a TUN/TAP port's
 #: (``ports._tun.TunPort`` is a UDP port whose packets have no address).
 _RECEIVED = (Datagram, Packet)
-
-
-class UDPOptions(TypedDict, total=False):
-    """The options of :func:`open_udp`.  All are keyword-only and optional.
-
-    Attributes:
-        active: the active mode, as for TCP ports (``port.setopts(active=...)``,
-            as :meth:`ports.Port.setopts`); each
-            datagram counts as one message; default ``True``.
-        read_packets: datagrams read per readiness event, as Erlang's ``read_packets``;
-            more is faster under load, fewer is fairer to other ports; default 16.
-        max_datagram: bytes of the largest datagram received (the receive buffer); a
-            larger one is dropped and reported as :class:`~ioserver.Error` ``EMSGSIZE``;
-            default 65535 (any UDP datagram), 1..2**24.
-        recbuf: ``SO_RCVBUF`` in bytes; the OS default when ``None``.
-        sndbuf: ``SO_SNDBUF`` in bytes; the OS default when ``None``.
-        reuseaddr: ``SO_REUSEADDR``; default ``False``.
-        reuseport: ``SO_REUSEPORT`` (several sockets share the port); default ``False``.
-        broadcast: ``SO_BROADCAST`` (send to broadcast addresses); default ``False``.
-        high_watermark: bytes of queued output above which the port is *busy* (``send``
-            waits, ``send_nowait`` raises ``WouldBlock``); 256 KiB.
-        low_watermark: bytes of queued output below which it is not busy any more; 128 KiB.
-        high_msgq_watermark: bytes delivered but not yet taken by the owner above which the
-            I/O thread stops reading (the kernel then drops datagrams); 256 KiB.
-        low_msgq_watermark: ... below which it reads again; 128 KiB.
-        high_msgq_messages: the same bound counted in datagrams (resumes at half); 4096.
-    """
-
-    active: Active
-    read_packets: int
-    max_datagram: int
-    recbuf: int | None
-    sndbuf: int | None
-    reuseaddr: bool
-    reuseport: bool
-    broadcast: bool
-    high_watermark: int
-    low_watermark: int
-    high_msgq_watermark: int
-    low_msgq_watermark: int
-    high_msgq_messages: int
-
-
-_UDP_DEFAULTS: dict[str, Any] = {
-    "active": True,
-    "read_packets": 16,
-    "max_datagram": 65535,
-    "recbuf": None,
-    "sndbuf": None,
-    "reuseaddr": False,
-    "reuseport": False,
-    "broadcast": False,
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
-}
-
-
-def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]]:
-    """Validate UDP options; return ``(active credit, all options)``.
-
-    Raises:
-        OptionError: an unknown option or a wrong value, naming it.
-    """
-    reject_unknown_options(given, _UDP_DEFAULTS, "a UDP port")
-    options = {**_UDP_DEFAULTS, **given}
-    credit = parse_active(options["active"])
-    for name, low, high in (
-        ("read_packets", 1, 1 << 16),
-        ("max_datagram", 1, 1 << 24),
-        ("recbuf", 1, (1 << 31) - 1),
-        ("sndbuf", 1, (1 << 31) - 1),
-    ):
-        value = options[name]
-        if value is None and name in ("recbuf", "sndbuf"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
-    for name in ("reuseaddr", "reuseport", "broadcast"):
-        if not isinstance(options[name], bool):
-            raise OptionError(f"{name} must be a bool, not {options[name]!r}")
-    flow_options(
-        packet="raw",
-        packet_size=1,
-        delimiter=b"\n",
-        high_watermark=options["high_watermark"],
-        low_watermark=options["low_watermark"],
-        high_msgq_watermark=options["high_msgq_watermark"],
-        low_msgq_watermark=options["low_msgq_watermark"],
-        high_msgq_messages=options["high_msgq_messages"],
-        send_timeout=None,
-        send_timeout_close=False,
-    )
-    return credit, options
 
 
 class UDPPort(  # type: ignore[misc]
@@ -182,8 +80,6 @@ class UDPPort(  # type: ignore[misc]
         "_high_watermark",
         "_low_watermark",
         "_max_payload",
-        "_queued_bytes",
-        "_send_blocked",
         "_send_waiter",
     )
 
@@ -197,10 +93,9 @@ class UDPPort(  # type: ignore[misc]
         self._max_payload = (
             MAX_UDP_PAYLOAD_IPV6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_IPV4
         )
-        self._queued_bytes = 0  # what the owner queued, against the handler's out_done
+        # The window's queued_bytes: what the owner queued, against the handler's out_done.
         self._high_watermark: int = options["high_watermark"]
         self._low_watermark: int = options["low_watermark"]
-        self._send_blocked = False  # read by the I/O thread: a sender waits for "writable"
         self._send_waiter = Waiter()
         self._busy_transitions = 0
 
@@ -294,7 +189,7 @@ class UDPPort(  # type: ignore[misc]
             address = self._check_address(address)
         return data, address
 
-    def _check_address(self, address: Any) -> Any:
+    def _check_address(self, address: object) -> Any:
         # Only numeric addresses: a name would make the I/O thread block in a resolver.
         if (
             not isinstance(address, tuple)
@@ -322,19 +217,19 @@ class UDPPort(  # type: ignore[misc]
     @property
     def busy(self) -> bool:
         """True while the output not yet sent is above the high watermark."""
-        return self._queued_bytes - self._handler.out_done > self._high_watermark
+        return self._window.queued_bytes - self._handler.out_done > self._high_watermark
 
     def _queue(self, item: tuple[bytes, Any]) -> None:
         size = len(item[0])
         limit = self._io.port_buffer_limit
-        if limit is not None and self._queued_bytes + size - self._handler.out_done > limit:
+        if limit is not None and self._window.queued_bytes + size - self._handler.out_done > limit:
             self.close_nowait()
             raise BrokenPortError(
                 f"port_buffer_limit={limit} exceeded: sending {size} bytes on top of "
-                f"{self._queued_bytes - self._handler.out_done} queued; the port is closed",
+                f"{self._window.queued_bytes - self._handler.out_done} queued; the port is closed",
                 errno_name="ENOBUFS",
             )
-        self._queued_bytes += size
+        self._window.queued_bytes += size
         self._hub.queued_bytes += size
         self._submit((DatagramHandler.cmd_send, self._handler, item))
 
@@ -387,7 +282,7 @@ class UDPPort(  # type: ignore[misc]
             await self._wait_until_writable()
         self._queue(item)
 
-    async def send_to(self, data: Any, address: Any) -> None:
+    async def send_to(self, data: object, address: object) -> None:
         """Send ``data`` as one datagram to ``address`` (see :meth:`send`).
 
         Args:
@@ -398,17 +293,17 @@ class UDPPort(  # type: ignore[misc]
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1
-        if self._send_blocked:
+        if self._window.send_blocked:
             raise BusyPortError("waiting to send")
         handler = self._handler
-        self._send_blocked = True  # written before the re-read of out_done below
+        self._window.send_blocked = True  # written before the re-read of out_done below
         try:
-            while self._queued_bytes - handler.out_done > self._low_watermark:
+            while self._window.queued_bytes - handler.out_done > self._low_watermark:
                 self._check_can_send()
                 await self._hub.park(self._send_waiter)
             self._check_can_send()
         finally:
-            self._send_blocked = False
+            self._window.send_blocked = False
 
     # -- closing and statistics ---------------------------------------------------------
     def close_nowait(self) -> None:
@@ -433,8 +328,8 @@ class UDPPort(  # type: ignore[misc]
             bytes_queued=handler.out_bytes,
             active=self.active,
             closed=self._closed,
-            bytes_buffered_in=handler.delivered_bytes - self._consumed_bytes,
-            bytes_buffered_out=self._queued_bytes - handler.out_done,
+            bytes_buffered_in=handler.delivered_bytes - self._window.consumed_bytes,
+            bytes_buffered_out=self._window.queued_bytes - handler.out_done,
             peak_buffered=handler.peak_buffered,
             pauses=handler.pauses,
             busy_transitions=self._busy_transitions,
@@ -499,7 +394,9 @@ async def open_udp(
     io = server._io
     request = _Request(io, hub)
     io.submit(
-        cmd_open_udp, request, (io, port, hub.deliver, family, local, remote, settings, credit)
+        partial(cmd_open_udp, io),
+        request,
+        UDPRequest(port, hub.deliver, family, local, remote, settings, credit),
     )
     result = await request.wait()
     if isinstance(result, BaseException):
@@ -509,7 +406,7 @@ async def open_udp(
     return port
 
 
-def _host_port(address: Any, name: str) -> tuple[str, int]:
+def _host_port(address: object, name: str) -> tuple[str, int]:
     if not isinstance(address, tuple) or len(address) != 2:
         raise OptionError(f"{name} must be a (host, port) tuple, not {address!r}")
     return address[0], address[1]

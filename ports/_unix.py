@@ -10,27 +10,20 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from typing import Any, Unpack
 
+from ioserver._conn import Conn
+from ioserver._contract import ConnectRequest, ListenRequest
 from ioserver._exceptions import OptionError
-from ioserver._iothread import Conn
+from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
 from ioserver._server import IOServer
 from ioserver._systemd import cmd_listen_inherited, take_listener
 from ioserver._unix import cmd_listen_unix
 
-from ._port import (
-    _LISTEN_OPTIONS,
-    Listener,
-    Port,
-    PortOptions,
-    _check_options,
-    _Request,
-    port_options,
-)
+from ._port import Listener, Port, _Request
 
 __all__ = ["connect_unix", "listen_unix"]
-
-_NOT_FOR_UNIX = ("nodelay", "keepalive")
 
 
 def _check_path(path: Any) -> str | bytes:
@@ -43,15 +36,6 @@ def _check_path(path: Any) -> str | bytes:
     if size > limit:
         raise OptionError(f"the Unix socket path is {size} bytes long; the limit is {limit}")
     return path
-
-
-def _unix_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
-    for name in _NOT_FOR_UNIX:
-        if name in given:
-            raise OptionError(f"{name} is a TCP option; a Unix socket has no such setting")
-    credit, settings = port_options(given, what)
-    settings["nodelay"] = False
-    return credit, settings
 
 
 async def connect_unix(
@@ -79,12 +63,14 @@ async def connect_unix(
     """
     hub = server._check_open("ports.connect_unix")
     address = _check_path(path)
-    credit, settings = _unix_options(dict(options), "a Unix socket port")
+    credit, settings = unix_options(dict(options), "a Unix socket port")
     io = server._io
     port = Port(server, credit, settings)
     request = _Request(io, hub)
     io.submit(
-        io.cmd_connect, request, (port, hub.deliver, socket.AF_UNIX, address, settings, credit)
+        io.cmd_connect,
+        request,
+        ConnectRequest(port, hub.deliver, socket.AF_UNIX, address, settings, credit),
     )
     result = await request.wait()
     if isinstance(result, BaseException):
@@ -129,13 +115,13 @@ async def listen_unix(
     """
     hub = server._check_open("ports.listen_unix")
     address = _check_path(path)
-    _check_options({"backlog": backlog}, _LISTEN_OPTIONS, "a Unix socket listener")
-    credit, settings = _unix_options(dict(options), "a Unix socket listener's ports")
+    check_options({"backlog": backlog}, LISTEN_OPTIONS, "a Unix socket listener")
+    credit, settings = unix_options(dict(options), "a Unix socket listener's ports")
     all_options: dict[str, Any] = {"backlog": backlog, **settings, "active": credit}
     listener = Listener(server, (-1, False))
     io = server._io
 
-    def make_port(conn: Conn, local_address: Any, remote_address: Any) -> Port:
+    def make_port(conn: Conn, local_address: object, remote_address: object) -> Port:
         # Runs on the I/O thread, once per accepted connection.
         accepted = Port(server, credit, settings)
         accepted._conn = conn
@@ -146,15 +132,13 @@ async def listen_unix(
     request = _Request(io, hub)
     # systemd's socket activation: a socket passed for this very path is adopted.
     inherited = take_listener(socket.AF_UNIX, address)
+    spec = ListenRequest(
+        listener, hub.deliver, socket.AF_UNIX, address, all_options, (-1, False), make_port
+    )
     if inherited is not None:
-        spec = (io, inherited, listener, hub.deliver, all_options, (-1, False), make_port)
-        io.submit(cmd_listen_inherited, request, spec)
+        io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
     else:
-        io.submit(
-            cmd_listen_unix,
-            request,
-            (io, listener, hub.deliver, address, all_options, (-1, False), make_port),
-        )
+        io.submit(partial(cmd_listen_unix, io), request, spec)
     result = await request.wait()
     if isinstance(result, BaseException):
         raise result

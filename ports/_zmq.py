@@ -12,26 +12,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, TypedDict, Unpack, final
+from typing import Any, Unpack, final
 
 import anyio
 import zmq
 
 from ioserver._exceptions import ConnectError, OptionError, errno_name
+from ioserver._options import ZmqOptions, zmq_options
 from ioserver._server import IOServer
 from ioserver._zmq import ZmqHandler
 
-from ._port import (
-    HIGH_MSGQ_MESSAGES,
-    HIGH_MSGQ_WATERMARK,
-    HIGH_WATERMARK,
-    LOW_MSGQ_WATERMARK,
-    LOW_WATERMARK,
-    Port,
-    _check_options,
-    flow_options,
-    parse_active,
-)
+from ._port import Port
 
 __all__ = ["ZMQ_SOCKET_TYPES", "ZmqOptions", "ZmqPort", "open_zmq"]
 
@@ -55,63 +46,6 @@ ZMQ_SOCKET_TYPES: dict[str, int] = {
 _TYPE_NAMES = {number: name for name, number in ZMQ_SOCKET_TYPES.items()}
 
 
-class ZmqOptions(TypedDict, total=False):
-    """The options of a ZeroMQ port (all keyword-only and optional).
-
-    Attributes:
-        active: the active mode, as for TCP ports (see :meth:`Port.setopts`).
-        high_watermark: bytes of output queued in the port (not yet taken by ZeroMQ)
-            above which the port is *busy*; 256 KiB.  ZeroMQ's own ``sndhwm`` bounds what
-            it holds after that.
-        low_watermark: ... below which it is not busy any more; 128 KiB.
-        high_msgq_watermark: bytes delivered to the owner and not yet taken above which
-            the I/O thread stops receiving from the socket (ZeroMQ's ``rcvhwm`` then
-            pushes back on the peers); 256 KiB.
-        low_msgq_watermark: ... below which it receives again; 128 KiB.
-        high_msgq_messages: the same bound in messages (resumes at half); 4096.
-        send_timeout: seconds a send may wait on a busy port; ``None`` waits forever.
-        send_timeout_close: close the port when a send times out.
-        sndhwm: ZeroMQ's ``ZMQ_SNDHWM`` in messages (ZeroMQ's default when ``None``).
-        rcvhwm: ZeroMQ's ``ZMQ_RCVHWM`` in messages.
-        linger: seconds ZeroMQ keeps trying to deliver queued messages after close;
-            default 1.0.
-        identity: the ``ZMQ_ROUTING_ID`` of this socket (bytes), as seen by a ROUTER peer.
-        router_mandatory: a ROUTER reports an unroutable message as
-            :class:`~ioserver.Error` ``EHOSTUNREACH`` instead of dropping it silently.
-    """
-
-    active: Any
-    high_watermark: int
-    low_watermark: int
-    high_msgq_watermark: int
-    low_msgq_watermark: int
-    high_msgq_messages: int
-    send_timeout: float | None
-    send_timeout_close: bool
-    sndhwm: int | None
-    rcvhwm: int | None
-    linger: float
-    identity: bytes | None
-    router_mandatory: bool
-
-
-_ZMQ_DEFAULTS: dict[str, Any] = {
-    "active": True,
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
-    "send_timeout": None,
-    "send_timeout_close": False,
-    "sndhwm": None,
-    "rcvhwm": None,
-    "linger": 1.0,
-    "identity": None,
-    "router_mandatory": False,
-}
-
-
 @final
 class ZmqPort(Port):
     """A ZeroMQ socket owned by the I/O thread, used like a channel of multipart messages.
@@ -127,11 +61,11 @@ class ZmqPort(Port):
 
     def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]):
         super().__init__(server, active, options)
-        self._sizes = deque()  # each message's size in bytes, appended by the I/O thread
+        self._window.sizes = deque()  # each message's size, appended by the I/O thread
         self._simple_send = False
         self.socket_type = ""
 
-    def _encode(self, message: Any) -> Any:
+    def _encode(self, message: object) -> Any:
         if message.__class__ is bytes:
             return message if message else [message]
         if isinstance(message, (bytearray, memoryview)):
@@ -152,7 +86,7 @@ class ZmqPort(Port):
 
     def _queue(self, data: Any) -> None:
         size = len(data) if data.__class__ is bytes else sum(len(frame) for frame in data)
-        self._queued_bytes += size
+        self._window.queued_bytes += size
         self._hub.queued_bytes += size
         self._submit((self._io.send_command, self._conn, data))
 
@@ -222,36 +156,9 @@ async def open_zmq(
         number = socket_type
     else:
         raise OptionError(f"unknown ZeroMQ socket type {socket_type!r}")
-    _check_options(dict(options), frozenset(_ZMQ_DEFAULTS), "a ZeroMQ port")
-    given = {**_ZMQ_DEFAULTS, **options}
-    credit = parse_active(given["active"])
-    settings = flow_options(
-        packet="raw",
-        packet_size=1,
-        delimiter=b"\n",
-        **{
-            name: given[name]
-            for name in (
-                "high_watermark",
-                "low_watermark",
-                "high_msgq_watermark",
-                "low_msgq_watermark",
-                "high_msgq_messages",
-                "send_timeout",
-                "send_timeout_close",
-            )
-        },
-    )
-    for name in ("sndhwm", "rcvhwm"):
-        value = given[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise OptionError(f"{name} must be an int (messages) or None, not {value!r}")
+    credit, settings, given = zmq_options(dict(options))
     linger = given["linger"]
-    if isinstance(linger, bool) or not isinstance(linger, (int, float)) or linger < 0:
-        raise OptionError(f"linger must be non-negative seconds, not {linger!r}")
     identity = given["identity"]
-    if identity is not None and not isinstance(identity, bytes):
-        raise OptionError(f"identity must be bytes or None, not {identity!r}")
     binds = _endpoints(bind, "bind")
     connects = _endpoints(connect, "connect")
     topics: list[bytes]

@@ -28,8 +28,9 @@ import ioserver
 import ports
 from ioserver import _aio
 from ioserver import _protocol as P
+from ioserver._conn import Conn, Handler
 from ioserver._control import MESSAGE_BUDGET, RECEIVE_BATCH, ControlEndpoint
-from ioserver._iothread import Conn, Handler, IOThread
+from ioserver._iothread import IOThread
 
 
 def _batching_available() -> bool:

@@ -25,7 +25,7 @@ import pytest
 from test_examples import free_port, load_example, running
 
 import ioserver
-from ports._port import HIGH_WATERMARK
+from ioserver._options import HIGH_WATERMARK
 
 httpd = load_example("httpd")
 

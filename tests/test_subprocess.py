@@ -257,7 +257,7 @@ async def test_stopping_the_server_stops_all_programs_in_one_grace_period(
     # and waits once, so it takes about one grace period, not five.  The time bound is
     # the behaviour under test (5 x 1 s before the fix).
     if not pidfd:
-        monkeypatch.setattr("ports._subprocess.open_pidfd", lambda pid: None)
+        monkeypatch.setattr("ports._process.open_pidfd", lambda pid: None)
     async with ioserver.open() as ios:
         programs = [
             await ports.open_process(ios, [PYTHON, "-c", STUBBORN], kill_grace=1, packet="line")
@@ -282,9 +282,9 @@ async def test_stopping_the_server_stops_all_programs_in_one_grace_period(
 async def test_without_pidfd_the_exit_is_polled(
     no_zombies: None, no_leaks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ports._subprocess
+    import ports._process
 
-    monkeypatch.setattr(ports._subprocess, "open_pidfd", lambda pid: None)
+    monkeypatch.setattr(ports._process, "open_pidfd", lambda pid: None)
     async with ioserver.open() as ios:
         quick = await ports.open_process(ios, [PYTHON, "-c", "import sys; sys.exit(3)"])
         assert await messages_until_closed(quick) == [ExitStatus(3), Closed("eof")]

@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Unpack
 
+from ioserver._conn import STREAM, Conn
 from ioserver._exceptions import (
     ClosedPortError,
     ConnectError,
@@ -24,13 +25,12 @@ from ioserver._exceptions import (
     PollerLimitError,
     errno_name,
 )
-from ioserver._iothread import STREAM, Conn
 from ioserver._messages import ExitStatus
+from ioserver._options import PortOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
-from ._port import Port, PortOptions
-from ._unix import _unix_options
+from ._port import Port
 
 __all__ = ["ProcessPort", "open_process"]
 
@@ -60,7 +60,7 @@ class ProcessPort(Port):
         self._stderr_port: Port | None = None
         self._watcher: ProcessWatcher | None = None
 
-    def _deliver(self, message: Any) -> None:
+    def _deliver(self, message: object) -> None:
         if message.__class__ is ExitStatus:
             self._exit_status = message.status
         super()._deliver(message)
@@ -233,7 +233,7 @@ async def open_process(
         or kill_grace < 0
     ):
         raise OptionError(f"kill_grace must be non-negative seconds, not {kill_grace!r}")
-    credit, settings = _unix_options(dict(options), "a process port")
+    credit, settings = unix_options(dict(options), "a process port")
     port = ProcessPort(server, credit, settings)
     port._argv = arguments
     stderr_port: Port | None = None
@@ -307,7 +307,7 @@ async def open_process(
             raise
     watcher = ProcessWatcher(io, popen, pidfd, port, hub.deliver, kill_grace)
     conn = Conn(ours, STREAM, port, watcher.stream_deliver)
-    conn.configure(settings, port)
+    conn.configure(settings, port._window)
     conn.credit, conn.notify_passive = credit
     watcher.conns.append(conn)
     port._conn = conn
@@ -316,7 +316,7 @@ async def open_process(
     port._remote_address = None
     if stderr_port is not None and error_ours is not None:
         error_conn = Conn(error_ours, STREAM, stderr_port, hub.deliver)
-        error_conn.configure(settings, stderr_port)
+        error_conn.configure(settings, stderr_port._window)
         error_conn.credit, error_conn.notify_passive = credit
         watcher.conns.append(error_conn)
         stderr_port._conn = error_conn

@@ -18,12 +18,12 @@ methods ``close``, ``set_active``, ``read_once`` and ``resume``; sends come as
   dropped and reported as :class:`~._messages.Error` ``EMSGSIZE``; an ICMP error reported on
   the socket (``ECONNREFUSED`` on a connected socket...) is an ``Error`` too.  Neither
   closes the port: UDP is connectionless, so the next datagram may be fine.
-* **Receive flow control** is the TCP ports' (see ``IOThread._check_msgq``): ``delivered_*``
-  count what this thread handed to the port, the port's ``_consumed_*`` what its owner
-  took; past the high watermark the handler stops reading (the kernel then drops
+* **Receive flow control** is the TCP ports' (``ioserver._flow``): ``delivered_*``
+  count what this thread handed to the port, the port's window's ``consumed_*`` what its
+  owner took; past the high watermark the handler stops reading (the kernel then drops
   datagrams: UDP has no other backpressure) until the owner drains below the low one.
   Active modes count datagrams as TCP ports count packets.  The global memory budget
-  applies as to streams (see ``ioserver._iothread``): ordinary reads stop short of its
+  applies as to streams (see ``ioserver._flow``): ordinary reads stop short of its
   reserve, a port whose owner waits may read into it, no read may pass the limit, and a
   paused handler looks again every few milliseconds (``IOThread.budget_resumes``).
 * **Sending** never blocks the thread: ``cmd_send`` queues ``(data, address)`` and the end
@@ -42,8 +42,10 @@ import socket
 from collections import deque
 from typing import Any
 
+from ._conn import ReceivingHandler
+from ._contract import Deliver, LoopHalf, UDPRequest
 from ._exceptions import ConnectError, PollerLimitError, errno_name
-from ._iothread import READ_SIZE, IOThread, ReceivingHandler
+from ._iothread import READ_SIZE, IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._poller import ERROR, READ, WRITE
 
@@ -70,8 +72,8 @@ class DatagramHandler(ReceivingHandler):
         self,
         io: IOThread,
         sock: socket.socket,
-        port: Any,
-        deliver: Any,
+        port: LoopHalf,
+        deliver: Deliver,
         options: dict[str, Any],
         active: tuple[int, bool],
     ) -> None:
@@ -179,7 +181,7 @@ class DatagramHandler(ReceivingHandler):
                     if self.notify_passive:
                         deliver((port, PASSIVE))
                     break
-            if self._over_high_msgq():
+            if self.over_high():
                 self._pause_msgq()
                 break
         self.bytes_in += received
@@ -259,9 +261,9 @@ class DatagramHandler(ReceivingHandler):
             self.datagrams_out += 1
         self.bytes_out += sent_bytes
         io.bytes_out += sent_bytes
-        port = self.port
-        if port._send_blocked and port._queued_bytes - self.out_done <= self.send_low:
-            self.deliver((port, WRITABLE))
+        window = self.window
+        if window.send_blocked and window.queued_bytes - self.out_done <= self.send_low:
+            self.deliver((self.port, WRITABLE))
         if (self.mask & WRITE) != (WRITE if outq else 0):
             self._update_interest()
 
@@ -274,7 +276,7 @@ class DatagramHandler(ReceivingHandler):
         self.out_bytes += len(item[0])
         self.io.mark_dirty(self)
 
-    def cmd_close(self, _: Any) -> None:
+    def cmd_close(self, _: object) -> None:
         if self.closed:
             return
         if self.outq:
@@ -299,10 +301,17 @@ class DatagramHandler(ReceivingHandler):
         self.outq.clear()
 
 
-def cmd_open_udp(request: Any, spec: tuple[Any, ...]) -> None:
+def cmd_open_udp(io: IOThread, request: object, spec: UDPRequest) -> None:
     """Create, bind and connect a UDP socket on the I/O thread; answer ``request`` with
     ``(handler, local_address, remote_address)`` or the exception."""
-    io, port, deliver, family, bind, connect, options, active = spec
+    port, deliver, family, bind, connect = (
+        spec.port,
+        spec.deliver,
+        spec.family,
+        spec.bind,
+        spec.connect,
+    )
+    options, active = spec.options, spec.active
     sock = None
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)

@@ -1,0 +1,333 @@
+"""Receive flow control: one port's window, the pause handshake, and the memory budget.
+
+Theory of operation
+===================
+
+Input flows from a socket, read by the I/O thread, to the task that owns the port, in an
+event loop.  Between the two it is *buffered*: delivered to the loop and not yet taken by
+the owner.  Three things bound what is buffered, each on its own; a stream's socket is read
+only while all three allow it (``IOThread._stream_interest``; handlers have their own
+``_reading_changed``).
+
+The active credit
+-----------------
+Erlang's ``{active, ...}``: -1 reads freely, 0 not at all, N > 0 lets N more **packets**
+through (:func:`~._options.apply_active_mode` is the rule both halves apply, so they agree
+without asking each other).  A framed read can decode several packets; those beyond the
+credit are *held* by the I/O half (``Conn.held``, charged to the budget as framing bytes)
+and the socket is not read while any is held.  A grant - ``cmd_set_active`` or a passive
+``receive`` (``cmd_read_once``) - delivers held packets first, as far as its credit goes,
+and only then reads again; so an EOF or error read later comes after them, as in Erlang.
+
+The window: the port's watermarks
+---------------------------------
+Each port has a :class:`Window`, the one object both of its halves touch.  The I/O half
+(a :class:`ReceiveFlow`: the thread's ``Conn``, a UDP or ZeroMQ handler, the client's
+``RemoteConn``) counts what it delivered (``delivered_bytes``, ``delivered_messages``);
+the loop half (``ports.Port``, the daemon's ``RemotePortState``) counts in the window what
+its owner took (``consumed_bytes``, ``consumed_messages``).  Each side writes only its own
+counters; each counter only grows.  The difference is what is buffered.
+
+A message is charged its size in bytes: a ``bytes`` payload its ``len()``; a decoded
+object (a framer with :attr:`~._framing.Framer.decodes_objects`) its share of the wire
+bytes it was decoded from, which the I/O half appends to ``window.sizes`` before it
+delivers the message and the loop half pops when the owner takes it.  A packet of a framed
+port in this process is charged ``window.packet_overhead`` more
+(:data:`~._framing.PACKET_OVERHEAD`: what its Python objects hold), so every such port
+keeps ``window.sizes``; a daemon's port charges wire bytes, as its client counts them.
+
+Delivered and not taken above a high watermark (``high_msgq_watermark`` bytes, or
+``high_msgq_messages``) stops reading this socket alone - TCP then pushes back on this
+peer - until the owner has taken it down to the low watermarks (``low_msgq_watermark``,
+half the messages).  So that the hot path compares one counter with one number, the I/O
+half looks at the window only when its counters pass a *check point* (``check_bytes``,
+``check_messages``: what was taken at the last look, plus the high watermark).
+
+The pause handshake
+-------------------
+The two halves run in two threads and never lock; the pause generation is the fence.
+
+1. The I/O half pauses (:meth:`ReceiveFlow.pause`): it sets ``msgq_paused``, **then**
+   bumps ``pause_generation``, **then** re-reads the window's ``consumed_*``; if the owner
+   took enough meanwhile, it resumes at once.
+2. The loop half, each time its owner takes a message, updates ``consumed_*`` **then**
+   compares ``pause_generation`` with the last generation it resumed
+   (:meth:`Window.resume_due`); when they differ and the counters are at or below low
+   (:meth:`ReceiveFlow.drained`), it asks the I/O half to resume *that* generation
+   (``cmd_resume``).
+3. The I/O half resumes only if the generation asked is still the current one and the
+   counters still say drained (:meth:`ReceiveFlow.may_resume`): a late resume of an
+   older pause is ignored.
+
+Whichever of 1 and 2 runs second sees the other's write: either the I/O half's re-read
+sees the owner's take, or the owner's check sees the new generation.  No pause is left
+without a resume.  Behind a daemon the same handshake crosses the wire: the daemon's I/O
+thread tells the client of a pause (``window.on_pause``: PAUSED with the generation), the
+client's ``RemoteConn`` runs step 2 with its port's window and sends RESUME with the
+counters, and the daemon checks them (:meth:`Window.credit_remote`) before step 3.
+
+The memory budget
+-----------------
+``memory_limit`` (``L``) bounds the input of all ports together, charged from the moment
+the I/O thread reads it until an owner takes it, with framing buffers and queued output.
+Once a round, ``IOThread._memory_check`` computes the headroom ``L - memory_in_use()``.
+It is split in two.  An ordinary read needs a whole read (64 KiB) of headroom **plus the
+reserve** (``L // 4``): so ordinary input stops at three quarters of the budget and the
+ports it paused resume together at one half.  The reserve is for the ports whose owner
+**waits** - a task parked in ``receive``/``select`` on the port, having taken everything
+delivered to it (:meth:`ReceiveFlow.owner_waits`; the loop half answers whether a task is
+parked, ``window.task_waits``) - which may read while a whole read fits under ``L``.  Such
+a read is taken at once by the waiting task, so it frees itself; a port is never starved
+by the others' input filling the budget, whatever order an actor reads its ports in.  When
+a waiting port finds no room even in the reserve, it is a *reserve waiter* and is let in
+first as soon as a read fits (before the others resume at one half).  An owner that starts
+waiting on a port already paused by the budget tells the thread (``cmd_want``); the port
+writes its waiter before it reads ``global_paused``, the thread writes ``global_paused``
+before it reads the waiter, so one of them sees the other.  The bound stays firm: no read
+is made that could take the memory charged for input past ``L``; the reserve is inside it,
+not on top.  (A message larger than the reserve cannot be completed by reserve reads
+alone: it waits for the budget to free.) Handlers that read (UDP) ask the same rule
+through ``IOThread.read_allowance`` and ``IOThread.budget_resumes``.
+
+Who writes what
+---------------
+==========================  =====================  =========================================
+field                       written by             read by
+==========================  =====================  =========================================
+``Window.consumed_*``       the loop half          the I/O half (check, pause, resume)
+``Window.sizes``            both: I/O appends,     -
+                            loop pops
+``Window.packet_overhead``  the loop half, once    the I/O half (``Conn.configure``)
+``Window.queued_bytes``,    the loop half          the I/O half (when output drains: is a
+``Window.send_blocked``                            sender waiting for WRITABLE?)
+``ReceiveFlow.delivered_*`` the I/O half           the loop half (statistics, resume check)
+``pause_generation``        the I/O half           the loop half (step 2)
+``msgq_paused``, checks     the I/O half           the I/O half only
+==========================  =====================  =========================================
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ._framing import Framer
+
+__all__ = ["NO_LIMIT", "Pausable", "ReceiveFlow", "Window"]
+
+#: A watermark or check point that is never reached.
+NO_LIMIT = 1 << 62
+
+
+class Pausable(Protocol):
+    """An I/O half as the loop half sees it for the handshake (:class:`ReceiveFlow`, or
+    anything with its fields)."""
+
+    pause_generation: int
+
+    def drained(self) -> bool: ...
+
+
+def _nobody_waits() -> bool:
+    return False
+
+
+class Window:
+    """One port's flow-control window: the one object both halves of the port touch.
+
+    Made by the loop half (``ports.Port``, the daemon's ``RemotePortState``) and handed to
+    the I/O half, which reads it and never writes it (``sizes`` aside, see the module
+    docstring).  Attributes are plain, for the hot paths of both threads.
+    """
+
+    __slots__ = (
+        "consumed_bytes",
+        "consumed_messages",
+        "framer",
+        "on_gone",
+        "on_pause",
+        "packet_overhead",
+        "queued_bytes",
+        "resume_generation",
+        "send_blocked",
+        "sizes",
+        "task_waits",
+    )
+
+    def __init__(self, framer: Framer | None = None, packet_overhead: int = 0) -> None:
+        #: Bytes and messages the owner took (received, handed to a mailbox, dropped).
+        self.consumed_bytes = 0
+        self.consumed_messages = 0
+        #: The last pause generation the loop half asked to end.
+        self.resume_generation = 0
+        #: The port's framer (None: raw), run by the I/O half; the loop half frames with it.
+        self.framer = framer
+        #: Bytes charged for each packet beyond its own size (``PACKET_OVERHEAD`` for a
+        #: framed port of this process, whose packets stay here as Python objects; 0 for
+        #: a daemon's port, which encodes its packets for the client at once).
+        self.packet_overhead = packet_overhead if framer is not None else 0
+        #: The charge of each undelivered message, as the I/O half computed it: with a
+        #: framer that decodes objects, or any framer charging ``packet_overhead``.
+        self.sizes: deque[int] | None = (
+            deque()
+            if framer is not None and (framer.decodes_objects or self.packet_overhead)
+            else None
+        )
+        #: Bytes the owner queued for sending, ever; and whether a sender waits for the
+        #: output to drain below the low watermark (then the I/O half delivers WRITABLE).
+        self.queued_bytes = 0
+        self.send_blocked = False
+        #: The loop half's answer to "is a task parked on this port, waiting for its next
+        #: message?" (``receive`` or ``select``), asked by the I/O thread only when the
+        #: budget is short (see :meth:`ReceiveFlow.owner_waits`).
+        self.task_waits: Callable[[], bool] = _nobody_waits
+        #: A daemon's client port: the I/O thread tells the client of a pause (with its
+        #: generation) and of the port's end through these; None for a local port.
+        self.on_pause: Callable[[int], None] | None = None
+        self.on_gone: Callable[[], None] | None = None
+
+    def charge(self, data: Any) -> int:
+        """The bytes a delivered message's payload ``data`` is charged (see the module
+        docstring); pops its size for decoded objects: call once, as it is taken."""
+        return len(data) if self.sizes is None else self.sizes.popleft()
+
+    def resume_due(self, flow: Pausable) -> int | None:
+        """Step 2 of the handshake, once the owner took a message and the I/O half's
+        ``pause_generation`` is not the last one resumed: the generation to ask the I/O
+        half to end (``cmd_resume``) if the owner has taken enough, else None."""
+        generation = flow.pause_generation  # read after the counters were updated
+        if flow.drained():
+            self.resume_generation = generation
+            return generation
+        return None
+
+    def credit_remote(
+        self, consumed_bytes: int, consumed_messages: int, flow: ReceiveFlow, unsent: int
+    ) -> None:
+        """A daemon's client says its owner took ``consumed_*``: believe it only as far as
+        it was given (``flow.delivered_*`` less the ``unsent`` bytes still queued here for
+        it); counters only grow, so a client that does not read stays paused."""
+        given = flow.delivered_bytes - unsent
+        self.consumed_bytes = max(self.consumed_bytes, min(consumed_bytes, given))
+        self.consumed_messages = max(
+            self.consumed_messages, min(consumed_messages, flow.delivered_messages)
+        )
+
+
+class ReceiveFlow:
+    """The I/O half's side of a port's receive flow control: what it delivered, its
+    watermarks, and the pause (see the module docstring).  The stream ``Conn``, the
+    receiving handlers (UDP, ZeroMQ) and the client's ``RemoteConn`` are ones."""
+
+    __slots__ = (
+        "check_bytes",
+        "check_messages",
+        "delivered_bytes",
+        "delivered_messages",
+        "high_msgq",
+        "high_msgq_messages",
+        "low_msgq",
+        "low_msgq_messages",
+        "msgq_paused",
+        "pause_generation",
+        "pauses",
+        "peak_buffered",
+        "window",
+    )
+
+    def init_flow(self, window: Window | None = None) -> None:
+        """The state of a port not configured yet (a listener's, an accepted connection's
+        before its port is made): no watermark, and a window nobody writes."""
+        self.window = _UNCONFIGURED if window is None else window
+        self.delivered_messages = 0
+        self.delivered_bytes = 0
+        self.high_msgq = NO_LIMIT
+        self.low_msgq = NO_LIMIT
+        self.high_msgq_messages = NO_LIMIT
+        self.low_msgq_messages = NO_LIMIT
+        self.check_bytes = NO_LIMIT
+        self.check_messages = NO_LIMIT
+        self.msgq_paused = False
+        self.pause_generation = 0
+        self.pauses = 0
+        self.peak_buffered = 0
+
+    def configure_flow(self, options: dict[str, Any], window: Window) -> None:
+        """Take the port's window and its watermarks (``options`` as validated by
+        :func:`~._options.port_options` and the other kinds' ``*_options``)."""
+        self.window = window
+        self.high_msgq = options["high_msgq_watermark"]
+        self.low_msgq = options["low_msgq_watermark"]
+        self.high_msgq_messages = options["high_msgq_messages"]
+        self.low_msgq_messages = self.high_msgq_messages // 2
+        self.check_bytes = self.high_msgq
+        self.check_messages = self.high_msgq_messages
+
+    def over_high(self) -> bool:
+        """More delivered and not taken than a high watermark allows."""
+        window = self.window
+        return bool(
+            self.delivered_bytes - window.consumed_bytes > self.high_msgq
+            or self.delivered_messages - window.consumed_messages > self.high_msgq_messages
+        )
+
+    def drained(self) -> bool:
+        """The owner took what was delivered down to the low watermarks."""
+        window = self.window
+        return bool(
+            self.delivered_bytes - window.consumed_bytes <= self.low_msgq
+            and self.delivered_messages - window.consumed_messages <= self.low_msgq_messages
+        )
+
+    def check(self) -> bool:
+        """The delivered counters passed the check point: True if reading must pause; else
+        move the check point to what was taken plus the high watermarks."""
+        window = self.window
+        taken_bytes = window.consumed_bytes
+        taken_messages = window.consumed_messages
+        if (
+            self.delivered_bytes - taken_bytes > self.high_msgq
+            or self.delivered_messages - taken_messages > self.high_msgq_messages
+        ):
+            return True
+        self.check_bytes = taken_bytes + self.high_msgq
+        self.check_messages = taken_messages + self.high_msgq_messages
+        return False
+
+    def pause(self) -> bool:
+        """Step 1 of the handshake: stop reading until the owner has taken enough.  True if
+        this started a pause: the caller stops reading, tells a daemon's client
+        (``window.on_pause``), **then** re-checks with :meth:`may_resume` of the new
+        generation, which ends the pause at once if the owner took enough meanwhile."""
+        self.note_buffered()
+        if self.msgq_paused:
+            return False
+        self.msgq_paused = True
+        self.pauses += 1
+        self.pause_generation += 1  # written before may_resume() re-reads the window
+        return True
+
+    def note_buffered(self) -> None:
+        """Keep the peak of what was buffered (delivered, not taken), for statistics."""
+        buffered = self.delivered_bytes - self.window.consumed_bytes
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
+
+    def owner_waits(self) -> bool:
+        """Whether a task waits for this port's next message and has taken every message
+        delivered to it: input for it would be taken at once (the budget's reserve)."""
+        window = self.window
+        return window.task_waits() and self.delivered_messages == window.consumed_messages
+
+    def may_resume(self, generation: int) -> bool:
+        """Step 3: the owner asked to end pause ``generation``; True if reading may resume
+        (it is the current pause and the counters still say drained)."""
+        if self.msgq_paused and generation == self.pause_generation and self.drained():
+            self.msgq_paused = False
+            return True
+        return False
+
+
+#: The window of a flow not configured yet: nobody takes from it, nobody writes it.
+_UNCONFIGURED = Window()

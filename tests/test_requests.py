@@ -1,0 +1,29 @@
+"""Open requests are named, frozen values (ioserver._requests), the same for the I/O thread,
+the daemon's control endpoint and the daemon's client."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+
+from ioserver._contract import ConnectRequest, ListenRequest, UDPRequest
+
+
+def test_open_requests_are_frozen_and_named() -> None:
+    inbox: list[object] = []
+    connect = ConnectRequest(
+        None, inbox.append, socket.AF_INET, ("example.org", 80), {}, (-1, False)
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        connect.address = ("127.0.0.1", 80)  # type: ignore[misc]
+    # A name resolved later (the daemon's control endpoint) makes a new request.
+    resolved = dataclasses.replace(connect, address=("127.0.0.1", 80))
+    assert resolved.address == ("127.0.0.1", 80) and connect.address == ("example.org", 80)
+    assert resolved.deliver == inbox.append and resolved.active == (-1, False)
+    for kind in (ConnectRequest, ListenRequest, UDPRequest):
+        assert dataclasses.is_dataclass(kind) and kind.__dataclass_params__.frozen  # type: ignore[attr-defined]
+        names = [field.name for field in dataclasses.fields(kind)]
+        assert names[:3] == ["port", "deliver", "family"] and "active" in names
+    assert [f.name for f in dataclasses.fields(ListenRequest)][-1] == "make_port"
