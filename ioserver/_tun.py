@@ -37,7 +37,7 @@ import struct
 from typing import Any
 
 from ._contract import TunRequest
-from ._exceptions import ConnectError, errno_name
+from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._iothread import IOThread
 from ._messages import Closed, Packet
 from ._poller import ERROR
@@ -204,6 +204,11 @@ def cmd_open_tun(io: IOThread, request: object, spec: TunRequest) -> None:
         deliver((request, exc))
         return
     handler = TunHandler(io, TunDevice(fd), given, port, deliver, options, active)
-    io.adopt(handler)
+    try:
+        io.adopt(handler)
+    except PollerLimitError as exc:  # select's FD_SETSIZE: this port only, nothing kept
+        os.close(fd)
+        deliver((request, exc))
+        return
     deliver((request, (handler, given)))
     handler._update_interest()
