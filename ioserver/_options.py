@@ -270,6 +270,48 @@ _FLOW_OPTIONS = (
 )
 
 
+#: The flow-control defaults every kind of message port shares (FlowOptions less active).
+_WATERMARK_DEFAULTS: dict[str, Any] = {
+    "high_watermark": HIGH_WATERMARK,
+    "low_watermark": LOW_WATERMARK,
+    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
+    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
+    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
+}
+
+
+def _message_flow(options: dict[str, Any]) -> dict[str, Any]:
+    """Check the watermarks (and send timeout, where the kind has one) of a port whose
+    messages are whole already (datagrams, TUN packets, ZeroMQ messages: no framing).
+
+    Raises:
+        OptionError: a wrong value, naming it.
+    """
+    return flow_options(
+        packet="raw",
+        packet_size=1,
+        delimiter=b"\n",
+        **{name: options[name] for name in _WATERMARK_DEFAULTS},
+        send_timeout=options.get("send_timeout"),
+        send_timeout_close=options.get("send_timeout_close", False),
+    )
+
+
+def _check_ranges(options: dict[str, Any], ranges: tuple[tuple[str, int, int], ...]) -> None:
+    """Check that each named option is an int in its range (``None`` passes for the
+    socket buffer sizes, ``recbuf`` and ``sndbuf``: the system's default).
+
+    Raises:
+        OptionError: a value that is not, naming it and the range.
+    """
+    for name, low, high in ranges:
+        value = options[name]
+        if value is None and name in ("recbuf", "sndbuf"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
+
+
 class UDPOptions(FlowOptions, total=False):
     """The options of :func:`open_udp`.  All are keyword-only and optional.
 
@@ -314,11 +356,7 @@ _UDP_DEFAULTS: dict[str, Any] = {
     "reuseaddr": False,
     "reuseport": False,
     "broadcast": False,
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
+    **_WATERMARK_DEFAULTS,
 }
 
 
@@ -331,32 +369,19 @@ def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     reject_unknown_options(given, _UDP_DEFAULTS, "a UDP port")
     options = {**_UDP_DEFAULTS, **given}
     credit = parse_active(options["active"])
-    for name, low, high in (
-        ("read_packets", 1, 1 << 16),
-        ("max_datagram", 1, 1 << 24),
-        ("recbuf", 1, (1 << 31) - 1),
-        ("sndbuf", 1, (1 << 31) - 1),
-    ):
-        value = options[name]
-        if value is None and name in ("recbuf", "sndbuf"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
+    _check_ranges(
+        options,
+        (
+            ("read_packets", 1, 1 << 16),
+            ("max_datagram", 1, 1 << 24),
+            ("recbuf", 1, (1 << 31) - 1),
+            ("sndbuf", 1, (1 << 31) - 1),
+        ),
+    )
     for name in ("reuseaddr", "reuseport", "broadcast"):
         if not isinstance(options[name], bool):
             raise OptionError(f"{name} must be a bool, not {options[name]!r}")
-    flow_options(
-        packet="raw",
-        packet_size=1,
-        delimiter=b"\n",
-        high_watermark=options["high_watermark"],
-        low_watermark=options["low_watermark"],
-        high_msgq_watermark=options["high_msgq_watermark"],
-        low_msgq_watermark=options["low_msgq_watermark"],
-        high_msgq_messages=options["high_msgq_messages"],
-        send_timeout=None,
-        send_timeout_close=False,
-    )
+    _message_flow(options)
     return credit, options
 
 
@@ -400,11 +425,7 @@ _TUN_DEFAULTS: dict[str, Any] = {
     "multi_queue": False,
     "read_packets": 16,
     "max_packet": MAX_TUN_PACKET,
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
+    **_WATERMARK_DEFAULTS,
 }
 
 
@@ -417,24 +438,10 @@ def tun_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     reject_unknown_options(given, _TUN_DEFAULTS, "a TUN/TAP port")
     options = {**_TUN_DEFAULTS, **given}
     credit = parse_active(options["active"])
-    for name, low, high in (("read_packets", 1, 1 << 16), ("max_packet", 1, MAX_TUN_PACKET)):
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
+    _check_ranges(options, (("read_packets", 1, 1 << 16), ("max_packet", 1, MAX_TUN_PACKET)))
     if not isinstance(options["multi_queue"], bool):
         raise OptionError(f"multi_queue must be a bool, not {options['multi_queue']!r}")
-    flow_options(
-        packet="raw",
-        packet_size=1,
-        delimiter=b"\n",
-        high_watermark=options["high_watermark"],
-        low_watermark=options["low_watermark"],
-        high_msgq_watermark=options["high_msgq_watermark"],
-        low_msgq_watermark=options["low_msgq_watermark"],
-        high_msgq_messages=options["high_msgq_messages"],
-        send_timeout=None,
-        send_timeout_close=False,
-    )
+    _message_flow(options)
     return credit, options
 
 
@@ -474,11 +481,7 @@ class ZmqOptions(FlowOptions, total=False):
 
 _ZMQ_DEFAULTS: dict[str, Any] = {
     "active": True,
-    "high_watermark": HIGH_WATERMARK,
-    "low_watermark": LOW_WATERMARK,
-    "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
-    "low_msgq_watermark": LOW_MSGQ_WATERMARK,
-    "high_msgq_messages": HIGH_MSGQ_MESSAGES,
+    **_WATERMARK_DEFAULTS,
     "send_timeout": None,
     "send_timeout_close": False,
     "sndhwm": None,
@@ -498,23 +501,7 @@ def zmq_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     check_options(given, frozenset(_ZMQ_DEFAULTS), "a ZeroMQ port")
     options = {**_ZMQ_DEFAULTS, **given}
     credit = parse_active(options["active"])
-    settings = flow_options(
-        packet="raw",
-        packet_size=1,
-        delimiter=b"\n",
-        **{
-            name: options[name]
-            for name in (
-                "high_watermark",
-                "low_watermark",
-                "high_msgq_watermark",
-                "low_msgq_watermark",
-                "high_msgq_messages",
-                "send_timeout",
-                "send_timeout_close",
-            )
-        },
-    )
+    settings = _message_flow(options)
     for name in ("sndhwm", "rcvhwm"):
         value = options[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
