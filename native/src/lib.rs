@@ -1,15 +1,24 @@
 //! The native I/O half of ioserver (issue 14): a Python extension module, `ioserver._native`.
 //!
 //! This crate is built by maturin as part of `pip install` (see `pyproject.toml`).
+//!
+//! * [`wakeup`]: the queues between the threads and their wake-up protocol;
+//! * `core`: the I/O thread (TCP streams and listeners, through mio);
+//! * `py`: the Python face (`Core`, `Inbox`, `Conn`, `WindowCounters`);
+//! * [`unsafe_io`]: every `unsafe` block, each with its argument.
 
-use pyo3::prelude::*;
+pub(crate) mod sync;
+pub mod unsafe_io;
+pub mod wakeup;
 
 /// The crate's version, as Cargo knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// `ioserver._native`: the native I/O core's Python face.
-#[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+#[cfg(not(loom))]
+#[pyo3::pymodule]
+fn _native(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    use pyo3::types::PyModuleMethods;
     m.add("__version__", VERSION)?;
     Ok(())
 }
