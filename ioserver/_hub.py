@@ -225,7 +225,9 @@ class Hub:
     def __init__(self, io: IOThread) -> None:
         super().__init__()
         self.io = io
-        self.inbox: WakeupQueue[tuple[Any, Any]] = WakeupQueue()
+        # The I/O half makes the inbox: a WakeupQueue the Python I/O thread fills, or a
+        # native one (ioserver._native_core) with the same consumer side.
+        self.inbox: WakeupQueue[tuple[Any, Any]] = io.make_inbox(self)
         self.stopped = False
         self.drains = 0
         self.flushes = 0  # wake-ups of the I/O thread at a flush point
@@ -239,7 +241,6 @@ class Hub:
         # of input their owners took.  Written here, read by the I/O thread.
         self.queued_bytes = 0
         self.consumed_bytes = 0
-        io.add_inbox(self.inbox)
         io._budget_owners.append(self)
         _HUBS.add(self)
 
@@ -381,6 +382,10 @@ class AsyncioHub(Hub, AsyncioParker):
 
 def make_hub(io: IOThread) -> Hub:
     """The hub for the event loop running this task (trio, or asyncio through anyio)."""
+    if getattr(io, "native", False):
+        from ._native_core import NativeAsyncioHub, NativeTrioHub
+
+        return NativeTrioHub(io) if current_parker().is_trio else NativeAsyncioHub(io)
     if current_parker().is_trio:
         return TrioHub(io)
     return AsyncioHub(io)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
-from ._exceptions import ClosedPortError, OptionError
+from ._exceptions import ClosedPortError, NotSupportedError, OptionError
 from ._hub import Hub, make_hub
 from ._iothread import IOThread
 
-__all__ = ["IOServer", "IOServerStatistics", "open", "run"]
+__all__ = ["CORE_ENVIRONMENT", "IOServer", "IOServerStatistics", "open", "run"]
+
+#: The environment variable that names the default I/O core (``"python"`` or ``"native"``)
+#: where :func:`open` is not given one.
+CORE_ENVIRONMENT = "IOSERVER_CORE"
 
 T = TypeVar("T")
 
@@ -69,6 +74,8 @@ class IOServerStatistics:
     #: why batched writes stopped, if they did: the AIO context failed (e.g. its completions
     #: could not be collected) and the I/O thread writes port by port since; ``None``
     batched_writes_error: str | None = None
+    #: the I/O core: ``"python"`` (the I/O thread in Python) or ``"native"`` (in Rust)
+    core: str = "python"
 
 
 class IOServer:
@@ -102,6 +109,14 @@ class IOServer:
         """
         if self._closed:
             raise ClosedPortError("this I/O server is closed")
+        if getattr(self._io, "native", False) and function is not None:
+            from ._native_core import NATIVE_KINDS
+
+            if function not in NATIVE_KINDS:
+                raise NotSupportedError(
+                    f"{function} is not supported by the native core (core='native') yet: "
+                    "open the server with core='python'"
+                )
         return self._hub
 
     def statistics(self) -> IOServerStatistics:
@@ -137,6 +152,7 @@ class IOServer:
             flush_waits=io.flush_waits,
             flush_timeouts=io.flush_timeouts,
             batched_writes_error=io.batching_error,
+            core="native" if getattr(io, "native", False) else "python",
         )
 
     async def aclose(self) -> None:
@@ -161,6 +177,7 @@ async def open(
     poller: str | None = None,
     memory_limit: int | None = None,
     port_buffer_limit: int | None = None,
+    core: str | None = None,
 ) -> AsyncIterator[IOServer]:
     """Start an I/O thread for this event loop; stop it, closing every port, on exit.
 
@@ -192,10 +209,18 @@ async def open(
             assembled, undelivered input, queued output).  A port that passes it gets an
             :class:`~ioserver.Error` naming the limit, then ``Closed("ENOBUFS")``; a send
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
+        core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
+            in Python (every port kind; the default), or ``"native"``, the I/O thread in
+            Rust, which never takes the GIL (TCP ports in raw mode so far: other kinds,
+            packet modes and the two limits above raise
+            :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
+            ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
 
     Raises:
-        OptionError: an unknown poller (or one this platform lacks), a limit that is not
-            a positive int, or an event loop that is neither trio nor asyncio.
+        OptionError: an unknown poller (or one this platform lacks), an unknown core, a
+            limit that is not a positive int, or an event loop that is neither trio nor
+            asyncio.
+        NotSupportedError: ``core="native"`` with a limit or a poller it does not have.
         PollerLimitError: ``poller="select"`` in a process whose descriptors already
             reach ``FD_SETSIZE``: the I/O thread's own wake-up descriptor is beyond it.
     """
@@ -208,7 +233,23 @@ async def open(
             isinstance(value, bool) or not isinstance(value, int) or value <= 0
         ):
             raise OptionError(f"{name} must be a positive int (bytes) or None, not {value!r}")
-    io = IOThread(poller=poller, memory_limit=memory_limit, port_buffer_limit=port_buffer_limit)
+    core = _choose_core(core)
+    if core == "native":
+        if poller not in (None, "epoll"):
+            raise NotSupportedError(
+                f"poller={poller!r} is not supported by the native core (core='native'): "
+                "it polls with epoll"
+            )
+        from ._native_core import NativeIOThread
+
+        # It implements what the loop half uses of IOThread (ioserver._contract.IOHalf
+        # and the statistics), not the rest: a structural stand-in, hence the cast.
+        io = cast(
+            IOThread,
+            NativeIOThread(memory_limit=memory_limit, port_buffer_limit=port_buffer_limit),
+        )
+    else:
+        io = IOThread(poller=poller, memory_limit=memory_limit, port_buffer_limit=port_buffer_limit)
     try:
         hub = make_hub(io)
     except BaseException:
@@ -235,6 +276,21 @@ async def open(
         raise
 
 
+def _choose_core(core: str | None) -> str:
+    """The core to run: ``core``, else ``$IOSERVER_CORE``, else ``"python"``.
+
+    Raises:
+        OptionError: not ``"python"`` or ``"native"``.
+    """
+    from_environment = core is None
+    if core is None:
+        core = os.environ.get(CORE_ENVIRONMENT) or "python"
+    if core not in ("python", "native"):
+        where = f" (from ${CORE_ENVIRONMENT})" if from_environment else ""
+        raise OptionError(f"core must be 'python' or 'native', not {core!r}{where}")
+    return core
+
+
 #: Seconds: the GIL switch interval :func:`run` sets (see its ``switch_interval``).
 SWITCH_INTERVAL = 0.001
 
@@ -248,6 +304,7 @@ def run(
     memory_limit: int | None = None,
     switch_interval: float | None = SWITCH_INTERVAL,
     poller: str | None = None,
+    core: str | None = None,
 ) -> T | None:
     """Run ``main(ios, *args)`` on a new event loop with an embedded I/O server.
 
@@ -263,6 +320,7 @@ def run(
         memory_limit: the I/O server's global budget in bytes (see :func:`open`).
         poller: the I/O thread's selector backend (see :func:`open`); ``None``: the
             platform's best.
+        core: the I/O core, ``"python"`` or ``"native"`` (see :func:`open`).
         switch_interval: seconds, :func:`sys.setswitchinterval` while ``main`` runs
             (restored after).  The I/O thread and the event loop hand the GIL to each
             other all the time; with Python's default 5 ms a thread that wants it can wait
@@ -273,13 +331,14 @@ def run(
         What ``main`` returned, or ``None`` if a signal stopped it.
 
     Raises:
-        OptionError: an unknown backend or poller, or ``use_uvloop=True`` without uvloop
-            installed.
+        OptionError: an unknown backend, poller or core, or ``use_uvloop=True`` without
+            uvloop installed.
         PollerLimitError: ``poller="select"`` in a process whose descriptors already
             reach ``FD_SETSIZE`` (1024).
     """
     if backend not in ("asyncio", "trio"):
         raise OptionError(f"backend must be 'asyncio' or 'trio', not {backend!r}")
+    _choose_core(core)  # an unknown core fails here, before the loop starts
     options: dict[str, Any] = {}
     if backend == "asyncio":
         if use_uvloop is None:
@@ -290,7 +349,7 @@ def run(
             options["use_uvloop"] = True
 
     async def _main() -> T | None:
-        async with open(memory_limit=memory_limit, poller=poller) as ios:
+        async with open(memory_limit=memory_limit, poller=poller, core=core) as ios:
             if not stop_on_signals:
                 return await main(ios, *args)
             result: list[T] = []

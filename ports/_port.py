@@ -153,7 +153,9 @@ class _PortBase(Source):
         # It counts what the owner took, as the I/O half counts what it delivered.
         # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
         # popped from the window's sizes as the owner takes it.
-        window = self._window = Window(framer, PACKET_OVERHEAD)
+        # (The I/O half says which class: the native core's keeps its counters in atomics.)
+        window_class = getattr(server._io, "window_class", Window)
+        window = self._window = window_class(framer, PACKET_OVERHEAD)
         window.task_waits = self._task_waits
 
     def _task_waits(self) -> bool:
@@ -548,6 +550,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_framer",
         "_high_watermark",
         "_low_watermark",
+        "_native_send",
         "_send_timeout",
         "_send_timeout_close",
         "_send_waiter",
@@ -574,6 +577,10 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             self._framer is None
             and server._io.port_buffer_limit is None
             and server._io.send_command == server._hub.cmd_send  # not a daemon's port
+        )
+        # The native core's send (it holds the bytes object for the I/O thread), or None.
+        self._native_send: Any = (
+            server._io.send_command if getattr(server._io, "native", False) else None
         )
 
     def _on_terminal(self, message: Closed) -> None:
@@ -703,6 +710,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             size = len(message)
             window.queued_bytes += size
             hub.queued_bytes += size
+            if self._native_send is not None:
+                self._native_send(conn, message)
+                return
             commands = self._io.commands
             commands.items.append((hub.cmd_send, conn, message))
             if commands.asleep:

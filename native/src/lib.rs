@@ -11,6 +11,11 @@ pub(crate) mod sync;
 pub mod unsafe_io;
 pub mod wakeup;
 
+#[cfg(not(loom))]
+mod core;
+#[cfg(not(loom))]
+mod py;
+
 /// The crate's version, as Cargo knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -20,5 +25,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 fn _native(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     use pyo3::types::PyModuleMethods;
     m.add("__version__", VERSION)?;
+    py::register(m)?;
     Ok(())
 }

@@ -1,0 +1,316 @@
+"""The native I/O core's Python half: the I/O half of the contract over ``ioserver._native``.
+
+``ioserver.open(core="native")`` runs the I/O thread in Rust (``native/src/core.rs``): its
+own OS thread that never takes the GIL.  This module is what the loop half sees of it,
+shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
+
+* :class:`NativeIOThread` stands where ``IOThread`` stands (``IOServer._io``): the commands
+  (``cmd_close``... are the native ``Core``'s methods, each taking ``(target, argument)``
+  as the contract's ``(function, target, argument)`` commands do), ``send_command`` (the
+  native ``Core.send``, which holds the ``bytes`` object instead of copying it), and the
+  counters ``IOServer.statistics`` reads;
+* :class:`NativeWindow` is a port's flow-control window (``ioserver._flow.Window``) whose
+  counters are atomics the I/O thread reads without the GIL;
+* :class:`NativeTrioHub`, :class:`NativeAsyncioHub` drain the loop's native inbox with one
+  call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
+  the GIL.
+
+What the native core carries now (issue 14's first slice): TCP ports in raw mode - connect
+(numeric addresses; names are resolved in the loop as before), listen and accept, reads,
+gathered writes, half-close, close after the queued output, errno names - with the
+watermarks and the pause handshake of ``ioserver._flow``.  Every other kind, packet modes,
+``memory_limit`` and ``port_buffer_limit`` raise :exc:`~ioserver.NotSupportedError`
+naming the core; ``core="python"`` (the default) carries them.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from . import _native  # the extension module (types: _native.pyi)
+from ._contract import ConnectRequest, ListenRequest
+from ._exceptions import ConnectError, NotSupportedError
+from ._flow import Window
+from ._framing import Framer
+from ._hub import AsyncioHub, TrioHub, log
+from ._iothread import raise_open_file_limit
+from ._tcp import listen_socket
+
+__all__ = [
+    "CORES",
+    "NATIVE_KINDS",
+    "NativeAsyncioHub",
+    "NativeIOThread",
+    "NativeTrioHub",
+    "NativeWindow",
+]
+
+#: The I/O cores :func:`ioserver.open` can run.
+CORES = ("python", "native")
+
+#: The port functions the native core carries; the others raise NotSupportedError.
+NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
+
+
+def _nobody_waits() -> bool:
+    return False
+
+
+class NativeWindow(_native.WindowCounters):
+    """A port's flow-control window on the native core: :class:`~._flow.Window`'s fields,
+    with ``consumed_*``, ``queued_bytes`` and ``send_blocked`` kept in atomics that the
+    native I/O thread reads without the GIL (``WindowCounters``, in Rust).  The other
+    fields are the loop half's own."""
+
+    def __init__(self, framer: Framer | None = None, packet_overhead: int = 0) -> None:
+        self.consumed_bytes = 0
+        self.consumed_messages = 0
+        self.resume_generation = 0
+        self.framer = framer
+        self.packet_overhead = packet_overhead if framer is not None else 0
+        self.sizes = None
+        self.queued_bytes = 0
+        self.send_blocked = False
+        self.task_waits = _nobody_waits
+        self.on_pause = None
+        self.on_gone = None
+
+    charge = Window.charge
+    resume_due = Window.resume_due
+
+
+class _Commands:
+    """The contract's command queue, as the loop half uses it (``put``): each command is
+    ``(function, target, argument)``, and ``function`` is a native ``Core`` method that
+    queues it for the I/O thread."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    def put(self, item: tuple[Any, Any, Any]) -> None:
+        function, target, argument = item
+        function(target, argument)
+
+    @property
+    def wakes_sent(self) -> int:
+        return int(self._core.wakes_sent)
+
+    @property
+    def wakes_skipped(self) -> int:
+        return int(self._core.wakes_skipped)
+
+    def close(self) -> None:
+        """The fd is closed with the core."""
+
+
+class NativeIOThread:
+    """The native I/O thread, standing where ``IOThread`` stands (see the module docstring).
+
+    Raises:
+        NotSupportedError: ``memory_limit`` or ``port_buffer_limit`` given (the native core
+            has no memory budget yet).
+    """
+
+    native = True
+    window_class = NativeWindow
+    #: The native thread does not wait for the loop's flush point (no flush point).
+    waits_for_flush = False
+    flush_wanted = False
+    poller_name = "epoll (native)"
+
+    def __init__(
+        self, *, memory_limit: int | None = None, port_buffer_limit: int | None = None
+    ) -> None:
+        for name, value in (
+            ("memory_limit", memory_limit),
+            ("port_buffer_limit", port_buffer_limit),
+        ):
+            if value is not None:
+                raise NotSupportedError(
+                    f"{name} is not supported by the native core (core='native') yet: "
+                    "use core='python'"
+                )
+        self.memory_limit = None
+        self.port_buffer_limit = None
+        self.fd_limit = raise_open_file_limit()
+        core = self._core = _native.Core(min(self.fd_limit, 1 << 16))
+        self.commands = _Commands(core)
+        self.send_command = core.send
+        self.cmd_close = core.close
+        self.cmd_send_eof = core.send_eof
+        self.cmd_set_active = core.set_active
+        self.cmd_read_once = core.read_once
+        self.cmd_resume = core.resume
+        self.cmd_want = core.want
+        self.cmd_stop = core.stop
+        self._budget_owners: list[Any] = []
+        # The Python core's statistics that have no native counterpart (yet).
+        self.peak_memory = 0
+        self.global_pauses = 0
+        self._writer = None
+        self._failed_writer = None
+        self.flush_waits = 0
+        self.flush_timeouts = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._core.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._core.join()
+
+    def is_alive(self) -> bool:
+        return bool(self._core.is_alive())
+
+    def discard(self) -> None:
+        """Release a core that was never started (its fds close with it)."""
+
+    def make_inbox(self, hub: Any) -> Any:
+        """The native inbox of a new hub (the hub gets the stop notice)."""
+        return self._core.new_inbox(hub)
+
+    def submit(self, function: Any, target: object, argument: object) -> None:
+        function(target, argument)
+
+    # -- open requests (on the loop's thread: they queue a native command) --------------
+    def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
+        window = spec.port._window
+        if spec.options.get("packet", "raw") not in ("raw", 0) or not isinstance(
+            window, NativeWindow
+        ):
+            request._deliver(
+                NotSupportedError(
+                    f"packet={spec.options.get('packet')!r} is not supported by the native "
+                    "core (core='native') yet: use packet='raw' or core='python'"
+                )
+            )
+            return
+        address = spec.address
+        if spec.family == socket.AF_INET:
+            host, port = address
+            flowinfo = scope_id = 0
+        elif spec.family == socket.AF_INET6:
+            host, port, flowinfo, scope_id = address
+        else:
+            request._deliver(NotSupportedError("the native core (core='native') connects TCP only"))
+            return
+        self._core.connect(
+            request,
+            spec.port,
+            window,
+            request.hub.inbox,
+            host,
+            port,
+            flowinfo,
+            scope_id,
+            spec.options,
+            spec.active,
+        )
+
+    def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
+        if spec.options.get("packet", "raw") not in ("raw", 0):
+            request._deliver(
+                NotSupportedError(
+                    f"packet={spec.options.get('packet')!r} is not supported by the native "
+                    "core (core='native') yet: use packet='raw' or core='python'"
+                )
+            )
+            return
+        try:
+            sock = listen_socket(spec.family, spec.address, spec.options)
+        except ConnectError as exc:
+            request._deliver(exc)
+            return
+        self._core.listen(
+            request,
+            spec.port,
+            spec.make_port,
+            request.hub.inbox,
+            sock.detach(),
+            spec.options,
+            spec.options["active"],
+        )
+
+    # -- statistics ---------------------------------------------------------------------
+    def memory_in_use(self) -> int:
+        return 0
+
+    @property
+    def failure(self) -> str | None:
+        """Why the native thread failed (a panic in it, contained), or None."""
+        failure: str | None = self._core.failure
+        return failure
+
+    @property
+    def batching_error(self) -> str | None:
+        return self.failure
+
+    @property
+    def ports_open(self) -> int:
+        return int(self._core.ports_open)
+
+    @property
+    def polls(self) -> int:
+        return int(self._core.polls)
+
+    @property
+    def events(self) -> int:
+        return int(self._core.events)
+
+    @property
+    def commands_run(self) -> int:
+        return int(self._core.commands_run)
+
+    @property
+    def bytes_in(self) -> int:
+        return int(self._core.bytes_in)
+
+    @property
+    def bytes_out(self) -> int:
+        return int(self._core.bytes_out)
+
+    @property
+    def internal_errors(self) -> int:
+        return int(self._core.internal_errors)
+
+
+class _NativeDrain:
+    """A hub's drain of a native inbox: one native call builds the batch's pairs."""
+
+    inbox: Any
+    messages: int
+    drains: int
+
+    def _drain(self) -> int:
+        pairs = self.inbox.take()
+        for target, message in pairs:
+            try:
+                target._deliver(message)
+            except Exception:  # a bug in one target must not stop delivery to the others
+                log.exception("error while delivering %r to %r", message, target)
+        count = len(pairs)
+        self.messages += count
+        self.drains += 1
+        if not count:
+            self.inbox.spurious_wakes += 1
+        return count
+
+
+class NativeTrioHub(_NativeDrain, TrioHub):
+    """The trio hub of a native core."""
+
+
+class NativeAsyncioHub(_NativeDrain, AsyncioHub):
+    """The asyncio hub of a native core."""
+
+    async def start(self, start_soon: Any) -> None:
+        import asyncio
+
+        self._loop = self.loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.inbox.fileno(), self._on_readable)
+        # The reader is registered: announce the sleep (or drain what came already).
+        if not self.inbox.prepare_to_sleep():
+            self._loop.call_soon(self._on_readable)

@@ -1,0 +1,686 @@
+//! The Python face of the native core: `Core` (the I/O thread and its commands), `Inbox`
+//! (a loop's events, drained in one call), `Conn` (a port's I/O half as the loop reads
+//! it: `ioserver._contract.PortIO`) and `WindowCounters` (the atomic part of a port's
+//! flow-control window, which `ioserver._native_core.NativeWindow` extends).
+//!
+//! Used by `ioserver/_native_core.py` only; nothing here is public API.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::core::{
+    Command, ConnShared, Event, Flow, IoThread, PyTarget, Shared, StreamOptions, WindowShared,
+};
+use crate::unsafe_io::{adopt_listener_fd, HeldBytes};
+use crate::wakeup::WakeQueue;
+
+fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
+    Arc::new(PyTarget {
+        obj,
+        make_port: None,
+    })
+}
+
+fn address<'py>(py: Python<'py>, address: &SocketAddr) -> PyResult<Bound<'py, PyTuple>> {
+    match address {
+        SocketAddr::V4(a) => (a.ip().to_string(), a.port()).into_pyobject(py),
+        SocketAddr::V6(a) => {
+            (a.ip().to_string(), a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)
+        }
+    }
+}
+
+fn get<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
+    options: &Bound<'py, PyDict>,
+    name: &str,
+) -> PyResult<Option<T>> {
+    match options.get_item(name)? {
+        None => Ok(None),
+        Some(value) if value.is_none() => Ok(None),
+        Some(value) => Ok(Some(value.extract().map_err(Into::into)?)),
+    }
+}
+
+fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<StreamOptions> {
+    let high: u64 = get(options, "high_msgq_watermark")?.unwrap_or(Flow::NONE.high);
+    let high_messages: u64 = get(options, "high_msgq_messages")?.unwrap_or(Flow::NONE.high);
+    Ok(StreamOptions {
+        nodelay: get(options, "nodelay")?.unwrap_or(true),
+        keepalive: get(options, "keepalive")?.unwrap_or(false),
+        recbuf: get(options, "recbuf")?,
+        sndbuf: get(options, "sndbuf")?,
+        flow: Flow {
+            high,
+            low: get(options, "low_msgq_watermark")?.unwrap_or(high),
+            high_messages,
+            low_messages: high_messages / 2,
+            send_low: get(options, "low_watermark")?.unwrap_or(0),
+        },
+        active,
+    })
+}
+
+/// The atomic counters of a port's flow-control window, written by the loop half and
+/// read by the I/O thread without the GIL (see `ioserver._flow.Window`).
+#[pyclass(module = "ioserver._native", subclass)]
+pub struct WindowCounters {
+    shared: Arc<WindowShared>,
+}
+
+#[pymethods]
+impl WindowCounters {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
+        WindowCounters {
+            shared: Arc::new(WindowShared::default()),
+        }
+    }
+
+    /// Bytes of input the owner took.
+    #[getter]
+    fn get_consumed_bytes(&self) -> u64 {
+        self.shared.consumed_bytes.load(Ordering::SeqCst)
+    }
+
+    #[setter]
+    fn set_consumed_bytes(&self, value: u64) {
+        self.shared.consumed_bytes.store(value, Ordering::SeqCst)
+    }
+
+    /// Messages the owner took.
+    #[getter]
+    fn get_consumed_messages(&self) -> u64 {
+        self.shared.consumed_messages.load(Ordering::SeqCst)
+    }
+
+    #[setter]
+    fn set_consumed_messages(&self, value: u64) {
+        self.shared.consumed_messages.store(value, Ordering::SeqCst)
+    }
+
+    /// Bytes the owner queued for output, ever.
+    #[getter]
+    fn get_queued_bytes(&self) -> u64 {
+        self.shared.queued_bytes.load(Ordering::SeqCst)
+    }
+
+    #[setter]
+    fn set_queued_bytes(&self, value: u64) {
+        self.shared.queued_bytes.store(value, Ordering::SeqCst)
+    }
+
+    /// A sender waits for the output to drain below the low watermark.
+    #[getter]
+    fn get_send_blocked(&self) -> bool {
+        self.shared.send_blocked.load(Ordering::SeqCst)
+    }
+
+    #[setter]
+    fn set_send_blocked(&self, value: bool) {
+        self.shared.send_blocked.store(value, Ordering::SeqCst)
+    }
+}
+
+/// A port's I/O half, as its loop half reads it (`ioserver._contract.PortIO`).
+#[pyclass(module = "ioserver._native", frozen)]
+pub struct Conn {
+    shared: Arc<ConnShared>,
+}
+
+#[pymethods]
+impl Conn {
+    /// Closed on the I/O side.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+    /// Bytes read from the socket.
+    #[getter]
+    fn bytes_in(&self) -> u64 {
+        self.shared.bytes_in.load(Ordering::Relaxed)
+    }
+    /// Bytes written to the socket.
+    #[getter]
+    fn bytes_out(&self) -> u64 {
+        self.shared.bytes_out.load(Ordering::SeqCst)
+    }
+    /// Bytes queued on the I/O thread and not written.
+    #[getter]
+    fn out_bytes(&self) -> u64 {
+        self.shared.out_bytes.load(Ordering::Relaxed)
+    }
+    /// Bytes delivered to the loop half.
+    #[getter]
+    fn delivered_bytes(&self) -> u64 {
+        self.shared.delivered_bytes.load(Ordering::SeqCst)
+    }
+    /// Messages delivered to the loop half.
+    #[getter]
+    fn delivered_messages(&self) -> u64 {
+        self.shared.delivered_messages.load(Ordering::SeqCst)
+    }
+    /// The current receive pause (the handshake of `ioserver._flow`).
+    #[getter]
+    fn pause_generation(&self) -> u64 {
+        self.shared.pause_generation.load(Ordering::SeqCst)
+    }
+    /// Receive pauses so far.
+    #[getter]
+    fn pauses(&self) -> u64 {
+        self.shared.pauses.load(Ordering::Relaxed)
+    }
+    /// The most input ever buffered.
+    #[getter]
+    fn peak_buffered(&self) -> u64 {
+        self.shared.peak_buffered.load(Ordering::Relaxed)
+    }
+    /// Paused by the memory budget (the native core has none yet: always False).
+    #[getter]
+    fn global_paused(&self) -> bool {
+        false
+    }
+    /// Framed packets held past the active credit (raw mode only yet: 0).
+    #[getter]
+    fn held_bytes(&self) -> u64 {
+        0
+    }
+    /// Packets refused for exceeding packet_size (raw mode only yet: 0).
+    #[getter]
+    fn packets_too_large(&self) -> u64 {
+        0
+    }
+    /// The owner took what was delivered down to the low watermarks.
+    fn drained(&self) -> bool {
+        self.shared.drained()
+    }
+    fn __repr__(&self) -> String {
+        format!("<native Conn {} slot {}>", self.shared.id, self.shared.slot)
+    }
+}
+
+/// A loop's end of the I/O thread's events: a wake-up fd and one call that turns every
+/// queued batch into `(target, message)` pairs.
+#[pyclass(module = "ioserver._native")]
+pub struct Inbox {
+    queue: Arc<WakeQueue<Vec<Event>>>,
+    /// Its number in the I/O thread (the order of the AddInbox commands).
+    index: usize,
+    shared: Arc<Shared>,
+    stop_target: Py<PyAny>,
+    data: Py<PyAny>,
+    closed: Py<PyAny>,
+    error: Py<PyAny>,
+    accepted: Py<PyAny>,
+    passive: Py<PyAny>,
+    writable: Py<PyAny>,
+    errno_name: Py<PyAny>,
+    connect_error: Py<PyAny>,
+    eof: Py<PyAny>,
+}
+
+impl Inbox {
+    fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
+        let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
+            list.append((target.obj.clone_ref(py), message))
+        };
+        match event {
+            Event::Data(port, bytes) => {
+                let message = self.data.bind(py).call1((PyBytes::new(py, &bytes),))?;
+                pair(&port, message)
+            }
+            Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
+            Event::Broken(port, errno) => {
+                let name = self.errno_name.bind(py).call1((errno,))?;
+                let message = self.closed.bind(py).call1((&name, &name))?;
+                pair(&port, message)
+            }
+            Event::Passive(port) => pair(&port, self.passive.bind(py).clone()),
+            Event::Writable(port) => pair(&port, self.writable.bind(py).clone()),
+            Event::AcceptError(listener, errno) => {
+                let name = self.errno_name.bind(py).call1((errno,))?;
+                let text = std::io::Error::from_raw_os_error(errno).to_string();
+                let message = format!("accept failed: {text} ({name})");
+                let message = self.error.bind(py).call1((&name, errno, message))?;
+                pair(&listener, message)
+            }
+            Event::Accepted {
+                listener,
+                conn,
+                local,
+                remote,
+            } => {
+                let handle = Py::new(
+                    py,
+                    Conn {
+                        shared: conn.clone(),
+                    },
+                )?;
+                let Some(make_port) = &listener.make_port else {
+                    return Err(PyRuntimeError::new_err("a listener without make_port"));
+                };
+                let remote = address(py, &remote)?;
+                let made = make_port
+                    .bind(py)
+                    .call1((handle, address(py, &local)?, remote.clone()));
+                let port = match made {
+                    Ok(port) => port,
+                    Err(error) => {
+                        self.shared.commands.put(Command::Close(conn));
+                        return Err(error);
+                    }
+                };
+                let window = port.getattr("_window")?;
+                let window = window.extract::<PyRef<'_, WindowCounters>>()?;
+                let _ = conn.window.set(window.shared.clone());
+                drop(window);
+                self.shared
+                    .commands
+                    .put(Command::Attach(conn, target(port.clone().unbind())));
+                let message = self.accepted.bind(py).call1((port, remote))?;
+                pair(&listener, message)
+            }
+            Event::Connected {
+                request,
+                conn,
+                local,
+                remote,
+            } => {
+                let handle = Py::new(py, Conn { shared: conn })?;
+                let answer = (handle, address(py, &local)?, address(py, &remote)?);
+                pair(&request, answer.into_pyobject(py)?.into_any())
+            }
+            Event::ConnectFailed(request, errno, to) => {
+                let error = self
+                    .connect_error
+                    .bind(py)
+                    .call1((errno, address(py, &to)?))?;
+                pair(&request, error)
+            }
+            Event::Listening(request, conn, local) => {
+                let handle = Py::new(py, Conn { shared: conn })?;
+                let answer = (handle, address(py, &local)?, py.None());
+                pair(&request, answer.into_pyobject(py)?.into_any())
+            }
+            Event::Release(bytes) => {
+                for held in bytes {
+                    drop(held.into_object()); // under the GIL: an immediate decref
+                }
+                Ok(())
+            }
+            Event::ReleaseTarget(target) => {
+                drop(target);
+                Ok(())
+            }
+            Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
+        }
+    }
+}
+
+#[pymethods]
+impl Inbox {
+    /// The fd that becomes readable when a batch is queued for a sleeping loop.
+    fn fileno(&self) -> i32 {
+        self.queue.signal.fd()
+    }
+
+    /// This object, as the Python inbox's `wakeup` (``fileno()``, ``drain()``).
+    #[getter]
+    fn wakeup(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Consume the fd's pending signal.
+    fn drain(&self) -> bool {
+        self.queue.signal.drain()
+    }
+
+    /// Announce the loop's sleep: True to block on the fd, False if batches wait.
+    fn prepare_to_sleep(&self) -> bool {
+        self.queue.prepare_to_sleep()
+    }
+
+    /// The loop is awake again.
+    fn woke(&self) {
+        self.queue.woke()
+    }
+
+    /// Every queued event as a list of ``(target, message)`` pairs, built under the GIL
+    /// with the messages of ``ioserver._messages``; the references the I/O thread handed
+    /// back (written buffers, closed ports) are dropped here.  An error building one pair
+    /// (a ``make_port`` that raised) is reported as unraisable; the others are returned.
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        while let Some(batch) = self.queue.pop() {
+            for event in batch {
+                if let Err(error) = self.build(py, &list, event) {
+                    error.write_unraisable(py, None);
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    /// Never called: the native I/O thread fills this inbox itself.
+    fn stage(&self, _item: &Bound<'_, PyAny>) -> PyResult<()> {
+        Err(PyTypeError::new_err(
+            "a native inbox is filled by the native I/O thread",
+        ))
+    }
+
+    /// Wake-up fd writes towards this loop.
+    #[getter]
+    fn wakes_sent(&self) -> u64 {
+        self.queue.wakes_sent.load(Ordering::Relaxed)
+    }
+    /// Batches queued while this loop was awake.
+    #[getter]
+    fn wakes_skipped(&self) -> u64 {
+        self.queue.wakes_skipped.load(Ordering::Relaxed)
+    }
+    /// Wake-ups that found nothing.
+    #[getter]
+    fn get_spurious_wakes(&self) -> u64 {
+        self.queue.spurious_wakes.load(Ordering::Relaxed)
+    }
+    #[setter]
+    fn set_spurious_wakes(&self, value: u64) {
+        self.queue.spurious_wakes.store(value, Ordering::Relaxed)
+    }
+    /// Whether the loop announced its sleep.
+    #[getter]
+    fn asleep(&self) -> bool {
+        self.queue.is_asleep()
+    }
+
+    /// Nothing to do: the fd is closed when the inbox is dropped.
+    fn close(&self) {}
+}
+
+/// The native I/O thread and its command queue.
+#[pyclass(module = "ioserver._native")]
+pub struct Core {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<IoThread>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+    inboxes: Mutex<usize>,
+}
+
+fn put_conn(
+    core: &Core,
+    conn: Option<PyRef<'_, Conn>>,
+    make: impl FnOnce(Arc<ConnShared>) -> Command,
+) {
+    if let Some(conn) = conn {
+        core.shared.commands.put(make(conn.shared.clone()));
+    }
+}
+
+#[pymethods]
+impl Core {
+    /// A core whose port table has ``table_size`` slots (from the open-file limit).
+    #[new]
+    fn new(table_size: usize) -> PyResult<Self> {
+        let shared = Arc::new(Shared::new()?);
+        let thread = IoThread::new(shared.clone(), table_size)?;
+        Ok(Core {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            handle: Mutex::new(None),
+            inboxes: Mutex::new(0),
+        })
+    }
+
+    /// Start the thread (once).
+    fn start(&self) -> PyResult<()> {
+        let thread = self
+            .thread
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("the native I/O thread was started already"))?;
+        self.shared.running.store(true, Ordering::SeqCst);
+        let handle = std::thread::Builder::new()
+            .name("ioserver-io-native".into())
+            .spawn(move || thread.run())
+            .map_err(|error| {
+                self.shared.running.store(false, Ordering::SeqCst);
+                PyOSError::new_err(error.to_string())
+            })?;
+        *self
+            .handle
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))? = Some(handle);
+        Ok(())
+    }
+
+    /// Wait for the thread to end (without the GIL).
+    fn join(&self, py: Python<'_>) -> PyResult<()> {
+        let handle = self
+            .handle
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?
+            .take();
+        if let Some(handle) = handle {
+            let _ = py.detach(move || handle.join());
+        }
+        Ok(())
+    }
+
+    /// The thread runs.
+    fn is_alive(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// A new loop's inbox; ``stop_target`` gets the stop notice (``_deliver(None)``).
+    fn new_inbox(&self, py: Python<'_>, stop_target: Py<PyAny>) -> PyResult<Inbox> {
+        let messages = py.import("ioserver._messages")?;
+        let exceptions = py.import("ioserver._exceptions")?;
+        let tcp = py.import("ioserver._tcp")?;
+        let closed = messages.getattr("Closed")?;
+        let eof = closed.call1(("eof",))?.unbind();
+        let queue = Arc::new(WakeQueue::new()?);
+        let mut count = self
+            .inboxes
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
+        let index = *count;
+        *count += 1;
+        // Under the lock: the commands' order is the numbering.
+        self.shared.commands.put(Command::AddInbox(queue.clone()));
+        drop(count);
+        Ok(Inbox {
+            queue,
+            index,
+            shared: self.shared.clone(),
+            stop_target,
+            data: messages.getattr("Data")?.unbind(),
+            closed: closed.unbind(),
+            error: messages.getattr("Error")?.unbind(),
+            accepted: messages.getattr("Accepted")?.unbind(),
+            passive: messages.getattr("PASSIVE")?.unbind(),
+            writable: messages.getattr("WRITABLE")?.unbind(),
+            errno_name: exceptions.getattr("errno_name")?.unbind(),
+            connect_error: tcp.getattr("connect_error")?.unbind(),
+            eof,
+        })
+    }
+
+    /// Queue ``data`` (``bytes``) for writing on ``conn``; the object is held, not copied.
+    fn send(&self, conn: PyRef<'_, Conn>, data: Bound<'_, PyAny>) -> PyResult<()> {
+        let Ok(bytes) = data.cast_into::<PyBytes>() else {
+            return Err(PyTypeError::new_err("the native core sends bytes"));
+        };
+        self.shared
+            .commands
+            .put(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
+        Ok(())
+    }
+
+    /// Close once the queued output is written.
+    fn close(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::Close)
+    }
+
+    /// Half-close once the queued output is written.
+    fn send_eof(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::SendEof)
+    }
+
+    /// Apply an active mode ``(credit, notify_passive)``.
+    fn set_active(&self, conn: Option<PyRef<'_, Conn>>, mode: (i64, bool)) {
+        put_conn(self, conn, |c| Command::SetActive(c, mode.0, mode.1))
+    }
+
+    /// A passive port's receiver waits: one message.
+    fn read_once(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::ReadOnce)
+    }
+
+    /// The owner took enough after the pause ``generation``.
+    fn resume(&self, conn: Option<PyRef<'_, Conn>>, generation: u64) {
+        put_conn(self, conn, |c| Command::Resume(c, generation))
+    }
+
+    /// The memory budget's reserve (no budget on the native core yet): nothing to do.
+    fn want(&self, _conn: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {}
+
+    /// Close every port and end the thread.
+    fn stop(&self, _target: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {
+        self.shared.commands.put(Command::Stop)
+    }
+
+    /// Connect to the numeric ``(host, port, flowinfo, scope_id)``; answer ``request``.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, port, window, inbox, host, port_number, flowinfo, scope_id, options, active))]
+    fn connect(
+        &self,
+        request: Py<PyAny>,
+        port: Py<PyAny>,
+        window: PyRef<'_, WindowCounters>,
+        inbox: PyRef<'_, Inbox>,
+        host: &str,
+        port_number: u16,
+        flowinfo: u32,
+        scope_id: u32,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let ip: IpAddr = host
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("not a numeric address: {host:?}")))?;
+        let address = match ip {
+            IpAddr::V4(_) => SocketAddr::new(ip, port_number),
+            IpAddr::V6(v6) => {
+                SocketAddr::V6(SocketAddrV6::new(v6, port_number, flowinfo, scope_id))
+            }
+        };
+        let options = stream_options(options, active)?;
+        let index = inbox.index;
+        self.shared.commands.put(Command::Connect {
+            request: target(request),
+            port: target(port),
+            window: window.shared.clone(),
+            inbox: index,
+            address,
+            options,
+        });
+        Ok(())
+    }
+
+    /// Serve the listening socket ``fd`` (detached from Python); answer ``request``.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, listener, make_port, inbox, fd, options, active))]
+    fn listen(
+        &self,
+        request: Py<PyAny>,
+        listener: Py<PyAny>,
+        make_port: Py<PyAny>,
+        inbox: PyRef<'_, Inbox>,
+        fd: i32,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let socket = adopt_listener_fd(fd)?;
+        socket.set_nonblocking(true)?;
+        let options = stream_options(options, active)?;
+        let index = inbox.index;
+        self.shared.commands.put(Command::Listen {
+            request: target(request),
+            listener: Arc::new(PyTarget {
+                obj: listener,
+                make_port: Some(make_port),
+            }),
+            inbox: index,
+            socket,
+            options,
+        });
+        Ok(())
+    }
+
+    /// Rounds of the poller.
+    #[getter]
+    fn polls(&self) -> u64 {
+        self.shared.polls.load(Ordering::Relaxed)
+    }
+    /// Readiness events handled.
+    #[getter]
+    fn events(&self) -> u64 {
+        self.shared.events.load(Ordering::Relaxed)
+    }
+    /// Commands run.
+    #[getter]
+    fn commands_run(&self) -> u64 {
+        self.shared.commands_run.load(Ordering::Relaxed)
+    }
+    /// Bytes read, all sockets.
+    #[getter]
+    fn bytes_in(&self) -> u64 {
+        self.shared.bytes_in.load(Ordering::Relaxed)
+    }
+    /// Bytes written, all sockets.
+    #[getter]
+    fn bytes_out(&self) -> u64 {
+        self.shared.bytes_out.load(Ordering::Relaxed)
+    }
+    /// Sockets open now.
+    #[getter]
+    fn ports_open(&self) -> u64 {
+        self.shared.ports_open.load(Ordering::Relaxed)
+    }
+    /// Errors contained (and the thread's own failure).
+    #[getter]
+    fn internal_errors(&self) -> u64 {
+        self.shared.internal_errors.load(Ordering::Relaxed)
+    }
+    /// Wake-up fd writes towards the I/O thread.
+    #[getter]
+    fn wakes_sent(&self) -> u64 {
+        self.shared.commands.wakes_sent.load(Ordering::Relaxed)
+    }
+    /// Commands queued while the I/O thread was awake.
+    #[getter]
+    fn wakes_skipped(&self) -> u64 {
+        self.shared.commands.wakes_skipped.load(Ordering::Relaxed)
+    }
+    /// Why the thread failed (a panic's message), or None.
+    #[getter]
+    fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+/// Register the classes in ``ioserver._native``.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Core>()?;
+    m.add_class::<Inbox>()?;
+    m.add_class::<Conn>()?;
+    m.add_class::<WindowCounters>()?;
+    Ok(())
+}
