@@ -103,7 +103,8 @@ class _Commands:
         return int(self._core.wakes_skipped)
 
     def close(self) -> None:
-        """The fd is closed with the core."""
+        """Close the wake-up fd (the thread has ended)."""
+        self._core.close_commands()
 
 
 class NativeIOThread:
@@ -119,7 +120,7 @@ class NativeIOThread:
     #: The native thread does not wait for the loop's flush point (no flush point).
     waits_for_flush = False
     flush_wanted = False
-    poller_name = "epoll (native)"
+    poller_name = "epoll"
 
     def __init__(
         self, *, memory_limit: int | None = None, port_buffer_limit: int | None = None
@@ -166,7 +167,8 @@ class NativeIOThread:
         return bool(self._core.is_alive())
 
     def discard(self) -> None:
-        """Release a core that was never started (its fds close with it)."""
+        """Release a core that was never started."""
+        self._core.close_commands()
 
     def make_inbox(self, hub: Any) -> Any:
         """The native inbox of a new hub (the hub gets the stop notice)."""

@@ -58,11 +58,32 @@ async def no_leaks() -> AsyncIterator[None]:
 EVERY_POLLER = [name for name in ("epoll", "poll", "select") if name in POLLERS]
 
 
+#: The I/O cores an ``every_core`` test runs on (see :func:`core`).
+EVERY_CORE = ["python", "native"]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test marked ``every_poller`` runs once per selector backend: its ``ios`` (and
-    anything that asks for ``poller``) uses each in turn."""
+    anything that asks for ``poller``) uses each in turn.  A test marked ``every_core``
+    runs once per I/O core (``ioserver.open(core=...)``)."""
     if metafunc.definition.get_closest_marker("every_poller") is not None:
         metafunc.parametrize("poller", EVERY_POLLER)
+    if (
+        metafunc.definition.get_closest_marker("every_core") is not None
+        and "core" in metafunc.fixturenames
+    ):
+        metafunc.parametrize("core", EVERY_CORE)
+
+
+@pytest.fixture
+def core() -> str | None:
+    """The I/O core of ``ios``: ``None`` (``$IOSERVER_CORE``, else the Python core) unless
+    the test is marked ``every_core`` (then each of :data:`EVERY_CORE`)."""
+    return None
+
+
+def _effective_core(core: str | None) -> str:
+    return core or os.environ.get("IOSERVER_CORE") or "python"
 
 
 @pytest.fixture
@@ -73,9 +94,13 @@ def poller() -> str | None:
 
 
 @pytest.fixture
-async def ios(no_leaks: None, poller: str | None) -> AsyncIterator[ioserver.IOServer]:
+async def ios(
+    no_leaks: None, poller: str | None, core: str | None
+) -> AsyncIterator[ioserver.IOServer]:
     """An I/O server for this test, closed (thread joined, sockets closed) after it."""
-    async with ioserver.open(poller=poller) as server:
+    if poller not in (None, "epoll") and _effective_core(core) == "native":
+        pytest.skip("the native core polls with epoll only")
+    async with ioserver.open(poller=poller, core=core) as server:
         if poller is not None:
             assert server.statistics().poller == poller
         yield server

@@ -399,8 +399,10 @@ impl Inbox {
         self.queue.is_asleep()
     }
 
-    /// Nothing to do: the fd is closed when the inbox is dropped.
-    fn close(&self) {}
+    /// Close the wake-up fd (once the I/O thread has ended: it writes it no more).
+    fn close(&self) {
+        self.queue.signal.close()
+    }
 }
 
 /// The native I/O thread and its command queue.
@@ -471,6 +473,11 @@ impl Core {
             let _ = py.detach(move || handle.join());
         }
         Ok(())
+    }
+
+    /// Close the commands' wake-up fd (once the thread has ended).
+    fn close_commands(&self) {
+        self.shared.commands.signal.close()
     }
 
     /// The thread runs.

@@ -120,35 +120,61 @@ impl<T> Items<T> {
 /// thread; [`Signal::drain`] makes it unreadable again.
 #[cfg(not(loom))]
 pub struct Signal {
-    file: std::fs::File,
+    /// The eventfd; None once closed (a signal then does nothing: the consumer is gone).
+    /// Locked only to write, drain or close it - at most once per wake, not per item.
+    file: std::sync::Mutex<Option<std::fs::File>>,
+    fd: std::os::fd::RawFd,
 }
 
 #[cfg(not(loom))]
 impl Signal {
     /// A new eventfd.
     pub fn new() -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let file = crate::unsafe_io::eventfd()?;
+        let fd = file.as_raw_fd();
         Ok(Signal {
-            file: crate::unsafe_io::eventfd()?,
+            file: std::sync::Mutex::new(Some(file)),
+            fd,
         })
     }
 
-    /// The fd to wait on for readability.
+    /// The fd to wait on for readability (-1 once closed).
     pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.file.as_raw_fd()
+        match self.file.lock() {
+            Ok(file) if file.is_some() => self.fd,
+            _ => -1,
+        }
     }
 
     /// Make the fd readable; never blocks (a full counter is already readable).
     pub fn signal(&self) {
         use std::io::Write;
-        let _ = (&self.file).write(&1u64.to_ne_bytes());
+        if let Ok(file) = self.file.lock() {
+            if let Some(file) = file.as_ref() {
+                let _ = (&*file).write(&1u64.to_ne_bytes());
+            }
+        }
     }
 
     /// Consume every pending signal; true if there was one.
     pub fn drain(&self) -> bool {
         use std::io::Read;
         let mut value = [0u8; 8];
-        matches!((&self.file).read(&mut value), Ok(8))
+        match self.file.lock() {
+            Ok(file) => match file.as_ref() {
+                Some(file) => matches!((&*file).read(&mut value), Ok(8)),
+                None => false,
+            },
+            Err(_) => false,
+        }
+    }
+
+    /// Close the fd (idempotent): the consumer will not wait on it again.
+    pub fn close(&self) {
+        if let Ok(mut file) = self.file.lock() {
+            file.take();
+        }
     }
 }
 
