@@ -1,0 +1,275 @@
+"""The native I/O core (``ioserver.open(core="native")``) against real sockets.
+
+The tests marked ``every_core`` run on both cores: the Python I/O thread is the oracle the
+native one must match.  The others are about choosing a core and what the native one
+refuses.  The TCP tests of ``test_tcp.py`` run on both cores too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import anyio
+import anyio.abc
+import pytest
+
+import ioserver
+import ports
+from ports import Accepted, Closed, Data
+
+pytestmark = pytest.mark.anyio
+
+#: Bytes of one read of either I/O thread: what a port may deliver past its watermark.
+READ_SIZE = 65536
+
+
+async def pair(ios: ioserver.IOServer, **options: object) -> tuple[ports.Listener, ports.Port]:
+    """A listener and one connection to it, as ``(listener, connected port)``."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, **options)  # type: ignore[arg-type]
+    port = await ports.connect_tcp(ios, *listener.local_address)
+    return listener, port
+
+
+async def accept(listener: ports.Listener) -> ports.Port:
+    message = await listener.receive()
+    assert isinstance(message, Accepted), message
+    return message.port
+
+
+async def receive_exactly(port: ports.Port, size: int) -> bytes:
+    chunks = []
+    got = 0
+    while got < size:
+        message = await port.receive()
+        assert isinstance(message, Data), message
+        chunks.append(message.data)
+        got += len(message.data)
+    return b"".join(chunks)
+
+
+@pytest.mark.every_core
+async def test_echo_both_ways_and_statistics_name_the_core(
+    ios: ioserver.IOServer, core: str
+) -> None:
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        for size in (1, 64, 70_000):
+            payload = os.urandom(size)
+            await client.send(payload)
+            await server.send(await receive_exactly(server, size))
+            assert await receive_exactly(client, size) == payload
+        await server.aclose()
+        assert await client.receive() == Closed("eof")
+    statistics = ios.statistics()
+    assert statistics.core == core
+    assert statistics.bytes_received == statistics.bytes_sent == 2 * (1 + 64 + 70_000)
+
+
+@pytest.mark.every_core
+async def test_close_after_flush_writes_every_queued_byte(ios: ioserver.IOServer) -> None:
+    """Closing a port whose output is queued writes it all first (Erlang's close after a
+    flush), even when the peer reads slowly: close does not wait, the I/O thread does."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, high_watermark=1 << 30)
+    async with listener:
+        peer = await anyio.connect_tcp(*listener.local_address)
+        port = await accept(listener)
+        payload = os.urandom(4 << 20)
+        for offset in range(0, len(payload), 1 << 16):
+            port.send_nowait(payload[offset : offset + (1 << 16)])
+        await port.aclose()
+        received = bytearray()
+        async with peer:
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        received += await peer.receive(1 << 20)
+                    except anyio.EndOfStream:
+                        break
+        assert bytes(received) == payload
+
+
+@pytest.mark.every_core
+async def test_flood_to_an_owner_that_does_not_read_stays_bounded(
+    ios: ioserver.IOServer,
+) -> None:
+    """A peer that floods a port whose owner does not read is paused at the high
+    watermark (TCP pushes back on it); what is buffered stays within the watermark plus one
+    read, and every byte arrives, in order, once the owner reads."""
+    high = 64 * 1024
+    listener = await ports.listen_tcp(
+        ios, "127.0.0.1", 0, high_msgq_watermark=high, low_msgq_watermark=high // 2
+    )
+    total = 16 << 20
+    payload = os.urandom(total)
+    async with listener:
+        peer = await anyio.connect_tcp(*listener.local_address)
+        port = await accept(listener)
+
+        async def flood() -> None:
+            await peer.send(payload)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(flood)
+            with anyio.fail_after(10):
+                while port.statistics().pauses == 0:
+                    await anyio.sleep(0.005)
+            # Paused: the peer cannot have sent everything (the kernel holds a few MiB).
+            statistics = port.statistics()
+            assert statistics.bytes_buffered_in <= high + READ_SIZE
+            assert statistics.bytes_received < total
+            with anyio.fail_after(20):
+                assert await receive_exactly(port, total) == payload
+        assert port.statistics().peak_buffered <= high + READ_SIZE
+        await peer.aclose()
+        await port.aclose()
+
+
+@pytest.mark.every_core
+async def test_a_cancelled_send_queued_nothing(ios: ioserver.IOServer, anyio_backend: str) -> None:
+    """Trio's rule at send's checkpoint: a send that raised Cancelled sent nothing.  (On
+    asyncio a cancellation arrives at the next suspension, which a send that completes at
+    once does not make: see ioserver._hub.)"""
+    if anyio_backend != "trio":
+        pytest.skip("asyncio delivers a cancellation at a suspension only")
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await client.send(b"never")
+        await client.send(b"only")
+        assert await receive_exactly(server, 4) == b"only"
+        await server.aclose()
+
+
+@pytest.mark.every_core
+async def test_a_cancelled_connect_and_listen_leave_nothing_open(
+    ios: ioserver.IOServer,
+) -> None:
+    """Cancelled while the I/O thread opens: what it opened is closed (the leak check)."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    async with listener:
+        for _ in range(5):
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await ports.connect_tcp(ios, *listener.local_address)
+            with anyio.move_on_after(0):
+                await ports.listen_tcp(ios, "127.0.0.1", 0)
+        # The connections the I/O thread made meanwhile reach the listener, and are closed
+        # by the side that cancelled: each accepted port ends.
+        with anyio.move_on_after(0.5):
+            while True:
+                port = await accept(listener)
+                assert await port.receive() == Closed("eof")
+                await port.aclose()
+
+
+@pytest.mark.every_core
+async def test_many_connections_echo_at_once(ios: ioserver.IOServer) -> None:
+    count, rounds = 200, 5
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+
+    async def serve(port: ports.Port) -> None:
+        async with port:
+            async for message in port:
+                if isinstance(message, Data):
+                    await port.send(message.data)
+
+    async def client(index: int) -> None:
+        async with await ports.connect_tcp(ios, *listener.local_address) as port:
+            for round_ in range(rounds):
+                payload = f"{index}:{round_};".encode()
+                await port.send(payload)
+                assert await receive_exactly(port, len(payload)) == payload
+
+    async with listener, anyio.create_task_group() as servers:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as clients:
+                for index in range(count):
+                    clients.start_soon(client, index)
+                for _ in range(count):
+                    servers.start_soon(serve, await accept(listener))
+
+
+async def test_sent_bytes_are_held_then_released_not_copied(no_leaks: None) -> None:
+    """The native send holds the bytes object itself for the I/O thread (no copy) and
+    hands it back to the loop, which drops it in a later drain: its reference count
+    returns to what it was."""
+    async with ioserver.open(core="native") as ios:
+        listener, client = await pair(ios, high_watermark=1 << 30)
+        async with listener, client:
+            server = await accept(listener)
+            payload = os.urandom(1 << 20)
+            baseline = sys.getrefcount(payload)
+            await client.send(payload)
+            assert await receive_exactly(server, len(payload)) == payload
+            # One more exchange: the released reference rides back with its events.
+            await client.send(b"x")
+            await receive_exactly(server, 1)
+            await server.send(b"y")
+            await receive_exactly(client, 1)
+            assert sys.getrefcount(payload) == baseline
+            await server.aclose()
+
+
+async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None:
+    with pytest.raises(ioserver.NotSupportedError, match="native"):
+        async with ioserver.open(core="native", memory_limit=1 << 20):
+            pass
+    with pytest.raises(ioserver.NotSupportedError, match="native"):
+        async with ioserver.open(core="native", poller="poll"):
+            pass
+    async with ioserver.open(core="native") as ios:
+        with pytest.raises(ioserver.NotSupportedError, match=r"open_udp.*core='native'"):
+            await ports.open_udp(ios)
+        with pytest.raises(ioserver.NotSupportedError, match=r"connect_unix.*core='native'"):
+            await ports.connect_unix(ios, "/nonexistent")
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with listener:
+            with pytest.raises(ioserver.NotSupportedError, match="packet=4"):
+                await ports.connect_tcp(ios, *listener.local_address, packet=4)
+            with pytest.raises(ioserver.NotSupportedError, match="packet='line'"):
+                await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line")
+        assert ios.statistics().ports_open == 0
+
+
+async def test_the_core_is_chosen_by_argument_or_environment(
+    no_leaks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ioserver.OptionError, match="'rust'"):
+        async with ioserver.open(core="rust"):
+            pass
+    monkeypatch.setenv("IOSERVER_CORE", "native")
+    async with ioserver.open() as ios:
+        assert ios.statistics().core == "native"
+    async with ioserver.open(core="python") as ios:
+        assert ios.statistics().core == "python"
+    monkeypatch.setenv("IOSERVER_CORE", "fast")
+    with pytest.raises(ioserver.OptionError, match=r"IOSERVER_CORE"):
+        async with ioserver.open():
+            pass
+    monkeypatch.delenv("IOSERVER_CORE")
+    async with ioserver.open() as ios:
+        assert ios.statistics().core == "python"
+
+
+@pytest.mark.every_core
+async def test_connect_refused_and_reset_name_the_errno(ios: ioserver.IOServer) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        number = probe.getsockname()[1]
+    with pytest.raises(ports.ConnectError) as caught:
+        await ports.connect_tcp(ios, "127.0.0.1", number)
+    assert caught.value.errno_name == "ECONNREFUSED"
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await accept(listener)
+            await port.send(b"hello")
+            assert peer.recv(5) == b"hello"
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        assert await port.receive() == Closed("ECONNRESET", "ECONNRESET")
+        await port.aclose()
