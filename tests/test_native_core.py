@@ -114,7 +114,7 @@ async def test_flood_to_an_owner_that_does_not_read_stays_bounded(
         async with anyio.create_task_group() as group:
             group.start_soon(flood)
             with anyio.fail_after(10):
-                while port.statistics().pauses == 0:
+                while port.statistics().pauses == 0:  # noqa: ASYNC110 - a counter of the I/O thread, no event
                     await anyio.sleep(0.005)
             # Paused: the peer cannot have sent everything (the kernel holds a few MiB).
             statistics = port.statistics()
