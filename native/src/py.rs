@@ -68,7 +68,7 @@ fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<
 
 /// The atomic counters of a port's flow-control window, written by the loop half and
 /// read by the I/O thread without the GIL (see `ioserver._flow.Window`).
-#[pyclass(module = "ioserver._native", subclass)]
+#[pyclass(module = "ioserver._native", subclass, frozen)]
 pub struct WindowCounters {
     shared: Arc<WindowShared>,
 }
@@ -215,6 +215,11 @@ pub struct Inbox {
     shared: Arc<Shared>,
     stop_target: Py<PyAny>,
     data: Py<PyAny>,
+    /// ``object.__new__`` and ``Data.data.__set__``: a Data without its dataclass
+    /// ``__init__`` (frozen: it would go through ``object.__setattr__``), as the Python
+    /// I/O thread makes them.
+    new: Py<PyAny>,
+    set_data: Py<PyAny>,
     closed: Py<PyAny>,
     error: Py<PyAny>,
     accepted: Py<PyAny>,
@@ -232,7 +237,10 @@ impl Inbox {
         };
         match event {
             Event::Data(port, bytes) => {
-                let message = self.data.bind(py).call1((PyBytes::new(py, &bytes),))?;
+                let message = self.new.bind(py).call1((self.data.bind(py),))?;
+                self.set_data
+                    .bind(py)
+                    .call1((&message, PyBytes::new(py, &bytes)))?;
                 pair(&port, message)
             }
             Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
@@ -491,6 +499,17 @@ impl Core {
         let exceptions = py.import("ioserver._exceptions")?;
         let tcp = py.import("ioserver._tcp")?;
         let closed = messages.getattr("Closed")?;
+        let data = messages.getattr("Data")?;
+        let set_data = data
+            .getattr("__dict__")?
+            .get_item("data")?
+            .getattr("__set__")?
+            .unbind();
+        let new = py
+            .import("builtins")?
+            .getattr("object")?
+            .getattr("__new__")?
+            .unbind();
         let eof = closed.call1(("eof",))?.unbind();
         let queue = Arc::new(WakeQueue::new()?);
         let mut count = self
@@ -507,7 +526,9 @@ impl Core {
             index,
             shared: self.shared.clone(),
             stop_target,
-            data: messages.getattr("Data")?.unbind(),
+            data: data.unbind(),
+            new,
+            set_data,
             closed: closed.unbind(),
             error: messages.getattr("Error")?.unbind(),
             accepted: messages.getattr("Accepted")?.unbind(),
