@@ -382,10 +382,8 @@ class AsyncioHub(Hub, AsyncioParker):
 
 def make_hub(io: IOThread) -> Hub:
     """The hub for the event loop running this task (trio, or asyncio through anyio)."""
-    if getattr(io, "native", False):
-        from ._native_core import NativeAsyncioHub, NativeTrioHub
-
-        return NativeTrioHub(io) if current_parker().is_trio else NativeAsyncioHub(io)
+    # An I/O half may bring its own hubs (the native core's drain its native inbox).
+    hub_classes: tuple[type[Hub], type[Hub]] = getattr(io, "hub_classes", (TrioHub, AsyncioHub))
     if current_parker().is_trio:
-        return TrioHub(io)
-    return AsyncioHub(io)
+        return hub_classes[0](io)
+    return hub_classes[1](io)

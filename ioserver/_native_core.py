@@ -32,7 +32,7 @@ from . import _native  # the extension module (types: _native.pyi)
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, NotSupportedError
 from ._flow import Window
-from ._framing import Framer
+from ._framing import Framer, port_framer
 from ._hub import AsyncioHub, TrioHub, log
 from ._iothread import raise_open_file_limit
 from ._tcp import listen_socket
@@ -55,6 +55,13 @@ NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
 
 def _nobody_waits() -> bool:
     return False
+
+
+def _framed_error(options: dict[str, Any]) -> NotSupportedError:
+    return NotSupportedError(
+        f"packet={options.get('packet')!r} is not supported by the native core "
+        "(core='native') yet: use packet='raw' or core='python'"
+    )
 
 
 class NativeWindow(_native.WindowCounters):
@@ -121,6 +128,8 @@ class NativeIOThread:
     waits_for_flush = False
     flush_wanted = False
     poller_name = "epoll"
+    #: The hubs that drain a native inbox (``make_hub`` picks one per backend).
+    hub_classes: tuple[type[Any], type[Any]]
 
     def __init__(
         self, *, memory_limit: int | None = None, port_buffer_limit: int | None = None
@@ -180,15 +189,8 @@ class NativeIOThread:
     # -- open requests (on the loop's thread: they queue a native command) --------------
     def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
         window = spec.port._window
-        if spec.options.get("packet", "raw") not in ("raw", 0) or not isinstance(
-            window, NativeWindow
-        ):
-            request._deliver(
-                NotSupportedError(
-                    f"packet={spec.options.get('packet')!r} is not supported by the native "
-                    "core (core='native') yet: use packet='raw' or core='python'"
-                )
-            )
+        if window.framer is not None or not isinstance(window, NativeWindow):
+            request._deliver(_framed_error(spec.options))
             return
         address = spec.address
         if spec.family == socket.AF_INET:
@@ -213,13 +215,8 @@ class NativeIOThread:
         )
 
     def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
-        if spec.options.get("packet", "raw") not in ("raw", 0):
-            request._deliver(
-                NotSupportedError(
-                    f"packet={spec.options.get('packet')!r} is not supported by the native "
-                    "core (core='native') yet: use packet='raw' or core='python'"
-                )
-            )
+        if port_framer(spec.options) is not None:
+            request._deliver(_framed_error(spec.options))
             return
         try:
             sock = listen_socket(spec.family, spec.address, spec.options)
@@ -316,3 +313,6 @@ class NativeAsyncioHub(_NativeDrain, AsyncioHub):
         # The reader is registered: announce the sleep (or drain what came already).
         if not self.inbox.prepare_to_sleep():
             self._loop.call_soon(self._on_readable)
+
+
+NativeIOThread.hub_classes = (NativeTrioHub, NativeAsyncioHub)
