@@ -103,12 +103,16 @@ class IOServer:
         as ``"ports.open_udp"``, for a server that carries only some kinds).
 
         Raises:
-            ClosedPortError: the server is closed.
+            ClosedPortError: the server is closed (or its native I/O thread failed: the
+                message says how).
             NotSupportedError: this server cannot carry ``function``'s ports (a local
                 server carries every kind; see :class:`client.RemoteIOServer`).
         """
         if self._closed:
             raise ClosedPortError("this I/O server is closed")
+        failure = getattr(self._io, "failure", None)
+        if failure is not None:
+            raise ClosedPortError(f"this I/O server is closed: {failure}")
         if getattr(self._io, "native", False) and function is not None:
             from ._native_core import NATIVE_KINDS
 

@@ -273,3 +273,23 @@ async def test_connect_refused_and_reset_name_the_errno(ios: ioserver.IOServer) 
             peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         assert await port.receive() == Closed("ECONNRESET", "ECONNRESET")
         await port.aclose()
+
+
+async def test_a_failure_of_the_native_thread_is_contained(no_leaks: None) -> None:
+    """A panic in the native I/O thread does not abort the process: every port ends with
+    ``Closed("EIO")`` (sends then raise BrokenPortError), the server refuses new ports with
+    ClosedPortError naming the failure, and it still closes cleanly."""
+    async with ioserver.open(core="native") as ios:
+        listener, client = await pair(ios)
+        server = await accept(listener)
+        ios._io._core.fail_for_test()  # type: ignore[attr-defined]
+        assert await client.receive() == Closed("EIO", "EIO")
+        assert await server.receive() == Closed("EIO", "EIO")
+        with pytest.raises(ports.BrokenPortError):
+            await client.send(b"after")
+        with pytest.raises(ports.ClosedPortError, match="native I/O thread failed"):
+            await ports.connect_tcp(ios, *listener.local_address)
+        assert ios.statistics().internal_errors == 1
+        await client.aclose()
+        await server.aclose()
+        await listener.aclose()

@@ -250,6 +250,8 @@ pub enum Command {
     },
     /// Close every port and end the thread.
     Stop,
+    /// Panic in the thread (the tests' way to check that a failure is contained).
+    Fail,
 }
 
 /// What the I/O thread tells a loop (built into messages by `Inbox.take`).
@@ -734,6 +736,7 @@ impl IoThread {
                 options,
             } => self.listen(request, listener, inbox, socket, options),
             Command::Stop => self.stopping = true,
+            Command::Fail => panic!("a failure asked for by a test (Core.fail_for_test)"),
         }
     }
 
@@ -1038,8 +1041,12 @@ impl IoThread {
         if let Some(port) = s.port.take() {
             self.release_target(inbox, port);
         }
-        if let Some((request, _)) = s.connecting.take() {
-            self.release_target(inbox, request);
+        if let Some((request, address)) = s.connecting.take() {
+            // Closed before it connected (the server stops): the request gets its answer.
+            self.stage(
+                inbox,
+                Event::ConnectFailed(request, libc::ECANCELED, address),
+            );
         }
         self.free_slot(s.conn.slot);
     }

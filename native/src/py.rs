@@ -579,6 +579,12 @@ impl Core {
     /// The memory budget's reserve (no budget on the native core yet): nothing to do.
     fn want(&self, _conn: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {}
 
+    /// Make the thread panic, to check that the failure is contained (tests only): every
+    /// port gets ``Closed("EIO")``, the loop its stop notice, ``failure`` the message.
+    fn fail_for_test(&self) {
+        self.shared.commands.put(Command::Fail)
+    }
+
     /// Close every port and end the thread.
     fn stop(&self, _target: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {
         self.shared.commands.put(Command::Stop)
