@@ -293,3 +293,19 @@ async def test_a_failure_of_the_native_thread_is_contained(no_leaks: None) -> No
         await client.aclose()
         await server.aclose()
         await listener.aclose()
+
+
+@pytest.mark.every_core
+async def test_the_end_after_a_short_read_is_still_read(ios: ioserver.IOServer) -> None:
+    """A peer's data and its FIN both arrived before the port read (a passive port): the
+    read that takes the data is short, and the end has no readiness edge of its own after
+    it (the native core's epoll is edge-triggered); the next receive still gets it."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, active=False)
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            peer.sendall(b"abc")
+        port = await accept(listener)
+        with anyio.fail_after(5):
+            assert await port.receive() == Data(b"abc")
+            assert await port.receive() == Closed("eof")
+        await port.aclose()

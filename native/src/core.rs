@@ -294,10 +294,9 @@ pub enum Event {
     ConnectFailed(Target, i32, SocketAddr),
     /// A listener is served: the request gets `(conn, local, None)`.
     Listening(Target, Arc<ConnShared>, SocketAddr),
-    /// Written buffers, to be dropped under the GIL.
-    Release(Vec<HeldBytes>),
-    /// A reference the thread no longer needs, to be dropped under the GIL.
-    ReleaseTarget(Target),
+    /// Written buffers and references the thread no longer needs (closed ports), to be
+    /// dropped under the GIL.
+    Release(Vec<HeldBytes>, Vec<Target>),
     /// The thread stopped: the hub's stop notice.
     Stop,
 }
@@ -361,6 +360,8 @@ struct Stream {
     /// A connect in progress: the request to answer and the address.
     connecting: Option<(Target, SocketAddr)>,
     readable: bool,
+    /// An edge said the peer closed or the connection failed: read until it is reported.
+    hangup: bool,
     in_ready: bool,
     dirty: bool,
     read_eof: bool,
@@ -405,7 +406,7 @@ pub struct IoThread {
     free: Vec<usize>,
     inboxes: Vec<Arc<WakeQueue<Vec<Event>>>>,
     staged: Vec<Vec<Event>>,
-    releases: Vec<Vec<HeldBytes>>,
+    releases: Vec<(Vec<HeldBytes>, Vec<Target>)>,
     buffer: Vec<u8>,
     ready: Vec<usize>,
     dirty: Vec<usize>,
@@ -508,10 +509,12 @@ impl IoThread {
                     self.shared.commands.signal.drain();
                     continue;
                 }
+                let hangup = event.is_read_closed() || event.is_error();
                 self.on_event(
                     token.0,
-                    event.is_readable() || event.is_read_closed() || event.is_error(),
+                    event.is_readable() || hangup,
                     event.is_writable() || event.is_error(),
+                    hangup,
                 );
             }
             self.shared.events.fetch_add(count, Ordering::Relaxed);
@@ -561,13 +564,19 @@ impl IoThread {
         }
     }
 
+    /// Hand `target` back to its loop with the next batch (never a wake of its own: a
+    /// loop is not woken only to drop references).
     fn release_target(&mut self, inbox: usize, target: Target) {
-        self.stage(inbox, Event::ReleaseTarget(target));
+        if let Some(list) = self.releases.get_mut(inbox) {
+            list.1.push(target);
+        }
     }
 
+    /// Hand written `bytes` back to its loop with the next batch (or on their own, once
+    /// [`RELEASE_BATCH`] wait).
     fn release_bytes(&mut self, inbox: usize, bytes: HeldBytes) {
         if let Some(list) = self.releases.get_mut(inbox) {
-            list.push(bytes);
+            list.0.push(bytes);
         }
     }
 
@@ -575,13 +584,14 @@ impl IoThread {
     /// the next batch, or go on their own once there are many (or `force`).
     fn publish(&mut self, force: bool) {
         for index in 0..self.inboxes.len() {
-            let releases = self.releases[index].len();
+            let (bytes, targets) = &self.releases[index];
+            let releases = bytes.len() + targets.len();
             if self.staged[index].is_empty() && releases < RELEASE_BATCH && !force {
                 continue;
             }
             if releases > 0 {
-                let list = std::mem::take(&mut self.releases[index]);
-                self.staged[index].push(Event::Release(list));
+                let (bytes, targets) = std::mem::take(&mut self.releases[index]);
+                self.staged[index].push(Event::Release(bytes, targets));
             }
             if !self.staged[index].is_empty() {
                 let batch = std::mem::take(&mut self.staged[index]);
@@ -608,7 +618,7 @@ impl IoThread {
             Command::AddInbox(inbox) => {
                 self.inboxes.push(inbox);
                 self.staged.push(Vec::new());
-                self.releases.push(Vec::new());
+                self.releases.push((Vec::new(), Vec::new()));
             }
             Command::Send(conn, bytes) => match self.take(&conn) {
                 Some(Entry::Stream(mut s))
@@ -757,7 +767,10 @@ impl IoThread {
         }
     }
 
-    fn on_event(&mut self, slot: usize, readable: bool, writable: bool) {
+    /// A readiness edge.  `hangup`: the peer closed or the connection failed - the read
+    /// that reports it (0 bytes, or the errno) may come after a short read of the data that
+    /// preceded it, with no edge of its own, so it is remembered (`Stream::hangup`).
+    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, hangup: bool) {
         match self.table.get_mut(slot).and_then(|e| e.take()) {
             Some(Entry::Stream(mut s)) => {
                 // A connect in progress: answered when its socket is ready; kept while
@@ -772,6 +785,7 @@ impl IoThread {
                 }
                 if readable {
                     s.readable = true;
+                    s.hangup |= hangup;
                     self.schedule(&mut s);
                 }
                 if writable && !s.outq.is_empty() && !s.dirty {
@@ -837,8 +851,9 @@ impl IoThread {
             Ok(n) => {
                 s.conn.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 self.shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                if n == self.buffer.len() {
-                    // Maybe more: read again next round (others first).
+                if n == self.buffer.len() || s.hangup {
+                    // Maybe more, or the end is still to be read (it has no edge of its
+                    // own after this read): read again next round (others first).
                     s.in_ready = true;
                     self.ready.push(s.conn.slot);
                 } else {
@@ -1160,6 +1175,7 @@ impl IoThread {
             out_bytes: 0,
             connecting: Some((request, address)),
             readable: false,
+            hangup: false,
             in_ready: false,
             dirty: false,
             read_eof: false,
@@ -1355,6 +1371,7 @@ impl IoThread {
                 connecting: None,
                 // Readable until a read says otherwise: data may have come with the SYN.
                 readable: true,
+                hangup: false,
                 in_ready: false,
                 dirty: false,
                 read_eof: false,
@@ -1408,7 +1425,7 @@ impl IoThread {
             Command::AddInbox(inbox) => {
                 self.inboxes.push(inbox);
                 self.staged.push(Vec::new());
-                self.releases.push(Vec::new());
+                self.releases.push((Vec::new(), Vec::new()));
             }
             Command::Send(conn, bytes) => self.release_bytes(conn.inbox, bytes),
             Command::Attach(conn, port) => self.release_target(conn.inbox, port),

@@ -316,14 +316,12 @@ impl Inbox {
                 let answer = (handle, address(py, &local)?, py.None());
                 pair(&request, answer.into_pyobject(py)?.into_any())
             }
-            Event::Release(bytes) => {
+            Event::Release(bytes, targets) => {
+                // Under the GIL: each drop is an immediate decref.
                 for held in bytes {
-                    drop(held.into_object()); // under the GIL: an immediate decref
+                    drop(held.into_object());
                 }
-                Ok(())
-            }
-            Event::ReleaseTarget(target) => {
-                drop(target);
+                drop(targets);
                 Ok(())
             }
             Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
