@@ -124,8 +124,9 @@ class NativeIOThread:
 
     native = True
     window_class = NativeWindow
-    #: The native thread does not wait for the loop's flush point (no flush point).
-    waits_for_flush = False
+    #: The hub has a flush point: the sends of the tasks a batch woke wake the I/O thread
+    #: once, there (``Core.defer_wakes``/``flush_wakes``), not each.
+    waits_for_flush = True
     flush_wanted = False
     poller_name = "epoll"
     #: The hubs that drain a native inbox (``make_hub`` picks one per backend).
@@ -157,6 +158,21 @@ class NativeIOThread:
         self.cmd_want = core.want
         self.cmd_stop = core.stop
         self._budget_owners: list[Any] = []
+        # What submit() can queue: the commands above, and the open requests below.
+        self._known = frozenset(
+            {
+                core.close,
+                core.send_eof,
+                core.set_active,
+                core.read_once,
+                core.resume,
+                core.want,
+                core.stop,
+                core.send,
+                self.cmd_connect,
+                self.cmd_listen,
+            }
+        )
         # The Python core's statistics that have no native counterpart (yet).
         self.peak_memory = 0
         self.global_pauses = 0
@@ -184,6 +200,17 @@ class NativeIOThread:
         return self._core.new_inbox(hub)
 
     def submit(self, function: Any, target: object, argument: object) -> None:
+        """Queue a command (``function`` one of this object's ``cmd_*``).
+
+        Raises:
+            NotSupportedError: ``function`` is anything else - a Python function to run on
+                the I/O thread, which the native thread does not run (yet).
+        """
+        if function not in self._known:
+            raise NotSupportedError(
+                f"{function!r} cannot run on the native core's I/O thread (core='native'): "
+                "it runs no Python code yet; use core='python'"
+            )
         function(target, argument)
 
     # -- open requests (on the loop's thread: they queue a native command) --------------
@@ -277,13 +304,27 @@ class NativeIOThread:
 
 
 class _NativeDrain:
-    """A hub's drain of a native inbox: one native call builds the batch's pairs."""
+    """A hub's drain of a native inbox: one native call builds the batch's pairs.
+
+    From the drain to the hub's flush point (once the tasks the batch woke have run: see
+    ``Hub._flush``), the sends made on this thread queue their commands without waking the
+    native I/O thread; the flush point wakes it once, if it sleeps (the deferred wake of
+    ``native/src/wakeup.rs``).  So a batch of replies costs one wake, not one per reply.
+    """
 
     inbox: Any
     messages: int
     drains: int
+    flushes: int
+    _flush_pending: bool
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        _native.Core.flush_wakes()
+        self.flushes += 1
 
     def _drain(self) -> int:
+        _native.Core.defer_wakes()
         pairs = self.inbox.take()
         for target, message in pairs:
             try:
@@ -295,6 +336,7 @@ class _NativeDrain:
         self.drains += 1
         if not count:
             self.inbox.spurious_wakes += 1
+            _native.Core.flush_wakes()  # no flush point follows an empty drain
         return count
 
 

@@ -50,6 +50,10 @@ const ACCEPT_BATCH: usize = 64;
 const IOV_MAX: usize = 64;
 /// Written buffers held for release before a batch carries them back on its own.
 const RELEASE_BATCH: usize = 256;
+/// How long the thread sleeps, at most, after handing a loop a batch: the loop defers the
+/// wakes of its replies to its flush point, and this bounds that deferral when the flush is
+/// late (a task blocked in synchronous code).
+const FLUSH_WAIT: Duration = Duration::from_millis(2);
 /// The token of the command queue's wake-up fd.
 const WAKE: Token = Token(usize::MAX);
 
@@ -485,11 +489,12 @@ impl IoThread {
 
     fn rounds(&mut self) {
         let mut events = Events::with_capacity(1024);
+        let mut handed = false; // the last round handed a loop a batch
         while !self.stopping {
             let timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
                 Some(Duration::ZERO)
-            } else if self.shared.commands.prepare_to_sleep() {
-                None
+            } else if self.shared.commands.prepare_to_sleep_for(handed) {
+                handed.then_some(FLUSH_WAIT)
             } else {
                 Some(Duration::ZERO)
             };
@@ -521,9 +526,9 @@ impl IoThread {
             self.read_ready();
             self.run_commands();
             // The loop gets this round's input before the writes: it works while we write.
-            self.publish(false);
+            handed = self.publish(false);
             self.flush_dirty();
-            self.publish(false);
+            handed |= self.publish(false);
         }
     }
 
@@ -582,7 +587,8 @@ impl IoThread {
 
     /// Hand each loop its batch (one push, at most one wake).  Released buffers ride with
     /// the next batch, or go on their own once there are many (or `force`).
-    fn publish(&mut self, force: bool) {
+    fn publish(&mut self, force: bool) -> bool {
+        let mut handed = false;
         for index in 0..self.inboxes.len() {
             let (bytes, targets) = &self.releases[index];
             let releases = bytes.len() + targets.len();
@@ -596,8 +602,10 @@ impl IoThread {
             if !self.staged[index].is_empty() {
                 let batch = std::mem::take(&mut self.staged[index]);
                 self.inboxes[index].put(batch);
+                handed = true;
             }
         }
+        handed
     }
 
     // -- commands ----------------------------------------------------------------------

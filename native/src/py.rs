@@ -411,6 +411,16 @@ impl Inbox {
     }
 }
 
+thread_local! {
+    /// This thread's loop is running a batch its hub drained: sends queue their commands
+    /// without waking the I/O thread, which the hub's flush point wakes once
+    /// (`Core.defer_wakes`, `Core.flush_wakes`).  A thread-local, because a loop's ports
+    /// send from the loop's own thread.
+    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The cores whose I/O thread a deferred send owes a wake.
+    static OWED: std::cell::RefCell<Vec<Arc<Shared>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The native I/O thread and its command queue.
 #[pyclass(module = "ioserver._native")]
 pub struct Core {
@@ -539,14 +549,42 @@ impl Core {
     }
 
     /// Queue ``data`` (``bytes``) for writing on ``conn``; the object is held, not copied.
+    /// Within a hub's batch (``defer_wakes``) the I/O thread is woken at the flush point.
     fn send(&self, conn: PyRef<'_, Conn>, data: Bound<'_, PyAny>) -> PyResult<()> {
         let Ok(bytes) = data.cast_into::<PyBytes>() else {
             return Err(PyTypeError::new_err("the native core sends bytes"));
         };
-        self.shared
-            .commands
-            .put(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
+        let command = Command::Send(conn.shared.clone(), HeldBytes::new(bytes));
+        if DEFERRING.with(|deferring| deferring.get()) {
+            self.shared.commands.put_deferred(command);
+            OWED.with(|owed| {
+                let mut owed = owed.borrow_mut();
+                if !owed.iter().any(|shared| Arc::ptr_eq(shared, &self.shared)) {
+                    owed.push(self.shared.clone());
+                }
+            });
+        } else {
+            self.shared.commands.put(command);
+        }
         Ok(())
+    }
+
+    /// The hub starts handing out a batch: this thread's sends wake the I/O thread at
+    /// :meth:`flush_wakes`, once, not each.
+    #[staticmethod]
+    fn defer_wakes() {
+        DEFERRING.with(|deferring| deferring.set(true));
+    }
+
+    /// The hub's flush point: the tasks its batch woke have run; wake each I/O thread
+    /// their sends queued commands for, if it sleeps.
+    #[staticmethod]
+    fn flush_wakes() {
+        DEFERRING.with(|deferring| deferring.set(false));
+        let owed = OWED.with(|owed| std::mem::take(&mut *owed.borrow_mut()));
+        for shared in owed {
+            shared.commands.wake_if_asleep();
+        }
     }
 
     /// Close once the queued output is written.

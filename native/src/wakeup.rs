@@ -10,8 +10,9 @@
 //! I/O thread and the consumer is that loop's hub, blocked in the loop's selector.
 //!
 //! The flag and a count of the items pushed share one atomic word, `state`: bit 0 is
-//! `asleep`, the rest counts completed pushes (`state >> 1`).  The consumer counts what it
-//! took (`taken`, its own).
+//! `asleep`, bit 1 says the sleep is *timed* (see deferred wakes below), the rest counts
+//! completed pushes (`state >> 2`; written `<< 1` below for the argument's sake).  The
+//! consumer counts what it took (`taken`, its own).
 //!
 //! Consumer, before it blocks ([`WakeQueue::prepare_to_sleep`], then the block, then
 //! [`WakeQueue::woke`]):
@@ -58,6 +59,15 @@
 //! item the consumer takes anyway, and the consumer's next block returns at once and finds
 //! nothing: the only spurious wake-up, counted in `spurious_wakes` by the consumer.
 //!
+//! **Deferred wakes (the loop's flush point).**  A loop that runs a batch of events defers
+//! the wakes of the sends its tasks make ([`WakeQueue::put_deferred`]) and wakes the I/O
+//! thread once, when they have run ([`WakeQueue::wake_if_asleep`]).  A deferral must not
+//! depend on that flush coming soon (a task may block in synchronous code after a send),
+//! so it only skips the wake of a consumer whose sleep is *timed*: the I/O thread sleeps
+//! with a short timeout after handing a loop a batch (it expects that loop's replies) and
+//! untimed otherwise, and a deferred push wakes an untimed sleeper at once.  The loom model
+//! checks the untimed case (a timer is not modelled: its bound is the timeout).
+//!
 //! **Batches.**  The I/O thread publishes one round's events for a loop as one item (a
 //! `Vec` of events: one push, one wake at most), so ten thousand events cost one write.
 //! A side never wakes the other for nothing: an empty batch is not pushed.
@@ -76,6 +86,15 @@ use crate::sync::{AtomicU64, Ordering};
 
 #[cfg(not(loom))]
 use crossbeam_queue::SegQueue;
+
+/// `WakeQueue::state`: the consumer announced its sleep.
+const ASLEEP: u64 = 1;
+/// `WakeQueue::state`: ... a sleep that ends by itself within a bound.
+const TIMED: u64 = 2;
+/// Both flags.
+const FLAGS: u64 = ASLEEP | TIMED;
+/// `WakeQueue::state`: one item pushed.
+const ONE: u64 = 4;
 
 /// The items of a [`WakeQueue`].
 #[cfg(not(loom))]
@@ -215,7 +234,8 @@ impl Signal {
 /// module's theory of operation).
 pub struct WakeQueue<T> {
     items: Items<T>,
-    /// Bit 0: the consumer announced its sleep; bits 1..: items pushed, ever.
+    /// Bit 0 ([`ASLEEP`]): the consumer announced its sleep; bit 1 ([`TIMED`]): a sleep
+    /// with a timeout; bits 2..: items pushed, ever (in units of [`ONE`]).
     state: AtomicU64,
     /// Items the consumer took, ever (written by the consumer only).
     taken: AtomicU64,
@@ -249,8 +269,8 @@ impl<T> WakeQueue<T> {
         self.items.push(item);
         // P2: count the push; AcqRel, so that a consumer whose CAS reads this count sees
         // the push (release) and so that this read of bit 0 is ordered after the push.
-        let previous = self.state.fetch_add(2, Ordering::AcqRel);
-        if previous & 1 != 0 && self.state.fetch_and(!1, Ordering::AcqRel) & 1 != 0 {
+        let previous = self.state.fetch_add(ONE, Ordering::AcqRel);
+        if previous & ASLEEP != 0 && self.state.fetch_and(!FLAGS, Ordering::AcqRel) & ASLEEP != 0 {
             self.signal.signal();
             self.wakes_sent.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -258,29 +278,68 @@ impl<T> WakeQueue<T> {
         }
     }
 
+    /// P1 and P2 for a producer that defers its wake to a *flush point* (a loop that
+    /// hands out a batch defers the wakes of its tasks' sends until they have run, and pays
+    /// one then: [`WakeQueue::wake_if_asleep`]).  A consumer in a *timed* sleep
+    /// ([`WakeQueue::prepare_to_sleep`] with `timed`) is not woken here: it wakes by
+    /// itself within its bound, or at the flush.  A consumer in an untimed sleep is woken
+    /// at once, as by [`WakeQueue::put`], so a deferred push is never left to a flush that
+    /// may not come soon (a loop blocked in synchronous code): the delay is bounded by the
+    /// consumer's timeout.
+    pub fn put_deferred(&self, item: T) {
+        self.items.push(item);
+        let previous = self.state.fetch_add(ONE, Ordering::AcqRel);
+        if previous & ASLEEP != 0
+            && previous & TIMED == 0
+            && self.state.fetch_and(!FLAGS, Ordering::AcqRel) & ASLEEP != 0
+        {
+            self.signal.signal();
+            self.wakes_sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.wakes_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The flush point of deferred pushes: wake the consumer if it announced its sleep.
+    pub fn wake_if_asleep(&self) {
+        if self.state.load(Ordering::Acquire) & ASLEEP != 0
+            && self.state.fetch_and(!FLAGS, Ordering::AcqRel) & ASLEEP != 0
+        {
+            self.signal.signal();
+            self.wakes_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// C1 and C2, one atomic step: announce a sleep if every item pushed was taken.
     /// True: block now (on the fd); false: items are waiting (or a push is landing), take
-    /// them and call again.
-    pub fn prepare_to_sleep(&self) -> bool {
+    /// them and call again.  `timed`: the consumer will wake by itself within a bound, so
+    /// deferred pushes need not wake it ([`WakeQueue::put_deferred`]).
+    pub fn prepare_to_sleep_for(&self, timed: bool) -> bool {
         let taken = self.taken.load(Ordering::Relaxed);
+        let flags = if timed { ASLEEP | TIMED } else { ASLEEP };
         self.state
             .compare_exchange(
-                taken << 1,
-                (taken << 1) | 1,
+                taken * ONE,
+                (taken * ONE) | flags,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             )
             .is_ok()
     }
 
+    /// [`WakeQueue::prepare_to_sleep_for`] an untimed sleep.
+    pub fn prepare_to_sleep(&self) -> bool {
+        self.prepare_to_sleep_for(false)
+    }
+
     /// C4: the consumer is awake again (drain the fd separately, then take the items).
     pub fn woke(&self) {
-        self.state.fetch_and(!1, Ordering::AcqRel);
+        self.state.fetch_and(!FLAGS, Ordering::AcqRel);
     }
 
     /// Whether the consumer has announced its sleep (statistics and tests).
     pub fn is_asleep(&self) -> bool {
-        self.state.load(Ordering::Acquire) & 1 != 0
+        self.state.load(Ordering::Acquire) & ASLEEP != 0
     }
 
     /// Take the next item, if any (the consumer only).
@@ -404,7 +463,7 @@ mod loom_tests {
             } else {
                 // Broken: look at the queue, then announce the sleep unconditionally.
                 let empty = queue.is_empty();
-                queue.state.fetch_or(1, Ordering::AcqRel);
+                queue.state.fetch_or(ASLEEP, Ordering::AcqRel);
                 empty
             };
             if block {
@@ -439,6 +498,29 @@ mod loom_tests {
     #[test]
     fn loom_no_lost_wakeup() {
         model(true);
+    }
+
+    /// A producer that defers its wake (`put_deferred`), with or without the flush point
+    /// that follows (`wake_if_asleep`), and a consumer in an untimed sleep: no lost
+    /// wake-up - a deferred push wakes an untimed sleeper itself.
+    #[test]
+    fn loom_deferred_wake_is_not_lost() {
+        for flush in [true, false] {
+            loom::model(move || {
+                let queue = Arc::new(WakeQueue::<u8>::new().unwrap());
+                let deferred = {
+                    let queue = queue.clone();
+                    loom::thread::spawn(move || {
+                        queue.put_deferred(0);
+                        if flush {
+                            queue.wake_if_asleep();
+                        }
+                    })
+                };
+                consume(&queue, 1, true);
+                deferred.join().unwrap();
+            });
+        }
     }
 
     /// The model can fail: the consumer that reads the queue before it announces its
