@@ -7,7 +7,12 @@
 //! * `py`: the Python face (`Core`, `Inbox`, `Conn`, `WindowCounters`);
 //! * [`unsafe_io`]: every `unsafe` block, each with its argument.
 
+// Every `unsafe` block of the crate is in `unsafe_io`, which says why each is sound; the
+// lint keeps it so.
+#![deny(unsafe_code)]
+
 pub(crate) mod sync;
+#[allow(unsafe_code)]
 pub mod unsafe_io;
 pub mod wakeup;
 
