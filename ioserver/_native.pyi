@@ -46,6 +46,8 @@ class Core:
     commands_run: int
     bytes_in: int
     bytes_out: int
+    delivered_bytes: int
+    bytes_discarded: int
     ports_open: int
     internal_errors: int
     wakes_sent: int

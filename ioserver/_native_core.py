@@ -262,7 +262,14 @@ class NativeIOThread:
 
     # -- statistics ---------------------------------------------------------------------
     def memory_in_use(self) -> int:
-        return 0
+        """Bytes buffered now, as the Python core counts them: input delivered to the
+        loops and not yet taken, and output queued by owners and not yet written (the
+        hubs count what their ports queued and took; the native thread the rest)."""
+        core = self._core
+        used = int(core.delivered_bytes) - int(core.bytes_out) - int(core.bytes_discarded)
+        for hub in self._budget_owners:
+            used += hub.queued_bytes - hub.consumed_bytes
+        return used
 
     @property
     def failure(self) -> str | None:

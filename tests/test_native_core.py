@@ -120,9 +120,12 @@ async def test_flood_to_an_owner_that_does_not_read_stays_bounded(
             statistics = port.statistics()
             assert statistics.bytes_buffered_in <= high + READ_SIZE
             assert statistics.bytes_received < total
+            # The server's memory in use counts what waits for the owner.
+            assert ios.statistics().memory_in_use >= statistics.bytes_buffered_in > 0
             with anyio.fail_after(20):
                 assert await receive_exactly(port, total) == payload
         assert port.statistics().peak_buffered <= high + READ_SIZE
+        assert ios.statistics().memory_in_use == 0  # all taken, nothing queued
         await peer.aclose()
         await port.aclose()
 

@@ -319,6 +319,10 @@ pub struct Shared {
     pub bytes_in: AtomicU64,
     /// Bytes written, all sockets.
     pub bytes_out: AtomicU64,
+    /// Bytes delivered to the loops, all ports (for the memory in use).
+    pub delivered_bytes: AtomicU64,
+    /// Queued output dropped because its port closed or broke.
+    pub bytes_discarded: AtomicU64,
     /// Sockets open now.
     pub ports_open: AtomicU64,
     /// Errors contained by closing the one port concerned (and the thread's own failure).
@@ -341,6 +345,8 @@ impl Shared {
             commands_run: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            delivered_bytes: AtomicU64::new(0),
+            bytes_discarded: AtomicU64::new(0),
             ports_open: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
@@ -645,6 +651,9 @@ impl IoThread {
                     if let Some(entry) = other {
                         self.put(entry);
                     }
+                    self.shared
+                        .bytes_discarded
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     self.release_bytes(conn.inbox, bytes);
                 }
             },
@@ -879,6 +888,9 @@ impl IoThread {
                 // handshake reads them after the consumed counters it wrote.
                 s.conn.delivered_bytes.fetch_add(n as u64, Ordering::SeqCst);
                 s.conn.delivered_messages.fetch_add(1, Ordering::SeqCst);
+                self.shared
+                    .delivered_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 if s.credit > 0 {
                     s.credit -= 1;
                     if s.credit == 0 && s.notify {
@@ -1056,6 +1068,9 @@ impl IoThread {
         let _ = self.poll.registry().deregister(&mut s.sock);
         // The socket closes when the entry is dropped; what it holds goes back to Python.
         let inbox = s.conn.inbox;
+        self.shared
+            .bytes_discarded
+            .fetch_add(s.out_bytes, Ordering::Relaxed);
         while let Some(bytes) = s.outq.pop_front() {
             self.release_bytes(inbox, bytes);
         }
@@ -1435,7 +1450,12 @@ impl IoThread {
                 self.staged.push(Vec::new());
                 self.releases.push((Vec::new(), Vec::new()));
             }
-            Command::Send(conn, bytes) => self.release_bytes(conn.inbox, bytes),
+            Command::Send(conn, bytes) => {
+                self.shared
+                    .bytes_discarded
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.release_bytes(conn.inbox, bytes)
+            }
             Command::Attach(conn, port) => self.release_target(conn.inbox, port),
             Command::Connect {
                 request,

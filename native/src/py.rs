@@ -719,6 +719,16 @@ impl Core {
     fn bytes_out(&self) -> u64 {
         self.shared.bytes_out.load(Ordering::Relaxed)
     }
+    /// Bytes delivered to the loops, all ports.
+    #[getter]
+    fn delivered_bytes(&self) -> u64 {
+        self.shared.delivered_bytes.load(Ordering::Relaxed)
+    }
+    /// Queued output dropped because its port closed or broke.
+    #[getter]
+    fn bytes_discarded(&self) -> u64 {
+        self.shared.bytes_discarded.load(Ordering::Relaxed)
+    }
     /// Sockets open now.
     #[getter]
     fn ports_open(&self) -> u64 {
