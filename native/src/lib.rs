@@ -4,6 +4,8 @@
 
 use pyo3::prelude::*;
 
+pub mod framing;
+
 /// The crate's version, as Cargo knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -11,5 +13,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", VERSION)?;
+    m.add_class::<framing::PyFramer>()?;
     Ok(())
 }
