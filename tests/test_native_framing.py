@@ -21,7 +21,7 @@ from ioserver._exceptions import FrameError, OptionError, PacketTooLarge
 from ioserver._framing import MSGPACK_MAX_DEPTH, PACKET_OVERHEAD, make_framer
 from ioserver._native import _Framer
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _decode(packet: bytes) -> Any:
@@ -290,7 +290,7 @@ def _msgpack_stream(draw: st.DrawFn) -> bytes:
     return b"".join(draw(st.lists(pieces, max_size=6)))
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
     packet_size=st.sampled_from([1, 8, 64, 300, 600, 1100, 2000, 1 << 20]),
