@@ -4,6 +4,7 @@
 
 use pyo3::prelude::*;
 
+pub mod flow;
 pub mod framing;
 
 /// The crate's version, as Cargo knows it.
