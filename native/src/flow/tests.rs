@@ -756,3 +756,53 @@ fn the_handshake_never_loses_a_pause_across_threads() {
     let pauses = io.join().unwrap();
     assert!(pauses > 100, "the test paused only {pauses} times");
 }
+
+#[test]
+fn two_framed_reads_in_one_round_stay_within_the_budget() {
+    // 16 MiB: a read of one-byte lines is charged 64 KiB * 161 (10.1 MiB).  The first
+    // port's read leaves less than a read of packets could be charged, so the second's is
+    // shortened to what is left.  (Taking off the first read's bytes only, as the Python
+    // core does, left 16 MiB - 64 KiB: the second read was whole, and the budget passed
+    // by 4 MiB.)
+    let limit = 16 << 20;
+    let counters = Arc::new(LoopCounters::new());
+    let mut budget = Budget::new(Some(limit), None, READ_SIZE);
+    budget.add_loop(Arc::clone(&counters));
+    let mut resumed = Vec::new();
+    budget.begin_round(&mut resumed);
+    let mut grants = Vec::new();
+    for token in 0..2 {
+        let window = Arc::new(Window::new(Watermarks::NONE, Arc::clone(&counters)));
+        let mut flow = ReceiveFlow::new(window, token, ACTIVE_TRUE, PACKET_OVERHEAD as u64);
+        let mut framer = Framer::new(Mode::Line(b'\n'), 1 << 20).unwrap();
+        let grant = budget.admit_read(&mut flow).unwrap();
+        grants.push(grant);
+        let input = vec![b'\n'; grant.max];
+        let mut packets = Packets::new();
+        framer.feed(&input, &mut packets).unwrap();
+        let mut charges = Vec::new();
+        framer.charges(
+            &packets,
+            0,
+            false,
+            input.len(),
+            PACKET_OVERHEAD,
+            &mut charges,
+        );
+        let charges: Vec<u64> = charges.into_iter().map(|c| c as u64).collect();
+        flow.deliver(&mut budget, &charges);
+        assert!(
+            budget.in_use() <= limit as i64,
+            "{} > {limit}",
+            budget.in_use()
+        );
+    }
+    assert_eq!(
+        grants[0],
+        ReadGrant {
+            max: READ_SIZE,
+            short: false
+        }
+    );
+    assert!(grants[1].short && grants[1].max < READ_SIZE);
+}
