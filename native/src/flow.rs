@@ -127,8 +127,11 @@ use std::sync::Arc;
 
 pub use crate::framing::PACKET_OVERHEAD;
 
+mod python;
 #[cfg(test)]
 mod tests;
+
+pub use python::PyFlowModel;
 
 /// A watermark or check point that is never reached (`_flow.NO_LIMIT`).
 pub const NO_LIMIT: u64 = 1 << 62;

@@ -15,5 +15,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", VERSION)?;
     m.add_class::<framing::PyFramer>()?;
+    m.add_class::<flow::PyFlowModel>()?;
     Ok(())
 }
