@@ -126,6 +126,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use crate::framing::PACKET_OVERHEAD;
+use crate::framing::{FrameError, Framer, Packets};
 
 mod python;
 #[cfg(test)]
@@ -1017,4 +1018,95 @@ impl Budget {
         let used = self.in_use();
         used <= (limit / 2) as i64 || (limit as i64 - used >= size as i64 && flow.owner_waits())
     }
+}
+
+// -- one read of a framed port, end to end ---------------------------------------------------
+
+/// What one read of a framed port comes to (see [`framed_read`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FramedRead {
+    /// The read's messages: the packets the framer pushed (from the `first` index given),
+    /// then [`FramedRead::error`] if there is one.
+    pub count: usize,
+    /// The first `deliver` of them go to the owner now, in order, each with its charge;
+    /// the rest are held, with theirs, until a grant ([`ReceiveFlow::grant_held`]).
+    pub deliver: usize,
+    /// A `Resp` protocol error: the read's last message, delivered (or held) as a
+    /// packet, after which the framer ignores its input.
+    pub error: Option<FrameError>,
+    /// What to do after delivering (see [`ReceiveFlow::deliver`]); nothing if none was.
+    pub delivered: Delivered,
+}
+
+/// Why a read closes its port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadFault {
+    /// The peer broke the packet mode: the owner gets `Error(errno_name, ...)` with the
+    /// error's text, then `Closed(errno_name)`; no packet of the read is delivered.
+    Frame(FrameError),
+    /// The framer holds more than `port_buffer_limit`: `Error("ENOBUFS", ...)`, then
+    /// `Closed("ENOBUFS")`; no packet of the read is delivered.
+    BufferLimit(BufferLimitExceeded),
+}
+
+/// One read of a framed port, as `IOThread._deliver_framed` does it: feed `input` to the
+/// port's `framer` (its packets pushed to `packets`), charge what it holds, compute each
+/// message's charge (pushed to `charges`, one per message), and let the active credit
+/// decide what is delivered now and what is held.
+///
+/// On `Err`, the port is to be closed ([`ReceiveFlow::close`] releases what it holds);
+/// the packets this call pushed are not to be delivered.  On `Ok`, the I/O thread
+/// delivers the first [`FramedRead::deliver`] messages (after it put them in the loop's
+/// inbox it has nothing more to count: this call counted them), holds the rest, then
+/// acts on [`FramedRead::delivered`] (`Passive` after them, a pause).
+pub fn framed_read(
+    budget: &mut Budget,
+    flow: &mut ReceiveFlow,
+    framer: &mut Framer,
+    input: &[u8],
+    packets: &mut Packets,
+    charges: &mut Vec<u64>,
+) -> Result<FramedRead, ReadFault> {
+    let before = framer.buffered();
+    let first = packets.len();
+    let error = match framer.feed(input, packets) {
+        Ok(()) => None,
+        Err(error) if framer.delivers_errors() => Some(error),
+        Err(error) => {
+            // A failed framer emptied itself: release what it held.
+            let _ = budget.framer_holds(flow, before, framer.buffered());
+            return Err(ReadFault::Frame(error));
+        }
+    };
+    let after = framer.buffered();
+    budget
+        .framer_holds(flow, before, after)
+        .map_err(ReadFault::BufferLimit)?;
+    let count = packets.len() - first + usize::from(error.is_some());
+    if count == 0 {
+        return Ok(FramedRead::default());
+    }
+    let start = charges.len();
+    let consumed = input.len() + before - after;
+    framer.charges(
+        packets,
+        first,
+        error.is_some(),
+        consumed,
+        flow.packet_overhead,
+        charges,
+    );
+    let deliver = flow.admit(count);
+    flow.hold(budget, &charges[start + deliver..]);
+    let delivered = if deliver > 0 {
+        flow.deliver(budget, &charges[start..start + deliver])
+    } else {
+        Delivered::default()
+    };
+    Ok(FramedRead {
+        count,
+        deliver,
+        error,
+        delivered,
+    })
 }

@@ -487,15 +487,16 @@ impl Framer {
     ///   [`buffered`](Framer::buffered) before it, less `buffered` after it), shared
     ///   equally among the messages, the remainder on the last one; plus `overhead` each.
     ///
-    /// `overhead` is [`PACKET_OVERHEAD`] for a port of this process, 0 for a daemon's.
+    /// `overhead` is [`PACKET_OVERHEAD`] for a framed port of this process, 0 for a
+    /// daemon's.  The charges are what [`crate::flow::ReceiveFlow::deliver`] takes.
     pub fn charges(
         &self,
         packets: &Packets,
         first: usize,
         error_delivered: bool,
         consumed: usize,
-        overhead: usize,
-        out: &mut Vec<usize>,
+        overhead: u64,
+        out: &mut Vec<u64>,
     ) {
         let count = packets.len().saturating_sub(first) + usize::from(error_delivered);
         if count == 0 {
@@ -510,8 +511,9 @@ impl Framer {
                     .map(|packet| packet_len(packet) + overhead),
             ),
             Mode::Msgpack | Mode::Resp => {
-                let share = consumed / count;
-                let extra = consumed % count;
+                let (consumed, count_u64) = (consumed as u64, count as u64);
+                let share = consumed / count_u64;
+                let extra = consumed % count_u64;
                 out.extend(std::iter::repeat(share + overhead).take(count));
                 if let Some(last) = out.last_mut() {
                     *last += extra;
@@ -572,11 +574,11 @@ impl Framer {
     }
 }
 
-fn packet_len(packet: Packet<'_>) -> usize {
-    match packet {
+fn packet_len(packet: Packet<'_>) -> u64 {
+    (match packet {
         Packet::Bytes(payload) => payload.len(),
         Packet::Command(command) => command.data.len(),
-    }
+    }) as u64
 }
 
 // -- length prefixes -----------------------------------------------------------------------

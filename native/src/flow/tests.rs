@@ -494,7 +494,7 @@ impl Model {
                 .framer_holds(&mut port.flow, before, after)
                 .unwrap();
             let mut charges = Vec::new();
-            let overhead = port.flow.packet_overhead() as usize;
+            let overhead = port.flow.packet_overhead();
             port.framer.charges(
                 &packets,
                 0,
@@ -507,7 +507,7 @@ impl Model {
                 .iter()
                 .zip(charges)
                 .map(|(packet, charge)| match packet {
-                    Packet::Bytes(bytes) => (bytes.to_vec(), charge as u64),
+                    Packet::Bytes(bytes) => (bytes.to_vec(), charge),
                     Packet::Command(_) => unreachable!(),
                 })
                 .collect();
@@ -786,10 +786,9 @@ fn two_framed_reads_in_one_round_stay_within_the_budget() {
             0,
             false,
             input.len(),
-            PACKET_OVERHEAD,
+            PACKET_OVERHEAD as u64,
             &mut charges,
         );
-        let charges: Vec<u64> = charges.into_iter().map(|c| c as u64).collect();
         flow.deliver(&mut budget, &charges);
         assert!(
             budget.in_use() <= limit as i64,
@@ -805,4 +804,104 @@ fn two_framed_reads_in_one_round_stay_within_the_budget() {
         }
     );
     assert!(grants[1].short && grants[1].max < READ_SIZE);
+}
+
+#[test]
+fn a_framed_read_end_to_end() {
+    let (window, counters) = window(Watermarks::NONE);
+    let mut budget = Budget::new(Some(1 << 20), Some(64), READ_SIZE);
+    budget.add_loop(counters);
+    let mut flow = ReceiveFlow::new(Arc::clone(&window), 0, (2, false), PACKET_OVERHEAD as u64);
+    let mut framer = Framer::new(Mode::Line(b'\n'), 100).unwrap();
+    let (mut packets, mut charges) = (Packets::new(), Vec::new());
+    let read = framed_read(
+        &mut budget,
+        &mut flow,
+        &mut framer,
+        b"a\nbb\nccc\nd",
+        &mut packets,
+        &mut charges,
+    )
+    .unwrap();
+    assert_eq!((read.count, read.deliver, read.error.clone()), (3, 2, None));
+    assert!(read.delivered.turned_passive);
+    assert_eq!(charges, vec![162, 163, 164]);
+    assert_eq!(flow.held(), (1, 164));
+    assert_eq!(budget.framing_bytes(), 1 + 164);
+    assert_eq!(budget.in_use(), 162 + 163 + 164 + 1);
+    // Past port_buffer_limit: the port is closed, and closing releases it all.
+    let error = framed_read(
+        &mut budget,
+        &mut flow,
+        &mut framer,
+        &[b'x'; 64],
+        &mut packets,
+        &mut charges,
+    );
+    assert_eq!(
+        error,
+        Err(ReadFault::BufferLimit(BufferLimitExceeded {
+            limit: 64,
+            size: 65
+        }))
+    );
+    flow.close(&mut budget, framer.buffered());
+    assert_eq!(budget.framing_bytes(), 0);
+    // A framing error releases the framer's bytes; nothing is delivered.
+    let mut flow = ReceiveFlow::new(Arc::clone(&window), 1, ACTIVE_TRUE, PACKET_OVERHEAD as u64);
+    let mut framer = Framer::new(Mode::Length(1), 4).unwrap();
+    packets.clear();
+    charges.clear();
+    framed_read(
+        &mut budget,
+        &mut flow,
+        &mut framer,
+        b"\x02a",
+        &mut packets,
+        &mut charges,
+    )
+    .unwrap();
+    assert_eq!(budget.framing_bytes(), 1);
+    let fault = framed_read(
+        &mut budget,
+        &mut flow,
+        &mut framer,
+        b"b\x05",
+        &mut packets,
+        &mut charges,
+    );
+    assert_eq!(
+        fault,
+        Err(ReadFault::Frame(crate::framing::FrameError::TooLarge {
+            limit: 4,
+            size: 5,
+            what: "packet"
+        }))
+    );
+    assert_eq!(budget.framing_bytes(), 0);
+    assert!(packets.is_empty(), "nothing of the read");
+}
+
+#[test]
+fn a_resp_error_is_a_message_held_past_the_credit_like_any() {
+    let (window, _) = window(Watermarks::NONE);
+    let mut budget = Budget::new(None, None, READ_SIZE);
+    let mut flow = ReceiveFlow::new(window, 0, ACTIVE_ONCE, PACKET_OVERHEAD as u64);
+    let mut framer = Framer::new(Mode::Resp, 1000).unwrap();
+    let (mut packets, mut charges) = (Packets::new(), Vec::new());
+    let read = framed_read(
+        &mut budget,
+        &mut flow,
+        &mut framer,
+        b"PING\r\n*x\r\n",
+        &mut packets,
+        &mut charges,
+    )
+    .unwrap();
+    assert_eq!((read.count, read.deliver), (2, 1));
+    assert_eq!(read.error.unwrap().to_string(), "invalid multibulk length");
+    // 10 wire bytes shared by the two messages.
+    assert_eq!(charges, vec![5 + 160, 5 + 160]);
+    assert_eq!(flow.held(), (1, 165));
+    assert_eq!(framer.buffered(), 0);
 }

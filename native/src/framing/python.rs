@@ -116,8 +116,8 @@ impl PyFramer {
         &mut self,
         py: Python<'py>,
         data: &[u8],
-        overhead: usize,
-    ) -> PyResult<(Bound<'py, PyList>, Vec<usize>)> {
+        overhead: u64,
+    ) -> PyResult<(Bound<'py, PyList>, Vec<u64>)> {
         let before = self.framer.buffered();
         let messages = self.feed(py, data)?;
         let after = self.framer.buffered();

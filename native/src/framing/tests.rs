@@ -474,7 +474,7 @@ fn charges_as_the_python_io_thread_computes_them() {
     let mut framer = Framer::new(Mode::Line(b'\n'), 100).unwrap();
     framer.feed(b"a\nbcd\ne", &mut packets).unwrap();
     let mut charges = Vec::new();
-    framer.charges(&packets, 0, false, 6, PACKET_OVERHEAD, &mut charges);
+    framer.charges(&packets, 0, false, 6, PACKET_OVERHEAD as u64, &mut charges);
     assert_eq!(charges, vec![2 + 160, 4 + 160]);
     // Decoded objects share the consumed wire bytes, the remainder on the last.
     let mut framer = Framer::new(Mode::Msgpack, 100).unwrap();
