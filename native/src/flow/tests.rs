@@ -905,3 +905,58 @@ fn a_resp_error_is_a_message_held_past_the_credit_like_any() {
     assert_eq!(flow.held(), (1, 165));
     assert_eq!(framer.buffered(), 0);
 }
+
+#[test]
+fn a_waiting_owner_is_never_left_behind_a_budget_pause_across_threads() {
+    // The budget is held at three quarters (queued output), so the port reads only into
+    // the reserve, only while its owner waits, and pauses otherwise; the owner parks
+    // after each message.  A park that missed the pause (and a pause that missed the
+    // park) would leave both threads waiting: the timeouts catch it.
+    use std::sync::mpsc;
+    use std::time::Duration;
+    const READ: u64 = 1024;
+    const MESSAGES: u32 = 20_000;
+    let counters = Arc::new(LoopCounters::new());
+    counters.queued(3 * READ - 1);
+    let window = Arc::new(Window::new(Watermarks::NONE, Arc::clone(&counters)));
+    let (to_loop, inbox) = mpsc::channel::<u64>();
+    let (to_io, wants) = mpsc::channel::<()>();
+    let io_window = Arc::clone(&window);
+    let io = std::thread::spawn(move || {
+        let mut budget = Budget::new(Some(4 * READ), None, READ as usize);
+        budget.add_loop(counters);
+        let mut flow = ReceiveFlow::new(io_window, 0, ACTIVE_TRUE, 0);
+        let mut resumed = Vec::new();
+        let mut sent = 0;
+        while sent < MESSAGES {
+            while wants.try_recv().is_ok() {
+                budget.want(&mut flow);
+            }
+            budget.begin_round(&mut resumed);
+            if flow.may_read(false) && budget.admit_read(&mut flow).is_some() {
+                to_loop.send(READ).unwrap();
+                flow.deliver(&mut budget, &[READ]);
+                sent += 1;
+            }
+            if !flow.may_read(false) {
+                wants
+                    .recv_timeout(Duration::from_secs(20))
+                    .expect("a waiting owner was left behind a budget pause");
+                budget.want(&mut flow);
+            }
+        }
+        budget.reserve_reads
+    });
+    for _ in 0..MESSAGES {
+        if window.set_waiting(true) {
+            to_io.send(()).unwrap();
+        }
+        let charge = inbox
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the I/O thread stalled");
+        window.set_waiting(false);
+        window.took(charge);
+    }
+    let reserve_reads = io.join().unwrap();
+    assert_eq!(reserve_reads, u64::from(MESSAGES));
+}
