@@ -12,10 +12,12 @@
 //!   [`FrameError::Malformed`].
 //!
 //! What only the decoder finds (a `str` that is not UTF-8, an unhashable map key, a bad
-//! timestamp extension) is found by the Python side when it decodes the packet; the
-//! Python framer refused such an object in `feed`, and the objects of the same read with
-//! it (see `docs/reference` and the report of issue 14: the drain must turn a decoding
-//! error into the same `EPROTO` and close the port).
+//! timestamp extension) is found by the Python side when it decodes the packet, and the
+//! drain answers it as the Python framer does: `Error("EPROTO", "malformed msgpack data:
+//! <the decoder's text>")`, then `Closed("EPROTO")`, and the port is closed.  One thing
+//! differs, and only for such an object: the Python framer decodes a read's objects
+//! before it delivers any, so the objects that came before the bad one *in the same read*
+//! were dropped with it; decoded at the drain, they are delivered first.
 //!
 //! # Exactly the Python framer's errors
 //!
@@ -24,8 +26,8 @@
 //! containers and `0xc1` with an empty message), and a resumable walk over an unfinished
 //! object (caps and [`MSGPACK_MAX_DEPTH`]), then checks the whole objects' sizes and depths
 //! before decoding.  When one read holds several faults, which one is reported depends on
-//! that order, so this module runs the same two scanners in the same order: [`skip`] is
-//! the C decoder's rule, [`MsgpackFramer::walk`] the walk's.
+//! that order, so this module runs the same two scanners in the same order: `skip` is
+//! the C decoder's rule, `MsgpackFramer::walk` the walk's.
 
 use super::{FrameError, Packets};
 
