@@ -557,9 +557,10 @@ impl ReceiveFlow {
     /// Held packets charged `charges` leave the hold (to be delivered at once).
     pub fn unhold(&mut self, budget: &mut Budget, charges: &[u64]) {
         let size: u64 = charges.iter().sum();
-        self.held_count -= charges.len();
-        self.held_bytes -= size;
-        budget.framing_bytes -= size;
+        // (Saturating: a caller's slip must not panic the I/O thread.)
+        self.held_count = self.held_count.saturating_sub(charges.len());
+        self.held_bytes = self.held_bytes.saturating_sub(size);
+        budget.framing_bytes = budget.framing_bytes.saturating_sub(size);
         budget.headroom += size as i64; // charged again as they are delivered
     }
 
@@ -683,7 +684,9 @@ impl ReceiveFlow {
     /// The I/O thread closes the port: release what it holds from the budget (the
     /// framer's `buffered` bytes and the held packets) and forget a budget pause.
     pub fn close(&mut self, budget: &mut Budget, framer_buffered: usize) {
-        budget.framing_bytes -= framer_buffered as u64 + self.held_bytes;
+        budget.framing_bytes = budget
+            .framing_bytes
+            .saturating_sub(framer_buffered as u64 + self.held_bytes);
         self.held_bytes = 0;
         self.held_count = 0;
         if self.global_paused() {
@@ -984,7 +987,7 @@ impl Budget {
         after: usize,
     ) -> Result<(), BufferLimitExceeded> {
         let (before, after) = (before as u64, after as u64);
-        self.framing_bytes = self.framing_bytes + after - before;
+        self.framing_bytes = (self.framing_bytes + after).saturating_sub(before);
         self.headroom -= after as i64 - before as i64;
         flow.peak_buffered = flow.peak_buffered.max(after);
         match self.port_buffer_limit {

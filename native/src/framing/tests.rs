@@ -641,6 +641,38 @@ proptest! {
         }
     }
 
+    /// Any bytes, cut anywhere, in any mode: no panic, and a framer never holds more than
+    /// one packet's limit (and a header) of input.
+    #[test]
+    fn any_bytes_in_any_mode(
+        stream in prop::collection::vec(
+            prop_oneof![any::<u8>(), Just(b'\n'), Just(b'\r'), Just(b'*'), Just(b'$'), Just(b'1')],
+            0..300,
+        ),
+        points in prop::collection::vec(any::<usize>(), 0..8),
+        limit in 1usize..100,
+        mode in prop_oneof![
+            Just(Mode::Raw), Just(Mode::Length(1)), Just(Mode::Length(2)), Just(Mode::Length(4)),
+            Just(Mode::Line(b'\n')), Just(Mode::Resp), Just(Mode::Msgpack),
+        ],
+    ) {
+        let mut framer = Framer::new(mode, limit).unwrap();
+        let mut packets = Packets::new();
+        for chunk in split_at_points(&stream, &points) {
+            let failed = framer.feed(&chunk, &mut packets).is_err();
+            if mode == Mode::Resp {
+                // The command's consumed headers count too: within a limit and a header.
+                prop_assert!(framer.buffered() <= limit.max(64) + 64);
+            } else {
+                prop_assert!(framer.buffered() <= limit + 4);
+            }
+            let _ = framer.wants();
+            if failed && !framer.delivers_errors() {
+                break;
+            }
+        }
+    }
+
     /// Length-prefixed bodies and RESP commands, cut anywhere, come out whole and in order.
     #[test]
     fn length_and_resp_packets_survive_any_cuts(
