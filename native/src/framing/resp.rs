@@ -50,6 +50,9 @@ pub(crate) struct RespFramer {
     /// Python framer, an empty array's header stays counted here until the next array
     /// header (so `buffered` counts it, in both).
     held: usize,
+    /// Bytes at the start of the buffer known to hold no newline: an inline command
+    /// still coming is not searched again from its start at each read.
+    inline_scanned: usize,
 }
 
 fn crlf(data: &[u8], from: usize) -> Option<usize> {
@@ -108,6 +111,7 @@ impl RespFramer {
             count: None,
             bulk: None,
             held: 0,
+            inline_scanned: 0,
         }
     }
 
@@ -130,6 +134,7 @@ impl RespFramer {
         self.count = None;
         self.bulk = None;
         self.held = 0;
+        self.inline_scanned = 0;
         Err(error)
     }
 
@@ -161,10 +166,20 @@ impl RespFramer {
                 None => {
                     // Between commands: an array header, or an inline command.
                     if buffer[position] != b'*' {
-                        let newline = buffer[position..]
+                        let from = position
+                            + if position == 0 {
+                                self.inline_scanned
+                            } else {
+                                0
+                            };
+                        let newline = buffer[from..]
                             .iter()
                             .position(|&b| b == b'\n')
-                            .map(|offset| position + offset);
+                            .map(|offset| from + offset);
+                        self.inline_scanned = match newline {
+                            Some(_) => 0,
+                            None => end - position,
+                        };
                         let cap = limit.min(RESP_MAX_INLINE);
                         let size = newline.map_or(end, |newline| newline + 1) - position;
                         if size > cap {
