@@ -108,6 +108,49 @@
 //! budget could pass it by up to a read's overhead.  (A message larger than the reserve
 //! cannot be completed by reserve reads alone: it waits for the budget to free.)
 //!
+//! ## Driving it from the I/O thread
+//!
+//! ```
+//! use std::sync::Arc;
+//! use _native::flow::*;
+//! use _native::framing::{Framer, Mode, Packets};
+//!
+//! // Once: the budget, and each event loop's counters.
+//! let counters = Arc::new(LoopCounters::new());
+//! let mut budget = Budget::new(Some(1 << 20), Some(1 << 16), READ_SIZE);
+//! budget.add_loop(Arc::clone(&counters));
+//! // A port: its window (shared with its loop half), its flow and its framer.
+//! let marks = Watermarks::new(256 << 10, 128 << 10, 4096);
+//! let window = Arc::new(Window::new(marks, counters));
+//! let active_once = (1, false);
+//! let overhead = PACKET_OVERHEAD as u64; // a framed port of this process
+//! let mut flow = ReceiveFlow::new(Arc::clone(&window), 7, active_once, overhead);
+//! let mut framer = Framer::new(Mode::Line(b'\n'), 1 << 16).unwrap();
+//!
+//! // Each round, before reading: ports the budget let go read again.
+//! let mut resumed = Vec::new();
+//! budget.begin_round(&mut resumed); // re-register their interest
+//! // The port is readable, and flow.may_read(close_pending) says it may be read.
+//! let grant = budget.admit_read(&mut flow).expect("the budget did not pause it");
+//! let input = b"one\ntwo\n"; // a recv of at most grant.max bytes
+//! let (mut packets, mut charges) = (Packets::new(), Vec::new());
+//! let read = framed_read(&mut budget, &mut flow, &mut framer, input, &mut packets, &mut charges)
+//!     .expect("else: Error and Closed to the owner, close the port");
+//! // Deliver packets[..read.deliver], each with its charge; hold the rest.
+//! assert_eq!((read.count, read.deliver), (2, 1));
+//! assert!(read.delivered.turned_passive); // stop reading (Passive if send_passive)
+//! // (read.delivered.over_high: flow.pause(), re-register, then flow.recheck().)
+//!
+//! // The loop half, when the owner takes the message (a Some is a cmd_resume to send):
+//! assert_eq!(window.took(charges[0]), None);
+//! // cmd_read_once: a grant delivers held packets first.
+//! assert!(flow.read_once());
+//! assert_eq!(flow.grant_held(), 1);
+//! flow.unhold(&mut budget, &charges[1..2]);
+//! flow.deliver(&mut budget, &charges[1..2]);
+//! assert!(!flow.may_read(false)); // passive again
+//! ```
+//!
 //! ## Who writes what
 //!
 //! | field                                    | written by   | read by                            |
