@@ -1076,6 +1076,8 @@ pub struct FramedRead {
     pub count: usize,
     /// The first `deliver` of them go to the owner now, in order, each with its charge;
     /// the rest are held, with theirs, until a grant ([`ReceiveFlow::grant_held`]).
+    /// When `deliver < count` the port holds packets and must stop reading
+    /// ([`ReceiveFlow::may_read`] is now false), even if nothing was delivered.
     pub deliver: usize,
     /// A `Resp` protocol error: the read's last message, delivered (or held) as a
     /// packet, after which the framer ignores its input.
