@@ -92,11 +92,15 @@
 //! waiting task, so it frees itself; a port is never starved by the others' input filling
 //! the budget, whatever order an actor reads its ports in.  When a waiting port finds no
 //! room even in the reserve, it is a *reserve waiter* and is let in first as soon as a
-//! read fits (before the others resume at one half).  An owner that starts waiting on a
-//! port already paused by the budget tells the thread (`cmd_want`, [`Budget::want`]):
-//! the port writes its waiter before it reads `global_paused` ([`Window::set_waiting`]),
-//! the thread writes `global_paused` before it reads the waiter (`Budget::admit_read`), so
-//! one of them sees the other (Dekker's pattern again: `SeqCst`).
+//! read fits (before the others resume at one half).  Owners free memory without telling
+//! the thread, so while any port is paused by the budget the thread runs a round at least
+//! every [`BUDGET_RECHECK`] ([`Budget::has_paused`]): that is what lets a reserve waiter
+//! in.  An owner that starts waiting on a port already paused by the budget tells the
+//! thread (`cmd_want`, [`Budget::want`]): the port writes its waiter before it reads
+//! `global_paused` ([`Window::set_waiting`]), the thread writes `global_paused` before it
+//! reads the waiter (`Budget::admit_read`), so one of them sees the other (Dekker's
+//! pattern again: `SeqCst`); the one that sees the other lets the port read (the thread at
+//! once, or as a reserve waiter at a round; the owner by `cmd_want`).
 //!
 //! The bound stays firm: no read is made that could take the memory charged for input
 //! past `L`; the reserve is inside it, not on top.  A port of packets charges each one
@@ -186,6 +190,11 @@ pub const READ_SIZE: usize = 65536;
 
 /// The headroom when there is no `memory_limit` (`_iothread.UNLIMITED`).
 pub const UNLIMITED: i64 = 1 << 62;
+
+/// While ports are paused by the budget, the I/O thread runs [`Budget::begin_round`] at
+/// least this often, even with nothing to do (`_iothread.BUDGET_RECHECK`): owners release
+/// memory without telling it, and a reserve waiter is let in only by a round.
+pub const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The port's identity for the [`Budget`] (the I/O thread's port table slot, say).
 pub type Token = usize;
@@ -893,6 +902,12 @@ impl Budget {
             used += queued as i128 - consumed as i128;
         }
         used as i64
+    }
+
+    /// Whether a port is paused by the budget: then the I/O thread must not sleep longer
+    /// than [`BUDGET_RECHECK`] before its next round.
+    pub fn has_paused(&self) -> bool {
+        !self.paused.is_empty()
     }
 
     /// Bytes held by framers and in held packets, now.

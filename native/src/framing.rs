@@ -64,6 +64,7 @@ pub mod resp;
 mod tests;
 
 pub use python::PyFramer;
+pub(crate) use python::{frame_error, framer_from_py};
 
 use std::fmt;
 

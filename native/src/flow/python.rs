@@ -2,12 +2,16 @@
 //! private, for the differential tests (`tests/test_native_flow.py`) that run the same
 //! steps on `ioserver._flow` and the budget of `ioserver._iothread` and compare.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 
-use super::{Budget, LoopCounters, ReceiveFlow, Watermarks, Window};
+use super::{
+    framed_read, Budget, Delivered, LoopCounters, ReadFault, ReceiveFlow, Watermarks, Window,
+};
+use crate::framing::{frame_error, framer_from_py, Framer, Packets};
 
 /// `_FlowModel(memory_limit, port_buffer_limit, read_size)`: a budget, one loop, and the
 /// ports added to it; every step names its port by index.
@@ -16,9 +20,38 @@ pub struct PyFlowModel {
     budget: Budget,
     counters: Arc<LoopCounters>,
     ports: Vec<ReceiveFlow>,
+    /// Each port's framer (None: charges are given), the charges of its held packets,
+    /// and whether it was closed.
+    framers: Vec<Option<Framer>>,
+    held: Vec<VecDeque<u64>>,
+    closed: Vec<bool>,
+}
+
+/// What the I/O thread does after a delivery: pause over a high watermark, and re-read.
+fn react(flow: &mut ReceiveFlow, delivered: Delivered) {
+    if delivered.over_high && flow.pause() {
+        flow.recheck();
+    }
 }
 
 impl PyFlowModel {
+    /// A grant came: deliver held packets as far as the credit goes.
+    fn deliver_held(&mut self, port: usize) -> (Vec<u64>, bool) {
+        let flow = &mut self.ports[port];
+        if self.closed[port] || flow.credit() == 0 {
+            return (Vec::new(), false);
+        }
+        let count = flow.grant_held();
+        let charges: Vec<u64> = self.held[port].drain(..count).collect();
+        if charges.is_empty() {
+            return (charges, false);
+        }
+        flow.unhold(&mut self.budget, &charges);
+        let delivered = flow.deliver(&mut self.budget, &charges);
+        react(flow, delivered);
+        (charges, delivered.send_passive)
+    }
+
     fn port(&mut self, port: usize) -> PyResult<&mut ReceiveFlow> {
         self.ports
             .get_mut(port)
@@ -37,6 +70,9 @@ impl PyFlowModel {
             budget,
             counters,
             ports: Vec::new(),
+            framers: Vec::new(),
+            held: Vec::new(),
+            closed: Vec::new(),
         }
     }
 
@@ -54,7 +90,117 @@ impl PyFlowModel {
         let token = self.ports.len();
         self.ports
             .push(ReceiveFlow::new(window, token, active, packet_overhead));
+        self.framers.push(None);
+        self.held.push(VecDeque::new());
+        self.closed.push(false);
         token
+    }
+
+    /// Add a port whose reads go through a framer (`packet`, `packet_size`, `delimiter` as
+    /// `make_framer` takes them); return its index.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (high_bytes, low_bytes, high_messages, active, packet_overhead, packet, packet_size, delimiter = b"\n".to_vec()))]
+    fn add_framed_port(
+        &mut self,
+        py: Python<'_>,
+        high_bytes: u64,
+        low_bytes: u64,
+        high_messages: u64,
+        active: (i64, bool),
+        packet_overhead: u64,
+        packet: &Bound<'_, PyAny>,
+        packet_size: usize,
+        delimiter: Vec<u8>,
+    ) -> PyResult<usize> {
+        let framer = framer_from_py(py, packet, packet_size, &delimiter)?;
+        let token = self.add_port(
+            high_bytes,
+            low_bytes,
+            high_messages,
+            active,
+            packet_overhead,
+        );
+        self.framers[token] = Some(framer);
+        Ok(token)
+    }
+
+    /// One read of a framed port, and what the I/O thread does after it: `(charges of the
+    /// messages delivered, Passive after them, fault)`; the fault, if any, is the
+    /// exception the owner is told of (`PacketTooLarge`, `FrameError`) or the text of
+    /// the `ENOBUFS` error, and the port is then closed.
+    fn framed_read<'py>(
+        &mut self,
+        py: Python<'py>,
+        port: usize,
+        data: &[u8],
+    ) -> PyResult<(Vec<u64>, bool, Option<Bound<'py, PyAny>>)> {
+        let flow = self
+            .ports
+            .get_mut(port)
+            .ok_or_else(|| PyIndexError::new_err(port))?;
+        let framer = self.framers[port]
+            .as_mut()
+            .ok_or_else(|| PyIndexError::new_err("not a framed port"))?;
+        let (mut packets, mut charges) = (Packets::new(), Vec::new());
+        match framed_read(
+            &mut self.budget,
+            flow,
+            framer,
+            data,
+            &mut packets,
+            &mut charges,
+        ) {
+            Ok(read) => {
+                self.held[port].extend(&charges[read.deliver..]);
+                charges.truncate(read.deliver);
+                react(flow, read.delivered);
+                Ok((charges, read.delivered.send_passive, None))
+            }
+            Err(fault) => {
+                flow.close(&mut self.budget, framer.buffered());
+                self.held[port].clear();
+                self.closed[port] = true;
+                let fault = match fault {
+                    ReadFault::Frame(error) => frame_error(py, &error)?,
+                    ReadFault::BufferLimit(limit) => {
+                        limit.to_string().into_pyobject(py)?.into_any()
+                    }
+                };
+                Ok((Vec::new(), false, Some(fault)))
+            }
+        }
+    }
+
+    /// `cmd_set_active` on a framed port: `(Passive first, charges of the held messages
+    /// delivered, Passive after them)`.
+    fn set_active_framed(
+        &mut self,
+        port: usize,
+        mode: (i64, bool),
+    ) -> PyResult<(bool, Vec<u64>, bool)> {
+        let passive = self.port(port)?.set_active(mode);
+        let (charges, after) = self.deliver_held(port);
+        Ok((passive, charges, after))
+    }
+
+    /// `cmd_read_once` on a framed port: `(it was passive, charges of the held messages
+    /// delivered, Passive after them)`.
+    fn read_once_framed(&mut self, port: usize) -> PyResult<(bool, Vec<u64>, bool)> {
+        if !self.port(port)?.read_once() {
+            return Ok((false, Vec::new(), false));
+        }
+        let (charges, after) = self.deliver_held(port);
+        Ok((true, charges, after))
+    }
+
+    /// Bytes held by framers and in held packets.
+    fn framing_bytes(&self) -> u64 {
+        self.budget.framing_bytes()
+    }
+
+    /// A port's held packets: `(count, bytes)`.
+    fn held(&mut self, port: usize) -> PyResult<(usize, u64)> {
+        Ok(self.port(port)?.held())
     }
 
     /// `ReceiveFlow::deliver`: `(turned_passive, send_passive, over_high)`.

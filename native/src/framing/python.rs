@@ -43,6 +43,40 @@ pub fn frame_error<'py>(py: Python<'py>, error: &FrameError) -> PyResult<Bound<'
     }
 }
 
+/// The framer of a packet mode given as Python gives it (`"raw"` or 0, 1, 2, 4, `"line"`,
+/// `"msgpack"`, `"resp"`); `OptionError` for a wrong one.
+pub(crate) fn framer_from_py(
+    py: Python<'_>,
+    packet: &Bound<'_, PyAny>,
+    packet_size: usize,
+    delimiter: &[u8],
+) -> PyResult<Framer> {
+    let mode = if let Ok(name) = packet.extract::<String>() {
+        match name.as_str() {
+            "raw" => Mode::Raw,
+            "line" => match delimiter {
+                [byte] => Mode::Line(*byte),
+                _ => {
+                    return Err(option_error(
+                        py,
+                        format!("line delimiter must be one byte, not {delimiter:?}"),
+                    ))
+                }
+            },
+            "msgpack" => Mode::Msgpack,
+            "resp" => Mode::Resp,
+            _ => return Err(option_error(py, format!("unknown packet mode {name:?}"))),
+        }
+    } else {
+        match packet.extract::<u8>() {
+            Ok(0) => Mode::Raw,
+            Ok(header) => Mode::Length(header),
+            Err(_) => return Err(PyTypeError::new_err("packet must be a str or an int")),
+        }
+    };
+    Framer::new(mode, packet_size).map_err(|e| option_error(py, e.0))
+}
+
 fn packet_value<'py>(py: Python<'py>, packet: Packet<'_>) -> PyResult<Bound<'py, PyAny>> {
     Ok(match packet {
         Packet::Bytes(payload) => PyBytes::new(py, payload).into_any(),
@@ -62,30 +96,7 @@ impl PyFramer {
         packet_size: usize,
         delimiter: Vec<u8>,
     ) -> PyResult<PyFramer> {
-        let mode = if let Ok(name) = packet.extract::<String>() {
-            match name.as_str() {
-                "raw" => Mode::Raw,
-                "line" => match delimiter.as_slice() {
-                    [byte] => Mode::Line(*byte),
-                    _ => {
-                        return Err(option_error(
-                            py,
-                            format!("line delimiter must be one byte, not {delimiter:?}"),
-                        ))
-                    }
-                },
-                "msgpack" => Mode::Msgpack,
-                "resp" => Mode::Resp,
-                _ => return Err(option_error(py, format!("unknown packet mode {name:?}"))),
-            }
-        } else {
-            match packet.extract::<u8>() {
-                Ok(0) => Mode::Raw,
-                Ok(header) => Mode::Length(header),
-                Err(_) => return Err(PyTypeError::new_err("packet must be a str or an int")),
-            }
-        };
-        let framer = Framer::new(mode, packet_size).map_err(|e| option_error(py, e.0))?;
+        let framer = framer_from_py(py, packet, packet_size, &delimiter)?;
         Ok(PyFramer {
             framer,
             packets: Packets::new(),
