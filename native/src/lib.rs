@@ -5,6 +5,9 @@
 //! * [`wakeup`]: the queues between the threads and their wake-up protocol;
 //! * `core`: the I/O thread (TCP streams and listeners, through mio);
 //! * `py`: the Python face (`Core`, `Inbox`, `Conn`, `WindowCounters`);
+//! * [`framing`]: every packet mode's boundaries (pure logic);
+//! * [`flow`]: watermarks, active modes, the pause handshake and the memory budget (pure
+//!   logic, with its theory of operation; the I/O thread uses its own watermark rule so far);
 //! * [`unsafe_io`]: every `unsafe` block, each with its argument.
 
 // Every `unsafe` block of the crate is in `unsafe_io`, which says why each is sound; the
@@ -21,6 +24,9 @@ mod core;
 #[cfg(not(loom))]
 mod py;
 
+pub mod flow;
+pub mod framing;
+
 /// The crate's version, as Cargo knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -31,5 +37,7 @@ fn _native(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     use pyo3::types::PyModuleMethods;
     m.add("__version__", VERSION)?;
     py::register(m)?;
+    m.add_class::<framing::PyFramer>()?;
+    m.add_class::<flow::PyFlowModel>()?;
     Ok(())
 }
