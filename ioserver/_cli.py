@@ -173,7 +173,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         choices=("python", "native"),
         default=None,
         help="the I/O core: python (every port kind) or native (the I/O thread in Rust, "
-        "TCP in raw mode so far); default: $IOSERVER_CORE, else python",
+        "TCP, raw or 1/2/4/line packets, so far); default: $IOSERVER_CORE, else python",
     )
     _add_logging(run_parser, "INFO")
     from ._control import ControlLimits

@@ -15,11 +15,14 @@ shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
   call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
   the GIL.
 
-What the native core carries now (issue 14's first slice): TCP ports in raw mode - connect
+What the native core carries now (issue 14's first slice): TCP ports in raw mode and in the
+packet modes whose packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``)
+- connect
 (numeric addresses; names are resolved in the loop as before), listen and accept, reads,
 gathered writes, half-close, close after the queued output, errno names - with the
-watermarks and the pause handshake of ``ioserver._flow``.  Every other kind, packet modes,
-``memory_limit`` and ``port_buffer_limit`` raise :exc:`~ioserver.NotSupportedError`
+watermarks and the pause handshake of ``ioserver._flow``.  Every other kind, the packet
+modes that decode objects (msgpack, resp), ``memory_limit`` and ``port_buffer_limit`` raise
+:exc:`~ioserver.NotSupportedError`
 naming the core; ``core="python"`` (the default) carries them.
 """
 
@@ -75,7 +78,8 @@ class NativeWindow(_native.WindowCounters):
         self.consumed_messages = 0
         self.resume_generation = 0
         self.framer = framer
-        self.packet_overhead = packet_overhead if framer is not None else 0
+        # The native thread charges a packet its bytes (no memory budget, no overhead).
+        self.packet_overhead = 0
         self.sizes = None
         self.queued_bytes = 0
         self.send_blocked = False
@@ -195,6 +199,13 @@ class NativeIOThread:
         """Release a core that was never started."""
         self._core.close_commands()
 
+    def zmq_context(self) -> Any:
+        """Raises NotSupportedError: ZeroMQ ports run on the Python core only (so far)."""
+        raise NotSupportedError(
+            "ZeroMQ ports are not supported by the native core (core='native') yet: "
+            "use core='python'"
+        )
+
     def make_inbox(self, hub: Any) -> Any:
         """The native inbox of a new hub (the hub gets the stop notice)."""
         return self._core.new_inbox(hub)
@@ -216,7 +227,8 @@ class NativeIOThread:
     # -- open requests (on the loop's thread: they queue a native command) --------------
     def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
         window = spec.port._window
-        if window.framer is not None or not isinstance(window, NativeWindow):
+        framer = window.framer
+        if (framer is not None and framer.decodes_objects) or not isinstance(window, NativeWindow):
             request._deliver(_framed_error(spec.options))
             return
         address = spec.address
@@ -242,7 +254,8 @@ class NativeIOThread:
         )
 
     def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
-        if port_framer(spec.options) is not None:
+        framer = port_framer(spec.options)
+        if framer is not None and framer.decodes_objects:
             request._deliver(_framed_error(spec.options))
             return
         try:

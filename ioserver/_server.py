@@ -215,8 +215,8 @@ async def open(
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
         core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
             in Python (every port kind; the default), or ``"native"``, the I/O thread in
-            Rust, which never takes the GIL (TCP ports in raw mode so far: other kinds,
-            packet modes and the two limits above raise
+            Rust, which never takes the GIL (TCP ports, raw or with 1/2/4/line packets, so
+            far: other kinds, the msgpack and resp modes and the two limits above raise
             :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
             ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
 

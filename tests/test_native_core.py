@@ -232,10 +232,10 @@ async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None
             await ports.connect_unix(ios, "/nonexistent")
         listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
         async with listener:
-            with pytest.raises(ioserver.NotSupportedError, match="packet=4"):
-                await ports.connect_tcp(ios, *listener.local_address, packet=4)
-            with pytest.raises(ioserver.NotSupportedError, match="packet='line'"):
-                await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line")
+            with pytest.raises(ioserver.NotSupportedError, match="packet='msgpack'"):
+                await ports.connect_tcp(ios, *listener.local_address, packet="msgpack")
+            with pytest.raises(ioserver.NotSupportedError, match="packet='resp'"):
+                await ports.listen_tcp(ios, "127.0.0.1", 0, packet="resp")
 
 
 async def test_the_core_is_chosen_by_argument_or_environment(
@@ -310,4 +310,51 @@ async def test_the_end_after_a_short_read_is_still_read(ios: ioserver.IOServer) 
         with anyio.fail_after(5):
             assert await port.receive() == Data(b"abc")
             assert await port.receive() == Closed("eof")
+        await port.aclose()
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize("packet", [1, 2, 4, "line"])
+async def test_framed_ports_deliver_whole_packets(ios: ioserver.IOServer, packet: object) -> None:
+    """Packets of 1/2/4-byte length headers and lines, cut anywhere by the peer, arrive
+    whole and in order; active=N counts packets (the rest are held for the next grant)."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=packet, active=2)
+    payloads = [b"a", b"bb" * 50, b"", b"cccc", b"d" * 200]
+    if packet == "line":
+        payloads = [p + b"\n" for p in payloads]
+        wire = b"".join(payloads)
+    else:
+        size = {1: 1, 2: 2, 4: 4}[packet]  # type: ignore[index]
+        wire = b"".join(len(p).to_bytes(size, "big") + p for p in payloads)
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await accept(listener)
+            for offset in range(len(wire)):  # one byte at a time: every cut
+                peer.sendall(wire[offset : offset + 1])
+            with anyio.fail_after(5):
+                got = [await port.receive(), await port.receive()]
+                assert await port.receive() == ports.Passive()
+                port.setopts(active=True)
+                got += [await port.receive() for _ in payloads[2:]]
+            assert got == [Data(p) for p in payloads]
+            await port.send(b"reply")  # framed by the port on the way out
+            expected = b"reply\n" if packet == "line" else b""
+            if packet != "line":
+                expected = (5).to_bytes({1: 1, 2: 2, 4: 4}[packet], "big") + b"reply"  # type: ignore[index]
+            assert peer.recv(64) == expected
+        await port.aclose()
+
+
+@pytest.mark.every_core
+async def test_a_packet_too_large_is_an_error_then_the_end(ios: ioserver.IOServer) -> None:
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=2, packet_size=10)
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await accept(listener)
+            peer.sendall((100).to_bytes(2, "big") + b"x" * 100)
+            with anyio.fail_after(5):
+                error = await port.receive()
+                assert isinstance(error, ports.Error) and error.errno_name == "EMSGSIZE"
+                assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
+            assert port.statistics().packets_too_large == 1
         await port.aclose()

@@ -124,6 +124,9 @@ pub struct StreamOptions {
     pub flow: Flow,
     /// The active credit (-1 unlimited, 0 passive, N) and whether to notify Passive.
     pub active: (i64, bool),
+    /// The packet mode and `packet_size` (None: raw); modes whose packets are bytes only
+    /// (1, 2, 4, line): the others decode objects in Python and are refused before.
+    pub framing: Option<(crate::framing::Mode, usize)>,
 }
 
 /// The I/O half of one port, as its loop half reads it (`ioserver._contract.PortIO`):
@@ -157,6 +160,10 @@ pub struct ConnShared {
     pub pauses: AtomicU64,
     /// The most input ever buffered (delivered, not taken).
     pub peak_buffered: AtomicU64,
+    /// Packets refused for exceeding `packet_size`.
+    pub packets_too_large: AtomicU64,
+    /// Bytes the framer holds (a packet not yet whole) and of packets held past the credit.
+    pub framing_bytes: AtomicU64,
 }
 
 impl ConnShared {
@@ -176,6 +183,8 @@ impl ConnShared {
             pause_generation: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
             peak_buffered: AtomicU64::new(0),
+            packets_too_large: AtomicU64::new(0),
+            framing_bytes: AtomicU64::new(0),
         }
     }
 
@@ -270,6 +279,9 @@ pub enum Event {
     Passive(Target),
     /// The output drained below the low watermark while a sender waited.
     Writable(Target),
+    /// The peer broke the packet mode: `Error(name, errno, message)`, then
+    /// `Closed(name, name)` (a [`Event::Broken`] follows).
+    FrameError(Target, i32, String),
     /// A listener accepted a connection (its loop half is made in the drain).
     Accepted {
         /// The listener.
@@ -379,6 +391,11 @@ struct Stream {
     shutdown_pending: bool,
     close_pending: bool,
     paused: bool,
+    /// The port's framer (None: raw).
+    framer: Option<crate::framing::Framer>,
+    /// Packets decoded beyond the active credit, in order, for the next grants (the
+    /// socket is not read while any is held: see `ioserver/_flow.py`, the active credit).
+    held: VecDeque<Vec<u8>>,
 }
 
 struct Listener {
@@ -418,6 +435,7 @@ pub struct IoThread {
     staged: Vec<Vec<Event>>,
     releases: Vec<(Vec<HeldBytes>, Vec<Target>)>,
     buffer: Vec<u8>,
+    packets: crate::framing::Packets,
     ready: Vec<usize>,
     dirty: Vec<usize>,
     exhausted_listeners: Vec<usize>,
@@ -462,6 +480,7 @@ impl IoThread {
             staged: Vec::new(),
             releases: Vec::new(),
             buffer: vec![0; READ_SIZE],
+            packets: crate::framing::Packets::new(),
             ready: Vec::new(),
             dirty: Vec::new(),
             exhausted_listeners: Vec::new(),
@@ -690,6 +709,9 @@ impl IoThread {
                             self.stage(s.conn.inbox, Event::Passive(port));
                         }
                     }
+                    if s.credit != 0 && !s.held.is_empty() {
+                        self.deliver_held(&mut s);
+                    }
                     self.schedule(&mut s);
                     self.put(Entry::Stream(s));
                 }
@@ -712,6 +734,9 @@ impl IoThread {
                     if s.credit == 0 {
                         s.credit = 1;
                         s.notify = false;
+                        if !s.held.is_empty() {
+                            self.deliver_held(&mut s);
+                        }
                         self.schedule(&mut s);
                     }
                     self.put(Entry::Stream(s));
@@ -773,7 +798,7 @@ impl IoThread {
         s.port.is_some()
             && s.connecting.is_none()
             && !s.read_eof
-            && (s.close_pending || (s.credit != 0 && !s.paused))
+            && (s.close_pending || (s.credit != 0 && !s.paused && s.held.is_empty()))
     }
 
     /// Put `s` on the ready list if it may read and its socket said it is readable.
@@ -883,6 +908,9 @@ impl IoThread {
                 let Some(port) = s.port.clone() else {
                     return true;
                 };
+                if s.framer.is_some() {
+                    return self.read_framed(s, port, n);
+                }
                 self.stage(s.conn.inbox, Event::Data(port, self.buffer[..n].to_vec()));
                 // Counted after the event is staged, before the check: the loop's
                 // handshake reads them after the consumed counters it wrote.
@@ -919,6 +947,90 @@ impl IoThread {
                 false
             }
         }
+    }
+
+    /// Feed a read of `n` bytes to the port's framer and deliver its whole packets as far
+    /// as the active credit goes (the rest are held); false if the port was closed for a
+    /// framing error (`Error`, then `Closed`, as the Python core does).
+    fn read_framed(&mut self, s: &mut Stream, port: Target, n: usize) -> bool {
+        let Some(framer) = s.framer.as_mut() else {
+            return true;
+        };
+        self.packets.clear();
+        if let Err(error) = framer.feed(&self.buffer[..n], &mut self.packets) {
+            let errno = match error {
+                crate::framing::FrameError::TooLarge { .. } => {
+                    s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
+                    libc::EMSGSIZE
+                }
+                crate::framing::FrameError::Malformed(_) => libc::EPROTO,
+            };
+            self.stage(
+                s.conn.inbox,
+                Event::FrameError(port, errno, error.to_string()),
+            );
+            self.broken(s, errno);
+            return false;
+        }
+        let mut payloads = Vec::with_capacity(self.packets.len());
+        for packet in self.packets.iter() {
+            if let crate::framing::Packet::Bytes(bytes) = packet {
+                payloads.push(bytes.to_vec());
+            }
+        }
+        for payload in payloads {
+            if s.credit == 0 {
+                s.held.push_back(payload);
+            } else {
+                self.deliver_packet(s, &port, payload);
+            }
+        }
+        self.note_framing(s);
+        if s.conn.over_high() {
+            self.pause(s);
+        }
+        true
+    }
+
+    /// Deliver one packet and spend a credit.
+    fn deliver_packet(&mut self, s: &mut Stream, port: &Target, payload: Vec<u8>) {
+        let size = payload.len() as u64;
+        self.stage(s.conn.inbox, Event::Data(port.clone(), payload));
+        s.conn.delivered_bytes.fetch_add(size, Ordering::SeqCst);
+        s.conn.delivered_messages.fetch_add(1, Ordering::SeqCst);
+        self.shared
+            .delivered_bytes
+            .fetch_add(size, Ordering::Relaxed);
+        if s.credit > 0 {
+            s.credit -= 1;
+            if s.credit == 0 && s.notify {
+                self.stage(s.conn.inbox, Event::Passive(port.clone()));
+            }
+        }
+    }
+
+    /// A grant came (an active mode, a passive read): held packets first, as far as the
+    /// credit goes; the socket is read again only once none is held.
+    fn deliver_held(&mut self, s: &mut Stream) {
+        let Some(port) = s.port.clone() else { return };
+        while s.credit != 0 {
+            let Some(payload) = s.held.pop_front() else {
+                break;
+            };
+            self.deliver_packet(s, &port, payload);
+        }
+        self.note_framing(s);
+        if s.conn.over_high() {
+            self.pause(s);
+        }
+    }
+
+    fn note_framing(&mut self, s: &mut Stream) {
+        let framer = s.framer.as_ref().map_or(0, |f| f.buffered());
+        let held: usize = s.held.iter().map(Vec::len).sum();
+        let total = (framer + held) as u64;
+        s.conn.framing_bytes.store(total, Ordering::Relaxed);
+        s.conn.peak_buffered.fetch_max(total, Ordering::Relaxed);
     }
 
     /// Step 1 of the pause handshake (`ioserver/_flow.py`): pause, bump the generation,
@@ -1076,6 +1188,9 @@ impl IoThread {
         }
         s.out_bytes = 0;
         s.conn.out_bytes.store(0, Ordering::Relaxed);
+        s.held.clear();
+        s.framer = None;
+        s.conn.framing_bytes.store(0, Ordering::Relaxed);
         if let Some(port) = s.port.take() {
             self.release_target(inbox, port);
         }
@@ -1206,6 +1321,10 @@ impl IoThread {
             shutdown_pending: false,
             close_pending: false,
             paused: false,
+            framer: options
+                .framing
+                .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok()),
+            held: VecDeque::new(),
         });
         if done && !self.finish_connect(&mut s) {
             return;
@@ -1402,6 +1521,11 @@ impl IoThread {
                 shutdown_pending: false,
                 close_pending: false,
                 paused: false,
+                framer: l
+                    .options
+                    .framing
+                    .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok()),
+                held: VecDeque::new(),
             })));
             if l.credit > 0 {
                 l.credit -= 1;

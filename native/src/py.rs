@@ -47,6 +47,41 @@ fn get<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
     }
 }
 
+/// The packet mode of `options` (None: raw).  Modes that decode objects (msgpack, resp)
+/// are refused before this is reached (`ioserver._native_core`).
+fn framing(options: &Bound<'_, PyDict>) -> PyResult<Option<(crate::framing::Mode, usize)>> {
+    use crate::framing::Mode;
+    let Some(packet) = options.get_item("packet")? else {
+        return Ok(None);
+    };
+    let mode = if let Ok(name) = packet.extract::<String>() {
+        match name.as_str() {
+            "raw" => return Ok(None),
+            "line" => {
+                let delimiter: Vec<u8> =
+                    get(options, "delimiter")?.unwrap_or_else(|| b"\n".to_vec());
+                match delimiter.as_slice() {
+                    [byte] => Mode::Line(*byte),
+                    _ => return Err(PyValueError::new_err("line delimiter must be one byte")),
+                }
+            }
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "packet={other:?} is not framed by the native core yet"
+                )))
+            }
+        }
+    } else {
+        match packet.extract::<u8>()? {
+            0 => return Ok(None),
+            header => Mode::Length(header),
+        }
+    };
+    let size: usize = get(options, "packet_size")?.unwrap_or(crate::framing::DEFAULT_PACKET_SIZE);
+    crate::framing::Framer::new(mode, size).map_err(|e| PyValueError::new_err(e.0))?;
+    Ok(Some((mode, size)))
+}
+
 fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<StreamOptions> {
     let high: u64 = get(options, "high_msgq_watermark")?.unwrap_or(Flow::NONE.high);
     let high_messages: u64 = get(options, "high_msgq_messages")?.unwrap_or(Flow::NONE.high);
@@ -63,6 +98,7 @@ fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<
             send_low: get(options, "low_watermark")?.unwrap_or(0),
         },
         active,
+        framing: framing(options)?,
     })
 }
 
@@ -186,15 +222,15 @@ impl Conn {
     fn global_paused(&self) -> bool {
         false
     }
-    /// Framed packets held past the active credit (raw mode only yet: 0).
+    /// Bytes the framer holds and of packets held past the active credit.
     #[getter]
     fn held_bytes(&self) -> u64 {
-        0
+        self.shared.framing_bytes.load(Ordering::Relaxed)
     }
-    /// Packets refused for exceeding packet_size (raw mode only yet: 0).
+    /// Packets refused for exceeding packet_size.
     #[getter]
     fn packets_too_large(&self) -> u64 {
-        0
+        self.shared.packets_too_large.load(Ordering::Relaxed)
     }
     /// The owner took what was delivered down to the low watermarks.
     fn drained(&self) -> bool {
@@ -250,6 +286,11 @@ impl Inbox {
                 pair(&port, message)
             }
             Event::Passive(port) => pair(&port, self.passive.bind(py).clone()),
+            Event::FrameError(port, errno, text) => {
+                let name = self.errno_name.bind(py).call1((errno,))?;
+                let message = self.error.bind(py).call1((&name, errno, text))?;
+                pair(&port, message)
+            }
             Event::Writable(port) => pair(&port, self.writable.bind(py).clone()),
             Event::AcceptError(listener, errno) => {
                 let name = self.errno_name.bind(py).call1((errno,))?;
