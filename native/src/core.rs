@@ -1511,8 +1511,11 @@ impl IoThread {
                 head: 0,
                 out_bytes: 0,
                 connecting: None,
-                // Readable until a read says otherwise: data may have come with the SYN.
-                readable: true,
+                // Not readable until an edge says so: epoll reports data already there when
+                // the socket is registered.  (Assuming it readable would let a read land
+                // between the round's commands and a command its owner queued before its
+                // peer sent - an active mode set just after the accept would come late.)
+                readable: false,
                 hangup: false,
                 in_ready: false,
                 dirty: false,
