@@ -92,6 +92,33 @@ async def test_close_after_flush_writes_every_queued_byte(ios: ioserver.IOServer
 
 
 @pytest.mark.every_core
+async def test_close_after_flush_survives_the_peers_half_close(ios: ioserver.IOServer) -> None:
+    """The peer's half-close (its FIN) while a close waits for the output to drain ends
+    the peer's sending only: every queued byte is still written, then the port closes (as
+    ``_iothread._eof`` does; the native core once dropped the queue there, a silent
+    truncation followed by a clean end)."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, high_watermark=1 << 30)
+    async with listener:
+        peer = await anyio.connect_tcp(*listener.local_address)
+        port = await accept(listener)
+        payload = os.urandom(4 << 20)  # more than the kernel's buffers take at once
+        for offset in range(0, len(payload), 1 << 16):
+            port.send_nowait(payload[offset : offset + (1 << 16)])
+        await port.aclose()
+        received = bytearray()
+        async with peer:
+            await peer.send_eof()
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        received += await peer.receive(1 << 20)
+                    except anyio.EndOfStream:
+                        break
+        assert len(received) == len(payload)
+        assert bytes(received) == payload
+
+
+@pytest.mark.every_core
 async def test_flood_to_an_owner_that_does_not_read_stays_bounded(
     ios: ioserver.IOServer,
 ) -> None:

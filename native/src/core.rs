@@ -884,7 +884,10 @@ impl IoThread {
                         self.stage(s.conn.inbox, Event::Eof(port));
                     }
                 }
-                if s.write_closed || s.close_pending {
+                // A close pending still flushes what is queued (the peer's half-close
+                // ends its sending, not its reading: `_iothread._eof`); write() closes the
+                // port once the queue is empty.
+                if s.write_closed || (s.close_pending && s.outq.is_empty()) {
                     self.close_stream(s);
                     return false;
                 }
