@@ -245,6 +245,25 @@ async def test_sent_bytes_are_held_then_released_not_copied(no_leaks: None) -> N
             await server.aclose()
 
 
+async def test_an_empty_send_is_dropped_not_a_stall(no_leaks: None) -> None:
+    """``Core.send`` (public: the hub's send command) with an empty ``bytes`` queues
+    nothing: a ``writev`` of nothing writes 0 bytes, and such a head once stalled the I/O
+    thread in its write loop for good."""
+    async with ioserver.open(core="native") as ios:
+        listener, client = await pair(ios)
+        async with listener, client:
+            server = await accept(listener)
+            core = ios._io._core  # type: ignore[attr-defined]
+            core.send(server._conn, b"")
+            # A round trip: the round that reads it ran the send command first.
+            await client.send(b"ping")
+            assert await receive_exactly(server, 4) == b"ping"
+            await server.send(b"after")
+            with anyio.fail_after(5):
+                assert await receive_exactly(client, 5) == b"after"
+            await server.aclose()
+
+
 async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None:
     with pytest.raises(ioserver.NotSupportedError, match="native"):
         async with ioserver.open(core="native", memory_limit=1 << 20):

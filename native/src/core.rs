@@ -1133,12 +1133,14 @@ impl IoThread {
         true
     }
 
+    /// Pop what a write of `sent` bytes took from the queue, and every zero-length buffer
+    /// at its head (a write of nothing returns 0: such a head must not stall the loop).
     fn consume_output(&mut self, s: &mut Stream, mut sent: usize) {
         s.out_bytes -= sent as u64;
-        while sent > 0 {
+        loop {
             let Some(first) = s.outq.front() else { break };
             let left = first.len() - s.head;
-            if sent >= left {
+            if left == 0 || (sent > 0 && sent >= left) {
                 sent -= left;
                 s.head = 0;
                 if let Some(done) = s.outq.pop_front() {
@@ -1146,7 +1148,7 @@ impl IoThread {
                 }
             } else {
                 s.head += sent;
-                sent = 0;
+                break;
             }
         }
     }

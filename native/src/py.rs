@@ -591,10 +591,16 @@ impl Core {
 
     /// Queue ``data`` (``bytes``) for writing on ``conn``; the object is held, not copied.
     /// Within a hub's batch (``defer_wakes``) the I/O thread is woken at the flush point.
+    /// An empty ``bytes`` is dropped here (nothing to write; a port never sends one).
+    ///
+    /// Raises ``TypeError`` if ``data`` is not ``bytes``.
     fn send(&self, conn: PyRef<'_, Conn>, data: Bound<'_, PyAny>) -> PyResult<()> {
         let Ok(bytes) = data.cast_into::<PyBytes>() else {
             return Err(PyTypeError::new_err("the native core sends bytes"));
         };
+        if bytes.as_bytes().is_empty() {
+            return Ok(());
+        }
         let command = Command::Send(conn.shared.clone(), HeldBytes::new(bytes));
         if DEFERRING.with(|deferring| deferring.get()) {
             self.shared.commands.put_deferred(command);
