@@ -126,6 +126,7 @@ class Core:
     bytes_out: int
     delivered_bytes: int
     bytes_discarded: int
+    bytes_held: int
     ports_open: int
     internal_errors: int
     wakes_sent: int

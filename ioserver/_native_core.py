@@ -277,9 +277,11 @@ class NativeIOThread:
     def memory_in_use(self) -> int:
         """Bytes buffered now, as the Python core counts them: input delivered to the
         loops and not yet taken, and output queued by owners and not yet written (the
-        hubs count what their ports queued and took; the native thread the rest)."""
+        hubs count what their ports queued and took; the native thread the rest), plus
+        the written buffers the native thread still holds until a loop drops them."""
         core = self._core
         used = int(core.delivered_bytes) - int(core.bytes_out) - int(core.bytes_discarded)
+        used += int(core.bytes_held)
         for hub in self._budget_owners:
             used += hub.queued_bytes - hub.consumed_bytes
         return used

@@ -264,6 +264,45 @@ async def test_an_empty_send_is_dropped_not_a_stall(no_leaks: None) -> None:
             await server.aclose()
 
 
+def pinned(payloads: list[bytes], baseline: int) -> list[int]:
+    """The indexes of the payloads something else still refers to."""
+    return [index for index in range(len(payloads)) if sys.getrefcount(payloads[index]) > baseline]
+
+
+async def test_written_buffers_are_not_pinned_without_a_bound(no_leaks: None) -> None:
+    """The native thread holds each sent ``bytes`` until it is written, then hands it back
+    to the loop to drop.  What it holds once written is bounded by bytes (about 1 MiB per
+    loop), not only by count, even when the loop gets no other event; and it is counted in
+    ``memory_in_use`` until the loop drops it."""
+    count, size = 40, 1 << 20
+    payloads = [os.urandom(size) for _ in range(count)]
+    baseline = sys.getrefcount(payloads[0])
+
+    def drain(peer: socket.socket) -> int:
+        got = 0
+        while got < count * size:
+            chunk = peer.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
+        return got
+
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, high_watermark=1 << 30)
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await accept(listener)
+                for index in range(count):
+                    port.send_nowait(payloads[index])
+                # The peer reads everything; the loop gets no event but the releases.
+                assert await anyio.to_thread.run_sync(drain, peer) == count * size
+                with anyio.fail_after(5):
+                    while ios.statistics().memory_in_use > 0:  # noqa: ASYNC110 - a counter of the I/O thread, no event
+                        await anyio.sleep(0.005)
+                # Nothing counted: nothing held (a buffer held and not counted stays).
+                assert pinned(payloads, baseline) == []
+                await port.aclose()
+
+
 async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None:
     with pytest.raises(ioserver.NotSupportedError, match="native"):
         async with ioserver.open(core="native", memory_limit=1 << 20):

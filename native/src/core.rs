@@ -48,8 +48,14 @@ pub const READ_SIZE: usize = 65536;
 const ACCEPT_BATCH: usize = 64;
 /// Buffers gathered into one `writev`.
 const IOV_MAX: usize = 64;
-/// Written buffers held for release before a batch carries them back on its own.
+/// References held for release (written buffers, closed ports' loop halves) before a
+/// batch carries them back on its own.
 const RELEASE_BATCH: usize = 256;
+/// Bytes of written (or discarded) buffers held for release before a batch carries them
+/// back on its own: what a loop that gets no other event keeps pinned is bounded by this
+/// (plus the one buffer that passed it), not by the count alone (100 written 1 MiB sends
+/// would otherwise stay pinned, 100 MiB, until the loop's next event).
+const RELEASE_BYTES: u64 = 1 << 20;
 /// How long the thread sleeps, at most, after handing a loop a batch: the loop defers the
 /// wakes of its replies to its flush point, and this bounds that deferral when the flush is
 /// late (a task blocked in synchronous code).
@@ -68,6 +74,17 @@ pub struct PyTarget {
 
 /// A shared reference to a [`PyTarget`]; its last clone is dropped by a drain.
 pub type Target = Arc<PyTarget>;
+
+/// What waits to go back to one loop with its next batch.
+#[derive(Default)]
+struct Releases {
+    /// Written or discarded buffers.
+    bytes: Vec<HeldBytes>,
+    /// Their total length, bytes.
+    size: u64,
+    /// Loop halves of closed ports (and targets the thread no longer needs).
+    targets: Vec<Target>,
+}
 
 /// The loop half's side of a port's flow-control window (`ioserver._flow.Window`), as
 /// atomics the I/O thread reads without the GIL.
@@ -335,6 +352,9 @@ pub struct Shared {
     pub delivered_bytes: AtomicU64,
     /// Queued output dropped because its port closed or broke.
     pub bytes_discarded: AtomicU64,
+    /// Bytes of written or discarded buffers the thread still holds (pinned until a drain
+    /// drops them; part of the memory in use).
+    pub bytes_held: AtomicU64,
     /// Sockets open now.
     pub ports_open: AtomicU64,
     /// Errors contained by closing the one port concerned (and the thread's own failure).
@@ -359,6 +379,7 @@ impl Shared {
             bytes_out: AtomicU64::new(0),
             delivered_bytes: AtomicU64::new(0),
             bytes_discarded: AtomicU64::new(0),
+            bytes_held: AtomicU64::new(0),
             ports_open: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
@@ -433,7 +454,7 @@ pub struct IoThread {
     free: Vec<usize>,
     inboxes: Vec<Arc<WakeQueue<Vec<Event>>>>,
     staged: Vec<Vec<Event>>,
-    releases: Vec<(Vec<HeldBytes>, Vec<Target>)>,
+    releases: Vec<Releases>,
     buffer: Vec<u8>,
     packets: crate::framing::Packets,
     ready: Vec<usize>,
@@ -598,15 +619,19 @@ impl IoThread {
     /// loop is not woken only to drop references).
     fn release_target(&mut self, inbox: usize, target: Target) {
         if let Some(list) = self.releases.get_mut(inbox) {
-            list.1.push(target);
+            list.targets.push(target);
         }
     }
 
     /// Hand written `bytes` back to its loop with the next batch (or on their own, once
-    /// [`RELEASE_BATCH`] wait).
+    /// [`RELEASE_BATCH`] references or [`RELEASE_BYTES`] bytes wait).  Counted in
+    /// `Shared::bytes_held` (the memory in use) until a drain drops them.
     fn release_bytes(&mut self, inbox: usize, bytes: HeldBytes) {
         if let Some(list) = self.releases.get_mut(inbox) {
-            list.0.push(bytes);
+            let size = bytes.len() as u64;
+            self.shared.bytes_held.fetch_add(size, Ordering::Relaxed);
+            list.size += size;
+            list.bytes.push(bytes);
         }
     }
 
@@ -615,14 +640,18 @@ impl IoThread {
     fn publish(&mut self, force: bool) -> bool {
         let mut handed = false;
         for index in 0..self.inboxes.len() {
-            let (bytes, targets) = &self.releases[index];
-            let releases = bytes.len() + targets.len();
-            if self.staged[index].is_empty() && releases < RELEASE_BATCH && !force {
+            let pending = &self.releases[index];
+            let releases = pending.bytes.len() + pending.targets.len();
+            if self.staged[index].is_empty()
+                && releases < RELEASE_BATCH
+                && pending.size < RELEASE_BYTES
+                && !force
+            {
                 continue;
             }
             if releases > 0 {
-                let (bytes, targets) = std::mem::take(&mut self.releases[index]);
-                self.staged[index].push(Event::Release(bytes, targets));
+                let pending = std::mem::take(&mut self.releases[index]);
+                self.staged[index].push(Event::Release(pending.bytes, pending.targets));
             }
             if !self.staged[index].is_empty() {
                 let batch = std::mem::take(&mut self.staged[index]);
@@ -651,7 +680,7 @@ impl IoThread {
             Command::AddInbox(inbox) => {
                 self.inboxes.push(inbox);
                 self.staged.push(Vec::new());
-                self.releases.push((Vec::new(), Vec::new()));
+                self.releases.push(Releases::default());
             }
             Command::Send(conn, bytes) => match self.take(&conn) {
                 Some(Entry::Stream(mut s))
@@ -1580,7 +1609,7 @@ impl IoThread {
             Command::AddInbox(inbox) => {
                 self.inboxes.push(inbox);
                 self.staged.push(Vec::new());
-                self.releases.push((Vec::new(), Vec::new()));
+                self.releases.push(Releases::default());
             }
             Command::Send(conn, bytes) => {
                 self.shared

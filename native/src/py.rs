@@ -359,9 +359,12 @@ impl Inbox {
             }
             Event::Release(bytes, targets) => {
                 // Under the GIL: each drop is an immediate decref.
+                let mut size = 0u64;
                 for held in bytes {
+                    size += held.len() as u64;
                     drop(held.into_object());
                 }
+                self.shared.bytes_held.fetch_sub(size, Ordering::Relaxed);
                 drop(targets);
                 Ok(())
             }
@@ -775,6 +778,11 @@ impl Core {
     #[getter]
     fn bytes_discarded(&self) -> u64 {
         self.shared.bytes_discarded.load(Ordering::Relaxed)
+    }
+    /// Bytes of written or discarded buffers not yet handed back and dropped by a drain.
+    #[getter]
+    fn bytes_held(&self) -> u64 {
+        self.shared.bytes_held.load(Ordering::Relaxed)
     }
     /// Sockets open now.
     #[getter]
