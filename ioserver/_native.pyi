@@ -1,5 +1,6 @@
 """Type stub of ``ioserver._native``, the native I/O core built from ``native/`` (issue 14)."""
 
+import socket
 from typing import Any
 
 __version__: str
@@ -170,7 +171,7 @@ class Core:
         listener: Any,
         make_port: Any,
         inbox: Inbox,
-        fd: int,
+        sock: socket.socket,
         options: dict[str, Any],
         active: tuple[int, bool],
     ) -> None: ...

@@ -263,15 +263,19 @@ class NativeIOThread:
         except ConnectError as exc:
             request._deliver(exc)
             return
-        self._core.listen(
-            request,
-            spec.port,
-            spec.make_port,
-            request.hub.inbox,
-            sock.detach(),
-            spec.options,
-            spec.options["active"],
-        )
+        try:
+            self._core.listen(
+                request,
+                spec.port,
+                spec.make_port,
+                request.hub.inbox,
+                sock,  # detached by the native core: it owns the fd from here
+                spec.options,
+                spec.options["active"],
+            )
+        except BaseException:
+            sock.close()  # refused before the detach (after it, a no-op)
+            raise
 
     # -- statistics ---------------------------------------------------------------------
     def memory_in_use(self) -> int:

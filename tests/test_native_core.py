@@ -303,6 +303,32 @@ async def test_written_buffers_are_not_pinned_without_a_bound(no_leaks: None) ->
                 await port.aclose()
 
 
+async def test_listen_takes_only_a_listening_socket_object(no_leaks: None) -> None:
+    """``Core.listen`` takes the ``socket.socket`` itself and detaches it: an int (any fd
+    at all, which it once adopted and closed as its own) or a socket that is not
+    listening is refused, and the caller keeps what it passed, still open."""
+    async with ioserver.open(core="native") as ios:
+        listener, client = await pair(ios)
+        async with listener, client:
+            core = ios._io._core  # type: ignore[attr-defined]
+            inbox = listener._hub.inbox
+            read_end, write_end = os.pipe()
+            try:
+                with pytest.raises(TypeError):
+                    core.listen(None, None, None, inbox, read_end, {}, (-1, False))
+                with socket.socket() as unbound:
+                    with pytest.raises(ValueError, match="listening"):
+                        core.listen(None, None, None, inbox, unbound, {}, (-1, False))
+                    assert unbound.fileno() >= 0
+                with socket.socket(type=socket.SOCK_DGRAM) as datagram:
+                    with pytest.raises(ValueError):
+                        core.listen(None, None, None, inbox, datagram, {}, (-1, False))
+                    assert datagram.fileno() >= 0
+            finally:
+                os.close(write_end)
+                os.close(read_end)  # still ours: an adopted fd would be EBADF here
+
+
 async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None:
     with pytest.raises(ioserver.NotSupportedError, match="native"):
         async with ioserver.open(core="native", memory_limit=1 << 20):

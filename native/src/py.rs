@@ -17,7 +17,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::core::{
     Command, ConnShared, Event, Flow, IoThread, PyTarget, Shared, StreamOptions, WindowShared,
 };
-use crate::unsafe_io::{adopt_listener_fd, HeldBytes};
+use crate::unsafe_io::{adopt_listener, HeldBytes};
 use crate::wakeup::WakeQueue;
 
 fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
@@ -714,22 +714,27 @@ impl Core {
         Ok(())
     }
 
-    /// Serve the listening socket ``fd`` (detached from Python); answer ``request``.
+    /// Serve the listening ``socket.socket`` ``sock``; answer ``request``.  The socket
+    /// is detached here (it is closed, fd -1, on return): the I/O thread owns its fd.
+    ///
+    /// Raises ``TypeError`` if ``sock`` is not a ``socket.socket``, ``ValueError`` if it
+    /// is closed or not a listening stream socket (it is then left as it was), and
+    /// ``OptionError``/``ValueError`` for bad ``options``.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (request, listener, make_port, inbox, fd, options, active))]
+    #[pyo3(signature = (request, listener, make_port, inbox, sock, options, active))]
     fn listen(
         &self,
         request: Py<PyAny>,
         listener: Py<PyAny>,
         make_port: Py<PyAny>,
         inbox: PyRef<'_, Inbox>,
-        fd: i32,
+        sock: &Bound<'_, PyAny>,
         options: &Bound<'_, PyDict>,
         active: (i64, bool),
     ) -> PyResult<()> {
-        let socket = adopt_listener_fd(fd)?;
-        socket.set_nonblocking(true)?;
         let options = stream_options(options, active)?;
+        let socket = adopt_listener(sock)?;
+        socket.set_nonblocking(true)?;
         let index = inbox.index;
         self.shared.commands.put(Command::Listen {
             request: target(request),

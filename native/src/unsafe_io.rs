@@ -6,8 +6,9 @@
 //!   without the GIL and without copying it.  The object is immutable and the held
 //!   reference keeps it alive, so its buffer does not move or change while it is held.
 //! * [`eventfd`]: the wake-up fd of each direction (Linux's `eventfd(2)`).
-//! * [`adopt_listener_fd`]: a listening socket Python bound (with its errors in the
-//!   project's terms) is handed to the I/O thread by its fd.
+//! * [`adopt_listener`]: a listening socket Python bound (with its errors in the
+//!   project's terms) is handed to the I/O thread: its `socket.socket` object gives up
+//!   the fd (`detach()`), and only then does the crate own it.
 
 use std::fs::File;
 use std::io;
@@ -83,18 +84,46 @@ pub fn eventfd() -> io::Result<File> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// Take ownership of a listening socket's fd that Python detached (`socket.detach()`).
+/// Take ownership of a listening TCP socket from its Python `socket.socket` object.
 ///
-/// The caller (the Python half, `ioserver/_native_core.py`) passes an fd it owned and
-/// gave up with `detach()`, so nothing else closes it.
-pub fn adopt_listener_fd(fd: RawFd) -> io::Result<std::net::TcpListener> {
-    if fd < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+/// `sock` must be exactly a `socket.socket` (not a subclass, whose `detach` could lie), of
+/// type `SOCK_STREAM`, listening (`SO_ACCEPTCONN`); the fd comes from its own `detach()`,
+/// which leaves the object closed (fd -1) without closing the fd: from then on nothing in
+/// Python refers to it, and the returned listener owns it.
+///
+/// Raises (as `PyErr`): `TypeError` if `sock` is not a `socket.socket`; `ValueError` if
+/// it is closed, not a stream socket, or not listening; `OSError` from `getsockopt`.
+pub fn adopt_listener(sock: &Bound<'_, PyAny>) -> PyResult<std::net::TcpListener> {
+    let py = sock.py();
+    let socket_class = py.import("socket")?.getattr("socket")?;
+    if !sock.get_type().is(&socket_class) {
+        return Err(pyo3::exceptions::PyTypeError::new_err(
+            "the native core listens on a socket.socket",
+        ));
     }
-    // SAFETY: `fd` is >= 0 and was detached from its Python socket object by the caller,
-    // which transfers its ownership here; it is a listening TCP socket made by
-    // `ioserver._tcp.listen_socket`.  (A wrong fd would make later syscalls fail with an
-    // errno, never touch memory.)
+    if sock.call_method0("fileno")?.extract::<i64>()? < 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "the socket is closed",
+        ));
+    }
+    let kind: i32 = sock.getattr("type")?.extract()?;
+    let accepting: i64 = sock
+        .call_method1("getsockopt", (libc::SOL_SOCKET, libc::SO_ACCEPTCONN))?
+        .extract()?;
+    if kind != libc::SOCK_STREAM || accepting == 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "the native core listens on a listening stream socket (listen() was not called)",
+        ));
+    }
+    let fd: RawFd = sock.call_method0("detach")?.extract()?;
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF).into());
+    }
+    // SAFETY: `fd` was returned by `detach()` of an exact `socket.socket` (checked above,
+    // so the method is CPython's own): that call gave up the object's ownership of the
+    // fd without closing it, and no other Python object refers to it, so this `OwnedFd`
+    // is its only owner and the only one to close it.  The checks above (a stream socket,
+    // listening) ran on that same fd under the GIL, with the object still owning it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(std::net::TcpListener::from(owned))
 }
