@@ -44,12 +44,27 @@
 //! the fd.  So the consumer never blocks at C3 with an item queued and no write to come.
 //! This is the classic "announce, then re-check" of ZeroMQ's `ypipe` and Erlang's
 //! `erl_poll.c` (as in `ioserver/_wakeup.py`), with the announcement and the re-check made
-//! one atomic step, so that it holds under acquire/release alone - the model loom checks
-//! (loom treats `SeqCst` as `AcqRel`, under which a flag and a separate queue check, each
-//! fenced, would not be provable).  AcqRel, not Relaxed, because the count stands for the
-//! pushed items: a consumer whose CAS fails goes on to pop them.  A producer's item may be
-//! popped before its `fetch_add` lands; until it lands the count is below `taken`, the
-//! consumer's CAS fails, and it polls again without blocking (a few instructions).
+//! one atomic step: the argument rests on the modification order of one word, which every
+//! ordering, even `Relaxed`, respects, rather than on a flag and a separate queue check,
+//! each fenced (which needs `SeqCst` fences).  AcqRel, not Relaxed, because the count
+//! stands for the pushed items: a consumer whose CAS fails goes on to pop them, and the
+//! release of the push's count is what makes the crossbeam queue's item visible with it
+//! (crossbeam's own push/pop synchronise too; AcqRel does not lean on that).  A producer's
+//! item may be popped before its `fetch_add` lands; until it lands the count is below
+//! `taken`, the consumer's CAS fails, and it polls again without blocking (a few
+//! instructions).
+//!
+//! **What the loom model proves, and what it does not.**  It explores every interleaving
+//! of two producers and a consumer (and of a deferred push with and without its flush)
+//! and finds no lost wake-up: no schedule lets the consumer block with an item pushed and
+//! no signal to come.  That is the one-word read-modify-write handshake above, checked as
+//! an interleaving property.  It does *not* prove the acquire/release orderings: in the
+//! model the queue is a loom `Mutex<VecDeque>` (and the signal a `Mutex` and `Condvar`),
+//! and those locks synchronise by themselves, so the model passes with every ordering of
+//! `state` weakened to `Relaxed`.  The orderings rest on the argument above (and on the
+//! multi-producer stress test, which runs the real queue and eventfd).  The model can fail:
+//! the broken order (read the queue, then announce) deadlocks in it, and loom says so
+//! (`loom_broken_order_is_caught`).
 //!
 //! **Why a burst costs one write.**  `fetch_and(!1)` is a read-modify-write: of many
 //! producers that find `asleep` set, exactly one gets it back set and writes the fd; the
@@ -524,9 +539,10 @@ mod loom_tests {
     }
 
     /// The model can fail: the consumer that reads the queue before it announces its
-    /// sleep (C2 before C1) blocks forever in some interleaving, and loom finds it.
+    /// sleep (C2 before C1) blocks forever in some interleaving, and loom finds it (its
+    /// panic says "deadlock; threads = ..."; any other panic fails this test).
     #[test]
-    #[should_panic]
+    #[should_panic(expected = "deadlock")]
     fn loom_broken_order_is_caught() {
         model(false);
     }
