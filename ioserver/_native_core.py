@@ -335,7 +335,7 @@ class _NativeDrain:
     From the drain to the hub's flush point (once the tasks the batch woke have run: see
     ``Hub._flush``), the sends made on this thread queue their commands without waking the
     native I/O thread; the flush point wakes it once, if it sleeps (the deferred wake of
-    ``native/src/wakeup.rs``).  So a batch of replies costs one wake, not one per reply.
+    ``native/wakeup/``).  So a batch of replies costs one wake, not one per reply.
     """
 
     inbox: Any

@@ -1166,8 +1166,7 @@ impl IoThread {
     /// at its head (a write of nothing returns 0: such a head must not stall the loop).
     fn consume_output(&mut self, s: &mut Stream, mut sent: usize) {
         s.out_bytes -= sent as u64;
-        loop {
-            let Some(first) = s.outq.front() else { break };
+        while let Some(first) = s.outq.front() {
             let left = first.len() - s.head;
             if left == 0 || (sent > 0 && sent >= left) {
                 sent -= left;

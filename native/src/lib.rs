@@ -2,7 +2,8 @@
 //!
 //! This crate is built by maturin as part of `pip install` (see `pyproject.toml`).
 //!
-//! * [`wakeup`]: the queues between the threads and their wake-up protocol;
+//! * [`wakeup`]: the queues between the threads, on the wake-up protocol of the
+//!   `ioserver-wakeup` crate (`native/wakeup/`, with its loom model), with an eventfd;
 //! * `core`: the I/O thread (TCP streams and listeners, through mio);
 //! * `py`: the Python face (`Core`, `Inbox`, `Conn`, `WindowCounters`);
 //! * [`framing`]: every packet mode's boundaries (pure logic);
@@ -14,14 +15,11 @@
 // lint keeps it so.
 #![deny(unsafe_code)]
 
-pub(crate) mod sync;
 #[allow(unsafe_code)]
 pub mod unsafe_io;
 pub mod wakeup;
 
-#[cfg(not(loom))]
 mod core;
-#[cfg(not(loom))]
 mod py;
 
 pub mod flow;
@@ -31,7 +29,6 @@ pub mod framing;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// `ioserver._native`: the native I/O core's Python face.
-#[cfg(not(loom))]
 #[pyo3::pymodule]
 fn _native(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     use pyo3::types::PyModuleMethods;
