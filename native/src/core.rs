@@ -817,7 +817,7 @@ impl IoThread {
                 options,
             } => self.listen(request, listener, inbox, socket, options),
             Command::Stop => self.stopping = true,
-            Command::Fail => panic!("a failure asked for by a test (Core.fail_for_test)"),
+            Command::Fail => panic!("a failure asked for by a test (Core._fail_for_test)"),
         }
     }
 

@@ -665,8 +665,11 @@ impl Core {
     /// The memory budget's reserve (no budget on the native core yet): nothing to do.
     fn want(&self, _conn: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {}
 
-    /// Make the thread panic, to check that the failure is contained (tests only): every
-    /// port gets ``Closed("EIO")``, the loop its stop notice, ``failure`` the message.
+    /// A test hook, private (``_fail_for_test``: not part of ``Core``'s surface, used only
+    /// by ``tests/test_native_core.py``): make the thread panic, to check that the failure
+    /// is contained - every port gets ``Closed("EIO")``, the loop its stop notice,
+    /// ``failure`` the message.
+    #[pyo3(name = "_fail_for_test")]
     fn fail_for_test(&self) {
         self.shared.commands.put(Command::Fail)
     }
