@@ -452,6 +452,11 @@ pub struct IoThread {
     poll: Poll,
     table: Vec<Option<Entry>>,
     free: Vec<usize>,
+    /// Slots freed this round, reusable from the next: this round's readiness events may
+    /// still name them (a mio token is the bare slot, without a generation), and must not
+    /// reach a socket that took the slot within the round (a sticky `hangup`, a stale
+    /// `readable`).  Epoll forgets a closed socket, so the next round's events cannot.
+    freed: Vec<usize>,
     inboxes: Vec<Arc<WakeQueue<Vec<Event>>>>,
     staged: Vec<Vec<Event>>,
     releases: Vec<Releases>,
@@ -497,6 +502,7 @@ impl IoThread {
             poll,
             table,
             free: (0..size).rev().collect(),
+            freed: Vec::new(),
             inboxes: Vec::new(),
             staged: Vec::new(),
             releases: Vec::new(),
@@ -537,6 +543,8 @@ impl IoThread {
         let mut events = Events::with_capacity(1024);
         let mut handed = false; // the last round handed a loop a batch
         while !self.stopping {
+            // The slots freed last round: no event of a coming poll names them.
+            self.free.append(&mut self.freed);
             let timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
                 Some(Duration::ZERO)
             } else if self.shared.commands.prepare_to_sleep_for(handed) {
@@ -1238,7 +1246,7 @@ impl IoThread {
     }
 
     fn free_slot(&mut self, slot: usize) {
-        self.free.push(slot);
+        self.freed.push(slot);
         self.shared.ports_open.fetch_sub(1, Ordering::Relaxed);
         // A descriptor was freed: listeners that ran out of them may accept again.
         for slot in std::mem::take(&mut self.exhausted_listeners) {
