@@ -40,11 +40,31 @@ import zmq
 
 from ioserver import _ipc
 from ioserver import _protocol as P
-from ioserver._contract import ConnectRequest, Deliver, ListenRequest, LoopHalf, MakePort
+from ioserver._contract import (
+    ConnectRequest,
+    Deliver,
+    ListenRequest,
+    LoopHalf,
+    MakePort,
+    ProcessRequest,
+    TunRequest,
+    UDPRequest,
+    ZmqRequest,
+)
 from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
 from ioserver._flow import NO_LIMIT, ReceiveFlow
 from ioserver._iothread import IOThread
-from ioserver._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
+from ioserver._messages import (
+    PASSIVE,
+    WRITABLE,
+    Accepted,
+    Closed,
+    Data,
+    Datagram,
+    Error,
+    ExitStatus,
+    Packet,
+)
 from ioserver._protocol import ProtocolViolation
 from ioserver._zmq import ZmqSocketHandler
 
@@ -67,6 +87,7 @@ class RemoteConn(ReceiveFlow):
         "accept_options",
         "bytes_in",
         "bytes_out",
+        "close_sent",
         "closed",
         "deliver",
         "make_port",
@@ -85,6 +106,7 @@ class RemoteConn(ReceiveFlow):
         self.port = port
         self.deliver = deliver
         self.closed = False
+        self.close_sent = False  # CLOSE went to the daemon: no more commands for it
         self.bytes_in = 0
         self.bytes_out = 0
         self.out_bytes = 0
@@ -106,12 +128,69 @@ class RemoteConn(ReceiveFlow):
         self.sizes = port._window.sizes
 
 
-class _Pending:
-    __slots__ = ("conn", "request")
+class RemoteDatagramConn(RemoteConn):
+    """The daemon's half of a UDP or TUN port, as the client sees it: a UDP port's
+    handler (``ioserver._udp.DatagramHandler``), whose sends are datagrams (SEND_TO)."""
 
-    def __init__(self, request: object, conn: RemoteConn | None) -> None:
+    __slots__ = ("datagrams_too_large", "out_done", "packets", "remote")
+
+    def __init__(
+        self,
+        remote: RemoteIO,
+        pid: int,
+        port: LoopHalf,
+        deliver: Deliver,
+        options: dict[str, object],
+        packets: bool,
+    ) -> None:
+        super().__init__(pid, port, deliver, options)
+        self.remote = remote
+        #: Bytes the daemon sent or dropped (its handler's ``out_done``, from WRITTEN).
+        self.out_done = 0
+        self.datagrams_too_large = 0
+        #: A TUN port's: its messages are Packet, not Datagram.
+        self.packets = packets
+
+    def cmd_send(self, item: tuple[bytes, object]) -> None:
+        """The port's datagram ``(data, address or None)``, on the local I/O thread."""
+        data, address = item
+        remote = self.remote
+        remote.io.bytes_forwarded += len(data)  # the daemon's now (as RemoteIO.cmd_send)
+        if not (self.closed or self.close_sent):
+            self.out_bytes += len(data)
+            remote._emit([P.SEND_TO, self.pid, data, P.wire_address(address)], len(data) + 64)
+
+
+class RemoteProgram:
+    """A program the daemon runs for a process port: the port's ``ProcessControl``."""
+
+    __slots__ = ("conn", "pid", "remote")
+
+    def __init__(self, remote: RemoteIO, conn: RemoteConn, pid: int) -> None:
+        self.remote = remote
+        self.conn = conn
+        #: The program's process id, in the daemon's pid namespace.
+        self.pid = pid
+
+    def cmd_signal(self, number: int) -> None:
+        if not self.conn.closed:
+            self.remote._emit([P.SIGNAL, self.conn.pid, number])
+
+    def cmd_terminate(self, _: object) -> None:
+        # The daemon terminates the program when its port closes, and so the port's CLOSE
+        # says it too: a SIGNAL after it would name a port the daemon has released.
+        if not (self.conn.closed or self.conn.close_sent):
+            self.remote._emit([P.SIGNAL, self.conn.pid, 0])
+
+
+class _Pending:
+    __slots__ = ("conn", "opcode", "request")
+
+    def __init__(self, request: object, conn: RemoteConn | None, opcode: int = 0) -> None:
         self.request = request
         self.conn = conn
+        #: The open request's opcode: what its OK carries (see RemoteIO._ok).
+        self.opcode = opcode
 
 
 class RemoteIO(ZmqSocketHandler):
@@ -232,6 +311,21 @@ class RemoteIO(ZmqSocketHandler):
         outbound.append(message)
         self.out_size += size
 
+    def _ids(self, request: object, deliver: Deliver) -> tuple[int, int] | None:
+        """A new port id and request id, or None (the request answered) when the daemon
+        is lost."""
+        if self.lost or self.closed:
+            deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
+            return None
+        pid, rid = self.next_pid, self.next_rid
+        self.next_pid += 1
+        self.next_rid += 1
+        return pid, rid
+
+    def _request(self, request: object, conn: RemoteConn, rid: int, opcode: int) -> None:
+        self.table[conn.pid] = conn
+        self.requests[rid] = _Pending(request, conn, opcode)
+
     def _open(self, request: object, spec: ConnectRequest | ListenRequest, opcode: int) -> None:
         port, deliver, family, address, options = (
             spec.port,
@@ -241,22 +335,20 @@ class RemoteIO(ZmqSocketHandler):
             spec.options,
         )
         credit, notify = spec.active
-        if self.lost or self.closed:
-            deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
+        ids = self._ids(request, deliver)
+        if ids is None:
             return
-        pid = self.next_pid
-        self.next_pid += 1
-        rid = self.next_rid
-        self.next_rid += 1
-        wire = {name: value for name, value in options.items() if name != "active"}
+        pid, rid = ids
+        wire = _wire_options(options)
         conn = RemoteConn(pid, port, deliver, options)
         if isinstance(spec, ListenRequest):
             conn.make_port = spec.make_port
             conn.accept_options = options
             accept_credit, accept_notify = options["active"]
             wire["accept_active"] = [accept_credit, accept_notify]
-        self.table[pid] = conn
-        self.requests[rid] = _Pending(request, conn)
+        if family == P.AF_UNIX and isinstance(address, bytes):
+            address = os.fsdecode(address)  # a str on the wire; the daemon encodes it back
+        self._request(request, conn, rid, opcode)
         self._emit(
             [opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify], 1024
         )
@@ -267,7 +359,71 @@ class RemoteIO(ZmqSocketHandler):
     def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         self._open(request, spec, P.LISTEN)
 
-    def cmd_send(self, conn: RemoteConn, data: bytes) -> None:
+    def cmd_listen_unix(self, request: object, spec: ListenRequest) -> None:
+        self._open(request, spec, P.LISTEN)
+
+    def cmd_open_udp(self, request: object, spec: UDPRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteDatagramConn(self, pid, spec.port, spec.deliver, spec.options, False)
+        self._request(request, conn, rid, P.OPEN_UDP)
+        bind, connect = P.wire_address(spec.bind), P.wire_address(spec.connect)
+        wire = _wire_options(spec.options)
+        self._emit([P.OPEN_UDP, rid, pid, bind, connect, wire, *spec.active], 1024)
+
+    def cmd_open_tun(self, request: object, spec: TunRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteDatagramConn(self, pid, spec.port, spec.deliver, spec.options, True)
+        self._request(request, conn, rid, P.OPEN_TUN)
+        wire = _wire_options(spec.options)
+        self._emit([P.OPEN_TUN, rid, pid, spec.name, spec.mode, wire, *spec.active], 1024)
+
+    def cmd_open_process(self, request: object, spec: ProcessRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteConn(pid, spec.port, spec.deliver, spec.options)
+        self._request(request, conn, rid, P.OPEN_PROCESS)
+        wire = _wire_options(spec.options)
+        argv: list[P.Wire] = list(spec.argv)
+        size = sum(len(argument) for argument in spec.argv) + 1024
+        self._emit(
+            [P.OPEN_PROCESS, rid, pid, argv, spec.stderr, spec.kill_grace, wire, *spec.active],
+            size,
+        )
+
+    def cmd_open_zmq(self, request: object, spec: ZmqRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteConn(pid, spec.port, spec.deliver, spec.options)
+        self._request(request, conn, rid, P.OPEN_ZMQ)
+        wire = _wire_options(spec.options)
+        topics: P.Wire = None if spec.subscribe is None else list(spec.subscribe)
+        binds: list[P.Wire] = list(spec.bind)
+        connects: list[P.Wire] = list(spec.connect)
+        self._emit(
+            [P.OPEN_ZMQ, rid, pid, spec.socket_type, binds, connects, topics, wire, *spec.active],
+            4096,
+        )
+
+    def cmd_send(self, conn: RemoteConn, data: bytes | list[bytes]) -> None:
+        if data.__class__ is list:  # a ZeroMQ port's multipart message: one SEND
+            frames: list[P.Wire] = list(data)
+            size = sum(len(frame) for frame in data)
+            self.io.bytes_forwarded += size
+            if not (conn.closed or conn.close_sent):
+                conn.out_bytes += size
+                self._emit([P.SEND, conn.pid, frames], size + 16 * len(frames))
+            return
+        assert isinstance(data, bytes)
         # Charged to the local budget by the port, released here: it is the daemon's now.
         self.io.bytes_forwarded += len(data)
         if not conn.closed:
@@ -287,7 +443,8 @@ class RemoteIO(ZmqSocketHandler):
             self._emit([P.SEND_EOF, conn.pid])
 
     def cmd_close(self, conn: RemoteConn, _: object) -> None:
-        if not conn.closed:
+        if not (conn.closed or conn.close_sent):
+            conn.close_sent = True
             self._emit([P.CLOSE, conn.pid])
 
     def cmd_set_active(self, conn: RemoteConn, mode: tuple[int, bool]) -> None:
@@ -464,7 +621,16 @@ class RemoteIO(ZmqSocketHandler):
         if pending is None or pending.conn is None:
             raise ProtocolViolation("malformed", f"OK for an unknown request {rid!r}")
         conn = pending.conn
-        self._answer(pending, (conn, P.from_wire_address(local), P.from_wire_address(remote)))
+        if pending.opcode == P.OPEN_TUN:  # the device's name
+            if not isinstance(local, str):
+                raise ProtocolViolation("malformed", "OK of OPEN_TUN carries the device name")
+            self._answer(pending, (conn, local))
+        elif pending.opcode == P.OPEN_PROCESS:  # the program's pid
+            if not P.is_int(remote) or remote <= 0:
+                raise ProtocolViolation("malformed", "OK of OPEN_PROCESS carries a pid")
+            self._answer(pending, (conn, RemoteProgram(self, conn, remote)))
+        else:
+            self._answer(pending, (conn, P.from_wire_address(local), P.from_wire_address(remote)))
 
     def _failed(self, message: list[Any]) -> None:
         _, rid, kind, number, name, text = message
@@ -546,6 +712,34 @@ class RemoteIO(ZmqSocketHandler):
             event = Error(str(name), number if P.is_int(number) else None, str(text))
             conn.deliver((conn.port, event))
 
+    def _datagram(self, message: list[Any]) -> None:
+        _, pid, data, address = message
+        conn = self._conn(pid)
+        if conn is None:
+            return  # the port was closed here meanwhile
+        if not isinstance(conn, RemoteDatagramConn) or not isinstance(data, bytes):
+            raise ProtocolViolation(
+                "malformed", "DATAGRAM is [18, pid of a UDP/TUN port, bin, ...]"
+            )
+        size = len(data)
+        conn.delivered_messages += 1
+        conn.delivered_bytes += size
+        conn.bytes_in += size
+        self.io.delivered_total += size  # charged until the owner takes it
+        if conn.packets:
+            event: Datagram | Packet = Packet(data)
+        elif isinstance(address, list):
+            event = Datagram(data, P.from_wire_address(address))
+        else:
+            raise ProtocolViolation("malformed", "a UDP port's DATAGRAM carries an address")
+        conn.deliver((conn.port, event))
+
+    def _exit(self, message: list[Any]) -> None:
+        _, pid, status = message
+        conn = self._conn(pid)
+        if conn is not None:
+            conn.deliver((conn.port, ExitStatus(P.check_int(status, "exit status", -255, 255))))
+
     def _passive(self, message: list[Any]) -> None:
         conn = self._conn(message[1])
         if conn is not None:
@@ -556,6 +750,8 @@ class RemoteIO(ZmqSocketHandler):
         if conn is None:
             return
         conn.bytes_out = P.check_int(message[2], "bytes_out", 0)
+        if isinstance(conn, RemoteDatagramConn):
+            conn.out_done = conn.bytes_out  # a datagram handler reports sent or dropped
         window = conn.window
         if window.send_blocked and window.queued_bytes - conn.bytes_out <= conn.send_low:
             conn.deliver((conn.port, WRITABLE))
@@ -613,4 +809,16 @@ _EVENTS: dict[int, Any] = {
     P.WRITTEN: RemoteIO._written,
     P.PAUSED: RemoteIO._paused,
     P.GONE: RemoteIO._gone,
+    P.DATAGRAM: RemoteIO._datagram,
+    P.EXIT: RemoteIO._exit,
 }
+
+
+def _wire_options(options: dict[str, Any]) -> dict[str, P.Wire]:
+    """A port's validated options as they cross: ``active`` goes apart (credit, notify),
+    and ``nodelay``/``keepalive`` when they are off (a Unix or process port has none)."""
+    return {
+        name: value
+        for name, value in options.items()
+        if name != "active" and not (name in ("nodelay", "keepalive") and not value)
+    }

@@ -54,6 +54,9 @@ class DaemonConfig:
     curve_secret_key: str | None = None
     curve_allowed_keys: str | None = None
     allow_all_interfaces: bool = False
+    #: The kinds of port clients may open beyond the network (``--allow-process``,
+    #: ``--allow-unix``, ``--allow-tun``; see ioserver._control.PERMISSIONS).
+    allow: frozenset[str] = frozenset()
     workers: int = 1
     worker_index: int | None = None
     memory_limit: int | None = None
@@ -228,6 +231,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             status=status,
             limits=config.limits,
             bind_user=authenticator is not None,
+            allow=config.allow,
         )
         io.zmq_sockets.add(sock)
         io.submit(_start_control, control, None)
@@ -310,7 +314,16 @@ def _reload(config: DaemonConfig) -> None:
         setattr(config.limits, name, getattr(new.limits, name))
     restart = [
         name
-        for name in ("endpoint", "apps", "heartbeat", "grace", "backend", "workers", "poller")
+        for name in (
+            "endpoint",
+            "apps",
+            "heartbeat",
+            "grace",
+            "backend",
+            "workers",
+            "poller",
+            "allow",
+        )
         if getattr(new, name) != getattr(config, name)
     ]
     restart += [
@@ -493,6 +506,7 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
         argv += ["--curve-allowed-keys", str(config.curve_allowed_keys)]
     if config.allow_all_interfaces:
         argv.append("--allow-all-interfaces")
+    argv += [f"--allow-{kind}" for kind in sorted(config.allow)]
     if config.memory_limit is not None:
         argv += ["--memory-limit", str(config.memory_limit)]
     if config.poller is not None:
