@@ -1,4 +1,4 @@
-"""The wire protocol between an ioserver daemon and its clients (version 2).
+"""The wire protocol between an ioserver daemon and its clients (version 3).
 
 Transport: one ZeroMQ ROUTER socket in the daemon (the *control endpoint*), one DEALER
 socket per client.  Every ZeroMQ message is one frame holding one msgpack array::
@@ -34,7 +34,17 @@ opcode     message
              as ``ports.connect_tcp``; ``options`` the port's resolved options (map).
 11 LISTEN    ``[11, rid, pid, family, address, options, credit, notify]``: a TCP listener;
              ``options`` also holds ``backlog``, ``reuseaddr``, ``reuseport`` and
-             ``accept_active: [credit, notify]`` for the accepted ports.
+             ``accept_active: [credit, notify]`` for the accepted ports.  CONNECT and
+             LISTEN take ``AF_UNIX`` (1) with a path for address (permission ``unix``).
+12 OPEN_UDP  ``[12, rid, pid, bind, connect, options, credit, notify]``: a UDP socket;
+             ``bind``/``connect`` ``[host, port]`` or nil, names resolved by the daemon.
+13 OPEN_TUN  ``[13, rid, pid, name, mode, options, credit, notify]``: a TUN/TAP device
+             (permission ``tun``); OK's local address is the device's name.
+14 OPEN_PROCESS ``[14, rid, pid, argv, stderr, kill_grace, options, credit, notify]``:
+             a program, the daemon's child (permission ``process``); OK's remote address
+             is its pid.
+15 OPEN_ZMQ  ``[15, rid, pid, type, bind, connect, topics, options, credit, notify]``:
+             a ZeroMQ socket (``tcp://``, or ``ipc://`` with permission ``unix``).
 20 SEND      ``[20, pid, data]``: bytes to write (already framed by the client).
 21 SEND_EOF  ``[21, pid]``: half-close.
 22 CLOSE     ``[22, pid]``: close after writing what is queued.
@@ -42,6 +52,8 @@ opcode     message
 24 READ_ONCE ``[24, pid]``: a passive port's receiver waits for one message.
 25 RESUME    ``[25, pid, generation, consumed_bytes, consumed_messages]``: the owner took
              enough after the receive pause ``generation``.
+26 SEND_TO   ``[26, pid, data, address_or_nil]``: a datagram (UDP) or packet (TUN).
+27 SIGNAL    ``[27, pid, signal]``: to a process port's program; 0 terminates it.
 30 STATUS    ``[30, rid]``: the daemon's status (as ``ioserver status --json``).
 =========  ==============================================================================
 
@@ -70,15 +82,18 @@ Daemon to client:
 16 PAUSED    ``[16, pid, generation]``: the daemon stopped reading the port until the
              client's owner takes enough (answered with RESUME).
 17 GONE      ``[17, pid]``: the daemon released the port; its id is dead.
+18 DATAGRAM  ``[18, pid, data, address_or_nil]``: a UDP datagram (a TUN packet: nil).
+19 EXIT      ``[19, pid, status]``: a process port's program ended (before its CLOSED).
 =========  ==============================================================================
 
 FAULT kinds: ``"malformed"`` (not msgpack, not the envelope, wrong arity or types),
 ``"version"`` (an unsupported protocol version), ``"unknown-opcode"``, ``"no-session"``
 (a message before HELLO, or a frame without the session's token), ``"unknown-port"`` (a
 port id this session does not own - including another client's), ``"duplicate-port"``,
-``"bad-option"``, ``"unsupported"`` (a kind of port the protocol does not carry, as an
-``AF_UNIX`` address: TCP only), ``"limit"`` (a limit of the daemon: sessions, ports per
-session, host names being resolved, STATUS requests per round, refusals per frame).  Every message
+``"bad-option"``, ``"forbidden"`` (a kind the daemon was not started to allow:
+``--allow-process``, ``--allow-unix``, ``--allow-tun``), ``"limit"`` (a limit of the
+daemon: sessions, ports per session, host names being resolved, STATUS requests per
+round, refusals per frame).  Every message
 that crosses the process boundary is validated before use, on both sides; a refused
 message never affects another message, port or client.
 """
