@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
 
 import anyio
 import zmq
@@ -51,7 +50,7 @@ class RemoteIOServer(IOServer):
         return self._remote.endpoint
 
     @property
-    def daemon_info(self) -> dict[str, Any]:
+    def daemon_info(self) -> dict[str, P.Wire]:
         """What the daemon said when the session opened: ``version``, ``pid``,
         ``worker``, ``heartbeat`` (seconds)."""
         return dict(self._remote.info)
@@ -69,7 +68,7 @@ class RemoteIOServer(IOServer):
         """The statistics of the local I/O thread that carries this session."""
         return self._local.statistics()
 
-    async def status(self, *, timeout: float = 5.0) -> dict[str, Any]:
+    async def status(self, *, timeout: float = 5.0) -> dict[str, P.Wire]:
         """The daemon's status, as ``ioserver status --json`` prints it for one worker.
 
         Raises:

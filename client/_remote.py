@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
 
 import zmq
 
@@ -47,6 +47,7 @@ from ioserver._contract import (
     LoopHalf,
     MakePort,
     ProcessRequest,
+    Settings,
     TunRequest,
     UDPRequest,
     ZmqRequest,
@@ -100,7 +101,7 @@ class RemoteConn(ReceiveFlow):
     )
 
     def __init__(
-        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: dict[str, Any]
+        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: Settings
     ) -> None:
         self.pid = pid
         self.port = port
@@ -118,7 +119,7 @@ class RemoteConn(ReceiveFlow):
         #: The port's window's sizes (ioserver._flow), for DATA of decoded objects.
         self.sizes: deque[int] | None = None if port is None else port._window.sizes
         self.make_port: MakePort | None = None
-        self.accept_options: dict[str, Any] = {}
+        self.accept_options: Settings = {}
 
     def adopt(self, port: LoopHalf) -> None:
         """The loop half of an accepted connection was made: deliver to it, and share
@@ -140,7 +141,7 @@ class RemoteDatagramConn(RemoteConn):
         pid: int,
         port: LoopHalf,
         deliver: Deliver,
-        options: dict[str, object],
+        options: Settings,
         packets: bool,
     ) -> None:
         super().__init__(pid, port, deliver, options)
@@ -207,7 +208,7 @@ class RemoteIO(ZmqSocketHandler):
         self.send_command = self.cmd_send
         self.table: dict[int, RemoteConn] = {}
         self.requests: dict[int, _Pending] = {}
-        self.outbound: list[Any] = []
+        self.outbound: list[P.Message] = []
         self.out_size = 0  # bytes of outbound, roughly: what its frame will take
         self.token: bytes | None = None  # the session's, from WELCOME
         self.max_frame = P.DEFAULT_MAX_FRAME
@@ -216,30 +217,30 @@ class RemoteIO(ZmqSocketHandler):
         self.next_pid = 1
         self.next_rid = 1
         self.heartbeat = 1.0
-        self.info: dict[str, Any] = {}
+        self.info: dict[str, P.Wire] = {}
         self.last_seen = self.last_sent = time.monotonic()
         self.lost = False
         self.broken_reason: str | None = None
         self.frames_in = 0
         self.frames_out = 0
         self.faults = 0
-        self._hello: Any = None
-        self._timer: Any = None
+        self._hello: tuple[object, Deliver] | None = None
+        self._timer: list[Callable[[], None] | None] | None = None
         # ipc://: the first message's sender must run as this user (ioserver._ipc).
         self._peer_unchecked = endpoint.startswith("ipc://")
 
-    def submit(self, function: Any, target: object, argument: object) -> None:
+    def submit(self, function: Callable[..., None], target: object, argument: object) -> None:
         """Queue ``function(target, argument)`` on the local I/O thread (as IOThread's)."""
         self.commands.put((function, target, argument))
 
     # -- start, stop (commands on the local I/O thread) -----------------------------------
-    def cmd_start(self, request: object, deliver: Any) -> None:
+    def cmd_start(self, request: object, deliver: Deliver) -> None:
         """Adopt the socket and say HELLO; the WELCOME answers ``request``."""
         self._hello = (request, deliver)
         self.start()
         self._emit([P.HELLO, P.VERSION])
 
-    def cmd_bye(self, _: object, __: Any) -> None:
+    def cmd_bye(self, _: object, __: object) -> None:
         """Tell the daemon we leave (it closes our ports), then close the socket."""
         if self.closed:
             return
@@ -295,7 +296,7 @@ class RemoteIO(ZmqSocketHandler):
         self._close()
 
     # -- port commands (run on the local I/O thread) --------------------------------------
-    def _emit(self, message: list[Any], size: int = 16) -> None:
+    def _emit(self, message: P.Message, size: int = 16) -> None:
         """Queue ``message`` for this round's frame (about ``size`` bytes packed); a frame
         that would pass the daemon's limits leaves first."""
         if self.closed:
@@ -462,7 +463,7 @@ class RemoteIO(ZmqSocketHandler):
                 [P.RESUME, conn.pid, generation, window.consumed_bytes, window.consumed_messages]
             )
 
-    def cmd_status(self, request: object, deliver: Any) -> None:
+    def cmd_status(self, request: object, deliver: Deliver) -> None:
         if self.lost or self.closed:
             deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
             return
@@ -559,7 +560,7 @@ class RemoteIO(ZmqSocketHandler):
                 log.error("ioserver daemon at %s sent a bad message: %s", self.endpoint, exc)
 
     # -- events ---------------------------------------------------------------------------
-    def _conn(self, pid: Any) -> RemoteConn | None:
+    def _conn(self, pid: object) -> RemoteConn | None:
         return self.table.get(pid) if P.is_int(pid) else None
 
     def _answer(self, pending: _Pending, result: object) -> None:
@@ -570,7 +571,7 @@ class RemoteIO(ZmqSocketHandler):
         elif pending.conn is not None:
             pending.conn.deliver((request, result))
 
-    def _welcome(self, message: list[Any]) -> None:
+    def _welcome(self, message: P.Message) -> None:
         info = message[1]
         if not isinstance(info, dict) or not P.is_int(info.get("version")):
             raise ProtocolViolation("malformed", "WELCOME is [1, {version, heartbeat, ...}]")
@@ -580,8 +581,8 @@ class RemoteIO(ZmqSocketHandler):
         token = info.get("token")
         if not isinstance(token, bytes) or len(token) != P.TOKEN_SIZE:
             raise ProtocolViolation("malformed", "WELCOME token must be 16 bytes")
-        max_frame: Any = info.get("max_frame")
-        max_messages: Any = info.get("max_messages")
+        max_frame = info.get("max_frame")
+        max_messages = info.get("max_messages")
         if not (P.is_int(max_frame) and max_frame >= 4096):
             raise ProtocolViolation("malformed", "WELCOME max_frame must be an int >= 4096")
         if not (P.is_int(max_messages) and max_messages >= 16):
@@ -597,10 +598,12 @@ class RemoteIO(ZmqSocketHandler):
             self._hello = None
             deliver((request, info))
 
-    def _fault(self, message: list[Any]) -> None:
+    def _fault(self, message: P.Message) -> None:
         _, rid, kind, text = message
+        if not (isinstance(kind, str) and isinstance(text, str)):
+            raise ProtocolViolation("malformed", "FAULT is [4, rid, kind: str, text: str]")
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
-        error = ProtocolError(f"the daemon refused a request: {kind}: {text}", kind=str(kind))
+        error = ProtocolError(f"the daemon refused a request: {kind}: {text}", kind=kind)
         if pending is not None:
             if pending.conn is not None:
                 self.table.pop(pending.conn.pid, None)
@@ -615,7 +618,7 @@ class RemoteIO(ZmqSocketHandler):
                 "the ioserver daemon at %s refused a message: %s: %s", self.endpoint, kind, text
             )
 
-    def _ok(self, message: list[Any]) -> None:
+    def _ok(self, message: P.Message) -> None:
         _, rid, local, remote = message
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
         if pending is None or pending.conn is None:
@@ -632,7 +635,7 @@ class RemoteIO(ZmqSocketHandler):
         else:
             self._answer(pending, (conn, P.from_wire_address(local), P.from_wire_address(remote)))
 
-    def _failed(self, message: list[Any]) -> None:
+    def _failed(self, message: P.Message) -> None:
         _, rid, kind, number, name, text = message
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
         if pending is None or pending.conn is None:
@@ -649,14 +652,14 @@ class RemoteIO(ZmqSocketHandler):
             )
         self._answer(pending, error)
 
-    def _status(self, message: list[Any]) -> None:
+    def _status(self, message: P.Message) -> None:
         _, rid, status = message
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
         if pending is None or not isinstance(status, dict):
             raise ProtocolViolation("malformed", "STATUS for an unknown request")
         self._answer(pending, status)
 
-    def _data(self, message: list[Any]) -> None:
+    def _data(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is None:
             return  # the port was closed here meanwhile
@@ -684,7 +687,7 @@ class RemoteIO(ZmqSocketHandler):
         _SET_DATA(event, data)
         conn.deliver((conn.port, event))
 
-    def _accepted(self, message: list[Any]) -> None:
+    def _accepted(self, message: P.Message) -> None:
         _, listener_pid, pid, local, remote = message
         listener = self._conn(listener_pid)
         if listener is None or listener.make_port is None:
@@ -699,20 +702,20 @@ class RemoteIO(ZmqSocketHandler):
         conn.adopt(port)
         conn.deliver((listener.port, Accepted(port, address)))
 
-    def _closed(self, message: list[Any]) -> None:
+    def _closed(self, message: P.Message) -> None:
         _, pid, reason, name = message
         conn = self._conn(pid)
         if conn is not None:
             conn.deliver((conn.port, Closed(str(reason), name if isinstance(name, str) else None)))
 
-    def _error(self, message: list[Any]) -> None:
+    def _error(self, message: P.Message) -> None:
         _, pid, name, number, text = message
         conn = self._conn(pid)
         if conn is not None:
             event = Error(str(name), number if P.is_int(number) else None, str(text))
             conn.deliver((conn.port, event))
 
-    def _datagram(self, message: list[Any]) -> None:
+    def _datagram(self, message: P.Message) -> None:
         _, pid, data, address = message
         conn = self._conn(pid)
         if conn is None:
@@ -734,18 +737,18 @@ class RemoteIO(ZmqSocketHandler):
             raise ProtocolViolation("malformed", "a UDP port's DATAGRAM carries an address")
         conn.deliver((conn.port, event))
 
-    def _exit(self, message: list[Any]) -> None:
+    def _exit(self, message: P.Message) -> None:
         _, pid, status = message
         conn = self._conn(pid)
         if conn is not None:
             conn.deliver((conn.port, ExitStatus(P.check_int(status, "exit status", -255, 255))))
 
-    def _passive(self, message: list[Any]) -> None:
+    def _passive(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is not None:
             conn.deliver((conn.port, PASSIVE))
 
-    def _written(self, message: list[Any]) -> None:
+    def _written(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is None:
             return
@@ -756,7 +759,7 @@ class RemoteIO(ZmqSocketHandler):
         if window.send_blocked and window.queued_bytes - conn.bytes_out <= conn.send_low:
             conn.deliver((conn.port, WRITABLE))
 
-    def _paused(self, message: list[Any]) -> None:
+    def _paused(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is None:
             return
@@ -766,12 +769,12 @@ class RemoteIO(ZmqSocketHandler):
         if conn.drained():  # step 1's re-check, done here for the daemon (ioserver._flow)
             self.cmd_resume(conn, generation)
 
-    def _gone(self, message: list[Any]) -> None:
+    def _gone(self, message: P.Message) -> None:
         conn = self.table.pop(message[1], None) if P.is_int(message[1]) else None
         if conn is not None:
             conn.closed = True
 
-    def _heartbeat(self, message: list[Any]) -> None:
+    def _heartbeat(self, message: P.Message) -> None:
         pass
 
     # -- closing --------------------------------------------------------------------------
@@ -794,7 +797,7 @@ class RemoteIO(ZmqSocketHandler):
         self._close()
 
 
-_EVENTS: dict[int, Any] = {
+_EVENTS: dict[int, Callable[[RemoteIO, P.Message], None]] = {
     P.WELCOME: RemoteIO._welcome,
     P.HEARTBEAT: RemoteIO._heartbeat,
     P.FAULT: RemoteIO._fault,
@@ -814,7 +817,7 @@ _EVENTS: dict[int, Any] = {
 }
 
 
-def _wire_options(options: dict[str, Any]) -> dict[str, P.Wire]:
+def _wire_options(options: Settings) -> dict[str, P.Wire]:
     """A port's validated options as they cross: ``active`` goes apart (credit, notify),
     and ``nodelay``/``keepalive`` when they are off (a Unix or process port has none)."""
     return {

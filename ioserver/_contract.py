@@ -49,6 +49,7 @@ __all__ = [
     "ProcessControl",
     "ProcessRequest",
     "RemoteOpens",
+    "Settings",
     "TunRequest",
     "UDPRequest",
     "ZmqRequest",
@@ -56,6 +57,10 @@ __all__ = [
 
 #: The owning loop's inbox: ``deliver((port or request, message))``, on the I/O thread.
 Deliver = Callable[[tuple[Any, Any]], None]
+
+#: A port's validated options, as its kind's ``_options.*_options`` returned them (the
+#: open requests' ``options``): option names to values of the option's own type.
+Settings = dict[str, Any]
 
 
 @runtime_checkable

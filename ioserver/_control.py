@@ -62,13 +62,20 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import zmq
 
 from . import _protocol as P
 from ._conn import CONNECTING, LISTENER, STREAM, Conn, Handler
-from ._contract import ConnectRequest, ListenRequest, ProcessRequest, TunRequest, UDPRequest
+from ._contract import (
+    ConnectRequest,
+    ListenRequest,
+    ProcessRequest,
+    Settings,
+    TunRequest,
+    UDPRequest,
+)
 from ._exceptions import ConnectError, OptionError, PollerLimitError, errno_name
 from ._flow import ReceiveFlow, Window
 from ._framing import port_framer
@@ -183,9 +190,7 @@ class RemotePortState:
         "watcher",
     )
 
-    def __init__(
-        self, session: Session, pid: int, options: dict[str, Any], kind: str = "stream"
-    ) -> None:
+    def __init__(self, session: Session, pid: int, options: Settings, kind: str = "stream") -> None:
         self.session = session
         self.pid = pid
         #: ``"stream"`` (TCP, Unix), ``"process"``, ``"datagram"`` (UDP), ``"tun"``,
@@ -250,7 +255,7 @@ class Session:
         self.token = token
         self.user: str | None = None  # the ZAP User-Id of its client (CURVE: its key)
         self.ports: dict[int, RemotePortState] = {}
-        self.outbound: list[Any] = []
+        self.outbound: list[P.Message] = []
         # The DATA of ``outbound`` as (port, bytes charged), credited when ZeroMQ takes
         # the frame; ``pending`` holds the frames ZeroMQ could not take yet, with theirs.
         self.out_credits: list[tuple[RemotePortState, int]] = []
@@ -267,7 +272,7 @@ class Session:
         self.messages_in = 0
         self.faults = 0
 
-    def emit(self, message: list[Any]) -> None:
+    def emit(self, message: P.Message) -> None:
         if self.closed:
             return
         if not self.outbound:
@@ -278,11 +283,16 @@ class Session:
         self.faults += 1
         self.emit([P.FAULT, rid if P.is_int(rid) else None, kind, text])
 
-    def deliver(self, pair: tuple[Any, Any]) -> None:
+    def deliver(self, pair: tuple[object, object]) -> None:
         """The I/O thread's ``conn.deliver`` for this client's ports: encode the event."""
         target, message = pair
-        cls = message.__class__
-        if cls is Data:
+        if not isinstance(target, RemotePortState):
+            if isinstance(target, _Request):
+                self._answer(target, message)
+            else:  # pragma: no cover - the I/O thread delivers to what it was given
+                log.error("no wire form for %r to %r", message, target)
+            return
+        if isinstance(message, Data):
             sizes = target._window.sizes
             if sizes is None:
                 data = message.data
@@ -291,47 +301,32 @@ class Session:
             else:
                 size = sizes.popleft()
                 self.emit([P.DATA, target.pid, message.data, size])
-            # Still the daemon's memory until ZeroMQ takes the frame (``sent``).
-            self.out_credits.append((target, size))
-            target._unsent += size
-            self.held += size
-            self.out_size += size
-            limits = self.control.limits
-            if self.held > limits.session_queue:
-                self.hold(target)
-            if self.out_size >= limits.max_frame:
-                self.control.send_now(self)
-        elif cls is Datagram or cls is Packet:
+            self._charge(target, size)
+        elif isinstance(message, (Datagram, Packet)):
             data = message.data
-            size = len(data)
-            address = P.wire_address(message.address) if cls is Datagram else None
+            address = P.wire_address(message.address) if isinstance(message, Datagram) else None
             self.emit([P.DATAGRAM, target.pid, data, address])
-            self.out_credits.append((target, size))  # as DATA: charged until ZeroMQ took it
-            target._unsent += size
-            self.held += size
-            self.out_size += size
-            if self.out_size >= self.control.limits.max_frame:
-                self.control.send_now(self)
+            self._charge(target, len(data))
         elif message is WRITABLE:
             if target.conn is not None:
                 sent = target.bytes_out()
                 target.reported_bytes_out = sent
                 target._update_send_blocked()
                 self.emit([P.WRITTEN, target.pid, sent])
-        elif cls is Closed:
+        elif isinstance(message, Closed):
             self.emit([P.CLOSED, target.pid, message.reason, message.errno_name])
             if target.kind != "stream":
                 self.port_gone(target)  # its final message: the handler or program is done
-        elif cls is ExitStatus:
+        elif isinstance(message, ExitStatus):
             self.emit([P.EXIT, target.pid, message.status])
-        elif cls is Error:
+        elif isinstance(message, Error):
             self.emit([P.ERROR, target.pid, message.errno_name, message.errno, message.message])
-        elif cls is Passive:
+        elif isinstance(message, Passive):
             self.emit([P.PASSIVE, target.pid])
-        elif cls is Accepted:
+        elif isinstance(message, Accepted) and isinstance(message.port, RemotePortState):
             state = message.port
             conn = state.conn
-            local = conn.sock.getsockname() if conn is not None and not conn.closed else None
+            local = conn.sock.getsockname() if isinstance(conn, Conn) and not conn.closed else None
             self.emit(
                 [
                     P.ACCEPTED,
@@ -341,10 +336,21 @@ class Session:
                     P.wire_address(message.address),
                 ]
             )
-        elif isinstance(target, _Request):
-            self._answer(target, message)
         else:  # pragma: no cover - every event the I/O thread makes is handled above
             log.error("no wire form for %r", message)
+
+    def _charge(self, target: RemotePortState, size: int) -> None:
+        """A DATA or DATAGRAM of ``size`` bytes was queued for the client: it stays the
+        daemon's memory until ZeroMQ takes its frame (``sent``)."""
+        self.out_credits.append((target, size))
+        target._unsent += size
+        self.held += size
+        self.out_size += size
+        limits = self.control.limits
+        if self.held > limits.session_queue:
+            self.hold(target)
+        if self.out_size >= limits.max_frame:
+            self.control.send_now(self)
 
     def _answer(self, request: _Request, result: object) -> None:
         state = request.state
@@ -467,8 +473,8 @@ class ControlEndpoint(ZmqSocketHandler):
         sock: zmq.Socket[bytes],
         *,
         heartbeat: float,
-        info: dict[str, Any],
-        status: Any,
+        info: dict[str, P.Wire],
+        status: Callable[[], dict[str, P.Wire]],
         limits: ControlLimits | None = None,
         bind_user: bool = False,
         allow: frozenset[str] = frozenset(),
@@ -495,7 +501,7 @@ class ControlEndpoint(ZmqSocketHandler):
         # The round's message budget (MESSAGE_BUDGET), and the rest of a frame it cut.
         self._budget = MESSAGE_BUDGET
         self._budget_round = -1
-        self._rest: tuple[bytes, Session | None, str | None, list[Any], int, int] | None = None
+        self._rest: tuple[bytes, Session | None, str | None, list[P.Wire], int, int] | None = None
         self.budget = _Budget()
         self.faults = 0
         self.faults_unanswered = 0
@@ -506,11 +512,11 @@ class ControlEndpoint(ZmqSocketHandler):
         self.names_resolved = 0
         self._resolving = 0
         self._resolver: ThreadPoolExecutor | None = None
-        self._status_cache: tuple[int, dict[str, Any]] | None = None
+        self._status_cache: tuple[int, dict[str, P.Wire]] | None = None
         self._log_window = 0.0
         self._log_count = 0
         self._log_suppressed = 0
-        self._timer: Any = None
+        self._timer: list[Callable[[], None] | None] | None = None
         io._budget_owners.append(self.budget)
         # Remote clients are served by this thread itself: it must not pause for the flush
         # point of a local app's loop (see ioserver._wakeup).
@@ -555,12 +561,13 @@ class ControlEndpoint(ZmqSocketHandler):
             return
         user: str | None = None
         if not self._copy:  # zmq.Frame objects: bind the session to the client's key
-            last: Any = frames[-1]
+            received = cast("list[zmq.Frame]", frames)  # read with copy=False (ZmqSocketHandler)
             try:
-                user = last.get("User-Id")
+                value = received[-1].get("User-Id")
             except zmq.ZMQError:
-                user = None
-            frames = [frame.bytes for frame in frames]  # type: ignore[attr-defined]
+                value = None
+            user = value if isinstance(value, str) else None
+            frames = [frame.bytes for frame in received]
         identity, frame = frames
         session = self.sessions.get(identity)
         limits = self.limits
@@ -592,7 +599,7 @@ class ControlEndpoint(ZmqSocketHandler):
         identity: bytes,
         session: Session | None,
         user: str | None,
-        messages: list[Any],
+        messages: list[P.Wire],
         start: int,
         refused: int,
     ) -> None:
@@ -622,28 +629,15 @@ class ControlEndpoint(ZmqSocketHandler):
                     raise ProtocolViolation("unknown-opcode", f"unknown opcode {opcode}")
                 handler(self, session, message)
             except ProtocolViolation as exc:
-                rid = exc.rid
-                if (
-                    rid is None
-                    and len(message) > 1
-                    and P.is_int(message[1])
-                    and message[0]
-                    in (
-                        P.CONNECT,
-                        P.LISTEN,
-                        P.OPEN_UDP,
-                        P.OPEN_TUN,
-                        P.OPEN_PROCESS,
-                        P.OPEN_ZMQ,
-                        P.STATUS,
-                    )
-                ):
-                    rid = message[1]
+                rid: object = exc.rid
+                if rid is None and isinstance(message, list) and message[0] in _REQUESTS:
+                    rid = message[1] if len(message) > 1 else None  # echoed if an int
                 self._refuse(identity, session, rid, exc.kind, str(exc))
                 refused += 1
             except Exception as exc:  # a bug serving one message: refuse it, keep serving
                 self.io.internal_errors += 1
-                log.exception("control endpoint: error while serving %r", message[:2])
+                shown = message[:2] if isinstance(message, list) else message
+                log.exception("control endpoint: error while serving %r", shown)
                 self._refuse(identity, session, None, "internal", repr(exc))
                 refused += 1
             if refused >= limits.faults_per_frame and index + 1 < len(messages):
@@ -669,7 +663,7 @@ class ControlEndpoint(ZmqSocketHandler):
         else:
             self._send(identity, P.pack([[P.FAULT, rid if P.is_int(rid) else None, kind, text]]))
 
-    def _log_refusal(self, form: str, *args: Any) -> None:
+    def _log_refusal(self, form: str, *args: object) -> None:
         """Log a refusal, at most ``log_per_second`` lines a second; the others are
         counted and one line says how many (at the next refusal or heartbeat tick)."""
         now = time.monotonic()
@@ -690,7 +684,7 @@ class ControlEndpoint(ZmqSocketHandler):
             )
             self._log_suppressed = 0
 
-    def _hello(self, identity: bytes, session: Session | None, message: list[Any]) -> Session:
+    def _hello(self, identity: bytes, session: Session | None, message: P.Message) -> Session:
         if len(message) != 2 or not P.is_int(message[1]):
             raise ProtocolViolation("malformed", "HELLO is [1, client_version]")
         if message[1] != P.VERSION:
@@ -713,7 +707,7 @@ class ControlEndpoint(ZmqSocketHandler):
         session.emit([P.WELCOME, {**self.info, "token": session.token}])
         return session
 
-    def cached_status(self) -> dict[str, Any]:
+    def cached_status(self) -> dict[str, P.Wire]:
         """The status, computed at most once a round (it scans the port table)."""
         round_ = self.io.polls
         cache = self._status_cache
@@ -889,12 +883,12 @@ class ControlEndpoint(ZmqSocketHandler):
 
 
 # -- the commands (each runs on the I/O thread; raises ProtocolViolation when refused) ----
-def _arity(message: list[Any], count: int, form: str) -> None:
+def _arity(message: P.Message, count: int, form: str) -> None:
     if len(message) != count:
         raise ProtocolViolation("malformed", f"expected {form}")
 
 
-def _port(session: Session, pid: Any) -> RemotePortState:
+def _port(session: Session, pid: object) -> RemotePortState:
     state = session.ports.get(pid) if P.is_int(pid) else None
     if state is None or state.conn is None:
         raise ProtocolViolation("unknown-port", f"this session has no open port {pid!r}")
@@ -938,7 +932,7 @@ def _permit(control: ControlEndpoint, kind: str, rid: int, what: str) -> None:
         )
 
 
-def _options_map(raw: object, rid: int) -> dict[str, Any]:
+def _options_map(raw: object, rid: int) -> Settings:
     if not isinstance(raw, dict):
         raise ProtocolViolation("malformed", "options must be a map", rid)
     return dict(raw)
@@ -946,10 +940,10 @@ def _options_map(raw: object, rid: int) -> dict[str, Any]:
 
 def _open_options(
     session: Session, rid: int, pid: object, raw: object, listen: bool, unix: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[Settings, Settings]:
     _new_port(session, rid, pid)
     options = _options_map(raw, rid)
-    extra: dict[str, Any] = {}
+    extra: Settings = {}
     try:
         if listen:
             for name in ("backlog", "reuseaddr", "reuseport"):
@@ -974,23 +968,24 @@ def _open_options(
     return settings, extra
 
 
-def _credit(message: list[Any], at: int) -> tuple[int, bool]:
+def _credit(message: P.Message, at: int) -> tuple[int, bool]:
     credit, notify = message[at], message[at + 1]
     if not P.is_int(credit) or not isinstance(notify, bool) or not -1 <= credit <= 1 << 20:
         raise ProtocolViolation("malformed", "an active mode is [credit: int, notify: bool]")
     return credit, notify
 
 
-def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_connect(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 8, "[10, rid, pid, family, address, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     family, address = _address(message, rid)
     unix = family == P.AF_UNIX
     if unix:
         _permit(control, "unix", rid, "a Unix socket path")
-    settings, _ = _open_options(session, rid, message[2], message[5], False, unix)
+    pid = _new_port(session, rid, message[2])
+    settings, _ = _open_options(session, rid, pid, message[5], False, unix)
     active = _credit(message, 6)
-    state = RemotePortState(session, message[2], settings)
+    state = RemotePortState(session, pid, settings)
     spec = ConnectRequest(state, session.deliver, family, address, settings, active)
     if isinstance(address, str) or P.is_numeric_host(family, address[0]):
         session.ports[state.pid] = state
@@ -1000,16 +995,17 @@ def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any])
         session.ports[state.pid] = state
 
 
-def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_listen(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 8, "[11, rid, pid, family, address, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     family, address = _address(message, rid)
     unix = family == P.AF_UNIX
     if unix:
         _permit(control, "unix", rid, "a Unix socket path")
-    settings, extra = _open_options(session, rid, message[2], message[5], True, unix)
+    pid = _new_port(session, rid, message[2])
+    settings, extra = _open_options(session, rid, pid, message[5], True, unix)
     active = _credit(message, 6)
-    state = RemotePortState(session, message[2], settings)
+    state = RemotePortState(session, pid, settings)
 
     def make_port(conn: Conn, local_address: object, remote_address: object) -> RemotePortState:
         accepted = RemotePortState(session, session.next_accepted, settings)
@@ -1032,7 +1028,7 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
         control.resolve(_Request(rid, state), spec)
 
 
-def _address(message: list[Any], rid: int) -> tuple[int, P.SockAddr]:
+def _address(message: P.Message, rid: int) -> tuple[int, P.SockAddr]:
     try:
         return P.check_address(message[3], message[4])
     except ProtocolViolation as exc:
@@ -1049,7 +1045,7 @@ def _checked(rid: int, check: Callable[[], _T]) -> _T:
         raise
 
 
-def _cmd_open_udp(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_open_udp(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 8, "[12, rid, pid, bind, connect, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     pid = _new_port(session, rid, message[2])
@@ -1110,7 +1106,7 @@ def _udp_addresses(spec: UDPRequest, numeric: bool) -> UDPRequest | ConnectError
     return replace(spec, family=int(family), bind=local, connect=remote)
 
 
-def _cmd_open_tun(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_open_tun(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 8, "[13, rid, pid, name, mode, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     _permit(control, "tun", rid, "a TUN/TAP device")
@@ -1136,7 +1132,7 @@ def _cmd_open_tun(control: ControlEndpoint, session: Session, message: list[Any]
 _STDERR = {"inherit": None, "devnull": subprocess.DEVNULL, "stdout": -1}
 
 
-def _cmd_open_process(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_open_process(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 9, "[14, rid, pid, argv, stderr, kill_grace, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     _permit(control, "process", rid, "running a program")
@@ -1165,7 +1161,7 @@ def _cmd_open_process(control: ControlEndpoint, session: Session, message: list[
     session.ports[pid] = state
 
 
-def _cmd_open_zmq(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_open_zmq(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 10, "[15, rid, pid, type, bind, connect, topics, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     pid = _new_port(session, rid, message[2])
@@ -1210,8 +1206,8 @@ def _open_zmq(
     session: Session,
     number: int,
     where: tuple[list[str], list[str], list[bytes] | None],
-    settings: dict[str, Any],
-    given: dict[str, Any],
+    settings: Settings,
+    given: Settings,
     active: tuple[int, bool],
 ) -> tuple[ZmqHandler, str | None, str | None] | ConnectError | OptionError:
     """A client's ZeroMQ socket, made, bound and connected on the I/O thread (ZeroMQ's
@@ -1258,31 +1254,41 @@ def _open_zmq(
     return handler, local, connects[0] if connects else None
 
 
-def _cmd_send(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_send(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 3, "[20, pid, data]")
     state = _port(session, message[1])
     data = message[2]
+    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
+    assert conn is not None
     if data.__class__ is bytes:
-        size = len(data)
+        assert isinstance(data, bytes)
         if state.kind == "datagram" or state.kind == "tun":
             raise ProtocolViolation("malformed", "a UDP or TUN port sends with SEND_TO")
-    elif state.kind == "zmq" and isinstance(data, list) and data:
-        size = 0
-        for frame in data:  # a multipart message: the frames are bin
-            if frame.__class__ is not bytes:
-                raise ProtocolViolation("malformed", "a ZeroMQ message is a list of bin")
-            size += len(frame)
-    else:
+        state._window.queued_bytes += len(data)
+        state._update_send_blocked()
+        control.budget.queued_bytes += len(data)
+        control.io.cmd_send(_entry(conn), data)
+        return
+    if not (isinstance(conn, ZmqHandler) and isinstance(data, list) and data):
         raise ProtocolViolation("malformed", "SEND data must be bin (a ZeroMQ port: [bin...])")
+    frames: list[bytes] = []
+    for frame in data:  # a multipart message: the frames are bin
+        if not isinstance(frame, bytes):
+            raise ProtocolViolation("malformed", "a ZeroMQ message is a list of bin")
+        frames.append(frame)
+    size = sum(len(frame) for frame in frames)
     state._window.queued_bytes += size
     state._update_send_blocked()
     control.budget.queued_bytes += size
-    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
-    assert conn is not None
-    control.io.cmd_send(_entry(conn), data)
+    if conn.closed:
+        control.io.bytes_discarded += size  # it closed meanwhile: dropped, as cmd_send does
+        return
+    conn.outq.append(frames)  # as IOThread.cmd_send queues a local ZeroMQ port's message
+    conn.out_bytes += size
+    control.io.mark_dirty(conn)
 
 
-def _cmd_send_to(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_send_to(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 4, "[26, pid, data, address]")
     state = _port(session, message[1])
     handler = state.conn
@@ -1309,7 +1315,7 @@ def _cmd_send_to(control: ControlEndpoint, session: Session, message: list[Any])
     handler.cmd_send((data, target))
 
 
-def _cmd_signal(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_signal(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 3, "[27, pid, signal]")
     state = _port(session, message[1])
     number = P.check_int(message[2], "signal", 0, 64)
@@ -1326,12 +1332,12 @@ def _cmd_signal(control: ControlEndpoint, session: Session, message: list[Any]) 
         )
 
 
-def _cmd_send_eof(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_send_eof(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[21, pid]")
     control.io.cmd_send_eof(_conn(_port(session, message[1])), None)
 
 
-def _cmd_close(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_close(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[22, pid]")
     state = _port(session, message[1])
     control.io.cmd_close(_conn(state), None)
@@ -1341,18 +1347,18 @@ def _cmd_close(control: ControlEndpoint, session: Session, message: list[Any]) -
         session.port_gone(state)  # the client closed it: no final message comes
 
 
-def _cmd_active(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_active(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 4, "[23, pid, credit, notify]")
     state = _port(session, message[1])
     control.io.cmd_set_active(_conn(state), _credit(message, 2))
 
 
-def _cmd_read_once(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_read_once(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[24, pid]")
     control.io.cmd_read_once(_conn(_port(session, message[1])), None)
 
 
-def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_resume(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 5, "[25, pid, generation, consumed_bytes, consumed_messages]")
     state = _port(session, message[1])
     generation = P.check_int(message[2], "generation", 0)
@@ -1367,7 +1373,7 @@ def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) 
     control.io.cmd_resume(_entry(conn), generation)
 
 
-def _cmd_status(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_status(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[30, rid]")
     rid = P.check_int(message[1], "rid")
     round_ = control.io.polls
@@ -1382,17 +1388,22 @@ def _cmd_status(control: ControlEndpoint, session: Session, message: list[Any]) 
     session.emit([P.STATUS_REPLY, rid, control.cached_status()])
 
 
-def _cmd_heartbeat(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_heartbeat(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 1, "[2]")
 
 
-def _cmd_bye(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_bye(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 1, "[3]")
     session.close("said bye")
     control.sessions.pop(session.identity, None)
 
 
-_COMMANDS: dict[int, Any] = {
+#: The opcodes whose second element is a request id, which a FAULT echoes.
+_REQUESTS = frozenset(
+    {P.CONNECT, P.LISTEN, P.OPEN_UDP, P.OPEN_TUN, P.OPEN_PROCESS, P.OPEN_ZMQ, P.STATUS}
+)
+
+_COMMANDS: dict[int, Callable[[ControlEndpoint, Session, P.Message], None]] = {
     P.HEARTBEAT: _cmd_heartbeat,
     P.BYE: _cmd_bye,
     P.CONNECT: _cmd_connect,
@@ -1489,7 +1500,7 @@ def _start_program(io: IOThread, done: Callable[[_Job, object], None], job: _Job
     io.submit(done, job, (watcher, conn))
 
 
-def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[str, P.Wire]:
     """The I/O thread's status for ``ioserver status`` (runs on the I/O thread)."""
     kinds = {"tcp": 0, "tcp_listeners": 0, "connecting": 0, "other": 0}
     busy = paused = queued = 0
@@ -1515,7 +1526,7 @@ def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, 
         "uptime": round(time.monotonic() - started, 3),
         "poller": io.poller_name,
         "ports_open": io.ports_open,
-        "ports_by_kind": kinds,
+        "ports_by_kind": dict[str, P.Wire](kinds),
         "bytes_in": io.bytes_in,
         "bytes_out": io.bytes_out,
         "bytes_queued_out": queued,

@@ -103,7 +103,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeGuard
 
 import msgpack
 
@@ -177,8 +177,11 @@ ZMQ_TRANSPORTS = ("tcp://", "ipc://")
 #: Signals a client may send to its program (SIGSTOP and the like are refused).
 SIGNALS = frozenset({1, 2, 3, 9, 10, 12, 14, 15, 18})
 
-#: A value as msgpack decodes it: what crosses the wire.
-Wire: TypeAlias = "bool | int | float | str | bytes | list[Wire] | dict[str, Wire] | None"
+#: A value as msgpack encodes and decodes it: what crosses the wire (a memoryview is sent
+#: as bin, and decoded as bytes).
+Wire: TypeAlias = (
+    "bool | int | float | str | bytes | memoryview | list[Wire] | dict[str, Wire] | None"
+)
 #: One message: ``[opcode, ...]``.
 Message: TypeAlias = "list[Wire]"
 
@@ -192,14 +195,14 @@ class ProtocolViolation(Exception):
         self.rid = rid
 
 
-def pack(messages: list[Any], token: bytes | None = None) -> bytes:
+def pack(messages: list[Message], token: bytes | None = None) -> bytes:
     """One frame: the envelope around a round's messages (with the session's token for a
     client's frame to the daemon)."""
     envelope = [VERSION, messages] if token is None else [VERSION, messages, token]
     return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack(frame: bytes) -> list[Any]:
+def unpack(frame: bytes) -> list[Wire]:
     """The messages of one frame (the client's side: the daemon's frames, up to
     ``MAX_FRAME`` bytes).
 
@@ -218,7 +221,7 @@ def unpack_frame(
     max_messages: int = MAX_MESSAGES,
     max_map: int = MAX_MAP,
     max_str: int = MAX_STR,
-) -> tuple[list[Any], bytes | None]:
+) -> tuple[list[Wire], bytes | None]:
     """The messages of one frame and its token (None if it carries none).
 
     Decoded with limits, so that a frame cannot make more than a bounded amount of
@@ -275,11 +278,12 @@ def is_numeric_host(family: int, host: str) -> bool:
     return True
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
+    """An int that is not a bool (msgpack's true and false are Python bools)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_int(value: Any, what: str, low: int = -(1 << 62), high: int = 1 << 62) -> int:
+def check_int(value: object, what: str, low: int = -(1 << 62), high: int = 1 << 62) -> int:
     if not is_int(value) or not low <= value <= high:
         raise ProtocolViolation("malformed", f"{what} must be an int in {low}..{high}")
     return int(value)
