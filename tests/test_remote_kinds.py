@@ -23,12 +23,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import msgpack
 import pytest
-from test_daemon import HEARTBEAT, ROOT, Daemon
+import zmq
+from test_daemon import HEARTBEAT, ROOT, Daemon, RawClient
 
 import client
 import ioserver
 import ports
+from ioserver import _protocol as P
 from ports import Closed, Data, Datagram, ExitStatus
 
 pytestmark = pytest.mark.anyio
@@ -339,3 +342,73 @@ async def test_a_daemon_refuses_what_it_was_not_started_to_allow(
         assert status["client_ports"] == 0
     assert not marker.exists(), "the program was started"
     assert not (tmp_path / "u").exists()
+
+
+def test_the_daemon_checks_each_new_message_before_use(endpoint: str) -> None:
+    """A raw client's malformed or out-of-bounds open requests (through a daemon that
+    allows every kind): each a typed FAULT echoing its rid, nothing opened or started, and
+    a client of another protocol version refused with a clear text."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    raw = RawClient(context, endpoint)
+    try:
+        raw.sock.send(msgpack.packb([2, [[P.HELLO, 2]]]))  # a version-2 client's frame
+        raw.send([[P.HELLO, 2]])  # a version-2 HELLO in a version-3 frame
+        faults = raw.faults(2)
+        assert [f[2] for f in faults] == ["version", "version"]
+        assert "protocol version 2; this side speaks 3" in str(faults[0][3])
+        assert "client speaks 2; daemon speaks 3" in str(faults[1][3])
+        process = [P.OPEN_PROCESS]
+        zmq_open = [P.OPEN_ZMQ]
+        raw.send(
+            [
+                [P.HELLO, P.VERSION],
+                [*process, 10, 1, ["true"] * (P.MAX_ARGV + 1), "inherit", 1.0, {}, -1, False],
+                [*process, 11, 2, ["a\0b"], "inherit", 1.0, {}, -1, False],
+                [*process, 12, 3, ["x" * 4000] * 40, "inherit", 1.0, {}, -1, False],
+                [*process, 13, 4, ["true"], "tty", 1.0, {}, -1, False],
+                [*process, 14, 5, ["true"], "inherit", 1e9, {}, -1, False],
+                [P.CONNECT, 15, 6, int(socket.AF_UNIX), "x" * 200, {}, -1, False],
+                [*zmq_open, 16, 7, "STREAM", [], [], None, {}, -1, False],
+                [*zmq_open, 17, 8, "PAIR", ["inproc://zeromq.zap.01"], [], None, {}, -1, False],
+                [*zmq_open, 18, 9, "PAIR", ["tcp://localhost:0"], [], None, {}, -1, False],
+                [*zmq_open, 19, 10, "PAIR", ["tcp://127.0.0.1:0"] * 17, [], None, {}, -1, False],
+                [P.OPEN_TUN, 20, 11, "a/b", "tun", {}, -1, False],
+                [P.OPEN_UDP, 21, 12, ["127.0.0.1", 70000], None, {}, -1, False],
+                [P.SEND_TO, 99, b"x", None],
+                [P.SIGNAL, 99, 15],
+            ]
+        )
+        faults = raw.faults(14)
+        assert [(f[1], f[2]) for f in faults] == [
+            (10, "malformed"),
+            (11, "malformed"),
+            (12, "malformed"),
+            (13, "bad-option"),
+            (14, "bad-option"),
+            (15, "malformed"),
+            (16, "bad-option"),
+            (17, "bad-option"),
+            (18, "bad-option"),
+            (19, "malformed"),
+            (20, "bad-option"),
+            (21, "malformed"),
+            (None, "unknown-port"),
+            (None, "unknown-port"),
+        ]
+    finally:
+        raw.sock.close()
+        context.term()
+
+
+async def test_a_programs_signals_are_bounded(endpoint: str, no_leaks: None) -> None:
+    """SIGSTOP would freeze the daemon's child beyond its kill_grace: refused (logged as
+    a FAULT without a request), the program keeps running and is terminated at close."""
+    async with client.connect(endpoint) as ios:
+        script = "import sys; print('up', flush=True); sys.stdin.read()"
+        port = await ports.open_process(ios, [sys.executable, "-c", script], packet="line")
+        with anyio.fail_after(10):
+            assert await port.receive() == Data(b"up\n")
+            port.send_signal(signal.SIGSTOP)
+            port.send_signal(signal.SIGTERM)
+            assert await port.receive() == ExitStatus(-signal.SIGTERM)
+        await port.aclose()
