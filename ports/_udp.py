@@ -371,9 +371,9 @@ async def open_udp(
         OptionError: an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
 
-        Through a daemon (:func:`client.connect`) the socket is the daemon's: it resolves
-        ``bind`` and ``connect`` (the machine that sends resolves), and a failure is a
-        ``ConnectError`` as here.
+    Through a daemon (:func:`client.connect`) the socket is the daemon's: it resolves
+    ``bind`` and ``connect`` (the machine that sends resolves), and a failure is a
+    ``ConnectError`` as here.
     """
     hub = server._check_open("ports.open_udp")
     credit, settings = udp_options(dict(options))

@@ -188,6 +188,12 @@ async def test_each_kind_behaves_the_same_in_process_and_through_a_daemon(
             assert isinstance(ios, client.RemoteIOServer)
             status = await ios.status()
             assert status["client_ports"] == 0, status  # every id was released
+            # What the daemon held for this client was released as it left: ZeroMQ took
+            # the last frames, and the sends were written or dropped.
+            with anyio.fail_after(5):
+                while status["memory_in_use"] != 0:
+                    await anyio.sleep(0.02)
+                    status = await ios.status()
         assert ios.statistics().memory_in_use == 0
 
 
@@ -218,12 +224,17 @@ async def test_flow_control_crosses_the_wire_for_datagrams(endpoint: str, no_lea
 # -- what only a daemon has -------------------------------------------------------------
 async def _open_every_kind(ios: ioserver.IOServer, tmp_path: Path) -> dict[str, object]:
     listener = await ports.listen_unix(ios, str(tmp_path / "kill.sock"))
-    return {
+    opened: dict[str, object] = {
         "udp": await ports.open_udp(ios),
         "unix": listener,
         "process": await ports.open_process(ios, ["cat"]),
         "zmq": await ports.open_zmq(ios, "PULL", bind="tcp://127.0.0.1:*"),
     }
+    try:
+        opened["tun"] = await ports.open_tun(ios, f"iork{uuid.uuid4().hex[:8]}")
+    except ports.ConnectError:
+        pass  # no CAP_NET_ADMIN here: the other kinds still count
+    return opened
 
 
 async def test_a_killed_daemon_ends_the_ports_of_every_kind(tmp_path: Path, no_leaks: None) -> None:
@@ -260,7 +271,12 @@ async def main():
         await ports.listen_unix(ios, sys.argv[2])
         program = await ports.open_process(ios, ["sleep", "60"], kill_grace=0.5)
         await ports.open_zmq(ios, "PULL", bind="tcp://127.0.0.1:*")
-        print(program.pid, flush=True)
+        tun = True
+        try:
+            await ports.open_tun(ios, sys.argv[3])
+        except ports.ConnectError:
+            tun = False  # no CAP_NET_ADMIN here
+        print(program.pid, tun, flush=True)
         await anyio.sleep_forever()
 anyio.run(main)
 """
@@ -270,17 +286,20 @@ def test_a_killed_clients_ports_of_every_kind_are_closed_by_the_daemon(
     endpoint: str, tmp_path: Path
 ) -> None:
     path = str(tmp_path / "client.sock")
+    device = f"iork{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     program = subprocess.Popen(
-        [sys.executable, "-c", KILLED_CLIENT, endpoint, path],
+        [sys.executable, "-c", KILLED_CLIENT, endpoint, path, device],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert program.stdout is not None
-        pid = int(program.stdout.readline())
+        pid_text, tun = program.stdout.readline().split()
+        pid = int(pid_text)
         assert not _gone(pid)
+        assert (tun == "True") == os.path.exists(f"/sys/class/net/{device}")
         with socket.socket(socket.AF_UNIX) as probe:
             probe.connect(path)  # the daemon's listener is there
         program.kill()  # kill -9: no BYE
@@ -293,6 +312,11 @@ def test_a_killed_clients_ports_of_every_kind_are_closed_by_the_daemon(
             time.sleep(0.02)
         assert _gone(pid), "the killed client's program still runs"
         assert not os.path.exists(path), "the killed client's listener is still there"
+        # Its TUN device (if this machine let it make one) went with its descriptor.
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/sys/class/net/{device}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/sys/class/net/{device}")
     finally:
         if program.poll() is None:
             program.kill()
