@@ -436,3 +436,27 @@ async def test_a_programs_signals_are_bounded(endpoint: str, no_leaks: None) -> 
             port.send_signal(signal.SIGTERM)
             assert await port.receive() == ExitStatus(-signal.SIGTERM)
         await port.aclose()
+
+
+def test_each_permission_is_a_flag_a_variable_and_a_config_key(tmp_path: Path) -> None:
+    """--allow-process/-unix/-tun reach the daemon's configuration the three ways every
+    serve option does, and are off by default."""
+    from ioserver._cli import _daemon_config, _parser
+    from ioserver._config import apply_defaults
+
+    def allowed(argv: list[str], environ: dict[str, str]) -> frozenset[str]:
+        _, commands = _parser()
+        parser = commands["serve"]
+        apply_defaults(parser, argv, environ)
+        options = parser.parse_args(argv)
+        options.arguments = list(argv)
+        return frozenset(_daemon_config(options).allow)
+
+    config = tmp_path / "ioserver.toml"
+    config.write_text("allow-tun = true\n")
+    assert allowed([], {}) == frozenset()
+    assert allowed(["--allow-process"], {}) == {"process"}
+    assert allowed([], {"IOSERVER_ALLOW_UNIX": "1"}) == {"unix"}
+    assert allowed([], {"IOSERVER_CONFIG": str(config)}) == {"tun"}
+    everything = ["--allow-process", "--allow-unix", "--allow-tun"]
+    assert allowed(everything, {}) == {"process", "unix", "tun"}
