@@ -546,6 +546,15 @@ class RemoteIO(ZmqSocketHandler):
         except ProtocolViolation as exc:
             self.faults += 1
             log.error("ioserver daemon at %s sent a bad frame: %s", self.endpoint, exc)
+            if exc.kind == "version" and self._hello is not None:
+                # A daemon of another protocol version (its FAULT to our HELLO, in its
+                # envelope): refuse the session now rather than time out waiting.
+                error = ProtocolError(
+                    f"the ioserver daemon at {self.endpoint} speaks another protocol "
+                    f"version: {exc} (upgrade the older side)",
+                    kind="version",
+                )
+                self._lose(str(error), error)
             return
         for message in messages:
             try:

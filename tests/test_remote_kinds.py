@@ -460,3 +460,37 @@ def test_each_permission_is_a_flag_a_variable_and_a_config_key(tmp_path: Path) -
     assert allowed([], {"IOSERVER_CONFIG": str(config)}) == {"tun"}
     everything = ["--allow-process", "--allow-unix", "--allow-tun"]
     assert allowed(everything, {}) == {"process", "unix", "tun"}
+
+
+async def test_a_daemon_of_another_protocol_version_is_refused_at_once(
+    tmp_path: Path, no_leaks: None
+) -> None:
+    """A version-2 daemon (a ROUTER answering as one does: a FAULT in its envelope) makes
+    client.connect raise ProtocolError "version" at once, not DaemonUnavailable after
+    its timeout."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    (tmp_path / "run").mkdir(mode=0o700)
+    path = tmp_path / "run" / "control"
+    router.bind(f"ipc://{path}")
+    os.chmod(path, 0o600)
+
+    def answer() -> None:
+        assert router.poll(10_000)
+        identity, _ = router.recv_multipart()
+        fault = [P.FAULT, None, "version", "protocol version 3; this side speaks 2"]
+        router.send_multipart([identity, msgpack.packb([2, [fault]])])
+
+    try:
+        with anyio.fail_after(5):  # well before connect's own timeout of 30 s
+            async with anyio.create_task_group() as group:
+                group.start_soon(anyio.to_thread.run_sync, answer)
+                with pytest.raises(client.ProtocolError) as caught:
+                    async with client.connect(f"ipc://{path}", timeout=30):
+                        pass
+        assert caught.value.kind == "version"
+        assert "another protocol version" in str(caught.value), caught.value
+    finally:
+        router.close()
+        context.term()
