@@ -23,6 +23,14 @@ with the flow-control window the I/O thread reads, updated from the client's mes
   thread reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port
   (``send_blocked``: more sent than written and reported, beyond the low watermark).
 
+Every kind of port crosses (protocol version 3): a TCP or Unix stream or listener is a
+``Conn``, a UDP or TUN port a datagram handler, a ZeroMQ port a ``ZmqHandler`` made
+here, a program a ``ProcessWatcher`` and its stream ``Conn`` (started by a worker
+thread); each has a :class:`RemotePortState` whose ``kind`` says what its SEND may carry
+and when its id is released (GONE).  The kinds that let a client act as the daemon's user
+beyond the network - programs, Unix paths, TUN devices (:data:`PERMISSIONS`) - are
+served only when the daemon was started to allow them (FAULT ``"forbidden"``).
+
 A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
 its WELCOME, which every later frame must carry (a peer that takes over an orphaned
 session's routing id does not know it, so it gets no port of that session).  A session
@@ -36,8 +44,11 @@ or do is here, so that a refusal is cheap and memory stays under the budget:
   (``ZMQ_MAXMSGSIZE``); a frame is decoded with msgpack's limits; after
   ``faults_per_frame`` refusals the rest of a frame is ignored; refusals are logged at
   most ``log_per_second`` times a second;
-- sessions (``max_sessions``), ports a session opens (``max_ports``), host names being
-  resolved (``max_resolving``; resolved by worker threads, never by the I/O thread);
+- sessions (``max_sessions``), ports a session opens (``max_ports``), jobs of the
+  worker threads (``max_resolving``): host names are resolved and programs forked there,
+  never on the I/O thread;
+- what an open request carries (paths, argv, endpoints, topics, device names, signals)
+  is checked and bounded by :mod:`ioserver._protocol` before use;
 - STATUS is computed at most once a round and answered at most ``status_per_round``
   times per session and round;
 - output to a client: DATA stays charged to the memory budget until ZeroMQ has taken
@@ -148,7 +159,8 @@ class ControlLimits:
     session_queue: int = 4 * 1024 * 1024
     #: frames ZeroMQ queues for one client (``ZMQ_SNDHWM``) [they wait in the session].
     send_hwm: int = 32
-    #: host names being resolved at once, all sessions [CONNECT/LISTEN: FAULT "limit"].
+    #: jobs in the worker threads at once, all sessions: host names being resolved,
+    #: programs being started [CONNECT/LISTEN/OPEN_UDP/OPEN_PROCESS: FAULT "limit"].
     max_resolving: int = 64
     #: STATUS requests answered per session and round [FAULT "limit"].
     status_per_round: int = 4
