@@ -494,3 +494,19 @@ async def test_a_daemon_of_another_protocol_version_is_refused_at_once(
     finally:
         router.close()
         context.term()
+
+
+async def test_udp_names_are_resolved_by_the_daemon(endpoint: str, no_leaks: None) -> None:
+    """The machine that sends resolves: a name given to open_udp goes to the daemon as it
+    is, which resolves it off its I/O thread (its status counts it), and a name that does
+    not resolve is a ConnectError with its EAI_* name."""
+    async with client.connect(endpoint) as ios:
+        before = (await ios.status())["names_resolved"]
+        assert isinstance(before, int)
+        async with await ports.open_udp(ios, ("localhost", 0)) as port:
+            assert port.local_address[0] in ("127.0.0.1", "::1")
+        after = (await ios.status())["names_resolved"]
+        assert isinstance(after, int) and after == before + 1
+        with pytest.raises(ports.ConnectError) as caught:
+            await ports.open_udp(ios, connect=("no-such-host.invalid", 9))
+        assert str(caught.value.errno_name).startswith("EAI_")
