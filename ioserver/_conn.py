@@ -213,6 +213,11 @@ class ReceivingHandler(Handler, ReceiveFlow):
         """Stop reading until the owner has taken enough (the handshake of
         ioserver._flow); resume at once if it already has."""
         if self.pause():
+            on_pause = self.window.on_pause
+            if on_pause is not None:
+                # A daemon's client port: the client cannot read this handler; tell it,
+                # as IOThread._pause_msgq tells it of a stream's pause.
+                on_pause(self.pause_generation)
             self.may_resume(self.pause_generation)
         self._reading_changed()
 

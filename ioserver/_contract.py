@@ -46,12 +46,21 @@ __all__ = [
     "LoopHalf",
     "MakePort",
     "PortIO",
+    "ProcessControl",
+    "ProcessRequest",
+    "RemoteOpens",
+    "Settings",
     "TunRequest",
     "UDPRequest",
+    "ZmqRequest",
 ]
 
 #: The owning loop's inbox: ``deliver((port or request, message))``, on the I/O thread.
 Deliver = Callable[[tuple[Any, Any]], None]
+
+#: A port's validated options, as its kind's ``_options.*_options`` returned them (the
+#: open requests' ``options``): option names to values of the option's own type.
+Settings = dict[str, Any]
 
 
 @runtime_checkable
@@ -167,6 +176,76 @@ class TunRequest:
     #: The validated TUN/TAP options (``_options.tun_options``).
     options: dict[str, Any]
     active: tuple[int, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRequest:
+    """Start a program whose stdin and stdout are the port's stream (a daemon's client:
+    the program runs as the daemon's child; ``ports.open_process`` starts local ones
+    itself)."""
+
+    port: LoopHalf
+    deliver: Deliver
+    #: The program and its arguments (checked: ``ports._process._check_argv``).
+    argv: tuple[str | bytes, ...]
+    #: ``"inherit"`` (the daemon's stderr), ``"devnull"`` or ``"stdout"``.
+    stderr: str
+    #: Seconds between SIGTERM and SIGKILL when the port closes.
+    kill_grace: float
+    #: The port's validated stream options (``_options.unix_options``).
+    options: dict[str, Any]
+    active: tuple[int, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ZmqRequest:
+    """Open a ZeroMQ socket in a daemon (``ports.open_zmq`` opens local ones itself)."""
+
+    port: LoopHalf
+    deliver: Deliver
+    #: The socket type's name (``"PUSH"``...).
+    socket_type: str
+    bind: tuple[str, ...]
+    connect: tuple[str, ...]
+    #: SUB topics (None: everything).
+    subscribe: tuple[bytes, ...] | None
+    #: The port's options as ``_options.zmq_options`` returned them, ``active`` aside.
+    options: dict[str, Any]
+    active: tuple[int, bool]
+
+
+class ProcessControl(Protocol):
+    """What a process port asks of the half that runs its program: the local
+    ``ProcessWatcher``, or a daemon's client's stand-in for the daemon's one."""
+
+    pid: int
+
+    def cmd_signal(self, number: int) -> None:
+        """Send signal ``number`` to the program unless it was reaped."""
+        ...
+
+    def cmd_terminate(self, _: object) -> None:
+        """SIGTERM now, SIGKILL after the port's ``kill_grace``."""
+        ...
+
+
+@runtime_checkable
+class RemoteOpens(Protocol):
+    """An I/O half that opens every kind of port by command, in another process: a
+    daemon's client (``client._remote.RemoteIO``).  The port functions hand it their
+    request, answered as the I/O thread answers (``(conn, local, remote)``; a TUN port
+    ``(conn, device)``; a process port ``(conn, pid)``), instead of opening the socket,
+    device or program here."""
+
+    def cmd_open_udp(self, request: object, spec: UDPRequest) -> None: ...
+
+    def cmd_open_tun(self, request: object, spec: TunRequest) -> None: ...
+
+    def cmd_listen_unix(self, request: object, spec: ListenRequest) -> None: ...
+
+    def cmd_open_process(self, request: object, spec: ProcessRequest) -> None: ...
+
+    def cmd_open_zmq(self, request: object, spec: ZmqRequest) -> None: ...
 
 
 class IOHalf(Protocol):

@@ -23,6 +23,14 @@ with the flow-control window the I/O thread reads, updated from the client's mes
   thread reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port
   (``send_blocked``: more sent than written and reported, beyond the low watermark).
 
+Every kind of port crosses (protocol version 3): a TCP or Unix stream or listener is a
+``Conn``, a UDP or TUN port a datagram handler, a ZeroMQ port a ``ZmqHandler`` made
+here, a program a ``ProcessWatcher`` and its stream ``Conn`` (started by a worker
+thread); each has a :class:`RemotePortState` whose ``kind`` says what its SEND may carry
+and when its id is released (GONE).  The kinds that let a client act as the daemon's user
+beyond the network - programs, Unix paths, TUN devices (:data:`PERMISSIONS`) - are
+served only when the daemon was started to allow them (FAULT ``"forbidden"``).
+
 A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
 its WELCOME, which every later frame must carry (a peer that takes over an orphaned
 session's routing id does not know it, so it gets no port of that session).  A session
@@ -36,8 +44,11 @@ or do is here, so that a refusal is cheap and memory stays under the budget:
   (``ZMQ_MAXMSGSIZE``); a frame is decoded with msgpack's limits; after
   ``faults_per_frame`` refusals the rest of a frame is ignored; refusals are logged at
   most ``log_per_second`` times a second;
-- sessions (``max_sessions``), ports a session opens (``max_ports``), host names being
-  resolved (``max_resolving``; resolved by worker threads, never by the I/O thread);
+- sessions (``max_sessions``), ports a session opens (``max_ports``), jobs of the
+  worker threads (``max_resolving``): host names are resolved and programs forked there,
+  never on the I/O thread;
+- what an open request carries (paths, argv, endpoints, topics, device names, signals)
+  is checked and bounded by :mod:`ioserver._protocol` before use;
 - STATUS is computed at most once a round and answered at most ``status_per_round``
   times per session and round;
 - output to a client: DATA stays charged to the memory budget until ZeroMQ has taken
@@ -56,27 +67,59 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TypeVar, cast
 
 import zmq
 
 from . import _protocol as P
 from ._conn import CONNECTING, LISTENER, STREAM, Conn, Handler
-from ._contract import ConnectRequest, ListenRequest
-from ._exceptions import ConnectError, OptionError
-from ._flow import Window
+from ._contract import (
+    ConnectRequest,
+    ListenRequest,
+    ProcessRequest,
+    Settings,
+    TunRequest,
+    UDPRequest,
+)
+from ._exceptions import ConnectError, OptionError, PollerLimitError, errno_name
+from ._flow import ReceiveFlow, Window
 from ._framing import port_framer
 from ._iothread import IOThread
-from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
-from ._options import LISTEN_OPTIONS, check_options, port_options
+from ._messages import (
+    WRITABLE,
+    Accepted,
+    Closed,
+    Data,
+    Datagram,
+    Error,
+    ExitStatus,
+    Packet,
+    Passive,
+)
+from ._options import (
+    LISTEN_OPTIONS,
+    check_options,
+    port_options,
+    tun_options,
+    udp_options,
+    unix_options,
+    zmq_options,
+)
+from ._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ._protocol import ProtocolViolation
-from ._zmq import ZmqSocketHandler
+from ._tun import IFNAMSIZ, cmd_open_tun
+from ._udp import DatagramHandler, cmd_open_udp
+from ._unix import cmd_listen_unix
+from ._zmq import ZmqHandler, ZmqSocketHandler
 
 log = logging.getLogger("ioserver")
+_T = TypeVar("_T")
 
 RECEIVE_BATCH = 256  # frames taken from the control socket per round
 #: Messages the control endpoint runs per round of the I/O thread, all clients together:
@@ -90,6 +133,13 @@ _EAI_NAMES = {
     for name in dir(socket)
     if name.startswith("EAI_") and isinstance(getattr(socket, name), int)
 }
+
+
+#: The kinds of port a daemon serves only when started with ``--allow-KIND``: each lets a
+#: client act as the daemon's user beyond the network (docs: "Limits and security").
+#: ``process``: run any program; ``unix``: Unix socket paths and ``ipc://`` ZeroMQ
+#: endpoints on the daemon's file system; ``tun``: TUN/TAP devices in its namespace.
+PERMISSIONS = ("process", "unix", "tun")
 
 
 @dataclass
@@ -109,7 +159,8 @@ class ControlLimits:
     session_queue: int = 4 * 1024 * 1024
     #: frames ZeroMQ queues for one client (``ZMQ_SNDHWM``) [they wait in the session].
     send_hwm: int = 32
-    #: host names being resolved at once, all sessions [CONNECT/LISTEN: FAULT "limit"].
+    #: jobs in the worker threads at once, all sessions: host names being resolved,
+    #: programs being started [CONNECT/LISTEN/OPEN_UDP/OPEN_PROCESS: FAULT "limit"].
     max_resolving: int = 64
     #: STATUS requests answered per session and round [FAULT "limit"].
     status_per_round: int = 4
@@ -143,28 +194,50 @@ class RemotePortState:
         "_unsent",
         "_window",
         "conn",
+        "kind",
         "low_watermark",
         "pid",
         "reported_bytes_out",
         "session",
+        "watcher",
     )
 
-    def __init__(self, session: Session, pid: int, options: dict[str, Any]) -> None:
+    def __init__(self, session: Session, pid: int, options: Settings, kind: str = "stream") -> None:
         self.session = session
         self.pid = pid
-        window = self._window = Window(port_framer(options))
+        #: ``"stream"`` (TCP, Unix), ``"process"``, ``"datagram"`` (UDP), ``"tun"``,
+        #: ``"zmq"``: what its SEND may carry and when its id is released.
+        self.kind = kind
+        window = self._window = Window(port_framer(options) if kind != "zmq" else None)
         window.on_pause = self._paused
-        window.on_gone = self._gone
+        if kind == "stream":
+            # A stream Conn tells when the I/O thread releases it.  A handler does not,
+            # and a program's port lives until its exit status: those are released at
+            # their final Closed, or when the client closes them (Session.deliver).
+            window.on_gone = self._gone
+        if kind == "zmq":
+            window.sizes = deque()  # each message's size, as ports.ZmqPort's window
         self._unsent = 0  # bytes of its DATA queued in the session, not yet taken by ZeroMQ
         self.reported_bytes_out = 0
         self.low_watermark = options.get("low_watermark", 0)
-        self.conn: Conn | None = None
+        #: The port's I/O half: a stream Conn, or a handler (UDP, TUN, ZeroMQ).
+        self.conn: Conn | Handler | None = None
+        self.watcher: ProcessWatcher | None = None  # a process port's program
 
     def _update_send_blocked(self) -> None:
         """The client may think the port busy: have the I/O thread report ``bytes_out``
         when it drains (WRITTEN).  Called whenever what it sent or was told changes."""
         window = self._window
         window.send_blocked = window.queued_bytes - self.reported_bytes_out > self.low_watermark
+
+    def bytes_out(self) -> int:
+        """What its I/O half sent (a datagram handler: sent or dropped), for WRITTEN."""
+        conn = self.conn
+        if isinstance(conn, DatagramHandler):
+            return conn.out_done
+        if isinstance(conn, (Conn, ZmqHandler)):
+            return conn.bytes_out
+        return 0
 
     def _paused(self, generation: int) -> None:
         self.session.emit([P.PAUSED, self.pid, generation])
@@ -181,6 +254,10 @@ class _Request:
         self.state = state
 
 
+#: A job for the daemon's worker threads: a name to resolve, a program to start.
+_Job = tuple[_Request, "ConnectRequest | ListenRequest | UDPRequest | ProcessRequest"]
+
+
 class Session:
     """One client: its ports, its outgoing events, its liveness."""
 
@@ -190,7 +267,7 @@ class Session:
         self.token = token
         self.user: str | None = None  # the ZAP User-Id of its client (CURVE: its key)
         self.ports: dict[int, RemotePortState] = {}
-        self.outbound: list[Any] = []
+        self.outbound: list[P.Message] = []
         # The DATA of ``outbound`` as (port, bytes charged), credited when ZeroMQ takes
         # the frame; ``pending`` holds the frames ZeroMQ could not take yet, with theirs.
         self.out_credits: list[tuple[RemotePortState, int]] = []
@@ -207,7 +284,7 @@ class Session:
         self.messages_in = 0
         self.faults = 0
 
-    def emit(self, message: list[Any]) -> None:
+    def emit(self, message: P.Message) -> None:
         if self.closed:
             return
         if not self.outbound:
@@ -218,11 +295,16 @@ class Session:
         self.faults += 1
         self.emit([P.FAULT, rid if P.is_int(rid) else None, kind, text])
 
-    def deliver(self, pair: tuple[Any, Any]) -> None:
+    def deliver(self, pair: tuple[object, object]) -> None:
         """The I/O thread's ``conn.deliver`` for this client's ports: encode the event."""
         target, message = pair
-        cls = message.__class__
-        if cls is Data:
+        if not isinstance(target, RemotePortState):
+            if isinstance(target, _Request):
+                self._answer(target, message)
+            else:  # pragma: no cover - the I/O thread delivers to what it was given
+                log.error("no wire form for %r to %r", message, target)
+            return
+        if isinstance(message, Data):
             sizes = target._window.sizes
             if sizes is None:
                 data = message.data
@@ -231,32 +313,32 @@ class Session:
             else:
                 size = sizes.popleft()
                 self.emit([P.DATA, target.pid, message.data, size])
-            # Still the daemon's memory until ZeroMQ takes the frame (``sent``).
-            self.out_credits.append((target, size))
-            target._unsent += size
-            self.held += size
-            self.out_size += size
-            limits = self.control.limits
-            if self.held > limits.session_queue:
-                self.hold(target)
-            if self.out_size >= limits.max_frame:
-                self.control.send_now(self)
+            self._charge(target, size)
+        elif isinstance(message, (Datagram, Packet)):
+            data = message.data
+            address = P.wire_address(message.address) if isinstance(message, Datagram) else None
+            self.emit([P.DATAGRAM, target.pid, data, address])
+            self._charge(target, len(data))
         elif message is WRITABLE:
-            conn = target.conn
-            if conn is not None:
-                target.reported_bytes_out = conn.bytes_out
+            if target.conn is not None:
+                sent = target.bytes_out()
+                target.reported_bytes_out = sent
                 target._update_send_blocked()
-                self.emit([P.WRITTEN, target.pid, conn.bytes_out])
-        elif cls is Closed:
+                self.emit([P.WRITTEN, target.pid, sent])
+        elif isinstance(message, Closed):
             self.emit([P.CLOSED, target.pid, message.reason, message.errno_name])
-        elif cls is Error:
+            if target.kind != "stream":
+                self.port_gone(target)  # its final message: the handler or program is done
+        elif isinstance(message, ExitStatus):
+            self.emit([P.EXIT, target.pid, message.status])
+        elif isinstance(message, Error):
             self.emit([P.ERROR, target.pid, message.errno_name, message.errno, message.message])
-        elif cls is Passive:
+        elif isinstance(message, Passive):
             self.emit([P.PASSIVE, target.pid])
-        elif cls is Accepted:
+        elif isinstance(message, Accepted) and isinstance(message.port, RemotePortState):
             state = message.port
             conn = state.conn
-            local = conn.sock.getsockname() if conn is not None and not conn.closed else None
+            local = conn.sock.getsockname() if isinstance(conn, Conn) and not conn.closed else None
             self.emit(
                 [
                     P.ACCEPTED,
@@ -266,15 +348,30 @@ class Session:
                     P.wire_address(message.address),
                 ]
             )
-        elif isinstance(target, _Request):
-            self._answer(target, message)
         else:  # pragma: no cover - every event the I/O thread makes is handled above
             log.error("no wire form for %r", message)
+
+    def _charge(self, target: RemotePortState, size: int) -> None:
+        """A DATA or DATAGRAM of ``size`` bytes was queued for the client: it stays the
+        daemon's memory until ZeroMQ takes its frame (``sent``)."""
+        self.out_credits.append((target, size))
+        target._unsent += size
+        self.held += size
+        self.out_size += size
+        limits = self.control.limits
+        if self.held > limits.session_queue:
+            self.hold(target)
+        if self.out_size >= limits.max_frame:
+            self.control.send_now(self)
 
     def _answer(self, request: _Request, result: object) -> None:
         state = request.state
         if isinstance(result, tuple):
-            conn, local, remote = result
+            if len(result) == 2:  # a TUN port: (handler, device name)
+                conn, local = result
+                remote = None
+            else:
+                conn, local, remote = result
             state.conn = conn
             self.emit([P.OK, request.rid, P.wire_address(local), P.wire_address(remote)])
             if self.closed:
@@ -318,8 +415,10 @@ class Session:
         else:
             self._hold(target.conn)
 
-    def _hold(self, conn: Conn | None) -> None:
-        if conn is None or conn.closed or conn.queue_paused:
+    def _hold(self, conn: Conn | Handler | None) -> None:
+        # A handler (UDP, TUN, ZeroMQ) is held by its window alone: its messages are few
+        # and bounded by their watermarks, and the kernel or ZeroMQ drops or queues more.
+        if not isinstance(conn, Conn) or conn.closed or conn.queue_paused:
             return
         if conn.kind == STREAM:
             conn.queue_paused = True
@@ -333,7 +432,7 @@ class Session:
         io = self.control.io
         for state in self.ports.values():
             conn = state.conn
-            if conn is not None and conn.queue_paused:
+            if isinstance(conn, Conn) and conn.queue_paused:
                 conn.queue_paused = False
                 if conn.kind == STREAM and not conn.closed:
                     io._stream_interest(conn)
@@ -341,7 +440,7 @@ class Session:
     def port_gone(self, state: RemotePortState) -> None:
         if self.ports.get(state.pid) is state:
             del self.ports[state.pid]
-        self.emit([P.GONE, state.pid])
+            self.emit([P.GONE, state.pid])
 
     def close(self, why: str) -> None:
         """Close every port of the session (after writing their output)."""
@@ -353,7 +452,9 @@ class Session:
             conn = state.conn
             if conn is not None and not conn.closed:
                 count += 1
-                io.cmd_close(conn, None)
+                io.cmd_close(_entry(conn), None)
+            if state.watcher is not None:
+                state.watcher.terminate()  # SIGTERM, SIGKILL after its grace; reaped
         if self.outbound:  # what was answered before the end still goes (best effort)
             self.control._send(self.identity, P.pack(self.outbound))
         self.closed = True
@@ -384,12 +485,15 @@ class ControlEndpoint(ZmqSocketHandler):
         sock: zmq.Socket[bytes],
         *,
         heartbeat: float,
-        info: dict[str, Any],
-        status: Any,
+        info: dict[str, P.Wire],
+        status: Callable[[], dict[str, P.Wire]],
         limits: ControlLimits | None = None,
         bind_user: bool = False,
+        allow: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(io, sock)
+        #: The kinds of :data:`PERMISSIONS` this daemon serves (``--allow-KIND``).
+        self.allow = allow
         # Under CURVE a session is also bound to the client's key, the ZAP "User-Id" of
         # its frames: a token alone, leaked, does not let another key in.
         self._copy = not bind_user
@@ -409,7 +513,7 @@ class ControlEndpoint(ZmqSocketHandler):
         # The round's message budget (MESSAGE_BUDGET), and the rest of a frame it cut.
         self._budget = MESSAGE_BUDGET
         self._budget_round = -1
-        self._rest: tuple[bytes, Session | None, str | None, list[Any], int, int] | None = None
+        self._rest: tuple[bytes, Session | None, str | None, list[P.Wire], int, int] | None = None
         self.budget = _Budget()
         self.faults = 0
         self.faults_unanswered = 0
@@ -420,11 +524,11 @@ class ControlEndpoint(ZmqSocketHandler):
         self.names_resolved = 0
         self._resolving = 0
         self._resolver: ThreadPoolExecutor | None = None
-        self._status_cache: tuple[int, dict[str, Any]] | None = None
+        self._status_cache: tuple[int, dict[str, P.Wire]] | None = None
         self._log_window = 0.0
         self._log_count = 0
         self._log_suppressed = 0
-        self._timer: Any = None
+        self._timer: list[Callable[[], None] | None] | None = None
         io._budget_owners.append(self.budget)
         # Remote clients are served by this thread itself: it must not pause for the flush
         # point of a local app's loop (see ioserver._wakeup).
@@ -469,12 +573,13 @@ class ControlEndpoint(ZmqSocketHandler):
             return
         user: str | None = None
         if not self._copy:  # zmq.Frame objects: bind the session to the client's key
-            last: Any = frames[-1]
+            received = cast("list[zmq.Frame]", frames)  # read with copy=False (ZmqSocketHandler)
             try:
-                user = last.get("User-Id")
+                value = received[-1].get("User-Id")
             except zmq.ZMQError:
-                user = None
-            frames = [frame.bytes for frame in frames]  # type: ignore[attr-defined]
+                value = None
+            user = value if isinstance(value, str) else None
+            frames = [frame.bytes for frame in received]
         identity, frame = frames
         session = self.sessions.get(identity)
         limits = self.limits
@@ -506,7 +611,7 @@ class ControlEndpoint(ZmqSocketHandler):
         identity: bytes,
         session: Session | None,
         user: str | None,
-        messages: list[Any],
+        messages: list[P.Wire],
         start: int,
         refused: int,
     ) -> None:
@@ -536,19 +641,15 @@ class ControlEndpoint(ZmqSocketHandler):
                     raise ProtocolViolation("unknown-opcode", f"unknown opcode {opcode}")
                 handler(self, session, message)
             except ProtocolViolation as exc:
-                rid = exc.rid
-                if (
-                    rid is None
-                    and len(message) > 1
-                    and P.is_int(message[1])
-                    and message[0] in (P.CONNECT, P.LISTEN, P.STATUS)
-                ):
-                    rid = message[1]
+                rid: object = exc.rid
+                if rid is None and isinstance(message, list) and message[0] in _REQUESTS:
+                    rid = message[1] if len(message) > 1 else None  # echoed if an int
                 self._refuse(identity, session, rid, exc.kind, str(exc))
                 refused += 1
             except Exception as exc:  # a bug serving one message: refuse it, keep serving
                 self.io.internal_errors += 1
-                log.exception("control endpoint: error while serving %r", message[:2])
+                shown = message[:2] if isinstance(message, list) else message
+                log.exception("control endpoint: error while serving %r", shown)
                 self._refuse(identity, session, None, "internal", repr(exc))
                 refused += 1
             if refused >= limits.faults_per_frame and index + 1 < len(messages):
@@ -574,7 +675,7 @@ class ControlEndpoint(ZmqSocketHandler):
         else:
             self._send(identity, P.pack([[P.FAULT, rid if P.is_int(rid) else None, kind, text]]))
 
-    def _log_refusal(self, form: str, *args: Any) -> None:
+    def _log_refusal(self, form: str, *args: object) -> None:
         """Log a refusal, at most ``log_per_second`` lines a second; the others are
         counted and one line says how many (at the next refusal or heartbeat tick)."""
         now = time.monotonic()
@@ -595,7 +696,7 @@ class ControlEndpoint(ZmqSocketHandler):
             )
             self._log_suppressed = 0
 
-    def _hello(self, identity: bytes, session: Session | None, message: list[Any]) -> Session:
+    def _hello(self, identity: bytes, session: Session | None, message: P.Message) -> Session:
         if len(message) != 2 or not P.is_int(message[1]):
             raise ProtocolViolation("malformed", "HELLO is [1, client_version]")
         if message[1] != P.VERSION:
@@ -618,7 +719,7 @@ class ControlEndpoint(ZmqSocketHandler):
         session.emit([P.WELCOME, {**self.info, "token": session.token}])
         return session
 
-    def cached_status(self) -> dict[str, Any]:
+    def cached_status(self) -> dict[str, P.Wire]:
         """The status, computed at most once a round (it scans the port table)."""
         round_ = self.io.polls
         cache = self._status_cache
@@ -627,27 +728,43 @@ class ControlEndpoint(ZmqSocketHandler):
         return cache[1]
 
     # -- host names: resolved by worker threads, never by the I/O thread -----------------
-    def resolve(self, request: _Request, spec: ConnectRequest | ListenRequest) -> None:
-        """Resolve the address of a CONNECT or LISTEN off the I/O thread, then open it.
+    def resolve(self, request: _Request, spec: ConnectRequest | ListenRequest | UDPRequest) -> None:
+        """Resolve the address of a CONNECT, LISTEN or OPEN_UDP off the I/O thread, then
+        open it.
 
         Raises:
-            ProtocolViolation: ``max_resolving`` names are being resolved already.
+            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
         """
+        self._work(_resolve_name, self._resolved, (request, spec), "host names are being resolved")
+
+    def start_program(self, request: _Request, spec: ProcessRequest) -> None:
+        """Start a client's program in a worker thread (never a fork on the I/O thread).
+
+        Raises:
+            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
+        """
+        self._work(_start_program, self._program_started, (request, spec), "programs are starting")
+
+    def _work(
+        self,
+        function: Callable[[IOThread, Callable[[_Job, object], None], _Job], None],
+        done: Callable[[_Job, object], None],
+        job: _Job,
+        what: str,
+    ) -> None:
         if self._resolving >= self.limits.max_resolving:
             raise ProtocolViolation(
                 "limit",
-                f"{self._resolving} host names are being resolved; send a numeric address "
-                "or try again",
-                request.rid,
+                f"{self._resolving} {what} or other jobs are in the daemon's worker threads; "
+                "try again",
+                job[0].rid,
             )
         if self._resolver is None:
             self._resolver = ThreadPoolExecutor(4, thread_name_prefix="ioserver-resolve")
         self._resolving += 1
-        self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec))
+        self._resolver.submit(function, self.io, done, job)
 
-    def _resolved(
-        self, job: tuple[_Request, ConnectRequest | ListenRequest], result: object
-    ) -> None:
+    def _resolved(self, job: _Job, result: object) -> None:
         self._resolving -= 1
         request, spec = job
         state = request.state
@@ -658,10 +775,32 @@ class ControlEndpoint(ZmqSocketHandler):
             session._answer(request, result)
             return
         self.names_resolved += 1
-        if isinstance(spec, ListenRequest):
+        if isinstance(result, UDPRequest):
+            cmd_open_udp(self.io, request, result)
+        elif isinstance(spec, ListenRequest):
             self.io.cmd_listen(request, replace(spec, address=result))
-        else:
+        elif isinstance(spec, ConnectRequest):
             self.io.cmd_connect(request, replace(spec, address=result))
+
+    def _program_started(self, job: _Job, result: object) -> None:
+        self._resolving -= 1
+        request, _ = job
+        state = request.state
+        session = state.session
+        if isinstance(result, BaseException):
+            if not session.closed and session.ports.get(state.pid) is state:
+                session._answer(request, result)
+            return
+        assert isinstance(result, tuple)
+        watcher, conn = result
+        cmd_start_process(watcher, None)  # into the table: it will be reaped, whatever comes
+        if session.closed or session.ports.get(state.pid) is not state:
+            self.io.cmd_close(conn, None)
+            watcher.terminate()
+            return
+        state.conn = conn
+        state.watcher = watcher
+        session.emit([P.OK, request.rid, "", watcher.pid])
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -756,12 +895,12 @@ class ControlEndpoint(ZmqSocketHandler):
 
 
 # -- the commands (each runs on the I/O thread; raises ProtocolViolation when refused) ----
-def _arity(message: list[Any], count: int, form: str) -> None:
+def _arity(message: P.Message, count: int, form: str) -> None:
     if len(message) != count:
         raise ProtocolViolation("malformed", f"expected {form}")
 
 
-def _port(session: Session, pid: Any) -> RemotePortState:
+def _port(session: Session, pid: object) -> RemotePortState:
     state = session.ports.get(pid) if P.is_int(pid) else None
     if state is None or state.conn is None:
         raise ProtocolViolation("unknown-port", f"this session has no open port {pid!r}")
@@ -772,28 +911,57 @@ def _conn(state: RemotePortState) -> Conn:
     """The I/O half of a port :func:`_port` found open."""
     conn = state.conn
     assert conn is not None
-    return conn
+    return _entry(conn)
 
 
-def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) -> Any:
+def _entry(conn: Conn | Handler | ReceiveFlow) -> Conn:
+    """A port's I/O half as the I/O thread's port commands take it: they dispatch on
+    ``kind``, and a handler's (``HANDLER``) has the methods they call (see Handler)."""
+    return cast(Conn, conn)
 
-    if not P.is_int(pid) or pid <= 0:
+
+def _new_port(session: Session, rid: int, pid: object) -> int:
+    """The id of a port the client opens, checked: positive, unused, within the limit."""
+    if not P.is_int(pid):
         raise ProtocolViolation("malformed", "a client's port id is a positive int", rid)
+    pid = P.check_int(pid, "pid", 1)
     if pid in session.ports:
         raise ProtocolViolation("duplicate-port", f"port id {pid} is in use", rid)
     limit = session.control.limits.max_ports
     if len(session.ports) >= limit:
         raise ProtocolViolation("limit", f"this session has {limit} ports, its limit", rid)
+    return pid
+
+
+def _permit(control: ControlEndpoint, kind: str, rid: int, what: str) -> None:
+    """Refuse a kind of :data:`PERMISSIONS` the daemon was not started to allow."""
+    if kind not in control.allow:
+        raise ProtocolViolation(
+            "forbidden",
+            f"{what} is refused: this daemon was not started with --allow-{kind} "
+            f"(IOSERVER_ALLOW_{kind.upper()}=1, or allow-{kind} = true in its config file)",
+            rid,
+        )
+
+
+def _options_map(raw: object, rid: int) -> Settings:
     if not isinstance(raw, dict):
         raise ProtocolViolation("malformed", "options must be a map", rid)
-    options = dict(raw)
-    extra: dict[str, Any] = {}
+    return dict(raw)
+
+
+def _open_options(
+    session: Session, rid: int, pid: object, raw: object, listen: bool, unix: bool = False
+) -> tuple[Settings, Settings]:
+    _new_port(session, rid, pid)
+    options = _options_map(raw, rid)
+    extra: Settings = {}
     try:
         if listen:
             for name in ("backlog", "reuseaddr", "reuseport"):
                 if name in options:
                     extra[name] = options.pop(name)
-            check_options(extra, LISTEN_OPTIONS, "a remote TCP listener")
+            check_options(extra, LISTEN_OPTIONS, "a remote listener")
             accept_active = options.pop("accept_active", [-1, False])
             if not (
                 isinstance(accept_active, list)
@@ -803,28 +971,35 @@ def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) 
             ):
                 raise OptionError("accept_active must be [credit, notify]")
             extra["active"] = (accept_active[0], accept_active[1])
-        _, settings = port_options(options, "a remote TCP port")
+        if unix:
+            _, settings = unix_options(options, "a remote Unix socket port")
+        else:
+            _, settings = port_options(options, "a remote TCP port")
     except OptionError as exc:
         raise ProtocolViolation("bad-option", str(exc), rid) from None
     return settings, extra
 
 
-def _credit(message: list[Any], at: int) -> tuple[int, bool]:
+def _credit(message: P.Message, at: int) -> tuple[int, bool]:
     credit, notify = message[at], message[at + 1]
     if not P.is_int(credit) or not isinstance(notify, bool) or not -1 <= credit <= 1 << 20:
         raise ProtocolViolation("malformed", "an active mode is [credit: int, notify: bool]")
     return credit, notify
 
 
-def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_connect(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 8, "[10, rid, pid, family, address, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     family, address = _address(message, rid)
-    settings, _ = _open_options(session, rid, message[2], message[5], listen=False)
+    unix = family == P.AF_UNIX
+    if unix:
+        _permit(control, "unix", rid, "a Unix socket path")
+    pid = _new_port(session, rid, message[2])
+    settings, _ = _open_options(session, rid, pid, message[5], False, unix)
     active = _credit(message, 6)
-    state = RemotePortState(session, message[2], settings)
+    state = RemotePortState(session, pid, settings)
     spec = ConnectRequest(state, session.deliver, family, address, settings, active)
-    if P.is_numeric_host(family, address[0]):
+    if isinstance(address, str) or P.is_numeric_host(family, address[0]):
         session.ports[state.pid] = state
         control.io.cmd_connect(_Request(rid, state), spec)
     else:
@@ -832,14 +1007,17 @@ def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any])
         session.ports[state.pid] = state
 
 
-def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_listen(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 8, "[11, rid, pid, family, address, options, credit, notify]")
     rid = P.check_int(message[1], "rid")
     family, address = _address(message, rid)
-    settings, extra = _open_options(session, rid, message[2], message[5], listen=True)
+    unix = family == P.AF_UNIX
+    if unix:
+        _permit(control, "unix", rid, "a Unix socket path")
+    pid = _new_port(session, rid, message[2])
+    settings, extra = _open_options(session, rid, pid, message[5], True, unix)
     active = _credit(message, 6)
-    state = RemotePortState(session, message[2], settings)
-    session.ports[state.pid] = state
+    state = RemotePortState(session, pid, settings)
 
     def make_port(conn: Conn, local_address: object, remote_address: object) -> RemotePortState:
         accepted = RemotePortState(session, session.next_accepted, settings)
@@ -853,15 +1031,16 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
     spec = ListenRequest(
         state, session.deliver, family, address, {**extra, **settings}, active, make_port
     )
-    if P.is_numeric_host(family, address[0]):
-        session.ports[state.pid] = state
+    session.ports[state.pid] = state
+    if isinstance(address, str):
+        cmd_listen_unix(control.io, _Request(rid, state), spec)
+    elif P.is_numeric_host(family, address[0]):
         control.io.cmd_listen(_Request(rid, state), spec)
     else:
         control.resolve(_Request(rid, state), spec)
-        session.ports[state.pid] = state
 
 
-def _address(message: list[Any], rid: int) -> tuple[int, Any]:
+def _address(message: P.Message, rid: int) -> tuple[int, P.SockAddr]:
     try:
         return P.check_address(message[3], message[4])
     except ProtocolViolation as exc:
@@ -869,42 +1048,329 @@ def _address(message: list[Any], rid: int) -> tuple[int, Any]:
         raise
 
 
-def _cmd_send(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _checked(rid: int, check: Callable[[], _T]) -> _T:
+    """``check()``, its ProtocolViolation answering request ``rid``."""
+    try:
+        return check()
+    except ProtocolViolation as exc:
+        exc.rid = rid
+        raise
+
+
+def _cmd_open_udp(control: ControlEndpoint, session: Session, message: P.Message) -> None:
+    _arity(message, 8, "[12, rid, pid, bind, connect, options, credit, notify]")
+    rid = P.check_int(message[1], "rid")
+    pid = _new_port(session, rid, message[2])
+    bind = _checked(rid, lambda: P.check_host_port(message[3], "bind"))
+    connect = _checked(rid, lambda: P.check_host_port(message[4], "connect"))
+    try:
+        _, settings = udp_options(_options_map(message[5], rid))
+    except OptionError as exc:
+        raise ProtocolViolation("bad-option", str(exc), rid) from None
+    active = _credit(message, 6)
+    state = RemotePortState(session, pid, settings, "datagram")
+    spec = UDPRequest(state, session.deliver, 0, bind, connect, settings, active)
+    session.ports[pid] = state
+    request = _Request(rid, state)
+    if all(address is None or _numeric(address[0]) for address in (bind, connect)):
+        result = _udp_addresses(spec, numeric=True)
+        if isinstance(result, BaseException):
+            session._answer(request, result)
+        else:
+            cmd_open_udp(control.io, request, result)
+    else:
+        control.resolve(request, spec)
+
+
+def _numeric(host: str) -> bool:
+    return P.is_numeric_host(socket.AF_INET, host) or P.is_numeric_host(socket.AF_INET6, host)
+
+
+def _udp_addresses(spec: UDPRequest, numeric: bool) -> UDPRequest | ConnectError:
+    """``spec`` with its family and socket addresses, as ``ports.open_udp`` picks them
+    (``connect``'s family; ``bind`` of the same); blocking unless ``numeric``."""
+    flags = socket.AI_NUMERICHOST if numeric else 0
+    try:
+        remote = None
+        family = socket.AF_INET
+        if spec.connect is not None:
+            host, port = spec.connect
+            info = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, flags)
+            family, remote = info[0][0], info[0][4]
+        local = None
+        if spec.bind is not None:
+            host, port = spec.bind
+            infos = socket.getaddrinfo(
+                host or None, port, 0, socket.SOCK_DGRAM, 0, flags | socket.AI_PASSIVE
+            )
+            if spec.connect is not None:
+                infos = [info for info in infos if info[0] == family]
+                if not infos:
+                    return ConnectError(
+                        f"bind={spec.bind!r} and connect={spec.connect!r} are of different "
+                        "families",
+                        errno.EAFNOSUPPORT,
+                        "EAFNOSUPPORT",
+                    )
+            family, local = infos[0][0], infos[0][4]
+    except (OSError, UnicodeError) as exc:
+        return _resolve_error(spec.connect or spec.bind, exc)
+    return replace(spec, family=int(family), bind=local, connect=remote)
+
+
+def _cmd_open_tun(control: ControlEndpoint, session: Session, message: P.Message) -> None:
+    _arity(message, 8, "[13, rid, pid, name, mode, options, credit, notify]")
+    rid = P.check_int(message[1], "rid")
+    _permit(control, "tun", rid, "a TUN/TAP device")
+    pid = _new_port(session, rid, message[2])
+    name, mode = message[3], message[4]
+    if not isinstance(name, str) or len(name.encode("utf-8", "replace")) >= IFNAMSIZ:
+        raise ProtocolViolation("malformed", f"a device name is a str of < {IFNAMSIZ} bytes", rid)
+    if name in (".", "..") or any(c in name for c in "/: \t\n\0"):
+        raise ProtocolViolation("bad-option", f"{name!r} is not an interface name", rid)
+    if mode not in ("tun", "tap"):
+        raise ProtocolViolation("bad-option", 'mode must be "tun" or "tap"', rid)
+    try:
+        _, settings = tun_options(_options_map(message[5], rid))
+    except OptionError as exc:
+        raise ProtocolViolation("bad-option", str(exc), rid) from None
+    active = _credit(message, 6)
+    state = RemotePortState(session, pid, settings, "tun")
+    session.ports[pid] = state
+    spec = TunRequest(state, session.deliver, name, mode, settings, active)
+    cmd_open_tun(control.io, _Request(rid, state), spec)
+
+
+_STDERR = {"inherit": None, "devnull": subprocess.DEVNULL, "stdout": -1}
+
+
+def _cmd_open_process(control: ControlEndpoint, session: Session, message: P.Message) -> None:
+    _arity(message, 9, "[14, rid, pid, argv, stderr, kill_grace, options, credit, notify]")
+    rid = P.check_int(message[1], "rid")
+    _permit(control, "process", rid, "running a program")
+    pid = _new_port(session, rid, message[2])
+    argv = _checked(rid, lambda: P.check_argv(message[3]))
+    stderr, kill_grace = message[4], message[5]
+    if stderr not in _STDERR:
+        raise ProtocolViolation(
+            "bad-option", 'stderr must be "inherit", "devnull" or "stdout"', rid
+        )
+    if (
+        not isinstance(kill_grace, (int, float))
+        or isinstance(kill_grace, bool)
+        or not 0 <= kill_grace <= P.MAX_KILL_GRACE
+    ):
+        raise ProtocolViolation(
+            "bad-option", f"kill_grace must be 0..{P.MAX_KILL_GRACE:g} seconds", rid
+        )
+    settings, _ = _open_options(session, rid, pid, message[6], False, unix=True)
+    active = _credit(message, 7)
+    state = RemotePortState(session, pid, settings, "process")
+    spec = ProcessRequest(
+        state, session.deliver, argv, str(stderr), float(kill_grace), settings, active
+    )
+    control.start_program(_Request(rid, state), spec)
+    session.ports[pid] = state
+
+
+def _cmd_open_zmq(control: ControlEndpoint, session: Session, message: P.Message) -> None:
+    _arity(message, 10, "[15, rid, pid, type, bind, connect, topics, options, credit, notify]")
+    rid = P.check_int(message[1], "rid")
+    pid = _new_port(session, rid, message[2])
+    socket_type = message[3]
+    if socket_type not in P.ZMQ_TYPES:
+        raise ProtocolViolation(
+            "bad-option", f"a ZeroMQ socket type is one of {', '.join(sorted(P.ZMQ_TYPES))}", rid
+        )
+    binds = _checked(rid, lambda: P.check_endpoints(message[4], "bind"))
+    connects = _checked(rid, lambda: P.check_endpoints(message[5], "connect"))
+    topics = _checked(rid, lambda: P.check_topics(message[6]))
+    if any(endpoint.startswith("ipc://") for endpoint in binds + connects):
+        _permit(control, "unix", rid, "an ipc:// endpoint (a path on the daemon's machine)")
+    for endpoint in binds:
+        host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+        if endpoint.startswith("tcp://") and host != "*" and not _numeric(host):
+            # ZeroMQ would resolve a name in bind() itself, on the I/O thread.
+            raise ProtocolViolation(
+                "bad-option", f"{endpoint!r}: bind a numeric address or * in the daemon", rid
+            )
+    number = int(getattr(zmq, str(socket_type)))
+    if topics is not None and number != zmq.SUB:
+        raise ProtocolViolation("bad-option", "topics apply to SUB sockets only", rid)
+    try:
+        active, settings, given = zmq_options(_options_map(message[7], rid))
+    except OptionError as exc:
+        raise ProtocolViolation("bad-option", str(exc), rid) from None
+    active = _credit(message, 8)
+    state = RemotePortState(session, pid, settings, "zmq")
+    result = _open_zmq(
+        control.io, state, session, number, (binds, connects, topics), settings, given, active
+    )
+    session.ports[pid] = state
+    session._answer(_Request(rid, state), result)
+    if isinstance(result, tuple) and isinstance(result[0], ZmqHandler):
+        result[0].start()
+
+
+def _open_zmq(
+    io: IOThread,
+    state: RemotePortState,
+    session: Session,
+    number: int,
+    where: tuple[list[str], list[str], list[bytes] | None],
+    settings: Settings,
+    given: Settings,
+    active: tuple[int, bool],
+) -> tuple[ZmqHandler, str | None, str | None] | ConnectError | OptionError:
+    """A client's ZeroMQ socket, made, bound and connected on the I/O thread (ZeroMQ's
+    bind and connect do not block: it connects in its own threads)."""
+    binds, connects, topics = where
+    sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
+    io.zmq_sockets.add(sock)
+    linger = int(given["linger"] * 1000)
+    try:
+        sock.setsockopt(zmq.LINGER, linger)
+        for name, option in (("sndhwm", zmq.SNDHWM), ("rcvhwm", zmq.RCVHWM)):
+            if given[name] is not None:
+                sock.setsockopt(option, given[name])
+        if given["identity"] is not None:
+            sock.setsockopt(zmq.ROUTING_ID, given["identity"])
+        if given["router_mandatory"]:
+            if number != zmq.ROUTER:
+                raise OptionError("router_mandatory applies to ROUTER sockets only")
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if number == zmq.SUB:
+            for topic in [b""] if topics is None else topics:
+                sock.setsockopt(zmq.SUBSCRIBE, topic)
+        io.check_fd(int(sock.getsockopt(zmq.FD)))
+        local: str | None = None
+        what, endpoint = "bind", ""
+        for endpoint in binds:
+            sock.bind(endpoint)
+            local = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        what = "connect to"
+        for endpoint in connects:
+            sock.connect(endpoint)
+    except (OptionError, PollerLimitError) as exc:
+        io.zmq_sockets.discard(sock)
+        sock.close(linger=0)
+        if isinstance(exc, PollerLimitError):
+            return ConnectError(str(exc), errno.EMFILE, "EMFILE")
+        return exc
+    except zmq.ZMQError as exc:
+        io.zmq_sockets.discard(sock)
+        sock.close(linger=0)
+        name = errno_name(exc.errno)
+        return ConnectError(f"cannot {what} {endpoint!r}: {exc.strerror} ({name})", exc.errno, name)
+    handler = ZmqHandler(io, sock, state, session.deliver, settings, active, linger)
+    return handler, local, connects[0] if connects else None
+
+
+def _cmd_send(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 3, "[20, pid, data]")
     state = _port(session, message[1])
     data = message[2]
+    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
+    assert conn is not None
+    if data.__class__ is bytes:
+        assert isinstance(data, bytes)
+        if state.kind == "datagram" or state.kind == "tun":
+            raise ProtocolViolation("malformed", "a UDP or TUN port sends with SEND_TO")
+        state._window.queued_bytes += len(data)
+        state._update_send_blocked()
+        control.budget.queued_bytes += len(data)
+        control.io.cmd_send(_entry(conn), data)
+        return
+    if not (isinstance(conn, ZmqHandler) and isinstance(data, list) and data):
+        raise ProtocolViolation("malformed", "SEND data must be bin (a ZeroMQ port: [bin...])")
+    frames: list[bytes] = []
+    for frame in data:  # a multipart message: the frames are bin
+        if not isinstance(frame, bytes):
+            raise ProtocolViolation("malformed", "a ZeroMQ message is a list of bin")
+        frames.append(frame)
+    size = sum(len(frame) for frame in frames)
+    state._window.queued_bytes += size
+    state._update_send_blocked()
+    control.budget.queued_bytes += size
+    if conn.closed:
+        control.io.bytes_discarded += size  # it closed meanwhile: dropped, as cmd_send does
+        return
+    conn.outq.append(frames)  # as IOThread.cmd_send queues a local ZeroMQ port's message
+    conn.out_bytes += size
+    control.io.mark_dirty(conn)
+
+
+def _cmd_send_to(control: ControlEndpoint, session: Session, message: P.Message) -> None:
+    _arity(message, 4, "[26, pid, data, address]")
+    state = _port(session, message[1])
+    handler = state.conn
+    data, address = message[2], message[3]
+    if not isinstance(handler, DatagramHandler):
+        raise ProtocolViolation("malformed", "SEND_TO is for UDP and TUN ports")
     if not isinstance(data, bytes):
-        raise ProtocolViolation("malformed", "SEND data must be bytes")
+        raise ProtocolViolation("malformed", "SEND_TO data must be bin")
+    target: tuple[str, int] | tuple[str, int, int, int] | None = None
+    if address is not None:
+        if state.kind == "tun":
+            raise ProtocolViolation("malformed", "a TUN port's packets carry no address")
+        family = handler.sock.family
+        checked = P.check_address(int(family), address)[1]
+        # A name would make the I/O thread block in a resolver: numeric hosts only.
+        if isinstance(checked, str) or not P.is_numeric_host(family, checked[0]):
+            raise ProtocolViolation(
+                "malformed", "SEND_TO takes a numeric address of the port's family"
+            )
+        target = checked
     state._window.queued_bytes += len(data)
     state._update_send_blocked()
     control.budget.queued_bytes += len(data)
-    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
-    assert conn is not None
-    control.io.cmd_send(conn, data)
+    handler.cmd_send((data, target))
 
 
-def _cmd_send_eof(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_signal(control: ControlEndpoint, session: Session, message: P.Message) -> None:
+    _arity(message, 3, "[27, pid, signal]")
+    state = _port(session, message[1])
+    number = P.check_int(message[2], "signal", 0, 64)
+    watcher = state.watcher
+    if watcher is None:
+        raise ProtocolViolation("malformed", "SIGNAL is for process ports")
+    if number == 0:
+        watcher.terminate()
+    elif number in P.SIGNALS:
+        watcher.send_signal(number)
+    else:
+        raise ProtocolViolation(
+            "bad-option", f"signal {number} is not one a client may send ({sorted(P.SIGNALS)})"
+        )
+
+
+def _cmd_send_eof(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[21, pid]")
     control.io.cmd_send_eof(_conn(_port(session, message[1])), None)
 
 
-def _cmd_close(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_close(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[22, pid]")
-    control.io.cmd_close(_conn(_port(session, message[1])), None)
+    state = _port(session, message[1])
+    control.io.cmd_close(_conn(state), None)
+    if state.watcher is not None:
+        state.watcher.terminate()  # as a local process port's close: SIGTERM, then SIGKILL
+    if state.kind != "stream":
+        session.port_gone(state)  # the client closed it: no final message comes
 
 
-def _cmd_active(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_active(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 4, "[23, pid, credit, notify]")
     state = _port(session, message[1])
     control.io.cmd_set_active(_conn(state), _credit(message, 2))
 
 
-def _cmd_read_once(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_read_once(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[24, pid]")
     control.io.cmd_read_once(_conn(_port(session, message[1])), None)
 
 
-def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_resume(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 5, "[25, pid, generation, consumed_bytes, consumed_messages]")
     state = _port(session, message[1])
     generation = P.check_int(message[2], "generation", 0)
@@ -913,12 +1379,13 @@ def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) 
     # Counters only grow; a client cannot claim to have taken more than it was given, nor
     # what is still queued here for it: a client that does not read stays paused.
     conn = state.conn
-    assert conn is not None
+    if not isinstance(conn, ReceiveFlow):
+        raise ProtocolViolation("malformed", "RESUME for a port that does not receive")
     state._window.credit_remote(consumed_bytes, consumed_messages, conn, state._unsent)
-    control.io.cmd_resume(conn, generation)
+    control.io.cmd_resume(_entry(conn), generation)
 
 
-def _cmd_status(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_status(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 2, "[30, rid]")
     rid = P.check_int(message[1], "rid")
     round_ = control.io.polls
@@ -933,22 +1400,33 @@ def _cmd_status(control: ControlEndpoint, session: Session, message: list[Any]) 
     session.emit([P.STATUS_REPLY, rid, control.cached_status()])
 
 
-def _cmd_heartbeat(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_heartbeat(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 1, "[2]")
 
 
-def _cmd_bye(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
+def _cmd_bye(control: ControlEndpoint, session: Session, message: P.Message) -> None:
     _arity(message, 1, "[3]")
     session.close("said bye")
     control.sessions.pop(session.identity, None)
 
 
-_COMMANDS: dict[int, Any] = {
+#: The opcodes whose second element is a request id, which a FAULT echoes.
+_REQUESTS = frozenset(
+    {P.CONNECT, P.LISTEN, P.OPEN_UDP, P.OPEN_TUN, P.OPEN_PROCESS, P.OPEN_ZMQ, P.STATUS}
+)
+
+_COMMANDS: dict[int, Callable[[ControlEndpoint, Session, P.Message], None]] = {
     P.HEARTBEAT: _cmd_heartbeat,
     P.BYE: _cmd_bye,
     P.CONNECT: _cmd_connect,
     P.LISTEN: _cmd_listen,
+    P.OPEN_UDP: _cmd_open_udp,
+    P.OPEN_TUN: _cmd_open_tun,
+    P.OPEN_PROCESS: _cmd_open_process,
+    P.OPEN_ZMQ: _cmd_open_zmq,
     P.SEND: _cmd_send,
+    P.SEND_TO: _cmd_send_to,
+    P.SIGNAL: _cmd_signal,
     P.SEND_EOF: _cmd_send_eof,
     P.CLOSE: _cmd_close,
     P.ACTIVE: _cmd_active,
@@ -958,28 +1436,83 @@ _COMMANDS: dict[int, Any] = {
 }
 
 
-def _resolve_name(
-    io: IOThread, done: Any, job: tuple[_Request, ConnectRequest | ListenRequest]
-) -> None:
-    """In a worker thread: the address of a CONNECT or LISTEN given by name, then
-    ``done(job, sockaddr or ConnectError)`` on the I/O thread."""
+def _resolve_name(io: IOThread, done: Callable[[_Job, object], None], job: _Job) -> None:
+    """In a worker thread: the address of a CONNECT, LISTEN or OPEN_UDP given by name,
+    then ``done(job, sockaddr, the UDPRequest resolved, or ConnectError)`` on the I/O
+    thread."""
     _, spec = job
-    listen = isinstance(spec, ListenRequest)
-    family, (host, port, *_) = spec.family, spec.address
     result: object
+    if isinstance(spec, UDPRequest):
+        result = _udp_addresses(spec, numeric=False)
+        io.submit(done, job, result)
+        return
+    assert not isinstance(spec, ProcessRequest)
+    listen = isinstance(spec, ListenRequest)
+    family, address = spec.family, spec.address
     try:
+        host, port = address[0], address[1]
         infos = socket.getaddrinfo(
             host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0
         )
         result = infos[0][4]
     except (OSError, UnicodeError) as exc:
-        number = getattr(exc, "errno", None) or errno.EINVAL
-        name = _EAI_NAMES.get(number, errno.errorcode.get(number, "EINVAL"))
-        result = ConnectError(f"cannot resolve {host!r}: {exc} ({name})", number, name)
+        result = _resolve_error(address, exc)
     io.submit(done, job, result)
 
 
-def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+def _resolve_error(address: object, exc: Exception) -> ConnectError:
+    number = getattr(exc, "errno", None) or errno.EINVAL
+    name = _EAI_NAMES.get(number, errno.errorcode.get(number, "EINVAL"))
+    host = address[0] if isinstance(address, tuple) else address
+    return ConnectError(f"cannot resolve {host!r}: {exc} ({name})", number, name)
+
+
+def _start_program(io: IOThread, done: Callable[[_Job, object], None], job: _Job) -> None:
+    """In a worker thread: start a client's program (a fork and an exec the I/O thread
+    does not wait for), then ``done(job, (watcher, conn) or ConnectError)`` on the I/O
+    thread, as ``ports.open_process`` starts a local one."""
+    request, spec = job
+    assert isinstance(spec, ProcessRequest)
+    state = request.state
+    ours, theirs = socketpair_for_child()
+    result: object
+    try:
+        settings = spec.options
+        for name, level in (("recbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
+            if settings[name]:
+                ours.setsockopt(socket.SOL_SOCKET, level, settings[name])
+        io.check_fd(ours.fileno())
+        stderr = _STDERR[spec.stderr]
+        popen = subprocess.Popen(
+            list(spec.argv),
+            stdin=theirs.fileno(),
+            stdout=theirs.fileno(),
+            stderr=theirs.fileno() if stderr == -1 else stderr,
+            close_fds=True,
+        )
+    except (OSError, PollerLimitError) as exc:
+        ours.close()
+        number = getattr(exc, "errno", None) or errno.EMFILE
+        name = errno_name(number)
+        result = ConnectError(
+            f"cannot start {spec.argv[0]!r}: {getattr(exc, 'strerror', None) or exc} ({name})",
+            number,
+            name,
+        )
+        io.submit(done, job, result)
+        return
+    finally:
+        theirs.close()  # the program has its copy
+    pidfd = open_pidfd(popen.pid)
+    watcher = ProcessWatcher(io, popen, pidfd, state, spec.deliver, spec.kill_grace)
+    conn = Conn(ours, STREAM, state, watcher.stream_deliver)
+    conn.configure(settings, state._window)
+    conn.credit, conn.notify_passive = spec.active
+    watcher.conns.append(conn)
+    io.submit(done, job, (watcher, conn))
+
+
+def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[str, P.Wire]:
     """The I/O thread's status for ``ioserver status`` (runs on the I/O thread)."""
     kinds = {"tcp": 0, "tcp_listeners": 0, "connecting": 0, "other": 0}
     busy = paused = queued = 0
@@ -1005,7 +1538,7 @@ def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, 
         "uptime": round(time.monotonic() - started, 3),
         "poller": io.poller_name,
         "ports_open": io.ports_open,
-        "ports_by_kind": kinds,
+        "ports_by_kind": dict[str, P.Wire](kinds),
         "bytes_in": io.bytes_in,
         "bytes_out": io.bytes_out,
         "bytes_queued_out": queued,

@@ -23,7 +23,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import anyio
 import zmq
@@ -33,7 +34,13 @@ from . import _ipc, _systemd
 from . import _protocol as P
 from ._control import ControlEndpoint, ControlLimits, io_status
 from ._exceptions import IOServerError, OptionError
+from ._iothread import IOThread
 from ._server import IOServer, run
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
+
+    from ._metrics import MetricsServer
 
 log = logging.getLogger("ioserver")
 
@@ -54,6 +61,9 @@ class DaemonConfig:
     curve_secret_key: str | None = None
     curve_allowed_keys: str | None = None
     allow_all_interfaces: bool = False
+    #: The kinds of port clients may open beyond the network (``--allow-process``,
+    #: ``--allow-unix``, ``--allow-tun``; see ioserver._control.PERMISSIONS).
+    allow: frozenset[str] = frozenset()
     workers: int = 1
     worker_index: int | None = None
     memory_limit: int | None = None
@@ -139,7 +149,9 @@ def prepare_ipc(endpoint: str) -> str | None:
     return path
 
 
-def _open_control_socket(context: zmq.Context[Any], config: DaemonConfig) -> zmq.Socket[bytes]:
+def _open_control_socket(
+    context: zmq.Context[zmq.Socket[bytes]], config: DaemonConfig
+) -> zmq.Socket[bytes]:
     sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     # Per client: frames ZeroMQ queues to send (more wait in the session, charged to the
@@ -163,7 +175,9 @@ def _open_control_socket(context: zmq.Context[Any], config: DaemonConfig) -> zmq
     return sock
 
 
-def _start_authenticator(context: zmq.Context[Any], config: DaemonConfig) -> Any:
+def _start_authenticator(
+    context: zmq.Context[zmq.Socket[bytes]], config: DaemonConfig
+) -> ThreadAuthenticator:
     """ZeroMQ's ZAP handler: only the public keys in ``--curve-allowed-keys`` get in."""
     from zmq.auth.thread import ThreadAuthenticator
 
@@ -198,7 +212,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             os.chmod(path, 0o600)
         control: ControlEndpoint | None = None
 
-        def status() -> dict[str, Any]:
+        def status() -> dict[str, P.Wire]:
             assert control is not None
             return io_status(
                 io,
@@ -216,7 +230,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
                     "names_resolved": control.names_resolved,
                     "faults": control.faults,
                     "faults_unanswered": control.faults_unanswered,
-                    "apps": config.apps,
+                    "apps": list[P.Wire](config.apps),
                 },
             )
 
@@ -228,6 +242,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
             status=status,
             limits=config.limits,
             bind_user=authenticator is not None,
+            allow=config.allow,
         )
         io.zmq_sockets.add(sock)
         io.submit(_start_control, control, None)
@@ -310,7 +325,16 @@ def _reload(config: DaemonConfig) -> None:
         setattr(config.limits, name, getattr(new.limits, name))
     restart = [
         name
-        for name in ("endpoint", "apps", "heartbeat", "grace", "backend", "workers", "poller")
+        for name in (
+            "endpoint",
+            "apps",
+            "heartbeat",
+            "grace",
+            "backend",
+            "workers",
+            "poller",
+            "allow",
+        )
         if getattr(new, name) != getattr(config, name)
     ]
     restart += [
@@ -328,15 +352,15 @@ def _reload(config: DaemonConfig) -> None:
         log.warning("SIGHUP: changed but needing a restart: %s", ", ".join(restart))
 
 
-def _start_control(control: ControlEndpoint, _: Any) -> None:
+def _start_control(control: ControlEndpoint, _: object) -> None:
     control.start()
 
 
-def _close_control(control: ControlEndpoint, _: Any) -> None:
+def _close_control(control: ControlEndpoint, _: object) -> None:
     control.close_all()
 
 
-def _pending_output(io: Any) -> int:
+def _pending_output(io: IOThread) -> int:
     """Bytes queued and not yet written, summed over the port table (read from the loop:
     a snapshot, good enough to decide when to stop waiting)."""
     total = 0
@@ -378,7 +402,7 @@ def serve(config: DaemonConfig) -> int:
     return 0
 
 
-def _start_metrics(config: DaemonConfig) -> Any:
+def _start_metrics(config: DaemonConfig) -> MetricsServer | None:
     """The ``--metrics`` HTTP endpoint, or None; each scrape asks the daemon (or the
     supervisor, which asks every worker) for its status over the control endpoint.
 
@@ -402,7 +426,7 @@ def _start_metrics(config: DaemonConfig) -> Any:
         ) from None
 
 
-def _early_hangup(number: int, frame: Any) -> None:
+def _early_hangup(number: int, frame: FrameType | None) -> None:
     log.info("SIGHUP received while starting: nothing to reload yet")
 
 
@@ -493,6 +517,7 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
         argv += ["--curve-allowed-keys", str(config.curve_allowed_keys)]
     if config.allow_all_interfaces:
         argv.append("--allow-all-interfaces")
+    argv += [f"--allow-{kind}" for kind in sorted(config.allow)]
     if config.memory_limit is not None:
         argv += ["--memory-limit", str(config.memory_limit)]
     if config.poller is not None:
@@ -506,7 +531,7 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
 def _supervise(config: DaemonConfig) -> int:
     """Start the workers, restart those that die, answer status on the main endpoint."""
     path = prepare_ipc(config.endpoint)
-    context: zmq.Context[Any] = zmq.Context()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     authenticator = _start_authenticator(context, config) if config.curve_secret_key else None
     sock = _open_control_socket(context, config)
     if path is not None:
@@ -521,7 +546,7 @@ def _supervise(config: DaemonConfig) -> int:
 
     hangups = 0
 
-    def hangup_later(number: int, frame: Any) -> None:
+    def hangup_later(number: int, frame: FrameType | None) -> None:
         nonlocal hangups
         hangups += 1
 
@@ -624,9 +649,9 @@ def _supervise(config: DaemonConfig) -> int:
 def _supervisor_answer(
     sock: zmq.Socket[bytes],
     config: DaemonConfig,
-    workers: list[Any],
+    workers: list[subprocess.Popen[bytes] | None],
     restarts: list[int],
-    context: zmq.Context[Any],
+    context: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
     """The supervisor speaks just enough of the protocol: HELLO, STATUS, HEARTBEAT, BYE."""
     while True:
@@ -636,7 +661,7 @@ def _supervisor_answer(
             return
         except ValueError:
             continue
-        replies: list[Any] = []
+        replies: list[P.Message] = []
         try:
             messages, _ = P.unpack_frame(
                 frame, max_frame=config.limits.max_frame, max_messages=config.limits.max_messages
@@ -644,7 +669,7 @@ def _supervisor_answer(
         except P.ProtocolViolation as exc:
             replies.append([P.FAULT, None, exc.kind, str(exc)])
             messages = []
-        answer: dict[str, Any] | None = None  # the workers are asked once per frame at most
+        answer: dict[str, P.Wire] | None = None  # the workers are asked once per frame at most
         if len(messages) > config.limits.faults_per_frame:
             left = len(messages) - config.limits.faults_per_frame
             replies.append([P.FAULT, None, "limit", f"the supervisor ignored {left} messages"])
@@ -652,7 +677,7 @@ def _supervisor_answer(
             if not (isinstance(message, list) and message and P.is_int(message[0])):
                 replies.append([P.FAULT, None, "malformed", "a message must be [opcode, ...]"])
             elif message[0] == P.HELLO:
-                info = {
+                info: dict[str, P.Wire] = {
                     "version": P.VERSION,
                     "pid": os.getpid(),
                     "worker": None,
@@ -668,7 +693,7 @@ def _supervisor_answer(
                 if answer is not None:
                     replies.append([P.STATUS_REPLY, message[1], answer])
                     continue
-                statuses = []
+                statuses: list[P.Wire] = []
                 for index in range(config.workers):
                     endpoint = worker_endpoint(config.endpoint, index)
                     try:
@@ -716,9 +741,9 @@ def query_status(
     endpoint: str,
     *,
     timeout: float = 5.0,
-    context: zmq.Context[Any] | None = None,
+    context: zmq.Context[zmq.Socket[bytes]] | None = None,
     curve: tuple[str, str] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, P.Wire]:
     """Ask the daemon (or supervisor) at ``endpoint`` for its status; blocking.
 
     ``curve`` is ``(server public certificate file, client secret certificate file)``.
@@ -765,7 +790,8 @@ def query_status(
                         raise DaemonError(f"a malformed status from {endpoint}")
                     return status
                 if isinstance(message, list) and message and message[0] == P.FAULT:
-                    raise DaemonError(f"{endpoint} refused: {message[2]}: {message[3]}")
+                    kind, text = message[2:4] if len(message) >= 4 else (None, None)
+                    raise DaemonError(f"{endpoint} refused: {kind!s}: {text!s}")
     except P.ProtocolViolation as exc:
         raise DaemonError(f"a malformed answer from {endpoint}: {exc}") from None
     finally:
@@ -774,39 +800,52 @@ def query_status(
             context.term()
 
 
-def format_status(status: dict[str, Any]) -> str:
+def format_status(status: dict[str, P.Wire]) -> str:
     """``ioserver status`` for humans: one block per worker."""
-    workers = status.get("workers", [status])
+    listed = status.get("workers")
+    workers = (
+        [worker for worker in listed if isinstance(worker, dict)]
+        if isinstance(listed, list)
+        else [status]
+    )
     lines = []
     for worker in workers:
-        kinds = worker.get("ports_by_kind", {})
+
+        def show(name: str, worker: dict[str, P.Wire] = worker) -> str:
+            value = worker.get(name)
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+        kinds = worker.get("ports_by_kind")
+        uptime = worker.get("uptime", 0)
         lines.append(
-            f"worker {worker.get('worker') if worker.get('worker') is not None else '-'}"
-            f"  pid {worker.get('pid')}  uptime {worker.get('uptime', 0):.0f} s"
-            f"  endpoint {worker.get('endpoint')}"
-            + (f"  poller {worker['poller']}" if worker.get("poller") else "")
+            f"worker {show('worker') if worker.get('worker') is not None else '-'}"
+            f"  pid {show('pid')}"
+            f"  uptime {uptime if isinstance(uptime, (int, float)) else 0:.0f} s"
+            f"  endpoint {show('endpoint')}"
+            + (f"  poller {show('poller')}" if worker.get("poller") else "")
         )
         if "error" in worker:
-            lines.append(f"  unreachable: {worker['error']}")
+            lines.append(f"  unreachable: {show('error')}")
             continue
+        counts = kinds.items() if isinstance(kinds, dict) else ()
         lines.append(
-            f"  ports {worker.get('ports_open')}: "
-            + ", ".join(f"{name} {count}" for name, count in kinds.items())
-            + f"; clients {worker.get('clients')} ({worker.get('client_ports')} ports)"
+            f"  ports {show('ports_open')}: "
+            + ", ".join(f"{name} {count!s}" for name, count in counts)
+            + f"; clients {show('clients')} ({show('client_ports')} ports)"
         )
         lines.append(
-            f"  bytes in {worker.get('bytes_in')}  out {worker.get('bytes_out')}"
-            f"  queued out {worker.get('bytes_queued_out')}  memory {worker.get('memory_in_use')}"
+            f"  bytes in {show('bytes_in')}  out {show('bytes_out')}"
+            f"  queued out {show('bytes_queued_out')}  memory {show('memory_in_use')}"
         )
         lines.append(
-            f"  queues: commands {worker.get('command_queue_depth')}"
-            f"  events {worker.get('event_queue_depth')}"
-            f"  busy ports {worker.get('busy_ports')}  paused ports {worker.get('paused_ports')}"
+            f"  queues: commands {show('command_queue_depth')}"
+            f"  events {show('event_queue_depth')}"
+            f"  busy ports {show('busy_ports')}  paused ports {show('paused_ports')}"
         )
         lines.append(
-            f"  wakes to I/O thread sent {worker.get('wakes_to_io_sent')}"
-            f" skipped {worker.get('wakes_to_io_skipped')};"
-            f" to loops sent {worker.get('wakes_to_loops_sent')}"
-            f" skipped {worker.get('wakes_to_loops_skipped')}"
+            f"  wakes to I/O thread sent {show('wakes_to_io_sent')}"
+            f" skipped {show('wakes_to_io_skipped')};"
+            f" to loops sent {show('wakes_to_loops_sent')}"
+            f" skipped {show('wakes_to_loops_skipped')}"
         )
     return "\n".join(lines)

@@ -119,12 +119,12 @@ class OptionError(IOServerError, ValueError):
 class NotSupportedError(OptionError):
     """The I/O server given cannot carry this kind of port.
 
-    Raised at once by the port function, before anything is opened or started: a server
-    from :func:`client.connect` (an ioserver daemon's) carries TCP ports only
-    (:func:`ports.connect_tcp`, :func:`ports.listen_tcp`) until the daemon's protocol
-    carries the others; open UDP, Unix socket, ZeroMQ and process ports on a local I/O
-    server (:func:`ioserver.open`, :func:`ioserver.run`).  It is an :exc:`OptionError`
-    (a :exc:`ValueError`): the ``server`` argument is the wrong one for this call.
+    Raised at once by the port function, before anything is opened or started: a TUN
+    port off Linux, or a server from
+    :func:`client.connect` (an ioserver daemon's) given what its protocol does not carry
+    (a process port's ``env``, ``cwd`` or ``stderr="port"``: the program is the daemon's
+    child, argv only).  It is an :exc:`OptionError` (a :exc:`ValueError`): an argument is
+    the wrong one for this call.
     """
 
 

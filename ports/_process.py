@@ -18,9 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Unpack
 
 from ioserver._conn import STREAM, Conn
+from ioserver._contract import ProcessControl, ProcessRequest, RemoteOpens
 from ioserver._exceptions import (
     ClosedPortError,
     ConnectError,
+    NotSupportedError,
     OptionError,
     PollerLimitError,
     errno_name,
@@ -30,7 +32,7 @@ from ioserver._options import PortOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
-from ._port import Port
+from ._port import Port, _Request
 
 __all__ = ["ProcessPort", "open_process"]
 
@@ -58,7 +60,7 @@ class ProcessPort(Port):
         self._argv: tuple[str | bytes, ...] = ()
         self._exit_status: int | None = None
         self._stderr_port: Port | None = None
-        self._watcher: ProcessWatcher | None = None
+        self._watcher: ProcessControl | None = None
 
     def _deliver(self, message: object) -> None:
         if message.__class__ is ExitStatus:
@@ -97,7 +99,9 @@ class ProcessPort(Port):
         """
         if self._closed:
             raise ClosedPortError("this port is closed")
-        self._submit((ProcessWatcher.cmd_signal, self._watcher, int(number)))
+        watcher = self._watcher  # its class's command: a daemon's client has its own
+        assert watcher is not None
+        self._submit((type(watcher).cmd_signal, watcher, int(number)))
 
     def terminate(self) -> None:
         """Ask the program to end: SIGTERM now, SIGKILL after ``kill_grace`` seconds.
@@ -110,7 +114,9 @@ class ProcessPort(Port):
         """
         if self._closed:
             raise ClosedPortError("this port is closed")
-        self._submit((ProcessWatcher.cmd_terminate, self._watcher, None))
+        watcher = self._watcher
+        assert watcher is not None
+        self._submit((type(watcher).cmd_terminate, watcher, None))
 
     def close_nowait(self) -> None:
         """Close the port and terminate the program (SIGTERM, then SIGKILL after
@@ -118,8 +124,9 @@ class ProcessPort(Port):
         if self._closed:
             return
         super().close_nowait()
-        if self._watcher is not None:
-            self._submit((ProcessWatcher.cmd_terminate, self._watcher, None))
+        watcher = self._watcher
+        if watcher is not None:
+            self._submit((type(watcher).cmd_terminate, watcher, None))
         if self._stderr_port is not None:
             self._stderr_port.close_nowait()
 
@@ -214,8 +221,10 @@ async def open_process(
         OptionError: ``argv`` is a string, empty or holds a non-string; a wrong ``env``,
             ``stderr`` or ``kill_grace``; an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+        NotSupportedError: through a daemon (:func:`client.connect`), ``env``, ``cwd``
+            or ``stderr="port"`` (the program runs as the daemon's child: argv only).
+        client.ProtocolError: through a daemon that was not started with
+            ``--allow-process`` (``kind`` ``"forbidden"``).
     """
     server._check_open("ports.open_process")
     arguments = _check_argv(argv)
@@ -236,6 +245,29 @@ async def open_process(
     credit, settings = unix_options(dict(options), "a process port")
     port = ProcessPort(server, credit, settings)
     port._argv = arguments
+    io = server._io
+    if isinstance(io, RemoteOpens):
+        # Through a daemon: the program is the daemon's child; argv is all it carries.
+        if environment is not None or cwd is not None or stderr == "port":
+            raise NotSupportedError(
+                "a program started through an ioserver daemon takes argv only: no env, "
+                'no cwd, no stderr="port" (it runs as the daemon\'s child, in its '
+                "environment and directory)"
+            )
+        request = _Request(io, server._hub)
+        io.submit(
+            io.cmd_open_process,
+            request,
+            ProcessRequest(
+                port, server._hub.deliver, arguments, stderr, float(kill_grace), settings, credit
+            ),
+        )
+        result = await request.wait()
+        if isinstance(result, BaseException):
+            raise result
+        port._conn, port._watcher = result
+        port._local_address = ""
+        return port
     stderr_port: Port | None = None
     if stderr == "port":
         stderr_port = Port(server, credit, {**settings, "packet": "raw"})
@@ -290,7 +322,6 @@ async def open_process(
 
     # Built here, handed to the I/O thread by cmd_start_process before any command that
     # uses them (the command queue is FIFO): no syscall is made on the sockets meanwhile.
-    io = server._io
     hub = server._hub
     pidfd = open_pidfd(popen.pid)
     if pidfd is not None:

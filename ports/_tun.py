@@ -14,7 +14,7 @@ import sys
 from functools import partial
 from typing import Any, Unpack, final
 
-from ioserver._contract import TunRequest
+from ioserver._contract import RemoteOpens, TunRequest
 from ioserver._exceptions import (
     BrokenPortError,
     ClosedPortError,
@@ -209,9 +209,10 @@ async def open_tun(
             multi-queue), ``EINVAL`` (it exists with other flags: TUN against TAP, or
             ``multi_queue``).
         OptionError: an unknown option, a wrong value, an invalid name or mode.
-        NotSupportedError: not on Linux, or ``server`` is an ioserver daemon's
-            (:func:`client.connect`): the device would be in the daemon's network
-            namespace, which its protocol does not carry.
+        NotSupportedError: not on Linux.
+        client.ProtocolError: through a daemon (:func:`client.connect`, where the device
+            is in the daemon's network namespace) that was not started with
+            ``--allow-tun`` (``kind`` ``"forbidden"``).
         ClosedPortError: the I/O server is closed.
     """
     hub = server._check_open("ports.open_tun")
@@ -226,7 +227,7 @@ async def open_tun(
     io = server._io
     request = _Request(io, hub)
     io.submit(
-        partial(cmd_open_tun, io),
+        io.cmd_open_tun if isinstance(io, RemoteOpens) else partial(cmd_open_tun, io),
         request,
         TunRequest(port, hub.deliver, name, mode, settings, credit),
     )

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Unpack
 
 from ioserver._conn import Conn
-from ioserver._contract import ConnectRequest, ListenRequest
+from ioserver._contract import ConnectRequest, ListenRequest, RemoteOpens
 from ioserver._exceptions import OptionError
 from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
 from ioserver._server import IOServer
@@ -58,8 +58,9 @@ async def connect_unix(
             (``"ENOENT"``), no permission (``"EACCES"``)...
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+        client.ProtocolError: through a daemon (:func:`client.connect`, where the path is
+            on the daemon's machine) that was not started with ``--allow-unix``
+            (``kind`` ``"forbidden"``).
     """
     hub = server._check_open("ports.connect_unix")
     address = _check_path(path)
@@ -110,8 +111,9 @@ async def listen_unix(
             exist (``"ENOENT"``) or is not writable (``"EACCES"``).
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+        client.ProtocolError: through a daemon (:func:`client.connect`, where the path is
+            on the daemon's machine) that was not started with ``--allow-unix``
+            (``kind`` ``"forbidden"``).
     """
     hub = server._check_open("ports.listen_unix")
     address = _check_path(path)
@@ -131,11 +133,14 @@ async def listen_unix(
 
     request = _Request(io, hub)
     # systemd's socket activation: a socket passed for this very path is adopted.
-    inherited = take_listener(socket.AF_UNIX, address)
+    # A daemon's client: the path is the daemon's, and so would be an inherited socket.
+    inherited = None if isinstance(io, RemoteOpens) else take_listener(socket.AF_UNIX, address)
     spec = ListenRequest(
         listener, hub.deliver, socket.AF_UNIX, address, all_options, (-1, False), make_port
     )
-    if inherited is not None:
+    if isinstance(io, RemoteOpens):
+        io.submit(io.cmd_listen_unix, request, spec)
+    elif inherited is not None:
         io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
     else:
         io.submit(partial(cmd_listen_unix, io), request, spec)
