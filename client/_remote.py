@@ -238,7 +238,7 @@ class RemoteIO(ZmqSocketHandler):
             spec.deliver,
             spec.family,
             spec.address,
-            spec.options,
+            dict[str, Any](spec.options),
         )
         credit, notify = spec.active
         if self.lost or self.closed:

@@ -60,19 +60,19 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
 from . import _protocol as P
 from ._conn import CONNECTING, LISTENER, STREAM, Conn, Handler
-from ._contract import ConnectRequest, ListenRequest
+from ._contract import ConnectRequest, ListenRequest, SocketAddress
 from ._exceptions import ConnectError, OptionError
 from ._flow import Window
 from ._framing import port_framer
 from ._iothread import IOThread
 from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
-from ._options import LISTEN_OPTIONS, check_options, port_options
+from ._options import LISTEN_OPTIONS, ListenOptions, check_options, port_options
 from ._protocol import ProtocolViolation
 from ._zmq import ZmqSocketHandler
 
@@ -425,7 +425,7 @@ class ControlEndpoint(ZmqSocketHandler):
         self._log_count = 0
         self._log_suppressed = 0
         self._timer: Any = None
-        io._budget_owners.append(self.budget)
+        io.budget.owners.append(self.budget)
         # Remote clients are served by this thread itself: it must not pause for the flush
         # point of a local app's loop (see ioserver._wakeup).
         io.waits_for_flush = False
@@ -659,9 +659,9 @@ class ControlEndpoint(ZmqSocketHandler):
             return
         self.names_resolved += 1
         if isinstance(spec, ListenRequest):
-            self.io.cmd_listen(request, replace(spec, address=result))
+            self.io.cmd_listen(request, replace(spec, address=cast(SocketAddress, result)))
         else:
-            self.io.cmd_connect(request, replace(spec, address=result))
+            self.io.cmd_connect(request, replace(spec, address=cast(SocketAddress, result)))
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -851,7 +851,13 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) 
         return accepted
 
     spec = ListenRequest(
-        state, session.deliver, family, address, {**extra, **settings}, active, make_port
+        state,
+        session.deliver,
+        family,
+        address,
+        cast(ListenOptions, {**extra, **settings}),
+        active,
+        make_port,
     )
     if P.is_numeric_host(family, address[0]):
         session.ports[state.pid] = state
@@ -965,7 +971,7 @@ def _resolve_name(
     ``done(job, sockaddr or ConnectError)`` on the I/O thread."""
     _, spec = job
     listen = isinstance(spec, ListenRequest)
-    family, (host, port, *_) = spec.family, spec.address
+    family, (host, port, *_) = spec.family, cast(tuple[str, int], spec.address)
     result: object
     try:
         infos = socket.getaddrinfo(

@@ -28,6 +28,7 @@ claimed size: a framer never holds more than ``packet_size`` plus one header of 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,7 +178,7 @@ class LineFramer(Framer):
 
     mode = "line"
 
-    def __init__(self, delimiter: bytes = b"\n", packet_size: int = DEFAULT_PACKET_SIZE):
+    def __init__(self, delimiter: object = b"\n", packet_size: int = DEFAULT_PACKET_SIZE):
         if not isinstance(delimiter, bytes) or len(delimiter) != 1:
             raise OptionError(f"line delimiter must be one byte, not {delimiter!r}")
         self._delimiter = delimiter
@@ -790,7 +791,7 @@ def _as_bytes(message: object) -> bytes:
 
 
 def make_framer(
-    packet: Any = "raw", *, packet_size: int = DEFAULT_PACKET_SIZE, delimiter: bytes = b"\n"
+    packet: object = "raw", *, packet_size: object = DEFAULT_PACKET_SIZE, delimiter: object = b"\n"
 ) -> Framer:
     """The framer for a packet mode: ``"raw"``, ``1``, ``2``, ``4``, ``"line"``, ``"msgpack"``,
     ``"resp"``.
@@ -818,7 +819,7 @@ def make_framer(
     raise OptionError(f"packet must be 'raw', 1, 2, 4, 'line', 'msgpack' or 'resp', not {packet!r}")
 
 
-def port_framer(options: dict[str, Any]) -> Framer | None:
+def port_framer(options: Mapping[str, object]) -> Framer | None:
     """The framer the I/O thread runs for a stream port with these options (as
     :func:`~._options.port_options` validated them), or ``None`` for ``packet="raw"``:
     then each read is delivered as it comes, without a framer (the hot path), and a

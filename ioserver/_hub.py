@@ -240,7 +240,7 @@ class Hub:
         self.queued_bytes = 0
         self.consumed_bytes = 0
         io.add_inbox(self.inbox)
-        io._budget_owners.append(self)
+        io.budget.owners.append(self)
         _HUBS.add(self)
 
     # -- draining -----------------------------------------------------------------------

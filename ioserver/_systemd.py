@@ -31,9 +31,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ._tcp import StreamHost, adopt_listener
+
 if TYPE_CHECKING:
     from ._contract import ListenRequest
-    from ._iothread import IOThread
 
 __all__ = [
     "claim_notify_socket",
@@ -164,11 +165,11 @@ def take_listener(family: int, address: Any) -> socket.socket | None:
 
 
 def cmd_listen_inherited(
-    io: IOThread, sock: socket.socket, request: object, spec: ListenRequest
+    io: StreamHost, sock: socket.socket, request: object, spec: ListenRequest
 ) -> None:
     """On the I/O thread: make ``sock``, a passed listening socket, the listener ``spec``
-    asked for, as ``IOThread.cmd_listen`` makes one it bound (answers ``(conn, sockname,
+    asked for, as ``ioserver._tcp.listen`` makes one it bound (answers ``(conn, sockname,
     None)``, or the :exc:`~ioserver.PollerLimitError` of a poller that cannot watch it;
     then only our copy is closed: systemd keeps its own)."""
     sock.setblocking(False)
-    io.adopt_listener(request, spec, sock, sock.getsockname())
+    adopt_listener(io, request, spec, sock, sock.getsockname())

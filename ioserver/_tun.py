@@ -36,10 +36,11 @@ import socket
 import struct
 from typing import Any
 
-from ._contract import TunRequest
+from ._contract import Deliver, LoopHalf, TunRequest
 from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._iothread import IOThread
 from ._messages import Closed, Packet
+from ._options import TunSettings, watermarks
 from ._poller import ERROR
 from ._udp import DatagramHandler
 
@@ -99,9 +100,9 @@ class TunHandler(DatagramHandler):
         io: IOThread,
         device: TunDevice,
         name: str,
-        port: Any,
-        deliver: Any,
-        options: dict[str, Any],
+        port: LoopHalf,
+        deliver: Deliver,
+        options: TunSettings,
         active: tuple[int, bool],
     ) -> None:
         # The datagram handler's buffer is max_datagram bytes: one more than the largest
@@ -111,7 +112,11 @@ class TunHandler(DatagramHandler):
             device,  # type: ignore[arg-type]  # duck-typed: see DatagramHandler
             port,
             deliver,
-            {**options, "max_datagram": options["max_packet"] + 1},
+            {
+                **watermarks(options),
+                "read_packets": options["read_packets"],
+                "max_datagram": options["max_packet"] + 1,
+            },
             active,
         )
         self.name = name

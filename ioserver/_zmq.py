@@ -43,6 +43,7 @@ from ._contract import Deliver, LoopHalf
 from ._exceptions import errno_name
 from ._iothread import IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
+from ._options import Watermarks
 from ._poller import READ
 
 log = logging.getLogger("ioserver")
@@ -129,7 +130,7 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         sock: zmq.Socket[bytes],
         port: LoopHalf,
         deliver: Deliver,
-        options: dict[str, Any],
+        options: Watermarks,
         active: tuple[int, bool],
         linger_ms: int,
     ) -> None:

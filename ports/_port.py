@@ -42,6 +42,7 @@ from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
     Active,
+    FlowSettings,
     apply_active_mode,
     parse_active,
 )
@@ -331,7 +332,7 @@ class _PortBase(Source):
                 if self._closed or self._ended or self._credit == 0 or self._owner is not None:
                     self._check_can_wait(end)
                 # Park until the hub delivers (Hub.park, inlined).  The waiter is set
-                # before the budget pause is read (see IOThread._budget_blocks).
+                # before the budget pause is read (see MemoryBudget.blocks in ioserver._flow).
                 if hub.is_trio:
                     self._waiter = _current_task()
                     if getattr(self._conn, "global_paused", False):
@@ -554,7 +555,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_simple_send",
     )
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: FlowSettings) -> None:
         framer = port_framer(options)
         super().__init__(server, active, framer)
         self._broken: str | None = None

@@ -26,7 +26,7 @@ from ioserver._exceptions import (
     errno_name,
 )
 from ioserver._messages import ExitStatus
-from ioserver._options import PortOptions, unix_options
+from ioserver._options import PortOptions, StreamOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
@@ -53,7 +53,7 @@ class ProcessPort(Port):
 
     __slots__ = ("_argv", "_exit_status", "_stderr_port", "_watcher")
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: StreamOptions) -> None:
         super().__init__(server, active, options)
         self._argv: tuple[str | bytes, ...] = ()
         self._exit_status: int | None = None
@@ -238,15 +238,19 @@ async def open_process(
     port._argv = arguments
     stderr_port: Port | None = None
     if stderr == "port":
-        stderr_port = Port(server, credit, {**settings, "packet": "raw"})
+        raw: StreamOptions = {**settings, "packet": "raw"}
+        stderr_port = Port(server, credit, raw)
 
     ours, theirs = socketpair_for_child()
     error_ours: socket.socket | None = None
     error_theirs: socket.socket | None = None
     try:
-        for name, level in (("recbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
-            if settings[name]:
-                ours.setsockopt(socket.SOL_SOCKET, level, settings[name])
+        for size, level in (
+            (settings["recbuf"], socket.SO_RCVBUF),
+            (settings["sndbuf"], socket.SO_SNDBUF),
+        ):
+            if size:
+                ours.setsockopt(socket.SOL_SOCKET, level, size)
         # Before the program starts: a poller that cannot watch these descriptors
         # (select's FD_SETSIZE) refuses the port here, with nothing to undo.
         server._io.check_fd(ours.fileno())

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any, Unpack
+from typing import Unpack
 
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest
 from ioserver._iothread import IOThread
-from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, port_options
+from ioserver._options import (
+    LISTEN_OPTIONS,
+    ListenOptions,
+    PortOptions,
+    check_options,
+    port_options,
+)
 from ioserver._server import IOServer
 from ioserver._systemd import cmd_listen_inherited, take_listener
 
@@ -113,7 +119,13 @@ async def listen_tcp(
     listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
     check_options(listen_options, LISTEN_OPTIONS, "a TCP listener")
     credit, settings = port_options(dict(options), "a TCP listener's ports")
-    all_options: dict[str, Any] = {**listen_options, **settings, "active": credit}
+    all_options: ListenOptions = {
+        **settings,
+        "backlog": backlog,
+        "reuseaddr": reuseaddr,
+        "reuseport": reuseport,
+        "active": credit,
+    }
     family, address = (await _resolve(host, port, passive=True))[0]
     listener = Listener(server, (-1, False))
     io = server._io

@@ -22,7 +22,7 @@ from ioserver._exceptions import (
     OptionError,
 )
 from ioserver._messages import Message, Packet
-from ioserver._options import MAX_TUN_PACKET, TunOptions, tun_options
+from ioserver._options import MAX_TUN_PACKET, TunOptions, TunSettings, tun_options
 from ioserver._server import IOServer
 from ioserver._tun import IFNAMSIZ, cmd_open_tun
 
@@ -67,7 +67,7 @@ class TunPort(UDPPort):
 
     __slots__ = ("_device", "_mode", "_multi_queue")
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]):
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: TunSettings):
         super().__init__(server, active, options, 0)
         self._max_payload = MAX_PACKET
         self._device = ""

@@ -16,7 +16,13 @@ from typing import Any, Unpack
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest
 from ioserver._exceptions import OptionError
-from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
+from ioserver._options import (
+    LISTEN_OPTIONS,
+    ListenOptions,
+    PortOptions,
+    check_options,
+    unix_options,
+)
 from ioserver._server import IOServer
 from ioserver._systemd import cmd_listen_inherited, take_listener
 from ioserver._unix import cmd_listen_unix
@@ -117,7 +123,13 @@ async def listen_unix(
     address = _check_path(path)
     check_options({"backlog": backlog}, LISTEN_OPTIONS, "a Unix socket listener")
     credit, settings = unix_options(dict(options), "a Unix socket listener's ports")
-    all_options: dict[str, Any] = {"backlog": backlog, **settings, "active": credit}
+    all_options: ListenOptions = {
+        **settings,
+        "backlog": backlog,
+        "reuseaddr": False,  # not read for a path (the socket file is managed instead)
+        "reuseport": False,
+        "active": credit,
+    }
     listener = Listener(server, (-1, False))
     io = server._io
 

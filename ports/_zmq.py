@@ -18,7 +18,7 @@ import anyio
 import zmq
 
 from ioserver._exceptions import ConnectError, OptionError, errno_name
-from ioserver._options import ZmqOptions, zmq_options
+from ioserver._options import FlowSettings, ZmqOptions, zmq_options
 from ioserver._server import IOServer
 from ioserver._zmq import ZmqHandler
 
@@ -59,7 +59,7 @@ class ZmqPort(Port):
 
     __slots__ = ("socket_type",)
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]):
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: FlowSettings):
         super().__init__(server, active, options)
         self._window.sizes = deque()  # each message's size, appended by the I/O thread
         self._simple_send = False
