@@ -54,7 +54,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _tcp
 from ._aio import BatchWriter, open_batch_writer
@@ -70,6 +70,9 @@ from ._tcp import on_connect_event, on_listener_event
 from ._wakeup import WakeupQueue
 
 __all__ = ["IOThread", "raise_open_file_limit"]
+
+if TYPE_CHECKING:
+    import zmq
 
 log = logging.getLogger("ioserver")
 
@@ -150,8 +153,8 @@ class IOThread:
         self._table: list[Any] = [None] * min(self.fd_limit, 1 << 16)
         self._wakeup_slot = _WakeupSlot()
         self._put_table(self.commands.wakeup.fileno(), self._wakeup_slot)
-        self._inboxes: list[WakeupQueue[Any]] = []
-        self._dirty: list[Any] = []
+        self._inboxes: list[WakeupQueue[tuple[Any, Any]]] = []
+        self._dirty: list[Conn | Handler] = []
         # Handlers that asked to run next round without waiting for their fd (see
         # call_soon), and timers as a heap of (deadline, sequence, callback).
         self._ready: list[Handler] = []
@@ -159,8 +162,8 @@ class IOThread:
         self._timer_sequence = 0
         # ZeroMQ: one context per I/O server, made on first use; every socket made from it,
         # so that shutdown can close those still on their way to the thread.
-        self._zmq_context: Any = None
-        self.zmq_sockets: set[Any] = set()
+        self._zmq_context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self.zmq_sockets: set[zmq.Socket[bytes]] = set()
         self._paused_listeners: list[Conn] = []
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
@@ -212,12 +215,12 @@ class IOThread:
         """Queue ``function(target, argument)`` to run on the I/O thread."""
         self.commands.put((function, target, argument))
 
-    def add_inbox(self, inbox: WakeupQueue[Any]) -> None:
+    def add_inbox(self, inbox: WakeupQueue[tuple[Any, Any]]) -> None:
         """Make ``inbox`` one that is notified after every round (runs on the I/O thread)."""
         self._inboxes.append(inbox)
 
-    def zmq_context(self) -> Any:
-        """The server's ZeroMQ context (``zmq.Context``), made on first use."""
+    def zmq_context(self) -> zmq.Context[zmq.Socket[bytes]]:
+        """The server's ZeroMQ context, made on first use."""
         if self._zmq_context is None:
             import zmq
 
@@ -251,21 +254,21 @@ class IOThread:
         (select's ``FD_SETSIZE``).  Any thread may call it: it reads constants only."""
         self._poller.check(fd)
 
-    def adopt(self, entry: Any) -> None:
+    def adopt(self, entry: Conn | Handler) -> None:
         """Put a handler (or stream) in the port table under its fd.
 
         Raises :exc:`~ioserver.PollerLimitError`, and changes nothing, when the poller
         cannot watch that fd (select's ``FD_SETSIZE``): the caller refuses that port."""
         self._adopt(entry)
 
-    def release(self, entry: Any) -> None:
+    def release(self, entry: Conn | Handler) -> None:
         """Take ``entry`` out of the table and the poller (it closes its fd itself)."""
         self._interest(entry, 0)
         if 0 <= entry.fd < len(self._table) and self._table[entry.fd] is entry:
             self._table[entry.fd] = None
             self.ports_open -= 1
 
-    def mark_dirty(self, entry: Any) -> None:
+    def mark_dirty(self, entry: Conn | Handler) -> None:
         """Flush ``entry`` at the end of this round (of the next one when called during
         the round's flushes: a flush never leads to another flush in the same round)."""
         if not entry.dirty:
@@ -296,13 +299,13 @@ class IOThread:
         return max(timers[0][0] - now, 0.0)
 
     # -- the table ----------------------------------------------------------------------
-    def _put_table(self, fd: int, entry: Any) -> None:
+    def _put_table(self, fd: int, entry: Conn | Handler | _WakeupSlot) -> None:
         table = self._table
         if fd >= len(table):
             table.extend([None] * (max(fd + 1, 2 * len(table)) - len(table)))
         table[fd] = entry
 
-    def _interest(self, conn: Conn, mask: int) -> None:
+    def _interest(self, conn: Conn | Handler, mask: int) -> None:
         """Set what the poller watches for ``conn``, with no syscall if nothing changes."""
         old = conn.mask
         if mask == old:
@@ -341,7 +344,8 @@ class IOThread:
         table = self._table
         dirty = self._dirty
         inboxes = self._inboxes
-        spare: list[Any] = []  # the dirty list of the round after (see the flushes below)
+        # The dirty list of the round after (see the flushes below).
+        spare: list[Conn | Handler] = []
         buffer = self._buffer
         view = self._view
         write = self._write
@@ -497,7 +501,7 @@ class IOThread:
                         if conn.closed or conn.mask & WRITE:
                             continue
                         try:
-                            if conn.kind == HANDLER:
+                            if isinstance(conn, Handler):
                                 conn.flush()
                                 continue
                             outq = conn.outq
@@ -574,12 +578,17 @@ class IOThread:
             self.flush_waits += 1
         self.flush_wanted = False
 
-    def _write_batch(self, writer: BatchWriter, dirty: list[Any]) -> None:
+    def _write_batch(self, writer: BatchWriter, dirty: list[Conn | Handler]) -> None:
         """Write the single buffer of each dirty stream with one ``io_submit`` per batch
         (see :meth:`_submit_batch`)."""
         batch = self._batch
         for conn in dirty:
-            if conn.kind == STREAM and not conn.closed and not conn.mask & WRITE:
+            if (
+                conn.kind == STREAM
+                and isinstance(conn, Conn)
+                and not conn.closed
+                and not conn.mask & WRITE
+            ):
                 outq = conn.outq
                 if len(outq) == 1:
                     data = outq[0]
@@ -753,7 +762,7 @@ class IOThread:
                     self._put_table(listener.fd, listener)
                     self._interest(listener, READ if listener.credit else 0)
 
-    def _adopt(self, conn: Conn) -> None:
+    def _adopt(self, conn: Conn | Handler) -> None:
         self._poller.check(conn.fd)  # PollerLimitError: this port only, nothing changed
         self._put_table(conn.fd, conn)
         self.ports_open += 1
@@ -920,10 +929,10 @@ class IOThread:
         if conn.may_resume(conn.pause_generation):
             self._stream_interest(conn)
 
-    def cmd_resume(self, conn: Conn, generation: int) -> None:
+    def cmd_resume(self, conn: Conn | Handler, generation: int) -> None:
         """The port's owner took enough: read again (if this is still the same pause)."""
-        if conn.kind == HANDLER:
-            conn.resume(generation)  # type: ignore[attr-defined]
+        if isinstance(conn, Handler):
+            conn.resume(generation)
             return
         if conn.may_resume(generation) and not conn.closed:
             self._stream_interest(conn)
@@ -1031,9 +1040,10 @@ class IOThread:
             conn.dirty = True
             self._dirty.append(conn)
 
-    def cmd_send_eof(self, conn: Conn, _: object) -> None:
-        if conn.kind == HANDLER:
-            conn.send_eof()  # type: ignore[attr-defined]
+    def cmd_send_eof(self, conn: Conn | Handler, _: object) -> None:
+        """Half-close the sending side once the queued output is written."""
+        if isinstance(conn, Handler):
+            conn.send_eof()
             return
         if conn.closed or conn.write_closed or conn.shutdown_pending:
             return
@@ -1042,12 +1052,12 @@ class IOThread:
         else:
             self._shutdown_write(conn)
 
-    def cmd_close(self, conn: Conn, _: object) -> None:
+    def cmd_close(self, conn: Conn | Handler, _: object) -> None:
         """Close once the queued output is written (Erlang's close after a flush)."""
         if conn.closed:
             return
-        if conn.kind == HANDLER:
-            conn.close()  # type: ignore[attr-defined]
+        if isinstance(conn, Handler):
+            conn.close()
             return
         if conn.kind == STREAM and conn.outq:
             conn.close_pending = True
@@ -1055,12 +1065,12 @@ class IOThread:
         else:
             self._close(conn)
 
-    def cmd_set_active(self, conn: Conn, mode: tuple[int, bool]) -> None:
+    def cmd_set_active(self, conn: Conn | Handler, mode: tuple[int, bool]) -> None:
         """Apply an active mode ``(credit, notify_passive)`` (see ``ports.parse_active``)."""
         if conn.closed:
             return
-        if conn.kind == HANDLER:
-            conn.set_active(mode)  # type: ignore[attr-defined]
+        if isinstance(conn, Handler):
+            conn.set_active(mode)
             return
         credit, notify = apply_active_mode(conn.credit, conn.notify_passive, mode)
         if notify and not credit:
@@ -1074,10 +1084,11 @@ class IOThread:
         elif conn.kind == LISTENER and not conn.paused:
             self._interest(conn, READ if credit else 0)
 
-    def cmd_read_once(self, conn: Conn, _: object) -> None:
+    def cmd_read_once(self, conn: Conn | Handler, _: object) -> None:
         """A passive port's receiver waits: let one message through (``gen_tcp:recv``)."""
-        if conn.kind == HANDLER and not conn.closed:
-            conn.read_once()  # type: ignore[attr-defined]
+        if isinstance(conn, Handler):
+            if not conn.closed:
+                conn.read_once()
             return
         if conn.closed or conn.credit != 0:
             return

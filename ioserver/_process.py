@@ -278,7 +278,7 @@ def cmd_start_process(watcher: ProcessWatcher, _: object) -> None:
     if watcher.pidfd is not None:
         watcher.fd = watcher.pidfd
         io.adopt(watcher)
-        io._interest(watcher, READ)  # type: ignore[arg-type]  # a Handler keeps fd and mask
+        io._interest(watcher, READ)
     else:
         watcher.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         io.adopt(watcher)

@@ -112,7 +112,7 @@ class DatagramHandler(ReceivingHandler):
             mask = READ
         if self.outq:
             mask |= WRITE
-        self.io._interest(self, mask)  # type: ignore[arg-type]  # a Handler keeps fd and mask
+        self.io._interest(self, mask)
 
     # -- the I/O thread's calls ---------------------------------------------------------
     def on_ready(self, mask: int) -> None:

@@ -73,7 +73,7 @@ class ZmqSocketHandler(Handler):
     def start(self) -> None:
         """Adopt the socket: watch its descriptor and look at its state once (rule 4)."""
         self.io.adopt(self)
-        self.io._interest(self, READ)  # type: ignore[arg-type]
+        self.io._interest(self, READ)
         self.io.call_soon(self)
 
     def _release_socket(self, linger_ms: int) -> None:
