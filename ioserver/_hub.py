@@ -216,10 +216,11 @@ class _Stop:
 _STOP = _Stop()
 
 
-class Hub:
+class Hub(Parker):
     """The loop side of the I/O thread for one event loop (see the module docstring).
 
-    A hub is also the :class:`Parker` of its backend, so ports park through it.
+    A hub is also the :class:`Parker` of its backend (``TrioHub(Hub, TrioParker)``: the
+    backend's methods come before the abstract ones), so ports park through it.
     """
 
     def __init__(self, io: IOThread) -> None:
@@ -275,7 +276,7 @@ class Hub:
     def _deliver(self, message: object) -> None:
         # The hub is the target of the I/O thread's stop notice.
         self.stopped = True
-        self.wake(self)  # type: ignore[attr-defined]
+        self.wake(self)
 
     def _abort_park(self, raise_cancel: Any) -> Any:
         self._waiter = None
@@ -292,7 +293,7 @@ class Hub:
             if not self.stopped and self.io.is_alive():
                 self.io.submit(self.io.cmd_stop, None, None)
                 while not self.stopped:
-                    await self.park(self)  # type: ignore[attr-defined]
+                    await self.park(self)
             self.io.join()
             self._teardown()
             self.inbox.close()

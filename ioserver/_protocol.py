@@ -150,7 +150,8 @@ def pack(messages: list[Any], token: bytes | None = None) -> bytes:
     """One frame: the envelope around a round's messages (with the session's token for a
     client's frame to the daemon)."""
     envelope = [VERSION, messages] if token is None else [VERSION, messages, token]
-    return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
+    frame: bytes = msgpack.packb(envelope, use_bin_type=True)
+    return frame
 
 
 def unpack(frame: bytes) -> list[Any]:

@@ -110,7 +110,7 @@ class IOServer:
         writer = io._writer or io._failed_writer
         return IOServerStatistics(
             poller=io.poller_name,
-            backend=hub.backend,  # type: ignore[attr-defined]
+            backend=hub.backend,
             fd_limit=io.fd_limit,
             ports_open=io.ports_open,
             polls=io.polls,
@@ -152,7 +152,7 @@ class IOServer:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._io.ports_open} ports"
-        return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"  # type: ignore[attr-defined]
+        return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"
 
 
 @asynccontextmanager

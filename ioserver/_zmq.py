@@ -68,7 +68,9 @@ class ZmqSocketHandler(Handler):
     def __init__(self, io: IOThread, sock: zmq.Socket[bytes]) -> None:
         self.io = io
         self.sock = sock
-        self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        fd = sock.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self.fd = fd
 
     def start(self) -> None:
         """Adopt the socket: watch its descriptor and look at its state once (rule 4)."""
@@ -103,7 +105,8 @@ class ZmqSocketHandler(Handler):
         ``EVENTS`` allows (rules 1 and 2)."""
         sock = self.sock
         for _ in range(batch):
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            events = sock.getsockopt(zmq.EVENTS)
+            assert isinstance(events, int)
             if events & _POLLOUT and self._has_pending():
                 self._send_pending()
             if not events & _POLLIN:
@@ -155,7 +158,8 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         sock = self.sock
         budget = DRAIN_BATCH
         while True:
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            events = sock.getsockopt(zmq.EVENTS)
+            assert isinstance(events, int)
             progressed = False
             if events & _POLLOUT and self.outq:
                 progressed = self._send_queued()

@@ -365,7 +365,7 @@ class _PortBase(Source):
         return message
 
     # -- select hooks -------------------------------------------------------------------
-    def _select_poll(self) -> Any:
+    def _select_poll(self) -> object:
         if self._buffer:
             return self._take()
         self._check_can_wait(EndOfPort)
