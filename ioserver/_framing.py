@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -42,6 +42,7 @@ __all__ = [
     "LengthPrefixFramer",
     "LineFramer",
     "MsgpackFramer",
+    "PacketMode",
     "PacketTooLarge",
     "RawFramer",
     "RespError",
@@ -50,6 +51,9 @@ __all__ = [
     "make_framer",
     "port_framer",
 ]
+
+PacketMode = Literal["raw", "line", "msgpack", "resp", 0, 1, 2, 4]
+"""A packet mode, as Erlang's ``{packet, ...}`` (see ``ports.PortOptions``)."""
 
 #: The default cap on one message: 64 MiB.
 DEFAULT_PACKET_SIZE = 64 * 1024 * 1024
@@ -69,7 +73,7 @@ class Framer:
     __slots__ = ()
 
     #: The packet mode's name, as given to :func:`make_framer`.
-    mode: Any = None
+    mode: PacketMode = "raw"
 
     #: True when :meth:`feed` returns decoded objects (``"msgpack"``, ``"resp"``), not
     #: ``bytes``: such a message is charged to the budgets its share of the wire bytes it
@@ -123,7 +127,7 @@ class LengthPrefixFramer(Framer):
     def __init__(self, header: int, packet_size: int = DEFAULT_PACKET_SIZE) -> None:
         if header not in (1, 2, 4):
             raise OptionError(f"packet must be 1, 2 or 4 header bytes, not {header!r}")
-        self.mode = header
+        self.mode = 1 if header == 1 else 2 if header == 2 else 4
         self._header = header
         self._limit = min(packet_size, (1 << (8 * header)) - 1)
         self._buffer = bytearray()

@@ -68,7 +68,7 @@ class Parkable(Protocol):
 
     _waiter: Any
 
-    def _abort_park(self, raise_cancel: Any) -> Any: ...
+    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort: ...
 
 
 class Parker:
@@ -179,7 +179,7 @@ class AsyncioParker(Parker):
 _PARKERS: dict[str, Parker] = {"trio": TrioParker(), "asyncio": AsyncioParker()}
 
 #: Every live hub: :func:`yield_at_next_operation` resets their budgets.
-_HUBS: weakref.WeakSet[Any] = weakref.WeakSet()  # Hubs, each also a Parker
+_HUBS: weakref.WeakSet[Hub] = weakref.WeakSet()  # Hubs, each also a Parker
 
 
 def yield_at_next_operation() -> None:
@@ -278,12 +278,12 @@ class Hub(Parker):
         self.stopped = True
         self.wake(self)
 
-    def _abort_park(self, raise_cancel: Any) -> Any:
+    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def start(self, start_soon: Callable[..., Any]) -> None:
+    async def start(self, start_soon: Callable[..., object]) -> None:
         """Start draining; call before the I/O thread starts."""
         raise NotImplementedError
 
@@ -310,7 +310,7 @@ class Hub(Parker):
 
 
 class TrioHub(Hub, TrioParker):
-    async def start(self, start_soon: Callable[..., Any]) -> None:
+    async def start(self, start_soon: Callable[..., object]) -> None:
         start_soon(self._run)
 
     async def _run(self) -> None:
@@ -346,7 +346,7 @@ class TrioHub(Hub, TrioParker):
 
 
 class AsyncioHub(Hub, AsyncioParker):
-    async def start(self, start_soon: Callable[..., Any]) -> None:
+    async def start(self, start_soon: Callable[..., object]) -> None:
         self._loop = self.loop = asyncio.get_running_loop()
         self._loop.add_reader(self.inbox.wakeup.fileno(), self._on_readable)
         # The reader is registered: from now on the I/O thread may wake us.

@@ -14,10 +14,10 @@ I/O thread does with them).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal, TypedDict
+from typing import TypedDict
 
 from ._exceptions import OptionError
-from ._framing import DEFAULT_PACKET_SIZE, make_framer
+from ._framing import DEFAULT_PACKET_SIZE, PacketMode, make_framer
 
 __all__ = [
     "Active",
@@ -51,8 +51,6 @@ __all__ = [
 Active = bool | str | int
 """An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
 
-PacketMode = Literal["raw", "line", "msgpack", "resp", 0, 1, 2, 4]
-"""A packet mode, as Erlang's ``{packet, ...}`` (see :class:`PortOptions`)."""
 _PACKET_MODES: tuple[PacketMode, ...] = ("raw", "line", "msgpack", "resp", 0, 1, 2, 4)
 
 STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
