@@ -82,7 +82,7 @@ class Framer:
     #: the daemon and the client read.
     decodes_objects = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         """Take received bytes; return the messages they completed, in order.
 
         Raises:
@@ -112,7 +112,7 @@ class RawFramer(Framer):
     __slots__ = ()
     mode = "raw"
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         return [bytes(data)] if data else []
 
     def frame(self, message: object) -> bytes:
@@ -137,10 +137,10 @@ class LengthPrefixFramer(Framer):
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         buffer = self._buffer
         buffer += data
-        messages: list[Any] = []
+        messages: list[object] = []
         header = self._header
         start = 0
         end = len(buffer)
@@ -194,10 +194,10 @@ class LineFramer(Framer):
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         buffer = self._buffer
         buffer += data
-        messages: list[Any] = []
+        messages: list[object] = []
         start = 0
         delimiter = self._delimiter
         find = buffer.find
@@ -313,7 +313,7 @@ class MsgpackFramer(Framer):
         self._stack.clear()
         return error
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         try:
             if self._buffer:
                 return self._feed_held(data)
@@ -321,7 +321,7 @@ class MsgpackFramer(Framer):
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
 
-    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[object]:
         """``feed`` when nothing is held (the usual case): find the whole objects in the
         read itself, and copy only an unfinished one at its end."""
         end = len(data)
@@ -338,7 +338,7 @@ class MsgpackFramer(Framer):
                 raise PacketTooLarge(self._limit, end - start, _WHAT)
         return self._decode(data, start, bounds) if bounds else []
 
-    def _feed_held(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def _feed_held(self, data: bytes | bytearray | memoryview) -> list[object]:
         """``feed`` when an unfinished object is held: walk on from where it stopped."""
         buffer = self._buffer
         buffer += data
@@ -367,7 +367,11 @@ class MsgpackFramer(Framer):
         return messages
 
     def _skip_whole_objects(
-        self, data: Any, start: int, end: int, bounds: list[tuple[int, int]]
+        self,
+        data: bytes | bytearray | memoryview,
+        start: int,
+        end: int,
+        bounds: list[tuple[int, int]],
     ) -> int:
         """Find the whole objects of ``data[start:end]`` with msgpack's C decoder in skip
         mode (it builds nothing; its copy of the bytes is dropped on return); append their
@@ -457,7 +461,9 @@ class MsgpackFramer(Framer):
         self._scanned = position - start
         return -1
 
-    def _decode(self, data: Any, stop: int, bounds: list[tuple[int, int]]) -> list[Any]:
+    def _decode(
+        self, data: bytes | bytearray | memoryview, stop: int, bounds: list[tuple[int, int]]
+    ) -> list[object]:
         """Decode the whole objects ``bounds`` (``data[0:stop]``, back to back)."""
         limit = self._limit
         size = 0
@@ -518,7 +524,7 @@ def _too_deep() -> FrameError:
 _DEPTH_PAD = b"\x91" * (1024 - MSGPACK_MAX_DEPTH)
 
 
-def _check_depth(data: Any) -> None:
+def _check_depth(data: bytes | bytearray | memoryview) -> None:
     """Refuse a whole object nested deeper than :data:`MSGPACK_MAX_DEPTH` levels.
 
     The skip-mode scan that found it stops only at the decoder's own 1024 levels, so the
@@ -661,12 +667,12 @@ class RespFramer(Framer):
         self._reset()
         return error
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         if self._failed:
             return []
         buffer = self._buffer
         buffer += data
-        commands: list[Any] = []
+        commands: list[object] = []
         limit = self._limit
         find = buffer.find
         end = len(buffer)

@@ -785,7 +785,8 @@ class IOThread:
         assert framer is not None  # (the hot path calls this for framed ports only)
         before = framer.buffered
         try:
-            payloads = framer.feed(self._view[:n])
+            # bytes unless the framer decodes objects (decodes_objects, below)
+            payloads: list[Any] = framer.feed(self._view[:n])
         except FrameError as exc:
             self.delivered_total -= n
             self.framing_bytes += framer.buffered - before  # a failed framer emptied itself
@@ -819,7 +820,7 @@ class IOThread:
             self._deliver_payloads(conn, payloads, shares)
         return True
 
-    def _deliver_payloads(self, conn: Conn, payloads: list[Any], shares: list[int]) -> None:
+    def _deliver_payloads(self, conn: Conn, payloads: list[object], shares: list[int]) -> None:
         """Deliver decoded packets while the active credit lasts; hold the rest.
 
         Each delivered packet spends one credit; when the credit reaches 0 the port turns
@@ -869,7 +870,7 @@ class IOThread:
         held = conn.held
         assert held is not None
         count = len(held) if conn.credit < 0 else min(conn.credit, len(held))
-        payloads: list[Any] = []
+        payloads: list[object] = []
         shares: list[int] = []
         for _ in range(count):
             payload, share = held.popleft()

@@ -88,7 +88,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 
@@ -230,17 +230,17 @@ def is_numeric_host(family: int, host: str) -> bool:
     return True
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_int(value: Any, what: str, low: int = -(1 << 62), high: int = 1 << 62) -> int:
+def check_int(value: object, what: str, low: int = -(1 << 62), high: int = 1 << 62) -> int:
     if not is_int(value) or not low <= value <= high:
         raise ProtocolViolation("malformed", f"{what} must be an int in {low}..{high}")
     return int(value)
 
 
-def check_address(family: Any, address: object) -> tuple[int, tuple[Any, ...]]:
+def check_address(family: object, address: object) -> tuple[int, tuple[str, int, *tuple[int, ...]]]:
     """A ``(family, sockaddr)`` pair from the wire, checked."""
     if family not in FAMILIES or isinstance(family, bool):
         if is_int(family) and family in _OTHER_FAMILIES:
@@ -258,15 +258,16 @@ def check_address(family: Any, address: object) -> tuple[int, tuple[Any, ...]]:
         raise ProtocolViolation("malformed", "an address must be [host: str, port: 0..65535]")
     if not all(is_int(value) for value in rest):
         raise ProtocolViolation("malformed", "IPv6 flowinfo and scope_id must be ints")
-    return int(family), (host, port, *rest)
+    assert is_int(family)
+    return family, (host, port, *(int(value) for value in rest))
 
 
-def wire_address(address: object) -> Any:
+def wire_address(address: object) -> object:
     """A socket address as it crosses the wire (tuples become arrays by themselves)."""
     return list(address) if isinstance(address, tuple) else address
 
 
-def from_wire_address(address: object) -> Any:
+def from_wire_address(address: object) -> object:
     if isinstance(address, list):
         return tuple(address)
     return address

@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._tcp import StreamHost, adopt_listener
 
@@ -51,7 +51,7 @@ SD_LISTEN_FDS_START = 3  #: the first passed descriptor (sd-daemon.h)
 WORKER_ENVIRONMENT = "IOSERVER_WORKER"  # as in ioserver._daemon (not imported: cycles)
 
 _lock = threading.Lock()
-_table: dict[tuple[int, Any], socket.socket] | None = None
+_table: dict[tuple[int, object], socket.socket] | None = None
 _claimed: str | None = None
 
 
@@ -116,8 +116,9 @@ def inherited_fds(environ: dict[str, str] | None = None) -> list[tuple[int, str]
     return [(SD_LISTEN_FDS_START + index, names[index]) for index in range(count)]
 
 
-def _key(family: int, address: Any) -> tuple[int, Any]:
+def _key(family: int, address: object) -> tuple[int, object]:
     if family in (socket.AF_INET, socket.AF_INET6):
+        assert isinstance(address, tuple)  # (host, port, ...) as bind takes it
         return family, (str(address[0]), int(address[1]))
     if isinstance(address, bytes):  # an abstract Unix address, or a path given as bytes
         address = address.decode("utf-8", "surrogateescape")
@@ -126,12 +127,12 @@ def _key(family: int, address: Any) -> tuple[int, Any]:
     return family, address
 
 
-def _load() -> dict[tuple[int, Any], socket.socket]:
+def _load() -> dict[tuple[int, object], socket.socket]:
     """The passed listening stream sockets, by (family, address); read once."""
     global _table
     if _table is not None:
         return _table
-    table: dict[tuple[int, Any], socket.socket] = {}
+    table: dict[tuple[int, object], socket.socket] = {}
     for fd, name in inherited_fds():
         try:
             sock = socket.socket(fileno=fd)
@@ -157,7 +158,7 @@ def _load() -> dict[tuple[int, Any], socket.socket]:
     return table
 
 
-def take_listener(family: int, address: Any) -> socket.socket | None:
+def take_listener(family: int, address: object) -> socket.socket | None:
     """The passed listening socket bound to ``address`` (as ``socket.bind`` takes it, for
     ``family``), now the caller's; None if systemd passed none there (or it was taken)."""
     with _lock:

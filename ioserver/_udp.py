@@ -193,14 +193,14 @@ class DatagramHandler(ReceivingHandler):
     def _read_error_detail(self) -> str:
         return " (reported by the network for an earlier datagram)"
 
-    def _too_large_detail(self, n: int, size: int, address: Any) -> str:
+    def _too_large_detail(self, n: int, size: int, address: object) -> str:
         real = f"{n} bytes" if n > size else "more"
         return (
             f": a datagram of {real} from {address!r} exceeds max_datagram={size} "
             "bytes; it was dropped"
         )
 
-    def _dropped_detail(self, size: int, address: Any) -> str:
+    def _dropped_detail(self, size: int, address: object) -> str:
         return f": a datagram of {size} bytes to {address!r} was dropped"
 
     def _error(self, number: int | None, detail: str) -> None:
