@@ -56,7 +56,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _tcp
 from ._aio import BatchWriter, open_batch_writer
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
@@ -66,7 +65,7 @@ from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
-from ._tcp import on_connect_event, on_listener_event
+from ._tcp import connect_stream, listen_tcp, on_connect_event, on_listener_event
 from ._wakeup import WakeupQueue
 
 __all__ = ["IOThread", "raise_open_file_limit"]
@@ -1104,12 +1103,12 @@ class IOThread:
 
     # -- connect, listen and accept (TCP and Unix streams: see ioserver._tcp) ----------
     def cmd_connect(self, request: object, spec: ConnectRequest) -> None:
-        """Connect a stream socket; answer ``request`` (:func:`ioserver._tcp.connect`)."""
-        _tcp.connect(self, request, spec)
+        """Connect a stream socket; answer ``request`` (:func:`~._tcp.connect_stream`)."""
+        connect_stream(self, request, spec)
 
     def cmd_listen(self, request: object, spec: ListenRequest) -> None:
-        """Listen on a TCP address; answer ``request`` (:func:`ioserver._tcp.listen`)."""
-        _tcp.listen(self, request, spec)
+        """Listen on a TCP address; answer ``request`` (:func:`~._tcp.listen_tcp`)."""
+        listen_tcp(self, request, spec)
 
     def _pause_listener(self, listener: Conn) -> None:
         """Stop watching a listener that ran out of descriptors until one is released

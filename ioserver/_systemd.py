@@ -169,7 +169,7 @@ def cmd_listen_inherited(
     io: StreamHost, sock: socket.socket, request: object, spec: ListenRequest
 ) -> None:
     """On the I/O thread: make ``sock``, a passed listening socket, the listener ``spec``
-    asked for, as ``ioserver._tcp.listen`` makes one it bound (answers ``(conn, sockname,
+    asked for, as ``ioserver._tcp.listen_tcp`` makes one it bound (answers ``(conn, sockname,
     None)``, or the :exc:`~ioserver.PollerLimitError` of a poller that cannot watch it;
     then only our copy is closed: systemd keeps its own)."""
     sock.setblocking(False)

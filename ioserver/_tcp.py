@@ -4,10 +4,10 @@ The I/O thread's half of a TCP port is a stream ``Conn``: once connected (or acc
 round reads, frames and writes it inline (``ioserver/_iothread.py``, its hot path).  This
 module holds the rest, the pair of ``ports/_tcp.py``:
 
-* **connect** (:func:`connect`): a non-blocking ``connect_ex``; the ``Conn`` waits in the
+* **connect** (:func:`connect_stream`): a non-blocking ``connect_ex``; the ``Conn`` waits in the
   table as ``CONNECTING`` until the socket is writable (:func:`on_connect_event`), then
   becomes a ``STREAM`` and the request is answered ``(conn, sockname, peername)``.
-* **listen** (:func:`listen`, :func:`open_listener`): bind and listen, then
+* **listen** (:func:`listen_tcp`, :func:`open_listener`): bind and listen, then
   :func:`adopt_listener` puts the ``LISTENER`` in the table.  :func:`open_listener` is the
   step every stream listener shares (TCP, Unix: ``ioserver/_unix.py`` binds its path and
   keeps its socket file; a socket systemd passed goes to :func:`adopt_listener` at once).
@@ -16,7 +16,7 @@ module holds the rest, the pair of ``ports/_tcp.py``:
   an :class:`~._messages.Accepted` message.  A process out of descriptors stops watching
   the listener until one is freed (``IOThread._close``).
 
-Unix stream connections are the same ``Conn``: :func:`connect` with ``AF_UNIX``.  What
+Unix stream connections are the same ``Conn``: :func:`connect_stream` with ``AF_UNIX``.  What
 these functions need of the I/O thread is :class:`StreamHost` (``IOThread`` is one), so
 that this module does not import the round that dispatches to it.
 """
@@ -41,10 +41,10 @@ __all__ = [
     "StreamHost",
     "adopt_listener",
     "apply_stream_options",
-    "connect",
     "connect_error",
+    "connect_stream",
     "format_address",
-    "listen",
+    "listen_tcp",
     "on_connect_event",
     "on_listener_event",
     "open_listener",
@@ -99,7 +99,7 @@ def connect_error(number: int | None, address: object) -> ConnectError:
 
 
 # -- connect ------------------------------------------------------------------------------
-def connect(io: StreamHost, request: object, spec: ConnectRequest) -> None:
+def connect_stream(io: StreamHost, request: object, spec: ConnectRequest) -> None:
     """On the I/O thread: start connecting a stream socket (``IOThread.cmd_connect``);
     answer ``request`` with ``(conn, sockname, peername)`` or a :class:`ConnectError`
     (a :exc:`~ioserver.PollerLimitError` if the poller cannot watch the socket)."""
@@ -219,7 +219,7 @@ def _bind_tcp(family: int, address: SocketAddress, options: ListenOptions) -> so
     return sock
 
 
-def listen(io: StreamHost, request: object, spec: ListenRequest) -> None:
+def listen_tcp(io: StreamHost, request: object, spec: ListenRequest) -> None:
     """On the I/O thread: listen on a TCP address (``IOThread.cmd_listen``); answer
     ``request`` with ``(conn, sockname, None)`` or a :class:`ConnectError`."""
     open_listener(
