@@ -109,8 +109,8 @@ field                       written by             read by
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Callable, Sized
+from typing import Generic, Protocol, TypeVar
 
 from ._framing import Framer
 from ._options import Watermarks
@@ -188,7 +188,7 @@ class Window:
         self.on_pause: Callable[[int], None] | None = None
         self.on_gone: Callable[[], None] | None = None
 
-    def charge(self, data: Any) -> int:
+    def charge(self, data: Sized) -> int:
         """The bytes a delivered message's payload ``data`` is charged (see the module
         docstring); pops its size for decoded objects: call once, as it is taken."""
         return len(data) if self.sizes is None else self.sizes.popleft()

@@ -96,7 +96,7 @@ class ProcessWatcher(Handler):
         self.held: list[Closed] = []  # the stream's final messages, until the status
         self.finished = False  # ExitStatus and the held Closed were delivered
         self.terminating = False
-        self.kill_timer: list[Any] | None = None
+        self.kill_timer: list[Callable[[], None] | None] | None = None
         self.conns: list[Conn] = []  # stdout/stdin, and stderr's when it is a port
         self.mask = 0
         self.closed = False

@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Unpack
+from typing import Literal, Unpack
 
 from ioserver._conn import STREAM, Conn
 from ioserver._exceptions import (
@@ -129,7 +129,7 @@ class ProcessPort(Port):
         return f"<ProcessPort pid={pid} {self._argv!r} {state}>"
 
 
-def _check_argv(argv: Any) -> tuple[str | bytes, ...]:
+def _check_argv(argv: object) -> tuple[str | bytes, ...]:
     if isinstance(argv, (str, bytes)):
         raise OptionError(
             "argv is a list of arguments, not a shell command line: write "
@@ -151,7 +151,7 @@ def _check_argv(argv: Any) -> tuple[str | bytes, ...]:
     return tuple(checked)
 
 
-def _check_env(env: Any) -> dict[str, str] | None:
+def _check_env(env: object) -> dict[str, str] | None:
     if env is None:
         return None
     if not isinstance(env, Mapping):
@@ -254,7 +254,7 @@ async def open_process(
         # Before the program starts: a poller that cannot watch these descriptors
         # (select's FD_SETSIZE) refuses the port here, with nothing to undo.
         server._io.check_fd(ours.fileno())
-        child_stderr: Any = None
+        child_stderr: int | None = None
         if stderr == "devnull":
             child_stderr = subprocess.DEVNULL
         elif stderr == "stdout":

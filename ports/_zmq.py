@@ -221,7 +221,7 @@ async def open_zmq(
     return port
 
 
-def _start(handler: ZmqHandler, _: Any) -> None:
+def _start(handler: ZmqHandler, _: object) -> None:
     handler.start()
 
 
