@@ -60,6 +60,7 @@ from ioserver._exceptions import (
 from ioserver._exceptions import (
     WouldBlock as WouldBlock,
 )
+from ioserver._framing import PacketMode as PacketMode
 from ioserver._messages import (
     Accepted as Accepted,
 )
@@ -180,6 +181,7 @@ __all__ = [
     "NotSupportedError",
     "OptionError",
     "Packet",
+    "PacketMode",
     "PacketTooLarge",
     "Passive",
     "Port",
