@@ -60,7 +60,6 @@ from ioserver._exceptions import (
 from ioserver._exceptions import (
     WouldBlock as WouldBlock,
 )
-from ioserver._framing import PacketMode as PacketMode
 from ioserver._messages import (
     Accepted as Accepted,
 )
@@ -181,7 +180,6 @@ __all__ = [
     "NotSupportedError",
     "OptionError",
     "Packet",
-    "PacketMode",
     "PacketTooLarge",
     "Passive",
     "Port",
