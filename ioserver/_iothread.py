@@ -739,7 +739,8 @@ class IOThread:
         on_gone = conn.window.on_gone
         if on_gone is not None:
             on_gone()  # a daemon's client port: the client forgets it
-        self.budget.forget(conn)
+        if conn.global_paused:
+            self.budget.forget(conn)
         if conn.kind == STREAM and conn.framer is not None:
             self.framing_bytes -= conn.framer.buffered + conn.held_bytes
             conn.held = None
