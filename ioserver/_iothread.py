@@ -258,7 +258,11 @@ class IOThread:
 
         Raises :exc:`~ioserver.PollerLimitError`, and changes nothing, when the poller
         cannot watch that fd (select's ``FD_SETSIZE``): the caller refuses that port."""
-        self._adopt(entry)
+        self._poller.check(entry.fd)  # PollerLimitError: this port only, nothing changed
+        self._put_table(entry.fd, entry)
+        self.ports_open += 1
+
+    _adopt = adopt
 
     def release(self, entry: Conn | Handler) -> None:
         """Take ``entry`` out of the table and the poller (it closes its fd itself)."""
@@ -761,11 +765,6 @@ class IOThread:
                     listener.paused = False
                     self._put_table(listener.fd, listener)
                     self._interest(listener, READ if listener.credit else 0)
-
-    def _adopt(self, conn: Conn | Handler) -> None:
-        self._poller.check(conn.fd)  # PollerLimitError: this port only, nothing changed
-        self._put_table(conn.fd, conn)
-        self.ports_open += 1
 
     # -- streams ------------------------------------------------------------------------
     def _spend_credit(self, conn: Conn, messages: int) -> None:
