@@ -333,7 +333,7 @@ class RemoteIO(ZmqSocketHandler):
             spec.deliver,
             spec.family,
             spec.address,
-            spec.options,
+            dict[str, Any](spec.options),
         )
         credit, notify = spec.active
         ids = self._ids(request, deliver)

@@ -19,11 +19,10 @@ from ._contract import Deliver, LoopHalf, MakePort
 from ._flow import ReceiveFlow, Window
 from ._framing import Framer
 from ._messages import PASSIVE
-from ._options import apply_active_mode
+from ._options import FlowSettings, ListenOptions, Watermarks, apply_active_mode
 
 __all__ = ["CONNECTING", "HANDLER", "LISTENER", "STREAM", "Conn", "Handler", "ReceivingHandler"]
 
-_NO_OPTIONS: dict[str, Any] = {}
 
 # Conn.kind
 STREAM = 0
@@ -38,6 +37,7 @@ class Conn(ReceiveFlow):
     (:class:`~._flow.ReceiveFlow`: what was delivered, the pause generation)."""
 
     __slots__ = (
+        "address",
         "bytes_in",
         "bytes_out",
         "close_pending",
@@ -97,7 +97,10 @@ class Conn(ReceiveFlow):
         self.bytes_out = 0
         self.request: object = None
         self.make_port: MakePort | None = None
-        self.options: dict[str, Any] = _NO_OPTIONS  # listeners' and connects' own
+        #: A listener's options: its own, and those of the ports it accepts.
+        self.options: ListenOptions | None = None
+        #: A connect's peer (for its error message), a listener's own address.
+        self.address: object = None
         # Receive flow control (ioserver._flow): delivered_* count what the I/O thread
         # handed to the port; the port's window counts what its owner took; the
         # difference is what is buffered, undelivered, in the event loop.
@@ -119,7 +122,7 @@ class Conn(ReceiveFlow):
         self.queue_paused = False
         self.packets_too_large = 0
 
-    def configure(self, options: dict[str, Any], window: Window) -> None:
+    def configure(self, options: FlowSettings, window: Window) -> None:
         """Take the flow-control options and the window of the port (see ioserver._flow)."""
         self.configure_flow(options, window)
         self.framer = window.framer
@@ -198,7 +201,7 @@ class ReceivingHandler(Handler, ReceiveFlow):
     port: LoopHalf
     deliver: Deliver
 
-    def configure_receiving(self, options: dict[str, Any], active: tuple[int, bool]) -> None:
+    def configure_receiving(self, options: Watermarks, active: tuple[int, bool]) -> None:
         """Take the active mode and the flow-control options (see ``ports.PortOptions``)."""
         self.credit, self.notify_passive = active
         self.init_flow(self.port._window)

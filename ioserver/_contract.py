@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ._flow import Window
+from ._options import ListenOptions, StreamOptions, TunSettings, UDPSettings
 
 __all__ = [
     "ConnectRequest",
@@ -50,6 +51,7 @@ __all__ = [
     "ProcessRequest",
     "RemoteOpens",
     "Settings",
+    "SocketAddress",
     "TunRequest",
     "UDPRequest",
     "ZmqRequest",
@@ -78,7 +80,11 @@ class LoopHalf(Protocol):
 
 #: Makes the loop half of an accepted connection, on the I/O thread: called with the
 #: connection's I/O half, the local address and the peer's address.
-MakePort = Callable[[Any, Any, Any], LoopHalf]
+MakePort = Callable[[Any, object, object], LoopHalf]
+
+#: A socket address as ``socket.connect``/``bind`` take it: ``(host, port)`` (IPv4),
+#: ``(host, port, flowinfo, scope_id)`` (IPv6), or a Unix socket's path.
+SocketAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
 
 
 @runtime_checkable
@@ -124,9 +130,9 @@ class ConnectRequest:
     deliver: Deliver
     family: int
     #: A socket address of ``family`` (a ``(host, port...)`` tuple, or a path).
-    address: Any
+    address: SocketAddress
     #: The port's validated options (``_options.port_options``).
-    options: dict[str, Any]
+    options: StreamOptions
     #: The active mode ``(credit, notify_passive)`` (``_options.parse_active``).
     active: tuple[int, bool]
 
@@ -139,10 +145,10 @@ class ListenRequest:
     port: LoopHalf
     deliver: Deliver
     family: int
-    address: Any
+    address: SocketAddress
     #: The listening socket's options (``backlog``...) and those of each accepted port,
     #: with ``"active"``: the accepted ports' active mode ``(credit, notify_passive)``.
-    options: dict[str, Any]
+    options: ListenOptions
     #: The listener's own active mode: how many connections it accepts.
     active: tuple[int, bool]
     #: Makes each accepted connection's loop half (see :data:`MakePort`).
@@ -156,10 +162,10 @@ class UDPRequest:
     port: LoopHalf
     deliver: Deliver
     family: int
-    bind: Any
-    connect: Any
+    bind: SocketAddress
+    connect: SocketAddress | None
     #: The validated UDP options (``_options.udp_options``).
-    options: dict[str, Any]
+    options: UDPSettings
     active: tuple[int, bool]
 
 
@@ -174,7 +180,7 @@ class TunRequest:
     #: ``"tun"`` or ``"tap"``.
     mode: str
     #: The validated TUN/TAP options (``_options.tun_options``).
-    options: dict[str, Any]
+    options: TunSettings
     active: tuple[int, bool]
 
 

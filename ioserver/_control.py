@@ -84,6 +84,7 @@ from ._contract import (
     ListenRequest,
     ProcessRequest,
     Settings,
+    SocketAddress,
     TunRequest,
     UDPRequest,
 )
@@ -104,6 +105,7 @@ from ._messages import (
 )
 from ._options import (
     LISTEN_OPTIONS,
+    ListenOptions,
     check_options,
     port_options,
     tun_options,
@@ -529,7 +531,7 @@ class ControlEndpoint(ZmqSocketHandler):
         self._log_count = 0
         self._log_suppressed = 0
         self._timer: list[Callable[[], None] | None] | None = None
-        io._budget_owners.append(self.budget)
+        io.budget.owners.append(self.budget)
         # Remote clients are served by this thread itself: it must not pause for the flush
         # point of a local app's loop (see ioserver._wakeup).
         io.waits_for_flush = False
@@ -778,9 +780,9 @@ class ControlEndpoint(ZmqSocketHandler):
         if isinstance(result, UDPRequest):
             cmd_open_udp(self.io, request, result)
         elif isinstance(spec, ListenRequest):
-            self.io.cmd_listen(request, replace(spec, address=result))
+            self.io.cmd_listen(request, replace(spec, address=cast(SocketAddress, result)))
         elif isinstance(spec, ConnectRequest):
-            self.io.cmd_connect(request, replace(spec, address=result))
+            self.io.cmd_connect(request, replace(spec, address=cast(SocketAddress, result)))
 
     def _program_started(self, job: _Job, result: object) -> None:
         self._resolving -= 1
@@ -1029,7 +1031,13 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: P.Message) 
         return accepted
 
     spec = ListenRequest(
-        state, session.deliver, family, address, {**extra, **settings}, active, make_port
+        state,
+        session.deliver,
+        family,
+        address,
+        cast(ListenOptions, {**extra, **settings}),
+        active,
+        make_port,
     )
     session.ports[state.pid] = state
     if isinstance(address, str):

@@ -103,7 +103,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from typing import Any, TypeAlias, TypeGuard
+from typing import TypeAlias, TypeGuard
 
 import msgpack
 
@@ -199,7 +199,8 @@ def pack(messages: list[Message], token: bytes | None = None) -> bytes:
     """One frame: the envelope around a round's messages (with the session's token for a
     client's frame to the daemon)."""
     envelope = [VERSION, messages] if token is None else [VERSION, messages, token]
-    return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
+    frame: bytes = msgpack.packb(envelope, use_bin_type=True)
+    return frame
 
 
 def unpack(frame: bytes) -> list[Wire]:
@@ -400,12 +401,12 @@ def check_topics(value: object) -> list[bytes] | None:
     return [topic for topic in value if isinstance(topic, bytes)]
 
 
-def wire_address(address: object) -> Any:
+def wire_address(address: object) -> object:
     """A socket address as it crosses the wire (tuples become arrays by themselves)."""
     return list(address) if isinstance(address, tuple) else address
 
 
-def from_wire_address(address: object) -> Any:
+def from_wire_address(address: object) -> object:
     if isinstance(address, list):
         return tuple(address)
     return address

@@ -110,7 +110,7 @@ class IOServer:
         writer = io._writer or io._failed_writer
         return IOServerStatistics(
             poller=io.poller_name,
-            backend=hub.backend,  # type: ignore[attr-defined]
+            backend=hub.backend,
             fd_limit=io.fd_limit,
             ports_open=io.ports_open,
             polls=io.polls,
@@ -129,8 +129,8 @@ class IOServer:
             memory_limit=io.memory_limit,
             port_buffer_limit=io.port_buffer_limit,
             memory_in_use=io.memory_in_use(),
-            peak_memory=max(io.peak_memory, io.memory_in_use()),
-            global_pauses=io.global_pauses,
+            peak_memory=max(io.budget.peak, io.memory_in_use()),
+            global_pauses=io.budget.pauses,
             batched_writes=io._writer is not None,
             write_batches=0 if writer is None else writer.batches,
             batched_write_count=0 if writer is None else writer.writes,
@@ -152,7 +152,7 @@ class IOServer:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._io.ports_open} ports"
-        return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"  # type: ignore[attr-defined]
+        return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"
 
 
 @asynccontextmanager

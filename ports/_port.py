@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sized
 from dataclasses import dataclass
-from typing import Any, final
+from typing import Any, Self, final
 
 import anyio
 import anyio.abc
@@ -37,11 +37,13 @@ from ioserver._exceptions import (
     WouldBlock,
 )
 from ioserver._flow import Window
-from ioserver._framing import PACKET_OVERHEAD, Framer, port_framer
+from ioserver._framing import PACKET_OVERHEAD, Framer, PacketMode, port_framer
+from ioserver._hub import Hub
 from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
     Active,
+    FlowSettings,
     apply_active_mode,
     parse_active,
 )
@@ -81,7 +83,7 @@ class _Request(Waiter):
 
     __slots__ = ("cancelled", "hub", "io", "result")
 
-    def __init__(self, io: IOThread, hub: Any) -> None:
+    def __init__(self, io: IOThread, hub: Hub) -> None:
         super().__init__()
         self.io = io
         self.hub = hub
@@ -134,7 +136,7 @@ class _PortBase(Source):
         self, server: IOServer, active: tuple[int, bool], framer: Framer | None = None
     ) -> None:
         hub = server._hub
-        self._hub: Any = hub
+        self._hub: Hub = hub
         self._io: IOThread = server._io
         self._submit = self._io.commands.put
         self._conn: Conn | None = None
@@ -147,8 +149,8 @@ class _PortBase(Source):
         self._credit, self._notify = active
         self._passive_pending = False  # an active=N count ran out: Passive is on its way
         self._owner: Mailbox | None = None
-        self._local_address: Any = None
-        self._remote_address: Any = None
+        self._local_address: object = None
+        self._remote_address: object = None
         # Flow control (ioserver._flow): the one object the I/O thread reads of this half.
         # It counts what the owner took, as the I/O half counts what it delivered.
         # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
@@ -165,7 +167,7 @@ class _PortBase(Source):
             return bool(owner._waiters)
         return self._waiter is not None or bool(self._select_waiters)
 
-    def _took_data(self, data: Any) -> None:
+    def _took_data(self, data: Sized) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
         window = self._window
         size = len(data) if window.sizes is None else window.sizes.popleft()
@@ -241,7 +243,7 @@ class _PortBase(Source):
     def _on_writable(self) -> None:
         pass
 
-    def _abort_park(self, raise_cancel: Any) -> Any:
+    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -307,7 +309,7 @@ class _PortBase(Source):
     def __aiter__(self) -> _PortBase:
         return self
 
-    def __anext__(self) -> Coroutine[Any, Any, Message]:
+    def __anext__(self) -> Coroutine[object, None, Message]:
         return self._receive(StopAsyncIteration)
 
     async def _receive(self, end: type[Exception]) -> Message:
@@ -331,7 +333,7 @@ class _PortBase(Source):
                 if self._closed or self._ended or self._credit == 0 or self._owner is not None:
                     self._check_can_wait(end)
                 # Park until the hub delivers (Hub.park, inlined).  The waiter is set
-                # before the budget pause is read (see IOThread._budget_blocks).
+                # before the budget pause is read (see MemoryBudget.blocks in ioserver._flow).
                 if hub.is_trio:
                     self._waiter = _current_task()
                     if getattr(self._conn, "global_paused", False):
@@ -364,7 +366,7 @@ class _PortBase(Source):
         return message
 
     # -- select hooks -------------------------------------------------------------------
-    def _select_poll(self) -> Any:
+    def _select_poll(self) -> object:
         if self._buffer:
             return self._take()
         self._check_can_wait(EndOfPort)
@@ -523,7 +525,7 @@ class _PortBase(Source):
             closed=self._closed,
         )
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -554,7 +556,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_simple_send",
     )
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: FlowSettings) -> None:
         framer = port_framer(options)
         super().__init__(server, active, framer)
         self._broken: str | None = None
@@ -604,7 +606,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         if self._eof_sent:
             raise ClosedPortError("send_eof() was called: this port sends nothing more")
 
-    def _encode(self, message: Any) -> bytes:
+    def _encode(self, message: object) -> bytes:
         if self._framer is not None:
             return self._framer.frame(message)
         if message.__class__ is not bytes:
@@ -638,7 +640,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         )
 
     @property
-    def packet(self) -> Any:
+    def packet(self) -> PacketMode:
         """The packet mode: ``"raw"`` (bytes as read), ``1``/``2``/``4``, ``"line"``,
         ``"msgpack"`` or ``"resp"`` (see :class:`PortOptions`)."""
         return "raw" if self._framer is None else self._framer.mode
@@ -824,7 +826,7 @@ class Listener(  # type: ignore[misc]
         return f"<Listener tcp {self._local_address} {'closed' if self._closed else 'open'}>"
 
 
-def _to_bytes(data: Any) -> bytes:
+def _to_bytes(data: object) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
     if isinstance(data, bytes):

@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Unpack
+from typing import Literal, Unpack
 
 from ioserver._conn import STREAM, Conn
 from ioserver._contract import ProcessControl, ProcessRequest, RemoteOpens
@@ -28,7 +28,7 @@ from ioserver._exceptions import (
     errno_name,
 )
 from ioserver._messages import ExitStatus
-from ioserver._options import PortOptions, unix_options
+from ioserver._options import PortOptions, StreamOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
@@ -55,7 +55,7 @@ class ProcessPort(Port):
 
     __slots__ = ("_argv", "_exit_status", "_stderr_port", "_watcher")
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: StreamOptions) -> None:
         super().__init__(server, active, options)
         self._argv: tuple[str | bytes, ...] = ()
         self._exit_status: int | None = None
@@ -136,7 +136,7 @@ class ProcessPort(Port):
         return f"<ProcessPort pid={pid} {self._argv!r} {state}>"
 
 
-def _check_argv(argv: Any) -> tuple[str | bytes, ...]:
+def _check_argv(argv: object) -> tuple[str | bytes, ...]:
     if isinstance(argv, (str, bytes)):
         raise OptionError(
             "argv is a list of arguments, not a shell command line: write "
@@ -158,7 +158,7 @@ def _check_argv(argv: Any) -> tuple[str | bytes, ...]:
     return tuple(checked)
 
 
-def _check_env(env: Any) -> dict[str, str] | None:
+def _check_env(env: object) -> dict[str, str] | None:
     if env is None:
         return None
     if not isinstance(env, Mapping):
@@ -270,19 +270,23 @@ async def open_process(
         return port
     stderr_port: Port | None = None
     if stderr == "port":
-        stderr_port = Port(server, credit, {**settings, "packet": "raw"})
+        raw: StreamOptions = {**settings, "packet": "raw"}
+        stderr_port = Port(server, credit, raw)
 
     ours, theirs = socketpair_for_child()
     error_ours: socket.socket | None = None
     error_theirs: socket.socket | None = None
     try:
-        for name, level in (("recbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
-            if settings[name]:
-                ours.setsockopt(socket.SOL_SOCKET, level, settings[name])
+        for size, level in (
+            (settings["recbuf"], socket.SO_RCVBUF),
+            (settings["sndbuf"], socket.SO_SNDBUF),
+        ):
+            if size:
+                ours.setsockopt(socket.SOL_SOCKET, level, size)
         # Before the program starts: a poller that cannot watch these descriptors
         # (select's FD_SETSIZE) refuses the port here, with nothing to undo.
         server._io.check_fd(ours.fileno())
-        child_stderr: Any = None
+        child_stderr: int | None = None
         if stderr == "devnull":
             child_stderr = subprocess.DEVNULL
         elif stderr == "stdout":

@@ -4,25 +4,36 @@ A TCP connection is a :class:`~ports.Port` and a listener a :class:`~ports.Liste
 (``ports/_port.py``, which every stream kind shares); this module opens them: it resolves
 the address, validates the options (``ioserver._options``) and hands the I/O thread an
 open request (``ioserver._contract``).  The I/O thread's half of TCP is
-``ioserver/_tcp.py`` and ``IOThread.cmd_connect``/``cmd_listen``.
+``ioserver/_tcp.py``.  Unix stream sockets open through the same two steps
+(:func:`open_stream`, :func:`open_listener`), with their own address and bind.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Unpack
+from typing import Unpack
 
 from ioserver._conn import Conn
-from ioserver._contract import ConnectRequest, ListenRequest
+from ioserver._contract import ConnectRequest, ListenRequest, SocketAddress
+from ioserver._hub import Hub
 from ioserver._iothread import IOThread
-from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, port_options
+from ioserver._options import (
+    LISTEN_OPTIONS,
+    ListenOptions,
+    PortOptions,
+    StreamOptions,
+    check_options,
+    port_options,
+)
 from ioserver._server import IOServer
 from ioserver._systemd import cmd_listen_inherited, take_listener
 
 from ._port import Listener, Port, _Request, _resolve
 
-__all__ = ["WORKER_ENVIRONMENT", "connect_tcp", "listen_tcp"]
+__all__ = ["WORKER_ENVIRONMENT", "connect_tcp", "listen_tcp", "open_listener", "open_stream"]
 
 #: Set in each worker of ``ioserver serve --workers N`` (to the worker's index).
 WORKER_ENVIRONMENT = "IOSERVER_WORKER"
@@ -52,24 +63,39 @@ async def connect_tcp(
     hub = server._check_open("ports.connect_tcp")
     credit, settings = port_options(dict(options), "a TCP port")
     addresses = await _resolve(host, port, passive=False)
-    io = server._io
     error: BaseException | None = None
     for family, address in addresses:
-        result_port = Port(server, credit, settings)
-        request = _Request(io, hub)
-        io.submit(
-            io.cmd_connect,
-            request,
-            ConnectRequest(result_port, hub.deliver, family, address, settings, credit),
-        )
-        result = await request.wait()
-        if isinstance(result, BaseException):
-            error = result
-            continue
-        result_port._conn, result_port._local_address, result_port._remote_address = result
-        return result_port
+        result = await open_stream(server, hub, family, address, credit, settings)
+        if isinstance(result, Port):
+            return result
+        error = result
     assert error is not None
     raise error
+
+
+async def open_stream(
+    server: IOServer,
+    hub: Hub,
+    family: int,
+    address: SocketAddress,
+    credit: tuple[int, bool],
+    settings: StreamOptions,
+) -> Port | BaseException:
+    """Connect a stream socket of ``family`` (TCP, Unix) to ``address``: the open
+    :class:`Port`, or the exception the I/O half answered (a :class:`ConnectError`...)."""
+    io = server._io
+    result_port = Port(server, credit, settings)
+    request = _Request(io, hub)
+    io.submit(
+        io.cmd_connect,
+        request,
+        ConnectRequest(result_port, hub.deliver, family, address, settings, credit),
+    )
+    result = await request.wait()
+    if isinstance(result, BaseException):
+        return result
+    result_port._conn, result_port._local_address, result_port._remote_address = result
+    return result_port
 
 
 async def listen_tcp(
@@ -113,8 +139,41 @@ async def listen_tcp(
     listen_options = {"backlog": backlog, "reuseaddr": reuseaddr, "reuseport": reuseport}
     check_options(listen_options, LISTEN_OPTIONS, "a TCP listener")
     credit, settings = port_options(dict(options), "a TCP listener's ports")
-    all_options: dict[str, Any] = {**listen_options, **settings, "active": credit}
+    all_options: ListenOptions = {
+        **settings,
+        "backlog": backlog,
+        "reuseaddr": reuseaddr,
+        "reuseport": reuseport,
+        "active": credit,
+    }
     family, address = (await _resolve(host, port, passive=True))[0]
+    io = server._io
+    # systemd's socket activation: a socket passed for this very address is adopted.
+    inherited = take_listener(family, address) if isinstance(io, IOThread) else None
+    return await open_listener(
+        server, hub, family, address, all_options, credit, settings, inherited, io.cmd_listen
+    )
+
+
+async def open_listener(
+    server: IOServer,
+    hub: Hub,
+    family: int,
+    address: SocketAddress,
+    options: ListenOptions,
+    credit: tuple[int, bool],
+    settings: StreamOptions,
+    inherited: socket.socket | None,
+    command: Callable[[object, ListenRequest], None],
+) -> Listener:
+    """Listen on a stream socket (TCP, Unix): the loop's side every stream listener
+    shares.  ``command`` is the I/O half's listen command for the kind (it binds), unless
+    systemd passed a socket for this address (``inherited``: it is adopted as it is).
+    Each accepted connection becomes a :class:`Port` with ``credit`` and ``settings``.
+
+    Raises:
+        ConnectError: the I/O half could not listen (the address in use...).
+    """
     listener = Listener(server, (-1, False))
     io = server._io
 
@@ -127,15 +186,12 @@ async def listen_tcp(
         return accepted
 
     request = _Request(io, hub)
-    spec = ListenRequest(
-        listener, hub.deliver, family, address, all_options, (-1, False), make_port
-    )
-    # systemd's socket activation: a socket passed for this very address is adopted.
-    inherited = take_listener(family, address) if isinstance(io, IOThread) else None
+    spec = ListenRequest(listener, hub.deliver, family, address, options, (-1, False), make_port)
     if inherited is not None:
+        assert isinstance(io, IOThread)
         io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
     else:
-        io.submit(io.cmd_listen, request, spec)
+        io.submit(command, request, spec)
     result = await request.wait()
     if isinstance(result, BaseException):
         raise result

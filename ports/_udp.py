@@ -31,7 +31,7 @@ from ioserver._exceptions import (
 )
 from ioserver._hub import Hub
 from ioserver._messages import Closed, Datagram, Message, Packet
-from ioserver._options import UDPOptions, udp_options
+from ioserver._options import UDPOptions, Watermarks, udp_options
 from ioserver._server import IOServer
 from ioserver._udp import DatagramHandler, cmd_open_udp
 
@@ -85,7 +85,7 @@ class UDPPort(  # type: ignore[misc]
     )
 
     def __init__(
-        self, server: IOServer, active: tuple[int, bool], options: dict[str, Any], family: int
+        self, server: IOServer, active: tuple[int, bool], options: Watermarks, family: int
     ) -> None:
         super().__init__(server, active)
         self._family = family

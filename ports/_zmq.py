@@ -19,7 +19,7 @@ import zmq
 
 from ioserver._contract import RemoteOpens, ZmqRequest
 from ioserver._exceptions import ConnectError, OptionError, errno_name
-from ioserver._options import ZmqOptions, parse_active, zmq_options
+from ioserver._options import FlowSettings, ZmqOptions, parse_active, zmq_options
 from ioserver._server import IOServer
 from ioserver._zmq import ZmqHandler
 
@@ -60,7 +60,7 @@ class ZmqPort(Port):
 
     __slots__ = ("socket_type",)
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]):
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: FlowSettings):
         super().__init__(server, active, options)
         self._window.sizes = deque()  # each message's size, appended by the I/O thread
         self._simple_send = False
@@ -266,7 +266,7 @@ async def _open_remote(
     return port
 
 
-def _start(handler: ZmqHandler, _: Any) -> None:
+def _start(handler: ZmqHandler, _: object) -> None:
     handler.start()
 
 

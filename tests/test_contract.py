@@ -159,3 +159,38 @@ def test_every_half_declares_the_contract() -> None:
     assert remote.window is state._window
     assert issubclass(Conn, ReceiveFlow)
     assert "_window" in ports.Port.__slots__ or hasattr(ports.Port, "_window")
+
+
+def test_validated_options_carry_exactly_their_typeddicts_keys() -> None:
+    # What the I/O half reads of a port's options is a TypedDict per kind (ioserver._options),
+    # and the open requests carry them.
+    import typing
+
+    from ioserver import _options as O
+    from ioserver._contract import ListenRequest, TunRequest, UDPRequest
+
+    assert set(O.port_options({}, "a TCP port")[1]) == O.StreamOptions.__required_keys__
+    assert set(O.unix_options({}, "a Unix port")[1]) == O.StreamOptions.__required_keys__
+    assert set(O.udp_options({})[1]) == O.UDPSettings.__required_keys__
+    assert set(O.tun_options({})[1]) == O.TunSettings.__required_keys__
+    _, flow, settings = O.zmq_options({})
+    assert set(flow) == O.FlowSettings.__required_keys__
+    assert set(settings) == O.ZmqSettings.__required_keys__
+    for user, validated in (
+        (O.PortOptions, O.StreamOptions),
+        (O.UDPOptions, O.UDPSettings),
+        (O.TunOptions, O.TunSettings),
+        (O.ZmqOptions, O.ZmqSettings),
+    ):
+        assert O.FlowOptions.__optional_keys__ <= user.__optional_keys__, user
+        assert O.Watermarks.__required_keys__ <= validated.__required_keys__, validated
+    hints = {
+        request: typing.get_type_hints(request)["options"]
+        for request in (ConnectRequest, ListenRequest, UDPRequest, TunRequest)
+    }
+    assert hints == {
+        ConnectRequest: O.StreamOptions,
+        ListenRequest: O.ListenOptions,
+        UDPRequest: O.UDPSettings,
+        TunRequest: O.TunSettings,
+    }

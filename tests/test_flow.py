@@ -580,3 +580,55 @@ async def test_small_packets_are_charged_what_they_hold(no_leaks: None, active: 
                     peer.close()
     finally:
         tracemalloc.stop()
+
+
+class _BudgetEntry:
+    """What the memory budget reads and writes of a port (a stream Conn has these)."""
+
+    def __init__(self, waits: bool) -> None:
+        self.global_paused = False
+        self.closed = False
+        self.pauses = 0
+        self.waits = waits
+
+    def owner_waits(self) -> bool:
+        return self.waits
+
+
+class _Charges:
+    """The I/O thread's counters the budget charges (bytes)."""
+
+    delivered_total = 0
+    framing_bytes = 0
+    bytes_out = 0
+    bytes_discarded = 0
+    bytes_forwarded = 0
+
+
+def test_the_memory_budget_is_one_object_with_the_streams_rule() -> None:
+    # ioserver._flow.MemoryBudget: ordinary reads stop a whole read short of the reserve,
+    # a waiting owner reads into it, paused ports resume together at one half.
+    from ioserver._flow import MemoryBudget
+
+    limit, read = 1 << 20, 65536
+    charges = _Charges()
+    interest: list[_BudgetEntry] = []  # the I/O thread recomputes these ports' interest
+    budget: MemoryBudget[_BudgetEntry] = MemoryBudget(limit, charges, read, 2, interest.append)
+    assert budget.reserve == limit // 4 and budget.read_floor == read + limit // 4
+    idle, waiting = _BudgetEntry(waits=False), _BudgetEntry(waits=True)
+    charges.delivered_total = limit * 3 // 4  # delivered, not taken: a quarter is left
+    headroom = budget.headroom()
+    assert headroom == limit // 4 and budget.peak == limit * 3 // 4
+    assert budget.blocks(idle, headroom) and idle.global_paused and idle in budget.paused
+    assert budget.pauses == 1 and idle.pauses == 1
+    assert not budget.blocks(waiting, headroom) and not waiting.global_paused
+    assert budget.reserve_reads == 1
+    assert budget.read_allowance(waiting) == limit // 4
+    assert budget.read_allowance(idle) == 0
+    charges.bytes_out = limit // 8  # not yet one half: still paused
+    budget.headroom()
+    assert idle.global_paused
+    interest.clear()
+    charges.bytes_out = limit // 4  # one half: everything resumes
+    budget.headroom()
+    assert not idle.global_paused and interest == [idle] and not budget.paused
