@@ -47,7 +47,6 @@ from ioserver._contract import (
     LoopHalf,
     MakePort,
     ProcessRequest,
-    Settings,
     TunRequest,
     UDPRequest,
     ZmqRequest,
@@ -66,6 +65,7 @@ from ioserver._messages import (
     ExitStatus,
     Packet,
 )
+from ioserver._options import PortSettings, StreamOptions, TunSettings, UDPSettings
 from ioserver._protocol import ProtocolViolation
 from ioserver._zmq import ZmqSocketHandler
 
@@ -101,7 +101,7 @@ class RemoteConn(ReceiveFlow):
     )
 
     def __init__(
-        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: Settings
+        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: PortSettings
     ) -> None:
         self.pid = pid
         self.port = port
@@ -119,7 +119,8 @@ class RemoteConn(ReceiveFlow):
         #: The port's window's sizes (ioserver._flow), for DATA of decoded objects.
         self.sizes: deque[int] | None = None if port is None else port._window.sizes
         self.make_port: MakePort | None = None
-        self.accept_options: Settings = {}
+        #: A listener's: the options of the ports it accepts (set with ``make_port``).
+        self.accept_options: StreamOptions | None = None
 
     def adopt(self, port: LoopHalf) -> None:
         """The loop half of an accepted connection was made: deliver to it, and share
@@ -141,7 +142,7 @@ class RemoteDatagramConn(RemoteConn):
         pid: int,
         port: LoopHalf,
         deliver: Deliver,
-        options: Settings,
+        options: UDPSettings | TunSettings,
         packets: bool,
     ) -> None:
         super().__init__(pid, port, deliver, options)
@@ -333,7 +334,7 @@ class RemoteIO(ZmqSocketHandler):
             spec.deliver,
             spec.family,
             spec.address,
-            dict[str, Any](spec.options),
+            spec.options,
         )
         credit, notify = spec.active
         ids = self._ids(request, deliver)
@@ -344,8 +345,8 @@ class RemoteIO(ZmqSocketHandler):
         conn = RemoteConn(pid, port, deliver, options)
         if isinstance(spec, ListenRequest):
             conn.make_port = spec.make_port
-            conn.accept_options = options
-            accept_credit, accept_notify = options["active"]
+            conn.accept_options = spec.options
+            accept_credit, accept_notify = spec.options["active"]
             wire["accept_active"] = [accept_credit, accept_notify]
         if family == P.AF_UNIX and isinstance(address, bytes):
             address = os.fsdecode(address)  # a str on the wire; the daemon encodes it back
@@ -699,7 +700,7 @@ class RemoteIO(ZmqSocketHandler):
     def _accepted(self, message: P.Message) -> None:
         _, listener_pid, pid, local, remote = message
         listener = self._conn(listener_pid)
-        if listener is None or listener.make_port is None:
+        if listener is None or listener.make_port is None or listener.accept_options is None:
             return
         if not P.is_int(pid) or pid >= 0 or pid in self.table:
             raise ProtocolViolation("malformed", f"ACCEPTED with a bad port id {pid!r}")
@@ -826,11 +827,19 @@ _EVENTS: dict[int, Callable[[RemoteIO, P.Message], None]] = {
 }
 
 
-def _wire_options(options: Settings) -> dict[str, P.Wire]:
+def _wire_options(options: PortSettings) -> dict[str, P.Wire]:
     """A port's validated options as they cross: ``active`` goes apart (credit, notify),
-    and ``nodelay``/``keepalive`` when they are off (a Unix or process port has none)."""
-    return {
-        name: value
-        for name, value in options.items()
-        if name != "active" and not (name in ("nodelay", "keepalive") and not value)
-    }
+    and ``nodelay``/``keepalive`` when they are off (a Unix or process port has none).
+
+    Raises:
+        TypeError: an option whose value has no msgpack form (a bug: every validated
+            option is a scalar, ``active`` aside).
+    """
+    wire: dict[str, P.Wire] = {}
+    for name, value in options.items():
+        if name == "active" or (name in ("nodelay", "keepalive") and not value):
+            continue
+        if value is not None and not isinstance(value, (int, float, str, bytes)):
+            raise TypeError(f"option {name}={value!r} does not cross the wire")
+        wire[name] = value
+    return wire

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ._flow import Window
-from ._options import ListenOptions, StreamOptions, TunSettings, UDPSettings
+from ._options import ListenOptions, StreamOptions, TunSettings, UDPSettings, ZmqSettings
 
 __all__ = [
     "ConnectRequest",
@@ -50,7 +50,6 @@ __all__ = [
     "ProcessControl",
     "ProcessRequest",
     "RemoteOpens",
-    "Settings",
     "SocketAddress",
     "TunRequest",
     "UDPRequest",
@@ -59,10 +58,6 @@ __all__ = [
 
 #: The owning loop's inbox: ``deliver((port or request, message))``, on the I/O thread.
 Deliver = Callable[[tuple[Any, Any]], None]
-
-#: A port's validated options, as its kind's ``_options.*_options`` returned them (the
-#: open requests' ``options``): option names to values of the option's own type.
-Settings = dict[str, Any]
 
 
 @runtime_checkable
@@ -162,7 +157,8 @@ class UDPRequest:
     port: LoopHalf
     deliver: Deliver
     family: int
-    bind: SocketAddress
+    #: None: no bind (the kernel binds at ``connect``).
+    bind: SocketAddress | None
     connect: SocketAddress | None
     #: The validated UDP options (``_options.udp_options``).
     options: UDPSettings
@@ -199,7 +195,7 @@ class ProcessRequest:
     #: Seconds between SIGTERM and SIGKILL when the port closes.
     kill_grace: float
     #: The port's validated stream options (``_options.unix_options``).
-    options: dict[str, Any]
+    options: StreamOptions
     active: tuple[int, bool]
 
 
@@ -215,8 +211,8 @@ class ZmqRequest:
     connect: tuple[str, ...]
     #: SUB topics (None: everything).
     subscribe: tuple[bytes, ...] | None
-    #: The port's options as ``_options.zmq_options`` returned them, ``active`` aside.
-    options: dict[str, Any]
+    #: The port's options as ``_options.zmq_options`` returned them (its third value).
+    options: ZmqSettings
     active: tuple[int, bool]
 
 

@@ -70,7 +70,7 @@ import socket
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar, cast
@@ -83,7 +83,6 @@ from ._contract import (
     ConnectRequest,
     ListenRequest,
     ProcessRequest,
-    Settings,
     SocketAddress,
     TunRequest,
     UDPRequest,
@@ -105,7 +104,11 @@ from ._messages import (
 )
 from ._options import (
     LISTEN_OPTIONS,
+    FlowSettings,
     ListenOptions,
+    PortSettings,
+    StreamOptions,
+    ZmqSettings,
     check_options,
     port_options,
     tun_options,
@@ -204,7 +207,9 @@ class RemotePortState:
         "watcher",
     )
 
-    def __init__(self, session: Session, pid: int, options: Settings, kind: str = "stream") -> None:
+    def __init__(
+        self, session: Session, pid: int, options: PortSettings, kind: str = "stream"
+    ) -> None:
         self.session = session
         self.pid = pid
         #: ``"stream"`` (TCP, Unix), ``"process"``, ``"datagram"`` (UDP), ``"tun"``,
@@ -221,7 +226,7 @@ class RemotePortState:
             window.sizes = deque()  # each message's size, as ports.ZmqPort's window
         self._unsent = 0  # bytes of its DATA queued in the session, not yet taken by ZeroMQ
         self.reported_bytes_out = 0
-        self.low_watermark = options.get("low_watermark", 0)
+        self.low_watermark = options["low_watermark"]
         #: The port's I/O half: a stream Conn, or a handler (UDP, TUN, ZeroMQ).
         self.conn: Conn | Handler | None = None
         self.watcher: ProcessWatcher | None = None  # a process port's program
@@ -768,7 +773,7 @@ class ControlEndpoint(ZmqSocketHandler):
 
     def _resolved(self, job: _Job, result: object) -> None:
         self._resolving -= 1
-        request, spec = job
+        request, _ = job
         state = request.state
         session = state.session
         if session.closed or session.ports.get(state.pid) is not state:
@@ -779,10 +784,10 @@ class ControlEndpoint(ZmqSocketHandler):
         self.names_resolved += 1
         if isinstance(result, UDPRequest):
             cmd_open_udp(self.io, request, result)
-        elif isinstance(spec, ListenRequest):
-            self.io.cmd_listen(request, replace(spec, address=cast(SocketAddress, result)))
-        elif isinstance(spec, ConnectRequest):
-            self.io.cmd_connect(request, replace(spec, address=cast(SocketAddress, result)))
+        elif isinstance(result, ListenRequest):
+            self.io.cmd_listen(request, result)
+        elif isinstance(result, ConnectRequest):
+            self.io.cmd_connect(request, result)
 
     def _program_started(self, job: _Job, result: object) -> None:
         self._resolving -= 1
@@ -946,40 +951,61 @@ def _permit(control: ControlEndpoint, kind: str, rid: int, what: str) -> None:
         )
 
 
-def _options_map(raw: object, rid: int) -> Settings:
+def _options_map(raw: object, rid: int) -> dict[str, object]:
     if not isinstance(raw, dict):
         raise ProtocolViolation("malformed", "options must be a map", rid)
     return dict(raw)
 
 
 def _open_options(
-    session: Session, rid: int, pid: object, raw: object, listen: bool, unix: bool = False
-) -> tuple[Settings, Settings]:
+    session: Session, rid: int, pid: object, raw: object, unix: bool = False
+) -> StreamOptions:
+    """A client's stream port's options (CONNECT, OPEN_PROCESS), validated."""
     _new_port(session, rid, pid)
-    options = _options_map(raw, rid)
-    extra: Settings = {}
     try:
-        if listen:
-            for name in ("backlog", "reuseaddr", "reuseport"):
-                if name in options:
-                    extra[name] = options.pop(name)
-            check_options(extra, LISTEN_OPTIONS, "a remote listener")
-            accept_active = options.pop("accept_active", [-1, False])
-            if not (
-                isinstance(accept_active, list)
-                and len(accept_active) == 2
-                and P.is_int(accept_active[0])
-                and isinstance(accept_active[1], bool)
-            ):
-                raise OptionError("accept_active must be [credit, notify]")
-            extra["active"] = (accept_active[0], accept_active[1])
-        if unix:
-            _, settings = unix_options(options, "a remote Unix socket port")
-        else:
-            _, settings = port_options(options, "a remote TCP port")
+        return _stream_options(_options_map(raw, rid), unix)
     except OptionError as exc:
         raise ProtocolViolation("bad-option", str(exc), rid) from None
-    return settings, extra
+
+
+def _stream_options(options: Mapping[str, object], unix: bool) -> StreamOptions:
+    if unix:
+        return unix_options(options, "a remote Unix socket port")[1]
+    return port_options(options, "a remote TCP port")[1]
+
+
+def _listen_options(
+    session: Session, rid: int, pid: object, raw: object, unix: bool
+) -> tuple[StreamOptions, ListenOptions]:
+    """A client's listener's options (LISTEN), validated: those of each accepted port,
+    and the listener's (theirs with ``backlog``, ``reuseaddr``, ``reuseport`` and the
+    accepted ports' active mode ``accept_active`` as ``active``)."""
+    _new_port(session, rid, pid)
+    options = _options_map(raw, rid)
+    try:
+        own = {name: options.pop(name) for name in sorted(LISTEN_OPTIONS) if name in options}
+        check_options(own, LISTEN_OPTIONS, "a remote listener")
+        accept_active = options.pop("accept_active", [-1, False])
+        if not (
+            isinstance(accept_active, list)
+            and len(accept_active) == 2
+            and P.is_int(accept_active[0])
+            and isinstance(accept_active[1], bool)
+        ):
+            raise OptionError("accept_active must be [credit, notify]")
+        settings = _stream_options(options, unix)
+    except OptionError as exc:
+        raise ProtocolViolation("bad-option", str(exc), rid) from None
+    backlog = own.get("backlog")
+    listen: ListenOptions = {
+        **settings,
+        # The I/O thread's defaults (ioserver._tcp) for those the client left out.
+        "backlog": backlog if isinstance(backlog, int) else 1024,  # checked: positive
+        "reuseaddr": bool(own.get("reuseaddr", True)),
+        "reuseport": bool(own.get("reuseport", False)),
+        "active": (int(accept_active[0]), accept_active[1]),
+    }
+    return settings, listen
 
 
 def _credit(message: P.Message, at: int) -> tuple[int, bool]:
@@ -997,7 +1023,7 @@ def _cmd_connect(control: ControlEndpoint, session: Session, message: P.Message)
     if unix:
         _permit(control, "unix", rid, "a Unix socket path")
     pid = _new_port(session, rid, message[2])
-    settings, _ = _open_options(session, rid, pid, message[5], False, unix)
+    settings = _open_options(session, rid, pid, message[5], unix)
     active = _credit(message, 6)
     state = RemotePortState(session, pid, settings)
     spec = ConnectRequest(state, session.deliver, family, address, settings, active)
@@ -1017,7 +1043,7 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: P.Message) 
     if unix:
         _permit(control, "unix", rid, "a Unix socket path")
     pid = _new_port(session, rid, message[2])
-    settings, extra = _open_options(session, rid, pid, message[5], True, unix)
+    settings, listen = _listen_options(session, rid, pid, message[5], unix)
     active = _credit(message, 6)
     state = RemotePortState(session, pid, settings)
 
@@ -1030,15 +1056,7 @@ def _cmd_listen(control: ControlEndpoint, session: Session, message: P.Message) 
             conn.queue_paused = True  # its first read waits for the session's queue
         return accepted
 
-    spec = ListenRequest(
-        state,
-        session.deliver,
-        family,
-        address,
-        cast(ListenOptions, {**extra, **settings}),
-        active,
-        make_port,
-    )
+    spec = ListenRequest(state, session.deliver, family, address, listen, active, make_port)
     session.ports[state.pid] = state
     if isinstance(address, str):
         cmd_listen_unix(control.io, _Request(rid, state), spec)
@@ -1099,15 +1117,15 @@ def _udp_addresses(spec: UDPRequest, numeric: bool) -> UDPRequest | ConnectError
     (``connect``'s family; ``bind`` of the same); blocking unless ``numeric``."""
     flags = socket.AI_NUMERICHOST if numeric else 0
     try:
-        remote = None
+        remote: SocketAddress | None = None
         family = socket.AF_INET
         if spec.connect is not None:
-            host, port = spec.connect
+            host, port = _host_port(spec.connect)
             info = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, flags)
-            family, remote = info[0][0], info[0][4]
-        local = None
+            family, remote = info[0][0], _inet_address(info[0][4])
+        local: SocketAddress | None = None
         if spec.bind is not None:
-            host, port = spec.bind
+            host, port = _host_port(spec.bind)
             infos = socket.getaddrinfo(
                 host or None, port, 0, socket.SOCK_DGRAM, 0, flags | socket.AI_PASSIVE
             )
@@ -1120,10 +1138,29 @@ def _udp_addresses(spec: UDPRequest, numeric: bool) -> UDPRequest | ConnectError
                         errno.EAFNOSUPPORT,
                         "EAFNOSUPPORT",
                     )
-            family, local = infos[0][0], infos[0][4]
+            family, local = infos[0][0], _inet_address(infos[0][4])
     except (OSError, UnicodeError) as exc:
         return _resolve_error(spec.connect or spec.bind, exc)
     return replace(spec, family=int(family), bind=local, connect=remote)
+
+
+def _host_port(address: SocketAddress) -> tuple[str, int]:
+    """The ``(host, port)`` of an address a client gave by name (``P.check_host_port``,
+    ``P.check_address``): never a Unix path, which is not resolved."""
+    assert isinstance(address, tuple), address
+    return address[0], address[1]
+
+
+def _inet_address(
+    sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes],
+) -> SocketAddress:
+    """An IPv4 or IPv6 address as ``getaddrinfo`` returns it (of the families asked for:
+    never the ``(int, bytes)`` of others)."""
+    host, port = sockaddr[0], sockaddr[1]
+    assert isinstance(host, str) and isinstance(port, int), sockaddr
+    if len(sockaddr) == 4:
+        return host, port, sockaddr[2], sockaddr[3]
+    return host, port
 
 
 def _cmd_open_tun(control: ControlEndpoint, session: Session, message: P.Message) -> None:
@@ -1171,7 +1208,7 @@ def _cmd_open_process(control: ControlEndpoint, session: Session, message: P.Mes
         raise ProtocolViolation(
             "bad-option", f"kill_grace must be 0..{P.MAX_KILL_GRACE:g} seconds", rid
         )
-    settings, _ = _open_options(session, rid, pid, message[6], False, unix=True)
+    settings = _open_options(session, rid, pid, message[6], unix=True)
     active = _credit(message, 7)
     state = RemotePortState(session, pid, settings, "process")
     spec = ProcessRequest(
@@ -1226,8 +1263,8 @@ def _open_zmq(
     session: Session,
     number: int,
     where: tuple[list[str], list[str], list[bytes] | None],
-    settings: Settings,
-    given: Settings,
+    settings: FlowSettings,
+    given: ZmqSettings,
     active: tuple[int, bool],
 ) -> tuple[ZmqHandler, str | None, str | None] | ConnectError | OptionError:
     """A client's ZeroMQ socket, made, bound and connected on the I/O thread (ZeroMQ's
@@ -1238,9 +1275,9 @@ def _open_zmq(
     linger = int(given["linger"] * 1000)
     try:
         sock.setsockopt(zmq.LINGER, linger)
-        for name, option in (("sndhwm", zmq.SNDHWM), ("rcvhwm", zmq.RCVHWM)):
-            if given[name] is not None:
-                sock.setsockopt(option, given[name])
+        for hwm, option in ((given["sndhwm"], zmq.SNDHWM), (given["rcvhwm"], zmq.RCVHWM)):
+            if hwm is not None:
+                sock.setsockopt(option, hwm)
         if given["identity"] is not None:
             sock.setsockopt(zmq.ROUTING_ID, given["identity"])
         if given["router_mandatory"]:
@@ -1446,7 +1483,7 @@ _COMMANDS: dict[int, Callable[[ControlEndpoint, Session, P.Message], None]] = {
 
 def _resolve_name(io: IOThread, done: Callable[[_Job, object], None], job: _Job) -> None:
     """In a worker thread: the address of a CONNECT, LISTEN or OPEN_UDP given by name,
-    then ``done(job, sockaddr, the UDPRequest resolved, or ConnectError)`` on the I/O
+    then ``done(job, the request with its address resolved, or ConnectError)`` on the I/O
     thread."""
     _, spec = job
     result: object
@@ -1458,11 +1495,11 @@ def _resolve_name(io: IOThread, done: Callable[[_Job, object], None], job: _Job)
     listen = isinstance(spec, ListenRequest)
     family, address = spec.family, spec.address
     try:
-        host, port = address[0], address[1]
+        host, port = _host_port(address)
         infos = socket.getaddrinfo(
             host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0
         )
-        result = infos[0][4]
+        result = replace(spec, address=_inet_address(infos[0][4]))
     except (OSError, UnicodeError) as exc:
         result = _resolve_error(address, exc)
     io.submit(done, job, result)
@@ -1486,9 +1523,12 @@ def _start_program(io: IOThread, done: Callable[[_Job, object], None], job: _Job
     result: object
     try:
         settings = spec.options
-        for name, level in (("recbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
-            if settings[name]:
-                ours.setsockopt(socket.SOL_SOCKET, level, settings[name])
+        for size, level in (
+            (settings["recbuf"], socket.SO_RCVBUF),
+            (settings["sndbuf"], socket.SO_SNDBUF),
+        ):
+            if size:
+                ours.setsockopt(socket.SOL_SOCKET, level, size)
         io.check_fd(ours.fileno())
         stderr = _STDERR[spec.stderr]
         popen = subprocess.Popen(

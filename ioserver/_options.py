@@ -27,6 +27,7 @@ __all__ = [
     "ListenOptions",
     "PacketMode",
     "PortOptions",
+    "PortSettings",
     "StreamOptions",
     "TunOptions",
     "TunSettings",
@@ -632,6 +633,11 @@ class ZmqSettings(Watermarks):
     identity: bytes | None
     router_mandatory: bool
 
+
+#: A port's validated options, whichever its kind (each extends :class:`Watermarks`): what
+#: the daemon keeps of a client's port (``_control.RemotePortState``: a ZeroMQ port's
+#: :class:`FlowSettings`) and a daemon's client of its ports (``client._remote.RemoteConn``).
+PortSettings = StreamOptions | UDPSettings | TunSettings | FlowSettings | ZmqSettings
 
 _ZMQ_DEFAULTS: dict[str, object] = {
     "active": True,

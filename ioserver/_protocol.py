@@ -401,9 +401,18 @@ def check_topics(value: object) -> list[bytes] | None:
     return [topic for topic in value if isinstance(topic, bytes)]
 
 
-def wire_address(address: object) -> object:
-    """A socket address as it crosses the wire (tuples become arrays by themselves)."""
-    return list(address) if isinstance(address, tuple) else address
+def wire_address(address: object) -> Wire:
+    """A socket address as it crosses the wire: a ``(host, port...)`` tuple as an array,
+    a Unix path (str, or bytes for an abstract name) as itself, None (no address) as nil.
+
+    Raises:
+        TypeError: anything else (a bug on this side: addresses come from the socket).
+    """
+    if isinstance(address, tuple):
+        return [wire_address(part) for part in address]
+    if address is None or isinstance(address, (int, str, bytes)):
+        return address
+    raise TypeError(f"not a socket address: {address!r}")
 
 
 def from_wire_address(address: object) -> object:

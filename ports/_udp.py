@@ -31,7 +31,7 @@ from ioserver._exceptions import (
 )
 from ioserver._hub import Hub
 from ioserver._messages import Closed, Datagram, Message, Packet
-from ioserver._options import UDPOptions, Watermarks, udp_options
+from ioserver._options import UDPOptions, UDPSettings, Watermarks, udp_options
 from ioserver._server import IOServer
 from ioserver._udp import DatagramHandler, cmd_open_udp
 
@@ -420,7 +420,7 @@ async def _open_remote(
     bind: object,
     connect: object,
     credit: tuple[int, bool],
-    settings: dict[str, Any],
+    settings: UDPSettings,
 ) -> UDPPort:
     """``open_udp`` through a daemon (``client.connect``): the names go as they are."""
     remote = None if connect is None else _host_port(connect, "connect")
@@ -438,7 +438,9 @@ async def _open_remote(
         raise result
     port._conn, port._local_address, port._remote_address = result
     # The daemon chose the family: its addresses say which ((host, port) is IPv4).
-    family = socket.AF_INET6 if len(port._local_address) == 4 else socket.AF_INET
+    local_address = port._local_address
+    ipv6 = isinstance(local_address, tuple) and len(local_address) == 4
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
     port._family = family
     port._max_payload = MAX_UDP_PAYLOAD_IPV6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_IPV4
     port._connected = remote is not None

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Unpack
 
-from ioserver._contract import RemoteOpens
+from ioserver._contract import ListenRequest, RemoteOpens
 from ioserver._exceptions import OptionError
 from ioserver._options import (
     LISTEN_OPTIONS,
@@ -126,9 +127,13 @@ async def listen_unix(
     io = server._io
     # systemd's socket activation: a socket passed for this very path is adopted.
     # A daemon's client: the path is the daemon's, and so would be an inherited socket.
-    remote = isinstance(io, RemoteOpens)
-    inherited = None if remote else take_listener(socket.AF_UNIX, address)
-    command = io.cmd_listen_unix if remote else partial(cmd_listen_unix, io)
+    inherited: socket.socket | None = None
+    command: Callable[[object, ListenRequest], None]
+    if isinstance(io, RemoteOpens):
+        command = io.cmd_listen_unix
+    else:
+        inherited = take_listener(socket.AF_UNIX, address)
+        command = partial(cmd_listen_unix, io)
     return await open_listener(
         server,
         hub,

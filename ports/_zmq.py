@@ -19,7 +19,7 @@ import zmq
 
 from ioserver._contract import RemoteOpens, ZmqRequest
 from ioserver._exceptions import ConnectError, OptionError, errno_name
-from ioserver._options import FlowSettings, ZmqOptions, parse_active, zmq_options
+from ioserver._options import FlowSettings, ZmqOptions, ZmqSettings, zmq_options
 from ioserver._server import IOServer
 from ioserver._zmq import ZmqHandler
 
@@ -176,9 +176,8 @@ async def open_zmq(
 
     io = server._io
     if isinstance(io, RemoteOpens):  # a daemon's client: the socket lives in the daemon
-        return await _open_remote(
-            server, io, number, binds, connects, None if subscribe is None else topics, given
-        )
+        where = (binds, connects, None if subscribe is None else topics)
+        return await _open_remote(server, io, number, where, credit, settings, given)
     sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
     io.zmq_sockets.add(sock)
     try:
@@ -232,18 +231,18 @@ async def _open_remote(
     server: IOServer,
     io: RemoteOpens,
     number: int,
-    binds: list[str],
-    connects: list[str],
-    topics: list[bytes] | None,
-    given: dict[str, Any],
+    where: tuple[list[str], list[str], list[bytes] | None],
+    credit: tuple[int, bool],
+    settings: FlowSettings,
+    given: ZmqSettings,
 ) -> ZmqPort:
-    """``open_zmq`` through a daemon (``client.connect``): it opens, binds and connects."""
+    """``open_zmq`` through a daemon (``client.connect``): it opens, binds and connects
+    (``where``: the endpoints to bind, to connect, and a SUB socket's topics)."""
+    binds, connects, topics = where
     if topics is not None and number != zmq.SUB:
         raise OptionError("subscribe applies to SUB sockets only")
     if given["router_mandatory"] and number != zmq.ROUTER:
         raise OptionError("router_mandatory applies to ROUTER sockets only")
-    credit = parse_active(given["active"])
-    settings = {name: value for name, value in given.items() if name != "active"}
     port = ZmqPort(server, credit, settings)
     port.socket_type = _TYPE_NAMES[number]
     hub = server._hub
@@ -255,7 +254,7 @@ async def _open_remote(
         tuple(binds),
         tuple(connects),
         None if topics is None else tuple(topics),
-        settings,
+        given,
         credit,
     )
     server._io.submit(io.cmd_open_zmq, request, spec)
