@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
 from functools import partial
 from typing import Any, Unpack
 
-from ioserver._contract import ListenRequest, RemoteOpens
+from ioserver._contract import RemoteOpens
 from ioserver._exceptions import OptionError
 from ioserver._options import (
     LISTEN_OPTIONS,
@@ -128,7 +127,6 @@ async def listen_unix(
     # systemd's socket activation: a socket passed for this very path is adopted.
     # A daemon's client: the path is the daemon's, and so would be an inherited socket.
     inherited: socket.socket | None = None
-    command: Callable[[object, ListenRequest], None]
     if isinstance(io, RemoteOpens):
         command = io.cmd_listen_unix
     else:
