@@ -54,6 +54,7 @@ __all__ = [
     "TunRequest",
     "UDPRequest",
     "ZmqRequest",
+    "inet_address",
 ]
 
 #: The owning loop's inbox: ``deliver((port or request, message))``, on the I/O thread.
@@ -80,6 +81,19 @@ MakePort = Callable[[Any, object, object], LoopHalf]
 #: A socket address as ``socket.connect``/``bind`` take it: ``(host, port)`` (IPv4),
 #: ``(host, port, flowinfo, scope_id)`` (IPv6), or a Unix socket's path.
 SocketAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
+
+
+def inet_address(
+    sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes],
+) -> SocketAddress:
+    """An IPv4 or IPv6 socket address as ``socket.getaddrinfo`` returns it, typed: of
+    the families asked for (``AF_INET``, ``AF_INET6``), never the ``(int, bytes)`` of
+    others, which is an AssertionError."""
+    host, port = sockaddr[0], sockaddr[1]
+    assert isinstance(host, str) and isinstance(port, int), sockaddr
+    if len(sockaddr) == 4:
+        return host, port, sockaddr[2], sockaddr[3]
+    return host, port
 
 
 @runtime_checkable

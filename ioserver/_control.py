@@ -86,6 +86,7 @@ from ._contract import (
     SocketAddress,
     TunRequest,
     UDPRequest,
+    inet_address,
 )
 from ._exceptions import ConnectError, OptionError, PollerLimitError, errno_name
 from ._flow import ReceiveFlow, Window
@@ -1122,7 +1123,7 @@ def _udp_addresses(spec: UDPRequest, numeric: bool) -> UDPRequest | ConnectError
         if spec.connect is not None:
             host, port = _host_port(spec.connect)
             info = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, flags)
-            family, remote = info[0][0], _inet_address(info[0][4])
+            family, remote = info[0][0], inet_address(info[0][4])
         local: SocketAddress | None = None
         if spec.bind is not None:
             host, port = _host_port(spec.bind)
@@ -1138,7 +1139,7 @@ def _udp_addresses(spec: UDPRequest, numeric: bool) -> UDPRequest | ConnectError
                         errno.EAFNOSUPPORT,
                         "EAFNOSUPPORT",
                     )
-            family, local = infos[0][0], _inet_address(infos[0][4])
+            family, local = infos[0][0], inet_address(infos[0][4])
     except (OSError, UnicodeError) as exc:
         return _resolve_error(spec.connect or spec.bind, exc)
     return replace(spec, family=int(family), bind=local, connect=remote)
@@ -1149,18 +1150,6 @@ def _host_port(address: SocketAddress) -> tuple[str, int]:
     ``P.check_address``): never a Unix path, which is not resolved."""
     assert isinstance(address, tuple), address
     return address[0], address[1]
-
-
-def _inet_address(
-    sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes],
-) -> SocketAddress:
-    """An IPv4 or IPv6 address as ``getaddrinfo`` returns it (of the families asked for:
-    never the ``(int, bytes)`` of others)."""
-    host, port = sockaddr[0], sockaddr[1]
-    assert isinstance(host, str) and isinstance(port, int), sockaddr
-    if len(sockaddr) == 4:
-        return host, port, sockaddr[2], sockaddr[3]
-    return host, port
 
 
 def _cmd_open_tun(control: ControlEndpoint, session: Session, message: P.Message) -> None:
@@ -1499,7 +1488,7 @@ def _resolve_name(io: IOThread, done: Callable[[_Job, object], None], job: _Job)
         infos = socket.getaddrinfo(
             host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0
         )
-        result = replace(spec, address=_inet_address(infos[0][4]))
+        result = replace(spec, address=inet_address(infos[0][4]))
     except (OSError, UnicodeError) as exc:
         result = _resolve_error(address, exc)
     io.submit(done, job, result)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine, Sized
+from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Self, final
 
@@ -26,6 +26,7 @@ import trio.abc
 from anyio.abc import SocketAttribute
 
 from ioserver._conn import Conn
+from ioserver._contract import SocketAddress, inet_address
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -837,14 +838,18 @@ def _to_bytes(data: object) -> bytes:
 _GAI_ERRORS = {getattr(socket, name): name for name in dir(socket) if name.startswith("EAI_")}
 
 
-async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, Any]]:
+#: A socket address as ``getaddrinfo`` returns it (``(int, bytes)``: a family not asked for).
+_RawAddress = tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]
+
+
+async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, SocketAddress]]:
     """``[(family, sockaddr)]`` for ``host``; numeric hosts without a thread."""
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise OptionError(f"port must be an int in 0..65535, not {port!r}")
     if not isinstance(host, str):
         raise OptionError(f"host must be a str, not {host!r}")
     flags = socket.AI_PASSIVE if passive else 0
-    infos: list[Any]
+    infos: Sequence[tuple[int, int, int, str, _RawAddress]]
     try:
         infos = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST
@@ -857,10 +862,12 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
             raise ConnectError(
                 f"cannot resolve host {host!r}: {exc.strerror} ({name})", None, name
             ) from exc
-    seen: list[tuple[int, Any]] = []
+    seen: list[tuple[int, SocketAddress]] = []
     for family, _type, _proto, _canon, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
-            seen.append((family, sockaddr))
+        if family in (socket.AF_INET, socket.AF_INET6):
+            address = inet_address(sockaddr)
+            if (family, address) not in seen:
+                seen.append((family, address))
     if not seen:
         raise ConnectError(f"host {host!r} has no IPv4 or IPv6 address", None, "EAI_NODATA")
     return seen

@@ -20,7 +20,7 @@ import anyio.abc
 import trio
 import trio.abc
 
-from ioserver._contract import RemoteOpens, UDPRequest
+from ioserver._contract import RemoteOpens, SocketAddress, UDPRequest
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -381,11 +381,11 @@ async def open_udp(
     if isinstance(io, RemoteOpens):
         # The daemon resolves names and picks the family: the machine that sends does.
         return await _open_remote(server, io, hub, bind, connect, credit, settings)
-    remote: Any = None
+    remote: SocketAddress | None = None
     family: int = socket.AF_INET
     if connect is not None:
         family, remote = (await _resolve(*_host_port(connect, "connect"), passive=False))[0]
-    local: Any = None
+    local: SocketAddress | None = None
     if bind is not None:
         candidates = await _resolve(*_host_port(bind, "bind"), passive=True)
         if connect is not None:
