@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._contract import Deliver, LoopHalf, MakePort
 from ._flow import ReceiveFlow, Window
 from ._framing import Framer
 from ._messages import PASSIVE
 from ._options import apply_active_mode
+
+if TYPE_CHECKING:
+    from ._tls import TLSSocket
 
 __all__ = ["CONNECTING", "HANDLER", "LISTENER", "STREAM", "Conn", "Handler", "ReceivingHandler"]
 
@@ -68,6 +71,7 @@ class Conn(ReceiveFlow):
         "shutdown_pending",
         "sizes",
         "sock",
+        "tls",
         "write_closed",
     )
 
@@ -118,6 +122,8 @@ class Conn(ReceiveFlow):
         # ioserver._control): not read until the client takes what is queued.
         self.queue_paused = False
         self.packets_too_large = 0
+        # A TLS connection's layer (ioserver._tls.TLSSocket), which is then also ``sock``.
+        self.tls: TLSSocket | None = None
 
     def configure(self, options: dict[str, Any], window: Window) -> None:
         """Take the flow-control options and the window of the port (see ioserver._flow)."""

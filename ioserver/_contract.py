@@ -32,6 +32,7 @@ in :mod:`~._wakeup`, the pause handshake in :mod:`~._flow`, ``send_blocked`` in
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -120,6 +121,12 @@ class ConnectRequest:
     options: dict[str, Any]
     #: The active mode ``(credit, notify_passive)`` (``_options.parse_active``).
     active: tuple[int, bool]
+    #: TLS over the connection (``ioserver._tls``): the client's context, or None.
+    tls: ssl.SSLContext | None = None
+    #: The name the server's certificate must match, sent as SNI (None: no check).
+    server_hostname: str | None = None
+    #: Seconds the TLS handshake may take (None: no bound).
+    tls_handshake_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,10 @@ class ListenRequest:
     active: tuple[int, bool]
     #: Makes each accepted connection's loop half (see :data:`MakePort`).
     make_port: MakePort
+    #: TLS over each accepted connection: the server's context, or None.
+    tls: ssl.SSLContext | None = None
+    #: Seconds each accepted connection's TLS handshake may take (None: no bound).
+    tls_handshake_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

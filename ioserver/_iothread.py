@@ -66,6 +66,7 @@ from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
 from ._tcp import apply_stream_options, connect_error, listen_socket
+from ._tls import TLSSocket, accept_tls, take_input
 from ._wakeup import WakeupQueue
 
 __all__ = ["IOThread", "raise_open_file_limit"]
@@ -167,6 +168,8 @@ class IOThread:
         # Handlers that asked to run next round without waiting for their fd (see
         # call_soon), and timers as a heap of (deadline, sequence, callback).
         self._ready: list[Handler] = []
+        # TLS streams whose layer holds input their socket will not signal (ioserver._tls).
+        self.tls_input: list[Conn] = []
         self._timers: list[tuple[float, int, list[Callable[[], None] | None]]] = []
         self._timer_sequence = 0
         # ZeroMQ: one context per I/O server, made on first use; every socket made from it,
@@ -343,6 +346,8 @@ class IOThread:
             mask = READ
         if conn.outq:
             mask |= WRITE
+        if conn.tls is not None:
+            mask = conn.tls.interest(mask)
         self._interest(conn, mask)
 
     # -- the thread ---------------------------------------------------------------------
@@ -387,9 +392,11 @@ class IOThread:
                     due = self._run_timers()
                     if due >= 0 and (timeout < 0 or due < timeout):
                         timeout = due
-                if self._ready or dirty:
+                if self._ready or dirty or self.tls_input:
                     timeout = 0.0  # handlers to run, output from last round's flushes
                 events = poll(timeout)
+                if self.tls_input:
+                    events = events + take_input(self)
                 commands.asleep = False
                 self.polls += 1
                 self.events += len(events)
@@ -590,7 +597,7 @@ class IOThread:
         (see :meth:`_submit_batch`)."""
         batch = self._batch
         for conn in dirty:
-            if conn.kind == STREAM and not conn.closed and not conn.mask & WRITE:
+            if conn.kind == STREAM and not conn.closed and not conn.mask & WRITE and not conn.tls:
                 outq = conn.outq
                 if len(outq) == 1:
                     data = outq[0]
@@ -1221,6 +1228,15 @@ class IOThread:
         conn.options = {"address": address}
         try:
             apply_stream_options(sock, options)
+            if spec.tls is not None:  # the handshake follows the connect (ioserver._tls)
+                TLSSocket(
+                    self,
+                    conn,
+                    spec.tls,
+                    server_side=False,
+                    server_hostname=spec.server_hostname,
+                    timeout=spec.tls_handshake_timeout,
+                )
             result = sock.connect_ex(address)
         except OSError as exc:
             result = exc.errno or errno.EINVAL
@@ -1237,6 +1253,9 @@ class IOThread:
             self._connect_failed(conn, result, address)
 
     def _on_connect_event(self, conn: Conn, mask: int) -> None:
+        if conn.tls is not None and conn.tls.started:
+            conn.tls.on_event(mask)  # the TLS handshake
+            return
         result = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if result:
             self._connect_failed(conn, result, conn.options.get("address"))
@@ -1244,6 +1263,9 @@ class IOThread:
             self._connected(conn)
 
     def _connected(self, conn: Conn) -> None:
+        if conn.tls is not None and conn.tls.handshaking:
+            conn.tls.start()  # answered once the handshake is done
+            return
         conn.kind = STREAM
         request, conn.request = conn.request, None
         conn.deliver((request, (conn, conn.sock.getsockname(), conn.sock.getpeername())))
@@ -1273,7 +1295,8 @@ class IOThread:
         :exc:`~ioserver.PollerLimitError` instead, and ``sock`` is closed."""
         conn = Conn(sock, LISTENER, spec.port, spec.deliver)
         conn.make_port = spec.make_port
-        conn.options = {**spec.options, "sockname": sockname}
+        conn.options = {**spec.options, "sockname": sockname, "tls": spec.tls}
+        conn.options["tls_handshake_timeout"] = spec.tls_handshake_timeout
         conn.credit, conn.notify_passive = spec.active
         try:
             self._adopt(conn)
@@ -1329,8 +1352,11 @@ class IOThread:
             conn.port = make_port(conn, local_address, address)
             conn.configure(options, conn.port._window)
             self._adopt(conn)
-            deliver((lport, Accepted(conn.port, address)))
-            self._stream_interest(conn)
+            if options["tls"] is not None:
+                accept_tls(self, conn, options, lport, address)  # Accepted after the handshake
+            else:
+                deliver((lport, Accepted(conn.port, address)))
+                self._stream_interest(conn)
             credit = listener.credit
             if credit > 0:
                 listener.credit = credit = credit - 1
