@@ -226,6 +226,10 @@ class TLSSocket:
         except BlockingIOError:
             done = False
         except ssl.SSLError as exc:
+            try:
+                self._flush()  # the alert OpenSSL wrote: the peer learns why
+            except OSError:
+                pass
             self._fail(_describe(exc), getattr(exc, "reason", None))
             return
         except OSError as exc:
@@ -312,8 +316,8 @@ class TLSSocket:
         try:
             while filled < size:
                 n: int = read(size - filled, view[filled:size])  # type: ignore[assignment]
-                if not n:
-                    break
+                if not n:  # the peer's close_notify (Python's read returns 0 for it)
+                    raise ssl.SSLZeroReturnError
                 filled += n
             self.input = True  # the read's size was reached: there may be more
         except ssl.SSLWantReadError:
