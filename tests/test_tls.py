@@ -10,6 +10,7 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,7 +19,9 @@ import anyio.streams.tls
 import pytest
 import trustme
 from anyio.streams.tls import TLSAttribute
+from test_daemon import HEARTBEAT, Daemon
 
+import client
 import ioserver
 import ports
 from ports import Accepted, Closed, Data, Error
@@ -610,3 +613,26 @@ async def test_wrong_tls_arguments_are_option_errors(ios: ioserver.IOServer, cer
         with pytest.raises(ports.OptionError, match="tls_handshake_timeout"):
             await ports.listen_tcp(ios, tls=certs.server(), tls_handshake_timeout=wrong)  # type: ignore[arg-type]
     assert ios.statistics().ports_open == 0
+
+
+async def test_tls_through_a_daemon_is_refused_at_once(
+    tmp_path: Path, no_leaks: None, certs: Certs
+) -> None:
+    """An SSLContext cannot cross to the daemon's process: NotSupportedError, before
+    anything is opened, and the session goes on."""
+    path = tmp_path / "control"
+    process = Daemon("--endpoint", f"ipc://{path}", "--heartbeat", str(HEARTBEAT))
+    try:
+        async with client.connect(f"ipc://{path}") as ios:
+            for call in (
+                lambda: ports.listen_tcp(ios, tls=certs.server()),
+                lambda: ports.connect_tcp(ios, "127.0.0.1", 1, tls=certs.client()),
+            ):
+                with anyio.fail_after(5), pytest.raises(ioserver.NotSupportedError) as caught:
+                    await call()
+                assert "daemon" in str(caught.value) and "SSLContext" in str(caught.value)
+            async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
+                assert listener.local_address[1] > 0
+            assert (await ios.status())["client_ports"] == 0
+    finally:
+        assert process.stop() == 0, process.log
