@@ -21,7 +21,8 @@ trustme makes for the run (``pip install trustme``: the test extras have it):
 
 For each run the CPU time of the server's threads (``/proc/PID/task/*/stat``, utime +
 stime, over the measured window) is printed per message: ``main`` is the event loop's
-thread, ``others`` the rest (in an ioserver process, the I/O thread).  With --rounds N the servers alternate and each keeps its best run.
+thread, ``others`` the rest (in an ioserver process, the I/O thread).  With --rounds N
+the servers alternate and each keeps its best run.
 
 usage: python bench/tls.py [--conns 100] [--size 64] [--seconds 5] [--warmup 1] [--rounds 1]
                            [--http-seconds 5] [--file-size 1200] [--only NAME,...]
