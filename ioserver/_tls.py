@@ -116,6 +116,7 @@ class TLSSocket:
         "outgoing",
         "queued",
         "read_closed",
+        "scratch",
         "sock",
         "sslobj",
         "started",
@@ -137,6 +138,12 @@ class TLSSocket:
         self.io = io
         self.conn = conn
         self.sock: socket.socket = conn.sock
+        # The I/O thread's buffer for ciphertext read (one per thread: it reads one
+        # socket at a time), so a read allocates nothing.
+        scratch = getattr(io, "tls_scratch", None)
+        if scratch is None:
+            scratch = io.tls_scratch = memoryview(bytearray(READ_LIMIT + RECORD))  # type: ignore[attr-defined]
+        self.scratch: memoryview = scratch
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         # ValueError/SSLError here (a bad server_hostname...) reach the caller: cmd_connect
@@ -299,15 +306,16 @@ class TLSSocket:
         size = nbytes or len(buffer)
         incoming = self.incoming
         if not self.eof and incoming.pending < READ_LIMIT:
+            scratch = self.scratch
             try:
-                data = self.sock.recv(max(size, RECORD))
+                got = self.sock.recv_into(scratch, max(size, RECORD))
             except BlockingIOError:
                 if not self.input:
                     raise
-                data = None  # a read of what OpenSSL holds (see take_input)
-            if data:
-                incoming.write(data)
-            elif data is not None:
+                got = -1  # a read of what OpenSSL holds (see take_input)
+            if got > 0:
+                incoming.write(scratch[:got])
+            elif got == 0:
                 self.eof = True
                 incoming.write_eof()
         read = self.sslobj.read
@@ -315,11 +323,18 @@ class TLSSocket:
         filled = 0
         try:
             while filled < size:
-                n: int = read(size - filled, view[filled:size])  # type: ignore[assignment]
+                want = size - filled
+                n: int = read(want, view[filled:size])  # type: ignore[assignment]
                 if not n:  # the peer's close_notify (Python's read returns 0 for it)
                     raise ssl.SSLZeroReturnError
                 filled += n
-            self.input = True  # the read's size was reached: there may be more
+                if n < want and not incoming.pending and not self.eof:
+                    # A record ended and no byte of another is here: the next read would
+                    # only raise SSLWantReadError (the common case, spared its cost).
+                    self.input = False
+                    break
+            else:
+                self.input = True  # the read's size was reached: there may be more
         except ssl.SSLWantReadError:
             self.input = False
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -343,7 +358,24 @@ class TLSSocket:
         raise BlockingIOError
 
     def send(self, data: bytes | memoryview) -> int:
-        return self._send((data,))
+        size = len(data)
+        if self.out or self.outgoing.pending or size > CHUNK or not size:
+            return self._send((data,))
+        # The common case, inlined: nothing pending, one buffer, one encryption.
+        try:
+            self.sslobj.write(data)
+        except ssl.SSLError as exc:
+            raise OSError(errno.EPROTO, _describe(exc)) from None
+        out = self.outgoing.read()
+        try:
+            sent = self.sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(out):
+            return size
+        self.out = memoryview(out)[sent:]
+        self.ahead = size
+        return 0
 
     def sendmsg(self, buffers: list[bytes | memoryview]) -> int:
         return self._send(buffers)
