@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._contract import Deliver, LoopHalf, MakePort
 from ._flow import ReceiveFlow, Window
 from ._framing import Framer
 from ._messages import PASSIVE
 from ._options import apply_active_mode
-
-if TYPE_CHECKING:
-    from ._tls import TLSSocket
 
 __all__ = ["CONNECTING", "HANDLER", "LISTENER", "STREAM", "Conn", "Handler", "ReceivingHandler"]
 
@@ -33,6 +30,22 @@ STREAM = 0
 LISTENER = 1
 CONNECTING = 2
 HANDLER = 3  # an entry of another kind (datagrams, ZeroMQ sockets...): see Handler
+
+
+class TLSLayer(Protocol):
+    """What the I/O thread asks of a TLS connection's layer (``ioserver._tls.TLSSocket``,
+    which is also the ``Conn``'s ``sock``)."""
+
+    #: The handshake is not over (it may not have started).
+    handshaking: bool
+    #: The handshake started: the connection's readiness goes to :meth:`on_event`.
+    started: bool
+
+    def start(self) -> None: ...
+
+    def on_event(self, mask: int) -> None: ...
+
+    def interest(self, mask: int) -> int: ...
 
 
 class Conn(ReceiveFlow):
@@ -123,7 +136,7 @@ class Conn(ReceiveFlow):
         self.queue_paused = False
         self.packets_too_large = 0
         # A TLS connection's layer (ioserver._tls.TLSSocket), which is then also ``sock``.
-        self.tls: TLSSocket | None = None
+        self.tls: TLSLayer | None = None
 
     def configure(self, options: dict[str, Any], window: Window) -> None:
         """Take the flow-control options and the window of the port (see ioserver._flow)."""

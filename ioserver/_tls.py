@@ -48,16 +48,18 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._conn import CONNECTING, STREAM, Conn
 from ._exceptions import TLSError
 from ._messages import Accepted, Closed, Error
 from ._poller import READ, WRITE
 from ._tcp import format_address
 
-if TYPE_CHECKING:
-    from ._conn import Conn
-    from ._iothread import IOThread
+#: The I/O thread (``ioserver._iothread.IOThread``), which imports this module: what the
+#: layer uses of it - ``call_later``, ``_interest``, ``_stream_interest``, ``_connected``,
+#: ``_close``, ``tls_input`` - is the thread's own API for the kinds it serves.
+IOThread = Any
 
 __all__ = [
     "CHUNK",
@@ -142,7 +144,7 @@ class TLSSocket:
         # socket at a time), so a read allocates nothing.
         scratch = getattr(io, "tls_scratch", None)
         if scratch is None:
-            scratch = io.tls_scratch = memoryview(bytearray(READ_LIMIT + RECORD))  # type: ignore[attr-defined]
+            scratch = io.tls_scratch = memoryview(bytearray(READ_LIMIT + RECORD))
         self.scratch: memoryview = scratch
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -258,8 +260,6 @@ class TLSSocket:
         if self.accepted is None:
             io._connected(conn)  # answers the connect, sets the stream's interest
             return
-        from ._conn import STREAM
-
         conn.kind = STREAM
         lport, address = self.accepted
         self.accepted = None
@@ -466,8 +466,6 @@ class TLSSocket:
 def accept_tls(io: IOThread, conn: Conn, options: dict[str, Any], lport: Any, address: Any) -> None:
     """A listener with ``tls`` accepted ``conn``: start its handshake; the listener's
     ``Accepted`` comes when it succeeds (an ``Error`` if it fails)."""
-    from ._conn import CONNECTING
-
     conn.kind = CONNECTING
     try:
         tls = TLSSocket(
@@ -493,7 +491,7 @@ def take_input(io: IOThread) -> list[tuple[int, int]]:
     events = []
     for conn in conns:
         tls = conn.tls
-        assert tls is not None
+        assert isinstance(tls, TLSSocket)
         tls.queued = False
         if not conn.closed and conn.mask & READ:
             events.append((conn.fd, READ))
