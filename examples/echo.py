@@ -31,12 +31,17 @@ async def echo(port: ports.Port) -> None:
 
 
 async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
-    parser = argparse.ArgumentParser(prog="echo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="echo",
+        description=__doc__.splitlines()[0],
+        # One line, as argparse's own fits: the three TLS options go together.
+        usage="%(prog)s [-h] [--host HOST] [--port PORT] [--tls --tls-cert PEM --tls-key PEM]",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=7001, help="TCP port (default 7001)")
     parser.add_argument("--tls", action="store_true", help="serve TLS (needs --tls-cert/--tls-key)")
-    parser.add_argument("--tls-cert", metavar="FILE", help="the certificate (chain), PEM")
-    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert, PEM")
+    parser.add_argument("--tls-cert", metavar="PEM", help="the certificate (chain), PEM")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert, PEM")
     options = parser.parse_args(argv)
     tls = None
     if options.tls:
