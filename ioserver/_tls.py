@@ -27,9 +27,11 @@ Life of a TLS connection
    :exc:`~ioserver.TLSError`, a listener an :class:`~ioserver.Error` message.  After the
    handshake a record that does not decrypt is an ``Error`` then a ``Closed`` on the port
    (``errno_name="ETLS"``).
-4. **Close.**  ``close`` sends ``close_notify`` (as far as the socket takes it without
-   blocking) before it closes the socket.  A peer's ``close_notify``, or its end of the
-   TCP stream without one, is the port's end of file (``Closed("eof")``).
+4. **Close.**  ``close`` sends ``close_notify`` before it closes the socket; what the
+   socket does not take at once is written after the port is gone, for :data:`LINGER`
+   seconds at most (``_Linger``, an entry of the port table until then).  A peer's
+   ``close_notify``, or its end of the TCP stream without one, is the port's end of file
+   (``Closed("eof")``).
 
 Bounds
 ------
@@ -50,7 +52,7 @@ import socket
 import ssl
 from typing import Any
 
-from ._conn import CONNECTING, STREAM, Conn
+from ._conn import CONNECTING, STREAM, Conn, Handler
 from ._exceptions import TLSError
 from ._messages import Accepted, Closed, Error
 from ._poller import READ, WRITE
@@ -64,6 +66,7 @@ IOThread = Any
 __all__ = [
     "CHUNK",
     "HANDSHAKE_TIMEOUT",
+    "LINGER",
     "READ_LIMIT",
     "TLSSocket",
     "accept_tls",
@@ -80,6 +83,9 @@ CHUNK = 65536
 READ_LIMIT = 65536
 #: The largest TLS record on the wire: 16 KiB of plaintext plus header and expansion.
 RECORD = 16384 + 2048 + 5
+#: Seconds a closed TLS connection may take to write its last ciphertext and its
+#: ``close_notify`` when the socket could not take them at once (the peer not reading).
+LINGER = 5.0
 
 
 def tls_info(sslobj: ssl.SSLObject) -> dict[str, Any]:
@@ -191,11 +197,18 @@ class TLSSocket:
         self.sock.shutdown(how)
 
     def close(self) -> None:
-        """Send ``close_notify`` if the connection is established (what the socket takes
-        without blocking), then close the socket."""
+        """Send ``close_notify`` if the connection is established, then close the socket.
+
+        What the socket does not take at once (its buffer is full of this connection's last
+        output, the peer not reading yet) is written by a :class:`_Linger` after the port
+        is gone, for :data:`LINGER` seconds at most: the peer reads a clean end, not a
+        truncation."""
         self._cancel_timer()
         if not self.handshaking:
             self._close_notify()
+            if self.out:
+                _Linger(self.io, self.sock, bytes(self.out)).start()
+                return
         self.sock.close()
 
     def _close_notify(self) -> None:
@@ -461,6 +474,51 @@ class TLSSocket:
         if not self.queued:
             self.queued = True
             self.io.tls_input.append(self.conn)
+
+
+class _Linger(Handler):
+    """The last ciphertext of a closed TLS connection (its ``close_notify`` at least),
+    written as the socket takes it, then the socket closed; given up after
+    :data:`LINGER` seconds (a peer that never reads), or at the first error."""
+
+    def __init__(self, io: IOThread, sock: socket.socket, out: bytes) -> None:
+        self.io = io
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.out = out
+        self.timer: list[Any] | None = None
+
+    def start(self) -> None:
+        try:
+            self.io.adopt(self)  # the fd the closed connection held: no poller limit
+        except Exception:
+            self.sock.close()
+            return
+        self.io._interest(self, WRITE)
+        self.timer = self.io.call_later(LINGER, self.on_shutdown)
+
+    def on_ready(self, mask: int) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(self.out)  # the peer is gone: nothing more to do
+        self.out = self.out[sent:]
+        if not self.out:
+            self.on_shutdown()
+
+    def on_error(self, exc: Exception) -> None:
+        self.on_shutdown()
+
+    def on_shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer[0] = None
+        self.io.release(self)
+        self.sock.close()
 
 
 def accept_tls(io: IOThread, conn: Conn, options: dict[str, Any], lport: Any, address: Any) -> None:

@@ -636,3 +636,77 @@ async def test_tls_through_a_daemon_is_refused_at_once(
             assert (await ios.status())["client_ports"] == 0
     finally:
         assert process.stop() == 0, process.log
+
+
+async def test_a_slow_tls_reader_makes_the_port_busy_and_loses_nothing(
+    ios: ioserver.IOServer, certs: Certs
+) -> None:
+    """Output counts as written only once its ciphertext is in the kernel: a client that
+    reads nothing makes our port busy (send_nowait raises WouldBlock), its queued output
+    stays bounded by the watermark plus what the kernel and one encryption hold, and
+    everything arrives once the client reads."""
+    listener = await ports.listen_tcp(
+        ios, tls=certs.server(), high_watermark=64 * 1024, low_watermark=32 * 1024, sndbuf=65536
+    )
+    async with listener:
+        client = await tls_client(listener.local_address[1], certs.client())
+        port = await accept(listener)
+        chunk = bytes(range(256)) * 64  # 16 KiB
+        sent = 0
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    port.send_nowait(chunk)
+                except ports.WouldBlock:
+                    break
+                sent += len(chunk)
+                await anyio.lowlevel.checkpoint()
+        assert port.busy
+        assert port.statistics().bytes_buffered_out <= 64 * 1024 + len(chunk)
+        assert ios.statistics().ports_open == 2
+
+        async def read_all() -> bytes:
+            got = b""
+            while len(got) < sent:
+                got += await client.receive()
+            return got
+
+        async with anyio.create_task_group() as group:
+            result: list[bytes] = []
+
+            async def reader() -> None:
+                result.append(await read_all())
+
+            group.start_soon(reader)
+        assert result[0] == chunk * (sent // len(chunk))
+        await port.aclose()
+        await client.aclose()
+
+
+async def test_close_after_a_large_send_delivers_everything_then_close_notify(
+    ios: ioserver.IOServer, certs: Certs
+) -> None:
+    """Erlang's close after a flush, over TLS: the port is closed while megabytes of its
+    output wait on a client that is not reading yet (more than the kernel buffers); the
+    client still reads every byte,
+    then a clean end (close_notify, not a truncation)."""
+    listener = await ports.listen_tcp(
+        ios, tls=certs.server(), high_watermark=32 << 20, sndbuf=32768
+    )
+    async with listener:
+        client = await tls_client(listener.local_address[1], certs.client())
+        port = await accept(listener)
+        # More than the kernel's buffers hold on loopback (tcp_rmem's 6 MiB at most),
+        # not a multiple of a record.
+        payload = bytes(range(251)) * (12 * 4177)
+        await port.send(payload)
+        await port.aclose()
+        got = b""
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    got += await client.receive()
+            except anyio.EndOfStream:
+                pass
+        assert len(got) == len(payload) and got == payload
+        await client.aclose()
