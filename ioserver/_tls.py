@@ -206,7 +206,7 @@ class TLSSocket:
         self._cancel_timer()
         if not self.handshaking:
             self._close_notify()
-            if self.out:
+            if self.out and not self.io._stopping:  # (a stopping thread closes every fd)
                 _Linger(self.io, self.sock, bytes(self.out)).start()
                 return
         self.sock.close()

@@ -710,3 +710,20 @@ async def test_close_after_a_large_send_delivers_everything_then_close_notify(
                 pass
         assert len(got) == len(payload) and got == payload
         await client.aclose()
+
+
+async def test_stopping_the_server_while_a_tls_close_waits_leaves_nothing(
+    no_leaks: None, certs: Certs
+) -> None:
+    """A port closed with megabytes unsent to a client that never reads: the I/O server
+    stops meanwhile, and no socket of it stays open (the leak check)."""
+    async with ioserver.open() as ios:
+        listener = await ports.listen_tcp(
+            ios, tls=certs.server(), high_watermark=32 << 20, sndbuf=32768
+        )
+        client = await tls_client(listener.local_address[1], certs.client())
+        port = await accept(listener)
+        await port.send(b"z" * (12 << 20))
+        await port.aclose()
+        await listener.aclose()
+    await anyio.aclose_forcefully(client)
