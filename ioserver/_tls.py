@@ -36,13 +36,16 @@ Life of a TLS connection
 Bounds
 ------
 What the layer holds per connection is bounded, whatever the peer sends: ciphertext read
-is at most one read of the I/O thread (:data:`READ_LIMIT`) plus a partial record; each
-encryption takes at most :data:`CHUNK` bytes of plaintext, and the next is not taken until
-the ciphertext of the last is in the kernel.  Plaintext a read could not hand over (the
-read's size was reached) stays in OpenSSL and the connection is read again next round
-(``IOThread.tls_input``), the socket having no more to signal.  Output counts as written
-(``bytes_out``, the send watermarks, the budget) only once its ciphertext is in the
-kernel: a slow TLS peer holds its sender back as a slow plaintext peer does.
+and not yet decrypted is at most one read of the I/O thread (:data:`READ_LIMIT`, or one
+:data:`RECORD` when the budget shortens the read), plus the record OpenSSL is decrypting;
+each encryption takes at most :data:`CHUNK` bytes of plaintext, and the next is not taken
+until the ciphertext of the last is in the kernel.  These bytes are not charged to the
+memory budget (they are the kernel's socket buffer, moved): the budget counts plaintext.
+Plaintext a read could not hand over (the read's size was reached) stays in OpenSSL and
+the connection is read again next round (``IOThread.tls_input``), the socket having no
+more to signal.  Output counts as written (``bytes_out``, the send watermarks, the budget)
+only once its ciphertext is in the kernel: a slow TLS peer holds its sender back as a slow
+plaintext peer does.
 """
 
 from __future__ import annotations
@@ -318,10 +321,13 @@ class TLSSocket:
             return 0
         size = nbytes or len(buffer)
         incoming = self.incoming
-        if not self.eof and incoming.pending < READ_LIMIT:
+        # Ciphertext held stays within one read (or one record, for a read shortened by
+        # the budget): decrypting it never gives much more than the read may take.
+        limit = max(size, RECORD)
+        if not self.eof and incoming.pending < limit:
             scratch = self.scratch
             try:
-                got = self.sock.recv_into(scratch, max(size, RECORD))
+                got = self.sock.recv_into(scratch, limit - incoming.pending)
             except BlockingIOError:
                 if not self.input:
                     raise
