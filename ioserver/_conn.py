@@ -12,8 +12,9 @@ control of ``ioserver._flow`` (:class:`~._flow.ReceiveFlow`).
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from ._contract import Deliver, LoopHalf, MakePort
 from ._flow import ReceiveFlow, Window
@@ -29,6 +30,22 @@ STREAM = 0
 LISTENER = 1
 CONNECTING = 2
 HANDLER = 3  # an entry of another kind (datagrams, ZeroMQ sockets...): see Handler
+
+
+class TLSLayer(Protocol):
+    """What the I/O thread asks of a TLS connection's layer (``ioserver._tls.TLSSocket``,
+    which is also the ``Conn``'s ``sock``)."""
+
+    #: The handshake is not over (it may not have started).
+    handshaking: bool
+    #: The handshake started: the connection's readiness goes to :meth:`on_event`.
+    started: bool
+
+    def start(self) -> None: ...
+
+    def on_event(self, mask: int) -> None: ...
+
+    def interest(self, mask: int) -> int: ...
 
 
 class Conn(ReceiveFlow):
@@ -68,6 +85,8 @@ class Conn(ReceiveFlow):
         "shutdown_pending",
         "sizes",
         "sock",
+        "tls",
+        "tls_server",
         "write_closed",
     )
 
@@ -121,6 +140,11 @@ class Conn(ReceiveFlow):
         # ioserver._control): not read until the client takes what is queued.
         self.queue_paused = False
         self.packets_too_large = 0
+        # A TLS connection's layer (ioserver._tls.TLSSocket), which is then also ``sock``.
+        self.tls: TLSLayer | None = None
+        # A TLS listener's server context and the seconds each accepted connection's
+        # handshake may take (None: no bound); None for a plaintext listener.
+        self.tls_server: tuple[ssl.SSLContext, float | None] | None = None
 
     def configure(self, options: FlowSettings, window: Window) -> None:
         """Take the flow-control options and the window of the port (see ioserver._flow)."""

@@ -32,6 +32,7 @@ in :mod:`~._wakeup`, the pause handshake in :mod:`~._flow`, ``send_blocked`` in
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -54,6 +55,7 @@ __all__ = [
     "TunRequest",
     "UDPRequest",
     "ZmqRequest",
+    "format_address",
     "inet_address",
 ]
 
@@ -94,6 +96,14 @@ def inet_address(
     if len(sockaddr) == 4:
         return host, port, sockaddr[2], sockaddr[3]
     return host, port
+
+
+def format_address(address: object) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), or the address's repr (a path...)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return repr(address)
 
 
 @runtime_checkable
@@ -144,6 +154,12 @@ class ConnectRequest:
     options: StreamOptions
     #: The active mode ``(credit, notify_passive)`` (``_options.parse_active``).
     active: tuple[int, bool]
+    #: TLS over the connection (``ioserver._tls``): the client's context, or None.
+    tls: ssl.SSLContext | None = None
+    #: The name the server's certificate must match, sent as SNI (None: no check).
+    server_hostname: str | None = None
+    #: Seconds the TLS handshake may take (None: no bound).
+    tls_handshake_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +178,10 @@ class ListenRequest:
     active: tuple[int, bool]
     #: Makes each accepted connection's loop half (see :data:`MakePort`).
     make_port: MakePort
+    #: TLS over each accepted connection: the server's context, or None.
+    tls: ssl.SSLContext | None = None
+    #: Seconds each accepted connection's TLS handshake may take (None: no bound).
+    tls_handshake_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

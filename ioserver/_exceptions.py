@@ -29,6 +29,7 @@ __all__ = [
     "PacketTooLarge",
     "PollerLimitError",
     "SendTimeoutError",
+    "TLSError",
     "UnsafeEndpointError",
     "WouldBlock",
     "errno_name",
@@ -110,6 +111,34 @@ class ConnectError(IOServerError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror if self.errno is not None else self.args[0])
+
+
+class TLSError(ConnectError):
+    """A TLS handshake failed: the connection was never usable and is closed.
+
+    Raised by :func:`ports.connect_tcp` with ``tls=``: the peer's certificate did not
+    verify (a CA not trusted, a host name that does not match), the peer does not speak
+    TLS (a plaintext or garbage peer), no protocol version or cipher in common, or the
+    handshake took longer than ``tls_handshake_timeout``.  It is a :exc:`ConnectError`:
+    ``errno_name`` is ``"ETLS"`` (``"ETIMEDOUT"`` for the timeout), ``reason`` OpenSSL's
+    reason (``"CERTIFICATE_VERIFY_FAILED"``, ``"WRONG_VERSION_NUMBER"``...) or ``None``,
+    and the message says which and with whom.  On a listener the same failure is an
+    :class:`~ioserver.Error` message with that ``errno_name`` and text, and the
+    connection is never delivered (see :func:`ports.listen_tcp`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        errno: int | None = None,
+        errno_name: str | None = "ETLS",
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message, errno, errno_name)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.errno, self.errno_name, self.reason))
 
 
 class OptionError(IOServerError, ValueError):

@@ -66,6 +66,7 @@ from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
 from ._tcp import connect_stream, listen_tcp, on_connect_event, on_listener_event
+from ._tls import take_input
 from ._wakeup import WakeupQueue
 
 __all__ = ["IOThread", "raise_open_file_limit"]
@@ -157,6 +158,11 @@ class IOThread:
         # Handlers that asked to run next round without waiting for their fd (see
         # call_soon), and timers as a heap of (deadline, sequence, callback).
         self._ready: list[Handler] = []
+        # TLS streams whose layer holds input their socket will not signal (ioserver._tls).
+        self.tls_input: list[Conn] = []
+        # Their layers' buffer for ciphertext read (one per thread: it reads one socket
+        # at a time), made by the first TLS connection (ioserver._tls.TLSSocket).
+        self.tls_scratch: memoryview | None = None
         self._timers: list[tuple[float, int, list[Callable[[], None] | None]]] = []
         self._timer_sequence = 0
         # ZeroMQ: one context per I/O server, made on first use; every socket made from it,
@@ -337,6 +343,8 @@ class IOThread:
             mask = READ
         if conn.outq:
             mask |= WRITE
+        if conn.tls is not None:
+            mask = conn.tls.interest(mask)
         self._interest(conn, mask)
 
     # -- the thread ---------------------------------------------------------------------
@@ -383,9 +391,11 @@ class IOThread:
                     due = self._run_timers()
                     if due >= 0 and (timeout < 0 or due < timeout):
                         timeout = due
-                if self._ready or dirty:
+                if self._ready or dirty or self.tls_input:
                     timeout = 0.0  # handlers to run, output from last round's flushes
                 events = poll(timeout)
+                if self.tls_input:
+                    events = events + take_input(self)
                 commands.asleep = False
                 self.polls += 1
                 self.events += len(events)
@@ -589,6 +599,7 @@ class IOThread:
             if (
                 conn.kind == STREAM
                 and isinstance(conn, Conn)
+                and conn.tls is None  # a TLS stream encrypts as it sends (ioserver._tls)
                 and not conn.closed
                 and not conn.mask & WRITE
             ):

@@ -27,14 +27,16 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from ._conn import CONNECTING, LISTENER, STREAM, Conn
-from ._contract import ConnectRequest, ListenRequest, SocketAddress
+from ._contract import ConnectRequest, ListenRequest, SocketAddress, format_address
 from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._messages import PASSIVE, Accepted, Error
 from ._options import ListenOptions, StreamOptions
 from ._poller import READ, WRITE
+from ._tls import TLSHost, TLSSocket, accept_tls
 
 __all__ = [
     "ACCEPT_BATCH",
@@ -54,15 +56,13 @@ ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class StreamHost(Protocol):
+class StreamHost(TLSHost, Protocol):
     """What connecting, listening and accepting use of the I/O thread (``IOThread``):
-    registration in its table and poller, and the stream interest rule."""
+    registration in its table and poller, and the stream interest rule; and what a TLS
+    connection's layer uses (:class:`~._tls.TLSHost`)."""
 
     def check_fd(self, fd: int) -> None: ...
-    def adopt(self, entry: Conn) -> None: ...
-    def _interest(self, conn: Conn, mask: int) -> None: ...
     def _stream_interest(self, conn: Conn) -> None: ...
-    def _close(self, conn: Conn) -> None: ...
     def _pause_listener(self, listener: Conn) -> None: ...
 
 
@@ -80,14 +80,6 @@ def apply_stream_options(sock: socket.socket, options: StreamOptions) -> None:
     sndbuf = options.get("sndbuf")
     if sndbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-
-
-def format_address(address: object) -> str:
-    """``host:port`` (``[host]:port`` for IPv6), or the address's repr (a path...)."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    return repr(address)
 
 
 def connect_error(number: int | None, address: object) -> ConnectError:
@@ -124,6 +116,16 @@ def connect_stream(io: StreamHost, request: object, spec: ConnectRequest) -> Non
     conn.address = address
     try:
         apply_stream_options(sock, options)
+        if spec.tls is not None:  # the handshake follows the connect (ioserver._tls)
+            TLSSocket(
+                io,
+                conn,
+                spec.tls,
+                server_side=False,
+                server_hostname=spec.server_hostname,
+                timeout=spec.tls_handshake_timeout,
+                established=partial(_connected, io, conn),
+            )
         result = sock.connect_ex(address)
     except OSError as exc:
         result = exc.errno or errno.EINVAL
@@ -141,7 +143,12 @@ def connect_stream(io: StreamHost, request: object, spec: ConnectRequest) -> Non
 
 
 def on_connect_event(io: StreamHost, conn: Conn, mask: int) -> None:
-    """A ``CONNECTING`` socket is ready: connected, or failed (``SO_ERROR``)."""
+    """A ``CONNECTING`` socket is ready: connected, or failed (``SO_ERROR``); or its
+    TLS handshake (connected or accepted) goes on (``ioserver._tls``)."""
+    tls = conn.tls
+    if tls is not None and tls.started:
+        tls.on_event(mask)
+        return
     result = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if result:
         _connect_failed(io, conn, result)
@@ -150,6 +157,12 @@ def on_connect_event(io: StreamHost, conn: Conn, mask: int) -> None:
 
 
 def _connected(io: StreamHost, conn: Conn) -> None:
+    """Connected: answer the request ``(conn, sockname, peername)``; a TLS connection
+    first runs its handshake, which calls this again once it succeeded."""
+    tls = conn.tls
+    if tls is not None and tls.handshaking:
+        tls.start()
+        return
     conn.kind = STREAM
     request, conn.request = conn.request, None
     conn.deliver((request, (conn, conn.sock.getsockname(), conn.sock.getpeername())))
@@ -243,6 +256,8 @@ def adopt_listener(
     conn.make_port = spec.make_port
     conn.options = spec.options
     conn.address = sockname
+    if spec.tls is not None:
+        conn.tls_server = (spec.tls, spec.tls_handshake_timeout)
     conn.credit, conn.notify_passive = spec.active
     try:
         io.adopt(conn)
@@ -263,6 +278,7 @@ def on_listener_event(io: StreamHost, listener: Conn, mask: int) -> None:
     options = listener.options
     assert options is not None
     local_address = listener.address
+    tls_server = listener.tls_server
     deliver = listener.deliver
     lport = listener.port
     for _ in range(ACCEPT_BATCH):
@@ -302,8 +318,19 @@ def on_listener_event(io: StreamHost, listener: Conn, mask: int) -> None:
         conn.port = port
         conn.configure(options, port._window)
         io.adopt(conn)
-        deliver((lport, Accepted(port, address)))
-        io._stream_interest(conn)
+        if tls_server is None:
+            _accepted(io, conn, lport, address)
+        else:  # Accepted once the handshake succeeded (ioserver._tls)
+            context, timeout = tls_server
+            accept_tls(
+                io,
+                conn,
+                context,
+                timeout,
+                lport,
+                address,
+                partial(_accepted, io, conn, lport, address),
+            )
         credit = listener.credit
         if credit > 0:
             listener.credit = credit = credit - 1
@@ -311,3 +338,11 @@ def on_listener_event(io: StreamHost, listener: Conn, mask: int) -> None:
                 io._interest(listener, 0)
                 if listener.notify_passive:
                     deliver((lport, PASSIVE))
+
+
+def _accepted(io: StreamHost, conn: Conn, lport: object, address: object) -> None:
+    """An accepted connection is the listener's: ``Accepted`` (a TLS one's once its
+    handshake succeeded), and the stream's interest set."""
+    conn.kind = STREAM
+    conn.deliver((lport, Accepted(conn.port, address)))
+    io._stream_interest(conn)

@@ -17,6 +17,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Self, final
 
 import anyio
@@ -24,6 +25,7 @@ import anyio.abc
 import trio
 import trio.abc
 from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSAttribute
 
 from ioserver._conn import Conn
 from ioserver._contract import SocketAddress, inet_address
@@ -512,6 +514,7 @@ class _PortBase(Source):
         }
         if self._remote_address is not None:
             attributes[SocketAttribute.remote_address] = lambda: self._remote_address
+        attributes.update(tls_attributes(self._conn))
         return attributes
 
     def statistics(self) -> PortStatistics:
@@ -782,11 +785,22 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 
         Receiving goes on until the peer closes its side.  Idempotent.
 
+        A TLS port cannot half-close, as anyio's :class:`~anyio.streams.tls.TLSStream`
+        cannot: TLS has no end of file of its own before 1.3, and a ``close_notify``
+        sent early ends the session for many peers.  Close the port instead (it sends
+        ``close_notify``).
+
         Raises:
             ClosedPortError: the port is closed.
+            NotImplementedError: the port is a TLS connection (``tls=``).
         """
         if self._closed:
             raise ClosedPortError("this port is closed")
+        if getattr(self._conn, "tls", None) is not None:
+            raise NotImplementedError(
+                "send_eof() is not supported on a TLS port (as anyio's TLSStream): "
+                "close the port, which sends close_notify"
+            )
         if not self._eof_sent and self._broken is None:
             self._eof_sent = True
             self._simple_send = False
@@ -825,6 +839,37 @@ class Listener(  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<Listener tcp {self._local_address} {'closed' if self._closed else 'open'}>"
+
+
+#: anyio's TLS attributes and the keys of ``ioserver._tls.tls_info`` that hold them.
+_TLS_ATTRIBUTES = {
+    TLSAttribute.alpn_protocol: "alpn_protocol",
+    TLSAttribute.channel_binding_tls_unique: "channel_binding_tls_unique",
+    TLSAttribute.cipher: "cipher",
+    TLSAttribute.peer_certificate: "peer_certificate",
+    TLSAttribute.peer_certificate_binary: "peer_certificate_binary",
+    TLSAttribute.server_side: "server_side",
+    TLSAttribute.shared_ciphers: "shared_ciphers",
+    TLSAttribute.tls_version: "tls_version",
+}
+
+
+def tls_attributes(conn: object) -> dict[Any, Callable[[], Any]]:
+    """anyio's :class:`~anyio.streams.tls.TLSAttribute` values of a TLS port's ``conn``
+    (none for a plaintext one), from what the I/O thread copied when the handshake
+    succeeded.  ``ssl_object`` is not among them: the I/O thread uses the
+    :class:`ssl.SSLObject`, and one must not be used from two threads.
+    ``standard_compatible`` is ``False``: a peer's end of the TCP stream without
+    ``close_notify`` ends the port as ``"eof"``, as most HTTP peers close."""
+    tls = getattr(conn, "tls", None)
+    info = None if tls is None else tls.info
+    if info is None:
+        return {}
+    attributes: dict[Any, Callable[[], Any]] = {
+        attribute: partial(info.__getitem__, key) for attribute, key in _TLS_ATTRIBUTES.items()
+    }
+    attributes[TLSAttribute.standard_compatible] = lambda: False
+    return attributes
 
 
 def _to_bytes(data: object) -> bytes:
