@@ -15,6 +15,11 @@ module holds the rest, the pair of ``ports/_tcp.py``:
   readiness event, each made a port by the listener's ``make_port`` and announced with
   an :class:`~._messages.Accepted` message.  A process out of descriptors stops watching
   the listener until one is freed (``IOThread._close``).
+* **TLS** (``ioserver/_tls.py``): a connect or a listener with a context wraps each
+  connection in a ``TLSSocket``; the ``Conn`` stays ``CONNECTING`` through the handshake
+  (:func:`on_connect_event` hands it the readiness), and the layer calls back
+  ``_connected`` or ``_accepted`` once it succeeded.  A listener's context and handshake
+  timeout are its ``Conn.tls_server``.
 
 Unix stream connections are the same ``Conn``: :func:`connect_stream` with ``AF_UNIX``.  What
 these functions need of the I/O thread is :class:`StreamHost` (``IOThread`` is one), so

@@ -178,7 +178,7 @@ class TLSSocket:
         self.scratch: memoryview = scratch
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        # ValueError/SSLError here (a bad server_hostname...) reach the caller: cmd_connect
+        # ValueError/SSLError here (a bad server_hostname...) reach the caller: connect_stream
         # answers its request with it.
         self.sslobj = context.wrap_bio(
             self.incoming,
