@@ -926,11 +926,13 @@ class IOThread:
         if on_pause is not None:
             # A daemon's client port: the client cannot read this Conn; tell it.
             on_pause(conn.pause_generation)
-        if conn.may_resume(conn.pause_generation):
+        if conn.recheck():
             self._stream_interest(conn)
 
     def cmd_resume(self, conn: Conn | Handler, generation: int) -> None:
-        """The port's owner took enough: read again (if this is still the same pause)."""
+        """The port's owner took enough: read again (if this is still the same pause; if
+        a grant delivered held packets since, the pause goes on under a new generation,
+        which the owner's next take asks to end: :meth:`~._flow.ReceiveFlow.may_resume`)."""
         if isinstance(conn, Handler):
             conn.resume(generation)
             return

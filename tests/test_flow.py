@@ -5,8 +5,12 @@ Real sockets on loopback, both backends.  Peers are plain sockets driven by the 
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -632,3 +636,94 @@ def test_the_memory_budget_is_one_object_with_the_streams_rule() -> None:
     charges.bytes_out = limit // 4  # one half: everything resumes
     budget.headroom()
     assert not idle.global_paused and interest == [idle] and not budget.paused
+
+
+# -- the I/O thread held at a known point (what a race needs to be forced, not hoped for) --
+def _on_io_thread(ios: ioserver.IOServer, function: Callable[[], object]) -> None:
+    """Run ``function`` as a command of the I/O thread: it runs whole, in the order of the
+    commands the loops queue around it."""
+    ios._io.submit(lambda _target, _argument: function(), None, None)
+
+
+async def _until_io_ran(ios: ioserver.IOServer) -> None:
+    """Return once the I/O thread ran every command queued before this call."""
+    done = threading.Event()
+    _on_io_thread(ios, done.set)
+    assert await anyio.to_thread.run_sync(done.wait, 10)
+
+
+def _until_in_socket(owned: list[tuple[ports.Port, int]]) -> Callable[[], None]:
+    """For the I/O thread (which owns the sockets): return once each port's socket holds
+    the given number of bytes from its peer, so that the port's next read takes them all
+    (a peer's one write on loopback is there at once; this makes it certain)."""
+
+    def wait() -> None:
+        deadline = time.monotonic() + 10
+        for port, size in owned:
+            sock = port._conn.sock  # type: ignore[union-attr]
+            while True:
+                try:
+                    if len(sock.recv(size, socket.MSG_PEEK)) >= size:
+                        break
+                except BlockingIOError:
+                    pass
+                assert time.monotonic() < deadline, "the peer's bytes never arrived"
+                select.select([sock], [], [], 0.01)
+
+    return wait
+
+
+async def test_a_declined_resume_pauses_again_so_the_owner_asks_again(
+    ios: ioserver.IOServer,
+) -> None:
+    """The owner of a paused port takes the last message delivered, sees "drained" and
+    asks to resume that pause generation; but a grant it queued just before (a passive or
+    ``"once"`` port, packets held past the credit) delivers a held packet first, so the
+    I/O thread finds the port no longer drained and declines.  The owner asked for that
+    generation already: it used to never ask again, and the port stayed paused however
+    much was taken (found while porting the flow control to Rust, native/src/flow.rs).
+    A declined resume of the current pause now pauses again under a new generation,
+    which the owner's next take asks to end.  The interleaving is forced: the I/O thread
+    is held while the grant and then the resume are queued, so it runs them in that
+    order."""
+    lines = [b"line %d\n" % index for index in range(10)]
+    listener, port, client = await pair(
+        ios,
+        packet="line",
+        active=False,
+        # One packet delivered and not taken (its bytes + PACKET_OVERHEAD) passes high;
+        # drained means everything taken.
+        high_msgq_watermark=100,
+        low_msgq_watermark=0,
+    )
+    async with listener, client, port:
+        await client.send(b"".join(lines))
+        _on_io_thread(ios, _until_in_socket([(port, sum(map(len, lines)))]))
+        # One read decodes all ten: line 0 is delivered, the other nine are held, and
+        # the delivered packet passes the high watermark: reading pauses.
+        port.setopts(active="once")
+        with anyio.fail_after(10):
+            while port.statistics().pauses == 0:  # the I/O thread's state
+                await anyio.lowlevel.checkpoint()
+        gate = threading.Event()
+        _on_io_thread(ios, lambda: gate.wait(10))
+        try:
+            port.setopts(active="once")  # the grant: delivers line 1, which is held
+            # Taking line 0 drains the port: the owner asks to resume (after the grant).
+            assert await port.receive() == Data(lines[0])
+        finally:
+            gate.set()
+        await _until_io_ran(ios)  # the grant, then the resume
+        assert port._conn.msgq_paused, "the resume ran before the grant"  # type: ignore[union-attr]
+        # The owner goes on as a passive port's owner does (gen_tcp:recv): the held lines
+        # come by grants, then the peer's next lines and its end need the socket read.
+        more = [b"more %d\n" % index for index in range(3)]
+        await client.send(b"".join(more))
+        await client.send_eof()
+        received: list[Any] = []
+        with anyio.move_on_after(5):
+            while not isinstance(message := await port.receive(), Closed):
+                received.append(message)
+            received.append(message)
+        expected = [Data(line) for line in lines[1:] + more] + [Closed("eof")]
+        assert received == expected, "the port stayed paused after its held packets"
