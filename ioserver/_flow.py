@@ -90,7 +90,12 @@ waiting on a port already paused by the budget tells the thread (``cmd_want``); 
 writes its waiter before it reads ``global_paused``, the thread writes ``global_paused``
 before it reads the waiter, so one of them sees the other.  The bound stays firm: no read
 is made that could take the memory charged for input past ``L``; the reserve is inside it,
-not on top.  (A message larger than the reserve cannot be completed by reserve reads
+not on top.  A port of packets charges each one ``PACKET_OVERHEAD`` more than its bytes,
+so when the budget is short it reads only what it could pay for were every byte a packet
+(:meth:`MemoryBudget.packet_read_size`); and within a round the headroom goes down by
+**what each read was charged** - its packets, the bytes its framer or its held packets
+took - not by the bytes it read, or the next port's read would be admitted against memory
+already spent.  (A message larger than the reserve cannot be completed by reserve reads
 alone: it waits for the budget to free.) Handlers that read (UDP) ask the same rule
 through :meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
 

@@ -437,15 +437,17 @@ class IOThread:
                                     conn.delivered_bytes += n
                                     if conn.credit > 0:
                                         self._spend_credit(conn, 1)
-                                elif framed_short:
-                                    # Its charge beyond n comes off this round's headroom.
+                                else:
+                                    # A framed read is charged more than its n bytes
+                                    # (PACKET_OVERHEAD a packet, decoded objects their
+                                    # share): all of it comes off this round's headroom,
+                                    # or the next port's read would be admitted against
+                                    # memory already spent.
                                     mark = self.delivered_total + self.framing_bytes
                                     delivered = self._deliver_framed(conn, n)
                                     headroom -= self.delivered_total + self.framing_bytes - mark
                                     if not delivered:
                                         continue
-                                elif not self._deliver_framed(conn, n):
-                                    continue
                                 if (
                                     conn.delivered_bytes > conn.check_bytes
                                     or conn.delivered_messages > conn.check_messages

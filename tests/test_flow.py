@@ -5,6 +5,7 @@ Real sockets on loopback, both backends.  Peers are plain sockets driven by the 
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -727,3 +728,63 @@ async def test_a_declined_resume_pauses_again_so_the_owner_asks_again(
             received.append(message)
         expected = [Data(line) for line in lines[1:] + more] + [Closed("eof")]
         assert received == expected, "the port stayed paused after its held packets"
+
+
+async def test_one_round_of_framed_reads_stays_within_the_budget(no_leaks: None) -> None:
+    """Several ports of one-byte lines become readable in the same round of the I/O
+    thread, their owners taking nothing.  A framed read is charged its bytes and
+    PACKET_OVERHEAD a packet (64 KiB of one-byte lines: about 10 MiB), but the round's
+    headroom used to go down by the bytes alone unless the read was shortened: under a
+    16 MiB ``memory_limit`` every port still found the headroom of a full read, and the
+    round charged four times 10 MiB (found while porting the budget to Rust,
+    native/src/flow.rs).  The headroom now goes down by each read's whole charge, so the
+    second read is shortened and the rest pause.  The ports are made readable by one
+    command batch of the held I/O thread, so their reads are one round."""
+    limit = 16 << 20
+    size = 65536
+    async with ioserver.open(memory_limit=limit) as ios, contextlib.AsyncExitStack() as stack:
+        listener = await ports.listen_tcp(
+            ios,
+            "127.0.0.1",
+            0,
+            packet="line",
+            active=False,  # nothing is read until every peer's bytes are there
+            high_msgq_watermark=64 << 20,
+            low_msgq_watermark=32 << 20,
+            high_msgq_messages=1 << 30,
+        )
+        owned: list[tuple[ports.Port, int]] = []
+        async with listener:
+            for _ in range(4):
+                peer = stack.enter_context(socket.create_connection(listener.local_address))
+                peer.setblocking(False)
+                sent = 0
+                with contextlib.suppress(BlockingIOError):
+                    while sent < size:  # loopback takes 64 KiB at once, here
+                        sent += peer.send(b"\n" * (size - sent))
+                accepted = await listener.receive()
+                assert isinstance(accepted, Accepted)
+                owned.append((await stack.enter_async_context(accepted.port), sent))
+        # Enough that four full reads, charged whole, pass the budget (a read of n
+        # one-byte lines is charged 161 n bytes).
+        assert all(sent * 161 * len(owned) > limit for _, sent in owned), owned
+        _on_io_thread(ios, _until_in_socket(owned))
+        gate = threading.Event()
+        _on_io_thread(ios, lambda: gate.wait(10))
+        try:
+            for port, _ in owned:
+                port.setopts(active=True)
+        finally:
+            gate.set()
+        # The round after: every port read once, or paused by the budget.
+        with anyio.fail_after(10):
+            while not all(
+                port.statistics().bytes_received == sent or port._conn.global_paused  # type: ignore[union-attr]
+                for port, sent in owned
+            ):
+                await anyio.lowlevel.checkpoint()
+        await _until_io_ran(ios)  # that round's reads are over, and charged
+        statistics = ios.statistics()
+        assert statistics.memory_in_use <= limit, statistics
+        assert statistics.peak_memory <= limit, statistics
+        assert statistics.global_pauses >= 1, statistics
