@@ -245,7 +245,7 @@ class ReceivingHandler(Handler, ReceiveFlow):
                 # A daemon's client port: the client cannot read this handler; tell it,
                 # as IOThread._pause_msgq tells it of a stream's pause.
                 on_pause(self.pause_generation)
-            self.may_resume(self.pause_generation)
+            self.recheck()
         self._reading_changed()
 
     def resume(self, generation: int) -> None:

@@ -57,7 +57,12 @@ The two halves run in two threads and never lock; the pause generation is the fe
    (``cmd_resume``).
 3. The I/O half resumes only if the generation asked is still the current one and the
    counters still say drained (:meth:`ReceiveFlow.may_resume`): a late resume of an
-   older pause is ignored.
+   older pause is ignored.  If it is the current one but the counters no longer say
+   drained - a grant delivered held packets (see "The active credit") after the owner
+   looked - the pause goes on **under a new generation**, told to a daemon's client
+   like a new pause, and the I/O half re-reads as in step 1.  The owner asked for the
+   old generation already and would never ask for it again: the new one is what makes
+   its next take ask again, so a declined resume cannot leave the port paused for good.
 
 Whichever of 1 and 2 runs second sees the other's write: either the I/O half's re-read
 sees the owner's take, or the owner's check sees the new generation.  No pause is left
@@ -85,7 +90,12 @@ waiting on a port already paused by the budget tells the thread (``cmd_want``); 
 writes its waiter before it reads ``global_paused``, the thread writes ``global_paused``
 before it reads the waiter, so one of them sees the other.  The bound stays firm: no read
 is made that could take the memory charged for input past ``L``; the reserve is inside it,
-not on top.  (A message larger than the reserve cannot be completed by reserve reads
+not on top.  A port of packets charges each one ``PACKET_OVERHEAD`` more than its bytes,
+so when the budget is short it reads only what it could pay for were every byte a packet
+(:meth:`MemoryBudget.packet_read_size`); and within a round the headroom goes down by
+**what each read was charged** - its packets, the bytes its framer or its held packets
+took - not by the bytes it read, or the next port's read would be admitted against memory
+already spent.  (A message larger than the reserve cannot be completed by reserve reads
 alone: it waits for the budget to free.) Handlers that read (UDP) ask the same rule
 through :meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
 
@@ -299,8 +309,8 @@ class ReceiveFlow:
     def pause(self) -> bool:
         """Step 1 of the handshake: stop reading until the owner has taken enough.  True if
         this started a pause: the caller stops reading, tells a daemon's client
-        (``window.on_pause``), **then** re-checks with :meth:`may_resume` of the new
-        generation, which ends the pause at once if the owner took enough meanwhile."""
+        (``window.on_pause``), **then** re-checks with :meth:`recheck`, which ends the
+        pause at once if the owner took enough meanwhile."""
         self.note_buffered()
         if self.msgq_paused:
             return False
@@ -321,13 +331,32 @@ class ReceiveFlow:
         window = self.window
         return window.task_waits() and self.delivered_messages == window.consumed_messages
 
-    def may_resume(self, generation: int) -> bool:
-        """Step 3: the owner asked to end pause ``generation``; True if reading may resume
-        (it is the current pause and the counters still say drained)."""
-        if self.msgq_paused and generation == self.pause_generation and self.drained():
+    def recheck(self) -> bool:
+        """Step 1's re-read, after :meth:`pause` wrote the new generation: True if the
+        owner already took enough, and reading resumes."""
+        if self.msgq_paused and self.drained():
             self.msgq_paused = False
             return True
         return False
+
+    def may_resume(self, generation: int) -> bool:
+        """Step 3 (``cmd_resume``): the owner asked to end pause ``generation``; True if
+        reading may resume (it is the current pause and the counters still say drained).
+
+        A resume of an older pause is ignored.  A resume of the current pause that the
+        counters no longer allow (a grant delivered held packets after the owner looked)
+        pauses again under a new generation - told to a daemon's client through
+        ``window.on_pause``, as a new pause is - and re-reads the window as step 1 does:
+        the owner, which asked for the old generation already, asks again for the new
+        one once it has taken enough."""
+        if not self.msgq_paused or generation != self.pause_generation:
+            return False
+        if not self.drained():
+            self.pause_generation += 1  # written before recheck() re-reads the window
+            on_pause = self.window.on_pause
+            if on_pause is not None:
+                on_pause(self.pause_generation)
+        return self.recheck()
 
 
 #: The window of a flow not configured yet: nobody takes from it, nobody writes it.

@@ -447,15 +447,17 @@ class IOThread:
                                     conn.delivered_bytes += n
                                     if conn.credit > 0:
                                         self._spend_credit(conn, 1)
-                                elif framed_short:
-                                    # Its charge beyond n comes off this round's headroom.
+                                else:
+                                    # A framed read is charged more than its n bytes
+                                    # (PACKET_OVERHEAD a packet, decoded objects their
+                                    # share): all of it comes off this round's headroom,
+                                    # or the next port's read would be admitted against
+                                    # memory already spent.
                                     mark = self.delivered_total + self.framing_bytes
                                     delivered = self._deliver_framed(conn, n)
                                     headroom -= self.delivered_total + self.framing_bytes - mark
                                     if not delivered:
                                         continue
-                                elif not self._deliver_framed(conn, n):
-                                    continue
                                 if (
                                     conn.delivered_bytes > conn.check_bytes
                                     or conn.delivered_messages > conn.check_messages
@@ -937,11 +939,13 @@ class IOThread:
         if on_pause is not None:
             # A daemon's client port: the client cannot read this Conn; tell it.
             on_pause(conn.pause_generation)
-        if conn.may_resume(conn.pause_generation):
+        if conn.recheck():
             self._stream_interest(conn)
 
     def cmd_resume(self, conn: Conn | Handler, generation: int) -> None:
-        """The port's owner took enough: read again (if this is still the same pause)."""
+        """The port's owner took enough: read again (if this is still the same pause; if
+        a grant delivered held packets since, the pause goes on under a new generation,
+        which the owner's next take asks to end: :meth:`~._flow.ReceiveFlow.may_resume`)."""
         if isinstance(conn, Handler):
             conn.resume(generation)
             return
