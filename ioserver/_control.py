@@ -10,26 +10,25 @@ commands are decoded, checked and applied to the ``Conn`` in the round they arri
 every event of a round for one client leaves in one frame at the end of that round.  No
 event loop stands between a client and its sockets.
 
-The daemon keeps, for each client port, a :class:`RemotePortState`: it stands where a
-``Port`` stands for the I/O thread (``conn.port``: a loop half, see ioserver._contract),
-with the flow-control window the I/O thread reads, updated from the client's messages:
+This module is the endpoint itself: the sessions by routing id, the round (frames read,
+the per-round message budget, refusals), the dispatch of each message to its command,
+the frames sent back, the heartbeats, and the I/O thread's status (:func:`io_status`).
+The rest of the daemon's side is one idea per module, below this one, none importing it
+back (they see the endpoint as :class:`ioserver._session.Endpoint`):
 
-- receive flow control: the window's ``consumed_*`` are what the client's owner took, as
-  the client last reported them (RESUME, checked by ``Window.credit_remote``).  When the
-  delivered bytes pass the high watermark, the I/O thread pauses reading as for a local
-  port and tells the client (PAUSED, through ``window.on_pause``); the client answers
-  RESUME once its owner has taken enough - the same generation handshake (ioserver._flow).
-- send flow control: the window's ``queued_bytes`` counts what the client sent; the I/O
-  thread reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port
-  (``send_blocked``: more sent than written and reported, beyond the low watermark).
+- :mod:`ioserver._session`: a client (``Session``: its ports, its outgoing frame, its
+  queue's backpressure), the daemon's stand-in for each of its ports
+  (``RemotePortState``, the loop half the I/O thread sees) and the limits;
+- :mod:`ioserver._port_commands`: the commands on open ports (SEND, SEND_TO, SIGNAL,
+  SEND_EOF, CLOSE, ACTIVE, READ_ONCE, RESUME);
+- :mod:`ioserver._open_commands`: the commands that open a port, one per kind (CONNECT,
+  LISTEN, OPEN_UDP, OPEN_TUN, OPEN_PROCESS, OPEN_ZMQ);
+- :mod:`ioserver._workers`: what the I/O thread must not wait for (host names, programs'
+  start-up), in worker threads.
 
-Every kind of port crosses (protocol version 3): a TCP or Unix stream or listener is a
-``Conn``, a UDP or TUN port a datagram handler, a ZeroMQ port a ``ZmqHandler`` made
-here, a program a ``ProcessWatcher`` and its stream ``Conn`` (started by a worker
-thread); each has a :class:`RemotePortState` whose ``kind`` says what its SEND may carry
-and when its id is released (GONE).  The kinds that let a client act as the daemon's user
-beyond the network - programs, Unix paths, TUN devices (:data:`PERMISSIONS`) - are
-served only when the daemon was started to allow them (FAULT ``"forbidden"``).
+Every kind of port crosses (protocol version 3).  The kinds that let a client act as the
+daemon's user beyond the network (programs, Unix paths, TUN devices: :data:`PERMISSIONS`)
+are served only when the daemon was started to allow them (FAULT ``"forbidden"``).
 
 A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
 its WELCOME, which every later frame must carry (a peer that takes over an orphaned
@@ -37,8 +36,9 @@ session's routing id does not know it, so it gets no port of that session).  A s
 that sends nothing, not even a heartbeat, for ``HEARTBEAT_MISSES`` intervals is lost: its
 ports are closed after their output is written, so peers see end-of-file.
 
-Limits (:class:`ControlLimits`): every bound on what one client can make the daemon hold
-or do is here, so that a refusal is cheap and memory stays under the budget:
+Limits (:class:`ControlLimits`, defined in :mod:`ioserver._session`, which the commands
+read too): every bound on what one client can make the daemon hold or do, so that a
+refusal is cheap and memory stays under the budget:
 
 - frames: ZeroMQ drops a peer that sends more than ``max_frame`` bytes
   (``ZMQ_MAXMSGSIZE``); a frame is decoded with msgpack's limits; after

@@ -33,10 +33,9 @@ ZeroMQ has taken its frame; when more than ``session_queue`` bytes of DATA wait 
 client the session's ports stop reading (``Conn.queue_paused``: backpressure on their
 peers, not memory) until half of it has left (:meth:`Session.hold`, :meth:`Session.release`).
 
-Limits (:class:`ControlLimits`, re-exported by :mod:`ioserver._control`): every bound on
-what one client can make the daemon hold or do, so that a refusal is cheap and memory
-stays under the budget.  They are here, below the endpoint, because the sessions and the
-commands read them too.
+Limits (:class:`ControlLimits`, re-exported by :mod:`ioserver._control`, whose docstring
+lists what each bounds): every bound on what one client can make the daemon hold or do.
+They are here, below the endpoint, because the sessions and the commands read them too.
 """
 
 from __future__ import annotations
