@@ -45,7 +45,7 @@ from ._options import (
     unix_options,
     zmq_options,
 )
-from ._port_commands import Command, arity, credit
+from ._port_commands import Command, active_mode, arity
 from ._protocol import ProtocolViolation
 from ._session import Endpoint, Opening, RemotePortState, Session
 from ._tun import IFNAMSIZ, cmd_open_tun
@@ -147,7 +147,7 @@ def _cmd_connect(control: Endpoint, session: Session, message: P.Message) -> Non
         _permit(control, "unix", rid, "a Unix socket path")
     pid = _new_port(session, rid, message[2])
     settings = _open_options(session, rid, pid, message[5], unix)
-    active = credit(message, 6)
+    active = active_mode(message, 6)
     state = RemotePortState(session, pid, settings)
     spec = ConnectRequest(state, session.deliver, family, address, settings, active)
     if isinstance(address, str) or P.is_numeric_host(family, address[0]):
@@ -167,7 +167,7 @@ def _cmd_listen(control: Endpoint, session: Session, message: P.Message) -> None
         _permit(control, "unix", rid, "a Unix socket path")
     pid = _new_port(session, rid, message[2])
     settings, listen = _listen_options(session, rid, pid, message[5], unix)
-    active = credit(message, 6)
+    active = active_mode(message, 6)
     state = RemotePortState(session, pid, settings)
 
     def make_port(conn: Conn, local_address: object, remote_address: object) -> RemotePortState:
@@ -216,7 +216,7 @@ def _cmd_open_udp(control: Endpoint, session: Session, message: P.Message) -> No
         _, settings = udp_options(_options_map(message[5], rid))
     except OptionError as exc:
         raise ProtocolViolation("bad-option", str(exc), rid) from None
-    active = credit(message, 6)
+    active = active_mode(message, 6)
     state = RemotePortState(session, pid, settings, "datagram")
     spec = UDPRequest(state, session.deliver, 0, bind, connect, settings, active)
     session.ports[pid] = state
@@ -251,7 +251,7 @@ def _cmd_open_tun(control: Endpoint, session: Session, message: P.Message) -> No
         _, settings = tun_options(_options_map(message[5], rid))
     except OptionError as exc:
         raise ProtocolViolation("bad-option", str(exc), rid) from None
-    active = credit(message, 6)
+    active = active_mode(message, 6)
     state = RemotePortState(session, pid, settings, "tun")
     session.ports[pid] = state
     spec = TunRequest(state, session.deliver, name, mode, settings, active)
@@ -278,7 +278,7 @@ def _cmd_open_process(control: Endpoint, session: Session, message: P.Message) -
             "bad-option", f"kill_grace must be 0..{P.MAX_KILL_GRACE:g} seconds", rid
         )
     settings = _open_options(session, rid, pid, message[6], unix=True)
-    active = credit(message, 7)
+    active = active_mode(message, 7)
     state = RemotePortState(session, pid, settings, "process")
     spec = ProcessRequest(
         state, session.deliver, argv, str(stderr), float(kill_grace), settings, active
@@ -315,7 +315,7 @@ def _cmd_open_zmq(control: Endpoint, session: Session, message: P.Message) -> No
         active, settings, given = zmq_options(_options_map(message[7], rid))
     except OptionError as exc:
         raise ProtocolViolation("bad-option", str(exc), rid) from None
-    active = credit(message, 8)
+    active = active_mode(message, 8)
     state = RemotePortState(session, pid, settings, "zmq")
     result = _open_zmq(
         control.io, state, session, number, (binds, connects, topics), settings, given, active

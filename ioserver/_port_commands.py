@@ -8,7 +8,7 @@ session (:mod:`ioserver._session`): it checks the message, updates the port's
 took) and hands the port's I/O half the same command a local port's loop would queue.
 A refused message raises ``ProtocolViolation`` (the endpoint answers FAULT).  The
 commands that open a port are :mod:`ioserver._open_commands`'s; the helpers here
-(:func:`arity`, :func:`credit`) serve them too.
+(:func:`arity`, :func:`active_mode`) serve them too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ Command = Callable[[Endpoint, Session, P.Message], None]
 
 
 def arity(message: P.Message, count: int, form: str) -> None:
+    """Refuse a message of other than ``count`` elements (``form`` says which)."""
     if len(message) != count:
         raise ProtocolViolation("malformed", f"expected {form}")
 
@@ -46,7 +47,7 @@ def _conn(state: RemotePortState) -> Conn:
     return io_half(conn)
 
 
-def credit(message: P.Message, at: int) -> tuple[int, bool]:
+def active_mode(message: P.Message, at: int) -> tuple[int, bool]:
     credit, notify = message[at], message[at + 1]
     if not P.is_int(credit) or not isinstance(notify, bool) or not -1 <= credit <= 1 << 20:
         raise ProtocolViolation("malformed", "an active mode is [credit: int, notify: bool]")
@@ -149,7 +150,7 @@ def _cmd_close(control: Endpoint, session: Session, message: P.Message) -> None:
 def _cmd_active(control: Endpoint, session: Session, message: P.Message) -> None:
     arity(message, 4, "[23, pid, credit, notify]")
     state = _port(session, message[1])
-    control.io.cmd_set_active(_conn(state), credit(message, 2))
+    control.io.cmd_set_active(_conn(state), active_mode(message, 2))
 
 
 def _cmd_read_once(control: Endpoint, session: Session, message: P.Message) -> None:

@@ -114,6 +114,43 @@ class ControlLimits:
                 raise OptionError(f"the control endpoint's {name} must be a positive int")
 
 
+class Endpoint(Protocol):
+    """What the sessions and the commands use of the control endpoint
+    (``ioserver._control.ControlEndpoint`` meets it)."""
+
+    holds: int  # times a session's ports stopped reading (its queue passed the limit)
+
+    @property
+    def io(self) -> IOThread: ...
+    @property
+    def limits(self) -> ControlLimits: ...
+    @property
+    def allow(self) -> frozenset[str]: ...
+    @property
+    def budget(self) -> SessionBudget: ...
+    @property
+    def sessions(self) -> dict[bytes, Session]: ...
+    @property
+    def backlogged(self) -> dict[Session, None]: ...
+    def mark(self, session: Session) -> None: ...
+    def send_now(self, session: Session) -> None: ...
+    def send_frame(self, identity: bytes, frame: bytes) -> bool: ...
+    def cached_status(self) -> dict[str, P.Wire]: ...
+    def resolve(self, request: Opening, spec: ConnectRequest | ListenRequest | UDPRequest) -> None:
+        """Resolve a name off the I/O thread, then open (ioserver._workers).
+
+        Raises:
+            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
+        """
+
+    def start_program(self, request: Opening, spec: ProcessRequest) -> None:
+        """Start a program off the I/O thread (ioserver._workers).
+
+        Raises:
+            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
+        """
+
+
 class SessionBudget:
     """All sessions' share of the daemon's memory budget (a budget owner, as hubs are)."""
 
@@ -414,43 +451,6 @@ class Session:
             why,
             count,
         )
-
-
-class Endpoint(Protocol):
-    """What the sessions and the commands use of the control endpoint
-    (``ioserver._control.ControlEndpoint`` meets it)."""
-
-    holds: int  # times a session's ports stopped reading (its queue passed the limit)
-
-    @property
-    def io(self) -> IOThread: ...
-    @property
-    def limits(self) -> ControlLimits: ...
-    @property
-    def allow(self) -> frozenset[str]: ...
-    @property
-    def budget(self) -> SessionBudget: ...
-    @property
-    def sessions(self) -> dict[bytes, Session]: ...
-    @property
-    def backlogged(self) -> dict[Session, None]: ...
-    def mark(self, session: Session) -> None: ...
-    def send_now(self, session: Session) -> None: ...
-    def send_frame(self, identity: bytes, frame: bytes) -> bool: ...
-    def cached_status(self) -> dict[str, P.Wire]: ...
-    def resolve(self, request: Opening, spec: ConnectRequest | ListenRequest | UDPRequest) -> None:
-        """Resolve a name off the I/O thread, then open (ioserver._workers).
-
-        Raises:
-            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
-        """
-
-    def start_program(self, request: Opening, spec: ProcessRequest) -> None:
-        """Start a program off the I/O thread (ioserver._workers).
-
-        Raises:
-            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
-        """
 
 
 def io_half(conn: Conn | Handler | ReceiveFlow) -> Conn:
