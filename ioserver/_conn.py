@@ -137,7 +137,7 @@ class Conn(ReceiveFlow):
         self.send_low = 0
         self.global_paused = False
         # A daemon's client port whose session's queue toward the client is full (see
-        # ioserver._control): not read until the client takes what is queued.
+        # ioserver._session, Session.hold): not read until the client takes what is queued.
         self.queue_paused = False
         self.packets_too_large = 0
         # A TLS connection's layer (ioserver._tls.TLSSocket), which is then also ``sock``.

@@ -3,7 +3,7 @@
 A port has two halves in two threads that never lock (DESIGN.md §2):
 
 * the **loop half** lives in an event loop: ``ports.Port`` and its kinds, or, in a daemon,
-  the stand-in for a client's port (``ioserver._control.RemotePortState``);
+  the stand-in for a client's port (``ioserver._session.RemotePortState``);
 * the **I/O half** lives on the I/O thread: a stream ``Conn``, a ``Handler`` (UDP,
   ZeroMQ, a process watcher), or, in a daemon's client, ``client._remote.RemoteConn``,
   behind which the daemon plays the I/O thread over ZeroMQ.

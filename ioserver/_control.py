@@ -10,26 +10,25 @@ commands are decoded, checked and applied to the ``Conn`` in the round they arri
 every event of a round for one client leaves in one frame at the end of that round.  No
 event loop stands between a client and its sockets.
 
-The daemon keeps, for each client port, a :class:`RemotePortState`: it stands where a
-``Port`` stands for the I/O thread (``conn.port``: a loop half, see ioserver._contract),
-with the flow-control window the I/O thread reads, updated from the client's messages:
+This module is the endpoint itself: the sessions by routing id, the round (frames read,
+the per-round message budget, refusals), the dispatch of each message to its command,
+the frames sent back, the heartbeats, and the I/O thread's status (:func:`io_status`).
+The rest of the daemon's side is one idea per module, below this one, none importing it
+back (they see the endpoint as :class:`ioserver._session.Endpoint`):
 
-- receive flow control: the window's ``consumed_*`` are what the client's owner took, as
-  the client last reported them (RESUME, checked by ``Window.credit_remote``).  When the
-  delivered bytes pass the high watermark, the I/O thread pauses reading as for a local
-  port and tells the client (PAUSED, through ``window.on_pause``); the client answers
-  RESUME once its owner has taken enough - the same generation handshake (ioserver._flow).
-- send flow control: the window's ``queued_bytes`` counts what the client sent; the I/O
-  thread reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port
-  (``send_blocked``: more sent than written and reported, beyond the low watermark).
+- :mod:`ioserver._session`: a client (``Session``: its ports, its outgoing frame, its
+  queue's backpressure), the daemon's stand-in for each of its ports
+  (``RemotePortState``, the loop half the I/O thread sees) and the limits;
+- :mod:`ioserver._port_commands`: the commands on open ports (SEND, SEND_TO, SIGNAL,
+  SEND_EOF, CLOSE, ACTIVE, READ_ONCE, RESUME);
+- :mod:`ioserver._open_commands`: the commands that open a port, one per kind (CONNECT,
+  LISTEN, OPEN_UDP, OPEN_TUN, OPEN_PROCESS, OPEN_ZMQ);
+- :mod:`ioserver._workers`: what the I/O thread must not wait for (host names, programs'
+  start-up), in worker threads.
 
-Every kind of port crosses (protocol version 3): a TCP or Unix stream or listener is a
-``Conn``, a UDP or TUN port a datagram handler, a ZeroMQ port a ``ZmqHandler`` made
-here, a program a ``ProcessWatcher`` and its stream ``Conn`` (started by a worker
-thread); each has a :class:`RemotePortState` whose ``kind`` says what its SEND may carry
-and when its id is released (GONE).  The kinds that let a client act as the daemon's user
-beyond the network - programs, Unix paths, TUN devices (:data:`PERMISSIONS`) - are
-served only when the daemon was started to allow them (FAULT ``"forbidden"``).
+Every kind of port crosses (protocol version 3).  The kinds that let a client act as the
+daemon's user beyond the network (programs, Unix paths, TUN devices: :data:`PERMISSIONS`)
+are served only when the daemon was started to allow them (FAULT ``"forbidden"``).
 
 A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
 its WELCOME, which every later frame must carry (a peer that takes over an orphaned
@@ -37,8 +36,9 @@ session's routing id does not know it, so it gets no port of that session).  A s
 that sends nothing, not even a heartbeat, for ``HEARTBEAT_MISSES`` intervals is lost: its
 ports are closed after their output is written, so peers see end-of-file.
 
-Limits (:class:`ControlLimits`): every bound on what one client can make the daemon hold
-or do is here, so that a refusal is cheap and memory stays under the budget:
+Limits (:class:`ControlLimits`, defined in :mod:`ioserver._session`, which the commands
+read too): every bound on what one client can make the daemon hold or do, so that a
+refusal is cheap and memory stays under the budget:
 
 - frames: ZeroMQ drops a peer that sends more than ``max_frame`` bytes
   (``ZMQ_MAXMSGSIZE``); a frame is decoded with msgpack's limits; after
@@ -61,71 +61,31 @@ or do is here, so that a refusal is cheap and memory stays under the budget:
 
 from __future__ import annotations
 
-import errno
 import hmac
 import logging
 import os
 import secrets
-import socket
-import subprocess
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import TypeVar, cast
+from collections.abc import Callable
+from typing import cast
 
 import zmq
 
 from . import _protocol as P
 from ._conn import CONNECTING, LISTENER, STREAM, Conn, Handler
-from ._contract import (
-    ConnectRequest,
-    ListenRequest,
-    ProcessRequest,
-    SocketAddress,
-    TunRequest,
-    UDPRequest,
-    inet_address,
-)
-from ._exceptions import ConnectError, OptionError, PollerLimitError, errno_name
-from ._flow import ReceiveFlow, Window
-from ._framing import port_framer
+from ._contract import ConnectRequest, ListenRequest, ProcessRequest, UDPRequest
 from ._iothread import IOThread
-from ._messages import (
-    WRITABLE,
-    Accepted,
-    Closed,
-    Data,
-    Datagram,
-    Error,
-    ExitStatus,
-    Packet,
-    Passive,
-)
-from ._options import (
-    LISTEN_OPTIONS,
-    FlowSettings,
-    ListenOptions,
-    PortSettings,
-    StreamOptions,
-    ZmqSettings,
-    check_options,
-    port_options,
-    tun_options,
-    udp_options,
-    unix_options,
-    zmq_options,
-)
-from ._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
+from ._open_commands import COMMANDS as OPEN_COMMANDS
+from ._port_commands import COMMANDS as PORT_COMMANDS
+from ._port_commands import Command, arity
 from ._protocol import ProtocolViolation
-from ._tun import IFNAMSIZ, cmd_open_tun
-from ._udp import DatagramHandler, cmd_open_udp
-from ._unix import cmd_listen_unix
-from ._zmq import ZmqHandler, ZmqSocketHandler
+from ._session import PERMISSIONS as PERMISSIONS  # the daemon's --allow-KIND: re-exported
+from ._session import ControlLimits as ControlLimits  # ioserver serve's limits: re-exported
+from ._session import Endpoint, Opening, Session, SessionBudget
+from ._workers import Workers
+from ._zmq import ZmqSocketHandler
 
 log = logging.getLogger("ioserver")
-_T = TypeVar("_T")
 
 RECEIVE_BATCH = 256  # frames taken from the control socket per round
 #: Messages the control endpoint runs per round of the I/O thread, all clients together:
@@ -134,354 +94,6 @@ RECEIVE_BATCH = 256  # frames taken from the control socket per round
 #: frame waits for the next round (``call_soon``), before any later frame is read, so a
 #: client's messages still run in order.
 MESSAGE_BUDGET = 2048
-_EAI_NAMES = {
-    getattr(socket, name): name
-    for name in dir(socket)
-    if name.startswith("EAI_") and isinstance(getattr(socket, name), int)
-}
-
-
-#: The kinds of port a daemon serves only when started with ``--allow-KIND``: each lets a
-#: client act as the daemon's user beyond the network (docs: "Limits and security").
-#: ``process``: run any program; ``unix``: Unix socket paths and ``ipc://`` ZeroMQ
-#: endpoints on the daemon's file system; ``tun``: TUN/TAP devices in its namespace.
-PERMISSIONS = ("process", "unix", "tun")
-
-
-@dataclass
-class ControlLimits:
-    """The control endpoint's bounds on one client (``ioserver serve`` options; the docs'
-    "Limits and security" page).  What a client that passes one gets is in brackets."""
-
-    #: bytes in one frame from a client: ``ZMQ_MAXMSGSIZE`` [ZeroMQ disconnects it].
-    max_frame: int = P.DEFAULT_MAX_FRAME
-    #: messages in one frame, elements of any array [FAULT "malformed", frame dropped].
-    max_messages: int = P.MAX_MESSAGES
-    #: sessions open at once [HELLO answered with FAULT "limit"].
-    max_sessions: int = 1024
-    #: ports of one session, accepted ones included [CONNECT/LISTEN: FAULT "limit"].
-    max_ports: int = 4096
-    #: bytes of DATA queued for one client before its ports stop reading [backpressure].
-    session_queue: int = 4 * 1024 * 1024
-    #: frames ZeroMQ queues for one client (``ZMQ_SNDHWM``) [they wait in the session].
-    send_hwm: int = 32
-    #: jobs in the worker threads at once, all sessions: host names being resolved,
-    #: programs being started [CONNECT/LISTEN/OPEN_UDP/OPEN_PROCESS: FAULT "limit"].
-    max_resolving: int = 64
-    #: STATUS requests answered per session and round [FAULT "limit"].
-    status_per_round: int = 4
-    #: refusals answered per frame [the rest of the frame is ignored, one FAULT says so].
-    faults_per_frame: int = 16
-    #: refused-message log lines per second [counted, one line says how many].
-    log_per_second: int = 10
-
-    def check(self) -> None:
-        """Raises OptionError: a limit is not a positive int."""
-        for name, value in vars(self).items():
-            if not P.is_int(value) or value <= 0:
-                raise OptionError(f"the control endpoint's {name} must be a positive int")
-
-
-class _Budget:
-    """All sessions' share of the daemon's memory budget (a budget owner, as hubs are)."""
-
-    def __init__(self) -> None:
-        self.queued_bytes = 0
-        self.consumed_bytes = 0
-
-    def _stopped_by_io(self) -> None:
-        pass
-
-
-class RemotePortState:
-    """The daemon's stand-in for a client's port (see the module docstring)."""
-
-    __slots__ = (
-        "_unsent",
-        "_window",
-        "conn",
-        "kind",
-        "low_watermark",
-        "pid",
-        "reported_bytes_out",
-        "session",
-        "watcher",
-    )
-
-    def __init__(
-        self, session: Session, pid: int, options: PortSettings, kind: str = "stream"
-    ) -> None:
-        self.session = session
-        self.pid = pid
-        #: ``"stream"`` (TCP, Unix), ``"process"``, ``"datagram"`` (UDP), ``"tun"``,
-        #: ``"zmq"``: what its SEND may carry and when its id is released.
-        self.kind = kind
-        window = self._window = Window(port_framer(options) if kind != "zmq" else None)
-        window.on_pause = self._paused
-        if kind == "stream":
-            # A stream Conn tells when the I/O thread releases it.  A handler does not,
-            # and a program's port lives until its exit status: those are released at
-            # their final Closed, or when the client closes them (Session.deliver).
-            window.on_gone = self._gone
-        if kind == "zmq":
-            window.sizes = deque()  # each message's size, as ports.ZmqPort's window
-        self._unsent = 0  # bytes of its DATA queued in the session, not yet taken by ZeroMQ
-        self.reported_bytes_out = 0
-        self.low_watermark = options["low_watermark"]
-        #: The port's I/O half: a stream Conn, or a handler (UDP, TUN, ZeroMQ).
-        self.conn: Conn | Handler | None = None
-        self.watcher: ProcessWatcher | None = None  # a process port's program
-
-    def _update_send_blocked(self) -> None:
-        """The client may think the port busy: have the I/O thread report ``bytes_out``
-        when it drains (WRITTEN).  Called whenever what it sent or was told changes."""
-        window = self._window
-        window.send_blocked = window.queued_bytes - self.reported_bytes_out > self.low_watermark
-
-    def bytes_out(self) -> int:
-        """What its I/O half sent (a datagram handler: sent or dropped), for WRITTEN."""
-        conn = self.conn
-        if isinstance(conn, DatagramHandler):
-            return conn.out_done
-        if isinstance(conn, (Conn, ZmqHandler)):
-            return conn.bytes_out
-        return 0
-
-    def _paused(self, generation: int) -> None:
-        self.session.emit([P.PAUSED, self.pid, generation])
-
-    def _gone(self) -> None:
-        self.session.port_gone(self)
-
-
-class _Request:
-    __slots__ = ("rid", "state")
-
-    def __init__(self, rid: int, state: RemotePortState) -> None:
-        self.rid = rid
-        self.state = state
-
-
-#: A job for the daemon's worker threads: a name to resolve, a program to start.
-_Job = tuple[_Request, "ConnectRequest | ListenRequest | UDPRequest | ProcessRequest"]
-
-
-class Session:
-    """One client: its ports, its outgoing events, its liveness."""
-
-    def __init__(self, control: ControlEndpoint, identity: bytes, token: bytes) -> None:
-        self.control = control
-        self.identity = identity
-        self.token = token
-        self.user: str | None = None  # the ZAP User-Id of its client (CURVE: its key)
-        self.ports: dict[int, RemotePortState] = {}
-        self.outbound: list[P.Message] = []
-        # The DATA of ``outbound`` as (port, bytes charged), credited when ZeroMQ takes
-        # the frame; ``pending`` holds the frames ZeroMQ could not take yet, with theirs.
-        self.out_credits: list[tuple[RemotePortState, int]] = []
-        self.out_size = 0
-        self.pending: deque[tuple[bytes, list[tuple[RemotePortState, int]]]] = deque()
-        self.held = 0  # bytes of DATA in outbound and pending (charged to the budget)
-        self.holding = False  # its ports stopped reading: ``held`` passed session_queue
-        self.status_round = -1
-        self.status_count = 0
-        self.last_seen = self.last_sent = time.monotonic()
-        self.next_accepted = -1
-        self.closed = False
-        self.started = time.time()
-        self.messages_in = 0
-        self.faults = 0
-
-    def emit(self, message: P.Message) -> None:
-        if self.closed:
-            return
-        if not self.outbound:
-            self.control.mark(self)
-        self.outbound.append(message)
-
-    def fault(self, rid: object, kind: str, text: str) -> None:
-        self.faults += 1
-        self.emit([P.FAULT, rid if P.is_int(rid) else None, kind, text])
-
-    def deliver(self, pair: tuple[object, object]) -> None:
-        """The I/O thread's ``conn.deliver`` for this client's ports: encode the event."""
-        target, message = pair
-        if not isinstance(target, RemotePortState):
-            if isinstance(target, _Request):
-                self._answer(target, message)
-            else:  # pragma: no cover - the I/O thread delivers to what it was given
-                log.error("no wire form for %r to %r", message, target)
-            return
-        if isinstance(message, Data):
-            sizes = target._window.sizes
-            if sizes is None:
-                data = message.data
-                size = len(data)
-                self.emit([P.DATA, target.pid, data])
-            else:
-                size = sizes.popleft()
-                self.emit([P.DATA, target.pid, message.data, size])
-            self._charge(target, size)
-        elif isinstance(message, (Datagram, Packet)):
-            data = message.data
-            address = P.wire_address(message.address) if isinstance(message, Datagram) else None
-            self.emit([P.DATAGRAM, target.pid, data, address])
-            self._charge(target, len(data))
-        elif message is WRITABLE:
-            if target.conn is not None:
-                sent = target.bytes_out()
-                target.reported_bytes_out = sent
-                target._update_send_blocked()
-                self.emit([P.WRITTEN, target.pid, sent])
-        elif isinstance(message, Closed):
-            self.emit([P.CLOSED, target.pid, message.reason, message.errno_name])
-            if target.kind != "stream":
-                self.port_gone(target)  # its final message: the handler or program is done
-        elif isinstance(message, ExitStatus):
-            self.emit([P.EXIT, target.pid, message.status])
-        elif isinstance(message, Error):
-            self.emit([P.ERROR, target.pid, message.errno_name, message.errno, message.message])
-        elif isinstance(message, Passive):
-            self.emit([P.PASSIVE, target.pid])
-        elif isinstance(message, Accepted) and isinstance(message.port, RemotePortState):
-            state = message.port
-            conn = state.conn
-            local = conn.sock.getsockname() if isinstance(conn, Conn) and not conn.closed else None
-            self.emit(
-                [
-                    P.ACCEPTED,
-                    target.pid,
-                    state.pid,
-                    P.wire_address(local),
-                    P.wire_address(message.address),
-                ]
-            )
-        else:  # pragma: no cover - every event the I/O thread makes is handled above
-            log.error("no wire form for %r", message)
-
-    def _charge(self, target: RemotePortState, size: int) -> None:
-        """A DATA or DATAGRAM of ``size`` bytes was queued for the client: it stays the
-        daemon's memory until ZeroMQ takes its frame (``sent``)."""
-        self.out_credits.append((target, size))
-        target._unsent += size
-        self.held += size
-        self.out_size += size
-        limits = self.control.limits
-        if self.held > limits.session_queue:
-            self.hold(target)
-        if self.out_size >= limits.max_frame:
-            self.control.send_now(self)
-
-    def _answer(self, request: _Request, result: object) -> None:
-        state = request.state
-        if isinstance(result, tuple):
-            if len(result) == 2:  # a TUN port: (handler, device name)
-                conn, local = result
-                remote = None
-            else:
-                conn, local, remote = result
-            state.conn = conn
-            self.emit([P.OK, request.rid, P.wire_address(local), P.wire_address(remote)])
-            if self.closed:
-                self.control.io.cmd_close(conn, None)
-            return
-        self.ports.pop(state.pid, None)
-        if isinstance(result, ConnectError):
-            self.emit(
-                [
-                    P.FAILED,
-                    request.rid,
-                    "ConnectError",
-                    result.errno,
-                    result.errno_name,
-                    str(result),
-                ]
-            )
-        else:
-            self.emit([P.FAILED, request.rid, "OptionError", None, None, str(result)])
-
-    def sent(self, credits: list[tuple[RemotePortState, int]]) -> None:
-        """ZeroMQ took a frame: its DATA leaves the budget and the session's queue."""
-        total = 0
-        for state, size in credits:
-            state._unsent -= size
-            total += size
-        if total:
-            self.control.budget.consumed_bytes += total
-            self.held -= total
-            if self.holding and self.held <= self.control.limits.session_queue // 2:
-                self.release()
-
-    def hold(self, target: RemotePortState) -> None:
-        """Too much waits for the client: stop reading the session's ports (the port that
-        delivered, if they already stopped: an accepted one, or one that read again)."""
-        if not self.holding:
-            self.holding = True
-            self.control.holds += 1
-            for state in self.ports.values():
-                self._hold(state.conn)
-        else:
-            self._hold(target.conn)
-
-    def _hold(self, conn: Conn | Handler | None) -> None:
-        # A handler (UDP, TUN, ZeroMQ) is held by its window alone: its messages are few
-        # and bounded by their watermarks, and the kernel or ZeroMQ drops or queues more.
-        if not isinstance(conn, Conn) or conn.closed or conn.queue_paused:
-            return
-        if conn.kind == STREAM:
-            conn.queue_paused = True
-            self.control.io._stream_interest(conn)
-        elif conn.kind == CONNECTING:
-            conn.queue_paused = True  # read from when it connects
-
-    def release(self) -> None:
-        """Half of the queue left: the session's ports read again."""
-        self.holding = False
-        io = self.control.io
-        for state in self.ports.values():
-            conn = state.conn
-            if isinstance(conn, Conn) and conn.queue_paused:
-                conn.queue_paused = False
-                if conn.kind == STREAM and not conn.closed:
-                    io._stream_interest(conn)
-
-    def port_gone(self, state: RemotePortState) -> None:
-        if self.ports.get(state.pid) is state:
-            del self.ports[state.pid]
-            self.emit([P.GONE, state.pid])
-
-    def close(self, why: str) -> None:
-        """Close every port of the session (after writing their output)."""
-        if self.closed:
-            return
-        io = self.control.io
-        count = 0
-        for state in list(self.ports.values()):
-            conn = state.conn
-            if conn is not None and not conn.closed:
-                count += 1
-                io.cmd_close(_entry(conn), None)
-            if state.watcher is not None:
-                state.watcher.terminate()  # SIGTERM, SIGKILL after its grace; reaped
-        if self.outbound:  # what was answered before the end still goes (best effort)
-            self.control._send(self.identity, P.pack(self.outbound))
-        self.closed = True
-        self.ports.clear()
-        self.outbound.clear()
-        # What was queued for the client is dropped: it leaves the budget.
-        self.sent(self.out_credits)
-        self.out_credits = []
-        while self.pending:
-            self.sent(self.pending.popleft()[1])
-        self.control.backlogged.pop(self, None)
-        # A session that had no port (`ioserver status`, a probe) is not news at INFO.
-        log.log(
-            logging.INFO if count else logging.DEBUG,
-            "client %s %s: closed its %d ports",
-            self.identity.hex(),
-            why,
-            count,
-        )
 
 
 class ControlEndpoint(ZmqSocketHandler):
@@ -522,16 +134,15 @@ class ControlEndpoint(ZmqSocketHandler):
         self._budget = MESSAGE_BUDGET
         self._budget_round = -1
         self._rest: tuple[bytes, Session | None, str | None, list[P.Wire], int, int] | None = None
-        self.budget = _Budget()
+        self.budget = SessionBudget()
         self.faults = 0
         self.faults_unanswered = 0
         self.sessions_opened = 0
         self.sessions_lost = 0
         self.sessions_refused = 0
         self.holds = 0
-        self.names_resolved = 0
-        self._resolving = 0
-        self._resolver: ThreadPoolExecutor | None = None
+        #: The worker threads: host names resolved, programs started (ioserver._workers).
+        self.workers = Workers(io, limits)
         self._status_cache: tuple[int, dict[str, P.Wire]] | None = None
         self._log_window = 0.0
         self._log_count = 0
@@ -681,7 +292,8 @@ class ControlEndpoint(ZmqSocketHandler):
         if session is not None and not session.closed:
             session.fault(rid, kind, text)
         else:
-            self._send(identity, P.pack([[P.FAULT, rid if P.is_int(rid) else None, kind, text]]))
+            fault: P.Message = [P.FAULT, rid if P.is_int(rid) else None, kind, text]
+            self.send_frame(identity, P.pack([fault]))
 
     def _log_refusal(self, form: str, *args: object) -> None:
         """Log a refusal, at most ``log_per_second`` lines a second; the others are
@@ -735,80 +347,28 @@ class ControlEndpoint(ZmqSocketHandler):
             cache = self._status_cache = (round_, self.status())
         return cache[1]
 
-    # -- host names: resolved by worker threads, never by the I/O thread -----------------
-    def resolve(self, request: _Request, spec: ConnectRequest | ListenRequest | UDPRequest) -> None:
+    # -- host names and programs: the worker threads (ioserver._workers) ----------------
+    def resolve(self, request: Opening, spec: ConnectRequest | ListenRequest | UDPRequest) -> None:
         """Resolve the address of a CONNECT, LISTEN or OPEN_UDP off the I/O thread, then
         open it.
 
         Raises:
             ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
         """
-        self._work(_resolve_name, self._resolved, (request, spec), "host names are being resolved")
+        self.workers.resolve(request, spec)
 
-    def start_program(self, request: _Request, spec: ProcessRequest) -> None:
+    def start_program(self, request: Opening, spec: ProcessRequest) -> None:
         """Start a client's program in a worker thread (never a fork on the I/O thread).
 
         Raises:
             ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
         """
-        self._work(_start_program, self._program_started, (request, spec), "programs are starting")
+        self.workers.start_program(request, spec)
 
-    def _work(
-        self,
-        function: Callable[[IOThread, Callable[[_Job, object], None], _Job], None],
-        done: Callable[[_Job, object], None],
-        job: _Job,
-        what: str,
-    ) -> None:
-        if self._resolving >= self.limits.max_resolving:
-            raise ProtocolViolation(
-                "limit",
-                f"{self._resolving} {what} or other jobs are in the daemon's worker threads; "
-                "try again",
-                job[0].rid,
-            )
-        if self._resolver is None:
-            self._resolver = ThreadPoolExecutor(4, thread_name_prefix="ioserver-resolve")
-        self._resolving += 1
-        self._resolver.submit(function, self.io, done, job)
-
-    def _resolved(self, job: _Job, result: object) -> None:
-        self._resolving -= 1
-        request, _ = job
-        state = request.state
-        session = state.session
-        if session.closed or session.ports.get(state.pid) is not state:
-            return  # the session ended meanwhile
-        if isinstance(result, BaseException):
-            session._answer(request, result)
-            return
-        self.names_resolved += 1
-        if isinstance(result, UDPRequest):
-            cmd_open_udp(self.io, request, result)
-        elif isinstance(result, ListenRequest):
-            self.io.cmd_listen(request, result)
-        elif isinstance(result, ConnectRequest):
-            self.io.cmd_connect(request, result)
-
-    def _program_started(self, job: _Job, result: object) -> None:
-        self._resolving -= 1
-        request, _ = job
-        state = request.state
-        session = state.session
-        if isinstance(result, BaseException):
-            if not session.closed and session.ports.get(state.pid) is state:
-                session._answer(request, result)
-            return
-        assert isinstance(result, tuple)
-        watcher, conn = result
-        cmd_start_process(watcher, None)  # into the table: it will be reaped, whatever comes
-        if session.closed or session.ports.get(state.pid) is not state:
-            self.io.cmd_close(conn, None)
-            watcher.terminate()
-            return
-        state.conn = conn
-        state.watcher = watcher
-        session.emit([P.OK, request.rid, "", watcher.pid])
+    @property
+    def names_resolved(self) -> int:
+        """Host names the worker threads resolved (``ioserver status``)."""
+        return self.workers.names_resolved
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -827,13 +387,13 @@ class ControlEndpoint(ZmqSocketHandler):
         session.out_credits = []
         session.out_size = 0
         session.last_sent = time.monotonic()
-        if session.pending or not self._send(session.identity, frame):
+        if session.pending or not self.send_frame(session.identity, frame):
             session.pending.append((frame, credits))
             self.backlogged[session] = None
         else:
             session.sent(credits)
 
-    def _send(self, identity: bytes, frame: bytes) -> bool:
+    def send_frame(self, identity: bytes, frame: bytes) -> bool:
         try:
             self.sock.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.Again:
@@ -852,7 +412,7 @@ class ControlEndpoint(ZmqSocketHandler):
             pending = session.pending
             while pending:
                 frame, credits = pending[0]
-                if not self._send(session.identity, frame):
+                if not self.send_frame(session.identity, frame):
                     break
                 pending.popleft()
                 session.sent(credits)
@@ -883,8 +443,7 @@ class ControlEndpoint(ZmqSocketHandler):
         for session in self.sessions.values():
             session.close("disconnected: the daemon is stopping")
         self.sessions.clear()
-        if self._resolver is not None:
-            self._resolver.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
         self._close()
 
     def _close(self) -> None:
@@ -902,525 +461,9 @@ class ControlEndpoint(ZmqSocketHandler):
         self.close_all()
 
 
-# -- the commands (each runs on the I/O thread; raises ProtocolViolation when refused) ----
-def _arity(message: P.Message, count: int, form: str) -> None:
-    if len(message) != count:
-        raise ProtocolViolation("malformed", f"expected {form}")
-
-
-def _port(session: Session, pid: object) -> RemotePortState:
-    state = session.ports.get(pid) if P.is_int(pid) else None
-    if state is None or state.conn is None:
-        raise ProtocolViolation("unknown-port", f"this session has no open port {pid!r}")
-    return state
-
-
-def _conn(state: RemotePortState) -> Conn:
-    """The I/O half of a port :func:`_port` found open."""
-    conn = state.conn
-    assert conn is not None
-    return _entry(conn)
-
-
-def _entry(conn: Conn | Handler | ReceiveFlow) -> Conn:
-    """A port's I/O half as the I/O thread's port commands take it: they dispatch on
-    ``kind``, and a handler's (``HANDLER``) has the methods they call (see Handler)."""
-    return cast(Conn, conn)
-
-
-def _new_port(session: Session, rid: int, pid: object) -> int:
-    """The id of a port the client opens, checked: positive, unused, within the limit."""
-    if not P.is_int(pid):
-        raise ProtocolViolation("malformed", "a client's port id is a positive int", rid)
-    pid = P.check_int(pid, "pid", 1)
-    if pid in session.ports:
-        raise ProtocolViolation("duplicate-port", f"port id {pid} is in use", rid)
-    limit = session.control.limits.max_ports
-    if len(session.ports) >= limit:
-        raise ProtocolViolation("limit", f"this session has {limit} ports, its limit", rid)
-    return pid
-
-
-def _permit(control: ControlEndpoint, kind: str, rid: int, what: str) -> None:
-    """Refuse a kind of :data:`PERMISSIONS` the daemon was not started to allow."""
-    if kind not in control.allow:
-        raise ProtocolViolation(
-            "forbidden",
-            f"{what} is refused: this daemon was not started with --allow-{kind} "
-            f"(IOSERVER_ALLOW_{kind.upper()}=1, or allow-{kind} = true in its config file)",
-            rid,
-        )
-
-
-def _options_map(raw: object, rid: int) -> dict[str, object]:
-    if not isinstance(raw, dict):
-        raise ProtocolViolation("malformed", "options must be a map", rid)
-    return dict(raw)
-
-
-def _open_options(
-    session: Session, rid: int, pid: object, raw: object, unix: bool = False
-) -> StreamOptions:
-    """A client's stream port's options (CONNECT, OPEN_PROCESS), validated."""
-    _new_port(session, rid, pid)
-    try:
-        return _stream_options(_options_map(raw, rid), unix)
-    except OptionError as exc:
-        raise ProtocolViolation("bad-option", str(exc), rid) from None
-
-
-def _stream_options(options: Mapping[str, object], unix: bool) -> StreamOptions:
-    if unix:
-        return unix_options(options, "a remote Unix socket port")[1]
-    return port_options(options, "a remote TCP port")[1]
-
-
-def _listen_options(
-    session: Session, rid: int, pid: object, raw: object, unix: bool
-) -> tuple[StreamOptions, ListenOptions]:
-    """A client's listener's options (LISTEN), validated: those of each accepted port,
-    and the listener's (theirs with ``backlog``, ``reuseaddr``, ``reuseport`` and the
-    accepted ports' active mode ``accept_active`` as ``active``)."""
-    _new_port(session, rid, pid)
-    options = _options_map(raw, rid)
-    try:
-        own = {name: options.pop(name) for name in sorted(LISTEN_OPTIONS) if name in options}
-        check_options(own, LISTEN_OPTIONS, "a remote listener")
-        accept_active = options.pop("accept_active", [-1, False])
-        if not (
-            isinstance(accept_active, list)
-            and len(accept_active) == 2
-            and P.is_int(accept_active[0])
-            and isinstance(accept_active[1], bool)
-        ):
-            raise OptionError("accept_active must be [credit, notify]")
-        settings = _stream_options(options, unix)
-    except OptionError as exc:
-        raise ProtocolViolation("bad-option", str(exc), rid) from None
-    backlog = own.get("backlog")
-    listen: ListenOptions = {
-        **settings,
-        # The I/O thread's defaults (ioserver._tcp) for those the client left out.
-        "backlog": backlog if isinstance(backlog, int) else 1024,  # checked: positive
-        "reuseaddr": bool(own.get("reuseaddr", True)),
-        "reuseport": bool(own.get("reuseport", False)),
-        "active": (int(accept_active[0]), accept_active[1]),
-    }
-    return settings, listen
-
-
-def _credit(message: P.Message, at: int) -> tuple[int, bool]:
-    credit, notify = message[at], message[at + 1]
-    if not P.is_int(credit) or not isinstance(notify, bool) or not -1 <= credit <= 1 << 20:
-        raise ProtocolViolation("malformed", "an active mode is [credit: int, notify: bool]")
-    return credit, notify
-
-
-def _cmd_connect(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 8, "[10, rid, pid, family, address, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    family, address = _address(message, rid)
-    unix = family == P.AF_UNIX
-    if unix:
-        _permit(control, "unix", rid, "a Unix socket path")
-    pid = _new_port(session, rid, message[2])
-    settings = _open_options(session, rid, pid, message[5], unix)
-    active = _credit(message, 6)
-    state = RemotePortState(session, pid, settings)
-    spec = ConnectRequest(state, session.deliver, family, address, settings, active)
-    if isinstance(address, str) or P.is_numeric_host(family, address[0]):
-        session.ports[state.pid] = state
-        control.io.cmd_connect(_Request(rid, state), spec)
-    else:
-        control.resolve(_Request(rid, state), spec)
-        session.ports[state.pid] = state
-
-
-def _cmd_listen(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 8, "[11, rid, pid, family, address, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    family, address = _address(message, rid)
-    unix = family == P.AF_UNIX
-    if unix:
-        _permit(control, "unix", rid, "a Unix socket path")
-    pid = _new_port(session, rid, message[2])
-    settings, listen = _listen_options(session, rid, pid, message[5], unix)
-    active = _credit(message, 6)
-    state = RemotePortState(session, pid, settings)
-
-    def make_port(conn: Conn, local_address: object, remote_address: object) -> RemotePortState:
-        accepted = RemotePortState(session, session.next_accepted, settings)
-        session.next_accepted -= 1
-        accepted.conn = conn
-        session.ports[accepted.pid] = accepted
-        if session.holding:
-            conn.queue_paused = True  # its first read waits for the session's queue
-        return accepted
-
-    spec = ListenRequest(state, session.deliver, family, address, listen, active, make_port)
-    session.ports[state.pid] = state
-    if isinstance(address, str):
-        cmd_listen_unix(control.io, _Request(rid, state), spec)
-    elif P.is_numeric_host(family, address[0]):
-        control.io.cmd_listen(_Request(rid, state), spec)
-    else:
-        control.resolve(_Request(rid, state), spec)
-
-
-def _address(message: P.Message, rid: int) -> tuple[int, P.SockAddr]:
-    try:
-        return P.check_address(message[3], message[4])
-    except ProtocolViolation as exc:
-        exc.rid = rid
-        raise
-
-
-def _checked(rid: int, check: Callable[[], _T]) -> _T:
-    """``check()``, its ProtocolViolation answering request ``rid``."""
-    try:
-        return check()
-    except ProtocolViolation as exc:
-        exc.rid = rid
-        raise
-
-
-def _cmd_open_udp(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 8, "[12, rid, pid, bind, connect, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    pid = _new_port(session, rid, message[2])
-    bind = _checked(rid, lambda: P.check_host_port(message[3], "bind"))
-    connect = _checked(rid, lambda: P.check_host_port(message[4], "connect"))
-    try:
-        _, settings = udp_options(_options_map(message[5], rid))
-    except OptionError as exc:
-        raise ProtocolViolation("bad-option", str(exc), rid) from None
-    active = _credit(message, 6)
-    state = RemotePortState(session, pid, settings, "datagram")
-    spec = UDPRequest(state, session.deliver, 0, bind, connect, settings, active)
-    session.ports[pid] = state
-    request = _Request(rid, state)
-    if all(address is None or _numeric(address[0]) for address in (bind, connect)):
-        result = _udp_addresses(spec, numeric=True)
-        if isinstance(result, BaseException):
-            session._answer(request, result)
-        else:
-            cmd_open_udp(control.io, request, result)
-    else:
-        control.resolve(request, spec)
-
-
-def _numeric(host: str) -> bool:
-    return P.is_numeric_host(socket.AF_INET, host) or P.is_numeric_host(socket.AF_INET6, host)
-
-
-def _udp_addresses(spec: UDPRequest, numeric: bool) -> UDPRequest | ConnectError:
-    """``spec`` with its family and socket addresses, as ``ports.open_udp`` picks them
-    (``connect``'s family; ``bind`` of the same); blocking unless ``numeric``."""
-    flags = socket.AI_NUMERICHOST if numeric else 0
-    try:
-        remote: SocketAddress | None = None
-        family = socket.AF_INET
-        if spec.connect is not None:
-            host, port = _host_port(spec.connect)
-            info = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, flags)
-            family, remote = info[0][0], inet_address(info[0][4])
-        local: SocketAddress | None = None
-        if spec.bind is not None:
-            host, port = _host_port(spec.bind)
-            infos = socket.getaddrinfo(
-                host or None, port, 0, socket.SOCK_DGRAM, 0, flags | socket.AI_PASSIVE
-            )
-            if spec.connect is not None:
-                infos = [info for info in infos if info[0] == family]
-                if not infos:
-                    return ConnectError(
-                        f"bind={spec.bind!r} and connect={spec.connect!r} are of different "
-                        "families",
-                        errno.EAFNOSUPPORT,
-                        "EAFNOSUPPORT",
-                    )
-            family, local = infos[0][0], inet_address(infos[0][4])
-    except (OSError, UnicodeError) as exc:
-        return _resolve_error(spec.connect or spec.bind, exc)
-    return replace(spec, family=int(family), bind=local, connect=remote)
-
-
-def _host_port(address: SocketAddress) -> tuple[str, int]:
-    """The ``(host, port)`` of an address a client gave by name (``P.check_host_port``,
-    ``P.check_address``): never a Unix path, which is not resolved."""
-    assert isinstance(address, tuple), address
-    return address[0], address[1]
-
-
-def _cmd_open_tun(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 8, "[13, rid, pid, name, mode, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    _permit(control, "tun", rid, "a TUN/TAP device")
-    pid = _new_port(session, rid, message[2])
-    name, mode = message[3], message[4]
-    if not isinstance(name, str) or len(name.encode("utf-8", "replace")) >= IFNAMSIZ:
-        raise ProtocolViolation("malformed", f"a device name is a str of < {IFNAMSIZ} bytes", rid)
-    if name in (".", "..") or any(c in name for c in "/: \t\n\0"):
-        raise ProtocolViolation("bad-option", f"{name!r} is not an interface name", rid)
-    if mode not in ("tun", "tap"):
-        raise ProtocolViolation("bad-option", 'mode must be "tun" or "tap"', rid)
-    try:
-        _, settings = tun_options(_options_map(message[5], rid))
-    except OptionError as exc:
-        raise ProtocolViolation("bad-option", str(exc), rid) from None
-    active = _credit(message, 6)
-    state = RemotePortState(session, pid, settings, "tun")
-    session.ports[pid] = state
-    spec = TunRequest(state, session.deliver, name, mode, settings, active)
-    cmd_open_tun(control.io, _Request(rid, state), spec)
-
-
-_STDERR = {"inherit": None, "devnull": subprocess.DEVNULL, "stdout": -1}
-
-
-def _cmd_open_process(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 9, "[14, rid, pid, argv, stderr, kill_grace, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    _permit(control, "process", rid, "running a program")
-    pid = _new_port(session, rid, message[2])
-    argv = _checked(rid, lambda: P.check_argv(message[3]))
-    stderr, kill_grace = message[4], message[5]
-    if stderr not in _STDERR:
-        raise ProtocolViolation(
-            "bad-option", 'stderr must be "inherit", "devnull" or "stdout"', rid
-        )
-    if (
-        not isinstance(kill_grace, (int, float))
-        or isinstance(kill_grace, bool)
-        or not 0 <= kill_grace <= P.MAX_KILL_GRACE
-    ):
-        raise ProtocolViolation(
-            "bad-option", f"kill_grace must be 0..{P.MAX_KILL_GRACE:g} seconds", rid
-        )
-    settings = _open_options(session, rid, pid, message[6], unix=True)
-    active = _credit(message, 7)
-    state = RemotePortState(session, pid, settings, "process")
-    spec = ProcessRequest(
-        state, session.deliver, argv, str(stderr), float(kill_grace), settings, active
-    )
-    control.start_program(_Request(rid, state), spec)
-    session.ports[pid] = state
-
-
-def _cmd_open_zmq(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 10, "[15, rid, pid, type, bind, connect, topics, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    pid = _new_port(session, rid, message[2])
-    socket_type = message[3]
-    if socket_type not in P.ZMQ_TYPES:
-        raise ProtocolViolation(
-            "bad-option", f"a ZeroMQ socket type is one of {', '.join(sorted(P.ZMQ_TYPES))}", rid
-        )
-    binds = _checked(rid, lambda: P.check_endpoints(message[4], "bind"))
-    connects = _checked(rid, lambda: P.check_endpoints(message[5], "connect"))
-    topics = _checked(rid, lambda: P.check_topics(message[6]))
-    if any(endpoint.startswith("ipc://") for endpoint in binds + connects):
-        _permit(control, "unix", rid, "an ipc:// endpoint (a path on the daemon's machine)")
-    for endpoint in binds:
-        host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
-        if endpoint.startswith("tcp://") and host != "*" and not _numeric(host):
-            # ZeroMQ would resolve a name in bind() itself, on the I/O thread.
-            raise ProtocolViolation(
-                "bad-option", f"{endpoint!r}: bind a numeric address or * in the daemon", rid
-            )
-    number = int(getattr(zmq, str(socket_type)))
-    if topics is not None and number != zmq.SUB:
-        raise ProtocolViolation("bad-option", "topics apply to SUB sockets only", rid)
-    try:
-        active, settings, given = zmq_options(_options_map(message[7], rid))
-    except OptionError as exc:
-        raise ProtocolViolation("bad-option", str(exc), rid) from None
-    active = _credit(message, 8)
-    state = RemotePortState(session, pid, settings, "zmq")
-    result = _open_zmq(
-        control.io, state, session, number, (binds, connects, topics), settings, given, active
-    )
-    session.ports[pid] = state
-    session._answer(_Request(rid, state), result)
-    if isinstance(result, tuple) and isinstance(result[0], ZmqHandler):
-        result[0].start()
-
-
-def _open_zmq(
-    io: IOThread,
-    state: RemotePortState,
-    session: Session,
-    number: int,
-    where: tuple[list[str], list[str], list[bytes] | None],
-    settings: FlowSettings,
-    given: ZmqSettings,
-    active: tuple[int, bool],
-) -> tuple[ZmqHandler, str | None, str | None] | ConnectError | OptionError:
-    """A client's ZeroMQ socket, made, bound and connected on the I/O thread (ZeroMQ's
-    bind and connect do not block: it connects in its own threads)."""
-    binds, connects, topics = where
-    sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
-    io.zmq_sockets.add(sock)
-    linger = int(given["linger"] * 1000)
-    try:
-        sock.setsockopt(zmq.LINGER, linger)
-        for hwm, option in ((given["sndhwm"], zmq.SNDHWM), (given["rcvhwm"], zmq.RCVHWM)):
-            if hwm is not None:
-                sock.setsockopt(option, hwm)
-        if given["identity"] is not None:
-            sock.setsockopt(zmq.ROUTING_ID, given["identity"])
-        if given["router_mandatory"]:
-            if number != zmq.ROUTER:
-                raise OptionError("router_mandatory applies to ROUTER sockets only")
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if number == zmq.SUB:
-            for topic in [b""] if topics is None else topics:
-                sock.setsockopt(zmq.SUBSCRIBE, topic)
-        io.check_fd(int(sock.getsockopt(zmq.FD)))
-        local: str | None = None
-        what, endpoint = "bind", ""
-        for endpoint in binds:
-            sock.bind(endpoint)
-            local = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        what = "connect to"
-        for endpoint in connects:
-            sock.connect(endpoint)
-    except (OptionError, PollerLimitError) as exc:
-        io.zmq_sockets.discard(sock)
-        sock.close(linger=0)
-        if isinstance(exc, PollerLimitError):
-            return ConnectError(str(exc), errno.EMFILE, "EMFILE")
-        return exc
-    except zmq.ZMQError as exc:
-        io.zmq_sockets.discard(sock)
-        sock.close(linger=0)
-        name = errno_name(exc.errno)
-        return ConnectError(f"cannot {what} {endpoint!r}: {exc.strerror} ({name})", exc.errno, name)
-    handler = ZmqHandler(io, sock, state, session.deliver, settings, active, linger)
-    return handler, local, connects[0] if connects else None
-
-
-def _cmd_send(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 3, "[20, pid, data]")
-    state = _port(session, message[1])
-    data = message[2]
-    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
-    assert conn is not None
-    if data.__class__ is bytes:
-        assert isinstance(data, bytes)
-        if state.kind == "datagram" or state.kind == "tun":
-            raise ProtocolViolation("malformed", "a UDP or TUN port sends with SEND_TO")
-        state._window.queued_bytes += len(data)
-        state._update_send_blocked()
-        control.budget.queued_bytes += len(data)
-        control.io.cmd_send(_entry(conn), data)
-        return
-    if not (isinstance(conn, ZmqHandler) and isinstance(data, list) and data):
-        raise ProtocolViolation("malformed", "SEND data must be bin (a ZeroMQ port: [bin...])")
-    frames: list[bytes] = []
-    for frame in data:  # a multipart message: the frames are bin
-        if not isinstance(frame, bytes):
-            raise ProtocolViolation("malformed", "a ZeroMQ message is a list of bin")
-        frames.append(frame)
-    size = sum(len(frame) for frame in frames)
-    state._window.queued_bytes += size
-    state._update_send_blocked()
-    control.budget.queued_bytes += size
-    if conn.closed:
-        control.io.bytes_discarded += size  # it closed meanwhile: dropped, as cmd_send does
-        return
-    conn.outq.append(frames)  # as IOThread.cmd_send queues a local ZeroMQ port's message
-    conn.out_bytes += size
-    control.io.mark_dirty(conn)
-
-
-def _cmd_send_to(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 4, "[26, pid, data, address]")
-    state = _port(session, message[1])
-    handler = state.conn
-    data, address = message[2], message[3]
-    if not isinstance(handler, DatagramHandler):
-        raise ProtocolViolation("malformed", "SEND_TO is for UDP and TUN ports")
-    if not isinstance(data, bytes):
-        raise ProtocolViolation("malformed", "SEND_TO data must be bin")
-    target: tuple[str, int] | tuple[str, int, int, int] | None = None
-    if address is not None:
-        if state.kind == "tun":
-            raise ProtocolViolation("malformed", "a TUN port's packets carry no address")
-        family = handler.sock.family
-        checked = P.check_address(int(family), address)[1]
-        # A name would make the I/O thread block in a resolver: numeric hosts only.
-        if isinstance(checked, str) or not P.is_numeric_host(family, checked[0]):
-            raise ProtocolViolation(
-                "malformed", "SEND_TO takes a numeric address of the port's family"
-            )
-        target = checked
-    state._window.queued_bytes += len(data)
-    state._update_send_blocked()
-    control.budget.queued_bytes += len(data)
-    handler.cmd_send((data, target))
-
-
-def _cmd_signal(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 3, "[27, pid, signal]")
-    state = _port(session, message[1])
-    number = P.check_int(message[2], "signal", 0, 64)
-    watcher = state.watcher
-    if watcher is None:
-        raise ProtocolViolation("malformed", "SIGNAL is for process ports")
-    if number == 0:
-        watcher.terminate()
-    elif number in P.SIGNALS:
-        watcher.send_signal(number)
-    else:
-        raise ProtocolViolation(
-            "bad-option", f"signal {number} is not one a client may send ({sorted(P.SIGNALS)})"
-        )
-
-
-def _cmd_send_eof(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 2, "[21, pid]")
-    control.io.cmd_send_eof(_conn(_port(session, message[1])), None)
-
-
-def _cmd_close(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 2, "[22, pid]")
-    state = _port(session, message[1])
-    control.io.cmd_close(_conn(state), None)
-    if state.watcher is not None:
-        state.watcher.terminate()  # as a local process port's close: SIGTERM, then SIGKILL
-    if state.kind != "stream":
-        session.port_gone(state)  # the client closed it: no final message comes
-
-
-def _cmd_active(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 4, "[23, pid, credit, notify]")
-    state = _port(session, message[1])
-    control.io.cmd_set_active(_conn(state), _credit(message, 2))
-
-
-def _cmd_read_once(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 2, "[24, pid]")
-    control.io.cmd_read_once(_conn(_port(session, message[1])), None)
-
-
-def _cmd_resume(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 5, "[25, pid, generation, consumed_bytes, consumed_messages]")
-    state = _port(session, message[1])
-    generation = P.check_int(message[2], "generation", 0)
-    consumed_bytes = P.check_int(message[3], "consumed_bytes", 0)
-    consumed_messages = P.check_int(message[4], "consumed_messages", 0)
-    # Counters only grow; a client cannot claim to have taken more than it was given, nor
-    # what is still queued here for it: a client that does not read stays paused.
-    conn = state.conn
-    if not isinstance(conn, ReceiveFlow):
-        raise ProtocolViolation("malformed", "RESUME for a port that does not receive")
-    state._window.credit_remote(consumed_bytes, consumed_messages, conn, state._unsent)
-    control.io.cmd_resume(_entry(conn), generation)
-
-
-def _cmd_status(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 2, "[30, rid]")
+# -- the endpoint's own commands (on the I/O thread; raise ProtocolViolation when refused)
+def _cmd_status(control: Endpoint, session: Session, message: P.Message) -> None:
+    arity(message, 2, "[30, rid]")
     rid = P.check_int(message[1], "rid")
     round_ = control.io.polls
     if session.status_round != round_:
@@ -1434,12 +477,12 @@ def _cmd_status(control: ControlEndpoint, session: Session, message: P.Message) 
     session.emit([P.STATUS_REPLY, rid, control.cached_status()])
 
 
-def _cmd_heartbeat(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 1, "[2]")
+def _cmd_heartbeat(control: Endpoint, session: Session, message: P.Message) -> None:
+    arity(message, 1, "[2]")
 
 
-def _cmd_bye(control: ControlEndpoint, session: Session, message: P.Message) -> None:
-    _arity(message, 1, "[3]")
+def _cmd_bye(control: Endpoint, session: Session, message: P.Message) -> None:
+    arity(message, 1, "[3]")
     session.close("said bye")
     control.sessions.pop(session.identity, None)
 
@@ -1449,104 +492,15 @@ _REQUESTS = frozenset(
     {P.CONNECT, P.LISTEN, P.OPEN_UDP, P.OPEN_TUN, P.OPEN_PROCESS, P.OPEN_ZMQ, P.STATUS}
 )
 
-_COMMANDS: dict[int, Callable[[ControlEndpoint, Session, P.Message], None]] = {
+#: Every command a session may send after HELLO: the endpoint's own, those that open a
+#: port (ioserver._open_commands) and those on open ports (ioserver._port_commands).
+_COMMANDS: dict[int, Command] = {
     P.HEARTBEAT: _cmd_heartbeat,
     P.BYE: _cmd_bye,
-    P.CONNECT: _cmd_connect,
-    P.LISTEN: _cmd_listen,
-    P.OPEN_UDP: _cmd_open_udp,
-    P.OPEN_TUN: _cmd_open_tun,
-    P.OPEN_PROCESS: _cmd_open_process,
-    P.OPEN_ZMQ: _cmd_open_zmq,
-    P.SEND: _cmd_send,
-    P.SEND_TO: _cmd_send_to,
-    P.SIGNAL: _cmd_signal,
-    P.SEND_EOF: _cmd_send_eof,
-    P.CLOSE: _cmd_close,
-    P.ACTIVE: _cmd_active,
-    P.READ_ONCE: _cmd_read_once,
-    P.RESUME: _cmd_resume,
+    **OPEN_COMMANDS,
+    **PORT_COMMANDS,
     P.STATUS: _cmd_status,
 }
-
-
-def _resolve_name(io: IOThread, done: Callable[[_Job, object], None], job: _Job) -> None:
-    """In a worker thread: the address of a CONNECT, LISTEN or OPEN_UDP given by name,
-    then ``done(job, the request with its address resolved, or ConnectError)`` on the I/O
-    thread."""
-    _, spec = job
-    result: object
-    if isinstance(spec, UDPRequest):
-        result = _udp_addresses(spec, numeric=False)
-        io.submit(done, job, result)
-        return
-    assert not isinstance(spec, ProcessRequest)
-    listen = isinstance(spec, ListenRequest)
-    family, address = spec.family, spec.address
-    try:
-        host, port = _host_port(address)
-        infos = socket.getaddrinfo(
-            host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0
-        )
-        result = replace(spec, address=inet_address(infos[0][4]))
-    except (OSError, UnicodeError) as exc:
-        result = _resolve_error(address, exc)
-    io.submit(done, job, result)
-
-
-def _resolve_error(address: object, exc: Exception) -> ConnectError:
-    number = getattr(exc, "errno", None) or errno.EINVAL
-    name = _EAI_NAMES.get(number, errno.errorcode.get(number, "EINVAL"))
-    host = address[0] if isinstance(address, tuple) else address
-    return ConnectError(f"cannot resolve {host!r}: {exc} ({name})", number, name)
-
-
-def _start_program(io: IOThread, done: Callable[[_Job, object], None], job: _Job) -> None:
-    """In a worker thread: start a client's program (a fork and an exec the I/O thread
-    does not wait for), then ``done(job, (watcher, conn) or ConnectError)`` on the I/O
-    thread, as ``ports.open_process`` starts a local one."""
-    request, spec = job
-    assert isinstance(spec, ProcessRequest)
-    state = request.state
-    ours, theirs = socketpair_for_child()
-    result: object
-    try:
-        settings = spec.options
-        for size, level in (
-            (settings["recbuf"], socket.SO_RCVBUF),
-            (settings["sndbuf"], socket.SO_SNDBUF),
-        ):
-            if size:
-                ours.setsockopt(socket.SOL_SOCKET, level, size)
-        io.check_fd(ours.fileno())
-        stderr = _STDERR[spec.stderr]
-        popen = subprocess.Popen(
-            list(spec.argv),
-            stdin=theirs.fileno(),
-            stdout=theirs.fileno(),
-            stderr=theirs.fileno() if stderr == -1 else stderr,
-            close_fds=True,
-        )
-    except (OSError, PollerLimitError) as exc:
-        ours.close()
-        number = getattr(exc, "errno", None) or errno.EMFILE
-        name = errno_name(number)
-        result = ConnectError(
-            f"cannot start {spec.argv[0]!r}: {getattr(exc, 'strerror', None) or exc} ({name})",
-            number,
-            name,
-        )
-        io.submit(done, job, result)
-        return
-    finally:
-        theirs.close()  # the program has its copy
-    pidfd = open_pidfd(popen.pid)
-    watcher = ProcessWatcher(io, popen, pidfd, state, spec.deliver, spec.kill_grace)
-    conn = Conn(ours, STREAM, state, watcher.stream_deliver)
-    conn.configure(settings, state._window)
-    conn.credit, conn.notify_passive = spec.active
-    watcher.conns.append(conn)
-    io.submit(done, job, (watcher, conn))
 
 
 def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[str, P.Wire]:

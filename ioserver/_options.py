@@ -2,7 +2,7 @@
 
 The loop's half of a port (``ports``) validates the options a user gives and hands them,
 as a plain dict, to the I/O thread's half (:mod:`~._iothread`), which reads them; the
-daemon's control endpoint (:mod:`~._control`) validates the options a remote client sends
+daemon's open commands (:mod:`~._open_commands`) validate the options a remote client sends
 with the same functions.  So this module is on the lower floor, beside the I/O thread,
 and imports nothing above it; ``ports`` re-exports the option types users see.
 
@@ -635,7 +635,7 @@ class ZmqSettings(Watermarks):
 
 
 #: A port's validated options, whichever its kind (each extends :class:`Watermarks`): what
-#: the daemon keeps of a client's port (``_control.RemotePortState``: a ZeroMQ port's
+#: the daemon keeps of a client's port (``_session.RemotePortState``: a ZeroMQ port's
 #: :class:`FlowSettings`) and a daemon's client of its ports (``client._remote.RemoteConn``).
 PortSettings = StreamOptions | UDPSettings | TunSettings | FlowSettings | ZmqSettings
 

@@ -20,13 +20,13 @@ import ports
 from client._remote import RemoteConn
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, LoopHalf, PortIO
-from ioserver._control import RemotePortState
 from ioserver._flow import ReceiveFlow, Window
 from ioserver._framing import port_framer
 from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Data
 from ioserver._options import port_options
 from ioserver._poller import READ
+from ioserver._session import RemotePortState
 
 TIMEOUT = 10.0
 

@@ -68,7 +68,7 @@ def test_the_graph_is_read() -> None:
     graph = _graph()
     # A sample of edges known to exist, so that a parser that finds nothing fails here.
     assert "ioserver._iothread" in graph["ports._port"]
-    assert "ioserver._options" in graph["ioserver._control"]
+    assert "ioserver._options" in graph["ioserver._open_commands"]
     assert "ioserver._protocol" in graph["client._remote"]  # from ioserver import _protocol
 
 
