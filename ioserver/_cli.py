@@ -389,7 +389,7 @@ def _parse_serve(parser: argparse.ArgumentParser, arguments: Sequence[str]) -> a
 
 def _daemon_config(options: argparse.Namespace) -> Any:
     from ._control import ControlLimits
-    from ._daemon import DaemonConfig
+    from ._daemon_config import DaemonConfig
 
     return DaemonConfig(
         endpoint=options.endpoint,
@@ -458,8 +458,9 @@ def _serve(options: argparse.Namespace) -> int:
 def _status(options: argparse.Namespace) -> int:
     import json
 
-    from ._daemon import DaemonError, format_status, query_status
+    from ._daemon_config import DaemonError
     from ._protocol import default_endpoint
+    from ._status import format_status, query_status
 
     endpoint = options.endpoint or default_endpoint()
     curve = None
