@@ -48,7 +48,7 @@ __all__ = [
 log = logging.getLogger("ioserver")
 
 SD_LISTEN_FDS_START = 3  #: the first passed descriptor (sd-daemon.h)
-WORKER_ENVIRONMENT = "IOSERVER_WORKER"  # as in ioserver._daemon (not imported: cycles)
+WORKER_ENVIRONMENT = "IOSERVER_WORKER"  # as in ioserver._supervise (not imported: cycles)
 
 _lock = threading.Lock()
 _table: dict[tuple[int, object], socket.socket] | None = None
