@@ -53,6 +53,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -237,6 +238,18 @@ class TLSSocket:
                 _Linger(self.io, self.sock, bytes(self.out)).start()
                 return
         self.sock.close()
+
+    def abort(self) -> None:
+        """Make the next :meth:`close` a reset: no ``close_notify``, the ciphertext not
+        written dropped, the socket closed with ``SO_LINGER {1, 0}`` (the port's ``linger``
+        ran out, ``IOThread._reset``).
+
+        Raises:
+            OSError: the socket refused the option (it is broken; close it anyway).
+        """
+        self.handshaking = True  # (as after a fatal alert: close sends nothing more)
+        self.out = b""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _close_notify(self) -> None:
         try:
