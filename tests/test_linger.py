@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import select
 import socket
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -181,3 +182,22 @@ async def test_a_bad_linger_is_an_option_error(ios: ioserver.IOServer, value: ob
         await ports.listen_tcp(ios, "127.0.0.1", 0, linger=value)
     with pytest.raises(ioserver.OptionError, match="linger"):
         await ports.connect_tcp(ios, "127.0.0.1", 1, linger=value)
+
+
+async def test_linger_bounds_a_unix_socket_port_too(ios: ioserver.IOServer, tmp_path: Path) -> None:
+    # A Unix stream's peer that never reads: the port is closed after linger (the peer
+    # sees its end hang up; AF_UNIX has no RST) and its output released.
+    path = str(tmp_path / "s")
+    listener = await ports.listen_unix(ios, path, linger=0.2, high_watermark=4 * QUEUED)
+    async with listener:
+        peer = socket.socket(socket.AF_UNIX)
+        with peer:
+            peer.connect(path)
+            accepted = await listener.receive()
+            assert isinstance(accepted, Accepted)
+            await _queue_and_close(accepted.port)
+            assert await anyio.to_thread.run_sync(_wait_reset, peer, BOUND)
+            statistics = await _statistics(ios)
+            assert statistics.linger_timeouts == 1
+            assert statistics.ports_open == 1
+            assert statistics.memory_in_use == 0
