@@ -14,13 +14,20 @@ from __future__ import annotations
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._contract import Deliver, LoopHalf, MakePort
 from ._flow import ReceiveFlow, Window
 from ._framing import Framer
 from ._messages import PASSIVE
-from ._options import FlowSettings, ListenOptions, Watermarks, apply_active_mode
+from ._options import (
+    LINGER,
+    ListenOptions,
+    StreamOptions,
+    Watermarks,
+    apply_active_mode,
+)
 
 __all__ = ["CONNECTING", "HANDLER", "LISTENER", "STREAM", "Conn", "Handler", "ReceivingHandler"]
 
@@ -47,6 +54,8 @@ class TLSLayer(Protocol):
 
     def interest(self, mask: int) -> int: ...
 
+    def abort(self) -> None: ...
+
 
 class Conn(ReceiveFlow):
     """The I/O thread's half of a port.  Only the I/O thread writes its fields; the event
@@ -68,6 +77,8 @@ class Conn(ReceiveFlow):
         "held",
         "held_bytes",
         "kind",
+        "linger",
+        "linger_timer",
         "make_port",
         "mask",
         "notify_passive",
@@ -135,6 +146,10 @@ class Conn(ReceiveFlow):
         self.held: deque[tuple[Any, int]] | None = None
         self.held_bytes = 0
         self.send_low = 0
+        # Seconds a close may take to write the queued output (the ``linger`` option;
+        # None: for ever), and the timer that resets the socket when they run out.
+        self.linger: float | None = LINGER
+        self.linger_timer: list[Callable[[], None] | None] | None = None
         self.global_paused = False
         # A daemon's client port whose session's queue toward the client is full (see
         # ioserver._session, Session.hold): not read until the client takes what is queued.
@@ -146,7 +161,7 @@ class Conn(ReceiveFlow):
         # handshake may take (None: no bound); None for a plaintext listener.
         self.tls_server: tuple[ssl.SSLContext, float | None] | None = None
 
-    def configure(self, options: FlowSettings, window: Window) -> None:
+    def configure(self, options: StreamOptions, window: Window) -> None:
         """Take the flow-control options and the window of the port (see ioserver._flow)."""
         self.configure_flow(options, window)
         self.framer = window.framer
@@ -156,6 +171,7 @@ class Conn(ReceiveFlow):
         # client at once, and its flow control counts in wire bytes, as the client's.
         self.packet_overhead = 0 if self.sizes is None else window.packet_overhead
         self.send_low = options["low_watermark"]
+        self.linger = options["linger"]
 
 
 class Handler:

@@ -543,5 +543,6 @@ def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[st
         "wakes_to_loops_skipped": sum(inbox.wakes_skipped for inbox in inboxes),
         "memory_in_use": io.memory_in_use(),
         "internal_errors": io.internal_errors,
+        "linger_timeouts": io.linger_timeouts,
         **extra,
     }

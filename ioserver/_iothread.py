@@ -50,6 +50,7 @@ import logging
 import resource
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -73,6 +74,9 @@ __all__ = ["IOThread", "raise_open_file_limit"]
 
 if TYPE_CHECKING:
     import zmq
+
+#: ``struct linger {l_onoff=1, l_linger=0}``: close with an RST (see ``IOThread._reset``).
+_RESET = struct.pack("ii", 1, 0)
 
 log = logging.getLogger("ioserver")
 
@@ -201,6 +205,9 @@ class IOThread:
         self.bytes_in = 0
         self.bytes_out = 0
         self.internal_errors = 0
+        #: Closed stream ports reset because their queued output was not written within
+        #: their ``linger`` seconds (a peer that does not read), or at once (``linger=0``).
+        self.linger_timeouts = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         #: ``cmd_send`` bound once: the I/O thread recognises it by identity and runs it
         #: inlined.  Ports queue ``(send_command, conn, data)``.
@@ -753,6 +760,9 @@ class IOThread:
         if conn.closed:
             return
         conn.closed = True
+        if conn.linger_timer is not None:
+            conn.linger_timer[0] = None  # the output went (or the port broke) in time
+            conn.linger_timer = None
         on_gone = conn.window.on_gone
         if on_gone is not None:
             on_gone()  # a daemon's client port: the client forgets it
@@ -1068,17 +1078,43 @@ class IOThread:
             self._shutdown_write(conn)
 
     def cmd_close(self, conn: Conn | Handler, _: object) -> None:
-        """Close once the queued output is written (Erlang's close after a flush)."""
+        """Close once the queued output is written (Erlang's close after a flush), within
+        the port's ``linger`` seconds: then (at once for ``linger=0``) the socket is reset
+        and what is left dropped (:meth:`_linger_expired`)."""
         if conn.closed:
             return
         if isinstance(conn, Handler):
             conn.close()
             return
-        if conn.kind == STREAM and conn.outq:
+        if conn.kind == STREAM and conn.linger == 0:
+            self._reset(conn)
+        elif conn.kind == STREAM and conn.outq:
             conn.close_pending = True
+            if conn.linger is not None and conn.linger_timer is None:
+                conn.linger_timer = self.call_later(conn.linger, lambda: self._linger_expired(conn))
             self._stream_interest(conn)
         else:
             self._close(conn)
+
+    def _linger_expired(self, conn: Conn) -> None:
+        """A closed port's ``linger`` ran out with output still queued: reset it."""
+        conn.linger_timer = None
+        if not conn.closed:
+            self._reset(conn)
+
+    def _reset(self, conn: Conn) -> None:
+        """Close ``conn`` with ``SO_LINGER {1, 0}``: the kernel drops what it holds and
+        sends an RST (the peer gets ``ECONNRESET``), freeing the socket at once, as
+        Erlang's ``{linger, {true, 0}}``; the queued output is dropped (``_close``)."""
+        self.linger_timeouts += 1
+        try:
+            if conn.tls is not None:
+                conn.tls.abort()  # no close_notify, no lingering ciphertext
+            else:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass  # the socket is broken already: closing it is all there is to do
+        self._close(conn)
 
     def cmd_set_active(self, conn: Conn | Handler, mode: tuple[int, bool]) -> None:
         """Apply an active mode ``(credit, notify_passive)`` (see ``ports.parse_active``)."""

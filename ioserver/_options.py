@@ -64,6 +64,8 @@ LOW_WATERMARK = 128 * 1024
 HIGH_MSGQ_WATERMARK = 256 * 1024
 LOW_MSGQ_WATERMARK = 128 * 1024
 HIGH_MSGQ_MESSAGES = 4096
+#: Seconds a closed stream port may take to write its queued output (the ``linger`` option).
+LINGER = 30.0
 
 
 class FlowOptions(TypedDict, total=False):
@@ -111,6 +113,7 @@ class StreamOptions(FlowSettings):
     keepalive: bool
     recbuf: int | None
     sndbuf: int | None
+    linger: float | None
 
 
 class ListenOptions(StreamOptions, total=False):
@@ -283,12 +286,20 @@ class PortOptions(FlowOptions, total=False):
         send_timeout: seconds a send may wait on a busy port before
             :exc:`~ioserver.SendTimeoutError`; ``None`` (default) waits forever.
         send_timeout_close: close the port when a send times out (Erlang's option).
+        linger: seconds :meth:`~ports.Port.close` may take to write the output still
+            queued, as Erlang's ``{linger, {true, Seconds}}`` (``SO_LINGER``); default
+            30.0.  When they run out (a peer that does not read) the socket is reset
+            (``SO_LINGER {1, 0}``: the peer gets ``ECONNRESET``) and what was left is
+            dropped (``linger_timeouts`` in the server's statistics).  ``0`` drops the
+            queued output and resets at once; ``None`` waits for ever (the descriptor
+            and the output stay as long as the peer does not read).
     """
 
     nodelay: bool
     keepalive: bool
     recbuf: int | None
     sndbuf: int | None
+    linger: float | None
     packet: PacketMode
     packet_size: int
     delimiter: bytes
@@ -312,6 +323,7 @@ _PORT_DEFAULTS: dict[str, object] = {
     "high_msgq_messages": HIGH_MSGQ_MESSAGES,
     "send_timeout": None,
     "send_timeout_close": False,
+    "linger": LINGER,
 }
 
 
@@ -333,7 +345,25 @@ def port_options(given: Mapping[str, object], what: str) -> tuple[tuple[int, boo
         "keepalive": bool(options["keepalive"]),
         "recbuf": _buffer_size(options, "recbuf"),
         "sndbuf": _buffer_size(options, "sndbuf"),
+        "linger": _linger(options["linger"]),
     }
+
+
+def _linger(value: object) -> float | None:
+    """``linger``: None (wait for ever) or seconds, a finite float >= 0.
+
+    Raises:
+        OptionError: anything else.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < float("inf")
+    ):
+        raise OptionError(f"linger must be non-negative seconds or None, not {value!r}")
+    return float(value)
 
 
 def _buffer_size(options: Mapping[str, object], name: str) -> int | None:

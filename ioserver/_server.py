@@ -56,6 +56,8 @@ class IOServerStatistics:
     wakes_to_loop_skipped: int  #: batches queued while the loop was awake (no write)
     spurious_loop_wakes: int  #: loop wake-ups that found nothing to deliver
     internal_errors: int  #: errors contained by closing the one port concerned
+    #: closed stream ports reset because their output was not written within ``linger``
+    linger_timeouts: int
     memory_limit: int | None  #: the global budget in bytes (``None``: unlimited)
     port_buffer_limit: int | None  #: the cap of one port in bytes (``None``: unlimited)
     memory_in_use: int  #: bytes buffered now: undelivered input, framing, queued output
@@ -126,6 +128,7 @@ class IOServer:
             wakes_to_loop_skipped=hub.inbox.wakes_skipped,
             spurious_loop_wakes=hub.inbox.spurious_wakes,
             internal_errors=io.internal_errors,
+            linger_timeouts=io.linger_timeouts,
             memory_limit=io.memory_limit,
             port_buffer_limit=io.port_buffer_limit,
             memory_in_use=io.memory_in_use(),

@@ -53,6 +53,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -76,6 +77,8 @@ class TLSHost(Protocol):
     tls_scratch: memoryview | None
     #: The thread is stopping: it closes every descriptor itself.
     _stopping: bool
+    #: Closed ports reset because their output was not written within their linger.
+    linger_timeouts: int
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer: ...
     def adopt(self, entry: Conn | Handler) -> None: ...
@@ -105,8 +108,9 @@ CHUNK = 65536
 READ_LIMIT = 65536
 #: The largest TLS record on the wire: 16 KiB of plaintext plus header and expansion.
 RECORD = 16384 + 2048 + 5
-#: Seconds a closed TLS connection may take to write its last ciphertext and its
-#: ``close_notify`` when the socket could not take them at once (the peer not reading).
+#: Seconds a closed TLS connection may take at most to write its last ciphertext and its
+#: ``close_notify`` when the socket could not take them at once (the peer not reading);
+#: less when the port's ``linger`` option is shorter.
 LINGER = 5.0
 
 
@@ -234,9 +238,23 @@ class TLSSocket:
         if not self.handshaking:
             self._close_notify()
             if self.out and not self.io._stopping:  # (a stopping thread closes every fd)
-                _Linger(self.io, self.sock, bytes(self.out)).start()
+                linger = self.conn.linger
+                seconds = LINGER if linger is None else min(LINGER, linger)
+                _Linger(self.io, self.sock, bytes(self.out), seconds).start()
                 return
         self.sock.close()
+
+    def abort(self) -> None:
+        """Make the next :meth:`close` a reset: no ``close_notify``, the ciphertext not
+        written dropped, the socket closed with ``SO_LINGER {1, 0}`` (the port's ``linger``
+        ran out, ``IOThread._reset``).
+
+        Raises:
+            OSError: the socket refused the option (it is broken; close it anyway).
+        """
+        self.handshaking = True  # (as after a fatal alert: close sends nothing more)
+        self.out = b""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _close_notify(self) -> None:
         try:
@@ -501,13 +519,15 @@ class TLSSocket:
 class _Linger(Handler):
     """The last ciphertext of a closed TLS connection (its ``close_notify`` at least),
     written as the socket takes it, then the socket closed; given up after
-    :data:`LINGER` seconds (a peer that never reads), or at the first error."""
+    ``seconds`` (at most :data:`LINGER`; a peer that never reads: then the socket is
+    reset, as ``IOThread._reset`` does), or at the first error."""
 
-    def __init__(self, io: TLSHost, sock: socket.socket, out: bytes) -> None:
+    def __init__(self, io: TLSHost, sock: socket.socket, out: bytes, seconds: float) -> None:
         self.io = io
         self.sock = sock
         self.fd = sock.fileno()
         self.out = out
+        self.seconds = seconds
         self.timer: Timer | None = None
 
     def start(self) -> None:
@@ -517,7 +537,7 @@ class _Linger(Handler):
             self.sock.close()
             return
         self.io._interest(self, WRITE)
-        self.timer = self.io.call_later(LINGER, self.on_shutdown)
+        self.timer = self.io.call_later(self.seconds, self._expired)
 
     def on_ready(self, mask: int) -> None:
         try:
@@ -531,6 +551,19 @@ class _Linger(Handler):
             self.on_shutdown()
 
     def on_error(self, exc: Exception) -> None:
+        self.on_shutdown()
+
+    def _expired(self) -> None:
+        """The peer did not take the rest in time: reset (the kernel frees the socket
+        and what it holds at once), counted in ``linger_timeouts``."""
+        self.timer = None
+        if self.closed:
+            return
+        self.io.linger_timeouts += 1
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # broken already: closing it is all there is to do
         self.on_shutdown()
 
     def on_shutdown(self) -> None:

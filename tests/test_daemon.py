@@ -6,6 +6,7 @@ end of its test and must exit 0 having removed its ipc socket.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -574,3 +575,26 @@ async def test_leaving_the_client_ends_its_ports_and_closes_them_in_the_daemon(
         with peer:
             peer.settimeout(10)
             assert await anyio.to_thread.run_sync(peer.recv, 1) == b""
+
+
+async def test_a_remote_ports_linger_crosses_to_the_daemon(
+    daemon: tuple[Daemon, str], no_leaks: None
+) -> None:
+    """``linger=0`` reaches the daemon's port: its close resets the connection (a plain
+    close would end it with a FIN, which the peer's poll reports as no error)."""
+    import select
+
+    _, endpoint = daemon
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(10)
+        async with client.connect(endpoint) as ios:
+            port = await ports.connect_tcp(ios, "127.0.0.1", server.getsockname()[1], linger=0)
+            peer, _ = await anyio.to_thread.run_sync(server.accept)
+            with peer:
+                await port.send(b"unread")
+                await port.aclose()
+                poller = select.poll()
+                poller.register(peer, select.POLLERR | select.POLLHUP)
+                assert await anyio.to_thread.run_sync(poller.poll, 10_000)
+                error = peer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                assert error == errno.ECONNRESET

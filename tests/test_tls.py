@@ -5,6 +5,8 @@ backends.  Certificates are made at test time by ``trustme``."""
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
 import ssl
 import struct
@@ -727,3 +729,33 @@ async def test_stopping_the_server_while_a_tls_close_waits_leaves_nothing(
         await port.aclose()
         await listener.aclose()
     await anyio.aclose_forcefully(client)
+
+
+async def test_a_tls_port_closed_on_a_peer_that_never_reads_is_reset_after_linger(
+    ios: ioserver.IOServer, certs: Certs
+) -> None:
+    """The ``linger`` option over TLS: megabytes queued to a client that never reads,
+    the port closed: after ``linger`` the connection is reset (no close_notify, the
+    ciphertext not written dropped) and the output released."""
+    listener = await ports.listen_tcp(
+        ios, tls=certs.server(), high_watermark=32 << 20, sndbuf=32768, linger=0.2
+    )
+    async with listener:
+        client = await tls_client(listener.local_address[1], certs.client())
+        raw = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        try:
+            port = await accept(listener)
+            await port.send(b"z" * (12 << 20))  # more than loopback's buffers hold
+            await port.aclose()
+            poller = select.poll()
+            poller.register(raw, select.POLLERR | select.POLLHUP)
+            assert await anyio.to_thread.run_sync(poller.poll, 10_000)
+            assert raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+            probe = await ports.listen_tcp(ios, "127.0.0.1", 0)  # a round trip: the close ran
+            statistics = ios.statistics()
+            await probe.aclose()
+            assert statistics.linger_timeouts == 1
+            assert statistics.memory_in_use == 0
+            assert statistics.ports_open == 2  # the listener and the probe
+        finally:
+            await anyio.aclose_forcefully(client)
