@@ -217,7 +217,8 @@ async def test_flow_control_crosses_the_wire_for_datagrams(endpoint: str, no_lea
                 while True:
                     await slow.receive()
                     taken += 1
-        assert 4 <= taken <= 64
+        # More than one read's worth (read_packets, 16) came: the port resumed.
+        assert 16 < taken <= 64
         assert ios.statistics().memory_in_use == 0
 
 
