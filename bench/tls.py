@@ -3,9 +3,9 @@
 Two loads, each server in turn as a subprocess on a free loopback port, with certificates
 trustme makes for the run (``pip install trustme``: the test extras have it):
 
-* **TLS echo**: bench/tls_loadgen.c (bench/loadgen.c's closed loop through OpenSSL; built
-  with ``gcc -O2 ... -lssl -lcrypto``), CONNS connections x one SIZE-byte message in
-  flight, handshakes before the clock starts:
+* **TLS echo**: bench/loadgen.c built with ``-DLOADGEN_TLS`` (its closed loop through
+  OpenSSL; ``gcc -O2 -DLOADGEN_TLS ... -lssl -lcrypto``), CONNS connections x one
+  SIZE-byte message in flight, handshakes before the clock starts:
 
     ioserver           examples/echo.py --tls (TLS in the I/O thread: ports.listen_tcp(tls=))
     ioserver-looptls   bench/servers/tls_echo_loop.py: a plaintext port, anyio's TLSStream
@@ -70,7 +70,11 @@ def make_certificates(directory: Path) -> tuple[str, str]:
 def build_loadgen(directory: Path) -> str:
     binary = directory / "tls_loadgen"
     done = subprocess.run(
-        ["gcc", "-O2", "-o", str(binary), str(BENCH_DIR / "tls_loadgen.c"), "-lssl", "-lcrypto"],
+        # bench/loadgen.c, built with its TLS transport.
+        [
+            *("gcc", "-O2", "-DLOADGEN_TLS", "-o", str(binary)),
+            *(str(BENCH_DIR / "loadgen.c"), "-lssl", "-lcrypto"),
+        ],
         capture_output=True,
         text=True,
     )
