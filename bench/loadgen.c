@@ -34,6 +34,12 @@
  * Exit status: 0 ok; 1 bad usage or setup failure; 2 a connection failed
  * (closed, reset or wrong echo); 3 no round trip completed while measuring.
  * Diagnostics go to stderr.
+ *
+ * Built with -DLOADGEN_TLS (and -lssl -lcrypto) it is bench/tls.py's TLS load generator:
+ * the same closed loop, the echo read and written through SSL_read/SSL_write.  Each
+ * connection does its handshake (TLS 1.3 if the server offers it, the certificate not
+ * verified: a benchmark on loopback) before the clock starts, so what is measured is the
+ * record layer.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -51,11 +57,19 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
+
 #define HIST_BUCKETS (1u << 20) /* 1 us each: 0 .. ~1.05 s; index HIST_BUCKETS = overflow */
 #define MAX_EVENTS 512
 
 typedef struct {
     int fd;
+#ifdef LOADGEN_TLS
+    SSL *ssl;
+#endif
     int idx;
     size_t sent;     /* bytes of the current message written so far */
     size_t got;      /* bytes of its echo read so far */
@@ -104,6 +118,19 @@ static void set_events(conn_t *c, int want_out) {
 /* Write as much of the pending message as the socket takes. */
 static void do_write(conn_t *c) {
     while (c->sent < msg_size) {
+#ifdef LOADGEN_TLS
+        int n = SSL_write(c->ssl, msg + c->sent, (int)(msg_size - c->sent));
+        if (n > 0) {
+            c->sent += (size_t)n;
+            continue;
+        }
+        int err = SSL_get_error(c->ssl, n);
+        if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
+            if (!c->want_out) set_events(c, 1);
+            return;
+        }
+        fail_conn(c, ERR_reason_error_string(ERR_get_error()));
+#else
         ssize_t n = send(c->fd, msg + c->sent, msg_size - c->sent, MSG_NOSIGNAL);
         if (n > 0) {
             c->sent += (size_t)n;
@@ -115,6 +142,7 @@ static void do_write(conn_t *c) {
         } else {
             fail_conn(c, n < 0 ? strerror(errno) : "send returned 0");
         }
+#endif
     }
     if (c->want_out) set_events(c, 0);
 }
@@ -136,6 +164,20 @@ static void record(uint64_t rtt_ns) {
 /* One recv per readable event (level-triggered: leftovers are reported again). */
 static void do_read(conn_t *c, uint64_t t_wake) {
     unsigned char *rbuf = rbufs + (size_t)c->idx * msg_size;
+#ifdef LOADGEN_TLS
+    /* Read while OpenSSL holds decrypted bytes: epoll cannot report those. */
+    for (;;) {
+        int n = SSL_read(c->ssl, rbuf + c->got, (int)(msg_size - c->got));
+        if (n <= 0) {
+            int err = SSL_get_error(c->ssl, n);
+            if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return;
+            if (err == SSL_ERROR_ZERO_RETURN) fail_conn(c, "closed by the server");
+            fail_conn(c, "SSL_read failed");
+        }
+        c->got += (size_t)n;
+        if (c->got == msg_size || SSL_pending(c->ssl) == 0) break;
+    }
+#else
     ssize_t n = recv(c->fd, rbuf + c->got, msg_size - c->got, 0);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
@@ -143,6 +185,7 @@ static void do_read(conn_t *c, uint64_t t_wake) {
     }
     if (n == 0) fail_conn(c, "closed by the server");
     c->got += (size_t)n;
+#endif
     if (c->got < msg_size) return;
     if (memcmp(rbuf, msg, msg_size) != 0) fail_conn(c, "echo differs from what was sent");
     if (measuring) record(t_wake > c->t0_ns ? t_wake - c->t0_ns : 0);
@@ -225,6 +268,17 @@ int main(int argc, char **argv) {
         memcpy(msg, &payload, 4);
     }
 
+#ifdef LOADGEN_TLS
+    if (len4) {
+        fprintf(stderr, "loadgen: FRAMING len4 is not built into the TLS load generator\n");
+        return 1;
+    }
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) fail_setup("SSL_CTX_new");
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+#endif
+
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) fail_setup("epoll_create1");
 
@@ -240,6 +294,16 @@ int main(int argc, char **argv) {
             fail_setup("setsockopt(TCP_NODELAY)");
         /* Blocking connect (the server is already listening), then non-blocking I/O. */
         if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) fail_setup("connect");
+#ifdef LOADGEN_TLS
+        /* A blocking handshake, before the clock starts. */
+        c->ssl = SSL_new(ctx);
+        if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) fail_setup("SSL_new");
+        if (SSL_connect(c->ssl) != 1) {
+            fprintf(stderr, "loadgen: connection %d: TLS handshake failed: %s\n", i,
+                    ERR_reason_error_string(ERR_get_error()));
+            exit(2);
+        }
+#endif
         if (fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK) < 0) fail_setup("fcntl");
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) fail_setup("epoll_ctl(ADD)");

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
 
 import anyio
 import zmq
@@ -13,7 +12,7 @@ import zmq
 import ioserver
 from ioserver import _ipc
 from ioserver import _protocol as P
-from ioserver._exceptions import BrokenPortError, NotSupportedError, OptionError
+from ioserver._exceptions import BrokenPortError, OptionError
 from ioserver._hub import Hub
 from ioserver._server import IOServer, IOServerStatistics
 from ports._port import _Request
@@ -27,12 +26,15 @@ __all__ = ["RemoteIOServer", "connect"]
 class RemoteIOServer(IOServer):
     """An I/O server whose sockets live in an ioserver daemon.
 
-    Pass it to the port functions (``ports.connect_tcp``, ``ports.listen_tcp``) as you
-    would an :class:`ioserver.IOServer`.  Get one from :func:`connect`.  The daemon's
-    protocol carries TCP ports only: the other port functions (``ports.open_udp``,
-    ``ports.connect_unix``, ``ports.listen_unix``, ``ports.open_zmq``,
-    ``ports.open_process``) raise :exc:`ioserver.NotSupportedError` at once when given
-    this server.
+    Pass it to any port function (``ports.connect_tcp``, ``ports.open_udp``,
+    ``ports.connect_unix``, ``ports.open_process``, ``ports.open_zmq``,
+    ``ports.open_tun``...) as you would an :class:`ioserver.IOServer`: the port's socket,
+    program or device is the daemon's (its addresses, paths, names and network namespace),
+    its messages and flow control are as in-process.  Get one from :func:`connect`.  The
+    kinds that let a client act as the daemon's user beyond the network - programs, Unix
+    paths (and ``ipc://`` ZeroMQ endpoints), TUN/TAP devices - are refused with
+    :exc:`client.ProtocolError` (``kind`` ``"forbidden"``) unless the daemon was started
+    with ``--allow-process``, ``--allow-unix``, ``--allow-tun``.
     """
 
     __slots__ = ("_local", "_remote")
@@ -48,23 +50,13 @@ class RemoteIOServer(IOServer):
         return self._remote.endpoint
 
     @property
-    def daemon_info(self) -> dict[str, Any]:
+    def daemon_info(self) -> dict[str, P.Wire]:
         """What the daemon said when the session opened: ``version``, ``pid``,
         ``worker``, ``heartbeat`` (seconds)."""
         return dict(self._remote.info)
 
-    #: The port functions whose ports the daemon's protocol carries (``_check_open``).
-    PORT_FUNCTIONS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
-
     def _check_open(self, function: str | None = None) -> Hub:
         hub = super()._check_open()
-        if function is not None and function not in self.PORT_FUNCTIONS:
-            raise NotSupportedError(
-                f"{function} is not supported through the ioserver daemon at "
-                f"{self.endpoint}: its protocol carries TCP ports only (ports.connect_tcp, "
-                "ports.listen_tcp); open this port on a local I/O server "
-                "(ioserver.open() or ioserver.run())"
-            )
         if self._remote.lost:
             raise BrokenPortError(
                 f"the ioserver daemon at {self.endpoint} is lost: {self._remote.broken_reason}",
@@ -76,7 +68,7 @@ class RemoteIOServer(IOServer):
         """The statistics of the local I/O thread that carries this session."""
         return self._local.statistics()
 
-    async def status(self, *, timeout: float = 5.0) -> dict[str, Any]:
+    async def status(self, *, timeout: float = 5.0) -> dict[str, P.Wire]:
         """The daemon's status, as ``ioserver status --json`` prints it for one worker.
 
         Raises:

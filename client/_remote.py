@@ -34,17 +34,38 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
 
 import zmq
 
 from ioserver import _ipc
 from ioserver import _protocol as P
-from ioserver._contract import ConnectRequest, Deliver, ListenRequest, LoopHalf, MakePort
+from ioserver._contract import (
+    ConnectRequest,
+    Deliver,
+    ListenRequest,
+    LoopHalf,
+    MakePort,
+    ProcessRequest,
+    TunRequest,
+    UDPRequest,
+    ZmqRequest,
+)
 from ioserver._exceptions import BrokenPortError, ConnectError, OptionError
 from ioserver._flow import NO_LIMIT, ReceiveFlow
 from ioserver._iothread import IOThread
-from ioserver._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
+from ioserver._messages import (
+    PASSIVE,
+    WRITABLE,
+    Accepted,
+    Closed,
+    Data,
+    Datagram,
+    Error,
+    ExitStatus,
+    Packet,
+)
+from ioserver._options import PortSettings, StreamOptions, TunSettings, UDPSettings
 from ioserver._protocol import ProtocolViolation
 from ioserver._zmq import ZmqSocketHandler
 
@@ -67,6 +88,7 @@ class RemoteConn(ReceiveFlow):
         "accept_options",
         "bytes_in",
         "bytes_out",
+        "close_sent",
         "closed",
         "deliver",
         "make_port",
@@ -79,12 +101,13 @@ class RemoteConn(ReceiveFlow):
     )
 
     def __init__(
-        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: dict[str, Any]
+        self, pid: int, port: LoopHalf | None, deliver: Deliver, options: PortSettings
     ) -> None:
         self.pid = pid
         self.port = port
         self.deliver = deliver
         self.closed = False
+        self.close_sent = False  # CLOSE went to the daemon: no more commands for it
         self.bytes_in = 0
         self.bytes_out = 0
         self.out_bytes = 0
@@ -96,7 +119,8 @@ class RemoteConn(ReceiveFlow):
         #: The port's window's sizes (ioserver._flow), for DATA of decoded objects.
         self.sizes: deque[int] | None = None if port is None else port._window.sizes
         self.make_port: MakePort | None = None
-        self.accept_options: dict[str, Any] = {}
+        #: A listener's: the options of the ports it accepts (set with ``make_port``).
+        self.accept_options: StreamOptions | None = None
 
     def adopt(self, port: LoopHalf) -> None:
         """The loop half of an accepted connection was made: deliver to it, and share
@@ -106,12 +130,69 @@ class RemoteConn(ReceiveFlow):
         self.sizes = port._window.sizes
 
 
-class _Pending:
-    __slots__ = ("conn", "request")
+class RemoteDatagramConn(RemoteConn):
+    """The daemon's half of a UDP or TUN port, as the client sees it: a UDP port's
+    handler (``ioserver._udp.DatagramHandler``), whose sends are datagrams (SEND_TO)."""
 
-    def __init__(self, request: object, conn: RemoteConn | None) -> None:
+    __slots__ = ("datagrams_too_large", "out_done", "packets", "remote")
+
+    def __init__(
+        self,
+        remote: RemoteIO,
+        pid: int,
+        port: LoopHalf,
+        deliver: Deliver,
+        options: UDPSettings | TunSettings,
+        packets: bool,
+    ) -> None:
+        super().__init__(pid, port, deliver, options)
+        self.remote = remote
+        #: Bytes the daemon sent or dropped (its handler's ``out_done``, from WRITTEN).
+        self.out_done = 0
+        self.datagrams_too_large = 0
+        #: A TUN port's: its messages are Packet, not Datagram.
+        self.packets = packets
+
+    def cmd_send(self, item: tuple[bytes, object]) -> None:
+        """The port's datagram ``(data, address or None)``, on the local I/O thread."""
+        data, address = item
+        remote = self.remote
+        remote.io.bytes_forwarded += len(data)  # the daemon's now (as RemoteIO.cmd_send)
+        if not (self.closed or self.close_sent):
+            self.out_bytes += len(data)
+            remote._emit([P.SEND_TO, self.pid, data, P.wire_address(address)], len(data) + 64)
+
+
+class RemoteProgram:
+    """A program the daemon runs for a process port: the port's ``ProcessControl``."""
+
+    __slots__ = ("conn", "pid", "remote")
+
+    def __init__(self, remote: RemoteIO, conn: RemoteConn, pid: int) -> None:
+        self.remote = remote
+        self.conn = conn
+        #: The program's process id, in the daemon's pid namespace.
+        self.pid = pid
+
+    def cmd_signal(self, number: int) -> None:
+        if not self.conn.closed:
+            self.remote._emit([P.SIGNAL, self.conn.pid, number])
+
+    def cmd_terminate(self, _: object) -> None:
+        # The daemon terminates the program when its port closes, and so the port's CLOSE
+        # says it too: a SIGNAL after it would name a port the daemon has released.
+        if not (self.conn.closed or self.conn.close_sent):
+            self.remote._emit([P.SIGNAL, self.conn.pid, 0])
+
+
+class _Pending:
+    __slots__ = ("conn", "opcode", "request")
+
+    def __init__(self, request: object, conn: RemoteConn | None, opcode: int = 0) -> None:
         self.request = request
         self.conn = conn
+        #: The open request's opcode: what its OK carries (see RemoteIO._ok).
+        self.opcode = opcode
 
 
 class RemoteIO(ZmqSocketHandler):
@@ -128,7 +209,7 @@ class RemoteIO(ZmqSocketHandler):
         self.send_command = self.cmd_send
         self.table: dict[int, RemoteConn] = {}
         self.requests: dict[int, _Pending] = {}
-        self.outbound: list[Any] = []
+        self.outbound: list[P.Message] = []
         self.out_size = 0  # bytes of outbound, roughly: what its frame will take
         self.token: bytes | None = None  # the session's, from WELCOME
         self.max_frame = P.DEFAULT_MAX_FRAME
@@ -137,30 +218,30 @@ class RemoteIO(ZmqSocketHandler):
         self.next_pid = 1
         self.next_rid = 1
         self.heartbeat = 1.0
-        self.info: dict[str, Any] = {}
+        self.info: dict[str, P.Wire] = {}
         self.last_seen = self.last_sent = time.monotonic()
         self.lost = False
         self.broken_reason: str | None = None
         self.frames_in = 0
         self.frames_out = 0
         self.faults = 0
-        self._hello: Any = None
-        self._timer: Any = None
+        self._hello: tuple[object, Deliver] | None = None
+        self._timer: list[Callable[[], None] | None] | None = None
         # ipc://: the first message's sender must run as this user (ioserver._ipc).
         self._peer_unchecked = endpoint.startswith("ipc://")
 
-    def submit(self, function: Any, target: object, argument: object) -> None:
+    def submit(self, function: Callable[..., None], target: object, argument: object) -> None:
         """Queue ``function(target, argument)`` on the local I/O thread (as IOThread's)."""
         self.commands.put((function, target, argument))
 
     # -- start, stop (commands on the local I/O thread) -----------------------------------
-    def cmd_start(self, request: object, deliver: Any) -> None:
+    def cmd_start(self, request: object, deliver: Deliver) -> None:
         """Adopt the socket and say HELLO; the WELCOME answers ``request``."""
         self._hello = (request, deliver)
         self.start()
         self._emit([P.HELLO, P.VERSION])
 
-    def cmd_bye(self, _: object, __: Any) -> None:
+    def cmd_bye(self, _: object, __: object) -> None:
         """Tell the daemon we leave (it closes our ports), then close the socket."""
         if self.closed:
             return
@@ -216,7 +297,7 @@ class RemoteIO(ZmqSocketHandler):
         self._close()
 
     # -- port commands (run on the local I/O thread) --------------------------------------
-    def _emit(self, message: list[Any], size: int = 16) -> None:
+    def _emit(self, message: P.Message, size: int = 16) -> None:
         """Queue ``message`` for this round's frame (about ``size`` bytes packed); a frame
         that would pass the daemon's limits leaves first."""
         if self.closed:
@@ -232,6 +313,21 @@ class RemoteIO(ZmqSocketHandler):
         outbound.append(message)
         self.out_size += size
 
+    def _ids(self, request: object, deliver: Deliver) -> tuple[int, int] | None:
+        """A new port id and request id, or None (the request answered) when the daemon
+        is lost."""
+        if self.lost or self.closed:
+            deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
+            return None
+        pid, rid = self.next_pid, self.next_rid
+        self.next_pid += 1
+        self.next_rid += 1
+        return pid, rid
+
+    def _request(self, request: object, conn: RemoteConn, rid: int, opcode: int) -> None:
+        self.table[conn.pid] = conn
+        self.requests[rid] = _Pending(request, conn, opcode)
+
     def _open(self, request: object, spec: ConnectRequest | ListenRequest, opcode: int) -> None:
         port, deliver, family, address, options = (
             spec.port,
@@ -241,22 +337,20 @@ class RemoteIO(ZmqSocketHandler):
             spec.options,
         )
         credit, notify = spec.active
-        if self.lost or self.closed:
-            deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
+        ids = self._ids(request, deliver)
+        if ids is None:
             return
-        pid = self.next_pid
-        self.next_pid += 1
-        rid = self.next_rid
-        self.next_rid += 1
-        wire = {name: value for name, value in options.items() if name != "active"}
+        pid, rid = ids
+        wire = _wire_options(options)
         conn = RemoteConn(pid, port, deliver, options)
         if isinstance(spec, ListenRequest):
             conn.make_port = spec.make_port
-            conn.accept_options = options
-            accept_credit, accept_notify = options["active"]
+            conn.accept_options = spec.options
+            accept_credit, accept_notify = spec.options["active"]
             wire["accept_active"] = [accept_credit, accept_notify]
-        self.table[pid] = conn
-        self.requests[rid] = _Pending(request, conn)
+        if family == P.AF_UNIX and isinstance(address, bytes):
+            address = os.fsdecode(address)  # a str on the wire; the daemon encodes it back
+        self._request(request, conn, rid, opcode)
         self._emit(
             [opcode, rid, pid, int(family), P.wire_address(address), wire, credit, notify], 1024
         )
@@ -267,7 +361,71 @@ class RemoteIO(ZmqSocketHandler):
     def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         self._open(request, spec, P.LISTEN)
 
-    def cmd_send(self, conn: RemoteConn, data: bytes) -> None:
+    def cmd_listen_unix(self, request: object, spec: ListenRequest) -> None:
+        self._open(request, spec, P.LISTEN)
+
+    def cmd_open_udp(self, request: object, spec: UDPRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteDatagramConn(self, pid, spec.port, spec.deliver, spec.options, False)
+        self._request(request, conn, rid, P.OPEN_UDP)
+        bind, connect = P.wire_address(spec.bind), P.wire_address(spec.connect)
+        wire = _wire_options(spec.options)
+        self._emit([P.OPEN_UDP, rid, pid, bind, connect, wire, *spec.active], 1024)
+
+    def cmd_open_tun(self, request: object, spec: TunRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteDatagramConn(self, pid, spec.port, spec.deliver, spec.options, True)
+        self._request(request, conn, rid, P.OPEN_TUN)
+        wire = _wire_options(spec.options)
+        self._emit([P.OPEN_TUN, rid, pid, spec.name, spec.mode, wire, *spec.active], 1024)
+
+    def cmd_open_process(self, request: object, spec: ProcessRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteConn(pid, spec.port, spec.deliver, spec.options)
+        self._request(request, conn, rid, P.OPEN_PROCESS)
+        wire = _wire_options(spec.options)
+        argv: list[P.Wire] = list(spec.argv)
+        size = sum(len(argument) for argument in spec.argv) + 1024
+        self._emit(
+            [P.OPEN_PROCESS, rid, pid, argv, spec.stderr, spec.kill_grace, wire, *spec.active],
+            size,
+        )
+
+    def cmd_open_zmq(self, request: object, spec: ZmqRequest) -> None:
+        ids = self._ids(request, spec.deliver)
+        if ids is None:
+            return
+        pid, rid = ids
+        conn = RemoteConn(pid, spec.port, spec.deliver, spec.options)
+        self._request(request, conn, rid, P.OPEN_ZMQ)
+        wire = _wire_options(spec.options)
+        topics: P.Wire = None if spec.subscribe is None else list(spec.subscribe)
+        binds: list[P.Wire] = list(spec.bind)
+        connects: list[P.Wire] = list(spec.connect)
+        self._emit(
+            [P.OPEN_ZMQ, rid, pid, spec.socket_type, binds, connects, topics, wire, *spec.active],
+            4096,
+        )
+
+    def cmd_send(self, conn: RemoteConn, data: bytes | list[bytes]) -> None:
+        if data.__class__ is list:  # a ZeroMQ port's multipart message: one SEND
+            frames: list[P.Wire] = list(data)
+            size = sum(len(frame) for frame in data)
+            self.io.bytes_forwarded += size
+            if not (conn.closed or conn.close_sent):
+                conn.out_bytes += size
+                self._emit([P.SEND, conn.pid, frames], size + 16 * len(frames))
+            return
+        assert isinstance(data, bytes)
         # Charged to the local budget by the port, released here: it is the daemon's now.
         self.io.bytes_forwarded += len(data)
         if not conn.closed:
@@ -287,7 +445,8 @@ class RemoteIO(ZmqSocketHandler):
             self._emit([P.SEND_EOF, conn.pid])
 
     def cmd_close(self, conn: RemoteConn, _: object) -> None:
-        if not conn.closed:
+        if not (conn.closed or conn.close_sent):
+            conn.close_sent = True
             self._emit([P.CLOSE, conn.pid])
 
     def cmd_set_active(self, conn: RemoteConn, mode: tuple[int, bool]) -> None:
@@ -305,7 +464,7 @@ class RemoteIO(ZmqSocketHandler):
                 [P.RESUME, conn.pid, generation, window.consumed_bytes, window.consumed_messages]
             )
 
-    def cmd_status(self, request: object, deliver: Any) -> None:
+    def cmd_status(self, request: object, deliver: Deliver) -> None:
         if self.lost or self.closed:
             deliver((request, BrokenPortError(f"the ioserver daemon at {self.endpoint} is lost")))
             return
@@ -388,6 +547,15 @@ class RemoteIO(ZmqSocketHandler):
         except ProtocolViolation as exc:
             self.faults += 1
             log.error("ioserver daemon at %s sent a bad frame: %s", self.endpoint, exc)
+            if exc.kind == "version" and self._hello is not None:
+                # A daemon of another protocol version (its FAULT to our HELLO, in its
+                # envelope): refuse the session now rather than time out waiting.
+                error = ProtocolError(
+                    f"the ioserver daemon at {self.endpoint} speaks another protocol "
+                    f"version: {exc} (upgrade the older side)",
+                    kind="version",
+                )
+                self._lose(str(error), error)
             return
         for message in messages:
             try:
@@ -402,7 +570,7 @@ class RemoteIO(ZmqSocketHandler):
                 log.error("ioserver daemon at %s sent a bad message: %s", self.endpoint, exc)
 
     # -- events ---------------------------------------------------------------------------
-    def _conn(self, pid: Any) -> RemoteConn | None:
+    def _conn(self, pid: object) -> RemoteConn | None:
         return self.table.get(pid) if P.is_int(pid) else None
 
     def _answer(self, pending: _Pending, result: object) -> None:
@@ -413,7 +581,7 @@ class RemoteIO(ZmqSocketHandler):
         elif pending.conn is not None:
             pending.conn.deliver((request, result))
 
-    def _welcome(self, message: list[Any]) -> None:
+    def _welcome(self, message: P.Message) -> None:
         info = message[1]
         if not isinstance(info, dict) or not P.is_int(info.get("version")):
             raise ProtocolViolation("malformed", "WELCOME is [1, {version, heartbeat, ...}]")
@@ -423,8 +591,8 @@ class RemoteIO(ZmqSocketHandler):
         token = info.get("token")
         if not isinstance(token, bytes) or len(token) != P.TOKEN_SIZE:
             raise ProtocolViolation("malformed", "WELCOME token must be 16 bytes")
-        max_frame: Any = info.get("max_frame")
-        max_messages: Any = info.get("max_messages")
+        max_frame = info.get("max_frame")
+        max_messages = info.get("max_messages")
         if not (P.is_int(max_frame) and max_frame >= 4096):
             raise ProtocolViolation("malformed", "WELCOME max_frame must be an int >= 4096")
         if not (P.is_int(max_messages) and max_messages >= 16):
@@ -440,10 +608,12 @@ class RemoteIO(ZmqSocketHandler):
             self._hello = None
             deliver((request, info))
 
-    def _fault(self, message: list[Any]) -> None:
+    def _fault(self, message: P.Message) -> None:
         _, rid, kind, text = message
+        if not (isinstance(kind, str) and isinstance(text, str)):
+            raise ProtocolViolation("malformed", "FAULT is [4, rid, kind: str, text: str]")
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
-        error = ProtocolError(f"the daemon refused a request: {kind}: {text}", kind=str(kind))
+        error = ProtocolError(f"the daemon refused a request: {kind}: {text}", kind=kind)
         if pending is not None:
             if pending.conn is not None:
                 self.table.pop(pending.conn.pid, None)
@@ -458,15 +628,24 @@ class RemoteIO(ZmqSocketHandler):
                 "the ioserver daemon at %s refused a message: %s: %s", self.endpoint, kind, text
             )
 
-    def _ok(self, message: list[Any]) -> None:
+    def _ok(self, message: P.Message) -> None:
         _, rid, local, remote = message
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
         if pending is None or pending.conn is None:
             raise ProtocolViolation("malformed", f"OK for an unknown request {rid!r}")
         conn = pending.conn
-        self._answer(pending, (conn, P.from_wire_address(local), P.from_wire_address(remote)))
+        if pending.opcode == P.OPEN_TUN:  # the device's name
+            if not isinstance(local, str):
+                raise ProtocolViolation("malformed", "OK of OPEN_TUN carries the device name")
+            self._answer(pending, (conn, local))
+        elif pending.opcode == P.OPEN_PROCESS:  # the program's pid
+            if not P.is_int(remote) or remote <= 0:
+                raise ProtocolViolation("malformed", "OK of OPEN_PROCESS carries a pid")
+            self._answer(pending, (conn, RemoteProgram(self, conn, remote)))
+        else:
+            self._answer(pending, (conn, P.from_wire_address(local), P.from_wire_address(remote)))
 
-    def _failed(self, message: list[Any]) -> None:
+    def _failed(self, message: P.Message) -> None:
         _, rid, kind, number, name, text = message
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
         if pending is None or pending.conn is None:
@@ -483,14 +662,14 @@ class RemoteIO(ZmqSocketHandler):
             )
         self._answer(pending, error)
 
-    def _status(self, message: list[Any]) -> None:
+    def _status(self, message: P.Message) -> None:
         _, rid, status = message
         pending = self.requests.pop(rid, None) if P.is_int(rid) else None
         if pending is None or not isinstance(status, dict):
             raise ProtocolViolation("malformed", "STATUS for an unknown request")
         self._answer(pending, status)
 
-    def _data(self, message: list[Any]) -> None:
+    def _data(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is None:
             return  # the port was closed here meanwhile
@@ -518,10 +697,10 @@ class RemoteIO(ZmqSocketHandler):
         _SET_DATA(event, data)
         conn.deliver((conn.port, event))
 
-    def _accepted(self, message: list[Any]) -> None:
+    def _accepted(self, message: P.Message) -> None:
         _, listener_pid, pid, local, remote = message
         listener = self._conn(listener_pid)
-        if listener is None or listener.make_port is None:
+        if listener is None or listener.make_port is None or listener.accept_options is None:
             return
         if not P.is_int(pid) or pid >= 0 or pid in self.table:
             raise ProtocolViolation("malformed", f"ACCEPTED with a bad port id {pid!r}")
@@ -533,34 +712,64 @@ class RemoteIO(ZmqSocketHandler):
         conn.adopt(port)
         conn.deliver((listener.port, Accepted(port, address)))
 
-    def _closed(self, message: list[Any]) -> None:
+    def _closed(self, message: P.Message) -> None:
         _, pid, reason, name = message
         conn = self._conn(pid)
         if conn is not None:
             conn.deliver((conn.port, Closed(str(reason), name if isinstance(name, str) else None)))
 
-    def _error(self, message: list[Any]) -> None:
+    def _error(self, message: P.Message) -> None:
         _, pid, name, number, text = message
         conn = self._conn(pid)
         if conn is not None:
             event = Error(str(name), number if P.is_int(number) else None, str(text))
             conn.deliver((conn.port, event))
 
-    def _passive(self, message: list[Any]) -> None:
+    def _datagram(self, message: P.Message) -> None:
+        _, pid, data, address = message
+        conn = self._conn(pid)
+        if conn is None:
+            return  # the port was closed here meanwhile
+        if not isinstance(conn, RemoteDatagramConn) or not isinstance(data, bytes):
+            raise ProtocolViolation(
+                "malformed", "DATAGRAM is [18, pid of a UDP/TUN port, bin, ...]"
+            )
+        size = len(data)
+        conn.delivered_messages += 1
+        conn.delivered_bytes += size
+        conn.bytes_in += size
+        self.io.delivered_total += size  # charged until the owner takes it
+        if conn.packets:
+            event: Datagram | Packet = Packet(data)
+        elif isinstance(address, list):
+            event = Datagram(data, P.from_wire_address(address))
+        else:
+            raise ProtocolViolation("malformed", "a UDP port's DATAGRAM carries an address")
+        conn.deliver((conn.port, event))
+
+    def _exit(self, message: P.Message) -> None:
+        _, pid, status = message
+        conn = self._conn(pid)
+        if conn is not None:
+            conn.deliver((conn.port, ExitStatus(P.check_int(status, "exit status", -255, 255))))
+
+    def _passive(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is not None:
             conn.deliver((conn.port, PASSIVE))
 
-    def _written(self, message: list[Any]) -> None:
+    def _written(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is None:
             return
         conn.bytes_out = P.check_int(message[2], "bytes_out", 0)
+        if isinstance(conn, RemoteDatagramConn):
+            conn.out_done = conn.bytes_out  # a datagram handler reports sent or dropped
         window = conn.window
         if window.send_blocked and window.queued_bytes - conn.bytes_out <= conn.send_low:
             conn.deliver((conn.port, WRITABLE))
 
-    def _paused(self, message: list[Any]) -> None:
+    def _paused(self, message: P.Message) -> None:
         conn = self._conn(message[1])
         if conn is None:
             return
@@ -570,12 +779,12 @@ class RemoteIO(ZmqSocketHandler):
         if conn.drained():  # step 1's re-check, done here for the daemon (ioserver._flow)
             self.cmd_resume(conn, generation)
 
-    def _gone(self, message: list[Any]) -> None:
+    def _gone(self, message: P.Message) -> None:
         conn = self.table.pop(message[1], None) if P.is_int(message[1]) else None
         if conn is not None:
             conn.closed = True
 
-    def _heartbeat(self, message: list[Any]) -> None:
+    def _heartbeat(self, message: P.Message) -> None:
         pass
 
     # -- closing --------------------------------------------------------------------------
@@ -598,7 +807,7 @@ class RemoteIO(ZmqSocketHandler):
         self._close()
 
 
-_EVENTS: dict[int, Any] = {
+_EVENTS: dict[int, Callable[[RemoteIO, P.Message], None]] = {
     P.WELCOME: RemoteIO._welcome,
     P.HEARTBEAT: RemoteIO._heartbeat,
     P.FAULT: RemoteIO._fault,
@@ -613,4 +822,24 @@ _EVENTS: dict[int, Any] = {
     P.WRITTEN: RemoteIO._written,
     P.PAUSED: RemoteIO._paused,
     P.GONE: RemoteIO._gone,
+    P.DATAGRAM: RemoteIO._datagram,
+    P.EXIT: RemoteIO._exit,
 }
+
+
+def _wire_options(options: PortSettings) -> dict[str, P.Wire]:
+    """A port's validated options as they cross: ``active`` goes apart (credit, notify),
+    and ``nodelay``/``keepalive`` when they are off (a Unix or process port has none).
+
+    Raises:
+        TypeError: an option whose value has no msgpack form (a bug: every validated
+            option is a scalar, ``active`` aside).
+    """
+    wire: dict[str, P.Wire] = {}
+    for name, value in options.items():
+        if name == "active" or (name in ("nodelay", "keepalive") and not value):
+            continue
+        if value is not None and not isinstance(value, (int, float, str, bytes)):
+            raise TypeError(f"option {name}={value!r} does not cross the wire")
+        wire[name] = value
+    return wire

@@ -5,6 +5,8 @@ Run it:  python examples/httpd.py --port 8080 --root ./public
 Try it:  curl -v http://127.0.0.1:8080/index.html
          curl -I http://127.0.0.1:8080/index.html                  (HEAD)
 Load it: wrk -t2 -c100 -d10s http://127.0.0.1:8080/index.html
+HTTPS:   python examples/httpd.py --port 8443 --tls-cert cert.pem --tls-key key.pem
+         curl --cacert ca.pem https://localhost:8443/index.html
 
 What it does:
 
@@ -41,6 +43,10 @@ What it does:
   ``Content-Range`` (``416`` if it starts past the end; several ranges, another unit or
   bad syntax: the whole file, ``200``), honoured only if ``If-Range`` matches.  ``HEAD``
   gets ``GET``'s head and no body.
+- **HTTPS** with ``--tls-cert FILE --tls-key FILE`` (PEM; the certificate file may hold
+  the chain): the I/O thread runs TLS (``ports.listen_tcp(tls=...)``), ALPN offers
+  ``http/1.1``, and the handler sees the same plaintext as over HTTP.  A client whose
+  handshake fails never reaches a handler: the listener's ``Error`` is logged.
 - **An access log** in the combined log format (Apache's and nginx's ``combined``) to the
   logger ``ioserver.httpd.access``: standard error by default, ``--access-log FILE``
   (appended to, reopened when logrotate moves it), off with ``--no-access-log``.  Lines
@@ -82,6 +88,7 @@ import mimetypes
 import os
 import posixpath
 import re
+import ssl
 import stat
 import sys
 import time
@@ -93,6 +100,7 @@ from urllib.parse import unquote_to_bytes
 import anyio
 import anyio.abc
 import h11
+from anyio.streams.tls import TLSAttribute
 
 import ioserver
 import ports
@@ -1286,7 +1294,8 @@ async def linger(port: ports.Port) -> None:
     client still sends (a body we refused) until it closes, for ``LINGER_SECONDS`` and
     ``LINGER_BYTES`` at most - closing with unread input would make the kernel reset the
     connection, and the client could lose the response."""
-    await port.send_eof()
+    if port.extra(TLSAttribute.tls_version, None) is None:
+        await port.send_eof()  # (a TLS port cannot half-close: close_notify ends it)
     dropped = 0
     with anyio.move_on_after(LINGER_SECONDS):
         async for message in port:
@@ -1309,6 +1318,7 @@ async def serve(
     body_timeout: float = BODY_TIMEOUT,
     send_timeout: float = SEND_TIMEOUT,
     access_log: bool = True,
+    tls: ssl.SSLContext | None = None,
     task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the files under ``root`` on ``host:port``; report the bound address through
@@ -1337,6 +1347,7 @@ async def serve(
         access_log: write a line per response to :data:`access_logger`
             (``ioserver.httpd.access``, INFO) in the combined log format; where it goes is
             the logging configuration's business (:func:`configure_access_log`).
+        tls: serve HTTPS with this server context (:func:`tls_context`); ``None``: HTTP.
 
     Raises:
         ValueError: a timeout is not a positive number.
@@ -1347,7 +1358,7 @@ async def serve(
     pool = MemoryPool(handler_memory)
     async with (
         await ports.listen_tcp(
-            ios, host, port, send_timeout=send_timeout, send_timeout_close=True
+            ios, host, port, send_timeout=send_timeout, send_timeout_close=True, tls=tls
         ) as listener,
         anyio.create_task_group() as task_group,
     ):
@@ -1356,7 +1367,9 @@ async def serve(
             task_group.start_soon(flush_access_log_periodically)
         task_status.started(listener.local_address)
         async for accepted in listener:
-            if isinstance(accepted, ports.Accepted):
+            if isinstance(accepted, ports.Error):  # e.g. a TLS handshake that failed
+                log.info("%s", accepted.message)
+            elif isinstance(accepted, ports.Accepted):
                 task_group.start_soon(
                     serve_connection,
                     accepted.port,
@@ -1366,6 +1379,20 @@ async def serve(
                     timeouts,
                     access_log,
                 )
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for HTTPS: the certificate (chain) and key from PEM files, ALPN
+    ``http/1.1``, Python's defaults otherwise (TLS 1.2 and later).
+
+    Raises:
+        OSError: a file cannot be read.
+        ssl.SSLError: the files hold no certificate or key, or they do not match.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 def byte_size(text: str) -> int:
@@ -1451,7 +1478,19 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         const=None,
         help="write no access log",
     )
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", help="serve HTTPS: the certificate (chain), PEM"
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert, PEM")
     options = parser.parse_args(argv)
+    tls = None
+    if (options.tls_cert is None) != (options.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if options.tls_cert is not None:
+        try:
+            tls = tls_context(options.tls_cert, options.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--tls-cert/--tls-key: {exc.strerror or exc}")
     if options.switch_interval is not None:
         sys.setswitchinterval(options.switch_interval)
     try:
@@ -1466,6 +1505,7 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         "idle_timeout": options.idle_timeout,
         "body_timeout": options.body_timeout,
         "access_log": options.access_log is not None,
+        "tls": tls,
     }
 
     async def run(server: ioserver.IOServer) -> None:
@@ -1476,7 +1516,8 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
                 )
             )
             print(
-                f"httpd serving {options.root} on http://{address[0]}:{address[1]}/",
+                f"httpd serving {options.root} on "
+                f"{'https' if tls else 'http'}://{address[0]}:{address[1]}/",
                 flush=True,
             )
 

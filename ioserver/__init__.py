@@ -20,6 +20,7 @@ from ._exceptions import OptionError as OptionError
 from ._exceptions import PacketTooLarge as PacketTooLarge
 from ._exceptions import PollerLimitError as PollerLimitError
 from ._exceptions import SendTimeoutError as SendTimeoutError
+from ._exceptions import TLSError as TLSError
 from ._exceptions import UnsafeEndpointError as UnsafeEndpointError
 from ._exceptions import WouldBlock as WouldBlock
 from ._messages import Accepted as Accepted
@@ -62,6 +63,7 @@ __all__ = [
     "Passive",
     "PollerLimitError",
     "SendTimeoutError",
+    "TLSError",
     "UnsafeEndpointError",
     "WouldBlock",
     "__version__",

@@ -177,10 +177,11 @@ class BatchWriter:
         syscall = self._syscall
 
         def submit(count: int) -> int:
-            return syscall(submit_number, context_value, ctypes.c_long(count), pointers)  # type: ignore[no-any-return]
+            submitted: int = syscall(submit_number, context_value, ctypes.c_long(count), pointers)
+            return submitted
 
         def getevents(count: int) -> int:
-            return held_syscall(  # type: ignore[no-any-return]
+            collected: int = held_syscall(
                 getevents_number,
                 context_value,
                 ctypes.c_long(0),
@@ -188,6 +189,7 @@ class BatchWriter:
                 events,
                 zero_timeout,
             )
+            return collected
 
         self._submit = submit
         # The completions already posted, collected without waiting (up to ``count``; 0

@@ -42,10 +42,10 @@ def load_app(spec: str) -> Callable[..., Any]:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise OptionError(f"cannot import app module {target!r}: {exc}") from exc
-    function = getattr(module, function_name, None)
+    function: object = getattr(module, function_name, None)
     if function is None or not callable(function):
         raise OptionError(f"{target!r} has no function {function_name!r}")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 class _AppExit(IOServerError):

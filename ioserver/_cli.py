@@ -233,6 +233,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         action="store_true",
         help="allow a tcp:// endpoint on all interfaces (*, 0.0.0.0, ::)",
     )
+    for kind, what in (
+        ("process", "run programs (ports.open_process): any program, as the daemon's user"),
+        ("unix", "use Unix socket paths and ipc:// ZeroMQ endpoints on the daemon's machine"),
+        ("tun", "open TUN/TAP devices in the daemon's network namespace"),
+    ):
+        serve_parser.add_argument(
+            f"--allow-{kind}",
+            action="store_true",
+            help=f"let clients {what} (off by default: refused with the FAULT 'forbidden')",
+        )
     serve_parser.add_argument(
         "--metrics",
         default="",
@@ -388,7 +398,7 @@ def _parse_serve(parser: argparse.ArgumentParser, arguments: Sequence[str]) -> a
 
 def _daemon_config(options: argparse.Namespace) -> Any:
     from ._control import ControlLimits
-    from ._daemon import DaemonConfig
+    from ._daemon_config import DaemonConfig
 
     return DaemonConfig(
         endpoint=options.endpoint,
@@ -400,6 +410,9 @@ def _daemon_config(options: argparse.Namespace) -> Any:
         curve_secret_key=options.curve_secret_key,
         curve_allowed_keys=options.curve_allowed_keys,
         allow_all_interfaces=options.allow_all_interfaces,
+        allow=frozenset(
+            kind for kind in ("process", "unix", "tun") if getattr(options, f"allow_{kind}")
+        ),
         workers=options.workers,
         worker_index=options.worker_index,
         memory_limit=options.memory_limit,
@@ -454,8 +467,9 @@ def _serve(options: argparse.Namespace) -> int:
 def _status(options: argparse.Namespace) -> int:
     import json
 
-    from ._daemon import DaemonError, format_status, query_status
+    from ._daemon_config import DaemonError
     from ._protocol import default_endpoint
+    from ._status import format_status, query_status
 
     endpoint = options.endpoint or default_endpoint()
     curve = None

@@ -32,7 +32,7 @@ __all__ = ["ENV_PREFIX", "apply_defaults", "config_path", "settable"]
 ENV_PREFIX = "IOSERVER_"
 #: Options that no file or variable sets: ``--config`` names the file itself (its variable,
 #: ``IOSERVER_CONFIG``, is read by :func:`config_path`), the worker index is the
-#: supervisor's business (and ``IOSERVER_WORKER`` means something else: see _daemon).
+#: supervisor's business (and ``IOSERVER_WORKER`` means something else: see _supervise).
 _NOT_SETTABLE = {"help", "config", "worker_index"}
 
 _TRUE = {"1", "true", "yes", "on"}

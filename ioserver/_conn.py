@@ -12,18 +12,25 @@ control of ``ioserver._flow`` (:class:`~._flow.ReceiveFlow`).
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ._contract import Deliver, LoopHalf, MakePort
 from ._flow import ReceiveFlow, Window
 from ._framing import Framer
 from ._messages import PASSIVE
-from ._options import apply_active_mode
+from ._options import (
+    LINGER,
+    ListenOptions,
+    StreamOptions,
+    Watermarks,
+    apply_active_mode,
+)
 
 __all__ = ["CONNECTING", "HANDLER", "LISTENER", "STREAM", "Conn", "Handler", "ReceivingHandler"]
 
-_NO_OPTIONS: dict[str, Any] = {}
 
 # Conn.kind
 STREAM = 0
@@ -32,12 +39,31 @@ CONNECTING = 2
 HANDLER = 3  # an entry of another kind (datagrams, ZeroMQ sockets...): see Handler
 
 
+class TLSLayer(Protocol):
+    """What the I/O thread asks of a TLS connection's layer (``ioserver._tls.TLSSocket``,
+    which is also the ``Conn``'s ``sock``)."""
+
+    #: The handshake is not over (it may not have started).
+    handshaking: bool
+    #: The handshake started: the connection's readiness goes to :meth:`on_event`.
+    started: bool
+
+    def start(self) -> None: ...
+
+    def on_event(self, mask: int) -> None: ...
+
+    def interest(self, mask: int) -> int: ...
+
+    def abort(self) -> None: ...
+
+
 class Conn(ReceiveFlow):
     """The I/O thread's half of a port.  Only the I/O thread writes its fields; the event
     loop reads the byte counters (statistics) and the receive flow control's
     (:class:`~._flow.ReceiveFlow`: what was delivered, the pause generation)."""
 
     __slots__ = (
+        "address",
         "bytes_in",
         "bytes_out",
         "close_pending",
@@ -51,6 +77,8 @@ class Conn(ReceiveFlow):
         "held",
         "held_bytes",
         "kind",
+        "linger",
+        "linger_timer",
         "make_port",
         "mask",
         "notify_passive",
@@ -68,6 +96,8 @@ class Conn(ReceiveFlow):
         "shutdown_pending",
         "sizes",
         "sock",
+        "tls",
+        "tls_server",
         "write_closed",
     )
 
@@ -97,7 +127,10 @@ class Conn(ReceiveFlow):
         self.bytes_out = 0
         self.request: object = None
         self.make_port: MakePort | None = None
-        self.options: dict[str, Any] = _NO_OPTIONS  # listeners' and connects' own
+        #: A listener's options: its own, and those of the ports it accepts.
+        self.options: ListenOptions | None = None
+        #: A connect's peer (for its error message), a listener's own address.
+        self.address: object = None
         # Receive flow control (ioserver._flow): delivered_* count what the I/O thread
         # handed to the port; the port's window counts what its owner took; the
         # difference is what is buffered, undelivered, in the event loop.
@@ -113,13 +146,22 @@ class Conn(ReceiveFlow):
         self.held: deque[tuple[Any, int]] | None = None
         self.held_bytes = 0
         self.send_low = 0
+        # Seconds a close may take to write the queued output (the ``linger`` option;
+        # None: for ever), and the timer that resets the socket when they run out.
+        self.linger: float | None = LINGER
+        self.linger_timer: list[Callable[[], None] | None] | None = None
         self.global_paused = False
         # A daemon's client port whose session's queue toward the client is full (see
-        # ioserver._control): not read until the client takes what is queued.
+        # ioserver._session, Session.hold): not read until the client takes what is queued.
         self.queue_paused = False
         self.packets_too_large = 0
+        # A TLS connection's layer (ioserver._tls.TLSSocket), which is then also ``sock``.
+        self.tls: TLSLayer | None = None
+        # A TLS listener's server context and the seconds each accepted connection's
+        # handshake may take (None: no bound); None for a plaintext listener.
+        self.tls_server: tuple[ssl.SSLContext, float | None] | None = None
 
-    def configure(self, options: dict[str, Any], window: Window) -> None:
+    def configure(self, options: StreamOptions, window: Window) -> None:
         """Take the flow-control options and the window of the port (see ioserver._flow)."""
         self.configure_flow(options, window)
         self.framer = window.framer
@@ -129,6 +171,7 @@ class Conn(ReceiveFlow):
         # client at once, and its flow control counts in wire bytes, as the client's.
         self.packet_overhead = 0 if self.sizes is None else window.packet_overhead
         self.send_low = options["low_watermark"]
+        self.linger = options["linger"]
 
 
 class Handler:
@@ -198,7 +241,7 @@ class ReceivingHandler(Handler, ReceiveFlow):
     port: LoopHalf
     deliver: Deliver
 
-    def configure_receiving(self, options: dict[str, Any], active: tuple[int, bool]) -> None:
+    def configure_receiving(self, options: Watermarks, active: tuple[int, bool]) -> None:
         """Take the active mode and the flow-control options (see ``ports.PortOptions``)."""
         self.credit, self.notify_passive = active
         self.init_flow(self.port._window)
@@ -213,7 +256,12 @@ class ReceivingHandler(Handler, ReceiveFlow):
         """Stop reading until the owner has taken enough (the handshake of
         ioserver._flow); resume at once if it already has."""
         if self.pause():
-            self.may_resume(self.pause_generation)
+            on_pause = self.window.on_pause
+            if on_pause is not None:
+                # A daemon's client port: the client cannot read this handler; tell it,
+                # as IOThread._pause_msgq tells it of a stream's pause.
+                on_pause(self.pause_generation)
+            self.recheck()
         self._reading_changed()
 
     def resume(self, generation: int) -> None:

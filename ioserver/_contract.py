@@ -3,7 +3,7 @@
 A port has two halves in two threads that never lock (DESIGN.md §2):
 
 * the **loop half** lives in an event loop: ``ports.Port`` and its kinds, or, in a daemon,
-  the stand-in for a client's port (``ioserver._control.RemotePortState``);
+  the stand-in for a client's port (``ioserver._session.RemotePortState``);
 * the **I/O half** lives on the I/O thread: a stream ``Conn``, a ``Handler`` (UDP,
   ZeroMQ, a process watcher), or, in a daemon's client, ``client._remote.RemoteConn``,
   behind which the daemon plays the I/O thread over ZeroMQ.
@@ -32,11 +32,13 @@ in :mod:`~._wakeup`, the pause handshake in :mod:`~._flow`, ``send_blocked`` in
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ._flow import Window
+from ._options import ListenOptions, StreamOptions, TunSettings, UDPSettings, ZmqSettings
 
 __all__ = [
     "ConnectRequest",
@@ -46,8 +48,15 @@ __all__ = [
     "LoopHalf",
     "MakePort",
     "PortIO",
+    "ProcessControl",
+    "ProcessRequest",
+    "RemoteOpens",
+    "SocketAddress",
     "TunRequest",
     "UDPRequest",
+    "ZmqRequest",
+    "format_address",
+    "inet_address",
 ]
 
 #: The owning loop's inbox: ``deliver((port or request, message))``, on the I/O thread.
@@ -69,7 +78,32 @@ class LoopHalf(Protocol):
 
 #: Makes the loop half of an accepted connection, on the I/O thread: called with the
 #: connection's I/O half, the local address and the peer's address.
-MakePort = Callable[[Any, Any, Any], LoopHalf]
+MakePort = Callable[[Any, object, object], LoopHalf]
+
+#: A socket address as ``socket.connect``/``bind`` take it: ``(host, port)`` (IPv4),
+#: ``(host, port, flowinfo, scope_id)`` (IPv6), or a Unix socket's path.
+SocketAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
+
+
+def inet_address(
+    sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes],
+) -> SocketAddress:
+    """An IPv4 or IPv6 socket address as ``socket.getaddrinfo`` returns it, typed: of
+    the families asked for (``AF_INET``, ``AF_INET6``), never the ``(int, bytes)`` of
+    others, which is an AssertionError."""
+    host, port = sockaddr[0], sockaddr[1]
+    assert isinstance(host, str) and isinstance(port, int), sockaddr
+    if len(sockaddr) == 4:
+        return host, port, sockaddr[2], sockaddr[3]
+    return host, port
+
+
+def format_address(address: object) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), or the address's repr (a path...)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return repr(address)
 
 
 @runtime_checkable
@@ -115,11 +149,17 @@ class ConnectRequest:
     deliver: Deliver
     family: int
     #: A socket address of ``family`` (a ``(host, port...)`` tuple, or a path).
-    address: Any
+    address: SocketAddress
     #: The port's validated options (``_options.port_options``).
-    options: dict[str, Any]
+    options: StreamOptions
     #: The active mode ``(credit, notify_passive)`` (``_options.parse_active``).
     active: tuple[int, bool]
+    #: TLS over the connection (``ioserver._tls``): the client's context, or None.
+    tls: ssl.SSLContext | None = None
+    #: The name the server's certificate must match, sent as SNI (None: no check).
+    server_hostname: str | None = None
+    #: Seconds the TLS handshake may take (None: no bound).
+    tls_handshake_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +170,18 @@ class ListenRequest:
     port: LoopHalf
     deliver: Deliver
     family: int
-    address: Any
+    address: SocketAddress
     #: The listening socket's options (``backlog``...) and those of each accepted port,
     #: with ``"active"``: the accepted ports' active mode ``(credit, notify_passive)``.
-    options: dict[str, Any]
+    options: ListenOptions
     #: The listener's own active mode: how many connections it accepts.
     active: tuple[int, bool]
     #: Makes each accepted connection's loop half (see :data:`MakePort`).
     make_port: MakePort
+    #: TLS over each accepted connection: the server's context, or None.
+    tls: ssl.SSLContext | None = None
+    #: Seconds each accepted connection's TLS handshake may take (None: no bound).
+    tls_handshake_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +191,11 @@ class UDPRequest:
     port: LoopHalf
     deliver: Deliver
     family: int
-    bind: Any
-    connect: Any
+    #: None: no bind (the kernel binds at ``connect``).
+    bind: SocketAddress | None
+    connect: SocketAddress | None
     #: The validated UDP options (``_options.udp_options``).
-    options: dict[str, Any]
+    options: UDPSettings
     active: tuple[int, bool]
 
 
@@ -165,8 +210,78 @@ class TunRequest:
     #: ``"tun"`` or ``"tap"``.
     mode: str
     #: The validated TUN/TAP options (``_options.tun_options``).
-    options: dict[str, Any]
+    options: TunSettings
     active: tuple[int, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRequest:
+    """Start a program whose stdin and stdout are the port's stream (a daemon's client:
+    the program runs as the daemon's child; ``ports.open_process`` starts local ones
+    itself)."""
+
+    port: LoopHalf
+    deliver: Deliver
+    #: The program and its arguments (checked: ``ports._process._check_argv``).
+    argv: tuple[str | bytes, ...]
+    #: ``"inherit"`` (the daemon's stderr), ``"devnull"`` or ``"stdout"``.
+    stderr: str
+    #: Seconds between SIGTERM and SIGKILL when the port closes.
+    kill_grace: float
+    #: The port's validated stream options (``_options.unix_options``).
+    options: StreamOptions
+    active: tuple[int, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ZmqRequest:
+    """Open a ZeroMQ socket in a daemon (``ports.open_zmq`` opens local ones itself)."""
+
+    port: LoopHalf
+    deliver: Deliver
+    #: The socket type's name (``"PUSH"``...).
+    socket_type: str
+    bind: tuple[str, ...]
+    connect: tuple[str, ...]
+    #: SUB topics (None: everything).
+    subscribe: tuple[bytes, ...] | None
+    #: The port's options as ``_options.zmq_options`` returned them (its third value).
+    options: ZmqSettings
+    active: tuple[int, bool]
+
+
+class ProcessControl(Protocol):
+    """What a process port asks of the half that runs its program: the local
+    ``ProcessWatcher``, or a daemon's client's stand-in for the daemon's one."""
+
+    pid: int
+
+    def cmd_signal(self, number: int) -> None:
+        """Send signal ``number`` to the program unless it was reaped."""
+        ...
+
+    def cmd_terminate(self, _: object) -> None:
+        """SIGTERM now, SIGKILL after the port's ``kill_grace``."""
+        ...
+
+
+@runtime_checkable
+class RemoteOpens(Protocol):
+    """An I/O half that opens every kind of port by command, in another process: a
+    daemon's client (``client._remote.RemoteIO``).  The port functions hand it their
+    request, answered as the I/O thread answers (``(conn, local, remote)``; a TUN port
+    ``(conn, device)``; a process port ``(conn, pid)``), instead of opening the socket,
+    device or program here."""
+
+    def cmd_open_udp(self, request: object, spec: UDPRequest) -> None: ...
+
+    def cmd_open_tun(self, request: object, spec: TunRequest) -> None: ...
+
+    def cmd_listen_unix(self, request: object, spec: ListenRequest) -> None: ...
+
+    def cmd_open_process(self, request: object, spec: ProcessRequest) -> None: ...
+
+    def cmd_open_zmq(self, request: object, spec: ZmqRequest) -> None: ...
 
 
 class IOHalf(Protocol):

@@ -10,18 +10,25 @@ commands are decoded, checked and applied to the ``Conn`` in the round they arri
 every event of a round for one client leaves in one frame at the end of that round.  No
 event loop stands between a client and its sockets.
 
-The daemon keeps, for each client port, a :class:`RemotePortState`: it stands where a
-``Port`` stands for the I/O thread (``conn.port``: a loop half, see ioserver._contract),
-with the flow-control window the I/O thread reads, updated from the client's messages:
+This module is the endpoint itself: the sessions by routing id, the round (frames read,
+the per-round message budget, refusals), the dispatch of each message to its command,
+the frames sent back, the heartbeats, and the I/O thread's status (:func:`io_status`).
+The rest of the daemon's side is one idea per module, below this one, none importing it
+back (they see the endpoint as :class:`ioserver._session.Endpoint`):
 
-- receive flow control: the window's ``consumed_*`` are what the client's owner took, as
-  the client last reported them (RESUME, checked by ``Window.credit_remote``).  When the
-  delivered bytes pass the high watermark, the I/O thread pauses reading as for a local
-  port and tells the client (PAUSED, through ``window.on_pause``); the client answers
-  RESUME once its owner has taken enough - the same generation handshake (ioserver._flow).
-- send flow control: the window's ``queued_bytes`` counts what the client sent; the I/O
-  thread reports ``bytes_out`` (WRITTEN) when the client may be waiting on a busy port
-  (``send_blocked``: more sent than written and reported, beyond the low watermark).
+- :mod:`ioserver._session`: a client (``Session``: its ports, its outgoing frame, its
+  queue's backpressure), the daemon's stand-in for each of its ports
+  (``RemotePortState``, the loop half the I/O thread sees) and the limits;
+- :mod:`ioserver._port_commands`: the commands on open ports (SEND, SEND_TO, SIGNAL,
+  SEND_EOF, CLOSE, ACTIVE, READ_ONCE, RESUME);
+- :mod:`ioserver._open_commands`: the commands that open a port, one per kind (CONNECT,
+  LISTEN, OPEN_UDP, OPEN_TUN, OPEN_PROCESS, OPEN_ZMQ);
+- :mod:`ioserver._workers`: what the I/O thread must not wait for (host names, programs'
+  start-up), in worker threads.
+
+Every kind of port crosses (protocol version 3).  The kinds that let a client act as the
+daemon's user beyond the network (programs, Unix paths, TUN devices: :data:`PERMISSIONS`)
+are served only when the daemon was started to allow them (FAULT ``"forbidden"``).
 
 A session is a client: a ZeroMQ routing id *and* the secret token the daemon issued in
 its WELCOME, which every later frame must carry (a peer that takes over an orphaned
@@ -29,15 +36,19 @@ session's routing id does not know it, so it gets no port of that session).  A s
 that sends nothing, not even a heartbeat, for ``HEARTBEAT_MISSES`` intervals is lost: its
 ports are closed after their output is written, so peers see end-of-file.
 
-Limits (:class:`ControlLimits`): every bound on what one client can make the daemon hold
-or do is here, so that a refusal is cheap and memory stays under the budget:
+Limits (:class:`ControlLimits`, defined in :mod:`ioserver._session`, which the commands
+read too): every bound on what one client can make the daemon hold or do, so that a
+refusal is cheap and memory stays under the budget:
 
 - frames: ZeroMQ drops a peer that sends more than ``max_frame`` bytes
   (``ZMQ_MAXMSGSIZE``); a frame is decoded with msgpack's limits; after
   ``faults_per_frame`` refusals the rest of a frame is ignored; refusals are logged at
   most ``log_per_second`` times a second;
-- sessions (``max_sessions``), ports a session opens (``max_ports``), host names being
-  resolved (``max_resolving``; resolved by worker threads, never by the I/O thread);
+- sessions (``max_sessions``), ports a session opens (``max_ports``), jobs of the
+  worker threads (``max_resolving``): host names are resolved and programs forked there,
+  never on the I/O thread;
+- what an open request carries (paths, argv, endpoints, topics, device names, signals)
+  is checked and bounded by :mod:`ioserver._protocol` before use;
 - STATUS is computed at most once a round and answered at most ``status_per_round``
   times per session and round;
 - output to a client: DATA stays charged to the memory budget until ZeroMQ has taken
@@ -50,30 +61,28 @@ or do is here, so that a refusal is cheap and memory stays under the budget:
 
 from __future__ import annotations
 
-import errno
 import hmac
 import logging
 import os
 import secrets
-import socket
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Callable
+from typing import cast
 
 import zmq
 
 from . import _protocol as P
 from ._conn import CONNECTING, LISTENER, STREAM, Conn, Handler
-from ._contract import ConnectRequest, ListenRequest
-from ._exceptions import ConnectError, OptionError
-from ._flow import Window
-from ._framing import port_framer
+from ._contract import ConnectRequest, ListenRequest, ProcessRequest, UDPRequest
 from ._iothread import IOThread
-from ._messages import WRITABLE, Accepted, Closed, Data, Error, Passive
-from ._options import LISTEN_OPTIONS, check_options, port_options
+from ._open_commands import COMMANDS as OPEN_COMMANDS
+from ._port_commands import COMMANDS as PORT_COMMANDS
+from ._port_commands import Command, arity
 from ._protocol import ProtocolViolation
+from ._session import PERMISSIONS as PERMISSIONS  # the daemon's --allow-KIND: re-exported
+from ._session import ControlLimits as ControlLimits  # ioserver serve's limits: re-exported
+from ._session import Endpoint, Opening, Session, SessionBudget
+from ._workers import Workers
 from ._zmq import ZmqSocketHandler
 
 log = logging.getLogger("ioserver")
@@ -85,294 +94,6 @@ RECEIVE_BATCH = 256  # frames taken from the control socket per round
 #: frame waits for the next round (``call_soon``), before any later frame is read, so a
 #: client's messages still run in order.
 MESSAGE_BUDGET = 2048
-_EAI_NAMES = {
-    getattr(socket, name): name
-    for name in dir(socket)
-    if name.startswith("EAI_") and isinstance(getattr(socket, name), int)
-}
-
-
-@dataclass
-class ControlLimits:
-    """The control endpoint's bounds on one client (``ioserver serve`` options; the docs'
-    "Limits and security" page).  What a client that passes one gets is in brackets."""
-
-    #: bytes in one frame from a client: ``ZMQ_MAXMSGSIZE`` [ZeroMQ disconnects it].
-    max_frame: int = P.DEFAULT_MAX_FRAME
-    #: messages in one frame, elements of any array [FAULT "malformed", frame dropped].
-    max_messages: int = P.MAX_MESSAGES
-    #: sessions open at once [HELLO answered with FAULT "limit"].
-    max_sessions: int = 1024
-    #: ports of one session, accepted ones included [CONNECT/LISTEN: FAULT "limit"].
-    max_ports: int = 4096
-    #: bytes of DATA queued for one client before its ports stop reading [backpressure].
-    session_queue: int = 4 * 1024 * 1024
-    #: frames ZeroMQ queues for one client (``ZMQ_SNDHWM``) [they wait in the session].
-    send_hwm: int = 32
-    #: host names being resolved at once, all sessions [CONNECT/LISTEN: FAULT "limit"].
-    max_resolving: int = 64
-    #: STATUS requests answered per session and round [FAULT "limit"].
-    status_per_round: int = 4
-    #: refusals answered per frame [the rest of the frame is ignored, one FAULT says so].
-    faults_per_frame: int = 16
-    #: refused-message log lines per second [counted, one line says how many].
-    log_per_second: int = 10
-
-    def check(self) -> None:
-        """Raises OptionError: a limit is not a positive int."""
-        for name, value in vars(self).items():
-            if not P.is_int(value) or value <= 0:
-                raise OptionError(f"the control endpoint's {name} must be a positive int")
-
-
-class _Budget:
-    """All sessions' share of the daemon's memory budget (a budget owner, as hubs are)."""
-
-    def __init__(self) -> None:
-        self.queued_bytes = 0
-        self.consumed_bytes = 0
-
-    def _stopped_by_io(self) -> None:
-        pass
-
-
-class RemotePortState:
-    """The daemon's stand-in for a client's port (see the module docstring)."""
-
-    __slots__ = (
-        "_unsent",
-        "_window",
-        "conn",
-        "low_watermark",
-        "pid",
-        "reported_bytes_out",
-        "session",
-    )
-
-    def __init__(self, session: Session, pid: int, options: dict[str, Any]) -> None:
-        self.session = session
-        self.pid = pid
-        window = self._window = Window(port_framer(options))
-        window.on_pause = self._paused
-        window.on_gone = self._gone
-        self._unsent = 0  # bytes of its DATA queued in the session, not yet taken by ZeroMQ
-        self.reported_bytes_out = 0
-        self.low_watermark = options.get("low_watermark", 0)
-        self.conn: Conn | None = None
-
-    def _update_send_blocked(self) -> None:
-        """The client may think the port busy: have the I/O thread report ``bytes_out``
-        when it drains (WRITTEN).  Called whenever what it sent or was told changes."""
-        window = self._window
-        window.send_blocked = window.queued_bytes - self.reported_bytes_out > self.low_watermark
-
-    def _paused(self, generation: int) -> None:
-        self.session.emit([P.PAUSED, self.pid, generation])
-
-    def _gone(self) -> None:
-        self.session.port_gone(self)
-
-
-class _Request:
-    __slots__ = ("rid", "state")
-
-    def __init__(self, rid: int, state: RemotePortState) -> None:
-        self.rid = rid
-        self.state = state
-
-
-class Session:
-    """One client: its ports, its outgoing events, its liveness."""
-
-    def __init__(self, control: ControlEndpoint, identity: bytes, token: bytes) -> None:
-        self.control = control
-        self.identity = identity
-        self.token = token
-        self.user: str | None = None  # the ZAP User-Id of its client (CURVE: its key)
-        self.ports: dict[int, RemotePortState] = {}
-        self.outbound: list[Any] = []
-        # The DATA of ``outbound`` as (port, bytes charged), credited when ZeroMQ takes
-        # the frame; ``pending`` holds the frames ZeroMQ could not take yet, with theirs.
-        self.out_credits: list[tuple[RemotePortState, int]] = []
-        self.out_size = 0
-        self.pending: deque[tuple[bytes, list[tuple[RemotePortState, int]]]] = deque()
-        self.held = 0  # bytes of DATA in outbound and pending (charged to the budget)
-        self.holding = False  # its ports stopped reading: ``held`` passed session_queue
-        self.status_round = -1
-        self.status_count = 0
-        self.last_seen = self.last_sent = time.monotonic()
-        self.next_accepted = -1
-        self.closed = False
-        self.started = time.time()
-        self.messages_in = 0
-        self.faults = 0
-
-    def emit(self, message: list[Any]) -> None:
-        if self.closed:
-            return
-        if not self.outbound:
-            self.control.mark(self)
-        self.outbound.append(message)
-
-    def fault(self, rid: object, kind: str, text: str) -> None:
-        self.faults += 1
-        self.emit([P.FAULT, rid if P.is_int(rid) else None, kind, text])
-
-    def deliver(self, pair: tuple[Any, Any]) -> None:
-        """The I/O thread's ``conn.deliver`` for this client's ports: encode the event."""
-        target, message = pair
-        cls = message.__class__
-        if cls is Data:
-            sizes = target._window.sizes
-            if sizes is None:
-                data = message.data
-                size = len(data)
-                self.emit([P.DATA, target.pid, data])
-            else:
-                size = sizes.popleft()
-                self.emit([P.DATA, target.pid, message.data, size])
-            # Still the daemon's memory until ZeroMQ takes the frame (``sent``).
-            self.out_credits.append((target, size))
-            target._unsent += size
-            self.held += size
-            self.out_size += size
-            limits = self.control.limits
-            if self.held > limits.session_queue:
-                self.hold(target)
-            if self.out_size >= limits.max_frame:
-                self.control.send_now(self)
-        elif message is WRITABLE:
-            conn = target.conn
-            if conn is not None:
-                target.reported_bytes_out = conn.bytes_out
-                target._update_send_blocked()
-                self.emit([P.WRITTEN, target.pid, conn.bytes_out])
-        elif cls is Closed:
-            self.emit([P.CLOSED, target.pid, message.reason, message.errno_name])
-        elif cls is Error:
-            self.emit([P.ERROR, target.pid, message.errno_name, message.errno, message.message])
-        elif cls is Passive:
-            self.emit([P.PASSIVE, target.pid])
-        elif cls is Accepted:
-            state = message.port
-            conn = state.conn
-            local = conn.sock.getsockname() if conn is not None and not conn.closed else None
-            self.emit(
-                [
-                    P.ACCEPTED,
-                    target.pid,
-                    state.pid,
-                    P.wire_address(local),
-                    P.wire_address(message.address),
-                ]
-            )
-        elif isinstance(target, _Request):
-            self._answer(target, message)
-        else:  # pragma: no cover - every event the I/O thread makes is handled above
-            log.error("no wire form for %r", message)
-
-    def _answer(self, request: _Request, result: object) -> None:
-        state = request.state
-        if isinstance(result, tuple):
-            conn, local, remote = result
-            state.conn = conn
-            self.emit([P.OK, request.rid, P.wire_address(local), P.wire_address(remote)])
-            if self.closed:
-                self.control.io.cmd_close(conn, None)
-            return
-        self.ports.pop(state.pid, None)
-        if isinstance(result, ConnectError):
-            self.emit(
-                [
-                    P.FAILED,
-                    request.rid,
-                    "ConnectError",
-                    result.errno,
-                    result.errno_name,
-                    str(result),
-                ]
-            )
-        else:
-            self.emit([P.FAILED, request.rid, "OptionError", None, None, str(result)])
-
-    def sent(self, credits: list[tuple[RemotePortState, int]]) -> None:
-        """ZeroMQ took a frame: its DATA leaves the budget and the session's queue."""
-        total = 0
-        for state, size in credits:
-            state._unsent -= size
-            total += size
-        if total:
-            self.control.budget.consumed_bytes += total
-            self.held -= total
-            if self.holding and self.held <= self.control.limits.session_queue // 2:
-                self.release()
-
-    def hold(self, target: RemotePortState) -> None:
-        """Too much waits for the client: stop reading the session's ports (the port that
-        delivered, if they already stopped: an accepted one, or one that read again)."""
-        if not self.holding:
-            self.holding = True
-            self.control.holds += 1
-            for state in self.ports.values():
-                self._hold(state.conn)
-        else:
-            self._hold(target.conn)
-
-    def _hold(self, conn: Conn | None) -> None:
-        if conn is None or conn.closed or conn.queue_paused:
-            return
-        if conn.kind == STREAM:
-            conn.queue_paused = True
-            self.control.io._stream_interest(conn)
-        elif conn.kind == CONNECTING:
-            conn.queue_paused = True  # read from when it connects
-
-    def release(self) -> None:
-        """Half of the queue left: the session's ports read again."""
-        self.holding = False
-        io = self.control.io
-        for state in self.ports.values():
-            conn = state.conn
-            if conn is not None and conn.queue_paused:
-                conn.queue_paused = False
-                if conn.kind == STREAM and not conn.closed:
-                    io._stream_interest(conn)
-
-    def port_gone(self, state: RemotePortState) -> None:
-        if self.ports.get(state.pid) is state:
-            del self.ports[state.pid]
-        self.emit([P.GONE, state.pid])
-
-    def close(self, why: str) -> None:
-        """Close every port of the session (after writing their output)."""
-        if self.closed:
-            return
-        io = self.control.io
-        count = 0
-        for state in list(self.ports.values()):
-            conn = state.conn
-            if conn is not None and not conn.closed:
-                count += 1
-                io.cmd_close(conn, None)
-        if self.outbound:  # what was answered before the end still goes (best effort)
-            self.control._send(self.identity, P.pack(self.outbound))
-        self.closed = True
-        self.ports.clear()
-        self.outbound.clear()
-        # What was queued for the client is dropped: it leaves the budget.
-        self.sent(self.out_credits)
-        self.out_credits = []
-        while self.pending:
-            self.sent(self.pending.popleft()[1])
-        self.control.backlogged.pop(self, None)
-        # A session that had no port (`ioserver status`, a probe) is not news at INFO.
-        log.log(
-            logging.INFO if count else logging.DEBUG,
-            "client %s %s: closed its %d ports",
-            self.identity.hex(),
-            why,
-            count,
-        )
 
 
 class ControlEndpoint(ZmqSocketHandler):
@@ -384,12 +105,15 @@ class ControlEndpoint(ZmqSocketHandler):
         sock: zmq.Socket[bytes],
         *,
         heartbeat: float,
-        info: dict[str, Any],
-        status: Any,
+        info: dict[str, P.Wire],
+        status: Callable[[], dict[str, P.Wire]],
         limits: ControlLimits | None = None,
         bind_user: bool = False,
+        allow: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(io, sock)
+        #: The kinds of :data:`PERMISSIONS` this daemon serves (``--allow-KIND``).
+        self.allow = allow
         # Under CURVE a session is also bound to the client's key, the ZAP "User-Id" of
         # its frames: a token alone, leaked, does not let another key in.
         self._copy = not bind_user
@@ -409,23 +133,22 @@ class ControlEndpoint(ZmqSocketHandler):
         # The round's message budget (MESSAGE_BUDGET), and the rest of a frame it cut.
         self._budget = MESSAGE_BUDGET
         self._budget_round = -1
-        self._rest: tuple[bytes, Session | None, str | None, list[Any], int, int] | None = None
-        self.budget = _Budget()
+        self._rest: tuple[bytes, Session | None, str | None, list[P.Wire], int, int] | None = None
+        self.budget = SessionBudget()
         self.faults = 0
         self.faults_unanswered = 0
         self.sessions_opened = 0
         self.sessions_lost = 0
         self.sessions_refused = 0
         self.holds = 0
-        self.names_resolved = 0
-        self._resolving = 0
-        self._resolver: ThreadPoolExecutor | None = None
-        self._status_cache: tuple[int, dict[str, Any]] | None = None
+        #: The worker threads: host names resolved, programs started (ioserver._workers).
+        self.workers = Workers(io, limits)
+        self._status_cache: tuple[int, dict[str, P.Wire]] | None = None
         self._log_window = 0.0
         self._log_count = 0
         self._log_suppressed = 0
-        self._timer: Any = None
-        io._budget_owners.append(self.budget)
+        self._timer: list[Callable[[], None] | None] | None = None
+        io.budget.owners.append(self.budget)
         # Remote clients are served by this thread itself: it must not pause for the flush
         # point of a local app's loop (see ioserver._wakeup).
         io.waits_for_flush = False
@@ -469,12 +192,13 @@ class ControlEndpoint(ZmqSocketHandler):
             return
         user: str | None = None
         if not self._copy:  # zmq.Frame objects: bind the session to the client's key
-            last: Any = frames[-1]
+            received = cast("list[zmq.Frame]", frames)  # read with copy=False (ZmqSocketHandler)
             try:
-                user = last.get("User-Id")
+                value = received[-1].get("User-Id")
             except zmq.ZMQError:
-                user = None
-            frames = [frame.bytes for frame in frames]  # type: ignore[attr-defined]
+                value = None
+            user = value if isinstance(value, str) else None
+            frames = [frame.bytes for frame in received]
         identity, frame = frames
         session = self.sessions.get(identity)
         limits = self.limits
@@ -506,7 +230,7 @@ class ControlEndpoint(ZmqSocketHandler):
         identity: bytes,
         session: Session | None,
         user: str | None,
-        messages: list[Any],
+        messages: list[P.Wire],
         start: int,
         refused: int,
     ) -> None:
@@ -536,19 +260,15 @@ class ControlEndpoint(ZmqSocketHandler):
                     raise ProtocolViolation("unknown-opcode", f"unknown opcode {opcode}")
                 handler(self, session, message)
             except ProtocolViolation as exc:
-                rid = exc.rid
-                if (
-                    rid is None
-                    and len(message) > 1
-                    and P.is_int(message[1])
-                    and message[0] in (P.CONNECT, P.LISTEN, P.STATUS)
-                ):
-                    rid = message[1]
+                rid: object = exc.rid
+                if rid is None and isinstance(message, list) and message[0] in _REQUESTS:
+                    rid = message[1] if len(message) > 1 else None  # echoed if an int
                 self._refuse(identity, session, rid, exc.kind, str(exc))
                 refused += 1
             except Exception as exc:  # a bug serving one message: refuse it, keep serving
                 self.io.internal_errors += 1
-                log.exception("control endpoint: error while serving %r", message[:2])
+                shown = message[:2] if isinstance(message, list) else message
+                log.exception("control endpoint: error while serving %r", shown)
                 self._refuse(identity, session, None, "internal", repr(exc))
                 refused += 1
             if refused >= limits.faults_per_frame and index + 1 < len(messages):
@@ -572,9 +292,10 @@ class ControlEndpoint(ZmqSocketHandler):
         if session is not None and not session.closed:
             session.fault(rid, kind, text)
         else:
-            self._send(identity, P.pack([[P.FAULT, rid if P.is_int(rid) else None, kind, text]]))
+            fault: P.Message = [P.FAULT, rid if P.is_int(rid) else None, kind, text]
+            self.send_frame(identity, P.pack([fault]))
 
-    def _log_refusal(self, form: str, *args: Any) -> None:
+    def _log_refusal(self, form: str, *args: object) -> None:
         """Log a refusal, at most ``log_per_second`` lines a second; the others are
         counted and one line says how many (at the next refusal or heartbeat tick)."""
         now = time.monotonic()
@@ -595,7 +316,7 @@ class ControlEndpoint(ZmqSocketHandler):
             )
             self._log_suppressed = 0
 
-    def _hello(self, identity: bytes, session: Session | None, message: list[Any]) -> Session:
+    def _hello(self, identity: bytes, session: Session | None, message: P.Message) -> Session:
         if len(message) != 2 or not P.is_int(message[1]):
             raise ProtocolViolation("malformed", "HELLO is [1, client_version]")
         if message[1] != P.VERSION:
@@ -618,7 +339,7 @@ class ControlEndpoint(ZmqSocketHandler):
         session.emit([P.WELCOME, {**self.info, "token": session.token}])
         return session
 
-    def cached_status(self) -> dict[str, Any]:
+    def cached_status(self) -> dict[str, P.Wire]:
         """The status, computed at most once a round (it scans the port table)."""
         round_ = self.io.polls
         cache = self._status_cache
@@ -626,42 +347,28 @@ class ControlEndpoint(ZmqSocketHandler):
             cache = self._status_cache = (round_, self.status())
         return cache[1]
 
-    # -- host names: resolved by worker threads, never by the I/O thread -----------------
-    def resolve(self, request: _Request, spec: ConnectRequest | ListenRequest) -> None:
-        """Resolve the address of a CONNECT or LISTEN off the I/O thread, then open it.
+    # -- host names and programs: the worker threads (ioserver._workers) ----------------
+    def resolve(self, request: Opening, spec: ConnectRequest | ListenRequest | UDPRequest) -> None:
+        """Resolve the address of a CONNECT, LISTEN or OPEN_UDP off the I/O thread, then
+        open it.
 
         Raises:
-            ProtocolViolation: ``max_resolving`` names are being resolved already.
+            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
         """
-        if self._resolving >= self.limits.max_resolving:
-            raise ProtocolViolation(
-                "limit",
-                f"{self._resolving} host names are being resolved; send a numeric address "
-                "or try again",
-                request.rid,
-            )
-        if self._resolver is None:
-            self._resolver = ThreadPoolExecutor(4, thread_name_prefix="ioserver-resolve")
-        self._resolving += 1
-        self._resolver.submit(_resolve_name, self.io, self._resolved, (request, spec))
+        self.workers.resolve(request, spec)
 
-    def _resolved(
-        self, job: tuple[_Request, ConnectRequest | ListenRequest], result: object
-    ) -> None:
-        self._resolving -= 1
-        request, spec = job
-        state = request.state
-        session = state.session
-        if session.closed or session.ports.get(state.pid) is not state:
-            return  # the session ended meanwhile
-        if isinstance(result, BaseException):
-            session._answer(request, result)
-            return
-        self.names_resolved += 1
-        if isinstance(spec, ListenRequest):
-            self.io.cmd_listen(request, replace(spec, address=result))
-        else:
-            self.io.cmd_connect(request, replace(spec, address=result))
+    def start_program(self, request: Opening, spec: ProcessRequest) -> None:
+        """Start a client's program in a worker thread (never a fork on the I/O thread).
+
+        Raises:
+            ProtocolViolation: ``max_resolving`` jobs are in the worker threads already.
+        """
+        self.workers.start_program(request, spec)
+
+    @property
+    def names_resolved(self) -> int:
+        """Host names the worker threads resolved (``ioserver status``)."""
+        return self.workers.names_resolved
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -680,13 +387,13 @@ class ControlEndpoint(ZmqSocketHandler):
         session.out_credits = []
         session.out_size = 0
         session.last_sent = time.monotonic()
-        if session.pending or not self._send(session.identity, frame):
+        if session.pending or not self.send_frame(session.identity, frame):
             session.pending.append((frame, credits))
             self.backlogged[session] = None
         else:
             session.sent(credits)
 
-    def _send(self, identity: bytes, frame: bytes) -> bool:
+    def send_frame(self, identity: bytes, frame: bytes) -> bool:
         try:
             self.sock.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.Again:
@@ -705,7 +412,7 @@ class ControlEndpoint(ZmqSocketHandler):
             pending = session.pending
             while pending:
                 frame, credits = pending[0]
-                if not self._send(session.identity, frame):
+                if not self.send_frame(session.identity, frame):
                     break
                 pending.popleft()
                 session.sent(credits)
@@ -736,8 +443,7 @@ class ControlEndpoint(ZmqSocketHandler):
         for session in self.sessions.values():
             session.close("disconnected: the daemon is stopping")
         self.sessions.clear()
-        if self._resolver is not None:
-            self._resolver.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
         self._close()
 
     def _close(self) -> None:
@@ -755,171 +461,9 @@ class ControlEndpoint(ZmqSocketHandler):
         self.close_all()
 
 
-# -- the commands (each runs on the I/O thread; raises ProtocolViolation when refused) ----
-def _arity(message: list[Any], count: int, form: str) -> None:
-    if len(message) != count:
-        raise ProtocolViolation("malformed", f"expected {form}")
-
-
-def _port(session: Session, pid: Any) -> RemotePortState:
-    state = session.ports.get(pid) if P.is_int(pid) else None
-    if state is None or state.conn is None:
-        raise ProtocolViolation("unknown-port", f"this session has no open port {pid!r}")
-    return state
-
-
-def _conn(state: RemotePortState) -> Conn:
-    """The I/O half of a port :func:`_port` found open."""
-    conn = state.conn
-    assert conn is not None
-    return conn
-
-
-def _open_options(session: Session, rid: int, pid: Any, raw: Any, listen: bool) -> Any:
-
-    if not P.is_int(pid) or pid <= 0:
-        raise ProtocolViolation("malformed", "a client's port id is a positive int", rid)
-    if pid in session.ports:
-        raise ProtocolViolation("duplicate-port", f"port id {pid} is in use", rid)
-    limit = session.control.limits.max_ports
-    if len(session.ports) >= limit:
-        raise ProtocolViolation("limit", f"this session has {limit} ports, its limit", rid)
-    if not isinstance(raw, dict):
-        raise ProtocolViolation("malformed", "options must be a map", rid)
-    options = dict(raw)
-    extra: dict[str, Any] = {}
-    try:
-        if listen:
-            for name in ("backlog", "reuseaddr", "reuseport"):
-                if name in options:
-                    extra[name] = options.pop(name)
-            check_options(extra, LISTEN_OPTIONS, "a remote TCP listener")
-            accept_active = options.pop("accept_active", [-1, False])
-            if not (
-                isinstance(accept_active, list)
-                and len(accept_active) == 2
-                and P.is_int(accept_active[0])
-                and isinstance(accept_active[1], bool)
-            ):
-                raise OptionError("accept_active must be [credit, notify]")
-            extra["active"] = (accept_active[0], accept_active[1])
-        _, settings = port_options(options, "a remote TCP port")
-    except OptionError as exc:
-        raise ProtocolViolation("bad-option", str(exc), rid) from None
-    return settings, extra
-
-
-def _credit(message: list[Any], at: int) -> tuple[int, bool]:
-    credit, notify = message[at], message[at + 1]
-    if not P.is_int(credit) or not isinstance(notify, bool) or not -1 <= credit <= 1 << 20:
-        raise ProtocolViolation("malformed", "an active mode is [credit: int, notify: bool]")
-    return credit, notify
-
-
-def _cmd_connect(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 8, "[10, rid, pid, family, address, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    family, address = _address(message, rid)
-    settings, _ = _open_options(session, rid, message[2], message[5], listen=False)
-    active = _credit(message, 6)
-    state = RemotePortState(session, message[2], settings)
-    spec = ConnectRequest(state, session.deliver, family, address, settings, active)
-    if P.is_numeric_host(family, address[0]):
-        session.ports[state.pid] = state
-        control.io.cmd_connect(_Request(rid, state), spec)
-    else:
-        control.resolve(_Request(rid, state), spec)
-        session.ports[state.pid] = state
-
-
-def _cmd_listen(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 8, "[11, rid, pid, family, address, options, credit, notify]")
-    rid = P.check_int(message[1], "rid")
-    family, address = _address(message, rid)
-    settings, extra = _open_options(session, rid, message[2], message[5], listen=True)
-    active = _credit(message, 6)
-    state = RemotePortState(session, message[2], settings)
-    session.ports[state.pid] = state
-
-    def make_port(conn: Conn, local_address: object, remote_address: object) -> RemotePortState:
-        accepted = RemotePortState(session, session.next_accepted, settings)
-        session.next_accepted -= 1
-        accepted.conn = conn
-        session.ports[accepted.pid] = accepted
-        if session.holding:
-            conn.queue_paused = True  # its first read waits for the session's queue
-        return accepted
-
-    spec = ListenRequest(
-        state, session.deliver, family, address, {**extra, **settings}, active, make_port
-    )
-    if P.is_numeric_host(family, address[0]):
-        session.ports[state.pid] = state
-        control.io.cmd_listen(_Request(rid, state), spec)
-    else:
-        control.resolve(_Request(rid, state), spec)
-        session.ports[state.pid] = state
-
-
-def _address(message: list[Any], rid: int) -> tuple[int, Any]:
-    try:
-        return P.check_address(message[3], message[4])
-    except ProtocolViolation as exc:
-        exc.rid = rid
-        raise
-
-
-def _cmd_send(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 3, "[20, pid, data]")
-    state = _port(session, message[1])
-    data = message[2]
-    if not isinstance(data, bytes):
-        raise ProtocolViolation("malformed", "SEND data must be bytes")
-    state._window.queued_bytes += len(data)
-    state._update_send_blocked()
-    control.budget.queued_bytes += len(data)
-    conn = state.conn  # (_conn, inlined: a SEND is the daemon's hot path)
-    assert conn is not None
-    control.io.cmd_send(conn, data)
-
-
-def _cmd_send_eof(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 2, "[21, pid]")
-    control.io.cmd_send_eof(_conn(_port(session, message[1])), None)
-
-
-def _cmd_close(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 2, "[22, pid]")
-    control.io.cmd_close(_conn(_port(session, message[1])), None)
-
-
-def _cmd_active(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 4, "[23, pid, credit, notify]")
-    state = _port(session, message[1])
-    control.io.cmd_set_active(_conn(state), _credit(message, 2))
-
-
-def _cmd_read_once(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 2, "[24, pid]")
-    control.io.cmd_read_once(_conn(_port(session, message[1])), None)
-
-
-def _cmd_resume(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 5, "[25, pid, generation, consumed_bytes, consumed_messages]")
-    state = _port(session, message[1])
-    generation = P.check_int(message[2], "generation", 0)
-    consumed_bytes = P.check_int(message[3], "consumed_bytes", 0)
-    consumed_messages = P.check_int(message[4], "consumed_messages", 0)
-    # Counters only grow; a client cannot claim to have taken more than it was given, nor
-    # what is still queued here for it: a client that does not read stays paused.
-    conn = state.conn
-    assert conn is not None
-    state._window.credit_remote(consumed_bytes, consumed_messages, conn, state._unsent)
-    control.io.cmd_resume(conn, generation)
-
-
-def _cmd_status(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 2, "[30, rid]")
+# -- the endpoint's own commands (on the I/O thread; raise ProtocolViolation when refused)
+def _cmd_status(control: Endpoint, session: Session, message: P.Message) -> None:
+    arity(message, 2, "[30, rid]")
     rid = P.check_int(message[1], "rid")
     round_ = control.io.polls
     if session.status_round != round_:
@@ -933,53 +477,33 @@ def _cmd_status(control: ControlEndpoint, session: Session, message: list[Any]) 
     session.emit([P.STATUS_REPLY, rid, control.cached_status()])
 
 
-def _cmd_heartbeat(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 1, "[2]")
+def _cmd_heartbeat(control: Endpoint, session: Session, message: P.Message) -> None:
+    arity(message, 1, "[2]")
 
 
-def _cmd_bye(control: ControlEndpoint, session: Session, message: list[Any]) -> None:
-    _arity(message, 1, "[3]")
+def _cmd_bye(control: Endpoint, session: Session, message: P.Message) -> None:
+    arity(message, 1, "[3]")
     session.close("said bye")
     control.sessions.pop(session.identity, None)
 
 
-_COMMANDS: dict[int, Any] = {
+#: The opcodes whose second element is a request id, which a FAULT echoes.
+_REQUESTS = frozenset(
+    {P.CONNECT, P.LISTEN, P.OPEN_UDP, P.OPEN_TUN, P.OPEN_PROCESS, P.OPEN_ZMQ, P.STATUS}
+)
+
+#: Every command a session may send after HELLO: the endpoint's own, those that open a
+#: port (ioserver._open_commands) and those on open ports (ioserver._port_commands).
+_COMMANDS: dict[int, Command] = {
     P.HEARTBEAT: _cmd_heartbeat,
     P.BYE: _cmd_bye,
-    P.CONNECT: _cmd_connect,
-    P.LISTEN: _cmd_listen,
-    P.SEND: _cmd_send,
-    P.SEND_EOF: _cmd_send_eof,
-    P.CLOSE: _cmd_close,
-    P.ACTIVE: _cmd_active,
-    P.READ_ONCE: _cmd_read_once,
-    P.RESUME: _cmd_resume,
+    **OPEN_COMMANDS,
+    **PORT_COMMANDS,
     P.STATUS: _cmd_status,
 }
 
 
-def _resolve_name(
-    io: IOThread, done: Any, job: tuple[_Request, ConnectRequest | ListenRequest]
-) -> None:
-    """In a worker thread: the address of a CONNECT or LISTEN given by name, then
-    ``done(job, sockaddr or ConnectError)`` on the I/O thread."""
-    _, spec = job
-    listen = isinstance(spec, ListenRequest)
-    family, (host, port, *_) = spec.family, spec.address
-    result: object
-    try:
-        infos = socket.getaddrinfo(
-            host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE if listen else 0
-        )
-        result = infos[0][4]
-    except (OSError, UnicodeError) as exc:
-        number = getattr(exc, "errno", None) or errno.EINVAL
-        name = _EAI_NAMES.get(number, errno.errorcode.get(number, "EINVAL"))
-        result = ConnectError(f"cannot resolve {host!r}: {exc} ({name})", number, name)
-    io.submit(done, job, result)
-
-
-def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[str, P.Wire]:
     """The I/O thread's status for ``ioserver status`` (runs on the I/O thread)."""
     kinds = {"tcp": 0, "tcp_listeners": 0, "connecting": 0, "other": 0}
     busy = paused = queued = 0
@@ -1005,7 +529,7 @@ def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, 
         "uptime": round(time.monotonic() - started, 3),
         "poller": io.poller_name,
         "ports_open": io.ports_open,
-        "ports_by_kind": kinds,
+        "ports_by_kind": dict[str, P.Wire](kinds),
         "bytes_in": io.bytes_in,
         "bytes_out": io.bytes_out,
         "bytes_queued_out": queued,
@@ -1019,5 +543,6 @@ def io_status(io: IOThread, started: float, extra: dict[str, Any]) -> dict[str, 
         "wakes_to_loops_skipped": sum(inbox.wakes_skipped for inbox in inboxes),
         "memory_in_use": io.memory_in_use(),
         "internal_errors": io.internal_errors,
+        "linger_timeouts": io.linger_timeouts,
         **extra,
     }

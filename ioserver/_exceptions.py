@@ -29,6 +29,7 @@ __all__ = [
     "PacketTooLarge",
     "PollerLimitError",
     "SendTimeoutError",
+    "TLSError",
     "UnsafeEndpointError",
     "WouldBlock",
     "errno_name",
@@ -112,6 +113,34 @@ class ConnectError(IOServerError, OSError):
         return str(self.strerror if self.errno is not None else self.args[0])
 
 
+class TLSError(ConnectError):
+    """A TLS handshake failed: the connection was never usable and is closed.
+
+    Raised by :func:`ports.connect_tcp` with ``tls=``: the peer's certificate did not
+    verify (a CA not trusted, a host name that does not match), the peer does not speak
+    TLS (a plaintext or garbage peer), no protocol version or cipher in common, or the
+    handshake took longer than ``tls_handshake_timeout``.  It is a :exc:`ConnectError`:
+    ``errno_name`` is ``"ETLS"`` (``"ETIMEDOUT"`` for the timeout), ``reason`` OpenSSL's
+    reason (``"CERTIFICATE_VERIFY_FAILED"``, ``"WRONG_VERSION_NUMBER"``...) or ``None``,
+    and the message says which and with whom.  On a listener the same failure is an
+    :class:`~ioserver.Error` message with that ``errno_name`` and text, and the
+    connection is never delivered (see :func:`ports.listen_tcp`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        errno: int | None = None,
+        errno_name: str | None = "ETLS",
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message, errno, errno_name)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.errno, self.errno_name, self.reason))
+
+
 class OptionError(IOServerError, ValueError):
     """An option has a wrong name, type or value. The message names the option and why."""
 
@@ -119,12 +148,12 @@ class OptionError(IOServerError, ValueError):
 class NotSupportedError(OptionError):
     """The I/O server given cannot carry this kind of port.
 
-    Raised at once by the port function, before anything is opened or started: a server
-    from :func:`client.connect` (an ioserver daemon's) carries TCP ports only
-    (:func:`ports.connect_tcp`, :func:`ports.listen_tcp`) until the daemon's protocol
-    carries the others; open UDP, Unix socket, ZeroMQ and process ports on a local I/O
-    server (:func:`ioserver.open`, :func:`ioserver.run`).  It is an :exc:`OptionError`
-    (a :exc:`ValueError`): the ``server`` argument is the wrong one for this call.
+    Raised at once by the port function, before anything is opened or started: a TUN
+    port off Linux, or a server from
+    :func:`client.connect` (an ioserver daemon's) given what its protocol does not carry
+    (a process port's ``env``, ``cwd`` or ``stderr="port"``: the program is the daemon's
+    child, argv only).  It is an :exc:`OptionError` (a :exc:`ValueError`): an argument is
+    the wrong one for this call.
     """
 
 

@@ -57,7 +57,12 @@ The two halves run in two threads and never lock; the pause generation is the fe
    (``cmd_resume``).
 3. The I/O half resumes only if the generation asked is still the current one and the
    counters still say drained (:meth:`ReceiveFlow.may_resume`): a late resume of an
-   older pause is ignored.
+   older pause is ignored.  If it is the current one but the counters no longer say
+   drained - a grant delivered held packets (see "The active credit") after the owner
+   looked - the pause goes on **under a new generation**, told to a daemon's client
+   like a new pause, and the I/O half re-reads as in step 1.  The owner asked for the
+   old generation already and would never ask for it again: the new one is what makes
+   its next take ask again, so a declined resume cannot leave the port paused for good.
 
 Whichever of 1 and 2 runs second sees the other's write: either the I/O half's re-read
 sees the owner's take, or the owner's check sees the new generation.  No pause is left
@@ -70,7 +75,7 @@ The memory budget
 -----------------
 ``memory_limit`` (``L``) bounds the input of all ports together, charged from the moment
 the I/O thread reads it until an owner takes it, with framing buffers and queued output.
-Once a round, ``IOThread._memory_check`` computes the headroom ``L - memory_in_use()``.
+Once a round, :meth:`MemoryBudget.headroom` computes the headroom ``L - memory_in_use()``.
 It is split in two.  An ordinary read needs a whole read (64 KiB) of headroom **plus the
 reserve** (``L // 4``): so ordinary input stops at three quarters of the budget and the
 ports it paused resume together at one half.  The reserve is for the ports whose owner
@@ -85,9 +90,14 @@ waiting on a port already paused by the budget tells the thread (``cmd_want``); 
 writes its waiter before it reads ``global_paused``, the thread writes ``global_paused``
 before it reads the waiter, so one of them sees the other.  The bound stays firm: no read
 is made that could take the memory charged for input past ``L``; the reserve is inside it,
-not on top.  (A message larger than the reserve cannot be completed by reserve reads
+not on top.  A port of packets charges each one ``PACKET_OVERHEAD`` more than its bytes,
+so when the budget is short it reads only what it could pay for were every byte a packet
+(:meth:`MemoryBudget.packet_read_size`); and within a round the headroom goes down by
+**what each read was charged** - its packets, the bytes its framer or its held packets
+took - not by the bytes it read, or the next port's read would be admitted against memory
+already spent.  (A message larger than the reserve cannot be completed by reserve reads
 alone: it waits for the budget to free.) Handlers that read (UDP) ask the same rule
-through ``IOThread.read_allowance`` and ``IOThread.budget_resumes``.
+through :meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
 
 Who writes what
 ---------------
@@ -109,10 +119,11 @@ field                       written by             read by
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sized
+from typing import Generic, Protocol, TypeVar
 
 from ._framing import Framer
+from ._options import Watermarks
 
 __all__ = ["NO_LIMIT", "Pausable", "ReceiveFlow", "Window"]
 
@@ -187,7 +198,7 @@ class Window:
         self.on_pause: Callable[[int], None] | None = None
         self.on_gone: Callable[[], None] | None = None
 
-    def charge(self, data: Any) -> int:
+    def charge(self, data: Sized) -> int:
         """The bytes a delivered message's payload ``data`` is charged (see the module
         docstring); pops its size for decoded objects: call once, as it is taken."""
         return len(data) if self.sizes is None else self.sizes.popleft()
@@ -253,7 +264,7 @@ class ReceiveFlow:
         self.pauses = 0
         self.peak_buffered = 0
 
-    def configure_flow(self, options: dict[str, Any], window: Window) -> None:
+    def configure_flow(self, options: Watermarks, window: Window) -> None:
         """Take the port's window and its watermarks (``options`` as validated by
         :func:`~._options.port_options` and the other kinds' ``*_options``)."""
         self.window = window
@@ -298,8 +309,8 @@ class ReceiveFlow:
     def pause(self) -> bool:
         """Step 1 of the handshake: stop reading until the owner has taken enough.  True if
         this started a pause: the caller stops reading, tells a daemon's client
-        (``window.on_pause``), **then** re-checks with :meth:`may_resume` of the new
-        generation, which ends the pause at once if the owner took enough meanwhile."""
+        (``window.on_pause``), **then** re-checks with :meth:`recheck`, which ends the
+        pause at once if the owner took enough meanwhile."""
         self.note_buffered()
         if self.msgq_paused:
             return False
@@ -320,14 +331,225 @@ class ReceiveFlow:
         window = self.window
         return window.task_waits() and self.delivered_messages == window.consumed_messages
 
-    def may_resume(self, generation: int) -> bool:
-        """Step 3: the owner asked to end pause ``generation``; True if reading may resume
-        (it is the current pause and the counters still say drained)."""
-        if self.msgq_paused and generation == self.pause_generation and self.drained():
+    def recheck(self) -> bool:
+        """Step 1's re-read, after :meth:`pause` wrote the new generation: True if the
+        owner already took enough, and reading resumes."""
+        if self.msgq_paused and self.drained():
             self.msgq_paused = False
             return True
         return False
 
+    def may_resume(self, generation: int) -> bool:
+        """Step 3 (``cmd_resume``): the owner asked to end pause ``generation``; True if
+        reading may resume (it is the current pause and the counters still say drained).
+
+        A resume of an older pause is ignored.  A resume of the current pause that the
+        counters no longer allow (a grant delivered held packets after the owner looked)
+        pauses again under a new generation - told to a daemon's client through
+        ``window.on_pause``, as a new pause is - and re-reads the window as step 1 does:
+        the owner, which asked for the old generation already, asks again for the new
+        one once it has taken enough."""
+        if not self.msgq_paused or generation != self.pause_generation:
+            return False
+        if not self.drained():
+            self.pause_generation += 1  # written before recheck() re-reads the window
+            on_pause = self.window.on_pause
+            if on_pause is not None:
+                on_pause(self.pause_generation)
+        return self.recheck()
+
 
 #: The window of a flow not configured yet: nobody takes from it, nobody writes it.
 _UNCONFIGURED = Window()
+
+
+# -- the memory budget ----------------------------------------------------------------------
+#: The headroom when there is no budget: every read fits.
+UNLIMITED = 1 << 62
+
+
+class Charges(Protocol):
+    """The I/O thread's counters the budget charges (bytes, ever): input handed to the
+    loops, framing buffers, and output written, dropped with its port, or handed to a
+    daemon."""
+
+    delivered_total: int
+    framing_bytes: int
+    bytes_out: int
+    bytes_discarded: int
+    bytes_forwarded: int
+
+
+class BudgetOwner(Protocol):
+    """What charges the budget on the loop's side (a hub, the daemon's sessions): bytes
+    its ports queued for output, and input its owners took (bytes, ever)."""
+
+    @property
+    def queued_bytes(self) -> int: ...
+    @property
+    def consumed_bytes(self) -> int: ...
+    def _stopped_by_io(self) -> None: ...
+
+
+class Budgeted(Protocol):
+    """A port the budget may pause (the stream ``Conn``)."""
+
+    global_paused: bool
+    closed: bool
+    pauses: int
+
+    def owner_waits(self) -> bool: ...
+
+
+E = TypeVar("E", bound=Budgeted)
+
+
+class MemoryBudget(Generic[E]):
+    """The global memory budget of one I/O thread (the theory is in this module's
+    docstring, "The memory budget").  The round asks :meth:`headroom` once, then
+    :meth:`blocks` before a stream's read that could pass it; handlers that read ask
+    :meth:`read_allowance` and :meth:`resumes`.  ``resume`` is called with a stream the
+    budget paused when it may read again (the I/O thread recomputes its interest)."""
+
+    def __init__(
+        self,
+        limit: int | None,
+        charges: Charges,
+        read_size: int,
+        packet_overhead: int,
+        resume: Callable[[E], None],
+    ) -> None:
+        #: ``memory_limit`` in bytes (None: no budget).
+        self.limit = limit
+        self._charges = charges
+        self._read_size = read_size
+        self._packet_overhead = packet_overhead
+        self._resume = resume
+        self.peak = 0  # the highest in_use() seen (measured once a round)
+        self.pauses = 0  # reads paused because the budget was used up, ever
+        self.reserve_reads = 0  # reads made into the reserve, ever
+        #: Hubs (and the daemon's sessions): they count what ports queued/consumed.
+        self.owners: list[BudgetOwner] = []
+        # Ports paused for the budget, in the order they paused, and those among them
+        # whose owner was waiting for input.
+        self.paused: dict[E, None] = {}
+        self._reserve_waiters: list[E] = []
+        #: Bytes of the budget only ports whose owner waits may read into.
+        self.reserve = 0 if limit is None else limit // 4
+        #: Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
+        self.read_floor = read_size + self.reserve
+        #: Below this headroom a read of packets could be charged more than is left (each
+        #: packet ``packet_overhead`` on top of its bytes): such reads are shortened.
+        self.packet_floor = read_size * (1 + packet_overhead) + self.reserve
+
+    def in_use(self) -> int:
+        """Bytes charged to the budget now: input delivered to the loops and not yet taken
+        by an owner, framing buffers, and output queued by owners and not yet written."""
+        charges = self._charges
+        used = (
+            charges.delivered_total
+            + charges.framing_bytes
+            - charges.bytes_out
+            - charges.bytes_discarded
+            - charges.bytes_forwarded
+        )
+        for owner in self.owners:
+            used += owner.queued_bytes - owner.consumed_bytes
+        return used
+
+    def headroom(self) -> int:
+        """Once a round: the headroom, bytes that may still be read before the budget is
+        used up (ordinary reads also leave the reserve, see :meth:`blocks`);
+        :data:`UNLIMITED` without a budget.
+
+        Ports paused for the budget read again once the total is back at one half of it;
+        reserve waiters as soon as one read fits."""
+        limit = self.limit
+        if limit is None:
+            return UNLIMITED
+        used = self.in_use()
+        if used > self.peak:
+            self.peak = used
+        headroom = limit - used
+        paused = self.paused
+        if paused:
+            if used <= limit // 2:
+                self.paused = {}
+                self._reserve_waiters = []
+                for entry in paused:
+                    self._unpause(entry)
+            elif self._reserve_waiters and headroom >= self._read_size:
+                # The reserve has room again: the ports whose owner waits try first.
+                waiters, self._reserve_waiters = self._reserve_waiters, []
+                for entry in waiters:
+                    if entry in paused:
+                        del paused[entry]
+                        self._unpause(entry)
+        return headroom
+
+    def _unpause(self, entry: E) -> None:
+        entry.global_paused = False
+        if not entry.closed:
+            self._resume(entry)
+
+    def packet_read_size(self, entry: E, headroom: int) -> int:
+        """Bytes a port of packets may read when the budget is short: so many that, were
+        each byte a packet charged ``packet_overhead`` more, the read still fits what is
+        left for it (all of ``headroom`` for a waiting owner, else what the reserve
+        leaves).  :meth:`blocks` let the read happen, so that is a whole read at least
+        and the answer at least ``read_size // (1 + packet_overhead)`` bytes."""
+        room = headroom if entry.owner_waits() else headroom - self.reserve
+        return max(min(room // (1 + self._packet_overhead), self._read_size), 1)
+
+    def blocks(self, entry: E, headroom: int) -> bool:
+        """A read is due but ``headroom`` is below a whole read plus the reserve: read into
+        the reserve if the port's owner waits for input (False), else pause (True).
+
+        ``global_paused`` is written before the port's waiter is read; the port writes its
+        waiter before it reads ``global_paused`` (Port._receive): one of the two sees the
+        other, so a waiting owner is never left behind a pause it did not hear of."""
+        entry.global_paused = True
+        waits = entry.owner_waits()
+        if waits and headroom >= self._read_size:
+            entry.global_paused = False
+            self.reserve_reads += 1
+            return False
+        if entry not in self.paused:
+            entry.pauses += 1
+            self.pauses += 1
+            self.paused[entry] = None
+        if waits:
+            self._reserve_waiters.append(entry)
+        self._resume(entry)  # its interest: not read while global_paused
+        return True
+
+    def want(self, entry: E) -> None:
+        """The owner of a port paused by the budget waits for input: let it try a read
+        into the reserve (and pause again, as a reserve waiter, if there is no room)."""
+        if entry.closed or not entry.global_paused:
+            return
+        self.paused.pop(entry, None)
+        self._unpause(entry)
+
+    def forget(self, entry: E) -> None:
+        """``entry`` closed: it is no longer paused."""
+        if entry.global_paused:
+            self.paused.pop(entry, None)
+
+    def read_allowance(self, entry: ReceiveFlow) -> int:
+        """For handlers that read (UDP, TUN): the bytes of input ``entry`` may read now.
+        The streams' rule: ordinary reads leave the reserve untouched, reads for a waiting
+        owner may use it, and no read may take the input charged past ``limit``.  A
+        handler reads only while a whole read fits in the allowance."""
+        if self.limit is None:
+            return UNLIMITED
+        headroom = self.limit - self.in_use()
+        return headroom if entry.owner_waits() else headroom - self.reserve
+
+    def resumes(self, entry: ReceiveFlow, size: int) -> bool:
+        """For handlers paused by the budget: whether ``entry`` may read again - once the
+        total is back at one half of the limit, or at once for a waiting owner when a read
+        of ``size`` bytes fits in the reserve."""
+        assert self.limit is not None
+        used = self.in_use()
+        return used <= self.limit // 2 or (self.limit - used >= size and entry.owner_waits())

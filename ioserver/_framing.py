@@ -28,8 +28,9 @@ claimed size: a framer never holds more than ``packet_size`` plus one header of 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -41,6 +42,7 @@ __all__ = [
     "LengthPrefixFramer",
     "LineFramer",
     "MsgpackFramer",
+    "PacketMode",
     "PacketTooLarge",
     "RawFramer",
     "RespError",
@@ -49,6 +51,9 @@ __all__ = [
     "make_framer",
     "port_framer",
 ]
+
+PacketMode = Literal["raw", "line", "msgpack", "resp", 0, 1, 2, 4]
+"""A packet mode, as Erlang's ``{packet, ...}`` (see ``ports.PortOptions``)."""
 
 #: The default cap on one message: 64 MiB.
 DEFAULT_PACKET_SIZE = 64 * 1024 * 1024
@@ -68,7 +73,7 @@ class Framer:
     __slots__ = ()
 
     #: The packet mode's name, as given to :func:`make_framer`.
-    mode: Any = None
+    mode: PacketMode = "raw"
 
     #: True when :meth:`feed` returns decoded objects (``"msgpack"``, ``"resp"``), not
     #: ``bytes``: such a message is charged to the budgets its share of the wire bytes it
@@ -77,7 +82,7 @@ class Framer:
     #: the daemon and the client read.
     decodes_objects = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         """Take received bytes; return the messages they completed, in order.
 
         Raises:
@@ -107,7 +112,7 @@ class RawFramer(Framer):
     __slots__ = ()
     mode = "raw"
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         return [bytes(data)] if data else []
 
     def frame(self, message: object) -> bytes:
@@ -122,7 +127,7 @@ class LengthPrefixFramer(Framer):
     def __init__(self, header: int, packet_size: int = DEFAULT_PACKET_SIZE) -> None:
         if header not in (1, 2, 4):
             raise OptionError(f"packet must be 1, 2 or 4 header bytes, not {header!r}")
-        self.mode = header
+        self.mode = 1 if header == 1 else 2 if header == 2 else 4
         self._header = header
         self._limit = min(packet_size, (1 << (8 * header)) - 1)
         self._buffer = bytearray()
@@ -132,10 +137,10 @@ class LengthPrefixFramer(Framer):
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         buffer = self._buffer
         buffer += data
-        messages: list[Any] = []
+        messages: list[object] = []
         header = self._header
         start = 0
         end = len(buffer)
@@ -177,7 +182,7 @@ class LineFramer(Framer):
 
     mode = "line"
 
-    def __init__(self, delimiter: bytes = b"\n", packet_size: int = DEFAULT_PACKET_SIZE):
+    def __init__(self, delimiter: object = b"\n", packet_size: int = DEFAULT_PACKET_SIZE):
         if not isinstance(delimiter, bytes) or len(delimiter) != 1:
             raise OptionError(f"line delimiter must be one byte, not {delimiter!r}")
         self._delimiter = delimiter
@@ -189,10 +194,10 @@ class LineFramer(Framer):
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         buffer = self._buffer
         buffer += data
-        messages: list[Any] = []
+        messages: list[object] = []
         start = 0
         delimiter = self._delimiter
         find = buffer.find
@@ -308,7 +313,7 @@ class MsgpackFramer(Framer):
         self._stack.clear()
         return error
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         try:
             if self._buffer:
                 return self._feed_held(data)
@@ -316,7 +321,7 @@ class MsgpackFramer(Framer):
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
 
-    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[object]:
         """``feed`` when nothing is held (the usual case): find the whole objects in the
         read itself, and copy only an unfinished one at its end."""
         end = len(data)
@@ -333,7 +338,7 @@ class MsgpackFramer(Framer):
                 raise PacketTooLarge(self._limit, end - start, _WHAT)
         return self._decode(data, start, bounds) if bounds else []
 
-    def _feed_held(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def _feed_held(self, data: bytes | bytearray | memoryview) -> list[object]:
         """``feed`` when an unfinished object is held: walk on from where it stopped."""
         buffer = self._buffer
         buffer += data
@@ -362,7 +367,11 @@ class MsgpackFramer(Framer):
         return messages
 
     def _skip_whole_objects(
-        self, data: Any, start: int, end: int, bounds: list[tuple[int, int]]
+        self,
+        data: bytes | bytearray | memoryview,
+        start: int,
+        end: int,
+        bounds: list[tuple[int, int]],
     ) -> int:
         """Find the whole objects of ``data[start:end]`` with msgpack's C decoder in skip
         mode (it builds nothing; its copy of the bytes is dropped on return); append their
@@ -452,7 +461,9 @@ class MsgpackFramer(Framer):
         self._scanned = position - start
         return -1
 
-    def _decode(self, data: Any, stop: int, bounds: list[tuple[int, int]]) -> list[Any]:
+    def _decode(
+        self, data: bytes | bytearray | memoryview, stop: int, bounds: list[tuple[int, int]]
+    ) -> list[object]:
         """Decode the whole objects ``bounds`` (``data[0:stop]``, back to back)."""
         limit = self._limit
         size = 0
@@ -513,7 +524,7 @@ def _too_deep() -> FrameError:
 _DEPTH_PAD = b"\x91" * (1024 - MSGPACK_MAX_DEPTH)
 
 
-def _check_depth(data: Any) -> None:
+def _check_depth(data: bytes | bytearray | memoryview) -> None:
     """Refuse a whole object nested deeper than :data:`MSGPACK_MAX_DEPTH` levels.
 
     The skip-mode scan that found it stops only at the decoder's own 1024 levels, so the
@@ -656,12 +667,12 @@ class RespFramer(Framer):
         self._reset()
         return error
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
         if self._failed:
             return []
         buffer = self._buffer
         buffer += data
-        commands: list[Any] = []
+        commands: list[object] = []
         limit = self._limit
         find = buffer.find
         end = len(buffer)
@@ -790,7 +801,7 @@ def _as_bytes(message: object) -> bytes:
 
 
 def make_framer(
-    packet: Any = "raw", *, packet_size: int = DEFAULT_PACKET_SIZE, delimiter: bytes = b"\n"
+    packet: object = "raw", *, packet_size: object = DEFAULT_PACKET_SIZE, delimiter: object = b"\n"
 ) -> Framer:
     """The framer for a packet mode: ``"raw"``, ``1``, ``2``, ``4``, ``"line"``, ``"msgpack"``,
     ``"resp"``.
@@ -818,7 +829,7 @@ def make_framer(
     raise OptionError(f"packet must be 'raw', 1, 2, 4, 'line', 'msgpack' or 'resp', not {packet!r}")
 
 
-def port_framer(options: dict[str, Any]) -> Framer | None:
+def port_framer(options: Mapping[str, object]) -> Framer | None:
     """The framer the I/O thread runs for a stream port with these options (as
     :func:`~._options.port_options` validated them), or ``None`` for ``packet="raw"``:
     then each read is delivered as it comes, without a framer (the hot path), and a

@@ -68,7 +68,7 @@ class Parkable(Protocol):
 
     _waiter: Any
 
-    def _abort_park(self, raise_cancel: Any) -> Any: ...
+    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort: ...
 
 
 class Parker:
@@ -179,7 +179,7 @@ class AsyncioParker(Parker):
 _PARKERS: dict[str, Parker] = {"trio": TrioParker(), "asyncio": AsyncioParker()}
 
 #: Every live hub: :func:`yield_at_next_operation` resets their budgets.
-_HUBS: weakref.WeakSet[Any] = weakref.WeakSet()  # Hubs, each also a Parker
+_HUBS: weakref.WeakSet[Hub] = weakref.WeakSet()  # Hubs, each also a Parker
 
 
 def yield_at_next_operation() -> None:
@@ -216,10 +216,11 @@ class _Stop:
 _STOP = _Stop()
 
 
-class Hub:
+class Hub(Parker):
     """The loop side of the I/O thread for one event loop (see the module docstring).
 
-    A hub is also the :class:`Parker` of its backend, so ports park through it.
+    A hub is also the :class:`Parker` of its backend (``TrioHub(Hub, TrioParker)``: the
+    backend's methods come before the abstract ones), so ports park through it.
     """
 
     def __init__(self, io: IOThread) -> None:
@@ -241,7 +242,7 @@ class Hub:
         # of input their owners took.  Written here, read by the I/O thread.
         self.queued_bytes = 0
         self.consumed_bytes = 0
-        io._budget_owners.append(self)
+        io.budget.owners.append(self)
         _HUBS.add(self)
 
     # -- draining -----------------------------------------------------------------------
@@ -276,14 +277,14 @@ class Hub:
     def _deliver(self, message: object) -> None:
         # The hub is the target of the I/O thread's stop notice.
         self.stopped = True
-        self.wake(self)  # type: ignore[attr-defined]
+        self.wake(self)
 
-    def _abort_park(self, raise_cancel: Any) -> Any:
+    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def start(self, start_soon: Callable[..., Any]) -> None:
+    async def start(self, start_soon: Callable[..., object]) -> None:
         """Start draining; call before the I/O thread starts."""
         raise NotImplementedError
 
@@ -293,7 +294,7 @@ class Hub:
             if not self.stopped and self.io.is_alive():
                 self.io.submit(self.io.cmd_stop, None, None)
                 while not self.stopped:
-                    await self.park(self)  # type: ignore[attr-defined]
+                    await self.park(self)
             self.io.join()
             self._teardown()
             self.inbox.close()
@@ -310,7 +311,7 @@ class Hub:
 
 
 class TrioHub(Hub, TrioParker):
-    async def start(self, start_soon: Callable[..., Any]) -> None:
+    async def start(self, start_soon: Callable[..., object]) -> None:
         start_soon(self._run)
 
     async def _run(self) -> None:
@@ -346,7 +347,7 @@ class TrioHub(Hub, TrioParker):
 
 
 class AsyncioHub(Hub, AsyncioParker):
-    async def start(self, start_soon: Callable[..., Any]) -> None:
+    async def start(self, start_soon: Callable[..., object]) -> None:
         self._loop = self.loop = asyncio.get_running_loop()
         self._loop.add_reader(self.inbox.wakeup.fileno(), self._on_readable)
         # The reader is registered: from now on the I/O thread may wake us.

@@ -24,7 +24,7 @@ batched writes (:mod:`~._aio`), the streams' single buffers go out first, in one
 before any handler's flush can act on that port.
 
 Work per round is bounded: a stream reads once per readiness event, a listener accepts
-:data:`ACCEPT_BATCH` connections, and a handler that has more than its own budget to do
+:data:`~._tcp.ACCEPT_BATCH` connections, and a handler that has more than its own budget to do
 (e.g. ZeroMQ's ``DRAIN_BATCH`` messages) asks to run again with :meth:`IOThread.call_soon`.
 
 Errors are contained: an exception while handling one port's event or command closes that
@@ -37,7 +37,7 @@ Three things decide whether a stream's socket is read, each on its own
 budget.  Their rules, the pause handshake with the port's loop half and the budget's
 reserve for waiting owners are written once, in :mod:`~._flow` (its theory of
 operation); this thread applies them: ``_check_msgq``/``_pause_msgq``/``cmd_resume`` for
-the watermarks, ``_memory_check``/``_budget_blocks``/``cmd_want`` for the budget.  What it
+the watermarks, its :class:`~._flow.MemoryBudget` and ``cmd_want`` for the budget.  What it
 may read of a port's loop half - its :class:`~._flow.Window`, nothing else - is the
 contract of :mod:`~._contract`.
 """
@@ -50,32 +50,38 @@ import logging
 import resource
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._aio import BatchWriter, open_batch_writer
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
-from ._exceptions import ConnectError, PollerLimitError, errno_name
-from ._flow import ReceiveFlow, Window
+from ._exceptions import ConnectError, errno_name
+from ._flow import UNLIMITED, MemoryBudget, Window
 from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
-from ._messages import PASSIVE, WRITABLE, Accepted, Closed, Data, Error
+from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
-from ._tcp import apply_stream_options, connect_error, listen_socket
+from ._tcp import connect_stream, listen_tcp, on_connect_event, on_listener_event
+from ._tls import take_input
 from ._wakeup import WakeupQueue
 
 __all__ = ["IOThread", "raise_open_file_limit"]
 
+if TYPE_CHECKING:
+    import zmq
+
+#: ``struct linger {l_onoff=1, l_linger=0}``: close with an RST (see ``IOThread._reset``).
+_RESET = struct.pack("ii", 1, 0)
+
 log = logging.getLogger("ioserver")
 
 READ_SIZE = 65536  # bytes: the shared receive buffer, and so the largest Data message
-ACCEPT_BATCH = 64  # connections accepted per readiness event of a listener
 IOV_MAX = 1024  # buffers gathered in one sendmsg
-UNLIMITED = 1 << 62
 BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while reads are paused
 #: Seconds the I/O thread waits for the loop's flush after handing it a batch, at most (see
 #: the "flush point" in ioserver._wakeup): a bound for a loop that never flushes, not a delay.
@@ -86,7 +92,6 @@ FLUSH_WAIT = 0.01
 _EAGAIN = -errno.EAGAIN  # a batched write's result for a full socket buffer
 _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
-_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # Sets Data.data on an instance made with object.__new__: the frozen dataclass's __init__
 # costs a Python frame and an object.__setattr__ per message.
@@ -133,21 +138,11 @@ class IOThread:
         self.memory_limit = memory_limit
         self.port_buffer_limit = port_buffer_limit
         self.framing_bytes = 0
-        self.peak_memory = 0
-        self.global_pauses = 0
-        # The budget (see "Receive flow control" above): ports paused for it, in the
-        # order they paused, and those among them whose owner was waiting for input.
-        self._globally_paused: dict[Conn, None] = {}
-        self._reserve_waiters: list[Conn] = []
-        #: Bytes of the budget only ports whose owner waits may read into.
-        self.memory_reserve = 0 if memory_limit is None else memory_limit // 4
-        # Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
-        self._read_floor = READ_SIZE + self.memory_reserve
-        # Below this headroom a read of packets could be charged more than is left (each
-        # packet PACKET_OVERHEAD on top of its bytes): such reads are shortened.
-        self._packet_floor = READ_SIZE * (1 + PACKET_OVERHEAD) + self.memory_reserve
-        self.reserve_reads = 0  # reads made into the reserve, ever
-        self._budget_owners: list[Any] = []  # hubs: they count what ports queued/consumed
+        #: The global memory budget (see "Receive flow control" above); it charges the
+        #: counters below, and resumes a port it paused by recomputing its interest.
+        self.budget: MemoryBudget[Conn] = MemoryBudget(
+            memory_limit, self, READ_SIZE, PACKET_OVERHEAD, self._stream_interest
+        )
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
         self.bytes_discarded = 0  # queued output dropped because its port closed
         self.bytes_forwarded = 0  # output of a daemon's ports, handed to the daemon
@@ -167,17 +162,22 @@ class IOThread:
         self._table: list[Any] = [None] * min(self.fd_limit, 1 << 16)
         self._wakeup_slot = _WakeupSlot()
         self._put_table(self.commands.wakeup.fileno(), self._wakeup_slot)
-        self._inboxes: list[WakeupQueue[Any]] = []
-        self._dirty: list[Any] = []
+        self._inboxes: list[WakeupQueue[tuple[Any, Any]]] = []
+        self._dirty: list[Conn | Handler] = []
         # Handlers that asked to run next round without waiting for their fd (see
         # call_soon), and timers as a heap of (deadline, sequence, callback).
         self._ready: list[Handler] = []
+        # TLS streams whose layer holds input their socket will not signal (ioserver._tls).
+        self.tls_input: list[Conn] = []
+        # Their layers' buffer for ciphertext read (one per thread: it reads one socket
+        # at a time), made by the first TLS connection (ioserver._tls.TLSSocket).
+        self.tls_scratch: memoryview | None = None
         self._timers: list[tuple[float, int, list[Callable[[], None] | None]]] = []
         self._timer_sequence = 0
         # ZeroMQ: one context per I/O server, made on first use; every socket made from it,
         # so that shutdown can close those still on their way to the thread.
-        self._zmq_context: Any = None
-        self.zmq_sockets: set[Any] = set()
+        self._zmq_context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self.zmq_sockets: set[zmq.Socket[bytes]] = set()
         self._paused_listeners: list[Conn] = []
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
@@ -210,10 +210,13 @@ class IOThread:
         self.bytes_in = 0
         self.bytes_out = 0
         self.internal_errors = 0
+        #: Closed stream ports reset because their queued output was not written within
+        #: their ``linger`` seconds (a peer that does not read), or at once (``linger=0``).
+        self.linger_timeouts = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         #: ``cmd_send`` bound once: the I/O thread recognises it by identity and runs it
         #: inlined.  Ports queue ``(send_command, conn, data)``.
-        self.send_command = self.cmd_send
+        self.send_command: Callable[[Conn, bytes], None] = self.cmd_send
 
     # -- the loops' side ----------------------------------------------------------------
     def start(self) -> None:
@@ -229,18 +232,18 @@ class IOThread:
         """Queue ``function(target, argument)`` to run on the I/O thread."""
         self.commands.put((function, target, argument))
 
-    def make_inbox(self, hub: object) -> WakeupQueue[Any]:
+    def make_inbox(self, hub: object) -> WakeupQueue[tuple[Any, Any]]:
         """A new loop's inbox, which this thread fills (``hub`` drains it)."""
-        inbox: WakeupQueue[Any] = WakeupQueue()
+        inbox: WakeupQueue[tuple[Any, Any]] = WakeupQueue()
         self.add_inbox(inbox)
         return inbox
 
-    def add_inbox(self, inbox: WakeupQueue[Any]) -> None:
+    def add_inbox(self, inbox: WakeupQueue[tuple[Any, Any]]) -> None:
         """Make ``inbox`` one that is notified after every round (runs on the I/O thread)."""
         self._inboxes.append(inbox)
 
-    def zmq_context(self) -> Any:
-        """The server's ZeroMQ context (``zmq.Context``), made on first use."""
+    def zmq_context(self) -> zmq.Context[zmq.Socket[bytes]]:
+        """The server's ZeroMQ context, made on first use."""
         if self._zmq_context is None:
             import zmq
 
@@ -274,21 +277,25 @@ class IOThread:
         (select's ``FD_SETSIZE``).  Any thread may call it: it reads constants only."""
         self._poller.check(fd)
 
-    def adopt(self, entry: Any) -> None:
+    def adopt(self, entry: Conn | Handler) -> None:
         """Put a handler (or stream) in the port table under its fd.
 
         Raises :exc:`~ioserver.PollerLimitError`, and changes nothing, when the poller
         cannot watch that fd (select's ``FD_SETSIZE``): the caller refuses that port."""
-        self._adopt(entry)
+        self._poller.check(entry.fd)  # PollerLimitError: this port only, nothing changed
+        self._put_table(entry.fd, entry)
+        self.ports_open += 1
 
-    def release(self, entry: Any) -> None:
+    _adopt = adopt
+
+    def release(self, entry: Conn | Handler) -> None:
         """Take ``entry`` out of the table and the poller (it closes its fd itself)."""
         self._interest(entry, 0)
         if 0 <= entry.fd < len(self._table) and self._table[entry.fd] is entry:
             self._table[entry.fd] = None
             self.ports_open -= 1
 
-    def mark_dirty(self, entry: Any) -> None:
+    def mark_dirty(self, entry: Conn | Handler) -> None:
         """Flush ``entry`` at the end of this round (of the next one when called during
         the round's flushes: a flush never leads to another flush in the same round)."""
         if not entry.dirty:
@@ -319,13 +326,13 @@ class IOThread:
         return max(timers[0][0] - now, 0.0)
 
     # -- the table ----------------------------------------------------------------------
-    def _put_table(self, fd: int, entry: Any) -> None:
+    def _put_table(self, fd: int, entry: Conn | Handler | _WakeupSlot) -> None:
         table = self._table
         if fd >= len(table):
             table.extend([None] * (max(fd + 1, 2 * len(table)) - len(table)))
         table[fd] = entry
 
-    def _interest(self, conn: Conn, mask: int) -> None:
+    def _interest(self, conn: Conn | Handler, mask: int) -> None:
         """Set what the poller watches for ``conn``, with no syscall if nothing changes."""
         old = conn.mask
         if mask == old:
@@ -354,6 +361,8 @@ class IOThread:
             mask = READ
         if conn.outq:
             mask |= WRITE
+        if conn.tls is not None:
+            mask = conn.tls.interest(mask)
         self._interest(conn, mask)
 
     # -- the thread ---------------------------------------------------------------------
@@ -364,7 +373,8 @@ class IOThread:
         table = self._table
         dirty = self._dirty
         inboxes = self._inboxes
-        spare: list[Any] = []  # the dirty list of the round after (see the flushes below)
+        # The dirty list of the round after (see the flushes below).
+        spare: list[Conn | Handler] = []
         buffer = self._buffer
         view = self._view
         write = self._write
@@ -374,13 +384,14 @@ class IOThread:
         set_data = _SET_DATA
         flush_wait = False
         wait_for_flush = self._wait_for_flush
-        read_floor = self._read_floor
-        packet_floor = self._packet_floor
+        budget = self.budget
+        read_floor = budget.read_floor
+        packet_floor = budget.packet_floor
         try:
             while not self._stopping:
                 # Bytes this round may still read: the budget is firm, so a read that
                 # could pass it is not made (the port pauses instead).
-                headroom = UNLIMITED if self.memory_limit is None else self._memory_check()
+                headroom = UNLIMITED if budget.limit is None else budget.headroom()
                 if flush_wait:
                     # The loop is busy with the batch we handed it: let it run without
                     # us taking the GIL until it flushes (see ioserver._wakeup).
@@ -390,7 +401,7 @@ class IOThread:
                     timeout = 0.0
                 else:
                     timeout = -1.0 if commands.prepare_to_sleep() else 0.0
-                if self._globally_paused and timeout < 0:
+                if budget.paused and timeout < 0:
                     # Owners release memory without telling this thread: while reads are
                     # paused for the budget, look again every few milliseconds.
                     timeout = BUDGET_RECHECK
@@ -398,9 +409,11 @@ class IOThread:
                     due = self._run_timers()
                     if due >= 0 and (timeout < 0 or due < timeout):
                         timeout = due
-                if self._ready or dirty:
+                if self._ready or dirty or self.tls_input:
                     timeout = 0.0  # handlers to run, output from last round's flushes
                 events = poll(timeout)
+                if self.tls_input:
+                    events = events + take_input(self)
                 commands.asleep = False
                 self.polls += 1
                 self.events += len(events)
@@ -422,7 +435,7 @@ class IOThread:
                                     continue
                             if not (mask & _READABLE and conn.mask & READ):
                                 continue
-                            if headroom < read_floor and self._budget_blocks(conn, headroom):
+                            if headroom < read_floor and budget.blocks(conn, headroom):
                                 continue
                             # A port of packets charges each one PACKET_OVERHEAD too:
                             # when the budget is short, it reads only what it can charge.
@@ -430,7 +443,7 @@ class IOThread:
                             try:
                                 if framed_short:
                                     n = conn.sock.recv_into(
-                                        buffer, self._packet_read_size(conn, headroom)
+                                        buffer, budget.packet_read_size(conn, headroom)
                                     )
                                 else:
                                     n = conn.sock.recv_into(buffer)
@@ -452,15 +465,17 @@ class IOThread:
                                     conn.delivered_bytes += n
                                     if conn.credit > 0:
                                         self._spend_credit(conn, 1)
-                                elif framed_short:
-                                    # Its charge beyond n comes off this round's headroom.
+                                else:
+                                    # A framed read is charged more than its n bytes
+                                    # (PACKET_OVERHEAD a packet, decoded objects their
+                                    # share): all of it comes off this round's headroom,
+                                    # or the next port's read would be admitted against
+                                    # memory already spent.
                                     mark = self.delivered_total + self.framing_bytes
                                     delivered = self._deliver_framed(conn, n)
                                     headroom -= self.delivered_total + self.framing_bytes - mark
                                     if not delivered:
                                         continue
-                                elif not self._deliver_framed(conn, n):
-                                    continue
                                 if (
                                     conn.delivered_bytes > conn.check_bytes
                                     or conn.delivered_messages > conn.check_messages
@@ -471,9 +486,9 @@ class IOThread:
                         elif conn.kind == HANDLER:
                             conn.on_ready(mask)
                         elif conn.kind == LISTENER:
-                            self._on_listener_event(conn, mask)
+                            on_listener_event(self, conn, mask)
                         elif conn.kind == CONNECTING:
-                            self._on_connect_event(conn, mask)
+                            on_connect_event(self, conn, mask)
                         elif not self._poller.wakeup_is_edge_triggered:
                             commands.wakeup.drain()
                     except Exception as exc:
@@ -519,7 +534,7 @@ class IOThread:
                         if conn.closed or conn.mask & WRITE:
                             continue
                         try:
-                            if conn.kind == HANDLER:
+                            if isinstance(conn, Handler):
                                 conn.flush()
                                 continue
                             outq = conn.outq
@@ -596,12 +611,18 @@ class IOThread:
             self.flush_waits += 1
         self.flush_wanted = False
 
-    def _write_batch(self, writer: BatchWriter, dirty: list[Any]) -> None:
+    def _write_batch(self, writer: BatchWriter, dirty: list[Conn | Handler]) -> None:
         """Write the single buffer of each dirty stream with one ``io_submit`` per batch
         (see :meth:`_submit_batch`)."""
         batch = self._batch
         for conn in dirty:
-            if conn.kind == STREAM and not conn.closed and not conn.mask & WRITE:
+            if (
+                conn.kind == STREAM
+                and isinstance(conn, Conn)
+                and conn.tls is None  # a TLS stream encrypts as it sends (ioserver._tls)
+                and not conn.closed
+                and not conn.mask & WRITE
+            ):
                 outq = conn.outq
                 if len(outq) == 1:
                     data = outq[0]
@@ -740,7 +761,7 @@ class IOThread:
         self._poller.close()
         self._release_batching()
         # Every hub hears that the thread ended, whether it was asked to stop or failed.
-        for hub in self._budget_owners:
+        for hub in self.budget.owners:
             hub._stopped_by_io()
         for inbox in self._inboxes:
             inbox.notify()
@@ -750,11 +771,14 @@ class IOThread:
         if conn.closed:
             return
         conn.closed = True
+        if conn.linger_timer is not None:
+            conn.linger_timer[0] = None  # the output went (or the port broke) in time
+            conn.linger_timer = None
         on_gone = conn.window.on_gone
         if on_gone is not None:
             on_gone()  # a daemon's client port: the client forgets it
         if conn.global_paused:
-            self._globally_paused.pop(conn, None)
+            self.budget.forget(conn)
         if conn.kind == STREAM and conn.framer is not None:
             self.framing_bytes -= conn.framer.buffered + conn.held_bytes
             conn.held = None
@@ -776,11 +800,6 @@ class IOThread:
                     self._put_table(listener.fd, listener)
                     self._interest(listener, READ if listener.credit else 0)
 
-    def _adopt(self, conn: Conn) -> None:
-        self._poller.check(conn.fd)  # PollerLimitError: this port only, nothing changed
-        self._put_table(conn.fd, conn)
-        self.ports_open += 1
-
     # -- streams ------------------------------------------------------------------------
     def _spend_credit(self, conn: Conn, messages: int) -> None:
         conn.credit = max(conn.credit - messages, 0)
@@ -799,7 +818,8 @@ class IOThread:
         assert framer is not None  # (the hot path calls this for framed ports only)
         before = framer.buffered
         try:
-            payloads = framer.feed(self._view[:n])
+            # bytes unless the framer decodes objects (decodes_objects, below)
+            payloads: list[Any] = framer.feed(self._view[:n])
         except FrameError as exc:
             self.delivered_total -= n
             self.framing_bytes += framer.buffered - before  # a failed framer emptied itself
@@ -833,7 +853,7 @@ class IOThread:
             self._deliver_payloads(conn, payloads, shares)
         return True
 
-    def _deliver_payloads(self, conn: Conn, payloads: list[Any], shares: list[int]) -> None:
+    def _deliver_payloads(self, conn: Conn, payloads: list[object], shares: list[int]) -> None:
         """Deliver decoded packets while the active credit lasts; hold the rest.
 
         Each delivered packet spends one credit; when the credit reaches 0 the port turns
@@ -883,7 +903,7 @@ class IOThread:
         held = conn.held
         assert held is not None
         count = len(held) if conn.credit < 0 else min(conn.credit, len(held))
-        payloads: list[Any] = []
+        payloads: list[object] = []
         shares: list[int] = []
         for _ in range(count):
             payload, share = held.popleft()
@@ -940,122 +960,28 @@ class IOThread:
         if on_pause is not None:
             # A daemon's client port: the client cannot read this Conn; tell it.
             on_pause(conn.pause_generation)
-        if conn.may_resume(conn.pause_generation):
+        if conn.recheck():
             self._stream_interest(conn)
 
-    def cmd_resume(self, conn: Conn, generation: int) -> None:
-        """The port's owner took enough: read again (if this is still the same pause)."""
-        if conn.kind == HANDLER:
-            conn.resume(generation)  # type: ignore[attr-defined]
+    def cmd_resume(self, conn: Conn | Handler, generation: int) -> None:
+        """The port's owner took enough: read again (if this is still the same pause; if
+        a grant delivered held packets since, the pause goes on under a new generation,
+        which the owner's next take asks to end: :meth:`~._flow.ReceiveFlow.may_resume`)."""
+        if isinstance(conn, Handler):
+            conn.resume(generation)
             return
         if conn.may_resume(generation) and not conn.closed:
             self._stream_interest(conn)
 
-    # -- the memory budget --------------------------------------------------------------
+    # -- the memory budget (ioserver._flow.MemoryBudget) -------------------------------
     def memory_in_use(self) -> int:
-        """Bytes charged to the budget now: input delivered to the loops and not yet taken
-        by an owner, framing buffers, and output queued by owners and not yet written."""
-        used = (
-            self.delivered_total
-            + self.framing_bytes
-            - self.bytes_out
-            - self.bytes_discarded
-            - self.bytes_forwarded
-        )
-        for hub in self._budget_owners:
-            used += hub.queued_bytes - hub.consumed_bytes
-        return used
-
-    def _memory_check(self) -> int:
-        """Once a round: the headroom, bytes that may still be read before the budget is
-        used up (ordinary reads also leave the reserve, see ``_budget_blocks``).
-
-        Ports paused for the budget read again once the total is back at one half of it;
-        reserve waiters as soon as one read fits."""
-        assert self.memory_limit is not None
-        used = self.memory_in_use()
-        if used > self.peak_memory:
-            self.peak_memory = used
-        headroom = self.memory_limit - used
-        paused = self._globally_paused
-        if paused:
-            if used <= self.memory_limit // 2:
-                self._globally_paused = {}
-                self._reserve_waiters = []
-                for conn in paused:
-                    self._unpause(conn)
-            elif self._reserve_waiters and headroom >= READ_SIZE:
-                # The reserve has room again: the ports whose owner waits try first.
-                waiters, self._reserve_waiters = self._reserve_waiters, []
-                for conn in waiters:
-                    if conn in paused:
-                        del paused[conn]
-                        self._unpause(conn)
-        return headroom
-
-    def _unpause(self, conn: Conn) -> None:
-        conn.global_paused = False
-        if not conn.closed:
-            self._stream_interest(conn)
-
-    def _packet_read_size(self, conn: Conn, headroom: int) -> int:
-        """Bytes a port of packets may read when the budget is short: so many that, were
-        each byte a packet charged PACKET_OVERHEAD more, the read still fits what is left
-        for it (all of ``headroom`` for a waiting owner, else what the reserve leaves).
-        ``_budget_blocks`` let the read happen, so that is a whole read at least and
-        the answer at least ``READ_SIZE // (1 + PACKET_OVERHEAD)`` bytes."""
-        room = headroom if conn.owner_waits() else headroom - self.memory_reserve
-        return max(min(room // (1 + PACKET_OVERHEAD), READ_SIZE), 1)
-
-    def _budget_blocks(self, conn: Conn, headroom: int) -> bool:
-        """A read is due but ``headroom`` is below a whole read plus the reserve: read into
-        the reserve if the port's owner waits for input (False), else pause (True).
-
-        ``global_paused`` is written before the port's waiter is read; the port writes its
-        waiter before it reads ``global_paused`` (Port._receive): one of the two sees the
-        other, so a waiting owner is never left behind a pause it did not hear of."""
-        conn.global_paused = True
-        waits = conn.owner_waits()
-        if waits and headroom >= READ_SIZE:
-            conn.global_paused = False
-            self.reserve_reads += 1
-            return False
-        if conn not in self._globally_paused:
-            conn.pauses += 1
-            self.global_pauses += 1
-            self._globally_paused[conn] = None
-        if waits:
-            self._reserve_waiters.append(conn)
-        self._stream_interest(conn)
-        return True
-
-    def read_allowance(self, entry: ReceiveFlow) -> int:
-        """For handlers that read (UDP): the bytes of input ``entry`` may read now.  The
-        streams' rule: ordinary reads leave the reserve (``memory_reserve``) untouched,
-        reads for a waiting owner may use it, and no read may take the input charged past
-        ``memory_limit``.  A handler reads only while a whole read fits in the allowance."""
-        if self.memory_limit is None:
-            return UNLIMITED
-        headroom = self.memory_limit - self.memory_in_use()
-        return headroom if entry.owner_waits() else headroom - self.memory_reserve
-
-    def budget_resumes(self, entry: ReceiveFlow, size: int) -> bool:
-        """For handlers paused by the budget: whether ``entry`` may read again - once the
-        total is back at one half of the limit, or at once for a waiting owner when a read
-        of ``size`` bytes fits in the reserve."""
-        assert self.memory_limit is not None
-        used = self.memory_in_use()
-        return used <= self.memory_limit // 2 or (
-            self.memory_limit - used >= size and entry.owner_waits()
-        )
+        """Bytes charged to the memory budget now (:meth:`MemoryBudget.in_use`)."""
+        return self.budget.in_use()
 
     def cmd_want(self, conn: Conn, _: object) -> None:
         """The owner of a port paused by the budget waits for input: let it try a read into
         the reserve (and pause again, as a reserve waiter, if there is no room)."""
-        if conn.closed or not conn.global_paused:
-            return
-        self._globally_paused.pop(conn, None)
-        self._unpause(conn)
+        self.budget.want(conn)
 
     def _eof(self, conn: Conn) -> None:
         conn.read_eof = True
@@ -1150,9 +1076,10 @@ class IOThread:
             conn.dirty = True
             self._dirty.append(conn)
 
-    def cmd_send_eof(self, conn: Conn, _: object) -> None:
-        if conn.kind == HANDLER:
-            conn.send_eof()  # type: ignore[attr-defined]
+    def cmd_send_eof(self, conn: Conn | Handler, _: object) -> None:
+        """Half-close the sending side once the queued output is written."""
+        if isinstance(conn, Handler):
+            conn.send_eof()
             return
         if conn.closed or conn.write_closed or conn.shutdown_pending:
             return
@@ -1161,25 +1088,51 @@ class IOThread:
         else:
             self._shutdown_write(conn)
 
-    def cmd_close(self, conn: Conn, _: object) -> None:
-        """Close once the queued output is written (Erlang's close after a flush)."""
+    def cmd_close(self, conn: Conn | Handler, _: object) -> None:
+        """Close once the queued output is written (Erlang's close after a flush), within
+        the port's ``linger`` seconds: then (at once for ``linger=0``) the socket is reset
+        and what is left dropped (:meth:`_linger_expired`)."""
         if conn.closed:
             return
-        if conn.kind == HANDLER:
-            conn.close()  # type: ignore[attr-defined]
+        if isinstance(conn, Handler):
+            conn.close()
             return
-        if conn.kind == STREAM and conn.outq:
+        if conn.kind == STREAM and conn.linger == 0:
+            self._reset(conn)
+        elif conn.kind == STREAM and conn.outq:
             conn.close_pending = True
+            if conn.linger is not None and conn.linger_timer is None:
+                conn.linger_timer = self.call_later(conn.linger, lambda: self._linger_expired(conn))
             self._stream_interest(conn)
         else:
             self._close(conn)
 
-    def cmd_set_active(self, conn: Conn, mode: tuple[int, bool]) -> None:
+    def _linger_expired(self, conn: Conn) -> None:
+        """A closed port's ``linger`` ran out with output still queued: reset it."""
+        conn.linger_timer = None
+        if not conn.closed:
+            self._reset(conn)
+
+    def _reset(self, conn: Conn) -> None:
+        """Close ``conn`` with ``SO_LINGER {1, 0}``: the kernel drops what it holds and
+        sends an RST (the peer gets ``ECONNRESET``), freeing the socket at once, as
+        Erlang's ``{linger, {true, 0}}``; the queued output is dropped (``_close``)."""
+        self.linger_timeouts += 1
+        try:
+            if conn.tls is not None:
+                conn.tls.abort()  # no close_notify, no lingering ciphertext
+            else:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass  # the socket is broken already: closing it is all there is to do
+        self._close(conn)
+
+    def cmd_set_active(self, conn: Conn | Handler, mode: tuple[int, bool]) -> None:
         """Apply an active mode ``(credit, notify_passive)`` (see ``ports.parse_active``)."""
         if conn.closed:
             return
-        if conn.kind == HANDLER:
-            conn.set_active(mode)  # type: ignore[attr-defined]
+        if isinstance(conn, Handler):
+            conn.set_active(mode)
             return
         credit, notify = apply_active_mode(conn.credit, conn.notify_passive, mode)
         if notify and not credit:
@@ -1193,10 +1146,11 @@ class IOThread:
         elif conn.kind == LISTENER and not conn.paused:
             self._interest(conn, READ if credit else 0)
 
-    def cmd_read_once(self, conn: Conn, _: object) -> None:
+    def cmd_read_once(self, conn: Conn | Handler, _: object) -> None:
         """A passive port's receiver waits: let one message through (``gen_tcp:recv``)."""
-        if conn.kind == HANDLER and not conn.closed:
-            conn.read_once()  # type: ignore[attr-defined]
+        if isinstance(conn, Handler):
+            if not conn.closed:
+                conn.read_once()
             return
         if conn.closed or conn.credit != 0:
             return
@@ -1209,146 +1163,21 @@ class IOThread:
         elif not conn.paused:
             self._interest(conn, READ)
 
-    # -- connect ------------------------------------------------------------------------
+    # -- connect, listen and accept (TCP and Unix streams: see ioserver._tcp) ----------
     def cmd_connect(self, request: object, spec: ConnectRequest) -> None:
-        port, deliver, family, address = spec.port, spec.deliver, spec.family, spec.address
-        options, active = spec.options, spec.active
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
-            deliver((request, connect_error(exc.errno, address)))
-            return
-        try:
-            self._poller.check(sock.fileno())  # before connecting: no peer sees it
-        except PollerLimitError as exc:
-            sock.close()
-            deliver((request, exc))
-            return
-        sock.setblocking(False)
-        conn = Conn(sock, CONNECTING, port, deliver)
-        conn.configure(options, port._window)
-        conn.credit, conn.notify_passive = active
-        conn.request = request
-        conn.options = {"address": address}
-        try:
-            apply_stream_options(sock, options)
-            result = sock.connect_ex(address)
-        except OSError as exc:
-            result = exc.errno or errno.EINVAL
-        except Exception as exc:  # e.g. an option the OS refuses with OverflowError
-            sock.close()
-            deliver((request, exc))
-            return
-        self._adopt(conn)
-        if result == 0:
-            self._connected(conn)
-        elif result in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-            self._interest(conn, WRITE)
-        else:
-            self._connect_failed(conn, result, address)
+        """Connect a stream socket; answer ``request`` (:func:`~._tcp.connect_stream`)."""
+        connect_stream(self, request, spec)
 
-    def _on_connect_event(self, conn: Conn, mask: int) -> None:
-        result = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if result:
-            self._connect_failed(conn, result, conn.options.get("address"))
-        else:
-            self._connected(conn)
-
-    def _connected(self, conn: Conn) -> None:
-        conn.kind = STREAM
-        request, conn.request = conn.request, None
-        conn.deliver((request, (conn, conn.sock.getsockname(), conn.sock.getpeername())))
-        self._stream_interest(conn)
-
-    def _connect_failed(self, conn: Conn, number: int, address: object) -> None:
-        request, conn.request = conn.request, None
-        conn.deliver((request, connect_error(number, address)))
-        self._close(conn)
-
-    # -- listen and accept --------------------------------------------------------------
     def cmd_listen(self, request: object, spec: ListenRequest) -> None:
-        try:
-            sock = listen_socket(spec.family, spec.address, spec.options)
-        except ConnectError as exc:
-            spec.deliver((request, exc))
-            return
-        self.adopt_listener(request, spec, sock, sock.getsockname())
+        """Listen on a TCP address; answer ``request`` (:func:`~._tcp.listen_tcp`)."""
+        listen_tcp(self, request, spec)
 
-    def adopt_listener(
-        self, request: object, spec: ListenRequest, sock: socket.socket, sockname: object
-    ) -> None:
-        """Make the listening socket ``sock`` (bound and listening, non-blocking) the
-        listener ``spec`` asked for, and answer ``request`` with ``(conn, sockname,
-        None)``: the step every kind of stream listener shares (TCP, Unix, a socket
-        systemd passed).  A poller that cannot watch it (select's ``FD_SETSIZE``) answers
-        :exc:`~ioserver.PollerLimitError` instead, and ``sock`` is closed."""
-        conn = Conn(sock, LISTENER, spec.port, spec.deliver)
-        conn.make_port = spec.make_port
-        conn.options = {**spec.options, "sockname": sockname}
-        conn.credit, conn.notify_passive = spec.active
-        try:
-            self._adopt(conn)
-        except PollerLimitError as exc:
-            sock.close()
-            spec.deliver((request, exc))
-            return
-        spec.deliver((request, (conn, sockname, None)))
-        self._interest(conn, READ if conn.credit else 0)
-
-    def _on_listener_event(self, listener: Conn, mask: int) -> None:
-        make_port = listener.make_port
-        assert make_port is not None
-        options = listener.options
-        local_address = options["sockname"]
-        deliver = listener.deliver
-        lport = listener.port
-        for _ in range(ACCEPT_BATCH):
-            if not listener.credit:
-                break
-            try:
-                sock, address = listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue
-                name = errno_name(exc.errno)
-                deliver((lport, Error(name, exc.errno, f"accept failed: {exc.strerror} ({name})")))
-                if exc.errno in _ACCEPT_EXHAUSTED:
-                    # Level-triggered readiness would spin: stop watching the listener
-                    # until a descriptor is released (see _close).
-                    listener.paused = True
-                    self._interest(listener, 0)
-                    self._paused_listeners.append(listener)
-                return
-            try:
-                self._poller.check(sock.fileno())
-            except PollerLimitError as exc:
-                # As a listener out of descriptors: the connection is refused, the
-                # listener and every other port go on.
-                sock.close()
-                deliver((lport, Error("EMFILE", None, f"accept refused: {exc}")))
-                continue
-            sock.setblocking(False)
-            conn = Conn(sock, STREAM, None, deliver)
-            try:
-                apply_stream_options(sock, options)
-            except OSError:
-                sock.close()  # the peer is already gone (e.g. reset before we looked)
-                continue
-            conn.credit, conn.notify_passive = options["active"]
-            conn.port = make_port(conn, local_address, address)
-            conn.configure(options, conn.port._window)
-            self._adopt(conn)
-            deliver((lport, Accepted(conn.port, address)))
-            self._stream_interest(conn)
-            credit = listener.credit
-            if credit > 0:
-                listener.credit = credit = credit - 1
-                if credit == 0:
-                    self._interest(listener, 0)
-                    if listener.notify_passive:
-                        deliver((lport, PASSIVE))
+    def _pause_listener(self, listener: Conn) -> None:
+        """Stop watching a listener that ran out of descriptors until one is released
+        (``_close``): its level-triggered readiness would spin."""
+        listener.paused = True
+        self._interest(listener, 0)
+        self._paused_listeners.append(listener)
 
     # -- stop ---------------------------------------------------------------------------
     def cmd_stop(self, target: object, _: object) -> None:

@@ -28,7 +28,10 @@ import errno
 import os
 import socket
 import stat
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import zmq
 
 from ._exceptions import UnsafeEndpointError
 
@@ -169,7 +172,7 @@ def stale_message(endpoint: str) -> str:
     )
 
 
-def peer_uid(frame: Any) -> int | None:
+def peer_uid(frame: zmq.Frame) -> int | None:
     """The uid of the process that sent ``frame`` (a :class:`zmq.Frame` received on an
     ``ipc://`` connection), or None where libzmq does not report it."""
     try:

@@ -36,6 +36,7 @@ COUNTERS = [
     ("faults", "Malformed or refused client requests answered with a FAULT."),
     ("faults_unanswered", "Client faults past the per-frame limit, not answered."),
     ("internal_errors", "Errors inside the I/O thread, survived (each is a bug)."),
+    ("linger_timeouts", "Closed ports reset, their output unwritten within linger."),
 ]
 #: Status keys that go up and down, as ``ioserver_<name>`` gauges: (key, metric, help).
 GAUGES = [

@@ -1,6 +1,7 @@
 """Type stub of ``ioserver._native``, the native I/O core built from ``native/`` (issue 14)."""
 
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 __version__: str
@@ -163,7 +164,7 @@ class Core:
         port_number: int,
         flowinfo: int,
         scope_id: int,
-        options: dict[str, Any],
+        options: Mapping[str, Any],
         active: tuple[int, bool],
     ) -> None: ...
     def listen(
@@ -173,6 +174,6 @@ class Core:
         make_port: Any,
         inbox: Inbox,
         sock: socket.socket,
-        options: dict[str, Any],
+        options: Mapping[str, Any],
         active: tuple[int, bool],
     ) -> None: ...

@@ -29,6 +29,7 @@ naming the core; ``core="python"`` (the default) carries them.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from . import _native  # the extension module (types: _native.pyi)
@@ -60,7 +61,7 @@ def _nobody_waits() -> bool:
     return False
 
 
-def _framed_error(options: dict[str, Any]) -> NotSupportedError:
+def _framed_error(options: Mapping[str, Any]) -> NotSupportedError:
     return NotSupportedError(
         f"packet={options.get('packet')!r} is not supported by the native core "
         "(core='native') yet: use packet='raw' or core='python'"
@@ -89,6 +90,16 @@ class NativeWindow(_native.WindowCounters):
 
     charge = Window.charge
     resume_due = Window.resume_due
+
+
+class _Owners:
+    """The loops whose hubs count what their ports queued and took (``hub.queued_bytes``,
+    ``hub.consumed_bytes``), as the Python core's :class:`~._flow.MemoryBudget` keeps them."""
+
+    def __init__(self) -> None:
+        self.owners: list[Any] = []
+        self.peak = 0  # no budget on the native core yet: nothing measured, nothing paused
+        self.pauses = 0
 
 
 class _Commands:
@@ -161,7 +172,7 @@ class NativeIOThread:
         self.cmd_resume = core.resume
         self.cmd_want = core.want
         self.cmd_stop = core.stop
-        self._budget_owners: list[Any] = []
+        self.budget = _Owners()
         # What submit() can queue: the commands above, and the open requests below.
         self._known = frozenset(
             {
@@ -184,6 +195,7 @@ class NativeIOThread:
         self._failed_writer = None
         self.flush_waits = 0
         self.flush_timeouts = 0
+        self.linger_timeouts = 0  # the native core does not bound a close by linger yet
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -286,7 +298,7 @@ class NativeIOThread:
         core = self._core
         used = int(core.delivered_bytes) - int(core.bytes_out) - int(core.bytes_discarded)
         used += int(core.bytes_held)
-        for hub in self._budget_owners:
+        for hub in self.budget.owners:
             used += hub.queued_bytes - hub.consumed_bytes
         return used
 

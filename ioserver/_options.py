@@ -2,7 +2,7 @@
 
 The loop's half of a port (``ports``) validates the options a user gives and hands them,
 as a plain dict, to the I/O thread's half (:mod:`~._iothread`), which reads them; the
-daemon's control endpoint (:mod:`~._control`) validates the options a remote client sends
+daemon's open commands (:mod:`~._open_commands`) validate the options a remote client sends
 with the same functions.  So this module is on the lower floor, beside the I/O thread,
 and imports nothing above it; ``ports`` re-exports the option types users see.
 
@@ -13,19 +13,29 @@ I/O thread does with them).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, TypedDict
+from collections.abc import Iterable, Mapping
+from typing import TypedDict
 
 from ._exceptions import OptionError
-from ._framing import DEFAULT_PACKET_SIZE, make_framer
+from ._framing import DEFAULT_PACKET_SIZE, PacketMode, make_framer
 
 __all__ = [
     "Active",
+    "DatagramSettings",
     "FlowOptions",
+    "FlowSettings",
+    "ListenOptions",
+    "PacketMode",
     "PortOptions",
+    "PortSettings",
+    "StreamOptions",
     "TunOptions",
+    "TunSettings",
     "UDPOptions",
+    "UDPSettings",
+    "Watermarks",
     "ZmqOptions",
+    "ZmqSettings",
     "apply_active_mode",
     "check_options",
     "flow_options",
@@ -35,11 +45,14 @@ __all__ = [
     "tun_options",
     "udp_options",
     "unix_options",
+    "watermarks",
     "zmq_options",
 ]
 
 Active = bool | str | int
 """An active mode: ``True``, ``False``, ``"once"`` or a count N (see :meth:`Port.setopts`)."""
+
+_PACKET_MODES: tuple[PacketMode, ...] = ("raw", "line", "msgpack", "resp", 0, 1, 2, 4)
 
 STREAM_OPTIONS = frozenset({"nodelay", "keepalive", "recbuf", "sndbuf"})
 #: The options of a listening socket itself (not of the ports it accepts).
@@ -51,6 +64,8 @@ LOW_WATERMARK = 128 * 1024
 HIGH_MSGQ_WATERMARK = 256 * 1024
 LOW_MSGQ_WATERMARK = 128 * 1024
 HIGH_MSGQ_MESSAGES = 4096
+#: Seconds a closed stream port may take to write its queued output (the ``linger`` option).
+LINGER = 30.0
 
 
 class FlowOptions(TypedDict, total=False):
@@ -68,31 +83,80 @@ class FlowOptions(TypedDict, total=False):
     high_msgq_messages: int
 
 
+# What the I/O thread reads: the options once validated, every key present (the *Options
+# above are what users give, every key optional).
+class Watermarks(TypedDict):
+    """The watermarks of a port's flow control, validated (bytes, messages)."""
+
+    high_watermark: int
+    low_watermark: int
+    high_msgq_watermark: int
+    low_msgq_watermark: int
+    high_msgq_messages: int
+
+
+class FlowSettings(Watermarks):
+    """A port's flow control and framing, validated (:func:`flow_options`)."""
+
+    packet: PacketMode
+    packet_size: int
+    delimiter: bytes
+    send_timeout: float | None
+    send_timeout_close: bool
+
+
+class StreamOptions(FlowSettings):
+    """A stream port's options, validated (:func:`port_options`, :func:`unix_options`):
+    what the I/O thread applies to its socket and its framing."""
+
+    nodelay: bool
+    keepalive: bool
+    recbuf: int | None
+    sndbuf: int | None
+    linger: float | None
+
+
+class ListenOptions(StreamOptions, total=False):
+    """A listener's options: its socket's own (``backlog``, ``reuseaddr``,
+    ``reuseport``), and those of each port it accepts with their active mode
+    ``(credit, notify_passive)`` as ``active``."""
+
+    backlog: int
+    reuseaddr: bool
+    reuseport: bool
+    active: tuple[int, bool]
+
+
 def flow_options(
     *,
-    packet: Any,
-    packet_size: int,
-    delimiter: bytes,
-    high_watermark: int,
-    low_watermark: int,
-    high_msgq_watermark: int,
-    low_msgq_watermark: int,
-    high_msgq_messages: int,
-    send_timeout: float | None,
-    send_timeout_close: bool,
-) -> dict[str, Any]:
-    """Validate the framing and flow-control options of a stream port; return them."""
+    packet: object,
+    packet_size: object,
+    delimiter: object,
+    high_watermark: object,
+    low_watermark: object,
+    high_msgq_watermark: object,
+    low_msgq_watermark: object,
+    high_msgq_messages: object,
+    send_timeout: object,
+    send_timeout_close: object,
+) -> FlowSettings:
+    """Validate the framing and flow-control options of a stream port; return them.
+
+    Raises:
+        OptionError: a wrong value, naming it.
+    """
+    if isinstance(packet_size, bool) or not isinstance(packet_size, int) or packet_size <= 0:
+        raise OptionError(f"packet_size must be a positive int (bytes), not {packet_size!r}")
     make_framer(packet, packet_size=packet_size, delimiter=delimiter)  # validates
-    pairs = (
-        ("high_watermark", high_watermark, "low_watermark", low_watermark),
-        ("high_msgq_watermark", high_msgq_watermark, "low_msgq_watermark", low_msgq_watermark),
-    )
-    for high_name, high, low_name, low in pairs:
-        for name, value in ((high_name, high), (low_name, low)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise OptionError(f"{name} must be a non-negative int (bytes), not {value!r}")
-        if low > high:
-            raise OptionError(f"{low_name}={low} is above {high_name}={high}")
+    mode = next(m for m in _PACKET_MODES if m == packet and not isinstance(packet, bool))
+    high = _non_negative("high_watermark", high_watermark)
+    low = _non_negative("low_watermark", low_watermark)
+    if low > high:
+        raise OptionError(f"low_watermark={low} is above high_watermark={high}")
+    high_msgq = _non_negative("high_msgq_watermark", high_msgq_watermark)
+    low_msgq = _non_negative("low_msgq_watermark", low_msgq_watermark)
+    if low_msgq > high_msgq:
+        raise OptionError(f"low_msgq_watermark={low_msgq} is above high_msgq_watermark={high_msgq}")
     if (
         isinstance(high_msgq_messages, bool)
         or not isinstance(high_msgq_messages, int)
@@ -106,17 +170,24 @@ def flow_options(
     ):
         raise OptionError(f"send_timeout must be positive seconds or None, not {send_timeout!r}")
     return {
-        "packet": packet,
+        "packet": mode,
         "packet_size": packet_size,
-        "delimiter": delimiter,
-        "high_watermark": high_watermark,
-        "low_watermark": low_watermark,
-        "high_msgq_watermark": high_msgq_watermark,
-        "low_msgq_watermark": low_msgq_watermark,
+        # Read by the line framer only, which checked it; other modes never read it.
+        "delimiter": delimiter if isinstance(delimiter, bytes) else b"\n",
+        "high_watermark": high,
+        "low_watermark": low,
+        "high_msgq_watermark": high_msgq,
+        "low_msgq_watermark": low_msgq,
         "high_msgq_messages": high_msgq_messages,
         "send_timeout": send_timeout,
         "send_timeout_close": bool(send_timeout_close),
     }
+
+
+def _non_negative(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionError(f"{name} must be a non-negative int (bytes), not {value!r}")
+    return value
 
 
 def parse_active(mode: object) -> tuple[int, bool]:
@@ -150,7 +221,13 @@ def reject_unknown_options(given: Iterable[str], known: Iterable[str], what: str
         )
 
 
-def check_options(options: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+def check_options(options: Mapping[str, object], allowed: frozenset[str], what: str) -> None:
+    """Reject options not in ``allowed``, and a ``recbuf``, ``sndbuf`` or ``backlog``
+    that is not a positive int below 2**31.
+
+    Raises:
+        OptionError: naming the option.
+    """
     reject_unknown_options(options, allowed, what)
     for name in ("recbuf", "sndbuf", "backlog"):
         value = options.get(name)
@@ -209,20 +286,28 @@ class PortOptions(FlowOptions, total=False):
         send_timeout: seconds a send may wait on a busy port before
             :exc:`~ioserver.SendTimeoutError`; ``None`` (default) waits forever.
         send_timeout_close: close the port when a send times out (Erlang's option).
+        linger: seconds :meth:`~ports.Port.close` may take to write the output still
+            queued, as Erlang's ``{linger, {true, Seconds}}`` (``SO_LINGER``); default
+            30.0.  When they run out (a peer that does not read) the socket is reset
+            (``SO_LINGER {1, 0}``: the peer gets ``ECONNRESET``) and what was left is
+            dropped (``linger_timeouts`` in the server's statistics).  ``0`` drops the
+            queued output and resets at once; ``None`` waits for ever (the descriptor
+            and the output stay as long as the peer does not read).
     """
 
     nodelay: bool
     keepalive: bool
     recbuf: int | None
     sndbuf: int | None
-    packet: Any
+    linger: float | None
+    packet: PacketMode
     packet_size: int
     delimiter: bytes
     send_timeout: float | None
     send_timeout_close: bool
 
 
-_PORT_DEFAULTS: dict[str, Any] = {
+_PORT_DEFAULTS: dict[str, object] = {
     "active": True,
     "nodelay": True,
     "keepalive": False,
@@ -238,10 +323,11 @@ _PORT_DEFAULTS: dict[str, Any] = {
     "high_msgq_messages": HIGH_MSGQ_MESSAGES,
     "send_timeout": None,
     "send_timeout_close": False,
+    "linger": LINGER,
 }
 
 
-def port_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
+def port_options(given: Mapping[str, object], what: str) -> tuple[tuple[int, bool], StreamOptions]:
     """Validate ``given`` port options; return ``(active credit, all options)``.
 
     Raises:
@@ -253,7 +339,62 @@ def port_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], di
     socket_options = {name: options[name] for name in STREAM_OPTIONS}
     check_options({k: v for k, v in socket_options.items() if v is not None}, STREAM_OPTIONS, what)
     flow = flow_options(**{name: options[name] for name in _FLOW_OPTIONS})
-    return credit, {**socket_options, **flow}
+    return credit, {
+        **flow,
+        "nodelay": bool(options["nodelay"]),
+        "keepalive": bool(options["keepalive"]),
+        "recbuf": _buffer_size(options, "recbuf"),
+        "sndbuf": _buffer_size(options, "sndbuf"),
+        "linger": _linger(options["linger"]),
+    }
+
+
+def _linger(value: object) -> float | None:
+    """``linger``: None (wait for ever) or seconds, a finite float >= 0.
+
+    Raises:
+        OptionError: anything else.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < float("inf")
+    ):
+        raise OptionError(f"linger must be non-negative seconds or None, not {value!r}")
+    return float(value)
+
+
+def _buffer_size(options: Mapping[str, object], name: str) -> int | None:
+    """``recbuf``/``sndbuf``: None (the system's default) or a positive int below 2**31.
+
+    Raises:
+        OptionError: anything else, naming it.
+    """
+    value = options[name]
+    if value is None:
+        return None
+    return _int_in(options, name, 1, (1 << 31) - 1)
+
+
+def _int_in(options: Mapping[str, object], name: str, low: int, high: int) -> int:
+    """The int option ``name``, checked to be in ``low..high``.
+
+    Raises:
+        OptionError: a value that is not, naming it and the range.
+    """
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
+    return value
+
+
+def _bool(options: Mapping[str, object], name: str) -> bool:
+    value = options[name]
+    if not isinstance(value, bool):
+        raise OptionError(f"{name} must be a bool, not {value!r}")
+    return value
 
 
 _FLOW_OPTIONS = (
@@ -271,7 +412,7 @@ _FLOW_OPTIONS = (
 
 
 #: The flow-control defaults every kind of message port shares (FlowOptions less active).
-_WATERMARK_DEFAULTS: dict[str, Any] = {
+_WATERMARK_DEFAULTS: Watermarks = {
     "high_watermark": HIGH_WATERMARK,
     "low_watermark": LOW_WATERMARK,
     "high_msgq_watermark": HIGH_MSGQ_WATERMARK,
@@ -280,7 +421,7 @@ _WATERMARK_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _message_flow(options: dict[str, Any]) -> dict[str, Any]:
+def _message_flow(options: Mapping[str, object]) -> FlowSettings:
     """Check the watermarks (and send timeout, where the kind has one) of a port whose
     messages are whole already (datagrams, TUN packets, ZeroMQ messages: no framing).
 
@@ -297,19 +438,15 @@ def _message_flow(options: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _check_ranges(options: dict[str, Any], ranges: tuple[tuple[str, int, int], ...]) -> None:
-    """Check that each named option is an int in its range (``None`` passes for the
-    socket buffer sizes, ``recbuf`` and ``sndbuf``: the system's default).
-
-    Raises:
-        OptionError: a value that is not, naming it and the range.
-    """
-    for name, low, high in ranges:
-        value = options[name]
-        if value is None and name in ("recbuf", "sndbuf"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise OptionError(f"{name} must be an int in {low}..{high}, not {value!r}")
+def watermarks(flow: Watermarks) -> Watermarks:
+    """The watermarks of a port's validated options, alone."""
+    return {
+        "high_watermark": flow["high_watermark"],
+        "low_watermark": flow["low_watermark"],
+        "high_msgq_watermark": flow["high_msgq_watermark"],
+        "low_msgq_watermark": flow["low_msgq_watermark"],
+        "high_msgq_messages": flow["high_msgq_messages"],
+    }
 
 
 class UDPOptions(FlowOptions, total=False):
@@ -347,7 +484,25 @@ class UDPOptions(FlowOptions, total=False):
     broadcast: bool
 
 
-_UDP_DEFAULTS: dict[str, Any] = {
+class DatagramSettings(Watermarks):
+    """What a handler that reads datagrams or packets needs (UDP, TUN/TAP)."""
+
+    read_packets: int
+    max_datagram: int
+
+
+class UDPSettings(DatagramSettings):
+    """A UDP port's options, validated (:func:`udp_options`)."""
+
+    active: Active
+    recbuf: int | None
+    sndbuf: int | None
+    reuseaddr: bool
+    reuseport: bool
+    broadcast: bool
+
+
+_UDP_DEFAULTS: dict[str, object] = {
     "active": True,
     "read_packets": 16,
     "max_datagram": 65535,
@@ -360,7 +515,7 @@ _UDP_DEFAULTS: dict[str, Any] = {
 }
 
 
-def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]]:
+def udp_options(given: Mapping[str, object]) -> tuple[tuple[int, bool], UDPSettings]:
     """Validate UDP options; return ``(active credit, all options)``.
 
     Raises:
@@ -369,20 +524,25 @@ def udp_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     reject_unknown_options(given, _UDP_DEFAULTS, "a UDP port")
     options = {**_UDP_DEFAULTS, **given}
     credit = parse_active(options["active"])
-    _check_ranges(
-        options,
-        (
-            ("read_packets", 1, 1 << 16),
-            ("max_datagram", 1, 1 << 24),
-            ("recbuf", 1, (1 << 31) - 1),
-            ("sndbuf", 1, (1 << 31) - 1),
-        ),
-    )
-    for name in ("reuseaddr", "reuseport", "broadcast"):
-        if not isinstance(options[name], bool):
-            raise OptionError(f"{name} must be a bool, not {options[name]!r}")
-    _message_flow(options)
-    return credit, options
+    settings: UDPSettings = {
+        "active": _active(options),
+        "read_packets": _int_in(options, "read_packets", 1, 1 << 16),
+        "max_datagram": _int_in(options, "max_datagram", 1, 1 << 24),
+        "recbuf": _buffer_size(options, "recbuf"),
+        "sndbuf": _buffer_size(options, "sndbuf"),
+        "reuseaddr": _bool(options, "reuseaddr"),
+        "reuseport": _bool(options, "reuseport"),
+        "broadcast": _bool(options, "broadcast"),
+        **watermarks(_message_flow(options)),
+    }
+    return credit, settings
+
+
+def _active(options: Mapping[str, object]) -> Active:
+    """The ``active`` option, checked by :func:`parse_active` already."""
+    value = options["active"]
+    assert isinstance(value, (bool, str, int))
+    return value
 
 
 #: The largest packet a TUN/TAP device carries: an IP packet of 65535 bytes (the largest
@@ -420,7 +580,16 @@ class TunOptions(FlowOptions, total=False):
     max_packet: int
 
 
-_TUN_DEFAULTS: dict[str, Any] = {
+class TunSettings(Watermarks):
+    """A TUN/TAP port's options, validated (:func:`tun_options`)."""
+
+    active: Active
+    multi_queue: bool
+    read_packets: int
+    max_packet: int
+
+
+_TUN_DEFAULTS: dict[str, object] = {
     "active": True,
     "multi_queue": False,
     "read_packets": 16,
@@ -429,7 +598,7 @@ _TUN_DEFAULTS: dict[str, Any] = {
 }
 
 
-def tun_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]]:
+def tun_options(given: Mapping[str, object]) -> tuple[tuple[int, bool], TunSettings]:
     """Validate TUN/TAP options; return ``(active credit, all options)``.
 
     Raises:
@@ -438,11 +607,14 @@ def tun_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     reject_unknown_options(given, _TUN_DEFAULTS, "a TUN/TAP port")
     options = {**_TUN_DEFAULTS, **given}
     credit = parse_active(options["active"])
-    _check_ranges(options, (("read_packets", 1, 1 << 16), ("max_packet", 1, MAX_TUN_PACKET)))
-    if not isinstance(options["multi_queue"], bool):
-        raise OptionError(f"multi_queue must be a bool, not {options['multi_queue']!r}")
-    _message_flow(options)
-    return credit, options
+    settings: TunSettings = {
+        "active": _active(options),
+        "read_packets": _int_in(options, "read_packets", 1, 1 << 16),
+        "max_packet": _int_in(options, "max_packet", 1, MAX_TUN_PACKET),
+        "multi_queue": _bool(options, "multi_queue"),
+        **watermarks(_message_flow(options)),
+    }
+    return credit, settings
 
 
 class ZmqOptions(FlowOptions, total=False):
@@ -479,7 +651,25 @@ class ZmqOptions(FlowOptions, total=False):
     router_mandatory: bool
 
 
-_ZMQ_DEFAULTS: dict[str, Any] = {
+class ZmqSettings(Watermarks):
+    """A ZeroMQ port's options, validated (:func:`zmq_options`)."""
+
+    active: Active
+    send_timeout: float | None
+    send_timeout_close: bool
+    sndhwm: int | None
+    rcvhwm: int | None
+    linger: float
+    identity: bytes | None
+    router_mandatory: bool
+
+
+#: A port's validated options, whichever its kind (each extends :class:`Watermarks`): what
+#: the daemon keeps of a client's port (``_session.RemotePortState``: a ZeroMQ port's
+#: :class:`FlowSettings`) and a daemon's client of its ports (``client._remote.RemoteConn``).
+PortSettings = StreamOptions | UDPSettings | TunSettings | FlowSettings | ZmqSettings
+
+_ZMQ_DEFAULTS: dict[str, object] = {
     "active": True,
     **_WATERMARK_DEFAULTS,
     "send_timeout": None,
@@ -492,7 +682,9 @@ _ZMQ_DEFAULTS: dict[str, Any] = {
 }
 
 
-def zmq_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any], dict[str, Any]]:
+def zmq_options(
+    given: Mapping[str, object],
+) -> tuple[tuple[int, bool], FlowSettings, ZmqSettings]:
     """Validate ZeroMQ port options; return ``(active credit, flow options, all options)``.
 
     Raises:
@@ -501,24 +693,37 @@ def zmq_options(given: dict[str, Any]) -> tuple[tuple[int, bool], dict[str, Any]
     check_options(given, frozenset(_ZMQ_DEFAULTS), "a ZeroMQ port")
     options = {**_ZMQ_DEFAULTS, **given}
     credit = parse_active(options["active"])
-    settings = _message_flow(options)
+    flow = _message_flow(options)
+    hwms: dict[str, int | None] = {}
     for name in ("sndhwm", "rcvhwm"):
         value = options[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise OptionError(f"{name} must be an int (messages) or None, not {value!r}")
+        hwms[name] = value
     linger = options["linger"]
     if isinstance(linger, bool) or not isinstance(linger, (int, float)) or linger < 0:
         raise OptionError(f"linger must be non-negative seconds, not {linger!r}")
     identity = options["identity"]
     if identity is not None and not isinstance(identity, bytes):
         raise OptionError(f"identity must be bytes or None, not {identity!r}")
-    return credit, settings, options
+    settings: ZmqSettings = {
+        "active": _active(options),
+        **watermarks(flow),
+        "send_timeout": flow["send_timeout"],
+        "send_timeout_close": bool(options["send_timeout_close"]),
+        "sndhwm": hwms["sndhwm"],
+        "rcvhwm": hwms["rcvhwm"],
+        "linger": linger,
+        "identity": identity,
+        "router_mandatory": bool(options["router_mandatory"]),
+    }
+    return credit, flow, settings
 
 
 _NOT_FOR_UNIX = ("nodelay", "keepalive")
 
 
-def unix_options(given: dict[str, Any], what: str) -> tuple[tuple[int, bool], dict[str, Any]]:
+def unix_options(given: Mapping[str, object], what: str) -> tuple[tuple[int, bool], StreamOptions]:
     """Validate the options of a Unix stream port (a TCP port's, without the TCP ones)."""
     for name in _NOT_FOR_UNIX:
         if name in given:

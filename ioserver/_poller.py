@@ -24,6 +24,7 @@ from __future__ import annotations
 import select
 import selectors
 import sys
+from collections.abc import Callable
 
 from ._exceptions import OptionError, PollerLimitError
 
@@ -58,20 +59,19 @@ class Poller:
         if limit is not None and fd >= limit:
             raise PollerLimitError(self.name, fd, limit)
 
-    def register(self, fd: int, mask: int) -> None:
-        raise NotImplementedError
-
-    def modify(self, fd: int, mask: int) -> None:
-        raise NotImplementedError
-
-    def unregister(self, fd: int) -> None:
-        raise NotImplementedError
+    # The calls of every round: a backend defines them as methods, or binds its kernel
+    # object's own at once (no Python frame between the I/O thread and the syscall).
+    #: Watch ``fd`` for ``mask`` (``READ``/``WRITE`` bits).
+    register: Callable[[int, int], None]
+    #: Watch ``fd`` for ``mask`` instead.
+    modify: Callable[[int, int], None]
+    #: Stop watching ``fd``.
+    unregister: Callable[[int], None]
+    #: Wait for events: ``(fd, mask)`` pairs; ``timeout`` in seconds, negative blocks
+    #: until one arrives.
+    poll: Callable[[float], list[tuple[int, int]]]
 
     def register_wakeup(self, fd: int) -> None:
-        raise NotImplementedError
-
-    def poll(self, timeout: float) -> list[tuple[int, int]]:
-        """Wait for events; ``timeout`` in seconds, negative blocks until one arrives."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -90,10 +90,10 @@ class EpollPoller(Poller):
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self.poll = self._epoll.poll  # type: ignore[method-assign]
-        self.register = self._epoll.register  # type: ignore[method-assign,assignment]
-        self.modify = self._epoll.modify  # type: ignore[method-assign,assignment]
-        self.unregister = self._epoll.unregister  # type: ignore[method-assign]
+        self.poll = self._epoll.poll
+        self.register = self._epoll.register
+        self.modify = self._epoll.modify
+        self.unregister = self._epoll.unregister
 
     def register_wakeup(self, fd: int) -> None:
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
@@ -114,9 +114,9 @@ class PollPoller(Poller):
 
     def __init__(self) -> None:
         self._poll = select.poll()
-        self.register = self._poll.register  # type: ignore[method-assign,assignment]
-        self.modify = self._poll.modify  # type: ignore[method-assign,assignment]
-        self.unregister = self._poll.unregister  # type: ignore[method-assign,assignment]
+        self.register = self._poll.register
+        self.modify = self._poll.modify
+        self.unregister = self._poll.unregister
 
     def register_wakeup(self, fd: int) -> None:
         self._poll.register(fd, select.POLLIN)
@@ -129,7 +129,7 @@ class PollPoller(Poller):
         return events
 
     def close(self) -> None:
-        self._poll = None  # type: ignore[assignment]  # no descriptor to release
+        pass  # poll(2) holds no descriptor to release
 
 
 class SelectPoller(Poller):

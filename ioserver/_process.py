@@ -96,7 +96,7 @@ class ProcessWatcher(Handler):
         self.held: list[Closed] = []  # the stream's final messages, until the status
         self.finished = False  # ExitStatus and the held Closed were delivered
         self.terminating = False
-        self.kill_timer: list[Any] | None = None
+        self.kill_timer: list[Callable[[], None] | None] | None = None
         self.conns: list[Conn] = []  # stdout/stdin, and stderr's when it is a port
         self.mask = 0
         self.closed = False
@@ -278,7 +278,7 @@ def cmd_start_process(watcher: ProcessWatcher, _: object) -> None:
     if watcher.pidfd is not None:
         watcher.fd = watcher.pidfd
         io.adopt(watcher)
-        io._interest(watcher, READ)  # type: ignore[arg-type]  # a Handler keeps fd and mask
+        io._interest(watcher, READ)
     else:
         watcher.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         io.adopt(watcher)

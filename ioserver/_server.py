@@ -61,6 +61,8 @@ class IOServerStatistics:
     wakes_to_loop_skipped: int  #: batches queued while the loop was awake (no write)
     spurious_loop_wakes: int  #: loop wake-ups that found nothing to deliver
     internal_errors: int  #: errors contained by closing the one port concerned
+    #: closed stream ports reset because their output was not written within ``linger``
+    linger_timeouts: int
     memory_limit: int | None  #: the global budget in bytes (``None``: unlimited)
     port_buffer_limit: int | None  #: the cap of one port in bytes (``None``: unlimited)
     memory_in_use: int  #: bytes buffered now: undelivered input, framing, queued output
@@ -129,7 +131,7 @@ class IOServer:
         writer = io._writer or io._failed_writer
         return IOServerStatistics(
             poller=io.poller_name,
-            backend=hub.backend,  # type: ignore[attr-defined]
+            backend=hub.backend,
             fd_limit=io.fd_limit,
             ports_open=io.ports_open,
             polls=io.polls,
@@ -145,11 +147,12 @@ class IOServer:
             wakes_to_loop_skipped=hub.inbox.wakes_skipped,
             spurious_loop_wakes=hub.inbox.spurious_wakes,
             internal_errors=io.internal_errors,
+            linger_timeouts=io.linger_timeouts,
             memory_limit=io.memory_limit,
             port_buffer_limit=io.port_buffer_limit,
             memory_in_use=io.memory_in_use(),
-            peak_memory=max(io.peak_memory, io.memory_in_use()),
-            global_pauses=io.global_pauses,
+            peak_memory=max(io.budget.peak, io.memory_in_use()),
+            global_pauses=io.budget.pauses,
             batched_writes=io._writer is not None,
             write_batches=0 if writer is None else writer.batches,
             batched_write_count=0 if writer is None else writer.writes,
@@ -172,7 +175,7 @@ class IOServer:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._io.ports_open} ports"
-        return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"  # type: ignore[attr-defined]
+        return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"
 
 
 @asynccontextmanager

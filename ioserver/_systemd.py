@@ -29,11 +29,12 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._tcp import StreamHost, adopt_listener
 
 if TYPE_CHECKING:
     from ._contract import ListenRequest
-    from ._iothread import IOThread
 
 __all__ = [
     "claim_notify_socket",
@@ -47,10 +48,10 @@ __all__ = [
 log = logging.getLogger("ioserver")
 
 SD_LISTEN_FDS_START = 3  #: the first passed descriptor (sd-daemon.h)
-WORKER_ENVIRONMENT = "IOSERVER_WORKER"  # as in ioserver._daemon (not imported: cycles)
+WORKER_ENVIRONMENT = "IOSERVER_WORKER"  # as in ioserver._supervise (not imported: cycles)
 
 _lock = threading.Lock()
-_table: dict[tuple[int, Any], socket.socket] | None = None
+_table: dict[tuple[int, object], socket.socket] | None = None
 _claimed: str | None = None
 
 
@@ -115,8 +116,9 @@ def inherited_fds(environ: dict[str, str] | None = None) -> list[tuple[int, str]
     return [(SD_LISTEN_FDS_START + index, names[index]) for index in range(count)]
 
 
-def _key(family: int, address: Any) -> tuple[int, Any]:
+def _key(family: int, address: object) -> tuple[int, object]:
     if family in (socket.AF_INET, socket.AF_INET6):
+        assert isinstance(address, tuple)  # (host, port, ...) as bind takes it
         return family, (str(address[0]), int(address[1]))
     if isinstance(address, bytes):  # an abstract Unix address, or a path given as bytes
         address = address.decode("utf-8", "surrogateescape")
@@ -125,12 +127,12 @@ def _key(family: int, address: Any) -> tuple[int, Any]:
     return family, address
 
 
-def _load() -> dict[tuple[int, Any], socket.socket]:
+def _load() -> dict[tuple[int, object], socket.socket]:
     """The passed listening stream sockets, by (family, address); read once."""
     global _table
     if _table is not None:
         return _table
-    table: dict[tuple[int, Any], socket.socket] = {}
+    table: dict[tuple[int, object], socket.socket] = {}
     for fd, name in inherited_fds():
         try:
             sock = socket.socket(fileno=fd)
@@ -156,7 +158,7 @@ def _load() -> dict[tuple[int, Any], socket.socket]:
     return table
 
 
-def take_listener(family: int, address: Any) -> socket.socket | None:
+def take_listener(family: int, address: object) -> socket.socket | None:
     """The passed listening socket bound to ``address`` (as ``socket.bind`` takes it, for
     ``family``), now the caller's; None if systemd passed none there (or it was taken)."""
     with _lock:
@@ -164,11 +166,11 @@ def take_listener(family: int, address: Any) -> socket.socket | None:
 
 
 def cmd_listen_inherited(
-    io: IOThread, sock: socket.socket, request: object, spec: ListenRequest
+    io: StreamHost, sock: socket.socket, request: object, spec: ListenRequest
 ) -> None:
     """On the I/O thread: make ``sock``, a passed listening socket, the listener ``spec``
-    asked for, as ``IOThread.cmd_listen`` makes one it bound (answers ``(conn, sockname,
+    asked for, as ``ioserver._tcp.listen_tcp`` makes one it bound (answers ``(conn, sockname,
     None)``, or the :exc:`~ioserver.PollerLimitError` of a poller that cannot watch it;
     then only our copy is closed: systemd keeps its own)."""
     sock.setblocking(False)
-    io.adopt_listener(request, spec, sock, sock.getsockname())
+    adopt_listener(io, request, spec, sock, sock.getsockname())

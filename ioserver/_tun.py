@@ -34,12 +34,12 @@ import fcntl
 import os
 import socket
 import struct
-from typing import Any
 
-from ._contract import TunRequest
+from ._contract import Deliver, LoopHalf, TunRequest
 from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._iothread import IOThread
 from ._messages import Closed, Packet
+from ._options import TunSettings, watermarks
 from ._poller import ERROR
 from ._udp import DatagramHandler
 
@@ -68,7 +68,9 @@ class TunDevice:
     def fileno(self) -> int:
         return self.fd
 
-    def recvmsg_into(self, buffers: list[memoryview], _ancbufsize: int, _flags: int) -> Any:
+    def recvmsg_into(
+        self, buffers: list[memoryview], _ancbufsize: int, _flags: int
+    ) -> tuple[int, tuple[()], int, None]:
         """One ``read`` of one packet; ``MSG_TRUNC`` when it filled the buffer (which is a
         byte longer than the largest packet accepted, see the module docstring)."""
         n = os.readv(self.fd, buffers)
@@ -85,7 +87,7 @@ class TunDevice:
         os.close(fd)
 
 
-def _packet(data: bytes, _address: Any) -> Packet:
+def _packet(data: bytes, _address: object) -> Packet:
     return Packet(data)
 
 
@@ -99,9 +101,9 @@ class TunHandler(DatagramHandler):
         io: IOThread,
         device: TunDevice,
         name: str,
-        port: Any,
-        deliver: Any,
-        options: dict[str, Any],
+        port: LoopHalf,
+        deliver: Deliver,
+        options: TunSettings,
         active: tuple[int, bool],
     ) -> None:
         # The datagram handler's buffer is max_datagram bytes: one more than the largest
@@ -111,7 +113,11 @@ class TunHandler(DatagramHandler):
             device,  # type: ignore[arg-type]  # duck-typed: see DatagramHandler
             port,
             deliver,
-            {**options, "max_datagram": options["max_packet"] + 1},
+            {
+                **watermarks(options),
+                "read_packets": options["read_packets"],
+                "max_datagram": options["max_packet"] + 1,
+            },
             active,
         )
         self.name = name
@@ -143,10 +149,10 @@ class TunHandler(DatagramHandler):
     def _read_error_detail(self) -> str:
         return f" (reading a packet from {self.name})"
 
-    def _too_large_detail(self, n: int, size: int, address: Any) -> str:
+    def _too_large_detail(self, n: int, size: int, address: object) -> str:
         return f": a packet from {self.name} exceeds max_packet={size - 1} bytes; it was dropped"
 
-    def _dropped_detail(self, size: int, address: Any) -> str:
+    def _dropped_detail(self, size: int, address: object) -> str:
         return f": a packet of {size} bytes to {self.name} was dropped"
 
 

@@ -25,7 +25,7 @@ methods ``close``, ``set_active``, ``read_once`` and ``resume``; sends come as
   Active modes count datagrams as TCP ports count packets.  The global memory budget
   applies as to streams (see ``ioserver._flow``): ordinary reads stop short of its
   reserve, a port whose owner waits may read into it, no read may pass the limit, and a
-  paused handler looks again every few milliseconds (``IOThread.budget_resumes``).
+  paused handler looks again every few milliseconds (``MemoryBudget.resumes``).
 * **Sending** never blocks the thread: ``cmd_send`` queues ``(data, address)`` and the end
   of the round flushes the queue with ``send``/``sendto`` until ``EAGAIN``, then waits for
   the socket to be writable.  A datagram the kernel refuses (``EMSGSIZE``,
@@ -47,6 +47,7 @@ from ._contract import Deliver, LoopHalf, UDPRequest
 from ._exceptions import ConnectError, PollerLimitError, errno_name
 from ._iothread import READ_SIZE, IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
+from ._options import DatagramSettings
 from ._poller import ERROR, READ, WRITE
 
 __all__ = ["DatagramHandler", "cmd_open_udp"]
@@ -74,7 +75,7 @@ class DatagramHandler(ReceivingHandler):
         sock: socket.socket,
         port: LoopHalf,
         deliver: Deliver,
-        options: dict[str, Any],
+        options: DatagramSettings,
         active: tuple[int, bool],
     ) -> None:
         self.io = io
@@ -111,7 +112,7 @@ class DatagramHandler(ReceivingHandler):
             mask = READ
         if self.outq:
             mask |= WRITE
-        self.io._interest(self, mask)  # type: ignore[arg-type]  # a Handler keeps fd and mask
+        self.io._interest(self, mask)
 
     # -- the I/O thread's calls ---------------------------------------------------------
     def on_ready(self, mask: int) -> None:
@@ -143,7 +144,7 @@ class DatagramHandler(ReceivingHandler):
     def _read(self) -> None:
         io = self.io
         size = len(self.view)
-        allowance = io.read_allowance(self)
+        allowance = io.budget.read_allowance(self)
         if allowance < size:
             self._pause_for_budget()
             return
@@ -192,14 +193,14 @@ class DatagramHandler(ReceivingHandler):
     def _read_error_detail(self) -> str:
         return " (reported by the network for an earlier datagram)"
 
-    def _too_large_detail(self, n: int, size: int, address: Any) -> str:
+    def _too_large_detail(self, n: int, size: int, address: object) -> str:
         real = f"{n} bytes" if n > size else "more"
         return (
             f": a datagram of {real} from {address!r} exceeds max_datagram={size} "
             "bytes; it was dropped"
         )
 
-    def _dropped_detail(self, size: int, address: Any) -> str:
+    def _dropped_detail(self, size: int, address: object) -> str:
         return f": a datagram of {size} bytes to {address!r} was dropped"
 
     def _error(self, number: int | None, detail: str) -> None:
@@ -224,7 +225,7 @@ class DatagramHandler(ReceivingHandler):
         io = self.io
         if self.closed:
             return
-        if io.budget_resumes(self, len(self.view)):
+        if io.budget.resumes(self, len(self.view)):
             self.budget_paused = False
             self._update_interest()
         else:

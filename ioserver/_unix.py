@@ -1,9 +1,10 @@
 """Unix stream sockets in the I/O thread: listening on a path, with its socket file.
 
 A Unix stream connection is a TCP-like byte stream, so it is an ordinary STREAM ``Conn``
-(framing, flow control and the hot path unchanged) and connecting goes through
-``IOThread.cmd_connect`` with ``AF_UNIX``.  What is particular is the listener's socket
-file, handled here:
+(framing, flow control and the hot path unchanged), connecting goes through TCP's
+(``ioserver/_tcp.py``, with ``AF_UNIX``) and so does the listen step
+(:func:`~._tcp.open_listener`).  What is particular is the listener's socket file, handled
+here:
 
 * **Stale files.**  A socket file left behind by a process that died blocks ``bind`` with
   ``EADDRINUSE``.  Before binding, a socket file at the path is checked: when Linux's
@@ -31,8 +32,7 @@ import socket
 import stat
 
 from ._contract import ListenRequest
-from ._exceptions import ConnectError, errno_name
-from ._iothread import IOThread
+from ._tcp import StreamHost, open_listener
 
 __all__ = ["cmd_listen_unix", "is_abstract", "remove_stale_socket_file"]
 
@@ -106,34 +106,34 @@ def remove_stale_socket_file(path: str | bytes) -> None:
             pass
 
 
-def cmd_listen_unix(io: IOThread, request: object, spec: ListenRequest) -> None:
-    """Listen on a Unix path on the I/O thread: answer ``request`` with
-    ``(listener conn, path, None)`` or a :class:`ConnectError`.  Queued bound to its
-    ``io`` (``functools.partial``), as ``IOThread.cmd_listen`` is bound to its own."""
-    deliver, path, options = spec.deliver, spec.address, spec.options
-    sock = None
+def _bind_unix(path: str | bytes) -> _UnixListenerSocket:
+    """A non-blocking Unix stream socket bound to ``path`` (a stale socket file there
+    removed first), which removes its socket file when it closes."""
+    remove_stale_socket_file(path)
+    sock = _UnixListenerSocket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        remove_stale_socket_file(path)
-        sock = _UnixListenerSocket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.bind(path)
         if not is_abstract(path):
             info = os.stat(path)
             sock.path, sock.identity = path, (info.st_dev, info.st_ino)
-        sock.listen(options.get("backlog", 1024))
-    except OSError as exc:
-        if sock is not None:
-            sock.close()
-        name = errno_name(exc.errno)
-        deliver(
-            (
-                request,
-                ConnectError(
-                    f"cannot listen on the Unix socket {path!r}: {exc.strerror or exc} ({name})",
-                    exc.errno,
-                    name,
-                ),
-            )
-        )
-        return
-    io.adopt_listener(request, spec, sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def cmd_listen_unix(io: StreamHost, request: object, spec: ListenRequest) -> None:
+    """Listen on a Unix path on the I/O thread: answer ``request`` with
+    ``(listener conn, path, None)`` or a :class:`ConnectError`.  Queued bound to its
+    ``io`` (``functools.partial``); the listen step is TCP's (:func:`~._tcp.open_listener`)."""
+    path = spec.address
+    assert isinstance(path, (str, bytes))
+    open_listener(
+        io,
+        request,
+        spec,
+        lambda: _bind_unix(path),
+        f"the Unix socket {path!r}",
+        sockname=lambda sock: path,
+    )

@@ -43,6 +43,7 @@ from ._contract import Deliver, LoopHalf
 from ._exceptions import errno_name
 from ._iothread import IOThread
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
+from ._options import Watermarks
 from ._poller import READ
 
 log = logging.getLogger("ioserver")
@@ -67,12 +68,14 @@ class ZmqSocketHandler(Handler):
     def __init__(self, io: IOThread, sock: zmq.Socket[bytes]) -> None:
         self.io = io
         self.sock = sock
-        self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        fd = sock.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self.fd = fd
 
     def start(self) -> None:
         """Adopt the socket: watch its descriptor and look at its state once (rule 4)."""
         self.io.adopt(self)
-        self.io._interest(self, READ)  # type: ignore[arg-type]
+        self.io._interest(self, READ)
         self.io.call_soon(self)
 
     def _release_socket(self, linger_ms: int) -> None:
@@ -102,7 +105,8 @@ class ZmqSocketHandler(Handler):
         ``EVENTS`` allows (rules 1 and 2)."""
         sock = self.sock
         for _ in range(batch):
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            events = sock.getsockopt(zmq.EVENTS)
+            assert isinstance(events, int)
             if events & _POLLOUT and self._has_pending():
                 self._send_pending()
             if not events & _POLLIN:
@@ -129,7 +133,7 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         sock: zmq.Socket[bytes],
         port: LoopHalf,
         deliver: Deliver,
-        options: dict[str, Any],
+        options: Watermarks,
         active: tuple[int, bool],
         linger_ms: int,
     ) -> None:
@@ -154,7 +158,8 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         sock = self.sock
         budget = DRAIN_BATCH
         while True:
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            events = sock.getsockopt(zmq.EVENTS)
+            assert isinstance(events, int)
             progressed = False
             if events & _POLLOUT and self.outq:
                 progressed = self._send_queued()

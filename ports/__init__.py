@@ -58,6 +58,9 @@ from ioserver._exceptions import (
     SendTimeoutError as SendTimeoutError,
 )
 from ioserver._exceptions import (
+    TLSError as TLSError,
+)
+from ioserver._exceptions import (
     WouldBlock as WouldBlock,
 )
 from ioserver._messages import (
@@ -194,6 +197,7 @@ __all__ = [
     "SendTimeoutError",
     "Strategy",
     "Supervisor",
+    "TLSError",
     "Timeout",
     "TimerRef",
     "TunOptions",

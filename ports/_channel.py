@@ -13,7 +13,7 @@ import trio.abc
 from ioserver._exceptions import BrokenPortError, ClosedPortError, EndOfPort, WouldBlock
 from ioserver._hub import Parker, current_parker
 
-from ._source import EMPTY, Source, Waiter
+from ._source import EMPTY, Empty, Source, Waiter
 
 __all__ = [
     "MemoryChannelStatistics",
@@ -173,7 +173,7 @@ class MemoryReceiveChannel(Source, anyio.abc.ObjectReceiveStream[T], trio.abc.Re
         item = self._select_poll()
         if item is EMPTY:
             raise WouldBlock("the channel's buffer is empty")
-        return item  # type: ignore[no-any-return]
+        return item
 
     async def receive(self) -> T:
         """Wait for the oldest item and take it.
@@ -192,10 +192,10 @@ class MemoryReceiveChannel(Source, anyio.abc.ObjectReceiveStream[T], trio.abc.Re
             await anyio.lowlevel.checkpoint()
             item = self._select_poll()
             if item is not EMPTY:
-                return item  # type: ignore[no-any-return]
+                return item
             await _park(state, state.receive_waiters)
 
-    def _select_poll(self) -> Any:
+    def _select_poll(self) -> T | Empty:
         if self._closed:
             raise ClosedPortError("this channel's receive end is closed")
         state = self._state

@@ -91,7 +91,7 @@ class Mailbox(Source):
         for waiter in waiters:
             parker.wake(waiter)
 
-    def _find(self, match: Match | None, start: int) -> Any:
+    def _find(self, match: Match | None, start: int) -> object:
         messages = self._messages
         if match is None:
             return messages.popleft() if messages else EMPTY
@@ -230,7 +230,7 @@ class Mailbox(Source):
         return self._closed
 
     # -- select hooks -------------------------------------------------------------------
-    def _select_poll(self) -> Any:
+    def _select_poll(self) -> object:
         if self._closed:
             raise ClosedPortError("this mailbox is closed")
         return self._messages.popleft() if self._messages else EMPTY

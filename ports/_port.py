@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, final
+from functools import partial
+from typing import Any, Self, final
 
 import anyio
 import anyio.abc
 import trio
 import trio.abc
 from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSAttribute
 
 from ioserver._conn import Conn
+from ioserver._contract import SocketAddress, inet_address
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -37,11 +40,13 @@ from ioserver._exceptions import (
     WouldBlock,
 )
 from ioserver._flow import Window
-from ioserver._framing import PACKET_OVERHEAD, Framer, port_framer
+from ioserver._framing import PACKET_OVERHEAD, Framer, PacketMode, port_framer
+from ioserver._hub import Hub
 from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
     Active,
+    FlowSettings,
     apply_active_mode,
     parse_active,
 )
@@ -81,7 +86,7 @@ class _Request(Waiter):
 
     __slots__ = ("cancelled", "hub", "io", "result")
 
-    def __init__(self, io: IOThread, hub: Any) -> None:
+    def __init__(self, io: IOThread, hub: Hub) -> None:
         super().__init__()
         self.io = io
         self.hub = hub
@@ -134,7 +139,7 @@ class _PortBase(Source):
         self, server: IOServer, active: tuple[int, bool], framer: Framer | None = None
     ) -> None:
         hub = server._hub
-        self._hub: Any = hub
+        self._hub: Hub = hub
         self._io: IOThread = server._io
         self._submit = self._io.commands.put
         self._conn: Conn | None = None
@@ -147,8 +152,8 @@ class _PortBase(Source):
         self._credit, self._notify = active
         self._passive_pending = False  # an active=N count ran out: Passive is on its way
         self._owner: Mailbox | None = None
-        self._local_address: Any = None
-        self._remote_address: Any = None
+        self._local_address: object = None
+        self._remote_address: object = None
         # Flow control (ioserver._flow): the one object the I/O thread reads of this half.
         # It counts what the owner took, as the I/O half counts what it delivered.
         # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
@@ -167,7 +172,7 @@ class _PortBase(Source):
             return bool(owner._waiters)
         return self._waiter is not None or bool(self._select_waiters)
 
-    def _took_data(self, data: Any) -> None:
+    def _took_data(self, data: Sized) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
         window = self._window
         size = len(data) if window.sizes is None else window.sizes.popleft()
@@ -243,7 +248,7 @@ class _PortBase(Source):
     def _on_writable(self) -> None:
         pass
 
-    def _abort_park(self, raise_cancel: Any) -> Any:
+    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -309,7 +314,7 @@ class _PortBase(Source):
     def __aiter__(self) -> _PortBase:
         return self
 
-    def __anext__(self) -> Coroutine[Any, Any, Message]:
+    def __anext__(self) -> Coroutine[object, None, Message]:
         return self._receive(StopAsyncIteration)
 
     async def _receive(self, end: type[Exception]) -> Message:
@@ -333,7 +338,7 @@ class _PortBase(Source):
                 if self._closed or self._ended or self._credit == 0 or self._owner is not None:
                     self._check_can_wait(end)
                 # Park until the hub delivers (Hub.park, inlined).  The waiter is set
-                # before the budget pause is read (see IOThread._budget_blocks).
+                # before the budget pause is read (see MemoryBudget.blocks in ioserver._flow).
                 if hub.is_trio:
                     self._waiter = _current_task()
                     if getattr(self._conn, "global_paused", False):
@@ -366,7 +371,7 @@ class _PortBase(Source):
         return message
 
     # -- select hooks -------------------------------------------------------------------
-    def _select_poll(self) -> Any:
+    def _select_poll(self) -> object:
         if self._buffer:
             return self._take()
         self._check_can_wait(EndOfPort)
@@ -511,6 +516,7 @@ class _PortBase(Source):
         }
         if self._remote_address is not None:
             attributes[SocketAttribute.remote_address] = lambda: self._remote_address
+        attributes.update(tls_attributes(self._conn))
         return attributes
 
     def statistics(self) -> PortStatistics:
@@ -525,7 +531,7 @@ class _PortBase(Source):
             closed=self._closed,
         )
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -557,7 +563,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_simple_send",
     )
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: FlowSettings) -> None:
         framer = port_framer(options)
         super().__init__(server, active, framer)
         self._broken: str | None = None
@@ -611,7 +617,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         if self._eof_sent:
             raise ClosedPortError("send_eof() was called: this port sends nothing more")
 
-    def _encode(self, message: Any) -> bytes:
+    def _encode(self, message: object) -> bytes:
         if self._framer is not None:
             return self._framer.frame(message)
         if message.__class__ is not bytes:
@@ -645,7 +651,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         )
 
     @property
-    def packet(self) -> Any:
+    def packet(self) -> PacketMode:
         """The packet mode: ``"raw"`` (bytes as read), ``1``/``2``/``4``, ``"line"``,
         ``"msgpack"`` or ``"resp"`` (see :class:`PortOptions`)."""
         return "raw" if self._framer is None else self._framer.mode
@@ -789,11 +795,22 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 
         Receiving goes on until the peer closes its side.  Idempotent.
 
+        A TLS port cannot half-close, as anyio's :class:`~anyio.streams.tls.TLSStream`
+        cannot: TLS has no end of file of its own before 1.3, and a ``close_notify``
+        sent early ends the session for many peers.  Close the port instead (it sends
+        ``close_notify``).
+
         Raises:
             ClosedPortError: the port is closed.
+            NotImplementedError: the port is a TLS connection (``tls=``).
         """
         if self._closed:
             raise ClosedPortError("this port is closed")
+        if getattr(self._conn, "tls", None) is not None:
+            raise NotImplementedError(
+                "send_eof() is not supported on a TLS port (as anyio's TLSStream): "
+                "close the port, which sends close_notify"
+            )
         if not self._eof_sent and self._broken is None:
             self._eof_sent = True
             self._simple_send = False
@@ -834,7 +851,38 @@ class Listener(  # type: ignore[misc]
         return f"<Listener tcp {self._local_address} {'closed' if self._closed else 'open'}>"
 
 
-def _to_bytes(data: Any) -> bytes:
+#: anyio's TLS attributes and the keys of ``ioserver._tls.tls_info`` that hold them.
+_TLS_ATTRIBUTES = {
+    TLSAttribute.alpn_protocol: "alpn_protocol",
+    TLSAttribute.channel_binding_tls_unique: "channel_binding_tls_unique",
+    TLSAttribute.cipher: "cipher",
+    TLSAttribute.peer_certificate: "peer_certificate",
+    TLSAttribute.peer_certificate_binary: "peer_certificate_binary",
+    TLSAttribute.server_side: "server_side",
+    TLSAttribute.shared_ciphers: "shared_ciphers",
+    TLSAttribute.tls_version: "tls_version",
+}
+
+
+def tls_attributes(conn: object) -> dict[Any, Callable[[], Any]]:
+    """anyio's :class:`~anyio.streams.tls.TLSAttribute` values of a TLS port's ``conn``
+    (none for a plaintext one), from what the I/O thread copied when the handshake
+    succeeded.  ``ssl_object`` is not among them: the I/O thread uses the
+    :class:`ssl.SSLObject`, and one must not be used from two threads.
+    ``standard_compatible`` is ``False``: a peer's end of the TCP stream without
+    ``close_notify`` ends the port as ``"eof"``, as most HTTP peers close."""
+    tls = getattr(conn, "tls", None)
+    info = None if tls is None else tls.info
+    if info is None:
+        return {}
+    attributes: dict[Any, Callable[[], Any]] = {
+        attribute: partial(info.__getitem__, key) for attribute, key in _TLS_ATTRIBUTES.items()
+    }
+    attributes[TLSAttribute.standard_compatible] = lambda: False
+    return attributes
+
+
+def _to_bytes(data: object) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
     if isinstance(data, bytes):
@@ -845,14 +893,18 @@ def _to_bytes(data: Any) -> bytes:
 _GAI_ERRORS = {getattr(socket, name): name for name in dir(socket) if name.startswith("EAI_")}
 
 
-async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, Any]]:
+#: A socket address as ``getaddrinfo`` returns it (``(int, bytes)``: a family not asked for).
+_RawAddress = tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]
+
+
+async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, SocketAddress]]:
     """``[(family, sockaddr)]`` for ``host``; numeric hosts without a thread."""
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise OptionError(f"port must be an int in 0..65535, not {port!r}")
     if not isinstance(host, str):
         raise OptionError(f"host must be a str, not {host!r}")
     flags = socket.AI_PASSIVE if passive else 0
-    infos: list[Any]
+    infos: Sequence[tuple[int, int, int, str, _RawAddress]]
     try:
         infos = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=flags | socket.AI_NUMERICHOST
@@ -865,10 +917,12 @@ async def _resolve(host: str, port: int, *, passive: bool) -> list[tuple[int, An
             raise ConnectError(
                 f"cannot resolve host {host!r}: {exc.strerror} ({name})", None, name
             ) from exc
-    seen: list[tuple[int, Any]] = []
+    seen: list[tuple[int, SocketAddress]] = []
     for family, _type, _proto, _canon, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
-            seen.append((family, sockaddr))
+        if family in (socket.AF_INET, socket.AF_INET6):
+            address = inet_address(sockaddr)
+            if (family, address) not in seen:
+                seen.append((family, address))
     if not seen:
         raise ConnectError(f"host {host!r} has no IPv4 or IPv6 address", None, "EAI_NODATA")
     return seen

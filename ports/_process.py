@@ -15,22 +15,24 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Unpack
+from typing import Literal, Unpack
 
 from ioserver._conn import STREAM, Conn
+from ioserver._contract import ProcessControl, ProcessRequest, RemoteOpens
 from ioserver._exceptions import (
     ClosedPortError,
     ConnectError,
+    NotSupportedError,
     OptionError,
     PollerLimitError,
     errno_name,
 )
 from ioserver._messages import ExitStatus
-from ioserver._options import PortOptions, unix_options
+from ioserver._options import PortOptions, StreamOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
-from ._port import Port
+from ._port import Port, _Request
 
 __all__ = ["ProcessPort", "open_process"]
 
@@ -53,12 +55,12 @@ class ProcessPort(Port):
 
     __slots__ = ("_argv", "_exit_status", "_stderr_port", "_watcher")
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]) -> None:
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: StreamOptions) -> None:
         super().__init__(server, active, options)
         self._argv: tuple[str | bytes, ...] = ()
         self._exit_status: int | None = None
         self._stderr_port: Port | None = None
-        self._watcher: ProcessWatcher | None = None
+        self._watcher: ProcessControl | None = None
 
     def _deliver(self, message: object) -> None:
         if message.__class__ is ExitStatus:
@@ -97,7 +99,9 @@ class ProcessPort(Port):
         """
         if self._closed:
             raise ClosedPortError("this port is closed")
-        self._submit((ProcessWatcher.cmd_signal, self._watcher, int(number)))
+        watcher = self._watcher  # its class's command: a daemon's client has its own
+        assert watcher is not None
+        self._submit((type(watcher).cmd_signal, watcher, int(number)))
 
     def terminate(self) -> None:
         """Ask the program to end: SIGTERM now, SIGKILL after ``kill_grace`` seconds.
@@ -110,7 +114,9 @@ class ProcessPort(Port):
         """
         if self._closed:
             raise ClosedPortError("this port is closed")
-        self._submit((ProcessWatcher.cmd_terminate, self._watcher, None))
+        watcher = self._watcher
+        assert watcher is not None
+        self._submit((type(watcher).cmd_terminate, watcher, None))
 
     def close_nowait(self) -> None:
         """Close the port and terminate the program (SIGTERM, then SIGKILL after
@@ -118,8 +124,9 @@ class ProcessPort(Port):
         if self._closed:
             return
         super().close_nowait()
-        if self._watcher is not None:
-            self._submit((ProcessWatcher.cmd_terminate, self._watcher, None))
+        watcher = self._watcher
+        if watcher is not None:
+            self._submit((type(watcher).cmd_terminate, watcher, None))
         if self._stderr_port is not None:
             self._stderr_port.close_nowait()
 
@@ -129,7 +136,7 @@ class ProcessPort(Port):
         return f"<ProcessPort pid={pid} {self._argv!r} {state}>"
 
 
-def _check_argv(argv: Any) -> tuple[str | bytes, ...]:
+def _check_argv(argv: object) -> tuple[str | bytes, ...]:
     if isinstance(argv, (str, bytes)):
         raise OptionError(
             "argv is a list of arguments, not a shell command line: write "
@@ -151,7 +158,7 @@ def _check_argv(argv: Any) -> tuple[str | bytes, ...]:
     return tuple(checked)
 
 
-def _check_env(env: Any) -> dict[str, str] | None:
+def _check_env(env: object) -> dict[str, str] | None:
     if env is None:
         return None
     if not isinstance(env, Mapping):
@@ -214,8 +221,10 @@ async def open_process(
         OptionError: ``argv`` is a string, empty or holds a non-string; a wrong ``env``,
             ``stderr`` or ``kill_grace``; an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+        NotSupportedError: through a daemon (:func:`client.connect`), ``env``, ``cwd``
+            or ``stderr="port"`` (the program runs as the daemon's child: argv only).
+        client.ProtocolError: through a daemon that was not started with
+            ``--allow-process`` (``kind`` ``"forbidden"``).
     """
     server._check_open("ports.open_process")
     arguments = _check_argv(argv)
@@ -236,21 +245,48 @@ async def open_process(
     credit, settings = unix_options(dict(options), "a process port")
     port = ProcessPort(server, credit, settings)
     port._argv = arguments
+    io = server._io
+    if isinstance(io, RemoteOpens):
+        # Through a daemon: the program is the daemon's child; argv is all it carries.
+        if environment is not None or cwd is not None or stderr == "port":
+            raise NotSupportedError(
+                "a program started through an ioserver daemon takes argv only: no env, "
+                'no cwd, no stderr="port" (it runs as the daemon\'s child, in its '
+                "environment and directory)"
+            )
+        request = _Request(io, server._hub)
+        io.submit(
+            io.cmd_open_process,
+            request,
+            ProcessRequest(
+                port, server._hub.deliver, arguments, stderr, float(kill_grace), settings, credit
+            ),
+        )
+        result = await request.wait()
+        if isinstance(result, BaseException):
+            raise result
+        port._conn, port._watcher = result
+        port._local_address = ""
+        return port
     stderr_port: Port | None = None
     if stderr == "port":
-        stderr_port = Port(server, credit, {**settings, "packet": "raw"})
+        raw: StreamOptions = {**settings, "packet": "raw"}
+        stderr_port = Port(server, credit, raw)
 
     ours, theirs = socketpair_for_child()
     error_ours: socket.socket | None = None
     error_theirs: socket.socket | None = None
     try:
-        for name, level in (("recbuf", socket.SO_RCVBUF), ("sndbuf", socket.SO_SNDBUF)):
-            if settings[name]:
-                ours.setsockopt(socket.SOL_SOCKET, level, settings[name])
+        for size, level in (
+            (settings["recbuf"], socket.SO_RCVBUF),
+            (settings["sndbuf"], socket.SO_SNDBUF),
+        ):
+            if size:
+                ours.setsockopt(socket.SOL_SOCKET, level, size)
         # Before the program starts: a poller that cannot watch these descriptors
         # (select's FD_SETSIZE) refuses the port here, with nothing to undo.
         server._io.check_fd(ours.fileno())
-        child_stderr: Any = None
+        child_stderr: int | None = None
         if stderr == "devnull":
             child_stderr = subprocess.DEVNULL
         elif stderr == "stdout":
@@ -290,7 +326,6 @@ async def open_process(
 
     # Built here, handed to the I/O thread by cmd_start_process before any command that
     # uses them (the command queue is FIFO): no syscall is made on the sockets meanwhile.
-    io = server._io
     hub = server._hub
     pidfd = open_pidfd(popen.pid)
     if pidfd is not None:

@@ -47,7 +47,7 @@ import math
 import re
 import typing
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, final
+from typing import Any, Generic, NoReturn, TypeVar, final
 
 import msgspec
 import msgspec.inspect as inspect
@@ -68,6 +68,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+#: One msgpack frame.
+Frame = bytes | bytearray | memoryview
+#: A frame, or a payload cut from one (what the decoders read).
+Buffer = Frame | msgspec.Raw
 C = TypeVar("C", bound=type)
 
 #: The wire format's version (docs/reference/rpc-wire-format.rst): 1 since typed RPC was
@@ -185,7 +189,7 @@ def tag_of(cls: type) -> str:
     return value
 
 
-def _is_message_class(cls: Any) -> bool:
+def _is_message_class(cls: object) -> bool:
     return isinstance(cls, type) and issubclass(cls, msgspec.Struct)
 
 
@@ -258,7 +262,7 @@ _VARIABLE = {
 }  # fmt: skip
 
 
-def check_frame(data: bytes, limits: DecodeLimits) -> None:
+def check_frame(data: Frame, limits: DecodeLimits) -> None:
     """Walk the structure of one msgpack frame without building it; refuse it unless it is
     exactly one value within ``limits`` (see :class:`DecodeLimits`) and without ext types.
 
@@ -349,7 +353,7 @@ def check_frame(data: bytes, limits: DecodeLimits) -> None:
 _DEFAULT_LIMITS = DecodeLimits()
 
 
-def _checked(data: Any, limits: DecodeLimits, depth_bound: float = math.inf) -> None:
+def _checked(data: Frame, limits: DecodeLimits, depth_bound: float = math.inf) -> None:
     """Refuse a frame over ``limits`` before msgspec builds anything of it.
 
     A frame of ``n`` bytes holds at most ``n`` values nested at most ``n`` deep, and a
@@ -365,7 +369,7 @@ def _checked(data: Any, limits: DecodeLimits, depth_bound: float = math.inf) -> 
         check_frame(data, limits)
 
 
-def _depth_bound(node: Any, open_structs: frozenset[type] = frozenset()) -> float:
+def _depth_bound(node: inspect.Type, open_structs: frozenset[type] = frozenset()) -> float:
     """How deep a value of the type ``node`` (msgspec.inspect) nests arrays and maps at
     most: ``math.inf`` for a recursive type or one holding ``Any``."""
     if isinstance(node, inspect.AnyType):
@@ -417,7 +421,7 @@ def to_wire(value: Any) -> Any:
 # -- decoding -------------------------------------------------------------------------------
 
 
-def _refuse_ext(code: int, data: memoryview) -> Any:
+def _refuse_ext(code: int, data: memoryview) -> NoReturn:
     raise RPCDecodeError(
         f"not a msgpack frame: ext type {code} (ext types are not part of the RPC wire format)"
     )
@@ -427,7 +431,7 @@ _UNTYPED = msgspec.msgpack.Decoder(ext_hook=_refuse_ext)
 _ITEMS = msgspec.msgpack.Decoder(list[msgspec.Raw], ext_hook=_refuse_ext)
 
 
-def _untyped(data: Any) -> Any:
+def _untyped(data: Buffer) -> Any:
     try:
         return _UNTYPED.decode(data)
     except RPCDecodeError:
@@ -458,7 +462,7 @@ def unpackb(data: bytes, limits: DecodeLimits | None = None) -> Any:
 
 
 def unpack_envelope(
-    data: Any, limits: DecodeLimits, kinds: tuple[int, ...], depth_bound: float = math.inf
+    data: Frame, limits: DecodeLimits, kinds: tuple[int, ...], depth_bound: float = math.inf
 ) -> Any:
     """Parse an RPC envelope frame ``[kind, id, payload]`` within ``limits``, leaving the
     payload undecoded (a :class:`msgspec.Raw`, for :meth:`Codec.from_wire` to decode
@@ -501,7 +505,7 @@ _LEAVES = (
 _ITEMS_OF = (inspect.ListType, inspect.VarTupleType, inspect.SetType, inspect.FrozenSetType)
 
 
-def _check_carried(node: Any, seen: set[type]) -> None:
+def _check_carried(node: inspect.Type, seen: set[type]) -> None:
     """Refuse what the wire format does not carry: a Struct not sent as a tagged array,
     a dataclass, and the types msgspec sends as ext types or as strings (datetimes,
     UUIDs, decimals...).
@@ -546,7 +550,7 @@ def _check_carried(node: Any, seen: set[type]) -> None:
         raise TypeError(f"typed RPC cannot carry values of type {_name(node)}")
 
 
-def _name(node: Any) -> str:
+def _name(node: object) -> str:
     cls = getattr(node, "cls", None)
     if isinstance(cls, type):
         return cls.__name__
@@ -555,7 +559,7 @@ def _name(node: Any) -> str:
     return type(node).__name__.removesuffix("Type").lower() or repr(node)
 
 
-def _resolve_annotations(tp: Any, namespace: dict[str, Any], seen: set[type]) -> None:
+def _resolve_annotations(tp: object, namespace: dict[str, object], seen: set[type]) -> None:
     """Replace the string annotations of the message classes in ``tp`` by the types they
     name, looked up in ``namespace`` too (msgspec looks in the class's module only)."""
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
@@ -585,18 +589,18 @@ def _resolve_annotations(tp: Any, namespace: dict[str, Any], seen: set[type]) ->
 _STEP = re.compile(r"\[(\d+|\.\.\.)\]|\.(\w+)")
 
 
-def _variant(node: Any, value: Any) -> Any:
+def _variant(node: inspect.Type | None, value: object) -> inspect.Type | None:
     """The member of a union that ``value`` (the raw wire value) was decoded as."""
     while isinstance(node, inspect.UnionType):
         members = [member for member in node.types if not isinstance(member, inspect.NoneType)]
-        chosen: Any = None
-        if value.__class__ is list and value and value[0].__class__ is str:
+        chosen: inspect.Type | None = None
+        if isinstance(value, list) and value and value[0].__class__ is str:
             for member in members:
                 if isinstance(member, inspect.StructType) and member.tag == value[0]:
                     chosen = member
         if chosen is None:
             arrays = (inspect.StructType, inspect.TupleType, *_ITEMS_OF)
-            wanted = arrays if value.__class__ is list else (inspect.DictType,)
+            wanted = arrays if isinstance(value, list) else (inspect.DictType,)
             candidates = [member for member in members if isinstance(member, wanted)]
             if len(candidates) != 1:
                 return None
@@ -605,7 +609,7 @@ def _variant(node: Any, value: Any) -> Any:
     return node
 
 
-def _tagged(node: Any, value: Any) -> bool:
+def _tagged(node: inspect.Type | None, value: object) -> bool:
     """Whether ``value`` is a message (a tagged array) where ``node`` expects one."""
     members = node.types if isinstance(node, inspect.UnionType) else (node,)
     return (
@@ -615,15 +619,16 @@ def _tagged(node: Any, value: Any) -> bool:
     )
 
 
-def _named_path(info: Any, raw: Any, where: str) -> tuple[str, str]:
+def _named_path(info: inspect.Type, raw: object, where: str) -> tuple[str, str]:
     """msgspec's ``$[2][0][1]`` as the message's own names: ``Tree.children[0].value``;
     and when the mismatch is a message's tag, a message saying so (else ``""``)."""
     steps = _STEP.findall(where)
     path = ""
-    node, value = info, raw
+    node: inspect.Type | None = info
+    value = raw
     for index, _ in steps:
         position = int(index) if index.isdigit() else -1
-        if position == 0 and _tagged(node, value):
+        if position == 0 and isinstance(value, list) and _tagged(node, value):
             # The tag of a message: the path is the message's.
             members = node.types if isinstance(node, inspect.UnionType) else (node,)
             tags = sorted(
@@ -651,9 +656,9 @@ def _named_path(info: Any, raw: Any, where: str) -> tuple[str, str]:
                 node = node.value_type
             else:
                 node = None
-        value = value[position] if value.__class__ is list and 0 <= position < len(value) else None
+        value = value[position] if isinstance(value, list) and 0 <= position < len(value) else None
     node = _variant(node, value)
-    if isinstance(node, inspect.StructType) and value.__class__ is list:
+    if isinstance(node, inspect.StructType) and isinstance(value, list):
         # A message with fields missing or extra: say which.
         if not path:
             path = str(node.tag)
@@ -669,7 +674,7 @@ def _named_path(info: Any, raw: Any, where: str) -> tuple[str, str]:
     return path, ""
 
 
-def _mismatch(error: msgspec.ValidationError, info: Any, data: Any) -> RPCDecodeError:
+def _mismatch(error: msgspec.ValidationError, info: inspect.Type, data: Buffer) -> RPCDecodeError:
     """An :class:`RPCDecodeError` for msgspec's ``error``, its path in the type's names."""
     text = str(error)
     message, found, where = text.rpartition(" - at `")
@@ -729,7 +734,7 @@ class Codec(Generic[T]):
         tp: Any,
         *,
         max_depth: int = DEFAULT_MAX_DEPTH,
-        namespace: dict[str, Any] | None = None,
+        namespace: dict[str, object] | None = None,
     ) -> None:
         if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth <= 0:
             raise ValueError(f"max_depth must be a positive int, not {max_depth!r}")
@@ -788,7 +793,7 @@ class Codec(Generic[T]):
         _checked(data, self._limits if limits is None else limits, self._depth_bound)
         return self._decode(data)
 
-    def _decode(self, data: Any) -> T:
+    def _decode(self, data: Buffer) -> T:
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:
@@ -801,7 +806,7 @@ class Codec(Generic[T]):
             text = str(exc) or type(exc).__name__
             raise RPCDecodeError(f"not a msgpack frame: {text}") from None
 
-    def from_wire(self, value: Any) -> T:
+    def from_wire(self, value: object) -> T:
         """Validate a payload and build the typed value: a :class:`msgspec.Raw` cut from a
         frame that was checked already (what :func:`unpack_envelope` leaves), or a value
         already parsed (from a ``packet="msgpack"`` port), which is checked as a frame.
@@ -809,7 +814,7 @@ class Codec(Generic[T]):
         Raises:
             RPCDecodeError: as :meth:`decode`.
         """
-        if value.__class__ is msgspec.Raw:
+        if isinstance(value, msgspec.Raw):
             return self._decode(value)
         try:
             data = _ENCODER.encode(value)

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from ioserver._hub import current_parker
+from ioserver._hub import Parker, current_parker
 
 from ._source import EMPTY, Source, Waiter
 from ._timers import Deadline
@@ -67,7 +67,7 @@ async def select(*sources: Source, timeout: float | None = None) -> tuple[Source
         return await _select(order, parker, wake_at)
 
 
-async def _select(order: tuple[Source, ...], parker: Any, wake_at: float) -> tuple[Source, Any]:
+async def _select(order: tuple[Source, ...], parker: Parker, wake_at: float) -> tuple[Source, Any]:
     while True:
         # The checkpoint comes before the poll, and nothing is awaited between taking a
         # message and returning it: a select that raises Cancelled took nothing (trio's

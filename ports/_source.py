@@ -10,22 +10,25 @@ one message, and a message it does not take stays where it was.
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import Any, Final
 
 import trio
 
-__all__ = ["EMPTY", "Source", "Waiter"]
+__all__ = ["EMPTY", "Empty", "Source", "Waiter"]
 
 
-class _Empty:
-    __slots__ = ()
+class Empty(enum.Enum):
+    """The type of :data:`EMPTY` (an enum of one member, so that ``is EMPTY`` narrows)."""
+
+    EMPTY = "EMPTY"
 
     def __repr__(self) -> str:
         return "EMPTY"
 
 
 #: What :meth:`Source._select_poll` returns when nothing is buffered.
-EMPTY: Any = _Empty()
+EMPTY: Final = Empty.EMPTY
 
 
 class Waiter:
@@ -36,7 +39,7 @@ class Waiter:
     def __init__(self) -> None:
         self._waiter: Any = None
 
-    def _abort_park(self, raise_cancel: Any) -> Any:
+    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -46,7 +49,7 @@ class Source:
 
     __slots__ = ()
 
-    def _select_poll(self) -> Any:
+    def _select_poll(self) -> object:
         """Take and return one message, or return :data:`EMPTY`.
 
         Raises the source's end-of-stream or closed exception once it can never deliver

@@ -33,7 +33,7 @@ from ioserver._exceptions import (
 )
 from ioserver._messages import Closed, Data, Error
 
-from ._port import Port
+from ._port import Port, tls_attributes
 
 __all__ = ["DEFAULT_RECEIVE_SIZE", "SEND_CHUNK_SIZE", "PortStream"]
 
@@ -104,7 +104,10 @@ class PortStream(anyio.abc.ByteStream, trio.abc.HalfCloseableStream):
     Typed attributes (:meth:`extra`): :class:`anyio.abc.SocketAttribute`'s
     ``local_address``, ``remote_address``, ``local_port``, ``remote_port`` and ``family``
     where the port has them (a process port has none); ``raw_socket`` is never offered:
-    the I/O thread owns the socket.
+    the I/O thread owns the socket.  Over a TLS port (``tls=``), anyio's
+    :class:`~anyio.streams.tls.TLSAttribute` values too (``peer_certificate``,
+    ``cipher``, ``alpn_protocol``, ``tls_version``...; not ``ssl_object``), and
+    :meth:`send_eof` raises :exc:`NotImplementedError`, as anyio's ``TLSStream``.
 
     Args:
         port: an open :class:`~ports.Port` with ``packet="raw"`` whose messages stay in
@@ -361,6 +364,7 @@ class PortStream(anyio.abc.ByteStream, trio.abc.HalfCloseableStream):
         Raises:
             ClosedPortError: this side closed the stream or the port.
             BusyPortError: another task is sending on this stream.
+            NotImplementedError: the port is a TLS connection (see :meth:`ports.Port.send_eof`).
         """
         self._start_sending()
         try:
@@ -402,6 +406,7 @@ class PortStream(anyio.abc.ByteStream, trio.abc.HalfCloseableStream):
                 attributes[SocketAttribute.remote_port] = lambda: remote[1]
         elif isinstance(address, (str, bytes)):
             attributes[SocketAttribute.family] = lambda: socket.AF_UNIX
+        attributes.update(tls_attributes(port._conn))
         return attributes
 
     def __repr__(self) -> str:

@@ -38,7 +38,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, final
+from typing import Any, TypeVar, final
 
 import anyio
 
@@ -154,12 +154,22 @@ class _Child:
     ended_for_good: bool = field(default=False)
 
 
-def _enum(kind: type[enum.StrEnum], value: object, what: str) -> Any:
-    try:
-        return kind(value)  # type: ignore[arg-type]
-    except ValueError:
-        choices = ", ".join(repr(member.value) for member in kind)
-        raise OptionError(f"{what} must be one of {choices}, not {value!r}") from None
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+
+def _enum(kind: type[_E], value: object, what: str) -> _E:
+    """The member of ``kind`` that ``value`` names (a member is a str too).
+
+    Raises:
+        OptionError: ``value`` names none, listing those it may.
+    """
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    choices = ", ".join(repr(member.value) for member in kind)
+    raise OptionError(f"{what} must be one of {choices}, not {value!r}") from None
 
 
 @final

@@ -40,7 +40,7 @@ import anyio.abc
 
 from ioserver._exceptions import ClosedPortError, EndOfPort
 
-from ._source import EMPTY, Source, Waiter
+from ._source import EMPTY, Empty, Source, Waiter
 
 __all__ = ["Deadline", "Timeout", "TimerRef", "TimerService", "check_seconds"]
 
@@ -278,7 +278,7 @@ class Deadline(Source):
         return f"<Deadline at {self._when:.3f}{' delivered' if self._delivered else ''}>"
 
     # -- select hooks: select parks with the earliest deadline, then polls again ---------
-    def _select_poll(self) -> Any:
+    def _select_poll(self) -> Timeout | Empty:
         if self._delivered:
             raise EndOfPort("this deadline has delivered its Timeout already")
         if anyio.current_time() >= self._when:

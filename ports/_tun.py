@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import sys
 from functools import partial
-from typing import Any, Unpack, final
+from typing import Unpack, final
 
-from ioserver._contract import TunRequest
+from ioserver._contract import RemoteOpens, TunRequest
 from ioserver._exceptions import (
     BrokenPortError,
     ClosedPortError,
@@ -22,7 +22,7 @@ from ioserver._exceptions import (
     OptionError,
 )
 from ioserver._messages import Message, Packet
-from ioserver._options import MAX_TUN_PACKET, TunOptions, tun_options
+from ioserver._options import MAX_TUN_PACKET, TunOptions, TunSettings, tun_options
 from ioserver._server import IOServer
 from ioserver._tun import IFNAMSIZ, cmd_open_tun
 
@@ -67,7 +67,7 @@ class TunPort(UDPPort):
 
     __slots__ = ("_device", "_mode", "_multi_queue")
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]):
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: TunSettings):
         super().__init__(server, active, options, 0)
         self._max_payload = MAX_PACKET
         self._device = ""
@@ -114,7 +114,7 @@ class TunPort(UDPPort):
                 self._broken,
             )
 
-    def _item(self, message: Any) -> tuple[bytes, Any]:
+    def _item(self, message: object) -> tuple[bytes, None]:
         data = _to_bytes(message.data if isinstance(message, Packet) else message)
         if not 0 < len(data) <= MAX_PACKET:
             raise ValueError(
@@ -122,7 +122,7 @@ class TunPort(UDPPort):
             )
         return data, None
 
-    def send_nowait(self, message: Any) -> None:
+    def send_nowait(self, message: Packet | bytes | bytearray | memoryview) -> None:
         """Queue one packet for the I/O thread to write to the device; return at once.
 
         Args:
@@ -143,7 +143,7 @@ class TunPort(UDPPort):
         """
         super().send_nowait(message)
 
-    async def send(self, message: Any) -> None:
+    async def send(self, message: Packet | bytes | bytearray | memoryview) -> None:
         """Queue one packet (see :meth:`send_nowait`); wait only while the port is busy.
 
         It returns once the packet is queued for the I/O thread, which writes it without
@@ -157,7 +157,7 @@ class TunPort(UDPPort):
         """
         await super().send(message)
 
-    async def send_to(self, data: Any, address: Any) -> None:
+    async def send_to(self, data: object, address: object) -> None:
         """Not for a device: its packets carry their addresses inside.
 
         Raises:
@@ -209,9 +209,10 @@ async def open_tun(
             multi-queue), ``EINVAL`` (it exists with other flags: TUN against TAP, or
             ``multi_queue``).
         OptionError: an unknown option, a wrong value, an invalid name or mode.
-        NotSupportedError: not on Linux, or ``server`` is an ioserver daemon's
-            (:func:`client.connect`): the device would be in the daemon's network
-            namespace, which its protocol does not carry.
+        NotSupportedError: not on Linux.
+        client.ProtocolError: through a daemon (:func:`client.connect`, where the device
+            is in the daemon's network namespace) that was not started with
+            ``--allow-tun`` (``kind`` ``"forbidden"``).
         ClosedPortError: the I/O server is closed.
     """
     hub = server._check_open("ports.open_tun")
@@ -226,7 +227,7 @@ async def open_tun(
     io = server._io
     request = _Request(io, hub)
     io.submit(
-        partial(cmd_open_tun, io),
+        io.cmd_open_tun if isinstance(io, RemoteOpens) else partial(cmd_open_tun, io),
         request,
         TunRequest(port, hub.deliver, name, mode, settings, credit),
     )

@@ -20,7 +20,7 @@ import anyio.abc
 import trio
 import trio.abc
 
-from ioserver._contract import UDPRequest
+from ioserver._contract import RemoteOpens, SocketAddress, UDPRequest
 from ioserver._exceptions import (
     BrokenPortError,
     BusyPortError,
@@ -29,8 +29,9 @@ from ioserver._exceptions import (
     OptionError,
     WouldBlock,
 )
+from ioserver._hub import Hub
 from ioserver._messages import Closed, Datagram, Message, Packet
-from ioserver._options import UDPOptions, udp_options
+from ioserver._options import UDPOptions, UDPSettings, Watermarks, udp_options
 from ioserver._server import IOServer
 from ioserver._udp import DatagramHandler, cmd_open_udp
 
@@ -84,7 +85,7 @@ class UDPPort(  # type: ignore[misc]
     )
 
     def __init__(
-        self, server: IOServer, active: tuple[int, bool], options: dict[str, Any], family: int
+        self, server: IOServer, active: tuple[int, bool], options: Watermarks, family: int
     ) -> None:
         super().__init__(server, active)
         self._family = family
@@ -231,7 +232,8 @@ class UDPPort(  # type: ignore[misc]
             )
         self._window.queued_bytes += size
         self._hub.queued_bytes += size
-        self._submit((DatagramHandler.cmd_send, self._handler, item))
+        handler = self._handler  # its class's cmd_send: a daemon's client has its own
+        self._submit((type(handler).cmd_send, handler, item))
 
     def send_nowait(self, message: Any) -> None:
         """Queue one datagram for the I/O thread to send; return at once.
@@ -368,16 +370,22 @@ async def open_udp(
             (``"EADDRINUSE"``, ``"EADDRNOTAVAIL"``...) or connected.
         OptionError: an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+
+    Through a daemon (:func:`client.connect`) the socket is the daemon's: it resolves
+    ``bind`` and ``connect`` (the machine that sends resolves), and a failure is a
+    ``ConnectError`` as here.
     """
     hub = server._check_open("ports.open_udp")
     credit, settings = udp_options(dict(options))
-    remote: Any = None
+    io = server._io
+    if isinstance(io, RemoteOpens):
+        # The daemon resolves names and picks the family: the machine that sends does.
+        return await _open_remote(server, io, hub, bind, connect, credit, settings)
+    remote: SocketAddress | None = None
     family: int = socket.AF_INET
     if connect is not None:
         family, remote = (await _resolve(*_host_port(connect, "connect"), passive=False))[0]
-    local: Any = None
+    local: SocketAddress | None = None
     if bind is not None:
         candidates = await _resolve(*_host_port(bind, "bind"), passive=True)
         if connect is not None:
@@ -391,7 +399,6 @@ async def open_udp(
     elif connect is None:
         local = ("127.0.0.1", 0)
     port = UDPPort(server, credit, settings, family)
-    io = server._io
     request = _Request(io, hub)
     io.submit(
         partial(cmd_open_udp, io),
@@ -402,6 +409,40 @@ async def open_udp(
     if isinstance(result, BaseException):
         raise result
     port._conn, port._local_address, port._remote_address = result
+    port._connected = remote is not None
+    return port
+
+
+async def _open_remote(
+    server: IOServer,
+    io: RemoteOpens,
+    hub: Hub,
+    bind: object,
+    connect: object,
+    credit: tuple[int, bool],
+    settings: UDPSettings,
+) -> UDPPort:
+    """``open_udp`` through a daemon (``client.connect``): the names go as they are."""
+    remote = None if connect is None else _host_port(connect, "connect")
+    local = ("127.0.0.1", 0) if bind is None and connect is None else bind
+    local = None if local is None else _host_port(local, "bind")
+    port = UDPPort(server, credit, settings, socket.AF_UNSPEC)
+    request = _Request(server._io, hub)
+    server._io.submit(
+        io.cmd_open_udp,
+        request,
+        UDPRequest(port, hub.deliver, socket.AF_UNSPEC, local, remote, settings, credit),
+    )
+    result = await request.wait()
+    if isinstance(result, BaseException):
+        raise result
+    port._conn, port._local_address, port._remote_address = result
+    # The daemon chose the family: its addresses say which ((host, port) is IPv4).
+    local_address = port._local_address
+    ipv6 = isinstance(local_address, tuple) and len(local_address) == 4
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    port._family = family
+    port._max_payload = MAX_UDP_PAYLOAD_IPV6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_IPV4
     port._connected = remote is not None
     return port
 

@@ -13,15 +13,21 @@ import socket
 from functools import partial
 from typing import Any, Unpack
 
-from ioserver._conn import Conn
-from ioserver._contract import ConnectRequest, ListenRequest
+from ioserver._contract import RemoteOpens
 from ioserver._exceptions import OptionError
-from ioserver._options import LISTEN_OPTIONS, PortOptions, check_options, unix_options
+from ioserver._options import (
+    LISTEN_OPTIONS,
+    ListenOptions,
+    PortOptions,
+    check_options,
+    unix_options,
+)
 from ioserver._server import IOServer
-from ioserver._systemd import cmd_listen_inherited, take_listener
+from ioserver._systemd import take_listener
 from ioserver._unix import cmd_listen_unix
 
-from ._port import Listener, Port, _Request
+from ._port import Listener, Port
+from ._tcp import open_listener, open_stream
 
 __all__ = ["connect_unix", "listen_unix"]
 
@@ -58,25 +64,17 @@ async def connect_unix(
             (``"ENOENT"``), no permission (``"EACCES"``)...
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+        client.ProtocolError: through a daemon (:func:`client.connect`, where the path is
+            on the daemon's machine) that was not started with ``--allow-unix``
+            (``kind`` ``"forbidden"``).
     """
     hub = server._check_open("ports.connect_unix")
     address = _check_path(path)
     credit, settings = unix_options(dict(options), "a Unix socket port")
-    io = server._io
-    port = Port(server, credit, settings)
-    request = _Request(io, hub)
-    io.submit(
-        io.cmd_connect,
-        request,
-        ConnectRequest(port, hub.deliver, socket.AF_UNIX, address, settings, credit),
-    )
-    result = await request.wait()
+    result = await open_stream(server, hub, socket.AF_UNIX, address, credit, settings)
     if isinstance(result, BaseException):
         raise result
-    port._conn, port._local_address, port._remote_address = result
-    return port
+    return result
 
 
 async def listen_unix(
@@ -110,37 +108,38 @@ async def listen_unix(
             exist (``"ENOENT"``) or is not writable (``"EACCES"``).
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+        client.ProtocolError: through a daemon (:func:`client.connect`, where the path is
+            on the daemon's machine) that was not started with ``--allow-unix``
+            (``kind`` ``"forbidden"``).
     """
     hub = server._check_open("ports.listen_unix")
     address = _check_path(path)
     check_options({"backlog": backlog}, LISTEN_OPTIONS, "a Unix socket listener")
     credit, settings = unix_options(dict(options), "a Unix socket listener's ports")
-    all_options: dict[str, Any] = {"backlog": backlog, **settings, "active": credit}
-    listener = Listener(server, (-1, False))
+    all_options: ListenOptions = {
+        **settings,
+        "backlog": backlog,
+        "reuseaddr": False,  # not read for a path (the socket file is managed instead)
+        "reuseport": False,
+        "active": credit,
+    }
     io = server._io
-
-    def make_port(conn: Conn, local_address: object, remote_address: object) -> Port:
-        # Runs on the I/O thread, once per accepted connection.
-        accepted = Port(server, credit, settings)
-        accepted._conn = conn
-        accepted._local_address = local_address
-        accepted._remote_address = remote_address
-        return accepted
-
-    request = _Request(io, hub)
     # systemd's socket activation: a socket passed for this very path is adopted.
-    inherited = take_listener(socket.AF_UNIX, address)
-    spec = ListenRequest(
-        listener, hub.deliver, socket.AF_UNIX, address, all_options, (-1, False), make_port
-    )
-    if inherited is not None:
-        io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
+    # A daemon's client: the path is the daemon's, and so would be an inherited socket.
+    inherited: socket.socket | None = None
+    if isinstance(io, RemoteOpens):
+        command = io.cmd_listen_unix
     else:
-        io.submit(partial(cmd_listen_unix, io), request, spec)
-    result = await request.wait()
-    if isinstance(result, BaseException):
-        raise result
-    listener._conn, listener._local_address, _ = result
-    return listener
+        inherited = take_listener(socket.AF_UNIX, address)
+        command = partial(cmd_listen_unix, io)
+    return await open_listener(
+        server,
+        hub,
+        socket.AF_UNIX,
+        address,
+        all_options,
+        credit,
+        settings,
+        inherited,
+        command,
+    )

@@ -17,12 +17,13 @@ from typing import Any, Unpack, final
 import anyio
 import zmq
 
+from ioserver._contract import RemoteOpens, ZmqRequest
 from ioserver._exceptions import ConnectError, OptionError, errno_name
-from ioserver._options import ZmqOptions, zmq_options
+from ioserver._options import FlowSettings, ZmqOptions, ZmqSettings, zmq_options
 from ioserver._server import IOServer
 from ioserver._zmq import ZmqHandler
 
-from ._port import Port
+from ._port import Port, _Request
 
 __all__ = ["ZMQ_SOCKET_TYPES", "ZmqOptions", "ZmqPort", "open_zmq"]
 
@@ -59,7 +60,7 @@ class ZmqPort(Port):
 
     __slots__ = ("socket_type",)
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: dict[str, Any]):
+    def __init__(self, server: IOServer, active: tuple[int, bool], options: FlowSettings):
         super().__init__(server, active, options)
         self._window.sizes = deque()  # each message's size, appended by the I/O thread
         self._simple_send = False
@@ -142,8 +143,10 @@ async def open_zmq(
             ``"EADDRINUSE"``, ``"EINVAL"`` for a malformed endpoint,
             ``"EPROTONOSUPPORT"`` for an unknown transport).
         ClosedPortError: the I/O server is closed.
-        NotSupportedError: ``server`` is an ioserver daemon's (:func:`client.connect`),
-            which carries TCP ports only.
+        client.ProtocolError: through a daemon (:func:`client.connect`), an endpoint
+            that is not ``tcp://`` or ``ipc://`` (``kind`` ``"bad-option"``), or an
+            ``ipc://`` one when the daemon was not started with ``--allow-unix``
+            (``"forbidden"``).
     """
     hub = server._check_open("ports.open_zmq")
     if isinstance(socket_type, str):
@@ -172,6 +175,9 @@ async def open_zmq(
         raise OptionError(f"subscribe must be bytes or a list of bytes, not {subscribe!r}")
 
     io = server._io
+    if isinstance(io, RemoteOpens):  # a daemon's client: the socket lives in the daemon
+        where = (binds, connects, None if subscribe is None else topics)
+        return await _open_remote(server, io, number, where, credit, settings, given)
     sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
     io.zmq_sockets.add(sock)
     try:
@@ -221,7 +227,45 @@ async def open_zmq(
     return port
 
 
-def _start(handler: ZmqHandler, _: Any) -> None:
+async def _open_remote(
+    server: IOServer,
+    io: RemoteOpens,
+    number: int,
+    where: tuple[list[str], list[str], list[bytes] | None],
+    credit: tuple[int, bool],
+    settings: FlowSettings,
+    given: ZmqSettings,
+) -> ZmqPort:
+    """``open_zmq`` through a daemon (``client.connect``): it opens, binds and connects
+    (``where``: the endpoints to bind, to connect, and a SUB socket's topics)."""
+    binds, connects, topics = where
+    if topics is not None and number != zmq.SUB:
+        raise OptionError("subscribe applies to SUB sockets only")
+    if given["router_mandatory"] and number != zmq.ROUTER:
+        raise OptionError("router_mandatory applies to ROUTER sockets only")
+    port = ZmqPort(server, credit, settings)
+    port.socket_type = _TYPE_NAMES[number]
+    hub = server._hub
+    request = _Request(server._io, hub)
+    spec = ZmqRequest(
+        port,
+        hub.deliver,
+        port.socket_type,
+        tuple(binds),
+        tuple(connects),
+        None if topics is None else tuple(topics),
+        given,
+        credit,
+    )
+    server._io.submit(io.cmd_open_zmq, request, spec)
+    result = await request.wait()
+    if isinstance(result, BaseException):
+        raise result
+    port._conn, port._local_address, port._remote_address = result
+    return port
+
+
+def _start(handler: ZmqHandler, _: object) -> None:
     handler.start()
 
 

@@ -22,7 +22,7 @@ import zmq.auth
 from test_daemon import Daemon, free_port
 
 from ioserver import _protocol as P
-from ioserver._daemon import query_status
+from ioserver._status import query_status
 
 HEARTBEAT = 0.2  # seconds: a client silent for 0.6 s is lost
 MAX_FRAME = 256 * 1024

@@ -78,6 +78,16 @@ def _hello(
     return sock, welcome[1]["token"]
 
 
+async def _echo_one(listener: ports.Listener) -> None:
+    """Echo every byte of the listener's first connection until it ends."""
+    accepted = await listener.receive()
+    assert isinstance(accepted, ports.Accepted)
+    async with accepted.port as port:
+        async for message in port:
+            if isinstance(message, ports.Data):
+                await port.send(message.data)
+
+
 def _wait_for(sock: zmq.Socket[bytes], opcode: int) -> list[object]:
     while True:
         assert sock.poll(10_000), f"no message {opcode} from the daemon"
@@ -210,33 +220,24 @@ async def test_a_flood_of_refused_frames_does_not_stop_an_echo_port(
     try:
         flood, token = await anyio.to_thread.run_sync(_hello, context, endpoint)
         flood.setsockopt(zmq.SNDHWM, 0)
-        async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
-
-            async def echo() -> None:
-                accepted = await listener.receive()
-                assert isinstance(accepted, ports.Accepted)
-                async with accepted.port as port:
-                    async for message in port:
-                        if isinstance(message, ports.Data):
-                            await port.send(message.data)
-
-            async with (
-                anyio.create_task_group() as task_group,
-                await anyio.connect_tcp(*listener.local_address) as peer,
-            ):
-                task_group.start_soon(echo)
-                frame = P.pack([[99]], token)  # an unknown opcode: refused, FAULT
-                for _ in range(total):
-                    flood.send(frame)
-                # The flood is being handled once its first FAULT came back.
-                assert await anyio.to_thread.run_sync(flood.poll, 10_000)
-                rounds_before = io.polls
-                refused_before = control.faults
-                with anyio.fail_after(10):
-                    await peer.send(b"ping")
-                    assert await peer.receive() == b"ping"
-                refused_at_echo = control.faults
-                task_group.cancel_scope.cancel()
+        async with (
+            await ports.listen_tcp(ios, "127.0.0.1", 0) as listener,
+            anyio.create_task_group() as task_group,
+            await anyio.connect_tcp(*listener.local_address) as peer,
+        ):
+            task_group.start_soon(_echo_one, listener)
+            frame = P.pack([[99]], token)  # an unknown opcode: refused, FAULT
+            for _ in range(total):
+                flood.send(frame)
+            # The flood is being handled once its first FAULT came back.
+            assert await anyio.to_thread.run_sync(flood.poll, 10_000)
+            rounds_before = io.polls
+            refused_before = control.faults
+            with anyio.fail_after(10):
+                await peer.send(b"ping")
+                assert await peer.receive() == b"ping"
+            refused_at_echo = control.faults
+            task_group.cancel_scope.cancel()
         faults = 0
         while faults < total:
             faults += sum(m[0] == P.FAULT for m in await _receive_frame(flood))
@@ -279,39 +280,30 @@ async def test_frames_of_many_valid_messages_are_run_a_budget_per_round(
 
     try:
         flood, token = await anyio.to_thread.run_sync(_hello, context, endpoint)
-        async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
-
-            async def echo() -> None:
-                accepted = await listener.receive()
-                assert isinstance(accepted, ports.Accepted)
-                async with accepted.port as port:
-                    async for message in port:
-                        if isinstance(message, ports.Data):
-                            await port.send(message.data)
-
-            async with (
-                anyio.create_task_group() as task_group,
-                await anyio.connect_tcp(*listener.local_address) as peer,
-            ):
-                task_group.start_soon(echo)
-                # A STATUS first and last: its replies say when the flood started and
-                # when all of it ran (a client's messages run in order).
-                first = P.pack([[P.STATUS, 1]] + [[P.HEARTBEAT]] * (per_frame - 1), token)
-                frame = P.pack([[P.HEARTBEAT]] * per_frame, token)
-                last = P.pack([[P.STATUS, 2]], token)
-                rounds_before = io.polls
-                flood.send(first)
-                for _ in range(frames - 1):
-                    flood.send(frame)
-                flood.send(last)
-                assert (await _wait_reply(flood))[1] == 1  # the flood has started
-                with anyio.fail_after(10):
-                    await peer.send(b"ping")
-                    assert await peer.receive() == b"ping"
-                handled_at_echo = handled()
-                assert (await _wait_reply(flood))[1] == 2  # all of it ran
-                rounds = io.polls - rounds_before
-                task_group.cancel_scope.cancel()
+        async with (
+            await ports.listen_tcp(ios, "127.0.0.1", 0) as listener,
+            anyio.create_task_group() as task_group,
+            await anyio.connect_tcp(*listener.local_address) as peer,
+        ):
+            task_group.start_soon(_echo_one, listener)
+            # A STATUS first and last: its replies say when the flood started and
+            # when all of it ran (a client's messages run in order).
+            first = P.pack([[P.STATUS, 1]] + [[P.HEARTBEAT]] * (per_frame - 1), token)
+            frame = P.pack([[P.HEARTBEAT]] * per_frame, token)
+            last = P.pack([[P.STATUS, 2]], token)
+            rounds_before = io.polls
+            flood.send(first)
+            for _ in range(frames - 1):
+                flood.send(frame)
+            flood.send(last)
+            assert (await _wait_reply(flood))[1] == 1  # the flood has started
+            with anyio.fail_after(10):
+                await peer.send(b"ping")
+                assert await peer.receive() == b"ping"
+            handled_at_echo = handled()
+            assert (await _wait_reply(flood))[1] == 2  # all of it ran
+            rounds = io.polls - rounds_before
+            task_group.cancel_scope.cancel()
     finally:
         context.destroy()
     # The bound itself: no round ran more than MESSAGE_BUDGET of them.  (Whether the echo

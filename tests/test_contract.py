@@ -20,13 +20,13 @@ import ports
 from client._remote import RemoteConn
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, LoopHalf, PortIO
-from ioserver._control import RemotePortState
 from ioserver._flow import ReceiveFlow, Window
 from ioserver._framing import port_framer
 from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Data
 from ioserver._options import port_options
 from ioserver._poller import READ
+from ioserver._session import RemotePortState
 
 TIMEOUT = 10.0
 
@@ -159,3 +159,79 @@ def test_every_half_declares_the_contract() -> None:
     assert remote.window is state._window
     assert issubclass(Conn, ReceiveFlow)
     assert "_window" in ports.Port.__slots__ or hasattr(ports.Port, "_window")
+
+
+def test_validated_options_carry_exactly_their_typeddicts_keys() -> None:
+    # What the I/O half reads of a port's options is a TypedDict per kind (ioserver._options),
+    # and the open requests carry them.
+    import typing
+
+    from ioserver import _options as O
+    from ioserver._contract import (
+        ListenRequest,
+        ProcessRequest,
+        TunRequest,
+        UDPRequest,
+        ZmqRequest,
+    )
+
+    assert set(O.port_options({}, "a TCP port")[1]) == O.StreamOptions.__required_keys__
+    assert set(O.unix_options({}, "a Unix port")[1]) == O.StreamOptions.__required_keys__
+    assert set(O.udp_options({})[1]) == O.UDPSettings.__required_keys__
+    assert set(O.tun_options({})[1]) == O.TunSettings.__required_keys__
+    _, flow, settings = O.zmq_options({})
+    assert set(flow) == O.FlowSettings.__required_keys__
+    assert set(settings) == O.ZmqSettings.__required_keys__
+    for user, validated in (
+        (O.PortOptions, O.StreamOptions),
+        (O.UDPOptions, O.UDPSettings),
+        (O.TunOptions, O.TunSettings),
+        (O.ZmqOptions, O.ZmqSettings),
+    ):
+        assert O.FlowOptions.__optional_keys__ <= user.__optional_keys__, user
+        assert O.Watermarks.__required_keys__ <= validated.__required_keys__, validated
+    hints = {
+        request: typing.get_type_hints(request)["options"]
+        for request in (
+            ConnectRequest,
+            ListenRequest,
+            UDPRequest,
+            TunRequest,
+            ProcessRequest,
+            ZmqRequest,
+        )
+    }
+    assert hints == {
+        ConnectRequest: O.StreamOptions,
+        ListenRequest: O.ListenOptions,
+        UDPRequest: O.UDPSettings,
+        TunRequest: O.TunSettings,
+        ProcessRequest: O.StreamOptions,
+        ZmqRequest: O.ZmqSettings,
+    }
+
+
+def test_what_crosses_to_a_daemon_is_msgpack_data() -> None:
+    # A socket address and a port's options go to the daemon as protocol values (Wire):
+    # tuples as arrays, scalars as they are; anything else is a bug here, refused before
+    # it is packed (not sent for the daemon to refuse).
+    from client._remote import _wire_options
+    from ioserver import _options as O
+    from ioserver import _protocol as P
+
+    assert P.wire_address(("::1", 80, 0, 2)) == ["::1", 80, 0, 2]
+    assert P.wire_address(("127.0.0.1", 9)) == ["127.0.0.1", 9]
+    assert P.wire_address("/run/x.sock") == "/run/x.sock"
+    assert P.wire_address(b"\0abstract") == b"\0abstract"
+    assert P.wire_address(None) is None
+    with pytest.raises(TypeError):
+        P.wire_address(object())
+    settings = O.unix_options({"active": 3, "packet": 4}, "a Unix port")[1]
+    wire = _wire_options(settings)
+    assert "nodelay" not in wire and "keepalive" not in wire and "active" not in wire
+    assert wire["packet"] == 4 and wire["recbuf"] is None
+    listen: O.ListenOptions = {**settings, "active": (3, False)}
+    assert "active" not in _wire_options(listen)
+    bad = {**settings, "recbuf": (1, 2)}  # not a validated value
+    with pytest.raises(TypeError):
+        _wire_options(bad)

@@ -6,6 +6,7 @@ end of its test and must exit 0 having removed its ipc socket.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -198,6 +199,66 @@ async def test_bulk_traffic_through_a_daemon_keeps_every_byte_and_the_flow_contr
         assert echoed == payload
         assert port.statistics().pauses > 0  # the daemon paused for this owner
         await port.aclose()
+
+
+async def test_a_declined_resume_through_a_daemon_pauses_again(
+    daemon: tuple[Daemon, str], no_leaks: None
+) -> None:
+    """The daemon's half of tests/test_flow.py's declined resume: the owner grants one
+    more packet (ACTIVE) and then takes the last one delivered, so its RESUME reaches the
+    daemon after the grant delivered a held packet, and the daemon finds the port no
+    longer drained (a client's messages run in order; the client's I/O thread is held
+    while both are queued, so the take comes before line 1 can).  The daemon used to
+    decline and say nothing, and the port stayed paused for good; it now answers with a
+    PAUSED of a new generation, which the owner's next take answers."""
+    _, endpoint = daemon
+    lines = [b"line %d\n" % index for index in range(10)]
+    more = [b"more %d\n" % index for index in range(3)]
+    async with (
+        client.connect(endpoint) as ios,
+        await ports.listen_tcp(
+            ios,
+            "127.0.0.1",
+            0,
+            packet="line",
+            active=False,
+            high_msgq_watermark=4,  # one packet delivered and not taken passes high
+            low_msgq_watermark=0,
+        ) as listener,
+        await anyio.connect_tcp(*listener.local_address) as peer,
+    ):
+        accepted = await listener.receive()
+        assert isinstance(accepted, ports.Accepted)
+        async with accepted.port as port:
+            await peer.send(b"".join(lines))  # one write: the daemon's one read holds 9
+            port.setopts(active="once")
+            with anyio.fail_after(10):
+                # PAUSED came, and line 0 is in the port (not still on its way to it).
+                while port.statistics().pauses == 0 or port.statistics().messages_buffered == 0:
+                    await anyio.lowlevel.checkpoint()
+            io = ios._local._io  # type: ignore[attr-defined]  # the client's I/O thread
+            # It counts the pause before it takes the generation: let it finish PAUSED.
+            handled = threading.Event()
+            io.submit(lambda _target, _argument: handled.set(), None, None)
+            assert await anyio.to_thread.run_sync(handled.wait, 10)
+            # Held while the owner grants and takes, so ACTIVE and RESUME leave together
+            # (line 1 cannot come back before the take).
+            gate = threading.Event()
+            io.submit(lambda _target, _argument: gate.wait(10), None, None)
+            try:
+                port.setopts(active="once")  # ACTIVE: the daemon delivers line 1...
+                assert await port.receive() == ports.Data(lines[0])  # ...then sees RESUME
+            finally:
+                gate.set()
+            await peer.send(b"".join(more))
+            await peer.send_eof()
+            received: list[object] = []
+            with anyio.move_on_after(5):
+                while not isinstance(message := await port.receive(), ports.Closed):
+                    received.append(message)
+                received.append(message)
+            expected = [ports.Data(line) for line in lines[1:] + more] + [ports.Closed("eof")]
+            assert received == expected, "the port stayed paused after its held packets"
 
 
 async def test_a_killed_daemon_breaks_the_clients_ports(tmp_path: Path, no_leaks: None) -> None:
@@ -514,3 +575,26 @@ async def test_leaving_the_client_ends_its_ports_and_closes_them_in_the_daemon(
         with peer:
             peer.settimeout(10)
             assert await anyio.to_thread.run_sync(peer.recv, 1) == b""
+
+
+async def test_a_remote_ports_linger_crosses_to_the_daemon(
+    daemon: tuple[Daemon, str], no_leaks: None
+) -> None:
+    """``linger=0`` reaches the daemon's port: its close resets the connection (a plain
+    close would end it with a FIN, which the peer's poll reports as no error)."""
+    import select
+
+    _, endpoint = daemon
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(10)
+        async with client.connect(endpoint) as ios:
+            port = await ports.connect_tcp(ios, "127.0.0.1", server.getsockname()[1], linger=0)
+            peer, _ = await anyio.to_thread.run_sync(server.accept)
+            with peer:
+                await port.send(b"unread")
+                await port.aclose()
+                poller = select.poll()
+                poller.register(peer, select.POLLERR | select.POLLHUP)
+                assert await anyio.to_thread.run_sync(poller.poll, 10_000)
+                error = peer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                assert error == errno.ECONNRESET

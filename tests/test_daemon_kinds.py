@@ -1,5 +1,6 @@
 """What the daemon's protocol carries, through a real ``ioserver serve``: TCP ports, with
-every packet mode (``"resp"`` included), and a clear error at once for the other kinds.
+every packet mode (``"resp"`` included), and a typed refusal of the kinds a daemon was
+not started to allow.
 
 Issue 12, item 16: ``open_udp``/``listen_unix`` hung, ``open_zmq`` raised
 ``AttributeError``, ``open_process`` started the program in the *client*; and the
@@ -11,9 +12,7 @@ charged their wire size.
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import pytest
@@ -21,7 +20,6 @@ import zmq
 from test_daemon import HEARTBEAT, Daemon, RawClient
 
 import client
-import ioserver
 import ports
 from ioserver import _protocol as P
 
@@ -43,39 +41,13 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert "error while serving" not in process.log, process.log
 
 
-async def test_port_kinds_the_protocol_does_not_carry_are_refused_at_once(
-    endpoint: str, tmp_path: Path, no_leaks: None
+def test_the_daemon_refuses_unix_addresses_it_was_not_allowed_with_a_typed_fault(
+    endpoint: str,
 ) -> None:
-    marker = tmp_path / "started"
-    calls = {
-        "ports.open_udp": lambda ios: ports.open_udp(ios),
-        "ports.connect_unix": lambda ios: ports.connect_unix(ios, str(tmp_path / "u")),
-        "ports.listen_unix": lambda ios: ports.listen_unix(ios, str(tmp_path / "u")),
-        "ports.open_zmq": lambda ios: ports.open_zmq(ios, "PAIR", bind="inproc://x"),
-        "ports.open_tun": lambda ios: ports.open_tun(ios, "iotun0"),
-        "ports.open_process": lambda ios: ports.open_process(
-            ios, [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
-        ),
-    }
-    async with client.connect(endpoint) as ios:
-        for name, call in calls.items():
-            with anyio.fail_after(5):  # at once: never a hang
-                with pytest.raises(ioserver.NotSupportedError) as caught:
-                    await call(ios)
-            text = str(caught.value)
-            assert name in text and "ports.connect_tcp" in text, text
-            assert isinstance(caught.value, ports.OptionError)
-        # The TCP kinds still work on the same session, and nothing was left half open.
-        async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
-            assert listener.local_address[1] > 0
-        status = await ios.status()
-        assert status["client_ports"] == 0
-    assert not marker.exists(), "open_process started the program in the client"
-
-
-def test_the_daemon_refuses_other_address_families_with_a_typed_fault(endpoint: str) -> None:
-    """A misbehaving client's AF_UNIX CONNECT or LISTEN: FAULT "unsupported", echoing its
-    rid, and the daemon keeps serving (the module's fixture checks the log)."""
+    """A raw client's AF_UNIX CONNECT or LISTEN to a daemon without ``--allow-unix``:
+    FAULT "forbidden", echoing its rid; an unknown family is "malformed"; the daemon keeps
+    serving (the module's fixture checks the log).  (Every kind through a daemon that
+    allows them: tests/test_remote_kinds.py.)"""
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     raw = RawClient(context, endpoint)
     try:
@@ -83,19 +55,21 @@ def test_the_daemon_refuses_other_address_families_with_a_typed_fault(endpoint: 
         raw.send(
             [
                 [P.HELLO, P.VERSION],
-                [P.CONNECT, 5, 1, unix, ["/tmp/x", 0], {}, -1, False],
-                [P.LISTEN, 6, 2, unix, ["/tmp/x", 0], {}, -1, False],
+                [P.CONNECT, 5, 1, unix, "/tmp/x", {}, -1, False],
+                [P.LISTEN, 6, 2, unix, "/tmp/x", {}, -1, False],
                 [P.CONNECT, 7, 3, 99, ["x", 0], {}, -1, False],
-                [P.STATUS, 8],
+                [P.OPEN_PROCESS, 8, 4, ["true"], "inherit", 1.0, {}, -1, False],
+                [P.STATUS, 9],
             ]
         )
-        faults = raw.faults(3)
+        faults = raw.faults(4)
         assert [(f[1], f[2]) for f in faults] == [
-            (5, "unsupported"),
-            (6, "unsupported"),
+            (5, "forbidden"),
+            (6, "forbidden"),
             (7, "malformed"),
+            (8, "forbidden"),
         ]
-        assert "TCP" in str(faults[0][3]) and "AF_UNIX" in str(faults[0][3])
+        assert "--allow-unix" in str(faults[0][3]) and "--allow-process" in str(faults[3][3])
     finally:
         raw.sock.close()
         context.term()

@@ -5,8 +5,13 @@ Real sockets on loopback, both backends.  Peers are plain sockets driven by the 
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
 import struct
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -580,3 +585,206 @@ async def test_small_packets_are_charged_what_they_hold(no_leaks: None, active: 
                     peer.close()
     finally:
         tracemalloc.stop()
+
+
+class _BudgetEntry:
+    """What the memory budget reads and writes of a port (a stream Conn has these)."""
+
+    def __init__(self, waits: bool) -> None:
+        self.global_paused = False
+        self.closed = False
+        self.pauses = 0
+        self.waits = waits
+
+    def owner_waits(self) -> bool:
+        return self.waits
+
+
+class _Charges:
+    """The I/O thread's counters the budget charges (bytes)."""
+
+    delivered_total = 0
+    framing_bytes = 0
+    bytes_out = 0
+    bytes_discarded = 0
+    bytes_forwarded = 0
+
+
+def test_the_memory_budget_is_one_object_with_the_streams_rule() -> None:
+    # ioserver._flow.MemoryBudget: ordinary reads stop a whole read short of the reserve,
+    # a waiting owner reads into it, paused ports resume together at one half.
+    from ioserver._flow import MemoryBudget
+
+    limit, read = 1 << 20, 65536
+    charges = _Charges()
+    interest: list[_BudgetEntry] = []  # the I/O thread recomputes these ports' interest
+    budget: MemoryBudget[_BudgetEntry] = MemoryBudget(limit, charges, read, 2, interest.append)
+    assert budget.reserve == limit // 4 and budget.read_floor == read + limit // 4
+    idle, waiting = _BudgetEntry(waits=False), _BudgetEntry(waits=True)
+    charges.delivered_total = limit * 3 // 4  # delivered, not taken: a quarter is left
+    headroom = budget.headroom()
+    assert headroom == limit // 4 and budget.peak == limit * 3 // 4
+    assert budget.blocks(idle, headroom) and idle.global_paused and idle in budget.paused
+    assert budget.pauses == 1 and idle.pauses == 1
+    assert not budget.blocks(waiting, headroom) and not waiting.global_paused
+    assert budget.reserve_reads == 1
+    assert budget.read_allowance(waiting) == limit // 4
+    assert budget.read_allowance(idle) == 0
+    charges.bytes_out = limit // 8  # not yet one half: still paused
+    budget.headroom()
+    assert idle.global_paused
+    interest.clear()
+    charges.bytes_out = limit // 4  # one half: everything resumes
+    budget.headroom()
+    assert not idle.global_paused and interest == [idle] and not budget.paused
+
+
+# -- the I/O thread held at a known point (what a race needs to be forced, not hoped for) --
+def _on_io_thread(ios: ioserver.IOServer, function: Callable[[], object]) -> None:
+    """Run ``function`` as a command of the I/O thread: it runs whole, in the order of the
+    commands the loops queue around it."""
+    ios._io.submit(lambda _target, _argument: function(), None, None)
+
+
+async def _until_io_ran(ios: ioserver.IOServer) -> None:
+    """Return once the I/O thread ran every command queued before this call."""
+    done = threading.Event()
+    _on_io_thread(ios, done.set)
+    assert await anyio.to_thread.run_sync(done.wait, 10)
+
+
+def _until_in_socket(owned: list[tuple[ports.Port, int]]) -> Callable[[], None]:
+    """For the I/O thread (which owns the sockets): return once each port's socket holds
+    the given number of bytes from its peer, so that the port's next read takes them all
+    (a peer's one write on loopback is there at once; this makes it certain)."""
+
+    def wait() -> None:
+        deadline = time.monotonic() + 10
+        for port, size in owned:
+            sock = port._conn.sock  # type: ignore[union-attr]
+            while True:
+                try:
+                    if len(sock.recv(size, socket.MSG_PEEK)) >= size:
+                        break
+                except BlockingIOError:
+                    pass
+                assert time.monotonic() < deadline, "the peer's bytes never arrived"
+                select.select([sock], [], [], 0.01)
+
+    return wait
+
+
+async def test_a_declined_resume_pauses_again_so_the_owner_asks_again(
+    ios: ioserver.IOServer,
+) -> None:
+    """The owner of a paused port takes the last message delivered, sees "drained" and
+    asks to resume that pause generation; but a grant it queued just before (a passive or
+    ``"once"`` port, packets held past the credit) delivers a held packet first, so the
+    I/O thread finds the port no longer drained and declines.  The owner asked for that
+    generation already: it used to never ask again, and the port stayed paused however
+    much was taken (found while porting the flow control to Rust, native/src/flow.rs).
+    A declined resume of the current pause now pauses again under a new generation,
+    which the owner's next take asks to end.  The interleaving is forced: the I/O thread
+    is held while the grant and then the resume are queued, so it runs them in that
+    order."""
+    lines = [b"line %d\n" % index for index in range(10)]
+    listener, port, client = await pair(
+        ios,
+        packet="line",
+        active=False,
+        # One packet delivered and not taken (its bytes + PACKET_OVERHEAD) passes high;
+        # drained means everything taken.
+        high_msgq_watermark=100,
+        low_msgq_watermark=0,
+    )
+    async with listener, client, port:
+        await client.send(b"".join(lines))
+        _on_io_thread(ios, _until_in_socket([(port, sum(map(len, lines)))]))
+        # One read decodes all ten: line 0 is delivered, the other nine are held, and
+        # the delivered packet passes the high watermark: reading pauses.
+        port.setopts(active="once")
+        with anyio.fail_after(10):
+            while port.statistics().pauses == 0:  # the I/O thread's state
+                await anyio.lowlevel.checkpoint()
+        gate = threading.Event()
+        _on_io_thread(ios, lambda: gate.wait(10))
+        try:
+            port.setopts(active="once")  # the grant: delivers line 1, which is held
+            # Taking line 0 drains the port: the owner asks to resume (after the grant).
+            assert await port.receive() == Data(lines[0])
+        finally:
+            gate.set()
+        await _until_io_ran(ios)  # the grant, then the resume
+        assert port._conn.msgq_paused, "the resume ran before the grant"  # type: ignore[union-attr]
+        # The owner goes on as a passive port's owner does (gen_tcp:recv): the held lines
+        # come by grants, then the peer's next lines and its end need the socket read.
+        more = [b"more %d\n" % index for index in range(3)]
+        await client.send(b"".join(more))
+        await client.send_eof()
+        received: list[Any] = []
+        with anyio.move_on_after(5):
+            while not isinstance(message := await port.receive(), Closed):
+                received.append(message)
+            received.append(message)
+        expected = [Data(line) for line in lines[1:] + more] + [Closed("eof")]
+        assert received == expected, "the port stayed paused after its held packets"
+
+
+async def test_one_round_of_framed_reads_stays_within_the_budget(no_leaks: None) -> None:
+    """Several ports of one-byte lines become readable in the same round of the I/O
+    thread, their owners taking nothing.  A framed read is charged its bytes and
+    PACKET_OVERHEAD a packet (64 KiB of one-byte lines: about 10 MiB), but the round's
+    headroom used to go down by the bytes alone unless the read was shortened: under a
+    16 MiB ``memory_limit`` every port still found the headroom of a full read, and the
+    round charged four times 10 MiB (found while porting the budget to Rust,
+    native/src/flow.rs).  The headroom now goes down by each read's whole charge, so the
+    second read is shortened and the rest pause.  The ports are made readable by one
+    command batch of the held I/O thread, so their reads are one round."""
+    limit = 16 << 20
+    size = 65536
+    async with ioserver.open(memory_limit=limit) as ios, contextlib.AsyncExitStack() as stack:
+        listener = await ports.listen_tcp(
+            ios,
+            "127.0.0.1",
+            0,
+            packet="line",
+            active=False,  # nothing is read until every peer's bytes are there
+            high_msgq_watermark=64 << 20,
+            low_msgq_watermark=32 << 20,
+            high_msgq_messages=1 << 30,
+        )
+        owned: list[tuple[ports.Port, int]] = []
+        async with listener:
+            for _ in range(4):
+                peer = stack.enter_context(socket.create_connection(listener.local_address))
+                peer.setblocking(False)
+                sent = 0
+                with contextlib.suppress(BlockingIOError):
+                    while sent < size:  # loopback takes 64 KiB at once, here
+                        sent += peer.send(b"\n" * (size - sent))
+                accepted = await listener.receive()
+                assert isinstance(accepted, Accepted)
+                owned.append((await stack.enter_async_context(accepted.port), sent))
+        # Enough that four full reads, charged whole, pass the budget (a read of n
+        # one-byte lines is charged 161 n bytes).
+        assert all(sent * 161 * len(owned) > limit for _, sent in owned), owned
+        _on_io_thread(ios, _until_in_socket(owned))
+        gate = threading.Event()
+        _on_io_thread(ios, lambda: gate.wait(10))
+        try:
+            for port, _ in owned:
+                port.setopts(active=True)
+        finally:
+            gate.set()
+        # The round after: every port read once, or paused by the budget.
+        with anyio.fail_after(10):
+            while not all(
+                port.statistics().bytes_received == sent or port._conn.global_paused  # type: ignore[union-attr]
+                for port, sent in owned
+            ):
+                await anyio.lowlevel.checkpoint()
+        await _until_io_ran(ios)  # that round's reads are over, and charged
+        statistics = ios.statistics()
+        assert statistics.memory_in_use <= limit, statistics
+        assert statistics.peak_memory <= limit, statistics
+        assert statistics.global_pauses >= 1, statistics

@@ -68,7 +68,7 @@ def test_the_graph_is_read() -> None:
     graph = _graph()
     # A sample of edges known to exist, so that a parser that finds nothing fails here.
     assert "ioserver._iothread" in graph["ports._port"]
-    assert "ioserver._options" in graph["ioserver._control"]
+    assert "ioserver._options" in graph["ioserver._open_commands"]
     assert "ioserver._protocol" in graph["client._remote"]  # from ioserver import _protocol
 
 
@@ -141,3 +141,43 @@ def test_each_port_kind_is_a_same_named_pair() -> None:
         assert io_half in graph and loop_half in graph, kind
     for kind in ("udp", "unix", "process", "zmq"):
         assert f"ioserver._{kind}" in graph[f"ports._{kind}"], kind
+
+
+def _attribute_calls(module: str) -> set[str]:
+    path = ROOT / (module.replace(".", "/") + ".py")
+    return {
+        node.func.attr
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+
+
+def test_the_round_keeps_registration_and_dispatch_only() -> None:
+    # TCP's connect, listen and accept are ioserver/_tcp.py's, the memory budget is
+    # ioserver/_flow.py's (MemoryBudget): the round dispatches to them and keeps no copy.
+    path = ROOT / "ioserver" / "_iothread.py"
+    tree = ast.parse(path.read_text(), str(path))
+    syscalls = _attribute_calls("ioserver._iothread") & {"accept", "bind", "connect_ex", "listen"}
+    assert not syscalls, f"the round connects, listens or accepts itself: {sorted(syscalls)}"
+    budget_state = {"_globally_paused", "_reserve_waiters", "memory_reserve", "peak_memory"}
+    found = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    found |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert not found & budget_state, f"the round keeps budget state: {found & budget_state}"
+    assert "ioserver._tcp" in _graph()["ioserver._iothread"]
+
+
+def test_unix_listens_through_tcps_listen_step_on_both_sides() -> None:
+    # One listen helper: Unix binds its path and keeps its socket file, nothing more.
+    graph = _graph()
+    assert "ioserver._tcp" in graph["ioserver._unix"]
+    assert "listen" not in _attribute_calls("ioserver._unix")
+    assert "ports._tcp" in graph["ports._unix"]
+    path = ROOT / "ports" / "_unix.py"
+    names = {
+        node.id
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Name)
+    }
+    assert not names & {"ListenRequest", "ConnectRequest", "_Request"}, (
+        "ports/_unix.py opens by itself"
+    )

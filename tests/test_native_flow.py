@@ -2,18 +2,14 @@
 
 The same random steps - deliveries, takes, pauses and resumes, active modes, owners that
 park, budget rounds and reads - run on the Python rules (``ioserver._flow``'s
-``ReceiveFlow`` and ``Window``, and the budget's own methods of ``IOThread``, on stubs
-that hold only what those methods read) and on ``ioserver._native._FlowModel``; after
+``ReceiveFlow`` and ``Window``, and its ``MemoryBudget``, with stubs that hold only what
+they read) and on ``ioserver._native._FlowModel``; after
 each step both must agree on every decision and counter.
 
-Two rules differ on purpose (see flow.rs's theory of operation), and the test applies
-them to the Python side so that everything else stays comparable:
-
-- a resume of the current pause that finds the counters no longer drained pauses again
-  under a new generation (Python only declines, and the owner never asks again);
-- a read of a framed port takes its whole charge off the round's headroom (Python takes
-  its bytes, unless the read was shortened): after such a read both sides start a new
-  round.
+The two rules the Rust port first found wrong in Python - a declined resume of the
+current pause pauses again under a new generation, and a framed read takes its whole
+charge off the round's headroom - are now the rules of both, so the Python side runs
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from hypothesis import strategies as st
 
 from ioserver._conn import STREAM
 from ioserver._exceptions import PacketTooLarge
-from ioserver._flow import ReceiveFlow, Window
+from ioserver._flow import MemoryBudget, ReceiveFlow, Window
 from ioserver._framing import PACKET_OVERHEAD, make_framer
 from ioserver._iothread import READ_SIZE, IOThread
 from ioserver._messages import PASSIVE, Closed, Data, Error
@@ -63,43 +59,60 @@ class _PyPort(ReceiveFlow):
 
 
 class _PyBudget:
-    """The budget's methods of ``IOThread``, on what they read of it."""
-
-    _memory_check = IOThread._memory_check
-    _unpause = IOThread._unpause
-    _budget_blocks = IOThread._budget_blocks
-    _packet_read_size = IOThread._packet_read_size
-    cmd_want = IOThread.cmd_want
+    """The Python core's :class:`~ioserver._flow.MemoryBudget`, with the counters it reads
+    (``delivered_total``... as the I/O thread keeps them) and one owner (a hub's
+    ``queued_bytes``/``consumed_bytes``)."""
 
     def __init__(self, limit: int) -> None:
-        self.memory_limit = limit
-        self.memory_reserve = limit // 4
-        self._read_floor = READ_SIZE + self.memory_reserve
-        self._packet_floor = READ_SIZE * (1 + PACKET_OVERHEAD) + self.memory_reserve
-        self.peak_memory = 0
-        self._globally_paused: dict[_PyPort, None] = {}
-        self._reserve_waiters: list[_PyPort] = []
-        self.reserve_reads = 0
-        self.global_pauses = 0
         self.delivered_total = 0
+        self.framing_bytes = 0
+        self.bytes_out = 0
+        self.bytes_discarded = 0
+        self.bytes_forwarded = 0
         self.consumed = 0
         self.queued = 0
-        self.bytes_out = 0
         self.headroom = 0
+        self.budget: MemoryBudget[_PyPort] = MemoryBudget(
+            limit, self, READ_SIZE, PACKET_OVERHEAD, lambda entry: None
+        )
+        self.budget.owners.append(self)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.queued
+
+    @property
+    def consumed_bytes(self) -> int:
+        return self.consumed
+
+    @property
+    def reserve_reads(self) -> int:
+        return self.budget.reserve_reads
+
+    @property
+    def global_pauses(self) -> int:
+        return self.budget.pauses
+
+    @property
+    def peak_memory(self) -> int:
+        return self.budget.peak
 
     def memory_in_use(self) -> int:
-        return self.delivered_total - self.bytes_out + self.queued - self.consumed
+        return self.budget.in_use()
 
-    def _stream_interest(self, conn: Any) -> None:
-        pass
+    def begin_round(self) -> int:
+        return self.budget.headroom()
+
+    def want(self, conn: _PyPort) -> None:
+        self.budget.want(conn)
 
     def admit_read(self, conn: _PyPort) -> tuple[int, bool] | None:
         """The read decision inlined in ``IOThread._run``."""
-        headroom = self.headroom
-        if headroom < self._read_floor and self._budget_blocks(conn, headroom):
+        headroom, budget = self.headroom, self.budget
+        if headroom < budget.read_floor and budget.blocks(conn, headroom):
             return None
-        if headroom < self._packet_floor and conn.packet_overhead:
-            return self._packet_read_size(conn, headroom), True
+        if headroom < budget.packet_floor and conn.packet_overhead:
+            return budget.packet_read_size(conn, headroom), True
         return READ_SIZE, False
 
 
@@ -137,7 +150,7 @@ class _Pair:
         self.new_round()
 
     def new_round(self) -> None:
-        self.budget.headroom = self.budget._memory_check()
+        self.budget.headroom = self.budget.begin_round()
         headroom, _ = self.native.begin_round()
         assert headroom == self.budget.headroom
 
@@ -156,7 +169,7 @@ class _Pair:
             started = conn.pause()
             assert self.native.pause(index) == started
             if started:
-                assert self.native.recheck(index) == conn.may_resume(conn.pause_generation)
+                assert self.native.recheck(index) == conn.recheck()
 
     def take(self, index: int) -> None:
         if not self.inboxes[index]:
@@ -179,12 +192,7 @@ class _Pair:
             return
         generation = self.resumes[index].popleft()
         conn = self.ports[index]
-        current = conn.msgq_paused and generation == conn.pause_generation
         resumed = conn.may_resume(generation)
-        if current and not resumed:
-            # The rule that differs: pause again under a new generation, and re-read.
-            conn.pause_generation += 1
-            resumed = conn.may_resume(conn.pause_generation)
         assert self.native.may_resume(index, generation) == resumed
 
     def park(self, index: int, waits: bool) -> None:
@@ -207,7 +215,7 @@ class _Pair:
         self.wants[index] = False
         conn = self.ports[index]
         was_paused = conn.global_paused
-        self.budget.cmd_want(conn, None)
+        self.budget.want(conn)
         assert self.native.want(index) == (was_paused and not conn.global_paused)
 
     def read(self, index: int, size: int) -> None:
@@ -218,16 +226,12 @@ class _Pair:
         assert self.native.admit_read(index) == grant
         if grant is None:
             return
-        limit, short = grant
+        limit, _ = grant
         n = min(limit, size)
         overhead = conn.packet_overhead
         charge = n + overhead
-        self.budget.headroom -= n
-        if short:
-            self.budget.headroom -= overhead
+        self.budget.headroom -= charge
         self.deliver(index, [charge])
-        if overhead and not short:
-            self.new_round()  # the headroom rule that differs (see the module docstring)
 
     def set_active(self, index: int, mode: tuple[int, bool]) -> None:
         conn = self.ports[index]

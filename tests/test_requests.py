@@ -26,4 +26,12 @@ def test_open_requests_are_frozen_and_named() -> None:
         assert dataclasses.is_dataclass(kind) and kind.__dataclass_params__.frozen  # type: ignore[attr-defined]
         names = [field.name for field in dataclasses.fields(kind)]
         assert names[:3] == ["port", "deliver", "family"] and "active" in names
-    assert [f.name for f in dataclasses.fields(ListenRequest)][-1] == "make_port"
+    # make_port is the last field every listen request gives; what follows is optional
+    # (TLS: the context and the handshake's timeout), so the daemon's requests are unchanged.
+    fields = dataclasses.fields(ListenRequest)
+    names = [f.name for f in fields]
+    after = fields[names.index("make_port") + 1 :]
+    assert [f.name for f in after] == ["tls", "tls_handshake_timeout"]
+    assert all(f.default is None for f in after)
+    connect_fields = {f.name: f.default for f in dataclasses.fields(ConnectRequest)}
+    assert connect_fields["tls"] is None and connect_fields["server_hostname"] is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -20,6 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import httpd
+
+#: The server's TLS context (--tls-cert/--tls-key), or None: plaintext.
+TLS: ssl.SSLContext | None = None
 
 
 async def handle(
@@ -55,7 +59,7 @@ async def serve(port: int, root: str, request_memory: int) -> None:
     files = httpd.StaticFiles(root)
     pool = httpd.MemoryPool(httpd.HANDLER_MEMORY)
     handler = partial(handle, files, request_memory, pool)
-    server = await asyncio.start_server(handler, "127.0.0.1", port, backlog=1024)
+    server = await asyncio.start_server(handler, "127.0.0.1", port, backlog=1024, ssl=TLS)
     async with server:
         await server.serve_forever()
 
@@ -66,7 +70,14 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--request-memory", type=int, default=httpd.REQUEST_MEMORY)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
+    parser.add_argument("--tls-cert", help="serve TLS (asyncio's ssl=) with this PEM chain")
+    parser.add_argument("--tls-key", help="the private key of --tls-cert, PEM")
     args = parser.parse_args()
+    global TLS
+    if args.tls_cert:
+        TLS = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        TLS.load_cert_chain(args.tls_cert, args.tls_key)
+        TLS.set_alpn_protocols(["http/1.1"])
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if args.uvloop:
         import uvloop
