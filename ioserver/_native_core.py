@@ -28,13 +28,14 @@ naming the core; ``core="python"`` (the default) carries them.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Mapping
 from typing import Any
 
 from . import _native  # the extension module (types: _native.pyi)
 from ._contract import ConnectRequest, ListenRequest
-from ._exceptions import ConnectError, NotSupportedError
+from ._exceptions import ConnectError, NotSupportedError, errno_name
 from ._flow import Window
 from ._framing import Framer, port_framer
 from ._hub import AsyncioHub, TrioHub, log
@@ -132,9 +133,14 @@ class _Commands:
 class NativeIOThread:
     """The native I/O thread, standing where ``IOThread`` stands (see the module docstring).
 
+    ``io_backend`` (``native/src/uring.rs``): ``"epoll"``, a ``read``/``writev`` syscall per
+    port; ``"io_uring"``, a round's reads and writes in one ``io_uring_enter``; ``None``,
+    io_uring where the kernel allows it, else epoll (:attr:`io_uring_failure` says why).
+
     Raises:
         NotSupportedError: ``memory_limit`` or ``port_buffer_limit`` given (the native core
-            has no memory budget yet).
+            has no memory budget yet), or ``io_backend="io_uring"`` where the kernel refuses
+            io_uring (the message names the errno: ``ENOSYS``, ``EPERM``, ``EOPNOTSUPP``).
     """
 
     native = True
@@ -148,7 +154,11 @@ class NativeIOThread:
     hub_classes: tuple[type[Any], type[Any]]
 
     def __init__(
-        self, *, memory_limit: int | None = None, port_buffer_limit: int | None = None
+        self,
+        *,
+        memory_limit: int | None = None,
+        port_buffer_limit: int | None = None,
+        io_backend: str | None = None,
     ) -> None:
         for name, value in (
             ("memory_limit", memory_limit),
@@ -162,7 +172,15 @@ class NativeIOThread:
         self.memory_limit = None
         self.port_buffer_limit = None
         self.fd_limit = raise_open_file_limit()
-        core = self._core = _native.Core(min(self.fd_limit, 1 << 16))
+        try:
+            core = self._core = _native.Core(min(self.fd_limit, 1 << 16), io_backend)
+        except OSError as exc:
+            number = exc.errno or 0
+            raise NotSupportedError(
+                f"io_backend='io_uring' is refused here: {errno_name(number)} "
+                f"({os.strerror(number)}); use io_backend='epoll', or None for io_uring "
+                "where the kernel allows it, else epoll"
+            ) from exc
         self.commands = _Commands(core)
         self.send_command = core.send
         self.cmd_close = core.close
@@ -315,6 +333,27 @@ class NativeIOThread:
     @property
     def ports_open(self) -> int:
         return int(self._core.ports_open)
+
+    @property
+    def io_backend(self) -> str:
+        """How the reads and writes reach the kernel now: ``"epoll"`` or ``"io_uring"``."""
+        return str(self._core.backend)
+
+    @property
+    def io_uring_failure(self) -> str | None:
+        """Why io_uring is not used where it was wanted (the kernel refused it, so the
+        default fell back to epoll; or an ``io_uring_enter`` failed and the thread went on
+        with epoll), or None."""
+        failure: str | None = self._core.io_uring_failure
+        return failure
+
+    @property
+    def io_uring_enters(self) -> int:
+        return int(self._core.uring_enters)
+
+    @property
+    def io_uring_submissions(self) -> int:
+        return int(self._core.uring_submissions)
 
     @property
     def polls(self) -> int:

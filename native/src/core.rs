@@ -19,6 +19,11 @@
 //! [`READ_SIZE`] bytes per port per round, so one fast peer cannot starve the others; a
 //! read that filled the buffer keeps the port on the ready list for the next round.
 //!
+//! The reads and writes themselves are made by one of two backends, chosen when the core
+//! is made (`ioserver.open(io_backend=...)`): `epoll`, a `read`/`writev` syscall each, or
+//! `io_uring`, all of a round's in one `io_uring_enter` (`uring.rs`).  Both run the same
+//! code after the syscall ([`IoThread::after_read`], [`IoThread::after_write`]).
+//!
 //! Receive flow control is the watermark rule of `ioserver/_flow.py` with its pause
 //! handshake, on atomics: the loop half writes `consumed_*` in its [`WindowShared`] and
 //! then reads `pause_generation`; this thread bumps `pause_generation` and then re-reads
@@ -41,6 +46,10 @@ use pyo3::prelude::*;
 
 use crate::unsafe_io::HeldBytes;
 use crate::wakeup::WakeQueue;
+
+// The io_uring backend: a child module, so that it reaches the port table as this one does.
+#[path = "uring.rs"]
+pub mod uring;
 
 /// Bytes read from one socket at a time (as the Python I/O thread's `READ_SIZE`).
 pub const READ_SIZE: usize = 65536;
@@ -282,6 +291,10 @@ pub enum Command {
     Stop,
     /// Panic in the thread (the tests' way to check that a failure is contained).
     Fail,
+    /// Tell the first channel, then block the thread until the second one's sender is
+    /// dropped (the tests' way to make one round see what they queued meanwhile:
+    /// `Core._hold_for_test`).
+    Hold(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>),
 }
 
 /// What the I/O thread tells a loop (built into messages by `Inbox.take`).
@@ -365,6 +378,16 @@ pub struct Shared {
     pub next_id: AtomicU64,
     /// The thread is running (set before it starts, cleared as it ends).
     pub running: AtomicBool,
+    /// The rounds' reads and writes go through io_uring (`uring.rs`), not one syscall each.
+    pub io_uring: AtomicBool,
+    /// `io_uring_enter` calls made.
+    pub uring_enters: AtomicU64,
+    /// Operations (receives and sends) submitted through them.
+    pub uring_submissions: AtomicU64,
+    /// Why io_uring is not used where it was wanted: the kernel refused it (the default
+    /// fell back to epoll), or a round's `io_uring_enter` failed (the thread went on with
+    /// epoll).
+    pub uring_failure: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -385,6 +408,10 @@ impl Shared {
             failure: Mutex::new(None),
             next_id: AtomicU64::new(1),
             running: AtomicBool::new(false),
+            io_uring: AtomicBool::new(false),
+            uring_enters: AtomicU64::new(0),
+            uring_submissions: AtomicU64::new(0),
+            uring_failure: Mutex::new(None),
         })
     }
 }
@@ -466,6 +493,8 @@ pub struct IoThread {
     dirty: Vec<usize>,
     exhausted_listeners: Vec<usize>,
     stopping: bool,
+    /// The io_uring backend's ring (None: the epoll backend).
+    uring: Option<uring::Uring>,
 }
 
 fn errno_of(error: &io::Error) -> i32 {
@@ -512,6 +541,7 @@ impl IoThread {
             dirty: Vec::new(),
             exhausted_listeners: Vec::new(),
             stopping: false,
+            uring: None,
         })
     }
 
@@ -577,11 +607,18 @@ impl IoThread {
                 );
             }
             self.shared.events.fetch_add(count, Ordering::Relaxed);
-            self.read_ready();
+            if self.uring.is_none() {
+                self.read_ready();
+            }
             self.run_commands();
             // The loop gets this round's input before the writes: it works while we write.
             handed = self.publish(false);
-            self.flush_dirty();
+            if self.uring.is_some() {
+                // io_uring: the round's reads and writes in one io_uring_enter (uring.rs).
+                self.uring_round();
+            } else {
+                self.flush_dirty();
+            }
             handed |= self.publish(false);
         }
     }
@@ -826,6 +863,10 @@ impl IoThread {
             } => self.listen(request, listener, inbox, socket, options),
             Command::Stop => self.stopping = true,
             Command::Fail => panic!("a failure asked for by a test (Core._fail_for_test)"),
+            Command::Hold(reached, released) => {
+                let _ = reached.send(());
+                let _ = released.recv();
+            }
         }
     }
 
@@ -911,6 +952,12 @@ impl IoThread {
     /// One read; false if the port was closed.
     fn read(&mut self, s: &mut Stream) -> bool {
         let result = (&s.sock).read(&mut self.buffer);
+        self.after_read(s, result)
+    }
+
+    /// What follows a read of the socket into `self.buffer` (either backend's): `result`
+    /// is the bytes read or the error.  False if the port was closed.
+    fn after_read(&mut self, s: &mut Stream, result: io::Result<usize>) -> bool {
         match result {
             Ok(0) => {
                 s.readable = false;
@@ -1110,35 +1157,51 @@ impl IoThread {
     fn write(&mut self, s: &mut Stream) -> bool {
         let mut total = 0u64;
         while !s.outq.is_empty() {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(s.outq.len().min(IOV_MAX));
-            let mut wanted = 0usize;
-            for (index, bytes) in s.outq.iter().take(IOV_MAX).enumerate() {
-                let slice = if index == 0 {
-                    &bytes.as_slice()[s.head..]
-                } else {
-                    bytes.as_slice()
-                };
-                wanted += slice.len();
-                slices.push(IoSlice::new(slice));
-            }
+            let slices: Vec<IoSlice<'_>> = gathered(s).map(IoSlice::new).collect();
+            let wanted = slices.iter().map(|slice| slice.len()).sum();
             let result = (&s.sock).write_vectored(&slices);
             drop(slices);
-            match result {
-                Ok(sent) => {
-                    total += sent as u64;
-                    self.consume_output(s, sent);
-                    if sent < wanted {
-                        break; // the socket is full: its writable edge comes later
-                    }
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => {
-                    self.broken(s, errno_of(&error));
-                    return false;
-                }
+            match self.after_write(s, result, wanted, &mut total) {
+                Written::Again => continue,
+                Written::Full => break,
+                Written::Closed => return false,
             }
         }
+        self.finish_write(s, total)
+    }
+
+    /// What follows one gathered write of `wanted` bytes (either backend's): `result` is
+    /// the bytes written or the error; `total` adds them up over the round.
+    fn after_write(
+        &mut self,
+        s: &mut Stream,
+        result: io::Result<usize>,
+        wanted: usize,
+        total: &mut u64,
+    ) -> Written {
+        match result {
+            Ok(sent) => {
+                *total += sent as u64;
+                self.consume_output(s, sent);
+                if sent < wanted {
+                    Written::Full // the socket is full: its writable edge comes later
+                } else {
+                    Written::Again
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Written::Full,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => Written::Again,
+            Err(error) => {
+                self.broken(s, errno_of(&error));
+                Written::Closed
+            }
+        }
+    }
+
+    /// What follows a round's writes of `s` (`total` bytes): the counters, WRITABLE to a
+    /// blocked sender, and the close or half-close that waited for the queue to empty.
+    /// False if the port was closed.
+    fn finish_write(&mut self, s: &mut Stream, total: u64) -> bool {
         if total > 0 {
             // bytes_out before send_blocked: the loop writes send_blocked, then reads
             // bytes_out (the WRITABLE handshake; all SeqCst).
@@ -1654,6 +1717,32 @@ impl IoThread {
             _ => {}
         }
     }
+}
+
+/// What a gathered write left to do.
+enum Written {
+    /// It wrote all it was given: write again (more may be queued).
+    Again,
+    /// The socket is full (a short write, or `EAGAIN`): its writable edge comes later.
+    Full,
+    /// The connection broke: the port is closed.
+    Closed,
+}
+
+/// The first [`IOV_MAX`] buffers of the queued output, the head's written part skipped:
+/// what one gathered write takes.
+fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
+    s.outq
+        .iter()
+        .take(IOV_MAX)
+        .enumerate()
+        .map(|(index, bytes)| {
+            if index == 0 {
+                &bytes.as_slice()[s.head..]
+            } else {
+                bytes.as_slice()
+            }
+        })
 }
 
 /// Erlang's rule for `inet:setopts(S, [{active, N}])` (as `ioserver._options.

@@ -14,6 +14,7 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
+use crate::core::uring::{self, Backend};
 use crate::core::{
     Command, ConnShared, Event, Flow, IoThread, PyTarget, Shared, StreamOptions, WindowShared,
 };
@@ -486,11 +487,31 @@ fn put_conn(
 
 #[pymethods]
 impl Core {
-    /// A core whose port table has ``table_size`` slots (from the open-file limit).
+    /// A core whose port table has ``table_size`` slots (from the open-file limit), whose
+    /// reads and writes go through ``backend``: ``"epoll"`` (a syscall each), ``"io_uring"``
+    /// (a round's in one ``io_uring_enter``) or ``None`` (io_uring where the kernel allows
+    /// it, else epoll: ``io_uring_failure`` then says why).
+    ///
+    /// Raises ``ValueError`` for another name, and ``OSError`` (its errno the kernel's:
+    /// ``ENOSYS``, ``EPERM``, ``EOPNOTSUPP``...) when ``backend="io_uring"`` is refused.
     #[new]
-    fn new(table_size: usize) -> PyResult<Self> {
+    #[pyo3(signature = (table_size, backend=None))]
+    fn new(table_size: usize, backend: Option<&str>) -> PyResult<Self> {
+        let requested = match backend {
+            None => None,
+            Some(name) => Some(Backend::parse(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "backend must be 'epoll', 'io_uring' or None, not {name:?}"
+                ))
+            })?),
+        };
+        let (ring, refused) = uring::open(requested)?;
         let shared = Arc::new(Shared::new()?);
-        let thread = IoThread::new(shared.clone(), table_size)?;
+        if let (Some(error), Ok(mut failure)) = (refused, shared.uring_failure.lock()) {
+            *failure = Some(format!("io_uring refused by the kernel: {error}"));
+        }
+        let mut thread = IoThread::new(shared.clone(), table_size)?;
+        thread.set_uring(ring);
         Ok(Core {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -674,6 +695,21 @@ impl Core {
         self.shared.commands.put(Command::Fail)
     }
 
+    /// A test hook, private (``_hold_for_test``, used only by the tests): the I/O thread
+    /// stops where it runs this command, until the returned hold is released (or dropped),
+    /// so that the commands and socket events queued meanwhile reach it together - one
+    /// round's worth, on demand.  ``Hold.wait()`` returns once the thread has stopped.
+    #[pyo3(name = "_hold_for_test")]
+    fn hold_for_test(&self) -> Hold {
+        let (release, released) = std::sync::mpsc::channel();
+        let (reached, wait) = std::sync::mpsc::channel();
+        self.shared.commands.put(Command::Hold(reached, released));
+        Hold {
+            release: Mutex::new(Some(release)),
+            wait: Mutex::new(Some(wait)),
+        }
+    }
+
     /// Close every port and end the thread.
     fn stop(&self, _target: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {
         self.shared.commands.put(Command::Stop)
@@ -817,6 +853,62 @@ impl Core {
     fn failure(&self) -> Option<String> {
         self.shared.failure.lock().ok().and_then(|f| f.clone())
     }
+    /// The reads' and writes' backend now: ``"epoll"`` or ``"io_uring"``.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        if self.shared.io_uring.load(Ordering::Relaxed) {
+            Backend::IoUring.name()
+        } else {
+            Backend::Epoll.name()
+        }
+    }
+    /// ``io_uring_enter`` calls made.
+    #[getter]
+    fn uring_enters(&self) -> u64 {
+        self.shared.uring_enters.load(Ordering::Relaxed)
+    }
+    /// Receives and sends submitted through them.
+    #[getter]
+    fn uring_submissions(&self) -> u64 {
+        self.shared.uring_submissions.load(Ordering::Relaxed)
+    }
+    /// Why io_uring is not used where it was wanted (refused by the kernel, or given up
+    /// after a failed ``io_uring_enter``), or None.
+    #[getter]
+    fn io_uring_failure(&self) -> Option<String> {
+        self.shared
+            .uring_failure
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+    }
+}
+
+/// A stop of the I/O thread made by ``Core._hold_for_test`` (tests only).
+#[pyclass(module = "ioserver._native")]
+pub struct Hold {
+    release: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    wait: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+#[pymethods]
+impl Hold {
+    /// Wait (without the GIL) until the I/O thread has stopped at this hold; False if it
+    /// never will (it ended first).
+    fn wait(&self, py: Python<'_>) -> bool {
+        let wait = self.wait.lock().ok().and_then(|mut w| w.take());
+        match wait {
+            Some(wait) => py.detach(move || wait.recv().is_ok()),
+            None => true,
+        }
+    }
+
+    /// Let the I/O thread go on.
+    fn release(&self) {
+        if let Ok(mut release) = self.release.lock() {
+            release.take();
+        }
+    }
 }
 
 /// Register the classes in ``ioserver._native``.
@@ -825,5 +917,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Inbox>()?;
     m.add_class::<Conn>()?;
     m.add_class::<WindowCounters>()?;
+    m.add_class::<Hold>()?;
     Ok(())
 }
