@@ -505,7 +505,11 @@ impl Core {
                 ))
             })?),
         };
-        let (ring, refused) = uring::open(requested)?;
+        let (ring, refused) = uring::open(requested).map_err(|error| {
+            // OSError(errno, strerror): its errno names the refusal in Python.
+            let errno = error.raw_os_error().unwrap_or(libc::EIO);
+            PyOSError::new_err((errno, error.to_string()))
+        })?;
         let shared = Arc::new(Shared::new()?);
         if let (Some(error), Ok(mut failure)) = (refused, shared.uring_failure.lock()) {
             *failure = Some(format!("io_uring refused by the kernel: {error}"));
