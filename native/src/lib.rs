@@ -4,7 +4,8 @@
 //!
 //! * [`wakeup`]: the queues between the threads, on the wake-up protocol of the
 //!   `ioserver-wakeup` crate (`native/wakeup/`, with its loom model), with an eventfd;
-//! * `core`: the I/O thread (TCP streams and listeners, through mio);
+//! * `core`: the I/O thread (TCP streams and listeners, through mio), with its io_uring
+//!   backend (`core::uring`: a round's reads and writes in one `io_uring_enter`);
 //! * `py`: the Python face (`Core`, `Inbox`, `Conn`, `WindowCounters`);
 //! * [`framing`]: every packet mode's boundaries (pure logic);
 //! * [`flow`]: watermarks, active modes, the pause handshake and the memory budget (pure
