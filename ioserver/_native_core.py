@@ -181,6 +181,8 @@ class NativeIOThread:
                 f"({os.strerror(number)}); use io_backend='epoll', or None for io_uring "
                 "where the kernel allows it, else epoll"
             ) from exc
+        if core.io_uring_failure is not None:
+            log.debug("the native core reads and writes with epoll: %s", core.io_uring_failure)
         self.commands = _Commands(core)
         self.send_command = core.send
         self.cmd_close = core.close

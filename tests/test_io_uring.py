@@ -196,12 +196,14 @@ def test_a_kernel_that_refuses_io_uring(tmp_path: Path) -> None:
     source.write_text(SECCOMP_HELPER)
     helper = tmp_path / "refuse_io_uring"
     subprocess.run([gcc, "-O1", "-o", str(helper), str(source)], check=True, timeout=60)
+    environment = {k: v for k, v in os.environ.items() if k != "IOSERVER_IO_BACKEND"}
     done = subprocess.run(
         [str(helper), sys.executable, "-c", REFUSED_PROBE],
         capture_output=True,
         text=True,
         timeout=30,
         cwd=REPO,
+        env=environment,
     )
     assert done.returncode == 0, done.stderr
     backend, failure, error = done.stdout.splitlines()

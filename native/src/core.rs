@@ -379,6 +379,8 @@ pub struct Shared {
     /// The thread is running (set before it starts, cleared as it ends).
     pub running: AtomicBool,
     /// The rounds' reads and writes go through io_uring (`uring.rs`), not one syscall each.
+    /// Relaxed, as the two counters below: statistics read on their own, through which
+    /// nothing else is published.
     pub io_uring: AtomicBool,
     /// `io_uring_enter` calls made.
     pub uring_enters: AtomicU64,
