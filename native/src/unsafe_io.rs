@@ -172,6 +172,8 @@ pub struct Ring {
     results: Vec<i32>,
     /// `io_uring_enter` failed with nothing submitted: the ring is not entered again.
     failed: bool,
+    /// Operations the kernel took whose completions are not reaped yet (0 between runs).
+    in_flight: usize,
 }
 
 // SAFETY: `IoUring` is `Send` (the crate says so: it is its fd and mappings).  The only
@@ -209,44 +211,93 @@ impl Ring {
             headers: Vec::with_capacity(sends),
             results: Vec::with_capacity(receives + sends),
             failed: false,
+            in_flight: 0,
         };
         ring.check_nowait()?;
         Ok(ring)
     }
 
-    /// A receive on an empty non-blocking socket must complete at once with `EAGAIN`.
+    /// A receive on an empty non-blocking socket, and a send to a full one, must complete
+    /// at once with `EAGAIN` (not wait for data or room): `run` relies on it.
     fn check_nowait(&mut self) -> io::Result<()> {
         use io_uring::{opcode, types};
-        use std::io::Write;
+        use std::io::{Read, Write};
         use std::os::fd::AsRawFd;
-        let (reader, mut writer) = std::os::unix::net::UnixStream::pair()?;
+        use std::os::unix::net::UnixStream;
+
+        // The receive: on an empty socket.
+        let (reader, writer) = UnixStream::pair()?;
         reader.set_nonblocking(true)?;
         let mut byte = [0u8; 1];
         let entry = opcode::Recv::new(types::Fd(reader.as_raw_fd()), byte.as_mut_ptr(), 1)
             .flags(libc::MSG_DONTWAIT)
             .build();
-        // SAFETY: the receive writes into `byte` (1 byte, its length) and reads `reader`'s
-        // fd; both live until the end of this function, and the function does not return
-        // before the operation's completion is reaped (below, in every branch but the
-        // abort of `wait_all`).
+        // SAFETY: the receive writes into `byte` (1 byte, its length); `byte` lives until
+        // the end of this function, which does not return before the operation's
+        // completion is reaped (`settle`: if the kernel parked it, closing `writer` ends it
+        // with an end of file; `wait_all` aborts rather than return with it in flight).
         unsafe { self.ring.submission().push(&entry) }
             .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
-        // Submit without waiting: an operation the kernel completes at once has its
-        // completion posted before io_uring_enter returns.
+        let received = self.settle(|| drop(writer))?;
+
+        // The send: to a socket whose buffer is full.
+        let (full, mut reader) = UnixStream::pair()?;
+        full.set_nonblocking(true)?;
+        socket2::SockRef::from(&full).set_send_buffer_size(4096)?;
+        let chunk = [0u8; 4096];
+        loop {
+            match (&full).write(&chunk) {
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error),
+            }
+        }
+        let iovec = libc::iovec {
+            iov_base: chunk.as_ptr() as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: as in `run`: all zeroes is a valid `msghdr`.
+        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+        header.msg_iov = &iovec as *const libc::iovec as *mut libc::iovec;
+        header.msg_iovlen = 1;
+        let entry = opcode::SendMsg::new(types::Fd(full.as_raw_fd()), &header)
+            .flags((libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) as u32)
+            .build();
+        // SAFETY: the send reads `header`, `iovec` and one byte of `chunk`, all of which
+        // live until the end of this function, which does not return before the
+        // operation's completion is reaped (`settle`: if the kernel parked it, reading the
+        // peer's buffer empty makes room for it; `wait_all` aborts rather than return with
+        // it in flight).
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
+        let sent = self.settle(|| {
+            let mut sink = [0u8; 65536];
+            let _ = reader.read(&mut sink);
+        })?;
+        match (received, sent) {
+            (Some(received), Some(sent)) if received == -libc::EAGAIN && sent == -libc::EAGAIN => {
+                Ok(())
+            }
+            _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        }
+    }
+
+    /// Submit the one queued operation without waiting and return its result if the
+    /// kernel completed it at once; if it parked it instead, `unpark` (which makes it
+    /// complete), wait for it, and return None.
+    fn settle(&mut self, unpark: impl FnOnce()) -> io::Result<Option<i32>> {
+        // An operation the kernel completes at once has its completion posted before
+        // io_uring_enter returns.
         self.wait_all(0)?;
-        if self.ring.completion().is_empty() {
-            // Parked (the kernel waits for data): give it some, so that it completes before
-            // `byte` goes out of scope, and refuse the backend.
-            writer.write_all(b"x")?;
-            self.wait_all(1)?;
-            self.ring.completion().for_each(drop);
-            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        if let Some(cqe) = self.ring.completion().next() {
+            self.in_flight -= 1;
+            return Ok(Some(cqe.result()));
         }
-        let result = self.ring.completion().next().map_or(0, |cqe| cqe.result());
-        if result != -libc::EAGAIN {
-            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-        }
-        Ok(())
+        unpark();
+        self.wait_all(1)?;
+        let reaped = self.ring.completion().count();
+        self.in_flight -= reaped;
+        Ok(None)
     }
 
     /// How many receives one run takes at most.
@@ -365,6 +416,7 @@ impl Ring {
         }
         let enters = self.wait_all(total)?;
         for cqe in self.ring.completion() {
+            self.in_flight -= 1;
             if let Some(result) = self.results.get_mut(cqe.user_data() as usize) {
                 *result = cqe.result();
             }
@@ -378,12 +430,12 @@ impl Ring {
     /// The kernel takes the queued entries in one call in practice.  A call that a signal
     /// interrupts (`EINTR`, while waiting: what was submitted stays submitted), that finds
     /// no memory for a request (`EAGAIN`) or a completion queue in overflow (`EBUSY`) is
-    /// made again.  Any other error with nothing submitted yet makes the ring unusable and
-    /// is returned; with something submitted it aborts the process (see the type's
-    /// comment: returning would let the caller free memory the kernel may still use).
+    /// made again.  Any other error with no operation in flight makes the ring unusable
+    /// and is returned (io_uring_enter reports an error only when it took no entry);
+    /// with operations in flight it aborts the process (see the type's comment: returning
+    /// would let the caller free memory the kernel may still use).
     fn wait_all(&mut self, want: usize) -> io::Result<u64> {
         let mut enters = 0u64;
-        let mut submitted = false;
         loop {
             let pending = self.ring.submission().len();
             if pending == 0 && self.ring.completion().len() >= want {
@@ -391,14 +443,13 @@ impl Ring {
             }
             enters += 1;
             match self.ring.submit_and_wait(want) {
-                Ok(count) => submitted |= count > 0,
+                Ok(taken) => self.in_flight += taken,
                 Err(error)
                     if matches!(
                         error.raw_os_error(),
                         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                     ) => {}
-                Err(error) if !submitted => {
-                    // io_uring_enter reports an error only when it took no entry.
+                Err(error) if self.in_flight == 0 => {
                     self.failed = true;
                     return Err(error);
                 }
