@@ -616,7 +616,8 @@ impl IoThread {
             // The loop gets this round's input before the writes: it works while we write.
             handed = self.publish(false);
             if self.uring.is_some() {
-                // io_uring: the round's reads and writes in one io_uring_enter (uring.rs).
+                // io_uring: the round's reads and writes in one io_uring_enter (uring.rs);
+                // the input it read goes to the loops with the publish below.
                 self.uring_round();
             } else {
                 self.flush_dirty();
