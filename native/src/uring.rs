@@ -34,8 +34,8 @@
 //! `after_write` pop a written buffer or close a port.
 //!
 //! Where the kernel refuses io_uring (`ENOSYS`, `EPERM` under a seccomp filter or
-//! `kernel.io_uring_disabled`, a kernel before 5.6, or one that would park a
-//! non-blocking receive), [`open`] says why: the default falls back to epoll, an explicit
+//! `kernel.io_uring_disabled`, a kernel before 5.6, one that would park a non-blocking
+//! receive or send, `ENOMEM` under an old kernel's locked-memory limit), [`open`] says why: the default falls back to epoll, an explicit
 //! `io_uring` is an error.  Should `io_uring_enter` fail during a round with nothing
 //! submitted, the thread gives the ring up and continues on epoll (`Shared::io_uring`
 //! goes false, `internal_errors` counts it).
