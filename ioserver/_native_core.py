@@ -165,6 +165,8 @@ class NativeIOThread:
         core = self._core = _native.Core(min(self.fd_limit, 1 << 16))
         self.commands = _Commands(core)
         self.send_command = core.send
+        #: Port.send's fast path: the watermark check, the count and the send in one call.
+        self.send_within = core.send_within
         self.cmd_close = core.close
         self.cmd_send_eof = core.send_eof
         self.cmd_set_active = core.set_active

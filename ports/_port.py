@@ -175,6 +175,14 @@ class _PortBase(Source):
     def _took_data(self, data: Sized) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
         window = self._window
+        took = window.took
+        if took is not None:
+            # The native core's window counts and reads the pause in one call.
+            size = len(data)
+            self._hub.consumed_bytes += size
+            if took(self._conn, size):
+                self._maybe_resume()
+            return
         size = len(data) if window.sizes is None else window.sizes.popleft()
         window.consumed_messages += 1
         window.consumed_bytes += size
@@ -359,13 +367,20 @@ class _PortBase(Source):
             # _took_data, inlined.
             data = message.data
             window = self._window
-            size = len(data) if window.sizes is None else window.sizes.popleft()
-            window.consumed_messages += 1
-            window.consumed_bytes += size
-            hub.consumed_bytes += size
-            conn = self._conn
-            if conn is not None and conn.pause_generation != window.resume_generation:
-                self._maybe_resume()
+            took = window.took
+            if took is not None:
+                size = len(data)
+                hub.consumed_bytes += size
+                if took(self._conn, size):
+                    self._maybe_resume()
+            else:
+                size = len(data) if window.sizes is None else window.sizes.popleft()
+                window.consumed_messages += 1
+                window.consumed_bytes += size
+                hub.consumed_bytes += size
+                conn = self._conn
+                if conn is not None and conn.pause_generation != window.resume_generation:
+                    self._maybe_resume()
         elif message.__class__ is Closed:
             self._ended = True
         return message
@@ -584,10 +599,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             and server._io.port_buffer_limit is None
             and server._io.send_command == server._hub.cmd_send  # not a daemon's port
         )
-        # The native core's send (it holds the bytes object for the I/O thread), or None.
-        self._native_send: Any = (
-            server._io.send_command if getattr(server._io, "native", False) else None
-        )
+        # The native core's send with its watermark check and counting (it holds the
+        # bytes object for the I/O thread: Core.send_within), or None.
+        self._native_send: Any = getattr(server._io, "send_within", None)
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
@@ -706,34 +720,34 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             await _checkpoint_if_cancelled()
         conn = self._conn
         window = self._window
-        if (
-            self._simple_send
-            and message.__class__ is bytes
-            and message
-            and window.queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
-        ):
-            # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
-            size = len(message)
-            window.queued_bytes += size
-            hub.queued_bytes += size
-            if self._native_send is not None:
-                self._native_send(conn, message)
+        if self._simple_send and message.__class__ is bytes and message:
+            native_send = self._native_send
+            if native_send is not None:
+                # The native core checks the watermark, counts queued_bytes and queues
+                # the command in one call; False: busy (nothing queued), the slow path.
+                if native_send(conn, message, self._high_watermark):
+                    hub.queued_bytes += len(message)
+                    return
+            elif window.queued_bytes - conn.bytes_out <= self._high_watermark:  # type: ignore[union-attr]
+                # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
+                size = len(message)
+                window.queued_bytes += size
+                hub.queued_bytes += size
+                commands = self._io.commands
+                commands.items.append((hub.cmd_send, conn, message))
+                if commands.asleep:
+                    commands.asleep = False
+                    commands.wakeup.signal()
+                    commands.wakes_sent += 1
+                else:
+                    commands.wakes_skipped += 1
                 return
-            commands = self._io.commands
-            commands.items.append((hub.cmd_send, conn, message))
-            if commands.asleep:
-                commands.asleep = False
-                commands.wakeup.signal()
-                commands.wakes_sent += 1
-            else:
-                commands.wakes_skipped += 1
-        else:
-            self._check_can_send()
-            data = self._encode(message)
-            if self.busy:
-                await self._wait_until_writable()
-            if data:
-                self._queue(data)
+        self._check_can_send()
+        data = self._encode(message)
+        if self.busy:
+            await self._wait_until_writable()
+        if data:
+            self._queue(data)
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1

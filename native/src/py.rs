@@ -107,6 +107,9 @@ fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<
 #[pyclass(module = "ioserver._native", subclass, frozen)]
 pub struct WindowCounters {
     shared: Arc<WindowShared>,
+    /// The last pause generation the loop half asked to end (the loop half's own: only
+    /// its thread reads and writes it, under the GIL, so `Relaxed`).
+    resume_generation: std::sync::atomic::AtomicU64,
 }
 
 #[pymethods]
@@ -116,7 +119,40 @@ impl WindowCounters {
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
         WindowCounters {
             shared: Arc::new(WindowShared::default()),
+            resume_generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The owner took a message of ``size`` bytes (``ioserver._flow``'s counting, in one
+    /// call): add it to ``consumed_messages``/``consumed_bytes``, then read ``conn``'s
+    /// pause generation.  True if it is not the last one resumed (``resume_generation``):
+    /// the loop half then checks whether to resume (``Window.resume_due``).
+    ///
+    /// The counters are written before the generation is read, both `SeqCst`: the
+    /// handshake's order (see ``native/src/core.rs``), so a pause the I/O thread decided
+    /// without seeing this take is seen here.
+    #[pyo3(signature = (conn, size))]
+    fn took(&self, conn: Option<PyRef<'_, Conn>>, size: u64) -> bool {
+        self.shared.consumed_messages.fetch_add(1, Ordering::SeqCst);
+        self.shared.consumed_bytes.fetch_add(size, Ordering::SeqCst);
+        match conn {
+            None => false,
+            Some(conn) => {
+                conn.shared.pause_generation.load(Ordering::SeqCst)
+                    != self.resume_generation.load(Ordering::Relaxed)
+            }
+        }
+    }
+
+    /// The last pause generation the loop half asked to end.
+    #[getter]
+    fn get_resume_generation(&self) -> u64 {
+        self.resume_generation.load(Ordering::Relaxed)
+    }
+
+    #[setter]
+    fn set_resume_generation(&self, value: u64) {
+        self.resume_generation.store(value, Ordering::Relaxed)
     }
 
     /// Bytes of input the owner took.
@@ -484,6 +520,24 @@ fn put_conn(
     }
 }
 
+impl Core {
+    /// Queue a send's command; within a hub's batch (``defer_wakes``) its wake is owed
+    /// to the flush point.
+    fn put_send(&self, command: Command) {
+        if DEFERRING.with(|deferring| deferring.get()) {
+            self.shared.commands.put_deferred(command);
+            OWED.with(|owed| {
+                let mut owed = owed.borrow_mut();
+                if !owed.iter().any(|shared| Arc::ptr_eq(shared, &self.shared)) {
+                    owed.push(self.shared.clone());
+                }
+            });
+        } else {
+            self.shared.commands.put(command);
+        }
+    }
+}
+
 #[pymethods]
 impl Core {
     /// A core whose port table has ``table_size`` slots (from the open-file limit).
@@ -604,19 +658,43 @@ impl Core {
         if bytes.as_bytes().is_empty() {
             return Ok(());
         }
-        let command = Command::Send(conn.shared.clone(), HeldBytes::new(bytes));
-        if DEFERRING.with(|deferring| deferring.get()) {
-            self.shared.commands.put_deferred(command);
-            OWED.with(|owed| {
-                let mut owed = owed.borrow_mut();
-                if !owed.iter().any(|shared| Arc::ptr_eq(shared, &self.shared)) {
-                    owed.push(self.shared.clone());
-                }
-            });
-        } else {
-            self.shared.commands.put(command);
-        }
+        self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
         Ok(())
+    }
+
+    /// :meth:`send`, with the port's send flow control in the same call: if the output
+    /// ``conn``'s owner queued and the I/O thread has not written (its window's
+    /// ``queued_bytes`` less ``conn.bytes_out``) is at most ``high_watermark``, add
+    /// ``data``'s length to ``queued_bytes``, queue it and return True; else (the port is
+    /// busy, or ``conn`` has no window) queue nothing and return False.
+    ///
+    /// ``queued_bytes`` is counted before the command is queued: the I/O thread never
+    /// sees written bytes that were not counted (the order ``Port.send`` keeps).
+    ///
+    /// Raises ``TypeError`` if ``data`` is not ``bytes``.
+    fn send_within(
+        &self,
+        conn: PyRef<'_, Conn>,
+        data: Bound<'_, PyAny>,
+        high_watermark: u64,
+    ) -> PyResult<bool> {
+        let Ok(bytes) = data.cast_into::<PyBytes>() else {
+            return Err(PyTypeError::new_err("the native core sends bytes"));
+        };
+        let Some(window) = conn.shared.window.get() else {
+            return Ok(false);
+        };
+        let queued = window.queued_bytes.load(Ordering::SeqCst);
+        let written = conn.shared.bytes_out.load(Ordering::SeqCst);
+        if queued.saturating_sub(written) > high_watermark {
+            return Ok(false);
+        }
+        let size = bytes.as_bytes().len() as u64;
+        window.queued_bytes.fetch_add(size, Ordering::SeqCst);
+        if size > 0 {
+            self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
+        }
+        Ok(true)
     }
 
     /// The hub starts handing out a batch: this thread's sends wake the I/O thread at
