@@ -14,7 +14,6 @@ calls :meth:`_PortBase._deliver` in-loop.
 from __future__ import annotations
 
 import socket
-from collections import deque
 from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
 from functools import partial
@@ -129,7 +128,6 @@ class _PortBase(Source):
         "_passive_pending",
         "_remote_address",
         "_select_waiters",
-        "_submit",
         "_terminal",
         "_waiter",
         "_window",
@@ -141,11 +139,15 @@ class _PortBase(Source):
         hub = server._hub
         self._hub: Hub = hub
         self._io: IOThread = server._io
-        self._submit = self._io.commands.put
         self._conn: Conn | None = None
-        self._buffer: deque[Message] = deque()
+        # A list, not a deque: an empty list holds no item array (56 bytes against a
+        # deque's 760, which it keeps), and a port's buffer is short - bounded by its
+        # receive watermarks (high_msgq_messages), a listener's by the descriptors it
+        # may accept - so pop(0) moves few pointers.
+        self._buffer: list[Message] = []
         self._waiter: Any = None
-        self._select_waiters: list[Waiter] = []
+        # The tasks selecting on this port: an empty tuple (shared) until the first.
+        self._select_waiters: list[Waiter] | tuple[()] = ()
         self._closed = False  # closed by this side
         self._terminal = False  # the final Closed message has been delivered
         self._ended = False  # ... and received: receive raises EndOfPort
@@ -161,7 +163,16 @@ class _PortBase(Source):
         # (The I/O half says which class: the native core's keeps its counters in atomics.)
         window_class = getattr(server._io, "window_class", Window)
         window = self._window = window_class(framer, PACKET_OVERHEAD)
-        window.task_waits = self._task_waits
+        if window.took is None:
+            # Asked by the Python core's memory budget; the native core has its counters
+            # in atomics and asks nothing of the loop half (and one bound method per port
+            # is 64 bytes).
+            window.task_waits = self._task_waits
+
+    def _submit(self, command: tuple[Any, Any, Any]) -> None:
+        """Queue ``(function, target, argument)`` for the I/O thread (a method, not a bound
+        ``commands.put`` kept per port: that was 64 bytes a port)."""
+        self._io.commands.put(command)
 
     def _task_waits(self) -> bool:
         """A task is parked on this port for its next message - ``receive`` or ``select``
@@ -262,7 +273,7 @@ class _PortBase(Source):
 
     # -- receiving ----------------------------------------------------------------------
     def _take(self) -> Message:
-        message = self._buffer.popleft()
+        message = self._buffer.pop(0)
         if message.__class__ is Data:
             self._took_data(message.data)
         elif message.__class__ is Closed:
@@ -362,7 +373,7 @@ class _PortBase(Source):
                         if self._waiter is future:
                             self._waiter = None
         # From here to the return nothing is awaited: a taken message is always returned.
-        message = buffer.popleft()
+        message = buffer.pop(0)
         if message.__class__ is Data:
             # _took_data, inlined.
             data = message.data
@@ -393,6 +404,8 @@ class _PortBase(Source):
         return EMPTY
 
     def _select_arm(self, waiter: Waiter) -> None:
+        if not isinstance(self._select_waiters, list):
+            self._select_waiters = []
         self._select_waiters.append(waiter)
         if getattr(self._conn, "global_paused", False):
             self._want_input()
@@ -409,10 +422,11 @@ class _PortBase(Source):
             self._want_input()
 
     def _select_disarm(self, waiter: Waiter) -> None:
-        try:
-            self._select_waiters.remove(waiter)
-        except ValueError:
-            pass
+        if isinstance(self._select_waiters, list):
+            try:
+                self._select_waiters.remove(waiter)
+            except ValueError:
+                pass
 
     # -- owner --------------------------------------------------------------------------
     @property
@@ -492,9 +506,9 @@ class _PortBase(Source):
         if self._closed:
             return
         self._closed = True
-        buffer = self._buffer
-        while buffer:
-            message = buffer.popleft()
+        messages = self._buffer[:]
+        self._buffer.clear()
+        for message in messages:
             if message.__class__ is Data:
                 self._took_data(message.data)
             elif message.__class__ is Accepted:
@@ -590,7 +604,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         self._low_watermark: int = options["low_watermark"]
         self._send_timeout: float | None = options["send_timeout"]
         self._send_timeout_close: bool = options["send_timeout_close"]
-        self._send_waiter = Waiter()
+        self._send_waiter: Waiter | None = None  # made when a sender first waits
         self._busy_transitions = 0
         # True while send may take its inlined path: raw bytes, open, not broken, no EOF
         # sent, no port cap to check.  Cleared by each of those changes.
@@ -615,8 +629,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         super().close_nowait()
 
     def _on_writable(self) -> None:
-        if self._send_waiter._waiter is not None:
-            self._hub.wake(self._send_waiter)
+        send_waiter = self._send_waiter
+        if send_waiter is not None and send_waiter._waiter is not None:
+            self._hub.wake(send_waiter)
 
     def _check_can_send(self) -> None:
         if self._closed:
@@ -774,6 +789,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         try:
             while self._window.queued_bytes - conn.bytes_out > self._low_watermark:
                 self._check_can_send()
+                if self._send_waiter is None:
+                    self._send_waiter = Waiter()
                 await self._hub.park(self._send_waiter)
             self._check_can_send()
         finally:

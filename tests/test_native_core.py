@@ -335,6 +335,50 @@ async def test_the_one_call_send_and_take_count_exactly(no_leaks: None) -> None:
                 await port.aclose()
 
 
+@pytest.mark.every_core
+async def test_an_idle_port_keeps_no_buffer_it_does_not_use(ios: ioserver.IOServer) -> None:
+    """An idle connection's port holds no preallocated buffer (issue 14: ioserver's own
+    memory per idle connection): its message buffer is an empty list once its messages
+    are taken (a deque kept a 64-slot block, 760 bytes), it has no select list and no
+    send waiter until a task needs one, and the native window has no ``__dict__``."""
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        await client.send(b"x")
+        assert await receive_exactly(server, 1) == b"x"
+        assert server._buffer == []
+        assert sys.getsizeof(server._buffer) <= sys.getsizeof([])
+        assert server._select_waiters == ()
+        assert server._send_waiter is None
+        assert not hasattr(server._window, "__dict__")
+        await server.aclose()
+
+
+async def test_accepted_ports_share_their_address_objects(no_leaks: None) -> None:
+    """The native core builds an accepted connection's local address once per listener
+    and the peer host's string once per host: the ports of one listener share them (they
+    are immutable), instead of a tuple and a string each."""
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with listener:
+            peers = [socket.create_connection(listener.local_address) for _ in range(3)]
+            try:
+                accepted = [await accept(listener) for _ in peers]
+                first = accepted[0]
+                for port in accepted:
+                    assert port.local_address == listener.local_address
+                    assert port.local_address is first.local_address
+                    assert port.remote_address[0] is first.remote_address[0]
+                assert sorted(port.remote_address for port in accepted) == sorted(
+                    peer.getsockname() for peer in peers
+                )
+                for port in accepted:
+                    await port.aclose()
+            finally:
+                for peer in peers:
+                    peer.close()
+
+
 def pinned(payloads: list[bytes], baseline: int) -> list[int]:
     """The indexes of the payloads something else still refers to."""
     return [index for index in range(len(payloads)) if sys.getrefcount(payloads[index]) > baseline]

@@ -300,9 +300,58 @@ pub struct Inbox {
     errno_name: Py<PyAny>,
     connect_error: Py<PyAny>,
     eof: Py<PyAny>,
+    /// The last accepted connection's addresses as Python objects, reused for the next
+    /// (see [`Inbox::accepted_addresses`]).
+    addresses: Mutex<AddressCache>,
+}
+
+/// Python objects of recent addresses: the local address of the last accepted connection
+/// (the same for every connection of one listener) and the last peer host's string (the
+/// same for every connection from one client host).  Each is shared by the ports that
+/// have it, instead of a tuple and a string per port (about 200 bytes a connection).
+#[derive(Default)]
+struct AddressCache {
+    local: Option<(SocketAddr, Py<PyTuple>)>,
+    host: Option<(IpAddr, Py<pyo3::types::PyString>)>,
 }
 
 impl Inbox {
+    /// An accepted connection's `(local, remote)` addresses as `address` makes them, with
+    /// the local tuple and the remote host's string shared with the previous connection's
+    /// when they are equal (they are immutable, so nobody can tell).
+    fn accepted_addresses<'py>(
+        &self,
+        py: Python<'py>,
+        local: &SocketAddr,
+        remote: &SocketAddr,
+    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyTuple>)> {
+        let Ok(mut cache) = self.addresses.lock() else {
+            return Ok((address(py, local)?, address(py, remote)?));
+        };
+        let local = match &cache.local {
+            Some((known, tuple)) if known == local => tuple.bind(py).clone(),
+            _ => {
+                let tuple = address(py, local)?;
+                cache.local = Some((*local, tuple.clone().unbind()));
+                tuple
+            }
+        };
+        let ip = remote.ip();
+        let host = match &cache.host {
+            Some((known, host)) if *known == ip => host.bind(py).clone(),
+            _ => {
+                let host = pyo3::types::PyString::new(py, &ip.to_string());
+                cache.host = Some((ip, host.clone().unbind()));
+                host
+            }
+        };
+        let remote = match remote {
+            SocketAddr::V4(a) => (host, a.port()).into_pyobject(py)?,
+            SocketAddr::V6(a) => (host, a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)?,
+        };
+        Ok((local, remote))
+    }
+
     fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
         let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
             list.append((target.obj.clone_ref(py), message))
@@ -350,10 +399,8 @@ impl Inbox {
                 let Some(make_port) = &listener.make_port else {
                     return Err(PyRuntimeError::new_err("a listener without make_port"));
                 };
-                let remote = address(py, &remote)?;
-                let made = make_port
-                    .bind(py)
-                    .call1((handle, address(py, &local)?, remote.clone()));
+                let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
+                let made = make_port.bind(py).call1((handle, local, remote.clone()));
                 let port = match made {
                     Ok(port) => port,
                     Err(error) => {
@@ -643,6 +690,7 @@ impl Core {
             errno_name: exceptions.getattr("errno_name")?.unbind(),
             connect_error: tcp.getattr("connect_error")?.unbind(),
             eof,
+            addresses: Mutex::new(AddressCache::default()),
         })
     }
 
