@@ -264,6 +264,121 @@ async def test_an_empty_send_is_dropped_not_a_stall(no_leaks: None) -> None:
             await server.aclose()
 
 
+async def test_the_one_call_send_and_take_count_exactly(no_leaks: None) -> None:
+    """``Port.send``'s native fast path (``Core.send_within``) checks the high watermark,
+    counts ``queued_bytes`` and queues the bytes in one call, and queues nothing once the
+    port is busy; a receive counts the take in one call (``NativeWindow.took``), which
+    says when the I/O thread paused reading since the last resume.  The counters stay
+    exact either way: what the owner took is what was delivered, what it queued is what
+    was written."""
+    high = 4096
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(
+            ios,
+            "127.0.0.1",
+            0,
+            high_watermark=high,
+            low_watermark=0,
+            high_msgq_watermark=16,
+            low_msgq_watermark=8,
+        )
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await accept(listener)
+                core = ios._io._core  # type: ignore[attr-defined]
+                conn, window = port._conn, port._window
+                sent = 0
+                for size in (1, 100, 1000):
+                    await port.send(b"s" * size)
+                    sent += size
+                assert window.queued_bytes == sent
+                # Fill the peer's socket until the port is busy: queued and not written
+                # above the high watermark.  Then the one call queues nothing.
+                chunk = b"f" * 65536
+                with anyio.fail_after(10):
+                    while not port.busy:
+                        port.send_nowait(chunk)
+                        sent += len(chunk)
+                        await anyio.sleep(0.001)
+                assert not core.send_within(conn, b"x", high)
+                assert window.queued_bytes == sent
+                assert core.send_within(conn, b"y" * 10, 1 << 40)
+                sent += 10
+                assert window.queued_bytes == sent
+
+                def read_all() -> int:
+                    got = 0
+                    while got < sent:
+                        got += len(peer.recv(1 << 20))
+                    return got
+
+                assert await anyio.to_thread.run_sync(read_all) == sent
+                with anyio.fail_after(5):
+                    while conn.bytes_out < sent:  # noqa: ASYNC110 - a counter of the I/O thread, no event
+                        await anyio.sleep(0.005)
+                assert conn.bytes_out == window.queued_bytes == sent
+                # The peer sends more than high_msgq_watermark: reading pauses.
+                peer.sendall(b"m" * 120)
+                with anyio.fail_after(5):
+                    while conn.pauses == 0:  # noqa: ASYNC110 - a counter of the I/O thread, no event
+                        await anyio.sleep(0.005)
+                assert window.took(conn, 0) is True  # paused since the last resume
+                window.consumed_messages -= 1  # (undo the probe's count)
+                received = 0
+                while received < 120:
+                    message = await port.receive()
+                    assert isinstance(message, Data)
+                    received += len(message.data)
+                assert window.consumed_bytes == conn.delivered_bytes == 120
+                assert window.consumed_messages == conn.delivered_messages
+                assert window.took(conn, 0) is False  # resumed: the handshake ran
+                await port.aclose()
+
+
+@pytest.mark.every_core
+async def test_an_idle_port_keeps_no_buffer_it_does_not_use(ios: ioserver.IOServer) -> None:
+    """An idle connection's port holds no preallocated buffer (issue 14: ioserver's own
+    memory per idle connection): its message buffer is an empty list once its messages
+    are taken (a deque kept a 64-slot block, 760 bytes), it has no select list and no
+    send waiter until a task needs one, and the native window has no ``__dict__``."""
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        await client.send(b"x")
+        assert await receive_exactly(server, 1) == b"x"
+        assert server._buffer == []
+        assert sys.getsizeof(server._buffer) <= sys.getsizeof([])
+        assert server._select_waiters == ()
+        assert server._send_waiter is None
+        assert not hasattr(server._window, "__dict__")
+        await server.aclose()
+
+
+async def test_accepted_ports_share_their_address_objects(no_leaks: None) -> None:
+    """The native core builds an accepted connection's local address once per listener
+    and the peer host's string once per host: the ports of one listener share them (they
+    are immutable), instead of a tuple and a string each."""
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with listener:
+            peers = [socket.create_connection(listener.local_address) for _ in range(3)]
+            try:
+                accepted = [await accept(listener) for _ in peers]
+                first = accepted[0]
+                for port in accepted:
+                    assert port.local_address == listener.local_address
+                    assert port.local_address is first.local_address
+                    assert port.remote_address[0] is first.remote_address[0]
+                assert sorted(port.remote_address for port in accepted) == sorted(
+                    peer.getsockname() for peer in peers
+                )
+                for port in accepted:
+                    await port.aclose()
+            finally:
+                for peer in peers:
+                    peer.close()
+
+
 def pinned(payloads: list[bytes], baseline: int) -> list[int]:
     """The indexes of the payloads something else still refers to."""
     return [index for index in range(len(payloads)) if sys.getrefcount(payloads[index]) > baseline]

@@ -108,6 +108,9 @@ fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<
 #[pyclass(module = "ioserver._native", subclass, frozen)]
 pub struct WindowCounters {
     shared: Arc<WindowShared>,
+    /// The last pause generation the loop half asked to end (the loop half's own: only
+    /// its thread reads and writes it, under the GIL, so `Relaxed`).
+    resume_generation: std::sync::atomic::AtomicU64,
 }
 
 #[pymethods]
@@ -117,7 +120,40 @@ impl WindowCounters {
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
         WindowCounters {
             shared: Arc::new(WindowShared::default()),
+            resume_generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The owner took a message of ``size`` bytes (``ioserver._flow``'s counting, in one
+    /// call): add it to ``consumed_messages``/``consumed_bytes``, then read ``conn``'s
+    /// pause generation.  True if it is not the last one resumed (``resume_generation``):
+    /// the loop half then checks whether to resume (``Window.resume_due``).
+    ///
+    /// The counters are written before the generation is read, both `SeqCst`: the
+    /// handshake's order (see ``native/src/core.rs``), so a pause the I/O thread decided
+    /// without seeing this take is seen here.
+    #[pyo3(signature = (conn, size))]
+    fn took(&self, conn: Option<PyRef<'_, Conn>>, size: u64) -> bool {
+        self.shared.consumed_messages.fetch_add(1, Ordering::SeqCst);
+        self.shared.consumed_bytes.fetch_add(size, Ordering::SeqCst);
+        match conn {
+            None => false,
+            Some(conn) => {
+                conn.shared.pause_generation.load(Ordering::SeqCst)
+                    != self.resume_generation.load(Ordering::Relaxed)
+            }
+        }
+    }
+
+    /// The last pause generation the loop half asked to end.
+    #[getter]
+    fn get_resume_generation(&self) -> u64 {
+        self.resume_generation.load(Ordering::Relaxed)
+    }
+
+    #[setter]
+    fn set_resume_generation(&self, value: u64) {
+        self.resume_generation.store(value, Ordering::Relaxed)
     }
 
     /// Bytes of input the owner took.
@@ -265,9 +301,58 @@ pub struct Inbox {
     errno_name: Py<PyAny>,
     connect_error: Py<PyAny>,
     eof: Py<PyAny>,
+    /// The last accepted connection's addresses as Python objects, reused for the next
+    /// (see [`Inbox::accepted_addresses`]).
+    addresses: Mutex<AddressCache>,
+}
+
+/// Python objects of recent addresses: the local address of the last accepted connection
+/// (the same for every connection of one listener) and the last peer host's string (the
+/// same for every connection from one client host).  Each is shared by the ports that
+/// have it, instead of a tuple and a string per port (about 200 bytes a connection).
+#[derive(Default)]
+struct AddressCache {
+    local: Option<(SocketAddr, Py<PyTuple>)>,
+    host: Option<(IpAddr, Py<pyo3::types::PyString>)>,
 }
 
 impl Inbox {
+    /// An accepted connection's `(local, remote)` addresses as `address` makes them, with
+    /// the local tuple and the remote host's string shared with the previous connection's
+    /// when they are equal (they are immutable, so nobody can tell).
+    fn accepted_addresses<'py>(
+        &self,
+        py: Python<'py>,
+        local: &SocketAddr,
+        remote: &SocketAddr,
+    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyTuple>)> {
+        let Ok(mut cache) = self.addresses.lock() else {
+            return Ok((address(py, local)?, address(py, remote)?));
+        };
+        let local = match &cache.local {
+            Some((known, tuple)) if known == local => tuple.bind(py).clone(),
+            _ => {
+                let tuple = address(py, local)?;
+                cache.local = Some((*local, tuple.clone().unbind()));
+                tuple
+            }
+        };
+        let ip = remote.ip();
+        let host = match &cache.host {
+            Some((known, host)) if *known == ip => host.bind(py).clone(),
+            _ => {
+                let host = pyo3::types::PyString::new(py, &ip.to_string());
+                cache.host = Some((ip, host.clone().unbind()));
+                host
+            }
+        };
+        let remote = match remote {
+            SocketAddr::V4(a) => (host, a.port()).into_pyobject(py)?,
+            SocketAddr::V6(a) => (host, a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)?,
+        };
+        Ok((local, remote))
+    }
+
     fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
         let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
             list.append((target.obj.clone_ref(py), message))
@@ -315,10 +400,8 @@ impl Inbox {
                 let Some(make_port) = &listener.make_port else {
                     return Err(PyRuntimeError::new_err("a listener without make_port"));
                 };
-                let remote = address(py, &remote)?;
-                let made = make_port
-                    .bind(py)
-                    .call1((handle, address(py, &local)?, remote.clone()));
+                let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
+                let made = make_port.bind(py).call1((handle, local, remote.clone()));
                 let port = match made {
                     Ok(port) => port,
                     Err(error) => {
@@ -485,6 +568,24 @@ fn put_conn(
     }
 }
 
+impl Core {
+    /// Queue a send's command; within a hub's batch (``defer_wakes``) its wake is owed
+    /// to the flush point.
+    fn put_send(&self, command: Command) {
+        if DEFERRING.with(|deferring| deferring.get()) {
+            self.shared.commands.put_deferred(command);
+            OWED.with(|owed| {
+                let mut owed = owed.borrow_mut();
+                if !owed.iter().any(|shared| Arc::ptr_eq(shared, &self.shared)) {
+                    owed.push(self.shared.clone());
+                }
+            });
+        } else {
+            self.shared.commands.put(command);
+        }
+    }
+}
+
 #[pymethods]
 impl Core {
     /// A core whose port table has ``table_size`` slots (from the open-file limit), whose
@@ -614,6 +715,7 @@ impl Core {
             errno_name: exceptions.getattr("errno_name")?.unbind(),
             connect_error: tcp.getattr("connect_error")?.unbind(),
             eof,
+            addresses: Mutex::new(AddressCache::default()),
         })
     }
 
@@ -629,19 +731,43 @@ impl Core {
         if bytes.as_bytes().is_empty() {
             return Ok(());
         }
-        let command = Command::Send(conn.shared.clone(), HeldBytes::new(bytes));
-        if DEFERRING.with(|deferring| deferring.get()) {
-            self.shared.commands.put_deferred(command);
-            OWED.with(|owed| {
-                let mut owed = owed.borrow_mut();
-                if !owed.iter().any(|shared| Arc::ptr_eq(shared, &self.shared)) {
-                    owed.push(self.shared.clone());
-                }
-            });
-        } else {
-            self.shared.commands.put(command);
-        }
+        self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
         Ok(())
+    }
+
+    /// :meth:`send`, with the port's send flow control in the same call: if the output
+    /// ``conn``'s owner queued and the I/O thread has not written (its window's
+    /// ``queued_bytes`` less ``conn.bytes_out``) is at most ``high_watermark``, add
+    /// ``data``'s length to ``queued_bytes``, queue it and return True; else (the port is
+    /// busy, or ``conn`` has no window) queue nothing and return False.
+    ///
+    /// ``queued_bytes`` is counted before the command is queued: the I/O thread never
+    /// sees written bytes that were not counted (the order ``Port.send`` keeps).
+    ///
+    /// Raises ``TypeError`` if ``data`` is not ``bytes``.
+    fn send_within(
+        &self,
+        conn: PyRef<'_, Conn>,
+        data: Bound<'_, PyAny>,
+        high_watermark: u64,
+    ) -> PyResult<bool> {
+        let Ok(bytes) = data.cast_into::<PyBytes>() else {
+            return Err(PyTypeError::new_err("the native core sends bytes"));
+        };
+        let Some(window) = conn.shared.window.get() else {
+            return Ok(false);
+        };
+        let queued = window.queued_bytes.load(Ordering::SeqCst);
+        let written = conn.shared.bytes_out.load(Ordering::SeqCst);
+        if queued.saturating_sub(written) > high_watermark {
+            return Ok(false);
+        }
+        let size = bytes.as_bytes().len() as u64;
+        window.queued_bytes.fetch_add(size, Ordering::SeqCst);
+        if size > 0 {
+            self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
+        }
+        Ok(true)
     }
 
     /// The hub starts handing out a batch: this thread's sends wake the I/O thread at
