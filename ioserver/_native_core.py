@@ -19,16 +19,19 @@ What the native core carries now (issue 14's first slice): TCP ports in raw mode
 packet modes whose packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``)
 - connect
 (numeric addresses; names are resolved in the loop as before), listen and accept, reads,
-gathered writes, half-close, close after the queued output, errno names - with the
-watermarks and the pause handshake of ``ioserver._flow``.  Every other kind, the packet
-modes that decode objects (msgpack, resp), ``memory_limit`` and ``port_buffer_limit`` raise
-:exc:`~ioserver.NotSupportedError`
-naming the core; ``core="python"`` (the default) carries them.
+gathered writes, half-close, close after the queued output within ``linger``, errno names -
+with the flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
+watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
+(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.
+Every other kind and the packet modes that decode objects (msgpack, resp) raise
+:exc:`~ioserver.NotSupportedError` naming the core; ``core="python"`` (the default)
+carries them.
 """
 
 from __future__ import annotations
 
 import socket
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,17 +74,22 @@ def _framed_error(options: Mapping[str, Any]) -> NotSupportedError:
 class NativeWindow(_native.WindowCounters):
     """A port's flow-control window on the native core: :class:`~._flow.Window`'s fields,
     with ``consumed_*``, ``queued_bytes`` and ``send_blocked`` kept in atomics that the
-    native I/O thread reads without the GIL (``WindowCounters``, in Rust).  The other
-    fields are the loop half's own."""
+    native I/O thread reads without the GIL (``WindowCounters``, in Rust; what the owner
+    takes and queues is counted for the memory budget there too).  The other fields are
+    the loop half's own.
+
+    A framed port's packets are charged ``packet_overhead`` bytes more than their length,
+    as on the Python core: the native thread hands each packet's charge to ``sizes``
+    (under the GIL, in the drain) before the packet, and the port pops it as its owner
+    takes the packet."""
 
     def __init__(self, framer: Framer | None = None, packet_overhead: int = 0) -> None:
         self.consumed_bytes = 0
         self.consumed_messages = 0
         self.resume_generation = 0
         self.framer = framer
-        # The native thread charges a packet its bytes (no memory budget, no overhead).
-        self.packet_overhead = 0
-        self.sizes = None
+        self.packet_overhead = packet_overhead if framer is not None else 0
+        self.sizes: deque[int] | None = deque() if self.packet_overhead else None
         self.queued_bytes = 0
         self.send_blocked = False
         self.task_waits = _nobody_waits
@@ -92,14 +100,31 @@ class NativeWindow(_native.WindowCounters):
     resume_due = Window.resume_due
 
 
-class _Owners:
-    """The loops whose hubs count what their ports queued and took (``hub.queued_bytes``,
-    ``hub.consumed_bytes``), as the Python core's :class:`~._flow.MemoryBudget` keeps them."""
+class _Budget:
+    """The native core's memory budget as the Python core's :class:`~._flow.MemoryBudget`
+    is read: its statistics (kept by the native thread's ``flow::Budget``) and the hubs
+    that get the thread's stop notice (``owners``; what their ports queue and take is
+    counted in the native windows, not here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, core: Any, limit: int | None) -> None:
+        self._core = core
+        self.limit = limit
         self.owners: list[Any] = []
-        self.peak = 0  # no budget on the native core yet: nothing measured, nothing paused
-        self.pauses = 0
+
+    @property
+    def peak(self) -> int:
+        """The most bytes in use at the start of a round (measured with a limit only)."""
+        return int(self._core.peak_memory)
+
+    @property
+    def pauses(self) -> int:
+        """Reads paused because the budget was used up, ever."""
+        return int(self._core.global_pauses)
+
+    @property
+    def reserve_reads(self) -> int:
+        """Reads made into the reserve for waiting owners, ever."""
+        return int(self._core.reserve_reads)
 
 
 class _Commands:
@@ -130,12 +155,9 @@ class _Commands:
 
 
 class NativeIOThread:
-    """The native I/O thread, standing where ``IOThread`` stands (see the module docstring).
-
-    Raises:
-        NotSupportedError: ``memory_limit`` or ``port_buffer_limit`` given (the native core
-            has no memory budget yet).
-    """
+    """The native I/O thread, standing where ``IOThread`` stands (see the module docstring),
+    with a memory budget of ``memory_limit`` bytes and a cap of ``port_buffer_limit`` bytes
+    on a framed port's partial packet (None: no limit; ``ioserver.open`` validates them)."""
 
     native = True
     window_class = NativeWindow
@@ -150,19 +172,12 @@ class NativeIOThread:
     def __init__(
         self, *, memory_limit: int | None = None, port_buffer_limit: int | None = None
     ) -> None:
-        for name, value in (
-            ("memory_limit", memory_limit),
-            ("port_buffer_limit", port_buffer_limit),
-        ):
-            if value is not None:
-                raise NotSupportedError(
-                    f"{name} is not supported by the native core (core='native') yet: "
-                    "use core='python'"
-                )
-        self.memory_limit = None
-        self.port_buffer_limit = None
+        self.memory_limit = memory_limit
+        self.port_buffer_limit = port_buffer_limit
         self.fd_limit = raise_open_file_limit()
-        core = self._core = _native.Core(min(self.fd_limit, 1 << 16))
+        core = self._core = _native.Core(
+            min(self.fd_limit, 1 << 16), memory_limit, port_buffer_limit
+        )
         self.commands = _Commands(core)
         self.send_command = core.send
         self.cmd_close = core.close
@@ -172,7 +187,7 @@ class NativeIOThread:
         self.cmd_resume = core.resume
         self.cmd_want = core.want
         self.cmd_stop = core.stop
-        self.budget = _Owners()
+        self.budget = _Budget(core, memory_limit)
         # What submit() can queue: the commands above, and the open requests below.
         self._known = frozenset(
             {
@@ -188,14 +203,12 @@ class NativeIOThread:
                 self.cmd_listen,
             }
         )
-        # The Python core's statistics that have no native counterpart (yet).
-        self.peak_memory = 0
-        self.global_pauses = 0
+        # The Python core's statistics that have no native counterpart (its AIO writer
+        # and its flush point's waits).
         self._writer = None
         self._failed_writer = None
         self.flush_waits = 0
         self.flush_timeouts = 0
-        self.linger_timeouts = 0  # the native core does not bound a close by linger yet
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -291,16 +304,25 @@ class NativeIOThread:
 
     # -- statistics ---------------------------------------------------------------------
     def memory_in_use(self) -> int:
-        """Bytes buffered now, as the Python core counts them: input delivered to the
-        loops and not yet taken, and output queued by owners and not yet written (the
-        hubs count what their ports queued and took; the native thread the rest), plus
-        the written buffers the native thread still holds until a loop drops them."""
-        core = self._core
-        used = int(core.delivered_bytes) - int(core.bytes_out) - int(core.bytes_discarded)
-        used += int(core.bytes_held)
-        for hub in self.budget.owners:
-            used += hub.queued_bytes - hub.consumed_bytes
-        return used
+        """Bytes charged to the memory budget now, as the Python core counts them: input
+        delivered to the loops and not yet taken (a packet with its overhead), framing
+        buffers and held packets, output queued by owners and not yet written - plus the
+        written buffers the native thread still holds until a loop drops them (one
+        formula, ``flow::Charges::in_use``, which the budget uses too)."""
+        return int(self._core.memory_in_use())
+
+    @property
+    def peak_memory(self) -> int:
+        return self.budget.peak
+
+    @property
+    def global_pauses(self) -> int:
+        return self.budget.pauses
+
+    @property
+    def linger_timeouts(self) -> int:
+        """Closed stream ports reset because their output was not written in ``linger``."""
+        return int(self._core.linger_timeouts)
 
     @property
     def failure(self) -> str | None:

@@ -331,9 +331,6 @@ async def test_listen_takes_only_a_listening_socket_object(no_leaks: None) -> No
 
 async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None:
     with pytest.raises(ioserver.NotSupportedError, match="native"):
-        async with ioserver.open(core="native", memory_limit=1 << 20):
-            pass
-    with pytest.raises(ioserver.NotSupportedError, match="native"):
         async with ioserver.open(core="native", poller="poll"):
             pass
     async with ioserver.open(core="native") as ios:
