@@ -60,6 +60,12 @@ CORES = ("python", "native")
 NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
 
 
+def _bytes(limit: int | None) -> int | None:
+    """A limit as the native core takes it (a u64): one past what it could ever count
+    (``flow::NO_LIMIT``, 2**62 bytes) is no limit."""
+    return None if limit is None or limit >= 1 << 62 else limit
+
+
 def _nobody_waits() -> bool:
     return False
 
@@ -176,7 +182,7 @@ class NativeIOThread:
         self.port_buffer_limit = port_buffer_limit
         self.fd_limit = raise_open_file_limit()
         core = self._core = _native.Core(
-            min(self.fd_limit, 1 << 16), memory_limit, port_buffer_limit
+            min(self.fd_limit, 1 << 16), _bytes(memory_limit), _bytes(port_buffer_limit)
         )
         self.commands = _Commands(core)
         self.send_command = core.send

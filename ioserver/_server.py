@@ -219,7 +219,7 @@ async def open(
         core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
             in Python (every port kind; the default), or ``"native"``, the I/O thread in
             Rust, which never takes the GIL (TCP ports, raw or with 1/2/4/line packets, so
-            far: other kinds, the msgpack and resp modes and the two limits above raise
+            far: other kinds and the msgpack and resp modes raise
             :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
             ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
 
@@ -227,7 +227,7 @@ async def open(
         OptionError: an unknown poller (or one this platform lacks), an unknown core, a
             limit that is not a positive int, or an event loop that is neither trio nor
             asyncio.
-        NotSupportedError: ``core="native"`` with a limit or a poller it does not have.
+        NotSupportedError: ``core="native"`` with a poller it does not have.
         PollerLimitError: ``poller="select"`` in a process whose descriptors already
             reach ``FD_SETSIZE``: the I/O thread's own wake-up descriptor is beyond it.
     """
