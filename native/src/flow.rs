@@ -100,7 +100,13 @@
 //! `global_paused` ([`Window::set_waiting`]), the thread writes `global_paused` before it
 //! reads the waiter (`Budget::admit_read`), so one of them sees the other (Dekker's
 //! pattern again: `SeqCst`); the one that sees the other lets the port read (the thread at
-//! once, or as a reserve waiter at a round; the owner by `cmd_want`).
+//! once, or as a reserve waiter at a round; the owner by `cmd_want`).  (A loop half marks
+//! `waiting` as a task parks on the port and clears it as the port is handed its next
+//! message, [`Window::task_woken`]: the native core's loop half cannot be asked, as
+//! `_flow.py`'s `task_waits` is.  A task that stops waiting without a message - a
+//! timeout, a `select` another port answered - leaves the mark until that message: the
+//! port may then read once into the reserve with nobody to take it at once; the bound
+//! holds, the read is charged like any.)
 //!
 //! The bound stays firm: no read is made that could take the memory charged for input
 //! past `L`; the reserve is inside it, not on top.  A port of packets charges each one
@@ -161,12 +167,14 @@
 //! |------------------------------------------|--------------|------------------------------------|
 //! | `Window::consumed_*`                     | loop half    | I/O half (check, pause, resume)    |
 //! | `Window::waiting`                        | loop half    | I/O half (the budget's reserve)    |
+//! | `Window`'s watermarks and loop (once)    | loop half, before the handoff | both      |
 //! | `Window::resume_generation`              | loop half    | loop half only                     |
 //! | `Window::delivered_*`                    | I/O half     | loop half (resume check, statistics) |
 //! | `Window::pause_generation`               | I/O half     | loop half (step 2)                 |
 //! | `Window::global_paused`                  | I/O half     | loop half (`cmd_want`)             |
-//! | `Window::watermarks`                     | nobody (made with the window) | both      |
 //! | `LoopCounters::queued_bytes`, `consumed_bytes` | loop half | I/O half (the budget)           |
+//! | `Charges` (but `pinned`)                 | I/O half     | I/O half, `statistics()`           |
+//! | `Charges::pinned`                        | both (I/O adds, loop takes off) | both            |
 //! | `ReceiveFlow`, `Budget`                  | I/O half     | I/O half only                      |
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
