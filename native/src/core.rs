@@ -481,6 +481,10 @@ pub struct IoThread {
     /// Closed streams waiting for their output, with their `linger` deadline:
     /// `(deadline, slot, id)`.
     lingering: Vec<(Instant, usize, u64)>,
+    /// Bytes of held buffers that go back to a loop on their own: [`RELEASE_BYTES`], or
+    /// an eighth of `memory_limit` if less (they are charged to the budget until the loop
+    /// drops them: a small budget must not be spent holding written output).
+    release_bytes: u64,
 }
 
 fn errno_of(error: &io::Error) -> i32 {
@@ -522,6 +526,8 @@ impl IoThread {
         table.resize_with(size, || None);
         let mut budget = Budget::new(memory_limit, port_buffer_limit, READ_SIZE);
         budget.add_loop(counters);
+        let release_bytes =
+            memory_limit.map_or(RELEASE_BYTES, |limit| (limit / 8).min(RELEASE_BYTES));
         Ok(IoThread {
             shared,
             poll,
@@ -542,6 +548,7 @@ impl IoThread {
             resumed: Vec::new(),
             unattached: Arc::new(flow::Window::unconfigured()),
             lingering: Vec::new(),
+            release_bytes,
         })
     }
 
@@ -715,7 +722,7 @@ impl IoThread {
     }
 
     /// Hand written `bytes` back to its loop with the next batch (or on their own, once
-    /// [`RELEASE_BATCH`] references or [`RELEASE_BYTES`] bytes wait).  Counted in
+    /// [`RELEASE_BATCH`] references or `release_bytes` bytes wait).  Counted in
     /// `Shared::bytes_held` (the memory in use) until a drain drops them.
     fn release_bytes(&mut self, inbox: usize, bytes: HeldBytes) {
         if let Some(list) = self.releases.get_mut(inbox) {
@@ -735,7 +742,7 @@ impl IoThread {
             let releases = pending.bytes.len() + pending.targets.len();
             if self.staged[index].is_empty()
                 && releases < RELEASE_BATCH
-                && pending.size < RELEASE_BYTES
+                && pending.size < self.release_bytes
                 && !force
             {
                 continue;
