@@ -100,6 +100,7 @@ class Conn:
     delivered_messages: int
     pause_generation: int
     pauses: int
+    msgq_paused: bool
     peak_buffered: int
     global_paused: bool
     held_bytes: int

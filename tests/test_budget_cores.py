@@ -97,6 +97,53 @@ async def test_a_flood_of_many_ports_stays_within_the_budget(no_leaks: None, cor
         assert statistics.memory_in_use == 0, statistics
 
 
+async def test_echoing_owners_pass_the_budget_by_at_most_a_read_each(
+    no_leaks: None, core: str
+) -> None:
+    """20 echoing owners under a 256 KiB budget, their peers sending 64 KiB at a time
+    (five times the budget in flight).  An owner frees a message's bytes as it takes it
+    and charges them again as it queues the reply; the budget bounds input, so a read may
+    come in between (on the native core, which reads while the loop runs): the memory in
+    use passes the limit by one read per owner at most, and every echo comes back."""
+    limit, count, size, rounds = 256 << 10, 20, 64 << 10, 20
+    async with ioserver.open(memory_limit=limit, core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        number = listener.local_address[1]
+
+        async def echo(port: ports.Port) -> None:
+            async with port:
+                async for message in port:
+                    if isinstance(message, Data):
+                        await port.send(message.data)
+
+        async def client(index: int) -> None:
+            body = bytes([65 + index]) * size
+            async with await anyio.connect_tcp("127.0.0.1", number) as stream:
+                for _ in range(rounds):
+                    await stream.send(body)
+                    received = b""
+                    while len(received) < size:
+                        received += await stream.receive()
+                    assert received == body
+
+        with anyio.fail_after(30):
+            async with listener, anyio.create_task_group() as server:
+
+                async def accept_all() -> None:
+                    async for accepted in listener:
+                        assert isinstance(accepted, Accepted)
+                        server.start_soon(echo, accepted.port)
+
+                server.start_soon(accept_all)
+                async with anyio.create_task_group() as clients:
+                    for index in range(count):
+                        clients.start_soon(client, index)
+                server.cancel_scope.cancel()
+        statistics = ios.statistics()
+        assert statistics.global_pauses >= 1
+        assert statistics.peak_memory <= limit + count * (64 << 10), statistics
+
+
 async def test_a_waiting_owner_reads_through_the_reserve_while_hogs_fill_the_budget(
     no_leaks: None, core: str
 ) -> None:

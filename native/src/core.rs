@@ -184,6 +184,8 @@ pub struct ConnShared {
     pub out_bytes: AtomicU64,
     /// Pauses so far (the watermarks' and the budget's: `ReceiveFlow::pauses`).
     pub pauses: AtomicU64,
+    /// Paused by the watermarks now (`ReceiveFlow::msgq_paused`, for statistics and tests).
+    pub msgq_paused: AtomicBool,
     /// The most input ever buffered (delivered, not taken).
     pub peak_buffered: AtomicU64,
     /// Packets refused for exceeding `packet_size`.
@@ -205,6 +207,7 @@ impl ConnShared {
             bytes_out: AtomicU64::new(0),
             out_bytes: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
+            msgq_paused: AtomicBool::new(false),
             peak_buffered: AtomicU64::new(0),
             packets_too_large: AtomicU64::new(0),
             framing_bytes: AtomicU64::new(0),
@@ -221,6 +224,8 @@ impl ConnShared {
         self.pauses.store(flow.pauses, Ordering::Relaxed);
         self.peak_buffered
             .store(flow.peak_buffered, Ordering::Relaxed);
+        self.msgq_paused
+            .store(flow.msgq_paused(), Ordering::Relaxed);
     }
 }
 
@@ -865,6 +870,7 @@ impl IoThread {
                     if s.flow.may_resume(generation) {
                         self.schedule(&mut s);
                     }
+                    s.conn.publish(&s.flow);
                     self.put(Entry::Stream(s));
                 }
                 Some(entry) => self.put(entry),

@@ -254,6 +254,11 @@ impl Conn {
             .receive()
             .map_or(0, |window| window.pause_generation())
     }
+    /// Paused by the watermarks now (as the I/O thread last published it).
+    #[getter]
+    fn msgq_paused(&self) -> bool {
+        self.shared.msgq_paused.load(Ordering::Relaxed)
+    }
     /// Receive pauses so far.
     #[getter]
     fn pauses(&self) -> u64 {
