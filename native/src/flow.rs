@@ -73,10 +73,10 @@
 //! are `SeqCst`: release/acquire does not order a store before a later load of another
 //! variable.  No pause is left without a resume.
 //!
-//! (Step 3's new generation is where this module differs from `_flow.py`, whose
-//! `may_resume` only declines: the owner, having asked for that generation already, never
-//! asks again, and the port stays paused however much its owner takes.  See the test
-//! `a_declined_resume_pauses_again_so_the_owner_asks_again`.)
+//! (Step 3's new generation was found missing in `_flow.py` while porting it, whose
+//! `may_resume` only declined: the owner, having asked for that generation already, never
+//! asked again, and the port stayed paused however much its owner took.  Both rules have
+//! it now; see the test `a_declined_resume_pauses_again_so_the_owner_asks_again`.)
 //!
 //! ## The memory budget
 //!

@@ -404,14 +404,23 @@ impl Inbox {
                         return Err(error);
                     }
                 };
-                let window = port.getattr("_window")?;
-                let window = window.cast_into::<WindowCounters>()?;
-                // Configured here, on the loop's thread, before the owner can use it.
-                let shared = &window.get().shared;
-                let counters = Arc::clone(&self.counters);
-                shared.receive.configure(conn.flow.watermarks, counters);
-                let _ = conn.window.set(Arc::clone(shared));
-                let (attached, overhead) = port_target(port.clone().unbind(), &window)?;
+                let attach = || -> PyResult<(Target, u64)> {
+                    let window = port.getattr("_window")?;
+                    let window = window.cast_into::<WindowCounters>()?;
+                    // Configured here, on the loop's thread, before the owner can use it.
+                    let shared = &window.get().shared;
+                    let counters = Arc::clone(&self.counters);
+                    shared.receive.configure(conn.flow.watermarks, counters);
+                    let _ = conn.window.set(Arc::clone(shared));
+                    port_target(port.clone().unbind(), &window)
+                };
+                let (attached, overhead) = match attach() {
+                    Ok(attached) => attached,
+                    Err(error) => {
+                        self.shared.commands.put(Command::Close(conn));
+                        return Err(error);
+                    }
+                };
                 self.shared
                     .commands
                     .put(Command::Attach(conn, attached, overhead));
