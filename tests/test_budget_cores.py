@@ -18,6 +18,7 @@ import pytest
 
 import ioserver
 import ports
+from ioserver._framing import PACKET_OVERHEAD
 from ports import Accepted, Closed, Data, Error
 
 pytestmark = [pytest.mark.anyio, pytest.mark.every_core]
@@ -251,3 +252,32 @@ async def test_many_closed_ports_whose_peers_never_read_are_reset_after_linger(
             finally:
                 for peer in peers:
                     peer.close()
+
+
+async def test_memory_in_use_counts_a_partial_packet_held_packets_and_queued_output(
+    no_leaks: None, core: str
+) -> None:
+    """What the memory in use counts, as the Python core counts it: the bytes a framer
+    holds (a line not yet ended), packets held past the active credit and delivered input
+    (each packet its bytes and ``PACKET_OVERHEAD``), until the owner takes them."""
+    async with ioserver.open(core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line", active="once")
+        async with (
+            listener,
+            await anyio.connect_tcp("127.0.0.1", listener.local_address[1]) as peer,
+        ):
+            port = await _accept(listener)
+            async with port:
+                await peer.send(b"p" * 10000)  # no newline yet: the framer holds it
+                await _until(lambda: ios.statistics().memory_in_use >= 10000)
+                assert ios.statistics().memory_in_use == 10000
+                # The line ends, and two more come: one delivered (the credit), two held.
+                await peer.send(b"\nab\ncd\n")
+                assert await port.receive() == Data(b"p" * 10000 + b"\n")
+                charge = PACKET_OVERHEAD + 3  # a held line of two bytes and its newline
+                await _until(lambda: port.statistics().bytes_buffered_in == 2 * charge)
+                assert ios.statistics().memory_in_use == 2 * charge
+                port.setopts(active=True)
+                assert await port.receive() == Data(b"ab\n")
+                assert await port.receive() == Data(b"cd\n")
+                await _until(lambda: ios.statistics().memory_in_use == 0)
