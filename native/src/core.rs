@@ -163,6 +163,12 @@ pub struct StreamOptions {
 
 /// The I/O half of one port, as its loop half reads it (`ioserver._contract.PortIO`):
 /// counters only this thread writes.
+///
+/// Ordering: `bytes_out` is `SeqCst` (the WRITABLE handshake, see `write`), `closed` too
+/// (a flag the loop reads; it needs no more than release/acquire);
+/// the statistics (`pauses`, `msgq_paused`, `peak_buffered`, `framing_bytes`...) are
+/// `Relaxed`: read for statistics and tests only, ordered with nothing else.  The flow
+/// control's own atomics are in the port's window (`flow::Window`, with their arguments).
 pub struct ConnShared {
     /// Unique for the server's life (a slot is reused, an id is not).
     pub id: u64,
@@ -340,6 +346,9 @@ pub enum Event {
 }
 
 /// What the I/O thread and the Python objects share: the command queue and the counters.
+///
+/// Ordering: the counters are `Relaxed` (statistics, each written by the I/O thread
+/// alone, ordered with nothing else); `running` is `SeqCst`.
 pub struct Shared {
     /// Commands from the loops.
     pub commands: WakeQueue<Command>,
