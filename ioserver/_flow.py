@@ -200,7 +200,7 @@ class Window:
 
     #: The native core's window counts a take in one call (``NativeWindow.took``); None
     #: here: the loop half updates the counters above itself.
-    took: ClassVar[Callable[..., bool] | None] = None
+    took: ClassVar[Callable[..., int | None] | None] = None
 
     def charge(self, data: Sized) -> int:
         """The bytes a delivered message's payload ``data`` is charged (see the module

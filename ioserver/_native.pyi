@@ -91,7 +91,7 @@ class WindowCounters:
     send_blocked: bool
     resume_generation: int
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
-    def took(self, conn: Conn | None, size: int) -> bool: ...
+    def took(self, charge: int) -> int | None: ...
 
 class Conn:
     closed: bool
@@ -102,6 +102,7 @@ class Conn:
     delivered_messages: int
     pause_generation: int
     pauses: int
+    msgq_paused: bool
     peak_buffered: int
     global_paused: bool
     held_bytes: int
@@ -137,6 +138,10 @@ class Core:
     delivered_bytes: int
     bytes_discarded: int
     bytes_held: int
+    peak_memory: int
+    global_pauses: int
+    reserve_reads: int
+    linger_timeouts: int
     ports_open: int
     internal_errors: int
     wakes_sent: int
@@ -146,7 +151,14 @@ class Core:
     uring_enters: int
     uring_submissions: int
     io_uring_failure: str | None
-    def __init__(self, table_size: int, backend: str | None = None) -> None: ...
+    def __init__(
+        self,
+        table_size: int,
+        backend: str | None = None,
+        memory_limit: int | None = None,
+        port_buffer_limit: int | None = None,
+    ) -> None: ...
+    def memory_in_use(self) -> int: ...
     def start(self) -> None: ...
     def close_commands(self) -> None: ...
     def join(self) -> None: ...
@@ -159,7 +171,7 @@ class Core:
     def set_active(self, conn: Conn | None, mode: tuple[int, bool]) -> None: ...
     def read_once(self, conn: Conn | None, argument: Any) -> None: ...
     def resume(self, conn: Conn | None, generation: int) -> None: ...
-    def want(self, conn: Any, argument: Any) -> None: ...
+    def want(self, conn: Conn | None, argument: Any) -> None: ...
     def stop(self, target: Any, argument: Any) -> None: ...
     def _fail_for_test(self) -> None:
         """A test hook (private): make the native thread panic."""

@@ -19,17 +19,20 @@ What the native core carries now (issue 14's first slice): TCP ports in raw mode
 packet modes whose packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``)
 - connect
 (numeric addresses; names are resolved in the loop as before), listen and accept, reads,
-gathered writes, half-close, close after the queued output, errno names - with the
-watermarks and the pause handshake of ``ioserver._flow``.  Every other kind, the packet
-modes that decode objects (msgpack, resp), ``memory_limit`` and ``port_buffer_limit`` raise
-:exc:`~ioserver.NotSupportedError`
-naming the core; ``core="python"`` (the default) carries them.
+gathered writes, half-close, close after the queued output within ``linger``, errno names -
+with the flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
+watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
+(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.
+Every other kind and the packet modes that decode objects (msgpack, resp) raise
+:exc:`~ioserver.NotSupportedError` naming the core; ``core="python"`` (the default)
+carries them.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,6 +61,12 @@ CORES = ("python", "native")
 NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
 
 
+def _bytes(limit: int | None) -> int | None:
+    """A limit as the native core takes it (a u64): one past what it could ever count
+    (``flow::NO_LIMIT``, 2**62 bytes) is no limit."""
+    return None if limit is None or limit >= 1 << 62 else limit
+
+
 def _nobody_waits() -> bool:
     return False
 
@@ -72,17 +81,20 @@ def _framed_error(options: Mapping[str, Any]) -> NotSupportedError:
 class NativeWindow(_native.WindowCounters):
     """A port's flow-control window on the native core: :class:`~._flow.Window`'s fields,
     with ``consumed_*``, ``queued_bytes`` and ``send_blocked`` kept in atomics that the
-    native I/O thread reads without the GIL (``WindowCounters``, in Rust), with
-    ``resume_generation``.  ``framer`` is the loop half's own, in a slot (no ``__dict__``);
-    the fields that are the same for every native port are class attributes: the native
-    thread charges a packet its bytes (no overhead, no ``sizes``), asks nothing of the
-    loop half (``task_waits``) and serves no daemon client (``on_pause``, ``on_gone``).
-    One port's window is 56 bytes so."""
+    native I/O thread reads without the GIL (``WindowCounters``, in Rust; what the owner
+    takes and queues is counted for the memory budget there too), with
+    ``resume_generation``.  ``framer``, ``packet_overhead`` and ``sizes`` are the loop
+    half's own, in slots (no ``__dict__``); the fields that are the same for every native
+    port are class attributes: the native thread asks nothing of the loop half
+    (``task_waits``) and serves no daemon client (``on_pause``, ``on_gone``).
 
-    __slots__ = ("framer",)
+    A framed port's packets are charged ``packet_overhead`` bytes more than their length,
+    as on the Python core: the native thread hands each packet's charge to ``sizes``
+    (under the GIL, in the drain) before the packet, and the port pops it as its owner
+    takes the packet."""
 
-    packet_overhead = 0
-    sizes = None
+    __slots__ = ("framer", "packet_overhead", "sizes")
+
     on_pause = None
     on_gone = None
     task_waits = staticmethod(_nobody_waits)
@@ -92,6 +104,8 @@ class NativeWindow(_native.WindowCounters):
         self.consumed_messages = 0
         self.resume_generation = 0
         self.framer = framer
+        self.packet_overhead = packet_overhead if framer is not None else 0
+        self.sizes: deque[int] | None = deque() if self.packet_overhead else None
         self.queued_bytes = 0
         self.send_blocked = False
 
@@ -99,14 +113,31 @@ class NativeWindow(_native.WindowCounters):
     resume_due = Window.resume_due
 
 
-class _Owners:
-    """The loops whose hubs count what their ports queued and took (``hub.queued_bytes``,
-    ``hub.consumed_bytes``), as the Python core's :class:`~._flow.MemoryBudget` keeps them."""
+class _Budget:
+    """The native core's memory budget as the Python core's :class:`~._flow.MemoryBudget`
+    is read: its statistics (kept by the native thread's ``flow::Budget``) and the hubs
+    that get the thread's stop notice (``owners``; what their ports queue and take is
+    counted in the native windows, not here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, core: Any, limit: int | None) -> None:
+        self._core = core
+        self.limit = limit
         self.owners: list[Any] = []
-        self.peak = 0  # no budget on the native core yet: nothing measured, nothing paused
-        self.pauses = 0
+
+    @property
+    def peak(self) -> int:
+        """The most bytes in use at the start of a round (measured with a limit only)."""
+        return int(self._core.peak_memory)
+
+    @property
+    def pauses(self) -> int:
+        """Reads paused because the budget was used up, ever."""
+        return int(self._core.global_pauses)
+
+    @property
+    def reserve_reads(self) -> int:
+        """Reads made into the reserve for waiting owners, ever."""
+        return int(self._core.reserve_reads)
 
 
 class _Commands:
@@ -137,16 +168,17 @@ class _Commands:
 
 
 class NativeIOThread:
-    """The native I/O thread, standing where ``IOThread`` stands (see the module docstring).
+    """The native I/O thread, standing where ``IOThread`` stands (see the module docstring),
+    with a memory budget of ``memory_limit`` bytes and a cap of ``port_buffer_limit`` bytes
+    on a framed port's partial packet (None: no limit; ``ioserver.open`` validates them).
 
     ``io_backend`` (``native/src/uring.rs``): ``"epoll"``, a ``read``/``writev`` syscall per
     port; ``"io_uring"``, a round's reads and writes in one ``io_uring_enter``; ``None``,
     io_uring where the kernel allows it, else epoll (:attr:`io_uring_failure` says why).
 
     Raises:
-        NotSupportedError: ``memory_limit`` or ``port_buffer_limit`` given (the native core
-            has no memory budget yet), or ``io_backend="io_uring"`` where the kernel refuses
-            io_uring (the message names the errno: ``ENOSYS``, ``EPERM``, ``EOPNOTSUPP``).
+        NotSupportedError: ``io_backend="io_uring"`` where the kernel refuses io_uring (the
+            message names the errno: ``ENOSYS``, ``EPERM``, ``EOPNOTSUPP``).
     """
 
     native = True
@@ -166,20 +198,16 @@ class NativeIOThread:
         port_buffer_limit: int | None = None,
         io_backend: str | None = None,
     ) -> None:
-        for name, value in (
-            ("memory_limit", memory_limit),
-            ("port_buffer_limit", port_buffer_limit),
-        ):
-            if value is not None:
-                raise NotSupportedError(
-                    f"{name} is not supported by the native core (core='native') yet: "
-                    "use core='python'"
-                )
-        self.memory_limit = None
-        self.port_buffer_limit = None
+        self.memory_limit = memory_limit
+        self.port_buffer_limit = port_buffer_limit
         self.fd_limit = raise_open_file_limit()
         try:
-            core = self._core = _native.Core(min(self.fd_limit, 1 << 16), io_backend)
+            core = self._core = _native.Core(
+                min(self.fd_limit, 1 << 16),
+                io_backend,
+                _bytes(memory_limit),
+                _bytes(port_buffer_limit),
+            )
         except OSError as exc:
             number = exc.errno or 0
             raise NotSupportedError(
@@ -200,7 +228,7 @@ class NativeIOThread:
         self.cmd_resume = core.resume
         self.cmd_want = core.want
         self.cmd_stop = core.stop
-        self.budget = _Owners()
+        self.budget = _Budget(core, memory_limit)
         # What submit() can queue: the commands above, and the open requests below.
         self._known = frozenset(
             {
@@ -216,14 +244,12 @@ class NativeIOThread:
                 self.cmd_listen,
             }
         )
-        # The Python core's statistics that have no native counterpart (yet).
-        self.peak_memory = 0
-        self.global_pauses = 0
+        # The Python core's statistics that have no native counterpart (its AIO writer
+        # and its flush point's waits).
         self._writer = None
         self._failed_writer = None
         self.flush_waits = 0
         self.flush_timeouts = 0
-        self.linger_timeouts = 0  # the native core does not bound a close by linger yet
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -319,16 +345,25 @@ class NativeIOThread:
 
     # -- statistics ---------------------------------------------------------------------
     def memory_in_use(self) -> int:
-        """Bytes buffered now, as the Python core counts them: input delivered to the
-        loops and not yet taken, and output queued by owners and not yet written (the
-        hubs count what their ports queued and took; the native thread the rest), plus
-        the written buffers the native thread still holds until a loop drops them."""
-        core = self._core
-        used = int(core.delivered_bytes) - int(core.bytes_out) - int(core.bytes_discarded)
-        used += int(core.bytes_held)
-        for hub in self.budget.owners:
-            used += hub.queued_bytes - hub.consumed_bytes
-        return used
+        """Bytes charged to the memory budget now, as the Python core counts them: input
+        delivered to the loops and not yet taken (a packet with its overhead), framing
+        buffers and held packets, output queued by owners and not yet written - plus the
+        written buffers the native thread still holds until a loop drops them (one
+        formula, ``flow::Charges::in_use``, which the budget uses too)."""
+        return int(self._core.memory_in_use())
+
+    @property
+    def peak_memory(self) -> int:
+        return self.budget.peak
+
+    @property
+    def global_pauses(self) -> int:
+        return self.budget.pauses
+
+    @property
+    def linger_timeouts(self) -> int:
+        """Closed stream ports reset because their output was not written in ``linger``."""
+        return int(self._core.linger_timeouts)
 
     @property
     def failure(self) -> str | None:

@@ -244,7 +244,7 @@ async def open(
         core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
             in Python (every port kind; the default), or ``"native"``, the I/O thread in
             Rust, which never takes the GIL (TCP ports, raw or with 1/2/4/line packets, so
-            far: other kinds, the msgpack and resp modes and the two limits above raise
+            far: other kinds and the msgpack and resp modes raise
             :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
             ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
         io_backend: how the native core's reads and writes reach the kernel
@@ -260,7 +260,7 @@ async def open(
         OptionError: an unknown poller (or one this platform lacks), an unknown core or
             io_backend, a limit that is not a positive int, or an event loop that is
             neither trio nor asyncio.
-        NotSupportedError: ``core="native"`` with a limit or a poller it does not have;
+        NotSupportedError: ``core="native"`` with a poller it does not have;
             ``io_backend="io_uring"`` on the Python core, or where the kernel refuses
             io_uring (``ENOSYS``, ``EPERM`` under a seccomp filter or
             ``kernel.io_uring_disabled``, ``EOPNOTSUPP``: the message names it).

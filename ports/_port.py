@@ -189,10 +189,11 @@ class _PortBase(Source):
         took = window.took
         if took is not None:
             # The native core's window counts and reads the pause in one call.
-            size = len(data)
+            size = len(data) if window.sizes is None else window.sizes.popleft()
             self._hub.consumed_bytes += size
-            if took(self._conn, size):
-                self._maybe_resume()
+            generation = took(size)
+            if generation is not None:
+                self._submit((self._io.cmd_resume, self._conn, generation))
             return
         size = len(data) if window.sizes is None else window.sizes.popleft()
         window.consumed_messages += 1
@@ -380,10 +381,11 @@ class _PortBase(Source):
             window = self._window
             took = window.took
             if took is not None:
-                size = len(data)
+                size = len(data) if window.sizes is None else window.sizes.popleft()
                 hub.consumed_bytes += size
-                if took(self._conn, size):
-                    self._maybe_resume()
+                generation = took(size)
+                if generation is not None:
+                    self._submit((self._io.cmd_resume, self._conn, generation))
             else:
                 size = len(data) if window.sizes is None else window.sizes.popleft()
                 window.consumed_messages += 1

@@ -24,26 +24,33 @@
 //! `io_uring`, all of a round's in one `io_uring_enter` (`uring.rs`).  Both run the same
 //! code after the syscall ([`IoThread::after_read`], [`IoThread::after_write`]).
 //!
-//! Receive flow control is the watermark rule of `ioserver/_flow.py` with its pause
-//! handshake, on atomics: the loop half writes `consumed_*` in its [`WindowShared`] and
-//! then reads `pause_generation`; this thread bumps `pause_generation` and then re-reads
-//! `consumed_*`.  All four are `SeqCst`, so whichever runs second sees the other's write
-//! (the argument of `_flow.py`, with the total order of `SeqCst` operations standing for
-//! CPython's sequential order).  `send_blocked`/`bytes_out` are the same pattern for
-//! WRITABLE.
+//! Every receive flow-control decision is `flow.rs`'s (its module docs are the theory of
+//! operation): each stream's [`ReceiveFlow`] (active credit, held packets, watermarks and
+//! the pause handshake with the loop half, on the atomics of its [`flow::Window`]), and
+//! the thread's [`Budget`] (`memory_limit`: the headroom once a round, the reserve for
+//! waiting owners, the read size of framed ports, `cmd_want`, the unpause at one half;
+//! `port_buffer_limit`).  This module only does what they say: it reads, delivers, holds,
+//! stops and starts reading.  `send_blocked`/`bytes_out` are the handshake's pattern
+//! (Dekker's, `SeqCst`) for WRITABLE: the loop writes `send_blocked` then reads
+//! `bytes_out`; this thread writes `bytes_out` then reads `send_blocked`.
+//!
+//! `linger`: a closed stream whose queued output is not written within its `linger`
+//! seconds is reset (`SO_LINGER {1, 0}`: an RST) and freed.  The deadlines are a list the
+//! round checks; the poll sleeps no longer than the nearest.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use pyo3::prelude::*;
 
+use crate::flow::{self, Budget, Charges, Delivered, LoopCounters, ReadFault, ReceiveFlow};
 use crate::unsafe_io::HeldBytes;
 use crate::wakeup::WakeQueue;
 
@@ -52,7 +59,7 @@ use crate::wakeup::WakeQueue;
 pub mod uring;
 
 /// Bytes read from one socket at a time (as the Python I/O thread's `READ_SIZE`).
-pub const READ_SIZE: usize = 65536;
+pub const READ_SIZE: usize = flow::READ_SIZE;
 /// Connections accepted per listener per round.
 const ACCEPT_BATCH: usize = 64;
 /// Buffers gathered into one `writev`.
@@ -79,6 +86,12 @@ pub struct PyTarget {
     pub obj: Py<PyAny>,
     /// A listener's `make_port(conn, local, remote)`.
     pub make_port: Option<Py<PyAny>>,
+    /// A port's flow-control window: the drain that hands the port a message marks its
+    /// parked task woken ([`flow::Window::task_woken`]).
+    pub window: Option<Arc<flow::Window>>,
+    /// A framed port's `window.sizes.append`: the charge of each packet goes there before
+    /// the packet (the port pops it as its owner takes the packet).
+    pub sizes: Option<Py<PyAny>>,
 }
 
 /// A shared reference to a [`PyTarget`]; its last clone is dropped by a drain.
@@ -95,31 +108,33 @@ struct Releases {
     targets: Vec<Target>,
 }
 
-/// The loop half's side of a port's flow-control window (`ioserver._flow.Window`), as
-/// atomics the I/O thread reads without the GIL.
-#[derive(Default)]
+/// A port's flow-control window (`ioserver._flow.Window`), as atomics the I/O thread
+/// reads without the GIL: the receive side ([`flow::Window`]) and the send side.
 pub struct WindowShared {
-    /// Bytes of input the owner took.
-    pub consumed_bytes: AtomicU64,
-    /// Messages the owner took.
-    pub consumed_messages: AtomicU64,
+    /// The receive window both halves touch (watermarks, the pause handshake, the
+    /// budget's waiting owner).
+    pub receive: Arc<flow::Window>,
     /// Bytes the owner queued for output, ever.
     pub queued_bytes: AtomicU64,
     /// A sender waits for the output to drain below the low watermark.
     pub send_blocked: AtomicBool,
 }
 
+impl Default for WindowShared {
+    fn default() -> Self {
+        WindowShared {
+            receive: Arc::new(flow::Window::unconfigured()),
+            queued_bytes: AtomicU64::new(0),
+            send_blocked: AtomicBool::new(false),
+        }
+    }
+}
+
 /// A port's watermarks (validated by `ioserver._options`).
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
-    /// Bytes delivered and not taken past which reading pauses.
-    pub high: u64,
-    /// ... and at or below which it resumes.
-    pub low: u64,
-    /// Messages delivered and not taken past which reading pauses.
-    pub high_messages: u64,
-    /// ... and at or below which it resumes (half the high one).
-    pub low_messages: u64,
+    /// The receive watermarks (`flow.rs` applies them).
+    pub watermarks: flow::Watermarks,
     /// Output below which a blocked sender is told WRITABLE.
     pub send_low: u64,
 }
@@ -127,10 +142,7 @@ pub struct Flow {
 impl Flow {
     /// No limit (a listener's).
     pub const NONE: Flow = Flow {
-        high: u64::MAX / 2,
-        low: u64::MAX / 2,
-        high_messages: u64::MAX / 2,
-        low_messages: u64::MAX / 2,
+        watermarks: flow::Watermarks::NONE,
         send_low: 0,
     };
 }
@@ -153,10 +165,19 @@ pub struct StreamOptions {
     /// The packet mode and `packet_size` (None: raw); modes whose packets are bytes only
     /// (1, 2, 4, line): the others decode objects in Python and are refused before.
     pub framing: Option<(crate::framing::Mode, usize)>,
+    /// Seconds a close may take to write the queued output before the socket is reset
+    /// (`linger`; None: no bound).
+    pub linger: Option<Duration>,
 }
 
 /// The I/O half of one port, as its loop half reads it (`ioserver._contract.PortIO`):
 /// counters only this thread writes.
+///
+/// Ordering: `bytes_out` is `SeqCst` (the WRITABLE handshake, see `write`), `closed` too
+/// (a flag the loop reads; it needs no more than release/acquire);
+/// the statistics (`pauses`, `msgq_paused`, `peak_buffered`, `framing_bytes`...) are
+/// `Relaxed`: read for statistics and tests only, ordered with nothing else.  The flow
+/// control's own atomics are in the port's window (`flow::Window`, with their arguments).
 pub struct ConnShared {
     /// Unique for the server's life (a slot is reused, an id is not).
     pub id: u64,
@@ -176,14 +197,10 @@ pub struct ConnShared {
     pub bytes_out: AtomicU64,
     /// Bytes queued and not written.
     pub out_bytes: AtomicU64,
-    /// Bytes delivered to the loop half.
-    pub delivered_bytes: AtomicU64,
-    /// Messages delivered to the loop half.
-    pub delivered_messages: AtomicU64,
-    /// The current pause (the handshake of `ioserver/_flow.py`).
-    pub pause_generation: AtomicU64,
-    /// Pauses so far.
+    /// Pauses so far (the watermarks' and the budget's: `ReceiveFlow::pauses`).
     pub pauses: AtomicU64,
+    /// Paused by the watermarks now (`ReceiveFlow::msgq_paused`, for statistics and tests).
+    pub msgq_paused: AtomicBool,
     /// The most input ever buffered (delivered, not taken).
     pub peak_buffered: AtomicU64,
     /// Packets refused for exceeding `packet_size`.
@@ -204,40 +221,26 @@ impl ConnShared {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             out_bytes: AtomicU64::new(0),
-            delivered_bytes: AtomicU64::new(0),
-            delivered_messages: AtomicU64::new(0),
-            pause_generation: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
+            msgq_paused: AtomicBool::new(false),
             peak_buffered: AtomicU64::new(0),
             packets_too_large: AtomicU64::new(0),
             framing_bytes: AtomicU64::new(0),
         }
     }
 
-    /// What was delivered and not taken: `(bytes, messages)`.
-    fn buffered(&self) -> (u64, u64) {
-        match self.window.get() {
-            None => (0, 0),
-            Some(window) => (
-                self.delivered_bytes
-                    .load(Ordering::SeqCst)
-                    .saturating_sub(window.consumed_bytes.load(Ordering::SeqCst)),
-                self.delivered_messages
-                    .load(Ordering::SeqCst)
-                    .saturating_sub(window.consumed_messages.load(Ordering::SeqCst)),
-            ),
-        }
+    /// The receive window, once the loop half is attached.
+    pub fn receive(&self) -> Option<&flow::Window> {
+        self.window.get().map(|window| &*window.receive)
     }
 
-    /// The owner took what was delivered down to the low watermarks.
-    pub fn drained(&self) -> bool {
-        let (bytes, messages) = self.buffered();
-        bytes <= self.flow.low && messages <= self.flow.low_messages
-    }
-
-    fn over_high(&self) -> bool {
-        let (bytes, messages) = self.buffered();
-        bytes > self.flow.high || messages > self.flow.high_messages
+    /// Publish what the port's flow counted for statistics (its own, not shared).
+    fn publish(&self, flow: &ReceiveFlow) {
+        self.pauses.store(flow.pauses, Ordering::Relaxed);
+        self.peak_buffered
+            .store(flow.peak_buffered, Ordering::Relaxed);
+        self.msgq_paused
+            .store(flow.msgq_paused(), Ordering::Relaxed);
     }
 }
 
@@ -257,8 +260,11 @@ pub enum Command {
     ReadOnce(Arc<ConnShared>),
     /// The owner took enough after the pause of this generation.
     Resume(Arc<ConnShared>, u64),
-    /// An accepted connection's loop half is made: start reading for it.
-    Attach(Arc<ConnShared>, Target),
+    /// The owner of a port the budget paused waits for input (`cmd_want`).
+    Want(Arc<ConnShared>),
+    /// An accepted connection's loop half is made: start reading for it, charging each
+    /// packet this many bytes beyond its own.
+    Attach(Arc<ConnShared>, Target, u64),
     /// Connect a TCP socket (a numeric address) and answer the request.
     Connect {
         /// The waiting request.
@@ -273,6 +279,8 @@ pub enum Command {
         address: SocketAddr,
         /// Its options.
         options: StreamOptions,
+        /// Bytes charged per packet beyond its own (a framed port of this process).
+        overhead: u64,
     },
     /// Serve a listening socket Python bound, and answer the request.
     Listen {
@@ -301,6 +309,9 @@ pub enum Command {
 pub enum Event {
     /// Bytes read: `Data(bytes)`.
     Data(Target, Vec<u8>),
+    /// A packet charged more than its length: its charge goes to the port's
+    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.
+    Packet(Target, Vec<u8>, u64),
     /// The peer closed: `Closed("eof")`.
     Eof(Target),
     /// The connection broke with this errno: `Closed(name, name)`.
@@ -348,6 +359,9 @@ pub enum Event {
 }
 
 /// What the I/O thread and the Python objects share: the command queue and the counters.
+///
+/// Ordering: the counters are `Relaxed` (statistics, each written by the I/O thread
+/// alone, ordered with nothing else); `running` is `SeqCst`.
 pub struct Shared {
     /// Commands from the loops.
     pub commands: WakeQueue<Command>,
@@ -359,15 +373,14 @@ pub struct Shared {
     pub commands_run: AtomicU64,
     /// Bytes read, all sockets.
     pub bytes_in: AtomicU64,
-    /// Bytes written, all sockets.
-    pub bytes_out: AtomicU64,
-    /// Bytes delivered to the loops, all ports (for the memory in use).
-    pub delivered_bytes: AtomicU64,
-    /// Queued output dropped because its port closed or broke.
-    pub bytes_discarded: AtomicU64,
-    /// Bytes of written or discarded buffers the thread still holds (pinned until a drain
-    /// drops them; part of the memory in use).
-    pub bytes_held: AtomicU64,
+    /// The budget's statistics, published once a round (`Budget::peak_memory`...).
+    pub peak_memory: AtomicU64,
+    /// Reads paused by the budget, ever (`Budget::global_pauses`).
+    pub global_pauses: AtomicU64,
+    /// Reads into the budget's reserve, ever (`Budget::reserve_reads`).
+    pub reserve_reads: AtomicU64,
+    /// Closed streams reset because their output was not written within `linger`.
+    pub linger_timeouts: AtomicU64,
     /// Sockets open now.
     pub ports_open: AtomicU64,
     /// Errors contained by closing the one port concerned (and the thread's own failure).
@@ -401,10 +414,10 @@ impl Shared {
             events: AtomicU64::new(0),
             commands_run: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            delivered_bytes: AtomicU64::new(0),
-            bytes_discarded: AtomicU64::new(0),
-            bytes_held: AtomicU64::new(0),
+            peak_memory: AtomicU64::new(0),
+            global_pauses: AtomicU64::new(0),
+            reserve_reads: AtomicU64::new(0),
+            linger_timeouts: AtomicU64::new(0),
             ports_open: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
@@ -423,8 +436,10 @@ struct Stream {
     conn: Arc<ConnShared>,
     port: Option<Target>,
     window: Option<Arc<WindowShared>>,
-    credit: i64,
-    notify: bool,
+    /// Its receive flow control (`flow.rs`): the active credit, held packets' count and
+    /// charge, the watermarks' pause, the budget's.  Until the loop half is attached, a
+    /// flow over an unconfigured window, with the listener's active mode.
+    flow: ReceiveFlow,
     outq: VecDeque<HeldBytes>,
     /// Bytes of the first queued buffer already written.
     head: usize,
@@ -441,13 +456,16 @@ struct Stream {
     write_closed: bool,
     shutdown_pending: bool,
     close_pending: bool,
-    paused: bool,
+    /// `linger`: how long a close may wait for the queued output.
+    linger: Option<Duration>,
+    /// A close waits for the output until then (its entry in `IoThread::lingering`).
+    linger_deadline: Option<Instant>,
     /// The port's framer (None: raw), boxed: 144 bytes inline in every stream, raw or
-    /// not, against 8 (a `Stream` is 328 bytes with it inline, 192 boxed).
+    /// not, against 8.
     framer: Option<Box<crate::framing::Framer>>,
-    /// Packets decoded beyond the active credit, in order, for the next grants (the
-    /// socket is not read while any is held: see `ioserver/_flow.py`, the active credit).
-    held: VecDeque<Vec<u8>>,
+    /// Packets decoded beyond the active credit, in order, with their charges, for the
+    /// next grants (the socket is not read while any is held: `flow.rs`, the active credit).
+    held: VecDeque<(Vec<u8>, u64)>,
 }
 
 struct Listener {
@@ -493,12 +511,27 @@ pub struct IoThread {
     releases: Vec<Releases>,
     buffer: Vec<u8>,
     packets: crate::framing::Packets,
+    /// The charges of a framed read's packets (scratch).
+    charges: Vec<u64>,
     ready: Vec<usize>,
     dirty: Vec<usize>,
     exhausted_listeners: Vec<usize>,
     stopping: bool,
     /// The io_uring backend's ring (None: the epoll backend).
     uring: Option<uring::Uring>,
+    /// The memory budget and the per-port caps (`flow.rs`).
+    budget: Budget,
+    /// Ports the budget let go this round (scratch).
+    resumed: Vec<usize>,
+    /// The window of streams whose loop half is not attached yet (nobody writes it).
+    unattached: Arc<flow::Window>,
+    /// Closed streams waiting for their output, with their `linger` deadline:
+    /// `(deadline, slot, id)`.
+    lingering: Vec<(Instant, usize, u64)>,
+    /// Bytes of held buffers that go back to a loop on their own: [`RELEASE_BYTES`], or
+    /// an eighth of `memory_limit` if less (they are charged to the budget until the loop
+    /// drops them: a small budget must not be spent holding written output).
+    release_bytes: u64,
 }
 
 fn errno_of(error: &io::Error) -> i32 {
@@ -521,8 +554,16 @@ fn apply_options(sock: &TcpStream, options: &StreamOptions) -> io::Result<()> {
 }
 
 impl IoThread {
-    /// A thread's state with a port table of `table_size` slots (from the fd limit).
-    pub fn new(shared: Arc<Shared>, table_size: usize) -> io::Result<Self> {
+    /// A thread's state with a port table of `table_size` slots (from the fd limit), a
+    /// memory budget of `memory_limit` bytes and a cap of `port_buffer_limit` bytes on a
+    /// framer's buffer (None: no limit), its loops counting in `counters`.
+    pub fn new(
+        shared: Arc<Shared>,
+        table_size: usize,
+        memory_limit: Option<u64>,
+        port_buffer_limit: Option<u64>,
+        counters: Arc<LoopCounters>,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let fd = shared.commands.signal.fd();
         poll.registry()
@@ -530,6 +571,10 @@ impl IoThread {
         let size = table_size.clamp(64, 1 << 20);
         let mut table = Vec::with_capacity(size);
         table.resize_with(size, || None);
+        let mut budget = Budget::new(memory_limit, port_buffer_limit, READ_SIZE);
+        budget.add_loop(counters);
+        let release_bytes =
+            memory_limit.map_or(RELEASE_BYTES, |limit| (limit / 8).min(RELEASE_BYTES));
         Ok(IoThread {
             shared,
             poll,
@@ -541,12 +586,23 @@ impl IoThread {
             releases: Vec::new(),
             buffer: vec![0; READ_SIZE],
             packets: crate::framing::Packets::new(),
+            charges: Vec::new(),
             ready: Vec::new(),
             dirty: Vec::new(),
             exhausted_listeners: Vec::new(),
             stopping: false,
             uring: None,
+            budget,
+            resumed: Vec::new(),
+            unattached: Arc::new(flow::Window::unconfigured()),
+            lingering: Vec::new(),
+            release_bytes,
         })
+    }
+
+    /// What the budget charges, to read the memory in use from another thread.
+    pub fn charges(&self) -> Arc<Charges> {
+        Arc::clone(self.budget.charges())
     }
 
     /// The thread: rounds until a stop command, then close everything.  A panic in a
@@ -579,10 +635,11 @@ impl IoThread {
         while !self.stopping {
             // The slots freed last round: no event of a coming poll names them.
             self.free.append(&mut self.freed);
+            self.begin_round();
             let timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
                 Some(Duration::ZERO)
             } else if self.shared.commands.prepare_to_sleep_for(handed) {
-                handed.then_some(FLUSH_WAIT)
+                self.bound_sleep(handed.then_some(FLUSH_WAIT))
             } else {
                 Some(Duration::ZERO)
             };
@@ -624,8 +681,55 @@ impl IoThread {
             } else {
                 self.flush_dirty();
             }
-            handed |= self.publish(false);
+            // While the budget pauses ports, what this thread holds for the loops to drop
+            // (charged to the budget) goes back each round, not only with their input.
+            handed |= self.publish(self.budget.has_paused());
         }
+    }
+
+    /// The top of a round: the budget's headroom (ports it let go read again) and the
+    /// `linger` deadlines that passed.
+    fn begin_round(&mut self) {
+        if self.budget.limit().is_some() {
+            self.budget.begin_round(&mut self.resumed);
+            for slot in std::mem::take(&mut self.resumed) {
+                if let Some(Entry::Stream(mut s)) = self.table.get_mut(slot).and_then(|e| e.take())
+                {
+                    self.schedule(&mut s);
+                    self.put(Entry::Stream(s));
+                }
+            }
+            let shared = &self.shared;
+            let peak = self.budget.peak_memory.max(0) as u64;
+            shared.peak_memory.store(peak, Ordering::Relaxed);
+            let pauses = self.budget.global_pauses;
+            shared.global_pauses.store(pauses, Ordering::Relaxed);
+            let reserve_reads = self.budget.reserve_reads;
+            shared.reserve_reads.store(reserve_reads, Ordering::Relaxed);
+        }
+        if !self.lingering.is_empty() {
+            self.expire_lingers();
+        }
+    }
+
+    /// How long the poll may sleep, at most: `timeout` (None: for ever), no longer than
+    /// the budget's recheck while it pauses ports (owners free memory without telling
+    /// this thread), nor than the nearest `linger` deadline.
+    fn bound_sleep(&self, timeout: Option<Duration>) -> Option<Duration> {
+        let mut timeout = timeout;
+        let mut bound = |limit: Duration| {
+            timeout = Some(timeout.map_or(limit, |t| t.min(limit)));
+        };
+        if self.budget.has_paused() {
+            bound(flow::BUDGET_RECHECK);
+        }
+        if let Some(nearest) = self.lingering.iter().map(|(deadline, ..)| *deadline).min() {
+            // Rounded up to the next millisecond: epoll's resolution; a wake just before
+            // the deadline would find nothing due and sleep again.
+            let left = nearest.saturating_duration_since(Instant::now());
+            bound(left + Duration::from_millis(1));
+        }
+        timeout
     }
 
     // -- the table ---------------------------------------------------------------------
@@ -674,12 +778,12 @@ impl IoThread {
     }
 
     /// Hand written `bytes` back to its loop with the next batch (or on their own, once
-    /// [`RELEASE_BATCH`] references or [`RELEASE_BYTES`] bytes wait).  Counted in
+    /// [`RELEASE_BATCH`] references or `release_bytes` bytes wait).  Counted in
     /// `Shared::bytes_held` (the memory in use) until a drain drops them.
     fn release_bytes(&mut self, inbox: usize, bytes: HeldBytes) {
         if let Some(list) = self.releases.get_mut(inbox) {
             let size = bytes.len() as u64;
-            self.shared.bytes_held.fetch_add(size, Ordering::Relaxed);
+            self.budget.charges().pin(size);
             list.size += size;
             list.bytes.push(bytes);
         }
@@ -694,7 +798,7 @@ impl IoThread {
             let releases = pending.bytes.len() + pending.targets.len();
             if self.staged[index].is_empty()
                 && releases < RELEASE_BATCH
-                && pending.size < RELEASE_BYTES
+                && pending.size < self.release_bytes
                 && !force
             {
                 continue;
@@ -749,17 +853,12 @@ impl IoThread {
                     if let Some(entry) = other {
                         self.put(entry);
                     }
-                    self.shared
-                        .bytes_discarded
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.budget.discarded(bytes.len() as u64);
                     self.release_bytes(conn.inbox, bytes);
                 }
             },
             Command::Close(conn) => match self.take(&conn) {
-                Some(Entry::Stream(mut s)) if !s.outq.is_empty() && s.connecting.is_none() => {
-                    s.close_pending = true;
-                    self.put(Entry::Stream(s));
-                }
+                Some(Entry::Stream(s)) if s.connecting.is_none() => self.close_linger(s),
                 Some(entry) => self.close(entry),
                 None => {}
             },
@@ -781,21 +880,19 @@ impl IoThread {
             },
             Command::SetActive(conn, credit, notify) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
-                    (s.credit, s.notify) = apply_active_mode(s.credit, s.notify, (credit, notify));
-                    if s.notify && s.credit == 0 {
+                    if s.flow.set_active((credit, notify)) {
                         if let Some(port) = &s.port {
                             let port = port.clone();
                             self.stage(s.conn.inbox, Event::Passive(port));
                         }
                     }
-                    if s.credit != 0 && !s.held.is_empty() {
-                        self.deliver_held(&mut s);
-                    }
+                    self.deliver_held(&mut s);
                     self.schedule(&mut s);
                     self.put(Entry::Stream(s));
                 }
                 Some(Entry::Listener(mut l)) => {
-                    (l.credit, l.notify) = apply_active_mode(l.credit, l.notify, (credit, notify));
+                    (l.credit, l.notify) =
+                        flow::apply_active_mode(l.credit, l.notify, (credit, notify));
                     if l.notify && l.credit == 0 {
                         let port = l.port.clone();
                         self.stage(l.conn.inbox, Event::Passive(port));
@@ -810,12 +907,8 @@ impl IoThread {
             },
             Command::ReadOnce(conn) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
-                    if s.credit == 0 {
-                        s.credit = 1;
-                        s.notify = false;
-                        if !s.held.is_empty() {
-                            self.deliver_held(&mut s);
-                        }
+                    if s.flow.read_once() {
+                        self.deliver_held(&mut s);
                         self.schedule(&mut s);
                     }
                     self.put(Entry::Stream(s));
@@ -825,11 +918,18 @@ impl IoThread {
             },
             Command::Resume(conn, generation) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
-                    if s.paused
-                        && generation == s.conn.pause_generation.load(Ordering::SeqCst)
-                        && s.conn.drained()
-                    {
-                        s.paused = false;
+                    if s.flow.may_resume(generation) {
+                        self.schedule(&mut s);
+                    }
+                    s.conn.publish(&s.flow);
+                    self.put(Entry::Stream(s));
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            },
+            Command::Want(conn) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    if self.budget.want(&mut s.flow) {
                         self.schedule(&mut s);
                     }
                     self.put(Entry::Stream(s));
@@ -837,9 +937,14 @@ impl IoThread {
                 Some(entry) => self.put(entry),
                 None => {}
             },
-            Command::Attach(conn, port) => match self.take(&conn) {
+            Command::Attach(conn, port, overhead) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
                     s.window = conn.window.get().cloned();
+                    if let Some(window) = &s.window {
+                        let active = s.flow.active_mode();
+                        let receive = Arc::clone(&window.receive);
+                        s.flow = ReceiveFlow::new(receive, conn.slot, active, overhead);
+                    }
                     s.port = Some(port);
                     self.schedule(&mut s);
                     self.put(Entry::Stream(s));
@@ -858,7 +963,8 @@ impl IoThread {
                 inbox,
                 address,
                 options,
-            } => self.connect(request, port, window, inbox, address, options),
+                overhead,
+            } => self.connect(request, port, window, inbox, address, (options, overhead)),
             Command::Listen {
                 request,
                 listener,
@@ -881,7 +987,7 @@ impl IoThread {
         s.port.is_some()
             && s.connecting.is_none()
             && !s.read_eof
-            && (s.close_pending || (s.credit != 0 && !s.paused && s.held.is_empty()))
+            && s.flow.may_read(s.close_pending)
     }
 
     /// Put `s` on the ready list if it may read and its socket said it is readable.
@@ -939,8 +1045,19 @@ impl IoThread {
             match self.table.get_mut(slot).and_then(|e| e.take()) {
                 Some(Entry::Stream(mut s)) => {
                     s.in_ready = false;
+                    if !(Self::may_read(&s) && s.readable) {
+                        self.put(Entry::Stream(s));
+                        continue;
+                    }
+                    // The budget: None pauses the port (its next round that lets it go,
+                    // or its owner's cmd_want, schedules it again: it stays readable).
+                    let Some(grant) = self.budget.admit_read(&mut s.flow) else {
+                        s.conn.publish(&s.flow);
+                        self.put(Entry::Stream(s));
+                        continue;
+                    };
                     // read() returns false when it closed the port: then it is gone.
-                    if !(Self::may_read(&s) && s.readable) || self.read(&mut s) {
+                    if self.read(&mut s, grant.max) {
                         self.put(Entry::Stream(s));
                     }
                 }
@@ -954,15 +1071,17 @@ impl IoThread {
         }
     }
 
-    /// One read; false if the port was closed.
-    fn read(&mut self, s: &mut Stream) -> bool {
-        let result = (&s.sock).read(&mut self.buffer);
-        self.after_read(s, result)
+    /// One read of at most `max` bytes (the budget's grant); false if the port was closed.
+    fn read(&mut self, s: &mut Stream, max: usize) -> bool {
+        let max = max.min(self.buffer.len());
+        let result = (&s.sock).read(&mut self.buffer[..max]);
+        self.after_read(s, result, max)
     }
 
-    /// What follows a read of the socket into `self.buffer` (either backend's): `result`
-    /// is the bytes read or the error.  False if the port was closed.
-    fn after_read(&mut self, s: &mut Stream, result: io::Result<usize>) -> bool {
+    /// What follows a read of at most `max` bytes of the socket into `self.buffer`
+    /// (either backend's): `result` is the bytes read or the error.  False if the port
+    /// was closed.
+    fn after_read(&mut self, s: &mut Stream, result: io::Result<usize>, max: usize) -> bool {
         match result {
             Ok(0) => {
                 s.readable = false;
@@ -985,7 +1104,7 @@ impl IoThread {
             Ok(n) => {
                 s.conn.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 self.shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                if n == self.buffer.len() || s.hangup {
+                if n == max || s.hangup {
                     // Maybe more, or the end is still to be read (it has no edge of its
                     // own after this read): read again next round (others first).
                     s.in_ready = true;
@@ -1004,25 +1123,10 @@ impl IoThread {
                     return self.read_framed(s, port, n);
                 }
                 self.stage(s.conn.inbox, Event::Data(port, self.buffer[..n].to_vec()));
-                // Counted after the event is staged, before the check: the loop's
-                // handshake reads them after the consumed counters it wrote.
-                s.conn.delivered_bytes.fetch_add(n as u64, Ordering::SeqCst);
-                s.conn.delivered_messages.fetch_add(1, Ordering::SeqCst);
-                self.shared
-                    .delivered_bytes
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                if s.credit > 0 {
-                    s.credit -= 1;
-                    if s.credit == 0 && s.notify {
-                        if let Some(port) = &s.port {
-                            let port = port.clone();
-                            self.stage(s.conn.inbox, Event::Passive(port));
-                        }
-                    }
-                }
-                if s.conn.over_high() {
-                    self.pause(s);
-                }
+                // Counted after the event is staged: the loop's handshake reads the
+                // delivered counters after the consumed counters it wrote.
+                let delivered = s.flow.deliver(&mut self.budget, &[n as u64]);
+                self.delivered(s, delivered);
                 true
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
@@ -1041,104 +1145,121 @@ impl IoThread {
         }
     }
 
-    /// Feed a read of `n` bytes to the port's framer and deliver its whole packets as far
-    /// as the active credit goes (the rest are held); false if the port was closed for a
-    /// framing error (`Error`, then `Closed`, as the Python core does).
+    /// Feed a read of `n` bytes to the port's framer (`flow::framed_read`): deliver its
+    /// whole packets as far as the active credit goes, hold the rest; false if the port
+    /// was closed - the peer broke the packet mode, or the framer holds more than
+    /// `port_buffer_limit` (`Error`, then `Closed`, as the Python core does).
     fn read_framed(&mut self, s: &mut Stream, port: Target, n: usize) -> bool {
         let Some(framer) = s.framer.as_mut() else {
             return true;
         };
         self.packets.clear();
-        if let Err(error) = framer.feed(&self.buffer[..n], &mut self.packets) {
-            let errno = match error {
-                crate::framing::FrameError::TooLarge { .. } => {
-                    s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
-                    libc::EMSGSIZE
-                }
-                crate::framing::FrameError::Malformed(_) => libc::EPROTO,
-            };
-            self.stage(
-                s.conn.inbox,
-                Event::FrameError(port, errno, error.to_string()),
-            );
-            self.broken(s, errno);
-            return false;
-        }
-        let mut payloads = Vec::with_capacity(self.packets.len());
-        for packet in self.packets.iter() {
-            if let crate::framing::Packet::Bytes(bytes) = packet {
-                payloads.push(bytes.to_vec());
+        self.charges.clear();
+        let result = flow::framed_read(
+            &mut self.budget,
+            &mut s.flow,
+            framer,
+            &self.buffer[..n],
+            &mut self.packets,
+            &mut self.charges,
+        );
+        let read = match result {
+            Ok(flow::FramedRead {
+                error: Some(error), ..
+            })
+            | Err(ReadFault::Frame(error)) => {
+                // (A packet error is delivered only by modes the native core does not
+                // frame: resp.)
+                let errno = match error {
+                    crate::framing::FrameError::TooLarge { .. } => {
+                        s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
+                        libc::EMSGSIZE
+                    }
+                    crate::framing::FrameError::Malformed(_) => libc::EPROTO,
+                };
+                let text = error.to_string();
+                self.stage(s.conn.inbox, Event::FrameError(port, errno, text));
+                self.broken(s, errno);
+                return false;
             }
-        }
-        for payload in payloads {
-            if s.credit == 0 {
-                s.held.push_back(payload);
-            } else {
-                self.deliver_packet(s, &port, payload);
+            Err(ReadFault::BufferLimit(exceeded)) => {
+                let text = exceeded.to_string();
+                self.stage(s.conn.inbox, Event::FrameError(port, libc::ENOBUFS, text));
+                self.broken(s, libc::ENOBUFS);
+                return false;
+            }
+            Ok(read) => read,
+        };
+        let overhead = s.flow.packet_overhead();
+        let inbox = s.conn.inbox;
+        for (index, packet) in self.packets.iter().enumerate() {
+            let crate::framing::Packet::Bytes(bytes) = packet else {
+                continue; // (commands: resp, not framed here)
+            };
+            let charge = self.charges[index];
+            if index >= read.deliver {
+                s.held.push_back((bytes.to_vec(), charge));
+            } else if let Some(staged) = self.staged.get_mut(inbox) {
+                staged.push(packet_event(&port, bytes.to_vec(), charge, overhead));
             }
         }
         self.note_framing(s);
-        if s.conn.over_high() {
-            self.pause(s);
-        }
+        self.delivered(s, read.delivered);
         true
     }
 
-    /// Deliver one packet and spend a credit.
-    fn deliver_packet(&mut self, s: &mut Stream, port: &Target, payload: Vec<u8>) {
-        let size = payload.len() as u64;
-        self.stage(s.conn.inbox, Event::Data(port.clone(), payload));
-        s.conn.delivered_bytes.fetch_add(size, Ordering::SeqCst);
-        s.conn.delivered_messages.fetch_add(1, Ordering::SeqCst);
-        self.shared
-            .delivered_bytes
-            .fetch_add(size, Ordering::Relaxed);
-        if s.credit > 0 {
-            s.credit -= 1;
-            if s.credit == 0 && s.notify {
-                self.stage(s.conn.inbox, Event::Passive(port.clone()));
+    /// After packets were delivered: `Passive` if the credit ran out and the owner asked,
+    /// and the pause if the owner is behind by more than a high watermark.
+    fn delivered(&mut self, s: &mut Stream, delivered: Delivered) {
+        if delivered.send_passive {
+            if let Some(port) = &s.port {
+                let port = port.clone();
+                self.stage(s.conn.inbox, Event::Passive(port));
             }
+        }
+        if delivered.over_high {
+            self.pause(s);
         }
     }
 
     /// A grant came (an active mode, a passive read): held packets first, as far as the
-    /// credit goes; the socket is read again only once none is held.
+    /// credit goes (`ReceiveFlow::grant_held`); the socket is read again only once none is
+    /// held.
     fn deliver_held(&mut self, s: &mut Stream) {
+        let count = s.flow.grant_held().min(s.held.len());
         let Some(port) = s.port.clone() else { return };
-        while s.credit != 0 {
-            let Some(payload) = s.held.pop_front() else {
-                break;
-            };
-            self.deliver_packet(s, &port, payload);
-        }
-        self.note_framing(s);
-        if s.conn.over_high() {
-            self.pause(s);
-        }
-    }
-
-    fn note_framing(&mut self, s: &mut Stream) {
-        let framer = s.framer.as_ref().map_or(0, |f| f.buffered());
-        let held: usize = s.held.iter().map(Vec::len).sum();
-        let total = (framer + held) as u64;
-        s.conn.framing_bytes.store(total, Ordering::Relaxed);
-        s.conn.peak_buffered.fetch_max(total, Ordering::Relaxed);
-    }
-
-    /// Step 1 of the pause handshake (`ioserver/_flow.py`): pause, bump the generation,
-    /// then re-read the window; resume at once if the owner took enough meanwhile.
-    fn pause(&mut self, s: &mut Stream) {
-        let (bytes, _) = s.conn.buffered();
-        s.conn.peak_buffered.fetch_max(bytes, Ordering::Relaxed);
-        if s.paused {
+        if count == 0 {
             return;
         }
-        s.paused = true;
-        s.conn.pauses.fetch_add(1, Ordering::Relaxed);
-        s.conn.pause_generation.fetch_add(1, Ordering::SeqCst);
-        if s.conn.drained() {
-            s.paused = false;
+        self.charges.clear();
+        let overhead = s.flow.packet_overhead();
+        for (payload, charge) in s.held.drain(..count) {
+            self.charges.push(charge);
+            if let Some(staged) = self.staged.get_mut(s.conn.inbox) {
+                staged.push(packet_event(&port, payload, charge, overhead));
+            }
         }
+        s.flow.unhold(&mut self.budget, &self.charges);
+        let delivered = s.flow.deliver(&mut self.budget, &self.charges);
+        self.note_framing(s);
+        self.delivered(s, delivered);
+    }
+
+    /// Publish what the framer and the held packets hold (the port's `held_bytes`).
+    fn note_framing(&mut self, s: &mut Stream) {
+        let framer = s.framer.as_ref().map_or(0, |f| f.buffered()) as u64;
+        let (_, held) = s.flow.held();
+        s.conn.framing_bytes.store(framer + held, Ordering::Relaxed);
+        s.conn.publish(&s.flow);
+    }
+
+    /// Step 1 of the pause handshake (`flow.rs`): pause, then re-read the window; resume
+    /// at once if the owner took enough meanwhile.
+    fn pause(&mut self, s: &mut Stream) {
+        if s.flow.pause() && s.flow.recheck() {
+            self.schedule(s);
+        }
+        s.conn.publish(&s.flow);
     }
 
     fn flush_dirty(&mut self) {
@@ -1211,7 +1332,7 @@ impl IoThread {
             // bytes_out before send_blocked: the loop writes send_blocked, then reads
             // bytes_out (the WRITABLE handshake; all SeqCst).
             let out = s.conn.bytes_out.fetch_add(total, Ordering::SeqCst) + total;
-            self.shared.bytes_out.fetch_add(total, Ordering::Relaxed);
+            self.budget.wrote(total);
             s.conn.out_bytes.store(s.out_bytes, Ordering::Relaxed);
             if let (Some(window), Some(port)) = (&s.window, &s.port) {
                 if window.send_blocked.load(Ordering::SeqCst)
@@ -1272,6 +1393,64 @@ impl IoThread {
         true
     }
 
+    /// `cmd_close` of a stream (connected): close once the queued output is written,
+    /// within the port's `linger` - at once, with a reset, for `linger=0` (Erlang's
+    /// `{linger, {true, 0}}`); `IoThread::expire_lingers` resets it when the time is up.
+    /// The stream goes back to the table if it stays open.
+    fn close_linger(&mut self, mut s: Box<Stream>) {
+        if s.linger == Some(Duration::ZERO) {
+            self.reset(&mut s);
+            return;
+        }
+        if s.outq.is_empty() {
+            self.close_stream(&mut s);
+            return;
+        }
+        s.close_pending = true;
+        if let (Some(linger), None) = (s.linger, s.linger_deadline) {
+            let deadline = Instant::now() + linger;
+            s.linger_deadline = Some(deadline);
+            self.lingering.push((deadline, s.conn.slot, s.conn.id));
+        }
+        // Closing reads on whatever its active mode (what arrives is dropped), so that a
+        // peer blocked writing to us can drain what we flush to it.
+        self.schedule(&mut s);
+        self.put(Entry::Stream(s));
+    }
+
+    /// The `linger` deadlines that passed: reset those ports (their output was not
+    /// written in time).
+    fn expire_lingers(&mut self) {
+        let now = Instant::now();
+        let mut index = 0;
+        while index < self.lingering.len() {
+            let (deadline, slot, id) = self.lingering[index];
+            if deadline > now {
+                index += 1;
+                continue;
+            }
+            self.lingering.swap_remove(index);
+            match self.table.get_mut(slot).and_then(|e| e.take()) {
+                Some(Entry::Stream(mut s)) if s.conn.id == id => {
+                    s.linger_deadline = None;
+                    self.reset(&mut s);
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            }
+        }
+    }
+
+    /// Close `s` with `SO_LINGER {1, 0}`: the kernel drops what it holds and sends an RST
+    /// (the peer gets `ECONNRESET`), freeing the socket at once; the queued output is
+    /// dropped.  Counted in `linger_timeouts`.
+    fn reset(&mut self, s: &mut Stream) {
+        self.shared.linger_timeouts.fetch_add(1, Ordering::Relaxed);
+        // A socket that fails this is broken already: closing it is all there is to do.
+        let _ = socket2::SockRef::from(&s.sock).set_linger(Some(Duration::ZERO));
+        self.close_stream(s);
+    }
+
     /// The connection failed: tell the owner `Closed(name, name)` and release it.
     fn broken(&mut self, s: &mut Stream, errno: i32) {
         if let Some(port) = &s.port {
@@ -1289,17 +1468,21 @@ impl IoThread {
         let _ = self.poll.registry().deregister(&mut s.sock);
         // The socket closes when the entry is dropped; what it holds goes back to Python.
         let inbox = s.conn.inbox;
-        self.shared
-            .bytes_discarded
-            .fetch_add(s.out_bytes, Ordering::Relaxed);
+        self.budget.discarded(s.out_bytes);
         while let Some(bytes) = s.outq.pop_front() {
             self.release_bytes(inbox, bytes);
         }
         s.out_bytes = 0;
         s.conn.out_bytes.store(0, Ordering::Relaxed);
+        // What the framer and the held packets hold leaves the budget, and so does a pause.
+        let framer = s.framer.take().map_or(0, |f| f.buffered());
+        s.flow.close(&mut self.budget, framer);
         s.held.clear();
-        s.framer = None;
         s.conn.framing_bytes.store(0, Ordering::Relaxed);
+        if s.linger_deadline.take().is_some() {
+            let id = s.conn.id;
+            self.lingering.retain(|(_, _, other)| *other != id);
+        }
         if let Some(port) = s.port.take() {
             self.release_target(inbox, port);
         }
@@ -1352,7 +1535,7 @@ impl IoThread {
         window: Arc<WindowShared>,
         inbox: usize,
         address: SocketAddr,
-        options: StreamOptions,
+        (options, overhead): (StreamOptions, u64),
     ) {
         let made = (|| -> io::Result<(socket2::Socket, bool)> {
             let socket = socket2::Socket::new(
@@ -1410,13 +1593,13 @@ impl IoThread {
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
         let conn = self.new_conn(slot, inbox, options.flow);
         let _ = conn.window.set(window.clone());
+        let receive = Arc::clone(&window.receive);
         let mut s = Box::new(Stream {
             sock,
             conn,
             port: Some(port),
             window: Some(window),
-            credit: options.active.0,
-            notify: options.active.1,
+            flow: ReceiveFlow::new(receive, slot, options.active, overhead),
             outq: VecDeque::new(),
             head: 0,
             out_bytes: 0,
@@ -1429,7 +1612,8 @@ impl IoThread {
             write_closed: false,
             shutdown_pending: false,
             close_pending: false,
-            paused: false,
+            linger: options.linger,
+            linger_deadline: None,
             framer: options
                 .framing
                 .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok())
@@ -1615,8 +1799,7 @@ impl IoThread {
                 conn,
                 port: None,
                 window: None,
-                credit: l.options.active.0,
-                notify: l.options.active.1,
+                flow: ReceiveFlow::new(Arc::clone(&self.unattached), slot, l.options.active, 0),
                 outq: VecDeque::new(),
                 head: 0,
                 out_bytes: 0,
@@ -1633,7 +1816,8 @@ impl IoThread {
                 write_closed: false,
                 shutdown_pending: false,
                 close_pending: false,
-                paused: false,
+                linger: l.options.linger,
+                linger_deadline: None,
                 framer: l
                     .options
                     .framing
@@ -1689,12 +1873,10 @@ impl IoThread {
                 self.releases.push(Releases::default());
             }
             Command::Send(conn, bytes) => {
-                self.shared
-                    .bytes_discarded
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.budget.discarded(bytes.len() as u64);
                 self.release_bytes(conn.inbox, bytes)
             }
-            Command::Attach(conn, port) => self.release_target(conn.inbox, port),
+            Command::Attach(conn, port, _) => self.release_target(conn.inbox, port),
             Command::Connect {
                 request,
                 port,
@@ -1752,15 +1934,13 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
         })
 }
 
-/// Erlang's rule for `inet:setopts(S, [{active, N}])` (as `ioserver._options.
-/// apply_active_mode`): N adds to a running count; a count at or below 0 is passive.
-pub fn apply_active_mode(credit: i64, notify: bool, mode: (i64, bool)) -> (i64, bool) {
-    let (mut new_credit, new_notify) = mode;
-    if new_notify && notify && credit > 0 {
-        new_credit += credit;
+/// The event of a packet charged `charge` bytes: `Data` when the port charges packets
+/// their length alone (`overhead` 0), else `Packet`, which carries the charge to the
+/// port's `window.sizes` (see [`PyTarget::sizes`]).
+fn packet_event(port: &Target, payload: Vec<u8>, charge: u64, overhead: u64) -> Event {
+    if overhead == 0 {
+        Event::Data(port.clone(), payload)
+    } else {
+        Event::Packet(port.clone(), payload, charge)
     }
-    if new_notify && new_credit <= 0 {
-        new_credit = 0;
-    }
-    (new_credit, new_notify)
 }

@@ -73,10 +73,10 @@
 //! are `SeqCst`: release/acquire does not order a store before a later load of another
 //! variable.  No pause is left without a resume.
 //!
-//! (Step 3's new generation is where this module differs from `_flow.py`, whose
-//! `may_resume` only declines: the owner, having asked for that generation already, never
-//! asks again, and the port stays paused however much its owner takes.  See the test
-//! `a_declined_resume_pauses_again_so_the_owner_asks_again`.)
+//! (Step 3's new generation was found missing in `_flow.py` while porting it, whose
+//! `may_resume` only declined: the owner, having asked for that generation already, never
+//! asked again, and the port stayed paused however much its owner took.  Both rules have
+//! it now; see the test `a_declined_resume_pauses_again_so_the_owner_asks_again`.)
 //!
 //! ## The memory budget
 //!
@@ -100,7 +100,13 @@
 //! `global_paused` ([`Window::set_waiting`]), the thread writes `global_paused` before it
 //! reads the waiter (`Budget::admit_read`), so one of them sees the other (Dekker's
 //! pattern again: `SeqCst`); the one that sees the other lets the port read (the thread at
-//! once, or as a reserve waiter at a round; the owner by `cmd_want`).
+//! once, or as a reserve waiter at a round; the owner by `cmd_want`).  (A loop half marks
+//! `waiting` as a task parks on the port and clears it as the port is handed its next
+//! message, [`Window::task_woken`]: the native core's loop half cannot be asked, as
+//! `_flow.py`'s `task_waits` is.  A task that stops waiting without a message - a
+//! timeout, a `select` another port answered - leaves the mark until that message: the
+//! port may then read once into the reserve with nobody to take it at once; the bound
+//! holds, the read is charged like any.)
 //!
 //! The bound stays firm: no read is made that could take the memory charged for input
 //! past `L`; the reserve is inside it, not on top.  A port of packets charges each one
@@ -161,16 +167,18 @@
 //! |------------------------------------------|--------------|------------------------------------|
 //! | `Window::consumed_*`                     | loop half    | I/O half (check, pause, resume)    |
 //! | `Window::waiting`                        | loop half    | I/O half (the budget's reserve)    |
+//! | `Window`'s watermarks and loop (once)    | loop half, before the handoff | both      |
 //! | `Window::resume_generation`              | loop half    | loop half only                     |
 //! | `Window::delivered_*`                    | I/O half     | loop half (resume check, statistics) |
 //! | `Window::pause_generation`               | I/O half     | loop half (step 2)                 |
 //! | `Window::global_paused`                  | I/O half     | loop half (`cmd_want`)             |
-//! | `Window::watermarks`                     | nobody (made with the window) | both      |
 //! | `LoopCounters::queued_bytes`, `consumed_bytes` | loop half | I/O half (the budget)           |
+//! | `Charges` (but `pinned`)                 | I/O half     | I/O half, `statistics()`           |
+//! | `Charges::pinned`                        | both (I/O adds, loop takes off) | both            |
 //! | `ReceiveFlow`, `Budget`                  | I/O half     | I/O half only                      |
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use crate::framing::PACKET_OVERHEAD;
 use crate::framing::{FrameError, Framer, Packets};
@@ -238,8 +246,9 @@ impl Watermarks {
 /// One event loop's counters for the budget (the Python hub's `queued_bytes` and
 /// `consumed_bytes`): written by that loop, read by the I/O thread.
 ///
-/// Ordering: each is written by its loop alone (`Release`) and read by the I/O thread
-/// (`Acquire`).  A stale `consumed_bytes` only makes the budget think more is in use (it
+/// Ordering: each is written by its loop (`Release`; one `LoopCounters` may serve every
+/// loop of an I/O thread, as the native core's does: its writes are read-modify-writes)
+/// and read by the I/O thread (`Acquire`).  A stale `consumed_bytes` only makes the budget think more is in use (it
 /// pauses a little early, never late).  `queued_bytes` must be added to **before** the
 /// loop submits the send it counts: the command queue's release/acquire then makes the
 /// addition visible to the I/O thread before it can write (and subtract) those bytes.
@@ -269,13 +278,106 @@ impl LoopCounters {
     }
 }
 
+/// The I/O half's charges to the budget, in bytes, ever: input delivered to the loops,
+/// framing buffers and held packets (now), output written, dropped with its port or handed
+/// to a daemon's client, and buffers held for the loops to drop.  Atomics, so that another
+/// thread can read [`Charges::in_use`] (`statistics()`) while the I/O thread runs.
+///
+/// Ordering: every field but `pinned` is written by the I/O thread alone, as a load and a
+/// store (`Relaxed`: it reads back its own writes; a reader on another thread gets a
+/// value at most a moment old, and needs nothing else ordered with it).  `pinned` is added
+/// to by the I/O thread and taken from by the loop that drops the buffers (read-modify-
+/// writes, `Relaxed`: a count, ordered with nothing).
+#[derive(Debug, Default)]
+pub struct Charges {
+    delivered_total: AtomicU64,
+    framing_bytes: AtomicU64,
+    bytes_out: AtomicU64,
+    bytes_discarded: AtomicU64,
+    bytes_forwarded: AtomicU64,
+    pinned: AtomicU64,
+}
+
+/// Add to a counter only the I/O thread writes (no read-modify-write needed).
+fn bump(counter: &AtomicU64, bytes: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(bytes),
+        Ordering::Relaxed,
+    );
+}
+
+impl Charges {
+    /// Nothing charged yet.
+    pub fn new() -> Charges {
+        Charges::default()
+    }
+
+    /// Bytes charged to the budget now, with the loops' counters `loops`: input delivered
+    /// and not yet taken by an owner, framing buffers and held packets, output queued by
+    /// owners and not yet written, and buffers the I/O thread holds until a loop drops
+    /// them.  The one formula of the memory in use (the budget's and `statistics()`).
+    pub fn in_use(&self, loops: &[Arc<LoopCounters>]) -> i64 {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as i128;
+        let mut used = load(&self.delivered_total) + load(&self.framing_bytes)
+            - load(&self.bytes_out)
+            - load(&self.bytes_discarded)
+            - load(&self.bytes_forwarded)
+            + load(&self.pinned);
+        for counters in loops {
+            let (queued, consumed) = counters.totals();
+            used += queued as i128 - consumed as i128;
+        }
+        used as i64
+    }
+
+    /// Input delivered to the loops, ever (charged bytes).
+    pub fn delivered_total(&self) -> u64 {
+        self.delivered_total.load(Ordering::Relaxed)
+    }
+
+    /// Queued output written, ever.
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.load(Ordering::Relaxed)
+    }
+
+    /// Queued output dropped with its port, ever.
+    pub fn bytes_discarded(&self) -> u64 {
+        self.bytes_discarded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of written or dropped buffers the I/O thread holds until a loop drops them.
+    pub fn pinned(&self) -> u64 {
+        self.pinned.load(Ordering::Relaxed)
+    }
+
+    /// **I/O half.**  It holds a written or dropped buffer of `bytes` for its loop to drop.
+    pub fn pin(&self, bytes: u64) {
+        self.pinned.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// **Loop half.**  It dropped buffers of `bytes` the I/O half held.
+    pub fn unpin(&self, bytes: u64) {
+        self.pinned.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn set_framing(&self, bytes: u64) {
+        self.framing_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn framing(&self) -> u64 {
+        self.framing_bytes.load(Ordering::Relaxed)
+    }
+}
+
 /// One port's flow-control window: the one object both halves of the port touch, each
 /// field written by one side only (see the module's table).  Made with the port, shared
 /// (`Arc`) by its loop half and the I/O thread's [`ReceiveFlow`].
 #[derive(Debug)]
 pub struct Window {
-    watermarks: Watermarks,
-    counters: Arc<LoopCounters>,
+    /// The watermarks and the loop's counters, set once: at construction, or by the loop
+    /// half before it hands the window to the I/O half ([`Window::configure`]; a port's
+    /// window is made before its options reach it).
+    config: OnceLock<(Watermarks, Arc<LoopCounters>)>,
     // -- written by the loop half --
     /// Bytes and messages the owner took (received, handed to a mailbox, dropped).
     /// `SeqCst`: step 2 of the handshake stores them, then loads `pause_generation`.
@@ -303,9 +405,16 @@ impl Window {
     /// The window of a port with these watermarks, whose owner runs in the loop counting
     /// `counters`.
     pub fn new(watermarks: Watermarks, counters: Arc<LoopCounters>) -> Window {
+        let window = Window::unconfigured();
+        window.configure(watermarks, counters);
+        window
+    }
+
+    /// A window whose watermarks and loop are not known yet: no watermark, no loop
+    /// counted ([`Window::configure`] sets them).
+    pub fn unconfigured() -> Window {
         Window {
-            watermarks,
-            counters,
+            config: OnceLock::new(),
             consumed_bytes: AtomicU64::new(0),
             consumed_messages: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
@@ -317,9 +426,65 @@ impl Window {
         }
     }
 
-    /// The watermarks it was made with.
+    /// **Loop half**, once, before the window is handed to the I/O half (the handoff -
+    /// a command through the I/O thread's queue - orders this before the I/O half's
+    /// reads): the port's watermarks and its loop's counters.  False (nothing changed) if
+    /// the window was configured already.
+    pub fn configure(&self, watermarks: Watermarks, counters: Arc<LoopCounters>) -> bool {
+        self.config.set((watermarks, counters)).is_ok()
+    }
+
+    /// The watermarks it was configured with ([`Watermarks::NONE`] before).
     pub fn watermarks(&self) -> Watermarks {
-        self.watermarks
+        self.config
+            .get()
+            .map_or(Watermarks::NONE, |config| config.0)
+    }
+
+    fn counters(&self) -> Option<&LoopCounters> {
+        self.config.get().map(|config| &*config.1)
+    }
+
+    /// **Loop half.**  The owner's `consumed_bytes` counter is now `value` (it only grows:
+    /// a Python loop half assigns `window.consumed_bytes += charge`); the growth is taken
+    /// by the loop's counters too, for the budget.  `SeqCst`: step 2 of the handshake
+    /// stores it, then loads `pause_generation`.
+    pub fn set_consumed_bytes(&self, value: u64) {
+        // The loop half is the only writer: the swap returns its own last store.
+        let before = self.consumed_bytes.swap(value, Ordering::SeqCst);
+        if let Some(counters) = self.counters() {
+            counters
+                .consumed_bytes
+                .fetch_add(value.wrapping_sub(before), Ordering::Release);
+        }
+    }
+
+    /// **Loop half.**  The owner queued `bytes` of output (before it submits the send):
+    /// counted by its loop's counters, for the budget.
+    pub fn queued_output(&self, bytes: u64) {
+        if let Some(counters) = self.counters() {
+            counters.queued(bytes);
+        }
+    }
+
+    /// **Loop half.**  The owner's `consumed_messages` counter is now `value`.
+    pub fn set_consumed_messages(&self, value: u64) {
+        self.consumed_messages.store(value, Ordering::SeqCst);
+    }
+
+    /// **Loop half.**  A message reached the port (the loop's drain handed it over): the
+    /// task parked on it, if any, is woken, so it no longer waits (the next park marks it
+    /// again, [`Window::set_waiting`]).  For a loop half that cannot say when its task
+    /// stops waiting (a parked task woken by a message is the common case).
+    pub fn task_woken(&self) {
+        if self.waiting.load(Ordering::Relaxed) {
+            self.waiting.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// **Either half.**  Whether a task is marked parked on this port.
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// **Loop half.**  The owner took one message charged `charge` bytes (as the I/O half
@@ -327,9 +492,9 @@ impl Window {
     /// ask the I/O half to end (`cmd_resume`), if it paused and the owner has now taken
     /// enough (step 2 of the handshake); `None` otherwise.
     pub fn took(&self, charge: u64) -> Option<u64> {
-        self.counters
-            .consumed_bytes
-            .fetch_add(charge, Ordering::Release);
+        if let Some(counters) = self.counters() {
+            counters.consumed_bytes.fetch_add(charge, Ordering::Release);
+        }
         self.consumed_bytes.fetch_add(charge, Ordering::SeqCst);
         self.consumed_messages.fetch_add(1, Ordering::SeqCst);
         // Loaded after the counters were stored (the handshake's fence).
@@ -377,12 +542,25 @@ impl Window {
     /// **Either half.**  The owner took what was delivered down to the low watermarks.
     pub fn drained(&self) -> bool {
         let (bytes, messages) = self.buffered();
-        bytes <= self.watermarks.low_bytes && messages <= self.watermarks.low_messages
+        let marks = self.watermarks();
+        bytes <= marks.low_bytes && messages <= marks.low_messages
     }
 
     /// **Either half.**  The pause generation (statistics, the loop half's checks).
     pub fn pause_generation(&self) -> u64 {
         self.pause_generation.load(Ordering::SeqCst)
+    }
+
+    /// **Loop half.**  The last pause generation the loop half asked to end.  `Relaxed`:
+    /// only the loop half's thread reads and writes it (under the GIL).
+    pub fn resume_generation(&self) -> u64 {
+        self.resume_generation.load(Ordering::Relaxed)
+    }
+
+    /// **Loop half.**  The loop half asked to end pause `generation` (`Window.resume_due`
+    /// in Python; [`Window::took`] sets it itself).  `Relaxed`: the loop half's alone.
+    pub fn set_resume_generation(&self, generation: u64) {
+        self.resume_generation.store(generation, Ordering::Relaxed);
     }
 
     /// **Either half.**  Bytes and messages delivered, ever.
@@ -443,6 +621,8 @@ pub struct Delivered {
 #[derive(Debug)]
 pub struct ReceiveFlow {
     window: Arc<Window>,
+    /// The window's watermarks (configured before this was made).
+    marks: Watermarks,
     token: Token,
     /// Bytes charged per packet beyond its own ([`PACKET_OVERHEAD`] for a framed port of
     /// this process, 0 for a raw one or a daemon's).
@@ -474,9 +654,10 @@ impl ReceiveFlow {
         active: (i64, bool),
         packet_overhead: u64,
     ) -> ReceiveFlow {
-        let watermarks = window.watermarks;
+        let watermarks = window.watermarks();
         ReceiveFlow {
             window,
+            marks: watermarks,
             token,
             packet_overhead,
             delivered_bytes: 0,
@@ -523,6 +704,11 @@ impl ReceiveFlow {
     /// The active credit: -1 unlimited, 0 passive, N > 0 packets.
     pub fn credit(&self) -> i64 {
         self.credit
+    }
+
+    /// The active mode now: `(credit, notify_passive)` (to carry it to a new flow).
+    pub fn active_mode(&self) -> (i64, bool) {
+        (self.credit, self.notify_passive)
     }
 
     /// Paused by the watermarks.
@@ -590,7 +776,8 @@ impl ReceiveFlow {
         let size: u64 = charges.iter().sum();
         self.held_count += charges.len();
         self.held_bytes += size;
-        budget.framing_bytes += size;
+        let charges_ = &budget.charges;
+        charges_.set_framing(charges_.framing() + size);
         budget.headroom -= size as i64;
         self.peak_buffered = self.peak_buffered.max(self.held_bytes);
     }
@@ -612,7 +799,8 @@ impl ReceiveFlow {
         // (Saturating: a caller's slip must not panic the I/O thread.)
         self.held_count = self.held_count.saturating_sub(charges.len());
         self.held_bytes = self.held_bytes.saturating_sub(size);
-        budget.framing_bytes = budget.framing_bytes.saturating_sub(size);
+        let charges_ = &budget.charges;
+        charges_.set_framing(charges_.framing().saturating_sub(size));
         budget.headroom += size as i64; // charged again as they are delivered
     }
 
@@ -632,7 +820,7 @@ impl ReceiveFlow {
         self.window
             .delivered_bytes
             .store(self.delivered_bytes, Ordering::Release);
-        budget.delivered_total += size;
+        bump(&budget.charges.delivered_total, size);
         budget.headroom -= size as i64;
         let mut delivered = Delivered::default();
         if self.credit > 0 {
@@ -652,7 +840,7 @@ impl ReceiveFlow {
     /// More delivered and not taken than a high watermark allows.
     pub fn over_high(&self) -> bool {
         let (taken_bytes, taken_messages) = self.window.consumed();
-        let marks = self.window.watermarks;
+        let marks = self.marks;
         self.delivered_bytes.saturating_sub(taken_bytes) > marks.high_bytes
             || self.delivered_messages.saturating_sub(taken_messages) > marks.high_messages
     }
@@ -661,7 +849,7 @@ impl ReceiveFlow {
     /// move the check point to what was taken plus the high watermarks.
     fn check(&mut self) -> bool {
         let (taken_bytes, taken_messages) = self.window.consumed();
-        let marks = self.window.watermarks;
+        let marks = self.marks;
         if self.delivered_bytes.saturating_sub(taken_bytes) > marks.high_bytes
             || self.delivered_messages.saturating_sub(taken_messages) > marks.high_messages
         {
@@ -736,9 +924,12 @@ impl ReceiveFlow {
     /// The I/O thread closes the port: release what it holds from the budget (the
     /// framer's `buffered` bytes and the held packets) and forget a budget pause.
     pub fn close(&mut self, budget: &mut Budget, framer_buffered: usize) {
-        budget.framing_bytes = budget
-            .framing_bytes
-            .saturating_sub(framer_buffered as u64 + self.held_bytes);
+        let charges = &budget.charges;
+        charges.set_framing(
+            charges
+                .framing()
+                .saturating_sub(framer_buffered as u64 + self.held_bytes),
+        );
         self.held_bytes = 0;
         self.held_count = 0;
         if self.global_paused() {
@@ -794,13 +985,8 @@ pub struct Budget {
     read_floor: i64,
     packet_floor: i64,
     port_buffer_limit: Option<u64>,
-    /// Charged input delivered to the loops, ever (bytes).
-    delivered_total: u64,
-    /// Bytes held by framers and in held packets, now.
-    framing_bytes: u64,
-    bytes_out: u64,
-    bytes_discarded: u64,
-    bytes_forwarded: u64,
+    /// What the I/O half charged (shared: `statistics()` reads the memory in use).
+    charges: Arc<Charges>,
     loops: Vec<Arc<LoopCounters>>,
     /// Ports paused by the budget, in the order they paused, with their windows.
     paused: Vec<(Token, Arc<Window>)>,
@@ -839,11 +1025,7 @@ impl Budget {
             // (each packet PACKET_OVERHEAD on top of its bytes): such reads are shortened.
             packet_floor: (read_size * (1 + PACKET_OVERHEAD as u64) + reserve) as i64,
             port_buffer_limit,
-            delivered_total: 0,
-            framing_bytes: 0,
-            bytes_out: 0,
-            bytes_discarded: 0,
-            bytes_forwarded: 0,
+            charges: Arc::new(Charges::new()),
             loops: Vec::new(),
             paused: Vec::new(),
             reserve_waiters: Vec::new(),
@@ -876,32 +1058,30 @@ impl Budget {
 
     /// `bytes` of queued output were written.
     pub fn wrote(&mut self, bytes: u64) {
-        self.bytes_out += bytes;
+        bump(&self.charges.bytes_out, bytes);
     }
 
     /// `bytes` of queued output were dropped (a port closed with output queued).
     pub fn discarded(&mut self, bytes: u64) {
-        self.bytes_discarded += bytes;
+        bump(&self.charges.bytes_discarded, bytes);
     }
 
     /// `bytes` were handed on to a daemon's client (no longer charged here).
     pub fn forwarded(&mut self, bytes: u64) {
-        self.bytes_forwarded += bytes;
+        bump(&self.charges.bytes_forwarded, bytes);
     }
 
-    /// Bytes charged to the budget now: input delivered to the loops and not yet taken
-    /// by an owner, framing buffers and held packets, and output queued by owners and not
-    /// yet written.
+    /// The charges, to read the memory in use from another thread
+    /// ([`Charges::in_use`], with the loops' counters).
+    pub fn charges(&self) -> &Arc<Charges> {
+        &self.charges
+    }
+
+    /// Bytes charged to the budget now ([`Charges::in_use`]): input delivered to the loops
+    /// and not yet taken by an owner, framing buffers and held packets, output queued by
+    /// owners and not yet written, and buffers held for the loops to drop.
     pub fn in_use(&self) -> i64 {
-        let mut used = self.delivered_total as i128 + self.framing_bytes as i128
-            - self.bytes_out as i128
-            - self.bytes_discarded as i128
-            - self.bytes_forwarded as i128;
-        for counters in &self.loops {
-            let (queued, consumed) = counters.totals();
-            used += queued as i128 - consumed as i128;
-        }
-        used as i64
+        self.charges.in_use(&self.loops)
     }
 
     /// Whether a port is paused by the budget: then the I/O thread must not sleep longer
@@ -912,7 +1092,7 @@ impl Budget {
 
     /// Bytes held by framers and in held packets, now.
     pub fn framing_bytes(&self) -> u64 {
-        self.framing_bytes
+        self.charges.framing()
     }
 
     /// This round's headroom, less what its reads were charged so far.
@@ -976,6 +1156,46 @@ impl Budget {
             max: self.read_size as usize,
             short: false,
         })
+    }
+
+    /// For a backend that admits a round's reads before it makes them (io_uring): whether
+    /// `flow` may read a whole read now, as [`Budget::admit_read`] would admit it with
+    /// neither a pause nor a shortened read (the headroom above the floor its kind
+    /// needs).  Such a backend admits a second read of a round only then, and leaves the
+    /// others to the next round, whose headroom counts what the reads were charged: so
+    /// no read is paused or shortened for input another read of its round may not bring.
+    pub fn fits(&self, flow: &ReceiveFlow) -> bool {
+        let floor = if flow.packet_overhead > 0 {
+            self.packet_floor
+        } else {
+            self.read_floor
+        };
+        self.headroom >= floor
+    }
+
+    /// A read of up to `max` bytes was admitted but is not made yet (see
+    /// [`Budget::fits`]): hold the most it may be charged - `max`, and for a framed port
+    /// `PACKET_OVERHEAD` more per byte, were every byte a packet - off the round's
+    /// headroom, so the reads admitted after it see the headroom as if it had been
+    /// charged in full.  Returns the bytes held, which [`Budget::release_hold`] gives back
+    /// just before the read's input is charged.
+    pub fn hold(&mut self, flow: &ReceiveFlow, max: usize) -> u64 {
+        if self.limit.is_none() {
+            return 0;
+        }
+        let held = if flow.packet_overhead > 0 {
+            max as u64 * (1 + PACKET_OVERHEAD as u64)
+        } else {
+            max as u64
+        };
+        self.headroom -= held as i64;
+        held
+    }
+
+    /// The read [`Budget::hold`] held `held` bytes for was made (or dropped): give them
+    /// back (its input is charged next, as it is delivered).
+    pub fn release_hold(&mut self, held: u64) {
+        self.headroom += held as i64;
     }
 
     /// Bytes a port of packets may read when the budget is short: so many that, were each
@@ -1045,7 +1265,8 @@ impl Budget {
         after: usize,
     ) -> Result<(), BufferLimitExceeded> {
         let (before, after) = (before as u64, after as u64);
-        self.framing_bytes = (self.framing_bytes + after).saturating_sub(before);
+        let charges = &self.charges;
+        charges.set_framing((charges.framing() + after).saturating_sub(before));
         self.headroom -= after as i64 - before as i64;
         flow.peak_buffered = flow.peak_buffered.max(after);
         match self.port_buffer_limit {

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -18,6 +19,7 @@ use crate::core::uring::{self, Backend};
 use crate::core::{
     Command, ConnShared, Event, Flow, IoThread, PyTarget, Shared, StreamOptions, WindowShared,
 };
+use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::unsafe_io::{adopt_listener, HeldBytes};
 use crate::wakeup::WakeQueue;
 
@@ -25,8 +27,33 @@ fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
     Arc::new(PyTarget {
         obj,
         make_port: None,
+        window: None,
+        sizes: None,
     })
 }
+
+/// A port's target: the port, its receive window and - when its packets are charged more
+/// than their length (`window.sizes` is a deque: a framed port of this process) - the
+/// deque's `append`; and the bytes charged per packet beyond its length.
+fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<(Target, u64)> {
+    let sizes = window.getattr("sizes")?;
+    let (sizes, overhead) = if sizes.is_none() {
+        (None, 0)
+    } else {
+        let overhead: u64 = window.getattr("packet_overhead")?.extract()?;
+        (Some(sizes.getattr("append")?.unbind()), overhead)
+    };
+    let receive = Arc::clone(&window.get().shared.receive);
+    let target = Arc::new(PyTarget {
+        obj: port,
+        make_port: None,
+        window: Some(receive),
+        sizes,
+    });
+    Ok((target, overhead))
+}
+
+type Target = Arc<PyTarget>;
 
 fn address<'py>(py: Python<'py>, address: &SocketAddr) -> PyResult<Bound<'py, PyTuple>> {
     match address {
@@ -84,33 +111,38 @@ fn framing(options: &Bound<'_, PyDict>) -> PyResult<Option<(crate::framing::Mode
 }
 
 fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<StreamOptions> {
-    let high: u64 = get(options, "high_msgq_watermark")?.unwrap_or(Flow::NONE.high);
-    let high_messages: u64 = get(options, "high_msgq_messages")?.unwrap_or(Flow::NONE.high);
+    let high: u64 = get(options, "high_msgq_watermark")?.unwrap_or(flow::NO_LIMIT);
+    let low: u64 = get(options, "low_msgq_watermark")?.unwrap_or(high);
+    let high_messages: u64 = get(options, "high_msgq_messages")?.unwrap_or(flow::NO_LIMIT);
+    let linger = match get::<f64>(options, "linger")? {
+        None => None,
+        Some(seconds) => Some(Duration::try_from_secs_f64(seconds).map_err(|_| {
+            PyValueError::new_err(format!("linger must be seconds >= 0, not {seconds}"))
+        })?),
+    };
     Ok(StreamOptions {
         nodelay: get(options, "nodelay")?.unwrap_or(true),
         keepalive: get(options, "keepalive")?.unwrap_or(false),
         recbuf: get(options, "recbuf")?,
         sndbuf: get(options, "sndbuf")?,
         flow: Flow {
-            high,
-            low: get(options, "low_msgq_watermark")?.unwrap_or(high),
-            high_messages,
-            low_messages: high_messages / 2,
+            watermarks: Watermarks::new(high, low, high_messages),
             send_low: get(options, "low_watermark")?.unwrap_or(0),
         },
         active,
         framing: framing(options)?,
+        linger,
     })
 }
 
 /// The atomic counters of a port's flow-control window, written by the loop half and
-/// read by the I/O thread without the GIL (see `ioserver._flow.Window`).
+/// read by the I/O thread without the GIL (see `ioserver._flow.Window`): its receive side
+/// is a [`flow::Window`], the send side `queued_bytes` and `send_blocked`.  The loop half
+/// assigns the counters (`window.consumed_bytes += charge`); each assignment's growth is
+/// counted for the memory budget too (the loop's counters, `flow::LoopCounters`).
 #[pyclass(module = "ioserver._native", subclass, frozen)]
 pub struct WindowCounters {
     shared: Arc<WindowShared>,
-    /// The last pause generation the loop half asked to end (the loop half's own: only
-    /// its thread reads and writes it, under the GIL, so `Relaxed`).
-    resume_generation: std::sync::atomic::AtomicU64,
 }
 
 #[pymethods]
@@ -120,62 +152,49 @@ impl WindowCounters {
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
         WindowCounters {
             shared: Arc::new(WindowShared::default()),
-            resume_generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// The owner took a message of ``size`` bytes (``ioserver._flow``'s counting, in one
-    /// call): add it to ``consumed_messages``/``consumed_bytes``, then read ``conn``'s
-    /// pause generation.  True if it is not the last one resumed (``resume_generation``):
-    /// the loop half then checks whether to resume (``Window.resume_due``).
-    ///
-    /// The counters are written before the generation is read, both `SeqCst`: the
-    /// handshake's order (see ``native/src/core.rs``), so a pause the I/O thread decided
-    /// without seeing this take is seen here.
-    #[pyo3(signature = (conn, size))]
-    fn took(&self, conn: Option<PyRef<'_, Conn>>, size: u64) -> bool {
-        self.shared.consumed_messages.fetch_add(1, Ordering::SeqCst);
-        self.shared.consumed_bytes.fetch_add(size, Ordering::SeqCst);
-        match conn {
-            None => false,
-            Some(conn) => {
-                conn.shared.pause_generation.load(Ordering::SeqCst)
-                    != self.resume_generation.load(Ordering::Relaxed)
-            }
-        }
+    /// The owner took a message charged ``charge`` bytes (its length, or for a framed
+    /// port its charge popped from ``sizes``): step 2 of the pause handshake in one call
+    /// (``flow::Window::took``: the counters, counted for the budget too, then the pause
+    /// generation).  Returns the generation to ask the I/O thread to end
+    /// (``cmd_resume``) if it paused reading and the owner has now taken enough, else None.
+    fn took(&self, charge: u64) -> Option<u64> {
+        self.shared.receive.took(charge)
     }
 
-    /// The last pause generation the loop half asked to end.
+    /// The last pause generation the loop half asked to end (``Window.resume_due``).
     #[getter]
     fn get_resume_generation(&self) -> u64 {
-        self.resume_generation.load(Ordering::Relaxed)
+        self.shared.receive.resume_generation()
     }
 
     #[setter]
     fn set_resume_generation(&self, value: u64) {
-        self.resume_generation.store(value, Ordering::Relaxed)
+        self.shared.receive.set_resume_generation(value)
     }
 
     /// Bytes of input the owner took.
     #[getter]
     fn get_consumed_bytes(&self) -> u64 {
-        self.shared.consumed_bytes.load(Ordering::SeqCst)
+        self.shared.receive.consumed().0
     }
 
     #[setter]
     fn set_consumed_bytes(&self, value: u64) {
-        self.shared.consumed_bytes.store(value, Ordering::SeqCst)
+        self.shared.receive.set_consumed_bytes(value)
     }
 
     /// Messages the owner took.
     #[getter]
     fn get_consumed_messages(&self) -> u64 {
-        self.shared.consumed_messages.load(Ordering::SeqCst)
+        self.shared.receive.consumed().1
     }
 
     #[setter]
     fn set_consumed_messages(&self, value: u64) {
-        self.shared.consumed_messages.store(value, Ordering::SeqCst)
+        self.shared.receive.set_consumed_messages(value)
     }
 
     /// Bytes the owner queued for output, ever.
@@ -184,9 +203,15 @@ impl WindowCounters {
         self.shared.queued_bytes.load(Ordering::SeqCst)
     }
 
+    /// The owner queued more (it assigns the sum before it submits the send): the growth
+    /// is counted for the budget before the send can be written and subtracted.
     #[setter]
     fn set_queued_bytes(&self, value: u64) {
-        self.shared.queued_bytes.store(value, Ordering::SeqCst)
+        // The loop half is the only writer: the swap returns its own last store.
+        let before = self.shared.queued_bytes.swap(value, Ordering::SeqCst);
+        self.shared
+            .receive
+            .queued_output(value.wrapping_sub(before));
     }
 
     /// A sender waits for the output to drain below the low watermark.
@@ -229,20 +254,31 @@ impl Conn {
     fn out_bytes(&self) -> u64 {
         self.shared.out_bytes.load(Ordering::Relaxed)
     }
-    /// Bytes delivered to the loop half.
+    /// Bytes delivered to the loop half (charged: a packet's length and its overhead).
     #[getter]
     fn delivered_bytes(&self) -> u64 {
-        self.shared.delivered_bytes.load(Ordering::SeqCst)
+        self.shared
+            .receive()
+            .map_or(0, |window| window.delivered().0)
     }
     /// Messages delivered to the loop half.
     #[getter]
     fn delivered_messages(&self) -> u64 {
-        self.shared.delivered_messages.load(Ordering::SeqCst)
+        self.shared
+            .receive()
+            .map_or(0, |window| window.delivered().1)
     }
-    /// The current receive pause (the handshake of `ioserver._flow`).
+    /// The current receive pause (the handshake of `flow.rs`).
     #[getter]
     fn pause_generation(&self) -> u64 {
-        self.shared.pause_generation.load(Ordering::SeqCst)
+        self.shared
+            .receive()
+            .map_or(0, |window| window.pause_generation())
+    }
+    /// Paused by the watermarks now (as the I/O thread last published it).
+    #[getter]
+    fn msgq_paused(&self) -> bool {
+        self.shared.msgq_paused.load(Ordering::Relaxed)
     }
     /// Receive pauses so far.
     #[getter]
@@ -254,10 +290,21 @@ impl Conn {
     fn peak_buffered(&self) -> u64 {
         self.shared.peak_buffered.load(Ordering::Relaxed)
     }
-    /// Paused by the memory budget (the native core has none yet: always False).
+    /// Paused by the memory budget.
+    ///
+    /// The loop half reads this when, and only when, a task parks on the port
+    /// (`ports.Port`: the waiter is set, then ``global_paused`` is read, and True sends
+    /// ``cmd_want``).  On this core the thread cannot ask the loop whether a task waits,
+    /// so the read is also the park's mark: it stores `waiting` **then** loads
+    /// `global_paused` (`flow::Window::set_waiting`, `SeqCst`; the I/O thread stores
+    /// `global_paused` then loads `waiting`: one of the two sees the other).  The next
+    /// message handed to the port (`Inbox.take`) clears the mark.
     #[getter]
     fn global_paused(&self) -> bool {
-        false
+        match self.shared.receive() {
+            Some(window) => window.set_waiting(true),
+            None => false,
+        }
     }
     /// Bytes the framer holds and of packets held past the active credit.
     #[getter]
@@ -271,7 +318,9 @@ impl Conn {
     }
     /// The owner took what was delivered down to the low watermarks.
     fn drained(&self) -> bool {
-        self.shared.drained()
+        self.shared
+            .receive()
+            .map_or(true, |window| window.drained())
     }
     fn __repr__(&self) -> String {
         format!("<native Conn {} slot {}>", self.shared.id, self.shared.slot)
@@ -286,6 +335,10 @@ pub struct Inbox {
     /// Its number in the I/O thread (the order of the AddInbox commands).
     index: usize,
     shared: Arc<Shared>,
+    /// The budget's charges (the buffers this loop drops are unpinned there).
+    charges: Arc<Charges>,
+    /// The loops' counters (an accepted port's window counts there).
+    counters: Arc<LoopCounters>,
     stop_target: Py<PyAny>,
     data: Py<PyAny>,
     /// ``object.__new__`` and ``Data.data.__set__``: a Data without its dataclass
@@ -359,11 +412,21 @@ impl Inbox {
         };
         match event {
             Event::Data(port, bytes) => {
+                if let Some(window) = &port.window {
+                    window.task_woken();
+                }
                 let message = self.new.bind(py).call1((self.data.bind(py),))?;
                 self.set_data
                     .bind(py)
                     .call1((&message, PyBytes::new(py, &bytes)))?;
                 pair(&port, message)
+            }
+            Event::Packet(port, bytes, charge) => {
+                // Its charge first: the port pops it when its owner takes the packet.
+                if let Some(sizes) = &port.sizes {
+                    sizes.bind(py).call1((charge,))?;
+                }
+                self.build(py, list, Event::Data(port, bytes))
             }
             Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
             Event::Broken(port, errno) => {
@@ -409,13 +472,26 @@ impl Inbox {
                         return Err(error);
                     }
                 };
-                let window = port.getattr("_window")?;
-                let window = window.extract::<PyRef<'_, WindowCounters>>()?;
-                let _ = conn.window.set(window.shared.clone());
-                drop(window);
+                let attach = || -> PyResult<(Target, u64)> {
+                    let window = port.getattr("_window")?;
+                    let window = window.cast_into::<WindowCounters>()?;
+                    // Configured here, on the loop's thread, before the owner can use it.
+                    let shared = &window.get().shared;
+                    let counters = Arc::clone(&self.counters);
+                    shared.receive.configure(conn.flow.watermarks, counters);
+                    let _ = conn.window.set(Arc::clone(shared));
+                    port_target(port.clone().unbind(), &window)
+                };
+                let (attached, overhead) = match attach() {
+                    Ok(attached) => attached,
+                    Err(error) => {
+                        self.shared.commands.put(Command::Close(conn));
+                        return Err(error);
+                    }
+                };
                 self.shared
                     .commands
-                    .put(Command::Attach(conn, target(port.clone().unbind())));
+                    .put(Command::Attach(conn, attached, overhead));
                 let message = self.accepted.bind(py).call1((port, remote))?;
                 pair(&listener, message)
             }
@@ -448,7 +524,7 @@ impl Inbox {
                     size += held.len() as u64;
                     drop(held.into_object());
                 }
-                self.shared.bytes_held.fetch_sub(size, Ordering::Relaxed);
+                self.charges.unpin(size);
                 drop(targets);
                 Ok(())
             }
@@ -553,6 +629,9 @@ thread_local! {
 #[pyclass(module = "ioserver._native")]
 pub struct Core {
     shared: Arc<Shared>,
+    /// What the budget charges, and the loops' counters: the memory in use.
+    charges: Arc<Charges>,
+    counters: Arc<LoopCounters>,
     thread: Mutex<Option<IoThread>>,
     handle: Mutex<Option<JoinHandle<()>>>,
     inboxes: Mutex<usize>,
@@ -588,16 +667,23 @@ impl Core {
 
 #[pymethods]
 impl Core {
-    /// A core whose port table has ``table_size`` slots (from the open-file limit), whose
-    /// reads and writes go through ``backend``: ``"epoll"`` (a syscall each), ``"io_uring"``
-    /// (a round's in one ``io_uring_enter``) or ``None`` (io_uring where the kernel allows
-    /// it, else epoll: ``io_uring_failure`` then says why).
+    /// A core whose port table has ``table_size`` slots (from the open-file limit), with
+    /// a memory budget of ``memory_limit`` bytes and a cap of ``port_buffer_limit`` bytes
+    /// on a framed port's partial packet (None: no limit; validated by ``ioserver.open``),
+    /// whose reads and writes go through ``backend``: ``"epoll"`` (a syscall each),
+    /// ``"io_uring"`` (a round's in one ``io_uring_enter``) or ``None`` (io_uring where
+    /// the kernel allows it, else epoll: ``io_uring_failure`` then says why).
     ///
     /// Raises ``ValueError`` for another name, and ``OSError`` (its errno the kernel's:
     /// ``ENOSYS``, ``EPERM``, ``EOPNOTSUPP``...) when ``backend="io_uring"`` is refused.
     #[new]
-    #[pyo3(signature = (table_size, backend=None))]
-    fn new(table_size: usize, backend: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (table_size, backend=None, memory_limit=None, port_buffer_limit=None))]
+    fn new(
+        table_size: usize,
+        backend: Option<&str>,
+        memory_limit: Option<u64>,
+        port_buffer_limit: Option<u64>,
+    ) -> PyResult<Self> {
         let requested = match backend {
             None => None,
             Some(name) => Some(Backend::parse(name).ok_or_else(|| {
@@ -615,9 +701,18 @@ impl Core {
         if let (Some(error), Ok(mut failure)) = (refused, shared.uring_failure.lock()) {
             *failure = Some(format!("io_uring refused by the kernel: {error}"));
         }
-        let mut thread = IoThread::new(shared.clone(), table_size)?;
+        let counters = Arc::new(LoopCounters::new());
+        let mut thread = IoThread::new(
+            shared.clone(),
+            table_size,
+            memory_limit,
+            port_buffer_limit,
+            Arc::clone(&counters),
+        )?;
         thread.set_uring(ring);
         Ok(Core {
+            charges: thread.charges(),
+            counters,
             shared,
             thread: Mutex::new(Some(thread)),
             handle: Mutex::new(None),
@@ -703,6 +798,8 @@ impl Core {
             queue,
             index,
             shared: self.shared.clone(),
+            charges: Arc::clone(&self.charges),
+            counters: Arc::clone(&self.counters),
             stop_target,
             data: data.unbind(),
             new,
@@ -764,6 +861,8 @@ impl Core {
         }
         let size = bytes.as_bytes().len() as u64;
         window.queued_bytes.fetch_add(size, Ordering::SeqCst);
+        // Counted for the budget before the send can be written and subtracted.
+        window.receive.queued_output(size);
         if size > 0 {
             self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
         }
@@ -813,8 +912,11 @@ impl Core {
         put_conn(self, conn, |c| Command::Resume(c, generation))
     }
 
-    /// The memory budget's reserve (no budget on the native core yet): nothing to do.
-    fn want(&self, _conn: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {}
+    /// The owner of a port the memory budget paused waits for input (``cmd_want``): let
+    /// it try a read into the budget's reserve.
+    fn want(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::Want)
+    }
 
     /// A test hook, private (``_fail_for_test``: not part of ``Core``'s surface, used only
     /// by ``tests/test_native_core.py``): make the thread panic, to check that the failure
@@ -852,7 +954,7 @@ impl Core {
         &self,
         request: Py<PyAny>,
         port: Py<PyAny>,
-        window: PyRef<'_, WindowCounters>,
+        window: &Bound<'_, WindowCounters>,
         inbox: PyRef<'_, Inbox>,
         host: &str,
         port_number: u16,
@@ -872,13 +974,19 @@ impl Core {
         };
         let options = stream_options(options, active)?;
         let index = inbox.index;
+        // Configured here, on the loop's thread, before the owner can use it.
+        let shared = &window.get().shared;
+        let counters = Arc::clone(&self.counters);
+        shared.receive.configure(options.flow.watermarks, counters);
+        let (port, overhead) = port_target(port, window)?;
         self.shared.commands.put(Command::Connect {
             request: target(request),
-            port: target(port),
-            window: window.shared.clone(),
+            port,
+            window: Arc::clone(shared),
             inbox: index,
             address,
             options,
+            overhead,
         });
         Ok(())
     }
@@ -910,6 +1018,8 @@ impl Core {
             listener: Arc::new(PyTarget {
                 obj: listener,
                 make_port: Some(make_port),
+                window: None,
+                sizes: None,
             }),
             inbox: index,
             socket,
@@ -941,22 +1051,48 @@ impl Core {
     /// Bytes written, all sockets.
     #[getter]
     fn bytes_out(&self) -> u64 {
-        self.shared.bytes_out.load(Ordering::Relaxed)
+        self.charges.bytes_out()
     }
-    /// Bytes delivered to the loops, all ports.
+    /// Bytes delivered to the loops, all ports (charged: packets with their overhead).
     #[getter]
     fn delivered_bytes(&self) -> u64 {
-        self.shared.delivered_bytes.load(Ordering::Relaxed)
+        self.charges.delivered_total()
     }
     /// Queued output dropped because its port closed or broke.
     #[getter]
     fn bytes_discarded(&self) -> u64 {
-        self.shared.bytes_discarded.load(Ordering::Relaxed)
+        self.charges.bytes_discarded()
     }
     /// Bytes of written or discarded buffers not yet handed back and dropped by a drain.
     #[getter]
     fn bytes_held(&self) -> u64 {
-        self.shared.bytes_held.load(Ordering::Relaxed)
+        self.charges.pinned()
+    }
+    /// Bytes charged to the memory budget now (`flow::Charges::in_use`): input delivered
+    /// and not taken, framing buffers and held packets, output queued and not written,
+    /// and buffers held until a loop drops them.
+    fn memory_in_use(&self) -> i64 {
+        self.charges.in_use(std::slice::from_ref(&self.counters))
+    }
+    /// The most bytes in use at the start of a round (``memory_limit`` set; else 0).
+    #[getter]
+    fn peak_memory(&self) -> u64 {
+        self.shared.peak_memory.load(Ordering::Relaxed)
+    }
+    /// Reads paused by the memory budget, ever.
+    #[getter]
+    fn global_pauses(&self) -> u64 {
+        self.shared.global_pauses.load(Ordering::Relaxed)
+    }
+    /// Reads into the budget's reserve for waiting owners, ever.
+    #[getter]
+    fn reserve_reads(&self) -> u64 {
+        self.shared.reserve_reads.load(Ordering::Relaxed)
+    }
+    /// Closed stream ports reset because their output was not written within ``linger``.
+    #[getter]
+    fn linger_timeouts(&self) -> u64 {
+        self.shared.linger_timeouts.load(Ordering::Relaxed)
     }
     /// Sockets open now.
     #[getter]

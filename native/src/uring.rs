@@ -84,8 +84,9 @@ impl Backend {
 /// The io_uring backend's state: the ring and its per-round scratch.
 pub struct Uring {
     ring: Ring,
-    /// This round's receives: `(slot, port id)`, and their `(fd, bytes at most)`.
-    receiving: Vec<(usize, u64)>,
+    /// This round's receives: `(slot, port id, bytes of headroom held)`, and their `(fd,
+    /// bytes at most)`.
+    receiving: Vec<(usize, u64, u64)>,
     receives: Vec<(RawFd, usize)>,
     /// This round's sends: `(slot, port id, bytes asked)`.
     sending: Vec<(usize, u64, usize)>,
@@ -156,9 +157,21 @@ impl IoThread {
                 Some(Entry::Stream(mut s)) => {
                     s.in_ready = false;
                     if Self::may_read(&s) && s.readable {
-                        if u.receiving.len() < u.ring.max_receives() {
-                            u.receiving.push((slot, s.conn.id));
-                            u.receives.push((s.sock.as_raw_fd(), self.buffer.len()));
+                        // After the round's first read, only reads the budget admits whole
+                        // (its headroom less what the reads before may be charged): the
+                        // others wait a round, as one read at a time would see them.
+                        let fits = u.receiving.is_empty() || self.budget.fits(&s.flow);
+                        if u.receiving.len() < u.ring.max_receives() && fits {
+                            // The budget, as read_ready asks it: None pauses the port (the
+                            // round that lets it go, or its owner's cmd_want, schedules it).
+                            if let Some(grant) = self.budget.admit_read(&mut s.flow) {
+                                let max = grant.max.min(self.buffer.len());
+                                let held = self.budget.hold(&s.flow, max);
+                                u.receiving.push((slot, s.conn.id, held));
+                                u.receives.push((s.sock.as_raw_fd(), max));
+                            } else {
+                                s.conn.publish(&s.flow);
+                            }
                         } else {
                             s.in_ready = true; // next round
                             self.ready.push(slot);
@@ -235,7 +248,8 @@ impl IoThread {
             .uring_submissions
             .fetch_add(submitted, Ordering::Relaxed);
         // What follows each, in order: the reads, then the writes.
-        for (index, &(slot, id)) in u.receiving.iter().enumerate() {
+        for (index, &(slot, id, held)) in u.receiving.iter().enumerate() {
+            self.budget.release_hold(held);
             let Some(mut s) = self.take_stream(slot, id) else {
                 continue;
             };
@@ -246,7 +260,7 @@ impl IoThread {
                 }
                 errno => Err(io::Error::from_raw_os_error(-errno)),
             };
-            if self.after_read(&mut s, result) {
+            if self.after_read(&mut s, result, u.receives[index].1) {
                 self.put(Entry::Stream(s));
             }
         }
@@ -284,7 +298,8 @@ impl IoThread {
         if let Ok(mut failure) = self.shared.uring_failure.lock() {
             *failure = Some(format!("io_uring_enter failed: {error}"));
         }
-        for &(slot, id) in &u.receiving {
+        for &(slot, id, held) in &u.receiving {
+            self.budget.release_hold(held); // never made
             if let Some(mut s) = self.take_stream(slot, id) {
                 if !s.in_ready {
                     s.in_ready = true;

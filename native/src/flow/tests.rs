@@ -350,6 +350,64 @@ fn output_and_loops_count_in_the_budget() {
     assert_eq!(budget.in_use(), -175);
 }
 
+#[test]
+fn a_window_configured_late_counts_what_its_loop_half_assigns() {
+    // A Python loop half assigns its counters (`window.consumed_bytes += charge`) on a
+    // window made before its options: configured once, by the loop half, before the I/O
+    // half gets it; what the loop half assigns is counted for the budget from then on.
+    let counters = Arc::new(LoopCounters::new());
+    let mut budget = Budget::new(Some(1 << 20), None, READ);
+    budget.add_loop(Arc::clone(&counters));
+    let window = Arc::new(Window::unconfigured());
+    assert_eq!(window.watermarks(), Watermarks::NONE);
+    window.set_consumed_bytes(0); // the Python window's __init__: nothing counted
+    assert!(window.configure(marks(100, 10), Arc::clone(&counters)));
+    assert!(
+        !window.configure(marks(1, 1), Arc::clone(&counters)),
+        "once"
+    );
+    assert_eq!(window.watermarks(), marks(100, 10));
+    let mut flow = ReceiveFlow::new(Arc::clone(&window), 0, ACTIVE_TRUE, 0);
+    window.queued_output(40);
+    flow.deliver(&mut budget, &[70, 30]);
+    assert_eq!(budget.in_use(), 140);
+    // The owner takes the first message: its assignments, messages then bytes.
+    window.set_consumed_messages(1);
+    window.set_consumed_bytes(70);
+    assert_eq!(window.consumed(), (70, 1));
+    assert_eq!(budget.in_use(), 70);
+    // The pinned buffers count until the loop drops them.
+    budget.wrote(40);
+    budget.charges().pin(40);
+    assert_eq!(budget.charges().in_use(&[Arc::clone(&counters)]), 70);
+    budget.charges().unpin(40);
+    assert_eq!(budget.in_use(), 30);
+}
+
+#[test]
+fn a_message_handed_to_the_port_ends_its_task_s_wait() {
+    // The native loop half marks the wait as a task parks (set_waiting) and clears it as
+    // the drain hands the port a message (task_woken): a waiting owner is then one that
+    // parked since its last message, and has taken everything.
+    let (window, _) = window(Watermarks::NONE);
+    let mut budget = Budget::new(Some(1 << 20), None, READ);
+    let mut flow = ReceiveFlow::new(Arc::clone(&window), 0, ACTIVE_TRUE, 0);
+    assert!(!window.set_waiting(true), "not paused by the budget");
+    assert!(flow.owner_waits());
+    flow.deliver(&mut budget, &[10]);
+    assert!(!flow.owner_waits(), "a message waits for it");
+    window.task_woken();
+    assert!(!window.waiting());
+    window.set_consumed_messages(1);
+    window.set_consumed_bytes(10);
+    assert!(
+        !flow.owner_waits(),
+        "it took the message and did not park again"
+    );
+    window.set_waiting(true);
+    assert!(flow.owner_waits());
+}
+
 // -- a model of both halves, through random interleavings ------------------------------------
 
 #[derive(Clone, Debug)]
