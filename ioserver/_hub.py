@@ -238,8 +238,9 @@ class Hub(Parker):
         self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.stage
         self.cmd_send = io.send_command  # bound once: ports queue it with every send
         self.loop: Any = None  # asyncio's loop, for the ports' inlined park
-        # The loop's side of the memory budget: bytes its ports queued for output and bytes
-        # of input their owners took.  Written here, read by the I/O thread.
+        # The loop's side of the Python core's memory budget: bytes its ports queued for
+        # output and bytes of input their owners took.  Written here, read by the I/O
+        # thread.  (A port with a native window counts its own, in the native budget.)
         self.queued_bytes = 0
         self.consumed_bytes = 0
         io.budget.owners.append(self)

@@ -188,9 +188,9 @@ class _PortBase(Source):
         window = self._window
         took = window.took
         if took is not None:
-            # The native core's window counts and reads the pause in one call.
+            # The native core's window counts (for its budget too) and reads the pause in
+            # one call; the hub's counters are the Python core's budget's, not its.
             size = len(data) if window.sizes is None else window.sizes.popleft()
-            self._hub.consumed_bytes += size
             generation = took(size)
             if generation is not None:
                 self._submit((self._io.cmd_resume, self._conn, generation))
@@ -382,7 +382,6 @@ class _PortBase(Source):
             took = window.took
             if took is not None:
                 size = len(data) if window.sizes is None else window.sizes.popleft()
-                hub.consumed_bytes += size
                 generation = took(size)
                 if generation is not None:
                     self._submit((self._io.cmd_resume, self._conn, generation))
@@ -669,8 +668,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 f"{window.queued_bytes - conn.bytes_out} queued; the port is closed",
                 errno_name="ENOBUFS",
             )
-        window.queued_bytes += size
-        self._hub.queued_bytes += size
+        window.queued_bytes += size  # the native core's window counts it for its budget
+        if window.took is None:  # the Python core's budget counts it in the hub
+            self._hub.queued_bytes += size
         self._submit((self._io.send_command, conn, data))
 
     @property
@@ -743,7 +743,6 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 # The native core checks the watermark, counts queued_bytes and queues
                 # the command in one call; False: busy (nothing queued), the slow path.
                 if native_send(conn, message, self._high_watermark):
-                    hub.queued_bytes += len(message)
                     return
             elif window.queued_bytes - conn.bytes_out <= self._high_watermark:  # type: ignore[union-attr]
                 # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
