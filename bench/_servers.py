@@ -35,13 +35,14 @@ class Server:
     """A server to benchmark: argv gets ``--port PORT`` appended, then ``extra``.
 
     ``is_ioserver``: run it with the repository root on PYTHONPATH; ``skip_reason``: why it
-    cannot run here (None if it can)."""
+    cannot run here (None if it can); ``env``: environment variables set for it."""
 
     name: str
     argv: tuple[str, ...]
     extra: tuple[str, ...] = ()
     is_ioserver: bool = False
     skip_reason: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
 
     def command(self, port: int) -> list[str]:
         return [*self.argv, "--port", str(port), *self.extra]
@@ -97,6 +98,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def running(server: Server, port: int, stderr: IO[str]) -> Iterator[subprocess.Popen[bytes]]:
     """Run the server in its own session until it accepts a connection; always stop it."""
     env = dict(os.environ)
+    env.update(server.env)
     if server.is_ioserver:  # let examples/echo.py import the package from the checkout
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(

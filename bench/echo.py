@@ -21,6 +21,11 @@ usage:
                        [--only NAME[,NAME...]] [--ioserver-args "..."] [--variant NAME="args"]...
                        [--framed] [--json FILE]
 
+Each run also reads the server's CPU time per thread from /proc/PID/task/*/stat over the
+measured seconds (Linux), and reports it in microseconds per message: ``main µs/msg`` is the
+process's main thread (the event loop), ``other µs/msg`` every other thread together (the I/O
+thread of ioserver, Python's or the native one; 0 for the one-thread servers).
+
 Prints one line per server per round, then a table with each server's best run and, for every
 ioserver variant, ratio = ioserver msgs/s / that server's msgs/s (above 1: ioserver is faster) and
 p99 ratio = ioserver p99 / that server's p99 (below 1: ioserver's tail latency is lower). With
@@ -42,6 +47,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +94,9 @@ class Result:
     p99_us: float
     p999_us: float
     lg_cpu: float
+    #: CPU µs per message of the server's main thread and of its other threads (None: no /proc)
+    main_us: float | None = None
+    other_us: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +242,25 @@ def parse_loadgen(line: str) -> dict[str, float]:
     return {k: float(v.rstrip("%")) for k, v in fields.items()}
 
 
+def thread_cpu(pid: int) -> dict[int, float] | None:
+    """CPU seconds (user + system) of each thread of process ``pid``, by thread id, from
+    /proc/PID/task/*/stat; None where there is no /proc."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    times: dict[int, float] = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended
+        times[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return times
+
+
 def measure(
     server: EchoServer, rnd: int, loadgen: Path, args: argparse.Namespace, tmp: Path
 ) -> Result:
@@ -251,13 +279,15 @@ def measure(
             server.framing,
         ]
         try:
-            done = subprocess.run(
-                cmd,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=args.warmup + args.seconds + LOADGEN_SLACK_S,
-            )
+            with subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ) as generator:
+                # The CPU of the measured seconds only: after the warm-up, until the end.
+                time.sleep(args.warmup)
+                cpu_before = thread_cpu(proc.pid)
+                stdout, stderr = generator.communicate(timeout=args.seconds + LOADGEN_SLACK_S)
+                cpu_after = thread_cpu(proc.pid)
+            done = subprocess.CompletedProcess(cmd, generator.returncode, stdout, stderr)
         except subprocess.TimeoutExpired as e:
             raise RunFailed(
                 f"load generator did not finish in {e.timeout:.0f} s",
@@ -272,9 +302,23 @@ def measure(
         if done.returncode != 0:
             raise RunFailed(lg_said, f"server still running; its stderr:\n{tail(err)}")
     f = parse_loadgen(done.stdout)
+    main_us = other_us = None
+    if cpu_before is not None and cpu_after is not None and f.get("msgs_s"):
+        messages = f["msgs_s"] * args.seconds
+        spent = {tid: cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after}
+        main_us = spent.get(proc.pid, 0.0) * 1e6 / messages
+        other_us = sum(t for tid, t in spent.items() if tid != proc.pid) * 1e6 / messages
     try:
         return Result(
-            server.name, rnd, f["msgs_s"], f["p50_us"], f["p99_us"], f["p999_us"], f["lg_cpu"]
+            server.name,
+            rnd,
+            f["msgs_s"],
+            f["p50_us"],
+            f["p99_us"],
+            f["p999_us"],
+            f["lg_cpu"],
+            main_us,
+            other_us,
         )
     except KeyError as e:
         raise RunFailed("unexpected load generator output", repr(done.stdout)) from e
@@ -301,7 +345,17 @@ def print_table(
     ratio_heads: list[str] = []
     for v in variants:
         ratio_heads += ["ratio", "p99 ratio"] if one else [f"{v.name} ratio", f"{v.name} p99r"]
-    heads = ["server", "msgs/s", "p50 µs", "p99 µs", "p99.9 µs", "lg cpu", *ratio_heads]
+    heads = [
+        "server",
+        "msgs/s",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "lg cpu",
+        "main µs/msg",
+        "other µs/msg",
+        *ratio_heads,
+    ]
     rows: list[list[str]] = []
     notes: dict[str, str] = {}  # skipped or failed servers: why, instead of figures
     ratios: dict[str, dict[str, dict[str, float | None]]] = {v.name: {} for v in variants}
@@ -318,6 +372,8 @@ def print_table(
             f"{r.p99_us:.0f}",
             f"{r.p999_us:.0f}",
             f"{r.lg_cpu:.0f}%",
+            "n/a" if r.main_us is None else f"{r.main_us:.2f}",
+            "n/a" if r.other_us is None else f"{r.other_us:.2f}",
         ]
         for v in variants:
             if v.name == s.name:
@@ -474,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{label} msgs/s={r.msgs_s:>9,.0f}  p50={r.p50_us:>6.0f} µs  "
                     f"p99={r.p99_us:>6.0f} µs  p99.9={r.p999_us:>6.0f} µs  "
-                    f"lg_cpu={r.lg_cpu:.0f}%{warn}",
+                    f"lg_cpu={r.lg_cpu:.0f}%  cpu/msg main={r.main_us or 0:.2f} "
+                    f"other={r.other_us or 0:.2f} µs{warn}",
                     flush=True,
                 )
                 if s.name not in best or r.msgs_s > best[s.name].msgs_s:

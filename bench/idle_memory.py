@@ -1,4 +1,4 @@
-"""Memory per idle connection: ioserver's examples/echo.py against an asyncio streams echo server.
+"""Memory per idle connection: ioserver on each I/O core against asyncio and uvloop streams.
 
 For each server: starts it as a subprocess (own session) on a free loopback port, waits until it
 accepts connections, opens ``--warm`` connections and echoes one byte on each (so one-time costs
@@ -9,16 +9,28 @@ each (so the server has accepted every one and set it up for reading), lets them
 holds per idle connection; kernel socket memory is not in RSS and not counted. Then it closes the
 connections and stops the server (SIGTERM to its process group, SIGKILL after 5 s).
 
-Servers (``--only`` names):
-  ioserver         examples/echo.py --port PORT (asyncio backend; uvloop when installed)
-  ioserver-trio    examples/echo.py --port PORT --backend trio
-  ioserver-ports   bench/servers/ioserver_ports_only.py: ports owned by one Mailbox, no task
-                   per connection - ioserver's own cost per connection, without an actor
-  asyncio          asyncio streams (bench/servers/asyncio_streams.py), one task per connection
+With ``--split`` (the default) each Python server runs a second time under
+bench/servers/traced.py, which turns tracemalloc on and reports the bytes it traces: the growth of
+that figure per connection is the **Python part** (objects and their buffers: the port, its
+window, the Conn handle, addresses, and for echo.py the actor's task and coroutines); RSS growth
+less it is the **native part** (the native core's Rust state per connection, CPython's own C
+structures, allocator overhead). Tracing costs memory of its own, so RSS comes from the untraced
+run.
+
+Servers (``--only`` names; CORE is each of ``--cores``, default native and python):
+  ioserver-CORE        examples/echo.py --port PORT --core CORE (asyncio; uvloop when installed):
+                       one actor (an anyio task) per connection
+  ioserver-trio-CORE   the same with --backend trio
+  ioserver-ports-CORE  bench/servers/ioserver_ports_only.py (IOSERVER_CORE=CORE): ports owned by
+                       one Mailbox, no task per connection - ioserver's own cost per connection
+  asyncio              asyncio streams (bench/servers/asyncio_streams.py), one task per connection
+  uvloop               the same streams server on uvloop
+  uvloop-protocol      a bare asyncio.Protocol on uvloop (bench/servers/uvloop_protocol.py), no task
 
 usage:
   python bench/idle_memory.py [--conns 10000] [--warm 100] [--settle 1] [--only NAME[,NAME...]]
-                              [--ioserver-args "..."] [--json FILE]
+                              [--cores native,python] [--no-split] [--ioserver-args "..."]
+                              [--json FILE]
 
 Both this process (the client) and each server need conns + warm + a few descriptors; the script
 raises its soft RLIMIT_NOFILE to the hard limit, and the servers inherit it.
@@ -46,11 +58,13 @@ from _servers import BENCH_DIR, REPO_ROOT, RunFailed, Server, free_port, running
 IOSERVER_ECHO = REPO_ROOT / "examples" / "echo.py"
 ASYNCIO_STREAMS = BENCH_DIR / "servers" / "asyncio_streams.py"
 PORTS_ONLY = BENCH_DIR / "servers" / "ioserver_ports_only.py"
+TRACED = BENCH_DIR / "servers" / "traced.py"
+UVLOOP_PROTOCOL = BENCH_DIR / "servers" / "uvloop_protocol.py"
 
 IO_TIMEOUT_S = 10.0  # per connect / echo on one socket
 BATCH = 500  # connections opened before their echoes are awaited (below the backlog of 1024)
 FD_MARGIN = 64  # descriptors besides the connections: listener, epoll, pipes, stdio...
-GOAL_BYTES = 2048  # the issue's target for ioserver: <= 2 KiB per idle connection
+GOAL_BYTES = 1024  # issue 14's target for ioserver's own part: <= 1 KiB per idle connection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,36 +73,70 @@ class Result:
     conns: int
     rss_before: int  # bytes, after the warm-up connections
     rss_after: int  # bytes, with conns more connections idle
+    traced_before: int | None = None  # bytes tracemalloc traced (the --split run), or None
+    traced_after: int | None = None
 
     @property
     def per_conn(self) -> float:
         return (self.rss_after - self.rss_before) / self.conns
 
+    @property
+    def python_per_conn(self) -> float | None:
+        """The Python part per connection (tracemalloc's growth), or None without --split."""
+        if self.traced_before is None or self.traced_after is None:
+            return None
+        return (self.traced_after - self.traced_before) / self.conns
 
-def servers(ioserver_args: str) -> list[Server]:
+
+def servers(ioserver_args: str, cores: list[str]) -> list[Server]:
     py = sys.executable
     no_ioserver = None if IOSERVER_ECHO.is_file() else f"{IOSERVER_ECHO} does not exist"
     no_trio = None if importlib.util.find_spec("trio") else "trio is not importable"
+    no_uvloop = None if importlib.util.find_spec("uvloop") else "uvloop is not importable"
     common = tuple(shlex.split(ioserver_args))
     echo = (py, str(IOSERVER_ECHO))
+    chosen: list[Server] = []
+    for core in cores:
+        # The ports-only server takes no --core: the environment chooses its core.
+        env = (("IOSERVER_CORE", core),)
+        chosen += [
+            Server(
+                f"ioserver-{core}",
+                echo,
+                ("--core", core, *common),
+                is_ioserver=True,
+                skip_reason=no_ioserver,
+                env=env,
+            ),
+            Server(
+                f"ioserver-trio-{core}",
+                echo,
+                ("--backend", "trio", "--core", core, *common),
+                is_ioserver=True,
+                skip_reason=no_ioserver or no_trio,
+                env=env,
+            ),
+            Server(
+                f"ioserver-ports-{core}",
+                (py, str(PORTS_ONLY)),
+                common,
+                is_ioserver=True,
+                skip_reason=no_ioserver,
+                env=env,
+            ),
+        ]
     return [
-        Server("ioserver", echo, common, is_ioserver=True, skip_reason=no_ioserver),
-        Server(
-            "ioserver-trio",
-            echo,
-            ("--backend", "trio", *common),
-            is_ioserver=True,
-            skip_reason=no_ioserver or no_trio,
-        ),
-        Server(
-            "ioserver-ports",
-            (py, str(PORTS_ONLY)),
-            common,
-            is_ioserver=True,
-            skip_reason=no_ioserver,
-        ),
+        *chosen,
         Server("asyncio", (py, str(ASYNCIO_STREAMS))),
+        Server("uvloop", (py, str(ASYNCIO_STREAMS)), ("--uvloop",), skip_reason=no_uvloop),
+        Server("uvloop-protocol", (py, str(UVLOOP_PROTOCOL)), skip_reason=no_uvloop),
     ]
+
+
+def traced(server: Server, outfile: Path) -> Server:
+    """``server`` run under bench/servers/traced.py, which reports tracemalloc's bytes."""
+    py, script, *rest = server.argv
+    return dataclasses.replace(server, argv=(py, str(TRACED), str(outfile), script, *rest))
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +201,20 @@ def settled_rss(pid: int, settle: float) -> int:
     return rss
 
 
-def measure(server: Server, args: argparse.Namespace, tmp: Path) -> Result:
+def read_traced(path: Path, settle: float) -> int:
+    """The bytes traced.py reported last, after ``settle`` seconds (at least two reports)."""
+    time.sleep(max(settle, 0.5))
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunFailed(f"no tracemalloc report in {path}: {e}") from e
+
+
+def measure(
+    server: Server, args: argparse.Namespace, tmp: Path, trace: Path | None = None
+) -> Result:
+    """RSS before and after ``--conns`` idle connections; with ``trace`` (the server runs
+    under traced.py, writing there) tracemalloc's bytes instead, in ``traced_*``."""
     port = free_port()
     conns: list[socket.socket] = []
     deadline = time.monotonic() + args.timeout
@@ -161,8 +222,10 @@ def measure(server: Server, args: argparse.Namespace, tmp: Path) -> Result:
         try:
             open_echoed(port, args.warm, conns, deadline)
             before = settled_rss(proc.pid, args.settle)
+            traced_before = None if trace is None else read_traced(trace, args.settle)
             open_echoed(port, args.conns, conns, deadline)
             after = settled_rss(proc.pid, args.settle)
+            traced_after = None if trace is None else read_traced(trace, args.settle)
             if proc.poll() is not None:
                 raise RunFailed(f"server exited with status {proc.returncode}\n{tail(err)}")
         except RunFailed as e:
@@ -170,7 +233,7 @@ def measure(server: Server, args: argparse.Namespace, tmp: Path) -> Result:
         finally:
             for s in conns:
                 s.close()
-    return Result(server.name, args.conns, before, after)
+    return Result(server.name, args.conns, before, after, traced_before, traced_after)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,13 +251,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=1.0, help="seconds idle before each RSS read")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per server")
     p.add_argument(
-        "--only", metavar="NAME[,NAME]", help="ioserver, ioserver-trio, ioserver-ports, asyncio"
+        "--only",
+        metavar="NAME[,NAME]",
+        help="ioserver-CORE, ioserver-trio-CORE, ioserver-ports-CORE, asyncio, uvloop, "
+        "uvloop-protocol",
+    )
+    p.add_argument(
+        "--cores",
+        default="native,python",
+        metavar="CORE[,CORE]",
+        help="the I/O cores the ioserver servers run on",
+    )
+    p.add_argument(
+        "--no-split",
+        dest="split",
+        action="store_false",
+        help="skip the tracemalloc run that splits the Python part from the native part",
     )
     p.add_argument(
         "--ioserver-args",
         default="",
         metavar='"ARGS"',
-        help='extra args for both ioserver servers, e.g. "--no-uvloop"',
+        help='extra args for the ioserver servers, e.g. "--no-uvloop"',
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     a = p.parse_args(argv)
@@ -212,11 +290,19 @@ def kib(n: float) -> str:
     return f"{n / 1024:.2f} KiB"
 
 
+def parts(r: Result) -> str:
+    python = r.python_per_conn
+    if python is None:
+        return ""
+    return f"  (Python {python:6,.0f} B, native and other {r.per_conn - python:6,.0f} B)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, exit_on_signal)
-    chosen = servers(args.ioserver_args)
+    cores = [c.strip() for c in args.cores.split(",") if c.strip()]
+    chosen = servers(args.ioserver_args, cores)
     if args.only:
         wanted = {n.strip() for n in args.only.split(",") if n.strip()}
         unknown = wanted - {s.name for s in chosen}
@@ -232,22 +318,29 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Result] = {}
     failed: dict[str, str] = {}
+    width = max((len(s.name) for s in chosen), default=14)
     with tempfile.TemporaryDirectory(prefix="ioserver-idle-") as tmpdir:
         for s in chosen:
             if s.skip_reason:
-                print(f"{s.name:<14} skipped: {s.skip_reason}")
+                print(f"{s.name:<{width}} skipped: {s.skip_reason}")
                 continue
             try:
                 r = measure(s, args, Path(tmpdir))
+                if args.split:
+                    report = Path(tmpdir) / f"{s.name}.traced"
+                    t = measure(traced(s, report), args, Path(tmpdir), trace=report)
+                    r = dataclasses.replace(
+                        r, traced_before=t.traced_before, traced_after=t.traced_after
+                    )
             except RunFailed as e:
                 failed[s.name] = str(e)
-                print(f"{s.name:<14} FAILED: " + str(e).replace("\n", "\n    "), flush=True)
+                print(f"{s.name:<{width}} FAILED: " + str(e).replace("\n", "\n    "), flush=True)
                 continue
             results[s.name] = r
             mib_before, mib_after = r.rss_before / 2**20, r.rss_after / 2**20
             print(
-                f"{s.name:<14} RSS {mib_before:7.1f} MiB -> {mib_after:7.1f} MiB"
-                f"  = {r.per_conn:8,.0f} B ({kib(r.per_conn)}) per idle connection",
+                f"{s.name:<{width}} RSS {mib_before:7.1f} MiB -> {mib_after:7.1f} MiB"
+                f"  = {r.per_conn:7,.0f} B ({kib(r.per_conn)}) per idle connection" + parts(r),
                 flush=True,
             )
 
@@ -263,10 +356,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"ratio {name}/asyncio = {ratios[name]:.2f}x per connection "
                 f"({extra:+,.0f} B = {extra / 1024:+.2f} KiB)"
             )
-    for name, r in results.items():
-        if name.startswith("ioserver"):
-            verdict = "meets" if r.per_conn <= GOAL_BYTES else "misses"
-            print(f"{name}: {kib(r.per_conn)} per idle connection {verdict} the <= 2 KiB goal")
+    # ioserver's own part: the ports-only server's whole growth (the I/O half and the
+    # port objects, no actor; its owner Mailbox's set of ports is in it too), split into
+    # the native part and the Python part; echo.py's Python part beyond it is the actor.
+    for core in cores:
+        ports_only = results.get(f"ioserver-ports-{core}")
+        if ports_only is None:
+            continue
+        verdict = "meets" if ports_only.per_conn <= GOAL_BYTES else "misses"
+        line = (
+            f"{core} core: ioserver's own part (ports-only) {kib(ports_only.per_conn)} per idle "
+            f"connection {verdict} the <= 1 KiB goal"
+        )
+        python = ports_only.python_per_conn
+        if python is not None:
+            line += f": native and other {kib(ports_only.per_conn - python)}, Python {kib(python)}"
+            echo = results.get(f"ioserver-{core}")
+            if echo is not None and echo.python_per_conn is not None:
+                actor = echo.python_per_conn - python
+                line += f"; echo.py's actor (its task, Python) {kib(actor)} more"
+        print(line)
 
     if args.json:
         doc: dict[str, Any] = {
@@ -274,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "servers": {s.name: [*s.argv, "--port", "PORT", *s.extra] for s in chosen},
             "results": {
-                k: {**dataclasses.asdict(v), "per_conn_bytes": v.per_conn}
+                k: {
+                    **dataclasses.asdict(v),
+                    "per_conn_bytes": v.per_conn,
+                    "python_per_conn_bytes": v.python_per_conn,
+                }
                 for k, v in results.items()
             },
             "failed": failed,

@@ -50,6 +50,8 @@ _RUN_OPTIONS = {
     "--uvloop": 0,
     "--no-uvloop": 0,
     "--poller": 1,
+    "--core": 1,
+    "--io-backend": 1,
     "--log-level": 1,
     "--log-format": 1,
     "--log-config": 1,
@@ -154,7 +156,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="run an app on an embedded I/O thread",
         description="Run APP's main(ios, argv) on an embedded I/O thread.  The arguments "
         "after APP go to the app (its --help too), except --backend, --uvloop/--no-uvloop, "
-        "--poller and the --log-* options; everything after -- goes to the app.",
+        "--poller, --core, --io-backend and the --log-* options; everything after -- goes "
+        "to the app.",
     )
     run_parser.add_argument("app", help="file.py[:function] or package.module[:function]")
     run_parser.add_argument(
@@ -167,6 +170,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="on asyncio, use uvloop (default: when installed)",
     )
     _add_poller(run_parser)
+    run_parser.add_argument(
+        "--core",
+        choices=("python", "native"),
+        default=None,
+        help="the I/O core: python (every port kind) or native (the I/O thread in Rust, "
+        "TCP, raw or 1/2/4/line packets, so far); default: $IOSERVER_CORE, else python",
+    )
+    run_parser.add_argument(
+        "--io-backend",
+        choices=("epoll", "io_uring"),
+        default=None,
+        help="the native core's reads and writes: epoll (a syscall each) or io_uring (a "
+        "round's in one io_uring_enter); default: $IOSERVER_IO_BACKEND, else io_uring where "
+        "the kernel allows it, else epoll",
+    )
     _add_logging(run_parser, "INFO")
     from ._control import ControlLimits
 
@@ -353,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=options.backend,
             use_uvloop=options.uvloop,
             poller=options.poller,
+            core=options.core,
+            io_backend=options.io_backend,
         )
     except KeyboardInterrupt:
         log.info("interrupted; stopped")

@@ -120,7 +120,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sized
-from typing import Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from ._framing import Framer
 from ._options import Watermarks
@@ -197,6 +197,10 @@ class Window:
         #: generation) and of the port's end through these; None for a local port.
         self.on_pause: Callable[[int], None] | None = None
         self.on_gone: Callable[[], None] | None = None
+
+    #: The native core's window counts a take in one call (``NativeWindow.took``); None
+    #: here: the loop half updates the counters above itself.
+    took: ClassVar[Callable[..., int | None] | None] = None
 
     def charge(self, data: Sized) -> int:
         """The bytes a delivered message's payload ``data`` is charged (see the module

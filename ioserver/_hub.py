@@ -226,7 +226,9 @@ class Hub(Parker):
     def __init__(self, io: IOThread) -> None:
         super().__init__()
         self.io = io
-        self.inbox: WakeupQueue[tuple[Any, Any]] = WakeupQueue()
+        # The I/O half makes the inbox: a WakeupQueue the Python I/O thread fills, or a
+        # native one (ioserver._native_core) with the same consumer side.
+        self.inbox: WakeupQueue[tuple[Any, Any]] = io.make_inbox(self)
         self.stopped = False
         self.drains = 0
         self.flushes = 0  # wake-ups of the I/O thread at a flush point
@@ -236,11 +238,11 @@ class Hub(Parker):
         self.deliver: Callable[[tuple[Any, Any]], None] = self.inbox.stage
         self.cmd_send = io.send_command  # bound once: ports queue it with every send
         self.loop: Any = None  # asyncio's loop, for the ports' inlined park
-        # The loop's side of the memory budget: bytes its ports queued for output and bytes
-        # of input their owners took.  Written here, read by the I/O thread.
+        # The loop's side of the Python core's memory budget: bytes its ports queued for
+        # output and bytes of input their owners took.  Written here, read by the I/O
+        # thread.  (A port with a native window counts its own, in the native budget.)
         self.queued_bytes = 0
         self.consumed_bytes = 0
-        io.add_inbox(self.inbox)
         io.budget.owners.append(self)
         _HUBS.add(self)
 
@@ -382,6 +384,8 @@ class AsyncioHub(Hub, AsyncioParker):
 
 def make_hub(io: IOThread) -> Hub:
     """The hub for the event loop running this task (trio, or asyncio through anyio)."""
+    # An I/O half may bring its own hubs (the native core's drain its native inbox).
+    hub_classes: tuple[type[Hub], type[Hub]] = getattr(io, "hub_classes", (TrioHub, AsyncioHub))
     if current_parker().is_trio:
-        return TrioHub(io)
-    return AsyncioHub(io)
+        return hub_classes[0](io)
+    return hub_classes[1](io)

@@ -61,7 +61,7 @@ from ._aio import BatchWriter, open_batch_writer
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, errno_name
-from ._flow import UNLIMITED, MemoryBudget
+from ._flow import UNLIMITED, MemoryBudget, Window
 from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._options import apply_active_mode
@@ -121,6 +121,11 @@ class _WakeupSlot:
 
 class IOThread:
     """The I/O thread and its state.  Loops talk to it only through :meth:`submit`."""
+
+    #: Not the native core (``ioserver._native_core.NativeIOThread``).
+    native = False
+    #: The class of a port's flow-control window (the loop half makes it).
+    window_class = Window
 
     def __init__(
         self,
@@ -226,6 +231,12 @@ class IOThread:
     def submit(self, function: Callable[..., None], target: object, argument: object) -> None:
         """Queue ``function(target, argument)`` to run on the I/O thread."""
         self.commands.put((function, target, argument))
+
+    def make_inbox(self, hub: object) -> WakeupQueue[tuple[Any, Any]]:
+        """A new loop's inbox, which this thread fills (``hub`` drains it)."""
+        inbox: WakeupQueue[tuple[Any, Any]] = WakeupQueue()
+        self.add_inbox(inbox)
+        return inbox
 
     def add_inbox(self, inbox: WakeupQueue[tuple[Any, Any]]) -> None:
         """Make ``inbox`` one that is notified after every round (runs on the I/O thread)."""

@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
-from ._exceptions import ClosedPortError, OptionError
+from ._exceptions import ClosedPortError, NotSupportedError, OptionError
 from ._hub import Hub, make_hub
 from ._iothread import IOThread
 
-__all__ = ["IOServer", "IOServerStatistics", "open", "run"]
+__all__ = [
+    "CORE_ENVIRONMENT",
+    "IO_BACKEND_ENVIRONMENT",
+    "IOServer",
+    "IOServerStatistics",
+    "open",
+    "run",
+]
+
+#: The environment variable that names the default I/O core (``"python"`` or ``"native"``)
+#: where :func:`open` is not given one.
+CORE_ENVIRONMENT = "IOSERVER_CORE"
+
+#: The environment variable that names the native core's I/O backend (``"epoll"`` or
+#: ``"io_uring"``) where :func:`open` is not given one.  (``IOSERVER_BACKEND`` is
+#: ``ioserver serve --backend``'s, the event loop library.)
+IO_BACKEND_ENVIRONMENT = "IOSERVER_IO_BACKEND"
 
 T = TypeVar("T")
+
+#: The native core's I/O backends (see :func:`open`'s ``io_backend``).
+IO_BACKENDS = ("epoll", "io_uring")
 
 log = logging.getLogger("ioserver")
 
@@ -71,6 +91,14 @@ class IOServerStatistics:
     #: why batched writes stopped, if they did: the AIO context failed (e.g. its completions
     #: could not be collected) and the I/O thread writes port by port since; ``None``
     batched_writes_error: str | None = None
+    #: the I/O core: ``"python"`` (the I/O thread in Python) or ``"native"`` (in Rust)
+    core: str = "python"
+    #: how the native core's reads and writes reach the kernel: ``"epoll"`` (a syscall
+    #: each) or ``"io_uring"`` (a round's in one ``io_uring_enter``); ``None`` on the
+    #: Python core
+    io_backend: str | None = None
+    io_uring_enters: int = 0  #: ``io_uring_enter`` calls the native I/O thread made
+    io_uring_submissions: int = 0  #: receives and sends submitted through them
 
 
 class IOServer:
@@ -98,12 +126,24 @@ class IOServer:
         as ``"ports.open_udp"``, for a server that carries only some kinds).
 
         Raises:
-            ClosedPortError: the server is closed.
+            ClosedPortError: the server is closed (or its native I/O thread failed: the
+                message says how).
             NotSupportedError: this server cannot carry ``function``'s ports (a local
                 server carries every kind; see :class:`client.RemoteIOServer`).
         """
         if self._closed:
             raise ClosedPortError("this I/O server is closed")
+        failure = getattr(self._io, "failure", None)
+        if failure is not None:
+            raise ClosedPortError(f"this I/O server is closed: {failure}")
+        if getattr(self._io, "native", False) and function is not None:
+            from ._native_core import NATIVE_KINDS
+
+            if function not in NATIVE_KINDS:
+                raise NotSupportedError(
+                    f"{function} is not supported by the native core (core='native') yet: "
+                    "open the server with core='python'"
+                )
         return self._hub
 
     def statistics(self) -> IOServerStatistics:
@@ -140,6 +180,10 @@ class IOServer:
             flush_waits=io.flush_waits,
             flush_timeouts=io.flush_timeouts,
             batched_writes_error=io.batching_error,
+            core="native" if getattr(io, "native", False) else "python",
+            io_backend=getattr(io, "io_backend", None),
+            io_uring_enters=getattr(io, "io_uring_enters", 0),
+            io_uring_submissions=getattr(io, "io_uring_submissions", 0),
         )
 
     async def aclose(self) -> None:
@@ -164,6 +208,8 @@ async def open(
     poller: str | None = None,
     memory_limit: int | None = None,
     port_buffer_limit: int | None = None,
+    core: str | None = None,
+    io_backend: str | None = None,
 ) -> AsyncIterator[IOServer]:
     """Start an I/O thread for this event loop; stop it, closing every port, on exit.
 
@@ -195,10 +241,29 @@ async def open(
             assembled, undelivered input, queued output).  A port that passes it gets an
             :class:`~ioserver.Error` naming the limit, then ``Closed("ENOBUFS")``; a send
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
+        core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
+            in Python (every port kind; the default), or ``"native"``, the I/O thread in
+            Rust, which never takes the GIL (TCP ports, raw or with 1/2/4/line packets, so
+            far: other kinds and the msgpack and resp modes raise
+            :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
+            ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
+        io_backend: how the native core's reads and writes reach the kernel
+            (:doc:`/reference/cores`): ``"epoll"``, a ``read`` or ``writev`` syscall per port
+            as epoll reports it ready; ``"io_uring"``, each round's reads and writes in one
+            ``io_uring_enter`` (Linux; readiness still from epoll).  ``None``: the
+            environment variable ``IOSERVER_IO_BACKEND`` if set, else io_uring where the
+            kernel allows it and epoll where it refuses it.  ``statistics().io_backend``
+            says which runs.  The Python core makes a syscall per port: it takes ``None``
+            or ``"epoll"`` (its selector is ``poller``) and ignores the variable.
 
     Raises:
-        OptionError: an unknown poller (or one this platform lacks), a limit that is not
-            a positive int, or an event loop that is neither trio nor asyncio.
+        OptionError: an unknown poller (or one this platform lacks), an unknown core or
+            io_backend, a limit that is not a positive int, or an event loop that is
+            neither trio nor asyncio.
+        NotSupportedError: ``core="native"`` with a poller it does not have;
+            ``io_backend="io_uring"`` on the Python core, or where the kernel refuses
+            io_uring (``ENOSYS``, ``EPERM`` under a seccomp filter or
+            ``kernel.io_uring_disabled``, ``EOPNOTSUPP``: the message names it).
         PollerLimitError: ``poller="select"`` in a process whose descriptors already
             reach ``FD_SETSIZE``: the I/O thread's own wake-up descriptor is beyond it.
     """
@@ -211,7 +276,28 @@ async def open(
             isinstance(value, bool) or not isinstance(value, int) or value <= 0
         ):
             raise OptionError(f"{name} must be a positive int (bytes) or None, not {value!r}")
-    io = IOThread(poller=poller, memory_limit=memory_limit, port_buffer_limit=port_buffer_limit)
+    core = _choose_core(core)
+    io_backend = _choose_io_backend(io_backend, core)
+    if core == "native":
+        if poller not in (None, "epoll"):
+            raise NotSupportedError(
+                f"poller={poller!r} is not supported by the native core (core='native'): "
+                "it polls with epoll"
+            )
+        from ._native_core import NativeIOThread
+
+        # It implements what the loop half uses of IOThread (ioserver._contract.IOHalf
+        # and the statistics), not the rest: a structural stand-in, hence the cast.
+        io = cast(
+            IOThread,
+            NativeIOThread(
+                memory_limit=memory_limit,
+                port_buffer_limit=port_buffer_limit,
+                io_backend=io_backend,
+            ),
+        )
+    else:
+        io = IOThread(poller=poller, memory_limit=memory_limit, port_buffer_limit=port_buffer_limit)
     try:
         hub = make_hub(io)
     except BaseException:
@@ -238,6 +324,47 @@ async def open(
         raise
 
 
+def _choose_core(core: str | None) -> str:
+    """The core to run: ``core``, else ``$IOSERVER_CORE``, else ``"python"``.
+
+    Raises:
+        OptionError: not ``"python"`` or ``"native"``.
+    """
+    from_environment = core is None
+    if core is None:
+        core = os.environ.get(CORE_ENVIRONMENT) or "python"
+    if core not in ("python", "native"):
+        where = f" (from ${CORE_ENVIRONMENT})" if from_environment else ""
+        raise OptionError(f"core must be 'python' or 'native', not {core!r}{where}")
+    return core
+
+
+def _choose_io_backend(io_backend: str | None, core: str) -> str | None:
+    """The native core's I/O backend: ``io_backend``, else ``$IOSERVER_IO_BACKEND``, else
+    ``None`` (io_uring where the kernel allows it); always ``None`` for the Python core.
+
+    Raises:
+        OptionError: not ``"epoll"``, ``"io_uring"`` or ``None``.
+        NotSupportedError: ``"io_uring"`` given to the Python core.
+    """
+    from_environment = io_backend is None
+    if io_backend is None:
+        io_backend = os.environ.get(IO_BACKEND_ENVIRONMENT) or None
+    if io_backend is not None and io_backend not in IO_BACKENDS:
+        where = f" (from ${IO_BACKEND_ENVIRONMENT})" if from_environment else ""
+        raise OptionError(
+            f"io_backend must be 'epoll', 'io_uring' or None, not {io_backend!r}{where}"
+        )
+    if core != "native":
+        if io_backend == "io_uring" and not from_environment:
+            raise NotSupportedError(
+                "io_backend='io_uring' is the native core's (core='native'): the Python "
+                "core makes a syscall per port"
+            )
+        return None
+    return io_backend
+
+
 #: Seconds: the GIL switch interval :func:`run` sets (see its ``switch_interval``).
 SWITCH_INTERVAL = 0.001
 
@@ -251,6 +378,8 @@ def run(
     memory_limit: int | None = None,
     switch_interval: float | None = SWITCH_INTERVAL,
     poller: str | None = None,
+    core: str | None = None,
+    io_backend: str | None = None,
 ) -> T | None:
     """Run ``main(ios, *args)`` on a new event loop with an embedded I/O server.
 
@@ -266,6 +395,9 @@ def run(
         memory_limit: the I/O server's global budget in bytes (see :func:`open`).
         poller: the I/O thread's selector backend (see :func:`open`); ``None``: the
             platform's best.
+        core: the I/O core, ``"python"`` or ``"native"`` (see :func:`open`).
+        io_backend: the native core's I/O backend, ``"epoll"`` or ``"io_uring"`` (see
+            :func:`open`; ``backend`` here is the event loop library).
         switch_interval: seconds, :func:`sys.setswitchinterval` while ``main`` runs
             (restored after).  The I/O thread and the event loop hand the GIL to each
             other all the time; with Python's default 5 ms a thread that wants it can wait
@@ -276,13 +408,17 @@ def run(
         What ``main`` returned, or ``None`` if a signal stopped it.
 
     Raises:
-        OptionError: an unknown backend or poller, or ``use_uvloop=True`` without uvloop
-            installed.
+        OptionError: an unknown backend, poller, core or io_backend, or ``use_uvloop=True``
+            without uvloop installed.
+        NotSupportedError: ``io_backend="io_uring"`` on the Python core.
         PollerLimitError: ``poller="select"`` in a process whose descriptors already
             reach ``FD_SETSIZE`` (1024).
     """
     if backend not in ("asyncio", "trio"):
-        raise OptionError(f"backend must be 'asyncio' or 'trio', not {backend!r}")
+        hint = " (the native core's I/O backend is io_backend=)" if backend in IO_BACKENDS else ""
+        raise OptionError(f"backend must be 'asyncio' or 'trio', not {backend!r}{hint}")
+    # An unknown core or io_backend fails here, before the loop starts.
+    _choose_io_backend(io_backend, _choose_core(core))
     options: dict[str, Any] = {}
     if backend == "asyncio":
         if use_uvloop is None:
@@ -293,7 +429,9 @@ def run(
             options["use_uvloop"] = True
 
     async def _main() -> T | None:
-        async with open(memory_limit=memory_limit, poller=poller) as ios:
+        async with open(
+            memory_limit=memory_limit, poller=poller, core=core, io_backend=io_backend
+        ) as ios:
             if not stop_on_signals:
                 return await main(ios, *args)
             result: list[T] = []

@@ -237,6 +237,33 @@ def _bind_tcp(family: int, address: SocketAddress, options: ListenOptions) -> so
     return sock
 
 
+def listen_socket(family: int, address: SocketAddress, options: ListenOptions) -> socket.socket:
+    """A non-blocking TCP socket bound to ``address`` and listening (:func:`_bind_tcp`,
+    then ``backlog``): the native core's listen step, made on the loop's thread.
+
+    Raises:
+        ConnectError: the socket could not be made, bound or put to listen (the message
+            names the address and the cause, e.g. ``"EADDRINUSE"``).
+    """
+    try:
+        sock = _bind_tcp(family, address, options)
+    except OSError as exc:
+        raise _listen_error(exc, format_address(address)) from None
+    try:
+        sock.listen(options.get("backlog", 1024))
+    except OSError as exc:
+        sock.close()
+        raise _listen_error(exc, format_address(address)) from None
+    return sock
+
+
+def _listen_error(exc: OSError, where: str) -> ConnectError:
+    error = errno_name(exc.errno)
+    return ConnectError(
+        f"cannot listen on {where}: {exc.strerror or exc} ({error})", exc.errno, error
+    )
+
+
 def listen_tcp(io: StreamHost, request: object, spec: ListenRequest) -> None:
     """On the I/O thread: listen on a TCP address (``IOThread.cmd_listen``); answer
     ``request`` with ``(conn, sockname, None)`` or a :class:`ConnectError`."""

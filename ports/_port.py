@@ -14,7 +14,6 @@ calls :meth:`_PortBase._deliver` in-loop.
 from __future__ import annotations
 
 import socket
-from collections import deque
 from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
 from functools import partial
@@ -129,7 +128,6 @@ class _PortBase(Source):
         "_passive_pending",
         "_remote_address",
         "_select_waiters",
-        "_submit",
         "_terminal",
         "_waiter",
         "_window",
@@ -141,11 +139,15 @@ class _PortBase(Source):
         hub = server._hub
         self._hub: Hub = hub
         self._io: IOThread = server._io
-        self._submit = self._io.commands.put
         self._conn: Conn | None = None
-        self._buffer: deque[Message] = deque()
+        # A list, not a deque: an empty list holds no item array (56 bytes against a
+        # deque's 760, which it keeps), and a port's buffer is short - bounded by its
+        # receive watermarks (high_msgq_messages), a listener's by the descriptors it
+        # may accept - so pop(0) moves few pointers.
+        self._buffer: list[Message] = []
         self._waiter: Any = None
-        self._select_waiters: list[Waiter] = []
+        # The tasks selecting on this port: an empty tuple (shared) until the first.
+        self._select_waiters: list[Waiter] | tuple[()] = ()
         self._closed = False  # closed by this side
         self._terminal = False  # the final Closed message has been delivered
         self._ended = False  # ... and received: receive raises EndOfPort
@@ -158,8 +160,19 @@ class _PortBase(Source):
         # It counts what the owner took, as the I/O half counts what it delivered.
         # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
         # popped from the window's sizes as the owner takes it.
-        window = self._window = Window(framer, PACKET_OVERHEAD)
-        window.task_waits = self._task_waits
+        # (The I/O half says which class: the native core's keeps its counters in atomics.)
+        window_class = getattr(server._io, "window_class", Window)
+        window = self._window = window_class(framer, PACKET_OVERHEAD)
+        if window.took is None:
+            # Asked by the Python core's memory budget; the native core has its counters
+            # in atomics and asks nothing of the loop half (and one bound method per port
+            # is 64 bytes).
+            window.task_waits = self._task_waits
+
+    def _submit(self, command: tuple[Any, Any, Any]) -> None:
+        """Queue ``(function, target, argument)`` for the I/O thread (a method, not a bound
+        ``commands.put`` kept per port: that was 64 bytes a port)."""
+        self._io.commands.put(command)
 
     def _task_waits(self) -> bool:
         """A task is parked on this port for its next message - ``receive`` or ``select``
@@ -173,6 +186,15 @@ class _PortBase(Source):
     def _took_data(self, data: Sized) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
         window = self._window
+        took = window.took
+        if took is not None:
+            # The native core's window counts (for its budget too) and reads the pause in
+            # one call; the hub's counters are the Python core's budget's, not its.
+            size = len(data) if window.sizes is None else window.sizes.popleft()
+            generation = took(size)
+            if generation is not None:
+                self._submit((self._io.cmd_resume, self._conn, generation))
+            return
         size = len(data) if window.sizes is None else window.sizes.popleft()
         window.consumed_messages += 1
         window.consumed_bytes += size
@@ -252,7 +274,7 @@ class _PortBase(Source):
 
     # -- receiving ----------------------------------------------------------------------
     def _take(self) -> Message:
-        message = self._buffer.popleft()
+        message = self._buffer.pop(0)
         if message.__class__ is Data:
             self._took_data(message.data)
         elif message.__class__ is Closed:
@@ -352,18 +374,25 @@ class _PortBase(Source):
                         if self._waiter is future:
                             self._waiter = None
         # From here to the return nothing is awaited: a taken message is always returned.
-        message = buffer.popleft()
+        message = buffer.pop(0)
         if message.__class__ is Data:
             # _took_data, inlined.
             data = message.data
             window = self._window
-            size = len(data) if window.sizes is None else window.sizes.popleft()
-            window.consumed_messages += 1
-            window.consumed_bytes += size
-            hub.consumed_bytes += size
-            conn = self._conn
-            if conn is not None and conn.pause_generation != window.resume_generation:
-                self._maybe_resume()
+            took = window.took
+            if took is not None:
+                size = len(data) if window.sizes is None else window.sizes.popleft()
+                generation = took(size)
+                if generation is not None:
+                    self._submit((self._io.cmd_resume, self._conn, generation))
+            else:
+                size = len(data) if window.sizes is None else window.sizes.popleft()
+                window.consumed_messages += 1
+                window.consumed_bytes += size
+                hub.consumed_bytes += size
+                conn = self._conn
+                if conn is not None and conn.pause_generation != window.resume_generation:
+                    self._maybe_resume()
         elif message.__class__ is Closed:
             self._ended = True
         return message
@@ -376,6 +405,8 @@ class _PortBase(Source):
         return EMPTY
 
     def _select_arm(self, waiter: Waiter) -> None:
+        if not isinstance(self._select_waiters, list):
+            self._select_waiters = []
         self._select_waiters.append(waiter)
         if getattr(self._conn, "global_paused", False):
             self._want_input()
@@ -392,10 +423,11 @@ class _PortBase(Source):
             self._want_input()
 
     def _select_disarm(self, waiter: Waiter) -> None:
-        try:
-            self._select_waiters.remove(waiter)
-        except ValueError:
-            pass
+        if isinstance(self._select_waiters, list):
+            try:
+                self._select_waiters.remove(waiter)
+            except ValueError:
+                pass
 
     # -- owner --------------------------------------------------------------------------
     @property
@@ -475,9 +507,9 @@ class _PortBase(Source):
         if self._closed:
             return
         self._closed = True
-        buffer = self._buffer
-        while buffer:
-            message = buffer.popleft()
+        messages = self._buffer[:]
+        self._buffer.clear()
+        for message in messages:
             if message.__class__ is Data:
                 self._took_data(message.data)
             elif message.__class__ is Accepted:
@@ -554,6 +586,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_framer",
         "_high_watermark",
         "_low_watermark",
+        "_native_send",
         "_send_timeout",
         "_send_timeout_close",
         "_send_waiter",
@@ -572,7 +605,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         self._low_watermark: int = options["low_watermark"]
         self._send_timeout: float | None = options["send_timeout"]
         self._send_timeout_close: bool = options["send_timeout_close"]
-        self._send_waiter = Waiter()
+        self._send_waiter: Waiter | None = None  # made when a sender first waits
         self._busy_transitions = 0
         # True while send may take its inlined path: raw bytes, open, not broken, no EOF
         # sent, no port cap to check.  Cleared by each of those changes.
@@ -581,6 +614,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             and server._io.port_buffer_limit is None
             and server._io.send_command == server._hub.cmd_send  # not a daemon's port
         )
+        # The native core's send with its watermark check and counting (it holds the
+        # bytes object for the I/O thread: Core.send_within), or None.
+        self._native_send: Any = getattr(server._io, "send_within", None)
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
@@ -594,8 +630,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         super().close_nowait()
 
     def _on_writable(self) -> None:
-        if self._send_waiter._waiter is not None:
-            self._hub.wake(self._send_waiter)
+        send_waiter = self._send_waiter
+        if send_waiter is not None and send_waiter._waiter is not None:
+            self._hub.wake(send_waiter)
 
     def _check_can_send(self) -> None:
         if self._closed:
@@ -631,8 +668,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 f"{window.queued_bytes - conn.bytes_out} queued; the port is closed",
                 errno_name="ENOBUFS",
             )
-        window.queued_bytes += size
-        self._hub.queued_bytes += size
+        window.queued_bytes += size  # the native core's window counts it for its budget
+        if window.took is None:  # the Python core's budget counts it in the hub
+            self._hub.queued_bytes += size
         self._submit((self._io.send_command, conn, data))
 
     @property
@@ -699,31 +737,33 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             await _checkpoint_if_cancelled()
         conn = self._conn
         window = self._window
-        if (
-            self._simple_send
-            and message.__class__ is bytes
-            and message
-            and window.queued_bytes - conn.bytes_out <= self._high_watermark  # type: ignore[union-attr]
-        ):
-            # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
-            size = len(message)
-            window.queued_bytes += size
-            hub.queued_bytes += size
-            commands = self._io.commands
-            commands.items.append((hub.cmd_send, conn, message))
-            if commands.asleep:
-                commands.asleep = False
-                commands.wakeup.signal()
-                commands.wakes_sent += 1
-            else:
-                commands.wakes_skipped += 1
-        else:
-            self._check_can_send()
-            data = self._encode(message)
-            if self.busy:
-                await self._wait_until_writable()
-            if data:
-                self._queue(data)
+        if self._simple_send and message.__class__ is bytes and message:
+            native_send = self._native_send
+            if native_send is not None:
+                # The native core checks the watermark, counts queued_bytes and queues
+                # the command in one call; False: busy (nothing queued), the slow path.
+                if native_send(conn, message, self._high_watermark):
+                    return
+            elif window.queued_bytes - conn.bytes_out <= self._high_watermark:  # type: ignore[union-attr]
+                # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
+                size = len(message)
+                window.queued_bytes += size
+                hub.queued_bytes += size
+                commands = self._io.commands
+                commands.items.append((hub.cmd_send, conn, message))
+                if commands.asleep:
+                    commands.asleep = False
+                    commands.wakeup.signal()
+                    commands.wakes_sent += 1
+                else:
+                    commands.wakes_skipped += 1
+                return
+        self._check_can_send()
+        data = self._encode(message)
+        if self.busy:
+            await self._wait_until_writable()
+        if data:
+            self._queue(data)
 
     async def _wait_until_writable(self) -> None:
         self._busy_transitions += 1
@@ -750,6 +790,8 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         try:
             while self._window.queued_bytes - conn.bytes_out > self._low_watermark:
                 self._check_can_send()
+                if self._send_waiter is None:
+                    self._send_waiter = Waiter()
                 await self._hub.park(self._send_waiter)
             self._check_can_send()
         finally:

@@ -58,11 +58,77 @@ async def no_leaks() -> AsyncIterator[None]:
 EVERY_POLLER = [name for name in ("epoll", "poll", "select") if name in POLLERS]
 
 
+#: The I/O cores an ``every_core`` test runs on (see :func:`core`).
+EVERY_CORE = ["python", "native"]
+
+#: The native core's I/O backends an ``every_core`` test runs its native ``ios`` on (see
+#: :func:`io_backend`): ``(core, io_backend)`` pairs, with their test ids.
+EVERY_CORE_AND_IO_BACKEND = [
+    pytest.param("python", None, id="python"),
+    pytest.param("native", "epoll", id="native-epoll"),
+    pytest.param("native", "io_uring", id="native-io_uring"),
+]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test marked ``every_poller`` runs once per selector backend: its ``ios`` (and
-    anything that asks for ``poller``) uses each in turn."""
+    anything that asks for ``poller``) uses each in turn.  A test marked ``every_core``
+    runs once per I/O core (``ioserver.open(core=...)``), and on the native core once per
+    I/O backend (``io_backend=...``) when it uses ``ios``."""
     if metafunc.definition.get_closest_marker("every_poller") is not None:
         metafunc.parametrize("poller", EVERY_POLLER)
+    if (
+        metafunc.definition.get_closest_marker("every_core") is not None
+        and "core" in metafunc.fixturenames
+    ):
+        if "io_backend" in metafunc.fixturenames:
+            metafunc.parametrize(("core", "io_backend"), EVERY_CORE_AND_IO_BACKEND)
+        else:
+            metafunc.parametrize("core", EVERY_CORE)
+
+
+@pytest.fixture
+def core() -> str | None:
+    """The I/O core of ``ios``: ``None`` (``$IOSERVER_CORE``, else the Python core) unless
+    the test is marked ``every_core`` (then each of :data:`EVERY_CORE`)."""
+    return None
+
+
+def _effective_core(core: str | None) -> str:
+    return core or os.environ.get("IOSERVER_CORE") or "python"
+
+
+@pytest.fixture
+def io_backend() -> str | None:
+    """The native core's I/O backend of ``ios``: ``None`` (``$IOSERVER_IO_BACKEND``, else
+    io_uring where the kernel allows it) unless the test is marked ``every_core`` (then
+    ``"epoll"`` and ``"io_uring"`` on the native core)."""
+    return None
+
+
+_io_uring_refusal: list[str | None] = []
+
+
+def io_uring_refusal() -> str | None:
+    """Why this kernel refuses the native core's io_uring backend, or None (asked once)."""
+    if not _io_uring_refusal:
+        from ioserver import _native
+
+        try:
+            _native.Core(64, "io_uring").close_commands()
+        except OSError as exc:
+            _io_uring_refusal.append(f"io_uring is refused here: {exc}")
+        else:
+            _io_uring_refusal.append(None)
+    return _io_uring_refusal[0]
+
+
+@pytest.fixture
+def needs_io_uring() -> None:
+    """Skip the test where the kernel refuses io_uring (saying why)."""
+    refusal = io_uring_refusal()
+    if refusal is not None:
+        pytest.skip(refusal)
 
 
 @pytest.fixture
@@ -73,9 +139,17 @@ def poller() -> str | None:
 
 
 @pytest.fixture
-async def ios(no_leaks: None, poller: str | None) -> AsyncIterator[ioserver.IOServer]:
+async def ios(
+    no_leaks: None, poller: str | None, core: str | None, io_backend: str | None
+) -> AsyncIterator[ioserver.IOServer]:
     """An I/O server for this test, closed (thread joined, sockets closed) after it."""
-    async with ioserver.open(poller=poller) as server:
+    if poller not in (None, "epoll") and _effective_core(core) == "native":
+        pytest.skip("the native core polls with epoll only")
+    if io_backend == "io_uring" and (refusal := io_uring_refusal()) is not None:
+        pytest.skip(refusal)
+    async with ioserver.open(poller=poller, core=core, io_backend=io_backend) as server:
         if poller is not None:
             assert server.statistics().poller == poller
+        if io_backend is not None:
+            assert server.statistics().io_backend == io_backend
         yield server

@@ -240,8 +240,9 @@ async def test_a_slow_consumer_slows_its_own_peer_and_nobody_else(
     slow_peer.close()
 
 
-async def test_port_buffer_limit_closes_the_port_that_passes_it(no_leaks: None) -> None:
-    async with ioserver.open(port_buffer_limit=256 * 1024) as ios:
+@pytest.mark.every_core
+async def test_port_buffer_limit_closes_the_port_that_passes_it(no_leaks: None, core: str) -> None:
+    async with ioserver.open(port_buffer_limit=256 * 1024, core=core) as ios:
         listener, port, client = await pair(ios, packet=4, packet_size=8 << 20)
         async with listener, client, port:
             await client.send(struct.pack(">I", 4 << 20))  # a 4 MiB packet is coming
@@ -257,11 +258,12 @@ async def test_port_buffer_limit_closes_the_port_that_passes_it(no_leaks: None) 
             assert await port.receive() == Closed("ENOBUFS", "ENOBUFS")
 
 
+@pytest.mark.every_core
 async def test_the_global_budget_pauses_reads_until_memory_is_released(
-    no_leaks: None,
+    no_leaks: None, core: str
 ) -> None:
     limit = 512 * 1024
-    async with ioserver.open(memory_limit=limit) as ios:
+    async with ioserver.open(memory_limit=limit, core=core) as ios:
         listener = await ports.listen_tcp(
             ios, "127.0.0.1", 0, high_msgq_watermark=4 << 20, low_msgq_watermark=1 << 20
         )
@@ -307,8 +309,9 @@ async def test_the_global_budget_pauses_reads_until_memory_is_released(
         ("last_to_first", "mailbox-select"),
     ],
 )
+@pytest.mark.every_core
 async def test_the_budget_never_starves_the_port_an_actor_waits_on(
-    no_leaks: None, order: str, how: str
+    no_leaks: None, order: str, how: str, core: str
 ) -> None:
     """One actor reads 20 ports to their end, one after another, while every peer sends
     more than the budget holds (per-port watermarks raised, so only the budget binds).
@@ -318,7 +321,7 @@ async def test_the_budget_never_starves_the_port_an_actor_waits_on(
     :class:`~ports.Mailbox` that owns the port (receive or select) as well."""
     limit = 1 << 20
     each = 256 * 1024  # x 20: five times the budget
-    async with ioserver.open(memory_limit=limit) as ios:
+    async with ioserver.open(memory_limit=limit, core=core) as ios:
         listener = await ports.listen_tcp(
             ios, "127.0.0.1", 0, high_msgq_watermark=8 << 20, low_msgq_watermark=4 << 20
         )
@@ -374,8 +377,11 @@ async def test_the_budget_never_starves_the_port_an_actor_waits_on(
 HOG_LIMIT = 64 * 1024 * 1024
 
 
-async def test_one_hog_cannot_hurt_a_hundred_well_behaved_clients(no_leaks: None) -> None:
-    async with ioserver.open(memory_limit=HOG_LIMIT) as ios:
+@pytest.mark.every_core
+async def test_one_hog_cannot_hurt_a_hundred_well_behaved_clients(
+    no_leaks: None, core: str
+) -> None:
+    async with ioserver.open(memory_limit=HOG_LIMIT, core=core) as ios:
         before = rss_bytes()
         listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
         number = listener.local_address[1]
@@ -532,8 +538,11 @@ async def test_decoded_msgpack_objects_are_charged_their_wire_size(
         assert port.statistics().bytes_buffered_in == 0
 
 
+@pytest.mark.every_core
 @pytest.mark.parametrize("active", ["once", True])
-async def test_small_packets_are_charged_what_they_hold(no_leaks: None, active: Any) -> None:
+async def test_small_packets_are_charged_what_they_hold(
+    no_leaks: None, active: Any, core: str
+) -> None:
     """Many tiny packets per read: a review found 64 KiB of two-byte lines became 32,768
     messages charged 2 bytes each, so hundreds of MiB stayed live under an 8 MiB
     ``memory_limit`` (held past an ``active="once"`` credit, or delivered to an owner
@@ -545,7 +554,7 @@ async def test_small_packets_are_charged_what_they_hold(no_leaks: None, active: 
     limit = 1 << 20
     tracemalloc.start()
     try:
-        async with ioserver.open(memory_limit=limit) as ios:
+        async with ioserver.open(memory_limit=limit, core=core) as ios:
             listener = await ports.listen_tcp(
                 ios,
                 "127.0.0.1",

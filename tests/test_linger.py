@@ -4,9 +4,10 @@
 a peer that never reads must not pin the descriptor and the output for ever: after
 ``linger`` seconds the socket is reset (``SO_LINGER {1, 0}``) and the output dropped.
 
-Real sockets on loopback, both backends.  The peers are plain sockets the test drives; a
-peer "sees the reset" when ``poll`` reports an error or a hang-up on its socket (its
-receive buffer is full of unread data, so readability says nothing).
+Real sockets on loopback, both backends; the TCP tests on both cores (``every_core``).
+The peers are plain sockets the test drives; a peer "sees the reset" when ``poll``
+reports an error or a hang-up on its socket (its receive buffer is full of unread data,
+so readability says nothing).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ async def _statistics(ios: ioserver.IOServer) -> IOServerStatistics:
     return dataclasses.replace(statistics, ports_open=statistics.ports_open - 1)
 
 
+@pytest.mark.every_core
 async def test_a_peer_that_never_reads_is_reset_after_linger(ios: ioserver.IOServer) -> None:
     listener, port, peer = await _pair(ios, linger=0.2)
     with peer:
@@ -87,6 +89,7 @@ async def test_a_peer_that_never_reads_is_reset_after_linger(ios: ioserver.IOSer
             assert statistics.memory_in_use == 0  # the queued output was released
 
 
+@pytest.mark.every_core
 async def test_a_slow_peer_that_reads_within_linger_gets_every_byte(
     ios: ioserver.IOServer,
 ) -> None:
@@ -108,6 +111,7 @@ async def test_a_slow_peer_that_reads_within_linger_gets_every_byte(
             assert statistics.memory_in_use == 0
 
 
+@pytest.mark.every_core
 async def test_linger_none_waits_for_the_peer_as_long_as_it_takes(
     ios: ioserver.IOServer,
 ) -> None:
@@ -138,6 +142,7 @@ async def test_linger_none_waits_for_the_peer_as_long_as_it_takes(
             assert statistics.memory_in_use == 0
 
 
+@pytest.mark.every_core
 async def test_linger_zero_resets_at_once(ios: ioserver.IOServer) -> None:
     listener, port, peer = await _pair(ios, linger=0)
     with peer:
@@ -151,6 +156,7 @@ async def test_linger_zero_resets_at_once(ios: ioserver.IOServer) -> None:
             assert statistics.memory_in_use == 0
 
 
+@pytest.mark.every_core
 async def test_linger_applies_to_a_connected_port(ios: ioserver.IOServer) -> None:
     # connect_tcp's ports take the option as accepted ones do.
     server = socket.socket()

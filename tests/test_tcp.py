@@ -14,7 +14,8 @@ import ioserver
 import ports
 from ports import Accepted, Closed, Data
 
-pytestmark = pytest.mark.anyio
+# Every test here runs on both I/O cores (the Python I/O thread and the native one).
+pytestmark = [pytest.mark.anyio, pytest.mark.every_core]
 
 
 async def listen(ios: ioserver.IOServer, **options: object) -> tuple[ports.Listener, int]:

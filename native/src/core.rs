@@ -1,0 +1,1946 @@
+//! The native I/O thread: TCP streams and listeners, without the GIL.
+//!
+//! One OS thread owns every socket of a native I/O server.  It never takes the GIL: what it
+//! gets from Python arrives as [`Command`]s through the command queue (a
+//! [`WakeQueue`](crate::wakeup::WakeQueue), multi-producer), and what it tells Python leaves
+//! as [`Event`]s, one `Vec` per loop per round, through that loop's inbox.  The loop's hub
+//! turns a batch into `(port, message)` pairs under the GIL (`py.rs`, `Inbox.take`).
+//!
+//! Python references cross with the events and come back with them: a port's loop half is
+//! a [`Target`] (an `Arc` around a `Py`), cloned into each event; the bytes of a send are a
+//! [`HeldBytes`], handed back in an [`Event::Release`] once written.  Every one of them is
+//! therefore dropped by a drain, under the GIL - the thread never touches a reference count
+//! (except on the failure path, where PyO3's deferred pool takes them).
+//!
+//! Readiness comes from mio (epoll, edge-triggered).  Each socket is registered once, for
+//! reading and writing, and the thread keeps what the edges said (`readable`): a port
+//! that may not read now (passive, paused by its watermarks, not yet attached) simply is
+//! not read, and is put back on the ready list when that changes.  One read of up to
+//! [`READ_SIZE`] bytes per port per round, so one fast peer cannot starve the others; a
+//! read that filled the buffer keeps the port on the ready list for the next round.
+//!
+//! The reads and writes themselves are made by one of two backends, chosen when the core
+//! is made (`ioserver.open(io_backend=...)`): `epoll`, a `read`/`writev` syscall each, or
+//! `io_uring`, all of a round's in one `io_uring_enter` (`uring.rs`).  Both run the same
+//! code after the syscall ([`IoThread::after_read`], [`IoThread::after_write`]).
+//!
+//! Every receive flow-control decision is `flow.rs`'s (its module docs are the theory of
+//! operation): each stream's [`ReceiveFlow`] (active credit, held packets, watermarks and
+//! the pause handshake with the loop half, on the atomics of its [`flow::Window`]), and
+//! the thread's [`Budget`] (`memory_limit`: the headroom once a round, the reserve for
+//! waiting owners, the read size of framed ports, `cmd_want`, the unpause at one half;
+//! `port_buffer_limit`).  This module only does what they say: it reads, delivers, holds,
+//! stops and starts reading.  `send_blocked`/`bytes_out` are the handshake's pattern
+//! (Dekker's, `SeqCst`) for WRITABLE: the loop writes `send_blocked` then reads
+//! `bytes_out`; this thread writes `bytes_out` then reads `send_blocked`.
+//!
+//! `linger`: a closed stream whose queued output is not written within its `linger`
+//! seconds is reset (`SO_LINGER {1, 0}`: an RST) and freed.  The deadlines are a list the
+//! round checks; the poll sleeps no longer than the nearest.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use pyo3::prelude::*;
+
+use crate::flow::{self, Budget, Charges, Delivered, LoopCounters, ReadFault, ReceiveFlow};
+use crate::unsafe_io::HeldBytes;
+use crate::wakeup::WakeQueue;
+
+// The io_uring backend: a child module, so that it reaches the port table as this one does.
+#[path = "uring.rs"]
+pub mod uring;
+
+/// Bytes read from one socket at a time (as the Python I/O thread's `READ_SIZE`).
+pub const READ_SIZE: usize = flow::READ_SIZE;
+/// Connections accepted per listener per round.
+const ACCEPT_BATCH: usize = 64;
+/// Buffers gathered into one `writev`.
+const IOV_MAX: usize = 64;
+/// References held for release (written buffers, closed ports' loop halves) before a
+/// batch carries them back on its own.
+const RELEASE_BATCH: usize = 256;
+/// Bytes of written (or discarded) buffers held for release before a batch carries them
+/// back on its own: what a loop that gets no other event keeps pinned is bounded by this
+/// (plus the one buffer that passed it), not by the count alone (100 written 1 MiB sends
+/// would otherwise stay pinned, 100 MiB, until the loop's next event).
+const RELEASE_BYTES: u64 = 1 << 20;
+/// How long the thread sleeps, at most, after handing a loop a batch: the loop defers the
+/// wakes of its replies to its flush point, and this bounds that deferral when the flush is
+/// late (a task blocked in synchronous code).
+const FLUSH_WAIT: Duration = Duration::from_millis(2);
+/// The token of the command queue's wake-up fd.
+const WAKE: Token = Token(usize::MAX);
+
+/// A Python object the thread refers to (a port's loop half, a waiting request), and,
+/// for a listener, the function that makes each accepted connection's loop half.
+pub struct PyTarget {
+    /// The object events are delivered to.
+    pub obj: Py<PyAny>,
+    /// A listener's `make_port(conn, local, remote)`.
+    pub make_port: Option<Py<PyAny>>,
+    /// A port's flow-control window: the drain that hands the port a message marks its
+    /// parked task woken ([`flow::Window::task_woken`]).
+    pub window: Option<Arc<flow::Window>>,
+    /// A framed port's `window.sizes.append`: the charge of each packet goes there before
+    /// the packet (the port pops it as its owner takes the packet).
+    pub sizes: Option<Py<PyAny>>,
+}
+
+/// A shared reference to a [`PyTarget`]; its last clone is dropped by a drain.
+pub type Target = Arc<PyTarget>;
+
+/// What waits to go back to one loop with its next batch.
+#[derive(Default)]
+struct Releases {
+    /// Written or discarded buffers.
+    bytes: Vec<HeldBytes>,
+    /// Their total length, bytes.
+    size: u64,
+    /// Loop halves of closed ports (and targets the thread no longer needs).
+    targets: Vec<Target>,
+}
+
+/// A port's flow-control window (`ioserver._flow.Window`), as atomics the I/O thread
+/// reads without the GIL: the receive side ([`flow::Window`]) and the send side.
+pub struct WindowShared {
+    /// The receive window both halves touch (watermarks, the pause handshake, the
+    /// budget's waiting owner).
+    pub receive: Arc<flow::Window>,
+    /// Bytes the owner queued for output, ever.
+    pub queued_bytes: AtomicU64,
+    /// A sender waits for the output to drain below the low watermark.
+    pub send_blocked: AtomicBool,
+}
+
+impl Default for WindowShared {
+    fn default() -> Self {
+        WindowShared {
+            receive: Arc::new(flow::Window::unconfigured()),
+            queued_bytes: AtomicU64::new(0),
+            send_blocked: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A port's watermarks (validated by `ioserver._options`).
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    /// The receive watermarks (`flow.rs` applies them).
+    pub watermarks: flow::Watermarks,
+    /// Output below which a blocked sender is told WRITABLE.
+    pub send_low: u64,
+}
+
+impl Flow {
+    /// No limit (a listener's).
+    pub const NONE: Flow = Flow {
+        watermarks: flow::Watermarks::NONE,
+        send_low: 0,
+    };
+}
+
+/// A stream port's socket options and flow control, as the loop validated them.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamOptions {
+    /// `TCP_NODELAY`.
+    pub nodelay: bool,
+    /// `SO_KEEPALIVE`.
+    pub keepalive: bool,
+    /// `SO_RCVBUF`, bytes.
+    pub recbuf: Option<usize>,
+    /// `SO_SNDBUF`, bytes.
+    pub sndbuf: Option<usize>,
+    /// The watermarks.
+    pub flow: Flow,
+    /// The active credit (-1 unlimited, 0 passive, N) and whether to notify Passive.
+    pub active: (i64, bool),
+    /// The packet mode and `packet_size` (None: raw); modes whose packets are bytes only
+    /// (1, 2, 4, line): the others decode objects in Python and are refused before.
+    pub framing: Option<(crate::framing::Mode, usize)>,
+    /// Seconds a close may take to write the queued output before the socket is reset
+    /// (`linger`; None: no bound).
+    pub linger: Option<Duration>,
+}
+
+/// The I/O half of one port, as its loop half reads it (`ioserver._contract.PortIO`):
+/// counters only this thread writes.
+///
+/// Ordering: `bytes_out` is `SeqCst` (the WRITABLE handshake, see `write`), `closed` too
+/// (a flag the loop reads; it needs no more than release/acquire);
+/// the statistics (`pauses`, `msgq_paused`, `peak_buffered`, `framing_bytes`...) are
+/// `Relaxed`: read for statistics and tests only, ordered with nothing else.  The flow
+/// control's own atomics are in the port's window (`flow::Window`, with their arguments).
+pub struct ConnShared {
+    /// Unique for the server's life (a slot is reused, an id is not).
+    pub id: u64,
+    /// The port table's slot (the mio token).
+    pub slot: usize,
+    /// The owning loop's inbox.
+    pub inbox: usize,
+    /// The watermarks (for `drained`).
+    pub flow: Flow,
+    /// The window, once the loop half is attached.
+    pub window: OnceLock<Arc<WindowShared>>,
+    /// Closed on the I/O side.
+    pub closed: AtomicBool,
+    /// Bytes read from the socket.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to the socket.
+    pub bytes_out: AtomicU64,
+    /// Bytes queued and not written.
+    pub out_bytes: AtomicU64,
+    /// Pauses so far (the watermarks' and the budget's: `ReceiveFlow::pauses`).
+    pub pauses: AtomicU64,
+    /// Paused by the watermarks now (`ReceiveFlow::msgq_paused`, for statistics and tests).
+    pub msgq_paused: AtomicBool,
+    /// The most input ever buffered (delivered, not taken).
+    pub peak_buffered: AtomicU64,
+    /// Packets refused for exceeding `packet_size`.
+    pub packets_too_large: AtomicU64,
+    /// Bytes the framer holds (a packet not yet whole) and of packets held past the credit.
+    pub framing_bytes: AtomicU64,
+}
+
+impl ConnShared {
+    fn new(id: u64, slot: usize, inbox: usize, flow: Flow) -> Self {
+        ConnShared {
+            id,
+            slot,
+            inbox,
+            flow,
+            window: OnceLock::new(),
+            closed: AtomicBool::new(false),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            out_bytes: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+            msgq_paused: AtomicBool::new(false),
+            peak_buffered: AtomicU64::new(0),
+            packets_too_large: AtomicU64::new(0),
+            framing_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The receive window, once the loop half is attached.
+    pub fn receive(&self) -> Option<&flow::Window> {
+        self.window.get().map(|window| &*window.receive)
+    }
+
+    /// Publish what the port's flow counted for statistics (its own, not shared).
+    fn publish(&self, flow: &ReceiveFlow) {
+        self.pauses.store(flow.pauses, Ordering::Relaxed);
+        self.peak_buffered
+            .store(flow.peak_buffered, Ordering::Relaxed);
+        self.msgq_paused
+            .store(flow.msgq_paused(), Ordering::Relaxed);
+    }
+}
+
+/// What a loop asks of the I/O thread.
+pub enum Command {
+    /// A loop's inbox (its index is the order of these commands).
+    AddInbox(Arc<WakeQueue<Vec<Event>>>),
+    /// Queue bytes for writing.
+    Send(Arc<ConnShared>, HeldBytes),
+    /// Close once the queued output is written.
+    Close(Arc<ConnShared>),
+    /// Half-close once the queued output is written.
+    SendEof(Arc<ConnShared>),
+    /// Apply an active mode `(credit, notify_passive)`.
+    SetActive(Arc<ConnShared>, i64, bool),
+    /// A passive port's receiver waits: one message.
+    ReadOnce(Arc<ConnShared>),
+    /// The owner took enough after the pause of this generation.
+    Resume(Arc<ConnShared>, u64),
+    /// The owner of a port the budget paused waits for input (`cmd_want`).
+    Want(Arc<ConnShared>),
+    /// An accepted connection's loop half is made: start reading for it, charging each
+    /// packet this many bytes beyond its own.
+    Attach(Arc<ConnShared>, Target, u64),
+    /// Connect a TCP socket (a numeric address) and answer the request.
+    Connect {
+        /// The waiting request.
+        request: Target,
+        /// The port's loop half.
+        port: Target,
+        /// Its window.
+        window: Arc<WindowShared>,
+        /// Its loop's inbox.
+        inbox: usize,
+        /// Where to.
+        address: SocketAddr,
+        /// Its options.
+        options: StreamOptions,
+        /// Bytes charged per packet beyond its own (a framed port of this process).
+        overhead: u64,
+    },
+    /// Serve a listening socket Python bound, and answer the request.
+    Listen {
+        /// The waiting request.
+        request: Target,
+        /// The listener's loop half, with `make_port`.
+        listener: Target,
+        /// Its loop's inbox.
+        inbox: usize,
+        /// The socket, listening.
+        socket: std::net::TcpListener,
+        /// The options of each accepted connection.
+        options: StreamOptions,
+    },
+    /// Close every port and end the thread.
+    Stop,
+    /// Panic in the thread (the tests' way to check that a failure is contained).
+    Fail,
+    /// Tell the first channel, then block the thread until the second one's sender is
+    /// dropped (the tests' way to make one round see what they queued meanwhile:
+    /// `Core._hold_for_test`).
+    Hold(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>),
+}
+
+/// What the I/O thread tells a loop (built into messages by `Inbox.take`).
+pub enum Event {
+    /// Bytes read: `Data(bytes)`.
+    Data(Target, Vec<u8>),
+    /// A packet charged more than its length: its charge goes to the port's
+    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.
+    Packet(Target, Vec<u8>, u64),
+    /// The peer closed: `Closed("eof")`.
+    Eof(Target),
+    /// The connection broke with this errno: `Closed(name, name)`.
+    Broken(Target, i32),
+    /// The active count ran out: `Passive()`.
+    Passive(Target),
+    /// The output drained below the low watermark while a sender waited.
+    Writable(Target),
+    /// The peer broke the packet mode: `Error(name, errno, message)`, then
+    /// `Closed(name, name)` (a [`Event::Broken`] follows).
+    FrameError(Target, i32, String),
+    /// A listener accepted a connection (its loop half is made in the drain).
+    Accepted {
+        /// The listener.
+        listener: Target,
+        /// The new connection's I/O half.
+        conn: Arc<ConnShared>,
+        /// Its local address.
+        local: SocketAddr,
+        /// The peer's.
+        remote: SocketAddr,
+    },
+    /// An accept failed: `Error(name, errno, message)`.
+    AcceptError(Target, i32),
+    /// A connect succeeded: the request gets `(conn, local, remote)`.
+    Connected {
+        /// The waiting request.
+        request: Target,
+        /// The connection's I/O half.
+        conn: Arc<ConnShared>,
+        /// Its local address.
+        local: SocketAddr,
+        /// The peer's.
+        remote: SocketAddr,
+    },
+    /// A connect failed: the request gets `ConnectError`.
+    ConnectFailed(Target, i32, SocketAddr),
+    /// A listener is served: the request gets `(conn, local, None)`.
+    Listening(Target, Arc<ConnShared>, SocketAddr),
+    /// Written buffers and references the thread no longer needs (closed ports), to be
+    /// dropped under the GIL.
+    Release(Vec<HeldBytes>, Vec<Target>),
+    /// The thread stopped: the hub's stop notice.
+    Stop,
+}
+
+/// What the I/O thread and the Python objects share: the command queue and the counters.
+///
+/// Ordering: the counters are `Relaxed` (statistics, each written by the I/O thread
+/// alone, ordered with nothing else); `running` is `SeqCst`.
+pub struct Shared {
+    /// Commands from the loops.
+    pub commands: WakeQueue<Command>,
+    /// Rounds of the poller.
+    pub polls: AtomicU64,
+    /// Readiness events handled.
+    pub events: AtomicU64,
+    /// Commands run.
+    pub commands_run: AtomicU64,
+    /// Bytes read, all sockets.
+    pub bytes_in: AtomicU64,
+    /// The budget's statistics, published once a round (`Budget::peak_memory`...).
+    pub peak_memory: AtomicU64,
+    /// Reads paused by the budget, ever (`Budget::global_pauses`).
+    pub global_pauses: AtomicU64,
+    /// Reads into the budget's reserve, ever (`Budget::reserve_reads`).
+    pub reserve_reads: AtomicU64,
+    /// Closed streams reset because their output was not written within `linger`.
+    pub linger_timeouts: AtomicU64,
+    /// Sockets open now.
+    pub ports_open: AtomicU64,
+    /// Errors contained by closing the one port concerned (and the thread's own failure).
+    pub internal_errors: AtomicU64,
+    /// Why the thread failed, if it did (a panic's message).
+    pub failure: Mutex<Option<String>>,
+    /// The next `ConnShared.id`.
+    pub next_id: AtomicU64,
+    /// The thread is running (set before it starts, cleared as it ends).
+    pub running: AtomicBool,
+    /// The rounds' reads and writes go through io_uring (`uring.rs`), not one syscall each.
+    /// Relaxed, as the two counters below: statistics read on their own, through which
+    /// nothing else is published.
+    pub io_uring: AtomicBool,
+    /// `io_uring_enter` calls made.
+    pub uring_enters: AtomicU64,
+    /// Operations (receives and sends) submitted through them.
+    pub uring_submissions: AtomicU64,
+    /// Why io_uring is not used where it was wanted: the kernel refused it (the default
+    /// fell back to epoll), or a round's `io_uring_enter` failed (the thread went on with
+    /// epoll).
+    pub uring_failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// The shared state of a new server.
+    pub fn new() -> io::Result<Self> {
+        Ok(Shared {
+            commands: WakeQueue::new()?,
+            polls: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            commands_run: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            peak_memory: AtomicU64::new(0),
+            global_pauses: AtomicU64::new(0),
+            reserve_reads: AtomicU64::new(0),
+            linger_timeouts: AtomicU64::new(0),
+            ports_open: AtomicU64::new(0),
+            internal_errors: AtomicU64::new(0),
+            failure: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            running: AtomicBool::new(false),
+            io_uring: AtomicBool::new(false),
+            uring_enters: AtomicU64::new(0),
+            uring_submissions: AtomicU64::new(0),
+            uring_failure: Mutex::new(None),
+        })
+    }
+}
+
+struct Stream {
+    sock: TcpStream,
+    conn: Arc<ConnShared>,
+    port: Option<Target>,
+    window: Option<Arc<WindowShared>>,
+    /// Its receive flow control (`flow.rs`): the active credit, held packets' count and
+    /// charge, the watermarks' pause, the budget's.  Until the loop half is attached, a
+    /// flow over an unconfigured window, with the listener's active mode.
+    flow: ReceiveFlow,
+    outq: VecDeque<HeldBytes>,
+    /// Bytes of the first queued buffer already written.
+    head: usize,
+    out_bytes: u64,
+    /// A connect in progress: the request to answer and the address (boxed: 40 bytes
+    /// inline in every stream, against 8, for what only a connecting one has).
+    connecting: Option<Box<(Target, SocketAddr)>>,
+    readable: bool,
+    /// An edge said the peer closed or the connection failed: read until it is reported.
+    hangup: bool,
+    in_ready: bool,
+    dirty: bool,
+    read_eof: bool,
+    write_closed: bool,
+    shutdown_pending: bool,
+    close_pending: bool,
+    /// `linger`: how long a close may wait for the queued output.
+    linger: Option<Duration>,
+    /// A close waits for the output until then (its entry in `IoThread::lingering`).
+    linger_deadline: Option<Instant>,
+    /// The port's framer (None: raw), boxed: 144 bytes inline in every stream, raw or
+    /// not, against 8.
+    framer: Option<Box<crate::framing::Framer>>,
+    /// Packets decoded beyond the active credit, in order, with their charges, for the
+    /// next grants (the socket is not read while any is held: `flow.rs`, the active credit).
+    held: VecDeque<(Vec<u8>, u64)>,
+}
+
+struct Listener {
+    sock: TcpListener,
+    conn: Arc<ConnShared>,
+    port: Target,
+    options: StreamOptions,
+    credit: i64,
+    notify: bool,
+    readable: bool,
+    in_ready: bool,
+    /// Out of descriptors: not accepting until a port closes.
+    exhausted: bool,
+}
+
+enum Entry {
+    Stream(Box<Stream>),
+    Listener(Box<Listener>),
+}
+
+impl Entry {
+    fn conn(&self) -> &Arc<ConnShared> {
+        match self {
+            Entry::Stream(s) => &s.conn,
+            Entry::Listener(l) => &l.conn,
+        }
+    }
+}
+
+/// The I/O thread's state; [`IoThread::run`] is the thread.
+pub struct IoThread {
+    shared: Arc<Shared>,
+    poll: Poll,
+    table: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    /// Slots freed this round, reusable from the next: this round's readiness events may
+    /// still name them (a mio token is the bare slot, without a generation), and must not
+    /// reach a socket that took the slot within the round (a sticky `hangup`, a stale
+    /// `readable`).  Epoll forgets a closed socket, so the next round's events cannot.
+    freed: Vec<usize>,
+    inboxes: Vec<Arc<WakeQueue<Vec<Event>>>>,
+    staged: Vec<Vec<Event>>,
+    releases: Vec<Releases>,
+    buffer: Vec<u8>,
+    packets: crate::framing::Packets,
+    /// The charges of a framed read's packets (scratch).
+    charges: Vec<u64>,
+    ready: Vec<usize>,
+    dirty: Vec<usize>,
+    exhausted_listeners: Vec<usize>,
+    stopping: bool,
+    /// The io_uring backend's ring (None: the epoll backend).
+    uring: Option<uring::Uring>,
+    /// The memory budget and the per-port caps (`flow.rs`).
+    budget: Budget,
+    /// Ports the budget let go this round (scratch).
+    resumed: Vec<usize>,
+    /// The window of streams whose loop half is not attached yet (nobody writes it).
+    unattached: Arc<flow::Window>,
+    /// Closed streams waiting for their output, with their `linger` deadline:
+    /// `(deadline, slot, id)`.
+    lingering: Vec<(Instant, usize, u64)>,
+    /// Bytes of held buffers that go back to a loop on their own: [`RELEASE_BYTES`], or
+    /// an eighth of `memory_limit` if less (they are charged to the budget until the loop
+    /// drops them: a small budget must not be spent holding written output).
+    release_bytes: u64,
+}
+
+fn errno_of(error: &io::Error) -> i32 {
+    error.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn apply_options(sock: &TcpStream, options: &StreamOptions) -> io::Result<()> {
+    let socket = socket2::SockRef::from(sock);
+    socket.set_nodelay(options.nodelay)?;
+    if options.keepalive {
+        socket.set_keepalive(true)?;
+    }
+    if let Some(size) = options.recbuf {
+        socket.set_recv_buffer_size(size)?;
+    }
+    if let Some(size) = options.sndbuf {
+        socket.set_send_buffer_size(size)?;
+    }
+    Ok(())
+}
+
+impl IoThread {
+    /// A thread's state with a port table of `table_size` slots (from the fd limit), a
+    /// memory budget of `memory_limit` bytes and a cap of `port_buffer_limit` bytes on a
+    /// framer's buffer (None: no limit), its loops counting in `counters`.
+    pub fn new(
+        shared: Arc<Shared>,
+        table_size: usize,
+        memory_limit: Option<u64>,
+        port_buffer_limit: Option<u64>,
+        counters: Arc<LoopCounters>,
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let fd = shared.commands.signal.fd();
+        poll.registry()
+            .register(&mut SourceFd(&fd), WAKE, Interest::READABLE)?;
+        let size = table_size.clamp(64, 1 << 20);
+        let mut table = Vec::with_capacity(size);
+        table.resize_with(size, || None);
+        let mut budget = Budget::new(memory_limit, port_buffer_limit, READ_SIZE);
+        budget.add_loop(counters);
+        let release_bytes =
+            memory_limit.map_or(RELEASE_BYTES, |limit| (limit / 8).min(RELEASE_BYTES));
+        Ok(IoThread {
+            shared,
+            poll,
+            table,
+            free: (0..size).rev().collect(),
+            freed: Vec::new(),
+            inboxes: Vec::new(),
+            staged: Vec::new(),
+            releases: Vec::new(),
+            buffer: vec![0; READ_SIZE],
+            packets: crate::framing::Packets::new(),
+            charges: Vec::new(),
+            ready: Vec::new(),
+            dirty: Vec::new(),
+            exhausted_listeners: Vec::new(),
+            stopping: false,
+            uring: None,
+            budget,
+            resumed: Vec::new(),
+            unattached: Arc::new(flow::Window::unconfigured()),
+            lingering: Vec::new(),
+            release_bytes,
+        })
+    }
+
+    /// What the budget charges, to read the memory in use from another thread.
+    pub fn charges(&self) -> Arc<Charges> {
+        Arc::clone(self.budget.charges())
+    }
+
+    /// The thread: rounds until a stop command, then close everything.  A panic in a
+    /// round is caught here: the thread records it, tells every port (`Closed("EIO")`)
+    /// and every loop (its stop notice), and ends - it never unwinds into Python.
+    pub fn run(mut self) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rounds()));
+        if let Err(panic) = result {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            if let Ok(mut failure) = self.shared.failure.lock() {
+                *failure = Some(format!("the native I/O thread failed: {message}"));
+            }
+            self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.shutdown(Some(libc::EIO))
+            }));
+        } else {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.shutdown(None)));
+        }
+        self.shared.running.store(false, Ordering::SeqCst);
+    }
+
+    fn rounds(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut handed = false; // the last round handed a loop a batch
+        while !self.stopping {
+            // The slots freed last round: no event of a coming poll names them.
+            self.free.append(&mut self.freed);
+            self.begin_round();
+            let timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
+                Some(Duration::ZERO)
+            } else if self.shared.commands.prepare_to_sleep_for(handed) {
+                self.bound_sleep(handed.then_some(FLUSH_WAIT))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(error) = self.poll.poll(&mut events, timeout) {
+                if error.kind() != io::ErrorKind::Interrupted {
+                    panic!("epoll_wait failed: {error}");
+                }
+            }
+            self.shared.commands.woke();
+            self.shared.polls.fetch_add(1, Ordering::Relaxed);
+            self.run_commands();
+            let mut count = 0;
+            for event in events.iter() {
+                count += 1;
+                let token = event.token();
+                if token == WAKE {
+                    self.shared.commands.signal.drain();
+                    continue;
+                }
+                let hangup = event.is_read_closed() || event.is_error();
+                self.on_event(
+                    token.0,
+                    event.is_readable() || hangup,
+                    event.is_writable() || event.is_error(),
+                    hangup,
+                );
+            }
+            self.shared.events.fetch_add(count, Ordering::Relaxed);
+            if self.uring.is_none() {
+                self.read_ready();
+            }
+            self.run_commands();
+            // The loop gets this round's input before the writes: it works while we write.
+            handed = self.publish(false);
+            if self.uring.is_some() {
+                // io_uring: the round's reads and writes in one io_uring_enter (uring.rs);
+                // the input it read goes to the loops with the publish below.
+                self.uring_round();
+            } else {
+                self.flush_dirty();
+            }
+            // While the budget pauses ports, what this thread holds for the loops to drop
+            // (charged to the budget) goes back each round, not only with their input.
+            handed |= self.publish(self.budget.has_paused());
+        }
+    }
+
+    /// The top of a round: the budget's headroom (ports it let go read again) and the
+    /// `linger` deadlines that passed.
+    fn begin_round(&mut self) {
+        if self.budget.limit().is_some() {
+            self.budget.begin_round(&mut self.resumed);
+            for slot in std::mem::take(&mut self.resumed) {
+                if let Some(Entry::Stream(mut s)) = self.table.get_mut(slot).and_then(|e| e.take())
+                {
+                    self.schedule(&mut s);
+                    self.put(Entry::Stream(s));
+                }
+            }
+            let shared = &self.shared;
+            let peak = self.budget.peak_memory.max(0) as u64;
+            shared.peak_memory.store(peak, Ordering::Relaxed);
+            let pauses = self.budget.global_pauses;
+            shared.global_pauses.store(pauses, Ordering::Relaxed);
+            let reserve_reads = self.budget.reserve_reads;
+            shared.reserve_reads.store(reserve_reads, Ordering::Relaxed);
+        }
+        if !self.lingering.is_empty() {
+            self.expire_lingers();
+        }
+    }
+
+    /// How long the poll may sleep, at most: `timeout` (None: for ever), no longer than
+    /// the budget's recheck while it pauses ports (owners free memory without telling
+    /// this thread), nor than the nearest `linger` deadline.
+    fn bound_sleep(&self, timeout: Option<Duration>) -> Option<Duration> {
+        let mut timeout = timeout;
+        let mut bound = |limit: Duration| {
+            timeout = Some(timeout.map_or(limit, |t| t.min(limit)));
+        };
+        if self.budget.has_paused() {
+            bound(flow::BUDGET_RECHECK);
+        }
+        if let Some(nearest) = self.lingering.iter().map(|(deadline, ..)| *deadline).min() {
+            // Rounded up to the next millisecond: epoll's resolution; a wake just before
+            // the deadline would find nothing due and sleep again.
+            let left = nearest.saturating_duration_since(Instant::now());
+            bound(left + Duration::from_millis(1));
+        }
+        timeout
+    }
+
+    // -- the table ---------------------------------------------------------------------
+
+    fn allocate(&mut self) -> usize {
+        match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.table.push(None);
+                self.table.len() - 1
+            }
+        }
+    }
+
+    fn new_conn(&mut self, slot: usize, inbox: usize, flow: Flow) -> Arc<ConnShared> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        Arc::new(ConnShared::new(id, slot, inbox, flow))
+    }
+
+    /// Take the entry `conn` names out of the table (to act on it with `&mut self`);
+    /// None if it is gone (closed, its slot reused).
+    fn take(&mut self, conn: &ConnShared) -> Option<Entry> {
+        match self.table.get_mut(conn.slot) {
+            Some(slot) if slot.as_ref().is_some_and(|e| e.conn().id == conn.id) => slot.take(),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, entry: Entry) {
+        let slot = entry.conn().slot;
+        self.table[slot] = Some(entry);
+    }
+
+    fn stage(&mut self, inbox: usize, event: Event) {
+        if let Some(staged) = self.staged.get_mut(inbox) {
+            staged.push(event);
+        }
+    }
+
+    /// Hand `target` back to its loop with the next batch (never a wake of its own: a
+    /// loop is not woken only to drop references).
+    fn release_target(&mut self, inbox: usize, target: Target) {
+        if let Some(list) = self.releases.get_mut(inbox) {
+            list.targets.push(target);
+        }
+    }
+
+    /// Hand written `bytes` back to its loop with the next batch (or on their own, once
+    /// [`RELEASE_BATCH`] references or `release_bytes` bytes wait).  Counted in
+    /// `Shared::bytes_held` (the memory in use) until a drain drops them.
+    fn release_bytes(&mut self, inbox: usize, bytes: HeldBytes) {
+        if let Some(list) = self.releases.get_mut(inbox) {
+            let size = bytes.len() as u64;
+            self.budget.charges().pin(size);
+            list.size += size;
+            list.bytes.push(bytes);
+        }
+    }
+
+    /// Hand each loop its batch (one push, at most one wake).  Released buffers ride with
+    /// the next batch, or go on their own once there are many (or `force`).
+    fn publish(&mut self, force: bool) -> bool {
+        let mut handed = false;
+        for index in 0..self.inboxes.len() {
+            let pending = &self.releases[index];
+            let releases = pending.bytes.len() + pending.targets.len();
+            if self.staged[index].is_empty()
+                && releases < RELEASE_BATCH
+                && pending.size < self.release_bytes
+                && !force
+            {
+                continue;
+            }
+            if releases > 0 {
+                let pending = std::mem::take(&mut self.releases[index]);
+                self.staged[index].push(Event::Release(pending.bytes, pending.targets));
+            }
+            if !self.staged[index].is_empty() {
+                let batch = std::mem::take(&mut self.staged[index]);
+                self.inboxes[index].put(batch);
+                handed = true;
+            }
+        }
+        handed
+    }
+
+    // -- commands ----------------------------------------------------------------------
+
+    fn run_commands(&mut self) {
+        let mut count = 0;
+        while let Some(command) = self.shared.commands.pop() {
+            count += 1;
+            self.command(command);
+        }
+        if count > 0 {
+            self.shared.commands_run.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::AddInbox(inbox) => {
+                self.inboxes.push(inbox);
+                self.staged.push(Vec::new());
+                self.releases.push(Releases::default());
+            }
+            Command::Send(conn, bytes) => match self.take(&conn) {
+                Some(Entry::Stream(mut s))
+                    if !(s.write_closed || s.shutdown_pending || s.close_pending) =>
+                {
+                    s.out_bytes += bytes.len() as u64;
+                    s.conn.out_bytes.store(s.out_bytes, Ordering::Relaxed);
+                    s.outq.push_back(bytes);
+                    if !s.dirty && s.connecting.is_none() {
+                        s.dirty = true;
+                        self.dirty.push(s.conn.slot);
+                    }
+                    self.put(Entry::Stream(s));
+                }
+                other => {
+                    if let Some(entry) = other {
+                        self.put(entry);
+                    }
+                    self.budget.discarded(bytes.len() as u64);
+                    self.release_bytes(conn.inbox, bytes);
+                }
+            },
+            Command::Close(conn) => match self.take(&conn) {
+                Some(Entry::Stream(s)) if s.connecting.is_none() => self.close_linger(s),
+                Some(entry) => self.close(entry),
+                None => {}
+            },
+            Command::SendEof(conn) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    if !(s.write_closed || s.shutdown_pending) {
+                        if s.outq.is_empty() && s.connecting.is_none() {
+                            if !self.shutdown_write(&mut s) {
+                                return;
+                            }
+                        } else {
+                            s.shutdown_pending = true;
+                        }
+                    }
+                    self.put(Entry::Stream(s));
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            },
+            Command::SetActive(conn, credit, notify) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    if s.flow.set_active((credit, notify)) {
+                        if let Some(port) = &s.port {
+                            let port = port.clone();
+                            self.stage(s.conn.inbox, Event::Passive(port));
+                        }
+                    }
+                    self.deliver_held(&mut s);
+                    self.schedule(&mut s);
+                    self.put(Entry::Stream(s));
+                }
+                Some(Entry::Listener(mut l)) => {
+                    (l.credit, l.notify) =
+                        flow::apply_active_mode(l.credit, l.notify, (credit, notify));
+                    if l.notify && l.credit == 0 {
+                        let port = l.port.clone();
+                        self.stage(l.conn.inbox, Event::Passive(port));
+                    }
+                    if l.credit != 0 && l.readable && !l.in_ready {
+                        l.in_ready = true;
+                        self.ready.push(l.conn.slot);
+                    }
+                    self.put(Entry::Listener(l));
+                }
+                None => {}
+            },
+            Command::ReadOnce(conn) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    if s.flow.read_once() {
+                        self.deliver_held(&mut s);
+                        self.schedule(&mut s);
+                    }
+                    self.put(Entry::Stream(s));
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            },
+            Command::Resume(conn, generation) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    if s.flow.may_resume(generation) {
+                        self.schedule(&mut s);
+                    }
+                    s.conn.publish(&s.flow);
+                    self.put(Entry::Stream(s));
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            },
+            Command::Want(conn) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    if self.budget.want(&mut s.flow) {
+                        self.schedule(&mut s);
+                    }
+                    self.put(Entry::Stream(s));
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            },
+            Command::Attach(conn, port, overhead) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    s.window = conn.window.get().cloned();
+                    if let Some(window) = &s.window {
+                        let active = s.flow.active_mode();
+                        let receive = Arc::clone(&window.receive);
+                        s.flow = ReceiveFlow::new(receive, conn.slot, active, overhead);
+                    }
+                    s.port = Some(port);
+                    self.schedule(&mut s);
+                    self.put(Entry::Stream(s));
+                }
+                other => {
+                    if let Some(entry) = other {
+                        self.put(entry);
+                    }
+                    self.release_target(conn.inbox, port);
+                }
+            },
+            Command::Connect {
+                request,
+                port,
+                window,
+                inbox,
+                address,
+                options,
+                overhead,
+            } => self.connect(request, port, window, inbox, address, (options, overhead)),
+            Command::Listen {
+                request,
+                listener,
+                inbox,
+                socket,
+                options,
+            } => self.listen(request, listener, inbox, socket, options),
+            Command::Stop => self.stopping = true,
+            Command::Fail => panic!("a failure asked for by a test (Core._fail_for_test)"),
+            Command::Hold(reached, released) => {
+                let _ = reached.send(());
+                let _ = released.recv();
+            }
+        }
+    }
+
+    // -- streams -----------------------------------------------------------------------
+
+    fn may_read(s: &Stream) -> bool {
+        s.port.is_some()
+            && s.connecting.is_none()
+            && !s.read_eof
+            && s.flow.may_read(s.close_pending)
+    }
+
+    /// Put `s` on the ready list if it may read and its socket said it is readable.
+    fn schedule(&mut self, s: &mut Stream) {
+        if s.readable && !s.in_ready && Self::may_read(s) {
+            s.in_ready = true;
+            self.ready.push(s.conn.slot);
+        }
+    }
+
+    /// A readiness edge.  `hangup`: the peer closed or the connection failed - the read
+    /// that reports it (0 bytes, or the errno) may come after a short read of the data that
+    /// preceded it, with no edge of its own, so it is remembered (`Stream::hangup`).
+    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, hangup: bool) {
+        match self.table.get_mut(slot).and_then(|e| e.take()) {
+            Some(Entry::Stream(mut s)) => {
+                // A connect in progress: answered when its socket is ready; kept while
+                // it is still in progress, released (by finish_connect) if it failed.
+                if s.connecting.is_some()
+                    && (!(readable || writable) || !self.finish_connect(&mut s))
+                {
+                    if s.connecting.is_some() {
+                        self.put(Entry::Stream(s));
+                    }
+                    return;
+                }
+                if readable {
+                    s.readable = true;
+                    s.hangup |= hangup;
+                    self.schedule(&mut s);
+                }
+                if writable && !s.outq.is_empty() && !s.dirty {
+                    s.dirty = true;
+                    self.dirty.push(slot);
+                }
+                self.put(Entry::Stream(s));
+            }
+            Some(Entry::Listener(mut l)) => {
+                if readable {
+                    l.readable = true;
+                    if l.credit != 0 && !l.in_ready && !l.exhausted {
+                        l.in_ready = true;
+                        self.ready.push(slot);
+                    }
+                }
+                self.put(Entry::Listener(l));
+            }
+            None => {}
+        }
+    }
+
+    fn read_ready(&mut self) {
+        let ready = std::mem::take(&mut self.ready);
+        for slot in ready {
+            match self.table.get_mut(slot).and_then(|e| e.take()) {
+                Some(Entry::Stream(mut s)) => {
+                    s.in_ready = false;
+                    if !(Self::may_read(&s) && s.readable) {
+                        self.put(Entry::Stream(s));
+                        continue;
+                    }
+                    // The budget: None pauses the port (its next round that lets it go,
+                    // or its owner's cmd_want, schedules it again: it stays readable).
+                    let Some(grant) = self.budget.admit_read(&mut s.flow) else {
+                        s.conn.publish(&s.flow);
+                        self.put(Entry::Stream(s));
+                        continue;
+                    };
+                    // read() returns false when it closed the port: then it is gone.
+                    if self.read(&mut s, grant.max) {
+                        self.put(Entry::Stream(s));
+                    }
+                }
+                Some(Entry::Listener(mut l)) => {
+                    l.in_ready = false;
+                    self.accept(&mut l);
+                    self.put(Entry::Listener(l));
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// One read of at most `max` bytes (the budget's grant); false if the port was closed.
+    fn read(&mut self, s: &mut Stream, max: usize) -> bool {
+        let max = max.min(self.buffer.len());
+        let result = (&s.sock).read(&mut self.buffer[..max]);
+        self.after_read(s, result, max)
+    }
+
+    /// What follows a read of at most `max` bytes of the socket into `self.buffer`
+    /// (either backend's): `result` is the bytes read or the error.  False if the port
+    /// was closed.
+    fn after_read(&mut self, s: &mut Stream, result: io::Result<usize>, max: usize) -> bool {
+        match result {
+            Ok(0) => {
+                s.readable = false;
+                s.read_eof = true;
+                if !s.close_pending {
+                    if let Some(port) = &s.port {
+                        let port = port.clone();
+                        self.stage(s.conn.inbox, Event::Eof(port));
+                    }
+                }
+                // A close pending still flushes what is queued (the peer's half-close
+                // ends its sending, not its reading: `_iothread._eof`); write() closes the
+                // port once the queue is empty.
+                if s.write_closed || (s.close_pending && s.outq.is_empty()) {
+                    self.close_stream(s);
+                    return false;
+                }
+                true
+            }
+            Ok(n) => {
+                s.conn.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                self.shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                if n == max || s.hangup {
+                    // Maybe more, or the end is still to be read (it has no edge of its
+                    // own after this read): read again next round (others first).
+                    s.in_ready = true;
+                    self.ready.push(s.conn.slot);
+                } else {
+                    // Drained: the next arrival is a new edge.
+                    s.readable = false;
+                }
+                if s.close_pending {
+                    return true; // closing: what arrives is dropped
+                }
+                let Some(port) = s.port.clone() else {
+                    return true;
+                };
+                if s.framer.is_some() {
+                    return self.read_framed(s, port, n);
+                }
+                self.stage(s.conn.inbox, Event::Data(port, self.buffer[..n].to_vec()));
+                // Counted after the event is staged: the loop's handshake reads the
+                // delivered counters after the consumed counters it wrote.
+                let delivered = s.flow.deliver(&mut self.budget, &[n as u64]);
+                self.delivered(s, delivered);
+                true
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                s.readable = false;
+                true
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+                s.in_ready = true;
+                self.ready.push(s.conn.slot);
+                true
+            }
+            Err(error) => {
+                self.broken(s, errno_of(&error));
+                false
+            }
+        }
+    }
+
+    /// Feed a read of `n` bytes to the port's framer (`flow::framed_read`): deliver its
+    /// whole packets as far as the active credit goes, hold the rest; false if the port
+    /// was closed - the peer broke the packet mode, or the framer holds more than
+    /// `port_buffer_limit` (`Error`, then `Closed`, as the Python core does).
+    fn read_framed(&mut self, s: &mut Stream, port: Target, n: usize) -> bool {
+        let Some(framer) = s.framer.as_mut() else {
+            return true;
+        };
+        self.packets.clear();
+        self.charges.clear();
+        let result = flow::framed_read(
+            &mut self.budget,
+            &mut s.flow,
+            framer,
+            &self.buffer[..n],
+            &mut self.packets,
+            &mut self.charges,
+        );
+        let read = match result {
+            Ok(flow::FramedRead {
+                error: Some(error), ..
+            })
+            | Err(ReadFault::Frame(error)) => {
+                // (A packet error is delivered only by modes the native core does not
+                // frame: resp.)
+                let errno = match error {
+                    crate::framing::FrameError::TooLarge { .. } => {
+                        s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
+                        libc::EMSGSIZE
+                    }
+                    crate::framing::FrameError::Malformed(_) => libc::EPROTO,
+                };
+                let text = error.to_string();
+                self.stage(s.conn.inbox, Event::FrameError(port, errno, text));
+                self.broken(s, errno);
+                return false;
+            }
+            Err(ReadFault::BufferLimit(exceeded)) => {
+                let text = exceeded.to_string();
+                self.stage(s.conn.inbox, Event::FrameError(port, libc::ENOBUFS, text));
+                self.broken(s, libc::ENOBUFS);
+                return false;
+            }
+            Ok(read) => read,
+        };
+        let overhead = s.flow.packet_overhead();
+        let inbox = s.conn.inbox;
+        for (index, packet) in self.packets.iter().enumerate() {
+            let crate::framing::Packet::Bytes(bytes) = packet else {
+                continue; // (commands: resp, not framed here)
+            };
+            let charge = self.charges[index];
+            if index >= read.deliver {
+                s.held.push_back((bytes.to_vec(), charge));
+            } else if let Some(staged) = self.staged.get_mut(inbox) {
+                staged.push(packet_event(&port, bytes.to_vec(), charge, overhead));
+            }
+        }
+        self.note_framing(s);
+        self.delivered(s, read.delivered);
+        true
+    }
+
+    /// After packets were delivered: `Passive` if the credit ran out and the owner asked,
+    /// and the pause if the owner is behind by more than a high watermark.
+    fn delivered(&mut self, s: &mut Stream, delivered: Delivered) {
+        if delivered.send_passive {
+            if let Some(port) = &s.port {
+                let port = port.clone();
+                self.stage(s.conn.inbox, Event::Passive(port));
+            }
+        }
+        if delivered.over_high {
+            self.pause(s);
+        }
+    }
+
+    /// A grant came (an active mode, a passive read): held packets first, as far as the
+    /// credit goes (`ReceiveFlow::grant_held`); the socket is read again only once none is
+    /// held.
+    fn deliver_held(&mut self, s: &mut Stream) {
+        let count = s.flow.grant_held().min(s.held.len());
+        let Some(port) = s.port.clone() else { return };
+        if count == 0 {
+            return;
+        }
+        self.charges.clear();
+        let overhead = s.flow.packet_overhead();
+        for (payload, charge) in s.held.drain(..count) {
+            self.charges.push(charge);
+            if let Some(staged) = self.staged.get_mut(s.conn.inbox) {
+                staged.push(packet_event(&port, payload, charge, overhead));
+            }
+        }
+        s.flow.unhold(&mut self.budget, &self.charges);
+        let delivered = s.flow.deliver(&mut self.budget, &self.charges);
+        self.note_framing(s);
+        self.delivered(s, delivered);
+    }
+
+    /// Publish what the framer and the held packets hold (the port's `held_bytes`).
+    fn note_framing(&mut self, s: &mut Stream) {
+        let framer = s.framer.as_ref().map_or(0, |f| f.buffered()) as u64;
+        let (_, held) = s.flow.held();
+        s.conn.framing_bytes.store(framer + held, Ordering::Relaxed);
+        s.conn.publish(&s.flow);
+    }
+
+    /// Step 1 of the pause handshake (`flow.rs`): pause, then re-read the window; resume
+    /// at once if the owner took enough meanwhile.
+    fn pause(&mut self, s: &mut Stream) {
+        if s.flow.pause() && s.flow.recheck() {
+            self.schedule(s);
+        }
+        s.conn.publish(&s.flow);
+    }
+
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for slot in dirty {
+            match self.table.get_mut(slot).and_then(|e| e.take()) {
+                Some(Entry::Stream(mut s)) => {
+                    s.dirty = false;
+                    if self.write(&mut s) {
+                        self.put(Entry::Stream(s));
+                    }
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            }
+        }
+    }
+
+    /// Write the queued output, gathered, until it is all written or the socket is full;
+    /// false if the port was closed.
+    fn write(&mut self, s: &mut Stream) -> bool {
+        let mut total = 0u64;
+        while !s.outq.is_empty() {
+            let slices: Vec<IoSlice<'_>> = gathered(s).map(IoSlice::new).collect();
+            let wanted = slices.iter().map(|slice| slice.len()).sum();
+            let result = (&s.sock).write_vectored(&slices);
+            drop(slices);
+            match self.after_write(s, result, wanted, &mut total) {
+                Written::Again => continue,
+                Written::Full => break,
+                Written::Closed => return false,
+            }
+        }
+        self.finish_write(s, total)
+    }
+
+    /// What follows one gathered write of `wanted` bytes (either backend's): `result` is
+    /// the bytes written or the error; `total` adds them up over the round.
+    fn after_write(
+        &mut self,
+        s: &mut Stream,
+        result: io::Result<usize>,
+        wanted: usize,
+        total: &mut u64,
+    ) -> Written {
+        match result {
+            Ok(sent) => {
+                *total += sent as u64;
+                self.consume_output(s, sent);
+                if sent < wanted {
+                    Written::Full // the socket is full: its writable edge comes later
+                } else {
+                    Written::Again
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Written::Full,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => Written::Again,
+            Err(error) => {
+                self.broken(s, errno_of(&error));
+                Written::Closed
+            }
+        }
+    }
+
+    /// What follows a round's writes of `s` (`total` bytes): the counters, WRITABLE to a
+    /// blocked sender, and the close or half-close that waited for the queue to empty.
+    /// False if the port was closed.
+    fn finish_write(&mut self, s: &mut Stream, total: u64) -> bool {
+        if total > 0 {
+            // bytes_out before send_blocked: the loop writes send_blocked, then reads
+            // bytes_out (the WRITABLE handshake; all SeqCst).
+            let out = s.conn.bytes_out.fetch_add(total, Ordering::SeqCst) + total;
+            self.budget.wrote(total);
+            s.conn.out_bytes.store(s.out_bytes, Ordering::Relaxed);
+            if let (Some(window), Some(port)) = (&s.window, &s.port) {
+                if window.send_blocked.load(Ordering::SeqCst)
+                    && window
+                        .queued_bytes
+                        .load(Ordering::SeqCst)
+                        .saturating_sub(out)
+                        <= s.conn.flow.send_low
+                {
+                    let port = port.clone();
+                    self.stage(s.conn.inbox, Event::Writable(port));
+                }
+            }
+        }
+        if s.outq.is_empty() {
+            if s.close_pending {
+                self.close_stream(s);
+                return false;
+            }
+            if s.shutdown_pending && !self.shutdown_write(s) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Pop what a write of `sent` bytes took from the queue, and every zero-length buffer
+    /// at its head (a write of nothing returns 0: such a head must not stall the loop).
+    fn consume_output(&mut self, s: &mut Stream, mut sent: usize) {
+        s.out_bytes -= sent as u64;
+        while let Some(first) = s.outq.front() {
+            let left = first.len() - s.head;
+            if left == 0 || (sent > 0 && sent >= left) {
+                sent -= left;
+                s.head = 0;
+                if let Some(done) = s.outq.pop_front() {
+                    self.release_bytes(s.conn.inbox, done);
+                }
+            } else {
+                s.head += sent;
+                break;
+            }
+        }
+    }
+
+    /// Half-close; false if the port was closed (it failed, or both sides are done).
+    fn shutdown_write(&mut self, s: &mut Stream) -> bool {
+        s.shutdown_pending = false;
+        s.write_closed = true;
+        if let Err(error) = s.sock.shutdown(Shutdown::Write) {
+            self.broken(s, errno_of(&error));
+            return false;
+        }
+        if s.read_eof {
+            self.close_stream(s);
+            return false;
+        }
+        true
+    }
+
+    /// `cmd_close` of a stream (connected): close once the queued output is written,
+    /// within the port's `linger` - at once, with a reset, for `linger=0` (Erlang's
+    /// `{linger, {true, 0}}`); `IoThread::expire_lingers` resets it when the time is up.
+    /// The stream goes back to the table if it stays open.
+    fn close_linger(&mut self, mut s: Box<Stream>) {
+        if s.linger == Some(Duration::ZERO) {
+            self.reset(&mut s);
+            return;
+        }
+        if s.outq.is_empty() {
+            self.close_stream(&mut s);
+            return;
+        }
+        s.close_pending = true;
+        if let (Some(linger), None) = (s.linger, s.linger_deadline) {
+            let deadline = Instant::now() + linger;
+            s.linger_deadline = Some(deadline);
+            self.lingering.push((deadline, s.conn.slot, s.conn.id));
+        }
+        // Closing reads on whatever its active mode (what arrives is dropped), so that a
+        // peer blocked writing to us can drain what we flush to it.
+        self.schedule(&mut s);
+        self.put(Entry::Stream(s));
+    }
+
+    /// The `linger` deadlines that passed: reset those ports (their output was not
+    /// written in time).
+    fn expire_lingers(&mut self) {
+        let now = Instant::now();
+        let mut index = 0;
+        while index < self.lingering.len() {
+            let (deadline, slot, id) = self.lingering[index];
+            if deadline > now {
+                index += 1;
+                continue;
+            }
+            self.lingering.swap_remove(index);
+            match self.table.get_mut(slot).and_then(|e| e.take()) {
+                Some(Entry::Stream(mut s)) if s.conn.id == id => {
+                    s.linger_deadline = None;
+                    self.reset(&mut s);
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            }
+        }
+    }
+
+    /// Close `s` with `SO_LINGER {1, 0}`: the kernel drops what it holds and sends an RST
+    /// (the peer gets `ECONNRESET`), freeing the socket at once; the queued output is
+    /// dropped.  Counted in `linger_timeouts`.
+    fn reset(&mut self, s: &mut Stream) {
+        self.shared.linger_timeouts.fetch_add(1, Ordering::Relaxed);
+        // A socket that fails this is broken already: closing it is all there is to do.
+        let _ = socket2::SockRef::from(&s.sock).set_linger(Some(Duration::ZERO));
+        self.close_stream(s);
+    }
+
+    /// The connection failed: tell the owner `Closed(name, name)` and release it.
+    fn broken(&mut self, s: &mut Stream, errno: i32) {
+        if let Some(port) = &s.port {
+            if !s.close_pending {
+                let port = port.clone();
+                self.stage(s.conn.inbox, Event::Broken(port, errno));
+            }
+        }
+        self.close_stream(s);
+    }
+
+    /// Release a stream's socket and slot (the caller does not put it back).
+    fn close_stream(&mut self, s: &mut Stream) {
+        s.conn.closed.store(true, Ordering::SeqCst);
+        let _ = self.poll.registry().deregister(&mut s.sock);
+        // The socket closes when the entry is dropped; what it holds goes back to Python.
+        let inbox = s.conn.inbox;
+        self.budget.discarded(s.out_bytes);
+        while let Some(bytes) = s.outq.pop_front() {
+            self.release_bytes(inbox, bytes);
+        }
+        s.out_bytes = 0;
+        s.conn.out_bytes.store(0, Ordering::Relaxed);
+        // What the framer and the held packets hold leaves the budget, and so does a pause.
+        let framer = s.framer.take().map_or(0, |f| f.buffered());
+        s.flow.close(&mut self.budget, framer);
+        s.held.clear();
+        s.conn.framing_bytes.store(0, Ordering::Relaxed);
+        if s.linger_deadline.take().is_some() {
+            let id = s.conn.id;
+            self.lingering.retain(|(_, _, other)| *other != id);
+        }
+        if let Some(port) = s.port.take() {
+            self.release_target(inbox, port);
+        }
+        if let Some((request, address)) = s.connecting.take().map(|c| *c) {
+            // Closed before it connected (the server stops): the request gets its answer.
+            self.stage(
+                inbox,
+                Event::ConnectFailed(request, libc::ECANCELED, address),
+            );
+        }
+        self.free_slot(s.conn.slot);
+    }
+
+    fn free_slot(&mut self, slot: usize) {
+        self.freed.push(slot);
+        self.shared.ports_open.fetch_sub(1, Ordering::Relaxed);
+        // A descriptor was freed: listeners that ran out of them may accept again.
+        for slot in std::mem::take(&mut self.exhausted_listeners) {
+            if let Some(Some(Entry::Listener(l))) = self.table.get_mut(slot) {
+                l.exhausted = false;
+                if l.credit != 0 && !l.in_ready {
+                    l.in_ready = true;
+                    self.ready.push(slot);
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, entry: Entry) {
+        match entry {
+            Entry::Stream(mut s) => self.close_stream(&mut s),
+            Entry::Listener(mut l) => {
+                l.conn.closed.store(true, Ordering::SeqCst);
+                let _ = self.poll.registry().deregister(&mut l.sock);
+                let inbox = l.conn.inbox;
+                let slot = l.conn.slot;
+                self.release_target(inbox, l.port.clone());
+                drop(l);
+                self.free_slot(slot);
+            }
+        }
+    }
+
+    // -- connect -----------------------------------------------------------------------
+
+    fn connect(
+        &mut self,
+        request: Target,
+        port: Target,
+        window: Arc<WindowShared>,
+        inbox: usize,
+        address: SocketAddr,
+        (options, overhead): (StreamOptions, u64),
+    ) {
+        let made = (|| -> io::Result<(socket2::Socket, bool)> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(address),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.set_nonblocking(true)?;
+            socket.set_cloexec(true)?;
+            match socket.connect(&address.into()) {
+                Ok(()) => Ok((socket, true)),
+                Err(error)
+                    if error.raw_os_error() == Some(libc::EINPROGRESS)
+                        || error.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    Ok((socket, false))
+                }
+                Err(error) => Err(error),
+            }
+        })();
+        let (socket, done) = match made {
+            Ok(made) => made,
+            Err(error) => {
+                self.stage(
+                    inbox,
+                    Event::ConnectFailed(request, errno_of(&error), address),
+                );
+                self.release_target(inbox, port);
+                return;
+            }
+        };
+        let mut sock = TcpStream::from_std(std::net::TcpStream::from(socket));
+        if let Err(error) = apply_options(&sock, &options) {
+            self.stage(
+                inbox,
+                Event::ConnectFailed(request, errno_of(&error), address),
+            );
+            self.release_target(inbox, port);
+            return;
+        }
+        let slot = self.allocate();
+        if let Err(error) = self.poll.registry().register(
+            &mut sock,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.free.push(slot);
+            self.stage(
+                inbox,
+                Event::ConnectFailed(request, errno_of(&error), address),
+            );
+            self.release_target(inbox, port);
+            return;
+        }
+        self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
+        let conn = self.new_conn(slot, inbox, options.flow);
+        let _ = conn.window.set(window.clone());
+        let receive = Arc::clone(&window.receive);
+        let mut s = Box::new(Stream {
+            sock,
+            conn,
+            port: Some(port),
+            window: Some(window),
+            flow: ReceiveFlow::new(receive, slot, options.active, overhead),
+            outq: VecDeque::new(),
+            head: 0,
+            out_bytes: 0,
+            connecting: Some(Box::new((request, address))),
+            readable: false,
+            hangup: false,
+            in_ready: false,
+            dirty: false,
+            read_eof: false,
+            write_closed: false,
+            shutdown_pending: false,
+            close_pending: false,
+            linger: options.linger,
+            linger_deadline: None,
+            framer: options
+                .framing
+                .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok())
+                .map(Box::new),
+            held: VecDeque::new(),
+        });
+        if done && !self.finish_connect(&mut s) {
+            return;
+        }
+        self.put(Entry::Stream(s));
+    }
+
+    /// A connecting socket became ready: answer its request.  False if the connect failed
+    /// (the port is released) or is still in progress (the caller keeps the entry).
+    fn finish_connect(&mut self, s: &mut Stream) -> bool {
+        let failed = match s.sock.take_error() {
+            Ok(Some(error)) => Some(errno_of(&error)),
+            Err(error) => Some(errno_of(&error)),
+            Ok(None) => match s.sock.peer_addr() {
+                Ok(_) => None,
+                Err(error) if error.kind() == io::ErrorKind::NotConnected => return false,
+                Err(error) => Some(errno_of(&error)),
+            },
+        };
+        let Some((request, address)) = s.connecting.take().map(|c| *c) else {
+            return true;
+        };
+        let inbox = s.conn.inbox;
+        if let Some(errno) = failed {
+            self.stage(inbox, Event::ConnectFailed(request, errno, address));
+            if let Some(port) = s.port.take() {
+                self.release_target(inbox, port);
+            }
+            self.close_stream(s);
+            return false;
+        }
+        let local = s.sock.local_addr();
+        let remote = s.sock.peer_addr();
+        match (local, remote) {
+            (Ok(local), Ok(remote)) => {
+                let conn = s.conn.clone();
+                self.stage(
+                    inbox,
+                    Event::Connected {
+                        request,
+                        conn,
+                        local,
+                        remote,
+                    },
+                );
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                self.stage(
+                    inbox,
+                    Event::ConnectFailed(request, errno_of(&error), address),
+                );
+                if let Some(port) = s.port.take() {
+                    self.release_target(inbox, port);
+                }
+                self.close_stream(s);
+                return false;
+            }
+        }
+        if !s.outq.is_empty() && !s.dirty {
+            s.dirty = true;
+            self.dirty.push(s.conn.slot);
+        }
+        true
+    }
+
+    // -- listen and accept -------------------------------------------------------------
+
+    fn listen(
+        &mut self,
+        request: Target,
+        listener: Target,
+        inbox: usize,
+        socket: std::net::TcpListener,
+        options: StreamOptions,
+    ) {
+        let local = socket.local_addr();
+        let mut sock = TcpListener::from_std(socket);
+        let slot = self.allocate();
+        let registered = self
+            .poll
+            .registry()
+            .register(&mut sock, Token(slot), Interest::READABLE);
+        let local = match (registered, local) {
+            (Ok(()), Ok(local)) => local,
+            (Err(error), _) | (_, Err(error)) => {
+                self.free.push(slot);
+                let address = SocketAddr::from(([0, 0, 0, 0], 0));
+                self.stage(
+                    inbox,
+                    Event::ConnectFailed(request, errno_of(&error), address),
+                );
+                self.release_target(inbox, listener);
+                return;
+            }
+        };
+        self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
+        let conn = self.new_conn(slot, inbox, Flow::NONE);
+        self.stage(inbox, Event::Listening(request, conn.clone(), local));
+        self.put(Entry::Listener(Box::new(Listener {
+            sock,
+            conn,
+            port: listener,
+            options,
+            credit: -1,
+            notify: false,
+            readable: false,
+            in_ready: false,
+            exhausted: false,
+        })));
+    }
+
+    fn accept(&mut self, l: &mut Listener) {
+        let inbox = l.conn.inbox;
+        for _ in 0..ACCEPT_BATCH {
+            if l.credit == 0 || l.exhausted {
+                return;
+            }
+            let (mut sock, remote) = match l.sock.accept() {
+                Ok(accepted) => accepted,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    l.readable = false;
+                    return;
+                }
+                Err(error)
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR)
+                    ) =>
+                {
+                    continue
+                }
+                Err(error) => {
+                    let errno = errno_of(&error);
+                    self.stage(inbox, Event::AcceptError(l.port.clone(), errno));
+                    if matches!(
+                        errno,
+                        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+                    ) {
+                        l.exhausted = true;
+                        self.exhausted_listeners.push(l.conn.slot);
+                    }
+                    return;
+                }
+            };
+            if apply_options(&sock, &l.options).is_err() {
+                continue; // the peer is already gone (reset before we looked)
+            }
+            let Ok(local) = sock.local_addr() else {
+                continue;
+            };
+            let slot = self.allocate();
+            if self
+                .poll
+                .registry()
+                .register(
+                    &mut sock,
+                    Token(slot),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                self.free.push(slot);
+                continue;
+            }
+            self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
+            let conn = self.new_conn(slot, inbox, l.options.flow);
+            self.stage(
+                inbox,
+                Event::Accepted {
+                    listener: l.port.clone(),
+                    conn: conn.clone(),
+                    local,
+                    remote,
+                },
+            );
+            self.put(Entry::Stream(Box::new(Stream {
+                sock,
+                conn,
+                port: None,
+                window: None,
+                flow: ReceiveFlow::new(Arc::clone(&self.unattached), slot, l.options.active, 0),
+                outq: VecDeque::new(),
+                head: 0,
+                out_bytes: 0,
+                connecting: None,
+                // Not readable until an edge says so: epoll reports data already there when
+                // the socket is registered.  (Assuming it readable would let a read land
+                // between the round's commands and a command its owner queued before its
+                // peer sent - an active mode set just after the accept would come late.)
+                readable: false,
+                hangup: false,
+                in_ready: false,
+                dirty: false,
+                read_eof: false,
+                write_closed: false,
+                shutdown_pending: false,
+                close_pending: false,
+                linger: l.options.linger,
+                linger_deadline: None,
+                framer: l
+                    .options
+                    .framing
+                    .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok())
+                    .map(Box::new),
+                held: VecDeque::new(),
+            })));
+            if l.credit > 0 {
+                l.credit -= 1;
+                if l.credit == 0 && l.notify {
+                    self.stage(inbox, Event::Passive(l.port.clone()));
+                }
+            }
+        }
+        // The batch is spent: accept the rest next round.
+        if !l.in_ready {
+            l.in_ready = true;
+            self.ready.push(l.conn.slot);
+        }
+    }
+
+    // -- stop --------------------------------------------------------------------------
+
+    /// Close every port (with `Closed(errno)` to each owner when the thread failed), and
+    /// give every loop its stop notice.
+    fn shutdown(&mut self, errno: Option<i32>) {
+        // Commands still queued carry references: hand them back too.
+        while let Some(command) = self.shared.commands.pop() {
+            self.discard(command);
+        }
+        for slot in 0..self.table.len() {
+            if let Some(entry) = self.table[slot].take() {
+                match entry {
+                    Entry::Stream(mut s) => match errno {
+                        Some(errno) => self.broken(&mut s, errno),
+                        None => self.close_stream(&mut s),
+                    },
+                    listener => self.close(listener),
+                }
+            }
+        }
+        for index in 0..self.inboxes.len() {
+            self.staged[index].push(Event::Stop);
+        }
+        self.publish(true);
+    }
+
+    fn discard(&mut self, command: Command) {
+        match command {
+            Command::AddInbox(inbox) => {
+                self.inboxes.push(inbox);
+                self.staged.push(Vec::new());
+                self.releases.push(Releases::default());
+            }
+            Command::Send(conn, bytes) => {
+                self.budget.discarded(bytes.len() as u64);
+                self.release_bytes(conn.inbox, bytes)
+            }
+            Command::Attach(conn, port, _) => self.release_target(conn.inbox, port),
+            Command::Connect {
+                request,
+                port,
+                inbox,
+                address,
+                ..
+            } => {
+                self.stage(
+                    inbox,
+                    Event::ConnectFailed(request, libc::ECANCELED, address),
+                );
+                self.release_target(inbox, port);
+            }
+            Command::Listen {
+                request,
+                listener,
+                inbox,
+                ..
+            } => {
+                let address = SocketAddr::from(([0, 0, 0, 0], 0));
+                self.stage(
+                    inbox,
+                    Event::ConnectFailed(request, libc::ECANCELED, address),
+                );
+                self.release_target(inbox, listener);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What a gathered write left to do.
+enum Written {
+    /// It wrote all it was given: write again (more may be queued).
+    Again,
+    /// The socket is full (a short write, or `EAGAIN`): its writable edge comes later.
+    Full,
+    /// The connection broke: the port is closed.
+    Closed,
+}
+
+/// The first [`IOV_MAX`] buffers of the queued output, the head's written part skipped:
+/// what one gathered write takes.
+fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
+    s.outq
+        .iter()
+        .take(IOV_MAX)
+        .enumerate()
+        .map(|(index, bytes)| {
+            if index == 0 {
+                &bytes.as_slice()[s.head..]
+            } else {
+                bytes.as_slice()
+            }
+        })
+}
+
+/// The event of a packet charged `charge` bytes: `Data` when the port charges packets
+/// their length alone (`overhead` 0), else `Packet`, which carries the charge to the
+/// port's `window.sizes` (see [`PyTarget::sizes`]).
+fn packet_event(port: &Target, payload: Vec<u8>, charge: u64, overhead: u64) -> Event {
+    if overhead == 0 {
+        Event::Data(port.clone(), payload)
+    } else {
+        Event::Packet(port.clone(), payload, charge)
+    }
+}

@@ -1,0 +1,1188 @@
+//! The Python face of the native core: `Core` (the I/O thread and its commands), `Inbox`
+//! (a loop's events, drained in one call), `Conn` (a port's I/O half as the loop reads
+//! it: `ioserver._contract.PortIO`) and `WindowCounters` (the atomic part of a port's
+//! flow-control window, which `ioserver._native_core.NativeWindow` extends).
+//!
+//! Used by `ioserver/_native_core.py` only; nothing here is public API.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::core::uring::{self, Backend};
+use crate::core::{
+    Command, ConnShared, Event, Flow, IoThread, PyTarget, Shared, StreamOptions, WindowShared,
+};
+use crate::flow::{self, Charges, LoopCounters, Watermarks};
+use crate::unsafe_io::{adopt_listener, HeldBytes};
+use crate::wakeup::WakeQueue;
+
+fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
+    Arc::new(PyTarget {
+        obj,
+        make_port: None,
+        window: None,
+        sizes: None,
+    })
+}
+
+/// A port's target: the port, its receive window and - when its packets are charged more
+/// than their length (`window.sizes` is a deque: a framed port of this process) - the
+/// deque's `append`; and the bytes charged per packet beyond its length.
+fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<(Target, u64)> {
+    let sizes = window.getattr("sizes")?;
+    let (sizes, overhead) = if sizes.is_none() {
+        (None, 0)
+    } else {
+        let overhead: u64 = window.getattr("packet_overhead")?.extract()?;
+        (Some(sizes.getattr("append")?.unbind()), overhead)
+    };
+    let receive = Arc::clone(&window.get().shared.receive);
+    let target = Arc::new(PyTarget {
+        obj: port,
+        make_port: None,
+        window: Some(receive),
+        sizes,
+    });
+    Ok((target, overhead))
+}
+
+type Target = Arc<PyTarget>;
+
+fn address<'py>(py: Python<'py>, address: &SocketAddr) -> PyResult<Bound<'py, PyTuple>> {
+    match address {
+        SocketAddr::V4(a) => (a.ip().to_string(), a.port()).into_pyobject(py),
+        SocketAddr::V6(a) => {
+            (a.ip().to_string(), a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)
+        }
+    }
+}
+
+fn get<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
+    options: &Bound<'py, PyDict>,
+    name: &str,
+) -> PyResult<Option<T>> {
+    match options.get_item(name)? {
+        None => Ok(None),
+        Some(value) if value.is_none() => Ok(None),
+        Some(value) => Ok(Some(value.extract().map_err(Into::into)?)),
+    }
+}
+
+/// The packet mode of `options` (None: raw).  Modes that decode objects (msgpack, resp)
+/// are refused before this is reached (`ioserver._native_core`).
+fn framing(options: &Bound<'_, PyDict>) -> PyResult<Option<(crate::framing::Mode, usize)>> {
+    use crate::framing::Mode;
+    let Some(packet) = options.get_item("packet")? else {
+        return Ok(None);
+    };
+    let mode = if let Ok(name) = packet.extract::<String>() {
+        match name.as_str() {
+            "raw" => return Ok(None),
+            "line" => {
+                let delimiter: Vec<u8> =
+                    get(options, "delimiter")?.unwrap_or_else(|| b"\n".to_vec());
+                match delimiter.as_slice() {
+                    [byte] => Mode::Line(*byte),
+                    _ => return Err(PyValueError::new_err("line delimiter must be one byte")),
+                }
+            }
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "packet={other:?} is not framed by the native core yet"
+                )))
+            }
+        }
+    } else {
+        match packet.extract::<u8>()? {
+            0 => return Ok(None),
+            header => Mode::Length(header),
+        }
+    };
+    let size: usize = get(options, "packet_size")?.unwrap_or(crate::framing::DEFAULT_PACKET_SIZE);
+    crate::framing::Framer::new(mode, size).map_err(|e| PyValueError::new_err(e.0))?;
+    Ok(Some((mode, size)))
+}
+
+fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<StreamOptions> {
+    let high: u64 = get(options, "high_msgq_watermark")?.unwrap_or(flow::NO_LIMIT);
+    let low: u64 = get(options, "low_msgq_watermark")?.unwrap_or(high);
+    let high_messages: u64 = get(options, "high_msgq_messages")?.unwrap_or(flow::NO_LIMIT);
+    let linger = match get::<f64>(options, "linger")? {
+        None => None,
+        Some(seconds) => Some(Duration::try_from_secs_f64(seconds).map_err(|_| {
+            PyValueError::new_err(format!("linger must be seconds >= 0, not {seconds}"))
+        })?),
+    };
+    Ok(StreamOptions {
+        nodelay: get(options, "nodelay")?.unwrap_or(true),
+        keepalive: get(options, "keepalive")?.unwrap_or(false),
+        recbuf: get(options, "recbuf")?,
+        sndbuf: get(options, "sndbuf")?,
+        flow: Flow {
+            watermarks: Watermarks::new(high, low, high_messages),
+            send_low: get(options, "low_watermark")?.unwrap_or(0),
+        },
+        active,
+        framing: framing(options)?,
+        linger,
+    })
+}
+
+/// The atomic counters of a port's flow-control window, written by the loop half and
+/// read by the I/O thread without the GIL (see `ioserver._flow.Window`): its receive side
+/// is a [`flow::Window`], the send side `queued_bytes` and `send_blocked`.  The loop half
+/// assigns the counters (`window.consumed_bytes += charge`); each assignment's growth is
+/// counted for the memory budget too (the loop's counters, `flow::LoopCounters`).
+#[pyclass(module = "ioserver._native", subclass, frozen)]
+pub struct WindowCounters {
+    shared: Arc<WindowShared>,
+}
+
+#[pymethods]
+impl WindowCounters {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
+        WindowCounters {
+            shared: Arc::new(WindowShared::default()),
+        }
+    }
+
+    /// The owner took a message charged ``charge`` bytes (its length, or for a framed
+    /// port its charge popped from ``sizes``): step 2 of the pause handshake in one call
+    /// (``flow::Window::took``: the counters, counted for the budget too, then the pause
+    /// generation).  Returns the generation to ask the I/O thread to end
+    /// (``cmd_resume``) if it paused reading and the owner has now taken enough, else None.
+    fn took(&self, charge: u64) -> Option<u64> {
+        self.shared.receive.took(charge)
+    }
+
+    /// The last pause generation the loop half asked to end (``Window.resume_due``).
+    #[getter]
+    fn get_resume_generation(&self) -> u64 {
+        self.shared.receive.resume_generation()
+    }
+
+    #[setter]
+    fn set_resume_generation(&self, value: u64) {
+        self.shared.receive.set_resume_generation(value)
+    }
+
+    /// Bytes of input the owner took.
+    #[getter]
+    fn get_consumed_bytes(&self) -> u64 {
+        self.shared.receive.consumed().0
+    }
+
+    #[setter]
+    fn set_consumed_bytes(&self, value: u64) {
+        self.shared.receive.set_consumed_bytes(value)
+    }
+
+    /// Messages the owner took.
+    #[getter]
+    fn get_consumed_messages(&self) -> u64 {
+        self.shared.receive.consumed().1
+    }
+
+    #[setter]
+    fn set_consumed_messages(&self, value: u64) {
+        self.shared.receive.set_consumed_messages(value)
+    }
+
+    /// Bytes the owner queued for output, ever.
+    #[getter]
+    fn get_queued_bytes(&self) -> u64 {
+        self.shared.queued_bytes.load(Ordering::SeqCst)
+    }
+
+    /// The owner queued more (it assigns the sum before it submits the send): the growth
+    /// is counted for the budget before the send can be written and subtracted.
+    #[setter]
+    fn set_queued_bytes(&self, value: u64) {
+        // The loop half is the only writer: the swap returns its own last store.
+        let before = self.shared.queued_bytes.swap(value, Ordering::SeqCst);
+        self.shared
+            .receive
+            .queued_output(value.wrapping_sub(before));
+    }
+
+    /// A sender waits for the output to drain below the low watermark.
+    #[getter]
+    fn get_send_blocked(&self) -> bool {
+        self.shared.send_blocked.load(Ordering::SeqCst)
+    }
+
+    #[setter]
+    fn set_send_blocked(&self, value: bool) {
+        self.shared.send_blocked.store(value, Ordering::SeqCst)
+    }
+}
+
+/// A port's I/O half, as its loop half reads it (`ioserver._contract.PortIO`).
+#[pyclass(module = "ioserver._native", frozen)]
+pub struct Conn {
+    shared: Arc<ConnShared>,
+}
+
+#[pymethods]
+impl Conn {
+    /// Closed on the I/O side.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+    /// Bytes read from the socket.
+    #[getter]
+    fn bytes_in(&self) -> u64 {
+        self.shared.bytes_in.load(Ordering::Relaxed)
+    }
+    /// Bytes written to the socket.
+    #[getter]
+    fn bytes_out(&self) -> u64 {
+        self.shared.bytes_out.load(Ordering::SeqCst)
+    }
+    /// Bytes queued on the I/O thread and not written.
+    #[getter]
+    fn out_bytes(&self) -> u64 {
+        self.shared.out_bytes.load(Ordering::Relaxed)
+    }
+    /// Bytes delivered to the loop half (charged: a packet's length and its overhead).
+    #[getter]
+    fn delivered_bytes(&self) -> u64 {
+        self.shared
+            .receive()
+            .map_or(0, |window| window.delivered().0)
+    }
+    /// Messages delivered to the loop half.
+    #[getter]
+    fn delivered_messages(&self) -> u64 {
+        self.shared
+            .receive()
+            .map_or(0, |window| window.delivered().1)
+    }
+    /// The current receive pause (the handshake of `flow.rs`).
+    #[getter]
+    fn pause_generation(&self) -> u64 {
+        self.shared
+            .receive()
+            .map_or(0, |window| window.pause_generation())
+    }
+    /// Paused by the watermarks now (as the I/O thread last published it).
+    #[getter]
+    fn msgq_paused(&self) -> bool {
+        self.shared.msgq_paused.load(Ordering::Relaxed)
+    }
+    /// Receive pauses so far.
+    #[getter]
+    fn pauses(&self) -> u64 {
+        self.shared.pauses.load(Ordering::Relaxed)
+    }
+    /// The most input ever buffered.
+    #[getter]
+    fn peak_buffered(&self) -> u64 {
+        self.shared.peak_buffered.load(Ordering::Relaxed)
+    }
+    /// Paused by the memory budget.
+    ///
+    /// The loop half reads this when, and only when, a task parks on the port
+    /// (`ports.Port`: the waiter is set, then ``global_paused`` is read, and True sends
+    /// ``cmd_want``).  On this core the thread cannot ask the loop whether a task waits,
+    /// so the read is also the park's mark: it stores `waiting` **then** loads
+    /// `global_paused` (`flow::Window::set_waiting`, `SeqCst`; the I/O thread stores
+    /// `global_paused` then loads `waiting`: one of the two sees the other).  The next
+    /// message handed to the port (`Inbox.take`) clears the mark.
+    #[getter]
+    fn global_paused(&self) -> bool {
+        match self.shared.receive() {
+            Some(window) => window.set_waiting(true),
+            None => false,
+        }
+    }
+    /// Bytes the framer holds and of packets held past the active credit.
+    #[getter]
+    fn held_bytes(&self) -> u64 {
+        self.shared.framing_bytes.load(Ordering::Relaxed)
+    }
+    /// Packets refused for exceeding packet_size.
+    #[getter]
+    fn packets_too_large(&self) -> u64 {
+        self.shared.packets_too_large.load(Ordering::Relaxed)
+    }
+    /// The owner took what was delivered down to the low watermarks.
+    fn drained(&self) -> bool {
+        self.shared
+            .receive()
+            .map_or(true, |window| window.drained())
+    }
+    fn __repr__(&self) -> String {
+        format!("<native Conn {} slot {}>", self.shared.id, self.shared.slot)
+    }
+}
+
+/// A loop's end of the I/O thread's events: a wake-up fd and one call that turns every
+/// queued batch into `(target, message)` pairs.
+#[pyclass(module = "ioserver._native")]
+pub struct Inbox {
+    queue: Arc<WakeQueue<Vec<Event>>>,
+    /// Its number in the I/O thread (the order of the AddInbox commands).
+    index: usize,
+    shared: Arc<Shared>,
+    /// The budget's charges (the buffers this loop drops are unpinned there).
+    charges: Arc<Charges>,
+    /// The loops' counters (an accepted port's window counts there).
+    counters: Arc<LoopCounters>,
+    stop_target: Py<PyAny>,
+    data: Py<PyAny>,
+    /// ``object.__new__`` and ``Data.data.__set__``: a Data without its dataclass
+    /// ``__init__`` (frozen: it would go through ``object.__setattr__``), as the Python
+    /// I/O thread makes them.
+    new: Py<PyAny>,
+    set_data: Py<PyAny>,
+    closed: Py<PyAny>,
+    error: Py<PyAny>,
+    accepted: Py<PyAny>,
+    passive: Py<PyAny>,
+    writable: Py<PyAny>,
+    errno_name: Py<PyAny>,
+    connect_error: Py<PyAny>,
+    eof: Py<PyAny>,
+    /// The last accepted connection's addresses as Python objects, reused for the next
+    /// (see [`Inbox::accepted_addresses`]).
+    addresses: Mutex<AddressCache>,
+}
+
+/// Python objects of recent addresses: the local address of the last accepted connection
+/// (the same for every connection of one listener) and the last peer host's string (the
+/// same for every connection from one client host).  Each is shared by the ports that
+/// have it, instead of a tuple and a string per port (about 200 bytes a connection).
+#[derive(Default)]
+struct AddressCache {
+    local: Option<(SocketAddr, Py<PyTuple>)>,
+    host: Option<(IpAddr, Py<pyo3::types::PyString>)>,
+}
+
+impl Inbox {
+    /// An accepted connection's `(local, remote)` addresses as `address` makes them, with
+    /// the local tuple and the remote host's string shared with the previous connection's
+    /// when they are equal (they are immutable, so nobody can tell).
+    fn accepted_addresses<'py>(
+        &self,
+        py: Python<'py>,
+        local: &SocketAddr,
+        remote: &SocketAddr,
+    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyTuple>)> {
+        let Ok(mut cache) = self.addresses.lock() else {
+            return Ok((address(py, local)?, address(py, remote)?));
+        };
+        let local = match &cache.local {
+            Some((known, tuple)) if known == local => tuple.bind(py).clone(),
+            _ => {
+                let tuple = address(py, local)?;
+                cache.local = Some((*local, tuple.clone().unbind()));
+                tuple
+            }
+        };
+        let ip = remote.ip();
+        let host = match &cache.host {
+            Some((known, host)) if *known == ip => host.bind(py).clone(),
+            _ => {
+                let host = pyo3::types::PyString::new(py, &ip.to_string());
+                cache.host = Some((ip, host.clone().unbind()));
+                host
+            }
+        };
+        let remote = match remote {
+            SocketAddr::V4(a) => (host, a.port()).into_pyobject(py)?,
+            SocketAddr::V6(a) => (host, a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)?,
+        };
+        Ok((local, remote))
+    }
+
+    fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
+        let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
+            list.append((target.obj.clone_ref(py), message))
+        };
+        match event {
+            Event::Data(port, bytes) => {
+                if let Some(window) = &port.window {
+                    window.task_woken();
+                }
+                let message = self.new.bind(py).call1((self.data.bind(py),))?;
+                self.set_data
+                    .bind(py)
+                    .call1((&message, PyBytes::new(py, &bytes)))?;
+                pair(&port, message)
+            }
+            Event::Packet(port, bytes, charge) => {
+                // Its charge first: the port pops it when its owner takes the packet.
+                if let Some(sizes) = &port.sizes {
+                    sizes.bind(py).call1((charge,))?;
+                }
+                self.build(py, list, Event::Data(port, bytes))
+            }
+            Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
+            Event::Broken(port, errno) => {
+                let name = self.errno_name.bind(py).call1((errno,))?;
+                let message = self.closed.bind(py).call1((&name, &name))?;
+                pair(&port, message)
+            }
+            Event::Passive(port) => pair(&port, self.passive.bind(py).clone()),
+            Event::FrameError(port, errno, text) => {
+                let name = self.errno_name.bind(py).call1((errno,))?;
+                let message = self.error.bind(py).call1((&name, errno, text))?;
+                pair(&port, message)
+            }
+            Event::Writable(port) => pair(&port, self.writable.bind(py).clone()),
+            Event::AcceptError(listener, errno) => {
+                let name = self.errno_name.bind(py).call1((errno,))?;
+                let text = std::io::Error::from_raw_os_error(errno).to_string();
+                let message = format!("accept failed: {text} ({name})");
+                let message = self.error.bind(py).call1((&name, errno, message))?;
+                pair(&listener, message)
+            }
+            Event::Accepted {
+                listener,
+                conn,
+                local,
+                remote,
+            } => {
+                let handle = Py::new(
+                    py,
+                    Conn {
+                        shared: conn.clone(),
+                    },
+                )?;
+                let Some(make_port) = &listener.make_port else {
+                    return Err(PyRuntimeError::new_err("a listener without make_port"));
+                };
+                let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
+                let made = make_port.bind(py).call1((handle, local, remote.clone()));
+                let port = match made {
+                    Ok(port) => port,
+                    Err(error) => {
+                        self.shared.commands.put(Command::Close(conn));
+                        return Err(error);
+                    }
+                };
+                let attach = || -> PyResult<(Target, u64)> {
+                    let window = port.getattr("_window")?;
+                    let window = window.cast_into::<WindowCounters>()?;
+                    // Configured here, on the loop's thread, before the owner can use it.
+                    let shared = &window.get().shared;
+                    let counters = Arc::clone(&self.counters);
+                    shared.receive.configure(conn.flow.watermarks, counters);
+                    let _ = conn.window.set(Arc::clone(shared));
+                    port_target(port.clone().unbind(), &window)
+                };
+                let (attached, overhead) = match attach() {
+                    Ok(attached) => attached,
+                    Err(error) => {
+                        self.shared.commands.put(Command::Close(conn));
+                        return Err(error);
+                    }
+                };
+                self.shared
+                    .commands
+                    .put(Command::Attach(conn, attached, overhead));
+                let message = self.accepted.bind(py).call1((port, remote))?;
+                pair(&listener, message)
+            }
+            Event::Connected {
+                request,
+                conn,
+                local,
+                remote,
+            } => {
+                let handle = Py::new(py, Conn { shared: conn })?;
+                let answer = (handle, address(py, &local)?, address(py, &remote)?);
+                pair(&request, answer.into_pyobject(py)?.into_any())
+            }
+            Event::ConnectFailed(request, errno, to) => {
+                let error = self
+                    .connect_error
+                    .bind(py)
+                    .call1((errno, address(py, &to)?))?;
+                pair(&request, error)
+            }
+            Event::Listening(request, conn, local) => {
+                let handle = Py::new(py, Conn { shared: conn })?;
+                let answer = (handle, address(py, &local)?, py.None());
+                pair(&request, answer.into_pyobject(py)?.into_any())
+            }
+            Event::Release(bytes, targets) => {
+                // Under the GIL: each drop is an immediate decref.
+                let mut size = 0u64;
+                for held in bytes {
+                    size += held.len() as u64;
+                    drop(held.into_object());
+                }
+                self.charges.unpin(size);
+                drop(targets);
+                Ok(())
+            }
+            Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
+        }
+    }
+}
+
+#[pymethods]
+impl Inbox {
+    /// The fd that becomes readable when a batch is queued for a sleeping loop.
+    fn fileno(&self) -> i32 {
+        self.queue.signal.fd()
+    }
+
+    /// This object, as the Python inbox's `wakeup` (``fileno()``, ``drain()``).
+    #[getter]
+    fn wakeup(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Consume the fd's pending signal.
+    fn drain(&self) -> bool {
+        self.queue.signal.drain()
+    }
+
+    /// Announce the loop's sleep: True to block on the fd, False if batches wait.
+    fn prepare_to_sleep(&self) -> bool {
+        self.queue.prepare_to_sleep()
+    }
+
+    /// The loop is awake again.
+    fn woke(&self) {
+        self.queue.woke()
+    }
+
+    /// Every queued event as a list of ``(target, message)`` pairs, built under the GIL
+    /// with the messages of ``ioserver._messages``; the references the I/O thread handed
+    /// back (written buffers, closed ports) are dropped here.  An error building one pair
+    /// (a ``make_port`` that raised) is reported as unraisable; the others are returned.
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        while let Some(batch) = self.queue.pop() {
+            for event in batch {
+                if let Err(error) = self.build(py, &list, event) {
+                    error.write_unraisable(py, None);
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    /// Never called: the native I/O thread fills this inbox itself.
+    fn stage(&self, _item: &Bound<'_, PyAny>) -> PyResult<()> {
+        Err(PyTypeError::new_err(
+            "a native inbox is filled by the native I/O thread",
+        ))
+    }
+
+    /// Wake-up fd writes towards this loop.
+    #[getter]
+    fn wakes_sent(&self) -> u64 {
+        self.queue.wakes_sent.load(Ordering::Relaxed)
+    }
+    /// Batches queued while this loop was awake.
+    #[getter]
+    fn wakes_skipped(&self) -> u64 {
+        self.queue.wakes_skipped.load(Ordering::Relaxed)
+    }
+    /// Wake-ups that found nothing.
+    #[getter]
+    fn get_spurious_wakes(&self) -> u64 {
+        self.queue.spurious_wakes.load(Ordering::Relaxed)
+    }
+    #[setter]
+    fn set_spurious_wakes(&self, value: u64) {
+        self.queue.spurious_wakes.store(value, Ordering::Relaxed)
+    }
+    /// Whether the loop announced its sleep.
+    #[getter]
+    fn asleep(&self) -> bool {
+        self.queue.is_asleep()
+    }
+
+    /// Close the wake-up fd (once the I/O thread has ended: it writes it no more).
+    fn close(&self) {
+        self.queue.signal.close()
+    }
+}
+
+thread_local! {
+    /// This thread's loop is running a batch its hub drained: sends queue their commands
+    /// without waking the I/O thread, which the hub's flush point wakes once
+    /// (`Core.defer_wakes`, `Core.flush_wakes`).  A thread-local, because a loop's ports
+    /// send from the loop's own thread.
+    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The cores whose I/O thread a deferred send owes a wake.
+    static OWED: std::cell::RefCell<Vec<Arc<Shared>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The native I/O thread and its command queue.
+#[pyclass(module = "ioserver._native")]
+pub struct Core {
+    shared: Arc<Shared>,
+    /// What the budget charges, and the loops' counters: the memory in use.
+    charges: Arc<Charges>,
+    counters: Arc<LoopCounters>,
+    thread: Mutex<Option<IoThread>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+    inboxes: Mutex<usize>,
+}
+
+fn put_conn(
+    core: &Core,
+    conn: Option<PyRef<'_, Conn>>,
+    make: impl FnOnce(Arc<ConnShared>) -> Command,
+) {
+    if let Some(conn) = conn {
+        core.shared.commands.put(make(conn.shared.clone()));
+    }
+}
+
+impl Core {
+    /// Queue a send's command; within a hub's batch (``defer_wakes``) its wake is owed
+    /// to the flush point.
+    fn put_send(&self, command: Command) {
+        if DEFERRING.with(|deferring| deferring.get()) {
+            self.shared.commands.put_deferred(command);
+            OWED.with(|owed| {
+                let mut owed = owed.borrow_mut();
+                if !owed.iter().any(|shared| Arc::ptr_eq(shared, &self.shared)) {
+                    owed.push(self.shared.clone());
+                }
+            });
+        } else {
+            self.shared.commands.put(command);
+        }
+    }
+}
+
+#[pymethods]
+impl Core {
+    /// A core whose port table has ``table_size`` slots (from the open-file limit), with
+    /// a memory budget of ``memory_limit`` bytes and a cap of ``port_buffer_limit`` bytes
+    /// on a framed port's partial packet (None: no limit; validated by ``ioserver.open``),
+    /// whose reads and writes go through ``backend``: ``"epoll"`` (a syscall each),
+    /// ``"io_uring"`` (a round's in one ``io_uring_enter``) or ``None`` (io_uring where
+    /// the kernel allows it, else epoll: ``io_uring_failure`` then says why).
+    ///
+    /// Raises ``ValueError`` for another name, and ``OSError`` (its errno the kernel's:
+    /// ``ENOSYS``, ``EPERM``, ``EOPNOTSUPP``...) when ``backend="io_uring"`` is refused.
+    #[new]
+    #[pyo3(signature = (table_size, backend=None, memory_limit=None, port_buffer_limit=None))]
+    fn new(
+        table_size: usize,
+        backend: Option<&str>,
+        memory_limit: Option<u64>,
+        port_buffer_limit: Option<u64>,
+    ) -> PyResult<Self> {
+        let requested = match backend {
+            None => None,
+            Some(name) => Some(Backend::parse(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "backend must be 'epoll', 'io_uring' or None, not {name:?}"
+                ))
+            })?),
+        };
+        let (ring, refused) = uring::open(requested).map_err(|error| {
+            // OSError(errno, strerror): its errno names the refusal in Python.
+            let errno = error.raw_os_error().unwrap_or(libc::EIO);
+            PyOSError::new_err((errno, error.to_string()))
+        })?;
+        let shared = Arc::new(Shared::new()?);
+        if let (Some(error), Ok(mut failure)) = (refused, shared.uring_failure.lock()) {
+            *failure = Some(format!("io_uring refused by the kernel: {error}"));
+        }
+        let counters = Arc::new(LoopCounters::new());
+        let mut thread = IoThread::new(
+            shared.clone(),
+            table_size,
+            memory_limit,
+            port_buffer_limit,
+            Arc::clone(&counters),
+        )?;
+        thread.set_uring(ring);
+        Ok(Core {
+            charges: thread.charges(),
+            counters,
+            shared,
+            thread: Mutex::new(Some(thread)),
+            handle: Mutex::new(None),
+            inboxes: Mutex::new(0),
+        })
+    }
+
+    /// Start the thread (once).
+    fn start(&self) -> PyResult<()> {
+        let thread = self
+            .thread
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("the native I/O thread was started already"))?;
+        self.shared.running.store(true, Ordering::SeqCst);
+        let handle = std::thread::Builder::new()
+            .name("ioserver-io-native".into())
+            .spawn(move || thread.run())
+            .map_err(|error| {
+                self.shared.running.store(false, Ordering::SeqCst);
+                PyOSError::new_err(error.to_string())
+            })?;
+        *self
+            .handle
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))? = Some(handle);
+        Ok(())
+    }
+
+    /// Wait for the thread to end (without the GIL).
+    fn join(&self, py: Python<'_>) -> PyResult<()> {
+        let handle = self
+            .handle
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?
+            .take();
+        if let Some(handle) = handle {
+            let _ = py.detach(move || handle.join());
+        }
+        Ok(())
+    }
+
+    /// Close the commands' wake-up fd (once the thread has ended).
+    fn close_commands(&self) {
+        self.shared.commands.signal.close()
+    }
+
+    /// The thread runs.
+    fn is_alive(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// A new loop's inbox; ``stop_target`` gets the stop notice (``_deliver(None)``).
+    fn new_inbox(&self, py: Python<'_>, stop_target: Py<PyAny>) -> PyResult<Inbox> {
+        let messages = py.import("ioserver._messages")?;
+        let exceptions = py.import("ioserver._exceptions")?;
+        let tcp = py.import("ioserver._tcp")?;
+        let closed = messages.getattr("Closed")?;
+        let data = messages.getattr("Data")?;
+        let set_data = data
+            .getattr("__dict__")?
+            .get_item("data")?
+            .getattr("__set__")?
+            .unbind();
+        let new = py
+            .import("builtins")?
+            .getattr("object")?
+            .getattr("__new__")?
+            .unbind();
+        let eof = closed.call1(("eof",))?.unbind();
+        let queue = Arc::new(WakeQueue::new()?);
+        let mut count = self
+            .inboxes
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
+        let index = *count;
+        *count += 1;
+        // Under the lock: the commands' order is the numbering.
+        self.shared.commands.put(Command::AddInbox(queue.clone()));
+        drop(count);
+        Ok(Inbox {
+            queue,
+            index,
+            shared: self.shared.clone(),
+            charges: Arc::clone(&self.charges),
+            counters: Arc::clone(&self.counters),
+            stop_target,
+            data: data.unbind(),
+            new,
+            set_data,
+            closed: closed.unbind(),
+            error: messages.getattr("Error")?.unbind(),
+            accepted: messages.getattr("Accepted")?.unbind(),
+            passive: messages.getattr("PASSIVE")?.unbind(),
+            writable: messages.getattr("WRITABLE")?.unbind(),
+            errno_name: exceptions.getattr("errno_name")?.unbind(),
+            connect_error: tcp.getattr("connect_error")?.unbind(),
+            eof,
+            addresses: Mutex::new(AddressCache::default()),
+        })
+    }
+
+    /// Queue ``data`` (``bytes``) for writing on ``conn``; the object is held, not copied.
+    /// Within a hub's batch (``defer_wakes``) the I/O thread is woken at the flush point.
+    /// An empty ``bytes`` is dropped here (nothing to write; a port never sends one).
+    ///
+    /// Raises ``TypeError`` if ``data`` is not ``bytes``.
+    fn send(&self, conn: PyRef<'_, Conn>, data: Bound<'_, PyAny>) -> PyResult<()> {
+        let Ok(bytes) = data.cast_into::<PyBytes>() else {
+            return Err(PyTypeError::new_err("the native core sends bytes"));
+        };
+        if bytes.as_bytes().is_empty() {
+            return Ok(());
+        }
+        self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
+        Ok(())
+    }
+
+    /// :meth:`send`, with the port's send flow control in the same call: if the output
+    /// ``conn``'s owner queued and the I/O thread has not written (its window's
+    /// ``queued_bytes`` less ``conn.bytes_out``) is at most ``high_watermark``, add
+    /// ``data``'s length to ``queued_bytes``, queue it and return True; else (the port is
+    /// busy, or ``conn`` has no window) queue nothing and return False.
+    ///
+    /// ``queued_bytes`` is counted before the command is queued: the I/O thread never
+    /// sees written bytes that were not counted (the order ``Port.send`` keeps).
+    ///
+    /// Raises ``TypeError`` if ``data`` is not ``bytes``.
+    fn send_within(
+        &self,
+        conn: PyRef<'_, Conn>,
+        data: Bound<'_, PyAny>,
+        high_watermark: u64,
+    ) -> PyResult<bool> {
+        let Ok(bytes) = data.cast_into::<PyBytes>() else {
+            return Err(PyTypeError::new_err("the native core sends bytes"));
+        };
+        let Some(window) = conn.shared.window.get() else {
+            return Ok(false);
+        };
+        let queued = window.queued_bytes.load(Ordering::SeqCst);
+        let written = conn.shared.bytes_out.load(Ordering::SeqCst);
+        if queued.saturating_sub(written) > high_watermark {
+            return Ok(false);
+        }
+        let size = bytes.as_bytes().len() as u64;
+        window.queued_bytes.fetch_add(size, Ordering::SeqCst);
+        // Counted for the budget before the send can be written and subtracted.
+        window.receive.queued_output(size);
+        if size > 0 {
+            self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
+        }
+        Ok(true)
+    }
+
+    /// The hub starts handing out a batch: this thread's sends wake the I/O thread at
+    /// :meth:`flush_wakes`, once, not each.
+    #[staticmethod]
+    fn defer_wakes() {
+        DEFERRING.with(|deferring| deferring.set(true));
+    }
+
+    /// The hub's flush point: the tasks its batch woke have run; wake each I/O thread
+    /// their sends queued commands for, if it sleeps.
+    #[staticmethod]
+    fn flush_wakes() {
+        DEFERRING.with(|deferring| deferring.set(false));
+        let owed = OWED.with(|owed| std::mem::take(&mut *owed.borrow_mut()));
+        for shared in owed {
+            shared.commands.wake_if_asleep();
+        }
+    }
+
+    /// Close once the queued output is written.
+    fn close(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::Close)
+    }
+
+    /// Half-close once the queued output is written.
+    fn send_eof(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::SendEof)
+    }
+
+    /// Apply an active mode ``(credit, notify_passive)``.
+    fn set_active(&self, conn: Option<PyRef<'_, Conn>>, mode: (i64, bool)) {
+        put_conn(self, conn, |c| Command::SetActive(c, mode.0, mode.1))
+    }
+
+    /// A passive port's receiver waits: one message.
+    fn read_once(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::ReadOnce)
+    }
+
+    /// The owner took enough after the pause ``generation``.
+    fn resume(&self, conn: Option<PyRef<'_, Conn>>, generation: u64) {
+        put_conn(self, conn, |c| Command::Resume(c, generation))
+    }
+
+    /// The owner of a port the memory budget paused waits for input (``cmd_want``): let
+    /// it try a read into the budget's reserve.
+    fn want(&self, conn: Option<PyRef<'_, Conn>>, _argument: &Bound<'_, PyAny>) {
+        put_conn(self, conn, Command::Want)
+    }
+
+    /// A test hook, private (``_fail_for_test``: not part of ``Core``'s surface, used only
+    /// by ``tests/test_native_core.py``): make the thread panic, to check that the failure
+    /// is contained - every port gets ``Closed("EIO")``, the loop its stop notice,
+    /// ``failure`` the message.
+    #[pyo3(name = "_fail_for_test")]
+    fn fail_for_test(&self) {
+        self.shared.commands.put(Command::Fail)
+    }
+
+    /// A test hook, private (``_hold_for_test``, used only by the tests): the I/O thread
+    /// stops where it runs this command, until the returned hold is released (or dropped),
+    /// so that the commands and socket events queued meanwhile reach it together - one
+    /// round's worth, on demand.  ``Hold.wait()`` returns once the thread has stopped.
+    #[pyo3(name = "_hold_for_test")]
+    fn hold_for_test(&self) -> Hold {
+        let (release, released) = std::sync::mpsc::channel();
+        let (reached, wait) = std::sync::mpsc::channel();
+        self.shared.commands.put(Command::Hold(reached, released));
+        Hold {
+            release: Mutex::new(Some(release)),
+            wait: Mutex::new(Some(wait)),
+        }
+    }
+
+    /// Close every port and end the thread.
+    fn stop(&self, _target: &Bound<'_, PyAny>, _argument: &Bound<'_, PyAny>) {
+        self.shared.commands.put(Command::Stop)
+    }
+
+    /// Connect to the numeric ``(host, port, flowinfo, scope_id)``; answer ``request``.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, port, window, inbox, host, port_number, flowinfo, scope_id, options, active))]
+    fn connect(
+        &self,
+        request: Py<PyAny>,
+        port: Py<PyAny>,
+        window: &Bound<'_, WindowCounters>,
+        inbox: PyRef<'_, Inbox>,
+        host: &str,
+        port_number: u16,
+        flowinfo: u32,
+        scope_id: u32,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let ip: IpAddr = host
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("not a numeric address: {host:?}")))?;
+        let address = match ip {
+            IpAddr::V4(_) => SocketAddr::new(ip, port_number),
+            IpAddr::V6(v6) => {
+                SocketAddr::V6(SocketAddrV6::new(v6, port_number, flowinfo, scope_id))
+            }
+        };
+        let options = stream_options(options, active)?;
+        let index = inbox.index;
+        // Configured here, on the loop's thread, before the owner can use it.
+        let shared = &window.get().shared;
+        let counters = Arc::clone(&self.counters);
+        shared.receive.configure(options.flow.watermarks, counters);
+        let (port, overhead) = port_target(port, window)?;
+        self.shared.commands.put(Command::Connect {
+            request: target(request),
+            port,
+            window: Arc::clone(shared),
+            inbox: index,
+            address,
+            options,
+            overhead,
+        });
+        Ok(())
+    }
+
+    /// Serve the listening ``socket.socket`` ``sock``; answer ``request``.  The socket
+    /// is detached here (it is closed, fd -1, on return): the I/O thread owns its fd.
+    ///
+    /// Raises ``TypeError`` if ``sock`` is not a ``socket.socket``, ``ValueError`` if it
+    /// is closed or not a listening stream socket (it is then left as it was), and
+    /// ``OptionError``/``ValueError`` for bad ``options``.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, listener, make_port, inbox, sock, options, active))]
+    fn listen(
+        &self,
+        request: Py<PyAny>,
+        listener: Py<PyAny>,
+        make_port: Py<PyAny>,
+        inbox: PyRef<'_, Inbox>,
+        sock: &Bound<'_, PyAny>,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let options = stream_options(options, active)?;
+        let socket = adopt_listener(sock)?;
+        socket.set_nonblocking(true)?;
+        let index = inbox.index;
+        self.shared.commands.put(Command::Listen {
+            request: target(request),
+            listener: Arc::new(PyTarget {
+                obj: listener,
+                make_port: Some(make_port),
+                window: None,
+                sizes: None,
+            }),
+            inbox: index,
+            socket,
+            options,
+        });
+        Ok(())
+    }
+
+    /// Rounds of the poller.
+    #[getter]
+    fn polls(&self) -> u64 {
+        self.shared.polls.load(Ordering::Relaxed)
+    }
+    /// Readiness events handled.
+    #[getter]
+    fn events(&self) -> u64 {
+        self.shared.events.load(Ordering::Relaxed)
+    }
+    /// Commands run.
+    #[getter]
+    fn commands_run(&self) -> u64 {
+        self.shared.commands_run.load(Ordering::Relaxed)
+    }
+    /// Bytes read, all sockets.
+    #[getter]
+    fn bytes_in(&self) -> u64 {
+        self.shared.bytes_in.load(Ordering::Relaxed)
+    }
+    /// Bytes written, all sockets.
+    #[getter]
+    fn bytes_out(&self) -> u64 {
+        self.charges.bytes_out()
+    }
+    /// Bytes delivered to the loops, all ports (charged: packets with their overhead).
+    #[getter]
+    fn delivered_bytes(&self) -> u64 {
+        self.charges.delivered_total()
+    }
+    /// Queued output dropped because its port closed or broke.
+    #[getter]
+    fn bytes_discarded(&self) -> u64 {
+        self.charges.bytes_discarded()
+    }
+    /// Bytes of written or discarded buffers not yet handed back and dropped by a drain.
+    #[getter]
+    fn bytes_held(&self) -> u64 {
+        self.charges.pinned()
+    }
+    /// Bytes charged to the memory budget now (`flow::Charges::in_use`): input delivered
+    /// and not taken, framing buffers and held packets, output queued and not written,
+    /// and buffers held until a loop drops them.
+    fn memory_in_use(&self) -> i64 {
+        self.charges.in_use(std::slice::from_ref(&self.counters))
+    }
+    /// The most bytes in use at the start of a round (``memory_limit`` set; else 0).
+    #[getter]
+    fn peak_memory(&self) -> u64 {
+        self.shared.peak_memory.load(Ordering::Relaxed)
+    }
+    /// Reads paused by the memory budget, ever.
+    #[getter]
+    fn global_pauses(&self) -> u64 {
+        self.shared.global_pauses.load(Ordering::Relaxed)
+    }
+    /// Reads into the budget's reserve for waiting owners, ever.
+    #[getter]
+    fn reserve_reads(&self) -> u64 {
+        self.shared.reserve_reads.load(Ordering::Relaxed)
+    }
+    /// Closed stream ports reset because their output was not written within ``linger``.
+    #[getter]
+    fn linger_timeouts(&self) -> u64 {
+        self.shared.linger_timeouts.load(Ordering::Relaxed)
+    }
+    /// Sockets open now.
+    #[getter]
+    fn ports_open(&self) -> u64 {
+        self.shared.ports_open.load(Ordering::Relaxed)
+    }
+    /// Errors contained (and the thread's own failure).
+    #[getter]
+    fn internal_errors(&self) -> u64 {
+        self.shared.internal_errors.load(Ordering::Relaxed)
+    }
+    /// Wake-up fd writes towards the I/O thread.
+    #[getter]
+    fn wakes_sent(&self) -> u64 {
+        self.shared.commands.wakes_sent.load(Ordering::Relaxed)
+    }
+    /// Commands queued while the I/O thread was awake.
+    #[getter]
+    fn wakes_skipped(&self) -> u64 {
+        self.shared.commands.wakes_skipped.load(Ordering::Relaxed)
+    }
+    /// Why the thread failed (a panic's message), or None.
+    #[getter]
+    fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().ok().and_then(|f| f.clone())
+    }
+    /// The reads' and writes' backend now: ``"epoll"`` or ``"io_uring"``.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        if self.shared.io_uring.load(Ordering::Relaxed) {
+            Backend::IoUring.name()
+        } else {
+            Backend::Epoll.name()
+        }
+    }
+    /// ``io_uring_enter`` calls made.
+    #[getter]
+    fn uring_enters(&self) -> u64 {
+        self.shared.uring_enters.load(Ordering::Relaxed)
+    }
+    /// Receives and sends submitted through them.
+    #[getter]
+    fn uring_submissions(&self) -> u64 {
+        self.shared.uring_submissions.load(Ordering::Relaxed)
+    }
+    /// Why io_uring is not used where it was wanted (refused by the kernel, or given up
+    /// after a failed ``io_uring_enter``), or None.
+    #[getter]
+    fn io_uring_failure(&self) -> Option<String> {
+        self.shared
+            .uring_failure
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+    }
+}
+
+/// A stop of the I/O thread made by ``Core._hold_for_test`` (tests only).
+#[pyclass(module = "ioserver._native")]
+pub struct Hold {
+    release: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    wait: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+#[pymethods]
+impl Hold {
+    /// Wait (without the GIL) until the I/O thread has stopped at this hold; False if it
+    /// never will (it ended first).
+    fn wait(&self, py: Python<'_>) -> bool {
+        let wait = self.wait.lock().ok().and_then(|mut w| w.take());
+        match wait {
+            Some(wait) => py.detach(move || wait.recv().is_ok()),
+            None => true,
+        }
+    }
+
+    /// Let the I/O thread go on.
+    fn release(&self) {
+        if let Ok(mut release) = self.release.lock() {
+            release.take();
+        }
+    }
+}
+
+/// Register the classes in ``ioserver._native``.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Core>()?;
+    m.add_class::<Inbox>()?;
+    m.add_class::<Conn>()?;
+    m.add_class::<WindowCounters>()?;
+    m.add_class::<Hold>()?;
+    Ok(())
+}

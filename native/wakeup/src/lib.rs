@@ -1,0 +1,416 @@
+//! Queues between threads, with a wake-up fd written only when the consumer sleeps: the
+//! protocol of `ioserver/_wakeup.py`, in Rust, with the atomics it needs.
+//!
+//! # Theory of operation
+//!
+//! Each direction is one [`WakeQueue`]: a lock-free queue of items (crossbeam's
+//! `SegQueue`, multi-producer), a wake-up [`Wake`] (an eventfd) and a flag, `asleep`.
+//! Towards the I/O thread the producers are the event loops' threads (commands) and the
+//! consumer is the I/O thread, blocked in epoll; towards an event loop the producer is the
+//! I/O thread and the consumer is that loop's hub, blocked in the loop's selector.
+//!
+//! The flag and a count of the items pushed share one atomic word, `state`: bit 0 is
+//! `asleep`, bit 1 says the sleep is *timed* (see deferred wakes below), the rest counts
+//! completed pushes (`state >> 2`; written `<< 1` below for the argument's sake).  The
+//! consumer counts what it took (`taken`, its own).
+//!
+//! Consumer, before it blocks ([`WakeQueue::prepare_to_sleep`], then the block, then
+//! [`WakeQueue::woke`]):
+//!
+//! ```text
+//! C1+C2  CAS state: taken << 1  ->  taken << 1 | 1       (AcqRel)
+//!        failed (more was pushed than taken): do not block, take the items
+//! C3     block until the fd is readable (or another fd is)
+//! C4     state.fetch_and(!1); drain the fd; take every item (taken += 1 each)
+//! ```
+//!
+//! Producer ([`WakeQueue::put`]):
+//!
+//! ```text
+//! P1  items.push(x)
+//! P2  prev = state.fetch_add(2)                         (AcqRel)
+//!     if prev & 1 and state.fetch_and(!1) & 1: write the fd
+//! ```
+//!
+//! **Why no wake-up is lost.**  Every access to `state` is a read-modify-write, so all of
+//! them - every producer's and the consumer's - fall in one total order (the word's
+//! modification order), and each reads the value the one before it wrote.  Take a
+//! producer whose item the consumer has not taken when it announces its sleep.  If the
+//! producer's `fetch_add` comes before the consumer's CAS in that order, the CAS finds
+//! the count past `taken` and fails: the consumer does not block.  If it comes after, it
+//! reads bit 0 set, unless an RMW in between cleared it - another producer's `fetch_and`
+//! that got the bit (and so wrote the fd), or the consumer's own C4 (it is awake then).
+//! Of the producers that see the bit, the one whose `fetch_and` returns it set writes
+//! the fd.  So the consumer never blocks at C3 with an item queued and no write to come.
+//! This is the classic "announce, then re-check" of ZeroMQ's `ypipe` and Erlang's
+//! `erl_poll.c` (as in `ioserver/_wakeup.py`), with the announcement and the re-check made
+//! one atomic step: the argument rests on the modification order of one word, which every
+//! ordering, even `Relaxed`, respects, rather than on a flag and a separate queue check,
+//! each fenced (which needs `SeqCst` fences).  AcqRel, not Relaxed, because the count
+//! stands for the pushed items: a consumer whose CAS fails goes on to pop them, and the
+//! release of the push's count is what makes the crossbeam queue's item visible with it
+//! (crossbeam's own push/pop synchronise too; AcqRel does not lean on that).  A producer's
+//! item may be popped before its `fetch_add` lands; until it lands the count is below
+//! `taken`, the consumer's CAS fails, and it polls again without blocking (a few
+//! instructions).
+//!
+//! **What the loom model proves, and what it does not.**  It explores every interleaving
+//! of two producers and a consumer (and of a deferred push with and without its flush)
+//! and finds no lost wake-up: no schedule lets the consumer block with an item pushed and
+//! no signal to come.  That is the one-word read-modify-write handshake above, checked as
+//! an interleaving property.  It does *not* prove the acquire/release orderings: in the
+//! model the queue is a loom `Mutex<VecDeque>` (and the signal a `Mutex` and `Condvar`),
+//! and those locks synchronise by themselves, so the model passes with every ordering of
+//! `state` weakened to `Relaxed`.  The orderings rest on the argument above (and on the
+//! multi-producer stress test, which runs the real queue and eventfd).  The model can fail:
+//! the broken order (read the queue, then announce) deadlocks in it, and loom says so
+//! (`loom_broken_order_is_caught`).
+//!
+//! **Why a burst costs one write.**  `fetch_and(!1)` is a read-modify-write: of many
+//! producers that find `asleep` set, exactly one gets it back set and writes the fd; the
+//! others only push.  (Python's version may write twice; an eventfd sums the two.)  A
+//! consumer woken by another fd (the I/O thread's sockets) clears the bit at C4 before a
+//! producer sees it; a producer that cleared it just before still writes the fd, for an
+//! item the consumer takes anyway, and the consumer's next block returns at once and finds
+//! nothing: the only spurious wake-up, counted in `spurious_wakes` by the consumer.
+//!
+//! **Deferred wakes (the loop's flush point).**  A loop that runs a batch of events defers
+//! the wakes of the sends its tasks make ([`WakeQueue::put_deferred`]) and wakes the I/O
+//! thread once, when they have run ([`WakeQueue::wake_if_asleep`]).  A deferral must not
+//! depend on that flush coming soon (a task may block in synchronous code after a send),
+//! so it only skips the wake of a consumer whose sleep is *timed*: the I/O thread sleeps
+//! with a short timeout after handing a loop a batch (it expects that loop's replies) and
+//! untimed otherwise, and a deferred push wakes an untimed sleeper at once.  The loom model
+//! checks the untimed case (a timer is not modelled: its bound is the timeout).
+//!
+//! **Batches.**  The I/O thread publishes one round's events for a loop as one item (a
+//! `Vec` of events: one push, one wake at most), so ten thousand events cost one write.
+//! A side never wakes the other for nothing: an empty batch is not pushed.
+//!
+//! The counters (`wakes_sent`, `wakes_skipped`, `spurious_wakes`) are statistics, updated
+//! with relaxed atomic adds: exact, but not ordered with anything.  The cost on the hot
+//! path is one locked instruction per push (the `fetch_add`), as a `SeqCst` fence would be.
+//!
+//! The wake-up fd is the caller's [`Wake`] (the extension's eventfd, in `native/src/`):
+//! this crate has no `unsafe` and no pyo3, so that the loom model builds it, crossbeam's
+//! queue and loom, nothing else.  Under `--cfg loom` the queue is a loom `Mutex<VecDeque>`
+//! and the signal a loom `Condvar` ([`LoomSignal`]), so that the model checker explores the
+//! handshake (`loom_tests` below); the queue itself is crossbeam's, whose linearizability
+//! its authors test.
+
+use std::io;
+
+mod sync;
+
+use crate::sync::{AtomicU64, Ordering};
+
+#[cfg(not(loom))]
+use crossbeam_queue::SegQueue;
+
+/// `WakeQueue::state`: the consumer announced its sleep.
+const ASLEEP: u64 = 1;
+/// `WakeQueue::state`: ... a sleep that ends by itself within a bound.
+const TIMED: u64 = 2;
+/// Both flags.
+const FLAGS: u64 = ASLEEP | TIMED;
+/// `WakeQueue::state`: one item pushed.
+const ONE: u64 = 4;
+
+/// The items of a [`WakeQueue`].
+#[cfg(not(loom))]
+struct Items<T>(SegQueue<T>);
+
+#[cfg(not(loom))]
+impl<T> Items<T> {
+    fn new() -> Self {
+        Items(SegQueue::new())
+    }
+    fn push(&self, item: T) {
+        self.0.push(item)
+    }
+    fn pop(&self) -> Option<T> {
+        self.0.pop()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(loom)]
+struct Items<T>(crate::sync::Mutex<std::collections::VecDeque<T>>);
+
+#[cfg(loom)]
+impl<T> Items<T> {
+    fn new() -> Self {
+        Items(crate::sync::Mutex::new(std::collections::VecDeque::new()))
+    }
+    fn push(&self, item: T) {
+        self.0.lock().unwrap().push_back(item)
+    }
+    fn pop(&self) -> Option<T> {
+        self.0.lock().unwrap().pop_front()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.lock().unwrap().is_empty()
+    }
+}
+/// The consumer's wake-up: what a producer makes "readable" when the consumer sleeps.
+pub trait Wake: Sized {
+    /// A new wake-up, not signalled.
+    fn new() -> io::Result<Self>;
+    /// Make it readable (from any thread; never blocks).
+    fn signal(&self);
+}
+
+/// The loom model's signal: a counter under a mutex, and a condition variable to block on.
+#[cfg(loom)]
+pub struct LoomSignal {
+    count: crate::sync::Mutex<u64>,
+    ready: crate::sync::Condvar,
+}
+
+#[cfg(loom)]
+impl Wake for LoomSignal {
+    fn new() -> io::Result<Self> {
+        Ok(LoomSignal {
+            count: crate::sync::Mutex::new(0),
+            ready: crate::sync::Condvar::new(),
+        })
+    }
+
+    /// Make it "readable".
+    fn signal(&self) {
+        *self.count.lock().unwrap() += 1;
+        self.ready.notify_one();
+    }
+}
+
+#[cfg(loom)]
+impl LoomSignal {
+    /// Block until it is "readable", then drain it (C3 and the drain of C4).
+    pub fn block(&self) {
+        let mut count = self.count.lock().unwrap();
+        while *count == 0 {
+            count = self.ready.wait(count).unwrap();
+        }
+        *count = 0;
+    }
+}
+/// A queue from producer threads to one consumer that sleeps on its [`Wake`] (see the
+/// module's theory of operation).
+pub struct WakeQueue<T, S> {
+    items: Items<T>,
+    /// Bit 0 ([`ASLEEP`]): the consumer announced its sleep; bit 1 ([`TIMED`]): a sleep
+    /// with a timeout; bits 2..: items pushed, ever (in units of [`ONE`]).
+    state: AtomicU64,
+    /// Items the consumer took, ever (written by the consumer only).
+    taken: AtomicU64,
+    /// The wake-up fd.
+    pub signal: S,
+    /// Writes of the fd (wake-ups sent).
+    pub wakes_sent: AtomicU64,
+    /// Items pushed while the consumer was awake (no write needed).
+    pub wakes_skipped: AtomicU64,
+    /// Wake-ups after which the consumer found nothing (counted by the consumer).
+    pub spurious_wakes: AtomicU64,
+}
+
+impl<T, S: Wake> WakeQueue<T, S> {
+    /// An empty queue whose consumer is awake (it announces its sleep with
+    /// [`WakeQueue::prepare_to_sleep`]).
+    pub fn new() -> io::Result<Self> {
+        Ok(WakeQueue {
+            items: Items::new(),
+            state: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            signal: S::new()?,
+            wakes_sent: AtomicU64::new(0),
+            wakes_skipped: AtomicU64::new(0),
+            spurious_wakes: AtomicU64::new(0),
+        })
+    }
+
+    /// P1 and P2: push `item`, then wake the consumer if it announced its sleep.
+    pub fn put(&self, item: T) {
+        self.items.push(item);
+        // P2: count the push; AcqRel, so that a consumer whose CAS reads this count sees
+        // the push (release) and so that this read of bit 0 is ordered after the push.
+        let previous = self.state.fetch_add(ONE, Ordering::AcqRel);
+        if previous & ASLEEP != 0 && self.state.fetch_and(!FLAGS, Ordering::AcqRel) & ASLEEP != 0 {
+            self.signal.signal();
+            self.wakes_sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.wakes_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// P1 and P2 for a producer that defers its wake to a *flush point* (a loop that
+    /// hands out a batch defers the wakes of its tasks' sends until they have run, and pays
+    /// one then: [`WakeQueue::wake_if_asleep`]).  A consumer in a *timed* sleep
+    /// ([`WakeQueue::prepare_to_sleep`] with `timed`) is not woken here: it wakes by
+    /// itself within its bound, or at the flush.  A consumer in an untimed sleep is woken
+    /// at once, as by [`WakeQueue::put`], so a deferred push is never left to a flush that
+    /// may not come soon (a loop blocked in synchronous code): the delay is bounded by the
+    /// consumer's timeout.
+    pub fn put_deferred(&self, item: T) {
+        self.items.push(item);
+        let previous = self.state.fetch_add(ONE, Ordering::AcqRel);
+        if previous & ASLEEP != 0
+            && previous & TIMED == 0
+            && self.state.fetch_and(!FLAGS, Ordering::AcqRel) & ASLEEP != 0
+        {
+            self.signal.signal();
+            self.wakes_sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.wakes_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The flush point of deferred pushes: wake the consumer if it announced its sleep.
+    pub fn wake_if_asleep(&self) {
+        if self.state.load(Ordering::Acquire) & ASLEEP != 0
+            && self.state.fetch_and(!FLAGS, Ordering::AcqRel) & ASLEEP != 0
+        {
+            self.signal.signal();
+            self.wakes_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// C1 and C2, one atomic step: announce a sleep if every item pushed was taken.
+    /// True: block now (on the fd); false: items are waiting (or a push is landing), take
+    /// them and call again.  `timed`: the consumer will wake by itself within a bound, so
+    /// deferred pushes need not wake it ([`WakeQueue::put_deferred`]).
+    pub fn prepare_to_sleep_for(&self, timed: bool) -> bool {
+        let taken = self.taken.load(Ordering::Relaxed);
+        let flags = if timed { ASLEEP | TIMED } else { ASLEEP };
+        self.state
+            .compare_exchange(
+                taken * ONE,
+                (taken * ONE) | flags,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// [`WakeQueue::prepare_to_sleep_for`] an untimed sleep.
+    pub fn prepare_to_sleep(&self) -> bool {
+        self.prepare_to_sleep_for(false)
+    }
+
+    /// C4: the consumer is awake again (drain the fd separately, then take the items).
+    pub fn woke(&self) {
+        self.state.fetch_and(!FLAGS, Ordering::AcqRel);
+    }
+
+    /// Whether the consumer has announced its sleep (statistics and tests).
+    pub fn is_asleep(&self) -> bool {
+        self.state.load(Ordering::Acquire) & ASLEEP != 0
+    }
+
+    /// Take the next item, if any (the consumer only).
+    pub fn pop(&self) -> Option<T> {
+        let item = self.items.pop();
+        if item.is_some() {
+            // Only the consumer writes `taken`.
+            self.taken.fetch_add(1, Ordering::Relaxed);
+        }
+        item
+    }
+
+    /// Whether no item is queued.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    // std's Arc: a loom Arc dropped while the caught deadlock unwinds would abort.
+    use std::sync::Arc;
+
+    /// The consumer takes `total` items, blocking whenever it finds none; `announce_first`
+    /// false is the broken order (read the queue, then announce), which loses wake-ups.
+    fn consume(queue: &WakeQueue<u8, LoomSignal>, total: usize, announce_first: bool) {
+        let mut got = 0;
+        while got < total {
+            while queue.pop().is_some() {
+                got += 1;
+            }
+            if got == total {
+                break;
+            }
+            let block = if announce_first {
+                queue.prepare_to_sleep()
+            } else {
+                // Broken: look at the queue, then announce the sleep unconditionally.
+                let empty = queue.is_empty();
+                queue.state.fetch_or(ASLEEP, Ordering::AcqRel);
+                empty
+            };
+            if block {
+                queue.signal.block();
+                queue.woke();
+            } else {
+                // A push whose count has not landed yet: let the producer run (the real
+                // consumers poll their fds without blocking here).
+                loom::thread::yield_now();
+            }
+        }
+    }
+
+    fn model(announce_first: bool) {
+        loom::model(move || {
+            let queue = Arc::new(WakeQueue::<u8, LoomSignal>::new().unwrap());
+            let producers: Vec<_> = (0..2)
+                .map(|i| {
+                    let queue = queue.clone();
+                    loom::thread::spawn(move || queue.put(i))
+                })
+                .collect();
+            consume(&queue, 2, announce_first);
+            for producer in producers {
+                producer.join().unwrap();
+            }
+        });
+    }
+
+    /// Two producers, one consumer: no interleaving loses a wake-up (loom reports a
+    /// deadlock if the consumer can block with an item queued and no signal to come).
+    #[test]
+    fn loom_no_lost_wakeup() {
+        model(true);
+    }
+
+    /// A producer that defers its wake (`put_deferred`), with or without the flush point
+    /// that follows (`wake_if_asleep`), and a consumer in an untimed sleep: no lost
+    /// wake-up - a deferred push wakes an untimed sleeper itself.
+    #[test]
+    fn loom_deferred_wake_is_not_lost() {
+        for flush in [true, false] {
+            loom::model(move || {
+                let queue = Arc::new(WakeQueue::<u8, LoomSignal>::new().unwrap());
+                let deferred = {
+                    let queue = queue.clone();
+                    loom::thread::spawn(move || {
+                        queue.put_deferred(0);
+                        if flush {
+                            queue.wake_if_asleep();
+                        }
+                    })
+                };
+                consume(&queue, 1, true);
+                deferred.join().unwrap();
+            });
+        }
+    }
+
+    /// The model can fail: the consumer that reads the queue before it announces its
+    /// sleep (C2 before C1) blocks forever in some interleaving, and loom finds it (its
+    /// panic says "deadlock; threads = ..."; any other panic fails this test).
+    #[test]
+    #[should_panic(expected = "deadlock")]
+    fn loom_broken_order_is_caught() {
+        model(false);
+    }
+}

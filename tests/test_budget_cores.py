@@ -1,0 +1,283 @@
+"""The memory budget, the per-port cap and ``linger`` under load, on both I/O cores.
+
+The native core's flow control is ``native/src/flow.rs`` (the Rust twin of
+``ioserver._flow``): these tests drive it with real sockets and many ports, and hold the
+Python core to the same bounds (``every_core``).  The bound on the memory charged for
+input is firm: no read is made that could take it past ``memory_limit``.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+from typing import Any
+
+import anyio
+import pytest
+
+import ioserver
+import ports
+from ioserver._framing import PACKET_OVERHEAD
+from ports import Accepted, Closed, Data, Error
+
+pytestmark = [pytest.mark.anyio, pytest.mark.every_core]
+
+LIMIT = 1 << 20  # bytes: the memory_limit of these tests
+#: Per-port watermarks far above the budget, so that only the budget binds.
+UNBOUND = {
+    "high_msgq_watermark": 64 << 20,
+    "low_msgq_watermark": 32 << 20,
+    "high_msgq_messages": 1 << 24,
+}
+
+
+async def _accept(listener: ports.Listener) -> ports.Port:
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted)
+    return accepted.port
+
+
+async def _send_and_end(number: int, payload: bytes) -> None:
+    """A peer: send ``payload``, half-close, then wait for the port's end."""
+    async with await anyio.connect_tcp("127.0.0.1", number) as stream:
+        await stream.send(payload)
+        await stream.send_eof()
+        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await stream.receive()
+
+
+async def _until(condition: Any, seconds: float = 10) -> None:
+    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
+    loop."""
+    with anyio.fail_after(seconds):
+        while not condition():
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_a_flood_of_many_ports_stays_within_the_budget(no_leaks: None, core: str) -> None:
+    """32 peers send 6 MiB together through a 1 MiB budget while no owner reads: raw ports
+    and ports of 32-byte lines (each charged its bytes and ``PACKET_OVERHEAD``: a read of
+    lines is charged about six times its bytes, so the budget shortens it).  The input
+    charged never passes the limit; once the owners read, everything arrives."""
+    raw_each, line_each, line = 256 << 10, 128 << 10, b"l" * 31 + b"\n"
+    async with ioserver.open(memory_limit=LIMIT, core=core) as ios:
+        raw = await ports.listen_tcp(ios, "127.0.0.1", 0, **UNBOUND)
+        framed = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line", **UNBOUND)
+        owners: list[tuple[ports.Port, int]] = []
+        async with raw, framed, anyio.create_task_group() as peers:
+            for index in range(16):
+                peers.start_soon(
+                    _send_and_end, raw.local_address[1], bytes([65 + index]) * raw_each
+                )
+                owners.append((await _accept(raw), raw_each))
+                peers.start_soon(
+                    _send_and_end, framed.local_address[1], line * (line_each // len(line))
+                )
+                owners.append((await _accept(framed), line_each))
+            # Nobody reads: the budget fills, and pauses the reads.
+            await _until(lambda: ios.statistics().global_pauses >= 1)
+            assert ios.statistics().memory_in_use <= LIMIT
+
+            async def drain(port: ports.Port, expected: int) -> None:
+                received = 0
+                async with port:
+                    while not isinstance(message := await port.receive(), Closed):
+                        assert isinstance(message, Data)
+                        received += len(message.data)
+                    assert message == Closed("eof")
+                assert received == expected
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as readers:
+                    for port, expected in owners:
+                        readers.start_soon(drain, port, expected)
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+        assert statistics.global_pauses >= 1
+        assert statistics.memory_in_use == 0, statistics
+
+
+async def test_echoing_owners_pass_the_budget_by_at_most_a_read_each(
+    no_leaks: None, core: str
+) -> None:
+    """20 echoing owners under a 256 KiB budget, their peers sending 64 KiB at a time
+    (five times the budget in flight).  An owner frees a message's bytes as it takes it
+    and charges them again as it queues the reply; the budget bounds input, so a read may
+    come in between (on the native core, which reads while the loop runs): the memory in
+    use passes the limit by one read per owner at most, and every echo comes back."""
+    limit, count, size, rounds = 256 << 10, 20, 64 << 10, 20
+    async with ioserver.open(memory_limit=limit, core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        number = listener.local_address[1]
+
+        async def echo(port: ports.Port) -> None:
+            async with port:
+                async for message in port:
+                    if isinstance(message, Data):
+                        await port.send(message.data)
+
+        async def client(index: int) -> None:
+            body = bytes([65 + index]) * size
+            async with await anyio.connect_tcp("127.0.0.1", number) as stream:
+                for _ in range(rounds):
+                    await stream.send(body)
+                    received = b""
+                    while len(received) < size:
+                        received += await stream.receive()
+                    assert received == body
+
+        with anyio.fail_after(30):
+            async with listener, anyio.create_task_group() as server:
+
+                async def accept_all() -> None:
+                    async for accepted in listener:
+                        assert isinstance(accepted, Accepted)
+                        server.start_soon(echo, accepted.port)
+
+                server.start_soon(accept_all)
+                async with anyio.create_task_group() as clients:
+                    for index in range(count):
+                        clients.start_soon(client, index)
+                server.cancel_scope.cancel()
+        statistics = ios.statistics()
+        assert statistics.global_pauses >= 1
+        assert statistics.peak_memory <= limit + count * (64 << 10), statistics
+
+
+async def test_a_waiting_owner_reads_through_the_reserve_while_hogs_fill_the_budget(
+    no_leaks: None, core: str
+) -> None:
+    """Eight peers fill the budget and their owners never read.  A port whose peer sends
+    after that is paused by the budget too; once its owner waits on it (``cmd_want``:
+    the owner parked on a port the budget paused), it reads through the reserve the
+    budget keeps for waiting owners - every byte, while the hogs stay paused."""
+    each = 512 << 10
+    async with ioserver.open(memory_limit=LIMIT, core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, **UNBOUND)
+        number = listener.local_address[1]
+        async with listener, anyio.create_task_group() as peers:
+            hogs = []
+            for index in range(8):
+                peers.start_soon(_send_and_end, number, bytes([65 + index]) * each)
+                hogs.append(await _accept(listener))
+            await _until(lambda: ios.statistics().global_pauses >= 1)
+            peers.start_soon(_send_and_end, number, b"w" * each)
+            waiter = await _accept(listener)
+            # Its first read finds the budget short and its owner not waiting: paused.
+            await _until(lambda: waiter.statistics().pauses >= 1)
+            assert waiter.statistics().bytes_received == 0
+            reserve_before = ios._io.budget.reserve_reads
+            received = 0
+            with anyio.fail_after(10):
+                while not isinstance(message := await waiter.receive(), Closed):
+                    assert isinstance(message, Data)
+                    received += len(message.data)
+            assert received == each
+            assert ios._io.budget.reserve_reads > reserve_before
+            assert ios.statistics().peak_memory <= LIMIT
+            # The hogs are still paused: nothing of theirs was taken, so the budget is
+            # still above one half.
+            assert sum(hog.statistics().bytes_received for hog in hogs) < LIMIT
+            await waiter.aclose()
+            for hog in hogs:
+                await hog.aclose()
+
+
+async def test_port_buffer_limit_closes_only_the_port_that_passes_it(
+    no_leaks: None, core: str
+) -> None:
+    """A peer that never ends its line passes ``port_buffer_limit``: its port gets
+    ``Error("ENOBUFS")`` and ``Closed("ENOBUFS")``, and what its framer held leaves the
+    budget; the other port of the same listener goes on."""
+    cap = 64 << 10
+    async with ioserver.open(port_buffer_limit=cap, core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line")
+        number = listener.local_address[1]
+        async with listener:
+            bad_peer = await anyio.connect_tcp("127.0.0.1", number)
+            bad = await _accept(listener)
+            good_peer = await anyio.connect_tcp("127.0.0.1", number)
+            good = await _accept(listener)
+            async with bad_peer, good_peer, bad, good:
+                with anyio.fail_after(10):
+                    await bad_peer.send(b"x" * (4 * cap))
+                    error = await bad.receive()
+                    assert isinstance(error, Error)
+                    assert error.errno_name == "ENOBUFS"
+                    assert f"port_buffer_limit={cap}" in error.message
+                    assert await bad.receive() == Closed("ENOBUFS", "ENOBUFS")
+                    await good_peer.send(b"still here\n")
+                    assert await good.receive() == Data(b"still here\n")
+                await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+def _reset_seen(peer: socket.socket, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(peer, select.POLLERR | select.POLLHUP)
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll(timeout * 1000))
+
+
+async def test_many_closed_ports_whose_peers_never_read_are_reset_after_linger(
+    no_leaks: None, core: str
+) -> None:
+    """20 ports close with 1 MiB queued each to peers that never read: within ``linger``
+    each is reset (the peer sees ``ECONNRESET``), its socket and its output freed."""
+    count, queued = 20, 1 << 20
+    async with ioserver.open(core=core) as ios:
+        listener = await ports.listen_tcp(
+            ios, "127.0.0.1", 0, sndbuf=4096, high_watermark=4 * queued, linger=0.3
+        )
+        async with listener:
+            peers = []
+            for _ in range(count):
+                peer = socket.socket()
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                peer.connect(listener.local_address)
+                peers.append(peer)
+                port = await _accept(listener)
+                port.send_nowait(b"q" * queued)
+                await port.aclose()
+            try:
+                for peer in peers:
+                    assert await anyio.to_thread.run_sync(_reset_seen, peer, 10.0)
+                    assert peer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+                await _until(lambda: ios.statistics().ports_open == 1)  # the listener
+                # One more command's answer: the native thread hands the dropped buffers
+                # back to the loop with its next event (until then they are in use).
+                async with await ports.listen_tcp(ios, "127.0.0.1", 0):
+                    statistics = ios.statistics()
+                assert statistics.linger_timeouts == count
+                assert statistics.memory_in_use == 0, statistics
+            finally:
+                for peer in peers:
+                    peer.close()
+
+
+async def test_memory_in_use_counts_a_partial_packet_held_packets_and_queued_output(
+    no_leaks: None, core: str
+) -> None:
+    """What the memory in use counts, as the Python core counts it: the bytes a framer
+    holds (a line not yet ended), packets held past the active credit and delivered input
+    (each packet its bytes and ``PACKET_OVERHEAD``), until the owner takes them."""
+    async with ioserver.open(core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line", active="once")
+        async with (
+            listener,
+            await anyio.connect_tcp("127.0.0.1", listener.local_address[1]) as peer,
+        ):
+            port = await _accept(listener)
+            async with port:
+                await peer.send(b"p" * 10000)  # no newline yet: the framer holds it
+                await _until(lambda: ios.statistics().memory_in_use >= 10000)
+                assert ios.statistics().memory_in_use == 10000
+                # The line ends, and two more come: one delivered (the credit), two held.
+                await peer.send(b"\nab\ncd\n")
+                assert await port.receive() == Data(b"p" * 10000 + b"\n")
+                charge = PACKET_OVERHEAD + 3  # a held line of two bytes and its newline
+                await _until(lambda: port.statistics().bytes_buffered_in == 2 * charge)
+                assert ios.statistics().memory_in_use == 2 * charge
+                port.setopts(active=True)
+                assert await port.receive() == Data(b"ab\n")
+                assert await port.receive() == Data(b"cd\n")
+                await _until(lambda: ios.statistics().memory_in_use == 0)

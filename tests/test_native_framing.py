@@ -1,0 +1,400 @@
+"""The native framers (``native/src/framing.rs``) against the Python ones (``_framing.py``).
+
+The same random streams, cut at the same random points, are fed to both: each read must
+complete the same packets (a msgpack object: the same decoded value; a RESP command: the
+same arguments), raise the same error (its class and text), leave the same bytes held
+(``buffered``, which the memory budget charges) and charge each packet the same, as the
+Python I/O thread computes it.  Sends: the same bytes or the same error for a payload.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ioserver._exceptions import FrameError, OptionError, PacketTooLarge
+from ioserver._framing import MSGPACK_MAX_DEPTH, PACKET_OVERHEAD, make_framer
+from ioserver._native import _Framer
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _decode(packet: bytes) -> Any:
+    """What the drain does with a msgpack packet: the Python framer's decoding."""
+    return msgpack.unpackb(packet, raw=False, strict_map_key=False)
+
+
+def _decodes(packet: bytes) -> bool:
+    try:
+        _decode(packet)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _same_error(expected: BaseException, got: BaseException) -> None:
+    assert type(got) is type(expected), (got, expected)
+    assert str(got) == str(expected)
+    if isinstance(expected, PacketTooLarge):
+        assert isinstance(got, PacketTooLarge)
+        assert (got.limit, got.size) == (expected.limit, expected.size)
+
+
+def _expected_charges(
+    python: Any, packet: Any, messages: list[Any], consumed: int, overhead: int
+) -> list[int]:
+    """The charges ``IOThread._deliver_framed`` gives a read's messages (a raw port has no
+    framer there: each read is charged its length, and no overhead)."""
+    if not messages:
+        return []
+    if packet in ("raw", 0):
+        return [len(message) for message in messages]
+    if not python.decodes_objects:
+        return [len(message) + overhead for message in messages]
+    share, extra = divmod(consumed, len(messages))
+    shares = [share + overhead] * len(messages)
+    shares[-1] += extra
+    return shares
+
+
+def differential(
+    packet: Any, packet_size: int, stream: bytes, cuts: list[int], delimiter: bytes = b"\n"
+) -> None:
+    """Feed ``stream`` cut at ``cuts`` to both framers; assert they agree read by read."""
+    python = make_framer(packet, packet_size=packet_size, delimiter=delimiter)
+    native = _Framer(packet, packet_size, delimiter)
+    assert native.decodes_objects == python.decodes_objects
+    points = [0, *sorted(cuts), len(stream)]
+    for first, last in itertools.pairwise(points):
+        chunk = stream[first:last]
+        before = python.buffered
+        assert native.buffered == before
+        expected_error: FrameError | None = None
+        got_error: FrameError | None = None
+        expected: list[Any] = []
+        got: list[Any] = []
+        charges: list[int] = []
+        try:
+            expected = python.feed(chunk)
+        except FrameError as exc:
+            expected_error = exc
+        try:
+            got, charges = native.feed_charged(chunk, PACKET_OVERHEAD)
+        except FrameError as exc:
+            got_error = exc
+        if got_error is not None:
+            assert expected_error is not None, (got_error, expected)
+            _same_error(expected_error, got_error)
+            assert native.buffered == python.buffered == 0
+            return  # the I/O thread closes the port
+        if expected_error is not None:
+            # Only what the decoder finds is left to the Python side: some packet of
+            # this read does not decode (the drain reports it as the framer did).
+            assert packet == "msgpack", (expected_error, got)
+            assert not isinstance(expected_error, PacketTooLarge)
+            assert not all(_decodes(item) for item in got), (expected_error, got)
+            return
+        assert native.buffered == python.buffered
+        if packet == "msgpack":
+            assert [_decode(item) for item in got] == expected
+        elif packet == "resp" and expected and isinstance(expected[-1], FrameError):
+            assert got and isinstance(got[-1], FrameError)
+            _same_error(expected[-1], got[-1])
+            assert got[:-1] == expected[:-1]
+        else:
+            assert got == expected
+        consumed = len(chunk) + before - python.buffered
+        assert charges == _expected_charges(python, packet, expected, consumed, PACKET_OVERHEAD)
+
+
+def _cut_points(data: st.DataObject, stream: bytes) -> list[int]:
+    return data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+
+
+# -- length prefixes -------------------------------------------------------------------------
+
+
+@st.composite
+def _length_stream(draw: st.DrawFn, header: int) -> bytes:
+    def packet(body: bytes) -> bytes:
+        return len(body).to_bytes(header, "big") + body
+
+    pieces = st.one_of(
+        st.binary(max_size=40).filter(lambda b: len(b) < 1 << (8 * header)).map(packet),
+        st.integers(0, (1 << (8 * header)) - 1).map(lambda n: n.to_bytes(header, "big")),
+        st.binary(max_size=6),
+    )
+    return b"".join(draw(st.lists(pieces, max_size=12)))
+
+
+@pytest.mark.parametrize("header", [1, 2, 4])
+@SETTINGS
+@given(data=st.data(), packet_size=st.integers(1, 64))
+def test_length_prefixes_frame_as_python_s(
+    header: int, data: st.DataObject, packet_size: int
+) -> None:
+    stream = data.draw(_length_stream(header))
+    differential(header, packet_size, stream, _cut_points(data, stream))
+
+
+# -- lines ---------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    data=st.data(),
+    delimiter=st.sampled_from([b"\n", b"\0", b"x"]),
+    packet_size=st.integers(1, 40),
+)
+def test_lines_frame_as_python_s(data: st.DataObject, delimiter: bytes, packet_size: int) -> None:
+    pieces = st.one_of(st.binary(max_size=20), st.just(delimiter))
+    stream = b"".join(data.draw(st.lists(pieces, max_size=15)))
+    differential("line", packet_size, stream, _cut_points(data, stream), delimiter)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_raw_reads_are_packets_as_python_s(data: st.DataObject) -> None:
+    stream = data.draw(st.binary(max_size=100))
+    differential("raw", 10, stream, _cut_points(data, stream))
+
+
+# -- RESP ----------------------------------------------------------------------------------
+
+
+def _array(arguments: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(arguments) + b"".join(
+        b"$%d\r\n%b\r\n" % (len(argument), argument) for argument in arguments
+    )
+
+
+_RESP_FAULTS = [
+    b"*0\r\n",
+    b"*-1\r\n",
+    b"*-0\r\n",
+    b"*abc\r\n",
+    b"*+1\r\n",
+    b"*" + b"1" * 40,
+    b"*99999999\r\n",
+    b"*1048577\r\n",
+    b"*1048576\r\n",
+    b"*00000000000000000001\r\n",
+    b"*1\r\n$-1\r\n",
+    b"*1\r\n$3\r\nabcX\r\n",
+    b"*1\r\n$999\r\n",
+    b"*2\r\n:1\r\n",
+    b"*1\r\n$" + b"9" * 40,
+    b"*1\r\n$0000000000000000001\r\nx\r\n",
+    b"$3\r\nabc\r\n",
+    b"\r\n",
+    b" \t\x0b\x0c\r\n",
+    b"\xff\xfe\n",
+]
+
+
+@st.composite
+def _resp_stream(draw: st.DrawFn) -> bytes:
+    arguments = st.lists(st.binary(max_size=10), min_size=1, max_size=4)
+    inline = st.lists(
+        st.binary(min_size=1, max_size=6).filter(lambda w: b"\n" not in w and b"*" not in w[:1]),
+        max_size=4,
+    ).map(lambda words: b" \t".join(words))
+    pieces = st.one_of(
+        arguments.map(_array),
+        st.tuples(inline, st.sampled_from([b"\r\n", b"\n"])).map(b"".join),
+        st.sampled_from(_RESP_FAULTS),
+        st.binary(max_size=8),
+    )
+    return b"".join(draw(st.lists(pieces, max_size=10)))
+
+
+@SETTINGS
+@given(data=st.data(), packet_size=st.sampled_from([1, 6, 12, 30, 100, 1 << 20]))
+def test_resp_commands_frame_as_python_s(data: st.DataObject, packet_size: int) -> None:
+    stream = data.draw(_resp_stream())
+    differential("resp", packet_size, stream, _cut_points(data, stream))
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"x" * (64 * 1024) + b"\n",  # one byte past the inline cap (the newline counts)
+        b"x" * (64 * 1024 - 1) + b"\n",  # exactly at it
+        b"y" * (64 * 1024 + 10),  # no newline yet, past it
+    ],
+)
+def test_resp_inline_cap_as_python_s(stream: bytes) -> None:
+    differential("resp", 1 << 20, stream, [len(stream) // 2])
+    differential("resp", 1 << 20, stream, [])
+
+
+# -- msgpack -------------------------------------------------------------------------------
+
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
+    st.binary(max_size=300),
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20)),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda children: st.one_of(
+        st.lists(children, max_size=20),
+        st.dictionaries(
+            st.one_of(st.text(max_size=5), st.integers(-1000, 1000)), children, max_size=5
+        ),
+    ),
+    max_leaves=30,
+)
+_MSGPACK_FAULTS = [
+    b"\xc1",
+    b"\x92\x01\xc1",
+    b"\xdb\xff\xff\xff\xff",
+    b"\xdd\x00\x01\x00\x00",
+    b"\xdf\x00\x00\x80\x00",
+    b"\xc7\xff\x01",
+    b"\xa1\xff",  # a str that is not UTF-8: only the decoder refuses it
+    b"\x81\x91\x01\x02",  # a map keyed by a list: unhashable
+    b"\xd6\xff\x00\x00\x00\x01",  # a timestamp: decodes
+    b"\xc7\x03\xff\x00\x00\x00",  # a timestamp of a wrong length: only the decoder refuses it
+]
+
+
+def _nested(depth: int, innermost: bytes) -> bytes:
+    return b"\x91" * depth + innermost
+
+
+_DEEP = st.builds(
+    _nested,
+    st.sampled_from([1, 2, 510, 511, 512, 513, 600, 1022, 1023, 1024, 1025, 1100]),
+    st.sampled_from([b"\x01", b"\x90", b"\x80", b"\x91\xc1", b"\xdc\x00\x00", b""]),
+)
+
+
+@st.composite
+def _msgpack_stream(draw: st.DrawFn) -> bytes:
+    pieces = st.one_of(
+        _VALUES.map(lambda value: msgpack.packb(value, use_bin_type=True)),
+        st.sampled_from(_MSGPACK_FAULTS),
+        _DEEP,
+        st.binary(max_size=6),
+    )
+    return b"".join(draw(st.lists(pieces, max_size=6)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    packet_size=st.sampled_from([1, 8, 64, 300, 600, 1100, 2000, 1 << 20]),
+)
+def test_msgpack_boundaries_as_python_s(data: st.DataObject, packet_size: int) -> None:
+    stream = data.draw(_msgpack_stream())
+    differential("msgpack", packet_size, stream, _cut_points(data, stream))
+
+
+@pytest.mark.parametrize("cut", [None, 1, 2, 3, 4, 100])
+@pytest.mark.parametrize(
+    "stream",
+    [
+        # A whole array of 2-byte items, too large: Python names its whole size when it
+        # arrives in one read, the count's reach when the header came first.
+        b"\xdc\x00\x64" + b"\xcc\x80" * 100,
+        # Too deep and too large in one read: which is reported depends on the cut.
+        _nested(MSGPACK_MAX_DEPTH + 1, b"\x01") + b"\xc4\xff" + b"x" * 255,
+        _nested(MSGPACK_MAX_DEPTH, b"\x90"),  # an empty array at level 513
+        _nested(MSGPACK_MAX_DEPTH, b"\x01"),  # exactly at the limit
+        b"\x01\x02" + _nested(1030, b"\x01"),
+        b"\x92\x01" + b"\xc1",
+    ],
+)
+@pytest.mark.parametrize("packet_size", [150, 600, 1 << 20])
+def test_msgpack_errors_depend_on_cuts_as_python_s(
+    stream: bytes, cut: int | None, packet_size: int
+) -> None:
+    differential("msgpack", packet_size, stream, [] if cut is None else [cut])
+
+
+def test_every_cut_of_a_msgpack_stream_as_python_s() -> None:
+    """Split at every byte: one object after another, fed one byte at a time too."""
+    values = [[1, {"a": b"x" * 300}], "é" * 40, 2**64 - 1, {"k": [[[]]]}, None, 1.5]
+    stream = b"".join(msgpack.packb(value, use_bin_type=True) for value in values)
+    for cut in range(len(stream) + 1):
+        differential("msgpack", 1 << 20, stream, [cut])
+    differential("msgpack", 1 << 20, stream, list(range(len(stream))))
+
+
+# -- sends ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    packet=st.sampled_from([1, 2, 4, "line", "raw"]),
+    payload=st.binary(max_size=300),
+    packet_size=st.integers(1, 400),
+    delimiter=st.sampled_from([b"\n", b"x"]),
+)
+def test_frame_as_python_s(packet: Any, payload: bytes, packet_size: int, delimiter: bytes) -> None:
+    python = make_framer(packet, packet_size=packet_size, delimiter=delimiter)
+    native = _Framer(packet, packet_size, delimiter)
+    try:
+        expected = python.frame(payload)
+    except FrameError as exc:
+        with pytest.raises(FrameError) as info:
+            native.frame(payload)
+        _same_error(exc, info.value)
+    else:
+        assert native.frame(payload) == expected
+
+
+def test_frame_msgpack_and_resp_checks_as_python_s() -> None:
+    packed = msgpack.packb(list(range(100)))
+    assert _Framer("msgpack", len(packed)).frame(packed) == packed
+    with pytest.raises(PacketTooLarge) as info:
+        _Framer("msgpack", len(packed) - 1).frame(packed)
+    with pytest.raises(PacketTooLarge) as expected:
+        make_framer("msgpack", packet_size=len(packed) - 1).frame(list(range(100)))
+    _same_error(expected.value, info.value)
+    assert _Framer("resp", 1).frame(b"+OK\r\n" * 10) == b"+OK\r\n" * 10
+
+
+def test_length_header_limits_as_python_s() -> None:
+    """The header's own range caps ``packet_size``: 255 for one byte, 65,535 for two."""
+    for header, top in [(1, 255), (2, 65535)]:
+        differential(header, 1 << 20, top.to_bytes(header, "big") + b"x" * top, [])
+        native = _Framer(header, 1 << 20)
+        assert len(native.frame(b"x" * top)) == top + header
+        with pytest.raises(PacketTooLarge, match=f"packet_size={top}"):
+            native.frame(b"x" * (top + 1))
+
+
+def test_wants_says_what_the_packet_under_way_needs() -> None:
+    framer = _Framer(4, 100)
+    assert framer.wants() == 4
+    framer.feed(b"\x00\x00")
+    assert framer.wants() == 2
+    framer.feed(b"\x00\x0a" + b"abc")
+    assert framer.wants() == 7
+    assert framer.feed(b"x" * 7) == [b"abcxxxxxxx"]
+    assert framer.wants() == 4
+    resp = _Framer("resp", 100)
+    assert resp.wants() is None
+    resp.feed(b"*1\r\n$5\r\nab")
+    assert resp.wants() == 5  # three bytes and the CRLF
+    assert _Framer("line").wants() is None
+
+
+@pytest.mark.parametrize(
+    ("packet", "packet_size", "delimiter"),
+    [("bogus", 10, b"\n"), ("line", 10, b"ab"), (3, 10, b"\n"), (2, 0, b"\n")],
+)
+def test_bad_options_are_option_errors(packet: Any, packet_size: int, delimiter: bytes) -> None:
+    with pytest.raises(OptionError):
+        _Framer(packet, packet_size, delimiter)
