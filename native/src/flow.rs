@@ -296,6 +296,10 @@ pub struct Charges {
     bytes_discarded: AtomicU64,
     bytes_forwarded: AtomicU64,
     pinned: AtomicU64,
+    /// Bytes another budget of the same server charges (the native core's hosted Python
+    /// half: its ports' input and output), written by that half after each of its rounds,
+    /// so that one `memory_limit` bounds both.  `Relaxed`: a count read on its own.
+    external: AtomicU64,
 }
 
 /// Add to a counter only the I/O thread writes (no read-modify-write needed).
@@ -317,6 +321,22 @@ impl Charges {
     /// owners and not yet written, and buffers the I/O thread holds until a loop drops
     /// them.  The one formula of the memory in use (the budget's and `statistics()`).
     pub fn in_use(&self, loops: &[Arc<LoopCounters>]) -> i64 {
+        self.own_in_use(loops) + self.external.load(Ordering::Relaxed) as i64
+    }
+
+    /// What another budget of the same server charges now (see [`Charges::set_external`]).
+    pub fn external(&self) -> u64 {
+        self.external.load(Ordering::Relaxed)
+    }
+
+    /// Another budget of the same server (the hosted Python half's) charges `bytes` now:
+    /// counted in [`Charges::in_use`], so that this budget leaves room for it.
+    pub fn set_external(&self, bytes: u64) {
+        self.external.store(bytes, Ordering::Relaxed);
+    }
+
+    /// [`Charges::in_use`] without what another budget charges: this budget's own ports.
+    pub fn own_in_use(&self, loops: &[Arc<LoopCounters>]) -> i64 {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as i128;
         let mut used = load(&self.delivered_total) + load(&self.framing_bytes)
             - load(&self.bytes_out)

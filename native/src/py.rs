@@ -1074,6 +1074,16 @@ impl Core {
     fn memory_in_use(&self) -> i64 {
         self.charges.in_use(std::slice::from_ref(&self.counters))
     }
+    /// :meth:`memory_in_use` without what the hosted half charges: the native ports' own.
+    fn own_memory_in_use(&self) -> i64 {
+        self.charges
+            .own_in_use(std::slice::from_ref(&self.counters))
+    }
+    /// The hosted Python half charges ``bytes`` now (its budget's own count, set after each
+    /// of its rounds): the native budget counts it, so one ``memory_limit`` bounds both.
+    fn set_external_in_use(&self, bytes: i64) {
+        self.charges.set_external(bytes.max(0) as u64);
+    }
     /// The most bytes in use at the start of a round (``memory_limit`` set; else 0).
     #[getter]
     fn peak_memory(&self) -> u64 {
