@@ -29,7 +29,9 @@ naming the core; ``core="python"`` (the default) carries them.
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+import threading
+from collections import deque
+from functools import partial
 from typing import Any
 
 from . import _native  # the extension module (types: _native.pyi)
@@ -38,8 +40,9 @@ from ._exceptions import ConnectError, NotSupportedError
 from ._flow import Window
 from ._framing import Framer, port_framer
 from ._hub import AsyncioHub, TrioHub, log
-from ._iothread import raise_open_file_limit
+from ._iothread import IOThread
 from ._tcp import listen_socket
+from ._wakeup import WakeupQueue
 
 __all__ = [
     "CORES",
@@ -53,19 +56,15 @@ __all__ = [
 #: The I/O cores :func:`ioserver.open` can run.
 CORES = ("python", "native")
 
-#: The port functions the native core carries; the others raise NotSupportedError.
+#: The port functions whose ports the native thread carries itself (some of their options
+#: aside: see the module docstring); the others' ports are served by the hosted half.
 NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
+
+_NativeConn = _native.Conn
 
 
 def _nobody_waits() -> bool:
     return False
-
-
-def _framed_error(options: Mapping[str, Any]) -> NotSupportedError:
-    return NotSupportedError(
-        f"packet={options.get('packet')!r} is not supported by the native core "
-        "(core='native') yet: use packet='raw' or core='python'"
-    )
 
 
 class NativeWindow(_native.WindowCounters):
@@ -79,9 +78,13 @@ class NativeWindow(_native.WindowCounters):
         self.consumed_messages = 0
         self.resume_generation = 0
         self.framer = framer
-        # The native thread charges a packet its bytes (no memory budget, no overhead).
+        # The native thread charges a packet its bytes (no memory budget, no overhead); a
+        # port of the hosted half whose packets are decoded objects (msgpack, resp) is
+        # charged their wire bytes, one size per packet, as on the Python core.
         self.packet_overhead = 0
-        self.sizes = None
+        self.sizes: deque[int] | None = (
+            deque() if framer is not None and framer.decodes_objects else None
+        )
         self.queued_bytes = 0
         self.send_blocked = False
         self.task_waits = _nobody_waits
@@ -92,45 +95,48 @@ class NativeWindow(_native.WindowCounters):
     resume_due = Window.resume_due
 
 
-class _Owners:
-    """The loops whose hubs count what their ports queued and took (``hub.queued_bytes``,
-    ``hub.consumed_bytes``), as the Python core's :class:`~._flow.MemoryBudget` keeps them."""
+class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
+    """The command queue of a native core, as the loop half uses it (``put``): the hosted
+    half's queue (its items, wake-up fd and flag: ``ioserver._wakeup``), whose ``put``
+    routes each command by its target.  A command on a native port (a native ``Conn``)
+    is queued for the native thread at once by the native ``Core`` method that stands for
+    it (``IOThread.cmd_close`` -> ``Core.close``...); any other goes to the hosted half."""
 
-    def __init__(self) -> None:
-        self.owners: list[Any] = []
-        self.peak = 0  # no budget on the native core yet: nothing measured, nothing paused
-        self.pauses = 0
-
-
-class _Commands:
-    """The contract's command queue, as the loop half uses it (``put``): each command is
-    ``(function, target, argument)``, and ``function`` is a native ``Core`` method that
-    queues it for the I/O thread."""
-
-    __slots__ = ("_core",)
-
-    def __init__(self, core: Any) -> None:
+    def route(self, io: NativeIOThread, core: Any) -> None:
+        """Take the native methods of ``core`` for ``io``'s commands."""
         self._core = core
+        self._native: dict[Any, Any] = {
+            io.cmd_close: core.close,
+            io.cmd_send_eof: core.send_eof,
+            io.cmd_set_active: core.set_active,
+            io.cmd_read_once: core.read_once,
+            io.cmd_resume: core.resume,
+            io.cmd_want: core.want,
+        }
+        self._native_send = core.send
+        self._hosted_send = io.cmd_send
 
     def put(self, item: tuple[Any, Any, Any]) -> None:
         function, target, argument = item
-        function(target, argument)
-
-    @property
-    def wakes_sent(self) -> int:
-        return int(self._core.wakes_sent)
-
-    @property
-    def wakes_skipped(self) -> int:
-        return int(self._core.wakes_skipped)
+        if target.__class__ is _NativeConn:
+            self._native.get(function, function)(target, argument)
+            return
+        if function == self._native_send:  # the hub's send, for a hosted port
+            item = (self._hosted_send, target, argument)
+        WakeupQueue.put(self, item)
 
     def close(self) -> None:
-        """Close the wake-up fd (the thread has ended)."""
+        """Close both wake-up fds (the thread has ended)."""
+        super().close()
         self._core.close_commands()
 
 
-class NativeIOThread:
+class NativeIOThread(IOThread):
     """The native I/O thread, standing where ``IOThread`` stands (see the module docstring).
+
+    It is also the hosted half: an ``IOThread`` in hosted mode, whose rounds the native
+    thread runs under the GIL when its poller's fd fires or its timer is due
+    (``native/src/hosted.rs``).  What the native thread does not carry is served there.
 
     Raises:
         NotSupportedError: ``memory_limit`` or ``port_buffer_limit`` given (the native core
@@ -138,12 +144,10 @@ class NativeIOThread:
     """
 
     native = True
-    window_class = NativeWindow
-    #: The hub has a flush point: the sends of the tasks a batch woke wake the I/O thread
-    #: once, there (``Core.defer_wakes``/``flush_wakes``), not each.
-    waits_for_flush = True
+    window_class: type[Any] = NativeWindow
+    commands_class = _Commands
+    commands: _Commands
     flush_wanted = False
-    poller_name = "epoll"
     #: The hubs that drain a native inbox (``make_hub`` picks one per backend).
     hub_classes: tuple[type[Any], type[Any]]
 
@@ -159,43 +163,33 @@ class NativeIOThread:
                     f"{name} is not supported by the native core (core='native') yet: "
                     "use core='python'"
                 )
-        self.memory_limit = None
-        self.port_buffer_limit = None
-        self.fd_limit = raise_open_file_limit()
-        core = self._core = _native.Core(min(self.fd_limit, 1 << 16))
-        self.commands = _Commands(core)
-        self.send_command = core.send
-        self.cmd_close = core.close
-        self.cmd_send_eof = core.send_eof
-        self.cmd_set_active = core.set_active
-        self.cmd_read_once = core.read_once
-        self.cmd_resume = core.resume
-        self.cmd_want = core.want
-        self.cmd_stop = core.stop
-        self.budget = _Owners()
-        # What submit() can queue: the commands above, and the open requests below.
-        self._known = frozenset(
-            {
-                core.close,
-                core.send_eof,
-                core.set_active,
-                core.read_once,
-                core.resume,
-                core.want,
-                core.stop,
-                core.send,
-                self.cmd_connect,
-                self.cmd_listen,
-            }
-        )
-        # The Python core's statistics that have no native counterpart (yet).
-        self.peak_memory = 0
-        self.global_pauses = 0
-        self._writer = None
-        self._failed_writer = None
-        self.flush_waits = 0
-        self.flush_timeouts = 0
-        self.linger_timeouts = 0  # the native core does not bound a close by linger yet
+        super().__init__(poller="epoll", name="ioserver-io-native", hosted=True)
+        try:
+            core = self._core = _native.Core(min(self.fd_limit, 1 << 16))
+            self.commands.route(self, core)
+            #: Sends go to the native thread (``Core.send`` holds the bytes object); one
+            #: for a hosted port reaches the hosted half through ``_send_hosted``.
+            self.send_command = core.send
+            core.host(self.run_round, self.stop_hosted, self.poller_fd(), self._send_hosted)
+        except BaseException:
+            IOThread.discard(self)
+            raise
+        # What submit() runs on the calling thread: the native opens decide there whether
+        # the native thread carries the port; the stop goes to the native thread.
+        self._on_caller = frozenset({self.cmd_connect, self.cmd_listen, self.cmd_stop})
+
+    @property
+    def waits_for_flush(self) -> bool:
+        """Always: the native hub's flush point sends the wakes it deferred (a daemon's
+        ``waits_for_flush = False`` does not apply to it)."""
+        return True
+
+    @waits_for_flush.setter
+    def waits_for_flush(self, value: bool) -> None:
+        pass
+
+    def _send_hosted(self, conn: Any, data: bytes) -> None:
+        WakeupQueue.put(self.commands, (self.cmd_send, conn, data))
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -209,49 +203,69 @@ class NativeIOThread:
 
     def discard(self) -> None:
         """Release a core that was never started."""
+        IOThread.discard(self)
         self._core.close_commands()
 
-    def zmq_context(self) -> Any:
-        """Raises NotSupportedError: ZeroMQ ports run on the Python core only (so far)."""
-        raise NotSupportedError(
-            "ZeroMQ ports are not supported by the native core (core='native') yet: "
-            "use core='python'"
-        )
+    @property
+    def thread_id(self) -> int:
+        """The native I/O thread's OS id (``threading.get_native_id()`` there; 0 before
+        it runs): hosted handlers run on it."""
+        return int(self._core.thread_id)
 
     def make_inbox(self, hub: Any) -> Any:
         """The native inbox of a new hub (the hub gets the stop notice)."""
         return self._core.new_inbox(hub)
 
     def submit(self, function: Any, target: object, argument: object) -> None:
-        """Queue a command (``function`` one of this object's ``cmd_*``).
+        """Queue ``function(target, argument)`` for the I/O thread: a command on a native
+        port for the native thread, anything else (a hosted port's command, a Python
+        function: the daemon's control endpoint, ZeroMQ and UDP opens...) for the hosted
+        half, which runs it on the native thread too."""
+        if target.__class__ is _NativeConn:
+            self.commands.put((function, target, argument))
+        elif function in self._on_caller:
+            function(target, argument)
+        else:
+            WakeupQueue.put(self.commands, (function, target, argument))
 
-        Raises:
-            NotSupportedError: ``function`` is anything else - a Python function to run on
-                the I/O thread, which the native thread does not run (yet).
-        """
-        if function not in self._known:
-            raise NotSupportedError(
-                f"{function!r} cannot run on the native core's I/O thread (core='native'): "
-                "it runs no Python code yet; use core='python'"
-            )
-        function(target, argument)
+    def cmd_stop(self, target: object, argument: object) -> None:
+        """Stop the native thread: it stops the hosted half (its ports closed), closes its
+        own ports, then gives each hub its stop notice."""
+        self._core.stop(target, argument)
 
     # -- open requests (on the loop's thread: they queue a native command) --------------
+    def _host_open(self, command: Any, request: Any, spec: Any) -> None:
+        """Open a port on the hosted half: at once if called on the I/O thread (a
+        daemon's open, from its control endpoint), else through its command queue."""
+        if threading.get_native_id() == self._core.thread_id:
+            command(request, spec)
+        else:
+            WakeupQueue.put(self.commands, (command, request, spec))
+
+    @staticmethod
+    def _native_request(request: Any) -> bool:
+        """Whether ``request`` waits in a loop of this core (not a daemon's client's)."""
+        return isinstance(getattr(request, "hub", None), _NativeDrain)
+
     def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
         window = spec.port._window
         framer = window.framer
-        if (framer is not None and framer.decodes_objects) or not isinstance(window, NativeWindow):
-            request._deliver(_framed_error(spec.options))
+        if (
+            spec.tls is not None
+            or (framer is not None and framer.decodes_objects)
+            or not isinstance(window, NativeWindow)
+            or spec.family not in (socket.AF_INET, socket.AF_INET6)
+            or not self._native_request(request)
+        ):
+            # TLS, msgpack/resp, Unix: the hosted half's (not native yet).
+            self._host_open(partial(IOThread.cmd_connect, self), request, spec)
             return
         address = spec.address
         if spec.family == socket.AF_INET:
             host, port = address
             flowinfo = scope_id = 0
-        elif spec.family == socket.AF_INET6:
-            host, port, flowinfo, scope_id = address
         else:
-            request._deliver(NotSupportedError("the native core (core='native') connects TCP only"))
-            return
+            host, port, flowinfo, scope_id = address
         self._core.connect(
             request,
             spec.port,
@@ -267,8 +281,13 @@ class NativeIOThread:
 
     def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
         framer = port_framer(spec.options)
-        if framer is not None and framer.decodes_objects:
-            request._deliver(_framed_error(spec.options))
+        if (
+            spec.tls is not None
+            or (framer is not None and framer.decodes_objects)
+            or spec.family not in (socket.AF_INET, socket.AF_INET6)
+            or not self._native_request(request)
+        ):
+            self._host_open(partial(IOThread.cmd_listen, self), request, spec)
             return
         try:
             sock = listen_socket(spec.family, spec.address, spec.options)
@@ -291,54 +310,39 @@ class NativeIOThread:
 
     # -- statistics ---------------------------------------------------------------------
     def memory_in_use(self) -> int:
-        """Bytes buffered now, as the Python core counts them: input delivered to the
-        loops and not yet taken, and output queued by owners and not yet written (the
-        hubs count what their ports queued and took; the native thread the rest), plus
-        the written buffers the native thread still holds until a loop drops them."""
+        """Bytes buffered now, as the Python core counts them: the hosted half's (its
+        budget's count, which includes what every hub's ports queued and took), plus the
+        native thread's input delivered and output written or dropped, and the written
+        buffers it still holds until a loop drops them."""
         core = self._core
-        used = int(core.delivered_bytes) - int(core.bytes_out) - int(core.bytes_discarded)
+        used = IOThread.memory_in_use(self)
+        used += int(core.delivered_bytes) - int(core.bytes_out) - int(core.bytes_discarded)
         used += int(core.bytes_held)
-        for hub in self.budget.owners:
-            used += hub.queued_bytes - hub.consumed_bytes
         return used
+
+    def counters(self) -> dict[str, int]:
+        """Both halves' counters, added up (see ``IOThread.counters``)."""
+        counters = IOThread.counters(self)
+        core = self._core
+        for name, native in (
+            ("ports_open", core.ports_open),
+            ("polls", core.polls),
+            ("events", core.events),
+            ("commands_run", core.commands_run),
+            ("bytes_in", core.bytes_in),
+            ("bytes_out", core.bytes_out),
+            ("internal_errors", core.internal_errors),
+            ("wakes_sent", core.wakes_sent),
+            ("wakes_skipped", core.wakes_skipped),
+        ):
+            counters[name] += int(native)
+        return counters
 
     @property
     def failure(self) -> str | None:
         """Why the native thread failed (a panic in it, contained), or None."""
         failure: str | None = self._core.failure
         return failure
-
-    @property
-    def batching_error(self) -> str | None:
-        return self.failure
-
-    @property
-    def ports_open(self) -> int:
-        return int(self._core.ports_open)
-
-    @property
-    def polls(self) -> int:
-        return int(self._core.polls)
-
-    @property
-    def events(self) -> int:
-        return int(self._core.events)
-
-    @property
-    def commands_run(self) -> int:
-        return int(self._core.commands_run)
-
-    @property
-    def bytes_in(self) -> int:
-        return int(self._core.bytes_in)
-
-    @property
-    def bytes_out(self) -> int:
-        return int(self._core.bytes_out)
-
-    @property
-    def internal_errors(self) -> int:
-        return int(self._core.internal_errors)
 
 
 class _NativeDrain:

@@ -39,6 +39,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use pyo3::prelude::*;
 
+use crate::hosted::{Hosted, HOSTED};
 use crate::unsafe_io::HeldBytes;
 use crate::wakeup::WakeQueue;
 
@@ -330,6 +331,9 @@ pub enum Event {
     /// Written buffers and references the thread no longer needs (closed ports), to be
     /// dropped under the GIL.
     Release(Vec<HeldBytes>, Vec<Target>),
+    /// What the hosted half (`hosted.rs`) delivered in a round: `(target, message)` pairs,
+    /// built already.
+    Hosted(Py<pyo3::types::PyList>),
     /// The thread stopped: the hub's stop notice.
     Stop,
 }
@@ -365,6 +369,9 @@ pub struct Shared {
     pub next_id: AtomicU64,
     /// The thread is running (set before it starts, cleared as it ends).
     pub running: AtomicBool,
+    /// The thread's OS id (Linux's `gettid`, as Python's `threading.get_native_id`), 0
+    /// until it runs.
+    pub thread_id: AtomicU64,
 }
 
 impl Shared {
@@ -385,6 +392,7 @@ impl Shared {
             failure: Mutex::new(None),
             next_id: AtomicU64::new(1),
             running: AtomicBool::new(false),
+            thread_id: AtomicU64::new(0),
         })
     }
 }
@@ -466,6 +474,8 @@ pub struct IoThread {
     dirty: Vec<usize>,
     exhausted_listeners: Vec<usize>,
     stopping: bool,
+    /// The Python I/O half this thread runs the rounds of (`hosted.rs`), if any.
+    hosted: Option<Hosted>,
 }
 
 fn errno_of(error: &io::Error) -> i32 {
@@ -512,13 +522,35 @@ impl IoThread {
             dirty: Vec::new(),
             exhausted_listeners: Vec::new(),
             stopping: false,
+            hosted: None,
         })
+    }
+
+    /// Run the rounds of `hosted` on this thread too (before the thread starts).
+    pub fn host(&mut self, hosted: Hosted) -> io::Result<()> {
+        hosted.register(self.poll.registry())?;
+        self.hosted = Some(hosted);
+        Ok(())
     }
 
     /// The thread: rounds until a stop command, then close everything.  A panic in a
     /// round is caught here: the thread records it, tells every port (`Closed("EIO")`)
     /// and every loop (its stop notice), and ends - it never unwinds into Python.
     pub fn run(mut self) {
+        self.shared
+            .thread_id
+            .store(crate::hosted::thread_id(), Ordering::Relaxed);
+        if self.hosted.is_some() {
+            // Known to Python from start to end (one thread state), holding the GIL only
+            // inside the hosted half's rounds and its stop (`hosted.rs`).
+            Python::attach(|py| py.detach(|| self.run_and_shut_down()));
+        } else {
+            self.run_and_shut_down();
+        }
+        self.shared.running.store(false, Ordering::SeqCst);
+    }
+
+    fn run_and_shut_down(&mut self) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rounds()));
         if let Err(panic) = result {
             let message = panic
@@ -536,7 +568,6 @@ impl IoThread {
         } else {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.shutdown(None)));
         }
-        self.shared.running.store(false, Ordering::SeqCst);
     }
 
     fn rounds(&mut self) {
@@ -545,13 +576,16 @@ impl IoThread {
         while !self.stopping {
             // The slots freed last round: no event of a coming poll names them.
             self.free.append(&mut self.freed);
-            let timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
+            let mut timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
                 Some(Duration::ZERO)
             } else if self.shared.commands.prepare_to_sleep_for(handed) {
                 handed.then_some(FLUSH_WAIT)
             } else {
                 Some(Duration::ZERO)
             };
+            if let Some(hosted) = &self.hosted {
+                timeout = hosted.timeout(timeout);
+            }
             if let Err(error) = self.poll.poll(&mut events, timeout) {
                 if error.kind() != io::ErrorKind::Interrupted {
                     panic!("epoll_wait failed: {error}");
@@ -568,6 +602,12 @@ impl IoThread {
                     self.shared.commands.signal.drain();
                     continue;
                 }
+                if token == HOSTED {
+                    if let Some(hosted) = &mut self.hosted {
+                        hosted.fired();
+                    }
+                    continue;
+                }
                 let hangup = event.is_read_closed() || event.is_error();
                 self.on_event(
                     token.0,
@@ -579,10 +619,26 @@ impl IoThread {
             self.shared.events.fetch_add(count, Ordering::Relaxed);
             self.read_ready();
             self.run_commands();
+            self.run_hosted();
             // The loop gets this round's input before the writes: it works while we write.
             handed = self.publish(false);
             self.flush_dirty();
             handed |= self.publish(false);
+        }
+    }
+
+    /// A round of the hosted half, if one is due (the only place a round takes the GIL).
+    fn run_hosted(&mut self) {
+        if let Some(hosted) = &mut self.hosted {
+            if hosted.wants_round() {
+                let mut failed = 0;
+                hosted.run(&mut self.staged, &mut failed);
+                if failed > 0 {
+                    self.shared
+                        .internal_errors
+                        .fetch_add(failed, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -1593,6 +1649,16 @@ impl IoThread {
         // Commands still queued carry references: hand them back too.
         while let Some(command) = self.shared.commands.pop() {
             self.discard(command);
+        }
+        // The hosted half first: its ports' Closed, then the native ports', then the notice.
+        if let Some(hosted) = &mut self.hosted {
+            let mut failed = 0;
+            hosted.stop(&mut self.staged, &mut failed);
+            if failed > 0 {
+                self.shared
+                    .internal_errors
+                    .fetch_add(failed, Ordering::Relaxed);
+            }
         }
         for slot in 0..self.table.len() {
             if let Some(entry) = self.table[slot].take() {

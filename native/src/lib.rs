@@ -5,6 +5,7 @@
 //! * [`wakeup`]: the queues between the threads, on the wake-up protocol of the
 //!   `ioserver-wakeup` crate (`native/wakeup/`, with its loom model), with an eventfd;
 //! * `core`: the I/O thread (TCP streams and listeners, through mio);
+//! * `hosted`: the Python I/O half's rounds, run on the native thread under the GIL;
 //! * `py`: the Python face (`Core`, `Inbox`, `Conn`, `WindowCounters`);
 //! * [`framing`]: every packet mode's boundaries (pure logic);
 //! * [`flow`]: watermarks, active modes, the pause handshake and the memory budget (pure
@@ -20,6 +21,7 @@ pub mod unsafe_io;
 pub mod wakeup;
 
 mod core;
+mod hosted;
 mod py;
 
 pub mod flow;
