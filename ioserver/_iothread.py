@@ -30,6 +30,18 @@ Work per round is bounded: a stream reads once per readiness event, a listener a
 Errors are contained: an exception while handling one port's event or command closes that
 port with a :class:`~._messages.Closed` message naming the error, and the thread goes on.
 
+Hosted
+------
+With ``hosted=True`` (the native core's Python half: ``ioserver._native_core``) the I/O
+half has no thread of its own.  Its loop is a generator (:meth:`IOThread._rounds`, the one
+the thread runs without ever pausing) that pauses between two rounds; the native thread
+resumes it for one round (:meth:`IOThread.run_round`) under the GIL when this half's
+poller fd fires (its command queue's wake-up fd is in that poller) or when the seconds the
+last round returned have passed.  A round polls without blocking, and one that found work
+asks for the next at once: the host's poller is edge-triggered, so a descriptor of this
+half that is still ready would not wake it again.  The hubs' inboxes are the host's, and
+so are the stop notices (:meth:`IOThread.stop_hosted` closes this half's ports only).
+
 Receive flow control
 --------------------
 Three things decide whether a stream's socket is read, each on its own

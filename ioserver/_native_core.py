@@ -15,15 +15,21 @@ shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
   call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
   the GIL.
 
-What the native core carries now (issue 14's first slice): TCP ports in raw mode and in the
-packet modes whose packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``)
-- connect
+What the native thread carries itself: TCP ports in raw mode and in the packet modes whose
+packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``) - connect
 (numeric addresses; names are resolved in the loop as before), listen and accept, reads,
 gathered writes, half-close, close after the queued output, errno names - with the
-watermarks and the pause handshake of ``ioserver._flow``.  Every other kind, the packet
-modes that decode objects (msgpack, resp), ``memory_limit`` and ``port_buffer_limit`` raise
-:exc:`~ioserver.NotSupportedError`
-naming the core; ``core="python"`` (the default) carries them.
+watermarks and the pause handshake of ``ioserver._flow``.
+
+Everything else runs on the same thread too, in Python: :class:`NativeIOThread` is also
+an ``IOThread`` in its *hosted* mode (no thread of its own), whose rounds the native thread
+runs under the GIL when its poller's fd fires or its timer is due (``native/src/hosted.rs``).
+Its ports are UDP, Unix streams, programs, ZeroMQ, TUN/TAP, TCP with ``tls=`` or the
+msgpack and resp packet modes, and any function submitted to the I/O thread (the daemon's
+control endpoint).  The command queue routes by target: a command on a native ``Conn``
+goes to the native thread, any other to the hosted half's queue.  ``memory_limit`` and
+``port_buffer_limit`` raise :exc:`~ioserver.NotSupportedError` naming the core;
+``core="python"`` (the default) carries them.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
     def route(self, io: NativeIOThread, core: Any) -> None:
         """Take the native methods of ``core`` for ``io``'s commands."""
         self._core = core
+        native = (core.close, core.send_eof, core.set_active, core.read_once, core.resume)
         self._native: dict[Any, Any] = {
             io.cmd_close: core.close,
             io.cmd_send_eof: core.send_eof,
@@ -112,6 +119,9 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
             io.cmd_read_once: core.read_once,
             io.cmd_resume: core.resume,
             io.cmd_want: core.want,
+            core.send: core.send,
+            core.want: core.want,
+            **{method: method for method in native},
         }
         self._native_send = core.send
         self._hosted_send = io.cmd_send
@@ -119,9 +129,13 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
     def put(self, item: tuple[Any, Any, Any]) -> None:
         function, target, argument = item
         if target.__class__ is _NativeConn:
-            self._native.get(function, function)(target, argument)
-            return
-        if function == self._native_send:  # the hub's send, for a hosted port
+            native = self._native.get(function)
+            if native is not None:
+                native(target, argument)
+                return
+            # A Python function on a native port: it runs on the I/O thread too, in the
+            # hosted half (an error closes the port: NativeIOThread._internal_error).
+        elif function == self._native_send:  # the hub's send, for a hosted port
             item = (self._hosted_send, target, argument)
         WakeupQueue.put(self, item)
 
@@ -307,6 +321,16 @@ class NativeIOThread(IOThread):
         except BaseException:
             sock.close()  # refused before the detach (after it, a no-op)
             raise
+
+    def _internal_error(self, conn: object, exc: Exception) -> None:
+        """An error while serving one port: close that port only - a native one through
+        the native thread (its owner gets ``Closed("internal error: ...", "EIO")``)."""
+        if conn.__class__ is _NativeConn:
+            self.internal_errors += 1
+            log.error("error while serving a port; closing it", exc_info=exc)
+            self._core.abort(conn, f"internal error: {exc!r}")
+            return
+        IOThread._internal_error(self, conn, exc)
 
     # -- statistics ---------------------------------------------------------------------
     def memory_in_use(self) -> int:

@@ -108,7 +108,8 @@ class IOServer:
             ClosedPortError: the server is closed (or its native I/O thread failed: the
                 message says how).
             NotSupportedError: this server cannot carry ``function``'s ports (a local
-                server carries every kind; see :class:`client.RemoteIOServer`).
+                server, on either core, carries every kind; see
+                :class:`client.RemoteIOServer`).
         """
         if self._closed:
             raise ClosedPortError("this I/O server is closed")
@@ -211,9 +212,9 @@ async def open(
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
         core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
             in Python (every port kind; the default), or ``"native"``, the I/O thread in
-            Rust, which never takes the GIL (TCP ports, raw or with 1/2/4/line packets, so
-            far: other kinds, the msgpack and resp modes and the two limits above raise
-            :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
+            Rust, which never takes the GIL (it carries TCP ports, raw or with 1/2/4/line
+            packets, itself; every other kind runs in Python on its thread; the two limits
+            above raise :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
             ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
 
     Raises:

@@ -12,6 +12,11 @@
 //! therefore dropped by a drain, under the GIL - the thread never touches a reference count
 //! (except on the failure path, where PyO3's deferred pool takes them).
 //!
+//! The Python I/O half's rounds (UDP, ZeroMQ, TLS, the daemon's control endpoint...) run on
+//! this thread too, under the GIL, when their epoll fd fires or their timer is due: the
+//! `run_hosted` hook of each round and `hosted.rs`.  A round without Python work does not
+//! take the GIL.
+//!
 //! Readiness comes from mio (epoll, edge-triggered).  Each socket is registered once, for
 //! reading and writing, and the thread keeps what the edges said (`readable`): a port
 //! that may not read now (passive, paused by its watermarks, not yet attached) simply is
@@ -279,6 +284,9 @@ pub enum Command {
         /// The options of each accepted connection.
         options: StreamOptions,
     },
+    /// A Python function run for this port on the I/O thread (in the hosted half) raised:
+    /// its owner gets `Closed(reason, "EIO")`, and the port is closed (the peer sees the end).
+    Abort(Arc<ConnShared>, String),
     /// Close every port and end the thread.
     Stop,
     /// Panic in the thread (the tests' way to check that a failure is contained).
@@ -331,6 +339,8 @@ pub enum Event {
     /// Written buffers and references the thread no longer needs (closed ports), to be
     /// dropped under the GIL.
     Release(Vec<HeldBytes>, Vec<Target>),
+    /// A port closed for an error while serving it: `Closed(reason, "EIO")`.
+    Aborted(Target, String),
     /// What the hosted half (`hosted.rs`) delivered in a round: `(target, message)` pairs,
     /// built already.
     Hosted(Py<pyo3::types::PyList>),
@@ -777,6 +787,18 @@ impl IoThread {
                 Some(entry) => self.close(entry),
                 None => {}
             },
+            Command::Abort(conn, reason) => {
+                if let Some(entry) = self.take(&conn) {
+                    let port = match &entry {
+                        Entry::Stream(s) => s.port.clone(),
+                        Entry::Listener(l) => Some(l.port.clone()),
+                    };
+                    if let Some(port) = port {
+                        self.stage(conn.inbox, Event::Aborted(port, reason));
+                    }
+                    self.close(entry);
+                }
+            }
             Command::SendEof(conn) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
                     if !(s.write_closed || s.shutdown_pending) {

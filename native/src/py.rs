@@ -373,6 +373,10 @@ impl Inbox {
                 drop(targets);
                 Ok(())
             }
+            Event::Aborted(port, reason) => {
+                let message = self.closed.bind(py).call1((reason, "EIO"))?;
+                pair(&port, message)
+            }
             Event::Hosted(pairs) => {
                 for pair in pairs.bind(py).iter() {
                     list.append(pair)?;
@@ -751,6 +755,14 @@ impl Core {
     #[pyo3(name = "_fail_for_test")]
     fn fail_for_test(&self) {
         self.shared.commands.put(Command::Fail)
+    }
+
+    /// A Python function run for ``conn`` on the I/O thread raised: close the port, its
+    /// owner getting ``Closed(reason, "EIO")`` (as the Python core's contained errors).
+    fn abort(&self, conn: PyRef<'_, Conn>, reason: String) {
+        self.shared
+            .commands
+            .put(Command::Abort(conn.shared.clone(), reason))
     }
 
     /// Close every port and end the thread.
