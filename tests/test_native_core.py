@@ -449,17 +449,6 @@ async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None
     with pytest.raises(ioserver.NotSupportedError, match="native"):
         async with ioserver.open(core="native", poller="poll"):
             pass
-    async with ioserver.open(core="native") as ios:
-        with pytest.raises(ioserver.NotSupportedError, match=r"open_udp.*core='native'"):
-            await ports.open_udp(ios)
-        with pytest.raises(ioserver.NotSupportedError, match=r"connect_unix.*core='native'"):
-            await ports.connect_unix(ios, "/nonexistent")
-        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
-        async with listener:
-            with pytest.raises(ioserver.NotSupportedError, match="packet='msgpack'"):
-                await ports.connect_tcp(ios, *listener.local_address, packet="msgpack")
-            with pytest.raises(ioserver.NotSupportedError, match="packet='resp'"):
-                await ports.listen_tcp(ios, "127.0.0.1", 0, packet="resp")
 
 
 async def test_the_core_is_chosen_by_argument_or_environment(
