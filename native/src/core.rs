@@ -789,6 +789,9 @@ impl IoThread {
             if hosted.wants_round() {
                 let mut failed = 0;
                 hosted.run(&mut self.staged, &mut failed);
+                // What the hosted half read this round counts against the reads this
+                // round still admits (io_uring's are made after it).
+                self.budget.note_external();
                 if failed > 0 {
                     self.shared
                         .internal_errors

@@ -1013,6 +1013,9 @@ pub struct Budget {
     reserve_waiters: Vec<Token>,
     /// This round's headroom, less what its reads were charged.
     headroom: i64,
+    /// What another budget charged ([`Charges::external`]) when the headroom was last
+    /// computed or adjusted ([`Budget::note_external`]).
+    external_seen: u64,
     /// Reads made into the reserve, ever.
     pub reserve_reads: u64,
     /// Ports paused by the budget, ever.
@@ -1050,6 +1053,7 @@ impl Budget {
             paused: Vec::new(),
             reserve_waiters: Vec::new(),
             headroom: UNLIMITED,
+            external_seen: 0,
             reserve_reads: 0,
             global_pauses: 0,
             peak_memory: 0,
@@ -1152,7 +1156,20 @@ impl Budget {
             }
         }
         self.headroom = headroom;
+        self.external_seen = self.charges.external();
         headroom
+    }
+
+    /// Another budget of the server (the hosted half's) ran within this round and charges
+    /// what [`Charges::external`] says now: take its growth off this round's headroom (or
+    /// give back what it freed), so that the reads this round still admits see it.
+    pub fn note_external(&mut self) {
+        if self.limit.is_none() {
+            return;
+        }
+        let now = self.charges.external();
+        self.headroom -= now as i64 - self.external_seen as i64;
+        self.external_seen = now;
     }
 
     /// A port is ready to read: `None` if the budget pauses it (reading stops until
