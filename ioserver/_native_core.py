@@ -142,7 +142,9 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
     def close(self) -> None:
         """Close both wake-up fds (the thread has ended)."""
         super().close()
-        self._core.close_commands()
+        core = getattr(self, "_core", None)  # (None: the core could not be made)
+        if core is not None:
+            core.close_commands()
 
 
 class NativeIOThread(IOThread):
@@ -216,9 +218,9 @@ class NativeIOThread(IOThread):
         return bool(self._core.is_alive())
 
     def discard(self) -> None:
-        """Release a core that was never started."""
+        """Release a core that was never started (the command queue's ``close`` closes
+        both wake-up fds)."""
         IOThread.discard(self)
-        self._core.close_commands()
 
     @property
     def thread_id(self) -> int:
