@@ -272,9 +272,9 @@ class NativeIOThread(IOThread):
         return bool(self._core.is_alive())
 
     def discard(self) -> None:
-        """Release a core that was never started."""
+        """Release a core that was never started (the command queue's ``close`` closes
+        both wake-up fds)."""
         IOThread.discard(self)
-        self._core.close_commands()
 
     @property
     def thread_id(self) -> int:
