@@ -323,6 +323,9 @@ pub enum Event {
     Packet(Target, Vec<u8>, u64),
     /// The peer closed: `Closed("eof")`.
     Eof(Target),
+    /// The server stops with the port open: `Closed("ioserver closed", "ESHUTDOWN")`, as
+    /// the Python core's `_shutdown` tells every owner (sends fail with ESHUTDOWN then).
+    Shutdown(Target),
     /// The connection broke with this errno: `Closed(name, name)`.
     Broken(Target, i32),
     /// The active count ran out: `Passive()`.
@@ -1944,9 +1947,20 @@ impl IoThread {
                 match entry {
                     Entry::Stream(mut s) => match errno {
                         Some(errno) => self.broken(&mut s, errno),
-                        None => self.close_stream(&mut s),
+                        None => {
+                            // An owner that did not close its port hears of the stop once.
+                            if let (false, Some(port)) = (s.close_pending, &s.port) {
+                                let port = port.clone();
+                                self.stage(s.conn.inbox, Event::Shutdown(port));
+                            }
+                            self.close_stream(&mut s)
+                        }
                     },
-                    listener => self.close(listener),
+                    Entry::Listener(l) => {
+                        let port = l.port.clone();
+                        self.stage(l.conn.inbox, Event::Shutdown(port));
+                        self.close(Entry::Listener(l))
+                    }
                 }
             }
         }

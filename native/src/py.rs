@@ -434,6 +434,13 @@ impl Inbox {
                 self.build(py, list, Event::Data(port, bytes))
             }
             Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
+            Event::Shutdown(port) => {
+                let message = self
+                    .closed
+                    .bind(py)
+                    .call1(("ioserver closed", "ESHUTDOWN"))?;
+                pair(&port, message)
+            }
             Event::Broken(port, errno) => {
                 let name = self.errno_name.bind(py).call1((errno,))?;
                 let message = self.closed.bind(py).call1((&name, &name))?;
