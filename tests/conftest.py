@@ -158,6 +158,8 @@ async def ios(
     no_leaks: None, poller: str | None, core: str | None, io_backend: str | None
 ) -> AsyncIterator[ioserver.IOServer]:
     """An I/O server for this test, closed (thread joined, sockets closed) after it."""
+    if poller not in (None, "epoll") and _effective_core(core) == "native":
+        pytest.skip("the native core polls with epoll only")
     if io_backend == "io_uring" and (refusal := io_uring_refusal()) is not None:
         pytest.skip(refusal)
     async with ioserver.open(poller=poller, core=core, io_backend=io_backend) as server:

@@ -76,8 +76,12 @@ const RELEASE_BATCH: usize = 256;
 /// Bytes of written (or discarded) buffers held for release before a batch carries them
 /// back on its own: what a loop that gets no other event keeps pinned is bounded by this
 /// (plus the one buffer that passed it), not by the count alone (100 written 1 MiB sends
-/// would otherwise stay pinned, 100 MiB, until the loop's next event).
-const RELEASE_BYTES: u64 = 1 << 20;
+/// would otherwise stay pinned, 100 MiB, until the loop's next event).  64 KiB, a socket
+/// read's worth: a loop woken to drop them once per 64 KiB written costs little beside the
+/// writes, and a server streaming large chunks to a peer that stopped reading keeps no
+/// more than that (and the last chunk) pinned beyond its send watermarks, as the Python
+/// core, which drops each buffer once written, keeps none.
+const RELEASE_BYTES: u64 = 64 << 10;
 /// How long the thread sleeps, at most, after handing a loop a batch: the loop defers the
 /// wakes of its replies to its flush point, and this bounds that deferral when the flush is
 /// late (a task blocked in synchronous code).
