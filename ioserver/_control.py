@@ -524,25 +524,26 @@ def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[st
         elif entry.kind == CONNECTING:
             kinds["connecting"] += 1
     inboxes = io._inboxes
+    counters = io.counters()  # on the native core, its thread's and its hosted half's
     return {
         "pid": os.getpid(),
         "uptime": round(time.monotonic() - started, 3),
         "poller": io.poller_name,
-        "ports_open": io.ports_open,
+        "ports_open": counters["ports_open"],
         "ports_by_kind": dict[str, P.Wire](kinds),
-        "bytes_in": io.bytes_in,
-        "bytes_out": io.bytes_out,
+        "bytes_in": counters["bytes_in"],
+        "bytes_out": counters["bytes_out"],
         "bytes_queued_out": queued,
         "busy_ports": busy,
         "paused_ports": paused,
         "command_queue_depth": len(io.commands.items),
         "event_queue_depth": sum(len(inbox.items) for inbox in inboxes),
-        "wakes_to_io_sent": io.commands.wakes_sent,
-        "wakes_to_io_skipped": io.commands.wakes_skipped,
+        "wakes_to_io_sent": counters["wakes_sent"],
+        "wakes_to_io_skipped": counters["wakes_skipped"],
         "wakes_to_loops_sent": sum(inbox.wakes_sent for inbox in inboxes),
         "wakes_to_loops_skipped": sum(inbox.wakes_skipped for inbox in inboxes),
         "memory_in_use": io.memory_in_use(),
-        "internal_errors": io.internal_errors,
-        "linger_timeouts": io.linger_timeouts,
+        "internal_errors": counters["internal_errors"],
+        "linger_timeouts": counters["linger_timeouts"],
         **extra,
     }

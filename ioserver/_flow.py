@@ -434,6 +434,10 @@ class MemoryBudget(Generic[E]):
         self.reserve_reads = 0  # reads made into the reserve, ever
         #: Hubs (and the daemon's sessions): they count what ports queued/consumed.
         self.owners: list[BudgetOwner] = []
+        #: What another budget of the same server charges, in bytes (the native core's,
+        #: for the hosted half it runs): counted in :meth:`in_use`, so that one limit
+        #: bounds both.  None: no other budget.
+        self.external: Callable[[], int] | None = None
         # Ports paused for the budget, in the order they paused, and those among them
         # whose owner was waiting for input.
         self.paused: dict[E, None] = {}
@@ -448,7 +452,13 @@ class MemoryBudget(Generic[E]):
 
     def in_use(self) -> int:
         """Bytes charged to the budget now: input delivered to the loops and not yet taken
-        by an owner, framing buffers, and output queued by owners and not yet written."""
+        by an owner, framing buffers, and output queued by owners and not yet written -
+        and what another budget of the server charges (:attr:`external`)."""
+        external = self.external
+        return self.own_in_use() + (0 if external is None else external())
+
+    def own_in_use(self) -> int:
+        """:meth:`in_use` without what another budget charges: this budget's own ports."""
         charges = self._charges
         used = (
             charges.delivered_total

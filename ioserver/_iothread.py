@@ -30,6 +30,18 @@ Work per round is bounded: a stream reads once per readiness event, a listener a
 Errors are contained: an exception while handling one port's event or command closes that
 port with a :class:`~._messages.Closed` message naming the error, and the thread goes on.
 
+Hosted
+------
+With ``hosted=True`` (the native core's Python half: ``ioserver._native_core``) the I/O
+half has no thread of its own.  Its loop is a generator (:meth:`IOThread._rounds`, the one
+the thread runs without ever pausing) that pauses between two rounds; the native thread
+resumes it for one round (:meth:`IOThread.run_round`) under the GIL when this half's
+poller fd fires (its command queue's wake-up fd is in that poller) or when the seconds the
+last round returned have passed.  A round polls without blocking, and one that found work
+asks for the next at once: the host's poller is edge-triggered, so a descriptor of this
+half that is still ready would not wake it again.  The hubs' inboxes are the host's, and
+so are the stop notices (:meth:`IOThread.stop_hosted` closes this half's ports only).
+
 Receive flow control
 --------------------
 Three things decide whether a stream's socket is read, each on its own
@@ -54,7 +66,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._aio import BatchWriter, open_batch_writer
@@ -126,6 +138,8 @@ class IOThread:
     native = False
     #: The class of a port's flow-control window (the loop half makes it).
     window_class = Window
+    #: The class of the command queue (the native core's routes its own commands).
+    commands_class: type[WakeupQueue[Any]] = WakeupQueue
 
     def __init__(
         self,
@@ -134,7 +148,11 @@ class IOThread:
         name: str = "ioserver-io",
         memory_limit: int | None = None,
         port_buffer_limit: int | None = None,
+        hosted: bool = False,
     ) -> None:
+        #: Hosted: no thread of its own; another I/O thread (the native core's) runs its
+        #: rounds, one :meth:`run_round` at a time (see "Hosted" in the module docstring).
+        self.hosted = hosted
         self.memory_limit = memory_limit
         self.port_buffer_limit = port_buffer_limit
         self.framing_bytes = 0
@@ -149,7 +167,7 @@ class IOThread:
         self.fd_limit = raise_open_file_limit()
         self._poller = make_poller(poller)
         self.poller_name = self._poller.name
-        self.commands: WakeupQueue[tuple[Callable[..., None], Any, Any]] = WakeupQueue()
+        self.commands: WakeupQueue[tuple[Callable[..., None], Any, Any]] = self.commands_class()
         try:
             # select's FD_SETSIZE: in a process with a thousand files open already, the
             # server cannot start (PollerLimitError names the poller and the limit).
@@ -183,7 +201,9 @@ class IOThread:
         self._view = memoryview(self._buffer)
         # Linux AIO for the writes of a round (None: port by port), and with it the flush
         # point: after handing a loop a batch, wait for that loop's flush (ioserver._wakeup).
-        self._writer: BatchWriter | None = open_batch_writer()
+        # (Not when hosted: the flush point is the host's, and a hosted half's handlers
+        # write their own output.)
+        self._writer: BatchWriter | None = None if hosted else open_batch_writer()
         self._batch: list[Conn] = []
         #: Why batched writes stopped (the writer's failure), None while they work.
         self.batching_error: str | None = None
@@ -214,6 +234,8 @@ class IOThread:
         #: their ``linger`` seconds (a peer that does not read), or at once (``linger=0``).
         self.linger_timeouts = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # A hosted half's rounds: the generator of _rounds, paused between two rounds.
+        self._hosted_rounds: Iterator[float | None] | None = None
         #: ``cmd_send`` bound once: the I/O thread recognises it by identity and runs it
         #: inlined.  Ports queue ``(send_command, conn, data)``.
         self.send_command: Callable[[Conn, bytes], None] = self.cmd_send
@@ -367,6 +389,24 @@ class IOThread:
 
     # -- the thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            for _ in self._rounds():
+                pass  # a thread's rounds never pause (only a hosted half's do)
+        except BaseException:  # pragma: no cover - a bug in the loop itself
+            log.exception("the I/O thread failed")
+            raise
+        finally:
+            self._shutdown()
+
+    def _rounds(self) -> Iterator[float | None]:
+        """The rounds of the I/O thread, until it stops.
+
+        A generator, so that a hosted half (``hosted=True``) can pause between two rounds
+        (:meth:`run_round`) with every local below kept; a thread's rounds never pause
+        (``hosted`` is false: the loop does not yield), so they cost what a plain loop
+        does."""
+        hosted = self.hosted
+        events: list[tuple[int, int]] = []
         commands = self.commands
         pending = commands.items
         poll = self._poller.poll
@@ -387,196 +427,259 @@ class IOThread:
         budget = self.budget
         read_floor = budget.read_floor
         packet_floor = budget.packet_floor
-        try:
-            while not self._stopping:
-                # Bytes this round may still read: the budget is firm, so a read that
-                # could pass it is not made (the port pauses instead).
-                headroom = UNLIMITED if budget.limit is None else budget.headroom()
-                if flush_wait:
-                    # The loop is busy with the batch we handed it: let it run without
-                    # us taking the GIL until it flushes (see ioserver._wakeup).
-                    flush_wait = False
-                    if not self._ready and not dirty:
-                        wait_for_flush()
-                    timeout = 0.0
-                else:
-                    timeout = -1.0 if commands.prepare_to_sleep() else 0.0
-                if budget.paused and timeout < 0:
-                    # Owners release memory without telling this thread: while reads are
-                    # paused for the budget, look again every few milliseconds.
-                    timeout = BUDGET_RECHECK
-                if self._timers:
-                    due = self._run_timers()
-                    if due >= 0 and (timeout < 0 or due < timeout):
-                        timeout = due
-                if self._ready or dirty or self.tls_input:
-                    timeout = 0.0  # handlers to run, output from last round's flushes
-                events = poll(timeout)
-                if self.tls_input:
-                    events = events + take_input(self)
-                commands.asleep = False
-                self.polls += 1
-                self.events += len(events)
-                if pending:
-                    # Options set before data arrived apply to that data.
-                    run_commands()
-                received = 0
-                for fd, mask in events:
-                    conn = table[fd]
-                    if conn is None:
+        while not self._stopping:
+            # Bytes this round may still read: the budget is firm, so a read that
+            # could pass it is not made (the port pauses instead).
+            headroom = UNLIMITED if budget.limit is None else budget.headroom()
+            if flush_wait:
+                # The loop is busy with the batch we handed it: let it run without
+                # us taking the GIL until it flushes (see ioserver._wakeup).
+                flush_wait = False
+                if not self._ready and not dirty:
+                    wait_for_flush()
+                timeout = 0.0
+            else:
+                timeout = -1.0 if commands.prepare_to_sleep() else 0.0
+            if budget.paused and timeout < 0:
+                # Owners release memory without telling this thread: while reads are
+                # paused for the budget, look again every few milliseconds.
+                timeout = BUDGET_RECHECK
+            if self._timers:
+                due = self._run_timers()
+                if due >= 0 and (timeout < 0 or due < timeout):
+                    timeout = due
+            if self._ready or dirty or self.tls_input:
+                timeout = 0.0  # handlers to run, output from last round's flushes
+            if hosted:
+                # Pause until the host runs the next round: at once while this round
+                # found work (the host's poller is edge-triggered, and this poller's
+                # level-triggered descriptors still ready do not signal it again), else
+                # when this poller's fd fires or in ``timeout`` seconds (None: no timer).
+                yield 0.0 if events else (None if timeout < 0 else timeout)
+                if budget.limit is not None:
+                    headroom = budget.headroom()
+                timeout = 0.0  # the host polled: this poll only collects
+            events = poll(timeout)
+            if self.tls_input:
+                events = events + take_input(self)
+            commands.asleep = False
+            self.polls += 1
+            self.events += len(events)
+            if pending:
+                # Options set before data arrived apply to that data.
+                run_commands()
+            received = 0
+            for fd, mask in events:
+                conn = table[fd]
+                if conn is None:
+                    continue
+                try:
+                    if conn.kind == STREAM:
+                        # The hot path, inlined: one recv_into the shared buffer, one
+                        # Data message to the owning loop's inbox.
+                        if mask & _WRITABLE and conn.outq:
+                            write(conn)
+                            if conn.closed:
+                                continue
+                        if not (mask & _READABLE and conn.mask & READ):
+                            continue
+                        if headroom < read_floor and budget.blocks(conn, headroom):
+                            continue
+                        # A port of packets charges each one PACKET_OVERHEAD too:
+                        # when the budget is short, it reads only what it can charge.
+                        framed_short = headroom < packet_floor and conn.packet_overhead
+                        try:
+                            if framed_short:
+                                n = conn.sock.recv_into(
+                                    buffer, budget.packet_read_size(conn, headroom)
+                                )
+                            else:
+                                n = conn.sock.recv_into(buffer)
+                        except BlockingIOError:
+                            continue
+                        except OSError as exc:
+                            broken(conn, exc.errno)
+                            continue
+                        if n:
+                            received += n
+                            headroom -= n
+                            conn.bytes_in += n
+                            port = conn.port
+                            if conn.framer is None:
+                                message = new_message(Data)  # Data() without __init__
+                                set_data(message, bytes(view[:n]))
+                                conn.deliver((port, message))
+                                conn.delivered_messages += 1
+                                conn.delivered_bytes += n
+                                if conn.credit > 0:
+                                    self._spend_credit(conn, 1)
+                            else:
+                                # A framed read is charged more than its n bytes
+                                # (PACKET_OVERHEAD a packet, decoded objects their
+                                # share): all of it comes off this round's headroom,
+                                # or the next port's read would be admitted against
+                                # memory already spent.
+                                mark = self.delivered_total + self.framing_bytes
+                                delivered = self._deliver_framed(conn, n)
+                                headroom -= self.delivered_total + self.framing_bytes - mark
+                                if not delivered:
+                                    continue
+                            if (
+                                conn.delivered_bytes > conn.check_bytes
+                                or conn.delivered_messages > conn.check_messages
+                            ):
+                                self._check_msgq(conn)
+                        else:
+                            self._eof(conn)
+                    elif conn.kind == HANDLER:
+                        conn.on_ready(mask)
+                    elif conn.kind == LISTENER:
+                        on_listener_event(self, conn, mask)
+                    elif conn.kind == CONNECTING:
+                        on_connect_event(self, conn, mask)
+                    elif not self._poller.wakeup_is_edge_triggered:
+                        commands.wakeup.drain()
+                except Exception as exc:
+                    self._internal_error(conn, exc)
+            self.bytes_in += received
+            self.delivered_total += received
+            if self._ready:
+                ready, self._ready = self._ready, []
+                for handler in ready:
+                    handler.scheduled = False
+                    if not handler.closed:
+                        try:
+                            handler.on_ready(0)
+                        except Exception as exc:
+                            self._internal_error(handler, exc)
+            if pending:
+                # Sends queued while this round read (the loop ran during
+                # its syscalls) leave in this round's flush.
+                run_commands()
+            writer = self._writer  # None once batching failed (see _batching_failed)
+            if writer is not None:
+                # Hand the loop its batch first, so that it works while the kernel
+                # writes; then wait for its flush (the top of the loop).
+                if len(inboxes) == 1 and inboxes[0].staged and self.waits_for_flush:
+                    self.flush_wanted = True
+                    flush_wait = True
+                for inbox in inboxes:
+                    inbox.notify()
+                if len(dirty) > 1:
+                    # Every write's result is applied to its port as its batch
+                    # returns, before any handler's flush below can act on that port.
+                    self._write_batch(writer, dirty)
+            if dirty:
+                # This round's entries.  What their flushes mark dirty (a handler's
+                # reply to what it read in its flush...) is the next round's: no
+                # handler runs again from its own flush, and a round ends however
+                # fast a peer keeps sending (the next round then polls without
+                # blocking, see the top of the loop).
+                self._dirty = spare
+                sent_total = 0
+                for conn in dirty:
+                    conn.dirty = False
+                    if conn.closed or conn.mask & WRITE:
                         continue
                     try:
-                        if conn.kind == STREAM:
-                            # The hot path, inlined: one recv_into the shared buffer, one
-                            # Data message to the owning loop's inbox.
-                            if mask & _WRITABLE and conn.outq:
+                        if isinstance(conn, Handler):
+                            conn.flush()
+                            continue
+                        outq = conn.outq
+                        if len(outq) != 1:
+                            if outq:  # (empty: the batch wrote it all)
                                 write(conn)
-                                if conn.closed:
-                                    continue
-                            if not (mask & _READABLE and conn.mask & READ):
-                                continue
-                            if headroom < read_floor and budget.blocks(conn, headroom):
-                                continue
-                            # A port of packets charges each one PACKET_OVERHEAD too:
-                            # when the budget is short, it reads only what it can charge.
-                            framed_short = headroom < packet_floor and conn.packet_overhead
-                            try:
-                                if framed_short:
-                                    n = conn.sock.recv_into(
-                                        buffer, budget.packet_read_size(conn, headroom)
-                                    )
-                                else:
-                                    n = conn.sock.recv_into(buffer)
-                            except BlockingIOError:
-                                continue
-                            except OSError as exc:
-                                broken(conn, exc.errno)
-                                continue
-                            if n:
-                                received += n
-                                headroom -= n
-                                conn.bytes_in += n
-                                port = conn.port
-                                if conn.framer is None:
-                                    message = new_message(Data)  # Data() without __init__
-                                    set_data(message, bytes(view[:n]))
-                                    conn.deliver((port, message))
-                                    conn.delivered_messages += 1
-                                    conn.delivered_bytes += n
-                                    if conn.credit > 0:
-                                        self._spend_credit(conn, 1)
-                                else:
-                                    # A framed read is charged more than its n bytes
-                                    # (PACKET_OVERHEAD a packet, decoded objects their
-                                    # share): all of it comes off this round's headroom,
-                                    # or the next port's read would be admitted against
-                                    # memory already spent.
-                                    mark = self.delivered_total + self.framing_bytes
-                                    delivered = self._deliver_framed(conn, n)
-                                    headroom -= self.delivered_total + self.framing_bytes - mark
-                                    if not delivered:
-                                        continue
-                                if (
-                                    conn.delivered_bytes > conn.check_bytes
-                                    or conn.delivered_messages > conn.check_messages
-                                ):
-                                    self._check_msgq(conn)
-                            else:
-                                self._eof(conn)
-                        elif conn.kind == HANDLER:
-                            conn.on_ready(mask)
-                        elif conn.kind == LISTENER:
-                            on_listener_event(self, conn, mask)
-                        elif conn.kind == CONNECTING:
-                            on_connect_event(self, conn, mask)
-                        elif not self._poller.wakeup_is_edge_triggered:
-                            commands.wakeup.drain()
+                            continue
+                        # _write, inlined for one buffer sent whole.
+                        try:
+                            sent = conn.sock.send(outq[0])
+                        except BlockingIOError:
+                            sent = 0
+                        except OSError as exc:
+                            broken(conn, exc.errno)
+                            continue
+                        if (
+                            sent == conn.out_bytes
+                            and not conn.close_pending
+                            and not conn.shutdown_pending
+                        ):
+                            conn.bytes_out += sent
+                            sent_total += sent
+                            conn.out_bytes = 0
+                            outq.clear()
+                            if conn.window.send_blocked:
+                                self._notify_writable(conn)
+                        else:
+                            self._sent(conn, sent)
                     except Exception as exc:
                         self._internal_error(conn, exc)
-                self.bytes_in += received
-                self.delivered_total += received
-                if self._ready:
-                    ready, self._ready = self._ready, []
-                    for handler in ready:
-                        handler.scheduled = False
-                        if not handler.closed:
-                            try:
-                                handler.on_ready(0)
-                            except Exception as exc:
-                                self._internal_error(handler, exc)
-                if pending:
-                    # Sends queued while this round read (the loop ran during
-                    # its syscalls) leave in this round's flush.
-                    run_commands()
-                writer = self._writer  # None once batching failed (see _batching_failed)
-                if writer is not None:
-                    # Hand the loop its batch first, so that it works while the kernel
-                    # writes; then wait for its flush (the top of the loop).
-                    if len(inboxes) == 1 and inboxes[0].staged and self.waits_for_flush:
-                        self.flush_wanted = True
-                        flush_wait = True
-                    for inbox in inboxes:
-                        inbox.notify()
-                    if len(dirty) > 1:
-                        # Every write's result is applied to its port as its batch
-                        # returns, before any handler's flush below can act on that port.
-                        self._write_batch(writer, dirty)
-                if dirty:
-                    # This round's entries.  What their flushes mark dirty (a handler's
-                    # reply to what it read in its flush...) is the next round's: no
-                    # handler runs again from its own flush, and a round ends however
-                    # fast a peer keeps sending (the next round then polls without
-                    # blocking, see the top of the loop).
-                    self._dirty = spare
-                    sent_total = 0
-                    for conn in dirty:
-                        conn.dirty = False
-                        if conn.closed or conn.mask & WRITE:
-                            continue
-                        try:
-                            if isinstance(conn, Handler):
-                                conn.flush()
-                                continue
-                            outq = conn.outq
-                            if len(outq) != 1:
-                                if outq:  # (empty: the batch wrote it all)
-                                    write(conn)
-                                continue
-                            # _write, inlined for one buffer sent whole.
-                            try:
-                                sent = conn.sock.send(outq[0])
-                            except BlockingIOError:
-                                sent = 0
-                            except OSError as exc:
-                                broken(conn, exc.errno)
-                                continue
-                            if (
-                                sent == conn.out_bytes
-                                and not conn.close_pending
-                                and not conn.shutdown_pending
-                            ):
-                                conn.bytes_out += sent
-                                sent_total += sent
-                                conn.out_bytes = 0
-                                outq.clear()
-                                if conn.window.send_blocked:
-                                    self._notify_writable(conn)
-                            else:
-                                self._sent(conn, sent)
-                        except Exception as exc:
-                            self._internal_error(conn, exc)
-                    self.bytes_out += sent_total
-                    dirty.clear()
-                    spare, dirty = dirty, self._dirty
-                for inbox in inboxes:
-                    if writer is None or inbox.staged:
-                        inbox.notify()
-                table = self._table  # it may have grown
-        except BaseException:  # pragma: no cover - a bug in the loop itself
-            log.exception("the I/O thread failed")
-            raise
-        finally:
-            self._shutdown()
+                self.bytes_out += sent_total
+                dirty.clear()
+                spare, dirty = dirty, self._dirty
+            for inbox in inboxes:
+                if writer is None or inbox.staged:
+                    inbox.notify()
+            table = self._table  # it may have grown
+
+    def counters(self) -> dict[str, int]:
+        """The counters :meth:`IOServer.statistics` reports (``ports_open``, ``polls``,
+        ``events``, ``commands_run``, ``bytes_in``, ``bytes_out``, ``internal_errors``,
+        ``linger_timeouts``, and the wakes towards this thread, ``wakes_sent`` and
+        ``wakes_skipped``): a native core adds its thread's to its hosted half's."""
+        commands = self.commands
+        return {
+            "ports_open": self.ports_open,
+            "polls": self.polls,
+            "events": self.events,
+            "commands_run": self.commands_run,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "internal_errors": self.internal_errors,
+            "linger_timeouts": self.linger_timeouts,
+            "wakes_sent": commands.wakes_sent,
+            "wakes_skipped": commands.wakes_skipped,
+        }
+
+    # -- hosted (the native core runs the rounds: ioserver._native_core) ----------------
+    def poller_fd(self) -> int:
+        """The fd of this half's poller (an epoll fd, itself pollable): readable when one
+        of its ports (or its command queue's wake-up fd) is ready.  A host watches it."""
+        return self._poller.fileno()
+
+    def run_round(self) -> float | None:
+        """Run one round of a hosted half (on the host's thread, under the GIL): poll this
+        half's poller without blocking, run its commands, handlers and timers, and hand
+        what it delivers to the hubs' inboxes (``conn.deliver``).
+
+        Returns:
+            Seconds until this half wants its next round (0.0: at once, it found work),
+            or None: not until its poller's fd is readable.
+        """
+        rounds = self._hosted_rounds
+        if rounds is None:
+            rounds = self._hosted_rounds = self._rounds()
+            next(rounds)  # up to the first pause: the first round's timeout
+        try:
+            return next(rounds)
+        except StopIteration:  # stopped (stop_hosted)
+            return None
+
+    def stop_hosted(self) -> None:
+        """Stop a hosted half: one last round (the commands queued before the stop), then
+        close every port, each owner getting its final ``Closed``.  The stop notices are
+        the host's to give, once its own ports are closed too."""
+        self._stopping = True
+        rounds = self._hosted_rounds
+        if rounds is not None:
+            try:
+                next(rounds)  # the last round: it ends the loop, so no pause comes
+            except StopIteration:
+                pass
+            except Exception:
+                self.internal_errors += 1
+                log.exception("the hosted I/O half failed in its last round")
+            self._hosted_rounds = None
+        self._shutdown()
 
     def discard(self) -> None:
         """Release the fds of a thread that was never started."""
@@ -760,6 +863,8 @@ class IOThread:
             self._zmq_context.term()
         self._poller.close()
         self._release_batching()
+        if self.hosted:
+            return  # the host gives the stop notices, after its own ports
         # Every hub hears that the thread ended, whether it was asked to stop or failed.
         for hub in self.budget.owners:
             hub._stopped_by_io()

@@ -15,25 +15,33 @@ shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
   call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
   the GIL.
 
-What the native core carries now (issue 14's first slice): TCP ports in raw mode and in the
-packet modes whose packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``)
-- connect
+What the native thread carries itself: TCP ports in raw mode and in the packet modes whose
+packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``) - connect
 (numeric addresses; names are resolved in the loop as before), listen and accept, reads,
 gathered writes, half-close, close after the queued output within ``linger``, errno names -
 with the flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
 watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
 (the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.
-Every other kind and the packet modes that decode objects (msgpack, resp) raise
-:exc:`~ioserver.NotSupportedError` naming the core; ``core="python"`` (the default)
-carries them.
+
+Everything else runs on the same thread too, in Python: :class:`NativeIOThread` is also
+an ``IOThread`` in its *hosted* mode (no thread of its own), whose rounds the native thread
+runs under the GIL when its poller's fd fires or its timer is due (``native/src/hosted.rs``).
+Its ports are UDP, Unix streams, programs, ZeroMQ, TUN/TAP, TCP with ``tls=`` or the
+msgpack and resp packet modes, and any function submitted to the I/O thread (the daemon's
+control endpoint).  Those ports have the Python core's window (``ioserver._flow.Window``,
+counted in their hub), the native ports a :class:`NativeWindow`.  The command queue routes
+by target: a command on a native ``Conn`` goes to the native thread, any other to the
+hosted half's queue.  One ``memory_limit`` bounds both halves: each budget counts what the
+other charges (``MemoryBudget.external``, ``Core.set_external_in_use``).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections import deque
-from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from . import _native  # the extension module (types: _native.pyi)
@@ -42,8 +50,9 @@ from ._exceptions import ConnectError, NotSupportedError, errno_name
 from ._flow import Window
 from ._framing import Framer, port_framer
 from ._hub import AsyncioHub, TrioHub, log
-from ._iothread import raise_open_file_limit
+from ._iothread import IOThread
 from ._tcp import listen_socket
+from ._wakeup import WakeupQueue
 
 __all__ = [
     "CORES",
@@ -57,8 +66,11 @@ __all__ = [
 #: The I/O cores :func:`ioserver.open` can run.
 CORES = ("python", "native")
 
-#: The port functions the native core carries; the others raise NotSupportedError.
+#: The port functions whose ports the native thread carries itself (some of their options
+#: aside: see the module docstring); the others' ports are served by the hosted half.
 NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
+
+_NativeConn = _native.Conn
 
 
 def _bytes(limit: int | None) -> int | None:
@@ -69,13 +81,6 @@ def _bytes(limit: int | None) -> int | None:
 
 def _nobody_waits() -> bool:
     return False
-
-
-def _framed_error(options: Mapping[str, Any]) -> NotSupportedError:
-    return NotSupportedError(
-        f"packet={options.get('packet')!r} is not supported by the native core "
-        "(core='native') yet: use packet='raw' or core='python'"
-    )
 
 
 class NativeWindow(_native.WindowCounters):
@@ -113,61 +118,54 @@ class NativeWindow(_native.WindowCounters):
     resume_due = Window.resume_due
 
 
-class _Budget:
-    """The native core's memory budget as the Python core's :class:`~._flow.MemoryBudget`
-    is read: its statistics (kept by the native thread's ``flow::Budget``) and the hubs
-    that get the thread's stop notice (``owners``; what their ports queue and take is
-    counted in the native windows, not here)."""
+class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
+    """The command queue of a native core, as the loop half uses it (``put``): the hosted
+    half's queue (its items, wake-up fd and flag: ``ioserver._wakeup``), whose ``put``
+    routes each command by its target.  A command on a native port (a native ``Conn``)
+    is queued for the native thread at once by the native ``Core`` method that stands for
+    it (``IOThread.cmd_close`` -> ``Core.close``...); any other goes to the hosted half."""
 
-    def __init__(self, core: Any, limit: int | None) -> None:
+    def route(self, io: NativeIOThread, core: Any) -> None:
+        """Take the native methods of ``core`` for ``io``'s commands."""
         self._core = core
-        self.limit = limit
-        self.owners: list[Any] = []
-
-    @property
-    def peak(self) -> int:
-        """The most bytes in use at the start of a round (measured with a limit only)."""
-        return int(self._core.peak_memory)
-
-    @property
-    def pauses(self) -> int:
-        """Reads paused because the budget was used up, ever."""
-        return int(self._core.global_pauses)
-
-    @property
-    def reserve_reads(self) -> int:
-        """Reads made into the reserve for waiting owners, ever."""
-        return int(self._core.reserve_reads)
-
-
-class _Commands:
-    """The contract's command queue, as the loop half uses it (``put``): each command is
-    ``(function, target, argument)``, and ``function`` is a native ``Core`` method that
-    queues it for the I/O thread."""
-
-    __slots__ = ("_core",)
-
-    def __init__(self, core: Any) -> None:
-        self._core = core
+        native = (core.close, core.send_eof, core.set_active, core.read_once, core.resume)
+        self._native: dict[Any, Any] = {
+            io.cmd_close: core.close,
+            io.cmd_send_eof: core.send_eof,
+            io.cmd_set_active: core.set_active,
+            io.cmd_read_once: core.read_once,
+            io.cmd_resume: core.resume,
+            io.cmd_want: core.want,
+            core.send: core.send,
+            core.want: core.want,
+            **{method: method for method in native},
+        }
+        self._native_send = core.send
+        self._hosted_send = io.cmd_send
 
     def put(self, item: tuple[Any, Any, Any]) -> None:
         function, target, argument = item
-        function(target, argument)
-
-    @property
-    def wakes_sent(self) -> int:
-        return int(self._core.wakes_sent)
-
-    @property
-    def wakes_skipped(self) -> int:
-        return int(self._core.wakes_skipped)
+        if target.__class__ is _NativeConn:
+            native = self._native.get(function)
+            if native is not None:
+                native(target, argument)
+                return
+            # A Python function on a native port: it runs on the I/O thread too, in the
+            # hosted half (an error closes the port: NativeIOThread._internal_error).
+        elif function == self._native_send:  # the hub's send, for a hosted port
+            item = (self._hosted_send, target, argument)
+        WakeupQueue.put(self, item)
 
     def close(self) -> None:
-        """Close the wake-up fd (the thread has ended)."""
-        self._core.close_commands()
+        """Close both wake-up fds (the thread has ended; or the native core was never
+        made, and only the hosted half's is open)."""
+        super().close()
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close_commands()
 
 
-class NativeIOThread:
+class NativeIOThread(IOThread):
     """The native I/O thread, standing where ``IOThread`` stands (see the module docstring),
     with a memory budget of ``memory_limit`` bytes and a cap of ``port_buffer_limit`` bytes
     on a framed port's partial packet (None: no limit; ``ioserver.open`` validates them).
@@ -176,18 +174,20 @@ class NativeIOThread:
     port; ``"io_uring"``, a round's reads and writes in one ``io_uring_enter``; ``None``,
     io_uring where the kernel allows it, else epoll (:attr:`io_uring_failure` says why).
 
+    It is also the hosted half: an ``IOThread`` in hosted mode, whose rounds the native
+    thread runs under the GIL when its poller's fd fires or its timer is due
+    (``native/src/hosted.rs``).  What the native thread does not carry is served there.
+
     Raises:
         NotSupportedError: ``io_backend="io_uring"`` where the kernel refuses io_uring (the
             message names the errno: ``ENOSYS``, ``EPERM``, ``EOPNOTSUPP``).
     """
 
     native = True
-    window_class = NativeWindow
-    #: The hub has a flush point: the sends of the tasks a batch woke wake the I/O thread
-    #: once, there (``Core.defer_wakes``/``flush_wakes``), not each.
-    waits_for_flush = True
+    window_class: type[Any] = NativeWindow
+    commands_class = _Commands
+    commands: _Commands
     flush_wanted = False
-    poller_name = "epoll"
     #: The hubs that drain a native inbox (``make_hub`` picks one per backend).
     hub_classes: tuple[type[Any], type[Any]]
 
@@ -198,58 +198,68 @@ class NativeIOThread:
         port_buffer_limit: int | None = None,
         io_backend: str | None = None,
     ) -> None:
-        self.memory_limit = memory_limit
-        self.port_buffer_limit = port_buffer_limit
-        self.fd_limit = raise_open_file_limit()
-        try:
-            core = self._core = _native.Core(
-                min(self.fd_limit, 1 << 16),
-                io_backend,
-                _bytes(memory_limit),
-                _bytes(port_buffer_limit),
-            )
-        except OSError as exc:
-            number = exc.errno or 0
-            raise NotSupportedError(
-                f"io_backend='io_uring' is refused here: {errno_name(number)} "
-                f"({os.strerror(number)}); use io_backend='epoll', or None for io_uring "
-                "where the kernel allows it, else epoll"
-            ) from exc
-        if core.io_uring_failure is not None:
-            log.debug("the native core reads and writes with epoll: %s", core.io_uring_failure)
-        self.commands = _Commands(core)
-        self.send_command = core.send
-        #: Port.send's fast path: the watermark check, the count and the send in one call.
-        self.send_within = core.send_within
-        self.cmd_close = core.close
-        self.cmd_send_eof = core.send_eof
-        self.cmd_set_active = core.set_active
-        self.cmd_read_once = core.read_once
-        self.cmd_resume = core.resume
-        self.cmd_want = core.want
-        self.cmd_stop = core.stop
-        self.budget = _Budget(core, memory_limit)
-        # What submit() can queue: the commands above, and the open requests below.
-        self._known = frozenset(
-            {
-                core.close,
-                core.send_eof,
-                core.set_active,
-                core.read_once,
-                core.resume,
-                core.want,
-                core.stop,
-                core.send,
-                self.cmd_connect,
-                self.cmd_listen,
-            }
+        super().__init__(
+            poller="epoll",
+            name="ioserver-io-native",
+            memory_limit=memory_limit,
+            port_buffer_limit=port_buffer_limit,
+            hosted=True,
         )
-        # The Python core's statistics that have no native counterpart (its AIO writer
-        # and its flush point's waits).
-        self._writer = None
-        self._failed_writer = None
-        self.flush_waits = 0
-        self.flush_timeouts = 0
+        try:
+            try:
+                core = self._core = _native.Core(
+                    min(self.fd_limit, 1 << 16),
+                    io_backend,
+                    _bytes(memory_limit),
+                    _bytes(port_buffer_limit),
+                )
+            except OSError as exc:
+                number = exc.errno or 0
+                raise NotSupportedError(
+                    f"io_backend='io_uring' is refused here: {errno_name(number)} "
+                    f"({os.strerror(number)}); use io_backend='epoll', or None for io_uring "
+                    "where the kernel allows it, else epoll"
+                ) from exc
+            if core.io_uring_failure is not None:
+                log.debug("the native core reads and writes with epoll: %s", core.io_uring_failure)
+            self.commands.route(self, core)
+            #: Sends go to the native thread (``Core.send`` holds the bytes object); one
+            #: for a hosted port reaches the hosted half through ``_send_hosted``.
+            self.send_command = core.send
+            #: Port.send's fast path: the watermark check, the count and the send in one call.
+            self.send_within = core.send_within
+            # One memory_limit over both halves: the hosted budget counts the native ports'
+            # charges, and the native budget the hosted half's (set after each of its rounds).
+            if memory_limit is not None:
+                self.budget.external = core.own_memory_in_use
+            core.host(self._hosted_round, self.stop_hosted, self.poller_fd(), self._send_hosted)
+        except BaseException:
+            IOThread.discard(self)
+            raise
+        # What submit() runs on the calling thread: the native opens decide there whether
+        # the native thread carries the port; the stop goes to the native thread.
+        self._on_caller = frozenset({self.cmd_connect, self.cmd_listen, self.cmd_stop})
+
+    def _hosted_round(self) -> float | None:
+        """One round of the hosted half (on the native thread, under the GIL), then tell the
+        native budget what the hosted half charges now."""
+        timeout = self.run_round()
+        if self.memory_limit is not None:
+            self._core.set_external_in_use(self.budget.own_in_use())
+        return timeout
+
+    @property
+    def waits_for_flush(self) -> bool:
+        """Always: the native hub's flush point sends the wakes it deferred (a daemon's
+        ``waits_for_flush = False`` does not apply to it)."""
+        return True
+
+    @waits_for_flush.setter
+    def waits_for_flush(self, value: bool) -> None:
+        pass
+
+    def _send_hosted(self, conn: Any, data: bytes) -> None:
+        WakeupQueue.put(self.commands, (self.cmd_send, conn, data))
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -262,50 +272,70 @@ class NativeIOThread:
         return bool(self._core.is_alive())
 
     def discard(self) -> None:
-        """Release a core that was never started."""
-        self._core.close_commands()
+        """Release a core that was never started (the command queue's ``close`` closes
+        both wake-up fds)."""
+        IOThread.discard(self)
 
-    def zmq_context(self) -> Any:
-        """Raises NotSupportedError: ZeroMQ ports run on the Python core only (so far)."""
-        raise NotSupportedError(
-            "ZeroMQ ports are not supported by the native core (core='native') yet: "
-            "use core='python'"
-        )
+    @property
+    def thread_id(self) -> int:
+        """The native I/O thread's OS id (``threading.get_native_id()`` there; 0 before
+        it runs): hosted handlers run on it."""
+        return int(self._core.thread_id)
 
     def make_inbox(self, hub: Any) -> Any:
         """The native inbox of a new hub (the hub gets the stop notice)."""
         return self._core.new_inbox(hub)
 
     def submit(self, function: Any, target: object, argument: object) -> None:
-        """Queue a command (``function`` one of this object's ``cmd_*``).
+        """Queue ``function(target, argument)`` for the I/O thread: a command on a native
+        port for the native thread, anything else (a hosted port's command, a Python
+        function: the daemon's control endpoint, ZeroMQ and UDP opens...) for the hosted
+        half, which runs it on the native thread too."""
+        if target.__class__ is _NativeConn:
+            self.commands.put((function, target, argument))
+        elif function in self._on_caller:
+            function(target, argument)
+        else:
+            WakeupQueue.put(self.commands, (function, target, argument))
 
-        Raises:
-            NotSupportedError: ``function`` is anything else - a Python function to run on
-                the I/O thread, which the native thread does not run (yet).
-        """
-        if function not in self._known:
-            raise NotSupportedError(
-                f"{function!r} cannot run on the native core's I/O thread (core='native'): "
-                "it runs no Python code yet; use core='python'"
-            )
-        function(target, argument)
+    def cmd_stop(self, target: object, argument: object) -> None:
+        """Stop the native thread: it stops the hosted half (its ports closed), closes its
+        own ports, then gives each hub its stop notice."""
+        self._core.stop(target, argument)
 
     # -- open requests (on the loop's thread: they queue a native command) --------------
+    def _host_open(self, command: Any, request: Any, spec: Any) -> None:
+        """Open a port on the hosted half: at once if called on the I/O thread (a
+        daemon's open, from its control endpoint), else through its command queue."""
+        if threading.get_native_id() == self._core.thread_id:
+            command(request, spec)
+        else:
+            WakeupQueue.put(self.commands, (command, request, spec))
+
+    @staticmethod
+    def _native_request(request: Any) -> bool:
+        """Whether ``request`` waits in a loop of this core (not a daemon's client's)."""
+        return isinstance(getattr(request, "hub", None), _NativeDrain)
+
     def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
         window = spec.port._window
         framer = window.framer
-        if (framer is not None and framer.decodes_objects) or not isinstance(window, NativeWindow):
-            request._deliver(_framed_error(spec.options))
+        if (
+            spec.tls is not None
+            or (framer is not None and framer.decodes_objects)
+            or not isinstance(window, NativeWindow)
+            or spec.family not in (socket.AF_INET, socket.AF_INET6)
+            or not self._native_request(request)
+        ):
+            # TLS, msgpack/resp, Unix: the hosted half's (not native yet).
+            self._host_open(partial(IOThread.cmd_connect, self), request, spec)
             return
         address = spec.address
         if spec.family == socket.AF_INET:
             host, port = address
             flowinfo = scope_id = 0
-        elif spec.family == socket.AF_INET6:
-            host, port, flowinfo, scope_id = address
         else:
-            request._deliver(NotSupportedError("the native core (core='native') connects TCP only"))
-            return
+            host, port, flowinfo, scope_id = address
         self._core.connect(
             request,
             spec.port,
@@ -321,8 +351,13 @@ class NativeIOThread:
 
     def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
         framer = port_framer(spec.options)
-        if framer is not None and framer.decodes_objects:
-            request._deliver(_framed_error(spec.options))
+        if (
+            spec.tls is not None
+            or (framer is not None and framer.decodes_objects)
+            or spec.family not in (socket.AF_INET, socket.AF_INET6)
+            or not self._native_request(request)
+        ):
+            self._host_open(partial(IOThread.cmd_listen, self), request, spec)
             return
         try:
             sock = listen_socket(spec.family, spec.address, spec.options)
@@ -343,41 +378,60 @@ class NativeIOThread:
             sock.close()  # refused before the detach (after it, a no-op)
             raise
 
+    def _internal_error(self, conn: object, exc: Exception) -> None:
+        """An error while serving one port: close that port only - a native one through
+        the native thread (its owner gets ``Closed("internal error: ...", "EIO")``)."""
+        if conn.__class__ is _NativeConn:
+            self.internal_errors += 1
+            log.error("error while serving a port; closing it", exc_info=exc)
+            self._core.abort(conn, f"internal error: {exc!r}")
+            return
+        IOThread._internal_error(self, conn, exc)
+
     # -- statistics ---------------------------------------------------------------------
     def memory_in_use(self) -> int:
-        """Bytes charged to the memory budget now, as the Python core counts them: input
-        delivered to the loops and not yet taken (a packet with its overhead), framing
-        buffers and held packets, output queued by owners and not yet written - plus the
-        written buffers the native thread still holds until a loop drops them (one
-        formula, ``flow::Charges::in_use``, which the budget uses too)."""
-        return int(self._core.memory_in_use())
+        """Bytes charged to the memory budget now, both halves: the hosted half's (its
+        budget's own count: its ports' input and the output their owners queued, counted
+        in the hubs) and the native ports' (``flow::Charges``: input delivered and not
+        taken, framing and held packets, output queued and not written, and the written
+        buffers the native thread holds until a loop drops them)."""
+        return self.budget.own_in_use() + int(self._core.own_memory_in_use())
 
-    @property
-    def peak_memory(self) -> int:
-        return self.budget.peak
+    def budget_counters(self) -> tuple[int, int, int]:
+        """Both budgets' statistics: the most bytes in use either saw at the start of a
+        round, the reads either paused because the memory was used up, and the reads made
+        into the reserve for waiting owners, ever."""
+        core, budget = self._core, self.budget
+        return (
+            max(budget.peak, int(core.peak_memory)),
+            budget.pauses + int(core.global_pauses),
+            budget.reserve_reads + int(core.reserve_reads),
+        )
 
-    @property
-    def global_pauses(self) -> int:
-        return self.budget.pauses
-
-    @property
-    def linger_timeouts(self) -> int:
-        """Closed stream ports reset because their output was not written in ``linger``."""
-        return int(self._core.linger_timeouts)
+    def counters(self) -> dict[str, int]:
+        """Both halves' counters, added up (see ``IOThread.counters``)."""
+        counters = IOThread.counters(self)
+        core = self._core
+        for name, native in (
+            ("ports_open", core.ports_open),
+            ("polls", core.polls),
+            ("events", core.events),
+            ("commands_run", core.commands_run),
+            ("bytes_in", core.bytes_in),
+            ("bytes_out", core.bytes_out),
+            ("internal_errors", core.internal_errors),
+            ("linger_timeouts", core.linger_timeouts),
+            ("wakes_sent", core.wakes_sent),
+            ("wakes_skipped", core.wakes_skipped),
+        ):
+            counters[name] += int(native)
+        return counters
 
     @property
     def failure(self) -> str | None:
         """Why the native thread failed (a panic in it, contained), or None."""
         failure: str | None = self._core.failure
         return failure
-
-    @property
-    def batching_error(self) -> str | None:
-        return self.failure
-
-    @property
-    def ports_open(self) -> int:
-        return int(self._core.ports_open)
 
     @property
     def io_backend(self) -> str:
@@ -399,30 +453,6 @@ class NativeIOThread:
     @property
     def io_uring_submissions(self) -> int:
         return int(self._core.uring_submissions)
-
-    @property
-    def polls(self) -> int:
-        return int(self._core.polls)
-
-    @property
-    def events(self) -> int:
-        return int(self._core.events)
-
-    @property
-    def commands_run(self) -> int:
-        return int(self._core.commands_run)
-
-    @property
-    def bytes_in(self) -> int:
-        return int(self._core.bytes_in)
-
-    @property
-    def bytes_out(self) -> int:
-        return int(self._core.bytes_out)
-
-    @property
-    def internal_errors(self) -> int:
-        return int(self._core.internal_errors)
 
 
 class _NativeDrain:

@@ -74,6 +74,10 @@ class Poller:
     def register_wakeup(self, fd: int) -> None:
         raise NotImplementedError
 
+    def fileno(self) -> int:
+        """The poller's own fd, for a host to watch (epoll's only)."""
+        raise NotImplementedError(f"the {self.name} poller has no fd of its own")
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -97,6 +101,11 @@ class EpollPoller(Poller):
 
     def register_wakeup(self, fd: int) -> None:
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+
+    def fileno(self) -> int:
+        """The epoll fd: readable while one of its descriptors is ready (a host's poller
+        watches it: see ``IOThread.poller_fd``)."""
+        return self._epoll.fileno()
 
     def close(self) -> None:
         self._epoll.close()

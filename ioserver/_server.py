@@ -129,57 +129,55 @@ class IOServer:
             ClosedPortError: the server is closed (or its native I/O thread failed: the
                 message says how).
             NotSupportedError: this server cannot carry ``function``'s ports (a local
-                server carries every kind; see :class:`client.RemoteIOServer`).
+                server, on either core, carries every kind; see
+                :class:`client.RemoteIOServer`).
         """
         if self._closed:
             raise ClosedPortError("this I/O server is closed")
         failure = getattr(self._io, "failure", None)
         if failure is not None:
             raise ClosedPortError(f"this I/O server is closed: {failure}")
-        if getattr(self._io, "native", False) and function is not None:
-            from ._native_core import NATIVE_KINDS
-
-            if function not in NATIVE_KINDS:
-                raise NotSupportedError(
-                    f"{function} is not supported by the native core (core='native') yet: "
-                    "open the server with core='python'"
-                )
         return self._hub
 
     def statistics(self) -> IOServerStatistics:
         """The server's counters now (see :class:`IOServerStatistics`)."""
         io, hub = self._io, self._hub
         writer = io._writer or io._failed_writer
+        counters = io.counters()  # on the native core, its thread's and its hosted half's
+        budget_counters = getattr(io, "budget_counters", None)  # the native core's two budgets
+        peak, pauses, _ = (
+            (io.budget.peak, io.budget.pauses, 0) if budget_counters is None else budget_counters()
+        )
         return IOServerStatistics(
             poller=io.poller_name,
             backend=hub.backend,
             fd_limit=io.fd_limit,
-            ports_open=io.ports_open,
-            polls=io.polls,
-            events=io.events,
-            commands=io.commands_run,
+            ports_open=counters["ports_open"],
+            polls=counters["polls"],
+            events=counters["events"],
+            commands=counters["commands_run"],
             messages_delivered=hub.messages,
             loop_drains=hub.drains,
-            bytes_received=io.bytes_in,
-            bytes_sent=io.bytes_out,
-            wakes_to_io_sent=io.commands.wakes_sent,
-            wakes_to_io_skipped=io.commands.wakes_skipped,
+            bytes_received=counters["bytes_in"],
+            bytes_sent=counters["bytes_out"],
+            wakes_to_io_sent=counters["wakes_sent"],
+            wakes_to_io_skipped=counters["wakes_skipped"],
             wakes_to_loop_sent=hub.inbox.wakes_sent,
             wakes_to_loop_skipped=hub.inbox.wakes_skipped,
             spurious_loop_wakes=hub.inbox.spurious_wakes,
-            internal_errors=io.internal_errors,
-            linger_timeouts=io.linger_timeouts,
+            internal_errors=counters["internal_errors"],
+            linger_timeouts=counters["linger_timeouts"],
             memory_limit=io.memory_limit,
             port_buffer_limit=io.port_buffer_limit,
             memory_in_use=io.memory_in_use(),
-            peak_memory=max(io.budget.peak, io.memory_in_use()),
-            global_pauses=io.budget.pauses,
+            peak_memory=max(peak, io.memory_in_use()),
+            global_pauses=pauses,
             batched_writes=io._writer is not None,
             write_batches=0 if writer is None else writer.batches,
             batched_write_count=0 if writer is None else writer.writes,
             flush_waits=io.flush_waits,
             flush_timeouts=io.flush_timeouts,
-            batched_writes_error=io.batching_error,
+            batched_writes_error=io.batching_error or getattr(io, "failure", None),
             core="native" if getattr(io, "native", False) else "python",
             io_backend=getattr(io, "io_backend", None),
             io_uring_enters=getattr(io, "io_uring_enters", 0),
@@ -198,7 +196,7 @@ class IOServer:
         await self._hub.stop()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{self._io.ports_open} ports"
+        state = "closed" if self._closed else f"{self._io.counters()['ports_open']} ports"
         return f"<IOServer {self._hub.backend} {self._io.poller_name} {state}>"
 
 
@@ -243,9 +241,9 @@ async def open(
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
         core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
             in Python (every port kind; the default), or ``"native"``, the I/O thread in
-            Rust, which never takes the GIL (TCP ports, raw or with 1/2/4/line packets, so
-            far: other kinds and the msgpack and resp modes raise
-            :exc:`~ioserver.NotSupportedError`).  ``None``: the environment variable
+            Rust, which never takes the GIL (it carries TCP ports, raw or with 1/2/4/line
+            packets, itself, with the memory budget of ``flow.rs``; every other kind runs
+            in Python on its thread, the hosted half).  ``None``: the environment variable
             ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
         io_backend: how the native core's reads and writes reach the kernel
             (:doc:`/reference/cores`): ``"epoll"``, a ``read`` or ``writev`` syscall per port

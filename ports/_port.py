@@ -134,7 +134,11 @@ class _PortBase(Source):
     )
 
     def __init__(
-        self, server: IOServer, active: tuple[int, bool], framer: Framer | None = None
+        self,
+        server: IOServer,
+        active: tuple[int, bool],
+        framer: Framer | None = None,
+        native: bool = False,
     ) -> None:
         hub = server._hub
         self._hub: Hub = hub
@@ -160,8 +164,11 @@ class _PortBase(Source):
         # It counts what the owner took, as the I/O half counts what it delivered.
         # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
         # popped from the window's sizes as the owner takes it.
-        # (The I/O half says which class: the native core's keeps its counters in atomics.)
-        window_class = getattr(server._io, "window_class", Window)
+        # (The I/O half says which class: the native core's keeps its counters in atomics,
+        # for the ports its thread carries itself - ``native``, a TCP port without TLS
+        # whose packets are bytes; its hosted half's ports have the Python core's.)
+        native = native and (framer is None or not framer.decodes_objects)
+        window_class = getattr(server._io, "window_class", Window) if native else Window
         window = self._window = window_class(framer, PACKET_OVERHEAD)
         if window.took is None:
             # Asked by the Python core's memory budget; the native core has its counters
@@ -593,9 +600,15 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         "_simple_send",
     )
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: FlowSettings) -> None:
+    def __init__(
+        self,
+        server: IOServer,
+        active: tuple[int, bool],
+        options: FlowSettings,
+        native: bool = False,
+    ) -> None:
         framer = port_framer(options)
-        super().__init__(server, active, framer)
+        super().__init__(server, active, framer, native)
         self._broken: str | None = None
         self._eof_sent = False
         self._framer: Framer | None = framer
@@ -616,7 +629,9 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         )
         # The native core's send with its watermark check and counting (it holds the
         # bytes object for the I/O thread: Core.send_within), or None.
-        self._native_send: Any = getattr(server._io, "send_within", None)
+        self._native_send: Any = (
+            None if self._window.took is None else getattr(server._io, "send_within", None)
+        )
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name

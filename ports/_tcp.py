@@ -138,7 +138,10 @@ async def open_stream(
     connect (``ioserver._tls``) and answers once it is over; ``server_hostname`` (the
     name checked and sent as SNI) and ``tls_handshake_timeout`` go with it."""
     io = server._io
-    result_port = Port(server, credit, settings)
+    # The native core's thread carries a TCP port without TLS itself (its hosted half the
+    # others): the port's window is then the native one.
+    native = family in (socket.AF_INET, socket.AF_INET6) and tls is None
+    result_port = Port(server, credit, settings, native)
     request = _Request(io, hub)
     io.submit(
         io.cmd_connect,
@@ -312,10 +315,13 @@ async def open_listener(
     """
     listener = Listener(server, (-1, False))
     io = server._io
+    # The native core's thread serves a TCP listener without TLS itself (its hosted half
+    # the others, and a socket systemd passed): its ports' windows are then the native one.
+    native = family in (socket.AF_INET, socket.AF_INET6) and tls is None and inherited is None
 
     def make_port(conn: Conn, local_address: object, remote_address: object) -> Port:
         # Runs on the I/O thread, once per accepted connection.
-        accepted = Port(server, credit, settings)
+        accepted = Port(server, credit, settings, native)
         accepted._conn = conn
         accepted._local_address = local_address
         accepted._remote_address = remote_address

@@ -138,6 +138,21 @@ def poller() -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def _python_core_features(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test of a feature of the Python core - a poller other than epoll (a ``poller``
+    parameter, or the ``python_core`` mark), its Linux AIO writer (``python_core``) - runs
+    on the Python core whatever ``IOSERVER_CORE`` says, its subprocesses too: the native
+    core polls with epoll and writes through its own backends (docs/reference/cores.rst)."""
+    callspec = getattr(request.node, "callspec", None)
+    poller = callspec.params.get("poller") if callspec is not None else None
+    if request.node.get_closest_marker("python_core") is not None or poller not in (
+        None,
+        "epoll",
+    ):
+        monkeypatch.setenv("IOSERVER_CORE", "python")
+
+
 @pytest.fixture
 async def ios(
     no_leaks: None, poller: str | None, core: str | None, io_backend: str | None

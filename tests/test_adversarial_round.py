@@ -167,6 +167,7 @@ class _CloseInFlush(Handler):
         self.io.cmd_close(self.conn, None)
 
 
+@pytest.mark.python_core
 @needs_batching
 @pytest.mark.anyio
 async def test_a_handler_closing_a_port_after_its_batched_write_sends_each_byte_once(
@@ -334,6 +335,7 @@ async def _until_io_ran(io: IOThread) -> None:
     assert await anyio.to_thread.run_sync(done.wait, 10)
 
 
+@pytest.mark.python_core
 @needs_batching
 @pytest.mark.anyio
 async def test_batched_writes_hold_no_buffer_once_written(ios: ioserver.IOServer) -> None:
@@ -373,6 +375,7 @@ async def test_batched_writes_hold_no_buffer_once_written(ios: ioserver.IOServer
     assert [sys.getrefcount(payload) for payload in payloads] == references
 
 
+@pytest.mark.python_core
 @needs_batching
 @pytest.mark.anyio
 async def test_a_failed_wait_for_write_completions_falls_back_to_port_by_port_writes(

@@ -21,6 +21,8 @@ import ports
 from ioserver._aio import BATCH_CAPACITY, BatchWriter, open_batch_writer
 from ports import Accepted, Data
 
+pytestmark = pytest.mark.python_core
+
 
 @pytest.fixture
 def writer() -> Iterator[BatchWriter]:

@@ -153,10 +153,10 @@ async def test_a_busy_port_refuses_send_nowait_and_send_waits_for_low(
                 port.send_nowait(chunk)
                 sent += len(chunk)
                 await anyio.lowlevel.checkpoint()
-        assert port.busy
-        statistics = port.statistics()
-        assert statistics.busy_transitions == 1
-        assert statistics.bytes_buffered_out > high
+        # send_nowait refused: the output passed high once.  (Whether it is still above
+        # high is not asserted: the native core's thread writes on while the loop runs,
+        # and the peer's kernel still takes a little.)
+        assert port.statistics().busy_transitions == 1
         async with anyio.create_task_group() as task_group:
 
             async def send_one_more() -> None:

@@ -449,17 +449,6 @@ async def test_native_refuses_what_it_does_not_carry_yet(no_leaks: None) -> None
     with pytest.raises(ioserver.NotSupportedError, match="native"):
         async with ioserver.open(core="native", poller="poll"):
             pass
-    async with ioserver.open(core="native") as ios:
-        with pytest.raises(ioserver.NotSupportedError, match=r"open_udp.*core='native'"):
-            await ports.open_udp(ios)
-        with pytest.raises(ioserver.NotSupportedError, match=r"connect_unix.*core='native'"):
-            await ports.connect_unix(ios, "/nonexistent")
-        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
-        async with listener:
-            with pytest.raises(ioserver.NotSupportedError, match="packet='msgpack'"):
-                await ports.connect_tcp(ios, *listener.local_address, packet="msgpack")
-            with pytest.raises(ioserver.NotSupportedError, match="packet='resp'"):
-                await ports.listen_tcp(ios, "127.0.0.1", 0, packet="resp")
 
 
 async def test_the_core_is_chosen_by_argument_or_environment(
@@ -585,3 +574,31 @@ async def test_a_packet_too_large_is_an_error_then_the_end(ios: ioserver.IOServe
                 assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
             assert port.statistics().packets_too_large == 1
         await port.aclose()
+
+
+@pytest.mark.every_core
+async def test_the_server_stopping_ends_each_open_port_with_closed(
+    no_leaks: None, core: str, io_backend: str | None
+) -> None:
+    """A TCP port and a listener still open when the server stops each get one final
+    ``Closed("ioserver closed", "ESHUTDOWN")`` (the Python core's ``_shutdown``), so an
+    owner iterating them ends; a send afterwards raises."""
+    if io_backend == "io_uring":
+        from ioserver import _native
+
+        try:
+            _native.Core(64, "io_uring").close_commands()
+        except OSError as exc:
+            pytest.skip(f"io_uring is refused here: {exc}")
+    async with ioserver.open(core=core, io_backend=io_backend) as ios:
+        listener, client = await pair(ios)
+        server = await accept(listener)
+        await client.send(b"x")
+        assert await server.receive() == Data(b"x")
+    closed = Closed("ioserver closed", "ESHUTDOWN")
+    with anyio.fail_after(5):
+        assert [message async for message in server] == [closed]
+        assert [message async for message in client] == [closed]
+        assert [message async for message in listener] == [closed]
+    with pytest.raises(ports.BrokenPortError):
+        await server.send(b"y")

@@ -21,7 +21,7 @@ import ports
 from ioserver._poller import FD_SETSIZE, POLLERS
 from ports import Accepted, Data, Error
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.python_core]
 
 
 @contextmanager

@@ -131,6 +131,7 @@ def test_every_public_name_is_exported_and_documented() -> None:
                 assert value.__doc__, f"{module.__name__}.{name} has no docstring"
 
 
+@pytest.mark.python_core
 async def test_the_selectors_fallback_poller_serves_ports_too(no_leaks: None) -> None:
     async with ioserver.open(poller="selectors") as ios:
         assert ios.statistics().poller.startswith("selectors")

@@ -348,6 +348,7 @@ async def test_a_file_that_is_not_executable(pios: ioserver.IOServer, tmp_path: 
     assert caught.value.errno_name == "EACCES"
 
 
+@pytest.mark.python_core
 async def test_process_ports_under_the_selectors_poller(no_zombies: None, no_leaks: None) -> None:
     async with ioserver.open(poller="selectors") as ios:
         port = await ports.open_process(ios, [PYTHON, "-c", CALCULATOR], packet="line")

@@ -266,6 +266,7 @@ async def test_closing_wakes_a_receiver_and_later_sends_fail(ios: ioserver.IOSer
         await port.send_to(b"x", ("127.0.0.1", 9))
 
 
+@pytest.mark.python_core
 async def test_the_server_stopping_ends_the_port_with_closed(no_leaks: None) -> None:
     async with ioserver.open(poller="selectors") as ios:
         port = await ports.open_udp(ios)

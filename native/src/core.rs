@@ -12,6 +12,11 @@
 //! therefore dropped by a drain, under the GIL - the thread never touches a reference count
 //! (except on the failure path, where PyO3's deferred pool takes them).
 //!
+//! The Python I/O half's rounds (UDP, ZeroMQ, TLS, the daemon's control endpoint...) run on
+//! this thread too, under the GIL, when their epoll fd fires or their timer is due: the
+//! `run_hosted` hook of each round and `hosted.rs`.  A round without Python work does not
+//! take the GIL.
+//!
 //! Readiness comes from mio (epoll, edge-triggered).  Each socket is registered once, for
 //! reading and writing, and the thread keeps what the edges said (`readable`): a port
 //! that may not read now (passive, paused by its watermarks, not yet attached) simply is
@@ -51,6 +56,7 @@ use mio::{Events, Interest, Poll, Token};
 use pyo3::prelude::*;
 
 use crate::flow::{self, Budget, Charges, Delivered, LoopCounters, ReadFault, ReceiveFlow};
+use crate::hosted::{Hosted, HOSTED};
 use crate::unsafe_io::HeldBytes;
 use crate::wakeup::WakeQueue;
 
@@ -70,8 +76,12 @@ const RELEASE_BATCH: usize = 256;
 /// Bytes of written (or discarded) buffers held for release before a batch carries them
 /// back on its own: what a loop that gets no other event keeps pinned is bounded by this
 /// (plus the one buffer that passed it), not by the count alone (100 written 1 MiB sends
-/// would otherwise stay pinned, 100 MiB, until the loop's next event).
-const RELEASE_BYTES: u64 = 1 << 20;
+/// would otherwise stay pinned, 100 MiB, until the loop's next event).  64 KiB, a socket
+/// read's worth: a loop woken to drop them once per 64 KiB written costs little beside the
+/// writes, and a server streaming large chunks to a peer that stopped reading keeps no
+/// more than that (and the last chunk) pinned beyond its send watermarks, as the Python
+/// core, which drops each buffer once written, keeps none.
+const RELEASE_BYTES: u64 = 64 << 10;
 /// How long the thread sleeps, at most, after handing a loop a batch: the loop defers the
 /// wakes of its replies to its flush point, and this bounds that deferral when the flush is
 /// late (a task blocked in synchronous code).
@@ -295,6 +305,9 @@ pub enum Command {
         /// The options of each accepted connection.
         options: StreamOptions,
     },
+    /// A Python function run for this port on the I/O thread (in the hosted half) raised:
+    /// its owner gets `Closed(reason, "EIO")`, and the port is closed (the peer sees the end).
+    Abort(Arc<ConnShared>, String),
     /// Close every port and end the thread.
     Stop,
     /// Panic in the thread (the tests' way to check that a failure is contained).
@@ -314,6 +327,9 @@ pub enum Event {
     Packet(Target, Vec<u8>, u64),
     /// The peer closed: `Closed("eof")`.
     Eof(Target),
+    /// The server stops with the port open: `Closed("ioserver closed", "ESHUTDOWN")`, as
+    /// the Python core's `_shutdown` tells every owner (sends fail with ESHUTDOWN then).
+    Shutdown(Target),
     /// The connection broke with this errno: `Closed(name, name)`.
     Broken(Target, i32),
     /// The active count ran out: `Passive()`.
@@ -354,6 +370,11 @@ pub enum Event {
     /// Written buffers and references the thread no longer needs (closed ports), to be
     /// dropped under the GIL.
     Release(Vec<HeldBytes>, Vec<Target>),
+    /// A port closed for an error while serving it: `Closed(reason, "EIO")`.
+    Aborted(Target, String),
+    /// What the hosted half (`hosted.rs`) delivered in a round: `(target, message)` pairs,
+    /// built already.
+    Hosted(Py<pyo3::types::PyList>),
     /// The thread stopped: the hub's stop notice.
     Stop,
 }
@@ -403,6 +424,9 @@ pub struct Shared {
     /// fell back to epoll), or a round's `io_uring_enter` failed (the thread went on with
     /// epoll).
     pub uring_failure: Mutex<Option<String>>,
+    /// The thread's OS id (Linux's `gettid`, as Python's `threading.get_native_id`), 0
+    /// until it runs.
+    pub thread_id: AtomicU64,
 }
 
 impl Shared {
@@ -427,6 +451,7 @@ impl Shared {
             uring_enters: AtomicU64::new(0),
             uring_submissions: AtomicU64::new(0),
             uring_failure: Mutex::new(None),
+            thread_id: AtomicU64::new(0),
         })
     }
 }
@@ -532,6 +557,8 @@ pub struct IoThread {
     /// an eighth of `memory_limit` if less (they are charged to the budget until the loop
     /// drops them: a small budget must not be spent holding written output).
     release_bytes: u64,
+    /// The Python I/O half this thread runs the rounds of (`hosted.rs`), if any.
+    hosted: Option<Hosted>,
 }
 
 fn errno_of(error: &io::Error) -> i32 {
@@ -597,7 +624,15 @@ impl IoThread {
             unattached: Arc::new(flow::Window::unconfigured()),
             lingering: Vec::new(),
             release_bytes,
+            hosted: None,
         })
+    }
+
+    /// Run the rounds of `hosted` on this thread too (before the thread starts).
+    pub fn host(&mut self, hosted: Hosted) -> io::Result<()> {
+        hosted.register(self.poll.registry())?;
+        self.hosted = Some(hosted);
+        Ok(())
     }
 
     /// What the budget charges, to read the memory in use from another thread.
@@ -609,6 +644,20 @@ impl IoThread {
     /// round is caught here: the thread records it, tells every port (`Closed("EIO")`)
     /// and every loop (its stop notice), and ends - it never unwinds into Python.
     pub fn run(mut self) {
+        self.shared
+            .thread_id
+            .store(crate::hosted::thread_id(), Ordering::Relaxed);
+        if self.hosted.is_some() {
+            // Known to Python from start to end (one thread state), holding the GIL only
+            // inside the hosted half's rounds and its stop (`hosted.rs`).
+            Python::attach(|py| py.detach(|| self.run_and_shut_down()));
+        } else {
+            self.run_and_shut_down();
+        }
+        self.shared.running.store(false, Ordering::SeqCst);
+    }
+
+    fn run_and_shut_down(&mut self) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rounds()));
         if let Err(panic) = result {
             let message = panic
@@ -626,7 +675,6 @@ impl IoThread {
         } else {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.shutdown(None)));
         }
-        self.shared.running.store(false, Ordering::SeqCst);
     }
 
     fn rounds(&mut self) {
@@ -636,13 +684,16 @@ impl IoThread {
             // The slots freed last round: no event of a coming poll names them.
             self.free.append(&mut self.freed);
             self.begin_round();
-            let timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
+            let mut timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
                 Some(Duration::ZERO)
             } else if self.shared.commands.prepare_to_sleep_for(handed) {
                 self.bound_sleep(handed.then_some(FLUSH_WAIT))
             } else {
                 Some(Duration::ZERO)
             };
+            if let Some(hosted) = &self.hosted {
+                timeout = hosted.timeout(timeout);
+            }
             if let Err(error) = self.poll.poll(&mut events, timeout) {
                 if error.kind() != io::ErrorKind::Interrupted {
                     panic!("epoll_wait failed: {error}");
@@ -659,6 +710,12 @@ impl IoThread {
                     self.shared.commands.signal.drain();
                     continue;
                 }
+                if token == HOSTED {
+                    if let Some(hosted) = &mut self.hosted {
+                        hosted.fired();
+                    }
+                    continue;
+                }
                 let hangup = event.is_read_closed() || event.is_error();
                 self.on_event(
                     token.0,
@@ -672,6 +729,7 @@ impl IoThread {
                 self.read_ready();
             }
             self.run_commands();
+            self.run_hosted();
             // The loop gets this round's input before the writes: it works while we write.
             handed = self.publish(false);
             if self.uring.is_some() {
@@ -730,6 +788,24 @@ impl IoThread {
             bound(left + Duration::from_millis(1));
         }
         timeout
+    }
+
+    /// A round of the hosted half, if one is due (the only place a round takes the GIL).
+    fn run_hosted(&mut self) {
+        if let Some(hosted) = &mut self.hosted {
+            if hosted.wants_round() {
+                let mut failed = 0;
+                hosted.run(&mut self.staged, &mut failed);
+                // What the hosted half read this round counts against the reads this
+                // round still admits (io_uring's are made after it).
+                self.budget.note_external();
+                if failed > 0 {
+                    self.shared
+                        .internal_errors
+                        .fetch_add(failed, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     // -- the table ---------------------------------------------------------------------
@@ -862,6 +938,18 @@ impl IoThread {
                 Some(entry) => self.close(entry),
                 None => {}
             },
+            Command::Abort(conn, reason) => {
+                if let Some(entry) = self.take(&conn) {
+                    let port = match &entry {
+                        Entry::Stream(s) => s.port.clone(),
+                        Entry::Listener(l) => Some(l.port.clone()),
+                    };
+                    if let Some(port) = port {
+                        self.stage(conn.inbox, Event::Aborted(port, reason));
+                    }
+                    self.close(entry);
+                }
+            }
             Command::SendEof(conn) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
                     if !(s.write_closed || s.shutdown_pending) {
@@ -1848,14 +1936,35 @@ impl IoThread {
         while let Some(command) = self.shared.commands.pop() {
             self.discard(command);
         }
+        // The hosted half first: its ports' Closed, then the native ports', then the notice.
+        if let Some(hosted) = &mut self.hosted {
+            let mut failed = 0;
+            hosted.stop(&mut self.staged, &mut failed);
+            if failed > 0 {
+                self.shared
+                    .internal_errors
+                    .fetch_add(failed, Ordering::Relaxed);
+            }
+        }
         for slot in 0..self.table.len() {
             if let Some(entry) = self.table[slot].take() {
                 match entry {
                     Entry::Stream(mut s) => match errno {
                         Some(errno) => self.broken(&mut s, errno),
-                        None => self.close_stream(&mut s),
+                        None => {
+                            // An owner that did not close its port hears of the stop once.
+                            if let (false, Some(port)) = (s.close_pending, &s.port) {
+                                let port = port.clone();
+                                self.stage(s.conn.inbox, Event::Shutdown(port));
+                            }
+                            self.close_stream(&mut s)
+                        }
                     },
-                    listener => self.close(listener),
+                    Entry::Listener(l) => {
+                        let port = l.port.clone();
+                        self.stage(l.conn.inbox, Event::Shutdown(port));
+                        self.close(Entry::Listener(l))
+                    }
                 }
             }
         }

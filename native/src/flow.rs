@@ -296,6 +296,10 @@ pub struct Charges {
     bytes_discarded: AtomicU64,
     bytes_forwarded: AtomicU64,
     pinned: AtomicU64,
+    /// Bytes another budget of the same server charges (the native core's hosted Python
+    /// half: its ports' input and output), written by that half after each of its rounds,
+    /// so that one `memory_limit` bounds both.  `Relaxed`: a count read on its own.
+    external: AtomicU64,
 }
 
 /// Add to a counter only the I/O thread writes (no read-modify-write needed).
@@ -317,6 +321,22 @@ impl Charges {
     /// owners and not yet written, and buffers the I/O thread holds until a loop drops
     /// them.  The one formula of the memory in use (the budget's and `statistics()`).
     pub fn in_use(&self, loops: &[Arc<LoopCounters>]) -> i64 {
+        self.own_in_use(loops) + self.external.load(Ordering::Relaxed) as i64
+    }
+
+    /// What another budget of the same server charges now (see [`Charges::set_external`]).
+    pub fn external(&self) -> u64 {
+        self.external.load(Ordering::Relaxed)
+    }
+
+    /// Another budget of the same server (the hosted Python half's) charges `bytes` now:
+    /// counted in [`Charges::in_use`], so that this budget leaves room for it.
+    pub fn set_external(&self, bytes: u64) {
+        self.external.store(bytes, Ordering::Relaxed);
+    }
+
+    /// [`Charges::in_use`] without what another budget charges: this budget's own ports.
+    pub fn own_in_use(&self, loops: &[Arc<LoopCounters>]) -> i64 {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as i128;
         let mut used = load(&self.delivered_total) + load(&self.framing_bytes)
             - load(&self.bytes_out)
@@ -993,6 +1013,9 @@ pub struct Budget {
     reserve_waiters: Vec<Token>,
     /// This round's headroom, less what its reads were charged.
     headroom: i64,
+    /// What another budget charged ([`Charges::external`]) when the headroom was last
+    /// computed or adjusted ([`Budget::note_external`]).
+    external_seen: u64,
     /// Reads made into the reserve, ever.
     pub reserve_reads: u64,
     /// Ports paused by the budget, ever.
@@ -1030,6 +1053,7 @@ impl Budget {
             paused: Vec::new(),
             reserve_waiters: Vec::new(),
             headroom: UNLIMITED,
+            external_seen: 0,
             reserve_reads: 0,
             global_pauses: 0,
             peak_memory: 0,
@@ -1132,7 +1156,20 @@ impl Budget {
             }
         }
         self.headroom = headroom;
+        self.external_seen = self.charges.external();
         headroom
+    }
+
+    /// Another budget of the server (the hosted half's) ran within this round and charges
+    /// what [`Charges::external`] says now: take its growth off this round's headroom (or
+    /// give back what it freed), so that the reads this round still admits see it.
+    pub fn note_external(&mut self) {
+        if self.limit.is_none() {
+            return;
+        }
+        let now = self.charges.external();
+        self.headroom -= now as i64 - self.external_seen as i64;
+        self.external_seen = now;
     }
 
     /// A port is ready to read: `None` if the budget pauses it (reading stops until

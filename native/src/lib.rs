@@ -6,6 +6,7 @@
 //!   `ioserver-wakeup` crate (`native/wakeup/`, with its loom model), with an eventfd;
 //! * `core`: the I/O thread (TCP streams and listeners, through mio), with its io_uring
 //!   backend (`core::uring`: a round's reads and writes in one `io_uring_enter`);
+//! * `hosted`: the Python I/O half's rounds, run on the native thread under the GIL;
 //! * `py`: the Python face (`Core`, `Inbox`, `Conn`, `WindowCounters`);
 //! * [`framing`]: every packet mode's boundaries (pure logic);
 //! * [`flow`]: watermarks, active modes, the pause handshake and the memory budget (pure
@@ -21,6 +22,7 @@ pub mod unsafe_io;
 pub mod wakeup;
 
 mod core;
+mod hosted;
 mod py;
 
 pub mod flow;

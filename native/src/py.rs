@@ -20,6 +20,7 @@ use crate::core::{
     Command, ConnShared, Event, Flow, IoThread, PyTarget, Shared, StreamOptions, WindowShared,
 };
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
+use crate::hosted::{Hosted, HostedLists};
 use crate::unsafe_io::{adopt_listener, HeldBytes};
 use crate::wakeup::WakeQueue;
 
@@ -357,6 +358,10 @@ pub struct Inbox {
     /// The last accepted connection's addresses as Python objects, reused for the next
     /// (see [`Inbox::accepted_addresses`]).
     addresses: Mutex<AddressCache>,
+    /// What the hosted half delivers to this loop, staged by its handlers on the I/O
+    /// thread (``stage``: this list's ``append``) and moved to the loop's batch after each
+    /// hosted round (`hosted.rs`).
+    hosted: Py<PyList>,
 }
 
 /// Python objects of recent addresses: the local address of the last accepted connection
@@ -429,6 +434,13 @@ impl Inbox {
                 self.build(py, list, Event::Data(port, bytes))
             }
             Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
+            Event::Shutdown(port) => {
+                let message = self
+                    .closed
+                    .bind(py)
+                    .call1(("ioserver closed", "ESHUTDOWN"))?;
+                pair(&port, message)
+            }
             Event::Broken(port, errno) => {
                 let name = self.errno_name.bind(py).call1((errno,))?;
                 let message = self.closed.bind(py).call1((&name, &name))?;
@@ -528,6 +540,16 @@ impl Inbox {
                 drop(targets);
                 Ok(())
             }
+            Event::Aborted(port, reason) => {
+                let message = self.closed.bind(py).call1((reason, "EIO"))?;
+                pair(&port, message)
+            }
+            Event::Hosted(pairs) => {
+                for pair in pairs.bind(py).iter() {
+                    list.append(pair)?;
+                }
+                Ok(())
+            }
             Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
         }
     }
@@ -577,11 +599,12 @@ impl Inbox {
         Ok(list)
     }
 
-    /// Never called: the native I/O thread fills this inbox itself.
-    fn stage(&self, _item: &Bound<'_, PyAny>) -> PyResult<()> {
-        Err(PyTypeError::new_err(
-            "a native inbox is filled by the native I/O thread",
-        ))
+    /// The hosted half's ``deliver`` for this loop (its hub's ``deliver``): the ``append``
+    /// of a list the I/O thread moves to this loop's batch after each hosted round.  Call
+    /// it on the I/O thread only (in a hosted handler), as the Python core's ``stage``.
+    #[getter]
+    fn stage<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.hosted.bind(py).getattr("append")
     }
 
     /// Wake-up fd writes towards this loop.
@@ -635,6 +658,10 @@ pub struct Core {
     thread: Mutex<Option<IoThread>>,
     handle: Mutex<Option<JoinHandle<()>>>,
     inboxes: Mutex<usize>,
+    /// Each loop's hosted deliveries (by inbox number), shared with the hosted half.
+    hosted_lists: HostedLists,
+    /// The hosted half's send (``send_hosted(conn, data)``), for a port it serves.
+    hosted_send: Mutex<Option<Py<PyAny>>>,
 }
 
 fn put_conn(
@@ -717,7 +744,48 @@ impl Core {
             thread: Mutex::new(Some(thread)),
             handle: Mutex::new(None),
             inboxes: Mutex::new(0),
+            hosted_lists: HostedLists::default(),
+            hosted_send: Mutex::new(None),
         })
+    }
+
+    /// Run a Python I/O half on the native thread (before ``start``): ``run_round`` and
+    /// ``stop_hosted`` are its ``IOThread`` methods, ``poller_fd`` its poller's (an epoll
+    /// fd), ``send_hosted(conn, data)`` queues a send for a port it serves (``send`` given
+    /// a port that is not native calls it).  See ``native/src/hosted.rs``.
+    ///
+    /// Raises ``RuntimeError`` once the thread started, ``OSError`` if the fd cannot be
+    /// watched.
+    fn host(
+        &self,
+        run_round: Py<PyAny>,
+        stop_hosted: Py<PyAny>,
+        poller_fd: i32,
+        send_hosted: Py<PyAny>,
+    ) -> PyResult<()> {
+        let mut thread = self
+            .thread
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
+        let Some(thread) = thread.as_mut() else {
+            return Err(PyRuntimeError::new_err(
+                "the native I/O thread was started already",
+            ));
+        };
+        let hosted = Hosted::new(run_round, stop_hosted, poller_fd, self.hosted_lists.clone());
+        thread.host(hosted)?;
+        *self
+            .hosted_send
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))? = Some(send_hosted);
+        Ok(())
+    }
+
+    /// The native I/O thread's OS id (``threading.get_native_id()`` on it), 0 before it
+    /// runs.
+    #[getter]
+    fn thread_id(&self) -> u64 {
+        self.shared.thread_id.load(Ordering::Relaxed)
     }
 
     /// Start the thread (once).
@@ -785,13 +853,18 @@ impl Core {
             .unbind();
         let eof = closed.call1(("eof",))?.unbind();
         let queue = Arc::new(WakeQueue::new()?);
+        let hosted = PyList::empty(py).unbind();
         let mut count = self
             .inboxes
             .lock()
             .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
         let index = *count;
         *count += 1;
-        // Under the lock: the commands' order is the numbering.
+        // Under the lock: the commands' order is the numbering (of the hosted lists too).
+        self.hosted_lists
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("poisoned"))?
+            .push(hosted.clone_ref(py));
         self.shared.commands.put(Command::AddInbox(queue.clone()));
         drop(count);
         Ok(Inbox {
@@ -813,15 +886,32 @@ impl Core {
             connect_error: tcp.getattr("connect_error")?.unbind(),
             eof,
             addresses: Mutex::new(AddressCache::default()),
+            hosted,
         })
     }
 
     /// Queue ``data`` (``bytes``) for writing on ``conn``; the object is held, not copied.
     /// Within a hub's batch (``defer_wakes``) the I/O thread is woken at the flush point.
     /// An empty ``bytes`` is dropped here (nothing to write; a port never sends one).
+    /// A ``conn`` of the hosted half (not a native ``Conn``) gets it through the hosted
+    /// half's own send (``host``).
     ///
-    /// Raises ``TypeError`` if ``data`` is not ``bytes``.
-    fn send(&self, conn: PyRef<'_, Conn>, data: Bound<'_, PyAny>) -> PyResult<()> {
+    /// Raises ``TypeError`` if ``data`` is not ``bytes`` (for a native ``Conn``), or if
+    /// ``conn`` is neither a native ``Conn`` nor served by a hosted half.
+    fn send(&self, conn: &Bound<'_, PyAny>, data: Bound<'_, PyAny>) -> PyResult<()> {
+        let Ok(conn) = conn.cast::<Conn>() else {
+            let send = self
+                .hosted_send
+                .lock()
+                .map_err(|_| PyRuntimeError::new_err("poisoned"))?
+                .as_ref()
+                .map(|send| send.clone_ref(conn.py()));
+            return match send {
+                Some(send) => send.call1(conn.py(), (conn, data)).map(drop),
+                None => Err(PyTypeError::new_err("not a port of the native core")),
+            };
+        };
+        let conn = conn.borrow();
         let Ok(bytes) = data.cast_into::<PyBytes>() else {
             return Err(PyTypeError::new_err("the native core sends bytes"));
         };
@@ -940,6 +1030,14 @@ impl Core {
             release: Mutex::new(Some(release)),
             wait: Mutex::new(Some(wait)),
         }
+    }
+
+    /// A Python function run for ``conn`` on the I/O thread raised: close the port, its
+    /// owner getting ``Closed(reason, "EIO")`` (as the Python core's contained errors).
+    fn abort(&self, conn: PyRef<'_, Conn>, reason: String) {
+        self.shared
+            .commands
+            .put(Command::Abort(conn.shared.clone(), reason))
     }
 
     /// Close every port and end the thread.
@@ -1073,6 +1171,16 @@ impl Core {
     /// and buffers held until a loop drops them.
     fn memory_in_use(&self) -> i64 {
         self.charges.in_use(std::slice::from_ref(&self.counters))
+    }
+    /// :meth:`memory_in_use` without what the hosted half charges: the native ports' own.
+    fn own_memory_in_use(&self) -> i64 {
+        self.charges
+            .own_in_use(std::slice::from_ref(&self.counters))
+    }
+    /// The hosted Python half charges ``bytes`` now (its budget's own count, set after each
+    /// of its rounds): the native budget counts it, so one ``memory_limit`` bounds both.
+    fn set_external_in_use(&self, bytes: i64) {
+        self.charges.set_external(bytes.max(0) as u64);
     }
     /// The most bytes in use at the start of a round (``memory_limit`` set; else 0).
     #[getter]
