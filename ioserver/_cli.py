@@ -174,8 +174,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--core",
         choices=("python", "native"),
         default=None,
-        help="the I/O core: python (every port kind) or native (the I/O thread in Rust, "
-        "TCP, raw or 1/2/4/line packets, so far); default: $IOSERVER_CORE, else python",
+        help="the I/O core: native (the I/O thread in Rust; every port kind) or python "
+        "(the I/O thread in Python; every poller); default: $IOSERVER_CORE, else native "
+        "(python with a --poller other than epoll)",
     )
     run_parser.add_argument(
         "--io-backend",

@@ -239,12 +239,14 @@ async def open(
             assembled, undelivered input, queued output).  A port that passes it gets an
             :class:`~ioserver.Error` naming the limit, then ``Closed("ENOBUFS")``; a send
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
-        core: the I/O core (:doc:`/reference/cores`): ``"python"``, the I/O thread written
-            in Python (every port kind; the default), or ``"native"``, the I/O thread in
+        core: the I/O core (:doc:`/reference/cores`): ``"native"``, the I/O thread in
             Rust, which never takes the GIL (it carries TCP ports, raw or with 1/2/4/line
             packets, itself, with the memory budget of ``flow.rs``; every other kind runs
-            in Python on its thread, the hosted half).  ``None``: the environment variable
-            ``IOSERVER_CORE`` if set, else ``"python"``.  ``statistics().core`` says which.
+            in Python on its thread, the hosted half), or ``"python"``, the I/O thread
+            written in Python (the reference the native core is tested against; every
+            poller).  ``None``: the environment variable ``IOSERVER_CORE`` if set, else
+            ``"native"`` - or ``"python"`` if ``poller`` names a poller other than epoll.
+            ``statistics().core`` says which.
         io_backend: how the native core's reads and writes reach the kernel
             (:doc:`/reference/cores`): ``"epoll"``, a ``read`` or ``writev`` syscall per port
             as epoll reports it ready; ``"io_uring"``, each round's reads and writes in one
@@ -274,7 +276,7 @@ async def open(
             isinstance(value, bool) or not isinstance(value, int) or value <= 0
         ):
             raise OptionError(f"{name} must be a positive int (bytes) or None, not {value!r}")
-    core = _choose_core(core)
+    core = _choose_core(core, poller)
     io_backend = _choose_io_backend(io_backend, core)
     if core == "native":
         if poller not in (None, "epoll"):
@@ -322,15 +324,18 @@ async def open(
         raise
 
 
-def _choose_core(core: str | None) -> str:
-    """The core to run: ``core``, else ``$IOSERVER_CORE``, else ``"python"``.
+def _choose_core(core: str | None, poller: str | None = None) -> str:
+    """The core to run: ``core``, else ``$IOSERVER_CORE``, else ``"native"`` - or
+    ``"python"`` when ``poller`` names a poller other than epoll, which only the Python
+    core has.
 
     Raises:
         OptionError: not ``"python"`` or ``"native"``.
     """
     from_environment = core is None
     if core is None:
-        core = os.environ.get(CORE_ENVIRONMENT) or "python"
+        default = "native" if poller in (None, "epoll") else "python"
+        core = os.environ.get(CORE_ENVIRONMENT) or default
     if core not in ("python", "native"):
         where = f" (from ${CORE_ENVIRONMENT})" if from_environment else ""
         raise OptionError(f"core must be 'python' or 'native', not {core!r}{where}")
@@ -416,7 +421,7 @@ def run(
         hint = " (the native core's I/O backend is io_backend=)" if backend in IO_BACKENDS else ""
         raise OptionError(f"backend must be 'asyncio' or 'trio', not {backend!r}{hint}")
     # An unknown core or io_backend fails here, before the loop starts.
-    _choose_io_backend(io_backend, _choose_core(core))
+    _choose_io_backend(io_backend, _choose_core(core, poller))
     options: dict[str, Any] = {}
     if backend == "asyncio":
         if use_uvloop is None:

@@ -95,7 +95,7 @@ def core() -> str | None:
 
 
 def _effective_core(core: str | None) -> str:
-    return core or os.environ.get("IOSERVER_CORE") or "python"
+    return core or os.environ.get("IOSERVER_CORE") or "native"
 
 
 @pytest.fixture

@@ -457,18 +457,24 @@ async def test_the_core_is_chosen_by_argument_or_environment(
     with pytest.raises(ioserver.OptionError, match="'rust'"):
         async with ioserver.open(core="rust"):
             pass
-    monkeypatch.setenv("IOSERVER_CORE", "native")
+    monkeypatch.setenv("IOSERVER_CORE", "python")
     async with ioserver.open() as ios:
-        assert ios.statistics().core == "native"
-    async with ioserver.open(core="python") as ios:
         assert ios.statistics().core == "python"
+    async with ioserver.open(core="native") as ios:
+        assert ios.statistics().core == "native"
     monkeypatch.setenv("IOSERVER_CORE", "fast")
     with pytest.raises(ioserver.OptionError, match=r"IOSERVER_CORE"):
         async with ioserver.open():
             pass
     monkeypatch.delenv("IOSERVER_CORE")
+    # The default is the native core; a poller only the Python core has picks that one.
     async with ioserver.open() as ios:
+        assert ios.statistics().core == "native"
+    async with ioserver.open(poller="poll") as ios:
         assert ios.statistics().core == "python"
+    with pytest.raises(ioserver.NotSupportedError, match="epoll"):
+        async with ioserver.open(core="native", poller="poll"):
+            pass
 
 
 @pytest.mark.every_core
