@@ -523,6 +523,11 @@ def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[st
             kinds["tcp_listeners"] += 1
         elif entry.kind == CONNECTING:
             kinds["connecting"] += 1
+    core = getattr(io, "_core", None)
+    if core is not None:  # the native core: its own ports are not in the hosted table
+        listeners = int(core.listeners_open)
+        kinds["tcp_listeners"] += listeners
+        kinds["tcp"] += int(core.ports_open) - listeners  # (connecting ones among them)
     inboxes = io._inboxes
     counters = io.counters()  # on the native core, its thread's and its hosted half's
     return {

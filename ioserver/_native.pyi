@@ -144,6 +144,7 @@ class Core:
     global_pauses: int
     reserve_reads: int
     linger_timeouts: int
+    listeners_open: int
     ports_open: int
     internal_errors: int
     wakes_sent: int

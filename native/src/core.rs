@@ -404,6 +404,9 @@ pub struct Shared {
     pub linger_timeouts: AtomicU64,
     /// Sockets open now.
     pub ports_open: AtomicU64,
+    /// Listeners open now (of `ports_open`; for the daemon's status).  Relaxed, as
+    /// `ports_open`: a count read on its own.
+    pub listeners_open: AtomicU64,
     /// Errors contained by closing the one port concerned (and the thread's own failure).
     pub internal_errors: AtomicU64,
     /// Why the thread failed, if it did (a panic's message).
@@ -443,6 +446,7 @@ impl Shared {
             reserve_reads: AtomicU64::new(0),
             linger_timeouts: AtomicU64::new(0),
             ports_open: AtomicU64::new(0),
+            listeners_open: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
             next_id: AtomicU64::new(1),
@@ -1604,6 +1608,7 @@ impl IoThread {
             Entry::Stream(mut s) => self.close_stream(&mut s),
             Entry::Listener(mut l) => {
                 l.conn.closed.store(true, Ordering::SeqCst);
+                self.shared.listeners_open.fetch_sub(1, Ordering::Relaxed);
                 let _ = self.poll.registry().deregister(&mut l.sock);
                 let inbox = l.conn.inbox;
                 let slot = l.conn.slot;
@@ -1803,6 +1808,7 @@ impl IoThread {
             }
         };
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
+        self.shared.listeners_open.fetch_add(1, Ordering::Relaxed);
         let conn = self.new_conn(slot, inbox, Flow::NONE);
         self.stage(inbox, Event::Listening(request, conn.clone(), local));
         self.put(Entry::Listener(Box::new(Listener {

@@ -1207,6 +1207,11 @@ impl Core {
     fn ports_open(&self) -> u64 {
         self.shared.ports_open.load(Ordering::Relaxed)
     }
+    /// Listeners open now (of ``ports_open``).
+    #[getter]
+    fn listeners_open(&self) -> u64 {
+        self.shared.listeners_open.load(Ordering::Relaxed)
+    }
     /// Errors contained (and the thread's own failure).
     #[getter]
     fn internal_errors(&self) -> u64 {
