@@ -321,6 +321,11 @@ async def test_a_slow_reader_of_a_large_file_holds_bounded_memory(
         assert received == size
         assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
         bound = HIGH_WATERMARK + 2 * httpd.STREAM_CHUNK
+        if ios.statistics().core == "native":
+            # The native thread holds written buffers until the loop drops them, up to
+            # 64 KiB before it hands them back on their own (docs/reference/cores.rst):
+            # here the response's header, written but not yet dropped, was 240 bytes over.
+            bound += 64 << 10
         assert held <= bound
         assert ios.statistics().peak_memory <= bound
 
