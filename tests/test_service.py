@@ -599,7 +599,10 @@ def test_socket_activation_an_app_adopts_the_passed_tcp_socket(
     with early:
         try:
             assert process.stdout is not None
-            assert process.stdout.readline() == f"echo listening on 127.0.0.1:{port}\n"
+            # With two workers, both announce on the one stdout: their writes of the text
+            # and of its newline may interleave, so the first line starts with it.
+            line = process.stdout.readline()
+            assert line.startswith(f"echo listening on 127.0.0.1:{port}"), line
             early.sendall(b"activated\n")
             assert early.recv(100) == b"activated\n"
         finally:
