@@ -1588,6 +1588,20 @@ impl IoThread {
         self.free_slot(s.conn.slot);
     }
 
+    /// An open that did not happen: its request gets `ConnectError` (`errno`, `address`)
+    /// and the port's (or listener's) loop half goes back to its loop, dropped there.
+    fn refuse(
+        &mut self,
+        inbox: usize,
+        request: Target,
+        errno: i32,
+        address: SocketAddr,
+        target: Target,
+    ) {
+        self.stage(inbox, Event::ConnectFailed(request, errno, address));
+        self.release_target(inbox, target);
+    }
+
     fn free_slot(&mut self, slot: usize) {
         self.freed.push(slot);
         self.shared.ports_open.fetch_sub(1, Ordering::Relaxed);
@@ -1652,21 +1666,13 @@ impl IoThread {
         let (socket, done) = match made {
             Ok(made) => made,
             Err(error) => {
-                self.stage(
-                    inbox,
-                    Event::ConnectFailed(request, errno_of(&error), address),
-                );
-                self.release_target(inbox, port);
+                self.refuse(inbox, request, errno_of(&error), address, port);
                 return;
             }
         };
         let mut sock = TcpStream::from_std(std::net::TcpStream::from(socket));
         if let Err(error) = apply_options(&sock, &options) {
-            self.stage(
-                inbox,
-                Event::ConnectFailed(request, errno_of(&error), address),
-            );
-            self.release_target(inbox, port);
+            self.refuse(inbox, request, errno_of(&error), address, port);
             return;
         }
         let slot = self.allocate();
@@ -1676,11 +1682,7 @@ impl IoThread {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free.push(slot);
-            self.stage(
-                inbox,
-                Event::ConnectFailed(request, errno_of(&error), address),
-            );
-            self.release_target(inbox, port);
+            self.refuse(inbox, request, errno_of(&error), address, port);
             return;
         }
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
@@ -1799,11 +1801,7 @@ impl IoThread {
             (Err(error), _) | (_, Err(error)) => {
                 self.free.push(slot);
                 let address = SocketAddr::from(([0, 0, 0, 0], 0));
-                self.stage(
-                    inbox,
-                    Event::ConnectFailed(request, errno_of(&error), address),
-                );
-                self.release_target(inbox, listener);
+                self.refuse(inbox, request, errno_of(&error), address, listener);
                 return;
             }
         };
@@ -1999,11 +1997,7 @@ impl IoThread {
                 address,
                 ..
             } => {
-                self.stage(
-                    inbox,
-                    Event::ConnectFailed(request, libc::ECANCELED, address),
-                );
-                self.release_target(inbox, port);
+                self.refuse(inbox, request, libc::ECANCELED, address, port);
             }
             Command::Listen {
                 request,
@@ -2012,11 +2006,7 @@ impl IoThread {
                 ..
             } => {
                 let address = SocketAddr::from(([0, 0, 0, 0], 0));
-                self.stage(
-                    inbox,
-                    Event::ConnectFailed(request, libc::ECANCELED, address),
-                );
-                self.release_target(inbox, listener);
+                self.refuse(inbox, request, libc::ECANCELED, address, listener);
             }
             _ => {}
         }
