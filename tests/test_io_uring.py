@@ -19,31 +19,15 @@ from pathlib import Path
 
 import anyio
 import pytest
+from test_native_core import accept, receive_exactly
 
 import ioserver
 import ports
-from ports import Accepted, Closed, Data
+from ports import Closed, Data
 
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-async def accept(listener: ports.Listener) -> ports.Port:
-    message = await listener.receive()
-    assert isinstance(message, Accepted), message
-    return message.port
-
-
-async def receive_exactly(port: ports.Port, size: int) -> bytes:
-    chunks = []
-    got = 0
-    while got < size:
-        message = await port.receive()
-        assert isinstance(message, Data), message
-        chunks.append(message.data)
-        got += len(message.data)
-    return b"".join(chunks)
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
