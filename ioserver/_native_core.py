@@ -37,9 +37,11 @@ other charges (``MemoryBudget.external``, ``Core.set_external_in_use``).
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
+import weakref
 from collections import deque
 from functools import partial
 from typing import Any
@@ -264,6 +266,19 @@ class NativeIOThread(IOThread):
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self._core.start()
+        _running.add(self)
+
+    def stop_at_exit(self) -> None:
+        """Stop the native thread and wait for it, at interpreter exit, if the server was
+        never closed (its loop ended with ``ioserver.open``'s block still open: an abandoned
+        context, a ``loop.run_until_complete`` that raised).  The thread must end while the
+        interpreter can still run its hosted half's stop: a native thread that takes the GIL
+        after finalization began aborts the process (a Python ``daemon`` thread is simply
+        never resumed; a native one holds no such promise).  The ports close; their owners'
+        loops are gone and see nothing."""
+        if self._core.is_alive():
+            self._core.stop(None, None)
+            self._core.join()  # without the GIL: the hosted half's stop takes it
 
     def join(self, timeout: float | None = None) -> None:
         self._core.join()
@@ -510,3 +525,14 @@ class NativeAsyncioHub(_NativeDrain, AsyncioHub):
 
 
 NativeIOThread.hub_classes = (NativeTrioHub, NativeAsyncioHub)
+
+
+#: The native I/O threads started and not yet collected (:meth:`NativeIOThread.stop_at_exit`).
+_running: weakref.WeakSet[NativeIOThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_native_threads() -> None:
+    """At interpreter exit, before finalization: stop each native I/O thread still running."""
+    for io in list(_running):
+        io.stop_at_exit()

@@ -111,7 +111,10 @@ impl Hosted {
     /// are contained in it) stops the hosted half, closing its ports; `failed` counts it.
     pub fn run(&mut self, staged: &mut [Vec<Event>], failed: &mut u64) {
         self.fired = false;
-        Python::attach(|py| {
+        // `try_attach`: not once the interpreter is finalizing (a thread that takes the GIL
+        // then is ended mid-frame, or aborts the process).  `_native_core` stops the thread
+        // at exit before that; should it still come here, the hosted half is over.
+        let attached = Python::try_attach(|py| {
             match self.round.call0(py) {
                 Ok(next) => {
                     self.due = match next.extract::<Option<f64>>(py) {
@@ -129,6 +132,10 @@ impl Hosted {
             }
             self.collect(py, staged);
         });
+        if attached.is_none() {
+            self.stopped = true;
+            self.due = None;
+        }
     }
 
     /// Stop the hosted half (its last round, then its ports closed), stage what that
@@ -137,10 +144,12 @@ impl Hosted {
         if self.stopped {
             return;
         }
-        Python::attach(|py| {
+        let attached = Python::try_attach(|py| {
             self.stop_under_gil(py, failed);
             self.collect(py, staged);
         });
+        // The interpreter is finalizing: its objects are not ours to touch any more.
+        self.stopped |= attached.is_none();
     }
 
     fn stop_under_gil(&mut self, py: Python<'_>, failed: &mut u64) {
