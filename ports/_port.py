@@ -620,11 +620,11 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         self._send_timeout_close: bool = options["send_timeout_close"]
         self._send_waiter: Waiter | None = None  # made when a sender first waits
         self._busy_transitions = 0
-        # True while send may take its inlined path: raw bytes, open, not broken, no EOF
-        # sent, no port cap to check.  Cleared by each of those changes.
+        # True while send may take its inlined path: open, not broken, no EOF sent, no port
+        # cap to check (a packet mode's framing is done there too: each framer's ``frame``
+        # is a pure function of the message).  Cleared by each of those changes.
         self._simple_send = (
-            self._framer is None
-            and server._io.port_buffer_limit is None
+            server._io.port_buffer_limit is None
             and server._io.send_command == server._hub.cmd_send  # not a daemon's port
         )
         # The native core's send with its watermark check and counting (it holds the
@@ -752,20 +752,25 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             await _checkpoint_if_cancelled()
         conn = self._conn
         window = self._window
-        if self._simple_send and message.__class__ is bytes and message:
+        if self._simple_send and message.__class__ is bytes:
+            framer = self._framer
+            # _encode, inlined (PacketTooLarge from here queued nothing, as there).
+            data = message if framer is None else framer.frame(message)
             native_send = self._native_send
-            if native_send is not None:
+            if not data:
+                pass  # raw mode's empty send: nothing to write, the slow path's checks
+            elif native_send is not None:
                 # The native core checks the watermark, counts queued_bytes and queues
                 # the command in one call; False: busy (nothing queued), the slow path.
-                if native_send(conn, message, self._high_watermark):
+                if native_send(conn, data, self._high_watermark):
                     return
             elif window.queued_bytes - conn.bytes_out <= self._high_watermark:  # type: ignore[union-attr]
                 # _queue and WakeupQueue.put, inlined: P1 append, then P2 read the flag.
-                size = len(message)
+                size = len(data)
                 window.queued_bytes += size
                 hub.queued_bytes += size
                 commands = self._io.commands
-                commands.items.append((hub.cmd_send, conn, message))
+                commands.items.append((hub.cmd_send, conn, data))
                 if commands.asleep:
                     commands.asleep = False
                     commands.wakeup.signal()
