@@ -191,13 +191,17 @@ def _close_control(control: ControlEndpoint, _: object) -> None:
 
 
 def _pending_output(io: IOThread) -> int:
-    """Bytes queued and not yet written, summed over the port table (read from the loop:
-    a snapshot, good enough to decide when to stop waiting)."""
+    """Bytes queued and not yet written, summed over the port table, and on the native
+    core over its own thread's ports too (read from the loop: a snapshot, good enough to
+    decide when to stop waiting)."""
     total = 0
     for entry in list(io._table):
         out = getattr(entry, "out_bytes", 0)
         if out and not entry.closed:
             total += out
+    core = getattr(io, "_core", None)  # the native core: the ports its thread carries
+    if core is not None:
+        total += int(core.pending_output)
     return total
 
 

@@ -140,6 +140,7 @@ class Core:
     delivered_bytes: int
     bytes_discarded: int
     bytes_held: int
+    pending_output: int
     peak_memory: int
     global_pauses: int
     reserve_reads: int

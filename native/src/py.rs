@@ -1166,6 +1166,20 @@ impl Core {
     fn bytes_held(&self) -> u64 {
         self.charges.pinned()
     }
+    /// Bytes the owners of this thread's ports queued for output and the thread has not
+    /// yet written nor dropped with a port (what a daemon's grace period waits for).
+    ///
+    /// Ordering: the written and dropped counts are loaded first, the queued count after
+    /// (`Acquire`, with the loop's `Release` adds): every byte written was queued before it
+    /// reached the thread, so the figure may count a send made meanwhile, never miss one
+    /// made before the call; it is exact, and 0, once nothing more is queued and all of it
+    /// was written.
+    #[getter]
+    fn pending_output(&self) -> u64 {
+        let done = self.charges.bytes_out() + self.charges.bytes_discarded();
+        let (queued, _) = self.counters.totals();
+        queued.saturating_sub(done)
+    }
     /// Bytes charged to the memory budget now (`flow::Charges::in_use`): input delivered
     /// and not taken, framing buffers and held packets, output queued and not written,
     /// and buffers held until a loop drops them.
