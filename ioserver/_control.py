@@ -528,6 +528,7 @@ def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[st
         listeners = int(core.listeners_open)
         kinds["tcp_listeners"] += listeners
         kinds["tcp"] += int(core.ports_open) - listeners  # (connecting ones among them)
+        queued += int(core.pending_output)
     inboxes = io._inboxes
     counters = io.counters()  # on the native core, its thread's and its hosted half's
     return {

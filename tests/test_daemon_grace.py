@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from test_daemon import Daemon
 
+from ioserver._status import query_status
+
 pytestmark = pytest.mark.every_core
 
 #: An app that queues output on each accepted connection until the port is busy (what is
@@ -51,9 +53,10 @@ def test_the_grace_period_writes_what_an_app_queued_before_sigterm(
     monkeypatch.setenv("IOSERVER_CORE", core)
     app = tmp_path / "grace_app.py"
     app.write_text(APP)
+    endpoint = f"ipc://{tmp_path}/run/control"
     daemon = Daemon(
         "--endpoint",
-        f"ipc://{tmp_path}/run/control",
+        endpoint,
         "--grace",
         "10",
         "--app",
@@ -71,6 +74,10 @@ def test_the_grace_period_writes_what_an_app_queued_before_sigterm(
             queued = re.search(r"queued (\d+) bytes", daemon.log)
             assert queued is not None
             expected = int(queued.group(1))
+            # What waits in the I/O thread (above the high watermark: the app stopped at
+            # busy) is what ``ioserver status`` reports queued, whichever thread holds it.
+            status = query_status(endpoint, timeout=10)
+            assert status["bytes_queued_out"] > 64 << 20, status
             daemon.process.send_signal(signal.SIGTERM)
             received = 0
             while chunk := client.recv(1 << 20):
