@@ -145,8 +145,14 @@ def flow_options(
     Raises:
         OptionError: a wrong value, naming it.
     """
-    if isinstance(packet_size, bool) or not isinstance(packet_size, int) or packet_size <= 0:
-        raise OptionError(f"packet_size must be a positive int (bytes), not {packet_size!r}")
+    if (
+        isinstance(packet_size, bool)
+        or not isinstance(packet_size, int)
+        or not 0 < packet_size <= MAX_COUNT
+    ):
+        raise OptionError(
+            f"packet_size must be a positive int (bytes) up to 2**63-1, not {packet_size!r}"
+        )
     make_framer(packet, packet_size=packet_size, delimiter=delimiter)  # validates
     mode = next(m for m in _PACKET_MODES if m == packet and not isinstance(packet, bool))
     high = _non_negative("high_watermark", high_watermark)
@@ -160,9 +166,11 @@ def flow_options(
     if (
         isinstance(high_msgq_messages, bool)
         or not isinstance(high_msgq_messages, int)
-        or high_msgq_messages <= 0
+        or not 0 < high_msgq_messages <= MAX_COUNT
     ):
-        raise OptionError(f"high_msgq_messages must be a positive int, not {high_msgq_messages!r}")
+        raise OptionError(
+            f"high_msgq_messages must be a positive int up to 2**63-1, not {high_msgq_messages!r}"
+        )
     if send_timeout is not None and (
         isinstance(send_timeout, bool)
         or not isinstance(send_timeout, (int, float))
@@ -184,9 +192,20 @@ def flow_options(
     }
 
 
+#: The largest byte or message count an option takes (the I/O thread counts in 64 bits;
+#: a larger watermark would mean no limit, which ``None``-less options spell as this).
+MAX_COUNT = 2**63 - 1
+
+#: The longest ``linger``, in seconds: the kernel's ``SO_LINGER`` range (an int of seconds,
+#: as Erlang's ``{linger, {true, Seconds}}``); about 68 years.
+MAX_LINGER = 2**31 - 1
+
+
 def _non_negative(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise OptionError(f"{name} must be a non-negative int (bytes), not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise OptionError(
+            f"{name} must be a non-negative int (bytes) up to 2**63-1, not {value!r}"
+        )
     return value
 
 
@@ -292,7 +311,8 @@ class PortOptions(FlowOptions, total=False):
             (``SO_LINGER {1, 0}``: the peer gets ``ECONNRESET``) and what was left is
             dropped (``linger_timeouts`` in the server's statistics).  ``0`` drops the
             queued output and resets at once; ``None`` waits for ever (the descriptor
-            and the output stay as long as the peer does not read).
+            and the output stay as long as the peer does not read).  At most
+            ``2**31 - 1`` seconds (``SO_LINGER``'s range, about 68 years).
     """
 
     nodelay: bool
@@ -350,7 +370,7 @@ def port_options(given: Mapping[str, object], what: str) -> tuple[tuple[int, boo
 
 
 def _linger(value: object) -> float | None:
-    """``linger``: None (wait for ever) or seconds, a finite float >= 0.
+    """``linger``: None (wait for ever) or seconds, a float from 0 to :data:`MAX_LINGER`.
 
     Raises:
         OptionError: anything else.
@@ -360,9 +380,11 @@ def _linger(value: object) -> float | None:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not 0 <= value < float("inf")
+        or not 0 <= value <= MAX_LINGER
     ):
-        raise OptionError(f"linger must be non-negative seconds or None, not {value!r}")
+        raise OptionError(
+            f"linger must be seconds from 0 to {MAX_LINGER} or None (for ever), not {value!r}"
+        )
     return float(value)
 
 

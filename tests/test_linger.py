@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import select
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,12 @@ async def test_linger_applies_to_a_connected_port(ios: ioserver.IOServer) -> Non
             assert statistics.ports_open == 0
 
 
-@pytest.mark.parametrize("value", [-1, -0.5, "1", True, float("nan"), float("inf"), [1]])
+@pytest.mark.parametrize(
+    # 2**31 and past: beyond SO_LINGER's range (sys.maxsize seconds overflowed the native
+    # thread's clock and stopped the whole server before it was refused here).
+    "value",
+    [-1, -0.5, "1", True, float("nan"), float("inf"), [1], 2**31, sys.maxsize, 1e19],
+)
 async def test_a_bad_linger_is_an_option_error(ios: ioserver.IOServer, value: object) -> None:
     with pytest.raises(ioserver.OptionError, match="linger"):
         await ports.listen_tcp(ios, "127.0.0.1", 0, linger=value)

@@ -608,3 +608,23 @@ async def test_the_server_stopping_ends_each_open_port_with_closed(
         assert [message async for message in listener] == [closed]
     with pytest.raises(ports.BrokenPortError):
         await server.send(b"y")
+
+
+async def test_a_conn_means_nothing_to_another_servers_core() -> None:
+    """Port ids are unique in the process, not per server: a ``Conn`` handed to another
+    server's native ``Core`` names none of its ports.  With ids counted per server, the
+    first port of each had the same slot and id, and server B's close of server A's
+    ``Conn`` closed B's own port (a private API, but a wrong port is never acceptable)."""
+    async with ioserver.open(core="native") as a, ioserver.open(core="native") as b:
+        listener_a, client_a = await pair(a)
+        listener_b, client_b = await pair(b)
+        async with listener_a, listener_b, client_a, client_b:
+            server_a = await accept(listener_a)
+            server_b = await accept(listener_b)
+            b._io._core.close(server_a._conn, None)  # type: ignore[attr-defined]
+            # B's thread ran that command before this one (one queue, in order).
+            await server_b.send(b"still open")
+            assert await receive_exactly(client_b, 10) == b"still open"
+            assert not server_b._conn.closed  # type: ignore[union-attr]
+            await server_a.send(b"A too")
+            assert await receive_exactly(client_a, 5) == b"A too"

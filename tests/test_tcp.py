@@ -303,6 +303,12 @@ async def test_address_in_use_is_a_clear_error(ios: ioserver.IOServer) -> None:
         ({"recbuf": -1}, "recbuf"),
         ({"backlog": 0}, "backlog"),
         ({"nodelai": True}, "unknown option for a TCP listener's ports: nodelai"),
+        # Counts past 64 bits: an OverflowError out of the native core before they were
+        # refused here (the I/O thread counts in 64 bits).
+        ({"high_watermark": 2**64, "low_watermark": 0}, "high_watermark"),
+        ({"high_msgq_watermark": 2**64, "low_msgq_watermark": 0}, "high_msgq_watermark"),
+        ({"high_msgq_messages": 2**64}, "high_msgq_messages"),
+        ({"packet": 4, "packet_size": 2**64}, "packet_size"),
     ],
 )
 async def test_wrong_options_are_rejected_before_anything_opens(

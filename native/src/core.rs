@@ -86,6 +86,12 @@ const RELEASE_BYTES: u64 = 64 << 10;
 /// wakes of its replies to its flush point, and this bounds that deferral when the flush is
 /// late (a task blocked in synchronous code).
 const FLUSH_WAIT: Duration = Duration::from_millis(2);
+/// The next port id, for every server of the process: a `Conn` names its port by slot
+/// and id, and ids unique across servers mean a `Conn` handed to another server's `Core`
+/// names none of its ports (it is ignored as a closed port's).  `Relaxed`: a counter whose
+/// only promise is that no two ports get the same value.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// The token of the command queue's wake-up fd.
 const WAKE: Token = Token(usize::MAX);
 
@@ -412,7 +418,7 @@ pub struct Shared {
     /// Why the thread failed, if it did (a panic's message).
     pub failure: Mutex<Option<String>>,
     /// The next `ConnShared.id`.
-    pub next_id: AtomicU64,
+    pub next_id: &'static AtomicU64,
     /// The thread is running (set before it starts, cleared as it ends).
     pub running: AtomicBool,
     /// The rounds' reads and writes go through io_uring (`uring.rs`), not one syscall each.
@@ -449,7 +455,7 @@ impl Shared {
             listeners_open: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
-            next_id: AtomicU64::new(1),
+            next_id: &NEXT_ID,
             running: AtomicBool::new(false),
             io_uring: AtomicBool::new(false),
             uring_enters: AtomicU64::new(0),
@@ -1499,8 +1505,12 @@ impl IoThread {
             return;
         }
         s.close_pending = true;
-        if let (Some(linger), None) = (s.linger, s.linger_deadline) {
-            let deadline = Instant::now() + linger;
+        // A linger past the clock's range is no deadline (`_options` bounds it far below).
+        if let (Some(deadline), None) = (
+            s.linger
+                .and_then(|linger| Instant::now().checked_add(linger)),
+            s.linger_deadline,
+        ) {
             s.linger_deadline = Some(deadline);
             self.lingering.push((deadline, s.conn.slot, s.conn.id));
         }
