@@ -203,9 +203,7 @@ MAX_LINGER = 2**31 - 1
 
 def _non_negative(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-        raise OptionError(
-            f"{name} must be a non-negative int (bytes) up to 2**63-1, not {value!r}"
-        )
+        raise OptionError(f"{name} must be a non-negative int (bytes) up to 2**63-1, not {value!r}")
     return value
 
 
