@@ -52,6 +52,7 @@ from ._framing import Framer, port_framer
 from ._hub import AsyncioHub, TrioHub, log
 from ._iothread import IOThread
 from ._tcp import listen_socket
+from ._unix import listen_unix_socket, remove_socket_file
 from ._wakeup import WakeupQueue
 
 __all__ = [
@@ -68,7 +69,12 @@ CORES = ("python", "native")
 
 #: The port functions whose ports the native thread carries itself (some of their options
 #: aside: see the module docstring); the others' ports are served by the hosted half.
-NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
+NATIVE_KINDS = frozenset(
+    {"ports.connect_tcp", "ports.listen_tcp", "ports.connect_unix", "ports.listen_unix"}
+)
+
+#: The address families whose stream ports the native thread carries.
+_NATIVE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 _NativeConn = _native.Conn
 
@@ -238,7 +244,9 @@ class NativeIOThread(IOThread):
             raise
         # What submit() runs on the calling thread: the native opens decide there whether
         # the native thread carries the port; the stop goes to the native thread.
-        self._on_caller = frozenset({self.cmd_connect, self.cmd_listen, self.cmd_stop})
+        self._on_caller = frozenset(
+            {self.cmd_connect, self.cmd_listen, self.cmd_listen_unix, self.cmd_stop}
+        )
 
     def _hosted_round(self) -> float | None:
         """One round of the hosted half (on the native thread, under the GIL), then tell the
@@ -324,13 +332,26 @@ class NativeIOThread(IOThread):
             spec.tls is not None
             or (framer is not None and framer.decodes_objects)
             or not isinstance(window, NativeWindow)
-            or spec.family not in (socket.AF_INET, socket.AF_INET6)
+            or spec.family not in _NATIVE_FAMILIES
             or not self._native_request(request)
         ):
-            # TLS, msgpack/resp, Unix: the hosted half's (not native yet).
+            # TLS, msgpack/resp: the hosted half's (not native yet).
             self._host_open(partial(IOThread.cmd_connect, self), request, spec)
             return
         address = spec.address
+        if spec.family == socket.AF_UNIX:
+            assert isinstance(address, (str, bytes))
+            self._core.connect_unix(
+                request,
+                spec.port,
+                window,
+                request.hub.inbox,
+                os.fsencode(address),
+                address,
+                spec.options,
+                spec.active,
+            )
+            return
         if spec.family == socket.AF_INET:
             host, port = address
             flowinfo = scope_id = 0
@@ -376,6 +397,42 @@ class NativeIOThread(IOThread):
             )
         except BaseException:
             sock.close()  # refused before the detach (after it, a no-op)
+            raise
+
+    def cmd_listen_unix(self, request: Any, spec: ListenRequest) -> None:
+        """Listen on a Unix path: bound here, on the loop's thread, with the Python core's
+        checks (a stale socket file probed and removed, anything else at the path left
+        alone: ``ioserver._unix.listen_unix_socket``), then served by the native thread,
+        which removes the socket file when the listener closes (if the path still names
+        it).  A daemon's open, msgpack/resp, go to the hosted half."""
+        framer = port_framer(spec.options)
+        if (framer is not None and framer.decodes_objects) or not self._native_request(request):
+            self._host_open(partial(IOThread.cmd_listen_unix, self), request, spec)
+            return
+        path = spec.address
+        assert isinstance(path, (str, bytes))
+        try:
+            sock, file = listen_unix_socket(path, spec.options.get("backlog", 1024))
+        except ConnectError as exc:
+            request._deliver(exc)
+            return
+        try:
+            self._core.listen_unix(
+                request,
+                spec.port,
+                spec.make_port,
+                request.hub.inbox,
+                sock,  # detached by the native core: it owns the fd (and the file) from here
+                path,
+                file,
+                spec.options,
+                spec.options["active"],
+            )
+        except BaseException:
+            if sock.fileno() != -1:  # refused before the detach: the file is still ours
+                sock.close()
+                if file is not None:
+                    remove_socket_file(path, file[1])
             raise
 
     def _internal_error(self, conn: object, exc: Exception) -> None:

@@ -89,16 +89,19 @@ pub fn eventfd() -> io::Result<File> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// Take ownership of a listening TCP socket from its Python `socket.socket` object.
+/// Take ownership of a listening stream socket (TCP or Unix) from its Python
+/// `socket.socket` object.
 ///
 /// `sock` must be exactly a `socket.socket` (not a subclass, whose `detach` could lie), of
-/// type `SOCK_STREAM`, listening (`SO_ACCEPTCONN`); the fd comes from its own `detach()`,
+/// one of `families`, of type `SOCK_STREAM`, listening (`SO_ACCEPTCONN`); the fd comes
+/// from its own `detach()`,
 /// which leaves the object closed (fd -1) without closing the fd: from then on nothing in
 /// Python refers to it, and the returned listener owns it.
 ///
 /// Raises (as `PyErr`): `TypeError` if `sock` is not a `socket.socket`; `ValueError` if
-/// it is closed, not a stream socket, or not listening; `OSError` from `getsockopt`.
-pub fn adopt_listener(sock: &Bound<'_, PyAny>) -> PyResult<std::net::TcpListener> {
+/// it is closed, of another family, not a stream socket, or not listening; `OSError`
+/// from `getsockopt`.
+pub fn adopt_listener(sock: &Bound<'_, PyAny>, families: &[i32]) -> PyResult<OwnedFd> {
     let py = sock.py();
     let socket_class = py.import("socket")?.getattr("socket")?;
     if !sock.get_type().is(&socket_class) {
@@ -109,6 +112,12 @@ pub fn adopt_listener(sock: &Bound<'_, PyAny>) -> PyResult<std::net::TcpListener
     if sock.call_method0("fileno")?.extract::<i64>()? < 0 {
         return Err(pyo3::exceptions::PyValueError::new_err(
             "the socket is closed",
+        ));
+    }
+    let family: i32 = sock.getattr("family")?.extract()?;
+    if !families.contains(&family) {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "the socket is not of the address family this listen takes",
         ));
     }
     let kind: i32 = sock.getattr("type")?.extract()?;
@@ -129,8 +138,7 @@ pub fn adopt_listener(sock: &Bound<'_, PyAny>) -> PyResult<std::net::TcpListener
     // fd without closing it, and no other Python object refers to it, so this `OwnedFd`
     // is its only owner and the only one to close it.  The checks above (a stream socket,
     // listening) ran on that same fd under the GIL, with the object still owning it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(std::net::TcpListener::from(owned))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 // -- io_uring ------------------------------------------------------------------------------
