@@ -15,24 +15,33 @@ shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
   call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
   the GIL.
 
-What the native thread carries itself: TCP ports in raw mode and in the packet modes whose
-packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``) - connect
-(numeric addresses; names are resolved in the loop as before), listen and accept, reads,
-gathered writes, half-close, close after the queued output within ``linger``, errno names -
-with the flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
+What the native thread carries itself: TCP and Unix stream ports in raw mode and in the
+packet modes whose packets are bytes (1, 2, 4, line: framed in Rust,
+``native/src/framing.rs``) - connect (TCP to numeric addresses, names being resolved in the
+loop as before; Unix to a path or an abstract name), listen and accept, reads, gathered
+writes, half-close, close after the queued output within ``linger``, errno names - with the
+flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
 watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
-(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.
+(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.  The
+port's socket is either kind (``native/src/sock.rs``): the rest of the thread is one code
+path, on both io backends.  A listener is bound on the loop's thread and handed over
+(``Core.listen``, ``Core.listen_unix``): a Unix one with the Python core's checks
+(``ioserver._unix.listen_unix_socket``: a stale socket file probed and removed, anything
+else at the path left alone), and the native thread removes its socket file when it
+closes, if the path still names the file it bound (the rule of
+``_UnixListenerSocket.close``).  The addresses a Unix port exposes are the Python core's.
 
 Everything else runs on the same thread too, in Python: :class:`NativeIOThread` is also
 an ``IOThread`` in its *hosted* mode (no thread of its own), whose rounds the native thread
 runs under the GIL when its poller's fd fires or its timer is due (``native/src/hosted.rs``).
-Its ports are UDP, Unix streams, programs, ZeroMQ, TUN/TAP, TCP with ``tls=`` or the
-msgpack and resp packet modes, and any function submitted to the I/O thread (the daemon's
-control endpoint).  Those ports have the Python core's window (``ioserver._flow.Window``,
-counted in their hub), the native ports a :class:`NativeWindow`.  The command queue routes
-by target: a command on a native ``Conn`` goes to the native thread, any other to the
-hosted half's queue.  One ``memory_limit`` bounds both halves: each budget counts what the
-other charges (``MemoryBudget.external``, ``Core.set_external_in_use``).
+Its ports are UDP, programs, ZeroMQ, TUN/TAP, TCP with ``tls=``, TCP and Unix streams in
+the msgpack and resp packet modes, a daemon's clients' ports, and any function submitted to
+the I/O thread (the daemon's control endpoint).  Those ports have the Python core's window
+(``ioserver._flow.Window``, counted in their hub), the native ports a
+:class:`NativeWindow`.  The command queue routes by target: a command on a native ``Conn``
+goes to the native thread, any other to the hosted half's queue.  One ``memory_limit``
+bounds both halves: each budget counts what the other charges (``MemoryBudget.external``,
+``Core.set_external_in_use``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-//! The native I/O thread: TCP streams and listeners, without the GIL.
+//! The native I/O thread: TCP and Unix streams and listeners, without the GIL.
+//!
+//! A stream's socket is either kind (`sock.rs`): what follows is the same for both.
 //!
 //! One OS thread owns every socket of a native I/O server.  It never takes the GIL: what it
 //! gets from Python arrives as [`Command`]s through the command queue (a
