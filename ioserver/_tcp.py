@@ -143,9 +143,13 @@ def connect_stream(io: StreamHost, request: object, spec: ConnectRequest) -> Non
     io.adopt(conn)
     if result == 0:
         _connected(io, conn)
-    elif result in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+    elif result == errno.EINPROGRESS or (
+        result in (errno.EAGAIN, errno.EWOULDBLOCK) and family != socket.AF_UNIX
+    ):
         io._interest(conn, WRITE)
     else:
+        # (A Unix connect is done at once or fails: its EAGAIN is a listener's full
+        # backlog, and the socket, unconnected, would never become ready.)
         _connect_failed(io, conn, result)
 
 

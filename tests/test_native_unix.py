@@ -242,3 +242,43 @@ async def test_a_slow_unix_reader_blocks_the_sender_at_the_high_watermark(
                     received = await anyio.to_thread.run_sync(read_all)
             assert received == payload
             await port.aclose()
+
+
+@pytest.mark.every_core
+async def test_connecting_to_a_unix_listener_with_a_full_backlog_fails_at_once(
+    ios: ioserver.IOServer, tmp_path: Path
+) -> None:
+    """A Unix connect is done at once or fails: ``EAGAIN`` when the listener's backlog is
+    full.  The Python core once took it for a connect in progress and waited on a socket
+    that never becomes ready (the request hung; then an internal error)."""
+    path = str(tmp_path / "full.sock")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(path)
+        listening.listen(0)  # one connection waits; the next finds the backlog full
+        async with await ports.connect_unix(ios, path):
+            with anyio.fail_after(5), pytest.raises(ports.ConnectError) as caught:
+                await ports.connect_unix(ios, path)
+            assert caught.value.errno_name == "EAGAIN"
+    assert ios.statistics().internal_errors == 0
+
+
+async def test_a_unix_port_that_decodes_objects_is_served_by_the_hosted_half(
+    no_leaks: None, tmp_path: Path
+) -> None:
+    """msgpack is decoded in Python: such a Unix port is the hosted half's (a Python
+    ``Conn``), and works as on the Python core."""
+    pytest.importorskip("msgpack")
+    path = tmp_path / "objects.sock"
+    async with ioserver.open(core="native") as ios:
+        async with (
+            await ports.listen_unix(ios, path, packet="msgpack") as listener,
+            await ports.connect_unix(ios, path, packet="msgpack") as client,
+        ):
+            server = await accept(listener)
+            for port in (listener, client, server):
+                assert type(port._conn) is not _native.Conn
+            await client.send({"hello": [1, 2]})
+            with anyio.fail_after(5):
+                assert await server.receive() == Data({"hello": [1, 2]})
+            await server.aclose()
+        await until(lambda: not path.exists())  # the listener's close is the I/O thread's

@@ -1739,6 +1739,10 @@ impl IoThread {
                         remote,
                     },
                 );
+                // A Unix destination's path object goes back to be dropped under the GIL.
+                if let Address::Given(given) = address {
+                    self.release_target(inbox, given);
+                }
             }
             (Err(error), _) | (_, Err(error)) => {
                 self.stage(
