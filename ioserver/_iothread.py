@@ -1282,6 +1282,20 @@ class IOThread:
         """Listen on a Unix path; answer ``request`` (:func:`~._unix.cmd_listen_unix`)."""
         cmd_listen_unix(self, request, spec)
 
+    def carry_stream(
+        self,
+        request: object,
+        port: Any,
+        sock: socket.socket,
+        given: object,
+        options: Any,
+        active: tuple[int, bool],
+    ) -> bool:
+        """Have a native thread carry the connected stream ``sock`` as ``port``'s (a
+        program's stdio): False here, where this thread serves it as a ``Conn`` (the native
+        core's says True when it took it, and answers ``request``)."""
+        return False
+
     def _pause_listener(self, listener: Conn) -> None:
         """Stop watching a listener that ran out of descriptors until one is released
         (``_close``): its level-triggered readiness would spin."""

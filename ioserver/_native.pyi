@@ -229,6 +229,17 @@ class Core:
         options: Mapping[str, Any],
         active: tuple[int, bool],
     ) -> None: ...
+    def adopt_stream(
+        self,
+        request: Any,
+        port: Any,
+        window: WindowCounters,
+        inbox: Inbox,
+        sock: socket.socket,
+        given: object,
+        options: Mapping[str, Any],
+        active: tuple[int, bool],
+    ) -> None: ...
     def listen_unix(
         self,
         request: Any,

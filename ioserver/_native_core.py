@@ -30,13 +30,19 @@ path, on both io backends.  A listener is bound on the loop's thread and handed 
 else at the path left alone), and the native thread removes its socket file when it
 closes, if the path still names the file it bound (the rule of
 ``_UnixListenerSocket.close``).  The addresses a Unix port exposes are the Python core's.
+A program's stdin and stdout (``ports.open_process``: our end of its socket pair) are a Unix
+stream the native thread adopts (``Core.adopt_stream``, :meth:`NativeIOThread.carry_stream`);
+its watcher (exit, signals, termination) stays in the hosted half, and the port itself puts
+the ``ExitStatus`` before the stream's ``Closed`` (``ports.ProcessPort._order_end``), as the
+watcher does where it sees both (the Python core).
 
 Everything else runs on the same thread too, in Python: :class:`NativeIOThread` is also
 an ``IOThread`` in its *hosted* mode (no thread of its own), whose rounds the native thread
 runs under the GIL when its poller's fd fires or its timer is due (``native/src/hosted.rs``).
-Its ports are UDP, programs, ZeroMQ, TUN/TAP, TCP with ``tls=``, TCP and Unix streams in
-the msgpack and resp packet modes, a daemon's clients' ports, and any function submitted to
-the I/O thread (the daemon's control endpoint).  Those ports have the Python core's window
+Its ports are UDP, ZeroMQ, TUN/TAP, programs' watchers and ``stderr="port"`` streams, TCP
+with ``tls=``, TCP, Unix and process streams in the msgpack and resp packet modes, a
+daemon's clients' ports, and any function submitted to the I/O thread (the daemon's
+control endpoint).  Those ports have the Python core's window
 (``ioserver._flow.Window``, counted in their hub), the native ports a
 :class:`NativeWindow`.  The command queue routes by target: a command on a native ``Conn``
 goes to the native thread, any other to the hosted half's queue.  One ``memory_limit``
@@ -443,6 +449,28 @@ class NativeIOThread(IOThread):
                 if file is not None:
                     remove_socket_file(path, file[1])
             raise
+
+    def carry_stream(
+        self,
+        request: Any,
+        port: Any,
+        sock: socket.socket,
+        given: object,
+        options: Any,
+        active: tuple[int, bool],
+    ) -> bool:
+        """Have the native thread carry the connected Unix stream ``sock`` (our end of a
+        program's stdin and stdout: ``ports.open_process``) as ``port``'s stream, and
+        answer ``request`` with ``(conn, "", "")``: True if it took it (the socket is then
+        detached, the native core's), False if the hosted half must serve it (a port
+        whose packets are objects, or a daemon's)."""
+        window = port._window
+        if not isinstance(window, NativeWindow) or not self._native_request(request):
+            return False
+        self._core.adopt_stream(
+            request, port, window, request.hub.inbox, sock, given, options, active
+        )
+        return True
 
     def _internal_error(self, conn: object, exc: Exception) -> None:
         """An error while serving one port: close that port only - a native one through

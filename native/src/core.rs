@@ -1644,15 +1644,16 @@ impl IoThread {
         address: Destination,
         (options, overhead): (StreamOptions, u64),
     ) {
-        let (mut sock, done) = match Sock::connect(&address) {
+        let (made, address) = address.open();
+        let (mut sock, done) = match made {
             Ok(made) => made,
             Err(error) => {
-                self.refuse(inbox, request, errno_of(&error), address.address(), port);
+                self.refuse(inbox, request, errno_of(&error), address, port);
                 return;
             }
         };
         if let Err(error) = sock.apply_options(&options) {
-            self.refuse(inbox, request, errno_of(&error), address.address(), port);
+            self.refuse(inbox, request, errno_of(&error), address, port);
             return;
         }
         let slot = self.allocate();
@@ -1662,7 +1663,7 @@ impl IoThread {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free.push(slot);
-            self.refuse(inbox, request, errno_of(&error), address.address(), port);
+            self.refuse(inbox, request, errno_of(&error), address, port);
             return;
         }
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
@@ -1678,7 +1679,7 @@ impl IoThread {
             outq: VecDeque::new(),
             head: 0,
             out_bytes: 0,
-            connecting: Some(Box::new((request, address.address()))),
+            connecting: Some(Box::new((request, address))),
             readable: false,
             hangup: false,
             in_ready: false,
@@ -2002,7 +2003,13 @@ impl IoThread {
                 address,
                 ..
             } => {
-                self.refuse(inbox, request, libc::ECANCELED, address.address(), port);
+                self.refuse(
+                    inbox,
+                    request,
+                    libc::ECANCELED,
+                    address.into_address(),
+                    port,
+                );
             }
             Command::Listen {
                 request,

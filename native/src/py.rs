@@ -22,7 +22,7 @@ use crate::core::{
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
 use crate::sock::{Address, Destination, ListenSocket, SocketFile};
-use crate::unsafe_io::{adopt_listener, HeldBytes};
+use crate::unsafe_io::{adopt_listener, adopt_stream, HeldBytes};
 use crate::wakeup::WakeQueue;
 
 fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
@@ -1193,6 +1193,45 @@ impl Core {
             window: Arc::clone(shared),
             inbox: index,
             address: Destination::Unix(path, target(given)),
+            options,
+            overhead,
+        });
+        Ok(())
+    }
+
+    /// Carry the connected Unix stream ``sock`` (our end of a program's stdin and stdout:
+    /// ``ports.open_process``) as ``port``'s stream; answer ``request`` with ``(conn, "",
+    /// "")``.  ``given`` is what a ``ConnectError`` names (the program).  The socket is
+    /// detached here (``adopt_stream``'s errors: ``TypeError``, ``ValueError``,
+    /// ``OSError``), as by :meth:`listen`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, port, window, inbox, sock, given, options, active))]
+    fn adopt_stream(
+        &self,
+        request: Py<PyAny>,
+        port: Py<PyAny>,
+        window: &Bound<'_, WindowCounters>,
+        inbox: PyRef<'_, Inbox>,
+        sock: &Bound<'_, PyAny>,
+        given: Py<PyAny>,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let options = stream_options(options, active)?;
+        let index = inbox.index;
+        // Configured here, on the loop's thread, before the owner can use it.
+        let shared = &window.get().shared;
+        let counters = Arc::clone(&self.counters);
+        shared.receive.configure(options.flow.watermarks, counters);
+        let (port, overhead) = port_target(port, window)?;
+        // Last: the socket is the native core's from here.
+        let stream = std::os::unix::net::UnixStream::from(adopt_stream(sock)?);
+        self.shared.commands.put(Command::Connect {
+            request: target(request),
+            port,
+            window: Arc::clone(shared),
+            inbox: index,
+            address: Destination::Adopted(stream, target(given)),
             options,
             overhead,
         });

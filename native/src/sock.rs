@@ -1,7 +1,9 @@
 //! The sockets of the native I/O thread's stream ports: TCP or Unix, one type each for a
 //! connection ([`Sock`]) and a listener ([`ListenSock`]), so that the rest of the thread
 //! (`core.rs`, `uring.rs`: reads, gathered writes, half-close, `linger`, the flow control)
-//! is the same code for both.  What differs is here: how a connect starts, which socket
+//! is the same code for both, and for a program's stdin and stdout (our end of its socket
+//! pair, adopted as a connected Unix stream: [`Destination::Adopted`]).  What differs is
+//! here: how a connect starts, which socket
 //! options apply (`TCP_NODELAY` and `SO_KEEPALIVE` are TCP's), and the addresses.
 //!
 //! Addresses ([`Address`]) are handed to Python as the Python core hands them
@@ -44,14 +46,39 @@ pub enum Destination {
     /// A Unix socket: the path's bytes as the kernel takes them (a leading NUL: Linux's
     /// abstract namespace), and the path as Python gave it (what its errors name).
     Unix(Vec<u8>, Target),
+    /// No connect: a connected Unix stream Python made (our end of the socket pair that
+    /// is a program's stdin and stdout), and what its errors name.
+    Adopted(std::os::unix::net::UnixStream, Target),
 }
 
 impl Destination {
-    /// The address a failed connect names.
-    pub fn address(self) -> Address {
+    /// The address a refusal names, the destination given up (an adopted socket closes).
+    pub fn into_address(self) -> Address {
         match self {
             Destination::Inet(address) => Address::Inet(address),
-            Destination::Unix(_, given) => Address::Given(given),
+            Destination::Unix(_, given) | Destination::Adopted(_, given) => Address::Given(given),
+        }
+    }
+
+    /// Start connecting a non-blocking socket: the socket and whether the connect is
+    /// done already (else its writable edge says when); and the address a failure
+    /// names.  A Unix connect is done at once or fails: `EAGAIN` (the listener's backlog
+    /// is full) is its failure, not a connect in progress, as an unconnected Unix socket
+    /// gets no edge when the backlog frees.  An adopted socket is connected already.
+    pub fn open(self) -> (io::Result<(Sock, bool)>, Address) {
+        match self {
+            Destination::Inet(address) => {
+                let domain = socket2::Domain::for_address(address);
+                let made = Sock::start(domain, &address.into(), false);
+                (made, Address::Inet(address))
+            }
+            Destination::Unix(path, given) => (Sock::connect_unix(&path), Address::Given(given)),
+            Destination::Adopted(stream, given) => {
+                let made = stream
+                    .set_nonblocking(true)
+                    .map(|()| (Sock::Unix(UnixStream::from_std(stream)), true));
+                (made, Address::Given(given))
+            }
         }
     }
 }
@@ -74,21 +101,6 @@ impl Address {
 }
 
 impl Sock {
-    /// Start connecting a non-blocking socket to `to`: the socket and whether the connect
-    /// is done already (else its writable edge says when).  A Unix connect is done at once
-    /// or fails: `EAGAIN` (the listener's backlog is full) is its failure, not a connect
-    /// in progress, as an unconnected Unix socket gets no edge when the backlog frees.
-    pub fn connect(to: &Destination) -> io::Result<(Sock, bool)> {
-        match to {
-            Destination::Inet(address) => Sock::start(
-                socket2::Domain::for_address(*address),
-                &(*address).into(),
-                false,
-            ),
-            Destination::Unix(path, _) => Sock::connect_unix(path),
-        }
-    }
-
     /// Start connecting to the Unix socket at `path` (its bytes; a leading NUL: the
     /// abstract namespace).
     fn connect_unix(path: &[u8]) -> io::Result<(Sock, bool)> {
