@@ -12,6 +12,7 @@ program ends first, and when the program breaks the packet mode.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import Any
 
@@ -148,3 +149,31 @@ async def test_a_program_flooding_stdout_stays_within_memory_limit(
                 readers.start_soon(drain, port)
         statistics = ios.statistics()
         assert statistics.peak_memory <= limit, statistics
+
+
+async def test_adopt_stream_takes_only_a_connected_unix_stream_socket(no_leaks: None) -> None:
+    """``Core.adopt_stream`` detaches a ``socket.socket`` only once it checked it is a
+    connected Unix stream socket: an int, a TCP socket, a listening or an unconnected one
+    is refused, and the caller keeps what it passed, still open."""
+    async with ioserver.open(core="native") as ios:
+        core = ios._io._core  # type: ignore[attr-defined]
+        inbox = ios._hub.inbox  # type: ignore[attr-defined]
+        window = NativeWindow()
+        read_end, write_end = os.pipe()
+        try:
+            with pytest.raises(TypeError):
+                core.adopt_stream(None, None, window, inbox, read_end, "x", {}, (-1, False))
+            with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unconnected:
+                with pytest.raises(ValueError, match="family"):
+                    core.adopt_stream(None, None, window, inbox, tcp, "x", {}, (-1, False))
+                with pytest.raises(OSError):
+                    core.adopt_stream(None, None, window, inbox, unconnected, "x", {}, (-1, False))
+                unconnected.bind("")  # (autobind: an abstract name)
+                unconnected.listen()
+                with pytest.raises(ValueError, match="listening"):
+                    core.adopt_stream(None, None, window, inbox, unconnected, "x", {}, (-1, False))
+                assert tcp.fileno() >= 0
+                assert unconnected.fileno() >= 0
+        finally:
+            os.close(write_end)
+            os.close(read_end)  # still ours: an adopted fd would be EBADF here
