@@ -80,6 +80,7 @@ from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
 from ._tcp import connect_stream, listen_tcp, on_connect_event, on_listener_event
 from ._tls import take_input
+from ._unix import cmd_listen_unix
 from ._wakeup import WakeupQueue
 
 __all__ = ["IOThread", "raise_open_file_limit"]
@@ -1276,6 +1277,24 @@ class IOThread:
     def cmd_listen(self, request: object, spec: ListenRequest) -> None:
         """Listen on a TCP address; answer ``request`` (:func:`~._tcp.listen_tcp`)."""
         listen_tcp(self, request, spec)
+
+    def cmd_listen_unix(self, request: object, spec: ListenRequest) -> None:
+        """Listen on a Unix path; answer ``request`` (:func:`~._unix.cmd_listen_unix`)."""
+        cmd_listen_unix(self, request, spec)
+
+    def carry_stream(
+        self,
+        request: object,
+        port: Any,
+        sock: socket.socket,
+        given: object,
+        options: Any,
+        active: tuple[int, bool],
+    ) -> bool:
+        """Have a native thread carry the connected stream ``sock`` as ``port``'s (a
+        program's stdio): False here, where this thread serves it as a ``Conn`` (the native
+        core's says True when it took it, and answers ``request``)."""
+        return False
 
     def _pause_listener(self, listener: Conn) -> None:
         """Stop watching a listener that ran out of descriptors until one is released

@@ -219,3 +219,37 @@ class Core:
         options: Mapping[str, Any],
         active: tuple[int, bool],
     ) -> None: ...
+    def connect_unix(
+        self,
+        request: Any,
+        port: Any,
+        window: WindowCounters,
+        inbox: Inbox,
+        path: bytes,
+        given: str | bytes,
+        options: Mapping[str, Any],
+        active: tuple[int, bool],
+    ) -> None: ...
+    def adopt_stream(
+        self,
+        request: Any,
+        port: Any,
+        window: WindowCounters,
+        inbox: Inbox,
+        sock: socket.socket,
+        given: object,
+        options: Mapping[str, Any],
+        active: tuple[int, bool],
+    ) -> None: ...
+    def listen_unix(
+        self,
+        request: Any,
+        listener: Any,
+        make_port: Any,
+        inbox: Inbox,
+        sock: socket.socket,
+        path: str | bytes,
+        file: tuple[bytes, tuple[int, int]] | None,
+        options: Mapping[str, Any],
+        active: tuple[int, bool],
+    ) -> None: ...

@@ -15,24 +15,39 @@ shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
   call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
   the GIL.
 
-What the native thread carries itself: TCP ports in raw mode and in the packet modes whose
-packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``) - connect
-(numeric addresses; names are resolved in the loop as before), listen and accept, reads,
-gathered writes, half-close, close after the queued output within ``linger``, errno names -
-with the flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
+What the native thread carries itself: TCP and Unix stream ports in raw mode and in the
+packet modes whose packets are bytes (1, 2, 4, line: framed in Rust,
+``native/src/framing.rs``) - connect (TCP to numeric addresses, names being resolved in the
+loop as before; Unix to a path or an abstract name), listen and accept, reads, gathered
+writes, half-close, close after the queued output within ``linger``, errno names - with the
+flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
 watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
-(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.
+(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.  The
+port's socket is either kind (``native/src/sock.rs``): the rest of the thread is one code
+path, on both io backends.  A listener is bound on the loop's thread and handed over
+(``Core.listen``, ``Core.listen_unix``): a Unix one with the Python core's checks
+(``ioserver._unix.listen_unix_socket``: a stale socket file probed and removed, anything
+else at the path left alone), and the native thread removes its socket file when it
+closes, if the path still names the file it bound (the rule of
+``_UnixListenerSocket.close``).  The addresses a Unix port exposes are the Python core's.
+A program's stdin and stdout (``ports.open_process``: our end of its socket pair) are a Unix
+stream the native thread adopts (``Core.adopt_stream``, :meth:`NativeIOThread.carry_stream`);
+its watcher (exit, signals, termination) stays in the hosted half, and the port itself puts
+the ``ExitStatus`` before the stream's ``Closed`` (``ports.ProcessPort._order_end``), as the
+watcher does where it sees both (the Python core).
 
 Everything else runs on the same thread too, in Python: :class:`NativeIOThread` is also
 an ``IOThread`` in its *hosted* mode (no thread of its own), whose rounds the native thread
 runs under the GIL when its poller's fd fires or its timer is due (``native/src/hosted.rs``).
-Its ports are UDP, Unix streams, programs, ZeroMQ, TUN/TAP, TCP with ``tls=`` or the
-msgpack and resp packet modes, and any function submitted to the I/O thread (the daemon's
-control endpoint).  Those ports have the Python core's window (``ioserver._flow.Window``,
-counted in their hub), the native ports a :class:`NativeWindow`.  The command queue routes
-by target: a command on a native ``Conn`` goes to the native thread, any other to the
-hosted half's queue.  One ``memory_limit`` bounds both halves: each budget counts what the
-other charges (``MemoryBudget.external``, ``Core.set_external_in_use``).
+Its ports are UDP, ZeroMQ, TUN/TAP, programs' watchers and ``stderr="port"`` streams, TCP
+with ``tls=``, TCP, Unix and process streams in the msgpack and resp packet modes, a
+daemon's clients' ports, and any function submitted to the I/O thread (the daemon's
+control endpoint).  Those ports have the Python core's window
+(``ioserver._flow.Window``, counted in their hub), the native ports a
+:class:`NativeWindow`.  The command queue routes by target: a command on a native ``Conn``
+goes to the native thread, any other to the hosted half's queue.  One ``memory_limit``
+bounds both halves: each budget counts what the other charges (``MemoryBudget.external``,
+``Core.set_external_in_use``).
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ from ._framing import Framer, port_framer
 from ._hub import AsyncioHub, TrioHub, log
 from ._iothread import IOThread
 from ._tcp import listen_socket
+from ._unix import listen_unix_socket, remove_socket_file
 from ._wakeup import WakeupQueue
 
 __all__ = [
@@ -70,7 +86,12 @@ CORES = ("python", "native")
 
 #: The port functions whose ports the native thread carries itself (some of their options
 #: aside: see the module docstring); the others' ports are served by the hosted half.
-NATIVE_KINDS = frozenset({"ports.connect_tcp", "ports.listen_tcp"})
+NATIVE_KINDS = frozenset(
+    {"ports.connect_tcp", "ports.listen_tcp", "ports.connect_unix", "ports.listen_unix"}
+)
+
+#: The address families whose stream ports the native thread carries.
+_NATIVE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 _NativeConn = _native.Conn
 
@@ -240,7 +261,9 @@ class NativeIOThread(IOThread):
             raise
         # What submit() runs on the calling thread: the native opens decide there whether
         # the native thread carries the port; the stop goes to the native thread.
-        self._on_caller = frozenset({self.cmd_connect, self.cmd_listen, self.cmd_stop})
+        self._on_caller = frozenset(
+            {self.cmd_connect, self.cmd_listen, self.cmd_listen_unix, self.cmd_stop}
+        )
 
     def _hosted_round(self) -> float | None:
         """One round of the hosted half (on the native thread, under the GIL), then tell the
@@ -339,13 +362,26 @@ class NativeIOThread(IOThread):
             spec.tls is not None
             or (framer is not None and framer.decodes_objects)
             or not isinstance(window, NativeWindow)
-            or spec.family not in (socket.AF_INET, socket.AF_INET6)
+            or spec.family not in _NATIVE_FAMILIES
             or not self._native_request(request)
         ):
-            # TLS, msgpack/resp, Unix: the hosted half's (not native yet).
+            # TLS, msgpack/resp: the hosted half's (not native yet).
             self._host_open(partial(IOThread.cmd_connect, self), request, spec)
             return
         address = spec.address
+        if spec.family == socket.AF_UNIX:
+            assert isinstance(address, (str, bytes))
+            self._core.connect_unix(
+                request,
+                spec.port,
+                window,
+                request.hub.inbox,
+                os.fsencode(address),
+                address,
+                spec.options,
+                spec.active,
+            )
+            return
         if spec.family == socket.AF_INET:
             host, port = address
             flowinfo = scope_id = 0
@@ -392,6 +428,64 @@ class NativeIOThread(IOThread):
         except BaseException:
             sock.close()  # refused before the detach (after it, a no-op)
             raise
+
+    def cmd_listen_unix(self, request: Any, spec: ListenRequest) -> None:
+        """Listen on a Unix path: bound here, on the loop's thread, with the Python core's
+        checks (a stale socket file probed and removed, anything else at the path left
+        alone: ``ioserver._unix.listen_unix_socket``), then served by the native thread,
+        which removes the socket file when the listener closes (if the path still names
+        it).  A daemon's open, msgpack/resp, go to the hosted half."""
+        framer = port_framer(spec.options)
+        if (framer is not None and framer.decodes_objects) or not self._native_request(request):
+            self._host_open(partial(IOThread.cmd_listen_unix, self), request, spec)
+            return
+        path = spec.address
+        assert isinstance(path, (str, bytes))
+        try:
+            sock, file = listen_unix_socket(path, spec.options.get("backlog", 1024))
+        except ConnectError as exc:
+            request._deliver(exc)
+            return
+        try:
+            self._core.listen_unix(
+                request,
+                spec.port,
+                spec.make_port,
+                request.hub.inbox,
+                sock,  # detached by the native core: it owns the fd (and the file) from here
+                path,
+                file,
+                spec.options,
+                spec.options["active"],
+            )
+        except BaseException:
+            if sock.fileno() != -1:  # refused before the detach: the file is still ours
+                sock.close()
+                if file is not None:
+                    remove_socket_file(path, file[1])
+            raise
+
+    def carry_stream(
+        self,
+        request: Any,
+        port: Any,
+        sock: socket.socket,
+        given: object,
+        options: Any,
+        active: tuple[int, bool],
+    ) -> bool:
+        """Have the native thread carry the connected Unix stream ``sock`` (our end of a
+        program's stdin and stdout: ``ports.open_process``) as ``port``'s stream, and
+        answer ``request`` with ``(conn, "", "")``: True if it took it (the socket is then
+        detached, the native core's), False if the hosted half must serve it (a port
+        whose packets are objects, or a daemon's)."""
+        window = port._window
+        if not isinstance(window, NativeWindow) or not self._native_request(request):
+            return False
+        self._core.adopt_stream(
+            request, port, window, request.hub.inbox, sock, given, options, active
+        )
+        return True
 
     def _internal_error(self, conn: object, exc: Exception) -> None:
         """An error while serving one port: close that port only - a native one through

@@ -22,6 +22,12 @@ Either may come first: the program may exit before we read the end of its output
 close its stdout long before it exits (a program that hands its stdout to a child that
 outlives it delays both until that child closes it too).
 
+On the native core (``ioserver._native_core``), the native I/O thread carries the stream
+itself and this watcher stays in the hosted half without seeing it
+(:attr:`ProcessWatcher.stream_here` is False): it delivers the exit status once the program
+is reaped, and the port orders it before the stream's ``Closed`` and terminates the program
+when its stream fails (``ports.ProcessPort._order_end``).
+
 Termination.  A stream that fails (a framing error, the I/O server stopping...) or a
 port closed by its owner (``cmd_terminate``) sends SIGTERM, then SIGKILL after
 ``kill_grace`` seconds (a timer of the I/O thread).  When the I/O thread stops, every
@@ -100,6 +106,11 @@ class ProcessWatcher(Handler):
         self.conns: list[Conn] = []  # stdout/stdin, and stderr's when it is a port
         self.mask = 0
         self.closed = False
+        #: The stream's messages pass through :meth:`stream_deliver`, which holds its
+        #: ``Closed`` for the exit status.  False on the native core, whose thread
+        #: carries the stream: the port orders the two (``ports.ProcessPort._deliver``),
+        #: and the exit status is delivered as soon as the program is reaped.
+        self.stream_here = True
 
     # -- the stream's messages ----------------------------------------------------------
     def stream_deliver(self, item: tuple[Any, Any]) -> None:
@@ -121,6 +132,10 @@ class ProcessWatcher(Handler):
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
+        if self.status is not None and not self.stream_here and not self.finished:
+            self.finished = True
+            self.deliver((self.port, ExitStatus(self.status)))
+            return
         if self.status is not None and self.held and not self.finished:
             self.finished = True
             self.deliver((self.port, ExitStatus(self.status)))

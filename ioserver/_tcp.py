@@ -51,6 +51,8 @@ __all__ = [
     "connect_error",
     "connect_stream",
     "format_address",
+    "listen_bound",
+    "listen_socket",
     "listen_tcp",
     "on_connect_event",
     "on_listener_event",
@@ -141,9 +143,13 @@ def connect_stream(io: StreamHost, request: object, spec: ConnectRequest) -> Non
     io.adopt(conn)
     if result == 0:
         _connected(io, conn)
-    elif result in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+    elif result == errno.EINPROGRESS or (
+        result in (errno.EAGAIN, errno.EWOULDBLOCK) and family != socket.AF_UNIX
+    ):
         io._interest(conn, WRITE)
     else:
+        # (A Unix connect is done at once or fails: its EAGAIN is a listener's full
+        # backlog, and the socket, unconnected, would never become ready.)
         _connect_failed(io, conn, result)
 
 
@@ -245,15 +251,31 @@ def listen_socket(family: int, address: SocketAddress, options: ListenOptions) -
         ConnectError: the socket could not be made, bound or put to listen (the message
             names the address and the cause, e.g. ``"EADDRINUSE"``).
     """
+    return listen_bound(
+        lambda: _bind_tcp(family, address, options),
+        options.get("backlog", 1024),
+        format_address(address),
+    )
+
+
+def listen_bound(bind: Callable[[], socket.socket], backlog: int, where: str) -> socket.socket:
+    """``bind()`` (it makes a socket of its kind and binds it), then listen with
+    ``backlog``: the native core's listen step of every stream kind (TCP:
+    :func:`listen_socket`; Unix: ``ioserver._unix.listen_unix_socket``).  A socket whose
+    ``listen`` fails is closed.
+
+    Raises:
+        ConnectError: naming ``where`` and the cause (e.g. ``"EADDRINUSE"``).
+    """
     try:
-        sock = _bind_tcp(family, address, options)
+        sock = bind()
     except OSError as exc:
-        raise _listen_error(exc, format_address(address)) from None
+        raise _listen_error(exc, where) from None
     try:
-        sock.listen(options.get("backlog", 1024))
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise _listen_error(exc, format_address(address)) from None
+        raise _listen_error(exc, where) from None
     return sock
 
 

@@ -22,6 +22,11 @@ here:
 
 A path starting with ``"\\0"`` (or ``b"\\0"``) is in Linux's abstract namespace: no file,
 nothing to probe or remove.
+
+On the native core (``ioserver._native_core``), the loop's thread binds the socket
+(:func:`listen_unix_socket`: the same stale-file check and bind) and hands it to the
+native I/O thread with its file's identity; that thread removes the file when the
+listener's socket closes, by the same rule (``native/src/sock.rs``, ``SocketFile``).
 """
 
 from __future__ import annotations
@@ -32,9 +37,36 @@ import socket
 import stat
 
 from ._contract import ListenRequest
-from ._tcp import StreamHost, open_listener
+from ._exceptions import OptionError
+from ._tcp import StreamHost, listen_bound, open_listener
 
-__all__ = ["cmd_listen_unix", "is_abstract", "remove_stale_socket_file"]
+__all__ = [
+    "check_path",
+    "cmd_listen_unix",
+    "is_abstract",
+    "listen_unix_socket",
+    "remove_socket_file",
+    "remove_stale_socket_file",
+]
+
+
+def check_path(path: object) -> str | bytes:
+    """``path`` as a Unix socket address: a non-empty ``str`` or ``bytes`` (a path-like
+    is converted) of at most 107 bytes once encoded as file names are (``sun_path`` holds
+    108 with the final NUL).
+
+    Raises:
+        OptionError: anything else, or a path too long (the message gives its size).
+    """
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, (str, bytes)) or not path:
+        raise OptionError(f"a Unix socket path is a non-empty str, bytes or path, not {path!r}")
+    limit = 107  # sun_path holds 108 bytes with the final NUL
+    size = len(os.fsencode(path))
+    if size > limit:
+        raise OptionError(f"the Unix socket path is {size} bytes long; the limit is {limit}")
+    return path
 
 
 def is_abstract(path: str | bytes) -> bool:
@@ -55,13 +87,19 @@ class _UnixListenerSocket(socket.socket):
         path, identity = self.path, self.identity
         super().close()
         if path is not None and identity is not None:
-            try:
-                info = os.stat(path)
-                if (info.st_dev, info.st_ino) == identity:
-                    os.unlink(path)
-            except OSError:
-                pass  # already gone, or not ours to remove
+            remove_socket_file(path, identity)
         self.path = self.identity = None  # last: None means the file is dealt with
+
+
+def remove_socket_file(path: str | bytes, identity: tuple[int, int]) -> None:
+    """Remove the socket file at ``path`` if it is still the one bound there: the same
+    ``(st_dev, st_ino)`` as ``identity``.  A file that replaced it is left alone."""
+    try:
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) == identity:
+            os.unlink(path)
+    except OSError:
+        pass  # already gone, or not ours to remove
 
 
 _ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket
@@ -121,6 +159,29 @@ def _bind_unix(path: str | bytes) -> _UnixListenerSocket:
         sock.close()
         raise
     return sock
+
+
+def listen_unix_socket(
+    path: str | bytes, backlog: int
+) -> tuple[socket.socket, tuple[bytes, tuple[int, int]] | None]:
+    """A plain ``socket.socket`` bound to the Unix ``path`` (a stale socket file there
+    removed first, as :func:`cmd_listen_unix` does) and listening with ``backlog``: the
+    native core's listen step, made on the loop's thread.  Returns the socket and its
+    file as ``(fsencoded path, (st_dev, st_ino))`` (None in the abstract namespace): the
+    caller owns both, and removes the file (:func:`remove_socket_file`) if it does not
+    hand them on.
+
+    Raises:
+        ConnectError: the path is in use (``"EADDRINUSE"``), its directory is missing
+            (``"ENOENT"``) or not writable (``"EACCES"``)...; nothing is left behind.
+    """
+    bound = listen_bound(lambda: _bind_unix(path), backlog, f"the Unix socket {path!r}")
+    assert isinstance(bound, _UnixListenerSocket)
+    identity = bound.identity
+    bound.path = bound.identity = None  # the file is the caller's from here
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=bound.detach())
+    file = None if identity is None else (os.fsencode(path), identity)
+    return sock, file
 
 
 def cmd_listen_unix(io: StreamHost, request: object, spec: ListenRequest) -> None:

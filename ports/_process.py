@@ -27,7 +27,7 @@ from ioserver._exceptions import (
     PollerLimitError,
     errno_name,
 )
-from ioserver._messages import ExitStatus
+from ioserver._messages import Closed, ExitStatus
 from ioserver._options import PortOptions, StreamOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
@@ -53,19 +53,66 @@ class ProcessPort(Port):
     Closing it (or its owner ending) terminates the program.
     """
 
-    __slots__ = ("_argv", "_exit_status", "_stderr_port", "_watcher")
+    __slots__ = ("_argv", "_exit_status", "_held_end", "_orders", "_stderr_port", "_watcher")
 
-    def __init__(self, server: IOServer, active: tuple[int, bool], options: StreamOptions) -> None:
-        super().__init__(server, active, options)
+    def __init__(
+        self,
+        server: IOServer,
+        active: tuple[int, bool],
+        options: StreamOptions,
+        native: bool = False,
+    ) -> None:
+        super().__init__(server, active, options, native)
         self._argv: tuple[str | bytes, ...] = ()
         self._exit_status: int | None = None
         self._stderr_port: Port | None = None
         self._watcher: ProcessControl | None = None
+        #: The port orders its last messages itself (the native core carries its stream
+        #: apart from the watcher): ``ExitStatus`` before the stream's ``Closed``.
+        self._orders = False
+        #: What of the two came first, held for the other: the ``ExitStatus``, or the
+        #: stream's ``Closed`` messages (a second one may follow the first: ``EPIPE``
+        #: after ``eof``...).
+        self._held_end: list[Closed | ExitStatus] = []
 
     def _deliver(self, message: object) -> None:
-        if message.__class__ is ExitStatus:
-            self._exit_status = message.status
+        cls = message.__class__
+        if self._orders and (cls is ExitStatus or cls is Closed):
+            self._order_end(message)  # type: ignore[arg-type]
+            return
+        if cls is ExitStatus:
+            self._exit_status = message.status  # type: ignore[attr-defined]
         super()._deliver(message)
+
+    def _order_end(self, message: Closed | ExitStatus) -> None:
+        """The native core's stream and the watcher end apart: deliver ``ExitStatus``,
+        then the stream's ``Closed``, whichever comes first - as ``ProcessWatcher`` orders
+        them on the Python core, where it sees both.  A stream that fails terminates the
+        program, as there."""
+        held = self._held_end
+        if isinstance(message, ExitStatus):
+            if not held:
+                held.append(message)  # the output is not over yet: wait for its end
+                return
+            ends = [message, *held]
+        elif held and isinstance(held[0], ExitStatus):
+            ends = [*held, message]
+        else:
+            name = message.errno_name
+            if not held and name not in (None, "ESHUTDOWN") and self._watcher is not None:
+                # The stream failed: the program must go too.
+                watcher = self._watcher
+                self._submit((type(watcher).cmd_terminate, watcher, None))
+            held.append(message)
+            if name != "ESHUTDOWN":
+                return
+            # The server stops: its hosted half (the watcher) stopped first, and the exit
+            # status it had is delivered already; nothing else follows.
+            ends = list(held)
+        self._orders = False
+        self._held_end = []
+        for end in ends:
+            self._deliver(end)
 
     @property
     def pid(self) -> int:
@@ -243,9 +290,10 @@ async def open_process(
     ):
         raise OptionError(f"kill_grace must be non-negative seconds, not {kill_grace!r}")
     credit, settings = unix_options(dict(options), "a process port")
-    port = ProcessPort(server, credit, settings)
-    port._argv = arguments
     io = server._io
+    # The native core's thread carries the stream itself (its hosted half the watcher).
+    port = ProcessPort(server, credit, settings, native=getattr(io, "native", False))
+    port._argv = arguments
     if isinstance(io, RemoteOpens):
         # Through a daemon: the program is the daemon's child; argv is all it carries.
         if environment is not None or cwd is not None or stderr == "port":
@@ -341,14 +389,34 @@ async def open_process(
                 error_ours.close()
             raise
     watcher = ProcessWatcher(io, popen, pidfd, port, hub.deliver, kill_grace)
-    conn = Conn(ours, STREAM, port, watcher.stream_deliver)
-    conn.configure(settings, port._window)
-    conn.credit, conn.notify_passive = credit
-    watcher.conns.append(conn)
-    port._conn = conn
     port._watcher = watcher
     port._local_address = ""
     port._remote_address = None
+    request = _Request(io, hub)
+    try:
+        carried = io.carry_stream(request, port, ours, arguments[0], settings, credit)
+    except BaseException:
+        # (A socket the native core refused: not ours to serve either.)  The program
+        # started: stop it and wait for it (it has just been exec'd).
+        popen.kill()
+        popen.wait()
+        if pidfd is not None:
+            os.close(pidfd)
+        ours.close()
+        if error_ours is not None:
+            error_ours.close()
+        raise
+    if carried:
+        # The native thread carries the stream (it answers the request with its conn);
+        # the watcher stays in the hosted half, and the port orders the last messages.
+        watcher.stream_here = False
+        port._orders = True
+    else:
+        conn = Conn(ours, STREAM, port, watcher.stream_deliver)
+        conn.configure(settings, port._window)
+        conn.credit, conn.notify_passive = credit
+        watcher.conns.append(conn)
+        port._conn = conn
     if stderr_port is not None and error_ours is not None:
         error_conn = Conn(error_ours, STREAM, stderr_port, hub.deliver)
         error_conn.configure(settings, stderr_port._window)
@@ -358,6 +426,22 @@ async def open_process(
         stderr_port._local_address = ""
         port._stderr_port = stderr_port
     io.submit(cmd_start_process, watcher, None)
+    if carried:
+        try:
+            result = await request.wait()
+        except BaseException:
+            # Cancelled: the program goes, as when its port closes (its stream is closed
+            # by the request's late answer).
+            io.submit(ProcessWatcher.cmd_terminate, watcher, None)
+            if stderr_port is not None:
+                stderr_port.close_nowait()
+            raise
+        if isinstance(result, BaseException):
+            io.submit(ProcessWatcher.cmd_terminate, watcher, None)
+            if stderr_port is not None:
+                stderr_port.close_nowait()
+            raise result
+        port._conn = result[0]
     if stderr_port is not None:
         await stderr_port.send_eof()  # receive only: the program's stderr is one-way
     return port

@@ -41,6 +41,9 @@ __all__ = ["WORKER_ENVIRONMENT", "connect_tcp", "listen_tcp", "open_listener", "
 #: Set in each worker of ``ioserver serve --workers N`` (to the worker's index).
 WORKER_ENVIRONMENT = "IOSERVER_WORKER"
 
+#: The address families whose stream ports the native core's thread carries itself.
+_NATIVE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
 
 async def connect_tcp(
     server: IOServer,
@@ -138,9 +141,9 @@ async def open_stream(
     connect (``ioserver._tls``) and answers once it is over; ``server_hostname`` (the
     name checked and sent as SNI) and ``tls_handshake_timeout`` go with it."""
     io = server._io
-    # The native core's thread carries a TCP port without TLS itself (its hosted half the
-    # others): the port's window is then the native one.
-    native = family in (socket.AF_INET, socket.AF_INET6) and tls is None
+    # The native core's thread carries a TCP or Unix port without TLS itself (its hosted
+    # half the others): the port's window is then the native one.
+    native = family in _NATIVE_FAMILIES and tls is None
     result_port = Port(server, credit, settings, native)
     request = _Request(io, hub)
     io.submit(
@@ -315,9 +318,10 @@ async def open_listener(
     """
     listener = Listener(server, (-1, False))
     io = server._io
-    # The native core's thread serves a TCP listener without TLS itself (its hosted half
-    # the others, and a socket systemd passed): its ports' windows are then the native one.
-    native = family in (socket.AF_INET, socket.AF_INET6) and tls is None and inherited is None
+    # The native core's thread serves a TCP or Unix listener without TLS itself (its hosted
+    # half the others, and a socket systemd passed): its ports' windows are then the
+    # native one.
+    native = family in _NATIVE_FAMILIES and tls is None and inherited is None
 
     def make_port(conn: Conn, local_address: object, remote_address: object) -> Port:
         # Runs on the I/O thread, once per accepted connection.

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import partial
-from typing import Any, Unpack
+from typing import Unpack
 
 from ioserver._contract import RemoteOpens
-from ioserver._exceptions import OptionError
 from ioserver._options import (
     LISTEN_OPTIONS,
     ListenOptions,
@@ -24,24 +22,12 @@ from ioserver._options import (
 )
 from ioserver._server import IOServer
 from ioserver._systemd import take_listener
-from ioserver._unix import cmd_listen_unix
+from ioserver._unix import check_path
 
 from ._port import Listener, Port
 from ._tcp import open_listener, open_stream
 
 __all__ = ["connect_unix", "listen_unix"]
-
-
-def _check_path(path: Any) -> str | bytes:
-    if isinstance(path, os.PathLike):
-        path = os.fspath(path)
-    if not isinstance(path, (str, bytes)) or not path:
-        raise OptionError(f"a Unix socket path is a non-empty str, bytes or path, not {path!r}")
-    limit = 107  # sun_path holds 108 bytes with the final NUL
-    size = len(os.fsencode(path))
-    if size > limit:
-        raise OptionError(f"the Unix socket path is {size} bytes long; the limit is {limit}")
-    return path
 
 
 async def connect_unix(
@@ -69,7 +55,7 @@ async def connect_unix(
             (``kind`` ``"forbidden"``).
     """
     hub = server._check_open("ports.connect_unix")
-    address = _check_path(path)
+    address = check_path(path)
     credit, settings = unix_options(dict(options), "a Unix socket port")
     result = await open_stream(server, hub, socket.AF_UNIX, address, credit, settings)
     if isinstance(result, BaseException):
@@ -113,7 +99,7 @@ async def listen_unix(
             (``kind`` ``"forbidden"``).
     """
     hub = server._check_open("ports.listen_unix")
-    address = _check_path(path)
+    address = check_path(path)
     check_options({"backlog": backlog}, LISTEN_OPTIONS, "a Unix socket listener")
     credit, settings = unix_options(dict(options), "a Unix socket listener's ports")
     all_options: ListenOptions = {
@@ -127,11 +113,8 @@ async def listen_unix(
     # systemd's socket activation: a socket passed for this very path is adopted.
     # A daemon's client: the path is the daemon's, and so would be an inherited socket.
     inherited: socket.socket | None = None
-    if isinstance(io, RemoteOpens):
-        command = io.cmd_listen_unix
-    else:
+    if not isinstance(io, RemoteOpens):
         inherited = take_listener(socket.AF_UNIX, address)
-        command = partial(cmd_listen_unix, io)
     return await open_listener(
         server,
         hub,
@@ -141,5 +124,5 @@ async def listen_unix(
         credit,
         settings,
         inherited,
-        command,
+        io.cmd_listen_unix,
     )

@@ -38,9 +38,16 @@ async def receive_exactly(port: ports.Port, size: int) -> bytes:
 async def wait_released(listener: ports.Listener) -> None:
     """Wait until the I/O thread has closed the listener's socket and dealt with its file
     (aclose only asks it to)."""
-    assert listener._conn is not None
-    sock = listener._conn.sock
+    conn = listener._conn
+    assert conn is not None
+    sock = getattr(conn, "sock", None)
     with anyio.fail_after(5):
+        if sock is None:
+            # The native core: its thread marks the listener closed once the socket is
+            # closed and its file dealt with.
+            while not conn.closed:
+                await anyio.lowlevel.checkpoint()
+            return
         while sock.fileno() != -1 or getattr(sock, "path", None) is not None:  # I/O thread's
             await anyio.lowlevel.checkpoint()
 

@@ -1,4 +1,6 @@
-//! The native I/O thread: TCP streams and listeners, without the GIL.
+//! The native I/O thread: TCP and Unix streams and listeners, without the GIL.
+//!
+//! A stream's socket is either kind (`sock.rs`): what follows is the same for both.
 //!
 //! One OS thread owns every socket of a native I/O server.  It never takes the GIL: what it
 //! gets from Python arrives as [`Command`]s through the command queue (a
@@ -45,18 +47,19 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, UnixListener};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use pyo3::prelude::*;
 
 use crate::flow::{self, Budget, Charges, Delivered, LoopCounters, ReadFault, ReceiveFlow};
 use crate::hosted::{Hosted, HOSTED};
+use crate::sock::{Address, Destination, ListenSock, ListenSocket, Sock};
 use crate::unsafe_io::HeldBytes;
 use crate::wakeup::WakeQueue;
 
@@ -281,7 +284,7 @@ pub enum Command {
     /// An accepted connection's loop half is made: start reading for it, charging each
     /// packet this many bytes beyond its own.
     Attach(Arc<ConnShared>, Target, u64),
-    /// Connect a TCP socket (a numeric address) and answer the request.
+    /// Connect a stream socket (TCP to a numeric address, or Unix) and answer the request.
     Connect {
         /// The waiting request.
         request: Target,
@@ -292,7 +295,7 @@ pub enum Command {
         /// Its loop's inbox.
         inbox: usize,
         /// Where to.
-        address: SocketAddr,
+        address: Destination,
         /// Its options.
         options: StreamOptions,
         /// Bytes charged per packet beyond its own (a framed port of this process).
@@ -307,7 +310,7 @@ pub enum Command {
         /// Its loop's inbox.
         inbox: usize,
         /// The socket, listening.
-        socket: std::net::TcpListener,
+        socket: ListenSocket,
         /// The options of each accepted connection.
         options: StreamOptions,
     },
@@ -352,9 +355,9 @@ pub enum Event {
         /// The new connection's I/O half.
         conn: Arc<ConnShared>,
         /// Its local address.
-        local: SocketAddr,
+        local: Address,
         /// The peer's.
-        remote: SocketAddr,
+        remote: Address,
     },
     /// An accept failed: `Error(name, errno, message)`.
     AcceptError(Target, i32),
@@ -365,14 +368,14 @@ pub enum Event {
         /// The connection's I/O half.
         conn: Arc<ConnShared>,
         /// Its local address.
-        local: SocketAddr,
+        local: Address,
         /// The peer's.
-        remote: SocketAddr,
+        remote: Address,
     },
     /// A connect failed: the request gets `ConnectError`.
-    ConnectFailed(Target, i32, SocketAddr),
+    ConnectFailed(Target, i32, Address),
     /// A listener is served: the request gets `(conn, local, None)`.
-    Listening(Target, Arc<ConnShared>, SocketAddr),
+    Listening(Target, Arc<ConnShared>, Address),
     /// Written buffers and references the thread no longer needs (closed ports), to be
     /// dropped under the GIL.
     Release(Vec<HeldBytes>, Vec<Target>),
@@ -467,7 +470,7 @@ impl Shared {
 }
 
 struct Stream {
-    sock: TcpStream,
+    sock: Sock,
     conn: Arc<ConnShared>,
     port: Option<Target>,
     window: Option<Arc<WindowShared>>,
@@ -481,7 +484,7 @@ struct Stream {
     out_bytes: u64,
     /// A connect in progress: the request to answer and the address (boxed: 40 bytes
     /// inline in every stream, against 8, for what only a connecting one has).
-    connecting: Option<Box<(Target, SocketAddr)>>,
+    connecting: Option<Box<(Target, Address)>>,
     readable: bool,
     /// An edge said the peer closed or the connection failed: read until it is reported.
     hangup: bool,
@@ -504,9 +507,11 @@ struct Stream {
 }
 
 struct Listener {
-    sock: TcpListener,
+    sock: ListenSock,
     conn: Arc<ConnShared>,
     port: Target,
+    /// A Unix listener's path as its owner gave it: each accepted port's local address.
+    local: Option<Target>,
     options: StreamOptions,
     credit: i64,
     notify: bool,
@@ -573,21 +578,6 @@ pub struct IoThread {
 
 fn errno_of(error: &io::Error) -> i32 {
     error.raw_os_error().unwrap_or(libc::EIO)
-}
-
-fn apply_options(sock: &TcpStream, options: &StreamOptions) -> io::Result<()> {
-    let socket = socket2::SockRef::from(sock);
-    socket.set_nodelay(options.nodelay)?;
-    if options.keepalive {
-        socket.set_keepalive(true)?;
-    }
-    if let Some(size) = options.recbuf {
-        socket.set_recv_buffer_size(size)?;
-    }
-    if let Some(size) = options.sndbuf {
-        socket.set_send_buffer_size(size)?;
-    }
-    Ok(())
 }
 
 impl IoThread {
@@ -1605,7 +1595,7 @@ impl IoThread {
         inbox: usize,
         request: Target,
         errno: i32,
-        address: SocketAddr,
+        address: Address,
         target: Target,
     ) {
         self.stage(inbox, Event::ConnectFailed(request, errno, address));
@@ -1630,15 +1620,25 @@ impl IoThread {
     fn close(&mut self, entry: Entry) {
         match entry {
             Entry::Stream(mut s) => self.close_stream(&mut s),
-            Entry::Listener(mut l) => {
-                l.conn.closed.store(true, Ordering::SeqCst);
+            Entry::Listener(l) => {
+                let Listener {
+                    mut sock,
+                    conn,
+                    port,
+                    local,
+                    ..
+                } = *l;
                 self.shared.listeners_open.fetch_sub(1, Ordering::Relaxed);
-                let _ = self.poll.registry().deregister(&mut l.sock);
-                let inbox = l.conn.inbox;
-                let slot = l.conn.slot;
-                self.release_target(inbox, l.port.clone());
-                drop(l);
-                self.free_slot(slot);
+                let _ = self.poll.registry().deregister(&mut sock);
+                // The socket closes (a Unix one's file goes) before the port reads as
+                // closed: `closed` then says both are done.
+                drop(sock);
+                conn.closed.store(true, Ordering::SeqCst);
+                self.release_target(conn.inbox, port);
+                if let Some(local) = local {
+                    self.release_target(conn.inbox, local);
+                }
+                self.free_slot(conn.slot);
             }
         }
     }
@@ -1651,37 +1651,18 @@ impl IoThread {
         port: Target,
         window: Arc<WindowShared>,
         inbox: usize,
-        address: SocketAddr,
+        address: Destination,
         (options, overhead): (StreamOptions, u64),
     ) {
-        let made = (|| -> io::Result<(socket2::Socket, bool)> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(address),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            socket.set_nonblocking(true)?;
-            socket.set_cloexec(true)?;
-            match socket.connect(&address.into()) {
-                Ok(()) => Ok((socket, true)),
-                Err(error)
-                    if error.raw_os_error() == Some(libc::EINPROGRESS)
-                        || error.kind() == io::ErrorKind::WouldBlock =>
-                {
-                    Ok((socket, false))
-                }
-                Err(error) => Err(error),
-            }
-        })();
-        let (socket, done) = match made {
+        let (made, address) = address.open();
+        let (mut sock, done) = match made {
             Ok(made) => made,
             Err(error) => {
                 self.refuse(inbox, request, errno_of(&error), address, port);
                 return;
             }
         };
-        let mut sock = TcpStream::from_std(std::net::TcpStream::from(socket));
-        if let Err(error) = apply_options(&sock, &options) {
+        if let Err(error) = sock.apply_options(&options) {
             self.refuse(inbox, request, errno_of(&error), address, port);
             return;
         }
@@ -1769,6 +1750,10 @@ impl IoThread {
                         remote,
                     },
                 );
+                // A Unix destination's path object goes back to be dropped under the GIL.
+                if let Address::Given(given) = address {
+                    self.release_target(inbox, given);
+                }
             }
             (Err(error), _) | (_, Err(error)) => {
                 self.stage(
@@ -1796,11 +1781,24 @@ impl IoThread {
         request: Target,
         listener: Target,
         inbox: usize,
-        socket: std::net::TcpListener,
+        socket: ListenSocket,
         options: StreamOptions,
     ) {
-        let local = socket.local_addr();
-        let mut sock = TcpListener::from_std(socket);
+        // A Unix listener's address is its path as its owner gave it (as on the Python
+        // core), also each accepted port's local address.
+        let (mut sock, local, given) = match socket {
+            ListenSocket::Tcp(socket) => {
+                let local = socket.local_addr().map(Address::Inet);
+                (ListenSock::Tcp(TcpListener::from_std(socket)), local, None)
+            }
+            ListenSocket::Unix { socket, path, file } => {
+                let sock = ListenSock::Unix {
+                    listener: UnixListener::from_std(socket),
+                    _file: file,
+                };
+                (sock, Ok(Address::Given(path.clone())), Some(path))
+            }
+        };
         let slot = self.allocate();
         let registered = self
             .poll
@@ -1810,9 +1808,12 @@ impl IoThread {
             (Ok(()), Ok(local)) => local,
             (Err(error), _) | (_, Err(error)) => {
                 self.free.push(slot);
-                let address = SocketAddr::from(([0, 0, 0, 0], 0));
+                let address = match given {
+                    Some(path) => Address::Given(path),
+                    None => Address::unspecified(),
+                };
                 self.refuse(inbox, request, errno_of(&error), address, listener);
-                return;
+                return; // (the socket closes here, and a Unix one's file goes)
             }
         };
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
@@ -1823,6 +1824,7 @@ impl IoThread {
             sock,
             conn,
             port: listener,
+            local: given,
             options,
             credit: -1,
             notify: false,
@@ -1865,11 +1867,15 @@ impl IoThread {
                     return;
                 }
             };
-            if apply_options(&sock, &l.options).is_err() {
+            if sock.apply_options(&l.options).is_err() {
                 continue; // the peer is already gone (reset before we looked)
             }
-            let Ok(local) = sock.local_addr() else {
-                continue;
+            let local = match &l.local {
+                Some(path) => Address::Given(path.clone()),
+                None => match sock.local_addr() {
+                    Ok(local) => local,
+                    Err(_) => continue,
+                },
             };
             let slot = self.allocate();
             if self
@@ -2007,15 +2013,25 @@ impl IoThread {
                 address,
                 ..
             } => {
-                self.refuse(inbox, request, libc::ECANCELED, address, port);
+                self.refuse(
+                    inbox,
+                    request,
+                    libc::ECANCELED,
+                    address.into_address(),
+                    port,
+                );
             }
             Command::Listen {
                 request,
                 listener,
                 inbox,
+                socket,
                 ..
             } => {
-                let address = SocketAddr::from(([0, 0, 0, 0], 0));
+                let address = match socket {
+                    ListenSocket::Tcp(_) => Address::unspecified(),
+                    ListenSocket::Unix { path, .. } => Address::Given(path),
+                };
                 self.refuse(inbox, request, libc::ECANCELED, address, listener);
             }
             _ => {}

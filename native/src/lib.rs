@@ -24,6 +24,7 @@ pub mod wakeup;
 mod core;
 mod hosted;
 mod py;
+mod sock;
 
 pub mod flow;
 pub mod framing;

@@ -21,7 +21,8 @@ use crate::core::{
 };
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
-use crate::unsafe_io::{adopt_listener, HeldBytes};
+use crate::sock::{Address, Destination, ListenSocket, SocketFile};
+use crate::unsafe_io::{adopt_listener, adopt_stream, HeldBytes};
 use crate::wakeup::WakeQueue;
 
 fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
@@ -62,6 +63,33 @@ fn address<'py>(py: Python<'py>, address: &SocketAddr) -> PyResult<Bound<'py, Py
         SocketAddr::V6(a) => {
             (a.ip().to_string(), a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)
         }
+    }
+}
+
+/// An address as the Python core gives it (`socket.getsockname()`, CPython's
+/// `makesockaddr`; see `sock.rs`): a tuple for TCP; for Unix the path as a `str` (decoded
+/// as file names are), a `bytes` abstract name with its leading NUL, `""` unnamed; or the
+/// object the owner gave.
+fn address_object<'py>(py: Python<'py>, address: &Address) -> PyResult<Bound<'py, PyAny>> {
+    match address {
+        Address::Inet(a) => Ok(self::address(py, a)?.into_any()),
+        Address::Unix(a) => {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::linux::net::SocketAddrExt;
+                if let Some(name) = a.as_abstract_name() {
+                    let mut bytes = Vec::with_capacity(name.len() + 1);
+                    bytes.push(0);
+                    bytes.extend_from_slice(name);
+                    return Ok(PyBytes::new(py, &bytes).into_any());
+                }
+            }
+            match a.as_pathname() {
+                Some(path) => Ok(path.as_os_str().into_pyobject(py)?.into_any()),
+                None => Ok(pyo3::types::PyString::new(py, "").into_any()),
+            }
+        }
+        Address::Given(target) => Ok(target.obj.bind(py).clone()),
     }
 }
 
@@ -381,11 +409,16 @@ impl Inbox {
     fn accepted_addresses<'py>(
         &self,
         py: Python<'py>,
-        local: &SocketAddr,
-        remote: &SocketAddr,
-    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyTuple>)> {
+        local: &Address,
+        remote: &Address,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let (Address::Inet(local), Address::Inet(remote)) = (local, remote) else {
+            // A Unix connection: its local address is its listener's path, shared already.
+            return Ok((address_object(py, local)?, address_object(py, remote)?));
+        };
         let Ok(mut cache) = self.addresses.lock() else {
-            return Ok((address(py, local)?, address(py, remote)?));
+            let (local, remote) = (address(py, local)?, address(py, remote)?);
+            return Ok((local.into_any(), remote.into_any()));
         };
         let local = match &cache.local {
             Some((known, tuple)) if known == local => tuple.bind(py).clone(),
@@ -408,7 +441,7 @@ impl Inbox {
             SocketAddr::V4(a) => (host, a.port()).into_pyobject(py)?,
             SocketAddr::V6(a) => (host, a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)?,
         };
-        Ok((local, remote))
+        Ok((local.into_any(), remote.into_any()))
     }
 
     fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
@@ -514,19 +547,23 @@ impl Inbox {
                 remote,
             } => {
                 let handle = Py::new(py, Conn { shared: conn })?;
-                let answer = (handle, address(py, &local)?, address(py, &remote)?);
+                let answer = (
+                    handle,
+                    address_object(py, &local)?,
+                    address_object(py, &remote)?,
+                );
                 pair(&request, answer.into_pyobject(py)?.into_any())
             }
             Event::ConnectFailed(request, errno, to) => {
                 let error = self
                     .connect_error
                     .bind(py)
-                    .call1((errno, address(py, &to)?))?;
+                    .call1((errno, address_object(py, &to)?))?;
                 pair(&request, error)
             }
             Event::Listening(request, conn, local) => {
                 let handle = Py::new(py, Conn { shared: conn })?;
-                let answer = (handle, address(py, &local)?, py.None());
+                let answer = (handle, address_object(py, &local)?, py.None());
                 pair(&request, answer.into_pyobject(py)?.into_any())
             }
             Event::Release(bytes, targets) => {
@@ -1082,7 +1119,7 @@ impl Core {
             port,
             window: Arc::clone(shared),
             inbox: index,
-            address,
+            address: Destination::Inet(address),
             options,
             overhead,
         });
@@ -1108,7 +1145,8 @@ impl Core {
         active: (i64, bool),
     ) -> PyResult<()> {
         let options = stream_options(options, active)?;
-        let socket = adopt_listener(sock)?;
+        let socket =
+            std::net::TcpListener::from(adopt_listener(sock, &[libc::AF_INET, libc::AF_INET6])?);
         socket.set_nonblocking(true)?;
         let index = inbox.index;
         self.shared.commands.put(Command::Listen {
@@ -1120,7 +1158,127 @@ impl Core {
                 sizes: None,
             }),
             inbox: index,
-            socket,
+            socket: ListenSocket::Tcp(socket),
+            options,
+        });
+        Ok(())
+    }
+
+    /// Connect to the Unix stream socket at ``path`` (its bytes, ``os.fsencode``d; a
+    /// leading NUL: Linux's abstract namespace); answer ``request``.  ``given`` is the
+    /// path as the owner gave it, which a ``ConnectError`` names.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, port, window, inbox, path, given, options, active))]
+    fn connect_unix(
+        &self,
+        request: Py<PyAny>,
+        port: Py<PyAny>,
+        window: &Bound<'_, WindowCounters>,
+        inbox: PyRef<'_, Inbox>,
+        path: Vec<u8>,
+        given: Py<PyAny>,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let options = stream_options(options, active)?;
+        let index = inbox.index;
+        // Configured here, on the loop's thread, before the owner can use it.
+        let shared = &window.get().shared;
+        let counters = Arc::clone(&self.counters);
+        shared.receive.configure(options.flow.watermarks, counters);
+        let (port, overhead) = port_target(port, window)?;
+        self.shared.commands.put(Command::Connect {
+            request: target(request),
+            port,
+            window: Arc::clone(shared),
+            inbox: index,
+            address: Destination::Unix(path, target(given)),
+            options,
+            overhead,
+        });
+        Ok(())
+    }
+
+    /// Carry the connected Unix stream ``sock`` (our end of a program's stdin and stdout:
+    /// ``ports.open_process``) as ``port``'s stream; answer ``request`` with ``(conn, "",
+    /// "")``.  ``given`` is what a ``ConnectError`` names (the program).  The socket is
+    /// detached here (``adopt_stream``'s errors: ``TypeError``, ``ValueError``,
+    /// ``OSError``), as by :meth:`listen`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, port, window, inbox, sock, given, options, active))]
+    fn adopt_stream(
+        &self,
+        request: Py<PyAny>,
+        port: Py<PyAny>,
+        window: &Bound<'_, WindowCounters>,
+        inbox: PyRef<'_, Inbox>,
+        sock: &Bound<'_, PyAny>,
+        given: Py<PyAny>,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let options = stream_options(options, active)?;
+        let index = inbox.index;
+        // Configured here, on the loop's thread, before the owner can use it.
+        let shared = &window.get().shared;
+        let counters = Arc::clone(&self.counters);
+        shared.receive.configure(options.flow.watermarks, counters);
+        let (port, overhead) = port_target(port, window)?;
+        // Last: the socket is the native core's from here.
+        let stream = std::os::unix::net::UnixStream::from(adopt_stream(sock)?);
+        self.shared.commands.put(Command::Connect {
+            request: target(request),
+            port,
+            window: Arc::clone(shared),
+            inbox: index,
+            address: Destination::Adopted(stream, target(given)),
+            options,
+            overhead,
+        });
+        Ok(())
+    }
+
+    /// Serve the listening Unix ``socket.socket`` ``sock`` bound to ``path`` (as the owner
+    /// gave it: the listener's and each accepted port's local address); answer
+    /// ``request``.  ``file`` is ``(path bytes, (st_dev, st_ino))`` of the socket file it
+    /// bound (None: the abstract namespace): the I/O thread removes that file when the
+    /// listener's socket closes, if the path still names it.  The socket is detached here,
+    /// as by :meth:`listen`, whose errors this raises too.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (request, listener, make_port, inbox, sock, path, file, options, active))]
+    fn listen_unix(
+        &self,
+        request: Py<PyAny>,
+        listener: Py<PyAny>,
+        make_port: Py<PyAny>,
+        inbox: PyRef<'_, Inbox>,
+        sock: &Bound<'_, PyAny>,
+        path: Py<PyAny>,
+        file: Option<(Vec<u8>, (u64, u64))>,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+    ) -> PyResult<()> {
+        let options = stream_options(options, active)?;
+        let socket =
+            std::os::unix::net::UnixListener::from(adopt_listener(sock, &[libc::AF_UNIX])?);
+        // Owned from here: an error below still removes the file (SocketFile's drop).
+        let file = file.map(|(bytes, identity)| SocketFile::new(bytes, identity));
+        socket.set_nonblocking(true)?;
+        let index = inbox.index;
+        self.shared.commands.put(Command::Listen {
+            request: target(request),
+            listener: Arc::new(PyTarget {
+                obj: listener,
+                make_port: Some(make_port),
+                window: None,
+                sizes: None,
+            }),
+            inbox: index,
+            socket: ListenSocket::Unix {
+                socket,
+                path: target(path),
+                file,
+            },
             options,
         });
         Ok(())

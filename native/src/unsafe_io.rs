@@ -6,9 +6,10 @@
 //!   without the GIL and without copying it.  The object is immutable and the held
 //!   reference keeps it alive, so its buffer does not move or change while it is held.
 //! * [`eventfd`]: the wake-up fd of each direction (Linux's `eventfd(2)`).
-//! * [`adopt_listener`]: a listening socket Python bound (with its errors in the
-//!   project's terms) is handed to the I/O thread: its `socket.socket` object gives up
-//!   the fd (`detach()`), and only then does the crate own it.
+//! * [`adopt_listener`], [`adopt_stream`]: a listening socket Python bound (with its
+//!   errors in the project's terms), or a program's stdio socket Python made, is handed to
+//!   the I/O thread: its `socket.socket` object gives up the fd (`detach()`), and only
+//!   then does the crate own it.
 //! * [`Ring`]: the io_uring backend (`uring.rs`) hands the kernel pointers to memory it
 //!   reads (queued output) or writes (receive buffers) after the call that submits them has
 //!   returned: `io_uring::SubmissionQueue::push` is `unsafe` for that reason.  [`Ring::run`]
@@ -89,21 +90,41 @@ pub fn eventfd() -> io::Result<File> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// Take ownership of a listening TCP socket from its Python `socket.socket` object.
+/// Take ownership of a listening stream socket (TCP or Unix) from its Python
+/// `socket.socket` object.
 ///
 /// `sock` must be exactly a `socket.socket` (not a subclass, whose `detach` could lie), of
-/// type `SOCK_STREAM`, listening (`SO_ACCEPTCONN`); the fd comes from its own `detach()`,
+/// one of `families`, of type `SOCK_STREAM`, listening (`SO_ACCEPTCONN`); the fd comes
+/// from its own `detach()`,
 /// which leaves the object closed (fd -1) without closing the fd: from then on nothing in
 /// Python refers to it, and the returned listener owns it.
 ///
 /// Raises (as `PyErr`): `TypeError` if `sock` is not a `socket.socket`; `ValueError` if
-/// it is closed, not a stream socket, or not listening; `OSError` from `getsockopt`.
-pub fn adopt_listener(sock: &Bound<'_, PyAny>) -> PyResult<std::net::TcpListener> {
+/// it is closed, of another family, not a stream socket, or not listening; `OSError`
+/// from `getsockopt`.
+pub fn adopt_listener(sock: &Bound<'_, PyAny>, families: &[i32]) -> PyResult<OwnedFd> {
+    adopt_socket(sock, families, true)
+}
+
+/// Take ownership of a connected Unix stream socket (our end of a program's stdio socket
+/// pair) from its Python `socket.socket` object, as [`adopt_listener`] does a listener:
+/// exactly a `socket.socket`, `AF_UNIX`, `SOCK_STREAM`, not listening, connected (its
+/// `getpeername()` succeeds).
+///
+/// Raises (as `PyErr`): `TypeError` if `sock` is not a `socket.socket`; `ValueError` if
+/// it is closed, not a Unix stream socket, or listening; `OSError` if it is not connected
+/// (`ENOTCONN`).
+pub fn adopt_stream(sock: &Bound<'_, PyAny>) -> PyResult<OwnedFd> {
+    adopt_socket(sock, &[libc::AF_UNIX], false)
+}
+
+/// [`adopt_listener`] (`listening`) or [`adopt_stream`].
+fn adopt_socket(sock: &Bound<'_, PyAny>, families: &[i32], listening: bool) -> PyResult<OwnedFd> {
     let py = sock.py();
     let socket_class = py.import("socket")?.getattr("socket")?;
     if !sock.get_type().is(&socket_class) {
         return Err(pyo3::exceptions::PyTypeError::new_err(
-            "the native core listens on a socket.socket",
+            "the native core takes a socket.socket",
         ));
     }
     if sock.call_method0("fileno")?.extract::<i64>()? < 0 {
@@ -111,14 +132,25 @@ pub fn adopt_listener(sock: &Bound<'_, PyAny>) -> PyResult<std::net::TcpListener
             "the socket is closed",
         ));
     }
+    let family: i32 = sock.getattr("family")?.extract()?;
+    if !families.contains(&family) {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "the socket is not of the address family this call takes",
+        ));
+    }
     let kind: i32 = sock.getattr("type")?.extract()?;
     let accepting: i64 = sock
         .call_method1("getsockopt", (libc::SOL_SOCKET, libc::SO_ACCEPTCONN))?
         .extract()?;
-    if kind != libc::SOCK_STREAM || accepting == 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err(
-            "the native core listens on a listening stream socket (listen() was not called)",
-        ));
+    if kind != libc::SOCK_STREAM || (accepting != 0) != listening {
+        return Err(pyo3::exceptions::PyValueError::new_err(if listening {
+            "the native core listens on a listening stream socket (listen() was not called)"
+        } else {
+            "the native core carries a connected stream socket, not a listening one"
+        }));
+    }
+    if !listening {
+        sock.call_method0("getpeername")?; // ENOTCONN: not connected
     }
     let fd: RawFd = sock.call_method0("detach")?.extract()?;
     if fd < 0 {
@@ -128,9 +160,9 @@ pub fn adopt_listener(sock: &Bound<'_, PyAny>) -> PyResult<std::net::TcpListener
     // so the method is CPython's own): that call gave up the object's ownership of the
     // fd without closing it, and no other Python object refers to it, so this `OwnedFd`
     // is its only owner and the only one to close it.  The checks above (a stream socket,
-    // listening) ran on that same fd under the GIL, with the object still owning it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(std::net::TcpListener::from(owned))
+    // listening or connected) ran on that same fd under the GIL, with the object still
+    // owning it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 // -- io_uring ------------------------------------------------------------------------------
