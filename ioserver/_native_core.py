@@ -48,7 +48,7 @@ from . import _native  # the extension module (types: _native.pyi)
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, NotSupportedError, errno_name
 from ._flow import Window
-from ._framing import Framer, port_framer
+from ._framing import Framer
 from ._hub import AsyncioHub, TrioHub, log
 from ._iothread import IOThread
 from ._tcp import listen_socket
@@ -110,7 +110,13 @@ class NativeWindow(_native.WindowCounters):
         self.resume_generation = 0
         self.framer = framer
         self.packet_overhead = packet_overhead if framer is not None else 0
-        self.sizes: deque[int] | None = deque() if self.packet_overhead else None
+        # (Without an overhead a packet of bytes is charged its length; a decoded
+        # object's charge is never its len(), so it always goes through sizes.)
+        self.sizes: deque[int] | None = (
+            deque()
+            if self.packet_overhead or (framer is not None and framer.decodes_objects)
+            else None
+        )
         self.queued_bytes = 0
         self.send_blocked = False
 
@@ -319,15 +325,13 @@ class NativeIOThread(IOThread):
 
     def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
         window = spec.port._window
-        framer = window.framer
         if (
             spec.tls is not None
-            or (framer is not None and framer.decodes_objects)
             or not isinstance(window, NativeWindow)
             or spec.family not in (socket.AF_INET, socket.AF_INET6)
             or not self._native_request(request)
         ):
-            # TLS, msgpack/resp, Unix: the hosted half's (not native yet).
+            # TLS, Unix: the hosted half's (not native yet).
             self._host_open(partial(IOThread.cmd_connect, self), request, spec)
             return
         address = spec.address
@@ -350,10 +354,8 @@ class NativeIOThread(IOThread):
         )
 
     def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
-        framer = port_framer(spec.options)
         if (
             spec.tls is not None
-            or (framer is not None and framer.decodes_objects)
             or spec.family not in (socket.AF_INET, socket.AF_INET6)
             or not self._native_request(request)
         ):
