@@ -158,13 +158,26 @@ async def test_a_msgpack_bomb_is_refused_at_its_header(
 
 
 @pytest.mark.every_core
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"\xa2\xff\xfe", id="str-not-utf8"),
+        pytest.param(b"\x81\x91\x01\x02", id="unhashable-key"),
+        pytest.param(b"\xc7\x05\xff" + b"\x00" * 5, id="bad-timestamp"),
+    ],
+)
 async def test_a_msgpack_object_the_decoder_refuses_closes_the_port_with_eproto(
-    ios: ioserver.IOServer,
+    ios: ioserver.IOServer, bad: bytes
 ) -> None:
     """An object whose boundaries frame but which the decoder refuses (a ``str`` that is
-    not UTF-8) reaches the owner as the Python core's framer error: ``Error("EPROTO")``
-    with msgpack's text, then ``Closed("EPROTO")``; the port is closed and what the peer
-    sends after it is not delivered."""
+    not UTF-8, a map keyed by a list, a timestamp of a wrong length) reaches the owner as
+    the Python core's framer error: ``Error("EPROTO")`` with msgpack's text, then
+    ``Closed("EPROTO")``; the port is closed and what the peer sends after it is not
+    delivered.  The next connection's objects decode as before."""
+    try:
+        msgpack.unpackb(bad, raw=False, strict_map_key=False)
+    except (ValueError, TypeError) as exc:
+        text = f"malformed msgpack data: {exc}"
     listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
     async with listener:
         with socket.create_connection(listener.local_address) as peer:
@@ -173,11 +186,6 @@ async def test_a_msgpack_object_the_decoder_refuses_closes_the_port_with_eproto(
                 peer.sendall(msgpack.packb("before"))
                 with anyio.fail_after(5):
                     assert await port.receive() == Data("before")
-                bad = b"\xa2\xff\xfe"  # a fixstr of two bytes that are not UTF-8
-                try:
-                    msgpack.unpackb(bad, raw=False)
-                except ValueError as exc:
-                    text = f"malformed msgpack data: {exc}"
                 peer.sendall(bad + msgpack.packb("after") * 100)
                 with anyio.fail_after(5):
                     assert await port.receive() == Error("EPROTO", errno.EPROTO, text)
@@ -185,6 +193,13 @@ async def test_a_msgpack_object_the_decoder_refuses_closes_the_port_with_eproto(
                 assert _peer_ended(peer)
                 with pytest.raises(ports.EndOfPort):
                     port.receive_nowait()
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept(listener)
+            async with port:
+                peer.sendall(msgpack.packb({"next": [1, 2]}) + msgpack.packb("one"))
+                with anyio.fail_after(5):
+                    assert await port.receive() == Data({"next": [1, 2]})
+                    assert await port.receive() == Data("one")
         await _until(lambda: ios.statistics().memory_in_use == 0)
 
 
