@@ -15,8 +15,10 @@ shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
   call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
   the GIL.
 
-What the native thread carries itself: TCP ports in raw mode and in the packet modes whose
-packets are bytes (1, 2, 4, line: framed in Rust, ``native/src/framing.rs``) - connect
+What the native thread carries itself: TCP ports in raw mode and in every packet mode (1, 2,
+4, line, msgpack, resp: framed in Rust, ``native/src/framing.rs``; a msgpack object's wire
+bytes are decoded in Python, by the loop's drain, ``Inbox.take``, and a resp command's
+``list[bytes]`` is built there) - connect
 (numeric addresses; names are resolved in the loop as before), listen and accept, reads,
 gathered writes, half-close, close after the queued output within ``linger``, errno names -
 with the flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
@@ -26,8 +28,8 @@ watermarks and the pause handshake, the active credit and held packets, ``memory
 Everything else runs on the same thread too, in Python: :class:`NativeIOThread` is also
 an ``IOThread`` in its *hosted* mode (no thread of its own), whose rounds the native thread
 runs under the GIL when its poller's fd fires or its timer is due (``native/src/hosted.rs``).
-Its ports are UDP, Unix streams, programs, ZeroMQ, TUN/TAP, TCP with ``tls=`` or the
-msgpack and resp packet modes, and any function submitted to the I/O thread (the daemon's
+Its ports are UDP, Unix streams, programs, ZeroMQ, TUN/TAP, TCP with ``tls=``, and any
+function submitted to the I/O thread (the daemon's
 control endpoint).  Those ports have the Python core's window (``ioserver._flow.Window``,
 counted in their hub), the native ports a :class:`NativeWindow`.  The command queue routes
 by target: a command on a native ``Conn`` goes to the native thread, any other to the
