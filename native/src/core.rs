@@ -398,8 +398,8 @@ pub enum Event {
 pub enum Payload {
     /// Bytes (1, 2, 4, line): `Data(bytes)`.
     Bytes(Vec<u8>),
-    /// The wire bytes of one whole msgpack object: the drain decodes it
-    /// (`msgpack.unpackb(packet, raw=False, strict_map_key=False)`, the Python framer's).
+    /// The wire bytes of one whole msgpack object: the drain decodes it (with the Python
+    /// framer's options, `raw=False, strict_map_key=False`: see `py.rs`'s `Inbox`).
     Msgpack(Vec<u8>),
     /// A RESP command: its arguments back to back, and where each one ends.
     Command(Vec<u8>, Vec<usize>),

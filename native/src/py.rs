@@ -431,11 +431,13 @@ impl Inbox {
         Ok(match payload {
             Payload::Msgpack(bytes) => {
                 let packet = PyBytes::new(py, &bytes);
-                let mut decoder = self
+                // Taken out of the lock while Python runs (nothing is held across a call).
+                let held = self
                     .decoder
                     .lock()
-                    .map_err(|_| PyRuntimeError::new_err("poisoned"))?;
-                let (feed, unpack) = match decoder.take() {
+                    .ok()
+                    .and_then(|mut decoder| decoder.take());
+                let (feed, unpack) = match held {
                     Some(methods) => methods,
                     None => {
                         let unpacker = self.unpacker.bind(py).call0()?;
@@ -445,8 +447,10 @@ impl Inbox {
                 };
                 feed.bind(py).call1((packet,))?;
                 let object = unpack.bind(py).call0()?;
-                // (Put back only after a success: a refused object may leave bytes in it.)
-                *decoder = Some((feed, unpack));
+                // Put back only after a success: a refused object may leave bytes in it.
+                if let Ok(mut decoder) = self.decoder.lock() {
+                    *decoder = Some((feed, unpack));
+                }
                 object
             }
             Payload::Command(data, ends) => {
