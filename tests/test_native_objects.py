@@ -164,6 +164,8 @@ async def test_a_msgpack_bomb_is_refused_at_its_header(
         pytest.param(b"\xa2\xff\xfe", id="str-not-utf8"),
         pytest.param(b"\x81\x91\x01\x02", id="unhashable-key"),
         pytest.param(b"\xc7\x05\xff" + b"\x00" * 5, id="bad-timestamp"),
+        # Larger than the drain's reused decoder takes (16 KiB): decoded by unpackb.
+        pytest.param(b"\xdb" + (20000).to_bytes(4, "big") + b"\xff" * 20000, id="big-str"),
     ],
 )
 async def test_a_msgpack_object_the_decoder_refuses_closes_the_port_with_eproto(
@@ -196,9 +198,12 @@ async def test_a_msgpack_object_the_decoder_refuses_closes_the_port_with_eproto(
         with socket.create_connection(listener.local_address) as peer:
             port = await _accept(listener)
             async with port:
-                peer.sendall(msgpack.packb({"next": [1, 2]}) + msgpack.packb("one"))
+                big = {"big": "é" * 30000, "list": list(range(5000))}
+                wire = msgpack.packb({"next": [1, 2]}) + msgpack.packb(big)
+                peer.sendall(wire + msgpack.packb("one"))
                 with anyio.fail_after(5):
                     assert await port.receive() == Data({"next": [1, 2]})
+                    assert await port.receive() == Data(big)
                     assert await port.receive() == Data("one")
         await _until(lambda: ios.statistics().memory_in_use == 0)
 

@@ -332,6 +332,10 @@ impl Conn {
     }
 }
 
+/// The largest msgpack packet the drain decodes with its reused `Unpacker` (bytes): that
+/// decoder's buffer, which it never shrinks (see [`Inbox`]'s `unpackb`).
+const REUSED_DECODER_MAX: usize = 16 << 10;
+
 /// A loop's end of the I/O thread's events: a wake-up fd and one call that turns every
 /// queued batch into `(target, message)` pairs.
 #[pyclass(module = "ioserver._native")]
@@ -359,15 +363,23 @@ pub struct Inbox {
     errno_name: Py<PyAny>,
     connect_error: Py<PyAny>,
     eof: Py<PyAny>,
-    /// A msgpack packet's decoder: `msgpack.Unpacker(raw=False, strict_map_key=False,
-    /// max_buffer_size=0)` (the Python framer's options; no cap of its own: the packet is
-    /// one whole object of at most `packet_size` bytes), made by `unpacker`, and its
-    /// `feed` and `unpack`.  One per loop, reused: `feed` then `unpack` is 410 ns for a
-    /// small object where `unpackb` with its keywords is 675 (1,000 called with a dict
-    /// from here): keywords cost a Cython function more than its decoding.  Replaced after
-    /// a refusal (it may hold the rest of the object).
+    /// A small msgpack packet's decoder (at most [`REUSED_DECODER_MAX`] bytes):
+    /// `msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=16 KiB)` (the
+    /// Python framer's options; its length caps are the buffer's size, which the whole
+    /// object fits), made by `unpacker`, and its `feed` and `unpack`.  One per loop,
+    /// reused: `feed` then `unpack` is 410 ns for a small object where `unpackb` with its
+    /// keywords is 675 (1,000 called with a dict from here): keywords cost a Cython
+    /// function more than its decoding.  Replaced after a refusal (it may hold the rest of
+    /// the object).
     unpacker: Py<PyAny>,
     decoder: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    /// A larger packet's: `msgpack.unpackb` with `unpack_options` (`raw=False,
+    /// strict_map_key=False`; its caps default to the packet's size), as the Python
+    /// framer decodes one object.  The reused `Unpacker` keeps the largest buffer it ever
+    /// held, so it never takes more than its 16 KiB: a loop keeps no copy of a large
+    /// object it decoded once.
+    unpackb: Py<PyAny>,
+    unpack_options: Py<PyDict>,
     /// The last accepted connection's addresses as Python objects, reused for the next
     /// (see [`Inbox::accepted_addresses`]).
     addresses: Mutex<AddressCache>,
@@ -429,6 +441,11 @@ impl Inbox {
     /// raised.
     fn object<'py>(&self, py: Python<'py>, payload: Payload) -> PyResult<Bound<'py, PyAny>> {
         Ok(match payload {
+            Payload::Msgpack(bytes) if bytes.len() > REUSED_DECODER_MAX => {
+                let packet = PyBytes::new(py, &bytes);
+                let options = self.unpack_options.bind(py);
+                self.unpackb.bind(py).call((packet,), Some(options))?
+            }
             Payload::Msgpack(bytes) => {
                 let packet = PyBytes::new(py, &bytes);
                 // Taken out of the lock while Python runs (nothing is held across a call).
@@ -990,6 +1007,11 @@ impl Core {
             .getattr("__new__")?
             .unbind();
         let eof = closed.call1(("eof",))?.unbind();
+        let msgpack = py.import("msgpack")?;
+        let unpack_options = PyDict::new(py);
+        unpack_options.set_item("raw", false)?;
+        unpack_options.set_item("strict_map_key", false)?;
+        let unpack_options = unpack_options.unbind();
         let queue = Arc::new(WakeQueue::new()?);
         let hosted = PyList::empty(py).unbind();
         let mut count = self
@@ -1024,17 +1046,17 @@ impl Core {
             connect_error: tcp.getattr("connect_error")?.unbind(),
             eof,
             unpacker: {
-                let options = PyDict::new(py);
-                options.set_item("raw", false)?;
-                options.set_item("strict_map_key", false)?;
-                options.set_item("max_buffer_size", 0)?;
-                let unpacker = py.import("msgpack")?.getattr("Unpacker")?;
+                let options = unpack_options.bind(py).copy()?;
+                options.set_item("max_buffer_size", REUSED_DECODER_MAX)?;
+                let unpacker = msgpack.getattr("Unpacker")?;
                 py.import("functools")?
                     .getattr("partial")?
                     .call((unpacker,), Some(&options))?
                     .unbind()
             },
             decoder: Mutex::new(None),
+            unpackb: msgpack.getattr("unpackb")?.unbind(),
+            unpack_options,
             addresses: Mutex::new(AddressCache::default()),
             hosted,
         })
