@@ -15,12 +15,14 @@ shaped as the Python core's objects so that ``ports/`` runs unchanged on either:
   call (``Inbox.take``), which builds every ``(port, message)`` pair of the batch under
   the GIL.
 
-What the native thread carries itself: TCP and Unix stream ports in raw mode and in the
-packet modes whose packets are bytes (1, 2, 4, line: framed in Rust,
-``native/src/framing.rs``) - connect (TCP to numeric addresses, names being resolved in the
-loop as before; Unix to a path or an abstract name), listen and accept, reads, gathered
-writes, half-close, close after the queued output within ``linger``, errno names - with the
-flow control of ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
+What the native thread carries itself: TCP and Unix stream ports and a program's stdin and
+stdout, in raw mode and in every packet mode (1, 2, 4, line, msgpack, resp: framed in Rust,
+``native/src/framing.rs``; a msgpack object's wire bytes are decoded in Python, by the
+loop's drain, ``Inbox.take``, and a resp command's ``list[bytes]`` is built there) -
+connect (TCP to numeric addresses, names being resolved in the loop as before; Unix to a
+path or an abstract name), listen and accept, reads, gathered writes, half-close, close
+after the queued output within ``linger``, errno names - with the flow control of
+``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
 watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
 (the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.  The
 port's socket is either kind (``native/src/sock.rs``): the rest of the thread is one code
@@ -40,9 +42,8 @@ Everything else runs on the same thread too, in Python: :class:`NativeIOThread` 
 an ``IOThread`` in its *hosted* mode (no thread of its own), whose rounds the native thread
 runs under the GIL when its poller's fd fires or its timer is due (``native/src/hosted.rs``).
 Its ports are UDP, ZeroMQ, TUN/TAP, programs' watchers and ``stderr="port"`` streams, TCP
-with ``tls=``, TCP, Unix and process streams in the msgpack and resp packet modes, a
-daemon's clients' ports, and any function submitted to the I/O thread (the daemon's
-control endpoint).  Those ports have the Python core's window
+with ``tls=``, a daemon's clients' ports, and any function submitted to the I/O thread (the
+daemon's control endpoint).  Those ports have the Python core's window
 (``ioserver._flow.Window``, counted in their hub), the native ports a
 :class:`NativeWindow`.  The command queue routes by target: a command on a native ``Conn``
 goes to the native thread, any other to the hosted half's queue.  One ``memory_limit``
@@ -65,7 +66,7 @@ from . import _native  # the extension module (types: _native.pyi)
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, NotSupportedError, errno_name
 from ._flow import Window
-from ._framing import Framer, port_framer
+from ._framing import Framer
 from ._hub import AsyncioHub, TrioHub, log
 from ._iothread import IOThread
 from ._tcp import listen_socket
@@ -133,7 +134,13 @@ class NativeWindow(_native.WindowCounters):
         self.resume_generation = 0
         self.framer = framer
         self.packet_overhead = packet_overhead if framer is not None else 0
-        self.sizes: deque[int] | None = deque() if self.packet_overhead else None
+        # (Without an overhead a packet of bytes is charged its length; a decoded
+        # object's charge is never its len(), so it always goes through sizes.)
+        self.sizes: deque[int] | None = (
+            deque()
+            if self.packet_overhead or (framer is not None and framer.decodes_objects)
+            else None
+        )
         self.queued_bytes = 0
         self.send_blocked = False
 
@@ -357,15 +364,13 @@ class NativeIOThread(IOThread):
 
     def cmd_connect(self, request: Any, spec: ConnectRequest) -> None:
         window = spec.port._window
-        framer = window.framer
         if (
             spec.tls is not None
-            or (framer is not None and framer.decodes_objects)
             or not isinstance(window, NativeWindow)
             or spec.family not in _NATIVE_FAMILIES
             or not self._native_request(request)
         ):
-            # TLS, msgpack/resp: the hosted half's (not native yet).
+            # TLS, a daemon's client's: the hosted half's.
             self._host_open(partial(IOThread.cmd_connect, self), request, spec)
             return
         address = spec.address
@@ -401,10 +406,8 @@ class NativeIOThread(IOThread):
         )
 
     def cmd_listen(self, request: Any, spec: ListenRequest) -> None:
-        framer = port_framer(spec.options)
         if (
             spec.tls is not None
-            or (framer is not None and framer.decodes_objects)
             or spec.family not in (socket.AF_INET, socket.AF_INET6)
             or not self._native_request(request)
         ):
@@ -434,9 +437,8 @@ class NativeIOThread(IOThread):
         checks (a stale socket file probed and removed, anything else at the path left
         alone: ``ioserver._unix.listen_unix_socket``), then served by the native thread,
         which removes the socket file when the listener closes (if the path still names
-        it).  A daemon's open, msgpack/resp, go to the hosted half."""
-        framer = port_framer(spec.options)
-        if (framer is not None and framer.decodes_objects) or not self._native_request(request):
+        it).  A daemon's open goes to the hosted half."""
+        if not self._native_request(request):
             self._host_open(partial(IOThread.cmd_listen_unix, self), request, spec)
             return
         path = spec.address
@@ -477,8 +479,8 @@ class NativeIOThread(IOThread):
         """Have the native thread carry the connected Unix stream ``sock`` (our end of a
         program's stdin and stdout: ``ports.open_process``) as ``port``'s stream, and
         answer ``request`` with ``(conn, "", "")``: True if it took it (the socket is then
-        detached, the native core's), False if the hosted half must serve it (a port
-        whose packets are objects, or a daemon's)."""
+        detached, the native core's), False if the hosted half must serve it (a daemon's
+        port)."""
         window = port._window
         if not isinstance(window, NativeWindow) or not self._native_request(request):
             return False

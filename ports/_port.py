@@ -165,9 +165,8 @@ class _PortBase(Source):
         # Each packet a framer delivers is charged PACKET_OVERHEAD on top of its bytes,
         # popped from the window's sizes as the owner takes it.
         # (The I/O half says which class: the native core's keeps its counters in atomics,
-        # for the ports its thread carries itself - ``native``, a TCP port without TLS
-        # whose packets are bytes; its hosted half's ports have the Python core's.)
-        native = native and (framer is None or not framer.decodes_objects)
+        # for the ports its thread carries itself - ``native``, a TCP port without TLS;
+        # its hosted half's ports have the Python core's.)
         window_class = getattr(server._io, "window_class", Window) if native else Window
         window = self._window = window_class(framer, PACKET_OVERHEAD)
         if window.took is None:

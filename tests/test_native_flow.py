@@ -590,10 +590,16 @@ def test_framed_reads_deliver_hold_and_charge_as_python_s(
                     else ("EMSGSIZE" if isinstance(fault, PacketTooLarge) else "EPROTO")
                 )
                 got += [("error", name_, str(fault)), ("closed", name_)]
-            if fault is None and expected[-1:] == [("closed", "EPROTO")]:
+            # (A str fault: port_buffer_limit's.)
+            decoder_error = expected[-1:] == [("closed", "EPROTO")]
+            if (fault is None or isinstance(fault, str)) and decoder_error:
                 # An object only the decoder refuses: the drain finds it (see
-                # test_native_framing), after the objects before it in the read.
-                assert packet == "msgpack" and expected[-2][2].startswith("malformed msgpack")
+                # test_native_framing), after the objects before it in the read; or, if
+                # the same read leaves the framer holding more than port_buffer_limit,
+                # the port is closed for that first (ENOBUFS), where the Python framer,
+                # which decodes in feed, raised EPROTO.
+                assert packet == "msgpack"
+                assert expected[-2][2].startswith("malformed msgpack")
                 break
             assert got == expected
         elif name == "take":

@@ -262,11 +262,11 @@ async def test_connecting_to_a_unix_listener_with_a_full_backlog_fails_at_once(
     assert ios.statistics().internal_errors == 0
 
 
-async def test_a_unix_port_that_decodes_objects_is_served_by_the_hosted_half(
+async def test_a_unix_port_that_decodes_objects_is_native_too(
     no_leaks: None, tmp_path: Path
 ) -> None:
-    """msgpack is decoded in Python: such a Unix port is the hosted half's (a Python
-    ``Conn``), and works as on the Python core."""
+    """msgpack is framed by the native thread on a Unix port as on TCP (the loop's drain
+    decodes each object), and works as on the Python core."""
     pytest.importorskip("msgpack")
     path = tmp_path / "objects.sock"
     async with ioserver.open(core="native") as ios:
@@ -276,7 +276,7 @@ async def test_a_unix_port_that_decodes_objects_is_served_by_the_hosted_half(
         ):
             server = await accept(listener)
             for port in (listener, client, server):
-                assert type(port._conn) is not _native.Conn
+                assert type(port._conn) is _native.Conn
             await client.send({"hello": [1, 2]})
             with anyio.fail_after(5):
                 assert await server.receive() == Data({"hello": [1, 2]})

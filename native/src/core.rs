@@ -111,6 +111,10 @@ pub struct PyTarget {
     /// A framed port's `window.sizes.append`: the charge of each packet goes there before
     /// the packet (the port pops it as its owner takes the packet).
     pub sizes: Option<Py<PyAny>>,
+    /// A msgpack packet of this port failed to decode in its loop's drain: the drain told
+    /// the owner (`Error`, then `Closed`) and drops what comes for the port after it.
+    /// Relaxed: written and read by that one loop's drains only.
+    pub failed: AtomicBool,
 }
 
 /// A shared reference to a [`PyTarget`]; its last clone is dropped by a drain.
@@ -181,8 +185,8 @@ pub struct StreamOptions {
     pub flow: Flow,
     /// The active credit (-1 unlimited, 0 passive, N) and whether to notify Passive.
     pub active: (i64, bool),
-    /// The packet mode and `packet_size` (None: raw); modes whose packets are bytes only
-    /// (1, 2, 4, line): the others decode objects in Python and are refused before.
+    /// The packet mode and `packet_size` (None: raw).  Every mode is framed here; a
+    /// msgpack object's bytes are decoded by the drain, in Python ([`Payload::Msgpack`]).
     pub framing: Option<(crate::framing::Mode, usize)>,
     /// Seconds a close may take to write the queued output before the socket is reset
     /// (`linger`; None: no bound).
@@ -317,6 +321,11 @@ pub enum Command {
     /// A Python function run for this port on the I/O thread (in the hosted half) raised:
     /// its owner gets `Closed(reason, "EIO")`, and the port is closed (the peer sees the end).
     Abort(Arc<ConnShared>, String),
+    /// A packet of this port did not decode in its loop's drain (a msgpack object the
+    /// decoder refused), which told the owner: close the port at once, without an event
+    /// (the Python core's `_frame_error` closes it as it tells the owner).  The target and
+    /// its loop's inbox: the drain has the port, not necessarily its `Conn` yet.
+    DecodeFailed(Target, usize),
     /// Close every port and end the thread.
     Stop,
     /// Panic in the thread (the tests' way to check that a failure is contained).
@@ -334,6 +343,11 @@ pub enum Event {
     /// A packet charged more than its length: its charge goes to the port's
     /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.
     Packet(Target, Vec<u8>, u64),
+    /// A packet of a mode whose messages are objects (msgpack, resp), with its charge:
+    /// the drain builds the object (decodes the msgpack bytes, makes the command's
+    /// `list[bytes]`, the error's exception), puts the charge in `window.sizes`, then
+    /// delivers `Data(object)`.
+    Object(Target, Payload, u64),
     /// The peer closed: `Closed("eof")`.
     Eof(Target),
     /// The server stops with the port open: `Closed("ioserver closed", "ESHUTDOWN")`, as
@@ -386,6 +400,41 @@ pub enum Event {
     Hosted(Py<pyo3::types::PyList>),
     /// The thread stopped: the hub's stop notice.
     Stop,
+}
+
+/// A packet as the I/O thread keeps it until a drain builds its message (an
+/// [`Event::Object`], or held past the active credit).
+pub enum Payload {
+    /// Bytes (1, 2, 4, line): `Data(bytes)`.
+    Bytes(Vec<u8>),
+    /// The wire bytes of one whole msgpack object: the drain decodes it (with the Python
+    /// framer's options, `raw=False, strict_map_key=False`: see `py.rs`'s `Inbox`).
+    Msgpack(Vec<u8>),
+    /// A RESP command: its arguments back to back, and where each one ends.
+    Command(Vec<u8>, Vec<usize>),
+    /// A RESP protocol error, delivered as the port's last message (an exception object
+    /// as `Data`, as the Python framer returns it).
+    Error(crate::framing::FrameError),
+}
+
+impl Payload {
+    /// A framer's packet, copied out of the framer's arena.
+    fn of(packet: crate::framing::Packet<'_>, mode: crate::framing::Mode) -> Payload {
+        use crate::framing::{Mode, Packet};
+        match packet {
+            Packet::Bytes(bytes) if mode == Mode::Msgpack => Payload::Msgpack(bytes.to_vec()),
+            Packet::Bytes(bytes) => Payload::Bytes(bytes.to_vec()),
+            Packet::Command(command) => {
+                let mut data = Vec::with_capacity(command.iter().map(<[u8]>::len).sum());
+                let mut ends = Vec::with_capacity(command.len());
+                for argument in command.iter() {
+                    data.extend_from_slice(argument);
+                    ends.push(data.len());
+                }
+                Payload::Command(data, ends)
+            }
+        }
+    }
 }
 
 /// What the I/O thread and the Python objects share: the command queue and the counters.
@@ -503,7 +552,7 @@ struct Stream {
     framer: Option<Box<crate::framing::Framer>>,
     /// Packets decoded beyond the active credit, in order, with their charges, for the
     /// next grants (the socket is not read while any is held: `flow.rs`, the active credit).
-    held: VecDeque<(Vec<u8>, u64)>,
+    held: VecDeque<(Payload, u64)>,
 }
 
 struct Listener {
@@ -938,6 +987,21 @@ impl IoThread {
                 Some(entry) => self.close(entry),
                 None => {}
             },
+            Command::DecodeFailed(port, inbox) => {
+                // Found by its loop half: the drain may not know the port's Conn yet.  A
+                // scan of the table, on this rare path only (a peer that sent an object
+                // the decoder refuses), not a field in every target.
+                let slot = self.table.iter().position(|entry| match entry {
+                    Some(Entry::Stream(s)) => {
+                        s.port.as_ref().is_some_and(|p| Arc::ptr_eq(p, &port))
+                    }
+                    _ => false,
+                });
+                if let Some(Some(Entry::Stream(mut s))) = slot.map(|slot| self.table[slot].take()) {
+                    self.close_stream(&mut s);
+                }
+                self.release_target(inbox, port);
+            }
             Command::Abort(conn, reason) => {
                 if let Some(entry) = self.take(&conn) {
                     let port = match &entry {
@@ -1252,12 +1316,7 @@ impl IoThread {
             &mut self.charges,
         );
         let read = match result {
-            Ok(flow::FramedRead {
-                error: Some(error), ..
-            })
-            | Err(ReadFault::Frame(error)) => {
-                // (A packet error is delivered only by modes the native core does not
-                // frame: resp.)
+            Err(ReadFault::Frame(error)) => {
                 let errno = match error {
                     crate::framing::FrameError::TooLarge { .. } => {
                         s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
@@ -1280,15 +1339,16 @@ impl IoThread {
         };
         let overhead = s.flow.packet_overhead();
         let inbox = s.conn.inbox;
-        for (index, packet) in self.packets.iter().enumerate() {
-            let crate::framing::Packet::Bytes(bytes) = packet else {
-                continue; // (commands: resp, not framed here)
-            };
+        let mode = framer.mode();
+        // The read's messages: its packets, then a resp protocol error (the port's last).
+        let packets = self.packets.iter().map(|packet| Payload::of(packet, mode));
+        let messages = packets.chain(read.error.map(Payload::Error));
+        for (index, payload) in messages.enumerate() {
             let charge = self.charges[index];
             if index >= read.deliver {
-                s.held.push_back((bytes.to_vec(), charge));
+                s.held.push_back((payload, charge));
             } else if let Some(staged) = self.staged.get_mut(inbox) {
-                staged.push(packet_event(&port, bytes.to_vec(), charge, overhead));
+                staged.push(packet_event(&port, payload, charge, overhead));
             }
         }
         self.note_framing(s);
@@ -2006,6 +2066,7 @@ impl IoThread {
                 self.release_bytes(conn.inbox, bytes)
             }
             Command::Attach(conn, port, _) => self.release_target(conn.inbox, port),
+            Command::DecodeFailed(port, inbox) => self.release_target(inbox, port),
             Command::Connect {
                 request,
                 port,
@@ -2065,13 +2126,14 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
         })
 }
 
-/// The event of a packet charged `charge` bytes: `Data` when the port charges packets
-/// their length alone (`overhead` 0), else `Packet`, which carries the charge to the
-/// port's `window.sizes` (see [`PyTarget::sizes`]).
-fn packet_event(port: &Target, payload: Vec<u8>, charge: u64, overhead: u64) -> Event {
-    if overhead == 0 {
-        Event::Data(port.clone(), payload)
-    } else {
-        Event::Packet(port.clone(), payload, charge)
+/// The event of a packet charged `charge` bytes: for bytes, `Data` when the port charges
+/// packets their length alone (`overhead` 0), else `Packet`, which carries the charge to
+/// the port's `window.sizes` (see [`PyTarget::sizes`]); for an object, `Object` (its
+/// charge is never its length).
+fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64) -> Event {
+    match payload {
+        Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes),
+        Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge),
+        object => Event::Object(port.clone(), object, charge),
     }
 }

@@ -6,7 +6,7 @@
 //! Used by `ioserver/_native_core.py` only; nothing here is public API.
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,7 +17,8 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::core::uring::{self, Backend};
 use crate::core::{
-    Command, ConnShared, Event, Flow, IoThread, PyTarget, Shared, StreamOptions, WindowShared,
+    Command, ConnShared, Event, Flow, IoThread, Payload, PyTarget, Shared, StreamOptions,
+    WindowShared,
 };
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
@@ -31,6 +32,7 @@ fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
         make_port: None,
         window: None,
         sizes: None,
+        failed: AtomicBool::new(false),
     })
 }
 
@@ -51,6 +53,7 @@ fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<
         make_port: None,
         window: Some(receive),
         sizes,
+        failed: AtomicBool::new(false),
     });
     Ok((target, overhead))
 }
@@ -104,8 +107,7 @@ fn get<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
     }
 }
 
-/// The packet mode of `options` (None: raw).  Modes that decode objects (msgpack, resp)
-/// are refused before this is reached (`ioserver._native_core`).
+/// The packet mode of `options` (None: raw).
 fn framing(options: &Bound<'_, PyDict>) -> PyResult<Option<(crate::framing::Mode, usize)>> {
     use crate::framing::Mode;
     let Some(packet) = options.get_item("packet")? else {
@@ -122,9 +124,11 @@ fn framing(options: &Bound<'_, PyDict>) -> PyResult<Option<(crate::framing::Mode
                     _ => return Err(PyValueError::new_err("line delimiter must be one byte")),
                 }
             }
+            "msgpack" => Mode::Msgpack,
+            "resp" => Mode::Resp,
             other => {
                 return Err(PyValueError::new_err(format!(
-                    "packet={other:?} is not framed by the native core yet"
+                    "packet={other:?} is not a packet mode"
                 )))
             }
         }
@@ -356,6 +360,10 @@ impl Conn {
     }
 }
 
+/// The largest msgpack packet the drain decodes with its reused `Unpacker` (bytes): that
+/// decoder's buffer, which it never shrinks (see [`Inbox`]'s `unpackb`).
+const REUSED_DECODER_MAX: usize = 16 << 10;
+
 /// A loop's end of the I/O thread's events: a wake-up fd and one call that turns every
 /// queued batch into `(target, message)` pairs.
 #[pyclass(module = "ioserver._native")]
@@ -383,6 +391,23 @@ pub struct Inbox {
     errno_name: Py<PyAny>,
     connect_error: Py<PyAny>,
     eof: Py<PyAny>,
+    /// A small msgpack packet's decoder (at most [`REUSED_DECODER_MAX`] bytes):
+    /// `msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=16 KiB)` (the
+    /// Python framer's options; its length caps are the buffer's size, which the whole
+    /// object fits), made by `unpacker`, and its `feed` and `unpack`.  One per loop,
+    /// reused: `feed` then `unpack` is 410 ns for a small object where `unpackb` with its
+    /// keywords is 675 (1,000 called with a dict from here): keywords cost a Cython
+    /// function more than its decoding.  Replaced after a refusal (it may hold the rest of
+    /// the object).
+    unpacker: Py<PyAny>,
+    decoder: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    /// A larger packet's: `msgpack.unpackb` with `unpack_options` (`raw=False,
+    /// strict_map_key=False`; its caps default to the packet's size), as the Python
+    /// framer decodes one object.  The reused `Unpacker` keeps the largest buffer it ever
+    /// held, so it never takes more than its 16 KiB: a loop keeps no copy of a large
+    /// object it decoded once.
+    unpackb: Py<PyAny>,
+    unpack_options: Py<PyDict>,
     /// The last accepted connection's addresses as Python objects, reused for the next
     /// (see [`Inbox::accepted_addresses`]).
     addresses: Mutex<AddressCache>,
@@ -444,11 +469,141 @@ impl Inbox {
         Ok((local.into_any(), remote.into_any()))
     }
 
+    /// The message of an object packet (`Event::Object`): the decoded msgpack object, the
+    /// command's `list[bytes]`, the resp error's exception.  `Err`: the msgpack decoder
+    /// raised.
+    fn object<'py>(&self, py: Python<'py>, payload: Payload) -> PyResult<Bound<'py, PyAny>> {
+        Ok(match payload {
+            Payload::Msgpack(bytes) if bytes.len() > REUSED_DECODER_MAX => {
+                let packet = PyBytes::new(py, &bytes);
+                let options = self.unpack_options.bind(py);
+                self.unpackb.bind(py).call((packet,), Some(options))?
+            }
+            Payload::Msgpack(bytes) => {
+                let packet = PyBytes::new(py, &bytes);
+                // Taken out of the lock while Python runs (nothing is held across a call).
+                let held = self
+                    .decoder
+                    .lock()
+                    .ok()
+                    .and_then(|mut decoder| decoder.take());
+                let (feed, unpack) = match held {
+                    Some(methods) => methods,
+                    None => {
+                        let unpacker = self.unpacker.bind(py).call0()?;
+                        let feed = unpacker.getattr("feed")?.unbind();
+                        (feed, unpacker.getattr("unpack")?.unbind())
+                    }
+                };
+                feed.bind(py).call1((packet,))?;
+                let object = unpack.bind(py).call0()?;
+                // Put back only after a success: a refused object may leave bytes in it.
+                if let Ok(mut decoder) = self.decoder.lock() {
+                    *decoder = Some((feed, unpack));
+                }
+                object
+            }
+            Payload::Command(data, ends) => {
+                let mut start = 0;
+                let arguments = ends.iter().map(|&end| {
+                    let argument = PyBytes::new(py, &data[start..end]);
+                    start = end;
+                    argument
+                });
+                PyList::new(py, arguments)?.into_any()
+            }
+            Payload::Error(error) => crate::framing::frame_error(py, &error)?,
+            Payload::Bytes(bytes) => PyBytes::new(py, &bytes).into_any(),
+        })
+    }
+
+    /// A msgpack packet of `port` did not decode (`error`): tell its owner as the Python
+    /// core does, drop what comes for the port after this, and have the I/O thread close
+    /// it.  The decoder's refusal (`ValueError`, `TypeError`) is the framer's
+    /// (`MsgpackFramer._decode`, then `IOThread._frame_error`): `Error("EPROTO", EPROTO,
+    /// "malformed msgpack data: <its text>")`, then `Closed("EPROTO")`; another exception
+    /// is an internal error (`IOThread._internal_error`): reported as unraisable, then
+    /// `Closed("internal error: <repr>", "EIO")`.  The packet's `charge` is counted taken
+    /// (it never reaches the owner), as is every later packet's (`drop_failed`).
+    fn fail(
+        &self,
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        port: Target,
+        charge: u64,
+        error: PyErr,
+    ) -> PyResult<()> {
+        port.failed.store(true, Ordering::Relaxed);
+        if let Some(window) = &port.window {
+            let _ = window.took(charge);
+        }
+        self.shared
+            .commands
+            .put(Command::DecodeFailed(port.clone(), self.index));
+        let obj = &port.obj;
+        if error.is_instance_of::<PyValueError>(py) || error.is_instance_of::<PyTypeError>(py) {
+            let text = format!("malformed msgpack data: {}", error.value(py).str()?);
+            let name = self.errno_name.bind(py).call1((libc::EPROTO,))?;
+            let message = self.error.bind(py).call1((&name, libc::EPROTO, text))?;
+            list.append((obj.clone_ref(py), message))?;
+            let closed = self.closed.bind(py).call1((&name, &name))?;
+            list.append((obj.clone_ref(py), closed))
+        } else {
+            let reason = format!("internal error: {}", error.value(py).repr()?);
+            error.write_unraisable(py, Some(obj.bind(py)));
+            let closed = self.closed.bind(py).call1((reason, "EIO"))?;
+            list.append((obj.clone_ref(py), closed))
+        }
+    }
+
+    /// An event for a port whose msgpack packet failed to decode (`Inbox::fail`): dropped,
+    /// a packet's charge counted taken; false for every other event.
+    fn drop_failed(event: &Event) -> bool {
+        let (port, charge) = match event {
+            Event::Object(port, _, charge) | Event::Packet(port, _, charge) => (port, *charge),
+            Event::Data(port, bytes) => (port, bytes.len() as u64),
+            Event::Eof(port)
+            | Event::Shutdown(port)
+            | Event::Broken(port, _)
+            | Event::Passive(port)
+            | Event::Writable(port)
+            | Event::FrameError(port, _, _)
+            | Event::Aborted(port, _) => (port, 0),
+            _ => return false,
+        };
+        if !port.failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        if let (Some(window), true) = (&port.window, charge > 0) {
+            let _ = window.took(charge);
+        }
+        true
+    }
+
     fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
         let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
             list.append((target.obj.clone_ref(py), message))
         };
+        if Inbox::drop_failed(&event) {
+            return Ok(());
+        }
         match event {
+            Event::Object(port, payload, charge) => {
+                let message = match self.object(py, payload) {
+                    Ok(message) => message,
+                    Err(error) => return self.fail(py, list, port, charge, error),
+                };
+                if let Some(window) = &port.window {
+                    window.task_woken();
+                }
+                // Its charge first: the port pops it when its owner takes the packet.
+                if let Some(sizes) = &port.sizes {
+                    sizes.bind(py).call1((charge,))?;
+                }
+                let data = self.new.bind(py).call1((self.data.bind(py),))?;
+                self.set_data.bind(py).call1((&data, message))?;
+                pair(&port, data)
+            }
             Event::Data(port, bytes) => {
                 if let Some(window) = &port.window {
                     window.task_woken();
@@ -889,6 +1044,11 @@ impl Core {
             .getattr("__new__")?
             .unbind();
         let eof = closed.call1(("eof",))?.unbind();
+        let msgpack = py.import("msgpack")?;
+        let unpack_options = PyDict::new(py);
+        unpack_options.set_item("raw", false)?;
+        unpack_options.set_item("strict_map_key", false)?;
+        let unpack_options = unpack_options.unbind();
         let queue = Arc::new(WakeQueue::new()?);
         let hosted = PyList::empty(py).unbind();
         let mut count = self
@@ -922,6 +1082,18 @@ impl Core {
             errno_name: exceptions.getattr("errno_name")?.unbind(),
             connect_error: tcp.getattr("connect_error")?.unbind(),
             eof,
+            unpacker: {
+                let options = unpack_options.bind(py).copy()?;
+                options.set_item("max_buffer_size", REUSED_DECODER_MAX)?;
+                let unpacker = msgpack.getattr("Unpacker")?;
+                py.import("functools")?
+                    .getattr("partial")?
+                    .call((unpacker,), Some(&options))?
+                    .unbind()
+            },
+            decoder: Mutex::new(None),
+            unpackb: msgpack.getattr("unpackb")?.unbind(),
+            unpack_options,
             addresses: Mutex::new(AddressCache::default()),
             hosted,
         })
@@ -1156,6 +1328,7 @@ impl Core {
                 make_port: Some(make_port),
                 window: None,
                 sizes: None,
+                failed: AtomicBool::new(false),
             }),
             inbox: index,
             socket: ListenSocket::Tcp(socket),
@@ -1272,6 +1445,7 @@ impl Core {
                 make_port: Some(make_port),
                 window: None,
                 sizes: None,
+                failed: AtomicBool::new(false),
             }),
             inbox: index,
             socket: ListenSocket::Unix {

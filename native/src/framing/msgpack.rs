@@ -12,12 +12,17 @@
 //!   [`FrameError::Malformed`].
 //!
 //! What only the decoder finds (a `str` that is not UTF-8, an unhashable map key, a bad
-//! timestamp extension) is found by the Python side when it decodes the packet, and the
-//! drain answers it as the Python framer does: `Error("EPROTO", "malformed msgpack data:
-//! <the decoder's text>")`, then `Closed("EPROTO")`, and the port is closed.  One thing
-//! differs, and only for such an object: the Python framer decodes a read's objects
+//! timestamp extension) is found by the Python side when it decodes the packet (the loop's
+//! drain, `py.rs`'s `Inbox`, with the same options: a reused `msgpack.Unpacker` up to
+//! 16 KiB, `unpackb` above), and the drain answers it as the Python framer does:
+//! `Error("EPROTO", "malformed msgpack data: <the decoder's text>")`, then
+//! `Closed("EPROTO")`, and the port is closed.  Two
+//! things differ, and only for such an object: the Python framer decodes a read's objects
 //! before it delivers any, so the objects that came before the bad one *in the same read*
-//! were dropped with it; decoded at the drain, they are delivered first.
+//! were dropped with it; decoded at the drain, they are delivered first.  And a read that
+//! also leaves a partial object over `port_buffer_limit` closes the native port with
+//! `ENOBUFS` (the I/O thread's check, before any decoding), where the Python core, whose
+//! `feed` decoded first, says `EPROTO`.
 //!
 //! # Exactly the Python framer's errors
 //!

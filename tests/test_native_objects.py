@@ -1,0 +1,395 @@
+"""TCP ports in the msgpack and resp packet modes on the native core, and on both cores.
+
+The native I/O thread frames them itself (``native/src/framing.rs``: object boundaries,
+``packet_size``, nesting depth, resp's commands and errors) and the loop's drain builds the
+objects (``Inbox.take``: ``msgpack.unpackb``, a command's ``list[bytes]``).  The tests
+marked ``every_core`` hold the Python core (the oracle) and both native I/O backends to the
+same messages, errors and memory bound, against real sockets and redis-cli.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import socket
+from typing import Any
+
+import anyio
+import msgpack
+import pytest
+
+import ioserver
+import ports
+from ioserver import _native
+from ioserver._framing import MSGPACK_MAX_DEPTH, PACKET_OVERHEAD, RespError, encode_resp
+from ports import Accepted, Closed, Data, Error, FrameError, PacketTooLarge
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 1 << 20  # bytes: the memory_limit of the flood
+UNBOUND = {
+    "high_msgq_watermark": 64 << 20,
+    "low_msgq_watermark": 32 << 20,
+    "high_msgq_messages": 1 << 24,
+}
+
+
+async def _accept(listener: ports.Listener) -> ports.Port:
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted), accepted
+    return accepted.port
+
+
+async def _until(condition: Any, seconds: float = 10) -> None:
+    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
+    loop."""
+    with anyio.fail_after(seconds):
+        while not condition():
+            await anyio.lowlevel.checkpoint()
+
+
+def _peer_ended(peer: socket.socket) -> bool:
+    """The port's socket is closed: the peer reads its end (or a reset)."""
+    peer.settimeout(5)
+    try:
+        while peer.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("packet", ["msgpack", "resp"])
+async def test_msgpack_and_resp_ports_are_carried_by_the_native_thread(
+    no_leaks: None, packet: str
+) -> None:
+    """A listener, its accepted port and a connected port of these modes are the native
+    thread's (``Core.ports_open``, ``Core.bytes_in``), not the hosted Python half's: their
+    windows are native, and the hosted half serves no port at all."""
+    async with ioserver.open(core="native") as ios:
+        io: Any = ios._io
+        core = io._core
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=packet)
+        client = await ports.connect_tcp(ios, *listener.local_address, packet=packet)
+        async with listener, client:
+            server = await _accept(listener)
+            async with server:
+                assert core.ports_open == 3
+                assert io.ports_open == 0  # the hosted half's own count: none of these
+                for port in (listener, client, server):
+                    assert type(port._conn) is _native.Conn
+                assert type(server._window).__name__ == "NativeWindow"
+                before = core.bytes_in
+                if packet == "msgpack":
+                    message: Any = {"a": [1, 2.5, None, b"\x00"], "b": "é"}
+                    await client.send(message)
+                    assert await server.receive() == Data(message)
+                    await server.send(["reply", 1])
+                    assert await client.receive() == Data(["reply", 1])
+                else:
+                    await client.send(b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n")
+                    assert await server.receive() == Data([b"ECHO", b"hi"])
+                    await server.send("OK")
+                    assert await client.receive() == Data([b"+OK"])  # an inline command
+                assert core.bytes_in > before
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize(
+    ("wire", "errno_name", "text"),
+    [
+        pytest.param(
+            b"\x91" * (MSGPACK_MAX_DEPTH + 1) + b"\x00",
+            "EPROTO",
+            f"malformed msgpack data: nested deeper than {MSGPACK_MAX_DEPTH} levels",
+            id="deep-nesting",
+        ),
+        pytest.param(
+            b"\x91" * 5000,  # unfinished: refused as it comes, before it ends
+            "EPROTO",
+            f"malformed msgpack data: nested deeper than {MSGPACK_MAX_DEPTH} levels",
+            id="deep-unfinished",
+        ),
+        pytest.param(
+            b"\xdb\xff\xff\xff\xff",  # a str of 4 GiB announced, 5 bytes sent
+            "EMSGSIZE",
+            "msgpack object of 4294967300 bytes exceeds packet_size=4096",
+            id="huge-str",
+        ),
+        pytest.param(
+            b"\xdd\xff\xff\xff\xff",  # an array of 2**32 - 1 items announced
+            "EMSGSIZE",
+            "msgpack object of 4294967300 bytes exceeds packet_size=4096",
+            id="huge-array",
+        ),
+        pytest.param(
+            b"\xdf\x00\x00\x10\x00",  # a map of 4096 pairs: 8192 items, 1 byte each at least
+            "EMSGSIZE",
+            "msgpack object of 8197 bytes exceeds packet_size=4096",
+            id="huge-map",
+        ),
+    ],
+)
+async def test_a_msgpack_bomb_is_refused_at_its_header(
+    ios: ioserver.IOServer, wire: bytes, errno_name: str, text: str
+) -> None:
+    """A msgpack bomb - nesting past ``MSGPACK_MAX_DEPTH``, or a header announcing more
+    than ``packet_size`` - is refused as soon as the bytes show it, before anything is
+    allocated for it: the good object before it is delivered, then ``Error`` (``EPROTO``
+    or ``EMSGSIZE``, the Python framer's text) and ``Closed``, and the port's socket is
+    closed."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack", packet_size=4096)
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept(listener)
+            async with port:
+                peer.sendall(msgpack.packb([1, "good"]))
+                with anyio.fail_after(5):
+                    assert await port.receive() == Data([1, "good"])
+                peer.sendall(wire)
+                with anyio.fail_after(5):
+                    error = await port.receive()
+                    number = getattr(errno, errno_name)
+                    assert error == Error(errno_name, number, text)
+                    assert await port.receive() == Closed(errno_name, errno_name)
+                assert _peer_ended(peer)
+                assert port.statistics().packets_too_large == (errno_name == "EMSGSIZE")
+        assert ios.statistics().memory_in_use == 0
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"\xa2\xff\xfe", id="str-not-utf8"),
+        pytest.param(b"\x81\x91\x01\x02", id="unhashable-key"),
+        pytest.param(b"\xc7\x05\xff" + b"\x00" * 5, id="bad-timestamp"),
+        # Larger than the drain's reused decoder takes (16 KiB): decoded by unpackb.
+        pytest.param(b"\xdb" + (20000).to_bytes(4, "big") + b"\xff" * 20000, id="big-str"),
+    ],
+)
+async def test_a_msgpack_object_the_decoder_refuses_closes_the_port_with_eproto(
+    ios: ioserver.IOServer, bad: bytes
+) -> None:
+    """An object whose boundaries frame but which the decoder refuses (a ``str`` that is
+    not UTF-8, a map keyed by a list, a timestamp of a wrong length) reaches the owner as
+    the Python core's framer error: ``Error("EPROTO")`` with msgpack's text, then
+    ``Closed("EPROTO")``; the port is closed and what the peer sends after it is not
+    delivered.  The next connection's objects decode as before."""
+    try:
+        msgpack.unpackb(bad, raw=False, strict_map_key=False)
+    except (ValueError, TypeError) as exc:
+        text = f"malformed msgpack data: {exc}"
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept(listener)
+            async with port:
+                peer.sendall(msgpack.packb("before"))
+                with anyio.fail_after(5):
+                    assert await port.receive() == Data("before")
+                peer.sendall(bad + msgpack.packb("after") * 100)
+                with anyio.fail_after(5):
+                    assert await port.receive() == Error("EPROTO", errno.EPROTO, text)
+                    assert await port.receive() == Closed("EPROTO", "EPROTO")
+                assert _peer_ended(peer)
+                with pytest.raises(ports.EndOfPort):
+                    port.receive_nowait()
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept(listener)
+            async with port:
+                big = {"big": "é" * 30000, "list": list(range(5000))}
+                wire = msgpack.packb({"next": [1, 2]}) + msgpack.packb(big)
+                peer.sendall(wire + msgpack.packb("one"))
+                with anyio.fail_after(5):
+                    assert await port.receive() == Data({"next": [1, 2]})
+                    assert await port.receive() == Data(big)
+                    assert await port.receive() == Data("one")
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+COMMAND = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n"
+
+
+@pytest.mark.every_core
+async def test_a_resp_command_split_at_every_byte_boundary(ios: ioserver.IOServer) -> None:
+    """A command cut at each of its byte boundaries into two reads: the port's framer
+    holds exactly the first part (the memory it charges), then delivers the command whole
+    once the rest comes; one byte at a time, pipelined commands come whole and in order."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="resp")
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            port = await _accept(listener)
+            async with port:
+                for cut in range(1, len(COMMAND)):
+                    peer.sendall(COMMAND[:cut])
+                    # The first part was read and is held (nothing else is in use).
+                    await _until(lambda cut=cut: ios.statistics().memory_in_use == cut)
+                    peer.sendall(COMMAND[cut:])
+                    with anyio.fail_after(5):
+                        assert await port.receive() == Data([b"SET", b"key", b"value"])
+                wire = COMMAND + b"PING\r\n" + b"*1\r\n$4\r\nQUIT\r\n"
+                for offset in range(len(wire)):
+                    peer.sendall(wire[offset : offset + 1])
+                with anyio.fail_after(5):
+                    assert await port.receive() == Data([b"SET", b"key", b"value"])
+                    assert await port.receive() == Data([b"PING"])
+                    assert await port.receive() == Data([b"QUIT"])
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize("active", [True, "once"])
+async def test_a_malformed_resp_after_good_commands_comes_after_them(
+    ios: ioserver.IOServer, active: object
+) -> None:
+    """Good commands, then a malformed one, in one read: the good ones are delivered,
+    then the ``FrameError`` as the last message (a Redis server answers ``-ERR Protocol
+    error`` and closes; only the owner can write that).  With ``{active, once}`` the
+    commands and the error are held and delivered one per grant.  Later bytes are
+    ignored; the owner's answer reaches the peer."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="resp", active=active)
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept(listener)
+            async with port:
+                peer.sendall(b"*1\r\n$4\r\nPING\r\n" + COMMAND + b"*1\r\n$x\r\n" + b"PING\r\n")
+                got = []
+                with anyio.fail_after(5):
+                    for _ in range(3):
+                        message = await port.receive()
+                        if message == ports.Passive():
+                            port.setopts(active="once")
+                            message = await port.receive()
+                        got.append(message)
+                assert got[:2] == [Data([b"PING"]), Data([b"SET", b"key", b"value"])]
+                error = got[2]
+                assert isinstance(error, Data) and type(error.data) is FrameError
+                assert str(error.data) == "invalid bulk length"
+                reply = b"-ERR Protocol error: invalid bulk length\r\n"
+                await port.send(RespError("ERR Protocol error: invalid bulk length"))
+                peer.sendall(COMMAND)  # ignored: the framer failed
+                await port.aclose()
+                assert peer.recv(100) == reply
+                assert _peer_ended(peer)
+        # Nothing of the input is charged any more (the native core may hold the written
+        # reply until its loop's next batch: cores.rst).
+        await _until(lambda: ios.statistics().memory_in_use <= len(reply))
+
+
+@pytest.mark.every_core
+async def test_a_resp_command_larger_than_packet_size_is_the_last_message(
+    ios: ioserver.IOServer,
+) -> None:
+    """A ``$`` header claiming more than ``packet_size`` is refused at once: the owner
+    gets the ``PacketTooLarge`` as its last message, after the commands before it."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="resp", packet_size=1024)
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept(listener)
+            async with port:
+                peer.sendall(b"PING\r\n*2\r\n$3\r\nSET\r\n$999999999\r\n")
+                with anyio.fail_after(5):
+                    assert await port.receive() == Data([b"PING"])
+                    message = await port.receive()
+                assert isinstance(message, Data) and type(message.data) is PacketTooLarge
+                assert (message.data.limit, message.data.size) == (1024, 1000000026)
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize("packet", ["msgpack", "resp"])
+async def test_a_flood_of_objects_stays_within_the_memory_limit(
+    no_leaks: None, core: str, io_backend: str | None, packet: str
+) -> None:
+    """8 peers flood small objects (each charged its share of the wire bytes and
+    ``PACKET_OVERHEAD``: about ten times its bytes) through a 1 MiB ``memory_limit``
+    while no owner reads: the memory charged never passes the limit, and once the owners
+    read, every object arrives."""
+    if packet == "msgpack":
+        one: bytes = msgpack.packb([1, "x" * 8])
+    else:
+        one = b"*2\r\n$3\r\nGET\r\n$4\r\nkey1\r\n"
+    count = (256 << 10) // len(one)
+    charge = len(one) + PACKET_OVERHEAD
+    assert count * charge * 8 > 8 * LIMIT  # each peer alone sends more than the limit
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=packet, **UNBOUND)
+
+        async def flood() -> None:
+            async with await anyio.connect_tcp(*listener.local_address) as stream:
+                await stream.send(one * count)
+                await stream.send_eof()
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+
+        owners = []
+        async with listener, anyio.create_task_group() as peers:
+            for _ in range(8):
+                peers.start_soon(flood)
+                owners.append(await _accept(listener))
+            await _until(lambda: ios.statistics().global_pauses >= 1)
+            assert ios.statistics().memory_in_use <= LIMIT
+
+            async def drain(port: ports.Port) -> None:
+                received = 0
+                async with port:
+                    while not isinstance(message := await port.receive(), Closed):
+                        assert isinstance(message, Data)
+                        received += 1
+                assert received == count
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as readers:
+                    for port in owners:
+                        readers.start_soon(drain, port)
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+        assert statistics.memory_in_use == 0, statistics
+
+
+@pytest.mark.every_core
+async def test_redis_cli_against_a_resp_port(ios: ioserver.IOServer) -> None:
+    """redis-cli, a real client, against a resp listener: pipelined commands (``-r``),
+    a value of 200 kB (read over many reads), and the replies as it prints them."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.skip("redis-cli is not installed: apt-get install redis-tools")
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="resp")
+    store: dict[bytes, bytes] = {}
+
+    async def serve(port: ports.Port) -> None:
+        async with port:
+            async for message in port:
+                if not isinstance(message, Data):
+                    continue
+                command = message.data
+                name = command[0].upper()
+                if name == b"SET":
+                    store[command[1]] = command[2]
+                    await port.send("OK")
+                elif name == b"GET":
+                    await port.send(encode_resp(store.get(command[1])))  # bytes go as they are
+                elif name == b"PING":
+                    await port.send("PONG")
+                else:  # COMMAND DOCS and the like, which redis-cli asks first
+                    await port.send([])
+
+    async def serving() -> None:
+        while True:
+            tasks.start_soon(serve, await _accept(listener))
+
+    number = str(listener.local_address[1])
+    value = b"v" * 200_000
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(serving)
+        with anyio.fail_after(20):
+            done = await anyio.run_process([cli, "-p", number, "-r", "50", "PING"])
+            assert done.stdout.split() == [b"PONG"] * 50
+            done = await anyio.run_process([cli, "-p", number, "-x", "SET", "big"], input=value)
+            assert done.stdout.strip() == b"OK"
+            done = await anyio.run_process([cli, "-p", number, "GET", "big"])
+            assert done.stdout.strip() == value
+        tasks.cancel_scope.cancel()
+    assert store[b"big"] == value
