@@ -439,9 +439,11 @@ class MemoryBudget(Generic[E]):
         #: bounds both.  None: no other budget.
         self.external: Callable[[], int] | None = None
         # Ports paused for the budget, in the order they paused, and those among them
-        # whose owner was waiting for input.
+        # whose owner was waiting for input, in the order they came (dicts: ordered
+        # sets, so that a pause, a release, a ``cmd_want`` and a close cost O(1) each
+        # however many ports are paused).
         self.paused: dict[E, None] = {}
-        self._reserve_waiters: list[E] = []
+        self._reserve_waiters: dict[E, None] = {}
         #: Bytes of the budget only ports whose owner waits may read into.
         self.reserve = 0 if limit is None else limit // 4
         #: Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
@@ -489,12 +491,12 @@ class MemoryBudget(Generic[E]):
         if paused:
             if used <= limit // 2:
                 self.paused = {}
-                self._reserve_waiters = []
+                self._reserve_waiters = {}
                 for entry in paused:
                     self._unpause(entry)
             elif self._reserve_waiters and headroom >= self._read_size:
                 # The reserve has room again: the ports whose owner waits try first.
-                waiters, self._reserve_waiters = self._reserve_waiters, []
+                waiters, self._reserve_waiters = self._reserve_waiters, {}
                 for entry in waiters:
                     if entry in paused:
                         del paused[entry]
@@ -533,7 +535,7 @@ class MemoryBudget(Generic[E]):
             self.pauses += 1
             self.paused[entry] = None
         if waits:
-            self._reserve_waiters.append(entry)
+            self._reserve_waiters[entry] = None  # once, in the order they came
         self._resume(entry)  # its interest: not read while global_paused
         return True
 
@@ -543,12 +545,14 @@ class MemoryBudget(Generic[E]):
         if entry.closed or not entry.global_paused:
             return
         self.paused.pop(entry, None)
+        self._reserve_waiters.pop(entry, None)
         self._unpause(entry)
 
     def forget(self, entry: E) -> None:
         """``entry`` closed: it is no longer paused."""
         if entry.global_paused:
             self.paused.pop(entry, None)
+            self._reserve_waiters.pop(entry, None)
 
     def read_allowance(self, entry: ReceiveFlow) -> int:
         """For handlers that read (UDP, TUN): the bytes of input ``entry`` may read now.

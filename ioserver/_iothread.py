@@ -96,6 +96,12 @@ log = logging.getLogger("ioserver")
 READ_SIZE = 65536  # bytes: the shared receive buffer, and so the largest Data message
 IOV_MAX = 1024  # buffers gathered in one sendmsg
 BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while reads are paused
+#: Seconds between two accepts of a listener out of descriptors (``EMFILE``...), which also
+#: tries again whenever one of this thread's ports closes: descriptors freed elsewhere in
+#: the process (the application's files, other threads) tell this thread nothing.  Ranch's
+#: acceptors wait 100 ms after ``{error, emfile}``; nginx retries after
+#: ``accept_mutex_delay`` (500 ms).
+ACCEPT_RETRY = 0.1
 #: Seconds the I/O thread waits for the loop's flush after handing it a batch, at most (see
 #: the "flush point" in ioserver._wakeup): a bound for a loop that never flushes, not a delay.
 #: A loop whose batch takes longer would otherwise be interrupted by rounds that fight it
@@ -198,6 +204,8 @@ class IOThread:
         self._zmq_context: zmq.Context[zmq.Socket[bytes]] | None = None
         self.zmq_sockets: set[zmq.Socket[bytes]] = set()
         self._paused_listeners: list[Conn] = []
+        # The timer that lets them try again (ACCEPT_RETRY), while any is paused.
+        self._accept_retry: list[Callable[[], None] | None] | None = None
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         # Linux AIO for the writes of a round (None: port by port), and with it the flush
@@ -899,12 +907,7 @@ class IOThread:
         self.ports_open -= 1
         if self._paused_listeners:
             # A descriptor was freed: listeners that ran out of them may accept again.
-            paused, self._paused_listeners = self._paused_listeners, []
-            for listener in paused:
-                if not listener.closed:
-                    listener.paused = False
-                    self._put_table(listener.fd, listener)
-                    self._interest(listener, READ if listener.credit else 0)
+            self._retry_listeners()
 
     # -- streams ------------------------------------------------------------------------
     def _spend_credit(self, conn: Conn, messages: int) -> None:
@@ -1297,11 +1300,29 @@ class IOThread:
         return False
 
     def _pause_listener(self, listener: Conn) -> None:
-        """Stop watching a listener that ran out of descriptors until one is released
-        (``_close``): its level-triggered readiness would spin."""
+        """Stop watching a listener that ran out of descriptors until one of this thread's
+        ports closes (``_close``) or :data:`ACCEPT_RETRY` passes: its level-triggered
+        readiness would spin."""
         listener.paused = True
         self._interest(listener, 0)
         self._paused_listeners.append(listener)
+        if self._accept_retry is None:
+            self._accept_retry = self.call_later(ACCEPT_RETRY, self._retry_listeners)
+
+    def _retry_listeners(self) -> None:
+        """Watch again the listeners that ran out of descriptors: one of this thread's
+        ports freed one, or :data:`ACCEPT_RETRY` passed.  A listener whose accept fails so
+        again is paused again (:meth:`_pause_listener`)."""
+        retry = self._accept_retry
+        if retry is not None:
+            retry[0] = None  # a close came first: the timer is not needed
+            self._accept_retry = None
+        paused, self._paused_listeners = self._paused_listeners, []
+        for listener in paused:
+            if not listener.closed:
+                listener.paused = False
+                self._put_table(listener.fd, listener)
+                self._interest(listener, READ if listener.credit else 0)
 
     # -- stop ---------------------------------------------------------------------------
     def cmd_stop(self, target: object, _: object) -> None:

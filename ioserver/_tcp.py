@@ -14,7 +14,8 @@ module holds the rest, the pair of ``ports/_tcp.py``:
 * **accept** (:func:`on_listener_event`): up to :data:`ACCEPT_BATCH` connections per
   readiness event, each made a port by the listener's ``make_port`` and announced with
   an :class:`~._messages.Accepted` message.  A process out of descriptors stops watching
-  the listener until one is freed (``IOThread._close``).
+  the listener until one of the thread's ports closes (``IOThread._close``) or
+  ``ACCEPT_RETRY`` passes (``IOThread._pause_listener``).
 * **TLS** (``ioserver/_tls.py``): a connect or a listener with a context wraps each
   connection in a ``TLSSocket``; the ``Conn`` stays ``CONNECTING`` through the handshake
   (:func:`on_connect_event` hands it the readiness), and the layer calls back
@@ -349,7 +350,7 @@ def on_listener_event(io: StreamHost, listener: Conn, mask: int) -> None:
             deliver((lport, Error(name, exc.errno, f"accept failed: {exc.strerror} ({name})")))
             if exc.errno in _ACCEPT_EXHAUSTED:
                 # Level-triggered readiness would spin: stop watching the listener
-                # until a descriptor is released (see IOThread._close).
+                # until a port closes or ACCEPT_RETRY passes (IOThread._pause_listener).
                 io._pause_listener(listener)
             return
         try:

@@ -884,7 +884,9 @@ class Listener(  # type: ignore[misc]
     The I/O thread accepts as connections arrive (up to 64 per readiness event) and
     delivers each as an ``Accepted`` carrying a new, open :class:`Port`; whoever receives
     it owns that port.  An accept that fails for lack of resources (``EMFILE``...) is
-    delivered as :class:`~ioserver.Error` and accepting resumes when a descriptor is freed.
+    delivered as :class:`~ioserver.Error`; the listener then tries again when one of the
+    I/O server's ports closes and every 100 ms (as Ranch's acceptors do), however the
+    descriptor was freed, and each attempt that fails so is delivered too.
     """
 
     __slots__ = ()

@@ -648,6 +648,37 @@ def test_the_memory_budget_is_one_object_with_the_streams_rule() -> None:
     assert not idle.global_paused and interest == [idle] and not budget.paused
 
 
+def test_a_port_let_go_by_cmd_want_is_no_longer_a_reserve_waiter() -> None:
+    # MemoryBudget's reserve waiters are an ordered set that cmd_want and a close leave
+    # (as native/src/flow.rs's): a waiter its owner's cmd_want let go, paused again while
+    # its owner no longer waits, waits for one half like any port - it used to be let in
+    # as a waiter by its stale entry - and cmd_want cycles keep one entry, not one each.
+    from ioserver._flow import MemoryBudget
+
+    limit, read = 1 << 20, 65536
+    charges = _Charges()
+    interest: list[_BudgetEntry] = []
+    budget: MemoryBudget[_BudgetEntry] = MemoryBudget(limit, charges, read, 2, interest.append)
+    entry = _BudgetEntry(waits=True)
+    charges.delivered_total = limit - read // 2  # not even a read fits: a reserve waiter
+    headroom = budget.headroom()
+    for _ in range(1000):  # its owner waits, times out, waits again...
+        assert budget.blocks(entry, headroom) and entry.global_paused
+        budget.want(entry)
+        assert not entry.global_paused
+    assert len(budget._reserve_waiters) == 0
+    entry.waits = False  # paused again, its owner busy
+    assert budget.blocks(entry, headroom) and entry in budget.paused
+    assert len(budget._reserve_waiters) == 0
+    interest.clear()
+    charges.bytes_out = read  # a read fits, above one half: only waiters go
+    budget.headroom()
+    assert entry.global_paused and entry in budget.paused and interest == []
+    charges.bytes_out = limit // 2  # one half
+    budget.headroom()
+    assert not entry.global_paused and interest == [entry] and not budget.paused
+
+
 # -- the I/O thread held at a known point (what a race needs to be forced, not hoped for) --
 def _on_io_thread(ios: ioserver.IOServer, function: Callable[[], object]) -> None:
     """Run ``function`` as a command of the I/O thread: it runs whole, in the order of the

@@ -122,6 +122,49 @@ async def test_running_out_of_descriptors_pauses_accepting_until_one_is_freed(
     await listener.aclose()
 
 
+@pytest.mark.every_core
+async def test_a_listener_out_of_descriptors_accepts_again_when_any_descriptor_is_freed(
+    ios: ioserver.IOServer,
+) -> None:
+    # Descriptors freed by anything but one of the I/O thread's own ports (here the test's
+    # files; the hosted half's ports, other threads) used to leave a listener that ran out
+    # of them stuck for good: it tried again only when one of its thread's ports closed.
+    # It now tries again every ACCEPT_RETRY (100 ms) as well.
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    number = listener.local_address[1]
+    waiting_peer = socket.socket()  # its descriptor exists before the limit drops
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+        while True:  # fill every hole below the limit
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        waiting_peer.setblocking(False)
+        waiting_peer.connect_ex(("127.0.0.1", number))
+        message = await listener.receive()
+        assert isinstance(message, Error), message
+        assert message.errno_name in ("EMFILE", "ENFILE")
+        # The test's own files go (not a port): the limit stays, the holes are back.
+        while fillers:
+            os.close(fillers.pop())
+        with anyio.fail_after(5):  # a deadline, not a wait: the retry comes in 100 ms
+            while not isinstance(message, Accepted):
+                message = await listener.receive()
+                # Retries made while the files were still held failed as the first.
+                assert isinstance(message, (Accepted, Error)), message
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        waiting_peer.close()
+    await message.port.aclose()
+    await listener.aclose()
+
+
 def test_every_public_name_is_exported_and_documented() -> None:
     for module in (ioserver, ports):
         assert module.__doc__

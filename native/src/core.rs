@@ -71,6 +71,13 @@ pub mod uring;
 pub const READ_SIZE: usize = flow::READ_SIZE;
 /// Connections accepted per listener per round.
 const ACCEPT_BATCH: usize = 64;
+/// While a listener is out of descriptors (its accept failed with `EMFILE`, `ENFILE`,
+/// `ENOBUFS` or `ENOMEM`), its accept is tried again this often, and whenever one of this
+/// thread's ports closes: descriptors freed elsewhere in the process (the hosted half's
+/// ports, the application's files, other threads) tell this thread nothing.  Ranch's
+/// acceptors wait 100 ms after `{error, emfile}`; nginx retries after `accept_mutex_delay`
+/// (500 ms).  One accept a listener per retry: no busy loop.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Buffers gathered into one `writev`.
 const IOV_MAX: usize = 64;
 /// References held for release (written buffers, closed ports' loop halves) before a
@@ -566,7 +573,7 @@ struct Listener {
     notify: bool,
     readable: bool,
     in_ready: bool,
-    /// Out of descriptors: not accepting until a port closes.
+    /// Out of descriptors: not accepting until a port closes or [`ACCEPT_RETRY`] passes.
     exhausted: bool,
 }
 
@@ -605,6 +612,8 @@ pub struct IoThread {
     ready: Vec<usize>,
     dirty: Vec<usize>,
     exhausted_listeners: Vec<usize>,
+    /// When `exhausted_listeners` try to accept again, if not before ([`ACCEPT_RETRY`]).
+    accept_retry: Option<Instant>,
     stopping: bool,
     /// The io_uring backend's ring (None: the epoll backend).
     uring: Option<uring::Uring>,
@@ -666,6 +675,7 @@ impl IoThread {
             ready: Vec::new(),
             dirty: Vec::new(),
             exhausted_listeners: Vec::new(),
+            accept_retry: None,
             stopping: false,
             uring: None,
             budget,
@@ -817,6 +827,12 @@ impl IoThread {
         if !self.lingering.is_empty() {
             self.expire_lingers();
         }
+        if self
+            .accept_retry
+            .is_some_and(|retry| retry <= Instant::now())
+        {
+            self.retry_listeners();
+        }
     }
 
     /// How long the poll may sleep, at most: `timeout` (None: for ever), no longer than
@@ -829,6 +845,11 @@ impl IoThread {
         };
         if self.budget.has_paused() {
             bound(flow::BUDGET_RECHECK);
+        }
+        if let Some(retry) = self.accept_retry {
+            // Rounded up as the linger deadlines below are.
+            let left = retry.saturating_duration_since(Instant::now());
+            bound(left + Duration::from_millis(1));
         }
         if let Some(nearest) = self.lingering.iter().map(|(deadline, ..)| *deadline).min() {
             // Rounded up to the next millisecond: epoll's resolution; a wake just before
@@ -1666,6 +1687,14 @@ impl IoThread {
         self.freed.push(slot);
         self.shared.ports_open.fetch_sub(1, Ordering::Relaxed);
         // A descriptor was freed: listeners that ran out of them may accept again.
+        self.retry_listeners();
+    }
+
+    /// Listeners that ran out of descriptors try to accept again (this round): one of this
+    /// thread's ports freed one, or [`ACCEPT_RETRY`] passed since they ran out.  A
+    /// listener whose accept fails so again waits for the next.
+    fn retry_listeners(&mut self) {
+        self.accept_retry = None;
         for slot in std::mem::take(&mut self.exhausted_listeners) {
             if let Some(Some(Entry::Listener(l))) = self.table.get_mut(slot) {
                 l.exhausted = false;
@@ -1923,6 +1952,8 @@ impl IoThread {
                     ) {
                         l.exhausted = true;
                         self.exhausted_listeners.push(l.conn.slot);
+                        self.accept_retry
+                            .get_or_insert(Instant::now() + ACCEPT_RETRY);
                     }
                     return;
                 }

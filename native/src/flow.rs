@@ -118,6 +118,13 @@
 //! budget could pass it by up to a read's overhead.  (A message larger than the reserve
 //! cannot be completed by reserve reads alone: it waits for the budget to free.)
 //!
+//! Ports paused by the budget are let go in the order they paused (at one half), reserve
+//! waiters in the order they came (first).  The bookkeeping costs O(1) amortised per
+//! pause, release, `cmd_want` and close however many ports are paused (a spent budget can
+//! pause tens of thousands in one round, and the thread serves nobody meanwhile): the
+//! paused ports are a map by token, the two orders lists whose entries a port let go
+//! alone leaves behind, to be dropped by the next full release or a compaction (`Pauses`).
+//!
 //! ## Driving it from the I/O thread
 //!
 //! ```
@@ -177,6 +184,7 @@
 //! | `Charges::pinned`                        | both (I/O adds, loop takes off) | both            |
 //! | `ReceiveFlow`, `Budget`                  | I/O half     | I/O half only                      |
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -1008,9 +1016,9 @@ pub struct Budget {
     /// What the I/O half charged (shared: `statistics()` reads the memory in use).
     charges: Arc<Charges>,
     loops: Vec<Arc<LoopCounters>>,
-    /// Ports paused by the budget, in the order they paused, with their windows.
-    paused: Vec<(Token, Arc<Window>)>,
-    reserve_waiters: Vec<Token>,
+    /// The pauses of the budget: which ports are paused, in which order they paused and
+    /// which of them are reserve waiters, each step O(1) amortised ([`Pauses`]).
+    pauses: Pauses,
     /// This round's headroom, less what its reads were charged.
     headroom: i64,
     /// What another budget charged ([`Charges::external`]) when the headroom was last
@@ -1050,8 +1058,7 @@ impl Budget {
             port_buffer_limit,
             charges: Arc::new(Charges::new()),
             loops: Vec::new(),
-            paused: Vec::new(),
-            reserve_waiters: Vec::new(),
+            pauses: Pauses::default(),
             headroom: UNLIMITED,
             external_seen: 0,
             reserve_reads: 0,
@@ -1111,7 +1118,14 @@ impl Budget {
     /// Whether a port is paused by the budget: then the I/O thread must not sleep longer
     /// than [`BUDGET_RECHECK`] before its next round.
     pub fn has_paused(&self) -> bool {
-        !self.paused.is_empty()
+        !self.pauses.ports.is_empty()
+    }
+
+    /// Entries of the pause lists visited, ever: the cost of the budget's pause
+    /// bookkeeping, O(1) amortised per pause, release, `cmd_want` and close (for the
+    /// tests that check it stays so at tens of thousands of ports).
+    pub fn pause_steps(&self) -> u64 {
+        self.pauses.steps
     }
 
     /// Bytes held by framers and in held packets, now.
@@ -1137,22 +1151,12 @@ impl Budget {
         let used = self.in_use();
         self.peak_memory = self.peak_memory.max(used);
         let headroom = limit as i64 - used;
-        if !self.paused.is_empty() {
+        if !self.pauses.ports.is_empty() {
             if used <= (limit / 2) as i64 {
-                self.reserve_waiters.clear();
-                for (token, window) in self.paused.drain(..) {
-                    window.global_paused.store(false, Ordering::SeqCst);
-                    resumed.push(token);
-                }
-            } else if !self.reserve_waiters.is_empty() && headroom >= self.read_size as i64 {
+                self.pauses.release_all(resumed);
+            } else if self.pauses.live_waiters > 0 && headroom >= self.read_size as i64 {
                 // The reserve has room again: the ports whose owner waits try first.
-                for token in std::mem::take(&mut self.reserve_waiters) {
-                    if let Some(index) = self.paused.iter().position(|(t, _)| *t == token) {
-                        let (token, window) = self.paused.remove(index);
-                        window.global_paused.store(false, Ordering::SeqCst);
-                        resumed.push(token);
-                    }
-                }
+                self.pauses.release_waiters(resumed);
             }
         }
         self.headroom = headroom;
@@ -1263,13 +1267,12 @@ impl Budget {
             self.reserve_reads += 1;
             return false;
         }
-        if !self.paused.iter().any(|(token, _)| *token == flow.token) {
+        if self.pauses.pause(flow.token, &flow.window) {
             flow.pauses += 1;
             self.global_pauses += 1;
-            self.paused.push((flow.token, Arc::clone(&flow.window)));
         }
         if waits {
-            self.reserve_waiters.push(flow.token);
+            self.pauses.wait(flow.token);
         }
         true
     }
@@ -1287,8 +1290,7 @@ impl Budget {
     }
 
     fn forget(&mut self, token: Token) {
-        self.paused.retain(|(other, _)| *other != token);
-        self.reserve_waiters.retain(|other| *other != token);
+        self.pauses.forget(token);
     }
 
     /// A framed port's framer went from holding `before` to `after` bytes over one read
@@ -1336,6 +1338,144 @@ impl Budget {
         };
         let used = self.in_use();
         used <= (limit / 2) as i64 || (limit as i64 - used >= size as i64 && flow.owner_waits())
+    }
+}
+
+/// One port paused by the budget ([`Pauses::ports`]).
+#[derive(Debug)]
+struct PausedPort {
+    /// The number of this pause: its entries in [`Pauses::order`] and
+    /// [`Pauses::waiters`] carry it, and those of an earlier pause of the port (let go
+    /// since) do not match it.
+    pause: u64,
+    window: Arc<Window>,
+    /// Its owner waits: it is a reserve waiter (it has a live entry in `waiters`).
+    waiter: bool,
+}
+
+/// The budget's pauses (the I/O thread's alone), each operation O(1) amortised however
+/// many ports are paused: the set of paused ports is a map by token, and the two orders
+/// that matter - the order ports paused in (they are let go in it at one half), and the
+/// order reserve waiters came in (they are let in first, in it) - are lists whose
+/// entries are left in place when their port is let go singly (`cmd_want`, a close, a
+/// reserve waiter let in): an entry counts only while its pause number is the port's
+/// current one.  Entries that no longer count are dropped by the pass that lets every
+/// port go, or by a compaction once they outnumber those that count (so the lists stay
+/// within twice the paused ports, plus a constant).  (The lists it replaced were
+/// searched, and shifted, for each pause, `cmd_want` and close: O(n) each, O(n^2) for a
+/// round pausing n ports.)
+#[derive(Debug, Default)]
+struct Pauses {
+    ports: HashMap<Token, PausedPort>,
+    /// `(token, pause number)` in the order the ports paused.
+    order: Vec<(Token, u64)>,
+    /// `(token, pause number)` of the reserve waiters, in the order they came.
+    waiters: Vec<(Token, u64)>,
+    /// Entries of `waiters` that count (ports paused as reserve waiters).
+    live_waiters: usize,
+    /// The last pause number given.
+    last: u64,
+    /// Entries of the lists visited, ever (see [`Budget::pause_steps`]).
+    steps: u64,
+}
+
+/// Entries that do not count which a list may hold before it is compacted, whatever the
+/// number that do.
+const PAUSES_SLACK: usize = 64;
+
+impl Pauses {
+    /// Whether this entry counts: its port is paused, by this pause.
+    fn counts(ports: &HashMap<Token, PausedPort>, (token, pause): (Token, u64)) -> bool {
+        ports.get(&token).is_some_and(|port| port.pause == pause)
+    }
+
+    /// Pause `token` (its window `window`); false if it is paused already.
+    fn pause(&mut self, token: Token, window: &Arc<Window>) -> bool {
+        if self.ports.contains_key(&token) {
+            return false;
+        }
+        self.last += 1;
+        let pause = self.last;
+        self.ports.insert(
+            token,
+            PausedPort {
+                pause,
+                window: Arc::clone(window),
+                waiter: false,
+            },
+        );
+        self.order.push((token, pause));
+        self.steps += 1;
+        true
+    }
+
+    /// The paused port `token`'s owner waits: a reserve waiter (once per pause).
+    fn wait(&mut self, token: Token) {
+        if let Some(port) = self.ports.get_mut(&token) {
+            if !port.waiter {
+                port.waiter = true;
+                self.live_waiters += 1;
+                self.waiters.push((token, port.pause));
+                self.steps += 1;
+            }
+        }
+    }
+
+    /// Let `token` go alone (`cmd_want`, a close): its entries stop counting.
+    fn forget(&mut self, token: Token) -> Option<PausedPort> {
+        let port = self.ports.remove(&token)?;
+        if port.waiter {
+            self.live_waiters -= 1;
+        }
+        self.compact();
+        Some(port)
+    }
+
+    /// One half: every paused port goes, in the order they paused.
+    fn release_all(&mut self, resumed: &mut Vec<Token>) {
+        self.steps += self.order.len() as u64;
+        for (token, pause) in self.order.drain(..) {
+            if Self::counts(&self.ports, (token, pause)) {
+                if let Some(port) = self.ports.remove(&token) {
+                    port.window.global_paused.store(false, Ordering::SeqCst);
+                    resumed.push(token);
+                }
+            }
+        }
+        debug_assert!(self.ports.is_empty());
+        self.ports.clear();
+        self.waiters.clear();
+        self.live_waiters = 0;
+    }
+
+    /// A read fits: the reserve waiters go, in the order they came.
+    fn release_waiters(&mut self, resumed: &mut Vec<Token>) {
+        let waiters = std::mem::take(&mut self.waiters);
+        self.steps += waiters.len() as u64;
+        for entry in waiters {
+            if Self::counts(&self.ports, entry) {
+                if let Some(port) = self.forget(entry.0) {
+                    port.window.global_paused.store(false, Ordering::SeqCst);
+                    resumed.push(entry.0);
+                }
+            }
+        }
+        self.live_waiters = 0;
+    }
+
+    /// Drop the entries that no longer count once they outnumber those that do: each
+    /// compaction visits at most twice the entries it drops, and each entry is dropped
+    /// once, so the cost is O(1) amortised per pause.
+    fn compact(&mut self) {
+        let ports = &self.ports;
+        if self.order.len() > 2 * ports.len() + PAUSES_SLACK {
+            self.steps += self.order.len() as u64;
+            self.order.retain(|entry| Self::counts(ports, *entry));
+        }
+        if self.waiters.len() > 2 * self.live_waiters + PAUSES_SLACK {
+            self.steps += self.waiters.len() as u64;
+            self.waiters.retain(|entry| Self::counts(ports, *entry));
+        }
     }
 }
 
