@@ -18,10 +18,9 @@ A round of the loop::
 The flush takes the list of ports marked dirty so far; what a flush marks dirty (a
 handler's reply to what it read meanwhile, an event a write caused for a daemon's client)
 is flushed in the next round, which then polls without blocking.  So a round ends however
-fast a peer keeps a handler busy, and no handler is run again from its own flush.  With
-batched writes (:mod:`~._aio`), the streams' single buffers go out first, in one
-``io_submit``, and each write's result is applied to its port as soon as the batch returns,
-before any handler's flush can act on that port.
+fast a peer keeps a handler busy, and no handler is run again from its own flush.  Each
+port's write is one system call and its result is applied to that port at once, before the
+next entry's flush runs (a handler's flush may act on a port written earlier in the round).
 
 Work per round is bounded: a stream reads once per readiness event, a listener accepts
 :data:`~._tcp.ACCEPT_BATCH` connections, and a handler that has more than its own budget to do
@@ -60,7 +59,6 @@ import errno
 import heapq
 import logging
 import resource
-import select
 import socket
 import struct
 import threading
@@ -69,7 +67,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._aio import BatchWriter, open_batch_writer
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, errno_name
@@ -95,13 +92,6 @@ log = logging.getLogger("ioserver")
 READ_SIZE = 65536  # bytes: the shared receive buffer, and so the largest Data message
 IOV_MAX = 1024  # buffers gathered in one sendmsg
 BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while reads are paused
-#: Seconds the I/O thread waits for the loop's flush after handing it a batch, at most (see
-#: the "flush point" in ioserver._wakeup): a bound for a loop that never flushes, not a delay.
-#: A loop whose batch takes longer would otherwise be interrupted by rounds that fight it
-#: for the GIL: on examples/httpd.py under wrk, 10 ms gave 1.24x asyncio streams (median of
-#: 5 interleaved rounds), 2 ms 1.11x, 50 ms no more than 10 ms.
-FLUSH_WAIT = 0.01
-_EAGAIN = -errno.EAGAIN  # a batched write's result for a full socket buffer
 _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
 
@@ -140,6 +130,9 @@ class IOThread:
     window_class = Window
     #: The class of the command queue (the native core's routes its own commands).
     commands_class: type[WakeupQueue[Any]] = WakeupQueue
+    #: Whether the loops' hubs run a flush point after each batch they drain (see
+    #: ``Hub._flush``): the native core's do; this thread does not wait for the loop.
+    waits_for_flush = False
 
     def __init__(
         self,
@@ -199,29 +192,6 @@ class IOThread:
         self._paused_listeners: list[Conn] = []
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
-        # Linux AIO for the writes of a round (None: port by port), and with it the flush
-        # point: after handing a loop a batch, wait for that loop's flush (ioserver._wakeup).
-        # (Not when hosted: the flush point is the host's, and a hosted half's handlers
-        # write their own output.)
-        self._writer: BatchWriter | None = None if hosted else open_batch_writer()
-        self._batch: list[Conn] = []
-        #: Why batched writes stopped (the writer's failure), None while they work.
-        self.batching_error: str | None = None
-        self._failed_writer: BatchWriter | None = None  # kept for its counters
-        self._flush_epoll: select.epoll | None = None
-        if self._writer is not None and self._poller.wakeup_is_edge_triggered:
-            self._flush_epoll = select.epoll()
-            self._flush_epoll.register(
-                self.commands.wakeup.fileno(), select.EPOLLIN | select.EPOLLET
-            )
-        #: Set by this thread before it hands a loop a batch, cleared by that loop's flush,
-        #: which then writes the wake-up fd (see ioserver._wakeup).
-        self.flush_wanted = False
-        self.flush_waits = 0
-        self.flush_timeouts = 0
-        #: Whether this thread waits for the loop's flush point: with batched writes, and
-        #: not when it also serves a daemon's remote clients (ioserver._control).
-        self.waits_for_flush = self._flush_epoll is not None
         self._stopping = False
         self.ports_open = 0
         self.polls = 0
@@ -422,8 +392,6 @@ class IOThread:
         run_commands = self._run_commands
         new_message = object.__new__
         set_data = _SET_DATA
-        flush_wait = False
-        wait_for_flush = self._wait_for_flush
         budget = self.budget
         read_floor = budget.read_floor
         packet_floor = budget.packet_floor
@@ -431,15 +399,7 @@ class IOThread:
             # Bytes this round may still read: the budget is firm, so a read that
             # could pass it is not made (the port pauses instead).
             headroom = UNLIMITED if budget.limit is None else budget.headroom()
-            if flush_wait:
-                # The loop is busy with the batch we handed it: let it run without
-                # us taking the GIL until it flushes (see ioserver._wakeup).
-                flush_wait = False
-                if not self._ready and not dirty:
-                    wait_for_flush()
-                timeout = 0.0
-            else:
-                timeout = -1.0 if commands.prepare_to_sleep() else 0.0
+            timeout = -1.0 if commands.prepare_to_sleep() else 0.0
             if budget.paused and timeout < 0:
                 # Owners release memory without telling this thread: while reads are
                 # paused for the budget, look again every few milliseconds.
@@ -556,19 +516,6 @@ class IOThread:
                 # Sends queued while this round read (the loop ran during
                 # its syscalls) leave in this round's flush.
                 run_commands()
-            writer = self._writer  # None once batching failed (see _batching_failed)
-            if writer is not None:
-                # Hand the loop its batch first, so that it works while the kernel
-                # writes; then wait for its flush (the top of the loop).
-                if len(inboxes) == 1 and inboxes[0].staged and self.waits_for_flush:
-                    self.flush_wanted = True
-                    flush_wait = True
-                for inbox in inboxes:
-                    inbox.notify()
-                if len(dirty) > 1:
-                    # Every write's result is applied to its port as its batch
-                    # returns, before any handler's flush below can act on that port.
-                    self._write_batch(writer, dirty)
             if dirty:
                 # This round's entries.  What their flushes mark dirty (a handler's
                 # reply to what it read in its flush...) is the next round's: no
@@ -587,7 +534,7 @@ class IOThread:
                             continue
                         outq = conn.outq
                         if len(outq) != 1:
-                            if outq:  # (empty: the batch wrote it all)
+                            if outq:
                                 write(conn)
                             continue
                         # _write, inlined for one buffer sent whole.
@@ -617,8 +564,7 @@ class IOThread:
                 dirty.clear()
                 spare, dirty = dirty, self._dirty
             for inbox in inboxes:
-                if writer is None or inbox.staged:
-                    inbox.notify()
+                inbox.notify()
             table = self._table  # it may have grown
 
     def counters(self) -> dict[str, int]:
@@ -684,112 +630,7 @@ class IOThread:
     def discard(self) -> None:
         """Release the fds of a thread that was never started."""
         self._poller.close()
-        self._release_batching()
         self.commands.close()
-
-    def _release_batching(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._failed_writer is not None:
-            self._failed_writer.close()
-        if self._flush_epoll is not None:
-            self._flush_epoll.close()
-
-    def _wait_for_flush(self) -> None:
-        """Block, without the GIL, until the loop flushes or :data:`FLUSH_WAIT` passes.
-
-        Only the wake-up fd is watched (through its own edge-triggered epoll), so that
-        sockets becoming ready while the loop works do not make this thread take the GIL
-        from it; they are all read in the round that follows, with a zero timeout.
-        """
-        wait = FLUSH_WAIT
-        if self._timers:
-            due = self._run_timers()
-            if 0 <= due < wait:
-                wait = due
-        if self.flush_wanted:
-            assert self._flush_epoll is not None
-            if not self._flush_epoll.poll(wait):
-                self.flush_timeouts += 1
-            self.flush_waits += 1
-        self.flush_wanted = False
-
-    def _write_batch(self, writer: BatchWriter, dirty: list[Conn | Handler]) -> None:
-        """Write the single buffer of each dirty stream with one ``io_submit`` per batch
-        (see :meth:`_submit_batch`)."""
-        batch = self._batch
-        for conn in dirty:
-            if (
-                conn.kind == STREAM
-                and isinstance(conn, Conn)
-                and conn.tls is None  # a TLS stream encrypts as it sends (ioserver._tls)
-                and not conn.closed
-                and not conn.mask & WRITE
-            ):
-                outq = conn.outq
-                if len(outq) == 1:
-                    data = outq[0]
-                    if data.__class__ is bytes:
-                        writer.add(conn.fd, data)
-                        batch.append(conn)
-                        if writer.full:
-                            self._submit_batch(writer, batch)
-        if batch:
-            self._submit_batch(writer, batch)
-
-    def _submit_batch(self, writer: BatchWriter, batch: list[Conn]) -> None:
-        """Submit the batch and apply each write's result to its port at once: what a
-        port's buffer became is settled before anything else of the round runs (a
-        handler's flush may queue more output on that port, close it, change its
-        interest); a write the kernel did not take is left queued for the round's
-        port-by-port writes."""
-        try:
-            results = writer.submit()
-        except Exception as exc:  # pragma: no cover - submit reports syscall errors itself
-            # A bug in the writer: the writes' outcome is unknown.
-            log.exception("batched writes failed")
-            results = [-errno.EIO] * len(batch)
-            writer.failure = f"internal error: {exc!r}"
-            writer.close()
-        sent_total = 0
-        for conn, result in zip(batch, results, strict=True):
-            if result is None:
-                continue
-            try:
-                if result < 0:
-                    if result == _EAGAIN:
-                        self._sent(conn, 0)  # the socket is full: wait for EPOLLOUT
-                    else:
-                        self._broken(conn, -result)
-                elif (
-                    result == conn.out_bytes
-                    and not conn.close_pending
-                    and not conn.shutdown_pending
-                ):
-                    # Everything went (the common case): _sent, inlined.
-                    conn.bytes_out += result
-                    sent_total += result
-                    conn.out_bytes = 0
-                    conn.outq.clear()
-                    if conn.window.send_blocked:
-                        self._notify_writable(conn)
-                else:
-                    self._sent(conn, result)
-            except Exception as exc:
-                self._internal_error(conn, exc)
-        self.bytes_out += sent_total
-        batch.clear()
-        if writer.failure is not None:
-            self._batching_failed(writer)
-
-    def _batching_failed(self, writer: BatchWriter) -> None:
-        """The batch writer gave up (see ioserver._aio): write port by port from now on,
-        and stop waiting for flush points, which only pay with batched writes."""
-        self._writer = None
-        self._failed_writer = writer
-        self.batching_error = writer.failure
-        self.waits_for_flush = False
-        self.flush_wanted = False
 
     def _run_commands(self) -> None:
         """Run every queued command; ``cmd_send``, the one of every echo, inlined."""
@@ -862,7 +703,6 @@ class IOThread:
             self.zmq_sockets.clear()
             self._zmq_context.term()
         self._poller.close()
-        self._release_batching()
         if self.hosted:
             return  # the host gives the stop notices, after its own ports
         # Every hub hears that the thread ended, whether it was asked to stop or failed.

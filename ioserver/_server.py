@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ CORE_ENVIRONMENT = "IOSERVER_CORE"
 #: ``"io_uring"``) where :func:`open` is not given one.  (``IOSERVER_BACKEND`` is
 #: ``ioserver serve --backend``'s, the event loop library.)
 IO_BACKEND_ENVIRONMENT = "IOSERVER_IO_BACKEND"
+
+#: Deprecated, does nothing: it turned off the Python core's writes through Linux AIO,
+#: which were removed (issue 14).  :func:`open` warns (:exc:`DeprecationWarning`) when set.
+BATCHED_WRITES_ENVIRONMENT = "IOSERVER_BATCHED_WRITES"
 
 T = TypeVar("T")
 
@@ -83,13 +88,17 @@ class IOServerStatistics:
     memory_in_use: int  #: bytes buffered now: undelivered input, framing, queued output
     peak_memory: int  #: the highest ``memory_in_use`` seen (measured once a round)
     global_pauses: int  #: reads paused because the budget was used up
-    batched_writes: bool  #: the round's writes go out in one ``io_submit`` (Linux AIO)
-    write_batches: int  #: ``io_submit`` calls made for them
-    batched_write_count: int  #: writes made through them
-    flush_waits: int  #: times the I/O thread waited for this loop's flush point
-    flush_timeouts: int  #: ... of which ended by the 10 ms bound, not by a flush
-    #: why batched writes stopped, if they did: the AIO context failed (e.g. its completions
-    #: could not be collected) and the I/O thread writes port by port since; ``None``
+    #: Deprecated, always ``False``: the Python core's writes through Linux AIO
+    #: (``io_submit``) were removed (issue 14); kept so that code reading it still runs.
+    batched_writes: bool
+    write_batches: int  #: deprecated, always 0 (see ``batched_writes``)
+    batched_write_count: int  #: deprecated, always 0 (see ``batched_writes``)
+    #: Deprecated, always 0: the Python I/O thread no longer waits for the loop's flush
+    #: point (issue 14).
+    flush_waits: int
+    flush_timeouts: int  #: deprecated, always 0 (see ``flush_waits``)
+    #: why the native I/O thread failed, if it did (then the server is closed); ``None``.
+    #: (The name is from the Python core's Linux AIO writer, removed in issue 14.)
     batched_writes_error: str | None = None
     #: the I/O core: ``"python"`` (the I/O thread in Python) or ``"native"`` (in Rust)
     core: str = "python"
@@ -142,7 +151,6 @@ class IOServer:
     def statistics(self) -> IOServerStatistics:
         """The server's counters now (see :class:`IOServerStatistics`)."""
         io, hub = self._io, self._hub
-        writer = io._writer or io._failed_writer
         counters = io.counters()  # on the native core, its thread's and its hosted half's
         budget_counters = getattr(io, "budget_counters", None)  # the native core's two budgets
         peak, pauses, _ = (
@@ -172,12 +180,12 @@ class IOServer:
             memory_in_use=io.memory_in_use(),
             peak_memory=max(peak, io.memory_in_use()),
             global_pauses=pauses,
-            batched_writes=io._writer is not None,
-            write_batches=0 if writer is None else writer.batches,
-            batched_write_count=0 if writer is None else writer.writes,
-            flush_waits=io.flush_waits,
-            flush_timeouts=io.flush_timeouts,
-            batched_writes_error=io.batching_error or getattr(io, "failure", None),
+            batched_writes=False,
+            write_batches=0,
+            batched_write_count=0,
+            flush_waits=0,
+            flush_timeouts=0,
+            batched_writes_error=getattr(io, "failure", None),
             core="native" if getattr(io, "native", False) else "python",
             io_backend=getattr(io, "io_backend", None),
             io_uring_enters=getattr(io, "io_uring_enters", 0),
@@ -278,6 +286,13 @@ async def open(
             raise OptionError(f"{name} must be a positive int (bytes) or None, not {value!r}")
     core = _choose_core(core, poller)
     io_backend = _choose_io_backend(io_backend, core)
+    if BATCHED_WRITES_ENVIRONMENT in os.environ:
+        warnings.warn(
+            f"{BATCHED_WRITES_ENVIRONMENT} does nothing and will be removed: the Python "
+            "core's writes through Linux AIO, which it turned off, are gone (issue 14)",
+            DeprecationWarning,
+            stacklevel=3,  # through contextlib's __aenter__: the caller's async with
+        )
     if core == "native":
         if poller not in (None, "epoll"):
             raise NotSupportedError(

@@ -169,3 +169,26 @@ def test_run_sets_the_switch_interval_while_main_runs_and_restores_it() -> None:
     assert sys.getswitchinterval() == before
     with pytest.raises(ioserver.OptionError, match="switch_interval"):
         ioserver.run(main, switch_interval=0)
+
+
+async def test_the_batched_writes_variable_is_deprecated_and_does_nothing(
+    monkeypatch: pytest.MonkeyPatch, no_leaks: None
+) -> None:
+    """Issue 14: ``IOSERVER_BATCHED_WRITES`` turned off the Python core's Linux AIO writer,
+    which is gone: setting it gives a DeprecationWarning naming it, and the server writes
+    as it always does now, port by port (no batches, no waits for the loop's flush point)."""
+    monkeypatch.setenv("IOSERVER_BATCHED_WRITES", "0")
+    with pytest.warns(DeprecationWarning, match="IOSERVER_BATCHED_WRITES does nothing"):
+        async with ioserver.open() as ios:
+            async with (
+                await ports.listen_tcp(ios, "127.0.0.1", 0) as listener,
+                await anyio.connect_tcp(*listener.local_address) as client,
+                await accept(listener) as port,
+            ):
+                await client.send(b"ping")
+                assert await port.receive() == Data(b"ping")
+                await port.send(b"pong")
+                assert await client.receive() == b"pong"
+            statistics = ios.statistics()
+    assert not statistics.batched_writes
+    assert statistics.write_batches == statistics.flush_waits == 0
