@@ -383,10 +383,6 @@ def _choose_io_backend(io_backend: str | None, core: str) -> str | None:
     return io_backend
 
 
-#: Seconds: the GIL switch interval :func:`run` sets (see its ``switch_interval``).
-SWITCH_INTERVAL = 0.001
-
-
 def run(
     main: Callable[..., Awaitable[T]],
     *args: Any,
@@ -394,7 +390,7 @@ def run(
     use_uvloop: bool | None = None,
     stop_on_signals: bool = True,
     memory_limit: int | None = None,
-    switch_interval: float | None = SWITCH_INTERVAL,
+    switch_interval: float | None = None,
     poller: str | None = None,
     core: str | None = None,
     io_backend: str | None = None,
@@ -416,11 +412,12 @@ def run(
         core: the I/O core, ``"python"`` or ``"native"`` (see :func:`open`).
         io_backend: the native core's I/O backend, ``"epoll"`` or ``"io_uring"`` (see
             :func:`open`; ``backend`` here is the event loop library).
-        switch_interval: seconds, :func:`sys.setswitchinterval` while ``main`` runs
-            (restored after).  The I/O thread and the event loop hand the GIL to each
-            other all the time; with Python's default 5 ms a thread that wants it can wait
-            that long behind the other's Python code.  1 ms measured +4-8% on the echo
-            benchmark here and more on request/response work; ``None`` leaves it alone.
+        switch_interval: deprecated, does nothing (a value other than ``None`` gives a
+            :exc:`DeprecationWarning`).  ``run`` used to set :func:`sys.setswitchinterval`
+            to 1 ms while ``main`` ran, for the Python core's two threads sharing the GIL;
+            it no longer touches the interval (issue 14: it did not pay measurably; see
+            ``docs/reference/cores.rst``).  Call :func:`sys.setswitchinterval` yourself to
+            tune it.
 
     Returns:
         What ``main`` returned, or ``None`` if a signal stopped it.
@@ -469,17 +466,14 @@ def run(
                 task_group.start_soon(call_main)
             return result[0] if result else None
 
-    previous = sys.getswitchinterval()
     if switch_interval is not None:
-        if isinstance(switch_interval, bool) or not (
-            isinstance(switch_interval, (int, float)) and switch_interval > 0
-        ):
-            raise OptionError(f"switch_interval must be positive seconds, not {switch_interval!r}")
-        sys.setswitchinterval(switch_interval)
-    try:
-        return anyio.run(_main, backend=backend, backend_options=options)
-    finally:
-        sys.setswitchinterval(previous)
+        warnings.warn(
+            "ioserver.run(switch_interval=...) does nothing and will be removed: run no "
+            "longer sets sys.setswitchinterval (call it yourself to tune the GIL)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    return anyio.run(_main, backend=backend, backend_options=options)
 
 
 def _has_uvloop() -> bool:
