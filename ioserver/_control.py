@@ -149,6 +149,9 @@ class ControlEndpoint(ZmqSocketHandler):
         self._log_suppressed = 0
         self._timer: list[Callable[[], None] | None] | None = None
         io.budget.owners.append(self.budget)
+        # Remote clients are served by this thread itself: it must not pause for the flush
+        # point of a local app's loop (see ioserver._wakeup).
+        io.waits_for_flush = False
 
     def start(self) -> None:
         super().start()

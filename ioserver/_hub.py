@@ -266,11 +266,14 @@ class Hub(Parker):
         return count
 
     def _flush(self) -> None:
-        """The flush point: the tasks woken by the last drain have run.  The hubs run it
-        only for an I/O half whose ``waits_for_flush`` is true: the native core's, which
-        sends the wakes it deferred during the batch there (``ioserver._native_core``).
-        The Python I/O thread waits for no flush point: nothing to do here."""
+        """The flush point: the tasks woken by the last drain have run; wake the I/O
+        thread if it waits for this (see the flush point in :mod:`ioserver._wakeup`)."""
         self._flush_pending = False
+        io = self.io
+        if io.flush_wanted:
+            io.flush_wanted = False
+            io.commands.wakeup.signal()
+            self.flushes += 1
 
     def _deliver(self, message: object) -> None:
         # The hub is the target of the I/O thread's stop notice.

@@ -93,10 +93,9 @@ class IOServerStatistics:
     batched_writes: bool
     write_batches: int  #: deprecated, always 0 (see ``batched_writes``)
     batched_write_count: int  #: deprecated, always 0 (see ``batched_writes``)
-    #: Deprecated, always 0: the Python I/O thread no longer waits for the loop's flush
-    #: point (issue 14).
+    #: times the Python I/O thread waited for this loop's flush point (0 on the native core)
     flush_waits: int
-    flush_timeouts: int  #: deprecated, always 0 (see ``flush_waits``)
+    flush_timeouts: int  #: ... of which ended by the 10 ms bound, not by a flush
     #: why the native I/O thread failed, if it did (then the server is closed); ``None``.
     #: (The name is from the Python core's Linux AIO writer, removed in issue 14.)
     batched_writes_error: str | None = None
@@ -183,8 +182,8 @@ class IOServer:
             batched_writes=False,
             write_batches=0,
             batched_write_count=0,
-            flush_waits=0,
-            flush_timeouts=0,
+            flush_waits=io.flush_waits,
+            flush_timeouts=io.flush_timeouts,
             batched_writes_error=getattr(io, "failure", None),
             core="native" if getattr(io, "native", False) else "python",
             io_backend=getattr(io, "io_backend", None),

@@ -179,7 +179,7 @@ async def test_the_batched_writes_variable_is_deprecated_and_does_nothing(
 ) -> None:
     """Issue 14: ``IOSERVER_BATCHED_WRITES`` turned off the Python core's Linux AIO writer,
     which is gone: setting it gives a DeprecationWarning naming it, and the server writes
-    as it always does now, port by port (no batches, no waits for the loop's flush point)."""
+    as it always does now, port by port."""
     monkeypatch.setenv("IOSERVER_BATCHED_WRITES", "0")
     with pytest.warns(DeprecationWarning, match="IOSERVER_BATCHED_WRITES does nothing"):
         async with ioserver.open() as ios:
@@ -194,4 +194,4 @@ async def test_the_batched_writes_variable_is_deprecated_and_does_nothing(
                 assert await client.receive() == b"pong"
             statistics = ios.statistics()
     assert not statistics.batched_writes
-    assert statistics.write_batches == statistics.flush_waits == 0
+    assert statistics.write_batches == statistics.batched_write_count == 0
