@@ -97,11 +97,11 @@ BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while read
 #: the "flush point" in ioserver._wakeup): a bound for a loop that never flushes, not a delay.
 #: The flush point is the one GIL workaround of this thread that still pays (issue 14,
 #: interleaved A/B on a shared 2-core machine, Python's 5 ms switch interval):
-#: examples/httpd.py under wrk -c100 does 1.35x the requests/s without it (faster in 7 of 8
-#: rounds; with the old Linux AIO writes as well 1.37x, 14 of 14: the writes added nothing).
-#: On 100 x 64 B echo it neither pays nor costs through the noise, and with one connection
-#: it adds about 2 us to the round trip's p50 (18 us against 16).  The bound: on httpd, 10
-#: ms gave 1.24x asyncio streams, 2 ms 1.11x, 50 ms no more than 10 ms (issue 7).
+#: examples/httpd.py under wrk -c100 does 1.35x the requests/s with it than without (faster
+#: in 7 of 8 rounds; with the old Linux AIO writes as well 1.37x, 14 of 14: the writes added
+#: nothing).  On 100 x 64 B echo it neither pays nor costs through the noise, and with one
+#: connection it adds about 2 us to the round trip's p50 (18 us against 16).  The bound: on
+#: httpd, 10 ms gave 1.24x asyncio streams, 2 ms 1.11x, 50 ms no more than 10 ms (issue 7).
 FLUSH_WAIT = 0.01
 _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
@@ -598,10 +598,17 @@ class IOThread:
                 self.bytes_out += sent_total
                 dirty.clear()
                 spare, dirty = dirty, self._dirty
-            if len(inboxes) == 1 and inboxes[0].staged and self.waits_for_flush:
+            if (
+                len(inboxes) == 1
+                and inboxes[0].staged
+                and self.waits_for_flush
+                and not self._stopping
+            ):
                 # The loop gets a batch: wait for its flush point before the next round
                 # (the top of the loop).  Set before the batch is published, so that the
-                # flush which follows its drain sees it.
+                # flush which follows its drain sees it.  Not in the last round: no round
+                # waits for that flush, and the hub may run it after it closed the
+                # wake-up fd (the stop notice comes in the same drain).
                 self.flush_wanted = True
                 flush_wait = True
             for inbox in inboxes:

@@ -139,3 +139,41 @@ async def test_output_leaves_while_the_loop_is_blocked(ios: ioserver.IOServer) -
                     peer.shutdown(socket.SHUT_RDWR)
                     reader.join()
                 assert bytes(reply) == b"pong"
+
+
+@pytest.mark.python_core
+@pytest.mark.anyio
+async def test_the_round_that_stops_the_thread_asks_for_no_flush(ios: ioserver.IOServer) -> None:
+    """The last round of the I/O thread (the one that runs the stop) may still hand the loop
+    a batch; it must not ask for a flush point it will never wait for.  It did: the hub's
+    flush point, scheduled by the drain that also took the stop notice, ran after the hub
+    had closed the thread's wake-up fd, and wrote to it (EBADF in a loop callback on
+    asyncio; a reused descriptor would have taken the 8 bytes).  Here data and the stop
+    reach the thread in one round: a timer holds the thread while the peer sends and the
+    stop is queued, and the loop blocks until the thread has ended, so that its drain takes
+    the last batch and the stop notice together."""
+    io = ios._io
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    client = await anyio.connect_tcp(*listener.local_address)
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # a timer: runs at the top of a round, before its poll
+        holding.set()
+        release.wait(10)
+
+    io.submit(lambda _target, _argument: io.call_later(0, hold), None, None)
+    try:
+        assert await anyio.to_thread.run_sync(holding.wait, 10)
+        await client.send(b"last")  # readable at the held round's poll
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(ios.aclose)  # queues the stop, then waits for its notice
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+            io.join(10)  # blocking the loop: the last batch and the notice arrive together
+            assert not io.is_alive()
+    finally:
+        release.set()
+        await client.aclose()
+    assert ios.closed
