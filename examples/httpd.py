@@ -71,11 +71,11 @@ The handler is sans-I/O (:class:`HttpSession`: bytes in, bytes out), so the benc
 runs the very same code on plain trio sockets and on asyncio streams
 (``bench/servers/http_trio.py``, ``bench/servers/http_asyncio.py``).
 
-Tuning: ``--switch-interval SECONDS`` sets :func:`sys.setswitchinterval`.  The I/O thread
-and the event loop share the GIL; with a CPU-heavy handler (h11) the I/O thread waits up
-to the interval for it, which delays reads and writes.  ``ioserver run`` sets 1 ms
-(``ioserver.run``'s ``switch_interval``; Python's default is 5 ms); see bench/README.md
-for what it changed when measured.
+Tuning: ``--switch-interval SECONDS`` sets :func:`sys.setswitchinterval` (Python's default
+is 5 ms; ``ioserver run`` leaves it alone).  On the Python core the I/O thread and the event
+loop share the GIL; with a CPU-heavy handler (h11) the I/O thread waits up to the interval
+for it, which delays reads and writes.  See bench/README.md for what it changed when
+measured.
 """
 
 from __future__ import annotations
@@ -1462,7 +1462,7 @@ async def main(ios: ioserver.IOServer, argv: Sequence[str] = ()) -> None:
         "--switch-interval",
         type=float,
         default=None,
-        help="sys.setswitchinterval(SECONDS) for this process (ioserver run's default: 0.001)",
+        help="sys.setswitchinterval(SECONDS) for this process (default: Python's, 0.005)",
     )
     parser.add_argument(
         "--access-log",

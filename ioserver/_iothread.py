@@ -18,10 +18,9 @@ A round of the loop::
 The flush takes the list of ports marked dirty so far; what a flush marks dirty (a
 handler's reply to what it read meanwhile, an event a write caused for a daemon's client)
 is flushed in the next round, which then polls without blocking.  So a round ends however
-fast a peer keeps a handler busy, and no handler is run again from its own flush.  With
-batched writes (:mod:`~._aio`), the streams' single buffers go out first, in one
-``io_submit``, and each write's result is applied to its port as soon as the batch returns,
-before any handler's flush can act on that port.
+fast a peer keeps a handler busy, and no handler is run again from its own flush.  Each
+port's write is one system call and its result is applied to that port at once, before the
+next entry's flush runs (a handler's flush may act on a port written earlier in the round).
 
 Work per round is bounded: a stream reads once per readiness event, a listener accepts
 :data:`~._tcp.ACCEPT_BATCH` connections, and a handler that has more than its own budget to do
@@ -69,7 +68,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._aio import BatchWriter, open_batch_writer
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, errno_name
@@ -104,11 +102,14 @@ BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while read
 ACCEPT_RETRY = 0.1
 #: Seconds the I/O thread waits for the loop's flush after handing it a batch, at most (see
 #: the "flush point" in ioserver._wakeup): a bound for a loop that never flushes, not a delay.
-#: A loop whose batch takes longer would otherwise be interrupted by rounds that fight it
-#: for the GIL: on examples/httpd.py under wrk, 10 ms gave 1.24x asyncio streams (median of
-#: 5 interleaved rounds), 2 ms 1.11x, 50 ms no more than 10 ms.
+#: The flush point is the one GIL workaround of this thread that still pays (issue 14,
+#: interleaved A/B on a shared 2-core machine, Python's 5 ms switch interval):
+#: examples/httpd.py under wrk -c100 does 1.35x the requests/s with it than without (faster
+#: in 7 of 8 rounds; with the old Linux AIO writes as well 1.37x, 14 of 14: the writes added
+#: nothing).  On 100 x 64 B echo it neither pays nor costs through the noise, and with one
+#: connection it adds about 2 us to the round trip's p50 (18 us against 16).  The bound: on
+#: httpd, 10 ms gave 1.24x asyncio streams, 2 ms 1.11x, 50 ms no more than 10 ms (issue 7).
 FLUSH_WAIT = 0.01
-_EAGAIN = -errno.EAGAIN  # a batched write's result for a full socket buffer
 _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
 
@@ -208,17 +209,11 @@ class IOThread:
         self._accept_retry: list[Callable[[], None] | None] | None = None
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
-        # Linux AIO for the writes of a round (None: port by port), and with it the flush
-        # point: after handing a loop a batch, wait for that loop's flush (ioserver._wakeup).
-        # (Not when hosted: the flush point is the host's, and a hosted half's handlers
-        # write their own output.)
-        self._writer: BatchWriter | None = None if hosted else open_batch_writer()
-        self._batch: list[Conn] = []
-        #: Why batched writes stopped (the writer's failure), None while they work.
-        self.batching_error: str | None = None
-        self._failed_writer: BatchWriter | None = None  # kept for its counters
+        # The flush point: after handing a loop a batch, wait for that loop's flush
+        # (ioserver._wakeup) on the wake-up fd alone, through an edge-triggered epoll of its
+        # own.  (Not when hosted: the flush point is the host's.)
         self._flush_epoll: select.epoll | None = None
-        if self._writer is not None and self._poller.wakeup_is_edge_triggered:
+        if not hosted and self._poller.wakeup_is_edge_triggered:
             self._flush_epoll = select.epoll()
             self._flush_epoll.register(
                 self.commands.wakeup.fileno(), select.EPOLLIN | select.EPOLLET
@@ -228,8 +223,8 @@ class IOThread:
         self.flush_wanted = False
         self.flush_waits = 0
         self.flush_timeouts = 0
-        #: Whether this thread waits for the loop's flush point: with batched writes, and
-        #: not when it also serves a daemon's remote clients (ioserver._control).
+        #: Whether this thread waits for the loop's flush point: with epoll, and not when
+        #: it also serves a daemon's remote clients (ioserver._control).
         self.waits_for_flush = self._flush_epoll is not None
         self._stopping = False
         self.ports_open = 0
@@ -565,19 +560,6 @@ class IOThread:
                 # Sends queued while this round read (the loop ran during
                 # its syscalls) leave in this round's flush.
                 run_commands()
-            writer = self._writer  # None once batching failed (see _batching_failed)
-            if writer is not None:
-                # Hand the loop its batch first, so that it works while the kernel
-                # writes; then wait for its flush (the top of the loop).
-                if len(inboxes) == 1 and inboxes[0].staged and self.waits_for_flush:
-                    self.flush_wanted = True
-                    flush_wait = True
-                for inbox in inboxes:
-                    inbox.notify()
-                if len(dirty) > 1:
-                    # Every write's result is applied to its port as its batch
-                    # returns, before any handler's flush below can act on that port.
-                    self._write_batch(writer, dirty)
             if dirty:
                 # This round's entries.  What their flushes mark dirty (a handler's
                 # reply to what it read in its flush...) is the next round's: no
@@ -596,7 +578,7 @@ class IOThread:
                             continue
                         outq = conn.outq
                         if len(outq) != 1:
-                            if outq:  # (empty: the batch wrote it all)
+                            if outq:
                                 write(conn)
                             continue
                         # _write, inlined for one buffer sent whole.
@@ -625,9 +607,21 @@ class IOThread:
                 self.bytes_out += sent_total
                 dirty.clear()
                 spare, dirty = dirty, self._dirty
+            if (
+                len(inboxes) == 1
+                and inboxes[0].staged
+                and self.waits_for_flush
+                and not self._stopping
+            ):
+                # The loop gets a batch: wait for its flush point before the next round
+                # (the top of the loop).  Set before the batch is published, so that the
+                # flush which follows its drain sees it.  Not in the last round: no round
+                # waits for that flush, and the hub may run it after it closed the
+                # wake-up fd (the stop notice comes in the same drain).
+                self.flush_wanted = True
+                flush_wait = True
             for inbox in inboxes:
-                if writer is None or inbox.staged:
-                    inbox.notify()
+                inbox.notify()
             table = self._table  # it may have grown
 
     def counters(self) -> dict[str, int]:
@@ -693,14 +687,10 @@ class IOThread:
     def discard(self) -> None:
         """Release the fds of a thread that was never started."""
         self._poller.close()
-        self._release_batching()
+        self._close_flush_epoll()
         self.commands.close()
 
-    def _release_batching(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._failed_writer is not None:
-            self._failed_writer.close()
+    def _close_flush_epoll(self) -> None:
         if self._flush_epoll is not None:
             self._flush_epoll.close()
 
@@ -721,83 +711,6 @@ class IOThread:
             if not self._flush_epoll.poll(wait):
                 self.flush_timeouts += 1
             self.flush_waits += 1
-        self.flush_wanted = False
-
-    def _write_batch(self, writer: BatchWriter, dirty: list[Conn | Handler]) -> None:
-        """Write the single buffer of each dirty stream with one ``io_submit`` per batch
-        (see :meth:`_submit_batch`)."""
-        batch = self._batch
-        for conn in dirty:
-            if (
-                conn.kind == STREAM
-                and isinstance(conn, Conn)
-                and conn.tls is None  # a TLS stream encrypts as it sends (ioserver._tls)
-                and not conn.closed
-                and not conn.mask & WRITE
-            ):
-                outq = conn.outq
-                if len(outq) == 1:
-                    data = outq[0]
-                    if data.__class__ is bytes:
-                        writer.add(conn.fd, data)
-                        batch.append(conn)
-                        if writer.full:
-                            self._submit_batch(writer, batch)
-        if batch:
-            self._submit_batch(writer, batch)
-
-    def _submit_batch(self, writer: BatchWriter, batch: list[Conn]) -> None:
-        """Submit the batch and apply each write's result to its port at once: what a
-        port's buffer became is settled before anything else of the round runs (a
-        handler's flush may queue more output on that port, close it, change its
-        interest); a write the kernel did not take is left queued for the round's
-        port-by-port writes."""
-        try:
-            results = writer.submit()
-        except Exception as exc:  # pragma: no cover - submit reports syscall errors itself
-            # A bug in the writer: the writes' outcome is unknown.
-            log.exception("batched writes failed")
-            results = [-errno.EIO] * len(batch)
-            writer.failure = f"internal error: {exc!r}"
-            writer.close()
-        sent_total = 0
-        for conn, result in zip(batch, results, strict=True):
-            if result is None:
-                continue
-            try:
-                if result < 0:
-                    if result == _EAGAIN:
-                        self._sent(conn, 0)  # the socket is full: wait for EPOLLOUT
-                    else:
-                        self._broken(conn, -result)
-                elif (
-                    result == conn.out_bytes
-                    and not conn.close_pending
-                    and not conn.shutdown_pending
-                ):
-                    # Everything went (the common case): _sent, inlined.
-                    conn.bytes_out += result
-                    sent_total += result
-                    conn.out_bytes = 0
-                    conn.outq.clear()
-                    if conn.window.send_blocked:
-                        self._notify_writable(conn)
-                else:
-                    self._sent(conn, result)
-            except Exception as exc:
-                self._internal_error(conn, exc)
-        self.bytes_out += sent_total
-        batch.clear()
-        if writer.failure is not None:
-            self._batching_failed(writer)
-
-    def _batching_failed(self, writer: BatchWriter) -> None:
-        """The batch writer gave up (see ioserver._aio): write port by port from now on,
-        and stop waiting for flush points, which only pay with batched writes."""
-        self._writer = None
-        self._failed_writer = writer
-        self.batching_error = writer.failure
-        self.waits_for_flush = False
         self.flush_wanted = False
 
     def _run_commands(self) -> None:
@@ -871,7 +784,7 @@ class IOThread:
             self.zmq_sockets.clear()
             self._zmq_context.term()
         self._poller.close()
-        self._release_batching()
+        self._close_flush_epoll()
         if self.hosted:
             return  # the host gives the stop notices, after its own ports
         # Every hub hears that the thread ended, whether it was asked to stop or failed.

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ CORE_ENVIRONMENT = "IOSERVER_CORE"
 #: ``"io_uring"``) where :func:`open` is not given one.  (``IOSERVER_BACKEND`` is
 #: ``ioserver serve --backend``'s, the event loop library.)
 IO_BACKEND_ENVIRONMENT = "IOSERVER_IO_BACKEND"
+
+#: Deprecated, does nothing: it turned off the Python core's writes through Linux AIO,
+#: which were removed (issue 14).  :func:`open` warns (:exc:`DeprecationWarning`) when set.
+BATCHED_WRITES_ENVIRONMENT = "IOSERVER_BATCHED_WRITES"
 
 T = TypeVar("T")
 
@@ -83,13 +88,16 @@ class IOServerStatistics:
     memory_in_use: int  #: bytes buffered now: undelivered input, framing, queued output
     peak_memory: int  #: the highest ``memory_in_use`` seen (measured once a round)
     global_pauses: int  #: reads paused because the budget was used up
-    batched_writes: bool  #: the round's writes go out in one ``io_submit`` (Linux AIO)
-    write_batches: int  #: ``io_submit`` calls made for them
-    batched_write_count: int  #: writes made through them
-    flush_waits: int  #: times the I/O thread waited for this loop's flush point
+    #: Deprecated, always ``False``: the Python core's writes through Linux AIO
+    #: (``io_submit``) were removed (issue 14); kept so that code reading it still runs.
+    batched_writes: bool
+    write_batches: int  #: deprecated, always 0 (see ``batched_writes``)
+    batched_write_count: int  #: deprecated, always 0 (see ``batched_writes``)
+    #: times the Python I/O thread waited for this loop's flush point (0 on the native core)
+    flush_waits: int
     flush_timeouts: int  #: ... of which ended by the 10 ms bound, not by a flush
-    #: why batched writes stopped, if they did: the AIO context failed (e.g. its completions
-    #: could not be collected) and the I/O thread writes port by port since; ``None``
+    #: why the native I/O thread failed, if it did (then the server is closed); ``None``.
+    #: (The name is from the Python core's Linux AIO writer, removed in issue 14.)
     batched_writes_error: str | None = None
     #: the I/O core: ``"python"`` (the I/O thread in Python) or ``"native"`` (in Rust)
     core: str = "python"
@@ -142,7 +150,6 @@ class IOServer:
     def statistics(self) -> IOServerStatistics:
         """The server's counters now (see :class:`IOServerStatistics`)."""
         io, hub = self._io, self._hub
-        writer = io._writer or io._failed_writer
         counters = io.counters()  # on the native core, its thread's and its hosted half's
         budget_counters = getattr(io, "budget_counters", None)  # the native core's two budgets
         peak, pauses, _ = (
@@ -172,12 +179,12 @@ class IOServer:
             memory_in_use=io.memory_in_use(),
             peak_memory=max(peak, io.memory_in_use()),
             global_pauses=pauses,
-            batched_writes=io._writer is not None,
-            write_batches=0 if writer is None else writer.batches,
-            batched_write_count=0 if writer is None else writer.writes,
+            batched_writes=False,
+            write_batches=0,
+            batched_write_count=0,
             flush_waits=io.flush_waits,
             flush_timeouts=io.flush_timeouts,
-            batched_writes_error=io.batching_error or getattr(io, "failure", None),
+            batched_writes_error=getattr(io, "failure", None),
             core="native" if getattr(io, "native", False) else "python",
             io_backend=getattr(io, "io_backend", None),
             io_uring_enters=getattr(io, "io_uring_enters", 0),
@@ -278,6 +285,13 @@ async def open(
             raise OptionError(f"{name} must be a positive int (bytes) or None, not {value!r}")
     core = _choose_core(core, poller)
     io_backend = _choose_io_backend(io_backend, core)
+    if BATCHED_WRITES_ENVIRONMENT in os.environ:
+        warnings.warn(
+            f"{BATCHED_WRITES_ENVIRONMENT} does nothing and will be removed: the Python "
+            "core's writes through Linux AIO, which it turned off, are gone (issue 14)",
+            DeprecationWarning,
+            stacklevel=3,  # through contextlib's __aenter__: the caller's async with
+        )
     if core == "native":
         if poller not in (None, "epoll"):
             raise NotSupportedError(
@@ -368,10 +382,6 @@ def _choose_io_backend(io_backend: str | None, core: str) -> str | None:
     return io_backend
 
 
-#: Seconds: the GIL switch interval :func:`run` sets (see its ``switch_interval``).
-SWITCH_INTERVAL = 0.001
-
-
 def run(
     main: Callable[..., Awaitable[T]],
     *args: Any,
@@ -379,7 +389,7 @@ def run(
     use_uvloop: bool | None = None,
     stop_on_signals: bool = True,
     memory_limit: int | None = None,
-    switch_interval: float | None = SWITCH_INTERVAL,
+    switch_interval: float | None = None,
     poller: str | None = None,
     core: str | None = None,
     io_backend: str | None = None,
@@ -401,11 +411,12 @@ def run(
         core: the I/O core, ``"python"`` or ``"native"`` (see :func:`open`).
         io_backend: the native core's I/O backend, ``"epoll"`` or ``"io_uring"`` (see
             :func:`open`; ``backend`` here is the event loop library).
-        switch_interval: seconds, :func:`sys.setswitchinterval` while ``main`` runs
-            (restored after).  The I/O thread and the event loop hand the GIL to each
-            other all the time; with Python's default 5 ms a thread that wants it can wait
-            that long behind the other's Python code.  1 ms measured +4-8% on the echo
-            benchmark here and more on request/response work; ``None`` leaves it alone.
+        switch_interval: deprecated, does nothing (a value other than ``None`` gives a
+            :exc:`DeprecationWarning`).  ``run`` used to set :func:`sys.setswitchinterval`
+            to 1 ms while ``main`` ran, for the Python core's two threads sharing the GIL;
+            it no longer touches the interval (issue 14: it did not pay measurably; see
+            ``docs/reference/cores.rst``).  Call :func:`sys.setswitchinterval` yourself to
+            tune it.
 
     Returns:
         What ``main`` returned, or ``None`` if a signal stopped it.
@@ -454,17 +465,14 @@ def run(
                 task_group.start_soon(call_main)
             return result[0] if result else None
 
-    previous = sys.getswitchinterval()
     if switch_interval is not None:
-        if isinstance(switch_interval, bool) or not (
-            isinstance(switch_interval, (int, float)) and switch_interval > 0
-        ):
-            raise OptionError(f"switch_interval must be positive seconds, not {switch_interval!r}")
-        sys.setswitchinterval(switch_interval)
-    try:
-        return anyio.run(_main, backend=backend, backend_options=options)
-    finally:
-        sys.setswitchinterval(previous)
+        warnings.warn(
+            "ioserver.run(switch_interval=...) does nothing and will be removed: run no "
+            "longer sets sys.setswitchinterval (call it yourself to tune the GIL)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    return anyio.run(_main, backend=backend, backend_options=options)
 
 
 def _has_uvloop() -> bool:

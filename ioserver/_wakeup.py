@@ -62,20 +62,22 @@ finds either nothing (and sleeps on the fd) or a whole batch; measured on 100 co
 64 B echo: +5-10% throughput and a lower p99.  Only one thread (the I/O thread) may stage
 into a given queue: ``staged`` is a plain list, cleared by ``notify``.
 
-The flush point (Linux, with batched writes: see :mod:`ioserver._aio`)
-----------------------------------------------------------------------
+The flush point (epoll)
+-----------------------
 
 After the I/O thread publishes a batch to a loop, it does not go back to its sockets:
-it sets ``IOThread.flush_wanted``, publishes, writes the round's output, and then waits on
-the commands' wake-up fd alone (a private edge-triggered epoll) for at most ``FLUSH_WAIT``
-seconds.  ``asleep`` stays false meanwhile, so the loop's sends only append.  The loop's
-hub runs its *flush point* once the tasks woken by that batch have run; there, if
-``flush_wanted`` is set, it clears it and writes the fd.  The I/O thread then runs every
-command and polls with a zero timeout.  No wake-up can be lost to this: the wait is bounded,
-and ``flush_wanted`` is set before the batch is published, so the flush that follows the
-drain of that batch sees it.  Its point is the GIL: while the loop works, the I/O thread
-neither wakes on each readable socket nor waits for the GIL, so the loop's GIL releases
-(a handler's file reads) wake no one.
+it sets ``IOThread.flush_wanted``, publishes, and then waits on the commands' wake-up fd
+alone (a private edge-triggered epoll) for at most ``FLUSH_WAIT`` seconds.  ``asleep``
+stays false meanwhile, so the loop's sends only append.  The loop's hub runs its *flush
+point* once the tasks woken by that batch have run; there, if ``flush_wanted`` is set, it
+clears it and writes the fd.  The I/O thread then runs every command, writes the output and
+polls with a zero timeout.  No wake-up can be lost to this: the wait is bounded, and
+``flush_wanted`` is set before the batch is published, so the flush that follows the drain
+of that batch sees it.  Its point is the GIL: while the loop works, the I/O thread neither
+wakes on each readable socket nor waits for the GIL, so the loop's GIL releases (a
+handler's file reads) wake no one.  (The native core's hubs use the same flush point to
+send the wakes of its thread that they deferred during the batch: ``native/wakeup/``,
+``ioserver._native_core``.)
 """
 
 from __future__ import annotations

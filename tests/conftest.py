@@ -141,9 +141,10 @@ def poller() -> str | None:
 @pytest.fixture(autouse=True)
 def _python_core_features(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A test of a feature of the Python core - a poller other than epoll (a ``poller``
-    parameter, or the ``python_core`` mark), its Linux AIO writer (``python_core``) - runs
-    on the Python core whatever ``IOSERVER_CORE`` says, its subprocesses too: the native
-    core polls with epoll and writes through its own backends (docs/reference/cores.rst)."""
+    parameter, or the ``python_core`` mark), its I/O thread's internals (``python_core``) -
+    runs on the Python core whatever ``IOSERVER_CORE`` says, its subprocesses too: the
+    native core polls with epoll and writes through its own backends
+    (docs/reference/cores.rst)."""
     callspec = getattr(request.node, "callspec", None)
     poller = callspec.params.get("poller") if callspec is not None else None
     if request.node.get_closest_marker("python_core") is not None or poller not in (

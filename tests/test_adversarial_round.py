@@ -2,9 +2,9 @@
 
 Each test attacks one promise of the round (see ioserver._iothread): a write's result is
 applied to the buffer it wrote, whatever a handler does afterwards in the same round; one
-handler cannot keep the thread in its flush; a batched write's buffer is released when
-the write completes; no error of the batching syscalls ends the thread.  They run against
-real daemons (``ioserver serve`` subprocesses), real ZeroMQ sockets and real TCP peers.
+handler cannot keep the thread in its flush; a written buffer is released when the write
+completes.  They run against real daemons (``ioserver serve`` subprocesses), real ZeroMQ
+sockets and real TCP peers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,10 @@ from test_daemon import Daemon
 
 import ioserver
 import ports
-from ioserver import _aio
 from ioserver import _protocol as P
 from ioserver._conn import Conn, Handler
 from ioserver._control import MESSAGE_BUDGET, RECEIVE_BATCH, ControlEndpoint
 from ioserver._iothread import IOThread
-
-
-def _batching_available() -> bool:
-    probe = _aio.open_batch_writer()
-    if probe is None:
-        return False
-    probe.close()
-    return True
-
-
-needs_batching = pytest.mark.skipif(
-    not _batching_available(),
-    reason="Linux AIO (io_setup) is not available here: batched writes are off",
-)
 
 
 def _on_io_thread(io: IOThread, function: Callable[[], None]) -> None:
@@ -104,19 +88,17 @@ def _read_until_eof(peer: socket.socket) -> bytes:
     return bytes(received)
 
 
-@pytest.mark.parametrize("batched", ["1", "0"], ids=["batched", "port-by-port"])
 def test_a_write_is_applied_once_whatever_the_control_endpoint_does_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: str
+    tmp_path: Path,
 ) -> None:
     """Issue 12, item 1, against a real daemon.  Frames queued while the daemon is stopped
-    are handled in a few rounds when it resumes: SEND "ONCE" is written by a round's batch,
-    and - in the control endpoint's flush of that same round, when the frames fall so -
+    are handled in a few rounds when it resumes: SEND "ONCE" is written in a round, and -
+    in the control endpoint's flush of that same round, when the frames fall so -
     SEND "TWICE" and CLOSE reach the same port.  The peer must read each byte exactly
     once, then end-of-file.  Where the frames fall depends on how fast ZeroMQ hands them
     over, so ten trials place the second frame at different distances (the old tree sent
     "ONCE" twice in two of them in most runs; the in-process test below forces the exact
     order)."""
-    monkeypatch.setenv("IOSERVER_BATCHED_WRITES", batched)
     endpoint = f"ipc://{tmp_path}/control"
     daemon = Daemon("--endpoint", endpoint, "--heartbeat", "5")
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -152,7 +134,7 @@ def test_a_write_is_applied_once_whatever_the_control_endpoint_does_next(
 
 
 class _CloseInFlush(Handler):
-    """A handler whose flush - in the round in which the batch wrote "ONCE " to ``conn`` -
+    """A handler whose flush - in the round in which "ONCE " was written to ``conn`` -
     queues more output on that port and closes it, as the control endpoint does when a
     frame it reads in its flush holds SEND and CLOSE."""
 
@@ -168,14 +150,13 @@ class _CloseInFlush(Handler):
 
 
 @pytest.mark.python_core
-@needs_batching
 @pytest.mark.anyio
-async def test_a_handler_closing_a_port_after_its_batched_write_sends_each_byte_once(
+async def test_a_handler_closing_a_port_after_its_write_sends_each_byte_once(
     ios: ioserver.IOServer,
 ) -> None:
-    """Issue 12, item 1, in-process and in the exact order: one command marks a handler
-    dirty and queues "ONCE " on a port, so the round's batch writes "ONCE ", then the
-    handler's flush queues "TWICE" and closes the port."""
+    """Issue 12, item 1, in-process and in the exact order: one command queues "ONCE " on
+    a port and marks a handler dirty, so the round writes "ONCE ", then the handler's flush
+    queues "TWICE" and closes the port."""
     io = ios._io
     with socket.create_server(("127.0.0.1", 0)) as server:
         port, peer = await _tcp_pair(ios, server)
@@ -183,17 +164,15 @@ async def test_a_handler_closing_a_port_after_its_batched_write_sends_each_byte_
             conn = port._conn
             assert conn is not None
             handler = _CloseInFlush(io, conn)
-            batches = ios.statistics().write_batches
 
             def the_round() -> None:
-                io.mark_dirty(handler)  # first in the round's dirty list
-                io.cmd_send(conn, b"ONCE ")
+                io.cmd_send(conn, b"ONCE ")  # first in the round's dirty list
+                io.mark_dirty(handler)
 
             _on_io_thread(io, the_round)
             received = await anyio.to_thread.run_sync(_read_until_eof, peer)
         assert received == b"ONCE TWICE"
         assert handler.flushes == 1
-        assert ios.statistics().write_batches == batches + 1  # "ONCE " went in a batch
         assert ios.statistics().internal_errors == 0
         await port.aclose()
 
@@ -336,17 +315,15 @@ async def _until_io_ran(io: IOThread) -> None:
 
 
 @pytest.mark.python_core
-@needs_batching
 @pytest.mark.anyio
-async def test_batched_writes_hold_no_buffer_once_written(ios: ioserver.IOServer) -> None:
-    """Issue 12, item 8.  Eight ports send 1 MiB each in one round (one batch); once the
-    peers have it all and the ports are closed, nothing in the I/O server holds those
-    buffers: each payload's reference count is back to what it was before the send."""
+async def test_writes_hold_no_buffer_once_written(ios: ioserver.IOServer) -> None:
+    """Issue 12, item 8.  Eight ports send 1 MiB each in one round; once the peers have it
+    all and the ports are closed, nothing in the I/O server holds those buffers: each
+    payload's reference count is back to what it was before the send."""
     io = ios._io
     size = 1 << 20
     payloads = [os.urandom(size) for _ in range(8)]
     references = [sys.getrefcount(payload) for payload in payloads]
-    writes = ios.statistics().batched_write_count
     with socket.create_server(("127.0.0.1", 0)) as server:
         pairs = [await _tcp_pair(ios, server) for _ in payloads]
         gate = threading.Event()
@@ -371,97 +348,4 @@ async def test_batched_writes_hold_no_buffer_once_written(ios: ioserver.IOServer
                 assert await anyio.to_thread.run_sync(read, peer) == size
             await port.aclose()
     await _until_io_ran(io)
-    assert ios.statistics().batched_write_count >= writes + len(payloads)  # one batch
     assert [sys.getrefcount(payload) for payload in payloads] == references
-
-
-@pytest.mark.python_core
-@needs_batching
-@pytest.mark.anyio
-async def test_a_failed_wait_for_write_completions_falls_back_to_port_by_port_writes(
-    ios: ioserver.IOServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Issue 12, item 9.  Where socket AIO completes asynchronously (gVisor), the writer
-    waits in ``io_getevents``; that wait can be interrupted by a signal (EINTR) or fail.
-    Neither may end the I/O thread.
-
-    Linux completes socket writes inside ``io_submit``, so the wait cannot be provoked
-    with real sockets alone: the test stands at the writer's one seam, its zero-timeout
-    collection (``BatchWriter._getevents``), and takes the completions of one batch
-    there, so that the writer's own wait really blocks with nothing to collect.  What
-    follows is real: ``SIGUSR1``, sent to the I/O thread while it waits, interrupts the
-    system call (EINTR, retried), and the wait then ends at ``WAIT_LIMIT``.  The writes
-    of that batch have an unknown outcome: their ports close with ``EIO``; the thread
-    lives on, writes port by port, and the statistics say why."""
-    monkeypatch.setattr(_aio, "WAIT_LIMIT", 0.5)
-    io = ios._io
-    writer = io._writer
-    assert writer is not None
-    real_getevents = writer._getevents
-    waiting = threading.Event()
-
-    def take_the_completions(count: int) -> int:  # runs on the I/O thread
-        writer._getevents = real_getevents
-        real_getevents(count)
-        waiting.set()
-        return 0  # "nothing completed yet": the writer waits for them
-
-    previous = signal.signal(signal.SIGUSR1, lambda number, frame: None)
-    try:
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            pairs = [await _tcp_pair(ios, server) for _ in range(2)]
-            gate = threading.Event()
-            _on_io_thread(io, gate.wait)  # hold the I/O thread: the sends are one round
-            try:
-                writer._getevents = take_the_completions
-                for port, _ in pairs:
-                    await port.send(b"outcome unknown")
-            finally:
-                gate.set()
-            assert await anyio.to_thread.run_sync(waiting.wait, 10)
-
-            def interrupt() -> None:
-                # No event says "inside the system call": signal until one landed there.
-                deadline = time.monotonic() + 10
-                while getattr(writer, "interruptions", 0) == 0 and time.monotonic() < deadline:
-                    if not io.is_alive():
-                        return
-                    signal.pthread_kill(io._thread.ident, signal.SIGUSR1)  # type: ignore[arg-type]
-                    time.sleep(0.005)
-
-            await anyio.to_thread.run_sync(interrupt)
-            with anyio.fail_after(10):
-                for port, peer in pairs:
-                    with peer:
-                        message = await port.receive()
-                        while isinstance(message, ports.Data):  # pragma: no cover
-                            message = await port.receive()
-                        assert message == ports.Closed("EIO", "EIO")
-                    await port.aclose()
-            assert io.is_alive()
-            assert writer.interruptions >= 1
-            statistics = ios.statistics()
-            assert not statistics.batched_writes
-            assert statistics.batched_writes_error is not None
-            assert "ETIMEDOUT" in statistics.batched_writes_error
-            # Port by port from now on: several ports' writes in one round still go out.
-            batches = statistics.write_batches
-            pairs = [await _tcp_pair(ios, server) for _ in range(3)]
-            gate = threading.Event()
-            _on_io_thread(io, gate.wait)
-            try:
-                for index, (port, _) in enumerate(pairs):
-                    await port.send(b"after %d" % index)
-            finally:
-                gate.set()
-            for index, (port, peer) in enumerate(pairs):
-                with peer:
-                    peer.settimeout(10)
-                    assert await anyio.to_thread.run_sync(peer.recv, 100) == b"after %d" % index
-                    peer.sendall(b"and back")
-                    with anyio.fail_after(10):
-                        assert await port.receive() == ports.Data(b"and back")
-                await port.aclose()
-            assert ios.statistics().write_batches == batches
-    finally:
-        signal.signal(signal.SIGUSR1, previous)

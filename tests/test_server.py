@@ -198,7 +198,10 @@ async def test_an_unknown_poller_is_an_option_error(no_leaks: None) -> None:
             pass
 
 
-def test_run_sets_the_switch_interval_while_main_runs_and_restores_it() -> None:
+def test_run_leaves_the_switch_interval_alone_and_its_option_is_deprecated() -> None:
+    """Issue 14: ``run`` no longer sets :func:`sys.setswitchinterval` (it set 1 ms for the
+    Python core's two threads; measured, it did not pay).  The option is accepted, with a
+    DeprecationWarning that says it does nothing, and changes nothing."""
     import sys
 
     before = sys.getswitchinterval()
@@ -207,8 +210,31 @@ def test_run_sets_the_switch_interval_while_main_runs_and_restores_it() -> None:
     async def main(ios: ioserver.IOServer) -> None:
         seen.append(sys.getswitchinterval())
 
-    ioserver.run(main, switch_interval=0.002, stop_on_signals=False)
-    assert seen == [pytest.approx(0.002)]
+    ioserver.run(main, stop_on_signals=False)
+    with pytest.warns(DeprecationWarning, match=r"run\(switch_interval=\.\.\.\) does nothing"):
+        ioserver.run(main, switch_interval=0.002, stop_on_signals=False)
+    assert seen == [before, before]
     assert sys.getswitchinterval() == before
-    with pytest.raises(ioserver.OptionError, match="switch_interval"):
-        ioserver.run(main, switch_interval=0)
+
+
+async def test_the_batched_writes_variable_is_deprecated_and_does_nothing(
+    monkeypatch: pytest.MonkeyPatch, no_leaks: None
+) -> None:
+    """Issue 14: ``IOSERVER_BATCHED_WRITES`` turned off the Python core's Linux AIO writer,
+    which is gone: setting it gives a DeprecationWarning naming it, and the server writes
+    as it always does now, port by port."""
+    monkeypatch.setenv("IOSERVER_BATCHED_WRITES", "0")
+    with pytest.warns(DeprecationWarning, match="IOSERVER_BATCHED_WRITES does nothing"):
+        async with ioserver.open() as ios:
+            async with (
+                await ports.listen_tcp(ios, "127.0.0.1", 0) as listener,
+                await anyio.connect_tcp(*listener.local_address) as client,
+                await accept(listener) as port,
+            ):
+                await client.send(b"ping")
+                assert await port.receive() == Data(b"ping")
+                await port.send(b"pong")
+                assert await client.receive() == b"pong"
+            statistics = ios.statistics()
+    assert not statistics.batched_writes
+    assert statistics.write_batches == statistics.batched_write_count == 0

@@ -55,7 +55,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(args.tls_cert, args.tls_key)
-    sys.setswitchinterval(0.001)  # as `ioserver run` (examples/echo.py) sets it
     backend_options = {"use_uvloop": True} if args.backend == "asyncio" else {}
     try:
         import uvloop  # noqa: F401
