@@ -100,12 +100,11 @@
 
 use std::io;
 
+#[allow(unsafe_code)]
+mod stack;
 mod sync;
 
-use crate::sync::{AtomicU64, Ordering};
-
-#[cfg(not(loom))]
-use crossbeam_queue::SegQueue;
+use crate::sync::{AtomicU64, Mutex, Ordering};
 
 /// `WakeQueue::state`: the consumer announced its sleep.
 const ASLEEP: u64 = 1;
@@ -116,44 +115,57 @@ const FLAGS: u64 = ASLEEP | TIMED;
 /// `WakeQueue::state`: one item pushed.
 const ONE: u64 = 4;
 
-/// The items of a [`WakeQueue`].
-#[cfg(not(loom))]
-struct Items<T>(SegQueue<T>);
+/// The items of a [`WakeQueue`]: a multi-producer queue, FIFO per producer (and in the
+/// order the pushes' CASes took effect), for one consumer.  The producers push on a
+/// lock-free [`stack::Stack`]; the consumer takes the whole stack at once, when what it
+/// took before is used up, into `taken`, and pops from there in push order.  The same
+/// code runs in production and under loom.
+struct Items<T> {
+    stack: stack::Stack<T>,
+    /// The consumer's side: the last take's items not yet popped, oldest *last* (so
+    /// `Vec::pop` yields them in push order).  Each queue has one consumer (the I/O thread
+    /// takes its commands; one loop's hub takes its inbox), so the lock is uncontended: it
+    /// only makes `pop` sound for any caller, a second consumer included.  Producers never
+    /// take it.  Its capacity stays at the largest take (dropped with the queue).
+    taken: Mutex<Vec<T>>,
+}
 
-#[cfg(not(loom))]
 impl<T> Items<T> {
     fn new() -> Self {
-        Items(SegQueue::new())
+        Items {
+            stack: stack::Stack::new(),
+            taken: Mutex::new(Vec::new()),
+        }
     }
+
+    /// Items on a stack whose push and take use `orders` (the loom model's mutations).
+    #[cfg(loom)]
+    fn with_orders(orders: stack::Orders) -> Self {
+        Items {
+            stack: stack::Stack::with_orders(orders),
+            taken: Mutex::new(Vec::new()),
+        }
+    }
+
     fn push(&self, item: T) {
-        self.0.push(item)
+        self.stack.push(item)
     }
+
     fn pop(&self) -> Option<T> {
-        self.0.pop()
+        // A poisoned lock (a panic while it was held) leaves a valid `Vec`: go on.
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        if taken.is_empty() {
+            self.stack.take_all(&mut taken);
+        }
+        taken.pop()
     }
+
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        taken.is_empty() && self.stack.is_empty()
     }
 }
 
-#[cfg(loom)]
-struct Items<T>(crate::sync::Mutex<std::collections::VecDeque<T>>);
-
-#[cfg(loom)]
-impl<T> Items<T> {
-    fn new() -> Self {
-        Items(crate::sync::Mutex::new(std::collections::VecDeque::new()))
-    }
-    fn push(&self, item: T) {
-        self.0.lock().unwrap().push_back(item)
-    }
-    fn pop(&self) -> Option<T> {
-        self.0.lock().unwrap().pop_front()
-    }
-    fn is_empty(&self) -> bool {
-        self.0.lock().unwrap().is_empty()
-    }
-}
 /// The consumer's wake-up: what a producer makes "readable" when the consumer sleeps.
 pub trait Wake: Sized {
     /// A new wake-up, not signalled.
@@ -359,8 +371,23 @@ mod loom_tests {
         }
     }
 
-    fn model(announce_first: bool) {
+    /// `loom::model(f)`, printing how many interleavings (executions) loom explored (seen
+    /// with `-- --nocapture`).
+    fn explore<F: Fn() + Sync + Send + 'static>(name: &str, f: F) {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = runs.clone();
         loom::model(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            f()
+        });
+        println!(
+            "{name}: {} interleavings",
+            runs.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+
+    fn model(announce_first: bool) {
+        explore("handshake", move || {
             let queue = Arc::new(WakeQueue::<u8, LoomSignal>::new().unwrap());
             let producers: Vec<_> = (0..2)
                 .map(|i| {
@@ -388,7 +415,7 @@ mod loom_tests {
     #[test]
     fn loom_deferred_wake_is_not_lost() {
         for flush in [true, false] {
-            loom::model(move || {
+            explore("deferred wake", move || {
                 let queue = Arc::new(WakeQueue::<u8, LoomSignal>::new().unwrap());
                 let deferred = {
                     let queue = queue.clone();
@@ -412,5 +439,133 @@ mod loom_tests {
     #[should_panic(expected = "deadlock")]
     fn loom_broken_order_is_caught() {
         model(false);
+    }
+
+    /// An item that counts its drops, and says who pushed it and in which order.
+    struct Counted {
+        producer: u8,
+        seq: u8,
+        /// Loom's `UnsafeCell` is not in here: the item is data the queue's own cells
+        /// carry; `payload` is checked to arrive whole (a heap value, moved twice).
+        payload: Box<[u8; 3]>,
+        drops: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.drops
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Two producers push (producer 0 two items, producer 1 one) while the consumer
+    /// takes twice; then the consumer joins them and takes the rest, and a last item is
+    /// left in the queue when it is dropped.  In every interleaving: each item is taken
+    /// exactly once, one producer's items in its push order, with the contents it wrote
+    /// (loom's race detector checks every read of a node against the producer's writes:
+    /// the push's Release and the take's Acquire make that hand-off a happens-before
+    /// edge), and every item is dropped once (the one left in the queue with it).
+    fn queue_model(orders: stack::Orders) {
+        explore("queue hand-off", move || {
+            let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let items = Arc::new(Items::<Counted>::with_orders(orders));
+            let item = |producer: u8, seq: u8| Counted {
+                producer,
+                seq,
+                payload: Box::new([producer, seq, producer ^ seq]),
+                drops: drops.clone(),
+            };
+            let pushes: [&[u8]; 2] = [&[0, 1], &[0]];
+            let producers: Vec<_> = (0..2u8)
+                .map(|p| {
+                    let items = items.clone();
+                    let batch: Vec<Counted> =
+                        pushes[p as usize].iter().map(|&s| item(p, s)).collect();
+                    loom::thread::spawn(move || {
+                        for counted in batch {
+                            items.push(counted);
+                        }
+                    })
+                })
+                .collect();
+            let mut got: Vec<(u8, u8)> = Vec::new();
+            let mut take = |got: &mut Vec<(u8, u8)>| {
+                while let Some(counted) = items.pop() {
+                    let expected = [
+                        counted.producer,
+                        counted.seq,
+                        counted.producer ^ counted.seq,
+                    ];
+                    assert_eq!(*counted.payload, expected, "contents lost in the hand-off");
+                    got.push((counted.producer, counted.seq));
+                }
+            };
+            // Concurrently with the pushes (each `pop` that finds its buffer empty takes
+            // the stack).
+            for _ in 0..2 {
+                if let Some(counted) = items.pop() {
+                    let expected = [
+                        counted.producer,
+                        counted.seq,
+                        counted.producer ^ counted.seq,
+                    ];
+                    assert_eq!(*counted.payload, expected, "contents lost in the hand-off");
+                    got.push((counted.producer, counted.seq));
+                }
+            }
+            for producer in producers {
+                producer.join().unwrap();
+            }
+            take(&mut got);
+            let mut sorted = got.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted,
+                [(0, 0), (0, 1), (1, 0)],
+                "an item lost or taken twice"
+            );
+            let zero = got
+                .iter()
+                .filter(|(p, _)| *p == 0)
+                .map(|(_, s)| *s)
+                .collect::<Vec<_>>();
+            assert_eq!(zero, [0, 1], "producer 0's items out of order");
+            assert_eq!(drops.load(std::sync::atomic::Ordering::Relaxed), 3);
+            items.push(item(1, 1));
+            drop(take);
+            let items = Arc::try_unwrap(items).ok().expect("the producers are done");
+            drop(items);
+            assert_eq!(
+                drops.load(std::sync::atomic::Ordering::Relaxed),
+                4,
+                "an item left in the queue was not dropped with it"
+            );
+        });
+    }
+
+    #[test]
+    fn loom_queue_hand_off() {
+        queue_model(stack::Orders::CORRECT);
+    }
+
+    /// Mutation check: with the push's CAS `Relaxed` the model fails (a take reads a
+    /// node whose writes do not happen before it: loom's "Causality violation").
+    #[test]
+    #[should_panic(expected = "Causality violation")]
+    fn loom_relaxed_push_is_caught() {
+        queue_model(stack::Orders {
+            push: Ordering::Relaxed,
+            ..stack::Orders::CORRECT
+        });
+    }
+
+    /// Mutation check: with the take's swap `Relaxed` the model fails likewise.
+    #[test]
+    #[should_panic(expected = "Causality violation")]
+    fn loom_relaxed_take_is_caught() {
+        queue_model(stack::Orders {
+            take: Ordering::Relaxed,
+            ..stack::Orders::CORRECT
+        });
     }
 }
