@@ -3,11 +3,27 @@
 //!
 //! # Theory of operation
 //!
-//! Each direction is one [`WakeQueue`]: a lock-free queue of items (crossbeam's
-//! `SegQueue`, multi-producer), a wake-up [`Wake`] (an eventfd) and a flag, `asleep`.
-//! Towards the I/O thread the producers are the event loops' threads (commands) and the
-//! consumer is the I/O thread, blocked in epoll; towards an event loop the producer is the
-//! I/O thread and the consumer is that loop's hub, blocked in the loop's selector.
+//! Each direction is one [`WakeQueue`]: a lock-free queue of items (the crate's own,
+//! multi-producer, one consumer: see *The queue* below), a wake-up [`Wake`] (an eventfd)
+//! and a flag, `asleep`.  Towards the I/O thread the producers are the event loops'
+//! threads (commands) and the consumer is the I/O thread, blocked in epoll; towards an
+//! event loop the producer is the I/O thread and the consumer is that loop's hub, blocked
+//! in the loop's selector.
+//!
+//! **The queue.**  Every queue has exactly one consumer: the I/O thread pops the commands
+//! (in its round and at its shutdown, `native/src/core.rs`), and a loop's inbox is popped
+//! by that loop's hub only (`Inbox.take`, `native/src/py.rs`; an inbox belongs to one
+//! loop).  So it is a multi-producer, single-consumer queue (`stack.rs`, the crate's only
+//! `unsafe` code): a producer pushes a node on an intrusive stack with one CAS (Release);
+//! the consumer, when what it took before is used up, takes the whole stack with one swap
+//! (Acquire) and pops the nodes oldest first.  The Release/Acquire pair is the items'
+//! hand-off: the push's writes (the item, the node's link) happen before the consumer's
+//! reads.  Only whole stacks are taken, so there is no ABA; the order is the order of the
+//! pushes' CASes, so one producer's items (the commands of one port, from its loop's
+//! thread) come out in the order it pushed them.  The consumer's side sits behind a lock
+//! that only the consumer takes (uncontended): it makes `pop` sound whoever calls it, and
+//! producers never wait on it.  Items still queued when the queue is dropped are dropped
+//! with it.
 //!
 //! The flag and a count of the items pushed share one atomic word, `state`: bit 0 is
 //! `asleep`, bit 1 says the sleep is *timed* (see deferred wakes below), the rest counts
@@ -48,23 +64,39 @@
 //! ordering, even `Relaxed`, respects, rather than on a flag and a separate queue check,
 //! each fenced (which needs `SeqCst` fences).  AcqRel, not Relaxed, because the count
 //! stands for the pushed items: a consumer whose CAS fails goes on to pop them, and the
-//! release of the push's count is what makes the crossbeam queue's item visible with it
-//! (crossbeam's own push/pop synchronise too; AcqRel does not lean on that).  A producer's
+//! count's release (the push's CAS is sequenced before it) makes that push happen before
+//! the consumer's next take, whose swap therefore finds the item (the items' own hand-off
+//! is the queue's Release/Acquire, above; this one only makes the take after a failed CAS
+//! find what the count promised instead of polling again).  A producer's
 //! item may be popped before its `fetch_add` lands; until it lands the count is below
 //! `taken`, the consumer's CAS fails, and it polls again without blocking (a few
 //! instructions).
 //!
-//! **What the loom model proves, and what it does not.**  It explores every interleaving
-//! of two producers and a consumer (and of a deferred push with and without its flush)
-//! and finds no lost wake-up: no schedule lets the consumer block with an item pushed and
-//! no signal to come.  That is the one-word read-modify-write handshake above, checked as
-//! an interleaving property.  It does *not* prove the acquire/release orderings: in the
-//! model the queue is a loom `Mutex<VecDeque>` (and the signal a `Mutex` and `Condvar`),
-//! and those locks synchronise by themselves, so the model passes with every ordering of
-//! `state` weakened to `Relaxed`.  The orderings rest on the argument above (and on the
-//! multi-producer stress test, which runs the real queue and eventfd).  The model can fail:
-//! the broken order (read the queue, then announce) deadlocks in it, and loom says so
-//! (`loom_broken_order_is_caught`).
+//! **What the loom model proves, and what it does not.**  The model runs this crate's
+//! code - the queue and the handshake - with loom's atomics, mutex and `UnsafeCell` in
+//! place of std's (`sync.rs`), and explores the interleavings of its threads:
+//!
+//! - *the queue* (`loom_queue_hand_off`): two producers push while the consumer takes,
+//!   and in every interleaving each item is taken exactly once, one producer's items in
+//!   its order, with their contents, and an item left in the queue is dropped with it.
+//!   Loom's race detector checks every read of a node (its item and its link) against the
+//!   producer's writes, so the model checks the push's Release and the take's Acquire:
+//!   it fails with either weakened to `Relaxed` (`loom_relaxed_push_is_caught`,
+//!   `loom_relaxed_take_is_caught`, through a test-only ordering parameter,
+//!   `stack::Orders`) - the model can fail.
+//! - *the handshake* (`loom_no_lost_wakeup`, `loom_deferred_wake_is_not_lost`): two
+//!   producers and a consumer (and a deferred push with and without its flush), with the
+//!   real queue, and no schedule lets the consumer block with an item pushed and no signal
+//!   to come.  The broken order (read the queue, then announce) deadlocks in it, and loom
+//!   says so (`loom_broken_order_is_caught`).
+//!
+//! Not checked by the model: the orderings of `state` (AcqRel).  The safety of the items
+//! does not rest on them (the queue's own pair, checked above, carries them), and the
+//! interleaving property holds with any ordering (one word's modification order); what
+//! AcqRel adds is that a take after a failed CAS finds the promised item at once, which the
+//! model, whose consumer polls again, does not tell from a second poll.  The signal is a
+//! loom `Mutex` and `Condvar` in the model (`LoomSignal`), an eventfd in production; the
+//! multi-producer stress test (`native/src/wakeup.rs`) runs the real queue and eventfd.
 //!
 //! **Why a burst costs one write.**  `fetch_and(!1)` is a read-modify-write: of many
 //! producers that find `asleep` set, exactly one gets it back set and writes the fd; the
@@ -89,14 +121,15 @@
 //!
 //! The counters (`wakes_sent`, `wakes_skipped`, `spurious_wakes`) are statistics, updated
 //! with relaxed atomic adds: exact, but not ordered with anything.  The cost on the hot
-//! path is one locked instruction per push (the `fetch_add`), as a `SeqCst` fence would be.
+//! path: per push, a node's allocation and two locked instructions (the stack's CAS and
+//! the count's `fetch_add`; the latter costs what a `SeqCst` fence would); per pop, the
+//! consumer's uncontended lock, and one swap per take of the whole stack.
 //!
 //! The wake-up fd is the caller's [`Wake`] (the extension's eventfd, in `native/src/`):
-//! this crate has no `unsafe` and no pyo3, so that the loom model builds it, crossbeam's
-//! queue and loom, nothing else.  Under `--cfg loom` the queue is a loom `Mutex<VecDeque>`
-//! and the signal a loom `Condvar` ([`LoomSignal`]), so that the model checker explores the
-//! handshake (`loom_tests` below); the queue itself is crossbeam's, whose linearizability
-//! its authors test.
+//! this crate has no pyo3 and no dependency, and its only `unsafe` is `stack.rs`, so that
+//! the loom model builds it and loom, nothing else, and runs the production queue.  Under
+//! `--cfg loom` only the primitives change (`sync.rs`) and the signal is a loom `Condvar`
+//! (`LoomSignal`); the models are `loom_tests` below.
 
 use std::io;
 

@@ -16,7 +16,7 @@
 //! shim's `UnsafeCell`: under `--cfg loom` loom's, whose race detector checks that the
 //! producer's writes happen before the consumer's reads - that is, that the Release and
 //! the Acquire below are enough.  The loom model weakens either to `Relaxed` and sees it
-//! fail ([`Orders`], `loom_tests` in `lib.rs`).
+//! fail (`Orders`, `loom_tests` in `lib.rs`).
 //!
 //! [`sync`]: crate::sync
 
@@ -122,9 +122,14 @@ impl<T> Stack<T> {
             value: UnsafeCell::new(MaybeUninit::new(value)),
             next: UnsafeCell::new(ptr::null_mut()),
         }));
-        // Relaxed: the head read here is only stored in our node's `next`, never
-        // dereferenced; the CAS checks it is still the head.
-        let mut head = self.head.load(Ordering::Relaxed);
+        // No load of `head` first: the CAS starts from a guess (empty) and its failure
+        // returns the current head, so a push onto a non-empty stack costs one failed
+        // CAS more, and onto an empty one (a consumer that keeps up) nothing.  A load
+        // first would also hide, from loom's partial order reduction (one last access kept
+        // per atomic: this thread's own load), the conflict between the consumer's
+        // emptiness check in `take_all` and this CAS, and the model would never run a
+        // push between that check and the take's swap.
+        let mut head = ptr::null_mut();
         loop {
             // SAFETY: `node` came from `Box::into_raw` above and is not published yet (no
             // other thread has its address until the CAS succeeds), so this thread has
@@ -149,12 +154,13 @@ impl<T> Stack<T> {
     /// them in push order, oldest first).  Any thread may call it; each item is taken by
     /// exactly one call.
     pub(crate) fn take_all(&self, into: &mut Vec<T>) {
-        // No "is it empty?" load first, to save the swap's write when it is: a load
-        // followed by another thread's read-modify-write is a conflict loom's partial
-        // order reduction misses (it keeps one last access per atomic, and the pushing
-        // thread's own load hides this one), so with such a load the model never ran a
-        // push between the consumer's check and its take.  An empty take costs one
-        // uncontended swap, once per consumer round.
+        // Nothing to take: no swap, whose write would take the cache line from the
+        // producers for nothing (an empty take happens at every consumer round).  Relaxed:
+        // the pointer is only compared with null; a push that lands after this read is
+        // taken at the next call (the wake-up protocol's count says there is one).
+        if self.head.load(Ordering::Relaxed).is_null() {
+            return;
+        }
         // Acquire: pairs with the Release of the push whose node this swap reads (and,
         // through the release sequence of the CASes on `head`, of every push below it),
         // so each node's `value` and `next` writes happen before the reads below.
