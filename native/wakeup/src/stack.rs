@@ -90,7 +90,7 @@ impl<T> Stack<T> {
     }
 
     /// An empty stack whose push and take use `orders` (the loom model's mutations).
-    #[cfg(loom)]
+    #[cfg(all(loom, test))]
     pub(crate) fn with_orders(orders: Orders) -> Self {
         Stack {
             head: AtomicPtr::new(ptr::null_mut()),
