@@ -87,8 +87,9 @@ mod tests {
     use std::time::Duration;
 
     /// Several producers and one consumer that sleeps in epoll whenever the queue looks
-    /// empty: every item arrives, the consumer never sleeps through one (a lost wake-up
-    /// would end in the 5 s timeout), and a burst costs far fewer writes than items.
+    /// empty: every item arrives once, each producer's in the order it pushed them, the
+    /// consumer never sleeps through one (a lost wake-up would end in the 5 s timeout),
+    /// and a burst costs far fewer writes than items.
     #[test]
     fn stress_multi_producer() {
         const PRODUCERS: u64 = 4;
@@ -113,12 +114,20 @@ mod tests {
             })
             .collect();
         let mut seen = vec![false; (PRODUCERS * EACH) as usize];
+        // Each producer's next item, in its push order.
+        let mut next = vec![0; PRODUCERS as usize];
         let mut got = 0;
         let mut events = Events::with_capacity(4);
         while got < PRODUCERS * EACH {
             while let Some(item) = queue.pop() {
                 assert!(!seen[item as usize], "item {item} delivered twice");
                 seen[item as usize] = true;
+                let (producer, index) = ((item / EACH) as usize, item % EACH);
+                assert_eq!(
+                    index, next[producer],
+                    "producer {producer}'s items out of order"
+                );
+                next[producer] += 1;
                 got += 1;
             }
             if got == PRODUCERS * EACH {
