@@ -300,8 +300,9 @@ class MsgpackFramer(Framer):
     map key and each map value) raises :exc:`PacketTooLarge` (``"... items exceeds
     MSGPACK_MAX_ITEMS=..."``) as soon as the count is known to pass the cap - a container
     header adds every item it announces, so one announcing too many is refused at the
-    header, before its items arrive; nesting deeper than :data:`MSGPACK_MAX_DEPTH` levels, the byte ``0xc1`` (never used)
-    and an object the decoder refuses (an unhashable map key...) raise :exc:`FrameError`.
+    header, before its items arrive; nesting deeper than :data:`MSGPACK_MAX_DEPTH` levels,
+    the byte ``0xc1`` (never used) and an object the decoder refuses (an unhashable map
+    key...) raise :exc:`FrameError`.
     A failed framer holds nothing.
     """
 

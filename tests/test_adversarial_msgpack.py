@@ -10,6 +10,8 @@ port-level tests go through a real socket and read the port's and the server's c
 
 from __future__ import annotations
 
+import errno
+import socket
 import tracemalloc
 from typing import Any
 
@@ -22,7 +24,13 @@ from hypothesis import strategies as st
 
 import ioserver
 import ports
-from ioserver._framing import MSGPACK_MAX_DEPTH, FrameError, PacketTooLarge, make_framer
+from ioserver._framing import (
+    MSGPACK_MAX_DEPTH,
+    MSGPACK_MAX_ITEMS,
+    FrameError,
+    PacketTooLarge,
+    make_framer,
+)
 from ports import Accepted, Closed, Data, Error
 
 PACKET_SIZE = 64 * 1024
@@ -240,3 +248,132 @@ async def test_an_object_larger_than_packet_size_closes_the_port(ios: ioserver.I
         assert "exceeds packet_size=65536" in error.message
         assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
         assert port.statistics().packets_too_large == 1
+
+
+# -- items: MSGPACK_MAX_ITEMS, whatever packet_size ------------------------------------------
+
+
+def _array32(count: int) -> bytes:
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+#: 4,096 arrays of 256 nils inside one array: 1 + 4,096 + 2^20 items in 1 MiB, every
+#: container small.  The 4,080th inner header brings the count past the cap.
+_MANY_SMALL = b"\xdc\x10\x00" + (b"\xdc\x01\x00" + b"\xc0" * 256) * 4096
+_MANY_SMALL_COUNT = 1 + 4096 + 256 * 4080
+
+
+async def _accept_msgpack(listener: ports.Listener) -> ports.Port:
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted), accepted
+    return accepted.port
+
+
+async def _bystander_echoes(
+    port: ports.Port, peer: socket.socket, value: object, *, echo: bool = True
+) -> None:
+    """The bystander's peer sends ``value``; its port gets it and (``echo``) sends it
+    back, and the peer reads it."""
+    await anyio.to_thread.run_sync(peer.sendall, msgpack.packb(value))
+    with anyio.fail_after(10):
+        assert await port.receive() == Data(value)
+    if not echo:
+        return
+    await port.send(value)
+    reply = msgpack.packb(value)
+    peer.settimeout(10)
+    got = b""
+    while len(got) < len(reply):
+        got += await anyio.to_thread.run_sync(peer.recv, 65536)
+    assert got == reply
+
+
+async def _until_released(ios: ioserver.IOServer) -> None:
+    """Wait (checkpointing) until the I/O thread has closed the ports and released every
+    byte they were charged."""
+    with anyio.fail_after(10):
+        while ios.statistics().memory_in_use:
+            await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.every_core
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("wire", "count"),
+    [
+        # Announced: the header alone, no element sent (it would wait for 2^20 of them).
+        pytest.param(_array32(MSGPACK_MAX_ITEMS), MSGPACK_MAX_ITEMS + 1, id="array32-header"),
+        # A map's count is doubled: 2^19 pairs are one item too many.
+        pytest.param(
+            b"\xdf" + (MSGPACK_MAX_ITEMS // 2).to_bytes(4, "big"),
+            MSGPACK_MAX_ITEMS + 1,
+            id="map32-header",
+        ),
+        # Sent whole: no container past the cap, the object is.
+        pytest.param(_MANY_SMALL, _MANY_SMALL_COUNT, id="many-small-containers"),
+    ],
+)
+async def test_a_msgpack_object_of_too_many_items_is_refused_before_decoding(
+    ios: ioserver.IOServer, wire: bytes, count: int
+) -> None:
+    """An object of more than ``MSGPACK_MAX_ITEMS`` items within ``packet_size`` (64 MiB)
+    is refused by the framer before any of it is decoded, as soon as a header brings the
+    count past the cap: ``Error("EMSGSIZE", ...)`` naming the cap, ``Closed``, and the
+    port's socket closed.  A bystander port echoes before and after, and no byte stays
+    charged.  (Before the cap, the header waited for its 2^20 items, and the many small
+    containers were decoded, ~75 MiB of Python objects per MiB of wire.)"""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+    async with listener:
+        with (
+            socket.create_connection(listener.local_address) as bystander_peer,
+            socket.create_connection(listener.local_address) as peer,
+        ):
+            bystander = await _accept_msgpack(listener)
+            port = await _accept_msgpack(listener)
+            async with bystander, port:
+                await _bystander_echoes(bystander, bystander_peer, ["before", 1], echo=False)
+                await anyio.to_thread.run_sync(peer.sendall, msgpack.packb("good"))
+                with anyio.fail_after(10):
+                    assert await port.receive() == Data("good")
+                await anyio.to_thread.run_sync(peer.sendall, wire)
+                with anyio.fail_after(10):
+                    error = await port.receive()
+                    text = f"msgpack object of {count} items exceeds MSGPACK_MAX_ITEMS=1048576"
+                    assert error == Error("EMSGSIZE", errno.EMSGSIZE, text)
+                    assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
+                assert port.statistics().packets_too_large == 1
+                peer.settimeout(5)
+                try:
+                    while await anyio.to_thread.run_sync(peer.recv, 65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+                # Nothing of it stays charged (checked before the bystander sends: what
+                # a native port sent stays counted in memory_in_use, a separate matter).
+                await _until_released(ios)
+                await _bystander_echoes(bystander, bystander_peer, {"after": [1.5, None]})
+
+
+@pytest.mark.every_core
+@pytest.mark.anyio
+async def test_a_msgpack_object_of_exactly_max_items_is_delivered(
+    ios: ioserver.IOServer,
+) -> None:
+    """The object and ``MSGPACK_MAX_ITEMS - 1`` nils, then a map of
+    ``MSGPACK_MAX_ITEMS // 2 - 1`` pairs inside an array (a key and a value count one
+    each): both exactly at the cap, decoded and delivered; the budget returns to 0."""
+    at_cap = [None] * (MSGPACK_MAX_ITEMS - 1)
+    pairs = MSGPACK_MAX_ITEMS // 2 - 1
+    map_at_cap = [dict.fromkeys(range(pairs))]
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept_msgpack(listener)
+            async with port:
+                wire = msgpack.packb(at_cap) + msgpack.packb(map_at_cap)
+                await anyio.to_thread.run_sync(peer.sendall, wire)
+                with anyio.fail_after(20):
+                    assert await port.receive() == Data(at_cap)
+                    assert await port.receive() == Data(map_at_cap)
+                assert port.statistics().packets_too_large == 0
+        await _until_released(ios)

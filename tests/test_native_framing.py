@@ -338,7 +338,8 @@ def _array32(count: int) -> bytes:
 def _per_object(inner: int) -> bytes:
     """Arrays of ``inner`` nils, as many as pass MSGPACK_MAX_ITEMS in all: each small."""
     outer = MSGPACK_MAX_ITEMS // inner
-    return b"\xdc" + outer.to_bytes(2, "big") + (b"\xdc" + inner.to_bytes(2, "big") + b"\xc0" * inner) * outer
+    inner_array = b"\xdc" + inner.to_bytes(2, "big") + b"\xc0" * inner
+    return b"\xdc" + outer.to_bytes(2, "big") + inner_array * outer
 
 
 _ITEMS = MSGPACK_MAX_ITEMS
