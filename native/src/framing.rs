@@ -144,7 +144,10 @@ impl fmt::Display for FrameError {
                 write!(f, "{what} of {size} bytes exceeds packet_size={limit}")
             }
             FrameError::TooManyItems { limit, size, what } => {
-                write!(f, "{what} of {size} items exceeds MSGPACK_MAX_ITEMS={limit}")
+                write!(
+                    f,
+                    "{what} of {size} items exceeds MSGPACK_MAX_ITEMS={limit}"
+                )
             }
             FrameError::Malformed(message) => f.write_str(message),
         }

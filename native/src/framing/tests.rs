@@ -480,7 +480,10 @@ fn msgpack_items_header_past_the_cap_is_refused_at_the_header() {
     // A map's count is doubled (a key and a value each): 2^19 elements pass, 2^19 pairs
     // do not; [{2^19 - 1 pairs}] is exactly at the cap.
     let half = u32::try_from(MSGPACK_MAX_ITEMS / 2).unwrap();
-    assert_eq!(feed_all(Mode::Msgpack, limit, &array32(MSGPACK_MAX_ITEMS / 2)).1, None);
+    assert_eq!(
+        feed_all(Mode::Msgpack, limit, &array32(MSGPACK_MAX_ITEMS / 2)).1,
+        None
+    );
     let mut map = vec![0xdf];
     map.extend_from_slice(&half.to_be_bytes());
     assert_eq!(
