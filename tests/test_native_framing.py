@@ -265,6 +265,8 @@ _MSGPACK_FAULTS = [
     b"\x81\x91\x01\x02",  # a map keyed by a list: unhashable
     b"\xd6\xff\x00\x00\x00\x01",  # a timestamp: decodes
     b"\xc7\x03\xff\x00\x00\x00",  # a timestamp of a wrong length: only the decoder refuses it
+    b"\xdd\x00\x10\x00\x00",  # MSGPACK_MAX_ITEMS elements: one item too many
+    b"\x92\xdf\x00\x07\xff\xff",  # 2^19 - 1 pairs, in an array with one more item
 ]
 
 
@@ -293,7 +295,7 @@ def _msgpack_stream(draw: st.DrawFn) -> bytes:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
-    packet_size=st.sampled_from([1, 8, 64, 300, 600, 1100, 2000, 1 << 20]),
+    packet_size=st.sampled_from([1, 8, 64, 300, 600, 1100, 2000, 1 << 20, 2 << 20]),
 )
 def test_msgpack_boundaries_as_python_s(data: st.DataObject, packet_size: int) -> None:
     stream = data.draw(_msgpack_stream())
