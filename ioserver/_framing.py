@@ -241,9 +241,10 @@ MSGPACK_MAX_DEPTH = 512
 #: The most items one msgpack object may hold, whatever ``packet_size``: the object itself
 #: counts one, and each element of an array, each key and each value of a map one more.
 #: Decoding builds up to ~80 bytes of Python objects per item (an ext: 80, an empty dict in
-#: a list: 72, an empty list: 64) at up to ~0.7 us per item, so this bounds one object at
-#: ~80 MiB and under a second of decoding; ``packet_size`` alone (each item takes one byte
-#: at least: 64 Mi items at the default) allowed ~4.5 GiB and tens of seconds.  The same
+#: a list: 72, an empty list: 64), at up to ~1 us per item (an ext, built by a Python call;
+#: ~0.2 us for the others), so this bounds one object at ~80 MiB and about a second of
+#: decoding at worst; ``packet_size`` alone (each item takes one byte at least: 64 Mi
+#: items at the default) allowed ~4.5 GiB and a minute.  The same
 #: cap as Redis's on a command's arguments (:data:`RESP_MAX_ARGUMENTS`).
 MSGPACK_MAX_ITEMS = 1024 * 1024
 

@@ -47,10 +47,10 @@ pub const MSGPACK_MAX_DEPTH: usize = 512;
 /// `packet_size`: the object itself counts one, and each element of an array, each key
 /// and each value of a map one more (so a count is 1 + the sum of its containers'
 /// counts, a map's doubled).  Decoding builds up to ~80 bytes of Python objects per item
-/// (an ext: 80, an empty dict in a list: 72, an empty list: 64) at up to ~0.7 µs per
-/// item, so this bounds one object at ~80 MiB and under a second of the drain, where
-/// `packet_size` alone (64 Mi one-byte items at the default) allowed ~4.5 GiB and tens of
-/// seconds.  Redis's cap on a command's arguments, as [`super::resp::RESP_MAX_ARGUMENTS`].
+/// (an ext: 80, an empty dict in a list: 72, an empty list: 64), at up to ~1 µs per item
+/// (an ext, built by a Python call; ~0.2 µs for the others), so this bounds one object
+/// at ~80 MiB and about a second of the drain at worst, where `packet_size` alone
+/// (64 Mi one-byte items at the default) allowed ~4.5 GiB and a minute.  Redis's cap on a command's arguments, as [`super::resp::RESP_MAX_ARGUMENTS`].
 pub const MSGPACK_MAX_ITEMS: usize = 1024 * 1024;
 
 /// The C decoder's stack: containers nested deeper are refused by its skip.
