@@ -34,9 +34,10 @@ from ioserver._framing import (
 from ports import Accepted, Closed, Data, Error
 
 PACKET_SIZE = 64 * 1024
-#: An array16 header announcing 20,000 elements: fits packet_size, preallocated 160 KB
-#: per level by a streaming decoder.
-ARRAY_20000 = b"\xdc\x4e\x20"
+#: An array16 header announcing 2,000 elements: fits packet_size, preallocated 16 KB per
+#: level by a streaming decoder; 488 levels of it stay under MSGPACK_MAX_ITEMS (976,001
+#: items).  (20,000 a level, 160 KB, is refused by the item cap at the 53rd level.)
+ARRAY_2000 = b"\xdc\x07\xd0"
 
 
 def _peak_while(action: Any) -> int:
@@ -58,13 +59,16 @@ def test_never_finished_nested_arrays_hold_only_their_bytes() -> None:
 
     def attack() -> None:
         for _ in range(levels // 100):
-            assert framer.feed(ARRAY_20000 * 100) == []
+            assert framer.feed(ARRAY_2000 * 100) == []
 
     peak = _peak_while(attack)
     # Held: the bytes (3 per level), charged as buffered.  A decoder preallocating each
-    # level's 20,000 slots would hold 8 x 20,000 x 1000 = 160 MB here.
+    # level's 2,000 slots would hold 8 x 2,000 x 400 = 6.4 MB here.
     assert framer.buffered == 3 * (levels // 100) * 100
     assert peak < 1024 * 1024, f"{peak} bytes allocated for {framer.buffered} bytes held"
+    # 20,000 a level: the 53rd header brings the items past MSGPACK_MAX_ITEMS.
+    with pytest.raises(PacketTooLarge, match="1060001 items exceeds MSGPACK_MAX_ITEMS"):
+        make_framer("msgpack", packet_size=PACKET_SIZE).feed(b"\xdc\x4e\x20" * 100)
 
 
 def test_nesting_deeper_than_the_limit_is_a_frame_error() -> None:
@@ -203,7 +207,7 @@ async def _until_charged(ios: ioserver.IOServer, port: ports.Port, size: int) ->
 @pytest.mark.anyio
 async def test_the_attack_through_a_port_is_charged_and_bounded(no_leaks: None) -> None:
     levels = MSGPACK_MAX_DEPTH - 24
-    attack = ARRAY_20000 * levels
+    attack = ARRAY_2000 * levels
     tracemalloc.start()
     try:
         async with ioserver.open(memory_limit=32 * 1024 * 1024) as ios:
@@ -218,9 +222,9 @@ async def test_the_attack_through_a_port_is_charged_and_bounded(no_leaks: None) 
                 # Charged: the bytes held for the unfinished object, all of them.
                 assert statistics.bytes_buffered_in == len(attack)
                 assert ios.statistics().memory_in_use >= len(attack)
-                # 160 MB with a decoder preallocating 20,000 slots per level.
+                # 7.8 MB with a decoder preallocating 2,000 slots per level.
                 assert peak < 4 * 1024 * 1024, f"{peak} bytes allocated"
-                # Finish it (20,000 elements per level would not fit: only the depth
+                # Finish it (2,000 elements per level would not fit: only the depth
                 # limit is left to pass): the port is closed with a frame error.
                 await client.send(b"\x91" * 25)
                 with anyio.fail_after(10):
