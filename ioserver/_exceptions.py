@@ -195,11 +195,20 @@ class PacketTooLarge(FrameError):
     :meth:`ports.rpc.Client.call`; a received one is reported as described for
     :exc:`FrameError`.  ``limit`` is the cap and ``size`` the size the message has, the
     peer announced (a length header) or reached (a line or msgpack object still
-    growing), both in bytes.
+    growing), both in ``unit``: bytes, and ``cap`` is ``"packet_size"``; or, for a msgpack
+    object of too many items (``ioserver._framing.MSGPACK_MAX_ITEMS``), ``unit`` is
+    ``"items"`` and ``cap`` ``"MSGPACK_MAX_ITEMS"``.
     """
 
-    def __init__(self, limit: int, size: int, what: str = "packet") -> None:
-        super().__init__(f"{what} of {size} bytes exceeds packet_size={limit}")
+    def __init__(
+        self,
+        limit: int,
+        size: int,
+        what: str = "packet",
+        unit: str = "bytes",
+        cap: str = "packet_size",
+    ) -> None:
+        super().__init__(f"{what} of {size} {unit} exceeds {cap}={limit}")
         self.limit = limit
         self.size = size
 

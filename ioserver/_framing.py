@@ -238,6 +238,16 @@ class LineFramer(Framer):
 #: ports' data).
 MSGPACK_MAX_DEPTH = 512
 
+#: The most items one msgpack object may hold, whatever ``packet_size``: the object itself
+#: counts one, and each element of an array, each key and each value of a map one more.
+#: Decoding builds up to ~80 bytes of Python objects per item (an ext: 80, an empty dict in
+#: a list: 72, an empty list: 64), at up to ~1 us per item (an ext, built by a Python call;
+#: ~0.2 us for the others), so this bounds one object at ~80 MiB and about a second of
+#: decoding at worst; ``packet_size`` alone (each item takes one byte at least: 64 Mi
+#: items at the default) allowed ~4.5 GiB and a minute.  The same
+#: cap as Redis's on a command's arguments (:data:`RESP_MAX_ARGUMENTS`).
+MSGPACK_MAX_ITEMS = 1024 * 1024
+
 # The msgpack wire format, by an object's first byte (https://github.com/msgpack/msgpack/
 # blob/master/spec.md).  _MSGPACK_SIZE: the whole item's size when the first byte gives it
 # (fixints, nil, booleans, floats, ints, fixext, fixstr); 0 otherwise.
@@ -286,13 +296,18 @@ class MsgpackFramer(Framer):
 
     Refused, as the other framings refuse: an object larger than ``packet_size`` bytes
     raises :exc:`PacketTooLarge` as soon as a header announces it (a length, or a count of
-    items that cannot fit, each item taking one byte at least) or its bytes reach it;
-    nesting deeper than :data:`MSGPACK_MAX_DEPTH` levels, the byte ``0xc1`` (never used)
-    and an object the decoder refuses (an unhashable map key...) raise :exc:`FrameError`.
+    items that cannot fit, each item taking one byte at least) or its bytes reach it; an
+    object of more than :data:`MSGPACK_MAX_ITEMS` items (itself, each array element, each
+    map key and each map value) raises :exc:`PacketTooLarge` (``"... items exceeds
+    MSGPACK_MAX_ITEMS=..."``) as soon as the count is known to pass the cap - a container
+    header adds every item it announces, so one announcing too many is refused at the
+    header, before its items arrive; nesting deeper than :data:`MSGPACK_MAX_DEPTH` levels,
+    the byte ``0xc1`` (never used) and an object the decoder refuses (an unhashable map
+    key...) raise :exc:`FrameError`.
     A failed framer holds nothing.
     """
 
-    __slots__ = ("_buffer", "_limit", "_scanned", "_stack")
+    __slots__ = ("_buffer", "_items", "_limit", "_scanned", "_stack")
 
     mode = "msgpack"
     decodes_objects = True
@@ -302,6 +317,7 @@ class MsgpackFramer(Framer):
         self._buffer = bytearray()  # the unfinished object's bytes (and, in feed, the read)
         self._scanned = 0  # bytes of it walked: the next item's header starts there
         self._stack: list[int] = []  # items each open array or map still needs, innermost last
+        self._items = 1  # items of the walked object counted so far (while _scanned)
 
     @property
     def buffered(self) -> int:
@@ -362,7 +378,7 @@ class MsgpackFramer(Framer):
         if not bounds:
             return []
         with memoryview(buffer) as view:
-            messages = self._decode(view, start, bounds)
+            messages = self._decode(view, start, bounds, walked=1)
         del buffer[:start]
         return messages
 
@@ -399,13 +415,15 @@ class MsgpackFramer(Framer):
         read).
 
         Raises:
-            PacketTooLarge: a header announces more than ``packet_size`` bytes.
+            PacketTooLarge: a header announces more than ``packet_size`` bytes, or brings
+                the object's items past :data:`MSGPACK_MAX_ITEMS`.
             FrameError: nesting deeper than :data:`MSGPACK_MAX_DEPTH`, or the byte 0xc1.
         """
         buffer = self._buffer
         stack = self._stack
         sizes = _MSGPACK_SIZE
         limit = self._limit
+        items = self._items if self._scanned else 1
         position = start + self._scanned
         while position < end:
             byte = buffer[position]
@@ -418,6 +436,9 @@ class MsgpackFramer(Framer):
                 count = byte & 0x0F if byte >= 0x90 else (byte & 0x0F) * 2
                 position += 1
                 if count:
+                    items += count
+                    if items > MSGPACK_MAX_ITEMS:
+                        raise _too_many_items(items)
                     if len(stack) >= MSGPACK_MAX_DEPTH:
                         raise _too_deep()
                     stack.append(count)
@@ -443,6 +464,9 @@ class MsgpackFramer(Framer):
                     # Each item takes one byte at least: refuse a count that cannot fit.
                     if position + count - start > limit:
                         raise PacketTooLarge(limit, position + count - start, _WHAT)
+                    items += count
+                    if items > MSGPACK_MAX_ITEMS:
+                        raise _too_many_items(items)
                     if len(stack) >= MSGPACK_MAX_DEPTH:
                         raise _too_deep()
                     stack.append(count)
@@ -459,12 +483,18 @@ class MsgpackFramer(Framer):
                 self._scanned = 0
                 return position  # the top-level object ended
         self._scanned = position - start
+        self._items = items
         return -1
 
     def _decode(
-        self, data: bytes | bytearray | memoryview, stop: int, bounds: list[tuple[int, int]]
+        self,
+        data: bytes | bytearray | memoryview,
+        stop: int,
+        bounds: list[tuple[int, int]],
+        walked: int = 0,
     ) -> list[object]:
-        """Decode the whole objects ``bounds`` (``data[0:stop]``, back to back)."""
+        """Decode the whole objects ``bounds`` (``data[0:stop]``, back to back); the first
+        ``walked`` of them were finished by the walk, which counted their items."""
         limit = self._limit
         size = 0
         for first, last in bounds:
@@ -476,6 +506,10 @@ class MsgpackFramer(Framer):
             for first, last in bounds:
                 if last - first > MSGPACK_MAX_DEPTH:
                     _check_depth(bytes(data[first:last]))
+        if size > MSGPACK_MAX_ITEMS:  # each item takes one byte at least
+            for first, last in bounds[walked:]:
+                if last - first > MSGPACK_MAX_ITEMS:
+                    _check_items(data, first, last)
         try:
             if len(bounds) == 1:
                 # unpackb's length caps default to the size of what it is given.  (No
@@ -513,6 +547,47 @@ class MsgpackFramer(Framer):
         if len(data) > self._limit:
             raise PacketTooLarge(self._limit, len(data), _WHAT)
         return data
+
+
+def _too_many_items(items: int) -> PacketTooLarge:
+    return PacketTooLarge(MSGPACK_MAX_ITEMS, items, _WHAT, "items", "MSGPACK_MAX_ITEMS")
+
+
+def _check_items(data: bytes | bytearray | memoryview, start: int, end: int) -> None:
+    """Refuse the whole object ``data[start:end]`` (found by the skip-mode scan) if it holds
+    more than :data:`MSGPACK_MAX_ITEMS` items.
+
+    Its item headers are read in order, the count 1 plus the items each container header
+    announces, and it is refused at the first header that passes the cap, with the count
+    there (what the walk says of the same bytes).  Run only for an object of more than
+    :data:`MSGPACK_MAX_ITEMS` bytes, and it stops at the cap: at most that many steps.
+
+    Raises:
+        PacketTooLarge: it holds too many items.
+    """
+    sizes = _MSGPACK_SIZE
+    items = 1
+    position = start
+    while position < end:
+        byte = data[position]
+        size = sizes[byte]
+        if size:
+            position += size
+            continue
+        if 0x80 <= byte <= 0x9F:  # fixmap, fixarray
+            items += byte & 0x0F if byte >= 0x90 else (byte & 0x0F) * 2
+            position += 1
+        elif byte in _MSGPACK_SIZED:
+            width, extra = _MSGPACK_SIZED[byte]
+            length = int.from_bytes(data[position + 1 : position + 1 + width], "big")
+            position += 1 + width + extra + length
+            continue
+        else:  # a container with a count field (the skip refused 0xc1)
+            width, per = _MSGPACK_CONTAINERS[byte]
+            items += int.from_bytes(data[position + 1 : position + 1 + width], "big") * per
+            position += 1 + width
+        if items > MSGPACK_MAX_ITEMS:
+            raise _too_many_items(items)
 
 
 def _too_deep() -> FrameError:

@@ -10,6 +10,8 @@ port-level tests go through a real socket and read the port's and the server's c
 
 from __future__ import annotations
 
+import errno
+import socket
 import tracemalloc
 from typing import Any
 
@@ -22,13 +24,20 @@ from hypothesis import strategies as st
 
 import ioserver
 import ports
-from ioserver._framing import MSGPACK_MAX_DEPTH, FrameError, PacketTooLarge, make_framer
+from ioserver._framing import (
+    MSGPACK_MAX_DEPTH,
+    MSGPACK_MAX_ITEMS,
+    FrameError,
+    PacketTooLarge,
+    make_framer,
+)
 from ports import Accepted, Closed, Data, Error
 
 PACKET_SIZE = 64 * 1024
-#: An array16 header announcing 20,000 elements: fits packet_size, preallocated 160 KB
-#: per level by a streaming decoder.
-ARRAY_20000 = b"\xdc\x4e\x20"
+#: An array16 header announcing 2,000 elements: fits packet_size, preallocated 16 KB per
+#: level by a streaming decoder; 488 levels of it stay under MSGPACK_MAX_ITEMS (976,001
+#: items).  (20,000 a level, 160 KB, is refused by the item cap at the 53rd level.)
+ARRAY_2000 = b"\xdc\x07\xd0"
 
 
 def _peak_while(action: Any) -> int:
@@ -50,13 +59,16 @@ def test_never_finished_nested_arrays_hold_only_their_bytes() -> None:
 
     def attack() -> None:
         for _ in range(levels // 100):
-            assert framer.feed(ARRAY_20000 * 100) == []
+            assert framer.feed(ARRAY_2000 * 100) == []
 
     peak = _peak_while(attack)
     # Held: the bytes (3 per level), charged as buffered.  A decoder preallocating each
-    # level's 20,000 slots would hold 8 x 20,000 x 1000 = 160 MB here.
+    # level's 2,000 slots would hold 8 x 2,000 x 400 = 6.4 MB here.
     assert framer.buffered == 3 * (levels // 100) * 100
     assert peak < 1024 * 1024, f"{peak} bytes allocated for {framer.buffered} bytes held"
+    # 20,000 a level: the 53rd header brings the items past MSGPACK_MAX_ITEMS.
+    with pytest.raises(PacketTooLarge, match="1060001 items exceeds MSGPACK_MAX_ITEMS"):
+        make_framer("msgpack", packet_size=PACKET_SIZE).feed(b"\xdc\x4e\x20" * 100)
 
 
 def test_nesting_deeper_than_the_limit_is_a_frame_error() -> None:
@@ -195,7 +207,7 @@ async def _until_charged(ios: ioserver.IOServer, port: ports.Port, size: int) ->
 @pytest.mark.anyio
 async def test_the_attack_through_a_port_is_charged_and_bounded(no_leaks: None) -> None:
     levels = MSGPACK_MAX_DEPTH - 24
-    attack = ARRAY_20000 * levels
+    attack = ARRAY_2000 * levels
     tracemalloc.start()
     try:
         async with ioserver.open(memory_limit=32 * 1024 * 1024) as ios:
@@ -210,9 +222,9 @@ async def test_the_attack_through_a_port_is_charged_and_bounded(no_leaks: None) 
                 # Charged: the bytes held for the unfinished object, all of them.
                 assert statistics.bytes_buffered_in == len(attack)
                 assert ios.statistics().memory_in_use >= len(attack)
-                # 160 MB with a decoder preallocating 20,000 slots per level.
+                # 7.8 MB with a decoder preallocating 2,000 slots per level.
                 assert peak < 4 * 1024 * 1024, f"{peak} bytes allocated"
-                # Finish it (20,000 elements per level would not fit: only the depth
+                # Finish it (2,000 elements per level would not fit: only the depth
                 # limit is left to pass): the port is closed with a frame error.
                 await client.send(b"\x91" * 25)
                 with anyio.fail_after(10):
@@ -240,3 +252,132 @@ async def test_an_object_larger_than_packet_size_closes_the_port(ios: ioserver.I
         assert "exceeds packet_size=65536" in error.message
         assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
         assert port.statistics().packets_too_large == 1
+
+
+# -- items: MSGPACK_MAX_ITEMS, whatever packet_size ------------------------------------------
+
+
+def _array32(count: int) -> bytes:
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+#: 4,096 arrays of 256 nils inside one array: 1 + 4,096 + 2^20 items in 1 MiB, every
+#: container small.  The 4,080th inner header brings the count past the cap.
+_MANY_SMALL = b"\xdc\x10\x00" + (b"\xdc\x01\x00" + b"\xc0" * 256) * 4096
+_MANY_SMALL_COUNT = 1 + 4096 + 256 * 4080
+
+
+async def _accept_msgpack(listener: ports.Listener) -> ports.Port:
+    accepted = await listener.receive()
+    assert isinstance(accepted, Accepted), accepted
+    return accepted.port
+
+
+async def _bystander_echoes(
+    port: ports.Port, peer: socket.socket, value: object, *, echo: bool = True
+) -> None:
+    """The bystander's peer sends ``value``; its port gets it and (``echo``) sends it
+    back, and the peer reads it."""
+    await anyio.to_thread.run_sync(peer.sendall, msgpack.packb(value))
+    with anyio.fail_after(10):
+        assert await port.receive() == Data(value)
+    if not echo:
+        return
+    await port.send(value)
+    reply = msgpack.packb(value)
+    peer.settimeout(10)
+    got = b""
+    while len(got) < len(reply):
+        got += await anyio.to_thread.run_sync(peer.recv, 65536)
+    assert got == reply
+
+
+async def _until_released(ios: ioserver.IOServer) -> None:
+    """Wait (checkpointing) until the I/O thread has closed the ports and released every
+    byte they were charged."""
+    with anyio.fail_after(10):
+        while ios.statistics().memory_in_use:
+            await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.every_core
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("wire", "count"),
+    [
+        # Announced: the header alone, no element sent (it would wait for 2^20 of them).
+        pytest.param(_array32(MSGPACK_MAX_ITEMS), MSGPACK_MAX_ITEMS + 1, id="array32-header"),
+        # A map's count is doubled: 2^19 pairs are one item too many.
+        pytest.param(
+            b"\xdf" + (MSGPACK_MAX_ITEMS // 2).to_bytes(4, "big"),
+            MSGPACK_MAX_ITEMS + 1,
+            id="map32-header",
+        ),
+        # Sent whole: no container past the cap, the object is.
+        pytest.param(_MANY_SMALL, _MANY_SMALL_COUNT, id="many-small-containers"),
+    ],
+)
+async def test_a_msgpack_object_of_too_many_items_is_refused_before_decoding(
+    ios: ioserver.IOServer, wire: bytes, count: int
+) -> None:
+    """An object of more than ``MSGPACK_MAX_ITEMS`` items within ``packet_size`` (64 MiB)
+    is refused by the framer before any of it is decoded, as soon as a header brings the
+    count past the cap: ``Error("EMSGSIZE", ...)`` naming the cap, ``Closed``, and the
+    port's socket closed.  A bystander port echoes before and after, and no byte stays
+    charged.  (Before the cap, the header waited for its 2^20 items, and the many small
+    containers were decoded, ~75 MiB of Python objects per MiB of wire.)"""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+    async with listener:
+        with (
+            socket.create_connection(listener.local_address) as bystander_peer,
+            socket.create_connection(listener.local_address) as peer,
+        ):
+            bystander = await _accept_msgpack(listener)
+            port = await _accept_msgpack(listener)
+            async with bystander, port:
+                await _bystander_echoes(bystander, bystander_peer, ["before", 1], echo=False)
+                await anyio.to_thread.run_sync(peer.sendall, msgpack.packb("good"))
+                with anyio.fail_after(10):
+                    assert await port.receive() == Data("good")
+                await anyio.to_thread.run_sync(peer.sendall, wire)
+                with anyio.fail_after(10):
+                    error = await port.receive()
+                    text = f"msgpack object of {count} items exceeds MSGPACK_MAX_ITEMS=1048576"
+                    assert error == Error("EMSGSIZE", errno.EMSGSIZE, text)
+                    assert await port.receive() == Closed("EMSGSIZE", "EMSGSIZE")
+                assert port.statistics().packets_too_large == 1
+                peer.settimeout(5)
+                try:
+                    while await anyio.to_thread.run_sync(peer.recv, 65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+                # Nothing of it stays charged (checked before the bystander sends: what
+                # a native port sent stays counted in memory_in_use, a separate matter).
+                await _until_released(ios)
+                await _bystander_echoes(bystander, bystander_peer, {"after": [1.5, None]})
+
+
+@pytest.mark.every_core
+@pytest.mark.anyio
+async def test_a_msgpack_object_of_exactly_max_items_is_delivered(
+    ios: ioserver.IOServer,
+) -> None:
+    """The object and ``MSGPACK_MAX_ITEMS - 1`` nils, then a map of
+    ``MSGPACK_MAX_ITEMS // 2 - 1`` pairs inside an array (a key and a value count one
+    each): both exactly at the cap, decoded and delivered; the budget returns to 0."""
+    at_cap = [None] * (MSGPACK_MAX_ITEMS - 1)
+    pairs = MSGPACK_MAX_ITEMS // 2 - 1
+    map_at_cap = [dict.fromkeys(range(pairs))]
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+    async with listener:
+        with socket.create_connection(listener.local_address) as peer:
+            port = await _accept_msgpack(listener)
+            async with port:
+                wire = msgpack.packb(at_cap) + msgpack.packb(map_at_cap)
+                await anyio.to_thread.run_sync(peer.sendall, wire)
+                with anyio.fail_after(20):
+                    assert await port.receive() == Data(at_cap)
+                    assert await port.receive() == Data(map_at_cap)
+                assert port.statistics().packets_too_large == 0
+        await _until_released(ios)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ioserver._exceptions import FrameError, OptionError, PacketTooLarge
-from ioserver._framing import MSGPACK_MAX_DEPTH, PACKET_OVERHEAD, make_framer
+from ioserver._framing import MSGPACK_MAX_DEPTH, MSGPACK_MAX_ITEMS, PACKET_OVERHEAD, make_framer
 from ioserver._native import _Framer
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -265,6 +265,8 @@ _MSGPACK_FAULTS = [
     b"\x81\x91\x01\x02",  # a map keyed by a list: unhashable
     b"\xd6\xff\x00\x00\x00\x01",  # a timestamp: decodes
     b"\xc7\x03\xff\x00\x00\x00",  # a timestamp of a wrong length: only the decoder refuses it
+    b"\xdd\x00\x10\x00\x00",  # MSGPACK_MAX_ITEMS elements: one item too many
+    b"\x92\xdf\x00\x07\xff\xff",  # 2^19 - 1 pairs, in an array with one more item
 ]
 
 
@@ -293,7 +295,7 @@ def _msgpack_stream(draw: st.DrawFn) -> bytes:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
-    packet_size=st.sampled_from([1, 8, 64, 300, 600, 1100, 2000, 1 << 20]),
+    packet_size=st.sampled_from([1, 8, 64, 300, 600, 1100, 2000, 1 << 20, 2 << 20]),
 )
 def test_msgpack_boundaries_as_python_s(data: st.DataObject, packet_size: int) -> None:
     stream = data.draw(_msgpack_stream())
@@ -329,6 +331,60 @@ def test_every_cut_of_a_msgpack_stream_as_python_s() -> None:
     for cut in range(len(stream) + 1):
         differential("msgpack", 1 << 20, stream, [cut])
     differential("msgpack", 1 << 20, stream, list(range(len(stream))))
+
+
+def _array32(count: int) -> bytes:
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def _per_object(inner: int) -> bytes:
+    """Arrays of ``inner`` nils, as many as pass MSGPACK_MAX_ITEMS in all: each small."""
+    outer = MSGPACK_MAX_ITEMS // inner
+    inner_array = b"\xdc" + inner.to_bytes(2, "big") + b"\xc0" * inner
+    return b"\xdc" + outer.to_bytes(2, "big") + inner_array * outer
+
+
+_ITEMS = MSGPACK_MAX_ITEMS
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [[], [3], [300_000, 700_000], list(range(65536, 4 << 20, 65536))],
+    ids=["whole", "in-header", "two", "reads"],
+)
+@pytest.mark.parametrize(
+    "stream",
+    [
+        _array32(_ITEMS - 1) + b"\xc0" * (_ITEMS - 1),  # exactly at the cap
+        _array32(_ITEMS) + b"\xc0" * _ITEMS,  # one past, announced by the header
+        _array32(_ITEMS),  # the header alone
+        b"\xdf" + (_ITEMS // 2).to_bytes(4, "big"),  # a map's count is doubled
+        b"\x91\xdf" + (_ITEMS // 2 - 1).to_bytes(4, "big") + b"\x01\x02" * (_ITEMS // 2 - 1),
+        # The cap reached, then passed by a fixarray's header.
+        b"\x92" + _array32(_ITEMS - 3) + b"\xc0" * (_ITEMS - 3) + b"\x91\xc0",
+        _per_object(256),  # every container small, the object too large
+        _per_object(255),
+        # Bytes between the headers: strings, bins, exts are skipped by their lengths.
+        b"\xdc\x10\x00" + (b"\xdc\x01\x00" + b"\xa1x\xc4\x00\xd4\x01\x02" * 128) * 4096,
+        b"\x01" * 3 + _array32(_ITEMS - 1) + b"\xc0" * (_ITEMS - 1) + b"\x01",  # after others
+    ],
+    ids=[
+        "at-cap",
+        "past-header",
+        "header-only",
+        "map-doubled",
+        "map-at-cap",
+        "fixarray-past",
+        "per-object-256",
+        "per-object-255",
+        "scalars-between",
+        "among-others",
+    ],
+)
+def test_msgpack_item_cap_as_python_s(stream: bytes, cuts: list[int]) -> None:
+    """MSGPACK_MAX_ITEMS: the same objects framed, the same PacketTooLarge (its count, at
+    the same read), whole in one read (the C skip, then the count) or walked in pieces."""
+    differential("msgpack", 64 << 20, stream, [cut for cut in cuts if cut < len(stream)])
 
 
 # -- sends ---------------------------------------------------------------------------------

@@ -1339,7 +1339,8 @@ impl IoThread {
         let read = match result {
             Err(ReadFault::Frame(error)) => {
                 let errno = match error {
-                    crate::framing::FrameError::TooLarge { .. } => {
+                    crate::framing::FrameError::TooLarge { .. }
+                    | crate::framing::FrameError::TooManyItems { .. } => {
                         s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
                         libc::EMSGSIZE
                     }

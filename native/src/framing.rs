@@ -37,7 +37,8 @@
 //! # Errors
 //!
 //! [`Framer::feed`] returns a [`FrameError`]: [`FrameError::TooLarge`] is Python's
-//! `PacketTooLarge(limit, size, what)` (the owner gets `EMSGSIZE`), [`FrameError::Malformed`]
+//! `PacketTooLarge(limit, size, what)` (the owner gets `EMSGSIZE`), and so is
+//! [`FrameError::TooManyItems`] (a msgpack object of too many items), [`FrameError::Malformed`]
 //! is `FrameError(message)` (`EPROTO`).  What happens to the packets of the failing read
 //! follows the Python framers:
 //!
@@ -105,6 +106,18 @@ pub enum FrameError {
         /// What was too large, as the message names it.
         what: &'static str,
     },
+    /// Python's `PacketTooLarge(limit, size, what, "items", "MSGPACK_MAX_ITEMS")`: one
+    /// msgpack object holds more items than [`msgpack::MSGPACK_MAX_ITEMS`] (`limit`);
+    /// `size` is the count found or announced when it first passed the cap.  The owner
+    /// gets `EMSGSIZE`, as for `TooLarge`.
+    TooManyItems {
+        /// The cap, in items.
+        limit: usize,
+        /// The items counted (or announced by a header) when the count passed the cap.
+        size: usize,
+        /// What held too many items, as the message names it (`"msgpack object"`).
+        what: &'static str,
+    },
     /// Python's `FrameError(message)`: the bytes break the mode.  The owner gets `EPROTO`.
     Malformed(String),
 }
@@ -113,7 +126,7 @@ impl FrameError {
     /// The errno name the owner's `Error` message carries: `EMSGSIZE` or `EPROTO`.
     pub fn errno_name(&self) -> &'static str {
         match self {
-            FrameError::TooLarge { .. } => "EMSGSIZE",
+            FrameError::TooLarge { .. } | FrameError::TooManyItems { .. } => "EMSGSIZE",
             FrameError::Malformed(_) => "EPROTO",
         }
     }
@@ -129,6 +142,12 @@ impl fmt::Display for FrameError {
         match self {
             FrameError::TooLarge { limit, size, what } => {
                 write!(f, "{what} of {size} bytes exceeds packet_size={limit}")
+            }
+            FrameError::TooManyItems { limit, size, what } => {
+                write!(
+                    f,
+                    "{what} of {size} items exceeds MSGPACK_MAX_ITEMS={limit}"
+                )
             }
             FrameError::Malformed(message) => f.write_str(message),
         }

@@ -8,6 +8,9 @@
 //! - an object larger than `packet_size`, as soon as a header announces it (a length, or
 //!   a count of items that cannot fit, each taking one byte at least) or its bytes reach
 //!   it: [`FrameError::TooLarge`] (`"msgpack object"`);
+//! - an object of more than [`MSGPACK_MAX_ITEMS`] items, whatever its size in bytes, as
+//!   soon as the count is known to pass the cap (a container's header adds all the items
+//!   it announces): [`FrameError::TooManyItems`], answered as `TooLarge` is;
 //! - nesting deeper than [`MSGPACK_MAX_DEPTH`], and the byte `0xc1` (never used):
 //!   [`FrameError::Malformed`].
 //!
@@ -39,6 +42,16 @@ use super::{FrameError, Packets};
 /// The deepest nesting of arrays and maps in one msgpack object
 /// (`_framing.MSGPACK_MAX_DEPTH`: half the C decoder's stack of 1024).
 pub const MSGPACK_MAX_DEPTH: usize = 512;
+
+/// The most items one msgpack object may hold (`_framing.MSGPACK_MAX_ITEMS`), whatever
+/// `packet_size`: the object itself counts one, and each element of an array, each key
+/// and each value of a map one more (so a count is 1 + the sum of its containers'
+/// counts, a map's doubled).  Decoding builds up to ~80 bytes of Python objects per item
+/// (an ext: 80, an empty dict in a list: 72, an empty list: 64), at up to ~1 µs per item
+/// (an ext, built by a Python call; ~0.2 µs for the others), so this bounds one object
+/// at ~80 MiB and about a second of the drain at worst, where `packet_size` alone
+/// (64 Mi one-byte items at the default) allowed ~4.5 GiB and a minute.  Redis's cap on a command's arguments, as [`super::resp::RESP_MAX_ARGUMENTS`].
+pub const MSGPACK_MAX_ITEMS: usize = 1024 * 1024;
 
 /// The C decoder's stack: containers nested deeper are refused by its skip.
 const C_STACK: usize = 1024;
@@ -95,6 +108,53 @@ fn big_endian(bytes: &[u8]) -> usize {
     bytes
         .iter()
         .fold(0usize, |n, &byte| (n << 8) | usize::from(byte))
+}
+
+fn too_many_items(items: usize) -> FrameError {
+    FrameError::TooManyItems {
+        limit: MSGPACK_MAX_ITEMS,
+        size: items,
+        what: WHAT,
+    }
+}
+
+/// Refuse the whole object `data[start..end]` (found by the C skip) if it holds more than
+/// [`MSGPACK_MAX_ITEMS`] items (Python's `_check_items`): its item headers in order, the
+/// count 1 + the items each container header announces, refused at the first header
+/// that passes the cap, with the count there (what the walk would have said).
+fn check_items(data: &[u8], start: usize, end: usize) -> Result<(), FrameError> {
+    let mut items: usize = 1;
+    let mut position = start;
+    while position < end {
+        let byte = data[position];
+        let count = match item(byte) {
+            Item::Fixed(size) => {
+                position += size;
+                continue;
+            }
+            Item::FixContainer(count) => {
+                position += 1;
+                count
+            }
+            Item::Sized { width, extra } => {
+                let length = big_endian(&data[position + 1..position + 1 + width]);
+                position += 1 + width + extra + length;
+                continue;
+            }
+            Item::Container { width, per } => {
+                let count = big_endian(&data[position + 1..position + 1 + width]) * per;
+                position += 1 + width;
+                count
+            }
+            // (The C skip refused it.)
+            Item::Never => return Err(disagree()),
+        };
+        items += count;
+        if items > MSGPACK_MAX_ITEMS {
+            return Err(too_many_items(items));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn too_deep() -> FrameError {
@@ -229,6 +289,9 @@ pub(crate) struct MsgpackFramer {
     scanned: usize,
     /// Items each open array or map still needs, innermost last.
     stack: Vec<usize>,
+    /// Items of the walked object counted so far (itself, and what its containers'
+    /// headers announced); meaningful while `scanned` is not 0.
+    items: usize,
     /// Scratch: the C skip's stack, and a read's whole objects.
     skip_stack: Vec<usize>,
     bounds: Vec<Bound>,
@@ -241,6 +304,7 @@ impl MsgpackFramer {
             buffer: Vec::new(),
             scanned: 0,
             stack: Vec::new(),
+            items: 1,
             skip_stack: Vec::new(),
             bounds: Vec::new(),
         }
@@ -350,8 +414,10 @@ impl MsgpackFramer {
     }
 
     /// Python's `_decode`, less the decoding: refuse a whole object larger than the
-    /// limit (the largest is named) or nested deeper than [`MSGPACK_MAX_DEPTH`] (checked
-    /// as `_check_depth` does: the C skip inside 512 levels of padding); then push them.
+    /// limit (the largest is named), nested deeper than [`MSGPACK_MAX_DEPTH`] (checked
+    /// as `_check_depth` does: the C skip inside 512 levels of padding), or of more than
+    /// [`MSGPACK_MAX_ITEMS`] items (`check_items`; an object the walk finished was
+    /// counted by the walk); then push them.
     fn check_and_push(
         &mut self,
         data: &[u8],
@@ -381,6 +447,14 @@ impl MsgpackFramer {
                 }
             }
         }
+        if largest > MSGPACK_MAX_ITEMS {
+            // (Each item takes one byte at least.)
+            for bound in bounds {
+                if bound.deepest.is_some() && bound.end - bound.start > MSGPACK_MAX_ITEMS {
+                    check_items(data, bound.start, bound.end)?;
+                }
+            }
+        }
         for bound in bounds {
             out.push_bytes(&data[bound.start..bound.end]);
         }
@@ -390,12 +464,14 @@ impl MsgpackFramer {
     /// Walk the held object that begins at `start`, from where the last walk stopped;
     /// return its end, or `None` if it is unfinished (its place kept for the next read).
     ///
-    /// Errors: a header announcing more than the limit (`TooLarge`), a non-empty
-    /// container nested deeper than [`MSGPACK_MAX_DEPTH`], the byte `0xc1`.
+    /// Errors: a header announcing more than the limit (`TooLarge`), a container header
+    /// that brings the object's items past [`MSGPACK_MAX_ITEMS`] (`TooManyItems`), a
+    /// non-empty container nested deeper than [`MSGPACK_MAX_DEPTH`], the byte `0xc1`.
     fn walk(&mut self, start: usize, end: usize) -> Result<Option<usize>, FrameError> {
         let buffer = &self.buffer;
         let stack = &mut self.stack;
         let limit = self.limit;
+        let mut items = if self.scanned == 0 { 1 } else { self.items };
         let mut position = start + self.scanned;
         while position < end {
             let byte = buffer[position];
@@ -409,6 +485,10 @@ impl MsgpackFramer {
                 Item::FixContainer(count) => {
                     position += 1;
                     if count > 0 {
+                        items += count;
+                        if items > MSGPACK_MAX_ITEMS {
+                            return Err(too_many_items(items));
+                        }
                         if stack.len() >= MSGPACK_MAX_DEPTH {
                             return Err(too_deep());
                         }
@@ -443,6 +523,10 @@ impl MsgpackFramer {
                         if reach > limit {
                             return Err(FrameError::too_large(limit, reach, WHAT));
                         }
+                        items = items.saturating_add(count);
+                        if items > MSGPACK_MAX_ITEMS {
+                            return Err(too_many_items(items));
+                        }
                         if stack.len() >= MSGPACK_MAX_DEPTH {
                             return Err(too_deep());
                         }
@@ -474,6 +558,7 @@ impl MsgpackFramer {
             }
         }
         self.scanned = position - start;
+        self.items = items;
         Ok(None)
     }
 }

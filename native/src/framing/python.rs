@@ -39,6 +39,9 @@ pub fn frame_error<'py>(py: Python<'py>, error: &FrameError) -> PyResult<Bound<'
         FrameError::TooLarge { limit, size, what } => module
             .getattr("PacketTooLarge")?
             .call1((*limit, *size, *what)),
+        FrameError::TooManyItems { limit, size, what } => module
+            .getattr("PacketTooLarge")?
+            .call1((*limit, *size, *what, "items", "MSGPACK_MAX_ITEMS")),
         FrameError::Malformed(message) => module.getattr("FrameError")?.call1((message,)),
     }
 }

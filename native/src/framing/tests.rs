@@ -2,7 +2,7 @@
 //! (The differential tests against the Python framers are in
 //! `tests/test_native_framing.py`.)
 
-use super::msgpack::MSGPACK_MAX_DEPTH;
+use super::msgpack::{MSGPACK_MAX_DEPTH, MSGPACK_MAX_ITEMS};
 use super::resp::RESP_MAX_INLINE;
 use super::*;
 use proptest::prelude::*;
@@ -440,6 +440,123 @@ fn msgpack_limit_exactly_at_and_one_past() {
         feed_all(Mode::Msgpack, 100, &array).1,
         too_large(100, 203, "msgpack object")
     );
+}
+
+fn too_many_items(size: usize) -> Option<FrameError> {
+    Some(FrameError::TooManyItems {
+        limit: MSGPACK_MAX_ITEMS,
+        size,
+        what: "msgpack object",
+    })
+}
+
+/// An array 32 header announcing `count` items.
+fn array32(count: usize) -> Vec<u8> {
+    let mut data = vec![0xdd];
+    data.extend_from_slice(&u32::try_from(count).unwrap().to_be_bytes());
+    data
+}
+
+#[test]
+fn msgpack_items_error_reads_as_python_s() {
+    let error = too_many_items(MSGPACK_MAX_ITEMS + 1).unwrap();
+    assert_eq!(
+        error.to_string(),
+        "msgpack object of 1048577 items exceeds MSGPACK_MAX_ITEMS=1048576"
+    );
+    assert_eq!(error.errno_name(), "EMSGSIZE");
+}
+
+#[test]
+fn msgpack_items_header_past_the_cap_is_refused_at_the_header() {
+    // The object itself and MSGPACK_MAX_ITEMS elements: one item too many, announced by
+    // five bytes; no element has come.
+    let header = array32(MSGPACK_MAX_ITEMS);
+    let limit = 64 << 20;
+    assert_eq!(
+        feed_all(Mode::Msgpack, limit, &header).1,
+        too_many_items(MSGPACK_MAX_ITEMS + 1)
+    );
+    // A map's count is doubled (a key and a value each): 2^19 elements pass, 2^19 pairs
+    // do not; [{2^19 - 1 pairs}] is exactly at the cap.
+    let half = u32::try_from(MSGPACK_MAX_ITEMS / 2).unwrap();
+    assert_eq!(
+        feed_all(Mode::Msgpack, limit, &array32(MSGPACK_MAX_ITEMS / 2)).1,
+        None
+    );
+    let mut map = vec![0xdf];
+    map.extend_from_slice(&half.to_be_bytes());
+    assert_eq!(
+        feed_all(Mode::Msgpack, limit, &map).1,
+        too_many_items(MSGPACK_MAX_ITEMS + 1)
+    );
+    let mut inside = vec![0x91, 0xdf];
+    inside.extend_from_slice(&(half - 1).to_be_bytes());
+    assert_eq!(feed_all(Mode::Msgpack, limit, &inside).1, None);
+    // A header that is too large in bytes too is named by its bytes (checked first).
+    assert_eq!(
+        feed_all(Mode::Msgpack, 1000, &header).1,
+        too_large(1000, 5 + MSGPACK_MAX_ITEMS, "msgpack object")
+    );
+}
+
+#[test]
+fn msgpack_items_exactly_at_the_cap_are_framed_and_one_past_refused() {
+    let limit = 64 << 20;
+    // The array and MSGPACK_MAX_ITEMS - 1 nils: whole in one read, and in pieces.
+    let mut at = array32(MSGPACK_MAX_ITEMS - 1);
+    at.resize(at.len() + MSGPACK_MAX_ITEMS - 1, 0xc0);
+    let (packets, error) = feed_all(Mode::Msgpack, limit, &at);
+    assert_eq!((packets.len(), error), (1, None));
+    let pieces: Vec<&[u8]> = at.chunks(65536).collect();
+    let (packets, error) = feed_chunks(Mode::Msgpack, limit, &pieces);
+    assert_eq!((packets, error), (bytes(&[&at]), None));
+    // [[nil] * (cap - 3), [nil]]: the cap is reached before the last fixarray, whose
+    // header passes it, whole or in pieces.
+    let mut past = vec![0x92];
+    past.extend_from_slice(&array32(MSGPACK_MAX_ITEMS - 3));
+    past.resize(past.len() + MSGPACK_MAX_ITEMS - 3, 0xc0);
+    past.extend_from_slice(b"\x91\xc0");
+    assert_eq!(
+        feed_all(Mode::Msgpack, limit, &past).1,
+        too_many_items(MSGPACK_MAX_ITEMS + 1)
+    );
+    let pieces: Vec<&[u8]> = past.chunks(65536).collect();
+    assert_eq!(
+        feed_chunks(Mode::Msgpack, limit, &pieces).1,
+        too_many_items(MSGPACK_MAX_ITEMS + 1)
+    );
+}
+
+#[test]
+fn msgpack_items_are_counted_per_object_not_per_container() {
+    // 2^12 arrays of 2^8 nils: every container small, 1 + 2^12 + 2^20 items in all.
+    let limit = 64 << 20;
+    let mut data = vec![0xdc, 0x10, 0x00];
+    for _ in 0..4096 {
+        data.extend_from_slice(&[0xdc, 0x01, 0x00]);
+        data.resize(data.len() + 256, 0xc0);
+    }
+    // Refused at the inner header that passes the cap: the object, the outer array's
+    // 4096, then 256 per inner array.
+    let first_past = 1 + 4096 + 256 * ((MSGPACK_MAX_ITEMS - 4096 - 1) / 256 + 1);
+    let expected = too_many_items(first_past);
+    assert_eq!(feed_all(Mode::Msgpack, limit, &data).1, expected);
+    let pieces: Vec<&[u8]> = data.chunks(4096).collect();
+    assert_eq!(feed_chunks(Mode::Msgpack, limit, &pieces).1, expected);
+    // A cut inside the last header counted is held, the count kept across reads.
+    let cut = 3 + (first_past - 1 - 4096) / 256 * 259 - 259 + 1;
+    assert_eq!(
+        feed_chunks(Mode::Msgpack, limit, &[&data[..cut], &data[cut..]]).1,
+        expected
+    );
+    // Objects under the cap each, many of them: no count carries from one to the next.
+    let mut small = vec![0xdc, 0x01, 0x00];
+    small.resize(small.len() + 256, 0xc0);
+    let stream = small.repeat(8192);
+    let pieces: Vec<&[u8]> = stream.chunks(1000).collect();
+    let (packets, error) = feed_chunks(Mode::Msgpack, limit, &pieces);
+    assert_eq!((packets.len(), error), (8192, None));
 }
 
 #[test]
