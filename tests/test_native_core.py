@@ -628,3 +628,25 @@ async def test_a_conn_means_nothing_to_another_servers_core() -> None:
             assert not server_b._conn.closed  # type: ignore[union-attr]
             await server_a.send(b"A too")
             assert await receive_exactly(client_a, 5) == b"A too"
+
+
+@pytest.mark.every_core
+async def test_an_idle_server_holds_no_written_buffer(ios: ioserver.IOServer) -> None:
+    """A written buffer goes back to its loop to be dropped - with the loop's next batch,
+    or, when none comes, once the I/O thread has been idle a moment (``RELEASE_IDLE``):
+    the memory in use of a server that sent and then went quiet returns to 0.  The peer is
+    a plain socket, so no event of this loop follows the write; before the idle release
+    the native core kept the 1,000 bytes pinned (and charged) for good."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    async with listener:
+        with socket.create_connection(listener.local_address[:2]) as peer:
+            port = await accept(listener)
+            await port.send(b"y" * 1000)
+            received = b""
+            while len(received) < 1000:
+                received += await anyio.to_thread.run_sync(peer.recv, 4096)
+            await port.aclose()
+            # A counter, polled: the release is the I/O thread's, no event tells of it.
+            with anyio.fail_after(5):
+                while ios.statistics().memory_in_use:  # noqa: ASYNC110
+                    await anyio.sleep(0.005)

@@ -92,6 +92,12 @@ const RELEASE_BATCH: usize = 256;
 /// more than that (and the last chunk) pinned beyond its send watermarks, as the Python
 /// core, which drops each buffer once written, keeps none.
 const RELEASE_BYTES: u64 = 64 << 10;
+/// How long held buffers (and closed ports' loop halves) may wait for a batch to carry
+/// them once the thread has nothing else to do: after this much idle time they go back
+/// on their own, so that an idle server holds nothing for its loops and its
+/// `memory_in_use` returns to what its ports hold (as on the Python core).  A busy thread
+/// never waits this long, so it costs no wake while there is traffic.
+const RELEASE_IDLE: Duration = Duration::from_millis(10);
 /// How long the thread sleeps, at most, after handing a loop a batch: the loop defers the
 /// wakes of its replies to its flush point, and this bounds that deferral when the flush is
 /// late (a task blocked in synchronous code).
@@ -136,6 +142,13 @@ struct Releases {
     size: u64,
     /// Loop halves of closed ports (and targets the thread no longer needs).
     targets: Vec<Target>,
+}
+
+impl Releases {
+    /// Something waits to go back.
+    fn is_pending(&self) -> bool {
+        !self.bytes.is_empty() || !self.targets.is_empty()
+    }
 }
 
 /// A port's flow-control window (`ioserver._flow.Window`), as atomics the I/O thread
@@ -743,10 +756,19 @@ impl IoThread {
             // The slots freed last round: no event of a coming poll names them.
             self.free.append(&mut self.freed);
             self.begin_round();
+            // Held releases, nothing handed: the sleep ends within RELEASE_IDLE, and if
+            // nothing came by then they go back on their own (the publish below).
+            let holding = !handed && self.releases.iter().any(Releases::is_pending);
+            let mut idle_release = false;
             let mut timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
                 Some(Duration::ZERO)
             } else if self.shared.commands.prepare_to_sleep_for(handed) {
-                self.bound_sleep(handed.then_some(FLUSH_WAIT))
+                idle_release = holding;
+                self.bound_sleep(
+                    handed
+                        .then_some(FLUSH_WAIT)
+                        .or(holding.then_some(RELEASE_IDLE)),
+                )
             } else {
                 Some(Duration::ZERO)
             };
@@ -760,6 +782,8 @@ impl IoThread {
             }
             self.shared.commands.woke();
             self.shared.polls.fetch_add(1, Ordering::Relaxed);
+            // The idle sleep ran out (or another timer ended it) with nothing to do.
+            idle_release &= events.is_empty() && self.shared.commands.is_empty();
             self.run_commands();
             let mut count = 0;
             for event in events.iter() {
@@ -799,8 +823,9 @@ impl IoThread {
                 self.flush_dirty();
             }
             // While the budget pauses ports, what this thread holds for the loops to drop
-            // (charged to the budget) goes back each round, not only with their input.
-            handed |= self.publish(self.budget.has_paused());
+            // (charged to the budget) goes back each round, not only with their input;
+            // and after RELEASE_IDLE of idleness, whatever it still holds.
+            handed |= self.publish(self.budget.has_paused() || idle_release);
         }
     }
 
