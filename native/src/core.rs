@@ -138,28 +138,6 @@ struct Releases {
     targets: Vec<Target>,
 }
 
-/// A port's flow-control window (`ioserver._flow.Window`), as atomics the I/O thread
-/// reads without the GIL: the receive side ([`flow::Window`]) and the send side.
-pub struct WindowShared {
-    /// The receive window both halves touch (watermarks, the pause handshake, the
-    /// budget's waiting owner).
-    pub receive: Arc<flow::Window>,
-    /// Bytes the owner queued for output, ever.
-    pub queued_bytes: AtomicU64,
-    /// A sender waits for the output to drain below the low watermark.
-    pub send_blocked: AtomicBool,
-}
-
-impl Default for WindowShared {
-    fn default() -> Self {
-        WindowShared {
-            receive: Arc::new(flow::Window::unconfigured()),
-            queued_bytes: AtomicU64::new(0),
-            send_blocked: AtomicBool::new(false),
-        }
-    }
-}
-
 /// A port's watermarks (validated by `ioserver._options`).
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
@@ -217,8 +195,9 @@ pub struct ConnShared {
     pub inbox: usize,
     /// The watermarks (for `drained`).
     pub flow: Flow,
-    /// The window, once the loop half is attached.
-    pub window: OnceLock<Arc<WindowShared>>,
+    /// The window (`ioserver._flow.Window`: its receive and send sides), once the loop
+    /// half is attached.
+    pub window: OnceLock<Arc<flow::Window>>,
     /// Closed on the I/O side.
     pub closed: AtomicBool,
     /// Bytes read from the socket.
@@ -261,7 +240,7 @@ impl ConnShared {
 
     /// The receive window, once the loop half is attached.
     pub fn receive(&self) -> Option<&flow::Window> {
-        self.window.get().map(|window| &*window.receive)
+        self.window.get().map(|window| &**window)
     }
 
     /// Publish what the port's flow counted for statistics (its own, not shared).
@@ -302,7 +281,7 @@ pub enum Command {
         /// The port's loop half.
         port: Target,
         /// Its window.
-        window: Arc<WindowShared>,
+        window: Arc<flow::Window>,
         /// Its loop's inbox.
         inbox: usize,
         /// Where to.
@@ -529,7 +508,6 @@ struct Stream {
     sock: Sock,
     conn: Arc<ConnShared>,
     port: Option<Target>,
-    window: Option<Arc<WindowShared>>,
     /// Its receive flow control (`flow.rs`): the active credit, held packets' count and
     /// charge, the watermarks' pause, the budget's.  Until the loop half is attached, a
     /// flow over an unconfigured window, with the listener's active mode.
@@ -1112,10 +1090,9 @@ impl IoThread {
             },
             Command::Attach(conn, port, overhead) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
-                    s.window = conn.window.get().cloned();
-                    if let Some(window) = &s.window {
+                    if let Some(window) = conn.window.get() {
                         let active = s.flow.active_mode();
-                        let receive = Arc::clone(&window.receive);
+                        let receive = Arc::clone(window);
                         s.flow = ReceiveFlow::new(receive, conn.slot, active, overhead);
                     }
                     s.port = Some(port);
@@ -1503,13 +1480,10 @@ impl IoThread {
             let out = s.conn.bytes_out.fetch_add(total, Ordering::SeqCst) + total;
             self.budget.wrote(total);
             s.conn.out_bytes.store(s.out_bytes, Ordering::Relaxed);
-            if let (Some(window), Some(port)) = (&s.window, &s.port) {
-                if window.send_blocked.load(Ordering::SeqCst)
-                    && window
-                        .queued_bytes
-                        .load(Ordering::SeqCst)
-                        .saturating_sub(out)
-                        <= s.conn.flow.send_low
+            // (The window is set before the port's `Attach` or `Connect` reaches here.)
+            if let (Some(window), Some(port)) = (s.conn.window.get(), &s.port) {
+                if window.send_blocked()
+                    && window.queued_bytes().saturating_sub(out) <= s.conn.flow.send_low
                 {
                     let port = port.clone();
                     self.stage(s.conn.inbox, Event::Writable(port));
@@ -1738,7 +1712,7 @@ impl IoThread {
         &mut self,
         request: Target,
         port: Target,
-        window: Arc<WindowShared>,
+        window: Arc<flow::Window>,
         inbox: usize,
         address: Destination,
         (options, overhead): (StreamOptions, u64),
@@ -1767,13 +1741,12 @@ impl IoThread {
         }
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
         let conn = self.new_conn(slot, inbox, options.flow);
-        let _ = conn.window.set(window.clone());
-        let receive = Arc::clone(&window.receive);
+        let receive = Arc::clone(&window);
+        let _ = conn.window.set(window);
         let mut s = Box::new(Stream {
             sock,
             conn,
             port: Some(port),
-            window: Some(window),
             flow: ReceiveFlow::new(receive, slot, options.active, overhead),
             outq: VecDeque::new(),
             head: 0,
@@ -1997,7 +1970,6 @@ impl IoThread {
                 sock,
                 conn,
                 port: None,
-                window: None,
                 flow: ReceiveFlow::new(Arc::clone(&self.unattached), slot, l.options.active, 0),
                 outq: VecDeque::new(),
                 head: 0,

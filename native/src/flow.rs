@@ -179,6 +179,7 @@
 //! | `Window::delivered_*`                    | I/O half     | loop half (resume check, statistics) |
 //! | `Window::pause_generation`               | I/O half     | loop half (step 2)                 |
 //! | `Window::global_paused`                  | I/O half     | loop half (`cmd_want`)             |
+//! | `Window::queued_bytes`, `send_blocked`   | loop half    | I/O half (WRITABLE, in `core.rs`)  |
 //! | `LoopCounters::queued_bytes`, `consumed_bytes` | loop half | I/O half (the budget)           |
 //! | `Charges` (but `pinned`)                 | I/O half     | I/O half, `statistics()`           |
 //! | `Charges::pinned`                        | both (I/O adds, loop takes off) | both            |
@@ -427,6 +428,17 @@ pub struct Window {
     /// Reading is paused by the budget.  `SeqCst`: stored before the I/O half loads
     /// `waiting`, loaded after the loop half stores it.
     global_paused: AtomicBool,
+    // -- the send side, written by the loop half (here, not in an allocation of its own:
+    // one `Arc` per port less) --
+    /// A sender waits for the output to drain below the send low watermark.  `SeqCst`:
+    /// the WRITABLE handshake (Dekker's, as `core.rs` describes it): the loop half stores
+    /// it, then loads the port's `bytes_out`; the I/O thread stores `bytes_out`, then
+    /// loads it - one of the two sees the other.
+    send_blocked: AtomicBool,
+    /// Bytes the owner queued for output, ever.  `SeqCst`: stored before the send is
+    /// submitted; the I/O thread loads it after its `bytes_out` store (the handshake
+    /// above), so the backlog it computes is never less than what was queued by then.
+    queued_bytes: AtomicU64,
 }
 
 impl Window {
@@ -451,6 +463,8 @@ impl Window {
             delivered_messages: AtomicU64::new(0),
             pause_generation: AtomicU64::new(0),
             global_paused: AtomicBool::new(false),
+            send_blocked: AtomicBool::new(false),
+            queued_bytes: AtomicU64::new(0),
         }
     }
 
@@ -493,6 +507,41 @@ impl Window {
         if let Some(counters) = self.counters() {
             counters.queued(bytes);
         }
+    }
+
+    /// **Either half.**  Bytes the owner queued for output, ever (`SeqCst`: see the
+    /// field).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::SeqCst)
+    }
+
+    /// **Loop half.**  The owner's `queued_bytes` counter is now `value` (it only grows:
+    /// a Python loop half assigns the sum before it submits the send); the growth is
+    /// counted by the loop's counters, for the budget, before the send can be written
+    /// and subtracted.
+    pub fn set_queued_bytes(&self, value: u64) {
+        // The loop half is the only writer: the swap returns its own last store.
+        let before = self.queued_bytes.swap(value, Ordering::SeqCst);
+        self.queued_output(value.wrapping_sub(before));
+    }
+
+    /// **Loop half.**  The owner queues `bytes` more output (before it submits the
+    /// send), counted for the budget as [`Window::set_queued_bytes`] does.
+    pub fn add_queued_bytes(&self, bytes: u64) {
+        self.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        self.queued_output(bytes);
+    }
+
+    /// **Either half.**  A sender waits for the output to drain (`SeqCst`: the WRITABLE
+    /// handshake, see the field).
+    pub fn send_blocked(&self) -> bool {
+        self.send_blocked.load(Ordering::SeqCst)
+    }
+
+    /// **Loop half.**  A sender waits for the output to drain, or no longer does
+    /// (`SeqCst`: stored before the loop half loads `bytes_out`).
+    pub fn set_send_blocked(&self, blocked: bool) {
+        self.send_blocked.store(blocked, Ordering::SeqCst);
     }
 
     /// **Loop half.**  The owner's `consumed_messages` counter is now `value`.
