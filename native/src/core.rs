@@ -530,14 +530,34 @@ struct Stream {
     close_pending: bool,
     /// `linger`: how long a close may wait for the queued output.
     linger: Option<Duration>,
-    /// A close waits for the output until then (its entry in `IoThread::lingering`).
-    linger_deadline: Option<Instant>,
     /// The port's framer (None: raw), boxed: 144 bytes inline in every stream, raw or
     /// not, against 8.
     framer: Option<Box<crate::framing::Framer>>,
+    /// What only some streams need (a linger deadline, packets held), boxed when first
+    /// needed: 48 bytes inline in every stream against 8.
+    rare: Option<Box<StreamRare>>,
+}
+
+/// The part of a [`Stream`] that only some streams use.
+#[derive(Default)]
+struct StreamRare {
+    /// A close waits for the output until then (its entry in `IoThread::lingering`).
+    linger_deadline: Option<Instant>,
     /// Packets decoded beyond the active credit, in order, with their charges, for the
     /// next grants (the socket is not read while any is held: `flow.rs`, the active credit).
     held: VecDeque<(Payload, u64)>,
+}
+
+impl Stream {
+    /// Its rare part, made if it has none yet.
+    fn rare(&mut self) -> &mut StreamRare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Its linger deadline, if a close waits for the output.
+    fn linger_deadline(&self) -> Option<Instant> {
+        self.rare.as_ref().and_then(|rare| rare.linger_deadline)
+    }
 }
 
 struct Listener {
@@ -1344,7 +1364,7 @@ impl IoThread {
         for (index, payload) in messages.enumerate() {
             let charge = self.charges[index];
             if index >= read.deliver {
-                s.held.push_back((payload, charge));
+                s.rare().held.push_back((payload, charge));
             } else if let Some(staged) = self.staged.get_mut(inbox) {
                 staged.push(packet_event(&port, payload, charge, overhead));
             }
@@ -1372,14 +1392,15 @@ impl IoThread {
     /// credit goes (`ReceiveFlow::grant_held`); the socket is read again only once none is
     /// held.
     fn deliver_held(&mut self, s: &mut Stream) {
-        let count = s.flow.grant_held().min(s.held.len());
+        let Some(rare) = s.rare.as_mut() else { return };
+        let count = s.flow.grant_held().min(rare.held.len());
         let Some(port) = s.port.clone() else { return };
         if count == 0 {
             return;
         }
         self.charges.clear();
         let overhead = s.flow.packet_overhead();
-        for (payload, charge) in s.held.drain(..count) {
+        for (payload, charge) in rare.held.drain(..count) {
             self.charges.push(charge);
             if let Some(staged) = self.staged.get_mut(s.conn.inbox) {
                 staged.push(packet_event(&port, payload, charge, overhead));
@@ -1554,9 +1575,9 @@ impl IoThread {
         if let (Some(deadline), None) = (
             s.linger
                 .and_then(|linger| Instant::now().checked_add(linger)),
-            s.linger_deadline,
+            s.linger_deadline(),
         ) {
-            s.linger_deadline = Some(deadline);
+            s.rare().linger_deadline = Some(deadline);
             self.lingering.push((deadline, s.conn.slot, s.conn.id));
         }
         // Closing reads on whatever its active mode (what arrives is dropped), so that a
@@ -1579,7 +1600,9 @@ impl IoThread {
             self.lingering.swap_remove(index);
             match self.table.get_mut(slot).and_then(|e| e.take()) {
                 Some(Entry::Stream(mut s)) if s.conn.id == id => {
-                    s.linger_deadline = None;
+                    if let Some(rare) = s.rare.as_mut() {
+                        rare.linger_deadline = None;
+                    }
                     self.reset(&mut s);
                 }
                 Some(entry) => self.put(entry),
@@ -1624,9 +1647,10 @@ impl IoThread {
         // What the framer and the held packets hold leaves the budget, and so does a pause.
         let framer = s.framer.take().map_or(0, |f| f.buffered());
         s.flow.close(&mut self.budget, framer);
-        s.held.clear();
+        // (The held packets go with the rare part.)
+        let rare = s.rare.take();
         s.conn.framing_bytes.store(0, Ordering::Relaxed);
-        if s.linger_deadline.take().is_some() {
+        if rare.is_some_and(|rare| rare.linger_deadline.is_some()) {
             let id = s.conn.id;
             self.lingering.retain(|(_, _, other)| *other != id);
         }
@@ -1761,12 +1785,11 @@ impl IoThread {
             shutdown_pending: false,
             close_pending: false,
             linger: options.linger,
-            linger_deadline: None,
             framer: options
                 .framing
                 .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok())
                 .map(Box::new),
-            held: VecDeque::new(),
+            rare: None,
         });
         if done && !self.finish_connect(&mut s) {
             return;
@@ -1988,13 +2011,12 @@ impl IoThread {
                 shutdown_pending: false,
                 close_pending: false,
                 linger: l.options.linger,
-                linger_deadline: None,
                 framer: l
                     .options
                     .framing
                     .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok())
                     .map(Box::new),
-                held: VecDeque::new(),
+                rare: None,
             })));
             if l.credit > 0 {
                 l.credit -= 1;

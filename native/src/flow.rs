@@ -697,9 +697,9 @@ pub struct Delivered {
 /// Owned by the I/O thread.
 #[derive(Debug)]
 pub struct ReceiveFlow {
+    /// The port's window; its watermarks were configured before this was made, and are
+    /// read from it at each check point (not copied here: 32 bytes a port).
     window: Arc<Window>,
-    /// The window's watermarks (configured before this was made).
-    marks: Watermarks,
     token: Token,
     /// Bytes charged per packet beyond its own ([`PACKET_OVERHEAD`] for a framed port of
     /// this process, 0 for a raw one or a daemon's).
@@ -734,7 +734,6 @@ impl ReceiveFlow {
         let watermarks = window.watermarks();
         ReceiveFlow {
             window,
-            marks: watermarks,
             token,
             packet_overhead,
             delivered_bytes: 0,
@@ -917,7 +916,7 @@ impl ReceiveFlow {
     /// More delivered and not taken than a high watermark allows.
     pub fn over_high(&self) -> bool {
         let (taken_bytes, taken_messages) = self.window.consumed();
-        let marks = self.marks;
+        let marks = self.window.watermarks();
         self.delivered_bytes.saturating_sub(taken_bytes) > marks.high_bytes
             || self.delivered_messages.saturating_sub(taken_messages) > marks.high_messages
     }
@@ -926,7 +925,7 @@ impl ReceiveFlow {
     /// move the check point to what was taken plus the high watermarks.
     fn check(&mut self) -> bool {
         let (taken_bytes, taken_messages) = self.window.consumed();
-        let marks = self.marks;
+        let marks = self.window.watermarks();
         if self.delivered_bytes.saturating_sub(taken_bytes) > marks.high_bytes
             || self.delivered_messages.saturating_sub(taken_messages) > marks.high_messages
         {
