@@ -110,8 +110,9 @@ const WAKE: Token = Token(usize::MAX);
 pub struct PyTarget {
     /// The object events are delivered to.
     pub obj: Py<PyAny>,
-    /// A listener's `make_port(conn, local, remote)`.
-    pub make_port: Option<Py<PyAny>>,
+    /// A listener's: how each accepted connection's loop half is made (boxed: only a
+    /// listener has it, and every port has a target).
+    pub make_port: Option<Box<MakePort>>,
     /// A port's flow-control window: the drain that hands the port a message marks its
     /// parked task woken ([`flow::Window::task_woken`]).
     pub window: Option<Arc<flow::Window>>,
@@ -122,6 +123,15 @@ pub struct PyTarget {
     /// the owner (`Error`, then `Closed`) and drops what comes for the port after it.
     /// Relaxed: written and read by that one loop's drains only.
     pub failed: AtomicBool,
+}
+
+/// A listener's recipe for the loop half of each connection it accepts.
+pub struct MakePort {
+    /// `make_port(conn, local, remote)`.
+    pub make: Py<PyAny>,
+    /// The listener's receive watermarks: each accepted port's window is configured with
+    /// them (by the drain, before the port's owner can use it).
+    pub watermarks: flow::Watermarks,
 }
 
 /// A shared reference to a [`PyTarget`]; its last clone is dropped by a drain.
@@ -191,10 +201,12 @@ pub struct ConnShared {
     pub id: u64,
     /// The port table's slot (the mio token).
     pub slot: usize,
-    /// The owning loop's inbox.
-    pub inbox: usize,
-    /// The watermarks (for `drained`).
-    pub flow: Flow,
+    /// The owning loop's inbox (its index; `u32` to pack with the flags: 8 bytes less a
+    /// port).
+    inbox: u32,
+    /// Output below which a blocked sender is told WRITABLE, bytes (`Flow::send_low`;
+    /// the receive watermarks are the window's).
+    pub send_low: u64,
     /// The window (`ioserver._flow.Window`: its receive and send sides), once the loop
     /// half is attached.
     pub window: OnceLock<Arc<flow::Window>>,
@@ -219,12 +231,13 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
-    fn new(id: u64, slot: usize, inbox: usize, flow: Flow) -> Self {
+    fn new(id: u64, slot: usize, inbox: usize, send_low: u64) -> Self {
         ConnShared {
             id,
             slot,
-            inbox,
-            flow,
+            // (An inbox is a loop of this process: far fewer than 2^32.)
+            inbox: inbox as u32,
+            send_low,
             window: OnceLock::new(),
             closed: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
@@ -236,6 +249,11 @@ impl ConnShared {
             packets_too_large: AtomicU64::new(0),
             framing_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// The owning loop's inbox.
+    pub fn inbox(&self) -> usize {
+        self.inbox as usize
     }
 
     /// The receive window, once the loop half is attached.
@@ -515,7 +533,6 @@ struct Stream {
     outq: VecDeque<HeldBytes>,
     /// Bytes of the first queued buffer already written.
     head: usize,
-    out_bytes: u64,
     /// A connect in progress: the request to answer and the address (boxed: 40 bytes
     /// inline in every stream, against 8, for what only a connecting one has).
     connecting: Option<Box<(Target, Address)>>,
@@ -552,6 +569,18 @@ impl Stream {
     /// Its rare part, made if it has none yet.
     fn rare(&mut self) -> &mut StreamRare {
         self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Bytes queued and not written: the port's `out_bytes`, kept there only (this
+    /// thread is its one writer, so a `Relaxed` load reads back its own last store).
+    fn out_bytes(&self) -> u64 {
+        self.conn.out_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Set the bytes queued and not written (`Relaxed`: read for statistics by the loop,
+    /// ordered with nothing else, as the other counters of [`ConnShared`]).
+    fn set_out_bytes(&self, bytes: u64) {
+        self.conn.out_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Its linger deadline, if a close waits for the output.
@@ -890,7 +919,7 @@ impl IoThread {
 
     fn new_conn(&mut self, slot: usize, inbox: usize, flow: Flow) -> Arc<ConnShared> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        Arc::new(ConnShared::new(id, slot, inbox, flow))
+        Arc::new(ConnShared::new(id, slot, inbox, flow.send_low))
     }
 
     /// Take the entry `conn` names out of the table (to act on it with `&mut self`);
@@ -984,8 +1013,7 @@ impl IoThread {
                 Some(Entry::Stream(mut s))
                     if !(s.write_closed || s.shutdown_pending || s.close_pending) =>
                 {
-                    s.out_bytes += bytes.len() as u64;
-                    s.conn.out_bytes.store(s.out_bytes, Ordering::Relaxed);
+                    s.set_out_bytes(s.out_bytes() + bytes.len() as u64);
                     s.outq.push_back(bytes);
                     if !s.dirty && s.connecting.is_none() {
                         s.dirty = true;
@@ -998,7 +1026,7 @@ impl IoThread {
                         self.put(entry);
                     }
                     self.budget.discarded(bytes.len() as u64);
-                    self.release_bytes(conn.inbox, bytes);
+                    self.release_bytes(conn.inbox(), bytes);
                 }
             },
             Command::Close(conn) => match self.take(&conn) {
@@ -1028,7 +1056,7 @@ impl IoThread {
                         Entry::Listener(l) => Some(l.port.clone()),
                     };
                     if let Some(port) = port {
-                        self.stage(conn.inbox, Event::Aborted(port, reason));
+                        self.stage(conn.inbox(), Event::Aborted(port, reason));
                     }
                     self.close(entry);
                 }
@@ -1054,7 +1082,7 @@ impl IoThread {
                     if s.flow.set_active((credit, notify)) {
                         if let Some(port) = &s.port {
                             let port = port.clone();
-                            self.stage(s.conn.inbox, Event::Passive(port));
+                            self.stage(s.conn.inbox(), Event::Passive(port));
                         }
                     }
                     self.deliver_held(&mut s);
@@ -1066,7 +1094,7 @@ impl IoThread {
                         flow::apply_active_mode(l.credit, l.notify, (credit, notify));
                     if l.notify && l.credit == 0 {
                         let port = l.port.clone();
-                        self.stage(l.conn.inbox, Event::Passive(port));
+                        self.stage(l.conn.inbox(), Event::Passive(port));
                     }
                     if l.credit != 0 && l.readable && !l.in_ready {
                         l.in_ready = true;
@@ -1123,7 +1151,7 @@ impl IoThread {
                     if let Some(entry) = other {
                         self.put(entry);
                     }
-                    self.release_target(conn.inbox, port);
+                    self.release_target(conn.inbox(), port);
                 }
             },
             Command::Connect {
@@ -1259,7 +1287,7 @@ impl IoThread {
                 if !s.close_pending {
                     if let Some(port) = &s.port {
                         let port = port.clone();
-                        self.stage(s.conn.inbox, Event::Eof(port));
+                        self.stage(s.conn.inbox(), Event::Eof(port));
                     }
                 }
                 // A close pending still flushes what is queued (the peer's half-close
@@ -1292,7 +1320,7 @@ impl IoThread {
                 if s.framer.is_some() {
                     return self.read_framed(s, port, n);
                 }
-                self.stage(s.conn.inbox, Event::Data(port, self.buffer[..n].to_vec()));
+                self.stage(s.conn.inbox(), Event::Data(port, self.buffer[..n].to_vec()));
                 // Counted after the event is staged: the loop's handshake reads the
                 // delivered counters after the consumed counters it wrote.
                 let delivered = s.flow.deliver(&mut self.budget, &[n as u64]);
@@ -1343,20 +1371,20 @@ impl IoThread {
                     crate::framing::FrameError::Malformed(_) => libc::EPROTO,
                 };
                 let text = error.to_string();
-                self.stage(s.conn.inbox, Event::FrameError(port, errno, text));
+                self.stage(s.conn.inbox(), Event::FrameError(port, errno, text));
                 self.broken(s, errno);
                 return false;
             }
             Err(ReadFault::BufferLimit(exceeded)) => {
                 let text = exceeded.to_string();
-                self.stage(s.conn.inbox, Event::FrameError(port, libc::ENOBUFS, text));
+                self.stage(s.conn.inbox(), Event::FrameError(port, libc::ENOBUFS, text));
                 self.broken(s, libc::ENOBUFS);
                 return false;
             }
             Ok(read) => read,
         };
         let overhead = s.flow.packet_overhead();
-        let inbox = s.conn.inbox;
+        let inbox = s.conn.inbox();
         let mode = framer.mode();
         // The read's messages: its packets, then a resp protocol error (the port's last).
         let packets = self.packets.iter().map(|packet| Payload::of(packet, mode));
@@ -1380,7 +1408,7 @@ impl IoThread {
         if delivered.send_passive {
             if let Some(port) = &s.port {
                 let port = port.clone();
-                self.stage(s.conn.inbox, Event::Passive(port));
+                self.stage(s.conn.inbox(), Event::Passive(port));
             }
         }
         if delivered.over_high {
@@ -1402,7 +1430,7 @@ impl IoThread {
         let overhead = s.flow.packet_overhead();
         for (payload, charge) in rare.held.drain(..count) {
             self.charges.push(charge);
-            if let Some(staged) = self.staged.get_mut(s.conn.inbox) {
+            if let Some(staged) = self.staged.get_mut(s.conn.inbox()) {
                 staged.push(packet_event(&port, payload, charge, overhead));
             }
         }
@@ -1500,14 +1528,13 @@ impl IoThread {
             // bytes_out (the WRITABLE handshake; all SeqCst).
             let out = s.conn.bytes_out.fetch_add(total, Ordering::SeqCst) + total;
             self.budget.wrote(total);
-            s.conn.out_bytes.store(s.out_bytes, Ordering::Relaxed);
             // (The window is set before the port's `Attach` or `Connect` reaches here.)
             if let (Some(window), Some(port)) = (s.conn.window.get(), &s.port) {
                 if window.send_blocked()
-                    && window.queued_bytes().saturating_sub(out) <= s.conn.flow.send_low
+                    && window.queued_bytes().saturating_sub(out) <= s.conn.send_low
                 {
                     let port = port.clone();
-                    self.stage(s.conn.inbox, Event::Writable(port));
+                    self.stage(s.conn.inbox(), Event::Writable(port));
                 }
             }
         }
@@ -1526,14 +1553,14 @@ impl IoThread {
     /// Pop what a write of `sent` bytes took from the queue, and every zero-length buffer
     /// at its head (a write of nothing returns 0: such a head must not stall the loop).
     fn consume_output(&mut self, s: &mut Stream, mut sent: usize) {
-        s.out_bytes -= sent as u64;
+        s.set_out_bytes(s.out_bytes() - sent as u64);
         while let Some(first) = s.outq.front() {
             let left = first.len() - s.head;
             if left == 0 || (sent > 0 && sent >= left) {
                 sent -= left;
                 s.head = 0;
                 if let Some(done) = s.outq.pop_front() {
-                    self.release_bytes(s.conn.inbox, done);
+                    self.release_bytes(s.conn.inbox(), done);
                 }
             } else {
                 s.head += sent;
@@ -1626,7 +1653,7 @@ impl IoThread {
         if let Some(port) = &s.port {
             if !s.close_pending {
                 let port = port.clone();
-                self.stage(s.conn.inbox, Event::Broken(port, errno));
+                self.stage(s.conn.inbox(), Event::Broken(port, errno));
             }
         }
         self.close_stream(s);
@@ -1637,13 +1664,12 @@ impl IoThread {
         s.conn.closed.store(true, Ordering::SeqCst);
         let _ = self.poll.registry().deregister(&mut s.sock);
         // The socket closes when the entry is dropped; what it holds goes back to Python.
-        let inbox = s.conn.inbox;
-        self.budget.discarded(s.out_bytes);
+        let inbox = s.conn.inbox();
+        self.budget.discarded(s.out_bytes());
         while let Some(bytes) = s.outq.pop_front() {
             self.release_bytes(inbox, bytes);
         }
-        s.out_bytes = 0;
-        s.conn.out_bytes.store(0, Ordering::Relaxed);
+        s.set_out_bytes(0);
         // What the framer and the held packets hold leaves the budget, and so does a pause.
         let framer = s.framer.take().map_or(0, |f| f.buffered());
         s.flow.close(&mut self.budget, framer);
@@ -1721,9 +1747,9 @@ impl IoThread {
                 // closed: `closed` then says both are done.
                 drop(sock);
                 conn.closed.store(true, Ordering::SeqCst);
-                self.release_target(conn.inbox, port);
+                self.release_target(conn.inbox(), port);
                 if let Some(local) = local {
-                    self.release_target(conn.inbox, local);
+                    self.release_target(conn.inbox(), local);
                 }
                 self.free_slot(conn.slot);
             }
@@ -1774,7 +1800,6 @@ impl IoThread {
             flow: ReceiveFlow::new(receive, slot, options.active, overhead),
             outq: VecDeque::new(),
             head: 0,
-            out_bytes: 0,
             connecting: Some(Box::new((request, address))),
             readable: false,
             hangup: false,
@@ -1812,7 +1837,7 @@ impl IoThread {
         let Some((request, address)) = s.connecting.take().map(|c| *c) else {
             return true;
         };
-        let inbox = s.conn.inbox;
+        let inbox = s.conn.inbox();
         if let Some(errno) = failed {
             self.stage(inbox, Event::ConnectFailed(request, errno, address));
             if let Some(port) = s.port.take() {
@@ -1920,7 +1945,7 @@ impl IoThread {
     }
 
     fn accept(&mut self, l: &mut Listener) {
-        let inbox = l.conn.inbox;
+        let inbox = l.conn.inbox();
         for _ in 0..ACCEPT_BATCH {
             if l.credit == 0 || l.exhausted {
                 return;
@@ -1996,7 +2021,6 @@ impl IoThread {
                 flow: ReceiveFlow::new(Arc::clone(&self.unattached), slot, l.options.active, 0),
                 outq: VecDeque::new(),
                 head: 0,
-                out_bytes: 0,
                 connecting: None,
                 // Not readable until an edge says so: epoll reports data already there when
                 // the socket is registered.  (Assuming it readable would let a read land
@@ -2060,14 +2084,14 @@ impl IoThread {
                             // An owner that did not close its port hears of the stop once.
                             if let (false, Some(port)) = (s.close_pending, &s.port) {
                                 let port = port.clone();
-                                self.stage(s.conn.inbox, Event::Shutdown(port));
+                                self.stage(s.conn.inbox(), Event::Shutdown(port));
                             }
                             self.close_stream(&mut s)
                         }
                     },
                     Entry::Listener(l) => {
                         let port = l.port.clone();
-                        self.stage(l.conn.inbox, Event::Shutdown(port));
+                        self.stage(l.conn.inbox(), Event::Shutdown(port));
                         self.close(Entry::Listener(l))
                     }
                 }
@@ -2088,9 +2112,9 @@ impl IoThread {
             }
             Command::Send(conn, bytes) => {
                 self.budget.discarded(bytes.len() as u64);
-                self.release_bytes(conn.inbox, bytes)
+                self.release_bytes(conn.inbox(), bytes)
             }
-            Command::Attach(conn, port, _) => self.release_target(conn.inbox, port),
+            Command::Attach(conn, port, _) => self.release_target(conn.inbox(), port),
             Command::DecodeFailed(port, inbox) => self.release_target(inbox, port),
             Command::Connect {
                 request,

@@ -223,10 +223,9 @@ pub struct Watermarks {
     pub high_bytes: u64,
     /// Resume once at most this many are.
     pub low_bytes: u64,
-    /// Pause reading when more than this many messages are delivered and not taken.
+    /// Pause reading when more than this many messages are delivered and not taken
+    /// (resume once at most [`Watermarks::low_messages`] are).
     pub high_messages: u64,
-    /// Resume once at most this many are (half the high one, as `configure_flow`).
-    pub low_messages: u64,
 }
 
 impl Watermarks {
@@ -237,8 +236,15 @@ impl Watermarks {
             high_bytes,
             low_bytes,
             high_messages,
-            low_messages: high_messages / 2,
         }
+    }
+
+    /// Resume once at most this many messages are delivered and not taken: half the high
+    /// watermark, as `configure_flow` (computed, not stored: every port's window holds
+    /// its watermarks, and 8 bytes less keeps it in a smaller allocation).  For
+    /// [`Watermarks::NONE`], `NO_LIMIT / 2`: as unreachable as `NO_LIMIT`.
+    pub fn low_messages(&self) -> u64 {
+        self.high_messages / 2
     }
 
     /// No watermark (a port not configured yet: a listener's, say).
@@ -246,7 +252,6 @@ impl Watermarks {
         high_bytes: NO_LIMIT,
         low_bytes: NO_LIMIT,
         high_messages: NO_LIMIT,
-        low_messages: NO_LIMIT,
     };
 }
 
@@ -620,7 +625,7 @@ impl Window {
     pub fn drained(&self) -> bool {
         let (bytes, messages) = self.buffered();
         let marks = self.watermarks();
-        bytes <= marks.low_bytes && messages <= marks.low_messages
+        bytes <= marks.low_bytes && messages <= marks.low_messages()
     }
 
     /// **Either half.**  The pause generation (statistics, the loop half's checks).
@@ -713,7 +718,9 @@ pub struct ReceiveFlow {
     msgq_paused: bool,
     credit: i64,
     notify_passive: bool,
-    held_count: usize,
+    /// Packets held past the credit: at most one read's packets (the socket is not read
+    /// while any is held), so `u32` (it packs with the flags: 8 bytes less a port).
+    held_count: u32,
     held_bytes: u64,
     /// Receive pauses, for statistics (the watermarks' and the budget's).
     pub pauses: u64,
@@ -800,7 +807,7 @@ impl ReceiveFlow {
 
     /// Packets held past the credit, and their charge in bytes.
     pub fn held(&self) -> (usize, u64) {
-        (self.held_count, self.held_bytes)
+        (self.held_count as usize, self.held_bytes)
     }
 
     /// Bytes and messages delivered, ever.
@@ -850,7 +857,7 @@ impl ReceiveFlow {
     /// framing bytes until a grant delivers them.
     pub fn hold(&mut self, budget: &mut Budget, charges: &[u64]) {
         let size: u64 = charges.iter().sum();
-        self.held_count += charges.len();
+        self.held_count += charges.len() as u32;
         self.held_bytes += size;
         let charges_ = &budget.charges;
         charges_.set_framing(charges_.framing() + size);
@@ -863,9 +870,9 @@ impl ReceiveFlow {
     /// calls [`ReceiveFlow::unhold`] with their charges, then delivers them.
     pub fn grant_held(&self) -> usize {
         if self.credit < 0 {
-            self.held_count
+            self.held_count as usize
         } else {
-            self.held_count.min(self.credit as usize)
+            (self.held_count as usize).min(self.credit as usize)
         }
     }
 
@@ -873,7 +880,7 @@ impl ReceiveFlow {
     pub fn unhold(&mut self, budget: &mut Budget, charges: &[u64]) {
         let size: u64 = charges.iter().sum();
         // (Saturating: a caller's slip must not panic the I/O thread.)
-        self.held_count = self.held_count.saturating_sub(charges.len());
+        self.held_count = self.held_count.saturating_sub(charges.len() as u32);
         self.held_bytes = self.held_bytes.saturating_sub(size);
         let charges_ = &budget.charges;
         charges_.set_framing(charges_.framing().saturating_sub(size));

@@ -17,7 +17,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::core::uring::{self, Backend};
 use crate::core::{
-    Command, ConnShared, Event, Flow, IoThread, Payload, PyTarget, Shared, StreamOptions,
+    Command, ConnShared, Event, Flow, IoThread, MakePort, Payload, PyTarget, Shared, StreamOptions,
 };
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
@@ -659,6 +659,8 @@ impl Inbox {
                 let Some(make_port) = &listener.make_port else {
                     return Err(PyRuntimeError::new_err("a listener without make_port"));
                 };
+                let watermarks = make_port.watermarks;
+                let make_port = &make_port.make;
                 let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
                 let made = make_port.bind(py).call1((handle, local, remote.clone()));
                 let port = match made {
@@ -674,7 +676,7 @@ impl Inbox {
                     // Configured here, on the loop's thread, before the owner can use it.
                     let shared = &window.get().shared;
                     let counters = Arc::clone(&self.counters);
-                    shared.configure(conn.flow.watermarks, counters);
+                    shared.configure(watermarks, counters);
                     let _ = conn.window.set(Arc::clone(shared));
                     port_target(port.clone().unbind(), &window)
                 };
@@ -1320,7 +1322,10 @@ impl Core {
             request: target(request),
             listener: Arc::new(PyTarget {
                 obj: listener,
-                make_port: Some(make_port),
+                make_port: Some(Box::new(MakePort {
+                    make: make_port,
+                    watermarks: options.flow.watermarks,
+                })),
                 window: None,
                 sizes: None,
                 failed: AtomicBool::new(false),
@@ -1437,7 +1442,10 @@ impl Core {
             request: target(request),
             listener: Arc::new(PyTarget {
                 obj: listener,
-                make_port: Some(make_port),
+                make_port: Some(Box::new(MakePort {
+                    make: make_port,
+                    watermarks: options.flow.watermarks,
+                })),
                 window: None,
                 sizes: None,
                 failed: AtomicBool::new(false),
