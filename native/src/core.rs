@@ -2186,3 +2186,37 @@ fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64) -> 
         object => Event::Object(port.clone(), object, charge),
     }
 }
+
+/// The sizes of a port's native state (issue 14: ioserver's own memory per idle
+/// connection).  Each is an allocation of its own - the boxed [`Stream`], and in their
+/// `Arc`s (16 bytes of counts more) [`ConnShared`], the [`flow::Window`] and the
+/// [`PyTarget`] - which glibc rounds up to 16 bytes with an 8-byte header: a field that
+/// pushes one past these bounds costs 16 bytes a connection.
+#[cfg(all(test, target_os = "linux", target_pointer_width = "64"))]
+mod size_tests {
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn a_ports_native_state_stays_within_its_allocation_size_classes() {
+        // (Stream: 240-byte chunks; ConnShared, Window: 128 with their Arc counts;
+        // PyTarget: 64.)
+        assert!(
+            size_of::<Stream>() <= 232,
+            "Stream: {}",
+            size_of::<Stream>()
+        );
+        assert!(
+            size_of::<ConnShared>() <= 104,
+            "ConnShared: {}",
+            size_of::<ConnShared>()
+        );
+        let window = size_of::<flow::Window>();
+        assert!(window <= 104, "flow::Window: {window}");
+        assert!(
+            size_of::<PyTarget>() <= 40,
+            "PyTarget: {}",
+            size_of::<PyTarget>()
+        );
+    }
+}
