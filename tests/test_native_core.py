@@ -355,6 +355,29 @@ async def test_an_idle_port_keeps_no_buffer_it_does_not_use(ios: ioserver.IOServ
         await server.aclose()
 
 
+@pytest.mark.every_core
+async def test_a_port_owned_by_a_mailbox_has_no_buffer_list(ios: ioserver.IOServer) -> None:
+    """A port whose messages go to its owner mailbox never buffers one: it has no list
+    for them (the shared empty tuple; issue 14, 56 bytes an idle connection), until a
+    message stays in the port - then, and for a task that waits on it, a list."""
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        assert server._buffer == ()
+        mailbox = ports.Mailbox()
+        server.set_owner(mailbox)
+        await client.send(b"x")
+        with anyio.fail_after(5):
+            assert await mailbox.receive() == (server, Data(b"x"))
+        assert server._buffer == ()
+        server.set_owner(None)
+        await client.send(b"y")
+        assert await server.receive() == Data(b"y")  # (a list made for it)
+        assert server._buffer == []
+        await server.aclose()
+        mailbox.close()
+
+
 async def test_a_raw_ports_native_window_has_no_slot_of_its_own(no_leaks: None) -> None:
     """A raw port's native window keeps ``framer``, ``packet_overhead`` and ``sizes`` as
     class attributes (None, 0, None), not in slots: the Rust counters and the object's
