@@ -147,8 +147,10 @@ class _PortBase(Source):
         # A list, not a deque: an empty list holds no item array (56 bytes against a
         # deque's 760, which it keeps), and a port's buffer is short - bounded by its
         # receive watermarks (high_msgq_messages), a listener's by the descriptors it
-        # may accept - so pop(0) moves few pointers.
-        self._buffer: list[Message] = []
+        # may accept - so pop(0) moves few pointers.  No list at all until the first
+        # message stays in the port or a task waits on it: the empty tuple (shared) - a
+        # port whose owner is a mailbox never buffers (56 bytes a port less).
+        self._buffer: list[Message] | tuple[()] = ()
         self._waiter: Any = None
         # The tasks selecting on this port: an empty tuple (shared) until the first.
         self._select_waiters: list[Waiter] | tuple[()] = ()
@@ -254,7 +256,11 @@ class _PortBase(Source):
                 return
             owner.send_nowait((self, message))
             return
-        self._buffer.append(message)
+        buffer = self._buffer
+        if isinstance(buffer, list):
+            buffer.append(message)
+        else:
+            self._buffer = [message]
         waiter = self._waiter
         if waiter is not None:
             # Hub.wake, inlined (the hot path of every message).
@@ -280,7 +286,8 @@ class _PortBase(Source):
 
     # -- receiving ----------------------------------------------------------------------
     def _take(self) -> Message:
-        message = self._buffer.pop(0)
+        # (Called with a message buffered: the buffer is a list.)
+        message = self._buffer.pop(0)  # type: ignore[union-attr]
         if message.__class__ is Data:
             self._took_data(message.data)
         elif message.__class__ is Closed:
@@ -360,6 +367,9 @@ class _PortBase(Source):
         if not buffer:
             if self._waiter is not None:
                 raise BusyPortError("receiving")
+            if not isinstance(buffer, list):
+                # The list the messages it waits for go to (this frame keeps it).
+                buffer = self._buffer = []
             while not buffer:
                 if self._closed or self._ended or self._credit == 0 or self._owner is not None:
                     self._check_can_wait(end)
@@ -513,8 +523,10 @@ class _PortBase(Source):
         if self._closed:
             return
         self._closed = True
-        messages = self._buffer[:]
-        self._buffer.clear()
+        buffer = self._buffer
+        messages = buffer[:]
+        if isinstance(buffer, list):
+            buffer.clear()
         for message in messages:
             if message.__class__ is Data:
                 self._took_data(message.data)

@@ -355,6 +355,58 @@ async def test_an_idle_port_keeps_no_buffer_it_does_not_use(ios: ioserver.IOServ
         await server.aclose()
 
 
+@pytest.mark.every_core
+async def test_a_port_owned_by_a_mailbox_has_no_buffer_list(ios: ioserver.IOServer) -> None:
+    """A port whose messages go to its owner mailbox never buffers one: it has no list
+    for them (the shared empty tuple; issue 14, 56 bytes an idle connection), until a
+    message stays in the port - then, and for a task that waits on it, a list."""
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        assert server._buffer == ()
+        mailbox = ports.Mailbox()
+        server.set_owner(mailbox)
+        await client.send(b"x")
+        with anyio.fail_after(5):
+            assert await mailbox.receive() == (server, Data(b"x"))
+        assert server._buffer == ()
+        server.set_owner(None)
+        await client.send(b"y")
+        assert await server.receive() == Data(b"y")  # (a list made for it)
+        assert server._buffer == []
+        await server.aclose()
+        mailbox.close()
+
+
+async def test_a_raw_ports_native_window_has_no_slot_of_its_own(no_leaks: None) -> None:
+    """A raw port's native window keeps ``framer``, ``packet_overhead`` and ``sizes`` as
+    class attributes (None, 0, None), not in slots: the Rust counters and the object's
+    header only (issue 14, memory per idle connection: 40 bytes, against 64); a packet
+    port's window has them in slots, with its own ``sizes``."""
+    from ioserver._native_core import FramedNativeWindow, NativeWindow
+
+    async with ioserver.open(core="native") as ios:
+        listener, client = await pair(ios)
+        async with listener, client:
+            server = await accept(listener)
+            window = server._window
+            assert type(window) is NativeWindow
+            assert (window.framer, window.packet_overhead, window.sizes) == (None, 0, None)
+            assert sys.getsizeof(window) <= 40
+            await server.aclose()
+        listener, client = await pair(ios, packet=2)
+        async with listener, client:
+            server = await accept(listener)
+            window = server._window
+            assert type(window) is FramedNativeWindow
+            assert window.framer is not None and window.packet_overhead > 0
+            assert window.sizes is not None
+            await client.send(b"\x00\x02ab")  # (the client is raw: the header by hand)
+            assert await server.receive() == Data(b"ab")
+            assert window.consumed_bytes == 2 + window.packet_overhead
+            await server.aclose()
+
+
 async def test_accepted_ports_share_their_address_objects(no_leaks: None) -> None:
     """The native core builds an accepted connection's local address once per listener
     and the peer host's string once per host: the ports of one listener share them (they

@@ -78,7 +78,7 @@ async def test_msgpack_and_resp_ports_are_carried_by_the_native_thread(
                 assert io.ports_open == 0  # the hosted half's own count: none of these
                 for port in (listener, client, server):
                     assert type(port._conn) is _native.Conn
-                assert type(server._window).__name__ == "NativeWindow"
+                assert type(server._window).__name__ == "FramedNativeWindow"  # a packet port
                 before = core.bytes_in
                 if packet == "msgpack":
                     message: Any = {"a": [1, 2.5, None, b"\x00"], "b": "é"}

@@ -179,6 +179,7 @@
 //! | `Window::delivered_*`                    | I/O half     | loop half (resume check, statistics) |
 //! | `Window::pause_generation`               | I/O half     | loop half (step 2)                 |
 //! | `Window::global_paused`                  | I/O half     | loop half (`cmd_want`)             |
+//! | `Window::queued_bytes`, `send_blocked`   | loop half    | I/O half (WRITABLE, in `core.rs`)  |
 //! | `LoopCounters::queued_bytes`, `consumed_bytes` | loop half | I/O half (the budget)           |
 //! | `Charges` (but `pinned`)                 | I/O half     | I/O half, `statistics()`           |
 //! | `Charges::pinned`                        | both (I/O adds, loop takes off) | both            |
@@ -222,10 +223,9 @@ pub struct Watermarks {
     pub high_bytes: u64,
     /// Resume once at most this many are.
     pub low_bytes: u64,
-    /// Pause reading when more than this many messages are delivered and not taken.
+    /// Pause reading when more than this many messages are delivered and not taken
+    /// (resume once at most [`Watermarks::low_messages`] are).
     pub high_messages: u64,
-    /// Resume once at most this many are (half the high one, as `configure_flow`).
-    pub low_messages: u64,
 }
 
 impl Watermarks {
@@ -236,8 +236,15 @@ impl Watermarks {
             high_bytes,
             low_bytes,
             high_messages,
-            low_messages: high_messages / 2,
         }
+    }
+
+    /// Resume once at most this many messages are delivered and not taken: half the high
+    /// watermark, as `configure_flow` (computed, not stored: every port's window holds
+    /// its watermarks, and 8 bytes less keeps it in a smaller allocation).  For
+    /// [`Watermarks::NONE`], `NO_LIMIT / 2`: as unreachable as `NO_LIMIT`.
+    pub fn low_messages(&self) -> u64 {
+        self.high_messages / 2
     }
 
     /// No watermark (a port not configured yet: a listener's, say).
@@ -245,7 +252,6 @@ impl Watermarks {
         high_bytes: NO_LIMIT,
         low_bytes: NO_LIMIT,
         high_messages: NO_LIMIT,
-        low_messages: NO_LIMIT,
     };
 }
 
@@ -427,6 +433,17 @@ pub struct Window {
     /// Reading is paused by the budget.  `SeqCst`: stored before the I/O half loads
     /// `waiting`, loaded after the loop half stores it.
     global_paused: AtomicBool,
+    // -- the send side, written by the loop half (here, not in an allocation of its own:
+    // one `Arc` per port less) --
+    /// A sender waits for the output to drain below the send low watermark.  `SeqCst`:
+    /// the WRITABLE handshake (Dekker's, as `core.rs` describes it): the loop half stores
+    /// it, then loads the port's `bytes_out`; the I/O thread stores `bytes_out`, then
+    /// loads it - one of the two sees the other.
+    send_blocked: AtomicBool,
+    /// Bytes the owner queued for output, ever.  `SeqCst`: stored before the send is
+    /// submitted; the I/O thread loads it after its `bytes_out` store (the handshake
+    /// above), so the backlog it computes is never less than what was queued by then.
+    queued_bytes: AtomicU64,
 }
 
 impl Window {
@@ -451,6 +468,8 @@ impl Window {
             delivered_messages: AtomicU64::new(0),
             pause_generation: AtomicU64::new(0),
             global_paused: AtomicBool::new(false),
+            send_blocked: AtomicBool::new(false),
+            queued_bytes: AtomicU64::new(0),
         }
     }
 
@@ -493,6 +512,41 @@ impl Window {
         if let Some(counters) = self.counters() {
             counters.queued(bytes);
         }
+    }
+
+    /// **Either half.**  Bytes the owner queued for output, ever (`SeqCst`: see the
+    /// field).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::SeqCst)
+    }
+
+    /// **Loop half.**  The owner's `queued_bytes` counter is now `value` (it only grows:
+    /// a Python loop half assigns the sum before it submits the send); the growth is
+    /// counted by the loop's counters, for the budget, before the send can be written
+    /// and subtracted.
+    pub fn set_queued_bytes(&self, value: u64) {
+        // The loop half is the only writer: the swap returns its own last store.
+        let before = self.queued_bytes.swap(value, Ordering::SeqCst);
+        self.queued_output(value.wrapping_sub(before));
+    }
+
+    /// **Loop half.**  The owner queues `bytes` more output (before it submits the
+    /// send), counted for the budget as [`Window::set_queued_bytes`] does.
+    pub fn add_queued_bytes(&self, bytes: u64) {
+        self.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        self.queued_output(bytes);
+    }
+
+    /// **Either half.**  A sender waits for the output to drain (`SeqCst`: the WRITABLE
+    /// handshake, see the field).
+    pub fn send_blocked(&self) -> bool {
+        self.send_blocked.load(Ordering::SeqCst)
+    }
+
+    /// **Loop half.**  A sender waits for the output to drain, or no longer does
+    /// (`SeqCst`: stored before the loop half loads `bytes_out`).
+    pub fn set_send_blocked(&self, blocked: bool) {
+        self.send_blocked.store(blocked, Ordering::SeqCst);
     }
 
     /// **Loop half.**  The owner's `consumed_messages` counter is now `value`.
@@ -571,7 +625,7 @@ impl Window {
     pub fn drained(&self) -> bool {
         let (bytes, messages) = self.buffered();
         let marks = self.watermarks();
-        bytes <= marks.low_bytes && messages <= marks.low_messages
+        bytes <= marks.low_bytes && messages <= marks.low_messages()
     }
 
     /// **Either half.**  The pause generation (statistics, the loop half's checks).
@@ -648,9 +702,9 @@ pub struct Delivered {
 /// Owned by the I/O thread.
 #[derive(Debug)]
 pub struct ReceiveFlow {
+    /// The port's window; its watermarks were configured before this was made, and are
+    /// read from it at each check point (not copied here: 32 bytes a port).
     window: Arc<Window>,
-    /// The window's watermarks (configured before this was made).
-    marks: Watermarks,
     token: Token,
     /// Bytes charged per packet beyond its own ([`PACKET_OVERHEAD`] for a framed port of
     /// this process, 0 for a raw one or a daemon's).
@@ -664,7 +718,9 @@ pub struct ReceiveFlow {
     msgq_paused: bool,
     credit: i64,
     notify_passive: bool,
-    held_count: usize,
+    /// Packets held past the credit: at most one read's packets (the socket is not read
+    /// while any is held), so `u32` (it packs with the flags: 8 bytes less a port).
+    held_count: u32,
     held_bytes: u64,
     /// Receive pauses, for statistics (the watermarks' and the budget's).
     pub pauses: u64,
@@ -685,7 +741,6 @@ impl ReceiveFlow {
         let watermarks = window.watermarks();
         ReceiveFlow {
             window,
-            marks: watermarks,
             token,
             packet_overhead,
             delivered_bytes: 0,
@@ -752,7 +807,7 @@ impl ReceiveFlow {
 
     /// Packets held past the credit, and their charge in bytes.
     pub fn held(&self) -> (usize, u64) {
-        (self.held_count, self.held_bytes)
+        (self.held_count as usize, self.held_bytes)
     }
 
     /// Bytes and messages delivered, ever.
@@ -802,7 +857,7 @@ impl ReceiveFlow {
     /// framing bytes until a grant delivers them.
     pub fn hold(&mut self, budget: &mut Budget, charges: &[u64]) {
         let size: u64 = charges.iter().sum();
-        self.held_count += charges.len();
+        self.held_count += charges.len() as u32;
         self.held_bytes += size;
         let charges_ = &budget.charges;
         charges_.set_framing(charges_.framing() + size);
@@ -815,9 +870,9 @@ impl ReceiveFlow {
     /// calls [`ReceiveFlow::unhold`] with their charges, then delivers them.
     pub fn grant_held(&self) -> usize {
         if self.credit < 0 {
-            self.held_count
+            self.held_count as usize
         } else {
-            self.held_count.min(self.credit as usize)
+            (self.held_count as usize).min(self.credit as usize)
         }
     }
 
@@ -825,7 +880,7 @@ impl ReceiveFlow {
     pub fn unhold(&mut self, budget: &mut Budget, charges: &[u64]) {
         let size: u64 = charges.iter().sum();
         // (Saturating: a caller's slip must not panic the I/O thread.)
-        self.held_count = self.held_count.saturating_sub(charges.len());
+        self.held_count = self.held_count.saturating_sub(charges.len() as u32);
         self.held_bytes = self.held_bytes.saturating_sub(size);
         let charges_ = &budget.charges;
         charges_.set_framing(charges_.framing().saturating_sub(size));
@@ -868,7 +923,7 @@ impl ReceiveFlow {
     /// More delivered and not taken than a high watermark allows.
     pub fn over_high(&self) -> bool {
         let (taken_bytes, taken_messages) = self.window.consumed();
-        let marks = self.marks;
+        let marks = self.window.watermarks();
         self.delivered_bytes.saturating_sub(taken_bytes) > marks.high_bytes
             || self.delivered_messages.saturating_sub(taken_messages) > marks.high_messages
     }
@@ -877,7 +932,7 @@ impl ReceiveFlow {
     /// move the check point to what was taken plus the high watermarks.
     fn check(&mut self) -> bool {
         let (taken_bytes, taken_messages) = self.window.consumed();
-        let marks = self.marks;
+        let marks = self.window.watermarks();
         if self.delivered_bytes.saturating_sub(taken_bytes) > marks.high_bytes
             || self.delivered_messages.saturating_sub(taken_messages) > marks.high_messages
         {

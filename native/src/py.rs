@@ -17,8 +17,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::core::uring::{self, Backend};
 use crate::core::{
-    Command, ConnShared, Event, Flow, IoThread, Payload, PyTarget, Shared, StreamOptions,
-    WindowShared,
+    Command, ConnShared, Event, Flow, IoThread, MakePort, Payload, PyTarget, Shared, StreamOptions,
 };
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
@@ -47,7 +46,7 @@ fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<
         let overhead: u64 = window.getattr("packet_overhead")?.extract()?;
         (Some(sizes.getattr("append")?.unbind()), overhead)
     };
-    let receive = Arc::clone(&window.get().shared.receive);
+    let receive = Arc::clone(&window.get().shared);
     let target = Arc::new(PyTarget {
         obj: port,
         make_port: None,
@@ -169,13 +168,14 @@ fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<
 }
 
 /// The atomic counters of a port's flow-control window, written by the loop half and
-/// read by the I/O thread without the GIL (see `ioserver._flow.Window`): its receive side
-/// is a [`flow::Window`], the send side `queued_bytes` and `send_blocked`.  The loop half
+/// read by the I/O thread without the GIL (see `ioserver._flow.Window`): a
+/// [`flow::Window`], its receive side and its send side (`queued_bytes`, `send_blocked`),
+/// one allocation per port.  The loop half
 /// assigns the counters (`window.consumed_bytes += charge`); each assignment's growth is
 /// counted for the memory budget too (the loop's counters, `flow::LoopCounters`).
 #[pyclass(module = "ioserver._native", subclass, frozen)]
 pub struct WindowCounters {
-    shared: Arc<WindowShared>,
+    shared: Arc<flow::Window>,
 }
 
 #[pymethods]
@@ -184,7 +184,7 @@ impl WindowCounters {
     #[pyo3(signature = (*_args, **_kwargs))]
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
         WindowCounters {
-            shared: Arc::new(WindowShared::default()),
+            shared: Arc::new(flow::Window::unconfigured()),
         }
     }
 
@@ -194,68 +194,64 @@ impl WindowCounters {
     /// generation).  Returns the generation to ask the I/O thread to end
     /// (``cmd_resume``) if it paused reading and the owner has now taken enough, else None.
     fn took(&self, charge: u64) -> Option<u64> {
-        self.shared.receive.took(charge)
+        self.shared.took(charge)
     }
 
     /// The last pause generation the loop half asked to end (``Window.resume_due``).
     #[getter]
     fn get_resume_generation(&self) -> u64 {
-        self.shared.receive.resume_generation()
+        self.shared.resume_generation()
     }
 
     #[setter]
     fn set_resume_generation(&self, value: u64) {
-        self.shared.receive.set_resume_generation(value)
+        self.shared.set_resume_generation(value)
     }
 
     /// Bytes of input the owner took.
     #[getter]
     fn get_consumed_bytes(&self) -> u64 {
-        self.shared.receive.consumed().0
+        self.shared.consumed().0
     }
 
     #[setter]
     fn set_consumed_bytes(&self, value: u64) {
-        self.shared.receive.set_consumed_bytes(value)
+        self.shared.set_consumed_bytes(value)
     }
 
     /// Messages the owner took.
     #[getter]
     fn get_consumed_messages(&self) -> u64 {
-        self.shared.receive.consumed().1
+        self.shared.consumed().1
     }
 
     #[setter]
     fn set_consumed_messages(&self, value: u64) {
-        self.shared.receive.set_consumed_messages(value)
+        self.shared.set_consumed_messages(value)
     }
 
     /// Bytes the owner queued for output, ever.
     #[getter]
     fn get_queued_bytes(&self) -> u64 {
-        self.shared.queued_bytes.load(Ordering::SeqCst)
+        self.shared.queued_bytes()
     }
 
     /// The owner queued more (it assigns the sum before it submits the send): the growth
     /// is counted for the budget before the send can be written and subtracted.
     #[setter]
     fn set_queued_bytes(&self, value: u64) {
-        // The loop half is the only writer: the swap returns its own last store.
-        let before = self.shared.queued_bytes.swap(value, Ordering::SeqCst);
-        self.shared
-            .receive
-            .queued_output(value.wrapping_sub(before));
+        self.shared.set_queued_bytes(value);
     }
 
     /// A sender waits for the output to drain below the low watermark.
     #[getter]
     fn get_send_blocked(&self) -> bool {
-        self.shared.send_blocked.load(Ordering::SeqCst)
+        self.shared.send_blocked()
     }
 
     #[setter]
     fn set_send_blocked(&self, value: bool) {
-        self.shared.send_blocked.store(value, Ordering::SeqCst)
+        self.shared.set_send_blocked(value)
     }
 }
 
@@ -663,6 +659,8 @@ impl Inbox {
                 let Some(make_port) = &listener.make_port else {
                     return Err(PyRuntimeError::new_err("a listener without make_port"));
                 };
+                let watermarks = make_port.watermarks;
+                let make_port = &make_port.make;
                 let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
                 let made = make_port.bind(py).call1((handle, local, remote.clone()));
                 let port = match made {
@@ -678,7 +676,7 @@ impl Inbox {
                     // Configured here, on the loop's thread, before the owner can use it.
                     let shared = &window.get().shared;
                     let counters = Arc::clone(&self.counters);
-                    shared.receive.configure(conn.flow.watermarks, counters);
+                    shared.configure(watermarks, counters);
                     let _ = conn.window.set(Arc::clone(shared));
                     port_target(port.clone().unbind(), &window)
                 };
@@ -1153,15 +1151,14 @@ impl Core {
         let Some(window) = conn.shared.window.get() else {
             return Ok(false);
         };
-        let queued = window.queued_bytes.load(Ordering::SeqCst);
+        let queued = window.queued_bytes();
         let written = conn.shared.bytes_out.load(Ordering::SeqCst);
         if queued.saturating_sub(written) > high_watermark {
             return Ok(false);
         }
         let size = bytes.as_bytes().len() as u64;
-        window.queued_bytes.fetch_add(size, Ordering::SeqCst);
         // Counted for the budget before the send can be written and subtracted.
-        window.receive.queued_output(size);
+        window.add_queued_bytes(size);
         if size > 0 {
             self.put_send(Command::Send(conn.shared.clone(), HeldBytes::new(bytes)));
         }
@@ -1284,7 +1281,7 @@ impl Core {
         // Configured here, on the loop's thread, before the owner can use it.
         let shared = &window.get().shared;
         let counters = Arc::clone(&self.counters);
-        shared.receive.configure(options.flow.watermarks, counters);
+        shared.configure(options.flow.watermarks, counters);
         let (port, overhead) = port_target(port, window)?;
         self.shared.commands.put(Command::Connect {
             request: target(request),
@@ -1325,7 +1322,10 @@ impl Core {
             request: target(request),
             listener: Arc::new(PyTarget {
                 obj: listener,
-                make_port: Some(make_port),
+                make_port: Some(Box::new(MakePort {
+                    make: make_port,
+                    watermarks: options.flow.watermarks,
+                })),
                 window: None,
                 sizes: None,
                 failed: AtomicBool::new(false),
@@ -1358,7 +1358,7 @@ impl Core {
         // Configured here, on the loop's thread, before the owner can use it.
         let shared = &window.get().shared;
         let counters = Arc::clone(&self.counters);
-        shared.receive.configure(options.flow.watermarks, counters);
+        shared.configure(options.flow.watermarks, counters);
         let (port, overhead) = port_target(port, window)?;
         self.shared.commands.put(Command::Connect {
             request: target(request),
@@ -1395,7 +1395,7 @@ impl Core {
         // Configured here, on the loop's thread, before the owner can use it.
         let shared = &window.get().shared;
         let counters = Arc::clone(&self.counters);
-        shared.receive.configure(options.flow.watermarks, counters);
+        shared.configure(options.flow.watermarks, counters);
         let (port, overhead) = port_target(port, window)?;
         // Last: the socket is the native core's from here.
         let stream = std::os::unix::net::UnixStream::from(adopt_stream(sock)?);
@@ -1442,7 +1442,10 @@ impl Core {
             request: target(request),
             listener: Arc::new(PyTarget {
                 obj: listener,
-                make_port: Some(make_port),
+                make_port: Some(Box::new(MakePort {
+                    make: make_port,
+                    watermarks: options.flow.watermarks,
+                })),
                 window: None,
                 sizes: None,
                 failed: AtomicBool::new(false),
