@@ -57,6 +57,21 @@ fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<
     Ok((target, overhead))
 }
 
+/// A listener's target: the listener, and the function that makes each accepted
+/// connection's loop half, with the watermarks those ports get.
+fn listener_target(listener: Py<PyAny>, make_port: Py<PyAny>, watermarks: Watermarks) -> Target {
+    Arc::new(PyTarget {
+        obj: listener,
+        make_port: Some(Box::new(MakePort {
+            make: make_port,
+            watermarks,
+        })),
+        window: None,
+        sizes: None,
+        failed: AtomicBool::new(false),
+    })
+}
+
 type Target = Arc<PyTarget>;
 
 fn address<'py>(py: Python<'py>, address: &SocketAddr) -> PyResult<Bound<'py, PyTuple>> {
@@ -865,6 +880,38 @@ fn put_conn(
 }
 
 impl Core {
+    /// The tail of every stream open that answers with a connected port (a connect, an
+    /// adopted socket): the options checked, the window configured (here, on the loop's
+    /// thread, before the owner can use it), then the command queued.  `destination` runs
+    /// last: an adopted socket is the native core's from there on.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_connect(
+        &self,
+        request: Py<PyAny>,
+        port: Py<PyAny>,
+        window: &Bound<'_, WindowCounters>,
+        inbox: &Inbox,
+        options: &Bound<'_, PyDict>,
+        active: (i64, bool),
+        destination: impl FnOnce() -> PyResult<Destination>,
+    ) -> PyResult<()> {
+        let options = stream_options(options, active)?;
+        let shared = &window.get().shared;
+        shared.configure(options.flow.watermarks, Arc::clone(&self.counters));
+        let (port, overhead) = port_target(port, window)?;
+        let address = destination()?;
+        self.shared.commands.put(Command::Connect {
+            request: target(request),
+            port,
+            window: Arc::clone(shared),
+            inbox: inbox.index,
+            address,
+            options,
+            overhead,
+        });
+        Ok(())
+    }
+
     /// Queue a send's command; within a hub's batch (``defer_wakes``) its wake is owed
     /// to the flush point.
     fn put_send(&self, command: Command) {
@@ -1276,23 +1323,9 @@ impl Core {
                 SocketAddr::V6(SocketAddrV6::new(v6, port_number, flowinfo, scope_id))
             }
         };
-        let options = stream_options(options, active)?;
-        let index = inbox.index;
-        // Configured here, on the loop's thread, before the owner can use it.
-        let shared = &window.get().shared;
-        let counters = Arc::clone(&self.counters);
-        shared.configure(options.flow.watermarks, counters);
-        let (port, overhead) = port_target(port, window)?;
-        self.shared.commands.put(Command::Connect {
-            request: target(request),
-            port,
-            window: Arc::clone(shared),
-            inbox: index,
-            address: Destination::Inet(address),
-            options,
-            overhead,
-        });
-        Ok(())
+        self.queue_connect(request, port, window, &inbox, options, active, || {
+            Ok(Destination::Inet(address))
+        })
     }
 
     /// Serve the listening ``socket.socket`` ``sock``; answer ``request``.  The socket
@@ -1320,16 +1353,7 @@ impl Core {
         let index = inbox.index;
         self.shared.commands.put(Command::Listen {
             request: target(request),
-            listener: Arc::new(PyTarget {
-                obj: listener,
-                make_port: Some(Box::new(MakePort {
-                    make: make_port,
-                    watermarks: options.flow.watermarks,
-                })),
-                window: None,
-                sizes: None,
-                failed: AtomicBool::new(false),
-            }),
+            listener: listener_target(listener, make_port, options.flow.watermarks),
             inbox: index,
             socket: ListenSocket::Tcp(socket),
             options,
@@ -1353,23 +1377,9 @@ impl Core {
         options: &Bound<'_, PyDict>,
         active: (i64, bool),
     ) -> PyResult<()> {
-        let options = stream_options(options, active)?;
-        let index = inbox.index;
-        // Configured here, on the loop's thread, before the owner can use it.
-        let shared = &window.get().shared;
-        let counters = Arc::clone(&self.counters);
-        shared.configure(options.flow.watermarks, counters);
-        let (port, overhead) = port_target(port, window)?;
-        self.shared.commands.put(Command::Connect {
-            request: target(request),
-            port,
-            window: Arc::clone(shared),
-            inbox: index,
-            address: Destination::Unix(path, target(given)),
-            options,
-            overhead,
-        });
-        Ok(())
+        self.queue_connect(request, port, window, &inbox, options, active, || {
+            Ok(Destination::Unix(path, target(given)))
+        })
     }
 
     /// Carry the connected Unix stream ``sock`` (our end of a program's stdin and stdout:
@@ -1390,25 +1400,10 @@ impl Core {
         options: &Bound<'_, PyDict>,
         active: (i64, bool),
     ) -> PyResult<()> {
-        let options = stream_options(options, active)?;
-        let index = inbox.index;
-        // Configured here, on the loop's thread, before the owner can use it.
-        let shared = &window.get().shared;
-        let counters = Arc::clone(&self.counters);
-        shared.configure(options.flow.watermarks, counters);
-        let (port, overhead) = port_target(port, window)?;
-        // Last: the socket is the native core's from here.
-        let stream = std::os::unix::net::UnixStream::from(adopt_stream(sock)?);
-        self.shared.commands.put(Command::Connect {
-            request: target(request),
-            port,
-            window: Arc::clone(shared),
-            inbox: index,
-            address: Destination::Adopted(stream, target(given)),
-            options,
-            overhead,
-        });
-        Ok(())
+        self.queue_connect(request, port, window, &inbox, options, active, || {
+            let stream = std::os::unix::net::UnixStream::from(adopt_stream(sock)?);
+            Ok(Destination::Adopted(stream, target(given)))
+        })
     }
 
     /// Serve the listening Unix ``socket.socket`` ``sock`` bound to ``path`` (as the owner
@@ -1440,16 +1435,7 @@ impl Core {
         let index = inbox.index;
         self.shared.commands.put(Command::Listen {
             request: target(request),
-            listener: Arc::new(PyTarget {
-                obj: listener,
-                make_port: Some(Box::new(MakePort {
-                    make: make_port,
-                    watermarks: options.flow.watermarks,
-                })),
-                window: None,
-                sizes: None,
-                failed: AtomicBool::new(false),
-            }),
+            listener: listener_target(listener, make_port, options.flow.watermarks),
             inbox: index,
             socket: ListenSocket::Unix {
                 socket,
