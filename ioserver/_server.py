@@ -247,9 +247,10 @@ async def open(
             :class:`~ioserver.Error` naming the limit, then ``Closed("ENOBUFS")``; a send
             that would pass it closes the port and raises :exc:`~ports.BrokenPortError`.
         core: the I/O core (:doc:`/reference/cores`): ``"native"``, the I/O thread in
-            Rust, which never takes the GIL (it carries TCP ports, raw or with 1/2/4/line
-            packets, itself, with the memory budget of ``flow.rs``; every other kind runs
-            in Python on its thread, the hosted half), or ``"python"``, the I/O thread
+            Rust, which never takes the GIL (it carries TCP and Unix streams and a
+            program's stdio itself, in every packet mode, with the memory budget of
+            ``flow.rs``; UDP, ZeroMQ, TUN, TLS and a daemon's clients run in Python on its
+            thread, the hosted half), or ``"python"``, the I/O thread
             written in Python (the reference the native core is tested against; every
             poller).  ``None``: the environment variable ``IOSERVER_CORE`` if set, else
             ``"native"`` - or ``"python"`` if ``poller`` names a poller other than epoll.

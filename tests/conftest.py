@@ -89,7 +89,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def core() -> str | None:
-    """The I/O core of ``ios``: ``None`` (``$IOSERVER_CORE``, else the Python core) unless
+    """The I/O core of ``ios``: ``None`` (``$IOSERVER_CORE``, else the native core) unless
     the test is marked ``every_core`` (then each of :data:`EVERY_CORE`)."""
     return None
 
