@@ -150,6 +150,12 @@ const FLAGS: u64 = ASLEEP | TIMED;
 /// `WakeQueue::state`: one item pushed.
 const ONE: u64 = 4;
 
+/// The capacity, in items, the consumer's buffer keeps between takes: a take larger than
+/// this (a burst of commands while the I/O thread slept) gets a buffer of its own, given
+/// back once it is used up, so that one burst does not pin its size for the queue's life
+/// (100,000 commands of 208 bytes would keep 21 MB, outside any budget).
+const KEEP_CAPACITY: usize = 1024;
+
 /// The items of a [`WakeQueue`]: a multi-producer queue, FIFO per producer (and in the
 /// order the pushes' CASes took effect), for one consumer.  The producers push on a
 /// lock-free [`stack::Stack`]; the consumer takes the whole stack at once, when what it
@@ -161,7 +167,7 @@ struct Items<T> {
     /// `Vec::pop` yields them in push order).  Each queue has one consumer (the I/O thread
     /// takes its commands; one loop's hub takes its inbox), so the lock is uncontended: it
     /// only makes `pop` sound for any caller, a second consumer included.  Producers never
-    /// take it.  Its capacity stays at the largest take (dropped with the queue).
+    /// take it.  Its capacity is given back when used up past [`KEEP_CAPACITY`].
     taken: Mutex<Vec<T>>,
 }
 
@@ -190,6 +196,9 @@ impl<T> Items<T> {
         // A poisoned lock (a panic while it was held) leaves a valid `Vec`: go on.
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
         if taken.is_empty() {
+            if taken.capacity() > KEEP_CAPACITY {
+                *taken = Vec::new(); // a burst's buffer, used up: given back
+            }
             self.stack.take_all(&mut taken);
         }
         taken.pop()
@@ -669,6 +678,37 @@ mod tests {
         assert_eq!(out, [0, 1, 2, 3, 4, 5]);
         assert!(queue.is_empty());
         assert!(queue.prepare_to_sleep(), "every push was taken");
+    }
+
+    /// A burst's buffer is given back once used up: the consumer keeps at most
+    /// `KEEP_CAPACITY` items of capacity between takes (it kept the largest take's for
+    /// the queue's life: 500,000 commands pinned 104 MiB).
+    #[test]
+    fn a_bursts_buffer_is_given_back_once_used_up() {
+        let queue = WakeQueue::<u64, Count>::new().unwrap();
+        for i in 0..100_000 {
+            queue.put(i);
+        }
+        for i in 0..100_000 {
+            assert_eq!(queue.pop(), Some(i));
+        }
+        queue.put(7);
+        assert_eq!(queue.pop(), Some(7));
+        let capacity = queue.items.taken.lock().unwrap().capacity();
+        assert!(
+            capacity <= KEEP_CAPACITY,
+            "{capacity} items of capacity kept"
+        );
+        // A small take keeps its buffer (no allocation per take in the steady state).
+        for round in 0..3 {
+            for i in 0..10 {
+                queue.put(round * 10 + i);
+            }
+            for i in 0..10 {
+                assert_eq!(queue.pop(), Some(round * 10 + i));
+            }
+        }
+        assert!(queue.items.taken.lock().unwrap().capacity() <= KEEP_CAPACITY);
     }
 
     /// Items still queued when the queue is dropped are dropped with it: those the
