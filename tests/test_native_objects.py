@@ -393,3 +393,41 @@ async def test_redis_cli_against_a_resp_port(ios: ioserver.IOServer) -> None:
             assert done.stdout.strip() == value
         tasks.cancel_scope.cancel()
     assert store[b"big"] == value
+
+
+class _UnprintableError(Exception):
+    """A decode error whose report itself fails (its ``repr`` raises)."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr either")
+
+
+# The two errors are reported as unraisable (sys.unraisablehook), as the I/O thread's own
+# internal errors are: expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_decode_error_whose_report_fails_still_closes_the_port_for_its_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drain builds the owner's last messages before it marks the port failed (every
+    later event of it dropped): when building them fails too, the owner still gets
+    ``Closed("internal error", "EIO")``.  Before, the port was marked first, the second
+    error lost the messages, and the owner's receive waited for good (found by a review).
+    A timestamp extension whose decoding raises such an error stands for any double fault
+    (a MemoryError while the messages are built)."""
+
+    def fails(self: object, *args: object, **kwargs: object) -> None:
+        raise _UnprintableError("bad timestamp")
+
+    monkeypatch.setattr(msgpack.ext.Timestamp, "__init__", fails)
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    timestamp = b"\xd6\xff\x00\x00\x00\x01"
+                    peer.sendall(msgpack.packb([1]) + timestamp + msgpack.packb([2]))
+                    with anyio.fail_after(5):
+                        assert await port.receive() == Data([1])
+                        assert await port.receive() == Closed("internal error", "EIO")
+        await _until(lambda: ios.statistics().memory_in_use == 0)

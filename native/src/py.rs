@@ -544,6 +544,30 @@ impl Inbox {
         charge: u64,
         error: PyErr,
     ) -> PyResult<()> {
+        let obj = &port.obj;
+        // The owner's last messages are built first: should that fail too (a MemoryError,
+        // a str() that raises), the owner still gets a Closed, and only then is the port
+        // marked failed (every later event of it dropped, its Closed included).
+        let built = || -> PyResult<Vec<Bound<'_, PyAny>>> {
+            if error.is_instance_of::<PyValueError>(py) || error.is_instance_of::<PyTypeError>(py) {
+                let text = format!("malformed msgpack data: {}", error.value(py).str()?);
+                let name = self.errno_name.bind(py).call1((libc::EPROTO,))?;
+                let message = self.error.bind(py).call1((&name, libc::EPROTO, text))?;
+                let closed = self.closed.bind(py).call1((&name, &name))?;
+                Ok(vec![message, closed])
+            } else {
+                let reason = format!("internal error: {}", error.value(py).repr()?);
+                error.clone_ref(py).write_unraisable(py, Some(obj.bind(py)));
+                Ok(vec![self.closed.bind(py).call1((reason, "EIO"))?])
+            }
+        };
+        let messages = match built() {
+            Ok(messages) => messages,
+            Err(second) => {
+                second.write_unraisable(py, Some(obj.bind(py)));
+                vec![self.closed.bind(py).call1(("internal error", "EIO"))?]
+            }
+        };
         port.failed.store(true, Ordering::Relaxed);
         if let Some(window) = &port.window {
             let _ = window.took(charge);
@@ -551,20 +575,10 @@ impl Inbox {
         self.shared
             .commands
             .put(Command::DecodeFailed(port.clone(), self.index));
-        let obj = &port.obj;
-        if error.is_instance_of::<PyValueError>(py) || error.is_instance_of::<PyTypeError>(py) {
-            let text = format!("malformed msgpack data: {}", error.value(py).str()?);
-            let name = self.errno_name.bind(py).call1((libc::EPROTO,))?;
-            let message = self.error.bind(py).call1((&name, libc::EPROTO, text))?;
+        for message in messages {
             list.append((obj.clone_ref(py), message))?;
-            let closed = self.closed.bind(py).call1((&name, &name))?;
-            list.append((obj.clone_ref(py), closed))
-        } else {
-            let reason = format!("internal error: {}", error.value(py).repr()?);
-            error.write_unraisable(py, Some(obj.bind(py)));
-            let closed = self.closed.bind(py).call1((reason, "EIO"))?;
-            list.append((obj.clone_ref(py), closed))
         }
+        Ok(())
     }
 
     /// An event for a port whose msgpack packet failed to decode (`Inbox::fail`): dropped,
