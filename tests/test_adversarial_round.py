@@ -184,12 +184,17 @@ async def test_a_flood_of_refused_frames_does_not_stop_an_echo_port(
     """Issue 12, item 2.  A daemon's control endpoint in this I/O server, and a client that
     floods it with frames it refuses (each refusal is a FAULT reply, which marks the
     endpoint dirty from inside its own flush).  An echo port served by the same I/O thread
-    answers while the flood is being handled, and the flood takes many rounds."""
+    answers while the flood is being handled, and the flood takes many rounds.
+
+    The flood goes on (from a thread of its own) until the echo has answered: a flood of a
+    fixed size was sometimes handled whole before the loop, starved of the GIL by the busy
+    I/O thread, even sent its ping, and then the test proved nothing (and failed)."""
     caplog.set_level("ERROR", logger="ioserver")  # one warning per refusal otherwise
     io = ios._io
-    total = 20_000
+    most = 1_000_000  # frames at most (the echo answers long before: about 2,000 in CI)
     router = io.zmq_context().socket(zmq.ROUTER)
     router.setsockopt(zmq.RCVHWM, 0)
+    router.setsockopt(zmq.SNDHWM, 0)  # every FAULT reply kept for the count below
     endpoint = f"ipc://{tmp_path}/control"
     router.bind(endpoint)
     io.zmq_sockets.add(router)
@@ -200,31 +205,50 @@ async def test_a_flood_of_refused_frames_does_not_stop_an_echo_port(
     try:
         flood, token = await anyio.to_thread.run_sync(_hello, context, endpoint)
         flood.setsockopt(zmq.SNDHWM, 0)
+        flood.setsockopt(zmq.RCVHWM, 0)
+        frame = P.pack([[99]], token)  # an unknown opcode: refused, FAULT
+        echoed = threading.Event()
+        sent = 0
+
+        def flooding() -> None:  # the flood socket's only user until it is joined
+            nonlocal sent
+            while not echoed.is_set() and sent < most:
+                flood.send(frame)
+                sent += 1
+
+        flooder = threading.Thread(target=flooding, name="flood")
         async with (
             await ports.listen_tcp(ios, "127.0.0.1", 0) as listener,
             anyio.create_task_group() as task_group,
             await anyio.connect_tcp(*listener.local_address) as peer,
         ):
             task_group.start_soon(_echo_one, listener)
-            frame = P.pack([[99]], token)  # an unknown opcode: refused, FAULT
-            for _ in range(total):
-                flood.send(frame)
-            # The flood is being handled once its first FAULT came back.
-            assert await anyio.to_thread.run_sync(flood.poll, 10_000)
-            rounds_before = io.polls
-            refused_before = control.faults
-            with anyio.fail_after(10):
-                await peer.send(b"ping")
-                assert await peer.receive() == b"ping"
-            refused_at_echo = control.faults
+            flooder.start()
+            try:
+                # The flood is being handled (the endpoint refused its first frame) and is
+                # ahead of it by two rounds' reads at least: the ping waits behind those.
+                with anyio.fail_after(10):
+                    while (  # noqa: ASYNC110 (counters: no event tells of them)
+                        not control.faults or sent < control.faults + 2 * RECEIVE_BATCH
+                    ):
+                        await anyio.sleep(0.001)
+                rounds_before = io.polls
+                refused_before = control.faults
+                with anyio.fail_after(10):
+                    await peer.send(b"ping")
+                    assert await peer.receive() == b"ping"
+            finally:
+                echoed.set()
+                await anyio.to_thread.run_sync(flooder.join)
             task_group.cancel_scope.cancel()
+        total = sent
         faults = 0
         while faults < total:
             faults += sum(m[0] == P.FAULT for m in await _receive_frame(flood))
         rounds = io.polls - rounds_before
     finally:
         context.destroy()
-    assert refused_at_echo < total, "the echo waited for the whole flood"
+    assert total < most, "the echo waited for the whole flood"
     # At most a few receive batches per round: the endpoint's read (RECEIVE_BATCH
     # frames), its run by call_soon, its flush.
     assert rounds >= (total - refused_before) // (3 * RECEIVE_BATCH), (rounds, refused_before)
