@@ -236,7 +236,6 @@ class NativeIOThread(IOThread):
     window_class: type[Any] = NativeWindow
     commands_class = _Commands
     commands: _Commands
-    flush_wanted = False
     #: The hubs that drain a native inbox (``make_hub`` picks one per backend).
     hub_classes: tuple[type[Any], type[Any]]
 
