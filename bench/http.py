@@ -36,16 +36,20 @@ import re
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import http_floor
 from _servers import BENCH_DIR, REPO_ROOT, RunFailed, Server, free_port, running, tail
 
 HTTPD = REPO_ROOT / "examples" / "httpd.py"
 SERVERS_DIR = BENCH_DIR / "servers"
 GOALS = {"trio": 1.3, "asyncio": 1.1}
+#: Issue 14's goal for the native core: ioserver >= 1.7x asyncio streams.
+NATIVE_GOAL = 1.7
 IOSERVER_VARIANTS = ("ioserver", "ioserver-trio")
 
 
@@ -76,10 +80,12 @@ def ensure_wrk() -> str:
     return wrk
 
 
-def servers(root: Path, ioserver_args: str) -> dict[str, Server]:
+def servers(root: Path, ioserver_args: str, access_log: bool = False) -> dict[str, Server]:
     py = sys.executable
     common = ("--root", str(root))
-    extra = tuple(shlex.split(ioserver_args))
+    # The reference servers write no access log; httpd.py writes one by default (to its
+    # standard error, a file here), which is work the others do not do.
+    extra = (*(() if access_log else ("--no-access-log",)), *shlex.split(ioserver_args))
     no_uvloop = None if importlib.util.find_spec("uvloop") else "uvloop is not importable"
     streams = str(SERVERS_DIR / "http_asyncio.py")
     return {
@@ -177,6 +183,18 @@ def measure(
     return Result(server.name, rnd, requests_s, p50, p99, errors)
 
 
+def handler_floor(size: int, access_log: bool) -> float:
+    """The handler's CPU seconds per request with no I/O (bench/http_floor.py), median of 3."""
+    with tempfile.TemporaryDirectory(prefix="bench-http-floor-") as tmp:
+        content = (b"<!doctype html><title>bench</title>\n" + b"x" * size)[:size]
+        (Path(tmp) / "index.html").write_bytes(content)
+        files = http_floor.httpd.StaticFiles(tmp)
+        http_floor.one_round(files, 1000, 1000, access_log)
+        return statistics.median(
+            http_floor.one_round(files, 10_000, 1000, access_log) for _ in range(3)
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="wrk -d (default 10)")
@@ -187,6 +205,16 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated server names")
     parser.add_argument("--ioserver-args", default="", help="more arguments for httpd.py")
     parser.add_argument("--json", type=Path, help="write the runs and ratios to this file")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="let httpd.py write its access log (the reference servers write none)",
+    )
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the handler's floor (bench/http_floor.py's measure, run after the load)",
+    )
     args = parser.parse_args()
 
     wrk = ensure_wrk()
@@ -196,7 +224,7 @@ def main() -> None:
         root.mkdir()
         content = (b"<!doctype html><title>bench</title>\n" + b"x" * args.size)[: args.size]
         (root / "index.html").write_bytes(content)
-        table = servers(root, args.ioserver_args)
+        table = servers(root, args.ioserver_args, args.access_log)
         if args.only:
             names = [name.strip() for name in args.only.split(",") if name.strip()]
             unknown = set(names) - set(table)
@@ -254,6 +282,21 @@ def main() -> None:
                 ratio = ratios[variant][reference]
                 verdict = "meets" if ratio >= goal else "misses"
                 print(f"{variant} vs {reference}: {ratio:.2f}x ({verdict} the {goal}x goal)")
+    if "asyncio" in best:
+        for variant in variants:
+            ratio = ratios[variant]["asyncio"]
+            verdict = "meets" if ratio >= NATIVE_GOAL else "misses"
+            print(f"{variant} vs asyncio: {ratio:.2f}x ({verdict} issue 14's {NATIVE_GOAL}x goal)")
+    floor = None
+    if not args.no_floor:
+        floor = handler_floor(args.size, args.access_log)
+        line = (
+            f"the handler alone (bench/http_floor.py, no I/O): {floor * 1e6:.1f} us/request, "
+            f"at most {1 / floor:,.0f} req/s on one event-loop thread"
+        )
+        if "asyncio" in best:
+            line += f": at best {1 / floor / best['asyncio'].requests_s:.2f}x asyncio streams"
+        print(line)
     print("(a shared machine: figures move by 10-20% between runs; use --rounds 3)")
     if args.json:
         args.json.write_text(
@@ -264,6 +307,7 @@ def main() -> None:
                     "best": {k: dataclasses.asdict(v) for k, v in best.items()},
                     "ratios": ratios,
                     "failures": failures,
+                    "handler_floor_s": floor,
                 },
                 indent=2,
             )
