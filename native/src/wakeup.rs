@@ -14,8 +14,14 @@ pub type WakeQueue<T> = ioserver_wakeup::WakeQueue<T, Signal>;
 /// thread; [`Signal::drain`] makes it unreadable again.
 pub struct Signal {
     /// The eventfd; None once closed (a signal then does nothing: the consumer is gone).
-    /// Locked only to write, drain or close it - at most once per wake, not per item.
-    file: std::sync::Mutex<Option<std::fs::File>>,
+    /// Read-locked to write or drain it (at most once per wake, not per item), so the two
+    /// never wait for each other; write-locked only to close it, which waits for a write or
+    /// drain in progress (then none can use the fd number after it is closed, and reused).
+    /// A `Mutex` here made every wake race its own drain: the producer held it across the
+    /// `write`, which wakes the consumer, whose first act is the drain - it found the lock
+    /// held, slept on the futex and was woken again by the unlock (a third of the wakes
+    /// did, each a futex wait, a futex wake and two context switches; bench/README.md).
+    file: std::sync::RwLock<Option<std::fs::File>>,
     fd: std::os::fd::RawFd,
 }
 
@@ -26,7 +32,7 @@ impl Wake for Signal {
         let file = crate::unsafe_io::eventfd()?;
         let fd = file.as_raw_fd();
         Ok(Signal {
-            file: std::sync::Mutex::new(Some(file)),
+            file: std::sync::RwLock::new(Some(file)),
             fd,
         })
     }
@@ -34,7 +40,7 @@ impl Wake for Signal {
     /// Make the fd readable; never blocks (a full counter is already readable).
     fn signal(&self) {
         use std::io::Write;
-        if let Ok(file) = self.file.lock() {
+        if let Ok(file) = self.file.read() {
             if let Some(file) = file.as_ref() {
                 let _ = (&*file).write(&1u64.to_ne_bytes());
             }
@@ -50,7 +56,7 @@ impl Signal {
 
     /// The fd to wait on for readability (-1 once closed).
     pub fn fd(&self) -> std::os::fd::RawFd {
-        match self.file.lock() {
+        match self.file.read() {
             Ok(file) if file.is_some() => self.fd,
             _ => -1,
         }
@@ -60,7 +66,7 @@ impl Signal {
     pub fn drain(&self) -> bool {
         use std::io::Read;
         let mut value = [0u8; 8];
-        match self.file.lock() {
+        match self.file.read() {
             Ok(file) => match file.as_ref() {
                 Some(file) => matches!((&*file).read(&mut value), Ok(8)),
                 None => false,
@@ -71,7 +77,7 @@ impl Signal {
 
     /// Close the fd (idempotent): the consumer will not wait on it again.
     pub fn close(&self) {
-        if let Ok(mut file) = self.file.lock() {
+        if let Ok(mut file) = self.file.write() {
             file.take();
         }
     }
@@ -167,5 +173,43 @@ mod tests {
         assert!(queue.signal.drain());
         assert!(!queue.signal.drain());
         assert_eq!(queue.wakes_sent.load(Ordering::Relaxed), 1);
+    }
+
+    /// A drain does not wait for a signal in progress (nor a signal for a drain): the
+    /// consumer a write wakes drains at once, while the producer is still in its `write`.
+    /// Here a producer stays inside its signal (holding what a signal holds), and the
+    /// consumer's drain and fd, and another producer's signal, must still return; a close
+    /// waits for it, so the fd is never used once closed.
+    #[test]
+    fn a_drain_does_not_wait_for_a_signal_in_progress() {
+        let signal = Arc::new(Signal::new().unwrap());
+        let in_write = signal.file.read().unwrap(); // a producer inside its write
+        let consumer = {
+            let signal = signal.clone();
+            std::thread::spawn(move || {
+                signal.signal(); // another producer
+                (signal.drain(), signal.fd() >= 0)
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !consumer.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            consumer.is_finished(),
+            "the drain waited for a signal in progress"
+        );
+        assert_eq!(consumer.join().unwrap(), (true, true));
+        let closer = {
+            let signal = signal.clone();
+            std::thread::spawn(move || signal.close())
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!closer.is_finished(), "close did not wait for the write");
+        drop(in_write);
+        closer.join().unwrap();
+        assert_eq!(signal.fd(), -1);
+        signal.signal(); // closed: nothing, no error
+        assert!(!signal.drain());
     }
 }
