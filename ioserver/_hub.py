@@ -78,8 +78,8 @@ YIELD_EVERY = 32
 # ``reschedule`` as trio's documentation shows them build three objects each time (the
 # abort function bound to the parked object, trio's ``WaitTaskRescheduled`` trap message, an
 # ``outcome.Value(None)``), two of them frozen attrs classes (about 0.4 and 0.6 µs each on a
-# 2-vCPU VM), and run two more coroutine frames; the echo's loop thread spent 5.0 µs a
-# message on trio against 2.5 on uvloop, and these were 1.4 µs of it.  So:
+# 2-vCPU VM), and run two more coroutine frames: the echo's loop thread spent 5.3 µs a
+# message on trio (2.7 on uvloop), 3.4 without them (bench/README.md).  So:
 #
 # * one abort function for every park (:func:`_abort_park`), which knows nothing of the
 #   object parked on: a task that parks on ``obj`` sets its ``custom_sleep_data`` (trio's
