@@ -40,7 +40,7 @@ from ioserver._exceptions import (
 )
 from ioserver._flow import Window
 from ioserver._framing import PACKET_OVERHEAD, Framer, PacketMode, port_framer
-from ioserver._hub import Hub
+from ioserver._hub import RESUMED, Hub, trio_waits, wait_woken
 from ioserver._iothread import IOThread
 from ioserver._messages import WRITABLE, Accepted, Closed, Data, Message, Passive
 from ioserver._options import (
@@ -56,7 +56,6 @@ from ._source import EMPTY, Source, Waiter
 
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _current_task = trio.lowlevel.current_task
-_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 
 __all__ = ["Listener", "Port", "PortStatistics"]
@@ -189,7 +188,7 @@ class _PortBase(Source):
         owner = self._owner
         if owner is not None:
             return bool(owner._waiters)
-        return self._waiter is not None or bool(self._select_waiters)
+        return self._receiving() or bool(self._select_waiters)
 
     def _took_data(self, data: Sized) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped)."""
@@ -266,7 +265,8 @@ class _PortBase(Source):
             # Hub.wake, inlined (the hot path of every message).
             self._waiter = None
             if self._hub.is_trio:
-                _reschedule(waiter)
+                if waiter.custom_sleep_data is self:  # (else a cancellation woke it)
+                    _reschedule(waiter, RESUMED)
             elif not waiter.done():
                 waiter.set_result(None)
         if self._select_waiters:
@@ -280,9 +280,12 @@ class _PortBase(Source):
     def _on_writable(self) -> None:
         pass
 
-    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
+    def _receiving(self) -> bool:
+        """A task waits in ``receive`` on this port (on trio: and was not cancelled out of
+        it, which it leaves as it resumes; see ioserver._hub's trio parking)."""
+        if self._waiter is None:
+            return False
+        return not self._hub.is_trio or trio_waits(self)
 
     # -- receiving ----------------------------------------------------------------------
     def _take(self) -> Message:
@@ -365,7 +368,7 @@ class _PortBase(Source):
             elif hub.is_trio:
                 await _checkpoint_if_cancelled()
         if not buffer:
-            if self._waiter is not None:
+            if self._waiter is not None and self._receiving():
                 raise BusyPortError("receiving")
             if not isinstance(buffer, list):
                 # The list the messages it waits for go to (this frame keeps it).
@@ -376,10 +379,16 @@ class _PortBase(Source):
                 # Park until the hub delivers (Hub.park, inlined).  The waiter is set
                 # before the budget pause is read (see MemoryBudget.blocks in ioserver._flow).
                 if hub.is_trio:
-                    self._waiter = _current_task()
+                    task = self._waiter = _current_task()
+                    task.custom_sleep_data = self  # (trio_wake's mark: see ioserver._hub)
                     if getattr(self._conn, "global_paused", False):
                         self._want_input()
-                    await _wait_task_rescheduled(self._abort_park)
+                    try:
+                        await wait_woken()
+                    except BaseException:
+                        if self._waiter is task:  # cancelled: no longer waiting here
+                            self._waiter = None
+                        raise
                 else:
                     future = self._waiter = hub.loop.create_future()
                     if getattr(self._conn, "global_paused", False):
@@ -464,7 +473,7 @@ class _PortBase(Source):
         """
         if self._closed:
             raise ClosedPortError("this port is closed")
-        if self._waiter is not None or self._select_waiters:
+        if self._receiving() or self._select_waiters:
             raise ClosedPortError("a task is waiting on this port; it cannot change owner")
         Mailbox._owner_changed(self, self._owner, owner)  # the owner's ports close with it
         self._owner = owner

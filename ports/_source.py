@@ -13,8 +13,6 @@ from __future__ import annotations
 import enum
 from typing import Any, Final
 
-import trio
-
 __all__ = ["EMPTY", "Empty", "Source", "Waiter"]
 
 
@@ -38,10 +36,6 @@ class Waiter:
 
     def __init__(self) -> None:
         self._waiter: Any = None
-
-    def _abort_park(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class Source:
