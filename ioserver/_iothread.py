@@ -870,8 +870,14 @@ class IOThread:
             overhead = conn.packet_overhead
             if overhead:
                 # What a packet holds in Python objects beyond its bytes: charged too, so
-                # that many small packets cannot pass the budget.
-                shares = [share + overhead for share in shares]
+                # that many small packets cannot pass the budget; and what a decoded
+                # object holds beyond that (MSGPACK_ITEM_CHARGE an item...), so that
+                # many tiny items cannot either.
+                more = framer.object_charges(payloads)
+                if more is None:
+                    shares = [share + overhead for share in shares]
+                else:
+                    shares = [share + overhead + m for share, m in zip(shares, more, strict=True)]
             self._deliver_payloads(conn, payloads, shares)
         return True
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -337,6 +338,76 @@ async def test_a_flood_of_objects_stays_within_the_memory_limit(
                 async with port:
                     while not isinstance(message := await port.receive(), Closed):
                         assert isinstance(message, Data)
+                        received += 1
+                assert received == count
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as readers:
+                    for port in owners:
+                        readers.start_soon(drain, port)
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+        assert statistics.memory_in_use == 0, statistics
+
+
+def _decoded_size(packet: bytes) -> int:
+    """Bytes of Python objects one msgpack packet decodes to (``tracemalloc``)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = msgpack.unpackb(packet, raw=False, strict_map_key=False)
+        size = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del decoded
+    return size
+
+
+@pytest.mark.every_core
+async def test_objects_of_tiny_items_are_charged_what_they_decode_to(
+    no_leaks: None, core: str, io_backend: str | None
+) -> None:
+    """What the memory budget charges a msgpack object bounds what its decoding keeps:
+    4 peers send objects of 1,000 empty arrays (1,003 wire bytes that decode to ~64 KB of
+    lists) through a 1 MiB ``memory_limit`` while no owner reads, and the objects the
+    ports hold never decode to more than the limit.  Before, an object was charged its
+    wire bytes and ``PACKET_OVERHEAD`` only (1,163 bytes): all 256 were let in, ~16 MB of
+    lists under a 1 MiB limit.  Once the owners read, every object arrives."""
+    one: bytes = msgpack.packb([[]] * 1000)
+    decoded = _decoded_size(one)
+    assert decoded > 40 * len(one)
+    count, peers = 64, 4
+    assert count * peers * decoded > 8 * LIMIT
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack", **UNBOUND)
+
+        async def flood() -> None:
+            async with await anyio.connect_tcp(*listener.local_address) as stream:
+                await stream.send(one * count)
+                await stream.send_eof()
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+
+        owners: list[ports.Port] = []
+
+        def held() -> int:
+            return sum(port.statistics().messages_buffered for port in owners)
+
+        async with listener, anyio.create_task_group() as senders:
+            for _ in range(peers):
+                senders.start_soon(flood)
+                owners.append(await _accept(listener))
+            # The budget stops the reads, or (before) every object was let in.
+            await _until(lambda: ios.statistics().global_pauses >= 1 or held() >= count * peers)
+            assert held() * decoded <= LIMIT, (held(), decoded)
+            assert ios.statistics().memory_in_use <= LIMIT
+
+            async def drain(port: ports.Port) -> None:
+                received = 0
+                async with port:
+                    while not isinstance(message := await port.receive(), Closed):
+                        assert isinstance(message, Data)
+                        assert message.data == [[]] * 1000
                         received += 1
                 assert received == count
 
