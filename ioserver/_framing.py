@@ -575,8 +575,17 @@ class MsgpackFramer(Framer):
             )
             unpacker.feed(data[:stop])
             objects = list(unpacker)
+            decoded = unpacker.tell()
         except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
             raise FrameError(f"malformed msgpack data: {exc}") from exc
+        if len(objects) != len(bounds) or decoded != stop:
+            # The scanners' boundaries are msgpack's own; were they ever not, the objects
+            # would be cut wrong (and an unfinished last one dropped by the iteration).
+            raise FrameError(
+                "malformed msgpack data: the framer's object boundaries and the decoder's "
+                f"disagree ({len(bounds)} objects in {stop} bytes framed, {len(objects)} "
+                f"in {decoded} decoded)"
+            )
         self._object_items = counts
         return objects
 

@@ -398,6 +398,34 @@ def test_msgpack_item_cap_as_python_s(stream: bytes, cuts: list[int]) -> None:
     differential("msgpack", 64 << 20, stream, [cut for cut in cuts if cut < len(stream)])
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_each_msgpack_packet_is_exactly_one_object_to_the_decoder(data: st.DataObject) -> None:
+    """The Rust framer's object boundaries are msgpack's own: each packet it cuts from a
+    random stream (cut at random reads) is exactly one object to the drain's decoder - it
+    decodes and consumes the whole packet, or the decoder refuses it (a ``ValueError``, a
+    ``TypeError``: the port fails) - never an unfinished object, never one with bytes
+    left over (which the drain now refuses too: ``Inbox``'s ``ReusedDecoder``)."""
+    stream = data.draw(_msgpack_stream())
+    native = _Framer("msgpack", 1 << 20, b"\n")
+    points = [0, *sorted(_cut_points(data, stream)), len(stream)]
+    for first, last in itertools.pairwise(points):
+        try:
+            packets = native.feed(stream[first:last])
+        except FrameError:
+            return  # the port is closed
+        for packet in packets:
+            decoder = msgpack.Unpacker(
+                raw=False, strict_map_key=False, max_buffer_size=max(len(packet), 1)
+            )
+            decoder.feed(packet)
+            try:
+                decoder.unpack()
+            except (ValueError, TypeError):
+                continue  # refused: the port fails
+            assert decoder.tell() == len(packet), packet
+
+
 def _items(value: Any) -> int:
     """A decoded msgpack value's items as MSGPACK_MAX_ITEMS counts them: itself, and each
     array element, map key and map value, nested or not."""

@@ -502,3 +502,41 @@ async def test_a_decode_error_whose_report_fails_still_closes_the_port_for_its_o
                         assert await port.receive() == Data([1])
                         assert await port.receive() == Closed("internal error", "EIO")
         await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+class _OneByteMore(msgpack.Unpacker):  # type: ignore[misc]
+    """A decoder that disagrees with the framer: it sees one byte more after each packet
+    (the next object's first, as if the framer had cut an object short)."""
+
+    def feed(self, next_bytes: bytes) -> None:
+        super().feed(bytes(next_bytes) + b"\x05")
+
+
+async def test_a_decoder_that_disagrees_with_the_framer_fails_the_port_and_carries_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drain's reused msgpack decoder must consume exactly the packet the Rust framer
+    cut: where they disagree (a decoder that sees a byte more stands for any disagreement),
+    the port fails with ``Error("EPROTO", "... disagree ...")`` then ``Closed("EPROTO")``,
+    and nothing of one packet begins the next.  Before, the extra byte stayed in the
+    reused decoder and the next packet decoded as it: the owner got ``5`` for ``2``, a
+    corrupt message, and went on."""
+    monkeypatch.setattr(msgpack, "Unpacker", _OneByteMore)
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(msgpack.packb(1))
+                    with anyio.fail_after(5):
+                        first = await port.receive()
+                    assert isinstance(first, Error), first
+                    assert first.errno_name == "EPROTO"
+                    ends = "disagree (1 bytes framed, the decoder's object ends before them)"
+                    assert ends in first.message, first
+                    peer.sendall(msgpack.packb(2))
+                    with anyio.fail_after(5):
+                        assert await port.receive() == Closed("EPROTO", "EPROTO")
+                    assert _peer_ended(peer)
+        await _until(lambda: ios.statistics().memory_in_use == 0)

@@ -409,9 +409,12 @@ pub struct Inbox {
     /// reused: `feed` then `unpack` is 410 ns for a small object where `unpackb` with its
     /// keywords is 675 (1,000 called with a dict from here): keywords cost a Cython
     /// function more than its decoding.  Replaced after a refusal (it may hold the rest of
-    /// the object).
+    /// the object), and checked after each object: it must have consumed exactly the
+    /// packet (see [`ReusedDecoder`]).
     unpacker: Py<PyAny>,
-    decoder: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    decoder: Mutex<Option<ReusedDecoder>>,
+    /// `msgpack.OutOfData`: the reused decoder found the packet unfinished.
+    out_of_data: Py<PyAny>,
     /// A larger packet's: `msgpack.unpackb` with `unpack_options` (`raw=False,
     /// strict_map_key=False`; its caps default to the packet's size), as the Python
     /// framer decodes one object.  The reused `Unpacker` keeps the largest buffer it ever
@@ -426,6 +429,32 @@ pub struct Inbox {
     /// thread (``stage``: this list's ``append``) and moved to the loop's batch after each
     /// hosted round (`hosted.rs`).
     hosted: Py<PyList>,
+}
+
+/// The reused msgpack decoder's bound methods: `feed`, `unpack` and `read_bytes`.  Each
+/// packet is one whole object by the Rust framer's reckoning, and the decoder must agree:
+/// after `feed(packet)`, one `unpack()` must neither find the object unfinished
+/// (`OutOfData`) nor leave a byte in the decoder (`read_bytes(1)` is empty).  Were the two
+/// ever to disagree, bytes of one object would stay in the decoder and begin the next (a
+/// corrupt or duplicated message); instead the packet is refused (the port fails with
+/// `EPROTO`, "the framer's object boundary and the decoder's disagree") and the decoder
+/// is dropped, so nothing is carried over.
+struct ReusedDecoder {
+    feed: Py<PyAny>,
+    unpack: Py<PyAny>,
+    read_bytes: Py<PyAny>,
+}
+
+/// The error of a packet the reused decoder did not find to be exactly one object.
+fn boundaries_disagree(framed: usize, unfinished: bool) -> PyErr {
+    let found = if unfinished {
+        "the decoder's object goes on past them"
+    } else {
+        "the decoder's object ends before them"
+    };
+    PyValueError::new_err(format!(
+        "the framer's object boundary and the decoder's disagree ({framed} bytes framed, {found})"
+    ))
 }
 
 /// Python objects of recent addresses: the local address of the last accepted connection
@@ -498,19 +527,32 @@ impl Inbox {
                     .lock()
                     .ok()
                     .and_then(|mut decoder| decoder.take());
-                let (feed, unpack) = match held {
-                    Some(methods) => methods,
+                let reused = match held {
+                    Some(reused) => reused,
                     None => {
                         let unpacker = self.unpacker.bind(py).call0()?;
-                        let feed = unpacker.getattr("feed")?.unbind();
-                        (feed, unpacker.getattr("unpack")?.unbind())
+                        ReusedDecoder {
+                            feed: unpacker.getattr("feed")?.unbind(),
+                            unpack: unpacker.getattr("unpack")?.unbind(),
+                            read_bytes: unpacker.getattr("read_bytes")?.unbind(),
+                        }
                     }
                 };
-                feed.bind(py).call1((packet,))?;
-                let object = unpack.bind(py).call0()?;
+                reused.feed.bind(py).call1((packet,))?;
+                let object = match reused.unpack.bind(py).call0() {
+                    Ok(object) => object,
+                    Err(error) if error.is_instance(py, self.out_of_data.bind(py)) => {
+                        return Err(boundaries_disagree(bytes.len(), true));
+                    }
+                    Err(error) => return Err(error),
+                };
+                // Nothing left, or it would begin the next object.
+                if reused.read_bytes.bind(py).call1((1,))?.is_truthy()? {
+                    return Err(boundaries_disagree(bytes.len(), false));
+                }
                 // Put back only after a success: a refused object may leave bytes in it.
                 if let Ok(mut decoder) = self.decoder.lock() {
-                    *decoder = Some((feed, unpack));
+                    *decoder = Some(reused);
                 }
                 object
             }
@@ -1151,6 +1193,7 @@ impl Core {
                     .unbind()
             },
             decoder: Mutex::new(None),
+            out_of_data: msgpack.getattr("OutOfData")?.unbind(),
             unpackb: msgpack.getattr("unpackb")?.unbind(),
             unpack_options,
             addresses: Mutex::new(AddressCache::default()),
