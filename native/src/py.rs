@@ -429,6 +429,10 @@ pub struct Inbox {
     /// thread (``stage``: this list's ``append``) and moved to the loop's batch after each
     /// hosted round (`hosted.rs`).
     hosted: Py<PyList>,
+    /// A test hook (``_fail_replies_for_test``): the next this many connect or listen
+    /// replies raise ``MemoryError`` while being built.  Relaxed: touched by the loop's
+    /// thread only.
+    fail_replies: std::sync::atomic::AtomicU32,
 }
 
 /// The reused msgpack decoder's bound methods: `feed`, `unpack` and `read_bytes`.  Each
@@ -647,6 +651,41 @@ impl Inbox {
         true
     }
 
+    /// Answer a connect or listen `request` with `answer`; if building it failed (a
+    /// `MemoryError`...), with that error instead - the owner's ``connect_*`` or
+    /// ``listen_*`` raises it - and the port the I/O thread opened for it (`conn`) is
+    /// closed.  The owner always gets an answer: before, the error was only reported as
+    /// unraisable, and the owner waited for good with the port left open.
+    fn answer<'py>(
+        &self,
+        py: Python<'py>,
+        list: &Bound<'py, PyList>,
+        request: &PyTarget,
+        answer: PyResult<Bound<'py, PyAny>>,
+        conn: Option<Arc<ConnShared>>,
+    ) -> PyResult<()> {
+        let message = match answer {
+            Ok(message) => message,
+            Err(error) => {
+                if let Some(conn) = conn {
+                    self.shared.commands.put(Command::Close(conn));
+                }
+                error.into_value(py).into_bound(py).into_any()
+            }
+        };
+        list.append((request.obj.clone_ref(py), message))
+    }
+
+    /// The test hook's fault (``_fail_replies_for_test``): `MemoryError` while it lasts.
+    fn reply_fault(&self) -> PyResult<()> {
+        let left = self.fail_replies.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(());
+        }
+        self.fail_replies.store(left - 1, Ordering::Relaxed);
+        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+    }
+
     fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
         let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
             list.append((target.obj.clone_ref(py), message))
@@ -770,25 +809,40 @@ impl Inbox {
                 local,
                 remote,
             } => {
-                let handle = Py::new(py, Conn { shared: conn })?;
-                let answer = (
-                    handle,
-                    address_object(py, &local)?,
-                    address_object(py, &remote)?,
-                );
-                pair(&request, answer.into_pyobject(py)?.into_any())
+                let answer = || -> PyResult<Bound<'_, PyAny>> {
+                    self.reply_fault()?;
+                    let handle = Py::new(
+                        py,
+                        Conn {
+                            shared: conn.clone(),
+                        },
+                    )?;
+                    let local = address_object(py, &local)?;
+                    let answer = (handle, local, address_object(py, &remote)?);
+                    Ok(answer.into_pyobject(py)?.into_any())
+                };
+                self.answer(py, list, &request, answer(), Some(conn))
             }
             Event::ConnectFailed(request, errno, to) => {
-                let error = self
-                    .connect_error
-                    .bind(py)
-                    .call1((errno, address_object(py, &to)?))?;
-                pair(&request, error)
+                let answer = || -> PyResult<Bound<'_, PyAny>> {
+                    let to = address_object(py, &to)?;
+                    self.connect_error.bind(py).call1((errno, to))
+                };
+                self.answer(py, list, &request, answer(), None)
             }
             Event::Listening(request, conn, local) => {
-                let handle = Py::new(py, Conn { shared: conn })?;
-                let answer = (handle, address_object(py, &local)?, py.None());
-                pair(&request, answer.into_pyobject(py)?.into_any())
+                let answer = || -> PyResult<Bound<'_, PyAny>> {
+                    self.reply_fault()?;
+                    let handle = Py::new(
+                        py,
+                        Conn {
+                            shared: conn.clone(),
+                        },
+                    )?;
+                    let answer = (handle, address_object(py, &local)?, py.None());
+                    Ok(answer.into_pyobject(py)?.into_any())
+                };
+                self.answer(py, list, &request, answer(), Some(conn))
             }
             Event::Release(bytes, targets) => {
                 // Under the GIL: each drop is an immediate decref.
@@ -896,6 +950,14 @@ impl Inbox {
     /// Close the wake-up fd (once the I/O thread has ended: it writes it no more).
     fn close(&self) {
         self.queue.signal.close()
+    }
+
+    /// A test hook, private (``_fail_replies_for_test``, used only by the tests): the next
+    /// ``count`` connect or listen replies (``Connected``, ``Listening``) raise
+    /// ``MemoryError`` while this inbox builds them, as a real allocation failure would.
+    #[pyo3(name = "_fail_replies_for_test")]
+    fn fail_replies_for_test(&self, count: u32) {
+        self.fail_replies.store(count, Ordering::Relaxed)
     }
 }
 
@@ -1198,6 +1260,7 @@ impl Core {
             unpack_options,
             addresses: Mutex::new(AddressCache::default()),
             hosted,
+            fail_replies: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
