@@ -340,9 +340,12 @@ pub enum Command {
     Abort(Arc<ConnShared>, String),
     /// A packet of this port did not decode in its loop's drain (a msgpack object the
     /// decoder refused), which told the owner: close the port at once, without an event
-    /// (the Python core's `_frame_error` closes it as it tells the owner).  The target and
-    /// its loop's inbox: the drain has the port, not necessarily its `Conn` yet.
-    DecodeFailed(Target, usize),
+    /// (the Python core's `_frame_error` closes it as it tells the owner).  The target, its
+    /// loop's inbox and its stream's slot in the port table (the packet's, see
+    /// [`Event::Object`]): the drain has the port, not necessarily its `Conn` yet.  The
+    /// slot makes it O(1): a scan of the table per refused object made a flood of bad
+    /// msgpack from many peers O(ports) each.
+    DecodeFailed(Target, usize, usize),
     /// Close every port and end the thread.
     Stop,
     /// Panic in the thread (the tests' way to check that a failure is contained).
@@ -363,8 +366,9 @@ pub enum Event {
     /// A packet of a mode whose messages are objects (msgpack, resp), with its charge:
     /// the drain builds the object (decodes the msgpack bytes, makes the command's
     /// `list[bytes]`, the error's exception), puts the charge in `window.sizes`, then
-    /// delivers `Data(object)`.
-    Object(Target, Payload, u64),
+    /// delivers `Data(object)`.  The last field is the stream's slot in the port table,
+    /// for a [`Command::DecodeFailed`].
+    Object(Target, Payload, u64, usize),
     /// The peer closed: `Closed("eof")`.
     Eof(Target),
     /// The server stops with the port open: `Closed("ioserver closed", "ESHUTDOWN")`, as
@@ -1059,18 +1063,20 @@ impl IoThread {
                 Some(entry) => self.close(entry),
                 None => {}
             },
-            Command::DecodeFailed(port, inbox) => {
-                // Found by its loop half: the drain may not know the port's Conn yet.  A
-                // scan of the table, on this rare path only (a peer that sent an object
-                // the decoder refuses), not a field in every target.
-                let slot = self.table.iter().position(|entry| match entry {
-                    Some(Entry::Stream(s)) => {
+            Command::DecodeFailed(port, inbox, slot) => {
+                // Found by its loop half, at the slot its packet came from: closed there if
+                // that slot still holds this port's stream (it may have closed since, and
+                // the slot been reused by another port).
+                let here = match self.table.get(slot) {
+                    Some(Some(Entry::Stream(s))) => {
                         s.port.as_ref().is_some_and(|p| Arc::ptr_eq(p, &port))
                     }
                     _ => false,
-                });
-                if let Some(Some(Entry::Stream(mut s))) = slot.map(|slot| self.table[slot].take()) {
-                    self.close_stream(&mut s);
+                };
+                if here {
+                    if let Some(Entry::Stream(mut s)) = self.table[slot].take() {
+                        self.close_stream(&mut s);
+                    }
                 }
                 self.release_target(inbox, port);
             }
@@ -1420,7 +1426,7 @@ impl IoThread {
             if index >= read.deliver {
                 s.rare().held.push_back((payload, charge));
             } else if let Some(staged) = self.staged.get_mut(inbox) {
-                staged.push(packet_event(&port, payload, charge, overhead));
+                staged.push(packet_event(&port, payload, charge, overhead, s.conn.slot));
             }
         }
         self.note_framing(s);
@@ -1457,7 +1463,7 @@ impl IoThread {
         for (payload, charge) in rare.held.drain(..count) {
             self.charges.push(charge);
             if let Some(staged) = self.staged.get_mut(s.conn.inbox()) {
-                staged.push(packet_event(&port, payload, charge, overhead));
+                staged.push(packet_event(&port, payload, charge, overhead, s.conn.slot));
             }
         }
         s.flow.unhold(&mut self.budget, &self.charges);
@@ -2141,7 +2147,7 @@ impl IoThread {
                 self.release_bytes(conn.inbox(), bytes)
             }
             Command::Attach(conn, port, _) => self.release_target(conn.inbox(), port),
-            Command::DecodeFailed(port, inbox) => self.release_target(inbox, port),
+            Command::DecodeFailed(port, inbox, _) => self.release_target(inbox, port),
             Command::Connect {
                 request,
                 port,
@@ -2205,11 +2211,11 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
 /// packets their length alone (`overhead` 0), else `Packet`, which carries the charge to
 /// the port's `window.sizes` (see [`PyTarget::sizes`]); for an object, `Object` (its
 /// charge is never its length).
-fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64) -> Event {
+fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64, slot: usize) -> Event {
     match payload {
         Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes),
         Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge),
-        object => Event::Object(port.clone(), object, charge),
+        object => Event::Object(port.clone(), object, charge, slot),
     }
 }
 

@@ -587,6 +587,7 @@ impl Inbox {
         py: Python<'_>,
         list: &Bound<'_, PyList>,
         port: Target,
+        slot: usize,
         charge: u64,
         error: PyErr,
     ) -> PyResult<()> {
@@ -620,7 +621,7 @@ impl Inbox {
         }
         self.shared
             .commands
-            .put(Command::DecodeFailed(port.clone(), self.index));
+            .put(Command::DecodeFailed(port.clone(), self.index, slot));
         for message in messages {
             list.append((obj.clone_ref(py), message))?;
         }
@@ -631,7 +632,7 @@ impl Inbox {
     /// a packet's charge counted taken; false for every other event.
     fn drop_failed(event: &Event) -> bool {
         let (port, charge) = match event {
-            Event::Object(port, _, charge) | Event::Packet(port, _, charge) => (port, *charge),
+            Event::Object(port, _, charge, _) | Event::Packet(port, _, charge) => (port, *charge),
             Event::Data(port, bytes) => (port, bytes.len() as u64),
             Event::Eof(port)
             | Event::Shutdown(port)
@@ -694,10 +695,10 @@ impl Inbox {
             return Ok(());
         }
         match event {
-            Event::Object(port, payload, charge) => {
+            Event::Object(port, payload, charge, slot) => {
                 let message = match self.object(py, payload) {
                     Ok(message) => message,
-                    Err(error) => return self.fail(py, list, port, charge, error),
+                    Err(error) => return self.fail(py, list, port, slot, charge, error),
                 };
                 if let Some(window) = &port.window {
                     window.task_woken();
