@@ -205,6 +205,9 @@ class IOThread:
         self._zmq_context: zmq.Context[zmq.Socket[bytes]] | None = None
         self.zmq_sockets: set[zmq.Socket[bytes]] = set()
         self._paused_listeners: list[Conn] = []
+        #: Listeners told they ran out of descriptors, that accepted nothing since
+        #: (``_tcp.on_listener_event``: an episode is told once, not at every retry).
+        self._told_exhausted: set[Conn] = set()
         # The timer that lets them try again (ACCEPT_RETRY), while any is paused.
         self._accept_retry: list[Callable[[], None] | None] | None = None
         self._buffer = bytearray(READ_SIZE)
@@ -818,6 +821,8 @@ class IOThread:
         self.bytes_discarded += conn.out_bytes
         conn.out_bytes = 0
         self.ports_open -= 1
+        if self._told_exhausted:
+            self._told_exhausted.discard(conn)
         if self._paused_listeners:
             # A descriptor was freed: listeners that ran out of them may accept again.
             self._retry_listeners()

@@ -619,6 +619,10 @@ struct Listener {
     in_ready: bool,
     /// Out of descriptors: not accepting until a port closes or [`ACCEPT_RETRY`] passes.
     exhausted: bool,
+    /// Its owner was told it ran out of descriptors (an `AcceptError`), and no connection
+    /// was accepted since: the retries of one episode are not told again (ten a second
+    /// for as long as the descriptors are out); the next `Accepted` ends the episode.
+    told_exhausted: bool,
 }
 
 enum Entry {
@@ -1973,6 +1977,7 @@ impl IoThread {
             readable: false,
             in_ready: false,
             exhausted: false,
+            told_exhausted: false,
         })));
     }
 
@@ -1983,7 +1988,10 @@ impl IoThread {
                 return;
             }
             let (mut sock, remote) = match l.sock.accept() {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    l.told_exhausted = false; // (an episode out of descriptors ends)
+                    accepted
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     l.readable = false;
                     return;
@@ -1998,11 +2006,16 @@ impl IoThread {
                 }
                 Err(error) => {
                     let errno = errno_of(&error);
-                    self.stage(inbox, Event::AcceptError(l.port.clone(), errno));
-                    if matches!(
+                    let exhausted = matches!(
                         errno,
                         libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-                    ) {
+                    );
+                    // Out of descriptors: told once an episode (see `told_exhausted`).
+                    if !(exhausted && l.told_exhausted) {
+                        self.stage(inbox, Event::AcceptError(l.port.clone(), errno));
+                    }
+                    if exhausted {
+                        l.told_exhausted = true;
                         l.exhausted = true;
                         self.exhausted_listeners.push(l.conn.slot);
                         self.accept_retry
