@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
+import time
 import tracemalloc
 from typing import Any
 
@@ -539,4 +540,53 @@ async def test_a_decoder_that_disagrees_with_the_framer_fails_the_port_and_carri
                     with anyio.fail_after(5):
                         assert await port.receive() == Closed("EPROTO", "EPROTO")
                     assert _peer_ended(peer)
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+async def test_a_keyboard_interrupt_in_a_decode_propagates_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``KeyboardInterrupt`` that lands in a msgpack decode (here in the timestamp
+    extension's Python constructor, where a SIGINT's handler may run) propagates out of
+    the drain (``Inbox.take``), as trio and anyio require of a ``BaseException`` that is
+    not an ``Exception``; the next take returns the pairs built before it, the
+    interrupted object decoded again and the rest, in order, each once.  Before, it was
+    swallowed: the port was closed as an internal error, its later messages dropped.
+
+    The test drains the inbox itself, synchronously (no checkpoint, so the hub cannot
+    run meanwhile), and hands the pairs to their targets as the hub does."""
+    original = msgpack.ext.Timestamp.__init__
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted(self: object, *args: Any, **kwargs: Any) -> None:
+        if interrupts:
+            raise interrupts.pop()
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(msgpack.ext.Timestamp, "__init__", interrupted)
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    inbox = ios._hub.inbox  # type: ignore[attr-defined]
+                    timestamp = b"\xd6\xff\x00\x00\x00\x01"
+                    peer.sendall(msgpack.packb([1]) + timestamp + msgpack.packb([2]))
+                    pairs: list[tuple[Any, Any]] = []
+                    raised = 0
+                    deadline = time.monotonic() + 5  # (no checkpoint: fail_after cannot)
+                    while sum(target is port for target, _ in pairs) < 3:
+                        assert time.monotonic() < deadline, pairs
+                        try:
+                            pairs += inbox.take()
+                        except KeyboardInterrupt:
+                            raised += 1
+                    assert raised == 1
+                    ours = [message for target, message in pairs if target is port]
+                    assert ours == [Data([1]), Data(msgpack.Timestamp(1)), Data([2])]
+                    for target, message in pairs:
+                        target._deliver(message)
+                    for message in ours:
+                        assert await port.receive() == message
         await _until(lambda: ios.statistics().memory_in_use == 0)

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -429,10 +429,23 @@ pub struct Inbox {
     /// thread (``stage``: this list's ``append``) and moved to the loop's batch after each
     /// hosted round (`hosted.rs`).
     hosted: Py<PyList>,
+    /// What an interrupted `take` left for the next (see [`Carried`]).
+    carried: Mutex<Carried>,
     /// A test hook (``_fail_replies_for_test``): the next this many connect or listen
     /// replies raise ``MemoryError`` while being built.  Relaxed: touched by the loop's
     /// thread only.
     fail_replies: std::sync::atomic::AtomicU32,
+}
+
+/// What a `take` interrupted by a `BaseException` that is not an `Exception` (a
+/// `KeyboardInterrupt` in a decode) leaves for the next one, which returns it first: the
+/// pairs it built (`pairs`: `Some` while anything is carried) and the events it had not
+/// built yet, the interrupted one first (`retry`: where the decode puts its event back).
+#[derive(Default)]
+struct Carried {
+    pairs: Option<Py<PyList>>,
+    events: Vec<Event>,
+    retry: Option<Event>,
 }
 
 /// The reused msgpack decoder's bound methods: `feed`, `unpack` and `read_bytes`.  Each
@@ -516,15 +529,15 @@ impl Inbox {
     /// The message of an object packet (`Event::Object`): the decoded msgpack object, the
     /// command's `list[bytes]`, the resp error's exception.  `Err`: the msgpack decoder
     /// raised.
-    fn object<'py>(&self, py: Python<'py>, payload: Payload) -> PyResult<Bound<'py, PyAny>> {
+    fn object<'py>(&self, py: Python<'py>, payload: &Payload) -> PyResult<Bound<'py, PyAny>> {
         Ok(match payload {
             Payload::Msgpack(bytes) if bytes.len() > REUSED_DECODER_MAX => {
-                let packet = PyBytes::new(py, &bytes);
+                let packet = PyBytes::new(py, bytes);
                 let options = self.unpack_options.bind(py);
                 self.unpackb.bind(py).call((packet,), Some(options))?
             }
             Payload::Msgpack(bytes) => {
-                let packet = PyBytes::new(py, &bytes);
+                let packet = PyBytes::new(py, bytes);
                 // Taken out of the lock while Python runs (nothing is held across a call).
                 let held = self
                     .decoder
@@ -569,8 +582,8 @@ impl Inbox {
                 });
                 PyList::new(py, arguments)?.into_any()
             }
-            Payload::Error(error) => crate::framing::frame_error(py, &error)?,
-            Payload::Bytes(bytes) => PyBytes::new(py, &bytes).into_any(),
+            Payload::Error(error) => crate::framing::frame_error(py, error)?,
+            Payload::Bytes(bytes) => PyBytes::new(py, bytes).into_any(),
         })
     }
 
@@ -677,6 +690,50 @@ impl Inbox {
         list.append((request.obj.clone_ref(py), message))
     }
 
+    /// What the last `take` left when it was interrupted (see [`Carried`]): its pairs (or a
+    /// new list) and its events, if any.
+    fn resume<'py>(&self, py: Python<'py>) -> (Bound<'py, PyList>, Option<Vec<Event>>) {
+        let taken = match self.carried.lock() {
+            Ok(mut carried) if carried.pairs.is_some() => {
+                Some((carried.pairs.take(), std::mem::take(&mut carried.events)))
+            }
+            _ => None,
+        };
+        match taken {
+            Some((Some(pairs), events)) => (pairs.into_bound(py), Some(events)),
+            _ => (PyList::empty(py), None),
+        }
+    }
+
+    /// Build `events` into `list`; on a `BaseException` that is not an `Exception`, keep
+    /// `list` and the events not built (the interrupted one first) for the next `take`,
+    /// and raise it.
+    fn build_all(
+        &self,
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        events: Vec<Event>,
+    ) -> PyResult<()> {
+        let mut events = events.into_iter();
+        while let Some(event) = events.next() {
+            let Err(error) = self.build(py, list, event) else {
+                continue;
+            };
+            if error.is_instance_of::<PyException>(py) {
+                error.write_unraisable(py, None);
+                continue;
+            }
+            if let Ok(mut carried) = self.carried.lock() {
+                let mut left: Vec<Event> = carried.retry.take().into_iter().collect();
+                left.extend(events);
+                carried.events = left;
+                carried.pairs = Some(list.clone().unbind());
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
     /// The test hook's fault (``_fail_replies_for_test``): `MemoryError` while it lasts.
     fn reply_fault(&self) -> PyResult<()> {
         let left = self.fail_replies.load(Ordering::Relaxed);
@@ -696,8 +753,18 @@ impl Inbox {
         }
         match event {
             Event::Object(port, payload, charge, slot) => {
-                let message = match self.object(py, payload) {
+                let message = match self.object(py, &payload) {
                     Ok(message) => message,
+                    Err(error) if !error.is_instance_of::<PyException>(py) => {
+                        // A KeyboardInterrupt, a SystemExit (a signal handler that ran in
+                        // a Python call of the decoder: a timestamp, an ext): not the
+                        // packet's fault, and not to be swallowed (trio's and anyio's
+                        // rule).  The packet is decoded again at the next take.
+                        if let Ok(mut carried) = self.carried.lock() {
+                            carried.retry = Some(Event::Object(port, payload, charge, slot));
+                        }
+                        return Err(error);
+                    }
                     Err(error) => return self.fail(py, list, port, slot, charge, error),
                 };
                 if let Some(window) = &port.window {
@@ -889,8 +956,16 @@ impl Inbox {
         self.queue.signal.drain()
     }
 
-    /// Announce the loop's sleep: True to block on the fd, False if batches wait.
+    /// Announce the loop's sleep: True to block on the fd, False if batches wait (or what
+    /// an interrupted `take` left).
     fn prepare_to_sleep(&self) -> bool {
+        if self
+            .carried
+            .lock()
+            .is_ok_and(|carried| carried.pairs.is_some())
+        {
+            return false;
+        }
         self.queue.prepare_to_sleep()
     }
 
@@ -903,14 +978,18 @@ impl Inbox {
     /// with the messages of ``ioserver._messages``; the references the I/O thread handed
     /// back (written buffers, closed ports) are dropped here.  An error building one pair
     /// (a ``make_port`` that raised) is reported as unraisable; the others are returned.
+    ///
+    /// A ``BaseException`` that is not an ``Exception`` (a ``KeyboardInterrupt`` that
+    /// landed in a decode's Python call) propagates: the pairs built so far, the packet it
+    /// interrupted and the events after it are kept, in order, and the next call returns
+    /// them first - nothing lost, nothing twice.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let list = PyList::empty(py);
+        let (list, events) = self.resume(py);
+        if let Some(events) = events {
+            self.build_all(py, &list, events)?;
+        }
         while let Some(batch) = self.queue.pop() {
-            for event in batch {
-                if let Err(error) = self.build(py, &list, event) {
-                    error.write_unraisable(py, None);
-                }
-            }
+            self.build_all(py, &list, batch)?;
         }
         Ok(list)
     }
@@ -1262,6 +1341,7 @@ impl Core {
             addresses: Mutex::new(AddressCache::default()),
             hosted,
             fail_replies: std::sync::atomic::AtomicU32::new(0),
+            carried: Mutex::new(Carried::default()),
         })
     }
 
