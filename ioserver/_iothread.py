@@ -130,6 +130,19 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def internal_error_reason(exc: BaseException) -> str:
+    """The ``Closed`` reason of a port closed for an internal error: ``"internal error:
+    <repr>"``, or ``"internal error"`` if the error's ``repr`` itself fails."""
+    try:
+        return f"internal error: {exc!r}"
+    except Exception:
+        return "internal error"
+
+
+#: What a port's owner gets when even its internal error cannot be reported.
+_INTERNAL_ERROR = Closed("internal error", "EIO")
+
+
 class _WakeupSlot:
     """Stands in the port table at the command queue's wake-up fd."""
 
@@ -748,15 +761,27 @@ class IOThread:
         self.commands_run += ran
 
     def _internal_error(self, conn: object, exc: Exception) -> None:
-        """A bug or an unexpected error while serving one port: close that port only."""
+        """A bug or an unexpected error while serving one port: close that port only.
+
+        A second fault while reporting it (a ``repr`` of the error that raises, a
+        ``MemoryError``) must not end the thread either: the owner then gets
+        ``Closed("internal error", "EIO")``, and the port is closed whatever happens."""
         self.internal_errors += 1
         log.error("error while serving a port; closing it", exc_info=exc)
         if isinstance(conn, Conn) and not conn.closed:
-            if conn.request is not None:
-                conn.deliver((conn.request, exc))
-                conn.request = None
-            conn.deliver((conn.port, Closed(f"internal error: {exc!r}", "EIO")))
-            self._close(conn)
+            try:
+                if conn.request is not None:
+                    conn.deliver((conn.request, exc))
+                    conn.request = None
+                conn.deliver((conn.port, Closed(internal_error_reason(exc), "EIO")))
+            except Exception:
+                try:
+                    log.exception("a second error while reporting an error; closing the port")
+                    conn.deliver((conn.port, _INTERNAL_ERROR))
+                except Exception:  # (out of memory: nothing more can be told)
+                    pass
+            finally:
+                self._close(conn)
         elif isinstance(conn, Handler) and not conn.closed:
             try:
                 conn.on_error(exc)

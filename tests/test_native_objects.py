@@ -590,3 +590,40 @@ async def test_a_keyboard_interrupt_in_a_decode_propagates_and_loses_nothing(
                     for message in ours:
                         assert await port.receive() == message
         await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_decode_error_whose_report_fails_leaves_the_io_thread_serving(
+    monkeypatch: pytest.MonkeyPatch, core: str, io_backend: str | None
+) -> None:
+    """A decode error whose report fails too (a timestamp extension raising an error whose
+    ``repr`` raises) closes that port, ``Closed("internal error", "EIO")``, and the I/O
+    thread serves on: another port echoes.  Before, on the Python core, the second fault
+    escaped ``IOThread._internal_error`` and ended the I/O thread (every port lost)."""
+
+    def fails(self: object, *args: object, **kwargs: object) -> None:
+        raise _UnprintableError("bad timestamp")
+
+    monkeypatch.setattr(msgpack.ext.Timestamp, "__init__", fails)
+    async with ioserver.open(core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    timestamp = b"\xd6\xff\x00\x00\x00\x01"
+                    peer.sendall(msgpack.packb([1]) + timestamp)
+                    with anyio.fail_after(5):
+                        while (message := await port.receive()) == Data([1]):
+                            pass
+                    assert message == Closed("internal error", "EIO")
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(msgpack.packb([2]))
+                    with anyio.fail_after(5):
+                        assert await port.receive() == Data([2])
+                    await port.send([3])
+                    peer.settimeout(5)
+                    assert peer.recv(16) == msgpack.packb([3])
