@@ -627,3 +627,53 @@ async def test_a_decode_error_whose_report_fails_leaves_the_io_thread_serving(
                     await port.send([3])
                     peer.settimeout(5)
                     assert peer.recv(16) == msgpack.packb([3])
+
+
+# The MemoryError is reported as unraisable, as the drain's internal errors are.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("packet", ["msgpack", 4])
+async def test_a_packet_whose_message_fails_to_build_keeps_the_budget_exact(
+    packet: Any,
+) -> None:
+    """A packet whose ``Data`` message fails to build (a ``MemoryError``, injected by a
+    test hook; a decoded object's or a framed port's bytes) fails its port - the owner
+    gets ``Closed("internal error: ...", "EIO")``, not a silent gap - and its charge is
+    counted taken: the memory in use comes back to 0.  Before, its charge had been
+    appended to the port's sizes before the message was built: the message was lost, the
+    port went on, the next packet taken popped the lost one's charge (a shift), and the
+    difference stayed charged for good."""
+
+    def frame(value: Any) -> bytes:
+        if packet == "msgpack":
+            return bytes(msgpack.packb(value))
+        body = repr(value).encode()
+        return len(body).to_bytes(4, "big") + body
+
+    def message(value: Any) -> Data:
+        return Data(value if packet == "msgpack" else repr(value).encode())
+
+    async with ioserver.open(core="native", memory_limit=1 << 20) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=packet)
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(frame([1]))
+                    with anyio.fail_after(5):
+                        assert await port.receive() == message([1])
+                    ios._hub.inbox._fail_packets_for_test(1)  # type: ignore[attr-defined]
+                    peer.sendall(frame([2]))
+                    # (A later packet, of another size: after a shift it would be
+                    # credited the lost one's charge.)
+                    later = [3, "x" * 100]
+                    peer.sendall(frame(later))
+                    with anyio.fail_after(5):
+                        closed = await port.receive()
+                        while closed == message(later):
+                            closed = await port.receive()
+                    assert isinstance(closed, Closed), closed
+                    assert (closed.reason, closed.errno_name) == (
+                        "internal error: MemoryError()",
+                        "EIO",
+                    )
+        await _until(lambda: ios.statistics().memory_in_use == 0)

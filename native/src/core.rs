@@ -361,8 +361,9 @@ pub enum Event {
     /// Bytes read: `Data(bytes)`.
     Data(Target, Vec<u8>),
     /// A packet charged more than its length: its charge goes to the port's
-    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.
-    Packet(Target, Vec<u8>, u64),
+    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.  The last field is the
+    /// stream's slot, as [`Event::Object`]'s.
+    Packet(Target, Vec<u8>, u64, usize),
     /// A packet of a mode whose messages are objects (msgpack, resp), with its charge:
     /// the drain builds the object (decodes the msgpack bytes, makes the command's
     /// `list[bytes]`, the error's exception), puts the charge in `window.sizes`, then
@@ -2227,7 +2228,7 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
 fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64, slot: usize) -> Event {
     match payload {
         Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes),
-        Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge),
+        Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge, slot),
         object => Event::Object(port.clone(), object, charge, slot),
     }
 }

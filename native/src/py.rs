@@ -431,6 +431,11 @@ pub struct Inbox {
     hosted: Py<PyList>,
     /// What an interrupted `take` left for the next (see [`Carried`]).
     carried: Mutex<Carried>,
+    /// A test hook (``_fail_packets_for_test``): the next this many packets' ``Data``
+    /// messages (a decoded object's, a charged packet's) raise ``MemoryError`` while being
+    /// built.  Relaxed: touched by the
+    /// loop's thread only.
+    fail_packets: std::sync::atomic::AtomicU32,
     /// A test hook (``_fail_replies_for_test``): the next this many connect or listen
     /// replies raise ``MemoryError`` while being built.  Relaxed: touched by the loop's
     /// thread only.
@@ -587,9 +592,10 @@ impl Inbox {
         })
     }
 
-    /// A msgpack packet of `port` did not decode (`error`): tell its owner as the Python
-    /// core does, drop what comes for the port after this, and have the I/O thread close
-    /// it.  The decoder's refusal (`ValueError`, `TypeError`) is the framer's
+    /// A msgpack packet of `port` did not decode (`error`), or a packet's message could not
+    /// be delivered (a `MemoryError`: [`Inbox::deliver_packet`]): tell its owner as the
+    /// Python core does, drop what comes for the port after this, and have the I/O thread
+    /// close it.  The decoder's refusal (`ValueError`, `TypeError`) is the framer's
     /// (`MsgpackFramer._decode`, then `IOThread._frame_error`): `Error("EPROTO", EPROTO,
     /// "malformed msgpack data: <its text>")`, then `Closed("EPROTO")`; another exception
     /// is an internal error (`IOThread._internal_error`): reported as unraisable, then
@@ -645,7 +651,9 @@ impl Inbox {
     /// a packet's charge counted taken; false for every other event.
     fn drop_failed(event: &Event) -> bool {
         let (port, charge) = match event {
-            Event::Object(port, _, charge, _) | Event::Packet(port, _, charge) => (port, *charge),
+            Event::Object(port, _, charge, _) | Event::Packet(port, _, charge, _) => {
+                (port, *charge)
+            }
             Event::Data(port, bytes) => (port, bytes.len() as u64),
             Event::Eof(port)
             | Event::Shutdown(port)
@@ -734,6 +742,68 @@ impl Inbox {
         Ok(())
     }
 
+    /// A packet's `Data(payload)` message (``Data`` without its ``__init__``).
+    fn data_message<'py>(
+        &self,
+        py: Python<'py>,
+        payload: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.packet_fault()?;
+        let data = self.new.bind(py).call1((self.data.bind(py),))?;
+        self.set_data.bind(py).call1((&data, payload))?;
+        Ok(data)
+    }
+
+    /// Deliver a packet's `data` message, charged `charge`: its charge to the port's
+    /// `window.sizes` (the port pops it when its owner takes the packet), then the pair -
+    /// both or neither.  Built first, so that no failure can come between them: a charge
+    /// appended without its message shifted every later one of the port, and left the
+    /// difference charged for good.  Should either fail (a `MemoryError`), the appended
+    /// charge is taken back and the port fails as an undecodable packet does
+    /// ([`Inbox::fail`]: its owner told, its charge counted taken).
+    fn deliver_packet(
+        &self,
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        port: Target,
+        slot: usize,
+        charge: u64,
+        data: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if let Some(window) = &port.window {
+            window.task_woken();
+        }
+        if let Some(sizes) = &port.sizes {
+            if let Err(error) = sizes.bind(py).call1((charge,)) {
+                return self.fail(py, list, port, slot, charge, error);
+            }
+        }
+        let Err(error) = list.append((port.obj.clone_ref(py), data)) else {
+            return Ok(());
+        };
+        if let Some(sizes) = &port.sizes {
+            // (The deque's `pop`: the charge just appended, its last.)
+            let popped = sizes
+                .bind(py)
+                .getattr("__self__")
+                .and_then(|deque| deque.call_method0("pop"));
+            if let Err(second) = popped {
+                second.write_unraisable(py, Some(port.obj.bind(py)));
+            }
+        }
+        self.fail(py, list, port, slot, charge, error)
+    }
+
+    /// The test hook's fault (``_fail_packets_for_test``): `MemoryError` while it lasts.
+    fn packet_fault(&self) -> PyResult<()> {
+        let left = self.fail_packets.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(());
+        }
+        self.fail_packets.store(left - 1, Ordering::Relaxed);
+        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+    }
+
     /// The test hook's fault (``_fail_replies_for_test``): `MemoryError` while it lasts.
     fn reply_fault(&self) -> PyResult<()> {
         let left = self.fail_replies.load(Ordering::Relaxed);
@@ -767,16 +837,17 @@ impl Inbox {
                     }
                     Err(error) => return self.fail(py, list, port, slot, charge, error),
                 };
-                if let Some(window) = &port.window {
-                    window.task_woken();
-                }
-                // Its charge first: the port pops it when its owner takes the packet.
-                if let Some(sizes) = &port.sizes {
-                    sizes.bind(py).call1((charge,))?;
-                }
-                let data = self.new.bind(py).call1((self.data.bind(py),))?;
-                self.set_data.bind(py).call1((&data, message))?;
-                pair(&port, data)
+                let data = match self.data_message(py, message) {
+                    Ok(data) => data,
+                    Err(error) if !error.is_instance_of::<PyException>(py) => {
+                        if let Ok(mut carried) = self.carried.lock() {
+                            carried.retry = Some(Event::Object(port, payload, charge, slot));
+                        }
+                        return Err(error);
+                    }
+                    Err(error) => return self.fail(py, list, port, slot, charge, error),
+                };
+                self.deliver_packet(py, list, port, slot, charge, data)
             }
             Event::Data(port, bytes) => {
                 if let Some(window) = &port.window {
@@ -788,12 +859,18 @@ impl Inbox {
                     .call1((&message, PyBytes::new(py, &bytes)))?;
                 pair(&port, message)
             }
-            Event::Packet(port, bytes, charge) => {
-                // Its charge first: the port pops it when its owner takes the packet.
-                if let Some(sizes) = &port.sizes {
-                    sizes.bind(py).call1((charge,))?;
-                }
-                self.build(py, list, Event::Data(port, bytes))
+            Event::Packet(port, bytes, charge, slot) => {
+                let data = match self.data_message(py, PyBytes::new(py, &bytes).into_any()) {
+                    Ok(data) => data,
+                    Err(error) if !error.is_instance_of::<PyException>(py) => {
+                        if let Ok(mut carried) = self.carried.lock() {
+                            carried.retry = Some(Event::Packet(port, bytes, charge, slot));
+                        }
+                        return Err(error);
+                    }
+                    Err(error) => return self.fail(py, list, port, slot, charge, error),
+                };
+                self.deliver_packet(py, list, port, slot, charge, data)
             }
             Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
             Event::Shutdown(port) => {
@@ -1038,6 +1115,15 @@ impl Inbox {
     #[pyo3(name = "_fail_replies_for_test")]
     fn fail_replies_for_test(&self, count: u32) {
         self.fail_replies.store(count, Ordering::Relaxed)
+    }
+
+    /// A test hook, private (``_fail_packets_for_test``, used only by the tests): the next
+    /// ``count`` packets' ``Data`` messages (a decoded msgpack or resp object's, a framed
+    /// port's bytes) raise ``MemoryError`` while this inbox builds them, as a real
+    /// allocation failure would.
+    #[pyo3(name = "_fail_packets_for_test")]
+    fn fail_packets_for_test(&self, count: u32) {
+        self.fail_packets.store(count, Ordering::Relaxed)
     }
 }
 
@@ -1342,6 +1428,7 @@ impl Core {
             hosted,
             fail_replies: std::sync::atomic::AtomicU32::new(0),
             carried: Mutex::new(Carried::default()),
+            fail_packets: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
