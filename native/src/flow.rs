@@ -1178,6 +1178,11 @@ impl Budget {
         !self.pauses.ports.is_empty()
     }
 
+    /// How many ports the budget has paused now (the daemon's status: `paused_ports`).
+    pub fn paused_ports(&self) -> usize {
+        self.pauses.ports.len()
+    }
+
     /// Entries of the pause lists visited, ever: the cost of the budget's pause
     /// bookkeeping, O(1) amortised per pause, release, `cmd_want` and close (for the
     /// tests that check it stays so at tens of thousands of ports).

@@ -1835,6 +1835,31 @@ impl Core {
     fn listeners_open(&self) -> u64 {
         self.shared.listeners_open.load(Ordering::Relaxed)
     }
+    /// Unix listeners open now (of ``listeners_open``).
+    #[getter]
+    fn unix_listeners_open(&self) -> u64 {
+        self.shared.unix_listeners_open.load(Ordering::Relaxed)
+    }
+    /// Unix streams open now (Unix connections and programs' stdio; of ``ports_open``).
+    #[getter]
+    fn unix_streams(&self) -> u64 {
+        self.shared.unix_streams.load(Ordering::Relaxed)
+    }
+    /// Streams with more output queued than their low watermark now.
+    #[getter]
+    fn busy_streams(&self) -> u64 {
+        self.shared.busy_streams.load(Ordering::Relaxed)
+    }
+    /// Streams paused by their watermarks now.
+    #[getter]
+    fn msgq_paused_streams(&self) -> u64 {
+        self.shared.msgq_paused_streams.load(Ordering::Relaxed)
+    }
+    /// Streams paused by the memory budget, at the start of the thread's last round.
+    #[getter]
+    fn budget_paused_streams(&self) -> u64 {
+        self.shared.budget_paused_streams.load(Ordering::Relaxed)
+    }
     /// Errors contained (and the thread's own failure).
     #[getter]
     fn internal_errors(&self) -> u64 {
