@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
+import struct
 import time
 import tracemalloc
 from typing import Any
@@ -677,3 +678,46 @@ async def test_a_packet_whose_message_fails_to_build_keeps_the_budget_exact(
                         "EIO",
                     )
         await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+async def test_a_refused_object_closes_its_own_port_even_once_its_slot_is_reused() -> None:
+    """The drain closes a port whose object the decoder refused at the slot its packet
+    came from (``DecodeFailed``, O(1)): if that port closed meanwhile and a new
+    connection took its slot, the new one is left alone.  The test holds the loop (no
+    checkpoint) while the I/O thread reads peer A's bad object and reset, closes A's
+    port, and accepts peer B into the same slot; then the drain refuses A's object, and
+    B's port echoes."""
+    async with ioserver.open(core="native") as ios:
+        core = ios._io._core  # type: ignore[attr-defined]
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            first = socket.create_connection(listener.local_address)
+            port = await _accept(listener)
+
+            def until(condition: Any) -> None:  # (no checkpoint: the hub must not drain)
+                deadline = time.monotonic() + 5
+                while not condition():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+
+            first.sendall(b"\xa1\xff")  # a str that is not UTF-8: only the decoder refuses it
+            first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            first.close()  # a reset
+            until(lambda: core.ports_open == 1)  # A's port closed, its slot free
+            second = socket.create_connection(listener.local_address)
+            until(lambda: core.ports_open == 2)  # B's accepted
+            with second:
+                with anyio.fail_after(5):
+                    other = await _accept(listener)
+                    while not isinstance(ended := await port.receive(), Closed):
+                        assert isinstance(ended, Error), ended
+                # (The slot was reused: the new port's Conn is in the old one's.)
+                assert repr(other._conn).split()[-1] == repr(port._conn).split()[-1]
+                async with port, other:
+                    second.sendall(msgpack.packb("still here"))
+                    with anyio.fail_after(5):
+                        assert await other.receive() == Data("still here")
+                    await other.send("and answering")
+                    second.settimeout(5)
+                    assert second.recv(64) == msgpack.packb("and answering")
+        await _until(lambda: ios.statistics().ports_open == 0)
