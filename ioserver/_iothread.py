@@ -937,16 +937,21 @@ class IOThread:
             if not count:
                 self._stream_interest(conn)
                 return
-        # The sizes first: a message's size must be there before the message can be
-        # taken (the loop thread pops it when the owner takes the message; the daemon's
-        # deliver pops it at once).
+        # The messages are built first, so that a failure while building them (a
+        # MemoryError: the port is then closed as an internal error) leaves no size
+        # without its message and no message delivered uncounted; then the sizes: a
+        # message's size must be there before the message can be taken (the loop thread
+        # pops it when the owner takes the message; the daemon's deliver pops it at once).
+        messages = []
+        for payload in payloads:
+            message = object.__new__(Data)
+            _SET_DATA(message, payload)
+            messages.append(message)
         if conn.sizes is not None:
             conn.sizes.extend(shares)
         port = conn.port
         deliver = conn.deliver
-        for payload in payloads:
-            message = object.__new__(Data)
-            _SET_DATA(message, payload)
+        for message in messages:
             deliver((port, message))
         size = sum(shares)
         conn.delivered_messages += count

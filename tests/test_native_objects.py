@@ -721,3 +721,46 @@ async def test_a_refused_object_closes_its_own_port_even_once_its_slot_is_reused
                     second.settimeout(5)
                     assert second.recv(64) == msgpack.packb("and answering")
         await _until(lambda: ios.statistics().ports_open == 0)
+
+
+@pytest.mark.python_core
+@pytest.mark.parametrize("packet", ["msgpack", 4])
+async def test_on_the_python_core_a_packet_whose_message_fails_keeps_the_budget_exact(
+    monkeypatch: pytest.MonkeyPatch, packet: Any
+) -> None:
+    """The Python core's twin of the native test above: a read of two packets whose
+    second ``Data`` fails to build (a ``MemoryError``, injected where the I/O thread sets
+    a message's data) closes the port as an internal error, and the memory in use comes
+    back to 0.  Before, the read's charges went to the port's sizes before its messages
+    were built: the first message was delivered without being counted delivered, and
+    its owner's take left the budget's count off by its charge."""
+    from ioserver import _iothread
+
+    original = _iothread._SET_DATA
+    calls: list[object] = []
+
+    def fails_second(message: object, payload: object) -> None:
+        calls.append(payload)
+        if len(calls) == 2:
+            raise MemoryError
+        original(message, payload)
+
+    def frame(value: Any) -> bytes:
+        if packet == "msgpack":
+            return bytes(msgpack.packb(value))
+        body = repr(value).encode()
+        return len(body).to_bytes(4, "big") + body
+
+    async with ioserver.open(core="python", memory_limit=1 << 20) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=packet)
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    monkeypatch.setattr(_iothread, "_SET_DATA", fails_second)
+                    peer.sendall(frame([1]) + frame([2, "x" * 100]))
+                    with anyio.fail_after(5):
+                        while not isinstance(message := await port.receive(), Closed):
+                            pass
+                    assert message.reason == "internal error: MemoryError()", message
+        await _until(lambda: ios.statistics().memory_in_use == 0)
