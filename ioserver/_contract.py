@@ -99,11 +99,16 @@ def inet_address(
 
 
 def format_address(address: object) -> str:
-    """``host:port`` (``[host]:port`` for IPv6), or the address's repr (a path...)."""
+    """``host:port`` (``[host]:port`` for IPv6), or the address's repr (a path...); never
+    raises (a connect's error is built with it, and must reach its owner): an address
+    whose ``repr`` raises is named by its type."""
     if isinstance(address, tuple) and len(address) >= 2:
         host = address[0]
         return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    return repr(address)
+    try:
+        return repr(address)
+    except Exception:
+        return f"<{type(address).__name__} whose repr failed>"
 
 
 @runtime_checkable

@@ -65,6 +65,7 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from typing import cast
@@ -505,30 +506,46 @@ _COMMANDS: dict[int, Command] = {
 
 def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[str, P.Wire]:
     """The I/O thread's status for ``ioserver status`` (runs on the I/O thread)."""
-    kinds = {"tcp": 0, "tcp_listeners": 0, "connecting": 0, "other": 0}
+    kinds = {
+        "tcp": 0,
+        "tcp_listeners": 0,
+        "unix": 0,
+        "unix_listeners": 0,
+        "connecting": 0,
+        "other": 0,
+    }
     busy = paused = queued = 0
     for entry in io._table:
         if entry is None or entry.__class__ is not Conn:
             if isinstance(entry, Handler):
                 kinds["other"] += 1
             continue
+        unix = entry.sock.family == socket.AF_UNIX  # (a program's stdio too)
         if entry.kind == STREAM:
-            kinds["tcp"] += 1
+            kinds["unix" if unix else "tcp"] += 1
             queued += entry.out_bytes
             if entry.msgq_paused or entry.global_paused or entry.queue_paused:
                 paused += 1
             if entry.out_bytes > entry.send_low:
                 busy += 1
         elif entry.kind == LISTENER:
-            kinds["tcp_listeners"] += 1
+            kinds["unix_listeners" if unix else "tcp_listeners"] += 1
         elif entry.kind == CONNECTING:
             kinds["connecting"] += 1
     core = getattr(io, "_core", None)
     if core is not None:  # the native core: its own ports are not in the hosted table
-        listeners = int(core.listeners_open)
-        kinds["tcp_listeners"] += listeners
-        kinds["tcp"] += int(core.ports_open) - listeners  # (connecting ones among them)
+        listeners, unix_listeners = int(core.listeners_open), int(core.unix_listeners_open)
+        unix_streams = int(core.unix_streams)
+        kinds["tcp_listeners"] += listeners - unix_listeners
+        kinds["unix_listeners"] += unix_listeners
+        kinds["unix"] += unix_streams
+        # (Connecting ones among them: the native thread does not count them apart.)
+        kinds["tcp"] += int(core.ports_open) - listeners - unix_streams
         queued += int(core.pending_output)
+        busy += int(core.busy_streams)
+        # (A port paused by both its watermarks and the budget counts twice: rare, as
+        # neither reads the socket, so the other has no read to pause.)
+        paused += int(core.msgq_paused_streams) + int(core.budget_paused_streams)
     inboxes = io._inboxes
     counters = io.counters()  # on the native core, its thread's and its hosted half's
     return {

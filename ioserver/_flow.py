@@ -33,8 +33,11 @@ object (a framer with :attr:`~._framing.Framer.decodes_objects`) its share of th
 bytes it was decoded from, which the I/O half appends to ``window.sizes`` before it
 delivers the message and the loop half pops when the owner takes it.  A packet of a framed
 port in this process is charged ``window.packet_overhead`` more
-(:data:`~._framing.PACKET_OVERHEAD`: what its Python objects hold), so every such port
-keeps ``window.sizes``; a daemon's port charges wire bytes, as its client counts them.
+(:data:`~._framing.PACKET_OVERHEAD`: what its Python objects hold), and a decoded object
+what it holds beyond that (:meth:`~._framing.Framer.object_charges`:
+:data:`~._framing.MSGPACK_ITEM_CHARGE` a msgpack item, so that a frame of tiny items
+cannot hold many times its charge), so every such port keeps ``window.sizes``; a
+daemon's port charges wire bytes, as its client counts them.
 
 Delivered and not taken above a high watermark (``high_msgq_watermark`` bytes, or
 ``high_msgq_messages``) stops reading this socket alone - TCP then pushes back on this

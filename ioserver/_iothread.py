@@ -130,6 +130,19 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def internal_error_reason(exc: BaseException) -> str:
+    """The ``Closed`` reason of a port closed for an internal error: ``"internal error:
+    <repr>"``, or ``"internal error"`` if the error's ``repr`` itself fails."""
+    try:
+        return f"internal error: {exc!r}"
+    except Exception:
+        return "internal error"
+
+
+#: What a port's owner gets when even its internal error cannot be reported.
+_INTERNAL_ERROR = Closed("internal error", "EIO")
+
+
 class _WakeupSlot:
     """Stands in the port table at the command queue's wake-up fd."""
 
@@ -205,6 +218,9 @@ class IOThread:
         self._zmq_context: zmq.Context[zmq.Socket[bytes]] | None = None
         self.zmq_sockets: set[zmq.Socket[bytes]] = set()
         self._paused_listeners: list[Conn] = []
+        #: Listeners told they ran out of descriptors, that accepted nothing since
+        #: (``_tcp.on_listener_event``: an episode is told once, not at every retry).
+        self._told_exhausted: set[Conn] = set()
         # The timer that lets them try again (ACCEPT_RETRY), while any is paused.
         self._accept_retry: list[Callable[[], None] | None] | None = None
         self._buffer = bytearray(READ_SIZE)
@@ -745,15 +761,27 @@ class IOThread:
         self.commands_run += ran
 
     def _internal_error(self, conn: object, exc: Exception) -> None:
-        """A bug or an unexpected error while serving one port: close that port only."""
+        """A bug or an unexpected error while serving one port: close that port only.
+
+        A second fault while reporting it (a ``repr`` of the error that raises, a
+        ``MemoryError``) must not end the thread either: the owner then gets
+        ``Closed("internal error", "EIO")``, and the port is closed whatever happens."""
         self.internal_errors += 1
         log.error("error while serving a port; closing it", exc_info=exc)
         if isinstance(conn, Conn) and not conn.closed:
-            if conn.request is not None:
-                conn.deliver((conn.request, exc))
-                conn.request = None
-            conn.deliver((conn.port, Closed(f"internal error: {exc!r}", "EIO")))
-            self._close(conn)
+            try:
+                if conn.request is not None:
+                    conn.deliver((conn.request, exc))
+                    conn.request = None
+                conn.deliver((conn.port, Closed(internal_error_reason(exc), "EIO")))
+            except Exception:
+                try:
+                    log.exception("a second error while reporting an error; closing the port")
+                    conn.deliver((conn.port, _INTERNAL_ERROR))
+                except Exception:  # (out of memory: nothing more can be told)
+                    pass
+            finally:
+                self._close(conn)
         elif isinstance(conn, Handler) and not conn.closed:
             try:
                 conn.on_error(exc)
@@ -818,6 +846,8 @@ class IOThread:
         self.bytes_discarded += conn.out_bytes
         conn.out_bytes = 0
         self.ports_open -= 1
+        if self._told_exhausted:
+            self._told_exhausted.discard(conn)
         if self._paused_listeners:
             # A descriptor was freed: listeners that ran out of them may accept again.
             self._retry_listeners()
@@ -870,8 +900,14 @@ class IOThread:
             overhead = conn.packet_overhead
             if overhead:
                 # What a packet holds in Python objects beyond its bytes: charged too, so
-                # that many small packets cannot pass the budget.
-                shares = [share + overhead for share in shares]
+                # that many small packets cannot pass the budget; and what a decoded
+                # object holds beyond that (MSGPACK_ITEM_CHARGE an item...), so that
+                # many tiny items cannot either.
+                more = framer.object_charges(payloads)
+                if more is None:
+                    shares = [share + overhead for share in shares]
+                else:
+                    shares = [share + overhead + m for share, m in zip(shares, more, strict=True)]
             self._deliver_payloads(conn, payloads, shares)
         return True
 
@@ -901,16 +937,21 @@ class IOThread:
             if not count:
                 self._stream_interest(conn)
                 return
-        # The sizes first: a message's size must be there before the message can be
-        # taken (the loop thread pops it when the owner takes the message; the daemon's
-        # deliver pops it at once).
+        # The messages are built first, so that a failure while building them (a
+        # MemoryError: the port is then closed as an internal error) leaves no size
+        # without its message and no message delivered uncounted; then the sizes: a
+        # message's size must be there before the message can be taken (the loop thread
+        # pops it when the owner takes the message; the daemon's deliver pops it at once).
+        messages = []
+        for payload in payloads:
+            message = object.__new__(Data)
+            _SET_DATA(message, payload)
+            messages.append(message)
         if conn.sizes is not None:
             conn.sizes.extend(shares)
         port = conn.port
         deliver = conn.deliver
-        for payload in payloads:
-            message = object.__new__(Data)
-            _SET_DATA(message, payload)
+        for message in messages:
             deliver((port, message))
         size = sum(shares)
         conn.delivered_messages += count

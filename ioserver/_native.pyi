@@ -146,6 +146,11 @@ class Core:
     reserve_reads: int
     linger_timeouts: int
     listeners_open: int
+    unix_listeners_open: int
+    unix_streams: int
+    busy_streams: int
+    msgq_paused_streams: int
+    budget_paused_streams: int
     ports_open: int
     internal_errors: int
     wakes_sent: int

@@ -68,7 +68,7 @@ from ._exceptions import ConnectError, NotSupportedError, errno_name
 from ._flow import Window
 from ._framing import Framer
 from ._hub import AsyncioHub, TrioHub, log
-from ._iothread import IOThread
+from ._iothread import IOThread, internal_error_reason
 from ._tcp import listen_socket
 from ._unix import listen_unix_socket, remove_socket_file
 from ._wakeup import WakeupQueue
@@ -513,7 +513,7 @@ class NativeIOThread(IOThread):
         if conn.__class__ is _NativeConn:
             self.internal_errors += 1
             log.error("error while serving a port; closing it", exc_info=exc)
-            self._core.abort(conn, f"internal error: {exc!r}")
+            self._core.abort(conn, internal_error_reason(exc))
             return
         IOThread._internal_error(self, conn, exc)
 

@@ -69,6 +69,10 @@ class StreamHost(TLSHost, Protocol):
     registration in its table and poller, and the stream interest rule; and what a TLS
     connection's layer uses (:class:`~._tls.TLSHost`)."""
 
+    #: The listeners whose owner was told they ran out of descriptors, and that accepted
+    #: nothing since (see :func:`on_listener_event`).
+    _told_exhausted: set[Conn]
+
     def check_fd(self, fd: int) -> None: ...
     def _stream_interest(self, conn: Conn) -> None: ...
     def _pause_listener(self, listener: Conn) -> None: ...
@@ -327,7 +331,11 @@ def adopt_listener(
 # -- accept -------------------------------------------------------------------------------
 def on_listener_event(io: StreamHost, listener: Conn, mask: int) -> None:
     """A listener is readable: accept up to :data:`ACCEPT_BATCH` connections (fewer if
-    its active credit runs out), each a ``STREAM`` port announced with ``Accepted``."""
+    its active credit runs out), each a ``STREAM`` port announced with ``Accepted``.
+
+    A failed accept is an ``Error`` to the listener's owner; out of descriptors (then
+    retried every ``ACCEPT_RETRY``), once an episode: the retries are not told again until
+    a connection was accepted (``io._told_exhausted``)."""
     make_port = listener.make_port
     assert make_port is not None
     options = listener.options
@@ -336,6 +344,7 @@ def on_listener_event(io: StreamHost, listener: Conn, mask: int) -> None:
     tls_server = listener.tls_server
     deliver = listener.deliver
     lport = listener.port
+    told = io._told_exhausted
     for _ in range(ACCEPT_BATCH):
         if not listener.credit:
             break
@@ -346,13 +355,19 @@ def on_listener_event(io: StreamHost, listener: Conn, mask: int) -> None:
         except OSError as exc:
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                 continue
-            name = errno_name(exc.errno)
-            deliver((lport, Error(name, exc.errno, f"accept failed: {exc.strerror} ({name})")))
-            if exc.errno in _ACCEPT_EXHAUSTED:
+            exhausted = exc.errno in _ACCEPT_EXHAUSTED
+            if not (exhausted and listener in told):
+                name = errno_name(exc.errno)
+                message = f"accept failed: {exc.strerror} ({name})"
+                deliver((lport, Error(name, exc.errno, message)))
+            if exhausted:
+                told.add(listener)
                 # Level-triggered readiness would spin: stop watching the listener
                 # until a port closes or ACCEPT_RETRY passes (IOThread._pause_listener).
                 io._pause_listener(listener)
             return
+        if told:
+            told.discard(listener)  # (an episode out of descriptors ends)
         try:
             io.check_fd(sock.fileno())
         except PollerLimitError as exc:

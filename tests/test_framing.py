@@ -13,6 +13,7 @@ from ioserver._exceptions import OptionError
 from ioserver._framing import (
     FrameError,
     LengthPrefixFramer,
+    MsgpackFramer,
     PacketTooLarge,
     make_framer,
 )
@@ -179,3 +180,19 @@ def test_frame_adds_the_header_and_checks_types_and_sizes() -> None:
 def test_wrong_framing_options(mode: Any, options: dict[str, Any]) -> None:
     with pytest.raises(OptionError):
         make_framer(mode, **options)
+
+
+def test_msgpack_objects_the_decoder_cuts_otherwise_are_refused() -> None:
+    """The Python framer decodes a read's whole objects with one decoder: were its bounds
+    (the C skip's, the walk's) ever not the decoder's, the read is refused
+    (``FrameError``) rather than delivered cut otherwise.  Before, three objects decoded
+    where two were framed were delivered as three messages (and an unfinished last one
+    was dropped by the iteration)."""
+    framer = MsgpackFramer()
+    with pytest.raises(FrameError, match="disagree \\(2 objects in 3 bytes framed, 3 in 3"):
+        framer._decode(b"\x01\x02\x03", 3, [(0, 1), (1, 3)])
+    with pytest.raises(FrameError, match="disagree \\(2 objects in 3 bytes framed, 1 in"):
+        framer._decode(b"\x01\x92\x02", 3, [(0, 1), (1, 3)])
+    # (One object: unpackb refuses extra bytes itself.)
+    with pytest.raises(FrameError, match="extra data"):
+        framer._decode(b"\x01\x02", 2, [(0, 2)])

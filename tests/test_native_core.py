@@ -702,3 +702,64 @@ async def test_an_idle_server_holds_no_written_buffer(ios: ioserver.IOServer) ->
             with anyio.fail_after(5):
                 while ios.statistics().memory_in_use:  # noqa: ASYNC110
                     await anyio.sleep(0.005)
+
+
+async def _until_closed(ios: ioserver.IOServer) -> None:
+    """Wait (checkpointing) until the I/O thread has no port open."""
+    with anyio.fail_after(5):
+        while ios.statistics().ports_open:
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_a_connect_or_listen_reply_that_fails_to_build_still_answers_the_owner() -> None:
+    """A connect's ``Connected`` or a listen's ``Listening`` that the drain fails to build
+    (a ``MemoryError``, injected by a test hook) answers the request with that error - the
+    owner's ``connect_tcp``/``listen_tcp`` raises it - and closes the port the I/O thread
+    opened.  Before, the error was only reported as unraisable: the request was never
+    answered and its owner waited for good, with the port left open."""
+    async with ioserver.open(core="native") as ios:
+        inbox = ios._hub.inbox  # type: ignore[attr-defined]
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            inbox._fail_replies_for_test(1)
+            with anyio.fail_after(5), pytest.raises(MemoryError):
+                await ports.connect_tcp(ios, *server.getsockname())
+            peer, _ = server.accept()
+            with peer:
+                peer.settimeout(5)
+                assert peer.recv(1) == b""  # the connection it opened was closed
+        inbox._fail_replies_for_test(1)
+        with anyio.fail_after(5), pytest.raises(MemoryError):
+            await ports.listen_tcp(ios, "127.0.0.1", 0)
+        await _until_closed(ios)
+        # The next ones are answered as usual.
+        async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
+            port = await ports.connect_tcp(ios, *listener.local_address)
+            async with port, await accept(listener):
+                pass
+        await _until_closed(ios)
+
+
+class _UnprintablePath(str):
+    """A Unix socket path (a ``str``) whose ``repr`` raises: a failed connect's error, which
+    names the path, cannot be built."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for this path")
+
+
+@pytest.mark.every_core
+async def test_a_failed_connect_to_an_unprintable_address_still_answers_the_owner(
+    core: str, io_backend: str | None, tmp_path: object
+) -> None:
+    """A connect that fails (no such socket file) to a path whose ``repr`` raises: its
+    ``ConnectError`` names the path by its type, and reaches the owner.  Before, building
+    the error raised - the native drain only reported it as unraisable, the Python core's
+    I/O thread closed the socket as an internal error - and on both cores the owner's
+    connect waited for good."""
+    async with ioserver.open(core=core, io_backend=io_backend) as ios:
+        path = _UnprintablePath(os.path.join(str(tmp_path), "nobody"))
+        with anyio.fail_after(5), pytest.raises(ports.ConnectError) as info:
+            await ports.connect_unix(ios, path)
+        assert info.value.errno_name == "ENOENT"
+        assert "<_UnprintablePath whose repr failed>" in str(info.value)
+        await _until_closed(ios)

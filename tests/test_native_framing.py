@@ -18,7 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ioserver._exceptions import FrameError, OptionError, PacketTooLarge
-from ioserver._framing import MSGPACK_MAX_DEPTH, MSGPACK_MAX_ITEMS, PACKET_OVERHEAD, make_framer
+from ioserver._framing import (
+    MSGPACK_ITEM_CHARGE,
+    MSGPACK_MAX_DEPTH,
+    MSGPACK_MAX_ITEMS,
+    PACKET_OVERHEAD,
+    RESP_ARGUMENT_CHARGE,
+    make_framer,
+)
 from ioserver._native import _Framer
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -59,6 +66,10 @@ def _expected_charges(
     share, extra = divmod(consumed, len(messages))
     shares = [share + overhead] * len(messages)
     shares[-1] += extra
+    more = python.object_charges(messages) if overhead else None
+    if more is not None:
+        # What the decoded objects hold beyond that (MSGPACK_ITEM_CHARGE an item...).
+        shares = [share + m for share, m in zip(shares, more, strict=True)]
     return shares
 
 
@@ -385,6 +396,93 @@ def test_msgpack_item_cap_as_python_s(stream: bytes, cuts: list[int]) -> None:
     """MSGPACK_MAX_ITEMS: the same objects framed, the same PacketTooLarge (its count, at
     the same read), whole in one read (the C skip, then the count) or walked in pieces."""
     differential("msgpack", 64 << 20, stream, [cut for cut in cuts if cut < len(stream)])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_each_msgpack_packet_is_exactly_one_object_to_the_decoder(data: st.DataObject) -> None:
+    """The Rust framer's object boundaries are msgpack's own: each packet it cuts from a
+    random stream (cut at random reads) is exactly one object to the drain's decoder - it
+    decodes and consumes the whole packet, or the decoder refuses it (a ``ValueError``, a
+    ``TypeError``: the port fails) - never an unfinished object, never one with bytes
+    left over (which the drain now refuses too: ``Inbox``'s ``ReusedDecoder``)."""
+    stream = data.draw(_msgpack_stream())
+    native = _Framer("msgpack", 1 << 20, b"\n")
+    points = [0, *sorted(_cut_points(data, stream)), len(stream)]
+    for first, last in itertools.pairwise(points):
+        try:
+            packets = native.feed(stream[first:last])
+        except FrameError:
+            return  # the port is closed
+        for packet in packets:
+            decoder = msgpack.Unpacker(
+                raw=False, strict_map_key=False, max_buffer_size=max(len(packet), 1)
+            )
+            decoder.feed(packet)
+            try:
+                decoder.unpack()
+            except (ValueError, TypeError):
+                continue  # refused: the port fails
+            assert decoder.tell() == len(packet), packet
+
+
+def _items(value: Any) -> int:
+    """A decoded msgpack value's items as MSGPACK_MAX_ITEMS counts them: itself, and each
+    array element, map key and map value, nested or not."""
+    if isinstance(value, list):
+        return 1 + sum(_items(item) for item in value)
+    if isinstance(value, dict):
+        return 1 + sum(_items(key) + _items(item) for key, item in value.items())
+    return 1
+
+
+@SETTINGS
+@given(values=st.lists(_VALUES, min_size=1, max_size=4), data=st.data())
+def test_a_msgpack_object_is_charged_for_each_of_its_items(
+    values: list[Any], data: st.DataObject
+) -> None:
+    """Each decoded object is charged MSGPACK_ITEM_CHARGE for each item but itself (what
+    decoding builds beyond its wire bytes and PACKET_OVERHEAD), counted by the framer that
+    found its bounds (the C skip's count, or the walk's for an object split across
+    reads), the same on both framers (the differential tests hold them to the same
+    charges).  Before, an object was charged its wire bytes only: a frame of tiny items
+    held ~64 times its charge in Python objects."""
+    stream = b"".join(msgpack.packb(value, use_bin_type=True) for value in values)
+    python = make_framer("msgpack")
+    native = _Framer("msgpack", 64 << 20, b"\n")
+    expected = [(_items(value) - 1) * MSGPACK_ITEM_CHARGE for value in values]
+    got: list[int] = []
+    native_got: list[int] = []
+    points = [0, *sorted(_cut_points(data, stream)), len(stream)]
+    for first, last in itertools.pairwise(points):
+        before = python.buffered
+        chunk = stream[first:last]
+        messages = python.feed(chunk)
+        more = python.object_charges(messages)
+        assert more is not None and len(more) == len(messages)
+        got += more
+        objects, charges = native.feed_charged(chunk, PACKET_OVERHEAD)
+        assert len(objects) == len(messages)
+        if messages:
+            consumed = len(chunk) + before - python.buffered
+            share, extra = divmod(consumed, len(messages))
+            bare = [share + PACKET_OVERHEAD] * len(messages)
+            bare[-1] += extra
+            native_got += [charge - b for charge, b in zip(charges, bare, strict=True)]
+    assert got == expected
+    assert native_got == expected
+
+
+def test_a_resp_command_is_charged_for_each_argument() -> None:
+    python = make_framer("resp")
+    stream = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nvv\r\nPING a bc\r\n"
+    messages = python.feed(stream)
+    assert messages == [[b"SET", b"k", b"vv"], [b"PING", b"a", b"bc"]]
+    more = [3 * RESP_ARGUMENT_CHARGE, 3 * RESP_ARGUMENT_CHARGE]
+    assert python.object_charges(messages) == more
+    share, extra = divmod(len(stream), 2)
+    _, charges = _Framer("resp", 1 << 20, b"\n").feed_charged(stream, PACKET_OVERHEAD)
+    assert charges == [share + PACKET_OVERHEAD + more[0], share + extra + PACKET_OVERHEAD + more[1]]
 
 
 # -- sends ---------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
+import struct
+import time
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -349,6 +352,76 @@ async def test_a_flood_of_objects_stays_within_the_memory_limit(
         assert statistics.memory_in_use == 0, statistics
 
 
+def _decoded_size(packet: bytes) -> int:
+    """Bytes of Python objects one msgpack packet decodes to (``tracemalloc``)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = msgpack.unpackb(packet, raw=False, strict_map_key=False)
+        size = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del decoded
+    return size
+
+
+@pytest.mark.every_core
+async def test_objects_of_tiny_items_are_charged_what_they_decode_to(
+    no_leaks: None, core: str, io_backend: str | None
+) -> None:
+    """What the memory budget charges a msgpack object bounds what its decoding keeps:
+    4 peers send objects of 1,000 empty arrays (1,003 wire bytes that decode to ~64 KB of
+    lists) through a 1 MiB ``memory_limit`` while no owner reads, and the objects the
+    ports hold never decode to more than the limit.  Before, an object was charged its
+    wire bytes and ``PACKET_OVERHEAD`` only (1,163 bytes): all 256 were let in, ~16 MB of
+    lists under a 1 MiB limit.  Once the owners read, every object arrives."""
+    one: bytes = msgpack.packb([[]] * 1000)
+    decoded = _decoded_size(one)
+    assert decoded > 40 * len(one)
+    count, peers = 64, 4
+    assert count * peers * decoded > 8 * LIMIT
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack", **UNBOUND)
+
+        async def flood() -> None:
+            async with await anyio.connect_tcp(*listener.local_address) as stream:
+                await stream.send(one * count)
+                await stream.send_eof()
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+
+        owners: list[ports.Port] = []
+
+        def held() -> int:
+            return sum(port.statistics().messages_buffered for port in owners)
+
+        async with listener, anyio.create_task_group() as senders:
+            for _ in range(peers):
+                senders.start_soon(flood)
+                owners.append(await _accept(listener))
+            # The budget stops the reads, or (before) every object was let in.
+            await _until(lambda: ios.statistics().global_pauses >= 1 or held() >= count * peers)
+            assert held() * decoded <= LIMIT, (held(), decoded)
+            assert ios.statistics().memory_in_use <= LIMIT
+
+            async def drain(port: ports.Port) -> None:
+                received = 0
+                async with port:
+                    while not isinstance(message := await port.receive(), Closed):
+                        assert isinstance(message, Data)
+                        assert message.data == [[]] * 1000
+                        received += 1
+                assert received == count
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as readers:
+                    for port in owners:
+                        readers.start_soon(drain, port)
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+        assert statistics.memory_in_use == 0, statistics
+
+
 @pytest.mark.every_core
 async def test_redis_cli_against_a_resp_port(ios: ioserver.IOServer) -> None:
     """redis-cli, a real client, against a resp listener: pipelined commands (``-r``),
@@ -430,4 +503,264 @@ async def test_a_decode_error_whose_report_fails_still_closes_the_port_for_its_o
                     with anyio.fail_after(5):
                         assert await port.receive() == Data([1])
                         assert await port.receive() == Closed("internal error", "EIO")
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+class _OneByteMore(msgpack.Unpacker):  # type: ignore[misc]
+    """A decoder that disagrees with the framer: it sees one byte more after each packet
+    (the next object's first, as if the framer had cut an object short)."""
+
+    def feed(self, next_bytes: bytes) -> None:
+        super().feed(bytes(next_bytes) + b"\x05")
+
+
+async def test_a_decoder_that_disagrees_with_the_framer_fails_the_port_and_carries_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drain's reused msgpack decoder must consume exactly the packet the Rust framer
+    cut: where they disagree (a decoder that sees a byte more stands for any disagreement),
+    the port fails with ``Error("EPROTO", "... disagree ...")`` then ``Closed("EPROTO")``,
+    and nothing of one packet begins the next.  Before, the extra byte stayed in the
+    reused decoder and the next packet decoded as it: the owner got ``5`` for ``2``, a
+    corrupt message, and went on."""
+    monkeypatch.setattr(msgpack, "Unpacker", _OneByteMore)
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(msgpack.packb(1))
+                    with anyio.fail_after(5):
+                        first = await port.receive()
+                    assert isinstance(first, Error), first
+                    assert first.errno_name == "EPROTO"
+                    ends = "disagree (1 bytes framed, the decoder's object ends before them)"
+                    assert ends in first.message, first
+                    peer.sendall(msgpack.packb(2))
+                    with anyio.fail_after(5):
+                        assert await port.receive() == Closed("EPROTO", "EPROTO")
+                    assert _peer_ended(peer)
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+async def test_a_keyboard_interrupt_in_a_decode_propagates_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``KeyboardInterrupt`` that lands in a msgpack decode (here in the timestamp
+    extension's Python constructor, where a SIGINT's handler may run) propagates out of
+    the drain (``Inbox.take``), as trio and anyio require of a ``BaseException`` that is
+    not an ``Exception``; the next take returns the pairs built before it, the
+    interrupted object decoded again and the rest, in order, each once.  Before, it was
+    swallowed: the port was closed as an internal error, its later messages dropped.
+
+    The test drains the inbox itself, synchronously (no checkpoint, so the hub cannot
+    run meanwhile), and hands the pairs to their targets as the hub does."""
+    original = msgpack.ext.Timestamp.__init__
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted(self: object, *args: Any, **kwargs: Any) -> None:
+        if interrupts:
+            raise interrupts.pop()
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(msgpack.ext.Timestamp, "__init__", interrupted)
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    inbox = ios._hub.inbox  # type: ignore[attr-defined]
+                    timestamp = b"\xd6\xff\x00\x00\x00\x01"
+                    peer.sendall(msgpack.packb([1]) + timestamp + msgpack.packb([2]))
+                    pairs: list[tuple[Any, Any]] = []
+                    raised = 0
+                    deadline = time.monotonic() + 5  # (no checkpoint: fail_after cannot)
+                    while sum(target is port for target, _ in pairs) < 3:
+                        assert time.monotonic() < deadline, pairs
+                        try:
+                            pairs += inbox.take()
+                        except KeyboardInterrupt:
+                            raised += 1
+                    assert raised == 1
+                    ours = [message for target, message in pairs if target is port]
+                    assert ours == [Data([1]), Data(msgpack.Timestamp(1)), Data([2])]
+                    for target, message in pairs:
+                        target._deliver(message)
+                    for message in ours:
+                        assert await port.receive() == message
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_decode_error_whose_report_fails_leaves_the_io_thread_serving(
+    monkeypatch: pytest.MonkeyPatch, core: str, io_backend: str | None
+) -> None:
+    """A decode error whose report fails too (a timestamp extension raising an error whose
+    ``repr`` raises) closes that port, ``Closed("internal error", "EIO")``, and the I/O
+    thread serves on: another port echoes.  Before, on the Python core, the second fault
+    escaped ``IOThread._internal_error`` and ended the I/O thread (every port lost)."""
+
+    def fails(self: object, *args: object, **kwargs: object) -> None:
+        raise _UnprintableError("bad timestamp")
+
+    monkeypatch.setattr(msgpack.ext.Timestamp, "__init__", fails)
+    async with ioserver.open(core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    timestamp = b"\xd6\xff\x00\x00\x00\x01"
+                    peer.sendall(msgpack.packb([1]) + timestamp)
+                    with anyio.fail_after(5):
+                        while (message := await port.receive()) == Data([1]):
+                            pass
+                    assert message == Closed("internal error", "EIO")
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(msgpack.packb([2]))
+                    with anyio.fail_after(5):
+                        assert await port.receive() == Data([2])
+                    await port.send([3])
+                    peer.settimeout(5)
+                    assert peer.recv(16) == msgpack.packb([3])
+
+
+# The MemoryError is reported as unraisable, as the drain's internal errors are.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("packet", ["msgpack", 4])
+async def test_a_packet_whose_message_fails_to_build_keeps_the_budget_exact(
+    packet: Any,
+) -> None:
+    """A packet whose ``Data`` message fails to build (a ``MemoryError``, injected by a
+    test hook; a decoded object's or a framed port's bytes) fails its port - the owner
+    gets ``Closed("internal error: ...", "EIO")``, not a silent gap - and its charge is
+    counted taken: the memory in use comes back to 0.  Before, its charge had been
+    appended to the port's sizes before the message was built: the message was lost, the
+    port went on, the next packet taken popped the lost one's charge (a shift), and the
+    difference stayed charged for good."""
+
+    def frame(value: Any) -> bytes:
+        if packet == "msgpack":
+            return bytes(msgpack.packb(value))
+        body = repr(value).encode()
+        return len(body).to_bytes(4, "big") + body
+
+    def message(value: Any) -> Data:
+        return Data(value if packet == "msgpack" else repr(value).encode())
+
+    async with ioserver.open(core="native", memory_limit=1 << 20) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=packet)
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(frame([1]))
+                    with anyio.fail_after(5):
+                        assert await port.receive() == message([1])
+                    ios._hub.inbox._fail_packets_for_test(1)  # type: ignore[attr-defined]
+                    peer.sendall(frame([2]))
+                    # (A later packet, of another size: after a shift it would be
+                    # credited the lost one's charge.)
+                    later = [3, "x" * 100]
+                    peer.sendall(frame(later))
+                    with anyio.fail_after(5):
+                        closed = await port.receive()
+                        while closed == message(later):
+                            closed = await port.receive()
+                    assert isinstance(closed, Closed), closed
+                    assert (closed.reason, closed.errno_name) == (
+                        "internal error: MemoryError()",
+                        "EIO",
+                    )
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+async def test_a_refused_object_closes_its_own_port_even_once_its_slot_is_reused() -> None:
+    """The drain closes a port whose object the decoder refused at the slot its packet
+    came from (``DecodeFailed``, O(1)): if that port closed meanwhile and a new
+    connection took its slot, the new one is left alone.  The test holds the loop (no
+    checkpoint) while the I/O thread reads peer A's bad object and reset, closes A's
+    port, and accepts peer B into the same slot; then the drain refuses A's object, and
+    B's port echoes."""
+    async with ioserver.open(core="native") as ios:
+        core = ios._io._core  # type: ignore[attr-defined]
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            first = socket.create_connection(listener.local_address)
+            port = await _accept(listener)
+
+            def until(condition: Any) -> None:  # (no checkpoint: the hub must not drain)
+                deadline = time.monotonic() + 5
+                while not condition():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+
+            first.sendall(b"\xa1\xff")  # a str that is not UTF-8: only the decoder refuses it
+            first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            first.close()  # a reset
+            until(lambda: core.ports_open == 1)  # A's port closed, its slot free
+            second = socket.create_connection(listener.local_address)
+            until(lambda: core.ports_open == 2)  # B's accepted
+            with second:
+                with anyio.fail_after(5):
+                    other = await _accept(listener)
+                    while not isinstance(ended := await port.receive(), Closed):
+                        assert isinstance(ended, Error), ended
+                # (The slot was reused: the new port's Conn is in the old one's.)
+                assert repr(other._conn).split()[-1] == repr(port._conn).split()[-1]
+                async with port, other:
+                    second.sendall(msgpack.packb("still here"))
+                    with anyio.fail_after(5):
+                        assert await other.receive() == Data("still here")
+                    await other.send("and answering")
+                    second.settimeout(5)
+                    assert second.recv(64) == msgpack.packb("and answering")
+        await _until(lambda: ios.statistics().ports_open == 0)
+
+
+@pytest.mark.python_core
+@pytest.mark.parametrize("packet", ["msgpack", 4])
+async def test_on_the_python_core_a_packet_whose_message_fails_keeps_the_budget_exact(
+    monkeypatch: pytest.MonkeyPatch, packet: Any
+) -> None:
+    """The Python core's twin of the native test above: a read of two packets whose
+    second ``Data`` fails to build (a ``MemoryError``, injected where the I/O thread sets
+    a message's data) closes the port as an internal error, and the memory in use comes
+    back to 0.  Before, the read's charges went to the port's sizes before its messages
+    were built: the first message was delivered without being counted delivered, and
+    its owner's take left the budget's count off by its charge."""
+    from ioserver import _iothread
+
+    original = _iothread._SET_DATA
+    calls: list[object] = []
+
+    def fails_second(message: object, payload: object) -> None:
+        calls.append(payload)
+        if len(calls) == 2:
+            raise MemoryError
+        original(message, payload)
+
+    def frame(value: Any) -> bytes:
+        if packet == "msgpack":
+            return bytes(msgpack.packb(value))
+        body = repr(value).encode()
+        return len(body).to_bytes(4, "big") + body
+
+    async with ioserver.open(core="python", memory_limit=1 << 20) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=packet)
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    monkeypatch.setattr(_iothread, "_SET_DATA", fails_second)
+                    peer.sendall(frame([1]) + frame([2, "x" * 100]))
+                    with anyio.fail_after(5):
+                        while not isinstance(message := await port.receive(), Closed):
+                            pass
+                    assert message.reason == "internal error: MemoryError()", message
         await _until(lambda: ios.statistics().memory_in_use == 0)

@@ -165,6 +165,62 @@ async def test_a_listener_out_of_descriptors_accepts_again_when_any_descriptor_i
     await listener.aclose()
 
 
+def _fill_descriptors(fillers: list[int]) -> None:
+    """Open files until the process is out of descriptors (below a lowered limit)."""
+    while True:
+        try:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            return
+
+
+@pytest.mark.every_core
+async def test_a_listener_out_of_descriptors_tells_its_owner_once_per_episode(
+    ios: ioserver.IOServer,
+) -> None:
+    """A listener out of descriptors retries its accept every ACCEPT_RETRY (100 ms) for
+    as long as they are out, and its owner gets one ``Error`` for the whole episode, not
+    one per retry; the episode ends with the next ``Accepted``, and a new one is told
+    again.  Before, each retry sent an ``Error``: ten a second into the owner's mailbox
+    for as long as the descriptors stayed out."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    number = listener.local_address[1]
+    peers = [socket.socket(), socket.socket()]  # their descriptors exist before the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    accepted: list[ports.Port] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+        for peer in peers:  # two episodes
+            _fill_descriptors(fillers)
+            peer.setblocking(False)
+            peer.connect_ex(("127.0.0.1", number))
+            with anyio.fail_after(5):
+                message = await listener.receive()
+            assert isinstance(message, Error), message
+            assert message.errno_name in ("EMFILE", "ENFILE")
+            # Several retries fail meanwhile (one each 100 ms): none is told again.  (A
+            # time to see nothing come, not a wait for something.)
+            await anyio.sleep(0.45)
+            assert listener.statistics().messages_buffered == 0
+            while fillers:
+                os.close(fillers.pop())
+            with anyio.fail_after(5):
+                message = await listener.receive()
+            assert isinstance(message, Accepted), message  # no Error before it
+            accepted.append(message.port)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for peer in peers:
+            peer.close()
+    for port in accepted:
+        await port.aclose()
+    await listener.aclose()
+
+
 def test_every_public_name_is_exported_and_documented() -> None:
     for module in (ioserver, ports):
         assert module.__doc__

@@ -274,13 +274,21 @@ impl ConnShared {
         self.window.get().map(|window| &**window)
     }
 
-    /// Publish what the port's flow counted for statistics (its own, not shared).
-    fn publish(&self, flow: &ReceiveFlow) {
+    /// Publish what the port's flow counted for statistics (its own, not shared), and
+    /// count a change of its watermark pause in `shared.msgq_paused_streams`.
+    fn publish(&self, flow: &ReceiveFlow, shared: &Shared) {
         self.pauses.store(flow.pauses, Ordering::Relaxed);
         self.peak_buffered
             .store(flow.peak_buffered, Ordering::Relaxed);
-        self.msgq_paused
-            .store(flow.msgq_paused(), Ordering::Relaxed);
+        let paused = flow.msgq_paused();
+        if self.msgq_paused.load(Ordering::Relaxed) != paused {
+            self.msgq_paused.store(paused, Ordering::Relaxed);
+            if paused {
+                shared.msgq_paused_streams.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.msgq_paused_streams.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -340,9 +348,12 @@ pub enum Command {
     Abort(Arc<ConnShared>, String),
     /// A packet of this port did not decode in its loop's drain (a msgpack object the
     /// decoder refused), which told the owner: close the port at once, without an event
-    /// (the Python core's `_frame_error` closes it as it tells the owner).  The target and
-    /// its loop's inbox: the drain has the port, not necessarily its `Conn` yet.
-    DecodeFailed(Target, usize),
+    /// (the Python core's `_frame_error` closes it as it tells the owner).  The target, its
+    /// loop's inbox and its stream's slot in the port table (the packet's, see
+    /// [`Event::Object`]): the drain has the port, not necessarily its `Conn` yet.  The
+    /// slot makes it O(1): a scan of the table per refused object made a flood of bad
+    /// msgpack from many peers O(ports) each.
+    DecodeFailed(Target, usize, usize),
     /// Close every port and end the thread.
     Stop,
     /// Panic in the thread (the tests' way to check that a failure is contained).
@@ -358,13 +369,15 @@ pub enum Event {
     /// Bytes read: `Data(bytes)`.
     Data(Target, Vec<u8>),
     /// A packet charged more than its length: its charge goes to the port's
-    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.
-    Packet(Target, Vec<u8>, u64),
+    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.  The last field is the
+    /// stream's slot, as [`Event::Object`]'s.
+    Packet(Target, Vec<u8>, u64, usize),
     /// A packet of a mode whose messages are objects (msgpack, resp), with its charge:
     /// the drain builds the object (decodes the msgpack bytes, makes the command's
     /// `list[bytes]`, the error's exception), puts the charge in `window.sizes`, then
-    /// delivers `Data(object)`.
-    Object(Target, Payload, u64),
+    /// delivers `Data(object)`.  The last field is the stream's slot in the port table,
+    /// for a [`Command::DecodeFailed`].
+    Object(Target, Payload, u64, usize),
     /// The peer closed: `Closed("eof")`.
     Eof(Target),
     /// The server stops with the port open: `Closed("ioserver closed", "ESHUTDOWN")`, as
@@ -482,6 +495,21 @@ pub struct Shared {
     /// Listeners open now (of `ports_open`; for the daemon's status).  Relaxed, as
     /// `ports_open`: a count read on its own.
     pub listeners_open: AtomicU64,
+    /// Of those, Unix ones; and the Unix streams open now (Unix connections and programs'
+    /// stdio), of `ports_open`.  For the daemon's status (`ports_by_kind`), Relaxed as
+    /// `ports_open`.
+    pub unix_listeners_open: AtomicU64,
+    /// See `unix_listeners_open`.
+    pub unix_streams: AtomicU64,
+    /// Streams with more output queued than their low watermark now (the daemon's status:
+    /// `busy_ports`), counted as `Stream::set_out_bytes` crosses it.  Relaxed: a count.
+    pub busy_streams: AtomicU64,
+    /// Streams paused by their watermarks now (the daemon's status: `paused_ports`),
+    /// counted as `ConnShared::publish` sees the pause change.  Relaxed: a count.
+    pub msgq_paused_streams: AtomicU64,
+    /// Streams paused by the memory budget, at the start of the last round
+    /// (`Budget::paused_ports`).  Relaxed: a count.
+    pub budget_paused_streams: AtomicU64,
     /// Errors contained by closing the one port concerned (and the thread's own failure).
     pub internal_errors: AtomicU64,
     /// Why the thread failed, if it did (a panic's message).
@@ -522,6 +550,11 @@ impl Shared {
             linger_timeouts: AtomicU64::new(0),
             ports_open: AtomicU64::new(0),
             listeners_open: AtomicU64::new(0),
+            unix_listeners_open: AtomicU64::new(0),
+            unix_streams: AtomicU64::new(0),
+            busy_streams: AtomicU64::new(0),
+            msgq_paused_streams: AtomicU64::new(0),
+            budget_paused_streams: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
             next_id: &NEXT_ID,
@@ -591,9 +624,17 @@ impl Stream {
     }
 
     /// Set the bytes queued and not written (`Relaxed`: read for statistics by the loop,
-    /// ordered with nothing else, as the other counters of [`ConnShared`]).
-    fn set_out_bytes(&self, bytes: u64) {
+    /// ordered with nothing else, as the other counters of [`ConnShared`]), and count the
+    /// port in `shared.busy_streams` while they are over its low watermark.
+    fn set_out_bytes(&self, bytes: u64, shared: &Shared) {
+        let before = self.conn.out_bytes.load(Ordering::Relaxed);
         self.conn.out_bytes.store(bytes, Ordering::Relaxed);
+        let low = self.conn.send_low;
+        match (before > low, bytes > low) {
+            (false, true) => shared.busy_streams.fetch_add(1, Ordering::Relaxed),
+            (true, false) => shared.busy_streams.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
     }
 
     /// Its linger deadline, if a close waits for the output.
@@ -615,6 +656,10 @@ struct Listener {
     in_ready: bool,
     /// Out of descriptors: not accepting until a port closes or [`ACCEPT_RETRY`] passes.
     exhausted: bool,
+    /// Its owner was told it ran out of descriptors (an `AcceptError`), and no connection
+    /// was accepted since: the retries of one episode are not told again (ten a second
+    /// for as long as the descriptors are out); the next `Accepted` ends the episode.
+    told_exhausted: bool,
 }
 
 enum Entry {
@@ -875,6 +920,10 @@ impl IoThread {
             shared.global_pauses.store(pauses, Ordering::Relaxed);
             let reserve_reads = self.budget.reserve_reads;
             shared.reserve_reads.store(reserve_reads, Ordering::Relaxed);
+            let paused = self.budget.paused_ports() as u64;
+            shared
+                .budget_paused_streams
+                .store(paused, Ordering::Relaxed);
         }
         if !self.lingering.is_empty() {
             self.expire_lingers();
@@ -1038,7 +1087,7 @@ impl IoThread {
                 Some(Entry::Stream(mut s))
                     if !(s.write_closed || s.shutdown_pending || s.close_pending) =>
                 {
-                    s.set_out_bytes(s.out_bytes() + bytes.len() as u64);
+                    s.set_out_bytes(s.out_bytes() + bytes.len() as u64, &self.shared);
                     s.outq.push_back(bytes);
                     if !s.dirty && s.connecting.is_none() {
                         s.dirty = true;
@@ -1059,18 +1108,20 @@ impl IoThread {
                 Some(entry) => self.close(entry),
                 None => {}
             },
-            Command::DecodeFailed(port, inbox) => {
-                // Found by its loop half: the drain may not know the port's Conn yet.  A
-                // scan of the table, on this rare path only (a peer that sent an object
-                // the decoder refuses), not a field in every target.
-                let slot = self.table.iter().position(|entry| match entry {
-                    Some(Entry::Stream(s)) => {
+            Command::DecodeFailed(port, inbox, slot) => {
+                // Found by its loop half, at the slot its packet came from: closed there if
+                // that slot still holds this port's stream (it may have closed since, and
+                // the slot been reused by another port).
+                let here = match self.table.get(slot) {
+                    Some(Some(Entry::Stream(s))) => {
                         s.port.as_ref().is_some_and(|p| Arc::ptr_eq(p, &port))
                     }
                     _ => false,
-                });
-                if let Some(Some(Entry::Stream(mut s))) = slot.map(|slot| self.table[slot].take()) {
-                    self.close_stream(&mut s);
+                };
+                if here {
+                    if let Some(Entry::Stream(mut s)) = self.table[slot].take() {
+                        self.close_stream(&mut s);
+                    }
                 }
                 self.release_target(inbox, port);
             }
@@ -1145,7 +1196,7 @@ impl IoThread {
                     if s.flow.may_resume(generation) {
                         self.schedule(&mut s);
                     }
-                    s.conn.publish(&s.flow);
+                    s.conn.publish(&s.flow, &self.shared);
                     self.put(Entry::Stream(s));
                 }
                 Some(entry) => self.put(entry),
@@ -1275,7 +1326,7 @@ impl IoThread {
                     // The budget: None pauses the port (its next round that lets it go,
                     // or its owner's cmd_want, schedules it again: it stays readable).
                     let Some(grant) = self.budget.admit_read(&mut s.flow) else {
-                        s.conn.publish(&s.flow);
+                        s.conn.publish(&s.flow, &self.shared);
                         self.put(Entry::Stream(s));
                         continue;
                     };
@@ -1420,7 +1471,7 @@ impl IoThread {
             if index >= read.deliver {
                 s.rare().held.push_back((payload, charge));
             } else if let Some(staged) = self.staged.get_mut(inbox) {
-                staged.push(packet_event(&port, payload, charge, overhead));
+                staged.push(packet_event(&port, payload, charge, overhead, s.conn.slot));
             }
         }
         self.note_framing(s);
@@ -1457,7 +1508,7 @@ impl IoThread {
         for (payload, charge) in rare.held.drain(..count) {
             self.charges.push(charge);
             if let Some(staged) = self.staged.get_mut(s.conn.inbox()) {
-                staged.push(packet_event(&port, payload, charge, overhead));
+                staged.push(packet_event(&port, payload, charge, overhead, s.conn.slot));
             }
         }
         s.flow.unhold(&mut self.budget, &self.charges);
@@ -1471,7 +1522,7 @@ impl IoThread {
         let framer = s.framer.as_ref().map_or(0, |f| f.buffered()) as u64;
         let (_, held) = s.flow.held();
         s.conn.framing_bytes.store(framer + held, Ordering::Relaxed);
-        s.conn.publish(&s.flow);
+        s.conn.publish(&s.flow, &self.shared);
     }
 
     /// Step 1 of the pause handshake (`flow.rs`): pause, then re-read the window; resume
@@ -1480,7 +1531,7 @@ impl IoThread {
         if s.flow.pause() && s.flow.recheck() {
             self.schedule(s);
         }
-        s.conn.publish(&s.flow);
+        s.conn.publish(&s.flow, &self.shared);
     }
 
     fn flush_dirty(&mut self) {
@@ -1579,7 +1630,7 @@ impl IoThread {
     /// Pop what a write of `sent` bytes took from the queue, and every zero-length buffer
     /// at its head (a write of nothing returns 0: such a head must not stall the loop).
     fn consume_output(&mut self, s: &mut Stream, mut sent: usize) {
-        s.set_out_bytes(s.out_bytes() - sent as u64);
+        s.set_out_bytes(s.out_bytes() - sent as u64, &self.shared);
         while let Some(first) = s.outq.front() {
             let left = first.len() - s.head;
             if left == 0 || (sent > 0 && sent >= left) {
@@ -1695,7 +1746,15 @@ impl IoThread {
         while let Some(bytes) = s.outq.pop_front() {
             self.release_bytes(inbox, bytes);
         }
-        s.set_out_bytes(0);
+        s.set_out_bytes(0, &self.shared);
+        if s.conn.msgq_paused.load(Ordering::Relaxed) {
+            self.shared
+                .msgq_paused_streams
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        if s.sock.is_unix() {
+            self.shared.unix_streams.fetch_sub(1, Ordering::Relaxed);
+        }
         // What the framer and the held packets hold leaves the budget, and so does a pause.
         let framer = s.framer.take().map_or(0, |f| f.buffered());
         s.flow.close(&mut self.budget, framer);
@@ -1768,6 +1827,11 @@ impl IoThread {
                     ..
                 } = *l;
                 self.shared.listeners_open.fetch_sub(1, Ordering::Relaxed);
+                if local.is_some() {
+                    self.shared
+                        .unix_listeners_open
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
                 let _ = self.poll.registry().deregister(&mut sock);
                 // The socket closes (a Unix one's file goes) before the port reads as
                 // closed: `closed` then says both are done.
@@ -1816,6 +1880,9 @@ impl IoThread {
             return;
         }
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
+        if sock.is_unix() {
+            self.shared.unix_streams.fetch_add(1, Ordering::Relaxed);
+        }
         let conn = self.new_conn(slot, inbox, options.flow);
         let receive = Arc::clone(&window);
         let _ = conn.window.set(window);
@@ -1954,6 +2021,11 @@ impl IoThread {
         };
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
         self.shared.listeners_open.fetch_add(1, Ordering::Relaxed);
+        if given.is_some() {
+            self.shared
+                .unix_listeners_open
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let conn = self.new_conn(slot, inbox, Flow::NONE);
         self.stage(inbox, Event::Listening(request, conn.clone(), local));
         self.put(Entry::Listener(Box::new(Listener {
@@ -1967,6 +2039,7 @@ impl IoThread {
             readable: false,
             in_ready: false,
             exhausted: false,
+            told_exhausted: false,
         })));
     }
 
@@ -1977,7 +2050,10 @@ impl IoThread {
                 return;
             }
             let (mut sock, remote) = match l.sock.accept() {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    l.told_exhausted = false; // (an episode out of descriptors ends)
+                    accepted
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     l.readable = false;
                     return;
@@ -1992,11 +2068,16 @@ impl IoThread {
                 }
                 Err(error) => {
                     let errno = errno_of(&error);
-                    self.stage(inbox, Event::AcceptError(l.port.clone(), errno));
-                    if matches!(
+                    let exhausted = matches!(
                         errno,
                         libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-                    ) {
+                    );
+                    // Out of descriptors: told once an episode (see `told_exhausted`).
+                    if !(exhausted && l.told_exhausted) {
+                        self.stage(inbox, Event::AcceptError(l.port.clone(), errno));
+                    }
+                    if exhausted {
+                        l.told_exhausted = true;
                         l.exhausted = true;
                         self.exhausted_listeners.push(l.conn.slot);
                         self.accept_retry
@@ -2030,6 +2111,9 @@ impl IoThread {
                 continue;
             }
             self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
+            if sock.is_unix() {
+                self.shared.unix_streams.fetch_add(1, Ordering::Relaxed);
+            }
             let conn = self.new_conn(slot, inbox, l.options.flow);
             self.stage(
                 inbox,
@@ -2141,7 +2225,7 @@ impl IoThread {
                 self.release_bytes(conn.inbox(), bytes)
             }
             Command::Attach(conn, port, _) => self.release_target(conn.inbox(), port),
-            Command::DecodeFailed(port, inbox) => self.release_target(inbox, port),
+            Command::DecodeFailed(port, inbox, _) => self.release_target(inbox, port),
             Command::Connect {
                 request,
                 port,
@@ -2205,11 +2289,11 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
 /// packets their length alone (`overhead` 0), else `Packet`, which carries the charge to
 /// the port's `window.sizes` (see [`PyTarget::sizes`]); for an object, `Object` (its
 /// charge is never its length).
-fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64) -> Event {
+fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64, slot: usize) -> Event {
     match payload {
         Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes),
-        Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge),
-        object => Event::Object(port.clone(), object, charge),
+        Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge, slot),
+        object => Event::Object(port.clone(), object, charge, slot),
     }
 }
 

@@ -37,7 +37,9 @@
 //!
 //! A message is charged its size in bytes: a payload of bytes its length, a decoded
 //! object its share of the wire bytes it was decoded from, plus [`PACKET_OVERHEAD`] for a
-//! framed port of this process (see `framing::Framer::charges`).  **The charge travels
+//! framed port of this process, and for such a port what its decoded object holds beyond
+//! that (`framing::MSGPACK_ITEM_CHARGE` a msgpack item, `framing::RESP_ARGUMENT_CHARGE` a
+//! RESP argument; see `framing::Framer::charges`).  **The charge travels
 //! with the message**: the I/O thread computes it and hands it to the loop half with the
 //! message, which passes it back in [`Window::took`] when the owner takes it.  (The Python
 //! core keeps a deque of sizes in the window that both threads touch; with the charge in
@@ -1174,6 +1176,11 @@ impl Budget {
     /// than [`BUDGET_RECHECK`] before its next round.
     pub fn has_paused(&self) -> bool {
         !self.pauses.ports.is_empty()
+    }
+
+    /// How many ports the budget has paused now (the daemon's status: `paused_ports`).
+    pub fn paused_ports(&self) -> usize {
+        self.pauses.ports.len()
     }
 
     /// Entries of the pause lists visited, ever: the cost of the budget's pause

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -409,9 +409,12 @@ pub struct Inbox {
     /// reused: `feed` then `unpack` is 410 ns for a small object where `unpackb` with its
     /// keywords is 675 (1,000 called with a dict from here): keywords cost a Cython
     /// function more than its decoding.  Replaced after a refusal (it may hold the rest of
-    /// the object).
+    /// the object), and checked after each object: it must have consumed exactly the
+    /// packet (see [`ReusedDecoder`]).
     unpacker: Py<PyAny>,
-    decoder: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
+    decoder: Mutex<Option<ReusedDecoder>>,
+    /// `msgpack.OutOfData`: the reused decoder found the packet unfinished.
+    out_of_data: Py<PyAny>,
     /// A larger packet's: `msgpack.unpackb` with `unpack_options` (`raw=False,
     /// strict_map_key=False`; its caps default to the packet's size), as the Python
     /// framer decodes one object.  The reused `Unpacker` keeps the largest buffer it ever
@@ -426,6 +429,54 @@ pub struct Inbox {
     /// thread (``stage``: this list's ``append``) and moved to the loop's batch after each
     /// hosted round (`hosted.rs`).
     hosted: Py<PyList>,
+    /// What an interrupted `take` left for the next (see [`Carried`]).
+    carried: Mutex<Carried>,
+    /// A test hook (``_fail_packets_for_test``): the next this many packets' ``Data``
+    /// messages (a decoded object's, a charged packet's) raise ``MemoryError`` while being
+    /// built.  Relaxed: touched by the
+    /// loop's thread only.
+    fail_packets: std::sync::atomic::AtomicU32,
+    /// A test hook (``_fail_replies_for_test``): the next this many connect or listen
+    /// replies raise ``MemoryError`` while being built.  Relaxed: touched by the loop's
+    /// thread only.
+    fail_replies: std::sync::atomic::AtomicU32,
+}
+
+/// What a `take` interrupted by a `BaseException` that is not an `Exception` (a
+/// `KeyboardInterrupt` in a decode) leaves for the next one, which returns it first: the
+/// pairs it built (`pairs`: `Some` while anything is carried) and the events it had not
+/// built yet, the interrupted one first (`retry`: where the decode puts its event back).
+#[derive(Default)]
+struct Carried {
+    pairs: Option<Py<PyList>>,
+    events: Vec<Event>,
+    retry: Option<Event>,
+}
+
+/// The reused msgpack decoder's bound methods: `feed`, `unpack` and `read_bytes`.  Each
+/// packet is one whole object by the Rust framer's reckoning, and the decoder must agree:
+/// after `feed(packet)`, one `unpack()` must neither find the object unfinished
+/// (`OutOfData`) nor leave a byte in the decoder (`read_bytes(1)` is empty).  Were the two
+/// ever to disagree, bytes of one object would stay in the decoder and begin the next (a
+/// corrupt or duplicated message); instead the packet is refused (the port fails with
+/// `EPROTO`, "the framer's object boundary and the decoder's disagree") and the decoder
+/// is dropped, so nothing is carried over.
+struct ReusedDecoder {
+    feed: Py<PyAny>,
+    unpack: Py<PyAny>,
+    read_bytes: Py<PyAny>,
+}
+
+/// The error of a packet the reused decoder did not find to be exactly one object.
+fn boundaries_disagree(framed: usize, unfinished: bool) -> PyErr {
+    let found = if unfinished {
+        "the decoder's object goes on past them"
+    } else {
+        "the decoder's object ends before them"
+    };
+    PyValueError::new_err(format!(
+        "the framer's object boundary and the decoder's disagree ({framed} bytes framed, {found})"
+    ))
 }
 
 /// Python objects of recent addresses: the local address of the last accepted connection
@@ -483,34 +534,47 @@ impl Inbox {
     /// The message of an object packet (`Event::Object`): the decoded msgpack object, the
     /// command's `list[bytes]`, the resp error's exception.  `Err`: the msgpack decoder
     /// raised.
-    fn object<'py>(&self, py: Python<'py>, payload: Payload) -> PyResult<Bound<'py, PyAny>> {
+    fn object<'py>(&self, py: Python<'py>, payload: &Payload) -> PyResult<Bound<'py, PyAny>> {
         Ok(match payload {
             Payload::Msgpack(bytes) if bytes.len() > REUSED_DECODER_MAX => {
-                let packet = PyBytes::new(py, &bytes);
+                let packet = PyBytes::new(py, bytes);
                 let options = self.unpack_options.bind(py);
                 self.unpackb.bind(py).call((packet,), Some(options))?
             }
             Payload::Msgpack(bytes) => {
-                let packet = PyBytes::new(py, &bytes);
+                let packet = PyBytes::new(py, bytes);
                 // Taken out of the lock while Python runs (nothing is held across a call).
                 let held = self
                     .decoder
                     .lock()
                     .ok()
                     .and_then(|mut decoder| decoder.take());
-                let (feed, unpack) = match held {
-                    Some(methods) => methods,
+                let reused = match held {
+                    Some(reused) => reused,
                     None => {
                         let unpacker = self.unpacker.bind(py).call0()?;
-                        let feed = unpacker.getattr("feed")?.unbind();
-                        (feed, unpacker.getattr("unpack")?.unbind())
+                        ReusedDecoder {
+                            feed: unpacker.getattr("feed")?.unbind(),
+                            unpack: unpacker.getattr("unpack")?.unbind(),
+                            read_bytes: unpacker.getattr("read_bytes")?.unbind(),
+                        }
                     }
                 };
-                feed.bind(py).call1((packet,))?;
-                let object = unpack.bind(py).call0()?;
+                reused.feed.bind(py).call1((packet,))?;
+                let object = match reused.unpack.bind(py).call0() {
+                    Ok(object) => object,
+                    Err(error) if error.is_instance(py, self.out_of_data.bind(py)) => {
+                        return Err(boundaries_disagree(bytes.len(), true));
+                    }
+                    Err(error) => return Err(error),
+                };
+                // Nothing left, or it would begin the next object.
+                if reused.read_bytes.bind(py).call1((1,))?.is_truthy()? {
+                    return Err(boundaries_disagree(bytes.len(), false));
+                }
                 // Put back only after a success: a refused object may leave bytes in it.
                 if let Ok(mut decoder) = self.decoder.lock() {
-                    *decoder = Some((feed, unpack));
+                    *decoder = Some(reused);
                 }
                 object
             }
@@ -523,14 +587,15 @@ impl Inbox {
                 });
                 PyList::new(py, arguments)?.into_any()
             }
-            Payload::Error(error) => crate::framing::frame_error(py, &error)?,
-            Payload::Bytes(bytes) => PyBytes::new(py, &bytes).into_any(),
+            Payload::Error(error) => crate::framing::frame_error(py, error)?,
+            Payload::Bytes(bytes) => PyBytes::new(py, bytes).into_any(),
         })
     }
 
-    /// A msgpack packet of `port` did not decode (`error`): tell its owner as the Python
-    /// core does, drop what comes for the port after this, and have the I/O thread close
-    /// it.  The decoder's refusal (`ValueError`, `TypeError`) is the framer's
+    /// A msgpack packet of `port` did not decode (`error`), or a packet's message could not
+    /// be delivered (a `MemoryError`: [`Inbox::deliver_packet`]): tell its owner as the
+    /// Python core does, drop what comes for the port after this, and have the I/O thread
+    /// close it.  The decoder's refusal (`ValueError`, `TypeError`) is the framer's
     /// (`MsgpackFramer._decode`, then `IOThread._frame_error`): `Error("EPROTO", EPROTO,
     /// "malformed msgpack data: <its text>")`, then `Closed("EPROTO")`; another exception
     /// is an internal error (`IOThread._internal_error`): reported as unraisable, then
@@ -541,6 +606,7 @@ impl Inbox {
         py: Python<'_>,
         list: &Bound<'_, PyList>,
         port: Target,
+        slot: usize,
         charge: u64,
         error: PyErr,
     ) -> PyResult<()> {
@@ -574,7 +640,7 @@ impl Inbox {
         }
         self.shared
             .commands
-            .put(Command::DecodeFailed(port.clone(), self.index));
+            .put(Command::DecodeFailed(port.clone(), self.index, slot));
         for message in messages {
             list.append((obj.clone_ref(py), message))?;
         }
@@ -585,7 +651,9 @@ impl Inbox {
     /// a packet's charge counted taken; false for every other event.
     fn drop_failed(event: &Event) -> bool {
         let (port, charge) = match event {
-            Event::Object(port, _, charge) | Event::Packet(port, _, charge) => (port, *charge),
+            Event::Object(port, _, charge, _) | Event::Packet(port, _, charge, _) => {
+                (port, *charge)
+            }
             Event::Data(port, bytes) => (port, bytes.len() as u64),
             Event::Eof(port)
             | Event::Shutdown(port)
@@ -605,6 +673,147 @@ impl Inbox {
         true
     }
 
+    /// Answer a connect or listen `request` with `answer`; if building it failed (a
+    /// `MemoryError`...), with that error instead - the owner's ``connect_*`` or
+    /// ``listen_*`` raises it - and the port the I/O thread opened for it (`conn`) is
+    /// closed.  The owner always gets an answer: before, the error was only reported as
+    /// unraisable, and the owner waited for good with the port left open.
+    fn answer<'py>(
+        &self,
+        py: Python<'py>,
+        list: &Bound<'py, PyList>,
+        request: &PyTarget,
+        answer: PyResult<Bound<'py, PyAny>>,
+        conn: Option<Arc<ConnShared>>,
+    ) -> PyResult<()> {
+        let message = match answer {
+            Ok(message) => message,
+            Err(error) => {
+                if let Some(conn) = conn {
+                    self.shared.commands.put(Command::Close(conn));
+                }
+                error.into_value(py).into_bound(py).into_any()
+            }
+        };
+        list.append((request.obj.clone_ref(py), message))
+    }
+
+    /// What the last `take` left when it was interrupted (see [`Carried`]): its pairs (or a
+    /// new list) and its events, if any.
+    fn resume<'py>(&self, py: Python<'py>) -> (Bound<'py, PyList>, Option<Vec<Event>>) {
+        let taken = match self.carried.lock() {
+            Ok(mut carried) if carried.pairs.is_some() => {
+                Some((carried.pairs.take(), std::mem::take(&mut carried.events)))
+            }
+            _ => None,
+        };
+        match taken {
+            Some((Some(pairs), events)) => (pairs.into_bound(py), Some(events)),
+            _ => (PyList::empty(py), None),
+        }
+    }
+
+    /// Build `events` into `list`; on a `BaseException` that is not an `Exception`, keep
+    /// `list` and the events not built (the interrupted one first) for the next `take`,
+    /// and raise it.
+    fn build_all(
+        &self,
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        events: Vec<Event>,
+    ) -> PyResult<()> {
+        let mut events = events.into_iter();
+        while let Some(event) = events.next() {
+            let Err(error) = self.build(py, list, event) else {
+                continue;
+            };
+            if error.is_instance_of::<PyException>(py) {
+                error.write_unraisable(py, None);
+                continue;
+            }
+            if let Ok(mut carried) = self.carried.lock() {
+                let mut left: Vec<Event> = carried.retry.take().into_iter().collect();
+                left.extend(events);
+                carried.events = left;
+                carried.pairs = Some(list.clone().unbind());
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// A packet's `Data(payload)` message (``Data`` without its ``__init__``).
+    fn data_message<'py>(
+        &self,
+        py: Python<'py>,
+        payload: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.packet_fault()?;
+        let data = self.new.bind(py).call1((self.data.bind(py),))?;
+        self.set_data.bind(py).call1((&data, payload))?;
+        Ok(data)
+    }
+
+    /// Deliver a packet's `data` message, charged `charge`: its charge to the port's
+    /// `window.sizes` (the port pops it when its owner takes the packet), then the pair -
+    /// both or neither.  Built first, so that no failure can come between them: a charge
+    /// appended without its message shifted every later one of the port, and left the
+    /// difference charged for good.  Should either fail (a `MemoryError`), the appended
+    /// charge is taken back and the port fails as an undecodable packet does
+    /// ([`Inbox::fail`]: its owner told, its charge counted taken).
+    fn deliver_packet(
+        &self,
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        port: Target,
+        slot: usize,
+        charge: u64,
+        data: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if let Some(window) = &port.window {
+            window.task_woken();
+        }
+        if let Some(sizes) = &port.sizes {
+            if let Err(error) = sizes.bind(py).call1((charge,)) {
+                return self.fail(py, list, port, slot, charge, error);
+            }
+        }
+        let Err(error) = list.append((port.obj.clone_ref(py), data)) else {
+            return Ok(());
+        };
+        if let Some(sizes) = &port.sizes {
+            // (The deque's `pop`: the charge just appended, its last.)
+            let popped = sizes
+                .bind(py)
+                .getattr("__self__")
+                .and_then(|deque| deque.call_method0("pop"));
+            if let Err(second) = popped {
+                second.write_unraisable(py, Some(port.obj.bind(py)));
+            }
+        }
+        self.fail(py, list, port, slot, charge, error)
+    }
+
+    /// The test hook's fault (``_fail_packets_for_test``): `MemoryError` while it lasts.
+    fn packet_fault(&self) -> PyResult<()> {
+        let left = self.fail_packets.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(());
+        }
+        self.fail_packets.store(left - 1, Ordering::Relaxed);
+        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+    }
+
+    /// The test hook's fault (``_fail_replies_for_test``): `MemoryError` while it lasts.
+    fn reply_fault(&self) -> PyResult<()> {
+        let left = self.fail_replies.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(());
+        }
+        self.fail_replies.store(left - 1, Ordering::Relaxed);
+        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+    }
+
     fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
         let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
             list.append((target.obj.clone_ref(py), message))
@@ -613,21 +822,32 @@ impl Inbox {
             return Ok(());
         }
         match event {
-            Event::Object(port, payload, charge) => {
-                let message = match self.object(py, payload) {
+            Event::Object(port, payload, charge, slot) => {
+                let message = match self.object(py, &payload) {
                     Ok(message) => message,
-                    Err(error) => return self.fail(py, list, port, charge, error),
+                    Err(error) if !error.is_instance_of::<PyException>(py) => {
+                        // A KeyboardInterrupt, a SystemExit (a signal handler that ran in
+                        // a Python call of the decoder: a timestamp, an ext): not the
+                        // packet's fault, and not to be swallowed (trio's and anyio's
+                        // rule).  The packet is decoded again at the next take.
+                        if let Ok(mut carried) = self.carried.lock() {
+                            carried.retry = Some(Event::Object(port, payload, charge, slot));
+                        }
+                        return Err(error);
+                    }
+                    Err(error) => return self.fail(py, list, port, slot, charge, error),
                 };
-                if let Some(window) = &port.window {
-                    window.task_woken();
-                }
-                // Its charge first: the port pops it when its owner takes the packet.
-                if let Some(sizes) = &port.sizes {
-                    sizes.bind(py).call1((charge,))?;
-                }
-                let data = self.new.bind(py).call1((self.data.bind(py),))?;
-                self.set_data.bind(py).call1((&data, message))?;
-                pair(&port, data)
+                let data = match self.data_message(py, message) {
+                    Ok(data) => data,
+                    Err(error) if !error.is_instance_of::<PyException>(py) => {
+                        if let Ok(mut carried) = self.carried.lock() {
+                            carried.retry = Some(Event::Object(port, payload, charge, slot));
+                        }
+                        return Err(error);
+                    }
+                    Err(error) => return self.fail(py, list, port, slot, charge, error),
+                };
+                self.deliver_packet(py, list, port, slot, charge, data)
             }
             Event::Data(port, bytes) => {
                 if let Some(window) = &port.window {
@@ -639,12 +859,18 @@ impl Inbox {
                     .call1((&message, PyBytes::new(py, &bytes)))?;
                 pair(&port, message)
             }
-            Event::Packet(port, bytes, charge) => {
-                // Its charge first: the port pops it when its owner takes the packet.
-                if let Some(sizes) = &port.sizes {
-                    sizes.bind(py).call1((charge,))?;
-                }
-                self.build(py, list, Event::Data(port, bytes))
+            Event::Packet(port, bytes, charge, slot) => {
+                let data = match self.data_message(py, PyBytes::new(py, &bytes).into_any()) {
+                    Ok(data) => data,
+                    Err(error) if !error.is_instance_of::<PyException>(py) => {
+                        if let Ok(mut carried) = self.carried.lock() {
+                            carried.retry = Some(Event::Packet(port, bytes, charge, slot));
+                        }
+                        return Err(error);
+                    }
+                    Err(error) => return self.fail(py, list, port, slot, charge, error),
+                };
+                self.deliver_packet(py, list, port, slot, charge, data)
             }
             Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
             Event::Shutdown(port) => {
@@ -728,25 +954,40 @@ impl Inbox {
                 local,
                 remote,
             } => {
-                let handle = Py::new(py, Conn { shared: conn })?;
-                let answer = (
-                    handle,
-                    address_object(py, &local)?,
-                    address_object(py, &remote)?,
-                );
-                pair(&request, answer.into_pyobject(py)?.into_any())
+                let answer = || -> PyResult<Bound<'_, PyAny>> {
+                    self.reply_fault()?;
+                    let handle = Py::new(
+                        py,
+                        Conn {
+                            shared: conn.clone(),
+                        },
+                    )?;
+                    let local = address_object(py, &local)?;
+                    let answer = (handle, local, address_object(py, &remote)?);
+                    Ok(answer.into_pyobject(py)?.into_any())
+                };
+                self.answer(py, list, &request, answer(), Some(conn))
             }
             Event::ConnectFailed(request, errno, to) => {
-                let error = self
-                    .connect_error
-                    .bind(py)
-                    .call1((errno, address_object(py, &to)?))?;
-                pair(&request, error)
+                let answer = || -> PyResult<Bound<'_, PyAny>> {
+                    let to = address_object(py, &to)?;
+                    self.connect_error.bind(py).call1((errno, to))
+                };
+                self.answer(py, list, &request, answer(), None)
             }
             Event::Listening(request, conn, local) => {
-                let handle = Py::new(py, Conn { shared: conn })?;
-                let answer = (handle, address_object(py, &local)?, py.None());
-                pair(&request, answer.into_pyobject(py)?.into_any())
+                let answer = || -> PyResult<Bound<'_, PyAny>> {
+                    self.reply_fault()?;
+                    let handle = Py::new(
+                        py,
+                        Conn {
+                            shared: conn.clone(),
+                        },
+                    )?;
+                    let answer = (handle, address_object(py, &local)?, py.None());
+                    Ok(answer.into_pyobject(py)?.into_any())
+                };
+                self.answer(py, list, &request, answer(), Some(conn))
             }
             Event::Release(bytes, targets) => {
                 // Under the GIL: each drop is an immediate decref.
@@ -792,8 +1033,16 @@ impl Inbox {
         self.queue.signal.drain()
     }
 
-    /// Announce the loop's sleep: True to block on the fd, False if batches wait.
+    /// Announce the loop's sleep: True to block on the fd, False if batches wait (or what
+    /// an interrupted `take` left).
     fn prepare_to_sleep(&self) -> bool {
+        if self
+            .carried
+            .lock()
+            .is_ok_and(|carried| carried.pairs.is_some())
+        {
+            return false;
+        }
         self.queue.prepare_to_sleep()
     }
 
@@ -806,14 +1055,18 @@ impl Inbox {
     /// with the messages of ``ioserver._messages``; the references the I/O thread handed
     /// back (written buffers, closed ports) are dropped here.  An error building one pair
     /// (a ``make_port`` that raised) is reported as unraisable; the others are returned.
+    ///
+    /// A ``BaseException`` that is not an ``Exception`` (a ``KeyboardInterrupt`` that
+    /// landed in a decode's Python call) propagates: the pairs built so far, the packet it
+    /// interrupted and the events after it are kept, in order, and the next call returns
+    /// them first - nothing lost, nothing twice.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let list = PyList::empty(py);
+        let (list, events) = self.resume(py);
+        if let Some(events) = events {
+            self.build_all(py, &list, events)?;
+        }
         while let Some(batch) = self.queue.pop() {
-            for event in batch {
-                if let Err(error) = self.build(py, &list, event) {
-                    error.write_unraisable(py, None);
-                }
-            }
+            self.build_all(py, &list, batch)?;
         }
         Ok(list)
     }
@@ -854,6 +1107,23 @@ impl Inbox {
     /// Close the wake-up fd (once the I/O thread has ended: it writes it no more).
     fn close(&self) {
         self.queue.signal.close()
+    }
+
+    /// A test hook, private (``_fail_replies_for_test``, used only by the tests): the next
+    /// ``count`` connect or listen replies (``Connected``, ``Listening``) raise
+    /// ``MemoryError`` while this inbox builds them, as a real allocation failure would.
+    #[pyo3(name = "_fail_replies_for_test")]
+    fn fail_replies_for_test(&self, count: u32) {
+        self.fail_replies.store(count, Ordering::Relaxed)
+    }
+
+    /// A test hook, private (``_fail_packets_for_test``, used only by the tests): the next
+    /// ``count`` packets' ``Data`` messages (a decoded msgpack or resp object's, a framed
+    /// port's bytes) raise ``MemoryError`` while this inbox builds them, as a real
+    /// allocation failure would.
+    #[pyo3(name = "_fail_packets_for_test")]
+    fn fail_packets_for_test(&self, count: u32) {
+        self.fail_packets.store(count, Ordering::Relaxed)
     }
 }
 
@@ -1151,10 +1421,14 @@ impl Core {
                     .unbind()
             },
             decoder: Mutex::new(None),
+            out_of_data: msgpack.getattr("OutOfData")?.unbind(),
             unpackb: msgpack.getattr("unpackb")?.unbind(),
             unpack_options,
             addresses: Mutex::new(AddressCache::default()),
             hosted,
+            fail_replies: std::sync::atomic::AtomicU32::new(0),
+            carried: Mutex::new(Carried::default()),
+            fail_packets: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -1560,6 +1834,31 @@ impl Core {
     #[getter]
     fn listeners_open(&self) -> u64 {
         self.shared.listeners_open.load(Ordering::Relaxed)
+    }
+    /// Unix listeners open now (of ``listeners_open``).
+    #[getter]
+    fn unix_listeners_open(&self) -> u64 {
+        self.shared.unix_listeners_open.load(Ordering::Relaxed)
+    }
+    /// Unix streams open now (Unix connections and programs' stdio; of ``ports_open``).
+    #[getter]
+    fn unix_streams(&self) -> u64 {
+        self.shared.unix_streams.load(Ordering::Relaxed)
+    }
+    /// Streams with more output queued than their low watermark now.
+    #[getter]
+    fn busy_streams(&self) -> u64 {
+        self.shared.busy_streams.load(Ordering::Relaxed)
+    }
+    /// Streams paused by their watermarks now.
+    #[getter]
+    fn msgq_paused_streams(&self) -> u64 {
+        self.shared.msgq_paused_streams.load(Ordering::Relaxed)
+    }
+    /// Streams paused by the memory budget, at the start of the thread's last round.
+    #[getter]
+    fn budget_paused_streams(&self) -> u64 {
+        self.shared.budget_paused_streams.load(Ordering::Relaxed)
     }
     /// Errors contained (and the thread's own failure).
     #[getter]

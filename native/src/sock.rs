@@ -101,6 +101,11 @@ impl Address {
 }
 
 impl Sock {
+    /// True for a Unix stream (a Unix connection, a program's stdio).
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Sock::Unix(_))
+    }
+
     /// Start connecting to the Unix socket at `path` (its bytes; a leading NUL: the
     /// abstract namespace).
     fn connect_unix(path: &[u8]) -> io::Result<(Sock, bool)> {

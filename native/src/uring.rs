@@ -170,7 +170,7 @@ impl IoThread {
                                 u.receiving.push((slot, s.conn.id, held));
                                 u.receives.push((s.sock.as_raw_fd(), max));
                             } else {
-                                s.conn.publish(&s.flow);
+                                s.conn.publish(&s.flow, &self.shared);
                             }
                         } else {
                             s.in_ready = true; // next round

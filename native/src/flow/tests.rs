@@ -1020,8 +1020,9 @@ fn a_resp_error_is_a_message_held_past_the_credit_like_any() {
     .unwrap();
     assert_eq!((read.count, read.deliver), (2, 1));
     assert_eq!(read.error.unwrap().to_string(), "invalid multibulk length");
-    // 10 wire bytes shared by the two messages.
-    assert_eq!(charges, vec![5 + 160, 5 + 160]);
+    // 10 wire bytes shared by the two messages; the command's one argument charged too.
+    let argument = crate::framing::RESP_ARGUMENT_CHARGE as u64;
+    assert_eq!(charges, vec![5 + 160 + argument, 5 + 160]);
     assert_eq!(flow.held(), (1, 165));
     assert_eq!(framer.buffered(), 0);
 }

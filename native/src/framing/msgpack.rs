@@ -163,9 +163,10 @@ pub(crate) fn too_deep() -> FrameError {
     ))
 }
 
-/// One object as the C decoder skips it: `Ok(Some((end, deepest)))` if it is whole in
-/// `data[start..end]` (`deepest`: the most containers around any container of it, the
-/// one it opened included), `Ok(None)` if it is unfinished.
+/// One object as the C decoder skips it: `Ok(Some((end, deepest, items)))` if it is whole
+/// in `data[start..end]` (`deepest`: the most containers around any container of it, the
+/// one it opened included; `items`: itself and what its containers' headers announce, as
+/// [`MSGPACK_MAX_ITEMS`] counts them), `Ok(None)` if it is unfinished.
 ///
 /// Errors as the C decoder's: a container opened inside [`C_STACK`] others (empty ones
 /// too) is too deep, `0xc1` is `"malformed msgpack data: "` (msgpack's `FormatError` has
@@ -175,10 +176,11 @@ fn skip_one(
     start: usize,
     end: usize,
     stack: &mut Vec<usize>,
-) -> Result<Option<(usize, usize)>, FrameError> {
+) -> Result<Option<(usize, usize, usize)>, FrameError> {
     stack.clear();
     let mut position = start;
     let mut deepest = 0;
+    let mut items: usize = 1;
     while position < end {
         let byte = data[position];
         let count = match item(byte) {
@@ -223,6 +225,7 @@ fn skip_one(
             }
             deepest = deepest.max(stack.len() + 1);
             if count > 0 {
+                items = items.saturating_add(count);
                 stack.push(count);
                 continue;
             }
@@ -237,7 +240,7 @@ fn skip_one(
                     }
                     stack.pop();
                 }
-                None => return Ok(Some((position, deepest))),
+                None => return Ok(Some((position, deepest, items))),
             }
         }
     }
@@ -256,11 +259,12 @@ fn skip(
 ) -> Result<usize, FrameError> {
     while start < end {
         match skip_one(data, start, end, stack)? {
-            Some((stop, deepest)) => {
+            Some((stop, deepest, items)) => {
                 bounds.push(Bound {
                     start,
                     end: stop,
                     deepest: Some(deepest),
+                    items,
                 });
                 start = stop;
             }
@@ -277,6 +281,9 @@ struct Bound {
     end: usize,
     /// Its deepest nesting, when the C skip found it (None: the walk finished it).
     deepest: Option<usize>,
+    /// Its items (itself, each array element, each map key and value), counted by the
+    /// scanner that found it.
+    items: usize,
 }
 
 /// `MsgpackFramer`'s boundary finder: the unfinished object's bytes and the walk's place.
@@ -290,11 +297,15 @@ pub(crate) struct MsgpackFramer {
     /// Items each open array or map still needs, innermost last.
     stack: Vec<usize>,
     /// Items of the walked object counted so far (itself, and what its containers'
-    /// headers announced); meaningful while `scanned` is not 0.
+    /// headers announced); meaningful while `scanned` is not 0, and, once a walk
+    /// finished an object, that object's count.
     items: usize,
     /// Scratch: the C skip's stack, and a read's whole objects.
     skip_stack: Vec<usize>,
     bounds: Vec<Bound>,
+    /// The items of each object the last [`feed`](MsgpackFramer::feed) pushed, in order
+    /// (what [`super::Framer::charges`] charges per item).
+    object_items: Vec<usize>,
 }
 
 impl MsgpackFramer {
@@ -307,6 +318,7 @@ impl MsgpackFramer {
             items: 1,
             skip_stack: Vec::new(),
             bounds: Vec::new(),
+            object_items: Vec::new(),
         }
     }
 
@@ -318,14 +330,21 @@ impl MsgpackFramer {
         self.buffer.len()
     }
 
+    /// The items of each object the last [`feed`](MsgpackFramer::feed) pushed, in order.
+    pub(crate) fn object_items(&self) -> &[usize] {
+        &self.object_items
+    }
+
     pub(crate) fn feed(&mut self, input: &[u8], out: &mut Packets) -> Result<(), FrameError> {
+        self.object_items.clear();
         let result = if self.buffer.is_empty() {
             self.feed_fresh(input, out)
         } else {
             self.feed_held(input, out)
         };
         if result.is_err() {
-            // A failed framer holds nothing.
+            // A failed framer holds nothing (and pushed nothing).
+            self.object_items.clear();
             self.buffer.clear();
             self.scanned = 0;
             self.stack.clear();
@@ -390,6 +409,7 @@ impl MsgpackFramer {
                     start: 0,
                     end: stop,
                     deepest: None,
+                    items: self.items,
                 });
                 let mut start = stop;
                 if start < end {
@@ -437,7 +457,7 @@ impl MsgpackFramer {
                 let deepest = match bound.deepest {
                     Some(deepest) => deepest,
                     None => match skip_one(data, bound.start, bound.end, &mut self.skip_stack) {
-                        Ok(Some((_, deepest))) => deepest,
+                        Ok(Some((_, deepest, _))) => deepest,
                         // It is whole, and the walk allowed no more than 512 levels.
                         _ => return Err(disagree()),
                     },
@@ -457,6 +477,7 @@ impl MsgpackFramer {
         }
         for bound in bounds {
             out.push_bytes(&data[bound.start..bound.end]);
+            self.object_items.push(bound.items);
         }
         Ok(())
     }
@@ -552,6 +573,7 @@ impl MsgpackFramer {
                     }
                     None => {
                         self.scanned = 0;
+                        self.items = items; // (its count, for its Bound)
                         return Ok(Some(position)); // the top-level object ended
                     }
                 }

@@ -600,6 +600,37 @@ fn charges_as_the_python_io_thread_computes_them() {
     charges.clear();
     framer.charges(&packets, 0, false, 5, 0, &mut charges);
     assert_eq!(charges, vec![1, 1, 3]);
+    let mut own = Packets::new();
+    // For a port of this process, each item of an object but itself is charged more
+    // (`[1, []]`: three items; `1`: one), counted by the C skip and by the walk alike.
+    for cuts in [&[][..], &[2][..]] {
+        let mut framer = Framer::new(Mode::Msgpack, 100).unwrap();
+        let stream = b"\x92\x01\x90\x01";
+        let mut charges = Vec::new();
+        let mut start = 0;
+        for &end in cuts.iter().chain([stream.len()].iter()) {
+            own.clear();
+            let before = framer.buffered();
+            framer.feed(&stream[start..end], &mut own).unwrap();
+            let consumed = end - start + before - framer.buffered();
+            framer.charges(&own, 0, false, consumed, 160, &mut charges);
+            start = end;
+        }
+        let item = MSGPACK_ITEM_CHARGE as u64;
+        assert_eq!(charges, vec![2 + 160 + 2 * item, 2 + 160], "cuts {cuts:?}");
+    }
+    // A RESP command, each argument.
+    let mut framer = Framer::new(Mode::Resp, 100).unwrap();
+    own.clear();
+    framer
+        .feed(b"*2\r\n$1\r\na\r\n$0\r\n\r\n", &mut own)
+        .unwrap();
+    let mut resp_charges = Vec::new();
+    framer.charges(&own, 0, false, 17, 160, &mut resp_charges);
+    assert_eq!(
+        resp_charges,
+        vec![17 + 160 + 2 * RESP_ARGUMENT_CHARGE as u64]
+    );
     // A RESP error is one more message; the packets from `first` only.
     let framer = Framer::new(Mode::Resp, 100).unwrap();
     charges.clear();
