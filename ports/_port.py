@@ -17,12 +17,13 @@ import socket
 from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Self, final
+from typing import TYPE_CHECKING, Any, Self, final
 
 import anyio
 import anyio.abc
 import trio
 import trio.abc
+from anyio import TypedAttributeProvider
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
@@ -60,6 +61,48 @@ _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 
 __all__ = ["Listener", "Port", "PortStatistics"]
+
+
+class _VirtualBase:
+    """A base class that the type checker sees and the class statement drops.
+
+    anyio's stream ABCs (and :class:`anyio.TypedAttributeProvider` under them) declare no
+    ``__slots__``, so a class that inherits them gets a ``__dict__``, and CPython 3.11 then
+    makes every instance a values array for it (44 bytes a port, in a second block) though
+    no port ever puts anything there.  A port class names such an ABC through this object
+    instead: ``__mro_entries__`` removes it from the bases, and :func:`_register_virtual`
+    registers the class as the ABC's virtual subclass, so ``isinstance`` and ``issubclass``
+    answer as before; what the ABC's classes define that a port does not
+    (``TypedAttributeProvider.extra``) ``_PortBase`` takes as it is.  trio's ABCs declare
+    ``__slots__ = ()`` and stay real bases.
+    """
+
+    __slots__ = ("abc",)
+
+    def __init__(self, abc: type) -> None:
+        self.abc = abc
+
+    def __getitem__(self, _item: object) -> _VirtualBase:
+        return self  # ``ObjectStream[Message]``: the parameter is the type checker's only
+
+    def __mro_entries__(self, _bases: tuple[object, ...]) -> tuple[()]:
+        return ()
+
+
+def _register_virtual(cls: type, *abcs: type) -> None:
+    """Make ``cls`` a virtual subclass of each ABC (see :class:`_VirtualBase`)."""
+    for abc in abcs:
+        abc.register(cls)  # type: ignore[attr-defined]
+
+
+if TYPE_CHECKING:
+    _ObjectStream = anyio.abc.ObjectStream
+    _ObjectReceiveStream = anyio.abc.ObjectReceiveStream
+    _ObjectSendStream = anyio.abc.ObjectSendStream
+else:
+    _ObjectStream = _VirtualBase(anyio.abc.ObjectStream)
+    _ObjectReceiveStream = _VirtualBase(anyio.abc.ObjectReceiveStream)
+    _ObjectSendStream = _VirtualBase(anyio.abc.ObjectSendStream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +219,9 @@ class _PortBase(Source):
             # in atomics and asks nothing of the loop half (and one bound method per port
             # is 64 bytes).
             window.task_waits = self._task_waits
+
+    #: anyio's typed attributes (see :class:`_VirtualBase`: a port inherits no anyio class).
+    extra = TypedAttributeProvider.extra
 
     def _submit(self, command: tuple[Any, Any, Any]) -> None:
         """Queue ``(function, target, argument)`` for the I/O thread (a method, not a bound
@@ -587,7 +633,7 @@ class _PortBase(Source):
 
 
 # Not @final: ports.ProcessPort extends it (a program's stdin/stdout, plus its exit).
-class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
+class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
     """A connected byte stream (TCP, Unix), owned by the I/O thread, used like a channel.
 
     Receive messages: :class:`~ioserver.Data` for bytes read, then one final
@@ -888,7 +934,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 @final
 class Listener(  # type: ignore[misc]
     _PortBase,
-    anyio.abc.ObjectReceiveStream[Accepted],
+    _ObjectReceiveStream[Accepted],
     trio.abc.ReceiveChannel[Accepted],
 ):
     """A listening TCP socket; its messages are :class:`~ioserver.Accepted` connections.
@@ -914,6 +960,10 @@ class Listener(  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<Listener tcp {self._local_address} {'closed' if self._closed else 'open'}>"
+
+
+_register_virtual(Port, anyio.abc.ObjectStream)
+_register_virtual(Listener, anyio.abc.ObjectReceiveStream)
 
 
 #: anyio's TLS attributes and the keys of ``ioserver._tls.tls_info`` that hold them.

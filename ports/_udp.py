@@ -37,7 +37,10 @@ from ioserver._udp import DatagramHandler, cmd_open_udp
 
 from ._port import (
     PortStatistics,
+    _ObjectReceiveStream,
+    _ObjectSendStream,
     _PortBase,
+    _register_virtual,
     _Request,
     _resolve,
     _to_bytes,
@@ -57,8 +60,8 @@ _RECEIVED = (Datagram, Packet)
 
 class UDPPort(  # type: ignore[misc]
     _PortBase,
-    anyio.abc.ObjectReceiveStream[Message],
-    anyio.abc.ObjectSendStream[Any],
+    _ObjectReceiveStream[Message],
+    _ObjectSendStream[Any],
     trio.abc.Channel[Any],
 ):
     """A UDP socket owned by the I/O thread, used like a channel of datagrams.
@@ -342,6 +345,9 @@ class UDPPort(  # type: ignore[misc]
         state = "closed" if self._closed else "ended" if self._ended else "open"
         peer = f" -> {self._remote_address}" if self._remote_address is not None else ""
         return f"<UDPPort {self._local_address}{peer} {state}>"
+
+
+_register_virtual(UDPPort, anyio.abc.ObjectReceiveStream, anyio.abc.ObjectSendStream)
 
 
 async def open_udp(

@@ -378,6 +378,48 @@ async def test_a_port_owned_by_a_mailbox_has_no_buffer_list(ios: ioserver.IOServ
         mailbox.close()
 
 
+@pytest.mark.every_core
+async def test_a_port_has_no_dict_and_is_still_every_stream_abc(ios: ioserver.IOServer) -> None:
+    """A port, a listener and a UDP port have no ``__dict__`` (issue 14: CPython 3.11 gave
+    each port a values array for one, 44 bytes, because anyio's stream ABCs declare no
+    ``__slots__``): anyio's ABCs are virtual bases now, so ``isinstance`` answers as
+    before, and ``extra`` still gives the typed attributes."""
+    import trio.abc
+    from anyio.abc import SocketAttribute
+
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        for port in (server, client, listener):
+            assert not hasattr(port, "__dict__")
+            with pytest.raises(AttributeError):
+                port.anything = 1  # type: ignore[union-attr]
+        for abc in (
+            anyio.abc.ObjectStream,
+            anyio.abc.ObjectReceiveStream,
+            anyio.abc.ObjectSendStream,
+            anyio.abc.UnreliableObjectStream,
+            anyio.abc.AsyncResource,
+            trio.abc.Channel,
+            trio.abc.ReceiveChannel,
+            trio.abc.SendChannel,
+            trio.abc.AsyncResource,
+        ):
+            assert isinstance(server, abc), abc
+        for abc in (anyio.abc.ObjectReceiveStream, trio.abc.ReceiveChannel):
+            assert isinstance(listener, abc), abc
+        assert not isinstance(listener, anyio.abc.ObjectSendStream)
+        assert server.extra(SocketAttribute.local_address) == listener.local_address
+        assert server.extra(SocketAttribute.remote_address) == client.local_address
+        assert listener.extra(SocketAttribute.remote_address, None) is None
+        await server.aclose()
+    async with await ports.open_udp(ios, ("127.0.0.1", 0)) as udp:
+        assert not hasattr(udp, "__dict__")
+        for abc in (anyio.abc.ObjectReceiveStream, anyio.abc.ObjectSendStream, trio.abc.Channel):
+            assert isinstance(udp, abc), abc
+        assert not isinstance(udp, anyio.abc.ObjectStream)  # (as before: not a stream)
+
+
 async def test_a_raw_ports_native_window_has_no_slot_of_its_own(no_leaks: None) -> None:
     """A raw port's native window keeps ``framer``, ``packet_overhead`` and ``sizes`` as
     class attributes (None, 0, None), not in slots: the Rust counters and the object's
