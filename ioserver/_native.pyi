@@ -107,6 +107,7 @@ class Conn:
     global_paused: bool
     held_bytes: int
     packets_too_large: int
+    peer_address: tuple[Any, ...] | None
     def drained(self) -> bool: ...
 
 class Inbox:

@@ -600,7 +600,13 @@ class _PortBase(Source):
     @property
     def remote_address(self) -> Any:
         """The peer's address, or ``None`` for a listener."""
-        return self._remote_address
+        address = self._remote_address
+        if address is None:
+            # An accepted TCP connection's on the native core: its handle keeps the peer
+            # and makes the tuple when first asked (issue 14: a tuple and an int less
+            # per idle connection).  None for anything else.
+            address = self._remote_address = getattr(self._conn, "peer_address", None)
+        return address
 
     @property
     def extra_attributes(self) -> dict[Any, Callable[[], Any]]:
@@ -608,8 +614,8 @@ class _PortBase(Source):
         attributes: dict[Any, Callable[[], Any]] = {
             SocketAttribute.local_address: lambda: self._local_address,
         }
-        if self._remote_address is not None:
-            attributes[SocketAttribute.remote_address] = lambda: self._remote_address
+        if self.remote_address is not None:
+            attributes[SocketAttribute.remote_address] = lambda: self.remote_address
         attributes.update(tls_attributes(self._conn))
         return attributes
 
@@ -928,7 +934,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "ended" if self._ended else "open"
-        return f"<Port tcp {self._local_address} -> {self._remote_address} {state}>"
+        return f"<Port tcp {self._local_address} -> {self.remote_address} {state}>"
 
 
 @final

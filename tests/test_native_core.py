@@ -474,6 +474,33 @@ async def test_accepted_ports_share_their_address_objects(no_leaks: None) -> Non
                     peer.close()
 
 
+async def test_an_accepted_port_makes_its_peer_address_when_first_asked(
+    no_leaks: None,
+) -> None:
+    """The native core keeps an accepted TCP connection's peer in its handle (16 bytes)
+    and the port makes the address when first asked, then keeps it (issue 14: a tuple and
+    an int less per idle connection); it is the same value as the Accepted message's,
+    also after the port closed, and a connected port and a listener keep theirs."""
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with listener:
+            client = await ports.connect_tcp(ios, *listener.local_address)
+            message = await listener.receive()
+            assert isinstance(message, Accepted)
+            server = message.port
+            assert server._remote_address is None  # not made yet
+            assert sys.getsizeof(server._conn) <= 40  # (the handle, with the peer in it)
+            address = server.remote_address
+            assert address == message.address == client.local_address
+            assert server.remote_address is address  # made once
+            assert client.remote_address == listener.local_address
+            assert listener.remote_address is None
+            await server.aclose()
+            assert server.remote_address == address
+            assert "-> ('127.0.0.1'," in repr(server)
+            await client.aclose()
+
+
 def pinned(payloads: list[bytes], baseline: int) -> list[int]:
     """The indexes of the payloads something else still refers to."""
     return [index for index in range(len(payloads)) if sys.getrefcount(payloads[index]) > baseline]

@@ -5,7 +5,7 @@
 //!
 //! Used by `ioserver/_native_core.py` only; nothing here is public API.
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -274,6 +274,46 @@ impl WindowCounters {
 #[pyclass(module = "ioserver._native", frozen)]
 pub struct Conn {
     shared: Arc<ConnShared>,
+    /// An accepted TCP connection's peer: the port makes its address from it when first
+    /// asked (``peer_address``), instead of keeping a tuple and an int from the accept on.
+    peer: Option<Peer>,
+}
+
+impl Conn {
+    /// The handle of a connection with no peer kept (connected, listening, Unix).
+    fn new(shared: Arc<ConnShared>) -> Self {
+        Self { shared, peer: None }
+    }
+}
+
+/// The last host string [`Conn`]'s ``peer_address`` made (taken under the GIL only, so
+/// never contended), shared by the next address of the same host.
+static PEER_HOST: Mutex<Option<(IpAddr, Py<pyo3::types::PyString>)>> = Mutex::new(None);
+
+/// An accepted connection's peer address, in 16 bytes: an IPv6 one is boxed (an IPv4 one
+/// is 6 bytes, a `SocketAddr` 32), so the handle of an IPv4 connection is one pymalloc
+/// size class (48 bytes) where the handle, the peer's tuple and its port's int took three
+/// (32 + 64 + 32; issue 14, memory per idle connection).
+enum Peer {
+    V4(SocketAddrV4),
+    V6(Box<SocketAddrV6>),
+}
+
+impl Peer {
+    fn of(address: &Address) -> Option<Self> {
+        match address {
+            Address::Inet(SocketAddr::V4(a)) => Some(Self::V4(*a)),
+            Address::Inet(SocketAddr::V6(a)) => Some(Self::V6(Box::new(*a))),
+            _ => None,
+        }
+    }
+
+    fn address(&self) -> SocketAddr {
+        match self {
+            Self::V4(a) => SocketAddr::V4(*a),
+            Self::V6(a) => SocketAddr::V6(**a),
+        }
+    }
 }
 
 #[pymethods]
@@ -365,6 +405,34 @@ impl Conn {
         self.shared
             .receive()
             .map_or(true, |window| window.drained())
+    }
+    /// An accepted TCP connection's peer address as ``socket.getpeername()`` gives it
+    /// (``(host, port)``, or ``(host, port, flowinfo, scope_id)`` for IPv6), a new tuple
+    /// each call; None for any other connection (its port was given its address).
+    /// The host's string is shared with the last peer address made so, when it is the
+    /// same host, as the drain shares it between accepted connections.
+    #[getter]
+    fn peer_address<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let Some(peer) = &self.peer else {
+            return Ok(None);
+        };
+        let peer = peer.address();
+        let ip = peer.ip();
+        let host = match PEER_HOST.lock() {
+            Ok(mut last) => match &*last {
+                Some((known, host)) if *known == ip => host.bind(py).clone(),
+                _ => {
+                    let host = pyo3::types::PyString::new(py, &ip.to_string());
+                    *last = Some((ip, host.clone().unbind()));
+                    host
+                }
+            },
+            Err(_) => pyo3::types::PyString::new(py, &ip.to_string()),
+        };
+        Ok(Some(match peer {
+            SocketAddr::V4(a) => (host, a.port()).into_pyobject(py)?,
+            SocketAddr::V6(a) => (host, a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)?,
+        }))
     }
     fn __repr__(&self) -> String {
         format!("<native Conn {} slot {}>", self.shared.id, self.shared.slot)
@@ -679,10 +747,15 @@ impl Inbox {
                 local,
                 remote,
             } => {
+                // A TCP peer's address stays in the handle until the port asks for it
+                // (``Conn.peer_address``): ``make_port`` gets None for it.
+                let peer = Peer::of(&remote);
+                let kept = peer.is_some();
                 let handle = Py::new(
                     py,
                     Conn {
                         shared: conn.clone(),
+                        peer,
                     },
                 )?;
                 let Some(make_port) = &listener.make_port else {
@@ -691,7 +764,12 @@ impl Inbox {
                 let watermarks = make_port.watermarks;
                 let make_port = &make_port.make;
                 let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
-                let made = make_port.bind(py).call1((handle, local, remote.clone()));
+                let given = if kept {
+                    py.None().into_bound(py)
+                } else {
+                    remote.clone()
+                };
+                let made = make_port.bind(py).call1((handle, local, given));
                 let port = match made {
                     Ok(port) => port,
                     Err(error) => {
@@ -728,7 +806,7 @@ impl Inbox {
                 local,
                 remote,
             } => {
-                let handle = Py::new(py, Conn { shared: conn })?;
+                let handle = Py::new(py, Conn::new(conn))?;
                 let answer = (
                     handle,
                     address_object(py, &local)?,
@@ -744,7 +822,7 @@ impl Inbox {
                 pair(&request, error)
             }
             Event::Listening(request, conn, local) => {
-                let handle = Py::new(py, Conn { shared: conn })?;
+                let handle = Py::new(py, Conn::new(conn))?;
                 let answer = (handle, address_object(py, &local)?, py.None());
                 pair(&request, answer.into_pyobject(py)?.into_any())
             }
@@ -1647,4 +1725,22 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WindowCounters>()?;
     m.add_class::<Hold>()?;
     Ok(())
+}
+
+/// The handle's size (issue 14: ioserver's own memory per idle connection): with
+/// CPython's 16-byte object header, 40 bytes, one 48-byte pymalloc block.
+#[cfg(all(test, target_pointer_width = "64"))]
+mod size_tests {
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn a_conn_handle_keeps_its_peer_in_16_bytes() {
+        assert!(
+            size_of::<Option<Peer>>() <= 16,
+            "{}",
+            size_of::<Option<Peer>>()
+        );
+        assert!(size_of::<Conn>() <= 24, "Conn: {}", size_of::<Conn>());
+    }
 }
