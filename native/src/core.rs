@@ -116,19 +116,48 @@ const WAKE: Token = Token(usize::MAX);
 pub struct PyTarget {
     /// The object events are delivered to.
     pub obj: Py<PyAny>,
-    /// A listener's: how each accepted connection's loop half is made (boxed: only a
-    /// listener has it, and every port has a target).
-    pub make_port: Option<Box<MakePort>>,
     /// A port's flow-control window: the drain that hands the port a message marks its
-    /// parked task woken ([`flow::Window::task_woken`]).
+    /// parked task woken ([`flow::Window::task_woken`]); and a port whose msgpack packet
+    /// failed to decode is marked there ([`flow::Window::decode_failed`]).
     pub window: Option<Arc<flow::Window>>,
+    /// What only a listener or a framed port has (boxed: every port has a target, and 24
+    /// bytes make a 48-byte allocation with the `Arc`'s counts, where 40 made 64).
+    pub extra: Option<Box<TargetExtra>>,
+}
+
+/// The part of a [`PyTarget`] that only some targets have.
+pub enum TargetExtra {
+    /// A listener's: how each accepted connection's loop half is made.
+    Listener(MakePort),
     /// A framed port's `window.sizes.append`: the charge of each packet goes there before
     /// the packet (the port pops it as its owner takes the packet).
-    pub sizes: Option<Py<PyAny>>,
+    Sizes(Py<PyAny>),
+}
+
+impl PyTarget {
+    /// A listener's recipe for its accepted connections.
+    pub fn make_port(&self) -> Option<&MakePort> {
+        match self.extra.as_deref() {
+            Some(TargetExtra::Listener(make_port)) => Some(make_port),
+            _ => None,
+        }
+    }
+
+    /// A framed port's `window.sizes.append`.
+    pub fn sizes(&self) -> Option<&Py<PyAny>> {
+        match self.extra.as_deref() {
+            Some(TargetExtra::Sizes(sizes)) => Some(sizes),
+            _ => None,
+        }
+    }
+
     /// A msgpack packet of this port failed to decode in its loop's drain: the drain told
     /// the owner (`Error`, then `Closed`) and drops what comes for the port after it.
-    /// Relaxed: written and read by that one loop's drains only.
-    pub failed: AtomicBool,
+    pub fn failed(&self) -> bool {
+        self.window
+            .as_ref()
+            .is_some_and(|window| window.decode_failed())
+    }
 }
 
 /// A listener's recipe for the loop half of each connection it accepts.
@@ -358,7 +387,7 @@ pub enum Event {
     /// Bytes read: `Data(bytes)`.
     Data(Target, Vec<u8>),
     /// A packet charged more than its length: its charge goes to the port's
-    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.
+    /// `window.sizes` (see [`TargetExtra::Sizes`]), then `Data(bytes)`.
     Packet(Target, Vec<u8>, u64),
     /// A packet of a mode whose messages are objects (msgpack, resp), with its charge:
     /// the drain builds the object (decodes the msgpack bytes, makes the command's
@@ -2203,7 +2232,7 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
 
 /// The event of a packet charged `charge` bytes: for bytes, `Data` when the port charges
 /// packets their length alone (`overhead` 0), else `Packet`, which carries the charge to
-/// the port's `window.sizes` (see [`PyTarget::sizes`]); for an object, `Object` (its
+/// the port's `window.sizes` (see [`TargetExtra::Sizes`]); for an object, `Object` (its
 /// charge is never its length).
 fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64) -> Event {
     match payload {
@@ -2227,7 +2256,7 @@ mod size_tests {
     fn a_ports_native_state_stays_within_its_allocation_size_classes() {
         // (Stream: 232 bytes in a test build, whose mio sockets carry a selector id, a
         // 240-byte chunk; 216 and 224 in release.  ConnShared, Window: 128-byte chunks
-        // with their Arc counts; PyTarget: 64.)
+        // with their Arc counts; PyTarget: 48.)
         assert!(
             size_of::<Stream>() <= 232,
             "Stream: {}",
@@ -2241,7 +2270,7 @@ mod size_tests {
         let window = size_of::<flow::Window>();
         assert!(window <= 104, "flow::Window: {window}");
         assert!(
-            size_of::<PyTarget>() <= 40,
+            size_of::<PyTarget>() <= 24,
             "PyTarget: {}",
             size_of::<PyTarget>()
         );

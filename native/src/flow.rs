@@ -444,6 +444,12 @@ pub struct Window {
     /// submitted; the I/O thread loads it after its `bytes_out` store (the handshake
     /// above), so the backlog it computes is never less than what was queued by then.
     queued_bytes: AtomicU64,
+    // -- the loop's drain's (here, in the padding beside the flags above: the drain's
+    // `PyTarget` is then 24 bytes, a 48-byte allocation, not 40 and 64) --
+    /// A msgpack packet of this port failed to decode in its loop's drain: the drain told
+    /// the owner (`Error`, then `Closed`) and drops what comes for the port after it.
+    /// `Relaxed`: written and read by that one loop's drains only.
+    decode_failed: AtomicBool,
 }
 
 impl Window {
@@ -470,6 +476,7 @@ impl Window {
             global_paused: AtomicBool::new(false),
             send_blocked: AtomicBool::new(false),
             queued_bytes: AtomicU64::new(0),
+            decode_failed: AtomicBool::new(false),
         }
     }
 
@@ -562,6 +569,17 @@ impl Window {
         if self.waiting.load(Ordering::Relaxed) {
             self.waiting.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// **The loop's drain.**  A msgpack packet of this port failed to decode: the drain
+    /// drops the port's later events (see [`Window::decode_failed`]).
+    pub fn mark_decode_failed(&self) {
+        self.decode_failed.store(true, Ordering::Relaxed);
+    }
+
+    /// **The loop's drain.**  Whether a packet of this port failed to decode.
+    pub fn decode_failed(&self) -> bool {
+        self.decode_failed.load(Ordering::Relaxed)
     }
 
     /// **Either half.**  Whether a task is marked parked on this port.

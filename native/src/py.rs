@@ -6,7 +6,7 @@
 //! Used by `ioserver/_native_core.py` only; nothing here is public API.
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::core::uring::{self, Backend};
 use crate::core::{
     Command, ConnShared, Event, Flow, IoThread, MakePort, Payload, PyTarget, Shared, StreamOptions,
+    TargetExtra,
 };
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
@@ -28,10 +29,8 @@ use crate::wakeup::WakeQueue;
 fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
     Arc::new(PyTarget {
         obj,
-        make_port: None,
         window: None,
-        sizes: None,
-        failed: AtomicBool::new(false),
+        extra: None,
     })
 }
 
@@ -40,19 +39,18 @@ fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
 /// deque's `append`; and the bytes charged per packet beyond its length.
 fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<(Target, u64)> {
     let sizes = window.getattr("sizes")?;
-    let (sizes, overhead) = if sizes.is_none() {
+    let (extra, overhead) = if sizes.is_none() {
         (None, 0)
     } else {
         let overhead: u64 = window.getattr("packet_overhead")?.extract()?;
-        (Some(sizes.getattr("append")?.unbind()), overhead)
+        let append = sizes.getattr("append")?.unbind();
+        (Some(Box::new(TargetExtra::Sizes(append))), overhead)
     };
     let receive = Arc::clone(&window.get().shared);
     let target = Arc::new(PyTarget {
         obj: port,
-        make_port: None,
         window: Some(receive),
-        sizes,
-        failed: AtomicBool::new(false),
+        extra,
     });
     Ok((target, overhead))
 }
@@ -62,13 +60,11 @@ fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<
 fn listener_target(listener: Py<PyAny>, make_port: Py<PyAny>, watermarks: Watermarks) -> Target {
     Arc::new(PyTarget {
         obj: listener,
-        make_port: Some(Box::new(MakePort {
+        window: None,
+        extra: Some(Box::new(TargetExtra::Listener(MakePort {
             make: make_port,
             watermarks,
-        })),
-        window: None,
-        sizes: None,
-        failed: AtomicBool::new(false),
+        }))),
     })
 }
 
@@ -636,8 +632,8 @@ impl Inbox {
                 vec![self.closed.bind(py).call1(("internal error", "EIO"))?]
             }
         };
-        port.failed.store(true, Ordering::Relaxed);
         if let Some(window) = &port.window {
+            window.mark_decode_failed();
             let _ = window.took(charge);
         }
         self.shared
@@ -664,7 +660,7 @@ impl Inbox {
             | Event::Aborted(port, _) => (port, 0),
             _ => return false,
         };
-        if !port.failed.load(Ordering::Relaxed) {
+        if !port.failed() {
             return false;
         }
         if let (Some(window), true) = (&port.window, charge > 0) {
@@ -690,7 +686,7 @@ impl Inbox {
                     window.task_woken();
                 }
                 // Its charge first: the port pops it when its owner takes the packet.
-                if let Some(sizes) = &port.sizes {
+                if let Some(sizes) = port.sizes() {
                     sizes.bind(py).call1((charge,))?;
                 }
                 let data = self.new.bind(py).call1((self.data.bind(py),))?;
@@ -709,7 +705,7 @@ impl Inbox {
             }
             Event::Packet(port, bytes, charge) => {
                 // Its charge first: the port pops it when its owner takes the packet.
-                if let Some(sizes) = &port.sizes {
+                if let Some(sizes) = port.sizes() {
                     sizes.bind(py).call1((charge,))?;
                 }
                 self.build(py, list, Event::Data(port, bytes))
@@ -758,7 +754,7 @@ impl Inbox {
                         peer,
                     },
                 )?;
-                let Some(make_port) = &listener.make_port else {
+                let Some(make_port) = listener.make_port() else {
                     return Err(PyRuntimeError::new_err("a listener without make_port"));
                 };
                 let watermarks = make_port.watermarks;
