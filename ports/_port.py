@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, Self, final
 
 import anyio
@@ -638,6 +638,26 @@ class _PortBase(Source):
         await self.aclose()
 
 
+class _SendWaiter(Waiter):
+    """A port's sender waiting for its output to drain, and the count of the port's busy
+    transitions (sends that found it busy): both made at the first."""
+
+    __slots__ = ("transitions",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transitions = 0
+
+
+@lru_cache(maxsize=64, typed=True)
+def _send_options(
+    low_watermark: int, send_timeout: float | None, send_timeout_close: bool
+) -> tuple[int, float | None, bool]:
+    """``(low_watermark, send_timeout, send_timeout_close)``, one tuple for all the ports
+    with these options (at most 64 kept: another combination gets a tuple of its own)."""
+    return (low_watermark, send_timeout, send_timeout_close)
+
+
 # Not @final: ports.ProcessPort extends it (a program's stdin/stdout, plus its exit).
 class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
     """A connected byte stream (TCP, Unix), owned by the I/O thread, used like a channel.
@@ -651,14 +671,11 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
 
     __slots__ = (
         "_broken",
-        "_busy_transitions",
         "_eof_sent",
         "_framer",
         "_high_watermark",
-        "_low_watermark",
         "_native_send",
-        "_send_timeout",
-        "_send_timeout_close",
+        "_send_options",
         "_send_waiter",
         "_simple_send",
     )
@@ -678,11 +695,13 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         # Send flow control: the window's queued_bytes (what the owner queued) against the
         # I/O thread's bytes_out; its send_blocked is set while a sender waits "writable".
         self._high_watermark: int = options["high_watermark"]
-        self._low_watermark: int = options["low_watermark"]
-        self._send_timeout: float | None = options["send_timeout"]
-        self._send_timeout_close: bool = options["send_timeout_close"]
-        self._send_waiter: Waiter | None = None  # made when a sender first waits
-        self._busy_transitions = 0
+        # What only a busy send reads: one tuple shared by the ports with the same options
+        # (three slots less a port; issue 14, memory per idle connection).
+        self._send_options = _send_options(
+            options["low_watermark"], options["send_timeout"], options["send_timeout_close"]
+        )
+        # Made when a send first finds the port busy (it counts the busy transitions).
+        self._send_waiter: _SendWaiter | None = None
         # True while send may take its inlined path: open, not broken, no EOF sent, no port
         # cap to check (a packet mode's framing is done there too: each framer's ``frame``
         # is a pure function of the message).  Cleared by each of those changes.
@@ -785,7 +804,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         self._check_can_send()
         data = self._encode(message)
         if self.busy:
-            self._busy_transitions += 1
+            self._get_send_waiter().transitions += 1
             raise WouldBlock("the port is busy: its output is above high_watermark")
         if data:
             self._queue(data)
@@ -848,34 +867,42 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         if data:
             self._queue(data)
 
+    def _get_send_waiter(self) -> _SendWaiter:
+        """The port's send waiter, made when a send first finds the port busy."""
+        send_waiter = self._send_waiter
+        if send_waiter is None:
+            send_waiter = self._send_waiter = _SendWaiter()
+        return send_waiter
+
     async def _wait_until_writable(self) -> None:
-        self._busy_transitions += 1
+        self._get_send_waiter().transitions += 1
         if self._window.send_blocked:  # set for the whole wait of the sender already inside
             raise BusyPortError("waiting to send")
+        _low_watermark, send_timeout, send_timeout_close = self._send_options
         try:
-            if self._send_timeout is None:
+            if send_timeout is None:
                 await self._park_until_writable()
             else:
-                with anyio.fail_after(self._send_timeout):
+                with anyio.fail_after(send_timeout):
                     await self._park_until_writable()
         except TimeoutError:
-            if self._send_timeout_close:
+            if send_timeout_close:
                 self.close_nowait()
             raise SendTimeoutError(
-                f"the port stayed busy for send_timeout={self._send_timeout} s"
-                + ("; it is closed" if self._send_timeout_close else "")
+                f"the port stayed busy for send_timeout={send_timeout} s"
+                + ("; it is closed" if send_timeout_close else "")
             ) from None
 
     async def _park_until_writable(self) -> None:
         conn = self._conn
         assert conn is not None
+        low_watermark = self._send_options[0]
+        send_waiter = self._get_send_waiter()
         self._window.send_blocked = True  # written before the re-read of bytes_out below
         try:
-            while self._window.queued_bytes - conn.bytes_out > self._low_watermark:
+            while self._window.queued_bytes - conn.bytes_out > low_watermark:
                 self._check_can_send()
-                if self._send_waiter is None:
-                    self._send_waiter = Waiter()
-                await self._hub.park(self._send_waiter)
+                await self._hub.park(send_waiter)
             self._check_can_send()
         finally:
             self._window.send_blocked = False
@@ -901,7 +928,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
             bytes_buffered_out=self._window.queued_bytes - conn.bytes_out,
             peak_buffered=conn.peak_buffered,
             pauses=conn.pauses,
-            busy_transitions=self._busy_transitions,
+            busy_transitions=0 if self._send_waiter is None else self._send_waiter.transitions,
             packets_too_large=conn.packets_too_large,
         )
 

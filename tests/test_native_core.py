@@ -352,6 +352,10 @@ async def test_an_idle_port_keeps_no_buffer_it_does_not_use(ios: ioserver.IOServ
         assert server._select_waiters == ()
         assert server._send_waiter is None
         assert not hasattr(server._window, "__dict__")
+        # What only a busy send reads is one tuple the listener's ports share: the port
+        # is 24 slots, a 224-byte block (27 and 256 before).
+        assert server._send_options is client._send_options
+        assert sys.getsizeof(server) <= 224
         await server.aclose()
 
 
