@@ -588,13 +588,36 @@ struct Stream {
     shutdown_pending: bool,
     close_pending: bool,
     /// `linger`: how long a close may wait for the queued output.
-    linger: Option<Duration>,
+    linger: Linger,
     /// The port's framer (None: raw), boxed: 144 bytes inline in every stream, raw or
     /// not, against 8.
     framer: Option<Box<crate::framing::Framer>>,
     /// What only some streams need (a linger deadline, packets held), boxed when first
     /// needed: 48 bytes inline in every stream against 8.
     rare: Option<Box<StreamRare>>,
+}
+
+/// A stream's `linger` in 8 bytes, where an `Option<Duration>` takes 16 (with the
+/// [`flow::ReceiveFlow`]'s 8 bytes less, a `Stream` is a 208-byte allocation, not 224):
+/// nanoseconds, `u64::MAX` for None (no bound).  `_options` bounds a linger to
+/// `2**31 - 1` seconds, about 2.1e18 ns, well below; a longer one would saturate to
+/// `u64::MAX - 1` ns, 584 years.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Linger(u64);
+
+impl Linger {
+    fn new(linger: Option<Duration>) -> Linger {
+        match linger {
+            None => Linger(u64::MAX),
+            Some(linger) => Linger(
+                u64::try_from(linger.as_nanos()).map_or(u64::MAX - 1, |n| n.min(u64::MAX - 1)),
+            ),
+        }
+    }
+
+    fn get(self) -> Option<Duration> {
+        (self.0 != u64::MAX).then(|| Duration::from_nanos(self.0))
+    }
 }
 
 /// The part of a [`Stream`] that only some streams use.
@@ -1644,7 +1667,7 @@ impl IoThread {
     /// `{linger, {true, 0}}`); `IoThread::expire_lingers` resets it when the time is up.
     /// The stream goes back to the table if it stays open.
     fn close_linger(&mut self, mut s: Box<Stream>) {
-        if s.linger == Some(Duration::ZERO) {
+        if s.linger.get() == Some(Duration::ZERO) {
             self.reset(&mut s);
             return;
         }
@@ -1656,6 +1679,7 @@ impl IoThread {
         // A linger past the clock's range is no deadline (`_options` bounds it far below).
         if let (Some(deadline), None) = (
             s.linger
+                .get()
                 .and_then(|linger| Instant::now().checked_add(linger)),
             s.linger_deadline(),
         ) {
@@ -1864,7 +1888,7 @@ impl IoThread {
             write_closed: false,
             shutdown_pending: false,
             close_pending: false,
-            linger: options.linger,
+            linger: Linger::new(options.linger),
             framer: options
                 .framing
                 .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok())
@@ -2089,7 +2113,7 @@ impl IoThread {
                 write_closed: false,
                 shutdown_pending: false,
                 close_pending: false,
-                linger: l.options.linger,
+                linger: Linger::new(l.options.linger),
                 framer: l
                     .options
                     .framing
@@ -2254,11 +2278,11 @@ mod size_tests {
 
     #[test]
     fn a_ports_native_state_stays_within_its_allocation_size_classes() {
-        // (Stream: 232 bytes in a test build, whose mio sockets carry a selector id, a
-        // 240-byte chunk; 216 and 224 in release.  ConnShared, Window: 128-byte chunks
+        // (Stream: 216 bytes in a test build, whose mio sockets carry a selector id, a
+        // 224-byte chunk; 200 and 208 in release.  ConnShared, Window: 128-byte chunks
         // with their Arc counts; PyTarget: 48.)
         assert!(
-            size_of::<Stream>() <= 232,
+            size_of::<Stream>() <= 216,
             "Stream: {}",
             size_of::<Stream>()
         );
@@ -2269,6 +2293,9 @@ mod size_tests {
         );
         let window = size_of::<flow::Window>();
         assert!(window <= 104, "flow::Window: {window}");
+        // (Inline in the Stream: its token and packet overhead in 32 bits each.)
+        let receive = size_of::<flow::ReceiveFlow>();
+        assert!(receive <= 96, "flow::ReceiveFlow: {receive}");
         assert!(
             size_of::<PyTarget>() <= 24,
             "PyTarget: {}",
