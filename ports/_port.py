@@ -55,6 +55,9 @@ from ioserver._server import IOServer
 from ._mailbox import Mailbox
 from ._source import EMPTY, Source, Waiter
 
+#: ``_PortBase._notify`` when an active=N count ran out and its Passive is on its way.
+PASSIVE_PENDING = 2
+
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
@@ -168,7 +171,6 @@ class _PortBase(Source):
         "_local_address",
         "_notify",
         "_owner",
-        "_passive_pending",
         "_remote_address",
         "_select_waiters",
         "_terminal",
@@ -200,8 +202,11 @@ class _PortBase(Source):
         self._closed = False  # closed by this side
         self._terminal = False  # the final Closed message has been delivered
         self._ended = False  # ... and received: receive raises EndOfPort
+        # ``_notify``: True - Passive is delivered when an active=N count runs out;
+        # PASSIVE_PENDING (2, truthy) - and it ran out: the Passive is on its way (one
+        # slot for both, issue 14); False - "once" or passive.
+        self._notify: int
         self._credit, self._notify = active
-        self._passive_pending = False  # an active=N count ran out: Passive is on its way
         self._owner: Mailbox | None = None
         self._local_address: object = None
         self._remote_address: object = None
@@ -278,9 +283,10 @@ class _PortBase(Source):
             if self._credit > 0:
                 self._credit -= 1
                 if self._credit == 0 and self._notify:
-                    self._passive_pending = True
+                    self._notify = PASSIVE_PENDING
         elif message.__class__ is Passive:
-            self._passive_pending = False
+            if self._notify == PASSIVE_PENDING:
+                self._notify = True
         elif message.__class__ is Closed:
             if self._terminal:
                 # Receiving ended already (e.g. the peer's EOF); the connection has now
@@ -349,7 +355,7 @@ class _PortBase(Source):
             raise ClosedPortError(
                 "this port's messages go to its owner mailbox; receive from the mailbox"
             )
-        if self._credit == 0 and not self._passive_pending:
+        if self._credit == 0 and self._notify != PASSIVE_PENDING:
             # Passive: ask the I/O thread for one message, as gen_tcp:recv does.  (Not
             # while a Passive notice is on its way: that notice is the next message.)
             self._credit = 1
@@ -539,8 +545,9 @@ class _PortBase(Source):
             raise ClosedPortError("this port is closed")
         if active is not None:
             mode = parse_active(active)
-            self._credit, self._notify = apply_active_mode(self._credit, self._notify, mode)
-            self._passive_pending = self._credit == 0 and self._notify
+            self._credit, self._notify = apply_active_mode(self._credit, bool(self._notify), mode)
+            if self._credit == 0 and self._notify:
+                self._notify = PASSIVE_PENDING
             self._submit((self._io.cmd_set_active, self._conn, mode))
 
     @property
@@ -672,7 +679,6 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
     __slots__ = (
         "_broken",
         "_eof_sent",
-        "_framer",
         "_high_watermark",
         "_native_send",
         "_send_options",
@@ -691,7 +697,6 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         super().__init__(server, active, framer, native)
         self._broken: str | None = None
         self._eof_sent = False
-        self._framer: Framer | None = framer
         # Send flow control: the window's queued_bytes (what the owner queued) against the
         # I/O thread's bytes_out; its send_blocked is set while a sender waits "writable".
         self._high_watermark: int = options["high_watermark"]
@@ -714,6 +719,12 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         self._native_send: Any = (
             None if self._window.took is None else getattr(server._io, "send_within", None)
         )
+
+    @property
+    def _framer(self) -> Framer | None:
+        """The port's framer (None: raw), which its window keeps (one slot less a port)."""
+        framer: Framer | None = self._window.framer
+        return framer
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
@@ -835,7 +846,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         conn = self._conn
         window = self._window
         if self._simple_send and message.__class__ is bytes:
-            framer = self._framer
+            framer = window.framer
             # _encode, inlined (PacketTooLarge from here queued nothing, as there).
             data = message if framer is None else framer.frame(message)
             native_send = self._native_send

@@ -36,6 +36,7 @@ from ioserver._server import IOServer
 from ioserver._udp import DatagramHandler, cmd_open_udp
 
 from ._port import (
+    PASSIVE_PENDING,
     PortStatistics,
     _ObjectReceiveStream,
     _ObjectSendStream,
@@ -116,7 +117,7 @@ class UDPPort(  # type: ignore[misc]
                 if self._credit > 0:
                     self._credit -= 1
                     if self._credit == 0 and self._notify:
-                        self._passive_pending = True
+                        self._notify = PASSIVE_PENDING
                 if self._owner is not None:
                     self._took_data(message.data)
         super()._deliver(message)
