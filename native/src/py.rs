@@ -184,6 +184,15 @@ fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<
 /// one allocation per port.  The loop half
 /// assigns the counters (`window.consumed_bytes += charge`); each assignment's growth is
 /// counted for the memory budget too (the loop's counters, `flow::LoopCounters`).
+///
+/// It is a raw port's whole window (``ioserver._native_core.NativeWindow``), so the
+/// fields of ``ioserver._flow.Window`` that are the same for every raw native port are
+/// class attributes here (``framer``, ``packet_overhead``, ``sizes``; ``on_pause`` and
+/// ``on_gone``, for a daemon's clients, which the native thread does not serve) and
+/// ``task_waits`` answers False (the native thread asks the loop half nothing): an
+/// instance is the object's header and the `Arc`, 24 bytes, a 32-byte pymalloc block -
+/// a Python subclass's instances carry a 16-byte GC header more (issue 14).  A framed
+/// port's window is such a subclass (``FramedNativeWindow``), with those three in slots.
 #[pyclass(module = "ioserver._native", subclass, frozen)]
 pub struct WindowCounters {
     shared: Arc<flow::Window>,
@@ -197,6 +206,59 @@ impl WindowCounters {
         WindowCounters {
             shared: Arc::new(flow::Window::unconfigured()),
         }
+    }
+
+    /// A raw port has no framer.
+    #[classattr]
+    fn framer(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// A raw port's messages are charged their length, nothing more.
+    #[classattr]
+    fn packet_overhead() -> u64 {
+        0
+    }
+
+    /// A raw port's charges are its messages' lengths: no queue of them.
+    #[classattr]
+    fn sizes(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// Only a daemon's client port is told of pauses (the hosted half's windows).
+    #[classattr]
+    fn on_pause(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// Only a daemon's client port is told it is gone (the hosted half's windows).
+    #[classattr]
+    fn on_gone(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// Whether a task waits on the port: the native thread never asks (it reads
+    /// `flow::Window`'s `waiting` mark), so False, as `Window.task_waits` by default.
+    fn task_waits(&self) -> bool {
+        false
+    }
+
+    /// The bytes a delivered message's payload ``data`` is charged (``Window.charge``):
+    /// its length, on a raw port.
+    fn charge(&self, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        data.len()
+    }
+
+    /// Step 2 of the handshake (``Window.resume_due``): ``flow.pause_generation`` if the
+    /// owner took enough (``flow.drained()``; it becomes ``resume_generation``), else None.
+    fn resume_due(&self, flow: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+        let generation: u64 = flow.getattr("pause_generation")?.extract()?;
+        if flow.call_method0("drained")?.is_truthy()? {
+            self.shared.set_resume_generation(generation);
+            return Ok(Some(generation));
+        }
+        Ok(None)
     }
 
     /// The owner took a message charged ``charge`` bytes (its length, or for a framed
