@@ -646,14 +646,16 @@ class _PortBase(Source):
 
 
 class _SendWaiter(Waiter):
-    """A port's sender waiting for its output to drain, and the count of the port's busy
-    transitions (sends that found it busy): both made at the first."""
+    """A port's sender waiting for its output to drain, with what only some ports' sends
+    need: the count of the port's busy transitions (sends that found it busy), and whether
+    :meth:`Port.send_eof` was called.  Made at the first of these (two slots less a port)."""
 
-    __slots__ = ("transitions",)
+    __slots__ = ("eof_sent", "transitions")
 
     def __init__(self) -> None:
         super().__init__()
         self.transitions = 0
+        self.eof_sent = False
 
 
 @lru_cache(maxsize=64, typed=True)
@@ -678,7 +680,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
 
     __slots__ = (
         "_broken",
-        "_eof_sent",
+        "_framer",
         "_high_watermark",
         "_native_send",
         "_send_options",
@@ -696,7 +698,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         framer = port_framer(options)
         super().__init__(server, active, framer, native)
         self._broken: str | None = None
-        self._eof_sent = False
+        self._framer: Framer | None = framer
         # Send flow control: the window's queued_bytes (what the owner queued) against the
         # I/O thread's bytes_out; its send_blocked is set while a sender waits "writable".
         self._high_watermark: int = options["high_watermark"]
@@ -705,7 +707,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         self._send_options = _send_options(
             options["low_watermark"], options["send_timeout"], options["send_timeout_close"]
         )
-        # Made when a send first finds the port busy (it counts the busy transitions).
+        # Made when a send first finds the port busy, or at send_eof (see _SendWaiter).
         self._send_waiter: _SendWaiter | None = None
         # True while send may take its inlined path: open, not broken, no EOF sent, no port
         # cap to check (a packet mode's framing is done there too: each framer's ``frame``
@@ -719,12 +721,6 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         self._native_send: Any = (
             None if self._window.took is None else getattr(server._io, "send_within", None)
         )
-
-    @property
-    def _framer(self) -> Framer | None:
-        """The port's framer (None: raw), which its window keeps (one slot less a port)."""
-        framer: Framer | None = self._window.framer
-        return framer
 
     def _on_terminal(self, message: Closed) -> None:
         self._broken = message.errno_name
@@ -752,7 +748,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
             raise BrokenPortError(
                 f"the connection is broken ({self._broken})", errno_name=self._broken
             )
-        if self._eof_sent:
+        if self._send_waiter is not None and self._send_waiter.eof_sent:
             raise ClosedPortError("send_eof() was called: this port sends nothing more")
 
     def _encode(self, message: object) -> bytes:
@@ -846,7 +842,7 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         conn = self._conn
         window = self._window
         if self._simple_send and message.__class__ is bytes:
-            framer = window.framer
+            framer = self._framer
             # _encode, inlined (PacketTooLarge from here queued nothing, as there).
             data = message if framer is None else framer.frame(message)
             native_send = self._native_send
@@ -964,8 +960,9 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
                 "send_eof() is not supported on a TLS port (as anyio's TLSStream): "
                 "close the port, which sends close_notify"
             )
-        if not self._eof_sent and self._broken is None:
-            self._eof_sent = True
+        send_waiter = self._send_waiter
+        if not (send_waiter is not None and send_waiter.eof_sent) and self._broken is None:
+            self._get_send_waiter().eof_sent = True
             self._simple_send = False
             self._submit((self._io.cmd_send_eof, self._conn, None))
         await anyio.lowlevel.checkpoint()

@@ -352,11 +352,10 @@ async def test_an_idle_port_keeps_no_buffer_it_does_not_use(ios: ioserver.IOServ
         assert server._select_waiters == ()
         assert server._send_waiter is None
         assert not hasattr(server._window, "__dict__")
-        # What only a busy send reads is one tuple the listener's ports share, the framer
-        # is the window's, a pending Passive a value of _notify: the port is 22 slots, a
-        # 208-byte block (27 and 256 before).
+        # What only a busy send reads is one tuple the listener's ports share, the busy
+        # count and send_eof's mark live in the send waiter, a pending Passive is a value
+        # of _notify: the port is 22 slots, a 208-byte block (27 and 256 before).
         assert server._send_options is client._send_options
-        assert server._framer is server._window.framer is None
         assert sys.getsizeof(server) <= 208
         await server.aclose()
 
