@@ -157,8 +157,9 @@ class IOThread:
 
     #: Not the native core (``ioserver._native_core.NativeIOThread``).
     native = False
-    #: The class of a port's flow-control window (the loop half makes it).
-    window_class = Window
+    #: What makes a port's flow-control window, ``window_class(framer, packet_overhead)``
+    #: (the loop half calls it).
+    window_class: Callable[[Any, int], Any] = Window
     #: The class of the command queue (the native core's routes its own commands).
     commands_class: type[WakeupQueue[Any]] = WakeupQueue
 

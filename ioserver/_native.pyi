@@ -90,8 +90,16 @@ class WindowCounters:
     queued_bytes: int
     send_blocked: bool
     resume_generation: int
+    framer: Any
+    packet_overhead: int
+    sizes: Any
+    on_pause: Any
+    on_gone: Any
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def took(self, charge: int) -> int | None: ...
+    def task_waits(self) -> bool: ...
+    def charge(self, data: Any) -> int: ...
+    def resume_due(self, flow: Any) -> int | None: ...
 
 class Conn:
     closed: bool
@@ -107,6 +115,7 @@ class Conn:
     global_paused: bool
     held_bytes: int
     packets_too_large: int
+    peer_address: tuple[Any, ...] | None
     def drained(self) -> bool: ...
 
 class Inbox:

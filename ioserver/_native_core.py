@@ -81,6 +81,7 @@ __all__ = [
     "NativeIOThread",
     "NativeTrioHub",
     "NativeWindow",
+    "native_window",
 ]
 
 #: The I/O cores :func:`ioserver.open` can run.
@@ -104,54 +105,27 @@ def _bytes(limit: int | None) -> int | None:
     return None if limit is None or limit >= 1 << 62 else limit
 
 
-def _nobody_waits() -> bool:
-    return False
+#: A raw port's flow-control window on the native core: :class:`~._flow.Window`'s
+#: fields, with ``consumed_*``, ``queued_bytes`` and ``send_blocked`` kept in atomics that
+#: the native I/O thread reads without the GIL (what the owner takes and queues is counted
+#: for the memory budget there too), with ``resume_generation``.  It is the Rust class
+#: itself (``WindowCounters``), not a Python subclass of it: the fields that are the same
+#: for every raw native port are its class attributes (``framer``, ``packet_overhead``,
+#: ``sizes``; ``on_pause``, ``on_gone`` - the native thread serves no daemon client;
+#: ``task_waits`` answers False - it asks nothing of the loop half), so a window is 24
+#: bytes, without the 16-byte GC header every instance of a Python class carries (issue
+#: 14, memory per idle connection).  :func:`native_window` makes a port's window.
+NativeWindow = _native.WindowCounters
 
 
-class NativeWindow(_native.WindowCounters):
-    """A port's flow-control window on the native core: :class:`~._flow.Window`'s fields,
-    with ``consumed_*``, ``queued_bytes`` and ``send_blocked`` kept in atomics that the
-    native I/O thread reads without the GIL (``WindowCounters``, in Rust; what the owner
-    takes and queues is counted for the memory budget there too), with
-    ``resume_generation``.  The fields that are the same for every native port are class
-    attributes: the native thread asks nothing of the loop half (``task_waits``) and serves
-    no daemon client (``on_pause``, ``on_gone``); a raw port (no framer) has no
-    ``framer``, ``packet_overhead`` or ``sizes`` of its own either, so its window has no
-    slot (no ``__dict__``): 40 bytes, against 64 for a framed port's
-    (:class:`FramedNativeWindow`, which ``NativeWindow(framer, ...)`` makes when
-    ``framer`` is not None).
+class FramedNativeWindow(NativeWindow):
+    """A framed port's :data:`NativeWindow`: its ``framer``, ``packet_overhead`` and
+    ``sizes`` in slots.
 
     A framed port's packets are charged ``packet_overhead`` bytes more than their length,
     as on the Python core: the native thread hands each packet's charge to ``sizes``
     (under the GIL, in the drain) before the packet, and the port pops it as its owner
     takes the packet."""
-
-    __slots__ = ()
-
-    framer: Framer | None = None
-    packet_overhead = 0
-    sizes: deque[int] | None = None
-    on_pause = None
-    on_gone = None
-    task_waits = staticmethod(_nobody_waits)
-
-    def __new__(cls, framer: Framer | None = None, packet_overhead: int = 0) -> NativeWindow:
-        # (The counters start at 0 in the Rust object: a raw port's window has nothing
-        # more to set.)
-        if framer is not None and cls is NativeWindow:
-            cls = FramedNativeWindow
-        return super().__new__(cls)
-
-    def __init__(self, framer: Framer | None = None, packet_overhead: int = 0) -> None:
-        pass
-
-    charge = Window.charge
-    resume_due = Window.resume_due
-
-
-class FramedNativeWindow(NativeWindow):
-    """A framed port's :class:`NativeWindow`: its ``framer``, ``packet_overhead`` and
-    ``sizes`` in slots."""
 
     __slots__ = ("framer", "packet_overhead", "sizes")
 
@@ -165,6 +139,18 @@ class FramedNativeWindow(NativeWindow):
             if self.packet_overhead or (framer is not None and framer.decodes_objects)
             else None
         )
+
+    charge = Window.charge
+    resume_due = Window.resume_due
+
+
+def native_window(framer: Framer | None = None, packet_overhead: int = 0) -> Any:
+    """A native port's window: a :data:`NativeWindow` for a raw port (``framer`` None;
+    its counters start at 0, it has nothing more to set), a :class:`FramedNativeWindow`
+    for a framed one."""
+    if framer is None:
+        return NativeWindow()
+    return FramedNativeWindow(framer, packet_overhead)
 
 
 class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
@@ -233,7 +219,8 @@ class NativeIOThread(IOThread):
     """
 
     native = True
-    window_class: type[Any] = NativeWindow
+    #: Makes a native port's window (``ports.Port`` calls ``window_class(framer, overhead)``).
+    window_class = staticmethod(native_window)
     commands_class = _Commands
     commands: _Commands
     #: The hubs that drain a native inbox (``make_hub`` picks one per backend).

@@ -16,13 +16,14 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Self, final
+from functools import lru_cache, partial
+from typing import TYPE_CHECKING, Any, Self, final
 
 import anyio
 import anyio.abc
 import trio
 import trio.abc
+from anyio import TypedAttributeProvider
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
@@ -54,11 +55,56 @@ from ioserver._server import IOServer
 from ._mailbox import Mailbox
 from ._source import EMPTY, Source, Waiter
 
+#: ``_PortBase._notify`` when an active=N count ran out and its Passive is on its way.
+PASSIVE_PENDING = 2
+
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _current_task = trio.lowlevel.current_task
 _reschedule = trio.lowlevel.reschedule
 
 __all__ = ["Listener", "Port", "PortStatistics"]
+
+
+class _VirtualBase:
+    """A base class that the type checker sees and the class statement drops.
+
+    anyio's stream ABCs (and :class:`anyio.TypedAttributeProvider` under them) declare no
+    ``__slots__``, so a class that inherits them gets a ``__dict__``, and CPython 3.11 then
+    makes every instance a values array for it (44 bytes a port, in a second block) though
+    no port ever puts anything there.  A port class names such an ABC through this object
+    instead: ``__mro_entries__`` removes it from the bases, and :func:`_register_virtual`
+    registers the class as the ABC's virtual subclass, so ``isinstance`` and ``issubclass``
+    answer as before; what the ABC's classes define that a port does not
+    (``TypedAttributeProvider.extra``) ``_PortBase`` takes as it is.  trio's ABCs declare
+    ``__slots__ = ()`` and stay real bases.
+    """
+
+    __slots__ = ("abc",)
+
+    def __init__(self, abc: type) -> None:
+        self.abc = abc
+
+    def __getitem__(self, _item: object) -> _VirtualBase:
+        return self  # ``ObjectStream[Message]``: the parameter is the type checker's only
+
+    def __mro_entries__(self, _bases: tuple[object, ...]) -> tuple[()]:
+        return ()
+
+
+def _register_virtual(cls: type, *abcs: type) -> None:
+    """Make ``cls`` a virtual subclass of each ABC (see :class:`_VirtualBase`)."""
+    for abc in abcs:
+        abc.register(cls)  # type: ignore[attr-defined]
+
+
+if TYPE_CHECKING:
+    _ObjectStream = anyio.abc.ObjectStream
+    _ObjectReceiveStream = anyio.abc.ObjectReceiveStream
+    _ObjectSendStream = anyio.abc.ObjectSendStream
+else:
+    _ObjectStream = _VirtualBase(anyio.abc.ObjectStream)
+    _ObjectReceiveStream = _VirtualBase(anyio.abc.ObjectReceiveStream)
+    _ObjectSendStream = _VirtualBase(anyio.abc.ObjectSendStream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +170,6 @@ class _PortBase(Source):
         "_local_address",
         "_notify",
         "_owner",
-        "_passive_pending",
         "_remote_address",
         "_select_waiters",
         "_terminal",
@@ -156,8 +201,11 @@ class _PortBase(Source):
         self._closed = False  # closed by this side
         self._terminal = False  # the final Closed message has been delivered
         self._ended = False  # ... and received: receive raises EndOfPort
+        # ``_notify``: True - Passive is delivered when an active=N count runs out;
+        # PASSIVE_PENDING (2, truthy) - and it ran out: the Passive is on its way (one
+        # slot for both, issue 14); False - "once" or passive.
+        self._notify: int
         self._credit, self._notify = active
-        self._passive_pending = False  # an active=N count ran out: Passive is on its way
         self._owner: Mailbox | None = None
         self._local_address: object = None
         self._remote_address: object = None
@@ -175,6 +223,9 @@ class _PortBase(Source):
             # in atomics and asks nothing of the loop half (and one bound method per port
             # is 64 bytes).
             window.task_waits = self._task_waits
+
+    #: anyio's typed attributes (see :class:`_VirtualBase`: a port inherits no anyio class).
+    extra = TypedAttributeProvider.extra
 
     def _submit(self, command: tuple[Any, Any, Any]) -> None:
         """Queue ``(function, target, argument)`` for the I/O thread (a method, not a bound
@@ -231,9 +282,10 @@ class _PortBase(Source):
             if self._credit > 0:
                 self._credit -= 1
                 if self._credit == 0 and self._notify:
-                    self._passive_pending = True
+                    self._notify = PASSIVE_PENDING
         elif message.__class__ is Passive:
-            self._passive_pending = False
+            if self._notify == PASSIVE_PENDING:
+                self._notify = True
         elif message.__class__ is Closed:
             if self._terminal:
                 # Receiving ended already (e.g. the peer's EOF); the connection has now
@@ -306,7 +358,7 @@ class _PortBase(Source):
             raise ClosedPortError(
                 "this port's messages go to its owner mailbox; receive from the mailbox"
             )
-        if self._credit == 0 and not self._passive_pending:
+        if self._credit == 0 and self._notify != PASSIVE_PENDING:
             # Passive: ask the I/O thread for one message, as gen_tcp:recv does.  (Not
             # while a Passive notice is on its way: that notice is the next message.)
             self._credit = 1
@@ -502,8 +554,9 @@ class _PortBase(Source):
             raise ClosedPortError("this port is closed")
         if active is not None:
             mode = parse_active(active)
-            self._credit, self._notify = apply_active_mode(self._credit, self._notify, mode)
-            self._passive_pending = self._credit == 0 and self._notify
+            self._credit, self._notify = apply_active_mode(self._credit, bool(self._notify), mode)
+            if self._credit == 0 and self._notify:
+                self._notify = PASSIVE_PENDING
             self._submit((self._io.cmd_set_active, self._conn, mode))
 
     @property
@@ -563,7 +616,13 @@ class _PortBase(Source):
     @property
     def remote_address(self) -> Any:
         """The peer's address, or ``None`` for a listener."""
-        return self._remote_address
+        address = self._remote_address
+        if address is None:
+            # An accepted TCP connection's on the native core: its handle keeps the peer
+            # and makes the tuple when first asked (issue 14: a tuple and an int less
+            # per idle connection).  None for anything else.
+            address = self._remote_address = getattr(self._conn, "peer_address", None)
+        return address
 
     @property
     def extra_attributes(self) -> dict[Any, Callable[[], Any]]:
@@ -571,8 +630,8 @@ class _PortBase(Source):
         attributes: dict[Any, Callable[[], Any]] = {
             SocketAttribute.local_address: lambda: self._local_address,
         }
-        if self._remote_address is not None:
-            attributes[SocketAttribute.remote_address] = lambda: self._remote_address
+        if self.remote_address is not None:
+            attributes[SocketAttribute.remote_address] = lambda: self.remote_address
         attributes.update(tls_attributes(self._conn))
         return attributes
 
@@ -595,8 +654,30 @@ class _PortBase(Source):
         await self.aclose()
 
 
+class _SendWaiter(Waiter):
+    """A port's sender waiting for its output to drain, with what only some ports' sends
+    need: the count of the port's busy transitions (sends that found it busy), and whether
+    :meth:`Port.send_eof` was called.  Made at the first of these (two slots less a port)."""
+
+    __slots__ = ("eof_sent", "transitions")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transitions = 0
+        self.eof_sent = False
+
+
+@lru_cache(maxsize=64, typed=True)
+def _send_options(
+    low_watermark: int, send_timeout: float | None, send_timeout_close: bool
+) -> tuple[int, float | None, bool]:
+    """``(low_watermark, send_timeout, send_timeout_close)``, one tuple for all the ports
+    with these options (at most 64 kept: another combination gets a tuple of its own)."""
+    return (low_watermark, send_timeout, send_timeout_close)
+
+
 # Not @final: ports.ProcessPort extends it (a program's stdin/stdout, plus its exit).
-class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
+class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # type: ignore[misc]
     """A connected byte stream (TCP, Unix), owned by the I/O thread, used like a channel.
 
     Receive messages: :class:`~ioserver.Data` for bytes read, then one final
@@ -608,14 +689,10 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
 
     __slots__ = (
         "_broken",
-        "_busy_transitions",
-        "_eof_sent",
         "_framer",
         "_high_watermark",
-        "_low_watermark",
         "_native_send",
-        "_send_timeout",
-        "_send_timeout_close",
+        "_send_options",
         "_send_waiter",
         "_simple_send",
     )
@@ -630,16 +707,17 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         framer = port_framer(options)
         super().__init__(server, active, framer, native)
         self._broken: str | None = None
-        self._eof_sent = False
         self._framer: Framer | None = framer
         # Send flow control: the window's queued_bytes (what the owner queued) against the
         # I/O thread's bytes_out; its send_blocked is set while a sender waits "writable".
         self._high_watermark: int = options["high_watermark"]
-        self._low_watermark: int = options["low_watermark"]
-        self._send_timeout: float | None = options["send_timeout"]
-        self._send_timeout_close: bool = options["send_timeout_close"]
-        self._send_waiter: Waiter | None = None  # made when a sender first waits
-        self._busy_transitions = 0
+        # What only a busy send reads: one tuple shared by the ports with the same options
+        # (three slots less a port; issue 14, memory per idle connection).
+        self._send_options = _send_options(
+            options["low_watermark"], options["send_timeout"], options["send_timeout_close"]
+        )
+        # Made when a send first finds the port busy, or at send_eof (see _SendWaiter).
+        self._send_waiter: _SendWaiter | None = None
         # True while send may take its inlined path: open, not broken, no EOF sent, no port
         # cap to check (a packet mode's framing is done there too: each framer's ``frame``
         # is a pure function of the message).  Cleared by each of those changes.
@@ -679,7 +757,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             raise BrokenPortError(
                 f"the connection is broken ({self._broken})", errno_name=self._broken
             )
-        if self._eof_sent:
+        if self._send_waiter is not None and self._send_waiter.eof_sent:
             raise ClosedPortError("send_eof() was called: this port sends nothing more")
 
     def _encode(self, message: object) -> bytes:
@@ -742,7 +820,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         self._check_can_send()
         data = self._encode(message)
         if self.busy:
-            self._busy_transitions += 1
+            self._get_send_waiter().transitions += 1
             raise WouldBlock("the port is busy: its output is above high_watermark")
         if data:
             self._queue(data)
@@ -805,34 +883,42 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
         if data:
             self._queue(data)
 
+    def _get_send_waiter(self) -> _SendWaiter:
+        """The port's send waiter, made when a send first finds the port busy."""
+        send_waiter = self._send_waiter
+        if send_waiter is None:
+            send_waiter = self._send_waiter = _SendWaiter()
+        return send_waiter
+
     async def _wait_until_writable(self) -> None:
-        self._busy_transitions += 1
+        self._get_send_waiter().transitions += 1
         if self._window.send_blocked:  # set for the whole wait of the sender already inside
             raise BusyPortError("waiting to send")
+        _low_watermark, send_timeout, send_timeout_close = self._send_options
         try:
-            if self._send_timeout is None:
+            if send_timeout is None:
                 await self._park_until_writable()
             else:
-                with anyio.fail_after(self._send_timeout):
+                with anyio.fail_after(send_timeout):
                     await self._park_until_writable()
         except TimeoutError:
-            if self._send_timeout_close:
+            if send_timeout_close:
                 self.close_nowait()
             raise SendTimeoutError(
-                f"the port stayed busy for send_timeout={self._send_timeout} s"
-                + ("; it is closed" if self._send_timeout_close else "")
+                f"the port stayed busy for send_timeout={send_timeout} s"
+                + ("; it is closed" if send_timeout_close else "")
             ) from None
 
     async def _park_until_writable(self) -> None:
         conn = self._conn
         assert conn is not None
+        low_watermark = self._send_options[0]
+        send_waiter = self._get_send_waiter()
         self._window.send_blocked = True  # written before the re-read of bytes_out below
         try:
-            while self._window.queued_bytes - conn.bytes_out > self._low_watermark:
+            while self._window.queued_bytes - conn.bytes_out > low_watermark:
                 self._check_can_send()
-                if self._send_waiter is None:
-                    self._send_waiter = Waiter()
-                await self._hub.park(self._send_waiter)
+                await self._hub.park(send_waiter)
             self._check_can_send()
         finally:
             self._window.send_blocked = False
@@ -858,7 +944,7 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
             bytes_buffered_out=self._window.queued_bytes - conn.bytes_out,
             peak_buffered=conn.peak_buffered,
             pauses=conn.pauses,
-            busy_transitions=self._busy_transitions,
+            busy_transitions=0 if self._send_waiter is None else self._send_waiter.transitions,
             packets_too_large=conn.packets_too_large,
         )
 
@@ -883,21 +969,22 @@ class Port(_PortBase, anyio.abc.ObjectStream[Message], trio.abc.Channel[Message]
                 "send_eof() is not supported on a TLS port (as anyio's TLSStream): "
                 "close the port, which sends close_notify"
             )
-        if not self._eof_sent and self._broken is None:
-            self._eof_sent = True
+        send_waiter = self._send_waiter
+        if not (send_waiter is not None and send_waiter.eof_sent) and self._broken is None:
+            self._get_send_waiter().eof_sent = True
             self._simple_send = False
             self._submit((self._io.cmd_send_eof, self._conn, None))
         await anyio.lowlevel.checkpoint()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "ended" if self._ended else "open"
-        return f"<Port tcp {self._local_address} -> {self._remote_address} {state}>"
+        return f"<Port tcp {self._local_address} -> {self.remote_address} {state}>"
 
 
 @final
 class Listener(  # type: ignore[misc]
     _PortBase,
-    anyio.abc.ObjectReceiveStream[Accepted],
+    _ObjectReceiveStream[Accepted],
     trio.abc.ReceiveChannel[Accepted],
 ):
     """A listening TCP socket; its messages are :class:`~ioserver.Accepted` connections.
@@ -923,6 +1010,10 @@ class Listener(  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<Listener tcp {self._local_address} {'closed' if self._closed else 'open'}>"
+
+
+_register_virtual(Port, anyio.abc.ObjectStream)
+_register_virtual(Listener, anyio.abc.ObjectReceiveStream)
 
 
 #: anyio's TLS attributes and the keys of ``ioserver._tls.tls_info`` that hold them.

@@ -36,8 +36,12 @@ from ioserver._server import IOServer
 from ioserver._udp import DatagramHandler, cmd_open_udp
 
 from ._port import (
+    PASSIVE_PENDING,
     PortStatistics,
+    _ObjectReceiveStream,
+    _ObjectSendStream,
     _PortBase,
+    _register_virtual,
     _Request,
     _resolve,
     _to_bytes,
@@ -57,8 +61,8 @@ _RECEIVED = (Datagram, Packet)
 
 class UDPPort(  # type: ignore[misc]
     _PortBase,
-    anyio.abc.ObjectReceiveStream[Message],
-    anyio.abc.ObjectSendStream[Any],
+    _ObjectReceiveStream[Message],
+    _ObjectSendStream[Any],
     trio.abc.Channel[Any],
 ):
     """A UDP socket owned by the I/O thread, used like a channel of datagrams.
@@ -113,7 +117,7 @@ class UDPPort(  # type: ignore[misc]
                 if self._credit > 0:
                     self._credit -= 1
                     if self._credit == 0 and self._notify:
-                        self._passive_pending = True
+                        self._notify = PASSIVE_PENDING
                 if self._owner is not None:
                     self._took_data(message.data)
         super()._deliver(message)
@@ -342,6 +346,9 @@ class UDPPort(  # type: ignore[misc]
         state = "closed" if self._closed else "ended" if self._ended else "open"
         peer = f" -> {self._remote_address}" if self._remote_address is not None else ""
         return f"<UDPPort {self._local_address}{peer} {state}>"
+
+
+_register_virtual(UDPPort, anyio.abc.ObjectReceiveStream, anyio.abc.ObjectSendStream)
 
 
 async def open_udp(

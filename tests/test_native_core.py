@@ -352,6 +352,11 @@ async def test_an_idle_port_keeps_no_buffer_it_does_not_use(ios: ioserver.IOServ
         assert server._select_waiters == ()
         assert server._send_waiter is None
         assert not hasattr(server._window, "__dict__")
+        # What only a busy send reads is one tuple the listener's ports share, the busy
+        # count and send_eof's mark live in the send waiter, a pending Passive is a value
+        # of _notify: the port is 22 slots, a 208-byte block (27 and 256 before).
+        assert server._send_options is client._send_options
+        assert sys.getsizeof(server) <= 208
         await server.aclose()
 
 
@@ -378,11 +383,55 @@ async def test_a_port_owned_by_a_mailbox_has_no_buffer_list(ios: ioserver.IOServ
         mailbox.close()
 
 
+@pytest.mark.every_core
+async def test_a_port_has_no_dict_and_is_still_every_stream_abc(ios: ioserver.IOServer) -> None:
+    """A port, a listener and a UDP port have no ``__dict__`` (issue 14: CPython 3.11 gave
+    each port a values array for one, 44 bytes, because anyio's stream ABCs declare no
+    ``__slots__``): anyio's ABCs are virtual bases now, so ``isinstance`` answers as
+    before, and ``extra`` still gives the typed attributes."""
+    import trio.abc
+    from anyio.abc import SocketAttribute
+
+    listener, client = await pair(ios)
+    async with listener, client:
+        server = await accept(listener)
+        for port in (server, client, listener):
+            assert not hasattr(port, "__dict__")
+            with pytest.raises(AttributeError):
+                port.anything = 1  # type: ignore[union-attr]
+        for abc in (
+            anyio.abc.ObjectStream,
+            anyio.abc.ObjectReceiveStream,
+            anyio.abc.ObjectSendStream,
+            anyio.abc.UnreliableObjectStream,
+            anyio.abc.AsyncResource,
+            trio.abc.Channel,
+            trio.abc.ReceiveChannel,
+            trio.abc.SendChannel,
+            trio.abc.AsyncResource,
+        ):
+            assert isinstance(server, abc), abc
+        for abc in (anyio.abc.ObjectReceiveStream, trio.abc.ReceiveChannel):
+            assert isinstance(listener, abc), abc
+        assert not isinstance(listener, anyio.abc.ObjectSendStream)
+        assert server.extra(SocketAttribute.local_address) == listener.local_address
+        assert server.extra(SocketAttribute.remote_address) == client.local_address
+        assert listener.extra(SocketAttribute.remote_address, None) is None
+        await server.aclose()
+    async with await ports.open_udp(ios, ("127.0.0.1", 0)) as udp:
+        assert not hasattr(udp, "__dict__")
+        for abc in (anyio.abc.ObjectReceiveStream, anyio.abc.ObjectSendStream, trio.abc.Channel):
+            assert isinstance(udp, abc), abc
+        assert not isinstance(udp, anyio.abc.ObjectStream)  # (as before: not a stream)
+
+
 async def test_a_raw_ports_native_window_has_no_slot_of_its_own(no_leaks: None) -> None:
     """A raw port's native window keeps ``framer``, ``packet_overhead`` and ``sizes`` as
-    class attributes (None, 0, None), not in slots: the Rust counters and the object's
-    header only (issue 14, memory per idle connection: 40 bytes, against 64); a packet
-    port's window has them in slots, with its own ``sizes``."""
+    class attributes (None, 0, None), not in slots, and is the Rust class itself, not a
+    Python subclass (whose instances carry a GC header): the object's header and the
+    reference to the Rust counters only (issue 14, memory per idle connection: 24 bytes,
+    against 40 as a subclass and 64 with slots); a packet port's window has them in
+    slots, with its own ``sizes``."""
     from ioserver._native_core import FramedNativeWindow, NativeWindow
 
     async with ioserver.open(core="native") as ios:
@@ -392,7 +441,9 @@ async def test_a_raw_ports_native_window_has_no_slot_of_its_own(no_leaks: None) 
             window = server._window
             assert type(window) is NativeWindow
             assert (window.framer, window.packet_overhead, window.sizes) == (None, 0, None)
-            assert sys.getsizeof(window) <= 40
+            assert (window.on_pause, window.on_gone, window.task_waits()) == (None, None, False)
+            assert window.charge(b"abc") == 3
+            assert sys.getsizeof(window) <= 24
             await server.aclose()
         listener, client = await pair(ios, packet=2)
         async with listener, client:
@@ -430,6 +481,33 @@ async def test_accepted_ports_share_their_address_objects(no_leaks: None) -> Non
             finally:
                 for peer in peers:
                     peer.close()
+
+
+async def test_an_accepted_port_makes_its_peer_address_when_first_asked(
+    no_leaks: None,
+) -> None:
+    """The native core keeps an accepted TCP connection's peer in its handle (16 bytes)
+    and the port makes the address when first asked, then keeps it (issue 14: a tuple and
+    an int less per idle connection); it is the same value as the Accepted message's,
+    also after the port closed, and a connected port and a listener keep theirs."""
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with listener:
+            client = await ports.connect_tcp(ios, *listener.local_address)
+            message = await listener.receive()
+            assert isinstance(message, Accepted)
+            server = message.port
+            assert server._remote_address is None  # not made yet
+            assert sys.getsizeof(server._conn) <= 40  # (the handle, with the peer in it)
+            address = server.remote_address
+            assert address == message.address == client.local_address
+            assert server.remote_address is address  # made once
+            assert client.remote_address == listener.local_address
+            assert listener.remote_address is None
+            await server.aclose()
+            assert server.remote_address == address
+            assert "-> ('127.0.0.1'," in repr(server)
+            await client.aclose()
 
 
 def pinned(payloads: list[bytes], baseline: int) -> list[int]:

@@ -116,19 +116,48 @@ const WAKE: Token = Token(usize::MAX);
 pub struct PyTarget {
     /// The object events are delivered to.
     pub obj: Py<PyAny>,
-    /// A listener's: how each accepted connection's loop half is made (boxed: only a
-    /// listener has it, and every port has a target).
-    pub make_port: Option<Box<MakePort>>,
     /// A port's flow-control window: the drain that hands the port a message marks its
-    /// parked task woken ([`flow::Window::task_woken`]).
+    /// parked task woken ([`flow::Window::task_woken`]); and a port whose msgpack packet
+    /// failed to decode is marked there ([`flow::Window::decode_failed`]).
     pub window: Option<Arc<flow::Window>>,
+    /// What only a listener or a framed port has (boxed: every port has a target, and 24
+    /// bytes make a 48-byte allocation with the `Arc`'s counts, where 40 made 64).
+    pub extra: Option<Box<TargetExtra>>,
+}
+
+/// The part of a [`PyTarget`] that only some targets have.
+pub enum TargetExtra {
+    /// A listener's: how each accepted connection's loop half is made.
+    Listener(MakePort),
     /// A framed port's `window.sizes.append`: the charge of each packet goes there before
     /// the packet (the port pops it as its owner takes the packet).
-    pub sizes: Option<Py<PyAny>>,
+    Sizes(Py<PyAny>),
+}
+
+impl PyTarget {
+    /// A listener's recipe for its accepted connections.
+    pub fn make_port(&self) -> Option<&MakePort> {
+        match self.extra.as_deref() {
+            Some(TargetExtra::Listener(make_port)) => Some(make_port),
+            _ => None,
+        }
+    }
+
+    /// A framed port's `window.sizes.append`.
+    pub fn sizes(&self) -> Option<&Py<PyAny>> {
+        match self.extra.as_deref() {
+            Some(TargetExtra::Sizes(sizes)) => Some(sizes),
+            _ => None,
+        }
+    }
+
     /// A msgpack packet of this port failed to decode in its loop's drain: the drain told
     /// the owner (`Error`, then `Closed`) and drops what comes for the port after it.
-    /// Relaxed: written and read by that one loop's drains only.
-    pub failed: AtomicBool,
+    pub fn failed(&self) -> bool {
+        self.window
+            .as_ref()
+            .is_some_and(|window| window.decode_failed())
+    }
 }
 
 /// A listener's recipe for the loop half of each connection it accepts.
@@ -369,7 +398,7 @@ pub enum Event {
     /// Bytes read: `Data(bytes)`.
     Data(Target, Vec<u8>),
     /// A packet charged more than its length: its charge goes to the port's
-    /// `window.sizes` (see [`PyTarget::sizes`]), then `Data(bytes)`.  The last field is the
+    /// `window.sizes` (see [`TargetExtra::Sizes`]), then `Data(bytes)`.  The last field is the
     /// stream's slot, as [`Event::Object`]'s.
     Packet(Target, Vec<u8>, u64, usize),
     /// A packet of a mode whose messages are objects (msgpack, resp), with its charge:
@@ -592,13 +621,36 @@ struct Stream {
     shutdown_pending: bool,
     close_pending: bool,
     /// `linger`: how long a close may wait for the queued output.
-    linger: Option<Duration>,
+    linger: Linger,
     /// The port's framer (None: raw), boxed: 144 bytes inline in every stream, raw or
     /// not, against 8.
     framer: Option<Box<crate::framing::Framer>>,
     /// What only some streams need (a linger deadline, packets held), boxed when first
     /// needed: 48 bytes inline in every stream against 8.
     rare: Option<Box<StreamRare>>,
+}
+
+/// A stream's `linger` in 8 bytes, where an `Option<Duration>` takes 16 (with the
+/// [`flow::ReceiveFlow`]'s 8 bytes less, a `Stream` is a 208-byte allocation, not 224):
+/// nanoseconds, `u64::MAX` for None (no bound).  `_options` bounds a linger to
+/// `2**31 - 1` seconds, about 2.1e18 ns, well below; a longer one would saturate to
+/// `u64::MAX - 1` ns, 584 years.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Linger(u64);
+
+impl Linger {
+    fn new(linger: Option<Duration>) -> Linger {
+        match linger {
+            None => Linger(u64::MAX),
+            Some(linger) => Linger(
+                u64::try_from(linger.as_nanos()).map_or(u64::MAX - 1, |n| n.min(u64::MAX - 1)),
+            ),
+        }
+    }
+
+    fn get(self) -> Option<Duration> {
+        (self.0 != u64::MAX).then(|| Duration::from_nanos(self.0))
+    }
 }
 
 /// The part of a [`Stream`] that only some streams use.
@@ -1666,7 +1718,7 @@ impl IoThread {
     /// `{linger, {true, 0}}`); `IoThread::expire_lingers` resets it when the time is up.
     /// The stream goes back to the table if it stays open.
     fn close_linger(&mut self, mut s: Box<Stream>) {
-        if s.linger == Some(Duration::ZERO) {
+        if s.linger.get() == Some(Duration::ZERO) {
             self.reset(&mut s);
             return;
         }
@@ -1678,6 +1730,7 @@ impl IoThread {
         // A linger past the clock's range is no deadline (`_options` bounds it far below).
         if let (Some(deadline), None) = (
             s.linger
+                .get()
                 .and_then(|linger| Instant::now().checked_add(linger)),
             s.linger_deadline(),
         ) {
@@ -1902,7 +1955,7 @@ impl IoThread {
             write_closed: false,
             shutdown_pending: false,
             close_pending: false,
-            linger: options.linger,
+            linger: Linger::new(options.linger),
             framer: options
                 .framing
                 .and_then(|(mode, size)| crate::framing::Framer::new(mode, size).ok())
@@ -2144,7 +2197,7 @@ impl IoThread {
                 write_closed: false,
                 shutdown_pending: false,
                 close_pending: false,
-                linger: l.options.linger,
+                linger: Linger::new(l.options.linger),
                 framer: l
                     .options
                     .framing
@@ -2287,7 +2340,7 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
 
 /// The event of a packet charged `charge` bytes: for bytes, `Data` when the port charges
 /// packets their length alone (`overhead` 0), else `Packet`, which carries the charge to
-/// the port's `window.sizes` (see [`PyTarget::sizes`]); for an object, `Object` (its
+/// the port's `window.sizes` (see [`TargetExtra::Sizes`]); for an object, `Object` (its
 /// charge is never its length).
 fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64, slot: usize) -> Event {
     match payload {
@@ -2309,11 +2362,11 @@ mod size_tests {
 
     #[test]
     fn a_ports_native_state_stays_within_its_allocation_size_classes() {
-        // (Stream: 232 bytes in a test build, whose mio sockets carry a selector id, a
-        // 240-byte chunk; 216 and 224 in release.  ConnShared, Window: 128-byte chunks
-        // with their Arc counts; PyTarget: 64.)
+        // (Stream: 216 bytes in a test build, whose mio sockets carry a selector id, a
+        // 224-byte chunk; 200 and 208 in release.  ConnShared, Window: 128-byte chunks
+        // with their Arc counts; PyTarget: 48.)
         assert!(
-            size_of::<Stream>() <= 232,
+            size_of::<Stream>() <= 216,
             "Stream: {}",
             size_of::<Stream>()
         );
@@ -2324,8 +2377,11 @@ mod size_tests {
         );
         let window = size_of::<flow::Window>();
         assert!(window <= 104, "flow::Window: {window}");
+        // (Inline in the Stream: its token and packet overhead in 32 bits each.)
+        let receive = size_of::<flow::ReceiveFlow>();
+        assert!(receive <= 96, "flow::ReceiveFlow: {receive}");
         assert!(
-            size_of::<PyTarget>() <= 40,
+            size_of::<PyTarget>() <= 24,
             "PyTarget: {}",
             size_of::<PyTarget>()
         );

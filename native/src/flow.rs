@@ -446,6 +446,12 @@ pub struct Window {
     /// submitted; the I/O thread loads it after its `bytes_out` store (the handshake
     /// above), so the backlog it computes is never less than what was queued by then.
     queued_bytes: AtomicU64,
+    // -- the loop's drain's (here, in the padding beside the flags above: the drain's
+    // `PyTarget` is then 24 bytes, a 48-byte allocation, not 40 and 64) --
+    /// A msgpack packet of this port failed to decode in its loop's drain: the drain told
+    /// the owner (`Error`, then `Closed`) and drops what comes for the port after it.
+    /// `Relaxed`: written and read by that one loop's drains only.
+    decode_failed: AtomicBool,
 }
 
 impl Window {
@@ -472,6 +478,7 @@ impl Window {
             global_paused: AtomicBool::new(false),
             send_blocked: AtomicBool::new(false),
             queued_bytes: AtomicU64::new(0),
+            decode_failed: AtomicBool::new(false),
         }
     }
 
@@ -564,6 +571,17 @@ impl Window {
         if self.waiting.load(Ordering::Relaxed) {
             self.waiting.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// **The loop's drain.**  A msgpack packet of this port failed to decode: the drain
+    /// drops the port's later events (see [`Window::decode_failed`]).
+    pub fn mark_decode_failed(&self) {
+        self.decode_failed.store(true, Ordering::Relaxed);
+    }
+
+    /// **The loop's drain.**  Whether a packet of this port failed to decode.
+    pub fn decode_failed(&self) -> bool {
+        self.decode_failed.load(Ordering::Relaxed)
     }
 
     /// **Either half.**  Whether a task is marked parked on this port.
@@ -707,10 +725,13 @@ pub struct ReceiveFlow {
     /// The port's window; its watermarks were configured before this was made, and are
     /// read from it at each check point (not copied here: 32 bytes a port).
     window: Arc<Window>,
-    token: Token,
+    /// The port's token, in 32 bits (a port table slot: the table is sized from the fd
+    /// limit), and the next field too: the two pack with the flags below, 8 bytes less
+    /// a port (issue 14, memory per idle connection).
+    token: u32,
     /// Bytes charged per packet beyond its own ([`PACKET_OVERHEAD`] for a framed port of
     /// this process, 0 for a raw one or a daemon's).
-    packet_overhead: u64,
+    packet_overhead: u32,
     // The I/O thread's own copies of what it publishes in the window.
     delivered_bytes: u64,
     delivered_messages: u64,
@@ -743,8 +764,9 @@ impl ReceiveFlow {
         let watermarks = window.watermarks();
         ReceiveFlow {
             window,
-            token,
-            packet_overhead,
+            token: u32::try_from(token).expect("a port table slot fits in 32 bits"),
+            packet_overhead: u32::try_from(packet_overhead)
+                .expect("a packet's overhead fits in 32 bits"),
             delivered_bytes: 0,
             delivered_messages: 0,
             pause_generation: 0,
@@ -767,12 +789,12 @@ impl ReceiveFlow {
 
     /// The port's token.
     pub fn token(&self) -> Token {
-        self.token
+        self.token as Token
     }
 
     /// Bytes charged per packet beyond its own.
     pub fn packet_overhead(&self) -> u64 {
-        self.packet_overhead
+        u64::from(self.packet_overhead)
     }
 
     /// Whether the socket may be read: credit left (or `close_pending`: a port closed
@@ -1018,7 +1040,7 @@ impl ReceiveFlow {
         self.held_bytes = 0;
         self.held_count = 0;
         if self.global_paused() {
-            budget.forget(self.token);
+            budget.forget(self.token());
             self.set_global_paused(false);
         }
     }
@@ -1329,12 +1351,12 @@ impl Budget {
             self.reserve_reads += 1;
             return false;
         }
-        if self.pauses.pause(flow.token, &flow.window) {
+        if self.pauses.pause(flow.token(), &flow.window) {
             flow.pauses += 1;
             self.global_pauses += 1;
         }
         if waits {
-            self.pauses.wait(flow.token);
+            self.pauses.wait(flow.token());
         }
         true
     }
@@ -1346,7 +1368,7 @@ impl Budget {
         if !flow.global_paused() {
             return false;
         }
-        self.forget(flow.token);
+        self.forget(flow.token());
         flow.set_global_paused(false);
         true
     }
@@ -1616,7 +1638,7 @@ pub fn framed_read(
         first,
         error.is_some(),
         consumed,
-        flow.packet_overhead,
+        flow.packet_overhead(),
         charges,
     );
     let deliver = flow.admit(count);

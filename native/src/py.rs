@@ -5,8 +5,8 @@
 //!
 //! Used by `ioserver/_native_core.py` only; nothing here is public API.
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::core::uring::{self, Backend};
 use crate::core::{
     Command, ConnShared, Event, Flow, IoThread, MakePort, Payload, PyTarget, Shared, StreamOptions,
+    TargetExtra,
 };
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
@@ -28,10 +29,8 @@ use crate::wakeup::WakeQueue;
 fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
     Arc::new(PyTarget {
         obj,
-        make_port: None,
         window: None,
-        sizes: None,
-        failed: AtomicBool::new(false),
+        extra: None,
     })
 }
 
@@ -40,19 +39,18 @@ fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
 /// deque's `append`; and the bytes charged per packet beyond its length.
 fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<(Target, u64)> {
     let sizes = window.getattr("sizes")?;
-    let (sizes, overhead) = if sizes.is_none() {
+    let (extra, overhead) = if sizes.is_none() {
         (None, 0)
     } else {
         let overhead: u64 = window.getattr("packet_overhead")?.extract()?;
-        (Some(sizes.getattr("append")?.unbind()), overhead)
+        let append = sizes.getattr("append")?.unbind();
+        (Some(Box::new(TargetExtra::Sizes(append))), overhead)
     };
     let receive = Arc::clone(&window.get().shared);
     let target = Arc::new(PyTarget {
         obj: port,
-        make_port: None,
         window: Some(receive),
-        sizes,
-        failed: AtomicBool::new(false),
+        extra,
     });
     Ok((target, overhead))
 }
@@ -62,13 +60,11 @@ fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<
 fn listener_target(listener: Py<PyAny>, make_port: Py<PyAny>, watermarks: Watermarks) -> Target {
     Arc::new(PyTarget {
         obj: listener,
-        make_port: Some(Box::new(MakePort {
+        window: None,
+        extra: Some(Box::new(TargetExtra::Listener(MakePort {
             make: make_port,
             watermarks,
-        })),
-        window: None,
-        sizes: None,
-        failed: AtomicBool::new(false),
+        }))),
     })
 }
 
@@ -188,6 +184,15 @@ fn stream_options(options: &Bound<'_, PyDict>, active: (i64, bool)) -> PyResult<
 /// one allocation per port.  The loop half
 /// assigns the counters (`window.consumed_bytes += charge`); each assignment's growth is
 /// counted for the memory budget too (the loop's counters, `flow::LoopCounters`).
+///
+/// It is a raw port's whole window (``ioserver._native_core.NativeWindow``), so the
+/// fields of ``ioserver._flow.Window`` that are the same for every raw native port are
+/// class attributes here (``framer``, ``packet_overhead``, ``sizes``; ``on_pause`` and
+/// ``on_gone``, for a daemon's clients, which the native thread does not serve) and
+/// ``task_waits`` answers False (the native thread asks the loop half nothing): an
+/// instance is the object's header and the `Arc`, 24 bytes, a 32-byte pymalloc block -
+/// a Python subclass's instances carry a 16-byte GC header more (issue 14).  A framed
+/// port's window is such a subclass (``FramedNativeWindow``), with those three in slots.
 #[pyclass(module = "ioserver._native", subclass, frozen)]
 pub struct WindowCounters {
     shared: Arc<flow::Window>,
@@ -201,6 +206,59 @@ impl WindowCounters {
         WindowCounters {
             shared: Arc::new(flow::Window::unconfigured()),
         }
+    }
+
+    /// A raw port has no framer.
+    #[classattr]
+    fn framer(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// A raw port's messages are charged their length, nothing more.
+    #[classattr]
+    fn packet_overhead() -> u64 {
+        0
+    }
+
+    /// A raw port's charges are its messages' lengths: no queue of them.
+    #[classattr]
+    fn sizes(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// Only a daemon's client port is told of pauses (the hosted half's windows).
+    #[classattr]
+    fn on_pause(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// Only a daemon's client port is told it is gone (the hosted half's windows).
+    #[classattr]
+    fn on_gone(py: Python<'_>) -> Py<PyAny> {
+        py.None()
+    }
+
+    /// Whether a task waits on the port: the native thread never asks (it reads
+    /// `flow::Window`'s `waiting` mark), so False, as `Window.task_waits` by default.
+    fn task_waits(&self) -> bool {
+        false
+    }
+
+    /// The bytes a delivered message's payload ``data`` is charged (``Window.charge``):
+    /// its length, on a raw port.
+    fn charge(&self, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        data.len()
+    }
+
+    /// Step 2 of the handshake (``Window.resume_due``): ``flow.pause_generation`` if the
+    /// owner took enough (``flow.drained()``; it becomes ``resume_generation``), else None.
+    fn resume_due(&self, flow: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+        let generation: u64 = flow.getattr("pause_generation")?.extract()?;
+        if flow.call_method0("drained")?.is_truthy()? {
+            self.shared.set_resume_generation(generation);
+            return Ok(Some(generation));
+        }
+        Ok(None)
     }
 
     /// The owner took a message charged ``charge`` bytes (its length, or for a framed
@@ -274,6 +332,46 @@ impl WindowCounters {
 #[pyclass(module = "ioserver._native", frozen)]
 pub struct Conn {
     shared: Arc<ConnShared>,
+    /// An accepted TCP connection's peer: the port makes its address from it when first
+    /// asked (``peer_address``), instead of keeping a tuple and an int from the accept on.
+    peer: Option<Peer>,
+}
+
+impl Conn {
+    /// The handle of a connection with no peer kept (connected, listening, Unix).
+    fn new(shared: Arc<ConnShared>) -> Self {
+        Self { shared, peer: None }
+    }
+}
+
+/// The last host string [`Conn`]'s ``peer_address`` made (taken under the GIL only, so
+/// never contended), shared by the next address of the same host.
+static PEER_HOST: Mutex<Option<(IpAddr, Py<pyo3::types::PyString>)>> = Mutex::new(None);
+
+/// An accepted connection's peer address, in 16 bytes: an IPv6 one is boxed (an IPv4 one
+/// is 6 bytes, a `SocketAddr` 32), so the handle of an IPv4 connection is one pymalloc
+/// size class (48 bytes) where the handle, the peer's tuple and its port's int took three
+/// (32 + 64 + 32; issue 14, memory per idle connection).
+enum Peer {
+    V4(SocketAddrV4),
+    V6(Box<SocketAddrV6>),
+}
+
+impl Peer {
+    fn of(address: &Address) -> Option<Self> {
+        match address {
+            Address::Inet(SocketAddr::V4(a)) => Some(Self::V4(*a)),
+            Address::Inet(SocketAddr::V6(a)) => Some(Self::V6(Box::new(*a))),
+            _ => None,
+        }
+    }
+
+    fn address(&self) -> SocketAddr {
+        match self {
+            Self::V4(a) => SocketAddr::V4(*a),
+            Self::V6(a) => SocketAddr::V6(**a),
+        }
+    }
 }
 
 #[pymethods]
@@ -365,6 +463,34 @@ impl Conn {
         self.shared
             .receive()
             .map_or(true, |window| window.drained())
+    }
+    /// An accepted TCP connection's peer address as ``socket.getpeername()`` gives it
+    /// (``(host, port)``, or ``(host, port, flowinfo, scope_id)`` for IPv6), a new tuple
+    /// each call; None for any other connection (its port was given its address).
+    /// The host's string is shared with the last peer address made so, when it is the
+    /// same host, as the drain shares it between accepted connections.
+    #[getter]
+    fn peer_address<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let Some(peer) = &self.peer else {
+            return Ok(None);
+        };
+        let peer = peer.address();
+        let ip = peer.ip();
+        let host = match PEER_HOST.lock() {
+            Ok(mut last) => match &*last {
+                Some((known, host)) if *known == ip => host.bind(py).clone(),
+                _ => {
+                    let host = pyo3::types::PyString::new(py, &ip.to_string());
+                    *last = Some((ip, host.clone().unbind()));
+                    host
+                }
+            },
+            Err(_) => pyo3::types::PyString::new(py, &ip.to_string()),
+        };
+        Ok(Some(match peer {
+            SocketAddr::V4(a) => (host, a.port()).into_pyobject(py)?,
+            SocketAddr::V6(a) => (host, a.port(), a.flowinfo(), a.scope_id()).into_pyobject(py)?,
+        }))
     }
     fn __repr__(&self) -> String {
         format!("<native Conn {} slot {}>", self.shared.id, self.shared.slot)
@@ -634,8 +760,8 @@ impl Inbox {
                 vec![self.closed.bind(py).call1(("internal error", "EIO"))?]
             }
         };
-        port.failed.store(true, Ordering::Relaxed);
         if let Some(window) = &port.window {
+            window.mark_decode_failed();
             let _ = window.took(charge);
         }
         self.shared
@@ -664,7 +790,7 @@ impl Inbox {
             | Event::Aborted(port, _) => (port, 0),
             _ => return false,
         };
-        if !port.failed.load(Ordering::Relaxed) {
+        if !port.failed() {
             return false;
         }
         if let (Some(window), true) = (&port.window, charge > 0) {
@@ -773,7 +899,7 @@ impl Inbox {
         if let Some(window) = &port.window {
             window.task_woken();
         }
-        if let Some(sizes) = &port.sizes {
+        if let Some(sizes) = port.sizes() {
             if let Err(error) = sizes.bind(py).call1((charge,)) {
                 return self.fail(py, list, port, slot, charge, error);
             }
@@ -781,7 +907,7 @@ impl Inbox {
         let Err(error) = list.append((port.obj.clone_ref(py), data)) else {
             return Ok(());
         };
-        if let Some(sizes) = &port.sizes {
+        if let Some(sizes) = port.sizes() {
             // (The deque's `pop`: the charge just appended, its last.)
             let popped = sizes
                 .bind(py)
@@ -905,19 +1031,29 @@ impl Inbox {
                 local,
                 remote,
             } => {
+                // A TCP peer's address stays in the handle until the port asks for it
+                // (``Conn.peer_address``): ``make_port`` gets None for it.
+                let peer = Peer::of(&remote);
+                let kept = peer.is_some();
                 let handle = Py::new(
                     py,
                     Conn {
                         shared: conn.clone(),
+                        peer,
                     },
                 )?;
-                let Some(make_port) = &listener.make_port else {
+                let Some(make_port) = listener.make_port() else {
                     return Err(PyRuntimeError::new_err("a listener without make_port"));
                 };
                 let watermarks = make_port.watermarks;
                 let make_port = &make_port.make;
                 let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
-                let made = make_port.bind(py).call1((handle, local, remote.clone()));
+                let given = if kept {
+                    py.None().into_bound(py)
+                } else {
+                    remote.clone()
+                };
+                let made = make_port.bind(py).call1((handle, local, given));
                 let port = match made {
                     Ok(port) => port,
                     Err(error) => {
@@ -956,12 +1092,7 @@ impl Inbox {
             } => {
                 let answer = || -> PyResult<Bound<'_, PyAny>> {
                     self.reply_fault()?;
-                    let handle = Py::new(
-                        py,
-                        Conn {
-                            shared: conn.clone(),
-                        },
-                    )?;
+                    let handle = Py::new(py, Conn::new(conn.clone()))?;
                     let local = address_object(py, &local)?;
                     let answer = (handle, local, address_object(py, &remote)?);
                     Ok(answer.into_pyobject(py)?.into_any())
@@ -978,12 +1109,7 @@ impl Inbox {
             Event::Listening(request, conn, local) => {
                 let answer = || -> PyResult<Bound<'_, PyAny>> {
                     self.reply_fault()?;
-                    let handle = Py::new(
-                        py,
-                        Conn {
-                            shared: conn.clone(),
-                        },
-                    )?;
+                    let handle = Py::new(py, Conn::new(conn.clone()))?;
                     let answer = (handle, address_object(py, &local)?, py.None());
                     Ok(answer.into_pyobject(py)?.into_any())
                 };
@@ -1946,4 +2072,22 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WindowCounters>()?;
     m.add_class::<Hold>()?;
     Ok(())
+}
+
+/// The handle's size (issue 14: ioserver's own memory per idle connection): with
+/// CPython's 16-byte object header, 40 bytes, one 48-byte pymalloc block.
+#[cfg(all(test, target_pointer_width = "64"))]
+mod size_tests {
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn a_conn_handle_keeps_its_peer_in_16_bytes() {
+        assert!(
+            size_of::<Option<Peer>>() <= 16,
+            "{}",
+            size_of::<Option<Peer>>()
+        );
+        assert!(size_of::<Conn>() <= 24, "Conn: {}", size_of::<Conn>());
+    }
 }
