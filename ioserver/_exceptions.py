@@ -91,7 +91,10 @@ class BusyPortError(IOServerError, anyio.BusyResourceError, trio.BusyResourceErr
     """
 
     def __init__(self, action: str) -> None:
-        super().__init__(f"another task is already {action} on this port")
+        # Not through anyio's BusyResourceError.__init__, which words its own message
+        # around ``action`` ("Another task is already ... this resource").
+        Exception.__init__(self, f"another task is already {action} on this port")
+        self.action = action
 
 
 class ConnectError(IOServerError, OSError):

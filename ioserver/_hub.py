@@ -348,6 +348,9 @@ class Hub(Parker):
         # native one (ioserver._native_core) with the same consumer side.
         self.inbox: WakeupQueue[tuple[Any, Any]] = io.make_inbox(self)
         self.stopped = False
+        #: The hub's task ended before the stop notice (trio): something not an
+        #: ``Exception`` escaped a drain; :meth:`stop` then drains by itself.
+        self.task_ended = False
         self.drains = 0
         self.flushes = 0  # wake-ups of the I/O thread at a flush point
         self._flush_pending = False
@@ -403,13 +406,22 @@ class Hub(Parker):
         """Start draining; call before the I/O thread starts."""
         raise NotImplementedError
 
+    async def _run(self) -> None:
+        """Drain until the I/O thread has stopped (a hub that drains from a task)."""
+        raise NotImplementedError
+
     async def stop(self) -> None:
         """Stop the I/O thread (closing every port) and wait until it has ended."""
         with anyio.CancelScope(shield=True):
             if not self.stopped and self.io.is_alive():
                 self.io.submit(self.io.cmd_stop, None, None)
                 while not self.stopped:
-                    await self.park(self)
+                    if self.task_ended:
+                        # Nobody else drains any more (see TrioHub._run): the stop
+                        # notice, and what comes before it, are taken here.
+                        await self._run()
+                    else:
+                        await self.park(self)
             self.io.join()
             self._teardown()
             self.inbox.close()
@@ -430,6 +442,22 @@ class TrioHub(Hub, TrioParker):
         start_soon(self._run)
 
     async def _run(self) -> None:
+        """Drain until the I/O thread has stopped (also run by :meth:`stop` itself if the
+        hub's task ended before that)."""
+        try:
+            await self._drain_until_stopped()
+        finally:
+            if not self.stopped:
+                # A KeyboardInterrupt or another exception not an ``Exception`` left a
+                # drain: the task that waits in stop() must not wait for this one.
+                self.task_ended = True
+                self.wake(self)
+
+    # KeyboardInterrupt-protected, as trio's own I/O manager is: trio's SIGINT handler then
+    # raises the interrupt in the main task, not in the middle of a drain (which would end
+    # the only task delivering the I/O thread's messages, its stop notice among them).
+    @trio.lowlevel.enable_ki_protection
+    async def _drain_until_stopped(self) -> None:
         inbox = self.inbox
         fd = inbox.wakeup.fileno()
         wait_readable = trio.lowlevel.wait_readable
@@ -478,11 +506,13 @@ class AsyncioHub(Hub, AsyncioParker):
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
         finally:
-            again = not inbox.prepare_to_sleep()
-        if again:
-            # Events arrived while draining: take them on the next loop iteration, so
-            # the tasks woken so far run first.
-            self._loop.call_soon(self._on_readable)
+            # Also when a KeyboardInterrupt leaves the drain: the inbox is then neither
+            # asleep nor drained, and no wake-up would come for what it holds (the stop
+            # notice among it) while the loop cancels its tasks.
+            if not inbox.prepare_to_sleep():
+                # Events arrived while draining: take them on the next loop iteration,
+                # so the tasks woken so far run first.
+                self._loop.call_soon(self._on_readable)
 
     async def park(self, obj: Parkable) -> None:
         future = obj._waiter = self._loop.create_future()

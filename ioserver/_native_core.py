@@ -593,7 +593,13 @@ class _NativeDrain:
 
     def _drain(self) -> int:
         _native.Core.defer_wakes()
-        pairs = self.inbox.take()
+        try:
+            pairs = self.inbox.take()
+        except BaseException:
+            # A KeyboardInterrupt in a decode's Python call (the inbox carries the batch
+            # to the next take): no flush point follows, so send the deferred wakes now.
+            _native.Core.flush_wakes()
+            raise
         for target, message in pairs:
             try:
                 target._deliver(message)

@@ -212,6 +212,11 @@ class TLSSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    @property
+    def family(self) -> int:
+        """The underlying socket's address family (``ioserver status`` counts by it)."""
+        return self.sock.family
+
     def getsockname(self) -> object:
         return self.sock.getsockname()
 

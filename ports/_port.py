@@ -147,11 +147,19 @@ class _Request(Waiter):
         self.hub.wake(self)
 
     async def wait(self) -> Any:
+        """The I/O thread's answer; if this raises (a cancellation), whatever the I/O
+        thread opened for the request is closed, answered already or not (trio's rule:
+        the operation did not happen)."""
         try:
             while self.result is EMPTY:
                 await self.hub.park(self)
         except BaseException:
             self.cancelled = True
+            result = self.result
+            if isinstance(result, tuple):
+                # Answered in the batch that also delivered the cancellation, before this
+                # task resumed: nobody will own it.
+                self.io.submit(self.io.cmd_close, result[0], None)
             raise
         return self.result
 
@@ -433,13 +441,17 @@ class _PortBase(Source):
                 if hub.is_trio:
                     task = self._waiter = _current_task()
                     task.custom_sleep_data = self  # (trio_wake's mark: see ioserver._hub)
-                    if getattr(self._conn, "global_paused", False):
-                        self._want_input()
                     try:
+                        # (In the try: a KeyboardInterrupt here must not leave the port
+                        # marked as received on by a task that is elsewhere.)
+                        if getattr(self._conn, "global_paused", False):
+                            self._want_input()
                         await wait_woken()
                     except BaseException:
                         if self._waiter is task:  # cancelled: no longer waiting here
                             self._waiter = None
+                        if task.custom_sleep_data is self:  # raised before it parked
+                            task.custom_sleep_data = None
                         raise
                 else:
                     future = self._waiter = hub.loop.create_future()

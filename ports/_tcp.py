@@ -161,8 +161,15 @@ async def open_stream(
             tls_handshake_timeout if tls is not None else None,
         ),
     )
-    result = await request.wait()
+    try:
+        result = await request.wait()
+    except BaseException:
+        # Cancelled: the port object is abandoned, and what the I/O thread delivered to it
+        # before the connection closed is counted taken (a closed port's _deliver).
+        result_port.close_nowait()
+        raise
     if isinstance(result, BaseException):
+        result_port.close_nowait()  # (the same, for an answer the drain failed to build)
         return result
     result_port._conn, result_port._local_address, result_port._remote_address = result
     return result_port
@@ -348,8 +355,13 @@ async def open_listener(
         io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
     else:
         io.submit(command, request, spec)
-    result = await request.wait()
+    try:
+        result = await request.wait()
+    except BaseException:
+        listener.close_nowait()  # an Accepted delivered to it closes its port (_deliver)
+        raise
     if isinstance(result, BaseException):
+        listener.close_nowait()
         raise result
     listener._conn, listener._local_address, _ = result
     return listener
