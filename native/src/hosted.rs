@@ -61,6 +61,9 @@ pub struct Hosted {
     due: Option<Instant>,
     /// Stopped (or failed): no more rounds.
     stopped: bool,
+    /// No round before this: the end of the hand-over gap after a busy round
+    /// ([`Hosted::run`]).
+    not_before: Option<Instant>,
 }
 
 impl Hosted {
@@ -76,6 +79,7 @@ impl Hosted {
             // Its first round runs at once: it reports its first timeout.
             due: Some(Instant::now()),
             stopped: false,
+            not_before: None,
         }
     }
 
@@ -90,31 +94,60 @@ impl Hosted {
     }
 
     /// The poll timeout: `timeout` (the native thread's), or less if the hosted half wants
-    /// its round sooner.
+    /// its round sooner (never before its hand-over gap ends).
     pub fn timeout(&self, timeout: Option<Duration>) -> Option<Duration> {
-        match self.due {
-            Some(due) if !self.stopped => {
+        if self.stopped {
+            return timeout;
+        }
+        // Fired (during a gap, or it would have had its round): due when the gap ends.
+        let due = if self.fired {
+            Some(Instant::now())
+        } else {
+            self.due
+        };
+        match due.map(|due| {
+            self.not_before
+                .map_or(due, |not_before| not_before.max(due))
+        }) {
+            Some(due) => {
                 let wait = due.saturating_duration_since(Instant::now());
                 Some(timeout.map_or(wait, |t| t.min(wait)))
             }
-            _ => timeout,
+            None => timeout,
         }
     }
 
-    /// Whether a round of the hosted half is due now.
+    /// Whether a round of the hosted half is due now (its fd fired or its timer is due,
+    /// and its hand-over gap, if any, is over).
     pub fn wants_round(&self) -> bool {
-        !self.stopped && (self.fired || self.due.is_some_and(|due| due <= Instant::now()))
+        if self.stopped || !(self.fired || self.due.is_some()) {
+            return false;
+        }
+        let now = Instant::now();
+        !self.not_before.is_some_and(|not_before| not_before > now)
+            && (self.fired || self.due.is_some_and(|due| due <= now))
     }
 
     /// Run one round (under the GIL) and stage what it delivered, by loop, in `staged`.
     /// An exception out of the round (a bug of the hosted half itself: each port's errors
     /// are contained in it) stops the hosted half, closing its ports; `failed` counts it.
+    ///
+    /// A round that left work (it wants the next one at once) is *busy*: the next round
+    /// waits for the hand-over gap ([`hand_over_gap`] of this round's time under the GIL).
+    /// Without it, a busy hosted half released the GIL and took it back within
+    /// microseconds, every round, and a loop thread waiting for the GIL (woken by each
+    /// release, too late to take it) was kept out: CPython only forces a switch after a
+    /// waiter's `switch_interval` (5 ms) passes with no release, and each release restarts
+    /// that wait.  The native ports keep moving during the gap (this thread polls, reads
+    /// and writes without the GIL).
     pub fn run(&mut self, staged: &mut [Vec<Event>], failed: &mut u64) {
         self.fired = false;
+        let mut held = Duration::ZERO;
         // `try_attach`: not once the interpreter is finalizing (a thread that takes the GIL
         // then is ended mid-frame, or aborts the process).  `_native_core` stops the thread
         // at exit before that; should it still come here, the hosted half is over.
         let attached = Python::try_attach(|py| {
+            let start = Instant::now();
             match self.round.call0(py) {
                 Ok(next) => {
                     self.due = match next.extract::<Option<f64>>(py) {
@@ -131,11 +164,17 @@ impl Hosted {
                 }
             }
             self.collect(py, staged);
+            held = start.elapsed();
         });
         if attached.is_none() {
             self.stopped = true;
             self.due = None;
         }
+        let now = Instant::now();
+        self.not_before = self
+            .due
+            .is_some_and(|due| due <= now)
+            .then(|| now + hand_over_gap(held));
     }
 
     /// Stop the hosted half (its last round, then its ports closed), stage what that
@@ -186,6 +225,20 @@ impl Hosted {
             }
         }
     }
+}
+
+/// The shortest hand-over gap: long enough for a loop thread the last round's release of
+/// the GIL woke (a futex wake-up, tens of microseconds on an idle CPU) to take it.
+pub const HAND_OVER_MIN: Duration = Duration::from_micros(100);
+
+/// The longest hand-over gap, however long the round was.
+pub const HAND_OVER_MAX: Duration = Duration::from_millis(1);
+
+/// The gap after a busy round that held the GIL for `length`: a quarter of it (so a busy
+/// hosted half holds the GIL at most four fifths of the time), within
+/// [`HAND_OVER_MIN`]..=[`HAND_OVER_MAX`].
+pub fn hand_over_gap(length: Duration) -> Duration {
+    (length / 4).clamp(HAND_OVER_MIN, HAND_OVER_MAX)
 }
 
 /// This thread's OS id, as Python's `threading.get_native_id()` gives it (Linux: the
