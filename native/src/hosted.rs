@@ -20,6 +20,10 @@
 //! * the thread stops: the hosted half is stopped first (one last round, then its ports
 //!   closed, each owner getting its `Closed`), then the native ports, then the stop notice.
 //!
+//! After a *busy* round (one that asked for the next at once), the next waits for a
+//! hand-over gap ([`hand_over_gap`]), so that a loop thread waiting for the GIL gets it
+//! ([`Hosted::run`] says why CPython would not give it otherwise).
+//!
 //! A round where none of these holds does not touch Python: the echo of native ports costs
 //! what it cost without a hosted half (one `Option` and, while the hosted half has a timer,
 //! one clock read per round).
