@@ -20,9 +20,10 @@
 //! * the thread stops: the hosted half is stopped first (one last round, then its ports
 //!   closed, each owner getting its `Closed`), then the native ports, then the stop notice.
 //!
-//! After a *busy* round (one that asked for the next at once), the next waits for a
-//! hand-over gap ([`hand_over_gap`]), so that a loop thread waiting for the GIL gets it
-//! ([`Hosted::run`] says why CPython would not give it otherwise).
+//! Once *busy* rounds (each asked for the next at once) have held the GIL for
+//! [`HAND_OVER_AFTER`] in a row, the next waits for a hand-over gap ([`HAND_OVER_GAP`]),
+//! so that a loop thread waiting for the GIL gets it ([`Hosted::run`] says why CPython
+//! would not give it otherwise).
 //!
 //! A round where none of these holds does not touch Python: the echo of native ports costs
 //! what it cost without a hosted half (one `Option` and, while the hosted half has a timer,
@@ -65,9 +66,12 @@ pub struct Hosted {
     due: Option<Instant>,
     /// Stopped (or failed): no more rounds.
     stopped: bool,
-    /// No round before this: the end of the hand-over gap after a busy round
+    /// No round before this: the end of the hand-over gap after a busy stretch
     /// ([`Hosted::run`]).
     not_before: Option<Instant>,
+    /// The time under the GIL of the busy rounds since the last gap (or the last round
+    /// that was not busy).
+    busy: Duration,
 }
 
 impl Hosted {
@@ -84,6 +88,7 @@ impl Hosted {
             due: Some(Instant::now()),
             stopped: false,
             not_before: None,
+            busy: Duration::ZERO,
         }
     }
 
@@ -136,8 +141,10 @@ impl Hosted {
     /// An exception out of the round (a bug of the hosted half itself: each port's errors
     /// are contained in it) stops the hosted half, closing its ports; `failed` counts it.
     ///
-    /// A round that left work (it wants the next one at once) is *busy*: the next round
-    /// waits for the hand-over gap ([`hand_over_gap`] of this round's time under the GIL).
+    /// A round that left work (it wants the next one at once) is *busy*; once busy rounds
+    /// in a row have held the GIL for [`HAND_OVER_AFTER`], the next round waits for the
+    /// hand-over gap, [`HAND_OVER_GAP`].  A request and its answer (a round or two of some
+    /// microseconds) never wait for it.
     /// Without it, a busy hosted half released the GIL and took it back within
     /// microseconds, every round, and a loop thread waiting for the GIL (woken by each
     /// release, too late to take it) was kept out: CPython only forces a switch after a
@@ -175,10 +182,16 @@ impl Hosted {
             self.due = None;
         }
         let now = Instant::now();
-        self.not_before = self
-            .due
-            .is_some_and(|due| due <= now)
-            .then(|| now + hand_over_gap(held));
+        self.not_before = None;
+        if self.due.is_some_and(|due| due <= now) {
+            self.busy += held;
+            if self.busy >= HAND_OVER_AFTER {
+                self.not_before = Some(now + HAND_OVER_GAP);
+                self.busy = Duration::ZERO;
+            }
+        } else {
+            self.busy = Duration::ZERO;
+        }
     }
 
     /// Stop the hosted half (its last round, then its ports closed), stage what that
@@ -231,19 +244,16 @@ impl Hosted {
     }
 }
 
-/// The shortest hand-over gap: long enough for a loop thread the last round's release of
-/// the GIL woke (a futex wake-up, tens of microseconds on an idle CPU) to take it.
-pub const HAND_OVER_MIN: Duration = Duration::from_micros(100);
+/// How long busy rounds in a row may hold the GIL before a hand-over gap.  A loop that
+/// waits for the GIL gets it after this (and the round then running) at most.
+pub const HAND_OVER_AFTER: Duration = Duration::from_millis(2);
 
-/// The longest hand-over gap, however long the round was.
-pub const HAND_OVER_MAX: Duration = Duration::from_millis(1);
-
-/// The gap after a busy round that held the GIL for `length`: a quarter of it (so a busy
-/// hosted half holds the GIL at most four fifths of the time), within
-/// [`HAND_OVER_MIN`]..=[`HAND_OVER_MAX`].
-pub fn hand_over_gap(length: Duration) -> Duration {
-    (length / 4).clamp(HAND_OVER_MIN, HAND_OVER_MAX)
-}
+/// The hand-over gap: the time the next busy round waits, so a busy hosted half holds the
+/// GIL at most two thirds of the time.  Long enough for a loop thread that the last
+/// release of the GIL woke (a futex wake-up: tens of microseconds on an idle CPU) to take
+/// it; and the thread's poll counts in whole milliseconds (mio rounds its timeout up), so
+/// a shorter gap would last this long anyway whenever nothing else wakes the thread.
+pub const HAND_OVER_GAP: Duration = Duration::from_millis(1);
 
 /// This thread's OS id, as Python's `threading.get_native_id()` gives it (Linux: the
 /// `gettid` read from `/proc/thread-self`, a link to `PID/task/TID`); 0 where unknown.
