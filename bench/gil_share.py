@@ -160,9 +160,19 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
         if control is not None:
             start_received = control.faults
         try:
-            probe = await anyio.run_process(
-                [sys.executable, "-c", _PROBE, str(listener.local_address[1]), str(options.seconds)]
-            )
+            if options.no_echo:  # the loop idle: what the flood gets alone
+                await anyio.sleep(options.seconds)
+                probe = None
+            else:
+                probe = await anyio.run_process(
+                    [
+                        sys.executable,
+                        "-c",
+                        _PROBE,
+                        str(listener.local_address[1]),
+                        str(options.seconds),
+                    ]
+                )
         finally:
             elapsed = time.monotonic() - start
             if flood is not None:
@@ -172,7 +182,7 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
             received = control.faults
 
         tg.cancel_scope.cancel()
-    rtts = sorted(json.loads(probe.stdout))
+    rtts = sorted(json.loads(probe.stdout)) if probe is not None else [0.0]
     ms = 1000.0
     return {
         "core": options.core,
@@ -197,6 +207,9 @@ def main() -> None:
     parser.add_argument("--core", default="native", choices=["native", "python"])
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--no-echo", action="store_true", help="no probe: the loop idle, the flood alone"
+    )
     parser.add_argument(
         "--flood",
         default="pull",

@@ -72,6 +72,10 @@ pub struct Hosted {
     /// The time under the GIL of the busy rounds since the last gap (or the last round
     /// that was not busy).
     busy: Duration,
+    /// The gap of `not_before` was kept ([`Hosted::settle_gap`]).
+    gap_kept: bool,
+    /// The thread handed a loop a batch since the last gap was settled.
+    fed: bool,
 }
 
 impl Hosted {
@@ -89,6 +93,8 @@ impl Hosted {
             stopped: false,
             not_before: None,
             busy: Duration::ZERO,
+            gap_kept: false,
+            fed: false,
         }
     }
 
@@ -126,6 +132,28 @@ impl Hosted {
         }
     }
 
+    /// The thread handed a loop a batch (its input, what it holds for it to drop...).
+    pub fn note_handed(&mut self) {
+        self.fed = true;
+    }
+
+    /// Settle a hand-over gap that has just begun (after the round's batches went to the
+    /// loops): kept if a loop was handed a batch since the last gap (that loop is at work,
+    /// or waits for the GIL to be) or has input it has not taken (`loops_have_input`),
+    /// else dropped at no cost to the hosted half.  A gap once kept lasts its whole
+    /// [`HAND_OVER_GAP`]: what the loop does with its input (a send...) needs this thread
+    /// free to carry it, not waiting for the GIL.
+    pub fn settle_gap(&mut self, loops_have_input: impl FnOnce() -> bool) {
+        if self.not_before.is_some() && !self.gap_kept {
+            if std::mem::take(&mut self.fed) || loops_have_input() {
+                self.gap_kept = true;
+                self.busy = Duration::ZERO;
+            } else {
+                self.not_before = None;
+            }
+        }
+    }
+
     /// Whether a round of the hosted half is due now (its fd fired or its timer is due,
     /// and its hand-over gap, if any, is over).
     pub fn wants_round(&self) -> bool {
@@ -143,8 +171,9 @@ impl Hosted {
     ///
     /// A round that left work (it wants the next one at once) is *busy*; once busy rounds
     /// in a row have held the GIL for [`HAND_OVER_AFTER`], the next round waits for the
-    /// hand-over gap, [`HAND_OVER_GAP`].  A request and its answer (a round or two of some
-    /// microseconds) never wait for it.
+    /// hand-over gap, [`HAND_OVER_GAP`], if a loop is at work ([`Hosted::settle_gap`]: a
+    /// busy hosted half next to idle loops loses nothing).  A request and its answer (a round or two of some microseconds) never wait
+    /// for it.
     /// Without it, a busy hosted half released the GIL and took it back within
     /// microseconds, every round, and a loop thread waiting for the GIL (woken by each
     /// release, too late to take it) was kept out: CPython only forces a switch after a
@@ -183,11 +212,11 @@ impl Hosted {
         }
         let now = Instant::now();
         self.not_before = None;
+        self.gap_kept = false;
         if self.due.is_some_and(|due| due <= now) {
             self.busy += held;
             if self.busy >= HAND_OVER_AFTER {
                 self.not_before = Some(now + HAND_OVER_GAP);
-                self.busy = Duration::ZERO;
             }
         } else {
             self.busy = Duration::ZERO;
@@ -248,11 +277,11 @@ impl Hosted {
 /// waits for the GIL gets it after this (and the round then running) at most.
 pub const HAND_OVER_AFTER: Duration = Duration::from_millis(2);
 
-/// The hand-over gap: the time the next busy round waits, so a busy hosted half holds the
-/// GIL at most two thirds of the time.  Long enough for a loop thread that the last
-/// release of the GIL woke (a futex wake-up: tens of microseconds on an idle CPU) to take
-/// it; and the thread's poll counts in whole milliseconds (mio rounds its timeout up), so
-/// a shorter gap would last this long anyway whenever nothing else wakes the thread.
+/// The hand-over gap: the time the next busy round waits when a loop has input it has
+/// not taken, so a busy hosted half then holds the GIL at most two thirds of the time.  Long enough for a loop thread that the last release of the GIL woke (a
+/// futex wake-up: tens of microseconds on an idle CPU) to take it; and the thread's poll
+/// counts in whole milliseconds (mio rounds its timeout up), so a shorter gap would last
+/// this long anyway whenever nothing else wakes the thread.
 pub const HAND_OVER_GAP: Duration = Duration::from_millis(1);
 
 /// This thread's OS id, as Python's `threading.get_native_id()` gives it (Linux: the
