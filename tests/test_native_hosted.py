@@ -246,14 +246,14 @@ async def test_a_busy_hosted_half_lets_the_loop_take_the_gil_between_its_rounds(
     GIL was kept out until CPython's switch interval forced a switch in the middle of a
     round; an echo on a native port (which needs the loop twice: the ping to the actor,
     the echo to the client) then took two hosted rounds or more, every time.  Now, once
-    busy rounds have held the GIL for ``HAND_OVER_AFTER`` (2 ms), the next waits for a
-    hand-over gap (``native/src/hosted.rs``), in which the loop takes the GIL and the
-    native thread, without it, moves the bytes: the round trip fits in the gap, with no
-    hosted round in between.
+    busy rounds have held the GIL for ``HAND_OVER_AFTER`` (2 ms) and a loop is at work
+    (here: the echo's), the next waits for a hand-over gap (``native/src/hosted.rs``), in
+    which the loop takes the GIL and the native thread, without it, moves the bytes: the
+    round trip fits in the gap, with no hosted round in between.
 
     Counted in the hosted half's rounds (``io.polls``), not in seconds: on the old tree
-    none of 150 echoes (in six runs) took fewer than two rounds; here about three in four
-    took none and nearly all at most one.  The bound (a quarter of the echoes within one
+    none of 150 echoes (in six runs) took fewer than two rounds; here about nine in ten
+    took none and all but a few at most one.  The bound (a quarter of the echoes within one
     round) leaves room for a loaded machine, where the loop thread may miss a gap for want
     of a CPU."""
     caplog.set_level("ERROR", logger="ioserver")  # a warning per refused frame otherwise

@@ -21,9 +21,9 @@
 //!   closed, each owner getting its `Closed`), then the native ports, then the stop notice.
 //!
 //! Once *busy* rounds (each asked for the next at once) have held the GIL for
-//! [`HAND_OVER_AFTER`] in a row, the next waits for a hand-over gap ([`HAND_OVER_GAP`]),
-//! so that a loop thread waiting for the GIL gets it ([`Hosted::run`] says why CPython
-//! would not give it otherwise).
+//! [`HAND_OVER_AFTER`] in a row, and a loop is at work, the next waits for a hand-over gap
+//! ([`HAND_OVER_GAP`]), so that the loop thread, waiting for the GIL, gets it
+//! ([`Hosted::run`] says why CPython would not give it otherwise).
 //!
 //! A round where none of these holds does not touch Python: the echo of native ports costs
 //! what it cost without a hosted half (one `Option` and, while the hosted half has a timer,
@@ -219,7 +219,10 @@ impl Hosted {
                 self.not_before = Some(now + HAND_OVER_GAP);
             }
         } else {
+            // Not busy: the next busy stretch starts afresh (and a batch handed before it
+            // says nothing of the loops then).
             self.busy = Duration::ZERO;
+            self.fed = false;
         }
     }
 
