@@ -800,7 +800,7 @@ impl IoThread {
                 Some(Duration::ZERO)
             };
             if let Some(hosted) = &mut self.hosted {
-                // A hand-over gap is for a loop that has input to take (`hosted.rs`).
+                // A hand-over gap is for a loop at work (`hosted.rs`).
                 let inboxes = &self.inboxes;
                 hosted.settle_gap(|| inboxes.iter().any(|inbox| !inbox.is_empty()));
                 timeout = hosted.timeout(timeout);

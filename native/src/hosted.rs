@@ -26,8 +26,8 @@
 //! ([`Hosted::run`] says why CPython would not give it otherwise).
 //!
 //! A round where none of these holds does not touch Python: the echo of native ports costs
-//! what it cost without a hosted half (one `Option` and, while the hosted half has a timer,
-//! one clock read per round).
+//! what it cost without a hosted half (one `Option`, a flag or two and, while the hosted
+//! half has a timer, one clock read per round).
 //!
 //! Deliveries: a hosted port delivers with its hub's `deliver`, which on the native core is
 //! the `append` of a Python list of the hub's inbox (`Inbox.stage`).  After each hosted round
@@ -172,14 +172,15 @@ impl Hosted {
     /// A round that left work (it wants the next one at once) is *busy*; once busy rounds
     /// in a row have held the GIL for [`HAND_OVER_AFTER`], the next round waits for the
     /// hand-over gap, [`HAND_OVER_GAP`], if a loop is at work ([`Hosted::settle_gap`]: a
-    /// busy hosted half next to idle loops loses nothing).  A request and its answer (a round or two of some microseconds) never wait
-    /// for it.
-    /// Without it, a busy hosted half released the GIL and took it back within
+    /// busy hosted half next to idle loops loses nothing).  A request and its answer (a
+    /// round or two of some microseconds) never wait for it.
+    ///
+    /// Without the gap, a busy hosted half released the GIL and took it back within
     /// microseconds, every round, and a loop thread waiting for the GIL (woken by each
-    /// release, too late to take it) was kept out: CPython only forces a switch after a
-    /// waiter's `switch_interval` (5 ms) passes with no release, and each release restarts
-    /// that wait.  The native ports keep moving during the gap (this thread polls, reads
-    /// and writes without the GIL).
+    /// release, too late to take it) was kept out: CPython 3.11 forces a switch only once
+    /// a waiter's `switch_interval` (5 ms) passes with no release, and each release
+    /// restarts that wait.  The native ports keep moving during the gap (this thread
+    /// polls, reads and writes without the GIL).
     pub fn run(&mut self, staged: &mut [Vec<Event>], failed: &mut u64) {
         self.fired = false;
         let mut held = Duration::ZERO;
@@ -276,15 +277,16 @@ impl Hosted {
     }
 }
 
-/// How long busy rounds in a row may hold the GIL before a hand-over gap.  A loop that
-/// waits for the GIL gets it after this (and the round then running) at most.
+/// How long busy rounds in a row may hold the GIL before a hand-over gap.  A loop at work
+/// that waits for the GIL gets it after this (and the round then running) at most.
 pub const HAND_OVER_AFTER: Duration = Duration::from_millis(2);
 
-/// The hand-over gap: the time the next busy round waits when a loop has input it has
-/// not taken, so a busy hosted half then holds the GIL at most two thirds of the time.  Long enough for a loop thread that the last release of the GIL woke (a
-/// futex wake-up: tens of microseconds on an idle CPU) to take it; and the thread's poll
-/// counts in whole milliseconds (mio rounds its timeout up), so a shorter gap would last
-/// this long anyway whenever nothing else wakes the thread.
+/// The hand-over gap: the time the next busy round waits when a loop is at work, so a
+/// busy hosted half then holds the GIL at most two thirds of the time.  Long enough for a
+/// loop thread that the last release of the GIL woke (a futex wake-up: tens of
+/// microseconds on an idle CPU) to take it; and the thread's poll counts in whole
+/// milliseconds (mio rounds its timeout up), so a shorter gap would last this long anyway
+/// whenever nothing else wakes the thread.
 pub const HAND_OVER_GAP: Duration = Duration::from_millis(1);
 
 /// This thread's OS id, as Python's `threading.get_native_id()` gives it (Linux: the
