@@ -896,7 +896,10 @@ impl IoThread {
             } else {
                 Some(Duration::ZERO)
             };
-            if let Some(hosted) = &self.hosted {
+            if let Some(hosted) = &mut self.hosted {
+                // A hand-over gap is for a loop at work (`hosted.rs`).
+                let inboxes = &self.inboxes;
+                hosted.settle_gap(|| inboxes.iter().any(|inbox| !inbox.is_empty()));
                 timeout = hosted.timeout(timeout);
             }
             if let Err(error) = self.poll.poll(&mut events, timeout) {
@@ -950,6 +953,11 @@ impl IoThread {
             // (charged to the budget) goes back each round, not only with their input;
             // and after RELEASE_IDLE of idleness, whatever it still holds.
             handed |= self.publish(self.budget.has_paused() || idle_release);
+            if handed {
+                if let Some(hosted) = &mut self.hosted {
+                    hosted.note_handed();
+                }
+            }
         }
     }
 

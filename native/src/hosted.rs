@@ -20,9 +20,14 @@
 //! * the thread stops: the hosted half is stopped first (one last round, then its ports
 //!   closed, each owner getting its `Closed`), then the native ports, then the stop notice.
 //!
+//! Once *busy* rounds (each asked for the next at once) have held the GIL for
+//! [`HAND_OVER_AFTER`] in a row, and a loop is at work, the next waits for a hand-over gap
+//! ([`HAND_OVER_GAP`]), so that the loop thread, waiting for the GIL, gets it
+//! ([`Hosted::run`] says why CPython would not give it otherwise).
+//!
 //! A round where none of these holds does not touch Python: the echo of native ports costs
-//! what it cost without a hosted half (one `Option` and, while the hosted half has a timer,
-//! one clock read per round).
+//! what it cost without a hosted half (one `Option`, a flag or two and, while the hosted
+//! half has a timer, one clock read per round).
 //!
 //! Deliveries: a hosted port delivers with its hub's `deliver`, which on the native core is
 //! the `append` of a Python list of the hub's inbox (`Inbox.stage`).  After each hosted round
@@ -61,6 +66,16 @@ pub struct Hosted {
     due: Option<Instant>,
     /// Stopped (or failed): no more rounds.
     stopped: bool,
+    /// No round before this: the end of the hand-over gap after a busy stretch
+    /// ([`Hosted::run`]).
+    not_before: Option<Instant>,
+    /// The time under the GIL of the busy rounds since the last gap (or the last round
+    /// that was not busy).
+    busy: Duration,
+    /// The gap of `not_before` was kept ([`Hosted::settle_gap`]).
+    gap_kept: bool,
+    /// The thread handed a loop a batch since the last gap was settled.
+    fed: bool,
 }
 
 impl Hosted {
@@ -76,6 +91,10 @@ impl Hosted {
             // Its first round runs at once: it reports its first timeout.
             due: Some(Instant::now()),
             stopped: false,
+            not_before: None,
+            busy: Duration::ZERO,
+            gap_kept: false,
+            fed: false,
         }
     }
 
@@ -90,31 +109,86 @@ impl Hosted {
     }
 
     /// The poll timeout: `timeout` (the native thread's), or less if the hosted half wants
-    /// its round sooner.
+    /// its round sooner (never before its hand-over gap ends).
     pub fn timeout(&self, timeout: Option<Duration>) -> Option<Duration> {
-        match self.due {
-            Some(due) if !self.stopped => {
+        if self.stopped {
+            return timeout;
+        }
+        // Fired (during a gap, or it would have had its round): due when the gap ends.
+        let due = if self.fired {
+            Some(Instant::now())
+        } else {
+            self.due
+        };
+        match due.map(|due| {
+            self.not_before
+                .map_or(due, |not_before| not_before.max(due))
+        }) {
+            Some(due) => {
                 let wait = due.saturating_duration_since(Instant::now());
                 Some(timeout.map_or(wait, |t| t.min(wait)))
             }
-            _ => timeout,
+            None => timeout,
         }
     }
 
-    /// Whether a round of the hosted half is due now.
+    /// The thread handed a loop a batch (its input, what it holds for it to drop...).
+    pub fn note_handed(&mut self) {
+        self.fed = true;
+    }
+
+    /// Settle a hand-over gap that has just begun (after the round's batches went to the
+    /// loops): kept if a loop was handed a batch since the last gap (that loop is at work,
+    /// or waits for the GIL to be) or has input it has not taken (`loops_have_input`),
+    /// else dropped at no cost to the hosted half.  A gap once kept lasts its whole
+    /// [`HAND_OVER_GAP`]: what the loop does with its input (a send...) needs this thread
+    /// free to carry it, not waiting for the GIL.
+    pub fn settle_gap(&mut self, loops_have_input: impl FnOnce() -> bool) {
+        if self.not_before.is_some() && !self.gap_kept {
+            if std::mem::take(&mut self.fed) || loops_have_input() {
+                self.gap_kept = true;
+                self.busy = Duration::ZERO;
+            } else {
+                self.not_before = None;
+            }
+        }
+    }
+
+    /// Whether a round of the hosted half is due now (its fd fired or its timer is due,
+    /// and its hand-over gap, if any, is over).
     pub fn wants_round(&self) -> bool {
-        !self.stopped && (self.fired || self.due.is_some_and(|due| due <= Instant::now()))
+        if self.stopped || !(self.fired || self.due.is_some()) {
+            return false;
+        }
+        let now = Instant::now();
+        !self.not_before.is_some_and(|not_before| not_before > now)
+            && (self.fired || self.due.is_some_and(|due| due <= now))
     }
 
     /// Run one round (under the GIL) and stage what it delivered, by loop, in `staged`.
     /// An exception out of the round (a bug of the hosted half itself: each port's errors
     /// are contained in it) stops the hosted half, closing its ports; `failed` counts it.
+    ///
+    /// A round that left work (it wants the next one at once) is *busy*; once busy rounds
+    /// in a row have held the GIL for [`HAND_OVER_AFTER`], the next round waits for the
+    /// hand-over gap, [`HAND_OVER_GAP`], if a loop is at work ([`Hosted::settle_gap`]: a
+    /// busy hosted half next to idle loops loses nothing).  A request and its answer (a
+    /// round or two of some microseconds) never wait for it.
+    ///
+    /// Without the gap, a busy hosted half released the GIL and took it back within
+    /// microseconds, every round, and a loop thread waiting for the GIL (woken by each
+    /// release, too late to take it) was kept out: CPython 3.11 forces a switch only once
+    /// a waiter's `switch_interval` (5 ms) passes with no release, and each release
+    /// restarts that wait.  The native ports keep moving during the gap (this thread
+    /// polls, reads and writes without the GIL).
     pub fn run(&mut self, staged: &mut [Vec<Event>], failed: &mut u64) {
         self.fired = false;
+        let mut held = Duration::ZERO;
         // `try_attach`: not once the interpreter is finalizing (a thread that takes the GIL
         // then is ended mid-frame, or aborts the process).  `_native_core` stops the thread
         // at exit before that; should it still come here, the hosted half is over.
         let attached = Python::try_attach(|py| {
+            let start = Instant::now();
             match self.round.call0(py) {
                 Ok(next) => {
                     self.due = match next.extract::<Option<f64>>(py) {
@@ -131,10 +205,25 @@ impl Hosted {
                 }
             }
             self.collect(py, staged);
+            held = start.elapsed();
         });
         if attached.is_none() {
             self.stopped = true;
             self.due = None;
+        }
+        let now = Instant::now();
+        self.not_before = None;
+        self.gap_kept = false;
+        if self.due.is_some_and(|due| due <= now) {
+            self.busy += held;
+            if self.busy >= HAND_OVER_AFTER {
+                self.not_before = Some(now + HAND_OVER_GAP);
+            }
+        } else {
+            // Not busy: the next busy stretch starts afresh (and a batch handed before it
+            // says nothing of the loops then).
+            self.busy = Duration::ZERO;
+            self.fed = false;
         }
     }
 
@@ -187,6 +276,18 @@ impl Hosted {
         }
     }
 }
+
+/// How long busy rounds in a row may hold the GIL before a hand-over gap.  A loop at work
+/// that waits for the GIL gets it after this (and the round then running) at most.
+pub const HAND_OVER_AFTER: Duration = Duration::from_millis(2);
+
+/// The hand-over gap: the time the next busy round waits when a loop is at work, so a
+/// busy hosted half then holds the GIL at most two thirds of the time.  Long enough for a
+/// loop thread that the last release of the GIL woke (a futex wake-up: tens of
+/// microseconds on an idle CPU) to take it; and the thread's poll counts in whole
+/// milliseconds (mio rounds its timeout up), so a shorter gap would last this long anyway
+/// whenever nothing else wakes the thread.
+pub const HAND_OVER_GAP: Duration = Duration::from_millis(1);
 
 /// This thread's OS id, as Python's `threading.get_native_id()` gives it (Linux: the
 /// `gettid` read from `/proc/thread-self`, a link to `PID/task/TID`); 0 where unknown.
