@@ -29,6 +29,16 @@ class _Framer:
     @property
     def decodes_objects(self) -> bool: ...
 
+def _msgpack_items(data: bytes | bytearray | memoryview, start: int, stop: int) -> list[int]:
+    """The items of each whole msgpack object of ``data[start:stop]`` (back to back, up to
+    the first unfinished one), as ``ioserver._framing._check_items`` counts them (private:
+    the Python framer's charge).
+
+    Raises:
+        PacketTooLarge: an object holds more than ``MSGPACK_MAX_ITEMS`` items.
+        ValueError: ``start``, ``stop`` outside ``data``.
+    """
+
 class _FlowModel:
     """Ports' receive flow control and a memory budget, native (private: the
     differential tests).  Ports are named by the index :meth:`add_port` returns."""

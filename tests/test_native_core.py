@@ -7,9 +7,14 @@ refuses.  The TCP tests of ``test_tcp.py`` run on both cores too.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import struct
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -17,6 +22,9 @@ import pytest
 
 import ioserver
 import ports
+from ioserver import _exceptions, _tcp
+from ioserver._contract import ConnectRequest
+from ioserver._options import port_options
 from ports import Accepted, Closed, Data
 
 pytestmark = pytest.mark.anyio
@@ -840,4 +848,154 @@ async def test_a_failed_connect_to_an_unprintable_address_still_answers_the_owne
             await ports.connect_unix(ios, path)
         assert info.value.errno_name == "ENOENT"
         assert "<_UnprintablePath whose repr failed>" in str(info.value)
+        await _until_closed(ios)
+
+
+def _take_by_hand(inbox: Any, done: Callable[[list[tuple[Any, Any]]], bool]) -> tuple[list, int]:
+    """Drain ``inbox`` synchronously (no checkpoint: the hub cannot run meanwhile) until
+    ``done(pairs)``; return the pairs and how many takes raised ``KeyboardInterrupt``."""
+    pairs: list[tuple[Any, Any]] = []
+    raised = 0
+    deadline = time.monotonic() + 5  # (no checkpoint: fail_after cannot)
+    while not done(pairs):
+        assert time.monotonic() < deadline, pairs
+        try:
+            pairs += inbox.take()
+        except KeyboardInterrupt:
+            raised += 1
+        time.sleep(0.001)
+    return pairs, raised
+
+
+def _interrupt_once(function: Callable[..., Any], when: Callable[..., bool]) -> Callable[..., Any]:
+    """``function``, except that its first call whose arguments satisfy ``when`` raises
+    ``KeyboardInterrupt`` (as a SIGINT's handler does when it runs in that call)."""
+    armed = [True]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if armed and when(*args, **kwargs):
+            armed.clear()
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return interrupted
+
+
+@pytest.mark.parametrize("where", ["errno_name", "Closed"])
+async def test_a_keyboard_interrupt_building_a_closed_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A ``KeyboardInterrupt`` that lands while the drain builds a broken connection's
+    ``Closed`` (in ``errno_name``, or in the message's dataclass ``__init__``: Python calls
+    where a SIGINT's handler may run) propagates out of ``Inbox.take``, and the next take
+    builds that event again: the owner gets its ``Closed`` once.  Before, only a packet
+    was carried to the next take; any other interrupted event was dropped, and here the
+    owner waited for its ``Closed`` for good."""
+    if where == "errno_name":
+        function = _interrupt_once(_exceptions.errno_name, lambda n: n == errno.ECONNRESET)
+        monkeypatch.setattr(_exceptions, "errno_name", function)  # read by a new inbox
+    else:
+        init = _interrupt_once(Closed.__init__, lambda _, reason, *__: reason == "ECONNRESET")
+        monkeypatch.setattr(Closed, "__init__", init)
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with listener:
+            peer = socket.create_connection(listener.local_address)
+            port = await accept(listener)
+            async with port:
+                inbox = ios._hub.inbox  # type: ignore[attr-defined]
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()  # a reset: the port's Closed("ECONNRESET")
+                pairs, raised = _take_by_hand(
+                    inbox, lambda pairs: any(target is port for target, _ in pairs)
+                )
+                assert raised == 1
+                assert [message for target, message in pairs if target is port] == [
+                    Closed("ECONNRESET", "ECONNRESET")
+                ]
+                for target, message in pairs:
+                    target._deliver(message)
+                assert await port.receive() == Closed("ECONNRESET", "ECONNRESET")
+        await _until_closed(ios)
+
+
+async def test_a_keyboard_interrupt_in_make_port_accepts_the_connection_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``KeyboardInterrupt`` that lands in the listener's ``make_port`` (the Python call
+    that makes an accepted connection's port) propagates out of ``Inbox.take``; the next
+    take makes the port again and the listener gets one ``Accepted``, of a port that
+    works.  Before, the drain closed the new connection and dropped the event: the peer
+    was hung up on and the listener never told."""
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        async with listener:
+            init = _interrupt_once(ports.Port.__init__, lambda *_: True)
+            monkeypatch.setattr(ports.Port, "__init__", init)
+            with socket.create_connection(listener.local_address) as peer:
+                inbox = ios._hub.inbox  # type: ignore[attr-defined]
+                pairs, raised = _take_by_hand(
+                    inbox, lambda pairs: any(target is listener for target, _ in pairs)
+                )
+                monkeypatch.undo()
+                assert raised == 1
+                accepted = [message for target, message in pairs if target is listener]
+                assert len(accepted) == 1 and isinstance(accepted[0], Accepted), accepted
+                for target, message in pairs:
+                    target._deliver(message)
+                port = await accept(listener)
+                async with port:
+                    await port.send(b"ping")
+                    peer.settimeout(5)
+                    assert peer.recv(4) == b"ping"
+                    peer.sendall(b"pong")
+                    assert await receive_exactly(port, 4) == b"pong"
+        await _until_closed(ios)
+
+
+class _Answer:
+    """A connect request's target, as ``ports._port._Request`` without the waiting: the
+    answers the test hands it."""
+
+    def __init__(self, hub: object) -> None:
+        self.hub = hub
+        self.answers: list[object] = []
+
+    def _deliver(self, answer: object) -> None:
+        self.answers.append(answer)
+
+
+async def test_a_keyboard_interrupt_building_a_connect_error_answers_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``KeyboardInterrupt`` that lands in ``connect_error`` (the Python call that makes
+    a failed connect's ``ConnectError``) propagates out of ``Inbox.take``; the next take
+    builds the answer again, and the request gets its error once.  Before, the answer was
+    dropped and the owner's connect waited for good.  (The connect is queued by hand, as
+    ``ports.connect_tcp`` does, so that this test's drain, not the hub's, takes it.)"""
+    function = _interrupt_once(_tcp.connect_error, lambda *_: True)
+    monkeypatch.setattr(_tcp, "connect_error", function)  # read by a new inbox
+    async with ioserver.open(core="native") as ios:
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))  # bound, not listening: a connect is refused
+            address = unused.getsockname()
+            credit, settings = port_options({}, "a TCP port")
+            request = _Answer(ios._hub)
+            spec = ConnectRequest(
+                ports.Port(ios, credit, settings, True),
+                ios._hub.deliver,
+                socket.AF_INET,
+                address,
+                settings,
+                credit,
+            )
+            ios._io.cmd_connect(request, spec)  # type: ignore[attr-defined]
+            pairs, raised = _take_by_hand(
+                ios._hub.inbox,  # type: ignore[attr-defined]
+                lambda pairs: any(target is request for target, _ in pairs),
+            )
+        assert raised == 1
+        answers = [message for target, message in pairs if target is request]
+        assert len(answers) == 1 and isinstance(answers[0], ports.ConnectError), answers
+        assert answers[0].errno_name == "ECONNREFUSED"
         await _until_closed(ios)

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ioserver import _framing
 from ioserver._exceptions import FrameError, OptionError, PacketTooLarge
 from ioserver._framing import (
     MSGPACK_ITEM_CHARGE,
@@ -26,7 +27,7 @@ from ioserver._framing import (
     RESP_ARGUMENT_CHARGE,
     make_framer,
 )
-from ioserver._native import _Framer
+from ioserver._native import _Framer, _msgpack_items
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -552,3 +553,84 @@ def test_wants_says_what_the_packet_under_way_needs() -> None:
 def test_bad_options_are_option_errors(packet: Any, packet_size: int, delimiter: bytes) -> None:
     with pytest.raises(OptionError):
         _Framer(packet, packet_size, delimiter)
+
+
+@SETTINGS
+@given(values=st.lists(_VALUES, min_size=1, max_size=8))
+def test_the_native_item_count_is_the_python_loops(values: list[Any]) -> None:
+    """The Python framer's item count (``_object_items``: the native scanner,
+    ``_native._msgpack_items``, over a read's whole objects) is its Python loop's
+    (``_check_items``, the fallback) and the decoded values' items, for bytes and for a
+    view of a buffer (what the I/O thread feeds)."""
+    packets = [msgpack.packb(value, use_bin_type=True) for value in values]
+    stream = b"".join(packets)
+    ends = list(itertools.accumulate(len(packet) for packet in packets))
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+    expected = [_items(value) for value in values]
+    assert [_framing._check_items(stream, first, last) for first, last in bounds] == expected
+    assert _msgpack_items(stream, 0, len(stream)) == expected
+    with memoryview(bytearray(b"\x01" + stream + b"\x92")) as view:  # (unfinished after)
+        assert _msgpack_items(view, 1, 1 + len(stream)) == expected
+        assert _framing._object_items(view, [(1 + a, 1 + b) for a, b in bounds]) == expected
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        _array32(_ITEMS - 1) + b"\xc0" * (_ITEMS - 1),  # exactly at the cap
+        _array32(_ITEMS) + b"\xc0" * _ITEMS,  # one past
+        b"\x91\xdf" + (_ITEMS // 2 - 1).to_bytes(4, "big") + b"\x01\x02" * (_ITEMS // 2 - 1),
+        b"\x92" + _array32(_ITEMS - 3) + b"\xc0" * (_ITEMS - 3) + b"\x91\xc0",
+        _per_object(256),
+        b"\x01" * 3 + _array32(_ITEMS - 1) + b"\xc0" * (_ITEMS - 1) + b"\x01",
+    ],
+    ids=["at-cap", "past", "map-at-cap", "fixarray-past", "per-object-256", "among-others"],
+)
+def test_the_native_item_count_refuses_as_the_python_loop(stream: bytes) -> None:
+    """Past MSGPACK_MAX_ITEMS, the native count raises the Python loop's PacketTooLarge
+    (the count at the first header past the cap); below it, the same counts."""
+    bounds: list[tuple[int, int]] = []
+    skipper = msgpack.Unpacker(max_buffer_size=len(stream))
+    skipper.feed(stream)
+    start = 0
+    while start < len(stream):
+        skipper.skip()
+        bounds.append((start, skipper.tell()))
+        start = skipper.tell()
+    try:
+        expected: Any = [_framing._check_items(stream, first, last) for first, last in bounds]
+    except PacketTooLarge as exc:
+        expected = exc
+    try:
+        got: Any = _msgpack_items(stream, 0, len(stream))
+    except PacketTooLarge as exc:
+        got = exc
+    if isinstance(expected, PacketTooLarge):
+        _same_error(expected, got)
+    else:
+        assert got == expected
+
+
+def test_the_python_framer_counts_items_without_its_python_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Python framer counts each object's items for its charge with the native
+    scanner, one call a read: its Python loop (``_check_items``) is not run.  Before, it
+    ran on every object, and the Python core's framer was 2-3.5 times slower (64 small
+    objects a read: 20 us -> 71 us; a 60 KB array of 20k ints: 464 us -> 1545 us)."""
+    calls: list[object] = []
+    original = _framing._check_items
+
+    def counted(*args: Any) -> int:
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(_framing, "_check_items", counted)
+    framer = make_framer("msgpack")
+    small = msgpack.packb([1, "abc", {"a": 1}])
+    messages = framer.feed(memoryview(bytearray(small * 63 + small[:4])))
+    assert len(messages) == 63
+    messages += framer.feed(small[4:] + msgpack.packb(list(range(20000))))
+    charge = MSGPACK_ITEM_CHARGE
+    assert framer.object_charges(messages[-2:]) == [5 * charge, 20000 * charge]
+    assert calls == []

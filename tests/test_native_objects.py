@@ -23,7 +23,7 @@ import pytest
 
 import ioserver
 import ports
-from ioserver import _native
+from ioserver import _exceptions, _native
 from ioserver._framing import MSGPACK_MAX_DEPTH, PACKET_OVERHEAD, RespError, encode_resp
 from ports import Accepted, Closed, Data, Error, FrameError, PacketTooLarge
 
@@ -763,4 +763,56 @@ async def test_on_the_python_core_a_packet_whose_message_fails_keeps_the_budget_
                         while not isinstance(message := await port.receive(), Closed):
                             pass
                     assert message.reason == "internal error: MemoryError()", message
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+async def test_a_keyboard_interrupt_failing_a_port_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``KeyboardInterrupt`` that lands while the drain builds the messages of a port
+    whose object the decoder refused (in ``errno_name``, a Python call where a SIGINT's
+    handler may run) propagates out of ``Inbox.take``; the next take builds the event
+    again: the owner gets ``Error("EPROTO")`` then ``Closed("EPROTO")`` once, and the
+    packet's charge is taken once.  Before, the interrupt was reported as unraisable
+    (swallowed) and the owner got ``Closed("internal error")`` instead."""
+    original = _exceptions.errno_name
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted(number: int | None) -> str:
+        if number == errno.EPROTO and interrupts:
+            raise interrupts.pop()
+        return original(number)
+
+    monkeypatch.setattr(_exceptions, "errno_name", interrupted)  # read by a new inbox
+    bad = b"\xa1\xff"  # a str that is not UTF-8
+    try:
+        msgpack.unpackb(bad, raw=False)
+    except ValueError as exc:
+        text = f"malformed msgpack data: {exc}"
+    async with ioserver.open(core="native") as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    inbox = ios._hub.inbox  # type: ignore[attr-defined]
+                    peer.sendall(msgpack.packb([1]) + bad + msgpack.packb([2]))
+                    pairs: list[tuple[Any, Any]] = []
+                    raised = 0
+                    deadline = time.monotonic() + 5  # (no checkpoint: fail_after cannot)
+                    while sum(target is port for target, _ in pairs) < 3:
+                        assert time.monotonic() < deadline, pairs
+                        try:
+                            pairs += inbox.take()
+                        except KeyboardInterrupt:
+                            raised += 1
+                    assert raised == 1
+                    ours = [message for target, message in pairs if target is port]
+                    closed = Closed("EPROTO", "EPROTO")
+                    assert ours == [Data([1]), Error("EPROTO", errno.EPROTO, text), closed]
+                    for target, message in pairs:
+                        target._deliver(message)
+                    for message in ours:
+                        assert await port.receive() == message
+                    assert _peer_ended(peer)
         await _until(lambda: ios.statistics().memory_in_use == 0)

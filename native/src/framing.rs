@@ -67,8 +67,8 @@ pub mod resp;
 #[cfg(test)]
 mod tests;
 
-pub use python::PyFramer;
 pub(crate) use python::{frame_error, framer_from_py};
+pub use python::{msgpack_items, PyFramer};
 
 use std::fmt;
 

@@ -569,14 +569,28 @@ pub struct Inbox {
 }
 
 /// What a `take` interrupted by a `BaseException` that is not an `Exception` (a
-/// `KeyboardInterrupt` in a decode) leaves for the next one, which returns it first: the
-/// pairs it built (`pairs`: `Some` while anything is carried) and the events it had not
-/// built yet, the interrupted one first (`retry`: where the decode puts its event back).
+/// `KeyboardInterrupt` in one of the Python calls that build an event) leaves for the
+/// next one, which returns it first: the pairs it built (`pairs`: `Some` while anything is
+/// carried) and the events it had not built yet, the interrupted one first.
 #[derive(Default)]
 struct Carried {
     pairs: Option<Py<PyList>>,
     events: Vec<Event>,
-    retry: Option<Event>,
+}
+
+/// Why [`Inbox::build`] did not build an event.
+enum Unbuilt {
+    /// An `Exception` (a `make_port` that raised, a `MemoryError`): the event's own
+    /// failure, dealt with as far as it can be (the owner told, the new connection
+    /// closed); `take` reports it as unraisable and goes on.
+    Failed(PyErr),
+    /// A `BaseException` that is not an `Exception` (a `KeyboardInterrupt`, a
+    /// `SystemExit`: a signal handler that ran in one of the build's Python calls - a
+    /// decode's, `errno_name`, a message's dataclass `__init__`, `make_port`,
+    /// `connect_error`): not the event's fault, and not to be swallowed (trio's and
+    /// anyio's rule).  Nothing of the event was done yet: it is given back whole, to be
+    /// built again at the next take (boxed: an event is large, an interrupt rare).
+    Interrupted(PyErr, Box<Event>),
 }
 
 /// The reused msgpack decoder's bound methods: `feed`, `unpack` and `read_bytes`.  Each
@@ -727,21 +741,27 @@ impl Inbox {
     /// is an internal error (`IOThread._internal_error`): reported as unraisable, then
     /// `Closed("internal error: <repr>", "EIO")`.  The packet's `charge` is counted taken
     /// (it never reaches the owner), as is every later packet's (`drop_failed`).
+    ///
+    /// A `BaseException` that is not an `Exception` while the messages are built (a
+    /// `KeyboardInterrupt` in `errno_name`) is returned before anything is done: the
+    /// event is built again at the next take ([`Unbuilt::Interrupted`]).
     fn fail(
         &self,
         py: Python<'_>,
         list: &Bound<'_, PyList>,
-        port: Target,
+        port: &Target,
         slot: usize,
         charge: u64,
         error: PyErr,
     ) -> PyResult<()> {
         let obj = &port.obj;
+        let internal =
+            !(error.is_instance_of::<PyValueError>(py) || error.is_instance_of::<PyTypeError>(py));
         // The owner's last messages are built first: should that fail too (a MemoryError,
         // a str() that raises), the owner still gets a Closed, and only then is the port
         // marked failed (every later event of it dropped, its Closed included).
         let built = || -> PyResult<Vec<Bound<'_, PyAny>>> {
-            if error.is_instance_of::<PyValueError>(py) || error.is_instance_of::<PyTypeError>(py) {
+            if !internal {
                 let text = format!("malformed msgpack data: {}", error.value(py).str()?);
                 let name = self.errno_name.bind(py).call1((libc::EPROTO,))?;
                 let message = self.error.bind(py).call1((&name, libc::EPROTO, text))?;
@@ -749,17 +769,21 @@ impl Inbox {
                 Ok(vec![message, closed])
             } else {
                 let reason = format!("internal error: {}", error.value(py).repr()?);
-                error.clone_ref(py).write_unraisable(py, Some(obj.bind(py)));
                 Ok(vec![self.closed.bind(py).call1((reason, "EIO"))?])
             }
         };
         let messages = match built() {
             Ok(messages) => messages,
+            Err(second) if !second.is_instance_of::<PyException>(py) => return Err(second),
             Err(second) => {
                 second.write_unraisable(py, Some(obj.bind(py)));
                 vec![self.closed.bind(py).call1(("internal error", "EIO"))?]
             }
         };
+        if internal {
+            // (Reported once the messages are built: an interrupted build is retried.)
+            error.write_unraisable(py, Some(obj.bind(py)));
+        }
         if let Some(window) = &port.window {
             window.mark_decode_failed();
             let _ = window.took(charge);
@@ -803,20 +827,24 @@ impl Inbox {
     /// `MemoryError`...), with that error instead - the owner's ``connect_*`` or
     /// ``listen_*`` raises it - and the port the I/O thread opened for it (`conn`) is
     /// closed.  The owner always gets an answer: before, the error was only reported as
-    /// unraisable, and the owner waited for good with the port left open.
+    /// unraisable, and the owner waited for good with the port left open.  A
+    /// `BaseException` that is not an `Exception` (a `KeyboardInterrupt` in
+    /// `connect_error`) is returned instead, the port left open: the event is built again
+    /// at the next take ([`Unbuilt::Interrupted`]).
     fn answer<'py>(
         &self,
         py: Python<'py>,
         list: &Bound<'py, PyList>,
         request: &PyTarget,
         answer: PyResult<Bound<'py, PyAny>>,
-        conn: Option<Arc<ConnShared>>,
+        conn: Option<&Arc<ConnShared>>,
     ) -> PyResult<()> {
         let message = match answer {
             Ok(message) => message,
+            Err(error) if !error.is_instance_of::<PyException>(py) => return Err(error),
             Err(error) => {
                 if let Some(conn) = conn {
-                    self.shared.commands.put(Command::Close(conn));
+                    self.shared.commands.put(Command::Close(Arc::clone(conn)));
                 }
                 error.into_value(py).into_bound(py).into_any()
             }
@@ -850,20 +878,20 @@ impl Inbox {
     ) -> PyResult<()> {
         let mut events = events.into_iter();
         while let Some(event) = events.next() {
-            let Err(error) = self.build(py, list, event) else {
-                continue;
-            };
-            if error.is_instance_of::<PyException>(py) {
-                error.write_unraisable(py, None);
-                continue;
+            match self.build(py, list, event) {
+                Ok(()) => {}
+                Err(Unbuilt::Failed(error)) => error.write_unraisable(py, None),
+                Err(Unbuilt::Interrupted(error, event)) => {
+                    if let Ok(mut carried) = self.carried.lock() {
+                        let mut left = Vec::with_capacity(1 + events.len());
+                        left.push(*event);
+                        left.extend(events);
+                        carried.events = left;
+                        carried.pairs = Some(list.clone().unbind());
+                    }
+                    return Err(error);
+                }
             }
-            if let Ok(mut carried) = self.carried.lock() {
-                let mut left: Vec<Event> = carried.retry.take().into_iter().collect();
-                left.extend(events);
-                carried.events = left;
-                carried.pairs = Some(list.clone().unbind());
-            }
-            return Err(error);
         }
         Ok(())
     }
@@ -891,7 +919,7 @@ impl Inbox {
         &self,
         py: Python<'_>,
         list: &Bound<'_, PyList>,
-        port: Target,
+        port: &Target,
         slot: usize,
         charge: u64,
         data: Bound<'_, PyAny>,
@@ -940,37 +968,58 @@ impl Inbox {
         Err(pyo3::exceptions::PyMemoryError::new_err(()))
     }
 
-    fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> PyResult<()> {
-        let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
-            list.append((target.obj.clone_ref(py), message))
-        };
+    /// Build `event`'s pairs into `list`.  A `BaseException` that is not an `Exception`
+    /// raised by one of its Python calls gives the event back ([`Unbuilt::Interrupted`]),
+    /// whatever its kind: [`Inbox::build_event`] does nothing that is not undone or that
+    /// cannot be done again before its last call that may raise one, so the next take
+    /// builds it again whole - nothing lost, nothing twice, and no charge taken twice.
+    fn build(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: Event) -> Result<(), Unbuilt> {
         if Inbox::drop_failed(&event) {
             return Ok(());
         }
+        let event = match event {
+            Event::Release(bytes, targets) => {
+                // Under the GIL: each drop is an immediate decref (no Python call).
+                let mut size = 0u64;
+                for held in bytes {
+                    size += held.len() as u64;
+                    drop(held.into_object());
+                }
+                self.charges.unpin(size);
+                drop(targets);
+                return Ok(());
+            }
+            event => event,
+        };
+        match self.build_event(py, list, &event) {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_instance_of::<PyException>(py) => Err(Unbuilt::Failed(error)),
+            Err(error) => Err(Unbuilt::Interrupted(error, Box::new(event))),
+        }
+    }
+
+    /// Build `event` (any but `Release`) into `list`.  Its rule, for [`Inbox::build`]:
+    /// every Python call that may raise (and so be interrupted: a signal handler runs in
+    /// any of them) comes before anything is done that could not be done again - a pair
+    /// appended, a charge counted, a command queued - or, where an `Exception` leads to
+    /// such a thing (a failed port, a new connection closed), that is done for an
+    /// `Exception` only.
+    fn build_event(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: &Event) -> PyResult<()> {
+        let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
+            list.append((target.obj.clone_ref(py), message))
+        };
+        let interrupted = |error: &PyErr| !error.is_instance_of::<PyException>(py);
         match event {
             Event::Object(port, payload, charge, slot) => {
-                let message = match self.object(py, &payload) {
+                let (charge, slot) = (*charge, *slot);
+                let message = match self.object(py, payload) {
                     Ok(message) => message,
-                    Err(error) if !error.is_instance_of::<PyException>(py) => {
-                        // A KeyboardInterrupt, a SystemExit (a signal handler that ran in
-                        // a Python call of the decoder: a timestamp, an ext): not the
-                        // packet's fault, and not to be swallowed (trio's and anyio's
-                        // rule).  The packet is decoded again at the next take.
-                        if let Ok(mut carried) = self.carried.lock() {
-                            carried.retry = Some(Event::Object(port, payload, charge, slot));
-                        }
-                        return Err(error);
-                    }
+                    Err(error) if interrupted(&error) => return Err(error),
                     Err(error) => return self.fail(py, list, port, slot, charge, error),
                 };
                 let data = match self.data_message(py, message) {
                     Ok(data) => data,
-                    Err(error) if !error.is_instance_of::<PyException>(py) => {
-                        if let Ok(mut carried) = self.carried.lock() {
-                            carried.retry = Some(Event::Object(port, payload, charge, slot));
-                        }
-                        return Err(error);
-                    }
+                    Err(error) if interrupted(&error) => return Err(error),
                     Err(error) => return self.fail(py, list, port, slot, charge, error),
                 };
                 self.deliver_packet(py, list, port, slot, charge, data)
@@ -982,48 +1031,44 @@ impl Inbox {
                 let message = self.new.bind(py).call1((self.data.bind(py),))?;
                 self.set_data
                     .bind(py)
-                    .call1((&message, PyBytes::new(py, &bytes)))?;
-                pair(&port, message)
+                    .call1((&message, PyBytes::new(py, bytes)))?;
+                pair(port, message)
             }
             Event::Packet(port, bytes, charge, slot) => {
-                let data = match self.data_message(py, PyBytes::new(py, &bytes).into_any()) {
+                let (charge, slot) = (*charge, *slot);
+                let data = match self.data_message(py, PyBytes::new(py, bytes).into_any()) {
                     Ok(data) => data,
-                    Err(error) if !error.is_instance_of::<PyException>(py) => {
-                        if let Ok(mut carried) = self.carried.lock() {
-                            carried.retry = Some(Event::Packet(port, bytes, charge, slot));
-                        }
-                        return Err(error);
-                    }
+                    Err(error) if interrupted(&error) => return Err(error),
                     Err(error) => return self.fail(py, list, port, slot, charge, error),
                 };
                 self.deliver_packet(py, list, port, slot, charge, data)
             }
-            Event::Eof(port) => pair(&port, self.eof.bind(py).clone()),
+            Event::Eof(port) => pair(port, self.eof.bind(py).clone()),
             Event::Shutdown(port) => {
                 let message = self
                     .closed
                     .bind(py)
                     .call1(("ioserver closed", "ESHUTDOWN"))?;
-                pair(&port, message)
+                pair(port, message)
             }
             Event::Broken(port, errno) => {
-                let name = self.errno_name.bind(py).call1((errno,))?;
+                let name = self.errno_name.bind(py).call1((*errno,))?;
                 let message = self.closed.bind(py).call1((&name, &name))?;
-                pair(&port, message)
+                pair(port, message)
             }
-            Event::Passive(port) => pair(&port, self.passive.bind(py).clone()),
+            Event::Passive(port) => pair(port, self.passive.bind(py).clone()),
             Event::FrameError(port, errno, text) => {
-                let name = self.errno_name.bind(py).call1((errno,))?;
-                let message = self.error.bind(py).call1((&name, errno, text))?;
-                pair(&port, message)
+                let name = self.errno_name.bind(py).call1((*errno,))?;
+                let message = self.error.bind(py).call1((&name, *errno, text))?;
+                pair(port, message)
             }
-            Event::Writable(port) => pair(&port, self.writable.bind(py).clone()),
+            Event::Writable(port) => pair(port, self.writable.bind(py).clone()),
             Event::AcceptError(listener, errno) => {
-                let name = self.errno_name.bind(py).call1((errno,))?;
-                let text = std::io::Error::from_raw_os_error(errno).to_string();
+                let name = self.errno_name.bind(py).call1((*errno,))?;
+                let text = std::io::Error::from_raw_os_error(*errno).to_string();
                 let message = format!("accept failed: {text} ({name})");
-                let message = self.error.bind(py).call1((&name, errno, message))?;
-                pair(&listener, message)
+                let message = self.error.bind(py).call1((&name, *errno, message))?;
+                pair(listener, message)
             }
             Event::Accepted {
                 listener,
@@ -1031,58 +1076,27 @@ impl Inbox {
                 local,
                 remote,
             } => {
-                // A TCP peer's address stays in the handle until the port asks for it
-                // (``Conn.peer_address``): ``make_port`` gets None for it.
-                let peer = Peer::of(&remote);
-                let kept = peer.is_some();
-                let handle = Py::new(
-                    py,
-                    Conn {
-                        shared: conn.clone(),
-                        peer,
-                    },
-                )?;
-                let Some(make_port) = listener.make_port() else {
-                    return Err(PyRuntimeError::new_err("a listener without make_port"));
-                };
-                let watermarks = make_port.watermarks;
-                let make_port = &make_port.make;
-                let (local, remote) = self.accepted_addresses(py, &local, &remote)?;
-                let given = if kept {
-                    py.None().into_bound(py)
-                } else {
-                    remote.clone()
-                };
-                let made = make_port.bind(py).call1((handle, local, given));
-                let port = match made {
-                    Ok(port) => port,
+                // The port is made and its Accepted built and appended first; only then is
+                // its window configured and the port attached.  An `Exception` before
+                // that closes the new connection (nobody will own it); an interrupt
+                // leaves it for the next take, which makes the port again.
+                let made = self.accepted_port(py, list, listener, conn, local, remote);
+                let (watermarks, window, attached, overhead) = match made {
+                    Ok(made) => made,
                     Err(error) => {
-                        self.shared.commands.put(Command::Close(conn));
+                        if !interrupted(&error) {
+                            self.shared.commands.put(Command::Close(Arc::clone(conn)));
+                        }
                         return Err(error);
                     }
                 };
-                let attach = || -> PyResult<(Target, u64)> {
-                    let window = port.getattr("_window")?;
-                    let window = window.cast_into::<WindowCounters>()?;
-                    // Configured here, on the loop's thread, before the owner can use it.
-                    let shared = &window.get().shared;
-                    let counters = Arc::clone(&self.counters);
-                    shared.configure(watermarks, counters);
-                    let _ = conn.window.set(Arc::clone(shared));
-                    port_target(port.clone().unbind(), &window)
-                };
-                let (attached, overhead) = match attach() {
-                    Ok(attached) => attached,
-                    Err(error) => {
-                        self.shared.commands.put(Command::Close(conn));
-                        return Err(error);
-                    }
-                };
+                // Configured here, on the loop's thread, before the owner can use it.
+                window.configure(watermarks, Arc::clone(&self.counters));
+                let _ = conn.window.set(window);
                 self.shared
                     .commands
-                    .put(Command::Attach(conn, attached, overhead));
-                let message = self.accepted.bind(py).call1((port, remote))?;
-                pair(&listener, message)
+                    .put(Command::Attach(Arc::clone(conn), attached, overhead));
+                Ok(())
             }
             Event::Connected {
                 request,
@@ -1093,42 +1107,32 @@ impl Inbox {
                 let answer = || -> PyResult<Bound<'_, PyAny>> {
                     self.reply_fault()?;
                     let handle = Py::new(py, Conn::new(conn.clone()))?;
-                    let local = address_object(py, &local)?;
-                    let answer = (handle, local, address_object(py, &remote)?);
+                    let local = address_object(py, local)?;
+                    let answer = (handle, local, address_object(py, remote)?);
                     Ok(answer.into_pyobject(py)?.into_any())
                 };
-                self.answer(py, list, &request, answer(), Some(conn))
+                self.answer(py, list, request, answer(), Some(conn))
             }
             Event::ConnectFailed(request, errno, to) => {
                 let answer = || -> PyResult<Bound<'_, PyAny>> {
-                    let to = address_object(py, &to)?;
-                    self.connect_error.bind(py).call1((errno, to))
+                    let to = address_object(py, to)?;
+                    self.connect_error.bind(py).call1((*errno, to))
                 };
-                self.answer(py, list, &request, answer(), None)
+                self.answer(py, list, request, answer(), None)
             }
             Event::Listening(request, conn, local) => {
                 let answer = || -> PyResult<Bound<'_, PyAny>> {
                     self.reply_fault()?;
                     let handle = Py::new(py, Conn::new(conn.clone()))?;
-                    let answer = (handle, address_object(py, &local)?, py.None());
+                    let answer = (handle, address_object(py, local)?, py.None());
                     Ok(answer.into_pyobject(py)?.into_any())
                 };
-                self.answer(py, list, &request, answer(), Some(conn))
+                self.answer(py, list, request, answer(), Some(conn))
             }
-            Event::Release(bytes, targets) => {
-                // Under the GIL: each drop is an immediate decref.
-                let mut size = 0u64;
-                for held in bytes {
-                    size += held.len() as u64;
-                    drop(held.into_object());
-                }
-                self.charges.unpin(size);
-                drop(targets);
-                Ok(())
-            }
+            Event::Release(..) => Ok(()), // (`build`'s)
             Event::Aborted(port, reason) => {
                 let message = self.closed.bind(py).call1((reason, "EIO"))?;
-                pair(&port, message)
+                pair(port, message)
             }
             Event::Hosted(pairs) => {
                 for pair in pairs.bind(py).iter() {
@@ -1138,6 +1142,50 @@ impl Inbox {
             }
             Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
         }
+    }
+
+    /// An accepted connection's port, made by its listener's ``make_port``, and its
+    /// ``Accepted`` appended to `list`: the watermarks its listener gives, the port's
+    /// window, target and packet overhead, for the caller to configure and attach.  Nothing is done before the append that could
+    /// not be done again (an interrupted build is retried whole).
+    fn accepted_port(
+        &self,
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        listener: &Target,
+        conn: &Arc<ConnShared>,
+        local: &Address,
+        remote: &Address,
+    ) -> PyResult<(Watermarks, Arc<flow::Window>, Target, u64)> {
+        // A TCP peer's address stays in the handle until the port asks for it
+        // (``Conn.peer_address``): ``make_port`` gets None for it.
+        let peer = Peer::of(remote);
+        let kept = peer.is_some();
+        let handle = Py::new(
+            py,
+            Conn {
+                shared: conn.clone(),
+                peer,
+            },
+        )?;
+        let Some(make_port) = listener.make_port() else {
+            return Err(PyRuntimeError::new_err("a listener without make_port"));
+        };
+        let (local, remote) = self.accepted_addresses(py, local, remote)?;
+        let given = if kept {
+            py.None().into_bound(py)
+        } else {
+            remote.clone()
+        };
+        let watermarks = make_port.watermarks;
+        let port = make_port.make.bind(py).call1((handle, local, given))?;
+        let window = port.getattr("_window")?;
+        let window = window.cast_into::<WindowCounters>()?;
+        let (attached, overhead) = port_target(port.clone().unbind(), &window)?;
+        let message = self.accepted.bind(py).call1((port, remote))?;
+        list.append((listener.obj.clone_ref(py), message))?;
+        let shared = Arc::clone(&window.get().shared);
+        Ok((watermarks, shared, attached, overhead))
     }
 }
 
@@ -1183,9 +1231,11 @@ impl Inbox {
     /// (a ``make_port`` that raised) is reported as unraisable; the others are returned.
     ///
     /// A ``BaseException`` that is not an ``Exception`` (a ``KeyboardInterrupt`` that
-    /// landed in a decode's Python call) propagates: the pairs built so far, the packet it
-    /// interrupted and the events after it are kept, in order, and the next call returns
-    /// them first - nothing lost, nothing twice.
+    /// landed in one of the Python calls that build an event: a decode's, ``errno_name``,
+    /// a message's ``__init__``, ``make_port``, ``connect_error``) propagates: the pairs
+    /// built so far, the event it interrupted (of any kind) and the events after it are
+    /// kept, in order, and the next call returns them first - nothing lost, nothing
+    /// twice.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let (list, events) = self.resume(py);
         if let Some(events) = events {

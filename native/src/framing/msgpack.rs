@@ -157,6 +157,38 @@ fn check_items(data: &[u8], start: usize, end: usize) -> Result<(), FrameError> 
     Ok(())
 }
 
+/// Append the items of each whole object of `data[start..end]` to `items`, in order: the
+/// objects back to back, as the C skip found them (the Python framer's, which calls this
+/// through `ioserver._native._msgpack_items` for each object's charge, in place of its
+/// Python `_check_items` loop).  Counted as [`check_items`] counts (itself and what its
+/// containers' headers announce) and refused past [`MSGPACK_MAX_ITEMS`] as it refuses: at
+/// the first header that passes the cap, with the count there.
+///
+/// An unfinished object ends the count (the bytes were not whole objects back to back:
+/// the caller, which knows how many it framed, sees fewer counts).
+///
+/// Errors: [`FrameError::TooManyItems`].
+pub(crate) fn whole_object_items(
+    data: &[u8],
+    mut start: usize,
+    end: usize,
+    items: &mut Vec<usize>,
+) -> Result<(), FrameError> {
+    let mut stack = Vec::new();
+    while start < end {
+        let Some((stop, _, count)) = skip_one(data, start, end, &mut stack)? else {
+            break;
+        };
+        if count > MSGPACK_MAX_ITEMS {
+            check_items(data, start, stop)?;
+            return Err(too_many_items(count)); // (check_items refused it already)
+        }
+        items.push(count);
+        start = stop;
+    }
+    Ok(())
+}
+
 pub(crate) fn too_deep() -> FrameError {
     FrameError::Malformed(format!(
         "malformed msgpack data: nested deeper than {MSGPACK_MAX_DEPTH} levels"

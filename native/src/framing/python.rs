@@ -2,7 +2,7 @@
 //! the differential tests (`tests/test_native_framing.py`) that feed the same streams to
 //! both and compare what comes out.
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
@@ -44,6 +44,49 @@ pub fn frame_error<'py>(py: Python<'py>, error: &FrameError) -> PyResult<Bound<'
             .call1((*limit, *size, *what, "items", "MSGPACK_MAX_ITEMS")),
         FrameError::Malformed(message) => module.getattr("FrameError")?.call1((message,)),
     }
+}
+
+/// `_msgpack_items(data, start, stop)`: the items of each whole msgpack object of
+/// `data[start:stop]` (a bytes-like object; the objects back to back, as the Python
+/// framer's C skip found them), in order, up to the first unfinished one if any - what
+/// `ioserver._framing.MsgpackFramer` charges `MSGPACK_ITEM_CHARGE` for, counted here at
+/// the native scanner's speed instead of by its Python loop
+/// ([`super::msgpack::whole_object_items`]).
+///
+/// Raises ``PacketTooLarge`` (an object past ``MSGPACK_MAX_ITEMS``, as ``_check_items``
+/// raises it), ``ValueError`` (`start`, `stop` outside `data`), ``TypeError`` (not a
+/// bytes-like object).
+#[pyfunction]
+#[pyo3(name = "_msgpack_items")]
+pub fn msgpack_items(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    start: usize,
+    stop: usize,
+) -> PyResult<Vec<usize>> {
+    let count = |bytes: &[u8]| -> PyResult<Vec<usize>> {
+        if start > stop || stop > bytes.len() {
+            return Err(PyValueError::new_err(format!(
+                "{start}..{stop} is outside the {} bytes given",
+                bytes.len()
+            )));
+        }
+        let mut items = Vec::new();
+        super::msgpack::whole_object_items(bytes, start, stop, &mut items).map_err(|error| {
+            match frame_error(py, &error) {
+                Ok(exception) => PyErr::from_value(exception),
+                Err(failed) => failed,
+            }
+        })?;
+        Ok(items)
+    };
+    if let Ok(bytes) = data.cast::<PyBytes>() {
+        return count(bytes.as_bytes());
+    }
+    // A memoryview (the Python I/O thread's read, a view of a held buffer), a bytearray:
+    // copied (one memcpy of at most a read and an object; the walk is the cost).
+    let buffer = pyo3::buffer::PyBuffer::<u8>::get(data)?;
+    count(&buffer.to_vec(py)?)
 }
 
 /// The framer of a packet mode given as Python gives it (`"raw"` or 0, 1, 2, 4, `"line"`,

@@ -852,3 +852,29 @@ proptest! {
         prop_assert_eq!(packets, expected);
     }
 }
+
+/// `msgpack::whole_object_items` (the Python framer's count, `_native._msgpack_items`):
+/// each whole object's items in order, up to an unfinished one, and the cap refused at the
+/// first header past it, with the count there.
+#[test]
+fn whole_object_items_count_as_python_s() {
+    use super::msgpack::whole_object_items;
+    // [1, "abc", {"a": 1}], an empty map, a str of 2 whose bytes look like an array header,
+    // then an unfinished fixarray of 2 (one item).
+    let mut stream = vec![0x93, 0x01, 0xa3, b'a', b'b', b'c', 0x81, 0xa1, b'a', 0x01];
+    stream.extend([0x80, 0xa2, 0x92, 0x92, 0x92, 0x01]);
+    let mut items = Vec::new();
+    assert_eq!(
+        whole_object_items(&stream, 0, stream.len(), &mut items),
+        Ok(())
+    );
+    assert_eq!(items, vec![6, 1, 1]);
+    let mut past = array32(MSGPACK_MAX_ITEMS - 1);
+    past.extend(vec![0xc0; MSGPACK_MAX_ITEMS - 3]);
+    past.extend([0x91, 0xc0, 0x92, 0xc0, 0xc0]);
+    let mut items = Vec::new();
+    assert_eq!(
+        whole_object_items(&past, 0, past.len(), &mut items).err(),
+        too_many_items(MSGPACK_MAX_ITEMS + 1)
+    );
+}
