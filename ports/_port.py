@@ -139,9 +139,7 @@ class _Request(Waiter):
 
     def _deliver(self, result: object) -> None:
         if self.cancelled:
-            # Nobody waits any more: release what the I/O thread opened for us.
-            if isinstance(result, tuple):  # (conn, local address, remote address)
-                self.io.submit(self.io.cmd_close, result[0], None)
+            self._release(result)  # nobody waits any more
             return
         self.result = result
         self.hub.wake(self)
@@ -155,13 +153,16 @@ class _Request(Waiter):
                 await self.hub.park(self)
         except BaseException:
             self.cancelled = True
-            result = self.result
-            if isinstance(result, tuple):
-                # Answered in the batch that also delivered the cancellation, before this
-                # task resumed: nobody will own it.
-                self.io.submit(self.io.cmd_close, result[0], None)
+            # Answered in the batch that also delivered the cancellation, before this task
+            # resumed: nobody will own it.
+            self._release(self.result)
             raise
         return self.result
+
+    def _release(self, result: object) -> None:
+        """Close what the I/O thread opened for this request, if it opened something."""
+        if isinstance(result, tuple):  # (conn, local address, remote address)
+            self.io.submit(self.io.cmd_close, result[0], None)
 
 
 class _PortBase(Source):
