@@ -137,6 +137,7 @@ async def _daemon_main(ios: IOServer, config: DaemonConfig) -> None:
         # The signals are ours before the daemon says it serves: from then on SIGTERM
         # stops it cleanly and SIGHUP reloads, never their default actions.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            _log_early_hangups()
             log.info(
                 "ioserver daemon%s serving %s (pid %d, %s, heartbeat %.3g s)",
                 where,
@@ -229,5 +230,26 @@ def _start_metrics(config: DaemonConfig) -> MetricsServer | None:
         ) from None
 
 
+#: SIGHUPs received before the event loop's receiver took the signal (``_early_hangup``).
+_early_hangups = 0
+
+
 def _early_hangup(number: int, frame: FrameType | None) -> None:
-    log.info("SIGHUP received while starting: nothing to reload yet")
+    """SIGHUP while the daemon starts: counted, and logged once the event loop runs
+    (``_log_early_hangups``).  A signal handler must not write the log: it runs between
+    two bytecodes of whatever the main thread was doing, and if that was a write to the
+    same stream (an app printing to stderr while it loads), the nested write raises
+    ``RuntimeError: reentrant call`` out of the handler and the daemon dies."""
+    global _early_hangups
+    _early_hangups += 1
+
+
+def _log_early_hangups() -> None:
+    """Say, from the event loop, that SIGHUPs came while the daemon started."""
+    global _early_hangups
+    count, _early_hangups = _early_hangups, 0
+    if count:
+        log.info(
+            "SIGHUP received while starting%s: nothing to reload yet",
+            f" ({count} times)" if count > 1 else "",
+        )

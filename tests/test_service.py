@@ -189,12 +189,16 @@ def test_sighup_before_the_event_loop_does_not_kill_the_daemon(
         "import sys\nprint('loading', file=sys.stderr, flush=True)\n"
         "sys.stdin.readline()\n\nasync def main(ios, argv):\n    pass\n"
     )
+    # Buffered stderr, as a service has it (PYTHONUNBUFFERED unbuffers it, and a write
+    # to an unbuffered stream cannot be re-entered: the bug below did not show then).
+    env = environment(tmp_path)
+    env.pop("PYTHONUNBUFFERED", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "ioserver", "serve", "--app", str(slow)],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=environment(tmp_path),
+        env=env,
         cwd=ROOT,
     )
     try:
@@ -203,17 +207,22 @@ def test_sighup_before_the_event_loop_does_not_kill_the_daemon(
         process.send_signal(signal.SIGHUP)
         process.stdin.write("go\n")
         process.stdin.flush()
+        lines = []
         for line in process.stderr:
+            lines.append(line)
             if "serving" in line:
                 break
         process.terminate()
-        assert process.wait(20) == 0
-        process.stderr.close()
-        process.stdin.close()
+        assert process.wait(20) == 0, "".join(lines)
+        # Said once the event loop runs, not from the handler (which interrupted the
+        # app's own write to stderr: a nested write there killed the daemon).
+        assert any("SIGHUP received while starting" in line for line in lines), lines
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        process.stderr.close()
+        process.stdin.close()
 
 
 # -- logging ------------------------------------------------------------------------------
