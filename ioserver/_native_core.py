@@ -97,6 +97,7 @@ NATIVE_KINDS = frozenset(
 _NATIVE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 _NativeConn = _native.Conn
+_NativeOwnerCell = _native.OwnerCell
 
 
 def _bytes(limit: int | None) -> int | None:
@@ -171,6 +172,8 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
             io.cmd_read_once: core.read_once,
             io.cmd_resume: core.resume,
             io.cmd_want: core.want,
+            io.cmd_owner: core.owner,
+            io.cmd_want_owner: core.want_owner,
             core.send: core.send,
             core.want: core.want,
             **{method: method for method in native},
@@ -180,7 +183,7 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
 
     def put(self, item: tuple[Any, Any, Any]) -> None:
         function, target, argument = item
-        if target.__class__ is _NativeConn:
+        if target.__class__ is _NativeConn or target.__class__ is _NativeOwnerCell:
             native = self._native.get(function)
             if native is not None:
                 native(target, argument)
@@ -493,6 +496,18 @@ class NativeIOThread(IOThread):
             request, port, window, request.hub.inbox, sock, given, options, active
         )
         return True
+
+    def owner_cell(self, conn: object, cells: dict[object, tuple[Any, Any]]) -> Any:
+        """The cell, in ``conn``'s I/O half, of the mailbox whose cells are ``cells``: for
+        a native port the native thread's (``_native.OwnerCell``: atomics the thread reads
+        without the GIL), else the hosted half's (``IOThread.owner_cell``)."""
+        if conn.__class__ is not _NativeConn:
+            return IOThread.owner_cell(self, conn, cells)
+        key = self._core
+        entry = cells.get(key)
+        if entry is None:
+            entry = cells[key] = (self, _native.OwnerCell())
+        return entry[1]
 
     def _internal_error(self, conn: object, exc: Exception) -> None:
         """An error while serving one port: close that port only - a native one through
