@@ -408,6 +408,17 @@ async def test_a_park_on_a_mailbox_visits_none_of_the_ports_it_owns(
             assert walked.visits == 0
             # (What the old park did, for scale: every owned port, every park.)
             assert len(walked) == count
+            # The mailbox's cell is marked while a task waits, and cleared as it leaves -
+            # here cancelled (a stale mark would let a port read into the reserve for
+            # nobody; on the Python core the I/O thread reads the waiters themselves).
+            assert mailbox._cells is not None and len(mailbox._cells) == 1
+            ((_, cell),) = mailbox._cells.values()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_mailbox_wait, how, mailbox, target)
+                await _until(lambda: bool(mailbox._waiters))
+                assert getattr(cell, "waiting", True)
+                tasks.cancel_scope.cancel()
+            assert not mailbox._waiters and not getattr(cell, "waiting", False)
         finally:
             mailbox.close()
             for peer in peers:
