@@ -48,7 +48,8 @@ Three things decide whether a stream's socket is read, each on its own
 budget.  Their rules, the pause handshake with the port's loop half and the budget's
 reserve for waiting owners are written once, in :mod:`~._flow` (its theory of
 operation); this thread applies them: ``_check_msgq``/``_pause_msgq``/``cmd_resume`` for
-the watermarks, its :class:`~._flow.MemoryBudget` and ``cmd_want`` for the budget.  What it
+the watermarks, its :class:`~._flow.MemoryBudget` and ``cmd_want`` for the budget (and
+``cmd_owner``/``cmd_want_owner`` for ports a mailbox owns: its ``OwnerCell``).  What it
 may read of a port's loop half - its :class:`~._flow.Window`, nothing else - is the
 contract of :mod:`~._contract`.
 """

@@ -24,7 +24,8 @@ path or an abstract name), listen and accept, reads, gathered writes, half-close
 after the queued output within ``linger``, errno names - with the flow control of
 ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
 watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
-(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.  The
+(the budget, its reserve for waiting owners, ``cmd_want``, a mailbox's cell with
+``cmd_owner`` and ``cmd_want_owner``) and ``port_buffer_limit``.  The
 port's socket is either kind (``native/src/sock.rs``): the rest of the thread is one code
 path, on both io backends.  A listener is bound on the loop's thread and handed over
 (``Core.listen``, ``Core.listen_unix``): a Unix one with the Python core's checks
