@@ -91,7 +91,14 @@ a waiting port finds no room even in the reserve, it is a *reserve waiter* and i
 first as soon as a read fits (before the others resume at one half).  An owner that starts
 waiting on a port already paused by the budget tells the thread (``cmd_want``); the port
 writes its waiter before it reads ``global_paused``, the thread writes ``global_paused``
-before it reads the waiter, so one of them sees the other.  The bound stays firm: no read
+before it reads the waiter, so one of them sees the other.  A task waiting on the
+:class:`~ports.Mailbox` that owns a port waits for it too; the mailbox does not ask each
+of its ports (an actor owning 10,000 ports would pay 10,000 reads a park): the budget
+keeps the paused ports of each owner in the owner's :class:`OwnerCell` (``cmd_owner``
+names it), adding a port there before it reads the mailbox's waiters, and a parking task
+appends its waiter before it reads the cell - so a park costs O(1) while nothing of the
+mailbox is paused, and when some are one ``cmd_want_owner`` lets those, and only those,
+try the reserve (:meth:`MemoryBudget.want_owner`).  The bound stays firm: no read
 is made that could take the memory charged for input past ``L``; the reserve is inside it,
 not on top.  A port of packets charges each one ``PACKET_OVERHEAD`` more than its bytes,
 so when the budget is short it reads only what it could pay for were every byte a packet
@@ -116,6 +123,7 @@ field                       written by             read by
 ``ReceiveFlow.delivered_*`` the I/O half           the loop half (statistics, resume check)
 ``pause_generation``        the I/O half           the loop half (step 2)
 ``msgq_paused``, checks     the I/O half           the I/O half only
+``OwnerCell.paused``        the I/O half           the loop half (a mailbox's park)
 ==========================  =====================  =========================================
 """
 
@@ -123,12 +131,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sized
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from ._framing import Framer
 from ._options import Watermarks
 
-__all__ = ["NO_LIMIT", "Pausable", "ReceiveFlow", "Window"]
+__all__ = ["NO_LIMIT", "OwnerCell", "Pausable", "ReceiveFlow", "Window"]
 
 #: A watermark or check point that is never reached.
 NO_LIMIT = 1 << 62
@@ -411,6 +419,37 @@ class Budgeted(Protocol):
 E = TypeVar("E", bound=Budgeted)
 
 
+class OwnerCell:
+    """A :class:`~ports.Mailbox`'s cell in one Python I/O half: the ports it owns that the
+    memory budget paused (written by the I/O thread only; the mailbox reads whether there
+    are any as a task parks on it).  The native core's twin is ``_native.OwnerCell``.
+
+    Whether a task waits on the mailbox the I/O thread asks the loop half directly (the
+    mailbox's waiters, through the port's ``window.task_waits``); what it cannot ask
+    cheaply is which of the mailbox's ports are paused, so it keeps them here.  A task
+    parking on the mailbox appends its waiter, then reads :attr:`paused` (:meth:`park`);
+    the I/O thread adds a port to :attr:`paused` before it reads the waiters
+    (:meth:`MemoryBudget.blocks`): one of the two sees the other, so a parked owner
+    never stays behind a pause it did not hear of, and the park costs O(1) however many
+    ports the mailbox owns."""
+
+    __slots__ = ("paused",)
+
+    def __init__(self) -> None:
+        #: The owner's ports the budget paused (an ordered set: O(1) add and remove).
+        self.paused: dict[Any, None] = {}
+
+    def park(self) -> bool:
+        """The loop half, a waiter appended: True if a port of this owner is paused by the
+        budget (then it asks the I/O thread to let them try the reserve,
+        ``cmd_want_owner``)."""
+        return bool(self.paused)
+
+    def unpark(self) -> None:
+        """No task waits on the mailbox any more (nothing to do here: the I/O thread asks
+        the mailbox's waiters themselves)."""
+
+
 class MemoryBudget(Generic[E]):
     """The global memory budget of one I/O thread (the theory is in this module's
     docstring, "The memory budget").  The round asks :meth:`headroom` once, then
@@ -447,6 +486,9 @@ class MemoryBudget(Generic[E]):
         # however many ports are paused).
         self.paused: dict[E, None] = {}
         self._reserve_waiters: dict[E, None] = {}
+        #: The owner mailbox's cell of each port a mailbox owns (``cmd_owner``; only with
+        #: a limit): the budget keeps its paused ones there, for :meth:`want_owner`.
+        self.owner_cells: dict[E, OwnerCell] = {}
         #: Bytes of the budget only ports whose owner waits may read into.
         self.reserve = 0 if limit is None else limit // 4
         #: Headroom a read needs when the owner does not wait: a whole read, plus the reserve.
@@ -508,6 +550,9 @@ class MemoryBudget(Generic[E]):
 
     def _unpause(self, entry: E) -> None:
         entry.global_paused = False
+        cell = self.owner_cells.get(entry)
+        if cell is not None:
+            cell.paused.pop(entry, None)
         if not entry.closed:
             self._resume(entry)
 
@@ -526,11 +571,19 @@ class MemoryBudget(Generic[E]):
 
         ``global_paused`` is written before the port's waiter is read; the port writes its
         waiter before it reads ``global_paused`` (Port._receive): one of the two sees the
-        other, so a waiting owner is never left behind a pause it did not hear of."""
+        other, so a waiting owner is never left behind a pause it did not hear of.  For a
+        port a mailbox owns, the port is added to the mailbox's :class:`OwnerCell` before
+        the mailbox's waiters are read; a task parking on the mailbox appends its waiter
+        before it reads the cell (``Mailbox._want_input``): the same argument."""
         entry.global_paused = True
+        cell = self.owner_cells.get(entry)
+        if cell is not None:
+            cell.paused[entry] = None
         waits = entry.owner_waits()
         if waits and headroom >= self._read_size:
             entry.global_paused = False
+            if cell is not None:
+                del cell.paused[entry]
             self.reserve_reads += 1
             return False
         if entry not in self.paused:
@@ -551,11 +604,38 @@ class MemoryBudget(Generic[E]):
         self._reserve_waiters.pop(entry, None)
         self._unpause(entry)
 
+    def want_owner(self, cell: OwnerCell) -> None:
+        """``cmd_want_owner``: a task waits on the mailbox whose cell is ``cell``: each of
+        its ports the budget paused may try a read into the reserve (:meth:`want`).
+        O(those ports), not O(the ports the mailbox owns)."""
+        for entry in list(cell.paused):
+            self.want(entry)
+
+    def set_owner(self, entry: E, cell: OwnerCell | None) -> None:
+        """``cmd_owner``: ``entry``'s owner is now the mailbox whose cell is ``cell``
+        (None: no mailbox).  A paused port moves to the new owner's cell - before its
+        waiters are read (see :meth:`blocks`): a task that parked on it before this
+        command lets the port try the reserve now."""
+        old = self.owner_cells.pop(entry, None)
+        if cell is not None and not entry.closed:
+            self.owner_cells[entry] = cell
+        if not entry.global_paused:
+            return
+        if old is not None:
+            old.paused.pop(entry, None)
+        if cell is not None and not entry.closed:
+            cell.paused[entry] = None
+            if entry.owner_waits():
+                self.want(entry)
+
     def forget(self, entry: E) -> None:
-        """``entry`` closed: it is no longer paused."""
+        """``entry`` closed: it is no longer paused, nor owned."""
+        cell = self.owner_cells.pop(entry, None) if self.owner_cells else None
         if entry.global_paused:
             self.paused.pop(entry, None)
             self._reserve_waiters.pop(entry, None)
+            if cell is not None:
+                cell.paused.pop(entry, None)
 
     def read_allowance(self, entry: ReceiveFlow) -> int:
         """For handlers that read (UDP, TUN): the bytes of input ``entry`` may read now.

@@ -48,7 +48,8 @@ Three things decide whether a stream's socket is read, each on its own
 budget.  Their rules, the pause handshake with the port's loop half and the budget's
 reserve for waiting owners are written once, in :mod:`~._flow` (its theory of
 operation); this thread applies them: ``_check_msgq``/``_pause_msgq``/``cmd_resume`` for
-the watermarks, its :class:`~._flow.MemoryBudget` and ``cmd_want`` for the budget.  What it
+the watermarks, its :class:`~._flow.MemoryBudget` and ``cmd_want`` for the budget (and
+``cmd_owner``/``cmd_want_owner`` for ports a mailbox owns: its ``OwnerCell``).  What it
 may read of a port's loop half - its :class:`~._flow.Window`, nothing else - is the
 contract of :mod:`~._contract`.
 """
@@ -71,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, errno_name
-from ._flow import UNLIMITED, MemoryBudget, Window
+from ._flow import UNLIMITED, MemoryBudget, OwnerCell, Window
 from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._options import apply_active_mode
@@ -833,8 +834,7 @@ class IOThread:
         on_gone = conn.window.on_gone
         if on_gone is not None:
             on_gone()  # a daemon's client port: the client forgets it
-        if conn.global_paused:
-            self.budget.forget(conn)
+        self.budget.forget(conn)  # (its budget pause, its owner's cell)
         if conn.kind == STREAM and conn.framer is not None:
             self.framing_bytes -= conn.framer.buffered + conn.held_bytes
             conn.held = None
@@ -1046,6 +1046,29 @@ class IOThread:
         """The owner of a port paused by the budget waits for input: let it try a read into
         the reserve (and pause again, as a reserve waiter, if there is no room)."""
         self.budget.want(conn)
+
+    def cmd_owner(self, conn: object, cell: OwnerCell | None) -> None:
+        """A stream port's owner is now the mailbox whose cell here is ``cell`` (None: no
+        mailbox; ``ports.Port.set_owner``, only with a memory budget): the budget keeps
+        the port's pauses in that cell, so that a task parking on the mailbox asks the
+        I/O thread for the paused ones only (:meth:`MemoryBudget.set_owner`).  Other
+        targets (listeners, handlers) have no budget pause: ignored."""
+        if conn.__class__ is Conn and conn.kind == STREAM:
+            self.budget.set_owner(conn, cell)
+
+    def cmd_want_owner(self, cell: OwnerCell, _: object) -> None:
+        """A task parked on the mailbox whose cell is ``cell`` while ports of it are paused
+        by the budget: let each try a read into the reserve
+        (:meth:`MemoryBudget.want_owner`: O(its paused ports))."""
+        self.budget.want_owner(cell)
+
+    def owner_cell(self, conn: object, cells: dict[object, tuple[Any, Any]]) -> Any:
+        """The cell, in ``conn``'s I/O half, of the mailbox whose cells are ``cells``
+        (``{half: (io, cell)}``; made the first time): what ``cmd_owner`` names it by."""
+        entry = cells.get(self)
+        if entry is None:
+            entry = cells[self] = (self, OwnerCell())
+        return entry[1]
 
     def _eof(self, conn: Conn) -> None:
         conn.read_eof = True

@@ -24,7 +24,8 @@ path or an abstract name), listen and accept, reads, gathered writes, half-close
 after the queued output within ``linger``, errno names - with the flow control of
 ``native/src/flow.rs`` (the Rust twin of ``ioserver._flow``): the
 watermarks and the pause handshake, the active credit and held packets, ``memory_limit``
-(the budget, its reserve for waiting owners, ``cmd_want``) and ``port_buffer_limit``.  The
+(the budget, its reserve for waiting owners, ``cmd_want``, a mailbox's cell with
+``cmd_owner`` and ``cmd_want_owner``) and ``port_buffer_limit``.  The
 port's socket is either kind (``native/src/sock.rs``): the rest of the thread is one code
 path, on both io backends.  A listener is bound on the loop's thread and handed over
 (``Core.listen``, ``Core.listen_unix``): a Unix one with the Python core's checks
@@ -97,6 +98,7 @@ NATIVE_KINDS = frozenset(
 _NATIVE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 _NativeConn = _native.Conn
+_NativeOwnerCell = _native.OwnerCell
 
 
 def _bytes(limit: int | None) -> int | None:
@@ -171,6 +173,8 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
             io.cmd_read_once: core.read_once,
             io.cmd_resume: core.resume,
             io.cmd_want: core.want,
+            io.cmd_owner: core.owner,
+            io.cmd_want_owner: core.want_owner,
             core.send: core.send,
             core.want: core.want,
             **{method: method for method in native},
@@ -180,7 +184,7 @@ class _Commands(WakeupQueue[tuple[Any, Any, Any]]):
 
     def put(self, item: tuple[Any, Any, Any]) -> None:
         function, target, argument = item
-        if target.__class__ is _NativeConn:
+        if target.__class__ is _NativeConn or target.__class__ is _NativeOwnerCell:
             native = self._native.get(function)
             if native is not None:
                 native(target, argument)
@@ -493,6 +497,18 @@ class NativeIOThread(IOThread):
             request, port, window, request.hub.inbox, sock, given, options, active
         )
         return True
+
+    def owner_cell(self, conn: object, cells: dict[object, tuple[Any, Any]]) -> Any:
+        """The cell, in ``conn``'s I/O half, of the mailbox whose cells are ``cells``: for
+        a native port the native thread's (``_native.OwnerCell``: atomics the thread reads
+        without the GIL), else the hosted half's (``IOThread.owner_cell``)."""
+        if conn.__class__ is not _NativeConn:
+            return IOThread.owner_cell(self, conn, cells)
+        key = self._core
+        entry = cells.get(key)
+        if entry is None:
+            entry = cells[key] = (self, _native.OwnerCell())
+        return entry[1]
 
     def _internal_error(self, conn: object, exc: Exception) -> None:
         """An error while serving one port: close that port only - a native one through

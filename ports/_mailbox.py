@@ -34,8 +34,6 @@ class HeldPort(Protocol):
 
     def close_nowait(self) -> None: ...
 
-    def _mailbox_waits(self) -> None: ...
-
 
 @final
 class Mailbox(Source):
@@ -56,7 +54,7 @@ class Mailbox(Source):
     close when it ends, so their peers see the connection end.
     """
 
-    __slots__ = ("_closed", "_messages", "_parker", "_ports", "_sweep_at", "_waiters")
+    __slots__ = ("_cells", "_closed", "_messages", "_parker", "_ports", "_sweep_at", "_waiters")
 
     def __init__(self) -> None:
         self._messages: deque[Any] = deque()
@@ -66,6 +64,10 @@ class Mailbox(Source):
         # The ports this mailbox owns or holds; closed ones are swept out now and then.
         self._ports: set[HeldPort] = set()
         self._sweep_at = _SWEEP_AT
+        # Its cell in each I/O half one of its ports is in, ``{half: (io, cell)}`` (None
+        # until a port is owned under a memory budget: ``Port.set_owner``).  The budget
+        # keeps the paused ports of the mailbox there (see _want_input).
+        self._cells: dict[object, tuple[Any, Any]] | None = None
 
     def send_nowait(self, message: object) -> None:
         """Append ``message`` and wake a waiting receiver.
@@ -88,6 +90,8 @@ class Mailbox(Source):
     def _wake_all(self) -> None:
         parker = self._parker or current_parker()
         waiters, self._waiters = self._waiters, []
+        if self._cells:
+            self._unparked()
         for waiter in waiters:
             parker.wake(waiter)
 
@@ -156,6 +160,8 @@ class Mailbox(Source):
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+                    if self._cells and not self._waiters:
+                        self._unparked()
             if self._closed:
                 raise ClosedPortError("this mailbox was closed")
             message = self._find(match, 0)
@@ -243,14 +249,37 @@ class Mailbox(Source):
     def _want_input(self) -> None:
         """A task now waits on this mailbox (its waiter is set): each port it owns that
         the memory budget paused may read into the budget's reserve, as a port with a
-        waiting receiver may (see :mod:`ioserver._iothread`: the waiter is set before
-        ``global_paused`` is read, the I/O thread sets it before it reads the waiters)."""
-        for port in self._ports:
-            if port.owner is self:
-                port._mailbox_waits()
+        waiting receiver may.  O(1) however many ports it owns: the I/O half keeps the
+        mailbox's paused ports in its cell (``ioserver._flow.OwnerCell``, the native
+        ``OwnerCell``), and ``park`` marks the mailbox waiting, then reads whether any is
+        paused (the I/O thread adds a paused port to the cell, then reads whether the
+        mailbox waits: one of the two sees the other).  Only if one is does it ask the I/O
+        thread (``cmd_want_owner``), which lets those ports try the reserve: O(the
+        mailbox's paused ports), on the I/O thread."""
+        cells = self._cells
+        if cells:
+            for io, cell in cells.values():
+                if cell.park():
+                    io.commands.put((io.cmd_want_owner, cell, None))
+
+    def _unparked(self) -> None:
+        """No task waits on this mailbox any more: its cells say so (a stale mark would
+        only let a port read once into the reserve with nobody to take it at once)."""
+        for _, cell in self._cells.values():  # type: ignore[union-attr]
+            cell.unpark()
+
+    def _cell(self, io: Any, conn: object) -> Any:
+        """This mailbox's cell in the I/O half of ``conn`` (made the first time): what the
+        port tells that half its owner is (``cmd_owner``)."""
+        cells = self._cells
+        if cells is None:
+            cells = self._cells = {}
+        return io.owner_cell(conn, cells)
 
     def _select_disarm(self, waiter: Waiter) -> None:
         try:
             self._waiters.remove(waiter)
         except ValueError:
-            pass
+            return
+        if self._cells and not self._waiters:
+            self._unparked()

@@ -506,12 +506,6 @@ class _PortBase(Source):
         for a read into the budget's reserve (see :mod:`ioserver._iothread`)."""
         self._submit((self._io.cmd_want, self._conn, None))
 
-    def _mailbox_waits(self) -> None:
-        """A task now waits on the :class:`Mailbox` that owns this port: if the memory
-        budget paused this port, it may read into the reserve (``Mailbox._want_input``)."""
-        if getattr(self._conn, "global_paused", False):
-            self._want_input()
-
     def _select_disarm(self, waiter: Waiter) -> None:
         if isinstance(self._select_waiters, list):
             try:
@@ -542,6 +536,12 @@ class _PortBase(Source):
             raise ClosedPortError("a task is waiting on this port; it cannot change owner")
         Mailbox._owner_changed(self, self._owner, owner)  # the owner's ports close with it
         self._owner = owner
+        conn = self._conn
+        if conn is not None and getattr(self._io, "memory_limit", None) is not None:
+            # The budget keeps this port's pauses in its owner's cell, so that a task
+            # parking on the mailbox finds the paused ones in O(1) (Mailbox._want_input).
+            cell = None if owner is None else owner._cell(self._io, conn)
+            self._submit((self._io.cmd_owner, conn, cell))
         if owner is not None:
             buffer = self._buffer
             while buffer:

@@ -338,3 +338,159 @@ async def test_the_native_cores_two_halves_share_one_memory_limit(
         statistics = ios.statistics()
         assert statistics.peak_memory <= LIMIT, statistics
         assert statistics.memory_in_use == 0, statistics
+
+
+# -- a task waiting on a Mailbox: the reserve, and what a park costs ------------------------
+class _CountingPorts(set):  # type: ignore[type-arg]
+    """A mailbox's set of held ports that counts the ports any walk of it visits."""
+
+    visits = 0
+
+    def __iter__(self) -> Any:
+        for port in super().__iter__():
+            self.visits += 1
+            yield port
+
+
+async def _mailbox_wait(how: str, mailbox: ports.Mailbox, port: ports.Port) -> Any:
+    """Wait on ``mailbox`` for a message of ``port`` (``how``: a plain receive, a selective
+    receive, or a select over the mailbox), and return the message."""
+    if how == "receive":
+        source, message = await mailbox.receive()
+    elif how == "match":
+        source, message = await mailbox.receive(
+            lambda item: isinstance(item, tuple) and item[0] is port
+        )
+    else:
+        _, (source, message) = await ports.select(mailbox)
+    assert source is port
+    return message
+
+
+@pytest.mark.parametrize("how", ["receive", "match", "select"])
+async def test_a_park_on_a_mailbox_visits_none_of_the_ports_it_owns(
+    no_leaks: None, core: str, how: str
+) -> None:
+    """An actor owning many ports pays O(1) to park on its mailbox, not a visit to each
+    port (it used to ask every port it owns whether the budget paused it: 10,000 getter
+    calls a park for 10,000 ports).  A mailbox owning 200 ports under a memory budget
+    parks 20 times; no park walks its ports - counted, not timed."""
+    count, parks = 200, 20
+    async with ioserver.open(memory_limit=LIMIT, core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+        mailbox = ports.Mailbox()
+        peers: list[socket.socket] = []
+        owned: list[ports.Port] = []
+        try:
+            async with listener:
+                for _ in range(count):
+                    peers.append(socket.create_connection(listener.local_address))
+                    port = await _accept(listener)
+                    port.set_owner(mailbox)
+                    owned.append(port)
+            walked = _CountingPorts(mailbox._ports)
+            mailbox._ports = walked
+            target = owned[count // 2]
+
+            async def sender() -> None:
+                for index in range(parks):
+                    await _until(lambda: bool(mailbox._waiters))  # the receiver parked
+                    if how == "match":
+                        mailbox.send_nowait(("not this one", index))  # it parks again
+                        await anyio.lowlevel.checkpoint()
+                    mailbox.send_nowait((target, index))
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(sender)
+                    for index in range(parks):
+                        assert await _mailbox_wait(how, mailbox, target) == index
+            assert walked.visits == 0
+            # (What the old park did, for scale: every owned port, every park.)
+            assert len(walked) == count
+            # The mailbox's cell is marked while a task waits, and cleared as it leaves -
+            # here cancelled (a stale mark would let a port read into the reserve for
+            # nobody; on the Python core the I/O thread reads the waiters themselves).
+            assert mailbox._cells is not None and len(mailbox._cells) == 1
+            ((_, cell),) = mailbox._cells.values()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_mailbox_wait, how, mailbox, target)
+                await _until(lambda: bool(mailbox._waiters))
+                assert getattr(cell, "waiting", True)
+                tasks.cancel_scope.cancel()
+            assert not mailbox._waiters and not getattr(cell, "waiting", False)
+        finally:
+            mailbox.close()
+            for peer in peers:
+                peer.close()
+
+
+@pytest.mark.parametrize("how", ["receive", "match", "select", "given"])
+async def test_a_task_waiting_on_the_mailbox_reads_its_port_through_the_reserve(
+    no_leaks: None, core: str, how: str
+) -> None:
+    """Eight peers fill the budget and their owners never read.  A port owned by a mailbox
+    (with 50 idle ports of its own) whose peer sends after that is paused by the budget,
+    its owner busy.  Once a task waits on the mailbox - a receive, a selective receive
+    past a message it does not want, a select over the mailbox; or the port is handed,
+    paused, from another mailbox to this one while a task waits on it (``given``) - the
+    port reads through the reserve, every byte, while the hogs stay paused."""
+    each = 512 << 10
+    async with ioserver.open(memory_limit=LIMIT, core=core) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, **UNBOUND)
+        number = listener.local_address[1]
+        mailbox, other = ports.Mailbox(), ports.Mailbox()
+        idle: list[socket.socket] = []
+        try:
+            async with listener, anyio.create_task_group() as peers:
+                for _ in range(50):  # ports the mailbox owns that have nothing to say
+                    idle.append(socket.create_connection(listener.local_address))
+                    (await _accept(listener)).set_owner(mailbox)
+                hogs = []
+                for index in range(8):
+                    peers.start_soon(_send_and_end, number, bytes([65 + index]) * each)
+                    hogs.append(await _accept(listener))
+                await _until(lambda: ios.statistics().global_pauses >= 1)
+                peers.start_soon(_send_and_end, number, b"w" * each)
+                waiter = await _accept(listener)
+                waiter.set_owner(other if how == "given" else mailbox)
+                # Its first read finds the budget short and its owner not waiting: paused.
+                await _until(lambda: waiter.statistics().pauses >= 1)
+                assert waiter.statistics().bytes_received == 0
+                reserve_before = _reserve_reads(ios)
+                if how == "match":
+                    mailbox.send_nowait("not a port's message")
+                received = 0
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as handover:
+                        if how == "given":
+
+                            async def give() -> None:
+                                await _until(lambda: bool(mailbox._waiters))
+                                waiter.set_owner(mailbox)
+
+                            handover.start_soon(give)
+                        while not isinstance(
+                            message := await _mailbox_wait(
+                                "receive" if how == "given" else how, mailbox, waiter
+                            ),
+                            Closed,
+                        ):
+                            assert isinstance(message, Data)
+                            received += len(message.data)
+                assert received == each
+                assert _reserve_reads(ios) > reserve_before
+                assert ios.statistics().peak_memory <= LIMIT
+                # The hogs are still paused: nothing of theirs was taken, so the budget is
+                # still above one half.
+                assert sum(hog.statistics().bytes_received for hog in hogs) < LIMIT
+                if how == "match":
+                    assert mailbox.receive_nowait() == "not a port's message"
+                await waiter.aclose()
+                for hog in hogs:
+                    await hog.aclose()
+        finally:
+            mailbox.close()
+            other.close()
+            for peer in idle:
+                peer.close()

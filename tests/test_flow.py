@@ -679,6 +679,48 @@ def test_a_port_let_go_by_cmd_want_is_no_longer_a_reserve_waiter() -> None:
     assert not entry.global_paused and interest == [entry] and not budget.paused
 
 
+def test_a_mailbox_s_cell_holds_its_paused_ports_and_only_they_are_let_go() -> None:
+    # ioserver._flow.OwnerCell (as native/src/flow.rs's): the budget keeps the ports of a
+    # mailbox that it paused in the mailbox's cell, added before the owner's waiters are
+    # read, so that a task parking on a mailbox of 4,096 ports learns in O(1) whether any
+    # is paused, and cmd_want_owner lets go of those alone.
+    from ioserver._flow import MemoryBudget, OwnerCell
+
+    limit, read, count = 1 << 20, 65536, 4096
+    charges = _Charges()
+    interest: list[_BudgetEntry] = []
+    budget: MemoryBudget[_BudgetEntry] = MemoryBudget(limit, charges, read, 2, interest.append)
+    mailbox, other = OwnerCell(), OwnerCell()
+    entries = [_BudgetEntry(waits=False) for _ in range(count)]
+    for index, entry in enumerate(entries):
+        budget.set_owner(entry, mailbox if index < count - 16 else other)
+    assert not mailbox.park()  # nothing paused: asks nothing
+    charges.delivered_total = limit  # spent
+    headroom = budget.headroom()
+    for entry in entries[:8] + entries[-4:]:
+        assert budget.blocks(entry, headroom)
+    assert (len(mailbox.paused), len(other.paused)) == (8, 4)
+    assert mailbox.park()  # cmd_want_owner
+    interest.clear()
+    budget.want_owner(mailbox)
+    assert interest == entries[:8] and not mailbox.paused and len(other.paused) == 4
+    # The pause is in the cell before the owner's waiters are read: an owner that waits
+    # is seen, whichever comes first.
+    seen: list[int] = []
+    entry = entries[8]
+    entry.owner_waits = lambda: seen.append(len(mailbox.paused)) or False  # type: ignore[method-assign]
+    assert budget.blocks(entry, headroom) and seen == [1]
+    # A paused port handed to a mailbox whose task waits is let go; closed, it is gone.
+    moved = entries[-1]
+    moved.waits = True
+    interest.clear()
+    budget.set_owner(moved, mailbox)
+    assert not moved.global_paused and interest == [moved] and len(other.paused) == 3
+    budget.forget(entries[-2])
+    budget.set_owner(entries[-3], None)
+    assert len(other.paused) == 1 and entries[-2] not in budget.owner_cells
+
+
 # -- the I/O thread held at a known point (what a race needs to be forced, not hoped for) --
 def _on_io_thread(ios: ioserver.IOServer, function: Callable[[], object]) -> None:
     """Run ``function`` as a command of the I/O thread: it runs whole, in the order of the

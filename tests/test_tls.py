@@ -5,6 +5,7 @@ backends.  Certificates are made at test time by ``trustme``."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import socket
@@ -538,6 +539,70 @@ async def test_a_tls_flood_to_passive_owners_stays_under_the_memory_bound(
             await owner.aclose()
         for client in clients:
             await client.aclose()
+
+
+@pytest.mark.every_core
+async def test_a_mailbox_owning_tls_and_plain_ports_reads_its_tls_port_through_the_reserve(
+    no_leaks: None, certs: Certs, core: str
+) -> None:
+    """A mailbox owns a TLS port (on the native core: its hosted Python half) and a plain
+    TCP port (its native thread): a cell in each half.  Plain peers fill the budget; the
+    TLS peer's data is paused by it while nobody waits.  A task waiting on the mailbox
+    gets it through the reserve, from whichever half holds the port."""
+    limit, each = 1 << 20, 512 << 10
+    unbound = {"high_msgq_watermark": 64 << 20, "low_msgq_watermark": 32 << 20}
+    async with ioserver.open(memory_limit=limit, core=core) as ios:
+        plain = await ports.listen_tcp(ios, "127.0.0.1", 0, **unbound)
+        secure = await ports.listen_tcp(ios, "127.0.0.1", 0, tls=certs.server(), **unbound)
+        mailbox = ports.Mailbox()
+        tls_peer = await tls_client(secure.local_address[1], certs.client())
+        tls_port = await accept(secure)
+        tls_port.set_owner(mailbox)
+        idle = socket.create_connection(plain.local_address)
+        (await accept(plain)).set_owner(mailbox)
+        # One cell in each half the mailbox's ports are in.
+        assert mailbox._cells is not None and len(mailbox._cells) == (2 if core == "native" else 1)
+        hog_peers = [socket.create_connection(plain.local_address) for _ in range(8)]
+        hogs = [await accept(plain) for _ in hog_peers]
+
+        def flood(peer: socket.socket) -> None:
+            with contextlib.suppress(OSError):  # (its port closes at the end)
+                peer.sendall(b"h" * each)
+
+        def reserve_reads() -> int:
+            counters = getattr(ios._io, "budget_counters", None)
+            return int(ios._io.budget.reserve_reads if counters is None else counters()[2])
+
+        try:
+            async with anyio.create_task_group() as group:
+                for peer in hog_peers:
+                    group.start_soon(anyio.to_thread.run_sync, flood, peer)
+                with anyio.fail_after(10):
+                    while ios.statistics().global_pauses == 0:  # the I/O thread's state
+                        await anyio.lowlevel.checkpoint()
+                    group.start_soon(tls_peer.send, b"t" * each)
+                    while tls_port.statistics().pauses == 0:  # paused, nobody waiting
+                        await anyio.lowlevel.checkpoint()
+                before = reserve_reads()
+                received = 0
+                with anyio.fail_after(10):
+                    while received < each:
+                        source, message = await mailbox.receive()
+                        assert source is tls_port and isinstance(message, Data)
+                        received += len(message.data)
+                assert received == each
+                assert reserve_reads() > before
+                assert ios.statistics().peak_memory <= limit
+                for hog in hogs:
+                    await hog.aclose()
+        finally:
+            mailbox.close()
+            await tls_peer.aclose()
+            idle.close()
+            for peer in hog_peers:
+                peer.close()
+            await plain.aclose()
+            await secure.aclose()
 
 
 async def test_a_passive_tls_port_reads_one_message_at_a_time(

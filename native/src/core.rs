@@ -339,6 +339,11 @@ pub enum Command {
     Resume(Arc<ConnShared>, u64),
     /// The owner of a port the budget paused waits for input (`cmd_want`).
     Want(Arc<ConnShared>),
+    /// The port's owner is now the mailbox of this cell, or none (`cmd_owner`).
+    Owner(Arc<ConnShared>, Option<Arc<flow::OwnerCell>>),
+    /// A task parked on the mailbox of this cell while ports of it are paused by the
+    /// budget (`cmd_want_owner`): each may try a read into the reserve.
+    WantOwner(Arc<flow::OwnerCell>),
     /// An accepted connection's loop half is made: start reading for it, charging each
     /// packet this many bytes beyond its own.
     Attach(Arc<ConnShared>, Target, u64),
@@ -1272,6 +1277,29 @@ impl IoThread {
                 Some(entry) => self.put(entry),
                 None => {}
             },
+            Command::Owner(conn, owner) => match self.take(&conn) {
+                Some(Entry::Stream(mut s)) => {
+                    if self.budget.set_owner(&mut s.flow, owner) {
+                        self.schedule(&mut s);
+                    }
+                    self.put(Entry::Stream(s));
+                }
+                Some(entry) => self.put(entry),
+                None => {}
+            },
+            Command::WantOwner(owner) => {
+                // O(the owner's paused ports): the budget keeps them by owner.
+                for token in self.budget.paused_of(&owner) {
+                    if let Some(Some(Entry::Stream(_))) = self.table.get(token) {
+                        if let Some(Entry::Stream(mut s)) = self.table[token].take() {
+                            if self.budget.want(&mut s.flow) {
+                                self.schedule(&mut s);
+                            }
+                            self.put(Entry::Stream(s));
+                        }
+                    }
+                }
+            }
             Command::Attach(conn, port, overhead) => match self.take(&conn) {
                 Some(Entry::Stream(mut s)) => {
                     if let Some(window) = conn.window.get() {

@@ -110,6 +110,20 @@
 //! port may then read once into the reserve with nobody to take it at once; the bound
 //! holds, the read is charged like any.)
 //!
+//! A port a mailbox owns waits through its owner: a task parked on the mailbox
+//! (`receive`, selective or not, or `select` over it) waits for every port the mailbox
+//! owns.  The mailbox does not mark each port - an actor owning 10,000 ports would pay
+//! 10,000 marks a park - but its [`OwnerCell`], one per mailbox, which the budget knows
+//! for each owned port (`cmd_owner`, [`Budget::set_owner`]) and in which it counts the
+//! owner's ports it paused.  The same pair as above, on the cell: the park stores the
+//! cell's `waiting`, then loads its count ([`OwnerCell::park`]; if any port is paused it
+//! sends `cmd_want_owner`, [`Budget::paused_of`], and those ports - only those - try the
+//! reserve); the thread adds a pause to the count, then loads `waiting`.  So a park costs
+//! O(1) while nothing of the mailbox is paused (the common case) and O(its paused ports)
+//! on the thread when some are; and a port handed, paused, to a mailbox a task already
+//! waits on is let go by the `cmd_owner` that hands it.  The mailbox clears the mark as
+//! its last waiter leaves (woken, cancelled, or a `select` answered elsewhere).
+//!
 //! The bound stays firm: no read is made that could take the memory charged for input
 //! past `L`; the reserve is inside it, not on top.  A port of packets charges each one
 //! [`PACKET_OVERHEAD`] more than its bytes, so when the budget is short it reads only what
@@ -181,14 +195,16 @@
 //! | `Window::delivered_*`                    | I/O half     | loop half (resume check, statistics) |
 //! | `Window::pause_generation`               | I/O half     | loop half (step 2)                 |
 //! | `Window::global_paused`                  | I/O half     | loop half (`cmd_want`)             |
+//! | `OwnerCell::waiting`                     | loop half    | I/O half (the budget's reserve)    |
+//! | `OwnerCell::paused`                      | I/O half     | loop half (`cmd_want_owner`)       |
 //! | `Window::queued_bytes`, `send_blocked`   | loop half    | I/O half (WRITABLE, in `core.rs`)  |
 //! | `LoopCounters::queued_bytes`, `consumed_bytes` | loop half | I/O half (the budget)           |
 //! | `Charges` (but `pinned`)                 | I/O half     | I/O half, `statistics()`           |
 //! | `Charges::pinned`                        | both (I/O adds, loop takes off) | both            |
 //! | `ReceiveFlow`, `Budget`                  | I/O half     | I/O half only                      |
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use crate::framing::PACKET_OVERHEAD;
@@ -612,7 +628,8 @@ impl Window {
     }
 
     /// **Loop half.**  Whether a task is parked on this port waiting for its next message
-    /// (`receive`, `select`, or its owning mailbox's).  Returns true when the caller must
+    /// (`receive`, `select`; a task waiting on the mailbox that owns the port marks the
+    /// mailbox's [`OwnerCell`] instead).  Returns true when the caller must
     /// tell the I/O thread (`cmd_want`: the port is paused by the budget and a read into
     /// its reserve may now be allowed).
     pub fn set_waiting(&self, waiting: bool) -> bool {
@@ -1024,8 +1041,13 @@ impl ReceiveFlow {
     /// delivered to it: input for it would be taken at once (the budget's reserve).
     pub fn owner_waits(&self) -> bool {
         // `waiting` first: the takes the owner made before it parked are then visible.
-        self.window.waiting.load(Ordering::SeqCst)
-            && self.delivered_messages == self.window.consumed_messages.load(Ordering::SeqCst)
+        self.window.waiting.load(Ordering::SeqCst) && self.took_all()
+    }
+
+    /// Whether the owner took every message delivered to it (loaded after the mark that
+    /// says it waits: see [`ReceiveFlow::owner_waits`]).
+    fn took_all(&self) -> bool {
+        self.delivered_messages == self.window.consumed_messages.load(Ordering::SeqCst)
     }
 
     /// The I/O thread closes the port: release what it holds from the budget (the
@@ -1043,10 +1065,12 @@ impl ReceiveFlow {
             budget.forget(self.token());
             self.set_global_paused(false);
         }
+        budget.disown(self.token());
     }
 
-    fn set_global_paused(&mut self, paused: bool) {
-        self.window.global_paused.store(paused, Ordering::SeqCst);
+    /// Store `global_paused`; returns what it was.
+    fn set_global_paused(&mut self, paused: bool) -> bool {
+        self.window.global_paused.swap(paused, Ordering::SeqCst)
     }
 }
 
@@ -1082,6 +1106,70 @@ impl std::fmt::Display for BufferLimitExceeded {
     }
 }
 
+/// A mailbox's cell in the native I/O half (`_native.OwnerCell`, made by the loop half
+/// when a port of this core is first given to the mailbox as its owner, under a memory
+/// budget): whether a task waits on the mailbox, and how many of the ports it owns the
+/// budget paused.  Shared (`Arc`) by the mailbox and the [`Budget`], which knows each
+/// owned port's cell (`cmd_owner`, [`Budget::set_owner`]).
+///
+/// So that a task parking on a mailbox that owns many ports costs O(1), not a visit to
+/// each port: the park stores `waiting`, then loads `paused` ([`OwnerCell::park`]); only
+/// if a port is paused does it ask the thread (`cmd_want_owner`, [`Budget::paused_of`]),
+/// which lets those ports - and only those - try the reserve.  The budget, pausing an
+/// owned port, adds it to `paused` **then** loads `waiting` ([`Budget::admit_read`]):
+/// one of the two sees the other (Dekker's), so a parked owner is never left behind a
+/// pause it did not hear of.
+#[derive(Debug, Default)]
+pub struct OwnerCell {
+    /// A task is parked on the mailbox (its waiter list is not empty).  `SeqCst`: the loop
+    /// half stores it before it loads `paused`; the I/O half loads it after it stored
+    /// `paused` (the pair above).  A stale true (stored false a moment later) lets a port
+    /// read once into the reserve with nobody to take it at once: the bound stays firm.
+    waiting: AtomicBool,
+    /// Ports of this owner whose `global_paused` is set (the I/O half's count: it alone
+    /// writes it).  `SeqCst`: the I/O half adds to it before it loads `waiting`; the loop
+    /// half loads it after it stored `waiting`.
+    paused: AtomicUsize,
+}
+
+impl OwnerCell {
+    /// A cell: nobody waits, nothing is paused.
+    pub fn new() -> OwnerCell {
+        OwnerCell::default()
+    }
+
+    /// **Loop half.**  A task parks on the mailbox (its waiter is in the list): mark it
+    /// waiting, then true if a port of this owner is paused by the budget (the caller
+    /// sends `cmd_want_owner`).  `SeqCst`, both: see the fields.
+    pub fn park(&self) -> bool {
+        self.waiting.store(true, Ordering::SeqCst);
+        self.paused.load(Ordering::SeqCst) != 0
+    }
+
+    /// **Loop half.**  No task waits on the mailbox any more.  (`SeqCst`, as the stores
+    /// of [`OwnerCell::park`]: one total order of the mark's stores.)
+    pub fn unpark(&self) {
+        self.waiting.store(false, Ordering::SeqCst);
+    }
+
+    /// **Either half.**  Whether a task waits on the mailbox (`SeqCst`: see the field).
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// **Either half.**  How many of the owner's ports the budget paused now (`SeqCst`:
+    /// see the field).
+    pub fn paused(&self) -> usize {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// The address that names this cell in [`Budget`]'s map of paused ports by owner
+    /// (the budget holds an `Arc` of the cell while it has an entry there).
+    fn key(cell: &Arc<OwnerCell>) -> usize {
+        Arc::as_ptr(cell) as usize
+    }
+}
+
 /// The memory budget of all ports together (`memory_limit`), and the per-port cap on a
 /// framer's buffer (`port_buffer_limit`).  Owned by the I/O thread (see the module's docs).
 #[derive(Debug)]
@@ -1098,6 +1186,13 @@ pub struct Budget {
     /// The pauses of the budget: which ports are paused, in which order they paused and
     /// which of them are reserve waiters, each step O(1) amortised ([`Pauses`]).
     pauses: Pauses,
+    /// The owner mailbox's cell of each port a mailbox owns (`cmd_owner`: sent only
+    /// under a memory budget; forgotten as the port closes).
+    owners: HashMap<Token, Arc<OwnerCell>>,
+    /// The paused ports of each owner (by [`OwnerCell::key`]): what `cmd_want_owner`
+    /// lets try the reserve.  A token is here exactly while its port's `global_paused`
+    /// is set and it has an owner; a set is removed when it empties.
+    owner_paused: HashMap<usize, HashSet<Token>>,
     /// This round's headroom, less what its reads were charged.
     headroom: i64,
     /// What another budget charged ([`Charges::external`]) when the headroom was last
@@ -1138,6 +1233,8 @@ impl Budget {
             charges: Arc::new(Charges::new()),
             loops: Vec::new(),
             pauses: Pauses::default(),
+            owners: HashMap::new(),
+            owner_paused: HashMap::new(),
             headroom: UNLIMITED,
             external_seen: 0,
             reserve_reads: 0,
@@ -1236,11 +1333,17 @@ impl Budget {
         self.peak_memory = self.peak_memory.max(used);
         let headroom = limit as i64 - used;
         if !self.pauses.ports.is_empty() {
+            let first = resumed.len();
             if used <= (limit / 2) as i64 {
                 self.pauses.release_all(resumed);
             } else if self.pauses.live_waiters > 0 && headroom >= self.read_size as i64 {
                 // The reserve has room again: the ports whose owner waits try first.
                 self.pauses.release_waiters(resumed);
+            }
+            if !self.owner_paused.is_empty() {
+                for &token in &resumed[first..] {
+                    self.owner_unpaused(token);
+                }
             }
         }
         self.headroom = headroom;
@@ -1327,7 +1430,7 @@ impl Budget {
     /// byte a packet charged `PACKET_OVERHEAD` more, the read still fits what is left for
     /// it (all of the headroom for a waiting owner, else what the reserve leaves).
     fn packet_read_size(&self, flow: &ReceiveFlow, headroom: i64) -> usize {
-        let room = if flow.owner_waits() {
+        let room = if self.owner_waits(flow) {
             headroom
         } else {
             headroom - self.reserve as i64
@@ -1342,12 +1445,18 @@ impl Budget {
     /// `global_paused` is stored before the owner's `waiting` is loaded; the loop half
     /// stores `waiting` before it loads `global_paused` ([`Window::set_waiting`]): one of
     /// the two sees the other, so a waiting owner is never left behind a pause it did not
-    /// hear of.
+    /// hear of.  For a port a mailbox owns, the port is counted in the owner's cell
+    /// ([`OwnerCell`]'s `paused`) before the owner's `waiting` is loaded; a task parking
+    /// on the mailbox stores `waiting` before it loads `paused` ([`OwnerCell::park`]):
+    /// the same argument.
     fn blocks(&mut self, flow: &mut ReceiveFlow, headroom: i64) -> bool {
-        flow.set_global_paused(true);
-        let waits = flow.owner_waits();
+        if !flow.set_global_paused(true) {
+            self.owner_paused(flow.token());
+        }
+        let waits = self.owner_waits(flow);
         if waits && headroom >= self.read_size as i64 {
             flow.set_global_paused(false);
+            self.owner_unpaused(flow.token());
             self.reserve_reads += 1;
             return false;
         }
@@ -1375,6 +1484,99 @@ impl Budget {
 
     fn forget(&mut self, token: Token) {
         self.pauses.forget(token);
+        self.owner_unpaused(token);
+    }
+
+    /// Whether a task waits for `flow`'s next message - on the port itself (its window's
+    /// mark) or on the mailbox that owns it (its [`OwnerCell`]) - and has taken every
+    /// message delivered to it: input for it would be taken at once (the reserve).
+    fn owner_waits(&self, flow: &ReceiveFlow) -> bool {
+        match self.owners.get(&flow.token()) {
+            // The cell's `waiting` first, as the window's: the takes the owner made
+            // before it parked are then visible.
+            Some(cell) if cell.waiting() => flow.took_all(),
+            _ => flow.owner_waits(),
+        }
+    }
+
+    /// A port of an owner was paused (its `global_paused` set): count it in the owner's
+    /// cell (`SeqCst`, before the owner's `waiting` is loaded: see [`OwnerCell`]).
+    fn owner_paused(&mut self, token: Token) {
+        if let Some(cell) = self.owners.get(&token) {
+            cell.paused.fetch_add(1, Ordering::SeqCst);
+            self.owner_paused
+                .entry(OwnerCell::key(cell))
+                .or_default()
+                .insert(token);
+        }
+    }
+
+    /// A port of an owner is no longer paused (its `global_paused` cleared, or about to
+    /// be): take it out of the owner's cell.  (A count a task reads stale only makes it
+    /// send a `cmd_want_owner` that finds nothing to do.)
+    fn owner_unpaused(&mut self, token: Token) {
+        let Some(cell) = self.owners.get(&token) else {
+            return;
+        };
+        let key = OwnerCell::key(cell);
+        if let Some(tokens) = self.owner_paused.get_mut(&key) {
+            if tokens.remove(&token) {
+                cell.paused.fetch_sub(1, Ordering::SeqCst);
+                if tokens.is_empty() {
+                    self.owner_paused.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// `cmd_owner`: the port of `flow` is now owned by the mailbox whose cell is `owner`
+    /// (`None`: by no mailbox).  A paused port moves to the new owner's cell - counted
+    /// there before the new owner's `waiting` is loaded - and is let out of the pause
+    /// (true, as [`Budget::want`]) if a task already waits on the new owner: it parked
+    /// before this command, so it may not have seen the port paused.
+    pub fn set_owner(&mut self, flow: &mut ReceiveFlow, owner: Option<Arc<OwnerCell>>) -> bool {
+        let token = flow.token();
+        let paused = flow.global_paused();
+        if paused {
+            self.owner_unpaused(token);
+        }
+        match owner {
+            Some(cell) => self.owners.insert(token, cell),
+            None => self.owners.remove(&token),
+        };
+        if !paused {
+            return false;
+        }
+        self.owner_paused(token);
+        if self.owner_waits(flow) {
+            return self.want(flow);
+        }
+        false
+    }
+
+    /// `cmd_want_owner`: a task parked on the mailbox whose cell is `owner` while ports
+    /// of it are paused: their tokens, each to be let try the reserve ([`Budget::want`]).
+    /// O(the owner's paused ports), whatever the number of ports it owns.
+    pub fn paused_of(&mut self, owner: &Arc<OwnerCell>) -> Vec<Token> {
+        let tokens: Vec<Token> = self
+            .owner_paused
+            .get(&OwnerCell::key(owner))
+            .map_or_else(Vec::new, |tokens| tokens.iter().copied().collect());
+        self.pauses.steps += tokens.len() as u64;
+        tokens
+    }
+
+    /// The port `token` closed: it has no owner any more.
+    fn disown(&mut self, token: Token) {
+        if !self.owners.is_empty() {
+            self.owner_unpaused(token);
+            self.owners.remove(&token);
+        }
+    }
+
+    /// How many ports have an owner mailbox known to the budget (for the tests).
+    pub fn owned_ports(&self) -> usize {
+        self.owners.len()
     }
 
     /// A framed port's framer went from holding `before` to `after` bytes over one read
@@ -1406,7 +1608,7 @@ impl Budget {
             return UNLIMITED;
         };
         let headroom = limit as i64 - self.in_use();
-        if flow.owner_waits() {
+        if self.owner_waits(flow) {
             headroom
         } else {
             headroom - self.reserve as i64
@@ -1421,7 +1623,7 @@ impl Budget {
             return true;
         };
         let used = self.in_use();
-        used <= (limit / 2) as i64 || (limit as i64 - used >= size as i64 && flow.owner_waits())
+        used <= (limit / 2) as i64 || (limit as i64 - used >= size as i64 && self.owner_waits(flow))
     }
 }
 

@@ -328,6 +328,50 @@ impl WindowCounters {
     }
 }
 
+/// A mailbox's cell in the native I/O half (`flow::OwnerCell`): the mailbox marks a park
+/// on it here and learns, in O(1), whether any port it owns is paused by the memory
+/// budget (``ports.Mailbox._want_input``).  Made by ``NativeIOThread.owner_cell``; named
+/// to the thread by ``Core.owner`` (``cmd_owner``) and ``Core.want_owner``.
+#[pyclass(module = "ioserver._native", frozen)]
+pub struct OwnerCell {
+    cell: Arc<flow::OwnerCell>,
+}
+
+#[pymethods]
+impl OwnerCell {
+    #[new]
+    fn new() -> Self {
+        OwnerCell {
+            cell: Arc::new(flow::OwnerCell::new()),
+        }
+    }
+
+    /// A task parks on the mailbox (its waiter is in the list): mark it waiting, then
+    /// True if a port it owns is paused by the budget - the caller then sends
+    /// ``cmd_want_owner`` (`flow::OwnerCell::park`: `SeqCst`, the thread counts a pause
+    /// then loads the mark).
+    fn park(&self) -> bool {
+        self.cell.park()
+    }
+
+    /// No task waits on the mailbox any more.
+    fn unpark(&self) {
+        self.cell.unpark()
+    }
+
+    /// Whether a task is marked waiting on the mailbox.
+    #[getter]
+    fn waiting(&self) -> bool {
+        self.cell.waiting()
+    }
+
+    /// How many of the mailbox's ports the budget paused now.
+    #[getter]
+    fn paused(&self) -> usize {
+        self.cell.paused()
+    }
+}
+
 /// A port's I/O half, as its loop half reads it (`ioserver._contract.PortIO`).
 #[pyclass(module = "ioserver._native", frozen)]
 pub struct Conn {
@@ -1725,6 +1769,22 @@ impl Core {
         put_conn(self, conn, Command::Want)
     }
 
+    /// The port's owner is now the mailbox whose cell is ``cell`` (None: no mailbox;
+    /// ``cmd_owner``, sent under a memory budget only): the budget keeps the port's
+    /// pauses in that cell.
+    fn owner(&self, conn: Option<PyRef<'_, Conn>>, cell: Option<PyRef<'_, OwnerCell>>) {
+        let cell = cell.map(|cell| Arc::clone(&cell.cell));
+        put_conn(self, conn, |conn| Command::Owner(conn, cell))
+    }
+
+    /// A task parked on the mailbox whose cell is ``cell`` while ports of it are paused by
+    /// the budget (``cmd_want_owner``): let each try a read into the reserve.
+    fn want_owner(&self, cell: PyRef<'_, OwnerCell>, _argument: &Bound<'_, PyAny>) {
+        self.shared
+            .commands
+            .put(Command::WantOwner(Arc::clone(&cell.cell)))
+    }
+
     /// A test hook, private (``_fail_for_test``: not part of ``Core``'s surface, used only
     /// by ``tests/test_native_core.py``): make the thread panic, to check that the failure
     /// is contained - every port gets ``Closed("EIO")``, the loop its stop notice,
@@ -2119,6 +2179,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
     m.add_class::<Inbox>()?;
     m.add_class::<Conn>()?;
+    m.add_class::<OwnerCell>()?;
     m.add_class::<WindowCounters>()?;
     m.add_class::<Hold>()?;
     Ok(())

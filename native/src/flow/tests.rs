@@ -275,6 +275,88 @@ fn a_waiting_owner_reads_into_the_reserve_and_is_let_in_first() {
     assert!(!busy.global_paused());
 }
 
+/// A mailbox owning many ports (`OwnerCell`): a task parking on it learns in O(1)
+/// whether any is paused by the budget, and the thread lets go of that owner's paused
+/// ports only - not a visit to every port it owns, nor to every paused port.  The
+/// pause is counted in the cell before the owner's mark is read (the reserve read of a
+/// port whose owner waits), and a port handed, paused, to an owner that waits is let go.
+#[test]
+fn a_mailbox_s_cell_counts_its_paused_ports_and_lets_only_them_go() {
+    const N: usize = 4096;
+    const LIMIT: u64 = 1 << 20;
+    let counters = Arc::new(LoopCounters::new());
+    let mut budget = Budget::new(Some(LIMIT), None, READ_SIZE);
+    budget.add_loop(Arc::clone(&counters));
+    let (mailbox, other) = (Arc::new(OwnerCell::new()), Arc::new(OwnerCell::new()));
+    let mut flows: Vec<ReceiveFlow> = (0..N)
+        .map(|token| {
+            let window = Arc::new(Window::new(Watermarks::NONE, Arc::clone(&counters)));
+            ReceiveFlow::new(window, token, ACTIVE_TRUE, 0)
+        })
+        .collect();
+    // The mailbox owns every port but the last 16, which another mailbox owns.
+    for (token, flow) in flows.iter_mut().enumerate() {
+        let cell = if token < N - 16 { &mailbox } else { &other };
+        assert!(!budget.set_owner(flow, Some(Arc::clone(cell))));
+    }
+    assert_eq!(budget.owned_ports(), N);
+    // Nothing is paused: a park costs one store and one load, and asks nothing.
+    assert!(!mailbox.park());
+    mailbox.unpark();
+    // The budget is spent: 8 of the mailbox's ports and 4 of the other's pause.
+    let mut resumed = Vec::new();
+    counters.queued(LIMIT);
+    budget.begin_round(&mut resumed);
+    for token in (0..8).chain(N - 4..N) {
+        assert!(budget.admit_read(&mut flows[token]).is_none());
+    }
+    assert_eq!((mailbox.paused(), other.paused()), (8, 4));
+    // A task parks on the mailbox: it sees them, and the thread lets go of those 8 alone.
+    let steps = budget.pause_steps();
+    assert!(mailbox.park(), "cmd_want_owner");
+    let mut tokens = budget.paused_of(&mailbox);
+    tokens.sort_unstable();
+    assert_eq!(tokens, (0..8).collect::<Vec<Token>>());
+    assert_eq!(budget.pause_steps() - steps, 8);
+    for token in tokens {
+        assert!(budget.want(&mut flows[token]));
+    }
+    assert_eq!((mailbox.paused(), other.paused()), (0, 4));
+    assert!(!mailbox.park(), "nothing of it is paused now");
+    // Its next reads find no room even in the reserve: reserve waiters (the mark is
+    // read after the pause is counted), paused again.
+    for flow in &mut flows[..8] {
+        assert!(budget.admit_read(flow).is_none());
+    }
+    assert_eq!(mailbox.paused(), 8);
+    mailbox.unpark();
+    // Two reads fit, in the reserve only (above one half): the mailbox waits, so its
+    // reserve waiters are let in, and its ports read into the reserve.
+    budget.wrote(2 * READ_SIZE as u64);
+    resumed.clear();
+    budget.begin_round(&mut resumed);
+    assert_eq!(resumed.len(), 8, "the reserve waiters go first");
+    assert_eq!(mailbox.paused(), 0);
+    assert!(
+        !mailbox.park(),
+        "a task waits again: nothing of the mailbox is paused"
+    );
+    assert_eq!(other.paused(), 4);
+    let reserve_reads = budget.reserve_reads;
+    assert!(budget.admit_read(&mut flows[20]).is_some());
+    assert_eq!(budget.reserve_reads, reserve_reads + 1);
+    // A paused port of the other mailbox handed to this one, whose task waits: let go.
+    assert!(budget.set_owner(&mut flows[N - 1], Some(Arc::clone(&mailbox))));
+    assert!(!flows[N - 1].global_paused());
+    assert_eq!((mailbox.paused(), other.paused()), (0, 3));
+    // A paused port handed to no mailbox, and one closed: their counts go.
+    assert!(!budget.set_owner(&mut flows[N - 2], None));
+    flows[N - 3].close(&mut budget, 0);
+    assert_eq!(other.paused(), 1);
+    assert_eq!(budget.owned_ports(), N - 2);
+    mailbox.unpark();
+}
+
 /// The budget's pause bookkeeping costs O(1) amortised per port, at 65,536 ports: one
 /// round pausing every one, `cmd_want` from half of their owners, the reserve waiters let
 /// in, closes, and one half letting the rest go - in the orders the theory promises.
