@@ -395,8 +395,10 @@ pub enum Command {
 
 /// What the I/O thread tells a loop (built into messages by `Inbox.take`).
 pub enum Event {
-    /// Bytes read: `Data(bytes)`.
-    Data(Target, Vec<u8>),
+    /// Bytes read (or a packet charged its length): `Data(bytes)`.  The last field is the
+    /// stream's slot, as [`Event::Object`]'s: a message that cannot be built fails the
+    /// port ([`Command::DecodeFailed`]).
+    Data(Target, Vec<u8>, usize),
     /// A packet charged more than its length: its charge goes to the port's
     /// `window.sizes` (see [`TargetExtra::Sizes`]), then `Data(bytes)`.  The last field is the
     /// stream's slot, as [`Event::Object`]'s.
@@ -1456,7 +1458,11 @@ impl IoThread {
                 if s.framer.is_some() {
                     return self.read_framed(s, port, n);
                 }
-                self.stage(s.conn.inbox(), Event::Data(port, self.buffer[..n].to_vec()));
+                let slot = s.conn.slot;
+                self.stage(
+                    s.conn.inbox(),
+                    Event::Data(port, self.buffer[..n].to_vec(), slot),
+                );
                 // Counted after the event is staged: the loop's handshake reads the
                 // delivered counters after the consumed counters it wrote.
                 let delivered = s.flow.deliver(&mut self.budget, &[n as u64]);
@@ -2352,7 +2358,7 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
 /// charge is never its length).
 fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64, slot: usize) -> Event {
     match payload {
-        Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes),
+        Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes, slot),
         Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge, slot),
         object => Event::Object(port.clone(), object, charge, slot),
     }
