@@ -532,15 +532,20 @@ pub struct Shared {
     pub unix_listeners_open: AtomicU64,
     /// See `unix_listeners_open`.
     pub unix_streams: AtomicU64,
+    /// TCP listeners open now, of `listeners_open`: counted on its own, as `tcp_streams`.
+    pub tcp_listeners_open: AtomicU64,
+    /// TCP streams open now (connecting ones included), of `ports_open`: counted on its
+    /// own, as a stream opens and closes, so that a status reads it with one load.  It was
+    /// `ports_open - listeners_open - unix_streams`, three Relaxed loads the thread may
+    /// change between (a listener counted open before `ports_open` was read grown read
+    /// as -1 TCP stream).  Relaxed: a count read on its own.
+    pub tcp_streams: AtomicU64,
     /// Streams with more output queued than their low watermark now (the daemon's status:
     /// `busy_ports`), counted as `Stream::set_out_bytes` crosses it.  Relaxed: a count.
     pub busy_streams: AtomicU64,
     /// Streams paused by their watermarks now (the daemon's status: `paused_ports`),
     /// counted as `ConnShared::publish` sees the pause change.  Relaxed: a count.
     pub msgq_paused_streams: AtomicU64,
-    /// Streams paused by the memory budget, at the start of the last round
-    /// (`Budget::paused_ports`).  Relaxed: a count.
-    pub budget_paused_streams: AtomicU64,
     /// Errors contained by closing the one port concerned (and the thread's own failure).
     pub internal_errors: AtomicU64,
     /// Why the thread failed, if it did (a panic's message).
@@ -583,9 +588,10 @@ impl Shared {
             listeners_open: AtomicU64::new(0),
             unix_listeners_open: AtomicU64::new(0),
             unix_streams: AtomicU64::new(0),
+            tcp_streams: AtomicU64::new(0),
+            tcp_listeners_open: AtomicU64::new(0),
             busy_streams: AtomicU64::new(0),
             msgq_paused_streams: AtomicU64::new(0),
-            budget_paused_streams: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
             next_id: &NEXT_ID,
@@ -982,10 +988,6 @@ impl IoThread {
             shared.global_pauses.store(pauses, Ordering::Relaxed);
             let reserve_reads = self.budget.reserve_reads;
             shared.reserve_reads.store(reserve_reads, Ordering::Relaxed);
-            let paused = self.budget.paused_ports() as u64;
-            shared
-                .budget_paused_streams
-                .store(paused, Ordering::Relaxed);
         }
         if !self.lingering.is_empty() {
             self.expire_lingers();
@@ -1821,6 +1823,8 @@ impl IoThread {
         }
         if s.sock.is_unix() {
             self.shared.unix_streams.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.shared.tcp_streams.fetch_sub(1, Ordering::Relaxed);
         }
         // What the framer and the held packets hold leaves the budget, and so does a pause.
         let framer = s.framer.take().map_or(0, |f| f.buffered());
@@ -1898,6 +1902,10 @@ impl IoThread {
                     self.shared
                         .unix_listeners_open
                         .fetch_sub(1, Ordering::Relaxed);
+                } else {
+                    self.shared
+                        .tcp_listeners_open
+                        .fetch_sub(1, Ordering::Relaxed);
                 }
                 let _ = self.poll.registry().deregister(&mut sock);
                 // The socket closes (a Unix one's file goes) before the port reads as
@@ -1949,6 +1957,8 @@ impl IoThread {
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
         if sock.is_unix() {
             self.shared.unix_streams.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.shared.tcp_streams.fetch_add(1, Ordering::Relaxed);
         }
         let conn = self.new_conn(slot, inbox, options.flow);
         let receive = Arc::clone(&window);
@@ -2092,6 +2102,10 @@ impl IoThread {
             self.shared
                 .unix_listeners_open
                 .fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.shared
+                .tcp_listeners_open
+                .fetch_add(1, Ordering::Relaxed);
         }
         let conn = self.new_conn(slot, inbox, Flow::NONE);
         self.stage(inbox, Event::Listening(request, conn.clone(), local));
@@ -2180,6 +2194,8 @@ impl IoThread {
             self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
             if sock.is_unix() {
                 self.shared.unix_streams.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.shared.tcp_streams.fetch_add(1, Ordering::Relaxed);
             }
             let conn = self.new_conn(slot, inbox, l.options.flow);
             self.stage(

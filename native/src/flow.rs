@@ -316,6 +316,13 @@ pub struct Charges {
     /// half: its ports' input and output), written by that half after each of its rounds,
     /// so that one `memory_limit` bounds both.  `Relaxed`: a count read on its own.
     external: AtomicU64,
+    /// Ports the budget pauses now ([`Budget::paused_ports`]), stored by the I/O thread as
+    /// each pause begins or ends (a pause, `cmd_want`, a close, the releases of
+    /// [`Budget::begin_round`]: never per message), so that a status reads it exact; it
+    /// was a snapshot taken once a round, which read paused ports for a round after the
+    /// last one closed (and for good if no round followed).  `Relaxed`: a count read on
+    /// its own.
+    paused_ports: AtomicU64,
 }
 
 /// Add to a counter only the I/O thread writes (no read-modify-write needed).
@@ -364,6 +371,11 @@ impl Charges {
             used += queued as i128 - consumed as i128;
         }
         used as i64
+    }
+
+    /// Ports the budget pauses now (see the field).
+    pub fn paused_ports(&self) -> u64 {
+        self.paused_ports.load(Ordering::Relaxed)
     }
 
     /// Input delivered to the loops, ever (charged bytes).
@@ -1242,6 +1254,7 @@ impl Budget {
                 // The reserve has room again: the ports whose owner waits try first.
                 self.pauses.release_waiters(resumed);
             }
+            self.publish_pauses();
         }
         self.headroom = headroom;
         self.external_seen = self.charges.external();
@@ -1354,6 +1367,7 @@ impl Budget {
         if self.pauses.pause(flow.token(), &flow.window) {
             flow.pauses += 1;
             self.global_pauses += 1;
+            self.publish_pauses();
         }
         if waits {
             self.pauses.wait(flow.token());
@@ -1375,6 +1389,13 @@ impl Budget {
 
     fn forget(&mut self, token: Token) {
         self.pauses.forget(token);
+        self.publish_pauses();
+    }
+
+    /// Store the count of paused ports where a status reads it ([`Charges::paused_ports`]).
+    fn publish_pauses(&self) {
+        let paused = self.pauses.ports.len() as u64;
+        self.charges.paused_ports.store(paused, Ordering::Relaxed);
     }
 
     /// A framed port's framer went from holding `before` to `after` bytes over one read

@@ -2114,6 +2114,16 @@ impl Core {
     fn unix_streams(&self) -> u64 {
         self.shared.unix_streams.load(Ordering::Relaxed)
     }
+    /// TCP listeners open now (of ``listeners_open``).
+    #[getter]
+    fn tcp_listeners_open(&self) -> u64 {
+        self.shared.tcp_listeners_open.load(Ordering::Relaxed)
+    }
+    /// TCP streams open now (connecting ones included; of ``ports_open``).
+    #[getter]
+    fn tcp_streams(&self) -> u64 {
+        self.shared.tcp_streams.load(Ordering::Relaxed)
+    }
     /// Streams with more output queued than their low watermark now.
     #[getter]
     fn busy_streams(&self) -> u64 {
@@ -2124,10 +2134,10 @@ impl Core {
     fn msgq_paused_streams(&self) -> u64 {
         self.shared.msgq_paused_streams.load(Ordering::Relaxed)
     }
-    /// Streams paused by the memory budget, at the start of the thread's last round.
+    /// Streams paused by the memory budget now.
     #[getter]
     fn budget_paused_streams(&self) -> u64 {
-        self.shared.budget_paused_streams.load(Ordering::Relaxed)
+        self.charges.paused_ports()
     }
     /// Errors contained (and the thread's own failure).
     #[getter]
