@@ -1216,10 +1216,7 @@ impl Inbox {
                 // appended, and the event is postponed whole ([`Unbuilt::Postponed`]).
                 let end = list.len();
                 self.hosted_fault()?;
-                list.as_any().set_item(
-                    pyo3::types::PySlice::new(py, end as isize, end as isize, 1),
-                    pairs.bind(py),
-                )
+                list.as_sequence().set_slice(end, end, pairs.bind(py))
             }
             Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
         }
