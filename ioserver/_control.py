@@ -534,13 +534,13 @@ def io_status(io: IOThread, started: float, extra: dict[str, P.Wire]) -> dict[st
             kinds["connecting"] += 1
     core = getattr(io, "_core", None)
     if core is not None:  # the native core: its own ports are not in the hosted table
-        listeners, unix_listeners = int(core.listeners_open), int(core.unix_listeners_open)
-        unix_streams = int(core.unix_streams)
-        kinds["tcp_listeners"] += listeners - unix_listeners
-        kinds["unix_listeners"] += unix_listeners
-        kinds["unix"] += unix_streams
+        # Each kind a count of its own: a difference of the thread's counters, read one by
+        # one while it changes them, could read -1.
+        kinds["tcp_listeners"] += int(core.tcp_listeners_open)
+        kinds["unix_listeners"] += int(core.unix_listeners_open)
+        kinds["unix"] += int(core.unix_streams)
         # (Connecting ones among them: the native thread does not count them apart.)
-        kinds["tcp"] += int(core.ports_open) - listeners - unix_streams
+        kinds["tcp"] += int(core.tcp_streams)
         queued += int(core.pending_output)
         busy += int(core.busy_streams)
         # (A port paused by both its watermarks and the budget counts twice: rare, as

@@ -445,6 +445,7 @@ class IOThread:
         new_message = object.__new__
         set_data = _SET_DATA
         flush_wait = False
+        unpublished = False  # a notify failed partway: the next round must not block
         wait_for_flush = self._wait_for_flush
         budget = self.budget
         read_floor = budget.read_floor
@@ -470,8 +471,10 @@ class IOThread:
                 due = self._run_timers()
                 if due >= 0 and (timeout < 0 or due < timeout):
                     timeout = due
-            if self._ready or dirty or self.tls_input:
-                timeout = 0.0  # handlers to run, output from last round's flushes
+            if self._ready or dirty or self.tls_input or unpublished:
+                # Handlers to run, output from last round's flushes, a batch to publish.
+                timeout = 0.0
+                unpublished = False
             if hosted:
                 # Pause until the host runs the next round: at once while this round
                 # found work (the host's poller is edge-triggered, and this poller's
@@ -528,9 +531,16 @@ class IOThread:
                             conn.bytes_in += n
                             port = conn.port
                             if conn.framer is None:
-                                message = new_message(Data)  # Data() without __init__
-                                set_data(message, bytes(view[:n]))
-                                conn.deliver((port, message))
+                                try:
+                                    message = new_message(Data)  # Data() without __init__
+                                    set_data(message, bytes(view[:n]))
+                                    conn.deliver((port, message))
+                                except Exception:
+                                    # Not delivered (a MemoryError): not charged either.
+                                    # The port fails as an internal error (below); before,
+                                    # the read stayed charged to the budget for good.
+                                    self.delivered_total -= n
+                                    raise
                                 conn.delivered_messages += 1
                                 conn.delivered_bytes += n
                                 if conn.credit > 0:
@@ -639,7 +649,15 @@ class IOThread:
                 self.flush_wanted = True
                 flush_wait = True
             for inbox in inboxes:
-                inbox.notify()
+                try:
+                    inbox.notify()
+                except Exception as exc:
+                    # (A MemoryError while the batch is published: what was not published
+                    # stays staged, and goes in the next round's notify, which comes at
+                    # once: that round polls without blocking.)
+                    unpublished = True
+                    self.internal_errors += 1
+                    log.error("error while publishing a batch to a loop", exc_info=exc)
             table = self._table  # it may have grown
 
     def counters(self) -> dict[str, int]:

@@ -175,6 +175,8 @@ class Core:
     listeners_open: int
     unix_listeners_open: int
     unix_streams: int
+    tcp_streams: int
+    tcp_listeners_open: int
     busy_streams: int
     msgq_paused_streams: int
     budget_paused_streams: int

@@ -82,6 +82,7 @@ send the wakes of its thread that they deferred during the batch: ``native/wakeu
 
 from __future__ import annotations
 
+import operator
 import os
 import socket
 from collections import deque
@@ -170,6 +171,7 @@ class WakeupQueue(Generic[T]):
     """
 
     __slots__ = (
+        "_published",
         "asleep",
         "items",
         "spurious_wakes",
@@ -185,6 +187,8 @@ class WakeupQueue(Generic[T]):
         # A batch producer's items wait here until notify() publishes them all at once.
         self.staged: list[T] = []
         self.stage = self.staged.append
+        # Of ``staged``, the items a notify that failed partway published (see notify).
+        self._published = 0
         self.wakeup = Wakeup()
         # A new consumer is not blocked yet; it announces its sleep with prepare_to_sleep().
         self.asleep = False
@@ -208,10 +212,26 @@ class WakeupQueue(Generic[T]):
         self.staged.append(item)
 
     def notify(self) -> None:
-        """Publish the staged batch (P1) and wake the consumer if it sleeps (P2)."""
+        """Publish the staged batch (P1) and wake the consumer if it sleeps (P2).
+
+        Should the publication fail partway (a ``MemoryError`` while the deque grows: it
+        takes the items one at a time, so those before the one that failed are published,
+        and the consumer may have taken them), the error propagates, and the next notify
+        publishes the rest only: nothing twice, nothing lost.  Before, the whole batch
+        stayed staged and the next notify (the I/O thread's last, as it ends) published it
+        again, the first part twice."""
         staged = self.staged
         if staged:
-            self.items.extend(staged)
+            rest = iter(staged)
+            for _ in range(self._published):  # (only after a failure: rare)
+                next(rest)
+            try:
+                self.items.extend(rest)
+            except BaseException:
+                # (The item that failed was taken from ``rest`` and not appended.)
+                self._published = len(staged) - operator.length_hint(rest) - 1
+                raise
+            self._published = 0
             staged.clear()
         if self.items:
             if self.asleep:

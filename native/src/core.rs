@@ -400,8 +400,10 @@ pub enum Command {
 
 /// What the I/O thread tells a loop (built into messages by `Inbox.take`).
 pub enum Event {
-    /// Bytes read: `Data(bytes)`.
-    Data(Target, Vec<u8>),
+    /// Bytes read (or a packet charged its length): `Data(bytes)`.  The last field is the
+    /// stream's slot, as [`Event::Object`]'s: a message that cannot be built fails the
+    /// port ([`Command::DecodeFailed`]).
+    Data(Target, Vec<u8>, usize),
     /// A packet charged more than its length: its charge goes to the port's
     /// `window.sizes` (see [`TargetExtra::Sizes`]), then `Data(bytes)`.  The last field is the
     /// stream's slot, as [`Event::Object`]'s.
@@ -535,15 +537,20 @@ pub struct Shared {
     pub unix_listeners_open: AtomicU64,
     /// See `unix_listeners_open`.
     pub unix_streams: AtomicU64,
+    /// TCP listeners open now, of `listeners_open`: counted on its own, as `tcp_streams`.
+    pub tcp_listeners_open: AtomicU64,
+    /// TCP streams open now (connecting ones included), of `ports_open`: counted on its
+    /// own, as a stream opens and closes, so that a status reads it with one load.  It was
+    /// `ports_open - listeners_open - unix_streams`, three Relaxed loads the thread may
+    /// change between (a listener counted open before `ports_open` was read grown read
+    /// as -1 TCP stream).  Relaxed: a count read on its own.
+    pub tcp_streams: AtomicU64,
     /// Streams with more output queued than their low watermark now (the daemon's status:
     /// `busy_ports`), counted as `Stream::set_out_bytes` crosses it.  Relaxed: a count.
     pub busy_streams: AtomicU64,
     /// Streams paused by their watermarks now (the daemon's status: `paused_ports`),
     /// counted as `ConnShared::publish` sees the pause change.  Relaxed: a count.
     pub msgq_paused_streams: AtomicU64,
-    /// Streams paused by the memory budget, at the start of the last round
-    /// (`Budget::paused_ports`).  Relaxed: a count.
-    pub budget_paused_streams: AtomicU64,
     /// Errors contained by closing the one port concerned (and the thread's own failure).
     pub internal_errors: AtomicU64,
     /// Why the thread failed, if it did (a panic's message).
@@ -586,9 +593,10 @@ impl Shared {
             listeners_open: AtomicU64::new(0),
             unix_listeners_open: AtomicU64::new(0),
             unix_streams: AtomicU64::new(0),
+            tcp_streams: AtomicU64::new(0),
+            tcp_listeners_open: AtomicU64::new(0),
             busy_streams: AtomicU64::new(0),
             msgq_paused_streams: AtomicU64::new(0),
-            budget_paused_streams: AtomicU64::new(0),
             internal_errors: AtomicU64::new(0),
             failure: Mutex::new(None),
             next_id: &NEXT_ID,
@@ -985,10 +993,6 @@ impl IoThread {
             shared.global_pauses.store(pauses, Ordering::Relaxed);
             let reserve_reads = self.budget.reserve_reads;
             shared.reserve_reads.store(reserve_reads, Ordering::Relaxed);
-            let paused = self.budget.paused_ports() as u64;
-            shared
-                .budget_paused_streams
-                .store(paused, Ordering::Relaxed);
         }
         if !self.lingering.is_empty() {
             self.expire_lingers();
@@ -1484,7 +1488,11 @@ impl IoThread {
                 if s.framer.is_some() {
                     return self.read_framed(s, port, n);
                 }
-                self.stage(s.conn.inbox(), Event::Data(port, self.buffer[..n].to_vec()));
+                let slot = s.conn.slot;
+                self.stage(
+                    s.conn.inbox(),
+                    Event::Data(port, self.buffer[..n].to_vec(), slot),
+                );
                 // Counted after the event is staged: the loop's handshake reads the
                 // delivered counters after the consumed counters it wrote.
                 let delivered = s.flow.deliver(&mut self.budget, &[n as u64]);
@@ -1843,6 +1851,8 @@ impl IoThread {
         }
         if s.sock.is_unix() {
             self.shared.unix_streams.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.shared.tcp_streams.fetch_sub(1, Ordering::Relaxed);
         }
         // What the framer and the held packets hold leaves the budget, and so does a pause.
         let framer = s.framer.take().map_or(0, |f| f.buffered());
@@ -1920,6 +1930,10 @@ impl IoThread {
                     self.shared
                         .unix_listeners_open
                         .fetch_sub(1, Ordering::Relaxed);
+                } else {
+                    self.shared
+                        .tcp_listeners_open
+                        .fetch_sub(1, Ordering::Relaxed);
                 }
                 let _ = self.poll.registry().deregister(&mut sock);
                 // The socket closes (a Unix one's file goes) before the port reads as
@@ -1971,6 +1985,8 @@ impl IoThread {
         self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
         if sock.is_unix() {
             self.shared.unix_streams.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.shared.tcp_streams.fetch_add(1, Ordering::Relaxed);
         }
         let conn = self.new_conn(slot, inbox, options.flow);
         let receive = Arc::clone(&window);
@@ -2114,6 +2130,10 @@ impl IoThread {
             self.shared
                 .unix_listeners_open
                 .fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.shared
+                .tcp_listeners_open
+                .fetch_add(1, Ordering::Relaxed);
         }
         let conn = self.new_conn(slot, inbox, Flow::NONE);
         self.stage(inbox, Event::Listening(request, conn.clone(), local));
@@ -2202,6 +2222,8 @@ impl IoThread {
             self.shared.ports_open.fetch_add(1, Ordering::Relaxed);
             if sock.is_unix() {
                 self.shared.unix_streams.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.shared.tcp_streams.fetch_add(1, Ordering::Relaxed);
             }
             let conn = self.new_conn(slot, inbox, l.options.flow);
             self.stage(
@@ -2380,7 +2402,7 @@ fn gathered(s: &Stream) -> impl Iterator<Item = &[u8]> {
 /// charge is never its length).
 fn packet_event(port: &Target, payload: Payload, charge: u64, overhead: u64, slot: usize) -> Event {
     match payload {
-        Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes),
+        Payload::Bytes(bytes) if overhead == 0 => Event::Data(port.clone(), bytes, slot),
         Payload::Bytes(bytes) => Event::Packet(port.clone(), bytes, charge, slot),
         object => Event::Object(port.clone(), object, charge, slot),
     }

@@ -332,6 +332,13 @@ pub struct Charges {
     /// half: its ports' input and output), written by that half after each of its rounds,
     /// so that one `memory_limit` bounds both.  `Relaxed`: a count read on its own.
     external: AtomicU64,
+    /// Ports the budget pauses now ([`Budget::paused_ports`]), stored by the I/O thread as
+    /// each pause begins or ends (a pause, `cmd_want`, a close, the releases of
+    /// [`Budget::begin_round`]: never per message), so that a status reads it exact; it
+    /// was a snapshot taken once a round, which read paused ports for a round after the
+    /// last one closed (and for good if no round followed).  `Relaxed`: a count read on
+    /// its own.
+    paused_ports: AtomicU64,
 }
 
 /// Add to a counter only the I/O thread writes (no read-modify-write needed).
@@ -380,6 +387,11 @@ impl Charges {
             used += queued as i128 - consumed as i128;
         }
         used as i64
+    }
+
+    /// Ports the budget pauses now (see the field).
+    pub fn paused_ports(&self) -> u64 {
+        self.paused_ports.load(Ordering::Relaxed)
     }
 
     /// Input delivered to the loops, ever (charged bytes).
@@ -1345,6 +1357,7 @@ impl Budget {
                     self.owner_unpaused(token);
                 }
             }
+            self.publish_pauses();
         }
         self.headroom = headroom;
         self.external_seen = self.charges.external();
@@ -1463,6 +1476,7 @@ impl Budget {
         if self.pauses.pause(flow.token(), &flow.window) {
             flow.pauses += 1;
             self.global_pauses += 1;
+            self.publish_pauses();
         }
         if waits {
             self.pauses.wait(flow.token());
@@ -1485,6 +1499,7 @@ impl Budget {
     fn forget(&mut self, token: Token) {
         self.pauses.forget(token);
         self.owner_unpaused(token);
+        self.publish_pauses();
     }
 
     /// Whether a task waits for `flow`'s next message - on the port itself (its window's
@@ -1577,6 +1592,12 @@ impl Budget {
     /// How many ports have an owner mailbox known to the budget (for the tests).
     pub fn owned_ports(&self) -> usize {
         self.owners.len()
+    }
+
+    /// Store the count of paused ports where a status reads it ([`Charges::paused_ports`]).
+    fn publish_pauses(&self) {
+        let paused = self.pauses.ports.len() as u64;
+        self.charges.paused_ports.store(paused, Ordering::Relaxed);
     }
 
     /// A framed port's framer went from holding `before` to `after` bytes over one read

@@ -269,7 +269,15 @@ impl Hosted {
             let Some(batch) = staged.get_mut(index) else {
                 continue;
             };
-            let pairs = list.get_slice(0, count);
+            // Copied out, then cut: should either fail (a `MemoryError`), nothing moved and
+            // the pairs wait in the list for the next round.  (`PyList::get_slice` panics
+            // when its copy cannot be made, and a panic ends this thread: every port.)
+            let Ok(pairs) = list.as_sequence().get_slice(0, count) else {
+                continue;
+            };
+            let Ok(pairs) = pairs.cast_into::<PyList>() else {
+                continue;
+            };
             if list.del_slice(0, count).is_ok() {
                 batch.push(Event::Hosted(pairs.unbind()));
             }

@@ -601,15 +601,18 @@ pub struct Inbox {
     hosted: Py<PyList>,
     /// What an interrupted `take` left for the next (see [`Carried`]).
     carried: Mutex<Carried>,
-    /// A test hook (``_fail_packets_for_test``): the next this many packets' ``Data``
-    /// messages (a decoded object's, a charged packet's) raise ``MemoryError`` while being
-    /// built.  Relaxed: touched by the
-    /// loop's thread only.
+    /// A test hook (``_fail_packets_for_test``): the next this many ``Data`` messages (a
+    /// raw read's, a decoded object's, a charged packet's) raise ``MemoryError`` while
+    /// being built.  Relaxed: touched by the loop's thread only (one load per message).
     fail_packets: std::sync::atomic::AtomicU32,
     /// A test hook (``_fail_replies_for_test``): the next this many connect or listen
     /// replies raise ``MemoryError`` while being built.  Relaxed: touched by the loop's
     /// thread only.
     fail_replies: std::sync::atomic::AtomicU32,
+    /// A test hook (``_fail_hosted_for_test``): appending the next this many batches of
+    /// the hosted half's pairs raises ``MemoryError``.  Relaxed: touched by the loop's
+    /// thread only.
+    fail_hosted: std::sync::atomic::AtomicU32,
 }
 
 /// What a `take` interrupted by a `BaseException` that is not an `Exception` (a
@@ -635,6 +638,13 @@ enum Unbuilt {
     /// anyio's rule).  Nothing of the event was done yet: it is given back whole, to be
     /// built again at the next take (boxed: an event is large, an interrupt rare).
     Interrupted(PyErr, Box<Event>),
+    /// The hosted half's pairs ([`Event::Hosted`]) could not be appended (a
+    /// `MemoryError`: one allocation, so none was): they are messages already made, with
+    /// their charges counted, of many ports, so neither dropped nor failed - kept whole,
+    /// with the events after them, for the next take, which the loop makes at once
+    /// (`prepare_to_sleep` is false while anything is carried).  Before, they were
+    /// appended one by one and the rest dropped at the first that failed.
+    Postponed(Box<Event>),
 }
 
 /// The reused msgpack decoder's bound methods: `feed`, `unpack` and `read_bytes`.  Each
@@ -825,7 +835,9 @@ impl Inbox {
             }
         };
         if internal {
-            // (Reported once the messages are built: an interrupted build is retried.)
+            // (Reported and counted once the messages are built: an interrupted build is
+            // retried.)  Counted as the Python core's `_internal_error` counts it.
+            self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
             error.write_unraisable(py, Some(obj.bind(py)));
         }
         if let Some(window) = &port.window {
@@ -848,7 +860,7 @@ impl Inbox {
             Event::Object(port, _, charge, _) | Event::Packet(port, _, charge, _) => {
                 (port, *charge)
             }
-            Event::Data(port, bytes) => (port, bytes.len() as u64),
+            Event::Data(port, bytes, _) => (port, bytes.len() as u64),
             Event::Eof(port)
             | Event::Shutdown(port)
             | Event::Broken(port, _)
@@ -899,11 +911,13 @@ impl Inbox {
     /// What the last `take` left when it was interrupted (see [`Carried`]): its pairs (or a
     /// new list) and its events, if any.
     fn resume<'py>(&self, py: Python<'py>) -> (Bound<'py, PyList>, Option<Vec<Event>>) {
-        let taken = match self.carried.lock() {
-            Ok(mut carried) if carried.pairs.is_some() => {
+        let taken = {
+            let mut carried = self.carried();
+            if carried.pairs.is_some() {
                 Some((carried.pairs.take(), std::mem::take(&mut carried.events)))
+            } else {
+                None
             }
-            _ => None,
         };
         match taken {
             Some((Some(pairs), events)) => (pairs.into_bound(py), Some(events)),
@@ -924,20 +938,56 @@ impl Inbox {
         while let Some(event) = events.next() {
             match self.build(py, list, event) {
                 Ok(()) => {}
-                Err(Unbuilt::Failed(error)) => error.write_unraisable(py, None),
+                Err(Unbuilt::Failed(error)) => {
+                    // An internal error, as the Python core's `_internal_error` counts.
+                    self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
+                    error.write_unraisable(py, None)
+                }
                 Err(Unbuilt::Interrupted(error, event)) => {
-                    if let Ok(mut carried) = self.carried.lock() {
-                        let mut left = Vec::with_capacity(1 + events.len());
-                        left.push(*event);
-                        left.extend(events);
-                        carried.events = left;
-                        carried.pairs = Some(list.clone().unbind());
-                    }
+                    self.carry(list, *event, events);
                     return Err(error);
+                }
+                Err(Unbuilt::Postponed(event)) => {
+                    // Nothing of it was appended (one allocation, all or nothing): it and
+                    // the events after it wait for the next take, in order.
+                    self.carry(list, *event, events);
+                    return Ok(());
                 }
             }
         }
         Ok(())
+    }
+
+    /// The carried events, whatever became of the lock: a panic while it was held
+    /// (poisoning it) cannot lose them.  No code that can panic runs while it is held
+    /// (moves, and a `Vec` reserved before it is taken); should one ever, what the lock
+    /// holds is still whole - `pairs` and `events` are each replaced by one move - so
+    /// the poisoned data is taken as it is (`PoisonError::into_inner`) rather than
+    /// dropped, which lost the events and left the loop asleep with them.
+    fn carried(&self) -> std::sync::MutexGuard<'_, Carried> {
+        self.carried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keep `list` and the events not built (`event`, then `rest`) for the next `take`.
+    fn carry(&self, list: &Bound<'_, PyList>, event: Event, rest: std::vec::IntoIter<Event>) {
+        let mut left = Vec::with_capacity(1 + rest.len());
+        left.push(event);
+        left.extend(rest);
+        let pairs = list.clone().unbind();
+        let mut carried = self.carried();
+        carried.events = left;
+        carried.pairs = Some(pairs);
+    }
+
+    /// A test hook's fault (``_poison_carried_for_test``): a panic while the carried
+    /// events' lock is held, which poisons it.
+    fn poison_carried(&self) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = self.carried.lock();
+            panic!("a panic while the carried events' lock is held (a test's)");
+        }));
     }
 
     /// A packet's `Data(payload)` message (``Data`` without its ``__init__``).
@@ -1002,6 +1052,16 @@ impl Inbox {
         Err(pyo3::exceptions::PyMemoryError::new_err(()))
     }
 
+    /// The test hook's fault (``_fail_hosted_for_test``): `MemoryError` while it lasts.
+    fn hosted_fault(&self) -> PyResult<()> {
+        let left = self.fail_hosted.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(());
+        }
+        self.fail_hosted.store(left - 1, Ordering::Relaxed);
+        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+    }
+
     /// The test hook's fault (``_fail_replies_for_test``): `MemoryError` while it lasts.
     fn reply_fault(&self) -> PyResult<()> {
         let left = self.fail_replies.load(Ordering::Relaxed);
@@ -1037,6 +1097,12 @@ impl Inbox {
         };
         match self.build_event(py, list, &event) {
             Ok(()) => Ok(()),
+            Err(error)
+                if matches!(event, Event::Hosted(_))
+                    && error.is_instance_of::<pyo3::exceptions::PyMemoryError>(py) =>
+            {
+                Err(Unbuilt::Postponed(Box::new(event)))
+            }
             Err(error) if error.is_instance_of::<PyException>(py) => Err(Unbuilt::Failed(error)),
             Err(error) => Err(Unbuilt::Interrupted(error, Box::new(event))),
         }
@@ -1068,15 +1134,25 @@ impl Inbox {
                 };
                 self.deliver_packet(py, list, port, slot, charge, data)
             }
-            Event::Data(port, bytes) => {
+            Event::Data(port, bytes, slot) => {
+                // Charged its length, which the port counts taken as its owner takes it.
+                // A message that could not be made or appended (a `MemoryError`) fails
+                // the port as a packet's does ([`Inbox::fail`]: its owner told, its
+                // charge counted taken, the port closed); before, it was dropped, the
+                // port went on with a gap in its stream, and its charge stayed for good.
+                let charge = bytes.len() as u64;
                 if let Some(window) = &port.window {
                     window.task_woken();
                 }
-                let message = self.new.bind(py).call1((self.data.bind(py),))?;
-                self.set_data
-                    .bind(py)
-                    .call1((&message, PyBytes::new(py, bytes)))?;
-                pair(port, message)
+                let data = match self.data_message(py, PyBytes::new(py, bytes).into_any()) {
+                    Ok(data) => data,
+                    Err(error) if interrupted(&error) => return Err(error),
+                    Err(error) => return self.fail(py, list, port, *slot, charge, error),
+                };
+                match pair(port, data) {
+                    Ok(()) => Ok(()),
+                    Err(error) => self.fail(py, list, port, *slot, charge, error),
+                }
             }
             Event::Packet(port, bytes, charge, slot) => {
                 let (charge, slot) = (*charge, *slot);
@@ -1179,10 +1255,12 @@ impl Inbox {
                 pair(port, message)
             }
             Event::Hosted(pairs) => {
-                for pair in pairs.bind(py).iter() {
-                    list.append(pair)?;
-                }
-                Ok(())
+                // All or nothing: one slice assignment (`list[n:n] = pairs`) grows the
+                // list once, then moves the pairs; should the growth fail, none is
+                // appended, and the event is postponed whole ([`Unbuilt::Postponed`]).
+                let end = list.len();
+                self.hosted_fault()?;
+                list.as_sequence().set_slice(end, end, pairs.bind(py))
             }
             Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
         }
@@ -1254,11 +1332,7 @@ impl Inbox {
     /// Announce the loop's sleep: True to block on the fd, False if batches wait (or what
     /// an interrupted `take` left).
     fn prepare_to_sleep(&self) -> bool {
-        if self
-            .carried
-            .lock()
-            .is_ok_and(|carried| carried.pairs.is_some())
-        {
+        if self.carried().pairs.is_some() {
             return false;
         }
         self.queue.prepare_to_sleep()
@@ -1338,12 +1412,27 @@ impl Inbox {
     }
 
     /// A test hook, private (``_fail_packets_for_test``, used only by the tests): the next
-    /// ``count`` packets' ``Data`` messages (a decoded msgpack or resp object's, a framed
-    /// port's bytes) raise ``MemoryError`` while this inbox builds them, as a real
+    /// ``count`` ``Data`` messages (a raw read's, a decoded msgpack or resp object's, a
+    /// framed port's bytes) raise ``MemoryError`` while this inbox builds them, as a real
     /// allocation failure would.
     #[pyo3(name = "_fail_packets_for_test")]
     fn fail_packets_for_test(&self, count: u32) {
         self.fail_packets.store(count, Ordering::Relaxed)
+    }
+
+    /// A test hook, private (``_fail_hosted_for_test``, used only by the tests): appending
+    /// the next ``count`` batches of the hosted half's pairs to a take's list raises
+    /// ``MemoryError``, as a real allocation failure would.
+    #[pyo3(name = "_fail_hosted_for_test")]
+    fn fail_hosted_for_test(&self, count: u32) {
+        self.fail_hosted.store(count, Ordering::Relaxed)
+    }
+
+    /// A test hook, private (``_poison_carried_for_test``, used only by the tests): a
+    /// panic while the lock of what an interrupted take carries is held, which poisons it.
+    #[pyo3(name = "_poison_carried_for_test")]
+    fn poison_carried_for_test(&self) {
+        self.poison_carried()
     }
 }
 
@@ -1649,6 +1738,7 @@ impl Core {
             fail_replies: std::sync::atomic::AtomicU32::new(0),
             carried: Mutex::new(Carried::default()),
             fail_packets: std::sync::atomic::AtomicU32::new(0),
+            fail_hosted: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -2081,6 +2171,16 @@ impl Core {
     fn unix_streams(&self) -> u64 {
         self.shared.unix_streams.load(Ordering::Relaxed)
     }
+    /// TCP listeners open now (of ``listeners_open``).
+    #[getter]
+    fn tcp_listeners_open(&self) -> u64 {
+        self.shared.tcp_listeners_open.load(Ordering::Relaxed)
+    }
+    /// TCP streams open now (connecting ones included; of ``ports_open``).
+    #[getter]
+    fn tcp_streams(&self) -> u64 {
+        self.shared.tcp_streams.load(Ordering::Relaxed)
+    }
     /// Streams with more output queued than their low watermark now.
     #[getter]
     fn busy_streams(&self) -> u64 {
@@ -2091,10 +2191,10 @@ impl Core {
     fn msgq_paused_streams(&self) -> u64 {
         self.shared.msgq_paused_streams.load(Ordering::Relaxed)
     }
-    /// Streams paused by the memory budget, at the start of the thread's last round.
+    /// Streams paused by the memory budget now.
     #[getter]
     fn budget_paused_streams(&self) -> u64 {
-        self.shared.budget_paused_streams.load(Ordering::Relaxed)
+        self.charges.paused_ports()
     }
     /// Errors contained (and the thread's own failure).
     #[getter]

@@ -419,6 +419,42 @@ fn pausing_and_letting_go_of_65536_ports_costs_o1_each() {
     assert!(steps <= 8 * N as u64, "{steps} steps for {N} ports");
 }
 
+/// The count of paused ports a status reads (`Charges::paused_ports`) is the budget's
+/// own after every change: each pause, a `cmd_want`, a close, a round's releases.  It
+/// was a snapshot the I/O thread took at the top of a round.
+#[test]
+fn the_published_count_of_paused_ports_follows_every_pause_and_release() {
+    const LIMIT: u64 = 1 << 20;
+    let counters = Arc::new(LoopCounters::new());
+    let mut budget = Budget::new(Some(LIMIT), None, READ_SIZE);
+    budget.add_loop(Arc::clone(&counters));
+    let mut flows: Vec<ReceiveFlow> = (0..4)
+        .map(|token| {
+            let window = Arc::new(Window::new(Watermarks::NONE, Arc::clone(&counters)));
+            ReceiveFlow::new(window, token, ACTIVE_TRUE, 0)
+        })
+        .collect();
+    let published = |budget: &Budget| budget.charges().paused_ports();
+    let mut resumed = Vec::new();
+    counters.queued(LIMIT);
+    budget.begin_round(&mut resumed);
+    for (paused, flow) in flows.iter_mut().enumerate() {
+        assert!(budget.admit_read(flow).is_none());
+        assert_eq!(published(&budget), paused as u64 + 1);
+    }
+    assert!(flows[0].window().set_waiting(true), "cmd_want");
+    assert!(budget.want(&mut flows[0]));
+    assert_eq!(published(&budget), 3);
+    flows[1].close(&mut budget, 0);
+    assert_eq!(published(&budget), 2);
+    assert_eq!(published(&budget), budget.paused_ports() as u64);
+    // One half: the rest go.
+    budget.wrote(LIMIT / 2);
+    budget.begin_round(&mut resumed);
+    assert_eq!(resumed.len(), 2);
+    assert_eq!(published(&budget), 0);
+}
+
 #[test]
 fn framed_reads_are_shortened_to_what_the_budget_can_pay() {
     let (window, _) = window(Watermarks::NONE);
