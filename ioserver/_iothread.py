@@ -65,6 +65,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,27 @@ _WRITABLE = WRITE | ERROR
 # Sets Data.data on an instance made with object.__new__: the frozen dataclass's __init__
 # costs a Python frame and an object.__setattr__ per message.
 _SET_DATA = Data.__dict__["data"].__set__
+
+
+def owner_cell_of(
+    cells: dict[int, tuple[Any, Any]], key: int, io: Any, make: Callable[[], Any]
+) -> Any:
+    """The cell under ``key`` (an I/O half's ``id``) in a mailbox's ``cells``, made by
+    ``make()`` the first time or when the entry there is a stopped half's (its weak
+    reference dead: the same ``id`` now names another object).  Entries of halves that
+    ended are dropped whenever a cell is made."""
+    entry = cells.get(key)
+    if entry is not None and entry[0]() is io:
+        return entry[1]
+    for stale in [k for k, (ref, _) in cells.items() if not _alive(ref())]:
+        del cells[stale]
+    cell = make()
+    cells[key] = (weakref.ref(io), cell)
+    return cell
+
+
+def _alive(io: Any) -> bool:
+    return io is not None and bool(io.is_alive())
 
 
 def raise_open_file_limit() -> int:
@@ -1080,13 +1102,12 @@ class IOThread:
         (:meth:`MemoryBudget.want_owner`: O(its paused ports))."""
         self.budget.want_owner(cell)
 
-    def owner_cell(self, conn: object, cells: dict[object, tuple[Any, Any]]) -> Any:
+    def owner_cell(self, conn: object, cells: dict[int, tuple[Any, Any]]) -> Any:
         """The cell, in ``conn``'s I/O half, of the mailbox whose cells are ``cells``
-        (``{half: (io, cell)}``; made the first time): what ``cmd_owner`` names it by."""
-        entry = cells.get(self)
-        if entry is None:
-            entry = cells[self] = (self, OwnerCell())
-        return entry[1]
+        (``{id(half): (weak reference to the I/O thread, cell)}``; made the first time):
+        what ``cmd_owner`` names it by.  The mailbox holds this thread weakly, so a
+        long-lived mailbox does not keep a stopped server alive."""
+        return owner_cell_of(cells, id(self), self, OwnerCell)
 
     def _eof(self, conn: Conn) -> None:
         conn.read_eof = True

@@ -69,7 +69,7 @@ from ._exceptions import ConnectError, NotSupportedError, errno_name
 from ._flow import Window
 from ._framing import Framer
 from ._hub import AsyncioHub, TrioHub, log
-from ._iothread import IOThread, internal_error_reason
+from ._iothread import IOThread, internal_error_reason, owner_cell_of
 from ._tcp import listen_socket
 from ._unix import listen_unix_socket, remove_socket_file
 from ._wakeup import WakeupQueue
@@ -498,17 +498,13 @@ class NativeIOThread(IOThread):
         )
         return True
 
-    def owner_cell(self, conn: object, cells: dict[object, tuple[Any, Any]]) -> Any:
+    def owner_cell(self, conn: object, cells: dict[int, tuple[Any, Any]]) -> Any:
         """The cell, in ``conn``'s I/O half, of the mailbox whose cells are ``cells``: for
         a native port the native thread's (``_native.OwnerCell``: atomics the thread reads
         without the GIL), else the hosted half's (``IOThread.owner_cell``)."""
         if conn.__class__ is not _NativeConn:
             return IOThread.owner_cell(self, conn, cells)
-        key = self._core
-        entry = cells.get(key)
-        if entry is None:
-            entry = cells[key] = (self, _native.OwnerCell())
-        return entry[1]
+        return owner_cell_of(cells, id(self._core), self, _native.OwnerCell)
 
     def _internal_error(self, conn: object, exc: Exception) -> None:
         """An error while serving one port: close that port only - a native one through

@@ -64,10 +64,11 @@ class Mailbox(Source):
         # The ports this mailbox owns or holds; closed ones are swept out now and then.
         self._ports: set[HeldPort] = set()
         self._sweep_at = _SWEEP_AT
-        # Its cell in each I/O half one of its ports is in, ``{half: (io, cell)}`` (None
-        # until a port is owned under a memory budget: ``Port.set_owner``).  The budget
-        # keeps the paused ports of the mailbox there (see _want_input).
-        self._cells: dict[object, tuple[Any, Any]] | None = None
+        # Its cell in each I/O half one of its ports is in, ``{id(half): (weak reference
+        # to the I/O thread, cell)}`` (None until a port is owned under a memory budget:
+        # ``Port.set_owner``).  The budget keeps the paused ports of the mailbox there
+        # (see _want_input).  Weak: a long-lived mailbox keeps no stopped server alive.
+        self._cells: dict[int, tuple[Any, Any]] | None = None
 
     def send_nowait(self, message: object) -> None:
         """Append ``message`` and wake a waiting receiver.
@@ -258,9 +259,11 @@ class Mailbox(Source):
         mailbox's paused ports), on the I/O thread."""
         cells = self._cells
         if cells:
-            for io, cell in cells.values():
+            for io_ref, cell in cells.values():
                 if cell.park():
-                    io.commands.put((io.cmd_want_owner, cell, None))
+                    io = io_ref()
+                    if io is not None:
+                        io.commands.put((io.cmd_want_owner, cell, None))
 
     def _unparked(self) -> None:
         """No task waits on this mailbox any more: its cells say so (a stale mark would
@@ -274,7 +277,13 @@ class Mailbox(Source):
         cells = self._cells
         if cells is None:
             cells = self._cells = {}
-        return io.owner_cell(conn, cells)
+        cell = io.owner_cell(conn, cells)
+        if self._waiters:
+            # A task parked before this cell existed (a port handed to a mailbox already
+            # received on, as Erlang's controlling_process): mark it now, before the
+            # port's cmd_owner is queued, for the I/O thread to see the owner waiting.
+            cell.park()
+        return cell
 
     def _select_disarm(self, waiter: Waiter) -> None:
         try:

@@ -253,9 +253,9 @@ async def test_a_busy_hosted_half_lets_the_loop_take_the_gil_between_its_rounds(
 
     Counted in the hosted half's rounds (``io.polls``), not in seconds: on the old tree
     none of 150 echoes (in six runs) took fewer than two rounds; here about nine in ten
-    took none and all but a few at most one.  The bound (a quarter of the echoes within one
-    round) leaves room for a loaded machine, where the loop thread may miss a gap for want
-    of a CPU."""
+    took none and all but a few at most one.  The bound (3 of 40 echoes within one round)
+    leaves room for a loaded machine, where the loop thread may miss a gap for want of a
+    CPU: with five other test runs on the two cores, 2 of 20 did."""
     caplog.set_level("ERROR", logger="ioserver")  # a warning per refused frame otherwise
     io: Any = ios._io
     router = io.zmq_context().socket(zmq.ROUTER)
@@ -267,7 +267,7 @@ async def test_a_busy_hosted_half_lets_the_loop_take_the_gil_between_its_rounds(
     control = ControlEndpoint(io, router, heartbeat=5.0, info={}, status=dict)
     io.submit(lambda target, _: target.start(), control, None)
     flood = subprocess.Popen([sys.executable, "-c", _REFUSED_FLOOD, endpoint])  # noqa: ASYNC220
-    echoes = 20
+    echoes = 40
     rounds: list[int] = []
     try:
         async with (
@@ -299,4 +299,4 @@ async def test_a_busy_hosted_half_lets_the_loop_take_the_gil_between_its_rounds(
         flood.kill()
         flood.wait()
     within_one = sum(1 for count in rounds if count <= 1)
-    assert within_one >= echoes // 4, sorted(rounds)
+    assert within_one >= 3, sorted(rounds)
