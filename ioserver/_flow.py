@@ -35,7 +35,7 @@ delivers the message and the loop half pops when the owner takes it.  A packet o
 port in this process is charged ``window.packet_overhead`` more
 (:data:`~._framing.PACKET_OVERHEAD`: what its Python objects hold), and a decoded object
 what it holds beyond that (:meth:`~._framing.Framer.object_charges`:
-:data:`~._framing.MSGPACK_ITEM_CHARGE` a msgpack item, so that a frame of tiny items
+:data:`~._framing.MSGPACK_CHARGES`: a msgpack item by its kind, so that a frame of tiny items
 cannot hold many times its charge), so every such port keeps ``window.sizes``; a
 daemon's port charges wire bytes, as its client counts them.
 

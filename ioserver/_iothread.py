@@ -902,7 +902,7 @@ class IOThread:
             if overhead:
                 # What a packet holds in Python objects beyond its bytes: charged too, so
                 # that many small packets cannot pass the budget; and what a decoded
-                # object holds beyond that (MSGPACK_ITEM_CHARGE an item...), so that
+                # object holds beyond that (MSGPACK_CHARGES by kind of item...), so that
                 # many tiny items cannot either.
                 more = framer.object_charges(payloads)
                 if more is None:

@@ -29,9 +29,10 @@ class _Framer:
     @property
     def decodes_objects(self) -> bool: ...
 
-def _msgpack_items(data: bytes | bytearray | memoryview, start: int, stop: int) -> list[int]:
-    """The items of each whole msgpack object of ``data[start:stop]`` (back to back, up to
-    the first unfinished one), as ``ioserver._framing._check_items`` counts them (private:
+def _msgpack_charges(data: bytes | bytearray | memoryview, start: int, stop: int) -> list[int]:
+    """The charge of each whole msgpack object of ``data[start:stop]`` (back to back, up
+    to the first unfinished one): what it holds decoded beyond its wire bytes and
+    ``PACKET_OVERHEAD``, by kind of item (``ioserver._framing.MSGPACK_CHARGES``; private:
     the Python framer's charge).
 
     Raises:

@@ -38,7 +38,7 @@
 //! A message is charged its size in bytes: a payload of bytes its length, a decoded
 //! object its share of the wire bytes it was decoded from, plus [`PACKET_OVERHEAD`] for a
 //! framed port of this process, and for such a port what its decoded object holds beyond
-//! that (`framing::MSGPACK_ITEM_CHARGE` a msgpack item, `framing::RESP_ARGUMENT_CHARGE` a
+//! that (a msgpack object by kind of item, `framing::msgpack::CHARGE_INT`..., `framing::RESP_ARGUMENT_CHARGE` a
 //! RESP argument; see `framing::Framer::charges`).  **The charge travels
 //! with the message**: the I/O thread computes it and hands it to the loop half with the
 //! message, which passes it back in [`Window::took`] when the owner takes it.  (The Python

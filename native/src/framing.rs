@@ -57,9 +57,10 @@
 //! takes it: its bytes (`Length`, `Line`), or its share of the wire bytes the read
 //! consumed (`Msgpack`, `Resp`, whose packets Python decodes into objects whose size says
 //! nothing), plus [`PACKET_OVERHEAD`] for a port of this process; and for such a port,
-//! what a decoded object holds beyond that: [`MSGPACK_ITEM_CHARGE`] for each item of a
-//! msgpack object but itself (the framer counts them as it finds the object's bounds),
-//! [`RESP_ARGUMENT_CHARGE`] for each argument of a command.
+//! what a decoded object holds beyond that: for a msgpack object, a charge per kind of
+//! item (its own object and its slot: [`msgpack::CHARGE_INT`] and the others, added up as
+//! the framer finds the object's bounds), [`RESP_ARGUMENT_CHARGE`] for each argument of a
+//! command.
 
 pub mod msgpack;
 mod python;
@@ -68,7 +69,7 @@ pub mod resp;
 mod tests;
 
 pub(crate) use python::{frame_error, framer_from_py};
-pub use python::{msgpack_items, PyFramer};
+pub use python::{msgpack_charges, PyFramer};
 
 use std::fmt;
 
@@ -79,23 +80,11 @@ pub const DEFAULT_PACKET_SIZE: usize = 64 * 1024 * 1024;
 /// what a small queued message costs in Python objects (`_framing.PACKET_OVERHEAD`).
 pub const PACKET_OVERHEAD: usize = 160;
 
-/// Bytes charged for each item of a decoded msgpack object beyond the object itself (each
-/// array element, each map key and each map value, nested or not), on top of its wire
-/// bytes and [`PACKET_OVERHEAD`], for a port of this process
-/// (`_framing.MSGPACK_ITEM_CHARGE`).  Its wire bytes alone said nothing of what decoding
-/// builds: one byte (an empty array) decodes to a 56-byte list and its slot, so a frame of
-/// tiny items held ~64 times its charge.  The most an item builds beyond its wire bytes,
-/// measured with `tracemalloc` on CPython 3.11 x86-64: 96 bytes (an item of a one-entry
-/// map: the dict's 184 bytes over three items), 95 (a `fixext 2`), 71 (an empty map),
-/// 62 (an empty array); rounded up.  At most [`PACKET_OVERHEAD`], so a read of `n` bytes
-/// is still charged at most `n * (1 + PACKET_OVERHEAD)` (each item takes one byte at
-/// least): the bound the budget's shortened reads rely on.
-pub const MSGPACK_ITEM_CHARGE: usize = 112;
-
 /// Bytes charged for each argument of a RESP command, on top of the command's wire bytes
 /// and [`PACKET_OVERHEAD`], for a port of this process (`_framing.RESP_ARGUMENT_CHARGE`):
 /// a `bytes` object (33 bytes and its length) and its list slot (8), less the six wire
-/// bytes an argument takes at least, with the allocator's rounding.
+/// bytes an argument takes at least, with the allocator's rounding (35 bytes measured
+/// with `tracemalloc`, as the msgpack charges were).
 pub const RESP_ARGUMENT_CHARGE: usize = 48;
 
 /// The packet mode of a stream port (Erlang's `{packet, ...}`).
@@ -529,7 +518,8 @@ impl Framer {
     ///   [`buffered`](Framer::buffered) before it, less `buffered` after it), shared
     ///   equally among the messages, the remainder on the last one; plus `overhead` each;
     ///   and, when `overhead` is not 0, what the decoded object holds beyond them: a
-    ///   msgpack object [`MSGPACK_ITEM_CHARGE`] for each item but itself, a RESP command
+    ///   msgpack object the charge of its items by kind (see [`msgpack::CHARGE_INT`]),
+    ///   a RESP command
     ///   [`RESP_ARGUMENT_CHARGE`] for each argument.
     ///
     /// `overhead` is [`PACKET_OVERHEAD`] for a framed port of this process, 0 for a
@@ -574,8 +564,8 @@ impl Framer {
                 let objects = &mut out[start..];
                 match &self.inner {
                     Inner::Msgpack(framer) => {
-                        for (charge, &items) in objects.iter_mut().zip(framer.object_items()) {
-                            *charge += (items as u64 - 1) * MSGPACK_ITEM_CHARGE as u64;
+                        for (charge, &more) in objects.iter_mut().zip(framer.object_charges()) {
+                            *charge += more;
                         }
                     }
                     _ => {
