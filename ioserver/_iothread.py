@@ -152,6 +152,12 @@ class _WakeupSlot:
         self.kind = -1
 
 
+def _over_budget(cap: int, size: int) -> PacketTooLarge:
+    """A message charged ``size`` bytes that the budget can never grant (``cap``:
+    :attr:`IOThread.message_cap`)."""
+    return PacketTooLarge(cap, size, "message", "bytes charged", "memory_limit less a read")
+
+
 class IOThread:
     """The I/O thread and its state.  Loops talk to it only through :meth:`submit`."""
 
@@ -177,6 +183,12 @@ class IOThread:
         self.hosted = hosted
         self.memory_limit = memory_limit
         self.port_buffer_limit = port_buffer_limit
+        #: The most one message may be charged: ``memory_limit`` less a read.  A port
+        #: reads only while a whole read fits under ``memory_limit``, so a packet still
+        #: arriving charged more than this by itself would never be read further; such a
+        #: port, and one whose whole message is charged more, fails with ``EMSGSIZE``
+        #: (:meth:`_deliver_framed`).  None: no limit.
+        self.message_cap = None if memory_limit is None else max(0, memory_limit - READ_SIZE)
         self.framing_bytes = 0
         #: The global memory budget (see "Receive flow control" above); it charges the
         #: counters below, and resumes a port it paused by recomputing its interest.
@@ -886,6 +898,11 @@ class IOThread:
             self.delivered_total -= n
             self._buffer_limit_error(conn, after)
             return False
+        cap = self.message_cap
+        if cap is not None and after > cap:  # a packet still arriving that can never fit
+            self.delivered_total -= n
+            self._frame_error(conn, _over_budget(cap, after))
+            return False
         # The round adds n to delivered_total (as for raw reads): what is delivered adds
         # itself back (see _deliver_payloads), what is held is charged as framing.
         self.delivered_total -= n
@@ -909,6 +926,11 @@ class IOThread:
                     shares = [share + overhead for share in shares]
                 else:
                     shares = [share + overhead + m for share, m in zip(shares, more, strict=True)]
+            if cap is not None and max(shares) > cap:
+                # The same message, arrived in fewer reads: none of the read's messages is
+                # delivered, as for a framing error.
+                self._frame_error(conn, _over_budget(cap, max(shares)))
+                return False
             self._deliver_payloads(conn, payloads, shares)
         return True
 

@@ -442,6 +442,7 @@ class _PyIO:
 
     def __init__(self, port_buffer_limit: int | None) -> None:
         self.port_buffer_limit = port_buffer_limit
+        self.message_cap = None  # (no memory_limit, as the native model below)
         self.delivered_total = 0
         self.framing_bytes = 0
         self.consumed = 0

@@ -9,6 +9,7 @@ same messages, errors and memory bound, against real sockets and redis-cli.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import socket
@@ -417,6 +418,103 @@ async def test_objects_of_tiny_items_are_charged_what_they_decode_to(
                 async with anyio.create_task_group() as readers:
                     for port in owners:
                         readers.start_soon(drain, port)
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+        assert statistics.memory_in_use == 0, statistics
+
+
+CAP = LIMIT - 65536  # bytes: the most one message may be charged (memory_limit less a read)
+
+
+def _charge(packet: bytes) -> int:
+    """What a port of this process charges the msgpack object ``packet``."""
+    [more] = _native._msgpack_charges(packet, 0, len(packet))
+    return len(packet) + PACKET_OVERHEAD + more
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize("packet", ["msgpack", 4])
+async def test_a_message_that_can_never_fit_the_budget_fails_its_port(
+    no_leaks: None, core: str, io_backend: str | None, packet: Any
+) -> None:
+    """A message charged more than the budget can ever grant it (``memory_limit`` less a
+    read: a port reads only while a whole read fits) fails its port with ``EMSGSIZE``, as
+    an over-``packet_size`` packet does, instead of a port waiting for it for ever: a
+    msgpack array of 20,000 ints (20 KB on the wire, charged 1.14 MB by kind of item)
+    and a 4-byte-length packet of 1.5 MB (``packet_size`` 4 MiB), under a 1 MiB limit.
+    Another port of the same listener loses nothing.  Before, the msgpack object was
+    delivered, 2.2 MB charged under the 1 MiB limit (and, charged as it arrived, would
+    have waited for ever), and the length packet's port waited for ever."""
+    if packet == "msgpack":
+        wire: bytes = msgpack.packb([-1] * 20_000)
+        assert _charge(wire) > CAP
+    else:
+        wire = struct.pack(">I", 1_500_000) + b"x" * 1_500_000
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(
+            ios, "127.0.0.1", 0, packet=packet, packet_size=4 << 20, **UNBOUND
+        )
+        small = msgpack.packb([1, "two"]) if packet == "msgpack" else b"\0\0\0\2ab"
+        async with listener:
+            with (
+                socket.create_connection(listener.local_address) as peer,
+                socket.create_connection(listener.local_address) as other,
+            ):
+                port = await _accept(listener)
+                bystander = await _accept(listener)
+                async with port, bystander:
+                    other.sendall(small)
+                    before = await bystander.receive()
+                    assert isinstance(before, Data), before
+
+                    async def send() -> None:
+                        try:
+                            await anyio.to_thread.run_sync(peer.sendall, wire)
+                        except OSError:
+                            pass  # (the port closed before all was sent)
+
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(send)
+                        with anyio.fail_after(10):
+                            error = await port.receive()
+                            assert isinstance(error, Error), error
+                            assert error.errno_name == "EMSGSIZE", error
+                            assert f"exceeds memory_limit less a read={CAP}" in error.message
+                            closed = await port.receive()
+                            assert isinstance(closed, Closed), closed
+                            assert closed.reason == "EMSGSIZE"
+                        with contextlib.suppress(OSError):  # (the send may be blocked)
+                            peer.shutdown(socket.SHUT_RDWR)
+                    other.sendall(small)
+                    with anyio.fail_after(5):
+                        after = await bystander.receive()
+                    assert isinstance(after, Data) and after.data == before.data
+                    assert port.statistics().packets_too_large == 1
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+    assert ios.statistics().memory_in_use == 0
+
+
+@pytest.mark.every_core
+async def test_a_message_just_under_what_the_budget_can_grant_is_delivered_whole(
+    no_leaks: None, core: str, io_backend: str | None
+) -> None:
+    """A msgpack object charged just under ``memory_limit`` less a read (an array of
+    17,000 ints, 17 KB on the wire, charged 969 KB) is delivered whole to an owner that
+    waits for it, and the memory charged stays within the limit."""
+    wire: bytes = msgpack.packb([-1] * 17_000)
+    assert CAP - 20_000 < _charge(wire) <= CAP
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack", **UNBOUND)
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(wire)
+                    with anyio.fail_after(10):
+                        message = await port.receive()
+                    assert isinstance(message, Data), message
+                    assert message.data == [-1] * 17_000
         statistics = ios.statistics()
         assert statistics.peak_memory <= LIMIT, statistics
         assert statistics.memory_in_use == 0, statistics

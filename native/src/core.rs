@@ -1501,7 +1501,8 @@ impl IoThread {
             Err(ReadFault::Frame(error)) => {
                 let errno = match error {
                     crate::framing::FrameError::TooLarge { .. }
-                    | crate::framing::FrameError::TooManyItems { .. } => {
+                    | crate::framing::FrameError::TooManyItems { .. }
+                    | crate::framing::FrameError::OverBudget { .. } => {
                         s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
                         libc::EMSGSIZE
                     }

@@ -1156,6 +1156,17 @@ impl Budget {
         self.reserve
     }
 
+    /// The most one message may be charged (`None`: no `memory_limit`): `memory_limit`
+    /// less a read.  A port reads only while a whole read fits under `memory_limit`
+    /// (a waiting owner's; the others leave the reserve too), so a packet still arriving
+    /// that is charged more than this by itself is never read further: its port would
+    /// wait for it for ever.  [`framed_read`] fails such a port (`EMSGSIZE`), and one
+    /// whose whole message is charged more (the same message, had it arrived over more
+    /// reads), whatever the other ports hold.
+    pub fn message_cap(&self) -> Option<u64> {
+        self.limit.map(|limit| limit.saturating_sub(self.read_size))
+    }
+
     /// Count the output queued and the input taken by this loop's owners.
     pub fn add_loop(&mut self, counters: Arc<LoopCounters>) {
         self.loops.push(counters);
@@ -1627,6 +1638,19 @@ pub fn framed_read(
     budget
         .framer_holds(flow, before, after)
         .map_err(ReadFault::BufferLimit)?;
+    // A packet still arriving that could never be granted fails its port (its charge
+    // stays until the port's close releases it).
+    let cap = budget.message_cap();
+    if let Some(cap) = cap {
+        let pending = after as u64;
+        if pending > cap {
+            let error = FrameError::OverBudget {
+                limit: cap,
+                size: pending,
+            };
+            return Err(ReadFault::Frame(error));
+        }
+    }
     let count = packets.len() - first + usize::from(error.is_some());
     if count == 0 {
         return Ok(FramedRead::default());
@@ -1641,6 +1665,17 @@ pub fn framed_read(
         flow.packet_overhead(),
         charges,
     );
+    // And so does a message charged more than that (the same message, arrived in fewer
+    // reads): none of the read's messages is delivered, as for a framing error.
+    if let Some(cap) = cap {
+        if let Some(&size) = charges[start..].iter().find(|&&charge| charge > cap) {
+            charges.truncate(start);
+            return Err(ReadFault::Frame(FrameError::OverBudget {
+                limit: cap,
+                size,
+            }));
+        }
+    }
     let deliver = flow.admit(count);
     flow.hold(budget, &charges[start + deliver..]);
     let delivered = if deliver > 0 {

@@ -129,6 +129,17 @@ pub enum FrameError {
         /// What held too many items, as the message names it (`"msgpack object"`).
         what: &'static str,
     },
+    /// Python's `PacketTooLarge(limit, size, "message", "bytes charged", "memory_limit
+    /// less a read")`: one message (whole, or still arriving) is charged more than the
+    /// memory budget can ever grant it ([`crate::flow::Budget::message_cap`]): it could
+    /// never be delivered, and the port would wait for it for ever.  The owner gets
+    /// `EMSGSIZE`, as for `TooLarge`.
+    OverBudget {
+        /// The most one message may be charged, in bytes.
+        limit: u64,
+        /// What it is charged (so far, if still arriving), in bytes.
+        size: u64,
+    },
     /// Python's `FrameError(message)`: the bytes break the mode.  The owner gets `EPROTO`.
     Malformed(String),
 }
@@ -137,7 +148,9 @@ impl FrameError {
     /// The errno name the owner's `Error` message carries: `EMSGSIZE` or `EPROTO`.
     pub fn errno_name(&self) -> &'static str {
         match self {
-            FrameError::TooLarge { .. } | FrameError::TooManyItems { .. } => "EMSGSIZE",
+            FrameError::TooLarge { .. }
+            | FrameError::TooManyItems { .. }
+            | FrameError::OverBudget { .. } => "EMSGSIZE",
             FrameError::Malformed(_) => "EPROTO",
         }
     }
@@ -160,6 +173,10 @@ impl fmt::Display for FrameError {
                     "{what} of {size} items exceeds MSGPACK_MAX_ITEMS={limit}"
                 )
             }
+            FrameError::OverBudget { limit, size } => write!(
+                f,
+                "message of {size} bytes charged exceeds memory_limit less a read={limit}"
+            ),
             FrameError::Malformed(message) => f.write_str(message),
         }
     }

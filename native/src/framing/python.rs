@@ -42,6 +42,13 @@ pub fn frame_error<'py>(py: Python<'py>, error: &FrameError) -> PyResult<Bound<'
         FrameError::TooManyItems { limit, size, what } => module
             .getattr("PacketTooLarge")?
             .call1((*limit, *size, *what, "items", "MSGPACK_MAX_ITEMS")),
+        FrameError::OverBudget { limit, size } => module.getattr("PacketTooLarge")?.call1((
+            *limit,
+            *size,
+            "message",
+            "bytes charged",
+            "memory_limit less a read",
+        )),
         FrameError::Malformed(message) => module.getattr("FrameError")?.call1((message,)),
     }
 }
