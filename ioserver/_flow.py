@@ -99,7 +99,9 @@ so when the budget is short it reads only what it could pay for were every byte 
 **what each read was charged** - its packets, the bytes its framer or its held packets
 took - not by the bytes it read, or the next port's read would be admitted against memory
 already spent.  (A message larger than the reserve cannot be completed by reserve reads
-alone: it waits for the budget to free.) Handlers that read (UDP) ask the same rule
+alone: it waits for the budget to free; one charged more than ``memory_limit`` less a
+read, which no read could ever complete, fails its port with ``EMSGSIZE``:
+``IOThread.message_cap``.) Handlers that read (UDP) ask the same rule
 through :meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
 
 Who writes what

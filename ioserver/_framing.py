@@ -154,6 +154,14 @@ class Framer:
         """Bytes received and held for an incomplete message."""
         return 0
 
+    @property
+    def pending_charge(self) -> int:
+        """What the incomplete message is charged beyond its :attr:`buffered` bytes, for a
+        port of this process, in bytes: a msgpack object the charge of its items walked so
+        far (:data:`MSGPACK_CHARGES`, each as it arrives); 0 for the other modes.  Once
+        the message is whole, its charge (:meth:`object_charges`) replaces this."""
+        return 0
+
     def object_charges(self, messages: list[object]) -> list[int] | None:
         """What each of ``messages`` (the last :meth:`feed`'s, in order) holds in Python
         objects beyond its wire bytes and :data:`PACKET_OVERHEAD`, in bytes: a msgpack
@@ -446,6 +454,10 @@ class MsgpackFramer(Framer):
             return self._feed_fresh(data)
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
+
+    @property
+    def pending_charge(self) -> int:
+        return self._charge if self._buffer else 0
 
     def object_charges(self, messages: list[object]) -> list[int] | None:
         return self._object_charges

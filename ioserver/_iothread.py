@@ -848,7 +848,9 @@ class IOThread:
         if conn.global_paused:
             self.budget.forget(conn)
         if conn.kind == STREAM and conn.framer is not None:
-            self.framing_bytes -= conn.framer.buffered + conn.held_bytes
+            framer = conn.framer
+            pending = framer.pending_charge if conn.packet_overhead else 0
+            self.framing_bytes -= framer.buffered + pending + conn.held_bytes
             conn.held = None
             conn.held_bytes = 0
         self._interest(conn, 0)
@@ -882,16 +884,23 @@ class IOThread:
         framer = conn.framer
         assert framer is not None  # (the hot path calls this for framed ports only)
         before = framer.buffered
+        # An unfinished msgpack object is charged its items walked so far too (for a port
+        # of this process), as framing bytes: so one that spans reads is charged as it
+        # arrives, not all at its last read.
+        charges_items = conn.packet_overhead
+        pending = framer.pending_charge if charges_items else 0
         try:
             # bytes unless the framer decodes objects (decodes_objects, below)
             payloads: list[Any] = framer.feed(self._view[:n])
         except FrameError as exc:
             self.delivered_total -= n
-            self.framing_bytes += framer.buffered - before  # a failed framer emptied itself
+            # (A failed framer emptied itself.)
+            self.framing_bytes += framer.buffered - before - pending
             self._frame_error(conn, exc)
             return False
         after = framer.buffered
-        self.framing_bytes += after - before
+        now = framer.pending_charge if charges_items else 0
+        self.framing_bytes += after - before + now - pending
         if after > conn.peak_buffered:
             conn.peak_buffered = after
         if self.port_buffer_limit is not None and after > self.port_buffer_limit:
@@ -899,9 +908,9 @@ class IOThread:
             self._buffer_limit_error(conn, after)
             return False
         cap = self.message_cap
-        if cap is not None and after > cap:  # a packet still arriving that can never fit
+        if cap is not None and after + now > cap:  # one still arriving that can never fit
             self.delivered_total -= n
-            self._frame_error(conn, _over_budget(cap, after))
+            self._frame_error(conn, _over_budget(cap, after + now))
             return False
         # The round adds n to delivered_total (as for raw reads): what is delivered adds
         # itself back (see _deliver_payloads), what is held is charged as framing.

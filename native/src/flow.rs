@@ -118,7 +118,9 @@
 //! held packets took); the Python core takes off a framed read's bytes only (unless the
 //! read was shortened), so two framed ports of one-byte packets read in one round near the
 //! budget could pass it by up to a read's overhead.  (A message larger than the reserve
-//! cannot be completed by reserve reads alone: it waits for the budget to free.)
+//! cannot be completed by reserve reads alone: it waits for the budget to free; one
+//! charged more than `memory_limit` less a read, which no read could ever complete, fails
+//! its port with `EMSGSIZE`: [`Budget::message_cap`].)
 //!
 //! Ports paused by the budget are let go in the order they paused (at one half), reserve
 //! waiters in the order they came (first).  The bookkeeping costs O(1) amortised per
@@ -1029,7 +1031,9 @@ impl ReceiveFlow {
     }
 
     /// The I/O thread closes the port: release what it holds from the budget (the
-    /// framer's `buffered` bytes and the held packets) and forget a budget pause.
+    /// framer's `buffered` bytes plus its
+    /// [`pending_charge`](crate::framing::Framer::pending_charge), and the held packets)
+    /// and forget a budget pause.
     pub fn close(&mut self, budget: &mut Budget, framer_buffered: usize) {
         let charges = &budget.charges;
         charges.set_framing(
@@ -1409,6 +1413,17 @@ impl Budget {
         }
     }
 
+    /// A framed port's unfinished packet's charge beyond its bytes
+    /// ([`crate::framing::Framer::pending_charge`]: a msgpack object's items walked so
+    /// far) went from `before` to `after` over one read (`after` is 0 once the object is
+    /// whole, or after a framing error).  Charged as framing bytes, as what the framer
+    /// holds; [`ReceiveFlow::close`] releases it with them.
+    pub fn framer_pending(&mut self, before: u64, after: u64) {
+        let charges = &self.charges;
+        charges.set_framing((charges.framing() + after).saturating_sub(before));
+        self.headroom -= after as i64 - before as i64;
+    }
+
     /// For handlers that read on their own (UDP): the bytes of input `flow` may read now.
     /// The streams' rule: ordinary reads leave the reserve untouched, reads for a waiting
     /// owner may use it, and no read may take the input charged past `memory_limit`.
@@ -1624,25 +1639,29 @@ pub fn framed_read(
     charges: &mut Vec<u64>,
 ) -> Result<FramedRead, ReadFault> {
     let before = framer.buffered();
+    let pending = framer.pending_charge(flow.packet_overhead());
     let first = packets.len();
     let error = match framer.feed(input, packets) {
         Ok(()) => None,
         Err(error) if framer.delivers_errors() => Some(error),
         Err(error) => {
             // A failed framer emptied itself: release what it held.
+            budget.framer_pending(pending, 0);
             let _ = budget.framer_holds(flow, before, framer.buffered());
             return Err(ReadFault::Frame(error));
         }
     };
     let after = framer.buffered();
+    // (Before the bytes' limit check: a port it closes releases both.)
+    budget.framer_pending(pending, framer.pending_charge(flow.packet_overhead()));
     budget
         .framer_holds(flow, before, after)
         .map_err(ReadFault::BufferLimit)?;
-    // A packet still arriving that could never be granted fails its port (its charge
-    // stays until the port's close releases it).
+    // A packet still arriving that could never be granted fails its port (its charge,
+    // bytes and items walked, stays until the port's close releases it).
     let cap = budget.message_cap();
     if let Some(cap) = cap {
-        let pending = after as u64;
+        let pending = after as u64 + framer.pending_charge(flow.packet_overhead());
         if pending > cap {
             let error = FrameError::OverBudget {
                 limit: cap,

@@ -53,8 +53,9 @@
 //! # The charge per packet
 //!
 //! The memory budget counts what a port holds: [`Framer::buffered`] while a packet is
-//! unfinished, then each delivered packet's charge ([`Framer::charges`]) until its owner
-//! takes it: its bytes (`Length`, `Line`), or its share of the wire bytes the read
+//! unfinished (and [`Framer::pending_charge`], the charge of a msgpack object's items
+//! walked so far, for a port of this process), then each delivered packet's charge
+//! ([`Framer::charges`]) until its owner takes it: its bytes (`Length`, `Line`), or its share of the wire bytes the read
 //! consumed (`Msgpack`, `Resp`, whose packets Python decodes into objects whose size says
 //! nothing), plus [`PACKET_OVERHEAD`] for a port of this process; and for such a port,
 //! what a decoded object holds beyond that: for a msgpack object, a charge per kind of
@@ -495,6 +496,21 @@ impl Framer {
             Inner::Line(framer) => framer.buffer.len(),
             Inner::Resp(framer) => framer.buffered(),
             Inner::Msgpack(framer) => framer.buffered(),
+        }
+    }
+
+    /// What the unfinished packet is charged beyond its [`buffered`](Framer::buffered)
+    /// bytes, in bytes: for `Msgpack` when `overhead` is not 0 (see
+    /// [`charges`](Framer::charges)), the charge by kind of the unfinished object's items
+    /// walked so far (each as it arrives, a container's slots with its items, so that no
+    /// prefix of a read is charged more than `PACKET_OVERHEAD` a byte); 0 otherwise.
+    /// Once the object is whole, its message's charge replaces this, items and all, so an
+    /// object that spans reads is charged its items as they arrive, not all at its last
+    /// read.
+    pub fn pending_charge(&self, overhead: u64) -> u64 {
+        match &self.inner {
+            Inner::Msgpack(framer) if overhead != 0 => framer.pending_charge(),
+            _ => 0,
         }
     }
 

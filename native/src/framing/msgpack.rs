@@ -499,6 +499,19 @@ impl MsgpackFramer {
         self.buffer.len()
     }
 
+    /// The charge of the unfinished object held, its items walked so far (0 when none is
+    /// held): each item as it arrives, as the C skip will charge it once whole (each
+    /// container's slots with its items, not at its header), so that no prefix of a read
+    /// is charged more than `PACKET_OVERHEAD` a byte; once whole, its charge in
+    /// [`object_charges`](MsgpackFramer::object_charges) replaces this.
+    pub(crate) fn pending_charge(&self) -> u64 {
+        if self.buffer.is_empty() {
+            0
+        } else {
+            self.charge
+        }
+    }
+
     /// The charge of each object the last [`feed`](MsgpackFramer::feed) pushed, in order:
     /// what it holds decoded beyond its wire bytes and `PACKET_OVERHEAD`.
     pub(crate) fn object_charges(&self) -> &[u64] {

@@ -1029,7 +1029,7 @@ fn msgpack_object_of_every_kind() -> impl Strategy<Value = Vec<u8>> {
 proptest! {
     /// An object is charged the same whether the C skip finds it in one read or the walk
     /// finishes it over several, at every split; and it is charged at most
-    /// PACKET_OVERHEAD a wire byte.
+    /// PACKET_OVERHEAD a wire byte, whole and while it arrives.
     #[test]
     fn msgpack_charge_is_the_same_at_every_split(object in msgpack_object_of_every_kind(), cut in 0usize..400) {
         let whole = object_charge(&object).expect("one whole object");
@@ -1045,11 +1045,78 @@ proptest! {
                 let before = framer.buffered();
                 let first = packets.len();
                 framer.feed(&object[start..end], &mut packets).unwrap();
+                // Unfinished, it is charged as its items arrive: never more than the
+                // whole object, nor than PACKET_OVERHEAD a byte held.
+                let pending = framer.pending_charge(160);
+                prop_assert!(pending <= whole);
+                prop_assert!(pending <= PACKET_OVERHEAD as u64 * framer.buffered() as u64);
                 let consumed = end - start + before - framer.buffered();
                 framer.charges(&packets, first, false, consumed, 160, &mut charges);
                 start = end;
             }
             prop_assert_eq!(charges, vec![object.len() as u64 + 160 + whole]);
         }
+    }
+}
+
+#[test]
+fn msgpack_pending_charge_counts_the_items_walked_so_far() {
+    use super::msgpack::*;
+    // `[-1, [2, "ab"], {}]`, then `[[], ...` unfinished, fed a byte a read: the
+    // unfinished object is charged its items walked so far (a string once whole, each
+    // item its slot as it arrives, announced items not yet arrived left out); the whole
+    // object's own charge replaces it (0 pending).
+    let (slot, array, int, text) = (CHARGE_ARRAY_SLOT, CHARGE_ARRAY, CHARGE_INT, CHARGE_STR);
+    let stream = b"\x93\xff\x92\x02\xa2ab\x80\x92\x90";
+    let mut framer = Framer::new(Mode::Msgpack, 100).unwrap();
+    let mut packets = Packets::new();
+    let mut pending = Vec::new();
+    for byte in stream.chunks(1) {
+        framer.feed(byte, &mut packets).unwrap();
+        assert_eq!(
+            framer.pending_charge(0),
+            0,
+            "a daemon's port: wire bytes only"
+        );
+        assert!(framer.pending_charge(160) <= 160 * framer.buffered() as u64);
+        pending.push(framer.pending_charge(160));
+    }
+    let two = slot + int + slot + array + slot; // -1, [2
+    assert_eq!(
+        pending,
+        [
+            0,
+            slot + int,
+            slot + int + slot + array,
+            two,
+            two,
+            two,
+            two + slot + text,
+            0,
+            0,
+            slot + array,
+        ]
+    );
+    assert_eq!(packets.len(), 1);
+    // In one read (the C skip finds the whole object) or cut after it: the tail alone.
+    for cut in [stream.len(), 8, 3] {
+        let mut framer = Framer::new(Mode::Msgpack, 100).unwrap();
+        framer.feed(&stream[..cut], &mut packets).unwrap();
+        framer.feed(&stream[cut..], &mut packets).unwrap();
+        assert_eq!(framer.pending_charge(160), slot + array, "cut {cut}");
+        // A framing error empties the framer, and its charge with it.
+        framer.feed(b"\xc1", &mut packets).unwrap_err();
+        assert_eq!(framer.pending_charge(160), 0);
+    }
+    // The other modes hold bytes, no items.
+    for (mode, input) in [
+        (Mode::Line(b'\n'), &b"abc"[..]),
+        (Mode::Length(4), b"\x00\x00\x00\x05ab"),
+        (Mode::Resp, b"*2\r\n$1\r\na\r\n"),
+    ] {
+        let mut framer = Framer::new(mode, 100).unwrap();
+        framer.feed(input, &mut packets).unwrap();
+        assert!(framer.buffered() > 0, "{mode:?}");
+        assert_eq!(framer.pending_charge(160), 0);
     }
 }
