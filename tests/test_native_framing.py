@@ -545,15 +545,18 @@ def test_a_msgpack_object_is_charged_at_least_what_it_decodes_to(value: Any) -> 
         ([1] * 75_000, 75_000 * 112),
         ([0.5] * 20_000, 20_000 * 112),
         (["\U0001f600" * 1000] * 10, 10 * 112),
+        (["\U0001f600" + "a" * 1000] * 10, 10 * 112),
     ],
-    ids=["small-ints", "floats", "astral-strs"],
+    ids=["small-ints", "floats", "astral-strs", "astral-and-ascii-strs"],
 )
 def test_the_charge_by_kind_is_honest_where_the_flat_one_was_not(value: Any, flat: int) -> None:
     """Charged by kind, an array of 75,000 small ints (~0.6 MB decoded) is charged ~0.6
     MB, not the 8.4 MB the flat 112 bytes an item charged (which would stall it under an
     8 MiB ``memory_limit`` once an unfinished object is charged as it arrives); and a str
     of astral characters (4 bytes each decoded, and as many on the wire) is charged what
-    it holds, where the flat charge ignored it."""
+    it holds; one astral character among 1,000 ASCII ones makes CPython keep 4 bytes a
+    character (~4 KB for 1 KB on the wire): charged that now, where the flat charge
+    (11 KB for ten such strs, 41 KB held) was not even an upper bound."""
     packet = msgpack.packb(value, use_bin_type=True)
     [charge] = _msgpack_charges(packet, 0, len(packet))
     held = _decoded_size(packet)

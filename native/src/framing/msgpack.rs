@@ -104,6 +104,25 @@ pub const CHARGE_MAP_SLOT: u64 = 64;
 /// and this 32).
 pub const CHARGE_MAP_TABLE: u64 = 32;
 
+/// The own charge of a scalar item whose first byte says it all (ints, floats, exts;
+/// 0 for the shared ones, and for a str or a bin: see [`scalar_charge`]), by first byte.
+static OWN: [u8; 256] = own_by_byte();
+
+const fn own_by_byte() -> [u8; 256] {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = match byte as u8 {
+            0xe0..=0xff | 0xcd..=0xcf | 0xd0..=0xd3 => CHARGE_INT as u8,
+            0xca | 0xcb => CHARGE_FLOAT as u8,
+            0xc7..=0xc9 | 0xd4..=0xd8 => CHARGE_EXT as u8, // ext 8..32, fixext 1..16
+            _ => 0,
+        };
+        byte += 1;
+    }
+    table
+}
+
 /// What decoding a scalar item (not an array or map) builds beyond its wire bytes and
 /// its slot: `(fixed, variable)`, the variable part what a str's characters take decoded
 /// beyond its bytes.  `byte` is its first byte, `body` its data (a str's, a bin's; empty
@@ -111,13 +130,9 @@ pub const CHARGE_MAP_TABLE: u64 = 32;
 #[inline]
 fn scalar_charge(byte: u8, body: &[u8]) -> (u64, u64) {
     match byte {
-        0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xcc => (0, 0),
-        0xe0..=0xff | 0xcd..=0xcf | 0xd0..=0xd3 => (CHARGE_INT, 0),
-        0xca | 0xcb => (CHARGE_FLOAT, 0),
         0xa0..=0xbf | 0xd9..=0xdb => str_charge(body),
-        0xc4..=0xc6 if body.len() <= 1 => (0, 0),
-        0xc4..=0xc6 => (CHARGE_BIN, 0),
-        _ => (CHARGE_EXT, 0), // ext 8..32, fixext 1..16
+        0xc4..=0xc6 if body.len() > 1 => (CHARGE_BIN, 0),
+        _ => (u64::from(OWN[usize::from(byte)]), 0),
     }
 }
 
@@ -125,19 +140,44 @@ fn scalar_charge(byte: u8, body: &[u8]) -> (u64, u64) {
 #[inline]
 fn str_charge(body: &[u8]) -> (u64, u64) {
     if body.len() <= 1 {
-        return (0, 0); // "" and one ASCII character are shared objects
+        (0, 0) // "" and one ASCII character are shared objects
+    } else if is_ascii(body) {
+        (CHARGE_STR, 0) // one byte a character
+    } else {
+        (CHARGE_STR, wide_str_charge(body))
     }
+}
+
+/// Whether `bytes` are all ASCII: eight at a time (`<[u8]>::is_ascii` costs more on the
+/// short strs of small objects, the framer's common case).
+#[inline]
+fn is_ascii(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    let mut any = 0u64;
+    for word in &mut words {
+        any |= u64::from_ne_bytes([
+            word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
+        ]);
+    }
+    let mut rest = 0u8;
+    for &byte in words.remainder() {
+        rest |= byte;
+    }
+    (any & 0x8080_8080_8080_8080) == 0 && rest < 0x80
+}
+
+/// What a str of `body`, not ASCII, takes decoded beyond its bytes.
+fn wide_str_charge(body: &[u8]) -> u64 {
     // CPython keeps a str one, two or four bytes a character, by its widest character: a
     // lead byte from 0xf0 is one past U+FFFF, from 0xc4 one past U+00FF.
     let widest = body.iter().copied().max().unwrap_or(0);
     if widest < 0xc4 {
-        return (CHARGE_STR, 0); // at most one byte a character: no more than its bytes
+        return 0; // at most one byte a character: no more than its bytes
     }
     let width = if widest >= 0xf0 { 4 } else { 2 };
     // Its characters: the bytes that do not continue one (0x80..=0xbf).
     let characters = body.iter().filter(|&&byte| (byte as i8) >= -0x40).count();
-    let decoded = (width * characters) as u64;
-    (CHARGE_STR, decoded.saturating_sub(body.len() as u64))
+    ((width * characters) as u64).saturating_sub(body.len() as u64)
 }
 
 /// An array's or map's of `count` items: `(own object, variable part at its header, each
@@ -167,6 +207,7 @@ enum Item {
     Never,
 }
 
+#[inline]
 fn item(byte: u8) -> Item {
     match byte {
         0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => Item::Fixed(1),
@@ -321,17 +362,21 @@ fn skip_one(
     let mut items: usize = 1;
     // Each item its own object and slot; the object itself its variable part only.
     let mut charge: u64 = 0;
-    let mut fixed_counts = false;
     while position < end {
+        let at = position;
         let byte = data[position];
         let (count, (fixed, variable)) = match item(byte) {
             Item::Fixed(size) => {
                 if position + size > end {
                     return Ok(None);
                 }
-                let body = &data[position + 1..position + size];
+                let own = if size > 2 && byte & 0xe0 == 0xa0 {
+                    str_charge(&data[position + 1..position + size]) // a fixstr
+                } else {
+                    (u64::from(OWN[usize::from(byte)]), 0)
+                };
                 position += size;
-                (None, scalar_charge(byte, body))
+                (None, own)
             }
             Item::FixContainer(count) => {
                 position += 1;
@@ -358,20 +403,14 @@ fn skip_one(
                 let count = big_endian(&data[position + 1..position + 1 + width]) * per;
                 position += 1 + width;
                 let (own, table, slot) = container_charge(byte, count);
-                (
-                    Some(count),
-                    (own, table + slot.saturating_mul(count as u64)),
-                )
+                (Some(count), (own, table + slot * count as u64))
             }
             Item::Never => {
                 return Err(FrameError::Malformed("malformed msgpack data: ".into()));
             }
         };
-        charge = charge.saturating_add(variable);
-        if fixed_counts {
-            charge += fixed;
-        }
-        fixed_counts = true;
+        // (At most 160 a byte of a whole object within `end`: no overflow.)
+        charge += variable + if at == start { 0 } else { fixed };
         if let Some(count) = count {
             if stack.len() >= C_STACK {
                 return Err(too_deep());
