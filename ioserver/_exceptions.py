@@ -200,7 +200,10 @@ class PacketTooLarge(FrameError):
     peer announced (a length header) or reached (a line or msgpack object still
     growing), both in ``unit``: bytes, and ``cap`` is ``"packet_size"``; or, for a msgpack
     object of too many items (``ioserver._framing.MSGPACK_MAX_ITEMS``), ``unit`` is
-    ``"items"`` and ``cap`` ``"MSGPACK_MAX_ITEMS"``.
+    ``"items"`` and ``cap`` ``"MSGPACK_MAX_ITEMS"``; or, for a received message charged
+    more than the memory budget can ever grant one (``memory_limit`` less a read of 64
+    KiB: see docs/reference/limits.rst), ``what`` is ``"message"``, ``unit`` ``"bytes
+    charged"`` and ``cap`` ``"memory_limit less a read"``.
     """
 
     def __init__(

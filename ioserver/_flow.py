@@ -35,7 +35,7 @@ delivers the message and the loop half pops when the owner takes it.  A packet o
 port in this process is charged ``window.packet_overhead`` more
 (:data:`~._framing.PACKET_OVERHEAD`: what its Python objects hold), and a decoded object
 what it holds beyond that (:meth:`~._framing.Framer.object_charges`:
-:data:`~._framing.MSGPACK_ITEM_CHARGE` a msgpack item, so that a frame of tiny items
+:data:`~._framing.MSGPACK_CHARGES`: a msgpack item by its kind, so that a frame of tiny items
 cannot hold many times its charge), so every such port keeps ``window.sizes``; a
 daemon's port charges wire bytes, as its client counts them.
 
@@ -106,7 +106,9 @@ so when the budget is short it reads only what it could pay for were every byte 
 **what each read was charged** - its packets, the bytes its framer or its held packets
 took - not by the bytes it read, or the next port's read would be admitted against memory
 already spent.  (A message larger than the reserve cannot be completed by reserve reads
-alone: it waits for the budget to free.) Handlers that read (UDP) ask the same rule
+alone: it waits for the budget to free; one charged more than ``memory_limit`` less a
+read, which no read could ever complete, fails its port with ``EMSGSIZE``:
+``IOThread.message_cap``.) Handlers that read (UDP) ask the same rule
 through :meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
 
 Who writes what

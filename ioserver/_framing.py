@@ -36,13 +36,13 @@ import msgpack
 
 from ._exceptions import FrameError, OptionError, PacketTooLarge
 
-_msgpack_items: Callable[[bytes | bytearray | memoryview, int, int], list[int]] | None
-try:  # The native crate's msgpack scanner (built with the package): see _object_items.
-    from ._native import _msgpack_items as _native_items
+_msgpack_charges: Callable[[bytes | bytearray | memoryview, int, int], list[int]] | None
+try:  # The native crate's msgpack scanner (built with the package): see _object_charges.
+    from ._native import _msgpack_charges as _native_charges
 
-    _msgpack_items = _native_items
+    _msgpack_charges = _native_charges
 except ImportError:  # pragma: no cover - a build without the extension module
-    _msgpack_items = None
+    _msgpack_charges = None
 
 __all__ = [
     "FrameError",
@@ -74,23 +74,45 @@ DEFAULT_PACKET_SIZE = 64 * 1024 * 1024
 #: a few hundred MiB stayed live under an 8 MiB ``memory_limit``.
 PACKET_OVERHEAD = 160
 
-#: Bytes charged for each item of a decoded msgpack object beyond the object itself (each
-#: array element, each map key and each map value, nested or not), on top of its wire
-#: bytes and :data:`PACKET_OVERHEAD`, for a port of this process.  Wire bytes alone said
-#: nothing of what decoding builds: one byte (an empty array) decodes to a 56-byte list and
-#: its slot, so a frame of tiny items held ~64 times its charge.  The most an item builds
-#: beyond its wire bytes, measured with ``tracemalloc`` on CPython 3.11 x86-64: 96 bytes
-#: (an item of a one-entry map: the dict's 184 bytes over three items), 95 (a ``fixext
-#: 2``), 71 (an empty map), 62 (an empty array); rounded up.  At most
-#: :data:`PACKET_OVERHEAD`, so a read of ``n`` bytes is still charged at most
-#: ``n * (1 + PACKET_OVERHEAD)`` (an item takes one byte at least): the bound the budget's
-#: shortened reads rely on.  The native framer's ``MSGPACK_ITEM_CHARGE`` is the same.
-MSGPACK_ITEM_CHARGE = 112
+#: What a decoded msgpack object holds beyond its wire bytes and :data:`PACKET_OVERHEAD`,
+#: charged by kind of item for a port of this process (wire bytes alone said nothing of
+#: what decoding builds: one byte, an empty array, decodes to a 56-byte list and its slot).
+#: Each is an upper bound of what ``msgpack.unpackb(packet, raw=False,
+#: strict_map_key=False)`` allocates, measured with ``tracemalloc`` on CPython 3.11 x86-64
+#: (``bench/msgpack_charges.py``; the table and the method are in
+#: docs/reference/limits.rst).  Each item is charged its own object - ``"int"`` (not a
+#: shared small int: a negative fixint, int 8..64, uint 16..64), ``"float"``, ``"str"``
+#: and ``"bin"`` (2 bytes or more: shorter ones are shared), ``"ext"`` (an ``ExtType`` or
+#: a ``Timestamp``), ``"array"``, ``"map"``; nil, booleans, fixints 0..127 and uint 8 are
+#: shared, 0 - and its slot in its container (``"array slot"``; ``"map slot"`` a key or a
+#: value: its share of the dict's table; ``"map table"`` more for a map of one entry or
+#: more, the rest of its first table).  A str whose characters take more bytes decoded
+#: than encoded is charged that too: CPython keeps 2 bytes a character if one is past
+#: U+00FF, 4 if one is past U+FFFF (found from its widest byte and its count of
+#: characters).  The object itself is charged
+#: its variable part only (a wide str's characters, a container's items, a map's table):
+#: its own object is in :data:`PACKET_OVERHEAD`.  No item is charged more than
+#: :data:`PACKET_OVERHEAD` a wire byte of its header (a map's in a map: 64 + 32 + 64), so
+#: no prefix of a read of ``n`` bytes is charged more than ``n * (1 + PACKET_OVERHEAD)``:
+#: the bound the budget's shortened reads rely on.  The native framer's
+#: ``msgpack::CHARGE_*`` are the same.
+MSGPACK_CHARGES: Mapping[str, int] = {
+    "int": 48,
+    "float": 32,
+    "str": 80,
+    "bin": 48,
+    "ext": 112,
+    "array": 64,
+    "map": 64,
+    "array slot": 8,
+    "map slot": 64,
+    "map table": 32,
+}
 
 #: Bytes charged for each argument of a RESP command, on top of its wire bytes and
 #: :data:`PACKET_OVERHEAD`, for a port of this process: a ``bytes`` object (33 bytes and
 #: its length) and its list slot (8), less the six wire bytes an argument takes at least,
-#: with the allocator's rounding.
+#: with the allocator's rounding (35 bytes measured with ``tracemalloc``).
 RESP_ARGUMENT_CHARGE = 48
 
 
@@ -132,10 +154,18 @@ class Framer:
         """Bytes received and held for an incomplete message."""
         return 0
 
+    @property
+    def pending_charge(self) -> int:
+        """What the incomplete message is charged beyond its :attr:`buffered` bytes, for a
+        port of this process, in bytes: a msgpack object the charge of its items walked so
+        far (:data:`MSGPACK_CHARGES`, each as it arrives); 0 for the other modes.  Once
+        the message is whole, its charge (:meth:`object_charges`) replaces this."""
+        return 0
+
     def object_charges(self, messages: list[object]) -> list[int] | None:
         """What each of ``messages`` (the last :meth:`feed`'s, in order) holds in Python
         objects beyond its wire bytes and :data:`PACKET_OVERHEAD`, in bytes: a msgpack
-        object :data:`MSGPACK_ITEM_CHARGE` for each item but itself, a RESP command
+        object its items by kind (:data:`MSGPACK_CHARGES`), a RESP command
         :data:`RESP_ARGUMENT_CHARGE` for each argument; None for bytes payloads (nothing
         more).  A port of this process charges it to the memory budget."""
         return None
@@ -306,6 +336,45 @@ _MSGPACK_SIZED = {
 }  # fmt: skip
 #: Containers with a count field: first byte -> (bytes of the count, items per count).
 _MSGPACK_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+#: The charge of a scalar item whose first byte says it all (:data:`MSGPACK_CHARGES`);
+#: -1 for a str or a bin, whose charge depends on their bytes (:func:`_scalar_charge`).
+_MSGPACK_OWN = [0] * 256
+for _byte in (*range(0xE0, 0x100), *range(0xCD, 0xD4)):
+    _MSGPACK_OWN[_byte] = MSGPACK_CHARGES["int"]
+for _byte in (0xCA, 0xCB):
+    _MSGPACK_OWN[_byte] = MSGPACK_CHARGES["float"]
+for _byte in (*range(0xC7, 0xCA), *range(0xD4, 0xD9)):
+    _MSGPACK_OWN[_byte] = MSGPACK_CHARGES["ext"]
+for _byte in (*range(0xA0, 0xC0), 0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB):
+    _MSGPACK_OWN[_byte] = -1
+_CHARGE_STR = MSGPACK_CHARGES["str"]
+_CHARGE_BIN = MSGPACK_CHARGES["bin"]
+_CHARGE_ARRAY = MSGPACK_CHARGES["array"]
+_CHARGE_MAP = MSGPACK_CHARGES["map"]
+_ARRAY_SLOT = MSGPACK_CHARGES["array slot"]
+_MAP_SLOT = MSGPACK_CHARGES["map slot"]
+_MAP_TABLE = MSGPACK_CHARGES["map table"]
+_CONTINUATION = bytes(range(0x80, 0xC0))  # the bytes that continue a UTF-8 character
+
+
+def _scalar_charge(byte: int, body: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """A str's or bin's charge, ``(own object, variable part)``: see
+    :data:`MSGPACK_CHARGES`.  ``body`` is its data."""
+    if len(body) <= 1:
+        return 0, 0  # shared: "", one ASCII character, b"", one byte
+    if byte in (0xC4, 0xC5, 0xC6):
+        return _CHARGE_BIN, 0
+    data = bytes(body)
+    if data.isascii():
+        return _CHARGE_STR, 0
+    # CPython keeps a str 1, 2 or 4 bytes a character, by its widest: a lead byte from
+    # 0xf0 is one past U+FFFF, from 0xc4 one past U+00FF.
+    widest = max(data)
+    if widest < 0xC4:
+        return _CHARGE_STR, 0  # at most one byte a character
+    characters = len(data.translate(None, _CONTINUATION))
+    return _CHARGE_STR, max(0, (4 if widest >= 0xF0 else 2) * characters - len(data))
+
 
 _WHAT = "msgpack object"
 
@@ -342,7 +411,16 @@ class MsgpackFramer(Framer):
     A failed framer holds nothing.
     """
 
-    __slots__ = ("_buffer", "_items", "_limit", "_object_items", "_scanned", "_stack")
+    __slots__ = (
+        "_buffer",
+        "_charge",
+        "_items",
+        "_limit",
+        "_object_charges",
+        "_scanned",
+        "_slots",
+        "_stack",
+    )
 
     mode = "msgpack"
     decodes_objects = True
@@ -353,7 +431,9 @@ class MsgpackFramer(Framer):
         self._scanned = 0  # bytes of it walked: the next item's header starts there
         self._stack: list[int] = []  # items each open array or map still needs, innermost last
         self._items = 1  # items of the walked object counted so far (while _scanned)
-        self._object_items: list[int] = []  # items of each object the last feed returned
+        self._slots: list[int] = []  # the slot charge of each open container's items
+        self._charge = 0  # the charge of the walked object's items walked so far
+        self._object_charges: list[int] = []  # charge of each object the last feed returned
 
     @property
     def buffered(self) -> int:
@@ -363,10 +443,11 @@ class MsgpackFramer(Framer):
         del self._buffer[:]
         self._scanned = 0
         self._stack.clear()
+        self._slots.clear()
         return error
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[object]:
-        self._object_items = []
+        self._object_charges = []
         try:
             if self._buffer:
                 return self._feed_held(data)
@@ -374,9 +455,12 @@ class MsgpackFramer(Framer):
         except FrameError as exc:
             raise self._fail(exc) from exc.__cause__
 
+    @property
+    def pending_charge(self) -> int:
+        return self._charge if self._buffer else 0
+
     def object_charges(self, messages: list[object]) -> list[int] | None:
-        charge = MSGPACK_ITEM_CHARGE
-        return [(items - 1) * charge for items in self._object_items]
+        return self._object_charges
 
     def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[object]:
         """``feed`` when nothing is held (the usual case): find the whole objects in the
@@ -403,8 +487,9 @@ class MsgpackFramer(Framer):
         limit = self._limit
         bounds: list[tuple[int, int]] = []
         start = self._walk(0, end)
-        walked_items = self._items  # the walked object's items, if it ended
+        walked_charge: int | None = None
         if start >= 0:
+            walked_charge = self._charge  # the walked object's charge
             bounds.append((0, start))
             if start < end:
                 with memoryview(buffer) as view:
@@ -420,7 +505,7 @@ class MsgpackFramer(Framer):
         if not bounds:
             return []
         with memoryview(buffer) as view:
-            messages = self._decode(view, start, bounds, walked_items)
+            messages = self._decode(view, start, bounds, walked_charge)
         del buffer[:start]
         return messages
 
@@ -463,20 +548,40 @@ class MsgpackFramer(Framer):
         """
         buffer = self._buffer
         stack = self._stack
+        slots = self._slots
         sizes = _MSGPACK_SIZE
+        owns = _MSGPACK_OWN
         limit = self._limit
         items = self._items if self._scanned else 1
+        charge = self._charge if self._scanned else 0
         position = start + self._scanned
         while position < end:
             byte = buffer[position]
             size = sizes[byte]
+            # Each item is charged as it arrives (a container at its header): its slot, its
+            # own object (the object itself: its variable part only).
+            top = position == start
+            if slots:
+                charge += slots[-1]
             if size:  # a scalar (or fixstr) whose size its first byte gives
                 if position + size > end:
+                    if slots:
+                        charge -= slots[-1]
                     break
+                own = owns[byte]
+                if own < 0:  # a fixstr
+                    own, variable = _scalar_charge(byte, buffer[position + 1 : position + size])
+                    charge += variable
+                if not top:
+                    charge += own
                 position += size
             elif 0x80 <= byte <= 0x9F:  # fixmap, fixarray
                 count = byte & 0x0F if byte >= 0x90 else (byte & 0x0F) * 2
                 position += 1
+                if byte < 0x90 and count:
+                    charge += _MAP_TABLE
+                if not top:
+                    charge += _CHARGE_ARRAY if byte >= 0x90 else _CHARGE_MAP
                 if count:
                     items += count
                     if items > MSGPACK_MAX_ITEMS:
@@ -484,24 +589,42 @@ class MsgpackFramer(Framer):
                     if len(stack) >= MSGPACK_MAX_DEPTH:
                         raise _too_deep()
                     stack.append(count)
+                    slots.append(_ARRAY_SLOT if byte >= 0x90 else _MAP_SLOT)
                     continue
             elif byte in _MSGPACK_SIZED:
                 width, extra = _MSGPACK_SIZED[byte]
                 if position + 1 + width > end:
+                    if slots:
+                        charge -= slots[-1]
                     break
                 length = int.from_bytes(buffer[position + 1 : position + 1 + width], "big")
                 size = 1 + width + extra + length
                 if position + size - start > limit:
                     raise PacketTooLarge(limit, position + size - start, _WHAT)
                 if position + size > end:
+                    if slots:
+                        charge -= slots[-1]
                     break
+                own = owns[byte]
+                if own < 0:  # a str or a bin
+                    body = buffer[position + 1 + width : position + size]
+                    own, variable = _scalar_charge(byte, body)
+                    charge += variable
+                if not top:
+                    charge += own
                 position += size
             elif byte in _MSGPACK_CONTAINERS:
                 width, per = _MSGPACK_CONTAINERS[byte]
                 if position + 1 + width > end:
+                    if slots:
+                        charge -= slots[-1]
                     break
                 count = int.from_bytes(buffer[position + 1 : position + 1 + width], "big") * per
                 position += 1 + width
+                if per == 2 and count:
+                    charge += _MAP_TABLE
+                if not top:
+                    charge += _CHARGE_MAP if per == 2 else _CHARGE_ARRAY
                 if count:
                     # Each item takes one byte at least: refuse a count that cannot fit.
                     if position + count - start > limit:
@@ -512,6 +635,7 @@ class MsgpackFramer(Framer):
                     if len(stack) >= MSGPACK_MAX_DEPTH:
                         raise _too_deep()
                     stack.append(count)
+                    slots.append(_MAP_SLOT if per == 2 else _ARRAY_SLOT)
                     continue
             else:  # 0xc1, never used
                 raise FrameError(f"malformed msgpack data: byte 0x{byte:02x}")
@@ -521,12 +645,15 @@ class MsgpackFramer(Framer):
                 if stack[-1]:
                     break
                 stack.pop()
+                slots.pop()
             else:
                 self._scanned = 0
-                self._items = items  # (its count, for _decode)
+                self._items = items
+                self._charge = charge  # (its charge, for _decode)
                 return position  # the top-level object ended
         self._scanned = position - start
         self._items = items
+        self._charge = charge
         return -1
 
     def _decode(
@@ -534,11 +661,11 @@ class MsgpackFramer(Framer):
         data: bytes | bytearray | memoryview,
         stop: int,
         bounds: list[tuple[int, int]],
-        walked_items: int = 0,
+        walked_charge: int | None = None,
     ) -> list[object]:
         """Decode the whole objects ``bounds`` (``data[0:stop]``, back to back); with
-        ``walked_items``, the first of them was finished by the walk, which counted its
-        items (that many)."""
+        ``walked_charge``, the first of them was finished by the walk, which charged it
+        (that much)."""
         limit = self._limit
         size = 0
         for first, last in bounds:
@@ -550,12 +677,12 @@ class MsgpackFramer(Framer):
             for first, last in bounds:
                 if last - first > MSGPACK_MAX_DEPTH:
                     _check_depth(bytes(data[first:last]))
-        # Each object's items, for its charge (the walk counted the first ``walked``); an
-        # object past MSGPACK_MAX_ITEMS is refused by the count (it has that many bytes).
-        walked = 1 if walked_items else 0
-        counts = [walked_items] * walked
+        # Each object's charge (the walk charged the first ``walked``); an object past
+        # MSGPACK_MAX_ITEMS is refused by the count (it has that many bytes).
+        walked = 0 if walked_charge is None else 1
+        counts = [] if walked_charge is None else [walked_charge]
         if len(bounds) > walked:
-            counts += _object_items(data, bounds[walked:])
+            counts += _object_charges(data, bounds[walked:])
         try:
             if len(bounds) == 1:
                 # unpackb's length caps default to the size of what it is given.  (No
@@ -567,7 +694,7 @@ class MsgpackFramer(Framer):
                         strict_map_key=False,
                     )
                 ]
-                self._object_items = counts
+                self._object_charges = counts
                 return objects
             # Whole objects only, so no container is preallocated for items that are not
             # there: one decoder for the run of them, its caps the largest one's size.
@@ -595,7 +722,7 @@ class MsgpackFramer(Framer):
                 f"disagree ({len(bounds)} objects in {stop} bytes framed, {len(objects)} "
                 f"in {decoded} decoded)"
             )
-        self._object_items = counts
+        self._object_charges = counts
         return objects
 
     def frame(self, message: object) -> bytes:
@@ -612,12 +739,14 @@ def _too_many_items(items: int) -> PacketTooLarge:
     return PacketTooLarge(MSGPACK_MAX_ITEMS, items, _WHAT, "items", "MSGPACK_MAX_ITEMS")
 
 
-def _object_items(data: bytes | bytearray | memoryview, bounds: list[tuple[int, int]]) -> list[int]:
-    """The items of each whole object ``bounds`` of ``data`` (back to back, found by the
-    skip-mode scan), as :func:`_check_items` counts them and refused past
-    :data:`MSGPACK_MAX_ITEMS` as it refuses: by the native crate's scanner when the
-    extension module is built (``ioserver._native._msgpack_items``: the same count at C
-    speed, one call a read), else by the Python loop - which made the framer 2-3.5 times
+def _object_charges(
+    data: bytes | bytearray | memoryview, bounds: list[tuple[int, int]]
+) -> list[int]:
+    """The charge of each whole object ``bounds`` of ``data`` (back to back, found by the
+    skip-mode scan; :data:`MSGPACK_CHARGES`), refused past :data:`MSGPACK_MAX_ITEMS` as
+    :func:`_check_items` refuses: by the native crate's scanner when the extension module
+    is built (``ioserver._native._msgpack_charges``: the same sum at C speed, one call a
+    read), else by the Python loop :func:`_charge` - which made the framer 2-3.5 times
     slower once every object was counted for its charge.
 
     Should the native scanner find other objects than ``bounds`` (not expected: it is the
@@ -627,11 +756,63 @@ def _object_items(data: bytes | bytearray | memoryview, bounds: list[tuple[int, 
     Raises:
         PacketTooLarge: an object holds too many items.
     """
-    if _msgpack_items is not None:
-        counts: list[int] = _msgpack_items(data, bounds[0][0], bounds[-1][1])
-        if len(counts) == len(bounds):
-            return counts
-    return [_check_items(data, first, last) for first, last in bounds]
+    if _msgpack_charges is not None:
+        charges: list[int] = _msgpack_charges(data, bounds[0][0], bounds[-1][1])
+        if len(charges) == len(bounds):
+            return charges
+    return [_charge(data, first, last) for first, last in bounds]
+
+
+def _charge(data: bytes | bytearray | memoryview, start: int, end: int) -> int:
+    """The charge of the whole object ``data[start:end]`` (:data:`MSGPACK_CHARGES`: each
+    container charged its items' slots at its header); refused past
+    :data:`MSGPACK_MAX_ITEMS` as :func:`_check_items` refuses it.
+
+    Raises:
+        PacketTooLarge: it holds too many items.
+    """
+    sizes = _MSGPACK_SIZE
+    owns = _MSGPACK_OWN
+    items = 1
+    charge = 0
+    position = start
+    while position < end:
+        byte = data[position]
+        size = sizes[byte]
+        top = position == start
+        if size or byte in _MSGPACK_SIZED:
+            first = position + 1
+            if not size:
+                width, extra = _MSGPACK_SIZED[byte]
+                length = int.from_bytes(data[first : first + width], "big")
+                first += width + extra
+                size = first - position + length
+            own = owns[byte]
+            if own < 0:
+                own, variable = _scalar_charge(byte, data[first : position + size])
+                charge += variable
+            if not top:
+                charge += own
+            position += size
+            continue
+        if 0x80 <= byte <= 0x9F:  # fixmap, fixarray
+            is_map = byte < 0x90
+            count = (byte & 0x0F) * 2 if is_map else byte & 0x0F
+            position += 1
+        else:  # a container with a count field (the skip refused 0xc1)
+            width, per = _MSGPACK_CONTAINERS[byte]
+            is_map = per == 2
+            count = int.from_bytes(data[position + 1 : position + 1 + width], "big") * per
+            position += 1 + width
+        charge += count * (_MAP_SLOT if is_map else _ARRAY_SLOT)
+        if is_map and count:
+            charge += _MAP_TABLE
+        if not top:
+            charge += _CHARGE_MAP if is_map else _CHARGE_ARRAY
+        items += count
+        if items > MSGPACK_MAX_ITEMS:
+            _check_items(data, start, end)  # (raises, with the count where it passes)
+    return charge
 
 
 def _check_items(data: bytes | bytearray | memoryview, start: int, end: int) -> int:

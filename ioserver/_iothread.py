@@ -175,6 +175,12 @@ class _WakeupSlot:
         self.kind = -1
 
 
+def _over_budget(cap: int, size: int) -> PacketTooLarge:
+    """A message charged ``size`` bytes that the budget can never grant (``cap``:
+    :attr:`IOThread.message_cap`)."""
+    return PacketTooLarge(cap, size, "message", "bytes charged", "memory_limit less a read")
+
+
 class IOThread:
     """The I/O thread and its state.  Loops talk to it only through :meth:`submit`."""
 
@@ -200,6 +206,12 @@ class IOThread:
         self.hosted = hosted
         self.memory_limit = memory_limit
         self.port_buffer_limit = port_buffer_limit
+        #: The most one message may be charged: ``memory_limit`` less a read.  A port
+        #: reads only while a whole read fits under ``memory_limit``, so a packet still
+        #: arriving charged more than this by itself would never be read further; such a
+        #: port, and one whose whole message is charged more, fails with ``EMSGSIZE``
+        #: (:meth:`_deliver_framed`).  None: no limit.
+        self.message_cap = None if memory_limit is None else max(0, memory_limit - READ_SIZE)
         self.framing_bytes = 0
         #: The global memory budget (see "Receive flow control" above); it charges the
         #: counters below, and resumes a port it paused by recomputing its interest.
@@ -876,7 +888,9 @@ class IOThread:
             on_gone()  # a daemon's client port: the client forgets it
         self.budget.forget(conn)  # (its budget pause, its owner's cell)
         if conn.kind == STREAM and conn.framer is not None:
-            self.framing_bytes -= conn.framer.buffered + conn.held_bytes
+            framer = conn.framer
+            pending = framer.pending_charge if conn.packet_overhead else 0
+            self.framing_bytes -= framer.buffered + pending + conn.held_bytes
             conn.held = None
             conn.held_bytes = 0
         self._interest(conn, 0)
@@ -910,21 +924,33 @@ class IOThread:
         framer = conn.framer
         assert framer is not None  # (the hot path calls this for framed ports only)
         before = framer.buffered
+        # An unfinished msgpack object is charged its items walked so far too (for a port
+        # of this process), as framing bytes: so one that spans reads is charged as it
+        # arrives, not all at its last read.
+        charges_items = conn.packet_overhead
+        pending = framer.pending_charge if charges_items else 0
         try:
             # bytes unless the framer decodes objects (decodes_objects, below)
             payloads: list[Any] = framer.feed(self._view[:n])
         except FrameError as exc:
             self.delivered_total -= n
-            self.framing_bytes += framer.buffered - before  # a failed framer emptied itself
+            # (A failed framer emptied itself.)
+            self.framing_bytes += framer.buffered - before - pending
             self._frame_error(conn, exc)
             return False
         after = framer.buffered
-        self.framing_bytes += after - before
+        now = framer.pending_charge if charges_items else 0
+        self.framing_bytes += after - before + now - pending
         if after > conn.peak_buffered:
             conn.peak_buffered = after
         if self.port_buffer_limit is not None and after > self.port_buffer_limit:
             self.delivered_total -= n
             self._buffer_limit_error(conn, after)
+            return False
+        cap = self.message_cap
+        if cap is not None and after + now > cap:  # one still arriving that can never fit
+            self.delivered_total -= n
+            self._frame_error(conn, _over_budget(cap, after + now))
             return False
         # The round adds n to delivered_total (as for raw reads): what is delivered adds
         # itself back (see _deliver_payloads), what is held is charged as framing.
@@ -942,13 +968,18 @@ class IOThread:
             if overhead:
                 # What a packet holds in Python objects beyond its bytes: charged too, so
                 # that many small packets cannot pass the budget; and what a decoded
-                # object holds beyond that (MSGPACK_ITEM_CHARGE an item...), so that
+                # object holds beyond that (MSGPACK_CHARGES by kind of item...), so that
                 # many tiny items cannot either.
                 more = framer.object_charges(payloads)
                 if more is None:
                     shares = [share + overhead for share in shares]
                 else:
                     shares = [share + overhead + m for share, m in zip(shares, more, strict=True)]
+            if cap is not None and max(shares) > cap:
+                # The same message, arrived in fewer reads: none of the read's messages is
+                # delivered, as for a framing error.
+                self._frame_error(conn, _over_budget(cap, max(shares)))
+                return False
             self._deliver_payloads(conn, payloads, shares)
         return True
 

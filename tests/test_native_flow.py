@@ -442,6 +442,7 @@ class _PyIO:
 
     def __init__(self, port_buffer_limit: int | None) -> None:
         self.port_buffer_limit = port_buffer_limit
+        self.message_cap = None  # (no memory_limit, as the native model below)
         self.delivered_total = 0
         self.framing_bytes = 0
         self.consumed = 0
@@ -452,7 +453,8 @@ class _PyIO:
 
     def _close(self, conn: _PyConn) -> None:
         conn.closed = True
-        self.framing_bytes -= conn.framer.buffered + conn.held_bytes
+        pending = conn.framer.pending_charge if conn.packet_overhead else 0
+        self.framing_bytes -= conn.framer.buffered + pending + conn.held_bytes
         conn.held = None
         conn.held_bytes = 0
 
@@ -637,6 +639,13 @@ def test_framed_reads_deliver_hold_and_charge_as_python_s(
         taken.extend(event[1] for event in expected if event[0] == "data")
         held = conn.held or ()
         assert native.held(0) == (len(held), conn.held_bytes)
+        # Both cores charge an unfinished msgpack object its items walked so far too (as
+        # they arrive: at most PACKET_OVERHEAD a byte it holds), the same.
+        framer_bytes, pending = native.framer_holds(0)
+        assert pending <= PACKET_OVERHEAD * framer_bytes
+        assert pending == 0 or packet == "msgpack"
+        if not conn.closed:
+            assert (framer_bytes, pending) == (conn.framer.buffered, conn.framer.pending_charge)
         assert native.framing_bytes() == io.framing_bytes
         assert native.in_use() == io.delivered_total + io.framing_bytes - io.consumed
         state = native.state(0)

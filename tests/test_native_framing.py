@@ -10,6 +10,7 @@ Python I/O thread computes it.  Sends: the same bytes or the same error for a pa
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -20,14 +21,14 @@ from hypothesis import strategies as st
 from ioserver import _framing
 from ioserver._exceptions import FrameError, OptionError, PacketTooLarge
 from ioserver._framing import (
-    MSGPACK_ITEM_CHARGE,
+    MSGPACK_CHARGES,
     MSGPACK_MAX_DEPTH,
     MSGPACK_MAX_ITEMS,
     PACKET_OVERHEAD,
     RESP_ARGUMENT_CHARGE,
     make_framer,
 )
-from ioserver._native import _Framer, _msgpack_items
+from ioserver._native import _Framer, _msgpack_charges
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -69,7 +70,7 @@ def _expected_charges(
     shares[-1] += extra
     more = python.object_charges(messages) if overhead else None
     if more is not None:
-        # What the decoded objects hold beyond that (MSGPACK_ITEM_CHARGE an item...).
+        # What the decoded objects hold beyond that (MSGPACK_CHARGES by kind of item).
         shares = [share + m for share, m in zip(shares, more, strict=True)]
     return shares
 
@@ -427,31 +428,68 @@ def test_each_msgpack_packet_is_exactly_one_object_to_the_decoder(data: st.DataO
             assert decoder.tell() == len(packet), packet
 
 
-def _items(value: Any) -> int:
-    """A decoded msgpack value's items as MSGPACK_MAX_ITEMS counts them: itself, and each
-    array element, map key and map value, nested or not."""
+def _charge(value: Any, top: bool = True) -> int:
+    """A decoded msgpack value's charge (MSGPACK_CHARGES), from the value as ``packb``
+    encodes it (the smallest encoding): each item its own object and its slot, the object
+    itself its variable part only.  Computed here from the values, apart from the
+    framers' wire scanners."""
+    charges = MSGPACK_CHARGES
+    own = 0
+    variable = 0
     if isinstance(value, list):
-        return 1 + sum(_items(item) for item in value)
-    if isinstance(value, dict):
-        return 1 + sum(_items(key) + _items(item) for key, item in value.items())
-    return 1
+        own = charges["array"]
+        variable = len(value) * charges["array slot"]
+        variable += sum(_charge(item, top=False) for item in value)
+    elif isinstance(value, dict):
+        own = charges["map"]
+        variable = 2 * len(value) * charges["map slot"] + (charges["map table"] if value else 0)
+        variable += sum(_charge(k, top=False) + _charge(v, top=False) for k, v in value.items())
+    elif isinstance(value, bool) or value is None:
+        pass
+    elif isinstance(value, int):
+        own = 0 if 0 <= value <= 255 else charges["int"]  # fixint, uint 8: shared
+    elif isinstance(value, float):
+        own = charges["float"]
+    elif isinstance(value, str):
+        wire = len(value.encode())
+        if wire > 1:
+            own = charges["str"]
+            widest = max(map(ord, value))
+            width = 4 if widest > 0xFFFF else 2 if widest > 0xFF else 1
+            variable = max(0, width * len(value) - wire)
+    elif isinstance(value, bytes):
+        own = charges["bin"] if len(value) > 1 else 0
+    else:  # an ExtType, a Timestamp
+        own = charges["ext"]
+    return variable if top else own + variable
+
+
+_WIDE_TEXT = st.text(alphabet=st.sampled_from("a\xe9\u0100\u20ac\U0001f600"), max_size=40)
+_CHARGED = st.recursive(
+    st.one_of(_SCALARS, _WIDE_TEXT, st.builds(msgpack.Timestamp, st.integers(0, 2**34))),
+    lambda children: st.one_of(
+        st.lists(children, max_size=20),
+        st.dictionaries(st.one_of(_WIDE_TEXT, st.integers(-1000, 1000)), children, max_size=7),
+    ),
+    max_leaves=30,
+)
 
 
 @SETTINGS
-@given(values=st.lists(_VALUES, min_size=1, max_size=4), data=st.data())
-def test_a_msgpack_object_is_charged_for_each_of_its_items(
+@given(values=st.lists(_CHARGED, min_size=1, max_size=4), data=st.data())
+def test_a_msgpack_object_is_charged_for_each_of_its_items_by_kind(
     values: list[Any], data: st.DataObject
 ) -> None:
-    """Each decoded object is charged MSGPACK_ITEM_CHARGE for each item but itself (what
-    decoding builds beyond its wire bytes and PACKET_OVERHEAD), counted by the framer that
-    found its bounds (the C skip's count, or the walk's for an object split across
-    reads), the same on both framers (the differential tests hold them to the same
-    charges).  Before, an object was charged its wire bytes only: a frame of tiny items
-    held ~64 times its charge in Python objects."""
+    """Each decoded object is charged what its items hold by kind (MSGPACK_CHARGES: each
+    item its own object and its slot, a wide str its characters; what decoding builds
+    beyond its wire bytes and PACKET_OVERHEAD), by the framer that found its bounds (the
+    C skip, or the walk for an object split across reads), the same on both framers and
+    as computed from the values.  Before, every item was charged a flat 112 bytes (an
+    array of 75k small ints, ~0.6 MB decoded, was charged 8.4 MB)."""
     stream = b"".join(msgpack.packb(value, use_bin_type=True) for value in values)
     python = make_framer("msgpack")
     native = _Framer("msgpack", 64 << 20, b"\n")
-    expected = [(_items(value) - 1) * MSGPACK_ITEM_CHARGE for value in values]
+    expected = [_charge(value) for value in values]
     got: list[int] = []
     native_got: list[int] = []
     points = [0, *sorted(_cut_points(data, stream)), len(stream)]
@@ -472,6 +510,58 @@ def test_a_msgpack_object_is_charged_for_each_of_its_items(
             native_got += [charge - b for charge, b in zip(charges, bare, strict=True)]
     assert got == expected
     assert native_got == expected
+
+
+def _decoded_size(packet: bytes) -> int:
+    """Bytes of Python objects one msgpack packet decodes to (``tracemalloc``), its str
+    map keys already interned (a first decoding is kept alive meanwhile: the interned
+    strings' table is the process's, and its growth is shared by every interned str)."""
+    kept = msgpack.unpackb(packet, raw=False, strict_map_key=False)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = msgpack.unpackb(packet, raw=False, strict_map_key=False)
+        size = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del decoded, kept
+    return size
+
+
+@SETTINGS
+@given(value=_CHARGED)
+def test_a_msgpack_object_is_charged_at_least_what_it_decodes_to(value: Any) -> None:
+    """The charge is an upper bound: what ``msgpack.unpackb`` allocates for an object
+    (``tracemalloc``) is at most its wire bytes, PACKET_OVERHEAD and its items' charge by
+    kind - a wide str's characters, a map's table and a list's slots included."""
+    packet = msgpack.packb(value, use_bin_type=True)
+    [charge] = _msgpack_charges(packet, 0, len(packet))
+    assert _decoded_size(packet) <= len(packet) + PACKET_OVERHEAD + charge
+
+
+@pytest.mark.parametrize(
+    ("value", "flat"),
+    [
+        ([1] * 75_000, 75_000 * 112),
+        ([0.5] * 20_000, 20_000 * 112),
+        (["\U0001f600" * 1000] * 10, 10 * 112),
+        (["\U0001f600" + "a" * 1000] * 10, 10 * 112),
+    ],
+    ids=["small-ints", "floats", "astral-strs", "astral-and-ascii-strs"],
+)
+def test_the_charge_by_kind_is_honest_where_the_flat_one_was_not(value: Any, flat: int) -> None:
+    """Charged by kind, an array of 75,000 small ints (~0.6 MB decoded) is charged ~0.6
+    MB, not the 8.4 MB the flat 112 bytes an item charged (which would stall it under an
+    8 MiB ``memory_limit`` once an unfinished object is charged as it arrives); and a str
+    of astral characters (4 bytes each decoded, and as many on the wire) is charged what
+    it holds; one astral character among 1,000 ASCII ones makes CPython keep 4 bytes a
+    character (~4 KB for 1 KB on the wire): charged that now, where the flat charge
+    (11 KB for ten such strs, 41 KB held) was not even an upper bound."""
+    packet = msgpack.packb(value, use_bin_type=True)
+    [charge] = _msgpack_charges(packet, 0, len(packet))
+    held = _decoded_size(packet)
+    total = len(packet) + PACKET_OVERHEAD + charge
+    assert held <= total <= 2 * held + 4096, (held, total, len(packet) + flat)
 
 
 def test_a_resp_command_is_charged_for_each_argument() -> None:
@@ -556,22 +646,22 @@ def test_bad_options_are_option_errors(packet: Any, packet_size: int, delimiter:
 
 
 @SETTINGS
-@given(values=st.lists(_VALUES, min_size=1, max_size=8))
-def test_the_native_item_count_is_the_python_loops(values: list[Any]) -> None:
-    """The Python framer's item count (``_object_items``: the native scanner,
-    ``_native._msgpack_items``, over a read's whole objects) is its Python loop's
-    (``_check_items``, the fallback) and the decoded values' items, for bytes and for a
-    view of a buffer (what the I/O thread feeds)."""
+@given(values=st.lists(_CHARGED, min_size=1, max_size=8))
+def test_the_native_charges_are_the_python_loops(values: list[Any]) -> None:
+    """The Python framer's charges (``_object_charges``: the native scanner,
+    ``_native._msgpack_charges``, over a read's whole objects) are its Python loop's
+    (``_charge``, the fallback) and the decoded values', for bytes and for a view of a
+    buffer (what the I/O thread feeds)."""
     packets = [msgpack.packb(value, use_bin_type=True) for value in values]
     stream = b"".join(packets)
     ends = list(itertools.accumulate(len(packet) for packet in packets))
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-    expected = [_items(value) for value in values]
-    assert [_framing._check_items(stream, first, last) for first, last in bounds] == expected
-    assert _msgpack_items(stream, 0, len(stream)) == expected
+    expected = [_charge(value) for value in values]
+    assert [_framing._charge(stream, first, last) for first, last in bounds] == expected
+    assert _msgpack_charges(stream, 0, len(stream)) == expected
     with memoryview(bytearray(b"\x01" + stream + b"\x92")) as view:  # (unfinished after)
-        assert _msgpack_items(view, 1, 1 + len(stream)) == expected
-        assert _framing._object_items(view, [(1 + a, 1 + b) for a, b in bounds]) == expected
+        assert _msgpack_charges(view, 1, 1 + len(stream)) == expected
+        assert _framing._object_charges(view, [(1 + a, 1 + b) for a, b in bounds]) == expected
 
 
 @pytest.mark.parametrize(
@@ -587,8 +677,8 @@ def test_the_native_item_count_is_the_python_loops(values: list[Any]) -> None:
     ids=["at-cap", "past", "map-at-cap", "fixarray-past", "per-object-256", "among-others"],
 )
 def test_the_native_item_count_refuses_as_the_python_loop(stream: bytes) -> None:
-    """Past MSGPACK_MAX_ITEMS, the native count raises the Python loop's PacketTooLarge
-    (the count at the first header past the cap); below it, the same counts."""
+    """Past MSGPACK_MAX_ITEMS, the native scanner raises the Python loop's PacketTooLarge
+    (the count at the first header past the cap); below it, the same charges."""
     bounds: list[tuple[int, int]] = []
     skipper = msgpack.Unpacker(max_buffer_size=len(stream))
     skipper.feed(stream)
@@ -598,11 +688,11 @@ def test_the_native_item_count_refuses_as_the_python_loop(stream: bytes) -> None
         bounds.append((start, skipper.tell()))
         start = skipper.tell()
     try:
-        expected: Any = [_framing._check_items(stream, first, last) for first, last in bounds]
+        expected: Any = [_framing._charge(stream, first, last) for first, last in bounds]
     except PacketTooLarge as exc:
         expected = exc
     try:
-        got: Any = _msgpack_items(stream, 0, len(stream))
+        got: Any = _msgpack_charges(stream, 0, len(stream))
     except PacketTooLarge as exc:
         got = exc
     if isinstance(expected, PacketTooLarge):
@@ -619,18 +709,19 @@ def test_the_python_framer_counts_items_without_its_python_loop(
     ran on every object, and the Python core's framer was 2-3.5 times slower (64 small
     objects a read: 20 us -> 71 us; a 60 KB array of 20k ints: 464 us -> 1545 us)."""
     calls: list[object] = []
-    original = _framing._check_items
+    original = _framing._charge
 
     def counted(*args: Any) -> int:
         calls.append(args)
         return original(*args)
 
+    monkeypatch.setattr(_framing, "_charge", counted)
     monkeypatch.setattr(_framing, "_check_items", counted)
     framer = make_framer("msgpack")
     small = msgpack.packb([1, "abc", {"a": 1}])
     messages = framer.feed(memoryview(bytearray(small * 63 + small[:4])))
     assert len(messages) == 63
     messages += framer.feed(small[4:] + msgpack.packb(list(range(20000))))
-    charge = MSGPACK_ITEM_CHARGE
-    assert framer.object_charges(messages[-2:]) == [5 * charge, 20000 * charge]
+    expected = [_charge([1, "abc", {"a": 1}]), _charge(list(range(20000)))]
+    assert framer.object_charges(messages[-2:]) == expected
     assert calls == []

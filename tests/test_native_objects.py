@@ -9,6 +9,7 @@ same messages, errors and memory bound, against real sockets and redis-cli.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import socket
@@ -24,7 +25,13 @@ import pytest
 import ioserver
 import ports
 from ioserver import _exceptions, _native
-from ioserver._framing import MSGPACK_MAX_DEPTH, PACKET_OVERHEAD, RespError, encode_resp
+from ioserver._framing import (
+    MSGPACK_CHARGES,
+    MSGPACK_MAX_DEPTH,
+    PACKET_OVERHEAD,
+    RespError,
+    encode_resp,
+)
 from ports import Accepted, Closed, Data, Error, FrameError, PacketTooLarge
 
 pytestmark = pytest.mark.anyio
@@ -366,6 +373,97 @@ def _decoded_size(packet: bytes) -> int:
 
 
 @pytest.mark.every_core
+async def test_a_dense_object_spanning_reads_is_charged_its_items_as_they_arrive(
+    no_leaks: None, core: str, io_backend: str | None
+) -> None:
+    """A msgpack object that arrives over several reads is charged, while unfinished, its
+    bytes and its items walked so far (``MSGPACK_CHARGES``, each as it arrives), so the
+    memory charged never passes ``memory_limit``: a peer sends an array of 32,768 empty
+    arrays (32,771 wire bytes, charged ~2.4 MB once whole: 72 bytes an item) to a port
+    under a 1 MiB limit in chunks of 4 KiB, each once the port has read the last or the
+    budget paused it.  Before, the unfinished object was charged its bytes alone and all
+    its items at its last read: the object went in whole, and the charge jumped past the
+    limit.  Now the budget stops the reads once the items walked fill it; and once its
+    owner waits for it, its charge passes what the budget can ever grant one message and
+    the port fails (``EMSGSIZE``) instead of waiting for ever.  Its charge goes with it:
+    the memory in use comes back to 0.  On both cores: the Python core's framer walks an
+    unfinished object and charges it as the native one does."""
+    items = 32768
+    wire: bytes = msgpack.packb([[]] * items)
+    assert _charge(wire) > 2 * LIMIT
+    chunk = 4096
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(
+            ios, "127.0.0.1", 0, packet="msgpack", packet_size=1 << 16, **UNBOUND
+        )
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    sent = 0
+                    while sent < len(wire) and port.statistics().pauses == 0:
+                        peer.sendall(wire[sent : sent + chunk])
+                        sent = min(sent + chunk, len(wire))
+                        await _until(
+                            lambda sent=sent: (
+                                port.statistics().bytes_received == sent
+                                or port.statistics().pauses > 0
+                            )
+                        )
+                        statistics = ios.statistics()
+                        assert statistics.memory_in_use <= LIMIT, (sent, statistics)
+                    # Paused by the budget, or (before) the object delivered whole.
+                    await _until(
+                        lambda: (
+                            port.statistics().pauses > 0 or port.statistics().messages_buffered > 0
+                        )
+                    )
+                    statistics = ios.statistics()
+                    assert statistics.memory_in_use <= LIMIT, statistics
+                    assert statistics.peak_memory <= LIMIT, statistics
+                    assert port.statistics().messages_buffered == 0
+                    assert port.statistics().bytes_received < len(wire)
+                    # The items walked are charged, not just the bytes.
+                    assert statistics.memory_in_use > 50 * port.statistics().bytes_received
+                    # The owner waits: reads go on into the reserve until the object's
+                    # charge passes what one message may be, and the port fails.
+                    peer.sendall(wire[sent:])
+                    with anyio.fail_after(10):
+                        error = await port.receive()
+                        assert isinstance(error, Error), error
+                        assert error.errno_name == "EMSGSIZE", error
+                        assert isinstance(await port.receive(), Closed)
+                    assert ios.statistics().peak_memory <= LIMIT
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
+async def test_a_partial_object_s_item_charge_leaves_with_a_framing_error(
+    no_leaks: None, core: str, io_backend: str | None
+) -> None:
+    """An unfinished msgpack object charged its items walked so far gives the charge back
+    when a malformed byte fails the port mid-object: ``Error`` (``EPROTO``) and
+    ``Closed``, and the memory in use comes back to 0."""
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack")
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    partial = b"\xdd" + (2000).to_bytes(4, "big") + b"\x90" * 1000
+                    peer.sendall(partial)
+                    await _until(lambda: port.statistics().bytes_received == len(partial))
+                    each = MSGPACK_CHARGES["array"] + MSGPACK_CHARGES["array slot"]
+                    assert ios.statistics().memory_in_use >= len(partial) + 1000 * each
+                    peer.sendall(b"\xc1")
+                    with anyio.fail_after(5):
+                        error = await port.receive()
+                        assert isinstance(error, Error) and error.errno_name == "EPROTO", error
+                        assert isinstance(await port.receive(), Closed)
+        await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
 async def test_objects_of_tiny_items_are_charged_what_they_decode_to(
     no_leaks: None, core: str, io_backend: str | None
 ) -> None:
@@ -417,6 +515,103 @@ async def test_objects_of_tiny_items_are_charged_what_they_decode_to(
                 async with anyio.create_task_group() as readers:
                     for port in owners:
                         readers.start_soon(drain, port)
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+        assert statistics.memory_in_use == 0, statistics
+
+
+CAP = LIMIT - 65536  # bytes: the most one message may be charged (memory_limit less a read)
+
+
+def _charge(packet: bytes) -> int:
+    """What a port of this process charges the msgpack object ``packet``."""
+    [more] = _native._msgpack_charges(packet, 0, len(packet))
+    return len(packet) + PACKET_OVERHEAD + more
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize("packet", ["msgpack", 4])
+async def test_a_message_that_can_never_fit_the_budget_fails_its_port(
+    no_leaks: None, core: str, io_backend: str | None, packet: Any
+) -> None:
+    """A message charged more than the budget can ever grant it (``memory_limit`` less a
+    read: a port reads only while a whole read fits) fails its port with ``EMSGSIZE``, as
+    an over-``packet_size`` packet does, instead of a port waiting for it for ever: a
+    msgpack array of 20,000 ints (20 KB on the wire, charged 1.14 MB by kind of item)
+    and a 4-byte-length packet of 1.5 MB (``packet_size`` 4 MiB), under a 1 MiB limit.
+    Another port of the same listener loses nothing.  Before, the msgpack object was
+    delivered, 2.2 MB charged under the 1 MiB limit (and, charged as it arrived, would
+    have waited for ever), and the length packet's port waited for ever."""
+    if packet == "msgpack":
+        wire: bytes = msgpack.packb([-1] * 20_000)
+        assert _charge(wire) > CAP
+    else:
+        wire = struct.pack(">I", 1_500_000) + b"x" * 1_500_000
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(
+            ios, "127.0.0.1", 0, packet=packet, packet_size=4 << 20, **UNBOUND
+        )
+        small = msgpack.packb([1, "two"]) if packet == "msgpack" else b"\0\0\0\2ab"
+        async with listener:
+            with (
+                socket.create_connection(listener.local_address) as peer,
+                socket.create_connection(listener.local_address) as other,
+            ):
+                port = await _accept(listener)
+                bystander = await _accept(listener)
+                async with port, bystander:
+                    other.sendall(small)
+                    before = await bystander.receive()
+                    assert isinstance(before, Data), before
+
+                    async def send() -> None:
+                        try:
+                            await anyio.to_thread.run_sync(peer.sendall, wire)
+                        except OSError:
+                            pass  # (the port closed before all was sent)
+
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(send)
+                        with anyio.fail_after(10):
+                            error = await port.receive()
+                            assert isinstance(error, Error), error
+                            assert error.errno_name == "EMSGSIZE", error
+                            assert f"exceeds memory_limit less a read={CAP}" in error.message
+                            closed = await port.receive()
+                            assert isinstance(closed, Closed), closed
+                            assert closed.reason == "EMSGSIZE"
+                        with contextlib.suppress(OSError):  # (the send may be blocked)
+                            peer.shutdown(socket.SHUT_RDWR)
+                    other.sendall(small)
+                    with anyio.fail_after(5):
+                        after = await bystander.receive()
+                    assert isinstance(after, Data) and after.data == before.data
+                    assert port.statistics().packets_too_large == 1
+        statistics = ios.statistics()
+        assert statistics.peak_memory <= LIMIT, statistics
+    assert ios.statistics().memory_in_use == 0
+
+
+@pytest.mark.every_core
+async def test_a_message_just_under_what_the_budget_can_grant_is_delivered_whole(
+    no_leaks: None, core: str, io_backend: str | None
+) -> None:
+    """A msgpack object charged just under ``memory_limit`` less a read (an array of
+    17,000 ints, 17 KB on the wire, charged 969 KB) is delivered whole to an owner that
+    waits for it, and the memory charged stays within the limit."""
+    wire: bytes = msgpack.packb([-1] * 17_000)
+    assert CAP - 20_000 < _charge(wire) <= CAP
+    async with ioserver.open(memory_limit=LIMIT, core=core, io_backend=io_backend) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet="msgpack", **UNBOUND)
+        async with listener:
+            with socket.create_connection(listener.local_address) as peer:
+                port = await _accept(listener)
+                async with port:
+                    peer.sendall(wire)
+                    with anyio.fail_after(10):
+                        message = await port.receive()
+                    assert isinstance(message, Data), message
+                    assert message.data == [-1] * 17_000
         statistics = ios.statistics()
         assert statistics.peak_memory <= LIMIT, statistics
         assert statistics.memory_in_use == 0, statistics

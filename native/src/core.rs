@@ -1537,7 +1537,8 @@ impl IoThread {
             Err(ReadFault::Frame(error)) => {
                 let errno = match error {
                     crate::framing::FrameError::TooLarge { .. }
-                    | crate::framing::FrameError::TooManyItems { .. } => {
+                    | crate::framing::FrameError::TooManyItems { .. }
+                    | crate::framing::FrameError::OverBudget { .. } => {
                         s.conn.packets_too_large.fetch_add(1, Ordering::Relaxed);
                         libc::EMSGSIZE
                     }
@@ -1855,7 +1856,11 @@ impl IoThread {
             self.shared.tcp_streams.fetch_sub(1, Ordering::Relaxed);
         }
         // What the framer and the held packets hold leaves the budget, and so does a pause.
-        let framer = s.framer.take().map_or(0, |f| f.buffered());
+        let overhead = s.flow.packet_overhead();
+        let framer = s
+            .framer
+            .take()
+            .map_or(0, |f| f.buffered() + f.pending_charge(overhead) as usize);
         s.flow.close(&mut self.budget, framer);
         // (The held packets go with the rare part.)
         let rare = s.rare.take();

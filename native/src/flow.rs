@@ -38,7 +38,7 @@
 //! A message is charged its size in bytes: a payload of bytes its length, a decoded
 //! object its share of the wire bytes it was decoded from, plus [`PACKET_OVERHEAD`] for a
 //! framed port of this process, and for such a port what its decoded object holds beyond
-//! that (`framing::MSGPACK_ITEM_CHARGE` a msgpack item, `framing::RESP_ARGUMENT_CHARGE` a
+//! that (a msgpack object by kind of item, `framing::msgpack::CHARGE_INT`..., `framing::RESP_ARGUMENT_CHARGE` a
 //! RESP argument; see `framing::Framer::charges`).  **The charge travels
 //! with the message**: the I/O thread computes it and hands it to the loop half with the
 //! message, which passes it back in [`Window::took`] when the owner takes it.  (The Python
@@ -132,7 +132,9 @@
 //! held packets took); the Python core takes off a framed read's bytes only (unless the
 //! read was shortened), so two framed ports of one-byte packets read in one round near the
 //! budget could pass it by up to a read's overhead.  (A message larger than the reserve
-//! cannot be completed by reserve reads alone: it waits for the budget to free.)
+//! cannot be completed by reserve reads alone: it waits for the budget to free; one
+//! charged more than `memory_limit` less a read, which no read could ever complete, fails
+//! its port with `EMSGSIZE`: [`Budget::message_cap`].)
 //!
 //! Ports paused by the budget are let go in the order they paused (at one half), reserve
 //! waiters in the order they came (first).  The bookkeeping costs O(1) amortised per
@@ -1063,7 +1065,9 @@ impl ReceiveFlow {
     }
 
     /// The I/O thread closes the port: release what it holds from the budget (the
-    /// framer's `buffered` bytes and the held packets) and forget a budget pause.
+    /// framer's `buffered` bytes plus its
+    /// [`pending_charge`](crate::framing::Framer::pending_charge), and the held packets)
+    /// and forget a budget pause.
     pub fn close(&mut self, budget: &mut Budget, framer_buffered: usize) {
         let charges = &budget.charges;
         charges.set_framing(
@@ -1263,6 +1267,17 @@ impl Budget {
     /// The reserve for waiting owners: `memory_limit / 4`.
     pub fn reserve(&self) -> u64 {
         self.reserve
+    }
+
+    /// The most one message may be charged (`None`: no `memory_limit`): `memory_limit`
+    /// less a read.  A port reads only while a whole read fits under `memory_limit`
+    /// (a waiting owner's; the others leave the reserve too), so a packet still arriving
+    /// that is charged more than this by itself is never read further: its port would
+    /// wait for it for ever.  [`framed_read`] fails such a port (`EMSGSIZE`), and one
+    /// whose whole message is charged more (the same message, had it arrived over more
+    /// reads), whatever the other ports hold.
+    pub fn message_cap(&self) -> Option<u64> {
+        self.limit.map(|limit| limit.saturating_sub(self.read_size))
     }
 
     /// Count the output queued and the input taken by this loop's owners.
@@ -1621,6 +1636,17 @@ impl Budget {
         }
     }
 
+    /// A framed port's unfinished packet's charge beyond its bytes
+    /// ([`crate::framing::Framer::pending_charge`]: a msgpack object's items walked so
+    /// far) went from `before` to `after` over one read (`after` is 0 once the object is
+    /// whole, or after a framing error).  Charged as framing bytes, as what the framer
+    /// holds; [`ReceiveFlow::close`] releases it with them.
+    pub fn framer_pending(&mut self, before: u64, after: u64) {
+        let charges = &self.charges;
+        charges.set_framing((charges.framing() + after).saturating_sub(before));
+        self.headroom -= after as i64 - before as i64;
+    }
+
     /// For handlers that read on their own (UDP): the bytes of input `flow` may read now.
     /// The streams' rule: ordinary reads leave the reserve untouched, reads for a waiting
     /// owner may use it, and no read may take the input charged past `memory_limit`.
@@ -1836,20 +1862,37 @@ pub fn framed_read(
     charges: &mut Vec<u64>,
 ) -> Result<FramedRead, ReadFault> {
     let before = framer.buffered();
+    let pending = framer.pending_charge(flow.packet_overhead());
     let first = packets.len();
     let error = match framer.feed(input, packets) {
         Ok(()) => None,
         Err(error) if framer.delivers_errors() => Some(error),
         Err(error) => {
             // A failed framer emptied itself: release what it held.
+            budget.framer_pending(pending, 0);
             let _ = budget.framer_holds(flow, before, framer.buffered());
             return Err(ReadFault::Frame(error));
         }
     };
     let after = framer.buffered();
+    // (Before the bytes' limit check: a port it closes releases both.)
+    budget.framer_pending(pending, framer.pending_charge(flow.packet_overhead()));
     budget
         .framer_holds(flow, before, after)
         .map_err(ReadFault::BufferLimit)?;
+    // A packet still arriving that could never be granted fails its port (its charge,
+    // bytes and items walked, stays until the port's close releases it).
+    let cap = budget.message_cap();
+    if let Some(cap) = cap {
+        let pending = after as u64 + framer.pending_charge(flow.packet_overhead());
+        if pending > cap {
+            let error = FrameError::OverBudget {
+                limit: cap,
+                size: pending,
+            };
+            return Err(ReadFault::Frame(error));
+        }
+    }
     let count = packets.len() - first + usize::from(error.is_some());
     if count == 0 {
         return Ok(FramedRead::default());
@@ -1864,6 +1907,17 @@ pub fn framed_read(
         flow.packet_overhead(),
         charges,
     );
+    // And so does a message charged more than that (the same message, arrived in fewer
+    // reads): none of the read's messages is delivered, as for a framing error.
+    if let Some(cap) = cap {
+        if let Some(&size) = charges[start..].iter().find(|&&charge| charge > cap) {
+            charges.truncate(start);
+            return Err(ReadFault::Frame(FrameError::OverBudget {
+                limit: cap,
+                size,
+            }));
+        }
+    }
     let deliver = flow.admit(count);
     flow.hold(budget, &charges[start + deliver..]);
     let delivered = if deliver > 0 {

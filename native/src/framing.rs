@@ -53,13 +53,15 @@
 //! # The charge per packet
 //!
 //! The memory budget counts what a port holds: [`Framer::buffered`] while a packet is
-//! unfinished, then each delivered packet's charge ([`Framer::charges`]) until its owner
-//! takes it: its bytes (`Length`, `Line`), or its share of the wire bytes the read
+//! unfinished (and [`Framer::pending_charge`], the charge of a msgpack object's items
+//! walked so far, for a port of this process), then each delivered packet's charge
+//! ([`Framer::charges`]) until its owner takes it: its bytes (`Length`, `Line`), or its share of the wire bytes the read
 //! consumed (`Msgpack`, `Resp`, whose packets Python decodes into objects whose size says
 //! nothing), plus [`PACKET_OVERHEAD`] for a port of this process; and for such a port,
-//! what a decoded object holds beyond that: [`MSGPACK_ITEM_CHARGE`] for each item of a
-//! msgpack object but itself (the framer counts them as it finds the object's bounds),
-//! [`RESP_ARGUMENT_CHARGE`] for each argument of a command.
+//! what a decoded object holds beyond that: for a msgpack object, a charge per kind of
+//! item (its own object and its slot: [`msgpack::CHARGE_INT`] and the others, added up as
+//! the framer finds the object's bounds), [`RESP_ARGUMENT_CHARGE`] for each argument of a
+//! command.
 
 pub mod msgpack;
 mod python;
@@ -68,7 +70,7 @@ pub mod resp;
 mod tests;
 
 pub(crate) use python::{frame_error, framer_from_py};
-pub use python::{msgpack_items, PyFramer};
+pub use python::{msgpack_charges, PyFramer};
 
 use std::fmt;
 
@@ -79,23 +81,11 @@ pub const DEFAULT_PACKET_SIZE: usize = 64 * 1024 * 1024;
 /// what a small queued message costs in Python objects (`_framing.PACKET_OVERHEAD`).
 pub const PACKET_OVERHEAD: usize = 160;
 
-/// Bytes charged for each item of a decoded msgpack object beyond the object itself (each
-/// array element, each map key and each map value, nested or not), on top of its wire
-/// bytes and [`PACKET_OVERHEAD`], for a port of this process
-/// (`_framing.MSGPACK_ITEM_CHARGE`).  Its wire bytes alone said nothing of what decoding
-/// builds: one byte (an empty array) decodes to a 56-byte list and its slot, so a frame of
-/// tiny items held ~64 times its charge.  The most an item builds beyond its wire bytes,
-/// measured with `tracemalloc` on CPython 3.11 x86-64: 96 bytes (an item of a one-entry
-/// map: the dict's 184 bytes over three items), 95 (a `fixext 2`), 71 (an empty map),
-/// 62 (an empty array); rounded up.  At most [`PACKET_OVERHEAD`], so a read of `n` bytes
-/// is still charged at most `n * (1 + PACKET_OVERHEAD)` (each item takes one byte at
-/// least): the bound the budget's shortened reads rely on.
-pub const MSGPACK_ITEM_CHARGE: usize = 112;
-
 /// Bytes charged for each argument of a RESP command, on top of the command's wire bytes
 /// and [`PACKET_OVERHEAD`], for a port of this process (`_framing.RESP_ARGUMENT_CHARGE`):
 /// a `bytes` object (33 bytes and its length) and its list slot (8), less the six wire
-/// bytes an argument takes at least, with the allocator's rounding.
+/// bytes an argument takes at least, with the allocator's rounding (35 bytes measured
+/// with `tracemalloc`, as the msgpack charges were).
 pub const RESP_ARGUMENT_CHARGE: usize = 48;
 
 /// The packet mode of a stream port (Erlang's `{packet, ...}`).
@@ -140,6 +130,17 @@ pub enum FrameError {
         /// What held too many items, as the message names it (`"msgpack object"`).
         what: &'static str,
     },
+    /// Python's `PacketTooLarge(limit, size, "message", "bytes charged", "memory_limit
+    /// less a read")`: one message (whole, or still arriving) is charged more than the
+    /// memory budget can ever grant it ([`crate::flow::Budget::message_cap`]): it could
+    /// never be delivered, and the port would wait for it for ever.  The owner gets
+    /// `EMSGSIZE`, as for `TooLarge`.
+    OverBudget {
+        /// The most one message may be charged, in bytes.
+        limit: u64,
+        /// What it is charged (so far, if still arriving), in bytes.
+        size: u64,
+    },
     /// Python's `FrameError(message)`: the bytes break the mode.  The owner gets `EPROTO`.
     Malformed(String),
 }
@@ -148,7 +149,9 @@ impl FrameError {
     /// The errno name the owner's `Error` message carries: `EMSGSIZE` or `EPROTO`.
     pub fn errno_name(&self) -> &'static str {
         match self {
-            FrameError::TooLarge { .. } | FrameError::TooManyItems { .. } => "EMSGSIZE",
+            FrameError::TooLarge { .. }
+            | FrameError::TooManyItems { .. }
+            | FrameError::OverBudget { .. } => "EMSGSIZE",
             FrameError::Malformed(_) => "EPROTO",
         }
     }
@@ -171,6 +174,10 @@ impl fmt::Display for FrameError {
                     "{what} of {size} items exceeds MSGPACK_MAX_ITEMS={limit}"
                 )
             }
+            FrameError::OverBudget { limit, size } => write!(
+                f,
+                "message of {size} bytes charged exceeds memory_limit less a read={limit}"
+            ),
             FrameError::Malformed(message) => f.write_str(message),
         }
     }
@@ -492,6 +499,21 @@ impl Framer {
         }
     }
 
+    /// What the unfinished packet is charged beyond its [`buffered`](Framer::buffered)
+    /// bytes, in bytes: for `Msgpack` when `overhead` is not 0 (see
+    /// [`charges`](Framer::charges)), the charge by kind of the unfinished object's items
+    /// walked so far (each as it arrives, a container's slots with its items, so that no
+    /// prefix of a read is charged more than `PACKET_OVERHEAD` a byte); 0 otherwise.
+    /// Once the object is whole, its message's charge replaces this, items and all, so an
+    /// object that spans reads is charged its items as they arrive, not all at its last
+    /// read.
+    pub fn pending_charge(&self, overhead: u64) -> u64 {
+        match &self.inner {
+            Inner::Msgpack(framer) if overhead != 0 => framer.pending_charge(),
+            _ => 0,
+        }
+    }
+
     /// Bytes the packet under way still needs before it can complete, when the mode knows
     /// (a length header or body, a RESP bulk string's rest); `None` when it does not
     /// (raw, a line, a msgpack object, between RESP headers).  A read of more is fine:
@@ -529,7 +551,8 @@ impl Framer {
     ///   [`buffered`](Framer::buffered) before it, less `buffered` after it), shared
     ///   equally among the messages, the remainder on the last one; plus `overhead` each;
     ///   and, when `overhead` is not 0, what the decoded object holds beyond them: a
-    ///   msgpack object [`MSGPACK_ITEM_CHARGE`] for each item but itself, a RESP command
+    ///   msgpack object the charge of its items by kind (see [`msgpack::CHARGE_INT`]),
+    ///   a RESP command
     ///   [`RESP_ARGUMENT_CHARGE`] for each argument.
     ///
     /// `overhead` is [`PACKET_OVERHEAD`] for a framed port of this process, 0 for a
@@ -574,8 +597,8 @@ impl Framer {
                 let objects = &mut out[start..];
                 match &self.inner {
                     Inner::Msgpack(framer) => {
-                        for (charge, &items) in objects.iter_mut().zip(framer.object_items()) {
-                            *charge += (items as u64 - 1) * MSGPACK_ITEM_CHARGE as u64;
+                        for (charge, &more) in objects.iter_mut().zip(framer.object_charges()) {
+                            *charge += more;
                         }
                     }
                     _ => {

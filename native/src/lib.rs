@@ -39,7 +39,7 @@ fn _native(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add("__version__", VERSION)?;
     py::register(m)?;
     m.add_class::<framing::PyFramer>()?;
-    m.add_function(pyo3::wrap_pyfunction!(framing::msgpack_items, m)?)?;
+    m.add_function(pyo3::wrap_pyfunction!(framing::msgpack_charges, m)?)?;
     m.add_class::<flow::PyFlowModel>()?;
     Ok(())
 }

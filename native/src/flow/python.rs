@@ -157,7 +157,9 @@ impl PyFlowModel {
                 Ok((charges, read.delivered.send_passive, None))
             }
             Err(fault) => {
-                flow.close(&mut self.budget, framer.buffered());
+                let overhead = flow.packet_overhead();
+                let held = framer.buffered() + framer.pending_charge(overhead) as usize;
+                flow.close(&mut self.budget, held);
                 self.held[port].clear();
                 self.closed[port] = true;
                 let fault = match fault {
@@ -196,6 +198,26 @@ impl PyFlowModel {
     /// Bytes held by framers and in held packets.
     fn framing_bytes(&self) -> u64 {
         self.budget.framing_bytes()
+    }
+
+    /// A framed port's framer: `(bytes held, charge beyond them)`
+    /// ([`Framer::pending_charge`]: a msgpack object's items walked so far); `(0, 0)`
+    /// once the port is closed (its close released them).
+    fn framer_holds(&self, port: usize) -> PyResult<(usize, u64)> {
+        if self.closed.get(port).copied().unwrap_or(false) {
+            return Ok((0, 0));
+        }
+        let flow = self
+            .ports
+            .get(port)
+            .ok_or_else(|| PyIndexError::new_err(port))?;
+        let framer = self.framers[port]
+            .as_ref()
+            .ok_or_else(|| PyIndexError::new_err("not a framed port"))?;
+        Ok((
+            framer.buffered(),
+            framer.pending_charge(flow.packet_overhead()),
+        ))
     }
 
     /// A port's held packets: `(count, bytes)`.

@@ -58,6 +58,140 @@ const C_STACK: usize = 1024;
 
 pub(crate) const WHAT: &str = "msgpack object";
 
+// -- what a decoded object holds ---------------------------------------------------------
+//
+// The charge of a decoded msgpack object beyond its wire bytes and `PACKET_OVERHEAD`, per
+// kind of item: an upper bound of what `msgpack.unpackb(packet, raw=False,
+// strict_map_key=False)` allocates for it, measured with `tracemalloc` on CPython 3.11
+// x86-64 and msgpack 1.1 (`bench/msgpack_charges.py` prints the measurements; the table
+// and the method are in docs/reference/limits.rst).  `_framing.py` has the same table.
+// Each item is charged its own object (0 for the shared ones: nil, booleans, fixints
+// 0..127 and uint 8, the empty and one-byte str and bin) and its slot in the container
+// holding it; the object itself is charged its variable part only (its own object is in
+// `PACKET_OVERHEAD`).  No item is charged more than `PACKET_OVERHEAD` a wire byte of its
+// header (a map's in a map: 64 + 32 + 64 = 160), so no prefix of a read of `n` bytes is
+// charged more than `n * (1 + PACKET_OVERHEAD)`: the bound the budget's shortened reads
+// rely on, for whole objects and for unfinished ones (charged as they arrive).
+
+/// An `int` that is not a shared small int (negative fixint, int 8..64, uint 16..64): 28
+/// to 36 bytes measured, allocator rounding included.
+pub const CHARGE_INT: u64 = 48;
+/// A `float` (float 32 or 64): 24 bytes measured.
+pub const CHARGE_FLOAT: u64 = 32;
+/// A `str` of 2 bytes or more: its object header (49 bytes for ASCII, 73 to 76 for the
+/// wider kinds), beyond its wire bytes.  A str whose characters take more bytes decoded
+/// than encoded is charged that too: CPython keeps 2 bytes a character when one is past
+/// U+00FF, 4 when one is past U+FFFF (so an ASCII character, one byte on the wire, then
+/// takes 2 or 4), found from its widest byte and its count of characters.
+pub const CHARGE_STR: u64 = 80;
+/// A `bytes` (bin) of 2 bytes or more: 33 bytes measured, beyond its wire bytes.
+pub const CHARGE_BIN: u64 = 48;
+/// An ext: an `ExtType` (a named tuple, its code and its `bytes`: 105 bytes measured
+/// beyond its data) or a `Timestamp` (type -1: 48 to 80).
+pub const CHARGE_EXT: u64 = 112;
+/// A `list` (array): its object, 56 bytes measured; its slots are its items'.
+pub const CHARGE_ARRAY: u64 = 64;
+/// A `dict` (map): its object, 64 bytes measured; its table is its items'.
+pub const CHARGE_MAP: u64 = 64;
+/// Each item of an array: its slot in the list (8 bytes).
+pub const CHARGE_ARRAY_SLOT: u64 = 8;
+/// Each key and each value of a map: its share of the dict's table, 64 bytes, so 128 an
+/// entry (measured: at most 60 an entry past 5 entries, 63 with a str key's place in the
+/// interned strings).
+pub const CHARGE_MAP_SLOT: u64 = 64;
+/// A map of one entry or more, at its header: the rest of its first table (160 bytes
+/// measured for 1 to 5 entries: 224 for a dict of one, its own 64 and its entry's 128
+/// and this 32).
+pub const CHARGE_MAP_TABLE: u64 = 32;
+
+/// The own charge of a scalar item whose first byte says it all (ints, floats, exts;
+/// 0 for the shared ones, and for a str or a bin: see [`scalar_charge`]), by first byte.
+static OWN: [u8; 256] = own_by_byte();
+
+const fn own_by_byte() -> [u8; 256] {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = match byte as u8 {
+            0xe0..=0xff | 0xcd..=0xcf | 0xd0..=0xd3 => CHARGE_INT as u8,
+            0xca | 0xcb => CHARGE_FLOAT as u8,
+            0xc7..=0xc9 | 0xd4..=0xd8 => CHARGE_EXT as u8, // ext 8..32, fixext 1..16
+            _ => 0,
+        };
+        byte += 1;
+    }
+    table
+}
+
+/// What decoding a scalar item (not an array or map) builds beyond its wire bytes and
+/// its slot: `(fixed, variable)`, the variable part what a str's characters take decoded
+/// beyond its bytes.  `byte` is its first byte, `body` its data (a str's, a bin's; empty
+/// for the others).
+#[inline]
+fn scalar_charge(byte: u8, body: &[u8]) -> (u64, u64) {
+    match byte {
+        0xa0..=0xbf | 0xd9..=0xdb => str_charge(body),
+        0xc4..=0xc6 if body.len() > 1 => (CHARGE_BIN, 0),
+        _ => (u64::from(OWN[usize::from(byte)]), 0),
+    }
+}
+
+/// A str of `body` (UTF-8): see [`CHARGE_STR`].
+#[inline]
+fn str_charge(body: &[u8]) -> (u64, u64) {
+    if body.len() <= 1 {
+        (0, 0) // "" and one ASCII character are shared objects
+    } else if is_ascii(body) {
+        (CHARGE_STR, 0) // one byte a character
+    } else {
+        (CHARGE_STR, wide_str_charge(body))
+    }
+}
+
+/// Whether `bytes` are all ASCII: eight at a time (`<[u8]>::is_ascii` costs more on the
+/// short strs of small objects, the framer's common case).
+#[inline]
+fn is_ascii(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    let mut any = 0u64;
+    for word in &mut words {
+        any |= u64::from_ne_bytes([
+            word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
+        ]);
+    }
+    let mut rest = 0u8;
+    for &byte in words.remainder() {
+        rest |= byte;
+    }
+    (any & 0x8080_8080_8080_8080) == 0 && rest < 0x80
+}
+
+/// What a str of `body`, not ASCII, takes decoded beyond its bytes.
+fn wide_str_charge(body: &[u8]) -> u64 {
+    // CPython keeps a str one, two or four bytes a character, by its widest character: a
+    // lead byte from 0xf0 is one past U+FFFF, from 0xc4 one past U+00FF.
+    let widest = body.iter().copied().max().unwrap_or(0);
+    if widest < 0xc4 {
+        return 0; // at most one byte a character: no more than its bytes
+    }
+    let width = if widest >= 0xf0 { 4 } else { 2 };
+    // Its characters: the bytes that do not continue one (0x80..=0xbf).
+    let characters = body.iter().filter(|&&byte| (byte as i8) >= -0x40).count();
+    ((width * characters) as u64).saturating_sub(body.len() as u64)
+}
+
+/// An array's or map's of `count` items: `(own object, variable part at its header, each
+/// item's slot)`.
+#[inline]
+fn container_charge(byte: u8, count: usize) -> (u64, u64, u64) {
+    if matches!(byte, 0x80..=0x8f | 0xde | 0xdf) {
+        let table = if count > 0 { CHARGE_MAP_TABLE } else { 0 };
+        (CHARGE_MAP, table, CHARGE_MAP_SLOT)
+    } else {
+        (CHARGE_ARRAY, 0, CHARGE_ARRAY_SLOT)
+    }
+}
+
 /// What an item's first byte says of it.
 #[derive(Clone, Copy)]
 enum Item {
@@ -73,6 +207,7 @@ enum Item {
     Never,
 }
 
+#[inline]
 fn item(byte: u8) -> Item {
     match byte {
         0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => Item::Fixed(1),
@@ -157,34 +292,35 @@ fn check_items(data: &[u8], start: usize, end: usize) -> Result<(), FrameError> 
     Ok(())
 }
 
-/// Append the items of each whole object of `data[start..end]` to `items`, in order: the
-/// objects back to back, as the C skip found them (the Python framer's, which calls this
-/// through `ioserver._native._msgpack_items` for each object's charge, in place of its
-/// Python `_check_items` loop).  Counted as [`check_items`] counts (itself and what its
-/// containers' headers announce) and refused past [`MSGPACK_MAX_ITEMS`] as it refuses: at
-/// the first header that passes the cap, with the count there.
+/// Append the charge of each whole object of `data[start..end]` to `charges`, in order
+/// (what it holds decoded beyond its wire bytes and `PACKET_OVERHEAD`: the per-kind
+/// charges above): the objects back to back, as the C skip found them (the Python
+/// framer's, which calls this through `ioserver._native._msgpack_charges` for each
+/// object's charge).  An object of more than [`MSGPACK_MAX_ITEMS`] items is refused as
+/// [`check_items`] refuses it: at the first header that passes the cap, with the count
+/// there.
 ///
 /// An unfinished object ends the count (the bytes were not whole objects back to back:
-/// the caller, which knows how many it framed, sees fewer counts).
+/// the caller, which knows how many it framed, sees fewer charges).
 ///
 /// Errors: [`FrameError::TooManyItems`].
-pub(crate) fn whole_object_items(
+pub(crate) fn whole_object_charges(
     data: &[u8],
     mut start: usize,
     end: usize,
-    items: &mut Vec<usize>,
+    charges: &mut Vec<u64>,
 ) -> Result<(), FrameError> {
     let mut stack = Vec::new();
     while start < end {
-        let Some((stop, _, count)) = skip_one(data, start, end, &mut stack)? else {
+        let Some(whole) = skip_one(data, start, end, &mut stack)? else {
             break;
         };
-        if count > MSGPACK_MAX_ITEMS {
-            check_items(data, start, stop)?;
-            return Err(too_many_items(count)); // (check_items refused it already)
+        if whole.items > MSGPACK_MAX_ITEMS {
+            check_items(data, start, whole.end)?;
+            return Err(too_many_items(whole.items)); // (check_items refused it already)
         }
-        items.push(count);
-        start = stop;
+        charges.push(whole.charge);
+        start = whole.end;
     }
     Ok(())
 }
@@ -195,10 +331,21 @@ pub(crate) fn too_deep() -> FrameError {
     ))
 }
 
-/// One object as the C decoder skips it: `Ok(Some((end, deepest, items)))` if it is whole
-/// in `data[start..end]` (`deepest`: the most containers around any container of it, the
-/// one it opened included; `items`: itself and what its containers' headers announce, as
-/// [`MSGPACK_MAX_ITEMS`] counts them), `Ok(None)` if it is unfinished.
+/// A whole object as [`skip_one`] found it.
+struct Whole {
+    /// Where it ends.
+    end: usize,
+    /// The most containers around any container of it, the one it opened included.
+    deepest: usize,
+    /// Itself and what its containers' headers announce, as [`MSGPACK_MAX_ITEMS`] counts.
+    items: usize,
+    /// What it holds decoded beyond its wire bytes and `PACKET_OVERHEAD` (the per-kind
+    /// charges above).
+    charge: u64,
+}
+
+/// One object as the C decoder skips it: `Ok(Some(whole))` if it is whole in
+/// `data[start..end]`, `Ok(None)` if it is unfinished.
 ///
 /// Errors as the C decoder's: a container opened inside [`C_STACK`] others (empty ones
 /// too) is too deep, `0xc1` is `"malformed msgpack data: "` (msgpack's `FormatError` has
@@ -208,24 +355,33 @@ fn skip_one(
     start: usize,
     end: usize,
     stack: &mut Vec<usize>,
-) -> Result<Option<(usize, usize, usize)>, FrameError> {
+) -> Result<Option<Whole>, FrameError> {
     stack.clear();
     let mut position = start;
     let mut deepest = 0;
     let mut items: usize = 1;
+    // Each item its own object and slot; the object itself its variable part only.
+    let mut charge: u64 = 0;
     while position < end {
+        let at = position;
         let byte = data[position];
-        let count = match item(byte) {
+        let (count, (fixed, variable)) = match item(byte) {
             Item::Fixed(size) => {
                 if position + size > end {
                     return Ok(None);
                 }
+                let own = if size > 2 && byte & 0xe0 == 0xa0 {
+                    str_charge(&data[position + 1..position + size]) // a fixstr
+                } else {
+                    (u64::from(OWN[usize::from(byte)]), 0)
+                };
                 position += size;
-                None
+                (None, own)
             }
             Item::FixContainer(count) => {
                 position += 1;
-                Some(count)
+                let (own, table, slot) = container_charge(byte, count);
+                (Some(count), (own, table + slot * count as u64))
             }
             Item::Sized { width, extra } => {
                 if position + 1 + width > end {
@@ -236,8 +392,9 @@ fn skip_one(
                 if position.saturating_add(size) > end {
                     return Ok(None);
                 }
+                let body = &data[position + 1 + width + extra..position + size];
                 position += size;
-                None
+                (None, scalar_charge(byte, body))
             }
             Item::Container { width, per } => {
                 if position + 1 + width > end {
@@ -245,12 +402,15 @@ fn skip_one(
                 }
                 let count = big_endian(&data[position + 1..position + 1 + width]) * per;
                 position += 1 + width;
-                Some(count)
+                let (own, table, slot) = container_charge(byte, count);
+                (Some(count), (own, table + slot * count as u64))
             }
             Item::Never => {
                 return Err(FrameError::Malformed("malformed msgpack data: ".into()));
             }
         };
+        // (At most 160 a byte of a whole object within `end`: no overflow.)
+        charge += variable + if at == start { 0 } else { fixed };
         if let Some(count) = count {
             if stack.len() >= C_STACK {
                 return Err(too_deep());
@@ -272,7 +432,14 @@ fn skip_one(
                     }
                     stack.pop();
                 }
-                None => return Ok(Some((position, deepest, items))),
+                None => {
+                    return Ok(Some(Whole {
+                        end: position,
+                        deepest,
+                        items,
+                        charge,
+                    }))
+                }
             }
         }
     }
@@ -291,14 +458,14 @@ fn skip(
 ) -> Result<usize, FrameError> {
     while start < end {
         match skip_one(data, start, end, stack)? {
-            Some((stop, deepest, items)) => {
+            Some(whole) => {
                 bounds.push(Bound {
                     start,
-                    end: stop,
-                    deepest: Some(deepest),
-                    items,
+                    end: whole.end,
+                    deepest: Some(whole.deepest),
+                    charge: whole.charge,
                 });
-                start = stop;
+                start = whole.end;
             }
             None => break,
         }
@@ -313,9 +480,9 @@ struct Bound {
     end: usize,
     /// Its deepest nesting, when the C skip found it (None: the walk finished it).
     deepest: Option<usize>,
-    /// Its items (itself, each array element, each map key and value), counted by the
-    /// scanner that found it.
-    items: usize,
+    /// What it holds decoded beyond its wire bytes and `PACKET_OVERHEAD`, charged by the
+    /// scanner that found it (the same sum whichever did).
+    charge: u64,
 }
 
 /// `MsgpackFramer`'s boundary finder: the unfinished object's bytes and the walk's place.
@@ -332,12 +499,19 @@ pub(crate) struct MsgpackFramer {
     /// headers announced); meaningful while `scanned` is not 0, and, once a walk
     /// finished an object, that object's count.
     items: usize,
+    /// The slot charge of each open array's or map's items, beside `stack`.
+    slots: Vec<u64>,
+    /// The charge of the walked object's items walked so far (each as it arrives: a
+    /// container's header its own object, each item its slot); meaningful while `scanned`
+    /// is not 0, and, once a walk finished an object, that object's charge (what the C
+    /// skip charges it).
+    charge: u64,
     /// Scratch: the C skip's stack, and a read's whole objects.
     skip_stack: Vec<usize>,
     bounds: Vec<Bound>,
-    /// The items of each object the last [`feed`](MsgpackFramer::feed) pushed, in order
-    /// (what [`super::Framer::charges`] charges per item).
-    object_items: Vec<usize>,
+    /// The charge of each object the last [`feed`](MsgpackFramer::feed) pushed, in order
+    /// (what [`super::Framer::charges`] adds to each).
+    object_charges: Vec<u64>,
 }
 
 impl MsgpackFramer {
@@ -348,9 +522,11 @@ impl MsgpackFramer {
             scanned: 0,
             stack: Vec::new(),
             items: 1,
+            slots: Vec::new(),
+            charge: 0,
             skip_stack: Vec::new(),
             bounds: Vec::new(),
-            object_items: Vec::new(),
+            object_charges: Vec::new(),
         }
     }
 
@@ -362,13 +538,27 @@ impl MsgpackFramer {
         self.buffer.len()
     }
 
-    /// The items of each object the last [`feed`](MsgpackFramer::feed) pushed, in order.
-    pub(crate) fn object_items(&self) -> &[usize] {
-        &self.object_items
+    /// The charge of the unfinished object held, its items walked so far (0 when none is
+    /// held): each item as it arrives, as the C skip will charge it once whole (each
+    /// container's slots with its items, not at its header), so that no prefix of a read
+    /// is charged more than `PACKET_OVERHEAD` a byte; once whole, its charge in
+    /// [`object_charges`](MsgpackFramer::object_charges) replaces this.
+    pub(crate) fn pending_charge(&self) -> u64 {
+        if self.buffer.is_empty() {
+            0
+        } else {
+            self.charge
+        }
+    }
+
+    /// The charge of each object the last [`feed`](MsgpackFramer::feed) pushed, in order:
+    /// what it holds decoded beyond its wire bytes and `PACKET_OVERHEAD`.
+    pub(crate) fn object_charges(&self) -> &[u64] {
+        &self.object_charges
     }
 
     pub(crate) fn feed(&mut self, input: &[u8], out: &mut Packets) -> Result<(), FrameError> {
-        self.object_items.clear();
+        self.object_charges.clear();
         let result = if self.buffer.is_empty() {
             self.feed_fresh(input, out)
         } else {
@@ -376,10 +566,11 @@ impl MsgpackFramer {
         };
         if result.is_err() {
             // A failed framer holds nothing (and pushed nothing).
-            self.object_items.clear();
+            self.object_charges.clear();
             self.buffer.clear();
             self.scanned = 0;
             self.stack.clear();
+            self.slots.clear();
         }
         result
     }
@@ -441,7 +632,7 @@ impl MsgpackFramer {
                     start: 0,
                     end: stop,
                     deepest: None,
-                    items: self.items,
+                    charge: self.charge,
                 });
                 let mut start = stop;
                 if start < end {
@@ -489,7 +680,7 @@ impl MsgpackFramer {
                 let deepest = match bound.deepest {
                     Some(deepest) => deepest,
                     None => match skip_one(data, bound.start, bound.end, &mut self.skip_stack) {
-                        Ok(Some((_, deepest, _))) => deepest,
+                        Ok(Some(whole)) => whole.deepest,
                         // It is whole, and the walk allowed no more than 512 levels.
                         _ => return Err(disagree()),
                     },
@@ -509,7 +700,7 @@ impl MsgpackFramer {
         }
         for bound in bounds {
             out.push_bytes(&data[bound.start..bound.end]);
-            self.object_items.push(bound.items);
+            self.object_charges.push(bound.charge);
         }
         Ok(())
     }
@@ -523,20 +714,31 @@ impl MsgpackFramer {
     fn walk(&mut self, start: usize, end: usize) -> Result<Option<usize>, FrameError> {
         let buffer = &self.buffer;
         let stack = &mut self.stack;
+        let slots = &mut self.slots;
         let limit = self.limit;
         let mut items = if self.scanned == 0 { 1 } else { self.items };
+        let mut charge = if self.scanned == 0 { 0 } else { self.charge };
         let mut position = start + self.scanned;
         while position < end {
             let byte = buffer[position];
+            // Each item is charged as it arrives (a container at its header): its slot,
+            // its own object (the object itself: its variable part only).
+            let top = position == start;
+            let slot = slots.last().copied().unwrap_or(0);
             match item(byte) {
                 Item::Fixed(size) => {
                     if position + size > end {
                         break;
                     }
+                    let (fixed, variable) =
+                        scalar_charge(byte, &buffer[position + 1..position + size]);
+                    charge += slot + variable + if top { 0 } else { fixed };
                     position += size;
                 }
                 Item::FixContainer(count) => {
                     position += 1;
+                    let (own, table, each) = container_charge(byte, count);
+                    charge += slot + table + if top { 0 } else { own };
                     if count > 0 {
                         items += count;
                         if items > MSGPACK_MAX_ITEMS {
@@ -546,6 +748,7 @@ impl MsgpackFramer {
                             return Err(too_deep());
                         }
                         stack.push(count);
+                        slots.push(each);
                         continue;
                     }
                 }
@@ -562,6 +765,9 @@ impl MsgpackFramer {
                     if position + size > end {
                         break;
                     }
+                    let body = &buffer[position + 1 + width + extra..position + size];
+                    let (fixed, variable) = scalar_charge(byte, body);
+                    charge += slot + variable + if top { 0 } else { fixed };
                     position += size;
                 }
                 Item::Container { width, per } => {
@@ -570,6 +776,8 @@ impl MsgpackFramer {
                     }
                     let count = big_endian(&buffer[position + 1..position + 1 + width]) * per;
                     position += 1 + width;
+                    let (own, table, each) = container_charge(byte, count);
+                    charge += slot + table + if top { 0 } else { own };
                     if count > 0 {
                         // Each item takes one byte at least: refuse a count that cannot fit.
                         let reach = position - start + count;
@@ -584,6 +792,7 @@ impl MsgpackFramer {
                             return Err(too_deep());
                         }
                         stack.push(count);
+                        slots.push(each);
                         continue;
                     }
                 }
@@ -602,10 +811,12 @@ impl MsgpackFramer {
                             break;
                         }
                         stack.pop();
+                        slots.pop();
                     }
                     None => {
                         self.scanned = 0;
-                        self.items = items; // (its count, for its Bound)
+                        self.items = items; // (its count and charge, for its Bound)
+                        self.charge = charge;
                         return Ok(Some(position)); // the top-level object ended
                     }
                 }
@@ -613,6 +824,7 @@ impl MsgpackFramer {
         }
         self.scanned = position - start;
         self.items = items;
+        self.charge = charge;
         Ok(None)
     }
 }

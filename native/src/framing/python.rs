@@ -42,29 +42,37 @@ pub fn frame_error<'py>(py: Python<'py>, error: &FrameError) -> PyResult<Bound<'
         FrameError::TooManyItems { limit, size, what } => module
             .getattr("PacketTooLarge")?
             .call1((*limit, *size, *what, "items", "MSGPACK_MAX_ITEMS")),
+        FrameError::OverBudget { limit, size } => module.getattr("PacketTooLarge")?.call1((
+            *limit,
+            *size,
+            "message",
+            "bytes charged",
+            "memory_limit less a read",
+        )),
         FrameError::Malformed(message) => module.getattr("FrameError")?.call1((message,)),
     }
 }
 
-/// `_msgpack_items(data, start, stop)`: the items of each whole msgpack object of
+/// `_msgpack_charges(data, start, stop)`: the charge of each whole msgpack object of
 /// `data[start:stop]` (a bytes-like object; the objects back to back, as the Python
-/// framer's C skip found them), in order, up to the first unfinished one if any - what
-/// `ioserver._framing.MsgpackFramer` charges `MSGPACK_ITEM_CHARGE` for, counted here at
-/// the native scanner's speed instead of by its Python loop
-/// ([`super::msgpack::whole_object_items`]).
+/// framer's C skip found them), in order, up to the first unfinished one if any: what the
+/// decoded object holds beyond its wire bytes and `PACKET_OVERHEAD`, by kind of item
+/// (`ioserver._framing.MSGPACK_CHARGES`), which `ioserver._framing.MsgpackFramer` charges,
+/// added up here at the native scanner's speed instead of by its Python loop
+/// ([`super::msgpack::whole_object_charges`]).
 ///
 /// Raises ``PacketTooLarge`` (an object past ``MSGPACK_MAX_ITEMS``, as ``_check_items``
 /// raises it), ``ValueError`` (`start`, `stop` outside `data`), ``TypeError`` (not a
 /// bytes-like object).
 #[pyfunction]
-#[pyo3(name = "_msgpack_items")]
-pub fn msgpack_items(
+#[pyo3(name = "_msgpack_charges")]
+pub fn msgpack_charges(
     py: Python<'_>,
     data: &Bound<'_, PyAny>,
     start: usize,
     stop: usize,
-) -> PyResult<Vec<usize>> {
-    let count = |bytes: &[u8]| -> PyResult<Vec<usize>> {
+) -> PyResult<Vec<u64>> {
+    let count = |bytes: &[u8]| -> PyResult<Vec<u64>> {
         if start > stop || stop > bytes.len() {
             return Err(PyValueError::new_err(format!(
                 "{start}..{stop} is outside the {} bytes given",
@@ -72,7 +80,7 @@ pub fn msgpack_items(
             )));
         }
         let mut items = Vec::new();
-        super::msgpack::whole_object_items(bytes, start, stop, &mut items).map_err(|error| {
+        super::msgpack::whole_object_charges(bytes, start, stop, &mut items).map_err(|error| {
             match frame_error(py, &error) {
                 Ok(exception) => PyErr::from_value(exception),
                 Err(failed) => failed,

@@ -601,8 +601,9 @@ fn charges_as_the_python_io_thread_computes_them() {
     framer.charges(&packets, 0, false, 5, 0, &mut charges);
     assert_eq!(charges, vec![1, 1, 3]);
     let mut own = Packets::new();
-    // For a port of this process, each item of an object but itself is charged more
-    // (`[1, []]`: three items; `1`: one), counted by the C skip and by the walk alike.
+    // For a port of this process, each item of an object is charged its own object and
+    // its slot, the object itself its variable part only (`[1, []]`: the slot of `1`, an
+    // empty list and its slot; `1`: nothing), by the C skip and by the walk alike.
     for cuts in [&[][..], &[2][..]] {
         let mut framer = Framer::new(Mode::Msgpack, 100).unwrap();
         let stream = b"\x92\x01\x90\x01";
@@ -616,8 +617,8 @@ fn charges_as_the_python_io_thread_computes_them() {
             framer.charges(&own, 0, false, consumed, 160, &mut charges);
             start = end;
         }
-        let item = MSGPACK_ITEM_CHARGE as u64;
-        assert_eq!(charges, vec![2 + 160 + 2 * item, 2 + 160], "cuts {cuts:?}");
+        let more = 2 * msgpack::CHARGE_ARRAY_SLOT + msgpack::CHARGE_ARRAY;
+        assert_eq!(charges, vec![2 + 160 + more, 2 + 160], "cuts {cuts:?}");
     }
     // A RESP command, each argument.
     let mut framer = Framer::new(Mode::Resp, 100).unwrap();
@@ -853,28 +854,269 @@ proptest! {
     }
 }
 
-/// `msgpack::whole_object_items` (the Python framer's count, `_native._msgpack_items`):
-/// each whole object's items in order, up to an unfinished one, and the cap refused at the
-/// first header past it, with the count there.
+/// `msgpack::whole_object_charges` (the Python framer's charges, `_native._msgpack_charges`):
+/// each whole object's charge in order, up to an unfinished one, and the cap refused at
+/// the first header past it, with the count there.
 #[test]
-fn whole_object_items_count_as_python_s() {
-    use super::msgpack::whole_object_items;
+fn whole_object_charges_count_as_python_s() {
+    use super::msgpack::*;
     // [1, "abc", {"a": 1}], an empty map, a str of 2 whose bytes look like an array header,
     // then an unfinished fixarray of 2 (one item).
     let mut stream = vec![0x93, 0x01, 0xa3, b'a', b'b', b'c', 0x81, 0xa1, b'a', 0x01];
     stream.extend([0x80, 0xa2, 0x92, 0x92, 0x92, 0x01]);
-    let mut items = Vec::new();
+    let mut charges = Vec::new();
     assert_eq!(
-        whole_object_items(&stream, 0, stream.len(), &mut items),
+        whole_object_charges(&stream, 0, stream.len(), &mut charges),
         Ok(())
     );
-    assert_eq!(items, vec![6, 1, 1]);
+    // The list's three slots, "abc", the dict and its key and value ("a" and 1 shared).
+    let first =
+        3 * CHARGE_ARRAY_SLOT + CHARGE_STR + CHARGE_MAP + CHARGE_MAP_TABLE + 2 * CHARGE_MAP_SLOT;
+    assert_eq!(charges, vec![first, 0, 0]);
     let mut past = array32(MSGPACK_MAX_ITEMS - 1);
     past.extend(vec![0xc0; MSGPACK_MAX_ITEMS - 3]);
     past.extend([0x91, 0xc0, 0x92, 0xc0, 0xc0]);
-    let mut items = Vec::new();
+    let mut charges = Vec::new();
     assert_eq!(
-        whole_object_items(&past, 0, past.len(), &mut items).err(),
+        whole_object_charges(&past, 0, past.len(), &mut charges).err(),
         too_many_items(MSGPACK_MAX_ITEMS + 1)
     );
+}
+
+/// The charge of one object, as a read of it whole charges it (`None`: not one whole
+/// object).
+fn object_charge(object: &[u8]) -> Option<u64> {
+    let mut charges = Vec::new();
+    msgpack::whole_object_charges(object, 0, object.len(), &mut charges).ok()?;
+    (charges.len() == 1).then(|| charges[0])
+}
+
+/// Each kind of item is charged its own (see docs/reference/limits.rst for the table and
+/// its measurement), in an array (its slot: 8) and in a map (96 a key or value).
+#[test]
+fn msgpack_items_are_charged_by_kind() {
+    use super::msgpack::*;
+    let str_of = |body: &[u8]| {
+        let mut item = vec![0xd9, body.len() as u8];
+        item.extend_from_slice(body);
+        item
+    };
+    let astral = "\u{1F600}".as_bytes();
+    let kinds: Vec<(Vec<u8>, u64)> = vec![
+        (vec![0xc0], 0),                // nil
+        (vec![0xc3], 0),                // true
+        (vec![0x05], 0),                // fixint
+        (vec![0xcc, 0xff], 0),          // uint 8 (a shared small int)
+        (vec![0xff], CHARGE_INT),       // -1 (negative fixint: -32..-6 are not shared)
+        (vec![0xd0, 0x80], CHARGE_INT), // int 8
+        (vec![0xcf; 9], CHARGE_INT),    // uint 64
+        (vec![0xca, 0, 0, 0, 0], CHARGE_FLOAT),
+        (vec![0xcb; 9], CHARGE_FLOAT),
+        (vec![0xa0], 0),       // ""
+        (vec![0xa1, b'a'], 0), // "a"
+        (vec![0xa2, b'a', b'b'], CHARGE_STR),
+        (str_of("é€".as_bytes()), CHARGE_STR), // 2 bytes a character, 5 on the wire
+        (str_of("aĀ".as_bytes()), CHARGE_STR + 1), // past U+00FF: 2 bytes a character
+        (str_of("a\u{1F600}".as_bytes()), CHARGE_STR + 3), // past U+FFFF: 4 a character
+        (str_of(astral), CHARGE_STR),          // 4 bytes, as on the wire
+        (str_of(&[b'a'; 200]), CHARGE_STR),
+        (vec![0xc4, 0], 0), // b""
+        (vec![0xc4, 2, 1, 2], CHARGE_BIN),
+        (vec![0xd4, 1, 0], CHARGE_EXT),             // fixext 1
+        (vec![0xd6, 0xff, 0, 0, 0, 1], CHARGE_EXT), // a timestamp
+        (vec![0xc7, 0, 5], CHARGE_EXT),             // ext 8, empty
+        (vec![0x90], CHARGE_ARRAY),
+        (vec![0x92, 0xc0, 0xc0], CHARGE_ARRAY + 2 * CHARGE_ARRAY_SLOT),
+        (vec![0x80], CHARGE_MAP),
+        (
+            vec![0x81, 0x01, 0xc0],
+            CHARGE_MAP + CHARGE_MAP_TABLE + 2 * CHARGE_MAP_SLOT,
+        ),
+        (vec![0xdc, 0, 1, 0xc0], CHARGE_ARRAY + CHARGE_ARRAY_SLOT),
+        (
+            vec![0xde, 0, 1, 0xc0, 0xc0],
+            CHARGE_MAP + CHARGE_MAP_TABLE + 2 * CHARGE_MAP_SLOT,
+        ),
+    ];
+    for (item, own) in &kinds {
+        let mut in_array = vec![0x91];
+        in_array.extend(item);
+        assert_eq!(
+            object_charge(&in_array),
+            Some(CHARGE_ARRAY_SLOT + own),
+            "{item:x?} in an array"
+        );
+        let mut in_map = vec![0x81, 0xc0];
+        in_map.extend(item);
+        assert_eq!(
+            object_charge(&in_map),
+            Some(CHARGE_MAP_TABLE + 2 * CHARGE_MAP_SLOT + own),
+            "{item:x?} in a map"
+        );
+        // No scalar is charged more than PACKET_OVERHEAD a wire byte of it, its slot in a
+        // map included (a container at its header: see the property test below).
+        if item[0] & 0xe0 != 0x80 && !(0xdc..=0xdf).contains(&item[0]) {
+            assert!(
+                own + CHARGE_MAP_SLOT <= PACKET_OVERHEAD as u64 * item.len() as u64,
+                "{item:x?}"
+            );
+        }
+    }
+    // The object itself: its variable part only (a wide str's characters, a container's
+    // slots); its own object is in PACKET_OVERHEAD.
+    assert_eq!(
+        object_charge(&str_of("ab\u{1F600}".as_bytes())),
+        Some(12 - 6)
+    );
+    assert_eq!(object_charge(&str_of(&[b'a'; 100])), Some(0));
+    assert_eq!(object_charge(&[0xa2, b'a', b'b']), Some(0));
+    assert_eq!(object_charge(&[0xff]), Some(0));
+    assert_eq!(
+        object_charge(&[0x92, 0x90, 0x90]),
+        Some(2 * (CHARGE_ARRAY + 8))
+    );
+    assert_eq!(
+        object_charge(&[0x81, 0x01, 0x01]),
+        Some(CHARGE_MAP_TABLE + 2 * CHARGE_MAP_SLOT)
+    );
+    assert_eq!(object_charge(&[0x80]), Some(0));
+}
+
+/// Msgpack objects of every kind of item, nested (wide strs and maps too).
+fn msgpack_object_of_every_kind() -> impl Strategy<Value = Vec<u8>> {
+    let scalar = prop_oneof![
+        Just(vec![0xc0]),
+        any::<u8>().prop_map(|b| vec![b & 0x7f]),
+        Just(vec![0xf0]),
+        Just(vec![0xd1, 1, 2]),
+        Just(vec![0xcb, 0, 0, 0, 0, 0, 0, 0, 0]),
+        "[a-z\u{e9}\u{20ac}\u{1F600}]{0,40}".prop_map(|text| {
+            let mut item = vec![0xd9, text.len() as u8];
+            item.extend(text.as_bytes());
+            item
+        }),
+        proptest::collection::vec(any::<u8>(), 0..20).prop_map(|data| {
+            let mut item = vec![0xc4, data.len() as u8];
+            item.extend(data);
+            item
+        }),
+        Just(vec![0xd5, 3, 1, 2]),
+    ];
+    scalar.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(|items| {
+                let mut object = vec![0x90 | items.len() as u8];
+                object.extend(items.concat());
+                object
+            }),
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(|items| {
+                let mut object = vec![0xdc, 0, items.len() as u8];
+                object.extend(items.concat());
+                object
+            }),
+            proptest::collection::vec((inner.clone(), inner), 0..6).prop_map(|entries| {
+                let mut object = vec![0x80 | entries.len() as u8];
+                for (key, value) in entries {
+                    object.extend(key);
+                    object.extend(value);
+                }
+                object
+            }),
+        ]
+    })
+}
+
+proptest! {
+    /// An object is charged the same whether the C skip finds it in one read or the walk
+    /// finishes it over several, at every split; and it is charged at most
+    /// PACKET_OVERHEAD a wire byte, whole and while it arrives.
+    #[test]
+    fn msgpack_charge_is_the_same_at_every_split(object in msgpack_object_of_every_kind(), cut in 0usize..400) {
+        let whole = object_charge(&object).expect("one whole object");
+        prop_assert!(whole <= PACKET_OVERHEAD as u64 * object.len() as u64);
+        let cut = cut % (object.len() + 1);
+        for cuts in [vec![cut], (1..object.len()).collect::<Vec<_>>()] {
+            let mut framer = Framer::new(Mode::Msgpack, 1 << 20).unwrap();
+            let mut packets = Packets::new();
+            let mut charges = Vec::new();
+            let mut start = 0;
+            for end in cuts.into_iter().chain([object.len()]) {
+                let end = end.max(start);
+                let before = framer.buffered();
+                let first = packets.len();
+                framer.feed(&object[start..end], &mut packets).unwrap();
+                // Unfinished, it is charged as its items arrive: never more than the
+                // whole object, nor than PACKET_OVERHEAD a byte held.
+                let pending = framer.pending_charge(160);
+                prop_assert!(pending <= whole);
+                prop_assert!(pending <= PACKET_OVERHEAD as u64 * framer.buffered() as u64);
+                let consumed = end - start + before - framer.buffered();
+                framer.charges(&packets, first, false, consumed, 160, &mut charges);
+                start = end;
+            }
+            prop_assert_eq!(charges, vec![object.len() as u64 + 160 + whole]);
+        }
+    }
+}
+
+#[test]
+fn msgpack_pending_charge_counts_the_items_walked_so_far() {
+    use super::msgpack::*;
+    // `[-1, [2, "ab"], {}]`, then `[[], ...` unfinished, fed a byte a read: the
+    // unfinished object is charged its items walked so far (a string once whole, each
+    // item its slot as it arrives, announced items not yet arrived left out); the whole
+    // object's own charge replaces it (0 pending).
+    let (slot, array, int, text) = (CHARGE_ARRAY_SLOT, CHARGE_ARRAY, CHARGE_INT, CHARGE_STR);
+    let stream = b"\x93\xff\x92\x02\xa2ab\x80\x92\x90";
+    let mut framer = Framer::new(Mode::Msgpack, 100).unwrap();
+    let mut packets = Packets::new();
+    let mut pending = Vec::new();
+    for byte in stream.chunks(1) {
+        framer.feed(byte, &mut packets).unwrap();
+        assert_eq!(
+            framer.pending_charge(0),
+            0,
+            "a daemon's port: wire bytes only"
+        );
+        assert!(framer.pending_charge(160) <= 160 * framer.buffered() as u64);
+        pending.push(framer.pending_charge(160));
+    }
+    let two = slot + int + slot + array + slot; // -1, [2
+    assert_eq!(
+        pending,
+        [
+            0,
+            slot + int,
+            slot + int + slot + array,
+            two,
+            two,
+            two,
+            two + slot + text,
+            0,
+            0,
+            slot + array,
+        ]
+    );
+    assert_eq!(packets.len(), 1);
+    // In one read (the C skip finds the whole object) or cut after it: the tail alone.
+    for cut in [stream.len(), 8, 3] {
+        let mut framer = Framer::new(Mode::Msgpack, 100).unwrap();
+        framer.feed(&stream[..cut], &mut packets).unwrap();
+        framer.feed(&stream[cut..], &mut packets).unwrap();
+        assert_eq!(framer.pending_charge(160), slot + array, "cut {cut}");
+        // A framing error empties the framer, and its charge with it.
+        framer.feed(b"\xc1", &mut packets).unwrap_err();
+        assert_eq!(framer.pending_charge(160), 0);
+    }
+    // The other modes hold bytes, no items.
+    for (mode, input) in [
+        (Mode::Line(b'\n'), &b"abc"[..]),
+        (Mode::Length(4), b"\x00\x00\x00\x05ab"),
+        (Mode::Resp, b"*2\r\n$1\r\na\r\n"),
+    ] {
+        let mut framer = Framer::new(mode, 100).unwrap();
+        framer.feed(input, &mut packets).unwrap();
+        assert!(framer.buffered() > 0, "{mode:?}");
+        assert_eq!(framer.pending_charge(160), 0);
+    }
 }
