@@ -927,13 +927,15 @@ impl Inbox {
 
     /// Build `events` into `list`; on a `BaseException` that is not an `Exception`, keep
     /// `list` and the events not built (the interrupted one first) for the next `take`,
-    /// and raise it.
+    /// and raise it.  True when an event was postponed: it and the events after it wait
+    /// for the next `take` (in a new list: `list` goes to the loop now), and this take
+    /// must end here, so that no later batch overtakes them.
     fn build_all(
         &self,
         py: Python<'_>,
         list: &Bound<'_, PyList>,
         events: Vec<Event>,
-    ) -> PyResult<()> {
+    ) -> PyResult<bool> {
         let mut events = events.into_iter();
         while let Some(event) = events.next() {
             match self.build(py, list, event) {
@@ -949,13 +951,15 @@ impl Inbox {
                 }
                 Err(Unbuilt::Postponed(event)) => {
                     // Nothing of it was appended (one allocation, all or nothing): it and
-                    // the events after it wait for the next take, in order.
-                    self.carry(list, *event, events);
-                    return Ok(());
+                    // the events after it wait for the next take, in order.  Carried
+                    // with a new list: `list`, with what was built before it, is this
+                    // take's answer (carrying it too delivered those messages twice).
+                    self.carry(&PyList::empty(py), *event, events);
+                    return Ok(true);
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The carried events, whatever became of the lock: a panic while it was held
@@ -1357,10 +1361,14 @@ impl Inbox {
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let (list, events) = self.resume(py);
         if let Some(events) = events {
-            self.build_all(py, &list, events)?;
+            if self.build_all(py, &list, events)? {
+                return Ok(list); // postponed: the batches queued after it wait too
+            }
         }
         while let Some(batch) = self.queue.pop() {
-            self.build_all(py, &list, batch)?;
+            if self.build_all(py, &list, batch)? {
+                return Ok(list);
+            }
         }
         Ok(list)
     }
