@@ -13,6 +13,7 @@ never collected.
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import weakref
 
@@ -78,3 +79,22 @@ async def test_a_closed_server_is_freed(no_leaks: None, core: str, io_backend: s
     alive = [ref() for ref in refs if ref() is not None]
     assert not alive, f"closed servers' objects still alive: {alive}"
     assert _count(IOThread, Hub, _native.Core, _native.Inbox) == before
+
+
+def test_a_native_core_never_started_is_freed() -> None:
+    """A native I/O thread made and discarded without being started (how an
+    ``ioserver.open`` that fails before its start ends) is freed too: until it starts,
+    the ``Core`` holds the hosted half's ``run_round`` and ``stop_hosted`` (bound methods
+    of the ``NativeIOThread``, which holds the ``Core``), which it shows the collector."""
+    from ioserver._native_core import NativeIOThread
+
+    fds = set(os.listdir("/proc/self/fd"))
+    refs = []
+    for _ in range(SERVERS):
+        io = NativeIOThread(io_backend="epoll")
+        refs.append(weakref.ref(io))
+        io.discard()
+        del io
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * SERVERS
+    assert set(os.listdir("/proc/self/fd")) <= fds
