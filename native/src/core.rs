@@ -837,6 +837,12 @@ impl IoThread {
         })
     }
 
+    /// The hosted half this thread runs, if any (`Core.__traverse__` shows its Python
+    /// objects to the garbage collector until the thread starts).
+    pub fn hosted(&self) -> Option<&Hosted> {
+        self.hosted.as_ref()
+    }
+
     /// Run the rounds of `hosted` on this thread too (before the thread starts).
     pub fn host(&mut self, hosted: Hosted) -> io::Result<()> {
         hosted.register(self.poll.registry())?;

@@ -103,6 +103,16 @@ impl Hosted {
         registry.register(&mut SourceFd(&self.fd), HOSTED, Interest::READABLE)
     }
 
+    /// Show the garbage collector the Python objects this half holds, for
+    /// `Core.__traverse__` (while the core is not started, it holds this half):
+    /// ``IOThread.run_round`` and ``stop_hosted``, bound methods of the ``NativeIOThread``
+    /// that holds the ``Core``.  Only visits (see `Core.__traverse__`): no lock, no Python
+    /// call, no panic.
+    pub fn traverse(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.round)?;
+        visit.call(&self.stop)
+    }
+
     /// Its poller fd fired.
     pub fn fired(&mut self) {
         self.fired = true;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::core::uring::{self, Backend};
 use crate::core::{
@@ -1442,6 +1443,69 @@ impl Inbox {
     fn poison_carried_for_test(&self) {
         self.poison_carried()
     }
+
+    /// Garbage collector integration (PyO3's ``__traverse__``): the Python objects this
+    /// inbox holds - its hub (``stop_target``, which holds this inbox: a cycle), the hosted
+    /// deliveries' list, what an interrupted take carries, the reused decoder, the cached
+    /// addresses, the message classes and functions.  Unseen, the hub and everything it
+    /// holds (its ``NativeIOThread``, the ports) outlived every closed server.
+    ///
+    /// Safe as ``Core.__traverse__`` is (see there): each `Mutex` only tried (the loop's
+    /// thread takes them under the GIL, the I/O thread never), no Python call, no panic,
+    /// and only the references this inbox owns: not the events queued in `queue` (the
+    /// I/O thread's, shared), nor the events an interrupted take carries (their targets
+    /// are `Arc`s shared with the I/O thread's port table) - only its pairs list.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for object in [
+            &self.stop_target,
+            &self.data,
+            &self.new,
+            &self.set_data,
+            &self.closed,
+            &self.error,
+            &self.accepted,
+            &self.passive,
+            &self.writable,
+            &self.errno_name,
+            &self.connect_error,
+            &self.eof,
+            &self.unpacker,
+            &self.out_of_data,
+            &self.unpackb,
+        ] {
+            visit.call(object)?;
+        }
+        visit.call(&self.unpack_options)?;
+        visit.call(&self.hosted)?;
+        if let Some(decoder) = unlocked(&self.decoder) {
+            if let Some(decoder) = decoder.as_ref() {
+                visit.call(&decoder.feed)?;
+                visit.call(&decoder.unpack)?;
+                visit.call(&decoder.read_bytes)?;
+            }
+        }
+        if let Some(addresses) = unlocked(&self.addresses) {
+            visit.call(addresses.local.as_ref().map(|(_, local)| local))?;
+            visit.call(addresses.host.as_ref().map(|(_, host)| host))?;
+        }
+        if let Some(carried) = unlocked(&self.carried) {
+            visit.call(carried.pairs.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Garbage collector integration (``tp_clear``): drop the references that can lead
+    /// back here - the hub (replaced by None: no allocation), what an interrupted take
+    /// carries, the decoder, the cached addresses.  The hosted list is left: the collector
+    /// clears a list itself; the classes and functions are reachable from their modules,
+    /// so never part of a garbage cycle.
+    fn __clear__(&mut self) {
+        let hub = Python::attach(|py| std::mem::replace(&mut self.stop_target, py.None()));
+        let carried = std::mem::take(owned(&mut self.carried));
+        let decoder = owned(&mut self.decoder).take();
+        let addresses = std::mem::take(owned(&mut self.addresses));
+        drop((hub, carried, decoder, addresses));
+    }
 }
 
 thread_local! {
@@ -1452,6 +1516,25 @@ thread_local! {
     static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The cores whose I/O thread a deferred send owes a wake.
     static OWED: std::cell::RefCell<Vec<Arc<Shared>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `mutex`'s value if no thread holds it now (a poisoned one's too: its value is whole,
+/// a `Py` or an `Option` of one), without waiting: for `__traverse__`, which must never
+/// block (see [`Core::__traverse__`]).
+fn unlocked<T>(mutex: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match mutex.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// `mutex`'s value through `&mut` (no lock taken: nobody else can hold it), for
+/// `__clear__`; a poisoned one's too.
+fn owned<T>(mutex: &mut Mutex<T>) -> &mut T {
+    mutex
+        .get_mut()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The native I/O thread and its command queue.
@@ -1665,6 +1748,50 @@ impl Core {
     /// Close the commands' wake-up fd (once the thread has ended).
     fn close_commands(&self) {
         self.shared.commands.signal.close()
+    }
+
+    /// Garbage collector integration (PyO3's ``__traverse__``; CPython's ``tp_traverse``):
+    /// the Python objects this core holds - the hosted half's send (a bound method of the
+    /// ``NativeIOThread``, which holds this core through its command queue: a cycle), and,
+    /// until the thread starts, the hosted half's ``run_round`` and ``stop_hosted``.  Unseen,
+    /// they made every closed server immortal (its ``NativeIOThread``, hub, ports: about
+    /// 250 KiB each).
+    ///
+    /// Why it is safe, run by the collector on any thread that holds the GIL:
+    /// - it never blocks: each `Mutex` is only tried ([`unlocked`]).  The I/O thread takes
+    ///   `thread` never (it owns its `IoThread` once started) and `hosted_send` never; a
+    ///   loop's thread takes them with the GIL held, and may release the GIL inside only
+    ///   where it does not hold them; were one held anyway (a thread waiting for the GIL
+    ///   this collection holds), it is skipped: an edge not visited only makes the collector
+    ///   count its object as referenced from outside, so that object lives on until a later
+    ///   collection - never is one freed that is still used;
+    /// - it runs no Python code and calls no Python API (only `visit`, PyO3 forbids the
+    ///   rest here) and cannot panic (no indexing, no unwrap);
+    /// - it visits only references this object owns alone.  Not the ones behind `Arc`s
+    ///   the I/O thread shares (`hosted_lists`: each inbox visits its own reference to its
+    ///   list; the queued commands' and events' targets): the collector could otherwise
+    ///   clear an object the I/O thread still delivers to.  Those are dropped when the
+    ///   thread ends, and what it left queued when the server closes (``close_commands``,
+    ///   ``Inbox.close``).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(send) = unlocked(&self.hosted_send) {
+            visit.call(send.as_ref())?;
+        }
+        if let Some(thread) = unlocked(&self.thread) {
+            if let Some(hosted) = thread.as_ref().and_then(IoThread::hosted) {
+                hosted.traverse(&visit)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Garbage collector integration (``tp_clear``): drop what ``__traverse__`` shows, to
+    /// break a cycle of garbage through this core (the hosted half's send; a thread never
+    /// started, with its hosted half).
+    fn __clear__(&mut self) {
+        let send = owned(&mut self.hosted_send).take();
+        let thread = owned(&mut self.thread).take();
+        drop((send, thread));
     }
 
     /// The thread runs.
