@@ -888,9 +888,7 @@ class IOThread:
             on_gone()  # a daemon's client port: the client forgets it
         self.budget.forget(conn)  # (its budget pause, its owner's cell)
         if conn.kind == STREAM and conn.framer is not None:
-            framer = conn.framer
-            pending = framer.pending_charge if conn.packet_overhead else 0
-            self.framing_bytes -= framer.buffered + pending + conn.held_bytes
+            self.framing_bytes -= conn.framer.buffered + conn.held_bytes
             conn.held = None
             conn.held_bytes = 0
         self._interest(conn, 0)
@@ -924,23 +922,19 @@ class IOThread:
         framer = conn.framer
         assert framer is not None  # (the hot path calls this for framed ports only)
         before = framer.buffered
-        # An unfinished msgpack object is charged its items walked so far too (for a port
-        # of this process), as framing bytes: so one that spans reads is charged as it
-        # arrives, not all at its last read.
-        charges_items = conn.packet_overhead
-        pending = framer.pending_charge if charges_items else 0
         try:
             # bytes unless the framer decodes objects (decodes_objects, below)
             payloads: list[Any] = framer.feed(self._view[:n])
         except FrameError as exc:
             self.delivered_total -= n
             # (A failed framer emptied itself.)
-            self.framing_bytes += framer.buffered - before - pending
+            self.framing_bytes += framer.buffered - before
             self._frame_error(conn, exc)
             return False
         after = framer.buffered
-        now = framer.pending_charge if charges_items else 0
-        self.framing_bytes += after - before + now - pending
+        # Only the bytes of an unfinished packet are charged while it arrives (its items
+        # when it is whole): see the native framed_read.
+        self.framing_bytes += after - before
         if after > conn.peak_buffered:
             conn.peak_buffered = after
         if self.port_buffer_limit is not None and after > self.port_buffer_limit:
@@ -948,10 +942,13 @@ class IOThread:
             self._buffer_limit_error(conn, after)
             return False
         cap = self.message_cap
-        if cap is not None and after + now > cap:  # one still arriving that can never fit
-            self.delivered_total -= n
-            self._frame_error(conn, _over_budget(cap, after + now))
-            return False
+        if cap is not None:
+            # One still arriving that can never fit: its bytes and items walked so far.
+            pending = after + (framer.pending_charge if conn.packet_overhead else 0)
+            if pending > cap:
+                self.delivered_total -= n
+                self._frame_error(conn, _over_budget(cap, pending))
+                return False
         # The round adds n to delivered_total (as for raw reads): what is delivered adds
         # itself back (see _deliver_payloads), what is held is charged as framing.
         self.delivered_total -= n

@@ -1862,11 +1862,7 @@ impl IoThread {
             self.shared.tcp_streams.fetch_sub(1, Ordering::Relaxed);
         }
         // What the framer and the held packets hold leaves the budget, and so does a pause.
-        let overhead = s.flow.packet_overhead();
-        let framer = s
-            .framer
-            .take()
-            .map_or(0, |f| f.buffered() + f.pending_charge(overhead) as usize);
+        let framer = s.framer.take().map_or(0, |f| f.buffered());
         s.flow.close(&mut self.budget, framer);
         // (The held packets go with the rare part.)
         let rare = s.rare.take();

@@ -1065,9 +1065,7 @@ impl ReceiveFlow {
     }
 
     /// The I/O thread closes the port: release what it holds from the budget (the
-    /// framer's `buffered` bytes plus its
-    /// [`pending_charge`](crate::framing::Framer::pending_charge), and the held packets)
-    /// and forget a budget pause.
+    /// framer's `buffered` bytes and the held packets) and forget a budget pause.
     pub fn close(&mut self, budget: &mut Budget, framer_buffered: usize) {
         let charges = &budget.charges;
         charges.set_framing(
@@ -1636,17 +1634,6 @@ impl Budget {
         }
     }
 
-    /// A framed port's unfinished packet's charge beyond its bytes
-    /// ([`crate::framing::Framer::pending_charge`]: a msgpack object's items walked so
-    /// far) went from `before` to `after` over one read (`after` is 0 once the object is
-    /// whole, or after a framing error).  Charged as framing bytes, as what the framer
-    /// holds; [`ReceiveFlow::close`] releases it with them.
-    pub fn framer_pending(&mut self, before: u64, after: u64) {
-        let charges = &self.charges;
-        charges.set_framing((charges.framing() + after).saturating_sub(before));
-        self.headroom -= after as i64 - before as i64;
-    }
-
     /// For handlers that read on their own (UDP): the bytes of input `flow` may read now.
     /// The streams' rule: ordinary reads leave the reserve untouched, reads for a waiting
     /// owner may use it, and no read may take the input charged past `memory_limit`.
@@ -1862,26 +1849,26 @@ pub fn framed_read(
     charges: &mut Vec<u64>,
 ) -> Result<FramedRead, ReadFault> {
     let before = framer.buffered();
-    let pending = framer.pending_charge(flow.packet_overhead());
     let first = packets.len();
     let error = match framer.feed(input, packets) {
         Ok(()) => None,
         Err(error) if framer.delivers_errors() => Some(error),
         Err(error) => {
             // A failed framer emptied itself: release what it held.
-            budget.framer_pending(pending, 0);
             let _ = budget.framer_holds(flow, before, framer.buffered());
             return Err(ReadFault::Frame(error));
         }
     };
     let after = framer.buffered();
-    // (Before the bytes' limit check: a port it closes releases both.)
-    budget.framer_pending(pending, framer.pending_charge(flow.packet_overhead()));
     budget
         .framer_holds(flow, before, after)
         .map_err(ReadFault::BufferLimit)?;
-    // A packet still arriving that could never be granted fails its port (its charge,
-    // bytes and items walked, stays until the port's close releases it).
+    // A packet still arriving that could never be granted fails its port: its bytes and
+    // the items walked so far already pass what the budget can give one message.  (Only
+    // its bytes are charged to the budget while it arrives: its items are charged when
+    // it is whole.  Charging them as they came let a few unfinished objects hold the
+    // budget that their own completion needed, and every port of the server stopped
+    // reading for good.)
     let cap = budget.message_cap();
     if let Some(cap) = cap {
         let pending = after as u64 + framer.pending_charge(flow.packet_overhead());

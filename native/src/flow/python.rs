@@ -157,9 +157,7 @@ impl PyFlowModel {
                 Ok((charges, read.delivered.send_passive, None))
             }
             Err(fault) => {
-                let overhead = flow.packet_overhead();
-                let held = framer.buffered() + framer.pending_charge(overhead) as usize;
-                flow.close(&mut self.budget, held);
+                flow.close(&mut self.budget, framer.buffered());
                 self.held[port].clear();
                 self.closed[port] = true;
                 let fault = match fault {
