@@ -185,9 +185,10 @@ async def test_a_take_that_postpones_hosted_pairs_returns_what_it_built_once() -
     """A take that finds a native port's read and then the hosted half's pairs, whose
     append fails (a ``MemoryError``, injected by the inbox's test hook), returns the read
     and postpones the hosted pairs: the next takes return the datagram, and the read is
-    not returned again.  Before, the postponing take carried its own list (which it had
-    returned) to the next take: every pair built before the postponement was delivered
-    twice (and the batches popped after the postponement too)."""
+    not returned again, and ``postponed`` says the take postponed.  On the branch's base
+    (1378c1c) the postponing take carried its own list (which it had returned) to the
+    next take: every pair built before the postponement was delivered twice (main fixed
+    it too since, f7029e3, carrying a new list; here nothing is allocated for it)."""
     async with ioserver.open(core="native") as ios:
         inbox = ios._hub.inbox  # type: ignore[attr-defined]
         listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
@@ -204,8 +205,10 @@ async def test_a_take_that_postpones_hosted_pairs_returns_what_it_built_once() -
                     # Both read and handed over (in whichever order), then the I/O thread
                     # held: one take finds both, the read and the hosted half's pairs.
                     _spin_until(
-                        lambda: port.statistics().bytes_received == 3
-                        and server.statistics().bytes_received == 3
+                        lambda: (
+                            port.statistics().bytes_received == 3
+                            and server.statistics().bytes_received == 3
+                        )
                     )
                     hold = ios._io._core._hold_for_test()  # type: ignore[attr-defined]
                     assert hold.wait()
