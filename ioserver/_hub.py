@@ -367,6 +367,11 @@ class Hub(Parker):
         io.budget.owners.append(self)
         _HUBS.add(self)
 
+    #: Set by a drain whose inbox postponed events (the native inbox, on a MemoryError):
+    #: the seconds to wait - for the next wake or this long - before draining again,
+    #: instead of at once (which spun the loop for as long as memory stayed short).
+    retry_after: float | None = None
+
     # -- draining -----------------------------------------------------------------------
     def _drain(self) -> int:
         """Hand every message of the inbox to its target; the number handed."""
@@ -479,7 +484,12 @@ class TrioHub(Hub, TrioParker):
                     self._flush()
                     continue
                 if inbox.prepare_to_sleep():
-                    await wait_readable(fd)
+                    retry = self.retry_after
+                    if retry is None:
+                        await wait_readable(fd)
+                    else:
+                        with trio.move_on_after(retry):
+                            await wait_readable(fd)
                     inbox.wakeup.drain()
                     inbox.woke()
                 else:
@@ -496,7 +506,12 @@ class AsyncioHub(Hub, AsyncioParker):
         # The reader is registered: from now on the I/O thread may wake us.
         self.inbox.asleep = True
 
+    _retry: asyncio.TimerHandle | None = None
+
     def _on_readable(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         inbox = self.inbox
         inbox.wakeup.drain()
         inbox.woke()
@@ -513,6 +528,9 @@ class AsyncioHub(Hub, AsyncioParker):
                 # Events arrived while draining: take them on the next loop iteration,
                 # so the tasks woken so far run first.
                 self._loop.call_soon(self._on_readable)
+            elif self.retry_after is not None:
+                # Events postponed: again at the next wake, or after this wait.
+                self._retry = self._loop.call_later(self.retry_after, self._on_readable)
 
     async def park(self, obj: Parkable) -> None:
         future = obj._waiter = self._loop.create_future()
@@ -523,6 +541,9 @@ class AsyncioHub(Hub, AsyncioParker):
                 obj._waiter = None
 
     def _teardown(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self._loop.remove_reader(self.inbox.wakeup.fileno())
 
 

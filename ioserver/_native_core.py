@@ -595,6 +595,7 @@ class _NativeDrain:
     inbox: Any
     messages: int
     drains: int
+    retry_after: float | None
     flushes: int
     _flush_pending: bool
 
@@ -620,10 +621,21 @@ class _NativeDrain:
         count = len(pairs)
         self.messages += count
         self.drains += 1
+        # Events postponed (a MemoryError: the inbox counted it once in internal_errors):
+        # the next drain after a short wait or the next wake, not at once; and a drain
+        # that postponed them all was not a spurious wake.
+        postponed = self.inbox.postponed
+        self.retry_after = POSTPONED_RETRY if postponed else None
         if not count:
-            self.inbox.spurious_wakes += 1
+            if not postponed:
+                self.inbox.spurious_wakes += 1
             _native.Core.flush_wakes()  # no flush point follows an empty drain
         return count
+
+
+#: Seconds a hub whose inbox postponed events (a ``MemoryError`` while it moved the hosted
+#: half's messages to the loop) waits, unless a wake comes first, before it takes again.
+POSTPONED_RETRY = 0.01
 
 
 class NativeTrioHub(_NativeDrain, TrioHub):

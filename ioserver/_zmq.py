@@ -184,36 +184,57 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         sizes = self.window.sizes
         assert sizes is not None  # a ZeroMQ port's window always has them (ports.ZmqPort)
         received = 0
-        size_total = 0
-        while received < budget and self.credit and not self.msgq_paused:
-            try:
-                frames = sock.recv_multipart(_NOBLOCK)
-            except _Again:
-                break
-            except zmq.ZMQError as exc:
-                self._error(exc)
-                break
-            size = 0
-            for frame in frames:
-                size += len(frame)
-            received += 1
-            size_total += size
-            sizes.append(size)
-            message = object.__new__(Data)
-            _SET_DATA(message, frames)
-            deliver((port, message))
-            self.delivered_messages += 1
-            self.delivered_bytes += size
-            if self.credit > 0:
-                self.credit -= 1
-                if self.credit == 0 and self.notify_passive:
-                    deliver((port, PASSIVE))
-            if self.over_high():
-                self._pause_msgq()
-        self.messages_in += received
-        self.bytes_in += size_total
-        self.io.bytes_in += size_total
-        self.io.delivered_total += size_total
+        size_total = 0  # of the messages delivered
+        read_total = 0  # of the messages read
+        try:
+            while received < budget and self.credit and not self.msgq_paused:
+                try:
+                    frames = sock.recv_multipart(_NOBLOCK)
+                except _Again:
+                    break
+                except zmq.ZMQError as exc:
+                    self._error(exc)
+                    break
+                size = 0
+                for frame in frames:
+                    size += len(frame)
+                received += 1
+                read_total += size
+                # The message is built first, then its size appended (charged: the port
+                # pops it as its owner takes the message, the daemon's deliver at once, so
+                # it comes before the deliver), then delivered - a size without its
+                # message, or a message without its size, never stays.  Should the build
+                # or the deliver fail (a MemoryError: the port is then closed as an
+                # internal error), the messages delivered before it are counted below
+                # and this one is not.  Before, its size was appended before it was
+                # built, and the read's delivered total added only after the loop: the
+                # charges shifted and the budget counted taken what it never counted
+                # delivered (as a packet's charge, ioserver._iothread._deliver_payloads).
+                message = object.__new__(Data)
+                _SET_DATA(message, frames)
+                sizes.append(size)
+                try:
+                    deliver((port, message))
+                except BaseException:
+                    # Not delivered: its size taken back (the last, as only this thread
+                    # appends; a daemon's deliver, which pops it at once, leaves none).
+                    if sizes:
+                        sizes.pop()
+                    raise
+                size_total += size
+                self.delivered_messages += 1
+                self.delivered_bytes += size
+                if self.credit > 0:
+                    self.credit -= 1
+                    if self.credit == 0 and self.notify_passive:
+                        deliver((port, PASSIVE))
+                if self.over_high():
+                    self._pause_msgq()
+        finally:
+            self.messages_in += received
+            self.bytes_in += read_total
+            self.io.bytes_in += read_total
+            self.io.delivered_total += size_total
         return received
 
     def _reading_changed(self) -> None:

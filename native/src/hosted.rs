@@ -35,6 +35,8 @@
 //! this round: a port is native or hosted, never both, so each port's messages keep their
 //! order, and the stop notice, staged after the hosted half stopped, comes last.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,12 +78,24 @@ pub struct Hosted {
     gap_kept: bool,
     /// The thread handed a loop a batch since the last gap was settled.
     fed: bool,
+    /// A test hook (``Core._panic_hosted_for_test``): the next this many collections of
+    /// a loop's pairs panic after copying them, before cutting them from the list, as
+    /// PyO3 panics where CPython cannot allocate.  Relaxed: a count, read once a list
+    /// with pairs.
+    panics: Arc<AtomicU32>,
 }
 
 impl Hosted {
     /// The hosted half whose rounds are `round` (``IOThread.run_round``), stopped by
     /// `stop`, polling with the epoll fd `fd`; `lists` are the loops' delivery lists.
-    pub fn new(round: Py<PyAny>, stop: Py<PyAny>, fd: i32, lists: HostedLists) -> Self {
+    /// `panics` is the test hook's count (``Core._panic_hosted_for_test``).
+    pub fn new(
+        round: Py<PyAny>,
+        stop: Py<PyAny>,
+        fd: i32,
+        lists: HostedLists,
+        panics: Arc<AtomicU32>,
+    ) -> Self {
         Hosted {
             round,
             stop,
@@ -95,6 +109,7 @@ impl Hosted {
             busy: Duration::ZERO,
             gap_kept: false,
             fed: false,
+            panics,
         }
     }
 
@@ -199,22 +214,30 @@ impl Hosted {
         // at exit before that; should it still come here, the hosted half is over.
         let attached = Python::try_attach(|py| {
             let start = Instant::now();
-            match self.round.call0(py) {
-                Ok(next) => {
-                    self.due = match next.extract::<Option<f64>>(py) {
-                        Ok(Some(seconds)) if seconds.is_finite() && seconds >= 0.0 => {
-                            Some(Instant::now() + Duration::from_secs_f64(seconds.min(3600.0)))
-                        }
-                        _ => None,
-                    };
+            // The round's boundary: a panic in it (PyO3's, where CPython cannot allocate)
+            // is contained here, as the hosted half contains each port's errors, instead
+            // of ending this thread and every port with it.
+            let round = catch_unwind(AssertUnwindSafe(|| {
+                match self.round.call0(py) {
+                    Ok(next) => {
+                        self.due = match next.extract::<Option<f64>>(py) {
+                            Ok(Some(seconds)) if seconds.is_finite() && seconds >= 0.0 => {
+                                Some(Instant::now() + Duration::from_secs_f64(seconds.min(3600.0)))
+                            }
+                            _ => None,
+                        };
+                    }
+                    Err(error) => {
+                        error.write_unraisable(py, Some(self.round.bind(py)));
+                        *failed += 1;
+                        self.stop_under_gil(py, failed);
+                    }
                 }
-                Err(error) => {
-                    error.write_unraisable(py, Some(self.round.bind(py)));
-                    *failed += 1;
-                    self.stop_under_gil(py, failed);
-                }
+                self.collect(py, staged);
+            }));
+            if let Err(panic) = round {
+                self.contained(py, panic, failed);
             }
-            self.collect(py, staged);
             held = start.elapsed();
         });
         if attached.is_none() {
@@ -244,11 +267,55 @@ impl Hosted {
             return;
         }
         let attached = Python::try_attach(|py| {
-            self.stop_under_gil(py, failed);
-            self.collect(py, staged);
+            let stopped = catch_unwind(AssertUnwindSafe(|| {
+                self.stop_under_gil(py, failed);
+                self.collect(py, staged);
+            }));
+            if let Err(panic) = stopped {
+                self.contained(py, panic, failed);
+                // What a collection left (its pairs stay in their list until cut): once
+                // more; a second panic leaves them, the thread ending anyway.
+                let _ = catch_unwind(AssertUnwindSafe(|| self.collect(py, staged)));
+            }
         });
         // The interpreter is finalizing: its objects are not ours to touch any more.
         self.stopped |= attached.is_none();
+    }
+
+    /// A panic caught at a round's boundary: counted in `failed` (`internal_errors`) and
+    /// reported; the hosted half goes on, and its next round comes at once, to move what
+    /// the interrupted collection left in the loops' lists (a list's pairs are cut only
+    /// once copied out, so none is lost or moved twice).
+    fn contained(
+        &mut self,
+        py: Python<'_>,
+        panic: Box<dyn std::any::Any + Send>,
+        failed: &mut u64,
+    ) {
+        *failed += 1;
+        if !self.stopped {
+            self.due = Some(Instant::now());
+        }
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            let error = pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "a panic in a round of the hosted half: {text}"
+            ));
+            error.write_unraisable(py, Some(self.round.bind(py)));
+        }));
+    }
+
+    /// The test hook's fault (``Core._panic_hosted_for_test``): a panic while it lasts.
+    fn panic_fault(&self) {
+        let left = self.panics.load(Ordering::Relaxed);
+        if left > 0 {
+            self.panics.store(left - 1, Ordering::Relaxed);
+            panic!("Python API call failed (a test's)");
+        }
     }
 
     fn stop_under_gil(&mut self, py: Python<'_>, failed: &mut u64) {
@@ -267,9 +334,14 @@ impl Hosted {
     /// loop the thread does not know yet (its inbox command not run) keeps its pairs for
     /// the next round.
     fn collect(&self, py: Python<'_>, staged: &mut [Vec<Event>]) {
-        let Ok(lists) = self.lists.lock() else {
-            return;
-        };
+        // Whatever became of the lock: a panic while a collection held it (contained at
+        // the round's boundary) leaves the lists whole (one push each, a move), so they
+        // are taken as they are; before, every later collection returned here, and no
+        // hosted port's message reached a loop again.
+        let lists = self
+            .lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (index, list) in lists.iter().enumerate() {
             let list = list.bind(py);
             let count = list.len();
@@ -288,6 +360,7 @@ impl Hosted {
             let Ok(pairs) = pairs.cast_into::<PyList>() else {
                 continue;
             };
+            self.panic_fault();
             if list.del_slice(0, count).is_ok() {
                 batch.push(Event::Hosted(pairs.unbind()));
             }

@@ -24,7 +24,7 @@ use crate::core::{
 use crate::flow::{self, Charges, LoopCounters, Watermarks};
 use crate::hosted::{Hosted, HostedLists};
 use crate::sock::{Address, Destination, ListenSocket, SocketFile};
-use crate::unsafe_io::{adopt_listener, adopt_stream, HeldBytes};
+use crate::unsafe_io::{adopt_listener, adopt_stream, new_bytes, new_list, new_pair, HeldBytes};
 use crate::wakeup::WakeQueue;
 
 fn target(obj: Py<PyAny>) -> Arc<PyTarget> {
@@ -95,7 +95,7 @@ fn address_object<'py>(py: Python<'py>, address: &Address) -> PyResult<Bound<'py
                     let mut bytes = Vec::with_capacity(name.len() + 1);
                     bytes.push(0);
                     bytes.extend_from_slice(name);
-                    return Ok(PyBytes::new(py, &bytes).into_any());
+                    return Ok(new_bytes(py, &bytes)?.into_any());
                 }
             }
             match a.as_pathname() {
@@ -614,17 +614,53 @@ pub struct Inbox {
     /// the hosted half's pairs raises ``MemoryError``.  Relaxed: touched by the loop's
     /// thread only.
     fail_hosted: std::sync::atomic::AtomicU32,
+    /// A test hook (``_fail_closes_for_test``): appending the next this many pairs of a
+    /// failed port's last messages ([`Inbox::fail`]) raises ``MemoryError``.  Relaxed:
+    /// touched by the loop's thread only (on a port's failure, never per message).
+    fail_closes: std::sync::atomic::AtomicU32,
+    /// The last take postponed events (a `MemoryError` appending the hosted half's pairs:
+    /// [`Unbuilt::Postponed`]): an episode of postponements, counted once in
+    /// `internal_errors` at its start, ended by a take that postpones nothing.  The hub
+    /// reads it (``postponed``) to retry after a short wait rather than at once.  Relaxed:
+    /// touched by the loop's thread only.
+    postponing: std::sync::atomic::AtomicBool,
 }
 
 /// What a `take` interrupted by a `BaseException` that is not an `Exception` (a
 /// `KeyboardInterrupt` in one of the Python calls that build an event) leaves for the
 /// next one, which returns it first: the pairs it built (`pairs`: `Some` while anything is
-/// carried) and the events it had not built yet, the interrupted one first.
+/// carried) and the events it had not built yet, the interrupted one first.  A take that
+/// postponed events ([`Unbuilt::Postponed`]) returned its pairs: it leaves its events
+/// only (`pairs` None, `events` not empty), and `postponed` set.
 #[derive(Default)]
 struct Carried {
     pairs: Option<Py<PyList>>,
     events: Vec<Event>,
+    /// The events are postponed (a `MemoryError`), not interrupted: the loop may sleep
+    /// on its fd, and its hub retries after a short wait ([`Inbox::prepare_to_sleep`]).
+    postponed: bool,
 }
+
+impl Carried {
+    /// Anything is carried to the next take.
+    fn any(&self) -> bool {
+        self.pairs.is_some() || !self.events.is_empty()
+    }
+}
+
+/// How [`Inbox::build_all`] ended without an interrupt.
+#[derive(PartialEq)]
+enum Built {
+    /// Every event built (or failed, counted).
+    All,
+    /// Events postponed (carried to the next take): the take stops there, so that no
+    /// later event comes before them.
+    Postponed,
+}
+
+/// The high bit of the packet hook's count (``_panic_packets_for_test``): its faults are
+/// panics, not `MemoryError`s.
+const PANIC_FAULT: u32 = 1 << 31;
 
 /// Why [`Inbox::build`] did not build an event.
 enum Unbuilt {
@@ -732,12 +768,12 @@ impl Inbox {
     fn object<'py>(&self, py: Python<'py>, payload: &Payload) -> PyResult<Bound<'py, PyAny>> {
         Ok(match payload {
             Payload::Msgpack(bytes) if bytes.len() > REUSED_DECODER_MAX => {
-                let packet = PyBytes::new(py, bytes);
+                let packet = new_bytes(py, bytes)?;
                 let options = self.unpack_options.bind(py);
                 self.unpackb.bind(py).call((packet,), Some(options))?
             }
             Payload::Msgpack(bytes) => {
-                let packet = PyBytes::new(py, bytes);
+                let packet = new_bytes(py, bytes)?;
                 // Taken out of the lock while Python runs (nothing is held across a call).
                 let held = self
                     .decoder
@@ -774,16 +810,16 @@ impl Inbox {
                 object
             }
             Payload::Command(data, ends) => {
+                let arguments = new_list(py)?;
                 let mut start = 0;
-                let arguments = ends.iter().map(|&end| {
-                    let argument = PyBytes::new(py, &data[start..end]);
+                for &end in ends {
+                    arguments.append(new_bytes(py, &data[start..end])?)?;
                     start = end;
-                    argument
-                });
-                PyList::new(py, arguments)?.into_any()
+                }
+                arguments.into_any()
             }
             Payload::Error(error) => crate::framing::frame_error(py, error)?,
-            Payload::Bytes(bytes) => PyBytes::new(py, bytes).into_any(),
+            Payload::Bytes(bytes) => new_bytes(py, bytes)?.into_any(),
         })
     }
 
@@ -827,20 +863,24 @@ impl Inbox {
                 Ok(vec![self.closed.bind(py).call1((reason, "EIO"))?])
             }
         };
+        // Should even the plain `Closed` fail (a `MemoryError`), the port still fails,
+        // with no last message (`failures` says so, once).
+        let mut failures = Vec::new();
         let messages = match built() {
             Ok(messages) => messages,
             Err(second) if !second.is_instance_of::<PyException>(py) => return Err(second),
             Err(second) => {
-                second.write_unraisable(py, Some(obj.bind(py)));
-                vec![self.closed.bind(py).call1(("internal error", "EIO"))?]
+                failures.push(second);
+                match self.closed.bind(py).call1(("internal error", "EIO")) {
+                    Ok(closed) => vec![closed],
+                    Err(third) if !third.is_instance_of::<PyException>(py) => return Err(third),
+                    Err(third) => {
+                        failures.push(third);
+                        Vec::new()
+                    }
+                }
             }
         };
-        if internal {
-            // (Reported and counted once the messages are built: an interrupted build is
-            // retried.)  Counted as the Python core's `_internal_error` counts it.
-            self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
-            error.write_unraisable(py, Some(obj.bind(py)));
-        }
         if let Some(window) = &port.window {
             window.mark_decode_failed();
             let _ = window.took(charge);
@@ -849,9 +889,40 @@ impl Inbox {
             .commands
             .put(Command::DecodeFailed(port.clone(), self.index, slot));
         for message in messages {
-            list.append((obj.clone_ref(py), message))?;
+            let appended = self
+                .close_fault()
+                .and_then(|()| Inbox::append_pair(py, list, obj, message));
+            if let Err(second) = appended {
+                failures.push(second);
+                break;
+            }
+        }
+        // (Reported and counted once the messages are built: an interrupted build is
+        // retried.)  Counted once - the port's failure, however many of its steps failed
+        // - as the Python core's `_internal_error` counts it; before, a last message that
+        // could not be appended was counted again (`take` counted the error `fail`
+        // returned).  The owner of a port whose last message could not be appended is
+        // not told: its port is closed, its later events dropped.
+        if internal || !failures.is_empty() {
+            self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if internal {
+            error.write_unraisable(py, Some(obj.bind(py)));
+        }
+        for failure in failures {
+            failure.write_unraisable(py, Some(obj.bind(py)));
         }
         Ok(())
+    }
+
+    /// The test hook's fault (``_fail_closes_for_test``): `MemoryError` while it lasts.
+    fn close_fault(&self) -> PyResult<()> {
+        let left = self.fail_closes.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(());
+        }
+        self.fail_closes.store(left - 1, Ordering::Relaxed);
+        Err(pyo3::exceptions::PyMemoryError::new_err(()))
     }
 
     /// An event for a port whose msgpack packet failed to decode (`Inbox::fail`): dropped,
@@ -906,37 +977,46 @@ impl Inbox {
                 error.into_value(py).into_bound(py).into_any()
             }
         };
-        list.append((request.obj.clone_ref(py), message))
+        Inbox::append_pair(py, list, &request.obj, message)
     }
 
     /// What the last `take` left when it was interrupted (see [`Carried`]): its pairs (or a
     /// new list) and its events, if any.
-    fn resume<'py>(&self, py: Python<'py>) -> (Bound<'py, PyList>, Option<Vec<Event>>) {
-        let taken = {
+    ///
+    /// The new list is made before anything is taken: should it fail (a `MemoryError`),
+    /// the take raises it and everything stays where it was (`PyList::empty` panicked).
+    /// (The lock is not held across the allocation, which may run a collection.)
+    fn resume<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, Option<Vec<Event>>)> {
+        let interrupted = {
             let mut carried = self.carried();
-            if carried.pairs.is_some() {
-                Some((carried.pairs.take(), std::mem::take(&mut carried.events)))
-            } else {
-                None
-            }
+            carried.pairs.take().map(|pairs| {
+                carried.postponed = false;
+                (pairs, std::mem::take(&mut carried.events))
+            })
         };
-        match taken {
-            Some((Some(pairs), events)) => (pairs.into_bound(py), Some(events)),
-            _ => (PyList::empty(py), None),
+        if let Some((pairs, events)) = interrupted {
+            return Ok((pairs.into_bound(py), Some(events)));
         }
+        let list = new_list(py)?;
+        let mut carried = self.carried();
+        if carried.events.is_empty() {
+            return Ok((list, None));
+        }
+        carried.postponed = false;
+        Ok((list, Some(std::mem::take(&mut carried.events))))
     }
 
     /// Build `events` into `list`; on a `BaseException` that is not an `Exception`, keep
     /// `list` and the events not built (the interrupted one first) for the next `take`,
-    /// and raise it.  True when an event was postponed: it and the events after it wait
-    /// for the next `take` (in a new list: `list` goes to the loop now), and this take
-    /// must end here, so that no later batch overtakes them.
+    /// and raise it.  [`Built::Postponed`] when an event was postponed: it and the events
+    /// after it wait for the next `take` (without `list`, which goes to the loop now),
+    /// and this take must end here, so that no later batch overtakes them.
     fn build_all(
         &self,
         py: Python<'_>,
         list: &Bound<'_, PyList>,
         events: Vec<Event>,
-    ) -> PyResult<bool> {
+    ) -> PyResult<Built> {
         let mut events = events.into_iter();
         while let Some(event) = events.next() {
             match self.build(py, list, event) {
@@ -947,20 +1027,34 @@ impl Inbox {
                     error.write_unraisable(py, None)
                 }
                 Err(Unbuilt::Interrupted(error, event)) => {
-                    self.carry(list, *event, events);
+                    self.carry(Some(list), *event, events);
                     return Err(error);
                 }
                 Err(Unbuilt::Postponed(event)) => {
                     // Nothing of it was appended (one allocation, all or nothing): it and
-                    // the events after it wait for the next take, in order.  Carried
-                    // with a new list: `list`, with what was built before it, is this
-                    // take's answer (carrying it too delivered those messages twice).
-                    self.carry(&PyList::empty(py), *event, events);
-                    return Ok(true);
+                    // the events after it wait for the next take, in order.  The pairs
+                    // built so far are this take's (returned): not carried, or the next
+                    // take would return them again.  Counted once an episode.
+                    if !self.postponing.swap(true, Ordering::Relaxed) {
+                        self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.carry(None, *event, events);
+                    return Ok(Built::Postponed);
                 }
             }
         }
-        Ok(false)
+        Ok(Built::All)
+    }
+
+    /// Append the pair `(target, message)` to `list`, its tuple made fallibly
+    /// ([`new_pair`]: a `MemoryError`, where PyO3's tuple conversion panicked).
+    fn append_pair(
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        target: &Py<PyAny>,
+        message: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        list.append(new_pair(py, target.bind(py).clone(), message)?)
     }
 
     /// The carried events, whatever became of the lock: a panic while it was held
@@ -975,15 +1069,22 @@ impl Inbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keep `list` and the events not built (`event`, then `rest`) for the next `take`.
-    fn carry(&self, list: &Bound<'_, PyList>, event: Event, rest: std::vec::IntoIter<Event>) {
+    /// Keep `list` (an interrupted take's pairs; None: a postponing take's, which it
+    /// returns) and the events not built (`event`, then `rest`) for the next `take`.
+    fn carry(
+        &self,
+        list: Option<&Bound<'_, PyList>>,
+        event: Event,
+        rest: std::vec::IntoIter<Event>,
+    ) {
         let mut left = Vec::with_capacity(1 + rest.len());
         left.push(event);
         left.extend(rest);
-        let pairs = list.clone().unbind();
+        let pairs = list.map(|list| list.clone().unbind());
         let mut carried = self.carried();
         carried.events = left;
-        carried.pairs = Some(pairs);
+        carried.postponed = pairs.is_none();
+        carried.pairs = pairs;
     }
 
     /// A test hook's fault (``_poison_carried_for_test``): a panic while the carried
@@ -1031,7 +1132,7 @@ impl Inbox {
                 return self.fail(py, list, port, slot, charge, error);
             }
         }
-        let Err(error) = list.append((port.obj.clone_ref(py), data)) else {
+        let Err(error) = Inbox::append_pair(py, list, &port.obj, data) else {
             return Ok(());
         };
         if let Some(sizes) = port.sizes() {
@@ -1047,11 +1148,24 @@ impl Inbox {
         self.fail(py, list, port, slot, charge, error)
     }
 
-    /// The test hook's fault (``_fail_packets_for_test``): `MemoryError` while it lasts.
+    /// The test hook's fault (``_fail_packets_for_test``): `MemoryError` while it lasts;
+    /// with [`PANIC_FAULT`] (``_panic_packets_for_test``), the panic PyO3 makes when
+    /// CPython cannot allocate (`panic_after_error`: the error printed, then a panic).
     fn packet_fault(&self) -> PyResult<()> {
         let left = self.fail_packets.load(Ordering::Relaxed);
         if left == 0 {
             return Ok(());
+        }
+        if left & PANIC_FAULT != 0 {
+            let count = left & !PANIC_FAULT;
+            let next = if count > 1 {
+                PANIC_FAULT | (count - 1)
+            } else {
+                0
+            };
+            self.fail_packets.store(next, Ordering::Relaxed);
+            Python::attach(|py| pyo3::exceptions::PyMemoryError::new_err(()).print(py));
+            panic!("Python API call failed (a test's)");
         }
         self.fail_packets.store(left - 1, Ordering::Relaxed);
         Err(pyo3::exceptions::PyMemoryError::new_err(()))
@@ -1100,7 +1214,24 @@ impl Inbox {
             }
             event => event,
         };
-        match self.build_event(py, list, &event) {
+        // The boundary of one event's build: a panic in it (PyO3 panics where CPython
+        // cannot allocate an object its conversions make - a `str`, an `int`, a tuple of
+        // arguments - `panic_after_error`) is caught here, so that it neither unwinds past
+        // the take's events (lost) nor out of `take` (a `PanicException`, which no hub
+        // catches); the event is then failed as an internal error ([`Inbox::panicked`]).
+        // The drain's own allocations are fallible (`new_bytes`, `new_pair`, `new_list`:
+        // a `MemoryError`, the failure paths below); this is for the rest.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.build_event(py, list, &event)
+        }));
+        let built = match built {
+            Ok(built) => built,
+            Err(panic) => {
+                self.panicked(py, list, &event, panic);
+                return Ok(());
+            }
+        };
+        match built {
             Ok(()) => Ok(()),
             Err(error)
                 if matches!(event, Event::Hosted(_))
@@ -1113,6 +1244,60 @@ impl Inbox {
         }
     }
 
+    /// A panic while `event` was built (caught in [`Inbox::build`]): an internal error,
+    /// counted once.  A port's input (a read, a packet, an object) fails its port as a
+    /// `MemoryError` would ([`Inbox::fail`]: its owner told, its charge counted taken, the
+    /// port closed), so that its stream has no silent gap; should that panic too, the port
+    /// is failed without a last message.  A new connection is closed (nobody owns it);
+    /// another event (a notice, a reply) is reported and dropped.
+    fn panicked(
+        &self,
+        py: Python<'_>,
+        list: &Bound<'_, PyList>,
+        event: &Event,
+        panic: Box<dyn std::any::Any + Send>,
+    ) {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        let failed = match event {
+            Event::Object(port, _, charge, slot) | Event::Packet(port, _, charge, slot) => {
+                Some((port, *charge, *slot))
+            }
+            Event::Data(port, bytes, slot) => Some((port, bytes.len() as u64, *slot)),
+            Event::Accepted { conn, .. } => {
+                self.shared.commands.put(Command::Close(Arc::clone(conn)));
+                None
+            }
+            _ => None,
+        };
+        let error = || PyRuntimeError::new_err(format!("a panic in the drain: {text}"));
+        if let Some((port, charge, slot)) = failed {
+            // (`fail` counts and reports it.)
+            let failing = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.fail(py, list, port, slot, charge, error())
+            }));
+            if matches!(failing, Ok(Ok(()))) {
+                return;
+            }
+            if !port.failed() {
+                if let Some(window) = &port.window {
+                    window.mark_decode_failed();
+                    let _ = window.took(charge);
+                }
+                self.shared
+                    .commands
+                    .put(Command::DecodeFailed(port.clone(), self.index, slot));
+            }
+        }
+        self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            error().write_unraisable(py, None)
+        }));
+    }
+
     /// Build `event` (any but `Release`) into `list`.  Its rule, for [`Inbox::build`]:
     /// every Python call that may raise (and so be interrupted: a signal handler runs in
     /// any of them) comes before anything is done that could not be done again - a pair
@@ -1121,7 +1306,7 @@ impl Inbox {
     /// `Exception` only.
     fn build_event(&self, py: Python<'_>, list: &Bound<'_, PyList>, event: &Event) -> PyResult<()> {
         let pair = |target: &PyTarget, message: Bound<'_, PyAny>| -> PyResult<()> {
-            list.append((target.obj.clone_ref(py), message))
+            Inbox::append_pair(py, list, &target.obj, message)
         };
         let interrupted = |error: &PyErr| !error.is_instance_of::<PyException>(py);
         match event {
@@ -1149,7 +1334,8 @@ impl Inbox {
                 if let Some(window) = &port.window {
                     window.task_woken();
                 }
-                let data = match self.data_message(py, PyBytes::new(py, bytes).into_any()) {
+                let data = new_bytes(py, bytes).and_then(|b| self.data_message(py, b.into_any()));
+                let data = match data {
                     Ok(data) => data,
                     Err(error) if interrupted(&error) => return Err(error),
                     Err(error) => return self.fail(py, list, port, *slot, charge, error),
@@ -1161,7 +1347,8 @@ impl Inbox {
             }
             Event::Packet(port, bytes, charge, slot) => {
                 let (charge, slot) = (*charge, *slot);
-                let data = match self.data_message(py, PyBytes::new(py, bytes).into_any()) {
+                let data = new_bytes(py, bytes).and_then(|b| self.data_message(py, b.into_any()));
+                let data = match data {
                     Ok(data) => data,
                     Err(error) if interrupted(&error) => return Err(error),
                     Err(error) => return self.fail(py, list, port, slot, charge, error),
@@ -1267,7 +1454,9 @@ impl Inbox {
                 self.hosted_fault()?;
                 list.as_sequence().set_slice(end, end, pairs.bind(py))
             }
-            Event::Stop => list.append((self.stop_target.clone_ref(py), py.None())),
+            Event::Stop => {
+                Inbox::append_pair(py, list, &self.stop_target, py.None().into_bound(py))
+            }
         }
     }
 
@@ -1310,7 +1499,7 @@ impl Inbox {
         let window = window.cast_into::<WindowCounters>()?;
         let (attached, overhead) = port_target(port.clone().unbind(), &window)?;
         let message = self.accepted.bind(py).call1((port, remote))?;
-        list.append((listener.obj.clone_ref(py), message))?;
+        Inbox::append_pair(py, list, &listener.obj, message)?;
         let shared = Arc::clone(&window.get().shared);
         Ok((watermarks, shared, attached, overhead))
     }
@@ -1336,9 +1525,16 @@ impl Inbox {
 
     /// Announce the loop's sleep: True to block on the fd, False if batches wait (or what
     /// an interrupted `take` left).
+    ///
+    /// Events postponed by a ``MemoryError`` (``postponed``) do not keep it awake: it may
+    /// sleep until the next batch, and its hub takes again after a short wait - retrying
+    /// at once, as before, spun the loop for as long as memory stayed short.
     fn prepare_to_sleep(&self) -> bool {
-        if self.carried().pairs.is_some() {
-            return false;
+        {
+            let carried = self.carried();
+            if carried.any() && !carried.postponed {
+                return false;
+            }
         }
         self.queue.prepare_to_sleep()
     }
@@ -1359,19 +1555,33 @@ impl Inbox {
     /// built so far, the event it interrupted (of any kind) and the events after it are
     /// kept, in order, and the next call returns them first - nothing lost, nothing
     /// twice.
+    ///
+    /// A ``MemoryError`` appending the hosted half's pairs postpones them, and every event
+    /// after them, to the next take (``postponed`` is then true): this one returns the
+    /// pairs built before them; the first postponement of an episode counts in
+    /// ``internal_errors``.  A ``MemoryError`` making the take's list raises, nothing
+    /// taken.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let (list, events) = self.resume(py);
+        let (list, events) = self.resume(py)?;
         if let Some(events) = events {
-            if self.build_all(py, &list, events)? {
-                return Ok(list); // postponed: the batches queued after it wait too
-            }
-        }
-        while let Some(batch) = self.queue.pop() {
-            if self.build_all(py, &list, batch)? {
+            if self.build_all(py, &list, events)? == Built::Postponed {
                 return Ok(list);
             }
         }
+        while let Some(batch) = self.queue.pop() {
+            if self.build_all(py, &list, batch)? == Built::Postponed {
+                return Ok(list);
+            }
+        }
+        self.postponing.store(false, Ordering::Relaxed);
         Ok(list)
+    }
+
+    /// The last take postponed events (a ``MemoryError``): the hub takes again after a
+    /// short wait (or the next wake), not at once.
+    #[getter]
+    fn postponed(&self) -> bool {
+        self.postponing.load(Ordering::Relaxed)
     }
 
     /// The hosted half's ``deliver`` for this loop (its hub's ``deliver``): the ``append``
@@ -1435,6 +1645,24 @@ impl Inbox {
     #[pyo3(name = "_fail_hosted_for_test")]
     fn fail_hosted_for_test(&self, count: u32) {
         self.fail_hosted.store(count, Ordering::Relaxed)
+    }
+
+    /// A test hook, private (``_panic_packets_for_test``, used only by the tests): the next
+    /// ``count`` ``Data`` messages (as ``_fail_packets_for_test``) panic while this inbox
+    /// builds them, as PyO3 does where CPython cannot allocate an object.
+    #[pyo3(name = "_panic_packets_for_test")]
+    fn panic_packets_for_test(&self, count: u32) {
+        let count = count.min(!PANIC_FAULT);
+        let value = if count == 0 { 0 } else { PANIC_FAULT | count };
+        self.fail_packets.store(value, Ordering::Relaxed)
+    }
+
+    /// A test hook, private (``_fail_closes_for_test``, used only by the tests): appending
+    /// the next ``count`` last messages of a port that failed (its ``Closed``...) raises
+    /// ``MemoryError``, as a real allocation failure would.
+    #[pyo3(name = "_fail_closes_for_test")]
+    fn fail_closes_for_test(&self, count: u32) {
+        self.fail_closes.store(count, Ordering::Relaxed)
     }
 
     /// A test hook, private (``_poison_carried_for_test``, used only by the tests): a
@@ -1551,6 +1779,8 @@ pub struct Core {
     hosted_lists: HostedLists,
     /// The hosted half's send (``send_hosted(conn, data)``), for a port it serves.
     hosted_send: Mutex<Option<Py<PyAny>>>,
+    /// The hosted half's test hook (``_panic_hosted_for_test``).
+    hosted_panics: Arc<std::sync::atomic::AtomicU32>,
 }
 
 fn put_conn(
@@ -1666,6 +1896,7 @@ impl Core {
             handle: Mutex::new(None),
             inboxes: Mutex::new(0),
             hosted_lists: HostedLists::default(),
+            hosted_panics: Arc::default(),
             hosted_send: Mutex::new(None),
         })
     }
@@ -1693,7 +1924,13 @@ impl Core {
                 "the native I/O thread was started already",
             ));
         };
-        let hosted = Hosted::new(run_round, stop_hosted, poller_fd, self.hosted_lists.clone());
+        let hosted = Hosted::new(
+            run_round,
+            stop_hosted,
+            poller_fd,
+            self.hosted_lists.clone(),
+            Arc::clone(&self.hosted_panics),
+        );
         thread.host(hosted)?;
         *self
             .hosted_send
@@ -1831,9 +2068,11 @@ impl Core {
         let index = *count;
         *count += 1;
         // Under the lock: the commands' order is the numbering (of the hosted lists too).
+        // (A poisoned lock: a panic contained on the I/O thread while it collected; the
+        // lists are whole, see `Hosted::collect`.)
         self.hosted_lists
             .lock()
-            .map_err(|_| PyRuntimeError::new_err("poisoned"))?
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(hosted.clone_ref(py));
         self.shared.commands.put(Command::AddInbox(queue.clone()));
         drop(count);
@@ -1874,6 +2113,8 @@ impl Core {
             carried: Mutex::new(Carried::default()),
             fail_packets: std::sync::atomic::AtomicU32::new(0),
             fail_hosted: std::sync::atomic::AtomicU32::new(0),
+            fail_closes: std::sync::atomic::AtomicU32::new(0),
+            postponing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -2017,6 +2258,15 @@ impl Core {
     #[pyo3(name = "_fail_for_test")]
     fn fail_for_test(&self) {
         self.shared.commands.put(Command::Fail)
+    }
+
+    /// A test hook, private (``_panic_hosted_for_test``, used only by the tests): the
+    /// next ``count`` collections of a loop's pairs from the hosted half panic (on the
+    /// I/O thread, after the pairs are copied out and before they are cut from the list),
+    /// as PyO3 panics where CPython cannot allocate.
+    #[pyo3(name = "_panic_hosted_for_test")]
+    fn panic_hosted_for_test(&self, count: u32) {
+        self.hosted_panics.store(count, Ordering::Relaxed)
     }
 
     /// A test hook, private (``_hold_for_test``, used only by the tests): the I/O thread

@@ -1,6 +1,6 @@
 //! Every `unsafe` block of the crate, and why each is sound.
 //!
-//! Four things need it, and nothing else in the crate may:
+//! Five things need it, and nothing else in the crate may:
 //!
 //! * [`HeldBytes`]: the I/O thread writes a Python `bytes` object's buffer to a socket
 //!   without the GIL and without copying it.  The object is immutable and the held
@@ -15,13 +15,62 @@
 //!   returned: `io_uring::SubmissionQueue::push` is `unsafe` for that reason.  [`Ring::run`]
 //!   submits a round's operations and does not return until the kernel has completed every
 //!   one of them, so no buffer is freed, moved or reused while the kernel may touch it.
+//! * [`new_bytes`], [`new_pair`], [`new_list`]: the drain's Python objects made so that an
+//!   allocation that fails is a `MemoryError` (`PyErr`), not a panic: PyO3's
+//!   `PyBytes::new`, its tuple conversions and `PyList::empty` (and `PyList::new`,
+//!   `PyTuple::new`, although they return `PyResult`) panic when CPython returns NULL
+//!   (`panic_after_error`), and a panic unwinds past the carried events (lost) or ends
+//!   the thread.  Each is the C API call and a NULL check (`assume_owned_or_err`).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+/// A `bytes` object of `data` (CPython's `PyBytes_FromStringAndSize`, one copy); a
+/// `MemoryError` when it cannot be allocated (PyO3's `PyBytes::new` panics then).
+pub fn new_bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    // SAFETY: `data` is a valid slice for the call (CPython copies it); the length of a
+    // Rust slice fits `Py_ssize_t` (at most `isize::MAX` bytes).  The result is a new
+    // reference or NULL with the error set, which `assume_owned_or_err` checks; a non-NULL
+    // result of `PyBytes_FromStringAndSize` is a `bytes` object.
+    unsafe {
+        let ptr =
+            ffi::PyBytes_FromStringAndSize(data.as_ptr().cast(), data.len() as ffi::Py_ssize_t);
+        Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked())
+    }
+}
+
+/// The tuple `(first, second)` (a drain's `(target, message)` pair); a `MemoryError` when
+/// it cannot be allocated (PyO3's tuple conversion panics then).
+pub fn new_pair<'py>(
+    py: Python<'py>,
+    first: Bound<'py, PyAny>,
+    second: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    // SAFETY: `PyTuple_New(2)` returns a new tuple of two NULL slots, or NULL with the
+    // error set (checked by `from_owned_ptr_or_err`: the two objects are then dropped,
+    // their references released).  `PyTuple_SetItem` on a fresh tuple nobody else has
+    // seen, at indexes 0 and 1 (in range), steals the reference `into_ptr` gives it and
+    // cannot fail; the result is a tuple.
+    unsafe {
+        let tuple = Bound::from_owned_ptr_or_err(py, ffi::PyTuple_New(2))?;
+        ffi::PyTuple_SetItem(tuple.as_ptr(), 0, first.into_ptr());
+        ffi::PyTuple_SetItem(tuple.as_ptr(), 1, second.into_ptr());
+        Ok(tuple.cast_into_unchecked())
+    }
+}
+
+/// A new empty list; a `MemoryError` when it cannot be allocated (PyO3's `PyList::empty`
+/// panics then).
+pub fn new_list(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    // SAFETY: `PyList_New(0)` returns a new empty list, or NULL with the error set, which
+    // `from_owned_ptr_or_err` checks.
+    unsafe { Ok(Bound::from_owned_ptr_or_err(py, ffi::PyList_New(0))?.cast_into_unchecked()) }
+}
 
 /// A Python `bytes` object queued for writing, readable without the GIL.
 ///
