@@ -636,6 +636,11 @@ pub struct Inbox {
 struct Carried {
     pairs: Option<Py<PyList>>,
     events: Vec<Event>,
+    /// A failed port's last messages (its `Error`, its `Closed`) that [`Inbox::fail`]
+    /// built but could not append (a `MemoryError`): `(target, message)`, appended first
+    /// at the next take ([`Inbox::append_untold`]).  Before, that owner was never told,
+    /// and its receive waited for good.
+    untold: Vec<(Py<PyAny>, Py<PyAny>)>,
     /// The events are postponed (a `MemoryError`), not interrupted: the loop may sleep
     /// on its fd, and its hub retries after a short wait ([`Inbox::prepare_to_sleep`]).
     postponed: bool,
@@ -888,12 +893,17 @@ impl Inbox {
         self.shared
             .commands
             .put(Command::DecodeFailed(port.clone(), self.index, slot));
-        for message in messages {
+        let mut messages = messages.into_iter();
+        while let Some(message) = messages.next() {
             let appended = self
                 .close_fault()
-                .and_then(|()| Inbox::append_pair(py, list, obj, message));
+                .and_then(|()| Inbox::append_pair(py, list, obj, message.clone()));
             if let Err(second) = appended {
+                // Told at the next take (`append_untold`): this one and those after it.
                 failures.push(second);
+                let mut untold = vec![(obj.clone_ref(py), message.unbind())];
+                untold.extend(messages.map(|message| (obj.clone_ref(py), message.unbind())));
+                self.carried().untold.append(&mut untold);
                 break;
             }
         }
@@ -901,8 +911,8 @@ impl Inbox {
         // retried.)  Counted once - the port's failure, however many of its steps failed
         // - as the Python core's `_internal_error` counts it; before, a last message that
         // could not be appended was counted again (`take` counted the error `fail`
-        // returned).  The owner of a port whose last message could not be appended is
-        // not told: its port is closed, its later events dropped.
+        // returned).  A last message that could not be appended is carried to the next
+        // take (`untold`); the port is closed, its later events dropped.
         if internal || !failures.is_empty() {
             self.shared.internal_errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -1085,6 +1095,27 @@ impl Inbox {
         carried.events = left;
         carried.postponed = pairs.is_none();
         carried.pairs = pairs;
+    }
+
+    /// Append the failed ports' last messages that [`Inbox::fail`] could not append
+    /// (`untold`) to `list`, first in this take (they end their ports: no later event of
+    /// those ports is delivered).  False if appending failed again: those left stay, in
+    /// order, for the next take.
+    fn append_untold(&self, py: Python<'_>, list: &Bound<'_, PyList>) -> bool {
+        let untold = std::mem::take(&mut self.carried().untold);
+        let mut untold = untold.into_iter();
+        while let Some((target, message)) = untold.next() {
+            if Inbox::append_pair(py, list, &target, message.bind(py).clone()).is_err() {
+                // (The failure is counted: its port's, once, in `fail`.)
+                let mut left = vec![(target, message)];
+                left.extend(untold);
+                let mut carried = self.carried();
+                left.append(&mut carried.untold);
+                carried.untold = left;
+                return false;
+            }
+        }
+        true
     }
 
     /// A test hook's fault (``_poison_carried_for_test``): a panic while the carried
@@ -1563,6 +1594,7 @@ impl Inbox {
     /// taken.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let (list, events) = self.resume(py)?;
+        let told = self.append_untold(py, &list);
         if let Some(events) = events {
             if self.build_all(py, &list, events)? == Built::Postponed {
                 return Ok(list);
@@ -1573,7 +1605,8 @@ impl Inbox {
                 return Ok(list);
             }
         }
-        self.postponing.store(false, Ordering::Relaxed);
+        // Untold messages left (appending them failed again): retried after a short wait.
+        self.postponing.store(!told, Ordering::Relaxed);
         Ok(list)
     }
 
@@ -1718,6 +1751,10 @@ impl Inbox {
         }
         if let Some(carried) = unlocked(&self.carried) {
             visit.call(carried.pairs.as_ref())?;
+            for (target, message) in &carried.untold {
+                visit.call(target)?;
+                visit.call(message)?;
+            }
         }
         Ok(())
     }
