@@ -87,6 +87,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("core", EVERY_CORE)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test run under a poller only the Python core has (a ``poller`` parameter other
+    than epoll: ``every_poller``'s, or the test's own) is a test of a Python core feature:
+    marked ``python_core``, as :func:`_python_core_features` runs it on that core whatever
+    ``IOSERVER_CORE`` says.  (Before ``-m`` deselects: CI's second pass, on the Python
+    core, does not run it a second time.)"""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("poller") not in (None, "epoll"):
+            item.add_marker(pytest.mark.python_core)
+
+
 @pytest.fixture
 def core() -> str | None:
     """The I/O core of ``ios``: ``None`` (``$IOSERVER_CORE``, else the native core) unless
