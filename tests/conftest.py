@@ -167,6 +167,22 @@ def _python_core_features(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
         monkeypatch.setenv("IOSERVER_CORE", "python")
 
 
+#: ``$IOSERVER_CORE`` during a ``core_independent`` test: no core's name, so that a server
+#: it opened on the environment's choice (``core=None``, in the test or a program it runs)
+#: would fail with ``OptionError`` instead of passing on whichever core CI chose.
+NO_CORE = "none-for-a-core_independent-test"
+
+
+@pytest.fixture(autouse=True)
+def _core_independent(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked ``core_independent`` (its outcome does not depend on
+    ``$IOSERVER_CORE``: pure logic, the docs, or the core it names itself) runs with
+    ``$IOSERVER_CORE`` set to :data:`NO_CORE`: the mark is checked on every run, and CI's
+    second pass, on the Python core, can leave the test out (it ran on the first)."""
+    if request.node.get_closest_marker("core_independent") is not None:
+        monkeypatch.setenv("IOSERVER_CORE", NO_CORE)
+
+
 @pytest.fixture
 async def ios(
     no_leaks: None, poller: str | None, core: str | None, io_backend: str | None
