@@ -93,11 +93,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     than epoll: ``every_poller``'s, or the test's own) is a test of a Python core feature:
     marked ``python_core``, as :func:`_python_core_features` runs it on that core whatever
     ``IOSERVER_CORE`` says.  (Before ``-m`` deselects: CI's second pass, on the Python
-    core, does not run it a second time.)"""
+    core, does not run it a second time.)  A ``core_independent`` test is marked neither
+    ``python_core`` nor ``every_core``."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("poller") not in (None, "epoll"):
             item.add_marker(pytest.mark.python_core)
+        if item.get_closest_marker("core_independent") is not None and (
+            item.get_closest_marker("python_core") is not None
+            or item.get_closest_marker("every_core") is not None
+        ):
+            # (Each sets $IOSERVER_CORE or the core its own way: one mark per test.)
+            raise pytest.UsageError(
+                f"{item.nodeid}: core_independent with python_core or every_core"
+            )
 
 
 @pytest.fixture
