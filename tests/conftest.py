@@ -87,6 +87,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("core", EVERY_CORE)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test run under a poller only the Python core has (a ``poller`` parameter other
+    than epoll: ``every_poller``'s, or the test's own) is a test of a Python core feature:
+    marked ``python_core``, as :func:`_python_core_features` runs it on that core whatever
+    ``IOSERVER_CORE`` says.  (Before ``-m`` deselects: CI's second pass, on the Python
+    core, does not run it a second time.)  A ``core_independent`` test is marked neither
+    ``python_core`` nor ``every_core``."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("poller") not in (None, "epoll"):
+            item.add_marker(pytest.mark.python_core)
+        if item.get_closest_marker("core_independent") is not None and (
+            item.get_closest_marker("python_core") is not None
+            or item.get_closest_marker("every_core") is not None
+        ):
+            # (Each sets $IOSERVER_CORE or the core its own way: one mark per test.)
+            raise pytest.UsageError(
+                f"{item.nodeid}: core_independent with python_core or every_core"
+            )
+
+
 @pytest.fixture
 def core() -> str | None:
     """The I/O core of ``ios``: ``None`` (``$IOSERVER_CORE``, else the native core) unless
@@ -152,6 +174,22 @@ def _python_core_features(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
         "epoll",
     ):
         monkeypatch.setenv("IOSERVER_CORE", "python")
+
+
+#: ``$IOSERVER_CORE`` during a ``core_independent`` test: no core's name, so that a server
+#: it opened on the environment's choice (``core=None``, in the test or a program it runs)
+#: would fail with ``OptionError`` instead of passing on whichever core CI chose.
+NO_CORE = "none-for-a-core_independent-test"
+
+
+@pytest.fixture(autouse=True)
+def _core_independent(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked ``core_independent`` (its outcome does not depend on
+    ``$IOSERVER_CORE``: pure logic, the docs, or the core it names itself) runs with
+    ``$IOSERVER_CORE`` set to :data:`NO_CORE`: the mark is checked on every run, and CI's
+    second pass, on the Python core, can leave the test out (it ran on the first)."""
+    if request.node.get_closest_marker("core_independent") is not None:
+        monkeypatch.setenv("IOSERVER_CORE", NO_CORE)
 
 
 @pytest.fixture

@@ -148,6 +148,8 @@ msgpack_values = st.recursive(
 )
 
 
+# The scanner alone (no I/O core): CI's second pass leaves it out (tests/conftest.py).
+@pytest.mark.core_independent
 @settings(max_examples=100, deadline=None)
 @given(
     values=st.lists(msgpack_values, max_size=12),

@@ -7,8 +7,14 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
+
 import ioserver
 import ports
+
+# No I/O core of $IOSERVER_CORE's choice (the docs' sources): CI's second pass, on the
+# Python core, leaves these tests out (tests/conftest.py checks the mark).
+pytestmark = pytest.mark.core_independent
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -18,6 +18,10 @@ from ioserver._framing import (
     make_framer,
 )
 
+# No I/O core of $IOSERVER_CORE's choice (the framers alone): CI's second pass, on the
+# Python core, leaves these tests out (tests/conftest.py checks the mark).
+pytestmark = pytest.mark.core_independent
+
 BYTES_MODES = [1, 2, 4, "line"]
 
 

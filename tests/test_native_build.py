@@ -5,6 +5,12 @@ from __future__ import annotations
 import pathlib
 import tomllib
 
+import pytest
+
+# No I/O core of $IOSERVER_CORE's choice (the build's configuration): CI's second pass, on the
+# Python core, leaves these tests out (tests/conftest.py checks the mark).
+pytestmark = pytest.mark.core_independent
+
 CRATE = pathlib.Path(__file__).resolve().parent.parent / "native" / "Cargo.toml"
 
 

@@ -30,6 +30,10 @@ from ioserver._framing import (
 )
 from ioserver._native import _Framer, _msgpack_charges
 
+# No I/O core of $IOSERVER_CORE's choice (the framers alone): CI's second pass, on the
+# Python core, leaves these tests out (tests/conftest.py checks the mark).
+pytestmark = pytest.mark.core_independent
+
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -19,7 +19,9 @@ import ports
 from ioserver._control import ControlEndpoint
 from ports import Accepted, Closed, Data
 
-pytestmark = pytest.mark.anyio
+# Every test here names the native core (the core fixture below): CI's second pass, on the
+# Python core, leaves them out (tests/conftest.py checks the mark).
+pytestmark = [pytest.mark.anyio, pytest.mark.core_independent]
 
 
 @pytest.fixture

@@ -328,12 +328,16 @@ _messages = st.one_of(
 )
 
 
+# The codec alone (no I/O core): CI's second pass leaves it out (tests/conftest.py).
+@pytest.mark.core_independent
 @settings(max_examples=200, deadline=None)
 @given(_messages)
 def test_property_encode_then_decode_is_the_identity(value: Message) -> None:
     assert CODEC.decode(CODEC.encode(value)) == value
 
 
+# The codec alone (no I/O core): CI's second pass leaves it out (tests/conftest.py).
+@pytest.mark.core_independent
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=64))
 def test_property_random_bytes_decode_or_fail_with_a_typed_error(frame: bytes) -> None:
@@ -835,6 +839,8 @@ def test_a_deep_frame_for_a_shallow_type_is_refused_without_a_walk() -> None:
         rpc.Codec(Tree | Leaf).decode(b"\x91" * 100_000 + b"\x01")
 
 
+# The codec alone (no I/O core): CI's second pass leaves it out (tests/conftest.py).
+@pytest.mark.core_independent
 def test_msgspec_decodes_only_frames_the_check_lets_through() -> None:
     """msgspec builds typed values straight from the bytes and bounds nothing itself: a
     1 MiB frame of empty arrays is 64 MiB of lists once decoded.  The frame check (from
@@ -859,6 +865,8 @@ def test_msgspec_decodes_only_frames_the_check_lets_through() -> None:
     assert len(decoded) == count
 
 
+# The codec alone (no I/O core): CI's second pass leaves it out (tests/conftest.py).
+@pytest.mark.core_independent
 @settings(max_examples=200, deadline=None)
 @given(
     st.recursive(

@@ -23,6 +23,11 @@ from ioserver import _protocol as P
 from ioserver._cli import _parse_serve, _parser
 from ioserver._config import apply_defaults
 
+# No I/O core of $IOSERVER_CORE's choice (its daemons run on the default core: environment()
+# passes them no IOSERVER_* variable): CI's second pass, on the Python core, leaves these
+# tests out (tests/conftest.py checks the mark).
+pytestmark = pytest.mark.core_independent
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -19,6 +19,10 @@ import pytest
 
 from ioserver._wakeup import WakeupQueue
 
+# No I/O core of $IOSERVER_CORE's choice (the wake-up queue alone): CI's second pass, on the
+# Python core, leaves these tests out (tests/conftest.py checks the mark).
+pytestmark = pytest.mark.core_independent
+
 #: How long the consumer may sleep with an item queued before it counts a lost wake-up.
 #: No correct producer takes anywhere near this long between its append and its flag check.
 SLEEP_LIMIT = 0.5
