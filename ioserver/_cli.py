@@ -230,6 +230,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     serve_parser.add_argument(
         "--workers", type=int, default=1, help="share-nothing worker processes"
     )
+    serve_parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="with --workers: give up (exit 1) when workers die more than N times within "
+        "--restart-period (default 5; Erlang's supervisor intensity)",
+    )
+    serve_parser.add_argument(
+        "--restart-period",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the window --max-restarts counts in (default 30)",
+    )
     serve_parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     serve_parser.add_argument(
         "--curve-secret-key", default=None, help="the daemon's secret certificate file (tcp://)"
@@ -426,6 +441,8 @@ def _daemon_config(options: argparse.Namespace) -> Any:
             kind for kind in ("process", "unix", "tun") if getattr(options, f"allow_{kind}")
         ),
         workers=options.workers,
+        max_restarts=options.max_restarts,
+        restart_period=options.restart_period,
         worker_index=options.worker_index,
         memory_limit=options.memory_limit,
         poller=options.poller,

@@ -48,6 +48,11 @@ class DaemonConfig:
     #: ``--allow-unix``, ``--allow-tun``; see ioserver._control.PERMISSIONS).
     allow: frozenset[str] = frozenset()
     workers: int = 1
+    #: With ``workers > 1``: the supervisor gives up (exit status 1) when workers die more
+    #: than ``max_restarts`` times within ``restart_period`` seconds (Erlang's supervisor
+    #: ``intensity`` and ``period``).
+    max_restarts: int = 5
+    restart_period: float = 30.0
     worker_index: int | None = None
     memory_limit: int | None = None
     #: The I/O thread's selector backend (:func:`ioserver.open`'s ``poller``); None: the
@@ -86,6 +91,8 @@ def settle(config: DaemonConfig, *, quiet: bool = False) -> None:
     check_endpoint(config)
     if config.heartbeat <= 0 or config.grace < 0:
         raise DaemonError("--heartbeat must be positive and --grace non-negative seconds")
+    if config.max_restarts < 0 or not config.restart_period > 0:
+        raise DaemonError("--max-restarts must be 0 or more and --restart-period positive seconds")
     try:
         config.limits.check()
     except OptionError as exc:
@@ -241,6 +248,8 @@ def _reload(config: DaemonConfig) -> None:
             "grace",
             "backend",
             "workers",
+            "max_restarts",
+            "restart_period",
             "poller",
             "allow",
         )

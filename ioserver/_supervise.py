@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from types import FrameType
 
 import zmq
@@ -100,7 +101,11 @@ def _worker_argv(config: DaemonConfig, index: int) -> list[str]:
 
 
 def supervise(config: DaemonConfig) -> int:
-    """Start the workers, restart those that die, answer status on the main endpoint."""
+    """Start the workers, restart those that die, answer status on the main endpoint;
+    the exit status: 0 once stopped by a signal, 1 when workers died more than
+    ``max_restarts`` times within ``restart_period`` seconds (Erlang's supervisor
+    intensity and period: the supervisor then stops the other workers and exits, for
+    systemd's ``Restart=`` to act on, instead of restarting them for ever)."""
     path = prepare_ipc(config.endpoint)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     authenticator = start_authenticator(context, config) if config.curve_secret_key else None
@@ -130,6 +135,11 @@ def supervise(config: DaemonConfig) -> int:
     workers: list[subprocess.Popen[bytes] | None] = [None] * config.workers
     starts: list[float] = [0.0] * config.workers
     restarts = [0] * config.workers
+    # When each recent restart happened (any worker's): more than max_restarts within
+    # restart_period seconds and the supervisor gives up, as an OTP supervisor past its
+    # restart intensity does (``intensity``, ``period``).
+    recent: deque[float] = deque()
+    gave_up = False
 
     def start(index: int) -> None:
         environment[WORKER_ENVIRONMENT] = str(index)
@@ -178,14 +188,32 @@ def supervise(config: DaemonConfig) -> int:
                         process.send_signal(signal.SIGHUP)
             for index, process in enumerate(workers):
                 if process is not None and process.poll() is not None and not stopping:
+                    now = time.monotonic()
+                    recent.append(now)
+                    while recent and recent[0] < now - config.restart_period:
+                        recent.popleft()
+                    giving_up = len(recent) > config.max_restarts
                     log.error(
-                        "worker %d (pid %d) died with status %s; restarting",
+                        "worker %d (pid %d) died with status %s%s",
                         index,
                         process.pid,
                         process.returncode,
+                        "" if giving_up else "; restarting",
                     )
+                    if giving_up:
+                        log.error(
+                            "workers died %d times within %g s (more than --max-restarts "
+                            "%d): giving up, stopping the others",
+                            len(recent),
+                            config.restart_period,
+                            config.max_restarts,
+                        )
+                        _systemd.notify("STATUS=giving up: workers keep dying")
+                        gave_up = stopping = True
+                        workers[index] = None
+                        break
                     restarts[index] += 1
-                    if time.monotonic() - starts[index] < 1.0:
+                    if now - starts[index] < 1.0:
                         time.sleep(1.0)  # it died at once: do not spin
                     start(index)
     finally:
@@ -214,7 +242,7 @@ def supervise(config: DaemonConfig) -> int:
         for number, handler in previous.items():
             signal.signal(number, handler)
         log.info("ioserver supervisor stopped")
-    return 0
+    return 1 if gave_up else 0
 
 
 def _supervisor_answer(

@@ -496,6 +496,68 @@ def test_the_ipc_directory_is_private_and_unsafe_endpoints_are_refused(
         assert complaint in refused.stderr
 
 
+def test_a_supervisor_whose_workers_keep_dying_gives_up(tmp_path: Path) -> None:
+    """Workers that die at every start (an app that fails as it loads) are restarted
+    ``--max-restarts`` times within ``--restart-period``, then the supervisor stops the
+    others and exits 1 - as an OTP supervisor past its restart intensity - for systemd's
+    ``Restart=`` to act on.  Before, it restarted them for ever (one a second), and an
+    orphaned supervisor went on doing so unseen."""
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('this app cannot load')\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ioserver",
+            "serve",
+            "--endpoint",
+            f"ipc://{tmp_path}/control",
+            "--workers",
+            "2",
+            "--max-restarts",
+            "2",
+            "--restart-period",
+            "60",
+            "--app",
+            str(broken),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "giving up" in result.stderr, result.stderr
+    # Two restarts, then the third death ends it.
+    assert result.stderr.count("; restarting") == 2, result.stderr
+    assert result.stderr.count(" died with status ") == 3, result.stderr
+    assert not (tmp_path / "control").exists()
+
+
+def test_restart_limits_are_checked(tmp_path: Path) -> None:
+    for option, value in (("--max-restarts", "-1"), ("--restart-period", "0")):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ioserver",
+                "serve",
+                "--endpoint",
+                f"ipc://{tmp_path}/control",
+                option,
+                value,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+        )
+        assert result.returncode != 0, result.stderr
+        assert "--max-restarts" in result.stderr, result.stderr
+
+
 def test_workers_share_the_listening_port_and_status_reports_both(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/control"
     number = free_port()
