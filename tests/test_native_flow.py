@@ -458,8 +458,8 @@ class _PyIO:
 
     def _close(self, conn: _PyConn) -> None:
         conn.closed = True
-        pending = conn.framer.pending_charge if conn.packet_overhead else 0
-        self.framing_bytes -= conn.framer.buffered + pending + conn.held_bytes
+        # (An unfinished packet is charged its bytes only: IOThread._close.)
+        self.framing_bytes -= conn.framer.buffered + conn.held_bytes
         conn.held = None
         conn.held_bytes = 0
 
