@@ -28,6 +28,7 @@ claimed size: a framer never holds more than ``packet_size`` plus one header of 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -355,6 +356,12 @@ _ARRAY_SLOT = MSGPACK_CHARGES["array slot"]
 _MAP_SLOT = MSGPACK_CHARGES["map slot"]
 _MAP_TABLE = MSGPACK_CHARGES["map table"]
 _CONTINUATION = bytes(range(0x80, 0xC0))  # the bytes that continue a UTF-8 character
+# CPython keeps a str 1, 2 or 4 bytes a character, by its widest: a UTF-8 lead byte from
+# 0xc4 is one past U+00FF, from 0xf0 one past U+FFFF (searched at C speed: a peer's str
+# may be as long as packet_size).
+_PAST_LATIN1 = re.compile(rb"[\xc4-\xff]").search
+_PAST_BMP = re.compile(rb"[\xf0-\xff]").search
+_BIN = (0xC4, 0xC5, 0xC6)
 
 
 def _scalar_charge(byte: int, body: bytes | bytearray | memoryview) -> tuple[int, int]:
@@ -362,18 +369,13 @@ def _scalar_charge(byte: int, body: bytes | bytearray | memoryview) -> tuple[int
     :data:`MSGPACK_CHARGES`.  ``body`` is its data."""
     if len(body) <= 1:
         return 0, 0  # shared: "", one ASCII character, b"", one byte
-    if byte in (0xC4, 0xC5, 0xC6):
+    if byte in _BIN:
         return _CHARGE_BIN, 0
-    data = bytes(body)
-    if data.isascii():
-        return _CHARGE_STR, 0
-    # CPython keeps a str 1, 2 or 4 bytes a character, by its widest: a lead byte from
-    # 0xf0 is one past U+FFFF, from 0xc4 one past U+00FF.
-    widest = max(data)
-    if widest < 0xC4:
+    data = body if isinstance(body, (bytes, bytearray)) else bytes(body)
+    if data.isascii() or not _PAST_LATIN1(data):
         return _CHARGE_STR, 0  # at most one byte a character
     characters = len(data.translate(None, _CONTINUATION))
-    return _CHARGE_STR, max(0, (4 if widest >= 0xF0 else 2) * characters - len(data))
+    return _CHARGE_STR, max(0, (4 if _PAST_BMP(data) else 2) * characters - len(data))
 
 
 _WHAT = "msgpack object"
@@ -606,7 +608,9 @@ class MsgpackFramer(Framer):
                         charge -= slots[-1]
                     break
                 own = owns[byte]
-                if own < 0:  # a str or a bin
+                if own < 0 and byte in _BIN:  # a bin: its length alone says (no copy)
+                    own = _CHARGE_BIN if length > 1 else 0
+                elif own < 0:  # a str
                     body = buffer[position + 1 + width : position + size]
                     own, variable = _scalar_charge(byte, body)
                     charge += variable
