@@ -43,7 +43,10 @@ fn port_target(port: Py<PyAny>, window: &Bound<'_, WindowCounters>) -> PyResult<
     let (extra, overhead) = if sizes.is_none() {
         (None, 0)
     } else {
-        let overhead: u64 = window.getattr("packet_overhead")?.extract()?;
+        // A `u32` (ReceiveFlow keeps it in 32 bits): a larger value is an OverflowError
+        // here, on the loop thread, not a panic of the I/O thread's `ReceiveFlow::new`.
+        let overhead: u32 = window.getattr("packet_overhead")?.extract()?;
+        let overhead = u64::from(overhead);
         let append = sizes.getattr("append")?.unbind();
         (Some(Box::new(TargetExtra::Sizes(append))), overhead)
     };
@@ -340,6 +343,8 @@ pub struct OwnerCell {
 
 #[pymethods]
 impl OwnerCell {
+    /// A cell with nobody waiting and no port paused (one per mailbox and I/O half, made
+    /// by the loop half: ``ports.Mailbox``).
     #[new]
     fn new() -> Self {
         OwnerCell {
