@@ -619,16 +619,20 @@ async def test_a_message_that_can_never_fit_the_budget_fails_its_port(
 
                     async with anyio.create_task_group() as tasks:
                         tasks.start_soon(send)
-                        with anyio.fail_after(10):
-                            error = await port.receive()
-                            assert isinstance(error, Error), error
-                            assert error.errno_name == "EMSGSIZE", error
-                            assert f"exceeds memory_limit less a read={CAP}" in error.message
-                            closed = await port.receive()
-                            assert isinstance(closed, Closed), closed
-                            assert closed.reason == "EMSGSIZE"
-                        with contextlib.suppress(OSError):  # (the send may be blocked)
-                            peer.shutdown(socket.SHUT_RDWR)
+                        try:
+                            with anyio.fail_after(10):
+                                error = await port.receive()
+                                assert isinstance(error, Error), error
+                                assert error.errno_name == "EMSGSIZE", error
+                                assert f"exceeds memory_limit less a read={CAP}" in error.message
+                                closed = await port.receive()
+                                assert isinstance(closed, Closed), closed
+                                assert closed.reason == "EMSGSIZE"
+                        finally:
+                            # The send may be blocked (its thread cannot be cancelled): a
+                            # failure above must not leave the task group waiting on it.
+                            with contextlib.suppress(OSError):
+                                peer.shutdown(socket.SHUT_RDWR)
                     other.sendall(small)
                     with anyio.fail_after(5):
                         after = await bystander.receive()

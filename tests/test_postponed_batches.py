@@ -57,6 +57,7 @@ async def test_postponed_hosted_pairs_do_not_duplicate_earlier_pairs() -> None:
                 port = await _accept(listener)
                 async with port:
                     inbox = ios._hub.inbox  # type: ignore[attr-defined]
+                    errors = ios.statistics().internal_errors
                     inbox._fail_hosted_for_test(1)
                     # The loop blocked (no checkpoint): two batches wait for one take.
                     base = _batches(ios)
@@ -72,6 +73,8 @@ async def test_postponed_hosted_pairs_do_not_duplicate_earlier_pairs() -> None:
                     with anyio.fail_after(5):
                         second = await port.receive()
                     assert second == Data(b"tcp-2"), second
+                    # The fault happened (a postponement counts once an episode).
+                    assert ios.statistics().internal_errors == errors + 1
 
 
 async def test_postponed_hosted_pairs_keep_order_with_later_batches() -> None:
@@ -87,6 +90,7 @@ async def test_postponed_hosted_pairs_keep_order_with_later_batches() -> None:
                 port = await _accept(listener)
                 async with port:
                     inbox = ios._hub.inbox  # type: ignore[attr-defined]
+                    errors = ios.statistics().internal_errors
                     inbox._fail_hosted_for_test(1)
                     base = _batches(ios)
                     sender.sendto(b"udp-1", udp.local_address)
@@ -104,6 +108,7 @@ async def test_postponed_hosted_pairs_keep_order_with_later_batches() -> None:
                         target._deliver(message)
                     mine = [m.data for t, m in pairs if t is port or t is udp]
                     assert mine == [b"udp-1", b"tcp-1"], mine
+                    assert ios.statistics().internal_errors == errors + 1  # (it happened)
 
 
 async def test_two_postponed_hosted_batches_in_one_take_lose_nothing() -> None:
@@ -112,6 +117,7 @@ async def test_two_postponed_hosted_batches_in_one_take_lose_nothing() -> None:
     async with ioserver.open(core="native") as ios, await ports.open_udp(ios) as udp:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             inbox = ios._hub.inbox  # type: ignore[attr-defined]
+            errors = ios.statistics().internal_errors
             inbox._fail_hosted_for_test(2)
             base = _batches(ios)  # (the loop blocked: two batches, one take)
             sender.sendto(b"udp-1", udp.local_address)
@@ -119,10 +125,11 @@ async def test_two_postponed_hosted_batches_in_one_take_lose_nothing() -> None:
             sender.sendto(b"udp-2", udp.local_address)
             _until_published(ios, base + 2)
             got = []
-            with anyio.move_on_after(2):
+            with anyio.fail_after(5):
                 while len(got) < 2:
                     message = await udp.receive()
                     got.append(message.data)
+            assert ios.statistics().internal_errors > errors  # (the faults happened)
             with anyio.move_on_after(2):
                 while ios.statistics().memory_in_use:  # noqa: ASYNC110 (a counter: no event)
                     await anyio.sleep(0.01)

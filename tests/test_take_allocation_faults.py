@@ -70,14 +70,15 @@ async def test_a_raw_read_whose_bytes_cannot_be_allocated_fails_its_port(
                         target._deliver(message)
                     peer.sendall(b"B" * 10)
                     got = []
-                    with anyio.move_on_after(1):
+                    with anyio.fail_after(5):
                         try:
                             while True:
                                 got.append(await port.receive())
                         except ioserver.EndOfPort:
                             pass
                     memory = ios.statistics().memory_in_use
-                    assert (type(raised).__name__, got[:1]) == (
+                    # The Closed and nothing after it: never a later byte of the stream.
+                    assert (type(raised).__name__, got) == (
                         "NoneType",
                         [Closed("internal error: MemoryError()", "EIO")],
                     ), (raised, got, memory)
