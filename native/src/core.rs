@@ -875,11 +875,7 @@ impl IoThread {
     fn run_and_shut_down(&mut self) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rounds()));
         if let Err(panic) = result {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_string());
+            let message = panic_message(panic.as_ref());
             if let Ok(mut failure) = self.shared.failure.lock() {
                 *failure = Some(format!("the native I/O thread failed: {message}"));
             }
@@ -2451,4 +2447,15 @@ mod size_tests {
             size_of::<PyTarget>()
         );
     }
+}
+
+/// The text a caught panic carries (`panic!`'s message: a `&str` or a `String`), or
+/// "a panic": for the reports of the boundaries that catch one (the I/O thread's rounds,
+/// a hosted round, an event's build).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
 }

@@ -296,11 +296,7 @@ impl Hosted {
         if !self.stopped {
             self.due = Some(Instant::now());
         }
-        let text = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".to_string());
+        let text = crate::core::panic_message(panic.as_ref());
         let _ = catch_unwind(AssertUnwindSafe(|| {
             let error = pyo3::exceptions::PyRuntimeError::new_err(format!(
                 "a panic in a round of the hosted half: {text}"

@@ -932,12 +932,7 @@ impl Inbox {
 
     /// The test hook's fault (``_fail_closes_for_test``): `MemoryError` while it lasts.
     fn close_fault(&self) -> PyResult<()> {
-        let left = self.fail_closes.load(Ordering::Relaxed);
-        if left == 0 {
-            return Ok(());
-        }
-        self.fail_closes.store(left - 1, Ordering::Relaxed);
-        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+        countdown_fault(&self.fail_closes)
     }
 
     /// An event for a port whose msgpack packet failed to decode (`Inbox::fail`): dropped,
@@ -1209,22 +1204,12 @@ impl Inbox {
 
     /// The test hook's fault (``_fail_hosted_for_test``): `MemoryError` while it lasts.
     fn hosted_fault(&self) -> PyResult<()> {
-        let left = self.fail_hosted.load(Ordering::Relaxed);
-        if left == 0 {
-            return Ok(());
-        }
-        self.fail_hosted.store(left - 1, Ordering::Relaxed);
-        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+        countdown_fault(&self.fail_hosted)
     }
 
     /// The test hook's fault (``_fail_replies_for_test``): `MemoryError` while it lasts.
     fn reply_fault(&self) -> PyResult<()> {
-        let left = self.fail_replies.load(Ordering::Relaxed);
-        if left == 0 {
-            return Ok(());
-        }
-        self.fail_replies.store(left - 1, Ordering::Relaxed);
-        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+        countdown_fault(&self.fail_replies)
     }
 
     /// Build `event`'s pairs into `list`.  A `BaseException` that is not an `Exception`
@@ -1293,11 +1278,7 @@ impl Inbox {
         event: &Event,
         panic: Box<dyn std::any::Any + Send>,
     ) {
-        let text = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".to_string());
+        let text = crate::core::panic_message(panic.as_ref());
         let failed = match event {
             Event::Object(port, _, charge, slot) | Event::Packet(port, _, charge, slot) => {
                 Some((port, *charge, *slot))
@@ -2728,4 +2709,16 @@ mod size_tests {
         );
         assert!(size_of::<Conn>() <= 24, "Conn: {}", size_of::<Conn>());
     }
+}
+
+/// A test hook's countdown (``_fail_..._for_test``): `MemoryError` while `counter` is
+/// above 0, one less each time.  Relaxed: the hooks are set and read on the loop's thread
+/// (the test's), no other memory is published through them.
+fn countdown_fault(counter: &std::sync::atomic::AtomicU32) -> PyResult<()> {
+    let left = counter.load(Ordering::Relaxed);
+    if left == 0 {
+        return Ok(());
+    }
+    counter.store(left - 1, Ordering::Relaxed);
+    Err(pyo3::exceptions::PyMemoryError::new_err(()))
 }
