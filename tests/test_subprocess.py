@@ -302,10 +302,15 @@ async def test_without_pidfd_the_exit_is_polled(
 
 async def test_send_signal_reaches_the_program(pios: ioserver.IOServer) -> None:
     script = (
-        "import signal, sys, time\n"
-        "signal.signal(signal.SIGUSR1, lambda *_: (print('usr1', flush=True), sys.exit(5)))\n"
+        # The signal is waited for, not handled: a handler that printed could land while
+        # the buffered stdout was still inside 'ready''s write (a reentrant call, exit 1),
+        # as it did on CI, where PYTHONUNBUFFERED is not set.
+        "import signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
         "print('ready', flush=True)\n"
-        "time.sleep(60)\n"
+        "signal.sigwait({signal.SIGUSR1})\n"
+        "print('usr1', flush=True)\n"
+        "sys.exit(5)\n"
     )
     port = await ports.open_process(pios, [PYTHON, "-c", script], packet="line")
     async with port:
