@@ -463,7 +463,9 @@ class Actor:
             port: a :class:`~ports.Port` or :class:`~ports.Listener`.
             mailbox: ``True`` (default): the port's messages go to this actor's mailbox as
                 ``(port, message)`` tuples (:meth:`ports.Port.set_owner`), with those
-                already buffered in the port first.  ``False``: the port keeps its
+                already buffered in the port first; they count against the port's
+                receive watermarks and the memory budget until the actor receives them.
+                ``False``: the port keeps its
                 messages, so any task may ``receive`` from it or ``select`` on it; only
                 its life is tied to this actor's.
 
@@ -490,9 +492,11 @@ class Actor:
         As Erlang's ``gen_tcp:controlling_process/2`` without the race it documents: the
         ``(port, message)`` tuples of this port still queued in this actor's mailbox move
         to the new owner first, in order, then the messages buffered in the port, then
-        every later one; none is lost or duplicated.  The port then closes with ``to``'s
-        actor (or when the mailbox ``to`` is closed), not with this one.  (A port this actor
-        held with ``own(port, mailbox=False)`` is given the mailbox way too.)
+        every later one; none is lost or duplicated, and each stays charged to the port
+        (see :class:`~ports.Mailbox`) until ``to`` receives it.  The port then closes
+        with ``to``'s actor (or when the mailbox ``to`` is closed), not with this one.
+        (A port this actor held with ``own(port, mailbox=False)`` is given the mailbox
+        way too.)
 
         Raises:
             ValueError: this actor does not own ``port``.
@@ -508,8 +512,7 @@ class Actor:
             raise ClosedPortError(f"cannot give a port to {to!r}: it has ended")
         if port.closed:
             raise ClosedPortError("this port is closed")
-        for message in mailbox._take_messages_of(port):
-            target.send_nowait(message)
+        mailbox._move_messages_of(port, target)  # (still charged to the port, see Mailbox)
         port.set_owner(target)
 
     # -- state ----------------------------------------------------------------------------

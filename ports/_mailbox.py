@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any, Protocol, final
 
 import anyio
@@ -34,6 +35,8 @@ class HeldPort(Protocol):
 
     def close_nowait(self) -> None: ...
 
+    def _took_charge(self, size: int) -> None: ...
+
 
 @final
 class Mailbox(Source):
@@ -48,13 +51,35 @@ class Mailbox(Source):
     Mailboxes are unbounded, as Erlang's are: senders never wait.  Use it from one event
     loop (its thread); the I/O thread reaches it through the loop's hub.
 
+    **A port's input stays charged until it is received.**  A message a port delivers
+    here (its :class:`~ioserver.Data`, a UDP port's datagrams) counts against that port's
+    receive watermarks (``high_msgq_watermark``, ``high_msgq_messages``) and the server's
+    ``memory_limit`` while it waits in the mailbox, and is counted taken only when it
+    leaves: :meth:`receive` (selective or not), :meth:`receive_nowait`,
+    :func:`ports.select`, or the mailbox's :meth:`close`.  So an owner that does not
+    receive a port's messages - a selective receive that never matches them - pauses that
+    port at its high watermark (TCP pushes back on its peer), and the budget holds, unlike
+    an Erlang mailbox; the port's other messages and the other ports it owns are not held
+    back by it.  Unmatched messages keep their memory until taken: a receive waiting for
+    one port while others' unmatched messages fill the budget gets its port's input
+    through the budget's reserve (:doc:`/howto/memory`).
+
     **Owned ports close with their owner.**  A mailbox remembers the ports it owns (those
     whose :meth:`~ports.Port.set_owner` named it, and those an actor holds with
     :meth:`ports.Actor.own`); :meth:`close` closes them, as the ports of an Erlang process
     close when it ends, so their peers see the connection end.
     """
 
-    __slots__ = ("_cells", "_closed", "_messages", "_parker", "_ports", "_sweep_at", "_waiters")
+    __slots__ = (
+        "_cells",
+        "_charges",
+        "_closed",
+        "_messages",
+        "_parker",
+        "_ports",
+        "_sweep_at",
+        "_waiters",
+    )
 
     def __init__(self) -> None:
         self._messages: deque[Any] = deque()
@@ -69,6 +94,13 @@ class Mailbox(Source):
         # ``Port.set_owner``).  The budget keeps the paused ports of the mailbox there
         # (see _want_input).  Weak: a long-lived mailbox keeps no stopped server alive.
         self._cells: dict[int, tuple[Any, Any]] | None = None
+        # The charge of each queued message, aligned with ``_messages``: for a
+        # ``(port, message)`` entry a port delivered charged (``_put_charged``) its charge
+        # to the port's window, else None.  Every path that takes messages out takes
+        # their charges with them and tells their ports (``_took``).  Beside the entries,
+        # not in them: the user sees the tuples Port.set_owner documents.  None until a
+        # port delivers one (most mailboxes never hold one); then kept.
+        self._charges: deque[int | None] | None = None
 
     def send_nowait(self, message: object) -> None:
         """Append ``message`` and wake a waiting receiver.
@@ -79,8 +111,43 @@ class Mailbox(Source):
         if self._closed:
             raise ClosedPortError("this mailbox is closed")
         self._messages.append(message)
+        charges = self._charges
+        if charges is not None:
+            charges.append(None)
         if self._waiters:
             self._wake_all()
+
+    def _put_charged(self, entry: tuple[HeldPort, Any], charge: int) -> None:
+        """A port hands its ``entry``, ``(port, message)``, charged ``charge`` bytes to its
+        port's window: it stays charged until a receive (or the mailbox's close) takes it
+        out.  (The port checked that this mailbox is open.)"""
+        messages = self._messages
+        charges = self._charges
+        appended = False
+        try:
+            if charges is None:
+                charges = self._charges = deque(repeat(None, len(messages)))
+            messages.append(entry)
+            appended = True
+            charges.append(charge)
+        except BaseException:
+            # (A MemoryError: the entry is dropped, counted taken as it never arrived, and
+            # the two deques stay aligned.)
+            if appended:
+                messages.pop()
+            entry[0]._took_charge(charge)
+            raise
+        if self._waiters:
+            self._wake_all()
+
+    @staticmethod
+    def _took(removed: list[tuple[Any, int | None]]) -> list[Any]:
+        """Messages removed with their charges: count the charged ones taken (their ports
+        may resume reading); the messages, in order."""
+        for message, charge in removed:
+            if charge is not None:
+                message[0]._took_charge(charge)
+        return [message for message, _charge in removed]
 
     async def send(self, message: object) -> None:
         """Append ``message`` (see :meth:`send_nowait`); a checkpoint, taken first: a send
@@ -99,11 +166,26 @@ class Mailbox(Source):
     def _find(self, match: Match | None, start: int) -> object:
         messages = self._messages
         if match is None:
-            return messages.popleft() if messages else EMPTY
+            if not messages:
+                return EMPTY
+            message = messages.popleft()
+            charges = self._charges
+            if charges is not None:
+                # The hot path of an actor receiving its ports' input.
+                charge = charges.popleft()
+                if charge is not None:
+                    message[0]._took_charge(charge)
+            return message
         for index in range(start, len(messages)):
             message = messages[index]
             if match(message):
                 del messages[index]
+                charges = self._charges
+                if charges is not None:
+                    charge = charges[index]
+                    del charges[index]
+                    if charge is not None:
+                        message[0]._took_charge(charge)
                 return message
         return EMPTY
 
@@ -180,7 +262,12 @@ class Mailbox(Source):
         its peer sees the connection end.  Idempotent.
         """
         self._closed = True
+        charges, self._charges = self._charges, None
+        messages = list(self._messages)
         self._messages.clear()
+        if charges is not None:
+            # Dropped: counted taken, so their ports may read on (until they close).
+            self._took(list(zip(messages, charges, strict=True)))
         ports, self._ports = self._ports, set()
         for port in ports:
             if port.owner is self or port.owner is None:
@@ -215,21 +302,43 @@ class Mailbox(Source):
     def _holds(self, port: HeldPort) -> bool:
         return port in self._ports and not port.closed
 
-    def _take_all(self, match: Match) -> list[Any]:
-        """Remove and return every queued message ``match`` accepts, in order."""
+    def _remove_all(self, match: Match) -> list[tuple[Any, int | None]]:
+        """Remove every queued message ``match`` accepts; return them in order, each with
+        its charge (None: not charged), not yet counted taken."""
         messages = self._messages
-        taken = [message for message in messages if match(message)]
-        if taken:
-            kept = [message for message in messages if not match(message)]
-            messages.clear()
-            messages.extend(kept)
-        return taken
+        charges = self._charges
+        if charges is None:
+            queued: list[tuple[Any, int | None]] = [(message, None) for message in messages]
+        else:
+            queued = list(zip(messages, charges, strict=True))
+        verdicts = [bool(match(message)) for message, _charge in queued]
+        if not any(verdicts):
+            return []
+        removed = [pair for pair, verdict in zip(queued, verdicts, strict=True) if verdict]
+        kept = [pair for pair, verdict in zip(queued, verdicts, strict=True) if not verdict]
+        messages.clear()
+        messages.extend(message for message, _charge in kept)
+        if charges is not None:
+            charges.clear()
+            charges.extend(charge for _message, charge in kept)
+        return removed
 
-    def _take_messages_of(self, port: HeldPort) -> list[Any]:
-        """Remove and return the ``(port, message)`` tuples queued for ``port``, in order."""
-        return self._take_all(
+    def _take_all(self, match: Match) -> list[Any]:
+        """Remove and return every queued message ``match`` accepts, in order (taken)."""
+        return self._took(self._remove_all(match))
+
+    def _move_messages_of(self, port: HeldPort, target: Mailbox) -> None:
+        """Move the ``(port, message)`` tuples queued for ``port`` to ``target``, in
+        order, each with its charge: they stay charged to ``port`` until taken there
+        (``Actor.give``)."""
+        moved = self._remove_all(
             lambda message: message.__class__ is tuple and len(message) == 2 and message[0] is port
         )
+        for message, charge in moved:
+            if charge is None:
+                target.send_nowait(message)
+            else:
+                target._put_charged(message, charge)
 
     @property
     def closed(self) -> bool:
@@ -240,7 +349,7 @@ class Mailbox(Source):
     def _select_poll(self) -> object:
         if self._closed:
             raise ClosedPortError("this mailbox is closed")
-        return self._messages.popleft() if self._messages else EMPTY
+        return self._find(None, 0)
 
     def _select_arm(self, waiter: Waiter) -> None:
         self._parker = current_parker()

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable, Coroutine, Sequence, Sized
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Any, Self, final
+from typing import TYPE_CHECKING, Any, ClassVar, Self, final
 
 import anyio
 import anyio.abc
@@ -270,6 +270,31 @@ class _PortBase(Source):
         if conn is not None and conn.pause_generation != window.resume_generation:
             self._maybe_resume()
 
+    def _charge_of(self, data: Sized) -> int:
+        """The charge of a Data message being handed to an owner mailbox: its length, or
+        for a framed port its charge popped from the window's sizes (they are popped in
+        delivery order; the mailbox keeps it beside the entry, for :meth:`_took_charge`
+        when a receive takes the entry - in any order)."""
+        sizes = self._window.sizes
+        return len(data) if sizes is None else sizes.popleft()
+
+    def _took_charge(self, size: int) -> None:
+        """Count a message charged ``size`` as taken: what :meth:`_took_data` does once
+        the charge is known (a mailbox entry's, kept since :meth:`_charge_of`)."""
+        window = self._window
+        took = window.took
+        if took is not None:
+            generation = took(size)
+            if generation is not None:
+                self._submit((self._io.cmd_resume, self._conn, generation))
+            return
+        window.consumed_messages += 1
+        window.consumed_bytes += size
+        self._hub.consumed_bytes += size
+        conn = self._conn
+        if conn is not None and conn.pause_generation != window.resume_generation:
+            self._maybe_resume()
+
     def _maybe_resume(self) -> None:
         """The I/O thread paused reading this port: ask it to read again once the owner
         has taken enough (step 2 of the handshake in ioserver._flow)."""
@@ -308,13 +333,13 @@ class _PortBase(Source):
             return
         owner = self._owner
         if owner is not None:
-            if message.__class__ is Data:
-                self._took_data(message.data)
-            if owner.closed:
-                # Its owner is gone, as an Erlang port whose owner died: close the port.
-                self.close_nowait()
-                return
-            owner.send_nowait((self, message))
+            if message.__class__ is Data and not owner._closed:
+                # _to_owner, inlined for a Data (the owner path of every message).
+                sizes = self._window.sizes
+                charge = len(message.data) if sizes is None else sizes.popleft()
+                owner._put_charged((self, message), charge)
+            else:
+                self._to_owner(owner, message)
             return
         buffer = self._buffer
         if isinstance(buffer, list):
@@ -334,6 +359,29 @@ class _PortBase(Source):
             wake = self._hub.wake
             for waiter in self._select_waiters:
                 wake(waiter)
+
+    #: The messages charged to the port's window, counted taken as the owner takes them
+    #: (a UDP port's are Datagram and Packet).
+    _CHARGED: ClassVar[tuple[type, ...]] = (Data,)
+
+    def _to_owner(self, owner: Mailbox, message: Any) -> None:
+        """Hand ``message`` to the owner mailbox as ``(self, message)``.  A charged message
+        (Data) stays charged to this port - its window's watermarks and the memory budget -
+        while it waits in the mailbox: the mailbox keeps its charge beside the entry and
+        counts it taken when a receive takes the entry (``Mailbox._put_charged``).  Before,
+        it was counted taken here, so an owner whose selective receive never matched let
+        its port read without bound."""
+        charged = isinstance(message, self._CHARGED)
+        if owner.closed:
+            # Its owner is gone, as an Erlang port whose owner died: close the port.
+            if charged:
+                self._took_data(message.data)
+            self.close_nowait()
+            return
+        if charged:
+            owner._put_charged((self, message), self._charge_of(message.data))
+        else:
+            owner.send_nowait((self, message))
 
     def _on_terminal(self, message: Closed) -> None:
         pass
@@ -527,6 +575,13 @@ class _PortBase(Source):
         every later message follows them; none is lost or duplicated.  ``None`` makes the
         port keep its messages again (those already in a mailbox stay there).
 
+        A message waiting in the mailbox is not taken yet: it counts against this port's
+        receive watermarks (``high_msgq_watermark``, ``high_msgq_messages``) and the
+        server's ``memory_limit`` until a receive takes it out of the mailbox (see
+        :class:`~ports.Mailbox`).  So an owner that leaves this port's messages
+        unreceived - a selective receive that never matches them - pauses the port at
+        its watermark, and its peer waits.
+
         Raises:
             ClosedPortError: the port is closed, or a task is waiting on it.
         """
@@ -545,8 +600,10 @@ class _PortBase(Source):
         if owner is not None:
             buffer = self._buffer
             while buffer:
-                message = self._take()
-                owner.send_nowait((self, message))
+                message = buffer.pop(0)
+                if message.__class__ is Closed:
+                    self._ended = True
+                self._to_owner(owner, message)  # still charged until the owner takes it
 
     # -- options ------------------------------------------------------------------------
     def setopts(self, *, active: Active | None = None) -> None:

@@ -109,17 +109,17 @@ class UDPPort(  # type: ignore[misc]
         return self._conn  # type: ignore[return-value]
 
     # -- receiving: count Datagram messages as _PortBase counts Data ----------------------
+    #: Charged as _PortBase's Data are, in an owner mailbox too (``_PortBase._to_owner``).
+    _CHARGED = _RECEIVED
+
     def _deliver(self, message: Any) -> None:
         if isinstance(message, _RECEIVED):
             if self._closed:
                 self._took_data(message.data)
-            else:
-                if self._credit > 0:
-                    self._credit -= 1
-                    if self._credit == 0 and self._notify:
-                        self._notify = PASSIVE_PENDING
-                if self._owner is not None:
-                    self._took_data(message.data)
+            elif self._credit > 0:
+                self._credit -= 1
+                if self._credit == 0 and self._notify:
+                    self._notify = PASSIVE_PENDING
         super()._deliver(message)
 
     def _take(self) -> Message:

@@ -51,6 +51,11 @@ class _RecordingMailbox(ports.Mailbox):
         self.protected.append(trio.lowlevel.currently_ki_protected())
         super().send_nowait(item)
 
+    def _put_charged(self, entry: Any, charge: int) -> None:
+        # (How a port puts its Data in: charged until received.)
+        self.protected.append(trio.lowlevel.currently_ki_protected())
+        super()._put_charged(entry, charge)
+
 
 @pytest.mark.every_core
 @pytest.mark.parametrize("anyio_backend", ["trio"])
