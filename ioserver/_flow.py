@@ -26,7 +26,12 @@ Each port has a :class:`Window`, the one object both of its halves touch.  The I
 ``RemoteConn``) counts what it delivered (``delivered_bytes``, ``delivered_messages``);
 the loop half (``ports.Port``, the daemon's ``RemotePortState``) counts in the window what
 its owner took (``consumed_bytes``, ``consumed_messages``).  Each side writes only its own
-counters; each counter only grows.  The difference is what is buffered.
+counters; each counter only grows.  The difference is what is buffered.  A message
+handed to an owner :class:`~ports.Mailbox` is not taken yet: it stays charged while it
+waits there, and is taken as it leaves the mailbox (a ``receive``, selective or not, a
+``select``, the mailbox's close).  The port pops its charge from ``sizes`` as it hands
+it over (in delivery order) and the mailbox keeps the charge beside the entry, since a
+selective receive takes entries out of order (``ports._mailbox``).
 
 A message is charged its size in bytes: a ``bytes`` payload its ``len()``; a decoded
 object (a framer with :attr:`~._framing.Framer.decodes_objects`) its share of the wire
@@ -85,7 +90,9 @@ ports it paused resume together at one half.  The reserve is for the ports whose
 **waits** - a task parked in ``receive``/``select`` on the port, having taken everything
 delivered to it (:meth:`ReceiveFlow.owner_waits`; the loop half answers whether a task is
 parked, ``window.task_waits``) - which may read while a whole read fits under ``L``.  Such
-a read is taken at once by the waiting task, so it frees itself; a port is never starved
+a read is taken at once by the waiting task, so it frees itself (unless a selective receive
+on a mailbox leaves it unmatched: it stays charged there, and its port no longer counts as
+waiting until it is taken); a port is never starved
 by the others' input filling the budget, whatever order an actor reads its ports in.  When
 a waiting port finds no room even in the reserve, it is a *reserve waiter* and is let in
 first as soon as a read fits (before the others resume at one half).  An owner that starts
@@ -108,8 +115,37 @@ took - not by the bytes it read, or the next port's read would be admitted again
 already spent.  (A message larger than the reserve cannot be completed by reserve reads
 alone: it waits for the budget to free; one charged more than ``memory_limit`` less a
 read, which no read could ever complete, fails its port with ``EMSGSIZE``:
-``IOThread.message_cap``.) Handlers that read (UDP) ask the same rule
+``IOThread.message_cap``; and unfinished packets that stall the budget fail the port
+holding the most, below, "Progress".) Handlers that read (UDP) ask the same rule
 through :meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
+
+Progress
+--------
+What a framer holds of a packet not yet whole is freed only by the reads that complete it
+(or by the port's close).  Peers that each send most of a large packet (``packet=4`` with
+a large ``packet_size``, a msgpack object: each far under one message's cap) and stop can
+together hold the budget with such bytes; then no port reads again - not theirs, not one
+whose owner waits - and nothing an owner does frees them.  So the I/O half breaks it: the
+budget keeps the ports holding unfinished bytes (:meth:`MemoryBudget.framer_holds`, called
+only when a framer's count changes), and when, at a round's :meth:`MemoryBudget.headroom`,
+
+1. a port whose owner waits cannot read, even into the reserve (a reserve waiter is
+   paused and less than a read of headroom is left), and
+2. the unfinished bytes by themselves leave no room for a read (``L - unfinished <
+   read``: were every other charge freed, still no port could read),
+
+the port holding the most unfinished bytes fails (:meth:`MemoryBudget.stall_victim`; the
+I/O thread's ``_fail_for_progress``): its owner gets ``Error("ENOBUFS")`` and
+``Closed("ENOBUFS")``, its close releases the bytes, and the check repeats until a read
+fits; the reserve waiters then read first.  ``failed_ports`` counts it
+(``statistics().budget_failed_ports``).  Condition 1 costs O(1) a round; the victim,
+O(ports holding unfinished bytes), only at a stall.  Condition 2 keeps slow owners and
+slow peers backpressure: a budget full of delivered input, held packets or queued output
+fails no port.  The trade-off, as Linux's OOM killer picks the largest process: the
+victim can be a legitimate large upload (of two that together need more than the budget,
+one fails and the other completes, where neither ever would have).  The native core's
+``flow.rs`` has the same rule ("Progress: a stall on unfinished packets"); each budget
+applies it to its own ports.
 
 Who writes what
 ---------------
@@ -180,7 +216,8 @@ class Window:
     )
 
     def __init__(self, framer: Framer | None = None, packet_overhead: int = 0) -> None:
-        #: Bytes and messages the owner took (received, handed to a mailbox, dropped).
+        #: Bytes and messages the owner took (received - from the port, or from the
+        #: owner mailbox it was handed to - or dropped).
         self.consumed_bytes = 0
         self.consumed_messages = 0
         #: The last pause generation the loop half asked to end.
@@ -466,9 +503,14 @@ class MemoryBudget(Generic[E]):
         read_size: int,
         packet_overhead: int,
         resume: Callable[[E], None],
+        fail: Callable[[E, int], None] | None = None,
     ) -> None:
         #: ``memory_limit`` in bytes (None: no budget).
         self.limit = limit
+        #: ``fail(entry, size)`` fails a port to end a stall on unfinished packets
+        #: (:meth:`stall_victim`): its owner is told, and it closes (:meth:`forget`,
+        #: with what its framer held).  None: the budget never fails a port.
+        self._fail = fail
         self._charges = charges
         self._read_size = read_size
         self._packet_overhead = packet_overhead
@@ -476,6 +518,12 @@ class MemoryBudget(Generic[E]):
         self.peak = 0  # the highest in_use() seen (measured once a round)
         self.pauses = 0  # reads paused because the budget was used up, ever
         self.reserve_reads = 0  # reads made into the reserve, ever
+        self.failed_ports = 0  # ports failed to end a stall on unfinished packets, ever
+        #: The bytes each framed port's framer holds of a packet not yet whole, for the
+        #: ports holding any (kept by :meth:`framer_holds` only when it changes): where a
+        #: stall's victim is chosen (:meth:`stall_victim`); and their sum.
+        self.unfinished: dict[E, int] = {}
+        self.unfinished_total = 0
         #: Hubs (and the daemon's sessions): they count what ports queued/consumed.
         self.owners: list[BudgetOwner] = []
         #: What another budget of the same server charges, in bytes (the native core's,
@@ -542,13 +590,70 @@ class MemoryBudget(Generic[E]):
                 for entry in paused:
                     self._unpause(entry)
             elif self._reserve_waiters and headroom >= self._read_size:
-                # The reserve has room again: the ports whose owner waits try first.
-                waiters, self._reserve_waiters = self._reserve_waiters, {}
-                for entry in waiters:
-                    if entry in paused:
-                        del paused[entry]
-                        self._unpause(entry)
+                self._release_waiters()
+            elif self._reserve_waiters and self._fail is not None:
+                # A waiting port cannot read, even into the reserve: stalled, if on
+                # unfinished packets fail the port holding the most, until a read fits.
+                fail = self._fail
+                while (victim := self.stall_victim(headroom)) is not None:
+                    entry, size = victim
+                    self.failed_ports += 1
+                    self.unfinished_gone(entry)
+                    fail(entry, size)
+                    used = self.in_use()
+                    headroom = limit - used
+                if used <= limit // 2:
+                    return self.headroom()
+                if self._reserve_waiters and headroom >= self._read_size:
+                    self._release_waiters()
         return headroom
+
+    def _release_waiters(self) -> None:
+        """The reserve has room again: the ports whose owner waits try first."""
+        paused = self.paused
+        waiters, self._reserve_waiters = self._reserve_waiters, {}
+        for entry in waiters:
+            if entry in paused:
+                del paused[entry]
+                self._unpause(entry)
+
+    def framer_holds(self, entry: E, before: int, after: int) -> None:
+        """``entry``'s framer went from holding ``before`` to ``after`` bytes of a packet
+        not yet whole (the I/O thread calls it only when they differ, under a limit)."""
+        self.unfinished_total += after - before
+        if after:
+            self.unfinished[entry] = after
+        else:
+            self.unfinished.pop(entry, None)
+
+    def unfinished_gone(self, entry: E) -> None:
+        """``entry`` no longer holds an unfinished packet (it closed)."""
+        size = self.unfinished.pop(entry, None)
+        if size is not None:
+            self.unfinished_total -= size
+
+    def stall_victim(self, headroom: int) -> tuple[E, int] | None:
+        """The port to fail so that the budget makes progress again, with the unfinished
+        bytes it holds, if the budget is stalled on unfinished packets (the module
+        docstring, "Progress"): a port whose owner waits cannot read, even into the
+        reserve (a reserve waiter is paused and ``headroom`` is less than a read), and the
+        bytes framers hold of packets not yet whole leave no room for a read by
+        themselves - were every other charge freed, no read would fit, so nothing an owner
+        or a peer does can end the stall.  The victim holds the most of them.  Asked only
+        when a reserve waiter finds no room (:meth:`headroom`), and then O(ports holding
+        unfinished bytes)."""
+        limit = self.limit
+        read = self._read_size
+        if (
+            limit is None
+            or not self._reserve_waiters
+            or headroom >= read
+            or limit - self.unfinished_total >= read
+            or not self.unfinished
+        ):
+            return None
+        entry = max(self.unfinished, key=self.unfinished.__getitem__)
+        return entry, self.unfinished[entry]
 
     def _unpause(self, entry: E) -> None:
         entry.global_paused = False
@@ -609,9 +714,13 @@ class MemoryBudget(Generic[E]):
     def want_owner(self, cell: OwnerCell) -> None:
         """``cmd_want_owner``: a task waits on the mailbox whose cell is ``cell``: each of
         its ports the budget paused may try a read into the reserve (:meth:`want`).
-        O(those ports), not O(the ports the mailbox owns)."""
+        O(those ports), not O(the ports the mailbox owns).  Not the reserve waiters: they
+        are let in first as soon as a read fits (each round checks), and letting one try
+        again now would only pause it again, behind the waiters that came after it."""
+        waiters = self._reserve_waiters
         for entry in list(cell.paused):
-            self.want(entry)
+            if entry not in waiters:
+                self.want(entry)
 
     def set_owner(self, entry: E, cell: OwnerCell | None) -> None:
         """``cmd_owner``: ``entry``'s owner is now the mailbox whose cell is ``cell``
@@ -631,7 +740,10 @@ class MemoryBudget(Generic[E]):
                 self.want(entry)
 
     def forget(self, entry: E) -> None:
-        """``entry`` closed: it is no longer paused, nor owned."""
+        """``entry`` closed: it is no longer paused, nor owned, nor holds an unfinished
+        packet."""
+        if self.unfinished:
+            self.unfinished_gone(entry)
         cell = self.owner_cells.pop(entry, None) if self.owner_cells else None
         if entry.global_paused:
             self.paused.pop(entry, None)

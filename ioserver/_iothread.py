@@ -49,7 +49,8 @@ budget.  Their rules, the pause handshake with the port's loop half and the budg
 reserve for waiting owners are written once, in :mod:`~._flow` (its theory of
 operation); this thread applies them: ``_check_msgq``/``_pause_msgq``/``cmd_resume`` for
 the watermarks, its :class:`~._flow.MemoryBudget` and ``cmd_want`` for the budget (and
-``cmd_owner``/``cmd_want_owner`` for ports a mailbox owns: its ``OwnerCell``).  What it
+``cmd_owner``/``cmd_want_owner`` for ports a mailbox owns: its ``OwnerCell``; and
+``_fail_for_progress`` when unfinished packets stall the budget, "Progress").  What it
 may read of a port's loop half - its :class:`~._flow.Window`, nothing else - is the
 contract of :mod:`~._contract`.
 """
@@ -112,6 +113,9 @@ ACCEPT_RETRY = 0.1
 #: connection it adds about 2 us to the round trip's p50 (18 us against 16).  The bound: on
 #: httpd, 10 ms gave 1.24x asyncio streams, 2 ms 1.11x, 50 ms no more than 10 ms (issue 7).
 FLUSH_WAIT = 0.01
+#: Seconds the ending I/O thread keeps trying to publish a loop's last batch (its stop
+#: notice) should publishing fail (a ``MemoryError``): see ``IOThread._publish_last``.
+LAST_PUBLISH_TIMEOUT = 5.0
 _READABLE = READ | ERROR
 _WRITABLE = WRITE | ERROR
 
@@ -216,7 +220,12 @@ class IOThread:
         #: The global memory budget (see "Receive flow control" above); it charges the
         #: counters below, and resumes a port it paused by recomputing its interest.
         self.budget: MemoryBudget[Conn] = MemoryBudget(
-            memory_limit, self, READ_SIZE, PACKET_OVERHEAD, self._stream_interest
+            memory_limit,
+            self,
+            READ_SIZE,
+            PACKET_OVERHEAD,
+            self._stream_interest,
+            self._fail_for_progress,
         )
         self.delivered_total = 0  # bytes of Data payloads handed to the loops, ever
         self.bytes_discarded = 0  # queued output dropped because its port closed
@@ -697,8 +706,9 @@ class IOThread:
     def counters(self) -> dict[str, int]:
         """The counters :meth:`IOServer.statistics` reports (``ports_open``, ``polls``,
         ``events``, ``commands_run``, ``bytes_in``, ``bytes_out``, ``internal_errors``,
-        ``linger_timeouts``, and the wakes towards this thread, ``wakes_sent`` and
-        ``wakes_skipped``): a native core adds its thread's to its hosted half's."""
+        ``linger_timeouts``, ``budget_failed_ports``, and the wakes towards this thread,
+        ``wakes_sent`` and ``wakes_skipped``): a native core adds its thread's to its
+        hosted half's."""
         commands = self.commands
         return {
             "ports_open": self.ports_open,
@@ -709,6 +719,7 @@ class IOThread:
             "bytes_out": self.bytes_out,
             "internal_errors": self.internal_errors,
             "linger_timeouts": self.linger_timeouts,
+            "budget_failed_ports": self.budget.failed_ports,
             "wakes_sent": commands.wakes_sent,
             "wakes_skipped": commands.wakes_skipped,
         }
@@ -873,7 +884,25 @@ class IOThread:
         for hub in self.budget.owners:
             hub._stopped_by_io()
         for inbox in self._inboxes:
-            inbox.notify()
+            self._publish_last(inbox)
+
+    def _publish_last(self, inbox: WakeupQueue[tuple[Any, Any]]) -> None:
+        """Publish ``inbox``'s last batch (its ports' final messages and the stop notice),
+        trying again for up to :data:`LAST_PUBLISH_TIMEOUT` seconds should it fail (a
+        ``MemoryError`` while the deque grows; ``notify`` publishes only what it has not
+        yet, so nothing goes twice).  Without it the loop would never hear that the
+        thread stopped, and closing the server would hang."""
+        deadline = time.monotonic() + LAST_PUBLISH_TIMEOUT
+        while True:
+            try:
+                inbox.notify()
+                return
+            except Exception as exc:
+                self.internal_errors += 1
+                log.error("error while publishing the last batch to a loop", exc_info=exc)
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.01)  # (this thread is ending: let memory free meanwhile)
 
     def _close(self, conn: Conn) -> None:
         """Release the socket and its fd; no message is sent."""
@@ -934,14 +963,17 @@ class IOThread:
         after = framer.buffered
         # Only the bytes of an unfinished packet are charged while it arrives (its items
         # when it is whole): see the native framed_read.
+        cap = self.message_cap
         self.framing_bytes += after - before
+        if after != before and cap is not None:
+            # A packet started, grew or ended: where a stall's victim is chosen.
+            self.budget.framer_holds(conn, before, after)
         if after > conn.peak_buffered:
             conn.peak_buffered = after
         if self.port_buffer_limit is not None and after > self.port_buffer_limit:
             self.delivered_total -= n
             self._buffer_limit_error(conn, after)
             return False
-        cap = self.message_cap
         if cap is not None:
             # One still arriving that can never fit: its bytes and items walked so far.
             pending = after + (framer.pending_charge if conn.packet_overhead else 0)
@@ -1069,6 +1101,22 @@ class IOThread:
         message = f"port_buffer_limit={self.port_buffer_limit} exceeded: {size} bytes buffered"
         conn.deliver((conn.port, Error("ENOBUFS", errno.ENOBUFS, message)))
         conn.deliver((conn.port, Closed("ENOBUFS", "ENOBUFS")))
+        self._close(conn)
+
+    def _fail_for_progress(self, conn: Conn, size: int) -> None:
+        """The budget stalled on unfinished packets and ``conn`` holds the most of them
+        (:meth:`MemoryBudget.stall_victim`): its owner gets ``Error("ENOBUFS")`` and
+        ``Closed("ENOBUFS")``, as for a port over ``port_buffer_limit``, and the port
+        closes, which releases what its framer held."""
+        message = (
+            f"memory_limit={self.memory_limit} spent on unfinished packets: "
+            f"this port held the most, {size} bytes"
+        )
+        if conn.closed:
+            return
+        if conn.port is not None and not conn.close_pending:
+            conn.deliver((conn.port, Error("ENOBUFS", errno.ENOBUFS, message)))
+            conn.deliver((conn.port, Closed("ENOBUFS", "ENOBUFS")))
         self._close(conn)
 
     # -- receive flow control -----------------------------------------------------------

@@ -176,6 +176,7 @@ class Core:
     peak_memory: int
     global_pauses: int
     reserve_reads: int
+    budget_failed_ports: int
     linger_timeouts: int
     listeners_open: int
     unix_listeners_open: int

@@ -549,6 +549,7 @@ class NativeIOThread(IOThread):
             ("bytes_out", core.bytes_out),
             ("internal_errors", core.internal_errors),
             ("linger_timeouts", core.linger_timeouts),
+            ("budget_failed_ports", core.budget_failed_ports),
             ("wakes_sent", core.wakes_sent),
             ("wakes_skipped", core.wakes_skipped),
         ):

@@ -107,6 +107,10 @@ class IOServerStatistics:
     io_backend: str | None = None
     io_uring_enters: int = 0  #: ``io_uring_enter`` calls the native I/O thread made
     io_uring_submissions: int = 0  #: receives and sends submitted through them
+    #: ports failed (``ENOBUFS``) because the memory budget stalled on unfinished packets:
+    #: a waiting port could not read and the packets still arriving left no room for a
+    #: read (:doc:`/howto/memory`)
+    budget_failed_ports: int = 0
 
 
 class IOServer:
@@ -189,6 +193,7 @@ class IOServer:
             io_backend=getattr(io, "io_backend", None),
             io_uring_enters=getattr(io, "io_uring_enters", 0),
             io_uring_submissions=getattr(io, "io_uring_submissions", 0),
+            budget_failed_ports=counters["budget_failed_ports"],
         )
 
     async def aclose(self) -> None:

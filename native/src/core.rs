@@ -524,6 +524,9 @@ pub struct Shared {
     pub global_pauses: AtomicU64,
     /// Reads into the budget's reserve, ever (`Budget::reserve_reads`).
     pub reserve_reads: AtomicU64,
+    /// Ports failed because the budget stalled on unfinished packets, ever
+    /// (`Budget::failed_ports`).  Relaxed: a count read on its own.
+    pub budget_failed_ports: AtomicU64,
     /// Closed streams reset because their output was not written within `linger`.
     pub linger_timeouts: AtomicU64,
     /// Sockets open now.
@@ -588,6 +591,7 @@ impl Shared {
             peak_memory: AtomicU64::new(0),
             global_pauses: AtomicU64::new(0),
             reserve_reads: AtomicU64::new(0),
+            budget_failed_ports: AtomicU64::new(0),
             linger_timeouts: AtomicU64::new(0),
             ports_open: AtomicU64::new(0),
             listeners_open: AtomicU64::new(0),
@@ -981,6 +985,16 @@ impl IoThread {
     fn begin_round(&mut self) {
         if self.budget.limit().is_some() {
             self.budget.begin_round(&mut self.resumed);
+            // Stalled on unfinished packets (checked only when a reserve waiter is paused
+            // and no read fits): fail the port holding the most, until a read fits.
+            while let Some((slot, stalled)) = self.budget.stall_victim() {
+                self.budget.failed_for_progress(slot);
+                self.fail_for_progress(slot, stalled);
+                self.budget.begin_round(&mut self.resumed);
+            }
+            self.shared
+                .budget_failed_ports
+                .store(self.budget.failed_ports, Ordering::Relaxed);
             for slot in std::mem::take(&mut self.resumed) {
                 if let Some(Entry::Stream(mut s)) = self.table.get_mut(slot).and_then(|e| e.take())
                 {
@@ -1005,6 +1019,24 @@ impl IoThread {
         {
             self.retry_listeners();
         }
+    }
+
+    /// The budget stalled on unfinished packets and the stream at `slot` holds the most
+    /// (`Budget::stall_victim`): its owner gets `Error("ENOBUFS", ...)` and
+    /// `Closed("ENOBUFS")`, as for a packet over the budget's cap (`read_framed`), and
+    /// the stream closes, which releases what its framer held.
+    fn fail_for_progress(&mut self, slot: usize, stalled: flow::Stalled) {
+        if !matches!(self.table.get(slot), Some(Some(Entry::Stream(_)))) {
+            return;
+        }
+        let Some(Entry::Stream(mut s)) = self.table[slot].take() else {
+            return;
+        };
+        if let (Some(port), false) = (s.port.clone(), s.close_pending) {
+            let text = stalled.to_string();
+            self.stage(s.conn.inbox(), Event::FrameError(port, libc::ENOBUFS, text));
+        }
+        self.broken(&mut s, libc::ENOBUFS);
     }
 
     /// How long the poll may sleep, at most: `timeout` (None: for ever), no longer than

@@ -41,7 +41,11 @@
 //! that (a msgpack object by kind of item, `framing::msgpack::CHARGE_INT`..., `framing::RESP_ARGUMENT_CHARGE` a
 //! RESP argument; see `framing::Framer::charges`).  **The charge travels
 //! with the message**: the I/O thread computes it and hands it to the loop half with the
-//! message, which passes it back in [`Window::took`] when the owner takes it.  (The Python
+//! message, which passes it back in [`Window::took`] when the owner takes it - for a port
+//! owned by a mailbox, when its entry leaves the mailbox (a receive, selective or not, a
+//! select, the mailbox's close): until then it stays charged, and the mailbox keeps the
+//! charge beside the entry (`ports._mailbox`), as a selective receive takes entries out
+//! of order.  (The Python
 //! core keeps a deque of sizes in the window that both threads touch; with the charge in
 //! the message, nothing but counters is shared.)
 //!
@@ -91,7 +95,9 @@
 //! reserve is for the ports whose owner **waits** - a task parked in `receive`/`select`
 //! on the port, having taken everything delivered to it ([`ReceiveFlow::owner_waits`]) -
 //! which may read while a whole read fits under `L`.  Such a read is taken at once by the
-//! waiting task, so it frees itself; a port is never starved by the others' input filling
+//! waiting task, so it frees itself (unless a selective receive on a mailbox leaves it
+//! unmatched: it stays charged there, and its port no longer counts as waiting until it
+//! is taken); a port is never starved by the others' input filling
 //! the budget, whatever order an actor reads its ports in.  When a waiting port finds no
 //! room even in the reserve, it is a *reserve waiter* and is let in first as soon as a
 //! read fits (before the others resume at one half).  Owners free memory without telling
@@ -132,9 +138,55 @@
 //! held packets took); the Python core takes off a framed read's bytes only (unless the
 //! read was shortened), so two framed ports of one-byte packets read in one round near the
 //! budget could pass it by up to a read's overhead.  (A message larger than the reserve
-//! cannot be completed by reserve reads alone: it waits for the budget to free; one
+//! cannot be completed by reserve reads alone: it waits for the budget to free, or fails
+//! if what is unfinished stalls the budget (below, "Progress"); one
 //! charged more than `memory_limit` less a read, which no read could ever complete, fails
 //! its port with `EMSGSIZE`: [`Budget::message_cap`].)
+//!
+//! ## Progress: a stall on unfinished packets
+//!
+//! What a framer holds of a packet not yet whole is charged as it arrives, and freed only
+//! by the reads that complete the packet (or by the port's close).  Peers that each send
+//! most of a large packet - a `packet=4` one with a large `packet_size`, a msgpack object,
+//! each far under one message's cap - and stop can together hold the budget with such
+//! bytes; then no port reads again: not theirs (their completion needs budget), and not
+//! one whose owner waits (no room even in the reserve), and nothing an owner does frees
+//! them.  So the I/O half breaks the stall itself.  The budget keeps the ports holding
+//! unfinished bytes and how many (`Budget::unfinished`, updated by
+//! [`Budget::framer_holds`] only when a framer's count changes: a hash update per read
+//! that starts, grows or ends a packet, nothing for a read of whole packets).  At each
+//! round ([`Budget::stall_victim`], after [`Budget::begin_round`]), the budget is
+//! **stalled on unfinished packets** when
+//!
+//! 1. a port whose owner waits cannot read, even into the reserve: a reserve waiter is
+//!    paused and less than a read of headroom is left, and
+//! 2. the unfinished bytes by themselves leave no room for a read: `L - unfinished <
+//!    READ_SIZE`.  Were every other charge freed - input delivered and not taken, held
+//!    packets, queued output, what another budget of the server charges - still no port
+//!    could read, so no owner and no peer can end it.
+//!
+//! Then the port holding the **most unfinished bytes** (the lowest token among equals)
+//! fails as a port over the message cap does: its owner gets `Error("ENOBUFS",
+//! "memory_limit=L spent on unfinished packets: ...")` and `Closed("ENOBUFS")`
+//! ([`Stalled`]; the I/O thread's `fail_for_progress`), and its close releases its bytes.
+//! The round runs [`Budget::begin_round`] again and repeats while both still hold; once
+//! a read fits, the reserve waiters read first.  Counted in [`Budget::failed_ports`]
+//! (`statistics().budget_failed_ports`).  Condition 1 costs O(1) a round (the count of
+//! live reserve waiters, the headroom); only when it holds are the unfinished bytes
+//! compared, and only when both hold is the victim chosen: O(ports holding unfinished
+//! bytes), never a scan of every port.
+//!
+//! Condition 2 is what keeps slow owners and slow peers backpressure, not a deadlock: a
+//! budget full of delivered input not yet taken, held packets or queued output, with some
+//! unfinished bytes besides, fails no port - it waits, as before, for owners to take and
+//! peers to read.  Its trade-off, that of Linux's OOM killer picking the largest process:
+//! the victim is the largest *unfinished* packet, which can be a legitimate large upload
+//! (two uploads that interleave and together need more than the budget: one fails, the
+//! other then completes; without the rule neither ever would).  A service expecting large
+//! packets sets `memory_limit` well above what its concurrent uploads hold, or bounds
+//! them with `packet_size`/`port_buffer_limit`.  (Each budget applies the rule to its own
+//! ports: on the native core, unfinished bytes of its hosted Python half's ports and a
+//! waiter of its thread's - or the reverse - are not counted together.)
 //!
 //! Ports paused by the budget are let go in the order they paused (at one half), reserve
 //! waiters in the order they came (first).  The bookkeeping costs O(1) amortised per
@@ -1075,6 +1127,7 @@ impl ReceiveFlow {
         );
         self.held_bytes = 0;
         self.held_count = 0;
+        budget.unfinished_gone(self.token());
         if self.global_paused() {
             budget.forget(self.token());
             self.set_global_paused(false);
@@ -1115,6 +1168,27 @@ impl std::fmt::Display for BufferLimitExceeded {
         write!(
             f,
             "port_buffer_limit={} exceeded: {} bytes buffered",
+            self.limit, self.size
+        )
+    }
+}
+
+/// Why a stall of the budget fails a port ([`Budget::stall_victim`]): the owner's
+/// `Error("ENOBUFS", ...)`, then `Closed("ENOBUFS")`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stalled {
+    /// `memory_limit`, in bytes.
+    pub limit: u64,
+    /// What the port's framer held of a packet not yet whole, in bytes.
+    pub size: u64,
+}
+
+impl std::fmt::Display for Stalled {
+    /// The text of the owner's `Error("ENOBUFS", ...)`, as the Python core writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "memory_limit={} spent on unfinished packets: this port held the most, {} bytes",
             self.limit, self.size
         )
     }
@@ -1207,6 +1281,12 @@ pub struct Budget {
     /// lets try the reserve.  A token is here exactly while its port's `global_paused`
     /// is set and it has an owner; a set is removed when it empties.
     owner_paused: HashMap<usize, HashSet<Token>>,
+    /// The bytes each framed port's framer holds of a packet not yet whole, for the ports
+    /// holding any (kept by [`Budget::framer_holds`] only when it changes, and only under a
+    /// `memory_limit`): where a stall's victim is chosen ([`Budget::stall_victim`]).
+    unfinished: HashMap<Token, u64>,
+    /// Their sum.
+    unfinished_total: u64,
     /// This round's headroom, less what its reads were charged.
     headroom: i64,
     /// What another budget charged ([`Charges::external`]) when the headroom was last
@@ -1216,6 +1296,9 @@ pub struct Budget {
     pub reserve_reads: u64,
     /// Ports paused by the budget, ever.
     pub global_pauses: u64,
+    /// Ports failed because the budget stalled on unfinished packets
+    /// ([`Budget::stall_victim`]), ever.
+    pub failed_ports: u64,
     /// The most bytes in use at the start of a round.
     pub peak_memory: i64,
 }
@@ -1249,10 +1332,13 @@ impl Budget {
             pauses: Pauses::default(),
             owners: HashMap::new(),
             owner_paused: HashMap::new(),
+            unfinished: HashMap::new(),
+            unfinished_total: 0,
             headroom: UNLIMITED,
             external_seen: 0,
             reserve_reads: 0,
             global_pauses: 0,
+            failed_ports: 0,
             peak_memory: 0,
         }
     }
@@ -1583,15 +1669,23 @@ impl Budget {
     }
 
     /// `cmd_want_owner`: a task parked on the mailbox whose cell is `owner` while ports
-    /// of it are paused: their tokens, each to be let try the reserve ([`Budget::want`]).
-    /// O(the owner's paused ports), whatever the number of ports it owns.
+    /// of it are paused: their tokens, each to be let try the reserve ([`Budget::want`]),
+    /// but the reserve waiters'.  O(the owner's paused ports), whatever the number of
+    /// ports it owns.
     pub fn paused_of(&mut self, owner: &Arc<OwnerCell>) -> Vec<Token> {
-        let tokens: Vec<Token> = self
-            .owner_paused
-            .get(&OwnerCell::key(owner))
-            .map_or_else(Vec::new, |tokens| tokens.iter().copied().collect());
+        let Some(tokens) = self.owner_paused.get(&OwnerCell::key(owner)) else {
+            return Vec::new();
+        };
         self.pauses.steps += tokens.len() as u64;
+        // Not the reserve waiters: they are let in first as soon as a read fits (each
+        // round checks), and letting one try again now would only pause it again, behind
+        // the waiters that came after it.
+        let ports = &self.pauses.ports;
         tokens
+            .iter()
+            .copied()
+            .filter(|token| !ports.get(token).is_some_and(|port| port.waiter))
+            .collect()
     }
 
     /// The port `token` closed: it has no owner any more.
@@ -1627,10 +1721,67 @@ impl Budget {
         let charges = &self.charges;
         charges.set_framing((charges.framing() + after).saturating_sub(before));
         self.headroom -= after as i64 - before as i64;
+        if before != after && self.limit.is_some() {
+            // A packet started, grew, or ended: a hash update per such read, none for a
+            // read of whole packets (the common case of small ones).
+            let token = flow.token();
+            self.unfinished_total = (self.unfinished_total + after).saturating_sub(before);
+            if after == 0 {
+                self.unfinished.remove(&token);
+            } else {
+                self.unfinished.insert(token, after);
+            }
+        }
         flow.peak_buffered = flow.peak_buffered.max(after);
         match self.port_buffer_limit {
             Some(limit) if after > limit => Err(BufferLimitExceeded { limit, size: after }),
             _ => Ok(()),
+        }
+    }
+
+    /// After [`Budget::begin_round`]: the port to fail so that the budget makes progress
+    /// again, with the unfinished bytes it holds, if the budget is stalled on unfinished
+    /// packets ("Progress" in the module's docs).  That is: a port whose owner waits
+    /// cannot read, even into the reserve (a reserve waiter is paused, and less than a
+    /// read of headroom is left), and the bytes framers hold of packets not yet whole
+    /// leave no room for a read by themselves - were every other charge freed, no read
+    /// would fit, so nothing an owner or a peer does can end the stall.  The victim is the
+    /// port holding the most of them (the lowest token among equals).  O(1) when there
+    /// is no stall (every round that pauses ports); O(ports holding unfinished bytes) at
+    /// a stall.  The caller fails the port ([`Budget::failed_for_progress`], then its
+    /// close), runs [`Budget::begin_round`] again, and asks again.
+    pub fn stall_victim(&self) -> Option<(Token, Stalled)> {
+        let limit = self.limit?;
+        let read = self.read_size as i64;
+        if self.pauses.live_waiters == 0
+            || self.headroom >= read
+            || limit as i64 - self.unfinished_total as i64 >= read
+        {
+            return None;
+        }
+        let (&token, &size) = self
+            .unfinished
+            .iter()
+            .max_by_key(|&(&token, &size)| (size, std::cmp::Reverse(token)))?;
+        Some((token, Stalled { limit, size }))
+    }
+
+    /// The port `token`, a stall's victim ([`Budget::stall_victim`]), is failed: counted,
+    /// and no longer a candidate (its close releases its bytes).
+    pub fn failed_for_progress(&mut self, token: Token) {
+        self.failed_ports += 1;
+        self.unfinished_gone(token);
+    }
+
+    /// Bytes framers hold of packets not yet whole, now (all ports).
+    pub fn unfinished_bytes(&self) -> u64 {
+        self.unfinished_total
+    }
+
+    /// The port `token` no longer holds an unfinished packet (it closed).
+    fn unfinished_gone(&mut self, token: Token) {
+        if let Some(size) = self.unfinished.remove(&token) {
+            self.unfinished_total = self.unfinished_total.saturating_sub(size);
         }
     }
 

@@ -503,6 +503,113 @@ fn the_port_buffer_limit_and_the_framing_charge() {
     assert_eq!(budget.framing_bytes(), 0);
 }
 
+/// Progress: a port whose owner waits cannot read, even into the reserve, and the
+/// framers' unfinished packets alone leave no room for a read (nothing an owner or a peer
+/// does can free them): the port holding the most is the victim, once it closes the
+/// reserve waiter is let in.  A budget full of delivered input or queued output, or
+/// unfinished bytes that leave room for a read, name no victim.
+#[test]
+fn a_stall_on_unfinished_packets_fails_the_port_holding_the_most() {
+    let counters = Arc::new(LoopCounters::new());
+    let mut budget = Budget::new(Some(4096), None, READ);
+    budget.add_loop(Arc::clone(&counters));
+    let mut resumed = Vec::new();
+    let mut ports: Vec<(Arc<Window>, ReceiveFlow)> = (0..6)
+        .map(|token| {
+            let window = Arc::new(Window::new(Watermarks::NONE, Arc::clone(&counters)));
+            let overhead = PACKET_OVERHEAD as u64;
+            let flow = ReceiveFlow::new(Arc::clone(&window), token, ACTIVE_TRUE, overhead);
+            (window, flow)
+        })
+        .collect();
+    // Ports 0-3 hold 3,920 bytes of packets not yet whole, less than a read (256) from
+    // the limit (a packet completing, port 5's, leaves the count).
+    for (token, held) in [(0, 1040), (1, 1000), (2, 960), (3, 920), (5, 400)] {
+        budget.framer_holds(&mut ports[token].1, 0, held).unwrap();
+    }
+    budget.framer_holds(&mut ports[5].1, 400, 0).unwrap();
+    assert_eq!(budget.unfinished_bytes(), 3920);
+    budget.begin_round(&mut resumed);
+    assert_eq!(budget.headroom(), 176);
+    assert_eq!(budget.stall_victim(), None, "nobody waits: no stall");
+    // Port 4's owner waits: no room even in the reserve, a reserve waiter.
+    assert!(!ports[4].0.set_waiting(true));
+    assert!(budget.admit_read(&mut ports[4].1).is_none());
+    budget.begin_round(&mut resumed);
+    let (victim, stalled) = budget.stall_victim().expect("stalled");
+    let expected = Stalled {
+        limit: 4096,
+        size: 1040,
+    };
+    assert_eq!((victim, stalled), (0, expected));
+    assert_eq!(
+        stalled.to_string(),
+        "memory_limit=4096 spent on unfinished packets: this port held the most, 1040 bytes"
+    );
+    budget.failed_for_progress(victim);
+    ports[0].1.close(&mut budget, 1040);
+    assert_eq!(budget.unfinished_bytes(), 2880);
+    assert_eq!(budget.framing_bytes(), 2880);
+    budget.begin_round(&mut resumed);
+    assert_eq!(resumed, vec![4], "the reserve waiter reads first");
+    assert_eq!((budget.stall_victim(), budget.failed_ports), (None, 1));
+    assert!(budget.admit_read(&mut ports[4].1).is_some());
+    // Unfinished bytes that leave room for a read name no victim, however full the
+    // budget is of the rest (here input delivered to port 4, not taken).
+    budget.framer_holds(&mut ports[2].1, 960, 1000).unwrap();
+    budget.framer_holds(&mut ports[3].1, 920, 1000).unwrap();
+    ports[4].1.deliver(&mut budget, &[900]);
+    ports[5].0.set_waiting(true);
+    assert!(budget.admit_read(&mut ports[5].1).is_none());
+    budget.begin_round(&mut resumed);
+    assert_eq!(budget.stall_victim(), None, "3,000 unfinished leave a read");
+    // Until they do not: the port holding the most; among equals, the lowest token.
+    budget.framer_holds(&mut ports[1].1, 1000, 1900).unwrap();
+    budget.begin_round(&mut resumed);
+    assert_eq!(budget.stall_victim().map(|(token, _)| token), Some(1));
+    ports[1].1.close(&mut budget, 1900);
+    budget.framer_holds(&mut ports[3].1, 1000, 1950).unwrap();
+    budget.framer_holds(&mut ports[2].1, 1000, 1950).unwrap();
+    budget.begin_round(&mut resumed);
+    assert_eq!(budget.stall_victim().map(|(token, _)| token), Some(2));
+}
+
+#[test]
+fn a_budget_full_of_delivered_input_and_output_names_no_victim() {
+    let counters = Arc::new(LoopCounters::new());
+    let mut budget = Budget::new(Some(4096), None, READ);
+    budget.add_loop(Arc::clone(&counters));
+    let mut resumed = Vec::new();
+    let flow = |token| {
+        let window = Arc::new(Window::new(Watermarks::NONE, Arc::clone(&counters)));
+        let flow = ReceiveFlow::new(Arc::clone(&window), token, ACTIVE_TRUE, 0);
+        (window, flow)
+    };
+    let (busy_window, mut busy) = flow(0);
+    let (waiting_window, mut unfinished) = flow(1);
+    let (waiter_window, mut waiter) = flow(2);
+    // Delivered and not taken, queued output, and 3,600 bytes of a packet not yet
+    // whole: a waiting port cannot read, but freeing the others' charges would make room.
+    budget.framer_holds(&mut unfinished, 0, 3600).unwrap();
+    busy.deliver(&mut budget, &[300]);
+    counters.queued(100);
+    waiting_window.set_waiting(true);
+    waiter_window.set_waiting(true);
+    budget.begin_round(&mut resumed);
+    assert!(budget.admit_read(&mut waiter).is_none());
+    for _ in 0..100 {
+        budget.begin_round(&mut resumed);
+        assert_eq!(budget.stall_victim(), None);
+    }
+    assert!(resumed.is_empty());
+    // The owner takes, the output is written: the waiter reads.
+    budget.wrote(100);
+    busy_window.took(300);
+    budget.begin_round(&mut resumed);
+    assert_eq!(resumed, vec![2]);
+    assert_eq!(budget.failed_ports, 0);
+}
+
 #[test]
 fn output_and_loops_count_in_the_budget() {
     let counters = Arc::new(LoopCounters::new());
