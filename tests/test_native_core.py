@@ -830,6 +830,36 @@ async def test_a_connect_or_listen_reply_that_fails_to_build_still_answers_the_o
         await _until_closed(ios)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_connect_or_listen_reply_whose_build_panics_still_answers_the_owner() -> None:
+    """As above, with the panic PyO3 makes where CPython cannot allocate an object (a test
+    hook) instead of a ``MemoryError``: the request is answered with a ``RuntimeError``
+    naming the panic, the port the I/O thread opened is closed, and the fault is counted.
+    Before, a reply whose build panicked was reported and dropped: ``connect_tcp`` and
+    ``listen_tcp`` waited for good, the port left open."""
+    async with ioserver.open(core="native") as ios:
+        inbox = ios._hub.inbox  # type: ignore[attr-defined]
+        errors = ios.statistics().internal_errors
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            inbox._panic_replies_for_test(1)
+            with anyio.fail_after(5), pytest.raises(RuntimeError, match="panic"):
+                await ports.connect_tcp(ios, *server.getsockname())
+            peer, _ = server.accept()
+            with peer:
+                peer.settimeout(5)
+                assert peer.recv(1) == b""  # the connection it opened was closed
+        inbox._panic_replies_for_test(1)
+        with anyio.fail_after(5), pytest.raises(RuntimeError, match="panic"):
+            await ports.listen_tcp(ios, "127.0.0.1", 0)
+        await _until_closed(ios)
+        assert ios.statistics().internal_errors == errors + 2
+        async with await ports.listen_tcp(ios, "127.0.0.1", 0) as listener:
+            port = await ports.connect_tcp(ios, *listener.local_address)
+            async with port, await accept(listener):
+                pass
+        await _until_closed(ios)
+
+
 class _UnprintablePath(str):
     """A Unix socket path (a ``str``) whose ``repr`` raises: a failed connect's error, which
     names the path, cannot be built."""

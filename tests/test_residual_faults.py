@@ -20,6 +20,7 @@ import ioserver
 import ports
 from ioserver import _iothread
 from ioserver._control import io_status
+from ioserver._hub import _STOP
 from ports import Accepted, Closed, Data, Datagram
 
 pytestmark = pytest.mark.anyio
@@ -335,3 +336,37 @@ async def test_a_closed_port_no_longer_reads_as_paused_by_the_budget() -> None:
                     after_close.release()
                 await holding.aclose()
         await _until(lambda: ios.statistics().memory_in_use == 0)
+
+
+# -- the I/O thread's last publication, as it ends ----------------------------------------------
+class _FailingLastDeque(collections.deque):  # type: ignore[type-arg]
+    """An inbox's deque whose first ``extend`` carrying the stop notice fails, having
+    appended nothing (a ``MemoryError`` while the I/O thread publishes its last batch)."""
+
+    armed = True
+
+    def extend(self, items: Any) -> None:
+        items = list(items)
+        if self.armed and any(message is _STOP for _, message in items):
+            self.armed = False
+            raise MemoryError
+        super().extend(items)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_failed_last_publication_still_tells_the_loop_the_thread_stopped() -> None:
+    """The Python I/O thread's last batch - every open port's final ``Closed`` and the
+    hub's stop notice - fails to publish once (a ``MemoryError``).  The thread publishes
+    it again, so the server still closes (the hub hears the stop), and the fault is
+    counted.  Before, that last ``notify`` was
+    outside any ``try``: the exception ended the thread with the batch unpublished and
+    closing the server hung."""
+    with anyio.fail_after(10):
+        async with ioserver.open(core="python") as ios:
+            await ports.listen_tcp(ios, "127.0.0.1", 0)  # (a port open as it stops)
+            inbox = ios._hub.inbox  # type: ignore[attr-defined]
+            failing = _FailingLastDeque(inbox.items)
+            inbox.items = failing
+            io = ios._io  # type: ignore[attr-defined]
+    assert not failing.armed  # (the fault happened)
+    assert io.internal_errors >= 1

@@ -1179,27 +1179,9 @@ impl Inbox {
         self.fail(py, list, port, slot, charge, error)
     }
 
-    /// The test hook's fault (``_fail_packets_for_test``): `MemoryError` while it lasts;
-    /// with [`PANIC_FAULT`] (``_panic_packets_for_test``), the panic PyO3 makes when
-    /// CPython cannot allocate (`panic_after_error`: the error printed, then a panic).
+    /// The test hook's fault (``_fail_packets_for_test``, ``_panic_packets_for_test``).
     fn packet_fault(&self) -> PyResult<()> {
-        let left = self.fail_packets.load(Ordering::Relaxed);
-        if left == 0 {
-            return Ok(());
-        }
-        if left & PANIC_FAULT != 0 {
-            let count = left & !PANIC_FAULT;
-            let next = if count > 1 {
-                PANIC_FAULT | (count - 1)
-            } else {
-                0
-            };
-            self.fail_packets.store(next, Ordering::Relaxed);
-            Python::attach(|py| pyo3::exceptions::PyMemoryError::new_err(()).print(py));
-            panic!("Python API call failed (a test's)");
-        }
-        self.fail_packets.store(left - 1, Ordering::Relaxed);
-        Err(pyo3::exceptions::PyMemoryError::new_err(()))
+        countdown_fault(&self.fail_packets)
     }
 
     /// The test hook's fault (``_fail_hosted_for_test``): `MemoryError` while it lasts.
@@ -1207,7 +1189,7 @@ impl Inbox {
         countdown_fault(&self.fail_hosted)
     }
 
-    /// The test hook's fault (``_fail_replies_for_test``): `MemoryError` while it lasts.
+    /// The test hook's fault (``_fail_replies_for_test``, ``_panic_replies_for_test``).
     fn reply_fault(&self) -> PyResult<()> {
         countdown_fault(&self.fail_replies)
     }
@@ -1269,8 +1251,9 @@ impl Inbox {
     /// counted once.  A port's input (a read, a packet, an object) fails its port as a
     /// `MemoryError` would ([`Inbox::fail`]: its owner told, its charge counted taken, the
     /// port closed), so that its stream has no silent gap; should that panic too, the port
-    /// is failed without a last message.  A new connection is closed (nobody owns it);
-    /// another event (a notice, a reply) is reported and dropped.
+    /// is failed without a last message.  A new connection is closed (nobody owns it); a
+    /// connect's or a listen's reply answers its request with the error (the port opened
+    /// for it closed); another event (a notice) is reported and dropped.
     fn panicked(
         &self,
         py: Python<'_>,
@@ -1291,6 +1274,26 @@ impl Inbox {
             _ => None,
         };
         let error = || PyRuntimeError::new_err(format!("a panic in the drain: {text}"));
+        // A reply is answered with the error (its owner's `connect_tcp`/`listen_tcp`
+        // raises it) and the port the thread opened for it is closed, as for a
+        // `MemoryError` ([`Inbox::answer`]): dropped, its owner would wait for good.
+        let reply = match event {
+            Event::Connected { request, conn, .. } | Event::Listening(request, conn, _) => {
+                Some((request, Some(conn)))
+            }
+            Event::ConnectFailed(request, ..) => Some((request, None)),
+            _ => None,
+        };
+        if let Some((request, conn)) = reply {
+            let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.answer(py, list, request, Err(error()), conn)
+            }));
+            if !matches!(answered, Ok(Ok(()))) {
+                if let Some(conn) = conn {
+                    self.shared.commands.put(Command::Close(Arc::clone(conn)));
+                }
+            }
+        }
         if let Some((port, charge, slot)) = failed {
             // (`fail` counts and reports it.)
             let failing = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -1647,6 +1650,16 @@ impl Inbox {
     #[pyo3(name = "_fail_replies_for_test")]
     fn fail_replies_for_test(&self, count: u32) {
         self.fail_replies.store(count, Ordering::Relaxed)
+    }
+
+    /// A test hook, private (``_panic_replies_for_test``, used only by the tests): the next
+    /// ``count`` connect or listen replies (as ``_fail_replies_for_test``) panic while
+    /// this inbox builds them, as PyO3 does where CPython cannot allocate an object.
+    #[pyo3(name = "_panic_replies_for_test")]
+    fn panic_replies_for_test(&self, count: u32) {
+        let count = count.min(!PANIC_FAULT);
+        let value = if count == 0 { 0 } else { PANIC_FAULT | count };
+        self.fail_replies.store(value, Ordering::Relaxed)
     }
 
     /// A test hook, private (``_fail_packets_for_test``, used only by the tests): the next
@@ -2554,6 +2567,11 @@ impl Core {
     fn reserve_reads(&self) -> u64 {
         self.shared.reserve_reads.load(Ordering::Relaxed)
     }
+    /// Ports failed because the budget stalled on unfinished packets, ever.
+    #[getter]
+    fn budget_failed_ports(&self) -> u64 {
+        self.shared.budget_failed_ports.load(Ordering::Relaxed)
+    }
     /// Closed stream ports reset because their output was not written within ``linger``.
     #[getter]
     fn linger_timeouts(&self) -> u64 {
@@ -2712,12 +2730,25 @@ mod size_tests {
 }
 
 /// A test hook's countdown (``_fail_..._for_test``): `MemoryError` while `counter` is
-/// above 0, one less each time.  Relaxed: the hooks are set and read on the loop's thread
-/// (the test's), no other memory is published through them.
+/// above 0, one less each time; with [`PANIC_FAULT`] (``_panic_..._for_test``) the panic
+/// PyO3 makes when CPython cannot allocate (`panic_after_error`: the error printed, then
+/// a panic).  Relaxed: the hooks are set and read on the loop's thread (the test's), no
+/// other memory is published through them.
 fn countdown_fault(counter: &std::sync::atomic::AtomicU32) -> PyResult<()> {
     let left = counter.load(Ordering::Relaxed);
     if left == 0 {
         return Ok(());
+    }
+    if left & PANIC_FAULT != 0 {
+        let count = left & !PANIC_FAULT;
+        let next = if count > 1 {
+            PANIC_FAULT | (count - 1)
+        } else {
+            0
+        };
+        counter.store(next, Ordering::Relaxed);
+        Python::attach(|py| pyo3::exceptions::PyMemoryError::new_err(()).print(py));
+        panic!("Python API call failed (a test's)");
     }
     counter.store(left - 1, Ordering::Relaxed);
     Err(pyo3::exceptions::PyMemoryError::new_err(()))
