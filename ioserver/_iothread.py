@@ -536,6 +536,11 @@ class IOThread:
             if pending:
                 # Options set before data arrived apply to that data.
                 run_commands()
+            if budget.limit is not None:
+                # The poll may have slept while owners queued output (and took input):
+                # this round's reads are admitted against what is in use now, not the
+                # figure from before the sleep (the pauses and releases stay the top's).
+                headroom = budget.limit - budget.in_use()
             received = 0
             for fd, mask in events:
                 conn = table[fd]

@@ -172,7 +172,15 @@ class DatagramHandler(ReceivingHandler):
                 continue
             received += n
             self.datagrams_in += 1
-            deliver((port, message(bytes(self.view[:n]), address)))
+            # Charged as it is delivered, not after the loop: should a later datagram's
+            # delivery raise (a MemoryError), those already delivered stay charged, or
+            # the budget would count them taken without ever counting them in.
+            io.delivered_total += n
+            try:
+                deliver((port, message(bytes(self.view[:n]), address)))
+            except Exception:
+                io.delivered_total -= n  # not delivered: not charged either
+                raise
             self.delivered_messages += 1
             self.delivered_bytes += n
             credit = self.credit
@@ -187,7 +195,6 @@ class DatagramHandler(ReceivingHandler):
                 break
         self.bytes_in += received
         io.bytes_in += received
-        io.delivered_total += received
         self._update_interest()
 
     def _read_error_detail(self) -> str:

@@ -928,6 +928,9 @@ impl IoThread {
             }
             self.shared.commands.woke();
             self.shared.polls.fetch_add(1, Ordering::Relaxed);
+            // The poll may have slept while owners queued output: this round's reads
+            // are admitted against what is in use now.
+            self.budget.after_poll();
             // The idle sleep ran out (or another timer ended it) with nothing to do.
             idle_release &= events.is_empty() && self.shared.commands.is_empty();
             self.run_commands();

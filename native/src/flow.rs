@@ -1463,6 +1463,21 @@ impl Budget {
         headroom
     }
 
+    /// After the round's poll, before its reads: take the headroom again from what is in
+    /// use now.  [`Budget::begin_round`] measured it before the poll, which can sleep; in
+    /// the meantime owners may have queued output (and taken input), and a read admitted
+    /// against the older figure could pass the budget or skip a pause the budget owes.
+    /// Releases and pauses stay [`Budget::begin_round`]'s, once a round.
+    pub fn after_poll(&mut self) {
+        let Some(limit) = self.limit else {
+            return;
+        };
+        let used = self.in_use();
+        self.peak_memory = self.peak_memory.max(used);
+        self.headroom = limit as i64 - used;
+        self.external_seen = self.charges.external();
+    }
+
     /// Another budget of the server (the hosted half's) ran within this round and charges
     /// what [`Charges::external`] says now: take its growth off this round's headroom (or
     /// give back what it freed), so that the reads this round still admits see it.
