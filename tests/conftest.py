@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 import pytest
 
 import ioserver
@@ -126,6 +127,25 @@ def io_backend() -> str | None:
     io_uring where the kernel allows it) unless the test is marked ``every_core`` (then
     ``"epoll"`` and ``"io_uring"`` on the native core)."""
     return None
+
+
+#: Seconds between two looks at the I/O thread's state in :func:`until`.
+UNTIL_INTERVAL = 0.001
+
+
+async def until(condition: Callable[[], object], seconds: float = 10) -> None:
+    """Wait until ``condition()`` is true - the I/O thread's state (a counter of
+    ``statistics()``, a port's), seen from the loop - or fail with ``TimeoutError``
+    after ``seconds``.
+
+    It looks again every :data:`UNTIL_INTERVAL` seconds, sleeping in between, not at
+    every checkpoint: a loop that only checkpoints never sleeps, so it keeps the GIL
+    but for the interpreter's switch interval (5 ms) and the Python core's I/O thread,
+    which needs it after each system call, falls behind by that much per call (a step
+    of 600 reads took 10 s on trio instead of 0.3 s)."""
+    with anyio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110 (the I/O thread sets no Event)
+            await anyio.sleep(UNTIL_INTERVAL)
 
 
 _io_uring_refusal: list[str | None] = []

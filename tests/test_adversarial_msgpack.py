@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 import msgpack
 import pytest
+from conftest import until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -297,9 +298,7 @@ async def _bystander_echoes(
 async def _until_released(ios: ioserver.IOServer) -> None:
     """Wait (checkpointing) until the I/O thread has closed the ports and released every
     byte they were charged."""
-    with anyio.fail_after(10):
-        while ios.statistics().memory_in_use:
-            await anyio.lowlevel.checkpoint()
+    await until(lambda: not ios.statistics().memory_in_use, 10)
 
 
 @pytest.mark.every_core

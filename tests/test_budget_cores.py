@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -55,14 +56,6 @@ async def _send_and_end(number: int, payload: bytes) -> None:
             await stream.receive()
 
 
-async def _until(condition: Any, seconds: float = 10) -> None:
-    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
-    loop."""
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
-
-
 async def test_a_flood_of_many_ports_stays_within_the_budget(no_leaks: None, core: str) -> None:
     """32 peers send 6 MiB together through a 1 MiB budget while no owner reads: raw ports
     and ports of 32-byte lines (each charged its bytes and ``PACKET_OVERHEAD``: a read of
@@ -84,7 +77,7 @@ async def test_a_flood_of_many_ports_stays_within_the_budget(no_leaks: None, cor
                 )
                 owners.append((await _accept(framed), line_each))
             # Nobody reads: the budget fills, and pauses the reads.
-            await _until(lambda: ios.statistics().global_pauses >= 1)
+            await until(lambda: ios.statistics().global_pauses >= 1)
             assert ios.statistics().memory_in_use <= LIMIT
 
             async def drain(port: ports.Port, expected: int) -> None:
@@ -169,11 +162,11 @@ async def test_a_waiting_owner_reads_through_the_reserve_while_hogs_fill_the_bud
             for index in range(8):
                 peers.start_soon(_send_and_end, number, bytes([65 + index]) * each)
                 hogs.append(await _accept(listener))
-            await _until(lambda: ios.statistics().global_pauses >= 1)
+            await until(lambda: ios.statistics().global_pauses >= 1)
             peers.start_soon(_send_and_end, number, b"w" * each)
             waiter = await _accept(listener)
             # Its first read finds the budget short and its owner not waiting: paused.
-            await _until(lambda: waiter.statistics().pauses >= 1)
+            await until(lambda: waiter.statistics().pauses >= 1)
             assert waiter.statistics().bytes_received == 0
             reserve_before = _reserve_reads(ios)
             received = 0
@@ -217,7 +210,7 @@ async def test_port_buffer_limit_closes_only_the_port_that_passes_it(
                     assert await bad.receive() == Closed("ENOBUFS", "ENOBUFS")
                     await good_peer.send(b"still here\n")
                     assert await good.receive() == Data(b"still here\n")
-                await _until(lambda: ios.statistics().memory_in_use == 0)
+                await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 def _reset_seen(peer: socket.socket, timeout: float) -> bool:
@@ -250,7 +243,7 @@ async def test_many_closed_ports_whose_peers_never_read_are_reset_after_linger(
                 for peer in peers:
                     assert await anyio.to_thread.run_sync(_reset_seen, peer, 10.0)
                     assert peer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
-                await _until(lambda: ios.statistics().ports_open == 1)  # the listener
+                await until(lambda: ios.statistics().ports_open == 1)  # the listener
                 # One more command's answer: the native thread hands the dropped buffers
                 # back to the loop with its next event (until then they are in use).
                 async with await ports.listen_tcp(ios, "127.0.0.1", 0):
@@ -277,18 +270,18 @@ async def test_memory_in_use_counts_a_partial_packet_held_packets_and_queued_out
             port = await _accept(listener)
             async with port:
                 await peer.send(b"p" * 10000)  # no newline yet: the framer holds it
-                await _until(lambda: ios.statistics().memory_in_use >= 10000)
+                await until(lambda: ios.statistics().memory_in_use >= 10000)
                 assert ios.statistics().memory_in_use == 10000
                 # The line ends, and two more come: one delivered (the credit), two held.
                 await peer.send(b"\nab\ncd\n")
                 assert await port.receive() == Data(b"p" * 10000 + b"\n")
                 charge = PACKET_OVERHEAD + 3  # a held line of two bytes and its newline
-                await _until(lambda: port.statistics().bytes_buffered_in == 2 * charge)
+                await until(lambda: port.statistics().bytes_buffered_in == 2 * charge)
                 assert ios.statistics().memory_in_use == 2 * charge
                 port.setopts(active=True)
                 assert await port.receive() == Data(b"ab\n")
                 assert await port.receive() == Data(b"cd\n")
-                await _until(lambda: ios.statistics().memory_in_use == 0)
+                await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 async def _send_unix_and_end(path: str, payload: bytes) -> None:
@@ -320,7 +313,7 @@ async def test_the_native_cores_two_halves_share_one_memory_limit(
                 owners.append(await _accept(tcp))
                 peers.start_soon(_send_unix_and_end, path, bytes([97 + index]) * each)
                 owners.append(await _accept(unix))
-            await _until(lambda: ios.statistics().global_pauses >= 2)
+            await until(lambda: ios.statistics().global_pauses >= 2)
             assert ios.statistics().memory_in_use <= LIMIT
 
             async def drain(port: ports.Port) -> None:
@@ -394,7 +387,7 @@ async def test_a_park_on_a_mailbox_visits_none_of_the_ports_it_owns(
 
             async def sender() -> None:
                 for index in range(parks):
-                    await _until(lambda: bool(mailbox._waiters))  # the receiver parked
+                    await until(lambda: bool(mailbox._waiters))  # the receiver parked
                     if how == "match":
                         mailbox.send_nowait(("not this one", index))  # it parks again
                         await anyio.lowlevel.checkpoint()
@@ -415,7 +408,7 @@ async def test_a_park_on_a_mailbox_visits_none_of_the_ports_it_owns(
             ((_, cell),) = mailbox._cells.values()
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(_mailbox_wait, how, mailbox, target)
-                await _until(lambda: bool(mailbox._waiters))
+                await until(lambda: bool(mailbox._waiters))
                 assert getattr(cell, "waiting", True)
                 tasks.cancel_scope.cancel()
             assert not mailbox._waiters and not getattr(cell, "waiting", False)
@@ -450,12 +443,12 @@ async def test_a_task_waiting_on_the_mailbox_reads_its_port_through_the_reserve(
                 for index in range(8):
                     peers.start_soon(_send_and_end, number, bytes([65 + index]) * each)
                     hogs.append(await _accept(listener))
-                await _until(lambda: ios.statistics().global_pauses >= 1)
+                await until(lambda: ios.statistics().global_pauses >= 1)
                 peers.start_soon(_send_and_end, number, b"w" * each)
                 waiter = await _accept(listener)
                 waiter.set_owner(other if how == "given" else mailbox)
                 # Its first read finds the budget short and its owner not waiting: paused.
-                await _until(lambda: waiter.statistics().pauses >= 1)
+                await until(lambda: waiter.statistics().pauses >= 1)
                 assert waiter.statistics().bytes_received == 0
                 reserve_before = _reserve_reads(ios)
                 if how == "match":
@@ -466,7 +459,7 @@ async def test_a_task_waiting_on_the_mailbox_reads_its_port_through_the_reserve(
                         if how == "given":
 
                             async def give() -> None:
-                                await _until(lambda: bool(mailbox._waiters))
+                                await until(lambda: bool(mailbox._waiters))
                                 waiter.set_owner(mailbox)
 
                             handover.start_soon(give)

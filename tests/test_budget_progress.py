@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 import msgpack
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -58,14 +59,6 @@ async def _accept(listener: ports.Listener) -> ports.Port:
     accepted = await listener.receive()
     assert isinstance(accepted, Accepted)
     return accepted.port
-
-
-async def _until(condition: Any, seconds: float = 10) -> None:
-    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
-    loop."""
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
 
 
 def _head(mode: str, size: int) -> bytes:
@@ -148,7 +141,7 @@ async def test_unfinished_packets_cannot_stop_a_waiting_port(
                     owners.start_soon(_serve, port, seen[index])
                     await attacker.send(_head(mode, ANNOUNCED) + b"a" * size)
                     if index < len(SENT) - 1:
-                        await _until(
+                        await until(
                             lambda port=port, size=size: port.statistics().bytes_received >= size
                         )
                 legit = await anyio.connect_tcp("127.0.0.1", number)
@@ -167,7 +160,7 @@ async def test_unfinished_packets_cannot_stop_a_waiting_port(
                 assert statistics.budget_failed_ports == 1, statistics
                 assert statistics.peak_memory <= LIMIT, statistics
                 # The peer that held the most: told why, then closed.
-                await _until(lambda: len(seen[0]) == 2)
+                await until(lambda: len(seen[0]) == 2)
                 error, closed = seen[0]
                 assert isinstance(error, Error) and error.errno_name == "ENOBUFS", error
                 assert "memory_limit" in error.message, error
@@ -220,7 +213,7 @@ async def test_two_large_uploads_that_stall_each_other_let_one_finish(
                         # (The rest in tasks: one of them is never read, and waits.)
                         senders.start_soon(_send_quietly, peer, wires[index][half:])
                     with anyio.fail_after(10):
-                        await _until(lambda: sum(len(s) for s in seen) == 3)
+                        await until(lambda: sum(len(s) for s in seen) == 3)
                     senders.cancel_scope.cancel()
                 failed = [s for s in seen if len(s) == 2]
                 whole = [s for s in seen if len(s) == 1]
@@ -271,7 +264,7 @@ async def test_a_budget_full_of_delivered_input_and_output_fails_no_port(
                 tasks.start_soon(_serve, partial_port, partial)
                 body = b"p" * (100 << 10)
                 await partial_peer.send(_head("4", len(body)) + body[:50_000])
-                await _until(lambda: partial_port.statistics().bytes_received >= 50_000)
+                await until(lambda: partial_port.statistics().bytes_received >= 50_000)
                 # Hogs: whole packets their owners do not take, until the budget pauses them.
                 hogs = []
                 for index in range(4):
@@ -280,7 +273,7 @@ async def test_a_budget_full_of_delivered_input_and_output_fails_no_port(
                     hogs.append(await _accept(listener))
                     wire = _frame("4", bytes([65 + index]) * (chunk - 4)) * (each // chunk)
                     tasks.start_soon(peer.send, wire)
-                await _until(lambda: ios.statistics().global_pauses >= 1)
+                await until(lambda: ios.statistics().global_pauses >= 1)
                 # Output queued to a peer that does not read.
                 sink = socket.socket()
                 sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -294,11 +287,11 @@ async def test_a_budget_full_of_delivered_input_and_output_fails_no_port(
                 legit_port = await _accept(listener)
                 tasks.start_soon(_serve, legit_port, legit)
                 await legit_peer.send(_frame("4", b"small"))
-                await _until(lambda: legit_port.statistics().pauses >= 1)
+                await until(lambda: legit_port.statistics().pauses >= 1)
                 assert legit == []
                 # Many budget rechecks later (rounds counted, not slept), nobody failed.
                 polls = ios.statistics().polls
-                await _until(lambda: ios.statistics().polls >= polls + 40)
+                await until(lambda: ios.statistics().polls >= polls + 40)
                 statistics = ios.statistics()
                 assert statistics.budget_failed_ports == 0, statistics
                 assert legit == [] and partial == []
@@ -319,10 +312,10 @@ async def test_a_budget_full_of_delivered_input_and_output_fails_no_port(
                         for _ in range(each // chunk):
                             message = await hog.receive()
                             assert message == Data(bytes([65 + index]) * (chunk - 4))
-                    await _until(lambda: legit == [Data(b"small")])
+                    await until(lambda: legit == [Data(b"small")])
                     await partial_peer.send(body[50_000:])
-                    await _until(lambda: partial == [Data(body)])
-                    await _until(lambda: received == (600 << 10) + 4)
+                    await until(lambda: partial == [Data(body)])
+                    await until(lambda: received == (600 << 10) + 4)
                 assert ios.statistics().budget_failed_ports == 0
             finally:
                 for peer in peers:
@@ -364,18 +357,18 @@ async def test_a_mailbox_parking_again_leaves_its_reserve_waiter_in_place(
                                 await ports.select(mailbox, receive)
 
                             tasks.start_soon(park)
-                            await _until(lambda: bool(mailbox._waiters))
+                            await until(lambda: bool(mailbox._waiters))
                             peer.sendall(b"x")
-                            await _until(lambda: port.statistics().pauses >= 1)
+                            await until(lambda: port.statistics().pauses >= 1)
                             await send.send(None)  # (ends the park)
                             pauses = port.statistics().pauses
                             for _ in range(20):
-                                await _until(lambda: not mailbox._waiters)
+                                await until(lambda: not mailbox._waiters)
                                 tasks.start_soon(park)
-                                await _until(lambda: bool(mailbox._waiters))
+                                await until(lambda: bool(mailbox._waiters))
                                 # The park's cmd_want_owner, and a round after it, have run.
                                 polls = ios.statistics().polls
-                                await _until(lambda p=polls: ios.statistics().polls >= p + 3)
+                                await until(lambda p=polls: ios.statistics().polls >= p + 3)
                                 await send.send(None)
                             assert port.statistics().pauses == pauses
                             # The peer reads: the waiter's read fits, and it comes.

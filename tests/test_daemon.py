@@ -26,6 +26,7 @@ import pytest
 import zmq
 import zmq.auth
 from anyio.streams.buffered import BufferedByteReceiveStream
+from conftest import until
 
 import client
 import ioserver
@@ -234,8 +235,9 @@ async def test_a_declined_resume_through_a_daemon_pauses_again(
             port.setopts(active="once")
             with anyio.fail_after(10):
                 # PAUSED came, and line 0 is in the port (not still on its way to it).
-                while port.statistics().pauses == 0 or port.statistics().messages_buffered == 0:
-                    await anyio.lowlevel.checkpoint()
+                await until(
+                    lambda: port.statistics().pauses > 0 and port.statistics().messages_buffered > 0
+                )
             io = ios._local._io  # type: ignore[attr-defined]  # the client's I/O thread
             # It counts the pause before it takes the generation: let it finish PAUSED.
             handled = threading.Event()

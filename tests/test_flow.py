@@ -18,6 +18,7 @@ import anyio
 import anyio.abc
 import msgpack
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -275,9 +276,7 @@ async def test_the_global_budget_pauses_reads_until_memory_is_released(
             for peer in peers:
                 task_group.start_soon(peer.send, payload)
             # Nobody receives yet: the budget fills and reads pause everywhere.
-            with anyio.fail_after(10):
-                while ios.statistics().global_pauses == 0:  # the I/O thread's state
-                    await anyio.lowlevel.checkpoint()
+            await until(lambda: ios.statistics().global_pauses > 0, 10)  # the I/O thread's state
             statistics = ios.statistics()
             assert statistics.memory_in_use <= limit
             # The owners, each an actor of its own, take their bytes: memory is released
@@ -342,9 +341,7 @@ async def test_the_budget_never_starves_the_port_an_actor_waits_on(
                 assert isinstance(accepted, Accepted)
                 owners.append(accepted.port)
             # Nobody reads yet: the budget fills and pauses the reads.
-            with anyio.fail_after(10):
-                while ios.statistics().global_pauses == 0:
-                    await anyio.lowlevel.checkpoint()
+            await until(lambda: ios.statistics().global_pauses > 0, 10)
             if order == "last_to_first":
                 owners.reverse()
             highest = 0
@@ -529,9 +526,7 @@ async def test_decoded_msgpack_objects_are_charged_their_wire_size(
         task_group.start_soon(flood)
         first = await port.receive()  # the owner takes one, then stops taking
         assert first == Data(text)
-        with anyio.fail_after(10):
-            while port.statistics().pauses == 0:  # the I/O thread's state
-                await anyio.lowlevel.checkpoint()
+        await until(lambda: port.statistics().pauses > 0, 10)  # the I/O thread's state
         assert port.statistics().bytes_buffered_in <= 64 * 1024 + 65536 + 16 * 1024
         for _ in range(63):
             assert await port.receive() == Data(text)
@@ -580,9 +575,7 @@ async def test_small_packets_are_charged_what_they_hold(
                     assert isinstance(accepted, Accepted)
                     held.append(accepted.port)
                 # The budget fills and pauses the reads; nobody takes anything.
-                with anyio.fail_after(10):
-                    while ios.statistics().global_pauses == 0:
-                        await anyio.lowlevel.checkpoint()
+                await until(lambda: ios.statistics().global_pauses > 0, 10)
                 traced, _ = tracemalloc.get_traced_memory()
                 statistics = ios.statistics()
                 assert statistics.peak_memory <= limit, statistics
@@ -785,9 +778,7 @@ async def test_a_declined_resume_pauses_again_so_the_owner_asks_again(
         # One read decodes all ten: line 0 is delivered, the other nine are held, and
         # the delivered packet passes the high watermark: reading pauses.
         port.setopts(active="once")
-        with anyio.fail_after(10):
-            while port.statistics().pauses == 0:  # the I/O thread's state
-                await anyio.lowlevel.checkpoint()
+        await until(lambda: port.statistics().pauses > 0, 10)  # the I/O thread's state
         gate = threading.Event()
         _on_io_thread(ios, lambda: gate.wait(10))
         try:

@@ -24,6 +24,7 @@ import anyio
 import pytest
 import trio
 import trustme
+from conftest import until
 
 import ioserver
 import ports
@@ -260,9 +261,7 @@ async def test_status_answers_while_a_tls_port_is_open(ios: ioserver.IOServer) -
                     found.append(exc)
 
             ios._io.submit(status, None, None)  # type: ignore[attr-defined]
-            with anyio.fail_after(5):
-                while not found:
-                    await anyio.lowlevel.checkpoint()
+            await until(lambda: bool(found), 5)
     assert isinstance(found[0], dict), found[0]
 
 

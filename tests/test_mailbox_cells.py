@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -44,12 +45,6 @@ async def _send_and_end(number: int, payload: bytes) -> None:
             await stream.receive()
 
 
-async def _until(condition: Any, seconds: float = 10) -> None:
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
-
-
 async def _fill(ios: ioserver.IOServer, listener: ports.Listener, peers: Any) -> list[ports.Port]:
     """Eight peers whose owners never read fill the budget until it pauses a read."""
     number = listener.local_address[1]
@@ -57,7 +52,7 @@ async def _fill(ios: ioserver.IOServer, listener: ports.Listener, peers: Any) ->
     for index in range(8):
         peers.start_soon(_send_and_end, number, bytes([65 + index]) * (512 << 10))
         hogs.append(await _accept(listener))
-    await _until(lambda: ios.statistics().global_pauses >= 1)
+    await until(lambda: ios.statistics().global_pauses >= 1)
     return hogs
 
 
@@ -91,11 +86,11 @@ async def test_a_port_given_to_a_mailbox_whose_task_parked_before_it_had_a_cell(
 
                 async with anyio.create_task_group() as work:
                     work.start_soon(worker)
-                    await _until(lambda: bool(mailbox._waiters))  # parked, no cell
+                    await until(lambda: bool(mailbox._waiters))  # parked, no cell
                     if paused_first:
                         peers.start_soon(_send_and_end, number, b"w" * each)
                         port = await _accept(listener)
-                        await _until(lambda: port.statistics().pauses >= 1)
+                        await until(lambda: port.statistics().pauses >= 1)
                         port.set_owner(mailbox)
                     else:
                         # Owned at once, before its peer sends: paused at its first read.
@@ -108,8 +103,7 @@ async def test_a_port_given_to_a_mailbox_whose_task_parked_before_it_had_a_cell(
                         peer_sock.shutdown(socket.SHUT_WR)
                     try:
                         with anyio.move_on_after(5):
-                            while received != each:
-                                await anyio.lowlevel.checkpoint()
+                            await until(lambda: received == each)
                     finally:
                         state = (
                             received,
@@ -162,14 +156,13 @@ async def test_a_port_of_a_second_server_given_to_a_mailbox_a_task_waits_on(
 
                 async with anyio.create_task_group() as work:
                     work.start_soon(worker)
-                    await _until(lambda: bool(mailbox._waiters))
+                    await until(lambda: bool(mailbox._waiters))
                     peers.start_soon(_send_and_end, number, b"w" * each)
                     port = await _accept(listener)
-                    await _until(lambda: port.statistics().pauses >= 1)
+                    await until(lambda: port.statistics().pauses >= 1)
                     port.set_owner(mailbox)
                     with anyio.move_on_after(5):
-                        while received != each:
-                            await anyio.lowlevel.checkpoint()
+                        await until(lambda: received == each)
                     work.cancel_scope.cancel()
                     assert received == each, (received, port.statistics().pauses)
                 await port.aclose()
@@ -205,7 +198,7 @@ async def test_the_mark_is_cleared_whenever_the_last_waiter_leaves(
             elif how == "select_other":
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(ports.select, mailbox, other)
-                    await _until(lambda: bool(mailbox._waiters))
+                    await until(lambda: bool(mailbox._waiters))
                     assert all(cell.waiting for cell in cells)
                     other.send_nowait("x")
             elif how == "close":
@@ -216,15 +209,15 @@ async def test_the_mark_is_cleared_whenever_the_last_waiter_leaves(
 
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(receiver)
-                    await _until(lambda: bool(mailbox._waiters))
+                    await until(lambda: bool(mailbox._waiters))
                     mailbox.close()
             else:
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(mailbox.receive)
                     tasks.start_soon(mailbox.receive, lambda m: m == "b")
-                    await _until(lambda: len(mailbox._waiters) == 2)
+                    await until(lambda: len(mailbox._waiters) == 2)
                     mailbox.send_nowait("a")  # one takes it, the other parks again
-                    await _until(lambda: len(mailbox._waiters) == 1)
+                    await until(lambda: len(mailbox._waiters) == 1)
                     assert all(cell.waiting for cell in cells)
                     mailbox.send_nowait("b")
             assert not mailbox._waiters

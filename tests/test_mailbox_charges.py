@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 import sniffio
+from conftest import until
 
 import ioserver
 import ports
@@ -39,12 +40,6 @@ def _pattern(size: int, seed: int = 0) -> bytes:
     """``size`` bytes in which every 4-byte word differs: a lost, doubled or reordered
     chunk shows."""
     return b"".join(((seed << 24) + i).to_bytes(4, "big") for i in range(size // 4))
-
-
-async def _until(condition: Any, seconds: float = 15) -> None:
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
 
 
 async def _accept(listener: ports.Listener) -> ports.Port:
@@ -142,9 +137,7 @@ async def test_an_owned_port_whose_messages_never_match_stops_at_its_watermark(
                 peer.start()
                 # Past its watermark in the mailbox: the I/O thread paused it as it
                 # delivered the message that crossed it (or it never pauses: old code).
-                await _until(
-                    lambda: _mailbox_bytes(mailbox, port) >= HIGH or peer.finished.is_set()
-                )
+                await until(lambda: _mailbox_bytes(mailbox, port) >= HIGH or peer.finished.is_set())
                 assert not peer.finished.is_set(), (
                     f"the port read the whole {len(payload)} bytes into a mailbox whose "
                     f"owner took none: {_mailbox_bytes(mailbox)} bytes queued there"
@@ -201,7 +194,7 @@ async def test_a_selective_receive_gets_its_port_while_another_port_is_paused_un
             async with anyio.create_task_group() as tasks:
                 await tasks.start(wait_for_b)
                 flood.start()
-                await _until(
+                await until(
                     lambda: _mailbox_bytes(mailbox, port_a) >= HIGH or flood.finished.is_set()
                 )
                 assert not flood.finished.is_set(), "port A read everything: no backpressure"
@@ -211,7 +204,7 @@ async def test_a_selective_receive_gets_its_port_while_another_port_is_paused_un
                 assert _mailbox_bytes(mailbox, port_a) <= HIGH + READ
                 assert not got
                 b_peer.sendall(b"for B")
-                await _until(lambda: bool(got))
+                await until(lambda: bool(got))
             assert got == [(port_b, Data(b"for B"))]
             assert not flood.finished.is_set()  # A stayed paused meanwhile
             with anyio.fail_after(30):
@@ -261,7 +254,7 @@ async def test_mailboxes_that_never_take_cannot_pass_the_memory_budget(
                         await tasks.start(_never_matching, mailbox)
                     for peer in peers:
                         peer.start()
-                    await _until(
+                    await until(
                         lambda: (
                             (
                                 ios.statistics().global_pauses >= 1
@@ -281,7 +274,7 @@ async def test_mailboxes_that_never_take_cannot_pass_the_memory_budget(
                     late.append(await _accept(listener))
                     late[0].set_owner(mailboxes[0])
                     late_peer.sendall(b"awaited")
-                    await _until(lambda: bool(got))
+                    await until(lambda: bool(got))
                     assert got == [(late[0], Data(b"awaited"))]
                     assert ios.statistics().peak_memory <= LIMIT
                     tasks.cancel_scope.cancel()
@@ -316,7 +309,7 @@ async def test_a_cancelled_mailbox_receive_takes_nothing(
                 port = await _accept(listener)
             port.set_owner(mailbox)
             peer.sendall(b"one\ntwo\n")
-            await _until(lambda: len(mailbox) == 2)
+            await until(lambda: len(mailbox) == 2)
             charged = port.statistics().bytes_buffered_in
             assert charged > 0
             with anyio.CancelScope() as scope:
@@ -338,9 +331,9 @@ async def test_a_cancelled_mailbox_receive_takes_nothing(
 
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(waiter)
-                await _until(lambda: bool(mailbox._waiters))
+                await until(lambda: bool(mailbox._waiters))
                 peer.sendall(b"three\n")
-                await _until(lambda: len(mailbox) == 3)
+                await until(lambda: len(mailbox) == 3)
                 tasks.cancel_scope.cancel()
             assert len(mailbox) == 3
             assert port.statistics().bytes_buffered_in > charged
@@ -373,7 +366,7 @@ async def test_a_closed_mailbox_and_a_given_port_keep_the_counts_exact(
                         port = await _accept(listener)
                     actor.own(port)
                     peer.sendall(b"".join(len(w).to_bytes(2, "big") + w for w in (b"a", b"bb")))
-                    await _until(lambda: len(actor.mailbox) == 2)
+                    await until(lambda: len(actor.mailbox) == 2)
                     assert port.statistics().bytes_buffered_in > 0
                     actor.give(port, second_actor)
                     assert len(actor.mailbox) == 0
@@ -388,7 +381,7 @@ async def test_a_closed_mailbox_and_a_given_port_keep_the_counts_exact(
                 port = received[0][0]
                 assert port.statistics().bytes_buffered_in == 0
                 peer.sendall(b"\x00\x03ccc")
-                await _until(lambda: len(actor.mailbox) == 1)
+                await until(lambda: len(actor.mailbox) == 1)
                 assert port.statistics().bytes_buffered_in > 0
                 assert ios.statistics().memory_in_use > 0
                 actor.mailbox.close()  # drops the entry: counted taken
@@ -401,7 +394,7 @@ async def test_a_closed_mailbox_and_a_given_port_keep_the_counts_exact(
             assert first_actor.reason is ports.ExitReason.NORMAL, first_actor.reason
             assert second_actor.reason is ports.ExitReason.NORMAL, second_actor.reason
             assert [message for _port, message in received] == [Data(b"a"), Data(b"bb")]
-            await _until(lambda: ios.statistics().memory_in_use == 0)
+            await until(lambda: ios.statistics().memory_in_use == 0)
         finally:
             peer.close()
 
@@ -421,7 +414,7 @@ async def test_an_owned_udp_port_stops_at_its_message_watermark(
             server.set_owner(mailbox)
             for index in range(count):
                 client.sendto(b"%04d" % index, server.local_address)
-            await _until(lambda: len(mailbox) >= 8)
+            await until(lambda: len(mailbox) >= 8)
             await _io_round_trip(ios)
             await _io_round_trip(ios)
             # (It pauses above the watermark: at 9.)
@@ -454,13 +447,13 @@ async def test_a_closed_port_s_messages_stay_charged_in_the_mailbox_until_taken(
                 port = await _accept(listener)
             port.set_owner(mailbox)
             peer.sendall(b"x" * 1000 + b"\n" + b"y" * 2000 + b"\n")
-            await _until(lambda: len(mailbox) == 2)
+            await until(lambda: len(mailbox) == 2)
             await port.aclose()
             await _io_round_trip(ios)
             assert ios.statistics().memory_in_use >= 3002
             assert mailbox.receive_nowait(lambda m: m[1].data[:1] == b"y")[1].data[:1] == b"y"
             assert mailbox.receive_nowait()[1].data[:1] == b"x"
-            await _until(lambda: ios.statistics().memory_in_use == 0)
+            await until(lambda: ios.statistics().memory_in_use == 0)
             await _io_round_trip(ios)
             assert ios.statistics().memory_in_use == 0
         finally:
@@ -489,7 +482,7 @@ async def test_a_selective_receive_takes_back_each_message_s_own_charge(
             lines[port_b] = [b"b" * n + b"\n" for n in (2000, 1, 40)]
             for peer, port in zip(peers, (port_a, port_b), strict=True):
                 peer.sendall(b"".join(lines[port]))
-            await _until(lambda: len(mailbox) == 7)
+            await until(lambda: len(mailbox) == 7)
 
             def charged(port: ports.Port) -> int:
                 return port.statistics().bytes_buffered_in
@@ -535,7 +528,7 @@ async def test_an_owned_zeromq_port_stops_at_its_message_watermark(
                 pull.set_owner(mailbox)
                 for index in range(count):
                     await push.send(b"%04d" % index)
-                await _until(lambda: len(mailbox) >= 8)
+                await until(lambda: len(mailbox) >= 8)
                 await _io_round_trip(ios)
                 await _io_round_trip(ios)
                 assert len(mailbox) <= 9 + 1, f"{len(mailbox)} messages in the mailbox"

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -797,9 +798,7 @@ async def test_an_idle_server_holds_no_written_buffer(ios: ioserver.IOServer) ->
 
 async def _until_closed(ios: ioserver.IOServer) -> None:
     """Wait (checkpointing) until the I/O thread has no port open."""
-    with anyio.fail_after(5):
-        while ios.statistics().ports_open:
-            await anyio.lowlevel.checkpoint()
+    await until(lambda: not ios.statistics().ports_open, 5)
 
 
 async def test_a_connect_or_listen_reply_that_fails_to_build_still_answers_the_owner() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import msgpack
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -47,14 +48,6 @@ async def _accept(listener: ports.Listener) -> ports.Port:
     accepted = await listener.receive()
     assert isinstance(accepted, Accepted), accepted
     return accepted.port
-
-
-async def _until(condition: Any, seconds: float = 10) -> None:
-    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
-    loop."""
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
 
 
 def _peer_ended(peer: socket.socket) -> bool:
@@ -214,7 +207,7 @@ async def test_a_msgpack_object_the_decoder_refuses_closes_the_port_with_eproto(
                     assert await port.receive() == Data({"next": [1, 2]})
                     assert await port.receive() == Data(big)
                     assert await port.receive() == Data("one")
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 COMMAND = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n"
@@ -234,7 +227,7 @@ async def test_a_resp_command_split_at_every_byte_boundary(ios: ioserver.IOServe
                 for cut in range(1, len(COMMAND)):
                     peer.sendall(COMMAND[:cut])
                     # The first part was read and is held (nothing else is in use).
-                    await _until(lambda cut=cut: ios.statistics().memory_in_use == cut)
+                    await until(lambda cut=cut: ios.statistics().memory_in_use == cut)
                     peer.sendall(COMMAND[cut:])
                     with anyio.fail_after(5):
                         assert await port.receive() == Data([b"SET", b"key", b"value"])
@@ -245,7 +238,7 @@ async def test_a_resp_command_split_at_every_byte_boundary(ios: ioserver.IOServe
                     assert await port.receive() == Data([b"SET", b"key", b"value"])
                     assert await port.receive() == Data([b"PING"])
                     assert await port.receive() == Data([b"QUIT"])
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.every_core
@@ -284,7 +277,7 @@ async def test_a_malformed_resp_after_good_commands_comes_after_them(
                 assert _peer_ended(peer)
         # Nothing of the input is charged any more (the native core may hold the written
         # reply until its loop's next batch: cores.rst).
-        await _until(lambda: ios.statistics().memory_in_use <= len(reply))
+        await until(lambda: ios.statistics().memory_in_use <= len(reply))
 
 
 @pytest.mark.every_core
@@ -304,7 +297,7 @@ async def test_a_resp_command_larger_than_packet_size_is_the_last_message(
                     message = await port.receive()
                 assert isinstance(message, Data) and type(message.data) is PacketTooLarge
                 assert (message.data.limit, message.data.size) == (1024, 1000000026)
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.every_core
@@ -338,7 +331,7 @@ async def test_a_flood_of_objects_stays_within_the_memory_limit(
             for _ in range(8):
                 peers.start_soon(flood)
                 owners.append(await _accept(listener))
-            await _until(lambda: ios.statistics().global_pauses >= 1)
+            await until(lambda: ios.statistics().global_pauses >= 1)
             assert ios.statistics().memory_in_use <= LIMIT
 
             async def drain(port: ports.Port) -> None:
@@ -400,7 +393,7 @@ async def test_a_dense_object_that_could_never_fit_fails_while_it_arrives(
                         assert isinstance(await port.receive(), Closed)
                     assert port.statistics().bytes_received < len(wire)
                     assert ios.statistics().peak_memory <= LIMIT
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.every_core
@@ -418,14 +411,14 @@ async def test_a_partial_object_s_bytes_leave_with_a_framing_error(
                 async with port:
                     partial = b"\xdd" + (2000).to_bytes(4, "big") + b"\x90" * 1000
                     peer.sendall(partial)
-                    await _until(lambda: port.statistics().bytes_received == len(partial))
+                    await until(lambda: port.statistics().bytes_received == len(partial))
                     assert ios.statistics().memory_in_use >= len(partial)
                     peer.sendall(b"\xc1")
                     with anyio.fail_after(5):
                         error = await port.receive()
                         assert isinstance(error, Error) and error.errno_name == "EPROTO", error
                         assert isinstance(await port.receive(), Closed)
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 #: A map of 15 entries, each an int key and an empty map: 31 wire bytes, charged 2,984.
@@ -457,7 +450,7 @@ async def test_unfinished_dense_objects_do_not_stop_other_ports(
                     sent = [head + _DENSE_ITEM * 320, head + _DENSE_ITEM * 40]
                     for peer, port, wire in zip((first, second), ports_, sent, strict=False):
                         peer.sendall(wire)
-                        await _until(
+                        await until(
                             lambda port=port, wire=wire: (
                                 port.statistics().bytes_received == len(wire)
                             )
@@ -470,7 +463,7 @@ async def test_unfinished_dense_objects_do_not_stop_other_ports(
                 finally:
                     for port in ports_:
                         await port.aclose()
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.every_core
@@ -497,7 +490,7 @@ async def test_two_dense_objects_that_fit_one_at_a_time_both_arrive(
                 try:
                     for peer, port in zip((first, second), pair, strict=False):
                         peer.sendall(one[:cut])
-                        await _until(lambda port=port: port.statistics().bytes_received == cut)
+                        await until(lambda port=port: port.statistics().bytes_received == cut)
                     for peer in (first, second):
                         peer.sendall(one[cut:])
                     with anyio.fail_after(5):
@@ -507,7 +500,7 @@ async def test_two_dense_objects_that_fit_one_at_a_time_both_arrive(
                 finally:
                     for port in pair:
                         await port.aclose()
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.every_core
@@ -545,7 +538,7 @@ async def test_objects_of_tiny_items_are_charged_what_they_decode_to(
                 senders.start_soon(flood)
                 owners.append(await _accept(listener))
             # The budget stops the reads, or (before) every object was let in.
-            await _until(lambda: ios.statistics().global_pauses >= 1 or held() >= count * peers)
+            await until(lambda: ios.statistics().global_pauses >= 1 or held() >= count * peers)
             assert held() * decoded <= LIMIT, (held(), decoded)
             assert ios.statistics().memory_in_use <= LIMIT
 
@@ -749,7 +742,7 @@ async def test_a_decode_error_whose_report_fails_still_closes_the_port_for_its_o
                     with anyio.fail_after(5):
                         assert await port.receive() == Data([1])
                         assert await port.receive() == Closed("internal error", "EIO")
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 class _OneByteMore(msgpack.Unpacker):  # type: ignore[misc]
@@ -787,7 +780,7 @@ async def test_a_decoder_that_disagrees_with_the_framer_fails_the_port_and_carri
                     with anyio.fail_after(5):
                         assert await port.receive() == Closed("EPROTO", "EPROTO")
                     assert _peer_ended(peer)
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 async def test_a_keyboard_interrupt_in_a_decode_propagates_and_loses_nothing(
@@ -836,7 +829,7 @@ async def test_a_keyboard_interrupt_in_a_decode_propagates_and_loses_nothing(
                         target._deliver(message)
                     for message in ours:
                         assert await port.receive() == message
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.every_core
@@ -923,7 +916,7 @@ async def test_a_packet_whose_message_fails_to_build_keeps_the_budget_exact(
                         "internal error: MemoryError()",
                         "EIO",
                     )
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 async def test_a_refused_object_closes_its_own_port_even_once_its_slot_is_reused() -> None:
@@ -940,7 +933,7 @@ async def test_a_refused_object_closes_its_own_port_even_once_its_slot_is_reused
             first = socket.create_connection(listener.local_address)
             port = await _accept(listener)
 
-            def until(condition: Any) -> None:  # (no checkpoint: the hub must not drain)
+            def until_now(condition: Any) -> None:  # (no checkpoint: the hub must not drain)
                 deadline = time.monotonic() + 5
                 while not condition():
                     assert time.monotonic() < deadline
@@ -949,9 +942,9 @@ async def test_a_refused_object_closes_its_own_port_even_once_its_slot_is_reused
             first.sendall(b"\xa1\xff")  # a str that is not UTF-8: only the decoder refuses it
             first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             first.close()  # a reset
-            until(lambda: core.ports_open == 1)  # A's port closed, its slot free
+            until_now(lambda: core.ports_open == 1)  # A's port closed, its slot free
             second = socket.create_connection(listener.local_address)
-            until(lambda: core.ports_open == 2)  # B's accepted
+            until_now(lambda: core.ports_open == 2)  # B's accepted
             with second:
                 with anyio.fail_after(5):
                     other = await _accept(listener)
@@ -966,7 +959,7 @@ async def test_a_refused_object_closes_its_own_port_even_once_its_slot_is_reused
                     await other.send("and answering")
                     second.settimeout(5)
                     assert second.recv(64) == msgpack.packb("and answering")
-        await _until(lambda: ios.statistics().ports_open == 0)
+        await until(lambda: ios.statistics().ports_open == 0)
 
 
 @pytest.mark.python_core
@@ -1009,7 +1002,7 @@ async def test_on_the_python_core_a_packet_whose_message_fails_keeps_the_budget_
                         while not isinstance(message := await port.receive(), Closed):
                             pass
                     assert message.reason == "internal error: MemoryError()", message
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 async def test_a_keyboard_interrupt_failing_a_port_loses_nothing(
@@ -1061,4 +1054,4 @@ async def test_a_keyboard_interrupt_failing_a_port_loses_nothing(
                     for message in ours:
                         assert await port.receive() == message
                     assert _peer_ended(peer)
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)

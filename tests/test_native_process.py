@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 from test_subprocess import no_zombies
 
 import ioserver
@@ -130,9 +131,7 @@ async def test_a_program_flooding_stdout_stays_within_memory_limit(
             await ports.open_process(ios, [PYTHON, "-c", flood], **unbound)  # type: ignore[arg-type]
             for _ in range(4)
         ]
-        with anyio.fail_after(10):
-            while ios.statistics().global_pauses == 0:
-                await anyio.lowlevel.checkpoint()
+        await until(lambda: ios.statistics().global_pauses > 0, 10)
         assert ios.statistics().memory_in_use <= limit
 
         async def drain(port: ports.Port) -> None:

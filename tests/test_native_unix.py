@@ -14,10 +14,10 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -47,14 +47,6 @@ async def receive_exactly(port: ports.Port, size: int) -> bytes:
             chunks.append(message.data)
             got += len(message.data)
     return b"".join(chunks)
-
-
-async def until(condition: Any, seconds: float = 10) -> None:
-    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
-    loop."""
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
 
 
 async def test_unix_ports_are_carried_by_the_native_thread(no_leaks: None, tmp_path: Path) -> None:
@@ -134,9 +126,7 @@ async def test_a_unix_peer_that_resets_mid_packet_closes_only_its_port(
             fine.connect(path)
             other = await accept(listener)
             await victim.send(b"unread")  # queued in the peer's socket, never read
-            with anyio.fail_after(5):
-                while victim.statistics().bytes_sent < 4 + 6:
-                    await anyio.lowlevel.checkpoint()
+            await until(lambda: victim.statistics().bytes_sent >= 4 + 6, 5)
             rude.sendall((1000).to_bytes(4, "big") + b"only part")
             rude.close()
             with anyio.fail_after(5):

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -20,14 +21,6 @@ from ioserver._native_core import POSTPONED_RETRY
 from ports import Accepted, Closed, Data, Datagram
 
 pytestmark = pytest.mark.anyio
-
-
-async def _until(condition: Any, seconds: float = 10) -> None:
-    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
-    loop."""
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
 
 
 async def _accept(listener: ports.Listener) -> ports.Port:
@@ -53,7 +46,7 @@ def _queued(inbox: Any) -> int:
     return int(inbox.wakes_sent + inbox.wakes_skipped)
 
 
-def _spin_until(condition: Any, seconds: float = 5) -> None:
+def _spinuntil(condition: Any, seconds: float = 5) -> None:
     """Wait without a checkpoint (the hub cannot drain meanwhile) until ``condition()``:
     the I/O thread's progress, seen from the loop's thread."""
     deadline = time.monotonic() + seconds
@@ -96,7 +89,7 @@ async def test_a_panic_while_a_read_is_built_fails_its_port_and_loses_no_other_e
                     other_peer.sendall(b"still")
                     with anyio.fail_after(5):
                         assert await other.receive() == Data(b"still")
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -121,7 +114,7 @@ async def test_an_allocation_that_fails_anywhere_in_a_take_loses_nothing() -> No
                         payload = b"%02d" % nth * 10
                         queued = _queued(inbox)
                         peer.sendall(payload)
-                        _spin_until(lambda: _queued(inbox) > queued)  # noqa: B023
+                        _spinuntil(lambda: _queued(inbox) > queued)  # noqa: B023
                         taken: list[Any] = []
                         testcapi.set_nomemory(nth, nth + 1)
                         try:
@@ -143,7 +136,7 @@ async def test_an_allocation_that_fails_anywhere_in_a_take_loses_nothing() -> No
                             "internal error"
                         )
                         assert first == Data(payload) or internal, (nth, first)
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -205,7 +198,7 @@ async def test_a_take_that_postpones_hosted_pairs_returns_what_it_built_once() -
                     sender.sendto(b"udp", address)
                     # Both read and handed over (in whichever order), then the I/O thread
                     # held: one take finds both, the read and the hosted half's pairs.
-                    _spin_until(
+                    _spinuntil(
                         lambda: (
                             port.statistics().bytes_received == 3
                             and server.statistics().bytes_received == 3
@@ -252,7 +245,7 @@ async def test_a_persistent_memory_error_on_hosted_pairs_backs_off_and_counts_on
         errors = ios.statistics().internal_errors
         inbox._fail_hosted_for_test(1 << 30)
         await client.send_to(b"one", server.local_address)
-        await _until(lambda: inbox.postponed)
+        await until(lambda: inbox.postponed)
         spurious = inbox.spurious_wakes
         drains = hub.drains
         began = time.monotonic()
@@ -297,9 +290,9 @@ async def test_a_port_failure_whose_closed_cannot_be_appended_counts_once() -> N
                     inbox._fail_packets_for_test(1)
                     inbox._fail_closes_for_test(1)
                     peer.sendall(b"lost")
-                    await _until(lambda: ios.statistics().internal_errors > errors)
+                    await until(lambda: ios.statistics().internal_errors > errors)
                     assert _peer_ended(peer)
-                    await _until(lambda: ios.statistics().memory_in_use == 0)
+                    await until(lambda: ios.statistics().memory_in_use == 0)
                     assert ios.statistics().internal_errors == errors + 1
 
 
@@ -332,10 +325,10 @@ async def test_a_zmq_message_that_fails_to_build_leaves_no_charge_shifted(
         await push.send(b"one")
         await push.send(b"lost")
         # Both in the PULL socket's pipe (inproc: sent is there), then read in one go.
-        await _until(lambda: push.statistics().bytes_sent == 7)
+        await until(lambda: push.statistics().bytes_sent == 7)
         pull.setopts(active=True)
         with anyio.fail_after(5):
             assert await pull.receive() == Data([b"one"])
             closed = await pull.receive()
         assert closed == Closed("internal error: MemoryError()", "EIO"), closed
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)

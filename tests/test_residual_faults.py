@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import msgpack
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -30,14 +31,6 @@ async def _accept(listener: ports.Listener) -> ports.Port:
     accepted = await listener.receive()
     assert isinstance(accepted, Accepted), accepted
     return accepted.port
-
-
-async def _until(condition: Any, seconds: float = 10) -> None:
-    """Wait (checkpointing) until ``condition()``: the I/O thread's state, seen from the
-    loop."""
-    with anyio.fail_after(seconds):
-        while not condition():
-            await anyio.lowlevel.checkpoint()
 
 
 def _peer_ended(peer: socket.socket) -> bool:
@@ -84,7 +77,7 @@ async def test_a_raw_read_whose_message_fails_to_build_fails_its_port_and_is_cou
                     assert closed == Closed("internal error: MemoryError()", "EIO"), closed
                     assert _peer_ended(peer)
                     assert ios.statistics().internal_errors == errors + 1
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 @pytest.mark.python_core
@@ -117,7 +110,7 @@ async def test_on_the_python_core_a_raw_read_whose_message_fails_is_not_left_cha
                     with anyio.fail_after(5):
                         closed = await port.receive()
                     assert closed == Closed("internal error: MemoryError()", "EIO"), closed
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 # -- internal errors of the native drain are counted -------------------------------------------
@@ -270,7 +263,7 @@ async def test_a_take_interrupted_after_its_lock_was_poisoned_loses_nothing(
                         target._deliver(message)
                     for message in ours:
                         assert await port.receive() == message
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 # -- the status figures ---------------------------------------------------------------------------
@@ -335,7 +328,7 @@ async def test_a_closed_port_no_longer_reads_as_paused_by_the_budget() -> None:
                 finally:
                     after_close.release()
                 await holding.aclose()
-        await _until(lambda: ios.statistics().memory_in_use == 0)
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 # -- the I/O thread's last publication, as it ends ----------------------------------------------

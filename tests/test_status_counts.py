@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -32,9 +33,7 @@ async def _status(ios: ioserver.IOServer) -> dict[str, Any]:
         found.append(io_status(ios._io, time.monotonic(), {}))  # type: ignore[arg-type]
 
     ios._io.submit(status, None, None)  # type: ignore[attr-defined]
-    with anyio.fail_after(5):
-        while not found:
-            await anyio.lowlevel.checkpoint()
+    await until(lambda: bool(found), 5)
     return found[0]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -74,8 +75,8 @@ async def wait_reaped(pidfd: int, pid: int) -> None:
     """Wait until ``pid`` has exited (its pidfd is readable) and the I/O thread reaped it."""
     with anyio.fail_after(10):
         await anyio.wait_readable(pidfd)
-        while os.path.exists(f"/proc/{pid}"):  # a zombie until the I/O thread reaps it
-            await anyio.lowlevel.checkpoint()
+        # a zombie until the I/O thread reaps it
+        await until(lambda: not os.path.exists(f"/proc/{pid}"))
     os.close(pidfd)
 
 
@@ -157,9 +158,7 @@ async def test_a_program_flooding_stdout_is_paused_and_memory_stays_bounded(
     )
     first = await port.receive()  # the owner takes one message, then stops taking
     assert isinstance(first, Data)
-    with anyio.fail_after(10):
-        while port.statistics().pauses == 0:  # the I/O thread's state
-            await anyio.lowlevel.checkpoint()
+    await until(lambda: port.statistics().pauses > 0, 10)  # the I/O thread's state
     statistics = port.statistics()
     assert statistics.bytes_buffered_in <= 128 * 1024 + 65536
     assert pios.statistics().memory_in_use <= 128 * 1024 + 65536

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -82,9 +83,7 @@ async def test_a_raw_read_whose_bytes_cannot_be_allocated_fails_its_port(
                         "NoneType",
                         [Closed("internal error: MemoryError()", "EIO")],
                     ), (raised, got, memory)
-        with anyio.fail_after(5):
-            while ios.statistics().memory_in_use:
-                await anyio.lowlevel.checkpoint()
+        await until(lambda: not ios.statistics().memory_in_use, 5)
 
 
 async def _one_fault(start: int, hooked: bool) -> tuple[str, list[Any], int]:
@@ -134,8 +133,7 @@ async def _one_fault(start: int, hooked: bool) -> tuple[str, list[Any], int]:
                         ):
                             got.append(await port.receive())
         with anyio.move_on_after(2):
-            while ios.statistics().memory_in_use:
-                await anyio.lowlevel.checkpoint()
+            await until(lambda: not ios.statistics().memory_in_use)
         return raised, got, ios.statistics().memory_in_use
 
 

@@ -22,6 +22,7 @@ import anyio.streams.tls
 import pytest
 import trustme
 from anyio.streams.tls import TLSAttribute
+from conftest import until
 from test_daemon import HEARTBEAT, Daemon
 
 import client
@@ -159,9 +160,7 @@ def silent_server() -> Iterator[tuple[int, Callable[[], None]]]:
 
 
 async def wait_ports_open(ios: ioserver.IOServer, count: int) -> None:
-    with anyio.fail_after(5):
-        while ios.statistics().ports_open != count:  # the I/O thread's state
-            await anyio.lowlevel.checkpoint()
+    await until(lambda: ios.statistics().ports_open == count, 5)  # the I/O thread's state
 
 
 # -- a handshake that fails: our port as the client ---------------------------------------
@@ -524,9 +523,7 @@ async def test_a_tls_flood_to_passive_owners_stays_under_the_memory_bound(
         async with listener, anyio.create_task_group() as group:
             for client in clients:
                 group.start_soon(client.send, payload)
-            with anyio.fail_after(10):
-                while ios.statistics().global_pauses == 0:  # the I/O thread's state
-                    await anyio.lowlevel.checkpoint()
+            await until(lambda: ios.statistics().global_pauses > 0, 10)  # the I/O thread's state
             assert ios.statistics().memory_in_use <= limit
 
             async def drain(owner: ports.Port) -> None:
@@ -578,11 +575,11 @@ async def test_a_mailbox_owning_tls_and_plain_ports_reads_its_tls_port_through_t
                 for peer in hog_peers:
                     group.start_soon(anyio.to_thread.run_sync, flood, peer)
                 with anyio.fail_after(10):
-                    while ios.statistics().global_pauses == 0:  # the I/O thread's state
-                        await anyio.lowlevel.checkpoint()
+                    # the I/O thread's state
+                    await until(lambda: ios.statistics().global_pauses > 0)
                     group.start_soon(tls_peer.send, b"t" * each)
-                    while tls_port.statistics().pauses == 0:  # paused, nobody waiting
-                        await anyio.lowlevel.checkpoint()
+                    # paused, nobody waiting
+                    await until(lambda: tls_port.statistics().pauses > 0)
                 before = reserve_reads()
                 received = 0
                 with anyio.fail_after(10):

@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -159,9 +160,7 @@ async def test_an_owner_that_does_not_read_pauses_the_port_and_resumes_when_drai
             await client.send(b"%02d" % index)
         # Wait until the I/O thread has paused: it delivers at most the watermark plus
         # one batch, and the rest waits in the kernel's buffer.
-        with anyio.fail_after(5):
-            while server.statistics().pauses == 0:  # the I/O thread's state
-                await anyio.lowlevel.checkpoint()
+        await until(lambda: server.statistics().pauses > 0, 5)  # the I/O thread's state
         assert server.statistics().messages_buffered <= 8 + 4
         received = [(await receive_datagram(server)).data for _ in range(40)]
         assert received == [b"%02d" % index for index in range(40)]

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
+from conftest import until
 
 import ioserver
 import ports
@@ -45,11 +46,10 @@ async def wait_released(listener: ports.Listener) -> None:
         if sock is None:
             # The native core: its thread marks the listener closed once the socket is
             # closed and its file dealt with.
-            while not conn.closed:
-                await anyio.lowlevel.checkpoint()
+            await until(lambda: bool(conn.closed))
             return
-        while sock.fileno() != -1 or getattr(sock, "path", None) is not None:  # I/O thread's
-            await anyio.lowlevel.checkpoint()
+        # the I/O thread's
+        await until(lambda: sock.fileno() == -1 and getattr(sock, "path", None) is None)
 
 
 def leave_a_stale_socket_file(path: Path) -> None:
@@ -206,9 +206,7 @@ async def test_a_unix_peer_that_floods_is_paused_until_the_owner_drains(
                 await client.send(chunk)
 
         task_group.start_soon(flood)
-        with anyio.fail_after(10):
-            while server.statistics().pauses == 0:  # the I/O thread's state
-                await anyio.lowlevel.checkpoint()
+        await until(lambda: server.statistics().pauses > 0, 10)  # the I/O thread's state
         assert server.statistics().bytes_buffered_in <= 64 * 1024 + 65536
         assert len(await receive_exactly(server, total)) == total
         await server.aclose()
