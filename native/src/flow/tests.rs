@@ -220,6 +220,25 @@ fn ordinary_reads_stop_at_three_quarters_and_resume_at_one_half() {
 }
 
 #[test]
+fn output_queued_while_the_poll_slept_counts_against_the_round_s_reads() {
+    // The round's headroom is taken at its top, before a poll that may sleep; an owner
+    // queues output meanwhile.  After the poll the reads are admitted against that too.
+    let (window, counters) = window(Watermarks::NONE);
+    let mut budget = Budget::new(Some(1024), None, READ);
+    budget.add_loop(Arc::clone(&counters));
+    let mut flow = ReceiveFlow::new(Arc::clone(&window), 7, ACTIVE_TRUE, 0);
+    let mut resumed = Vec::new();
+    budget.begin_round(&mut resumed);
+    assert_eq!(budget.headroom(), 1024); // a whole read and the reserve fit
+    counters.queued(600); // (the poll sleeps; the loop queues output)
+    budget.after_poll();
+    assert_eq!(budget.headroom(), 424);
+    assert_eq!(budget.admit_read(&mut flow), None); // paused: 424 < 256 + 256
+    assert_eq!((budget.global_pauses, flow.pauses), (1, 1));
+    assert_eq!(budget.peak_memory, 600);
+}
+
+#[test]
 fn a_waiting_owner_reads_into_the_reserve_and_is_let_in_first() {
     let (busy_window, counters) = window(Watermarks::NONE);
     let waiting_window = Arc::new(Window::new(Watermarks::NONE, Arc::clone(&counters)));
