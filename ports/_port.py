@@ -251,24 +251,10 @@ class _PortBase(Source):
         return self._receiving() or bool(self._select_waiters)
 
     def _took_data(self, data: Sized) -> None:
-        """Count a Data message as taken (received, handed to an owner, or dropped)."""
-        window = self._window
-        took = window.took
-        if took is not None:
-            # The native core's window counts (for its budget too) and reads the pause in
-            # one call; the hub's counters are the Python core's budget's, not its.
-            size = len(data) if window.sizes is None else window.sizes.popleft()
-            generation = took(size)
-            if generation is not None:
-                self._submit((self._io.cmd_resume, self._conn, generation))
-            return
-        size = len(data) if window.sizes is None else window.sizes.popleft()
-        window.consumed_messages += 1
-        window.consumed_bytes += size
-        self._hub.consumed_bytes += size
-        conn = self._conn
-        if conn is not None and conn.pause_generation != window.resume_generation:
-            self._maybe_resume()
+        """Count a Data message as taken (received, handed to an owner, or dropped): its
+        charge is its length, or for a framed port the next of the window's sizes."""
+        sizes = self._window.sizes
+        self._took_charge(len(data) if sizes is None else sizes.popleft())
 
     def _charge_of(self, data: Sized) -> int:
         """The charge of a Data message being handed to an owner mailbox: its length, or
