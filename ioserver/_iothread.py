@@ -612,6 +612,12 @@ class IOThread:
                         else:
                             self._eof(conn)
                     elif conn.kind == HANDLER:
+                        if received:
+                            # A handler that reads asks the budget (read_allowance),
+                            # which must see the streams' reads of this round too.
+                            self.bytes_in += received
+                            self.delivered_total += received
+                            received = 0
                         conn.on_ready(mask)
                     elif conn.kind == LISTENER:
                         on_listener_event(self, conn, mask)

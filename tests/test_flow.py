@@ -749,6 +749,66 @@ def _until_in_socket(owned: list[tuple[ports.Port, int]]) -> Callable[[], None]:
     return wait
 
 
+async def test_stream_reads_and_datagrams_in_one_round_stay_within_the_budget(
+    no_leaks: None,
+) -> None:
+    """Streams and a UDP port ready in the same round, none of their owners reading:
+    the datagrams read after the streams' reads are admitted against those reads too.
+    The Python core added a round's stream reads to the budget only at the round's end,
+    so the UDP port, which asks the budget (``read_allowance``), saw them as free: 384
+    KiB of stream reads and 250 KB of datagrams went into a 512 KiB budget."""
+    limit = 512 << 10
+    unbound = {
+        "high_msgq_watermark": 64 << 20,
+        "low_msgq_watermark": 32 << 20,
+        "high_msgq_messages": 1 << 24,
+    }
+    async with ioserver.open(memory_limit=limit) as ios:
+        listener = await ports.listen_tcp(ios, "127.0.0.1", 0, **unbound)
+        udp = await ports.open_udp(
+            ios, ("127.0.0.1", 0), recbuf=400_000, read_packets=64, **unbound
+        )
+        peers: list[socket.socket] = []
+        owned: list[ports.Port] = []
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        gate, held = threading.Event(), threading.Event()
+        try:
+            for _ in range(8):
+                peers.append(socket.create_connection(listener.local_address))
+                accepted = await listener.receive()
+                assert isinstance(accepted, Accepted)
+                owned.append(accepted.port)
+
+            def hold() -> None:
+                held.set()
+                gate.wait(10)
+
+            # The I/O thread waits in a command while the input arrives: the streams'
+            # first, then the datagrams', so its next poll finds them all, in that order.
+            _on_io_thread(ios, hold)
+            assert await anyio.to_thread.run_sync(held.wait, 10)
+            for peer in peers:
+                peer.sendall(b"s" * (64 << 10))
+            for _ in range(5):
+                sender.sendto(b"d" * 50_000, udp.local_address)
+            gate.set()
+            polls = ios.statistics().polls
+            await until(lambda: ios.statistics().polls >= polls + 3)  # (peak: once a round)
+            statistics = ios.statistics()
+            assert statistics.bytes_received > 64 << 10, statistics  # the round read
+            assert statistics.peak_memory <= limit, statistics
+            assert statistics.memory_in_use <= limit, statistics
+        finally:
+            gate.set()
+            sender.close()
+            for peer in peers:
+                peer.close()
+            for port in owned:
+                await port.aclose()
+            await udp.aclose()
+            await listener.aclose()
+
+
 async def test_a_declined_resume_pauses_again_so_the_owner_asks_again(
     ios: ioserver.IOServer,
 ) -> None:
