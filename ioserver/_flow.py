@@ -83,8 +83,10 @@ The memory budget
 -----------------
 ``memory_limit`` (``L``) bounds the input of all ports together, charged from the moment
 the I/O thread reads it until an owner takes it, with framing buffers and queued output.
-Once a round, :meth:`MemoryBudget.headroom` computes the headroom ``L - memory_in_use()``.
-It is split in two.  An ordinary read needs a whole read (64 KiB) of headroom **plus the
+Once a round, :meth:`MemoryBudget.headroom` computes the headroom ``L - memory_in_use()``
+(and lets paused ports go); the I/O thread takes it again after the round's poll, which
+may have slept while owners queued output, so that the round's reads are admitted against
+what is in use when they happen.  It is split in two.  An ordinary read needs a whole read (64 KiB) of headroom **plus the
 reserve** (``L // 4``): so ordinary input stops at three quarters of the budget and the
 ports it paused resume together at one half.  The reserve is for the ports whose owner
 **waits** - a task parked in ``receive``/``select`` on the port, having taken everything

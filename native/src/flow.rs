@@ -89,7 +89,9 @@
 //! `memory_limit` (`L`) bounds the input of all ports together, charged from the moment
 //! the I/O thread reads it until an owner takes it, with framing buffers and queued output
 //! ([`Budget::in_use`]).  Once a round, [`Budget::begin_round`] computes the headroom
-//! `L - in_use`.  It is split in two.  An ordinary read needs a whole read
+//! `L - in_use` (and lets paused ports go); [`Budget::after_poll`] takes it again after
+//! the round's poll, which may have slept while owners queued output.  It is split in
+//! two.  An ordinary read needs a whole read
 //! ([`READ_SIZE`]) of headroom **plus the reserve** (`L / 4`): so ordinary input stops at
 //! three quarters of the budget and the ports it paused resume together at one half.  The
 //! reserve is for the ports whose owner **waits** - a task parked in `receive`/`select`
