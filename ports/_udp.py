@@ -286,7 +286,9 @@ class UDPPort(  # type: ignore[misc]
 
         A datagram the kernel refuses later (no route, ``ECONNREFUSED`` reported by ICMP
         for an earlier one...) is dropped and reported as an :class:`~ioserver.Error`
-        message: UDP promises no delivery.
+        message - unless the port is over its high watermark then (its owner is not
+        taking its messages): the report is dropped too and counted in
+        ``statistics().errors_dropped``.  UDP promises no delivery.
         """
         self._check_can_send()
         item = self._item(message)
