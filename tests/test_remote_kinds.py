@@ -249,6 +249,27 @@ async def test_error_messages_are_charged_across_the_wire(endpoint: str, no_leak
         await until(lambda: ios.statistics().memory_in_use == 0)
 
 
+async def test_a_line_ports_unterminated_last_line_crosses_the_wire(
+    endpoint: str, no_leaks: None
+) -> None:
+    """``packet="line"`` through a daemon: the last line without its delimiter comes
+    before ``Closed("eof")``, as in-process (issue 14)."""
+    async with (
+        client.connect(endpoint) as ios,
+        await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line") as listener,
+        await anyio.connect_tcp(*listener.local_address) as peer,
+    ):
+        accepted = await listener.receive()
+        assert isinstance(accepted, ports.Accepted)
+        async with accepted.port as port:
+            await peer.send(b"a\nb")
+            await peer.send_eof()
+            with anyio.fail_after(10):
+                messages = [message async for message in port]
+            assert messages == [Data(b"a\n"), Data(b"b"), Closed("eof")]
+        await until(lambda: ios.statistics().memory_in_use == 0)
+
+
 # -- what only a daemon has -------------------------------------------------------------
 async def _open_every_kind(ios: ioserver.IOServer, tmp_path: Path) -> dict[str, object]:
     listener = await ports.listen_unix(ios, str(tmp_path / "kill.sock"))
