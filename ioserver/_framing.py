@@ -155,6 +155,14 @@ class Framer:
         """Bytes received and held for an incomplete message."""
         return 0
 
+    def finish(self) -> list[object]:
+        """The peer's end of file: the message its unfinished bytes still make, if this
+        mode delivers one (``"line"``: the last line, without a delimiter, as Erlang's
+        ``{packet, line}``), the framer then empty; else ``[]``, and the unfinished bytes
+        (a length-prefixed packet cut short, half an object) stay held until the port
+        closes - no mode can make a message of them."""
+        return []
+
     @property
     def pending_charge(self) -> int:
         """What the incomplete message is charged beyond its :attr:`buffered` bytes, for a
@@ -241,7 +249,9 @@ class LineFramer(Framer):
     """Messages end with ``delimiter``, which is kept at the end of each message.
 
     ``frame`` sends the message as it is, adding the delimiter if it does not end with
-    one.  A line longer than ``packet_size`` (delimiter included) is an error.
+    one.  A line longer than ``packet_size`` (delimiter included) is an error.  At the
+    peer's end of file the last line, if it has no delimiter, is delivered as it is
+    (:meth:`finish`).
     """
 
     __slots__ = ("_buffer", "_delimiter", "_limit", "_scanned")
@@ -286,6 +296,16 @@ class LineFramer(Framer):
             self._scanned = 0
             raise PacketTooLarge(self._limit, size, "line")
         return messages
+
+    def finish(self) -> list[object]:
+        """The last line, unterminated (see :meth:`Framer.finish`): the peer closed."""
+        buffer = self._buffer
+        if not buffer:
+            return []
+        line = bytes(buffer)
+        del buffer[:]
+        self._scanned = 0
+        return [line]
 
     def frame(self, message: object) -> bytes:
         data = _as_bytes(message)

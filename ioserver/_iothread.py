@@ -75,7 +75,7 @@ from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, errno_name
 from ._flow import UNLIMITED, MemoryBudget, OwnerCell, Window
-from ._framing import PACKET_OVERHEAD, FrameError, PacketTooLarge
+from ._framing import PACKET_OVERHEAD, FrameError, Framer, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._options import apply_active_mode
 from ._poller import ERROR, READ, WRITE, make_poller
@@ -1198,7 +1198,28 @@ class IOThread:
 
     def _eof(self, conn: Conn) -> None:
         conn.read_eof = True
+        framer = conn.framer
+        if framer is not None and framer.buffered:
+            self._deliver_rest(conn, framer)
         conn.deliver((conn.port, Closed("eof")))
+
+    def _deliver_rest(self, conn: Conn, framer: Framer) -> None:
+        """The peer's end of file: deliver what the framer's unfinished bytes still make
+        (:meth:`~._framing.Framer.finish`: a ``"line"`` port's last line, unterminated),
+        before the ``Closed("eof")``.  Its bytes move from the framing charge to the
+        delivered one.  The socket is read only while the credit allows a packet and none
+        is held, so the credit lets it through (the native core's ``Core::eof_rest``)."""
+        before = framer.buffered
+        payloads = framer.finish()
+        after = framer.buffered
+        self.framing_bytes += after - before
+        if after != before and self.message_cap is not None:
+            self.budget.framer_holds(conn, before, after)
+        if not payloads:
+            return
+        overhead = conn.packet_overhead
+        shares = [len(payload) + overhead for payload in payloads]  # type: ignore[arg-type]
+        self._deliver_payloads(conn, payloads, shares)  # (no read follows: no pause check)
         if conn.write_closed:
             self._close(conn)
         else:

@@ -63,7 +63,7 @@ from ._messages import (
     Passive,
 )
 from ._options import PortSettings
-from ._udp import DatagramHandler
+from ._udp import ERROR_CHARGE, DatagramHandler
 from ._zmq import ZmqHandler
 
 if TYPE_CHECKING:
@@ -310,6 +310,11 @@ class Session:
             self.emit([P.EXIT, target.pid, message.status])
         elif isinstance(message, Error):
             self.emit([P.ERROR, target.pid, message.errno_name, message.errno, message.message])
+            if target.kind in ("datagram", "tun"):
+                # A datagram handler charges its Errors (ioserver._udp.ERROR_CHARGE) as it
+                # charges a datagram: they leave the budget as ZeroMQ takes the frame, and
+                # the client counts them delivered, then taken.
+                self._charge(target, ERROR_CHARGE)
         elif isinstance(message, Passive):
             self.emit([P.PASSIVE, target.pid])
         elif isinstance(message, Accepted) and isinstance(message.port, RemotePortState):

@@ -22,7 +22,12 @@ methods ``close``, ``set_active``, ``read_once`` and ``resume``; sends come as
   count what this thread handed to the port, the port's window's ``consumed_*`` what its
   owner took; past the high watermark the handler stops reading (the kernel then drops
   datagrams: UDP has no other backpressure) until the owner drains below the low one.
-  Active modes count datagrams as TCP ports count packets.  The global memory budget
+  Active modes count datagrams as TCP ports count packets.  An ``Error`` (a datagram
+  too large, an ICMP error, a send refused) is charged to the window and the budget too,
+  :data:`ERROR_CHARGE` bytes and one message, so that a flood of them pauses the port as
+  datagrams do; one that would find the port over its high watermark or paused (nobody
+  takes them: a socket error is reported even when the port does not read) is dropped
+  and counted in ``errors_dropped``, as the kernel drops datagrams then.  The global memory budget
   applies as to streams (see ``ioserver._flow``): ordinary reads stop short of its
   reserve, a port whose owner waits may read into it, no read may pass the limit, and a
   paused handler looks again every few milliseconds (``MemoryBudget.resumes``).
@@ -50,12 +55,16 @@ from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._options import DatagramSettings
 from ._poller import ERROR, READ, WRITE
 
-__all__ = ["DatagramHandler", "cmd_open_udp"]
+__all__ = ["ERROR_CHARGE", "DatagramHandler", "cmd_open_udp"]
 
 BUDGET_RECHECK = 0.005  # seconds between looks at the memory budget while paused for it
 _MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)
 # With MSG_TRUNC in the flags, Linux returns a truncated datagram's real length.
 _RECV_FLAGS = _MSG_TRUNC if hasattr(socket, "SO_PEERCRED") else 0
+#: What an :class:`Error` message is charged to its port's window and the memory budget:
+#: about what its objects hold (the message, its sentence).  Both halves use it: the
+#: handler as it delivers one, the port (``ports.UDPPort``) as its owner takes one.
+ERROR_CHARGE = 256
 
 
 class DatagramHandler(ReceivingHandler):
@@ -97,7 +106,8 @@ class DatagramHandler(ReceivingHandler):
         self.datagrams_in = 0
         self.datagrams_out = 0
         self.datagrams_too_large = 0
-        self.errors = 0
+        self.errors = 0  # errors taken from the socket or its sends, ever
+        self.errors_dropped = 0  # ... of them, dropped: the port was over its watermark
         self.budget_paused = False
         self.mask = 0
         self.dirty = False
@@ -143,7 +153,8 @@ class DatagramHandler(ReceivingHandler):
     # -- receiving ----------------------------------------------------------------------
     def _read(self) -> None:
         io = self.io
-        size = len(self.view)
+        # A read takes a datagram, or an Error charged ERROR_CHARGE: whichever is larger.
+        size = max(len(self.view), ERROR_CHARGE)
         allowance = io.budget.read_allowance(self)
         if allowance < size:
             self._pause_for_budget()
@@ -154,8 +165,9 @@ class DatagramHandler(ReceivingHandler):
         deliver = self.deliver
         message = self.message
         received = 0
+        charged = 0  # received, and ERROR_CHARGE for each Error delivered
         for _ in range(self.read_packets):
-            if received + size > allowance:
+            if charged + size > allowance:
                 break  # the next datagram might not fit in the budget
             try:
                 n, _, flags, address = recvmsg_into(buffers, 0, _RECV_FLAGS)
@@ -165,12 +177,25 @@ class DatagramHandler(ReceivingHandler):
                 # An ICMP error queued on the socket (ECONNREFUSED, EHOSTUNREACH...): the
                 # read consumed it; the next one may find a datagram.
                 self._error(exc.errno, self._read_error_detail())
+                if self.closed:
+                    break
+                charged += ERROR_CHARGE
+                if self.over_high():
+                    self._pause_msgq()
+                    break
                 continue
             if flags & _MSG_TRUNC:
                 self.datagrams_too_large += 1
-                self._error(errno.EMSGSIZE, self._too_large_detail(n, size, address))
+                self._error(errno.EMSGSIZE, self._too_large_detail(n, len(self.view), address))
+                if self.closed:
+                    break
+                charged += ERROR_CHARGE
+                if self.over_high():
+                    self._pause_msgq()
+                    break
                 continue
             received += n
+            charged += n
             self.datagrams_in += 1
             # Charged as it is delivered, not after the loop: should a later datagram's
             # delivery raise (a MemoryError), those already delivered stay charged, or
@@ -211,11 +236,27 @@ class DatagramHandler(ReceivingHandler):
         return f": a datagram of {size} bytes to {address!r} was dropped"
 
     def _error(self, number: int | None, detail: str) -> None:
-        """Deliver an :class:`Error` that does not close the port."""
+        """Deliver an :class:`Error` that does not close the port, charged
+        :data:`ERROR_CHARGE` bytes and one message as a datagram is charged its own; or,
+        when the port is paused or over its high watermark (its owner does not take its
+        messages: nothing would bound them, as a socket error is reported even to a port
+        that does not read), drop it and count it in ``errors_dropped``."""
         self.errors += 1
+        if self.msgq_paused or self.budget_paused or self.over_high():
+            self.errors_dropped += 1
+            return
         name = errno_name(number)
         reason = os.strerror(number) if number else "unknown error"
-        self.deliver((self.port, Error(name, number, f"{reason} ({name}){detail}")))
+        message = Error(name, number, f"{reason} ({name}){detail}")
+        io = self.io
+        io.delivered_total += ERROR_CHARGE
+        try:
+            self.deliver((self.port, message))
+        except Exception:
+            io.delivered_total -= ERROR_CHARGE  # not delivered: not charged either
+            raise
+        self.delivered_messages += 1
+        self.delivered_bytes += ERROR_CHARGE
 
     def _reading_changed(self) -> None:
         self._update_interest()

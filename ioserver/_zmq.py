@@ -27,7 +27,13 @@ The rules that avoid it, all in this module:
 
 Messages are lists of frames (``list[bytes]``, multipart as one message); each is
 charged its total size in bytes to the port's receive flow control, as a stream port's
-bytes are.
+bytes are, and to the global memory budget (``memory_limit``, see ``ioserver._flow``):
+a drain asks the budget once (:meth:`MemoryBudget.read_allowance`, the UDP handler's
+rule: ordinary reads stop short of the reserve, a port whose owner waits may read into
+it) and stops receiving once what it delivered used the allowance up - a message's size
+is known only once it is received, so the limit may be passed by one message - then the
+port stays paused for the budget, looking again every few milliseconds
+(:meth:`MemoryBudget.resumes`), and ZeroMQ's high-water mark holds the rest back.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from ._poller import READ
 log = logging.getLogger("ioserver")
 
 DRAIN_BATCH = 256  # messages received per socket per round before yielding to the others
+BUDGET_RECHECK = 0.005  # seconds between looks at the memory budget while paused for it
 _SET_DATA = Data.__dict__["data"].__set__
 _POLLIN = zmq.POLLIN
 _POLLOUT = zmq.POLLOUT
@@ -150,6 +157,7 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         self.messages_out = 0
         self.drops = 0
         self.packets_too_large = 0
+        self.budget_paused = False  # the memory budget is used up: not receiving
 
     # -- readiness ------------------------------------------------------------------------
     def on_ready(self, mask: int) -> None:
@@ -165,7 +173,7 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
                 progressed = self._send_queued()
                 if self.closed:
                     return
-            if events & _POLLIN and self.credit and not self.msgq_paused:
+            if events & _POLLIN and self.credit and not self.msgq_paused and not self.budget_paused:
                 received = self._receive(budget)
                 if self.closed:
                     return
@@ -186,8 +194,13 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         received = 0
         size_total = 0  # of the messages delivered
         read_total = 0  # of the messages read
+        # The memory budget's allowance for this drain (the module docstring).
+        allowance = self.io.budget.read_allowance(self)
         try:
             while received < budget and self.credit and not self.msgq_paused:
+                if size_total >= allowance:
+                    self._pause_for_budget()
+                    break
                 try:
                     frames = sock.recv_multipart(_NOBLOCK)
                 except _Again:
@@ -238,8 +251,28 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
         return received
 
     def _reading_changed(self) -> None:
-        if self.credit and not self.msgq_paused:
+        if self.credit and not self.msgq_paused and not self.budget_paused:
             self.io.call_soon(self)  # rule 4: the descriptor may have gone quiet meanwhile
+
+    def _pause_for_budget(self) -> None:
+        """The memory budget is used up: stop receiving, and look again every
+        ``BUDGET_RECHECK`` seconds (the UDP handler's rule)."""
+        if self.budget_paused:
+            return
+        self.budget_paused = True
+        self.pauses += 1
+        self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
+
+    def _budget_recheck(self) -> None:
+        if self.closed:
+            return
+        # Any headroom lets a waiting owner's port receive (a message's size is unknown
+        # until it is received); the others wait for the total to come back to one half.
+        if self.io.budget.resumes(self, 1):
+            self.budget_paused = False
+            self._reading_changed()
+        else:
+            self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:

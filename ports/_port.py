@@ -123,6 +123,9 @@ class PortStatistics:
     pauses: int = 0  #: times reading stopped for backpressure (watermark or budget)
     busy_transitions: int = 0  #: times a send found the port busy (output above high)
     packets_too_large: int = 0  #: packets refused for exceeding packet_size
+    #: ``Error`` reports dropped because the port was over its high watermark (its owner
+    #: was not taking its messages): UDP and TUN/TAP ports
+    errors_dropped: int = 0
 
 
 class _Request(Waiter):

@@ -139,7 +139,9 @@ class TunPort(UDPPort):
             TypeError: the data is not bytes-like.
 
         A packet the kernel refuses when it is written (``EINVAL`` for a malformed one...)
-        is dropped and reported as an :class:`~ioserver.Error` message.
+        is dropped and reported as an :class:`~ioserver.Error` message (charged as a UDP
+        port's, and itself dropped, counted in ``statistics().errors_dropped``, while the
+        port is over its high watermark: see :class:`~ports.UDPPort`).
         """
         super().send_nowait(message)
 

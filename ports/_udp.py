@@ -30,10 +30,10 @@ from ioserver._exceptions import (
     WouldBlock,
 )
 from ioserver._hub import Hub
-from ioserver._messages import Closed, Datagram, Message, Packet
+from ioserver._messages import Closed, Datagram, Error, Message, Packet
 from ioserver._options import UDPOptions, UDPSettings, Watermarks, udp_options
 from ioserver._server import IOServer
-from ioserver._udp import DatagramHandler, cmd_open_udp
+from ioserver._udp import ERROR_CHARGE, DatagramHandler, cmd_open_udp
 
 from ._port import (
     PASSIVE_PENDING,
@@ -75,6 +75,11 @@ class UDPPort(  # type: ignore[misc]
     the I/O server stops or the port fails.  Send: ``send(data)`` on a connected port,
     ``send(Datagram(data, address))``, ``send((data, address))`` or
     :meth:`send_to` on any.  Get one from :func:`open_udp`.
+
+    An ``Error`` counts against the receive watermarks and ``memory_limit`` as a small
+    datagram does, until its owner takes it; one that would come while the port is over
+    its high watermark (its owner is not taking its messages) is dropped and counted in
+    ``statistics().errors_dropped``, as the kernel drops datagrams then.
     """
 
     __slots__ = (
@@ -109,8 +114,18 @@ class UDPPort(  # type: ignore[misc]
         return self._conn  # type: ignore[return-value]
 
     # -- receiving: count Datagram messages as _PortBase counts Data ----------------------
+    # An Error is charged too (ERROR_CHARGE bytes and one message: the handler counts it
+    # delivered, ioserver._udp.DatagramHandler._error), so that a flood of them pauses
+    # the port; every path that takes a message counts it taken (_took).
     #: Charged as _PortBase's Data are, in an owner mailbox too (``_PortBase._to_owner``).
     _CHARGED = _RECEIVED
+
+    def _took(self, message: object) -> None:
+        """Count ``message`` taken if it was charged (a datagram, a packet, an Error)."""
+        if isinstance(message, _RECEIVED):
+            self._took_data(message.data)
+        elif message.__class__ is Error:
+            self._took_charge(ERROR_CHARGE)
 
     def _deliver(self, message: Any) -> None:
         if isinstance(message, _RECEIVED):
@@ -120,18 +135,29 @@ class UDPPort(  # type: ignore[misc]
                 self._credit -= 1
                 if self._credit == 0 and self._notify:
                     self._notify = PASSIVE_PENDING
+        elif message.__class__ is Error and self._closed:
+            self._took_charge(ERROR_CHARGE)
         super()._deliver(message)
+
+    def _to_owner(self, owner: Any, message: Any) -> None:
+        if message.__class__ is Error:
+            # Charged until the owner takes it, as a datagram (_PortBase._to_owner).
+            if owner.closed:
+                self._took_charge(ERROR_CHARGE)
+                self.close_nowait()
+            else:
+                owner._put_charged((self, message), ERROR_CHARGE)
+            return
+        super()._to_owner(owner, message)
 
     def _take(self) -> Message:
         message = super()._take()
-        if isinstance(message, _RECEIVED):
-            self._took_data(message.data)
+        self._took(message)
         return message
 
     async def _receive(self, end: type[Exception]) -> Message:
         message = await super()._receive(end)
-        if isinstance(message, _RECEIVED):
-            self._took_data(message.data)
+        self._took(message)
         return message
 
     async def receive(self) -> Message:
@@ -260,7 +286,9 @@ class UDPPort(  # type: ignore[misc]
 
         A datagram the kernel refuses later (no route, ``ECONNREFUSED`` reported by ICMP
         for an earlier one...) is dropped and reported as an :class:`~ioserver.Error`
-        message: UDP promises no delivery.
+        message - unless the port is over its high watermark then (its owner is not
+        taking its messages): the report is dropped too and counted in
+        ``statistics().errors_dropped``.  UDP promises no delivery.
         """
         self._check_can_send()
         item = self._item(message)
@@ -318,14 +346,14 @@ class UDPPort(  # type: ignore[misc]
         if self._closed:
             return
         for message in self._buffer:
-            if isinstance(message, _RECEIVED):
-                self._took_data(message.data)  # _PortBase counts Data only
+            self._took(message)  # _PortBase counts Data only
         super().close_nowait()
 
     def statistics(self) -> PortStatistics:
         """The port's counters now (see :class:`~ports.PortStatistics`); bytes are
-        datagram payloads, and ``packets_too_large`` counts datagrams dropped for
-        exceeding ``max_datagram``."""
+        datagram payloads, ``packets_too_large`` counts datagrams dropped for exceeding
+        ``max_datagram``, and ``errors_dropped`` the ``Error`` reports dropped while the
+        port was over its high watermark."""
         handler = self._handler
         return PortStatistics(
             messages_buffered=len(self._buffer),
@@ -340,6 +368,7 @@ class UDPPort(  # type: ignore[misc]
             pauses=handler.pauses,
             busy_transitions=self._busy_transitions,
             packets_too_large=handler.datagrams_too_large,
+            errors_dropped=getattr(handler, "errors_dropped", 0),
         )
 
     def __repr__(self) -> str:

@@ -406,3 +406,45 @@ async def test_a_deep_msgpack_object_through_a_daemon_ends_its_port_alone(
             # The control endpoint still serves this client: a new port opens.
             async with await ports.listen_tcp(ios, "127.0.0.1", 0):
                 pass
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize("active", [True, "once", False, 2])
+async def test_an_unterminated_last_line_is_delivered_before_the_eof(
+    ios: ioserver.IOServer, active: Any
+) -> None:
+    """``packet="line"``: a peer that sends ``b"a\\nb"`` and closes.  Its last line has no
+    delimiter; it is delivered, as Erlang's ``{packet, line}`` does, before the final
+    ``Closed("eof")`` - on both cores and whatever the active mode (issue 14).  Before,
+    the framer kept ``b"b"`` and the port ended without it: lost without a word."""
+    listener, port, peer = await pair(ios, packet="line", active=active)
+    async with listener, port:
+        await peer.send(b"a\nb")
+        await peer.aclose()
+        messages: list[Any] = []
+        with anyio.fail_after(10):
+            while not messages or not isinstance(messages[-1], Closed):
+                message = await port.receive()
+                if isinstance(message, Passive):
+                    port.setopts(active=1)
+                    continue
+                messages.append(message)
+        assert messages == [Data(b"a\n"), Data(b"b"), Closed("eof")]
+        assert port.statistics().bytes_buffered_in == 0
+    await assert_memory_released(ios)
+
+
+@pytest.mark.every_core
+async def test_a_peer_that_closes_after_whole_lines_gets_no_empty_line(
+    ios: ioserver.IOServer,
+) -> None:
+    """The unterminated rest is delivered only when there is one: a stream that ends
+    with its delimiter ends with ``Closed`` right after its last line."""
+    listener, port, peer = await pair(ios, packet="line")
+    async with listener, port:
+        await peer.send(b"a\nb\n")
+        await peer.aclose()
+        with anyio.fail_after(10):
+            messages = [message async for message in port]
+        assert messages == [Data(b"a\n"), Data(b"b\n"), Closed("eof")]
+    await assert_memory_released(ios)

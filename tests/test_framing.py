@@ -200,3 +200,22 @@ def test_msgpack_objects_the_decoder_cuts_otherwise_are_refused() -> None:
     # (One object: unpackb refuses extra bytes itself.)
     with pytest.raises(FrameError, match="extra data"):
         framer._decode(b"\x01\x02", 2, [(0, 2)])
+
+
+def test_finish_gives_a_line_ports_unterminated_last_line_once() -> None:
+    """The peer's end of file (``Framer.finish``): a line port's rest is its last line;
+    the other modes make nothing of a packet cut short and keep holding its bytes."""
+    framer = make_framer("line")
+    assert framer.feed(b"a\nb") == [b"a\n"]
+    assert framer.finish() == [b"b"]
+    assert framer.buffered == 0
+    assert framer.finish() == []
+    assert framer.feed(b"c\n") == [b"c\n"]
+    assert framer.finish() == []
+    for mode, cut_short in ((4, b"\0\0\0\x05ab"), ("msgpack", b"\x92\x01")):
+        framer = make_framer(mode)
+        assert framer.feed(cut_short) == []
+        held = framer.buffered
+        assert held > 0
+        assert framer.finish() == []
+        assert framer.buffered == held

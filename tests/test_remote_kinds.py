@@ -26,13 +26,14 @@ import anyio
 import msgpack
 import pytest
 import zmq
+from conftest import until
 from test_daemon import HEARTBEAT, ROOT, Daemon, RawClient
 
 import client
 import ioserver
 import ports
 from ioserver import _protocol as P
-from ports import Closed, Data, Datagram, ExitStatus
+from ports import Closed, Data, Datagram, Error, ExitStatus
 
 pytestmark = pytest.mark.anyio
 
@@ -221,6 +222,52 @@ async def test_flow_control_crosses_the_wire_for_datagrams(endpoint: str, no_lea
         # More than one read's worth (read_packets, 16) came: the port resumed.
         assert 16 < taken <= 64
         assert ios.statistics().memory_in_use == 0
+
+
+async def test_error_messages_are_charged_across_the_wire(endpoint: str, no_leaks: None) -> None:
+    """A flood of oversized datagrams (each an ``Error("EMSGSIZE")``) to a UDP port whose
+    owner does not read pauses it in the daemon, and what the errors were charged comes
+    back to 0 on both sides once taken (issue 14: they were charged nowhere)."""
+    count = 60
+    async with (
+        client.connect(endpoint) as ios,
+        await ports.open_udp(ios, max_datagram=64, high_msgq_messages=8, read_packets=4) as port,
+        await ports.open_udp(ios) as peer,
+    ):
+        for _ in range(count):
+            await peer.send_to(b"z" * 100, port.local_address)
+        await until(lambda: port.statistics().pauses > 0)
+        assert port.statistics().messages_buffered <= 8 + 4
+        for _ in range(count):
+            with anyio.fail_after(10):
+                message = await port.receive()
+            assert isinstance(message, Error) and message.errno_name == "EMSGSIZE"
+        await peer.send_to(b"fits", port.local_address)
+        with anyio.fail_after(10):
+            assert (await port.receive()).data == b"fits"  # type: ignore[union-attr]
+        assert port.statistics().bytes_buffered_in == 0
+        await until(lambda: ios.statistics().memory_in_use == 0)
+
+
+async def test_a_line_ports_unterminated_last_line_crosses_the_wire(
+    endpoint: str, no_leaks: None
+) -> None:
+    """``packet="line"`` through a daemon: the last line without its delimiter comes
+    before ``Closed("eof")``, as in-process (issue 14)."""
+    async with (
+        client.connect(endpoint) as ios,
+        await ports.listen_tcp(ios, "127.0.0.1", 0, packet="line") as listener,
+        await anyio.connect_tcp(*listener.local_address) as peer,
+    ):
+        accepted = await listener.receive()
+        assert isinstance(accepted, ports.Accepted)
+        async with accepted.port as port:
+            await peer.send(b"a\nb")
+            await peer.send_eof()
+            with anyio.fail_after(10):
+                messages = [message async for message in port]
+            assert messages == [Data(b"a\n"), Data(b"b"), Closed("eof")]
+        await until(lambda: ios.statistics().memory_in_use == 0)
 
 
 # -- what only a daemon has -------------------------------------------------------------

@@ -11,6 +11,7 @@ from conftest import until
 
 import ioserver
 import ports
+from ioserver._udp import ERROR_CHARGE
 from ports import Datagram, Error, Passive
 
 pytestmark = pytest.mark.anyio
@@ -304,3 +305,112 @@ async def test_the_budget_lets_a_waiting_owner_read_while_another_port_fills_it(
                     client.sendto(word, waiting.local_address)
                     assert (await receive_datagram(waiting)).data == word
                 assert ios.statistics().peak_memory <= limit
+
+
+@pytest.mark.every_core
+async def test_a_flood_of_oversized_datagrams_pauses_an_unread_port_and_is_charged(
+    no_leaks: None, core: str
+) -> None:
+    """Each datagram too large for ``max_datagram`` is an ``Error`` message: a peer that
+    floods a port whose owner does not read must pause it at its watermark, as datagrams
+    do, and what the errors were charged must come back to 0 (issue 14).  Before, an
+    ``Error`` counted in neither half's window: the handler read on and buffered one
+    per datagram, without bound."""
+    limit = 1 << 20
+    count = 120
+    async with ioserver.open(core=core, memory_limit=limit) as ios:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            async with await ports.open_udp(
+                ios, max_datagram=64, high_msgq_messages=16, read_packets=4, recbuf=1 << 20
+            ) as port:
+                for _ in range(count):
+                    client.sendto(b"x" * 100, port.local_address)
+                statistics = port.statistics
+                # The I/O thread's state: paused, or (the bug) every datagram read.
+                await until(
+                    lambda: statistics().pauses > 0 or statistics().packets_too_large == count
+                )
+                assert statistics().pauses > 0
+                assert statistics().messages_buffered <= 16 + 4
+                assert ios.statistics().memory_in_use <= limit
+                # Draining lets the rest through: nothing the kernel kept is lost.
+                for _ in range(count):
+                    with anyio.fail_after(5):
+                        message = await port.receive()
+                    assert isinstance(message, Error) and message.errno_name == "EMSGSIZE"
+                client.sendto(b"fits", port.local_address)
+                assert (await receive_datagram(port)).data == b"fits"
+                assert statistics().packets_too_large == count
+                assert statistics().bytes_buffered_in == 0
+                assert ios.statistics().memory_in_use == 0
+            await until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
+async def test_icmp_errors_for_a_port_nobody_reads_stay_bounded(no_leaks: None, core: str) -> None:
+    """Each datagram a connected port sends to a dead peer comes back as an ICMP error,
+    an ``Error("ECONNREFUSED")`` message.  Its owner does not read: past the watermark
+    the errors must stop piling up in the port (a socket error is reported even to a
+    port that does not read: it is taken and counted, not buffered)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()
+    async with (
+        ioserver.open(core=core, memory_limit=1 << 20) as ios,
+        await ports.open_udp(ios, connect=dead, high_msgq_messages=4) as port,
+    ):
+        handler = port._handler
+        for index in range(30):  # under the kernel's ICMP burst (50)
+            await port.send(b"anyone?")
+            # Sent, or refused for the ICMP error of an earlier one (a paused port's
+            # error waits on the socket until its next send or read takes it).
+            await until(lambda: handler.datagrams_out + handler.errors > index)  # noqa: B023
+        assert handler.errors > 5
+        # Every Error the I/O thread delivered is in the port (the hub delivered them).
+        await until(lambda: port.statistics().messages_buffered == handler.delivered_messages)
+        assert port.statistics().messages_buffered <= 4 + 1
+        taken = []
+        while True:
+            try:
+                taken.append(port.receive_nowait())
+            except ports.WouldBlock:
+                break
+        assert taken and all(
+            isinstance(message, Error) and message.errno_name == "ECONNREFUSED" for message in taken
+        )
+        # Drained, the port reads again (a late ICMP error may come): what is buffered is
+        # what is charged, no more and no less.
+        await until(
+            lambda: (
+                port.statistics().bytes_buffered_in
+                == ERROR_CHARGE * port.statistics().messages_buffered
+            )
+        )
+        await port.aclose()
+        await until(lambda: ios.statistics().memory_in_use == 0)
+
+
+@pytest.mark.every_core
+async def test_error_messages_in_an_owner_mailbox_stay_charged_until_taken(
+    no_leaks: None, core: str
+) -> None:
+    """An ``Error`` handed to an owner mailbox counts against its port until a receive
+    takes it out, as a datagram does; the mailbox's close releases what is left."""
+    count = 60
+    async with ioserver.open(core=core, memory_limit=1 << 20) as ios:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            async with await ports.open_udp(
+                ios, max_datagram=64, high_msgq_messages=8, read_packets=4, recbuf=1 << 20
+            ) as port:
+                mailbox = ports.Mailbox()
+                port.set_owner(mailbox)
+                for _ in range(count):
+                    client.sendto(b"x" * 100, port.local_address)
+                await until(lambda: port.statistics().pauses > 0)
+                assert port.statistics().bytes_buffered_in <= (8 + 4) * ERROR_CHARGE
+                for _ in range(10):
+                    with anyio.fail_after(5):
+                        source, message = await mailbox.receive()
+                    assert source is port and isinstance(message, Error)
+                mailbox.close()  # the rest are dropped: taken, and the port closed with it
+                await until(lambda: ios.statistics().memory_in_use == 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import anyio
 import pytest
+import zmq
+from conftest import until
 
 import ioserver
 import ports
@@ -200,3 +202,61 @@ async def test_closing_the_server_ends_zmq_ports_with_closed(no_leaks: None) -> 
             await receiving.wait()
             await ios.aclose()
     assert result == [ports.Closed("ioserver closed", "ESHUTDOWN")]
+
+
+def _send_all(endpoint: str, socket_type: int, count: int, size: int) -> None:
+    """A plain ZeroMQ peer (its own context, in a worker thread): send ``count`` messages
+    of ``size`` bytes, each numbered, blocking while ZeroMQ's high-water mark holds."""
+    context = zmq.Context()
+    try:
+        peer = context.socket(socket_type)
+        peer.setsockopt(zmq.SNDTIMEO, 20_000)
+        peer.setsockopt(zmq.LINGER, 5_000)
+        peer.connect(endpoint)
+        for index in range(count):
+            peer.send(index.to_bytes(4, "big") + b"p" * (size - 4))
+        peer.close()
+    finally:
+        context.term()
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize(("kind", "peer_kind"), [("PULL", zmq.PUSH), ("ROUTER", zmq.DEALER)])
+async def test_a_zmq_flood_to_a_slow_owner_stays_within_the_memory_budget(
+    no_leaks: None, core: str, kind: str, peer_kind: int
+) -> None:
+    """A ZeroMQ port's messages are charged to ``memory_limit`` (issue 14): a flood to a
+    port whose owner is slow must pause it when the budget is used up - with watermarks
+    far above the budget, so that only the budget can stop it - and every message still
+    arrives, in order.  Before, its handler never asked the budget: it read the whole
+    flood into the port, far past the limit."""
+    limit = 256 * 1024
+    size = 4096
+    count = 400  # 1.6 MiB: six times the budget
+    async with (
+        ioserver.open(core=core, memory_limit=limit) as ios,
+        await ports.open_zmq(
+            ios,
+            kind,
+            bind="tcp://127.0.0.1:*",
+            high_msgq_watermark=64 << 20,
+            low_msgq_watermark=32 << 20,
+            high_msgq_messages=1 << 20,
+        ) as port,
+        anyio.create_task_group() as task_group,
+    ):
+        task_group.start_soon(
+            anyio.to_thread.run_sync, _send_all, port.local_address, peer_kind, count, size
+        )
+        # The I/O thread's state: paused by the budget, or (the bug) past the limit.
+        await until(lambda: port.statistics().pauses > 0 or ios.statistics().memory_in_use > limit)
+        assert ios.statistics().memory_in_use <= limit + size
+        for index in range(count):
+            with anyio.fail_after(10):
+                message = await port.receive()
+            assert isinstance(message, ports.Data), message
+            assert message.data[-1][:4] == index.to_bytes(4, "big")
+            assert ios.statistics().memory_in_use <= limit + size
+        assert ios.statistics().peak_memory <= limit + size
+        assert port.statistics().bytes_buffered_in == 0
+        await until(lambda: ios.statistics().memory_in_use == 0)

@@ -1492,6 +1492,7 @@ impl IoThread {
                 if !s.close_pending {
                     if let Some(port) = &s.port {
                         let port = port.clone();
+                        self.eof_rest(s, &port);
                         self.stage(s.conn.inbox(), Event::Eof(port));
                     }
                 }
@@ -1611,6 +1612,41 @@ impl IoThread {
         self.note_framing(s);
         self.delivered(s, read.delivered);
         true
+    }
+
+    /// The peer's end of file on a framed port: deliver what its framer's unfinished
+    /// bytes still make (`flow::framed_eof`: a line port's last line, unterminated),
+    /// before the `Closed("eof")` the caller stages (Python's `IOThread._deliver_rest`).
+    fn eof_rest(&mut self, s: &mut Stream, port: &Target) {
+        let Some(framer) = s.framer.as_mut() else {
+            return;
+        };
+        if framer.buffered() == 0 {
+            return;
+        }
+        self.packets.clear();
+        self.charges.clear();
+        let read = flow::framed_eof(
+            &mut self.budget,
+            &mut s.flow,
+            framer,
+            &mut self.packets,
+            &mut self.charges,
+        );
+        let overhead = s.flow.packet_overhead();
+        let inbox = s.conn.inbox();
+        let mode = framer.mode();
+        for (index, packet) in self.packets.iter().enumerate() {
+            let payload = Payload::of(packet, mode);
+            let charge = self.charges[index];
+            if index >= read.deliver {
+                s.rare().held.push_back((payload, charge));
+            } else if let Some(staged) = self.staged.get_mut(inbox) {
+                staged.push(packet_event(port, payload, charge, overhead, s.conn.slot));
+            }
+        }
+        self.note_framing(s);
+        self.delivered(s, read.delivered);
     }
 
     /// After packets were delivered: `Passive` if the credit ran out and the owner asked,

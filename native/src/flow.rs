@@ -1998,6 +1998,52 @@ pub enum ReadFault {
     BufferLimit(BufferLimitExceeded),
 }
 
+/// The peer's end of file on a framed port: what its framer's unfinished bytes still
+/// make ([`Framer::finish`]: a line port's last line, unterminated) is delivered as
+/// [`framed_read`] delivers a read's packets, its bytes moving from the framer's charge to
+/// the delivered one.  The socket is read only while the credit lets a packet through and
+/// none is held, so it is delivered, not held (Python's `IOThread._deliver_rest`).
+pub fn framed_eof(
+    budget: &mut Budget,
+    flow: &mut ReceiveFlow,
+    framer: &mut Framer,
+    packets: &mut Packets,
+    charges: &mut Vec<u64>,
+) -> FramedRead {
+    let before = framer.buffered();
+    let first = packets.len();
+    framer.finish(packets);
+    let after = framer.buffered();
+    // Fewer bytes held: no limit can be passed.
+    let _ = budget.framer_holds(flow, before, after);
+    let count = packets.len() - first;
+    if count == 0 {
+        return FramedRead::default();
+    }
+    let start = charges.len();
+    framer.charges(
+        packets,
+        first,
+        false,
+        before - after,
+        flow.packet_overhead(),
+        charges,
+    );
+    let deliver = flow.admit(count);
+    flow.hold(budget, &charges[start + deliver..]);
+    let delivered = if deliver > 0 {
+        flow.deliver(budget, &charges[start..start + deliver])
+    } else {
+        Delivered::default()
+    };
+    FramedRead {
+        count,
+        deliver,
+        error: None,
+        delivered,
+    }
+}
+
 /// One read of a framed port, as `IOThread._deliver_framed` does it: feed `input` to the
 /// port's `framer` (its packets pushed to `packets`), charge what it holds, compute each
 /// message's charge (pushed to `charges`, one per message), and let the active credit

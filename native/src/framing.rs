@@ -487,6 +487,20 @@ impl Framer {
         }
     }
 
+    /// The peer's end of file: push to `out` the packet the unfinished bytes still make,
+    /// if the mode delivers one - `Line`: the last line, without a delimiter, as Erlang's
+    /// `{packet, line}` - the framer then empty; the other modes push nothing and keep
+    /// their unfinished bytes (released with the port).  Python's `Framer.finish`.
+    pub fn finish(&mut self, out: &mut Packets) {
+        if let Inner::Line(framer) = &mut self.inner {
+            if !framer.buffer.is_empty() {
+                out.push_bytes(&framer.buffer);
+                framer.buffer.clear();
+                framer.scanned = 0;
+            }
+        }
+    }
+
     /// Bytes received and held towards an unfinished packet: charged to the memory budget
     /// and checked against `port_buffer_limit` (Python's `Framer.buffered`).
     pub fn buffered(&self) -> usize {

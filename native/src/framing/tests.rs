@@ -196,6 +196,32 @@ fn line_limit_exactly_at_and_one_past() {
 }
 
 #[test]
+fn finish_delivers_an_unterminated_last_line_and_nothing_else() {
+    // A line port's end of file: its unterminated rest is its last packet, once.
+    let mut framer = Framer::new(Mode::Line(b'\n'), 100).unwrap();
+    let mut out = Packets::default();
+    framer.feed(b"a\nb", &mut out).unwrap();
+    framer.finish(&mut out);
+    assert_eq!(owned(&out), bytes(&[b"a\n", b"b"]));
+    assert_eq!(framer.buffered(), 0);
+    framer.finish(&mut out);
+    assert_eq!(out.len(), 2);
+    // Nothing when the stream ended with its delimiter.
+    let mut framer = Framer::new(Mode::Line(b'\n'), 100).unwrap();
+    let mut out = Packets::default();
+    framer.feed(b"a\n", &mut out).unwrap();
+    framer.finish(&mut out);
+    assert_eq!(owned(&out), bytes(&[b"a\n"]));
+    // A length-prefixed packet cut short makes no packet: its bytes stay held.
+    let mut framer = Framer::new(Mode::Length(4), 100).unwrap();
+    let mut out = Packets::default();
+    framer.feed(b"\0\0\0\x05ab", &mut out).unwrap();
+    framer.finish(&mut out);
+    assert!(out.is_empty());
+    assert_eq!(framer.buffered(), 2); // the body so far (its header was read)
+}
+
+#[test]
 fn line_envelope_adds_a_missing_delimiter() {
     let framer = Framer::new(Mode::Line(b'\n'), 4).unwrap();
     assert_eq!(framer.envelope(b"abc").unwrap().trailer(), b"\n");
