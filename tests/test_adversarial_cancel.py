@@ -1,0 +1,210 @@
+"""Cancellation at the first await of an operation that acts: trio's rule, that an operation
+raising ``Cancelled`` did not happen, for the calls that send, half-close, open or start.
+
+Each test runs the call in a scope cancelled before it starts (on both backends), then
+looks at what a peer, the kernel or the process table saw: nothing may have been sent,
+connected, bound or started.  (tests/test_adversarial_select.py does the same for the
+receives and sends of ports, mailboxes and channels.)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from conftest import until
+
+import ioserver
+import ports
+from ports import Accepted, Data, rpc
+
+pytestmark = pytest.mark.anyio
+
+PYTHON = sys.executable
+
+
+async def _in_cancelled_scope(operation: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Run ``operation`` in a scope cancelled before it starts; what it returned, if any."""
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        return [await operation()]
+    return []
+
+
+# -- RPC --------------------------------------------------------------------------------------
+
+
+class Count(rpc.Message):
+    key: str
+
+
+class Counted(rpc.Message):
+    seen: list[str]
+
+
+COUNTER: rpc.Interface[Count, Counted] = rpc.Interface(Count, Counted)
+
+
+async def test_an_rpc_call_cancelled_or_timed_out_before_it_sent_sent_nothing(
+    ios: ioserver.IOServer,
+) -> None:
+    """A call cancelled before it sent its request (a scope cancelled already, or
+    ``timeout=0``) raised Cancelled (or TimeoutError), so the server must never run the
+    request.  Before, the request was queued before the call's first checkpoint: the
+    server ran it, though the caller was told it did not happen."""
+    seen: list[str] = []
+
+    async def handle(request: Count) -> Counted:
+        seen.append(request.key)
+        return Counted(list(seen))
+
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=4)
+    async with anyio.create_task_group() as task_group:
+        address = await task_group.start(rpc.serve_listener, listener, COUNTER, handle)
+        async with await rpc.connect(ios, *address, COUNTER) as client:
+            assert not await _in_cancelled_scope(lambda: client.call(Count("cancelled")))
+            with pytest.raises(TimeoutError):
+                await client.call(Count("timed out"), timeout=0)
+            # The server reads a connection's requests in order and starts their
+            # handlers in order: this one's reply comes after every earlier handler ran.
+            with anyio.fail_after(10):
+                reply = await client.call(Count("after"))
+            assert reply == Counted(["after"])
+            assert client.statistics().late_replies_dropped == 0
+        task_group.cancel_scope.cancel()
+    await listener.aclose()
+    assert seen == ["after"]
+
+
+# -- ports ------------------------------------------------------------------------------------
+
+
+async def test_a_send_eof_that_raised_cancelled_did_not_half_close(
+    ios: ioserver.IOServer,
+) -> None:
+    """``Port.send_eof`` in a cancelled scope raises Cancelled, so the port must still
+    send and the peer must read no end of file.  Before, it queued the end of file, then
+    checkpointed: it raised Cancelled with the port half-closed (later sends raised
+    ClosedPortError, the peer read EOF)."""
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    async with await anyio.connect_tcp(*listener.local_address) as peer:
+        accepted = await listener.receive()
+        assert isinstance(accepted, Accepted)
+        port = accepted.port
+        assert not await _in_cancelled_scope(port.send_eof)
+        await port.send(b"after")  # not ClosedPortError: no end of file was sent
+        await port.send_eof()
+        received = b""
+        with anyio.fail_after(10):
+            async for chunk in peer:
+                received += chunk
+        assert received == b"after"
+        await port.aclose()
+    await listener.aclose()
+
+
+def _no_other_connection(peer: socket.socket) -> None:
+    """Only the connect that returned reached ``peer`` (a non-blocking listening socket)."""
+    try:
+        extra, _ = peer.accept()
+    except BlockingIOError:
+        return
+    extra.close()
+    pytest.fail("a connect that raised Cancelled connected")
+
+
+@pytest.mark.every_core
+async def test_a_connect_cancelled_before_it_started_connected_nothing(
+    ios: ioserver.IOServer,
+) -> None:
+    """``connect_tcp`` (and ``connect_unix``) in a cancelled scope raises Cancelled: the
+    peer must see no connection.  Before, the connect was handed to the I/O thread before
+    the first checkpoint: the peer accepted a connection that then closed.  (The I/O
+    thread runs commands in order: when the connect after it has returned, a connection
+    the cancelled one made would be in the listening socket's queue already.)"""
+    with socket.socket() as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.listen(16)
+        peer.setblocking(False)
+        host, number = peer.getsockname()
+        for _ in range(3):
+            assert not await _in_cancelled_scope(lambda: ports.connect_tcp(ios, host, number))
+            async with await ports.connect_tcp(ios, host, number) as port:
+                connection, _ = peer.accept()
+                connection.close()
+                _no_other_connection(peer)
+                await port.send(b"x")
+
+
+@pytest.mark.every_core
+async def test_a_unix_connect_cancelled_before_it_started_connected_nothing(
+    ios: ioserver.IOServer, tmp_path: Any
+) -> None:
+    path = str(tmp_path / "peer.sock")
+    with socket.socket(socket.AF_UNIX) as peer:
+        peer.bind(path)
+        peer.listen(16)
+        peer.setblocking(False)
+        assert not await _in_cancelled_scope(lambda: ports.connect_unix(ios, path))
+        async with await ports.connect_unix(ios, path):
+            connection, _ = peer.accept()
+            connection.close()
+            _no_other_connection(peer)
+
+
+async def test_a_zmq_open_that_raised_cancelled_bound_nothing(ios: ioserver.IOServer) -> None:
+    """``open_zmq`` in a cancelled scope raises Cancelled: the endpoint must stay free.
+    Before, it bound (and started the socket on the I/O thread), then checkpointed: the
+    call raised Cancelled and the bound socket was owned by nobody until the server
+    stopped - a second bind failed with EADDRINUSE."""
+    endpoint = "inproc://cancelled-open"
+    assert not await _in_cancelled_scope(lambda: ports.open_zmq(ios, "PULL", bind=endpoint))
+    assert not ios._io.zmq_sockets  # type: ignore[attr-defined]
+    async with (
+        await ports.open_zmq(ios, "PULL", bind=endpoint) as pull,
+        await ports.open_zmq(ios, "PUSH", connect=endpoint) as push,
+    ):
+        await push.send(b"through")
+        with anyio.fail_after(10):
+            assert await pull.receive() == Data(b"through")
+
+
+def _children() -> set[int]:
+    """This process's children, zombies included (Linux's /proc/PID/task/*/children)."""
+    found: set[int] = set()
+    for name in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        try:
+            with open(name) as listing:
+                found.update(int(pid) for pid in listing.read().split())
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.every_core
+@pytest.mark.parametrize("stderr", ["inherit", "port"])
+async def test_an_open_process_that_raised_cancelled_started_no_program(
+    ios: ioserver.IOServer, stderr: Any
+) -> None:
+    """``open_process`` in a cancelled scope raises Cancelled: no program may have run.
+    Before, it forked the program before its first checkpoint - and with ``stderr="port"``
+    on the Python core that checkpoint came after the port was made: the call raised
+    Cancelled and the program ran on, its port owned by nobody, until the server
+    stopped.  (The fork is synchronous: a program the call started is a child of this
+    process when the call returns.)"""
+    if not glob.glob(f"/proc/{os.getpid()}/task/*/children"):  # pragma: no cover
+        pytest.skip("the child-process check needs /proc/PID/task/*/children (Linux)")
+    before = _children()
+    assert not await _in_cancelled_scope(
+        lambda: ports.open_process(
+            ios, [PYTHON, "-c", "import time; time.sleep(60)"], stderr=stderr, kill_grace=0
+        )
+    )
+    assert _children() - before == set(), "a call that raised Cancelled started a program"
+    await until(lambda: not ios.statistics().ports_open)
