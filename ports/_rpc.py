@@ -390,6 +390,11 @@ class Client(Generic[Request, Reply]):
         Many calls may wait at once on one client; each returns its own reply whatever
         the order the server answers in.
 
+        It checks for cancellation (and ``timeout``) before it sends: a call that raises
+        ``Cancelled`` or :exc:`TimeoutError` before its request was queued sent nothing,
+        and the server never runs it (trio's rule).  One cancelled or timed out while it
+        waits for the reply was sent: the server may have run it.
+
         Args:
             request: a value of the interface's request type.
             timeout: the most seconds to wait (sending included); ``None`` waits for ever.
@@ -426,17 +431,15 @@ class Client(Generic[Request, Reply]):
         self._last_id = ident = self._last_id + 1
         frame = self._encode([REQUEST, ident, request])
         call = _Call()
-        self._calls[ident] = call
         counts = self._counts
-        counts[0] += 1
         try:
             if timeout is None:
-                await self._sender.send(frame)
+                await self._send_call(ident, call, frame)
                 while not call.done:
                     await self._parker.park(call)
             else:
                 with anyio.fail_after(timeout):
-                    await self._sender.send(frame)
+                    await self._send_call(ident, call, frame)
                     while not call.done:
                         await self._parker.park(call)
         except TimeoutError:
@@ -452,6 +455,17 @@ class Client(Generic[Request, Reply]):
             raise call.error
         result: Reply = call.result
         return result
+
+    async def _send_call(self, ident: int, call: _Call, frame: object) -> None:
+        """Record ``call`` under ``ident`` and send its request ``frame``.
+
+        The checkpoint comes first (trio's rule): a call cancelled, or out of time, before
+        its request was queued raises having sent nothing - the server never runs it.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._calls[ident] = call
+        self._counts[0] += 1
+        await self._sender.send(frame)
 
     # -- the reader task ------------------------------------------------------------------
     async def _read(self) -> None:
