@@ -172,7 +172,7 @@ async def test_a_zmq_open_that_raised_cancelled_bound_nothing(ios: ioserver.IOSe
     ):
         await push.send(b"through")
         with anyio.fail_after(10):
-            assert await pull.receive() == Data(b"through")
+            assert await pull.receive() == Data([b"through"])
 
 
 def _children() -> set[int]:
