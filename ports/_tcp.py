@@ -17,6 +17,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Unpack
 
+import anyio
+
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest, SocketAddress
 from ioserver._exceptions import NotSupportedError, OptionError
@@ -70,6 +72,9 @@ async def connect_tcp(
     Closing the port sends ``close_notify``; :meth:`Port.send_eof` raises
     :exc:`NotImplementedError`, as anyio's ``TLSStream.send_eof``.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    connected nothing (trio's rule).
+
     Args:
         server: the I/O server (from :func:`ioserver.open`).
         host: a name or an IPv4/IPv6 address.
@@ -102,6 +107,9 @@ async def connect_tcp(
         raise OptionError("server_hostname is given without tls=: it names a TLS server")
     _check_timeout(tls_handshake_timeout)
     credit, settings = port_options(dict(options), "a TCP port")
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     addresses = await _resolve(host, port, passive=False)
     error: BaseException | None = None
     for family, address in addresses:
@@ -231,6 +239,9 @@ async def listen_tcp(
     port: read it from ``listener.local_address``.  Binds the first address ``host``
     resolves to; IPv6 listeners are IPv6-only.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    bound nothing (trio's rule).
+
     Args:
         server: the I/O server.
         host: the address to bind; ``"127.0.0.1"`` by default (never all interfaces
@@ -280,6 +291,9 @@ async def listen_tcp(
         "reuseport": reuseport,
         "active": credit,
     }
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     family, address = (await _resolve(host, port, passive=True))[0]
     io = server._io
     # systemd's socket activation: a socket passed for this very address is adopted.

@@ -362,6 +362,9 @@ async def open_udp(
     As Erlang's ``gen_udp:open/2`` (and ``gen_udp:connect/3`` with ``connect``).  IPv4 or
     IPv6 follows the addresses given; an IPv6 socket is IPv6-only.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    opened nothing (trio's rule).
+
     Args:
         server: the I/O server (from :func:`ioserver.open`).
         bind: ``(host, port)`` to bind; port 0 picks a free one (read it from
@@ -384,6 +387,9 @@ async def open_udp(
     """
     hub = server._check_open("ports.open_udp")
     credit, settings = udp_options(dict(options))
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     io = server._io
     if isinstance(io, RemoteOpens):
         # The daemon resolves names and picks the family: the machine that sends does.
