@@ -208,3 +208,42 @@ async def test_an_open_process_that_raised_cancelled_started_no_program(
     )
     assert _children() - before == set(), "a call that raised Cancelled started a program"
     await until(lambda: not ios.statistics().ports_open)
+
+
+# -- client.connect -------------------------------------------------------------------------
+
+
+async def test_a_cancelled_client_connect_leaves_no_session_on_the_given_server(
+    ios: ioserver.IOServer,
+) -> None:
+    """``client.connect(..., server=ios)`` cancelled - before it starts, or while it waits
+    for the daemon's WELCOME - must leave nothing on ``ios``.  Before, it made the
+    session's ZeroMQ socket and said HELLO before its first checkpoint, and a
+    cancellation while it waited closed nothing (only its own timeout did): the socket
+    and its handler stayed on the caller's I/O server, talking to the daemon, until that
+    server stopped.  (A silent ROUTER socket plays the daemon.)"""
+    import zmq
+
+    import client
+
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    try:
+        number = daemon.bind_to_random_port("tcp://127.0.0.1")
+        endpoint = f"tcp://127.0.0.1:{number}"
+        io: Any = ios._io
+
+        async def session() -> None:
+            async with client.connect(endpoint, server=ios, timeout=60):
+                pytest.fail("the silent daemon welcomed nobody")
+
+        assert not await _in_cancelled_scope(session)
+        assert not io.zmq_sockets, "a connect that raised Cancelled made a session socket"
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(session)
+            await until(lambda: daemon.poll(0))  # its HELLO arrived: it waits for WELCOME
+            task_group.cancel_scope.cancel()
+        await until(lambda: not io.zmq_sockets)
+    finally:
+        daemon.close(linger=0)
+        context.term()
