@@ -247,3 +247,53 @@ async def test_a_cancelled_client_connect_leaves_no_session_on_the_given_server(
     finally:
         daemon.close(linger=0)
         context.term()
+
+
+@pytest.mark.every_core
+async def test_udp_opens_cancelled_while_datagrams_arrive_leave_no_input_charged(
+    ios: ioserver.IOServer,
+) -> None:
+    """``open_udp`` cancelled while it waits for the I/O thread: the socket it bound is
+    closed, and the datagrams the I/O thread read into it meanwhile are dropped and
+    counted taken, so the server's ``memory_in_use`` returns to 0.  (A thread sends
+    datagrams to the address all along, so that some arrive between the bind and the
+    close.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = probe.getsockname()
+    stop = anyio.Event()
+    sent = [0]
+
+    def spray() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            while not stop.is_set():
+                try:
+                    sender.sendto(b"d" * 512, address)
+                    sent[0] += 1
+                except OSError:
+                    pass
+
+    async def open_and_close() -> None:
+        try:
+            port = await ports.open_udp(ios, bind=address)
+        except ioserver.ConnectError as exc:
+            # The last round's socket, cancelled before the I/O thread answered: closed
+            # when the answer comes, which may be after this round's open.
+            assert exc.errno_name == "EADDRINUSE"
+            return
+        await port.aclose()  # (it closes even when cancelled)
+
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(anyio.to_thread.run_sync, spray)
+        try:
+            await until(lambda: sent[0] > 100)
+            for _ in range(100):
+                async with anyio.create_task_group() as opens:
+                    opens.start_soon(open_and_close)
+                    await anyio.lowlevel.checkpoint()
+                    await anyio.lowlevel.checkpoint()
+                    opens.cancel_scope.cancel()
+        finally:
+            stop.set()
+    await until(lambda: not ios.statistics().ports_open)
+    await until(lambda: ios.statistics().memory_in_use == 0)
