@@ -318,8 +318,16 @@ async def open_process(
                 port, server._hub.deliver, arguments, stderr, float(kill_grace), settings, credit
             ),
         )
-        result = await request.wait()
+        try:
+            result = await request.wait()
+        except BaseException:
+            # Cancelled: the daemon's program is terminated as its port closes (by the
+            # request), and the abandoned port is closed, so that what was delivered to
+            # it meanwhile is counted taken (as connect_tcp's).
+            port.close_nowait()
+            raise
         if isinstance(result, BaseException):
+            port.close_nowait()
             raise result
         port._conn, port._watcher = result
         port._local_address = ""

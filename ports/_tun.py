@@ -33,7 +33,7 @@ from ._port import (
     _Request,
     _to_bytes,
 )
-from ._udp import UDPPort
+from ._udp import UDPPort, _answer
 
 __all__ = ["MAX_PACKET", "TunOptions", "TunPort", "open_tun"]
 
@@ -239,9 +239,7 @@ async def open_tun(
         request,
         TunRequest(port, hub.deliver, name, mode, settings, credit),
     )
-    result = await request.wait()
-    if isinstance(result, BaseException):
-        raise result
+    result = await _answer(request, port)  # (closes the abandoned port if cancelled)
     port._conn, given = result
     port._device = port._local_address = given
     return port

@@ -263,8 +263,15 @@ async def _open_remote(
         credit,
     )
     server._io.submit(io.cmd_open_zmq, request, spec)
-    result = await request.wait()
+    try:
+        result = await request.wait()
+    except BaseException:
+        # Cancelled: the abandoned port is closed, so that what the daemon delivered to
+        # it before its socket closed is counted taken (as connect_tcp's).
+        port.close_nowait()
+        raise
     if isinstance(result, BaseException):
+        port.close_nowait()
         raise result
     port._conn, port._local_address, port._remote_address = result
     return port
