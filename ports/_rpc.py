@@ -273,11 +273,12 @@ class ClientStatistics:
 
 
 class _Call(Waiter):
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "replied", "result")
 
     def __init__(self) -> None:
         super().__init__()
         self.done = False
+        self.replied = False  # done by a frame from the server (not by _fail_all)
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -444,9 +445,11 @@ class Client(Generic[Request, Reply]):
                         await self._parker.park(call)
         except TimeoutError:
             counts[2] += 1
+            self._dropped(call)
             raise TimeoutError(f"no reply to {tag_of(type(request))} within {timeout} s") from None
         except anyio.get_cancelled_exc_class():
             counts[3] += 1
+            self._dropped(call)
             raise
         finally:
             if not call.done:
@@ -455,6 +458,15 @@ class Client(Generic[Request, Reply]):
             raise call.error
         result: Reply = call.result
         return result
+
+    def _dropped(self, call: _Call) -> None:
+        """``call`` raised Cancelled or TimeoutError: a reply the reader took for it in
+        the same tick (after the cancellation, before the task resumed) reached nobody -
+        a late reply, not one handed to its caller."""
+        if call.replied:
+            counts = self._counts
+            counts[1] -= 1
+            counts[4] += 1
 
     async def _send_call(self, ident: int, call: _Call, frame: object) -> None:
         """Record ``call`` under ``ident`` and send its request ``frame``.
@@ -502,7 +514,7 @@ class Client(Generic[Request, Reply]):
                     counts[5] += 1
                     counts[1] += 1
                     refused.error = exc
-                    refused.done = True
+                    refused.done = refused.replied = True
                     self._parker.wake(refused)
                     return
                 counts[7] += 1
@@ -548,7 +560,7 @@ class Client(Generic[Request, Reply]):
             counts[7] += 1
             call.error = RPCDecodeError(f"malformed reply envelope: {envelope!r:.200}")
         counts[1] += 1
-        call.done = True
+        call.done = call.replied = True
         self._parker.wake(call)
 
     def statistics(self) -> ClientStatistics:

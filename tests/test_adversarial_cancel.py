@@ -297,3 +297,44 @@ async def test_udp_opens_cancelled_while_datagrams_arrive_leave_no_input_charged
             stop.set()
     await until(lambda: not ios.statistics().ports_open)
     await until(lambda: ios.statistics().memory_in_use == 0)
+
+
+async def test_rpc_calls_cancelled_as_their_replies_arrive_count_them_late(
+    ios: ioserver.IOServer,
+) -> None:
+    """A call cancelled while its reply is on its way, in the same tick as the reply or
+    just before it, raises Cancelled: its reply reached nobody, so it must count as a
+    late reply (``late_replies_dropped``), not as one handed to its caller
+    (``replies``).  Each round's call either returns (its reply counted in ``replies``)
+    or raises Cancelled (its reply, once it came, counted late): the two counts must add
+    up to the calls, and ``replies`` must be the calls that returned."""
+    arrived = anyio.Event()
+
+    async def handle(request: Count) -> Counted:
+        arrived.set()
+        return Counted([request.key])
+
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=4)
+    rounds = 200
+    async with anyio.create_task_group() as task_group:
+        address = await task_group.start(rpc.serve_listener, listener, COUNTER, handle)
+        async with await rpc.connect(ios, *address, COUNTER) as client:
+            got: list[Counted] = []
+
+            async def call(key: str) -> None:
+                got.append(await client.call(Count(key)))
+
+            for index in range(rounds):
+                arrived = anyio.Event()
+                async with anyio.create_task_group() as calls:
+                    calls.start_soon(call, str(index))
+                    await arrived.wait()  # the server ran it: its reply is on its way
+                    calls.cancel_scope.cancel()
+            returned = len(got)
+            statistics = client.statistics
+            await until(lambda: statistics().replies + statistics().late_replies_dropped == rounds)
+            assert statistics().replies == returned
+            assert statistics().cancelled == rounds - returned
+            assert statistics().in_flight == 0
+        task_group.cancel_scope.cancel()
+    await listener.aclose()
