@@ -33,7 +33,7 @@ from ioserver._options import (
     port_options,
 )
 from ioserver._server import IOServer
-from ioserver._systemd import cmd_listen_inherited, take_listener
+from ioserver._systemd import cmd_listen_inherited, return_listener, take_listener
 from ioserver._tls import HANDSHAKE_TIMEOUT
 
 from ._port import Listener, Port, _Request, _resolve
@@ -366,16 +366,26 @@ async def open_listener(
     )
     if inherited is not None:
         assert isinstance(io, IOThread)
-        io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
+        # The I/O thread adopts a copy: if this call is cancelled (or the adoption fails)
+        # the request closes that copy, and the passed socket goes back for the next
+        # listen on the address - systemd passed it once, and the port may be one this
+        # process cannot bind itself.
+        io.submit(partial(cmd_listen_inherited, io, inherited.dup()), request, spec)
     else:
         io.submit(command, request, spec)
     try:
         result = await request.wait()
     except BaseException:
         listener.close_nowait()  # an Accepted delivered to it closes its port (_deliver)
+        if inherited is not None:
+            return_listener(family, address, inherited)
         raise
     if isinstance(result, BaseException):
         listener.close_nowait()
+        if inherited is not None:
+            return_listener(family, address, inherited)
         raise result
+    if inherited is not None:
+        inherited.close()  # the I/O thread's copy is the listener's
     listener._conn, listener._local_address, _ = result
     return listener

@@ -338,3 +338,43 @@ async def test_rpc_calls_cancelled_as_their_replies_arrive_count_them_late(
             assert statistics().in_flight == 0
         task_group.cancel_scope.cancel()
     await listener.aclose()
+
+
+@pytest.mark.every_core
+async def test_a_listen_cancelled_while_adopting_an_inherited_socket_keeps_it(
+    ios: ioserver.IOServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``listen_tcp`` on an address systemd passed a socket for (socket activation) takes
+    that socket and has the I/O thread adopt it.  Cancelled while it waits for the
+    adoption, it raises Cancelled, so the socket must still be there for the next
+    ``listen_tcp`` - open and listening.  Before, the cancelled request closed it: the
+    process had lost the socket systemd gave it (for a port it may not bind itself).
+    (Real listening sockets stand in for systemd's, put where ``_systemd`` keeps them.)"""
+    from ioserver import _systemd
+
+    cancelled = 0
+    for _ in range(20):
+        inherited = socket.socket()
+        inherited.bind(("127.0.0.1", 0))
+        inherited.listen(16)
+        address = inherited.getsockname()
+        monkeypatch.setattr(_systemd, "_table", {_systemd._key(socket.AF_INET, address): inherited})
+        got: list[ports.Listener] = []
+
+        async def listen() -> None:
+            got.append(await ports.listen_tcp(ios, *address))  # noqa: B023 (awaited here)
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(listen)
+            await anyio.lowlevel.checkpoint()  # it waits for the I/O thread's answer
+            task_group.cancel_scope.cancel()
+        if got:  # answered before the cancellation: it is the listener's now
+            await got[0].aclose()
+            continue
+        cancelled += 1
+        again = _systemd.take_listener(socket.AF_INET, address)
+        assert again is not None, "a listen_tcp that raised Cancelled lost the passed socket"
+        with again:
+            assert again.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            assert again.getsockname() == address
+    assert cancelled, "no listen_tcp was cancelled while it waited"
