@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -378,3 +379,44 @@ async def test_a_listen_cancelled_while_adopting_an_inherited_socket_keeps_it(
             assert again.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
             assert again.getsockname() == address
     assert cancelled, "no listen_tcp was cancelled while it waited"
+
+
+async def test_listener_receives_and_selects_cancelled_at_random_lose_no_connection(
+    ios: ioserver.IOServer,
+) -> None:
+    """Connections arrive while ``Listener.receive`` and ``select`` on the listener are
+    cancelled at random points (before they start, while parked, in the tick a
+    connection arrives): every connection is received exactly once, by a call that
+    returned, and none is lost with a call that raised Cancelled."""
+    rng = random.Random(14)
+    count = 60
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0)
+    received: list[ports.Port] = []
+    peers: list[socket.socket] = []
+    try:
+        async with listener:
+            for index in range(count):
+                peer = socket.create_connection(listener.local_address)
+                peers.append(peer)
+                for _ in range(3):
+                    with anyio.move_on_after(rng.random() * 2e-4):
+                        if index % 2:
+                            accepted = await listener.receive()
+                        else:
+                            _source, accepted = await ports.select(listener)
+                        assert isinstance(accepted, Accepted)
+                        received.append(accepted.port)
+            with anyio.fail_after(10):
+                while len(received) < count:
+                    accepted = await listener.receive()
+                    assert isinstance(accepted, Accepted)
+                    received.append(accepted.port)
+            assert len({id(port) for port in received}) == count
+            assert listener.statistics().messages_buffered == 0
+            addresses = {port.remote_address for port in received}
+            assert addresses == {peer.getsockname() for peer in peers}
+    finally:
+        for port in received:
+            await port.aclose()
+        for peer in peers:
+            peer.close()
