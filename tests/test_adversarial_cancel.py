@@ -420,3 +420,19 @@ async def test_listener_receives_and_selects_cancelled_at_random_lose_no_connect
             await port.aclose()
         for peer in peers:
             peer.close()
+
+
+async def test_a_select_with_timeout_0_takes_a_message_already_there() -> None:
+    """``select(..., timeout=0)`` is a poll, as ``Mailbox.receive(timeout=0)`` and Erlang's
+    ``after 0``: a message already queued is returned, on both backends; only with none
+    does it raise TimeoutError (having taken nothing).  Before, on trio its first
+    checkpoint came inside the timeout's scope, already expired: it raised TimeoutError
+    with the message there (asyncio returned the message)."""
+    mailbox = ports.Mailbox()
+    mailbox.send_nowait("there")
+    assert await ports.select(mailbox, timeout=0) == (mailbox, "there")
+    mailbox.send_nowait("again")
+    assert await mailbox.receive(timeout=0) == "again"
+    with pytest.raises(TimeoutError):
+        await ports.select(mailbox, timeout=0)
+    assert len(mailbox) == 0
