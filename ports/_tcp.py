@@ -21,7 +21,7 @@ import anyio
 
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest, SocketAddress
-from ioserver._exceptions import NotSupportedError, OptionError
+from ioserver._exceptions import ConnectError, NotSupportedError, OptionError, errno_name
 from ioserver._hub import Hub
 from ioserver._iothread import IOThread
 from ioserver._options import (
@@ -270,7 +270,9 @@ async def listen_tcp(
 
     Raises:
         ConnectError: the address is in use (``"EADDRINUSE"``), not local
-            (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve.
+            (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve; or the
+            socket systemd passed for it could not be adopted (``"EMFILE"``: it is kept
+            for a later call).
         OptionError: an unknown option or a wrong value (``tls`` not a server
             :class:`ssl.SSLContext`...).
         NotSupportedError: ``tls`` on a daemon's server (:func:`client.connect`).
@@ -335,7 +337,8 @@ async def open_listener(
     ``tls_handshake_timeout`` seconds (``ioserver._tls``).
 
     Raises:
-        ConnectError: the I/O half could not listen (the address in use...).
+        ConnectError: the I/O half could not listen (the address in use...), or
+            ``inherited`` could not be adopted (``"EMFILE"``: it goes back for later).
     """
     listener = Listener(server, (-1, False))
     io = server._io
@@ -370,7 +373,17 @@ async def open_listener(
         # the request closes that copy, and the passed socket goes back for the next
         # listen on the address - systemd passed it once, and the port may be one this
         # process cannot bind itself.
-        io.submit(partial(cmd_listen_inherited, io, inherited.dup()), request, spec)
+        try:
+            adopted = inherited.dup()
+        except OSError as exc:  # (EMFILE...): the passed socket stays for a later listen
+            return_listener(family, address, inherited)
+            name = errno_name(exc.errno)
+            raise ConnectError(
+                f"cannot adopt the socket systemd passed for {address!r}: {exc.strerror} ({name})",
+                exc.errno,
+                name,
+            ) from None
+        io.submit(partial(cmd_listen_inherited, io, adopted), request, spec)
     else:
         io.submit(command, request, spec)
     try:

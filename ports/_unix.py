@@ -102,7 +102,9 @@ async def listen_unix(
 
     Raises:
         ConnectError: the path is in use (``"EADDRINUSE"``), its directory does not
-            exist (``"ENOENT"``) or is not writable (``"EACCES"``).
+            exist (``"ENOENT"``) or is not writable (``"EACCES"``); or the socket systemd
+            passed for it could not be adopted (``"EMFILE"``: it is kept for a later
+            call).
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
         client.ProtocolError: through a daemon (:func:`client.connect`, where the path is
