@@ -436,3 +436,51 @@ async def test_a_select_with_timeout_0_takes_a_message_already_there() -> None:
     with pytest.raises(TimeoutError):
         await ports.select(mailbox, timeout=0)
     assert len(mailbox) == 0
+
+
+async def test_remote_connects_cancelled_at_random_leave_no_connection_open(
+    tmp_path: Any, no_leaks: None
+) -> None:
+    """Through a daemon (``client.connect``), connects cancelled at random points - before
+    they start, while the daemon connects, in the tick its answer arrives - leave no
+    connection open in the daemon: once the ports that returned are closed, the peer
+    reads the end of every connection it accepted."""
+    from test_daemon import HEARTBEAT, Daemon
+
+    import client
+
+    path = tmp_path / "run" / "control"
+    endpoint = f"ipc://{path}"
+    daemon = Daemon("--endpoint", endpoint, "--heartbeat", str(HEARTBEAT))
+    rng = random.Random(14)
+    try:
+        with socket.socket() as peer:
+            peer.bind(("127.0.0.1", 0))
+            peer.listen(256)
+            host, number = peer.getsockname()
+            async with client.connect(endpoint) as ios:
+                opened: list[ports.Port] = []
+                for _ in range(60):
+                    with anyio.move_on_after(rng.random() * 2e-3):
+                        opened.append(await ports.connect_tcp(ios, host, number))
+                for port in opened:
+                    await port.aclose()
+                # Every connection the daemon made ends: one that returned was closed
+                # just now, one cancelled by its request.  Each was made, so once the
+                # connects made after them have returned it is in the peer's queue.
+                last = await ports.connect_tcp(ios, host, number)
+                await last.aclose()
+                peer.setblocking(False)
+                accepted = 0
+                while True:
+                    try:
+                        connection, _ = peer.accept()
+                    except BlockingIOError:
+                        break
+                    with connection:
+                        connection.settimeout(10)  # a failure bound only: the end is due
+                        assert connection.recv(1) == b"", "a cancelled connect stayed open"
+                    accepted += 1
+                assert accepted >= len(opened) + 1
+    finally:
+        assert daemon.stop() == 0, daemon.log
