@@ -137,6 +137,10 @@ async def connect(
     and later sends raise :exc:`~ports.BrokenPortError` (an
     :exc:`anyio.BrokenResourceError`).
 
+    It checks for cancellation first, and a call cancelled while it waits for the daemon
+    ends the session it began (trio's rule: a call that raises ``Cancelled`` leaves no
+    session on ``server``).
+
     Args:
         endpoint: the daemon's control endpoint, ``ipc://PATH`` or ``tcp://HOST:PORT``;
             default: the daemon's default, ``ipc://<runtime dir>/control``.
@@ -175,6 +179,9 @@ async def connect(
         raise DaemonUnavailable(_ipc.stale_message(endpoint), None, "ECONNREFUSED")
     if (curve_server_key is None) != (curve_certificate is None):
         raise OptionError("CURVE needs both curve_server_key and curve_certificate")
+    # The checkpoint comes before the session's socket is made: a call that raises
+    # Cancelled opened nothing and said nothing to the daemon (trio's rule).
+    await anyio.lowlevel.checkpoint_if_cancelled()
     async with AsyncExitStack() as stack:
         local = server if server is not None else await stack.enter_async_context(ioserver.open())
         hub = local._check_open()
@@ -205,8 +212,15 @@ async def connect(
         request = _Request(io, hub)
         io.submit(remote.cmd_start, request, hub.deliver)
         result: object = None
-        with anyio.move_on_after(timeout):
-            result = await request.wait()
+        try:
+            with anyio.move_on_after(timeout):
+                result = await request.wait()
+        except BaseException:
+            # Cancelled while the daemon answers: the session ends here, as when it does
+            # not answer in time (the socket is closed, a WELCOME on its way is dropped).
+            if not local.closed:
+                io.submit(remote.cmd_bye, None, None)
+            raise
         if result is None or isinstance(result, BaseException):
             if not local.closed:
                 io.submit(remote.cmd_bye, None, None)

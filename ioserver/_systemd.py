@@ -165,6 +165,13 @@ def take_listener(family: int, address: object) -> socket.socket | None:
         return _load().pop(_key(family, address), None)
 
 
+def return_listener(family: int, address: object, sock: socket.socket) -> None:
+    """Put back ``sock``, which :func:`take_listener` gave for ``address``, because it was
+    not adopted (the listen was cancelled, or failed): the next listen there takes it."""
+    with _lock:
+        _load()[_key(family, address)] = sock
+
+
 def cmd_listen_inherited(
     io: StreamHost, sock: socket.socket, request: object, spec: ListenRequest
 ) -> None:

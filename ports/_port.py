@@ -1017,10 +1017,18 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
         sent early ends the session for many peers.  Close the port instead (it sends
         ``close_notify``).
 
+        It is a checkpoint, taken first: a call that raises ``Cancelled`` did not
+        half-close (trio's rule).
+
         Raises:
             ClosedPortError: the port is closed.
             NotImplementedError: the port is a TLS connection (``tls=``).
         """
+        await anyio.lowlevel.checkpoint()
+        self._send_eof_nowait()
+
+    def _send_eof_nowait(self) -> None:
+        """Queue the half-close (see :meth:`send_eof`), without a checkpoint."""
         if self._closed:
             raise ClosedPortError("this port is closed")
         if getattr(self._conn, "tls", None) is not None:
@@ -1033,7 +1041,6 @@ class Port(_PortBase, _ObjectStream[Message], trio.abc.Channel[Message]):  # typ
             self._get_send_waiter().eof_sent = True
             self._simple_send = False
             self._submit((self._io.cmd_send_eof, self._conn, None))
-        await anyio.lowlevel.checkpoint()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "ended" if self._ended else "open"

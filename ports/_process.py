@@ -17,6 +17,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Literal, Unpack
 
+import anyio
+
 from ioserver._conn import STREAM, Conn
 from ioserver._contract import ProcessControl, ProcessRequest, RemoteOpens
 from ioserver._exceptions import (
@@ -246,6 +248,9 @@ async def open_process(
     once and its ``kill_grace`` from that moment: the stop waits the longest grace, not
     their sum.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    started no program (trio's rule).
+
     Args:
         server: the I/O server (from :func:`ioserver.open`).
         argv: the program and its arguments: a list of str, bytes or paths, never one
@@ -290,6 +295,9 @@ async def open_process(
     ):
         raise OptionError(f"kill_grace must be non-negative seconds, not {kill_grace!r}")
     credit, settings = unix_options(dict(options), "a process port")
+    # The checkpoint comes before the program starts: a call that raises Cancelled ran
+    # nothing (trio's rule).
+    await anyio.lowlevel.checkpoint_if_cancelled()
     io = server._io
     # The native core's thread carries the stream itself (its hosted half the watcher).
     port = ProcessPort(server, credit, settings, native=getattr(io, "native", False))
@@ -310,8 +318,16 @@ async def open_process(
                 port, server._hub.deliver, arguments, stderr, float(kill_grace), settings, credit
             ),
         )
-        result = await request.wait()
+        try:
+            result = await request.wait()
+        except BaseException:
+            # Cancelled: the daemon's program is terminated as its port closes (by the
+            # request), and the abandoned port is closed, so that what was delivered to
+            # it meanwhile is counted taken (as connect_tcp's).
+            port.close_nowait()
+            raise
         if isinstance(result, BaseException):
+            port.close_nowait()
             raise result
         port._conn, port._watcher = result
         port._local_address = ""
@@ -443,5 +459,7 @@ async def open_process(
             raise result
         port._conn = result[0]
     if stderr_port is not None:
-        await stderr_port.send_eof()  # receive only: the program's stderr is one-way
+        # Receive only: the program's stderr is one-way.  (Not awaited: a cancellation
+        # delivered here would leave the program running with its port owned by nobody.)
+        stderr_port._send_eof_nowait()
     return port

@@ -273,11 +273,12 @@ class ClientStatistics:
 
 
 class _Call(Waiter):
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "replied", "result")
 
     def __init__(self) -> None:
         super().__init__()
         self.done = False
+        self.replied = False  # done by a frame from the server (not by _fail_all)
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -390,6 +391,11 @@ class Client(Generic[Request, Reply]):
         Many calls may wait at once on one client; each returns its own reply whatever
         the order the server answers in.
 
+        It checks for cancellation (and ``timeout``) before it sends: a call that raises
+        ``Cancelled`` or :exc:`TimeoutError` before its request was queued sent nothing,
+        and the server never runs it (trio's rule).  One cancelled or timed out while it
+        waits for the reply was sent: the server may have run it.
+
         Args:
             request: a value of the interface's request type.
             timeout: the most seconds to wait (sending included); ``None`` waits for ever.
@@ -426,24 +432,24 @@ class Client(Generic[Request, Reply]):
         self._last_id = ident = self._last_id + 1
         frame = self._encode([REQUEST, ident, request])
         call = _Call()
-        self._calls[ident] = call
         counts = self._counts
-        counts[0] += 1
         try:
             if timeout is None:
-                await self._sender.send(frame)
+                await self._send_call(ident, call, frame)
                 while not call.done:
                     await self._parker.park(call)
             else:
                 with anyio.fail_after(timeout):
-                    await self._sender.send(frame)
+                    await self._send_call(ident, call, frame)
                     while not call.done:
                         await self._parker.park(call)
         except TimeoutError:
             counts[2] += 1
+            self._dropped(call)
             raise TimeoutError(f"no reply to {tag_of(type(request))} within {timeout} s") from None
         except anyio.get_cancelled_exc_class():
             counts[3] += 1
+            self._dropped(call)
             raise
         finally:
             if not call.done:
@@ -452,6 +458,26 @@ class Client(Generic[Request, Reply]):
             raise call.error
         result: Reply = call.result
         return result
+
+    def _dropped(self, call: _Call) -> None:
+        """``call`` raised Cancelled or TimeoutError: a reply the reader took for it in
+        the same tick (after the cancellation, before the task resumed) reached nobody -
+        a late reply, not one handed to its caller."""
+        if call.replied:
+            counts = self._counts
+            counts[1] -= 1
+            counts[4] += 1
+
+    async def _send_call(self, ident: int, call: _Call, frame: object) -> None:
+        """Record ``call`` under ``ident`` and send its request ``frame``.
+
+        The checkpoint comes first (trio's rule): a call cancelled, or out of time, before
+        its request was queued raises having sent nothing - the server never runs it.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._calls[ident] = call
+        self._counts[0] += 1
+        await self._sender.send(frame)
 
     # -- the reader task ------------------------------------------------------------------
     async def _read(self) -> None:
@@ -488,7 +514,7 @@ class Client(Generic[Request, Reply]):
                     counts[5] += 1
                     counts[1] += 1
                     refused.error = exc
-                    refused.done = True
+                    refused.done = refused.replied = True
                     self._parker.wake(refused)
                     return
                 counts[7] += 1
@@ -534,7 +560,7 @@ class Client(Generic[Request, Reply]):
             counts[7] += 1
             call.error = RPCDecodeError(f"malformed reply envelope: {envelope!r:.200}")
         counts[1] += 1
-        call.done = True
+        call.done = call.replied = True
         self._parker.wake(call)
 
     def statistics(self) -> ClientStatistics:

@@ -42,7 +42,8 @@ async def select(*sources: Source, timeout: float | None = None) -> tuple[Source
         ``(source, message)``: the source the message came from, and the message.
 
     Raises:
-        TimeoutError: ``timeout`` passed and no source had a message.
+        TimeoutError: ``timeout`` passed and no source had a message (``timeout=0``
+            polls: a message already there is returned).
         EndOfPort: a source has delivered its final message already (a port whose
             :class:`~ioserver.Closed` was received, a channel whose send end is closed and
             drained): stop selecting on it.
@@ -63,6 +64,14 @@ async def select(*sources: Source, timeout: float | None = None) -> tuple[Source
     parker = current_parker()
     if timeout is None:
         return await _select(order, parker, wake_at)
+    # The first checkpoint and poll come before the timeout's scope: a message already
+    # there is taken even with timeout=0 (a poll, as Mailbox.receive's and Erlang's
+    # ``after 0``), on both backends - in the scope, trio's checkpoint would raise first.
+    await parker.checkpoint_first()
+    for source in order:
+        message = source._select_poll()
+        if message is not EMPTY:
+            return source, message
     with anyio.fail_after(timeout):
         return await _select(order, parker, wake_at)
 

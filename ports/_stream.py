@@ -369,8 +369,7 @@ class PortStream(anyio.abc.ByteStream, trio.abc.HalfCloseableStream):
         self._start_sending()
         try:
             await _checkpoint()
-            with anyio.CancelScope(shield=True):  # queued: it happened, report success
-                await self._port.send_eof()
+            self._port._send_eof_nowait()  # nothing awaited once it is queued
         finally:
             self._sending = False
 

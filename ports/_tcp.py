@@ -17,9 +17,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Unpack
 
+import anyio
+
 from ioserver._conn import Conn
 from ioserver._contract import ConnectRequest, ListenRequest, SocketAddress
-from ioserver._exceptions import NotSupportedError, OptionError
+from ioserver._exceptions import ConnectError, NotSupportedError, OptionError, errno_name
 from ioserver._hub import Hub
 from ioserver._iothread import IOThread
 from ioserver._options import (
@@ -31,7 +33,7 @@ from ioserver._options import (
     port_options,
 )
 from ioserver._server import IOServer
-from ioserver._systemd import cmd_listen_inherited, take_listener
+from ioserver._systemd import cmd_listen_inherited, return_listener, take_listener
 from ioserver._tls import HANDSHAKE_TIMEOUT
 
 from ._port import Listener, Port, _Request, _resolve
@@ -70,6 +72,9 @@ async def connect_tcp(
     Closing the port sends ``close_notify``; :meth:`Port.send_eof` raises
     :exc:`NotImplementedError`, as anyio's ``TLSStream.send_eof``.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    connected nothing (trio's rule).
+
     Args:
         server: the I/O server (from :func:`ioserver.open`).
         host: a name or an IPv4/IPv6 address.
@@ -102,6 +107,9 @@ async def connect_tcp(
         raise OptionError("server_hostname is given without tls=: it names a TLS server")
     _check_timeout(tls_handshake_timeout)
     credit, settings = port_options(dict(options), "a TCP port")
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     addresses = await _resolve(host, port, passive=False)
     error: BaseException | None = None
     for family, address in addresses:
@@ -231,6 +239,9 @@ async def listen_tcp(
     port: read it from ``listener.local_address``.  Binds the first address ``host``
     resolves to; IPv6 listeners are IPv6-only.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    bound nothing (trio's rule).
+
     Args:
         server: the I/O server.
         host: the address to bind; ``"127.0.0.1"`` by default (never all interfaces
@@ -259,7 +270,9 @@ async def listen_tcp(
 
     Raises:
         ConnectError: the address is in use (``"EADDRINUSE"``), not local
-            (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve.
+            (``"EADDRNOTAVAIL"``), forbidden (``"EACCES"``), or did not resolve; or the
+            socket systemd passed for it could not be adopted (``"EMFILE"``: it is kept
+            for a later call).
         OptionError: an unknown option or a wrong value (``tls`` not a server
             :class:`ssl.SSLContext`...).
         NotSupportedError: ``tls`` on a daemon's server (:func:`client.connect`).
@@ -280,6 +293,9 @@ async def listen_tcp(
         "reuseport": reuseport,
         "active": credit,
     }
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     family, address = (await _resolve(host, port, passive=True))[0]
     io = server._io
     # systemd's socket activation: a socket passed for this very address is adopted.
@@ -321,7 +337,8 @@ async def open_listener(
     ``tls_handshake_timeout`` seconds (``ioserver._tls``).
 
     Raises:
-        ConnectError: the I/O half could not listen (the address in use...).
+        ConnectError: the I/O half could not listen (the address in use...), or
+            ``inherited`` could not be adopted (``"EMFILE"``: it goes back for later).
     """
     listener = Listener(server, (-1, False))
     io = server._io
@@ -352,16 +369,36 @@ async def open_listener(
     )
     if inherited is not None:
         assert isinstance(io, IOThread)
-        io.submit(partial(cmd_listen_inherited, io, inherited), request, spec)
+        # The I/O thread adopts a copy: if this call is cancelled (or the adoption fails)
+        # the request closes that copy, and the passed socket goes back for the next
+        # listen on the address - systemd passed it once, and the port may be one this
+        # process cannot bind itself.
+        try:
+            adopted = inherited.dup()
+        except OSError as exc:  # (EMFILE...): the passed socket stays for a later listen
+            return_listener(family, address, inherited)
+            name = errno_name(exc.errno)
+            raise ConnectError(
+                f"cannot adopt the socket systemd passed for {address!r}: {exc.strerror} ({name})",
+                exc.errno,
+                name,
+            ) from None
+        io.submit(partial(cmd_listen_inherited, io, adopted), request, spec)
     else:
         io.submit(command, request, spec)
     try:
         result = await request.wait()
     except BaseException:
         listener.close_nowait()  # an Accepted delivered to it closes its port (_deliver)
+        if inherited is not None:
+            return_listener(family, address, inherited)
         raise
     if isinstance(result, BaseException):
         listener.close_nowait()
+        if inherited is not None:
+            return_listener(family, address, inherited)
         raise result
+    if inherited is not None:
+        inherited.close()  # the I/O thread's copy is the listener's
     listener._conn, listener._local_address, _ = result
     return listener

@@ -14,6 +14,8 @@ import sys
 from functools import partial
 from typing import Unpack, final
 
+import anyio
+
 from ioserver._contract import RemoteOpens, TunRequest
 from ioserver._exceptions import (
     BrokenPortError,
@@ -31,7 +33,7 @@ from ._port import (
     _Request,
     _to_bytes,
 )
-from ._udp import UDPPort
+from ._udp import UDPPort, _answer
 
 __all__ = ["MAX_PACKET", "TunOptions", "TunPort", "open_tun"]
 
@@ -195,6 +197,9 @@ async def open_tun(
     ``examples/tun_ping.py``).  The semantics are the kernel's
     (``Documentation/networking/tuntap.rst``); the port's are a UDP port's.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    opened nothing (trio's rule).
+
     Args:
         server: the I/O server (from :func:`ioserver.open`).
         name: the device's name, at most 15 bytes; empty, or with ``%d``, the kernel picks
@@ -224,6 +229,9 @@ async def open_tun(
     if mode not in ("tun", "tap"):
         raise OptionError(f'mode must be "tun" or "tap", not {mode!r}')
     credit, settings = tun_options(dict(options))
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no device was attached.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     port = TunPort(server, credit, settings)
     port._mode = mode
     io = server._io
@@ -233,9 +241,7 @@ async def open_tun(
         request,
         TunRequest(port, hub.deliver, name, mode, settings, credit),
     )
-    result = await request.wait()
-    if isinstance(result, BaseException):
-        raise result
+    result = await _answer(request, port)  # (closes the abandoned port if cancelled)
     port._conn, given = result
     port._device = port._local_address = given
     return port

@@ -391,6 +391,9 @@ async def open_udp(
     As Erlang's ``gen_udp:open/2`` (and ``gen_udp:connect/3`` with ``connect``).  IPv4 or
     IPv6 follows the addresses given; an IPv6 socket is IPv6-only.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    opened nothing (trio's rule).
+
     Args:
         server: the I/O server (from :func:`ioserver.open`).
         bind: ``(host, port)`` to bind; port 0 picks a free one (read it from
@@ -413,6 +416,9 @@ async def open_udp(
     """
     hub = server._check_open("ports.open_udp")
     credit, settings = udp_options(dict(options))
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     io = server._io
     if isinstance(io, RemoteOpens):
         # The daemon resolves names and picks the family: the machine that sends does.
@@ -441,12 +447,30 @@ async def open_udp(
         request,
         UDPRequest(port, hub.deliver, family, local, remote, settings, credit),
     )
-    result = await request.wait()
-    if isinstance(result, BaseException):
-        raise result
+    result = await _answer(request, port)
     port._conn, port._local_address, port._remote_address = result
     port._connected = remote is not None
     return port
+
+
+async def _answer(request: _Request, port: UDPPort) -> Any:
+    """The I/O half's answer to ``request``, which opens ``port``.
+
+    Raises:
+        ConnectError, OptionError: what the I/O half answered (``port`` is closed).
+    """
+    try:
+        result = await request.wait()
+    except BaseException:
+        # Cancelled: the socket is closed (by the request), and the port object is
+        # abandoned: closed, so that what the I/O half delivered to it before the socket
+        # closed is counted taken (a closed port's _deliver), as connect_tcp's is.
+        port.close_nowait()
+        raise
+    if isinstance(result, BaseException):
+        port.close_nowait()
+        raise result
+    return result
 
 
 async def _open_remote(
@@ -469,9 +493,7 @@ async def _open_remote(
         request,
         UDPRequest(port, hub.deliver, socket.AF_UNSPEC, local, remote, settings, credit),
     )
-    result = await request.wait()
-    if isinstance(result, BaseException):
-        raise result
+    result = await _answer(request, port)
     port._conn, port._local_address, port._remote_address = result
     # The daemon chose the family: its addresses say which ((host, port) is IPv4).
     local_address = port._local_address

@@ -12,6 +12,8 @@ import os
 import socket
 from typing import Unpack
 
+import anyio
+
 from ioserver._contract import RemoteOpens
 from ioserver._options import (
     LISTEN_OPTIONS,
@@ -39,6 +41,9 @@ async def connect_unix(
     byte stream with every :class:`~ports.PortOptions` option except ``nodelay`` and
     ``keepalive``; its ``remote_address`` is the path.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    connected nothing (trio's rule).
+
     Args:
         server: the I/O server (from :func:`ioserver.open`).
         path: the socket's file system path (str, bytes or path-like, at most 107
@@ -57,6 +62,9 @@ async def connect_unix(
     hub = server._check_open("ports.connect_unix")
     address = check_path(path)
     credit, settings = unix_options(dict(options), "a Unix socket port")
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     result = await open_stream(server, hub, socket.AF_UNIX, address, credit, settings)
     if isinstance(result, BaseException):
         raise result
@@ -81,6 +89,9 @@ async def listen_unix(
     * a file that is not a socket is never removed (``"EADDRINUSE"`` too);
     * the listener removes its socket file when it closes (if it is still its own).
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    bound nothing (trio's rule).
+
     Args:
         server: the I/O server.
         path: a file system path (at most 107 bytes) or, on Linux, an abstract name
@@ -91,7 +102,9 @@ async def listen_unix(
 
     Raises:
         ConnectError: the path is in use (``"EADDRINUSE"``), its directory does not
-            exist (``"ENOENT"``) or is not writable (``"EACCES"``).
+            exist (``"ENOENT"``) or is not writable (``"EACCES"``); or the socket systemd
+            passed for it could not be adopted (``"EMFILE"``: it is kept for a later
+            call).
         OptionError: a wrong path, an unknown option or a wrong value.
         ClosedPortError: the I/O server is closed.
         client.ProtocolError: through a daemon (:func:`client.connect`, where the path is
@@ -110,6 +123,9 @@ async def listen_unix(
         "active": credit,
     }
     io = server._io
+    # The checkpoint comes before anything is opened: a call that raises Cancelled opened
+    # nothing (trio's rule), no peer saw a connection, no address was bound.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     # systemd's socket activation: a socket passed for this very path is adopted.
     # A daemon's client: the path is the daemon's, and so would be an inherited socket.
     inherited: socket.socket | None = None

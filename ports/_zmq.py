@@ -125,6 +125,9 @@ async def open_zmq(
     sends on it, so actors never block on ZeroMQ.  ``bind`` returns at once; read the
     bound endpoint (e.g. a ``tcp://127.0.0.1:*`` wildcard port) from ``port.local_address``.
 
+    It checks for cancellation before it acts: a call that raises ``Cancelled`` at once
+    opened (bound, connected) nothing (trio's rule).
+
     Args:
         server: the I/O server.
         socket_type: ``"PUSH"``, ``"PULL"``, ``"PUB"``, ``"SUB"``, ``"DEALER"``,
@@ -174,6 +177,9 @@ async def open_zmq(
     else:
         raise OptionError(f"subscribe must be bytes or a list of bytes, not {subscribe!r}")
 
+    # The checkpoint comes first, and nothing is awaited once the socket is bound: a call
+    # that raises Cancelled opened nothing (trio's rule), no endpoint was bound.
+    await anyio.lowlevel.checkpoint()
     io = server._io
     if isinstance(io, RemoteOpens):  # a daemon's client: the socket lives in the daemon
         where = (binds, connects, None if subscribe is None else topics)
@@ -223,7 +229,6 @@ async def open_zmq(
     port._local_address = last_endpoint
     port._remote_address = connects[0] if connects else None
     io.submit(_start, handler, None)
-    await anyio.lowlevel.checkpoint()
     return port
 
 
@@ -258,8 +263,15 @@ async def _open_remote(
         credit,
     )
     server._io.submit(io.cmd_open_zmq, request, spec)
-    result = await request.wait()
+    try:
+        result = await request.wait()
+    except BaseException:
+        # Cancelled: the abandoned port is closed, so that what the daemon delivered to
+        # it before its socket closed is counted taken (as connect_tcp's).
+        port.close_nowait()
+        raise
     if isinstance(result, BaseException):
+        port.close_nowait()
         raise result
     port._conn, port._local_address, port._remote_address = result
     return port
