@@ -86,31 +86,32 @@ the I/O thread reads it until an owner takes it, with framing buffers and queued
 Once a round, :meth:`MemoryBudget.headroom` computes the headroom ``L - memory_in_use()``
 (and lets paused ports go); the I/O thread takes it again after the round's poll, which
 may have slept while owners queued output, so that the round's reads are admitted against
-what is in use when they happen.  It is split in two.  An ordinary read needs a whole read (64 KiB) of headroom **plus the
-reserve** (``L // 4``): so ordinary input stops at three quarters of the budget and the
-ports it paused resume together at one half.  The reserve is for the ports whose owner
-**waits** - a task parked in ``receive``/``select`` on the port, having taken everything
-delivered to it (:meth:`ReceiveFlow.owner_waits`; the loop half answers whether a task is
-parked, ``window.task_waits``) - which may read while a whole read fits under ``L``.  Such
-a read is taken at once by the waiting task, so it frees itself (unless a selective receive
-on a mailbox leaves it unmatched: it stays charged there, and its port no longer counts as
-waiting until it is taken); a port is never starved
-by the others' input filling the budget, whatever order an actor reads its ports in.  When
-a waiting port finds no room even in the reserve, it is a *reserve waiter* and is let in
-first as soon as a read fits (before the others resume at one half).  An owner that starts
-waiting on a port already paused by the budget tells the thread (``cmd_want``); the port
-writes its waiter before it reads ``global_paused``, the thread writes ``global_paused``
-before it reads the waiter, so one of them sees the other.  A task waiting on the
-:class:`~ports.Mailbox` that owns a port waits for it too; the mailbox does not ask each
-of its ports (an actor owning 10,000 ports would pay 10,000 reads a park): the budget
-keeps the paused ports of each owner in the owner's :class:`OwnerCell` (``cmd_owner``
-names it), adding a port there before it reads the mailbox's waiters, and a parking task
-appends its waiter before it reads the cell - so a park costs O(1) while nothing of the
-mailbox is paused, and when some are one ``cmd_want_owner`` lets those, and only those,
-try the reserve (:meth:`MemoryBudget.want_owner`).  The bound stays firm: no read
-is made that could take the memory charged for input past ``L``; the reserve is inside it,
-not on top.  A port of packets charges each one ``PACKET_OVERHEAD`` more than its bytes,
-so when the budget is short it reads only what it could pay for were every byte a packet
+what is in use when they happen.  It is split in two.  An ordinary read needs a whole
+read (64 KiB) of headroom **plus the reserve** (``L // 4``): so ordinary input stops at
+three quarters of the budget and the ports it paused resume together at one half.  The
+reserve is for the ports whose owner **waits** - a task parked in ``receive``/``select``
+on the port, having taken everything delivered to it (:meth:`ReceiveFlow.owner_waits`;
+the loop half answers whether a task is parked, ``window.task_waits``) - which may read
+while a whole read fits under ``L``.  Such a read is taken at once by the waiting task,
+so it frees itself (unless a selective receive on a mailbox leaves it unmatched: it stays
+charged there, and its port no longer counts as waiting until it is taken); a port is
+never starved by the others' input filling the budget, whatever order an actor reads its
+ports in.  When a waiting port finds no room even in the reserve, it is a *reserve
+waiter* and is let in first as soon as a read fits (before the others resume at one
+half).  An owner that starts waiting on a port already paused by the budget tells the
+thread (``cmd_want``); the port writes its waiter before it reads ``global_paused``, the
+thread writes ``global_paused`` before it reads the waiter, so one of them sees the
+other.  A task waiting on the :class:`~ports.Mailbox` that owns a port waits for it too;
+the mailbox does not ask each of its ports (an actor owning 10,000 ports would pay 10,000
+reads a park): the budget keeps the paused ports of each owner in the owner's
+:class:`OwnerCell` (``cmd_owner`` names it), adding a port there before it reads the
+mailbox's waiters, and a parking task appends its waiter before it reads the cell - so a
+park costs O(1) while nothing of the mailbox is paused, and when some are one
+``cmd_want_owner`` lets those, and only those, try the reserve
+(:meth:`MemoryBudget.want_owner`).  The bound stays firm: no read is made that could take
+the memory charged for input past ``L``; the reserve is inside it, not on top.  A port of
+packets charges each one ``PACKET_OVERHEAD`` more than its bytes, so when the budget is
+short it reads only what it could pay for were every byte a packet
 (:meth:`MemoryBudget.packet_read_size`); and within a round the headroom goes down by
 **what each read was charged** - its packets, the bytes its framer or its held packets
 took - not by the bytes it read, or the next port's read would be admitted against memory
@@ -118,8 +119,8 @@ already spent.  (A message larger than the reserve cannot be completed by reserv
 alone: it waits for the budget to free; one charged more than ``memory_limit`` less a
 read, which no read could ever complete, fails its port with ``EMSGSIZE``:
 ``IOThread.message_cap``; and unfinished packets that stall the budget fail the port
-holding the most, below, "Progress".) Handlers that read (UDP) ask the same rule
-through :meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
+holding the most, below, "Progress".) Handlers that read (UDP) ask the same rule through
+:meth:`MemoryBudget.read_allowance` and :meth:`MemoryBudget.resumes`.
 
 Progress
 --------
