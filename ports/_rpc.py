@@ -651,7 +651,9 @@ async def serve(
 
     When the peer closes (or the connection breaks), ``serve`` waits for the handlers
     still running, sends their replies if it still can, closes the port (unless
-    ``close=False``) and returns.  Cancel it to stop serving at once.
+    ``close=False``) and returns.  Cancel it to stop serving at once: the handlers running
+    are cancelled (their callers get no reply), and no request is taken from the port that
+    no handler started - with ``close=False`` the next server of the port gets them.
 
     Args:
         port: a connected port opened with ``packet=4`` (or ``1``, ``2``, ``"msgpack"``).
@@ -731,6 +733,13 @@ async def serve(
     async with anyio.create_task_group() as task_group:
         try:
             while True:
+                while in_flight >= max_concurrent_calls:
+                    # At the limit: stop reading (the port's watermark pushes back on the
+                    # peer) until a handler ends.  A plain counter: no semaphore per call.
+                    # Before the receive, not after it: cancelled here, ``serve`` has
+                    # taken no request it did not start (it stays in the port).
+                    room = room or anyio.Event()
+                    await room.wait()
                 message = await port.receive()
                 cls = message.__class__
                 if cls is Closed:
@@ -764,11 +773,6 @@ async def serve(
                     await answer(encode([ERROR, ident, "decode", str(exc)]), ident)
                     continue
                 statistics.requests += 1
-                while in_flight >= max_concurrent_calls:
-                    # At the limit: stop reading (the port's watermark pushes back on the
-                    # peer) until a handler ends.  A plain counter: no semaphore per call.
-                    room = room or anyio.Event()
-                    await room.wait()
                 in_flight += 1
                 if in_flight > statistics.peak_in_flight:
                     statistics.peak_in_flight = in_flight

@@ -341,6 +341,58 @@ async def test_rpc_calls_cancelled_as_their_replies_arrive_count_them_late(
     await listener.aclose()
 
 
+async def test_a_serve_cancelled_at_its_call_limit_leaves_the_next_request_in_the_port(
+    ios: ioserver.IOServer,
+) -> None:
+    """``serve(..., close=False)`` at ``max_concurrent_calls`` and cancelled: the request
+    it had not started stays in the port, for whoever serves the port next.  Before, it
+    took the request first and then waited for room: cancelled there, the request was
+    gone (its caller's call never got an answer)."""
+    started: list[str] = []
+    never = anyio.Event()
+
+    async def handle(request: Count) -> Counted:
+        started.append(request.key)
+        if request.key == "first":
+            await never.wait()
+        return Counted([request.key])
+
+    listener = await ports.listen_tcp(ios, "127.0.0.1", 0, packet=4)
+    async with listener, await rpc.connect(ios, *listener.local_address, COUNTER) as client:
+        accepted = await listener.receive()
+        assert isinstance(accepted, Accepted)
+        port = accepted.port
+        serving, served = anyio.CancelScope(), anyio.Event()
+        answers: list[Counted] = []
+
+        async def first_server() -> None:
+            with serving:
+                await rpc.serve(port, COUNTER, handle, max_concurrent_calls=1, close=False)
+            served.set()
+
+        async def second_call() -> None:
+            answers.append(await client.call(Count("second")))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first_server)
+            tasks.start_soon(client.call, Count("first"))  # (never answered)
+            await until(lambda: started == ["first"])  # the server is at its limit
+            received = port.statistics().bytes_received
+            tasks.start_soon(second_call)
+            await until(lambda: port.statistics().bytes_received > received)
+            # The I/O thread read the second request; the loop runs everything it can
+            # (the server took the request there, before the fix).
+            await anyio.wait_all_tasks_blocked()
+            serving.cancel()
+            await served.wait()
+            # The port's next server answers it.
+            tasks.start_soon(rpc.serve, port, COUNTER, handle)
+            await until(lambda: bool(answers))
+            tasks.cancel_scope.cancel()  # (the first call, the second server)
+    assert answers == [Counted(["second"])]
+    assert started == ["first", "second"]
+
+
 @pytest.mark.every_core
 async def test_a_listen_cancelled_while_adopting_an_inherited_socket_keeps_it(
     ios: ioserver.IOServer, monkeypatch: pytest.MonkeyPatch
