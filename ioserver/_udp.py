@@ -176,17 +176,16 @@ class DatagramHandler(ReceivingHandler):
             except OSError as exc:
                 # An ICMP error queued on the socket (ECONNREFUSED, EHOSTUNREACH...): the
                 # read consumed it; the next one may find a datagram.
-                self._error(exc.errno, self._read_error_detail())
-                if self.closed:
-                    break
-                charged += ERROR_CHARGE
-                if self.over_high():
-                    self._pause_msgq()
-                    break
-                continue
-            if flags & _MSG_TRUNC:
-                self.datagrams_too_large += 1
-                self._error(errno.EMSGSIZE, self._too_large_detail(n, len(self.view), address))
+                error: tuple[int | None, str] | None = (exc.errno, self._read_error_detail())
+            else:
+                error = None
+                if flags & _MSG_TRUNC:
+                    self.datagrams_too_large += 1
+                    detail = self._too_large_detail(n, len(self.view), address)
+                    error = (errno.EMSGSIZE, detail)
+            if error is not None:
+                # An Error message instead of a datagram, charged ERROR_CHARGE (_error).
+                self._error(*error)
                 if self.closed:
                     break
                 charged += ERROR_CHARGE

@@ -168,6 +168,27 @@ class _Request(Waiter):
             self.io.submit(self.io.cmd_close, result[0], None)
 
 
+async def _opened(request: _Request, port: Any) -> Any:
+    """The I/O half's answer to ``request``, which opens ``port`` (a port of this
+    module's kinds, or one built on them).
+
+    Raises:
+        ConnectError, OptionError: what the I/O half answered (``port`` is closed).
+        Cancelled: the wait was cancelled: the socket is closed (by the request), and the
+            abandoned ``port`` is closed, so that what the I/O half delivered to it before
+            the socket closed is counted taken (a closed port's ``_deliver``).
+    """
+    try:
+        result = await request.wait()
+    except BaseException:
+        port.close_nowait()
+        raise
+    if isinstance(result, BaseException):
+        port.close_nowait()
+        raise result
+    return result
+
+
 class _PortBase(Source):
     """What ports and listeners share: the buffer, waiting, closing, owner, select hooks."""
 

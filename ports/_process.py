@@ -34,7 +34,7 @@ from ioserver._options import PortOptions, StreamOptions, unix_options
 from ioserver._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_for_child
 from ioserver._server import IOServer
 
-from ._port import Port, _Request
+from ._port import Port, _opened, _Request
 
 __all__ = ["ProcessPort", "open_process"]
 
@@ -318,17 +318,9 @@ async def open_process(
                 port, server._hub.deliver, arguments, stderr, float(kill_grace), settings, credit
             ),
         )
-        try:
-            result = await request.wait()
-        except BaseException:
-            # Cancelled: the daemon's program is terminated as its port closes (by the
-            # request), and the abandoned port is closed, so that what was delivered to
-            # it meanwhile is counted taken (as connect_tcp's).
-            port.close_nowait()
-            raise
-        if isinstance(result, BaseException):
-            port.close_nowait()
-            raise result
+        # Cancelled, the daemon's program is terminated as its port closes (by the
+        # request), and the abandoned port is closed.
+        result = await _opened(request, port)
         port._conn, port._watcher = result
         port._local_address = ""
         return port

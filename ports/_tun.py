@@ -30,10 +30,11 @@ from ioserver._tun import IFNAMSIZ, cmd_open_tun
 
 from ._port import (
     PortStatistics,
+    _opened,
     _Request,
     _to_bytes,
 )
-from ._udp import UDPPort, _answer
+from ._udp import UDPPort
 
 __all__ = ["MAX_PACKET", "TunOptions", "TunPort", "open_tun"]
 
@@ -241,7 +242,7 @@ async def open_tun(
         request,
         TunRequest(port, hub.deliver, name, mode, settings, credit),
     )
-    result = await _answer(request, port)  # (closes the abandoned port if cancelled)
+    result = await _opened(request, port)  # (closes the abandoned port if cancelled)
     port._conn, given = result
     port._device = port._local_address = given
     return port

@@ -40,6 +40,7 @@ from ._port import (
     PortStatistics,
     _ObjectReceiveStream,
     _ObjectSendStream,
+    _opened,
     _PortBase,
     _register_virtual,
     _Request,
@@ -447,30 +448,10 @@ async def open_udp(
         request,
         UDPRequest(port, hub.deliver, family, local, remote, settings, credit),
     )
-    result = await _answer(request, port)
+    result = await _opened(request, port)
     port._conn, port._local_address, port._remote_address = result
     port._connected = remote is not None
     return port
-
-
-async def _answer(request: _Request, port: UDPPort) -> Any:
-    """The I/O half's answer to ``request``, which opens ``port``.
-
-    Raises:
-        ConnectError, OptionError: what the I/O half answered (``port`` is closed).
-    """
-    try:
-        result = await request.wait()
-    except BaseException:
-        # Cancelled: the socket is closed (by the request), and the port object is
-        # abandoned: closed, so that what the I/O half delivered to it before the socket
-        # closed is counted taken (a closed port's _deliver), as connect_tcp's is.
-        port.close_nowait()
-        raise
-    if isinstance(result, BaseException):
-        port.close_nowait()
-        raise result
-    return result
 
 
 async def _open_remote(
@@ -493,7 +474,7 @@ async def _open_remote(
         request,
         UDPRequest(port, hub.deliver, socket.AF_UNSPEC, local, remote, settings, credit),
     )
-    result = await _answer(request, port)
+    result = await _opened(request, port)
     port._conn, port._local_address, port._remote_address = result
     # The daemon chose the family: its addresses say which ((host, port) is IPv4).
     local_address = port._local_address

@@ -23,7 +23,7 @@ from ioserver._options import FlowSettings, ZmqOptions, ZmqSettings, zmq_options
 from ioserver._server import IOServer
 from ioserver._zmq import ZmqHandler
 
-from ._port import Port, _Request
+from ._port import Port, _opened, _Request
 
 __all__ = ["ZMQ_SOCKET_TYPES", "ZmqOptions", "ZmqPort", "open_zmq"]
 
@@ -263,16 +263,7 @@ async def _open_remote(
         credit,
     )
     server._io.submit(io.cmd_open_zmq, request, spec)
-    try:
-        result = await request.wait()
-    except BaseException:
-        # Cancelled: the abandoned port is closed, so that what the daemon delivered to
-        # it before its socket closed is counted taken (as connect_tcp's).
-        port.close_nowait()
-        raise
-    if isinstance(result, BaseException):
-        port.close_nowait()
-        raise result
+    result = await _opened(request, port)  # (closes the abandoned port if cancelled)
     port._conn, port._local_address, port._remote_address = result
     return port
 

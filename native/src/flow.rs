@@ -2029,17 +2029,31 @@ pub fn framed_eof(
         flow.packet_overhead(),
         charges,
     );
+    debug_assert_eq!(charges.len() - start, count); // one charge a message
+    admit_and_deliver(budget, flow, &charges[start..], None)
+}
+
+/// The end of a framed read (or EOF) that produced messages charged `charges`, the last
+/// one `error` if the framer failed: the credit decides how many are delivered now
+/// ([`ReceiveFlow::admit`]), the rest are held, and the delivered are counted.
+fn admit_and_deliver(
+    budget: &mut Budget,
+    flow: &mut ReceiveFlow,
+    charges: &[u64],
+    error: Option<FrameError>,
+) -> FramedRead {
+    let count = charges.len();
     let deliver = flow.admit(count);
-    flow.hold(budget, &charges[start + deliver..]);
+    flow.hold(budget, &charges[deliver..]);
     let delivered = if deliver > 0 {
-        flow.deliver(budget, &charges[start..start + deliver])
+        flow.deliver(budget, &charges[..deliver])
     } else {
         Delivered::default()
     };
     FramedRead {
         count,
         deliver,
-        error: None,
+        error,
         delivered,
     }
 }
@@ -2119,17 +2133,6 @@ pub fn framed_read(
             }));
         }
     }
-    let deliver = flow.admit(count);
-    flow.hold(budget, &charges[start + deliver..]);
-    let delivered = if deliver > 0 {
-        flow.deliver(budget, &charges[start..start + deliver])
-    } else {
-        Delivered::default()
-    };
-    Ok(FramedRead {
-        count,
-        deliver,
-        error,
-        delivered,
-    })
+    debug_assert_eq!(charges.len() - start, count); // one charge a message
+    Ok(admit_and_deliver(budget, flow, &charges[start..], error))
 }
