@@ -23,7 +23,7 @@ import zmq.auth
 from . import _ipc, _systemd
 from . import _protocol as P
 from ._control import ControlLimits
-from ._exceptions import IOServerError, OptionError
+from ._exceptions import IOServerError, OptionError, UnsafeEndpointError
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
@@ -155,12 +155,29 @@ def prepare_ipc(endpoint: str) -> str | None:
     Raises:
         UnsafeEndpointError: the directory is a symbolic link, belongs to someone else or
             is open to others; the socket path is a link, not a socket, or someone else's.
-        DaemonError: a live daemon already answers on the path.
+        DaemonError: a live daemon already answers on the path; the path is longer than
+            a Unix socket's can be; its directory cannot be made.
     """
     if not endpoint.startswith("ipc://"):
         return None
     path = endpoint[len("ipc://") :]
-    _ipc.make_directory(os.path.dirname(os.path.abspath(path)))
+    # Before any directory is made for it: a path bind() would refuse leaves none behind.
+    longest = zmq.IPC_PATH_MAX_LEN or 107
+    if len(os.fsencode(path)) > longest:
+        raise DaemonError(
+            f"the socket path of {endpoint} is longer than the {longest} bytes a Unix "
+            "socket's path can have; choose a shorter one"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        _ipc.make_directory(directory)
+    except UnsafeEndpointError:
+        raise
+    except OSError as exc:  # a parent not ours to write in, a read-only file system...
+        raise DaemonError(
+            f"cannot make the control socket's directory {directory}: "
+            f"{exc.strerror or exc}; choose another endpoint"
+        ) from None
     if _ipc.check_socket(path):
         if not _ipc.is_stale(path):
             raise DaemonError(f"a daemon already serves {endpoint}")

@@ -221,3 +221,39 @@ def test_serve_replaces_a_stale_socket(stale_endpoint: str, runtime: Path) -> No
         assert process.wait(20) == 0
         assert process.stderr is not None
         process.stderr.close()
+
+
+# -- an ipc:// endpoint the daemon cannot make ---------------------------------------------
+def test_serve_where_the_sockets_directory_cannot_be_made_says_so_in_one_line(
+    runtime: Path,
+) -> None:
+    # /proc takes no new directory, not even root's (as a directory under another user's
+    # would refuse this user's).
+    endpoint = "ipc:///proc/ioserver-test/control"
+    result = ioserver_command(
+        "serve", "--endpoint", endpoint, env={"XDG_RUNTIME_DIR": str(runtime)}
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith(
+        "ioserver: cannot make the control socket's directory /proc/ioserver-test: "
+    ), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_serve_on_a_socket_path_too_long_says_so_and_makes_no_directory(
+    runtime: Path,
+) -> None:
+    directory = runtime / ("d" * 120)
+    result = ioserver_command(
+        "serve",
+        "--endpoint",
+        f"ipc://{directory}/control",
+        env={"XDG_RUNTIME_DIR": str(runtime)},
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith("ioserver: the socket path of ipc://"), result.stderr
+    assert "is longer than the 107 bytes a Unix socket's path can have" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not directory.exists()
