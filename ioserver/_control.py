@@ -262,8 +262,14 @@ class ControlEndpoint(ZmqSocketHandler):
                 handler(self, session, message)
             except ProtocolViolation as exc:
                 rid: object = exc.rid
-                if rid is None and isinstance(message, list) and message[0] in _REQUESTS:
-                    rid = message[1] if len(message) > 1 else None  # echoed if an int
+                if (
+                    rid is None
+                    and isinstance(message, list)
+                    and len(message) > 1
+                    and P.is_int(message[0])  # (not [] nor an unhashable [[...], ...])
+                    and message[0] in _REQUESTS
+                ):
+                    rid = message[1]  # echoed if an int
                 self._refuse(identity, session, rid, exc.kind, str(exc))
                 refused += 1
             except Exception as exc:  # a bug serving one message: refuse it, keep serving

@@ -34,7 +34,7 @@ MAX_PORTS = 8
 class Served:
     """A daemon with the echo app; its endpoint and the echo's TCP port."""
 
-    def __init__(self, tmp_path: Path, heartbeat: float = HEARTBEAT) -> None:
+    def __init__(self, tmp_path: Path, heartbeat: float = HEARTBEAT, *more: str) -> None:
         self.endpoint = f"ipc://{tmp_path}/run/control"
         self.echo_port = free_port()
         self.daemon = Daemon(
@@ -50,6 +50,7 @@ class Served:
             str(MAX_SESSIONS),
             "--max-ports",
             str(MAX_PORTS),
+            *more,
             "--app",
             f"examples/echo.py --port {self.echo_port}",
             ready="echo listening on",
@@ -302,6 +303,28 @@ def test_a_routing_id_does_not_open_another_clients_session(served: Served) -> N
     thief.close()
     served.daemon.wait_for("lost (silent for")
     served.echo_answers()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [[], [[]], [[1]], [{}], [None], [b"\x0a"], [2.5], [True]],
+    ids=["empty", "list", "list-opcode", "map", "nil", "bin", "float", "bool"],
+)
+def test_a_message_without_an_int_opcode_is_malformed_and_the_endpoint_serves_on(
+    served: Served, message: list[Any]
+) -> None:
+    raw = served.raw()
+    raw.hello()
+    raw.send([message, marker(1)])
+    answers = raw.until(is_mark(1))
+    assert [(m[0], m[1], m[2]) for m in answers[:-1]] == [(P.FAULT, None, "malformed")], answers
+    # The same client, another client, and the app: all served on.
+    raw.send([[P.STATUS, 2]])
+    (reply,) = raw.until(lambda m: m[0] == P.STATUS_REPLY)
+    assert reply[2]["internal_errors"] == 0
+    raw.close()
+    served.echo_answers()
+    assert served.status()["faults"] == 2
 
 
 def test_sessions_and_ports_per_session_are_bounded(served: Served) -> None:
