@@ -265,7 +265,7 @@ def _cmd_open_process(control: Endpoint, session: Session, message: P.Message) -
     pid = _new_port(session, rid, message[2])
     argv = _checked(rid, lambda: P.check_argv(message[3]))
     stderr, kill_grace = message[4], message[5]
-    if stderr not in STDERR:
+    if not isinstance(stderr, str) or stderr not in STDERR:
         raise ProtocolViolation(
             "bad-option", 'stderr must be "inherit", "devnull" or "stdout"', rid
         )
@@ -292,7 +292,7 @@ def _cmd_open_zmq(control: Endpoint, session: Session, message: P.Message) -> No
     rid = P.check_int(message[1], "rid")
     pid = _new_port(session, rid, message[2])
     socket_type = message[3]
-    if socket_type not in P.ZMQ_TYPES:
+    if not isinstance(socket_type, str) or socket_type not in P.ZMQ_TYPES:
         raise ProtocolViolation(
             "bad-option", f"a ZeroMQ socket type is one of {', '.join(sorted(P.ZMQ_TYPES))}", rid
         )

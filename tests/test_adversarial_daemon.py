@@ -327,6 +327,43 @@ def test_a_message_without_an_int_opcode_is_malformed_and_the_endpoint_serves_on
     assert served.status()["faults"] == 2
 
 
+@pytest.fixture
+def served_with_programs(tmp_path: Path) -> Iterator[Served]:
+    server = Served(tmp_path, HEARTBEAT, "--allow-process")
+    try:
+        yield server
+    finally:
+        server.context.destroy(linger=0)
+        status = server.daemon.stop()
+    assert status == 0, server.daemon.log
+
+
+UNHASHABLE: list[Any] = [[], ["inherit"], {}, {"a": 1}]
+
+
+def test_an_unhashable_stderr_or_socket_type_is_a_bad_option_not_an_internal_error(
+    served_with_programs: Served,
+) -> None:
+    served = served_with_programs
+    raw = served.raw()
+    raw.hello()
+    requests = [
+        [P.OPEN_PROCESS, rid, rid, ["true"], value, 1.0, {}, -1, False]
+        for rid, value in enumerate(UNHASHABLE, 1)
+    ] + [
+        [P.OPEN_ZMQ, rid, rid, value, ["tcp://127.0.0.1:0"], [], [], {}, -1, False]
+        for rid, value in enumerate(UNHASHABLE, 11)
+    ]
+    raw.send([*requests, marker(99)])
+    answers = raw.until(is_mark(99))[:-1]
+    assert [(m[0], m[2]) for m in answers] == [(P.FAULT, "bad-option")] * len(requests), answers
+    raw.close()
+    status = served.status()
+    assert status["internal_errors"] == 0
+    assert "error while serving" not in served.daemon.log
+    served.echo_answers()
+
+
 def test_sessions_and_ports_per_session_are_bounded(served: Served) -> None:
     clients = [served.raw() for _ in range(MAX_SESSIONS)]
     try:
