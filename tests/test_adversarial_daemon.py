@@ -268,6 +268,30 @@ def test_a_client_that_never_reads_gets_backpressure_not_memory(
         raw.close()
 
 
+def test_a_client_that_never_reads_its_answers_is_dropped_not_grown_into(
+    served: Served,
+) -> None:
+    """Answers that are not DATA (STATUS_REPLY, FAULT...) are not held by --session-queue:
+    a client that asks and never reads them is dropped once REPLY_QUEUE bytes wait."""
+    raw = served.raw()
+    raw.sock.setsockopt(zmq.RCVHWM, 1)
+    raw.hello()
+    asks = [[P.STATUS, rid] for rid in range(4)] + [[99, n] for n in range(17)]
+    deadline = time.monotonic() + 30
+    try:
+        while "of its answers wait unread" not in served.daemon.log:
+            # Each frame costs the daemon about 0.6 KiB of answers that wait for nobody.
+            assert time.monotonic() < deadline, "the daemon keeps the answers of a non-reader"
+            for _ in range(100):
+                raw.send(asks)
+    finally:
+        raw.close()
+    status = served.status()
+    assert status["clients_lost"] == 1 and status["clients"] == 1, status  # (the query's own)
+    assert status["internal_errors"] == 0
+    served.echo_answers()
+
+
 # Heartbeats of 1 s: the orphaned session lives 3 s, time enough for the thief's attempts.
 @pytest.mark.parametrize("served", [1.0], indirect=True)
 def test_a_routing_id_does_not_open_another_clients_session(served: Served) -> None:
