@@ -388,6 +388,45 @@ def test_an_unhashable_stderr_or_socket_type_is_a_bad_option_not_an_internal_err
     served.echo_answers()
 
 
+def test_out_of_descriptors_an_open_udp_fails_with_emfile_and_the_daemon_serves_on(
+    served: Served,
+) -> None:
+    """A daemon out of file descriptors answers each open with FAILED ``EMFILE`` (typed,
+    to the client that asked), and serves again once they are free."""
+    import resource
+
+    pid = served.daemon.process.pid
+    raw = served.raw()
+    raw.hello()
+    # The daemon may open a few more descriptors than it has now: its ports take them.
+    room = len(os.listdir(f"/proc/{pid}/fd")) + 6
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, limits[1]))
+    try:
+        failed = None
+        for rid in range(1, MAX_PORTS + 1):
+            raw.send([[P.LISTEN, rid, rid, 2, ["127.0.0.1", 0], {}, -1, False]])
+            answer = raw.until(
+                lambda m, rid=rid: m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] == rid
+            )[-1]
+            if answer[0] != P.OK:
+                failed = answer
+                break
+        assert failed is not None and failed[0] == P.FAILED and failed[3:5] == [24, "EMFILE"]
+        udp = 100
+        raw.send([[P.OPEN_UDP, udp, udp, ["127.0.0.1", 0], None, {}, -1, False]])
+        answer = raw.until(lambda m: m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] in (udp, None))[-1]
+        assert answer[0] == P.FAILED, answer
+        assert answer[2:5] == ["ConnectError", 24, "EMFILE"], answer
+        raw.send([[P.BYE]])
+    finally:
+        raw.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    status = served.status()
+    assert status["internal_errors"] == 0, status
+    served.echo_answers()
+
+
 def test_sessions_and_ports_per_session_are_bounded(served: Served) -> None:
     clients = [served.raw() for _ in range(MAX_SESSIONS)]
     try:
