@@ -339,7 +339,13 @@ def _open_zmq(
     """A client's ZeroMQ socket, made, bound and connected on the I/O thread (ZeroMQ's
     bind and connect do not block: it connects in its own threads)."""
     binds, connects, topics = where
-    sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
+    try:
+        sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
+    except zmq.ZMQError as exc:  # out of descriptors (EMFILE): ZeroMQ's own for the socket
+        name = errno_name(exc.errno)
+        return ConnectError(
+            f"cannot open a ZeroMQ socket: {exc.strerror} ({name})", exc.errno, name
+        )
     io.zmq_sockets.add(sock)
     linger = int(given["linger"] * 1000)
     try:

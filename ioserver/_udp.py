@@ -353,9 +353,7 @@ def cmd_open_udp(io: IOThread, request: object, spec: UDPRequest) -> None:
         else:
             address = bind if where == "bind" else connect
             what = f"cannot {where} a UDP socket {'on' if where == 'bind' else 'to'} {address!r}"
-        deliver(
-            (request, ConnectError(f"{what}: {exc.strerror or exc} ({name})", exc.errno, name))
-        )
+        deliver((request, ConnectError(f"{what}: {exc.strerror or exc} ({name})", exc.errno, name)))
         return
     except Exception as exc:  # e.g. an option the OS refuses with OverflowError
         if sock is not None:

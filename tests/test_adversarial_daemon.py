@@ -395,24 +395,10 @@ def test_out_of_descriptors_an_open_udp_fails_with_emfile_and_the_daemon_serves_
     to the client that asked), and serves again once they are free."""
     import resource
 
-    pid = served.daemon.process.pid
     raw = served.raw()
     raw.hello()
-    # The daemon may open a few more descriptors than it has now: its ports take them.
-    room = len(os.listdir(f"/proc/{pid}/fd")) + 6
-    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, limits[1]))
+    limits = _out_of_descriptors(served, raw)
     try:
-        failed = None
-        for rid in range(1, MAX_PORTS + 1):
-            raw.send([[P.LISTEN, rid, rid, 2, ["127.0.0.1", 0], {}, -1, False]])
-            answer = raw.until(
-                lambda m, rid=rid: m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] == rid
-            )[-1]
-            if answer[0] != P.OK:
-                failed = answer
-                break
-        assert failed is not None and failed[0] == P.FAILED and failed[3:5] == [24, "EMFILE"]
         udp = 100
         raw.send([[P.OPEN_UDP, udp, udp, ["127.0.0.1", 0], None, {}, -1, False]])
         answer = raw.until(lambda m: m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] in (udp, None))[-1]
@@ -421,7 +407,63 @@ def test_out_of_descriptors_an_open_udp_fails_with_emfile_and_the_daemon_serves_
         raw.send([[P.BYE]])
     finally:
         raw.close()
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        resource.prlimit(served.daemon.process.pid, resource.RLIMIT_NOFILE, limits)
+    status = served.status()
+    assert status["internal_errors"] == 0, status
+    served.echo_answers()
+
+
+def _out_of_descriptors(served: Served, raw: RawClient) -> tuple[int, int]:
+    """Lower the daemon's descriptor limit to a few more than it has, and take those few
+    with LISTENs until one fails with EMFILE; the limits to restore."""
+    import resource
+
+    pid = served.daemon.process.pid
+    room = len(os.listdir(f"/proc/{pid}/fd")) + 6
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, limits[1]))
+    for rid in range(1, MAX_PORTS + 1):
+        raw.send([[P.LISTEN, rid, rid, 2, ["127.0.0.1", 0], {}, -1, False]])
+        answer = raw.until(lambda m, rid=rid: m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] == rid)
+        if answer[-1][0] != P.OK:
+            assert answer[-1][0] == P.FAILED and answer[-1][3:5] == [24, "EMFILE"], answer
+            return limits
+    raise AssertionError(f"{MAX_PORTS} LISTENs and no EMFILE")
+
+
+def test_out_of_descriptors_a_program_or_zeromq_socket_fails_with_emfile(
+    served_with_programs: Served,
+) -> None:
+    """OPEN_PROCESS and OPEN_ZMQ in a daemon out of descriptors: FAILED ``EMFILE`` to the
+    client that asked, within the test's wait - not a FAULT "internal", not no answer."""
+    import resource
+
+    served = served_with_programs
+    raw = served.raw()
+    raw.hello()
+    limits = _out_of_descriptors(served, raw)
+    try:
+        opens = {
+            100: [P.OPEN_PROCESS, 100, 100, ["true"], "inherit", 1.0, {}, -1, False],
+            101: [P.OPEN_ZMQ, 101, 101, "PAIR", ["tcp://127.0.0.1:0"], [], None, {}, -1, False],
+        }
+        for rid, message in opens.items():
+            raw.send([message])
+            # (Heartbeats meanwhile: the session must not be lost while the test waits.)
+            deadline = time.monotonic() + 10
+            answer = None
+            while answer is None:
+                assert time.monotonic() < deadline, f"no answer to {message[:4]}"
+                raw.send([[P.HEARTBEAT]])
+                if raw.sock.poll(50):
+                    for m in P.unpack(raw.sock.recv()):
+                        if m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] in (rid, None):
+                            answer = m
+            assert answer[0] == P.FAILED and answer[2:5] == ["ConnectError", 24, "EMFILE"], answer
+        raw.send([[P.BYE]])
+    finally:
+        raw.close()
+        resource.prlimit(served.daemon.process.pid, resource.RLIMIT_NOFILE, limits)
     status = served.status()
     assert status["internal_errors"] == 0, status
     served.echo_answers()
