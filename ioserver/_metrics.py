@@ -100,9 +100,14 @@ class StatusCollector:
 
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
         self.status = status
+        # Imported now, not at the first scrape: a daemon out of file descriptors then
+        # could not read the module, and answered 500 with a traceback in its log.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self._families = CounterMetricFamily, GaugeMetricFamily
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        CounterMetricFamily, GaugeMetricFamily = self._families
 
         up = GaugeMetricFamily(
             "ioserver_up",
@@ -214,6 +219,22 @@ class _BoundedReader:
         self.raw.close()
 
 
+class _DebugLog:
+    """A stream whose text goes to the log at DEBUG, a flush at a time."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.parts:
+            log.debug("metrics: %s", "".join(self.parts).rstrip())
+            self.parts = []
+
+
 def _handler_class(deadline: float) -> type[Any]:
     from wsgiref.simple_server import WSGIRequestHandler
 
@@ -234,6 +255,10 @@ def _handler_class(deadline: float) -> type[Any]:
 
         def log_message(self, format: str, *args: Any) -> None:
             """The daemon's log is not the scrapers' access log."""
+
+        def get_stderr(self) -> Any:
+            """Where wsgiref prints an error serving a request: the log, at DEBUG."""
+            return _DebugLog()
 
     return Handler
 

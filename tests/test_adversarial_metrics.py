@@ -187,3 +187,21 @@ def test_the_metrics_server_leaves_no_thread_behind() -> None:
             sock.close()
     # The deadline is 30 s: close() itself ends the connections still served.
     wait_until(lambda: set(threading.enumerate()) <= before, 5, "the server's threads end")
+
+
+def test_a_scrape_of_a_daemon_out_of_descriptors_says_up_0_not_500(
+    daemon: tuple[subprocess.Popen[str], tuple[str, int]],
+) -> None:
+    import resource
+
+    process, address = daemon
+    limits = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
+    # One descriptor left: the scrape's connection takes it, nothing more can be opened.
+    room = len(os.listdir(f"/proc/{process.pid}/fd")) + 1
+    resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (room, limits[1]))
+    try:
+        body = scrape(address)  # the first scrape: nothing of it was loaded before
+        assert b'ioserver_up{worker=""} 0.0' in body, body
+    finally:
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, limits)
+    assert b'ioserver_up{worker="0"} 1.0' in scrape(address)
