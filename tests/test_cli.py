@@ -257,3 +257,45 @@ def test_serve_on_a_socket_path_too_long_says_so_and_makes_no_directory(
     assert "is longer than the 107 bytes a Unix socket's path can have" in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert not directory.exists()
+
+
+# -- a CURVE key the daemon cannot use -----------------------------------------------------
+@pytest.fixture
+def curve_keys(tmp_path: Path) -> Path:
+    """``server.key`` (public), ``server.key_secret``, an ``allowed`` directory, and a file
+    that is no certificate."""
+    import zmq.auth
+
+    (tmp_path / "allowed").mkdir()
+    zmq.auth.create_certificates(str(tmp_path), "server")
+    (tmp_path / "garbage").write_text("not a certificate\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("key", "complaint"),
+    [
+        ("missing", "cannot read the CURVE secret key {path}: "),
+        ("server.key", "{path} holds no secret key"),
+        ("garbage", "cannot read the CURVE secret key {path}: "),
+    ],
+)
+def test_serve_with_a_curve_key_it_cannot_use_exits_1_in_one_line(
+    curve_keys: Path, runtime: Path, key: str, complaint: str
+) -> None:
+    path = curve_keys / key
+    result = ioserver_command(
+        "serve",
+        "--endpoint",
+        "tcp://127.0.0.1:0",
+        "--curve-secret-key",
+        str(path),
+        "--curve-allowed-keys",
+        str(curve_keys / "allowed"),
+        env={"XDG_RUNTIME_DIR": str(runtime)},
+        timeout=20,  # before: the daemon hung in its ZeroMQ context's term()
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith("ioserver: " + complaint.format(path=path)), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
