@@ -299,3 +299,28 @@ def test_serve_with_a_curve_key_it_cannot_use_exits_1_in_one_line(
     no_traceback(result)
     assert result.stderr.startswith("ioserver: " + complaint.format(path=path)), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("which", ["--curve-server-key", "--curve-certificate"])
+def test_status_with_a_curve_key_file_it_cannot_read_exits_1_in_one_line(
+    curve_keys: Path, runtime: Path, which: str
+) -> None:
+    keys = {
+        "--curve-server-key": str(curve_keys / "server.key"),
+        "--curve-certificate": str(curve_keys / "server.key_secret"),
+    }
+    keys[which] = str(curve_keys / "missing")
+    result = ioserver_command(
+        "status",
+        "tcp://127.0.0.1:1",
+        *(word for pair in keys.items() for word in pair),
+        "--timeout",
+        "1",
+        env={"XDG_RUNTIME_DIR": str(runtime)},
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith(
+        f"ioserver: cannot read the CURVE certificate {curve_keys / 'missing'}: "
+    ), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
