@@ -469,6 +469,46 @@ def test_out_of_descriptors_a_program_or_zeromq_socket_fails_with_emfile(
     served.echo_answers()
 
 
+def test_a_flood_of_status_at_the_supervisor_does_not_stall_its_supervision(
+    tmp_path: Path,
+) -> None:
+    """The supervisor answers STATUS by asking every worker: a client that sends frames of
+    it faster than that must not keep the supervisor from seeing a worker die."""
+    import re
+    import signal
+
+    endpoint = f"ipc://{tmp_path}/run/control"
+    daemon = Daemon("--endpoint", endpoint, "--workers", "2", ready="daemon worker", count=2)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    found = re.search(r"daemon worker 0 serving \S+ \(pid (\d+)", daemon.log)
+    assert found is not None, daemon.log
+    stop = threading.Event()
+    flood = RawClient(context, endpoint, None)
+
+    def flooding() -> None:
+        frame = P.pack([[P.STATUS, 1]])
+        while not stop.is_set():
+            try:
+                flood.sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:  # its queue is full: the supervisor is behind
+                stop.wait(0.001)
+
+    thread = threading.Thread(target=flooding)
+    thread.start()
+    try:
+        daemon.wait_for("ioserver daemon worker", count=2)  # (already there)
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        daemon.wait_for("worker 0 (pid", timeout=10)  # "... died with status -9"
+        status = query_status(endpoint, timeout=10)
+        assert len(status["workers"]) == 2
+    finally:
+        stop.set()
+        thread.join()
+        flood.close()
+        context.destroy(linger=0)
+        assert daemon.stop() == 0, daemon.log
+
+
 def test_sessions_and_ports_per_session_are_bounded(served: Served) -> None:
     clients = [served.raw() for _ in range(MAX_SESSIONS)]
     try:
