@@ -499,9 +499,16 @@ class ControlEndpoint(ZmqSocketHandler):
         self.close_all()
 
 
+#: Bytes a DATA or DATAGRAM message takes around its data (opcode, port id, an address):
+#: not counted against reply_queue, so that many small messages of data, which their
+#: ports' windows bound, never drop a session as answers would.
+_DATA_FRAMING = 64
+
+
 def _unread(frame: bytes, credits: Sequence[tuple[object, int]]) -> int:
     """The bytes of a frame for a client that are not its DATA (held by session_queue)."""
-    return max(len(frame) - sum(size for _, size in credits), 0)
+    data = sum(size + _DATA_FRAMING for _, size in credits)
+    return max(len(frame) - data, 0)
 
 
 # -- the endpoint's own commands (on the I/O thread; raise ProtocolViolation when refused)
