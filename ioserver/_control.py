@@ -57,6 +57,8 @@ refusal is cheap and memory stays under the budget:
   the session's ports stop reading (``Conn.queue_paused``: backpressure on their peers,
   not memory) until half of it has left.  A RESUME counts only what has left the
   daemon as taken, so a client that does not read cannot resume its ports blindly.
+  Answers that are not DATA are not held back so: past ``reply_queue`` bytes of them
+  waiting for one client, its session is dropped (``_drop_unread``).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import zmq
@@ -131,6 +133,7 @@ class ControlEndpoint(ZmqSocketHandler):
         self.sessions: dict[bytes, Session] = {}
         self.marked: list[Session] = []
         self.backlogged: dict[Session, None] = {}  # sessions with frames ZeroMQ refused
+        self.unread: dict[Session, None] = {}  # sessions past reply_queue, to drop (flush)
         # The round's message budget (MESSAGE_BUDGET), and the rest of a frame it cut.
         self._budget = MESSAGE_BUDGET
         self._budget_round = -1
@@ -262,8 +265,14 @@ class ControlEndpoint(ZmqSocketHandler):
                 handler(self, session, message)
             except ProtocolViolation as exc:
                 rid: object = exc.rid
-                if rid is None and isinstance(message, list) and message[0] in _REQUESTS:
-                    rid = message[1] if len(message) > 1 else None  # echoed if an int
+                if (
+                    rid is None
+                    and isinstance(message, list)
+                    and len(message) > 1
+                    and P.is_int(message[0])  # (not [] nor an unhashable [[...], ...])
+                    and message[0] in _REQUESTS
+                ):
+                    rid = message[1]  # echoed if an int
                 self._refuse(identity, session, rid, exc.kind, str(exc))
                 refused += 1
             except Exception as exc:  # a bug serving one message: refuse it, keep serving
@@ -377,6 +386,8 @@ class ControlEndpoint(ZmqSocketHandler):
         for session in marked:
             if not session.closed and session.outbound:
                 self.send_now(session)
+        if self.unread:
+            self._drop_unread()
         self.on_ready(0)  # a send may have taken the fd's edge (see ioserver._zmq)
 
     def send_now(self, session: Session) -> None:
@@ -391,8 +402,33 @@ class ControlEndpoint(ZmqSocketHandler):
         if session.pending or not self.send_frame(session.identity, frame):
             session.pending.append((frame, credits))
             self.backlogged[session] = None
+            session.unread += _unread(frame, credits)
+            if session.unread > self.limits.reply_queue:
+                # Dropped at the end of the round (flush), not in the middle of a delivery.
+                self.unread[session] = None
+                self.io.mark_dirty(self)
         else:
             session.sent(credits)
+
+    def _drop_unread(self) -> None:
+        """Drop the sessions whose answers other than DATA passed ``reply_queue``: DATA
+        stops their ports (``session_queue``), but replies and FAULTs only grow while the
+        client asks and does not read."""
+        unread, self.unread = self.unread, {}
+        for session in unread:
+            if session.closed or session.unread <= self.limits.reply_queue:
+                continue
+            self.sessions_lost += 1
+            log.warning(
+                "control endpoint: client %s dropped: %d bytes of its answers wait unread "
+                "(more than %d)",
+                session.identity.hex(),
+                session.unread,
+                self.limits.reply_queue,
+            )
+            session.close("dropped (it does not read its answers)")
+            if self.sessions.get(session.identity) is session:
+                del self.sessions[session.identity]
 
     def send_frame(self, identity: bytes, frame: bytes) -> bool:
         try:
@@ -416,6 +452,7 @@ class ControlEndpoint(ZmqSocketHandler):
                 if not self.send_frame(session.identity, frame):
                     break
                 pending.popleft()
+                session.unread -= _unread(frame, credits)
                 session.sent(credits)
             if not pending:
                 del self.backlogged[session]
@@ -460,6 +497,18 @@ class ControlEndpoint(ZmqSocketHandler):
 
     def on_shutdown(self) -> None:
         self.close_all()
+
+
+#: Bytes a DATA or DATAGRAM message takes around its data (opcode, port id, an address):
+#: not counted against reply_queue, so that many small messages of data, which their
+#: ports' windows bound, never drop a session as answers would.
+_DATA_FRAMING = 64
+
+
+def _unread(frame: bytes, credits: Sequence[tuple[object, int]]) -> int:
+    """The bytes of a frame for a client that are not its DATA (held by session_queue)."""
+    data = sum(size + _DATA_FRAMING for _, size in credits)
+    return max(len(frame) - data, 0)
 
 
 # -- the endpoint's own commands (on the I/O thread; raise ProtocolViolation when refused)

@@ -23,7 +23,7 @@ import zmq.auth
 from . import _ipc, _systemd
 from . import _protocol as P
 from ._control import ControlLimits
-from ._exceptions import IOServerError, OptionError
+from ._exceptions import IOServerError, OptionError, UnsafeEndpointError
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
@@ -155,12 +155,29 @@ def prepare_ipc(endpoint: str) -> str | None:
     Raises:
         UnsafeEndpointError: the directory is a symbolic link, belongs to someone else or
             is open to others; the socket path is a link, not a socket, or someone else's.
-        DaemonError: a live daemon already answers on the path.
+        DaemonError: a live daemon already answers on the path; the path is longer than
+            a Unix socket's can be; its directory cannot be made.
     """
     if not endpoint.startswith("ipc://"):
         return None
     path = endpoint[len("ipc://") :]
-    _ipc.make_directory(os.path.dirname(os.path.abspath(path)))
+    # Before any directory is made for it: a path bind() would refuse leaves none behind.
+    longest = zmq.IPC_PATH_MAX_LEN or 107
+    if len(os.fsencode(path)) > longest:
+        raise DaemonError(
+            f"the socket path of {endpoint} is longer than the {longest} bytes a Unix "
+            "socket's path can have; choose a shorter one"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        _ipc.make_directory(directory)
+    except UnsafeEndpointError:
+        raise
+    except OSError as exc:  # a parent not ours to write in, a read-only file system...
+        raise DaemonError(
+            f"cannot make the control socket's directory {directory}: "
+            f"{exc.strerror or exc}; choose another endpoint"
+        ) from None
     if _ipc.check_socket(path):
         if not _ipc.is_stale(path):
             raise DaemonError(f"a daemon already serves {endpoint}")
@@ -172,7 +189,31 @@ def prepare_ipc(endpoint: str) -> str | None:
 def open_control_socket(
     context: zmq.Context[zmq.Socket[bytes]], config: DaemonConfig
 ) -> zmq.Socket[bytes]:
+    # The key first: an error once the socket exists must close it, or the context's
+    # term() at the daemon's exit waits for it forever (a hang, not an exit status).
+    public = secret = None
+    if config.curve_secret_key:
+        try:
+            public, secret = zmq.auth.load_certificate(config.curve_secret_key)
+        except (OSError, ValueError) as exc:
+            raise DaemonError(
+                f"cannot read the CURVE secret key {config.curve_secret_key}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        if secret is None:
+            raise DaemonError(f"{config.curve_secret_key} holds no secret key")
     sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+    try:
+        _configure_control_socket(sock, config, public, secret)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def _configure_control_socket(
+    sock: zmq.Socket[bytes], config: DaemonConfig, public: bytes | None, secret: bytes | None
+) -> None:
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     # Per client: frames ZeroMQ queues to send (more wait in the session, charged to the
     # budget), the largest frame it takes (a peer that sends more is disconnected).
@@ -180,19 +221,14 @@ def open_control_socket(
     sock.setsockopt(zmq.RCVHWM, 1000)
     sock.setsockopt(zmq.MAXMSGSIZE, config.limits.max_frame)
     sock.setsockopt(zmq.LINGER, 0)
-    if config.curve_secret_key:
-        public, secret = zmq.auth.load_certificate(config.curve_secret_key)
-        if secret is None:
-            raise DaemonError(f"{config.curve_secret_key} holds no secret key")
+    if secret is not None and public is not None:
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
     try:
         sock.bind(config.endpoint)
     except zmq.ZMQError as exc:
-        sock.close(linger=0)
         raise DaemonError(f"cannot bind {config.endpoint}: {exc}") from None
-    return sock
 
 
 def start_authenticator(

@@ -100,9 +100,14 @@ class StatusCollector:
 
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
         self.status = status
+        # Imported now, not at the first scrape: a daemon out of file descriptors then
+        # could not read the module, and answered 500 with a traceback in its log.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self._families = CounterMetricFamily, GaugeMetricFamily
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        CounterMetricFamily, GaugeMetricFamily = self._families
 
         up = GaugeMetricFamily(
             "ioserver_up",
@@ -174,22 +179,205 @@ class StatusCollector:
             yield restarts
 
 
+#: Connections the endpoint serves at once, each in a thread of its own.  A new one past
+#: it cuts the oldest that has not finished its request: connections that never finish
+#: theirs (slowloris) hold at most this many threads, and a scraper still gets in.
+MAX_CONNECTIONS = 16
+#: Seconds a connection may take, from its accept to the end of its answer (a scrape asks
+#: the daemon with a 2 s timeout); past it, it is cut.
+DEADLINE = 10.0
+#: Bytes of request line and headers a request may have (a scraper sends a few hundred);
+#: past it the answer is 431 (and the connection closed).
+MAX_REQUEST = 16 * 1024
+
+
+class _RequestTooLarge(Exception):
+    pass
+
+
+class _BoundedReader:
+    """The handler's ``rfile``, handing out at most ``left`` bytes of lines before it
+    raises :class:`_RequestTooLarge` (what a request's line and headers are read with)."""
+
+    def __init__(self, raw: Any, left: int) -> None:
+        self.raw = raw
+        self.left = left
+
+    def readline(self, limit: int = -1) -> bytes:
+        want = self.left + 1 if limit < 0 else min(limit, self.left + 1)
+        line: bytes = self.raw.readline(want)
+        self.left -= len(line)
+        if self.left < 0:
+            raise _RequestTooLarge
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.raw.read(size)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _DebugLog:
+    """A stream whose text goes to the log at DEBUG, a flush at a time."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.parts:
+            log.debug("metrics: %s", "".join(self.parts).rstrip())
+            self.parts = []
+
+
+def _handler_class(deadline: float) -> type[Any]:
+    from wsgiref.simple_server import WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        timeout = deadline  # each read and write of the connection's socket
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _BoundedReader(self.rfile, MAX_REQUEST)  # type: ignore[assignment]
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except _RequestTooLarge:
+                self.requestline = self.request_version = self.command = ""
+                self.close_connection = True
+                self.send_error(431, f"the request line and headers are over {MAX_REQUEST} bytes")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """The daemon's log is not the scrapers' access log."""
+
+        def get_stderr(self) -> Any:
+            """Where wsgiref prints an error serving a request: the log, at DEBUG."""
+            return _DebugLog()
+
+    return Handler
+
+
+def _server_class() -> type[Any]:
+    import socket
+    import threading
+    import time
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer
+
+    class Server(ThreadingMixIn, WSGIServer):
+        """``prometheus_client``'s thread-per-connection server, bounded: at most
+        ``max_connections`` at once (a new one cuts the oldest), each cut ``deadline``
+        seconds after its accept, and a connection's failure is not a traceback in the
+        daemon's log."""
+
+        daemon_threads = True
+        block_on_close = False
+        max_connections = MAX_CONNECTIONS
+        deadline = DEADLINE
+
+        def server_activate(self) -> None:
+            self.lock = threading.Lock()
+            # The connections being served, with the time each was accepted.
+            self.serving: dict[socket.socket, float] = {}
+            super().server_activate()
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            with self.lock:
+                if len(self.serving) >= self.max_connections:
+                    oldest = min(self.serving, key=self.serving.__getitem__)
+                    self._cut(oldest)
+                self.serving[request] = time.monotonic()
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread for it: the caller closes it
+                with self.lock:
+                    self.serving.pop(request, None)
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                # Out of the table before it is closed: a cut never meets a closed socket.
+                with self.lock:
+                    self.serving.pop(request, None)
+                self.shutdown_request(request)
+
+        def service_actions(self) -> None:
+            # serve_forever's loop, twice a second: cut the connections past the deadline.
+            now = time.monotonic()
+            with self.lock:
+                for request, since in list(self.serving.items()):
+                    if now - since > self.deadline:
+                        self._cut(request)
+
+        def _cut(self, request: socket.socket) -> None:
+            """End a connection: its thread's read or write returns, and it ends (called
+            with the lock held; the thread takes it out of the table)."""
+            del self.serving[request]
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            log.debug("metrics: a connection from %s failed", client_address, exc_info=True)
+
+    return Server
+
+
 class MetricsServer:
-    """The HTTP endpoint: ``prometheus_client.start_http_server`` on its own registry
-    (none of the process's default collectors), in a daemon thread; :meth:`close`
-    stops it.
+    """The HTTP endpoint: ``prometheus_client``'s WSGI app on its own registry (none of
+    the process's default collectors), served by a bounded thread-per-connection server
+    (:data:`MAX_CONNECTIONS`, ``deadline``, :data:`MAX_REQUEST`) in a daemon thread;
+    :meth:`close` stops it.
 
     Raises:
         OSError: the address cannot be bound (in use, not this host's).
     """
 
-    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]]) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        status: Callable[[], dict[str, Any]],
+        *,
+        deadline: float = DEADLINE,
+    ) -> None:  # (deadline: shorter in tests)
+        import socket
+        import threading
+        from wsgiref.simple_server import make_server
+
+        from prometheus_client import CollectorRegistry, make_wsgi_app
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatusCollector(status))
-        self.server, self.thread = start_http_server(port, host, registry=self.registry)
-        self.address: tuple[str, int] = self.server.server_address[:2]  # type: ignore[assignment]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type(
+            "MetricsHTTPServer",
+            (_server_class(),),
+            {"deadline": deadline, "address_family": family},
+        )
+        self.server: Any = make_server(
+            host,
+            port,
+            make_wsgi_app(self.registry),
+            server_class,
+            handler_class=_handler_class(deadline),
+        )
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="ioserver-metrics", daemon=True
+        )
+        self.thread.start()
+        self.address: tuple[str, int] = self.server.server_address[:2]
         where = f"[{host}]" if ":" in host else host
         log.info("metrics on http://%s:%d/metrics", where, self.address[1])
 
@@ -197,3 +385,6 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+        with self.server.lock:  # the connections still served end now, not at their deadline
+            for request in list(self.server.serving):
+                self.server._cut(request)

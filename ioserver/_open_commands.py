@@ -265,7 +265,7 @@ def _cmd_open_process(control: Endpoint, session: Session, message: P.Message) -
     pid = _new_port(session, rid, message[2])
     argv = _checked(rid, lambda: P.check_argv(message[3]))
     stderr, kill_grace = message[4], message[5]
-    if stderr not in STDERR:
+    if not isinstance(stderr, str) or stderr not in STDERR:
         raise ProtocolViolation(
             "bad-option", 'stderr must be "inherit", "devnull" or "stdout"', rid
         )
@@ -292,7 +292,7 @@ def _cmd_open_zmq(control: Endpoint, session: Session, message: P.Message) -> No
     rid = P.check_int(message[1], "rid")
     pid = _new_port(session, rid, message[2])
     socket_type = message[3]
-    if socket_type not in P.ZMQ_TYPES:
+    if not isinstance(socket_type, str) or socket_type not in P.ZMQ_TYPES:
         raise ProtocolViolation(
             "bad-option", f"a ZeroMQ socket type is one of {', '.join(sorted(P.ZMQ_TYPES))}", rid
         )
@@ -339,7 +339,13 @@ def _open_zmq(
     """A client's ZeroMQ socket, made, bound and connected on the I/O thread (ZeroMQ's
     bind and connect do not block: it connects in its own threads)."""
     binds, connects, topics = where
-    sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
+    try:
+        sock: zmq.Socket[bytes] = io.zmq_context().socket(number)
+    except zmq.ZMQError as exc:  # out of descriptors (EMFILE): ZeroMQ's own for the socket
+        name = errno_name(exc.errno)
+        return ConnectError(
+            f"cannot open a ZeroMQ socket: {exc.strerror} ({name})", exc.errno, name
+        )
     io.zmq_sockets.add(sock)
     linger = int(given["linger"] * 1000)
     try:

@@ -97,6 +97,9 @@ class ControlLimits:
     session_queue: int = 4 * 1024 * 1024
     #: frames ZeroMQ queues for one client (``ZMQ_SNDHWM``) [they wait in the session].
     send_hwm: int = 32
+    #: bytes of answers other than DATA (replies, events, FAULTs) waiting in the session
+    #: for a client that does not read them [the session is dropped, as a lost one].
+    reply_queue: int = 1024 * 1024
     #: jobs in the worker threads at once, all sessions: host names being resolved,
     #: programs being started [CONNECT/LISTEN/OPEN_UDP/OPEN_PROCESS: FAULT "limit"].
     max_resolving: int = 64
@@ -251,6 +254,7 @@ class Session:
         self.out_size = 0
         self.pending: deque[tuple[bytes, list[tuple[RemotePortState, int]]]] = deque()
         self.held = 0  # bytes of DATA in outbound and pending (charged to the budget)
+        self.unread = 0  # bytes of pending's frames that are not DATA (reply_queue)
         self.holding = False  # its ports stopped reading: ``held`` passed session_queue
         self.status_round = -1
         self.status_count = 0

@@ -47,8 +47,8 @@ def query_status(
     try:
         sock.setsockopt(zmq.LINGER, 0)
         if curve is not None:
-            server_public, _ = zmq.auth.load_certificate(curve[0])
-            public, secret = zmq.auth.load_certificate(curve[1])
+            server_public, _ = _certificate(curve[0])
+            public, secret = _certificate(curve[1])
             if secret is None:
                 raise DaemonError(f"{curve[1]} holds no secret key")
             sock.curve_serverkey = server_public
@@ -85,6 +85,20 @@ def query_status(
         sock.close(linger=0)
         if own:
             context.term()
+
+
+def _certificate(path: str) -> tuple[bytes, bytes | None]:
+    """``(public, secret)`` of a certificate file.
+
+    Raises:
+        DaemonError: missing, unreadable, or not a certificate.
+    """
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise DaemonError(
+            f"cannot read the CURVE certificate {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
 
 
 def format_status(status: dict[str, P.Wire]) -> str:

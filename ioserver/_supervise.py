@@ -23,6 +23,7 @@ import sys
 import time
 from collections import deque
 from types import FrameType
+from typing import Any
 
 import zmq
 
@@ -245,6 +246,14 @@ def supervise(config: DaemonConfig) -> int:
     return 1 if gave_up else 0
 
 
+#: Frames the supervisor serves before it looks at its workers again.
+FRAMES_PER_PASS = 64
+#: Seconds a status gathered from the workers answers STATUS, for every client.
+STATUS_FRESH = 1.0
+#: The last status gathered from the workers, and when (monotonic).
+_last_status: list[Any] = [None, 0.0]
+
+
 def _supervisor_answer(
     sock: zmq.Socket[bytes],
     config: DaemonConfig,
@@ -252,8 +261,13 @@ def _supervisor_answer(
     restarts: list[int],
     context: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
-    """The supervisor speaks just enough of the protocol: HELLO, STATUS, HEARTBEAT, BYE."""
-    while True:
+    """The supervisor speaks just enough of the protocol: HELLO, STATUS, HEARTBEAT, BYE.
+
+    At most :data:`FRAMES_PER_PASS` frames a call, and the workers' status is asked at
+    most once every :data:`STATUS_FRESH` seconds, all clients together: a client sending
+    STATUS faster than the workers answer would otherwise keep the supervisor here, not
+    watching its workers (a dead one not restarted, SIGTERM not seen)."""
+    for _ in range(FRAMES_PER_PASS):
         try:
             identity, frame = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
@@ -269,6 +283,8 @@ def _supervisor_answer(
             replies.append([P.FAULT, None, exc.kind, str(exc)])
             messages = []
         answer: dict[str, P.Wire] | None = None  # the workers are asked once per frame at most
+        if _last_status[0] is not None and time.monotonic() - _last_status[1] < STATUS_FRESH:
+            answer = _last_status[0]
         if len(messages) > config.limits.faults_per_frame:
             left = len(messages) - config.limits.faults_per_frame
             replies.append([P.FAULT, None, "limit", f"the supervisor ignored {left} messages"])
@@ -307,6 +323,7 @@ def _supervisor_answer(
                     status["process"] = process.pid if process is not None else None
                     statuses.append(status)
                 answer = {"workers": statuses, "supervisor": os.getpid()}
+                _last_status[:] = [answer, time.monotonic()]
                 replies.append([P.STATUS_REPLY, message[1], answer])
             elif message[0] in (P.HEARTBEAT, P.BYE):
                 pass

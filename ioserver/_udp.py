@@ -361,6 +361,7 @@ def cmd_open_udp(io: IOThread, request: object, spec: UDPRequest) -> None:
     )
     options, active = spec.options, spec.active
     sock = None
+    where = "open"  # (socket() itself, or an option: out of descriptors, no IPv6...)
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
@@ -387,18 +388,12 @@ def cmd_open_udp(io: IOThread, request: object, spec: UDPRequest) -> None:
         if sock is not None:
             sock.close()
         name = errno_name(exc.errno)
-        address = bind if where == "bind" else connect
-        deliver(
-            (
-                request,
-                ConnectError(
-                    f"cannot {where} a UDP socket {'on' if where == 'bind' else 'to'} "
-                    f"{address!r}: {exc.strerror or exc} ({name})",
-                    exc.errno,
-                    name,
-                ),
-            )
-        )
+        if where == "open":
+            what = "cannot open a UDP socket"
+        else:
+            address = bind if where == "bind" else connect
+            what = f"cannot {where} a UDP socket {'on' if where == 'bind' else 'to'} {address!r}"
+        deliver((request, ConnectError(f"{what}: {exc.strerror or exc} ({name})", exc.errno, name)))
         return
     except Exception as exc:  # e.g. an option the OS refuses with OverflowError
         if sock is not None:

@@ -14,6 +14,7 @@ and answers the client (:meth:`~._session.Session.answer`).  The control endpoin
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import subprocess
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from ._process import ProcessWatcher, cmd_start_process, open_pidfd, socketpair_
 from ._protocol import ProtocolViolation
 from ._session import ControlLimits, Opening
 from ._udp import cmd_open_udp
+
+log = logging.getLogger("ioserver")
 
 #: A job for the daemon's worker threads: a name to resolve, a program to start.
 Job = tuple[Opening, ConnectRequest | ListenRequest | UDPRequest | ProcessRequest]
@@ -94,7 +97,7 @@ class Workers:
         if self._resolver is None:
             self._resolver = ThreadPoolExecutor(4, thread_name_prefix="ioserver-resolve")
         self._resolving += 1
-        self._resolver.submit(function, self.io, done, job)
+        self._resolver.submit(_guarded, function, self.io, done, job)
 
     def _resolved(self, job: Job, result: object) -> None:
         self._resolving -= 1
@@ -203,11 +206,38 @@ def _resolve_name(io: IOThread, done: Callable[[Job, object], None], job: Job) -
     io.submit(done, job, result)
 
 
+def _guarded(
+    function: Callable[[IOThread, Callable[[Job, object], None], Job], None],
+    io: IOThread,
+    done: Callable[[Job, object], None],
+    job: Job,
+) -> None:
+    """Run a job in a worker thread; one that raises (a bug: each job hands its result,
+    error or not, to ``done`` as its last step) still gets ``done`` with the exception,
+    so that its client is answered and its place among ``max_resolving`` is given back -
+    not an exception kept in a future nobody reads."""
+    try:
+        function(io, done, job)
+    except Exception as exc:
+        log.exception("a worker thread's job failed")
+        io.submit(done, job, exc)
+
+
 def _resolve_error(address: object, exc: Exception) -> ConnectError:
     number = getattr(exc, "errno", None) or errno.EINVAL
     name = _EAI_NAMES.get(number, errno.errorcode.get(number, "EINVAL"))
     host = address[0] if isinstance(address, tuple) else address
     return ConnectError(f"cannot resolve {host!r}: {exc} ({name})", number, name)
+
+
+def _start_error(spec: ProcessRequest, exc: Exception) -> ConnectError:
+    number = getattr(exc, "errno", None) or errno.EMFILE
+    name = errno_name(number)
+    return ConnectError(
+        f"cannot start {spec.argv[0]!r}: {getattr(exc, 'strerror', None) or exc} ({name})",
+        number,
+        name,
+    )
 
 
 def _start_program(io: IOThread, done: Callable[[Job, object], None], job: Job) -> None:
@@ -217,8 +247,11 @@ def _start_program(io: IOThread, done: Callable[[Job, object], None], job: Job) 
     request, spec = job
     assert isinstance(spec, ProcessRequest)
     state = request.state
-    ours, theirs = socketpair_for_child()
-    result: object
+    try:
+        ours, theirs = socketpair_for_child()
+    except OSError as exc:  # out of descriptors (EMFILE, ENFILE)
+        io.submit(done, job, _start_error(spec, exc))
+        return
     try:
         settings = spec.options
         for size, level in (
@@ -238,14 +271,7 @@ def _start_program(io: IOThread, done: Callable[[Job, object], None], job: Job) 
         )
     except (OSError, PollerLimitError) as exc:
         ours.close()
-        number = getattr(exc, "errno", None) or errno.EMFILE
-        name = errno_name(number)
-        result = ConnectError(
-            f"cannot start {spec.argv[0]!r}: {getattr(exc, 'strerror', None) or exc} ({name})",
-            number,
-            name,
-        )
-        io.submit(done, job, result)
+        io.submit(done, job, _start_error(spec, exc))
         return
     finally:
         theirs.close()  # the program has its copy

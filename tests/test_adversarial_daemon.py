@@ -34,7 +34,7 @@ MAX_PORTS = 8
 class Served:
     """A daemon with the echo app; its endpoint and the echo's TCP port."""
 
-    def __init__(self, tmp_path: Path, heartbeat: float = HEARTBEAT) -> None:
+    def __init__(self, tmp_path: Path, heartbeat: float = HEARTBEAT, *more: str) -> None:
         self.endpoint = f"ipc://{tmp_path}/run/control"
         self.echo_port = free_port()
         self.daemon = Daemon(
@@ -50,6 +50,7 @@ class Served:
             str(MAX_SESSIONS),
             "--max-ports",
             str(MAX_PORTS),
+            *more,
             "--app",
             f"examples/echo.py --port {self.echo_port}",
             ready="echo listening on",
@@ -267,6 +268,30 @@ def test_a_client_that_never_reads_gets_backpressure_not_memory(
         raw.close()
 
 
+def test_a_client_that_never_reads_its_answers_is_dropped_not_grown_into(
+    served: Served,
+) -> None:
+    """Answers that are not DATA (STATUS_REPLY, FAULT...) are not held by --session-queue:
+    a client that asks and never reads them is dropped once REPLY_QUEUE bytes wait."""
+    raw = served.raw()
+    raw.sock.setsockopt(zmq.RCVHWM, 1)
+    raw.hello()
+    asks = [[P.STATUS, rid] for rid in range(4)] + [[99, n] for n in range(17)]
+    deadline = time.monotonic() + 30
+    try:
+        while "of its answers wait unread" not in served.daemon.log:
+            # Each frame costs the daemon about 0.6 KiB of answers that wait for nobody.
+            assert time.monotonic() < deadline, "the daemon keeps the answers of a non-reader"
+            for _ in range(100):
+                raw.send(asks)
+    finally:
+        raw.close()
+    status = served.status()
+    assert status["clients_lost"] == 1 and status["clients"] == 1, status  # (the query's own)
+    assert status["internal_errors"] == 0
+    served.echo_answers()
+
+
 # Heartbeats of 1 s: the orphaned session lives 3 s, time enough for the thief's attempts.
 @pytest.mark.parametrize("served", [1.0], indirect=True)
 def test_a_routing_id_does_not_open_another_clients_session(served: Served) -> None:
@@ -302,6 +327,186 @@ def test_a_routing_id_does_not_open_another_clients_session(served: Served) -> N
     thief.close()
     served.daemon.wait_for("lost (silent for")
     served.echo_answers()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [[], [[]], [[1]], [{}], [None], [b"\x0a"], [2.5], [True]],
+    ids=["empty", "list", "list-opcode", "map", "nil", "bin", "float", "bool"],
+)
+def test_a_message_without_an_int_opcode_is_malformed_and_the_endpoint_serves_on(
+    served: Served, message: list[Any]
+) -> None:
+    raw = served.raw()
+    raw.hello()
+    raw.send([message, marker(1)])
+    answers = raw.until(is_mark(1))
+    assert [(m[0], m[1], m[2]) for m in answers[:-1]] == [(P.FAULT, None, "malformed")], answers
+    # The same client, another client, and the app: all served on.
+    raw.send([[P.STATUS, 2]])
+    (reply,) = raw.until(lambda m: m[0] == P.STATUS_REPLY)
+    assert reply[2]["internal_errors"] == 0
+    raw.close()
+    served.echo_answers()
+    assert served.status()["faults"] == 2
+
+
+@pytest.fixture
+def served_with_programs(tmp_path: Path) -> Iterator[Served]:
+    server = Served(tmp_path, HEARTBEAT, "--allow-process")
+    try:
+        yield server
+    finally:
+        server.context.destroy(linger=0)
+        status = server.daemon.stop()
+    assert status == 0, server.daemon.log
+
+
+UNHASHABLE: list[Any] = [[], ["inherit"], {}, {"a": 1}]
+
+
+def test_an_unhashable_stderr_or_socket_type_is_a_bad_option_not_an_internal_error(
+    served_with_programs: Served,
+) -> None:
+    served = served_with_programs
+    raw = served.raw()
+    raw.hello()
+    requests = [
+        [P.OPEN_PROCESS, rid, rid, ["true"], value, 1.0, {}, -1, False]
+        for rid, value in enumerate(UNHASHABLE, 1)
+    ] + [
+        [P.OPEN_ZMQ, rid, rid, value, ["tcp://127.0.0.1:0"], [], [], {}, -1, False]
+        for rid, value in enumerate(UNHASHABLE, 11)
+    ]
+    raw.send([*requests, marker(99)])
+    answers = raw.until(is_mark(99))[:-1]
+    assert [(m[0], m[2]) for m in answers] == [(P.FAULT, "bad-option")] * len(requests), answers
+    raw.close()
+    status = served.status()
+    assert status["internal_errors"] == 0
+    assert "error while serving" not in served.daemon.log
+    served.echo_answers()
+
+
+def test_out_of_descriptors_an_open_udp_fails_with_emfile_and_the_daemon_serves_on(
+    served: Served,
+) -> None:
+    """A daemon out of file descriptors answers each open with FAILED ``EMFILE`` (typed,
+    to the client that asked), and serves again once they are free."""
+    import resource
+
+    raw = served.raw()
+    raw.hello()
+    limits = _out_of_descriptors(served, raw)
+    try:
+        udp = 100
+        raw.send([[P.OPEN_UDP, udp, udp, ["127.0.0.1", 0], None, {}, -1, False]])
+        answer = raw.until(lambda m: m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] in (udp, None))[-1]
+        assert answer[0] == P.FAILED, answer
+        assert answer[2:5] == ["ConnectError", 24, "EMFILE"], answer
+        raw.send([[P.BYE]])
+    finally:
+        raw.close()
+        resource.prlimit(served.daemon.process.pid, resource.RLIMIT_NOFILE, limits)
+    status = served.status()
+    assert status["internal_errors"] == 0, status
+    served.echo_answers()
+
+
+def _out_of_descriptors(served: Served, raw: RawClient) -> tuple[int, int]:
+    """Lower the daemon's descriptor limit to a few more than it has, and take those few
+    with LISTENs until one fails with EMFILE; the limits to restore."""
+    import resource
+
+    pid = served.daemon.process.pid
+    room = len(os.listdir(f"/proc/{pid}/fd")) + 6
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, limits[1]))
+    for rid in range(1, MAX_PORTS + 1):
+        raw.send([[P.LISTEN, rid, rid, 2, ["127.0.0.1", 0], {}, -1, False]])
+        answer = raw.until(lambda m, rid=rid: m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] == rid)
+        if answer[-1][0] != P.OK:
+            assert answer[-1][0] == P.FAILED and answer[-1][3:5] == [24, "EMFILE"], answer
+            return limits
+    raise AssertionError(f"{MAX_PORTS} LISTENs and no EMFILE")
+
+
+def test_out_of_descriptors_a_program_or_zeromq_socket_fails_with_emfile(
+    served_with_programs: Served,
+) -> None:
+    """OPEN_PROCESS and OPEN_ZMQ in a daemon out of descriptors: FAILED ``EMFILE`` to the
+    client that asked, within the test's wait - not a FAULT "internal", not no answer."""
+    import resource
+
+    served = served_with_programs
+    raw = served.raw()
+    raw.hello()
+    limits = _out_of_descriptors(served, raw)
+    try:
+        opens = {
+            100: [P.OPEN_PROCESS, 100, 100, ["true"], "inherit", 1.0, {}, -1, False],
+            101: [P.OPEN_ZMQ, 101, 101, "PAIR", ["tcp://127.0.0.1:0"], [], None, {}, -1, False],
+        }
+        for rid, message in opens.items():
+            raw.send([message])
+            # (Heartbeats meanwhile: the session must not be lost while the test waits.)
+            deadline = time.monotonic() + 10
+            answer = None
+            while answer is None:
+                assert time.monotonic() < deadline, f"no answer to {message[:4]}"
+                raw.send([[P.HEARTBEAT]])
+                if raw.sock.poll(50):
+                    for m in P.unpack(raw.sock.recv()):
+                        if m[0] in (P.OK, P.FAILED, P.FAULT) and m[1] in (rid, None):
+                            answer = m
+            assert answer[0] == P.FAILED and answer[2:5] == ["ConnectError", 24, "EMFILE"], answer
+        raw.send([[P.BYE]])
+    finally:
+        raw.close()
+        resource.prlimit(served.daemon.process.pid, resource.RLIMIT_NOFILE, limits)
+    status = served.status()
+    assert status["internal_errors"] == 0, status
+    served.echo_answers()
+
+
+def test_a_flood_of_status_at_the_supervisor_does_not_stall_its_supervision(
+    tmp_path: Path,
+) -> None:
+    """The supervisor answers STATUS by asking every worker: a client that sends frames of
+    it faster than that must not keep the supervisor from seeing a worker die."""
+    import re
+    import signal
+
+    endpoint = f"ipc://{tmp_path}/run/control"
+    daemon = Daemon("--endpoint", endpoint, "--workers", "2", ready="daemon worker", count=2)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    found = re.search(r"daemon worker 0 serving \S+ \(pid (\d+)", daemon.log)
+    assert found is not None, daemon.log
+    stop = threading.Event()
+    flood = RawClient(context, endpoint, None)
+
+    def flooding() -> None:
+        frame = P.pack([[P.STATUS, 1]])
+        while not stop.is_set():
+            try:
+                flood.sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:  # its queue is full: the supervisor is behind
+                stop.wait(0.001)
+
+    thread = threading.Thread(target=flooding)
+    thread.start()
+    try:
+        daemon.wait_for("ioserver daemon worker", count=2)  # (already there)
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        daemon.wait_for("worker 0 (pid", timeout=10)  # "... died with status -9"
+        status = query_status(endpoint, timeout=10)
+        assert len(status["workers"]) == 2
+    finally:
+        stop.set()
+        thread.join()
+        flood.close()
+        context.destroy(linger=0)
+        assert daemon.stop() == 0, daemon.log
 
 
 def test_sessions_and_ports_per_session_are_bounded(served: Served) -> None:

@@ -221,3 +221,106 @@ def test_serve_replaces_a_stale_socket(stale_endpoint: str, runtime: Path) -> No
         assert process.wait(20) == 0
         assert process.stderr is not None
         process.stderr.close()
+
+
+# -- an ipc:// endpoint the daemon cannot make ---------------------------------------------
+def test_serve_where_the_sockets_directory_cannot_be_made_says_so_in_one_line(
+    runtime: Path,
+) -> None:
+    # /proc takes no new directory, not even root's (as a directory under another user's
+    # would refuse this user's).
+    endpoint = "ipc:///proc/ioserver-test/control"
+    result = ioserver_command(
+        "serve", "--endpoint", endpoint, env={"XDG_RUNTIME_DIR": str(runtime)}
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith(
+        "ioserver: cannot make the control socket's directory /proc/ioserver-test: "
+    ), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_serve_on_a_socket_path_too_long_says_so_and_makes_no_directory(
+    runtime: Path,
+) -> None:
+    directory = runtime / ("d" * 120)
+    result = ioserver_command(
+        "serve",
+        "--endpoint",
+        f"ipc://{directory}/control",
+        env={"XDG_RUNTIME_DIR": str(runtime)},
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith("ioserver: the socket path of ipc://"), result.stderr
+    assert "is longer than the 107 bytes a Unix socket's path can have" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not directory.exists()
+
+
+# -- a CURVE key the daemon cannot use -----------------------------------------------------
+@pytest.fixture
+def curve_keys(tmp_path: Path) -> Path:
+    """``server.key`` (public), ``server.key_secret``, an ``allowed`` directory, and a file
+    that is no certificate."""
+    import zmq.auth
+
+    (tmp_path / "allowed").mkdir()
+    zmq.auth.create_certificates(str(tmp_path), "server")
+    (tmp_path / "garbage").write_text("not a certificate\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("key", "complaint"),
+    [
+        ("missing", "cannot read the CURVE secret key {path}: "),
+        ("server.key", "{path} holds no secret key"),
+        ("garbage", "cannot read the CURVE secret key {path}: "),
+    ],
+)
+def test_serve_with_a_curve_key_it_cannot_use_exits_1_in_one_line(
+    curve_keys: Path, runtime: Path, key: str, complaint: str
+) -> None:
+    path = curve_keys / key
+    result = ioserver_command(
+        "serve",
+        "--endpoint",
+        "tcp://127.0.0.1:0",
+        "--curve-secret-key",
+        str(path),
+        "--curve-allowed-keys",
+        str(curve_keys / "allowed"),
+        env={"XDG_RUNTIME_DIR": str(runtime)},
+        timeout=20,  # before: the daemon hung in its ZeroMQ context's term()
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith("ioserver: " + complaint.format(path=path)), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("which", ["--curve-server-key", "--curve-certificate"])
+def test_status_with_a_curve_key_file_it_cannot_read_exits_1_in_one_line(
+    curve_keys: Path, runtime: Path, which: str
+) -> None:
+    keys = {
+        "--curve-server-key": str(curve_keys / "server.key"),
+        "--curve-certificate": str(curve_keys / "server.key_secret"),
+    }
+    keys[which] = str(curve_keys / "missing")
+    result = ioserver_command(
+        "status",
+        "tcp://127.0.0.1:1",
+        *(word for pair in keys.items() for word in pair),
+        "--timeout",
+        "1",
+        env={"XDG_RUNTIME_DIR": str(runtime)},
+    )
+    assert result.returncode == 1, result.stderr
+    no_traceback(result)
+    assert result.stderr.startswith(
+        f"ioserver: cannot read the CURVE certificate {curve_keys / 'missing'}: "
+    ), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
