@@ -1,0 +1,344 @@
+"""Adversarial peers against the native I/O core, on both of its backends (epoll and
+io_uring), with real sockets: bytes are hashed or numbered so that a byte lost,
+duplicated or reordered shows, and one port's fault must not stall another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from conftest import io_uring_refusal, until
+from test_native_core import accept, receive_exactly
+
+import ioserver
+import ports
+from ports import Closed, Data
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["epoll", "io_uring"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "io_uring" and (refusal := io_uring_refusal()) is not None:
+        pytest.skip(refusal)
+    return str(request.param)
+
+
+@pytest.fixture
+async def nios(no_leaks: None, backend: str) -> AsyncIterator[ioserver.IOServer]:
+    async with ioserver.open(core="native", io_backend=backend) as server:
+        assert server.statistics().io_backend == backend
+        yield server
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def read_all(sock: socket.socket, chunk: int = 4096) -> tuple[int, bytes]:
+    """Read to EOF in small reads: (bytes read, sha256)."""
+    digest = hashlib.sha256()
+    total = 0
+    while True:
+        data = sock.recv(chunk)
+        if not data:
+            return total, digest.digest()
+        digest.update(data)
+        total += len(data)
+
+
+def pattern(seed: int, size: int) -> bytes:
+    return hashlib.sha256(seed.to_bytes(8, "big")).digest() * (size // 32) + b"\0" * (size % 32)
+
+
+# -- a large payload to a slow reader, then close ------------------------------------------
+
+
+async def test_a_large_send_then_close_reaches_a_slow_reader_exactly_once(
+    nios: ioserver.IOServer,
+) -> None:
+    size = 6 * 1024 * 1024 + 123
+    payload = os.urandom(size)
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, sndbuf=16384, linger=30)
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    try:
+        peer.connect(listener.local_address)
+        port = await accept(listener)
+        # In pieces of odd sizes, gathered by the thread, then close at once.
+        got: list[tuple[int, bytes]] = []
+
+        async def reader() -> None:
+            got.append(await anyio.to_thread.run_sync(read_all, peer, 1000))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(reader)
+            offset = 0
+            step = 1
+            while offset < size:
+                piece = payload[offset : offset + step]
+                await port.send(piece)
+                offset += len(piece)
+                step = step * 3 + 7 if step < 300_000 else 1
+            await port.aclose()
+        total, digest = got[0]
+        assert total == size
+        assert digest == hashlib.sha256(payload).digest()
+        await until(lambda: nios.statistics().ports_open == 1)
+    finally:
+        peer.close()
+        await listener.aclose()
+
+
+# -- many small sends interleaved with large ones ---------------------------------------------
+
+
+def parse_records(sock: socket.socket, count: int) -> list[int]:
+    """Records ``>II`` (length, seq) + payload(seq); returns the seqs, checking payloads."""
+    buf = bytearray()
+    seqs = []
+    while len(seqs) < count:
+        data = sock.recv(65536)
+        assert data, f"EOF after {len(seqs)} records"
+        buf += data
+        while len(buf) >= 8:
+            length, seq = struct.unpack_from(">II", buf)
+            if len(buf) < 8 + length:
+                break
+            body = bytes(buf[8 : 8 + length])
+            assert body == pattern(seq, length), f"record {seq} corrupted"
+            seqs.append(seq)
+            del buf[: 8 + length]
+    return seqs
+
+
+async def test_small_sends_interleaved_with_large_ones_keep_their_order(
+    nios: ioserver.IOServer,
+) -> None:
+    count = 3000
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, sndbuf=32768)
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    try:
+        peer.connect(listener.local_address)
+        port = await accept(listener)
+        async with anyio.create_task_group() as group:
+            result: list[list[int]] = []
+
+            async def reader() -> None:
+                result.append(await anyio.to_thread.run_sync(parse_records, peer, count))
+
+            group.start_soon(reader)
+            for seq in range(count):
+                length = 200_000 + seq if seq % 97 == 0 else seq % 13
+                await port.send(struct.pack(">II", length, seq) + pattern(seq, length))
+        assert result[0] == list(range(count))
+        await port.aclose()
+    finally:
+        peer.close()
+        await listener.aclose()
+
+
+# -- a peer that resets while output is queued both ways ---------------------------------------
+
+
+async def test_a_reset_with_output_queued_both_ways_ends_one_port_only(
+    nios: ioserver.IOServer,
+) -> None:
+    listener = await ports.listen_tcp(
+        nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=4 << 20, packet=4
+    )
+    bystander_peer = socket.create_connection(listener.local_address)
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        bystander = await accept(listener)
+        peer.connect(listener.local_address)
+        port = await accept(listener)
+        # The port queues output the peer never reads; the peer sends whole packets then
+        # a partial one, never read by the owner until the reset.
+        for _ in range(16):
+            port.send_nowait(b"o" * 65536)
+        frames = b"".join(struct.pack(">I", 1000) + pattern(i, 1000) for i in range(50))
+        peer.sendall(frames + struct.pack(">I", 100_000) + b"partial")
+        await until(lambda: port.statistics().bytes_received >= len(frames))
+        reset(peer)
+        got = []
+        while True:
+            message = await port.receive()
+            if isinstance(message, Closed):
+                assert message == Closed("ECONNRESET", "ECONNRESET"), message
+                break
+            assert isinstance(message, Data), message
+            got.append(message.data)
+        assert got == [pattern(i, 1000) for i in range(50)]
+        with pytest.raises(ports.EndOfPort):
+            await port.receive()
+        # The other port still works both ways.
+        bystander_peer.sendall(struct.pack(">I", 3) + b"abc")
+        assert await bystander.receive() == Data(b"abc")
+        await bystander.send(b"xyz")
+        assert bystander_peer.recv(7) == struct.pack(">I", 3) + b"xyz"
+        await port.aclose()
+        await bystander.aclose()
+        await until(lambda: nios.statistics().ports_open == 1)
+    finally:
+        bystander_peer.close()
+        if peer.fileno() != -1:
+            peer.close()
+        await listener.aclose()
+
+
+# -- half-close while the peer streams to us ----------------------------------------------
+
+
+async def test_send_eof_while_the_peer_streams_loses_nothing_either_way(
+    nios: ioserver.IOServer,
+) -> None:
+    size_in, size_out = 3 * 1024 * 1024, 2 * 1024 * 1024 + 17
+    inbound, outbound = os.urandom(size_in), os.urandom(size_out)
+    listener = await ports.listen_tcp(
+        nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=4 << 20
+    )
+    peer = socket.create_connection(listener.local_address)
+    try:
+        port = await accept(listener)
+        sender = threading.Thread(target=peer.sendall, args=(inbound,))
+        sender.start()
+        try:
+            for offset in range(0, size_out, 100_000):
+                port.send_nowait(outbound[offset : offset + 100_000])
+            await port.send_eof()
+            got_out = await anyio.to_thread.run_sync(read_all, peer, 65536)
+            assert got_out == (size_out, hashlib.sha256(outbound).digest())
+            data = await receive_exactly(port, size_in)
+            assert hashlib.sha256(data).digest() == hashlib.sha256(inbound).digest()
+        finally:
+            await anyio.to_thread.run_sync(sender.join)
+        peer.shutdown(socket.SHUT_WR)
+        assert await port.receive() == Closed("eof")
+        await port.aclose()
+        await until(lambda: nios.statistics().ports_open == 1)
+    finally:
+        peer.close()
+        await listener.aclose()
+
+
+# -- connect/close churn while another port streams ----------------------------------------
+
+
+async def test_connect_close_churn_does_not_disturb_a_streaming_port(
+    nios: ioserver.IOServer,
+) -> None:
+    size = 8 * 1024 * 1024
+    payload = os.urandom(size)
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0)
+    peer = socket.create_connection(listener.local_address)
+    try:
+        port = await accept(listener)
+        churned = 0
+
+        async def churn() -> None:
+            nonlocal churned
+            for index in range(600):
+                client = await ports.connect_tcp(nios, *listener.local_address)
+                server = await accept(listener)
+                if index % 3 == 0:
+                    await client.send(b"ping%d" % index)
+                    assert await server.receive() == Data(b"ping%d" % index)
+                if index % 2:
+                    await server.aclose()
+                    await client.aclose()
+                else:
+                    await client.aclose()
+                    assert isinstance(await server.receive(), Closed)
+                    await server.aclose()
+                churned += 1
+
+        async def stream() -> None:
+            for offset in range(0, size, 65536):
+                await port.send(payload[offset : offset + 65536])
+            await port.send_eof()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(churn)
+            group.start_soon(stream)
+            total, digest = await anyio.to_thread.run_sync(read_all, peer, 65536)
+        assert churned == 600
+        assert total == size and digest == hashlib.sha256(payload).digest()
+        await port.aclose()
+    finally:
+        peer.close()
+        await listener.aclose()
+
+
+# -- a waiting owner under memory_limit while others never read -----------------------------
+
+
+@pytest.mark.parametrize("packet", [4, "line"])
+async def test_a_waiting_owner_gets_its_data_while_others_fill_the_budget(
+    no_leaks: None, backend: str, packet: object
+) -> None:
+    limit = 2 * 1024 * 1024
+    async with ioserver.open(core="native", io_backend=backend, memory_limit=limit) as nios:
+        listener = await ports.listen_tcp(
+            nios, "127.0.0.1", 0, packet=packet, high_msgq_watermark=64 << 20
+        )
+        floods = [socket.create_connection(listener.local_address) for _ in range(6)]
+        waiting_peer = socket.create_connection(listener.local_address)
+        stop = threading.Event()
+        try:
+            idle = [await accept(listener) for _ in floods]
+            waiting = await accept(listener)
+
+            def frame(body: bytes) -> bytes:
+                return struct.pack(">I", len(body)) + body if packet == 4 else body + b"\n"
+
+            def flood(sock: socket.socket) -> None:
+                body = frame(b"f" * 4000)
+                try:
+                    while not stop.is_set():
+                        sock.sendall(body * 16)
+                except OSError:
+                    pass
+
+            threads = [threading.Thread(target=flood, args=(s,)) for s in floods]
+            for t in threads:
+                t.start()
+            try:
+                await until(lambda: nios.statistics().global_pauses > 0, 20)
+                for i in range(200):
+                    body = b"w%06d" % i + b"." * (i * 37 % 3000)
+                    waiting_peer.sendall(frame(body))
+                    with anyio.fail_after(10):
+                        expected = body if packet == 4 else body + b"\n"
+                        assert await waiting.receive() == Data(expected)
+                statistics = nios.statistics()
+                assert statistics.peak_memory <= limit, statistics
+            finally:
+                stop.set()
+                for s in floods:
+                    s.shutdown(socket.SHUT_RDWR)
+                for t in threads:
+                    await anyio.to_thread.run_sync(t.join)
+            for p in idle:
+                await p.aclose()
+            await waiting.aclose()
+        finally:
+            for s in floods:
+                s.close()
+            waiting_peer.close()
+            await listener.aclose()
