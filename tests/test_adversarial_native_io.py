@@ -342,3 +342,83 @@ async def test_a_waiting_owner_gets_its_data_while_others_fill_the_budget(
                 s.close()
             waiting_peer.close()
             await listener.aclose()
+
+
+# -- close while the peer is blocked writing to us ------------------------------------------
+
+
+async def test_close_with_output_queued_while_the_peer_floods_us(
+    nios: ioserver.IOServer,
+) -> None:
+    """The owner queues 4 MiB and closes without reading what the peer sends (8 MiB, the
+    peer blocked writing until the thread drops it): the peer gets our bytes exactly."""
+    size_out, size_in = 4 * 1024 * 1024, 8 * 1024 * 1024
+    outbound = os.urandom(size_out)
+    listener = await ports.listen_tcp(
+        nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=8 << 20, active=False
+    )
+    peer = socket.create_connection(listener.local_address)
+    sender_error: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            peer.sendall(b"i" * size_in)
+        except OSError as exc:
+            sender_error.append(exc)
+
+    sender = threading.Thread(target=flood)
+    try:
+        port = await accept(listener)
+        sender.start()
+        for offset in range(0, size_out, 65536):
+            port.send_nowait(outbound[offset : offset + 65536])
+        await port.aclose()
+        got = await anyio.to_thread.run_sync(read_all, peer, 65536)
+        assert got == (size_out, hashlib.sha256(outbound).digest())
+        await anyio.to_thread.run_sync(sender.join)
+        await until(lambda: nios.statistics().ports_open == 1)
+    finally:
+        if sender.is_alive():
+            peer.shutdown(socket.SHUT_RDWR)
+            await anyio.to_thread.run_sync(sender.join)
+        peer.close()
+        await listener.aclose()
+
+
+# -- a paused port whose peer half-closes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("packet", ["raw", "line", 4])
+async def test_active_once_after_a_burst_and_fin_delivers_all_in_order(
+    nios: ioserver.IOServer, packet: object
+) -> None:
+    count = 5000
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, packet=packet, active="once")
+    peer = socket.create_connection(listener.local_address)
+    try:
+        port = await accept(listener)
+        if packet == "line":
+            wire = b"".join(b"%d\n" % i for i in range(count))
+        elif packet == 4:
+            wire = b"".join(struct.pack(">I", len(b"%d" % i)) + b"%d" % i for i in range(count))
+        else:
+            wire = b"".join(b"%d," % i for i in range(count))
+        await anyio.to_thread.run_sync(peer.sendall, wire)
+        peer.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        with anyio.fail_after(20):
+            while True:
+                message = await port.receive()
+                if isinstance(message, Closed):
+                    assert message == Closed("eof")
+                    break
+                if isinstance(message, Data):
+                    if packet == 4:
+                        got += struct.pack(">I", len(message.data))
+                    got += message.data
+                    port.setopts(active="once")
+        assert bytes(got) == wire
+        await port.aclose()
+    finally:
+        peer.close()
+        await listener.aclose()
