@@ -23,6 +23,9 @@ from ports import Closed, Data
 
 pytestmark = pytest.mark.anyio
 
+#: Offsets the seeds of the randomised tests (IOSERVER_PROBE_SEED, for repeated runs).
+SEED = int(os.environ.get("IOSERVER_PROBE_SEED", "0"))
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -422,3 +425,79 @@ async def test_active_once_after_a_burst_and_fin_delivers_all_in_order(
     finally:
         peer.close()
         await listener.aclose()
+
+
+# -- many framed echoes under a small budget, with shifting active modes ---------------------
+
+
+@pytest.mark.parametrize("limit", [None, 4 * 1024 * 1024])
+async def test_framed_echoes_under_a_small_budget_keep_every_packet_in_order(
+    no_leaks: None, backend: str, limit: int | None
+) -> None:
+    import random
+
+    count, frames = 24, 400
+    async with ioserver.open(core="native", io_backend=backend, memory_limit=limit) as nios:
+        listener = await ports.listen_tcp(
+            nios,
+            "127.0.0.1",
+            0,
+            packet=4,
+            high_msgq_watermark=32 * 1024,
+            low_msgq_watermark=8 * 1024,
+            high_watermark=64 * 1024,
+            low_watermark=16 * 1024,
+        )
+
+        async def echo(port: ports.Port, seed: int) -> None:
+            rng = random.Random(seed + SEED)
+            async with port:
+                while True:
+                    mode = rng.choice(["once", 3, True, False])
+                    port.setopts(active=mode)
+                    if mode is False:
+                        message = await port.receive()  # a passive read
+                    else:
+                        message = await port.receive()
+                    if isinstance(message, Closed):
+                        assert message == Closed("eof"), (seed, message, nios.statistics())
+                        return
+                    if isinstance(message, ports.Passive):
+                        continue
+                    assert isinstance(message, Data), (seed, message)
+                    await port.send(message.data)
+
+        async def peer(index: int) -> None:
+            rng = random.Random(index + SEED)
+            bodies = [
+                struct.pack(">II", index, seq) + pattern(seq, rng.choice([0, 1, 50, 3000, 70000]))
+                for seq in range(frames)
+            ]
+            wire = b"".join(struct.pack(">I", len(b)) + b for b in bodies)
+            async with await anyio.connect_tcp(*listener.local_address) as stream:
+
+                async def send() -> None:
+                    offset = 0
+                    while offset < len(wire):
+                        step = rng.choice([1, 7, 1000, 65536, 300_000])
+                        await stream.send(wire[offset : offset + step])
+                        offset += step
+                    await stream.send_eof()
+
+                got = bytearray()
+                async with anyio.create_task_group() as group:
+                    group.start_soon(send)
+                    while len(got) < len(wire):
+                        got += await stream.receive()
+                assert bytes(got) == wire, index
+
+        async with listener, anyio.create_task_group() as servers:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as peers:
+                    for index in range(count):
+                        peers.start_soon(peer, index)
+                    for index in range(count):
+                        servers.start_soon(echo, await accept(listener), index)
+        if limit is not None:
+            statistics = nios.statistics()
+            assert statistics.peak_memory <= limit + 64 * 1024 * count, statistics
