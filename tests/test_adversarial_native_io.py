@@ -291,7 +291,7 @@ async def test_connect_close_churn_does_not_disturb_a_streaming_port(
 # -- a waiting owner under memory_limit while others never read -----------------------------
 
 
-@pytest.mark.parametrize("packet", [4, "line"])
+@pytest.mark.parametrize("packet", [4, "line", "msgpack"])
 async def test_a_waiting_owner_gets_its_data_while_others_fill_the_budget(
     no_leaks: None, backend: str, packet: object
 ) -> None:
@@ -308,6 +308,10 @@ async def test_a_waiting_owner_gets_its_data_while_others_fill_the_budget(
             waiting = await accept(listener)
 
             def frame(body: bytes) -> bytes:
+                if packet == "msgpack":
+                    import msgpack
+
+                    return msgpack.packb(body)
                 return struct.pack(">I", len(body)) + body if packet == 4 else body + b"\n"
 
             def flood(sock: socket.socket) -> None:
@@ -327,7 +331,7 @@ async def test_a_waiting_owner_gets_its_data_while_others_fill_the_budget(
                     body = b"w%06d" % i + b"." * (i * 37 % 3000)
                     waiting_peer.sendall(frame(body))
                     with anyio.fail_after(10):
-                        expected = body if packet == 4 else body + b"\n"
+                        expected = body + b"\n" if packet == "line" else body
                         assert await waiting.receive() == Data(expected)
                 statistics = nios.statistics()
                 assert statistics.peak_memory <= limit, statistics
@@ -501,3 +505,81 @@ async def test_framed_echoes_under_a_small_budget_keep_every_packet_in_order(
         if limit is not None:
             statistics = nios.statistics()
             assert statistics.peak_memory <= limit + 64 * 1024 * count, statistics
+
+
+# -- a listener closed with accepted connections its owner never took -----------------------
+
+
+async def test_a_listener_closed_with_untaken_accepts_leaves_nothing_open(
+    nios: ioserver.IOServer,
+) -> None:
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, packet="line")
+    peers = [socket.create_connection(listener.local_address) for _ in range(40)]
+    try:
+        for index, peer in enumerate(peers):
+            peer.sendall(b"hello %d\n" % index)
+        await until(lambda: nios.statistics().ports_open == 41)
+        await listener.aclose()
+        await until(lambda: nios.statistics().ports_open == 0)
+        for peer in peers:
+            peer.settimeout(10)
+            try:
+                assert peer.recv(100) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+# -- a port paused by its watermark whose peer sends its end ----------------------------------
+
+
+@pytest.mark.parametrize("packet", ["raw", "line", 4])
+async def test_a_paused_port_whose_peer_ends_gets_everything_then_eof(
+    nios: ioserver.IOServer, packet: object
+) -> None:
+    count = 20_000
+    listener = await ports.listen_tcp(
+        nios,
+        "127.0.0.1",
+        0,
+        packet=packet,
+        high_msgq_watermark=16 * 1024,
+        low_msgq_watermark=4 * 1024,
+        recbuf=8192,
+    )
+    peer = socket.create_connection(listener.local_address)
+    try:
+        port = await accept(listener)
+        if packet == "line":
+            wire = b"".join(b"%d\n" % i for i in range(count))
+        elif packet == 4:
+            wire = b"".join(struct.pack(">I", len(b"%d" % i)) + b"%d" % i for i in range(count))
+        else:
+            wire = b"".join(b"%d," % i for i in range(count))
+        sender = threading.Thread(target=lambda: (peer.sendall(wire), peer.shutdown(1)))
+        sender.start()
+        try:
+            await until(lambda: port.statistics().pauses > 0)
+            got = bytearray()
+            with anyio.fail_after(20):
+                while True:
+                    message = await port.receive()
+                    if isinstance(message, Closed):
+                        assert message == Closed("eof")
+                        break
+                    assert isinstance(message, Data), message
+                    if packet == 4:
+                        got += struct.pack(">I", len(message.data))
+                    got += message.data
+                    if len(got) % 7 == 0:
+                        await anyio.sleep(0)
+        finally:
+            await anyio.to_thread.run_sync(sender.join)
+        assert bytes(got) == wire
+        assert port.statistics().pauses > 1
+        await port.aclose()
+    finally:
+        peer.close()
+        await listener.aclose()
