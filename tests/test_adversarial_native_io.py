@@ -673,13 +673,29 @@ async def test_packets_held_past_the_credit_then_a_reset_without_a_write(
 def write_then_read(sock: socket.socket, size: int) -> tuple[int, bytes] | str:
     """A naive peer: send ``size`` bytes, then read to the end (or the error's name)."""
     try:
-        sock.sendall(b"i" * size)
+        sock.sendall((b"i" * 99 + b"\n") * (size // 100))
         return read_all(sock, 65536)
     except OSError as exc:
         return type(exc).__name__
 
 
-@pytest.mark.parametrize("paused_by", ["passive", "watermark"])
+@pytest.mark.parametrize(
+    "paused_by",
+    [
+        "passive",
+        "watermark",
+        pytest.param(
+            "held",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="flow.rs ReceiveFlow::may_read wants held_count == 0 even when "
+                "close_pending, and close_linger (core.rs) keeps the held packets: the "
+                "closing port never reads again, so its peer never drains and linger "
+                "resets it",
+            ),
+        ),
+    ],
+)
 async def test_a_closing_port_drains_a_peer_that_writes_before_it_reads(
     nios: ioserver.IOServer, paused_by: str
 ) -> None:
@@ -689,10 +705,12 @@ async def test_a_closing_port_drains_a_peer_that_writes_before_it_reads(
     flush to it"), so the peer gets every byte before ``linger`` (5 s) runs out."""
     size_out, size_in = 2 * 1024 * 1024, 8 * 1024 * 1024
     outbound = os.urandom(size_out)
-    options: dict[str, object] = {"active": False} if paused_by == "passive" else {
-        "high_msgq_watermark": 64 * 1024,
-        "low_msgq_watermark": 16 * 1024,
-    }
+    options: dict[str, object] = {
+        "passive": {"active": False},
+        "watermark": {"high_msgq_watermark": 64 * 1024, "low_msgq_watermark": 16 * 1024},
+        # Active once, framed: the first read's packets past the first are held.
+        "held": {"active": "once", "packet": "line"},
+    }[paused_by]
     listener = await ports.listen_tcp(
         nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=8 << 20, linger=5, **options
     )
@@ -709,6 +727,8 @@ async def test_a_closing_port_drains_a_peer_that_writes_before_it_reads(
             group.start_soon(naive)
             if paused_by == "watermark":
                 await until(lambda: port.statistics().pauses > 0)
+            if paused_by == "held":
+                await until(lambda: port.statistics().bytes_received > 0)
             for offset in range(0, size_out, 65536):
                 port.send_nowait(outbound[offset : offset + 65536])
             await port.aclose()
