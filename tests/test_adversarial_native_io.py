@@ -809,3 +809,60 @@ async def test_a_closing_port_drains_its_peer_while_other_ports_fill_the_budget(
                 s.close()
             peer.close()
             await listener.aclose()
+
+
+async def test_reset_churn_with_queued_output_does_not_disturb_a_streaming_port(
+    nios: ioserver.IOServer,
+) -> None:
+    """Peers that connect, get output queued to them and reset at once, 400 times, while
+    another port streams 8 MiB each way: the stream's bytes arrive exactly, each churned
+    port ends with one Closed, and nothing stays open."""
+    size = 8 * 1024 * 1024
+    payload = os.urandom(size)
+    inbound = os.urandom(size)
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=1 << 20)
+    peer = socket.create_connection(listener.local_address)
+    try:
+        port = await accept(listener)
+        ends: list[object] = []
+
+        async def churn() -> None:
+            for index in range(400):
+                raw = socket.create_connection(listener.local_address)
+                server = await accept(listener)
+                server.send_nowait(b"x" * (200_000 + index))
+                raw.sendall(b"y" * (index * 100))
+                reset(raw)
+                while True:
+                    message = await server.receive()
+                    if isinstance(message, Closed):
+                        ends.append(message)
+                        break
+                    assert isinstance(message, Data)
+                await server.aclose()
+
+        async def stream_out() -> None:
+            for offset in range(0, size, 65536):
+                await port.send(payload[offset : offset + 65536])
+            await port.send_eof()
+
+        sender = threading.Thread(target=lambda: (peer.sendall(inbound), peer.shutdown(1)))
+        sender.start()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(churn)
+                group.start_soon(stream_out)
+                got_in = await receive_exactly(port, size)
+                total, digest = await anyio.to_thread.run_sync(read_all, peer, 65536)
+        finally:
+            await anyio.to_thread.run_sync(sender.join)
+        assert total == size and digest == hashlib.sha256(payload).digest()
+        assert got_in == inbound
+        assert await port.receive() == Closed("eof")
+        assert len(ends) == 400
+        assert all(isinstance(end, Closed) for end in ends)
+        await port.aclose()
+        await until(lambda: nios.statistics().ports_open == 1)
+    finally:
+        peer.close()
+        await listener.aclose()
