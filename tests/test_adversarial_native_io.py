@@ -866,3 +866,27 @@ async def test_reset_churn_with_queued_output_does_not_disturb_a_streaming_port(
     finally:
         peer.close()
         await listener.aclose()
+
+
+async def test_a_burst_past_iov_max_in_one_tick_keeps_its_order(
+    nios: ioserver.IOServer,
+) -> None:
+    """5000 sends queued in one tick of the loop (past IOV_MAX buffers a gather), small
+    ones between large ones, to a slow reader: every record arrives once, in order."""
+    count = 5000
+    listener = await ports.listen_tcp(
+        nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=256 << 20
+    )
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    try:
+        peer.connect(listener.local_address)
+        port = await accept(listener)
+        for seq in range(count):
+            length = 100_000 if seq % 499 == 0 else seq % 5
+            port.send_nowait(struct.pack(">II", length, seq) + pattern(seq, length))
+        assert await anyio.to_thread.run_sync(parse_records, peer, count) == list(range(count))
+        await port.aclose()
+    finally:
+        peer.close()
+        await listener.aclose()
