@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 from conftest import io_uring_refusal, until
 from test_native_core import accept, receive_exactly
@@ -213,9 +214,7 @@ async def test_send_eof_while_the_peer_streams_loses_nothing_either_way(
 ) -> None:
     size_in, size_out = 3 * 1024 * 1024, 2 * 1024 * 1024 + 17
     inbound, outbound = os.urandom(size_in), os.urandom(size_out)
-    listener = await ports.listen_tcp(
-        nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=4 << 20
-    )
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=4 << 20)
     peer = socket.create_connection(listener.local_address)
     try:
         port = await accept(listener)
@@ -574,7 +573,7 @@ async def test_a_paused_port_whose_peer_ends_gets_everything_then_eof(
                         got += struct.pack(">I", len(message.data))
                     got += message.data
                     if len(got) % 7 == 0:
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
         finally:
             await anyio.to_thread.run_sync(sender.join)
         assert bytes(got) == wire
@@ -609,10 +608,10 @@ async def test_packets_held_past_the_credit_survive_a_failed_write(
     peer = socket.create_connection(listener.local_address)
     try:
         port = await accept(listener)
-        bodies = [b"first\n", b"second\n", b"third\n"] if packet == "line" else [b"1", b"22", b"333"]
-        wire = b"".join(
-            b if packet == "line" else struct.pack(">I", len(b)) + b for b in bodies
+        bodies = (
+            [b"first\n", b"second\n", b"third\n"] if packet == "line" else [b"1", b"22", b"333"]
         )
+        wire = b"".join(b if packet == "line" else struct.pack(">I", len(b)) + b for b in bodies)
         peer.sendall(wire)
         assert await port.receive() == Data(bodies[0])
         await until(lambda: port.statistics().bytes_received == len(wire))
@@ -644,10 +643,10 @@ async def test_packets_held_past_the_credit_then_a_reset_without_a_write(
     peer = socket.create_connection(listener.local_address)
     try:
         port = await accept(listener)
-        bodies = [b"first\n", b"second\n", b"third\n"] if packet == "line" else [b"1", b"22", b"333"]
-        wire = b"".join(
-            b if packet == "line" else struct.pack(">I", len(b)) + b for b in bodies
+        bodies = (
+            [b"first\n", b"second\n", b"third\n"] if packet == "line" else [b"1", b"22", b"333"]
         )
+        wire = b"".join(b if packet == "line" else struct.pack(">I", len(b)) + b for b in bodies)
         peer.sendall(wire)
         assert await port.receive() == Data(bodies[0])
         await until(lambda: port.statistics().bytes_received == len(wire))
@@ -783,6 +782,7 @@ async def test_a_closing_port_drains_its_peer_while_other_ports_fill_the_budget(
             idle = [await accept(listener) for _ in floods]
             for t in threads:
                 t.start()
+            assert not any(p.closed for p in idle)
             await until(lambda: nios.statistics().global_pauses > 0)
             await until(lambda: nios.statistics().memory_in_use > limit // 2)
             peer.connect(listener.local_address)
@@ -874,9 +874,7 @@ async def test_a_burst_past_iov_max_in_one_tick_keeps_its_order(
     """5000 sends queued in one tick of the loop (past IOV_MAX buffers a gather), small
     ones between large ones, to a slow reader: every record arrives once, in order."""
     count = 5000
-    listener = await ports.listen_tcp(
-        nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=256 << 20
-    )
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, sndbuf=16384, high_watermark=256 << 20)
     peer = socket.socket()
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     try:
