@@ -888,3 +888,49 @@ async def test_a_burst_past_iov_max_in_one_tick_keeps_its_order(
     finally:
         peer.close()
         await listener.aclose()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="after_write's error arm (core.rs) -> IoThread::broken closes the "
+                "stream at once: the peer's bytes already in the socket's receive queue "
+                "(acknowledged by TCP) are never read, where the read that finds the reset "
+                "delivers them first",
+            ),
+        ),
+    ],
+)
+async def test_a_passive_ports_unread_input_survives_a_failed_write(
+    nios: ioserver.IOServer, write: bool
+) -> None:
+    """A passive port's peer sends 1000 bytes and resets.  Without a write, the owner's
+    next receive gets the 1000 bytes, then ``Closed("ECONNRESET")``; with a reply sent
+    first, whose write finds the reset, the bytes must not be lost either."""
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, active=False)
+    peer = socket.create_connection(listener.local_address)
+    try:
+        port = await accept(listener)
+        peer.sendall(b"z" * 1000)
+        reset(peer)  # (loopback: the bytes and the reset are in our socket when it returns)
+        if write:
+            await port.send(b"reply")
+            await until(lambda: nios.statistics().ports_open == 1)
+        got = []
+        with anyio.fail_after(5):
+            while True:
+                message = await port.receive()
+                got.append(message)
+                if isinstance(message, Closed):
+                    break
+        assert got == [Data(b"z" * 1000), Closed("ECONNRESET", "ECONNRESET")]
+        await port.aclose()
+    finally:
+        if peer.fileno() != -1:
+            peer.close()
+        await listener.aclose()
