@@ -934,3 +934,48 @@ async def test_a_passive_ports_unread_input_survives_a_failed_write(
         if peer.fileno() != -1:
             peer.close()
         await listener.aclose()
+
+
+@pytest.mark.parametrize(
+    "unread",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="core.rs close_linger (and finish_write's close_pending arm) call "
+                "close_stream as soon as the thread's queue is empty: close() of a socket "
+                "with unread input makes Linux send a reset and drop the output still in "
+                "the kernel's send buffer, so a prompt peer loses the tail",
+            ),
+        ),
+    ],
+)
+async def test_a_close_after_the_queue_is_written_keeps_the_kernels_unsent_bytes(
+    nios: ioserver.IOServer, unread: bool
+) -> None:
+    """The owner's 2 MiB are all handed to the kernel (``bytes_queued`` 0) but not yet
+    sent - the peer reads slowly - when it closes.  The peer must still get every byte,
+    then the end; also when the peer had sent bytes the passive owner never read (Linux
+    answers a close() with unread input by a reset, which drops the unsent output)."""
+    size = 2 * 1024 * 1024
+    outbound = os.urandom(size)
+    listener = await ports.listen_tcp(nios, "127.0.0.1", 0, active=False, high_watermark=8 << 20)
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    try:
+        peer.connect(listener.local_address)
+        port = await accept(listener)
+        if unread:
+            peer.sendall(b"a request the owner never reads")
+        for offset in range(0, size, 65536):
+            port.send_nowait(outbound[offset : offset + 65536])
+        await until(lambda: port.statistics().bytes_sent == size)
+        await port.aclose()
+        await until(lambda: nios.statistics().ports_open == 1)
+        result = await anyio.to_thread.run_sync(read_all, peer, 4096)
+        assert result == (size, hashlib.sha256(outbound).digest())
+    finally:
+        peer.close()
+        await listener.aclose()
