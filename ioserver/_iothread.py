@@ -434,16 +434,19 @@ class IOThread:
 
     def _stream_interest(self, conn: Conn) -> None:
         mask = 0
-        if (
-            # A port closed while it flushes its output reads on, whatever its active mode
-            # (the closed port drops what comes, within the same bounds), so that a peer
-            # which is itself blocked writing to us can drain what we flush to it.
-            (conn.credit or conn.close_pending)
-            and not conn.held
-            and not conn.read_eof
-            and not conn.msgq_paused
-            and not conn.global_paused
-            and not conn.queue_paused
+        if not conn.read_eof and (
+            # A port closed while it flushes its output reads on, whatever its active mode,
+            # its held packets and its pauses (this thread drops what comes: nothing is
+            # delivered nor charged), so that a peer which is itself blocked writing to us
+            # can drain what we flush to it.
+            conn.close_pending
+            or (
+                conn.credit
+                and not conn.held
+                and not conn.msgq_paused
+                and not conn.global_paused
+                and not conn.queue_paused
+            )
         ):
             mask = READ
         if conn.outq:
@@ -555,6 +558,10 @@ class IOThread:
                             if conn.closed:
                                 continue
                         if not (mask & _READABLE and conn.mask & READ):
+                            continue
+                        if conn.close_pending:
+                            # Closing: what arrives is dropped here (not the budget's).
+                            self._drop_input(conn)
                             continue
                         if headroom < read_floor and budget.blocks(conn, headroom):
                             continue
@@ -914,6 +921,26 @@ class IOThread:
                 if time.monotonic() >= deadline:
                     return
                 time.sleep(0.01)  # (this thread is ending: let memory free meanwhile)
+
+    def _drop_input(self, conn: Conn) -> None:
+        """One read of a port closed while it flushes its output (``close_pending``): what
+        arrives is counted in ``bytes_in`` and dropped, neither delivered nor charged; an
+        error ends the port as for any read, the peer's end only its reading."""
+        try:
+            n = conn.sock.recv_into(self._buffer)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._broken(conn, exc.errno)
+            return
+        if n:
+            conn.bytes_in += n
+            self.bytes_in += n
+        else:
+            # The peer's end: nobody to tell; the queued output is still flushed (the
+            # port closes once it is written, or at its linger).
+            conn.read_eof = True
+            self._stream_interest(conn)
 
     def _close(self, conn: Conn) -> None:
         """Release the socket and its fd; no message is sent."""

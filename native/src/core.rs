@@ -1453,14 +1453,19 @@ impl IoThread {
                         continue;
                     }
                     // The budget: None pauses the port (its next round that lets it go,
-                    // or its owner's cmd_want, schedules it again: it stays readable).
-                    let Some(grant) = self.budget.admit_read(&mut s.flow) else {
+                    // or its owner's cmd_want, schedules it again: it stays readable).  A
+                    // closing port's reads are dropped, not charged: not the budget's.
+                    let max = if s.close_pending {
+                        self.buffer.len()
+                    } else if let Some(grant) = self.budget.admit_read(&mut s.flow) {
+                        grant.max
+                    } else {
                         s.conn.publish(&s.flow, &self.shared);
                         self.put(Entry::Stream(s));
                         continue;
                     };
                     // read() returns false when it closed the port: then it is gone.
-                    if self.read(&mut s, grant.max) {
+                    if self.read(&mut s, max) {
                         self.put(Entry::Stream(s));
                     }
                 }

@@ -882,15 +882,18 @@ impl ReceiveFlow {
         u64::from(self.packet_overhead)
     }
 
-    /// Whether the socket may be read: credit left (or `close_pending`: a port closed
-    /// while it flushes reads on, whatever its mode, so that a peer blocked writing to us
-    /// can drain what we flush to it), no packet held, and paused neither by the
-    /// watermarks nor by the budget.  (The I/O thread adds its own: not at EOF...)
+    /// Whether the socket may be read: credit left, no packet held, and paused neither by
+    /// the watermarks nor by the budget - or `close_pending`: a port closed while it
+    /// flushes reads on whatever its mode, its held packets and its pauses, so that a peer
+    /// blocked writing to us can drain what we flush to it (what it reads is dropped,
+    /// never delivered nor charged: no bound needs it paused).  (The I/O thread adds its
+    /// own: not at EOF...)
     pub fn may_read(&self, close_pending: bool) -> bool {
-        (self.credit != 0 || close_pending)
-            && self.held_count == 0
-            && !self.msgq_paused
-            && !self.global_paused()
+        close_pending
+            || (self.credit != 0
+                && self.held_count == 0
+                && !self.msgq_paused
+                && !self.global_paused())
     }
 
     /// The active credit: -1 unlimited, 0 passive, N > 0 packets.

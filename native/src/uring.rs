@@ -160,11 +160,18 @@ impl IoThread {
                         // After the round's first read, only reads the budget admits whole
                         // (its headroom less what the reads before may be charged): the
                         // others wait a round, as one read at a time would see them.
-                        let fits = u.receiving.is_empty() || self.budget.fits(&s.flow);
+                        // (A closing port's reads are dropped, not charged: not the
+                        // budget's, as in read_ready.)
+                        let fits =
+                            s.close_pending || u.receiving.is_empty() || self.budget.fits(&s.flow);
                         if u.receiving.len() < u.ring.max_receives() && fits {
+                            if s.close_pending {
+                                let max = self.buffer.len();
+                                u.receiving.push((slot, s.conn.id, 0));
+                                u.receives.push((s.sock.as_raw_fd(), max));
                             // The budget, as read_ready asks it: None pauses the port (the
                             // round that lets it go, or its owner's cmd_want, schedules it).
-                            if let Some(grant) = self.budget.admit_read(&mut s.flow) {
+                            } else if let Some(grant) = self.budget.admit_read(&mut s.flow) {
                                 let max = grant.max.min(self.buffer.len());
                                 let held = self.budget.hold(&s.flow, max);
                                 u.receiving.push((slot, s.conn.id, held));
