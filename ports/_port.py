@@ -653,8 +653,9 @@ class _PortBase(Source):
     async def aclose(self) -> None:
         """Close the port: the I/O thread writes what is queued, then closes the socket.
 
-        Meanwhile it reads on and drops what arrives, so a peer blocked writing to us can
-        drain what we flush.  Idempotent.  A task waiting on the port gets
+        Meanwhile it reads on and drops what arrives (whatever its active mode, its pauses
+        and its held packets: nothing more is delivered or charged), so a peer blocked
+        writing to us can drain what we flush.  Idempotent.  A task waiting on the port gets
         :exc:`ClosedPortError`; messages not yet received are dropped.  It is a checkpoint.
         """
         self.close_nowait()
