@@ -22,7 +22,9 @@ import ioserver
 import ports
 from ports import Closed, Data
 
-pytestmark = pytest.mark.anyio
+# Each test names its cores (native with each backend; the Python core where both must
+# agree): the second CI pass, on the Python core, need not run them again.
+pytestmark = [pytest.mark.anyio, pytest.mark.core_independent]
 
 #: Offsets the seeds of the randomised tests (IOSERVER_PROBE_SEED, for repeated runs).
 SEED = int(os.environ.get("IOSERVER_PROBE_SEED", "0"))
