@@ -67,7 +67,7 @@ from ioserver._messages import (
 )
 from ioserver._options import PortSettings, StreamOptions, TunSettings, UDPSettings
 from ioserver._protocol import ProtocolViolation
-from ioserver._udp import ERROR_CHARGE
+from ioserver._udp import charge_error
 from ioserver._zmq import ZmqSocketHandler
 
 from ._exceptions import ProtocolError
@@ -724,13 +724,9 @@ class RemoteIO(ZmqSocketHandler):
         conn = self._conn(pid)
         if conn is not None:
             event = Error(str(name), number if P.is_int(number) else None, str(text))
-            if isinstance(conn, RemoteDatagramConn):
-                # Charged as the daemon's handler charged it (ioserver._udp.ERROR_CHARGE),
-                # until the owner takes it (ports.UDPPort counts it taken).
-                conn.delivered_messages += 1
-                conn.delivered_bytes += ERROR_CHARGE
-                self.io.delivered_total += ERROR_CHARGE
             conn.deliver((conn.port, event))
+            if isinstance(conn, RemoteDatagramConn):
+                charge_error(conn, self.io)  # as the daemon's handler charged it
 
     def _datagram(self, message: P.Message) -> None:
         _, pid, data, address = message

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._contract import Deliver, LoopHalf, MakePort
-from ._flow import ReceiveFlow, Window
+from ._flow import BUDGET_RECHECK, ReceiveFlow, Window
 from ._framing import Framer
 from ._messages import PASSIVE
 from ._options import (
@@ -235,11 +235,18 @@ class ReceivingHandler(Handler, ReceiveFlow):
     that change whether it may read (an active mode, a passive read, the end of a pause).
 
     Subclasses call :meth:`configure_receiving` once, :meth:`_pause_msgq` when
-    ``over_high()`` after a delivery, and implement :meth:`_reading_changed`.
+    ``over_high()`` after a delivery, :meth:`_pause_for_budget` when the memory budget's
+    allowance is used up, and implement :meth:`_reading_changed`.
     """
 
     port: LoopHalf
     deliver: Deliver
+    io: Any  # the I/O thread (IOThread: its budget, call_later)
+    budget_paused = False  # the memory budget is used up: not reading
+    #: Bytes a waiting owner's port needs free to read again before the budget is back at
+    #: one half (:meth:`MemoryBudget.resumes`): a whole read; 1 where a message's size is
+    #: known only once received (ZeroMQ).
+    budget_resume_size = 1
 
     def configure_receiving(self, options: Watermarks, active: tuple[int, bool]) -> None:
         """Take the active mode and the flow-control options (see ``ports.PortOptions``)."""
@@ -263,6 +270,26 @@ class ReceivingHandler(Handler, ReceiveFlow):
                 on_pause(self.pause_generation)
             self.recheck()
         self._reading_changed()
+
+    def _pause_for_budget(self) -> None:
+        """The memory budget is used up: stop reading, and look again every
+        :data:`~._flow.BUDGET_RECHECK` seconds until it lets this port read (the rule of
+        :meth:`~._flow.MemoryBudget.resumes`)."""
+        if self.budget_paused:
+            return
+        self.budget_paused = True
+        self.pauses += 1
+        self._reading_changed()
+        self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
+
+    def _budget_recheck(self) -> None:
+        if self.closed:
+            return
+        if self.io.budget.resumes(self, self.budget_resume_size):
+            self.budget_paused = False
+            self._reading_changed()
+        else:
+            self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
 
     def resume(self, generation: int) -> None:
         if not self.closed and self.may_resume(generation):

@@ -421,6 +421,9 @@ _UNCONFIGURED = Window()
 
 
 # -- the memory budget ----------------------------------------------------------------------
+#: Seconds between two looks at the budget while it pauses reads (owners free memory
+#: without telling the I/O thread): the I/O thread's poll and the handlers' rechecks.
+BUDGET_RECHECK = 0.005
 #: The headroom when there is no budget: every read fits.
 UNLIMITED = 1 << 62
 

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 from ._conn import CONNECTING, HANDLER, LISTENER, STREAM, Conn, Handler
 from ._contract import ConnectRequest, ListenRequest
 from ._exceptions import ConnectError, errno_name
-from ._flow import UNLIMITED, MemoryBudget, OwnerCell, Window
+from ._flow import BUDGET_RECHECK, UNLIMITED, MemoryBudget, OwnerCell, Window
 from ._framing import PACKET_OVERHEAD, FrameError, Framer, PacketTooLarge
 from ._messages import PASSIVE, WRITABLE, Closed, Data, Error
 from ._options import apply_active_mode
@@ -96,7 +96,6 @@ log = logging.getLogger("ioserver")
 
 READ_SIZE = 65536  # bytes: the shared receive buffer, and so the largest Data message
 IOV_MAX = 1024  # buffers gathered in one sendmsg
-BUDGET_RECHECK = 0.005  # seconds between checks of the memory budget while reads are paused
 #: Seconds between two accepts of a listener out of descriptors (``EMFILE``...), which also
 #: tries again whenever one of this thread's ports closes: descriptors freed elsewhere in
 #: the process (the application's files, other threads) tell this thread nothing.  Ranch's

@@ -55,9 +55,8 @@ from ._messages import PASSIVE, WRITABLE, Closed, Datagram, Error
 from ._options import DatagramSettings
 from ._poller import ERROR, READ, WRITE
 
-__all__ = ["ERROR_CHARGE", "DatagramHandler", "cmd_open_udp"]
+__all__ = ["ERROR_CHARGE", "DatagramHandler", "charge_error", "cmd_open_udp"]
 
-BUDGET_RECHECK = 0.005  # seconds between looks at the memory budget while paused for it
 _MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)
 # With MSG_TRUNC in the flags, Linux returns a truncated datagram's real length.
 _RECV_FLAGS = _MSG_TRUNC if hasattr(socket, "SO_PEERCRED") else 0
@@ -65,6 +64,17 @@ _RECV_FLAGS = _MSG_TRUNC if hasattr(socket, "SO_PEERCRED") else 0
 #: about what its objects hold (the message, its sentence).  Both halves use it: the
 #: handler as it delivers one, the port (``ports.UDPPort``) as its owner takes one.
 ERROR_CHARGE = 256
+
+
+def charge_error(conn: Any, io: Any) -> None:
+    """Count an :class:`Error` delivered to ``conn``'s port (a ``DatagramHandler``, or a
+    daemon client's ``RemoteDatagramConn`` of one): :data:`ERROR_CHARGE` bytes and one
+    message to its window and to ``io``'s memory budget, as a datagram is charged its
+    own, until the owner takes it (``ports.UDPPort`` counts it taken).  Called once it
+    is delivered: one whose delivery raised is not charged."""
+    conn.delivered_messages += 1
+    conn.delivered_bytes += ERROR_CHARGE
+    io.delivered_total += ERROR_CHARGE
 
 
 class DatagramHandler(ReceivingHandler):
@@ -109,6 +119,7 @@ class DatagramHandler(ReceivingHandler):
         self.errors = 0  # errors taken from the socket or its sends, ever
         self.errors_dropped = 0  # ... of them, dropped: the port was over its watermark
         self.budget_paused = False
+        self.budget_resume_size = size  # a whole datagram's read (_pause_for_budget)
         self.mask = 0
         self.dirty = False
         self.closed = False
@@ -196,15 +207,11 @@ class DatagramHandler(ReceivingHandler):
             received += n
             charged += n
             self.datagrams_in += 1
-            # Charged as it is delivered, not after the loop: should a later datagram's
-            # delivery raise (a MemoryError), those already delivered stay charged, or
-            # the budget would count them taken without ever counting them in.
+            deliver((port, message(bytes(self.view[:n]), address)))
+            # Charged once delivered, each, not after the loop: should a later datagram's
+            # delivery raise (a MemoryError), those before it stay charged (the loop sees
+            # none of them before this round publishes its batch).
             io.delivered_total += n
-            try:
-                deliver((port, message(bytes(self.view[:n]), address)))
-            except Exception:
-                io.delivered_total -= n  # not delivered: not charged either
-                raise
             self.delivered_messages += 1
             self.delivered_bytes += n
             credit = self.credit
@@ -246,37 +253,11 @@ class DatagramHandler(ReceivingHandler):
             return
         name = errno_name(number)
         reason = os.strerror(number) if number else "unknown error"
-        message = Error(name, number, f"{reason} ({name}){detail}")
-        io = self.io
-        io.delivered_total += ERROR_CHARGE
-        try:
-            self.deliver((self.port, message))
-        except Exception:
-            io.delivered_total -= ERROR_CHARGE  # not delivered: not charged either
-            raise
-        self.delivered_messages += 1
-        self.delivered_bytes += ERROR_CHARGE
+        self.deliver((self.port, Error(name, number, f"{reason} ({name}){detail}")))
+        charge_error(self, self.io)
 
     def _reading_changed(self) -> None:
         self._update_interest()
-
-    def _pause_for_budget(self) -> None:
-        if self.budget_paused:
-            return
-        self.budget_paused = True
-        self.pauses += 1
-        self._update_interest()
-        self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
-
-    def _budget_recheck(self) -> None:
-        io = self.io
-        if self.closed:
-            return
-        if io.budget.resumes(self, len(self.view)):
-            self.budget_paused = False
-            self._update_interest()
-        else:
-            io.call_later(BUDGET_RECHECK, self._budget_recheck)
 
     # -- sending ------------------------------------------------------------------------
     def _write(self) -> None:

@@ -55,7 +55,6 @@ from ._poller import READ
 log = logging.getLogger("ioserver")
 
 DRAIN_BATCH = 256  # messages received per socket per round before yielding to the others
-BUDGET_RECHECK = 0.005  # seconds between looks at the memory budget while paused for it
 _SET_DATA = Data.__dict__["data"].__set__
 _POLLIN = zmq.POLLIN
 _POLLOUT = zmq.POLLOUT
@@ -253,26 +252,6 @@ class ZmqHandler(ZmqSocketHandler, ReceivingHandler):
     def _reading_changed(self) -> None:
         if self.credit and not self.msgq_paused and not self.budget_paused:
             self.io.call_soon(self)  # rule 4: the descriptor may have gone quiet meanwhile
-
-    def _pause_for_budget(self) -> None:
-        """The memory budget is used up: stop receiving, and look again every
-        ``BUDGET_RECHECK`` seconds (the UDP handler's rule)."""
-        if self.budget_paused:
-            return
-        self.budget_paused = True
-        self.pauses += 1
-        self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
-
-    def _budget_recheck(self) -> None:
-        if self.closed:
-            return
-        # Any headroom lets a waiting owner's port receive (a message's size is unknown
-        # until it is received); the others wait for the total to come back to one half.
-        if self.io.budget.resumes(self, 1):
-            self.budget_paused = False
-            self._reading_changed()
-        else:
-            self.io.call_later(BUDGET_RECHECK, self._budget_recheck)
 
     # -- sending --------------------------------------------------------------------------
     def flush(self) -> None:

@@ -263,11 +263,10 @@ class Mailbox(Source):
         """
         self._closed = True
         charges, self._charges = self._charges, None
-        messages = list(self._messages)
-        self._messages.clear()
         if charges is not None:
             # Dropped: counted taken, so their ports may read on (until they close).
-            self._took(list(zip(messages, charges, strict=True)))
+            self._took(list(zip(self._messages, charges, strict=True)))
+        self._messages.clear()
         ports, self._ports = self._ports, set()
         for port in ports:
             if port.owner is self or port.owner is None:

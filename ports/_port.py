@@ -277,8 +277,7 @@ class _PortBase(Source):
     def _took_data(self, data: Sized) -> None:
         """Count a Data message as taken (received, handed to an owner, or dropped): its
         charge is its length, or for a framed port the next of the window's sizes."""
-        sizes = self._window.sizes
-        self._took_charge(len(data) if sizes is None else sizes.popleft())
+        self._took_charge(self._charge_of(data))
 
     def _charge_of(self, data: Sized) -> int:
         """The charge of a Data message being handed to an owner mailbox: its length, or
@@ -345,9 +344,7 @@ class _PortBase(Source):
         if owner is not None:
             if message.__class__ is Data and not owner._closed:
                 # _to_owner, inlined for a Data (the owner path of every message).
-                sizes = self._window.sizes
-                charge = len(message.data) if sizes is None else sizes.popleft()
-                owner._put_charged((self, message), charge)
+                owner._put_charged((self, message), self._charge_of(message.data))
             else:
                 self._to_owner(owner, message)
             return

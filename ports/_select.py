@@ -67,13 +67,22 @@ async def select(*sources: Source, timeout: float | None = None) -> tuple[Source
     # The first checkpoint and poll come before the timeout's scope: a message already
     # there is taken even with timeout=0 (a poll, as Mailbox.receive's and Erlang's
     # ``after 0``), on both backends - in the scope, trio's checkpoint would raise first.
+    taken = await _poll(order, parker)
+    if taken is not None:
+        return taken
+    with anyio.fail_after(timeout):
+        return await _select(order, parker, wake_at)
+
+
+async def _poll(order: tuple[Source, ...], parker: Parker) -> tuple[Source, Any] | None:
+    """The checkpoint, then the first message any source of ``order`` holds (taken), or
+    None: nothing is awaited after the take."""
     await parker.checkpoint_first()
     for source in order:
         message = source._select_poll()
         if message is not EMPTY:
             return source, message
-    with anyio.fail_after(timeout):
-        return await _select(order, parker, wake_at)
+    return None
 
 
 async def _select(order: tuple[Source, ...], parker: Parker, wake_at: float) -> tuple[Source, Any]:
@@ -82,11 +91,9 @@ async def _select(order: tuple[Source, ...], parker: Parker, wake_at: float) -> 
         # message and returning it: a select that raises Cancelled took nothing (trio's
         # rule).  After a wake-up the loop comes back here, so a select woken and cancelled
         # in the same tick leaves the message in its source.
-        await parker.checkpoint_first()
-        for source in order:
-            message = source._select_poll()
-            if message is not EMPTY:
-                return source, message
+        taken = await _poll(order, parker)
+        if taken is not None:
+            return taken
         waiter = Waiter()
         for source in order:
             source._select_arm(waiter)

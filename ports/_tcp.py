@@ -36,7 +36,7 @@ from ioserver._server import IOServer
 from ioserver._systemd import cmd_listen_inherited, return_listener, take_listener
 from ioserver._tls import HANDSHAKE_TIMEOUT
 
-from ._port import Listener, Port, _Request, _resolve
+from ._port import Listener, Port, _opened, _Request, _resolve
 
 __all__ = ["WORKER_ENVIRONMENT", "connect_tcp", "listen_tcp", "open_listener", "open_stream"]
 
@@ -387,17 +387,12 @@ async def open_listener(
     else:
         io.submit(command, request, spec)
     try:
-        result = await request.wait()
+        # Closed if cancelled or refused: an Accepted delivered to it closes its port.
+        result = await _opened(request, listener)
     except BaseException:
-        listener.close_nowait()  # an Accepted delivered to it closes its port (_deliver)
         if inherited is not None:
             return_listener(family, address, inherited)
         raise
-    if isinstance(result, BaseException):
-        listener.close_nowait()
-        if inherited is not None:
-            return_listener(family, address, inherited)
-        raise result
     if inherited is not None:
         inherited.close()  # the I/O thread's copy is the listener's
     listener._conn, listener._local_address, _ = result

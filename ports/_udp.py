@@ -347,7 +347,7 @@ class UDPPort(  # type: ignore[misc]
         if self._closed:
             return
         for message in self._buffer:
-            self._took(message)  # _PortBase counts Data only
+            self._took(message)
         super().close_nowait()
 
     def statistics(self) -> PortStatistics:
